@@ -12,11 +12,171 @@ export const protobufFileName = "cowherd/common/v1/error_reason.proto";
 
 /**
  * ErrorReason lists the values of `google.rpc.ErrorInfo.reason` that cowherd servers attach to errors.
- * The ErrorInfo domain is always "cowherd.dev".
+ *
+ * Every error a cowherd server returns carries a canonical gRPC code and, in `google.rpc.Status.details`, one
+ * `google.rpc.ErrorInfo` whose `domain` is always "cowherd.dev" and whose `reason` is the full name of one of
+ * these values (for example "ERROR_REASON_IMAGE_IN_USE"). `ErrorInfo.metadata` carries the values named in each
+ * reason's comment. Bad input additionally carries a `google.rpc.BadRequest` whose field violations name the
+ * offending request fields by their proto path (for example "placement.hosts[2]"). Clients branch on the reason,
+ * never on the message text, which is for humans and may change.
  */
 export enum ErrorReason {
   /** ERROR_REASON_UNSPECIFIED - Never sent. */
   ERROR_REASON_UNSPECIFIED = 0,
+  /**
+   * ERROR_REASON_INVALID_FIELD - A request field is missing, malformed or out of range (code INVALID_ARGUMENT). Metadata "field" names the
+   * first offending field; the `google.rpc.BadRequest` detail lists all of them.
+   */
+  ERROR_REASON_INVALID_FIELD = 1,
+  /**
+   * ERROR_REASON_RESOURCE_NOT_FOUND - The named resource does not exist, or the caller may not know that it exists (code NOT_FOUND). Metadata
+   * "resource" holds the resource name.
+   */
+  ERROR_REASON_RESOURCE_NOT_FOUND = 2,
+  /** ERROR_REASON_ALREADY_EXISTS - A resource with the requested name already exists (code ALREADY_EXISTS). Metadata "resource" holds its name. */
+  ERROR_REASON_ALREADY_EXISTS = 3,
+  /**
+   * ERROR_REASON_PERMISSION_DENIED - The caller's identity is authenticated but not allowed to call this RPC (code PERMISSION_DENIED). Metadata
+   * "identity" holds the caller's SPIFFE ID and "method" the full RPC name.
+   */
+  ERROR_REASON_PERMISSION_DENIED = 4,
+  /**
+   * ERROR_REASON_HOST_MISMATCH - A host identity acted for another host, for example an agent reporting virtual machines of a host that is
+   * not its own (code PERMISSION_DENIED). Metadata "identity" and "host" hold the caller and the named host.
+   */
+  ERROR_REASON_HOST_MISMATCH = 5,
+  /**
+   * ERROR_REASON_UNAUTHENTICATED - The call carried no client certificate, or one that does not chain to the cowherd CA, is expired, or has
+   * no cowherd SPIFFE URI SAN (code UNAUTHENTICATED).
+   */
+  ERROR_REASON_UNAUTHENTICATED = 6,
+  /**
+   * ERROR_REASON_CERTIFICATE_REVOKED - The client certificate's serial number is on the revocation list (code UNAUTHENTICATED). Metadata
+   * "serial_number" holds the serial in lowercase hex.
+   */
+  ERROR_REASON_CERTIFICATE_REVOKED = 7,
+  /**
+   * ERROR_REASON_JOIN_TOKEN_INVALID - The join token is malformed, unknown, forged, already used, revoked or expired (code UNAUTHENTICATED).
+   * The server deliberately does not say which, so that tokens cannot be probed.
+   */
+  ERROR_REASON_JOIN_TOKEN_INVALID = 8,
+  /**
+   * ERROR_REASON_JOIN_TOKEN_CA_MISMATCH - The CA certificate hash embedded in the join token does not match the CA this server uses (code
+   * FAILED_PRECONDITION). The token was made by a different cowherd installation, or the CA was rotated.
+   */
+  ERROR_REASON_JOIN_TOKEN_CA_MISMATCH = 9,
+  /**
+   * ERROR_REASON_CSR_INVALID - The certificate signing request is not valid PEM, its signature does not verify, or its key is weaker
+   * than the CA accepts (RSA below 2048 bits) (code INVALID_ARGUMENT).
+   */
+  ERROR_REASON_CSR_INVALID = 10,
+  /**
+   * ERROR_REASON_CSR_IDENTITY_MISMATCH - The certificate signing request names an identity other than the one the caller may obtain (code
+   * PERMISSION_DENIED). Metadata "expected" and "requested" hold the two identities.
+   */
+  ERROR_REASON_CSR_IDENTITY_MISMATCH = 11,
+  /**
+   * ERROR_REASON_PAGE_TOKEN_INVALID - The page token is malformed, expired, or was issued for a request with different parameters (code
+   * INVALID_ARGUMENT).
+   */
+  ERROR_REASON_PAGE_TOKEN_INVALID = 12,
+  /**
+   * ERROR_REASON_HYPERVISOR_MISMATCH - A host's hypervisor does not match the image's or source virtual machine's hypervisor (code
+   * FAILED_PRECONDITION). Metadata "host", "host_hypervisor" and "image_hypervisor" name the mismatch.
+   */
+  ERROR_REASON_HYPERVISOR_MISMATCH = 13,
+  /**
+   * ERROR_REASON_IMAGE_IN_USE - The image or image replica cannot be deleted because virtual machines depend on it (code
+   * FAILED_PRECONDITION). Metadata "dependents" holds up to 20 dependent virtual machine names, comma
+   * separated, and "dependent_count" their total number.
+   */
+  ERROR_REASON_IMAGE_IN_USE = 14,
+  /**
+   * ERROR_REASON_VIRTUAL_MACHINE_RUNNING - The operation needs a powered-off virtual machine, but it is running or paused (code FAILED_PRECONDITION).
+   * Metadata "virtual_machine" holds its name and "state" its state.
+   */
+  ERROR_REASON_VIRTUAL_MACHINE_RUNNING = 15,
+  /**
+   * ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN - A virtual machine with the requested domain name already exists somewhere in the fleet (code
+   * ALREADY_EXISTS). Metadata "domain_name" holds the name and "virtual_machine" the existing resource.
+   */
+  ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN = 16,
+  /**
+   * ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY - A file path resolves outside the host's image directory, or an image file name is not a single path
+   * segment (code INVALID_ARGUMENT). Metadata "path" holds the offending path.
+   */
+  ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY = 17,
+  /**
+   * ERROR_REASON_UNTRUSTED_DOMAIN_XML - The source virtual machine's domain XML contains elements that cowherd will not carry into an image
+   * template, such as host device passthrough, disks outside the image directory that are not exported, or
+   * network sources it cannot rewrite (code FAILED_PRECONDITION). Metadata "element" names the first one.
+   */
+  ERROR_REASON_UNTRUSTED_DOMAIN_XML = 18,
+  /**
+   * ERROR_REASON_INSUFFICIENT_SPACE - The host's image directory lacks the free space the operation needs (code RESOURCE_EXHAUSTED). Metadata
+   * "host", "required_bytes" and "free_bytes" give the numbers.
+   */
+  ERROR_REASON_INSUFFICIENT_SPACE = 19,
+  /**
+   * ERROR_REASON_HOST_UNREACHABLE - The host's agent did not answer, or the host is UNREACHABLE in the inventory (code UNAVAILABLE).
+   * Metadata "host" holds the host name.
+   */
+  ERROR_REASON_HOST_UNREACHABLE = 20,
+  /**
+   * ERROR_REASON_IMAGE_NOT_ON_HOST - The host holds no AVAILABLE replica of the image the request needs (code FAILED_PRECONDITION). Metadata
+   * "host" and "image" name them.
+   */
+  ERROR_REASON_IMAGE_NOT_ON_HOST = 21,
+  /**
+   * ERROR_REASON_TRANSFER_FAILED - Transferring an image to a host failed, for example because no peer or web seed could be reached in time
+   * (code UNAVAILABLE or ABORTED). Metadata "host" and "image" name the transfer.
+   */
+  ERROR_REASON_TRANSFER_FAILED = 22,
+  /**
+   * ERROR_REASON_VERIFICATION_FAILED - A transferred file's size or whole-file SHA-256 differs from the image record (code DATA_LOSS). Metadata
+   * "path", "expected_sha256" and "actual_sha256" describe the first mismatch.
+   */
+  ERROR_REASON_VERIFICATION_FAILED = 23,
+  /**
+   * ERROR_REASON_OPERATION_CONFLICT - The request_id was already used for a different request by the same caller (code ALREADY_EXISTS). Metadata
+   * "request_id" holds it and "operation" the operation or resource the first request produced.
+   */
+  ERROR_REASON_OPERATION_CONFLICT = 24,
+  /**
+   * ERROR_REASON_INTERNAL - An unexpected server error (code INTERNAL). The message is generic; the cause is only in the server log,
+   * under the log key "error_id" that metadata "error_id" repeats.
+   */
+  ERROR_REASON_INTERNAL = 25,
+  /**
+   * ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS - The virtual machine cannot be started, deleted or changed because clones use its disks as backing files
+   * (code FAILED_PRECONDITION). Metadata "dependents" and "dependent_count" as for ERROR_REASON_IMAGE_IN_USE.
+   */
+  ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS = 26,
+  /**
+   * ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED - The virtual machine was not created by cowherd, and the request did not set `force` (code
+   * FAILED_PRECONDITION). Metadata "virtual_machine" holds its name.
+   */
+  ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED = 27,
+  /**
+   * ERROR_REASON_LAST_AVAILABLE_REPLICA - The image replica is the image's last AVAILABLE replica, and deleting it would leave no host to distribute
+   * the image from (code FAILED_PRECONDITION). Delete the image instead. Metadata "image" holds its name.
+   */
+  ERROR_REASON_LAST_AVAILABLE_REPLICA = 28,
+  /**
+   * ERROR_REASON_RESOURCE_STATE_CONFLICT - The resource is not in a state that allows the request, for example an image that is still PUBLISHING or
+   * a host that is DRAINING (code FAILED_PRECONDITION). Metadata "resource" and "state" name it.
+   */
+  ERROR_REASON_RESOURCE_STATE_CONFLICT = 29,
+  /**
+   * ERROR_REASON_HOST_NOT_EMPTY - The host still has virtual machines that cowherd manages, and the request did not set `force` (code
+   * FAILED_PRECONDITION). Metadata "host" and "virtual_machine_count" describe them.
+   */
+  ERROR_REASON_HOST_NOT_EMPTY = 30,
+  /**
+   * ERROR_REASON_HYPERVISOR_ERROR - The libvirt or hypervisor call on the host failed (code INTERNAL or UNAVAILABLE). Metadata "host" names
+   * the host and "libvirt_code" holds libvirt's numeric error code when there is one.
+   */
+  ERROR_REASON_HYPERVISOR_ERROR = 31,
   UNRECOGNIZED = -1,
 }
 
@@ -25,6 +185,99 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 0:
     case "ERROR_REASON_UNSPECIFIED":
       return ErrorReason.ERROR_REASON_UNSPECIFIED;
+    case 1:
+    case "ERROR_REASON_INVALID_FIELD":
+      return ErrorReason.ERROR_REASON_INVALID_FIELD;
+    case 2:
+    case "ERROR_REASON_RESOURCE_NOT_FOUND":
+      return ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND;
+    case 3:
+    case "ERROR_REASON_ALREADY_EXISTS":
+      return ErrorReason.ERROR_REASON_ALREADY_EXISTS;
+    case 4:
+    case "ERROR_REASON_PERMISSION_DENIED":
+      return ErrorReason.ERROR_REASON_PERMISSION_DENIED;
+    case 5:
+    case "ERROR_REASON_HOST_MISMATCH":
+      return ErrorReason.ERROR_REASON_HOST_MISMATCH;
+    case 6:
+    case "ERROR_REASON_UNAUTHENTICATED":
+      return ErrorReason.ERROR_REASON_UNAUTHENTICATED;
+    case 7:
+    case "ERROR_REASON_CERTIFICATE_REVOKED":
+      return ErrorReason.ERROR_REASON_CERTIFICATE_REVOKED;
+    case 8:
+    case "ERROR_REASON_JOIN_TOKEN_INVALID":
+      return ErrorReason.ERROR_REASON_JOIN_TOKEN_INVALID;
+    case 9:
+    case "ERROR_REASON_JOIN_TOKEN_CA_MISMATCH":
+      return ErrorReason.ERROR_REASON_JOIN_TOKEN_CA_MISMATCH;
+    case 10:
+    case "ERROR_REASON_CSR_INVALID":
+      return ErrorReason.ERROR_REASON_CSR_INVALID;
+    case 11:
+    case "ERROR_REASON_CSR_IDENTITY_MISMATCH":
+      return ErrorReason.ERROR_REASON_CSR_IDENTITY_MISMATCH;
+    case 12:
+    case "ERROR_REASON_PAGE_TOKEN_INVALID":
+      return ErrorReason.ERROR_REASON_PAGE_TOKEN_INVALID;
+    case 13:
+    case "ERROR_REASON_HYPERVISOR_MISMATCH":
+      return ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH;
+    case 14:
+    case "ERROR_REASON_IMAGE_IN_USE":
+      return ErrorReason.ERROR_REASON_IMAGE_IN_USE;
+    case 15:
+    case "ERROR_REASON_VIRTUAL_MACHINE_RUNNING":
+      return ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING;
+    case 16:
+    case "ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN":
+      return ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN;
+    case 17:
+    case "ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY":
+      return ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY;
+    case 18:
+    case "ERROR_REASON_UNTRUSTED_DOMAIN_XML":
+      return ErrorReason.ERROR_REASON_UNTRUSTED_DOMAIN_XML;
+    case 19:
+    case "ERROR_REASON_INSUFFICIENT_SPACE":
+      return ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE;
+    case 20:
+    case "ERROR_REASON_HOST_UNREACHABLE":
+      return ErrorReason.ERROR_REASON_HOST_UNREACHABLE;
+    case 21:
+    case "ERROR_REASON_IMAGE_NOT_ON_HOST":
+      return ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST;
+    case 22:
+    case "ERROR_REASON_TRANSFER_FAILED":
+      return ErrorReason.ERROR_REASON_TRANSFER_FAILED;
+    case 23:
+    case "ERROR_REASON_VERIFICATION_FAILED":
+      return ErrorReason.ERROR_REASON_VERIFICATION_FAILED;
+    case 24:
+    case "ERROR_REASON_OPERATION_CONFLICT":
+      return ErrorReason.ERROR_REASON_OPERATION_CONFLICT;
+    case 25:
+    case "ERROR_REASON_INTERNAL":
+      return ErrorReason.ERROR_REASON_INTERNAL;
+    case 26:
+    case "ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS":
+      return ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS;
+    case 27:
+    case "ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED":
+      return ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED;
+    case 28:
+    case "ERROR_REASON_LAST_AVAILABLE_REPLICA":
+      return ErrorReason.ERROR_REASON_LAST_AVAILABLE_REPLICA;
+    case 29:
+    case "ERROR_REASON_RESOURCE_STATE_CONFLICT":
+      return ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT;
+    case 30:
+    case "ERROR_REASON_HOST_NOT_EMPTY":
+      return ErrorReason.ERROR_REASON_HOST_NOT_EMPTY;
+    case 31:
+    case "ERROR_REASON_HYPERVISOR_ERROR":
+      return ErrorReason.ERROR_REASON_HYPERVISOR_ERROR;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -36,6 +289,68 @@ export function errorReasonToJSON(object: ErrorReason): string {
   switch (object) {
     case ErrorReason.ERROR_REASON_UNSPECIFIED:
       return "ERROR_REASON_UNSPECIFIED";
+    case ErrorReason.ERROR_REASON_INVALID_FIELD:
+      return "ERROR_REASON_INVALID_FIELD";
+    case ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND:
+      return "ERROR_REASON_RESOURCE_NOT_FOUND";
+    case ErrorReason.ERROR_REASON_ALREADY_EXISTS:
+      return "ERROR_REASON_ALREADY_EXISTS";
+    case ErrorReason.ERROR_REASON_PERMISSION_DENIED:
+      return "ERROR_REASON_PERMISSION_DENIED";
+    case ErrorReason.ERROR_REASON_HOST_MISMATCH:
+      return "ERROR_REASON_HOST_MISMATCH";
+    case ErrorReason.ERROR_REASON_UNAUTHENTICATED:
+      return "ERROR_REASON_UNAUTHENTICATED";
+    case ErrorReason.ERROR_REASON_CERTIFICATE_REVOKED:
+      return "ERROR_REASON_CERTIFICATE_REVOKED";
+    case ErrorReason.ERROR_REASON_JOIN_TOKEN_INVALID:
+      return "ERROR_REASON_JOIN_TOKEN_INVALID";
+    case ErrorReason.ERROR_REASON_JOIN_TOKEN_CA_MISMATCH:
+      return "ERROR_REASON_JOIN_TOKEN_CA_MISMATCH";
+    case ErrorReason.ERROR_REASON_CSR_INVALID:
+      return "ERROR_REASON_CSR_INVALID";
+    case ErrorReason.ERROR_REASON_CSR_IDENTITY_MISMATCH:
+      return "ERROR_REASON_CSR_IDENTITY_MISMATCH";
+    case ErrorReason.ERROR_REASON_PAGE_TOKEN_INVALID:
+      return "ERROR_REASON_PAGE_TOKEN_INVALID";
+    case ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH:
+      return "ERROR_REASON_HYPERVISOR_MISMATCH";
+    case ErrorReason.ERROR_REASON_IMAGE_IN_USE:
+      return "ERROR_REASON_IMAGE_IN_USE";
+    case ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING:
+      return "ERROR_REASON_VIRTUAL_MACHINE_RUNNING";
+    case ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN:
+      return "ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN";
+    case ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY:
+      return "ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY";
+    case ErrorReason.ERROR_REASON_UNTRUSTED_DOMAIN_XML:
+      return "ERROR_REASON_UNTRUSTED_DOMAIN_XML";
+    case ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE:
+      return "ERROR_REASON_INSUFFICIENT_SPACE";
+    case ErrorReason.ERROR_REASON_HOST_UNREACHABLE:
+      return "ERROR_REASON_HOST_UNREACHABLE";
+    case ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST:
+      return "ERROR_REASON_IMAGE_NOT_ON_HOST";
+    case ErrorReason.ERROR_REASON_TRANSFER_FAILED:
+      return "ERROR_REASON_TRANSFER_FAILED";
+    case ErrorReason.ERROR_REASON_VERIFICATION_FAILED:
+      return "ERROR_REASON_VERIFICATION_FAILED";
+    case ErrorReason.ERROR_REASON_OPERATION_CONFLICT:
+      return "ERROR_REASON_OPERATION_CONFLICT";
+    case ErrorReason.ERROR_REASON_INTERNAL:
+      return "ERROR_REASON_INTERNAL";
+    case ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS:
+      return "ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS";
+    case ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED:
+      return "ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED";
+    case ErrorReason.ERROR_REASON_LAST_AVAILABLE_REPLICA:
+      return "ERROR_REASON_LAST_AVAILABLE_REPLICA";
+    case ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT:
+      return "ERROR_REASON_RESOURCE_STATE_CONFLICT";
+    case ErrorReason.ERROR_REASON_HOST_NOT_EMPTY:
+      return "ERROR_REASON_HOST_NOT_EMPTY";
+    case ErrorReason.ERROR_REASON_HYPERVISOR_ERROR:
+      return "ERROR_REASON_HYPERVISOR_ERROR";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

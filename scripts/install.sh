@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine (root, Node 20, nothing else) lacks for cowherd to run its local fleet
+# and its tests: Debian packages, then the npm dependencies. Idempotent: a second run checks and does nothing.
+#
+#   bash scripts/install.sh          # or: npm run setup
+#
+# One line per step on stdout; the full output of every step goes to <state>/logs/install.log
+# (state = $COWHERD_STATE_DIR, default <repo>/.state). Works as root with CI=true and no stdin.
+# It starts no daemon: scripts/libvirtd.sh starts libvirtd, the fleet scripts start NATS.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+COWHERD_TAG=install
+COWHERD_LOG="$COWHERD_LOG_DIR/install.log"
+
+# Debian packages, with why each is here. Installed with --no-install-recommends: libvirtd and qemu were checked
+# to define, start, destroy and undefine TCG guests without any recommended package (seabios and ipxe-qemu,
+# which qemu needs to boot a PC guest, are hard dependencies of qemu-system-x86).
+APT_PACKAGES=(
+  ca-certificates            # TLS roots for npm
+  git                        # buf breaking compares against .git
+  xz-utils                   # .xz images and kernel packages
+  e2fsprogs                  # mkfs.ext4 for test disk images
+  iproute2                   # ip netns / veth / tc for multi-host tests
+  busybox-static             # initramfs for boot tests
+  nats-server                # control-plane store (JetStream)
+  qemu-utils                 # qemu-img: qcow2 overlays, VHD
+  qemu-system-x86            # TCG guests
+  libvirt-daemon-system      # libvirtd + virtlogd
+  libvirt-daemon-driver-qemu # libvirt's qemu driver
+  libvirt-clients            # virsh
+  libvhdi-utils              # vhdiinfo: checks the differencing VHDs cowherd writes
+  python3-libvhdi            # same, from Python tests
+  python3-grpcio             # gRPC clients in another language (reflection stand-in for grpcurl)
+  python3-grpc-tools
+  python3-protobuf
+  grpc-proto                 # health and reflection protos (/usr/share/grpc-proto)
+)
+
+# Commands that must exist afterwards (a package can be "installed" yet broken or diverted).
+REQUIRED_COMMANDS=(
+  git xz mkfs.ext4 ip busybox unshare nsenter nats-server qemu-img qemu-system-x86_64
+  libvirtd virtlogd virsh vhdiinfo
+)
+
+# Prints the packages of APT_PACKAGES that are not fully installed, one per line.
+missing_packages() {
+  local status
+  # One dpkg-query for all packages; unknown packages print to stderr and are missing too.
+  status="$(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${APT_PACKAGES[@]}" 2>/dev/null || true)"
+  local pkg
+  for pkg in "${APT_PACKAGES[@]}"; do
+    grep -qxF "$pkg installed" <<<"$status" || printf '%s\n' "$pkg"
+  done
+}
+
+apt_get() {
+  apt-get -q -y -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0 "$@"
+}
+
+# Keeps package maintainer scripts from starting daemons (nats-server, libvirtd, virtlogd): on a machine without
+# systemd as PID 1, invoke-rc.d would otherwise start a plain libvirtd that sees /dev/kvm and stalls every call.
+# Leaves an existing policy-rc.d alone.
+POLICY_RC_D=/usr/sbin/policy-rc.d
+POLICY_RC_D_OURS=0
+block_service_starts() {
+  if [[ ! -e "$POLICY_RC_D" ]]; then
+    printf '#!/bin/sh\n# cowherd install.sh: no daemon starts during apt-get install\nexit 101\n' >"$POLICY_RC_D"
+    chmod 0755 "$POLICY_RC_D"
+    POLICY_RC_D_OURS=1
+  fi
+}
+unblock_service_starts() {
+  if ((POLICY_RC_D_OURS)); then
+    rm -f "$POLICY_RC_D"
+    POLICY_RC_D_OURS=0
+  fi
+}
+trap unblock_service_starts EXIT
+
+apt_update() {
+  # A third-party source that fails must not stop us when Debian's own lists came through: apt-get update
+  # exits non-zero for any failed source, so the install step below is the real judge.
+  apt_get update || echo "apt-get update reported errors; trying the install anyway"
+}
+
+apt_install() {
+  block_service_starts
+  if ! apt_get install --no-install-recommends "$@"; then
+    # Stale lists (a package version gone from the mirror) are the usual cause: refresh once and retry.
+    apt_get update || true
+    apt_get install --no-install-recommends "$@"
+  fi
+  unblock_service_starts
+}
+
+install_apt_packages() {
+  local missing
+  mapfile -t missing < <(missing_packages)
+  if ((${#missing[@]} == 0)); then
+    say "debian packages: all ${#APT_PACKAGES[@]} present"
+    return
+  fi
+  require_root "installing Debian packages (${missing[*]})"
+  export DEBIAN_FRONTEND=noninteractive
+  step "apt-get update" apt_update
+  step "apt-get install ${missing[*]}" apt_install "${missing[@]}"
+  mapfile -t missing < <(missing_packages)
+  ((${#missing[@]} == 0)) || die "still not installed after apt-get install: ${missing[*]} (see $COWHERD_LOG)"
+}
+
+check_commands() {
+  local cmd absent=()
+  for cmd in "${REQUIRED_COMMANDS[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || absent+=("$cmd")
+  done
+  ((${#absent[@]} == 0)) || die "commands missing after install: ${absent[*]}"
+}
+
+# npm ci (npm install without a lockfile) when node_modules is missing or older than the lockfile. npm keeps
+# node_modules/.package-lock.json up to date on every install, so its mtime says when node_modules last changed.
+install_npm_packages() {
+  cd "$COWHERD_ROOT"
+  local stamp=node_modules/.package-lock.json
+  if [[ -f package-lock.json ]]; then
+    if [[ -f "$stamp" && ! package-lock.json -nt "$stamp" ]]; then
+      say "npm packages: node_modules up to date"
+    else
+      step "npm ci" npm ci --no-audit --no-fund --loglevel=warn
+    fi
+  else
+    if [[ -f "$stamp" && ! package.json -nt "$stamp" ]]; then
+      say "npm packages: node_modules up to date (no package-lock.json)"
+    else
+      step "npm install (no package-lock.json)" npm install --no-audit --no-fund --loglevel=warn
+    fi
+  fi
+}
+
+check_node_tools() {
+  cd "$COWHERD_ROOT"
+  # --no-install: fail here rather than fetch a different package when the local binary is missing.
+  step "check npx buf --version" npx --no-install buf --version
+  step "check npx tsx -e 1" npx --no-install tsx -e 1
+}
+
+main() {
+  : >"$COWHERD_LOG"
+  local start
+  start="$(now_ms)"
+  if ! command -v node >/dev/null 2>&1; then
+    die "node is not on PATH: install Node.js 20 first"
+  fi
+  local node_major
+  node_major="$(node -p 'process.versions.node.split(".")[0]')"
+  ((node_major >= 20)) || die "Node.js >= 20 needed, found $(node --version)"
+  install_apt_packages
+  check_commands
+  install_npm_packages
+  check_node_tools
+  say "done in $(elapsed "$start" "$(now_ms)") (log: ${COWHERD_LOG#"$COWHERD_ROOT"/})"
+}
+
+main "$@"

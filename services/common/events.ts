@@ -1,0 +1,163 @@
+/**
+ * cowherd's event stream: protobuf payloads from cowherd.events.v1 on subjects
+ * `cowherd.events.<kind>.<host>`, the message type in the `Cowherd-Event-Type` header and a
+ * `Nats-Msg-Id` so that a retried publish is stored once. Consumers are durable: an event published
+ * while a consumer was down is delivered when it comes back, and is redelivered until acknowledged.
+ */
+import { headers as natsHeaders, nanos } from '@nats-io/transport-node';
+import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type ConsumerMessages, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
+
+import type { Logger } from './logger.js';
+
+/** The JetStream stream that holds every event. */
+export const EVENT_STREAM = 'COWHERD_EVENTS';
+/** Every event subject starts with this. */
+export const EVENT_SUBJECT_PREFIX = 'cowherd.events';
+/** Header naming the payload's full protobuf type. */
+export const EVENT_TYPE_HEADER = 'Cowherd-Event-Type';
+/** Host token for events that concern no single host. */
+export const FLEET_WIDE = '_';
+
+/** A ts-proto message type as the event layer needs it. */
+export interface EventType<T> {
+  /** Full protobuf name, e.g. cowherd.events.v1.ImageAvailable. */
+  readonly typeName: string;
+  /** Subject token(s) after `cowherd.events.`, e.g. "image.available". */
+  readonly kind: string;
+  encode(value: T): { finish(): Uint8Array };
+  decode(bytes: Uint8Array): T;
+}
+
+/** Declares how one event message travels. */
+export function eventType<T>(typeName: string, kind: string, message: { encode(value: T): { finish(): Uint8Array }; decode(bytes: Uint8Array): T }): EventType<T> {
+  return { typeName, kind, encode: (value) => message.encode(value), decode: (bytes) => message.decode(bytes) };
+}
+
+/** The subject of an event kind about a host ("_" for fleet-wide). */
+export function eventSubject(kind: string, host: string = FLEET_WIDE): string {
+  return `${EVENT_SUBJECT_PREFIX}.${kind}.${host}`;
+}
+
+/** Creates or updates the event stream (idempotent; every service calls it at start). */
+export async function ensureEventStream(manager: JetStreamManager, options: { replicas?: number; maxAgeDays?: number } = {}): Promise<void> {
+  const config = {
+    name: EVENT_STREAM,
+    subjects: [`${EVENT_SUBJECT_PREFIX}.>`],
+    retention: RetentionPolicy.Limits,
+    storage: StorageType.File,
+    num_replicas: options.replicas ?? 1,
+    max_age: nanos((options.maxAgeDays ?? 7) * 86_400_000),
+    duplicate_window: nanos(10 * 60_000),
+  };
+  try {
+    await manager.streams.info(EVENT_STREAM);
+    await manager.streams.update(EVENT_STREAM, config);
+  } catch (error) {
+    if (!/stream not found/i.test(String((error as Error).message))) throw error;
+    await manager.streams.add(config);
+  }
+}
+
+/** Publishes events; returns the stream sequence (a duplicate returns the original's). */
+export class EventPublisher {
+  constructor(private readonly js: JetStreamClient, private readonly log: Logger) {}
+
+  /**
+   * Publishes `payload` about `host`. `id` must be the same on every retry of the same fact
+   * (e.g. "clone.done/<operation>/<vm>") so that JetStream stores it once.
+   */
+  async publish<T>(type: EventType<T>, payload: T, options: { host?: string; id: string }): Promise<number> {
+    const subject = eventSubject(type.kind, options.host);
+    const headers = natsHeaders();
+    headers.set(EVENT_TYPE_HEADER, type.typeName);
+    try {
+      const ack = await this.js.publish(subject, type.encode(payload).finish(), { msgID: options.id, headers, timeout: 10_000 });
+      return ack.seq;
+    } catch (error) {
+      this.log.error({ err: error, subject, eventId: options.id }, 'event publish failed');
+      throw error;
+    }
+  }
+}
+
+/** One delivered event. */
+export interface ReceivedEvent<T> {
+  readonly subject: string;
+  readonly typeName: string;
+  readonly payload: T;
+  readonly sequence: number;
+  /** How many times this event has been delivered (1 on first delivery). */
+  readonly deliveries: number;
+}
+
+/** Options of {@link consumeEvents}. */
+export interface ConsumeOptions<T> {
+  /** Durable name: the consumer's position survives restarts and is shared by replicas with this name. */
+  readonly durable: string;
+  /** The types this consumer wants; the filter subject is built from a single type, or `cowherd.events.>`. */
+  readonly types: readonly EventType<T>[];
+  /** Restrict to one host (default: all). */
+  readonly host?: string;
+  /** Handles one event; throwing redelivers it after `retryDelayMs`. */
+  readonly handle: (event: ReceivedEvent<T>) => Promise<void>;
+  readonly log: Logger;
+  /** Ack wait before an unacknowledged event is redelivered. Default 30 s. */
+  readonly ackWaitMs?: number;
+  readonly retryDelayMs?: number;
+  /** Where a new durable starts: 'all' (default) or 'new'. */
+  readonly startAt?: 'all' | 'new';
+}
+
+/** A running consumer. */
+export interface EventConsumer {
+  stop(): Promise<void>;
+}
+
+/**
+ * Consumes events on a durable pull consumer with explicit acks. Events of other types that match the
+ * filter are acknowledged and skipped.
+ */
+export async function consumeEvents<T>(js: JetStreamClient, manager: JetStreamManager, options: ConsumeOptions<T>): Promise<EventConsumer> {
+  const byName = new Map(options.types.map((type) => [type.typeName, type]));
+  const only = options.types.length === 1 ? options.types[0] : undefined;
+  const filter = only ? eventSubject(only.kind, options.host ?? '*') : `${EVENT_SUBJECT_PREFIX}.>`;
+  try {
+    await manager.consumers.info(EVENT_STREAM, options.durable);
+  } catch {
+    await manager.consumers.add(EVENT_STREAM, {
+      durable_name: options.durable,
+      ack_policy: AckPolicy.Explicit,
+      deliver_policy: options.startAt === 'new' ? DeliverPolicy.New : DeliverPolicy.All,
+      filter_subject: filter,
+      ack_wait: nanos(options.ackWaitMs ?? 30_000),
+      max_ack_pending: 1000,
+    });
+  }
+  const consumer = await js.consumers.get(EVENT_STREAM, options.durable);
+  const messages: ConsumerMessages = await consumer.consume({ max_messages: 256 });
+  const log = options.log.child({ component: 'events', durable: options.durable });
+  const done = (async () => {
+    for await (const message of messages) {
+      const typeName = message.headers?.get(EVENT_TYPE_HEADER) ?? '';
+      const type = byName.get(typeName);
+      if (!type || (options.host !== undefined && !message.subject.endsWith(`.${options.host}`))) {
+        message.ack();
+        continue;
+      }
+      try {
+        const payload = type.decode(message.data);
+        await options.handle({ subject: message.subject, typeName, payload, sequence: message.seq, deliveries: message.info.deliveryCount });
+        message.ack();
+      } catch (error) {
+        log.warn({ err: error, subject: message.subject, sequence: message.seq }, 'event handler failed; will be redelivered');
+        message.nak(options.retryDelayMs ?? 1_000);
+      }
+    }
+  })();
+  return {
+    stop: async () => {
+      await messages.close();
+      await done;
+    },
+  };
+}

@@ -1,0 +1,61 @@
+/**
+ * NATS over TLS with the process's client certificate from the cowherd CA. JetStream is the only
+ * database: KV buckets for state, the COWHERD_EVENTS stream for events.
+ */
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
+import type { Logger } from './logger.js';
+import type { TlsFiles } from './tls.js';
+
+export type { NatsConnection } from '@nats-io/transport-node';
+
+/** A connection with its JetStream handles. */
+export interface Nats {
+  readonly connection: NatsConnection;
+  readonly jetstream: JetStreamClient;
+  readonly manager: JetStreamManager;
+  /** Drains subscriptions and closes. */
+  close(): Promise<void>;
+}
+
+/** Options of {@link connectNats}. */
+export interface NatsOptions {
+  readonly servers: readonly string[];
+  /** Client certificate, key and CA; the files are read again on every reconnect. */
+  readonly tls: TlsFiles;
+  /** Connection name shown by the server (the process identity). */
+  readonly name: string;
+  readonly log: Logger;
+  /** How long to keep trying the first connection. Default 30 s. */
+  readonly connectTimeoutMs?: number;
+}
+
+/** Connects (retrying while the server comes up) and opens JetStream. */
+export async function connectNats(options: NatsOptions): Promise<Nats> {
+  const connection = await connect({
+    servers: [...options.servers],
+    name: options.name,
+    tls: { certFile: options.tls.certificateFile, keyFile: options.tls.privateKeyFile, caFile: options.tls.caFile },
+    timeout: options.connectTimeoutMs ?? 30_000,
+    waitOnFirstConnect: true,
+    maxReconnectAttempts: -1,
+    reconnectTimeWait: 500,
+    pingInterval: 20_000,
+  });
+  const log = options.log.child({ component: 'nats' });
+  log.info({ server: connection.getServer() }, 'connected to NATS');
+  void (async () => {
+    for await (const status of connection.status()) {
+      if (status.type === 'disconnect' || status.type === 'reconnect' || status.type === 'error') log.warn({ status: status.type }, 'NATS connection status');
+    }
+  })().catch(() => undefined);
+  const manager = await jetstreamManager(connection, { timeout: 10_000 });
+  return {
+    connection,
+    jetstream: jetstream(connection, { timeout: 10_000 }),
+    manager,
+    close: async () => {
+      if (!connection.isClosed()) await connection.drain();
+    },
+  };
+}

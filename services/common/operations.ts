@@ -1,0 +1,429 @@
+/**
+ * Long-running operations persisted in JetStream KV, resumable by any replica.
+ *
+ * Each operation is one KV record holding the google.longrunning.Operation that callers see, the
+ * request, a checkpoint of the work done so far, and a lease (owner replica + expiry). The replica that
+ * starts an operation runs it and renews the lease; when a replica dies, its leases expire and another
+ * replica claims the operation with compare-and-set and resumes from the last checkpoint. Handlers must
+ * therefore be written as idempotent steps that read the checkpoint first. A request_id maps to one
+ * operation: a retried create returns the same operation.
+ */
+import { createHash, randomUUID } from 'node:crypto';
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import type { JetStreamClient } from '@nats-io/jetstream';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { OperationsService, Operation } from '../gen/google/longrunning/operations.js';
+import type { Any } from '../gen/google/protobuf/any.js';
+import { CowherdError, toStatus } from './errors.js';
+import { jsonCodec, KvConflictError, KvStore } from './kv.js';
+import type { Logger } from './logger.js';
+import { paginate, type PageTokens } from './pagination.js';
+import type { AccessPolicy, Handlers } from './rpc.js';
+
+/** The KV bucket of operations. */
+export const OPERATIONS_BUCKET = 'operations';
+
+/** A protobuf message type that can be packed into google.protobuf.Any. */
+export interface MessageType<T> {
+  /** Full name, e.g. cowherd.distribution.v1.DistributeImageMetadata. */
+  readonly typeName: string;
+  encode(value: T): { finish(): Uint8Array };
+  decode(bytes: Uint8Array): T;
+}
+
+/** Packs a message into Any. */
+export function pack<T>(type: MessageType<T>, value: T): Any {
+  return { typeUrl: `type.googleapis.com/${type.typeName}`, value: Buffer.from(type.encode(value).finish()) };
+}
+
+/** Unpacks Any; throws when it holds another type. */
+export function unpack<T>(type: MessageType<T>, any: Any | undefined): T {
+  if (!any || any.typeUrl !== `type.googleapis.com/${type.typeName}`) throw new Error(`expected ${type.typeName}, got ${any?.typeUrl ?? 'nothing'}`);
+  return type.decode(any.value);
+}
+
+/** How one kind of operation runs. */
+export interface OperationKind<Req, Meta, Res, State> {
+  /** Unique name, e.g. "distribution.distribute-image". */
+  readonly kind: string;
+  readonly requestType: MessageType<Req>;
+  readonly metadataType: MessageType<Meta>;
+  readonly responseType: MessageType<Res>;
+  /** Runs (or resumes) the work. Throwing fails the operation with the error's status. */
+  run(context: OperationContext<Req, Meta, State>): Promise<Res>;
+}
+
+/** What a running operation can do. */
+export interface OperationContext<Req, Meta, State> {
+  /** operations/{id} */
+  readonly name: string;
+  readonly request: Req;
+  /** The last checkpoint, undefined on the first run. */
+  readonly state: State | undefined;
+  /** Current metadata (progress). */
+  readonly metadata: Meta;
+  /** Aborted when this replica loses the lease, stops, or the operation is cancelled. */
+  readonly signal: AbortSignal;
+  readonly log: Logger;
+  /** Persists progress and/or a checkpoint; throws if this replica no longer owns the operation. */
+  checkpoint(update: { metadata?: Meta; state?: State }): Promise<void>;
+  /** True once a caller asked to cancel. */
+  cancelRequested(): boolean;
+}
+
+/** The stored record. JSON with protobuf parts base64-encoded. */
+interface OperationRecord {
+  readonly name: string;
+  readonly kind: string;
+  readonly requestId: string;
+  readonly requestFingerprint: string;
+  readonly request: string;
+  readonly operation: string;
+  readonly state: unknown;
+  readonly owner: string;
+  readonly leaseExpiresAt: number;
+  readonly cancelRequested: boolean;
+  readonly createTime: string;
+  readonly updateTime: string;
+}
+
+/** Options of {@link OperationManager}. */
+export interface OperationManagerOptions {
+  readonly js: JetStreamClient;
+  readonly log: Logger;
+  readonly pageTokens: PageTokens;
+  /** Identifies this replica in leases; default a random UUID. */
+  readonly replicaId?: string;
+  /** Lease length; renewed at a third of it. Default 15 s. */
+  readonly leaseMs?: number;
+  /** How often to look for orphaned operations. Default 5 s. */
+  readonly scanIntervalMs?: number;
+  /** Finished operations are kept this long in KV. Default 7 days. */
+  readonly retentionMs?: number;
+}
+
+/** Creates, runs, resumes, lists, cancels and deletes the operations of one service. */
+export class OperationManager {
+  readonly replicaId: string;
+  private readonly kinds = new Map<string, OperationKind<unknown, unknown, unknown, unknown>>();
+  private readonly running = new Map<string, { controller: AbortController; done: Promise<void> }>();
+  private scanTimer: NodeJS.Timeout | undefined;
+  private stopped = false;
+
+  private constructor(private readonly store: KvStore<OperationRecord>, private readonly index: KvStore<{ name: string }>, private readonly options: OperationManagerOptions) {
+    this.replicaId = options.replicaId ?? randomUUID();
+  }
+
+  /** Opens the buckets; call `register` for every kind, then `resumeOrphans` to start scanning. */
+  static async open(options: OperationManagerOptions): Promise<OperationManager> {
+    const store = await KvStore.open(options.js, OPERATIONS_BUCKET, jsonCodec<OperationRecord>());
+    const index = await KvStore.open(options.js, `${OPERATIONS_BUCKET}-request-ids`, jsonCodec<{ name: string }>());
+    return new OperationManager(store, index, options);
+  }
+
+  private get leaseMs(): number {
+    return this.options.leaseMs ?? 15_000;
+  }
+
+  /** Makes a kind runnable (and resumable) on this replica. */
+  register<Req, Meta, Res, State>(kind: OperationKind<Req, Meta, Res, State>): void {
+    this.kinds.set(kind.kind, kind as OperationKind<unknown, unknown, unknown, unknown>);
+  }
+
+  /** Starts the periodic scan that claims operations whose owner's lease ran out. */
+  resumeOrphans(): void {
+    const scan = (): void => {
+      if (this.stopped) return;
+      this.claimOrphans().catch((error: unknown) => this.options.log.warn({ err: error }, 'operation scan failed')).finally(() => {
+        if (!this.stopped) this.scanTimer = setTimeout(scan, this.options.scanIntervalMs ?? 5_000);
+      });
+    };
+    scan();
+  }
+
+  /**
+   * Creates an operation and starts running it here. With a request_id, a retry of the same request
+   * returns the existing operation; the same request_id with a different request is INVALID_ARGUMENT.
+   */
+  async start<Req, Meta>(kind: OperationKind<Req, Meta, unknown, unknown>, request: Req, initialMetadata: Meta, requestId: string): Promise<Operation> {
+    const requestBytes = Buffer.from(kind.requestType.encode(request).finish());
+    const requestFingerprint = createHash('sha256').update(kind.kind).update(requestBytes).digest('hex');
+    const id = randomUUID();
+    const name = `operations/${id}`;
+    if (requestId !== '') {
+      const indexKey = `${kind.kind}.${createHash('sha256').update(requestId).digest('hex')}`;
+      try {
+        await this.index.create(indexKey, { name });
+      } catch (error) {
+        if (!(error instanceof KvConflictError)) throw error;
+        const existing = await this.index.get(indexKey);
+        const record = existing ? await this.store.get(keyOf(existing.value.name)) : undefined;
+        if (!record) throw new CowherdError(GrpcStatus.ABORTED, 'an operation with this request_id is being created; retry', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+        if (record.value.requestFingerprint !== requestFingerprint) {
+          throw CowherdError.invalidArgument('request_id', 'was already used for a different request', ErrorReason.ERROR_REASON_OPERATION_CONFLICT);
+        }
+        return Operation.decode(Buffer.from(record.value.operation, 'base64'));
+      }
+    }
+    const now = new Date().toISOString();
+    const operation: Operation = { name, metadata: pack(kind.metadataType, initialMetadata), done: false, result: undefined };
+    const record: OperationRecord = {
+      name,
+      kind: kind.kind,
+      requestId,
+      requestFingerprint,
+      request: requestBytes.toString('base64'),
+      operation: encodeOperation(operation),
+      state: null,
+      owner: this.replicaId,
+      leaseExpiresAt: Date.now() + this.leaseMs,
+      cancelRequested: false,
+      createTime: now,
+      updateTime: now,
+    };
+    const revision = await this.store.create(keyOf(name), record);
+    this.launch(record, revision);
+    return operation;
+  }
+
+  /** The operation as callers see it. */
+  async get(name: string): Promise<Operation> {
+    const record = await this.store.get(keyOf(validName(name)));
+    if (!record) throw CowherdError.notFound(name);
+    return Operation.decode(Buffer.from(record.value.operation, 'base64'));
+  }
+
+  /** Lists operations, newest names first is not promised: ordered by name for stable paging. */
+  async list(request: { filter: string; pageSize: number; pageToken: string }): Promise<{ operations: Operation[]; nextPageToken: string }> {
+    const filter = parseFilter(request.filter);
+    const records = (await this.store.list('*')).map((entry) => entry.value).filter((record) => filter(record));
+    const { page, nextPageToken } = paginate(records, (record) => record.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `operations|${request.filter}`, tokens: this.options.pageTokens });
+    return { operations: page.map((record) => Operation.decode(Buffer.from(record.operation, 'base64'))), nextPageToken };
+  }
+
+  /** Asks the operation to stop; it ends with CANCELLED at its next checkpoint. */
+  async cancel(name: string): Promise<void> {
+    const result = await this.store.mutate(keyOf(validName(name)), (current) => (current && !current.cancelRequested && !decodeDone(current) ? { ...current, cancelRequested: true } : undefined));
+    if (!result) throw CowherdError.notFound(name);
+    this.running.get(name)?.controller.abort(cancelledError());
+  }
+
+  /** Forgets a finished operation; a running one is FAILED_PRECONDITION. */
+  async delete(name: string): Promise<void> {
+    const record = await this.store.get(keyOf(validName(name)));
+    if (!record) throw CowherdError.notFound(name);
+    if (!decodeDone(record.value)) throw CowherdError.failedPrecondition(`${name} is still running; cancel it first`, ErrorReason.ERROR_REASON_OPERATION_CONFLICT);
+    await this.store.delete(keyOf(name), record.revision);
+  }
+
+  /** Waits until the operation is done or `timeoutMs` passes, then returns its latest state. */
+  async wait(name: string, timeoutMs: number): Promise<Operation> {
+    const first = await this.get(name);
+    if (first.done) return first;
+    return new Promise((resolve, reject) => {
+      let stopWatching: (() => void) | undefined;
+      const finish = (): void => {
+        clearTimeout(timer);
+        stopWatching?.();
+        this.get(name).then(resolve, reject);
+      };
+      const timer = setTimeout(finish, timeoutMs);
+      this.store
+        .watch(keyOf(name), (change) => {
+          if (!change.value || decodeDone(change.value)) finish();
+        })
+        .then((stop) => {
+          stopWatching = stop;
+        }, reject);
+    });
+  }
+
+  /** Stops claiming and running; running operations keep their checkpoint and are released to other replicas. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearTimeout(this.scanTimer);
+    const running = [...this.running.values()];
+    for (const { controller } of running) controller.abort(new Error('replica stopping'));
+    await Promise.all(running.map((entry) => entry.done));
+  }
+
+  private async claimOrphans(): Promise<void> {
+    const now = Date.now();
+    for (const entry of await this.store.list('*')) {
+      const record = entry.value;
+      if (decodeDone(record) || record.leaseExpiresAt > now || this.running.has(record.name) || !this.kinds.has(record.kind)) continue;
+      const claimed: OperationRecord = { ...record, owner: this.replicaId, leaseExpiresAt: Date.now() + this.leaseMs, updateTime: new Date().toISOString() };
+      try {
+        const revision = await this.store.update(entry.key, claimed, entry.revision);
+        this.options.log.info({ operation: record.name, kind: record.kind, previousOwner: record.owner }, 'resuming operation');
+        this.launch(claimed, revision);
+      } catch (error) {
+        if (!(error instanceof KvConflictError)) throw error;
+      }
+    }
+  }
+
+  private launch(record: OperationRecord, revision: number): void {
+    const kind = this.kinds.get(record.kind);
+    if (!kind) throw new Error(`operation kind ${record.kind} is not registered`);
+    const controller = new AbortController();
+    const log = this.options.log.child({ operation: record.name, kind: record.kind });
+    let current = { record, revision };
+
+    // Every write goes through compare-and-set on our last revision: if another replica took the
+    // operation over (our lease expired), the write fails and this run stops.
+    const write = async (change: (record: OperationRecord) => OperationRecord): Promise<void> => {
+      const next = change(current.record);
+      try {
+        const nextRevision = await this.store.update(keyOf(record.name), next, current.revision);
+        current = { record: next, revision: nextRevision };
+      } catch (error) {
+        if (error instanceof KvConflictError) {
+          // A cancel request is the one change others make to a record we own: take it and retry once.
+          const fresh = await this.store.get(keyOf(record.name));
+          if (fresh && fresh.value.owner === this.replicaId && fresh.value.cancelRequested) {
+            current = { record: fresh.value, revision: fresh.revision };
+            controller.abort(cancelledError());
+            return write(change);
+          }
+          controller.abort(new Error('lease lost'));
+          throw new CowherdError(GrpcStatus.ABORTED, `${record.name} is now run by another replica`, { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+        }
+        throw error;
+      }
+    };
+    const renew = setInterval(() => {
+      write((r) => ({ ...r, leaseExpiresAt: Date.now() + this.leaseMs })).catch((error: unknown) => log.warn({ err: error }, 'lease renewal failed'));
+    }, Math.max(100, Math.floor(this.leaseMs / 3)));
+
+    const operationNow = (): Operation => Operation.decode(Buffer.from(current.record.operation, 'base64'));
+    const context: OperationContext<unknown, unknown, unknown> = {
+      name: record.name,
+      request: kind.requestType.decode(Buffer.from(record.request, 'base64')),
+      state: record.state ?? undefined,
+      get metadata() {
+        return unpack(kind.metadataType, operationNow().metadata);
+      },
+      signal: controller.signal,
+      log,
+      checkpoint: async (update) => {
+        if (controller.signal.aborted) throw controller.signal.reason;
+        await write((r) => {
+          const operation = Operation.decode(Buffer.from(r.operation, 'base64'));
+          if (update.metadata !== undefined) operation.metadata = pack(kind.metadataType, update.metadata);
+          return { ...r, operation: encodeOperation(operation), state: update.state === undefined ? r.state : update.state, updateTime: new Date().toISOString() };
+        });
+      },
+      cancelRequested: () => current.record.cancelRequested,
+    };
+    if (record.cancelRequested) controller.abort(cancelledError());
+
+    const done = (async () => {
+      let result: Operation['result'];
+      const wasCancelled = (): boolean => current.record.cancelRequested || (controller.signal.aborted && isCancellation(controller.signal.reason));
+      try {
+        const response = await kind.run(context);
+        result = { $case: 'response', value: pack(kind.responseType, response) };
+      } catch (error) {
+        if (controller.signal.aborted && !wasCancelled()) {
+          // Stopping or lease lost: leave the operation to whoever runs it next.
+          log.info({ reason: String(controller.signal.reason) }, 'operation paused on this replica');
+          clearInterval(renew);
+          if (!this.stopped) return;
+          await write((r) => ({ ...r, leaseExpiresAt: 0 })).catch(() => undefined);
+          return;
+        }
+        result = { $case: 'error', value: wasCancelled() ? toStatus(cancelledError()) : toStatus(error) };
+        if (!wasCancelled()) log.warn({ err: error }, 'operation failed');
+      }
+      clearInterval(renew);
+      await write((r) => {
+        const operation = Operation.decode(Buffer.from(r.operation, 'base64'));
+        operation.done = true;
+        operation.result = result;
+        return { ...r, operation: encodeOperation(operation), leaseExpiresAt: 0, updateTime: new Date().toISOString() };
+      }).catch((error: unknown) => log.warn({ err: error }, 'could not record the end of the operation'));
+      log.info({ ok: result?.$case === 'response' }, 'operation done');
+    })().finally(() => {
+      clearInterval(renew);
+      this.running.delete(record.name);
+    });
+    this.running.set(record.name, { controller, done });
+  }
+}
+
+/** google.longrunning.Operations handlers over a manager. */
+export function operationsHandlers(manager: OperationManager): Handlers<typeof OperationsService> {
+  return {
+    listOperations: async (request) => {
+      if (request.name !== '' && request.name !== 'operations') throw CowherdError.invalidArgument('name', 'must be "operations" or empty');
+      return { ...(await manager.list(request)), unreachable: [] };
+    },
+    getOperation: (request) => manager.get(request.name),
+    deleteOperation: async (request) => {
+      await manager.delete(request.name);
+      return {};
+    },
+    cancelOperation: async (request) => {
+      await manager.cancel(request.name);
+      return {};
+    },
+    waitOperation: (request) => {
+      const seconds = request.timeout ? Number(request.timeout.seconds) + request.timeout.nanos / 1e9 : 60;
+      if (!(seconds >= 0)) throw CowherdError.invalidArgument('timeout', 'must not be negative');
+      return manager.wait(request.name, Math.min(seconds, 600) * 1000);
+    },
+  };
+}
+
+/** Operations are visible to admins and to services (which follow each other's operations). */
+export const OPERATIONS_POLICY: AccessPolicy<typeof OperationsService> = {
+  listOperations: { allow: ['admin', 'service'] },
+  getOperation: { allow: ['admin', 'service'] },
+  deleteOperation: { allow: ['admin'] },
+  cancelOperation: { allow: ['admin'] },
+  waitOperation: { allow: ['admin', 'service'] },
+};
+
+const OPERATION_NAME = /^operations\/([0-9a-f-]{36})$/;
+
+function validName(name: string): string {
+  if (!OPERATION_NAME.test(name)) throw CowherdError.invalidArgument('name', 'must look like operations/{uuid}');
+  return name;
+}
+
+function keyOf(name: string): string {
+  return name.slice('operations/'.length);
+}
+
+function encodeOperation(operation: Operation): string {
+  return Buffer.from(Operation.encode(operation).finish()).toString('base64');
+}
+
+function decodeDone(record: OperationRecord): boolean {
+  return Operation.decode(Buffer.from(record.operation, 'base64')).done;
+}
+
+function cancelledError(): CowherdError {
+  return new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+}
+
+function isCancellation(reason: unknown): boolean {
+  return reason instanceof CowherdError && reason.code === GrpcStatus.CANCELLED;
+}
+
+/** Filters: "" (all), "done=true", "done=false", "kind=<kind>", joined by " AND ". */
+function parseFilter(filter: string): (record: OperationRecord) => boolean {
+  if (filter.trim() === '') return () => true;
+  const tests = filter.split(/\s+AND\s+/).map((term) => {
+    const match = /^\s*(done|kind)\s*=\s*"?([A-Za-z0-9._-]+)"?\s*$/.exec(term);
+    if (!match) throw CowherdError.invalidArgument('filter', `cannot parse ${JSON.stringify(term)}; use done=true|false and kind=<kind> joined by AND`);
+    const [, field, value] = match;
+    if (field === 'done') {
+      if (value !== 'true' && value !== 'false') throw CowherdError.invalidArgument('filter', 'done must be true or false');
+      return (record: OperationRecord) => decodeDone(record) === (value === 'true');
+    }
+    return (record: OperationRecord) => record.kind === value;
+  });
+  return (record) => tests.every((test) => test(record));
+}

@@ -1,0 +1,223 @@
+/**
+ * The gRPC boundary of every service: promise-based handlers, caller identity from the client
+ * certificate, per-RPC authorization (deny by default), revocation checks, request logging and error
+ * mapping. Services write `(request, context) => Promise<response>`; `adaptService` turns that into
+ * what grpc-js calls.
+ */
+import {
+  status as GrpcStatus,
+  type Metadata,
+  type ServerUnaryCall,
+  type ServerWritableStream,
+  type ServiceDefinition,
+  type UntypedHandleCall,
+  type sendUnaryData,
+} from '@grpc/grpc-js';
+import type { PeerCertificate } from 'node:tls';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { CowherdError, toServiceError } from './errors.js';
+import { describeIdentity, parseIdentity, type Identity, type IdentityKind } from './identity.js';
+import type { Logger } from './logger.js';
+import { normalizeSerial, parseSubjectAltName } from './pki.js';
+
+/** What a handler knows about the call it serves. */
+export interface CallContext {
+  /** The authenticated caller; undefined only on methods that allow unauthenticated callers. */
+  readonly caller: Identity | undefined;
+  /** Full method path, e.g. /cowherd.inventory.v1.InventoryService/GetHost. */
+  readonly method: string;
+  /** Logger with caller and method bound. */
+  readonly log: Logger;
+  /** Aborted when the client cancels or the deadline passes. */
+  readonly signal: AbortSignal;
+  readonly metadata: Metadata;
+}
+
+interface MethodShape {
+  readonly path: string;
+  readonly requestStream: boolean;
+  readonly responseStream: boolean;
+  readonly originalName?: string;
+  requestDeserialize(bytes: Buffer): unknown;
+  responseSerialize(value: never): Buffer;
+}
+
+type RequestOf<M> = M extends { requestDeserialize(bytes: Buffer): infer R } ? R : never;
+type ResponseOf<M> = M extends { responseSerialize(value: infer R): Buffer } ? R : never;
+
+/** A unary handler. */
+export type UnaryHandler<Req, Res> = (request: Req, context: CallContext) => Promise<Res>;
+/** A server-streaming handler: `send` writes one message and resolves when the stream can take more. */
+export type ServerStreamHandler<Req, Res> = (request: Req, context: CallContext, send: (message: Res) => Promise<void>) => Promise<void>;
+
+/** The promise-based handlers of a ts-proto service definition (client streaming is not used by cowherd). */
+export type Handlers<D> = {
+  [K in keyof D]: D[K] extends { requestStream: false; responseStream: false }
+    ? UnaryHandler<RequestOf<D[K]>, ResponseOf<D[K]>>
+    : D[K] extends { requestStream: false; responseStream: true }
+      ? ServerStreamHandler<RequestOf<D[K]>, ResponseOf<D[K]>>
+      : never;
+};
+
+/** Who may call one RPC. */
+export interface AccessRule<Req> {
+  /** Identity kinds allowed; 'anyone' admits callers without a client certificate (enrollment port only). */
+  readonly allow: readonly IdentityKind[] | 'anyone';
+  /**
+   * For host callers: the host the request acts for. A host identity may act only for itself: when this
+   * returns anything but the caller's own hostname the call is PERMISSION_DENIED (HOST_MISMATCH).
+   * Required whenever `allow` includes 'host'.
+   */
+  readonly actsForHost?: (request: Req) => string | undefined;
+}
+
+/** The authorization table of a service: every RPC must appear (deny by default is enforced by the type). */
+export type AccessPolicy<D> = { [K in keyof D]: AccessRule<RequestOf<D[K]>> };
+
+/** Answers whether a certificate serial (lowercase hex) has been revoked. */
+export interface RevocationCheck {
+  isRevoked(serialNumber: string): boolean;
+}
+
+/** No revocations: for tests and processes that have no view of the CA yet. */
+export const NO_REVOCATIONS: RevocationCheck = { isRevoked: () => false };
+
+/** A service ready to be added to a server. */
+export interface ServiceRegistration {
+  /** Fully qualified service name, e.g. cowherd.inventory.v1.InventoryService. */
+  readonly serviceName: string;
+  readonly definition: ServiceDefinition;
+  readonly implementation: Record<string, UntypedHandleCall>;
+}
+
+/** Everything the boundary needs besides the handlers. */
+export interface BoundaryOptions {
+  readonly log: Logger;
+  readonly revocations: RevocationCheck;
+  /** Methods whose successful calls are logged at debug instead of info (health checks, heartbeats). */
+  readonly quietMethods?: ReadonlySet<string>;
+}
+
+/**
+ * Wraps promise-based handlers with authentication, authorization, logging and error mapping.
+ * Methods of the definition without a handler answer UNIMPLEMENTED (after authorization).
+ */
+export function adaptService<D extends Record<string, MethodShape>>(
+  definition: D,
+  handlers: Partial<Handlers<D>>,
+  policy: AccessPolicy<D>,
+  options: BoundaryOptions,
+): ServiceRegistration {
+  const implementation: Record<string, UntypedHandleCall> = {};
+  let serviceName = '';
+  for (const [key, method] of Object.entries(definition)) {
+    serviceName = method.path.split('/')[1] ?? '';
+    const rule = (policy as Record<string, AccessRule<unknown>>)[key];
+    const handler = (handlers as Record<string, ((...args: never[]) => Promise<unknown>) | undefined>)[key];
+    const quiet = options.quietMethods?.has(method.path) ?? false;
+    if (method.requestStream) throw new Error(`${method.path}: client streaming is not supported`);
+    if (!method.responseStream) {
+      implementation[key] = ((call: ServerUnaryCall<unknown, unknown>, callback: sendUnaryData<unknown>) => {
+        const started = process.hrtime.bigint();
+        let context: CallContext | undefined;
+        void (async () => {
+          context = admit(call, method.path, rule, options);
+          if (!handler) throw unimplemented(method.path);
+          return (handler as UnaryHandler<unknown, unknown>)(call.request, context);
+        })().then(
+          (response) => {
+            logCall(options, context, method.path, started, GrpcStatus.OK, quiet);
+            callback(null, response);
+          },
+          (error: unknown) => {
+            const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: method.path }, 'unexpected error'));
+            logCall(options, context, method.path, started, serviceError.code, quiet, serviceError.details);
+            callback(serviceError, null);
+          },
+        );
+      }) as UntypedHandleCall;
+    } else {
+      implementation[key] = ((call: ServerWritableStream<unknown, unknown>) => {
+        const started = process.hrtime.bigint();
+        let context: CallContext | undefined;
+        const send = (message: unknown): Promise<void> =>
+          new Promise((resolve, reject) => {
+            if (call.cancelled || call.destroyed) return reject(new CowherdError(GrpcStatus.CANCELLED, 'call cancelled', { reason: ErrorReason.ERROR_REASON_INTERNAL }));
+            if (call.write(message)) resolve();
+            else call.once('drain', () => resolve());
+          });
+        void (async () => {
+          context = admit(call, method.path, rule, options);
+          if (!handler) throw unimplemented(method.path);
+          await (handler as ServerStreamHandler<unknown, unknown>)(call.request, context, send);
+        })().then(
+          () => {
+            logCall(options, context, method.path, started, GrpcStatus.OK, quiet);
+            call.end();
+          },
+          (error: unknown) => {
+            const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: method.path }, 'unexpected error'));
+            logCall(options, context, method.path, started, serviceError.code, quiet, serviceError.details);
+            if (!call.cancelled) call.destroy(serviceError as unknown as Error);
+          },
+        );
+      }) as UntypedHandleCall;
+    }
+  }
+  return { serviceName, definition: definition as unknown as ServiceDefinition, implementation };
+}
+
+/** Reads the caller's identity from a call's TLS peer certificate; undefined without one. */
+export function peerIdentity(call: { getAuthContext(): { sslPeerCertificate?: PeerCertificate } }): { identity: Identity | undefined; serialNumber: string } | undefined {
+  const certificate = call.getAuthContext().sslPeerCertificate;
+  if (!certificate || !certificate.serialNumber) return undefined;
+  const uris = parseSubjectAltName(certificate.subjectaltname ?? '').uris;
+  const identity = uris.length === 1 ? parseIdentity(uris[0]!) : undefined;
+  return { identity, serialNumber: normalizeSerial(certificate.serialNumber) };
+}
+
+function admit(
+  call: ServerUnaryCall<unknown, unknown> | ServerWritableStream<unknown, unknown>,
+  path: string,
+  rule: AccessRule<unknown> | undefined,
+  options: BoundaryOptions,
+): CallContext {
+  const controller = new AbortController();
+  call.once('cancelled', () => controller.abort(new CowherdError(GrpcStatus.CANCELLED, 'call cancelled', { reason: ErrorReason.ERROR_REASON_INTERNAL })));
+  const peer = peerIdentity(call);
+  const caller = peer?.identity;
+  const log = options.log.child({ method: path, caller: caller ? describeIdentity(caller) : 'anonymous' });
+  const context: CallContext = { caller, method: path, log, signal: controller.signal, metadata: call.metadata };
+  if (!rule) throw CowherdError.permissionDenied(`${path} is not open to any caller`);
+  if (rule.allow === 'anyone') return context;
+  if (!peer) throw CowherdError.unauthenticated('a client certificate from the cowherd CA is required');
+  if (options.revocations.isRevoked(peer.serialNumber)) {
+    throw CowherdError.unauthenticated(`certificate ${peer.serialNumber} has been revoked`, ErrorReason.ERROR_REASON_CERTIFICATE_REVOKED);
+  }
+  if (!caller) throw CowherdError.unauthenticated('the client certificate names no cowherd identity (one spiffe://cowherd/... URI SAN)');
+  if (!rule.allow.includes(caller.kind)) {
+    throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}`);
+  }
+  if (caller.kind === 'host') {
+    if (!rule.actsForHost) throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}`);
+    const target = rule.actsForHost(call.request);
+    if (target !== caller.name) {
+      throw CowherdError.permissionDenied(`host ${caller.name} may act only for its own host, not for ${JSON.stringify(target ?? '')}`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
+    }
+  }
+  return context;
+}
+
+function unimplemented(path: string): CowherdError {
+  return new CowherdError(GrpcStatus.UNIMPLEMENTED, `${path} is not implemented yet`, { reason: ErrorReason.ERROR_REASON_INTERNAL });
+}
+
+function logCall(options: BoundaryOptions, context: CallContext | undefined, method: string, started: bigint, code: GrpcStatus, quiet: boolean, message?: string): void {
+  const log = context?.log ?? options.log.child({ method });
+  const fields = { code: GrpcStatus[code], ms: Number(process.hrtime.bigint() - started) / 1e6, ...(message === undefined ? {} : { error: message }) };
+  if (code === GrpcStatus.OK) {
+    if (quiet) log.debug(fields, 'rpc');
+    else log.info(fields, 'rpc');
+  } else if (code === GrpcStatus.INTERNAL || code === GrpcStatus.UNKNOWN) log.error(fields, 'rpc');
+  else log.warn(fields, 'rpc');
+}

@@ -1,0 +1,158 @@
+/**
+ * The life of a cowherd server process, shared by every service and the agent: read config, make the
+ * logger, connect NATS over TLS, ensure the event stream, build the service, serve on the mTLS and
+ * probe ports, and on SIGTERM/SIGINT drain within the grace time. `main.ts` files only wire.
+ */
+import { ConfigError, addressVariable, enumVariable, integerVariable, pathVariable, readConfig, urlListVariable, type ConfigOf, type Variable } from './config.js';
+import { EventPublisher, ensureEventStream } from './events.js';
+import { createLogger, LOG_LEVELS, type Logger } from './logger.js';
+import { connectNats, type Nats } from './nats.js';
+import { DEFAULT_DESCRIPTOR_SET_PATH, readDescriptorSet } from './reflection.js';
+import { NO_REVOCATIONS, type BoundaryOptions, type RevocationCheck, type ServiceRegistration } from './rpc.js';
+import { startServer, type RunningServer } from './server.js';
+import { mutualTlsServerCredentials, type TlsFiles } from './tls.js';
+import type { LevelWithSilent } from 'pino';
+
+/** Default ports: mTLS gRPC and plaintext health, per process. */
+export const DEFAULT_PORTS = {
+  'certificate-authority': { grpc: 7440, health: 7450 },
+  inventory: { grpc: 7442, health: 7452 },
+  distribution: { grpc: 7443, health: 7453 },
+  cloning: { grpc: 7444, health: 7454 },
+  agent: { grpc: 7445, health: 7455 },
+} as const;
+
+/** Names of the processes that serve gRPC. */
+export type ProcessName = keyof typeof DEFAULT_PORTS;
+
+/** The variables every server process reads. */
+export function serverVariables(name: ProcessName) {
+  const ports = DEFAULT_PORTS[name];
+  return {
+    listenAddress: addressVariable('COWHERD_LISTEN_ADDRESS', 'host:port of the mTLS gRPC port (port 0: any free port)', `0.0.0.0:${ports.grpc}`),
+    healthAddress: addressVariable('COWHERD_HEALTH_ADDRESS', 'host:port of the plaintext health-only port for probes', `0.0.0.0:${ports.health}`),
+    certificateFile: pathVariable('COWHERD_TLS_CERT', 'PEM certificate of this process (reloaded when the file changes)'),
+    privateKeyFile: pathVariable('COWHERD_TLS_KEY', 'PEM private key of this process (0600)'),
+    caFile: pathVariable('COWHERD_TLS_CA', 'PEM certificate of the cowherd CA, the only trusted root'),
+    natsUrls: urlListVariable('COWHERD_NATS_URL', 'comma-separated NATS URLs (TLS with this process certificate)', ['tls://localhost:4222']),
+    logLevel: enumVariable<LevelWithSilent>('COWHERD_LOG_LEVEL', 'pino log level', 'info', LOG_LEVELS),
+    shutdownGraceSeconds: integerVariable('COWHERD_SHUTDOWN_GRACE_SECONDS', 'how long SIGTERM waits for running calls before cancelling them', 20, 0, 600),
+    tlsRefreshSeconds: integerVariable('COWHERD_TLS_REFRESH_SECONDS', 'how often certificate files are checked for changes', 5, 1, 3600),
+    descriptorSetFile: pathVariable('COWHERD_DESCRIPTOR_SET', 'buf descriptor set served by reflection', DEFAULT_DESCRIPTOR_SET_PATH),
+  };
+}
+
+/** Configuration every server process has. */
+export type ServerConfig = ConfigOf<ReturnType<typeof serverVariables>>;
+
+/** What a service's build function receives. */
+export interface ServiceContext<C extends ServerConfig> {
+  readonly config: C;
+  readonly log: Logger;
+  readonly nats: Nats;
+  readonly events: EventPublisher;
+  readonly tls: TlsFiles;
+  /** Pass to adaptService. */
+  readonly boundary: BoundaryOptions;
+}
+
+/** What a service's build function returns. */
+export interface BuiltService {
+  readonly services: readonly ServiceRegistration[];
+  /** Revocation check to use instead of none (the CA's view of revoked serials). */
+  readonly revocations?: RevocationCheck;
+  /** Called after the server stops accepting calls: checkpoint operations, close watchers. */
+  stop?(): Promise<void>;
+}
+
+/** A started process, for tests that run services in-process. */
+export interface RunningService {
+  readonly server: RunningServer;
+  readonly log: Logger;
+  stop(): Promise<void>;
+}
+
+/** Options of {@link startService}. */
+export interface StartServiceOptions<S extends Record<string, Variable<unknown>>> {
+  readonly name: ProcessName;
+  /** Extra variables of this service, merged with serverVariables(name). */
+  readonly variables: S;
+  readonly env: Readonly<Record<string, string | undefined>>;
+  readonly build: (context: ServiceContext<ServerConfig & ConfigOf<S>>) => Promise<BuiltService>;
+  readonly logDestination?: NodeJS.WritableStream;
+}
+
+/** Starts a service (without signal handling): config, logger, NATS, server. */
+export async function startService<S extends Record<string, Variable<unknown>>>(options: StartServiceOptions<S>): Promise<RunningService> {
+  const config = readConfig({ ...serverVariables(options.name), ...options.variables }, options.env) as ServerConfig & ConfigOf<S>;
+  const log = createLogger({ service: options.name, level: config.logLevel, ...(options.logDestination === undefined ? {} : { destination: options.logDestination }) });
+  const tls: TlsFiles = { certificateFile: config.certificateFile, privateKeyFile: config.privateKeyFile, caFile: config.caFile };
+  const credentials = mutualTlsServerCredentials(tls, config.tlsRefreshSeconds * 1000);
+  const nats = await connectNats({ servers: config.natsUrls, tls, name: options.name, log });
+  try {
+    await ensureEventStream(nats.manager);
+    const revocationsRef: { current: RevocationCheck } = { current: NO_REVOCATIONS };
+    const boundary: BoundaryOptions = { log, revocations: { isRevoked: (serial) => revocationsRef.current.isRevoked(serial) } };
+    const built = await options.build({ config, log, nats, events: new EventPublisher(nats.jetstream, log), tls, boundary });
+    if (built.revocations) revocationsRef.current = built.revocations;
+    const server = await startServer({
+      log,
+      address: config.listenAddress,
+      healthAddress: config.healthAddress,
+      credentials,
+      services: built.services,
+      descriptorSet: readDescriptorSet(config.descriptorSetFile),
+      revocations: boundary.revocations,
+    });
+    return {
+      server,
+      log,
+      stop: async () => {
+        log.info({ graceSeconds: config.shutdownGraceSeconds }, 'stopping');
+        await server.stop(config.shutdownGraceSeconds * 1000);
+        await built.stop?.();
+        await nats.close();
+        log.info('stopped');
+      },
+    };
+  } catch (error) {
+    await nats.close().catch(() => undefined);
+    throw error;
+  }
+}
+
+/**
+ * Runs a service as the process's main: exits 2 with every configuration problem listed, 1 on a
+ * start-up failure, 0 after a clean SIGTERM/SIGINT drain. A second signal exits at once.
+ */
+export async function runServiceMain<S extends Record<string, Variable<unknown>>>(options: StartServiceOptions<S>): Promise<void> {
+  let running: RunningService;
+  try {
+    running = await startService(options);
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      process.stderr.write(`cowherd ${options.name}: ${error.message}\n`);
+      process.exit(2);
+    }
+    process.stderr.write(`cowherd ${options.name}: failed to start: ${(error as Error).message}\n`);
+    process.exit(1);
+  }
+  let stopping = false;
+  const onSignal = (signal: NodeJS.Signals): void => {
+    if (stopping) {
+      running.log.warn({ signal }, 'second signal: exiting now');
+      process.exit(1);
+    }
+    stopping = true;
+    running.log.info({ signal }, 'signal received: draining');
+    running.stop().then(
+      () => process.exit(0),
+      (error: unknown) => {
+        running.log.error({ err: error }, 'unclean stop');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+}
