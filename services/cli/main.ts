@@ -62,10 +62,12 @@ async function main(argv: readonly string[]): Promise<number> {
   return 2;
 }
 
-main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
-  (error: unknown) => {
-    process.stderr.write(`cowherd: ${(error as Error).message}\n`);
-    process.exit(1);
-  },
-);
+/** Exits once stdout and stderr are flushed: on pipes, process.exit would drop what is still queued. */
+function exitAfterFlush(code: number): void {
+  process.stdout.write('', () => process.stderr.write('', () => process.exit(code)));
+}
+
+main(process.argv.slice(2)).then(exitAfterFlush, (error: unknown) => {
+  process.stderr.write(`cowherd: ${(error as Error).message}\n`);
+  exitAfterFlush(1);
+});

@@ -66,9 +66,10 @@ export interface AccessRule<Req> {
   /**
    * For host callers: the host the request acts for. A host identity may act only for itself: when this
    * returns anything but the caller's own hostname the call is PERMISSION_DENIED (HOST_MISMATCH).
-   * Required whenever `allow` includes 'host'.
+   * 'caller' means the request names no host and the handler acts for the caller's identity itself
+   * (renewing its own certificate). Required whenever `allow` includes 'host'.
    */
-  readonly actsForHost?: (request: Req) => string | undefined;
+  readonly actsForHost?: ((request: Req) => string | undefined) | 'caller';
 }
 
 /** The authorization table of a service: every RPC must appear (deny by default is enforced by the type). */
@@ -200,7 +201,7 @@ function admit(
   }
   if (caller.kind === 'host') {
     if (!rule.actsForHost) throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}`);
-    const target = rule.actsForHost(call.request);
+    const target = rule.actsForHost === 'caller' ? caller.name : rule.actsForHost(call.request);
     if (target !== caller.name) {
       throw CowherdError.permissionDenied(`host ${caller.name} may act only for its own host, not for ${JSON.stringify(target ?? '')}`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
     }

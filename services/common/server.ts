@@ -51,7 +51,7 @@ const SERVER_DEFAULTS: ChannelOptions = {
 /** Starts the mTLS server (and the plaintext probe server) and marks everything SERVING. */
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
   const serviceNames = options.services.map((service) => service.serviceName);
-  const health = new HealthState(serviceNames);
+  const health = new HealthState([...serviceNames, 'grpc.health.v1.Health']);
   const boundary = { log: options.log, revocations: options.revocations, quietMethods: new Set(['/grpc.health.v1.Health/Check', '/grpc.health.v1.Health/Watch']) };
   const healthService = adaptService(HealthService, healthHandlers(health), HEALTH_POLICY, boundary);
 

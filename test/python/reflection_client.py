@@ -26,8 +26,9 @@ def generate(out_dir):
     files = ["grpc/health/v1/health.proto", "grpc/reflection/v1/reflection.proto"]
     for dirpath, _, names in os.walk(os.path.join(PROTO, "cowherd")):
         files += [os.path.relpath(os.path.join(dirpath, n), PROTO) for n in names if n.endswith(".proto")]
-    deps = ["google/longrunning/operations.proto", "google/rpc/status.proto", "google/rpc/error_details.proto",
-            "google/rpc/code.proto", "google/api/annotations.proto", "google/api/http.proto",
+    # Only what cowherd's protos import: Debian's protoc (3.5) predates proto3 `optional`, which the vendored
+    # google/rpc/error_details.proto uses; clients decode ErrorInfo with their own google-rpc package.
+    deps = ["google/longrunning/operations.proto", "google/rpc/status.proto", "google/api/annotations.proto", "google/api/http.proto",
             "google/api/client.proto", "google/api/field_behavior.proto", "google/api/resource.proto",
             "google/api/launch_stage.proto"]
     well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")

@@ -1,0 +1,20 @@
+/** Who may call each CertificateAuthorityService RPC. Deny by default: every RPC is listed. */
+import type { CertificateAuthorityServiceService } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
+import type { AccessPolicy } from '../common/rpc.js';
+
+export const CERTIFICATE_AUTHORITY_POLICY: AccessPolicy<typeof CertificateAuthorityServiceService> = {
+  // The CA bundle is public; enrollment is authenticated by the join token, not by a certificate.
+  getCaBundle: { allow: 'anyone' },
+  enrollHost: { allow: 'anyone' },
+  createJoinToken: { allow: ['admin'] },
+  getJoinToken: { allow: ['admin'] },
+  listJoinTokens: { allow: ['admin'] },
+  deleteJoinToken: { allow: ['admin'] },
+  // Every identity renews its own certificate and reads the revocation list.
+  renewCertificate: { allow: ['admin', 'service', 'host'], actsForHost: 'caller' },
+  getRevocationList: { allow: ['admin', 'service', 'host'], actsForHost: 'caller' },
+  issueCertificate: { allow: ['admin'] },
+  revokeCertificate: { allow: ['admin'] },
+  getCertificate: { allow: ['admin', 'service'] },
+  listCertificates: { allow: ['admin', 'service'] },
+};

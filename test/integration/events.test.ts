@@ -1,0 +1,87 @@
+/**
+ * Events on a real nats-server: a durable consumer receives what was published while it was offline,
+ * exactly once per Nats-Msg-Id, decoded from protobuf; a failing handler gets the event again.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { IMAGE_AVAILABLE, CLONE_DONE } from '../../services/common/event-types.js';
+import { consumeEvents, ensureEventStream, EventPublisher, type ReceivedEvent } from '../../services/common/events.js';
+import { createLogger } from '../../services/common/logger.js';
+import { connectNats, type Nats } from '../../services/common/nats.js';
+import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
+import { Resources, TestPki, startTestNats } from '../harness/index.js';
+
+const log = createLogger({ service: 'test', level: 'silent' });
+
+function available(host: string): ImageAvailable {
+  return { image: 'images/debian-12', host: `hosts/${host}`, replica: `hosts/${host}/images/debian-12`, totalBytes: '268435456', files: [], origin: false, transferDuration: { seconds: '12', nanos: 0 }, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z') };
+}
+
+async function waitFor(predicate: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error('timed out waiting');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+describe('events', () => {
+  const resources = new Resources();
+  let publisherConnection: Nats;
+  let consumerConnection: Nats;
+
+  before(async () => {
+    const pki = await TestPki.create(await resources.tempDir());
+    const nats = await startTestNats(resources, pki);
+    publisherConnection = await connectNats({ servers: [nats.url], tls: await pki.files('host', 'kvm-01'), name: 'agent', log });
+    consumerConnection = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'cloning'), name: 'cloning', log });
+    resources.defer(() => publisherConnection.close());
+    resources.defer(() => consumerConnection.close());
+    await ensureEventStream(publisherConnection.manager);
+  });
+  after(() => resources.release());
+
+  it('reach a durable consumer that was offline when they were published, once per Nats-Msg-Id', async () => {
+    const received: Array<ReceivedEvent<ImageAvailable>> = [];
+    // The consumer exists (durable), then goes away.
+    const first = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, { durable: 'cloning-image-available', types: [IMAGE_AVAILABLE], log, handle: async (event) => void received.push(event) });
+    await first.stop();
+
+    const publisher = new EventPublisher(publisherConnection.jetstream, log);
+    await publisher.publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'image.available/debian-12/kvm-01' });
+    // A retried publish of the same fact is stored once.
+    await publisher.publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'image.available/debian-12/kvm-01' });
+    await publisher.publish(IMAGE_AVAILABLE, available('kvm-02'), { host: 'kvm-02', id: 'image.available/debian-12/kvm-02' });
+    // Another kind on the same stream is not delivered to this consumer.
+    await publisher.publish(CLONE_DONE, { virtualMachine: 'hosts/kvm-01/virtualMachines/a', host: 'hosts/kvm-01', domainName: 'a', uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: undefined }, { host: 'kvm-01', id: 'clone.done/a' });
+
+    const second = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, { durable: 'cloning-image-available', types: [IMAGE_AVAILABLE], log, handle: async (event) => void received.push(event) });
+    await waitFor(() => received.length >= 2);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    await second.stop();
+    assert.deepEqual(received.map((event) => event.subject), ['cowherd.events.image.available.kvm-01', 'cowherd.events.image.available.kvm-02']);
+    assert.equal(received[0]!.typeName, 'cowherd.events.v1.ImageAvailable');
+    assert.deepEqual(received[0]!.payload, available('kvm-01'));
+  });
+
+  it('redeliver an event whose handler failed', async () => {
+    const publisher = new EventPublisher(publisherConnection.jetstream, log);
+    let attempts = 0;
+    const consumer = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, {
+      durable: 'flaky-handler',
+      types: [IMAGE_AVAILABLE],
+      host: 'kvm-03',
+      log,
+      retryDelayMs: 50,
+      startAt: 'new',
+      handle: async () => {
+        attempts++;
+        if (attempts === 1) throw new Error('transient');
+      },
+    });
+    await publisher.publish(IMAGE_AVAILABLE, available('kvm-03'), { host: 'kvm-03', id: 'image.available/debian-12/kvm-03' });
+    await waitFor(() => attempts >= 2);
+    await consumer.stop();
+    assert.equal(attempts, 2);
+  });
+});
