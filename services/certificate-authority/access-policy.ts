@@ -18,3 +18,10 @@ export const CERTIFICATE_AUTHORITY_POLICY: AccessPolicy<typeof CertificateAuthor
   getCertificate: { allow: ['admin', 'service'] },
   listCertificates: { allow: ['admin', 'service'] },
 };
+
+/** The enrollment port (no client certificates): only the CA bundle and enrollment, nothing else. */
+export const ENROLLMENT_POLICY: AccessPolicy<typeof CertificateAuthorityServiceService> = {
+  ...Object.fromEntries(Object.keys(CERTIFICATE_AUTHORITY_POLICY).map((method) => [method, { allow: [] }])),
+  getCaBundle: { allow: 'anyone' },
+  enrollHost: { allow: 'anyone' },
+} as AccessPolicy<typeof CertificateAuthorityServiceService>;

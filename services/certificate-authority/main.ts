@@ -1,14 +1,91 @@
 /** The certificate-authority process: wiring only. */
+import { readFile } from 'node:fs/promises';
+import { Server } from '@grpc/grpc-js';
 import { CertificateAuthorityServiceService } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
+import { addressVariable, integerVariable, optionalStringVariable, pathVariable } from '../common/config.js';
+import { parseIdentity, type Identity } from '../common/identity.js';
+import type { Logger } from '../common/logger.js';
+import { PageTokens } from '../common/pagination.js';
+import { inspectCertificate } from '../common/pki.js';
+import { followRevocations, RevocationSet } from '../common/revocation.js';
 import { adaptService } from '../common/rpc.js';
+import { bind, shutdown } from '../common/server.js';
 import { runServiceMain } from '../common/service-process.js';
-import { CERTIFICATE_AUTHORITY_POLICY } from './access-policy.js';
+import { serverOnlyTlsCredentials } from '../common/tls.js';
+import { CERTIFICATE_AUTHORITY_POLICY, ENROLLMENT_POLICY } from './access-policy.js';
+import { loadOrCreateCertificateAuthority } from '../common/ca-files.js';
+import { CertificateAuthority, DEFAULT_CA_POLICY } from './certificate-authority.js';
+import { certificateAuthorityHandlers } from './handlers.js';
+import { eventingListener } from './listener.js';
+import { allListeners, natsUsers } from './nats-users.js';
+import type { CertificateRecord } from './records.js';
+import { openCaRecords } from './records.js';
 
 await runServiceMain({
   name: 'certificate-authority',
-  variables: {},
+  variables: {
+    caKeyFile: pathVariable('COWHERD_CA_KEY_FILE', 'the CA private key (0600); created with the certificate on the first start'),
+    caCertificateFile: pathVariable('COWHERD_CA_CERT_FILE', 'the CA certificate; created with the key on the first start'),
+    enrollAddress: addressVariable('COWHERD_ENROLL_ADDRESS', 'host:port of the enrollment port (server TLS only: GetCaBundle and EnrollHost)', '0.0.0.0:7441'),
+    hostCertificateHours: integerVariable('COWHERD_HOST_CERTIFICATE_HOURS', 'lifetime of host certificates issued at enrollment', 24, 1, 24 * 30),
+    natsAuthorizationFile: optionalStringVariable('COWHERD_NATS_AUTHORIZATION_FILE', 'the authorization file nats-server includes; when set, the CA keeps one NATS user per active certificate in it'),
+    natsPidFile: optionalStringVariable('COWHERD_NATS_PID_FILE', 'nats-server pid file, to reload it after the users changed (with COWHERD_NATS_AUTHORIZATION_FILE)'),
+    natsStaticIdentities: optionalStringVariable('COWHERD_NATS_STATIC_IDENTITIES', 'comma-separated SPIFFE URIs admitted to NATS by identity, whatever the serial (bootstrap services)'),
+  },
   env: process.env,
-  build: async ({ boundary }) => ({
-    services: [adaptService(CertificateAuthorityServiceService, {}, CERTIFICATE_AUTHORITY_POLICY, boundary)],
-  }),
+  build: async ({ config, boundary, nats, events, log, tls }) => {
+    const key = await loadOrCreateCertificateAuthority(config.caKeyFile, config.caCertificateFile, () => log.info({ certificateFile: config.caCertificateFile }, 'creating the CA (first start)'));
+    const records = await openCaRecords(nats.jetstream);
+    const listCertificates = async () => (await records.certificates.list('certificate.*')).map((entry) => entry.value);
+    const syncNats = natsUsersFromConfig(config, listCertificates, log);
+    const listener = syncNats ? allListeners(syncNats, eventingListener(events)) : eventingListener(events);
+    const ca = new CertificateAuthority(key, records, listener, log, { ...DEFAULT_CA_POLICY, hostCertificateSeconds: config.hostCertificateHours * 3600 });
+    await syncNats?.sync();
+    const natsTimer = syncNats ? setInterval(() => void syncNats.sync().catch(() => undefined), 30_000) : undefined;
+    const handlers = certificateAuthorityHandlers(ca, await PageTokens.open(nats.jetstream));
+
+    // Revocations come straight from the CA's own records, refreshed at once after a revoke by any replica.
+    const revocations = new RevocationSet();
+    const stopFollowing = await followRevocations({ set: revocations, log, nats: nats.connection, intervalMs: 5_000, fetch: async () => (await ca.revocationList()).serialNumbers });
+
+    // The enrollment port: server-auth TLS only, and only the two RPCs a host without a certificate needs.
+    const enrollment = new Server();
+    const enrollmentService = adaptService(CertificateAuthorityServiceService, { getCaBundle: handlers.getCaBundle, enrollHost: handlers.enrollHost }, ENROLLMENT_POLICY, boundary);
+    enrollment.addService(enrollmentService.definition, enrollmentService.implementation);
+    const enrollPort = await bind(enrollment, config.enrollAddress, serverOnlyTlsCredentials(tls, config.tlsRefreshSeconds * 1000));
+    log.info({ enrollPort, caSha256: ca.caSha256 }, 'enrollment port open');
+
+    return {
+      services: [adaptService(CertificateAuthorityServiceService, handlers, CERTIFICATE_AUTHORITY_POLICY, boundary)],
+      revocations,
+      renew: async (csrPem) => {
+        // The CA signs its own renewal in-process, for the identity its current certificate proves.
+        const current = inspectCertificate(await readFile(tls.certificateFile, 'utf8'));
+        if (!current.identity) throw new Error(`${tls.certificateFile} names no cowherd identity`);
+        const record = await ca.renew(current.identity, current, csrPem);
+        return { certificatePem: record.certificatePem, caPem: ca.caCertificatePem };
+      },
+      stop: async () => {
+        stopFollowing();
+        clearInterval(natsTimer);
+        await shutdown(enrollment, config.shutdownGraceSeconds * 1000);
+      },
+    };
+  },
 });
+
+/** The NATS users sync when the CA is told where NATS's authorization file is; undefined otherwise. */
+function natsUsersFromConfig(
+  config: { natsAuthorizationFile: string | undefined; natsPidFile: string | undefined; natsStaticIdentities: string | undefined },
+  listCertificates: () => Promise<CertificateRecord[]>,
+  log: Logger,
+): ReturnType<typeof natsUsers> | undefined {
+  if (config.natsAuthorizationFile === undefined) return undefined;
+  if (config.natsPidFile === undefined) throw new Error('COWHERD_NATS_PID_FILE is required with COWHERD_NATS_AUTHORIZATION_FILE');
+  const staticIdentities: Identity[] = (config.natsStaticIdentities ?? '').split(',').filter((uri) => uri.trim() !== '').map((uri) => {
+    const identity = parseIdentity(uri.trim());
+    if (!identity) throw new Error(`COWHERD_NATS_STATIC_IDENTITIES: ${JSON.stringify(uri)} is not a cowherd identity`);
+    return identity;
+  });
+  return natsUsers({ authorizationFile: config.natsAuthorizationFile, pidFile: config.natsPidFile, staticIdentities, listCertificates, log });
+}

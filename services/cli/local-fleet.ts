@@ -1,26 +1,41 @@
 /**
- * The local fleet on the embedded default: one machine, NATS as a child process on a free port with its
- * data under the state directory, every service and a local agent as child processes, mutual TLS
- * everywhere from a CA made on first start. A second start reuses the CA, the credentials (renewed
- * when a third of their life is left) and the NATS data.
+ * The local fleet on the embedded default: one machine, NATS as a child process with its data under the
+ * state directory, the four services and a local agent as child processes, mutual TLS everywhere.
+ *
+ * The launcher is the fleet's init step. It makes (first start) or loads the CA, and signs directly only
+ * what must exist before the CA service runs: NATS's server certificate, the CA service's own certificate
+ * and a one-hour bootstrap admin certificate kept in memory. Everything else goes through the CA like in
+ * any fleet: service certificates and the operator's admin bundle from IssueCertificate, the local agent's
+ * certificate from a join token. The CA keeps NATS's allow-list (one user per active certificate). A
+ * second start reuses the CA, every credential that is not due for renewal, the agent's identity and the
+ * NATS data.
  */
 import { createWriteStream, existsSync, type WriteStream } from 'node:fs';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
-import { hostname as osHostname, userInfo } from 'node:os';
+import { mkdir, readFile } from 'node:fs/promises';
+import { userInfo } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { credentialFiles, issueCredentials, writeAtomically, writeCredentials } from '../common/credential-files.js';
+import { CertificateAuthorityServiceClient } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
+import { loadOrCreateCertificateAuthority } from '../common/ca-files.js';
+import { renewalTime } from '../common/certificate-renewal.js';
 import { startDaemon, type Daemon } from '../common/child-process.js';
+import { createClient } from '../common/client.js';
+import { credentialFiles, issueCredentials, writeAtomically, writeCredentials, type Credentials } from '../common/credential-files.js';
 import { startEmbeddedNats, freePort, type EmbeddedNats } from '../common/embedded-nats.js';
-import { identityUri, isPrincipalName } from '../common/identity.js';
-import { createCertificateAuthority, inspectCertificate, type CertificateAndKey } from '../common/pki.js';
+import { identityUri, isPrincipalName, parseIdentity } from '../common/identity.js';
+import { defaultHostId } from '../common/resource-names.js';
+import { identityPrincipal } from '../common/nats-authorization.js';
+import { createCsr, generateKeyPair, inspectCertificate, type CertificateAndKey } from '../common/pki.js';
 import { DEFAULT_PORTS, type ProcessName } from '../common/service-process.js';
-import type { TlsFiles } from '../common/tls.js';
+import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/tls.js';
 import { checkHealth, type HealthReport } from './health-check.js';
 
 const REPOSITORY = fileURLToPath(new URL('../..', import.meta.url));
-/** Start order: the CA first (others will enroll against it), the agent last. */
+/** Start order: the CA first (everyone else gets certificates from it), the agent last. */
 export const FLEET_PROCESSES: readonly ProcessName[] = ['certificate-authority', 'inventory', 'distribution', 'cloning', 'agent'];
+const ENROLL_PORT = 7441;
+const SERVICE_CERTIFICATE_DAYS = 7;
+const ADMIN_CERTIFICATE_DAYS = 30;
 
 /** Options of {@link startLocalFleet}. */
 export interface LocalFleetOptions {
@@ -52,60 +67,107 @@ export interface LocalFleet {
 /** Starts NATS and every process, checks health on both ports, writes fleet.json. */
 export async function startLocalFleet(options: LocalFleetOptions): Promise<LocalFleet> {
   const state = options.stateDirectory;
+  const credentialsDirectory = join(state, 'credentials');
   await mkdir(join(state, 'logs'), { recursive: true });
-  const ca = await ensureCertificateAuthority(join(state, 'ca'), options.say);
-  const hostname = localHostname();
-  const admin = await ensureCredentials(ca, join(state, 'credentials', 'admin'), identityUri('admin', userName()), []);
-  const natsTls = await ensureCredentials(ca, join(state, 'credentials', 'nats'), identityUri('service', 'nats'), ['localhost']);
+  const caKeyFile = join(state, 'ca', 'ca-key.pem');
+  const caCertificateFile = join(state, 'ca', 'ca.pem');
+  const ca = await loadOrCreateCertificateAuthority(caKeyFile, caCertificateFile, () => options.say(`creating the fleet's certificate authority in ${join(state, 'ca')}`));
+  const hostname = defaultHostId();
+  const port = async (name: ProcessName, kind: 'grpc' | 'health'): Promise<number> => (options.dynamicPorts ? freePort() : DEFAULT_PORTS[name][kind]);
 
-  const started: Array<{ name: string; stop: () => Promise<void> }> = [];
+  const started: Array<{ stop: () => Promise<void> }> = [];
   const stop = async (): Promise<void> => {
     for (const process of started.reverse()) await process.stop().catch(() => undefined);
     started.length = 0;
   };
+  const closers: Array<{ close(): void }> = [];
   try {
-    const natsPort = options.dynamicPorts ? 0 : 4222;
-    const nats: EmbeddedNats = await startEmbeddedNats({ directory: join(state, 'nats'), tls: natsTls, port: natsPort, onLine: lineWriter(join(state, 'logs', 'nats.log')) });
-    started.push({ name: 'nats', stop: () => nats.stop() });
+    // 1. What must exist before the CA service: NATS's certificate and the CA service's own.
+    const natsTls = await ensureDirectCredentials(ca, join(credentialsDirectory, 'nats'), identityUri('service', 'nats'), ['localhost']);
+    const caTls = await ensureDirectCredentials(ca, join(credentialsDirectory, 'certificate-authority'), identityUri('service', 'certificate-authority'), ['localhost', 'certificate-authority']);
+    const caIdentity = parseIdentity(identityUri('service', 'certificate-authority'))!;
+    const nats: EmbeddedNats = await startEmbeddedNats({
+      directory: join(state, 'nats'),
+      tls: natsTls,
+      port: options.dynamicPorts ? 0 : 4222,
+      bootstrapUsers: [identityPrincipal(caIdentity)],
+      onLine: lineWriter(join(state, 'logs', 'nats.log')),
+    });
+    started.push({ stop: () => nats.stop() });
     options.say(`nats          ${nats.url} (JetStream data in ${join(state, 'nats')})`);
     const endpoints: FleetEndpoint[] = [{ name: 'nats', address: nats.url, pid: nats.daemon.pid }];
+    const common = { COWHERD_NATS_URL: nats.url, COWHERD_STATE_DIR: state };
 
-    for (const name of FLEET_PROCESSES) {
-      const identity = name === 'agent' ? identityUri('host', hostname) : identityUri('service', name);
-      const tls = await ensureCredentials(ca, join(state, 'credentials', name), identity, ['localhost', name]);
-      const grpcPort = options.dynamicPorts ? await freePort() : DEFAULT_PORTS[name].grpc;
-      const healthPort = options.dynamicPorts ? await freePort() : DEFAULT_PORTS[name].health;
-      const daemon = await startProcess(name, {
-        COWHERD_LISTEN_ADDRESS: `localhost:${grpcPort}`,
-        COWHERD_HEALTH_ADDRESS: `localhost:${healthPort}`,
-        COWHERD_TLS_CERT: tls.certificateFile,
-        COWHERD_TLS_KEY: tls.privateKeyFile,
-        COWHERD_TLS_CA: tls.caFile,
-        COWHERD_NATS_URL: nats.url,
-        COWHERD_STATE_DIR: state,
-      }, join(state, 'logs', `${name}.log`));
-      started.push({ name, stop: () => daemon.stop(25_000) });
-      endpoints.push({ name, address: `localhost:${grpcPort}`, healthAddress: `localhost:${healthPort}`, pid: daemon.pid });
-      options.say(`${name.padEnd(13)} localhost:${grpcPort} (health localhost:${healthPort}, pid ${daemon.pid})`);
+    // 2. The CA service; it keeps NATS's users from now on.
+    const caPort = await port('certificate-authority', 'grpc');
+    const enrollPort = options.dynamicPorts ? await freePort() : ENROLL_PORT;
+    const caAddress = `localhost:${caPort}`;
+    endpoints.push(
+      await startFleetProcess('certificate-authority', caTls, caPort, await port('certificate-authority', 'health'), {
+        ...common,
+        COWHERD_CA_KEY_FILE: caKeyFile,
+        COWHERD_CA_CERT_FILE: caCertificateFile,
+        COWHERD_ENROLL_ADDRESS: `localhost:${enrollPort}`,
+        COWHERD_NATS_AUTHORIZATION_FILE: nats.authorizationFile,
+        COWHERD_NATS_PID_FILE: nats.pidFile,
+        COWHERD_NATS_STATIC_IDENTITIES: caIdentity.uri,
+      }),
+    );
+
+    // 3. Everything else through the CA, with a short-lived bootstrap admin certificate.
+    const bootstrap = await issueCredentials(ca, identityUri('admin', 'fleet-bootstrap'), { ttlSeconds: 3600 });
+    const caClient = createClient(CertificateAuthorityServiceClient, caAddress, mutualTlsChannelCredentialsFromPem(bootstrap), { defaultDeadlineMs: 30_000 });
+    closers.push(caClient);
+    const admin = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, 'admin'), identityUri('admin', userName()), [], ADMIN_CERTIFICATE_DAYS);
+    for (const name of ['inventory', 'distribution', 'cloning'] as const) {
+      const tls = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, name), identityUri('service', name), ['localhost', name], SERVICE_CERTIFICATE_DAYS);
+      endpoints.push(await startFleetProcess(name, tls, await port(name, 'grpc'), await port(name, 'health'), { ...common, COWHERD_CA_ADDRESS: caAddress }));
     }
 
+    // 4. The local agent joins like any host: with a join token on its first start, by itself afterwards.
+    const agentCredentials = join(state, 'agent', 'credentials');
+    const agentEnv: Record<string, string> = { ...common, COWHERD_CA_ADDRESS: caAddress, COWHERD_HOST_ID: hostname, COWHERD_CREDENTIALS_DIR: agentCredentials, COWHERD_ENROLL_ADDRESS: `localhost:${enrollPort}` };
+    if (!(await hasValidCredentials(agentCredentials, ca.certificatePem, identityUri('host', hostname)))) {
+      const token = await new Promise<string>((resolve, reject) => caClient.createJoinToken({ host: hostname, ttl: { seconds: '600', nanos: 0 }, requestId: '' }, (error, response) => (error ? reject(error) : resolve(response.token))));
+      agentEnv['COWHERD_JOIN_TOKEN'] = token;
+      options.say(`agent         enrolling host ${hostname} with a join token`);
+    }
+    endpoints.push(await startFleetProcess('agent', undefined, await port('agent', 'grpc'), await port('agent', 'health'), agentEnv));
+
     const health = await Promise.all(endpoints.filter((endpoint) => endpoint.healthAddress).map((endpoint) => checkHealth(endpoint.name, endpoint.address, endpoint.healthAddress!, admin)));
-    await writeAtomically(join(state, 'fleet.json'), `${JSON.stringify({ endpoints, admin, startedAt: new Date().toISOString() }, null, 2)}\n`, 0o644);
+    await writeAtomically(join(state, 'fleet.json'), `${JSON.stringify({ endpoints, admin, caAddress, enrollAddress: `localhost:${enrollPort}`, startedAt: new Date().toISOString() }, null, 2)}\n`, 0o644);
+    for (const client of closers) client.close();
     return { endpoints, adminCredentials: admin, health, stop };
   } catch (error) {
+    for (const client of closers) client.close();
     await stop();
     throw error;
+  }
+
+  async function startFleetProcess(name: ProcessName, tls: TlsFiles | undefined, grpcPort: number, healthPort: number, env: Record<string, string>): Promise<FleetEndpoint> {
+    const daemon = await startProcess(
+      name,
+      {
+        COWHERD_LISTEN_ADDRESS: `localhost:${grpcPort}`,
+        COWHERD_HEALTH_ADDRESS: `localhost:${healthPort}`,
+        ...(tls === undefined ? {} : { COWHERD_TLS_CERT: tls.certificateFile, COWHERD_TLS_KEY: tls.privateKeyFile, COWHERD_TLS_CA: tls.caFile }),
+        ...env,
+      },
+      join(state, 'logs', `${name}.log`),
+    );
+    started.push({ stop: () => daemon.stop(25_000) });
+    options.say(`${name.padEnd(13)} localhost:${grpcPort} (health localhost:${healthPort}, pid ${daemon.pid})`);
+    return { name, address: `localhost:${grpcPort}`, healthAddress: `localhost:${healthPort}`, pid: daemon.pid };
   }
 }
 
 async function startProcess(name: ProcessName, env: Record<string, string>, logFile: string): Promise<Daemon> {
-  const write = lineWriter(logFile);
   return startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services', name, 'main.ts')], {
     readyPattern: /"msg":"serving"/,
     readyTimeoutMs: 60_000,
     cwd: REPOSITORY,
     env: { ...filteredEnvironment(), ...env },
-    onLine: write,
+    onLine: lineWriter(logFile),
   });
 }
 
@@ -124,36 +186,30 @@ function lineWriter(path: string): (line: string) => void {
   };
 }
 
-/** Loads the CA from `directory`, or makes one (RSA 3072, key 0600) on the first start. */
-async function ensureCertificateAuthority(directory: string, say: (line: string) => void): Promise<CertificateAndKey> {
-  const certificateFile = join(directory, 'ca.pem');
-  const keyFile = join(directory, 'ca-key.pem');
-  if (existsSync(certificateFile) && existsSync(keyFile)) {
-    return { certificatePem: await readFile(certificateFile, 'utf8'), privateKeyPem: await readFile(keyFile, 'utf8') };
-  }
-  say(`creating the fleet's certificate authority in ${directory}`);
-  await mkdir(directory, { recursive: true, mode: 0o700 });
-  const ca = await createCertificateAuthority({ commonName: 'cowherd local fleet CA' });
-  await writeFile(keyFile, ca.privateKeyPem, { mode: 0o600 });
-  await writeFile(certificateFile, ca.certificatePem, { mode: 0o644 });
-  return ca;
-}
-
-/** Reuses credentials in `directory` unless missing, from another CA, or past two thirds of their life. */
-async function ensureCredentials(ca: CertificateAndKey, directory: string, identity: string, dnsNames: readonly string[]): Promise<TlsFiles> {
+/** True when `directory` holds credentials from this CA for `identity` that are not due for renewal. */
+async function hasValidCredentials(directory: string, caPem: string, identity: string): Promise<boolean> {
   const files = credentialFiles(directory);
-  if (existsSync(files.certificateFile) && existsSync(files.privateKeyFile) && existsSync(files.caFile)) {
-    const facts = inspectCertificate(await readFile(files.certificateFile, 'utf8'));
-    const sameCa = (await readFile(files.caFile, 'utf8')) === ca.certificatePem;
-    const renewAt = facts.notBefore.getTime() + ((facts.notAfter.getTime() - facts.notBefore.getTime()) * 2) / 3;
-    if (sameCa && facts.identity?.uri === identity && Date.now() < renewAt) return files;
-  }
-  return writeCredentials(directory, await issueCredentials(ca, identity, { dnsNames, ttlSeconds: 7 * 86_400 }));
+  if (!existsSync(files.certificateFile) || !existsSync(files.privateKeyFile) || !existsSync(files.caFile)) return false;
+  const facts = inspectCertificate(await readFile(files.certificateFile, 'utf8'));
+  return (await readFile(files.caFile, 'utf8')) === caPem && facts.identity?.uri === identity && Date.now() < renewalTime(facts.notBefore, facts.notAfter).getTime();
 }
 
-function localHostname(): string {
-  const name = osHostname().toLowerCase().split('.')[0] ?? '';
-  return isPrincipalName(name) ? name : 'localhost';
+/** Credentials signed directly with the CA key: only for what must exist before the CA service runs. */
+async function ensureDirectCredentials(ca: CertificateAndKey, directory: string, identity: string, dnsNames: readonly string[]): Promise<TlsFiles> {
+  if (await hasValidCredentials(directory, ca.certificatePem, identity)) return credentialFiles(directory);
+  return writeCredentials(directory, await issueCredentials(ca, identity, { dnsNames, ttlSeconds: SERVICE_CERTIFICATE_DAYS * 86_400 }));
+}
+
+/** Credentials from the CA service's IssueCertificate (recorded, revocable, admitted to NATS). */
+async function ensureIssuedCredentials(client: CertificateAuthorityServiceClient, ca: CertificateAndKey, directory: string, identity: string, dnsNames: readonly string[], days: number): Promise<TlsFiles> {
+  if (await hasValidCredentials(directory, ca.certificatePem, identity)) return credentialFiles(directory);
+  const keys = await generateKeyPair(2048);
+  const csrPem = createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity, dnsNames });
+  const certificatePem = await new Promise<string>((resolve, reject) =>
+    client.issueCertificate({ csrPem, identity, dnsNames: [...dnsNames], ttl: { seconds: String(days * 86_400), nanos: 0 }, requestId: '' }, (error, response) => (error ? reject(error) : resolve(response.certificatePem))),
+  );
+  const credentials: Credentials = { certificatePem, privateKeyPem: keys.privateKeyPem, caPem: ca.certificatePem };
+  return writeCredentials(directory, credentials);
 }
 
 function userName(): string {

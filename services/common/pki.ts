@@ -159,10 +159,13 @@ export function signLeafCertificate(options: LeafCertificateOptions): string {
   const certificate = forge.pki.createCertificate();
   certificate.publicKey = forge.pki.publicKeyFromPem(options.publicKeyPem);
   certificate.serialNumber = options.serialNumber ?? newSerialNumber();
-  const notBefore = options.notBefore ?? new Date(Date.now() - 60_000);
+  const backdate = backdateSeconds(options.ttlSeconds);
+  const notBefore = options.notBefore ?? new Date(Date.now() - backdate * 1000);
   certificate.validity.notBefore = notBefore;
-  certificate.validity.notAfter = new Date(notBefore.getTime() + 60_000 + options.ttlSeconds * 1000);
-  certificate.setSubject([{ name: 'commonName', value: commonNameFor(options.identity) }]);
+  certificate.validity.notAfter = new Date(notBefore.getTime() + (backdate + options.ttlSeconds) * 1000);
+  // The serial is in the subject too (OU): NATS (2.9) maps client certificates to users by subject DN,
+  // which is how a single revoked certificate can be refused there while its identity's other ones work.
+  certificate.setSubject(leafSubject(options.identity, certificate.serialNumber));
   certificate.setIssuer(caCertificate.subject.attributes);
   certificate.setExtensions([
     { name: 'basicConstraints', cA: false, critical: true },
@@ -174,6 +177,19 @@ export function signLeafCertificate(options: LeafCertificateOptions): string {
   ]);
   certificate.sign(caKey, forge.md.sha256.create());
   return forge.pki.certificateToPem(certificate);
+}
+
+/**
+ * Leaves start a little in the past so that a verifier whose clock lags still accepts them: a minute, or a
+ * quarter of the lifetime for very short-lived certificates (tests), so renewal at two thirds stays ahead.
+ */
+export function backdateSeconds(ttlSeconds: number): number {
+  return Math.min(60, ttlSeconds / 4);
+}
+
+/** The ttl a certificate was signed with, from its whole validity (the inverse of the backdating above). */
+export function ttlOfValidity(validitySeconds: number): number {
+  return validitySeconds >= 300 ? validitySeconds - 60 : validitySeconds / 1.25;
 }
 
 /** Facts read from a PEM certificate with node:crypto. */
@@ -229,8 +245,28 @@ function newSerialNumber(): string {
   return bytes.toString('hex');
 }
 
+/** Subject of a leaf: O=cowherd, OU=<serial>, CN=<kind>/<name>, in that DER order. */
+function leafSubject(identity: string, serialNumber: string): forge.pki.CertificateField[] {
+  return [
+    { name: 'organizationName', value: 'cowherd' },
+    { name: 'organizationalUnitName', value: normalizeSerial(serialNumber) },
+    { name: 'commonName', value: commonNameFor(identity) },
+  ];
+}
+
+/**
+ * The subject DN of a leaf as NATS prints it (RFC 2253: last RDN first), the `user` of a
+ * verify_and_map authorization entry.
+ */
+export function natsUserOf(certificatePem: string): string {
+  const facts = new X509Certificate(certificatePem);
+  const parts = facts.subject.split('\n').map((line) => line.trim()).filter((line) => line.length > 0);
+  return parts.reverse().join(',');
+}
+
 function commonNameFor(identity: string): string {
-  return identity.length <= 64 ? identity : identity.slice(identity.length - 64);
+  const short = identity.replace(/^spiffe:\/\/cowherd\//, '');
+  return short.length <= 64 ? short : short.slice(0, 64);
 }
 
 function altNames(identity: string, dnsNames: readonly string[]): Array<{ type: number; value: string }> {

@@ -24,6 +24,8 @@ import { normalizeSerial, parseSubjectAltName } from './pki.js';
 export interface CallContext {
   /** The authenticated caller; undefined only on methods that allow unauthenticated callers. */
   readonly caller: Identity | undefined;
+  /** The certificate the caller authenticated with; undefined without one. */
+  readonly callerCertificate: PeerCertificateFacts | undefined;
   /** Full method path, e.g. /cowherd.inventory.v1.InventoryService/GetHost. */
   readonly method: string;
   /** Logger with caller and method bound. */
@@ -49,6 +51,15 @@ type ResponseOf<M> = M extends { responseSerialize(value: infer R): Buffer } ? R
 export type UnaryHandler<Req, Res> = (request: Req, context: CallContext) => Promise<Res>;
 /** A server-streaming handler: `send` writes one message and resolves when the stream can take more. */
 export type ServerStreamHandler<Req, Res> = (request: Req, context: CallContext, send: (message: Res) => Promise<void>) => Promise<void>;
+
+/** What the server knows of the client certificate of a call. */
+export interface PeerCertificateFacts {
+  /** Lowercase hex without leading zeros. */
+  readonly serialNumber: string;
+  readonly dnsNames: readonly string[];
+  readonly notBefore: Date;
+  readonly notAfter: Date;
+}
 
 /** The promise-based handlers of a ts-proto service definition (client streaming is not used by cowherd). */
 export type Handlers<D> = {
@@ -169,12 +180,15 @@ export function adaptService<D extends Record<string, MethodShape>>(
 }
 
 /** Reads the caller's identity from a call's TLS peer certificate; undefined without one. */
-export function peerIdentity(call: { getAuthContext(): { sslPeerCertificate?: PeerCertificate } }): { identity: Identity | undefined; serialNumber: string } | undefined {
+export function peerIdentity(call: { getAuthContext(): { sslPeerCertificate?: PeerCertificate } }): { identity: Identity | undefined; certificate: PeerCertificateFacts } | undefined {
   const certificate = call.getAuthContext().sslPeerCertificate;
   if (!certificate || !certificate.serialNumber) return undefined;
-  const uris = parseSubjectAltName(certificate.subjectaltname ?? '').uris;
-  const identity = uris.length === 1 ? parseIdentity(uris[0]!) : undefined;
-  return { identity, serialNumber: normalizeSerial(certificate.serialNumber) };
+  const sans = parseSubjectAltName(certificate.subjectaltname ?? '');
+  const identity = sans.uris.length === 1 ? parseIdentity(sans.uris[0]!) : undefined;
+  return {
+    identity,
+    certificate: { serialNumber: normalizeSerial(certificate.serialNumber), dnsNames: sans.dnsNames, notBefore: new Date(certificate.valid_from), notAfter: new Date(certificate.valid_to) },
+  };
 }
 
 function admit(
@@ -188,12 +202,13 @@ function admit(
   const peer = peerIdentity(call);
   const caller = peer?.identity;
   const log = options.log.child({ method: path, caller: caller ? describeIdentity(caller) : 'anonymous' });
-  const context: CallContext = { caller, method: path, log, signal: controller.signal, metadata: call.metadata };
+  const context: CallContext = { caller, callerCertificate: peer?.certificate, method: path, log, signal: controller.signal, metadata: call.metadata };
   if (!rule) throw CowherdError.permissionDenied(`${path} is not open to any caller`);
   if (rule.allow === 'anyone') return context;
+  if (rule.allow.length === 0) throw CowherdError.permissionDenied(`${path} is not served on this port`);
   if (!peer) throw CowherdError.unauthenticated('a client certificate from the cowherd CA is required');
-  if (options.revocations.isRevoked(peer.serialNumber)) {
-    throw CowherdError.unauthenticated(`certificate ${peer.serialNumber} has been revoked`, ErrorReason.ERROR_REASON_CERTIFICATE_REVOKED);
+  if (options.revocations.isRevoked(peer.certificate.serialNumber)) {
+    throw CowherdError.unauthenticated(`certificate ${peer.certificate.serialNumber} has been revoked`, ErrorReason.ERROR_REASON_CERTIFICATE_REVOKED);
   }
   if (!caller) throw CowherdError.unauthenticated('the client certificate names no cowherd identity (one spiffe://cowherd/... URI SAN)');
   if (!rule.allow.includes(caller.kind)) {

@@ -10,7 +10,11 @@ import { connectNats, type Nats } from './nats.js';
 import { DEFAULT_DESCRIPTOR_SET_PATH, readDescriptorSet } from './reflection.js';
 import { NO_REVOCATIONS, type BoundaryOptions, type RevocationCheck, type ServiceRegistration } from './rpc.js';
 import { startServer, type RunningServer } from './server.js';
-import { mutualTlsServerCredentials, type TlsFiles } from './tls.js';
+import { mutualTlsChannelCredentials, mutualTlsServerCredentials, type TlsFiles } from './tls.js';
+import { CertificateAuthorityServiceClient } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
+import { keepCertificateFresh, type RenewFunction } from './certificate-renewal.js';
+import { createClient } from './client.js';
+import { followRevocations, RevocationSet } from './revocation.js';
 import type { LevelWithSilent } from 'pino';
 
 /** Default ports: mTLS gRPC and plaintext health, per process. */
@@ -39,6 +43,7 @@ export function serverVariables(name: ProcessName) {
     shutdownGraceSeconds: integerVariable('COWHERD_SHUTDOWN_GRACE_SECONDS', 'how long SIGTERM waits for running calls before cancelling them', 20, 0, 600),
     tlsRefreshSeconds: integerVariable('COWHERD_TLS_REFRESH_SECONDS', 'how often certificate files are checked for changes', 5, 1, 3600),
     descriptorSetFile: pathVariable('COWHERD_DESCRIPTOR_SET', 'buf descriptor set served by reflection', DEFAULT_DESCRIPTOR_SET_PATH),
+    caAddress: addressVariable('COWHERD_CA_ADDRESS', 'host:port of the certificate-authority mTLS port (renewal, revocation list)', 'localhost:7440'),
   };
 }
 
@@ -59,8 +64,12 @@ export interface ServiceContext<C extends ServerConfig> {
 /** What a service's build function returns. */
 export interface BuiltService {
   readonly services: readonly ServiceRegistration[];
-  /** Revocation check to use instead of none (the CA's view of revoked serials). */
+  /**
+   * The CA's own view of revoked serials and its own way to renew (the CA process only). Other processes
+   * leave both out and follow the CA over gRPC.
+   */
   readonly revocations?: RevocationCheck;
+  readonly renew?: RenewFunction;
   /** Called after the server stops accepting calls: checkpoint operations, close watchers. */
   stop?(): Promise<void>;
 }
@@ -90,11 +99,36 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
   const credentials = mutualTlsServerCredentials(tls, config.tlsRefreshSeconds * 1000);
   const nats = await connectNats({ servers: config.natsUrls, tls, name: options.name, log });
   try {
-    await ensureEventStream(nats.manager);
+    // Agents (host identities) may only publish their own events; the services own the stream's shape.
+    if (options.name !== 'agent') await ensureEventStream(nats.manager);
     const revocationsRef: { current: RevocationCheck } = { current: NO_REVOCATIONS };
     const boundary: BoundaryOptions = { log, revocations: { isRevoked: (serial) => revocationsRef.current.isRevoked(serial) } };
     const built = await options.build({ config, log, nats, events: new EventPublisher(nats.jetstream, log), tls, boundary });
-    if (built.revocations) revocationsRef.current = built.revocations;
+    const stoppers: Array<() => void> = [];
+    let caClient: CertificateAuthorityServiceClient | undefined;
+    if (built.revocations) {
+      revocationsRef.current = built.revocations;
+    } else {
+      caClient = createClient(CertificateAuthorityServiceClient, config.caAddress, mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000), { defaultDeadlineMs: 10_000 });
+      const client = caClient;
+      const set = new RevocationSet();
+      revocationsRef.current = set;
+      stoppers.push(
+        await followRevocations({
+          set,
+          log,
+          nats: nats.connection,
+          fetch: () => new Promise((resolve, reject) => client.getRevocationList({}, (error, response) => (error ? reject(error) : resolve(response.serialNumbers)))),
+        }),
+      );
+    }
+    const renew: RenewFunction =
+      built.renew ??
+      ((csrPem) =>
+        new Promise((resolve, reject) =>
+          caClient!.renewCertificate({ csrPem }, (error, response) => (error ? reject(error) : resolve({ certificatePem: response.certificate?.certificatePem ?? '', caPem: response.caCertificatePem }))),
+        ));
+    stoppers.push(await keepCertificateFresh({ files: tls, renew, log }));
     const server = await startServer({
       log,
       address: config.listenAddress,
@@ -110,6 +144,8 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
       stop: async () => {
         log.info({ graceSeconds: config.shutdownGraceSeconds }, 'stopping');
         await server.stop(config.shutdownGraceSeconds * 1000);
+        for (const stop of stoppers) stop();
+        caClient?.close();
         await built.stop?.();
         await nats.close();
         log.info('stopped');

@@ -1,14 +1,15 @@
 /**
  * Test harness: temp directories that are removed after the test, a throw-away CA with credentials
- * for any identity, and a real nats-server with JetStream and mutual TLS on a free port.
+ * for any identity, and a real nats-server with JetStream, mutual TLS and per-certificate users on a free port.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeCredentials, issueCredentials, type Credentials } from '../../services/common/credential-files.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../../services/common/embedded-nats.js';
-import { identityUri, type IdentityKind } from '../../services/common/identity.js';
-import { createCertificateAuthority, type CertificateAndKey } from '../../services/common/pki.js';
+import { identityUri, type Identity, type IdentityKind } from '../../services/common/identity.js';
+import { FULL_ACCESS, identityPrincipal, type NatsPrincipal } from '../../services/common/nats-authorization.js';
+import { createCertificateAuthority, natsUserOf, type CertificateAndKey } from '../../services/common/pki.js';
 import type { TlsFiles } from '../../services/common/tls.js';
 
 /** Something to undo at the end of a test file. */
@@ -44,8 +45,18 @@ export class Resources {
   }
 }
 
+/** A certificate TestPki issued. */
+export interface IssuedCertificate {
+  readonly certificatePem: string;
+  readonly identity: Identity;
+}
+
 /** A throw-away CA that writes credential directories. */
 export class TestPki {
+  /** Every certificate issued through {@link credentials} or {@link files}, oldest first. */
+  readonly issued: IssuedCertificate[] = [];
+  private readonly issueListeners = new Set<(certificate: IssuedCertificate) => Promise<void> | void>();
+
   private constructor(readonly ca: CertificateAndKey, private readonly directory: string) {}
 
   /** Makes a CA (2048-bit: tests need speed, not strength) under `directory`. */
@@ -53,9 +64,20 @@ export class TestPki {
     return new TestPki(await createCertificateAuthority({ commonName, bits: 2048, validityDays: 2 }), directory);
   }
 
+  /** Calls `listener` (and waits for it) after every certificate issued from now on; returns the unsubscribe. */
+  onIssue(listener: (certificate: IssuedCertificate) => Promise<void> | void): () => void {
+    this.issueListeners.add(listener);
+    return () => void this.issueListeners.delete(listener);
+  }
+
   /** Credentials for kind/name, with DNS SAN localhost so it can serve too. */
   async credentials(kind: IdentityKind, name: string, options: { ttlSeconds?: number; notBefore?: Date } = {}): Promise<Credentials> {
-    return issueCredentials(this.ca, identityUri(kind, name), { dnsNames: ['localhost'], ...options });
+    const uri = identityUri(kind, name);
+    const credentials = await issueCredentials(this.ca, uri, { dnsNames: ['localhost'], ...options });
+    const issued: IssuedCertificate = { certificatePem: credentials.certificatePem, identity: { kind, name, uri } };
+    this.issued.push(issued);
+    for (const listener of [...this.issueListeners]) await listener(issued);
+    return credentials;
   }
 
   /** Writes credentials for kind/name into their own directory and returns the file paths. */
@@ -64,11 +86,49 @@ export class TestPki {
   }
 }
 
-/** Starts a real nats-server with JetStream and mTLS; stopped and its data removed on release. */
-export async function startTestNats(resources: Resources, pki: TestPki): Promise<EmbeddedNats> {
+/** Service names the test NATS admits by URI SAN in the default mode. */
+export const TEST_SERVICES = ['certificate-authority', 'inventory', 'distribution', 'cloning', 'nats', 'test'] as const;
+
+/** Options of {@link startTestNats}. */
+export interface TestNatsOptions {
+  /** Users from the start (least privilege by kind unless a principal says otherwise). */
+  readonly users?: readonly NatsPrincipal[];
+  /**
+   * What happens to certificates `pki` issues (before and after the start):
+   * - 'full-access' (default): each becomes a user with every permission, whatever its kind, and the
+   *   services in {@link TEST_SERVICES} are admitted by URI SAN too: tests that are not about NATS
+   *   authorization connect with any certificate, as before per-certificate users existed;
+   * - 'by-kind': each becomes a user with its kind's least-privilege permissions;
+   * - 'none': only `users` and later `nats.updateUsers(...)` calls decide (the test manages the list).
+   */
+  readonly issued?: 'full-access' | 'by-kind' | 'none';
+}
+
+/**
+ * Starts a real nats-server with JetStream, mTLS and per-certificate users; stopped and its data removed
+ * on release. In the automatic modes every certificate `pki` issues is added to the users, and the
+ * server has applied it before `pki.credentials`/`pki.files` return.
+ */
+export async function startTestNats(resources: Resources, pki: TestPki, options: TestNatsOptions = {}): Promise<EmbeddedNats> {
   const directory = await resources.tempDir('cowherd-nats-');
   const tls = await pki.files('service', 'nats', { subdirectory: 'nats-server' });
-  const nats = await startEmbeddedNats({ directory, tls });
+  const mode = options.issued ?? 'full-access';
+  const principalOf = (certificate: IssuedCertificate): NatsPrincipal => ({
+    user: natsUserOf(certificate.certificatePem),
+    identity: certificate.identity,
+    ...(mode === 'full-access' ? { permissions: FULL_ACCESS } : {}),
+  });
+  const bootstrapUsers = mode === 'full-access' ? TEST_SERVICES.map((name) => identityPrincipal({ kind: 'service', name, uri: identityUri('service', name) }, FULL_ACCESS)) : [];
+  const users: NatsPrincipal[] = [...(options.users ?? []), ...(mode === 'none' ? [] : pki.issued.map(principalOf))];
+  const nats = await startEmbeddedNats({ directory, tls, bootstrapUsers, users });
   resources.defer(() => nats.stop());
+  if (mode !== 'none') {
+    const unsubscribe = pki.onIssue(async (certificate) => {
+      users.push(principalOf(certificate));
+      await nats.updateUsers([...users]);
+    });
+    // Deferred after stop, so it runs first: no reload is attempted on a stopped server.
+    resources.defer(unsubscribe);
+  }
   return nats;
 }

@@ -1,4 +1,5 @@
 /** Starts cowherd processes (services/<name>/main.ts) as real child processes on free ports. */
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startDaemon, type Daemon } from '../../services/common/child-process.js';
@@ -22,19 +23,17 @@ export interface ServiceProcess {
 }
 
 /** Starts `services/<name>/main.ts` on free ports and waits for its "serving" log line. */
-export async function startServiceProcess(resources: Resources, name: ProcessName, tls: TlsFiles, natsUrl: string, extraEnv: Record<string, string> = {}): Promise<ServiceProcess> {
+export async function startServiceProcess(resources: Resources, name: ProcessName, tls: TlsFiles | undefined, natsUrl: string, extraEnv: Record<string, string> = {}): Promise<ServiceProcess> {
   const logs: Array<Record<string, unknown>> = [];
   const daemon = await startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services', name, 'main.ts')], {
     readyPattern: /"msg":"serving"/,
     readyTimeoutMs: 60_000,
     cwd: REPOSITORY,
     env: {
-      ...process.env as Record<string, string>,
+      ...withoutCowherdVariables(process.env),
       COWHERD_LISTEN_ADDRESS: 'localhost:0',
       COWHERD_HEALTH_ADDRESS: 'localhost:0',
-      COWHERD_TLS_CERT: tls.certificateFile,
-      COWHERD_TLS_KEY: tls.privateKeyFile,
-      COWHERD_TLS_CA: tls.caFile,
+      ...(tls === undefined ? {} : { COWHERD_TLS_CERT: tls.certificateFile, COWHERD_TLS_KEY: tls.privateKeyFile, COWHERD_TLS_CA: tls.caFile }),
       COWHERD_NATS_URL: natsUrl,
       COWHERD_SHUTDOWN_GRACE_SECONDS: '5',
       ...extraEnv,
@@ -51,4 +50,42 @@ export async function startServiceProcess(resources: Resources, name: ProcessNam
   const serving = logs.find((line) => line['msg'] === 'serving');
   if (!serving) throw new Error(`${name} printed no serving line`);
   return { name, daemon, address: `localhost:${String(serving['port'])}`, healthAddress: `localhost:${String(serving['healthPort'])}`, logs };
+}
+
+/** The environment minus COWHERD_* variables, so a developer's settings never leak into a test process. */
+function withoutCowherdVariables(env: NodeJS.ProcessEnv): Record<string, string> {
+  const result: Record<string, string> = {};
+  for (const [key, value] of Object.entries(env)) if (value !== undefined && !key.startsWith('COWHERD_')) result[key] = value;
+  return result;
+}
+
+/** Writes the test CA as the CA process's key and certificate files and starts it; returns it with its enrollment address. */
+export async function startCertificateAuthorityProcess(
+  resources: Resources,
+  pki: { ca: { certificatePem: string; privateKeyPem: string }; files: (kind: 'service', name: string) => Promise<TlsFiles> },
+  nats: { url: string; authorizationFile?: string; pidFile?: string },
+  options: { natsStaticIdentities?: readonly string[] } = {},
+): Promise<ServiceProcess & { enrollAddress: string; caKeyFile: string }> {
+  const natsUrl = nats.url;
+  const directory = await resources.tempDir('cowherd-ca-');
+  const caKeyFile = join(directory, 'ca-key.pem');
+  const caCertificateFile = join(directory, 'ca.pem');
+  await writeFile(caKeyFile, pki.ca.privateKeyPem, { mode: 0o600 });
+  await writeFile(caCertificateFile, pki.ca.certificatePem, { mode: 0o644 });
+  const process = await startServiceProcess(resources, 'certificate-authority', await pki.files('service', 'certificate-authority'), natsUrl, {
+    COWHERD_CA_KEY_FILE: caKeyFile,
+    COWHERD_CA_CERT_FILE: caCertificateFile,
+    COWHERD_ENROLL_ADDRESS: 'localhost:0',
+    // With the NATS files given, the CA manages NATS users: the test services stay in by identity.
+    ...(nats.authorizationFile && nats.pidFile
+      ? {
+          COWHERD_NATS_AUTHORIZATION_FILE: nats.authorizationFile,
+          COWHERD_NATS_PID_FILE: nats.pidFile,
+          COWHERD_NATS_STATIC_IDENTITIES: (options.natsStaticIdentities ?? ['certificate-authority', 'inventory', 'distribution', 'cloning'].map((name) => `spiffe://cowherd/service/${name}`)).join(','),
+        }
+      : {}),
+  });
+  const enrollPort = process.logs.find((line) => line['msg'] === 'enrollment port open')?.['enrollPort'];
+  if (typeof enrollPort !== 'number') throw new Error('the CA printed no enrollment port');
+  return { ...process, enrollAddress: `localhost:${enrollPort}`, caKeyFile };
 }

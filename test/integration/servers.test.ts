@@ -12,7 +12,7 @@ import { check } from '../../services/cli/health-check.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
 import type { ProcessName } from '../../services/common/service-process.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
-import { REPOSITORY, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
+import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
 
 const run = promisify(execFile);
 const PROCESSES: readonly ProcessName[] = ['certificate-authority', 'inventory', 'distribution', 'cloning', 'agent'];
@@ -37,10 +37,13 @@ describe('service processes', () => {
     const nats = await startTestNats(resources, pki);
     adminFiles = await pki.files('admin', 'alice');
     admin = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
+    // The CA first: every other process follows its revocation list and renews through it.
+    const ca = await startCertificateAuthorityProcess(resources, pki, { url: nats.url });
+    processes.set('certificate-authority', ca);
     await Promise.all(
-      PROCESSES.map(async (name) => {
+      PROCESSES.filter((name) => name !== 'certificate-authority').map(async (name) => {
         const tls = await pki.files(name === 'agent' ? 'host' : 'service', name === 'agent' ? 'test-host' : name);
-        processes.set(name, await startServiceProcess(resources, name, tls, nats.url));
+        processes.set(name, await startServiceProcess(resources, name, tls, nats.url, { COWHERD_CA_ADDRESS: ca.address }));
       }),
     );
   });

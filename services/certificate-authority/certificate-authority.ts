@@ -1,0 +1,322 @@
+/**
+ * The CA's domain logic: join tokens, enrollment, renewal, issuance, revocation. Handlers stay thin and
+ * call this. Every state change is a compare-and-set on the `ca` bucket, so replicas can run side by side.
+ */
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { CowherdError } from '../common/errors.js';
+import { describeIdentity, identityUri, parseIdentity, type Identity } from '../common/identity.js';
+import { KvConflictError } from '../common/kv.js';
+import type { Logger } from '../common/logger.js';
+import { certificateSha256, inspectCertificate, parseCsr, signLeafCertificate, ttlOfValidity, type CertificateAndKey } from '../common/pki.js';
+import { HOST_ID } from '../common/resource-names.js';
+import type { PeerCertificateFacts } from '../common/rpc.js';
+import type { CaRecords, CertificateRecord, JoinTokenRecord } from './records.js';
+
+/** Lifetimes and limits, with their defaults. */
+export interface CaPolicy {
+  /** Host certificates from EnrollHost. Default 24 h. */
+  readonly hostCertificateSeconds: number;
+  /** IssueCertificate default. Default 7 days. */
+  readonly defaultIssueSeconds: number;
+  /** IssueCertificate maximum. Default 90 days. */
+  readonly maxIssueSeconds: number;
+  /** Join token TTL default. Default 1 h. */
+  readonly defaultTokenSeconds: number;
+  /** Join token TTL range. Default 60 s to 24 h. */
+  readonly minTokenSeconds: number;
+  readonly maxTokenSeconds: number;
+  /** Smallest RSA key accepted in a CSR. Default 2048. */
+  readonly minKeyBits: number;
+}
+
+export const DEFAULT_CA_POLICY: CaPolicy = {
+  hostCertificateSeconds: 86_400,
+  defaultIssueSeconds: 7 * 86_400,
+  maxIssueSeconds: 90 * 86_400,
+  defaultTokenSeconds: 3_600,
+  minTokenSeconds: 60,
+  maxTokenSeconds: 86_400,
+  minKeyBits: 2048,
+};
+
+/** Told about every issued and revoked certificate (NATS authorization, events). */
+export interface CertificateListener {
+  issued(record: CertificateRecord, context: { joinToken?: string }): Promise<void>;
+  revoked(record: CertificateRecord): Promise<void>;
+}
+
+/** A join token as returned: the record plus, once, the secret string. */
+export interface IssuedJoinToken {
+  readonly record: JoinTokenRecord;
+  /** `cjt1.<id>.<secret>.<ca sha256>`; empty on a replayed request_id. */
+  readonly token: string;
+}
+
+/** Join token strings: cjt1.<16 hex id>.<43 base64url secret>.<64 hex CA SHA-256>. */
+const TOKEN = /^cjt1\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})\.([0-9a-f]{64})$/;
+/** DNS names a CSR or IssueCertificate may carry. */
+const DNS_NAME = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/;
+
+/** The certificate authority. */
+export class CertificateAuthority {
+  readonly caSha256: string;
+
+  constructor(
+    private readonly ca: CertificateAndKey,
+    private readonly records: CaRecords,
+    private readonly listener: CertificateListener,
+    private readonly log: Logger,
+    readonly policy: CaPolicy = DEFAULT_CA_POLICY,
+  ) {
+    this.caSha256 = certificateSha256(ca.certificatePem);
+  }
+
+  /** The CA certificate (public). */
+  get caCertificatePem(): string {
+    return this.ca.certificatePem;
+  }
+
+  /** Creates a single-use join token for `host`; idempotent on request_id (without the secret). */
+  async createJoinToken(host: string, ttlSeconds: number | undefined, requestId: string, creator: Identity): Promise<IssuedJoinToken> {
+    if (!HOST_ID.test(host)) throw CowherdError.invalidArgument('host', 'must be an RFC 1123 label ([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)');
+    const ttl = ttlSeconds ?? this.policy.defaultTokenSeconds;
+    if (!(ttl >= this.policy.minTokenSeconds && ttl <= this.policy.maxTokenSeconds)) {
+      throw CowherdError.invalidArgument('ttl', `must be between ${this.policy.minTokenSeconds} s and ${this.policy.maxTokenSeconds} s`);
+    }
+    const fingerprint = `${host}|${ttl}`;
+    const replay = await this.claimRequest('token', requestId, fingerprint);
+    if (replay) {
+      const existing = await this.records.tokens.get(`token.${replay.slice('joinTokens/'.length)}`);
+      if (existing) return { record: existing.value, token: '' };
+    }
+    const id = randomBytes(8).toString('hex');
+    const secret = randomBytes(32).toString('base64url');
+    const now = Date.now();
+    const record: JoinTokenRecord = {
+      id,
+      host,
+      secretSha256: sha256(secret),
+      caSha256: this.caSha256,
+      createTime: new Date(now).toISOString(),
+      expireTime: new Date(now + ttl * 1000).toISOString(),
+      state: 'PENDING',
+      creator: creator.uri,
+    };
+    await this.records.tokens.create(`token.${id}`, record);
+    await this.recordRequest('token', requestId, `joinTokens/${id}`, fingerprint);
+    this.log.info({ joinToken: `joinTokens/${id}`, host, expireTime: record.expireTime, creator: describeIdentity(creator) }, 'join token created');
+    return { record, token: `cjt1.${id}.${secret}.${this.caSha256}` };
+  }
+
+  /** A token record by resource name. */
+  async getJoinToken(name: string): Promise<JoinTokenRecord> {
+    const id = /^joinTokens\/([0-9a-f]{16})$/.exec(name)?.[1];
+    if (!id) throw CowherdError.invalidArgument('name', 'must look like joinTokens/{16 hex digits}');
+    const record = await this.records.tokens.get(`token.${id}`);
+    if (!record) throw CowherdError.notFound(name);
+    return record.value;
+  }
+
+  /** Every token record. */
+  async listJoinTokens(): Promise<JoinTokenRecord[]> {
+    return (await this.records.tokens.list('token.*')).map((entry) => entry.value);
+  }
+
+  /** Revokes an unused token; a used one is FAILED_PRECONDITION. */
+  async deleteJoinToken(name: string): Promise<JoinTokenRecord> {
+    const record = await this.getJoinToken(name);
+    const result = await this.records.tokens.mutate(`token.${record.id}`, (current) => {
+      if (!current) throw CowherdError.notFound(name);
+      if (current.state === 'USED') throw CowherdError.failedPrecondition(`${name} was used; revoke the certificate it produced (${current.certificate ?? ''}) instead`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+      if (current.state === 'REVOKED' || tokenExpired(current)) return undefined;
+      return { ...current, state: 'REVOKED' };
+    });
+    return result!.value;
+  }
+
+  /**
+   * Exchanges a PENDING token and a CSR for the host's first certificate. The token is marked USED by
+   * compare-and-set, so concurrent calls with one token yield at most one certificate.
+   */
+  async enrollHost(token: string, csrPem: string): Promise<{ record: CertificateRecord; joinToken: string }> {
+    const match = TOKEN.exec(token);
+    if (!match) throw invalidToken('is not a cowherd join token');
+    const [, id, secret, caSha256] = match as unknown as [string, string, string, string];
+    const stored = await this.records.tokens.get(`token.${id}`);
+    if (!stored || !safeEqualHex(stored.value.secretSha256, sha256(secret))) throw invalidToken('is not known here');
+    if (caSha256 !== this.caSha256) {
+      throw CowherdError.failedPrecondition('the token pins another CA certificate than this CA has', ErrorReason.ERROR_REASON_JOIN_TOKEN_CA_MISMATCH);
+    }
+    if (stored.value.state !== 'PENDING') throw invalidToken(`was already ${stored.value.state === 'USED' ? 'used' : 'revoked'}`);
+    if (tokenExpired(stored.value)) throw invalidToken('has expired');
+
+    const host = stored.value.host;
+    const identity = identityUri('host', host);
+    const csr = this.checkCsr(csrPem, identity, (name) => name === host || name.startsWith(`${host}.`) || name === 'localhost');
+    const certificatePem = signLeafCertificate({ ca: this.ca, publicKeyPem: csr.publicKeyPem, identity, dnsNames: csr.dnsNames, ttlSeconds: this.policy.hostCertificateSeconds });
+    const record = recordOf(certificatePem, 'spiffe://cowherd/service/certificate-authority');
+    try {
+      await this.records.tokens.update(`token.${id}`, { ...stored.value, state: 'USED', useTime: record.issueTime, certificate: `certificates/${record.serialNumber}` }, stored.revision);
+    } catch (error) {
+      if (error instanceof KvConflictError) throw invalidToken('was used concurrently');
+      throw error;
+    }
+    await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
+    await this.listener.issued(record, { joinToken: `joinTokens/${id}` });
+    this.log.info({ host, certificate: `certificates/${record.serialNumber}`, joinToken: `joinTokens/${id}`, expireTime: record.expireTime }, 'host enrolled');
+    return { record, joinToken: `joinTokens/${id}` };
+  }
+
+  /** A new certificate for the caller's own identity, same DNS names and lifetime as the one it used. */
+  async renew(caller: Identity, callerCertificate: PeerCertificateFacts, csrPem: string): Promise<CertificateRecord> {
+    const allowed = new Set(callerCertificate.dnsNames);
+    const csr = this.checkCsr(csrPem, caller.uri, (name) => allowed.has(name));
+    const lifetime = Math.max(1, Math.round(ttlOfValidity((callerCertificate.notAfter.getTime() - callerCertificate.notBefore.getTime()) / 1000)));
+    const certificatePem = signLeafCertificate({ ca: this.ca, publicKeyPem: csr.publicKeyPem, identity: caller.uri, dnsNames: csr.dnsNames, ttlSeconds: lifetime });
+    const record = recordOf(certificatePem, caller.uri);
+    await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
+    await this.listener.issued(record, {});
+    this.log.info({ identity: describeIdentity(caller), certificate: `certificates/${record.serialNumber}`, replaces: `certificates/${callerCertificate.serialNumber}` }, 'certificate renewed');
+    return record;
+  }
+
+  /** Issues a service or admin certificate (never a host one: hosts enroll with tokens). */
+  async issue(request: { csrPem: string; identity: string; dnsNames: readonly string[]; ttlSeconds: number | undefined; requestId: string }, issuer: Identity): Promise<CertificateRecord> {
+    const identity = parseIdentity(request.identity);
+    if (!identity) throw CowherdError.invalidArgument('identity', 'must be spiffe://cowherd/service/<name> or spiffe://cowherd/admin/<user>');
+    if (identity.kind === 'host') throw CowherdError.invalidArgument('identity', 'host certificates are only issued through EnrollHost with a join token');
+    request.dnsNames.forEach((name, index) => {
+      if (!DNS_NAME.test(name) && name !== 'localhost') throw CowherdError.invalidArgument(`dns_names[${index}]`, 'is not a DNS name');
+    });
+    const ttl = request.ttlSeconds ?? this.policy.defaultIssueSeconds;
+    if (!(ttl >= 60 && ttl <= this.policy.maxIssueSeconds)) throw CowherdError.invalidArgument('ttl', `must be between 60 s and ${this.policy.maxIssueSeconds} s`);
+    const fingerprint = sha256(`${request.csrPem}|${request.identity}|${request.dnsNames.join(',')}|${ttl}`);
+    const replay = await this.claimRequest('issue', request.requestId, fingerprint);
+    if (replay) return this.getCertificate(replay);
+    const allowed = new Set(request.dnsNames);
+    const csr = this.checkCsr(request.csrPem, identity.uri, (name) => allowed.has(name));
+    const certificatePem = signLeafCertificate({ ca: this.ca, publicKeyPem: csr.publicKeyPem, identity: identity.uri, dnsNames: request.dnsNames, ttlSeconds: ttl });
+    const record = recordOf(certificatePem, issuer.uri);
+    await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
+    await this.recordRequest('issue', request.requestId, `certificates/${record.serialNumber}`, fingerprint);
+    await this.listener.issued(record, {});
+    this.log.info({ identity: describeIdentity(identity), certificate: `certificates/${record.serialNumber}`, issuer: describeIdentity(issuer) }, 'certificate issued');
+    return record;
+  }
+
+  /** A certificate record by resource name. */
+  async getCertificate(name: string): Promise<CertificateRecord> {
+    const serial = /^certificates\/([0-9a-f]{1,40})$/.exec(name)?.[1];
+    if (!serial) throw CowherdError.invalidArgument('name', 'must look like certificates/{serial in lowercase hex}');
+    const record = await this.records.certificates.get(`certificate.${serial}`);
+    if (!record) throw CowherdError.notFound(name);
+    return record.value;
+  }
+
+  /** Every certificate record. */
+  async listCertificates(): Promise<CertificateRecord[]> {
+    return (await this.records.certificates.list('certificate.*')).map((entry) => entry.value);
+  }
+
+  /** Revokes by serial; idempotent; an expired certificate is FAILED_PRECONDITION. */
+  async revoke(name: string, reason: number, by: Identity): Promise<CertificateRecord> {
+    const record = await this.getCertificate(name);
+    if (record.revoked) return record;
+    if (new Date(record.expireTime).getTime() <= Date.now()) throw CowherdError.failedPrecondition(`${name} has expired; nothing to revoke`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+    const updated = await this.records.certificates.mutate(`certificate.${record.serialNumber}`, (current) =>
+      current && !current.revoked ? { ...current, revoked: { time: new Date().toISOString(), reason } } : undefined,
+    );
+    const revoked = updated!.value;
+    await this.records.revoked.put(`revoked.${record.serialNumber}`, { expireTime: record.expireTime });
+    await this.listener.revoked(revoked);
+    this.log.warn({ certificate: name, identity: record.identity, reason, by: describeIdentity(by) }, 'certificate revoked');
+    return revoked;
+  }
+
+  /** Serials revoked and not yet expired, with the bucket revision of the newest revocation. */
+  async revocationList(): Promise<{ serialNumbers: string[]; revision: number }> {
+    const now = Date.now();
+    const entries = await this.records.revoked.list('revoked.*');
+    return {
+      serialNumbers: entries.filter((entry) => new Date(entry.value.expireTime).getTime() > now).map((entry) => entry.key.slice('revoked.'.length)).sort(),
+      revision: entries.reduce((max, entry) => Math.max(max, entry.revision), 0),
+    };
+  }
+
+  /**
+   * Checks a CSR: well-formed and self-signed, RSA of at least the minimum size, exactly one URI SAN equal
+   * to `identity`, DNS names that `dnsAllowed` accepts, no other SAN.
+   */
+  private checkCsr(csrPem: string, identity: string, dnsAllowed: (name: string) => boolean): { publicKeyPem: string; dnsNames: readonly string[] } {
+    if (csrPem.trim() === '') throw CowherdError.invalidArgument('csr_pem', 'is required', ErrorReason.ERROR_REASON_CSR_INVALID);
+    const csr = parseCsr(csrPem);
+    if (csr.publicKeyBits < this.policy.minKeyBits) throw CowherdError.invalidArgument('csr_pem', `must carry an RSA key of at least ${this.policy.minKeyBits} bits`, ErrorReason.ERROR_REASON_CSR_INVALID);
+    const mismatch = (problem: string): CowherdError => new CowherdError(GrpcStatus.PERMISSION_DENIED, `csr_pem ${problem}`, { reason: ErrorReason.ERROR_REASON_CSR_IDENTITY_MISMATCH, field: 'csr_pem' });
+    if (csr.uris.length !== 1 || csr.uris[0] !== identity) throw mismatch(`must name exactly ${identity} as its URI SAN, not ${JSON.stringify(csr.uris)}`);
+    if (csr.otherNames.length > 0) throw mismatch('may carry only URI and DNS SANs');
+    const refused = csr.dnsNames.filter((name) => !dnsAllowed(name));
+    if (refused.length > 0) throw mismatch(`asks for DNS names it may not have: ${refused.join(', ')}`);
+    return { publicKeyPem: csr.publicKeyPem, dnsNames: csr.dnsNames };
+  }
+
+  /** Returns the resource an earlier request with this request_id made, or undefined for a new one. */
+  private async claimRequest(kind: string, requestId: string, fingerprint: string): Promise<string | undefined> {
+    if (requestId === '') return undefined;
+    const existing = await this.records.requests.get(`request.${sha256(`${kind}|${requestId}`)}`);
+    if (!existing) return undefined;
+    if (existing.value.fingerprint !== fingerprint) {
+      throw new CowherdError(GrpcStatus.ALREADY_EXISTS, 'request_id was already used for a different request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT, field: 'request_id' });
+    }
+    return existing.value.resource;
+  }
+
+  private async recordRequest(kind: string, requestId: string, resource: string, fingerprint: string): Promise<void> {
+    if (requestId === '') return;
+    await this.records.requests.put(`request.${sha256(`${kind}|${requestId}`)}`, { resource, fingerprint });
+  }
+}
+
+/** State of a token at `now`. */
+export function tokenState(record: JoinTokenRecord, now = Date.now()): 'PENDING' | 'USED' | 'EXPIRED' | 'REVOKED' {
+  if (record.state === 'PENDING' && tokenExpired(record, now)) return 'EXPIRED';
+  return record.state;
+}
+
+/** State of a certificate at `now`. */
+export function certificateState(record: CertificateRecord, now = Date.now()): 'ACTIVE' | 'REVOKED' | 'EXPIRED' {
+  if (record.revoked) return 'REVOKED';
+  return new Date(record.expireTime).getTime() <= now ? 'EXPIRED' : 'ACTIVE';
+}
+
+function tokenExpired(record: JoinTokenRecord, now = Date.now()): boolean {
+  return new Date(record.expireTime).getTime() <= now;
+}
+
+function recordOf(certificatePem: string, issuer: string): CertificateRecord {
+  const facts = inspectCertificate(certificatePem);
+  return {
+    serialNumber: facts.serialNumber,
+    identity: facts.identity?.uri ?? '',
+    dnsNames: facts.dnsNames,
+    issueTime: facts.notBefore.toISOString(),
+    expireTime: facts.notAfter.toISOString(),
+    certificatePem,
+    issuer,
+  };
+}
+
+function invalidToken(problem: string): CowherdError {
+  return CowherdError.unauthenticated(`the join token ${problem}`, ErrorReason.ERROR_REASON_JOIN_TOKEN_INVALID);
+}
+
+function sha256(text: string): string {
+  return createHash('sha256').update(text).digest('hex');
+}
+
+function safeEqualHex(a: string, b: string): boolean {
+  const left = Buffer.from(a, 'hex');
+  const right = Buffer.from(b, 'hex');
+  return left.length === right.length && timingSafeEqual(left, right);
+}

@@ -1,0 +1,28 @@
+/** What happens around issuance and revocation besides the records: events (and NATS users, when configured). */
+import { CERTIFICATE_REVOKED, HOST_ENROLLED } from '../common/event-types.js';
+import type { EventPublisher } from '../common/events.js';
+import { parseIdentity } from '../common/identity.js';
+import type { CertificateListener } from './certificate-authority.js';
+
+/** Publishes host.enrolled (for certificates from a join token) and certificate.revoked. */
+export function eventingListener(events: EventPublisher): CertificateListener {
+  return {
+    issued: async (record, context) => {
+      const identity = parseIdentity(record.identity);
+      if (identity?.kind !== 'host' || context.joinToken === undefined) return;
+      await events.publish(
+        HOST_ENROLLED,
+        { host: `hosts/${identity.name}`, identity: record.identity, certificate: `certificates/${record.serialNumber}`, joinToken: context.joinToken, occurTime: new Date(record.issueTime) },
+        { host: identity.name, id: `host.enrolled/${record.serialNumber}` },
+      );
+    },
+    revoked: async (record) => {
+      const identity = parseIdentity(record.identity);
+      await events.publish(
+        CERTIFICATE_REVOKED,
+        { certificate: `certificates/${record.serialNumber}`, serialNumber: record.serialNumber, identity: record.identity, reason: record.revoked?.reason ?? 0, occurTime: new Date(record.revoked?.time ?? Date.now()) },
+        { host: identity?.kind === 'host' ? identity.name : '_', id: `certificate.revoked/${record.serialNumber}` },
+      );
+    },
+  };
+}
