@@ -17,6 +17,8 @@ export const EVENT_SUBJECT_PREFIX = 'cowherd.events';
 export const EVENT_TYPE_HEADER = 'Cowherd-Event-Type';
 /** Host token for events that concern no single host. */
 export const FLEET_WIDE = '_';
+/** A host id as it stands in a subject (an RFC 1123 label). */
+const HOST_TOKEN = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 
 /** A ts-proto message type as the event layer needs it. */
 export interface EventType<T> {
@@ -83,6 +85,8 @@ export class EventPublisher {
 /** One delivered event. */
 export interface ReceivedEvent<T> {
   readonly subject: string;
+  /** The host token of the subject ("_" for fleet-wide): the publisher proved it by NATS permissions. */
+  readonly host: string;
   readonly typeName: string;
   readonly payload: T;
   readonly sequence: number;
@@ -140,13 +144,18 @@ export async function consumeEvents<T>(js: JetStreamClient, manager: JetStreamMa
     for await (const message of messages) {
       const typeName = message.headers?.get(EVENT_TYPE_HEADER) ?? '';
       const type = byName.get(typeName);
-      if (!type || (options.host !== undefined && !message.subject.endsWith(`.${options.host}`))) {
+      // The subject must be exactly the type's kind and one host token: NATS lets a host publish only
+      // subjects ending in its own id, so this is what makes the host of an event trustworthy.
+      const host = message.subject.slice(message.subject.lastIndexOf('.') + 1);
+      const genuine = type !== undefined && message.subject === eventSubject(type.kind, host) && (host === FLEET_WIDE || HOST_TOKEN.test(host));
+      if (!type || !genuine || (options.host !== undefined && host !== options.host)) {
+        if (type && !genuine) log.warn({ subject: message.subject, typeName }, 'event on a subject that does not match its type: dropped');
         message.ack();
         continue;
       }
       try {
         const payload = type.decode(message.data);
-        await options.handle({ subject: message.subject, typeName, payload, sequence: message.seq, deliveries: message.info.deliveryCount });
+        await options.handle({ subject: message.subject, host, typeName, payload, sequence: message.seq, deliveries: message.info.deliveryCount });
         message.ack();
       } catch (error) {
         log.warn({ err: error, subject: message.subject, sequence: message.seq }, 'event handler failed; will be redelivered');

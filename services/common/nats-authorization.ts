@@ -57,12 +57,6 @@ export interface NatsPermissions {
 /** Everything: services are trusted infrastructure (KV buckets, stream and consumer management). */
 export const FULL_ACCESS: NatsPermissions = { publish: ['>'], subscribe: ['>'] };
 
-/**
- * Request inboxes. Hosts and admins need them for JetStream replies (publish acks, API answers).
- * NOTE: `_INBOX.>` also lets them read replies meant for others; a per-identity `inboxPrefix` on the
- * client would close that (see {@link inboxPrefixFor}).
- */
-const INBOXES = '_INBOX.>';
 /** JetStream account info: `jetstreamManager()` asks for it when it opens (connectNats does). */
 const JS_ACCOUNT_INFO = '$JS.API.INFO';
 
@@ -85,20 +79,20 @@ export function permissionsFor(identity: Identity): NatsPermissions {
     case 'host':
       return {
         publish: [`${EVENT_SUBJECT_PREFIX}.*.*.${identity.name}`, JS_ACCOUNT_INFO],
-        subscribe: [INBOXES, `${EVENT_SUBJECT_PREFIX}.certificate.revoked.>`],
+        subscribe: [`${inboxPrefixFor(identity)}.>`, `${EVENT_SUBJECT_PREFIX}.certificate.revoked.>`],
       };
     case 'admin':
       return {
         publish: [JS_ACCOUNT_INFO, `$JS.API.STREAM.INFO.${EVENT_STREAM}`, `$JS.API.STREAM.MSG.GET.${EVENT_STREAM}`],
-        subscribe: [INBOXES, `${EVENT_SUBJECT_PREFIX}.>`],
+        subscribe: [`${inboxPrefixFor(identity)}.>`, `${EVENT_SUBJECT_PREFIX}.>`],
       };
   }
 }
 
 /**
  * A per-identity inbox prefix (`_INBOX_host_kvm-01`; dots in names become "_", which names never contain,
- * so no prefix is another's prefix). Not used yet: clients would pass it as `inboxPrefix` and the
- * permissions would grant `<prefix>.>` instead of `_INBOX.>`.
+ * so no prefix is another's prefix). connectNats uses it as the connection's `inboxPrefix`, and hosts and
+ * admins may subscribe only below their own, so nobody reads replies meant for someone else.
  */
 export function inboxPrefixFor(identity: Identity): string {
   return `_INBOX_${identity.kind}_${identity.name.replace(/\./g, '_')}`;

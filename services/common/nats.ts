@@ -4,7 +4,10 @@
  */
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
+import { readFileSync } from 'node:fs';
 import type { Logger } from './logger.js';
+import { inboxPrefixFor } from './nats-authorization.js';
+import { inspectCertificate } from './pki.js';
 import type { TlsFiles } from './tls.js';
 
 export type { NatsConnection } from '@nats-io/transport-node';
@@ -32,7 +35,10 @@ export interface NatsOptions {
 
 /** Connects (retrying while the server comes up) and opens JetStream. */
 export async function connectNats(options: NatsOptions): Promise<Nats> {
+  // Replies come to a per-identity inbox: hosts and admins may subscribe only below their own.
+  const identity = inspectCertificate(readFileSync(options.tls.certificateFile, 'utf8')).identity;
   const connection = await connect({
+    ...(identity === undefined ? {} : { inboxPrefix: inboxPrefixFor(identity) }),
     servers: [...options.servers],
     name: options.name,
     tls: { certFile: options.tls.certificateFile, keyFile: options.tls.privateKeyFile, caFile: options.tls.caFile },

@@ -64,6 +64,22 @@ describe('events', () => {
     assert.deepEqual(received[0]!.payload, available('kvm-01'));
   });
 
+  it('drop an event whose subject does not match its type (a host cannot pass off one kind as another)', async () => {
+    const { headers } = await import('@nats-io/transport-node');
+    const { EVENT_TYPE_HEADER } = await import('../../services/common/events.js');
+    const { ImageAvailable } = await import('../../services/gen/cowherd/events/v1/events.js');
+    const received: string[] = [];
+    const consumer = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, { durable: 'strict-subjects', types: [IMAGE_AVAILABLE, CLONE_DONE] as never[], log, startAt: 'new', handle: async (event) => void received.push(event.subject) });
+    const forged = headers();
+    forged.set(EVENT_TYPE_HEADER, 'cowherd.events.v1.ImageAvailable');
+    await publisherConnection.jetstream.publish('cowherd.events.available.kvm-09.kvm-01', ImageAvailable.encode(available('kvm-09')).finish(), { headers: forged, msgID: 'forged' });
+    await new EventPublisher(publisherConnection.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'genuine-after-forged' });
+    await waitFor(() => received.length >= 1);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    await consumer.stop();
+    assert.deepEqual(received, ['cowherd.events.image.available.kvm-01']);
+  });
+
   it('redeliver an event whose handler failed', async () => {
     const publisher = new EventPublisher(publisherConnection.jetstream, log);
     let attempts = 0;

@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { credentials as grpcCredentials } from '@grpc/grpc-js';
@@ -79,6 +79,15 @@ describe('the local fleet (README start command)', () => {
     for (const pid of first.pids) assert.equal(alive(pid), false, `pid ${pid} is gone`);
     const keyMode = (await import('node:fs')).statSync(join(state, 'fleet', 'ca', 'ca-key.pem')).mode & 0o777;
     assert.equal(keyMode, 0o600);
+    // The CA private key is in no log line of the whole run, nor in what the fleet printed.
+    const key = (await readFile(join(state, 'fleet', 'ca', 'ca-key.pem'), 'utf8')).split('\n').filter((line) => line && !line.startsWith('-----')).join('');
+    const logDirectory = join(state, 'fleet', 'logs');
+    const logs = [first.output, ...(await Promise.all((await readdir(logDirectory)).map((file) => readFile(join(logDirectory, file), 'utf8'))))];
+    assert.ok(logs.length >= 6, 'every process wrote a log');
+    for (const text of logs) {
+      assert.doesNotMatch(text, /PRIVATE KEY/);
+      for (const piece of [key.slice(0, 48), key.slice(400, 448), key.slice(-48)]) assert.ok(!text.includes(piece), 'a piece of the CA key is in a log');
+    }
 
     const second = await runFleetOnce(state, async () => undefined);
     assert.equal(second.code, 0, second.output);

@@ -5,6 +5,7 @@
  * reloading refuses it (new and existing connections) while the same identity's other certificate works.
  */
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { after, before, describe, it } from 'node:test';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
@@ -13,10 +14,10 @@ import { CLONE_DONE, IMAGE_AVAILABLE } from '../../services/common/event-types.j
 import { EVENT_STREAM, ensureEventStream, EventPublisher, eventSubject } from '../../services/common/events.js';
 import { jsonCodec, KvStore } from '../../services/common/kv.js';
 import { createLogger } from '../../services/common/logger.js';
-import { certificatePrincipal, identityPrincipal, renderNatsAuthorization, type NatsPrincipal } from '../../services/common/nats-authorization.js';
+import { certificatePrincipal, identityPrincipal, inboxPrefixFor, renderNatsAuthorization, type NatsPrincipal } from '../../services/common/nats-authorization.js';
 import { parseIdentity } from '../../services/common/identity.js';
 import { connectNats, type Nats } from '../../services/common/nats.js';
-import { natsUserOf } from '../../services/common/pki.js';
+import { inspectCertificate, natsUserOf } from '../../services/common/pki.js';
 import type { TlsFiles } from '../../services/common/tls.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../../services/common/embedded-nats.js';
 import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
@@ -30,7 +31,14 @@ function available(host: string): ImageAvailable {
 
 /** A plain connection that does not retry: refusals surface as a rejected promise. */
 function connectOnce(url: string, tls: TlsFiles): Promise<NatsConnection> {
-  return connect({ servers: [url], tls: { certFile: tls.certificateFile, keyFile: tls.privateKeyFile, caFile: tls.caFile }, timeout: 5_000, reconnect: false });
+  const identity = inspectCertificate(readFileSync(tls.certificateFile, 'utf8')).identity;
+  return connect({
+    servers: [url],
+    tls: { certFile: tls.certificateFile, keyFile: tls.privateKeyFile, caFile: tls.caFile },
+    timeout: 5_000,
+    reconnect: false,
+    ...(identity === undefined ? {} : { inboxPrefix: inboxPrefixFor(identity) }),
+  });
 }
 
 /** `promise`'s value, or undefined after `ms`. */
