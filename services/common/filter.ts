@@ -13,8 +13,11 @@ export interface Comparison {
   readonly prefix: boolean;
 }
 
-/** How a List method reads a field of its items; `prefix` allows `value*`. */
-export type FilterFields<T> = Readonly<Record<string, { read: (item: T) => string | readonly string[]; prefix?: boolean }>>;
+/**
+ * How a List method reads a field of its items; `prefix` allows `value*`. A field named `labels.*` serves
+ * every `labels.<key>` and gets the key as `subkey`.
+ */
+export type FilterFields<T> = Readonly<Record<string, { read: (item: T, subkey: string) => string | readonly string[]; prefix?: boolean }>>;
 
 const TERM = /^\s*([a-z_][a-z0-9_.]*)\s*(!=|=)\s*(?:"((?:[^"\\]|\\.)*)"|([A-Za-z0-9_.:/*-]+))\s*$/;
 
@@ -26,7 +29,7 @@ export function parseFilter<T>(filter: string, fields: FilterFields<T>): (item: 
     if (!match) throw CowherdError.invalidArgument('filter', `cannot parse ${JSON.stringify(term.trim())}; use field = value joined by AND`);
     const [, field, operator, quoted, bare] = match;
     const raw = quoted !== undefined ? quoted.replace(/\\(.)/g, '$1') : bare!;
-    const spec = fields[field!];
+    const spec = fields[field!] ?? (field!.startsWith('labels.') ? fields['labels.*'] : undefined);
     if (!spec) throw CowherdError.invalidArgument('filter', `cannot filter on ${field}; allowed: ${Object.keys(fields).join(', ')}`);
     const prefix = raw.endsWith('*');
     if (prefix && !spec.prefix) throw CowherdError.invalidArgument('filter', `${field} does not take a prefix (*)`);
@@ -34,8 +37,9 @@ export function parseFilter<T>(filter: string, fields: FilterFields<T>): (item: 
   });
   return (item) =>
     comparisons.every((comparison) => {
-      const spec = fields[comparison.field]!;
-      const actual = spec.read(item);
+      const labelled = comparison.field.startsWith('labels.') && !fields[comparison.field];
+      const spec = labelled ? fields['labels.*']! : fields[comparison.field]!;
+      const actual = spec.read(item, labelled ? comparison.field.slice('labels.'.length) : '');
       const values = typeof actual === 'string' ? [actual] : actual;
       const matches = values.some((value) => (comparison.prefix ? value.startsWith(comparison.value) : value === comparison.value));
       return comparison.negated ? !matches : matches;

@@ -38,6 +38,8 @@ export interface FollowOptions {
   /** Core NATS subscription to certificate.revoked events for immediate refreshes. */
   readonly nats?: NatsConnection;
   readonly intervalMs?: number;
+  /** How long start-up waits for the first list. Default 3 s. */
+  readonly firstFetchTimeoutMs?: number;
 }
 
 /** Keeps `set` current until the returned function is called. */
@@ -59,7 +61,10 @@ export async function followRevocations(options: FollowOptions): Promise<() => v
     if (stopped) return;
     timer = setTimeout(() => void refresh().finally(schedule), options.intervalMs ?? REVOCATION_REFRESH_MS);
   };
-  await refresh();
+  // Wait for the first list, but not forever: a process must come up while the CA is down. Until the
+  // first answer it knows no revocations (logged); the 30 s refresh keeps trying.
+  const first = refresh();
+  await Promise.race([first, new Promise((resolve) => setTimeout(resolve, options.firstFetchTimeoutMs ?? 3_000).unref())]);
   schedule();
   const subscription = options.nats?.subscribe(`${EVENT_SUBJECT_PREFIX}.certificate.revoked.>`, { callback: () => void refresh() });
   return () => {

@@ -1,0 +1,183 @@
+/** InventoryService handlers: validation and message mapping around Inventory and its indexes. */
+import { InventoryServiceService } from '../gen/cowherd/inventory/v1/inventory_service.js';
+import { Host, Host_State, host_StateToJSON, Image, image_StateToJSON, ImageReplica, imageReplica_StateToJSON, ImageView, VirtualMachine, VirtualMachineChange_Type, virtualMachine_StateToJSON } from '../gen/cowherd/inventory/v1/resources.js';
+import { hypervisorToJSON } from '../gen/cowherd/common/v1/types.js';
+import { CowherdError } from '../common/errors.js';
+import { parseFilter } from '../common/filter.js';
+import { paginateSorted, type PageTokens } from '../common/pagination.js';
+import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
+import type { Handlers } from '../common/rpc.js';
+import { hostIdOf, parseVmName, vmKey, type Inventory } from './inventory.js';
+
+type InventoryService = typeof InventoryServiceService;
+
+/** Enum names without their prefix, as filters use them (`state = READY`). */
+const bare = (json: string, prefix: string): string => json.replace(prefix, '');
+
+/** The handlers of InventoryService. */
+export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens): Handlers<InventoryService> {
+  const hostParent = (parent: string): string => {
+    if (parent === 'hosts/-') return '';
+    return `${hostIdOf(parent, 'parent')}.`;
+  };
+  return {
+    registerHost: async (request) => {
+      if (!request.host) throw CowherdError.invalidArgument('host', 'is required');
+      return inventory.registerHost(request.host);
+    },
+    heartbeat: async (request) => {
+      const host = await inventory.recordHeartbeat(hostIdOf(request.host, 'host'), request);
+      return { heartbeatInterval: { seconds: String(inventory.heartbeat.intervalSeconds), nanos: 0 }, transferLimits: host.transferLimits };
+    },
+    reportVirtualMachines: async (request) => {
+      const host = hostIdOf(request.parent, 'parent');
+      const result = await inventory.reportVirtualMachines(host, request.virtualMachines, request.fullSnapshot, request.removedVirtualMachines);
+      return { changedCount: result.changed, removedCount: result.removed, revision: '0' };
+    },
+
+    getHost: async (request) => {
+      const host = inventory.hosts.get(hostIdOf(request.name, 'name'));
+      if (!host) throw CowherdError.notFound(request.name);
+      return host.value;
+    },
+    listHosts: async (request) => {
+      const matches = parseFilter<Host>(request.filter, {
+        state: { read: (host) => bare(host_StateToJSON(host.state), 'STATE_') },
+        hypervisor: { read: (host) => bare(hypervisorToJSON(host.hypervisor), 'HYPERVISOR_') },
+        draining: { read: (host) => String(host.draining) },
+        'labels.*': { read: (host, key) => host.labels[key] ?? [] },
+      });
+      const all = inventory.hosts.valuesWithPrefix('').map((entry) => entry.value).filter(matches);
+      const { page, nextPageToken } = paginateSorted(all, (host) => host.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `hosts|${request.filter}`, tokens: pageTokens });
+      return { hosts: page, nextPageToken };
+    },
+    updateHost: async (request) => {
+      if (!request.host) throw CowherdError.invalidArgument('host', 'is required');
+      const id = hostIdOf(request.host.name, 'host.name');
+      const paths: string[] = request.updateMask ?? [];
+      if (paths.length === 0 || paths.includes('*')) throw CowherdError.invalidArgument('update_mask', 'must name the fields to change (labels, transfer_limits, draining)');
+      const allowed = new Set(['labels', 'transfer_limits', 'transfer_limits.upload_bytes_per_second', 'transfer_limits.download_bytes_per_second', 'draining']);
+      const bad = paths.find((path) => !allowed.has(path));
+      if (bad !== undefined) throw CowherdError.invalidArgument('update_mask', `cannot update ${bad}; updatable: ${[...allowed].join(', ')}`);
+      for (const [key, value] of Object.entries(request.host.labels)) {
+        if (!/^[a-z][a-z0-9_-]{0,62}$/.test(key) || value.length > 63) throw CowherdError.invalidArgument(`host.labels[${key}]`, 'keys are [a-z][a-z0-9_-]{0,62}, values at most 63 characters');
+      }
+      const limits = request.host.transferLimits;
+      for (const [field, value] of [['upload_bytes_per_second', limits?.uploadBytesPerSecond], ['download_bytes_per_second', limits?.downloadBytesPerSecond]] as const) {
+        if (value !== undefined && Number(value) < 0) throw CowherdError.invalidArgument(`host.transfer_limits.${field}`, 'must not be negative (0 means unlimited)');
+      }
+      const updated = await inventory.hosts.write(id, (current) => {
+        if (!current) throw CowherdError.notFound(request.host!.name);
+        const next: Host = { ...current, transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: '0', ...current.transferLimits }, updateTime: new Date() };
+        if (paths.includes('labels')) next.labels = { ...request.host!.labels };
+        if (paths.includes('transfer_limits') || paths.includes('transfer_limits.upload_bytes_per_second')) next.transferLimits!.uploadBytesPerSecond = limits?.uploadBytesPerSecond ?? '0';
+        if (paths.includes('transfer_limits') || paths.includes('transfer_limits.download_bytes_per_second')) next.transferLimits!.downloadBytesPerSecond = limits?.downloadBytesPerSecond ?? '0';
+        if (paths.includes('draining')) {
+          next.draining = request.host!.draining;
+          if (current.state !== Host_State.STATE_UNREACHABLE) next.state = next.draining ? Host_State.STATE_DRAINING : Host_State.STATE_READY;
+        }
+        return next;
+      });
+      return updated!;
+    },
+    deleteHost: async (request) => {
+      await inventory.deleteHost(hostIdOf(request.name, 'name'), request.force);
+      return {};
+    },
+
+    getImage: async (request) => {
+      const id = /^images\/([^/]+)$/.exec(request.name)?.[1];
+      if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument('name', 'must be images/{image}');
+      const image = inventory.images.get(id);
+      if (!image) throw CowherdError.notFound(request.name);
+      return viewOf(image.value, request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_FULL : request.view);
+    },
+    listImages: async (request) => {
+      const matches = parseFilter<Image>(request.filter, {
+        state: { read: (image) => bare(image_StateToJSON(image.state), 'STATE_') },
+        hypervisor: { read: (image) => bare(hypervisorToJSON(image.hypervisor), 'HYPERVISOR_') },
+        origin_host: { read: (image) => image.originHost },
+        'labels.*': { read: (image, key) => image.labels[key] ?? [] },
+      });
+      const all = inventory.images.valuesWithPrefix('').map((entry) => entry.value).filter(matches);
+      const { page, nextPageToken } = paginateSorted(all, (image) => image.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `images|${request.filter}|${request.view}`, tokens: pageTokens });
+      return { images: page.map((image) => viewOf(image, request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_BASIC : request.view)), nextPageToken };
+    },
+    getImageReplica: async (request) => {
+      const match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(request.name);
+      if (!match || !HOST_ID.test(match[1]!) || !IMAGE_ID.test(match[2]!)) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/images/{image}');
+      const replica = inventory.replicas.get(`${match[1]}.${match[2]}`);
+      if (!replica) throw CowherdError.notFound(request.name);
+      return replica.value;
+    },
+    listImageReplicas: async (request) => {
+      const matches = parseFilter<ImageReplica>(request.filter, {
+        image: { read: (replica) => replica.image },
+        state: { read: (replica) => bare(imageReplica_StateToJSON(replica.state), 'STATE_') },
+      });
+      const all = inventory.replicas.valuesWithPrefix(hostParent(request.parent)).map((entry) => entry.value).filter(matches);
+      const { page, nextPageToken } = paginateSorted(all, (replica) => replica.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `replicas|${request.parent}|${request.filter}`, tokens: pageTokens });
+      return { imageReplicas: page, nextPageToken };
+    },
+
+    getVirtualMachine: async (request) => {
+      const parsed = parseVmName(request.name);
+      if (!parsed) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/virtualMachines/{vm}');
+      const vm = inventory.vms.get(vmKey(parsed.host, parsed.vm));
+      if (!vm) throw CowherdError.notFound(request.name);
+      return vm.value;
+    },
+    listVirtualMachines: async (request) => {
+      const matches = parseFilter<VirtualMachine>(request.filter, {
+        state: { read: (vm) => bare(virtualMachine_StateToJSON(vm.state), 'STATE_') },
+        source_image: { read: (vm) => vm.sourceImage },
+        managed: { read: (vm) => String(vm.managed) },
+        domain_name: { read: (vm) => vm.domainName, prefix: true },
+      });
+      const all = inventory.vms.valuesWithPrefix(hostParent(request.parent)).filter((entry) => matches(entry.value));
+      // Paged by KV key, which orders like the resource name and is what the index is sorted by.
+      const { page, nextPageToken } = paginateSorted(all, (entry) => entry.key, { pageSize: request.pageSize, pageToken: request.pageToken, query: `vms|${request.parent}|${request.filter}`, tokens: pageTokens });
+      return { virtualMachines: page.map((entry) => entry.value), nextPageToken };
+    },
+    watchVirtualMachines: async (request, context, send) => {
+      const prefix = hostParent(request.parent);
+      const queue: Array<() => Promise<void>> = [];
+      let wake: (() => void) | undefined;
+      const unsubscribe = inventory.vms.subscribe((change) => {
+        if (!change.key.startsWith(prefix)) return;
+        const type = change.value === undefined ? VirtualMachineChange_Type.TYPE_REMOVED : change.previous === undefined ? VirtualMachineChange_Type.TYPE_ADDED : VirtualMachineChange_Type.TYPE_MODIFIED;
+        const virtualMachine = change.value ?? change.previous;
+        queue.push(() => send({ type, virtualMachine, revision: String(change.revision) }));
+        wake?.();
+      });
+      try {
+        if (request.sendInitialState) {
+          for (const entry of inventory.vms.valuesWithPrefix(prefix)) {
+            await send({ type: VirtualMachineChange_Type.TYPE_ADDED, virtualMachine: entry.value, revision: String(inventory.vms.get(entry.key)?.revision ?? 0) });
+          }
+          await send({ type: VirtualMachineChange_Type.TYPE_SYNCED, virtualMachine: undefined, revision: '0' });
+        }
+        while (!context.signal.aborted) {
+          const next = queue.shift();
+          if (next) {
+            await next();
+            continue;
+          }
+          await new Promise<void>((resolve) => {
+            wake = resolve;
+            context.signal.addEventListener('abort', () => resolve(), { once: true });
+          });
+          wake = undefined;
+        }
+      } finally {
+        unsubscribe();
+      }
+    },
+  };
+}
+
+/** BASIC leaves out the large torrent metainfo. */
+function viewOf(image: Image, view: ImageView): Image {
+  if (view !== ImageView.IMAGE_VIEW_BASIC || !image.torrent) return image;
+  return { ...image, torrent: { ...image.torrent, metainfo: Buffer.alloc(0) } };
+}
