@@ -14,7 +14,10 @@ import { runServiceMain } from '../common/service-process.js';
 import { serverOnlyTlsCredentials } from '../common/tls.js';
 import { CERTIFICATE_AUTHORITY_POLICY, ENROLLMENT_POLICY } from './access-policy.js';
 import { loadOrCreateCertificateAuthority } from '../common/ca-files.js';
-import { CertificateAuthority, DEFAULT_CA_POLICY } from './certificate-authority.js';
+import { certificateState, CertificateAuthority, DEFAULT_CA_POLICY } from './certificate-authority.js';
+import { RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
+import { HOST_DELETED } from '../common/event-types.js';
+import { consumeEvents } from '../common/events.js';
 import { certificateAuthorityHandlers } from './handlers.js';
 import { eventingListener } from './listener.js';
 import { allListeners, natsUsers } from './nats-users.js';
@@ -48,6 +51,20 @@ await runServiceMain({
     const revocations = new RevocationSet();
     const stopFollowing = await followRevocations({ set: revocations, log, nats: nats.connection, intervalMs: 5_000, fetch: async () => (await ca.revocationList()).serialNumbers });
 
+    // A host deleted from the inventory loses its certificates (it re-joins only with a new token).
+    const self = parseIdentity('spiffe://cowherd/service/certificate-authority')!;
+    const hostDeletions = await consumeEvents(nats.jetstream, nats.manager, {
+      durable: 'certificate-authority-host-deleted',
+      types: [HOST_DELETED],
+      log,
+      handle: async (event) => {
+        const identity = `spiffe://cowherd/host/${event.host}`;
+        for (const record of await ca.listCertificates()) {
+          if (record.identity === identity && certificateState(record) === 'ACTIVE') await ca.revoke(`certificates/${record.serialNumber}`, RevocationReason.REVOCATION_REASON_CESSATION_OF_OPERATION, self);
+        }
+      },
+    });
+
     // The enrollment port: server-auth TLS only, and only the two RPCs a host without a certificate needs.
     const enrollment = new Server();
     const enrollmentService = adaptService(CertificateAuthorityServiceService, { getCaBundle: handlers.getCaBundle, enrollHost: handlers.enrollHost }, ENROLLMENT_POLICY, boundary);
@@ -67,6 +84,7 @@ await runServiceMain({
       },
       stop: async () => {
         stopFollowing();
+        await hostDeletions.stop();
         clearInterval(natsTimer);
         await shutdown(enrollment, config.shutdownGraceSeconds * 1000);
       },
