@@ -1,6 +1,13 @@
 /** The agent's own variables (besides the common server ones, whose TLS files it fills in after enrolling). */
-import { addressVariable, optionalStringVariable, pathVariable, readConfig, stringVariable, type ConfigOf } from '../common/config.js';
+import { addressVariable, optionalStringVariable, pathVariable, readConfig, stringVariable, type ConfigOf, type Variable } from '../common/config.js';
+import { DEFAULT_PORTS } from '../common/service-process.js';
 import { defaultHostId, HOST_ID } from '../common/resource-names.js';
+
+/** An optional host:port whose default depends on other variables (filled in by loadAgentConfig). */
+function optionalAddressVariable(name: string, description: string, defaultText: string): Variable<string | undefined> {
+  const address = addressVariable(name, description);
+  return { name, description, defaultText, parse: (raw) => (raw === undefined ? undefined : address.parse(raw)) };
+}
 
 export const AGENT_VARIABLES = {
   host: { ...stringVariable('COWHERD_HOST_ID', 'this host id (hosts/{host}); must match the join token', defaultHostId()), parse: (raw: string | undefined) => {
@@ -11,12 +18,24 @@ export const AGENT_VARIABLES = {
   credentialsDirectory: pathVariable('COWHERD_CREDENTIALS_DIR', 'where the host key (0600), certificate and CA certificate are kept', '/var/lib/cowherd/credentials'),
   joinToken: optionalStringVariable('COWHERD_JOIN_TOKEN', 'single-use join token from an admin; needed only for the first start'),
   enrollAddress: addressVariable('COWHERD_ENROLL_ADDRESS', 'host:port of the certificate authority enrollment port', 'localhost:7441'),
+  libvirtUri: { ...stringVariable('COWHERD_LIBVIRT_URI', 'libvirt connection URI the agent drives (virsh -c)', 'qemu:///system'), parse: (raw: string | undefined) => {
+    const value = raw ?? 'qemu:///system';
+    if (!/^[a-z][a-z0-9+.-]*:\/\/\S*$/i.test(value)) throw new Error(`must be a libvirt URI such as qemu:///system, got ${JSON.stringify(value)}`);
+    return value;
+  } },
+  imageDirectory: pathVariable('COWHERD_IMAGE_DIR', 'directory for image replicas (images/) and clone overlays (clones/); created if missing', '/var/lib/cowherd/images'),
+  inventoryAddress: addressVariable('COWHERD_INVENTORY_ADDRESS', 'host:port of the inventory mTLS port', `localhost:${DEFAULT_PORTS.inventory.grpc}`),
+  advertiseAddress: optionalAddressVariable('COWHERD_ADVERTISE_ADDRESS', "host:port at which services reach this agent's gRPC port", `<host id>:<port of COWHERD_LISTEN_ADDRESS, ${DEFAULT_PORTS.agent.grpc}>`),
 };
 
-/** The agent's enrollment configuration. */
-export type AgentConfig = ConfigOf<typeof AGENT_VARIABLES>;
+/** The agent's configuration. */
+export type AgentConfig = Omit<ConfigOf<typeof AGENT_VARIABLES>, 'advertiseAddress'> & { readonly advertiseAddress: string };
 
 /** Reads the agent's variables; throws ConfigError listing every bad one. */
 export function loadAgentConfig(env: Readonly<Record<string, string | undefined>>): AgentConfig {
-  return readConfig(AGENT_VARIABLES, env);
+  const config = readConfig(AGENT_VARIABLES, env);
+  // The default port follows the listen address, so that one variable moves both (port 0 cannot be advertised).
+  const listenPort = /:(\d{1,5})$/.exec(env['COWHERD_LISTEN_ADDRESS'] ?? '')?.[1];
+  const port = listenPort !== undefined && listenPort !== '0' ? listenPort : String(DEFAULT_PORTS.agent.grpc);
+  return Object.freeze({ ...config, advertiseAddress: config.advertiseAddress ?? `${config.host}:${port}` });
 }

@@ -1,12 +1,19 @@
 /** The host agent process: wiring only. Enrolls with a join token on the first start, then serves. */
 import { AgentServiceService } from '../gen/cowherd/agent/v1/agent_service.js';
+import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
+import { createClient } from '../common/client.js';
 import { ConfigError } from '../common/config.js';
 import { createLogger } from '../common/logger.js';
 import { adaptService } from '../common/rpc.js';
 import { runServiceMain } from '../common/service-process.js';
+import { mutualTlsChannelCredentials } from '../common/tls.js';
 import { AGENT_POLICY } from './access-policy.js';
 import { loadAgentConfig, type AgentConfig } from './config.js';
+import { createQemuImgDiskInspector } from './disks.js';
 import { ensureEnrolled } from './enrollment.js';
+import { createHostFactsSource, prepareImageDirectory } from './host-facts.js';
+import { VirshLibvirt } from './libvirt.js';
+import { createReporter, inventoryPort } from './reporter.js';
 
 let agent: AgentConfig;
 try {
@@ -32,7 +39,25 @@ await runServiceMain({
   name: 'agent',
   variables: {},
   env,
-  build: async ({ boundary }) => ({
-    services: [adaptService(AgentServiceService, {}, AGENT_POLICY, boundary)],
-  }),
+  build: async ({ boundary, config, log, tls }) => {
+    await prepareImageDirectory(agent.imageDirectory);
+    const libvirt = new VirshLibvirt({ uri: agent.libvirtUri, log: log.child({ component: 'libvirt' }) });
+    const inventory = createClient(InventoryServiceClient, agent.inventoryAddress, mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000));
+    const reporter = createReporter({
+      host: agent.host,
+      inventory: inventoryPort(inventory),
+      libvirt,
+      disks: createQemuImgDiskInspector({ log: log.child({ component: 'disks' }) }),
+      facts: createHostFactsSource({ libvirt, imageDirectory: agent.imageDirectory, advertiseAddress: agent.advertiseAddress }),
+      log,
+    });
+    await reporter.start();
+    return {
+      services: [adaptService(AgentServiceService, {}, AGENT_POLICY, boundary)],
+      stop: async () => {
+        await reporter.stop();
+        inventory.close();
+      },
+    };
+  },
 });
