@@ -9,6 +9,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 COWHERD_TAG=start
 
 bash "$COWHERD_ROOT/scripts/install.sh"
+# The local agent drives this machine's libvirt: a private libvirtd (see scripts/libvirtd.sh), left running.
+bash "$COWHERD_ROOT/scripts/libvirtd.sh" start
 cd "$COWHERD_ROOT"
 export COWHERD_STATE_DIR="$COWHERD_STATE_DIR/fleet"
 # exec: Ctrl-C and SIGTERM go straight to the fleet, which stops every process it started.

@@ -403,13 +403,15 @@ export class VirshLibvirt implements Libvirt {
 
   async watchEvents(onEvent: (event: LibvirtEvent) => void): Promise<EventWatch> {
     const marker = `@@cowherd-events-${randomBytes(8).toString('hex')}@@`;
-    const start = (): Promise<Daemon> =>
+    const start = (reconnecting: boolean): Promise<Daemon> =>
       // No -q here: with it, echo prints no newline and the first event would share the marker's line.
       startDaemon(this.virsh, ['-c', this.uri, `echo ${marker}; event --all --loop`], {
         readyPattern: new RegExp(marker),
         readyTimeoutMs: this.timeoutMs,
         env: VIRSH_ENV,
         onLine: (line) => {
+          // Announce a reconnection at the marker, in line order: before any event the new process prints.
+          if (reconnecting && line.includes(marker)) onEvent({ kind: 'reconnected' });
           const rest = line.replace(marker, '');
           const event = parseEventLine(rest);
           if (event) onEvent(event);
@@ -417,7 +419,7 @@ export class VirshLibvirt implements Libvirt {
         },
       });
     let stopped = false;
-    let daemon = await start().catch((error: unknown) => {
+    let daemon = await start(false).catch((error: unknown) => {
       throw toLibvirtError(error);
     });
     let retryTimer: NodeJS.Timeout | undefined;
@@ -429,7 +431,7 @@ export class VirshLibvirt implements Libvirt {
         const reconnect = (): void => {
           retryTimer = undefined;
           if (stopped) return;
-          start().then(
+          start(true).then(
             (next) => {
               if (stopped) {
                 void next.stop(1_000);
@@ -438,7 +440,6 @@ export class VirshLibvirt implements Libvirt {
               daemon = next;
               backoffMs = 500;
               follow(next);
-              onEvent({ kind: 'reconnected' });
             },
             (error: unknown) => {
               this.log?.warn({ err: error, retryInMs: backoffMs }, 'virsh event cannot connect');

@@ -45,6 +45,8 @@ export interface LocalFleetOptions {
   readonly dynamicPorts?: boolean;
   /** Progress lines for the operator. */
   readonly say: (line: string) => void;
+  /** The libvirt the local agent drives; default qemu:///system (scripts/libvirtd.sh starts it). */
+  readonly libvirtUri?: string;
 }
 
 /** Where a process of the fleet answers. */
@@ -126,13 +128,24 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
 
     // 4. The local agent joins like any host: with a join token on its first start, by itself afterwards.
     const agentCredentials = join(state, 'agent', 'credentials');
-    const agentEnv: Record<string, string> = { ...common, COWHERD_CA_ADDRESS: caAddress, COWHERD_HOST_ID: hostname, COWHERD_CREDENTIALS_DIR: agentCredentials, COWHERD_ENROLL_ADDRESS: `localhost:${enrollPort}` };
+    const agentPort = await port('agent', 'grpc');
+    const agentEnv: Record<string, string> = {
+      ...common,
+      COWHERD_CA_ADDRESS: caAddress,
+      COWHERD_HOST_ID: hostname,
+      COWHERD_CREDENTIALS_DIR: agentCredentials,
+      COWHERD_ENROLL_ADDRESS: `localhost:${enrollPort}`,
+      COWHERD_INVENTORY_ADDRESS: endpoints.find((endpoint) => endpoint.name === 'inventory')!.address,
+      COWHERD_ADVERTISE_ADDRESS: `localhost:${agentPort}`,
+      COWHERD_IMAGE_DIR: join(state, 'agent', 'images'),
+      COWHERD_LIBVIRT_URI: options.libvirtUri ?? 'qemu:///system',
+    };
     if (!(await hasValidCredentials(agentCredentials, ca.certificatePem, identityUri('host', hostname)))) {
       const token = await new Promise<string>((resolve, reject) => caClient.createJoinToken({ host: hostname, ttl: { seconds: '600', nanos: 0 }, requestId: '' }, (error, response) => (error ? reject(error) : resolve(response.token))));
       agentEnv['COWHERD_JOIN_TOKEN'] = token;
       options.say(`agent         enrolling host ${hostname} with a join token`);
     }
-    endpoints.push(await startFleetProcess('agent', undefined, await port('agent', 'grpc'), await port('agent', 'health'), agentEnv));
+    endpoints.push(await startFleetProcess('agent', undefined, agentPort, await port('agent', 'health'), agentEnv));
 
     const health = await Promise.all(endpoints.filter((endpoint) => endpoint.healthAddress).map((endpoint) => checkHealth(endpoint.name, endpoint.address, endpoint.healthAddress!, admin)));
     await writeAtomically(join(state, 'fleet.json'), `${JSON.stringify({ endpoints, admin, caAddress, enrollAddress: `localhost:${enrollPort}`, startedAt: new Date().toISOString() }, null, 2)}\n`, 0o644);

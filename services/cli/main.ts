@@ -6,6 +6,7 @@
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startLocalFleet } from './local-fleet.js';
+import { overviewLines } from './overview.js';
 
 const USAGE = `usage: cowherd <command>
 
@@ -32,6 +33,10 @@ async function fleetUp(): Promise<number> {
     await fleet.stop();
     return 1;
   }
+  say('');
+  say('overview (inventory):');
+  const inventory = fleet.endpoints.find((endpoint) => endpoint.name === 'inventory')!;
+  for (const line of await overviewLines(inventory.address, fleet.adminCredentials, { waitForHostsMs: 15_000 }).catch((error: Error) => [`(inventory did not answer: ${error.message})`])) say(`  ${line}`);
   say('');
   say(`admin credentials: ${fleet.adminCredentials.certificateFile} (key ${fleet.adminCredentials.privateKeyFile}, CA ${fleet.adminCredentials.caFile})`);
   say(`endpoints and pids: ${resolve(stateDirectory, 'fleet.json')}; logs: ${resolve(stateDirectory, 'logs')}`);
