@@ -17,8 +17,8 @@ import type { Any } from '../gen/google/protobuf/any.js';
 import { CowherdError, toStatus } from './errors.js';
 import { jsonCodec, KvConflictError, KvStore } from './kv.js';
 import type { Logger } from './logger.js';
-import { paginate, type PageTokens } from './pagination.js';
-import type { AccessPolicy, Handlers } from './rpc.js';
+import { paginate, PageTokens } from './pagination.js';
+import { adaptService, type AccessPolicy, type BoundaryOptions, type Handlers, type ServiceRegistration } from './rpc.js';
 
 /** The KV bucket of operations. */
 export const OPERATIONS_BUCKET = 'operations';
@@ -426,4 +426,14 @@ function parseFilter(filter: string): (record: OperationRecord) => boolean {
     return (record: OperationRecord) => record.kind === value;
   });
   return (record) => tests.every((test) => test(record));
+}
+
+/**
+ * The operations of a service that runs long work: opens the manager, starts resuming orphans, and
+ * returns it with the google.longrunning.Operations registration to serve next to the service.
+ */
+export async function openOperations(js: JetStreamClient, log: Logger, boundary: BoundaryOptions): Promise<{ manager: OperationManager; service: ServiceRegistration }> {
+  const manager = await OperationManager.open({ js, log, pageTokens: await PageTokens.open(js) });
+  manager.resumeOrphans();
+  return { manager, service: adaptService(OperationsService, operationsHandlers(manager), OPERATIONS_POLICY, boundary) };
 }
