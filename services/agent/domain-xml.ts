@@ -1088,3 +1088,25 @@ function metadataNamespacesOnly(domain: XmlElement): Map<XmlElement, string> {
   }
   return result;
 }
+
+/** A disk of a template: its target and the image file it names, with the format libvirt opens it with. */
+export interface TemplateDisk {
+  readonly target: string;
+  readonly fileName: string;
+  readonly format: DiskFormatName;
+}
+
+/** The disks of a template (what {@link sanitizeDomainTemplate} wrote), validated like any untrusted XML. */
+export function templateDisks(templateXml: string): TemplateDisk[] {
+  const { domain } = parseDomainDocument(templateXml);
+  const devices = firstChild(domain, 'devices');
+  const disks: TemplateDisk[] = [];
+  for (const disk of devices ? elementChildren(devices, 'disk') : []) {
+    const fileName = firstChild(disk, 'source')?.attributes.get('file') ?? '';
+    if (fileName === '') continue;
+    const target = firstChild(disk, 'target')?.attributes.get('dev') ?? '';
+    if (target === '') throw DomainXmlError.untrusted('devices/disk/target', 'a disk with a source has no target dev');
+    disks.push({ target, fileName: assertFileName(fileName, `disks[${disks.length}].file_name`), format: diskFormatOf(firstChild(disk, 'driver')?.attributes.get('type'), 'devices/disk/driver') });
+  }
+  return disks;
+}

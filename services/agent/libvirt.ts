@@ -5,6 +5,7 @@
  * ("cmd1; cmd2", parsed by virsh itself); every argument in such a line is quoted by
  * {@link quoteVirshArgument}. virsh's failures become {@link LibvirtError}s with a `kind`.
  */
+import { CLONE_METADATA_NAMESPACE, readCloneMetadata, type CloneMetadata } from './domain-xml.js';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -46,6 +47,8 @@ export interface DomainInfo {
   readonly memoryBytes: number;
   /** In XML order. */
   readonly disks: readonly DomainDisk[];
+  /** cowherd's record in `<metadata>`, for clones cowherd made (lineage, operation). */
+  readonly clone?: CloneMetadata;
 }
 
 /** What `virsh uri`, `version --daemon` and `capabilities` say, for hypervisor detection. */
@@ -226,9 +229,11 @@ export function parseDomainXml(document: string): DomainDefinition {
       ...(format ? { format } : {}),
     });
   }
+  const clone = cloneMetadataOf(document);
   return {
     name,
     uuid: uuid.toLowerCase(),
+    ...(clone === undefined ? {} : { clone }),
     domainType: attribute(domain, 'type') ?? '',
     vcpus: Number(attribute(vcpu, 'current') ?? text(vcpu) ?? '0'),
     memoryBytes: memoryBytes(domain['memory']),
@@ -494,4 +499,14 @@ function toLibvirtError(error: unknown): LibvirtError {
     return new LibvirtError(classifyVirshError(error.stderr, error.timedOut), detail, error);
   }
   return new LibvirtError('operation-failed', (error as Error).message ?? String(error), error);
+}
+
+/** cowherd's clone record of a domain document; undefined when absent or unreadable (never fatal here). */
+function cloneMetadataOf(document: string): CloneMetadata | undefined {
+  if (!document.includes(CLONE_METADATA_NAMESPACE)) return undefined;
+  try {
+    return readCloneMetadata(document);
+  } catch {
+    return undefined;
+  }
 }

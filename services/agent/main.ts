@@ -11,7 +11,10 @@ import { AGENT_POLICY } from './access-policy.js';
 import { loadAgentConfig, type AgentConfig } from './config.js';
 import { createQemuImgDiskInspector } from './disks.js';
 import { ensureEnrolled } from './enrollment.js';
-import { createHostFactsSource, prepareImageDirectory } from './host-facts.js';
+import { createHostFactsSource, detectHypervisor, prepareImageDirectory, readSystemFacts } from './host-facts.js';
+import { CloneEngine } from './clone-engine.js';
+import { agentHandlers } from './handlers.js';
+import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { VirshLibvirt } from './libvirt.js';
 import { createReporter, inventoryPort } from './reporter.js';
 
@@ -39,7 +42,7 @@ await runServiceMain({
   name: 'agent',
   variables: {},
   env,
-  build: async ({ boundary, config, log, tls }) => {
+  build: async ({ boundary, config, log, tls, events }) => {
     await prepareImageDirectory(agent.imageDirectory);
     const libvirt = new VirshLibvirt({ uri: agent.libvirtUri, log: log.child({ component: 'libvirt' }) });
     const inventory = createClient(InventoryServiceClient, agent.inventoryAddress, mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000));
@@ -52,8 +55,13 @@ await runServiceMain({
       log,
     });
     await reporter.start();
+    const hypervisor = await libvirt.hypervisorFacts().then(
+      (facts) => (detectHypervisor(facts, readSystemFacts()).hypervisor === Hypervisor.HYPERVISOR_XEN ? 'xen' : 'kvm'),
+      () => 'kvm' as const,
+    );
+    const clones = new CloneEngine({ host: agent.host, imageDirectory: agent.imageDirectory, hypervisor, libvirt, events, log: log.child({ component: 'clones' }) });
     return {
-      services: [adaptService(AgentServiceService, {}, AGENT_POLICY, boundary)],
+      services: [adaptService(AgentServiceService, agentHandlers(clones), AGENT_POLICY, boundary)],
       stop: async () => {
         await reporter.stop();
         inventory.close();

@@ -64,9 +64,24 @@ export function virtualMachineId(domain: Pick<DomainInfo, 'name' | 'uuid'>): str
   return VIRTUAL_MACHINE_ID.test(domain.name) ? domain.name : domain.uuid.toLowerCase();
 }
 
-/** The inventory record of a domain (source_image, managed and lineage stay empty until cloning fills them). */
+/** The inventory record of a domain; clones cowherd made carry their lineage from their metadata. */
 export function toVirtualMachine(host: string, domain: DomainInfo, disks: readonly Disk[]): VirtualMachine {
+  const clone = domain.clone;
+  const image = clone && 'image' in clone.source ? clone.source.image : '';
+  const lineage = clone
+    ? {
+        lineage: {
+          image,
+          replica: image === '' ? '' : `hosts/${host}/${image}`,
+          sourceVirtualMachine: 'virtualMachine' in clone.source ? clone.source.virtualMachine : '',
+          overlays: disks.map((disk) => disk.path),
+        },
+        managed: true,
+        sourceImage: image,
+      }
+    : {};
   return VirtualMachine.fromPartial({
+    ...lineage,
     name: `hosts/${host}/virtualMachines/${virtualMachineId(domain)}`,
     host: `hosts/${host}`,
     domainName: domain.name,

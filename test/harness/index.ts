@@ -100,8 +100,11 @@ export interface TestNatsOptions {
    *   authorization connect with any certificate, as before per-certificate users existed;
    * - 'by-kind': each becomes a user with its kind's least-privilege permissions;
    * - 'none': only `users` and later `nats.updateUsers(...)` calls decide (the test manages the list).
+   * - 'ca-managed': the certificate authority process keeps the users (as in a fleet); until it first
+   *   writes them, the test services are admitted by identity. Certificates the test PKI issues are not
+   *   added: the CA's own list would overwrite them anyway.
    */
-  readonly issued?: 'full-access' | 'by-kind' | 'none';
+  readonly issued?: 'full-access' | 'by-kind' | 'none' | 'ca-managed';
 }
 
 /**
@@ -118,11 +121,11 @@ export async function startTestNats(resources: Resources, pki: TestPki, options:
     identity: certificate.identity,
     ...(mode === 'full-access' ? { permissions: FULL_ACCESS } : {}),
   });
-  const bootstrapUsers = mode === 'full-access' ? TEST_SERVICES.map((name) => identityPrincipal({ kind: 'service', name, uri: identityUri('service', name) }, FULL_ACCESS)) : [];
-  const users: NatsPrincipal[] = [...(options.users ?? []), ...(mode === 'none' ? [] : pki.issued.map(principalOf))];
+  const bootstrapUsers = mode === 'full-access' || mode === 'ca-managed' ? TEST_SERVICES.map((name) => identityPrincipal({ kind: 'service', name, uri: identityUri('service', name) }, FULL_ACCESS)) : [];
+  const users: NatsPrincipal[] = [...(options.users ?? []), ...(mode === 'none' || mode === 'ca-managed' ? [] : pki.issued.map(principalOf))];
   const nats = await startEmbeddedNats({ directory, tls, bootstrapUsers, users });
   resources.defer(() => nats.stop());
-  if (mode !== 'none') {
+  if (mode !== 'none' && mode !== 'ca-managed') {
     const unsubscribe = pki.onIssue(async (certificate) => {
       users.push(principalOf(certificate));
       await nats.updateUsers([...users]);

@@ -55,7 +55,7 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
   before(async () => {
     await run('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'start'], { timeout: 120_000 });
     pki = await TestPki.create(await resources.tempDir());
-    const nats = await startTestNats(resources, pki);
+    const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
     natsUrl = nats.url;
     ca = await startCertificateAuthorityProcess(resources, pki, nats);
     inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), natsUrl, { COWHERD_CA_ADDRESS: ca.address, COWHERD_HEARTBEAT_SECONDS: '1', COWHERD_MISSED_HEARTBEATS: '3' });

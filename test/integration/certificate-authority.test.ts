@@ -69,7 +69,7 @@ describe('certificate authority and fleet identity', () => {
 
   before(async () => {
     pki = await TestPki.create(await resources.tempDir());
-    const nats = await startTestNats(resources, pki);
+    const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
     natsUrl = nats.url;
     // The CA manages NATS users here, as in the local fleet: hosts get in only with the certificates it issued.
     ca = await startCertificateAuthorityProcess(resources, pki, nats);

@@ -1,0 +1,223 @@
+/**
+ * Making clones on this host (AgentService.CreateClones): one copy-on-write child per disk of the source
+ * (qcow2 overlay on KVM, VHD differencing disk on Xen) in the clone's own directory, the domain XML
+ * rendered from the sanitized template, defined in libvirt, started if asked, clone.done or clone.failed
+ * published. A clone that fails is rolled back completely: its domain undefined, its directory removed.
+ * Layout under the image directory: `images/<image>/` holds a replica (disk files and
+ * `domain-template.xml`), `clones/<domain>/` a clone's children and files.
+ */
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { isAbsolute, join, relative, resolve } from 'node:path';
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import type { CreateCloneResult, CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
+import { VirtualMachine, VirtualMachine_State } from '../gen/cowherd/inventory/v1/resources.js';
+import { CowherdError, toStatus } from '../common/errors.js';
+import { CLONE_DONE, CLONE_FAILED } from '../common/event-types.js';
+import type { EventPublisher } from '../common/events.js';
+import type { Logger } from '../common/logger.js';
+import { IMAGE_ID } from '../common/resource-names.js';
+import { DOMAIN_NAME_PATTERN, readCloneMetadata, renderClone, sanitizeDomainTemplate, templateDisks, type CloneMetadata, type HypervisorKind } from './domain-xml.js';
+import { LibvirtError, type Libvirt } from './libvirt.js';
+import { createQcow2Overlay, protectBase } from './overlays.js';
+import { createDifferencingVhd } from './vhd.js';
+
+/** The name of the template file in a replica directory. */
+export const TEMPLATE_FILE = 'domain-template.xml';
+/** Clones per request at most (the proto's limit). */
+export const MAX_CLONES_PER_REQUEST = 1000;
+
+/** What the engine needs. */
+export interface CloneEngineOptions {
+  readonly host: string;
+  readonly imageDirectory: string;
+  readonly hypervisor: HypervisorKind;
+  readonly libvirt: Libvirt;
+  readonly events: Pick<EventPublisher, 'publish'>;
+  readonly log: Logger;
+}
+
+interface ResolvedSource {
+  readonly metadata: CloneMetadata['source'];
+  readonly template: string;
+  readonly disks: ReadonlyArray<{ target: string; base: string; format: 'qcow2' | 'raw' | 'vpc' }>;
+  readonly replicaDirectory?: string;
+}
+
+/** Makes clones; one instance per agent. */
+export class CloneEngine {
+  constructor(private readonly options: CloneEngineOptions) {}
+
+  /** Validates the request, resolves the source once, then makes each clone; results in request order. */
+  async createClones(request: CreateClonesRequest): Promise<CreateCloneResult[]> {
+    if (request.clones.length === 0 || request.clones.length > MAX_CLONES_PER_REQUEST) throw CowherdError.invalidArgument('clones', `must hold 1 to ${MAX_CLONES_PER_REQUEST} clones`);
+    const names = new Set<string>();
+    request.clones.forEach((clone, index) => {
+      if (!DOMAIN_NAME_PATTERN.test(clone.domainName)) throw CowherdError.invalidArgument(`clones[${index}].domain_name`, `must match ${DOMAIN_NAME_PATTERN.source}`);
+      if (names.has(clone.domainName)) throw CowherdError.invalidArgument(`clones[${index}].domain_name`, 'repeats another clone of this request');
+      names.add(clone.domainName);
+    });
+    const source = await this.resolveSource(request);
+    for (const disk of source.disks) await protectBase(disk.base);
+    const results: CreateCloneResult[] = [];
+    for (const clone of request.clones) results.push(await this.createOne(source, clone.domainName, clone.start, request));
+    return results;
+  }
+
+  private async resolveSource(request: CreateClonesRequest): Promise<ResolvedSource> {
+    const source = request.source;
+    if (source?.$case === 'image') {
+      const id = /^images\/([^/]+)$/.exec(source.value)?.[1];
+      if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument('image', 'must be images/{image}');
+      const replicaDirectory = join(this.options.imageDirectory, 'images', id);
+      const template = await readFile(join(replicaDirectory, TEMPLATE_FILE), 'utf8').catch(() => {
+        throw CowherdError.failedPrecondition(`${source.value} has no replica on hosts/${this.options.host}`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
+      });
+      const disks = templateDisks(template).map((disk) => ({ target: disk.target, base: join(replicaDirectory, disk.fileName), format: disk.format }));
+      return { metadata: { image: source.value }, template, disks, replicaDirectory };
+    }
+    if (source?.$case === 'virtualMachine') {
+      const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(source.value);
+      if (!match) throw CowherdError.invalidArgument('virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
+      if (match[1] !== this.options.host) throw CowherdError.invalidArgument('virtual_machine', `is on hosts/${match[1]}, not on this host (hosts/${this.options.host})`);
+      const domain = await this.options.libvirt.domain(match[2]!).catch((error: unknown) => {
+        throw error instanceof LibvirtError && error.kind === 'domain-not-found' ? CowherdError.notFound(source.value) : error;
+      });
+      if (domain.state !== 'shut off') throw CowherdError.failedPrecondition(`${source.value} is ${domain.state}; only a powered-off VM can be cloned`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING);
+      const exported = sanitizeDomainTemplate(await this.options.libvirt.domainXml(domain.uuid));
+      const disks = exported.disks.map((disk) => {
+        if (!this.inside(disk.sourcePath)) {
+          throw new CowherdError(GrpcStatus.FAILED_PRECONDITION, `${source.value}'s disk ${disk.target} (${disk.sourcePath}) is outside the image directory ${this.options.imageDirectory}`, {
+            reason: ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY,
+            metadata: { path: disk.sourcePath },
+          });
+        }
+        return { target: disk.target, base: disk.sourcePath, format: disk.format };
+      });
+      // The template names image files; a VM's clones point at the VM's own disks, so render from its paths.
+      return { metadata: { virtualMachine: source.value }, template: exported.xml, disks };
+    }
+    throw CowherdError.invalidArgument('source', 'must name an image or a virtual machine');
+  }
+
+  private async createOne(source: ResolvedSource, name: string, start: boolean, request: CreateClonesRequest): Promise<CreateCloneResult> {
+    const log = this.options.log.child({ clone: name, operation: request.operation });
+    const cloneDirectory = join(this.options.imageDirectory, 'clones', name);
+    const vmName = `hosts/${this.options.host}/virtualMachines/${name}`;
+    let directoryMade = false;
+    let defined = false;
+    try {
+      const existing = await this.options.libvirt.domain(name).catch((error: unknown) => {
+        if (error instanceof LibvirtError && error.kind === 'domain-not-found') return undefined;
+        throw error;
+      });
+      if (existing) {
+        // A retried request finds the clones it already made (same request_id in their metadata).
+        const metadata = readCloneMetadata(await this.options.libvirt.domainXml(existing.uuid));
+        if (request.requestId !== '' && metadata?.requestId === request.requestId) {
+          return { domainName: name, virtualMachine: this.toVirtualMachine(name, existing.uuid, existing.state === 'running' ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF, source, []), status: undefined, started: existing.state === 'running' };
+        }
+        throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `a domain named ${name} already exists on hosts/${this.options.host}`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN, metadata: { domain: name } });
+      }
+      await mkdir(join(this.options.imageDirectory, 'clones'), { recursive: true });
+      await mkdir(cloneDirectory).catch((error: NodeJS.ErrnoException) => {
+        if (error.code === 'EEXIST') throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `${cloneDirectory} already exists`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN });
+        throw error;
+      });
+      directoryMade = true;
+      const children = await Promise.all(
+        source.disks.map(async (disk) => {
+          if (this.options.hypervisor === 'xen') {
+            if (disk.format !== 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+            const path = join(cloneDirectory, `${disk.target}.vhd`);
+            await createDifferencingVhd({ parentPath: disk.base, childPath: path });
+            return { target: disk.target, path };
+          }
+          if (disk.format === 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+          const path = join(cloneDirectory, `${disk.target}.qcow2`);
+          await createQcow2Overlay(disk.base, disk.format, path).catch((error: unknown) => {
+            throw /No space left/i.test(String((error as Error).message))
+              ? new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left for ${path}`, { reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE, cause: error })
+              : error;
+          });
+          return { target: disk.target, path };
+        }),
+      );
+      const rendered = await renderClone(source.template, {
+        name,
+        hypervisor: this.options.hypervisor,
+        cloneDirectory,
+        disks: children,
+        ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
+        metadata: { source: source.metadata, operation: request.operation, requestId: request.requestId },
+      });
+      await writeFile(join(cloneDirectory, 'domain.xml'), rendered.xml, { mode: 0o644 });
+      await this.options.libvirt.define(rendered.xml);
+      defined = true;
+      let started = false;
+      let startError: unknown;
+      if (start) {
+        try {
+          await this.options.libvirt.start(name);
+          started = true;
+        } catch (error) {
+          // The clone stays defined; the result says the start failed.
+          startError = error;
+        }
+      }
+      const vm = this.toVirtualMachine(name, rendered.uuid, started ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF, source, children.map((child) => child.path));
+      await this.publishDone(vm, rendered.uuid, children.map((child) => child.path), started, request, source);
+      log.info({ started, overlays: children.length }, 'clone made');
+      return { domainName: name, virtualMachine: vm, status: startError === undefined ? undefined : toStatus(hypervisorError(startError)), started };
+    } catch (error) {
+      const failure = error instanceof LibvirtError ? hypervisorError(error) : error;
+      if (defined) await this.options.libvirt.undefine(name).catch((undefineError: unknown) => log.error({ err: undefineError }, 'rollback: undefine failed'));
+      if (directoryMade) await rm(cloneDirectory, { recursive: true, force: true }).catch((rmError: unknown) => log.error({ err: rmError }, 'rollback: removing the clone directory failed'));
+      log.warn({ err: failure }, 'clone failed and was rolled back');
+      const status = toStatus(failure);
+      await this.options.events
+        .publish(CLONE_FAILED, { virtualMachine: vmName, host: `hosts/${this.options.host}`, domainName: name, uuid: '', image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays: [], status, operation: request.operation, occurTime: new Date() }, { host: this.options.host, id: `clone.failed/${request.operation || request.requestId}/${this.options.host}/${name}` })
+        .catch((publishError: unknown) => log.error({ err: publishError }, 'clone.failed not published'));
+      return { domainName: name, virtualMachine: undefined, status, started: false };
+    }
+  }
+
+  private toVirtualMachine(name: string, uuid: string, state: VirtualMachine_State, source: ResolvedSource, overlays: readonly string[]): VirtualMachine {
+    const image = 'image' in source.metadata ? source.metadata.image : '';
+    return VirtualMachine.fromPartial({
+      name: `hosts/${this.options.host}/virtualMachines/${name}`,
+      host: `hosts/${this.options.host}`,
+      domainName: name,
+      uuid,
+      state,
+      sourceImage: image,
+      managed: true,
+      lineage: {
+        image,
+        replica: image === '' ? '' : `hosts/${this.options.host}/${image}`,
+        sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '',
+        overlays: [...overlays],
+      },
+    });
+  }
+
+  private async publishDone(vm: VirtualMachine, uuid: string, overlays: string[], started: boolean, request: CreateClonesRequest, source: ResolvedSource): Promise<void> {
+    await this.options.events
+      .publish(
+        CLONE_DONE,
+        { virtualMachine: vm.name, host: vm.host, domainName: vm.domainName, uuid, image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays, started, operation: request.operation, occurTime: new Date() },
+        { host: this.options.host, id: `clone.done/${request.operation || request.requestId || uuid}/${this.options.host}/${vm.domainName}` },
+      )
+      .catch((error: unknown) => this.options.log.error({ err: error, clone: vm.name }, 'clone.done not published'));
+  }
+
+  private inside(path: string): boolean {
+    const relation = relative(resolve(this.options.imageDirectory), resolve(path));
+    return relation !== '' && !relation.startsWith('..') && !isAbsolute(relation);
+  }
+}
+
+function hypervisorError(error: unknown): CowherdError {
+  if (error instanceof CowherdError) return error;
+  return new CowherdError(GrpcStatus.INTERNAL, `libvirt: ${(error as Error).message}`, { reason: ErrorReason.ERROR_REASON_HYPERVISOR_ERROR, cause: error });
+}
