@@ -100,6 +100,11 @@ export interface Libvirt {
   watchEvents(onEvent: (event: LibvirtEvent) => void): Promise<EventWatch>;
   /** Defines (or redefines) a persistent domain from XML. */
   define(xml: string): Promise<void>;
+  /**
+   * Defines many domains in one go (one virsh process: ~1.6 ms a domain instead of ~25). Returns, per
+   * document, undefined when it is defined, or the error. Optional: fakes may leave it out.
+   */
+  defineMany?(documents: readonly string[]): Promise<Array<Error | undefined>>;
   start(nameOrUuid: string): Promise<void>;
   /** Hard power-off. */
   destroy(nameOrUuid: string): Promise<void>;
@@ -473,6 +478,38 @@ export class VirshLibvirt implements Libvirt {
       const file = join(directory, 'domain.xml');
       await writeFile(file, document, { mode: 0o600 });
       await this.run(['define', '--file', file]);
+    } finally {
+      await rm(directory, { recursive: true, force: true });
+    }
+  }
+
+  async defineMany(documents: readonly string[]): Promise<Array<Error | undefined>> {
+    if (documents.length === 0) return [];
+    const directory = await mkdtemp(join(tmpdir(), 'cowherd-define-'));
+    try {
+      const files = await Promise.all(
+        documents.map(async (document, index) => {
+          const file = join(directory, `domain-${index}.xml`);
+          await writeFile(file, document, { mode: 0o600 });
+          return file;
+        }),
+      );
+      const results: Array<Error | undefined> = new Array(documents.length).fill(undefined);
+      for (let start = 0; start < files.length; start += this.batchSize) {
+        const batch = files.slice(start, start + this.batchSize);
+        // virsh goes on after a failed define; which ones failed is read back from the domain list, and
+        // each failure is then repeated alone to get its error.
+        await this.runBatch(batch.map((file) => ['define', '--file', file]), false);
+      }
+      const defined = new Set((await this.run(['list', '--all', '--name'])).split('\n').map((line) => line.trim()).filter((line) => line !== ''));
+      await Promise.all(
+        documents.map(async (document, index) => {
+          const name = parseDomainXml(document).name;
+          if (defined.has(name)) return;
+          results[index] = await this.run(['define', '--file', files[index]!]).then(() => undefined, (error: unknown) => error as Error);
+        }),
+      );
+      return results;
     } finally {
       await rm(directory, { recursive: true, force: true });
     }
