@@ -1,19 +1,39 @@
 /** The cloning process: wiring only. */
 import { CloningServiceService } from '../gen/cowherd/cloning/v1/cloning_service.js';
+import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
+import { createClient } from '../common/client.js';
 import { openOperations } from '../common/operations.js';
 import { adaptService } from '../common/rpc.js';
 import { runServiceMain } from '../common/service-process.js';
+import { mutualTlsChannelCredentials } from '../common/tls.js';
 import { CLONING_POLICY } from './access-policy.js';
+import { createAgentPort } from './agents.js';
+import { cloneOperationKind } from './clone-operation.js';
+import { CLONING_VARIABLES } from './config.js';
+import { cloningHandlers } from './handlers.js';
+import { createInventoryFleetView } from './inventory-view.js';
+import { openRequestIdLookup } from './request-ids.js';
 
 await runServiceMain({
   name: 'cloning',
-  variables: {},
+  variables: CLONING_VARIABLES,
   env: process.env,
-  build: async ({ boundary, nats, log }) => {
+  build: async ({ config, boundary, nats, log, tls, events }) => {
+    const credentials = mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000);
+    const inventory = createClient(InventoryServiceClient, config.inventoryAddress, credentials, { defaultDeadlineMs: 15_000 });
+    const fleet = createInventoryFleetView(inventory);
+    const agents = createAgentPort({ credentials });
+    const kind = cloneOperationKind({ fleet, agents, events });
     const operations = await openOperations(nats.jetstream, log, boundary);
+    operations.manager.register(kind);
+    const requestIdUsed = await openRequestIdLookup(nats.jetstream, kind.kind);
     return {
-      services: [adaptService(CloningServiceService, {}, CLONING_POLICY, boundary), operations.service],
-      stop: () => operations.manager.stop(),
+      services: [adaptService(CloningServiceService, cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed }), CLONING_POLICY, boundary), operations.service],
+      stop: async () => {
+        await operations.manager.stop();
+        agents.close();
+        inventory.close();
+      },
     };
   },
 });

@@ -1,0 +1,66 @@
+/**
+ * Calling the agents: one AgentService client per agent endpoint, made on first use with the cloning
+ * service's own mTLS credentials and kept, and a deadline that grows with the batch.
+ */
+import { Metadata, status as GrpcStatus, type ChannelCredentials } from '@grpc/grpc-js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { AgentServiceClient, type CreateClonesRequest, type CreateClonesResponse } from '../gen/cowherd/agent/v1/agent_service.js';
+import type { Host } from '../gen/cowherd/inventory/v1/resources.js';
+import { createClient } from '../common/client.js';
+import { CowherdError } from '../common/errors.js';
+
+/** What cloning asks of a host's agent. */
+export interface AgentPort {
+  /**
+   * AgentService.CreateClones on the host's agent. Rejects with the agent's gRPC error (or CANCELLED when
+   * `signal` aborts); resolves with every clone's result.
+   */
+  createClones(host: Host, request: CreateClonesRequest, signal?: AbortSignal): Promise<CreateClonesResponse>;
+}
+
+/** The deadline of one CreateClones call: a minute, plus 3 seconds per clone (copy-on-write children, define, start). */
+export function createClonesDeadlineMs(cloneCount: number): number {
+  return 60_000 + 3_000 * cloneCount;
+}
+
+/** Options of {@link createAgentPort}. */
+export interface AgentPortOptions {
+  /** The cloning service's own mTLS credentials (mutualTlsChannelCredentials(context.tls)). */
+  readonly credentials: ChannelCredentials;
+}
+
+/** The real AgentPort over gRPC, with `close` for shutdown. */
+export function createAgentPort(options: AgentPortOptions): AgentPort & { close(): void } {
+  const clients = new Map<string, AgentServiceClient>();
+  const clientFor = (host: Host): AgentServiceClient => {
+    if (host.agentEndpoint === '') {
+      throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} has no agent endpoint in the inventory`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name } });
+    }
+    // Agents' certificates name their host id (and localhost), whatever address they are reached at.
+    const serverName = host.name.slice('hosts/'.length);
+    const key = `${host.agentEndpoint}|${serverName}`;
+    let client = clients.get(key);
+    if (!client) {
+      client = createClient(AgentServiceClient, host.agentEndpoint, options.credentials, { serverName });
+      clients.set(key, client);
+    }
+    return client;
+  };
+  return {
+    createClones: (host, request, signal) =>
+      new Promise((resolve, reject) => {
+        if (signal?.aborted) return reject(signal.reason);
+        const call = clientFor(host).createClones(request, new Metadata(), { deadline: Date.now() + createClonesDeadlineMs(request.clones.length) }, (error, response) => {
+          signal?.removeEventListener('abort', cancel);
+          if (error) reject(error);
+          else resolve(response);
+        });
+        const cancel = (): void => call.cancel();
+        signal?.addEventListener('abort', cancel, { once: true });
+      }),
+    close: () => {
+      for (const client of clients.values()) client.close();
+      clients.clear();
+    },
+  };
+}

@@ -1,0 +1,306 @@
+/**
+ * The CloneVirtualMachines operation: the clones planned at creation (the initial metadata) are made host
+ * by host through the agents, at most 8 hosts at a time. After each host's batch, its clones' results and
+ * the host's completion are checkpointed together, so a replica that resumes the operation skips finished
+ * hosts; an unfinished host is asked again with the same request_id (`<operation>/<host>`), and the agent
+ * returns the clones it already made. One clone failing never stops the others; the operation fails as a
+ * whole only when no host's agent could be asked at all.
+ */
+import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
+import type { CreateClonesRequest, CreateClonesResponse } from '../gen/cowherd/agent/v1/agent_service.js';
+import {
+  CloneResult_State,
+  CloneVirtualMachinesMetadata,
+  CloneVirtualMachinesRequest,
+  CloneVirtualMachinesResponse,
+  type CloneResult,
+} from '../gen/cowherd/cloning/v1/cloning_service.js';
+import { ErrorReason, errorReasonFromJSON } from '../gen/cowherd/common/v1/error_reason.js';
+import { Host_State, type Host } from '../gen/cowherd/inventory/v1/resources.js';
+import { ErrorInfo } from '../gen/google/rpc/error_details.js';
+import type { Status } from '../gen/google/rpc/status.js';
+import { CowherdError, readServiceError, toStatus } from '../common/errors.js';
+import { CLONE_FAILED } from '../common/event-types.js';
+import type { EventPublisher } from '../common/events.js';
+import type { OperationContext, OperationKind } from '../common/operations.js';
+import type { AgentPort } from './agents.js';
+import type { FleetView } from './fleet-view.js';
+
+/** The operation kind's name in the operations bucket. */
+export const CLONE_OPERATION_KIND = 'cloning.clone-virtual-machines';
+/** Hosts whose agents are asked at the same time. */
+export const HOST_CONCURRENCY = 8;
+/** Progress-only metadata writes (clones turning CREATING) happen at most this often; results are written at once. */
+const PROGRESS_INTERVAL_MS = 5_000;
+
+/** The checkpoint: which hosts are finished, and whether their agent answered. */
+export interface CloneCheckpoint {
+  /** `hosts/{host}` -> true when the agent returned results, false when the host's clones failed before that. */
+  readonly finishedHosts: Readonly<Record<string, boolean>>;
+}
+
+/**
+ * Brings an image to a host that lacks an AVAILABLE replica, resolving once the replica is AVAILABLE;
+ * rejects with the error the host's clones fail with.
+ */
+export interface ImageDelivery {
+  bringImageToHost(request: { readonly image: string; readonly host: string; readonly operation: string }, signal: AbortSignal): Promise<void>;
+}
+
+/**
+ * The hook for the distribution issue: today nothing brings an image to a host, so clones placed on a host
+ * without an AVAILABLE replica fail with FAILED_PRECONDITION (IMAGE_NOT_ON_HOST). The distribution issue
+ * replaces this with "ask DistributionService to distribute the image, then wait for image.available"
+ * (and sets those clones to STATE_WAITING_FOR_IMAGE meanwhile).
+ */
+export const IMAGE_DELIVERY_NOT_WIRED: ImageDelivery = {
+  bringImageToHost: async ({ image, host }) => {
+    throw CowherdError.failedPrecondition(
+      `${host} has no AVAILABLE replica of ${image}, and cloning cannot have it distributed yet (distribution is not wired into cloning); distribute the image to the host first`,
+      ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST,
+      { host, image },
+    );
+  },
+};
+
+/** What the operation needs. */
+export interface CloneOperationDeps {
+  readonly fleet: FleetView;
+  readonly agents: AgentPort;
+  /** Publishes clone.failed for clones that fail before reaching an agent (agents publish their own). */
+  readonly events?: Pick<EventPublisher, 'publish'>;
+  /** Default {@link IMAGE_DELIVERY_NOT_WIRED}. */
+  readonly imageDelivery?: ImageDelivery;
+  readonly now?: () => Date;
+  /** Default {@link HOST_CONCURRENCY}. */
+  readonly hostConcurrency?: number;
+}
+
+/** Message types for pack/unpack. */
+const REQUEST_TYPE = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesRequest', encode: CloneVirtualMachinesRequest.encode, decode: (bytes: Uint8Array) => CloneVirtualMachinesRequest.decode(bytes) };
+const METADATA_TYPE = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesMetadata', encode: CloneVirtualMachinesMetadata.encode, decode: (bytes: Uint8Array) => CloneVirtualMachinesMetadata.decode(bytes) };
+const RESPONSE_TYPE = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: (bytes: Uint8Array) => CloneVirtualMachinesResponse.decode(bytes) };
+
+/** The kind to register on the OperationManager. */
+export type CloneOperationKind = OperationKind<CloneVirtualMachinesRequest, CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse, CloneCheckpoint>;
+
+/** Makes the CloneVirtualMachines operation kind. */
+export function cloneOperationKind(deps: CloneOperationDeps): CloneOperationKind {
+  return {
+    kind: CLONE_OPERATION_KIND,
+    requestType: REQUEST_TYPE,
+    metadataType: METADATA_TYPE,
+    responseType: RESPONSE_TYPE,
+    run: (context) => runCloneOperation(deps, context),
+  };
+}
+
+async function runCloneOperation(deps: CloneOperationDeps, context: OperationContext<CloneVirtualMachinesRequest, CloneVirtualMachinesMetadata, CloneCheckpoint>): Promise<CloneVirtualMachinesResponse> {
+  const { request, signal, log } = context;
+  const now = deps.now ?? (() => new Date());
+  const delivery = deps.imageDelivery ?? IMAGE_DELIVERY_NOT_WIRED;
+  throwIfAborted(signal);
+
+  // The working copy: the metadata as last persisted (the plan, on the first run) and the checkpoint.
+  const metadata = CloneVirtualMachinesMetadata.fromPartial(context.metadata);
+  const finishedHosts: Record<string, boolean> = { ...(context.state?.finishedHosts ?? {}) };
+  const byHost = new Map<string, CloneResult[]>();
+  for (const clone of metadata.clones) {
+    if (clone.host in finishedHosts) continue;
+    const list = byHost.get(clone.host) ?? [];
+    list.push(clone);
+    byHost.set(clone.host, list);
+  }
+
+  // Checkpoints go one at a time: the manager writes with compare-and-set on its last revision, so two
+  // concurrent writes from this run would look like a lost lease.
+  let writes: Promise<void> = Promise.resolve();
+  let lastWrite = 0;
+  const persist = (): Promise<void> => {
+    lastWrite = Date.now();
+    const next = writes.then(() => {
+      metadata.doneCount = metadata.clones.filter((clone) => clone.state === CloneResult_State.STATE_DONE).length;
+      metadata.failedCount = metadata.clones.filter((clone) => clone.state === CloneResult_State.STATE_FAILED).length;
+      metadata.updateTime = now();
+      return context.checkpoint({ metadata: CloneVirtualMachinesMetadata.fromPartial(metadata), state: { finishedHosts: { ...finishedHosts } } });
+    });
+    writes = next.catch(() => undefined);
+    return next;
+  };
+
+  if (byHost.size > 0) {
+    const hosts = new Map((await deps.fleet.listHosts()).map((host) => [host.name, host]));
+    const source = request.source;
+    const image = source?.$case === 'image' ? source.value : undefined;
+    const holding = image === undefined ? new Set<string>() : new Set((await deps.fleet.listReplicas(image)).map((replica) => replica.host));
+
+    const fail = async (hostName: string, clones: readonly CloneResult[], status: Status): Promise<void> => {
+      for (const clone of clones) Object.assign(clone, { state: CloneResult_State.STATE_FAILED, error: status });
+      await Promise.all(clones.map((clone) => publishCloneFailed(deps, context.name, request, clone, now(), log)));
+      finishedHosts[hostName] = false;
+      await persist();
+    };
+
+    const runHost = async (hostName: string, clones: CloneResult[]): Promise<void> => {
+      throwIfAborted(signal);
+      const host = hosts.get(hostName);
+      const unusable = hostProblem(hostName, host);
+      if (unusable) return fail(hostName, clones, toStatus(unusable));
+      if (image !== undefined && !holding.has(hostName)) {
+        try {
+          await delivery.bringImageToHost({ image, host: hostName, operation: context.name }, signal);
+        } catch (error) {
+          throwIfAborted(signal);
+          return fail(hostName, clones, toStatus(error));
+        }
+      }
+      for (const clone of clones) clone.state = CloneResult_State.STATE_CREATING;
+      if (Date.now() - lastWrite >= PROGRESS_INTERVAL_MS) await persist();
+
+      const agentRequest: CreateClonesRequest = {
+        source: request.source,
+        clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start })),
+        operation: context.name,
+        requestId: agentRequestId(context.name, hostName),
+      };
+      let response: CreateClonesResponse;
+      try {
+        response = await deps.agents.createClones(host!, agentRequest, signal);
+      } catch (error) {
+        // Stopping or losing the lease: leave the host unfinished, so that whoever resumes asks again.
+        throwIfAborted(signal);
+        log.warn({ err: error, host: hostName }, 'CreateClones failed for the whole host');
+        return fail(hostName, clones, agentCallStatus(hostName, error));
+      }
+      applyResults(clones, response);
+      finishedHosts[hostName] = true;
+      await persist();
+    };
+
+    await runLimited([...byHost.entries()], deps.hostConcurrency ?? HOST_CONCURRENCY, ([hostName, clones]) => runHost(hostName, clones));
+    await writes;
+  }
+  throwIfAborted(signal);
+
+  const clones = [...metadata.clones].sort((a, b) => a.index - b.index);
+  const attempted = Object.values(finishedHosts).some((answered) => answered);
+  if (!attempted && clones.length > 0) {
+    const first = clones.find((clone) => clone.error)?.error;
+    throw first ? errorFromStatus(first, 'no clone could be attempted: ') : new CowherdError(GrpcStatus.INTERNAL, 'no clone could be attempted', { reason: ErrorReason.ERROR_REASON_INTERNAL });
+  }
+  return { clones };
+}
+
+/** The request_id the agent gets for one host's batch: stable across retries and resumptions. */
+export function agentRequestId(operation: string, host: string): string {
+  return `${operation}/${host}`;
+}
+
+/** Why clones cannot go to a host now (it left the inventory, is UNREACHABLE or DRAINING); undefined when it can take them. */
+function hostProblem(name: string, host: Host | undefined): CowherdError | undefined {
+  if (!host) return new CowherdError(GrpcStatus.UNAVAILABLE, `${name} is no longer in the inventory`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: name } });
+  if (host.state === Host_State.STATE_UNREACHABLE) {
+    return new CowherdError(GrpcStatus.UNAVAILABLE, `${name} is UNREACHABLE`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: name } });
+  }
+  if (host.draining || host.state === Host_State.STATE_DRAINING) {
+    return CowherdError.failedPrecondition(`${name} started draining after the clones were placed`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { resource: name, state: 'STATE_DRAINING' });
+  }
+  return undefined;
+}
+
+/** Copies the agent's per-clone results into the clones; a clone the agent did not answer for fails. */
+function applyResults(clones: readonly CloneResult[], response: CreateClonesResponse): void {
+  const results = new Map(response.results.map((result) => [result.domainName, result]));
+  for (const clone of clones) {
+    const result = results.get(clone.domainName);
+    if (!result) {
+      Object.assign(clone, { state: CloneResult_State.STATE_FAILED, error: toStatus(new CowherdError(GrpcStatus.INTERNAL, `the agent returned no result for ${clone.domainName}`, { reason: ErrorReason.ERROR_REASON_INTERNAL })) });
+      continue;
+    }
+    const machine = result.virtualMachine;
+    const ok = (result.status?.code ?? GrpcStatus.OK) === GrpcStatus.OK;
+    Object.assign(clone, {
+      state: ok ? CloneResult_State.STATE_DONE : CloneResult_State.STATE_FAILED,
+      error: ok ? undefined : result.status,
+      virtualMachine: machine?.name ?? '',
+      uuid: machine?.uuid ?? '',
+      overlays: machine?.lineage?.overlays ?? [],
+      started: result.started,
+    });
+  }
+}
+
+/** The status every clone of a host gets when the whole CreateClones call failed. */
+function agentCallStatus(host: string, error: unknown): Status {
+  const code = (error as Partial<ServiceError>).code;
+  if (error instanceof CowherdError || typeof code !== 'number') return toStatus(error);
+  const received = readServiceError(error as Partial<ServiceError>);
+  if (code === GrpcStatus.UNAVAILABLE || code === GrpcStatus.DEADLINE_EXCEEDED || code === GrpcStatus.CANCELLED) {
+    return toStatus(
+      new CowherdError(GrpcStatus.UNAVAILABLE, `the agent of ${host} did not answer (${GrpcStatus[code]}: ${received.message}); clones it made anyway are returned by a retry with the same request_id`, {
+        reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
+        metadata: { host },
+      }),
+    );
+  }
+  const reason = received.reason === '' ? ErrorReason.ERROR_REASON_INTERNAL : errorReasonFromJSON(received.reason);
+  return toStatus(new CowherdError(code, received.message, { reason, metadata: { ...received.metadata, host } }));
+}
+
+/** A CowherdError carrying a google.rpc.Status (its code, ErrorInfo reason and metadata). */
+function errorFromStatus(status: Status, prefix: string): CowherdError {
+  const info = status.details.find((detail) => detail.typeUrl === 'type.googleapis.com/google.rpc.ErrorInfo');
+  const decoded = info ? ErrorInfo.decode(info.value) : undefined;
+  return new CowherdError(status.code, `${prefix}${status.message}`, {
+    reason: decoded ? errorReasonFromJSON(decoded.reason) : ErrorReason.ERROR_REASON_INTERNAL,
+    metadata: decoded?.metadata ?? {},
+  });
+}
+
+async function publishCloneFailed(deps: CloneOperationDeps, operation: string, request: CloneVirtualMachinesRequest, clone: CloneResult, at: Date, log: OperationContext<unknown, unknown, unknown>['log']): Promise<void> {
+  if (!deps.events) return;
+  const hostId = clone.host.slice('hosts/'.length);
+  try {
+    await deps.events.publish(
+      CLONE_FAILED,
+      {
+        virtualMachine: clone.virtualMachine,
+        host: clone.host,
+        domainName: clone.domainName,
+        uuid: clone.uuid,
+        image: request.source?.$case === 'image' ? request.source.value : '',
+        sourceVirtualMachine: request.source?.$case === 'virtualMachine' ? request.source.value : '',
+        overlays: clone.overlays,
+        status: clone.error,
+        operation,
+        occurTime: at,
+      },
+      // The same id scheme as the agent's, so that a resumed operation's second publish is dropped.
+      { host: hostId, id: `clone.failed/${operation}/${hostId}/${clone.domainName}` },
+    );
+  } catch (error) {
+    log.warn({ err: error, domainName: clone.domainName }, 'could not publish clone.failed');
+  }
+}
+
+function throwIfAborted(signal: AbortSignal): void {
+  if (signal.aborted) throw signal.reason;
+}
+
+/** Runs `work` over `items`, at most `limit` at once; rejects with the first failure after all started work settles. */
+async function runLimited<T>(items: readonly T[], limit: number, work: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  let failure: { error: unknown } | undefined;
+  const worker = async (): Promise<void> => {
+    while (next < items.length && !failure) {
+      const item = items[next++]!;
+      try {
+        await work(item);
+      } catch (error) {
+        failure ??= { error };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (failure) throw failure.error;
+}

@@ -1,0 +1,208 @@
+/**
+ * Checking a CloneVirtualMachines request and planning it, before any operation exists: the request's
+ * shape, the source, the hosts, placement and every clone's name. The plan is the operation's initial
+ * metadata (every clone PENDING with its host and domain name), so names are fixed once and persisted with
+ * the operation; the operation itself never re-plans.
+ */
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { hypervisorToJSON } from '../gen/cowherd/common/v1/types.js';
+import {
+  CloneResult_State,
+  Placement_Strategy,
+  type CloneResult,
+  type CloneVirtualMachinesMetadata,
+  type CloneVirtualMachinesRequest,
+} from '../gen/cowherd/cloning/v1/cloning_service.js';
+import { Host_State, Image_State, VirtualMachine_State, host_StateToJSON, image_StateToJSON, virtualMachine_StateToJSON, type Host } from '../gen/cowherd/inventory/v1/resources.js';
+import { CowherdError } from '../common/errors.js';
+import { HOST_ID, IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/resource-names.js';
+import type { FleetView } from './fleet-view.js';
+import { parseNameTemplate, renderNames } from './name-template.js';
+import { placeRoundRobin, placeSpread } from './placement.js';
+
+/** Clones per request at most: the proto's limit, and what keeps one operation record well below NATS's 1 MiB. */
+export const MAX_CLONE_COUNT = 1000;
+/** Hosts in placement.hosts at most (the proto's limit). */
+export const MAX_PLACEMENT_HOSTS = 1000;
+
+/** What planning needs. */
+export interface PlanOptions {
+  readonly fleet: FleetView;
+  /** Draws `{random}`; default 6 random [a-z0-9]. */
+  readonly random?: () => string;
+  readonly now?: () => Date;
+}
+
+/** The source of a request after the shape check. */
+export type CloneSource = { readonly kind: 'image'; readonly name: string; readonly id: string } | { readonly kind: 'virtualMachine'; readonly name: string; readonly host: string };
+
+/**
+ * Checks the request without reading the fleet: source, count, placement and template. Throws
+ * INVALID_ARGUMENT naming the first bad field.
+ */
+export function checkRequestShape(request: CloneVirtualMachinesRequest): CloneSource {
+  const source = parseSource(request);
+  if (!Number.isInteger(request.count) || request.count < 1 || request.count > MAX_CLONE_COUNT) {
+    throw CowherdError.invalidArgument('count', `must be 1 to ${MAX_CLONE_COUNT}, got ${request.count}`);
+  }
+  const placement = request.placement;
+  if (placement) {
+    if (placement.maxClonesPerHost < 0) throw CowherdError.invalidArgument('placement.max_clones_per_host', 'must not be negative (0 means no limit)');
+    switch (placement.strategy) {
+      case Placement_Strategy.STRATEGY_UNSPECIFIED:
+        if (placement.hosts.length > 0) throw CowherdError.invalidArgument('placement.hosts', 'must be empty unless strategy is STRATEGY_HOSTS');
+        break;
+      case Placement_Strategy.STRATEGY_HOSTS: {
+        if (placement.hosts.length === 0 || placement.hosts.length > MAX_PLACEMENT_HOSTS) {
+          throw CowherdError.invalidArgument('placement.hosts', `must list 1 to ${MAX_PLACEMENT_HOSTS} hosts for STRATEGY_HOSTS`);
+        }
+        const seen = new Set<string>();
+        placement.hosts.forEach((host, index) => {
+          const field = `placement.hosts[${index}]`;
+          if (parseHostName(host) === undefined) throw CowherdError.invalidArgument(field, `must be hosts/{host}, got ${JSON.stringify(host)}`);
+          if (seen.has(host)) throw CowherdError.invalidArgument(field, `repeats ${host}`);
+          seen.add(host);
+          if (source.kind === 'virtualMachine' && host !== source.host) {
+            throw CowherdError.invalidArgument(field, `must be the source virtual machine's host ${source.host}: clones of a virtual machine stay on its host`);
+          }
+        });
+        break;
+      }
+      case Placement_Strategy.STRATEGY_WHERE_IMAGE_IS:
+        if (source.kind !== 'image') throw CowherdError.invalidArgument('placement.strategy', 'STRATEGY_WHERE_IMAGE_IS is only for image sources');
+        if (placement.hosts.length > 0) throw CowherdError.invalidArgument('placement.hosts', 'must be empty for STRATEGY_WHERE_IMAGE_IS');
+        break;
+      default:
+        throw CowherdError.invalidArgument('placement.strategy', `is not a known strategy (${String(placement.strategy)})`);
+    }
+  }
+  parseNameTemplate(request.nameTemplate, request.count);
+  return source;
+}
+
+/**
+ * Checks the request against the fleet and plans it. Throws, before anything changes: INVALID_ARGUMENT
+ * (INVALID_FIELD), NOT_FOUND (RESOURCE_NOT_FOUND) for the source or a host, FAILED_PRECONDITION
+ * (RESOURCE_STATE_CONFLICT, VIRTUAL_MACHINE_RUNNING, HYPERVISOR_MISMATCH), ALREADY_EXISTS
+ * (VIRTUAL_MACHINE_NAME_TAKEN). Returns the operation's initial metadata.
+ */
+export async function planClones(request: CloneVirtualMachinesRequest, options: PlanOptions): Promise<CloneVirtualMachinesMetadata> {
+  const source = checkRequestShape(request);
+  const template = parseNameTemplate(request.nameTemplate, request.count);
+  const { fleet } = options;
+  const placement = request.placement;
+  const maxPerHost = placement?.maxClonesPerHost ?? 0;
+  const hosts = new Map((await fleet.listHosts()).map((host) => [host.name, host]));
+
+  let sourceValue: string;
+  let hostsOfClones: string[];
+  if (source.kind === 'virtualMachine') {
+    const machine = await fleet.getVirtualMachine(source.name);
+    if (!machine) throw CowherdError.notFound(source.name);
+    if (machine.state !== VirtualMachine_State.STATE_SHUT_OFF) {
+      throw CowherdError.failedPrecondition(`${source.name} is ${virtualMachine_StateToJSON(machine.state)}; only a powered-off virtual machine can be cloned`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING, {
+        virtual_machine: source.name,
+        state: virtualMachine_StateToJSON(machine.state),
+      });
+    }
+    requireReady(hosts, source.host);
+    sourceValue = machine.domainName;
+    hostsOfClones = placeRoundRobin([source.host], request.count, maxPerHost);
+  } else {
+    const image = await fleet.getImage(source.name);
+    if (!image) throw CowherdError.notFound(source.name);
+    if (image.state !== Image_State.STATE_AVAILABLE) {
+      throw CowherdError.failedPrecondition(`${source.name} is ${image_StateToJSON(image.state)}, not STATE_AVAILABLE`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, {
+        resource: source.name,
+        state: image_StateToJSON(image.state),
+      });
+    }
+    sourceValue = source.id;
+    const hypervisorMatches = (host: Host): void => {
+      if (host.hypervisor !== image.hypervisor) {
+        throw CowherdError.failedPrecondition(`${host.name} runs ${hypervisorToJSON(host.hypervisor)}, but ${source.name} is for ${hypervisorToJSON(image.hypervisor)}`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH, {
+          host: host.name,
+          host_hypervisor: hypervisorToJSON(host.hypervisor),
+          image_hypervisor: hypervisorToJSON(image.hypervisor),
+        });
+      }
+    };
+    if (placement?.strategy === Placement_Strategy.STRATEGY_HOSTS) {
+      for (const name of placement.hosts) hypervisorMatches(requireReady(hosts, name));
+      hostsOfClones = placeRoundRobin(placement.hosts, request.count, maxPerHost);
+    } else {
+      const ready = [...hosts.values()].filter((host) => host.state === Host_State.STATE_READY && !host.draining && host.hypervisor === image.hypervisor);
+      const readyNames = new Set(ready.map((host) => host.name));
+      const holding = [...new Set((await fleet.listReplicas(source.name)).map((replica) => replica.host))].filter((host) => readyNames.has(host));
+      if (ready.length === 0) {
+        throw CowherdError.failedPrecondition(`no READY ${hypervisorToJSON(image.hypervisor)} host can take clones of ${source.name}`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, {
+          resource: source.name,
+          state: 'NO_READY_HOST',
+        });
+      }
+      hostsOfClones = placeSpread(
+        holding,
+        ready.map((host) => host.name),
+        request.count,
+        maxPerHost,
+      );
+    }
+  }
+
+  const names = renderNames(
+    template,
+    hostsOfClones.map((host, offset) => ({ source: sourceValue, index: offset + 1, host: parseHostName(host)! })),
+    { namesInUse: await fleet.domainNamesInUse(), ...(options.random === undefined ? {} : { random: options.random }) },
+  );
+  const now = (options.now ?? (() => new Date()))();
+  const clones: CloneResult[] = hostsOfClones.map((host, offset) => ({
+    index: offset + 1,
+    virtualMachine: '',
+    host,
+    domainName: names[offset]!,
+    uuid: '',
+    state: CloneResult_State.STATE_PENDING,
+    error: undefined,
+    overlays: [],
+    started: false,
+  }));
+  return { source: source.name, totalCount: request.count, doneCount: 0, failedCount: 0, clones, imageTransfers: [], distributeOperations: [], startTime: now, updateTime: now };
+}
+
+/** `{host}` of an exact `hosts/{host}`; undefined otherwise. */
+export function parseHostName(name: string): string | undefined {
+  const match = /^hosts\/([^/]+)$/.exec(name);
+  return match && HOST_ID.test(match[1]!) ? match[1] : undefined;
+}
+
+function parseSource(request: CloneVirtualMachinesRequest): CloneSource {
+  const source = request.source;
+  if (source?.$case === 'image') {
+    const match = /^images\/([^/]+)$/.exec(source.value);
+    if (!match || !IMAGE_ID.test(match[1]!)) throw CowherdError.invalidArgument('image', `must be images/{image}, got ${JSON.stringify(source.value)}`);
+    return { kind: 'image', name: source.value, id: match[1]! };
+  }
+  if (source?.$case === 'virtualMachine') {
+    const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(source.value);
+    if (!match || !HOST_ID.test(match[1]!) || !VIRTUAL_MACHINE_ID.test(match[2]!)) {
+      throw CowherdError.invalidArgument('virtual_machine', `must be hosts/{host}/virtualMachines/{virtual_machine}, got ${JSON.stringify(source.value)}`);
+    }
+    return { kind: 'virtualMachine', name: source.value, host: `hosts/${match[1]}` };
+  }
+  throw CowherdError.invalidArgument('source', 'must set image or virtual_machine');
+}
+
+/** The host record of a host named in placement; NOT_FOUND, or FAILED_PRECONDITION unless READY. */
+function requireReady(hosts: ReadonlyMap<string, Host>, name: string): Host {
+  const host = hosts.get(name);
+  if (!host) throw CowherdError.notFound(name);
+  if (host.state !== Host_State.STATE_READY || host.draining) {
+    const state = host.state === Host_State.STATE_READY ? 'STATE_DRAINING' : host_StateToJSON(host.state);
+    throw new CowherdError(GrpcStatus.FAILED_PRECONDITION, `${name} is ${state}; clones go only to READY hosts`, {
+      reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+      metadata: { resource: name, state },
+    });
+  }
+  return host;
+}

@@ -1,0 +1,7 @@
+/** The cloning service's own variables (besides the common server ones). */
+import { addressVariable } from '../common/config.js';
+import { DEFAULT_PORTS } from '../common/service-process.js';
+
+export const CLONING_VARIABLES = {
+  inventoryAddress: addressVariable('COWHERD_INVENTORY_ADDRESS', 'host:port of the inventory mTLS port', `localhost:${DEFAULT_PORTS.inventory.grpc}`),
+};

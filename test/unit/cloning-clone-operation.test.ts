@@ -1,0 +1,524 @@
+// CloneVirtualMachines against a fake fleet and fake agents: every bad request is refused with its code and
+// field before an operation exists; placement and names are fixed in the initial metadata; the operation
+// (OperationKind.run driven with a fake OperationContext) reports partial failures per clone, fails as a
+// whole only when nothing could be attempted, and when resumed from its checkpoint does not ask the agents
+// of finished hosts again.
+//
+//   node --import tsx --test test/unit/cloning-clone-operation.test.ts
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
+import type { CreateClonesRequest, CreateClonesResponse } from '../../services/gen/cowherd/agent/v1/agent_service.js';
+import {
+  CloneResult_State,
+  CloneVirtualMachinesMetadata,
+  CloneVirtualMachinesRequest,
+  Placement_Strategy,
+  type CloneVirtualMachinesResponse,
+} from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
+import { ErrorReason, errorReasonToJSON } from '../../services/gen/cowherd/common/v1/error_reason.js';
+import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
+import {
+  Host,
+  Host_State,
+  Image,
+  Image_State,
+  ImageReplica,
+  ImageReplica_State,
+  VirtualMachine,
+  VirtualMachine_State,
+} from '../../services/gen/cowherd/inventory/v1/resources.js';
+import { Operation } from '../../services/gen/google/longrunning/operations.js';
+import { ErrorInfo } from '../../services/gen/google/rpc/error_details.js';
+import type { Status } from '../../services/gen/google/rpc/status.js';
+import { CowherdError, toServiceError } from '../../services/common/errors.js';
+import type { EventType } from '../../services/common/events.js';
+import { createLogger } from '../../services/common/logger.js';
+import type { OperationContext } from '../../services/common/operations.js';
+import type { AgentPort } from '../../services/cloning/agents.js';
+import { agentRequestId, cloneOperationKind, type CloneCheckpoint, type CloneOperationDeps } from '../../services/cloning/clone-operation.js';
+import { planClones } from '../../services/cloning/clone-plan.js';
+import type { FleetView } from '../../services/cloning/fleet-view.js';
+import { cloningHandlers } from '../../services/cloning/handlers.js';
+
+const log = createLogger({ service: 'cloning-test', level: 'silent' });
+
+// ---------------------------------------------------------------------------------------------- fakes
+
+/** The inventory as a few maps. */
+class FakeFleet implements FleetView {
+  readonly hosts = new Map<string, Host>();
+  readonly images = new Map<string, Image>();
+  readonly machines = new Map<string, VirtualMachine>();
+  readonly replicas: ImageReplica[] = [];
+
+  host(id: string, fields: Partial<Host> = {}): this {
+    this.hosts.set(`hosts/${id}`, Host.fromPartial({ name: `hosts/${id}`, state: Host_State.STATE_READY, hypervisor: Hypervisor.HYPERVISOR_KVM, agentEndpoint: `${id}:7445`, ...fields }));
+    return this;
+  }
+
+  image(id: string, fields: Partial<Image> = {}): this {
+    this.images.set(`images/${id}`, Image.fromPartial({ name: `images/${id}`, state: Image_State.STATE_AVAILABLE, hypervisor: Hypervisor.HYPERVISOR_KVM, ...fields }));
+    return this;
+  }
+
+  replica(image: string, host: string, state = ImageReplica_State.STATE_AVAILABLE): this {
+    this.replicas.push(ImageReplica.fromPartial({ name: `hosts/${host}/images/${image}`, image: `images/${image}`, host: `hosts/${host}`, state }));
+    return this;
+  }
+
+  machine(host: string, domainName: string, state = VirtualMachine_State.STATE_SHUT_OFF): this {
+    const name = `hosts/${host}/virtualMachines/${domainName}`;
+    this.machines.set(name, VirtualMachine.fromPartial({ name, host: `hosts/${host}`, domainName, state }));
+    return this;
+  }
+
+  async getVirtualMachine(name: string): Promise<VirtualMachine | undefined> {
+    return this.machines.get(name);
+  }
+  async getImage(name: string): Promise<Image | undefined> {
+    return this.images.get(name);
+  }
+  async listHosts(): Promise<Host[]> {
+    return [...this.hosts.values()];
+  }
+  async listReplicas(image: string): Promise<ImageReplica[]> {
+    return this.replicas.filter((replica) => replica.image === image && replica.state === ImageReplica_State.STATE_AVAILABLE);
+  }
+  async domainNamesInUse(): Promise<ReadonlyMap<string, string>> {
+    return new Map([...this.machines.values()].map((machine) => [machine.domainName, machine.name]));
+  }
+}
+
+type AgentBehaviour = (request: CreateClonesRequest, signal: AbortSignal | undefined) => Promise<CreateClonesResponse>;
+
+/** Agents that make every clone unless a host has its own behaviour; counts calls and concurrency. */
+class FakeAgents implements AgentPort {
+  readonly calls: Array<{ host: string; request: CreateClonesRequest }> = [];
+  readonly behaviours = new Map<string, AgentBehaviour>();
+  running = 0;
+  maxRunning = 0;
+  delayMs = 0;
+
+  async createClones(host: Host, request: CreateClonesRequest, signal?: AbortSignal): Promise<CreateClonesResponse> {
+    this.calls.push({ host: host.name, request });
+    this.running += 1;
+    this.maxRunning = Math.max(this.maxRunning, this.running);
+    try {
+      if (this.delayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.delayMs));
+      const behaviour = this.behaviours.get(host.name);
+      return behaviour ? await behaviour(request, signal) : makeAll(host.name, request);
+    } finally {
+      this.running -= 1;
+    }
+  }
+
+  hostsCalled(): string[] {
+    return this.calls.map((call) => call.host);
+  }
+}
+
+function makeAll(host: string, request: CreateClonesRequest, failing: ReadonlyMap<string, Status> = new Map()): CreateClonesResponse {
+  return {
+    results: request.clones.map((clone) => {
+      const status = failing.get(clone.domainName);
+      if (status) return { domainName: clone.domainName, virtualMachine: undefined, status, started: false };
+      return {
+        domainName: clone.domainName,
+        virtualMachine: VirtualMachine.fromPartial({
+          name: `${host}/virtualMachines/${clone.domainName}`,
+          domainName: clone.domainName,
+          uuid: `uuid-${clone.domainName}`,
+          lineage: { overlays: [`/var/lib/cowherd/clones/${clone.domainName}/vda.qcow2`] },
+        }),
+        status: { code: 0, message: '', details: [] },
+        started: clone.start,
+      };
+    }),
+  };
+}
+
+function grpcError(code: GrpcStatus, error: CowherdError | string): ServiceError {
+  const serviceError = toServiceError(typeof error === 'string' ? new CowherdError(code, error, { reason: ErrorReason.ERROR_REASON_INTERNAL }) : error);
+  return Object.assign(new Error(serviceError.details), serviceError, { code }) as unknown as ServiceError;
+}
+
+/** Records published events. */
+class FakeEvents {
+  readonly published: Array<{ kind: string; payload: unknown; id: string }> = [];
+  async publish<T>(type: EventType<T>, payload: T, options: { host?: string; id: string }): Promise<number> {
+    this.published.push({ kind: type.kind, payload, id: options.id });
+    return this.published.length;
+  }
+}
+
+type Context = OperationContext<CloneVirtualMachinesRequest, CloneVirtualMachinesMetadata, CloneCheckpoint>;
+
+/** An OperationContext that keeps checkpoints in memory and refuses overlapping writes, as the KV-backed one would. */
+function fakeContext(request: CloneVirtualMachinesRequest, metadata: CloneVirtualMachinesMetadata, state?: CloneCheckpoint) {
+  const controller = new AbortController();
+  const checkpoints: Array<{ metadata: CloneVirtualMachinesMetadata; state: CloneCheckpoint | undefined }> = [];
+  let current = { metadata, state };
+  let writing = false;
+  const context: Context = {
+    name: 'operations/0b6f2c8e-9a43-4a55-9d1e-3f1c2a7b5d10',
+    request,
+    state,
+    get metadata() {
+      return current.metadata;
+    },
+    signal: controller.signal,
+    log,
+    checkpoint: async (update) => {
+      if (controller.signal.aborted) throw controller.signal.reason;
+      assert.equal(writing, false, 'checkpoints must not overlap');
+      writing = true;
+      await new Promise((resolve) => setImmediate(resolve));
+      writing = false;
+      current = { metadata: update.metadata ?? current.metadata, state: update.state ?? current.state };
+      checkpoints.push({ metadata: CloneVirtualMachinesMetadata.fromPartial(current.metadata), state: current.state });
+    },
+    cancelRequested: () => false,
+  };
+  return { context, controller, checkpoints, last: () => current };
+}
+
+/** Plans a request against the fleet (names drawn from a counter), as the handler does. */
+async function plan(fleet: FleetView, fields: Partial<CloneVirtualMachinesRequest>) {
+  const request = CloneVirtualMachinesRequest.fromPartial(fields);
+  let counter = 0;
+  const metadata = await planClones(request, { fleet, random: () => `r${String(counter++).padStart(5, '0')}`, now: () => new Date('2024-05-01T10:00:00Z') });
+  return { request, metadata };
+}
+
+function run(deps: CloneOperationDeps, context: Context): Promise<CloneVirtualMachinesResponse> {
+  return cloneOperationKind(deps).run(context);
+}
+
+function reasonOf(status: Status | undefined): string {
+  const info = status?.details.find((detail) => detail.typeUrl.endsWith('google.rpc.ErrorInfo'));
+  return info ? ErrorInfo.decode(info.value).reason : '';
+}
+
+const image = (id: string) => ({ $case: 'image' as const, value: `images/${id}` });
+const hostsPlacement = (...ids: string[]) => ({ strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ids.map((id) => `hosts/${id}`), maxClonesPerHost: 0 });
+
+function standardFleet(): FakeFleet {
+  return new FakeFleet()
+    .host('kvm-01')
+    .host('kvm-02')
+    .host('kvm-03')
+    .host('xen-01', { hypervisor: Hypervisor.HYPERVISOR_XEN })
+    .host('gone-01', { state: Host_State.STATE_UNREACHABLE })
+    .host('drain-01', { state: Host_State.STATE_DRAINING, draining: true })
+    .image('debian-12')
+    .image('half', { state: Image_State.STATE_PUBLISHING })
+    .replica('debian-12', 'kvm-02')
+    .replica('debian-12', 'kvm-03')
+    .replica('debian-12', 'gone-01')
+    .machine('kvm-01', 'golden')
+    .machine('kvm-01', 'busy', VirtualMachine_State.STATE_RUNNING)
+    .machine('kvm-02', 'app-2', VirtualMachine_State.STATE_RUNNING);
+}
+
+// ---------------------------------------------------------------------------------------------- validation
+
+describe('CloneVirtualMachines refuses bad requests before any operation exists', () => {
+  const cases: Array<{ name: string; request: Partial<CloneVirtualMachinesRequest>; code: GrpcStatus; field?: string; reason?: ErrorReason }> = [
+    { name: 'no source', request: { count: 1 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'source' },
+    { name: 'malformed image', request: { source: { $case: 'image', value: 'images/Debian_12' }, count: 1 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'image' },
+    { name: 'malformed virtual machine', request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/golden' }, count: 1 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'virtual_machine' },
+    { name: 'count 0', request: { source: image('debian-12'), count: 0 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'count' },
+    { name: 'count 1001', request: { source: image('debian-12'), count: 1001 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'count' },
+    { name: 'HOSTS without hosts', request: { source: image('debian-12'), count: 1, placement: hostsPlacement() }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.hosts' },
+    { name: 'malformed host', request: { source: image('debian-12'), count: 1, placement: { ...hostsPlacement('kvm-01'), hosts: ['hosts/kvm-01', 'host/kvm-02'] } }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.hosts[1]' },
+    { name: 'repeated host', request: { source: image('debian-12'), count: 1, placement: hostsPlacement('kvm-01', 'kvm-01') }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.hosts[1]' },
+    {
+      name: 'WHERE_IMAGE_IS for a virtual machine',
+      request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' }, count: 1, placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 0 } },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'placement.strategy',
+    },
+    { name: 'WHERE_IMAGE_IS with hosts', request: { source: image('debian-12'), count: 1, placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: ['hosts/kvm-01'], maxClonesPerHost: 0 } }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.hosts' },
+    {
+      name: 'a virtual machine cloned onto another host',
+      request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' }, count: 1, placement: hostsPlacement('kvm-02') },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'placement.hosts[0]',
+    },
+    { name: 'negative max_clones_per_host', request: { source: image('debian-12'), count: 1, placement: { strategy: Placement_Strategy.STRATEGY_UNSPECIFIED, hosts: [], maxClonesPerHost: -1 } }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.max_clones_per_host' },
+    { name: 'no room under max_clones_per_host', request: { source: image('debian-12'), count: 5, placement: { ...hostsPlacement('kvm-01', 'kvm-02'), maxClonesPerHost: 2 } }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.max_clones_per_host' },
+    { name: 'unknown placeholder', request: { source: image('debian-12'), count: 1, nameTemplate: '{name}-{index}' }, code: GrpcStatus.INVALID_ARGUMENT, field: 'name_template' },
+    { name: 'same name for every clone', request: { source: image('debian-12'), count: 3, nameTemplate: 'web-{host}' }, code: GrpcStatus.INVALID_ARGUMENT, field: 'name_template' },
+    { name: 'name too long', request: { source: image('debian-12'), count: 1, nameTemplate: `${'x'.repeat(60)}-{index}-{random}` }, code: GrpcStatus.INVALID_ARGUMENT, field: 'name_template' },
+    { name: 'unknown image', request: { source: image('ubuntu'), count: 1 }, code: GrpcStatus.NOT_FOUND, reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND },
+    { name: 'unknown virtual machine', request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/nope' }, count: 1 }, code: GrpcStatus.NOT_FOUND, reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND },
+    { name: 'unknown host', request: { source: image('debian-12'), count: 1, placement: hostsPlacement('kvm-99') }, code: GrpcStatus.NOT_FOUND, reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND },
+    { name: 'image still publishing', request: { source: image('half'), count: 1 }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT },
+    { name: 'running source virtual machine', request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/busy' }, count: 1 }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING },
+    { name: 'host of the wrong hypervisor', request: { source: image('debian-12'), count: 2, placement: hostsPlacement('kvm-01', 'xen-01') }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH },
+    { name: 'UNREACHABLE host', request: { source: image('debian-12'), count: 1, placement: hostsPlacement('gone-01') }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT },
+    { name: 'DRAINING host', request: { source: image('debian-12'), count: 1, placement: hostsPlacement('drain-01') }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT },
+    { name: 'explicit name taken', request: { source: image('debian-12'), count: 3, nameTemplate: 'app-{index}' }, code: GrpcStatus.ALREADY_EXISTS, reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN },
+  ];
+
+  for (const testCase of cases) {
+    it(`${testCase.name} -> ${GrpcStatus[testCase.code]}${testCase.field ? ` (${testCase.field})` : ''}`, async () => {
+      const started: unknown[] = [];
+      const handlers = cloningHandlers({
+        fleet: standardFleet(),
+        operations: { start: async (...args: unknown[]) => (started.push(args), Operation.fromPartial({ name: 'operations/x' })) },
+        kind: cloneOperationKind({ fleet: standardFleet(), agents: new FakeAgents() }),
+      });
+      await assert.rejects(handlers.cloneVirtualMachines!(CloneVirtualMachinesRequest.fromPartial(testCase.request), undefined as never), (error: unknown) => {
+        assert.ok(error instanceof CowherdError, String(error));
+        assert.equal(GrpcStatus[error.code], GrpcStatus[testCase.code], error.message);
+        if (testCase.field) assert.equal(error.field, testCase.field, error.message);
+        assert.equal(error.reason, testCase.reason ?? ErrorReason.ERROR_REASON_INVALID_FIELD, error.message);
+        return true;
+      });
+      assert.equal(started.length, 0, 'no operation was created');
+    });
+  }
+
+  it('starts one operation with the plan as its metadata and the request_id', async () => {
+    const started: Array<{ metadata: CloneVirtualMachinesMetadata; requestId: string }> = [];
+    const fleet = standardFleet();
+    const handlers = cloningHandlers({
+      fleet,
+      operations: {
+        start: async (_kind: unknown, _request: unknown, metadata: unknown, requestId: string) => {
+          started.push({ metadata: metadata as CloneVirtualMachinesMetadata, requestId });
+          return Operation.fromPartial({ name: 'operations/x' });
+        },
+      },
+      kind: cloneOperationKind({ fleet, agents: new FakeAgents() }),
+      random: () => 'abc123',
+    });
+    const operation = await handlers.cloneVirtualMachines!(CloneVirtualMachinesRequest.fromPartial({ source: image('debian-12'), count: 1, requestId: 'req-1' }), undefined as never);
+    assert.equal(operation.name, 'operations/x');
+    assert.equal(started.length, 1);
+    assert.equal(started[0]!.requestId, 'req-1');
+    assert.deepEqual(
+      started[0]!.metadata.clones.map((clone) => [clone.index, clone.host, clone.domainName, clone.state]),
+      [[1, 'hosts/kvm-02', 'debian-12-abc123', CloneResult_State.STATE_PENDING]],
+    );
+  });
+
+  it('returns the operation of a known request_id without planning again', async () => {
+    const fleet = standardFleet();
+    let planned = false;
+    const spyFleet: FleetView = { ...bind(fleet), listHosts: async () => ((planned = true), fleet.listHosts()) };
+    const handlers = cloningHandlers({
+      fleet: spyFleet,
+      operations: { start: async () => Operation.fromPartial({ name: 'operations/first' }) },
+      kind: cloneOperationKind({ fleet, agents: new FakeAgents() }),
+      requestIdUsed: async (requestId) => requestId === 'req-1',
+    });
+    // The explicit names are taken by now (by the first operation's clones): a re-plan would refuse it.
+    fleet.machine('kvm-02', 'web-1').machine('kvm-03', 'web-3');
+    const operation = await handlers.cloneVirtualMachines!(CloneVirtualMachinesRequest.fromPartial({ source: image('debian-12'), count: 2, nameTemplate: 'web-{index}', requestId: 'req-1' }), undefined as never);
+    assert.equal(operation.name, 'operations/first');
+    assert.equal(planned, false);
+  });
+});
+
+function bind(fleet: FakeFleet): FleetView {
+  return {
+    getVirtualMachine: (name) => fleet.getVirtualMachine(name),
+    getImage: (name) => fleet.getImage(name),
+    listHosts: () => fleet.listHosts(),
+    listReplicas: (name) => fleet.listReplicas(name),
+    domainNamesInUse: () => fleet.domainNamesInUse(),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------- planning
+
+describe('planning', () => {
+  it('spreads WHERE_IMAGE_IS over READY hosts holding the image, then the others when a limit leaves clones over', async () => {
+    const fleet = standardFleet();
+    const { metadata } = await plan(fleet, { source: image('debian-12'), count: 3 });
+    assert.deepEqual(metadata.clones.map((clone) => clone.host), ['hosts/kvm-02', 'hosts/kvm-03', 'hosts/kvm-02']);
+    const limited = await plan(fleet, { source: image('debian-12'), count: 5, placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 2 } });
+    // gone-01 holds a replica but is UNREACHABLE; drain-01 and xen-01 never take clones of a KVM image.
+    assert.deepEqual(limited.metadata.clones.map((clone) => clone.host), ['hosts/kvm-02', 'hosts/kvm-03', 'hosts/kvm-02', 'hosts/kvm-03', 'hosts/kvm-01']);
+    assert.equal(limited.metadata.totalCount, 5);
+    assert.equal(limited.metadata.source, 'images/debian-12');
+  });
+
+  it('puts the clones of a virtual machine on its host, named after its domain', async () => {
+    const { metadata } = await plan(standardFleet(), { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' }, count: 2, nameTemplate: '{source}-{host}-{index}' });
+    assert.deepEqual(metadata.clones.map((clone) => [clone.host, clone.domainName]), [
+      ['hosts/kvm-01', 'golden-kvm-01-1'],
+      ['hosts/kvm-01', 'golden-kvm-01-2'],
+    ]);
+  });
+
+  it('draws a new {random} for a name that is taken', async () => {
+    const fleet = standardFleet().machine('kvm-03', 'debian-12-r00000');
+    const { metadata } = await plan(fleet, { source: image('debian-12'), count: 2 });
+    assert.deepEqual(metadata.clones.map((clone) => clone.domainName), ['debian-12-r00001', 'debian-12-r00002']);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------- the operation
+
+describe('the clone operation', () => {
+  it('makes the clones host by host with request_id <operation>/<host> and reports each one', async () => {
+    const fleet = standardFleet();
+    const agents = new FakeAgents();
+    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 4, placement: hostsPlacement('kvm-02', 'kvm-03'), nameTemplate: 'web-{index}', start: true });
+    const { context, checkpoints } = fakeContext(request, metadata);
+    const response = await run({ fleet, agents, now: () => new Date('2024-05-01T10:01:00Z') }, context);
+
+    assert.deepEqual(agents.hostsCalled().sort(), ['hosts/kvm-02', 'hosts/kvm-03']);
+    const kvm02 = agents.calls.find((call) => call.host === 'hosts/kvm-02')!.request;
+    assert.equal(kvm02.requestId, `${context.name}/hosts/kvm-02`);
+    assert.equal(kvm02.requestId, agentRequestId(context.name, 'hosts/kvm-02'));
+    assert.equal(kvm02.operation, context.name);
+    assert.deepEqual(kvm02.source, { $case: 'image', value: 'images/debian-12' });
+    assert.deepEqual(kvm02.clones, [{ domainName: 'web-1', start: true }, { domainName: 'web-3', start: true }]);
+
+    assert.deepEqual(response.clones.map((clone) => [clone.index, clone.host, clone.domainName, clone.state, clone.virtualMachine, clone.started]), [
+      [1, 'hosts/kvm-02', 'web-1', CloneResult_State.STATE_DONE, 'hosts/kvm-02/virtualMachines/web-1', true],
+      [2, 'hosts/kvm-03', 'web-2', CloneResult_State.STATE_DONE, 'hosts/kvm-03/virtualMachines/web-2', true],
+      [3, 'hosts/kvm-02', 'web-3', CloneResult_State.STATE_DONE, 'hosts/kvm-02/virtualMachines/web-3', true],
+      [4, 'hosts/kvm-03', 'web-4', CloneResult_State.STATE_DONE, 'hosts/kvm-03/virtualMachines/web-4', true],
+    ]);
+    assert.equal(response.clones[0]!.uuid, 'uuid-web-1');
+    assert.deepEqual(response.clones[0]!.overlays, ['/var/lib/cowherd/clones/web-1/vda.qcow2']);
+    const final = checkpoints.at(-1)!;
+    assert.equal(final.metadata.doneCount, 4);
+    assert.equal(final.metadata.failedCount, 0);
+    assert.deepEqual(final.metadata.updateTime, new Date('2024-05-01T10:01:00Z'));
+    assert.deepEqual(final.metadata.startTime, new Date('2024-05-01T10:00:00Z'));
+    assert.deepEqual(final.state, { finishedHosts: { 'hosts/kvm-02': true, 'hosts/kvm-03': true } });
+  });
+
+  it('reports partial failures per clone and still succeeds', async () => {
+    const fleet = standardFleet();
+    const agents = new FakeAgents();
+    const events = new FakeEvents();
+    const taken = new CowherdError(GrpcStatus.ALREADY_EXISTS, 'web-4 exists', { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN });
+    agents.behaviours.set('hosts/kvm-02', async (request) => makeAll('hosts/kvm-02', request, new Map([['web-4', { code: taken.code, message: taken.message, details: [] }]])));
+    agents.behaviours.set('hosts/kvm-01', async () => {
+      throw grpcError(GrpcStatus.UNAVAILABLE, 'connection refused');
+    });
+    // Round robin: kvm-02 takes web-1 and web-4, kvm-03 web-2 and web-5, kvm-01 web-3 and web-6.
+    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 6, placement: hostsPlacement('kvm-02', 'kvm-03', 'kvm-01'), nameTemplate: 'web-{index}' });
+    fleet.replica('debian-12', 'kvm-01');
+    const { context } = fakeContext(request, metadata);
+    const response = await run({ fleet, agents, events }, context);
+
+    const states = response.clones.map((clone) => [clone.domainName, clone.host, CloneResult_State[clone.state]]);
+    assert.deepEqual(states, [
+      ['web-1', 'hosts/kvm-02', 'STATE_DONE'],
+      ['web-2', 'hosts/kvm-03', 'STATE_DONE'],
+      ['web-3', 'hosts/kvm-01', 'STATE_FAILED'],
+      ['web-4', 'hosts/kvm-02', 'STATE_FAILED'],
+      ['web-5', 'hosts/kvm-03', 'STATE_DONE'],
+      ['web-6', 'hosts/kvm-01', 'STATE_FAILED'],
+    ]);
+    // One clone of kvm-02 failed at the agent; its sibling is DONE.
+    assert.equal(response.clones[3]!.error?.code, GrpcStatus.ALREADY_EXISTS);
+    assert.equal(response.clones[0]!.error, undefined);
+    // kvm-01's agent never answered: its clones fail with UNAVAILABLE (HOST_UNREACHABLE).
+    for (const clone of [response.clones[2]!, response.clones[5]!]) {
+      assert.equal(clone.error?.code, GrpcStatus.UNAVAILABLE);
+      assert.equal(reasonOf(clone.error), errorReasonToJSON(ErrorReason.ERROR_REASON_HOST_UNREACHABLE));
+      assert.equal(clone.virtualMachine, '');
+    }
+    // clone.failed is published by cloning only for the clones no agent answered for (agents publish their own).
+    assert.deepEqual(events.published.map((event) => event.id), [`clone.failed/${context.name}/kvm-01/web-3`, `clone.failed/${context.name}/kvm-01/web-6`]);
+  });
+
+  it('fails clones on a host without the image with IMAGE_NOT_ON_HOST, and the whole operation when nothing could be attempted', async () => {
+    const fleet = standardFleet();
+    const agents = new FakeAgents();
+    const events = new FakeEvents();
+    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 2, placement: hostsPlacement('kvm-01'), nameTemplate: 'web-{index}' });
+    const { context, checkpoints } = fakeContext(request, metadata);
+    await assert.rejects(run({ fleet, agents, events }, context), (error: unknown) => {
+      assert.ok(error instanceof CowherdError);
+      assert.equal(error.code, GrpcStatus.FAILED_PRECONDITION);
+      assert.equal(error.reason, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
+      assert.match(error.message, /not wired/);
+      return true;
+    });
+    assert.equal(agents.calls.length, 0);
+    const final = checkpoints.at(-1)!.metadata;
+    assert.equal(final.failedCount, 2);
+    assert.equal(reasonOf(final.clones[0]!.error), 'ERROR_REASON_IMAGE_NOT_ON_HOST');
+    assert.equal(events.published.length, 2);
+  });
+
+  it('asks through the image delivery hook for a host without the image', async () => {
+    const fleet = standardFleet();
+    const agents = new FakeAgents();
+    const asked: string[] = [];
+    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 2, placement: hostsPlacement('kvm-01', 'kvm-02'), nameTemplate: 'web-{index}' });
+    const { context } = fakeContext(request, metadata);
+    const response = await run({ fleet, agents, imageDelivery: { bringImageToHost: async ({ image: name, host }) => void asked.push(`${name}@${host}`) } }, context);
+    assert.deepEqual(asked, ['images/debian-12@hosts/kvm-01']);
+    assert.deepEqual(response.clones.map((clone) => clone.state), [CloneResult_State.STATE_DONE, CloneResult_State.STATE_DONE]);
+  });
+
+  it('asks at most 8 hosts at a time', async () => {
+    const fleet = new FakeFleet().image('debian-12');
+    const ids = Array.from({ length: 20 }, (_, i) => `kvm-${String(i).padStart(2, '0')}`);
+    for (const id of ids) fleet.host(id).replica('debian-12', id);
+    const agents = new FakeAgents();
+    agents.delayMs = 5;
+    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 40 });
+    const { context } = fakeContext(request, metadata);
+    const response = await run({ fleet, agents }, context);
+    assert.equal(response.clones.filter((clone) => clone.state === CloneResult_State.STATE_DONE).length, 40);
+    assert.equal(agents.calls.length, 20);
+    assert.equal(agents.maxRunning, 8);
+  });
+
+  it('resumed from its checkpoint, does not ask the agents of finished hosts again', async () => {
+    const fleet = standardFleet();
+    const firstAgents = new FakeAgents();
+    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 4, placement: hostsPlacement('kvm-02', 'kvm-03'), nameTemplate: 'web-{index}' });
+    const first = fakeContext(request, metadata);
+    // kvm-03's call is under way when this replica stops: the agent may have made clones, the run pauses.
+    firstAgents.behaviours.set('hosts/kvm-03', async (agentRequest) => {
+      first.controller.abort(new Error('replica stopping'));
+      makeAll('hosts/kvm-03', agentRequest);
+      throw grpcError(GrpcStatus.CANCELLED, 'call cancelled');
+    });
+    await assert.rejects(run({ fleet, agents: firstAgents, hostConcurrency: 1 }, first.context), /replica stopping/);
+    assert.deepEqual(firstAgents.hostsCalled(), ['hosts/kvm-02', 'hosts/kvm-03']);
+    const saved = first.last();
+    assert.deepEqual(saved.state, { finishedHosts: { 'hosts/kvm-02': true } });
+
+    const secondAgents = new FakeAgents();
+    const second = fakeContext(request, saved.metadata, saved.state);
+    const response = await run({ fleet, agents: secondAgents }, second.context);
+    assert.deepEqual(secondAgents.hostsCalled(), ['hosts/kvm-03']);
+    assert.equal(secondAgents.calls[0]!.request.requestId, `${first.context.name}/hosts/kvm-03`);
+    assert.deepEqual(secondAgents.calls[0]!.request.clones.map((clone) => clone.domainName), ['web-2', 'web-4']);
+    assert.deepEqual(response.clones.map((clone) => [clone.domainName, CloneResult_State[clone.state], clone.uuid]), [
+      ['web-1', 'STATE_DONE', 'uuid-web-1'],
+      ['web-2', 'STATE_DONE', 'uuid-web-2'],
+      ['web-3', 'STATE_DONE', 'uuid-web-3'],
+      ['web-4', 'STATE_DONE', 'uuid-web-4'],
+    ]);
+  });
+
+  it('ends with the cancellation when cancelled, keeping what was recorded', async () => {
+    const fleet = standardFleet();
+    const agents = new FakeAgents();
+    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 2, placement: hostsPlacement('kvm-02', 'kvm-03'), nameTemplate: 'web-{index}' });
+    const { context, controller, last } = fakeContext(request, metadata);
+    const cancelled = new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+    agents.behaviours.set('hosts/kvm-03', async () => {
+      controller.abort(cancelled);
+      throw grpcError(GrpcStatus.CANCELLED, 'call cancelled');
+    });
+    await assert.rejects(run({ fleet, agents, hostConcurrency: 1 }, context), (error: unknown) => error === cancelled);
+    assert.deepEqual(last().state, { finishedHosts: { 'hosts/kvm-02': true } });
+  });
+});
