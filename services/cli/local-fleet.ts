@@ -123,7 +123,8 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     const admin = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, 'admin'), identityUri('admin', userName()), [], ADMIN_CERTIFICATE_DAYS);
     for (const name of ['inventory', 'distribution', 'cloning'] as const) {
       const tls = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, name), identityUri('service', name), ['localhost', name], SERVICE_CERTIFICATE_DAYS);
-      endpoints.push(await startFleetProcess(name, tls, await port(name, 'grpc'), await port(name, 'health'), { ...common, COWHERD_CA_ADDRESS: caAddress }));
+      const inventoryAddress = endpoints.find((endpoint) => endpoint.name === 'inventory')?.address;
+      endpoints.push(await startFleetProcess(name, tls, await port(name, 'grpc'), await port(name, 'health'), { ...common, COWHERD_CA_ADDRESS: caAddress, ...(inventoryAddress === undefined ? {} : { COWHERD_INVENTORY_ADDRESS: inventoryAddress }) }));
     }
 
     // 4. The local agent joins like any host: with a join token on its first start, by itself afterwards.

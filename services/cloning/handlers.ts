@@ -8,7 +8,8 @@ import type { Handlers } from '../common/rpc.js';
 import type { CloneOperationKind } from './clone-operation.js';
 import { checkRequestShape, planClones } from './clone-plan.js';
 import type { FleetView } from './fleet-view.js';
-import type { RequestIdLookup } from './request-ids.js';
+/** Answers whether an operation of this kind was created for a request_id. */
+export type RequestIdLookup = (requestId: string) => Promise<boolean>;
 
 /** What the handlers need. */
 export interface CloningHandlersDeps {

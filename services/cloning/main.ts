@@ -12,7 +12,6 @@ import { cloneOperationKind } from './clone-operation.js';
 import { CLONING_VARIABLES } from './config.js';
 import { cloningHandlers } from './handlers.js';
 import { createInventoryFleetView } from './inventory-view.js';
-import { openRequestIdLookup } from './request-ids.js';
 
 await runServiceMain({
   name: 'cloning',
@@ -24,9 +23,8 @@ await runServiceMain({
     const fleet = createInventoryFleetView(inventory);
     const agents = createAgentPort({ credentials });
     const kind = cloneOperationKind({ fleet, agents, events });
-    const operations = await openOperations(nats.jetstream, log, boundary);
-    operations.manager.register(kind);
-    const requestIdUsed = await openRequestIdLookup(nats.jetstream, kind.kind);
+    const operations = await openOperations(nats.jetstream, log, boundary, [kind as never]);
+    const requestIdUsed = async (requestId: string) => (await operations.manager.findByRequestId(kind.kind, requestId)) !== undefined;
     return {
       services: [adaptService(CloningServiceService, cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed }), CLONING_POLICY, boundary), operations.service],
       stop: async () => {

@@ -151,7 +151,7 @@ export class OperationManager {
     const id = randomUUID();
     const name = `operations/${id}`;
     if (requestId !== '') {
-      const indexKey = `${kind.kind}.${createHash('sha256').update(requestId).digest('hex')}`;
+      const indexKey = requestIndexKey(kind.kind, requestId);
       try {
         await this.index.create(indexKey, { name });
       } catch (error) {
@@ -160,7 +160,7 @@ export class OperationManager {
         const record = existing ? await this.store.get(keyOf(existing.value.name)) : undefined;
         if (!record) throw new CowherdError(GrpcStatus.ABORTED, 'an operation with this request_id is being created; retry', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
         if (record.value.requestFingerprint !== requestFingerprint) {
-          throw CowherdError.invalidArgument('request_id', 'was already used for a different request', ErrorReason.ERROR_REASON_OPERATION_CONFLICT);
+          throw new CowherdError(GrpcStatus.ALREADY_EXISTS, 'request_id was already used for a different request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT, field: 'request_id' });
         }
         return Operation.decode(Buffer.from(record.value.operation, 'base64'));
       }
@@ -184,6 +184,14 @@ export class OperationManager {
     const revision = await this.store.create(keyOf(name), record);
     this.launch(record, revision);
     return operation;
+  }
+
+  /** The operation a request_id of `kind` created, if any (a retry must get it back before re-validating). */
+  async findByRequestId(kind: string, requestId: string): Promise<Operation | undefined> {
+    if (requestId === '') return undefined;
+    const existing = await this.index.get(requestIndexKey(kind, requestId));
+    const record = existing ? await this.store.get(keyOf(existing.value.name)) : undefined;
+    return record ? Operation.decode(Buffer.from(record.value.operation, 'base64')) : undefined;
   }
 
   /** The operation as callers see it. */
@@ -392,6 +400,10 @@ function validName(name: string): string {
   return name;
 }
 
+function requestIndexKey(kind: string, requestId: string): string {
+  return `${kind}.${createHash('sha256').update(requestId).digest('hex')}`;
+}
+
 function keyOf(name: string): string {
   return name.slice('operations/'.length);
 }
@@ -432,8 +444,10 @@ function parseFilter(filter: string): (record: OperationRecord) => boolean {
  * The operations of a service that runs long work: opens the manager, starts resuming orphans, and
  * returns it with the google.longrunning.Operations registration to serve next to the service.
  */
-export async function openOperations(js: JetStreamClient, log: Logger, boundary: BoundaryOptions): Promise<{ manager: OperationManager; service: ServiceRegistration }> {
+export async function openOperations(js: JetStreamClient, log: Logger, boundary: BoundaryOptions, kinds: ReadonlyArray<OperationKind<never, never, never, never>> = []): Promise<{ manager: OperationManager; service: ServiceRegistration }> {
   const manager = await OperationManager.open({ js, log, pageTokens: await PageTokens.open(js) });
+  // Kinds first: the first scan may find orphans of them.
+  for (const kind of kinds) manager.register(kind as OperationKind<unknown, unknown, unknown, unknown>);
   manager.resumeOrphans();
   return { manager, service: adaptService(OperationsService, operationsHandlers(manager), OPERATIONS_POLICY, boundary) };
 }
