@@ -1,0 +1,126 @@
+/**
+ * The whole clone path on real parts, for tests and benchmarks: NATS, CA, inventory, cloning, and an agent
+ * on the private libvirtd, with an image replica laid out on the agent's host as distribution leaves it and
+ * its records in inventory's buckets. Publishing is the distribution issue's; until then this is how an
+ * image gets onto a host.
+ */
+import { execFile } from 'node:child_process';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
+import { CloningServiceClient } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
+import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
+import { OperationsClient, type Operation } from '../../services/gen/google/longrunning/operations.js';
+import { Image, Image_State, ImageReplica, ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import { DiskFormat, Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
+import { createClient } from '../../services/common/client.js';
+import { freePort } from '../../services/common/embedded-nats.js';
+import { KvStore, protoCodec } from '../../services/common/kv.js';
+import { createLogger } from '../../services/common/logger.js';
+import { connectNats } from '../../services/common/nats.js';
+import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
+import { sanitizeDomainTemplate } from '../../services/agent/domain-xml.js';
+import { Resources, TestPki, startTestNats } from './index.js';
+import { call } from './grpc.js';
+import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from './processes.js';
+
+const run = promisify(execFile);
+
+/** A running clone stack. */
+export interface CloneStack {
+  readonly host: string;
+  readonly imageDirectory: string;
+  readonly agent: ServiceProcess;
+  readonly cloning: CloningServiceClient;
+  readonly operations: OperationsClient;
+  readonly inventory: InventoryServiceClient;
+  readonly virsh: (...args: string[]) => Promise<{ stdout: string }>;
+  /** Lays out `images/<image>/` on the agent's host from a qcow2 base and registers image and replica. */
+  addImage(image: string, basePath: string): Promise<string>;
+  /** WaitOperation until done (bounded). */
+  wait(name: string, timeoutMs?: number): Promise<Operation>;
+  /** Undefines these domains at release. */
+  track(...domains: string[]): void;
+}
+
+/** Starts the stack; everything is released with `resources`. */
+export async function startCloneStack(resources: Resources, host: string): Promise<CloneStack> {
+  const uri = 'qemu:///system';
+  const virsh = (...args: string[]) => run('virsh', ['-c', uri, ...args], { timeout: 120_000, env: { ...process.env, LC_ALL: 'C' }, maxBuffer: 64 * 1024 * 1024 });
+  await run('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'start'], { timeout: 120_000 });
+  const pki = await TestPki.create(await resources.tempDir());
+  const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
+  const ca = await startCertificateAuthorityProcess(resources, pki, nats);
+  const inventoryProcess = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address });
+  const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
+  const directory = await resources.tempDir('cowherd-e2e-');
+  const imageDirectory = join(directory, 'images-root');
+  const admin = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
+  const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, admin);
+  const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host, ttl: undefined, requestId: '' }, cb));
+  caAdmin.close();
+  const agentPort = await freePort();
+  const agent = await startServiceProcess(resources, 'agent', undefined, nats.url, {
+    COWHERD_LISTEN_ADDRESS: `localhost:${agentPort}`,
+    COWHERD_HOST_ID: host,
+    COWHERD_JOIN_TOKEN: token.token,
+    COWHERD_ENROLL_ADDRESS: ca.enrollAddress,
+    COWHERD_CREDENTIALS_DIR: join(directory, 'credentials'),
+    COWHERD_CA_ADDRESS: ca.address,
+    COWHERD_INVENTORY_ADDRESS: inventoryProcess.address,
+    COWHERD_ADVERTISE_ADDRESS: `localhost:${agentPort}`,
+    COWHERD_LIBVIRT_URI: uri,
+    COWHERD_IMAGE_DIR: imageDirectory,
+  });
+  const cloning = createClient(CloningServiceClient, cloningProcess.address, admin, { defaultDeadlineMs: 30_000 });
+  const operations = createClient(OperationsClient, cloningProcess.address, admin, { defaultDeadlineMs: 130_000 });
+  const inventory = createClient(InventoryServiceClient, inventoryProcess.address, admin, { defaultDeadlineMs: 30_000 });
+  const domains: string[] = [];
+  resources.defer(async () => {
+    cloning.close();
+    operations.close();
+    inventory.close();
+    for (const domain of domains) {
+      await virsh('destroy', domain).catch(() => undefined);
+      await virsh('undefine', '--nvram', domain).catch(() => virsh('undefine', domain).catch(() => undefined));
+    }
+  });
+  const log = createLogger({ service: 'test', level: 'silent' });
+  const connection = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'distribution'), name: 'test-setup', log });
+  resources.defer(() => connection.close());
+  const images = await KvStore.open(connection.jetstream, 'images', protoCodec(Image));
+  const replicas = await KvStore.open(connection.jetstream, 'replicas', protoCodec(ImageReplica));
+
+  return {
+    host,
+    imageDirectory,
+    agent,
+    cloning,
+    operations,
+    inventory,
+    virsh,
+    track: (...names) => void domains.push(...names),
+    addImage: async (image, basePath) => {
+      const source = `cowherd-template-${image}`;
+      const xml = `<domain type='qemu'><name>${source}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${basePath}'/><target dev='vda' bus='virtio'/></disk><interface type='user'><model type='virtio'/></interface></devices></domain>`;
+      const template = sanitizeDomainTemplate(xml);
+      const replica = join(imageDirectory, 'images', image);
+      await mkdir(replica, { recursive: true });
+      await run('cp', ['--sparse=always', basePath, join(replica, template.disks[0]!.fileName)]);
+      await writeFile(join(replica, 'domain-template.xml'), template.xml);
+      const now = new Date();
+      await images.put(image, Image.fromPartial({ name: `images/${image}`, hypervisor: Hypervisor.HYPERVISOR_KVM, state: Image_State.STATE_AVAILABLE, originHost: `hosts/${host}`, domainTemplate: template.xml, files: [{ path: template.disks[0]!.fileName, format: DiskFormat.DISK_FORMAT_QCOW2, targetDevice: 'vda' }], createTime: now, updateTime: now }));
+      await replicas.put(`${host}.${image}`, ImageReplica.fromPartial({ name: `hosts/${host}/images/${image}`, image: `images/${image}`, host: `hosts/${host}`, state: ImageReplica_State.STATE_AVAILABLE, path: replica, origin: true, createTime: now, updateTime: now }));
+      return join(replica, template.disks[0]!.fileName);
+    },
+    wait: async (name, timeoutMs = 120_000) => {
+      const deadline = Date.now() + timeoutMs;
+      let operation = await call<Operation>((cb) => operations.getOperation({ name }, cb));
+      while (!operation.done && Date.now() < deadline) {
+        operation = await call<Operation>((cb) => operations.waitOperation({ name, timeout: { seconds: '10', nanos: 0 } }, cb));
+      }
+      return operation;
+    },
+  };
+}

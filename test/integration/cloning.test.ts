@@ -1,0 +1,86 @@
+/**
+ * CloneVirtualMachines through the public API on real parts: the cloning service plans, asks the real
+ * agent on the private libvirtd, and reports per clone; inventory shows the clones with their lineage;
+ * bad input is refused before any operation exists.
+ */
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { execFile } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { promisify } from 'node:util';
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { CloneVirtualMachinesResponse, CloneResult_State, Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
+import type { Operation } from '../../services/gen/google/longrunning/operations.js';
+import type { VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import { unpack } from '../../services/common/operations.js';
+import { Resources } from '../harness/index.js';
+import { call, failure } from '../harness/grpc.js';
+import { startCloneStack, type CloneStack } from '../harness/clone-stack.js';
+
+const run = promisify(execFile);
+const responseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
+
+describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false }, () => {
+  const resources = new Resources();
+  let stack: CloneStack;
+  let base: string;
+  const image = `api-${Math.random().toString(36).slice(2, 7)}`;
+
+  before(async () => {
+    stack = await startCloneStack(resources, 'api-host');
+    const directory = await resources.tempDir('cowherd-test-');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', join(directory, 'base.qcow2'), '256M']);
+    base = await stack.addImage(image, join(directory, 'base.qcow2'));
+    // The agent must be READY in inventory before cloning places anything on it.
+    const deadline = Date.now() + 20_000;
+    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getHost({ name: 'hosts/api-host' }, cb)).then((host) => host.state === 1, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+  });
+  after(() => resources.release());
+
+  it('clones an image on a host and reports every clone', async () => {
+    const before = createHash('sha256').update(await readFile(base)).digest('hex');
+    const started = await call<Operation>((cb) =>
+      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${image}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 5, nameTemplate: `${image}-{index}`, start: false, requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}` }, cb),
+    );
+    const names = Array.from({ length: 5 }, (_, i) => `${image}-${i + 1}`);
+    stack.track(...names);
+    const done = await stack.wait(started.name);
+    assert.equal(done.done, true);
+    assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
+    const response = unpack(responseType, done.result.value);
+    assert.deepEqual(response.clones.map((clone) => [clone.domainName, clone.state]), names.map((name) => [name, CloneResult_State.STATE_DONE]));
+    for (const name of names) assert.equal((await stack.virsh('domstate', name)).stdout.trim(), 'shut off');
+    assert.equal(createHash('sha256').update(await readFile(base)).digest('hex'), before, 'the base is unchanged');
+
+    const deadline = Date.now() + 15_000;
+    let vms: VirtualMachine[] = [];
+    while (Date.now() < deadline && vms.length < 5) {
+      vms = (await call<{ virtualMachines: VirtualMachine[] }>((cb) => stack.inventory.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: `source_image = "images/${image}"` }, cb))).virtualMachines;
+      if (vms.length < 5) await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    assert.deepEqual(vms.map((vm) => vm.domainName).sort(), [...names].sort());
+    assert.ok(vms.every((vm) => vm.managed && vm.lineage?.image === `images/${image}` && vm.lineage.overlays.length === 1));
+
+    // A retry with the same request_id returns the same operation.
+    const again = await call<Operation>((cb) =>
+      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${image}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 5, nameTemplate: `${image}-{index}`, start: false, requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}` }, cb),
+    );
+    assert.equal(again.name, started.name);
+  });
+
+  it('refuses bad input before any operation exists', async () => {
+    const request = { source: { $case: 'image' as const, value: `images/${image}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 1, nameTemplate: '', start: false, requestId: '' };
+    const list = async () => (await call<{ operations: unknown[] }>((cb) => stack.operations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
+    const count = await list();
+    assert.deepEqual((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, count: 0 }, cb))).fields, ['count']);
+    assert.deepEqual((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, count: 1001 }, cb))).fields, ['count']);
+    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, nameTemplate: '../{random}' }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
+    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, count: 2, nameTemplate: 'same-name' }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
+    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, source: { $case: 'image', value: 'images/absent' } }, cb))).code, GrpcStatus.NOT_FOUND);
+    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, source: { $case: 'image', value: 'images/../etc' } }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
+    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, placement: { ...request.placement, hosts: ['hosts/nope'] } }, cb))).code, GrpcStatus.NOT_FOUND);
+    assert.equal(await list(), count, 'no operation was created');
+  });
+});
