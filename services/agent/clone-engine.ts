@@ -66,22 +66,34 @@ export class CloneEngine {
       if (names.has(clone.domainName)) throw CowherdError.invalidArgument(`clones[${index}].domain_name`, 'repeats another clone of this request');
       names.add(clone.domainName);
     });
+    const startedAt = performance.now();
     const source = await this.resolveSource(request);
     for (const disk of source.disks) await protectBase(disk.base);
     // One look at the host's domains for the whole batch (not one virsh call per clone).
     const existing = new Map((await this.options.libvirt.listDomains()).map((domain) => [domain.name, domain]));
     // Prepare every clone (directory, children, XML) with a few in parallel, define them in one virsh
     // process, then start the ones asked for: ~6 ms a clone instead of ~30 with a process per step.
+    const listedAt = performance.now();
     const prepared = await mapLimited(request.clones, PREPARE_CONCURRENCY, (clone) => this.prepare(source, clone.domainName, request, existing.get(clone.domainName)));
+    const preparedAt = performance.now();
     const toDefine = prepared.filter((item): item is PreparedClone & { kind: 'new' } => item.kind === 'new');
     const defineErrors = this.options.libvirt.defineMany
       ? await this.options.libvirt.defineMany(toDefine.map((item) => item.rendered.xml))
       : await Promise.all(toDefine.map((item) => this.options.libvirt.define(item.rendered.xml).then(() => undefined, (error: unknown) => error as Error)));
+    const definedAt = performance.now();
     const defineError = new Map(toDefine.map((item, index) => [item.name, defineErrors[index]]));
+    // Starts one after another (at most two TCG guests boot well on two cores); events go out together.
     const results: CreateCloneResult[] = [];
+    const publishing: Array<Promise<void>> = [];
     for (const [index, item] of prepared.entries()) {
-      results.push(await this.finish(source, item, request.clones[index]!.start, request, defineError.get(item.name)));
+      results.push(await this.finish(source, item, request.clones[index]!.start, request, defineError.get(item.name), publishing));
     }
+    await Promise.all(publishing);
+    const round = (ms: number): number => Math.round(ms * 10) / 10;
+    this.options.log.info(
+      { clones: results.length, failed: results.filter((result) => result.status && result.status.code !== 0).length, sourceMs: round(listedAt - startedAt), prepareMs: round(preparedAt - listedAt), defineMs: round(definedAt - preparedAt), finishMs: round(performance.now() - definedAt), operation: request.operation },
+      'clone batch done',
+    );
     return results;
   }
 
@@ -172,7 +184,7 @@ export class CloneEngine {
   }
 
   /** After the batch define: start if asked, publish, or roll back and report. */
-  private async finish(source: ResolvedSource, item: PreparedClone, start: boolean, request: CreateClonesRequest, defineError: Error | undefined): Promise<CreateCloneResult> {
+  private async finish(source: ResolvedSource, item: PreparedClone, start: boolean, request: CreateClonesRequest, defineError: Error | undefined, publishing: Array<Promise<void>>): Promise<CreateCloneResult> {
     const name = item.name;
     const log = this.options.log.child({ clone: name, operation: request.operation });
     if (item.kind === 'existing') {
@@ -193,7 +205,7 @@ export class CloneEngine {
         }
       }
       const vm = this.toVirtualMachine(name, item.rendered.uuid, started ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF, source, item.overlays);
-      await this.publishDone(vm, item.rendered.uuid, [...item.overlays], started, request, source);
+      publishing.push(this.publishDone(vm, item.rendered.uuid, [...item.overlays], started, request, source));
       log.debug({ started, overlays: item.overlays.length }, 'clone made');
       return { domainName: name, virtualMachine: vm, status: startError === undefined ? undefined : toStatus(hypervisorError(startError)), started };
     }
@@ -204,9 +216,13 @@ export class CloneEngine {
     failure = failure instanceof LibvirtError ? hypervisorError(failure) : failure;
     log.warn({ err: failure }, 'clone failed and was rolled back');
     const status = toStatus(failure);
-    await this.options.events
+    const failedEvent = this.options.events
       .publish(CLONE_FAILED, { virtualMachine: `hosts/${this.options.host}/virtualMachines/${name}`, host: `hosts/${this.options.host}`, domainName: name, uuid: '', image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays: [], status, operation: request.operation, occurTime: new Date() }, { host: this.options.host, id: `clone.failed/${request.operation || request.requestId}/${this.options.host}/${name}` })
-      .catch((error: unknown) => log.error({ err: error }, 'clone.failed not published'));
+      .then(
+        () => undefined,
+        (error: unknown) => void log.error({ err: error }, 'clone.failed not published'),
+      );
+    publishing.push(failedEvent);
     return { domainName: name, virtualMachine: undefined, status, started: false };
   }
 

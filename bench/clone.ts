@@ -1,0 +1,122 @@
+/**
+ * bench:clone — 100 clones of one image on one host, three ways, in the same run on the same machine:
+ * - cowherd: CloneVirtualMachines through the public API (cloning service -> agent: qcow2 overlays,
+ *   XML rendered, batch define; not started);
+ * - per-clone-process: the 2011 tool's method, one process per step per clone (qemu-img create, then
+ *   virsh define);
+ * - copy: a full copy of the base per clone (cp), then virsh define.
+ * Prints one JSON line per method: {"method","clones","ms_per_clone","bytes_per_clone","base_unchanged"}.
+ * Goal for cowherd: <= 15 ms and <= 512 KiB per clone. Root (private libvirtd). BENCH_CLONES overrides 100.
+ */
+import { createHash } from 'node:crypto';
+import { execFile } from 'node:child_process';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { CloneVirtualMachinesResponse, Placement_Strategy } from '../services/gen/cowherd/cloning/v1/cloning_service.js';
+import type { Operation } from '../services/gen/google/longrunning/operations.js';
+import { unpack } from '../services/common/operations.js';
+import { renderClone } from '../services/agent/domain-xml.js';
+import { Resources } from '../test/harness/index.js';
+import { call } from '../test/harness/grpc.js';
+import { startCloneStack } from '../test/harness/clone-stack.js';
+
+const run = promisify(execFile);
+const CLONES = Number(process.env['BENCH_CLONES'] ?? 100);
+const responseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
+
+const sha256 = async (path: string): Promise<string> => createHash('sha256').update(await readFile(path)).digest('hex');
+/** Bytes on disk (allocated blocks) under a path. */
+const diskUsage = async (path: string): Promise<number> => Number((await run('du', ['-s', '--block-size=1', path])).stdout.split('\t')[0]);
+
+async function main(): Promise<void> {
+  const resources = new Resources();
+  try {
+    const stack = await startCloneStack(resources, 'bench-host');
+    const work = await resources.tempDir('cowherd-bench-');
+    // The base: 1 GiB virtual, 32 MiB of data (what a full copy has to move).
+    const raw = join(work, 'data.raw');
+    await run('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', 'count=32', 'status=none']);
+    await run('qemu-img', ['convert', '-q', '-O', 'qcow2', raw, join(work, 'base.qcow2')]);
+    await run('qemu-img', ['resize', '-q', join(work, 'base.qcow2'), '1G']);
+    const image = `bench-${Math.random().toString(36).slice(2, 7)}`;
+    const base = await stack.addImage(image, join(work, 'base.qcow2'));
+    const baseHash = await sha256(base);
+    const deadline = Date.now() + 30_000;
+    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getHost({ name: 'hosts/bench-host' }, cb)).then((host) => host.state === 1, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+    const results: Array<Record<string, unknown>> = [];
+
+    // cowherd, through the public API.
+    const names = Array.from({ length: CLONES }, (_, i) => `${image}-api-${i + 1}`);
+    stack.track(...names);
+    let started = performance.now();
+    const operation = await call<Operation>((cb) =>
+      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${image}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/bench-host'], maxClonesPerHost: 0 }, count: CLONES, nameTemplate: `${image}-api-{index}`, start: false, requestId: '' }, cb),
+    );
+    const done = await stack.wait(operation.name, 600_000);
+    let elapsed = performance.now() - started;
+    if (done.result?.$case !== 'response') throw new Error(`clone operation failed: ${JSON.stringify(done.result)}`);
+    const response = unpack(responseType, done.result.value);
+    const failed = response.clones.filter((clone) => clone.error && clone.error.code !== 0);
+    let bytes = 0;
+    for (const name of names) bytes += await diskUsage(join(stack.imageDirectory, 'clones', name));
+    const batch = stack.agent.logs.find((line) => line['msg'] === 'clone batch done');
+    const phases = batch ? { source_ms: batch['sourceMs'], prepare_ms: batch['prepareMs'], define_ms: batch['defineMs'], finish_ms: batch['finishMs'] } : {};
+    results.push({ method: 'cowherd', clones: CLONES, ms_per_clone: round(elapsed / CLONES), bytes_per_clone: Math.round(bytes / CLONES), base_unchanged: (await sha256(base)) === baseHash, failed: failed.length, agent_phases: phases });
+
+    // The 2011 tool's method: a process per step per clone.
+    const template = { xml: await readFile(join(stack.imageDirectory, 'images', image, 'domain-template.xml'), 'utf8') };
+    const perProcessDirectory = join(work, 'per-process');
+    await mkdir(perProcessDirectory);
+    const perNames = Array.from({ length: CLONES }, (_, i) => `${image}-proc-${i + 1}`);
+    stack.track(...perNames);
+    const perXml: string[] = [];
+    for (const name of perNames) {
+      const rendered = await renderClone(template.xml, { name, hypervisor: 'kvm', cloneDirectory: join(perProcessDirectory, name), disks: [{ target: 'vda', path: join(perProcessDirectory, name, 'vda.qcow2') }], metadata: { source: { image: `images/${image}` }, operation: '', requestId: '' } });
+      await mkdir(join(perProcessDirectory, name));
+      await writeFile(join(perProcessDirectory, name, 'domain.xml'), rendered.xml);
+      perXml.push(join(perProcessDirectory, name, 'domain.xml'));
+    }
+    started = performance.now();
+    for (const [index, name] of perNames.entries()) {
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', join(perProcessDirectory, name, 'vda.qcow2')]);
+      await stack.virsh('define', perXml[index]!);
+    }
+    elapsed = performance.now() - started;
+    bytes = 0;
+    for (const name of perNames) bytes += await diskUsage(join(perProcessDirectory, name, 'vda.qcow2'));
+    results.push({ method: 'per-clone-process', clones: CLONES, ms_per_clone: round(elapsed / CLONES), bytes_per_clone: Math.round(bytes / CLONES), base_unchanged: (await sha256(base)) === baseHash });
+
+    // A full copy per clone.
+    const copyDirectory = join(work, 'copy');
+    await mkdir(copyDirectory);
+    const copyNames = Array.from({ length: CLONES }, (_, i) => `${image}-copy-${i + 1}`);
+    stack.track(...copyNames);
+    const copyXml: string[] = [];
+    for (const name of copyNames) {
+      const rendered = await renderClone(template.xml, { name, hypervisor: 'kvm', cloneDirectory: join(copyDirectory, name), disks: [{ target: 'vda', path: join(copyDirectory, name, 'vda.qcow2') }], metadata: { source: { image: `images/${image}` }, operation: '', requestId: '' } });
+      await mkdir(join(copyDirectory, name));
+      await writeFile(join(copyDirectory, name, 'domain.xml'), rendered.xml);
+      copyXml.push(join(copyDirectory, name, 'domain.xml'));
+    }
+    started = performance.now();
+    for (const [index, name] of copyNames.entries()) {
+      await run('cp', [base, join(copyDirectory, name, 'vda.qcow2')]);
+      await stack.virsh('define', copyXml[index]!);
+    }
+    elapsed = performance.now() - started;
+    bytes = 0;
+    for (const name of copyNames) bytes += await diskUsage(join(copyDirectory, name, 'vda.qcow2'));
+    results.push({ method: 'copy', clones: CLONES, ms_per_clone: round(elapsed / CLONES), bytes_per_clone: Math.round(bytes / CLONES), base_unchanged: (await sha256(base)) === baseHash });
+
+    for (const result of results) process.stdout.write(`${JSON.stringify(result)}\n`);
+  } finally {
+    await resources.release();
+  }
+}
+
+function round(value: number): number {
+  return Math.round(value * 100) / 100;
+}
+
+await main();

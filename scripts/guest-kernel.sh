@@ -1,0 +1,291 @@
+#!/usr/bin/env bash
+# Builds the tiny guest that boot tests run under TCG: Debian's kernel (direct kernel boot, no disk image
+# needed) and a ~1 MiB busybox initramfs whose /init loads the virtio modules, writes a marker block to
+# /dev/vda and powers the guest off.
+#
+#   bash scripts/guest-kernel.sh            # idempotent; prints the paths (KEY=VALUE lines on stdout)
+#   bash scripts/guest-kernel.sh --rebuild  # resolves the kernel package again and rebuilds the kit
+#
+# Output (stdout, one per line, nothing else):
+#   COWHERD_GUEST_KERNEL=<state>/guest/vmlinux      uncompressed ELF kernel, booted through its PVH entry
+#   COWHERD_GUEST_INITRD=<state>/guest/initrd.gz    busybox initramfs (cpio newc, gzip)
+#   COWHERD_GUEST_VERSION=<kernel release>
+#
+# The guest's /init (see INIT_SH): mounts proc, sys and devtmpfs; insmods virtio_pci and virtio_blk with their
+# dependencies in dependency order; waits up to 10 s for /dev/vda; writes one 4 KiB block at byte offset
+# 1 MiB (MARKER_OFFSET) holding "cowherd-was-here-<marker>\n" and zeros, where <marker> is the `marker=` word
+# of the kernel command line, with dd conv=fsync; syncs; `poweroff -f` (needs <features><acpi/> in the
+# domain). It prints "cowherd-guest: ..." lines on the console (ttyS0), "cowherd-guest: marker written" on
+# success. On any failure it still powers off, so a boot never hangs: the missing marker says what went wrong.
+#
+# Where things come from: the kernel package that the metapackage linux-image-amd64 depends on
+# (`apt-get download`, cached in <state>/guest/cache; `apt-get update` only when apt has no lists), and
+# /bin/busybox from busybox-static (scripts/install.sh installs it). Debian ships no modules.dep in the
+# package (depmod runs at install time), so dependencies are read from each module's .modinfo `depends=`.
+#
+# Why vmlinux and not vmlinuz: Debian compresses the kernel with xz; under TCG the bzImage spends ~1-2 s
+# decompressing itself. qemu boots an uncompressed ELF vmlinux through its PVH note (CONFIG_PVH=y) with no
+# decompression and no real-mode setup. vmlinuz is kept beside it (COWHERD_GUEST_VMLINUZ) for comparison.
+#
+# State: ${COWHERD_STATE_DIR:-<repo>/.state}/guest/. A stamp records the kernel package, busybox and this
+# script's hash: an unchanged kit is reused without touching apt (~0 s); editing this script rebuilds the
+# initramfs from the cached .deb. Concurrent runs serialize on a lock file.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+COWHERD_TAG=guest-kernel
+
+GUEST_DIR="$COWHERD_STATE_DIR/guest"
+CACHE_DIR="$GUEST_DIR/cache"
+STAMP="$GUEST_DIR/kit.stamp"
+METAPACKAGE="${COWHERD_GUEST_KERNEL_METAPACKAGE:-linux-image-amd64}"
+BUSYBOX=/bin/busybox
+# The modules /init needs; their dependencies are added and ordered below.
+WANTED_MODULES=(virtio_pci virtio_blk)
+# Byte offset of the marker block on /dev/vda (tests read the same offset).
+MARKER_OFFSET=$((1024 * 1024))
+MARKER_BLOCK=4096
+
+rebuild=0
+case "${1:-}" in
+  "") ;;
+  --rebuild) rebuild=1 ;;
+  *)
+    echo "usage: $0 [--rebuild]" >&2
+    exit 2
+    ;;
+esac
+
+# Progress goes to stderr: stdout is the KEY=VALUE result only.
+note() { say "$@" >&2; }
+
+print_result() {
+  printf 'COWHERD_GUEST_KERNEL=%s\n' "$GUEST_DIR/vmlinux"
+  printf 'COWHERD_GUEST_INITRD=%s\n' "$GUEST_DIR/initrd.gz"
+  printf 'COWHERD_GUEST_VMLINUZ=%s\n' "$GUEST_DIR/vmlinuz"
+  printf 'COWHERD_GUEST_VERSION=%s\n' "$(cat "$GUEST_DIR/version")"
+}
+
+# shellcheck disable=SC2016 # expanded by the guest's shell, not here
+# The guest's /init. MARKER_OFFSET and MARKER_BLOCK are substituted at build time; modules/order lists the
+# modules in load order.
+INIT_SH='#!/bin/sh
+export PATH=/bin
+say() { echo "cowherd-guest: $*" >/dev/console 2>/dev/null || echo "cowherd-guest: $*"; }
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for module in $(cat /modules/order); do
+  insmod "/modules/$module.ko" || say "insmod $module failed"
+done
+marker=
+for word in $(cat /proc/cmdline); do
+  case "$word" in marker=*) marker="${word#marker=}" ;; esac
+done
+tries=0
+while [ ! -b /dev/vda ] && [ "$tries" -lt 1000 ]; do
+  sleep 0.01
+  tries=$((tries + 1))
+done
+if [ ! -b /dev/vda ]; then
+  say "no /dev/vda after 10 s"
+elif [ -z "$marker" ]; then
+  say "no marker= on the kernel command line"
+elif printf "cowherd-was-here-%s\n" "$marker" | dd of=/dev/vda bs=@BLOCK@ seek=@SEEK@ count=1 conv=sync,fsync 2>/dev/null; then
+  sync
+  say "marker written"
+else
+  say "writing the marker failed"
+fi
+sync
+poweroff -f
+'
+
+# kernel_package: the versioned image package the metapackage depends on, e.g. linux-image-6.1.0-56-amd64.
+kernel_package() {
+  local output
+  if ! output="$(LC_ALL=C apt-cache depends "$METAPACKAGE" 2>/dev/null)" || ! grep -q 'Depends: linux-image-' <<<"$output"; then
+    note "apt knows no $METAPACKAGE: apt-get update"
+    apt-get -q -y -o DPkg::Lock::Timeout=120 update >&2 || note "apt-get update reported errors; trying anyway"
+    output="$(LC_ALL=C apt-cache depends "$METAPACKAGE")"
+  fi
+  # "  Depends: linux-image-6.1.0-56-amd64" (the first alternative when there are several).
+  local package
+  package="$(sed -n 's/^ *|\{0,1\}Depends: \(linux-image-[^ ]*\).*/\1/p' <<<"$output" | head -n 1)"
+  [[ -n "$package" ]] || die "cannot find the kernel package that $METAPACKAGE depends on"
+  printf '%s' "$package"
+}
+
+# download PACKAGE: the path of its .deb in the cache, downloaded if missing.
+download() {
+  local package="$1" deb
+  mkdir -p "$CACHE_DIR"
+  deb="$(find -H "$CACHE_DIR" -maxdepth 1 -name "${package}_*.deb" -print | sort | tail -n 1)"
+  if [[ -z "$deb" ]]; then
+    local start
+    start="$(now_ms)"
+    # Sandbox user root: the cache directory may not be readable by _apt.
+    if ! (cd "$CACHE_DIR" && apt-get -q -o APT::Sandbox::User=root download "$package" >&2); then
+      note "apt-get download $package failed: apt-get update and retry"
+      apt-get -q -y -o DPkg::Lock::Timeout=120 update >&2 || true
+      (cd "$CACHE_DIR" && apt-get -q -o APT::Sandbox::User=root download "$package" >&2) || die "apt-get download $package failed"
+    fi
+    deb="$(find -H "$CACHE_DIR" -maxdepth 1 -name "${package}_*.deb" -print | sort | tail -n 1)"
+    [[ -n "$deb" ]] || die "apt-get download $package left no .deb in $CACHE_DIR"
+    note "downloaded $(basename "$deb") ($(($(stat -c %s "$deb") / 1048576)) MiB) in $(elapsed "$start" "$(now_ms)")"
+  fi
+  printf '%s' "$deb"
+}
+
+# extract DEB DIR PATTERN...: the members matching the tar wildcards (./-prefixed; `*` matches `/` too) into DIR.
+extract() {
+  local deb="$1" dir="$2"
+  shift 2
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$dir" --wildcards "$@" 2>/dev/null || true
+}
+
+# module_depends KO: its .modinfo dependencies, one per line.
+module_depends() {
+  tr '\0' '\n' <"$1" | sed -n 's/^depends=//p' | head -n 1 | tr ',' '\n' | sed '/^$/d'
+}
+
+build() {
+  local package deb work version
+  package="$(kernel_package)"
+  deb="$(download "$package")"
+  work="$(mktemp -d "$GUEST_DIR/build.XXXXXX")"
+  # shellcheck disable=SC2064 # expand now
+  trap "rm -rf '$work'" EXIT
+  local tree="$work/tree" root="$work/initramfs"
+  mkdir -p "$tree" "$root"
+
+  # One pass over the package (each pass decompresses all ~400 MB of it, ~2 s) for the kernel, the module
+  # lists, the wanted modules and the virtio core where their dependencies usually are; a dependency elsewhere
+  # costs another pass below. `*` matches across slashes here.
+  local first_pass=('./boot/vmlinuz-*' './lib/modules/*/modules.order' './lib/modules/*/modules.builtin' './lib/modules/*/kernel/drivers/virtio/*')
+  local wanted
+  for wanted in "${WANTED_MODULES[@]}"; do first_pass+=("./lib/modules/*/${wanted}.ko*"); done
+  extract "$deb" "$tree" "${first_pass[@]}"
+  local vmlinuz
+  vmlinuz="$(find "$tree/boot" -name 'vmlinuz-*' -print | head -n 1)"
+  [[ -n "$vmlinuz" ]] || die "no vmlinuz in $deb"
+  version="${vmlinuz##*/vmlinuz-}"
+  local moddir="$tree/lib/modules/$version"
+  [[ -s "$moddir/modules.order" ]] || die "no modules.order in $deb"
+
+  # Dependency closure, depth first, dependencies before dependents. Modules are fetched from the .deb as they
+  # are needed (usually two passes: the wanted modules, then their dependencies).
+  local -A path_of=() state=()
+  local line name
+  while IFS= read -r line; do
+    name="${line##*/}"
+    name="${name%%.ko*}"
+    path_of[${name//-/_}]="$line"
+  done <"$moddir/modules.order"
+  local order=()
+  fetch_modules() {
+    local patterns=() module
+    for module in "$@"; do
+      [[ -n "${path_of[$module]:-}" ]] || continue
+      [[ -e "$moddir/${path_of[$module]}" ]] || patterns+=("./lib/modules/$version/${path_of[$module]}")
+    done
+    ((${#patterns[@]} == 0)) || extract "$deb" "$tree" "${patterns[@]}"
+  }
+  visit() {
+    local module="${1//-/_}" dependency ko
+    case "${state[$module]:-}" in
+      loaded) return ;;
+      active) die "module dependency cycle at $module" ;;
+    esac
+    if [[ -z "${path_of[$module]:-}" ]]; then
+      # Built into the kernel: nothing to load.
+      grep -q "/${module}.ko" "$moddir/modules.builtin" 2>/dev/null || die "module $module is neither in modules.order nor built in"
+      state[$module]=loaded
+      return
+    fi
+    state[$module]=active
+    ko="$moddir/${path_of[$module]}"
+    [[ -e "$ko" ]] || fetch_modules "$module"
+    [[ -e "$ko" ]] || die "$module (${path_of[$module]}) is not in $deb"
+    local dependencies=()
+    mapfile -t dependencies < <(module_depends "$ko")
+    fetch_modules "${dependencies[@]}"
+    for dependency in "${dependencies[@]}"; do visit "$dependency"; done
+    state[$module]=loaded
+    order+=("$module")
+  }
+  fetch_modules "${WANTED_MODULES[@]}"
+  local module
+  for module in "${WANTED_MODULES[@]}"; do visit "$module"; done
+
+  # The initramfs: busybox with a link per applet, the modules (decompressed), /init.
+  mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/tmp" "$root/modules"
+  cp "$BUSYBOX" "$root/bin/busybox"
+  local applet
+  while IFS= read -r applet; do
+    [[ "$applet" == busybox || -z "$applet" ]] || ln -s busybox "$root/bin/$applet"
+  done < <("$BUSYBOX" --list)
+  for module in "${order[@]}"; do
+    local source="$moddir/${path_of[$module]}"
+    case "$source" in
+      *.ko.xz) xz -dc "$source" >"$root/modules/$module.ko" ;;
+      *.ko.zst) zstd -q -dc "$source" >"$root/modules/$module.ko" ;;
+      *.ko.gz) gzip -dc "$source" >"$root/modules/$module.ko" ;;
+      *) cp "$source" "$root/modules/$module.ko" ;;
+    esac
+  done
+  printf '%s\n' "${order[@]}" >"$root/modules/order"
+  local init="${INIT_SH//@BLOCK@/$MARKER_BLOCK}"
+  init="${init//@SEEK@/$((MARKER_OFFSET / MARKER_BLOCK))}"
+  printf '%s' "$init" >"$root/init"
+  chmod 0755 "$root/init"
+  # The kernel's built-in initramfs already has /dev/console; as root, add it anyway (harmless duplicate).
+  if [[ "$(id -u)" == 0 ]]; then mknod -m 0600 "$root/dev/console" c 5 1; fi
+  (cd "$root" && find . -mindepth 1 -print | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc -R 0:0 2>/dev/null) | gzip -9n >"$work/initrd.gz"
+
+  # vmlinux: the xz payload of the bzImage, decompressed (xz stops at the end of the stream and complains
+  # about the trailing bytes; the ELF check below is what counts).
+  local offset
+  offset="$(LC_ALL=C grep -aboP '\xfd7zXZ\x00' "$vmlinuz" | head -n 1 | cut -d: -f1)"
+  [[ -n "$offset" ]] || die "no xz stream in $vmlinuz (is the kernel compressed differently?)"
+  tail -c "+$((offset + 1))" "$vmlinuz" | xz -dc 2>/dev/null >"$work/vmlinux" || true
+  [[ "$(head -c 4 "$work/vmlinux" | od -An -c | tr -d ' ')" == '177ELF' ]] || die "decompressing $vmlinuz did not give an ELF vmlinux"
+
+  cp "$vmlinuz" "$work/vmlinuz"
+  printf '%s\n' "$version" >"$work/version"
+  local file
+  for file in vmlinux vmlinuz initrd.gz version; do mv -f "$work/$file" "$GUEST_DIR/$file"; done
+  printf '%s\n' "$(stamp_of "$(basename "$deb")")" >"$STAMP"
+  note "built kernel $version ($(($(stat -c %s "$GUEST_DIR/vmlinux") / 1048576)) MiB vmlinux), initramfs $(($(stat -c %s "$GUEST_DIR/initrd.gz") / 1024)) KiB with ${order[*]}"
+}
+
+# stamp_of DEB_NAME: what the kit was built from.
+stamp_of() {
+  printf 'deb=%s script=%s busybox=%s' "$1" \
+    "$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)" "$(sha256sum "$BUSYBOX" | cut -d' ' -f1)"
+}
+
+# up_to_date: the kit exists and was built by this script, from a .deb still in the cache, with this busybox.
+up_to_date() {
+  [[ -s "$STAMP" && -s "$GUEST_DIR/vmlinux" && -s "$GUEST_DIR/initrd.gz" && -s "$GUEST_DIR/version" ]] || return 1
+  local recorded deb
+  recorded="$(cat "$STAMP")"
+  deb="${recorded#deb=}"
+  deb="${deb%% *}"
+  [[ -e "$CACHE_DIR/$deb" && "$recorded" == "$(stamp_of "$deb")" ]]
+}
+
+[[ -x "$BUSYBOX" ]] || die "$BUSYBOX is missing: apt-get install busybox-static (scripts/install.sh does)"
+mkdir -p "$GUEST_DIR"
+exec 9>"$GUEST_DIR/.lock"
+flock 9
+# Half-built kits of runs that were killed.
+rm -rf "$GUEST_DIR"/build.*
+if ((rebuild)) || ! up_to_date; then
+  ((rebuild)) && rm -f "$STAMP"
+  start="$(now_ms)"
+  build
+  note "guest kit ready in $(elapsed "$start" "$(now_ms)")"
+fi
+print_result

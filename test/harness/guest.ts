@@ -1,0 +1,64 @@
+/**
+ * The tiny guest that boot tests run under TCG (scripts/guest-kernel.sh): Debian's kernel as an uncompressed
+ * vmlinux for direct kernel boot and a busybox initramfs whose /init writes a marker block to /dev/vda and
+ * powers off. Built once per state directory and cached (the first build downloads the kernel package, ~70 MB).
+ */
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { REPOSITORY } from './processes.js';
+
+const run = promisify(execFile);
+
+/** Where /init writes the marker block on /dev/vda (bytes); scripts/guest-kernel.sh's MARKER_OFFSET. */
+export const MARKER_OFFSET = 1024 * 1024;
+/** The size of the marker block: the text, then zeros. */
+export const MARKER_BLOCK = 4096;
+
+/** The files of the guest kit. */
+export interface GuestKit {
+  /** Uncompressed ELF kernel, booted through its PVH entry (`<os><kernel>`). */
+  readonly kernel: string;
+  /** gzip'd cpio initramfs (`<os><initrd>`). */
+  readonly initrd: string;
+  /** The same kernel as Debian ships it (bzImage), slower to boot under TCG. */
+  readonly vmlinuz: string;
+  /** The kernel release, e.g. "6.1.0-56-amd64". */
+  readonly version: string;
+}
+
+let pending: Promise<GuestKit> | undefined;
+
+/** Builds the kit if needed (idempotent, cached on disk and per process) and returns its paths. */
+export function guestKit(options: { timeoutMs?: number } = {}): Promise<GuestKit> {
+  pending ??= buildGuestKit(options.timeoutMs ?? 300_000).catch((error: unknown) => {
+    pending = undefined;
+    throw error;
+  });
+  return pending;
+}
+
+async function buildGuestKit(timeoutMs: number): Promise<GuestKit> {
+  const { stdout } = await run('bash', [join(REPOSITORY, 'scripts/guest-kernel.sh')], { timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024, env: { ...process.env, LC_ALL: 'C' } }).catch((error: unknown) => {
+    const { stderr } = error as { stderr?: string };
+    throw new Error(`scripts/guest-kernel.sh failed: ${(error as Error).message}${stderr ? `\n${stderr.slice(-4000)}` : ''}`, { cause: error });
+  });
+  const values = new Map<string, string>();
+  for (const line of stdout.split('\n')) {
+    const match = /^(COWHERD_GUEST_[A-Z]+)=(.*)$/.exec(line);
+    if (match) values.set(match[1]!, match[2]!);
+  }
+  const value = (key: string): string => {
+    const found = values.get(key);
+    if (!found) throw new Error(`scripts/guest-kernel.sh printed no ${key}: ${stdout}`);
+    return found;
+  };
+  return { kernel: value('COWHERD_GUEST_KERNEL'), initrd: value('COWHERD_GUEST_INITRD'), vmlinuz: value('COWHERD_GUEST_VMLINUZ'), version: value('COWHERD_GUEST_VERSION') };
+}
+
+/** The block /init writes for `marker` (the `marker=` word of the kernel command line). */
+export function markerBlock(marker: string): Buffer {
+  const block = Buffer.alloc(MARKER_BLOCK);
+  block.write(`cowherd-was-here-${marker}\n`, 'latin1');
+  return block;
+}
