@@ -100,6 +100,10 @@ export interface Libvirt {
   watchEvents(onEvent: (event: LibvirtEvent) => void): Promise<EventWatch>;
   /** Defines (or redefines) a persistent domain from XML. */
   define(xml: string): Promise<void>;
+  /** Asks the guest to shut down (ACPI); returns at once. Optional: fakes may leave it out. */
+  shutdown?(nameOrUuid: string): Promise<void>;
+  /** Resumes a paused domain. Optional: fakes may leave it out. */
+  resume?(nameOrUuid: string): Promise<void>;
   /**
    * Defines many domains in one go (one virsh process: ~1.6 ms a domain instead of ~25). Returns, per
    * document, undefined when it is defined, or the error. Optional: fakes may leave it out.
@@ -525,6 +529,14 @@ export class VirshLibvirt implements Libvirt {
 
   async undefine(nameOrUuid: string): Promise<void> {
     await this.run(['undefine', '--domain', nameOrUuid]);
+  }
+
+  async shutdown(nameOrUuid: string): Promise<void> {
+    await this.run(['shutdown', '--domain', nameOrUuid]);
+  }
+
+  async resume(nameOrUuid: string): Promise<void> {
+    await this.run(['resume', '--domain', nameOrUuid]);
   }
 }
 

@@ -14,6 +14,7 @@ import { ensureEnrolled } from './enrollment.js';
 import { createHostFactsSource, detectHypervisor, prepareImageDirectory, readSystemFacts } from './host-facts.js';
 import { CloneEngine } from './clone-engine.js';
 import { agentHandlers } from './handlers.js';
+import { VmLifecycle } from './vm-lifecycle.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { VirshLibvirt } from './libvirt.js';
 import { createReporter, inventoryPort } from './reporter.js';
@@ -61,7 +62,7 @@ await runServiceMain({
     );
     const clones = new CloneEngine({ host: agent.host, imageDirectory: agent.imageDirectory, hypervisor, libvirt, events, log: log.child({ component: 'clones' }) });
     return {
-      services: [adaptService(AgentServiceService, agentHandlers(clones), AGENT_POLICY, boundary)],
+      services: [adaptService(AgentServiceService, agentHandlers(clones, new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) })), AGENT_POLICY, boundary)],
       stop: async () => {
         await reporter.stop();
         inventory.close();

@@ -170,6 +170,43 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     assert.equal(missing, GrpcStatus.FAILED_PRECONDITION);
   });
 
+  it('starts, stops and deletes with the lineage rules: a base VM never starts or goes while clones use it', async () => {
+    const sourceName = `hosts/clone-host/virtualMachines/${source}`;
+    const startSource = await failure((cb) => agentClient.startVirtualMachine({ name: sourceName }, cb));
+    assert.equal(startSource.code, GrpcStatus.FAILED_PRECONDITION);
+    assert.equal(startSource.reason, 'ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS');
+    assert.match(startSource.metadata['dependents'] ?? '', /c1-/);
+    const deleteSource = await failure((cb) => agentClient.deleteVirtualMachine({ name: sourceName, force: true }, cb));
+    assert.equal(deleteSource.reason, 'ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS', 'even with force');
+
+    const clone = `c1-${suffix}`;
+    const cloneName = `hosts/clone-host/virtualMachines/${clone}`;
+    const started = await call<VirtualMachine>((cb) => agentClient.startVirtualMachine({ name: cloneName }, cb));
+    assert.equal(started.domainName, clone);
+    const running = await failure((cb) => agentClient.deleteVirtualMachine({ name: cloneName, force: false }, cb));
+    assert.equal(running.reason, 'ERROR_REASON_VIRTUAL_MACHINE_RUNNING');
+    await call((cb) => agentClient.stopVirtualMachine({ name: cloneName, force: true, timeout: undefined }, cb));
+    assert.equal((await virsh('domstate', clone)).stdout.trim(), 'shut off');
+    const before = await sha256(baseDisk);
+    await call((cb) => agentClient.deleteVirtualMachine({ name: cloneName, force: false }, cb));
+    assert.ok(!existsSync(join(imageDirectory, 'clones', clone)), 'its overlays are gone');
+    await assert.rejects(virsh('domstate', clone));
+    assert.equal(await sha256(baseDisk), before, 'the base is untouched');
+    await call((cb) => agentClient.deleteVirtualMachine({ name: cloneName, force: false }, cb)); // deleting what is gone succeeds
+
+    // A VM cowherd did not make is deleted only with force, and then only its definition.
+    const stranger = `stranger-${suffix}`;
+    domains.push(stranger);
+    const xmlFile = join(imageDirectory, `${stranger}.xml`);
+    await writeFile(xmlFile, `<domain type='qemu'><name>${stranger}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features></domain>`);
+    await virsh('define', xmlFile);
+    const unmanaged = await failure((cb) => agentClient.deleteVirtualMachine({ name: `hosts/clone-host/virtualMachines/${stranger}`, force: false }, cb));
+    assert.equal(unmanaged.reason, 'ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED');
+    await call((cb) => agentClient.deleteVirtualMachine({ name: `hosts/clone-host/virtualMachines/${stranger}`, force: true }, cb));
+    await assert.rejects(virsh('domstate', stranger));
+    assert.ok(existsSync(xmlFile), 'a forced delete of an unmanaged VM removes no file');
+  });
+
   it('refuses bad input: running source, disks outside the image dir, unknown VM, bad names, wrong callers', async () => {
     await virsh('start', source).catch(() => undefined);
     await virsh('destroy', source).catch(() => undefined);
