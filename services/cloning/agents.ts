@@ -2,12 +2,12 @@
  * Calling the agents: one AgentService client per agent endpoint, made on first use with the cloning
  * service's own mTLS credentials and kept, and a deadline that grows with the batch.
  */
-import { Metadata, status as GrpcStatus, type ChannelCredentials } from '@grpc/grpc-js';
+import { Metadata, status as GrpcStatus, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { AgentServiceClient, type CreateClonesRequest, type CreateClonesResponse } from '../gen/cowherd/agent/v1/agent_service.js';
-import type { Host } from '../gen/cowherd/inventory/v1/resources.js';
+import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { createClient } from '../common/client.js';
-import { CowherdError } from '../common/errors.js';
+import { CowherdError, relayServiceError } from '../common/errors.js';
 
 /** What cloning asks of a host's agent. */
 export interface AgentPort {
@@ -16,6 +16,12 @@ export interface AgentPort {
    * `signal` aborts); resolves with every clone's result.
    */
   createClones(host: Host, request: CreateClonesRequest, signal?: AbortSignal): Promise<CreateClonesResponse>;
+  /** AgentService.StartVirtualMachine; rejects with the agent's error relayed (relayServiceError). */
+  startVirtualMachine(host: Host, name: string): Promise<VirtualMachine>;
+  /** AgentService.StopVirtualMachine, waiting up to `timeoutMs` for a graceful stop. */
+  stopVirtualMachine(host: Host, name: string, force: boolean, timeoutMs: number): Promise<VirtualMachine>;
+  /** AgentService.DeleteVirtualMachine. */
+  deleteVirtualMachine(host: Host, name: string, force: boolean): Promise<void>;
 }
 
 /** The deadline of one CreateClones call: a minute, plus 3 seconds per clone (copy-on-write children, define, start). */
@@ -46,6 +52,14 @@ export function createAgentPort(options: AgentPortOptions): AgentPort & { close(
     }
     return client;
   };
+  const unaryToAgent = <Res>(host: Host, invoke: (client: AgentServiceClient, deadline: number, callback: (error: ServiceError | null, response: Res) => void) => unknown, deadlineMs: number): Promise<Res> =>
+    new Promise((resolve, reject) => {
+      try {
+        invoke(clientFor(host), Date.now() + deadlineMs, (error, response) => (error ? reject(relayServiceError(error, host.name)) : resolve(response)));
+      } catch (error) {
+        reject(error);
+      }
+    });
   return {
     createClones: (host, request, signal) =>
       new Promise((resolve, reject) => {
@@ -58,6 +72,12 @@ export function createAgentPort(options: AgentPortOptions): AgentPort & { close(
         const cancel = (): void => call.cancel();
         signal?.addEventListener('abort', cancel, { once: true });
       }),
+    startVirtualMachine: (host, name) => unaryToAgent(host, (client, deadline, callback) => client.startVirtualMachine({ name }, new Metadata(), { deadline }, callback), 60_000),
+    stopVirtualMachine: (host, name, force, timeoutMs) =>
+      unaryToAgent(host, (client, deadline, callback) => client.stopVirtualMachine({ name, force, timeout: { seconds: String(Math.ceil(timeoutMs / 1000)), nanos: 0 } }, new Metadata(), { deadline }, callback), timeoutMs + 30_000),
+    deleteVirtualMachine: async (host, name, force) => {
+      await unaryToAgent(host, (client, deadline, callback) => client.deleteVirtualMachine({ name, force }, new Metadata(), { deadline }, callback), 60_000);
+    },
     close: () => {
       for (const client of clients.values()) client.close();
       clients.clear();

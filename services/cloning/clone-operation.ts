@@ -66,7 +66,7 @@ export const IMAGE_DELIVERY_NOT_WIRED: ImageDelivery = {
 /** What the operation needs. */
 export interface CloneOperationDeps {
   readonly fleet: FleetView;
-  readonly agents: AgentPort;
+  readonly agents: Pick<AgentPort, 'createClones'>;
   /** Publishes clone.failed for clones that fail before reaching an agent (agents publish their own). */
   readonly events?: Pick<EventPublisher, 'publish'>;
   /** Default {@link IMAGE_DELIVERY_NOT_WIRED}. */

@@ -1,6 +1,6 @@
 /**
  * The CloningService handlers: thin. CloneVirtualMachines checks and plans the request (nothing changes
- * when that fails) and starts the operation; the other RPCs answer UNIMPLEMENTED until their issue lands.
+ * when that fails) and starts the operation; Start, Stop and Delete go to the VM's agent (power.ts).
  */
 import type { CloningServiceService } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import type { OperationManager } from '../common/operations.js';
@@ -8,6 +8,8 @@ import type { Handlers } from '../common/rpc.js';
 import type { CloneOperationKind } from './clone-operation.js';
 import { checkRequestShape, planClones } from './clone-plan.js';
 import type { FleetView } from './fleet-view.js';
+import type { AgentPort } from './agents.js';
+import { locate, stopOperationKind, stopTimeoutSeconds } from './power.js';
 /** Answers whether an operation of this kind was created for a request_id. */
 export type RequestIdLookup = (requestId: string) => Promise<boolean>;
 
@@ -16,6 +18,9 @@ export interface CloningHandlersDeps {
   readonly fleet: FleetView;
   readonly operations: Pick<OperationManager, 'start'>;
   readonly kind: CloneOperationKind;
+  /** Power and delete; left out in tests of cloning alone. */
+  readonly agents?: Pick<AgentPort, 'startVirtualMachine' | 'deleteVirtualMachine'>;
+  readonly stopKind?: ReturnType<typeof stopOperationKind>;
   /** Lets a retried request_id return its operation without re-planning; without it every request is planned. */
   readonly requestIdUsed?: RequestIdLookup;
   /** Draws `{random}` (tests). */
@@ -39,5 +44,24 @@ export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typ
       });
       return deps.operations.start(deps.kind, request, metadata, request.requestId);
     },
+    ...(deps.agents === undefined || deps.stopKind === undefined
+      ? {}
+      : {
+          startVirtualMachine: async (request) => {
+            const { host } = await locate(deps.fleet, request.name);
+            return deps.agents!.startVirtualMachine(host, request.name);
+          },
+          stopVirtualMachine: async (request) => {
+            const { vm } = await locate(deps.fleet, request.name);
+            const timeout = stopTimeoutSeconds(request);
+            const start = new Date();
+            return deps.operations.start(deps.stopKind!, request, { virtualMachine: vm.name, force: request.force, startTime: start, deadlineTime: new Date(start.getTime() + timeout * 1000) }, request.requestId);
+          },
+          deleteVirtualMachine: async (request) => {
+            const { host } = await locate(deps.fleet, request.name);
+            await deps.agents!.deleteVirtualMachine(host, request.name, request.force);
+            return {};
+          },
+        }),
   };
 }

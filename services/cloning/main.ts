@@ -12,6 +12,7 @@ import { cloneOperationKind } from './clone-operation.js';
 import { CLONING_VARIABLES } from './config.js';
 import { cloningHandlers } from './handlers.js';
 import { createInventoryFleetView } from './inventory-view.js';
+import { stopOperationKind } from './power.js';
 
 await runServiceMain({
   name: 'cloning',
@@ -23,10 +24,11 @@ await runServiceMain({
     const fleet = createInventoryFleetView(inventory);
     const agents = createAgentPort({ credentials });
     const kind = cloneOperationKind({ fleet, agents, events });
-    const operations = await openOperations(nats.jetstream, log, boundary, [kind as never]);
+    const stopKind = stopOperationKind({ fleet, agents });
+    const operations = await openOperations(nats.jetstream, log, boundary, [kind as never, stopKind as never]);
     const requestIdUsed = async (requestId: string) => (await operations.manager.findByRequestId(kind.kind, requestId)) !== undefined;
     return {
-      services: [adaptService(CloningServiceService, cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed }), CLONING_POLICY, boundary), operations.service],
+      services: [adaptService(CloningServiceService, cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed, agents, stopKind }), CLONING_POLICY, boundary), operations.service],
       stop: async () => {
         await operations.manager.stop();
         agents.close();

@@ -5,7 +5,7 @@
  * errors) in `grpc-status-details-bin`. A `cause` is logged, never sent.
  */
 import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
-import { ErrorReason, errorReasonToJSON } from '../gen/cowherd/common/v1/error_reason.js';
+import { ErrorReason, errorReasonFromJSON, errorReasonToJSON } from '../gen/cowherd/common/v1/error_reason.js';
 import { BadRequest, ErrorInfo } from '../gen/google/rpc/error_details.js';
 import { Status } from '../gen/google/rpc/status.js';
 import type { Any } from '../gen/google/protobuf/any.js';
@@ -147,4 +147,22 @@ export function readServiceError(error: Partial<ServiceError>): ReceivedError {
     }
   }
   return { code: error.code ?? GrpcStatus.UNKNOWN, message: error.details ?? error.message ?? '', reason, metadata, fields };
+}
+
+/**
+ * Re-raises an error another cowherd server sent (code, message, reason, metadata), for a service that
+ * relays a call: the caller sees the agent's FAILED_PRECONDITION, not an INTERNAL. Transport failures
+ * (UNAVAILABLE, DEADLINE_EXCEEDED) become UNAVAILABLE with HOST_UNREACHABLE naming `target`.
+ */
+export function relayServiceError(error: unknown, target: string): CowherdError {
+  if (error instanceof CowherdError) return error;
+  const received = readServiceError(error as Partial<ServiceError>);
+  if (received.code === GrpcStatus.UNAVAILABLE || received.code === GrpcStatus.DEADLINE_EXCEEDED) {
+    return new CowherdError(GrpcStatus.UNAVAILABLE, `${target} did not answer: ${received.message}`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: target }, cause: error });
+  }
+  if (received.code === GrpcStatus.INTERNAL || received.code === GrpcStatus.UNKNOWN || received.reason === '') {
+    return new CowherdError(received.code === GrpcStatus.UNKNOWN ? GrpcStatus.INTERNAL : received.code, `${target}: ${received.message}`, { reason: ErrorReason.ERROR_REASON_INTERNAL, cause: error });
+  }
+  const reason = errorReasonFromJSON(received.reason);
+  return new CowherdError(received.code, received.message, { reason: reason === ErrorReason.UNRECOGNIZED ? ErrorReason.ERROR_REASON_INTERNAL : reason, metadata: received.metadata, ...(received.fields[0] === undefined ? {} : { field: received.fields[0] }), cause: error });
 }

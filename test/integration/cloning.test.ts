@@ -70,6 +70,26 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     assert.equal(again.name, started.name);
   });
 
+  it('starts, stops (an operation) and deletes a clone through the public API', async () => {
+    const name = `hosts/api-host/virtualMachines/${image}-1`;
+    const started = await call<VirtualMachine>((cb) => stack.cloning.startVirtualMachine({ name }, cb));
+    assert.equal(started.state, 1, 'RUNNING');
+    const stopping = await call<Operation>((cb) => stack.cloning.stopVirtualMachine({ name, force: true, timeout: undefined, requestId: '' }, cb));
+    const stopped = await stack.wait(stopping.name);
+    assert.equal(stopped.result?.$case, 'response', JSON.stringify(stopped.result));
+    assert.equal((await stack.virsh('domstate', `${image}-1`)).stdout.trim(), 'shut off');
+    await call((cb) => stack.cloning.deleteVirtualMachine({ name, force: false }, cb));
+    await assert.rejects(stack.virsh('domstate', `${image}-1`));
+    const deadline = Date.now() + 10_000;
+    let code = 0;
+    while (code !== GrpcStatus.NOT_FOUND && Date.now() < deadline) {
+      code = (await failure((cb) => stack.inventory.getVirtualMachine({ name }, cb)).catch(() => ({ code: 0 }))).code;
+      if (code !== GrpcStatus.NOT_FOUND) await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    assert.equal(code, GrpcStatus.NOT_FOUND, 'inventory forgets the deleted clone');
+    assert.equal((await failure((cb) => stack.cloning.deleteVirtualMachine({ name: 'hosts/api-host/virtualMachines/none', force: false }, cb))).code, GrpcStatus.NOT_FOUND);
+  });
+
   it('refuses bad input before any operation exists', async () => {
     const request = { source: { $case: 'image' as const, value: `images/${image}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 1, nameTemplate: '', start: false, requestId: '' };
     const list = async () => (await call<{ operations: unknown[] }>((cb) => stack.operations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;

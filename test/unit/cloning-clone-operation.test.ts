@@ -93,7 +93,7 @@ class FakeFleet implements FleetView {
 type AgentBehaviour = (request: CreateClonesRequest, signal: AbortSignal | undefined) => Promise<CreateClonesResponse>;
 
 /** Agents that make every clone unless a host has its own behaviour; counts calls and concurrency. */
-class FakeAgents implements AgentPort {
+class FakeAgents implements Pick<AgentPort, 'createClones'> {
   readonly calls: Array<{ host: string; request: CreateClonesRequest }> = [];
   readonly behaviours = new Map<string, AgentBehaviour>();
   running = 0;
