@@ -8,8 +8,12 @@ import type { VmLifecycle } from './vm-lifecycle.js';
 const DEFAULT_STOP_TIMEOUT_MS = 120_000;
 
 /** The handlers this agent serves. */
-export function agentHandlers(clones: CloneEngine, vms: VmLifecycle): Partial<Handlers<typeof AgentServiceService>> {
+export function agentHandlers(clones: CloneEngine, vms: VmLifecycle, replicas: { delete(name: string): Promise<void> }): Partial<Handlers<typeof AgentServiceService>> {
   return {
+    deleteImageReplica: async (request) => {
+      await replicas.delete(request.name);
+      return {};
+    },
     createClones: async (request) => ({ results: await clones.createClones(request) }),
     startVirtualMachine: (request) => vms.start(request.name),
     stopVirtualMachine: (request) => vms.stop(request.name, request.force, request.timeout ? (Number(request.timeout.seconds) + request.timeout.nanos / 1e9) * 1000 : DEFAULT_STOP_TIMEOUT_MS),

@@ -15,6 +15,7 @@ import { createHostFactsSource, detectHypervisor, prepareImageDirectory, readSys
 import { CloneEngine } from './clone-engine.js';
 import { agentHandlers } from './handlers.js';
 import { VmLifecycle } from './vm-lifecycle.js';
+import { deleteLocalReplica } from './replicas.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { VirshLibvirt } from './libvirt.js';
 import { createReporter, inventoryPort } from './reporter.js';
@@ -62,7 +63,7 @@ await runServiceMain({
     );
     const clones = new CloneEngine({ host: agent.host, imageDirectory: agent.imageDirectory, hypervisor, libvirt, events, log: log.child({ component: 'clones' }) });
     return {
-      services: [adaptService(AgentServiceService, agentHandlers(clones, new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) })), AGENT_POLICY, boundary)],
+      services: [adaptService(AgentServiceService, agentHandlers(clones, new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) }), { delete: (name) => deleteLocalReplica({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log }, name) }), AGENT_POLICY, boundary)],
       stop: async () => {
         await reporter.stop();
         inventory.close();

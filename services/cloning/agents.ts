@@ -2,12 +2,11 @@
  * Calling the agents: one AgentService client per agent endpoint, made on first use with the cloning
  * service's own mTLS credentials and kept, and a deadline that grows with the batch.
  */
-import { Metadata, status as GrpcStatus, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
-import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { Metadata, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
 import { AgentServiceClient, type CreateClonesRequest, type CreateClonesResponse } from '../gen/cowherd/agent/v1/agent_service.js';
 import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
-import { createClient } from '../common/client.js';
-import { CowherdError, relayServiceError } from '../common/errors.js';
+import { AgentClients } from '../common/agent-clients.js';
+import { relayServiceError } from '../common/errors.js';
 
 /** What cloning asks of a host's agent. */
 export interface AgentPort {
@@ -37,21 +36,8 @@ export interface AgentPortOptions {
 
 /** The real AgentPort over gRPC, with `close` for shutdown. */
 export function createAgentPort(options: AgentPortOptions): AgentPort & { close(): void } {
-  const clients = new Map<string, AgentServiceClient>();
-  const clientFor = (host: Host): AgentServiceClient => {
-    if (host.agentEndpoint === '') {
-      throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} has no agent endpoint in the inventory`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name } });
-    }
-    // Agents' certificates name their host id (and localhost), whatever address they are reached at.
-    const serverName = host.name.slice('hosts/'.length);
-    const key = `${host.agentEndpoint}|${serverName}`;
-    let client = clients.get(key);
-    if (!client) {
-      client = createClient(AgentServiceClient, host.agentEndpoint, options.credentials, { serverName });
-      clients.set(key, client);
-    }
-    return client;
-  };
+  const agents = new AgentClients(options.credentials);
+  const clientFor = (host: Host): AgentServiceClient => agents.clientFor(host);
   const unaryToAgent = <Res>(host: Host, invoke: (client: AgentServiceClient, deadline: number, callback: (error: ServiceError | null, response: Res) => void) => unknown, deadlineMs: number): Promise<Res> =>
     new Promise((resolve, reject) => {
       try {
@@ -78,9 +64,6 @@ export function createAgentPort(options: AgentPortOptions): AgentPort & { close(
     deleteVirtualMachine: async (host, name, force) => {
       await unaryToAgent(host, (client, deadline, callback) => client.deleteVirtualMachine({ name, force }, new Metadata(), { deadline }, callback), 60_000);
     },
-    close: () => {
-      for (const client of clients.values()) client.close();
-      clients.clear();
-    },
+    close: () => agents.close(),
   };
 }

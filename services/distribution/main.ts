@@ -1,19 +1,48 @@
 /** The distribution process: wiring only. */
 import { DistributionServiceService } from '../gen/cowherd/distribution/v1/distribution_service.js';
+import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
+import { Image, ImageReplica } from '../gen/cowherd/inventory/v1/resources.js';
+import { AgentClients } from '../common/agent-clients.js';
+import { createClient } from '../common/client.js';
+import { addressVariable } from '../common/config.js';
+import { KvStore, protoCodec } from '../common/kv.js';
 import { openOperations } from '../common/operations.js';
 import { adaptService } from '../common/rpc.js';
 import { runServiceMain } from '../common/service-process.js';
+import { mutualTlsChannelCredentials } from '../common/tls.js';
 import { DISTRIBUTION_POLICY } from './access-policy.js';
+import { deleteImageOperationKind } from './deletion.js';
+import { distributionHandlers } from './handlers.js';
+import { inventoryReader } from './inventory-reader.js';
+import { publishOperationKind } from './publish.js';
 
 await runServiceMain({
   name: 'distribution',
-  variables: {},
+  variables: {
+    inventoryAddress: addressVariable('COWHERD_INVENTORY_ADDRESS', 'host:port of the inventory mTLS port', 'localhost:7442'),
+  },
   env: process.env,
-  build: async ({ boundary, nats, log }) => {
-    const operations = await openOperations(nats.jetstream, log, boundary);
+  build: async ({ config, boundary, nats, log, tls, events }) => {
+    const credentials = mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000);
+    const inventoryClient = createClient(InventoryServiceClient, config.inventoryAddress, credentials, { defaultDeadlineMs: 15_000 });
+    const agents = new AgentClients(credentials);
+    const deps = {
+      images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)),
+      replicas: await KvStore.open(nats.jetstream, 'replicas', protoCodec(ImageReplica)),
+      inventory: inventoryReader(inventoryClient),
+      agents,
+      events,
+    };
+    const publish = publishOperationKind(deps);
+    const deleteImage = deleteImageOperationKind(deps);
+    const operations = await openOperations(nats.jetstream, log, boundary, [publish as never, deleteImage as never]);
     return {
-      services: [adaptService(DistributionServiceService, {}, DISTRIBUTION_POLICY, boundary), operations.service],
-      stop: () => operations.manager.stop(),
+      services: [adaptService(DistributionServiceService, distributionHandlers({ deps, operations: operations.manager, publish, deleteImage }), DISTRIBUTION_POLICY, boundary), operations.service],
+      stop: async () => {
+        await operations.manager.stop();
+        agents.close();
+        inventoryClient.close();
+      },
     };
   },
 });

@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { CloningServiceClient } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
+import { DistributionServiceClient } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { OperationsClient, type Operation } from '../../services/gen/google/longrunning/operations.js';
 import { Image, Image_State, ImageReplica, ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
@@ -33,13 +34,16 @@ export interface CloneStack {
   readonly imageDirectory: string;
   readonly agent: ServiceProcess;
   readonly cloning: CloningServiceClient;
+  readonly distribution: DistributionServiceClient;
+  /** google.longrunning.Operations on the distribution service. */
+  readonly distributionOperations: OperationsClient;
   readonly operations: OperationsClient;
   readonly inventory: InventoryServiceClient;
   readonly virsh: (...args: string[]) => Promise<{ stdout: string }>;
   /** Lays out `images/<image>/` on the agent's host from a qcow2 base and registers image and replica. */
   addImage(image: string, basePath: string): Promise<string>;
-  /** WaitOperation until done (bounded). */
-  wait(name: string, timeoutMs?: number): Promise<Operation>;
+  /** WaitOperation until done (bounded), on the cloning service or on `client`. */
+  wait(name: string, timeoutMs?: number, client?: OperationsClient): Promise<Operation>;
   /** Undefines these domains at release. */
   track(...domains: string[]): void;
 }
@@ -53,6 +57,7 @@ export async function startCloneStack(resources: Resources, host: string): Promi
   const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
   const ca = await startCertificateAuthorityProcess(resources, pki, nats);
   const inventoryProcess = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address });
+  const distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
   const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
   const directory = await resources.tempDir('cowherd-e2e-');
   const imageDirectory = join(directory, 'images-root');
@@ -74,11 +79,15 @@ export async function startCloneStack(resources: Resources, host: string): Promi
     COWHERD_IMAGE_DIR: imageDirectory,
   });
   const cloning = createClient(CloningServiceClient, cloningProcess.address, admin, { defaultDeadlineMs: 30_000 });
+  const distribution = createClient(DistributionServiceClient, distributionProcess.address, admin, { defaultDeadlineMs: 30_000 });
+  const distributionOperations = createClient(OperationsClient, distributionProcess.address, admin, { defaultDeadlineMs: 130_000 });
   const operations = createClient(OperationsClient, cloningProcess.address, admin, { defaultDeadlineMs: 130_000 });
   const inventory = createClient(InventoryServiceClient, inventoryProcess.address, admin, { defaultDeadlineMs: 30_000 });
   const domains: string[] = [];
   resources.defer(async () => {
     cloning.close();
+    distribution.close();
+    distributionOperations.close();
     operations.close();
     inventory.close();
     for (const domain of domains) {
@@ -97,6 +106,8 @@ export async function startCloneStack(resources: Resources, host: string): Promi
     imageDirectory,
     agent,
     cloning,
+    distribution,
+    distributionOperations,
     operations,
     inventory,
     virsh,
@@ -114,11 +125,11 @@ export async function startCloneStack(resources: Resources, host: string): Promi
       await replicas.put(`${host}.${image}`, ImageReplica.fromPartial({ name: `hosts/${host}/images/${image}`, image: `images/${image}`, host: `hosts/${host}`, state: ImageReplica_State.STATE_AVAILABLE, path: replica, origin: true, createTime: now, updateTime: now }));
       return join(replica, template.disks[0]!.fileName);
     },
-    wait: async (name, timeoutMs = 120_000) => {
+    wait: async (name, timeoutMs = 120_000, client = operations) => {
       const deadline = Date.now() + timeoutMs;
-      let operation = await call<Operation>((cb) => operations.getOperation({ name }, cb));
+      let operation = await call<Operation>((cb) => client.getOperation({ name }, cb));
       while (!operation.done && Date.now() < deadline) {
-        operation = await call<Operation>((cb) => operations.waitOperation({ name, timeout: { seconds: '10', nanos: 0 } }, cb));
+        operation = await call<Operation>((cb) => client.waitOperation({ name, timeout: { seconds: '10', nanos: 0 } }, cb));
       }
       return operation;
     },

@@ -1,0 +1,32 @@
+/**
+ * Image replicas on this host: `<image dir>/images/<image>/`. Removing one is refused while any domain on
+ * the host was cloned from it (its disks are the clones' bases), whatever inventory believes.
+ */
+import { chmod, readdir, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { CowherdError } from '../common/errors.js';
+import type { Logger } from '../common/logger.js';
+import { IMAGE_ID } from '../common/resource-names.js';
+import type { Libvirt } from './libvirt.js';
+
+/** Removes the replica `hosts/{host}/images/{image}` of this host; a missing one is success. */
+export async function deleteLocalReplica(options: { host: string; imageDirectory: string; libvirt: Libvirt; log: Logger }, name: string): Promise<void> {
+  const match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(name);
+  if (!match || match[1] !== options.host || !IMAGE_ID.test(match[2]!)) throw CowherdError.invalidArgument('name', `must be hosts/${options.host}/images/{image}`);
+  const image = `images/${match[2]}`;
+  const dependents = (await options.libvirt.listDomains()).filter((domain) => domain.clone && 'image' in domain.clone.source && domain.clone.source.image === image);
+  if (dependents.length > 0) {
+    throw CowherdError.failedPrecondition(`${dependents.length} domains on this host were cloned from ${image}`, ErrorReason.ERROR_REASON_IMAGE_IN_USE, {
+      dependents: dependents.slice(0, 50).map((domain) => `hosts/${options.host}/virtualMachines/${domain.name}`).join(','),
+    });
+  }
+  const directory = join(options.imageDirectory, 'images', match[2]!);
+  const exists = await stat(directory).then(() => true, () => false);
+  if (!exists) return;
+  // Replicas are read-only on disk (immutable): make them writable just long enough to remove them.
+  await chmod(directory, 0o755);
+  for (const entry of await readdir(directory)) await chmod(join(directory, entry), 0o644).catch(() => undefined);
+  await rm(directory, { recursive: true, force: true });
+  options.log.info({ replica: name }, 'replica removed');
+}

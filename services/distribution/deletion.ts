@@ -1,0 +1,102 @@
+/**
+ * Deleting images and replicas with the lineage rule: nothing any VM depends on is ever deleted. A replica
+ * with dependent VMs on its host, or an image with dependents on any host, is FAILED_PRECONDITION
+ * (IMAGE_IN_USE) with the dependents in the error metadata; the agent checks its own domains again before
+ * it removes files. The last AVAILABLE replica of an image is kept: delete the image instead.
+ */
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { DeleteImageMetadata, DeleteImageRequest } from '../gen/cowherd/distribution/v1/distribution_service.js';
+import { Image_State, ImageReplica_State, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { Empty } from '../gen/google/protobuf/empty.js';
+import type { AgentClients } from '../common/agent-clients.js';
+import { CowherdError, relayServiceError } from '../common/errors.js';
+import { IMAGE_DELETED, IMAGE_REPLICA_DELETED } from '../common/event-types.js';
+import type { EventPublisher } from '../common/events.js';
+import type { KvStore } from '../common/kv.js';
+import type { OperationKind } from '../common/operations.js';
+import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
+
+/** What deleting reads and writes. */
+export interface DeletionDeps {
+  readonly images: KvStore<Image>;
+  readonly replicas: KvStore<ImageReplica>;
+  readonly inventory: {
+    /** VMs whose source_image is `image`, on `parent` (hosts/{host} or hosts/-). */
+    dependents(parent: string, image: string): Promise<VirtualMachine[]>;
+    getHost(name: string): Promise<Host | undefined>;
+  };
+  readonly agents: AgentClients;
+  readonly events: Pick<EventPublisher, 'publish'>;
+}
+
+/** `images/{image}` -> id, or INVALID_ARGUMENT naming `field`. */
+export function imageIdOf(name: string, field = 'name'): string {
+  const id = /^images\/([^/]+)$/.exec(name)?.[1];
+  if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument(field, 'must be images/{image}');
+  return id;
+}
+
+function refuseDependents(what: string, dependents: readonly VirtualMachine[]): void {
+  if (dependents.length === 0) return;
+  throw CowherdError.failedPrecondition(`${dependents.length} virtual machines depend on ${what}`, ErrorReason.ERROR_REASON_IMAGE_IN_USE, { dependents: dependents.slice(0, 50).map((vm) => vm.name).join(',') });
+}
+
+/** DeleteImageReplica: checks, the agent removes the files, the record goes, the event is published. */
+export async function deleteReplica(deps: DeletionDeps, name: string, options: { allowLast?: boolean } = {}): Promise<void> {
+  const match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(name);
+  if (!match || !HOST_ID.test(match[1]!) || !IMAGE_ID.test(match[2]!)) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/images/{image}');
+  const [, host, image] = match as unknown as [string, string, string];
+  const replica = await deps.replicas.get(`${host}.${image}`);
+  if (!replica) throw CowherdError.notFound(name);
+  refuseDependents(name, await deps.inventory.dependents(`hosts/${host}`, `images/${image}`));
+  if (!options.allowLast && replica.value.state === ImageReplica_State.STATE_AVAILABLE) {
+    const others = (await deps.replicas.list(`*.${image}`)).filter((entry) => entry.key !== `${host}.${image}` && entry.value.state === ImageReplica_State.STATE_AVAILABLE);
+    if (others.length === 0) throw CowherdError.failedPrecondition(`${name} is the last AVAILABLE replica of images/${image}; delete the image instead`, ErrorReason.ERROR_REASON_LAST_AVAILABLE_REPLICA);
+  }
+  const hostRecord = await deps.inventory.getHost(`hosts/${host}`);
+  if (!hostRecord) throw CowherdError.notFound(`hosts/${host}`);
+  await new Promise<void>((resolve, reject) =>
+    deps.agents.clientFor(hostRecord).deleteImageReplica({ name }, (error) => (error ? reject(relayServiceError(error, hostRecord.name)) : resolve())),
+  );
+  await deps.replicas.delete(`${host}.${image}`);
+  await deps.events.publish(IMAGE_REPLICA_DELETED, { image: `images/${image}`, host: `hosts/${host}`, replica: name, freedBytes: '0', occurTime: new Date() }, { host, id: `image.replica_deleted/${host}/${image}/${replica.revision}` });
+}
+
+/** Checks a DeleteImage request before its operation exists. */
+export async function checkDeleteImage(deps: DeletionDeps, request: DeleteImageRequest): Promise<Image> {
+  const id = imageIdOf(request.name);
+  const image = await deps.images.get(id);
+  if (!image) throw CowherdError.notFound(request.name);
+  if (image.value.state === Image_State.STATE_PUBLISHING) throw CowherdError.failedPrecondition(`${request.name} is being published; cancel that operation instead`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+  refuseDependents(request.name, await deps.inventory.dependents('hosts/-', request.name));
+  return image.value;
+}
+
+/** The DeleteImage operation: every replica, then the catalog entry. Resumable: each step is idempotent. */
+export function deleteImageOperationKind(deps: DeletionDeps): OperationKind<DeleteImageRequest, DeleteImageMetadata, Empty, undefined> {
+  return {
+    kind: 'distribution.delete-image',
+    requestType: { typeName: 'cowherd.distribution.v1.DeleteImageRequest', encode: DeleteImageRequest.encode, decode: (bytes) => DeleteImageRequest.decode(bytes) },
+    metadataType: { typeName: 'cowherd.distribution.v1.DeleteImageMetadata', encode: DeleteImageMetadata.encode, decode: (bytes) => DeleteImageMetadata.decode(bytes) },
+    responseType: { typeName: 'google.protobuf.Empty', encode: Empty.encode, decode: (bytes) => Empty.decode(bytes) },
+    run: async (context) => {
+      const id = imageIdOf(context.request.name);
+      await deps.images.mutate(id, (current) => (current && current.state !== Image_State.STATE_DELETING ? { ...current, state: Image_State.STATE_DELETING, updateTime: new Date() } : undefined));
+      const replicas = await deps.replicas.list(`*.${id}`);
+      let done = 0;
+      for (const entry of replicas) {
+        // Dependents may have appeared since the check: deleteReplica refuses them again.
+        await deleteReplica(deps, entry.value.name, { allowLast: true }).catch((error: unknown) => {
+          if (error instanceof CowherdError && error.code === GrpcStatus.NOT_FOUND) return;
+          throw error;
+        });
+        done++;
+        await context.checkpoint({ metadata: { ...context.metadata, hostsTotal: replicas.length, hostsDone: done, pendingHosts: replicas.slice(done).map((item) => item.value.host), updateTime: new Date() } });
+      }
+      await deps.images.delete(id);
+      await deps.events.publish(IMAGE_DELETED, { image: context.request.name, operation: context.name, occurTime: new Date() }, { id: `image.deleted/${id}/${context.name}` });
+      return {};
+    },
+  };
+}

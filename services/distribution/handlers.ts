@@ -1,0 +1,44 @@
+/**
+ * DistributionService handlers. PublishImage, DeleteImage and DeleteImageReplica work; DistributeImage and
+ * CollectImageReplicas (the swarm) answer UNIMPLEMENTED until the distribution issue lands.
+ */
+import type { DistributionServiceService } from '../gen/cowherd/distribution/v1/distribution_service.js';
+import { ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
+import type { OperationManager } from '../common/operations.js';
+import type { Handlers } from '../common/rpc.js';
+import { checkDeleteImage, deleteReplica, type DeletionDeps, type deleteImageOperationKind } from './deletion.js';
+import { checkPublish, type PublishDeps, type publishOperationKind } from './publish.js';
+
+/** What the handlers need. */
+export interface DistributionHandlersDeps {
+  readonly deps: PublishDeps & DeletionDeps;
+  readonly operations: Pick<OperationManager, 'start' | 'findByRequestId'>;
+  readonly publish: ReturnType<typeof publishOperationKind>;
+  readonly deleteImage: ReturnType<typeof deleteImageOperationKind>;
+}
+
+/** The implemented handlers. */
+export function distributionHandlers(options: DistributionHandlersDeps): Partial<Handlers<typeof DistributionServiceService>> {
+  const { deps, operations } = options;
+  return {
+    publishImage: async (request) => {
+      // A retried request_id returns its operation even though the image name is now taken.
+      const existing = await operations.findByRequestId(options.publish.kind, request.requestId);
+      if (existing) return operations.start(options.publish, request, undefined as never, request.requestId);
+      const { host } = await checkPublish(request, deps);
+      const now = new Date();
+      return operations.start(options.publish, request, { image: `images/${request.imageId}`, sourceVirtualMachine: request.sourceVirtualMachine, originHost: host.name, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, progress: undefined, startTime: now, updateTime: now }, request.requestId);
+    },
+    deleteImage: async (request) => {
+      const existing = await operations.findByRequestId(options.deleteImage.kind, request.requestId);
+      if (existing) return operations.start(options.deleteImage, request, undefined as never, request.requestId);
+      await checkDeleteImage(deps, request);
+      const now = new Date();
+      return operations.start(options.deleteImage, request, { image: request.name, hostsTotal: 0, hostsDone: 0, pendingHosts: [], startTime: now, updateTime: now }, request.requestId);
+    },
+    deleteImageReplica: async (request) => {
+      await deleteReplica(deps, request.name);
+      return {};
+    },
+  };
+}

@@ -1,0 +1,36 @@
+/** What distribution reads from inventory, over gRPC with the service's own identity. */
+import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
+import type { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
+import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+
+function call<Res>(invoke: (callback: (error: ServiceError | null, response: Res) => void) => void): Promise<Res> {
+  return new Promise((resolve, reject) => invoke((error, response) => (error ? reject(error) : resolve(response))));
+}
+
+/** undefined for NOT_FOUND, the value otherwise; other errors are thrown. */
+async function orUndefined<T>(promise: Promise<T>): Promise<T | undefined> {
+  try {
+    return await promise;
+  } catch (error) {
+    if ((error as ServiceError).code === GrpcStatus.NOT_FOUND) return undefined;
+    throw error;
+  }
+}
+
+/** Reads for publish and delete. */
+export function inventoryReader(client: InventoryServiceClient) {
+  return {
+    getVirtualMachine: (name: string): Promise<VirtualMachine | undefined> => orUndefined(call<VirtualMachine>((cb) => client.getVirtualMachine({ name }, cb))),
+    getHost: (name: string): Promise<Host | undefined> => orUndefined(call<Host>((cb) => client.getHost({ name }, cb))),
+    dependents: async (parent: string, image: string): Promise<VirtualMachine[]> => {
+      const found: VirtualMachine[] = [];
+      let pageToken = '';
+      do {
+        const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent, pageSize: 1000, pageToken, filter: `source_image = ${JSON.stringify(image)}` }, cb));
+        found.push(...page.virtualMachines);
+        pageToken = page.nextPageToken;
+      } while (pageToken !== '');
+      return found;
+    },
+  };
+}

@@ -1,0 +1,132 @@
+/**
+ * PublishImage: an admin names a powered-off VM; its host's agent exports the disks and a sanitized
+ * domain template into an immutable image (ExportImage, streamed progress); distribution registers the
+ * image in the catalog (KV `images`) and the origin's replica (KV `replicas`), and publishes
+ * image.published. A long-running operation: progress is in its metadata while the agent works.
+ * The torrent (info-hash, tracker, web seed) comes with the distribution issue: until then the image's
+ * torrent field is empty and distribution to other hosts is not available.
+ */
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
+import { PublishImageMetadata, PublishImageRequest } from '../gen/cowherd/distribution/v1/distribution_service.js';
+import type { ExportImageResponse } from '../gen/cowherd/agent/v1/agent_service.js';
+import { Host_State, Image, Image_State, ImageReplica, ImageReplica_State, VirtualMachine_State, type Host, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import type { AgentClients } from '../common/agent-clients.js';
+import { CowherdError, relayServiceError, toStatus } from '../common/errors.js';
+import { IMAGE_PUBLISHED, IMAGE_PUBLISH_FAILED } from '../common/event-types.js';
+import type { EventPublisher } from '../common/events.js';
+import type { KvStore } from '../common/kv.js';
+import type { OperationKind } from '../common/operations.js';
+import { IMAGE_ID } from '../common/resource-names.js';
+
+/** What publishing reads and writes. */
+export interface PublishDeps {
+  readonly images: KvStore<Image>;
+  readonly replicas: KvStore<ImageReplica>;
+  readonly inventory: {
+    getVirtualMachine(name: string): Promise<VirtualMachine | undefined>;
+    getHost(name: string): Promise<Host | undefined>;
+  };
+  readonly agents: AgentClients;
+  readonly events: Pick<EventPublisher, 'publish'>;
+}
+
+/** Checks a PublishImage request; nothing changes when it fails. Returns the source VM and its host. */
+export async function checkPublish(request: PublishImageRequest, deps: PublishDeps): Promise<{ vm: VirtualMachine; host: Host }> {
+  if (!IMAGE_ID.test(request.imageId)) throw CowherdError.invalidArgument('image_id', 'must match [a-z0-9]([a-z0-9-]{0,61}[a-z0-9])? (no path separators, no dots)');
+  const match = /^hosts\/([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)\/virtualMachines\/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$/.exec(request.sourceVirtualMachine);
+  if (!match) throw CowherdError.invalidArgument('source_virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
+  if (request.description.length > 1024) throw CowherdError.invalidArgument('description', 'must be at most 1024 characters');
+  if (await deps.images.get(request.imageId)) throw CowherdError.alreadyExists(`images/${request.imageId}`);
+  const vm = await deps.inventory.getVirtualMachine(request.sourceVirtualMachine);
+  if (!vm) throw CowherdError.notFound(request.sourceVirtualMachine);
+  if (vm.state !== VirtualMachine_State.STATE_SHUT_OFF) throw CowherdError.failedPrecondition(`${vm.name} is not powered off; stop it before publishing`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING);
+  const host = await deps.inventory.getHost(`hosts/${match[1]}`);
+  if (!host) throw CowherdError.notFound(`hosts/${match[1]}`);
+  if (host.state !== Host_State.STATE_READY) throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} is not READY`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name } });
+  return { vm, host };
+}
+
+/** The PublishImage operation. */
+export function publishOperationKind(deps: PublishDeps): OperationKind<PublishImageRequest, PublishImageMetadata, Image, undefined> {
+  return {
+    kind: 'distribution.publish-image',
+    requestType: { typeName: 'cowherd.distribution.v1.PublishImageRequest', encode: PublishImageRequest.encode, decode: (bytes) => PublishImageRequest.decode(bytes) },
+    metadataType: { typeName: 'cowherd.distribution.v1.PublishImageMetadata', encode: PublishImageMetadata.encode, decode: (bytes) => PublishImageMetadata.decode(bytes) },
+    responseType: { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: (bytes) => Image.decode(bytes) },
+    run: async (context) => {
+      const request = context.request;
+      const name = `images/${request.imageId}`;
+      const hostName = request.sourceVirtualMachine.split('/virtualMachines/')[0]!;
+      const host = await deps.inventory.getHost(hostName);
+      if (!host) throw CowherdError.notFound(hostName);
+      const now = new Date();
+      // The catalog entry exists from the start (PUBLISHING), so the name is taken at once.
+      await deps.images.mutate(request.imageId, (current) =>
+        current
+          ? undefined
+          : Image.fromPartial({ name, description: request.description, labels: request.labels, hypervisor: host.hypervisor, state: Image_State.STATE_PUBLISHING, sourceVirtualMachine: request.sourceVirtualMachine, originHost: hostName, createTime: now, updateTime: now }),
+      );
+      try {
+        const result = await exportOnAgent(deps, host, { virtualMachine: request.sourceVirtualMachine, image: name, trackerAnnounceUrl: '', operation: context.name }, async (progress) => {
+          await context.checkpoint({ metadata: { ...context.metadata, stage: progress.stage, progress: progress.progress, updateTime: new Date() } });
+        });
+        await context.checkpoint({ metadata: { ...context.metadata, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_REGISTERING, updateTime: new Date() } });
+        const exported = result.image;
+        const image = await deps.images.mutate(request.imageId, (current) =>
+          Image.fromPartial({
+            ...current,
+            name,
+            state: Image_State.STATE_AVAILABLE,
+            files: exported?.files ?? [],
+            domainTemplate: exported?.domainTemplate ?? '',
+            hypervisor: host.hypervisor,
+            updateTime: new Date(),
+          }),
+        );
+        const replicaKey = `${hostName.slice('hosts/'.length)}.${request.imageId}`;
+        await deps.replicas.put(replicaKey, ImageReplica.fromPartial({ ...result.replica, name: `${hostName}/images/${request.imageId}`, image: name, host: hostName, state: ImageReplica_State.STATE_AVAILABLE, origin: true, createTime: new Date(), updateTime: new Date() }));
+        const totalBytes = (exported?.files ?? []).reduce((sum, file) => sum + Number(file.sizeBytes), 0);
+        await deps.events.publish(IMAGE_PUBLISHED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, hypervisor: host.hypervisor, totalBytes: String(totalBytes), infoHash: '', operation: context.name, occurTime: new Date() }, { host: hostName.slice('hosts/'.length), id: `image.published/${request.imageId}/${context.name}` });
+        await context.checkpoint({ metadata: { ...context.metadata, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_DONE, updateTime: new Date() } });
+        return image!.value;
+      } catch (error) {
+        const relayed = relayServiceError(error, hostName);
+        await deps.images.mutate(request.imageId, (current) => (current && current.state === Image_State.STATE_PUBLISHING ? { ...current, state: Image_State.STATE_FAILED, error: toStatus(relayed), updateTime: new Date() } : undefined)).catch(() => undefined);
+        await deps.events
+          .publish(IMAGE_PUBLISH_FAILED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, status: toStatus(relayed), operation: context.name, occurTime: new Date() }, { host: hostName.slice('hosts/'.length), id: `image.publish_failed/${request.imageId}/${context.name}` })
+          .catch(() => undefined);
+        throw relayed;
+      }
+    },
+  };
+}
+
+/** ExportImage on the host's agent: progress messages, then one result. */
+function exportOnAgent(
+  deps: PublishDeps,
+  host: Host,
+  request: { virtualMachine: string; image: string; trackerAnnounceUrl: string; operation: string },
+  onProgress: (progress: { stage: ImagePublishStage; progress: import('../gen/cowherd/common/v1/types.js').TransferProgress | undefined }) => Promise<void>,
+): Promise<{ image: Image | undefined; replica: ImageReplica | undefined }> {
+  return new Promise((resolve, reject) => {
+    const stream = deps.agents.clientFor(host).exportImage(request);
+    let result: { image: Image | undefined; replica: ImageReplica | undefined } | undefined;
+    let lastProgress = 0;
+    let pending: Promise<void> = Promise.resolve();
+    stream.on('data', (message: ExportImageResponse) => {
+      const response = message.response;
+      if (response?.$case === 'result') result = { image: response.value.image, replica: response.value.replica };
+      else if (response?.$case === 'progress' && Date.now() - lastProgress > 1000) {
+        // At most one checkpoint a second, in order.
+        lastProgress = Date.now();
+        pending = pending.then(() => onProgress({ stage: response.value.stage, progress: response.value.progress })).catch(() => undefined);
+      }
+    });
+    stream.on('error', (error) => reject(error));
+    stream.on('end', () => {
+      void pending.then(() => (result ? resolve(result) : reject(new CowherdError(GrpcStatus.INTERNAL, `${host.name} ended the export without a result`, { reason: ErrorReason.ERROR_REASON_INTERNAL }))));
+    });
+  });
+}

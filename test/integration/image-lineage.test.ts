@@ -1,0 +1,85 @@
+/**
+ * Image lineage on real parts: a replica or an image that any VM depends on is never deleted (the
+ * dependents are named in the error), an unused replica and image can be deleted, and the agent removes
+ * the replica's files.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { promisify } from 'node:util';
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
+import type { Operation } from '../../services/gen/google/longrunning/operations.js';
+import { Resources } from '../harness/index.js';
+import { call, failure } from '../harness/grpc.js';
+import { startCloneStack, type CloneStack } from '../harness/clone-stack.js';
+
+const run = promisify(execFile);
+
+describe('image lineage: nothing a VM depends on is deleted', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false }, () => {
+  const resources = new Resources();
+  let stack: CloneStack;
+  const suffix = Math.random().toString(36).slice(2, 7);
+  const used = `used-${suffix}`;
+  const unused = `unused-${suffix}`;
+
+  before(async () => {
+    stack = await startCloneStack(resources, 'lineage-host');
+    const directory = await resources.tempDir('cowherd-test-');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', join(directory, 'base.qcow2'), '64M']);
+    await stack.addImage(used, join(directory, 'base.qcow2'));
+    await stack.addImage(unused, join(directory, 'base.qcow2'));
+    const deadline = Date.now() + 20_000;
+    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getHost({ name: 'hosts/lineage-host' }, cb)).then((host) => host.state === 1, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+    stack.track(`${used}-1`);
+    const operation = await call<Operation>((cb) => stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${used}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/lineage-host'], maxClonesPerHost: 0 }, count: 1, nameTemplate: `${used}-{index}`, start: false, requestId: '' }, cb));
+    const done = await stack.wait(operation.name);
+    assert.equal(done.result?.$case, 'response');
+    // Inventory must know the clone's lineage before the rule can see it.
+    const until = Date.now() + 15_000;
+    while (Date.now() < until) {
+      const page = await call<{ virtualMachines: unknown[] }>((cb) => stack.inventory.listVirtualMachines({ parent: 'hosts/-', pageSize: 10, pageToken: '', filter: `source_image = "images/${used}"` }, cb));
+      if (page.virtualMachines.length > 0) break;
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  });
+  after(() => resources.release());
+
+  it('refuses to delete a used replica or image, naming the dependents, and changes nothing', async () => {
+    const replica = await failure((cb) => stack.distribution.deleteImageReplica({ name: `hosts/lineage-host/images/${used}` }, cb));
+    assert.equal(replica.code, GrpcStatus.FAILED_PRECONDITION);
+    assert.equal(replica.reason, 'ERROR_REASON_IMAGE_IN_USE');
+    assert.match(replica.metadata['dependents'] ?? '', new RegExp(`${used}-1`));
+    const image = await failure((cb) => stack.distribution.deleteImage({ name: `images/${used}`, requestId: '' }, cb));
+    assert.equal(image.code, GrpcStatus.FAILED_PRECONDITION);
+    assert.equal(image.reason, 'ERROR_REASON_IMAGE_IN_USE');
+    assert.ok(existsSync(join(stack.imageDirectory, 'images', used)), 'the files are still there');
+    assert.equal((await failure((cb) => stack.distribution.deleteImageReplica({ name: 'hosts/lineage-host/images/../x' }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
+    assert.equal((await failure((cb) => stack.distribution.deleteImage({ name: 'images/absent', requestId: '' }, cb))).code, GrpcStatus.NOT_FOUND);
+  });
+
+  it('deletes an unused image with its replica files, and the used one once its clone is gone', async () => {
+    const last = await failure((cb) => stack.distribution.deleteImageReplica({ name: `hosts/lineage-host/images/${unused}` }, cb));
+    assert.equal(last.reason, 'ERROR_REASON_LAST_AVAILABLE_REPLICA');
+    const operation = await call<Operation>((cb) => stack.distribution.deleteImage({ name: `images/${unused}`, requestId: '' }, cb));
+    const done = await stack.wait(operation.name, 60_000, stack.distributionOperations);
+    assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
+    assert.ok(!existsSync(join(stack.imageDirectory, 'images', unused)), 'replica files removed');
+    assert.equal((await failure((cb) => stack.inventory.getImage({ name: `images/${unused}`, view: 0 }, cb))).code, GrpcStatus.NOT_FOUND);
+
+    await call((cb) => stack.cloning.deleteVirtualMachine({ name: `hosts/lineage-host/virtualMachines/${used}-1`, force: false }, cb));
+    const until = Date.now() + 15_000;
+    let deleted: Operation | undefined;
+    while (Date.now() < until && !deleted) {
+      deleted = await call<Operation>((cb) => stack.distribution.deleteImage({ name: `images/${used}`, requestId: '' }, cb)).catch(async () => {
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        return undefined;
+      });
+    }
+    assert.ok(deleted, 'the image can be deleted once nothing depends on it');
+    assert.equal((await stack.wait(deleted.name, 60_000, stack.distributionOperations)).result?.$case, 'response');
+    assert.ok(!existsSync(join(stack.imageDirectory, 'images', used)));
+  });
+});
