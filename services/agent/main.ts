@@ -63,7 +63,7 @@ await runServiceMain({
     );
     const clones = new CloneEngine({ host: agent.host, imageDirectory: agent.imageDirectory, hypervisor, libvirt, events, log: log.child({ component: 'clones' }) });
     return {
-      services: [adaptService(AgentServiceService, agentHandlers(clones, new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) }), { delete: (name) => deleteLocalReplica({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log }, name) }), AGENT_POLICY, boundary)],
+      services: [adaptService(AgentServiceService, agentHandlers(clones, new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) }), { delete: (name) => deleteLocalReplica({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log }, name) }, { libvirt, imageDirectory: agent.imageDirectory, host: agent.host, log: log.child({ component: 'export' }) }), AGENT_POLICY, boundary)],
       stop: async () => {
         await reporter.stop();
         inventory.close();

@@ -38,7 +38,9 @@ export async function checkPublish(request: PublishImageRequest, deps: PublishDe
   const match = /^hosts\/([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)\/virtualMachines\/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$/.exec(request.sourceVirtualMachine);
   if (!match) throw CowherdError.invalidArgument('source_virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
   if (request.description.length > 1024) throw CowherdError.invalidArgument('description', 'must be at most 1024 characters');
-  if (await deps.images.get(request.imageId)) throw CowherdError.alreadyExists(`images/${request.imageId}`);
+  // A FAILED publish leaves its record (with the error) but not a claim on the name: publishing again replaces it.
+  const existing = await deps.images.get(request.imageId);
+  if (existing && existing.value.state !== Image_State.STATE_FAILED) throw CowherdError.alreadyExists(`images/${request.imageId}`);
   const vm = await deps.inventory.getVirtualMachine(request.sourceVirtualMachine);
   if (!vm) throw CowherdError.notFound(request.sourceVirtualMachine);
   if (vm.state !== VirtualMachine_State.STATE_SHUT_OFF) throw CowherdError.failedPrecondition(`${vm.name} is not powered off; stop it before publishing`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING);
@@ -64,7 +66,7 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
       const now = new Date();
       // The catalog entry exists from the start (PUBLISHING), so the name is taken at once.
       await deps.images.mutate(request.imageId, (current) =>
-        current
+        current && current.state !== Image_State.STATE_FAILED
           ? undefined
           : Image.fromPartial({ name, description: request.description, labels: request.labels, hypervisor: host.hypervisor, state: Image_State.STATE_PUBLISHING, sourceVirtualMachine: request.sourceVirtualMachine, originHost: hostName, createTime: now, updateTime: now }),
       );
