@@ -657,6 +657,12 @@ export interface SanitizeOptions {
   readonly diskFileName?: (disk: { readonly index: number; readonly target: string; readonly format: DiskFormatName }) => string;
   /** Where `<loader>` and `<nvram template>` may point. Default {@link DEFAULT_FIRMWARE_DIRECTORIES}. */
   readonly firmwareDirectories?: readonly string[];
+  /**
+   * The format every exported disk will have in the image (the exporter converts to it): the template's
+   * `<driver type>` says so. Default: each disk keeps its source format. `ExportedDisk.format` stays the
+   * source's (what the exporter reads).
+   */
+  readonly imageFormat?: DiskFormatName;
 }
 
 const FILE_EXTENSIONS: Readonly<Record<DiskFormatName, string>> = { qcow2: 'qcow2', raw: 'img', vpc: 'vhd' };
@@ -738,6 +744,11 @@ export function sanitizeDomainTemplate(xml: string, options: SanitizeOptions = {
       fileNames.add(fileName);
       disks.push({ target, device: disk.attributes.get('device') ?? 'disk', sourcePath, format, fileName });
       source!.attributes.set('file', fileName);
+      if (options.imageFormat !== undefined && options.imageFormat !== format) {
+        const driver = firstChild(disk, 'driver');
+        if (driver) driver.attributes.set('type', options.imageFormat);
+        else disk.children.unshift(newElement('driver', { name: 'qemu', type: options.imageFormat }));
+      }
     }
 
     for (const nic of elementChildren(devices, 'interface')) {

@@ -37,7 +37,6 @@ import { access, chmod, copyFile, lstat, mkdir, open, readdir, rename, rm, stat,
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { XMLBuilder, XMLParser } from 'fast-xml-parser';
 import { CommandError, runCommand } from '../common/child-process.js';
 import { CowherdError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
@@ -46,7 +45,7 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import { ImageFile_Role, type ImageFile } from '../gen/cowherd/inventory/v1/resources.js';
 import { TEMPLATE_FILE } from './clone-engine.js';
-import { sanitizeDomainTemplate, templateDisks, type DiskFormatName, type DomainTemplate } from './domain-xml.js';
+import { sanitizeDomainTemplate, type DiskFormatName, type DomainTemplate } from './domain-xml.js';
 import { LibvirtError, type Libvirt } from './libvirt.js';
 import { readVhdInfo } from './vhd.js';
 
@@ -206,8 +205,9 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
     // Disk file names follow the target format, e.g. "vda.qcow2".
     const sanitized = sanitizeDomainTemplate(xml, {
       diskFileName: ({ index, target }) => `${SIMPLE_TARGET.test(target) ? target : `disk-${index}`}.${FILE_NAME_EXTENSION[targetFormat]}`,
+      imageFormat: targetFormat,
     });
-    const template = retargetDiskFormats(sanitized, targetFormat);
+    const template = sanitized.xml;
 
     // Every source readable, before anything is written.
     const disks: PlannedDisk[] = [];
@@ -411,76 +411,6 @@ function diskError(what: string, virtualMachine: string, error: unknown): Cowher
 
 // ---------------------------------------------------------------------------------------------------------
 // Template
-
-const PARSER_OPTIONS = {
-  preserveOrder: true,
-  ignoreAttributes: false,
-  attributeNamePrefix: '',
-  parseTagValue: false,
-  parseAttributeValue: false,
-  trimValues: true,
-  commentPropName: '#comment',
-  cdataPropName: '#cdata',
-  ignoreDeclaration: false,
-  ignorePiTags: false,
-  // Values stay escaped as domain-xml wrote them, and the builder writes them back verbatim.
-  processEntities: false,
-} as const;
-const BUILDER_OPTIONS = {
-  preserveOrder: true,
-  ignoreAttributes: false,
-  attributeNamePrefix: '',
-  textNodeName: '#text',
-  commentPropName: '#comment',
-  cdataPropName: '#cdata',
-  format: true,
-  indentBy: '  ',
-  suppressEmptyNode: true,
-  suppressBooleanAttributes: false,
-  processEntities: false,
-} as const;
-
-type OrderedNode = Record<string, unknown> & { ':@'?: Record<string, string> };
-
-/**
- * The template with every disk's `<driver type>` set to the exported format (KVM: qcow2, Xen: vhd).
- * domain-xml keeps the source's driver type and has no option for this, so the template is edited as a
- * tree: parsed and built with domain-xml's own builder settings, entities left as they are. The edit is
- * refused unless the unchanged tree builds back to exactly the same text (so nothing else can change), and
- * the result is read back with templateDisks, which validates it like any untrusted template.
- */
-export function retargetDiskFormats(sanitized: DomainTemplate, targetFormat: DiskFormatName): string {
-  if (sanitized.disks.every((disk) => disk.format === targetFormat)) return sanitized.xml;
-  const parse = (): OrderedNode[] => new XMLParser(PARSER_OPTIONS).parse(sanitized.xml) as OrderedNode[];
-  const build = (nodes: OrderedNode[]): string => `${(new XMLBuilder(BUILDER_OPTIONS).build(nodes) as string).trim()}\n`;
-  const internal = (problem: string): CowherdError => new CowherdError(GrpcStatus.INTERNAL, `cannot set the exported disk format in the template: ${problem}`, { reason: ErrorReason.ERROR_REASON_INTERNAL });
-  if (build(parse()) !== sanitized.xml) throw internal('the template does not survive a parse and build unchanged');
-  const nodes = parse();
-  const childrenOf = (node: OrderedNode | undefined, name: string): OrderedNode[] => {
-    const content = node?.[name];
-    return Array.isArray(content) ? (content as OrderedNode[]) : [];
-  };
-  const named = (nodes: OrderedNode[], name: string): OrderedNode[] => nodes.filter((node) => Object.keys(node).some((key) => key === name));
-  const domain = named(nodes, 'domain')[0];
-  const driverType = targetFormat === 'vpc' ? 'vhd' : targetFormat;
-  const exported = new Set(sanitized.disks.map((disk) => disk.fileName));
-  for (const devices of named(childrenOf(domain, 'domain'), 'devices')) {
-    for (const disk of named(childrenOf(devices, 'devices'), 'disk')) {
-      const children = childrenOf(disk, 'disk');
-      const source = named(children, 'source')[0];
-      const file = source?.[':@']?.['file'];
-      if (file === undefined || !exported.has(file)) continue;
-      const driver = named(children, 'driver')[0];
-      if (driver) driver[':@'] = { ...(driver[':@'] ?? {}), type: driverType };
-      else children.unshift({ driver: [], ':@': { name: targetFormat === 'vpc' ? 'tap' : 'qemu', type: driverType } });
-    }
-  }
-  const xml = build(nodes);
-  const written = templateDisks(xml);
-  const expected = sanitized.disks.map((disk) => `${disk.target}=${disk.fileName}:${targetFormat}`).join(',');
-  if (written.map((disk) => `${disk.target}=${disk.fileName}:${disk.format}`).join(',') !== expected) throw internal(`the disks read back as ${JSON.stringify(written)}`);
-  return xml;
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Files

@@ -16,7 +16,7 @@ import { CowherdError } from '../../services/common/errors.js';
 import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, ImagePublishStage } from '../../services/gen/cowherd/common/v1/types.js';
 import { ImageFile_Role } from '../../services/gen/cowherd/inventory/v1/resources.js';
-import { exportImage, retargetDiskFormats, toImageFiles, type ExportImageOptions, type ExportProgress } from '../../services/agent/image-export.js';
+import { exportImage, toImageFiles, type ExportImageOptions, type ExportProgress } from '../../services/agent/image-export.js';
 import { sanitizeDomainTemplate, templateDisks } from '../../services/agent/domain-xml.js';
 import { LibvirtError, type DomainInfo, type DomainState, type Libvirt } from '../../services/agent/libvirt.js';
 
@@ -241,10 +241,11 @@ describe('exportImage', () => {
     assert.deepEqual(await readdir(join(directory, 'images')), []);
   });
 
-  test('retargetDiskFormats changes only the disk driver types', () => {
+  test('the image format option changes only the disk driver types of the template', () => {
     const sanitized = sanitizeDomainTemplate(domainXml({ disks: [{ path: rawDisk, format: 'raw', target: 'vda' }], kernel }));
-    const retargeted = retargetDiskFormats(sanitized, 'qcow2');
-    assert.equal(retargeted, sanitized.xml.replace(`type="raw"`, `type="qcow2"`));
-    assert.equal(retargetDiskFormats(sanitized, 'raw'), sanitized.xml);
+    const retargeted = sanitizeDomainTemplate(domainXml({ disks: [{ path: rawDisk, format: 'raw', target: 'vda' }], kernel }), { imageFormat: 'qcow2' });
+    assert.equal(retargeted.xml, sanitized.xml.replace(`type="raw"`, `type="qcow2"`));
+    assert.equal(retargeted.disks[0]!.format, 'raw', 'the exported disk list keeps the source format');
+    assert.equal(sanitizeDomainTemplate(domainXml({ disks: [{ path: rawDisk, format: 'raw', target: 'vda' }], kernel }), { imageFormat: 'raw' }).xml, sanitized.xml);
   });
 });
