@@ -22,6 +22,7 @@ import { freePort, startEmbeddedNats } from '../services/common/embedded-nats.js
 import { identityUri } from '../services/common/identity.js';
 import { createCertificateAuthority, generateKeyPair, signLeafCertificate } from '../services/common/pki.js';
 import { mutualTlsChannelCredentialsFromPem } from '../services/common/tls.js';
+import { call } from '../services/common/client.js';
 
 const AGENTS = Number(process.env['BENCH_AGENTS'] ?? 1000);
 const VMS_PER_AGENT = Number(process.env['BENCH_VMS_PER_AGENT'] ?? 10);
@@ -30,9 +31,6 @@ const LIST_RATE = Number(process.env['BENCH_LIST_RATE'] ?? 20);
 const HEARTBEAT_SECONDS = 10;
 const REPOSITORY = fileURLToPath(new URL('..', import.meta.url));
 
-function call<Res>(invoke: (callback: (error: Error | null, response: Res) => void) => void): Promise<Res> {
-  return new Promise((resolve, reject) => invoke((error, response) => (error ? reject(error) : resolve(response))));
-}
 
 async function limited<T>(items: readonly T[], limit: number, work: (item: T) => Promise<void>): Promise<void> {
   let next = 0;

@@ -3,12 +3,9 @@ import { readFileSync } from 'node:fs';
 import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { host_StateToJSON, virtualMachine_StateToJSON, type Host, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { hypervisorToJSON } from '../gen/cowherd/common/v1/types.js';
-import { createClient } from '../common/client.js';
+import { call, createClient } from '../common/client.js';
 import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/tls.js';
 
-function call<Res>(invoke: (callback: (error: Error | null, response: Res) => void) => void): Promise<Res> {
-  return new Promise((resolve, reject) => invoke((error, response) => (error ? reject(error) : resolve(response))));
-}
 
 /** Lines describing every host and VM, read from inventory with the admin credentials. */
 export async function overviewLines(inventoryAddress: string, credentials: TlsFiles, options: { waitForHostsMs?: number } = {}): Promise<string[]> {

@@ -5,7 +5,7 @@
  * lease moving); every other code is an answer and is returned at once. Streams are not retried:
  * their callers resume from their own state.
  */
-import { InterceptingCall, ListenerBuilder, RequesterBuilder, status as GrpcStatus, type ChannelCredentials, type ChannelOptions, type Interceptor, type Metadata, type StatusObject } from '@grpc/grpc-js';
+import { InterceptingCall, ListenerBuilder, RequesterBuilder, status as GrpcStatus, type ChannelCredentials, type ChannelOptions, type Interceptor, type Metadata, type ServiceError, type StatusObject } from '@grpc/grpc-js';
 
 /** Options of {@link deadlineAndRetryInterceptor}. */
 export interface RetryOptions {
@@ -97,14 +97,7 @@ export function createClient<C>(Client: ClientConstructor<C>, address: string, c
   return new Client(address, credentials, clientOptions(options));
 }
 
-/** Calls a callback-style unary method and returns a promise. */
-export function unary<Req, Res>(
-  method: (request: Req, metadata: Metadata, options: { deadline?: number }, callback: (error: Error | null, response: Res) => void) => unknown,
-  request: Req,
-  metadata: Metadata,
-  deadlineMs?: number,
-): Promise<Res> {
-  return new Promise((resolve, reject) => {
-    method(request, metadata, deadlineMs === undefined ? {} : { deadline: Date.now() + deadlineMs }, (error, response) => (error ? reject(error) : resolve(response)));
-  });
+/** Promise form of a callback-style unary call: `await call((cb) => client.getHost(request, cb))`. */
+export function call<Res>(invoke: (callback: (error: ServiceError | null, response: Res) => void) => void): Promise<Res> {
+  return new Promise((resolve, reject) => invoke((error, response) => (error ? reject(error) : resolve(response))));
 }

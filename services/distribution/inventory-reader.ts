@@ -2,10 +2,8 @@
 import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import type { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { call } from '../common/client.js';
 
-function call<Res>(invoke: (callback: (error: ServiceError | null, response: Res) => void) => void): Promise<Res> {
-  return new Promise((resolve, reject) => invoke((error, response) => (error ? reject(error) : resolve(response))));
-}
 
 /** undefined for NOT_FOUND, the value otherwise; other errors are thrown. */
 async function orUndefined<T>(promise: Promise<T>): Promise<T | undefined> {

@@ -1,11 +1,9 @@
 /** Small helpers for calling generated clients in tests. */
 import type { ServiceError } from '@grpc/grpc-js';
 import { readServiceError, type ReceivedError } from '../../services/common/errors.js';
+import { call } from '../../services/common/client.js';
 
-/** Promise form of a callback-style unary call: `await call((cb) => client.getHost(request, cb))`. */
-export function call<Res>(invoke: (callback: (error: ServiceError | null, response: Res) => void) => void): Promise<Res> {
-  return new Promise((resolve, reject) => invoke((error, response) => (error ? reject(error) : resolve(response))));
-}
+export { call } from '../../services/common/client.js';
 
 /** The decoded error of a call that must fail; throws if it succeeds. */
 export async function failure<Res>(invoke: (callback: (error: ServiceError | null, response: Res) => void) => void): Promise<ReceivedError> {

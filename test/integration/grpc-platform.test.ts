@@ -21,12 +21,10 @@ import { INVENTORY_POLICY } from '../../services/inventory/access-policy.js';
 import { InventoryServiceClient, InventoryServiceService } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, Host_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { Resources, TestPki } from '../harness/index.js';
+import { call } from '../harness/grpc.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
-function call<Res>(invoke: (callback: (error: ServiceError | null, response: Res) => void) => void): Promise<Res> {
-  return new Promise((resolve, reject) => invoke((error, response) => (error ? reject(error) : resolve(response))));
-}
 
 describe('gRPC platform', () => {
   const resources = new Resources();
