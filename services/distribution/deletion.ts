@@ -7,10 +7,11 @@
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DeleteImageMetadata, DeleteImageRequest } from '../gen/cowherd/distribution/v1/distribution_service.js';
-import { Image_State, ImageReplica_State, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { Image_State, ImageReplica_State, imageReplica_StateToJSON, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { Empty } from '../gen/google/protobuf/empty.js';
 import type { AgentClients } from '../common/agent-clients.js';
-import { CowherdError, relayServiceError } from '../common/errors.js';
+import { CowherdError, relayServiceError, toStatus } from '../common/errors.js';
+import { parseFilter } from '../common/filter.js';
 import { IMAGE_DELETED, IMAGE_REPLICA_DELETED } from '../common/event-types.js';
 import type { EventPublisher } from '../common/events.js';
 import type { KvStore } from '../common/kv.js';
@@ -99,4 +100,50 @@ export function deleteImageOperationKind(deps: DeletionDeps): OperationKind<Dele
       return {};
     },
   };
+}
+
+/**
+ * CollectImageReplicas: every replica on `parent` that no VM depends on, except origin replicas, replicas
+ * still transferring and the last AVAILABLE replica of each image. Each deletion goes through
+ * deleteReplica, which checks dependents again; a host whose agent fails is reported, the others collected.
+ */
+export async function collectReplicas(
+  deps: DeletionDeps,
+  request: { parent: string; filter: string; validateOnly: boolean },
+): Promise<{ replicas: ImageReplica[]; failures: Array<{ host: string; status: ReturnType<typeof toStatus> }>; freedBytes: string }> {
+  let prefix = '';
+  if (request.parent !== 'hosts/-') {
+    const host = /^hosts\/([^/]+)$/.exec(request.parent)?.[1];
+    if (!host || !HOST_ID.test(host)) throw CowherdError.invalidArgument('parent', 'must be hosts/{host} or hosts/-');
+    if (!(await deps.inventory.getHost(request.parent))) throw CowherdError.notFound(request.parent);
+    prefix = `${host}.`;
+  }
+  const matches = parseFilter<ImageReplica>(request.filter, {
+    image: { read: (replica) => replica.image },
+    state: { read: (replica) => imageReplica_StateToJSON(replica.state).replace('STATE_', '') },
+  });
+  const all = (await deps.replicas.list()).map((entry) => entry.value);
+  const availableCount = new Map<string, number>();
+  for (const replica of all) if (replica.state === ImageReplica_State.STATE_AVAILABLE) availableCount.set(replica.image, (availableCount.get(replica.image) ?? 0) + 1);
+  const candidates = all.filter((replica) => `${replica.host.slice('hosts/'.length)}.`.startsWith(prefix) && matches(replica) && !replica.origin && replica.state !== ImageReplica_State.STATE_TRANSFERRING && replica.state !== ImageReplica_State.STATE_VERIFYING && replica.state !== ImageReplica_State.STATE_PENDING);
+  const collected: ImageReplica[] = [];
+  const failures: Array<{ host: string; status: ReturnType<typeof toStatus> }> = [];
+  const images = new Map((await deps.images.list()).map((entry) => [entry.value.name, entry.value]));
+  let freed = 0;
+  for (const replica of candidates) {
+    if ((await deps.inventory.dependents(replica.host, replica.image)).length > 0) continue;
+    if (replica.state === ImageReplica_State.STATE_AVAILABLE && (availableCount.get(replica.image) ?? 0) <= 1) continue;
+    if (!request.validateOnly) {
+      try {
+        await deleteReplica(deps, replica.name, { allowLast: false });
+      } catch (error) {
+        failures.push({ host: replica.host, status: toStatus(error) });
+        continue;
+      }
+    }
+    if (replica.state === ImageReplica_State.STATE_AVAILABLE) availableCount.set(replica.image, (availableCount.get(replica.image) ?? 1) - 1);
+    collected.push(replica);
+    freed += (images.get(replica.image)?.files ?? []).reduce((sum, file) => sum + Number(file.sizeBytes), 0);
+  }
+  return { replicas: collected, failures, freedBytes: String(freed) };
 }

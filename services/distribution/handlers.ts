@@ -1,12 +1,12 @@
 /**
- * DistributionService handlers. PublishImage, DeleteImage and DeleteImageReplica work; DistributeImage and
- * CollectImageReplicas (the swarm) answer UNIMPLEMENTED until the distribution issue lands.
+ * DistributionService handlers. PublishImage, DeleteImage, DeleteImageReplica and CollectImageReplicas work;
+ * DistributeImage (the swarm) answers UNIMPLEMENTED until the distribution issue lands.
  */
 import type { DistributionServiceService } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import type { OperationManager } from '../common/operations.js';
 import type { Handlers } from '../common/rpc.js';
-import { checkDeleteImage, deleteReplica, type DeletionDeps, type deleteImageOperationKind } from './deletion.js';
+import { checkDeleteImage, collectReplicas, deleteReplica, type DeletionDeps, type deleteImageOperationKind } from './deletion.js';
 import { checkPublish, type PublishDeps, type publishOperationKind } from './publish.js';
 
 /** What the handlers need. */
@@ -40,5 +40,6 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       await deleteReplica(deps, request.name);
       return {};
     },
+    collectImageReplicas: (request) => collectReplicas(deps, request),
   };
 }

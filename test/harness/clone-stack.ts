@@ -46,6 +46,8 @@ export interface CloneStack {
   wait(name: string, timeoutMs?: number, client?: OperationsClient): Promise<Operation>;
   /** Undefines these domains at release. */
   track(...domains: string[]): void;
+  /** Writes a replica record as distribution would (tests of rules that need several hosts' replicas). */
+  putReplica(replica: ImageReplica): Promise<void>;
 }
 
 /** Starts the stack; everything is released with `resources`. */
@@ -112,6 +114,9 @@ export async function startCloneStack(resources: Resources, host: string): Promi
     inventory,
     virsh,
     track: (...names) => void domains.push(...names),
+    putReplica: async (replica) => {
+      await replicas.put(`${replica.host.slice('hosts/'.length)}.${replica.image.slice('images/'.length)}`, replica);
+    },
     addImage: async (image, basePath) => {
       const source = `cowherd-template-${image}`;
       const xml = `<domain type='qemu'><name>${source}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${basePath}'/><target dev='vda' bus='virtio'/></disk><interface type='user'><model type='virtio'/></interface></devices></domain>`;

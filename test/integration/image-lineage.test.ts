@@ -12,6 +12,7 @@ import { promisify } from 'node:util';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
+import { ImageReplica, ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { Resources } from '../harness/index.js';
 import { call, failure } from '../harness/grpc.js';
 import { startCloneStack, type CloneStack } from '../harness/clone-stack.js';
@@ -46,6 +47,24 @@ describe('image lineage: nothing a VM depends on is deleted', { skip: process.ge
     }
   });
   after(() => resources.release());
+
+  it('collects an unused replica that is neither an origin nor the last AVAILABLE one', async () => {
+    const spare = `spare-${suffix}`;
+    const directory = await resources.tempDir('cowherd-test-');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', join(directory, 'spare.qcow2'), '16M']);
+    await stack.addImage(spare, join(directory, 'spare.qcow2'));
+    // This host's copy is a received one; the origin copy lives on another host.
+    await stack.putReplica(ImageReplica.fromPartial({ name: `hosts/lineage-host/images/${spare}`, image: `images/${spare}`, host: 'hosts/lineage-host', state: ImageReplica_State.STATE_AVAILABLE, origin: false }));
+    await stack.putReplica(ImageReplica.fromPartial({ name: `hosts/ghost-host/images/${spare}`, image: `images/${spare}`, host: 'hosts/ghost-host', state: ImageReplica_State.STATE_AVAILABLE, origin: true }));
+    const dry = await call<{ replicas: ImageReplica[] }>((cb) => stack.distribution.collectImageReplicas({ parent: 'hosts/-', filter: '', validateOnly: true }, cb));
+    assert.deepEqual(dry.replicas.map((replica) => replica.name), [`hosts/lineage-host/images/${spare}`], 'only the spare, never the used image or an origin');
+    assert.ok(existsSync(join(stack.imageDirectory, 'images', spare)), 'validate_only deletes nothing');
+    const collected = await call<{ replicas: ImageReplica[]; failures: unknown[] }>((cb) => stack.distribution.collectImageReplicas({ parent: 'hosts/lineage-host', filter: `image = "images/${spare}"`, validateOnly: false }, cb));
+    assert.equal(collected.replicas.length, 1);
+    assert.deepEqual(collected.failures, []);
+    assert.ok(!existsSync(join(stack.imageDirectory, 'images', spare)), 'the spare replica files are gone');
+    assert.ok(existsSync(join(stack.imageDirectory, 'images', used)), 'the used image stays');
+  });
 
   it('refuses to delete a used replica or image, naming the dependents, and changes nothing', async () => {
     const replica = await failure((cb) => stack.distribution.deleteImageReplica({ name: `hosts/lineage-host/images/${used}` }, cb));
