@@ -124,7 +124,8 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     for (const name of ['inventory', 'distribution', 'cloning'] as const) {
       const tls = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, name), identityUri('service', name), ['localhost', name], SERVICE_CERTIFICATE_DAYS);
       const inventoryAddress = endpoints.find((endpoint) => endpoint.name === 'inventory')?.address;
-      endpoints.push(await startFleetProcess(name, tls, await port(name, 'grpc'), await port(name, 'health'), { ...common, COWHERD_CA_ADDRESS: caAddress, ...(inventoryAddress === undefined ? {} : { COWHERD_INVENTORY_ADDRESS: inventoryAddress }) }));
+      const tracker: Record<string, string> = name === 'distribution' ? { COWHERD_TRACKER_ADDRESS: `localhost:${options.dynamicPorts ? await freePort() : 7463}` } : {};
+      endpoints.push(await startFleetProcess(name, tls, await port(name, 'grpc'), await port(name, 'health'), { ...common, COWHERD_CA_ADDRESS: caAddress, ...tracker, ...(inventoryAddress === undefined ? {} : { COWHERD_INVENTORY_ADDRESS: inventoryAddress }) }));
     }
 
     // 4. The local agent joins like any host: with a join token on its first start, by itself afterwards.

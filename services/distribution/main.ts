@@ -15,11 +15,13 @@ import { deleteImageOperationKind } from './deletion.js';
 import { distributionHandlers } from './handlers.js';
 import { inventoryReader } from './inventory-reader.js';
 import { publishOperationKind } from './publish.js';
+import { startTracker } from './tracker.js';
 
 await runServiceMain({
   name: 'distribution',
   variables: {
     inventoryAddress: addressVariable('COWHERD_INVENTORY_ADDRESS', 'host:port of the inventory mTLS port', 'localhost:7442'),
+    trackerAddress: addressVariable('COWHERD_TRACKER_ADDRESS', 'host:port of the BitTorrent tracker (HTTP announce; only published info-hashes)', '0.0.0.0:7463'),
   },
   env: process.env,
   build: async ({ config, boundary, nats, log, tls, events }) => {
@@ -36,9 +38,11 @@ await runServiceMain({
     const publish = publishOperationKind(deps);
     const deleteImage = deleteImageOperationKind(deps);
     const operations = await openOperations(nats.jetstream, log, boundary, [publish as never, deleteImage as never]);
+    const tracker = await startTracker({ address: config.trackerAddress, images: deps.images, log: log.child({ component: 'tracker' }) });
     return {
       services: [adaptService(DistributionServiceService, distributionHandlers({ deps, operations: operations.manager, publish, deleteImage }), DISTRIBUTION_POLICY, boundary), operations.service],
       stop: async () => {
+        await tracker.stop();
         await operations.manager.stop();
         agents.close();
         inventoryClient.close();

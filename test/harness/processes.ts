@@ -33,6 +33,7 @@ export async function startServiceProcess(resources: Resources, name: ProcessNam
       ...withoutCowherdVariables(process.env),
       COWHERD_LISTEN_ADDRESS: 'localhost:0',
       COWHERD_HEALTH_ADDRESS: 'localhost:0',
+      COWHERD_TRACKER_ADDRESS: 'localhost:0',
       ...(tls === undefined ? {} : { COWHERD_TLS_CERT: tls.certificateFile, COWHERD_TLS_KEY: tls.privateKeyFile, COWHERD_TLS_CA: tls.caFile }),
       COWHERD_NATS_URL: natsUrl,
       COWHERD_SHUTDOWN_GRACE_SECONDS: '5',
