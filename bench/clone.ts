@@ -40,10 +40,21 @@ async function main(): Promise<void> {
     await run('qemu-img', ['convert', '-q', '-O', 'qcow2', raw, join(work, 'base.qcow2')]);
     await run('qemu-img', ['resize', '-q', join(work, 'base.qcow2'), '1G']);
     const image = `bench-${Math.random().toString(36).slice(2, 7)}`;
-    const base = await stack.addImage(image, join(work, 'base.qcow2'));
-    const baseHash = await sha256(base);
+    // The image is published through the public API from a powered-off VM, like an operator would.
+    const vmDirectory = join(stack.imageDirectory, 'vms');
+    await mkdir(vmDirectory, { recursive: true });
+    await run('cp', [join(work, 'base.qcow2'), join(vmDirectory, `${image}-master.qcow2`)]);
+    const master = `${image}-master`;
+    await writeFile(join(vmDirectory, `${master}.xml`), `<domain type='qemu'><name>${master}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${join(vmDirectory, `${master}.qcow2`)}'/><target dev='vda' bus='virtio'/></disk><interface type='user'><model type='virtio'/></interface></devices></domain>`);
+    await stack.virsh('define', join(vmDirectory, `${master}.xml`));
+    stack.track(master);
     const deadline = Date.now() + 30_000;
-    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getHost({ name: 'hosts/bench-host' }, cb)).then((host) => host.state === 1, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/bench-host/virtualMachines/${master}` }, cb)).then((vm) => vm.state === 3, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+    const publishing = await call<Operation>((cb) => stack.distribution.publishImage({ imageId: image, sourceVirtualMachine: `hosts/bench-host/virtualMachines/${master}`, description: 'bench:clone master', labels: {}, requestId: '' }, cb));
+    const published = await stack.wait(publishing.name, 600_000, stack.distributionOperations);
+    if (published.result?.$case !== 'response') throw new Error(`publish failed: ${JSON.stringify(published.result)}`);
+    const base = join(stack.imageDirectory, 'images', image, 'vda.qcow2');
+    const baseHash = await sha256(base);
     const results: Array<Record<string, unknown>> = [];
 
     // cowherd, through the public API.

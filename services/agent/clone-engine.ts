@@ -6,7 +6,9 @@
  * Layout under the image directory: `images/<image>/` holds a replica (disk files and
  * `domain-template.xml`), `clones/<domain>/` a clone's children and files.
  */
-import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { randomUUID } from 'node:crypto';
+import { constants as fsConstants } from 'node:fs';
+import { copyFile, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
@@ -74,7 +76,16 @@ export class CloneEngine {
     // Prepare every clone (directory, children, XML) with a few in parallel, define them in one virsh
     // process, then start the ones asked for: ~6 ms a clone instead of ~30 with a process per step.
     const listedAt = performance.now();
-    const prepared = await mapLimited(request.clones, PREPARE_CONCURRENCY, (clone) => this.prepare(source, clone.domainName, request, existing.get(clone.domainName)));
+    // KVM: one qcow2 overlay per base disk made by qemu-img, copied byte for byte for every clone. A
+    // qcow2 header holds no per-file identity, so overlays of one base with the same options are
+    // identical; a 196 KiB copy costs ~0.2 ms where a qemu-img process costs ~6 ms.
+    const prototypes = this.options.hypervisor === 'kvm' && request.clones.length > 1 ? await this.makePrototypes(source) : new Map<string, string>();
+    let prepared: PreparedClone[];
+    try {
+      prepared = await mapLimited(request.clones, PREPARE_CONCURRENCY, (clone) => this.prepare(source, clone.domainName, request, existing.get(clone.domainName), prototypes));
+    } finally {
+      for (const prototype of prototypes.values()) await rm(prototype, { force: true });
+    }
     const preparedAt = performance.now();
     const toDefine = prepared.filter((item): item is PreparedClone & { kind: 'new' } => item.kind === 'new');
     const defineErrors = this.options.libvirt.defineMany
@@ -134,7 +145,7 @@ export class CloneEngine {
   }
 
   /** Everything before libvirt: name check, directory, children, rendered XML. Never throws. */
-  private async prepare(source: ResolvedSource, name: string, request: CreateClonesRequest, existing: DomainInfo | undefined): Promise<PreparedClone> {
+  private async prepare(source: ResolvedSource, name: string, request: CreateClonesRequest, existing: DomainInfo | undefined, prototypes: ReadonlyMap<string, string>): Promise<PreparedClone> {
     const cloneDirectory = join(this.options.imageDirectory, 'clones', name);
     let directoryMade = false;
     try {
@@ -149,7 +160,7 @@ export class CloneEngine {
         throw error;
       });
       directoryMade = true;
-      const children = await Promise.all(source.disks.map((disk) => this.makeChild(disk, cloneDirectory)));
+      const children = await Promise.all(source.disks.map((disk) => this.makeChild(disk, cloneDirectory, prototypes.get(disk.target))));
       const rendered = await renderClone(source.template, {
         name,
         hypervisor: this.options.hypervisor,
@@ -166,7 +177,26 @@ export class CloneEngine {
     }
   }
 
-  private async makeChild(disk: ResolvedSource['disks'][number], cloneDirectory: string): Promise<{ target: string; path: string }> {
+  /** One qemu-img overlay per base disk, in the clones directory (same file system, so copies are cheap). */
+  private async makePrototypes(source: ResolvedSource): Promise<Map<string, string>> {
+    const directory = join(this.options.imageDirectory, 'clones');
+    await mkdir(directory, { recursive: true });
+    const prototypes = new Map<string, string>();
+    try {
+      for (const disk of source.disks) {
+        if (disk.format === 'vpc') continue;
+        const path = join(directory, `.prototype-${randomUUID()}-${disk.target}.qcow2`);
+        await createQcow2Overlay(disk.base, disk.format, path);
+        prototypes.set(disk.target, path);
+      }
+    } catch (error) {
+      for (const path of prototypes.values()) await rm(path, { force: true });
+      throw error;
+    }
+    return prototypes;
+  }
+
+  private async makeChild(disk: ResolvedSource['disks'][number], cloneDirectory: string, prototype?: string): Promise<{ target: string; path: string }> {
     if (this.options.hypervisor === 'xen') {
       if (disk.format !== 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
       const path = join(cloneDirectory, `${disk.target}.vhd`);
@@ -175,8 +205,9 @@ export class CloneEngine {
     }
     if (disk.format === 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
     const path = join(cloneDirectory, `${disk.target}.qcow2`);
-    await createQcow2Overlay(disk.base, disk.format, path).catch((error: unknown) => {
-      throw /No space left/i.test(String((error as Error).message))
+    const make = prototype === undefined ? createQcow2Overlay(disk.base, disk.format, path) : copyFile(prototype, path, fsConstants.COPYFILE_EXCL);
+    await make.catch((error: unknown) => {
+      throw /No space left|ENOSPC/i.test(String((error as Error).message))
         ? new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left for ${path}`, { reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE, cause: error })
         : error;
     });

@@ -120,6 +120,8 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
       assert.ok(info['actual-size'] <= 512 * 1024, `overlay is ${info['actual-size']} bytes`);
     }
     assert.equal((await stat(baseDisk)).mode & 0o222, 0, 'the base is read-only on disk');
+    const { readdir } = await import('node:fs/promises');
+    assert.deepEqual((await readdir(join(imageDirectory, 'clones'))).filter((entry) => entry.startsWith('.prototype-')), [], 'the batch prototype overlay is gone');
     for (const name of names) await virsh('destroy', name);
     assert.equal(await sha256(baseDisk), before, 'the base is unchanged');
 
