@@ -33,7 +33,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { constants as fsConstants, createReadStream } from 'node:fs';
-import { access, chmod, copyFile, lstat, mkdir, open, readdir, rename, rm, stat, statfs, writeFile } from 'node:fs/promises';
+import { access, chmod, copyFile, mkdir, open, readdir, rename, stat, statfs, writeFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
@@ -48,6 +48,7 @@ import { TEMPLATE_FILE } from './clone-engine.js';
 import { sanitizeDomainTemplate, type DiskFormatName, type DomainTemplate } from './domain-xml.js';
 import { LibvirtError, type Libvirt } from './libvirt.js';
 import { readVhdInfo } from './vhd.js';
+import { pathExists, removeTree } from './file-tree.js';
 
 /** Progress of an export: the stage and the bytes of that stage. */
 export interface ExportProgress {
@@ -187,7 +188,7 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
   try {
     throwIfAborted(options.signal);
     await mkdir(imagesRoot, { recursive: true });
-    if (await exists(finalDirectory)) throw alreadyExists(image, `${finalDirectory} already exists`);
+    if (await pathExists(finalDirectory)) throw alreadyExists(image, `${finalDirectory} already exists`);
     // What a crashed export of this id left (no export of it runs in this process: the lock above).
     await removeStalePartials(imagesRoot, image, options.log);
 
@@ -454,21 +455,8 @@ async function allocatedBytes(file: string): Promise<number> {
   }
 }
 
-async function exists(file: string): Promise<boolean> {
-  try {
-    await lstat(file);
-    return true;
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw error;
-  }
-}
 
 /** rm -rf that also works on the read-only directories an export makes. */
-async function removeTree(directory: string): Promise<void> {
-  await chmod(directory, 0o700).catch(() => undefined);
-  await rm(directory, { recursive: true, force: true });
-}
 
 async function removeStalePartials(imagesRoot: string, image: string, log: Logger | undefined): Promise<void> {
   const prefix = partialPrefix(image);

@@ -2,12 +2,12 @@
  * Image replicas on this host: `<image dir>/images/<image>/`. Removing one is refused while any domain on
  * the host was cloned from it (its disks are the clones' bases), whatever inventory believes.
  */
-import { chmod, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { CowherdError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import { IMAGE_ID } from '../common/resource-names.js';
+import { pathExists, removeTree } from './file-tree.js';
 import type { Libvirt } from './libvirt.js';
 
 /** Removes the replica `hosts/{host}/images/{image}` of this host; a missing one is success. */
@@ -22,11 +22,8 @@ export async function deleteLocalReplica(options: { host: string; imageDirectory
     });
   }
   const directory = join(options.imageDirectory, 'images', match[2]!);
-  const exists = await stat(directory).then(() => true, () => false);
-  if (!exists) return;
-  // Replicas are read-only on disk (immutable): make them writable just long enough to remove them.
-  await chmod(directory, 0o755);
-  for (const entry of await readdir(directory)) await chmod(join(directory, entry), 0o644).catch(() => undefined);
-  await rm(directory, { recursive: true, force: true });
+  if (!(await pathExists(directory))) return;
+  // Replicas are read-only on disk (immutable): removeTree makes the directory writable first.
+  await removeTree(directory);
   options.log.info({ replica: name }, 'replica removed');
 }

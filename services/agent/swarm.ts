@@ -29,7 +29,7 @@
  */
 import { createHash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { chmod, lstat, mkdir, open, readdir, rename, rm, stat, statfs, unlink, type FileHandle } from 'node:fs/promises';
+import { chmod, mkdir, open, readdir, rename, stat, statfs, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import WebTorrent, { type ChunkStore, type ChunkStoreConstructor, type ChunkStoreOptions, type Torrent } from 'webtorrent';
@@ -38,6 +38,7 @@ import type { Logger } from '../common/logger.js';
 import { IMAGE_ID } from '../common/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { parseImageTorrent, torrentFile, type ImageTorrent } from './torrent.js';
+import { pathExists, removeTree } from './file-tree.js';
 
 /** Bandwidth limits in bytes per second; 0 = unlimited. */
 export interface SwarmLimits {
@@ -252,7 +253,7 @@ export class ImageSwarm {
     };
     const run = (async (): Promise<FetchImageResult> => {
       try {
-        if (await exists(finalDirectory)) {
+        if (await pathExists(finalDirectory)) {
           entry.stage = 'verifying';
           const bad = await verifyImageFiles(finalDirectory, options.files, { onBytes: (done) => ((entry.bytesDone = done), undefined) });
           if (bad.length === 0) {
@@ -715,20 +716,7 @@ function later<T extends unknown[]>(callback: (...args: T) => void, ...args: T):
   queueMicrotask(() => callback(...args));
 }
 
-async function exists(path: string): Promise<boolean> {
-  try {
-    await lstat(path);
-    return true;
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw error;
-  }
-}
 
-async function removeTree(directory: string): Promise<void> {
-  await chmod(directory, 0o700).catch(() => undefined);
-  await rm(directory, { recursive: true, force: true });
-}
 
 /** After a verified replica was moved back to be repaired: writable again, and the wrong files deleted. */
 async function makeWritable(directory: string, badFiles: readonly string[]): Promise<void> {
