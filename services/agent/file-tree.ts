@@ -1,5 +1,5 @@
 /** Small file helpers shared by the agent's image modules (export, swarm, replicas). */
-import { chmod, lstat, rm } from 'node:fs/promises';
+import { chmod, lstat, open, rm } from 'node:fs/promises';
 
 /** True when something (file, directory, link) is at `path`; other errors than ENOENT are thrown. */
 export async function pathExists(path: string): Promise<boolean> {
@@ -19,4 +19,14 @@ export async function pathExists(path: string): Promise<boolean> {
 export async function removeTree(directory: string): Promise<void> {
   await chmod(directory, 0o700).catch(() => undefined);
   await rm(directory, { recursive: true, force: true });
+}
+
+/** fsync of a directory, so that a rename or a new entry in it survives a crash. */
+export async function fsyncDirectory(directory: string): Promise<void> {
+  const handle = await open(directory, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
 }

@@ -48,7 +48,7 @@ import { TEMPLATE_FILE } from './clone-engine.js';
 import { sanitizeDomainTemplate, type DiskFormatName, type DomainTemplate } from './domain-xml.js';
 import { LibvirtError, type Libvirt } from './libvirt.js';
 import { readVhdInfo } from './vhd.js';
-import { pathExists, removeTree } from './file-tree.js';
+import { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
 
 /** Progress of an export: the stage and the bytes of that stage. */
 export interface ExportProgress {
@@ -467,14 +467,6 @@ async function removeStalePartials(imagesRoot: string, image: string, log: Logge
   }
 }
 
-async function fsyncDirectory(directory: string): Promise<void> {
-  const handle = await open(directory, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Progress, errors, helpers

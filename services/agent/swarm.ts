@@ -38,7 +38,7 @@ import type { Logger } from '../common/logger.js';
 import { IMAGE_ID } from '../common/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { parseImageTorrent, torrentFile, type ImageTorrent } from './torrent.js';
-import { pathExists, removeTree } from './file-tree.js';
+import { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
 
 /** Bandwidth limits in bytes per second; 0 = unlimited. */
 export interface SwarmLimits {
@@ -726,11 +726,3 @@ async function makeWritable(directory: string, badFiles: readonly string[]): Pro
   }
 }
 
-async function fsyncDirectory(directory: string): Promise<void> {
-  const handle = await open(directory, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
