@@ -14,7 +14,7 @@ import { runServiceMain } from '../common/service-process.js';
 import { serverOnlyTlsCredentials } from '../common/tls.js';
 import { CERTIFICATE_AUTHORITY_POLICY, ENROLLMENT_POLICY } from './access-policy.js';
 import { loadOrCreateCertificateAuthority } from '../common/ca-files.js';
-import { certificateState, CertificateAuthority, DEFAULT_CA_POLICY } from './certificate-authority.js';
+import { certificateState, CertificateAuthority, DEFAULT_CA_POLICY, type CertificateListener } from './certificate-authority.js';
 import { RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
 import { HOST_DELETED } from '../common/event-types.js';
 import { consumeEvents } from '../common/events.js';
@@ -41,14 +41,16 @@ await runServiceMain({
     const records = await openCaRecords(nats.jetstream);
     const listCertificates = async () => (await records.certificates.list('certificate.*')).map((entry) => entry.value);
     const syncNats = natsUsersFromConfig(config, listCertificates, log);
-    const listener = syncNats ? allListeners(syncNats, eventingListener(events)) : eventingListener(events);
+    // The CA's own servers refuse a revoked certificate from the moment RevokeCertificate returns.
+    const revocations = new RevocationSet();
+    const ownRevocations: CertificateListener = { issued: async () => undefined, revoked: async (record) => revocations.add(record.serialNumber) };
+    const listener = allListeners(ownRevocations, ...(syncNats ? [syncNats] : []), eventingListener(events));
     const ca = new CertificateAuthority(key, records, listener, log, { ...DEFAULT_CA_POLICY, hostCertificateSeconds: config.hostCertificateHours * 3600 });
     await syncNats?.sync();
     const natsTimer = syncNats ? setInterval(() => void syncNats.sync().catch(() => undefined), 30_000) : undefined;
     const handlers = certificateAuthorityHandlers(ca, await PageTokens.open(nats.jetstream));
 
     // Revocations come straight from the CA's own records, refreshed at once after a revoke by any replica.
-    const revocations = new RevocationSet();
     const stopFollowing = await followRevocations({ set: revocations, log, nats: nats.connection, intervalMs: 5_000, fetch: async () => (await ca.revocationList()).serialNumbers });
 
     // A host deleted from the inventory loses its certificates (it re-joins only with a new token).

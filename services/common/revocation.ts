@@ -14,14 +14,22 @@ export const REVOCATION_REFRESH_MS = 30_000;
 /** A set of revoked serials (lowercase hex without leading zeros). */
 export class RevocationSet implements RevocationCheck {
   private serials: ReadonlySet<string> = new Set();
+  /** Serials added locally: a fetch that started before their revocation was stored must not drop them. */
+  private readonly added = new Set<string>();
 
   isRevoked(serialNumber: string): boolean {
     return this.serials.has(serialNumber);
   }
 
+  /** Adds one serial at once (the CA, for a revocation it just recorded). */
+  add(serialNumber: string): void {
+    this.added.add(serialNumber);
+    this.serials = new Set([...this.serials, serialNumber]);
+  }
+
   /** Replaces the whole set (a fresh list from the CA). */
   replace(serialNumbers: Iterable<string>): void {
-    this.serials = new Set(serialNumbers);
+    this.serials = new Set([...serialNumbers, ...this.added]);
   }
 
   get size(): number {
@@ -46,17 +54,13 @@ export interface FollowOptions {
 export async function followRevocations(options: FollowOptions): Promise<() => void> {
   let stopped = false;
   let timer: NodeJS.Timeout | undefined;
-  let running: Promise<void> | undefined;
-  const refresh = (): Promise<void> => {
-    running ??= options
-      .fetch()
-      .then((serials) => options.set.replace(serials))
-      .catch((error: unknown) => options.log.warn({ err: error }, 'could not refresh the revocation list; keeping the last one'))
-      .finally(() => {
-        running = undefined;
-      });
-    return running;
-  };
+  const refresh = rerunning(async () => {
+    try {
+      options.set.replace(await options.fetch());
+    } catch (error) {
+      options.log.warn({ err: error }, 'could not refresh the revocation list; keeping the last one');
+    }
+  });
   const schedule = (): void => {
     if (stopped) return;
     timer = setTimeout(() => void refresh().finally(schedule), options.intervalMs ?? REVOCATION_REFRESH_MS);
@@ -71,5 +75,30 @@ export async function followRevocations(options: FollowOptions): Promise<() => v
     stopped = true;
     clearTimeout(timer);
     subscription?.unsubscribe();
+  };
+}
+
+/**
+ * Wraps `task` so that calls while it runs do not start a second copy but one more run after it: a
+ * refresh asked for during a fetch may be caused by a change that fetch did not see, so sharing its
+ * answer would lose the change. The returned promise settles when no run is pending.
+ */
+export function rerunning(task: () => Promise<void>): () => Promise<void> {
+  let running: Promise<void> | undefined;
+  let again = false;
+  return () => {
+    if (running) {
+      again = true;
+      return running;
+    }
+    running = (async () => {
+      do {
+        again = false;
+        await task();
+      } while (again);
+    })().finally(() => {
+      running = undefined;
+    });
+    return running;
   };
 }

@@ -9,6 +9,7 @@ import { redactSecrets } from '../../services/common/logger.js';
 import { PageTokens, paginate, pageSizeOf } from '../../services/common/pagination.js';
 import { createCertificateAuthority, createCsr, generateKeyPair, inspectCertificate, parseCsr, signLeafCertificate } from '../../services/common/pki.js';
 import { readDescriptorSet, splitDescriptorSet } from '../../services/common/reflection.js';
+import { rerunning, RevocationSet } from '../../services/common/revocation.js';
 import { FileDescriptorProto } from '../../services/gen/google/protobuf/descriptor.js';
 
 describe('config', () => {
@@ -139,5 +140,39 @@ describe('reflection descriptor set', () => {
     assert.ok(operations, 'operations.proto is in the set');
     assert.ok(operations.dependency.includes('google/rpc/status.proto'));
     assert.ok(files.some((file) => file.name === 'grpc/health/v1/health.proto'));
+  });
+});
+
+describe('revocation following', () => {
+  it('runs a refresh asked for during a fetch once more afterwards, so a change stored meanwhile is seen', async () => {
+    const seen: string[][] = [];
+    let stored: string[] = [];
+    const releases: Array<() => void> = [];
+    const refresh = rerunning(async () => {
+      const snapshot = [...stored];
+      await new Promise<void>((resolve) => releases.push(resolve));
+      seen.push(snapshot);
+    });
+    const first = refresh();
+    stored = ['abc'];
+    const second = refresh();
+    const third = refresh();
+    assert.equal(releases.length, 1, 'one run at a time');
+    releases.shift()!();
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(releases.length, 1, 'the calls during the run asked for exactly one more');
+    releases.shift()!();
+    await Promise.all([first, second, third]);
+    assert.deepEqual(seen, [[], ['abc']]);
+  });
+
+  it('keeps serials added locally through a replace with an older list', () => {
+    const set = new RevocationSet();
+    set.add('1f');
+    set.replace(['2a']);
+    assert.ok(set.isRevoked('1f') && set.isRevoked('2a'));
+    set.replace([]);
+    assert.ok(set.isRevoked('1f'));
+    assert.equal(set.isRevoked('2a'), false);
   });
 });
