@@ -19,6 +19,13 @@ import { deleteLocalReplica } from './replicas.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { VirshLibvirt } from './libvirt.js';
 import { createReporter, inventoryPort } from './reporter.js';
+import { ImageTransfers } from './image-transfers.js';
+
+/** `host:port` (IPv6 in brackets) split. */
+function splitAddress(address: string): { host: string; port: number } {
+  const match = /^\[?(.*?)\]?:(\d+)$/.exec(address)!;
+  return { host: match[1]!, port: Number(match[2]) };
+}
 
 let agent: AgentConfig;
 try {
@@ -48,6 +55,23 @@ await runServiceMain({
     await prepareImageDirectory(agent.imageDirectory);
     const libvirt = new VirshLibvirt({ uri: agent.libvirtUri, log: log.child({ component: 'libvirt' }) });
     const inventory = createClient(InventoryServiceClient, agent.inventoryAddress, mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000));
+    const hypervisor = await libvirt.hypervisorFacts().then(
+      (facts) => (detectHypervisor(facts, readSystemFacts()).hypervisor === Hypervisor.HYPERVISOR_XEN ? 'xen' : 'kvm'),
+      () => 'kvm' as const,
+    );
+    const dependents = async (id: string): Promise<string[]> =>
+      (await libvirt.listDomains()).filter((domain) => domain.clone && 'image' in domain.clone.source && domain.clone.source.image === `images/${id}`).map((domain) => domain.name);
+    const transfers = await ImageTransfers.start({
+      host: agent.host,
+      imageDirectory: agent.imageDirectory,
+      hypervisor,
+      events,
+      log: log.child({ component: 'transfers' }),
+      torrentPort: agent.torrentPort,
+      webSeedAddress: splitAddress(agent.webSeedAddress),
+      advertiseHost: splitAddress(agent.advertiseAddress).host,
+      dependents,
+    });
     const reporter = createReporter({
       host: agent.host,
       inventory: inventoryPort(inventory),
@@ -55,17 +79,20 @@ await runServiceMain({
       disks: createQemuImgDiskInspector({ log: log.child({ component: 'disks' }) }),
       facts: createHostFactsSource({ libvirt, imageDirectory: agent.imageDirectory, advertiseAddress: agent.advertiseAddress }),
       log,
+      // The inventory's limits (UpdateHost) are the durable ones: every heartbeat applies them.
+      onTransferLimits: (limits) => {
+        transfers.setLimits({ uploadBytesPerSecond: Number(limits?.uploadBytesPerSecond ?? 0), downloadBytesPerSecond: Number(limits?.downloadBytesPerSecond ?? 0) });
+      },
     });
     await reporter.start();
-    const hypervisor = await libvirt.hypervisorFacts().then(
-      (facts) => (detectHypervisor(facts, readSystemFacts()).hypervisor === Hypervisor.HYPERVISOR_XEN ? 'xen' : 'kvm'),
-      () => 'kvm' as const,
-    );
     const clones = new CloneEngine({ host: agent.host, imageDirectory: agent.imageDirectory, hypervisor, libvirt, events, log: log.child({ component: 'clones' }) });
+    const vms = new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) });
+    const replicas = { delete: (name: string) => deleteLocalReplica({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log, release: (id, removeFiles) => transfers.release(id, removeFiles) }, name) };
     return {
-      services: [adaptService(AgentServiceService, agentHandlers(clones, new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) }), { delete: (name) => deleteLocalReplica({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log }, name) }, { libvirt, imageDirectory: agent.imageDirectory, host: agent.host, log: log.child({ component: 'export' }) }), AGENT_POLICY, boundary)],
+      services: [adaptService(AgentServiceService, agentHandlers({ clones, vms, replicas, transfers, exporter: { libvirt, imageDirectory: agent.imageDirectory, host: agent.host, log: log.child({ component: 'export' }) } }), AGENT_POLICY, boundary)],
       stop: async () => {
         await reporter.stop();
+        await transfers.stop();
         inventory.close();
       },
     };

@@ -11,7 +11,17 @@ import { pathExists, removeTree } from './file-tree.js';
 import type { Libvirt } from './libvirt.js';
 
 /** Removes the replica `hosts/{host}/images/{image}` of this host; a missing one is success. */
-export async function deleteLocalReplica(options: { host: string; imageDirectory: string; libvirt: Libvirt; log: Logger }, name: string): Promise<void> {
+export async function deleteLocalReplica(
+  options: {
+    host: string;
+    imageDirectory: string;
+    libvirt: Libvirt;
+    log: Logger;
+    /** Stops the swarm's use of the replica around the removal (ImageTransfers.release). */
+    release?: (id: string, removeFiles: () => Promise<void>) => Promise<void>;
+  },
+  name: string,
+): Promise<void> {
   const match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(name);
   if (!match || match[1] !== options.host || !IMAGE_ID.test(match[2]!)) throw CowherdError.invalidArgument('name', `must be hosts/${options.host}/images/{image}`);
   const image = `images/${match[2]}`;
@@ -22,8 +32,11 @@ export async function deleteLocalReplica(options: { host: string; imageDirectory
     });
   }
   const directory = join(options.imageDirectory, 'images', match[2]!);
-  if (!(await pathExists(directory))) return;
   // Replicas are read-only on disk (immutable): removeTree makes the directory writable first.
-  await removeTree(directory);
+  const removeFiles = async (): Promise<void> => {
+    if (await pathExists(directory)) await removeTree(directory);
+  };
+  if (options.release) await options.release(match[2]!, removeFiles);
+  else await removeFiles();
   options.log.info({ replica: name }, 'replica removed');
 }

@@ -407,7 +407,10 @@ export class ImageSwarm {
     entry.torrent = seeding;
     entry.stage = 'seeding';
     entry.bytesDone = torrent.totalBytes;
-    seeding.on('warning', (warning: Error) => this.log?.debug({ image: entry.image, err: warning }, 'seeding warning'));
+    seeding.on('warning', (warning: Error) => {
+      this.log?.debug({ image: entry.image, err: warning }, 'seeding warning');
+      retryAnnounceSoon(seeding);
+    });
     await new Promise<void>((resolveReady, reject) => {
       seeding.once('ready', () => resolveReady());
       seeding.once('error', reject);
@@ -473,7 +476,10 @@ export class ImageSwarm {
           resolveRound({ present, written: counters.written, received });
         });
       };
-      added.on('warning', (warning: Error) => this.log?.debug({ image: entry.image, err: warning }, 'transfer warning'));
+      added.on('warning', (warning: Error) => {
+        this.log?.debug({ image: entry.image, err: warning }, 'transfer warning');
+        retryAnnounceSoon(added);
+      });
       added.once('error', (error: Error) => finish(error));
       added.once('close', () => finish(cancelled() ?? cancelledError(entry.image)));
       added.once('ready', () => {
@@ -502,6 +508,18 @@ export class ImageSwarm {
       });
     }
   }
+}
+
+/** How soon a failed tracker announce is tried again. */
+export const ANNOUNCE_RETRY_MS = 5_000;
+
+/**
+ * After a warning (a failed announce among them), announce again in {@link ANNOUNCE_RETRY_MS} instead of
+ * bittorrent-tracker's 30 minutes: the origin announces before distribution has registered the info-hash,
+ * and a tracker may restart. The next successful announce sets the tracker's own interval again.
+ */
+function retryAnnounceSoon(torrent: Torrent): void {
+  if (!torrent.destroyed) torrent.discovery?.tracker?.setInterval(ANNOUNCE_RETRY_MS);
 }
 
 // ---------------------------------------------------------------------------------------------------------

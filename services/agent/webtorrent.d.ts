@@ -84,6 +84,8 @@ declare module 'webtorrent' {
     readonly destroyed: boolean;
     readonly wires: Wire[];
     readonly pieces: unknown[];
+    /** torrent-discovery; `tracker` is the bittorrent-tracker client (null without trackers). */
+    readonly discovery?: { readonly tracker?: { setInterval(intervalMs?: number): void; update(): void } | null } | null;
     destroy(options?: { destroyStore?: boolean }, callback?: (error?: Error | null) => void): void;
     addPeer(peer: string): boolean;
     addWebSeed(url: string): void;

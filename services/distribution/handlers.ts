@@ -1,20 +1,19 @@
-/**
- * DistributionService handlers. PublishImage, DeleteImage, DeleteImageReplica and CollectImageReplicas work;
- * DistributeImage (the swarm) answers UNIMPLEMENTED until the distribution issue lands.
- */
+/** DistributionService handlers: checks, then long-running operations or direct calls. */
 import type { DistributionServiceService } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import type { OperationManager } from '../common/operations.js';
 import type { Handlers } from '../common/rpc.js';
 import { checkDeleteImage, collectReplicas, deleteReplica, type DeletionDeps, type deleteImageOperationKind } from './deletion.js';
 import { checkPublish, type PublishDeps, type publishOperationKind } from './publish.js';
+import { checkDistribute, initialDistributeMetadata, type DistributeDeps, type distributeOperationKind } from './distribute.js';
 
 /** What the handlers need. */
 export interface DistributionHandlersDeps {
-  readonly deps: PublishDeps & DeletionDeps;
+  readonly deps: PublishDeps & DeletionDeps & DistributeDeps;
   readonly operations: Pick<OperationManager, 'start' | 'findByRequestId'>;
   readonly publish: ReturnType<typeof publishOperationKind>;
   readonly deleteImage: ReturnType<typeof deleteImageOperationKind>;
+  readonly distribute: ReturnType<typeof distributeOperationKind>;
 }
 
 /** The implemented handlers. */
@@ -28,6 +27,12 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       const { host } = await checkPublish(request, deps);
       const now = new Date();
       return operations.start(options.publish, request, { image: `images/${request.imageId}`, sourceVirtualMachine: request.sourceVirtualMachine, originHost: host.name, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, progress: undefined, startTime: now, updateTime: now }, request.requestId);
+    },
+    distributeImage: async (request) => {
+      const existing = await operations.findByRequestId(options.distribute.kind, request.requestId);
+      if (existing) return operations.start(options.distribute, request, undefined as never, request.requestId);
+      const { image, hosts } = await checkDistribute(request, deps);
+      return operations.start(options.distribute, { ...request, hosts }, initialDistributeMetadata(image, hosts), request.requestId);
     },
     deleteImage: async (request) => {
       const existing = await operations.findByRequestId(options.deleteImage.kind, request.requestId);

@@ -20,6 +20,16 @@ export function inventoryReader(client: InventoryServiceClient) {
   return {
     getVirtualMachine: (name: string): Promise<VirtualMachine | undefined> => orUndefined(call<VirtualMachine>((cb) => client.getVirtualMachine({ name }, cb))),
     getHost: (name: string): Promise<Host | undefined> => orUndefined(call<Host>((cb) => client.getHost({ name }, cb))),
+    listHosts: async (): Promise<Host[]> => {
+      const found: Host[] = [];
+      let pageToken = '';
+      do {
+        const page = await call<{ hosts: Host[]; nextPageToken: string }>((cb) => client.listHosts({ pageSize: 1000, pageToken, filter: '' }, cb));
+        found.push(...page.hosts);
+        pageToken = page.nextPageToken;
+      } while (pageToken !== '');
+      return found;
+    },
     dependents: async (parent: string, image: string): Promise<VirtualMachine[]> => {
       const found: VirtualMachine[] = [];
       let pageToken = '';

@@ -4,7 +4,8 @@ import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_se
 import { Image, ImageReplica } from '../gen/cowherd/inventory/v1/resources.js';
 import { AgentClients } from '../common/agent-clients.js';
 import { createClient } from '../common/client.js';
-import { addressVariable } from '../common/config.js';
+import { hostname } from 'node:os';
+import { addressVariable, optionalStringVariable } from '../common/config.js';
 import { KvStore, protoCodec } from '../common/kv.js';
 import { openOperations } from '../common/operations.js';
 import { adaptService } from '../common/rpc.js';
@@ -16,19 +17,30 @@ import { distributionHandlers } from './handlers.js';
 import { inventoryReader } from './inventory-reader.js';
 import { publishOperationKind } from './publish.js';
 import { startTracker } from './tracker.js';
+import { distributeOperationKind, followReplicaEvents } from './distribute.js';
+
+/** The tracker's host for the default announce URL: the listen host, or this machine's name for a wildcard. */
+function announceHost(address: string): string {
+  const host = address.slice(0, address.lastIndexOf(':')).replace(/^\[(.*)\]$/, '$1');
+  return host === '0.0.0.0' || host === '::' ? hostname() : host;
+}
 
 await runServiceMain({
   name: 'distribution',
   variables: {
     inventoryAddress: addressVariable('COWHERD_INVENTORY_ADDRESS', 'host:port of the inventory mTLS port', 'localhost:7442'),
     trackerAddress: addressVariable('COWHERD_TRACKER_ADDRESS', 'host:port of the BitTorrent tracker (HTTP announce; only published info-hashes)', '0.0.0.0:7463'),
+    trackerAnnounceUrl: optionalStringVariable('COWHERD_TRACKER_ANNOUNCE_URL', 'the announce URL agents use to reach the tracker (behind a Service or load balancer, its address); default http://<this host name>:<tracker port>/announce'),
   },
   env: process.env,
   build: async ({ config, boundary, nats, log, tls, events }) => {
     const credentials = mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000);
     const inventoryClient = createClient(InventoryServiceClient, config.inventoryAddress, credentials, { defaultDeadlineMs: 15_000 });
     const agents = new AgentClients(credentials);
+    const tracker = await startTracker({ address: config.trackerAddress, images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)), log: log.child({ component: 'tracker' }) });
+    const trackerAnnounceUrl = config.trackerAnnounceUrl ?? tracker.announceUrl(announceHost(config.trackerAddress));
     const deps = {
+      trackerAnnounceUrl,
       images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)),
       replicas: await KvStore.open(nats.jetstream, 'replicas', protoCodec(ImageReplica)),
       inventory: inventoryReader(inventoryClient),
@@ -37,12 +49,15 @@ await runServiceMain({
     };
     const publish = publishOperationKind(deps);
     const deleteImage = deleteImageOperationKind(deps);
-    const operations = await openOperations(nats.jetstream, log, boundary, [publish as never, deleteImage as never]);
-    const tracker = await startTracker({ address: config.trackerAddress, images: deps.images, log: log.child({ component: 'tracker' }) });
+    const distribute = distributeOperationKind(deps);
+    const operations = await openOperations(nats.jetstream, log, boundary, [publish as never, deleteImage as never, distribute as never]);
+    const replicaEvents = await followReplicaEvents(nats.jetstream, nats.manager, deps, log.child({ component: 'replica-events' }));
+    log.info({ trackerAnnounceUrl }, 'agents announce to this tracker URL');
     return {
-      services: [adaptService(DistributionServiceService, distributionHandlers({ deps, operations: operations.manager, publish, deleteImage }), DISTRIBUTION_POLICY, boundary), operations.service],
+      services: [adaptService(DistributionServiceService, distributionHandlers({ deps, operations: operations.manager, publish, deleteImage, distribute }), DISTRIBUTION_POLICY, boundary), operations.service],
       stop: async () => {
         await tracker.stop();
+        await replicaEvents.stop();
         await operations.manager.stop();
         agents.close();
         inventoryClient.close();

@@ -2,9 +2,11 @@
  * PublishImage: an admin names a powered-off VM; its host's agent exports the disks and a sanitized
  * domain template into an immutable image (ExportImage, streamed progress); distribution registers the
  * image in the catalog (KV `images`) and the origin's replica (KV `replicas`), and publishes
- * image.published. A long-running operation: progress is in its metadata while the agent works.
- * The torrent (info-hash, tracker, web seed) comes with the distribution issue: until then the image's
- * torrent field is empty and distribution to other hosts is not available.
+ * image.published. A long-running operation: progress is in its metadata while the agent works. The agent
+ * creates the private torrent (announcing to this service's tracker) and serves the files as web seed; the
+ * image record keeps the torrent (info-hash and info dictionary) and the origin replica its web seed URL,
+ * which is what DistributeImage hands to the receivers. The tracker accepts the info-hash from the moment
+ * the record has it.
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
@@ -30,6 +32,8 @@ export interface PublishDeps {
   };
   readonly agents: AgentClients;
   readonly events: Pick<EventPublisher, 'publish'>;
+  /** The tracker's announce URL, as agents reach it. */
+  readonly trackerAnnounceUrl: string;
 }
 
 /** Checks a PublishImage request; nothing changes when it fails. Returns the source VM and its host. */
@@ -71,7 +75,7 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
           : Image.fromPartial({ name, description: request.description, labels: request.labels, hypervisor: host.hypervisor, state: Image_State.STATE_PUBLISHING, sourceVirtualMachine: request.sourceVirtualMachine, originHost: hostName, createTime: now, updateTime: now }),
       );
       try {
-        const result = await exportOnAgent(deps, host, { virtualMachine: request.sourceVirtualMachine, image: name, trackerAnnounceUrl: '', operation: context.name }, async (progress) => {
+        const result = await exportOnAgent(deps, host, { virtualMachine: request.sourceVirtualMachine, image: name, trackerAnnounceUrl: deps.trackerAnnounceUrl, operation: context.name }, async (progress) => {
           await context.checkpoint({ metadata: { ...context.metadata, stage: progress.stage, progress: progress.progress, updateTime: new Date() } });
         });
         await context.checkpoint({ metadata: { ...context.metadata, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_REGISTERING, updateTime: new Date() } });
@@ -83,6 +87,7 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
             state: Image_State.STATE_AVAILABLE,
             files: exported?.files ?? [],
             domainTemplate: exported?.domainTemplate ?? '',
+            ...(exported?.torrent ? { torrent: exported.torrent } : {}),
             hypervisor: host.hypervisor,
             updateTime: new Date(),
           }),
@@ -90,7 +95,7 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
         const replicaKey = `${hostName.slice('hosts/'.length)}.${request.imageId}`;
         await deps.replicas.put(replicaKey, ImageReplica.fromPartial({ ...result.replica, name: `${hostName}/images/${request.imageId}`, image: name, host: hostName, state: ImageReplica_State.STATE_AVAILABLE, origin: true, createTime: new Date(), updateTime: new Date() }));
         const totalBytes = (exported?.files ?? []).reduce((sum, file) => sum + Number(file.sizeBytes), 0);
-        await deps.events.publish(IMAGE_PUBLISHED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, hypervisor: host.hypervisor, totalBytes: String(totalBytes), infoHash: '', operation: context.name, occurTime: new Date() }, { host: hostName.slice('hosts/'.length), id: `image.published/${request.imageId}/${context.name}` });
+        await deps.events.publish(IMAGE_PUBLISHED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, hypervisor: host.hypervisor, totalBytes: String(totalBytes), infoHash: exported?.torrent?.infoHash ?? '', operation: context.name, occurTime: new Date() }, { host: hostName.slice('hosts/'.length), id: `image.published/${request.imageId}/${context.name}` });
         await context.checkpoint({ metadata: { ...context.metadata, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_DONE, updateTime: new Date() } });
         return image!.value;
       } catch (error) {

@@ -28,11 +28,26 @@ import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type
 
 const run = promisify(execFile);
 
+/** An agent of the stack. */
+export interface StackAgent {
+  readonly host: string;
+  readonly imageDirectory: string;
+  readonly process: ServiceProcess;
+  /** Starts the agent again after its process was stopped or killed (same identity and image directory). */
+  restart(): Promise<ServiceProcess>;
+}
+
 /** A running clone stack. */
 export interface CloneStack {
   readonly host: string;
   readonly imageDirectory: string;
   readonly agent: ServiceProcess;
+  /** Starts one more agent (another host on this machine); extraEnv overrides its variables. */
+  addAgent(host: string, extraEnv?: Record<string, string>): Promise<StackAgent>;
+  /** A NATS connection with the distribution service's identity (KV buckets, durable consumers). */
+  readonly connection: Awaited<ReturnType<typeof connectNats>>;
+  /** The distribution process (tests kill and restart it). */
+  readonly distributionProcess: ServiceProcess;
   readonly cloning: CloningServiceClient;
   readonly distribution: DistributionServiceClient;
   /** google.longrunning.Operations on the distribution service. */
@@ -62,24 +77,38 @@ export async function startCloneStack(resources: Resources, host: string): Promi
   const distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
   const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
   const directory = await resources.tempDir('cowherd-e2e-');
-  const imageDirectory = join(directory, 'images-root');
   const admin = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
   const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, admin);
-  const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host, ttl: undefined, requestId: '' }, cb));
-  caAdmin.close();
-  const agentPort = await freePort();
-  const agent = await startServiceProcess(resources, 'agent', undefined, nats.url, {
-    COWHERD_LISTEN_ADDRESS: `localhost:${agentPort}`,
-    COWHERD_HOST_ID: host,
-    COWHERD_JOIN_TOKEN: token.token,
-    COWHERD_ENROLL_ADDRESS: ca.enrollAddress,
-    COWHERD_CREDENTIALS_DIR: join(directory, 'credentials'),
-    COWHERD_CA_ADDRESS: ca.address,
-    COWHERD_INVENTORY_ADDRESS: inventoryProcess.address,
-    COWHERD_ADVERTISE_ADDRESS: `localhost:${agentPort}`,
-    COWHERD_LIBVIRT_URI: uri,
-    COWHERD_IMAGE_DIR: imageDirectory,
-  });
+  resources.defer(() => caAdmin.close());
+  /** One more agent on this machine, joined with a join token like any host; its own image directory. */
+  const startAgent = async (hostId: string, extraEnv: Record<string, string> = {}): Promise<StackAgent> => {
+    const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host: hostId, ttl: undefined, requestId: '' }, cb));
+    const agentPort = await freePort();
+    const hostDirectory = join(directory, hostId);
+    const env = {
+      COWHERD_LISTEN_ADDRESS: `localhost:${agentPort}`,
+      COWHERD_HOST_ID: hostId,
+      COWHERD_JOIN_TOKEN: token.token,
+      COWHERD_ENROLL_ADDRESS: ca.enrollAddress,
+      COWHERD_CREDENTIALS_DIR: join(hostDirectory, 'credentials'),
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_INVENTORY_ADDRESS: inventoryProcess.address,
+      COWHERD_ADVERTISE_ADDRESS: `localhost:${agentPort}`,
+      COWHERD_LIBVIRT_URI: uri,
+      COWHERD_IMAGE_DIR: join(hostDirectory, 'images-root'),
+      COWHERD_TORRENT_PORT: '0',
+      COWHERD_WEB_SEED_ADDRESS: '127.0.0.1:0',
+      ...extraEnv,
+    };
+    const process = await startServiceProcess(resources, 'agent', undefined, nats.url, env);
+    // A restart keeps the identity (credentials) and the image directory; the token is spent.
+    const restartEnv = { ...env, COWHERD_JOIN_TOKEN: '' };
+    delete (restartEnv as Record<string, string>)['COWHERD_JOIN_TOKEN'];
+    return { host: hostId, imageDirectory: env.COWHERD_IMAGE_DIR, process, restart: () => startServiceProcess(resources, 'agent', undefined, nats.url, restartEnv) };
+  };
+  const first = await startAgent(host);
+  const imageDirectory = first.imageDirectory;
+  const agent = first.process;
   const cloning = createClient(CloningServiceClient, cloningProcess.address, admin, { defaultDeadlineMs: 30_000 });
   const distribution = createClient(DistributionServiceClient, distributionProcess.address, admin, { defaultDeadlineMs: 30_000 });
   const distributionOperations = createClient(OperationsClient, distributionProcess.address, admin, { defaultDeadlineMs: 130_000 });
@@ -107,6 +136,9 @@ export async function startCloneStack(resources: Resources, host: string): Promi
     host,
     imageDirectory,
     agent,
+    addAgent: startAgent,
+    connection,
+    distributionProcess,
     cloning,
     distribution,
     distributionOperations,

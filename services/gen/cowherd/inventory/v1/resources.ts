@@ -445,6 +445,12 @@ export interface ImageReplica {
   dependentVirtualMachines: string[];
   /** True for the replica the image was exported into, which also serves as the swarm's HTTP web seed. */
   origin: boolean;
+  /**
+   * The BEP 19 web seed URL under which this replica's host serves the image's files over HTTP (the web seed
+   * root: files are at `<url><image>/<file>`); set for origin replicas. Agents fetching the image use it
+   * when no peer has a piece, so that a distribution completes even without other peers.
+   */
+  webSeedUrl: string;
 }
 
 /** State is where a replica is in its life. */
@@ -2179,6 +2185,7 @@ function createBaseImageReplica(): ImageReplica {
     updateTime: undefined,
     dependentVirtualMachines: [],
     origin: false,
+    webSeedUrl: "",
   };
 }
 
@@ -2216,6 +2223,9 @@ export const ImageReplica: MessageFns<ImageReplica> = {
     }
     if (message.origin !== false) {
       writer.uint32(88).bool(message.origin);
+    }
+    if (message.webSeedUrl !== "") {
+      writer.uint32(98).string(message.webSeedUrl);
     }
     return writer;
   },
@@ -2321,6 +2331,14 @@ export const ImageReplica: MessageFns<ImageReplica> = {
             message.origin = reader.bool();
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.webSeedUrl = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2358,6 +2376,11 @@ export const ImageReplica: MessageFns<ImageReplica> = {
         ? object.dependent_virtual_machines.map((e: any) => globalThis.String(e))
         : [],
       origin: isSet(object.origin) ? globalThis.Boolean(object.origin) : false,
+      webSeedUrl: isSet(object.webSeedUrl)
+        ? globalThis.String(object.webSeedUrl)
+        : isSet(object.web_seed_url)
+        ? globalThis.String(object.web_seed_url)
+        : "",
     };
   },
 
@@ -2396,6 +2419,9 @@ export const ImageReplica: MessageFns<ImageReplica> = {
     if (message.origin !== false) {
       obj.origin = message.origin;
     }
+    if (message.webSeedUrl !== "") {
+      obj.webSeedUrl = message.webSeedUrl;
+    }
     return obj;
   },
 
@@ -2419,6 +2445,7 @@ export const ImageReplica: MessageFns<ImageReplica> = {
     message.updateTime = object.updateTime ?? undefined;
     message.dependentVirtualMachines = object.dependentVirtualMachines?.map((e) => e) || [];
     message.origin = object.origin ?? false;
+    message.webSeedUrl = object.webSeedUrl ?? "";
     return message;
   },
 };

@@ -1,0 +1,341 @@
+/**
+ * DistributeImage (job 2): every named host gets a verified replica of an image through the swarm.
+ *
+ * How it runs:
+ * - Checks first, before an operation exists: the image is AVAILABLE with a torrent; every host is known
+ *   and runs the image's hypervisor (the 2011 tool's "same type" rule; otherwise nothing starts);
+ *   `hosts/-` means every READY host of the image's hypervisor.
+ * - Then, at most {@link FETCH_CONCURRENCY} agents at a time are asked to FetchImage (idempotent, so a
+ *   replica taking the operation over from a killed one simply asks again). The request carries the full
+ *   image record, the tracker's announce URL and the web seed URLs of the image's origin replicas.
+ * - Agents report through events (image.transfer_progress, image.available, image.transfer_failed), which
+ *   {@link followReplicaEvents} turns into the replica records of KV `replicas`. The operation reads those
+ *   records every second and keeps its metadata (per-host bytes, rate, peers, ETA) current, checkpointing
+ *   at most every {@link METADATA_INTERVAL_MS} and at every state change.
+ * - A host fails on its own (response.failures), not the operation: unreachable or draining when asked, an
+ *   agent error, a FAILED replica, or no progress for {@link STALL_TIMEOUT_MS}. The operation fails only if
+ *   the image is deleted meanwhile, or is cancelled (then the partial replicas are removed).
+ */
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import type { AgentClients } from '../common/agent-clients.js';
+import { call } from '../common/client.js';
+import { CowherdError, relayServiceError, toStatus } from '../common/errors.js';
+import { IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/event-types.js';
+import { consumeEvents, type EventConsumer, type ReceivedEvent } from '../common/events.js';
+import type { KvStore } from '../common/kv.js';
+import type { Logger } from '../common/logger.js';
+import type { OperationKind } from '../common/operations.js';
+import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
+import { DistributeImageMetadata, DistributeImageRequest, DistributeImageResponse, type HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
+import type { ImageAvailable, ImageTransferFailed, ImageTransferProgress } from '../gen/cowherd/events/v1/events.js';
+import { Host_State, Image_State, ImageReplica, ImageReplica_State, type Host, type Image } from '../gen/cowherd/inventory/v1/resources.js';
+import type { Status } from '../gen/google/rpc/status.js';
+import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
+
+/** Agents asked to FetchImage at once. */
+export const FETCH_CONCURRENCY = 16;
+/** A host whose replica has not grown for this long fails with TRANSFER_FAILED. */
+export const STALL_TIMEOUT_MS = 10 * 60_000;
+/** Progress reaches the operation's metadata at most this often (state changes at once). */
+export const METADATA_INTERVAL_MS = 2_000;
+/** At most this many hosts per request. */
+export const MAX_HOSTS = 1000;
+
+/** What distributing reads and writes. */
+export interface DistributeDeps {
+  readonly images: KvStore<Image>;
+  readonly replicas: KvStore<ImageReplica>;
+  readonly inventory: {
+    getHost(name: string): Promise<Host | undefined>;
+    listHosts(): Promise<Host[]>;
+  };
+  readonly agents: AgentClients;
+  /** The tracker's announce URL, as agents reach it. */
+  readonly trackerAnnounceUrl: string;
+  /** Test seam: how long to wait between reads of the replica records. Default 1000 ms. */
+  readonly pollIntervalMs?: number;
+  /** Test seam. Default {@link STALL_TIMEOUT_MS}. */
+  readonly stallTimeoutMs?: number;
+}
+
+/** The image id of `images/{image}`; INVALID_ARGUMENT otherwise. */
+function imageIdOf(name: string, field: string): string {
+  const id = /^images\/([^/]+)$/.exec(name)?.[1];
+  if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument(field, 'must be images/{image} with an image id (lowercase letters, digits and hyphens; no path separators or dots)');
+  return id;
+}
+
+/**
+ * Checks a DistributeImage request; nothing changes when it fails. Returns the image and the target hosts
+ * (`hosts/-` resolved), in request order.
+ */
+export async function checkDistribute(request: DistributeImageRequest, deps: DistributeDeps): Promise<{ image: Image; hosts: string[] }> {
+  const id = imageIdOf(request.image, 'image');
+  if (request.hosts.length === 0) throw CowherdError.invalidArgument('hosts', 'must name at least one host, or hosts/- for every READY host of the image\'s hypervisor');
+  if (request.hosts.length > MAX_HOSTS) throw CowherdError.invalidArgument('hosts', `must name at most ${MAX_HOSTS} hosts`);
+  const all = request.hosts.length === 1 && request.hosts[0] === 'hosts/-';
+  if (!all) {
+    const seen = new Set<string>();
+    for (const [index, host] of request.hosts.entries()) {
+      const hostId = /^hosts\/([^/]+)$/.exec(host)?.[1];
+      if (!hostId || !HOST_ID.test(hostId)) throw CowherdError.invalidArgument(`hosts[${index}]`, 'must be hosts/{host} (or the single entry hosts/-)');
+      if (seen.has(host)) throw CowherdError.invalidArgument(`hosts[${index}]`, `names ${host} twice`);
+      seen.add(host);
+    }
+  }
+  const image = (await deps.images.get(id))?.value;
+  if (!image) throw CowherdError.notFound(request.image);
+  if (image.state !== Image_State.STATE_AVAILABLE || !image.torrent?.infoHash) {
+    throw CowherdError.failedPrecondition(`${request.image} is ${Image_State[image.state].replace('STATE_', '')}, not AVAILABLE`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { image: request.image });
+  }
+  if (all) {
+    const hosts = (await deps.inventory.listHosts()).filter((host) => host.state === Host_State.STATE_READY && host.hypervisor === image.hypervisor).map((host) => host.name);
+    if (hosts.length === 0) throw CowherdError.failedPrecondition(`no READY host runs the hypervisor of ${request.image}`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+    return { image, hosts: hosts.slice(0, MAX_HOSTS) };
+  }
+  for (const name of request.hosts) {
+    const host = await deps.inventory.getHost(name);
+    if (!host) throw CowherdError.notFound(name);
+    if (host.hypervisor !== image.hypervisor) {
+      throw CowherdError.failedPrecondition(`${name} runs another hypervisor than ${request.image} was made for; a host only receives images of its own disk format`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH, { host: name, image: request.image });
+    }
+  }
+  return { image, hosts: [...request.hosts] };
+}
+
+/** The first metadata of an operation for these hosts. */
+export function initialDistributeMetadata(image: Image, hosts: readonly string[]): DistributeImageMetadata {
+  const now = new Date();
+  const total = image.torrent?.totalBytes ?? '0';
+  return DistributeImageMetadata.fromPartial({
+    image: image.name,
+    transfers: hosts.map((host) => ({ host, state: ImageReplica_State.STATE_PENDING, progress: TransferProgress.fromPartial({ bytesDone: '0', bytesTotal: total }) })),
+    bytesTotal: total,
+    hostsTotal: hosts.length,
+    hostsDone: 0,
+    hostsFailed: 0,
+    startTime: now,
+    updateTime: now,
+  });
+}
+
+function isFinal(transfer: HostTransfer): boolean {
+  return transfer.state === ImageReplica_State.STATE_AVAILABLE || transfer.state === ImageReplica_State.STATE_FAILED;
+}
+
+function failure(code: GrpcStatus, message: string, reason: ErrorReason, metadata: Record<string, string> = {}): Status {
+  return toStatus(new CowherdError(code, message, { reason, metadata }));
+}
+
+/** Maps with at most `limit` calls in flight. */
+async function eachLimited<T>(items: readonly T[], limit: number, run: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(limit, items.length) }, async () => {
+      while (next < items.length) await run(items[next++]!);
+    }),
+  );
+}
+
+/** The DistributeImage operation. */
+export function distributeOperationKind(deps: DistributeDeps): OperationKind<DistributeImageRequest, DistributeImageMetadata, DistributeImageResponse, undefined> {
+  return {
+    kind: 'distribution.distribute-image',
+    requestType: { typeName: 'cowherd.distribution.v1.DistributeImageRequest', encode: DistributeImageRequest.encode, decode: (bytes) => DistributeImageRequest.decode(bytes) },
+    metadataType: { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: (bytes) => DistributeImageMetadata.decode(bytes) },
+    responseType: { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: (bytes) => DistributeImageResponse.decode(bytes) },
+    run: async (context) => {
+      const id = imageIdOf(context.request.image, 'image');
+      const readImage = async (): Promise<Image> => {
+        const image = (await deps.images.get(id))?.value;
+        if (!image || image.state !== Image_State.STATE_AVAILABLE || !image.torrent) {
+          throw CowherdError.failedPrecondition(`${context.request.image} was deleted or is no longer AVAILABLE`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { image: context.request.image });
+        }
+        return image;
+      };
+      const image = await readImage();
+      const metadata: DistributeImageMetadata = DistributeImageMetadata.fromPartial(context.metadata);
+      const transfers = metadata.transfers;
+      const lastGrowth = new Map<string, { bytes: number; at: number }>();
+      const stallTimeoutMs = deps.stallTimeoutMs ?? STALL_TIMEOUT_MS;
+      let lastCheckpoint = 0;
+      const save = async (force: boolean): Promise<void> => {
+        if (!force && performance.now() - lastCheckpoint < METADATA_INTERVAL_MS) return;
+        lastCheckpoint = performance.now();
+        metadata.hostsDone = transfers.filter((transfer) => transfer.state === ImageReplica_State.STATE_AVAILABLE).length;
+        metadata.hostsFailed = transfers.filter((transfer) => transfer.state === ImageReplica_State.STATE_FAILED).length;
+        metadata.updateTime = new Date();
+        await context.checkpoint({ metadata: DistributeImageMetadata.fromPartial(metadata) });
+      };
+      const fail = (transfer: HostTransfer, error: Status): void => {
+        transfer.state = ImageReplica_State.STATE_FAILED;
+        transfer.error = error;
+      };
+      const webSeedUrls = (await deps.replicas.list(`*.${id}`)).map((entry) => entry.value).filter((replica) => replica.state === ImageReplica_State.STATE_AVAILABLE && replica.webSeedUrl !== '').map((replica) => replica.webSeedUrl);
+
+      try {
+        // 1. Ask every agent that is not done yet.
+        await eachLimited(
+          transfers.filter((transfer) => !isFinal(transfer)),
+          FETCH_CONCURRENCY,
+          async (transfer) => {
+            if (context.cancelRequested()) return;
+            const hostId = transfer.host.slice('hosts/'.length);
+            const existing = (await deps.replicas.get(`${hostId}.${id}`))?.value;
+            if (existing?.state === ImageReplica_State.STATE_AVAILABLE) {
+              transfer.state = ImageReplica_State.STATE_AVAILABLE;
+              transfer.progress = TransferProgress.fromPartial({ bytesDone: metadata.bytesTotal, bytesTotal: metadata.bytesTotal });
+              return;
+            }
+            const host = await deps.inventory.getHost(transfer.host);
+            if (!host) return fail(transfer, failure(GrpcStatus.NOT_FOUND, `${transfer.host} was removed from the inventory`, ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND, { host: transfer.host }));
+            if (host.state === Host_State.STATE_UNREACHABLE) return fail(transfer, failure(GrpcStatus.UNAVAILABLE, `${transfer.host} is UNREACHABLE`, ErrorReason.ERROR_REASON_HOST_UNREACHABLE, { host: transfer.host }));
+            if (host.state === Host_State.STATE_DRAINING || host.draining) return fail(transfer, failure(GrpcStatus.FAILED_PRECONDITION, `${transfer.host} is DRAINING`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { host: transfer.host }));
+            try {
+              const replica = await call<ImageReplica>((cb) => deps.agents.clientFor(host).fetchImage({ image, trackerAnnounceUrl: deps.trackerAnnounceUrl, webSeedUrls, operation: context.name }, cb));
+              await deps.replicas.mutate(`${hostId}.${id}`, (current) =>
+                current?.state === ImageReplica_State.STATE_AVAILABLE ? undefined : ImageReplica.fromPartial({ ...replica, error: undefined, createTime: current?.createTime ?? replica.createTime, updateTime: new Date() }),
+              );
+              transfer.state = replica.state;
+              if (replica.progress) transfer.progress = replica.progress;
+            } catch (error) {
+              fail(transfer, toStatus(relayServiceError(error, transfer.host)));
+            }
+          },
+        );
+        await save(true);
+
+        // 2. Follow the replica records until every host is done or failed.
+        while (!transfers.every(isFinal)) {
+          if (context.cancelRequested()) throw new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+          await new Promise((resolve) => setTimeout(resolve, deps.pollIntervalMs ?? 1000));
+          await readImage();
+          const records = new Map((await deps.replicas.list(`*.${id}`)).map((entry) => [entry.value.host, entry.value]));
+          let changed = false;
+          for (const transfer of transfers) {
+            if (isFinal(transfer)) continue;
+            const record = records.get(transfer.host);
+            const before = transfer.state;
+            if (!record) {
+              fail(transfer, failure(GrpcStatus.ABORTED, `the replica on ${transfer.host} was deleted during the distribution`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
+            } else if (record.state === ImageReplica_State.STATE_AVAILABLE) {
+              transfer.state = ImageReplica_State.STATE_AVAILABLE;
+              transfer.progress = TransferProgress.fromPartial({ ...record.progress, bytesDone: metadata.bytesTotal, bytesTotal: metadata.bytesTotal, rateBytesPerSecond: '0', eta: { seconds: '0', nanos: 0 } });
+            } else if (record.state === ImageReplica_State.STATE_FAILED) {
+              fail(transfer, record.error ?? failure(GrpcStatus.UNKNOWN, `the replica on ${transfer.host} failed`, ErrorReason.ERROR_REASON_TRANSFER_FAILED));
+            } else {
+              transfer.state = record.state;
+              if (record.progress) transfer.progress = record.progress;
+              const bytes = Number(record.progress?.bytesDone ?? 0);
+              const growth = lastGrowth.get(transfer.host);
+              if (!growth || bytes > growth.bytes || record.state === ImageReplica_State.STATE_VERIFYING) lastGrowth.set(transfer.host, { bytes, at: performance.now() });
+              else if (performance.now() - growth.at > stallTimeoutMs) {
+                fail(transfer, failure(GrpcStatus.UNAVAILABLE, `${transfer.host} made no progress for ${Math.round(stallTimeoutMs / 1000)} s; its partial replica is kept and resumes on the next DistributeImage`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
+              }
+            }
+            if (transfer.state !== before) changed = true;
+          }
+          await save(changed);
+        }
+        await save(true);
+      } catch (error) {
+        if (context.cancelRequested()) await abandon(deps, transfers.filter((transfer) => !isFinal(transfer)), id, context.log);
+        throw error;
+      }
+
+      const records = new Map((await deps.replicas.list(`*.${id}`)).map((entry) => [entry.value.host, entry.value]));
+      return DistributeImageResponse.fromPartial({
+        replicas: transfers.filter((transfer) => transfer.state === ImageReplica_State.STATE_AVAILABLE).map((transfer) => records.get(transfer.host)).filter((replica): replica is ImageReplica => replica !== undefined),
+        failures: transfers.filter((transfer) => transfer.state === ImageReplica_State.STATE_FAILED).map((transfer) => ({ host: transfer.host, status: transfer.error })),
+      });
+    },
+  };
+}
+
+/** After a cancel: the agents stop and remove the replicas that were not done. */
+async function abandon(deps: DistributeDeps, transfers: readonly HostTransfer[], id: string, log: Logger): Promise<void> {
+  await eachLimited(transfers, FETCH_CONCURRENCY, async (transfer) => {
+    const hostId = transfer.host.slice('hosts/'.length);
+    try {
+      const host = await deps.inventory.getHost(transfer.host);
+      if (host) await call((cb) => deps.agents.clientFor(host).deleteImageReplica({ name: `${transfer.host}/images/${id}` }, cb));
+      const current = await deps.replicas.get(`${hostId}.${id}`);
+      if (current && current.value.state !== ImageReplica_State.STATE_AVAILABLE) await deps.replicas.delete(`${hostId}.${id}`, current.revision);
+    } catch (error) {
+      log.warn({ err: error, host: transfer.host }, 'could not remove a partial replica after the cancel');
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Replica records from the agents' events
+
+type TransferEvent = ImageTransferProgress | ImageAvailable | ImageTransferFailed;
+
+/**
+ * Keeps KV `replicas` in step with what agents report, on a durable consumer shared by the service's
+ * replicas (each event is applied once, in stream order). Progress is written at most every
+ * {@link METADATA_INTERVAL_MS} per replica; states at once. Events about a replica that no longer has a
+ * record (deleted) or about an image that is gone are dropped, except image.available for a catalog image,
+ * which (re)creates the record: the agent holds a verified copy.
+ */
+export async function followReplicaEvents(js: JetStreamClient, manager: JetStreamManager, deps: Pick<DistributeDeps, 'images' | 'replicas'>, log: Logger): Promise<EventConsumer> {
+  return consumeEvents<TransferEvent>(js, manager, {
+    durable: 'distribution-replica-events',
+    types: [IMAGE_TRANSFER_PROGRESS, IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED] as never,
+    log,
+    handle: async (event: ReceivedEvent<TransferEvent>) => applyReplicaEvent(deps, event, log),
+  });
+}
+
+/** Applies one agent event to the replica record (exported for tests). */
+export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'replicas'>, event: ReceivedEvent<TransferEvent>, log: Logger): Promise<void> {
+  const payload = event.payload;
+  const id = /^images\/([^/]+)$/.exec(payload.image)?.[1];
+  // The subject's host token is what NATS vouched for; the payload must agree with it.
+  if (!id || !IMAGE_ID.test(id) || payload.host !== `hosts/${event.host}`) {
+    log.warn({ subject: event.subject, image: payload.image, host: payload.host }, 'transfer event names another host or no image: dropped');
+    return;
+  }
+  const key = `${event.host}.${id}`;
+  const now = new Date();
+  if (event.typeName === IMAGE_AVAILABLE.typeName) {
+    const available = payload as ImageAvailable;
+    const image = (await deps.images.get(id))?.value;
+    if (!image || image.state === Image_State.STATE_DELETING) return;
+    await deps.replicas.mutate(key, (current) => {
+      if (current?.state === ImageReplica_State.STATE_DELETING) return undefined;
+      return ImageReplica.fromPartial({
+        ...current,
+        name: `hosts/${event.host}/images/${id}`,
+        image: payload.image,
+        host: payload.host,
+        state: ImageReplica_State.STATE_AVAILABLE,
+        progress: TransferProgress.fromPartial({ bytesDone: available.totalBytes, bytesTotal: available.totalBytes }),
+        error: undefined,
+        origin: current?.origin ?? available.origin,
+        createTime: current?.createTime ?? now,
+        updateTime: now,
+      });
+    });
+    return;
+  }
+  if (event.typeName === IMAGE_TRANSFER_FAILED.typeName) {
+    const failed = payload as ImageTransferFailed;
+    await deps.replicas.mutate(key, (current) =>
+      current && current.state !== ImageReplica_State.STATE_DELETING ? { ...current, state: ImageReplica_State.STATE_FAILED, ...(failed.status ? { error: failed.status } : {}), updateTime: now } : undefined,
+    );
+    return;
+  }
+  const progress = payload as ImageTransferProgress;
+  await deps.replicas.mutate(key, (current) => {
+    // Events of one host arrive in the order it published them, so progress after AVAILABLE is a real step
+    // back (the agent found the files changed and fetches them again).
+    if (!current || current.state === ImageReplica_State.STATE_DELETING) return undefined;
+    const sameState = current.state === progress.state;
+    if (sameState && current.updateTime && now.getTime() - current.updateTime.getTime() < METADATA_INTERVAL_MS) return undefined;
+    return { ...current, state: progress.state, ...(progress.progress ? { progress: progress.progress } : {}), error: undefined, updateTime: now };
+  });
+}

@@ -1,0 +1,267 @@
+/**
+ * DistributeImage on real parts, on loopback: NATS, CA, inventory, distribution (with its tracker) and four
+ * agents on the private libvirtd, each with its own image directory, webtorrent and web seed. An image is
+ * published from a real libvirt domain's qcow2 disk and distributed peer-to-peer; every copy is checked
+ * (SHA-256 on disk); image.available arrives once per host on a durable consumer; a receiver killed half-way
+ * resumes with only the missing part; a tampered replica is fetched again; a full disk fails one host
+ * cleanly; the origin can go away once a receiver is complete; bad requests change nothing.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmod, mkdir, open, readdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { promisify } from 'node:util';
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { IMAGE_AVAILABLE } from '../../services/common/event-types.js';
+import { consumeEvents } from '../../services/common/events.js';
+import { KvStore, protoCodec } from '../../services/common/kv.js';
+import { createLogger } from '../../services/common/logger.js';
+import { unpack } from '../../services/common/operations.js';
+import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
+import { DistributeImageMetadata, DistributeImageResponse } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
+import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
+import { Host, Host_State, Image, ImageReplica_State, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import type { Operation } from '../../services/gen/google/longrunning/operations.js';
+import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
+import { call, failure } from '../harness/grpc.js';
+import { Resources } from '../harness/index.js';
+
+const run = promisify(execFile);
+const MiB = 1024 * 1024;
+const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
+const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
+const metadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
+
+describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd, tmpfs)' : false, timeout: 600_000 }, () => {
+  const resources = new Resources();
+  const suffix = Math.random().toString(36).slice(2, 7);
+  const vm = `dist-src-${suffix}`;
+  const imageId = `dist-${suffix}`;
+  let stack: CloneStack;
+  const agents = new Map<string, StackAgent>();
+  let image: Image;
+  const available: Array<{ host: string; operation: string }> = [];
+
+  async function waitFor<T>(what: string, read: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const value = await read().catch(() => undefined);
+      if (value !== undefined) return value;
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  }
+
+  async function distribute(hosts: string[], requestId = ''): Promise<Operation> {
+    return call<Operation>((cb) => stack.distribution.distributeImage({ image: `images/${imageId}`, hosts: hosts.map((host) => `hosts/${host}`), requestId }, cb));
+  }
+
+  async function finished(operation: Operation): Promise<DistributeImageResponse> {
+    const done = await stack.wait(operation.name, 240_000, stack.distributionOperations);
+    assert.equal(done.done, true, 'the operation finished');
+    assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
+    return unpack(responseType, done.result.value);
+  }
+
+  async function assertVerifiedCopy(host: string): Promise<void> {
+    const directory = join(agents.get(host)!.imageDirectory, 'images', imageId);
+    for (const file of image.files) {
+      const digest = createHash('sha256').update(await readFile(join(directory, file.path))).digest('hex');
+      assert.equal(digest, file.sha256, `${host}: ${file.path} verifies`);
+    }
+  }
+
+  function agentLog(agent: StackAgent | { process: { logs: Array<Record<string, unknown>> } }, message: string): Record<string, unknown> | undefined {
+    return agent.process.logs.find((line) => line['msg'] === message);
+  }
+
+  before(async () => {
+    stack = await startCloneStack(resources, `dist-origin-${suffix}`);
+    agents.set(`dist-origin-${suffix}`, { host: `dist-origin-${suffix}`, imageDirectory: stack.imageDirectory, process: stack.agent, restart: () => Promise.reject(new Error('not restartable')) });
+    for (const name of ['a', 'b', 'c']) agents.set(`dist-${name}-${suffix}`, await stack.addAgent(`dist-${name}-${suffix}`));
+
+    // A powered-off domain with a 40 MiB qcow2 disk of random data on the origin.
+    const vmDirectory = join(stack.imageDirectory, 'vms');
+    await mkdir(vmDirectory, { recursive: true });
+    const raw = join(vmDirectory, 'data.raw');
+    await run('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', 'count=40', 'status=none']);
+    await run('qemu-img', ['convert', '-q', '-O', 'qcow2', raw, join(vmDirectory, `${vm}.qcow2`)]);
+    const xml = `<domain type='qemu'><name>${vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${join(vmDirectory, `${vm}.qcow2`)}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
+    await writeFile(join(vmDirectory, `${vm}.xml`), xml);
+    await stack.virsh('define', join(vmDirectory, `${vm}.xml`));
+    stack.track(vm);
+    await waitFor('the VM in inventory', async () => ((await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/dist-origin-${suffix}/virtualMachines/${vm}` }, cb))).state === 3 ? true : undefined));
+    for (const host of agents.keys()) {
+      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    }
+
+    // image.available on a durable consumer of the test's own.
+    const consumer = await consumeEvents<ImageAvailable>(stack.connection.jetstream, stack.connection.manager, {
+      durable: `test-available-${suffix}`,
+      types: [IMAGE_AVAILABLE],
+      log: createLogger({ service: 'test', level: 'silent' }),
+      handle: async (event) => {
+        if (event.payload.image === `images/${imageId}`) available.push({ host: event.payload.host, operation: event.payload.operation });
+      },
+    });
+    resources.defer(() => consumer.stop());
+
+    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/dist-origin-${suffix}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
+    const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
+    assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
+    image = unpack(imageType, done.result.value);
+  });
+  after(() => resources.release());
+
+  it('publishes a private torrent of the image and a web seed on the origin', async () => {
+    assert.match(image.torrent?.infoHash ?? '', /^[0-9a-f]{40}$/);
+    assert.equal(Number(image.torrent?.pieceLengthBytes), 4 * MiB);
+    assert.ok(image.torrent!.metainfo.includes(Buffer.from('7:privatei1e')), 'the info dictionary is private');
+    const origin = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/dist-origin-${suffix}/images/${imageId}` }, cb));
+    assert.equal(origin.origin, true);
+    assert.match(origin.webSeedUrl, /^http:\/\/localhost:\d+\/$/, "the advertised host name and the web seed port");
+    // The web seed answers Range requests for the image's files, and nothing else.
+    const disk = image.files.find((file) => file.targetDevice === 'vda')!;
+    const ranged = await fetch(`${origin.webSeedUrl}${imageId}/${disk.path}`, { headers: { Range: 'bytes=0-3' } });
+    assert.equal(ranged.status, 206);
+    assert.deepEqual(Buffer.from(await ranged.arrayBuffer()), Buffer.from('QFI\xfb', 'latin1'));
+    assert.equal((await fetch(`${origin.webSeedUrl}${imageId}/..%2f..%2fetc%2fpasswd`)).status, 404);
+  });
+
+  it('refuses bad requests before any operation exists, changing nothing', async () => {
+    const before = (await call<{ operations: unknown[] }>((cb) => stack.distributionOperations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
+    const request = { image: `images/${imageId}`, hosts: [`hosts/dist-a-${suffix}`], requestId: '' };
+    assert.equal((await failure((cb) => stack.distribution.distributeImage({ ...request, image: 'images/nope' }, cb))).code, GrpcStatus.NOT_FOUND);
+    for (const bad of ['images/../etc', 'images/a/b', 'images/.hidden', `../images/${imageId}`]) {
+      const refused = await failure((cb) => stack.distribution.distributeImage({ ...request, image: bad }, cb));
+      assert.equal(refused.code, GrpcStatus.INVALID_ARGUMENT, bad);
+      assert.deepEqual(refused.fields, ['image']);
+    }
+    assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [] }, cb))).fields, ['hosts']);
+    assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [`hosts/dist-a-${suffix}`, `hosts/dist-a-${suffix}`] }, cb))).fields, ['hosts[1]']);
+    assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: ['hosts/../x'] }, cb))).fields, ['hosts[0]']);
+    assert.equal((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: ['hosts/no-such-host'] }, cb))).code, GrpcStatus.NOT_FOUND);
+    // A Xen host (its record only: no Xen here) must not receive a qcow2 image.
+    const hosts = await KvStore.open(stack.connection.jetstream, 'hosts', protoCodec(Host));
+    await hosts.put(`xen-${suffix}`, Host.fromPartial({ name: `hosts/xen-${suffix}`, hypervisor: Hypervisor.HYPERVISOR_XEN, state: Host_State.STATE_READY, agentEndpoint: 'localhost:1' }));
+    await waitFor('the Xen host record', async () => (await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/xen-${suffix}` }, cb))).name || undefined);
+    const mismatch = await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [`hosts/dist-a-${suffix}`, `hosts/xen-${suffix}`] }, cb));
+    assert.equal(mismatch.code, GrpcStatus.FAILED_PRECONDITION);
+    assert.equal(mismatch.reason, 'ERROR_REASON_HYPERVISOR_MISMATCH');
+    await hosts.delete(`xen-${suffix}`);
+    const afterCount = (await call<{ operations: unknown[] }>((cb) => stack.distributionOperations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
+    assert.equal(afterCount, before, 'no operation was created');
+    assert.equal((await readdir(join(agents.get(`dist-a-${suffix}`)!.imageDirectory, 'images'))).length, 0, 'nothing reached the agent');
+    // The tracker refuses an info-hash it does not know (announce with a random one).
+    const trackerUrl = (stack.distributionProcess.logs.find((line) => line['msg'] === 'agents announce to this tracker URL')?.['trackerAnnounceUrl'] as string) ?? '';
+    const unknown = await fetch(`${trackerUrl}?info_hash=${'%01'.repeat(20)}&peer_id=${'%02'.repeat(20)}&port=6881&uploaded=0&downloaded=0&left=0&compact=1`);
+    assert.match(await unknown.text(), /failure reason/);
+  });
+
+  it('distributes to two hosts: every copy verifies, image.available once per host, progress in the metadata', async () => {
+    const operation = await distribute([`dist-a-${suffix}`, `dist-b-${suffix}`], `req-${suffix}-1`);
+    const again = await distribute([`dist-a-${suffix}`, `dist-b-${suffix}`], `req-${suffix}-1`);
+    assert.equal(again.name, operation.name, 'a retried request_id returns the same operation');
+    const response = await finished(operation);
+    assert.deepEqual(response.failures, []);
+    assert.deepEqual(response.replicas.map((replica) => replica.host), [`hosts/dist-a-${suffix}`, `hosts/dist-b-${suffix}`]);
+    for (const replica of response.replicas) assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
+    await assertVerifiedCopy(`dist-a-${suffix}`);
+    await assertVerifiedCopy(`dist-b-${suffix}`);
+    const done = await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb));
+    const metadata = unpack(metadataType, done.metadata!);
+    assert.equal(metadata.hostsDone, 2);
+    assert.equal(metadata.hostsTotal, 2);
+    assert.ok(metadata.transfers.every((transfer) => transfer.progress?.bytesDone === metadata.bytesTotal));
+    // Once per host: wait a little for duplicates that must not come.
+    await waitFor('two image.available events', async () => (available.filter((event) => event.operation === operation.name).length >= 2 ? true : undefined));
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    const forThis = available.filter((event) => event.operation === operation.name).map((event) => event.host).sort();
+    assert.deepEqual(forThis, [`hosts/dist-a-${suffix}`, `hosts/dist-b-${suffix}`]);
+    // A host that already holds the image counts as done at once, and publishes nothing new.
+    const repeat = await finished(await distribute([`dist-a-${suffix}`]));
+    assert.equal(repeat.replicas.length, 1);
+    assert.equal(available.filter((event) => event.host === `hosts/dist-a-${suffix}`).length, 1);
+  });
+
+  it('a receiver killed half-way resumes after a restart and fetches only what is missing', async () => {
+    const host = `dist-c-${suffix}`;
+    const agent = agents.get(host)!;
+    // A download cap an admin sets in inventory (UpdateHost) slows the receiver down enough to kill it mid-way.
+    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: `hosts/${host}`, transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(4 * MiB) } }), updateMask: ['transfer_limits'] }, cb));
+    await waitFor('the cap applied', async () => (agentLog(agent, 'transfer limits applied') ? true : undefined), 30_000);
+    const operation = await distribute([host]);
+    const total = Number(image.torrent!.totalBytes);
+    await waitFor('half of the image on the receiver', async () => {
+      const current = await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb));
+      const progress = unpack(metadataType, current.metadata!).transfers[0]?.progress;
+      return Number(progress?.bytesDone ?? 0) >= total / 2 ? true : undefined;
+    }, 120_000);
+    process.kill(agent.process.daemon.pid, 'SIGKILL');
+    await agent.process.daemon.exited;
+    const restarted = await agent.restart();
+    const response = await finished(operation);
+    assert.deepEqual(response.failures, []);
+    await assertVerifiedCopy(host);
+    const resumed = restarted.logs.find((line) => line['msg'] === 'resuming transfer');
+    assert.ok(resumed, 'the restarted agent resumed the partial replica by itself');
+    assert.ok(Number(resumed['present']) >= total * 0.4, `pieces kept across the kill: ${String(resumed['present'])} of ${total}`);
+    const done = restarted.logs.find((line) => line['msg'] === 'replica available')!;
+    assert.ok(Number(done['received']) <= total - Number(resumed['present']) + 8 * MiB, `after the restart it received ${String(done['received'])} bytes, about what was missing`);
+    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: `hosts/${host}`, transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: '0' } }), updateMask: ['transfer_limits'] }, cb));
+    agents.set(host, { ...agent, process: restarted });
+  });
+
+  it('a replica tampered with on disk is detected at the next start and fetched again', async () => {
+    const host = `dist-b-${suffix}`;
+    const agent = agents.get(host)!;
+    await agent.process.daemon.stop(10_000);
+    const disk = image.files.find((file) => file.targetDevice === 'vda')!;
+    const path = join(agent.imageDirectory, 'images', imageId, disk.path);
+    await chmod(join(agent.imageDirectory, 'images', imageId), 0o755);
+    await chmod(path, 0o644);
+    const handle = await open(path, 'r+');
+    await handle.write(Buffer.from('tampered'), 0, 8, 6 * MiB);
+    await handle.close();
+    const restarted = await agent.restart();
+    agents.set(host, { ...agent, process: restarted });
+    await waitFor('the replica fetched again', async () => (restarted.logs.some((line) => line['msg'] === 'replica available') ? true : undefined), 120_000);
+    assert.ok(restarted.logs.some((line) => line['msg'] === 'replica changed on disk: fetching it again'));
+    await assertVerifiedCopy(host);
+    await waitFor('the record AVAILABLE again', async () => ((await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/${host}/images/${imageId}` }, cb))).state === ImageReplica_State.STATE_AVAILABLE ? true : undefined));
+  });
+
+  it('a host whose disk is full fails alone and cleanly; the others complete', async () => {
+    const mountPoint = join(await resources.tempDir('cowherd-full-'), 'images-root');
+    await mkdir(mountPoint, { recursive: true });
+    await run('mount', ['-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', mountPoint]);
+    resources.defer(() => run('umount', ['-l', mountPoint]).then(() => undefined));
+    const full = await stack.addAgent(`dist-full-${suffix}`, { COWHERD_IMAGE_DIR: mountPoint });
+    agents.set(full.host, full);
+    const extra = await stack.addAgent(`dist-d-${suffix}`);
+    agents.set(extra.host, extra);
+    for (const host of [full.host, extra.host]) {
+      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    }
+    const response = await finished(await distribute([full.host, extra.host]));
+    assert.deepEqual(response.replicas.map((replica) => replica.host), [`hosts/${extra.host}`]);
+    assert.equal(response.failures.length, 1);
+    assert.equal(response.failures[0]!.host, `hosts/${full.host}`);
+    assert.equal(response.failures[0]!.status?.code, GrpcStatus.RESOURCE_EXHAUSTED, JSON.stringify(response.failures[0]));
+    await assertVerifiedCopy(extra.host);
+    const left = (await readdir(join(mountPoint, 'images'))).filter((name) => !name.endsWith('.replica.json'));
+    assert.deepEqual(left, [], 'no partial replica is left on the full disk');
+  });
+
+  it('the origin can stop once a receiver is complete: the rest finish from peers', async () => {
+    const late = await stack.addAgent(`dist-e-${suffix}`);
+    agents.set(late.host, late);
+    await waitFor(`${late.host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${late.host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    await stack.agent.daemon.stop(10_000);
+    const response = await finished(await distribute([late.host]));
+    assert.deepEqual(response.failures, []);
+    await assertVerifiedCopy(late.host);
+  });
+});
