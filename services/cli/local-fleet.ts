@@ -124,8 +124,17 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     for (const name of ['inventory', 'distribution', 'cloning'] as const) {
       const tls = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, name), identityUri('service', name), ['localhost', name], SERVICE_CERTIFICATE_DAYS);
       const inventoryAddress = endpoints.find((endpoint) => endpoint.name === 'inventory')?.address;
+      const distributionAddress = endpoints.find((endpoint) => endpoint.name === 'distribution')?.address;
       const tracker: Record<string, string> = name === 'distribution' ? { COWHERD_TRACKER_ADDRESS: `localhost:${options.dynamicPorts ? await freePort() : 7463}` } : {};
-      endpoints.push(await startFleetProcess(name, tls, await port(name, 'grpc'), await port(name, 'health'), { ...common, COWHERD_CA_ADDRESS: caAddress, ...tracker, ...(inventoryAddress === undefined ? {} : { COWHERD_INVENTORY_ADDRESS: inventoryAddress }) }));
+      endpoints.push(
+        await startFleetProcess(name, tls, await port(name, 'grpc'), await port(name, 'health'), {
+          ...common,
+          COWHERD_CA_ADDRESS: caAddress,
+          ...tracker,
+          ...(inventoryAddress === undefined ? {} : { COWHERD_INVENTORY_ADDRESS: inventoryAddress }),
+          ...(distributionAddress === undefined ? {} : { COWHERD_DISTRIBUTION_ADDRESS: distributionAddress }),
+        }),
+      );
     }
 
     // 4. The local agent joins like any host: with a join token on its first start, by itself afterwards.
@@ -141,6 +150,7 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
       COWHERD_ADVERTISE_ADDRESS: `localhost:${agentPort}`,
       COWHERD_IMAGE_DIR: join(state, 'agent', 'images'),
       COWHERD_LIBVIRT_URI: options.libvirtUri ?? 'qemu:///system',
+      ...(options.dynamicPorts ? { COWHERD_TORRENT_PORT: '0', COWHERD_WEB_SEED_ADDRESS: `localhost:${await freePort()}` } : {}),
     };
     if (!(await hasValidCredentials(agentCredentials, ca.certificatePem, identityUri('host', hostname)))) {
       const token = await new Promise<string>((resolve, reject) => caClient.createJoinToken({ host: hostname, ttl: { seconds: '600', nanos: 0 }, requestId: '' }, (error, response) => (error ? reject(error) : resolve(response.token))));

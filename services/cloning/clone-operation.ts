@@ -17,9 +17,8 @@ import {
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { ErrorReason, errorReasonFromJSON } from '../gen/cowherd/common/v1/error_reason.js';
 import { Host_State, type Host } from '../gen/cowherd/inventory/v1/resources.js';
-import { ErrorInfo } from '../gen/google/rpc/error_details.js';
 import type { Status } from '../gen/google/rpc/status.js';
-import { CowherdError, readServiceError, toStatus } from '../common/errors.js';
+import { CowherdError, errorFromStatus, readServiceError, toStatus } from '../common/errors.js';
 import { CLONE_FAILED } from '../common/event-types.js';
 import type { EventPublisher } from '../common/events.js';
 import type { OperationContext, OperationKind } from '../common/operations.js';
@@ -48,10 +47,9 @@ export interface ImageDelivery {
 }
 
 /**
- * The hook for the distribution issue: today nothing brings an image to a host, so clones placed on a host
- * without an AVAILABLE replica fail with FAILED_PRECONDITION (IMAGE_NOT_ON_HOST). The distribution issue
- * replaces this with "ask DistributionService to distribute the image, then wait for image.available"
- * (and sets those clones to STATE_WAITING_FOR_IMAGE meanwhile).
+ * No delivery: clones placed on a host without an AVAILABLE replica fail with FAILED_PRECONDITION
+ * (IMAGE_NOT_ON_HOST). The service uses image-delivery.ts (DistributeImage, then the clones); this is the
+ * default for unit tests that do not care.
  */
 export const IMAGE_DELIVERY_NOT_WIRED: ImageDelivery = {
   bringImageToHost: async ({ image, host }) => {
@@ -147,6 +145,8 @@ async function runCloneOperation(deps: CloneOperationDeps, context: OperationCon
       const unusable = hostProblem(hostName, host);
       if (unusable) return fail(hostName, clones, toStatus(unusable));
       if (image !== undefined && !holding.has(hostName)) {
+        for (const clone of clones) clone.state = CloneResult_State.STATE_WAITING_FOR_IMAGE;
+        await persist();
         try {
           await delivery.bringImageToHost({ image, host: hostName, operation: context.name }, signal);
         } catch (error) {
@@ -245,16 +245,6 @@ function agentCallStatus(host: string, error: unknown): Status {
   }
   const reason = received.reason === '' ? ErrorReason.ERROR_REASON_INTERNAL : errorReasonFromJSON(received.reason);
   return toStatus(new CowherdError(code, received.message, { reason, metadata: { ...received.metadata, host } }));
-}
-
-/** A CowherdError carrying a google.rpc.Status (its code, ErrorInfo reason and metadata). */
-function errorFromStatus(status: Status, prefix: string): CowherdError {
-  const info = status.details.find((detail) => detail.typeUrl === 'type.googleapis.com/google.rpc.ErrorInfo');
-  const decoded = info ? ErrorInfo.decode(info.value) : undefined;
-  return new CowherdError(status.code, `${prefix}${status.message}`, {
-    reason: decoded ? errorReasonFromJSON(decoded.reason) : ErrorReason.ERROR_REASON_INTERNAL,
-    metadata: decoded?.metadata ?? {},
-  });
 }
 
 async function publishCloneFailed(deps: CloneOperationDeps, operation: string, request: CloneVirtualMachinesRequest, clone: CloneResult, at: Date, log: OperationContext<unknown, unknown, unknown>['log']): Promise<void> {

@@ -12,6 +12,7 @@ import { cloneOperationKind } from './clone-operation.js';
 import { CLONING_VARIABLES } from './config.js';
 import { cloningHandlers } from './handlers.js';
 import { createInventoryFleetView } from './inventory-view.js';
+import { distributionImageDelivery } from './image-delivery.js';
 import { stopOperationKind } from './power.js';
 
 await runServiceMain({
@@ -23,7 +24,8 @@ await runServiceMain({
     const inventory = createClient(InventoryServiceClient, config.inventoryAddress, credentials, { defaultDeadlineMs: 15_000 });
     const fleet = createInventoryFleetView(inventory);
     const agents = createAgentPort({ credentials });
-    const kind = cloneOperationKind({ fleet, agents, events });
+    const imageDelivery = distributionImageDelivery(config.distributionAddress, credentials);
+    const kind = cloneOperationKind({ fleet, agents, events, imageDelivery });
     const stopKind = stopOperationKind({ fleet, agents });
     const operations = await openOperations(nats.jetstream, log, boundary, [kind as never, stopKind as never]);
     const requestIdUsed = async (requestId: string) => (await operations.manager.findByRequestId(kind.kind, requestId)) !== undefined;
@@ -32,6 +34,7 @@ await runServiceMain({
       stop: async () => {
         await operations.manager.stop();
         agents.close();
+        imageDelivery.close();
         inventory.close();
       },
     };

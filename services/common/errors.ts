@@ -166,3 +166,13 @@ export function relayServiceError(error: unknown, target: string): CowherdError 
   const reason = errorReasonFromJSON(received.reason);
   return new CowherdError(received.code, received.message, { reason: reason === ErrorReason.UNRECOGNIZED ? ErrorReason.ERROR_REASON_INTERNAL : reason, metadata: received.metadata, ...(received.fields[0] === undefined ? {} : { field: received.fields[0] }), cause: error });
 }
+
+/** A CowherdError carrying a google.rpc.Status (its code, ErrorInfo reason and metadata). */
+export function errorFromStatus(status: Status, prefix: string): CowherdError {
+  const info = status.details.find((detail) => detail.typeUrl === 'type.googleapis.com/google.rpc.ErrorInfo');
+  const decoded = info ? ErrorInfo.decode(info.value) : undefined;
+  return new CowherdError(status.code, `${prefix}${status.message}`, {
+    reason: decoded ? errorReasonFromJSON(decoded.reason) : ErrorReason.ERROR_REASON_INTERNAL,
+    metadata: decoded?.metadata ?? {},
+  });
+}

@@ -32,7 +32,8 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       const existing = await operations.findByRequestId(options.distribute.kind, request.requestId);
       if (existing) return operations.start(options.distribute, request, undefined as never, request.requestId);
       const { image, hosts } = await checkDistribute(request, deps);
-      return operations.start(options.distribute, { ...request, hosts }, initialDistributeMetadata(image, hosts), request.requestId);
+      // The request is stored as given (hosts/- stays hosts/-, so that a retry matches it); the resolved hosts are in the metadata.
+      return operations.start(options.distribute, request, initialDistributeMetadata(image, hosts), request.requestId);
     },
     deleteImage: async (request) => {
       const existing = await operations.findByRequestId(options.deleteImage.kind, request.requestId);

@@ -75,7 +75,7 @@ export async function startCloneStack(resources: Resources, host: string): Promi
   const ca = await startCertificateAuthorityProcess(resources, pki, nats);
   const inventoryProcess = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address });
   const distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
-  const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
+  const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address });
   const directory = await resources.tempDir('cowherd-e2e-');
   const admin = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
   const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, admin);

@@ -20,6 +20,7 @@ import { KvStore, protoCodec } from '../../services/common/kv.js';
 import { createLogger } from '../../services/common/logger.js';
 import { unpack } from '../../services/common/operations.js';
 import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
+import { CloneResult_State, CloneVirtualMachinesResponse, Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { DistributeImageMetadata, DistributeImageResponse } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
 import { Host, Host_State, Image, ImageReplica_State, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
@@ -32,6 +33,7 @@ const run = promisify(execFile);
 const MiB = 1024 * 1024;
 const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
 const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
+const cloneResponseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
 const metadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
 
 describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd, tmpfs)' : false, timeout: 600_000 }, () => {
@@ -253,6 +255,26 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     await assertVerifiedCopy(extra.host);
     const left = (await readdir(join(mountPoint, 'images'))).filter((name) => !name.endsWith('.replica.json'));
     assert.deepEqual(left, [], 'no partial replica is left on the full disk');
+  });
+
+  it('cloning onto a host without the image has it distributed first, then makes the clones', async () => {
+    const target = await stack.addAgent(`dist-f-${suffix}`);
+    agents.set(target.host, target);
+    await waitFor(`${target.host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${target.host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    const clone = await call<Operation>((cb) =>
+      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${imageId}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [`hosts/${target.host}`], maxClonesPerHost: 0 }, count: 2, nameTemplate: `dc-${suffix}-{index}`, start: false, requestId: '' }, cb),
+    );
+    stack.track(`dc-${suffix}-1`, `dc-${suffix}-2`);
+    const done = await stack.wait(clone.name, 180_000);
+    assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
+    const clones = unpack(cloneResponseType, done.result.value).clones;
+    assert.deepEqual(clones.map((result) => result.state), [CloneResult_State.STATE_DONE, CloneResult_State.STATE_DONE], JSON.stringify(clones));
+    await assertVerifiedCopy(target.host);
+    const replica = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/${target.host}/images/${imageId}` }, cb));
+    assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
+    // The clones' disks are overlays on the distributed base.
+    const info = JSON.parse((await run('qemu-img', ['info', '--output=json', clones[0]!.overlays[0]!])).stdout) as { 'backing-filename'?: string };
+    assert.equal(info['backing-filename'], join(target.imageDirectory, 'images', imageId, image.files.find((file) => file.targetDevice === 'vda')!.path));
   });
 
   it('the origin can stop once a receiver is complete: the rest finish from peers', async () => {
