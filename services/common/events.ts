@@ -8,6 +8,7 @@ import { headers as natsHeaders, nanos } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type ConsumerMessages, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
 
 import type { Logger } from './logger.js';
+import { eventPublishFailures, eventsPublished } from './metrics.js';
 
 /** The JetStream stream that holds every event. */
 export const EVENT_STREAM = 'COWHERD_EVENTS';
@@ -60,7 +61,10 @@ export async function ensureEventStream(manager: JetStreamManager, options: { re
   }
 }
 
-/** Publishes events; returns the stream sequence (a duplicate returns the original's). */
+/**
+ * Publishes events; returns the stream sequence (a duplicate returns the original's). Counts each
+ * publish in cowherd_events_published_total or cowherd_event_publish_failures_total by event kind.
+ */
 export class EventPublisher {
   constructor(private readonly js: JetStreamClient, private readonly log: Logger) {}
 
@@ -74,8 +78,10 @@ export class EventPublisher {
     headers.set(EVENT_TYPE_HEADER, type.typeName);
     try {
       const ack = await this.js.publish(subject, type.encode(payload).finish(), { msgID: options.id, headers, timeout: 10_000 });
+      eventsPublished.inc({ type: type.kind });
       return ack.seq;
     } catch (error) {
+      eventPublishFailures.inc({ type: type.kind });
       this.log.error({ err: error, subject, eventId: options.id }, 'event publish failed');
       throw error;
     }

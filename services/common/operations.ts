@@ -7,6 +7,10 @@
  * replica claims the operation with compare-and-set and resumes from the last checkpoint. Handlers must
  * therefore be written as idempotent steps that read the checkpoint first. A request_id maps to one
  * operation: a retried create returns the same operation.
+ *
+ * Metrics: every scan sets `cowherd_operations{kind,state}` from KV for the kinds this replica runs
+ * (the same numbers on every replica), and each operation that ends here counts once in
+ * `cowherd_operations_finished_total{kind,result}`. Logs of a running operation carry its name and kind.
  */
 import { createHash, randomUUID } from 'node:crypto';
 import { status as GrpcStatus } from '@grpc/grpc-js';
@@ -17,6 +21,7 @@ import type { Any } from '../gen/google/protobuf/any.js';
 import { CowherdError, toStatus } from './errors.js';
 import { jsonCodec, KvConflictError, KvStore } from './kv.js';
 import type { Logger } from './logger.js';
+import { OPERATION_METRIC_STATES, operationsByState, operationsFinished, type OperationMetricState } from './metrics.js';
 import { paginate, PageTokens } from './pagination.js';
 import { adaptService, type AccessPolicy, type BoundaryOptions, type Handlers, type ServiceRegistration } from './rpc.js';
 
@@ -182,6 +187,9 @@ export class OperationManager {
       updateTime: now,
     };
     const revision = await this.store.create(keyOf(name), record);
+    this.options.log.info({ operation: name, kind: kind.kind }, 'operation started');
+    // The next scan sets the exact numbers; until then count this one in.
+    if (this.kinds.has(kind.kind)) operationsByState.inc({ kind: kind.kind, state: 'running' });
     this.launch(record, revision);
     return operation;
   }
@@ -257,13 +265,26 @@ export class OperationManager {
 
   private async claimOrphans(): Promise<void> {
     const now = Date.now();
-    for (const entry of await this.store.list('*')) {
+    const entries = await this.store.list('*');
+    const counts = new Map<string, Map<OperationMetricState, number>>([...this.kinds.keys()].map((kind) => [kind, new Map(OPERATION_METRIC_STATES.map((state) => [state, 0]))]));
+    const orphans: typeof entries = [];
+    for (const entry of entries) {
       const record = entry.value;
-      if (decodeDone(record) || record.leaseExpiresAt > now || this.running.has(record.name) || !this.kinds.has(record.kind)) continue;
+      const perState = counts.get(record.kind);
+      if (!perState) continue;
+      const state = metricStateOf(record, now);
+      perState.set(state, (perState.get(state) ?? 0) + 1);
+      if (state === 'orphaned' && !this.running.has(record.name)) orphans.push(entry);
+    }
+    for (const [kind, perState] of counts) for (const [state, count] of perState) operationsByState.set({ kind, state }, count);
+    for (const entry of orphans) {
+      const record = entry.value;
       const claimed: OperationRecord = { ...record, owner: this.replicaId, leaseExpiresAt: Date.now() + this.leaseMs, updateTime: new Date().toISOString() };
       try {
         const revision = await this.store.update(entry.key, claimed, entry.revision);
         this.options.log.info({ operation: record.name, kind: record.kind, previousOwner: record.owner }, 'resuming operation');
+        operationsByState.dec({ kind: record.kind, state: 'orphaned' });
+        operationsByState.inc({ kind: record.kind, state: 'running' });
         this.launch(claimed, revision);
       } catch (error) {
         if (!(error instanceof KvConflictError)) throw error;
@@ -351,7 +372,11 @@ export class OperationManager {
         operation.result = result;
         return { ...r, operation: encodeOperation(operation), leaseExpiresAt: 0, updateTime: new Date().toISOString() };
       }).catch((error: unknown) => log.warn({ err: error }, 'could not record the end of the operation'));
-      log.info({ ok: result?.$case === 'response' }, 'operation done');
+      const outcome = result?.$case === 'response' ? 'succeeded' : wasCancelled() ? 'cancelled' : 'failed';
+      operationsFinished.inc({ kind: record.kind, result: outcome });
+      operationsByState.dec({ kind: record.kind, state: 'running' });
+      operationsByState.inc({ kind: record.kind, state: outcome });
+      log.info({ ok: result?.$case === 'response', result: outcome }, 'operation done');
     })().finally(() => {
       clearInterval(renew);
       this.running.delete(record.name);
@@ -414,6 +439,14 @@ function encodeOperation(operation: Operation): string {
 
 function decodeDone(record: OperationRecord): boolean {
   return Operation.decode(Buffer.from(record.operation, 'base64')).done;
+}
+
+/** The state `cowherd_operations` counts a record in; `orphaned` is unfinished with no live lease. */
+function metricStateOf(record: OperationRecord, now: number): OperationMetricState {
+  const operation = Operation.decode(Buffer.from(record.operation, 'base64'));
+  if (!operation.done) return record.leaseExpiresAt > now ? 'running' : 'orphaned';
+  if (operation.result?.$case === 'response') return 'succeeded';
+  return operation.result?.$case === 'error' && operation.result.value.code === GrpcStatus.CANCELLED ? 'cancelled' : 'failed';
 }
 
 function cancelledError(): CowherdError {

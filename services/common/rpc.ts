@@ -18,6 +18,7 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { CowherdError, toServiceError } from './errors.js';
 import { describeIdentity, parseIdentity, type Identity, type IdentityKind } from './identity.js';
 import type { Logger } from './logger.js';
+import { recordRpc } from './metrics.js';
 import { normalizeSerial, parseSubjectAltName } from './pki.js';
 
 /** What a handler knows about the call it serves. */
@@ -111,8 +112,10 @@ export interface BoundaryOptions {
 }
 
 /**
- * Wraps promise-based handlers with authentication, authorization, logging and error mapping.
- * Methods of the definition without a handler answer UNIMPLEMENTED (after authorization).
+ * Wraps promise-based handlers with authentication, authorization, logging, metrics and error mapping.
+ * Methods of the definition without a handler answer UNIMPLEMENTED (after authorization). Every call,
+ * refused or not, ends in one `rpc` log line (caller, method, code, ms, and the operation it started
+ * or named) and in cowherd_rpc_requests_total / cowherd_rpc_duration_seconds.
  */
 export function adaptService<D extends Record<string, MethodShape>>(
   definition: D,
@@ -133,17 +136,18 @@ export function adaptService<D extends Record<string, MethodShape>>(
         const started = process.hrtime.bigint();
         let context: CallContext | undefined;
         void (async () => {
-          context = admit(call, method.path, rule, options);
+          context = callContext(call, method.path, options);
+          authorize(call, context, rule, options);
           if (!handler) throw unimplemented(method.path);
           return (handler as UnaryHandler<unknown, unknown>)(call.request, context);
         })().then(
           (response) => {
-            logCall(options, context, method.path, started, GrpcStatus.OK, quiet);
+            logCall(options, context, method.path, started, GrpcStatus.OK, quiet, { operation: operationNameOf(call.request) ?? operationNameOf(response) });
             callback(null, response);
           },
           (error: unknown) => {
             const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: method.path }, 'unexpected error'));
-            logCall(options, context, method.path, started, serviceError.code, quiet, serviceError.details);
+            logCall(options, context, method.path, started, serviceError.code, quiet, { message: serviceError.details, operation: operationNameOf(call.request) });
             callback(serviceError, null);
           },
         );
@@ -159,17 +163,18 @@ export function adaptService<D extends Record<string, MethodShape>>(
             else call.once('drain', () => resolve());
           });
         void (async () => {
-          context = admit(call, method.path, rule, options);
+          context = callContext(call, method.path, options);
+          authorize(call, context, rule, options);
           if (!handler) throw unimplemented(method.path);
           await (handler as ServerStreamHandler<unknown, unknown>)(call.request, context, send);
         })().then(
           () => {
-            logCall(options, context, method.path, started, GrpcStatus.OK, quiet);
+            logCall(options, context, method.path, started, GrpcStatus.OK, quiet, { operation: operationNameOf(call.request) });
             call.end();
           },
           (error: unknown) => {
             const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: method.path }, 'unexpected error'));
-            logCall(options, context, method.path, started, serviceError.code, quiet, serviceError.details);
+            logCall(options, context, method.path, started, serviceError.code, quiet, { message: serviceError.details, operation: operationNameOf(call.request) });
             if (!call.cancelled) call.destroy(serviceError as unknown as Error);
           },
         );
@@ -191,24 +196,31 @@ export function peerIdentity(call: { getAuthContext(): { sslPeerCertificate?: Pe
   };
 }
 
-function admit(
-  call: ServerUnaryCall<unknown, unknown> | ServerWritableStream<unknown, unknown>,
-  path: string,
-  rule: AccessRule<unknown> | undefined,
-  options: BoundaryOptions,
-): CallContext {
+/**
+ * What a call is and who makes it, before any check: the log of a refused call names its caller too.
+ * `caller` in logs is kind/name (host/kvm-01), "anonymous" without a certificate, or "unidentified"
+ * for a certificate that names no cowherd identity.
+ */
+function callContext(call: ServerUnaryCall<unknown, unknown> | ServerWritableStream<unknown, unknown>, path: string, options: BoundaryOptions): CallContext {
   const controller = new AbortController();
   call.once('cancelled', () => controller.abort(new CowherdError(GrpcStatus.CANCELLED, 'call cancelled', { reason: ErrorReason.ERROR_REASON_INTERNAL })));
   const peer = peerIdentity(call);
   const caller = peer?.identity;
-  const log = options.log.child({ method: path, caller: caller ? describeIdentity(caller) : 'anonymous' });
-  const context: CallContext = { caller, callerCertificate: peer?.certificate, method: path, log, signal: controller.signal, metadata: call.metadata };
+  const log = options.log.child({ method: path, caller: caller ? describeIdentity(caller) : peer ? 'unidentified' : 'anonymous' });
+  return { caller, callerCertificate: peer?.certificate, method: path, log, signal: controller.signal, metadata: call.metadata };
+}
+
+/** Throws unless the call's caller may make it (deny by default). */
+function authorize(call: ServerUnaryCall<unknown, unknown> | ServerWritableStream<unknown, unknown>, context: CallContext, rule: AccessRule<unknown> | undefined, options: BoundaryOptions): void {
+  const path = context.method;
+  const caller = context.caller;
+  const certificate = context.callerCertificate;
   if (!rule) throw CowherdError.permissionDenied(`${path} is not open to any caller`);
-  if (rule.allow === 'anyone') return context;
+  if (rule.allow === 'anyone') return;
   if (rule.allow.length === 0) throw CowherdError.permissionDenied(`${path} is not served on this port`);
-  if (!peer) throw CowherdError.unauthenticated('a client certificate from the cowherd CA is required');
-  if (options.revocations.isRevoked(peer.certificate.serialNumber)) {
-    throw CowherdError.unauthenticated(`certificate ${peer.certificate.serialNumber} has been revoked`, ErrorReason.ERROR_REASON_CERTIFICATE_REVOKED);
+  if (!certificate) throw CowherdError.unauthenticated('a client certificate from the cowherd CA is required');
+  if (options.revocations.isRevoked(certificate.serialNumber)) {
+    throw CowherdError.unauthenticated(`certificate ${certificate.serialNumber} has been revoked`, ErrorReason.ERROR_REASON_CERTIFICATE_REVOKED);
   }
   if (!caller) throw CowherdError.unauthenticated('the client certificate names no cowherd identity (one spiffe://cowherd/... URI SAN)');
   if (!rule.allow.includes(caller.kind)) {
@@ -221,16 +233,33 @@ function admit(
       throw CowherdError.permissionDenied(`host ${caller.name} may act only for its own host, not for ${JSON.stringify(target ?? '')}`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
     }
   }
-  return context;
 }
 
 function unimplemented(path: string): CowherdError {
   return new CowherdError(GrpcStatus.UNIMPLEMENTED, `${path} is not implemented yet`, { reason: ErrorReason.ERROR_REASON_INTERNAL });
 }
 
-function logCall(options: BoundaryOptions, context: CallContext | undefined, method: string, started: bigint, code: GrpcStatus, quiet: boolean, message?: string): void {
+/**
+ * The long-running operation a call is about, for the request log: the `name` of a request to the
+ * Operations service, or of the Operation a Create/Publish/Distribute call returned.
+ */
+function operationNameOf(message: unknown): string | undefined {
+  const name = typeof message === 'object' && message !== null ? (message as { name?: unknown }).name : undefined;
+  return typeof name === 'string' && name.startsWith('operations/') ? name : undefined;
+}
+
+/** Ends a call: one `rpc` log line and the RPC metrics. */
+function logCall(options: BoundaryOptions, context: CallContext | undefined, method: string, started: bigint, code: GrpcStatus, quiet: boolean, extra: { message?: string; operation?: string | undefined } = {}): void {
+  const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+  const codeName = GrpcStatus[code] ?? String(code);
+  recordRpc(method, codeName, seconds);
   const log = context?.log ?? options.log.child({ method });
-  const fields = { code: GrpcStatus[code], ms: Number(process.hrtime.bigint() - started) / 1e6, ...(message === undefined ? {} : { error: message }) };
+  const fields = {
+    code: codeName,
+    ms: seconds * 1000,
+    ...(extra.operation === undefined ? {} : { operation: extra.operation }),
+    ...(extra.message === undefined ? {} : { error: extra.message }),
+  };
   if (code === GrpcStatus.OK) {
     if (quiet) log.debug(fields, 'rpc');
     else log.info(fields, 'rpc');

@@ -1,11 +1,13 @@
 /**
  * One gRPC server bootstrap for every cowherd process: the mTLS port with the service's RPCs, health
- * and reflection; a plaintext port with health only (kubelet gRPC probes cannot do TLS); graceful stop.
+ * and reflection; a plaintext port with health only (kubelet gRPC probes cannot do TLS); a plaintext
+ * HTTP port with Prometheus metrics only; graceful stop.
  */
 import { Server, ServerCredentials, type ChannelOptions } from '@grpc/grpc-js';
 import { HealthService } from '../gen/grpc/health/v1/health.js';
 import { HEALTH_POLICY, HealthState, healthHandlers, ServingStatus } from './health.js';
 import type { Logger } from './logger.js';
+import { serveMetrics, type MetricsServer } from './metrics.js';
 import { addReflection } from './reflection.js';
 import { adaptService, type RevocationCheck, type ServiceRegistration } from './rpc.js';
 
@@ -17,6 +19,8 @@ export interface ServerOptions {
   readonly credentials: ServerCredentials;
   /** host:port of the plaintext health-only port; omit to serve none. */
   readonly healthAddress?: string;
+  /** host:port of the plaintext HTTP port that serves GET /metrics; omit to serve none. */
+  readonly metricsAddress?: string | undefined;
   /** The services, each built with adaptService. */
   readonly services: readonly ServiceRegistration[];
   /** Raw `buf build` FileDescriptorSet for reflection. */
@@ -32,6 +36,8 @@ export interface RunningServer {
   readonly port: number;
   /** The bound plaintext health port, if any. */
   readonly healthPort: number | undefined;
+  /** The bound metrics port, if any. */
+  readonly metricsPort: number | undefined;
   readonly health: HealthState;
   /**
    * Marks every service NOT_SERVING, stops accepting calls, lets running calls finish for up to
@@ -67,16 +73,28 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     probe.addService(healthService.definition, healthService.implementation);
     healthPort = await bind(probe, options.healthAddress, ServerCredentials.createInsecure());
   }
+  let metrics: MetricsServer | undefined;
+  if (options.metricsAddress !== undefined) {
+    try {
+      metrics = await serveMetrics({ address: options.metricsAddress, log: options.log });
+    } catch (error) {
+      await Promise.all([shutdown(server, 0), probe ? shutdown(probe, 0) : undefined]);
+      throw error;
+    }
+  }
   health.setAll(ServingStatus.SERVING);
-  options.log.info({ port, healthPort, services: serviceNames }, 'serving');
+  options.log.info({ port, healthPort, metricsPort: metrics?.port, services: serviceNames }, 'serving');
 
   return {
     port,
     healthPort,
+    metricsPort: metrics?.port,
     health,
     stop: async (graceMs) => {
       health.setAll(ServingStatus.NOT_SERVING);
       await Promise.all([shutdown(server, graceMs), probe ? shutdown(probe, graceMs) : undefined]);
+      // Last, so that a scrape during the drain still sees the final counts.
+      await metrics?.stop();
     },
   };
 }

@@ -17,14 +17,28 @@ import { createClient } from './client.js';
 import { followRevocations, RevocationSet } from './revocation.js';
 import type { LevelWithSilent } from 'pino';
 
-/** Default ports: mTLS gRPC and plaintext health, per process. */
+/**
+ * Default ports: mTLS gRPC, plaintext health and plaintext Prometheus metrics, per process. Distinct per
+ * process because the local fleet runs them all on one machine; Kubernetes sets 9464 for metrics.
+ */
 export const DEFAULT_PORTS = {
-  'certificate-authority': { grpc: 7440, health: 7450 },
-  inventory: { grpc: 7442, health: 7452 },
-  distribution: { grpc: 7443, health: 7453 },
-  cloning: { grpc: 7444, health: 7454 },
-  agent: { grpc: 7445, health: 7455 },
+  'certificate-authority': { grpc: 7440, health: 7450, metrics: 7470 },
+  inventory: { grpc: 7442, health: 7452, metrics: 7472 },
+  distribution: { grpc: 7443, health: 7453, metrics: 7473 },
+  cloning: { grpc: 7444, health: 7454, metrics: 7474 },
+  agent: { grpc: 7445, health: 7455, metrics: 7475 },
 } as const;
+
+/** The value of COWHERD_METRICS_ADDRESS that serves no metrics. */
+export const METRICS_OFF = 'off';
+
+/** host:port of the metrics endpoint, or `off` (undefined): serve none. */
+function metricsAddressVariable(defaultAddress: string): Variable<string | undefined> {
+  const name = 'COWHERD_METRICS_ADDRESS';
+  const description = `host:port of the plaintext HTTP port serving Prometheus metrics at /metrics (port 0: any free port; "${METRICS_OFF}": none)`;
+  const address = addressVariable(name, description, defaultAddress);
+  return { name, description, defaultText: defaultAddress, parse: (raw) => (raw?.trim().toLowerCase() === METRICS_OFF ? undefined : address.parse(raw)) };
+}
 
 /** Names of the processes that serve gRPC. */
 export type ProcessName = keyof typeof DEFAULT_PORTS;
@@ -35,6 +49,7 @@ export function serverVariables(name: ProcessName) {
   return {
     listenAddress: addressVariable('COWHERD_LISTEN_ADDRESS', 'host:port of the mTLS gRPC port (port 0: any free port)', `0.0.0.0:${ports.grpc}`),
     healthAddress: addressVariable('COWHERD_HEALTH_ADDRESS', 'host:port of the plaintext health-only port for probes', `0.0.0.0:${ports.health}`),
+    metricsAddress: metricsAddressVariable(`0.0.0.0:${ports.metrics}`),
     certificateFile: pathVariable('COWHERD_TLS_CERT', 'PEM certificate of this process (reloaded when the file changes)'),
     privateKeyFile: pathVariable('COWHERD_TLS_KEY', 'PEM private key of this process (0600)'),
     caFile: pathVariable('COWHERD_TLS_CA', 'PEM certificate of the cowherd CA, the only trusted root'),
@@ -133,6 +148,7 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
       log,
       address: config.listenAddress,
       healthAddress: config.healthAddress,
+      metricsAddress: config.metricsAddress,
       credentials,
       services: built.services,
       descriptorSet: readDescriptorSet(config.descriptorSetFile),

@@ -18,6 +18,8 @@ export interface ServiceProcess {
   readonly address: string;
   /** localhost:<plaintext health port> */
   readonly healthAddress: string;
+  /** localhost:<Prometheus metrics port>; undefined when the process serves none (COWHERD_METRICS_ADDRESS=off). */
+  readonly metricsAddress: string | undefined;
   /** Every JSON log line so far. */
   readonly logs: Array<Record<string, unknown>>;
 }
@@ -33,6 +35,7 @@ export async function startServiceProcess(resources: Resources, name: ProcessNam
       ...withoutCowherdVariables(process.env),
       COWHERD_LISTEN_ADDRESS: 'localhost:0',
       COWHERD_HEALTH_ADDRESS: 'localhost:0',
+      COWHERD_METRICS_ADDRESS: 'localhost:0',
       COWHERD_TRACKER_ADDRESS: 'localhost:0',
       ...(tls === undefined ? {} : { COWHERD_TLS_CERT: tls.certificateFile, COWHERD_TLS_KEY: tls.privateKeyFile, COWHERD_TLS_CA: tls.caFile }),
       COWHERD_NATS_URL: natsUrl,
@@ -50,7 +53,8 @@ export async function startServiceProcess(resources: Resources, name: ProcessNam
   resources.defer(() => daemon.stop(10_000));
   const serving = logs.find((line) => line['msg'] === 'serving');
   if (!serving) throw new Error(`${name} printed no serving line`);
-  return { name, daemon, address: `localhost:${String(serving['port'])}`, healthAddress: `localhost:${String(serving['healthPort'])}`, logs };
+  const metricsAddress = typeof serving['metricsPort'] === 'number' ? `localhost:${serving['metricsPort']}` : undefined;
+  return { name, daemon, address: `localhost:${String(serving['port'])}`, healthAddress: `localhost:${String(serving['healthPort'])}`, metricsAddress, logs };
 }
 
 /** The environment minus COWHERD_* variables, so a developer's settings never leak into a test process. */
