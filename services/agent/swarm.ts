@@ -39,6 +39,7 @@ import { IMAGE_ID } from '../common/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { parseImageTorrent, torrentFile, type ImageTorrent } from './torrent.js';
 import { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
+import { PeerGuard } from './peer-guard.js';
 
 /** Bandwidth limits in bytes per second; 0 = unlimited. */
 export interface SwarmLimits {
@@ -109,6 +110,10 @@ export interface FetchImageResult {
   readonly bytesReceived: number;
   /** Download + verification rounds. */
   readonly attempts: number;
+  /** Pieces that failed SHA-1 (sent corrupt by a peer or web seed) and were fetched again. */
+  readonly piecesFailed: number;
+  /** Peers banned for sending corrupt pieces (peer-guard.ts). */
+  readonly peersBanned: number;
   readonly durationMs: number;
 }
 
@@ -148,6 +153,7 @@ export class ImageSwarm {
   private readonly log: Logger | undefined;
   private readonly progressIntervalMs: number;
   private destroyed = false;
+  private readonly guard: PeerGuard;
 
   private constructor(
     private readonly client: WebTorrent,
@@ -155,6 +161,7 @@ export class ImageSwarm {
   ) {
     this.log = options.log;
     this.progressIntervalMs = options.progressIntervalMs ?? 1000;
+    this.guard = new PeerGuard(options.log);
     // Torrent errors without a torrent listener end up here; never let them crash the agent.
     client.on('error', (error: Error) => this.log?.error({ err: error }, 'webtorrent client error'));
     if (options.limits) this.setLimits(options.limits);
@@ -245,7 +252,7 @@ export class ImageSwarm {
     const partial = join(imagesRoot, `.${image}.partial`);
     const entry = this.newEntry(image, torrent.totalBytes);
     const started = performance.now();
-    const totals = { present: -1, written: 0, received: 0, attempts: 0 };
+    const totals = { present: -1, written: 0, received: 0, attempts: 0, piecesFailed: 0, peersBanned: 0 };
     const report = (): void => options.onProgress?.(this.snapshot(entry));
     let cancelled: Error | undefined;
     entry.cancel = (error) => {
@@ -259,7 +266,7 @@ export class ImageSwarm {
           if (bad.length === 0) {
             await this.startSeeding(entry, torrent, finalDirectory, announce);
             report();
-            return { directory: finalDirectory, bytesTotal: torrent.totalBytes, bytesPresentAtStart: torrent.totalBytes, bytesWritten: 0, bytesReceived: 0, attempts: 0, durationMs: performance.now() - started };
+            return { directory: finalDirectory, bytesTotal: torrent.totalBytes, bytesPresentAtStart: torrent.totalBytes, bytesWritten: 0, bytesReceived: 0, attempts: 0, piecesFailed: 0, peersBanned: 0, durationMs: performance.now() - started };
           }
           this.log?.warn({ image, files: bad }, 'replica has wrong files: moving it back to fetch them again');
           await removeTree(partial);
@@ -278,6 +285,8 @@ export class ImageSwarm {
           if (totals.present < 0) totals.present = round.present;
           totals.written += round.written;
           totals.received += round.received;
+          totals.piecesFailed += round.piecesFailed;
+          totals.peersBanned += round.peersBanned;
           await options.beforeVerify?.(partial);
           if (cancelled) throw cancelled;
           entry.stage = 'verifying';
@@ -320,6 +329,8 @@ export class ImageSwarm {
           bytesWritten: totals.written,
           bytesReceived: totals.received,
           attempts: totals.attempts,
+          piecesFailed: totals.piecesFailed,
+          peersBanned: totals.peersBanned,
           durationMs: performance.now() - started,
         };
       } catch (error) {
@@ -429,16 +440,18 @@ export class ImageSwarm {
     options: FetchImageOptions,
     report: () => void,
     cancelled: () => Error | undefined,
-  ): Promise<{ present: number; written: number; received: number }> {
+  ): Promise<{ present: number; written: number; received: number; piecesFailed: number; peersBanned: number }> {
     const counters: StoreCounters = { written: 0 };
     const store = imageStore(partial, torrent, true, counters);
     const added = this.client.add(torrentFile(torrent.infoDictionary, announce), {
       store,
       private: true,
       path: partial,
-      urlList: [...(options.webSeedUrls ?? [])],
+      // webtorrent asks a one-file torrent's web seed for the URL itself, not <url>/<name>/<file> (BEP 19).
+      urlList: (options.webSeedUrls ?? []).map((url) => (torrent.files.length === 1 ? `${url}${url.endsWith('/') ? '' : '/'}${torrent.name}/${torrent.files[0]!.path}` : url)),
     });
     entry.torrent = added;
+    const guarded = this.guard.watch(added, entry.image);
     const stallTimeoutMs = options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
     return new Promise((resolveRound, rejectRound) => {
       let present = 0;
@@ -473,7 +486,7 @@ export class ImageSwarm {
           if (counters.error) return rejectRound(counters.error);
           if (error) return rejectRound(error);
           report();
-          resolveRound({ present, written: counters.written, received });
+          resolveRound({ present, written: counters.written, received, piecesFailed: guarded.piecesFailed, peersBanned: guarded.peersBanned });
         });
       };
       added.on('warning', (warning: Error) => {

@@ -345,6 +345,32 @@ describe('image swarm', { timeout: 240_000 }, () => {
     await destroySwarm(receiver);
   });
 
+  test('a peer that sends corrupt pieces is banned and cannot stop a verified copy', async () => {
+    // The liar seeds the same torrent from files of the right sizes but wrong bytes (seeding skips checks).
+    const liarDirectory = join(root, 'liar', 'images', IMAGE);
+    await mkdir(liarDirectory, { recursive: true });
+    for (const file of FILES) await writeFile(join(liarDirectory, file.path), randomBytes(file.size));
+    const liar = await newSwarm();
+    await liar.seed(IMAGE, liarDirectory, torrent.metainfo);
+    // Only the liar and a slow web seed: without the ban, the liar (fast, on loopback) would win most requests.
+    await origin.remove(IMAGE);
+    webSeed.setUploadLimit(8 * MiB);
+    try {
+      const receiver = await newSwarm();
+      const started = performance.now();
+      const result = await receiver.fetch(IMAGE, fetchOptions(await receiverImages()));
+      await assertReplica(result.directory);
+      assert.ok(result.piecesFailed >= 1, "the liar's pieces failed SHA-1");
+      assert.ok(result.peersBanned >= 1, 'the liar was banned');
+      measurements.push(`with a lying peer and an 8 MiB/s web seed: ${rate(torrent.totalBytes, performance.now() - started)}, ${result.piecesFailed} corrupt pieces, ${result.peersBanned} peer banned`);
+      await destroySwarm(receiver);
+    } finally {
+      webSeed.setUploadLimit(0);
+      await destroySwarm(liar);
+      await origin.seed(IMAGE, originDirectory, torrent.metainfo);
+    }
+  });
+
   test('the tracker refuses an unknown info-hash', async () => {
     const unknown = Buffer.from(randomBytes(20));
     const query = `info_hash=${escapeBinary(unknown)}&peer_id=${escapeBinary(randomBytes(20))}&port=6881&uploaded=0&downloaded=0&left=100&compact=1&event=started`;
