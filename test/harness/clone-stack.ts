@@ -48,6 +48,11 @@ export interface CloneStack {
   readonly connection: Awaited<ReturnType<typeof connectNats>>;
   /** The distribution process (tests kill and restart it). */
   readonly distributionProcess: ServiceProcess;
+  /**
+   * Starts one more replica of distribution or cloning: same NATS, CA and inventory, its own ports (and, for
+   * distribution, its own tracker). A cloning replica reaches distribution at the first replica's address.
+   */
+  startReplica(name: 'distribution' | 'cloning'): Promise<ServiceProcess>;
   readonly cloning: CloningServiceClient;
   readonly distribution: DistributionServiceClient;
   /** google.longrunning.Operations on the distribution service. */
@@ -76,6 +81,10 @@ export async function startCloneStack(resources: Resources, host: string): Promi
   const inventoryProcess = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address });
   const distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
   const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address });
+  const startReplica = async (name: 'distribution' | 'cloning'): Promise<ServiceProcess> =>
+    name === 'distribution'
+      ? startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address })
+      : startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address });
   const directory = await resources.tempDir('cowherd-e2e-');
   const admin = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
   const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, admin);
@@ -139,6 +148,7 @@ export async function startCloneStack(resources: Resources, host: string): Promi
     addAgent: startAgent,
     connection,
     distributionProcess,
+    startReplica,
     cloning,
     distribution,
     distributionOperations,
