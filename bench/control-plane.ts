@@ -60,6 +60,7 @@ async function main(): Promise<void> {
         PATH: process.env['PATH'] ?? '',
         COWHERD_LISTEN_ADDRESS: `localhost:${inventoryPort}`,
         COWHERD_HEALTH_ADDRESS: 'localhost:0',
+        COWHERD_METRICS_ADDRESS: 'localhost:0',
         COWHERD_TLS_CERT: inventoryTls.certificateFile,
         COWHERD_TLS_KEY: inventoryTls.privateKeyFile,
         COWHERD_TLS_CA: inventoryTls.caFile,

@@ -29,6 +29,7 @@ import { CowherdError, toStatus } from '../common/errors.js';
 import { IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/event-types.js';
 import type { EventPublisher } from '../common/events.js';
 import type { Logger } from '../common/logger.js';
+import { distributionMetrics } from '../common/metrics.js';
 import { IMAGE_ID } from '../common/resource-names.js';
 import { FetchImageRequest } from '../gen/cowherd/agent/v1/agent_service.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
@@ -88,6 +89,7 @@ interface LocalReplica {
 }
 
 const STATE_SUFFIX = '.replica.json';
+const METRICS_SAMPLE_MS = 2000;
 const HYPERVISOR_OF: Readonly<Record<'kvm' | 'xen', Hypervisor>> = { kvm: Hypervisor.HYPERVISOR_KVM, xen: Hypervisor.HYPERVISOR_XEN };
 const DISK_FORMATS_OF: Readonly<Record<'kvm' | 'xen', readonly DiskFormat[]>> = {
   kvm: [DiskFormat.DISK_FORMAT_QCOW2, DiskFormat.DISK_FORMAT_RAW],
@@ -99,6 +101,9 @@ export class ImageTransfers {
   private readonly replicas = new Map<string, LocalReplica>();
   private readonly imagesRoot: string;
   private stopped = false;
+  private sampler: NodeJS.Timeout | undefined;
+  /** Last counters seen per image, for the Prometheus byte counters. */
+  private readonly lastCounters = new Map<string, { done: number; uploaded: number; webSeed: number }>();
 
   private constructor(
     private readonly options: ImageTransfersOptions,
@@ -120,6 +125,8 @@ export class ImageTransfers {
     }
     const transfers = new ImageTransfers(options, swarm, webSeed);
     await transfers.recover();
+    transfers.sampler = setInterval(() => transfers.sampleMetrics(), METRICS_SAMPLE_MS);
+    transfers.sampler.unref();
     options.log.info({ torrentPort: swarm.port, webSeed: transfers.webSeedUrl() }, 'image transfers ready');
     return transfers;
   }
@@ -236,12 +243,37 @@ export class ImageTransfers {
   /** Stops everything (fetches keep their partial files and resume at the next start). */
   async stop(): Promise<void> {
     this.stopped = true;
+    clearInterval(this.sampler);
     await this.swarm.destroy();
     await Promise.allSettled([...this.replicas.values()].map((replica) => replica.work));
     await this.webSeed.close();
   }
 
   // -------------------------------------------------------------------------------------------------------
+
+  /** Feeds cowherd_distribution_bytes_total and _rate_bytes_per_second from the swarm's counters. */
+  private sampleMetrics(): void {
+    for (const id of this.replicas.keys()) {
+      const progress = this.swarm.progress(id);
+      const last = this.lastCounters.get(id) ?? { done: 0, uploaded: 0, webSeed: 0 };
+      const webSeed = this.webSeed.bytesSentByImage.get(id) ?? 0;
+      // After the transfer (verifying, seeding) the rest of the image came in: count up to the total once.
+      const done = progress?.stage === 'transferring' ? progress.bytesDone : last.done > 0 ? (progress?.bytesTotal ?? last.done) : 0;
+      const uploaded = progress?.bytesUploaded ?? 0;
+      // Counters of a torrent restart at 0 (a new round, seeding after fetching): count from there.
+      distributionMetrics.addBytes(id, 'download', done >= last.done ? done - last.done : done);
+      distributionMetrics.addBytes(id, 'upload', (uploaded >= last.uploaded ? uploaded - last.uploaded : uploaded) + (webSeed - last.webSeed));
+      distributionMetrics.setRate(id, 'download', progress?.downloadBytesPerSecond ?? 0);
+      distributionMetrics.setRate(id, 'upload', progress?.uploadBytesPerSecond ?? 0);
+      this.lastCounters.set(id, { done: progress?.stage === 'transferring' ? done : 0, uploaded, webSeed });
+    }
+    for (const id of [...this.lastCounters.keys()]) {
+      if (!this.replicas.has(id)) {
+        this.lastCounters.delete(id);
+        distributionMetrics.forget(id);
+      }
+    }
+  }
 
   private replicaName(id: string): string {
     return `hosts/${this.options.host}/images/${id}`;

@@ -47,6 +47,8 @@ export class WebSeedServer {
   private readonly log: Logger | undefined;
   /** Bytes of response bodies sent. */
   bytesSent = 0;
+  /** Bytes of response bodies sent, per image id. */
+  readonly bytesSentByImage = new Map<string, number>();
 
   constructor(options: WebSeedServerOptions = {}) {
     this.log = options.log;
@@ -118,14 +120,14 @@ export class WebSeedServer {
       response.writeHead(405, { Allow: 'GET, HEAD', 'Content-Type': 'text/plain' }).end('method not allowed\n');
       return;
     }
-    const file = this.resolve(request.url ?? '');
-    if (!file) {
+    const resolved = this.resolve(request.url ?? '');
+    if (!resolved) {
       notFound(response);
       return;
     }
     let handle: FileHandle;
     try {
-      handle = await open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
+      handle = await open(resolved.path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
     } catch {
       notFound(response);
       return;
@@ -171,6 +173,7 @@ export class WebSeedServer {
         transform: (chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback) => {
           this.limiter.take(chunk.length).then(() => {
             this.bytesSent += chunk.length;
+            this.bytesSentByImage.set(resolved.id, (this.bytesSentByImage.get(resolved.id) ?? 0) + chunk.length);
             callback(null, chunk);
           }, callback);
         },
@@ -186,7 +189,7 @@ export class WebSeedServer {
   }
 
   /** The absolute file for `/<id>/<name>`, or undefined. */
-  private resolve(rawUrl: string): string | undefined {
+  private resolve(rawUrl: string): { path: string; id: string } | undefined {
     let pathname: string;
     try {
       pathname = new URL(rawUrl, 'http://web-seed').pathname;
@@ -205,7 +208,7 @@ export class WebSeedServer {
     }
     const image = this.images.get(id);
     if (!image || !IMAGE_FILE_NAME.test(name) || !image.files.has(name)) return undefined;
-    return join(image.directory, name);
+    return { path: join(image.directory, name), id };
   }
 }
 

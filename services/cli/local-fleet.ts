@@ -98,7 +98,8 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     started.push({ stop: () => nats.stop() });
     options.say(`nats          ${nats.url} (JetStream data in ${join(state, 'nats')})`);
     const endpoints: FleetEndpoint[] = [{ name: 'nats', address: nats.url, pid: nats.daemon.pid }];
-    const common = { COWHERD_NATS_URL: nats.url, COWHERD_STATE_DIR: state };
+    // With dynamic ports (tests) the metrics ports are any free ones too, so two fleets never collide.
+    const common = { COWHERD_NATS_URL: nats.url, COWHERD_STATE_DIR: state, ...(options.dynamicPorts ? { COWHERD_METRICS_ADDRESS: 'localhost:0' } : {}) };
 
     // 2. The CA service; it keeps NATS's users from now on.
     const caPort = await port('certificate-authority', 'grpc');

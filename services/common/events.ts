@@ -53,8 +53,9 @@ export async function ensureEventStream(manager: JetStreamManager, options: { re
     duplicate_window: nanos(10 * 60_000),
   };
   try {
-    await manager.streams.info(EVENT_STREAM);
-    await manager.streams.update(EVENT_STREAM, config);
+    const current = await manager.streams.info(EVENT_STREAM);
+    // Never lower the replica count an operator (or the NATS sidecar) raised.
+    await manager.streams.update(EVENT_STREAM, { ...config, num_replicas: Math.max(config.num_replicas, current.config.num_replicas ?? 1) });
   } catch (error) {
     if (!/stream not found/i.test(String((error as Error).message))) throw error;
     await manager.streams.add(config);

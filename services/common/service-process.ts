@@ -54,6 +54,7 @@ export function serverVariables(name: ProcessName) {
     privateKeyFile: pathVariable('COWHERD_TLS_KEY', 'PEM private key of this process (0600)'),
     caFile: pathVariable('COWHERD_TLS_CA', 'PEM certificate of the cowherd CA, the only trusted root'),
     natsUrls: urlListVariable('COWHERD_NATS_URL', 'comma-separated NATS URLs (TLS with this process certificate)', ['tls://localhost:4222']),
+    eventStreamReplicas: integerVariable('COWHERD_EVENT_STREAM_REPLICAS', 'replicas of the JetStream event stream (3 on a 3-node NATS cluster); never lowers an existing stream', 1, 1, 5),
     logLevel: enumVariable<LevelWithSilent>('COWHERD_LOG_LEVEL', 'pino log level', 'info', LOG_LEVELS),
     shutdownGraceSeconds: integerVariable('COWHERD_SHUTDOWN_GRACE_SECONDS', 'how long SIGTERM waits for running calls before cancelling them', 20, 0, 600),
     tlsRefreshSeconds: integerVariable('COWHERD_TLS_REFRESH_SECONDS', 'how often certificate files are checked for changes', 5, 1, 3600),
@@ -115,7 +116,7 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
   const nats = await connectNats({ servers: config.natsUrls, tls, name: options.name, log });
   try {
     // Agents (host identities) may only publish their own events; the services own the stream's shape.
-    if (options.name !== 'agent') await ensureEventStream(nats.manager);
+    if (options.name !== 'agent') await ensureEventStream(nats.manager, { replicas: config.eventStreamReplicas });
     const revocationsRef: { current: RevocationCheck } = { current: NO_REVOCATIONS };
     const boundary: BoundaryOptions = { log, revocations: { isRevoked: (serial) => revocationsRef.current.isRevoked(serial) } };
     const built = await options.build({ config, log, nats, events: new EventPublisher(nats.jetstream, log), tls, boundary });

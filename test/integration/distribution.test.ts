@@ -182,6 +182,14 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     await new Promise((resolve) => setTimeout(resolve, 1500));
     const forThis = available.filter((event) => event.operation === operation.name).map((event) => event.host).sort();
     assert.deepEqual(forThis, [`hosts/dist-a-${suffix}`, `hosts/dist-b-${suffix}`]);
+    // The receiving agent's Prometheus metrics count what it downloaded.
+    const metrics = agents.get(`dist-a-${suffix}`)!.process.metricsAddress!;
+    const downloaded = await waitFor('distribution bytes in the metrics', async () => {
+      const text = await (await fetch(`http://${metrics}/metrics`)).text();
+      const value = Number(new RegExp(`cowherd_distribution_bytes_total\\{image="${imageId}",direction="download"\\} (\\d+)`).exec(text)?.[1] ?? 0);
+      return value > 0 ? value : undefined;
+    }, 10_000);
+    assert.equal(downloaded, Number(image.torrent!.totalBytes));
     // A host that already holds the image counts as done at once, and publishes nothing new.
     const repeat = await finished(await distribute([`dist-a-${suffix}`]));
     assert.equal(repeat.replicas.length, 1);
