@@ -8,6 +8,7 @@ import { execFile } from 'node:child_process';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import type { ChannelCredentials } from '@grpc/grpc-js';
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { CloningServiceClient } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { DistributionServiceClient } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
@@ -53,6 +54,8 @@ export interface CloneStack {
    * distribution, its own tracker). A cloning replica reaches distribution at the first replica's address.
    */
   startReplica(name: 'distribution' | 'cloning'): Promise<ServiceProcess>;
+  /** An admin's mTLS credentials (clients of replicas started with startReplica). */
+  readonly adminCredentials: ChannelCredentials;
   readonly cloning: CloningServiceClient;
   readonly distribution: DistributionServiceClient;
   /** google.longrunning.Operations on the distribution service. */
@@ -149,6 +152,7 @@ export async function startCloneStack(resources: Resources, host: string): Promi
     connection,
     distributionProcess,
     startReplica,
+    adminCredentials: admin,
     cloning,
     distribution,
     distributionOperations,
