@@ -1,0 +1,115 @@
+/**
+ * The long-running operations the CLI starts, each with its metadata and response types, the service that
+ * runs it, and how its metadata reads as progress lines: one table, used by the commands that start them and
+ * by `cowherd operations` for any operation found later.
+ */
+import {
+  CloneVirtualMachinesMetadata,
+  CloneVirtualMachinesResponse,
+  StopVirtualMachineMetadata,
+} from '../gen/cowherd/cloning/v1/cloning_service.js';
+import { imagePublishStageToJSON } from '../gen/cowherd/common/v1/types.js';
+import {
+  DeleteImageMetadata,
+  DistributeImageMetadata,
+  DistributeImageResponse,
+  PublishImageMetadata,
+} from '../gen/cowherd/distribution/v1/distribution_service.js';
+import { Image, imageReplica_StateToJSON, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { Empty } from '../gen/google/protobuf/empty.js';
+import { bareId, shortVirtualMachineName } from './fleet-reads.js';
+import type { OperationShape } from './operation-wait.js';
+import { enumWord, formatBytes } from './output.js';
+import { describeTransfer, fractionOf, type ProgressLine } from './progress.js';
+
+/** PublishImage: the stage and the bytes exported or hashed. */
+export const PUBLISH_OPERATION: OperationShape<PublishImageMetadata, Image> = {
+  title: 'publish image',
+  service: 'distribution',
+  typeNames: { metadata: 'cowherd.distribution.v1.PublishImageMetadata', response: 'cowherd.inventory.v1.Image' },
+  metadata: PublishImageMetadata,
+  response: Image,
+  render: (metadata) => {
+    const stage = metadata ? enumWord(imagePublishStageToJSON(metadata.stage), 'IMAGE_PUBLISH_STAGE_') : 'STARTING';
+    const fraction = stage === 'DONE' ? 1 : fractionOf(metadata?.progress);
+    return [{ key: 'publish', label: `${metadata?.image ?? 'image'}  ${stage.padEnd(16)}`, text: describeTransfer(metadata?.progress), ...(fraction === undefined ? {} : { fraction }) }];
+  },
+};
+
+/** DistributeImage: one bar per target host (state, bytes, rate, peers, ETA) and a summary line. */
+export const DISTRIBUTE_OPERATION: OperationShape<DistributeImageMetadata, DistributeImageResponse> = {
+  title: 'distribute image',
+  service: 'distribution',
+  typeNames: { metadata: 'cowherd.distribution.v1.DistributeImageMetadata', response: 'cowherd.distribution.v1.DistributeImageResponse' },
+  metadata: DistributeImageMetadata,
+  response: DistributeImageResponse,
+  render: (metadata) => {
+    if (!metadata) return [{ key: 'summary', text: 'starting…' }];
+    const width = Math.max(4, ...metadata.transfers.map((transfer) => bareId(transfer.host).length));
+    const lines: ProgressLine[] = metadata.transfers.map((transfer) => {
+      const state = enumWord(imageReplica_StateToJSON(transfer.state), 'STATE_');
+      const fraction = state === 'AVAILABLE' ? 1 : fractionOf(transfer.progress);
+      return { key: transfer.host, label: `${bareId(transfer.host).padEnd(width)}  ${state.padEnd(12)}`, text: transfer.error ? transfer.error.message : describeTransfer(transfer.progress), fraction: fraction ?? 0 };
+    });
+    lines.push({ key: 'summary', text: `${metadata.image}: ${metadata.hostsDone}/${metadata.hostsTotal} hosts done, ${metadata.hostsFailed} failed, ${formatBytes(metadata.bytesTotal)} each` });
+    return lines;
+  },
+};
+
+/** DeleteImage: hosts whose replica is gone. */
+export const DELETE_IMAGE_OPERATION: OperationShape<DeleteImageMetadata, Empty> = {
+  title: 'delete image',
+  service: 'distribution',
+  typeNames: { metadata: 'cowherd.distribution.v1.DeleteImageMetadata', response: 'google.protobuf.Empty' },
+  metadata: DeleteImageMetadata,
+  response: Empty,
+  render: (metadata) => [
+    { key: 'delete', text: `deleting ${metadata?.image ?? 'image'}: ${metadata?.hostsDone ?? 0}/${metadata?.hostsTotal ?? 0} hosts done${metadata?.pendingHosts.length ? `, waiting for ${metadata.pendingHosts.map(bareId).join(', ')}` : ''}` },
+  ],
+};
+
+/** CloneVirtualMachines: a bar for the clones, one per host the image is being brought to. */
+export const CLONE_OPERATION: OperationShape<CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse> = {
+  title: 'clone',
+  service: 'cloning',
+  typeNames: { metadata: 'cowherd.cloning.v1.CloneVirtualMachinesMetadata', response: 'cowherd.cloning.v1.CloneVirtualMachinesResponse' },
+  metadata: CloneVirtualMachinesMetadata,
+  response: CloneVirtualMachinesResponse,
+  render: (metadata) => {
+    if (!metadata) return [{ key: 'clones', label: 'clones', text: 'starting…', fraction: 0 }];
+    const settled = metadata.doneCount + metadata.failedCount;
+    const lines: ProgressLine[] = [{ key: 'clones', label: 'clones', text: `${metadata.doneCount}/${metadata.totalCount} done, ${metadata.failedCount} failed`, fraction: metadata.totalCount > 0 ? settled / metadata.totalCount : 0 }];
+    for (const transfer of metadata.imageTransfers) {
+      const state = enumWord(imageReplica_StateToJSON(transfer.state), 'STATE_');
+      const fraction = state === 'AVAILABLE' ? 1 : fractionOf(transfer.progress);
+      lines.push({ key: `transfer:${transfer.host}`, label: `image to ${bareId(transfer.host)}  ${state.padEnd(12)}`, text: `${describeTransfer(transfer.progress)}  (${transfer.waitingCloneCount} clone(s) waiting)`, fraction: fraction ?? 0 });
+    }
+    return lines;
+  },
+};
+
+/** StopVirtualMachine: graceful until a deadline, or forced. */
+export const STOP_OPERATION: OperationShape<StopVirtualMachineMetadata, VirtualMachine> = {
+  title: 'stop VM',
+  service: 'cloning',
+  typeNames: { metadata: 'cowherd.cloning.v1.StopVirtualMachineMetadata', response: 'cowherd.inventory.v1.VirtualMachine' },
+  metadata: StopVirtualMachineMetadata,
+  response: VirtualMachine,
+  render: (metadata) => [
+    { key: 'stop', text: `stopping ${shortVirtualMachineName(metadata?.virtualMachine ?? '')}${metadata?.force ? ' (force)' : metadata?.deadlineTime ? ` (graceful, until ${metadata.deadlineTime.toISOString().slice(11, 19)} UTC)` : ''}…` },
+  ],
+};
+
+/** Every kind, to recognise an operation by its metadata type. */
+export const OPERATION_KINDS: readonly OperationShape<unknown, unknown>[] = [
+  PUBLISH_OPERATION,
+  DISTRIBUTE_OPERATION,
+  DELETE_IMAGE_OPERATION,
+  CLONE_OPERATION,
+  STOP_OPERATION,
+] as unknown as readonly OperationShape<unknown, unknown>[];
+
+/** The kind of an operation from its metadata's type URL; undefined for kinds this CLI does not know. */
+export function operationKindOf(typeUrl: string | undefined): OperationShape<unknown, unknown> | undefined {
+  return OPERATION_KINDS.find((kind) => typeUrl === `type.googleapis.com/${kind.typeNames.metadata}`);
+}

@@ -1,0 +1,94 @@
+/**
+ * Resource names from what operators type: `kvm-01` or `hosts/kvm-01`, `debian-12` or `images/debian-12`,
+ * `kvm-01/web-1` or `hosts/kvm-01/virtualMachines/web-1`, durations like `90s`, `10m`, `1h`. Malformed
+ * input is a usage error (exit 2) before any call.
+ */
+import type { Duration } from '../gen/google/protobuf/duration.js';
+import { HOST_ID, IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/resource-names.js';
+import { UsageError, type CommandSpec } from './command-line.js';
+
+/** Parses command arguments, reporting errors against `command`. */
+export class ArgumentReader {
+  constructor(private readonly command: readonly CommandSpec<never>[]) {}
+
+  fail(message: string): never {
+    throw new UsageError(message, this.command);
+  }
+
+  /** `kvm-01` or `hosts/kvm-01` -> `hosts/kvm-01`. */
+  host(raw: string, what = 'host'): string {
+    const id = raw.startsWith('hosts/') ? raw.slice('hosts/'.length) : raw;
+    if (!HOST_ID.test(id)) this.fail(`${what} ${JSON.stringify(raw)} is not a host id (lowercase letters, digits and dashes, like kvm-01)`);
+    return `hosts/${id}`;
+  }
+
+  /** `h1,h2` (or repeated) -> hosts/h1, hosts/h2, without duplicates. */
+  hosts(raw: readonly string[], what = '--hosts'): string[] {
+    const names = raw.flatMap((value) => value.split(',')).map((value) => value.trim()).filter((value) => value !== '');
+    if (names.length === 0) this.fail(`${what} needs at least one host`);
+    const hosts = names.map((name) => this.host(name, `${what} entry`));
+    const duplicate = hosts.find((host, index) => hosts.indexOf(host) !== index);
+    if (duplicate) this.fail(`${what} names ${duplicate} twice`);
+    return hosts;
+  }
+
+  /** `debian-12` or `images/debian-12` -> `images/debian-12`. */
+  image(raw: string, what = 'image'): string {
+    return `images/${this.imageId(raw.startsWith('images/') ? raw.slice('images/'.length) : raw, what)}`;
+  }
+
+  /** A bare image id. */
+  imageId(raw: string, what = 'image id'): string {
+    if (!IMAGE_ID.test(raw)) this.fail(`${what} ${JSON.stringify(raw)} is not an image id (lowercase letters, digits and dashes, like debian-12)`);
+    return raw;
+  }
+
+  /** `kvm-01/web-1` or `hosts/kvm-01/virtualMachines/web-1` -> the full name. */
+  virtualMachine(raw: string, what = 'VM'): string {
+    const full = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(raw);
+    const short = /^([^/]+)\/([^/]+)$/.exec(raw);
+    const [host, vm] = full ? [full[1]!, full[2]!] : short ? [short[1]!, short[2]!] : [undefined, undefined];
+    if (host === undefined || vm === undefined) this.fail(`${what} ${JSON.stringify(raw)} must be <host>/<vm>, like kvm-01/web-1`);
+    if (!HOST_ID.test(host)) this.fail(`${what} ${JSON.stringify(raw)}: ${JSON.stringify(host)} is not a host id`);
+    if (!VIRTUAL_MACHINE_ID.test(vm)) this.fail(`${what} ${JSON.stringify(raw)}: ${JSON.stringify(vm)} is not a VM name`);
+    return `hosts/${host}/virtualMachines/${vm}`;
+  }
+
+  /** A positive integer within [min, max]. */
+  integer(raw: string, what: string, min: number, max: number): number {
+    if (!/^\d+$/.test(raw) || Number(raw) < min || Number(raw) > max) this.fail(`${what} must be a whole number from ${min} to ${max}, got ${JSON.stringify(raw)}`);
+    return Number(raw);
+  }
+
+  /** `500ms`, `90s`, `10m`, `1h`, or plain seconds -> milliseconds. */
+  durationMs(raw: string, what: string): number {
+    const ms = parseDurationMs(raw);
+    if (ms === undefined || ms <= 0) this.fail(`${what} must be a duration like 30s, 10m or 1h, got ${JSON.stringify(raw)}`);
+    return ms;
+  }
+
+  /** `key=value` pairs -> a map. */
+  labels(raw: readonly string[], what = '--label'): Record<string, string> {
+    const labels: Record<string, string> = {};
+    for (const pair of raw) {
+      const equals = pair.indexOf('=');
+      if (equals <= 0) this.fail(`${what} must be key=value, got ${JSON.stringify(pair)}`);
+      labels[pair.slice(0, equals)] = pair.slice(equals + 1);
+    }
+    return labels;
+  }
+}
+
+/** Milliseconds of `500ms`, `90s`, `10m`, `1h`, `1h30m` or plain seconds; undefined when malformed. */
+export function parseDurationMs(raw: string): number | undefined {
+  if (/^\d+(\.\d+)?$/.test(raw)) return Number(raw) * 1000;
+  const parts = /^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$/.exec(raw);
+  if (!parts || raw === '') return undefined;
+  const [, hours, minutes, seconds, millis] = parts;
+  return Number(hours ?? 0) * 3_600_000 + Number(minutes ?? 0) * 60_000 + Number(seconds ?? 0) * 1000 + Number(millis ?? 0);
+}
+
+/** A protobuf Duration from milliseconds. */
+export function toDuration(ms: number): Duration {
+  return { seconds: String(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1_000_000 };
+}

@@ -1,0 +1,243 @@
+/** `cowherd vms`: clone, list across the fleet, show with lineage, start, stop, delete. */
+import { randomUUID } from 'node:crypto';
+import {
+  cloneResult_StateToJSON,
+  CloneVirtualMachinesResponse,
+  Placement_Strategy,
+  type CloneVirtualMachinesRequest,
+  type Placement,
+} from '../gen/cowherd/cloning/v1/cloning_service.js';
+import { diskFormatToJSON } from '../gen/cowherd/common/v1/types.js';
+import { Host, Image, ImageReplica, ImageView, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import type { Operation } from '../gen/google/longrunning/operations.js';
+import type { CommandSpec, Invocation } from './command-line.js';
+import type { CliContext } from './cli-context.js';
+import { CliError, EXIT, explain, readStatus } from './exit-codes.js';
+import { bareId, hostState, hypervisorWord, imageState, listVirtualMachines, replicaState, shortVirtualMachineName, virtualMachineState } from './fleet-reads.js';
+import { CLONE_OPERATION, STOP_OPERATION } from './operation-kinds.js';
+import { followOperation, OPERATION_OPTIONS, printStarted } from './operation-wait.js';
+import { enumWord, formatBytes, formatTime, keyValues, table } from './output.js';
+import { ArgumentReader } from './resource-arguments.js';
+
+const VM_ARGUMENT = { name: 'vm', description: 'the VM as <host>/<vm>, like kvm-01/web-1 (or hosts/kvm-01/virtualMachines/web-1)' };
+
+export const VMS_COMMAND: CommandSpec<CliContext> = {
+  name: 'vms',
+  summary: 'clone VMs copy-on-write, list them across the fleet, show their lineage, start, stop, delete',
+  subcommands: [
+    {
+      name: 'clone',
+      summary: 'make N copy-on-write clones of an image or of a powered-off VM',
+      options: [
+        { name: 'image', value: '<id>', description: 'clone this image (one of --image and --source-vm)' },
+        { name: 'source-vm', value: '<host>/<vm>', description: 'clone this powered-off VM (on its own host unless --hosts)' },
+        { name: 'count', value: '<n>', description: 'how many clones, 1 to 1000 (default 1)' },
+        { name: 'template', value: '<name>', description: 'clone names with {source}, {index}, {random}, {host}; default {source}-{random}' },
+        { name: 'start', description: 'start each clone once it is defined' },
+        { name: 'hosts', value: '<h1,h2>', description: 'place the clones on these hosts, round robin (the image is distributed where missing)' },
+        { name: 'placement', value: '<hosts|image-hosts>', description: 'image-hosts: spread over the hosts that already hold the image (default for --image without --hosts)' },
+        { name: 'max-per-host', value: '<n>', description: 'at most this many clones of the request on one host' },
+        ...OPERATION_OPTIONS,
+      ],
+      details: 'Exit status 7 when some clones failed (each is listed with its error).',
+      run: async (invocation, context) => {
+        const request = cloneRequest(invocation, new ArgumentReader(invocation.command));
+        const started = await context.call<Operation>('cloning', (cb) => context.cloning.cloneVirtualMachines(request, cb));
+        if (invocation.flag('no-wait')) return printStarted(context, started, CLONE_OPERATION);
+        const source = request.source?.value ?? '';
+        context.out.note(`cloning ${source} ×${request.count} (${started.name})`);
+        const response = await followOperation(context, started, CLONE_OPERATION);
+        return printCloneResult(context, response);
+      },
+    },
+    {
+      name: 'list',
+      summary: 'list VMs on every host (or one) with state, size and what they were cloned from',
+      options: [
+        { name: 'host', value: '<host>', description: 'only this host\'s VMs' },
+        { name: 'filter', value: '<expr>', description: 'AIP-160 filter: state = RUNNING, source_image = "images/debian-12", managed = true, domain_name = "web-*"' },
+      ],
+      run: async (invocation, context) => {
+        const host = invocation.string('host');
+        const parent = host === undefined ? 'hosts/-' : new ArgumentReader(invocation.command).host(host, '--host');
+        const vms = await listVirtualMachines(context, parent, invocation.string('filter') ?? '');
+        if (context.out.format === 'json') {
+          context.out.json({ virtualMachines: vms.map((vm) => VirtualMachine.toJSON(vm)) });
+          return EXIT.OK;
+        }
+        if (vms.length === 0) {
+          context.out.note(`no VMs${host === undefined ? '' : ` on ${parent}`}${invocation.string('filter') ? ' match the filter' : ''}`);
+          return EXIT.OK;
+        }
+        context.out.line(
+          table(
+            ['vm', 'state', 'vcpus', 'memory', 'disks', 'source', 'managed'],
+            vms.map((vm) => [shortVirtualMachineName(vm.name), virtualMachineState(vm), String(vm.vcpuCount), formatBytes(vm.memoryBytes), String(vm.disks.length), vm.sourceImage || (vm.lineage?.sourceVirtualMachine ? shortVirtualMachineName(vm.lineage.sourceVirtualMachine) : '-'), vm.managed ? 'yes' : 'no']),
+          ),
+        );
+        return EXIT.OK;
+      },
+    },
+    {
+      name: 'show',
+      summary: 'show one VM with its disks and lineage: VM -> overlay -> base image replica -> image -> host',
+      positionals: [VM_ARGUMENT],
+      run: async (invocation, context) => showVirtualMachine(context, new ArgumentReader(invocation.command).virtualMachine(invocation.positionals[0]!)),
+    },
+    {
+      name: 'start',
+      summary: 'start a powered-off VM (or resume a paused one)',
+      positionals: [VM_ARGUMENT],
+      run: async (invocation, context) => {
+        const name = new ArgumentReader(invocation.command).virtualMachine(invocation.positionals[0]!);
+        const vm = await context.call<VirtualMachine>('cloning', (cb) => context.cloning.startVirtualMachine({ name }, cb));
+        if (context.out.format === 'json') context.out.json(VirtualMachine.toJSON(vm));
+        else context.out.line(`${shortVirtualMachineName(vm.name)} is ${virtualMachineState(vm)}`);
+        return EXIT.OK;
+      },
+    },
+    {
+      name: 'stop',
+      summary: 'power a VM off: a graceful ACPI shutdown, or at once with --force',
+      positionals: [VM_ARGUMENT],
+      options: [
+        { name: 'force', description: 'destroy the domain at once (like pulling the plug)' },
+        { name: 'shutdown-timeout', value: '<duration>', description: 'how long a graceful shutdown may take (default 2m, at most 1h)' },
+        ...OPERATION_OPTIONS,
+      ],
+      run: async (invocation, context) => {
+        const args = new ArgumentReader(invocation.command);
+        const name = args.virtualMachine(invocation.positionals[0]!);
+        const timeout = invocation.string('shutdown-timeout');
+        const ms = timeout === undefined ? undefined : args.durationMs(timeout, '--shutdown-timeout');
+        const started = await context.call<Operation>('cloning', (cb) =>
+          context.cloning.stopVirtualMachine({ name, force: invocation.flag('force'), timeout: ms === undefined ? undefined : { seconds: String(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 }, requestId: invocation.string('request-id') ?? randomUUID() }, cb),
+        );
+        if (invocation.flag('no-wait')) return printStarted(context, started, STOP_OPERATION);
+        const vm = await followOperation(context, started, STOP_OPERATION);
+        if (context.out.format === 'json') context.out.json(VirtualMachine.toJSON(vm));
+        else context.out.line(`${shortVirtualMachineName(vm.name)} is ${virtualMachineState(vm)}`);
+        return EXIT.OK;
+      },
+    },
+    {
+      name: 'delete',
+      summary: 'undefine a cowherd clone and remove its copy-on-write disks (nothing else)',
+      positionals: [VM_ARGUMENT],
+      options: [{ name: 'force', description: 'also a running VM (destroyed first), or an unmanaged one (only its definition; no file is removed)' }],
+      run: async (invocation, context) => {
+        const name = new ArgumentReader(invocation.command).virtualMachine(invocation.positionals[0]!);
+        await context.call('cloning', (cb) => context.cloning.deleteVirtualMachine({ name, force: invocation.flag('force') }, cb));
+        if (context.out.format === 'json') context.out.json({ name, deleted: true });
+        else context.out.line(`deleted ${shortVirtualMachineName(name)}`);
+        return EXIT.OK;
+      },
+    },
+  ],
+};
+
+/** The CloneVirtualMachines request from the flags; a usage error for contradictory ones. */
+function cloneRequest(invocation: Invocation, args: ArgumentReader): CloneVirtualMachinesRequest {
+  const image = invocation.string('image');
+  const sourceVm = invocation.string('source-vm');
+  if ((image === undefined) === (sourceVm === undefined)) args.fail('give exactly one of --image <id> and --source-vm <host>/<vm>');
+  const source = image !== undefined ? { $case: 'image' as const, value: args.image(image, '--image') } : { $case: 'virtualMachine' as const, value: args.virtualMachine(sourceVm!, '--source-vm') };
+  const count = args.integer(invocation.string('count') ?? '1', '--count', 1, 1000);
+  const maxPerHostRaw = invocation.string('max-per-host');
+  const maxClonesPerHost = maxPerHostRaw === undefined ? 0 : args.integer(maxPerHostRaw, '--max-per-host', 1, 1000);
+  const strategyName = invocation.string('placement');
+  const hosts = invocation.list('hosts');
+  let placement: Placement | undefined;
+  if (strategyName !== undefined && strategyName !== 'hosts' && strategyName !== 'image-hosts') args.fail(`--placement must be hosts or image-hosts, got ${JSON.stringify(strategyName)}`);
+  if (strategyName === 'image-hosts') {
+    if (hosts.length > 0) args.fail('--placement image-hosts chooses the hosts itself: leave out --hosts');
+    if (source.$case !== 'image') args.fail('--placement image-hosts needs --image');
+    placement = { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost };
+  } else if (hosts.length > 0) {
+    placement = { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: args.hosts(hosts), maxClonesPerHost };
+  } else if (strategyName === 'hosts') {
+    args.fail('--placement hosts needs --hosts <h1,h2>');
+  } else if (maxClonesPerHost > 0) {
+    placement = source.$case === 'image' ? { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost } : args.fail('--max-per-host needs --hosts or an image source');
+  }
+  return { source, placement, count, nameTemplate: invocation.string('template') ?? '', start: invocation.flag('start'), requestId: invocation.string('request-id') ?? randomUUID() };
+}
+
+function printCloneResult(context: CliContext, response: CloneVirtualMachinesResponse): number {
+  const failed = response.clones.filter((clone) => cloneResult_StateToJSON(clone.state) !== 'STATE_DONE');
+  if (context.out.format === 'json') context.out.json(CloneVirtualMachinesResponse.toJSON(response));
+  else {
+    const rows = response.clones.map((clone) => [
+      clone.virtualMachine ? shortVirtualMachineName(clone.virtualMachine) : `${bareId(clone.host)}/${clone.domainName}`,
+      enumWord(cloneResult_StateToJSON(clone.state), 'STATE_'),
+      clone.started ? 'yes' : 'no',
+      clone.error ? explain(readStatus(clone.error), context.target('cloning')).split('\n')[0]! : '',
+    ]);
+    context.out.line(failed.length > 0 ? table(['vm', 'state', 'started', 'error'], rows) : table(['vm', 'state', 'started'], rows.map((row) => row.slice(0, 3))));
+    context.out.note(`${response.clones.length - failed.length} clone(s) made, ${failed.length} failed`);
+  }
+  return failed.length > 0 ? EXIT.PARTIAL : EXIT.OK;
+}
+
+/** Reads a related resource for the lineage; undefined when it is gone. */
+async function optional<T>(read: () => Promise<T>): Promise<T | undefined> {
+  try {
+    return await read();
+  } catch (error) {
+    if (error instanceof CliError && error.exitCode === EXIT.NOT_FOUND) return undefined;
+    throw error;
+  }
+}
+
+async function showVirtualMachine(context: CliContext, name: string): Promise<number> {
+  const vm = await context.call<VirtualMachine>('inventory', (cb) => context.inventory.getVirtualMachine({ name }, cb));
+  const lineage = vm.lineage;
+  const [host, replica, image, sourceVm] = await Promise.all([
+    optional(() => context.call<Host>('inventory', (cb) => context.inventory.getHost({ name: vm.host }, cb))),
+    lineage?.replica ? optional(() => context.call<ImageReplica>('inventory', (cb) => context.inventory.getImageReplica({ name: lineage.replica }, cb))) : Promise.resolve(undefined),
+    lineage?.image ? optional(() => context.call<Image>('inventory', (cb) => context.inventory.getImage({ name: lineage.image, view: ImageView.IMAGE_VIEW_BASIC }, cb))) : Promise.resolve(undefined),
+    lineage?.sourceVirtualMachine ? optional(() => context.call<VirtualMachine>('inventory', (cb) => context.inventory.getVirtualMachine({ name: lineage.sourceVirtualMachine }, cb))) : Promise.resolve(undefined),
+  ]);
+  if (context.out.format === 'json') {
+    context.out.json({
+      virtualMachine: VirtualMachine.toJSON(vm),
+      lineage: {
+        overlays: lineage?.overlays ?? [],
+        imageReplica: replica ? ImageReplica.toJSON(replica) : null,
+        image: image ? Image.toJSON(image) : null,
+        sourceVirtualMachine: sourceVm ? VirtualMachine.toJSON(sourceVm) : null,
+        host: host ? Host.toJSON(host) : null,
+      },
+    });
+    return EXIT.OK;
+  }
+  context.out.line(
+    keyValues([
+      ['vm', vm.name],
+      ['domain', `${vm.domainName} (uuid ${vm.uuid || '-'})`],
+      ['state', virtualMachineState(vm)],
+      ['size', `${vm.vcpuCount} vCPU, ${formatBytes(vm.memoryBytes)} memory`],
+      ['managed', vm.managed ? 'yes (a cowherd clone)' : 'no (not created by cowherd)'],
+      ['cloned from', vm.sourceImage || (lineage?.sourceVirtualMachine ? shortVirtualMachineName(lineage.sourceVirtualMachine) : '-')],
+      ['dependents', vm.dependentVirtualMachines.length > 0 ? vm.dependentVirtualMachines.map(shortVirtualMachineName).join(', ') : '-'],
+      ['created', formatTime(vm.createTime)],
+    ]),
+  );
+  context.out.line();
+  context.out.line(
+    vm.disks.length === 0
+      ? 'disks: none'
+      : table(['disk', 'format', 'virtual size', 'allocated', 'path', 'backing'], vm.disks.map((disk) => [disk.target, enumWord(diskFormatToJSON(disk.format), 'DISK_FORMAT_').toLowerCase(), formatBytes(disk.virtualSizeBytes), formatBytes(disk.allocatedBytes), disk.path, disk.backingChain.map((file) => file.path).join(' <- ') || '-'])),
+  );
+  context.out.line();
+  context.out.line('lineage:');
+  const tree: string[] = [`${vm.domainName} (VM, ${virtualMachineState(vm)})`];
+  for (const overlay of lineage?.overlays ?? []) tree.push(`overlay ${overlay}`);
+  if (lineage?.replica) tree.push(replica ? `base replica ${replica.name} (${replicaState(replica)}, ${replica.path})` : `base replica ${lineage.replica} (gone from the inventory)`);
+  if (lineage?.image) tree.push(image ? `image ${image.name} (${imageState(image)}, ${formatBytes(image.torrent?.totalBytes)}, origin ${image.originHost})` : `image ${lineage.image} (gone from the catalog)`);
+  if (lineage?.sourceVirtualMachine) tree.push(sourceVm ? `source VM ${shortVirtualMachineName(sourceVm.name)} (${virtualMachineState(sourceVm)})` : `source VM ${shortVirtualMachineName(lineage.sourceVirtualMachine)} (gone)`);
+  tree.push(host ? `host ${host.name} (${hostState(host)}, ${hypervisorWord(host.hypervisor)})` : `host ${vm.host} (gone)`);
+  if (!lineage) tree.splice(1, 0, 'not a cowherd clone: no lineage recorded');
+  tree.forEach((entry, depth) => context.out.line(depth === 0 ? `  ${entry}` : `  ${'   '.repeat(depth - 1)}└─ ${entry}`));
+  return EXIT.OK;
+}
