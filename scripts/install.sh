@@ -6,7 +6,8 @@
 #
 # One line per step on stdout; the full output of every step goes to <state>/logs/install.log
 # (state = $COWHERD_STATE_DIR, default <repo>/.state). Works as root with CI=true and no stdin.
-# It starts no daemon: scripts/libvirtd.sh starts libvirtd, the fleet scripts start NATS.
+# It starts no daemon: scripts/libvirtd.sh starts libvirtd, the fleet scripts start NATS, bench:distribution
+# starts its own deluged instances.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -36,12 +37,18 @@ APT_PACKAGES=(
   python3-grpc-tools
   python3-protobuf
   grpc-proto                 # health and reflection protos (/usr/share/grpc-proto)
+  iptables                   # bench:distribution's test bed: hosts drop what they would send off 198.18.0.0/15
+  curl                       # bench:distribution: the HTTP fan-out baseline's receivers
+  aria2                      # bench:distribution: aria2c BitTorrent baseline
+  mktorrent                  # bench:distribution: the 2011 tool's torrent maker
+  deluged                    # bench:distribution: the 2011 tool's BitTorrent daemon (libtorrent)
+  deluge-console             # bench:distribution: adds the torrents to the deluged daemons
 )
 
 # Commands that must exist afterwards (a package can be "installed" yet broken or diverted).
 REQUIRED_COMMANDS=(
   git xz mkfs.ext4 ip busybox unshare nsenter nats-server qemu-img qemu-system-x86_64
-  libvirtd virtlogd virsh vhdiinfo
+  libvirtd virtlogd virsh vhdiinfo tc iptables curl aria2c mktorrent deluged deluge-console
 )
 
 # Prints the packages of APT_PACKAGES that are not fully installed, one per line.
@@ -59,8 +66,9 @@ apt_get() {
   apt-get -q -y -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0 "$@"
 }
 
-# Keeps package maintainer scripts from starting daemons (nats-server, libvirtd, virtlogd): on a machine without
-# systemd as PID 1, invoke-rc.d would otherwise start a plain libvirtd that sees /dev/kvm and stalls every call.
+# Keeps package maintainer scripts from starting daemons (nats-server, libvirtd, virtlogd, deluged): on a machine
+# without systemd as PID 1, invoke-rc.d would otherwise start a plain libvirtd that sees /dev/kvm and stalls every
+# call.
 # Leaves an existing policy-rc.d alone.
 POLICY_RC_D=/usr/sbin/policy-rc.d
 POLICY_RC_D_OURS=0

@@ -1,0 +1,335 @@
+/**
+ * A network-namespace test bed: several hosts on one machine, each its own network namespace with one
+ * interface (`eth0`, 198.18.0.<n>/24) on a bridge that lives in a dedicated switch namespace, so nothing of it
+ * touches the root namespace's network. Every host is shaped with htb to the same rate both ways: egress of its
+ * `eth0` limits what it uploads, egress of its switch port limits what it downloads. Root only.
+ *
+ * Hygiene: IPv6 is off (no neighbour discovery or MLD chatter in the byte counters) and each host drops, with
+ * iptables, anything it would send off 198.18.0.0/15 (multicast such as SSDP and local peer discovery
+ * included). Each host also gets a directory on the shared file system (`directory(host)`).
+ *
+ * Clean-up: namespaces are named `chb-<pid>-<random>-<host>`, directories `cowherd-testbed-<pid>-*`. `destroy()`
+ * kills every process left in the namespaces and deletes them (with them the links and the bridge) and the
+ * directories; it also runs by itself on exit, SIGINT and SIGTERM. A new test bed first removes namespaces and
+ * directories of earlier runs whose pid is dead (a run killed with SIGKILL), and only those.
+ */
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { runCommand, CommandError, type Daemon, type RunOptions } from '../services/common/child-process.js';
+
+/** Options of {@link TestBed.create}. */
+export interface TestBedOptions {
+  /** Host names (lowercase letters and digits, at most 10 characters); the n-th gets 198.18.0.<n+1>. */
+  readonly hosts: readonly string[];
+  /** Each host's rate, in Mbit/s, in each direction. */
+  readonly rateMbit: number;
+  /**
+   * Bytes the shaper may queue per direction before it drops. Default: 100 ms at the rate (1.25 MB at
+   * 100 Mbit/s), a switch port's buffer rather than the kernel's default of 1000 packets (which with
+   * 64 KiB GSO packets would queue seconds).
+   */
+  readonly queueBytes?: number;
+  /** Parent of the per-host directories. Default: the system temp directory. */
+  readonly directory?: string;
+}
+
+/** Options of {@link TestBed.spawn}. */
+export interface SpawnOptions {
+  /** Resolve only once the output (stdout and stderr) matches this. */
+  readonly readyPattern?: RegExp;
+  /** Give up (and kill it) when not ready after this long. Default 30 s. */
+  readonly readyTimeoutMs?: number;
+  readonly env?: Readonly<Record<string, string>>;
+  readonly cwd?: string;
+  /** Each output line as it comes. */
+  readonly onLine?: (line: string) => void;
+}
+
+const PREFIX = 'chb';
+const STALE_NAMESPACE = /^chb-(\d+)-[a-z0-9]+-/;
+const STALE_DIRECTORY = /^cowherd-testbed-(\d+)-/;
+const SWITCH = 'switch';
+const HOST_NAME = /^[a-z][a-z0-9]{0,9}$/;
+
+/** Thrown when the test bed cannot be built (not root, a missing tool, a kernel feature the machine lacks). */
+export class TestBedError extends Error {
+  override readonly name = 'TestBedError';
+}
+
+export class TestBed {
+  /** Namespace name prefix of this test bed, `chb-<pid>-<random>-`. */
+  readonly prefix: string;
+  readonly hosts: readonly string[];
+  /** The shaped rate, in bytes per second, each host has up and down. */
+  readonly rateBytesPerSecond: number;
+  private readonly daemons = new Set<Daemon>();
+  private destroyed = false;
+  private readonly onExit = (): void => this.destroySync();
+  private readonly onSignal = (signal: NodeJS.Signals): void => {
+    process.stderr.write(`testbed: ${signal}, removing namespaces ${this.prefix}*\n`);
+    this.destroySync();
+    process.exit(signal === 'SIGINT' ? 130 : 143);
+  };
+
+  private constructor(hosts: readonly string[], rateMbit: number, private readonly root: string) {
+    this.prefix = `${PREFIX}-${process.pid}-${randomBytes(3).toString('hex')}-`;
+    this.hosts = hosts;
+    this.rateBytesPerSecond = (rateMbit * 1_000_000) / 8;
+    process.once('exit', this.onExit);
+    process.once('SIGINT', this.onSignal);
+    process.once('SIGTERM', this.onSignal);
+  }
+
+  /** Builds the namespaces, bridge, links, addresses and shaping; removes stale test beds first. */
+  static async create(options: TestBedOptions): Promise<TestBed> {
+    if (process.getuid?.() !== 0) throw new TestBedError('the test bed needs root (network namespaces, tc)');
+    if (options.hosts.length === 0 || options.hosts.length > 250) throw new TestBedError('between 1 and 250 hosts');
+    for (const host of options.hosts) if (!HOST_NAME.test(host) || host === SWITCH) throw new TestBedError(`bad host name ${JSON.stringify(host)}`);
+    if (new Set(options.hosts).size !== options.hosts.length) throw new TestBedError('host names must be unique');
+    if (!(options.rateMbit > 0)) throw new TestBedError('rateMbit must be positive');
+    const parent = options.directory ?? tmpdir();
+    TestBed.removeStale(parent);
+    const root = await mkdtemp(join(parent, `cowherd-testbed-${process.pid}-`));
+    const bed = new TestBed(options.hosts, options.rateMbit, root);
+    try {
+      await bed.build(options.rateMbit, options.queueBytes ?? Math.round(bed.rateBytesPerSecond / 10));
+    } catch (error) {
+      bed.destroySync();
+      throw error;
+    }
+    return bed;
+  }
+
+  /**
+   * Deletes namespaces (killing what still runs in them) and host directories (under `directory`) of earlier
+   * test beds whose process is gone.
+   */
+  static removeStale(directory: string = tmpdir()): void {
+    for (const namespace of listNamespaces()) {
+      const match = STALE_NAMESPACE.exec(namespace);
+      if (match && !isAlive(Number(match[1]))) removeNamespace(namespace);
+    }
+    for (const entry of readdirSync(directory)) {
+      const match = STALE_DIRECTORY.exec(entry);
+      if (match && !isAlive(Number(match[1]))) rmSync(join(directory, entry), { recursive: true, force: true });
+    }
+  }
+
+  /** The namespace of a host (or of the switch). */
+  namespace(host: string): string {
+    if (host !== SWITCH) this.check(host);
+    return `${this.prefix}${host}`;
+  }
+
+  /** The host's IPv4 address, 198.18.0.<index + 1>. */
+  address(host: string): string {
+    return `198.18.0.${this.hosts.indexOf(this.check(host)) + 1}`;
+  }
+
+  /** A directory for the host's files (on the shared file system: readable from every namespace and from here). */
+  directory(host: string): string {
+    return join(this.root, this.check(host));
+  }
+
+  /** Empties every host's directory (between two methods of a benchmark). */
+  async clearDirectories(): Promise<void> {
+    for (const host of this.hosts) {
+      const directory = this.directory(host);
+      for (const entry of await readdir(directory)) await rm(join(directory, entry), { recursive: true, force: true });
+    }
+  }
+
+  /** Runs a command inside the host's namespace to completion; returns stdout, throws CommandError. */
+  exec(host: string, command: string, args: readonly string[], options: RunOptions = {}): Promise<string> {
+    return runCommand('ip', ['netns', 'exec', this.namespace(host), command, ...args], options);
+  }
+
+  /**
+   * Starts a long-running command inside the host's namespace (with `readyPattern`: waits until its output
+   * matches). The test bed kills it in `destroy()` if nobody stopped it before.
+   */
+  async spawn(host: string, command: string, args: readonly string[], options: SpawnOptions = {}): Promise<Daemon> {
+    const label = `${host}: ${command}`;
+    const child = execa('ip', ['netns', 'exec', this.namespace(host), command, ...args], {
+      stdin: 'ignore',
+      all: true,
+      buffer: false,
+      reject: false,
+      cleanup: true,
+      ...(options.env === undefined ? {} : { env: options.env }),
+      ...(options.cwd === undefined ? {} : { cwd: options.cwd }),
+    });
+    let output = '';
+    let pending = '';
+    let onOutput = (): void => {};
+    child.all?.on('data', (chunk: Buffer) => {
+      const text = chunk.toString();
+      output = (output + text).slice(-64 * 1024);
+      pending += text;
+      const lines = pending.split('\n');
+      pending = lines.pop() ?? '';
+      for (const line of lines) options.onLine?.(line);
+      onOutput();
+    });
+    const exited = child.then((result) => result.exitCode, () => undefined);
+    const daemon: Daemon = {
+      pid: child.pid ?? -1,
+      output: () => output,
+      exited,
+      stop: async (graceMs = 5_000) => {
+        this.daemons.delete(daemon);
+        if (child.exitCode !== null || child.signalCode !== null) return;
+        child.kill('SIGTERM');
+        const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
+        await exited;
+        clearTimeout(timer);
+      },
+    };
+    this.daemons.add(daemon);
+    const pattern = options.readyPattern;
+    if (pattern === undefined) return daemon;
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        onOutput = () => {
+          if (pattern.test(output)) resolve();
+        };
+        onOutput();
+        void exited.then((code) => reject(new CommandError(label, code, output, false)));
+        timer = setTimeout(() => reject(new CommandError(label, undefined, output, true)), options.readyTimeoutMs ?? 30_000);
+      });
+    } catch (error) {
+      await daemon.stop(1_000);
+      throw error;
+    } finally {
+      clearTimeout(timer);
+      onOutput = () => {};
+    }
+    return daemon;
+  }
+
+  /** Bytes the host's `eth0` has transmitted (everything on the wire: payload and TCP/IP/Ethernet headers). */
+  async txBytes(host: string): Promise<number> {
+    return (await this.linkStatistics(host)).tx.bytes;
+  }
+
+  /** Bytes the host's `eth0` has received. */
+  async rxBytes(host: string): Promise<number> {
+    return (await this.linkStatistics(host)).rx.bytes;
+  }
+
+  /** Stops every process started with `spawn` (SIGTERM, then SIGKILL), then does what `destroySync` does. */
+  async destroy(): Promise<void> {
+    await Promise.all([...this.daemons].map((daemon) => daemon.stop(2_000)));
+    this.destroySync();
+  }
+
+  /**
+   * Kills every process still in the test bed's namespaces, deletes the namespaces (and with them the links and
+   * the bridge) and the host directories. Synchronous, so it also runs from `process.on('exit')`. Idempotent.
+   */
+  destroySync(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    process.removeListener('exit', this.onExit);
+    process.removeListener('SIGINT', this.onSignal);
+    process.removeListener('SIGTERM', this.onSignal);
+    for (const namespace of listNamespaces()) if (namespace.startsWith(this.prefix)) removeNamespace(namespace);
+    rmSync(this.root, { recursive: true, force: true });
+  }
+
+  private check(host: string): string {
+    if (!this.hosts.includes(host)) throw new TestBedError(`no host ${JSON.stringify(host)} in this test bed`);
+    return host;
+  }
+
+  private async linkStatistics(host: string): Promise<{ rx: { bytes: number }; tx: { bytes: number } }> {
+    const links = JSON.parse(await runCommand('ip', ['-n', this.namespace(host), '-s', '-j', 'link', 'show', 'dev', 'eth0'])) as Array<{ stats64: { rx: { bytes: number }; tx: { bytes: number } } }>;
+    const link = links[0];
+    if (link === undefined) throw new TestBedError(`${host}: no eth0`);
+    return link.stats64;
+  }
+
+  private async build(rateMbit: number, queueBytes: number): Promise<void> {
+    const ip = (...args: string[]): Promise<string> => runCommand('ip', args);
+    const inside = (namespace: string, command: string, ...args: string[]): Promise<string> => runCommand('ip', ['netns', 'exec', namespace, command, ...args]);
+    const switchNamespace = this.namespace(SWITCH);
+    for (const namespace of [switchNamespace, ...this.hosts.map((host) => this.namespace(host))]) {
+      await ip('netns', 'add', namespace);
+      // Before any link comes up, so that no IPv6 address (and no neighbour discovery) ever appears.
+      await inside(namespace, 'sysctl', '-q', '-w', 'net.ipv6.conf.all.disable_ipv6=1', 'net.ipv6.conf.default.disable_ipv6=1');
+      await ip('-n', namespace, 'link', 'set', 'lo', 'up');
+    }
+    await ip('-n', switchNamespace, 'link', 'add', 'br0', 'type', 'bridge', 'stp_state', '0');
+    await ip('-n', switchNamespace, 'link', 'set', 'br0', 'up');
+    const shape = async (namespace: string, device: string): Promise<void> => {
+      await runCommand('tc', ['-n', namespace, 'qdisc', 'add', 'dev', device, 'root', 'handle', '1:', 'htb', 'default', '10']);
+      await runCommand('tc', ['-n', namespace, 'class', 'add', 'dev', device, 'parent', '1:', 'classid', '1:10', 'htb', 'rate', `${rateMbit}mbit`, 'ceil', `${rateMbit}mbit`, 'quantum', '1514']);
+      await runCommand('tc', ['-n', namespace, 'qdisc', 'add', 'dev', device, 'parent', '1:10', 'handle', '10:', 'bfifo', 'limit', String(queueBytes)]);
+    };
+    for (const host of this.hosts) {
+      const namespace = this.namespace(host);
+      const port = `p-${host}`;
+      await ip('-n', switchNamespace, 'link', 'add', port, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', namespace);
+      await ip('-n', switchNamespace, 'link', 'set', port, 'master', 'br0');
+      await ip('-n', switchNamespace, 'link', 'set', port, 'up');
+      await ip('-n', namespace, 'addr', 'add', `${this.address(host)}/24`, 'dev', 'eth0');
+      await ip('-n', namespace, 'link', 'set', 'eth0', 'up');
+      await shape(namespace, 'eth0');
+      await shape(switchNamespace, port);
+      await inside(namespace, 'iptables', '-w', '-A', 'OUTPUT', '-o', 'eth0', '!', '-d', '198.18.0.0/15', '-j', 'DROP');
+    }
+    for (const host of this.hosts) await mkdir(this.directory(host));
+  }
+}
+
+function listNamespaces(): string[] {
+  let output: string;
+  try {
+    output = execFileSync('ip', ['netns', 'list'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+  } catch {
+    return [];
+  }
+  return output.split('\n').map((line) => line.split(' ')[0] ?? '').filter((name) => name.startsWith(`${PREFIX}-`));
+}
+
+/** SIGKILLs every process in the namespace, then deletes it (the kernel frees it, links included, once empty). */
+function removeNamespace(namespace: string): void {
+  for (let attempt = 0; attempt < 20; attempt++) {
+    let pids: number[] = [];
+    try {
+      pids = execFileSync('ip', ['netns', 'pids', namespace], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).split('\n').filter(Boolean).map(Number);
+    } catch {
+      break;
+    }
+    if (pids.length === 0) break;
+    for (const pid of pids) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // Already gone.
+      }
+    }
+    execFileSync('sleep', ['0.05']);
+  }
+  try {
+    execFileSync('ip', ['netns', 'delete', namespace], { stdio: 'ignore' });
+  } catch {
+    // Gone already, or deleted by a concurrent cleanup.
+  }
+}
+
+/** True when the process exists and is not a zombie (a killed run's pid stays a zombie until its parent reaps it). */
+function isAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
