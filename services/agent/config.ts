@@ -1,5 +1,5 @@
 /** The agent's own variables (besides the common server ones, whose TLS files it fills in after enrolling). */
-import { addressVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, stringVariable, type ConfigOf, type Variable } from '../common/config.js';
+import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, stringVariable, type ConfigOf, type Variable } from '../common/config.js';
 import { DEFAULT_PORTS } from '../common/service-process.js';
 import { defaultHostId, HOST_ID } from '../common/resource-names.js';
 
@@ -25,6 +25,7 @@ export const AGENT_VARIABLES = {
   } },
   imageDirectory: pathVariable('COWHERD_IMAGE_DIR', 'directory for image replicas (images/) and clone overlays (clones/); created if missing', '/var/lib/cowherd/images'),
   inventoryAddress: addressVariable('COWHERD_INVENTORY_ADDRESS', 'host:port of the inventory mTLS port', `localhost:${DEFAULT_PORTS.inventory.grpc}`),
+  domainScope: enumVariable('COWHERD_DOMAIN_SCOPE', 'which libvirt domains are this host\'s: all, or image-directory (only domains with a disk in COWHERD_IMAGE_DIR, for agents sharing one libvirtd)', 'all', ['all', 'image-directory'] as const),
   torrentPort: integerVariable('COWHERD_TORRENT_PORT', 'BitTorrent peer port (TCP) for image transfers; 0: any free port', 7446, 0, 65535),
   webSeedAddress: addressVariable('COWHERD_WEB_SEED_ADDRESS', 'host:port of the HTTP web seed (BEP 19) that serves origin replicas to the swarm; port 0: any free port', '0.0.0.0:7447'),
   advertiseAddress: optionalAddressVariable('COWHERD_ADVERTISE_ADDRESS', "host:port at which services reach this agent's gRPC port", `<host id>:<port of COWHERD_LISTEN_ADDRESS, ${DEFAULT_PORTS.agent.grpc}>`),

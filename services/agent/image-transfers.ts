@@ -175,7 +175,7 @@ export class ImageTransfers {
     const replica = this.newReplica(id, request, true, ImageReplica_State.STATE_AVAILABLE);
     await this.writeState(replica);
     try {
-      await this.swarm.seed(id, directory, torrent.infoDictionary, { announce: trackerAnnounceUrl, infoHash: torrent.infoHash });
+      await this.swarm.seed(id, directory, torrent.infoDictionary, { announce: trackerAnnounceUrl, infoHash: torrent.infoHash, superSeed: true });
       this.webSeed.addImage(id, directory, image.files.map((file) => file.path));
     } catch (error) {
       this.replicas.delete(id);
@@ -347,7 +347,7 @@ export class ImageTransfers {
           this.setState(replica, ImageReplica_State.STATE_VERIFYING);
           const bad = await verifyImageFiles(join(this.imagesRoot, id), files);
           if (bad.length === 0) {
-            await this.swarm.seed(id, join(this.imagesRoot, id), image.torrent!.metainfo, { announce: request.trackerAnnounceUrl, infoHash: image.torrent!.infoHash });
+            await this.swarm.seed(id, join(this.imagesRoot, id), image.torrent!.metainfo, { announce: request.trackerAnnounceUrl, infoHash: image.torrent!.infoHash, superSeed: replica.origin });
             if (replica.origin) this.webSeed.addImage(id, join(this.imagesRoot, id), files.map((file) => file.path));
             this.setState(replica, ImageReplica_State.STATE_AVAILABLE);
             this.options.log.info({ replica: replicaName }, 'replica verified and seeding again');

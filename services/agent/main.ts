@@ -18,6 +18,7 @@ import { VmLifecycle } from './vm-lifecycle.js';
 import { deleteLocalReplica } from './replicas.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { VirshLibvirt } from './libvirt.js';
+import { scopedLibvirt } from './scoped-libvirt.js';
 import { createReporter, inventoryPort } from './reporter.js';
 import { ImageTransfers } from './image-transfers.js';
 
@@ -53,7 +54,8 @@ await runServiceMain({
   env,
   build: async ({ boundary, config, log, tls, events }) => {
     await prepareImageDirectory(agent.imageDirectory);
-    const libvirt = new VirshLibvirt({ uri: agent.libvirtUri, log: log.child({ component: 'libvirt' }) });
+    const virsh = new VirshLibvirt({ uri: agent.libvirtUri, log: log.child({ component: 'libvirt' }) });
+    const libvirt = agent.domainScope === 'image-directory' ? scopedLibvirt(virsh, agent.imageDirectory) : virsh;
     const inventory = createClient(InventoryServiceClient, agent.inventoryAddress, mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000));
     const hypervisor = await libvirt.hypervisorFacts().then(
       (facts) => (detectHypervisor(facts, readSystemFacts()).hypervisor === Hypervisor.HYPERVISOR_XEN ? 'xen' : 'kvm'),

@@ -40,6 +40,7 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { parseImageTorrent, torrentFile, type ImageTorrent } from './torrent.js';
 import { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
 import { PeerGuard } from './peer-guard.js';
+import { superSeed } from './super-seed.js';
 
 /** Bandwidth limits in bytes per second; 0 = unlimited. */
 export interface SwarmLimits {
@@ -94,6 +95,8 @@ export interface FetchImageOptions {
   readonly maxVerifyAttempts?: number;
   /** Fail with TRANSFER_FAILED (partial kept) when no byte arrives for this long. Default 10 minutes. */
   readonly stallTimeoutMs?: number;
+  /** Web seeds join when no peer has sent a block for this long; 0 = from the start. Default 3 s. */
+  readonly webSeedDelayMs?: number;
   /** Test seam: runs after every piece is in and before the whole-file verification. */
   readonly beforeVerify?: (partialDirectory: string) => Promise<void> | void;
 }
@@ -145,6 +148,7 @@ interface Entry {
 
 const DEFAULT_MAX_VERIFY_ATTEMPTS = 3;
 const DEFAULT_STALL_TIMEOUT_MS = 10 * 60_000;
+const DEFAULT_WEB_SEED_DELAY_MS = 3_000;
 
 /** One webtorrent client seeding and fetching image replicas. */
 export class ImageSwarm {
@@ -222,13 +226,13 @@ export class ImageSwarm {
    * Seeds a complete, verified replica from its files (opened read-only; pieces are not re-checked). The
    * directory may be anywhere; the metainfo's name must be the image id.
    */
-  async seed(image: string, directory: string, metainfo: Uint8Array, options: { announce?: string; infoHash?: string } = {}): Promise<void> {
+  async seed(image: string, directory: string, metainfo: Uint8Array, options: { announce?: string; infoHash?: string; superSeed?: boolean } = {}): Promise<void> {
     this.checkUsable(image);
     const torrent = parseOrInvalid(metainfo, image, options.infoHash);
     const announce = this.announceUrl(options.announce);
     const entry = this.newEntry(image, torrent.totalBytes);
     try {
-      await this.startSeeding(entry, torrent, resolve(directory), announce);
+      await this.startSeeding(entry, torrent, resolve(directory), announce, options.superSeed === true);
     } catch (error) {
       this.entries.delete(image);
       throw error;
@@ -410,12 +414,14 @@ export class ImageSwarm {
     };
   }
 
-  private async startSeeding(entry: Entry, torrent: ImageTorrent, directory: string, announce: string): Promise<void> {
+  private async startSeeding(entry: Entry, torrent: ImageTorrent, directory: string, announce: string, origin = false): Promise<void> {
     // remove() or destroy() ran meanwhile: do not leave an orphan torrent behind.
     if (this.destroyed || this.entries.get(entry.image) !== entry) throw cancelledError(entry.image);
     const store = imageStore(directory, torrent, false, { written: 0 });
     const seeding = this.client.add(torrentFile(torrent.infoDictionary, announce), { store, skipVerify: true, private: true, path: directory });
     entry.torrent = seeding;
+    // The origin reveals pieces one receiver at a time (super-seed.ts), so it sends each about once.
+    if (origin) superSeed(seeding, torrent.pieceCount, this.log ? { log: this.log } : {});
     entry.stage = 'seeding';
     entry.bytesDone = torrent.totalBytes;
     seeding.on('warning', (warning: Error) => {
@@ -447,11 +453,27 @@ export class ImageSwarm {
       store,
       private: true,
       path: partial,
-      // webtorrent asks a one-file torrent's web seed for the URL itself, not <url>/<name>/<file> (BEP 19).
-      urlList: (options.webSeedUrls ?? []).map((url) => (torrent.files.length === 1 ? `${url}${url.endsWith('/') ? '' : '/'}${torrent.name}/${torrent.files[0]!.path}` : url)),
     });
+    // webtorrent asks a one-file torrent's web seed for the URL itself, not <url>/<name>/<file> (BEP 19).
+    const webSeeds = (options.webSeedUrls ?? []).map((url) => (torrent.files.length === 1 ? `${url}${url.endsWith('/') ? '' : '/'}${torrent.name}/${torrent.files[0]!.path}` : url));
     entry.torrent = added;
     const guarded = this.guard.watch(added, entry.image);
+    // Web seeds are the fallback, not a peer like the others: the origin serves them from the same uplink
+    // it super-seeds from, and a receiver that takes pieces over HTTP takes them from the origin. They join
+    // when no peer has sent a block for `webSeedDelayMs` (no peers, the origin gone, a liar banned).
+    let lastPeerBlock = performance.now();
+    added.on('wire', (wire: { type: string; on(event: 'download', listener: () => void): void }) => {
+      if (wire.type !== 'webSeed') wire.on('download', () => (lastPeerBlock = performance.now()));
+    });
+    let webSeedsAdded = webSeeds.length === 0;
+    const webSeedDelayMs = options.webSeedDelayMs ?? DEFAULT_WEB_SEED_DELAY_MS;
+    const addWebSeeds = (): void => {
+      if (webSeedsAdded || added.destroyed || added.done) return;
+      webSeedsAdded = true;
+      this.log?.info({ image: entry.image, webSeeds: webSeeds.length }, 'no peer is sending: adding the web seeds');
+      for (const url of webSeeds) added.addWebSeed(url);
+    };
+    if (webSeedDelayMs === 0) addWebSeeds();
     const stallTimeoutMs = options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
     return new Promise((resolveRound, rejectRound) => {
       let present = 0;
@@ -462,6 +484,7 @@ export class ImageSwarm {
         const stop = cancelled();
         if (stop) return finish(stop);
         if (!added.ready) return;
+        if (!webSeedsAdded && performance.now() - lastPeerBlock >= webSeedDelayMs) addWebSeeds();
         const received = added.received;
         if (received !== lastBytes) {
           lastBytes = received;

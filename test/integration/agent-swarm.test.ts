@@ -112,7 +112,7 @@ before(async () => {
   allowedInfoHashes.add(torrent.infoHash);
 
   origin = await newSwarm();
-  await origin.seed(IMAGE, originDirectory, torrent.metainfo);
+  await origin.seed(IMAGE, originDirectory, torrent.metainfo, { superSeed: true });
   webSeed = new WebSeedServer();
   webSeed.addImage(IMAGE, originDirectory, FILES.map((file) => file.path));
   await webSeed.listen({ host: '127.0.0.1', port: 0 });
@@ -178,7 +178,7 @@ describe('image swarm', { timeout: 240_000 }, () => {
     assert.equal(webSeed.bytesSent - sentBefore, torrent.totalBytes, 'everything came from the web seed, once');
     measurements.push(`web seed only: ${rate(torrent.totalBytes, result.durationMs)}`);
     await destroySwarm(receiver);
-    await origin.seed(IMAGE, originDirectory, torrent.metainfo);
+    await origin.seed(IMAGE, originDirectory, torrent.metainfo, { superSeed: true });
   });
 
   test('a receiver destroyed half-way resumes and downloads only what is missing', async () => {
@@ -367,7 +367,7 @@ describe('image swarm', { timeout: 240_000 }, () => {
     } finally {
       webSeed.setUploadLimit(0);
       await destroySwarm(liar);
-      await origin.seed(IMAGE, originDirectory, torrent.metainfo);
+      await origin.seed(IMAGE, originDirectory, torrent.metainfo, { superSeed: true });
     }
   });
 

@@ -1,0 +1,157 @@
+/**
+ * Super-seeding for the origin of an image (BEP 16 in spirit): the origin hides that it holds every piece
+ * and reveals pieces one receiver at a time, each piece to one receiver first, so that it sends each piece
+ * about once and the receivers spread it among themselves.
+ *
+ * Why (MACHINE.md, measured on the 7-host test bed): with webtorrent's defaults the origin sends 3-4 full
+ * copies of an image. Receivers in lockstep all want the same next pieces and queue their requests at the
+ * origin (the fastest wire, which has every piece), reserving exactly the pieces other receivers could
+ * offer; the origin never chokes anyone. Revealing distinct pieces per receiver removes both effects
+ * without touching webtorrent's wire protocol: only `have` messages change.
+ *
+ * How, per wire of the origin's seeding torrent:
+ * - The first bitfield (or have-all) webtorrent sends is replaced by an empty one (have-none).
+ * - The origin keeps `revealPerWire` pieces revealed to each receiver that it does not have yet: first the
+ *   pieces nobody has been offered (in order), then, when every piece has been offered once (the end), the
+ *   pieces held by the fewest receivers (at most `endgameHolders`) that this receiver lacks.
+ * - A receiver announcing a piece (from anyone) makes room for the next reveal; pieces whose only holder
+ *   left, or that were revealed but not announced within `revealTimeoutMs`, become offerable again.
+ * Requests for pieces that were not revealed are still served (a receiver may learn of them otherwise).
+ */
+import type { Torrent, Wire } from 'webtorrent';
+import type { Logger } from '../common/logger.js';
+
+/** The parts of bittorrent-protocol's Wire the policy uses. */
+interface SeedWire extends Wire {
+  readonly hasFast: boolean;
+  readonly destroyed: boolean;
+  readonly peerPieces: { get(index: number): boolean };
+  bitfield(bitfield: unknown): void;
+  haveAll(): void;
+  haveNone(): void;
+  have(index: number): void;
+}
+
+/** Options of {@link superSeed}. */
+export interface SuperSeedOptions {
+  /** Pieces revealed to a receiver and not yet held by it, at most. Default 2. */
+  readonly revealPerWire?: number;
+  /** At the end, pieces held by at most this many receivers are offered again. Default 2. */
+  readonly endgameHolders?: number;
+  /** A revealed piece not announced by then may be offered to others. Default 30 s. */
+  readonly revealTimeoutMs?: number;
+  readonly log?: Logger;
+}
+
+/** Counters of a super-seeded torrent. */
+export interface SuperSeedStats {
+  /** `have` messages sent. */
+  reveals: number;
+  /** Pieces offered once at least. */
+  offered: number;
+}
+
+/** Makes the seeding `torrent` (every piece present) super-seed; returns live counters. */
+export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSeedOptions = {}): SuperSeedStats {
+  const revealPerWire = options.revealPerWire ?? 2;
+  const endgameHolders = options.endgameHolders ?? 2;
+  const revealTimeoutMs = options.revealTimeoutMs ?? 30_000;
+  const stats: SuperSeedStats = { reveals: 0, offered: 0 };
+  const holders = new Uint16Array(pieceCount);
+  /** When each piece was last revealed (to anyone), 0 = never. */
+  const revealedAt = new Float64Array(pieceCount);
+  /** Pieces revealed to a wire that it has not announced yet. */
+  const pending = new Map<SeedWire, Set<number>>();
+  let nextFresh = 0;
+
+  const offerable = (index: number, now: number): boolean => holders[index] === 0 && (revealedAt[index] === 0 || now - revealedAt[index]! > revealTimeoutMs);
+
+  const pick = (wire: SeedWire, mine: Set<number>): number | undefined => {
+    const now = performance.now();
+    // Pieces offered before that nobody holds (their receiver left, or never announced them) come first.
+    for (let index = 0; index < nextFresh; index += 1) {
+      if (!mine.has(index) && !wire.peerPieces.get(index) && revealedAt[index]! > 0 && offerable(index, now)) return index;
+    }
+    while (nextFresh < pieceCount) {
+      const index = nextFresh++;
+      if (!wire.peerPieces.get(index)) {
+        stats.offered += 1;
+        return index;
+      }
+    }
+    // The end: the rarest piece this receiver lacks, if rare enough. With few receivers, fewer holders count
+    // as rare (with three receivers, "at most 2 holders" would be every piece: the origin would send all).
+    const rare = Math.min(endgameHolders, Math.floor(pending.size / 3));
+    let best: number | undefined;
+    for (let index = 0; index < pieceCount; index += 1) {
+      if (mine.has(index) || wire.peerPieces.get(index) || holders[index]! > rare) continue;
+      if (best === undefined || holders[index]! < holders[best]!) best = index;
+    }
+    return best;
+  };
+
+  const topUp = (wire: SeedWire): void => {
+    if (wire.destroyed) return;
+    const mine = pending.get(wire);
+    if (!mine) return;
+    for (const index of mine) if (wire.peerPieces.get(index)) mine.delete(index);
+    while (mine.size < revealPerWire) {
+      const index = pick(wire, mine);
+      if (index === undefined) break;
+      mine.add(index);
+      revealedAt[index] = performance.now();
+      stats.reveals += 1;
+      wire.have(index);
+    }
+  };
+
+  const topUpAll = (): void => {
+    for (const wire of pending.keys()) topUp(wire);
+  };
+
+  torrent.on('wire', (raw: Wire) => {
+    const wire = raw as SeedWire;
+    if (wire.type === 'webSeed') return;
+    // webtorrent announces every piece right after this event: announce none instead.
+    const bitfield = wire.bitfield.bind(wire);
+    let first = true;
+    wire.bitfield = (value: unknown) => {
+      if (!first) return bitfield(value);
+      first = false;
+      if (wire.hasFast) wire.haveNone();
+      else bitfield(new Uint8Array(Math.ceil(pieceCount / 8)));
+    };
+    wire.haveAll = () => {
+      first = false;
+      wire.haveNone();
+    };
+    const seen = new Uint8Array(pieceCount);
+    const count = (index: number): void => {
+      if (index < 0 || index >= pieceCount || seen[index]) return;
+      seen[index] = 1;
+      holders[index] = holders[index]! + 1;
+    };
+    pending.set(wire, new Set());
+    wire.on('bitfield', () => {
+      for (let index = 0; index < pieceCount; index += 1) if (wire.peerPieces.get(index)) count(index);
+      topUpAll();
+    });
+    wire.on('have', (index: number) => {
+      count(index);
+      // Any receiver's progress may free another one's slot (it got the piece from a peer).
+      topUpAll();
+    });
+    wire.on('interested', () => setImmediate(() => topUp(wire)));
+    wire.once('close', () => {
+      // Its unannounced pieces may be offered to others at once.
+      for (const index of pending.get(wire) ?? []) if (holders[index] === 0) revealedAt[index] = 1;
+      pending.delete(wire);
+      for (let index = 0; index < pieceCount; index += 1) if (seen[index]) holders[index] = holders[index]! - 1;
+      // What only this receiver held is offerable again.
+      topUpAll();
+    });
+    setImmediate(() => topUp(wire));
+  });
+  options.log?.debug({ pieces: pieceCount, revealPerWire, endgameHolders }, 'super-seeding');
+  return stats;
+}
