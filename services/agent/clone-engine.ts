@@ -58,10 +58,33 @@ type PreparedClone =
 
 /** Makes clones; one instance per agent. */
 export class CloneEngine {
+  /** The batch last started for each request_id, while it runs. */
+  private readonly batches = new Map<string, Promise<CreateCloneResult[]>>();
+
   constructor(private readonly options: CloneEngineOptions) {}
 
-  /** Validates the request, resolves the source once, then makes each clone; results in request order. */
+  /**
+   * Makes a batch (see {@link makeBatch}). A request whose request_id names a batch still running waits for it
+   * and then runs: it finds that batch's clones and returns them. Without this, a cloning replica that took
+   * an operation over while the first attempt was still running here (a graceful stop releases the lease at
+   * once; the agent does not stop for a cancelled call) raced it: every clone the first attempt had not yet
+   * defined came back ALREADY_EXISTS, with a clone.failed next to the first attempt's clone.done.
+   */
   async createClones(request: CreateClonesRequest): Promise<CreateCloneResult[]> {
+    if (request.requestId === '') return this.makeBatch(request);
+    const key = request.requestId;
+    const previous = this.batches.get(key);
+    const batch = (previous ?? Promise.resolve()).catch(() => undefined).then(() => this.makeBatch(request));
+    this.batches.set(key, batch);
+    try {
+      return await batch;
+    } finally {
+      if (this.batches.get(key) === batch) this.batches.delete(key);
+    }
+  }
+
+  /** Validates the request, resolves the source once, then makes each clone; results in request order. */
+  private async makeBatch(request: CreateClonesRequest): Promise<CreateCloneResult[]> {
     if (request.clones.length === 0 || request.clones.length > MAX_CLONES_PER_REQUEST) throw CowherdError.invalidArgument('clones', `must hold 1 to ${MAX_CLONES_PER_REQUEST} clones`);
     const names = new Set<string>();
     request.clones.forEach((clone, index) => {
