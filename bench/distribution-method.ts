@@ -37,6 +37,8 @@ export interface MethodResult {
   readonly originTxBytes: number;
   /** Every receiver's copy has the image's SHA-256. */
   readonly allVerified: boolean;
+  /** S when the method moved other bytes than the raw image (cowherd: the qcow2 disk and the template). */
+  readonly bytes?: number;
   /** Per receiver: seconds until it held its copy, and bytes its eth0 sent in T (what it shared). */
   readonly perReceiver: ReadonlyArray<{ readonly host: string; readonly seconds: number; readonly txBytes: number }>;
 }

@@ -1,7 +1,7 @@
 /**
  * bench:distribution — one image from one origin to N receivers on a network-namespace test bed, several ways,
  * in the same run on the same test bed:
- * - cowherd: cowherd's own distribution (agents and the distribution service) — not wired yet;
+ * - cowherd: cowherd's own distribution through the real services and agents (distribution-cowherd.ts);
  * - http: HTTP fan-out from the origin (one curl per receiver, all at once);
  * - deluge: the 2011 tool's stack, mktorrent + deluged (libtorrent);
  * - aria2: aria2c with the same kind of torrent.
@@ -18,6 +18,7 @@ import { createHash, randomFillSync } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { aria2, deluge, httpFanOut } from './distribution-baselines.js';
+import { cowherdMethod } from './distribution-cowherd.js';
 import { CONTROL, ORIGIN, receiverHosts, type BenchImage, type DistributionMethod } from './distribution-method.js';
 import { TestBed } from './testbed.js';
 
@@ -32,17 +33,8 @@ class NotWiredError extends Error {
   override readonly name = 'NotWiredError';
 }
 
-/**
- * The methods, in output order. TODO(cowherd distribution): replace this placeholder with cowherd's method
- * (agents on ORIGIN and every receiver, the distribution service and its tracker on CONTROL), e.g. from
- * bench/distribution-cowherd.ts.
- */
-const cowherd: DistributionMethod = async () => {
-  throw new NotWiredError('not wired yet');
-};
-
 const methods: Record<string, DistributionMethod> = {
-  cowherd,
+  cowherd: cowherdMethod,
   http: httpFanOut,
   deluge,
   aria2,
@@ -103,13 +95,14 @@ async function main(): Promise<void> {
       const image = await writeRandomImage(imagePath, IMAGE_MIB);
       try {
         const result = await methods[name]!(bed, image);
-        const seconds = image.bytes / bed.rateBytesPerSecond;
+        const bytes = result.bytes ?? image.bytes;
+        const seconds = bytes / bed.rateBytesPerSecond;
         const line = {
           method: name,
           receivers: receiverHosts(bed).length,
-          bytes: image.bytes,
+          bytes,
           ratio_time: round(result.seconds / seconds),
-          ratio_origin: round(result.originTxBytes / image.bytes),
+          ratio_origin: round(result.originTxBytes / bytes),
           all_verified: result.allVerified,
           seconds: round(result.seconds),
           rate_mbit: RATE_MBIT,

@@ -15,7 +15,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -223,6 +223,34 @@ export class TestBed {
     return (await this.linkStatistics(host)).rx.bytes;
   }
 
+  /**
+   * Connects the root namespace to the switch (unshaped) with `address`/24, so that processes running here (a
+   * control plane) and the hosts reach each other. The link goes away with the switch namespace.
+   */
+  async connectRoot(address = '198.18.0.254'): Promise<void> {
+    const device = `chbr${process.pid % 1_000_000}`;
+    const switchNamespace = this.namespace(SWITCH);
+    await runCommand('ip', ['link', 'add', device, 'type', 'veth', 'peer', 'name', 'p-root', 'netns', switchNamespace]);
+    await runCommand('ip', ['-n', switchNamespace, 'link', 'set', 'p-root', 'master', 'br0']);
+    await runCommand('ip', ['-n', switchNamespace, 'link', 'set', 'p-root', 'up']);
+    await runCommand('sysctl', ['-q', '-w', `net.ipv6.conf.${device}.disable_ipv6=1`]).catch(() => '');
+    await runCommand('ip', ['addr', 'add', `${address}/24`, 'dev', device]);
+    await runCommand('ip', ['link', 'set', device, 'up']);
+  }
+
+  /**
+   * Gives every host namespace an /etc/hosts with these names (`ip netns exec` bind-mounts
+   * /etc/netns/<namespace>/hosts over /etc/hosts), e.g. a control-plane name that certificates carry.
+   */
+  async setHostNames(names: Readonly<Record<string, string>>): Promise<void> {
+    const lines = ['127.0.0.1 localhost', ...Object.entries(names).map(([name, address]) => `${address} ${name}`), ...this.hosts.map((host) => `${this.address(host)} ${host}`)];
+    for (const host of this.hosts) {
+      const directory = join('/etc/netns', this.namespace(host));
+      await mkdir(directory, { recursive: true });
+      await writeFile(join(directory, 'hosts'), `${lines.join('\n')}\n`);
+    }
+  }
+
   /** Stops every process started with `spawn` (SIGTERM, then SIGKILL), then does what `destroySync` does. */
   async destroy(): Promise<void> {
     await Promise.all([...this.daemons].map((daemon) => daemon.stop(2_000)));
@@ -240,6 +268,7 @@ export class TestBed {
     process.removeListener('SIGINT', this.onSignal);
     process.removeListener('SIGTERM', this.onSignal);
     for (const namespace of listNamespaces()) if (namespace.startsWith(this.prefix)) removeNamespace(namespace);
+    for (const host of this.hosts) rmSync(join('/etc/netns', `${this.prefix}${host}`), { recursive: true, force: true });
     rmSync(this.root, { recursive: true, force: true });
   }
 
@@ -300,6 +329,7 @@ function listNamespaces(): string[] {
 
 /** SIGKILLs every process in the namespace, then deletes it (the kernel frees it, links included, once empty). */
 function removeNamespace(namespace: string): void {
+  rmSync(join("/etc/netns", namespace), { recursive: true, force: true });
   for (let attempt = 0; attempt < 20; attempt++) {
     let pids: number[] = [];
     try {

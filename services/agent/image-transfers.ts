@@ -104,6 +104,8 @@ export class ImageTransfers {
   private sampler: NodeJS.Timeout | undefined;
   /** Last counters seen per image, for the Prometheus byte counters. */
   private readonly lastCounters = new Map<string, { done: number; uploaded: number; webSeed: number }>();
+  /** Download bytes the sampler counted for the running fetch of each image. */
+  private readonly downloadCounted = new Map<string, number>();
 
   private constructor(
     private readonly options: ImageTransfersOptions,
@@ -257,16 +259,30 @@ export class ImageTransfers {
       const progress = this.swarm.progress(id);
       const last = this.lastCounters.get(id) ?? { done: 0, uploaded: 0, webSeed: 0 };
       const webSeed = this.webSeed.bytesSentByImage.get(id) ?? 0;
-      // After the transfer (verifying, seeding) the rest of the image came in: count up to the total once.
-      const done = progress?.stage === 'transferring' ? progress.bytesDone : last.done > 0 ? (progress?.bytesTotal ?? last.done) : 0;
+      // Only while transferring; the end of a fetch settles the rest (settleDownload).
+      const done = progress?.stage === 'transferring' ? progress.bytesDone : last.done;
       const uploaded = progress?.bytesUploaded ?? 0;
       // Counters of a torrent restart at 0 (a new round, seeding after fetching): count from there.
-      distributionMetrics.addBytes(id, 'download', done >= last.done ? done - last.done : done);
+      const downloaded = done >= last.done ? done - last.done : done;
+      distributionMetrics.addBytes(id, 'download', downloaded);
+      this.downloadCounted.set(id, (this.downloadCounted.get(id) ?? 0) + downloaded);
       distributionMetrics.addBytes(id, 'upload', (uploaded >= last.uploaded ? uploaded - last.uploaded : uploaded) + (webSeed - last.webSeed));
       distributionMetrics.setRate(id, 'download', progress?.downloadBytesPerSecond ?? 0);
       distributionMetrics.setRate(id, 'upload', progress?.uploadBytesPerSecond ?? 0);
       this.lastCounters.set(id, { done: progress?.stage === 'transferring' ? done : 0, uploaded, webSeed });
     }
+    this.forgetRemoved();
+  }
+
+  /** At the end of a fetch: counts what it wrote and the sampler has not counted yet. */
+  private settleDownload(id: string, bytesWritten: number): void {
+    distributionMetrics.addBytes(id, 'download', Math.max(0, bytesWritten - (this.downloadCounted.get(id) ?? 0)));
+    this.downloadCounted.delete(id);
+    const last = this.lastCounters.get(id);
+    if (last) this.lastCounters.set(id, { ...last, done: 0 });
+  }
+
+  private forgetRemoved(): void {
     for (const id of [...this.lastCounters.keys()]) {
       if (!this.replicas.has(id)) {
         this.lastCounters.delete(id);
@@ -377,6 +393,7 @@ export class ImageTransfers {
           ...(this.options.stallTimeoutMs === undefined ? {} : { stallTimeoutMs: this.options.stallTimeoutMs }),
         });
         if (replica.origin) this.webSeed.addImage(id, join(this.imagesRoot, id), files.map((file) => file.path));
+        this.settleDownload(id, result.bytesWritten);
         this.setState(replica, ImageReplica_State.STATE_AVAILABLE);
         const seconds = (performance.now() - started) / 1000;
         this.options.log.info({ replica: replicaName, bytes: result.bytesTotal, presentAtStart: result.bytesPresentAtStart, received: result.bytesReceived, seconds: Number(seconds.toFixed(2)) }, 'replica available');

@@ -29,6 +29,8 @@ export interface EmbeddedNatsOptions {
   readonly tls: TlsFiles;
   /** Client port; 0 picks a free one. */
   readonly port?: number;
+  /** Listen address; default 127.0.0.1. */
+  readonly host?: string;
   /** Extra lines for the config file (accounts...; not `authorization`, which lives in the authorization file). */
   readonly extraConfig?: string;
   readonly onLine?: (line: string) => void;
@@ -84,6 +86,7 @@ export async function startEmbeddedNats(options: EmbeddedNatsOptions): Promise<E
     configFile,
     renderNatsServerConfig({
       port,
+      ...(options.host ? { host: options.host } : {}),
       serverName: 'cowherd-embedded',
       storeDir: join(directory, 'jetstream'),
       tls: options.tls,

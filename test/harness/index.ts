@@ -70,10 +70,13 @@ export class TestPki {
     return () => void this.issueListeners.delete(listener);
   }
 
+  /** DNS names every certificate issued from now on gets besides localhost (a bench's control-plane host name). */
+  extraDnsNames: string[] = [];
+
   /** Credentials for kind/name, with DNS SAN localhost so it can serve too. */
   async credentials(kind: IdentityKind, name: string, options: { ttlSeconds?: number; notBefore?: Date } = {}): Promise<Credentials> {
     const uri = identityUri(kind, name);
-    const credentials = await issueCredentials(this.ca, uri, { dnsNames: ['localhost'], ...options });
+    const credentials = await issueCredentials(this.ca, uri, { dnsNames: ['localhost', ...this.extraDnsNames], ...options });
     const issued: IssuedCertificate = { certificatePem: credentials.certificatePem, identity: { kind, name, uri } };
     this.issued.push(issued);
     for (const listener of [...this.issueListeners]) await listener(issued);
@@ -91,6 +94,8 @@ export const TEST_SERVICES = ['certificate-authority', 'inventory', 'distributio
 
 /** Options of {@link startTestNats}. */
 export interface TestNatsOptions {
+  /** The listen address; default 127.0.0.1. */
+  readonly host?: string;
   /** Users from the start (least privilege by kind unless a principal says otherwise). */
   readonly users?: readonly NatsPrincipal[];
   /**
@@ -123,7 +128,7 @@ export async function startTestNats(resources: Resources, pki: TestPki, options:
   });
   const bootstrapUsers = mode === 'full-access' || mode === 'ca-managed' ? TEST_SERVICES.map((name) => identityPrincipal({ kind: 'service', name, uri: identityUri('service', name) }, FULL_ACCESS)) : [];
   const users: NatsPrincipal[] = [...(options.users ?? []), ...(mode === 'none' || mode === 'ca-managed' ? [] : pki.issued.map(principalOf))];
-  const nats = await startEmbeddedNats({ directory, tls, bootstrapUsers, users });
+  const nats = await startEmbeddedNats({ directory, tls, bootstrapUsers, users, ...(options.host ? { host: options.host } : {}) });
   resources.defer(() => nats.stop());
   if (mode !== 'none' && mode !== 'ca-managed') {
     const unsubscribe = pki.onIssue(async (certificate) => {

@@ -69,7 +69,7 @@ export async function startCertificateAuthorityProcess(
   resources: Resources,
   pki: { ca: { certificatePem: string; privateKeyPem: string }; files: (kind: 'service', name: string) => Promise<TlsFiles> },
   nats: { url: string; authorizationFile?: string; pidFile?: string },
-  options: { natsStaticIdentities?: readonly string[] } = {},
+  options: { natsStaticIdentities?: readonly string[]; env?: Readonly<Record<string, string>> } = {},
 ): Promise<ServiceProcess & { enrollAddress: string; caKeyFile: string }> {
   const natsUrl = nats.url;
   const directory = await resources.tempDir('cowherd-ca-');
@@ -89,6 +89,7 @@ export async function startCertificateAuthorityProcess(
           COWHERD_NATS_STATIC_IDENTITIES: (options.natsStaticIdentities ?? ['certificate-authority', 'inventory', 'distribution', 'cloning'].map((name) => `spiffe://cowherd/service/${name}`)).join(','),
         }
       : {}),
+    ...options.env,
   });
   const enrollPort = process.logs.find((line) => line['msg'] === 'enrollment port open')?.['enrollPort'];
   if (typeof enrollPort !== 'number') throw new Error('the CA printed no enrollment port');

@@ -1,0 +1,179 @@
+/**
+ * bench:distribution's cowherd method: the real thing. NATS, the CA, inventory and distribution (with its
+ * tracker) run here in the root namespace, joined to the test bed's switch unshaped at 198.18.0.254 (name
+ * `cowherd-control` in every host's /etc/hosts, which every service certificate carries); one agent per host
+ * runs inside the host's namespace and joins with a join token, as on a real host. The origin's agent
+ * publishes the image from a powered-off libvirt domain whose disk is the bench's image converted to qcow2
+ * (untimed), then the clock starts and DistributeImage sends it to every receiver. A receiver is done when its
+ * agent publishes image.available (after it verified every file's SHA-256 and fsynced); the bench then checks
+ * every copy's SHA-256 itself.
+ *
+ * S for this method is the image as cowherd moves it: the qcow2 disk (the raw image plus qcow2's metadata,
+ * ~0.1%) and the domain template.
+ */
+import { createHash } from 'node:crypto';
+import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import type { Subscription } from '@nats-io/transport-node';
+import { createClient } from '../services/common/client.js';
+import { EVENT_SUBJECT_PREFIX } from '../services/common/events.js';
+import { IMAGE_AVAILABLE } from '../services/common/event-types.js';
+import { createLogger } from '../services/common/logger.js';
+import { connectNats } from '../services/common/nats.js';
+import { unpack } from '../services/common/operations.js';
+import { mutualTlsChannelCredentialsFromPem } from '../services/common/tls.js';
+import { CertificateAuthorityServiceClient } from '../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
+import { DistributeImageResponse, DistributionServiceClient } from '../services/gen/cowherd/distribution/v1/distribution_service.js';
+import { Host_State, Image, type Host } from '../services/gen/cowherd/inventory/v1/resources.js';
+import { InventoryServiceClient } from '../services/gen/cowherd/inventory/v1/inventory_service.js';
+import { OperationsClient, type Operation } from '../services/gen/google/longrunning/operations.js';
+import { Resources, TestPki, startTestNats } from '../test/harness/index.js';
+import { call } from '../test/harness/grpc.js';
+import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess } from '../test/harness/processes.js';
+import { ORIGIN, Stopwatch, receiverHosts, type DistributionMethod } from './distribution-method.js';
+
+const run = promisify(execFile);
+const CONTROL_NAME = 'cowherd-control';
+const CONTROL_ADDRESS = '198.18.0.254';
+const AGENT_PORT = 7445;
+const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
+const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
+
+async function until<T>(what: string, read: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await read().catch(() => undefined);
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+}
+
+export const cowherdMethod: DistributionMethod = async (bed, image) => {
+  const resources = new Resources();
+  const say = (text: string): void => void process.stderr.write(`distribution: cowherd: ${text}\n`);
+  try {
+    await bed.connectRoot(CONTROL_ADDRESS);
+    await bed.setHostNames({ [CONTROL_NAME]: CONTROL_ADDRESS });
+    await run('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'start'], { timeout: 120_000 });
+
+    // The control plane, here, listening on every address.
+    const pki = await TestPki.create(await resources.tempDir());
+    pki.extraDnsNames = [CONTROL_NAME];
+    const nats = await startTestNats(resources, pki, { issued: 'ca-managed', host: '0.0.0.0' });
+    const ca = await startCertificateAuthorityProcess(resources, pki, nats, { env: { COWHERD_LISTEN_ADDRESS: '0.0.0.0:0', COWHERD_ENROLL_ADDRESS: '0.0.0.0:0' } });
+    const any = { COWHERD_LISTEN_ADDRESS: '0.0.0.0:0', COWHERD_CA_ADDRESS: ca.address };
+    const inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, any);
+    const tracker = `0.0.0.0:${await import('../services/common/embedded-nats.js').then(({ freePort }) => freePort())}`;
+    const distribution = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, {
+      ...any,
+      COWHERD_INVENTORY_ADDRESS: inventory.address,
+      COWHERD_TRACKER_ADDRESS: tracker,
+      COWHERD_TRACKER_ANNOUNCE_URL: `http://${CONTROL_ADDRESS}:${tracker.split(':')[1]}/announce`,
+    });
+    const port = (address: string): string => address.slice(address.lastIndexOf(':') + 1);
+    const admin = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'bench')), caPem: pki.ca.certificatePem });
+    const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, admin);
+    const inventoryClient = createClient(InventoryServiceClient, inventory.address, admin, { defaultDeadlineMs: 30_000 });
+    const distributionClient = createClient(DistributionServiceClient, distribution.address, admin, { defaultDeadlineMs: 30_000 });
+    const operations = createClient(OperationsClient, distribution.address, admin, { defaultDeadlineMs: 60_000 });
+    resources.defer(() => {
+      caAdmin.close();
+      inventoryClient.close();
+      distributionClient.close();
+      operations.close();
+    });
+
+    // One agent per host, in its namespace, joining with a token.
+    const hosts = [ORIGIN, ...receiverHosts(bed)];
+    for (const host of hosts) {
+      const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host, ttl: undefined, requestId: '' }, cb));
+      const root = bed.directory(host);
+      const daemon = await bed.spawn(host, process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services/agent/main.ts')], {
+        readyPattern: /"msg":"serving"/,
+        readyTimeoutMs: 60_000,
+        cwd: REPOSITORY,
+        env: {
+          COWHERD_HOST_ID: host,
+          COWHERD_JOIN_TOKEN: token.token,
+          COWHERD_ENROLL_ADDRESS: `${CONTROL_NAME}:${port(ca.enrollAddress)}`,
+          COWHERD_CA_ADDRESS: `${CONTROL_NAME}:${port(ca.address)}`,
+          COWHERD_INVENTORY_ADDRESS: `${CONTROL_NAME}:${port(inventory.address)}`,
+          COWHERD_NATS_URL: `tls://${CONTROL_NAME}:${nats.port}`,
+          COWHERD_CREDENTIALS_DIR: join(root, 'credentials'),
+          COWHERD_IMAGE_DIR: join(root, 'images-root'),
+          COWHERD_LISTEN_ADDRESS: `0.0.0.0:${AGENT_PORT}`,
+          COWHERD_ADVERTISE_ADDRESS: `${bed.address(host)}:${AGENT_PORT}`,
+          COWHERD_HEALTH_ADDRESS: '127.0.0.1:0',
+          COWHERD_METRICS_ADDRESS: '127.0.0.1:0',
+          COWHERD_TORRENT_PORT: '6881',
+          COWHERD_WEB_SEED_ADDRESS: '0.0.0.0:7447',
+          COWHERD_DOMAIN_SCOPE: 'image-directory',
+          COWHERD_LIBVIRT_URI: 'qemu:///system',
+          COWHERD_LOG_LEVEL: 'info',
+        },
+      });
+      resources.defer(() => daemon.stop(5_000));
+    }
+    for (const host of hosts) {
+      await until(`${host} READY`, async () => ((await call<Host>((cb) => inventoryClient.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined), 60_000);
+    }
+    say(`control plane and ${hosts.length} agents up`);
+
+    // The master: a powered-off domain whose disk is the bench image as qcow2, under the origin agent's directory.
+    const vmDirectory = join(bed.directory(ORIGIN), 'images-root', 'vms');
+    await mkdir(vmDirectory, { recursive: true });
+    const suffix = Math.random().toString(36).slice(2, 8);
+    const vm = `bench-master-${suffix}`;
+    const disk = join(vmDirectory, `${vm}.qcow2`);
+    await run('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', image.path, disk]);
+    const xml = `<domain type='qemu'><name>${vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
+    await writeFile(join(vmDirectory, `${vm}.xml`), xml);
+    await run('virsh', ['-c', 'qemu:///system', 'define', join(vmDirectory, `${vm}.xml`)]);
+    resources.defer(() => run('virsh', ['-c', 'qemu:///system', 'undefine', vm]).then(() => undefined, () => undefined));
+    await until('the master VM in inventory', async () => ((await call<{ state: number }>((cb) => inventoryClient.getVirtualMachine({ name: `hosts/${ORIGIN}/virtualMachines/${vm}` }, cb))).state === 3 ? true : undefined), 30_000);
+    const imageId = `bench-${suffix}`;
+    const published = await call<Operation>((cb) => distributionClient.publishImage({ imageId, sourceVirtualMachine: `hosts/${ORIGIN}/virtualMachines/${vm}`, description: 'bench:distribution', labels: {}, requestId: '' }, cb));
+    let publishDone = await call<Operation>((cb) => operations.getOperation({ name: published.name }, cb));
+    while (!publishDone.done) publishDone = await call<Operation>((cb) => operations.waitOperation({ name: published.name, timeout: { seconds: '10', nanos: 0 } }, cb));
+    if (publishDone.result?.$case !== 'response') throw new Error(`publish failed: ${JSON.stringify(publishDone.result)}`);
+    const record = unpack(imageType, publishDone.result.value);
+    const bytes = record.files.reduce((sum, file) => sum + Number(file.sizeBytes), 0);
+    const diskFile = record.files.find((file) => file.targetDevice === 'vda')!;
+    say(`published images/${imageId}: ${record.files.length} files, ${bytes} bytes, info-hash ${record.torrent?.infoHash}`);
+
+    // image.available per receiver, as the agents publish it.
+    const watcher = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'distribution', { subdirectory: 'bench-watcher' }), name: 'bench', log: createLogger({ service: 'bench', level: 'silent' }) });
+    resources.defer(() => watcher.close());
+    const stopwatch = new Stopwatch(bed);
+    const receivers = receiverHosts(bed);
+    const subscription: Subscription = watcher.connection.subscribe(`${EVENT_SUBJECT_PREFIX}.${IMAGE_AVAILABLE.kind}.*`, {
+      callback: (error, message) => {
+        if (error) return;
+        const event = IMAGE_AVAILABLE.decode(message.data);
+        const host = event.host.slice('hosts/'.length);
+        if (event.image === `images/${imageId}` && receivers.includes(host)) stopwatch.finished(host);
+      },
+    });
+    resources.defer(() => subscription.unsubscribe());
+    await watcher.connection.flush();
+
+    await stopwatch.start();
+    const operation = await call<Operation>((cb) => distributionClient.distributeImage({ image: `images/${imageId}`, hosts: receivers.map((host) => `hosts/${host}`), requestId: '' }, cb));
+    let done = operation;
+    while (!done.done) done = await call<Operation>((cb) => operations.waitOperation({ name: operation.name, timeout: { seconds: '10', nanos: 0 } }, cb));
+    if (done.result?.$case !== 'response') throw new Error(`DistributeImage failed: ${JSON.stringify(done.result)}`);
+    const response = unpack(responseType, done.result.value);
+    if (response.failures.length > 0) throw new Error(`hosts failed: ${JSON.stringify(response.failures)}`);
+    const copies = receivers.map((host) => join(bed.directory(host), 'images-root', 'images', imageId, diskFile.path));
+    const reference = join(bed.directory(ORIGIN), 'images-root', 'images', imageId, diskFile.path);
+    const sha256 = createHash('sha256').update(await readFile(reference)).digest('hex');
+    if (sha256 !== diskFile.sha256) throw new Error('the origin replica does not match its record');
+    const result = await stopwatch.result(receivers, copies, { path: reference, bytes: (await stat(reference)).size, sha256 });
+    return { ...result, bytes };
+  } finally {
+    await resources.release();
+  }
+};
