@@ -6,54 +6,20 @@ discover the services, and the health service of each.
 Usage: reflection_client.py CERT KEY CA ADDRESS [ADDRESS...]
 Prints one JSON object per address: {"address", "services", "health": {service: status}, "descriptors_ok"}.
 """
-import importlib.util
 import json
-import os
 import sys
-import tempfile
 
 import grpc
-from grpc_tools import protoc
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROTO = os.path.join(ROOT, "proto")
-THIRD_PARTY = os.path.join(PROTO, "third_party")
-
-
-def generate(out_dir):
-    """Generates Python stubs for health, reflection and every cowherd proto."""
-    files = ["grpc/health/v1/health.proto", "grpc/reflection/v1/reflection.proto"]
-    for dirpath, _, names in os.walk(os.path.join(PROTO, "cowherd")):
-        files += [os.path.relpath(os.path.join(dirpath, n), PROTO) for n in names if n.endswith(".proto")]
-    # Only what cowherd's protos import: Debian's protoc (3.5) predates proto3 `optional`, which the vendored
-    # google/rpc/error_details.proto uses; clients decode ErrorInfo with their own google-rpc package.
-    deps = ["google/longrunning/operations.proto", "google/rpc/status.proto", "google/api/annotations.proto", "google/api/http.proto",
-            "google/api/client.proto", "google/api/field_behavior.proto", "google/api/resource.proto",
-            "google/api/launch_stage.proto"]
-    well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
-    args = ["protoc", f"-I{PROTO}", f"-I{THIRD_PARTY}", f"-I{well_known}", "-I/usr/include",
-            f"--python_out={out_dir}", f"--grpc_python_out={out_dir}"] + files + deps
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed on proto/")
-    # protoc writes packages without __init__.py; namespace packages import fine on Python 3.
+from cowherd_stubs import generated
 
 
 def main():
     cert, key, ca, *addresses = sys.argv[1:]
-    with tempfile.TemporaryDirectory() as out_dir:
-        generate(out_dir)
-        sys.path.insert(0, out_dir)
-        # The generated grpc/... package would shadow the grpc library: load those modules by file path.
-        def load(name, rel):
-            spec = importlib.util.spec_from_file_location(name, os.path.join(out_dir, rel))
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-            return module
-
-        health_pb2 = load("grpc_health_v1_health_pb2", "grpc/health/v1/health_pb2.py")
-        reflection_pb2 = load("grpc_reflection_v1_reflection_pb2", "grpc/reflection/v1/reflection_pb2.py")
+    with generated() as stubs:
+        health_pb2 = stubs.load("grpc/health/v1/health_pb2.py")
+        reflection_pb2 = stubs.load("grpc/reflection/v1/reflection_pb2.py")
         credentials = grpc.ssl_channel_credentials(
             root_certificates=open(ca, "rb").read(),
             private_key=open(key, "rb").read(),
