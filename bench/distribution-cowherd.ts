@@ -12,6 +12,7 @@
  * ~0.1%) and the domain template.
  */
 import { createHash } from 'node:crypto';
+import { appendFileSync } from 'node:fs';
 import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execFile } from 'node:child_process';
@@ -38,6 +39,7 @@ const run = promisify(execFile);
 const CONTROL_NAME = 'cowherd-control';
 const CONTROL_ADDRESS = '198.18.0.254';
 const AGENT_PORT = 7445;
+const LOG_DIRECTORY = process.env['COWHERD_BENCH_LOG_DIR'];
 const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
 const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
 
@@ -95,6 +97,8 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
         readyPattern: /"msg":"serving"/,
         readyTimeoutMs: 60_000,
         cwd: REPOSITORY,
+        // COWHERD_BENCH_LOG_DIR keeps every agent's log lines (<dir>/<host>.log) for a post-mortem.
+        ...(LOG_DIRECTORY ? { onLine: (line: string) => appendFileSync(join(LOG_DIRECTORY, `${host}.log`), `${line}\n`) } : {}),
         env: {
           COWHERD_HOST_ID: host,
           COWHERD_JOIN_TOKEN: token.token,
@@ -112,7 +116,7 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
           COWHERD_WEB_SEED_ADDRESS: '0.0.0.0:7447',
           COWHERD_DOMAIN_SCOPE: 'image-directory',
           COWHERD_LIBVIRT_URI: 'qemu:///system',
-          COWHERD_LOG_LEVEL: 'info',
+          COWHERD_LOG_LEVEL: process.env['COWHERD_BENCH_LOG_LEVEL'] ?? 'info',
         },
       });
       resources.defer(() => daemon.stop(5_000));

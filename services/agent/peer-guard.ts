@@ -11,6 +11,12 @@
  * that verified (an honest web seed that shared two pieces with a liar keeps its place). A banned wire's
  * connection is closed and its peer id and address are refused from then on (also when they connect again).
  * Web seeds are wires too and are treated the same way.
+ *
+ * The guard also keeps one connection per peer. Two cowherd agents that find each other through the tracker
+ * both dial (each announce returns the other), and webtorrent keeps both wires: every host ends up with twice
+ * the wires it needs, and each wire costs a handshake and a share of webtorrent's per-wire request scanning
+ * (MACHINE.md: ~6% and ~18% of a receiver's CPU). When a second wire to the same peer id appears, both ends
+ * keep the one dialled by the smaller peer id and close the other, so they agree without talking.
  */
 import type { Torrent, Wire } from 'webtorrent';
 import type { Logger } from '../common/logger.js';
@@ -18,6 +24,7 @@ import type { Logger } from '../common/logger.js';
 /** What a wire of bittorrent-protocol has beyond the declared type. */
 interface GuardedWire extends Wire {
   readonly peerId?: string;
+  readonly destroyed?: boolean;
   destroy(): void;
 }
 
@@ -35,7 +42,11 @@ export class PeerGuard {
   private readonly bannedIds = new Set<string>();
   private readonly bannedAddresses = new Set<string>();
 
-  constructor(private readonly log?: Logger) {}
+  /** `ownPeerId`: this client's peer id (hex), for choosing which of two wires to a peer stays. */
+  constructor(
+    private readonly log?: Logger,
+    private readonly ownPeerId?: () => string,
+  ) {}
 
   /** Watches `torrent` until it closes; returns live counters. */
   watch(torrent: Torrent, image: string): GuardCounters {
@@ -55,12 +66,31 @@ export class PeerGuard {
       this.log?.warn({ image, peer: address, peerId: wire.peerId, why }, 'banned a peer that sent corrupt data');
       wire.destroy();
     };
+    const byPeer = new Map<string, Set<GuardedWire>>();
     const onWire = (wire: GuardedWire, address: string | undefined): void => {
       const where = address ?? `${wire.remoteAddress ?? '?'}:${wire.remotePort ?? '?'}`;
       addresses.set(wire, where);
       if ((wire.peerId && this.bannedIds.has(wire.peerId)) || this.bannedAddresses.has(where)) {
         wire.destroy();
         return;
+      }
+      const mine = this.ownPeerId?.();
+      if (wire.peerId && mine && wire.type !== 'webSeed') {
+        const peerId = wire.peerId;
+        const live = [...(byPeer.get(peerId) ?? [])].filter((other) => !other.destroyed);
+        if (live.length > 0) {
+          // Keep the wire dialled by the smaller peer id; drop the other one (both ends decide the same).
+          const dialler = (candidate: GuardedWire): string => (/Outgoing$/.test(candidate.type) ? mine : peerId);
+          const preferred = mine < peerId ? mine : peerId;
+          for (const candidate of [...live, wire]) {
+            if (dialler(candidate) !== preferred && [...live, wire].some((other) => other !== candidate && dialler(other) === preferred)) candidate.destroy();
+          }
+          if (wire.destroyed) return;
+        }
+        const set = byPeer.get(peerId) ?? new Set<GuardedWire>();
+        set.add(wire);
+        byPeer.set(peerId, set);
+        wire.once('close', () => set.delete(wire));
       }
       wire.on('piece', (index: number) => {
         let set = contributors.get(index);

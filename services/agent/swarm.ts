@@ -95,7 +95,7 @@ export interface FetchImageOptions {
   readonly maxVerifyAttempts?: number;
   /** Fail with TRANSFER_FAILED (partial kept) when no byte arrives for this long. Default 10 minutes. */
   readonly stallTimeoutMs?: number;
-  /** Web seeds join when no peer has sent a block for this long; 0 = from the start. Default 3 s. */
+  /** Web seeds join when no peer has sent a block for this long; 0 = from the start. Default 5 s. */
   readonly webSeedDelayMs?: number;
   /** Test seam: runs after every piece is in and before the whole-file verification. */
   readonly beforeVerify?: (partialDirectory: string) => Promise<void> | void;
@@ -148,7 +148,7 @@ interface Entry {
 
 const DEFAULT_MAX_VERIFY_ATTEMPTS = 3;
 const DEFAULT_STALL_TIMEOUT_MS = 10 * 60_000;
-const DEFAULT_WEB_SEED_DELAY_MS = 3_000;
+const DEFAULT_WEB_SEED_DELAY_MS = 5_000;
 
 /** One webtorrent client seeding and fetching image replicas. */
 export class ImageSwarm {
@@ -165,7 +165,7 @@ export class ImageSwarm {
   ) {
     this.log = options.log;
     this.progressIntervalMs = options.progressIntervalMs ?? 1000;
-    this.guard = new PeerGuard(options.log);
+    this.guard = new PeerGuard(options.log, () => client.peerId);
     // Torrent errors without a torrent listener end up here; never let them crash the agent.
     client.on('error', (error: Error) => this.log?.error({ err: error }, 'webtorrent client error'));
     if (options.limits) this.setLimits(options.limits);
@@ -546,16 +546,22 @@ export class ImageSwarm {
   }
 }
 
-/** How soon a failed tracker announce is tried again. */
-export const ANNOUNCE_RETRY_MS = 5_000;
+/** The first retry of a failed tracker announce; each further one waits twice as long, up to 30 s. */
+export const ANNOUNCE_RETRY_MS = 1_000;
+const announceRetries = new WeakMap<Torrent, number>();
 
 /**
- * After a warning (a failed announce among them), announce again in {@link ANNOUNCE_RETRY_MS} instead of
- * bittorrent-tracker's 30 minutes: the origin announces before distribution has registered the info-hash,
- * and a tracker may restart. The next successful announce sets the tracker's own interval again.
+ * After a warning (a failed announce among them), announce again soon instead of bittorrent-tracker's 30
+ * minutes: 1 s, 2 s, 4 s ... 30 s. The origin announces before distribution has registered the info-hash (its
+ * first announce is refused), and must be in the swarm within a second of the registration, before the
+ * receivers fall back to its web seed; a tracker may also restart. A successful announce sets the tracker's
+ * own interval again.
  */
 function retryAnnounceSoon(torrent: Torrent): void {
-  if (!torrent.destroyed) torrent.discovery?.tracker?.setInterval(ANNOUNCE_RETRY_MS);
+  if (torrent.destroyed) return;
+  const retries = announceRetries.get(torrent) ?? 0;
+  announceRetries.set(torrent, retries + 1);
+  torrent.discovery?.tracker?.setInterval(Math.min(30_000, ANNOUNCE_RETRY_MS * 2 ** retries));
 }
 
 // ---------------------------------------------------------------------------------------------------------

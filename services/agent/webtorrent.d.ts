@@ -97,6 +97,8 @@ declare module 'webtorrent' {
     readonly listening: boolean;
     readonly destroyed: boolean;
     readonly torrentPort: number;
+    /** This client's peer id, hex. */
+    readonly peerId: string;
     readonly downloadSpeed: number;
     readonly uploadSpeed: number;
     address(): { address: string; family: string; port: number } | null;

@@ -207,37 +207,47 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
         );
         await save(true);
 
-        // 2. Follow the replica records until every host is done or failed.
-        while (!transfers.every(isFinal)) {
-          if (context.cancelRequested()) throw new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
-          await new Promise((resolve) => setTimeout(resolve, deps.pollIntervalMs ?? 1000));
-          await readImage();
-          const records = new Map((await deps.replicas.list(`*.${id}`)).map((entry) => [entry.value.host, entry.value]));
-          let changed = false;
-          for (const transfer of transfers) {
-            if (isFinal(transfer)) continue;
-            const record = records.get(transfer.host);
-            const before = transfer.state;
-            if (!record) {
-              fail(transfer, failure(GrpcStatus.ABORTED, `the replica on ${transfer.host} was deleted during the distribution`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
-            } else if (record.state === ImageReplica_State.STATE_AVAILABLE) {
-              transfer.state = ImageReplica_State.STATE_AVAILABLE;
-              transfer.progress = TransferProgress.fromPartial({ ...record.progress, bytesDone: metadata.bytesTotal, bytesTotal: metadata.bytesTotal, rateBytesPerSecond: '0', eta: { seconds: '0', nanos: 0 } });
-            } else if (record.state === ImageReplica_State.STATE_FAILED) {
-              fail(transfer, record.error ?? failure(GrpcStatus.UNKNOWN, `the replica on ${transfer.host} failed`, ErrorReason.ERROR_REASON_TRANSFER_FAILED));
-            } else {
-              transfer.state = record.state;
-              if (record.progress) transfer.progress = record.progress;
-              const bytes = Number(record.progress?.bytesDone ?? 0);
-              const growth = lastGrowth.get(transfer.host);
-              if (!growth || bytes > growth.bytes || record.state === ImageReplica_State.STATE_VERIFYING) lastGrowth.set(transfer.host, { bytes, at: performance.now() });
-              else if (performance.now() - growth.at > stallTimeoutMs) {
-                fail(transfer, failure(GrpcStatus.UNAVAILABLE, `${transfer.host} made no progress for ${Math.round(stallTimeoutMs / 1000)} s; its partial replica is kept and resumes on the next DistributeImage`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
+        // 2. Follow the replica records until every host is done or failed: a KV watch (every change, in
+        // order; a list under concurrent writes can miss keys), read every second.
+        const records = new Map<string, ImageReplica | null>();
+        const stopWatching = await deps.replicas.watch(`*.${id}`, (change) => records.set(`hosts/${change.key.slice(0, change.key.lastIndexOf('.'))}`, change.value ?? null), true);
+        try {
+          while (!transfers.every(isFinal)) {
+            if (context.cancelRequested()) throw new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+            await new Promise((resolve) => setTimeout(resolve, deps.pollIntervalMs ?? 1000));
+            await readImage();
+            let changed = false;
+            for (const transfer of transfers) {
+              if (isFinal(transfer)) continue;
+              const record = records.get(transfer.host);
+              const before = transfer.state;
+              if (record === undefined) {
+                // Not seen yet (the watch is catching up): the stall timer covers a record that never comes.
+                if (!lastGrowth.has(transfer.host)) lastGrowth.set(transfer.host, { bytes: 0, at: performance.now() });
+                else if (performance.now() - lastGrowth.get(transfer.host)!.at > stallTimeoutMs) fail(transfer, failure(GrpcStatus.UNAVAILABLE, `${transfer.host} never reported its replica`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
+              } else if (record === null) {
+                fail(transfer, failure(GrpcStatus.ABORTED, `the replica on ${transfer.host} was deleted during the distribution`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
+              } else if (record.state === ImageReplica_State.STATE_AVAILABLE) {
+                transfer.state = ImageReplica_State.STATE_AVAILABLE;
+                transfer.progress = TransferProgress.fromPartial({ ...record.progress, bytesDone: metadata.bytesTotal, bytesTotal: metadata.bytesTotal, rateBytesPerSecond: '0', eta: { seconds: '0', nanos: 0 } });
+              } else if (record.state === ImageReplica_State.STATE_FAILED) {
+                fail(transfer, record.error ?? failure(GrpcStatus.UNKNOWN, `the replica on ${transfer.host} failed`, ErrorReason.ERROR_REASON_TRANSFER_FAILED));
+              } else {
+                transfer.state = record.state;
+                if (record.progress) transfer.progress = record.progress;
+                const bytes = Number(record.progress?.bytesDone ?? 0);
+                const growth = lastGrowth.get(transfer.host);
+                if (!growth || bytes > growth.bytes || record.state === ImageReplica_State.STATE_VERIFYING) lastGrowth.set(transfer.host, { bytes, at: performance.now() });
+                else if (performance.now() - growth.at > stallTimeoutMs) {
+                  fail(transfer, failure(GrpcStatus.UNAVAILABLE, `${transfer.host} made no progress for ${Math.round(stallTimeoutMs / 1000)} s; its partial replica is kept and resumes on the next DistributeImage`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
+                }
               }
+              if (transfer.state !== before) changed = true;
             }
-            if (transfer.state !== before) changed = true;
+            await save(changed);
           }
-          await save(changed);
+        } finally {
+          stopWatching();
         }
         await save(true);
       } catch (error) {
@@ -245,9 +255,14 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
         throw error;
       }
 
-      const records = new Map((await deps.replicas.list(`*.${id}`)).map((entry) => [entry.value.host, entry.value]));
+      const available: ImageReplica[] = [];
+      for (const transfer of transfers) {
+        if (transfer.state !== ImageReplica_State.STATE_AVAILABLE) continue;
+        const replica = (await deps.replicas.get(`${transfer.host.slice('hosts/'.length)}.${id}`))?.value;
+        if (replica) available.push(replica);
+      }
       return DistributeImageResponse.fromPartial({
-        replicas: transfers.filter((transfer) => transfer.state === ImageReplica_State.STATE_AVAILABLE).map((transfer) => records.get(transfer.host)).filter((replica): replica is ImageReplica => replica !== undefined),
+        replicas: available,
         failures: transfers.filter((transfer) => transfer.state === ImageReplica_State.STATE_FAILED).map((transfer) => ({ host: transfer.host, status: transfer.error })),
       });
     },

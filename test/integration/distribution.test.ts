@@ -25,6 +25,7 @@ import { DistributeImageMetadata, DistributeImageResponse } from '../../services
 import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
 import { Host, Host_State, Image, ImageReplica_State, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
+import { pieceLengthFor } from '../../services/agent/torrent.js';
 import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
 import { call, failure } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
@@ -119,7 +120,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
 
   it('publishes a private torrent of the image and a web seed on the origin', async () => {
     assert.match(image.torrent?.infoHash ?? '', /^[0-9a-f]{40}$/);
-    assert.equal(Number(image.torrent?.pieceLengthBytes), 4 * MiB);
+    assert.equal(Number(image.torrent?.pieceLengthBytes), pieceLengthFor(Number(image.torrent!.totalBytes)), "the piece length follows the image size");
     assert.ok(image.torrent!.metainfo.includes(Buffer.from('7:privatei1e')), 'the info dictionary is private');
     const origin = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/dist-origin-${suffix}/images/${imageId}` }, cb));
     assert.equal(origin.origin, true);

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import createTorrent, { announceList as publicTrackers } from 'create-torrent';
-import { createImageTorrent, parseImageTorrent, torrentFile } from '../../services/agent/torrent.js';
+import { createImageTorrent, parseImageTorrent, pieceLengthFor, torrentFile } from '../../services/agent/torrent.js';
 import { parseRange, WebSeedServer } from '../../services/agent/web-seed.js';
 
 const KiB = 1024;
@@ -41,16 +41,16 @@ function topLevel(metainfo: Buffer): string {
 }
 
 describe('createImageTorrent', () => {
-  test('is private, names only the cowherd tracker, 4 MiB pieces, and is deterministic', async () => {
+  test('is private, names only the cowherd tracker, pieces sized by the image, and is deterministic', async () => {
     const options = { directory: imageDirectory, files: ['vda.qcow2', 'domain-template.xml'], announce: ANNOUNCE, name: 'img-1' };
     const first = await createImageTorrent(options);
     const second = await createImageTorrent(options);
     assert.equal(first.infoHash, second.infoHash);
     assert.ok(first.metainfo.equals(second.metainfo), 'byte-identical metainfo');
     assert.match(first.infoHash, /^[0-9a-f]{40}$/);
-    assert.equal(first.pieceLengthBytes, 4 * MiB);
+    assert.equal(first.pieceLengthBytes, pieceLengthFor(first.totalBytes));
     assert.equal(first.totalBytes, disk.length + template.length);
-    assert.equal(first.pieceCount, Math.ceil(first.totalBytes / (4 * MiB)));
+    assert.equal(first.pieceCount, Math.ceil(first.totalBytes / first.pieceLengthBytes));
     const text = topLevel(first.metainfo);
     assert.ok(text.startsWith(`d8:announce${ANNOUNCE.length}:${ANNOUNCE}13:announce-listll${ANNOUNCE.length}:${ANNOUNCE}ee4:infod`), text.slice(0, 120));
     assert.ok(text.includes('7:privatei1e'));
@@ -260,5 +260,17 @@ describe('WebSeedServer', () => {
     server.setUploadLimit(0);
     assert.equal(response.body.length, 2 * MiB);
     assert.ok(seconds > 0.35 && seconds < 1.5, `2 MiB at 4 MiB/s took ${seconds.toFixed(2)} s`);
+  });
+});
+
+describe('pieceLengthFor', () => {
+  test('keeps images at about 1024 pieces of 1 to 16 MiB', () => {
+    const MiB = 1024 * 1024;
+    assert.equal(pieceLengthFor(1), MiB);
+    assert.equal(pieceLengthFor(256 * MiB), MiB);
+    assert.equal(pieceLengthFor(1024 * MiB), MiB);
+    assert.equal(pieceLengthFor(1024 * MiB + 1), 2 * MiB);
+    assert.equal(pieceLengthFor(4096 * MiB), 4 * MiB);
+    assert.equal(pieceLengthFor(100 * 1024 * MiB), 16 * MiB);
   });
 });
