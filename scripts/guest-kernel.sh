@@ -11,12 +11,15 @@
 #   COWHERD_GUEST_INITRD=<state>/guest/initrd.gz    busybox initramfs (cpio newc, gzip)
 #   COWHERD_GUEST_VERSION=<kernel release>
 #
-# The guest's /init (see INIT_SH): mounts proc, sys and devtmpfs; insmods virtio_pci and virtio_blk with their
-# dependencies in dependency order; waits up to 10 s for /dev/vda; writes one 4 KiB block at byte offset
+# The guest's /init (see INIT_SH): mounts proc, sys and devtmpfs; insmods virtio_pci, virtio_blk and button
+# with their dependencies in dependency order; waits up to 10 s for /dev/vda; writes one 4 KiB block at byte offset
 # 1 MiB (MARKER_OFFSET) holding "cowherd-was-here-<marker>\n" and zeros, where <marker> is the `marker=` word
 # of the kernel command line, with dd conv=fsync; syncs; `poweroff -f` (needs <features><acpi/> in the
 # domain). It prints "cowherd-guest: ..." lines on the console (ttyS0), "cowherd-guest: marker written" on
 # success. On any failure it still powers off, so a boot never hangs: the missing marker says what went wrong.
+# With `cowherd.stay=1` on the kernel command line (the local fleet's story uses it), a guest that wrote its
+# marker prints "cowherd-guest: staying up (cowherd.stay=1)" and keeps running until the ACPI power button
+# (`virsh shutdown`, a graceful `cowherd vms stop`), then syncs and powers off the same way.
 #
 # Where things come from: the kernel package that the metapackage linux-image-amd64 depends on
 # (`apt-get download`, cached in <state>/guest/cache; `apt-get update` only when apt has no lists), and
@@ -41,8 +44,9 @@ CACHE_DIR="$GUEST_DIR/cache"
 STAMP="$GUEST_DIR/kit.stamp"
 METAPACKAGE="${COWHERD_GUEST_KERNEL_METAPACKAGE:-linux-image-amd64}"
 BUSYBOX=/bin/busybox
-# The modules /init needs; their dependencies are added and ordered below.
-WANTED_MODULES=(virtio_pci virtio_blk)
+# The modules /init needs (button: the ACPI power button, which ends a cowherd.stay=1 guest); their
+# dependencies are added and ordered below.
+WANTED_MODULES=(virtio_pci virtio_blk button)
 # Byte offset of the marker block on /dev/vda (tests read the same offset).
 MARKER_OFFSET=$((1024 * 1024))
 MARKER_BLOCK=4096
@@ -80,8 +84,12 @@ for module in $(cat /modules/order); do
   insmod "/modules/$module.ko" || say "insmod $module failed"
 done
 marker=
+stay=
 for word in $(cat /proc/cmdline); do
-  case "$word" in marker=*) marker="${word#marker=}" ;; esac
+  case "$word" in
+    marker=*) marker="${word#marker=}" ;;
+    cowherd.stay=1) stay=1 ;;
+  esac
 done
 tries=0
 while [ ! -b /dev/vda ] && [ "$tries" -lt 1000 ]; do
@@ -95,6 +103,14 @@ elif [ -z "$marker" ]; then
 elif printf "cowherd-was-here-%s\n" "$marker" | dd of=/dev/vda bs=@BLOCK@ seek=@SEEK@ count=1 conv=sync,fsync 2>/dev/null; then
   sync
   say "marker written"
+  if [ -n "$stay" ]; then
+    # Up until the ACPI power button (virsh shutdown): its counter moves once the button driver is loaded.
+    presses() { set -- $(cat /sys/firmware/acpi/interrupts/ff_pwr_btn 2>/dev/null); echo "${1:-0}"; }
+    before=$(presses)
+    say "staying up (cowherd.stay=1)"
+    while [ "$(presses)" = "$before" ]; do sleep 1; done
+    say "power button pressed"
+  fi
 else
   say "writing the marker failed"
 fi

@@ -1,10 +1,16 @@
-/** `cowherd fleet up`: the local fleet on the embedded default, kept running until Ctrl-C (what `npm start` runs). */
-import { resolve } from 'node:path';
+/**
+ * `cowherd fleet up`: the local fleet on the embedded default, then the story (services/cli/story.ts) on
+ * its first start, kept running until Ctrl-C (what `npm start` runs).
+ */
+import { dirname, resolve } from 'node:path';
 import type { CommandSpec } from './command-line.js';
-import type { CliConfig } from './cli-config.js';
-import type { CliContext } from './cli-context.js';
-import { startLocalFleet } from './local-fleet.js';
+import { localFleetDefaults, type CliConfig } from './cli-config.js';
+import { CliContext } from './cli-context.js';
+import { startLocalFleet, type LocalFleet } from './local-fleet.js';
+import { processOutput } from './output.js';
 import { overviewLines } from './overview.js';
+import { ArgumentReader } from './resource-arguments.js';
+import { checkStoryName, DEFAULT_STORY_NAME, runStory, STORY_CLONES, StoryInterrupted } from './story.js';
 
 export const FLEET_COMMAND: CommandSpec<CliContext> = {
   name: 'fleet',
@@ -12,14 +18,40 @@ export const FLEET_COMMAND: CommandSpec<CliContext> = {
   subcommands: [
     {
       name: 'up',
-      summary: 'start NATS, every service and a local agent on this machine; Ctrl-C stops them',
-      details: 'State (CA, credentials, NATS data, logs, fleet.json) is kept in $COWHERD_STATE_DIR (default <repo>/.state/fleet);\na second start reuses it. COWHERD_FLEET_DYNAMIC_PORTS=1 picks free ports instead of the defaults.',
-      run: async (_invocation, context) => fleetUp(context.config),
+      summary: 'start NATS, every service and two local agents on this machine, tell the story once; Ctrl-C stops them',
+      options: [
+        { name: 'no-story', description: 'only start the fleet: no master image, publish, distribution or clones' },
+        { name: 'story-name', value: '<name>', description: `the story's image id; its master VM is <name>-master, its clones <name>-1..${STORY_CLONES} (default ${DEFAULT_STORY_NAME})` },
+        { name: 'guest-state-dir', value: '<dir>', description: 'cache the story\'s guest kit (Debian\'s kernel, a busybox initramfs) in <dir>/guest (default: the state directory; npm start: .state)' },
+      ],
+      details: [
+        'Two hosts on this machine\'s libvirtd: <hostname> and <hostname>-2. On the first start the story runs: a small bootable',
+        `master VM on the first host, published as an image, distributed to the second, cloned there ${STORY_CLONES} times and started;`,
+        'then the events it saw and the overview. It is recorded in <state>/story.json: later starts do not repeat it.',
+        '',
+        'State (CA, credentials, NATS data, logs, fleet.json, story.json) is kept in $COWHERD_STATE_DIR (default <repo>/.state/fleet);',
+        'a second start reuses it. COWHERD_FLEET_DYNAMIC_PORTS=1 picks free ports instead of the defaults.',
+      ].join('\n'),
+      run: async (invocation, context) => {
+        const storyName = invocation.string('story-name') ?? DEFAULT_STORY_NAME;
+        const problem = checkStoryName(storyName);
+        if (problem) new ArgumentReader(invocation.command).fail(`--story-name: ${problem}`);
+        const guestStateDirectory = invocation.string('guest-state-dir');
+        return fleetUp(context.config, { story: !invocation.flag('no-story'), storyName, ...(guestStateDirectory === undefined ? {} : { guestStateDirectory: resolve(guestStateDirectory) }) });
+      },
     },
   ],
 };
 
-async function fleetUp(config: CliConfig): Promise<number> {
+/** What `fleet up` was asked for. */
+interface FleetUpOptions {
+  readonly story: boolean;
+  readonly storyName: string;
+  /** Default: the fleet's state directory. */
+  readonly guestStateDirectory?: string;
+}
+
+async function fleetUp(config: CliConfig, options: FleetUpOptions): Promise<number> {
   const stateDirectory = resolve(config.stateDirectory ?? config.fleetDirectory);
   const say = (line: string): void => void process.stdout.write(`${line}\n`);
   say(`cowherd local fleet: state in ${stateDirectory}`);
@@ -33,26 +65,97 @@ async function fleetUp(config: CliConfig): Promise<number> {
     await fleet.stop();
     return 1;
   }
-  say('');
-  say('overview (inventory):');
-  const inventory = fleet.endpoints.find((endpoint) => endpoint.name === 'inventory')!;
-  for (const line of await overviewLines(inventory.address, fleet.adminCredentials, { waitForHostsMs: 15_000 }).catch((error: Error) => [`(inventory did not answer: ${error.message})`])) say(`  ${line}`);
-  say('');
-  say(`admin credentials: ${fleet.adminCredentials.certificateFile} (key ${fleet.adminCredentials.privateKeyFile}, CA ${fleet.adminCredentials.caFile})`);
-  say(`endpoints and pids: ${resolve(stateDirectory, 'fleet.json')}; logs: ${resolve(stateDirectory, 'logs')}`);
-  say('explore it with the CLI in another terminal: npm run cowherd -- overview (or hosts list, images list, vms list, events --follow)');
-  say('fleet is up; press Ctrl-C to stop it');
-  await new Promise<void>((done) => {
-    const stop = (): void => {
-      process.off('SIGINT', stop);
-      process.off('SIGTERM', stop);
-      say('stopping the fleet...');
-      done();
-    };
-    process.on('SIGINT', stop);
-    process.on('SIGTERM', stop);
-  });
+
+  // From here on Ctrl-C stops the story at its next step (an operation it follows keeps running in the
+  // fleet's KV and resumes with the fleet), then every process.
+  const interrupted = new AbortController();
+  let requestStop: () => void = () => undefined;
+  const stopRequested = new Promise<void>((done) => (requestStop = done));
+  const onSignal = (): void => {
+    if (!interrupted.signal.aborted) say('stopping the fleet...');
+    interrupted.abort();
+    requestStop();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    if (options.story) {
+      say('');
+      await tellStory(config, fleet, stateDirectory, options, say, interrupted.signal);
+    }
+    if (!interrupted.signal.aborted) {
+      say('');
+      say('overview (inventory):');
+      const inventory = fleet.endpoints.find((endpoint) => endpoint.name === 'inventory')!;
+      for (const line of await overviewLines(inventory.address, fleet.adminCredentials, { waitForHostsMs: 15_000 }).catch((error: Error) => [`(inventory did not answer: ${error.message})`])) say(`  ${line}`);
+      say('');
+      say(`admin credentials: ${fleet.adminCredentials.certificateFile} (key ${fleet.adminCredentials.privateKeyFile}, CA ${fleet.adminCredentials.caFile})`);
+      say(`endpoints and pids: ${resolve(stateDirectory, 'fleet.json')}; logs: ${resolve(stateDirectory, 'logs')}`);
+      for (const line of exploreHints(stateDirectory, fleet, options)) say(line);
+      say('fleet is up; press Ctrl-C to stop it');
+    }
+    await stopRequested;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
   await fleet.stop();
   say('fleet stopped');
   return 0;
+}
+
+/** Runs the story with a CLI context on this fleet; a failure is reported and leaves the fleet running. */
+async function tellStory(config: CliConfig, fleet: LocalFleet, stateDirectory: string, options: FleetUpOptions, say: (line: string) => void, signal: AbortSignal): Promise<void> {
+  const address = (service: 'certificate-authority' | 'inventory' | 'distribution' | 'cloning'): string => fleet.endpoints.find((endpoint) => endpoint.name === service)!.address;
+  const context = new CliContext(
+    config,
+    {
+      credentialsDirectory: dirname(fleet.adminCredentials.certificateFile),
+      addresses: { ca: address('certificate-authority'), inventory: address('inventory'), distribution: address('distribution'), cloning: address('cloning') },
+      natsUrls: [fleet.natsUrl],
+      timeoutMs: 30_000,
+      quiet: false,
+    },
+    processOutput('table', false),
+  );
+  try {
+    await runStory({
+      context,
+      hosts: fleet.hosts,
+      stateDirectory,
+      guestStateDirectory: options.guestStateDirectory ?? stateDirectory,
+      libvirtUri: fleet.libvirtUri,
+      natsUrl: fleet.natsUrl,
+      name: options.storyName,
+      say,
+      signal,
+    });
+  } catch (error) {
+    if (error instanceof StoryInterrupted || signal.aborted) return;
+    say('');
+    say(`the story failed: ${(error as Error).message}`);
+    say(`the fleet keeps running (logs in ${resolve(stateDirectory, 'logs')}); the next start tells the story again and skips what exists`);
+  } finally {
+    context.close();
+  }
+}
+
+/** What to type next, with COWHERD_STATE_DIR when the CLI would not find this fleet by itself. */
+function exploreHints(stateDirectory: string, fleet: LocalFleet, options: FleetUpOptions): string[] {
+  const prefix = resolve(localFleetDefaults(undefined).directory) === stateDirectory ? '' : `COWHERD_STATE_DIR=${stateDirectory} `;
+  const [first, second] = fleet.hosts;
+  const name = options.storyName;
+  const row = (command: string, what = ''): string => (what === '' ? `  ${command}` : `  ${command.padEnd(40)} ${what}`);
+  const lines = [`explore it with the CLI in another terminal: ${prefix}npm run cowherd -- <command>, for example`, row('overview', 'every host with its images and VMs'), row('hosts list', 'the two local hosts')];
+  if (options.story && first && second) {
+    lines.push(
+      row(`vms list --filter 'state = RUNNING'`, 'the running clones'),
+      row(`vms show ${second.host}/${name}-1`, `a clone's disk: an overlay on ${second.host}'s copy of the image`),
+      row(`images show ${name}`, 'the image\'s files and the hosts that hold it'),
+      row(`vms stop ${second.host}/${name}-1`, 'a graceful shutdown (ACPI power button); vms start, vms delete'),
+      row(`vms clone --image ${name} --count 2 --hosts ${first.host},${second.host} --start`),
+    );
+  }
+  lines.push(row('events --last 50', 'what happened; --follow shows it live'));
+  return lines;
 }

@@ -1,13 +1,19 @@
 /**
  * The local fleet on the embedded default: one machine, NATS as a child process with its data under the
- * state directory, the four services and a local agent as child processes, mutual TLS everywhere.
+ * state directory, the four services and two local agents as child processes, mutual TLS everywhere.
+ *
+ * The two agents are two hosts of the fleet on this machine's one libvirtd, so that an image can travel
+ * from one host to another as it does between machines: `<hostname>` (state in `<state>/agent`) and
+ * `<hostname>-2` (state in `<state>/agent-2`). Each has its own image directory, credentials and ports, and
+ * runs with COWHERD_DOMAIN_SCOPE=image-directory: it sees only the domains with a disk under its own image
+ * directory (its clones, and a master VM whose disk is kept there), never the other's.
  *
  * The launcher is the fleet's init step. It makes (first start) or loads the CA, and signs directly only
  * what must exist before the CA service runs: NATS's server certificate, the CA service's own certificate
  * and a one-hour bootstrap admin certificate kept in memory. Everything else goes through the CA like in
- * any fleet: service certificates and the operator's admin bundle from IssueCertificate, the local agent's
- * certificate from a join token. The CA keeps NATS's allow-list (one user per active certificate). A
- * second start reuses the CA, every credential that is not due for renewal, the agent's identity and the
+ * any fleet: service certificates and the operator's admin bundle from IssueCertificate, the local agents'
+ * certificates from join tokens. The CA keeps NATS's allow-list (one user per active certificate). A
+ * second start reuses the CA, every credential that is not due for renewal, the agents' identities and the
  * NATS data.
  */
 import { createWriteStream, existsSync, type WriteStream } from 'node:fs';
@@ -31,9 +37,11 @@ import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/tls
 import { checkHealth, type HealthReport } from './health-check.js';
 
 const REPOSITORY = fileURLToPath(new URL('../..', import.meta.url));
-/** Start order: the CA first (everyone else gets certificates from it), the agent last. */
+/** Start order: the CA first (everyone else gets certificates from it), the agents last. */
 export const FLEET_PROCESSES: readonly ProcessName[] = ['certificate-authority', 'inventory', 'distribution', 'cloning', 'agent'];
 const ENROLL_PORT = 7441;
+/** The second agent's fixed ports; the first uses the agent's defaults (7445, health 7455, metrics 7475, 7446, 7447). */
+const SECOND_AGENT_PORTS = { grpc: 7448, health: 7458, metrics: 7468, torrent: 7456, webSeed: 7457 } as const;
 const SERVICE_CERTIFICATE_DAYS = 7;
 const ADMIN_CERTIFICATE_DAYS = 30;
 
@@ -55,11 +63,29 @@ export interface FleetEndpoint {
   readonly address: string;
   readonly healthAddress?: string;
   readonly pid: number;
+  /** Agents only: the host id it serves. */
+  readonly host?: string;
+}
+
+/** A host of the local fleet: one agent on this machine's libvirtd. */
+export interface LocalHost {
+  /** The host id (`hosts/{host}`). */
+  readonly host: string;
+  /** `agent` or `agent-2`: its log file and its directory in the state directory. */
+  readonly label: string;
+  /** The agent's gRPC address. */
+  readonly address: string;
+  /** COWHERD_IMAGE_DIR: replicas in `images/`, clone overlays in `clones/`; a master VM's disk goes in `vms/`. */
+  readonly imageDirectory: string;
 }
 
 /** A running local fleet. */
 export interface LocalFleet {
   readonly endpoints: readonly FleetEndpoint[];
+  /** The two local hosts, the first one first. */
+  readonly hosts: readonly LocalHost[];
+  readonly natsUrl: string;
+  readonly libvirtUri: string;
   readonly adminCredentials: TlsFiles;
   readonly health: readonly HealthReport[];
   /** Stops every process, newest first, then NATS. */
@@ -75,6 +101,7 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
   const caCertificateFile = join(state, 'ca', 'ca.pem');
   const ca = await loadOrCreateCertificateAuthority(caKeyFile, caCertificateFile, () => options.say(`creating the fleet's certificate authority in ${join(state, 'ca')}`));
   const hostname = defaultHostId();
+  const libvirtUri = options.libvirtUri ?? 'qemu:///system';
   const port = async (name: ProcessName, kind: 'grpc' | 'health'): Promise<number> => (options.dynamicPorts ? freePort() : DEFAULT_PORTS[name][kind]);
 
   const started: Array<{ stop: () => Promise<void> }> = [];
@@ -138,39 +165,61 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
       );
     }
 
-    // 4. The local agent joins like any host: with a join token on its first start, by itself afterwards.
-    const agentCredentials = join(state, 'agent', 'credentials');
-    const agentPort = await port('agent', 'grpc');
-    const agentEnv: Record<string, string> = {
-      ...common,
-      COWHERD_CA_ADDRESS: caAddress,
-      COWHERD_HOST_ID: hostname,
-      COWHERD_CREDENTIALS_DIR: agentCredentials,
-      COWHERD_ENROLL_ADDRESS: `localhost:${enrollPort}`,
-      COWHERD_INVENTORY_ADDRESS: endpoints.find((endpoint) => endpoint.name === 'inventory')!.address,
-      COWHERD_ADVERTISE_ADDRESS: `localhost:${agentPort}`,
-      COWHERD_IMAGE_DIR: join(state, 'agent', 'images'),
-      COWHERD_LIBVIRT_URI: options.libvirtUri ?? 'qemu:///system',
-      ...(options.dynamicPorts ? { COWHERD_TORRENT_PORT: '0', COWHERD_WEB_SEED_ADDRESS: `localhost:${await freePort()}` } : {}),
-    };
-    if (!(await hasValidCredentials(agentCredentials, ca.certificatePem, identityUri('host', hostname)))) {
-      const token = await new Promise<string>((resolve, reject) => caClient.createJoinToken({ host: hostname, ttl: { seconds: '600', nanos: 0 }, requestId: '' }, (error, response) => (error ? reject(error) : resolve(response.token))));
-      agentEnv['COWHERD_JOIN_TOKEN'] = token;
-      options.say(`agent         enrolling host ${hostname} with a join token`);
+    // 4. The local agents join like any host: with a join token on their first start, by themselves afterwards.
+    const inventoryAddress = endpoints.find((endpoint) => endpoint.name === 'inventory')!.address;
+    const hostSpecs = [
+      { host: hostname, label: 'agent', fixed: undefined },
+      { host: secondHostId(hostname), label: 'agent-2', fixed: SECOND_AGENT_PORTS },
+    ];
+    const hosts: LocalHost[] = [];
+    const agents: Array<{ label: string; host: string; grpcPort: number; healthPort: number; env: Record<string, string> }> = [];
+    for (const spec of hostSpecs) {
+      const agentCredentials = join(state, spec.label, 'credentials');
+      const imageDirectory = join(state, spec.label, 'images');
+      const grpcPort = options.dynamicPorts ? await freePort() : spec.fixed?.grpc ?? DEFAULT_PORTS.agent.grpc;
+      const healthPort = options.dynamicPorts ? await freePort() : spec.fixed?.health ?? DEFAULT_PORTS.agent.health;
+      const env: Record<string, string> = {
+        ...common,
+        COWHERD_CA_ADDRESS: caAddress,
+        COWHERD_HOST_ID: spec.host,
+        COWHERD_CREDENTIALS_DIR: agentCredentials,
+        COWHERD_ENROLL_ADDRESS: `localhost:${enrollPort}`,
+        COWHERD_INVENTORY_ADDRESS: inventoryAddress,
+        COWHERD_ADVERTISE_ADDRESS: `localhost:${grpcPort}`,
+        COWHERD_IMAGE_DIR: imageDirectory,
+        COWHERD_LIBVIRT_URI: libvirtUri,
+        // Both agents drive this machine's one libvirtd: each sees only the domains with a disk in its image dir.
+        COWHERD_DOMAIN_SCOPE: 'image-directory',
+        ...(options.dynamicPorts
+          ? { COWHERD_TORRENT_PORT: '0', COWHERD_WEB_SEED_ADDRESS: `localhost:${await freePort()}` }
+          : spec.fixed
+            ? { COWHERD_METRICS_ADDRESS: `0.0.0.0:${spec.fixed.metrics}`, COWHERD_TORRENT_PORT: String(spec.fixed.torrent), COWHERD_WEB_SEED_ADDRESS: `0.0.0.0:${spec.fixed.webSeed}` }
+            : {}),
+      };
+      if (!(await hasValidCredentials(agentCredentials, ca.certificatePem, identityUri('host', spec.host)))) {
+        const token = await new Promise<string>((resolve, reject) => caClient.createJoinToken({ host: spec.host, ttl: { seconds: '600', nanos: 0 }, requestId: '' }, (error, response) => (error ? reject(error) : resolve(response.token))));
+        env['COWHERD_JOIN_TOKEN'] = token;
+        options.say(`${spec.label.padEnd(13)} enrolling host ${spec.host} with a join token`);
+      }
+      agents.push({ label: spec.label, host: spec.host, grpcPort, healthPort, env });
+      hosts.push({ host: spec.host, label: spec.label, address: `localhost:${grpcPort}`, imageDirectory });
     }
-    endpoints.push(await startFleetProcess('agent', undefined, agentPort, await port('agent', 'health'), agentEnv));
+    // Side by side: each takes a few seconds to enroll, detect the hypervisor and report.
+    endpoints.push(...(await Promise.all(agents.map((agent) => startFleetProcess('agent', undefined, agent.grpcPort, agent.healthPort, agent.env, agent.label, agent.host)))));
 
-    const health = await Promise.all(endpoints.filter((endpoint) => endpoint.healthAddress).map((endpoint) => checkHealth(endpoint.name, endpoint.address, endpoint.healthAddress!, admin)));
-    await writeAtomically(join(state, 'fleet.json'), `${JSON.stringify({ endpoints, admin, caAddress, enrollAddress: `localhost:${enrollPort}`, startedAt: new Date().toISOString() }, null, 2)}\n`, 0o644);
+    const health = await Promise.all(
+      endpoints.filter((endpoint) => endpoint.healthAddress).map((endpoint) => checkHealth(hosts.find((host) => host.host === endpoint.host)?.label ?? endpoint.name, endpoint.address, endpoint.healthAddress!, admin)),
+    );
+    await writeAtomically(join(state, 'fleet.json'), `${JSON.stringify({ endpoints, hosts, admin, caAddress, enrollAddress: `localhost:${enrollPort}`, libvirtUri, startedAt: new Date().toISOString() }, null, 2)}\n`, 0o644);
     for (const client of closers) client.close();
-    return { endpoints, adminCredentials: admin, health, stop };
+    return { endpoints, hosts, natsUrl: nats.url, libvirtUri, adminCredentials: admin, health, stop };
   } catch (error) {
     for (const client of closers) client.close();
     await stop();
     throw error;
   }
 
-  async function startFleetProcess(name: ProcessName, tls: TlsFiles | undefined, grpcPort: number, healthPort: number, env: Record<string, string>): Promise<FleetEndpoint> {
+  async function startFleetProcess(name: ProcessName, tls: TlsFiles | undefined, grpcPort: number, healthPort: number, env: Record<string, string>, label: string = name, host?: string): Promise<FleetEndpoint> {
     const daemon = await startProcess(
       name,
       {
@@ -179,11 +228,11 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
         ...(tls === undefined ? {} : { COWHERD_TLS_CERT: tls.certificateFile, COWHERD_TLS_KEY: tls.privateKeyFile, COWHERD_TLS_CA: tls.caFile }),
         ...env,
       },
-      join(state, 'logs', `${name}.log`),
+      join(state, 'logs', `${label}.log`),
     );
     started.push({ stop: () => daemon.stop(25_000) });
-    options.say(`${name.padEnd(13)} localhost:${grpcPort} (health localhost:${healthPort}, pid ${daemon.pid})`);
-    return { name, address: `localhost:${grpcPort}`, healthAddress: `localhost:${healthPort}`, pid: daemon.pid };
+    options.say(`${label.padEnd(13)} localhost:${grpcPort} (health localhost:${healthPort}, pid ${daemon.pid})${host === undefined ? '' : `, host ${host}`}`);
+    return { name, address: `localhost:${grpcPort}`, healthAddress: `localhost:${healthPort}`, pid: daemon.pid, ...(host === undefined ? {} : { host }) };
   }
 }
 
@@ -236,6 +285,11 @@ async function ensureIssuedCredentials(client: CertificateAuthorityServiceClient
   );
   const credentials: Credentials = { certificatePem, privateKeyPem: keys.privateKeyPem, caPem: ca.certificatePem };
   return writeCredentials(directory, credentials);
+}
+
+/** The second local host's id: `<hostname>-2`, shortened to stay a valid host id. */
+export function secondHostId(hostname: string): string {
+  return `${hostname.slice(0, 61).replace(/-+$/, '')}-2`;
 }
 
 function userName(): string {

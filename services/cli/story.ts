@@ -1,0 +1,396 @@
+/**
+ * The local fleet's story: what the 2011 tool did, told on a fresh local fleet through cowherd's public API
+ * with the operator's admin credentials, every step printed as the CLI command that does it (the same
+ * command works in another terminal), run in-process by the CLI's own command modules.
+ *
+ *  1. a small bootable master VM on the first host: Debian's kernel and a busybox initramfs by direct kernel
+ *     boot (scripts/guest-kernel.sh, cached; `cowherd.stay=1` keeps the guest running after it wrote its
+ *     marker) and a 64 MiB qcow2 disk under the first agent's image directory (`vms/`), defined powered off;
+ *  2. `cowherd images publish` makes the image from it;
+ *  3. `cowherd images distribute` spreads it to the second host (BitTorrent swarm, SHA-256 verified);
+ *  4. `cowherd vms clone --start` makes N copy-on-write clones of it on the second host and starts them;
+ *  5. waits until inventory reports them RUNNING, lists them and shows one's lineage;
+ *  6. prints the events that `cowherd events --follow` (started before step 1) saw.
+ *
+ * Idempotent: a finished story is recorded in `<state>/story.json`, and a later start with the same story
+ * name only says so (the set-up is not repeated, whatever happened to the VMs since). A story that did not
+ * finish (Ctrl-C, a failure) runs again on the next start and skips what exists: the master VM, the image,
+ * the replica on the second host, clones by name.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Host_State, Image_State, ImageView, VirtualMachine_State, type Host, type Image, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { runCommand } from '../common/child-process.js';
+import { writeAtomically } from '../common/credential-files.js';
+import { IMAGE_ID } from '../common/resource-names.js';
+import { parseCommandLine, type CommandSpec } from './command-line.js';
+import type { CliContext } from './cli-context.js';
+import { CliError, EXIT } from './exit-codes.js';
+import { listVirtualMachines, virtualMachineState } from './fleet-reads.js';
+import { IMAGES_COMMAND } from './images-commands.js';
+import type { LocalHost } from './local-fleet.js';
+import { VMS_COMMAND } from './vms-commands.js';
+
+const REPOSITORY = fileURLToPath(new URL('../..', import.meta.url));
+/** The story's default name: the image id; the master VM is `<name>-master`, the clones `<name>-<n>`. */
+export const DEFAULT_STORY_NAME = 'tiny-linux';
+/** How many clones the story makes. */
+export const STORY_CLONES = 3;
+const MASTER_DISK_MIB = 64;
+const MASTER_MEMORY_MIB = 128;
+/** The CLI commands the story runs, as `cowherd <words>` would. */
+const STORY_COMMANDS: CommandSpec<CliContext> = { name: 'cowherd', summary: 'the story\'s commands', subcommands: [IMAGES_COMMAND, VMS_COMMAND] };
+
+/** What `<state>/story.json` records once the story finished. */
+export interface StoryRecord {
+  /** `images/<name>`. */
+  readonly image: string;
+  /** `hosts/<first>/virtualMachines/<name>-master`. */
+  readonly masterVirtualMachine: string;
+  /** The first host (origin) and the second (where the clones are). */
+  readonly hosts: readonly string[];
+  /** The clones' resource names. */
+  readonly clones: readonly string[];
+  readonly finishedAt: string;
+}
+
+/** Options of {@link runStory}. */
+export interface StoryOptions {
+  /** Clients with the admin bundle, pointed at this fleet; the story's CLI commands run with it. */
+  readonly context: CliContext;
+  /** The fleet's two hosts, the origin first. */
+  readonly hosts: readonly LocalHost[];
+  /** Where story.json is kept: the fleet's state directory. */
+  readonly stateDirectory: string;
+  /** The state directory scripts/guest-kernel.sh caches the guest kit in (`<dir>/guest`). */
+  readonly guestStateDirectory: string;
+  readonly libvirtUri: string;
+  /** NATS for the event follower. */
+  readonly natsUrl: string;
+  /** The image id; default {@link DEFAULT_STORY_NAME}. */
+  readonly name?: string;
+  /** Lines for the operator (stdout). */
+  readonly say: (line: string) => void;
+  /** Aborted on Ctrl-C: the story stops at the next step, and stops what it started. */
+  readonly signal: AbortSignal;
+}
+
+/** Thrown when the story stops because of Ctrl-C. */
+export class StoryInterrupted extends Error {
+  override readonly name = 'StoryInterrupted';
+}
+
+/** Checks a story name: it is an image id, and `<name>-master` and `<name>-<n>` must be VM names. */
+export function checkStoryName(name: string): string | undefined {
+  if (!IMAGE_ID.test(name) || name.length > 50) return `the story name must be an image id of at most 50 characters ([a-z0-9-], starting and ending with a letter or digit), got ${JSON.stringify(name)}`;
+  return undefined;
+}
+
+/** Runs the story, or says that it already ran; returns what story.json records. */
+export async function runStory(options: StoryOptions): Promise<{ readonly ran: boolean; readonly record: StoryRecord }> {
+  const { context, say, signal } = options;
+  const name = options.name ?? DEFAULT_STORY_NAME;
+  const problem = checkStoryName(name);
+  if (problem) throw new Error(problem);
+  const [origin, target] = options.hosts;
+  if (!origin || !target) throw new Error('the story needs the local fleet\'s two hosts');
+  const masterName = `${name}-master`;
+  const cloneNames = Array.from({ length: STORY_CLONES }, (_, index) => `${name}-${index + 1}`);
+  const recordFile = join(options.stateDirectory, 'story.json');
+  const record: StoryRecord = {
+    image: `images/${name}`,
+    masterVirtualMachine: `hosts/${origin.host}/virtualMachines/${masterName}`,
+    hosts: [`hosts/${origin.host}`, `hosts/${target.host}`],
+    clones: cloneNames.map((clone) => `hosts/${target.host}/virtualMachines/${clone}`),
+    finishedAt: '',
+  };
+
+  const previous = await readRecord(recordFile);
+  if (previous?.image === record.image) {
+    say(`the story already ran on ${previous.finishedAt.replace('T', ' ').replace(/\.\d+Z$/, ' UTC')} (${recordFile}): not repeating the set-up.`);
+    say(`  image ${name} (published from ${shortName(previous.masterVirtualMachine)}, on ${previous.hosts.map((host) => host.replace(/^hosts\//, '')).join(' and ')}), clones ${previous.clones.map(shortName).join(', ')}`);
+    return { ran: false, record: previous };
+  }
+
+  const startedAt = Date.now();
+  const checkpoint = (): void => {
+    if (signal.aborted) throw new StoryInterrupted('interrupted');
+  };
+  /** Runs `cowherd <words>` in-process, as typed; a failure stops the story with the CLI's own message. */
+  const cowherd = async (...words: string[]): Promise<void> => {
+    checkpoint();
+    say(`$ cowherd ${words.map(shellWord).join(' ')}`);
+    const parsed = parseCommandLine(STORY_COMMANDS, [], words);
+    if (parsed.kind !== 'run') throw new Error(`cowherd ${words.join(' ')}: not a command`);
+    const code = await parsed.command[parsed.command.length - 1]!.run!(parsed.invocation, context);
+    if (code !== EXIT.OK) throw new CliError(`cowherd ${words.join(' ')} exited ${code}`, code);
+  };
+  const virsh = (...args: string[]): Promise<string> => runCommand('virsh', ['-c', options.libvirtUri, ...args], { timeoutMs: 60_000, signal, env: { LC_ALL: 'C' } });
+
+  say(`the story: the 2011 tool's run on this fleet, through cowherd's API with your admin credentials. Each step is the CLI command`);
+  say(`that does it; type the same commands in another terminal (\`npm run cowherd -- <command>\`).`);
+  say('');
+  const follower = await startEventFollower(options);
+  try {
+    // Both hosts must be READY: the agents enrolled a moment ago and report within seconds.
+    await waitFor(signal, 60_000, `hosts ${origin.host} and ${target.host} READY`, async () => {
+      const hosts = await Promise.all([origin, target].map((host) => context.call<Host>('inventory', (cb) => context.inventory.getHost({ name: `hosts/${host.host}` }, cb)).catch(() => undefined)));
+      return hosts.every((host) => host?.state === Host_State.STATE_READY) ? true : undefined;
+    });
+
+    let existing = await getImage(context, name);
+    if (existing?.state === Image_State.STATE_PUBLISHING) {
+      // A publish that an earlier start began (and Ctrl-C left to the fleet) goes on: wait for its end.
+      say(`images/${name} is being published (an earlier start began it): waiting for it`);
+      existing = await waitFor(signal, 180_000, `images/${name} to be published`, async () => {
+        const image = await getImage(context, name);
+        return image?.state === Image_State.STATE_PUBLISHING ? undefined : image;
+      });
+    }
+    if (existing && existing.state !== Image_State.STATE_AVAILABLE) {
+      throw new Error(`images/${name} exists but is not AVAILABLE (${Image_State[existing.state]}); \`cowherd images delete ${name}\` removes it, or start with --story-name <another>`);
+    }
+    if (existing) {
+      say(`1-2. images/${name} is already published (origin ${existing.originHost}): skipping the master VM and the publish`);
+    } else {
+      // 1. The master VM.
+      say(`1. a small bootable master VM on ${origin.host}: Debian's kernel by direct kernel boot, a busybox initramfs, a ${MASTER_DISK_MIB} MiB qcow2 disk`);
+      const masterVm = `hosts/${origin.host}/virtualMachines/${masterName}`;
+      const defined = await virsh('domstate', masterName).then(() => true, () => false);
+      if (defined) {
+        const disks = await virsh('domblklist', masterName, '--details');
+        if (!disks.includes(join(origin.imageDirectory, 'vms'))) {
+          throw new Error(`libvirt already has a domain named ${masterName} whose disk is not under ${join(origin.imageDirectory, 'vms')} (another fleet's?); start with --story-name <another name>`);
+        }
+        say(`   ${masterName} is already defined: using it`);
+      } else {
+        const kit = await guestKit(options);
+        const vmDirectory = join(origin.imageDirectory, 'vms');
+        await mkdir(vmDirectory, { recursive: true });
+        const disk = join(vmDirectory, `${masterName}.qcow2`);
+        if (!existsSync(disk)) await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', disk, `${MASTER_DISK_MIB}M`], { signal });
+        const xmlFile = join(vmDirectory, `${masterName}.xml`);
+        await writeFile(xmlFile, masterDomainXml({ name: masterName, kernel: kit.kernel, initrd: kit.initrd, disk, console: join(vmDirectory, `${masterName}.console.log`), marker: name }));
+        checkpoint();
+        await virsh('define', xmlFile);
+        say(`   kernel ${kit.version} (${kit.kernel}), initramfs ${kit.initrd}`);
+        say(`   disk ${disk}; kernel command line "${KERNEL_COMMAND_LINE} marker=${name}"`);
+        say(`   defined ${masterName} in ${options.libvirtUri}, powered off (its disk is under ${origin.host}'s image directory, so that agent owns it)`);
+      }
+      const seen = await waitFor(signal, 30_000, `${masterVm} in the inventory`, async () => {
+        const vm = await context.call<VirtualMachine>('inventory', (cb) => context.inventory.getVirtualMachine({ name: masterVm }, cb)).catch(() => undefined);
+        return vm?.state === VirtualMachine_State.STATE_SHUT_OFF ? vm : undefined;
+      });
+      say(`   the agent reported it: ${shortName(seen.name)} ${virtualMachineState(seen)}`);
+      say('');
+
+      // 2. Publish.
+      say(`2. publish it as the image ${name}: the disk flattened, the kernel and initramfs copied, the domain XML sanitized, all hashed`);
+      await cowherd('images', 'publish', '--host', origin.host, '--vm', masterName, '--image', name, '--description', 'the local fleet\'s story: Debian kernel + busybox, direct kernel boot', '--label', 'story=local-fleet');
+    }
+    say('');
+
+    // 3. Distribute (a host that already holds it counts as done at once).
+    say(`3. spread it peer-to-peer to ${target.host} (private torrent; ${origin.host} seeds, every file is SHA-256 verified on arrival)`);
+    await cowherd('images', 'distribute', name, '--hosts', target.host);
+    say('');
+
+    // 4. Clone with autostart.
+    const present = new Set((await listVirtualMachines(context, `hosts/${target.host}`)).map((vm) => vm.domainName));
+    const missing = cloneNames.filter((clone) => !present.has(clone));
+    say(`4. ${STORY_CLONES} copy-on-write clones on ${target.host}, started as soon as they are defined`);
+    if (missing.length === 0) say(`   ${cloneNames.join(', ')} exist already: not cloning again`);
+    else if (missing.length === cloneNames.length) await cowherd('vms', 'clone', '--image', name, '--count', String(STORY_CLONES), '--hosts', target.host, '--template', `${name}-{index}`, '--start');
+    else for (const clone of missing) await cowherd('vms', 'clone', '--image', name, '--hosts', target.host, '--template', clone, '--start');
+    say('');
+
+    // 5. They run.
+    say(`5. the clones boot (TCG, a few seconds each); inventory reports them as their agent sees them`);
+    await waitFor(signal, 90_000, `${cloneNames.join(', ')} RUNNING`, async () => {
+      const vms = await listVirtualMachines(context, `hosts/${target.host}`, `source_image = "images/${name}"`);
+      return cloneNames.every((clone) => vms.some((vm) => vm.domainName === clone && vm.state === VirtualMachine_State.STATE_RUNNING)) ? true : undefined;
+    });
+    await cowherd('vms', 'list', '--host', target.host, '--filter', `source_image = "images/${name}"`);
+    say('');
+    await cowherd('vms', 'show', `${target.host}/${cloneNames[0]}`);
+    say('');
+
+    // 6. The events.
+    const finished = { ...record, finishedAt: new Date().toISOString() };
+    await writeAtomically(recordFile, `${JSON.stringify(finished, null, 2)}\n`, 0o644);
+    await follower.finish(say);
+    say('');
+    say(`the story took ${((Date.now() - startedAt) / 1000).toFixed(1)} s; recorded in ${recordFile} (the next start does not repeat it)`);
+    return { ran: true, record: finished };
+  } catch (error) {
+    if (signal.aborted) throw new StoryInterrupted('interrupted', { cause: error });
+    throw error;
+  } finally {
+    follower.stop();
+  }
+}
+
+/** The kernel command line of the master VM, before its `marker=`. */
+const KERNEL_COMMAND_LINE = 'console=ttyS0 quiet panic=-1 cowherd.stay=1';
+
+/** The master VM: direct kernel boot, one virtio qcow2 disk, the serial console in a file, no network. */
+export function masterDomainXml(vm: { name: string; kernel: string; initrd: string; disk: string; console: string; marker: string }): string {
+  return `<domain type='qemu'>
+  <name>${vm.name}</name>
+  <uuid>${randomUUID()}</uuid>
+  <title>the local fleet's master VM (cowherd fleet up)</title>
+  <memory unit='MiB'>${MASTER_MEMORY_MIB}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>${vm.kernel}</kernel>
+    <initrd>${vm.initrd}</initrd>
+    <cmdline>${KERNEL_COMMAND_LINE} marker=${vm.marker}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${vm.disk}'/><target dev='vda' bus='virtio'/></disk>
+    <serial type='file'><source path='${vm.console}'/><target port='0'/></serial>
+    <console type='file'><source path='${vm.console}'/><target type='serial' port='0'/></console>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+`;
+}
+
+async function readRecord(file: string): Promise<StoryRecord | undefined> {
+  try {
+    const value = JSON.parse(await readFile(file, 'utf8')) as Partial<StoryRecord>;
+    if (typeof value.image !== 'string' || typeof value.finishedAt !== 'string' || !Array.isArray(value.clones) || !Array.isArray(value.hosts) || typeof value.masterVirtualMachine !== 'string') return undefined;
+    return value as StoryRecord;
+  } catch {
+    return undefined;
+  }
+}
+
+async function getImage(context: CliContext, name: string): Promise<Image | undefined> {
+  try {
+    return await context.call<Image>('inventory', (cb) => context.inventory.getImage({ name: `images/${name}`, view: ImageView.IMAGE_VIEW_BASIC }, cb));
+  } catch (error) {
+    if (error instanceof CliError && error.exitCode === EXIT.NOT_FOUND) return undefined;
+    throw error;
+  }
+}
+
+/** Polls `probe` every 300 ms until it gives a value; throws after `timeoutMs` or when aborted. */
+async function waitFor<T>(signal: AbortSignal, timeoutMs: number, what: string, probe: () => Promise<T | undefined>): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (signal.aborted) throw new StoryInterrupted('interrupted');
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs / 1000} s waiting for ${what}; the logs are in the state directory's logs/`);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+  }
+}
+
+/** The guest kit's files, built by scripts/guest-kernel.sh (cached; the first build downloads ~70 MB). */
+async function guestKit(options: StoryOptions): Promise<{ kernel: string; initrd: string; version: string }> {
+  const cached = existsSync(join(options.guestStateDirectory, 'guest', 'kit.stamp'));
+  options.say(cached ? '   the guest kit (scripts/guest-kernel.sh, cached)' : `   building the guest kit (scripts/guest-kernel.sh: downloads Debian's kernel package once, ~70 MB, into ${join(options.guestStateDirectory, 'guest')})`);
+  const child = spawn('bash', [join(REPOSITORY, 'scripts', 'guest-kernel.sh')], { cwd: REPOSITORY, env: { ...process.env, COWHERD_STATE_DIR: options.guestStateDirectory, LC_ALL: 'C' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const stop = (): void => void child.kill('SIGTERM');
+  options.signal.addEventListener('abort', stop, { once: true });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  child.stderr.on('data', (chunk: Buffer) => {
+    stderr += chunk.toString();
+    let newline: number;
+    while ((newline = stderr.indexOf('\n')) >= 0) {
+      options.say(`   ${stderr.slice(0, newline)}`);
+      stderr = stderr.slice(newline + 1);
+    }
+  });
+  const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  options.signal.removeEventListener('abort', stop);
+  if (options.signal.aborted) throw new StoryInterrupted('interrupted');
+  if (code !== 0) throw new Error(`scripts/guest-kernel.sh failed (exit ${code}); its output is above`);
+  const value = (key: string): string => {
+    const found = new RegExp(`^${key}=(.*)$`, 'm').exec(stdout)?.[1];
+    if (!found) throw new Error(`scripts/guest-kernel.sh printed no ${key}`);
+    return found;
+  };
+  return { kernel: value('COWHERD_GUEST_KERNEL'), initrd: value('COWHERD_GUEST_INITRD'), version: value('COWHERD_GUEST_VERSION') };
+}
+
+/** `cowherd events --follow` in the background for the story's length. */
+interface EventFollower {
+  /** Stops it and prints what it saw (transfer progress counted, not listed). */
+  finish(say: (line: string) => void): Promise<void>;
+  /** Stops it without printing (idempotent). */
+  stop(): void;
+}
+
+/**
+ * Starts `cowherd events --follow` as a child process, as an operator would in a second terminal, with the
+ * admin bundle: it subscribes to `cowherd.events.>` on NATS. Resolves once it follows (or gave up after
+ * 20 s: the story goes on without it).
+ */
+async function startEventFollower(options: StoryOptions): Promise<EventFollower> {
+  const credentials = options.context.settings.credentialsDirectory;
+  const env: Record<string, string> = {};
+  for (const [key, value] of Object.entries(process.env)) if (value !== undefined && !key.startsWith('COWHERD_')) env[key] = value;
+  options.say('$ cowherd events --follow        (in the background: every event the fleet publishes while the story runs)');
+  const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services', 'cli', 'main.ts'), 'events', '--follow', '--output', 'table', '--credentials', credentials, '--nats', options.natsUrl], {
+    cwd: REPOSITORY,
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let output = '';
+  let errors = '';
+  child.stdout!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  child.stderr!.on('data', (chunk: Buffer) => (errors += chunk.toString()));
+  const closed = new Promise<void>((resolve) => child.on('close', () => resolve()));
+  const deadline = Date.now() + 20_000;
+  while (!errors.includes('following') && child.exitCode === null && child.signalCode === null && Date.now() < deadline && !options.signal.aborted) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  const following = errors.includes('following');
+  if (!following) options.say(`   (the event follower did not start: ${errors.trim().split('\n').pop() ?? 'no output'}; the story goes on without it)`);
+  let stopped = false;
+  const stop = (): void => {
+    if (stopped) return;
+    stopped = true;
+    child.kill('SIGINT');
+    setTimeout(() => child.kill('SIGKILL'), 10_000).unref();
+  };
+  return {
+    stop,
+    finish: async (say) => {
+      // A moment for the last events (the clones' state reports) to arrive.
+      await new Promise((resolve) => setTimeout(resolve, 1_000));
+      stop();
+      await closed;
+      if (!following) return;
+      const lines = output.split('\n').filter((line) => line.trim() !== '');
+      const progress = lines.filter((line) => /\simage\.transfer_progress\s/.test(line));
+      say(`6. the events \`cowherd events --follow\` saw during the story (${lines.length}${progress.length > 0 ? `; ${progress.length} image.transfer_progress events not shown` : ''}):`);
+      for (const line of lines) if (!progress.includes(line)) say(`   ${line}`);
+    },
+  };
+}
+
+/** `hosts/a/virtualMachines/b` -> `a/b`. */
+function shortName(name: string): string {
+  const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(name);
+  return match ? `${match[1]}/${match[2]}` : name;
+}
+
+/** A word as a shell would need it quoted. */
+function shellWord(word: string): string {
+  return /^[A-Za-z0-9_./:=,@%+-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+}
