@@ -1,19 +1,24 @@
-/** Who may call each AgentService RPC: only cowherd's services. Deny by default: every RPC is listed. */
+/**
+ * Who may call each AgentService RPC: only cowherd's services, each only for its own job (least privilege
+ * between services: a compromised cloning service cannot make an agent fetch or delete images, nor can
+ * distribution define domains). Deny by default: every RPC is listed.
+ */
 import type { AgentServiceService } from '../gen/cowherd/agent/v1/agent_service.js';
 import type { AccessPolicy } from '../common/rpc.js';
 
-const SERVICES = { allow: ['service'] } as const;
+const DISTRIBUTION = { allow: ['service'], services: ['distribution'] } as const;
+const CLONING = { allow: ['service'], services: ['cloning'] } as const;
 
 export const AGENT_POLICY: AccessPolicy<typeof AgentServiceService> = {
-  getHostInfo: SERVICES,
-  exportImage: SERVICES,
-  fetchImage: SERVICES,
-  getImageReplica: SERVICES,
-  listImageReplicas: SERVICES,
-  deleteImageReplica: SERVICES,
-  setTransferLimits: SERVICES,
-  createClones: SERVICES,
-  startVirtualMachine: SERVICES,
-  stopVirtualMachine: SERVICES,
-  deleteVirtualMachine: SERVICES,
+  getHostInfo: { allow: ['service'], services: ['inventory', 'distribution', 'cloning'] },
+  exportImage: DISTRIBUTION,
+  fetchImage: DISTRIBUTION,
+  getImageReplica: DISTRIBUTION,
+  listImageReplicas: DISTRIBUTION,
+  deleteImageReplica: DISTRIBUTION,
+  setTransferLimits: DISTRIBUTION,
+  createClones: CLONING,
+  startVirtualMachine: CLONING,
+  stopVirtualMachine: CLONING,
+  deleteVirtualMachine: CLONING,
 };

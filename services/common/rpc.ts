@@ -82,6 +82,8 @@ export interface AccessRule<Req> {
    * (renewing its own certificate). Required whenever `allow` includes 'host'.
    */
   readonly actsForHost?: ((request: Req) => string | undefined) | 'caller';
+  /** For service callers: the services allowed (least privilege between services); any service when unset. */
+  readonly services?: readonly string[];
 }
 
 /** The authorization table of a service: every RPC must appear (deny by default is enforced by the type). */
@@ -225,6 +227,9 @@ function authorize(call: ServerUnaryCall<unknown, unknown> | ServerWritableStrea
   if (!caller) throw CowherdError.unauthenticated('the client certificate names no cowherd identity (one spiffe://cowherd/... URI SAN)');
   if (!rule.allow.includes(caller.kind)) {
     throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}`);
+  }
+  if (caller.kind === 'service' && rule.services && !rule.services.includes(caller.name)) {
+    throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}; only ${rule.services.map((name) => `service/${name}`).join(', ')} may`);
   }
   if (caller.kind === 'host') {
     if (!rule.actsForHost) throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}`);

@@ -4,7 +4,8 @@ import type { AccessPolicy } from '../common/rpc.js';
 
 export const DISTRIBUTION_POLICY: AccessPolicy<typeof DistributionServiceService> = {
   publishImage: { allow: ['admin'] },
-  distributeImage: { allow: ['admin', 'service'] },
+  // Of the services, only cloning (it distributes images that a chosen host lacks).
+  distributeImage: { allow: ['admin', 'service'], services: ['cloning'] },
   deleteImage: { allow: ['admin'] },
   deleteImageReplica: { allow: ['admin'] },
   collectImageReplicas: { allow: ['admin'] },

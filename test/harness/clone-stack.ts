@@ -45,6 +45,8 @@ export interface CloneStack {
   readonly agent: ServiceProcess;
   /** Starts one more agent (another host on this machine); extraEnv overrides its variables. */
   addAgent(host: string, extraEnv?: Record<string, string>): Promise<StackAgent>;
+  /** The test CA (credentials for any identity). */
+  readonly pki: TestPki;
   /** A NATS connection with the distribution service's identity (KV buckets, durable consumers). */
   readonly connection: Awaited<ReturnType<typeof connectNats>>;
   /** The distribution process (tests kill and restart it). */
@@ -149,6 +151,7 @@ export async function startCloneStack(resources: Resources, host: string): Promi
     imageDirectory,
     agent,
     addAgent: startAgent,
+    pki,
     connection,
     distributionProcess,
     startReplica,

@@ -27,6 +27,9 @@ import { Host, Host_State, Image, ImageReplica_State, type ImageReplica } from '
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
 import { pieceLengthFor } from '../../services/agent/torrent.js';
 import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
+import { createClient } from '../../services/common/client.js';
+import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
+import { AgentServiceClient } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { call, failure } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
 
@@ -157,6 +160,14 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const afterCount = (await call<{ operations: unknown[] }>((cb) => stack.distributionOperations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
     assert.equal(afterCount, before, 'no operation was created');
     assert.equal((await readdir(join(agents.get(`dist-a-${suffix}`)!.imageDirectory, 'images'))).length, 0, 'nothing reached the agent');
+    // Least privilege between services: cloning may not make an agent fetch, distribution may not make clones.
+    const asService = async (name: string) => createClient(AgentServiceClient, stack.agent.address, mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', name)), caPem: stack.pki.ca.certificatePem }), { serverName: `dist-origin-${suffix}` });
+    const cloningAgent = await asService('cloning');
+    const distributionAgent = await asService('distribution');
+    assert.equal((await failure((cb) => cloningAgent.fetchImage({ image, trackerAnnounceUrl: 'http://localhost:1/announce', webSeedUrls: [], operation: '' }, cb))).code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal((await failure((cb) => distributionAgent.createClones({ source: { $case: 'image', value: `images/${imageId}` }, clones: [{ domainName: 'nope', start: false }], operation: '', requestId: '' }, cb))).code, GrpcStatus.PERMISSION_DENIED);
+    cloningAgent.close();
+    distributionAgent.close();
     // The tracker refuses an info-hash it does not know (announce with a random one).
     const trackerUrl = (stack.distributionProcess.logs.find((line) => line['msg'] === 'agents announce to this tracker URL')?.['trackerAnnounceUrl'] as string) ?? '';
     const unknown = await fetch(`${trackerUrl}?info_hash=${'%01'.repeat(20)}&peer_id=${'%02'.repeat(20)}&port=6881&uploaded=0&downloaded=0&left=0&compact=1`);
