@@ -3,7 +3,7 @@
  * compare-and-set on the entry's revision so that several replicas can write the same bucket safely.
  */
 import { Kvm, type KV, type KvEntry, type KvOptions } from '@nats-io/kv';
-import { DeliverPolicy, type JetStreamClient } from '@nats-io/jetstream';
+import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
 
 /** Encodes and decodes the values of one bucket. */
 export interface Codec<T> {
@@ -45,6 +45,9 @@ export class KvConflictError extends Error {
   }
 }
 
+/** How long {@link KvStore.list} waits for its pass to deliver the next key before reading the rest one by one. */
+const LIST_IDLE_MS = 2_000;
+
 /** KV keys: tokens of [A-Za-z0-9_=-] separated by dots. */
 const KEY = /^[-A-Za-z0-9_=]+(\.[-A-Za-z0-9_=]+)*$/;
 
@@ -55,6 +58,8 @@ export function isValidKey(key: string): boolean {
 
 /** A bucket of values of one type. */
 export class KvStore<T> {
+  private manager: Promise<JetStreamManager> | undefined;
+
   private constructor(
     readonly bucket: KV,
     private readonly js: JetStreamClient,
@@ -128,31 +133,59 @@ export class KvStore<T> {
 
   /**
    * Every current value whose key matches `filter` (NATS subject wildcards: `hosts.*`, `vms.kvm-01.>`),
-   * read in one ordered pass over the bucket's stream (not one request per key).
+   * read in one ordered pass over the bucket's stream (not one request per key), ordered by revision.
+   *
+   * The pass ends once it has seen every key the stream's subject index held when the call began (a value
+   * or a delete marker each; keys written meanwhile may be seen too). It does not end on the consumer's
+   * pending count: while keys are being written that count runs out early or never (nats-server 2.9 with
+   * last-per-subject delivery), which listed some keys twice, left out keys written during the pass (a
+   * replica being updated looked deleted to distribution), or hung. A key the pass has not delivered after
+   * {@link LIST_IDLE_MS} of silence is read on its own.
    */
   async list(filter = '>'): Promise<Versioned<T>[]> {
-    const consumer = await this.js.consumers.getPushConsumer(`KV_${this.name}`, {
+    const stream = `KV_${this.name}`;
+    const subjects = `$KV.${this.name}.${filter}`;
+    this.manager ??= this.js.jetstreamManager();
+    const info = await (await this.manager).streams.info(stream, { subjects_filter: subjects });
+    const unseen = new Set(Object.keys(info.state.subjects ?? {}));
+    if (unseen.size === 0) return [];
+    const prefix = `$KV.${this.name}.`.length;
+    const latest = new Map<string, { value: T | undefined; revision: number }>();
+    const consumer = await this.js.consumers.getPushConsumer(stream, {
       deliver_policy: DeliverPolicy.LastPerSubject,
       // A single string, not an array: nats-server 2.9 knows only filter_subject.
-      filter_subjects: `$KV.${this.name}.${filter}`,
+      filter_subjects: subjects,
     });
-    const info = await consumer.info();
-    if (info.num_pending === 0) {
-      await consumer.delete().catch(() => undefined);
-      return [];
-    }
-    const prefix = `$KV.${this.name}.`.length;
-    const values: Versioned<T>[] = [];
     const messages = await consumer.consume();
-    for await (const message of messages) {
-      const operation = message.headers?.get('KV-Operation');
-      if (operation !== 'DEL' && operation !== 'PURGE') {
-        values.push({ key: message.subject.substring(prefix), value: this.codec.decode(message.data), revision: message.seq });
+    let idle: NodeJS.Timeout | undefined;
+    const armIdle = (): void => {
+      clearTimeout(idle);
+      idle = setTimeout(() => void messages.close().catch(() => undefined), LIST_IDLE_MS);
+    };
+    armIdle();
+    try {
+      for await (const message of messages) {
+        const key = message.subject.substring(prefix);
+        // An ordered consumer that resets may deliver a key again: the highest revision wins.
+        if ((latest.get(key)?.revision ?? 0) < message.seq) {
+          const operation = message.headers?.get('KV-Operation');
+          latest.set(key, { value: operation === 'DEL' || operation === 'PURGE' ? undefined : this.codec.decode(message.data), revision: message.seq });
+        }
+        unseen.delete(message.subject);
+        if (unseen.size === 0) break;
+        armIdle();
       }
-      if (message.info.pending === 0) break;
+    } finally {
+      clearTimeout(idle);
+      await messages.close().catch(() => undefined);
     }
-    await messages.close().catch(() => undefined);
-    return values;
+    for (const subject of unseen) {
+      const entry = await this.get(subject.substring(prefix));
+      if (entry) latest.set(entry.key, { value: entry.value, revision: entry.revision });
+    }
+    const values: Versioned<T>[] = [];
+    for (const [key, { value, revision }] of latest) if (value !== undefined) values.push({ key, value, revision });
+    return values.sort((a, b) => a.revision - b.revision);
   }
 
   /**
