@@ -90,11 +90,18 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
     return best;
   };
 
+  const introduced = new WeakSet<SeedWire>();
   const topUp = (wire: SeedWire): void => {
-    if (wire.destroyed) return;
+    // Nothing before webtorrent's own first message (the have-none we substitute): a `have` sent earlier
+    // would be wiped out by it, and the receiver would never see the piece.
+    if (wire.destroyed || !introduced.has(wire)) return;
     const mine = pending.get(wire);
     if (!mine) return;
-    for (const index of mine) if (wire.peerPieces.get(index)) mine.delete(index);
+    const now = performance.now();
+    for (const index of mine) {
+      // Announced, or revealed long ago without being announced (its slot goes to a fresh piece).
+      if (wire.peerPieces.get(index) || now - revealedAt[index]! > revealTimeoutMs) mine.delete(index);
+    }
     while (mine.size < revealPerWire) {
       const index = pick(wire, mine);
       if (index === undefined) break;
@@ -115,15 +122,21 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
     // webtorrent announces every piece right after this event: announce none instead.
     const bitfield = wire.bitfield.bind(wire);
     let first = true;
+    const introduce = (): void => {
+      introduced.add(wire);
+      setImmediate(() => topUp(wire));
+    };
     wire.bitfield = (value: unknown) => {
       if (!first) return bitfield(value);
       first = false;
       if (wire.hasFast) wire.haveNone();
       else bitfield(new Uint8Array(Math.ceil(pieceCount / 8)));
+      introduce();
     };
     wire.haveAll = () => {
       first = false;
       wire.haveNone();
+      introduce();
     };
     const seen = new Uint8Array(pieceCount);
     const count = (index: number): void => {
@@ -142,6 +155,10 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
       topUpAll();
     });
     wire.on('interested', () => setImmediate(() => topUp(wire)));
+    // Reveals that time out are replaced at the next event; make sure there is one.
+    const tick = setInterval(() => topUp(wire), Math.max(1000, revealTimeoutMs / 2));
+    tick.unref();
+    wire.once('close', () => clearInterval(tick));
     wire.once('close', () => {
       // Its unannounced pieces may be offered to others at once.
       for (const index of pending.get(wire) ?? []) if (holders[index] === 0) revealedAt[index] = 1;
@@ -150,7 +167,6 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
       // What only this receiver held is offerable again.
       topUpAll();
     });
-    setImmediate(() => topUp(wire));
   });
   options.log?.debug({ pieces: pieceCount, revealPerWire, endgameHolders }, 'super-seeding');
   return stats;

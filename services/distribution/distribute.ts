@@ -173,7 +173,7 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
         transfer.state = ImageReplica_State.STATE_FAILED;
         transfer.error = error;
       };
-      const webSeedUrls = (await deps.replicas.list(`*.${id}`)).map((entry) => entry.value).filter((replica) => replica.state === ImageReplica_State.STATE_AVAILABLE && replica.webSeedUrl !== '').map((replica) => replica.webSeedUrl);
+      const webSeedUrls = await currentWebSeeds(deps, id, context.log);
 
       try {
         // 1. Ask every agent that is not done yet.
@@ -267,6 +267,27 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
       });
     },
   };
+}
+
+/**
+ * The web seed URLs of the image's origin replicas, asked of their agents (a restarted agent may serve on
+ * another port than its record says); the record's URL when the agent does not answer.
+ */
+async function currentWebSeeds(deps: DistributeDeps, id: string, log: Logger): Promise<string[]> {
+  const origins = (await deps.replicas.list(`*.${id}`)).map((entry) => entry.value).filter((replica) => replica.origin && replica.state === ImageReplica_State.STATE_AVAILABLE);
+  const urls: string[] = [];
+  for (const replica of origins) {
+    try {
+      const host = await deps.inventory.getHost(replica.host);
+      const live = host ? await call<ImageReplica>((cb) => deps.agents.clientFor(host).getImageReplica({ name: replica.name }, cb)) : undefined;
+      if (live?.webSeedUrl) urls.push(live.webSeedUrl);
+      else if (replica.webSeedUrl) urls.push(replica.webSeedUrl);
+    } catch (error) {
+      log.debug({ err: error, replica: replica.name }, 'could not ask the origin for its web seed; using the record');
+      if (replica.webSeedUrl) urls.push(replica.webSeedUrl);
+    }
+  }
+  return urls;
 }
 
 /** After a cancel: the agents stop and remove the replicas that were not done. */

@@ -43,6 +43,8 @@ export interface CloneStack {
   readonly host: string;
   readonly imageDirectory: string;
   readonly agent: ServiceProcess;
+  /** The first agent with its restart (same identity and image directory). */
+  readonly firstAgent: StackAgent;
   /** Starts one more agent (another host on this machine); extraEnv overrides its variables. */
   addAgent(host: string, extraEnv?: Record<string, string>): Promise<StackAgent>;
   /** The test CA (credentials for any identity). */
@@ -151,6 +153,7 @@ export async function startCloneStack(resources: Resources, host: string): Promi
     imageDirectory,
     agent,
     addAgent: startAgent,
+    firstAgent: first,
     pki,
     connection,
     distributionProcess,

@@ -37,6 +37,9 @@ export async function startServiceProcess(resources: Resources, name: ProcessNam
       COWHERD_HEALTH_ADDRESS: 'localhost:0',
       COWHERD_METRICS_ADDRESS: 'localhost:0',
       COWHERD_TRACKER_ADDRESS: 'localhost:0',
+      // Agents: any free BitTorrent and web seed port, so that several agents (and tests) run side by side.
+      COWHERD_TORRENT_PORT: '0',
+      COWHERD_WEB_SEED_ADDRESS: '127.0.0.1:0',
       ...(tls === undefined ? {} : { COWHERD_TLS_CERT: tls.certificateFile, COWHERD_TLS_KEY: tls.privateKeyFile, COWHERD_TLS_CA: tls.caFile }),
       COWHERD_NATS_URL: natsUrl,
       COWHERD_SHUTDOWN_GRACE_SECONDS: '5',

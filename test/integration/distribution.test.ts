@@ -85,7 +85,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
 
   before(async () => {
     stack = await startCloneStack(resources, `dist-origin-${suffix}`);
-    agents.set(`dist-origin-${suffix}`, { host: `dist-origin-${suffix}`, imageDirectory: stack.imageDirectory, process: stack.agent, restart: () => Promise.reject(new Error('not restartable')) });
+    agents.set(`dist-origin-${suffix}`, stack.firstAgent);
     for (const name of ['a', 'b', 'c']) agents.set(`dist-${name}-${suffix}`, await stack.addAgent(`dist-${name}-${suffix}`));
 
     // A powered-off domain with a 40 MiB qcow2 disk of random data on the origin.
@@ -174,7 +174,14 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     assert.match(await unknown.text(), /failure reason/);
   });
 
-  it('distributes to two hosts: every copy verifies, image.available once per host, progress in the metadata', async () => {
+  it('distributes to two hosts from a restarted origin: every copy verifies, image.available once per host, progress in the metadata', async () => {
+    // The origin agent restarts first (it verifies its replica again and seeds it on a new web seed port):
+    // the distribution must come from the restarted origin alone, peer and web seed.
+    const origin = agents.get(`dist-origin-${suffix}`)!;
+    await origin.process.daemon.stop(10_000);
+    const restarted = await origin.restart();
+    agents.set(origin.host, { ...origin, process: restarted });
+    await waitFor('the origin seeding again', async () => (restarted.logs.some((line) => line['msg'] === 'replica verified and seeding again') ? true : undefined), 60_000);
     const operation = await distribute([`dist-a-${suffix}`, `dist-b-${suffix}`], `req-${suffix}-1`);
     const again = await distribute([`dist-a-${suffix}`, `dist-b-${suffix}`], `req-${suffix}-1`);
     assert.equal(again.name, operation.name, 'a retried request_id returns the same operation');
@@ -301,7 +308,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const late = await stack.addAgent(`dist-e-${suffix}`);
     agents.set(late.host, late);
     await waitFor(`${late.host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${late.host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
-    await stack.agent.daemon.stop(10_000);
+    await agents.get(`dist-origin-${suffix}`)!.process.daemon.stop(10_000);
     const response = await finished(await distribute([late.host]));
     assert.deepEqual(response.failures, []);
     await assertVerifiedCopy(late.host);
