@@ -31,7 +31,7 @@ import { Host_State, Image, type Host } from '../services/gen/cowherd/inventory/
 import { InventoryServiceClient } from '../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { OperationsClient, type Operation } from '../services/gen/google/longrunning/operations.js';
 import { Resources, TestPki, startTestNats } from '../test/harness/index.js';
-import { call } from '../test/harness/grpc.js';
+import { call, waitFor } from '../test/harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess } from '../test/harness/processes.js';
 import { ORIGIN, Stopwatch, receiverHosts, type DistributionMethod } from './distribution-method.js';
 
@@ -43,15 +43,6 @@ const LOG_DIRECTORY = process.env['COWHERD_BENCH_LOG_DIR'];
 const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
 const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
 
-async function until<T>(what: string, read: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await read().catch(() => undefined);
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 200));
-  }
-}
 
 export const cowherdMethod: DistributionMethod = async (bed, image) => {
   const resources = new Resources();
@@ -122,7 +113,7 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
       resources.defer(() => daemon.stop(5_000));
     }
     for (const host of hosts) {
-      await until(`${host} READY`, async () => ((await call<Host>((cb) => inventoryClient.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined), 60_000);
+      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => inventoryClient.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined), 60_000);
     }
     say(`control plane and ${hosts.length} agents up`);
 
@@ -137,7 +128,7 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     await writeFile(join(vmDirectory, `${vm}.xml`), xml);
     await run('virsh', ['-c', 'qemu:///system', 'define', join(vmDirectory, `${vm}.xml`)]);
     resources.defer(() => run('virsh', ['-c', 'qemu:///system', 'undefine', vm]).then(() => undefined, () => undefined));
-    await until('the master VM in inventory', async () => ((await call<{ state: number }>((cb) => inventoryClient.getVirtualMachine({ name: `hosts/${ORIGIN}/virtualMachines/${vm}` }, cb))).state === 3 ? true : undefined), 30_000);
+    await waitFor('the master VM in inventory', async () => ((await call<{ state: number }>((cb) => inventoryClient.getVirtualMachine({ name: `hosts/${ORIGIN}/virtualMachines/${vm}` }, cb))).state === 3 ? true : undefined), 30_000);
     const imageId = `bench-${suffix}`;
     const published = await call<Operation>((cb) => distributionClient.publishImage({ imageId, sourceVirtualMachine: `hosts/${ORIGIN}/virtualMachines/${vm}`, description: 'bench:distribution', labels: {}, requestId: '' }, cb));
     let publishDone = await call<Operation>((cb) => operations.getOperation({ name: published.name }, cb));

@@ -14,3 +14,14 @@ export async function failure<Res>(invoke: (callback: (error: ServiceError | nul
   }
   throw new Error('the call succeeded but should have failed');
 }
+
+/** Polls `read` every 200 ms until it returns a value (errors count as not yet); throws after `timeoutMs`. */
+export async function waitFor<T>(what: string, read: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await read().catch(() => undefined);
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+}

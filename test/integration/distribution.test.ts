@@ -30,7 +30,7 @@ import { startCloneStack, type CloneStack, type StackAgent } from '../harness/cl
 import { createClient } from '../../services/common/client.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
 import { AgentServiceClient } from '../../services/gen/cowherd/agent/v1/agent_service.js';
-import { call, failure } from '../harness/grpc.js';
+import { call, failure, waitFor } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
 
 const run = promisify(execFile);
@@ -49,16 +49,6 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   const agents = new Map<string, StackAgent>();
   let image: Image;
   const available: Array<{ host: string; operation: string }> = [];
-
-  async function waitFor<T>(what: string, read: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const value = await read().catch(() => undefined);
-      if (value !== undefined) return value;
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-      await new Promise((resolve) => setTimeout(resolve, 200));
-    }
-  }
 
   async function distribute(hosts: string[], requestId = ''): Promise<Operation> {
     return call<Operation>((cb) => stack.distribution.distributeImage({ image: `images/${imageId}`, hosts: hosts.map((host) => `hosts/${host}`), requestId }, cb));

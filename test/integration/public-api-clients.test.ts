@@ -32,7 +32,7 @@ import { unpack } from '../../services/common/operations.js';
 import { createCsr, generateKeyPair } from '../../services/common/pki.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
-import { call } from '../harness/grpc.js';
+import { call, waitFor } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
 
 const run = promisify(execFile);
@@ -128,16 +128,6 @@ describe('public API clients: a Python client generated from proto/, and the REA
   let grpcurlKind = '';
   let binDirectory = '';
 
-  /** Polls `read` until it returns a value (errors count as not yet). */
-  async function waitFor<T>(what: string, read: () => Promise<T | undefined>, timeoutMs = 30_000): Promise<T> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const value = await read().catch(() => undefined);
-      if (value !== undefined) return value;
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-      await new Promise((resolve) => setTimeout(resolve, 200));
-    }
-  }
   const virtualMachine = (host: string, name: string) => call<VirtualMachine>((cb) => inventory.getVirtualMachine({ name: `hosts/${host}/virtualMachines/${name}` }, cb));
   const domainState = async (name: string) => (await virsh('domstate', name)).stdout.trim();
 
