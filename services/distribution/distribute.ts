@@ -358,18 +358,21 @@ export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'r
     });
     return;
   }
+  // A redelivered event (a handler failed, or a killed replica held it) can come after later ones: once a
+  // record is AVAILABLE, only events that happened after it became so may move it back (the agent found the
+  // files changed and fetches them again).
+  const stale = (current: ImageReplica, occurred: Date | undefined): boolean =>
+    current.state === ImageReplica_State.STATE_AVAILABLE && (occurred === undefined || current.updateTime === undefined || occurred.getTime() <= current.updateTime.getTime());
   if (event.typeName === IMAGE_TRANSFER_FAILED.typeName) {
     const failed = payload as ImageTransferFailed;
     await deps.replicas.mutate(key, (current) =>
-      current && current.state !== ImageReplica_State.STATE_DELETING ? { ...current, state: ImageReplica_State.STATE_FAILED, ...(failed.status ? { error: failed.status } : {}), updateTime: now } : undefined,
+      current && current.state !== ImageReplica_State.STATE_DELETING && !stale(current, failed.occurTime) ? { ...current, state: ImageReplica_State.STATE_FAILED, ...(failed.status ? { error: failed.status } : {}), updateTime: now } : undefined,
     );
     return;
   }
   const progress = payload as ImageTransferProgress;
   await deps.replicas.mutate(key, (current) => {
-    // Events of one host arrive in the order it published them, so progress after AVAILABLE is a real step
-    // back (the agent found the files changed and fetches them again).
-    if (!current || current.state === ImageReplica_State.STATE_DELETING) return undefined;
+    if (!current || current.state === ImageReplica_State.STATE_DELETING || stale(current, progress.occurTime)) return undefined;
     const sameState = current.state === progress.state;
     if (sameState && current.updateTime && now.getTime() - current.updateTime.getTime() < METADATA_INTERVAL_MS) return undefined;
     return { ...current, state: progress.state, ...(progress.progress ? { progress: progress.progress } : {}), error: undefined, updateTime: now };

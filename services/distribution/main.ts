@@ -16,7 +16,7 @@ import { deleteImageOperationKind } from './deletion.js';
 import { distributionHandlers } from './handlers.js';
 import { inventoryReader } from './inventory-reader.js';
 import { publishOperationKind } from './publish.js';
-import { startTracker } from './tracker.js';
+import { natsTrackerRelay, startTracker } from './tracker.js';
 import { distributeOperationKind, followReplicaEvents } from './distribute.js';
 
 /** The tracker's host for the default announce URL: the listen host, or this machine's name for a wildcard. */
@@ -37,7 +37,7 @@ await runServiceMain({
     const credentials = mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000);
     const inventoryClient = createClient(InventoryServiceClient, config.inventoryAddress, credentials, { defaultDeadlineMs: 15_000 });
     const agents = new AgentClients(credentials);
-    const tracker = await startTracker({ address: config.trackerAddress, images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)), log: log.child({ component: 'tracker' }) });
+    const tracker = await startTracker({ address: config.trackerAddress, images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)), log: log.child({ component: 'tracker' }), relay: natsTrackerRelay(nats.connection) });
     const trackerAnnounceUrl = config.trackerAnnounceUrl ?? tracker.announceUrl(announceHost(config.trackerAddress));
     const deps = {
       trackerAnnounceUrl,

@@ -24,6 +24,8 @@ declare module 'bittorrent-tracker/server' {
     port: number;
     /** `ip:port`, the peer's key in its swarm. */
     addr: string;
+    /** cowherd's own mark: the announce came from another replica (tracker relay), not over HTTP. */
+    relayed?: boolean;
     left: number;
     compact: number;
   }

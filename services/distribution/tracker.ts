@@ -9,16 +9,13 @@
  * - which info-hashes are allowed: derived from the `images` bucket, the same on every replica within a
  *   watch round trip (an image deleted or marked DELETING is refused everywhere in well under a second);
  * - the peer lists: soft state in the memory of the replica that received the announces, shared with nobody.
- * So each replica tracks only the peers that announced to it. Peers of one swarm that announce to different
- * replicas form sub-swarms that never learn of each other (each still reaches the origin, which announces
- * too, so transfers finish, but with less peer-to-peer sharing). Decision: the tracker runs in every replica
- * (it is cheap and its filter is always right), and the deployment must send every announce of one swarm to
- * one replica: either the tracker Service selects a single replica, or an L7 proxy routes by info-hash
- * (nginx `hash $arg_info_hash consistent`). `sessionAffinity: ClientIP` is NOT enough: it pins hosts, not
- * swarms. Losing the tracker replica loses no data: connected peers keep exchanging pieces, every client
- * re-announces within one interval (an `update` from an unknown peer counts as a `started`), and the lists are
- * whole again one interval after the replacement listens. Sharing peer lists through KV was not done: it
- * would turn every announce (hosts x images / interval) into a JetStream write.
+ * Replicas share their announces over core NATS (`relay`, subject `cowherd.tracker.announces`: no
+ * JetStream, nothing stored): every accepted announce a replica receives over HTTP is relayed to the others,
+ * which add the peer to their own lists. So any replica can answer any announce with the whole swarm, an
+ * announce URL behind a load-balanced Service works, and when the replica that handed out the URL dies the
+ * others still know every peer (clients re-announce within one interval; an `update` from an unknown peer
+ * counts as a `started`). Without a relay (tests, one replica) each replica knows only its own announces.
+ * Relayed announces pass the same filter (a replica that no longer publishes the info-hash drops them).
  *
  * Peer addresses are the TCP source of the announce (`trustProxy` is off: an X-Forwarded-For header from
  * anyone would let any client register any address). A Service in front must keep source addresses
@@ -28,7 +25,9 @@
  * info-hash and the peer's address (host addresses of the fleet, useful to find a misconfigured agent);
  * counters are in `stats()`.
  */
+import { randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { NatsConnection } from '@nats-io/transport-node';
 import type { AddressInfo } from 'node:net';
 import TrackerServer from 'bittorrent-tracker/server';
 import type { Logger } from '../common/logger.js';
@@ -52,6 +51,26 @@ export interface TrackerOptions {
    * numwant they ask for (webtorrent asks for 50). Beyond it the least recently announced peer is dropped.
    */
   readonly maxPeersPerSwarm?: number;
+  /** Shares announces with the other replicas (core NATS in the service); unset: this replica alone. */
+  readonly relay?: TrackerRelay;
+}
+
+/** An announce as replicas share it. */
+export interface RelayedAnnounce {
+  /** Hex info-hash and peer id. */
+  readonly infoHash: string;
+  readonly peerId: string;
+  readonly ip: string;
+  readonly port: number;
+  readonly left: number;
+  readonly event: string;
+}
+
+/** How replicas share announces. */
+export interface TrackerRelay {
+  publish(announce: RelayedAnnounce): void;
+  /** Calls `onAnnounce` for announces other replicas published; returns the unsubscribe. */
+  subscribe(onAnnounce: (announce: RelayedAnnounce) => void): () => void;
 }
 
 /** Counters since the start. */
@@ -174,9 +193,13 @@ export async function startTracker(options: TrackerOptions): Promise<Tracker> {
     peersCacheTtl: 3 * intervalSeconds * 1000,
     filter: (infoHash, params, callback) => {
       if (catalog.accepts(infoHash)) {
-        counters.announces++;
         // The library caps numwant at 82 (default 50); a datacenter swarm wants everyone.
         params.numwant = params.event === 'stopped' ? 0 : maxPeers;
+        if (params.relayed !== true) {
+          counters.announces++;
+          const peer = { infoHash, peerId: params.peer_id, ip: params.ip, port: params.port, left: Number(params.left ?? 0), event: params.event ?? 'update' };
+          if (peer.peerId && peer.ip && Number.isInteger(peer.port)) options.relay?.publish(peer);
+        }
         callback(null);
         return;
       }
@@ -207,6 +230,11 @@ export async function startTracker(options: TrackerOptions): Promise<Tracker> {
     }
   };
   const stopWatching = await options.images.watch('>', onChange);
+  // Announces other replicas received: into this replica's lists, through the same filter.
+  const stopRelay = options.relay?.subscribe((peer) => {
+    const params = { type: 'http', action: 1, relayed: true, info_hash: peer.infoHash, peer_id: peer.peerId, ip: peer.ip, port: peer.port, addr: `${peer.ip}:${peer.port}`, left: peer.left, event: peer.event, numwant: 0, compact: 1 };
+    (tracker as unknown as { _onAnnounce(params: object, callback: (error?: Error | null) => void): void })._onAnnounce(params, () => undefined);
+  });
   const server = createServer({ requestTimeout: 10_000, headersTimeout: 5_000 }, (request, response) => route(request, response));
   try {
     for (const entry of await options.images.list()) onChange(entry);
@@ -219,6 +247,7 @@ export async function startTracker(options: TrackerOptions): Promise<Tracker> {
     });
   } catch (error) {
     stopWatching();
+    stopRelay?.();
     tracker.close();
     throw error;
   }
@@ -258,6 +287,7 @@ export async function startTracker(options: TrackerOptions): Promise<Tracker> {
     stop: () => {
       stopped ??= (async () => {
         stopWatching();
+        stopRelay?.();
         tracker.close();
         await new Promise<void>((resolve) => {
           server.close(() => resolve());
@@ -286,4 +316,32 @@ function parseAddress(address: string): { host: string; port: number } {
   const match = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(address);
   if (!match || Number(match[2]) > 65535) throw new Error(`tracker address must be host:port, got ${JSON.stringify(address)}`);
   return { host: match[1]!.replace(/^\[(.*)\]$/, '$1'), port: Number(match[2]) };
+}
+
+/** The subject replicas share announces on (core NATS; only services may publish there). */
+export const TRACKER_RELAY_SUBJECT = 'cowherd.tracker.announces';
+
+/** A {@link TrackerRelay} over core NATS: fire and forget, this replica's own messages ignored. */
+export function natsTrackerRelay(connection: NatsConnection): TrackerRelay {
+  const self = randomUUID();
+  return {
+    publish: (announce) => connection.publish(TRACKER_RELAY_SUBJECT, JSON.stringify({ ...announce, from: self })),
+    subscribe: (onAnnounce) => {
+      const subscription = connection.subscribe(TRACKER_RELAY_SUBJECT, {
+        callback: (error, message) => {
+          if (error) return;
+          let data: RelayedAnnounce & { from?: string };
+          try {
+            data = JSON.parse(message.string()) as RelayedAnnounce & { from?: string };
+          } catch {
+            return;
+          }
+          if (data.from === self) return;
+          if (!/^[0-9a-f]{40}$/.test(data.infoHash) || !/^[0-9a-f]{40}$/.test(data.peerId) || typeof data.ip !== 'string' || !Number.isInteger(data.port) || data.port < 1 || data.port > 65535) return;
+          onAnnounce({ infoHash: data.infoHash, peerId: data.peerId, ip: data.ip, port: data.port, left: Number(data.left) || 0, event: typeof data.event === 'string' ? data.event : 'update' });
+        },
+      });
+      return () => subscription.unsubscribe();
+    },
+  };
 }

@@ -12,7 +12,7 @@ import { after, before, describe, it } from 'node:test';
 import { KvStore, protoCodec } from '../../services/common/kv.js';
 import { createLogger } from '../../services/common/logger.js';
 import { connectNats, type Nats } from '../../services/common/nats.js';
-import { startTracker, type Tracker } from '../../services/distribution/tracker.js';
+import { natsTrackerRelay, startTracker, type Tracker } from '../../services/distribution/tracker.js';
 import { Image, Image_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 
@@ -135,6 +135,31 @@ describe('distribution tracker', () => {
     await announce(tracker.port, known, { id: '-CH0001-first', port: 6881, event: 'stopped' });
     const third = await announce(tracker.port, known, { id: '-CH0001-second', port: 6882 });
     assert.deepEqual(compactPeers(third['peers']), ['127.0.0.1:6882']);
+  });
+
+  it('shares announces between replicas over core NATS: a peer announced to one is handed out by the other', async () => {
+    const relayA = natsTrackerRelay(connection.connection);
+    const relayB = natsTrackerRelay(connection.connection);
+    const replicaA = await startTracker({ address: '127.0.0.1:0', images, log, intervalSeconds: 5, relay: relayA });
+    resources.defer(() => replicaA.stop());
+    const replicaB = await startTracker({ address: '127.0.0.1:0', images, log, intervalSeconds: 5, relay: relayB });
+    resources.defer(() => replicaB.stop());
+    await connection.connection.flush();
+    await announce(replicaA.port, known, { id: '-CH0001-relayA', port: 7001, event: 'started' });
+    let peers: string[] = [];
+    await waitFor('the relayed peer at replica B', async () => {
+      peers = compactPeers((await announce(replicaB.port, known, { id: '-CH0001-relayB', port: 7002, event: 'started' }))['peers']);
+      return peers.includes('127.0.0.1:7001');
+    }, 5_000, 100);
+    // And back: replica A hands out the peer that announced to B.
+    const fromA = compactPeers((await announce(replicaA.port, known, { id: '-CH0001-relayA', port: 7001 }))['peers']);
+    assert.ok(fromA.includes('127.0.0.1:7002'), `peers at A: ${fromA.join(', ')}`);
+    // A replica that does not publish an info-hash drops relayed announces for it like any other.
+    const unknown = randomBytes(20).toString('hex');
+    relayA.publish({ infoHash: unknown, peerId: randomBytes(20).toString('hex'), ip: '127.0.0.1', port: 7003, left: 0, event: 'started' });
+    await connection.connection.flush();
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    assert.equal(replicaB.stats().swarms, 1, 'no swarm was created for an unpublished info-hash');
   });
 
   it('refuses an unknown info-hash and a FAILED image with a bencoded failure reason', async () => {

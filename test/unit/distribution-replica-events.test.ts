@@ -1,0 +1,54 @@
+/** Unit tests of distribute.ts's applyReplicaEvent over an in-memory KV: agents' events become replica records. */
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import pino from 'pino';
+import { applyReplicaEvent } from '../../services/distribution/distribute.js';
+import { IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../../services/common/event-types.js';
+import type { KvStore } from '../../services/common/kv.js';
+import { Image, Image_State, ImageReplica, ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
+
+function memoryKv<T>(): KvStore<T> & { values: Map<string, T> } {
+  const values = new Map<string, T>();
+  return {
+    values,
+    get: async (key: string) => (values.has(key) ? { key, value: values.get(key)!, revision: 1 } : undefined),
+    mutate: async (key: string, change: (current: T | undefined) => T | undefined) => {
+      const next = change(values.get(key));
+      if (next === undefined) return undefined;
+      values.set(key, next);
+      return { key, value: next, revision: 1 };
+    },
+  } as unknown as KvStore<T> & { values: Map<string, T> };
+}
+
+describe('applyReplicaEvent', () => {
+  const log = pino({ level: 'silent' });
+  const images = memoryKv<Image>();
+  images.values.set('img', Image.fromPartial({ name: 'images/img', state: Image_State.STATE_AVAILABLE }));
+  const replicas = memoryKv<ImageReplica>();
+  const deps = { images, replicas };
+  const event = (type: typeof IMAGE_AVAILABLE | typeof IMAGE_TRANSFER_PROGRESS | typeof IMAGE_TRANSFER_FAILED, payload: object, host = 'kvm-1') =>
+    ({ subject: `cowherd.events.x.${host}`, host, typeName: type.typeName, payload: { image: 'images/img', host: `hosts/${host}`, ...payload }, sequence: 1, deliveries: 1 }) as never;
+
+  it('moves a record through progress to AVAILABLE, and ignores older events delivered late', async () => {
+    replicas.values.set('kvm-1.img', ImageReplica.fromPartial({ name: 'hosts/kvm-1/images/img', state: ImageReplica_State.STATE_TRANSFERRING, updateTime: new Date(0) }));
+    const before = new Date();
+    await applyReplicaEvent(deps, event(IMAGE_TRANSFER_PROGRESS, { state: ImageReplica_State.STATE_VERIFYING, occurTime: before }), log);
+    assert.equal(replicas.values.get('kvm-1.img')!.state, ImageReplica_State.STATE_VERIFYING);
+    await applyReplicaEvent(deps, event(IMAGE_AVAILABLE, { totalBytes: '10', origin: false, occurTime: new Date() }), log);
+    assert.equal(replicas.values.get('kvm-1.img')!.state, ImageReplica_State.STATE_AVAILABLE);
+    // A progress or failure event from before AVAILABLE, redelivered after it, changes nothing.
+    await applyReplicaEvent(deps, event(IMAGE_TRANSFER_PROGRESS, { state: ImageReplica_State.STATE_TRANSFERRING, occurTime: before }), log);
+    await applyReplicaEvent(deps, event(IMAGE_TRANSFER_FAILED, { occurTime: before }), log);
+    assert.equal(replicas.values.get('kvm-1.img')!.state, ImageReplica_State.STATE_AVAILABLE);
+    // A newer one (the agent fetches changed files again) does.
+    await applyReplicaEvent(deps, event(IMAGE_TRANSFER_PROGRESS, { state: ImageReplica_State.STATE_TRANSFERRING, occurTime: new Date(Date.now() + 1000) }), log);
+    assert.equal(replicas.values.get('kvm-1.img')!.state, ImageReplica_State.STATE_TRANSFERRING);
+  });
+
+  it('drops events whose payload names another host than the subject vouches for', async () => {
+    await applyReplicaEvent(deps, { ...(event(IMAGE_AVAILABLE, { totalBytes: '10', occurTime: new Date() }, 'kvm-2') as object), host: 'kvm-3' } as never, log);
+    assert.equal(replicas.values.has('kvm-3.img'), false);
+    assert.equal(replicas.values.has('kvm-2.img'), false);
+  });
+});
