@@ -12,7 +12,8 @@
  * ~0.1%) and the domain template.
  */
 import { createHash } from 'node:crypto';
-import { appendFileSync } from 'node:fs';
+import { appendFileSync, readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execFile } from 'node:child_process';
@@ -43,6 +44,16 @@ const LOG_DIRECTORY = process.env['COWHERD_BENCH_LOG_DIR'];
 const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
 const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
 
+
+/** utime + stime of a process, in seconds (/proc/<pid>/stat, 100 ticks a second). */
+function cpuSeconds(pid: number): number {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    return 0;
+  }
+}
 
 export const cowherdMethod: DistributionMethod = async (bed, image) => {
   const resources = new Resources();
@@ -81,6 +92,7 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
 
     // One agent per host, in its namespace, joining with a token.
     const hosts = [ORIGIN, ...receiverHosts(bed)];
+    const agentPids = new Map<string, number>();
     for (const host of hosts) {
       const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host, ttl: undefined, requestId: '' }, cb));
       const root = bed.directory(host);
@@ -111,6 +123,7 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
         },
       });
       resources.defer(() => daemon.stop(5_000));
+      agentPids.set(host, daemon.pid);
     }
     for (const host of hosts) {
       await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => inventoryClient.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined), 60_000);
@@ -155,6 +168,8 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     resources.defer(() => subscription.unsubscribe());
     await watcher.connection.flush();
 
+    const cpuBefore = new Map([...agentPids].map(([host, pid]) => [host, cpuSeconds(pid)]));
+    const startedAt = performance.now();
     await stopwatch.start();
     const operation = await call<Operation>((cb) => distributionClient.distributeImage({ image: `images/${imageId}`, hosts: receivers.map((host) => `hosts/${host}`), requestId: '' }, cb));
     let done = operation;
@@ -166,6 +181,11 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     const reference = join(bed.directory(ORIGIN), 'images-root', 'images', imageId, diskFile.path);
     const sha256 = createHash('sha256').update(await readFile(reference)).digest('hex');
     if (sha256 !== diskFile.sha256) throw new Error('the origin replica does not match its record');
+    const wall = (performance.now() - startedAt) / 1000;
+    // Where the time goes: CPU seconds of each agent process while the image moved, against the machine's cores.
+    const cpu = [...agentPids].map(([host, pid]) => [host, cpuSeconds(pid) - (cpuBefore.get(host) ?? 0)] as const);
+    const total = cpu.reduce((sum, [, seconds]) => sum + seconds, 0);
+    say(`agents' CPU during the ${wall.toFixed(1)} s: ${cpu.map(([host, seconds]) => `${host} ${seconds.toFixed(1)} s`).join(', ')}; total ${total.toFixed(1)} CPU-s of ${(wall * availableParallelism()).toFixed(1)} available on ${availableParallelism()} cores`);
     const result = await stopwatch.result(receivers, copies, { path: reference, bytes: (await stat(reference)).size, sha256 });
     return { ...result, bytes };
   } finally {

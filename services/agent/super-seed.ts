@@ -11,7 +11,7 @@
  *
  * How, per wire of the origin's seeding torrent:
  * - The first bitfield (or have-all) webtorrent sends is replaced by an empty one (have-none).
- * - The origin keeps `revealPerWire` pieces revealed to each receiver that it does not have yet: first the
+ * - The origin keeps `revealPerWire` (one) piece revealed to each receiver that it does not have yet: first the
  *   pieces nobody has been offered (in order), then, when every piece has been offered once (the end), the
  *   pieces held by the fewest receivers (at most `endgameHolders`) that this receiver lacks.
  * - A receiver announcing a piece (from anyone) makes room for the next reveal; pieces whose only holder
@@ -34,7 +34,10 @@ interface SeedWire extends Wire {
 
 /** Options of {@link superSeed}. */
 export interface SuperSeedOptions {
-  /** Pieces revealed to a receiver and not yet held by it, at most. Default 2. */
+  /**
+   * Pieces revealed to a receiver and not yet held by it, at most. Default 1: measured on the test bed (256 MiB,
+   * 1 MiB pieces, 6 receivers) 1 gave 1.31x S/B with the origin sending 1.05 S, 2 gave 1.33x / 1.12 S, 4 1.40x / 1.21 S.
+   */
   readonly revealPerWire?: number;
   /** At the end, pieces held by at most this many receivers are offered again. Default 2. */
   readonly endgameHolders?: number;
@@ -53,7 +56,7 @@ export interface SuperSeedStats {
 
 /** Makes the seeding `torrent` (every piece present) super-seed; returns live counters. */
 export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSeedOptions = {}): SuperSeedStats {
-  const revealPerWire = options.revealPerWire ?? 2;
+  const revealPerWire = options.revealPerWire ?? 1;
   const endgameHolders = options.endgameHolders ?? 2;
   const revealTimeoutMs = options.revealTimeoutMs ?? 30_000;
   const stats: SuperSeedStats = { reveals: 0, offered: 0 };

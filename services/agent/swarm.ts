@@ -295,6 +295,7 @@ export class ImageSwarm {
           if (cancelled) throw cancelled;
           entry.stage = 'verifying';
           entry.bytesDone = 0;
+          this.log?.info({ image, attempt: totals.attempts }, 'every piece is in: verifying the files');
           report();
           let lastReport = performance.now();
           const bad = await verifyImageFiles(partial, options.files, {
