@@ -45,6 +45,17 @@ const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode
 const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
 
 
+/** The tracker's answer for `infoHash` (compact peers), announcing as a pseudo-peer that leaves at once. */
+async function trackerPeers(announceUrl: string, infoHash: string): Promise<Buffer> {
+  const escape = (bytes: Buffer): string => [...bytes].map((byte) => `%${byte.toString(16).padStart(2, '0')}`).join('');
+  const peerId = Buffer.from('-CB0001-bench-watch!');
+  const query = (event: string): string => `info_hash=${escape(Buffer.from(infoHash, 'hex'))}&peer_id=${escape(peerId)}&port=1&uploaded=0&downloaded=0&left=0&compact=1&event=${event}&numwant=200`;
+  const response = Buffer.from(await (await fetch(`${announceUrl}?${query('started')}`)).arrayBuffer());
+  // And out again at once, so that no receiver is handed this pseudo-peer.
+  await fetch(`${announceUrl}?${query('stopped')}`);
+  return response;
+}
+
 /** utime + stime of a process, in seconds (/proc/<pid>/stat, 100 ticks a second). */
 function cpuSeconds(pid: number): number {
   try {
@@ -170,7 +181,24 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
 
     const cpuBefore = new Map([...agentPids].map(([host, pid]) => [host, cpuSeconds(pid)]));
     const startedAt = performance.now();
+    // Ready to send means the origin is in the swarm: the tracker hands out its address (as the baselines start
+    // the clock once their origin has announced as a seed).
+    const trackerUrl = `http://127.0.0.1:${tracker.split(':')[1]}/announce`;
+    const originPeer = Buffer.from([...bed.address(ORIGIN).split('.').map(Number), 6881 >> 8, 6881 & 0xff]);
+    await waitFor('the origin in the tracker', async () => ((await trackerPeers(trackerUrl, record.torrent!.infoHash)).includes(originPeer) ? true : undefined), 30_000);
     await stopwatch.start();
+    const startedIso = new Date().toISOString();
+    // COWHERD_BENCH_RATES=1: per-second rates of the origin's uplink and r1's downlink, to stderr.
+    const rates: string[] = [];
+    let last = { origin: await bed.txBytes(ORIGIN), r1: await bed.rxBytes(receivers[0]!) };
+    const sampler = process.env['COWHERD_BENCH_RATES'] === '1'
+      ? setInterval(() => {
+          void Promise.all([bed.txBytes(ORIGIN), bed.rxBytes(receivers[0]!)]).then(([origin, r1]) => {
+            rates.push(`${((origin - last.origin) / bed.rateBytesPerSecond).toFixed(2)}/${((r1 - last.r1) / bed.rateBytesPerSecond).toFixed(2)}`);
+            last = { origin, r1 };
+          });
+        }, 1000)
+      : undefined;
     const operation = await call<Operation>((cb) => distributionClient.distributeImage({ image: `images/${imageId}`, hosts: receivers.map((host) => `hosts/${host}`), requestId: '' }, cb));
     let done = operation;
     while (!done.done) done = await call<Operation>((cb) => operations.waitOperation({ name: operation.name, timeout: { seconds: '10', nanos: 0 } }, cb));
@@ -181,6 +209,8 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     const reference = join(bed.directory(ORIGIN), 'images-root', 'images', imageId, diskFile.path);
     const sha256 = createHash('sha256').update(await readFile(reference)).digest('hex');
     if (sha256 !== diskFile.sha256) throw new Error('the origin replica does not match its record');
+    clearInterval(sampler);
+    if (rates.length > 0) say(`per second from ${startedIso}, origin uplink / r1 downlink as a share of the link: ${rates.join(' ')}`);
     const wall = (performance.now() - startedAt) / 1000;
     // Where the time goes: CPU seconds of each agent process while the image moved, against the machine's cores.
     const cpu = [...agentPids].map(([host, pid]) => [host, cpuSeconds(pid) - (cpuBefore.get(host) ?? 0)] as const);

@@ -48,6 +48,8 @@ declare module 'webtorrent' {
     store?: ChunkStoreConstructor;
     storeCacheSlots?: number;
     skipVerify?: boolean;
+    /** Pieces already on disk (a startup bitfield): only these are checked before the torrent is ready. */
+    bitfield?: Uint8Array;
     strategy?: 'sequential' | 'rarest';
     maxWebConns?: number;
     noPeersIntervalTime?: number;
