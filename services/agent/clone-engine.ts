@@ -15,6 +15,7 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { CreateCloneResult, CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
 import { VirtualMachine, VirtualMachine_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError, toStatus } from '../common/errors.js';
+import { mapLimited } from '../common/concurrency.js';
 import { CLONE_DONE, CLONE_FAILED } from '../common/event-types.js';
 import type { EventPublisher } from '../common/events.js';
 import type { Logger } from '../common/logger.js';
@@ -322,17 +323,4 @@ export class CloneEngine {
 function hypervisorError(error: unknown): CowherdError {
   if (error instanceof CowherdError) return error;
   return new CowherdError(GrpcStatus.INTERNAL, `libvirt: ${(error as Error).message}`, { reason: ErrorReason.ERROR_REASON_HYPERVISOR_ERROR, cause: error });
-}
-
-/** Maps with at most `limit` calls in flight; results in input order. */
-async function mapLimited<T, R>(items: readonly T[], limit: number, map: (item: T) => Promise<R>): Promise<R[]> {
-  const results: R[] = new Array(items.length);
-  let next = 0;
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, async () => {
-    while (next < items.length) {
-      const index = next++;
-      results[index] = await map(items[index]!);
-    }
-  }));
-  return results;
 }

@@ -38,6 +38,7 @@ import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CommandError, runCommand } from '../common/child-process.js';
+import { mapLimited } from '../common/concurrency.js';
 import { CowherdError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import { IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/resource-names.js';
@@ -455,7 +456,6 @@ async function allocatedBytes(file: string): Promise<number> {
   }
 }
 
-
 /** rm -rf that also works on the read-only directories an export makes. */
 
 async function removeStalePartials(imagesRoot: string, image: string, log: Logger | undefined): Promise<void> {
@@ -466,7 +466,6 @@ async function removeStalePartials(imagesRoot: string, image: string, log: Logge
     await removeTree(join(imagesRoot, name));
   }
 }
-
 
 // ---------------------------------------------------------------------------------------------------------
 // Progress, errors, helpers
@@ -528,28 +527,4 @@ function cancelled(cause: unknown): CowherdError {
 
 function throwIfAborted(signal: AbortSignal | undefined, cause?: unknown): void {
   if (signal?.aborted) throw cancelled(cause ?? signal.reason);
-}
-
-/**
- * Maps with at most `limit` calls in flight; results in input order. After a failure no new call starts, and
- * it rejects (with the first error) only once the calls in flight have ended, so nothing runs on afterwards.
- */
-async function mapLimited<T, R>(items: readonly T[], limit: number, map: (item: T) => Promise<R>): Promise<R[]> {
-  const results: R[] = new Array(items.length);
-  let next = 0;
-  let failure: { error: unknown } | undefined;
-  await Promise.all(
-    Array.from({ length: Math.min(limit, items.length) }, async () => {
-      while (next < items.length && !failure) {
-        const index = next++;
-        try {
-          results[index] = await map(items[index]!);
-        } catch (error) {
-          failure ??= { error };
-        }
-      }
-    }),
-  );
-  if (failure) throw failure.error;
-  return results;
 }

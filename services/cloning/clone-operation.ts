@@ -18,6 +18,7 @@ import {
 import { ErrorReason, errorReasonFromJSON } from '../gen/cowherd/common/v1/error_reason.js';
 import { Host_State, type Host } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
+import { mapLimited } from '../common/concurrency.js';
 import { CowherdError, errorFromStatus, readServiceError, toStatus } from '../common/errors.js';
 import { CLONE_FAILED } from '../common/event-types.js';
 import type { EventPublisher } from '../common/events.js';
@@ -177,7 +178,7 @@ async function runCloneOperation(deps: CloneOperationDeps, context: OperationCon
       await persist();
     };
 
-    await runLimited([...byHost.entries()], deps.hostConcurrency ?? HOST_CONCURRENCY, ([hostName, clones]) => runHost(hostName, clones));
+    await mapLimited([...byHost.entries()], deps.hostConcurrency ?? HOST_CONCURRENCY, ([hostName, clones]) => runHost(hostName, clones));
     await writes;
   }
   throwIfAborted(signal);
@@ -275,22 +276,4 @@ async function publishCloneFailed(deps: CloneOperationDeps, operation: string, r
 
 function throwIfAborted(signal: AbortSignal): void {
   if (signal.aborted) throw signal.reason;
-}
-
-/** Runs `work` over `items`, at most `limit` at once; rejects with the first failure after all started work settles. */
-async function runLimited<T>(items: readonly T[], limit: number, work: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  let failure: { error: unknown } | undefined;
-  const worker = async (): Promise<void> => {
-    while (next < items.length && !failure) {
-      const item = items[next++]!;
-      try {
-        await work(item);
-      } catch (error) {
-        failure ??= { error };
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  if (failure) throw failure.error;
 }

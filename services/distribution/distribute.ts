@@ -19,6 +19,7 @@
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import type { AgentClients } from '../common/agent-clients.js';
 import { call } from '../common/client.js';
+import { mapLimited } from '../common/concurrency.js';
 import { CowherdError, relayServiceError, toStatus } from '../common/errors.js';
 import { IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/event-types.js';
 import { consumeEvents, type EventConsumer, type ReceivedEvent } from '../common/events.js';
@@ -129,16 +130,6 @@ function failure(code: GrpcStatus, message: string, reason: ErrorReason, metadat
   return toStatus(new CowherdError(code, message, { reason, metadata }));
 }
 
-/** Maps with at most `limit` calls in flight. */
-async function eachLimited<T>(items: readonly T[], limit: number, run: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.min(limit, items.length) }, async () => {
-      while (next < items.length) await run(items[next++]!);
-    }),
-  );
-}
-
 /** The DistributeImage operation. */
 export function distributeOperationKind(deps: DistributeDeps): OperationKind<DistributeImageRequest, DistributeImageMetadata, DistributeImageResponse, undefined> {
   return {
@@ -177,7 +168,7 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
 
       try {
         // 1. Ask every agent that is not done yet.
-        await eachLimited(
+        await mapLimited(
           transfers.filter((transfer) => !isFinal(transfer)),
           FETCH_CONCURRENCY,
           async (transfer) => {
@@ -292,7 +283,7 @@ async function currentWebSeeds(deps: DistributeDeps, id: string, log: Logger): P
 
 /** After a cancel: the agents stop and remove the replicas that were not done. */
 async function abandon(deps: DistributeDeps, transfers: readonly HostTransfer[], id: string, log: Logger): Promise<void> {
-  await eachLimited(transfers, FETCH_CONCURRENCY, async (transfer) => {
+  await mapLimited(transfers, FETCH_CONCURRENCY, async (transfer) => {
     const hostId = transfer.host.slice('hosts/'.length);
     try {
       const host = await deps.inventory.getHost(transfer.host);
