@@ -22,9 +22,10 @@
  *   starts seeding before distribution has stored the info-hash) is retried every 5 s instead of webtorrent's
  *   30 minutes (see swarm.ts).
  */
-import { readdir, readFile, rename, writeFile, open } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
+import { writeAtomically } from '../common/credential-files.js';
 import { CowherdError, toStatus } from '../common/errors.js';
 import { IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/event-types.js';
 import type { EventPublisher } from '../common/events.js';
@@ -37,6 +38,7 @@ import { DiskFormat, Hypervisor, TransferProgress } from '../gen/cowherd/common/
 import { Image, ImageReplica, ImageReplica_State, type TorrentInfo } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
 import { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
+import { replicaIdOf } from './replicas.js';
 import { ImageSwarm, verifyImageFiles, type ExpectedImageFile, type SwarmLimits, type SwarmProgress } from './swarm.js';
 import { createImageTorrent, IMAGE_FILE_NAME, type ImageTorrent } from './torrent.js';
 import { WebSeedServer } from './web-seed.js';
@@ -211,7 +213,7 @@ export class ImageTransfers {
 
   /** One replica with live progress and dependents; NOT_FOUND when this host has none of the image. */
   async get(name: string): Promise<ImageReplica> {
-    const id = this.idOf(name);
+    const id = replicaIdOf(this.options.host, name);
     const replica = this.replicas.get(id);
     if (!replica) throw CowherdError.notFound(name);
     return this.toReplica(replica, await this.options.dependents(id));
@@ -293,12 +295,6 @@ export class ImageTransfers {
 
   private replicaName(id: string): string {
     return `hosts/${this.options.host}/images/${id}`;
-  }
-
-  private idOf(name: string): string {
-    const match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(name);
-    if (!match || match[1] !== this.options.host || !IMAGE_ID.test(match[2]!)) throw CowherdError.invalidArgument('name', `must be hosts/${this.options.host}/images/{image}`);
-    return match[2]!;
   }
 
   private newReplica(id: string, request: FetchImageRequest, origin: boolean, state: ImageReplica_State, generation?: string, createTime?: Date): LocalReplica {
@@ -463,16 +459,7 @@ export class ImageTransfers {
       generation: replica.generation,
       createTime: replica.createTime.toISOString(),
     };
-    const path = join(this.imagesRoot, `.${replica.id}${STATE_SUFFIX}`);
-    const temporary = `${path}.tmp-${process.pid}`;
-    await writeFile(temporary, JSON.stringify(state), { mode: 0o600 });
-    const handle = await open(temporary, 'r');
-    try {
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    await rename(temporary, path);
+    await writeAtomically(join(this.imagesRoot, `.${replica.id}${STATE_SUFFIX}`), JSON.stringify(state), 0o600, { sync: true });
     await fsyncDirectory(this.imagesRoot);
   }
 

@@ -10,6 +10,13 @@ import { IMAGE_ID } from '../common/resource-names.js';
 import { pathExists, removeTree } from './file-tree.js';
 import type { Libvirt } from './libvirt.js';
 
+/** The image id of this host's replica name `hosts/{host}/images/{image}`; INVALID_ARGUMENT (`name`) otherwise. */
+export function replicaIdOf(host: string, name: string): string {
+  const match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(name);
+  if (!match || match[1] !== host || !IMAGE_ID.test(match[2]!)) throw CowherdError.invalidArgument('name', `must be hosts/${host}/images/{image}`);
+  return match[2]!;
+}
+
 /** Removes the replica `hosts/{host}/images/{image}` of this host; a missing one is success. */
 export async function deleteLocalReplica(
   options: {
@@ -22,21 +29,20 @@ export async function deleteLocalReplica(
   },
   name: string,
 ): Promise<void> {
-  const match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(name);
-  if (!match || match[1] !== options.host || !IMAGE_ID.test(match[2]!)) throw CowherdError.invalidArgument('name', `must be hosts/${options.host}/images/{image}`);
-  const image = `images/${match[2]}`;
+  const id = replicaIdOf(options.host, name);
+  const image = `images/${id}`;
   const dependents = (await options.libvirt.listDomains()).filter((domain) => domain.clone && 'image' in domain.clone.source && domain.clone.source.image === image);
   if (dependents.length > 0) {
     throw CowherdError.failedPrecondition(`${dependents.length} domains on this host were cloned from ${image}`, ErrorReason.ERROR_REASON_IMAGE_IN_USE, {
       dependents: dependents.slice(0, 50).map((domain) => `hosts/${options.host}/virtualMachines/${domain.name}`).join(','),
     });
   }
-  const directory = join(options.imageDirectory, 'images', match[2]!);
+  const directory = join(options.imageDirectory, 'images', id);
   // Replicas are read-only on disk (immutable): removeTree makes the directory writable first.
   const removeFiles = async (): Promise<void> => {
     if (await pathExists(directory)) await removeTree(directory);
   };
-  if (options.release) await options.release(match[2]!, removeFiles);
+  if (options.release) await options.release(id, removeFiles);
   else await removeFiles();
   options.log.info({ replica: name }, 'replica removed');
 }

@@ -2,7 +2,7 @@
  * Credentials on disk: cert.pem, key.pem (0600) and ca.pem in one directory per identity. Writes are
  * atomic (temp file + rename) so that a process watching the files never reads half a certificate.
  */
-import { mkdir, rename, writeFile } from 'node:fs/promises';
+import { mkdir, open, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { generateKeyPair, signLeafCertificate, type CertificateAndKey } from './pki.js';
 import type { TlsFiles } from './tls.js';
@@ -44,9 +44,23 @@ export async function issueCredentials(ca: CertificateAndKey, identity: string, 
   return { certificatePem, privateKeyPem: keys.privateKeyPem, caPem: ca.certificatePem };
 }
 
-/** Writes `contents` to a temp file beside `path`, then renames it over `path`. */
-export async function writeAtomically(path: string, contents: string, mode: number): Promise<void> {
+/**
+ * Writes `contents` to a temp file beside `path`, then renames it over `path`. With `sync`, the temp file is
+ * fsynced before the rename, so that after a crash `path` holds the old or the new contents, never an empty
+ * file (the caller fsyncs the directory to make the rename itself durable).
+ */
+export async function writeAtomically(path: string, contents: string, mode: number, options: { sync?: boolean } = {}): Promise<void> {
   const temporary = `${path}.${process.pid}.${Date.now()}.tmp`;
-  await writeFile(temporary, contents, { mode });
+  if (options.sync) {
+    const handle = await open(temporary, 'w', mode);
+    try {
+      await handle.writeFile(contents);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  } else {
+    await writeFile(temporary, contents, { mode });
+  }
   await rename(temporary, path);
 }
