@@ -93,13 +93,11 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
     return best;
   };
 
-  const introduced = new WeakSet<SeedWire>();
   const topUp = (wire: SeedWire): void => {
-    // Nothing before webtorrent's own first message (the have-none we substitute): a `have` sent earlier
-    // would be wiped out by it, and the receiver would never see the piece.
-    if (wire.destroyed || !introduced.has(wire)) return;
+    // A wire is in `pending` only once webtorrent's own first message (the have-none we substitute) went
+    // out: a `have` sent earlier would be wiped out by it, and the receiver would never see the piece.
     const mine = pending.get(wire);
-    if (!mine) return;
+    if (wire.destroyed || !mine) return;
     const now = performance.now();
     for (const index of mine) {
       // Announced, or revealed long ago without being announced (its slot goes to a fresh piece).
@@ -126,7 +124,8 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
     const bitfield = wire.bitfield.bind(wire);
     let first = true;
     const introduce = (): void => {
-      introduced.add(wire);
+      if (wire.destroyed) return;
+      pending.set(wire, new Set());
       setImmediate(() => topUp(wire));
     };
     wire.bitfield = (value: unknown) => {
@@ -147,7 +146,6 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
       seen[index] = 1;
       holders[index] = holders[index]! + 1;
     };
-    pending.set(wire, new Set());
     wire.on('bitfield', () => {
       for (let index = 0; index < pieceCount; index += 1) if (wire.peerPieces.get(index)) count(index);
       topUpAll();
