@@ -104,6 +104,7 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     // One agent per host, in its namespace, joining with a token.
     const hosts = [ORIGIN, ...receiverHosts(bed)];
     const agentPids = new Map<string, number>();
+    if (LOG_DIRECTORY) await mkdir(LOG_DIRECTORY, { recursive: true });
     for (const host of hosts) {
       const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host, ttl: undefined, requestId: '' }, cb));
       const root = bed.directory(host);
