@@ -75,6 +75,11 @@ export class PeerGuard {
         return;
       }
       const mine = this.ownPeerId?.();
+      if (wire.peerId && wire.peerId === mine) {
+        // A wire to ourselves (our own address handed out by the tracker): nothing to exchange.
+        wire.destroy();
+        return;
+      }
       if (wire.peerId && mine && wire.type !== 'webSeed') {
         const peerId = wire.peerId;
         const live = [...(byPeer.get(peerId) ?? [])].filter((other) => !other.destroyed);

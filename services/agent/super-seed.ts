@@ -30,6 +30,7 @@ interface SeedWire extends Wire {
   haveAll(): void;
   haveNone(): void;
   have(index: number): void;
+  piece(index: number, offset: number, buffer: Uint8Array): void;
 }
 
 /** Options of {@link superSeed}. */
@@ -46,6 +47,13 @@ export interface SuperSeedOptions {
   readonly log?: Logger;
 }
 
+/** The torrent's pieces, known before webtorrent has parsed its metadata. */
+export interface PieceLayout {
+  readonly pieceCount: number;
+  readonly pieceLength: number;
+  readonly totalBytes: number;
+}
+
 /** Counters of a super-seeded torrent. */
 export interface SuperSeedStats {
   /** `have` messages sent. */
@@ -55,7 +63,8 @@ export interface SuperSeedStats {
 }
 
 /** Makes the seeding `torrent` (every piece present) super-seed; returns live counters. */
-export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSeedOptions = {}): SuperSeedStats {
+export function superSeed(torrent: Torrent, layout: PieceLayout, options: SuperSeedOptions = {}): SuperSeedStats {
+  const { pieceCount, pieceLength, totalBytes } = layout;
   const revealPerWire = options.revealPerWire ?? 1;
   const endgameHolders = options.endgameHolders ?? 2;
   const revealTimeoutMs = options.revealTimeoutMs ?? 30_000;
@@ -65,6 +74,10 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
   const revealedAt = new Float64Array(pieceCount);
   /** Pieces revealed to a wire that it has not announced yet. */
   const pending = new Map<SeedWire, Set<number>>();
+  /** Bytes of each pending piece sent on its wire: a piece mostly sent stops counting against the budget. */
+  const sent = new Map<SeedWire, Map<number, number>>();
+  const lengthOf = (index: number): number => (index === pieceCount - 1 ? totalBytes - pieceLength * (pieceCount - 1) : pieceLength);
+  const mostlySent = (wire: SeedWire, index: number): boolean => (sent.get(wire)?.get(index) ?? 0) * 2 >= lengthOf(index);
   let nextFresh = 0;
 
   const offerable = (index: number, now: number): boolean => holders[index] === 0 && (revealedAt[index] === 0 || now - revealedAt[index]! > revealTimeoutMs);
@@ -99,14 +112,19 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
     const mine = pending.get(wire);
     if (wire.destroyed || !mine) return;
     const now = performance.now();
+    let open = 0;
     for (const index of mine) {
       // Announced, or revealed long ago without being announced (its slot goes to a fresh piece).
-      if (wire.peerPieces.get(index) || now - revealedAt[index]! > revealTimeoutMs) mine.delete(index);
+      if (wire.peerPieces.get(index) || now - revealedAt[index]! > revealTimeoutMs) {
+        mine.delete(index);
+        sent.get(wire)?.delete(index);
+      } else if (!mostlySent(wire, index)) open += 1;
     }
-    while (mine.size < revealPerWire) {
+    while (open < revealPerWire) {
       const index = pick(wire, mine);
       if (index === undefined) break;
       mine.add(index);
+      open += 1;
       revealedAt[index] = performance.now();
       stats.reveals += 1;
       wire.have(index);
@@ -126,6 +144,7 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
     const introduce = (): void => {
       if (wire.destroyed) return;
       pending.set(wire, new Set());
+      sent.set(wire, new Map());
       setImmediate(() => topUp(wire));
     };
     wire.bitfield = (value: unknown) => {
@@ -156,6 +175,19 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
       topUpAll();
     });
     wire.on('interested', () => setImmediate(() => topUp(wire)));
+    // The next piece is revealed once half of the current one is on its way, so the receiver's requests for
+    // it queue behind the rest of the current one: the uplink never idles between a piece's last block
+    // going out and the receiver's `have` coming back (all receivers finish their pieces at about the same
+    // time, so those gaps line up). It is still one piece per receiver that nobody else is offered.
+    const piece = wire.piece.bind(wire);
+    wire.piece = (index: number, offset: number, buffer: Uint8Array) => {
+      piece(index, offset, buffer);
+      const bytes = sent.get(wire);
+      if (!bytes || !pending.get(wire)?.has(index)) return;
+      const before = bytes.get(index) ?? 0;
+      bytes.set(index, before + buffer.length);
+      if (before * 2 < lengthOf(index) && (before + buffer.length) * 2 >= lengthOf(index)) topUp(wire);
+    };
     // Reveals that time out are replaced at the next event; make sure there is one.
     const tick = setInterval(() => topUp(wire), Math.max(1000, revealTimeoutMs / 2));
     tick.unref();
@@ -164,6 +196,7 @@ export function superSeed(torrent: Torrent, pieceCount: number, options: SuperSe
       // Its unannounced pieces may be offered to others at once.
       for (const index of pending.get(wire) ?? []) if (holders[index] === 0) revealedAt[index] = 1;
       pending.delete(wire);
+      sent.delete(wire);
       for (let index = 0; index < pieceCount; index += 1) if (seen[index]) holders[index] = holders[index]! - 1;
       // What only this receiver held is offerable again.
       topUpAll();

@@ -18,7 +18,9 @@
  *   torrent is added, so a fetch interrupted in any way (process killed, client destroyed) resumes with only
  *   the missing pieces. When every piece is in, the torrent is closed, every file is fsynced and its
  *   whole-file SHA-256 and size are checked against the image record (SHA-1 pieces come from the metainfo,
- *   which must not be the only thing vouching for the files); a wrong file is deleted and fetched again, at
+ *   which must not be the only thing vouching for the files). A fetch from nothing computes that SHA-256
+ *   while the pieces are written (running-digest.ts) and reads a file again only if it changed since; a
+ *   resumed fetch reads every file. A wrong file is deleted and fetched again, at
  *   most `maxVerifyAttempts` rounds, then the fetch fails with DATA_LOSS (VERIFICATION_FAILED). Verified
  *   files become 0444, the directory 0555, and it is renamed to the final directory and seeded.
  * - A write failing with ENOSPC/EDQUOT fails the fetch with RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE) and
@@ -30,6 +32,7 @@
 import { createHash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { chmod, mkdir, open, readdir, rename, stat, statfs, unlink, type FileHandle } from 'node:fs/promises';
+import { networkInterfaces } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import WebTorrent, { type ChunkStore, type ChunkStoreConstructor, type ChunkStoreOptions, type Torrent } from 'webtorrent';
@@ -37,6 +40,7 @@ import { CowherdError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import { IMAGE_ID } from '../common/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { RunningDigests, type WrittenDigest } from './running-digest.js';
 import { parseImageTorrent, torrentFile, type ImageTorrent } from './torrent.js';
 import { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
 import { PeerGuard } from './peer-guard.js';
@@ -117,6 +121,8 @@ export interface FetchImageResult {
   readonly piecesFailed: number;
   /** Peers banned for sending corrupt pieces (peer-guard.ts). */
   readonly peersBanned: number;
+  /** Files whose SHA-256 was computed while they were written rather than read again (running-digest.ts). */
+  readonly filesHashedWhileWritten: number;
   readonly durationMs: number;
 }
 
@@ -182,6 +188,9 @@ export class ImageSwarm {
       natUpnp: false,
       natPmp: false,
       utp: false,
+      // No BitTorrent protocol encryption (MSE/PE): it only obfuscates (no authentication, plaintext is
+      // chosen after a Diffie-Hellman exchange anyway) and costs a DH and two round trips per connection.
+      secure: 0,
       webSeeds: true,
       tracker: {},
       torrentPort: options.torrentPort ?? 0,
@@ -258,7 +267,7 @@ export class ImageSwarm {
     const partial = join(imagesRoot, `.${image}.partial`);
     const entry = this.newEntry(image, torrent.totalBytes);
     const started = performance.now();
-    const totals = { present: -1, written: 0, received: 0, attempts: 0, piecesFailed: 0, peersBanned: 0 };
+    const totals = { present: -1, written: 0, received: 0, attempts: 0, piecesFailed: 0, peersBanned: 0, hashedWhileWritten: 0 };
     const report = (): void => options.onProgress?.(this.snapshot(entry));
     let cancelled: Error | undefined;
     entry.cancel = (error) => {
@@ -272,7 +281,7 @@ export class ImageSwarm {
           if (bad.length === 0) {
             await this.startSeeding(entry, torrent, finalDirectory, announce);
             report();
-            return { directory: finalDirectory, bytesTotal: torrent.totalBytes, bytesPresentAtStart: torrent.totalBytes, bytesWritten: 0, bytesReceived: 0, attempts: 0, piecesFailed: 0, peersBanned: 0, durationMs: performance.now() - started };
+            return { directory: finalDirectory, bytesTotal: torrent.totalBytes, bytesPresentAtStart: torrent.totalBytes, bytesWritten: 0, bytesReceived: 0, attempts: 0, piecesFailed: 0, peersBanned: 0, filesHashedWhileWritten: 0, durationMs: performance.now() - started };
           }
           this.log?.warn({ image, files: bad }, 'replica has wrong files: moving it back to fetch them again');
           await removeTree(partial);
@@ -303,6 +312,8 @@ export class ImageSwarm {
           let lastReport = performance.now();
           const bad = await verifyImageFiles(partial, options.files, {
             sync: true,
+            ...(round.digests ? { written: round.digests } : {}),
+            onHashedWhileWritten: () => (totals.hashedWhileWritten += 1),
             onBytes: (done) => {
               entry.bytesDone = done;
               if (performance.now() - lastReport >= this.progressIntervalMs) {
@@ -339,6 +350,7 @@ export class ImageSwarm {
           attempts: totals.attempts,
           piecesFailed: totals.piecesFailed,
           peersBanned: totals.peersBanned,
+          filesHashedWhileWritten: totals.hashedWhileWritten,
           durationMs: performance.now() - started,
         };
       } catch (error) {
@@ -423,9 +435,10 @@ export class ImageSwarm {
     if (this.destroyed || this.entries.get(entry.image) !== entry) throw cancelledError(entry.image);
     const store = imageStore(directory, torrent, false, { written: 0 });
     const seeding = this.client.add(torrentFile(torrent.infoDictionary, announce), { store, skipVerify: true, private: true, path: directory });
+    skipOwnAddress(seeding, this.client.torrentPort);
     entry.torrent = seeding;
     // The origin reveals pieces one receiver at a time (super-seed.ts), so it sends each about once.
-    if (origin) superSeed(seeding, torrent.pieceCount, this.log ? { log: this.log } : {});
+    if (origin) superSeed(seeding, { pieceCount: torrent.pieceCount, pieceLength: torrent.pieceLengthBytes, totalBytes: torrent.totalBytes }, this.log ? { log: this.log } : {});
     entry.stage = 'seeding';
     entry.bytesDone = torrent.totalBytes;
     seeding.on('warning', (warning: Error) => {
@@ -451,9 +464,10 @@ export class ImageSwarm {
     report: () => void,
     cancelled: () => Error | undefined,
     empty: boolean,
-  ): Promise<{ present: number; written: number; received: number; piecesFailed: number; peersBanned: number }> {
+  ): Promise<{ present: number; written: number; received: number; piecesFailed: number; peersBanned: number; digests: StoreCounters['digests'] }> {
     const counters: StoreCounters = { written: 0 };
-    const store = imageStore(partial, torrent, true, counters);
+    // A fetch from nothing hashes each file as it is written (running-digest.ts); a resumed one reads it all.
+    const store = imageStore(partial, torrent, true, counters, { runningDigests: empty });
     const added = this.client.add(torrentFile(torrent.infoDictionary, announce), {
       store,
       private: true,
@@ -463,6 +477,7 @@ export class ImageSwarm {
       // bench) and only then announce. (skipVerify would be wrong: it takes every piece as present.)
       ...(empty ? { bitfield: new Uint8Array(Math.ceil(torrent.pieceCount / 8)) } : {}),
     });
+    skipOwnAddress(added, this.client.torrentPort);
     // webtorrent asks a one-file torrent's web seed for the URL itself, not <url>/<name>/<file> (BEP 19).
     const webSeeds = (options.webSeedUrls ?? []).map((url) => (torrent.files.length === 1 ? `${url}${url.endsWith('/') ? '' : '/'}${torrent.name}/${torrent.files[0]!.path}` : url));
     entry.torrent = added;
@@ -518,7 +533,7 @@ export class ImageSwarm {
           if (counters.error) return rejectRound(counters.error);
           if (error) return rejectRound(error);
           report();
-          resolveRound({ present, written: counters.written, received, piecesFailed: guarded.piecesFailed, peersBanned: guarded.peersBanned });
+          resolveRound({ present, written: counters.written, received, piecesFailed: guarded.piecesFailed, peersBanned: guarded.peersBanned, digests: counters.digests });
         });
       };
       added.on('warning', (warning: Error) => {
@@ -555,6 +570,17 @@ export class ImageSwarm {
   }
 }
 
+/**
+ * The tracker hands every announcer the whole swarm, itself included (bittorrent-tracker leaves out only a
+ * WebRTC peer's own entry). Dialling that entry makes two wires to ourselves that cost a handshake and every
+ * `have` we send; drop it before it is dialled. (peer-guard.ts also closes a wire whose peer id is ours.)
+ */
+function skipOwnAddress(torrent: Torrent, ownPort: number): void {
+  const own = new Set(Object.values(networkInterfaces()).flatMap((addresses) => (addresses ?? []).map((address) => `${address.family === 'IPv6' ? `[${address.address}]` : address.address}:${ownPort}`)));
+  const addPeer = torrent.addPeer.bind(torrent);
+  torrent.addPeer = (peer: string, ...rest: unknown[]) => (typeof peer === 'string' && own.has(peer) ? false : (addPeer as (...args: unknown[]) => boolean)(peer, ...rest));
+}
+
 /** True when none of the torrent's files in `directory` holds a byte (a fetch that starts from nothing). */
 async function hasNoData(directory: string, torrent: ImageTorrent): Promise<boolean> {
   for (const file of torrent.files) {
@@ -587,13 +613,24 @@ function retryAnnounceSoon(torrent: Torrent): void {
 
 /**
  * Checks every file's size and SHA-256 (streamed, node:crypto; with `sync`, fsynced after reading) and returns
- * the names of the files that are missing or wrong.
+ * the names of the files that are missing or wrong. `written` (by file index, from the chunk store's running
+ * digests) stands in for reading a file whose size and ctime are still those of the end of the writes.
  */
-export async function verifyImageFiles(directory: string, files: readonly ExpectedImageFile[], options: { sync?: boolean; onBytes?: (bytesDone: number) => void } = {}): Promise<string[]> {
+export async function verifyImageFiles(
+  directory: string,
+  files: readonly ExpectedImageFile[],
+  options: {
+    sync?: boolean;
+    onBytes?: (bytesDone: number) => void;
+    written?: ReadonlyArray<WrittenDigest | undefined>;
+    /** Called for each file checked through its `written` digest rather than read. */
+    onHashedWhileWritten?: (path: string) => void;
+  } = {},
+): Promise<string[]> {
   const bad: string[] = [];
   let done = 0;
   const buffer = Buffer.allocUnsafe(1024 * 1024);
-  for (const file of files) {
+  for (const [fileIndex, file] of files.entries()) {
     let handle: FileHandle;
     try {
       handle = await open(join(directory, file.path), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
@@ -615,15 +652,26 @@ export async function verifyImageFiles(directory: string, files: readonly Expect
       continue;
     }
     try {
-      const info = await handle.stat();
-      if (!info.isFile() || info.size !== file.sizeBytes) {
+      const info = await handle.stat({ bigint: true });
+      if (!info.isFile() || info.size !== BigInt(file.sizeBytes)) {
         bad.push(file.path);
         continue;
       }
+      const written = options.written?.[fileIndex];
+      if (written && written.sizeBytes === file.sizeBytes && written.ctimeNs === info.ctimeNs) {
+        // Hashed while it was written, and not changed since.
+        if (options.sync) await handle.sync();
+        options.onHashedWhileWritten?.(file.path);
+        done += file.sizeBytes;
+        options.onBytes?.(done);
+        if (written.sha256 !== file.sha256.toLowerCase()) bad.push(file.path);
+        continue;
+      }
+      const size = Number(info.size);
       const hash = createHash('sha256');
       let position = 0;
-      while (position < info.size) {
-        const { bytesRead } = await handle.read(buffer, 0, Math.min(buffer.length, info.size - position), position);
+      while (position < size) {
+        const { bytesRead } = await handle.read(buffer, 0, Math.min(buffer.length, size - position), position);
         if (bytesRead === 0) break;
         hash.update(buffer.subarray(0, bytesRead));
         position += bytesRead;
@@ -645,13 +693,15 @@ export async function verifyImageFiles(directory: string, files: readonly Expect
 interface StoreCounters {
   written: number;
   error?: Error;
+  /** With `runningDigests`: each file's SHA-256 as written, set when the store closes (running-digest.ts). */
+  digests?: Array<WrittenDigest | undefined>;
 }
 
 /**
  * A webtorrent chunk store over the image's files in `directory` (`<directory>/<file name>`, by position in
  * the verified torrent, whatever path webtorrent computes). Read-only stores open O_RDONLY and refuse puts.
  */
-export function imageStore(directory: string, torrent: ImageTorrent, writable: boolean, counters: StoreCounters): ChunkStoreConstructor {
+export function imageStore(directory: string, torrent: ImageTorrent, writable: boolean, counters: StoreCounters, options: { runningDigests?: boolean } = {}): ChunkStoreConstructor {
   const files = (() => {
     let offset = 0;
     return torrent.files.map((file) => {
@@ -669,9 +719,22 @@ export function imageStore(directory: string, torrent: ImageTorrent, writable: b
     private closed = false;
     private readonly unsynced = new Map<number, number>();
     private readonly flushing = new Set<number>();
+    private readonly digests: RunningDigests | undefined;
 
     constructor(chunkLength: number, _options: ChunkStoreOptions) {
       this.chunkLength = chunkLength;
+      this.digests =
+        writable && options.runningDigests
+          ? new RunningDigests(files, chunkLength, totalLength, {
+              read: async (index, position, length) => {
+                const buffer = Buffer.allocUnsafe(length);
+                const { bytesRead } = await (await this.handle(index)).read(buffer, 0, length, position);
+                if (bytesRead !== length) throw new Error(`short read in ${files[index]!.path} at ${position}`);
+                return buffer;
+              },
+              ctimeNs: async (index) => (await (await this.handle(index)).stat({ bigint: true })).ctimeNs,
+            })
+          : undefined;
     }
 
     put(index: number, buffer: Uint8Array, callback: (error: Error | null) => void): void {
@@ -679,9 +742,11 @@ export function imageStore(directory: string, torrent: ImageTorrent, writable: b
       const start = index * this.chunkLength;
       const expected = Math.min(this.chunkLength, totalLength - start);
       if (buffer.length !== expected) return later(callback, new Error(`chunk ${index} has ${buffer.length} bytes, not ${expected}`));
-      this.io(start, Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength), true).then(
+      const bytes = Buffer.from(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+      this.io(start, bytes, true).then(
         () => {
           counters.written += buffer.length;
+          this.digests?.chunkWritten(index, bytes);
           callback(null);
         },
         (error: Error) => {
@@ -706,10 +771,15 @@ export function imageStore(directory: string, torrent: ImageTorrent, writable: b
     }
 
     close(callback: (error: Error | null) => void): void {
+      if (this.closed) return later(callback, null);
       this.closed = true;
-      const handles = [...this.handles.values()];
-      this.handles.clear();
-      void Promise.allSettled(handles.map(async (handle) => (await handle).close())).then(() => callback(null));
+      void (async () => {
+        // The digests read back chunks and stat the files: before the handles go.
+        if (this.digests) counters.digests = await this.digests.finish().catch(() => undefined);
+        const handles = [...this.handles.values()];
+        this.handles.clear();
+        await Promise.allSettled(handles.map(async (handle) => (await handle).close()));
+      })().then(() => callback(null));
     }
 
     destroy(callback: (error: Error | null) => void): void {

@@ -281,6 +281,8 @@ describe('image swarm', { timeout: 240_000 }, () => {
     const result = await receiver.fetch(IMAGE, fetchOptions(await receiverImages(), { webSeedUrls: [] }));
     await assertReplica(result.directory);
     assert.equal(webSeed.bytesSent, sentBefore);
+    // A fetch from nothing hashes its files as they are written: nothing is read again to verify them.
+    assert.equal(result.filesHashedWhileWritten, FILES.length);
     measurements.push(`origin peer only: ${rate(torrent.totalBytes, result.durationMs)}`);
     await destroySwarm(receiver);
   });
@@ -303,6 +305,8 @@ describe('image swarm', { timeout: 240_000 }, () => {
     assert.equal(result.attempts, 2);
     // The template is the last piece alone: only it was fetched again.
     assert.equal(result.bytesWritten, torrent.totalBytes + FILES[1]!.size);
+    // The disk's running digest stood; the changed template's did not (its ctime moved), so it was read.
+    assert.equal(result.filesHashedWhileWritten, 1);
 
     // A corrupted final replica is found when fetched again, and only its bad file is fetched again.
     await receiver.remove(IMAGE);
