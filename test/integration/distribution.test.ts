@@ -76,7 +76,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   before(async () => {
     stack = await startCloneStack(resources, `dist-origin-${suffix}`);
     agents.set(`dist-origin-${suffix}`, stack.firstAgent);
-    for (const name of ['a', 'b', 'c']) agents.set(`dist-${name}-${suffix}`, await stack.addAgent(`dist-${name}-${suffix}`));
+    for (const name of ['a', 'b', 'c', 'g']) agents.set(`dist-${name}-${suffix}`, await stack.addAgent(`dist-${name}-${suffix}`));
 
     // A powered-off domain with a 40 MiB qcow2 disk of random data on the origin.
     const vmDirectory = join(stack.imageDirectory, 'vms');
@@ -164,7 +164,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     assert.match(await unknown.text(), /failure reason/);
   });
 
-  it('distributes to two hosts from a restarted origin: every copy verifies, image.available once per host, progress in the metadata', async () => {
+  it('distributes to three hosts from a restarted origin: every copy verifies, image.available once per host, progress in the metadata', async () => {
     // The origin agent restarts first (it verifies its replica again and seeds it on a new web seed port):
     // the distribution must come from the restarted origin alone, peer and web seed.
     const origin = agents.get(`dist-origin-${suffix}`)!;
@@ -172,25 +172,25 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const restarted = await origin.restart();
     agents.set(origin.host, { ...origin, process: restarted });
     await waitFor('the origin seeding again', async () => (restarted.logs.some((line) => line['msg'] === 'replica verified and seeding again') ? true : undefined), 60_000);
-    const operation = await distribute([`dist-a-${suffix}`, `dist-b-${suffix}`], `req-${suffix}-1`);
-    const again = await distribute([`dist-a-${suffix}`, `dist-b-${suffix}`], `req-${suffix}-1`);
+    const receivers = [`dist-a-${suffix}`, `dist-b-${suffix}`, `dist-g-${suffix}`];
+    const operation = await distribute(receivers, `req-${suffix}-1`);
+    const again = await distribute(receivers, `req-${suffix}-1`);
     assert.equal(again.name, operation.name, 'a retried request_id returns the same operation');
     const response = await finished(operation);
     assert.deepEqual(response.failures, []);
-    assert.deepEqual(response.replicas.map((replica) => replica.host), [`hosts/dist-a-${suffix}`, `hosts/dist-b-${suffix}`]);
+    assert.deepEqual(response.replicas.map((replica) => replica.host), receivers.map((host) => `hosts/${host}`));
     for (const replica of response.replicas) assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
-    await assertVerifiedCopy(`dist-a-${suffix}`);
-    await assertVerifiedCopy(`dist-b-${suffix}`);
+    for (const host of receivers) await assertVerifiedCopy(host);
     const done = await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb));
     const metadata = unpack(metadataType, done.metadata!);
-    assert.equal(metadata.hostsDone, 2);
-    assert.equal(metadata.hostsTotal, 2);
+    assert.equal(metadata.hostsDone, 3);
+    assert.equal(metadata.hostsTotal, 3);
     assert.ok(metadata.transfers.every((transfer) => transfer.progress?.bytesDone === metadata.bytesTotal));
     // Once per host: wait a little for duplicates that must not come.
-    await waitFor('two image.available events', async () => (available.filter((event) => event.operation === operation.name).length >= 2 ? true : undefined));
+    await waitFor('three image.available events', async () => (available.filter((event) => event.operation === operation.name).length >= 3 ? true : undefined));
     await new Promise((resolve) => setTimeout(resolve, 1500));
     const forThis = available.filter((event) => event.operation === operation.name).map((event) => event.host).sort();
-    assert.deepEqual(forThis, [`hosts/dist-a-${suffix}`, `hosts/dist-b-${suffix}`]);
+    assert.deepEqual(forThis, receivers.map((host) => `hosts/${host}`).sort());
     // The receiving agent's Prometheus metrics count what it downloaded.
     const metrics = agents.get(`dist-a-${suffix}`)!.process.metricsAddress!;
     const downloaded = await waitFor('distribution bytes in the metrics', async () => {
