@@ -423,6 +423,8 @@ export class VirshLibvirt implements Libvirt {
         readyPattern: new RegExp(marker),
         readyTimeoutMs: this.timeoutMs,
         env: VIRSH_ENV,
+        // A killed agent must not leave its watcher behind (the restarted agent starts its own).
+        dieWithParent: true,
         onLine: (line) => {
           // Announce a reconnection at the marker, in line order: before any event the new process prints.
           if (reconnecting && line.includes(marker)) onEvent({ kind: 'reconnected' });

@@ -72,11 +72,19 @@ export interface DaemonOptions {
   readonly cwd?: string;
   /** Each output line, e.g. to a logger. */
   readonly onLine?: (line: string) => void;
+  /**
+   * The kernel kills the program when this process dies, however it dies (SIGKILL and crashes included,
+   * where no exit handler runs): for watchers like `virsh event --loop`, which would otherwise live on
+   * as orphans. Through util-linux's `setpriv --pdeathsig`, which sets it and then becomes the program (same
+   * pid). Linux only; elsewhere the option does nothing.
+   */
+  readonly dieWithParent?: boolean;
 }
 
 /** Starts a long-running program and waits until it says it is ready. */
 export async function startDaemon(file: string, args: readonly string[], options: DaemonOptions): Promise<Daemon> {
-  const child: ResultPromise = execa(file, args, {
+  const [program, programArgs] = options.dieWithParent && process.platform === 'linux' ? ['setpriv', ['--pdeathsig', 'KILL', '--', file, ...args]] : [file, args];
+  const child: ResultPromise = execa(program, programArgs, {
     stdin: 'ignore',
     all: true,
     buffer: false,

@@ -1,12 +1,14 @@
 /**
  * The agent and inventory on real parts: an agent enrolls against a real CA, a domain defined in the
  * real libvirtd appears in inventory with its disks, backing chain and state; start and destroy change
- * the state; killing the agent marks the host UNREACHABLE; restarting it marks it READY with nothing
- * duplicated; deleting the host revokes the agent's certificate. Extra agents use test:///default.
+ * the state; killing the agent (SIGKILL) marks the host UNREACHABLE and leaves no `virsh event` behind;
+ * restarting it marks it READY with nothing duplicated or re-created; re-enrolling with a second join token
+ * and a fresh key keeps the host's record; deleting the host revokes the agent's certificate. Extra agents
+ * use test:///default.
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
@@ -27,6 +29,25 @@ const run = promisify(execFile);
 const URI = 'qemu:///system';
 const virsh = (...args: string[]) => run('virsh', ['-c', URI, ...args], { timeout: 60_000, env: { ...process.env, LC_ALL: 'C' } });
 
+/** Pids of the `virsh event` processes whose parent is `pid`. */
+async function eventWatchersOf(pid: number): Promise<number[]> {
+  const found: number[] = [];
+  for (const entry of await readdir('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const status = await readFile(`/proc/${entry}/status`, 'utf8').catch(() => '');
+    if (Number(/^PPid:\s+(\d+)/m.exec(status)?.[1]) !== pid) continue;
+    const commandLine = (await readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (commandLine[0]?.endsWith('virsh') && commandLine.some((arg) => arg.includes('event --all --loop'))) found.push(Number(entry));
+  }
+  return found;
+}
+
+/** True while `pid` runs (a zombie waiting to be reaped counts as gone). */
+async function isRunning(pid: number): Promise<boolean> {
+  const status = await readFile(`/proc/${pid}/status`, 'utf8').catch(() => '');
+  return status !== '' && !/^State:\s+Z/m.test(status);
+}
+
 describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false }, () => {
   const resources = new Resources();
   let pki: TestPki;
@@ -38,6 +59,8 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
   let directory: string;
   const domain = `cowherd-e2e-${Math.random().toString(36).slice(2, 8)}`;
   let agentEnv: Record<string, string>;
+  /** The e2e-host agent running now. */
+  let currentAgent: ServiceProcess;
 
   async function waitFor<T>(what: string, read: () => Promise<T>, ok: (value: T) => boolean, ms = 20_000): Promise<T> {
     const deadline = Date.now() + ms;
@@ -48,6 +71,18 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
       if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}: ${JSON.stringify(last)}`);
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
+  }
+  /** Exactly one record of the host and of the domain, both as they were (identity, labels, creation). */
+  async function assertSameRecords(before: { host: Host; vm: VirtualMachine }): Promise<void> {
+    const hosts = await call<{ hosts: Host[] }>((cb) => admin.listHosts({ pageSize: 1000, pageToken: '', filter: '' }, cb));
+    assert.equal(hosts.hosts.filter((item) => item.name === 'hosts/e2e-host' || item.hostname === before.host.hostname).length, 1, 'one host record');
+    const host = await getHost();
+    assert.deepEqual(host.enrollTime, before.host.enrollTime, 'enroll time kept');
+    assert.deepEqual(host.labels, { rack: 'r7' }, 'labels kept');
+    const vms = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: `domain_name = "${domain}"` }, cb));
+    assert.deepEqual(vms.virtualMachines.map((vm) => vm.name), [`hosts/e2e-host/virtualMachines/${domain}`], 'one VM record');
+    assert.deepEqual(vms.virtualMachines[0]!.createTime, before.vm.createTime, 'VM create time kept');
+    assert.equal(vms.virtualMachines[0]!.uuid, before.vm.uuid);
   }
   const getVm = (): Promise<VirtualMachine> => call((cb) => admin.getVirtualMachine({ name: `hosts/e2e-host/virtualMachines/${domain}` }, cb));
   const getHost = (host = 'e2e-host'): Promise<Host> => call((cb) => admin.getHost({ name: `hosts/${host}` }, cb));
@@ -89,9 +124,10 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
     await resources.release();
   });
 
-  it('enrolls, registers the host, and reports a real domain with its disks, backing chain and state changes', async () => {
+  it('enrolls, registers the host, reports a real domain with its disks, backing chain and state changes, and survives SIGKILL', async () => {
     const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host: 'e2e-host', ttl: undefined, requestId: '' }, cb));
     const agent = await startServiceProcess(resources, 'agent', undefined, natsUrl, { ...agentEnv, COWHERD_JOIN_TOKEN: token.token });
+    currentAgent = agent;
     const host = await waitFor('the host to register', () => getHost(), (value) => value.state === Host_State.STATE_READY);
     assert.equal(host.hypervisor, Hypervisor.HYPERVISOR_KVM);
     assert.equal(host.libvirtUri, URI);
@@ -114,17 +150,37 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
     await virsh('destroy', domain);
     await waitFor('shut off', getVm, (vm) => vm.state === VirtualMachine_State.STATE_SHUT_OFF, 10_000);
 
-    // Killed agent: UNREACHABLE after the missed heartbeats.
-    await agent.daemon.stop();
+    // Killed with SIGKILL (no shutdown code runs): UNREACHABLE after the missed heartbeats, and its
+    // `virsh event` watcher dies with it instead of living on as an orphan.
+    await call((cb) => admin.updateHost({ host: { ...host, labels: { rack: 'r7' } }, updateMask: ['labels'] }, cb));
+    const before = { host: await getHost(), vm: await getVm() };
+    const watchers = await eventWatchersOf(agent.daemon.pid);
+    assert.ok(watchers.length >= 1, 'the agent runs a virsh event watcher');
+    process.kill(agent.daemon.pid, 'SIGKILL');
+    await agent.daemon.exited;
+    await waitFor('the virsh event watcher to die with the agent', async () => (await Promise.all(watchers.map(isRunning))).filter(Boolean).length, (running) => running === 0, 10_000);
     await waitFor('unreachable', () => getHost(), (value) => value.state === Host_State.STATE_UNREACHABLE, 10_000);
 
-    // Restarted (no token: it keeps its identity): READY, and nothing duplicated.
-    await startServiceProcess(resources, 'agent', undefined, natsUrl, agentEnv);
+    // Restarted (no token: it keeps its identity): READY, and nothing duplicated or re-created.
+    currentAgent = await startServiceProcess(resources, 'agent', undefined, natsUrl, agentEnv);
     await waitFor('ready again', () => getHost(), (value) => value.state === Host_State.STATE_READY, 20_000);
-    const hosts = await call<{ hosts: Host[] }>((cb) => admin.listHosts({ pageSize: 1000, pageToken: '', filter: '' }, cb));
-    assert.equal(hosts.hosts.filter((item) => item.name === 'hosts/e2e-host').length, 1);
-    const vms = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/e2e-host', pageSize: 1000, pageToken: '', filter: '' }, cb));
-    assert.equal(vms.virtualMachines.filter((vm) => vm.domainName === domain).length, 1);
+    await assertSameRecords(before);
+  });
+
+  it('keeps the host record when the host re-enrolls with a second join token and a fresh key', async () => {
+    const before = { host: await getHost(), vm: await getVm() };
+    const firstCertificate = await readFile(join(directory, 'credentials', 'cert.pem'), 'utf8');
+    await currentAgent.daemon.stop();
+    // A reinstalled host: no credentials left, a new join token for the same host name.
+    const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host: 'e2e-host', ttl: undefined, requestId: '' }, cb));
+    const credentials = join(directory, 'credentials-reinstalled');
+    currentAgent = await startServiceProcess(resources, 'agent', undefined, natsUrl, { ...agentEnv, COWHERD_CREDENTIALS_DIR: credentials, COWHERD_JOIN_TOKEN: token.token });
+    const secondCertificate = await readFile(join(credentials, 'cert.pem'), 'utf8');
+    assert.notEqual(inspectCertificate(secondCertificate).serialNumber, inspectCertificate(firstCertificate).serialNumber);
+    assert.notEqual(await readFile(join(credentials, 'key.pem'), 'utf8'), await readFile(join(directory, 'credentials', 'key.pem'), 'utf8'), 'a fresh key pair');
+    assert.equal(inspectCertificate(secondCertificate).identity?.uri, 'spiffe://cowherd/host/e2e-host');
+    await waitFor('registered again with the new certificate', () => getHost(), (value) => value.state === Host_State.STATE_READY && (value.lastHeartbeatTime?.getTime() ?? 0) > (before.host.lastHeartbeatTime?.getTime() ?? 0), 20_000);
+    await assertSameRecords(before);
 
     await virsh('undefine', domain);
     await waitFor('the domain to disappear', () => getVm().then(() => 'present', (error: { code?: number }) => (error.code === GrpcStatus.NOT_FOUND ? 'gone' : 'error')), (value) => value === 'gone', 10_000);
