@@ -63,7 +63,8 @@ export class KvStore<T> {
   private constructor(
     readonly bucket: KV,
     private readonly js: JetStreamClient,
-    private readonly name: string,
+    /** The bucket's name. */
+    readonly name: string,
     private readonly codec: Codec<T>,
   ) {}
 
@@ -189,11 +190,21 @@ export class KvStore<T> {
   }
 
   /**
-   * Calls `onChange` for every change after the call (and first for every current value when
-   * `includeCurrent`); returns a function that stops watching.
+   * The bucket's last revision: every write and delete so far has a revision up to this one (one
+   * stream-info request).
    */
-  async watch(filter: string, onChange: (change: Change<T>) => void, includeCurrent = false): Promise<() => void> {
-    const iterator = await this.bucket.watch({ key: filter, ...(includeCurrent ? {} : { include: 'updates' as const }) });
+  async lastRevision(): Promise<number> {
+    this.manager ??= this.js.jetstreamManager();
+    return (await (await this.manager).streams.info(`KV_${this.name}`)).state.last_seq;
+  }
+
+  /**
+   * Calls `onChange` for every change after the call (and first for every current value when
+   * `includeCurrent`), or for every change from revision `fromRevision` on when given; returns a function
+   * that stops watching.
+   */
+  async watch(filter: string, onChange: (change: Change<T>) => void, includeCurrent = false, fromRevision?: number): Promise<() => void> {
+    const iterator = await this.bucket.watch({ key: filter, ...(includeCurrent ? {} : { include: 'updates' as const }), ...(fromRevision === undefined ? {} : { resumeFromRevision: fromRevision }) });
     void (async () => {
       for await (const entry of iterator) {
         onChange({ key: entry.key, value: entry.operation === 'PUT' ? this.codec.decode(entry.value) : undefined, revision: entry.revision });

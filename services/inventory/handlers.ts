@@ -7,7 +7,7 @@ import { parseFilter } from '../common/filter.js';
 import { paginateSorted, type PageTokens } from '../common/pagination.js';
 import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
 import type { Handlers } from '../common/rpc.js';
-import { hostIdOf, parseVmName, vmKey, type Inventory } from './inventory.js';
+import { hostIdOf, parseVmName, vmKey, vmNamePrefix, type Inventory } from './inventory.js';
 
 type InventoryService = typeof InventoryServiceService;
 
@@ -16,10 +16,13 @@ const bare = (json: string, prefix: string): string => json.replace(prefix, '');
 
 /** The handlers of InventoryService. */
 export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens): Handlers<InventoryService> {
+  /** The key prefix of a parent's records in the `<host>.<id>` buckets (replicas). */
   const hostParent = (parent: string): string => {
     if (parent === 'hosts/-') return '';
     return `${hostIdOf(parent, 'parent')}.`;
   };
+  /** The name prefix of a parent's VMs (the VM index is ordered by name). */
+  const vmParent = (parent: string): string => vmNamePrefix(parent === 'hosts/-' ? undefined : hostIdOf(parent, 'parent'));
   return {
     registerHost: async (request) => {
       if (!request.host) throw CowherdError.invalidArgument('host', 'is required');
@@ -134,17 +137,20 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
         managed: { read: (vm) => String(vm.managed) },
         domain_name: { read: (vm) => vm.domainName, prefix: true },
       });
-      const all = inventory.vms.valuesWithPrefix(hostParent(request.parent)).filter((entry) => matches(entry.value));
-      // Paged by KV key, which orders like the resource name and is what the index is sorted by.
-      const { page, nextPageToken } = paginateSorted(all, (entry) => entry.key, { pageSize: request.pageSize, pageToken: request.pageToken, query: `vms|${request.parent}|${request.filter}`, tokens: pageTokens });
+      const all = inventory.vms.valuesWithPrefix(vmParent(request.parent)).filter((entry) => matches(entry.value));
+      // Ordered and paged by resource name, as the index is sorted (not by KV key: a dot in an id is '=' there,
+      // which sorts differently). The token names the last VM returned, so VMs added or removed between pages
+      // neither repeat nor shift the rest. 'by-name' in the query: tokens of the key-paged lists are refused.
+      const { page, nextPageToken } = paginateSorted(all, (entry) => entry.order, { pageSize: request.pageSize, pageToken: request.pageToken, query: `vms-by-name|${request.parent}|${request.filter}`, tokens: pageTokens });
       return { virtualMachines: page.map((entry) => entry.value), nextPageToken };
     },
     watchVirtualMachines: async (request, context, send) => {
-      const prefix = hostParent(request.parent);
+      const prefix = vmParent(request.parent);
+      const keyPrefix = hostParent(request.parent);
       const queue: Array<() => Promise<void>> = [];
       let wake: (() => void) | undefined;
       const unsubscribe = inventory.vms.subscribe((change) => {
-        if (!change.key.startsWith(prefix)) return;
+        if (!change.key.startsWith(keyPrefix)) return;
         const type = change.value === undefined ? VirtualMachineChange_Type.TYPE_REMOVED : change.previous === undefined ? VirtualMachineChange_Type.TYPE_ADDED : VirtualMachineChange_Type.TYPE_MODIFIED;
         const virtualMachine = change.value ?? change.previous;
         queue.push(() => send({ type, virtualMachine, revision: String(change.revision) }));

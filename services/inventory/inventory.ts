@@ -27,6 +27,21 @@ export function vmKey(host: string, vmId: string): string {
   return `${host}.${vmId.replace(/\./g, '=')}`;
 }
 
+/**
+ * The resource name a VM key stands for. The VM index is ordered by these names, not by its keys: '='
+ * sorts after digits and '.' before them, so `vm-00.web` (key `vm-00=web`) comes before `vm-000` by name
+ * and after it by key, and lists are ordered by resource name.
+ */
+export function vmNameOfKey(key: string): string {
+  const dot = key.indexOf('.');
+  return `hosts/${key.slice(0, dot)}/virtualMachines/${key.slice(dot + 1).replace(/=/g, '.')}`;
+}
+
+/** The prefix of the names of one host's VMs in the VM index (every host's: '' ). */
+export function vmNamePrefix(host: string | undefined): string {
+  return host === undefined ? '' : `hosts/${host}/virtualMachines/`;
+}
+
 /** Parses `hosts/{host}/virtualMachines/{vm}`; undefined when malformed. */
 export function parseVmName(name: string): { host: string; vm: string } | undefined {
   const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(name);
@@ -57,11 +72,12 @@ export class Inventory {
 
   /** Opens the buckets and loads the indexes. */
   static async open(js: JetStreamClient, events: EventPublisher, log: Logger, heartbeat: HeartbeatPolicy): Promise<Inventory> {
+    const indexLog = log.child({ component: 'resource-index' });
     const [hosts, vms, images, replicas] = await Promise.all([
-      KvStore.open(js, 'hosts', protoCodec(Host)).then((store) => ResourceIndex.open(store)),
-      KvStore.open(js, 'vms', protoCodec(VirtualMachine)).then((store) => ResourceIndex.open(store)),
-      KvStore.open(js, 'images', protoCodec(Image)).then((store) => ResourceIndex.open(store)),
-      KvStore.open(js, 'replicas', protoCodec(ImageReplica)).then((store) => ResourceIndex.open(store)),
+      KvStore.open(js, 'hosts', protoCodec(Host)).then((store) => ResourceIndex.open(store, { log: indexLog })),
+      KvStore.open(js, 'vms', protoCodec(VirtualMachine)).then((store) => ResourceIndex.open(store, { orderOf: vmNameOfKey, log: indexLog })),
+      KvStore.open(js, 'images', protoCodec(Image)).then((store) => ResourceIndex.open(store, { log: indexLog })),
+      KvStore.open(js, 'replicas', protoCodec(ImageReplica)).then((store) => ResourceIndex.open(store, { log: indexLog })),
     ]);
     return new Inventory(hosts, vms, images, replicas, events, log, heartbeat);
   }
@@ -132,6 +148,7 @@ export class Inventory {
           await this.events.publish(HOST_UNREACHABLE, { host: `hosts/${key}`, lastHeartbeatTime: host.lastHeartbeatTime, occurTime: new Date() }, { host: key, id: `host.unreachable/${key}/${host.lastHeartbeatTime?.getTime() ?? 0}` });
         }
       }
+      await this.collectOrphans();
     };
     const loop = (): void => {
       this.monitor = setTimeout(() => void check().catch((error: unknown) => this.log.warn({ err: error }, 'heartbeat check failed')).finally(loop), Math.max(200, (this.heartbeat.intervalSeconds * 1000) / 2));
@@ -142,9 +159,15 @@ export class Inventory {
   /**
    * Applies an agent's report: a full snapshot replaces the host's set, otherwise upserts and removals.
    * Unchanged VMs are not rewritten. Every change is published as vm.changed.
+   *
+   * Safe against other replicas: the report is decided on an index that holds every write accepted before
+   * it (the host's previous report may have gone to another replica), each write is a compare-and-set that
+   * decides again on a newer value, and after writing, the host is looked up in KV once more. If it was
+   * deleted meanwhile (DeleteHost on another replica), this report takes back what it wrote and answers
+   * NOT_FOUND; DeleteHost removes everything written before it, so no VM outlives its host.
    */
   async reportVirtualMachines(host: string, reported: readonly VirtualMachine[], fullSnapshot: boolean, removed: readonly string[]): Promise<{ changed: number; removed: number }> {
-    if (!this.hosts.get(host)) throw CowherdError.notFound(`hosts/${host}`);
+    // Everything is checked before anything is written: a refused report changes nothing.
     const incoming = new Map<string, VirtualMachine>();
     reported.forEach((vm, index) => {
       const parsed = parseVmName(vm.name);
@@ -155,62 +178,139 @@ export class Inventory {
     const toRemove = new Set<string>();
     removed.forEach((name, index) => {
       const parsed = parseVmName(name);
-      if (!parsed) throw CowherdError.invalidArgument(`removed_virtual_machines[${index}]`, 'must be hosts/{host}/virtualMachines/{vm}');
-      if (parsed.host !== host) throw CowherdError.permissionDenied(`removed_virtual_machines[${index}] belongs to another host`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
+      if (!parsed) throw CowherdError.invalidArgument(`removed_virtual_machines[${index}]`, 'must be hosts/{host}/virtualMachines/{vm} with a domain name of [A-Za-z0-9._-] or a UUID');
+      if (parsed.host !== host) throw CowherdError.permissionDenied(`removed_virtual_machines[${index}] belongs to hosts/${parsed.host}, not to the caller's host`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
       toRemove.add(vmKey(host, parsed.vm));
     });
-    if (fullSnapshot) for (const { key } of this.vms.valuesWithPrefix(`${host}.`)) if (!incoming.has(key)) toRemove.add(key);
+    await this.requireHost(host);
+    await this.vms.sync();
+    if (fullSnapshot) for (const { key } of this.vms.valuesWithPrefix(vmNamePrefix(host))) if (!incoming.has(key)) toRemove.add(key);
 
     const now = new Date();
     const published: Array<Promise<unknown>> = [];
-    let changed = 0;
+    const written: Array<{ key: string; revision: number; value: VirtualMachine }> = [];
     const writes: Array<() => Promise<void>> = [];
     for (const [key, vm] of incoming) {
-      const current = this.vms.get(key)?.value;
-      const next = VirtualMachine.fromPartial({
-        ...vm,
-        host: `hosts/${host}`,
-        // Fields the agent does not own survive its reports.
-        sourceImage: vm.sourceImage || current?.sourceImage || '',
-        lineage: vm.lineage ?? current?.lineage,
-        managed: vm.managed || (current?.managed ?? false),
-        dependentVirtualMachines: current?.dependentVirtualMachines ?? [],
-        createTime: current?.createTime ?? now,
-        updateTime: now,
-      });
-      if (current && sameReportedState(current, next)) continue;
-      changed++;
       writes.push(async () => {
-        const written = await this.vms.replace(key, next);
-        published.push(this.publishChange(host, current ? VirtualMachineChange_Type.TYPE_MODIFIED : VirtualMachineChange_Type.TYPE_ADDED, written, key));
+        const result = await this.vms.replace(key, (current) => {
+          const next = VirtualMachine.fromPartial({
+            ...vm,
+            host: `hosts/${host}`,
+            // Fields the agent does not own survive its reports.
+            sourceImage: vm.sourceImage || current?.sourceImage || '',
+            lineage: vm.lineage ?? current?.lineage,
+            managed: vm.managed || (current?.managed ?? false),
+            dependentVirtualMachines: current?.dependentVirtualMachines ?? [],
+            createTime: current?.createTime ?? now,
+            updateTime: now,
+          });
+          return current && sameReportedState(current, next) ? undefined : next;
+        });
+        if (!result.written) return;
+        written.push({ key, revision: result.revision, value: result.value! });
+        published.push(this.publishChange(host, result.previous ? VirtualMachineChange_Type.TYPE_MODIFIED : VirtualMachineChange_Type.TYPE_ADDED, result.value!, key, result.revision));
       });
     }
     await runLimited(writes, 32);
     let removedCount = 0;
     for (const key of toRemove) {
-      const current = this.vms.get(key)?.value;
-      if (!current) continue;
-      await this.vms.remove(key);
+      let gone: VirtualMachine | undefined;
+      // The agent's word on existence is final: whatever the record became meanwhile, it goes.
+      const removedNow = await this.vms.removeWhile(key, (current) => {
+        gone = current;
+        return true;
+      });
+      if (!removedNow || !gone) continue;
       removedCount++;
-      published.push(this.publishChange(host, VirtualMachineChange_Type.TYPE_REMOVED, current, key));
+      published.push(this.publishChange(host, VirtualMachineChange_Type.TYPE_REMOVED, gone, key, this.vms.get(key)?.revision ?? 0));
+    }
+
+    if (!(await this.hosts.store.get(host))) {
+      // Deleted while this report was being written: take back exactly what this report wrote (a newer
+      // write of the same key is its writer's to take back), and tell the agent.
+      await Promise.all(
+        written.map(async ({ key, revision, value }) => {
+          if (await this.vms.remove(key, revision)) published.push(this.publishChange(host, VirtualMachineChange_Type.TYPE_REMOVED, value, key, revision + 1));
+        }),
+      );
+      this.log.warn({ host, virtualMachines: written.length }, 'host deleted during a report; its writes were taken back');
+      await Promise.all(published);
+      throw CowherdError.notFound(`hosts/${host}`);
     }
     await Promise.all(published);
-    return { changed, removed: removedCount };
+    return { changed: written.length, removed: removedCount };
   }
 
-  /** Deletes a host and its records; refused while managed VMs exist unless forced. */
+  /**
+   * Deletes a host and its records; refused while managed VMs exist unless forced. The host record goes
+   * first (compare-and-set), then every VM and replica record written before that: a report racing the
+   * deletion on another replica finds the host gone after its writes and takes them back itself.
+   */
   async deleteHost(host: string, force: boolean): Promise<void> {
-    if (!this.hosts.get(host)) throw CowherdError.notFound(`hosts/${host}`);
-    const vms = this.vms.valuesWithPrefix(`${host}.`);
-    const managed = vms.filter((entry) => entry.value.managed).map((entry) => entry.value.name);
-    if (managed.length > 0 && !force) {
-      throw CowherdError.failedPrecondition(`hosts/${host} still has ${managed.length} cowherd-managed virtual machines; delete them or use force`, ErrorReason.ERROR_REASON_HOST_NOT_EMPTY, { dependents: managed.slice(0, 20).join(',') });
+    await this.vms.sync();
+    for (let attempt = 0; ; attempt++) {
+      const current = await this.hosts.store.get(host);
+      if (!current) throw CowherdError.notFound(`hosts/${host}`);
+      const managed = this.vms.valuesWithPrefix(vmNamePrefix(host)).filter((entry) => entry.value.managed).map((entry) => entry.value.name);
+      if (managed.length > 0 && !force) {
+        throw CowherdError.failedPrecondition(`hosts/${host} still has ${managed.length} cowherd-managed virtual machines; delete them or use force`, ErrorReason.ERROR_REASON_HOST_NOT_EMPTY, { dependents: managed.slice(0, 20).join(',') });
+      }
+      // A heartbeat or registration in between changes the revision: decide again on the newer record.
+      if (await this.hosts.remove(host, current.revision)) break;
+      if (attempt >= 20) throw new Error(`hosts/${host} kept changing while being deleted`);
     }
-    for (const { key } of vms) await this.vms.remove(key);
-    for (const { key } of this.replicas.valuesWithPrefix(`${host}.`)) await this.replicas.remove(key);
-    await this.hosts.remove(host);
+    const removed = await this.removeRecordsOf(host);
     await this.events.publish(HOST_DELETED, { host: `hosts/${host}`, forced: force, occurTime: new Date() }, { host, id: `host.deleted/${host}/${Date.now()}` });
-    this.log.warn({ host, force, virtualMachines: vms.length }, 'host deleted');
+    this.log.warn({ host, force, virtualMachines: removed }, 'host deleted');
+  }
+
+  /** Removes the VM and replica records of a host that no longer exists; returns how many VMs. */
+  private async removeRecordsOf(host: string): Promise<number> {
+    // Everything written before this point is in the index; a write after it comes from a report that
+    // checks the host after writing, so that report takes it back.
+    await Promise.all([this.vms.sync(), this.replicas.sync()]);
+    let removed = 0;
+    const tasks = this.vms.valuesWithPrefix(vmNamePrefix(host)).map(({ key, value }) => async () => {
+      if (!(await this.vms.remove(key))) return;
+      removed++;
+      await this.publishChange(host, VirtualMachineChange_Type.TYPE_REMOVED, value, key, this.vms.get(key)?.revision ?? 0);
+    });
+    await runLimited(tasks, 16);
+    // Replica records are written by distribution, which does not look for the host afterwards: they go
+    // whatever they became meanwhile.
+    await runLimited(this.replicas.valuesWithPrefix(`${host}.`).map(({ key }) => async () => void (await this.replicas.removeWhile(key, () => true))), 16);
+    return removed;
+  }
+
+  /**
+   * Removes VM records whose host record is gone and that nobody wrote for `minimumAgeMs`: what a
+   * DeleteHost left behind when its replica died between deleting the host and its records. A host record
+   * exists before its first VM record (reports need it), so such a VM is an orphan. (Fresh ones are left to
+   * the report and the DeleteHost that race: they clean up after themselves.)
+   */
+  async collectOrphans(minimumAgeMs = 60_000): Promise<number> {
+    const cutoff = Date.now() - minimumAgeMs;
+    const hosts = new Set<string>();
+    for (const key of this.vms.keys()) {
+      const host = key.slice(0, key.indexOf('.'));
+      if (!this.hosts.get(host) && (this.vms.get(key)?.value.updateTime?.getTime() ?? 0) < cutoff) hosts.add(host);
+    }
+    let removed = 0;
+    for (const host of hosts) {
+      await this.hosts.sync();
+      if (this.hosts.get(host) || (await this.hosts.store.get(host))) continue;
+      const count = await this.removeRecordsOf(host);
+      removed += count;
+      this.log.warn({ host, virtualMachines: count }, 'removed the records a deletion of the host left behind');
+    }
+    return removed;
+  }
+
+  /** NOT_FOUND unless the host is registered (looked up in KV too when this replica has not seen it yet). */
+  private async requireHost(host: string): Promise<void> {
+    if (this.hosts.get(host)) return;
+    await this.hosts.sync();
+    if (!this.hosts.get(host)) throw CowherdError.notFound(`hosts/${host}`);
   }
 
   stop(): void {
@@ -218,8 +318,7 @@ export class Inventory {
     for (const index of [this.hosts, this.vms, this.images, this.replicas]) index.stop();
   }
 
-  private publishChange(host: string, type: VirtualMachineChange_Type, vm: VirtualMachine, key: string): Promise<unknown> {
-    const revision = this.vms.get(key)?.revision ?? 0;
+  private publishChange(host: string, type: VirtualMachineChange_Type, vm: VirtualMachine, key: string, revision: number): Promise<unknown> {
     return this.events
       .publish(VIRTUAL_MACHINE_CHANGED, { type, virtualMachine: vm, revision: String(revision), occurTime: new Date() }, { host, id: `vm.changed/${key}/${type}/${revision}/${Date.now()}` })
       .catch((error: unknown) => this.log.warn({ err: error, vm: vm.name }, 'vm.changed not published'));

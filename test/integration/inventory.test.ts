@@ -112,15 +112,18 @@ describe('inventory', () => {
     assert.deepEqual(seen, ['cowherd.events.v1.HostReady', 'cowherd.events.v1.HostUnreachable', 'cowherd.events.v1.HostReady']);
   });
 
-  it('lists 1,000 VMs across hosts completely, each once, while VMs change', async () => {
+  it('lists 1,000 VMs across hosts completely, each once, in name order, while VMs change', async () => {
     const hosts = ['bulk-a', 'bulk-b', 'bulk-c', 'bulk-d', 'bulk-e'];
+    // Ids with dots are stored under keys with '=' ('vm-00.web' as 'vm-00=web'), which sort after 'vm-000'
+    // where the names sort before it: the list must follow the names.
+    const bulkNames = Array.from({ length: 200 }, (_, i) => (i < 190 ? `vm-${String(i).padStart(3, '0')}` : `vm-${String(i - 190).padStart(2, '0')}.web`));
     const agents = await Promise.all(hosts.map((host) => as('host', host)));
     const expected: string[] = [];
     await Promise.all(
       agents.map(async (agent, index) => {
         const host = hosts[index]!;
         await register(agent, host);
-        const vms = Array.from({ length: 200 }, (_, i) => vm(host, `vm-${String(i).padStart(3, '0')}`));
+        const vms = bulkNames.map((name) => vm(host, name));
         expected.push(...vms.map((item) => item.name));
         const result = await call<{ changedCount: number }>((cb) => agent.reportVirtualMachines({ parent: `hosts/${host}`, virtualMachines: vms, fullSnapshot: true, removedVirtualMachines: [] }, cb));
         assert.equal(result.changedCount, 200);
@@ -137,13 +140,14 @@ describe('inventory', () => {
       round++;
       const agent = agents[round % agents.length]!;
       const host = hosts[round % hosts.length]!;
-      await call((cb) => agent.reportVirtualMachines({ parent: `hosts/${host}`, virtualMachines: [vm(host, `vm-${String(round % 200).padStart(3, '0')}`, VirtualMachine_State.STATE_RUNNING), vm(host, `extra-${round}`)], fullSnapshot: false, removedVirtualMachines: round > 2 ? [`hosts/${host}/virtualMachines/extra-${round - 2}`] : [] }, cb));
+      await call((cb) => agent.reportVirtualMachines({ parent: `hosts/${host}`, virtualMachines: [vm(host, bulkNames[round % 200]!, VirtualMachine_State.STATE_RUNNING), vm(host, `extra-${round}`)], fullSnapshot: false, removedVirtualMachines: round > 2 ? [`hosts/${host}/virtualMachines/extra-${round - 2}`] : [] }, cb));
     };
     const listed = (await listAll(admin, 'hosts/-', 37, churn)).filter((name) => /\/bulk-[a-e]\/virtualMachines\/vm-/.test(name));
     assert.equal(new Set(listed).size, listed.length, 'no VM twice');
     assert.deepEqual([...listed].sort(), [...expected].sort(), 'none missing');
     const sorted = [...listed].sort();
     assert.deepEqual(listed, sorted, 'ordered by name');
+    assert.ok(listed.indexOf('hosts/bulk-a/virtualMachines/vm-00.web') < listed.indexOf('hosts/bulk-a/virtualMachines/vm-000'), 'vm-00.web (key vm-00=web) before vm-000');
 
     // Filters and one host's VMs.
     const running = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/bulk-a', pageSize: 1000, pageToken: '', filter: 'state = RUNNING' }, cb));
@@ -204,8 +208,190 @@ describe('inventory', () => {
     assert.deepEqual(after.virtualMachines.map((item) => item.name), before.virtualMachines.map((item) => item.name));
     const ownAfter = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-04', pageSize: 1000, pageToken: '', filter: '' }, cb));
     assert.deepEqual(ownAfter.virtualMachines, [], 'the refused report wrote nothing');
+    // Registering or heartbeating as another host, a report from a host that never registered, and malformed
+    // or foreign names among the removed VMs: refused with the field or reason named, nothing written.
+    const otherBefore = await call<Host>((cb) => admin.getHost({ name: 'hosts/kvm-03' }, cb));
+    const registerOther = await failure((cb) => agent.registerHost({ host: { ...hostFacts('kvm-03'), hostname: 'evil.example' } }, cb));
+    assert.equal(registerOther.code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal(registerOther.reason, 'ERROR_REASON_HOST_MISMATCH');
+    const heartbeatOther = await failure((cb) => agent.heartbeat({ host: 'hosts/kvm-03', memoryFreeBytes: '7', imageDirectoryFreeBytes: '7', imageDirectoryTotalBytes: '7' }, cb));
+    assert.equal(heartbeatOther.code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal(heartbeatOther.reason, 'ERROR_REASON_HOST_MISMATCH');
+    const otherAfter = await call<Host>((cb) => admin.getHost({ name: 'hosts/kvm-03' }, cb));
+    // (Its state may have turned UNREACHABLE meanwhile: kvm-03 never heartbeats.)
+    assert.deepEqual([otherAfter.hostname, otherAfter.lastHeartbeatTime, otherAfter.memoryFreeBytes], [otherBefore.hostname, otherBefore.lastHeartbeatTime, otherBefore.memoryFreeBytes], 'the other host\'s record is untouched');
+
+    const stranger = await as('host', 'kvm-06');
+    const unregistered = await failure((cb) => stranger.reportVirtualMachines({ parent: 'hosts/kvm-06', virtualMachines: [vm('kvm-06', 'ghost')], fullSnapshot: true, removedVirtualMachines: [] }, cb));
+    assert.equal(unregistered.code, GrpcStatus.NOT_FOUND);
+    assert.match(unregistered.message, /hosts\/kvm-06/);
+    assert.equal((await failure((cb) => admin.getHost({ name: 'hosts/kvm-06' }, cb))).code, GrpcStatus.NOT_FOUND, 'a report registers nothing');
+    const ghosts = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-06', pageSize: 1000, pageToken: '', filter: '' }, cb));
+    assert.deepEqual(ghosts.virtualMachines, []);
+
+    await call((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [vm('kvm-04', 'keep')], fullSnapshot: true, removedVirtualMachines: [] }, cb));
+    const kept = await call<VirtualMachine>((cb) => admin.getVirtualMachine({ name: 'hosts/kvm-04/virtualMachines/keep' }, cb));
+    for (const [index, removed] of [
+      [0, ['hosts/kvm-04/virtualMachines/../keep']],
+      [1, ['hosts/kvm-04/virtualMachines/keep', 'keep']],
+      [0, ['hosts/kvm-04/virtualMachines/keep/disks']],
+      [0, ['hosts/kvm-04/virtualMachines/']],
+    ] as const) {
+      const malformed = await failure((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [vm('kvm-04', 'new-one')], fullSnapshot: false, removedVirtualMachines: [...removed] }, cb));
+      assert.equal(malformed.code, GrpcStatus.INVALID_ARGUMENT, JSON.stringify(removed));
+      assert.deepEqual(malformed.fields, [`removed_virtual_machines[${index}]`]);
+    }
+    const foreignRemoval = await failure((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [], fullSnapshot: false, removedVirtualMachines: ['hosts/kvm-03/virtualMachines/web-1'] }, cb));
+    assert.equal(foreignRemoval.code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal(foreignRemoval.reason, 'ERROR_REASON_HOST_MISMATCH');
+    const ownFinally = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-04', pageSize: 1000, pageToken: '', filter: '' }, cb));
+    assert.deepEqual(ownFinally.virtualMachines, [kept], 'no refused report added or removed anything');
+    assert.deepEqual((await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-03', pageSize: 1000, pageToken: '', filter: '' }, cb))).virtualMachines.map((item) => item.name), before.virtualMachines.map((item) => item.name));
+
     assert.equal((await failure((cb) => agent.updateHost({ host: hostFacts('kvm-04'), updateMask: ['labels'] }, cb))).code, GrpcStatus.PERMISSION_DENIED);
     assert.equal((await failure((cb) => admin.updateHost({ host: hostFacts('kvm-04'), updateMask: ['hostname'] }, cb))).fields[0], 'update_mask');
+  });
+
+  it('filters VMs by source image and managed, and keeps a source image the agent stops reporting', async () => {
+    const agent = await as('host', 'kvm-07');
+    const admin = await as('admin', 'alice', 1);
+    await register(agent, 'kvm-07');
+    const cloned = (name: string, image: string): VirtualMachine => ({ ...vm('kvm-07', name), sourceImage: image, managed: true, lineage: { image, replica: `hosts/kvm-07/${image}`, sourceVirtualMachine: '', overlays: [] } });
+    await call((cb) =>
+      agent.reportVirtualMachines({ parent: 'hosts/kvm-07', virtualMachines: [cloned('web-1', 'images/debian-12'), cloned('web-2', 'images/debian-12'), cloned('db-1', 'images/alpine-3'), vm('kvm-07', 'hand-made')], fullSnapshot: true, removedVirtualMachines: [] }, cb),
+    );
+    const names = async (parent: string, filter: string): Promise<string[]> => {
+      // Replica 2 serves the reads: wait until it has all four.
+      const deadline = Date.now() + 5_000;
+      while ((await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-07', pageSize: 1000, pageToken: '', filter: '' }, cb))).virtualMachines.length < 4 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent, pageSize: 1000, pageToken: '', filter }, cb));
+      return page.virtualMachines.map((item) => item.name);
+    };
+    const named = (...vms: string[]): string[] => vms.map((name) => `hosts/kvm-07/virtualMachines/${name}`);
+    assert.deepEqual(await names('hosts/kvm-07', 'source_image = "images/debian-12"'), named('web-1', 'web-2'));
+    assert.deepEqual(await names('hosts/-', 'source_image = "images/alpine-3"'), named('db-1'), 'across hosts');
+    assert.deepEqual(await names('hosts/kvm-07', 'source_image != "images/debian-12"'), named('db-1', 'hand-made'));
+    assert.deepEqual(await names('hosts/kvm-07', 'managed = true'), named('db-1', 'web-1', 'web-2'));
+    assert.deepEqual(await names('hosts/kvm-07', 'managed = false AND source_image = ""'), named('hand-made'));
+    assert.deepEqual(await names('hosts/kvm-07', 'managed = true AND source_image = "images/debian-12" AND domain_name = "web-2"'), named('web-2'));
+    assert.deepEqual(await names('hosts/kvm-07', 'source_image = "images/none"'), []);
+    const prefixed = await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-07', pageSize: 0, pageToken: '', filter: 'source_image = "images/deb*"' }, cb));
+    assert.equal(prefixed.code, GrpcStatus.INVALID_ARGUMENT, 'source_image takes no prefix');
+    assert.deepEqual(prefixed.fields, ['filter']);
+
+    // A later report without the lineage (an agent that lost its metadata) does not drop it.
+    await call((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-07', virtualMachines: [vm('kvm-07', 'web-1', VirtualMachine_State.STATE_RUNNING)], fullSnapshot: false, removedVirtualMachines: [] }, cb));
+    const deadline = Date.now() + 5_000;
+    let web1: VirtualMachine | undefined;
+    while (web1?.state !== VirtualMachine_State.STATE_RUNNING && Date.now() < deadline) web1 = await call<VirtualMachine>((cb) => admin.getVirtualMachine({ name: 'hosts/kvm-07/virtualMachines/web-1' }, cb));
+    assert.equal(web1?.sourceImage, 'images/debian-12');
+    assert.equal(web1?.managed, true);
+    assert.deepEqual(await names('hosts/kvm-07', 'source_image = "images/debian-12" AND state = RUNNING'), named('web-1'));
+  });
+
+  it('stays consistent when one host\'s reports alternate between replicas while admins update and delete it on the other', async () => {
+    const admins = [await as('admin', 'alice', 0), await as('admin', 'alice', 1)];
+    const waitUntil = async (what: string, ok: () => Promise<boolean>): Promise<void> => {
+      const deadline = Date.now() + 10_000;
+      while (!(await ok())) {
+        if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    };
+    const vmsOn = async (replica: number, host: string): Promise<Map<string, VirtualMachine_State>> => {
+      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admins[replica]!.listVirtualMachines({ parent: `hosts/${host}`, pageSize: 1000, pageToken: '', filter: '' }, cb));
+      return new Map(page.virtualMachines.map((item) => [item.domainName, item.state]));
+    };
+    const same = (a: ReadonlyMap<string, unknown>, b: ReadonlyMap<string, unknown>): boolean => JSON.stringify([...a].sort()) === JSON.stringify([...b].sort());
+
+    // 1. No lost update: the agent's reports go back to back, each to the other replica than the last (whose
+    // index may not have seen the last one yet); each flips VMs the previous one wrote, removes the VM the
+    // previous one added, and every fifth is a full snapshot. Meanwhile, on the other replica, an admin
+    // relabels the host and the agent re-registers and heartbeats.
+    const host = 'race-01';
+    const agents = [await as('host', host, 0), await as('host', host, 1)];
+    await register(agents[0]!, host);
+    const model = new Map<string, VirtualMachine_State>(Array.from({ length: 5 }, (_, i) => [`base-${i}`, VirtualMachine_State.STATE_SHUT_OFF]));
+    await call((cb) => agents[0]!.reportVirtualMachines({ parent: `hosts/${host}`, virtualMachines: [...model].map(([name, state]) => vm(host, name, state)), fullSnapshot: true, removedVirtualMachines: [] }, cb));
+    const ROUNDS = 60;
+    let reportsDone = false;
+    let lastLabel = '';
+    let lastCpuCount = 0;
+    const admin = (async () => {
+      for (let round = 1; !reportsDone; round++) {
+        const side = round % 2;
+        await Promise.all([
+          call((cb) => admins[side]!.updateHost({ host: { ...hostFacts(host), labels: { round: String(round) } }, updateMask: ['labels'] }, cb)).then(() => void (lastLabel = String(round))),
+          call((cb) => agents[side]!.registerHost({ host: { ...hostFacts(host), cpuCount: round } }, cb)).then(() => void (lastCpuCount = round)),
+          call((cb) => agents[1 - side]!.heartbeat({ host: `hosts/${host}`, memoryFreeBytes: String(round), imageDirectoryFreeBytes: '1', imageDirectoryTotalBytes: '2' }, cb)),
+        ]);
+      }
+    })();
+    for (let round = 1; round <= ROUNDS; round++) {
+      const flipped = round % 2 === 0 ? VirtualMachine_State.STATE_SHUT_OFF : VirtualMachine_State.STATE_RUNNING;
+      model.set('flip', flipped);
+      model.set(`base-${round % 5}`, flipped);
+      model.delete(`extra-${round - 1}`);
+      model.set(`extra-${round}`, VirtualMachine_State.STATE_RUNNING);
+      const report =
+        round % 5 === 0
+          ? { virtualMachines: [...model].map(([name, state]) => vm(host, name, state)), fullSnapshot: true, removedVirtualMachines: [] }
+          : { virtualMachines: [vm(host, 'flip', flipped), vm(host, `base-${round % 5}`, flipped), vm(host, `extra-${round}`, VirtualMachine_State.STATE_RUNNING)], fullSnapshot: false, removedVirtualMachines: round > 1 ? [`hosts/${host}/virtualMachines/extra-${round - 1}`] : [] };
+      await call((cb) => agents[round % 2]!.reportVirtualMachines({ parent: `hosts/${host}`, ...report }, cb));
+    }
+    reportsDone = true;
+    await admin;
+    for (const replica of [0, 1]) {
+      await waitUntil(`replica ${replica} to hold the last report`, async () => same(await vmsOn(replica, host), model)).catch(async (error: unknown) => {
+        assert.deepEqual(Object.fromEntries([...(await vmsOn(replica, host))].sort()), Object.fromEntries([...model].sort()), `replica ${replica}: ${String(error)}`);
+      });
+      await waitUntil(`replica ${replica} to hold the last update`, async () => {
+        const record = await call<Host>((cb) => admins[replica]!.getHost({ name: `hosts/${host}` }, cb));
+        return record.labels['round'] === lastLabel && record.cpuCount === lastCpuCount;
+      }).catch(async (error: unknown) => {
+        const record = await call<Host>((cb) => admins[replica]!.getHost({ name: `hosts/${host}` }, cb));
+        assert.deepEqual([record.labels, record.cpuCount], [{ round: lastLabel }, lastCpuCount], `replica ${replica}: neither the labels nor the facts were lost (${String(error)})`);
+      });
+    }
+
+    // 2. No orphans: a host is deleted on one replica while its reports keep arriving at both. Afterwards
+    // neither replica (nor KV) holds a VM of the deleted host, and reports after the deletion are NOT_FOUND.
+    for (let attempt = 0; attempt < 8; attempt++) {
+      const doomed = `race-del-${attempt}`;
+      const doomedAgents = [await as('host', doomed, 0), await as('host', doomed, 1)];
+      await register(doomedAgents[attempt % 2]!, doomed);
+      let deleted = false;
+      let reports = 0;
+      let finished = false;
+      const reporting = (async () => {
+        for (let round = 0; round < 200; round++) {
+          const side = round % 2;
+          try {
+            await call((cb) => doomedAgents[side]!.reportVirtualMachines({ parent: `hosts/${doomed}`, virtualMachines: Array.from({ length: 5 }, (_, i) => vm(doomed, `r${round}-${i}`)), fullSnapshot: round % 7 === 3, removedVirtualMachines: [] }, cb));
+            reports++;
+          } catch (error) {
+            assert.equal((error as { code?: number }).code, GrpcStatus.NOT_FOUND, `report ${round}: ${String(error)}`);
+            // Another report may pass between deletion and its own re-check; once the delete returned, none does.
+            if (deleted) return;
+          }
+        }
+      })().finally(() => void (finished = true));
+      // Delete once a few reports have landed, at a different moment of a report each attempt.
+      while (reports < 2 + (attempt % 3) && !finished) await new Promise((resolve) => setTimeout(resolve, 2));
+      await new Promise((resolve) => setTimeout(resolve, attempt * 3));
+      await call((cb) => admins[(reports + 1) % 2]!.deleteHost({ name: `hosts/${doomed}`, force: true }, cb));
+      deleted = true;
+      await reporting;
+      for (const replica of [0, 1]) {
+        await waitUntil(`replica ${replica} to drop ${doomed}`, async () => (await failure((cb) => admins[replica]!.getHost({ name: `hosts/${doomed}` }, cb))).code === GrpcStatus.NOT_FOUND);
+      }
+      // Give late writes (a report racing the deletion on the other replica) time to land, then look.
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      for (const replica of [0, 1]) {
+        const left = await vmsOn(replica, doomed);
+        assert.deepEqual([...left.keys()], [], `attempt ${attempt}: replica ${replica} still lists VMs of the deleted host`);
+      }
+    }
   });
 
   it('drains and deletes a host: refused while managed VMs exist, unless forced', async () => {
