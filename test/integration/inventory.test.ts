@@ -1,9 +1,14 @@
 /**
  * Inventory on real NATS with two replicas as real processes, called with real host and admin
  * certificates: registration, heartbeats and UNREACHABLE, VM reports, listing across hosts while VMs
- * change (1,000 VMs, several host identities), the watch stream, delete (drain), and bad input.
+ * change (1,000 VMs, several host identities; once through gRPC clients, once from four real agent
+ * processes on libvirt's test driver), the watch stream, filters, one host's reports alternating between
+ * the replicas while it is relabelled and deleted, delete (drain), and bad input.
  */
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
@@ -29,12 +34,33 @@ function vm(host: string, name: string, state = VirtualMachine_State.STATE_SHUT_
   return VirtualMachine.fromPartial({ name: `hosts/${host}/virtualMachines/${name}`, domainName: name, uuid: `00000000-0000-4000-8000-${String(name.length).padStart(12, '0')}`, state, vcpuCount: 1, memoryBytes: '536870912' });
 }
 
+/** A domain of libvirt's test driver. */
+interface TestDomain {
+  readonly name: string;
+  readonly running: boolean;
+}
+
+/**
+ * A libvirt test-driver node file (`test:///<file>`): every virsh process that connects reads it anew, so
+ * the file is the host's state. UUIDs are fixed (the driver makes random ones per connection otherwise).
+ */
+async function writeTestNode(file: string, host: string, domains: readonly TestDomain[]): Promise<void> {
+  const uuid = (name: string): string => {
+    const hex = createHash('sha256').update(`${host}/${name}`).digest('hex');
+    return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-4${hex.slice(13, 16)}-8${hex.slice(17, 20)}-${hex.slice(20, 32)}`;
+  };
+  const domain = ({ name, running }: TestDomain): string =>
+    `<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>${name}</name><uuid>${uuid(name)}</uuid><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os><test:runstate>${running ? 1 : 5}</test:runstate></domain>`;
+  await writeFile(file, `<node>\n${domains.map(domain).join('\n')}\n</node>\n`);
+}
+
 describe('inventory', () => {
   const resources = new Resources();
   let pki: TestPki;
   let replicas: ServiceProcess[] = [];
   const clients: InventoryServiceClient[] = [];
   let natsUrl: string;
+  let caAddress: string;
 
   async function as(kind: 'admin' | 'host' | 'service', name: string, replica = 0): Promise<InventoryServiceClient> {
     const client = createClient(InventoryServiceClient, replicas[replica]!.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials(kind, name)), caPem: pki.ca.certificatePem }), { defaultDeadlineMs: 20_000 });
@@ -61,6 +87,7 @@ describe('inventory', () => {
     const nats = await startTestNats(resources, pki);
     natsUrl = nats.url;
     const ca = await startCertificateAuthorityProcess(resources, pki, { url: nats.url });
+    caAddress = ca.address;
     const env = { COWHERD_CA_ADDRESS: ca.address, COWHERD_HEARTBEAT_SECONDS: '1', COWHERD_MISSED_HEARTBEATS: '3' };
     replicas = [
       await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory', { subdirectory: 'inventory-1' }), nats.url, env),
@@ -152,6 +179,94 @@ describe('inventory', () => {
     // Filters and one host's VMs.
     const running = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/bulk-a', pageSize: 1000, pageToken: '', filter: 'state = RUNNING' }, cb));
     assert.ok(running.virtualMachines.length > 0 && running.virtualMachines.every((item) => item.state === VirtualMachine_State.STATE_RUNNING && item.host === 'hosts/bulk-a'));
+  });
+
+  it('pages 1,000 VMs of four real agents completely, each once, in name order, while an agent restarts with changed VMs', { timeout: 300_000 }, async () => {
+    // Four agent processes, each its own host identity, on libvirt's test driver with 250 domains each
+    // (ten of them with a dot in the name), reporting to the two replicas.
+    const directory = await resources.tempDir('cowherd-test-agents-');
+    const hosts = ['agent-a', 'agent-b', 'agent-c', 'agent-d'];
+    const domainsOf = new Map<string, TestDomain[]>();
+    const names = (host: string, domains: readonly TestDomain[]): string[] => domains.map((domain) => `hosts/${host}/virtualMachines/${domain.name}`);
+    const start = async (host: string, index: number): Promise<ServiceProcess> =>
+      startServiceProcess(resources, 'agent', await pki.files('host', host), natsUrl, {
+        COWHERD_HOST_ID: host,
+        COWHERD_INVENTORY_ADDRESS: replicas[index % 2]!.address,
+        COWHERD_CA_ADDRESS: caAddress,
+        COWHERD_LIBVIRT_URI: `test://${join(directory, `${host}.xml`)}`,
+        COWHERD_IMAGE_DIR: join(directory, host, 'images'),
+        COWHERD_CREDENTIALS_DIR: join(directory, host, 'credentials'),
+      });
+    for (const host of hosts) {
+      await mkdir(join(directory, host), { recursive: true });
+      const domains = Array.from({ length: 250 }, (_, i): TestDomain => ({ name: i < 240 ? `d-${String(i).padStart(3, '0')}` : `d-${String(i - 240).padStart(2, '0')}.x`, running: i % 3 === 0 }));
+      domainsOf.set(host, domains);
+      await writeTestNode(join(directory, `${host}.xml`), host, domains);
+    }
+    const agents = await Promise.all(hosts.map((host, index) => start(host, index)));
+    const admin = await as('admin', 'alice', 0);
+    const vmsOf = async (host: string): Promise<string[]> => {
+      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: `hosts/${host}`, pageSize: 1000, pageToken: '', filter: '' }, cb));
+      return page.virtualMachines.map((item) => item.name);
+    };
+    const holds = async (host: string, domains: readonly TestDomain[]): Promise<boolean> => JSON.stringify(await vmsOf(host)) === JSON.stringify(names(host, domains).sort());
+    const waitUntil = async (what: string, ok: () => Promise<boolean>, ms = 60_000): Promise<void> => {
+      const deadline = Date.now() + ms;
+      while (!(await ok().catch(() => false))) {
+        if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      }
+    };
+    for (const host of hosts) await waitUntil(`${host}'s 250 VMs`, () => holds(host, domainsOf.get(host)!));
+
+    // agent-b's host changes while the listing is in the middle of its VMs: eleven domains go and ten come
+    // (on either side of the cursor), twenty change state; its agent restarts and reports anew.
+    const before = domainsOf.get('agent-b')!;
+    const changed: TestDomain[] = before
+      .filter((_, i) => !(i % 24 === 5))
+      .map((domain, i) => (i % 12 === 1 ? { ...domain, running: !domain.running } : domain))
+      .concat(Array.from({ length: 10 }, (_, i) => ({ name: i < 5 ? `d-00${i}.new` : `d-2${i}0.new`, running: true })));
+    const stable = new Set([...hosts.filter((host) => host !== 'agent-b').flatMap((host) => names(host, domainsOf.get(host)!)), ...names('agent-b', before).filter((name) => names('agent-b', changed).includes(name))]);
+    const existed = new Set([...stable, ...names('agent-b', before), ...names('agent-b', changed)]);
+
+    const ours = /^hosts\/agent-[a-d]\//;
+    const listed: string[] = [];
+    let pageToken = '';
+    let changedMidway = false;
+    let cursor = '';
+    do {
+      const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 41, pageToken, filter: '' }, cb));
+      listed.push(...page.virtualMachines.map((item) => item.name).filter((name) => ours.test(name)));
+      pageToken = page.nextPageToken;
+      if (!changedMidway && listed.length >= 375) {
+        changedMidway = true;
+        cursor = listed.at(-1)!;
+        assert.match(cursor, /^hosts\/agent-b\//, 'the cursor is inside agent-b\'s VMs');
+        await writeTestNode(join(directory, 'agent-b.xml'), 'agent-b', changed);
+        await agents[1]!.daemon.stop();
+        agents[1] = await start('agent-b', 1);
+        await waitUntil('agent-b\'s new VMs in the inventory', () => holds('agent-b', changed));
+      }
+    } while (pageToken !== '');
+    assert.ok(changedMidway);
+
+    assert.equal(new Set(listed).size, listed.length, 'no VM twice');
+    assert.deepEqual([...stable].filter((name) => !listed.includes(name)), [], 'none missing of those that existed throughout');
+    assert.deepEqual(listed.filter((name) => !existed.has(name)), [], 'nothing that never existed');
+    assert.deepEqual(listed, [...listed].sort(), 'in name order (d-00.x before d-000)');
+    // Of agent-b's new VMs, exactly those after the cursor were listed; of those removed, exactly those
+    // before it (listed before they went).
+    const added = names('agent-b', changed).filter((name) => name.endsWith('.new'));
+    assert.deepEqual(added.filter((name) => listed.includes(name)).sort(), added.filter((name) => name > cursor).sort());
+    assert.ok(added.some((name) => name < cursor) && added.some((name) => name > cursor));
+    const dropped = names('agent-b', before).filter((name) => !names('agent-b', changed).includes(name));
+    assert.deepEqual(dropped.filter((name) => listed.includes(name)).sort(), dropped.filter((name) => name <= cursor).sort());
+    assert.ok(dropped.some((name) => name < cursor) && dropped.some((name) => name > cursor));
+
+    // The states the restarted agent reported.
+    const running = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/agent-b', pageSize: 1000, pageToken: '', filter: 'state = RUNNING' }, cb));
+    assert.deepEqual(running.virtualMachines.map((item) => item.name), names('agent-b', changed.filter((domain) => domain.running)).sort());
+    for (const agent of agents) await agent.daemon.stop();
   });
 
   it('streams VM changes to a watcher', async () => {
