@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { status as GrpcStatus, type Server, type ServerDuplexStream, type ServiceDefinition } from '@grpc/grpc-js';
 import { FileDescriptorProto, type DescriptorProto } from '../gen/google/protobuf/descriptor.js';
 import { ServerReflectionService, type ServerReflectionRequest, type ServerReflectionResponse } from '../gen/grpc/reflection/v1/reflection.js';
+import { adaptBidiStreamHandler, REFLECTION_RULE, type BoundaryOptions } from './rpc.js';
 
 /** Where `npm run generate` writes the descriptor set. */
 export const DEFAULT_DESCRIPTOR_SET_PATH = fileURLToPath(new URL('../../proto/cowherd.binpb', import.meta.url));
@@ -137,17 +138,22 @@ export class DescriptorIndex {
   }
 }
 
-/** Adds reflection v1 and v1alpha to a server, listing `serviceNames` and the reflection service. */
-export function addReflection(server: Pick<Server, 'addService'>, descriptorSet: Buffer, serviceNames: readonly string[]): void {
+/**
+ * Adds reflection v1 and v1alpha to a server, listing `serviceNames` and the reflection service. Both go
+ * through the RPC boundary (REFLECTION_RULE in rpc.ts): any cowherd identity whose certificate is not
+ * revoked; refused callers get the same codes as on every other RPC, and every stream ends in an `rpc` line.
+ */
+export function addReflection(server: Pick<Server, 'addService'>, descriptorSet: Buffer, serviceNames: readonly string[], boundary: BoundaryOptions): void {
   const index = new DescriptorIndex(descriptorSet, [...serviceNames, 'grpc.reflection.v1.ServerReflection']);
-  const handler = (call: ServerDuplexStream<ServerReflectionRequest, ServerReflectionResponse>): void => {
+  const serve = (call: ServerDuplexStream<unknown, unknown>): void => {
     call.on('data', (request: ServerReflectionRequest) => call.write(index.answer(request)));
     call.on('end', () => call.end());
     call.on('error', () => undefined);
   };
-  const v1 = ServerReflectionService as unknown as ServiceDefinition;
-  server.addService(v1, { serverReflectionInfo: handler });
   const method = ServerReflectionService.serverReflectionInfo;
-  const v1alpha = { serverReflectionInfo: { ...method, path: '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo' } } as unknown as ServiceDefinition;
-  server.addService(v1alpha, { serverReflectionInfo: handler });
+  const v1 = ServerReflectionService as unknown as ServiceDefinition;
+  server.addService(v1, { serverReflectionInfo: adaptBidiStreamHandler(method.path, REFLECTION_RULE, boundary, serve) });
+  const v1alphaPath = '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo';
+  const v1alpha = { serverReflectionInfo: { ...method, path: v1alphaPath } } as unknown as ServiceDefinition;
+  server.addService(v1alpha, { serverReflectionInfo: adaptBidiStreamHandler(v1alphaPath, REFLECTION_RULE, boundary, serve) });
 }

@@ -7,6 +7,7 @@
 import {
   status as GrpcStatus,
   type Metadata,
+  type ServerDuplexStream,
   type ServerUnaryCall,
   type ServerWritableStream,
   type ServiceDefinition,
@@ -139,7 +140,7 @@ export function adaptService<D extends Record<string, MethodShape>>(
         let context: CallContext | undefined;
         void (async () => {
           context = callContext(call, method.path, options);
-          authorize(call, context, rule, options);
+          authorize(call.request, context, rule, options);
           if (!handler) throw unimplemented(method.path);
           return (handler as UnaryHandler<unknown, unknown>)(call.request, context);
         })().then(
@@ -166,7 +167,7 @@ export function adaptService<D extends Record<string, MethodShape>>(
           });
         void (async () => {
           context = callContext(call, method.path, options);
-          authorize(call, context, rule, options);
+          authorize(call.request, context, rule, options);
           if (!handler) throw unimplemented(method.path);
           await (handler as ServerStreamHandler<unknown, unknown>)(call.request, context, send);
         })().then(
@@ -186,6 +187,50 @@ export function adaptService<D extends Record<string, MethodShape>>(
   return { serviceName, definition: definition as unknown as ServiceDefinition, implementation };
 }
 
+/**
+ * Who may use server reflection: any cowherd identity (admin, service or host) whose certificate is not
+ * revoked. The schemas it describes are public (proto/ is in the repository), but reflection is a door into
+ * every server, so it takes the same certificate, identity and revocation checks as every other RPC.
+ */
+export const REFLECTION_RULE: AccessRule<unknown> = { allow: ['admin', 'service', 'host'], actsForHost: 'caller' };
+
+/**
+ * The boundary for a bidirectional-streaming method (server reflection is cowherd's only one): the same
+ * caller identity, authorization by `rule`, revocation check, `rpc` log line and RPC metrics as
+ * adaptService. The checks run once, when the stream opens; a refused stream ends with the error before
+ * `handler` sees it.
+ */
+export function adaptBidiStreamHandler(
+  path: string,
+  rule: AccessRule<unknown>,
+  options: BoundaryOptions,
+  handler: (call: ServerDuplexStream<unknown, unknown>, context: CallContext) => void,
+): UntypedHandleCall {
+  return ((call: ServerDuplexStream<unknown, unknown>) => {
+    const started = process.hrtime.bigint();
+    let context: CallContext | undefined;
+    try {
+      context = callContext(call, path, options);
+      authorize(undefined, context, rule, options);
+    } catch (error) {
+      const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: path }, 'unexpected error'));
+      logCall(options, context, path, started, serviceError.code, false, { message: serviceError.details });
+      // Not destroy(): on a duplex call grpc-js then cancels the call instead of sending this status.
+      call.emit('error', serviceError);
+      return;
+    }
+    let logged = false;
+    const finish = (code: GrpcStatus): void => {
+      if (logged) return;
+      logged = true;
+      logCall(options, context, path, started, code, false);
+    };
+    call.once('finish', () => finish(GrpcStatus.OK));
+    call.once('cancelled', () => finish(GrpcStatus.CANCELLED));
+    handler(call, context);
+  }) as UntypedHandleCall;
+}
+
 /** Reads the caller's identity from a call's TLS peer certificate; undefined without one. */
 export function peerIdentity(call: { getAuthContext(): { sslPeerCertificate?: PeerCertificate } }): { identity: Identity | undefined; certificate: PeerCertificateFacts } | undefined {
   const certificate = call.getAuthContext().sslPeerCertificate;
@@ -203,9 +248,9 @@ export function peerIdentity(call: { getAuthContext(): { sslPeerCertificate?: Pe
  * `caller` in logs is kind/name (host/kvm-01), "anonymous" without a certificate, or "unidentified"
  * for a certificate that names no cowherd identity.
  */
-function callContext(call: ServerUnaryCall<unknown, unknown> | ServerWritableStream<unknown, unknown>, path: string, options: BoundaryOptions): CallContext {
+function callContext(call: ServerUnaryCall<unknown, unknown> | ServerWritableStream<unknown, unknown> | ServerDuplexStream<unknown, unknown>, path: string, options: BoundaryOptions): CallContext {
   const controller = new AbortController();
-  call.once('cancelled', () => controller.abort(new CowherdError(GrpcStatus.CANCELLED, 'call cancelled', { reason: ErrorReason.ERROR_REASON_INTERNAL })));
+  (call as ServerUnaryCall<unknown, unknown>).once('cancelled', () => controller.abort(new CowherdError(GrpcStatus.CANCELLED, 'call cancelled', { reason: ErrorReason.ERROR_REASON_INTERNAL })));
   const peer = peerIdentity(call);
   const caller = peer?.identity;
   const log = options.log.child({ method: path, caller: caller ? describeIdentity(caller) : peer ? 'unidentified' : 'anonymous' });
@@ -213,7 +258,7 @@ function callContext(call: ServerUnaryCall<unknown, unknown> | ServerWritableStr
 }
 
 /** Throws unless the call's caller may make it (deny by default). */
-function authorize(call: ServerUnaryCall<unknown, unknown> | ServerWritableStream<unknown, unknown>, context: CallContext, rule: AccessRule<unknown> | undefined, options: BoundaryOptions): void {
+function authorize(request: unknown, context: CallContext, rule: AccessRule<unknown> | undefined, options: BoundaryOptions): void {
   const path = context.method;
   const caller = context.caller;
   const certificate = context.callerCertificate;
@@ -233,7 +278,7 @@ function authorize(call: ServerUnaryCall<unknown, unknown> | ServerWritableStrea
   }
   if (caller.kind === 'host') {
     if (!rule.actsForHost) throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}`);
-    const target = rule.actsForHost === 'caller' ? caller.name : rule.actsForHost(call.request);
+    const target = rule.actsForHost === 'caller' ? caller.name : rule.actsForHost(request);
     if (target !== caller.name) {
       throw CowherdError.permissionDenied(`host ${caller.name} may act only for its own host, not for ${JSON.stringify(target ?? '')}`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
     }

@@ -63,7 +63,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
 
   const server = new Server({ ...SERVER_DEFAULTS, ...options.channelOptions });
   for (const service of [...options.services, healthService]) server.addService(service.definition, service.implementation);
-  addReflection(server, options.descriptorSet, [...serviceNames, healthService.serviceName]);
+  addReflection(server, options.descriptorSet, [...serviceNames, healthService.serviceName], boundary);
   const port = await bind(server, options.address, options.credentials);
 
   let probe: Server | undefined;
