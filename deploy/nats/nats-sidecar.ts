@@ -22,11 +22,11 @@ import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/ce
 import { keepCertificateFresh, type RenewFunction } from '../../services/common/certificate-renewal.js';
 import { createClient } from '../../services/common/client.js';
 import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, urlListVariable } from '../../services/common/config.js';
-import { parseIdentity, type Identity } from '../../services/common/identity.js';
+import { identityUri, parseIdentity, type Identity } from '../../services/common/identity.js';
 import { jsonCodec, KvStore } from '../../services/common/kv.js';
 import { createLogger, LOG_LEVELS, type Logger } from '../../services/common/logger.js';
 import { connectNats, type Nats } from '../../services/common/nats.js';
-import { mutualTlsChannelCredentials, type TlsFiles } from '../../services/common/tls.js';
+import { mutualTlsClientCredentials, type TlsFiles } from '../../services/common/tls.js';
 import { natsUsers } from '../../services/certificate-authority/nats-users.js';
 import { openCaRecords } from '../../services/certificate-authority/records.js';
 import type { LevelWithSilent } from 'pino';
@@ -92,7 +92,7 @@ async function main(): Promise<void> {
   const tls: TlsFiles = { certificateFile: config.certificateFile, privateKeyFile: config.privateKeyFile, caFile: config.caFile };
   const staticIdentities = parseStaticIdentities(config.staticIdentities);
 
-  const caClient = createClient(CertificateAuthorityServiceClient, config.caAddress, mutualTlsChannelCredentials(tls), { defaultDeadlineMs: 10_000 });
+  const caClient = createClient(CertificateAuthorityServiceClient, config.caAddress, mutualTlsClientCredentials(tls)(identityUri('service', 'certificate-authority')), { defaultDeadlineMs: 10_000 });
   const nats = await connectNats({ servers: config.natsUrls, tls, name: 'nats-sidecar', log });
   const records = await openCaRecords(nats.jetstream);
   const users = natsUsers({

@@ -6,7 +6,7 @@ import { ConfigError } from '../common/config.js';
 import { createLogger } from '../common/logger.js';
 import { adaptService } from '../common/rpc.js';
 import { runServiceMain } from '../common/service-process.js';
-import { mutualTlsChannelCredentials } from '../common/tls.js';
+import { identityUri } from '../common/identity.js';
 import { AGENT_POLICY } from './access-policy.js';
 import { loadAgentConfig, type AgentConfig } from './config.js';
 import { createQemuImgDiskInspector } from './disks.js';
@@ -52,11 +52,11 @@ await runServiceMain({
   name: 'agent',
   variables: {},
   env,
-  build: async ({ boundary, config, log, tls, events }) => {
+  build: async ({ boundary, log, clientCredentials, events }) => {
     await prepareImageDirectory(agent.imageDirectory);
     const virsh = new VirshLibvirt({ uri: agent.libvirtUri, log: log.child({ component: 'libvirt' }) });
     const libvirt = agent.domainScope === 'image-directory' ? scopedLibvirt(virsh, agent.imageDirectory) : virsh;
-    const inventory = createClient(InventoryServiceClient, agent.inventoryAddress, mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000));
+    const inventory = createClient(InventoryServiceClient, agent.inventoryAddress, clientCredentials(identityUri('service', 'inventory')));
     const hypervisor = await libvirt.hypervisorFacts().then(
       (facts) => (detectHypervisor(facts, readSystemFacts()).hypervisor === Hypervisor.HYPERVISOR_XEN ? 'xen' : 'kvm'),
       () => 'kvm' as const,

@@ -2,11 +2,12 @@
  * Calling the agents: one AgentService client per agent endpoint, made on first use with the cloning
  * service's own mTLS credentials and kept, and a deadline that grows with the batch.
  */
-import { Metadata, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
+import { Metadata, type ServiceError } from '@grpc/grpc-js';
 import { AgentServiceClient, type CreateClonesRequest, type CreateClonesResponse } from '../gen/cowherd/agent/v1/agent_service.js';
 import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { AgentClients } from '../common/agent-clients.js';
 import { relayServiceError } from '../common/errors.js';
+import type { CredentialsFor } from '../common/tls.js';
 
 /** What cloning asks of a host's agent. */
 export interface AgentPort {
@@ -30,8 +31,8 @@ export function createClonesDeadlineMs(cloneCount: number): number {
 
 /** Options of {@link createAgentPort}. */
 export interface AgentPortOptions {
-  /** The cloning service's own mTLS credentials (mutualTlsChannelCredentials(context.tls)). */
-  readonly credentials: ChannelCredentials;
+  /** The cloning service's own mTLS client credentials, by the identity of the agent dialled. */
+  readonly credentials: CredentialsFor;
 }
 
 /** The real AgentPort over gRPC, with `close` for shutdown. */

@@ -5,7 +5,7 @@ import { createClient } from '../common/client.js';
 import { openOperations } from '../common/operations.js';
 import { adaptService } from '../common/rpc.js';
 import { runServiceMain } from '../common/service-process.js';
-import { mutualTlsChannelCredentials } from '../common/tls.js';
+import { identityUri } from '../common/identity.js';
 import { CLONING_POLICY } from './access-policy.js';
 import { createAgentPort } from './agents.js';
 import { cloneOperationKind } from './clone-operation.js';
@@ -19,12 +19,11 @@ await runServiceMain({
   name: 'cloning',
   variables: CLONING_VARIABLES,
   env: process.env,
-  build: async ({ config, boundary, nats, log, tls, events }) => {
-    const credentials = mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000);
-    const inventory = createClient(InventoryServiceClient, config.inventoryAddress, credentials, { defaultDeadlineMs: 15_000 });
+  build: async ({ config, boundary, nats, log, clientCredentials, events }) => {
+    const inventory = createClient(InventoryServiceClient, config.inventoryAddress, clientCredentials(identityUri('service', 'inventory')), { defaultDeadlineMs: 15_000 });
     const fleet = createInventoryFleetView(inventory);
-    const agents = createAgentPort({ credentials });
-    const imageDelivery = distributionImageDelivery(config.distributionAddress, credentials);
+    const agents = createAgentPort({ credentials: clientCredentials });
+    const imageDelivery = distributionImageDelivery(config.distributionAddress, clientCredentials(identityUri('service', 'distribution')));
     const kind = cloneOperationKind({ fleet, agents, events, imageDelivery });
     const stopKind = stopOperationKind({ fleet, agents });
     const operations = await openOperations(nats.jetstream, log, boundary, [kind as never, stopKind as never]);

@@ -2,20 +2,23 @@
  * Clients for the agents of the fleet, for the services that call them (cloning, distribution): one
  * AgentService client per agent endpoint, made on first use with the service's own mTLS credentials and
  * kept. An agent's certificate names its host id (and localhost), whatever address it is reached at, so
- * the TLS server name is the host id.
+ * the TLS server name is the host id, and the connection is accepted only when the agent proves
+ * `spiffe://cowherd/host/<host id>`: a service or another host answering at that endpoint is refused.
  */
-import { status as GrpcStatus, type ChannelCredentials } from '@grpc/grpc-js';
+import { status as GrpcStatus } from '@grpc/grpc-js';
 import { AgentServiceClient } from '../gen/cowherd/agent/v1/agent_service.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { Host } from '../gen/cowherd/inventory/v1/resources.js';
 import { createClient } from './client.js';
 import { CowherdError } from './errors.js';
+import { identityUri } from './identity.js';
+import type { CredentialsFor } from './tls.js';
 
 /** A cache of agent clients. */
 export class AgentClients {
   private readonly clients = new Map<string, AgentServiceClient>();
 
-  constructor(private readonly credentials: ChannelCredentials) {}
+  constructor(private readonly credentials: CredentialsFor) {}
 
   /** The client for a host's agent; UNAVAILABLE (HOST_UNREACHABLE) when inventory knows no endpoint. */
   clientFor(host: Pick<Host, 'name' | 'agentEndpoint'>): AgentServiceClient {
@@ -26,7 +29,7 @@ export class AgentClients {
     const key = `${host.agentEndpoint}|${serverName}`;
     let client = this.clients.get(key);
     if (!client) {
-      client = createClient(AgentServiceClient, host.agentEndpoint, this.credentials, { serverName });
+      client = createClient(AgentServiceClient, host.agentEndpoint, this.credentials(identityUri('host', serverName)), { serverName });
       this.clients.set(key, client);
     }
     return client;

@@ -10,7 +10,8 @@ import { connectNats, type Nats } from './nats.js';
 import { DEFAULT_DESCRIPTOR_SET_PATH, readDescriptorSet } from './reflection.js';
 import { NO_REVOCATIONS, type BoundaryOptions, type RevocationCheck, type ServiceRegistration } from './rpc.js';
 import { startServer, type RunningServer } from './server.js';
-import { mutualTlsChannelCredentials, mutualTlsServerCredentials, type TlsFiles } from './tls.js';
+import { mutualTlsClientCredentials, mutualTlsServerCredentials, type CredentialsFor, type TlsFiles } from './tls.js';
+import { identityUri } from './identity.js';
 import { CertificateAuthorityServiceClient } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { keepCertificateFresh, type RenewFunction } from './certificate-renewal.js';
 import { createClient } from './client.js';
@@ -73,6 +74,11 @@ export interface ServiceContext<C extends ServerConfig> {
   readonly nats: Nats;
   readonly events: EventPublisher;
   readonly tls: TlsFiles;
+  /**
+   * Client credentials of this process by the identity of the server dialled (`identityUri('service',
+   * 'inventory')`, `identityUri('host', id)`): a server that proves another identity is refused.
+   */
+  readonly clientCredentials: CredentialsFor;
   /** Pass to adaptService. */
   readonly boundary: BoundaryOptions;
 }
@@ -113,19 +119,20 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
   const log = createLogger({ service: options.name, level: config.logLevel, ...(options.logDestination === undefined ? {} : { destination: options.logDestination }) });
   const tls: TlsFiles = { certificateFile: config.certificateFile, privateKeyFile: config.privateKeyFile, caFile: config.caFile };
   const credentials = mutualTlsServerCredentials(tls, config.tlsRefreshSeconds * 1000);
+  const clientCredentials = mutualTlsClientCredentials(tls, config.tlsRefreshSeconds * 1000);
   const nats = await connectNats({ servers: config.natsUrls, tls, name: options.name, log });
   try {
     // Agents (host identities) may only publish their own events; the services own the stream's shape.
     if (options.name !== 'agent') await ensureEventStream(nats.manager, { replicas: config.eventStreamReplicas });
     const revocationsRef: { current: RevocationCheck } = { current: NO_REVOCATIONS };
     const boundary: BoundaryOptions = { log, revocations: { isRevoked: (serial) => revocationsRef.current.isRevoked(serial) } };
-    const built = await options.build({ config, log, nats, events: new EventPublisher(nats.jetstream, log), tls, boundary });
+    const built = await options.build({ config, log, nats, events: new EventPublisher(nats.jetstream, log), tls, clientCredentials, boundary });
     const stoppers: Array<() => void> = [];
     let caClient: CertificateAuthorityServiceClient | undefined;
     if (built.revocations) {
       revocationsRef.current = built.revocations;
     } else {
-      caClient = createClient(CertificateAuthorityServiceClient, config.caAddress, mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000), { defaultDeadlineMs: 10_000 });
+      caClient = createClient(CertificateAuthorityServiceClient, config.caAddress, clientCredentials(identityUri('service', 'certificate-authority')), { defaultDeadlineMs: 10_000 });
       const client = caClient;
       const set = new RevocationSet();
       revocationsRef.current = set;

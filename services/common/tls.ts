@@ -3,7 +3,9 @@
  * the old one is used by the next connection, with no restart (grpc-js FileWatcherCertificateProvider).
  */
 import { readFileSync } from 'node:fs';
+import { checkServerIdentity as checkServerHostname, type PeerCertificate } from 'node:tls';
 import { ChannelCredentials, experimental, ServerCredentials } from '@grpc/grpc-js';
+import { parseSubjectAltName } from './pki.js';
 
 /** The three PEM files every cowherd process holds. */
 export interface TlsFiles {
@@ -42,16 +44,63 @@ export function serverOnlyTlsCredentials(files: Omit<TlsFiles, 'caFile'> & { caF
   return experimental.createCertificateProviderServerCredentials(watcher, watcher, false);
 }
 
-/** Client credentials presenting our certificate and trusting only the cowherd CA. */
-export function mutualTlsChannelCredentials(files: TlsFiles, refreshIntervalMs = DEFAULT_TLS_REFRESH_MS): ChannelCredentials {
+/**
+ * Channel credentials for the server a client dials, by the SPIFFE identity that server must prove
+ * (`spiffe://cowherd/service/inventory`, `spiffe://cowherd/host/kvm-01`).
+ */
+export type CredentialsFor = (serverIdentity: string) => ChannelCredentials;
+
+/**
+ * Client credentials presenting our certificate and trusting only the cowherd CA, one set per server
+ * identity: a connection succeeds only when the server's certificate carries exactly the identity the
+ * caller meant to reach. A CA-signed certificate of another identity (a host's, another service's)
+ * served at that address fails the handshake, so the call fails UNAVAILABLE and no request is sent.
+ * One file watcher serves every identity; credentials are made once per identity and kept, so that
+ * grpc-js shares connections between clients of the same server.
+ */
+export function mutualTlsClientCredentials(files: TlsFiles, refreshIntervalMs = DEFAULT_TLS_REFRESH_MS): CredentialsFor {
   assertReadable(files);
   const watcher = provider(files, refreshIntervalMs);
-  return experimental.createCertificateProviderChannelCredentials(watcher, watcher);
+  const byIdentity = new Map<string, ChannelCredentials>();
+  return (serverIdentity) => {
+    let credentials = byIdentity.get(serverIdentity);
+    if (!credentials) {
+      credentials = experimental.createCertificateProviderChannelCredentials(watcher, watcher, { checkServerIdentity: expectServerIdentity(serverIdentity) });
+      byIdentity.set(serverIdentity, credentials);
+    }
+    return credentials;
+  };
 }
 
-/** Client credentials from PEM contents held in memory (the CLI's bundle, tests). */
-export function mutualTlsChannelCredentialsFromPem(pem: { certificatePem: string; privateKeyPem: string; caPem: string }): ChannelCredentials {
-  return ChannelCredentials.createSsl(Buffer.from(pem.caPem), Buffer.from(pem.privateKeyPem), Buffer.from(pem.certificatePem));
+/**
+ * Client credentials from PEM contents held in memory (the CLI's bundle, tests). With `serverIdentity`
+ * the server must prove that SPIFFE identity too (see mutualTlsClientCredentials).
+ */
+export function mutualTlsChannelCredentialsFromPem(pem: { certificatePem: string; privateKeyPem: string; caPem: string }, serverIdentity?: string): ChannelCredentials {
+  return ChannelCredentials.createSsl(
+    Buffer.from(pem.caPem),
+    Buffer.from(pem.privateKeyPem),
+    Buffer.from(pem.certificatePem),
+    serverIdentity === undefined ? {} : { checkServerIdentity: expectServerIdentity(serverIdentity) },
+  );
+}
+
+/**
+ * A TLS `checkServerIdentity` that keeps Node's host name check (the DNS SAN must match the name
+ * dialled, or grpc.ssl_target_name_override) and then demands that the certificate's only URI SAN be
+ * `serverIdentity`. DNS names alone are not enough: every host certificate carries `localhost`, and
+ * a host's own name may be any label an admin chose.
+ */
+export function expectServerIdentity(serverIdentity: string): (hostname: string, certificate: PeerCertificate) => Error | undefined {
+  return (hostname, certificate) => {
+    const hostnameError = checkServerHostname(hostname, certificate);
+    if (hostnameError) return hostnameError;
+    const uris = parseSubjectAltName(certificate.subjectaltname ?? '').uris;
+    if (uris.length !== 1 || uris[0] !== serverIdentity) {
+      return Object.assign(new Error(`the server at ${hostname} is ${uris.length === 0 ? 'no cowherd identity' : uris.join(', ')}, not ${serverIdentity}`), { code: 'ERR_COWHERD_SERVER_IDENTITY' });
+    }
+    return undefined;
+  };
 }
 
 function assertReadable(files: TlsFiles): void {

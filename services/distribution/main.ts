@@ -10,7 +10,7 @@ import { KvStore, protoCodec } from '../common/kv.js';
 import { openOperations } from '../common/operations.js';
 import { adaptService } from '../common/rpc.js';
 import { runServiceMain } from '../common/service-process.js';
-import { mutualTlsChannelCredentials } from '../common/tls.js';
+import { identityUri } from '../common/identity.js';
 import { DISTRIBUTION_POLICY } from './access-policy.js';
 import { deleteImageOperationKind } from './deletion.js';
 import { distributionHandlers } from './handlers.js';
@@ -33,10 +33,9 @@ await runServiceMain({
     trackerAnnounceUrl: optionalStringVariable('COWHERD_TRACKER_ANNOUNCE_URL', 'the announce URL agents use to reach the tracker (behind a Service or load balancer, its address); default http://<this host name>:<tracker port>/announce'),
   },
   env: process.env,
-  build: async ({ config, boundary, nats, log, tls, events }) => {
-    const credentials = mutualTlsChannelCredentials(tls, config.tlsRefreshSeconds * 1000);
-    const inventoryClient = createClient(InventoryServiceClient, config.inventoryAddress, credentials, { defaultDeadlineMs: 15_000 });
-    const agents = new AgentClients(credentials);
+  build: async ({ config, boundary, nats, log, clientCredentials, events }) => {
+    const inventoryClient = createClient(InventoryServiceClient, config.inventoryAddress, clientCredentials(identityUri('service', 'inventory')), { defaultDeadlineMs: 15_000 });
+    const agents = new AgentClients(clientCredentials);
     const tracker = await startTracker({ address: config.trackerAddress, images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)), log: log.child({ component: 'tracker' }), relay: natsTrackerRelay(nats.connection) });
     const trackerAnnounceUrl = config.trackerAnnounceUrl ?? tracker.announceUrl(announceHost(config.trackerAddress));
     const deps = {

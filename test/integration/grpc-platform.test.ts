@@ -1,32 +1,49 @@
 /**
  * The gRPC platform with real servers on port 0 and real certificates: per-RPC authorization and
- * revocation at the boundary, error details on the wire, the deadline-and-retry interceptor, and
+ * revocation at the boundary (server reflection included), error details on the wire, the
+ * deadline-and-retry interceptor, clients that accept only the server identity they dial, and
  * certificate hot reload.
  */
 import assert from 'node:assert/strict';
 import { connect as tlsConnect } from 'node:tls';
 import { after, before, describe, it } from 'node:test';
 import { readFile } from 'node:fs/promises';
-import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
+import { makeGenericClientConstructor, Metadata, status as GrpcStatus, type ChannelCredentials, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
+import { AgentClients } from '../../services/common/agent-clients.js';
 import { createClient } from '../../services/common/client.js';
 import { CowherdError, readServiceError } from '../../services/common/errors.js';
-import { writeCredentials } from '../../services/common/credential-files.js';
+import { issueCredentials, writeCredentials, type Credentials } from '../../services/common/credential-files.js';
+import { identityUri } from '../../services/common/identity.js';
 import { createLogger } from '../../services/common/logger.js';
 import { readDescriptorSet } from '../../services/common/reflection.js';
 import { adaptService, type RevocationCheck } from '../../services/common/rpc.js';
 import { startServer, type RunningServer } from '../../services/common/server.js';
-import { mutualTlsChannelCredentialsFromPem, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/tls.js';
+import { mutualTlsChannelCredentialsFromPem, mutualTlsClientCredentials, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/tls.js';
 import { inspectCertificate } from '../../services/common/pki.js';
+import { AGENT_POLICY } from '../../services/agent/access-policy.js';
 import { INVENTORY_POLICY } from '../../services/inventory/access-policy.js';
+import { AgentServiceService } from '../../services/gen/cowherd/agent/v1/agent_service.js';
+import { ServerReflectionService, type ServerReflectionRequest, type ServerReflectionResponse } from '../../services/gen/grpc/reflection/v1/reflection.js';
 import { InventoryServiceClient, InventoryServiceService } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, Host_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { Resources, TestPki } from '../harness/index.js';
-import { call } from '../harness/grpc.js';
+import { call, failure } from '../harness/grpc.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
 
 describe('gRPC platform', () => {
+  /** The serial of the certificate a server presents in a TLS handshake now. */
+  const serialOnWire = (port: number): Promise<string> =>
+    new Promise((resolve, reject) => {
+      const socket = tlsConnect({ host: 'localhost', port, ca: pki.ca.certificatePem, servername: 'localhost', ALPNProtocols: ['h2'] }, () => {
+        const serial = socket.getPeerCertificate().serialNumber.toLowerCase().replace(/^0+/, '');
+        socket.destroy();
+        resolve(serial);
+      });
+      socket.on('error', reject);
+    });
+
   const resources = new Resources();
   let pki: TestPki;
   let server: RunningServer;
@@ -122,6 +139,102 @@ describe('gRPC platform', () => {
     assert.equal(error.reason, 'ERROR_REASON_CERTIFICATE_REVOKED');
   });
 
+  it('puts server reflection (v1 and v1alpha) behind the same identity and revocation checks as every RPC', async () => {
+    const v1alpha = { serverReflectionInfo: { ...ServerReflectionService.serverReflectionInfo, path: '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo' } };
+    type ReflectionClient = { serverReflectionInfo(): ClientDuplexStream<ServerReflectionRequest, ServerReflectionResponse>; close(): void };
+    const listServices = (credentials: ChannelCredentials, alpha: boolean): Promise<string[]> =>
+      new Promise((resolve, reject) => {
+        const Client = makeGenericClientConstructor(alpha ? v1alpha : ServerReflectionService, alpha ? 'grpc.reflection.v1alpha.ServerReflection' : 'grpc.reflection.v1.ServerReflection');
+        const client = new Client(`localhost:${server.port}`, credentials) as unknown as ReflectionClient;
+        const stream = client.serverReflectionInfo();
+        const names: string[] = [];
+        stream.on('data', (response: ServerReflectionResponse) => {
+          if (response.messageResponse?.$case === 'listServicesResponse') names.push(...response.messageResponse.value.service.map((service) => service.name));
+        });
+        stream.on('error', (error: ServiceError) => {
+          client.close();
+          reject(error);
+        });
+        stream.on('end', () => {
+          client.close();
+          resolve(names);
+        });
+        stream.write({ host: '', messageRequest: { $case: 'listServices', value: '' } });
+        stream.end();
+      });
+    const credentialsOf = (credentials: Credentials): ChannelCredentials => mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem });
+    const refused = (credentials: ChannelCredentials, alpha: boolean) => listServices(credentials, alpha).then(() => assert.fail('reflection answered'), (error: ServiceError) => readServiceError(error));
+
+    // Any cowherd identity whose certificate stands may use it: hosts too (the schemas are public).
+    const host = credentialsOf(await pki.credentials('host', 'kvm-01'));
+    for (const alpha of [false, true]) assert.ok((await listServices(host, alpha)).includes('cowherd.inventory.v1.InventoryService'));
+
+    const trudyCredentials = await pki.credentials('admin', 'trudy');
+    const trudy = credentialsOf(trudyCredentials);
+    assert.ok((await listServices(trudy, false)).includes('grpc.health.v1.Health'), 'accepted before revocation');
+    revoked.add(inspectCertificate(trudyCredentials.certificatePem).serialNumber);
+    for (const alpha of [false, true]) {
+      const error = await refused(trudy, alpha);
+      assert.equal(error.code, GrpcStatus.UNAUTHENTICATED, `v1${alpha ? 'alpha' : ''}`);
+      assert.equal(error.reason, 'ERROR_REASON_CERTIFICATE_REVOKED');
+    }
+
+    // A certificate from the right CA that names no cowherd identity.
+    const stranger = credentialsOf(await issueCredentials(pki.ca, 'spiffe://elsewhere/service/inventory', { dnsNames: ['localhost'] }));
+    assert.equal((await refused(stranger, false)).code, GrpcStatus.UNAUTHENTICATED);
+  });
+
+  it('makes clients refuse a server that proves another identity than the one they dial', async () => {
+    const handled: string[] = [];
+    const startImpostor = async (credentials: Credentials, service: 'inventory' | 'agent'): Promise<RunningServer> => {
+      const files = await writeCredentials(await resources.tempDir('cowherd-impostor-'), credentials);
+      const registration =
+        service === 'inventory'
+          ? adaptService(InventoryServiceService, { getHost: async (request) => (handled.push(`inventory ${request.name}`), Host.fromPartial({ name: request.name })) }, INVENTORY_POLICY, { log, revocations: { isRevoked: () => false } })
+          : adaptService(AgentServiceService, { getHostInfo: async () => (handled.push('agent'), Host.fromPartial({ name: 'hosts/kvm-01' })) }, AGENT_POLICY, { log, revocations: { isRevoked: () => false } });
+      const running = await startServer({ log, address: 'localhost:0', credentials: mutualTlsServerCredentials(files, 200), services: [registration], descriptorSet: readDescriptorSet(), revocations: { isRevoked: () => false } });
+      resources.defer(() => running.stop(1_000));
+      // The file watcher loads the certificate shortly after the bind: wait until handshakes present it.
+      const expected = inspectCertificate(credentials.certificatePem).serialNumber;
+      const deadline = Date.now() + 5_000;
+      while ((await serialOnWire(running.port).catch(() => '')) !== expected) {
+        if (Date.now() > deadline) throw new Error('the impostor never presented its certificate');
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      return running;
+    };
+
+    // An agent (a host certificate, DNS name localhost like every host's) answering where a client expects inventory.
+    const agentFiles = await pki.files('host', 'kvm-07');
+    const credentialsFor = mutualTlsClientCredentials(agentFiles, 200);
+    const hostAsInventory = await startImpostor(await pki.credentials('host', 'kvm-66'), 'inventory');
+    const fooled = createClient(InventoryServiceClient, `localhost:${hostAsInventory.port}`, credentialsFor(identityUri('service', 'inventory')), { defaultDeadlineMs: 5_000, maxAttempts: 1 });
+    clients.push(fooled);
+    const refusedInventory = await failure((cb) => fooled.getHost({ name: 'hosts/kvm-07' }, cb));
+    assert.equal(refusedInventory.code, GrpcStatus.UNAVAILABLE, 'the handshake fails');
+    assert.match(refusedInventory.message, /is spiffe:\/\/cowherd\/host\/kvm-66, not spiffe:\/\/cowherd\/service\/inventory/);
+    // The same credentials reach the real inventory (service/inventory certificate).
+    const real = createClient(InventoryServiceClient, `localhost:${server.port}`, credentialsFor(identityUri('service', 'inventory')), { defaultDeadlineMs: 5_000, maxAttempts: 1 });
+    clients.push(real);
+    assert.equal((await failure((cb) => real.getHost({ name: 'hosts/kvm-07' }, cb))).code, GrpcStatus.NOT_FOUND, 'reached the real inventory, which answered');
+
+    // A service (here: a cloning certificate that even carries the host's DNS name) where an agent is expected.
+    const distribution = new AgentClients(mutualTlsClientCredentials(await pki.files('service', 'distribution'), 200));
+    resources.defer(() => distribution.close());
+    const serviceAsAgent = await startImpostor(await issueCredentials(pki.ca, identityUri('service', 'cloning'), { dnsNames: ['kvm-01', 'localhost'] }), 'agent');
+    const refusedAgent = await failure((cb) => distribution.clientFor({ name: 'hosts/kvm-01', agentEndpoint: `localhost:${serviceAsAgent.port}` }).getHostInfo({}, cb));
+    assert.equal(refusedAgent.code, GrpcStatus.UNAVAILABLE);
+    assert.match(refusedAgent.message, /is spiffe:\/\/cowherd\/service\/cloning, not spiffe:\/\/cowherd\/host\/kvm-01/);
+    // Another host's certificate with that DNS name is refused too; the host itself is accepted.
+    const otherHost = await startImpostor(await issueCredentials(pki.ca, identityUri('host', 'kvm-02'), { dnsNames: ['kvm-01', 'localhost'] }), 'agent');
+    assert.equal((await failure((cb) => distribution.clientFor({ name: 'hosts/kvm-01', agentEndpoint: `localhost:${otherHost.port}` }).getHostInfo({}, cb))).code, GrpcStatus.UNAVAILABLE);
+    assert.deepEqual(handled, [], 'no impostor saw a request');
+    const genuine = await startImpostor(await issueCredentials(pki.ca, identityUri('host', 'kvm-01'), { dnsNames: ['kvm-01', 'localhost'] }), 'agent');
+    const answer = await call<Host>((cb) => distribution.clientFor({ name: 'hosts/kvm-01', agentEndpoint: `localhost:${genuine.port}` }).getHostInfo({}, cb));
+    assert.equal(answer.name, 'hosts/kvm-01');
+    assert.deepEqual(handled, ['agent']);
+  });
+
   it('retries UNAVAILABLE within the deadline and returns other codes at once', async () => {
     const host = await clientFor('host', 'kvm-01');
     unavailableLeft = 2;
@@ -134,16 +247,7 @@ describe('gRPC platform', () => {
   });
 
   it('serves a replaced certificate on new connections without a restart', async () => {
-    const serialOnWire = (): Promise<string> =>
-      new Promise((resolve, reject) => {
-        const socket = tlsConnect({ host: 'localhost', port: server.port, ca: pki.ca.certificatePem, servername: 'localhost', ALPNProtocols: ['h2'] }, () => {
-          const serial = socket.getPeerCertificate().serialNumber.toLowerCase().replace(/^0+/, '');
-          socket.destroy();
-          resolve(serial);
-        });
-        socket.on('error', reject);
-      });
-    const before = await serialOnWire();
+    const before = await serialOnWire(server.port);
     assert.equal(before, inspectCertificate(await readFile(serverFiles.certificateFile, 'utf8')).serialNumber);
     const renewed = await pki.credentials('service', 'inventory');
     await writeCredentials(serverFiles.certificateFile.replace(/\/cert\.pem$/, ''), renewed);
@@ -152,7 +256,7 @@ describe('gRPC platform', () => {
     let now = before;
     while (now !== expected && Date.now() < deadline) {
       await new Promise((resolve) => setTimeout(resolve, 100));
-      now = await serialOnWire();
+      now = await serialOnWire(server.port);
     }
     assert.equal(now, expected, 'new connections see the renewed certificate');
     const admin = await clientFor('admin', 'alice');
