@@ -4,7 +4,7 @@ import { Host, Host_State, host_StateToJSON, Image, image_StateToJSON, ImageRepl
 import { hypervisorToJSON } from '../gen/cowherd/common/v1/types.js';
 import { CowherdError } from '../common/errors.js';
 import { parseFilter } from '../common/filter.js';
-import { paginateSorted, type PageTokens } from '../common/pagination.js';
+import { pageSizeOf, paginateSorted, type PageTokens } from '../common/pagination.js';
 import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
 import type { Handlers } from '../common/rpc.js';
 import { hostIdOf, parseVmName, vmKey, vmNamePrefix, type Inventory } from './inventory.js';
@@ -137,12 +137,14 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
         managed: { read: (vm) => String(vm.managed) },
         domain_name: { read: (vm) => vm.domainName, prefix: true },
       });
-      const all = inventory.vms.valuesWithPrefix(vmParent(request.parent)).filter((entry) => matches(entry.value));
+      const prefix = vmParent(request.parent);
       // Ordered and paged by resource name, as the index is sorted (not by KV key: a dot in an id is '=' there,
       // which sorts differently). The token names the last VM returned, so VMs added or removed between pages
       // neither repeat nor shift the rest. 'by-name' in the query: tokens of the key-paged lists are refused.
-      const { page, nextPageToken } = paginateSorted(all, (entry) => entry.order, { pageSize: request.pageSize, pageToken: request.pageToken, query: `vms-by-name|${request.parent}|${request.filter}`, tokens: pageTokens });
-      return { virtualMachines: page.map((entry) => entry.value), nextPageToken };
+      const query = `vms-by-name|${request.parent}|${request.filter}`;
+      const after = pageTokens.open(request.pageToken, query);
+      const { entries, more } = inventory.vms.page(prefix, after, pageSizeOf(request.pageSize), matches);
+      return { virtualMachines: entries.map((entry) => entry.value), nextPageToken: more && entries.length > 0 ? pageTokens.seal(entries.at(-1)!.order, query) : '' };
     },
     watchVirtualMachines: async (request, context, send) => {
       const prefix = vmParent(request.parent);

@@ -163,6 +163,28 @@ export class ResourceIndex<T> {
     return result;
   }
 
+  /**
+   * One page: up to `size` entries whose order string starts with `prefix` and comes after `after`, that
+   * `matches`; `more` when another follows. Walks only the page (and what the filter skips), not the whole
+   * index: a list call costs the same at 10,000 entries as at 100.
+   */
+  page(prefix: string, after: string, size: number, matches: (value: T) => boolean): { entries: Array<{ key: string; value: T; order: string }>; more: boolean } {
+    const { orders, keys } = this.sortedEntries();
+    let i = lowerBound(orders, prefix);
+    if (after !== '') {
+      i = Math.max(i, lowerBound(orders, after));
+      if (orders[i] === after) i++;
+    }
+    const entries: Array<{ key: string; value: T; order: string }> = [];
+    for (; i < orders.length && orders[i]!.startsWith(prefix); i++) {
+      const value = this.entries.get(keys[i]!)!.value;
+      if (!matches(value)) continue;
+      if (entries.length === size) return { entries, more: true };
+      entries.push({ key: keys[i]!, value, order: orders[i]! });
+    }
+    return { entries, more: false };
+  }
+
   get size(): number {
     return this.entries.size;
   }

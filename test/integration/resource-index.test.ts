@@ -107,6 +107,20 @@ describe('ResourceIndex across replicas', () => {
         'one host\'s VMs by prefix (not h1a\'s, not h-1\'s)',
       );
     }
+    // Paging walks the same order, resuming after the last name, with and without a filter.
+    const pageAll = (prefix: string, matches: (value: Counter) => boolean): string[] => {
+      const seen: string[] = [];
+      let after = '';
+      for (;;) {
+        const { entries, more } = b.page(prefix, after, 4, matches);
+        seen.push(...entries.map((entry) => entry.order));
+        if (!more) return seen;
+        after = entries.at(-1)!.order;
+      }
+    };
+    assert.deepEqual(pageAll('', () => true), expected(b));
+    assert.deepEqual(pageAll('hosts/h1/virtualMachines/', (value) => value.by.startsWith('vm-')), ['vm-0.a.b', 'vm-00.web', 'vm-000', 'vm-001'].map((id) => `hosts/h1/virtualMachines/${id}`));
+    assert.deepEqual(b.page('hosts/h1/virtualMachines/', 'hosts/h1/virtualMachines/vm-001', 4, () => true).entries.map((entry) => entry.order), ['web-1', 'web.1', 'web0'].map((id) => `hosts/h1/virtualMachines/${id}`));
     // Splices on insert and delete keep the same order a full sort gives.
     await a.remove(keyOf('h1', 'vm-00.web'));
     await a.replace(keyOf('h1', 'vm-00.0'), () => ({ count: 0, by: 'new' }));
