@@ -1,7 +1,7 @@
 /** The agent's own variables (besides the common server ones, whose TLS files it fills in after enrolling). */
 import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, stringVariable, type ConfigOf, type Variable } from '../common/config.js';
 import { DEFAULT_PORTS } from '../common/service-process.js';
-import { defaultHostId, HOST_ID } from '../common/resource-names.js';
+import { defaultHostId, HOST_ID, isReservedHostId } from '../common/resource-names.js';
 
 /** An optional host:port whose default depends on other variables (filled in by loadAgentConfig). */
 function optionalAddressVariable(name: string, description: string, defaultText: string): Variable<string | undefined> {
@@ -13,6 +13,7 @@ export const AGENT_VARIABLES = {
   host: { ...stringVariable('COWHERD_HOST_ID', 'this host id (hosts/{host}); must match the join token', defaultHostId()), parse: (raw: string | undefined) => {
     const value = raw ?? defaultHostId();
     if (!HOST_ID.test(value)) throw new Error(`must be an RFC 1123 label, got ${JSON.stringify(value)}`);
+    if (isReservedHostId(value)) throw new Error(`${JSON.stringify(value)} is reserved for a cowherd service or NATS; choose another host id`);
     return value;
   } },
   credentialsDirectory: pathVariable('COWHERD_CREDENTIALS_DIR', 'where the host key (0600), certificate and CA certificate are kept', '/var/lib/cowherd/credentials'),

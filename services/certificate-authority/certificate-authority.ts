@@ -10,7 +10,8 @@ import { describeIdentity, identityUri, parseIdentity, type Identity } from '../
 import { KvConflictError } from '../common/kv.js';
 import type { Logger } from '../common/logger.js';
 import { certificateSha256, inspectCertificate, parseCsr, signLeafCertificate, ttlOfValidity, type CertificateAndKey } from '../common/pki.js';
-import { HOST_ID } from '../common/resource-names.js';
+import { HOST_ID, isReservedHostId } from '../common/resource-names.js';
+import { RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
 import type { PeerCertificateFacts } from '../common/rpc.js';
 import type { CaRecords, CertificateRecord, JoinTokenRecord } from './records.js';
 
@@ -81,6 +82,7 @@ export class CertificateAuthority {
   /** Creates a single-use join token for `host`; idempotent on request_id (without the secret). */
   async createJoinToken(host: string, ttlSeconds: number | undefined, requestId: string, creator: Identity): Promise<IssuedJoinToken> {
     if (!HOST_ID.test(host)) throw CowherdError.invalidArgument('host', 'must be an RFC 1123 label ([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)');
+    if (isReservedHostId(host)) throw CowherdError.invalidArgument('host', `${JSON.stringify(host)} is reserved: a host certificate would carry a service's or NATS's DNS name`);
     const ttl = ttlSeconds ?? this.policy.defaultTokenSeconds;
     if (!(ttl >= this.policy.minTokenSeconds && ttl <= this.policy.maxTokenSeconds)) {
       throw CowherdError.invalidArgument('ttl', `must be between ${this.policy.minTokenSeconds} s and ${this.policy.maxTokenSeconds} s`);
@@ -107,6 +109,9 @@ export class CertificateAuthority {
     await this.records.tokens.create(`token.${id}`, record);
     await this.recordRequest('token', requestId, `joinTokens/${id}`, fingerprint);
     this.log.info({ joinToken: `joinTokens/${id}`, host, expireTime: record.expireTime, creator: describeIdentity(creator) }, 'join token created');
+    // Re-enrolling a reinstalled host is allowed; say what it will do to the certificates the host holds now.
+    const live = (await this.activeCertificatesOf(identityUri('host', host))).map((certificate) => `certificates/${certificate.serialNumber}`);
+    if (live.length > 0) this.log.warn({ host, joinToken: `joinTokens/${id}`, liveCertificates: live }, 'the host already holds live certificates; enrolling with this token revokes them (SUPERSEDED)');
     return { record, token: `cjt1.${id}.${secret}.${this.caSha256}` };
   }
 
@@ -166,7 +171,31 @@ export class CertificateAuthority {
     await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
     await this.listener.issued(record, { joinToken: `joinTokens/${id}` });
     this.log.info({ host, certificate: `certificates/${record.serialNumber}`, joinToken: `joinTokens/${id}`, expireTime: record.expireTime }, 'host enrolled');
+    await this.supersede(record);
     return { record, joinToken: `joinTokens/${id}` };
+  }
+
+  /**
+   * After a (re-)enrollment: revokes every other ACTIVE certificate of the host (reason SUPERSEDED), so
+   * that one host id has one live key, the one made on the reinstalled machine. The new certificate is
+   * already issued; a revocation that fails is logged and that certificate lapses at its expiry (24 h).
+   */
+  private async supersede(current: CertificateRecord): Promise<void> {
+    const self = parseIdentity('spiffe://cowherd/service/certificate-authority')!;
+    for (const old of await this.activeCertificatesOf(current.identity)) {
+      if (old.serialNumber === current.serialNumber) continue;
+      try {
+        await this.revoke(`certificates/${old.serialNumber}`, RevocationReason.REVOCATION_REASON_SUPERSEDED, self);
+      } catch (error) {
+        this.log.error({ err: error, certificate: `certificates/${old.serialNumber}`, supersededBy: `certificates/${current.serialNumber}` }, 'could not revoke a superseded host certificate');
+      }
+    }
+  }
+
+  /** Certificates of `identity` that are neither revoked nor expired. */
+  private async activeCertificatesOf(identity: string): Promise<CertificateRecord[]> {
+    const now = Date.now();
+    return (await this.listCertificates()).filter((record) => record.identity === identity && !record.revoked && new Date(record.expireTime).getTime() > now);
   }
 
   /** A new certificate for the caller's own identity, same DNS names and lifetime as the one it used. */

@@ -156,4 +156,8 @@ test('agent configuration: defaults, advertise address from host id and listen p
     () => loadAgentConfig({ COWHERD_LIBVIRT_URI: 'not a uri', COWHERD_INVENTORY_ADDRESS: 'nope', COWHERD_ADVERTISE_ADDRESS: 'x' }),
     (error: unknown) => error instanceof ConfigError && error.problems.length === 3,
   );
+  // A host may not take a service's or NATS's name: its certificate would carry that DNS name.
+  for (const reserved of ['inventory', 'certificate-authority', 'nats-0', 'localhost']) {
+    assert.throws(() => loadAgentConfig({ COWHERD_HOST_ID: reserved }), (error: unknown) => error instanceof ConfigError && /COWHERD_HOST_ID/.test(error.message) && /reserved/.test(error.message), reserved);
+  }
 });

@@ -1933,10 +1933,12 @@ export const CertificateAuthorityServiceService = {
   /**
    * CreateJoinToken creates a PENDING join token that lets the named host enroll once before it expires. The
    * response is the only place the token string appears. Only admins may call it. Errors: INVALID_ARGUMENT
-   * (INVALID_FIELD) for a malformed host id or a ttl out of range; ALREADY_EXISTS (OPERATION_CONFLICT) when
-   * request_id was used for a different request. Creating a token for a host that is already enrolled is
-   * allowed: the host re-enrolls with a new key, and its old certificates stay valid until they expire or are
-   * revoked.
+   * (INVALID_FIELD) for a malformed host id, a reserved one (certificate-authority, inventory, distribution,
+   * cloning, agent, nats, nats-<n>, nats-headless, localhost, cowherd: a host certificate carries its id as a
+   * DNS name) or a ttl out of range; ALREADY_EXISTS (OPERATION_CONFLICT) when request_id was used for a
+   * different request. Creating a token for a host that is already enrolled is allowed (a reinstalled host
+   * re-enrolls with a new key): when EnrollHost succeeds with it, every other ACTIVE certificate of that host
+   * is revoked with reason SUPERSEDED.
    */
   createJoinToken: {
     path: "/cowherd.certauthority.v1.CertificateAuthorityService/CreateJoinToken" as const,
@@ -2121,10 +2123,12 @@ export interface CertificateAuthorityServiceServer extends UntypedServiceImpleme
   /**
    * CreateJoinToken creates a PENDING join token that lets the named host enroll once before it expires. The
    * response is the only place the token string appears. Only admins may call it. Errors: INVALID_ARGUMENT
-   * (INVALID_FIELD) for a malformed host id or a ttl out of range; ALREADY_EXISTS (OPERATION_CONFLICT) when
-   * request_id was used for a different request. Creating a token for a host that is already enrolled is
-   * allowed: the host re-enrolls with a new key, and its old certificates stay valid until they expire or are
-   * revoked.
+   * (INVALID_FIELD) for a malformed host id, a reserved one (certificate-authority, inventory, distribution,
+   * cloning, agent, nats, nats-<n>, nats-headless, localhost, cowherd: a host certificate carries its id as a
+   * DNS name) or a ttl out of range; ALREADY_EXISTS (OPERATION_CONFLICT) when request_id was used for a
+   * different request. Creating a token for a host that is already enrolled is allowed (a reinstalled host
+   * re-enrolls with a new key): when EnrollHost succeeds with it, every other ACTIVE certificate of that host
+   * is revoked with reason SUPERSEDED.
    */
   createJoinToken: handleUnaryCall<CreateJoinTokenRequest, JoinToken>;
   /**
@@ -2222,10 +2226,12 @@ export interface CertificateAuthorityServiceClient extends Client {
   /**
    * CreateJoinToken creates a PENDING join token that lets the named host enroll once before it expires. The
    * response is the only place the token string appears. Only admins may call it. Errors: INVALID_ARGUMENT
-   * (INVALID_FIELD) for a malformed host id or a ttl out of range; ALREADY_EXISTS (OPERATION_CONFLICT) when
-   * request_id was used for a different request. Creating a token for a host that is already enrolled is
-   * allowed: the host re-enrolls with a new key, and its old certificates stay valid until they expire or are
-   * revoked.
+   * (INVALID_FIELD) for a malformed host id, a reserved one (certificate-authority, inventory, distribution,
+   * cloning, agent, nats, nats-<n>, nats-headless, localhost, cowherd: a host certificate carries its id as a
+   * DNS name) or a ttl out of range; ALREADY_EXISTS (OPERATION_CONFLICT) when request_id was used for a
+   * different request. Creating a token for a host that is already enrolled is allowed (a reinstalled host
+   * re-enrolls with a new key): when EnrollHost succeeds with it, every other ACTIVE certificate of that host
+   * is revoked with reason SUPERSEDED.
    */
   createJoinToken(
     request: CreateJoinTokenRequest,
