@@ -67,19 +67,25 @@ function withoutCowherdVariables(env: NodeJS.ProcessEnv): Record<string, string>
   return result;
 }
 
-/** Writes the test CA as the CA process's key and certificate files and starts it; returns it with its enrollment address. */
+/**
+ * Writes the test CA as the CA process's key and certificate files and starts it; returns it with its
+ * enrollment address. With `createCa` no files are written: the process makes its own CA on this first
+ * start (its own TLS certificate still comes from `pki`), and `caKeyFile`/`caCertificateFile` say where.
+ */
 export async function startCertificateAuthorityProcess(
   resources: Resources,
   pki: { ca: { certificatePem: string; privateKeyPem: string }; files: (kind: 'service', name: string) => Promise<TlsFiles> },
   nats: { url: string; authorizationFile?: string; pidFile?: string },
-  options: { natsStaticIdentities?: readonly string[]; env?: Readonly<Record<string, string>> } = {},
-): Promise<ServiceProcess & { enrollAddress: string; caKeyFile: string }> {
+  options: { natsStaticIdentities?: readonly string[]; env?: Readonly<Record<string, string>>; createCa?: boolean } = {},
+): Promise<ServiceProcess & { enrollAddress: string; caKeyFile: string; caCertificateFile: string }> {
   const natsUrl = nats.url;
   const directory = await resources.tempDir('cowherd-ca-');
-  const caKeyFile = join(directory, 'ca-key.pem');
-  const caCertificateFile = join(directory, 'ca.pem');
-  await writeFile(caKeyFile, pki.ca.privateKeyPem, { mode: 0o600 });
-  await writeFile(caCertificateFile, pki.ca.certificatePem, { mode: 0o644 });
+  const caKeyFile = join(directory, options.createCa ? 'made-on-first-start' : '', 'ca-key.pem');
+  const caCertificateFile = join(directory, options.createCa ? 'made-on-first-start' : '', 'ca.pem');
+  if (!options.createCa) {
+    await writeFile(caKeyFile, pki.ca.privateKeyPem, { mode: 0o600 });
+    await writeFile(caCertificateFile, pki.ca.certificatePem, { mode: 0o644 });
+  }
   const process = await startServiceProcess(resources, 'certificate-authority', await pki.files('service', 'certificate-authority'), natsUrl, {
     COWHERD_CA_KEY_FILE: caKeyFile,
     COWHERD_CA_CERT_FILE: caCertificateFile,
@@ -96,5 +102,5 @@ export async function startCertificateAuthorityProcess(
   });
   const enrollPort = process.logs.find((line) => line['msg'] === 'enrollment port open')?.['enrollPort'];
   if (typeof enrollPort !== 'number') throw new Error('the CA printed no enrollment port');
-  return { ...process, enrollAddress: `localhost:${enrollPort}`, caKeyFile };
+  return { ...process, enrollAddress: `localhost:${enrollPort}`, caKeyFile, caCertificateFile };
 }

@@ -4,14 +4,19 @@
  * automatic renewal without restart, revocation reaching other servers, and the CA key never leaving.
  */
 import assert from 'node:assert/strict';
-import { readFile, stat } from 'node:fs/promises';
+import { createPrivateKey, X509Certificate } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { ChannelCredentials, status as GrpcStatus } from '@grpc/grpc-js';
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { Certificate_State, JoinToken_State, RevocationReason } from '../../services/gen/cowherd/certauthority/v1/resources.js';
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
+import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
+import { ensureEnrolled } from '../../services/agent/enrollment.js';
 import { createClient } from '../../services/common/client.js';
+import { CowherdError } from '../../services/common/errors.js';
 import { HOST_ENROLLED } from '../../services/common/event-types.js';
 import { consumeEvents } from '../../services/common/events.js';
 import { jsonCodec, KvStore } from '../../services/common/kv.js';
@@ -52,19 +57,32 @@ describe('certificate authority and fleet identity', () => {
     responses.push(JSON.stringify(created));
     return created.token;
   }
-  async function csrFor(identity: string, extra: { uris?: string[]; dnsNames?: string[] } = {}): Promise<{ csrPem: string; privateKeyPem: string }> {
+  async function csrFor(identity: string, extra: { uris?: string[]; dnsNames?: string[]; ips?: string[] } = {}): Promise<{ csrPem: string; privateKeyPem: string }> {
     const keys = await generateKeyPair();
     let csrPem = createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity, dnsNames: extra.dnsNames ?? [] });
-    if (extra.uris) {
+    if (extra.uris || extra.ips) {
       const forge = (await import('node-forge')).default;
       const csr = forge.pki.createCertificationRequest();
       csr.publicKey = forge.pki.publicKeyFromPem(keys.publicKeyPem);
       csr.setSubject([{ name: 'commonName', value: 'x' }]);
-      csr.setAttributes([{ name: 'extensionRequest', extensions: [{ name: 'subjectAltName', altNames: [identity, ...extra.uris].map((value) => ({ type: 6, value })) }] }]);
+      const altNames = [
+        ...[identity, ...(extra.uris ?? [])].map((value) => ({ type: 6, value })),
+        ...(extra.dnsNames ?? []).map((value) => ({ type: 2, value })),
+        ...(extra.ips ?? []).map((ip) => ({ type: 7, ip })),
+      ];
+      csr.setAttributes([{ name: 'extensionRequest', extensions: [{ name: 'subjectAltName', altNames }] }]);
       csr.sign(forge.pki.privateKeyFromPem(keys.privateKeyPem), forge.md.sha256.create());
       csrPem = forge.pki.certificationRequestToPem(csr);
     }
     return { csrPem, privateKeyPem: keys.privateKeyPem };
+  }
+
+  /** The CA's certificate records for one identity, as an admin lists them. */
+  async function certificatesOf(identity: string): Promise<Array<{ name: string; state: Certificate_State; revocationReason: RevocationReason }>> {
+    return (await call<{ certificates: Array<{ name: string; state: Certificate_State; revocationReason: RevocationReason }> }>((cb) => admin.listCertificates({ pageSize: 1000, pageToken: '', filter: `identity = "${identity}"` }, cb))).certificates;
+  }
+  async function tokenState(name: string): Promise<JoinToken_State> {
+    return (await call<{ state: JoinToken_State }>((cb) => admin.getJoinToken({ name }, cb))).state;
   }
 
   before(async () => {
@@ -103,6 +121,11 @@ describe('certificate authority and fleet identity', () => {
     const certificatePem = await readFile(join(credentialsDirectory, 'cert.pem'), 'utf8');
     assert.equal(inspectCertificate(certificatePem).identity?.uri, 'spiffe://cowherd/host/kvm-07');
     assert.equal((await stat(join(credentialsDirectory, 'key.pem'))).mode & 0o777, 0o600);
+    // Short-lived by default (24 h, plus the minute it is backdated by) and usable as TLS server and client.
+    const x509 = new X509Certificate(certificatePem);
+    const lifetimeSeconds = (Date.parse(x509.validTo) - Date.parse(x509.validFrom)) / 1000;
+    assert.ok(lifetimeSeconds >= 86_400 && lifetimeSeconds <= 86_400 + 120, `host certificate lasts ${lifetimeSeconds} s`);
+    assert.deepEqual([...(x509.keyUsage ?? [])].sort(), ['1.3.6.1.5.5.7.3.1', '1.3.6.1.5.5.7.3.2'], 'extended key usage: serverAuth and clientAuth');
 
     const host = inventoryClient({ certificatePem, privateKeyPem: await readFile(join(credentialsDirectory, 'key.pem'), 'utf8'), caPem: pki.ca.certificatePem });
     // Authenticated and authorized for its own host: the agent registered itself with this identity.
@@ -141,27 +164,43 @@ describe('certificate authority and fleet identity', () => {
     assert.equal(extraSan.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
     const serviceIdentity = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/service/inventory')).csrPem }, cb));
     assert.equal(serviceIdentity.code, GrpcStatus.PERMISSION_DENIED);
+    // The right URI SAN with a service's DNS name besides the host's, or with an IP SAN: refused.
+    const serviceDnsName = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { dnsNames: ['kvm-20', 'inventory'] })).csrPem }, cb));
+    assert.equal(serviceDnsName.code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal(serviceDnsName.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
+    assert.match(serviceDnsName.message, /inventory/);
+    const ipSan = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { dnsNames: ['kvm-20'], ips: ['127.0.0.1'] })).csrPem }, cb));
+    assert.equal(ipSan.code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal(ipSan.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
     const malformed = await failure((cb) => enroll.enrollHost({ token: tokenString, csrPem: '-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n' }, cb));
     assert.equal(malformed.code, GrpcStatus.INVALID_ARGUMENT);
     assert.equal(malformed.reason, 'ERROR_REASON_CSR_INVALID');
     const caMismatch = await failure((cb) => enroll.enrollHost({ token: tokenString.replace(/\.[0-9a-f]{64}$/, `.${'0'.repeat(64)}`), csrPem: good.csrPem }, cb));
     assert.equal(caMismatch.code, GrpcStatus.FAILED_PRECONDITION);
     assert.equal(caMismatch.reason, 'ERROR_REASON_JOIN_TOKEN_CA_MISMATCH');
-    assert.equal((await call<{ state: JoinToken_State }>((cb) => admin.getJoinToken({ name: tokenName }, cb))).state, JoinToken_State.STATE_PENDING, 'nothing changed');
-    const before = (await call<{ certificates: unknown[] }>((cb) => admin.listCertificates({ pageSize: 1000, pageToken: '', filter: 'identity = "spiffe://cowherd/host/kvm-20"' }, cb))).certificates.length;
-    assert.equal(before, 0, 'no certificate was issued by the refused calls');
+    assert.equal(await tokenState(tokenName), JoinToken_State.STATE_PENDING, 'nothing changed');
+    assert.equal((await certificatesOf('spiffe://cowherd/host/kvm-20')).length, 0, 'no certificate was issued by the refused calls');
 
     // Now it works once, and never again.
     const enrolled = await call<{ certificate?: { certificatePem: string } }>((cb) => enroll.enrollHost({ token: tokenString, csrPem: good.csrPem }, cb));
     assert.equal(inspectCertificate(enrolled.certificate!.certificatePem).identity?.uri, 'spiffe://cowherd/host/kvm-20');
-    const reused = await failure((cb) => enroll.enrollHost({ token: tokenString, csrPem: good.csrPem }, cb));
+    const issuedOnce = await certificatesOf('spiffe://cowherd/host/kvm-20');
+    assert.equal(issuedOnce.length, 1);
+    const reused = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { dnsNames: ['kvm-20'] })).csrPem }, cb));
     assert.equal(reused.code, GrpcStatus.UNAUTHENTICATED);
     assert.equal(reused.reason, 'ERROR_REASON_JOIN_TOKEN_INVALID');
+    assert.deepEqual(await certificatesOf('spiffe://cowherd/host/kvm-20'), issuedOnce, 'the reused token issued nothing and revoked nothing');
 
-    // Forged: right shape, unknown secret.
-    const forged = await failure((cb) => enroll.enrollHost({ token: tokenString.replace(/^(cjt1\.[0-9a-f]{16}\.)[A-Za-z0-9_-]{43}/, `$1${'A'.repeat(43)}`), csrPem: good.csrPem }, cb));
+    // Forged: the id of a token that is still PENDING, with a secret of the right shape that is not its own.
+    const pending = await token('kvm-23');
+    const pendingName = `joinTokens/${pending.split('.')[1]}`;
+    const forgedSecret = pending.replace(/^(cjt1\.[0-9a-f]{16}\.)[A-Za-z0-9_-]{43}/, `$1${'A'.repeat(43)}`);
+    assert.notEqual(forgedSecret, pending);
+    const forged = await failure(async (cb) => enroll.enrollHost({ token: forgedSecret, csrPem: (await csrFor('spiffe://cowherd/host/kvm-23', { dnsNames: ['kvm-23'] })).csrPem }, cb));
     assert.equal(forged.code, GrpcStatus.UNAUTHENTICATED);
     assert.equal(forged.reason, 'ERROR_REASON_JOIN_TOKEN_INVALID');
+    assert.equal(await tokenState(pendingName), JoinToken_State.STATE_PENDING, 'the forged attempt did not touch the real token');
+    assert.equal((await certificatesOf('spiffe://cowherd/host/kvm-23')).length, 0, 'nor issue anything');
     assert.equal((await failure((cb) => enroll.enrollHost({ token: 'not-a-token', csrPem: good.csrPem }, cb))).code, GrpcStatus.UNAUTHENTICATED);
 
     // Expired: move a fresh token's expiry into the past in the CA's records.
@@ -173,7 +212,70 @@ describe('certificate authority and fleet identity', () => {
     const expired = await failure(async (cb) => enroll.enrollHost({ token: expiring, csrPem: (await csrFor('spiffe://cowherd/host/kvm-22')).csrPem }, cb));
     assert.equal(expired.code, GrpcStatus.UNAUTHENTICATED);
     assert.equal(expired.reason, 'ERROR_REASON_JOIN_TOKEN_INVALID');
-    assert.equal((await call<{ state: JoinToken_State }>((cb) => admin.getJoinToken({ name: `joinTokens/${expiring.split('.')[1]}` }, cb))).state, JoinToken_State.STATE_EXPIRED);
+    assert.equal(await tokenState(`joinTokens/${expiring.split('.')[1]}`), JoinToken_State.STATE_EXPIRED);
+    assert.equal((await certificatesOf('spiffe://cowherd/host/kvm-22')).length, 0, 'the expired token issued nothing');
+  });
+
+  it('makes the agent refuse a CA that is not the one its token pins, before it sends anything', async () => {
+    const real = await token('kvm-25');
+    const name = `joinTokens/${real.split('.')[1]}`;
+    const credentialsDirectory = join(await resources.tempDir('cowherd-agent-'), 'credentials');
+    const pinnedToZeros = real.replace(/\.[0-9a-f]{64}$/, `.${'0'.repeat(64)}`);
+    await assert.rejects(
+      ensureEnrolled({ credentialsDirectory, host: 'kvm-25', joinToken: pinnedToZeros, enrollAddress: ca.enrollAddress, dnsNames: ['kvm-25', 'localhost'], log }),
+      (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.FAILED_PRECONDITION && error.reason === ErrorReason.ERROR_REASON_JOIN_TOKEN_CA_MISMATCH,
+    );
+    assert.ok(!existsSync(credentialsDirectory) || (await readdir(credentialsDirectory)).length === 0, 'no key, certificate or CA written');
+    assert.equal(await tokenState(name), JoinToken_State.STATE_PENDING, 'the token was never presented');
+    assert.equal((await certificatesOf('spiffe://cowherd/host/kvm-25')).length, 0);
+  });
+
+  it('refuses a host renewing for another host or with names it does not hold', async () => {
+    const holder = await pki.credentials('host', 'kvm-32');
+    const client = caClient({ ...holder, caPem: pki.ca.certificatePem });
+    const otherHost = await failure(async (cb) => client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-33', { dnsNames: ['localhost'] })).csrPem }, cb));
+    assert.equal(otherHost.code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal(otherHost.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
+    const serviceName = await failure(async (cb) => client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-32', { dnsNames: ['localhost', 'inventory'] })).csrPem }, cb));
+    assert.equal(serviceName.code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal(serviceName.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
+    assert.equal((await certificatesOf('spiffe://cowherd/host/kvm-33')).length, 0, 'nothing issued for the other host');
+    assert.equal((await certificatesOf('spiffe://cowherd/host/kvm-32')).length, 0, 'nor for the caller');
+    // Its own identity and names: renewed.
+    const renewed = await call<{ certificate?: { certificatePem: string } }>(async (cb) => client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-32', { dnsNames: ['localhost'] })).csrPem }, cb));
+    assert.equal(inspectCertificate(renewed.certificate!.certificatePem).identity?.uri, 'spiffe://cowherd/host/kvm-32');
+  });
+
+  it('refuses join tokens for host names reserved for services, NATS and localhost, naming the field', async () => {
+    for (const host of ['certificate-authority', 'inventory', 'distribution', 'cloning', 'agent', 'nats', 'nats-0', 'nats-headless', 'localhost', 'cowherd']) {
+      const refused = await failure((cb) => admin.createJoinToken({ host, ttl: undefined, requestId: '' }, cb));
+      assert.equal(refused.code, GrpcStatus.INVALID_ARGUMENT, host);
+      assert.deepEqual(refused.fields, ['host'], host);
+      const tokens = await call<{ joinTokens: unknown[] }>((cb) => admin.listJoinTokens({ pageSize: 1000, pageToken: '', filter: `host = "${host}"` }, cb));
+      assert.equal(tokens.joinTokens.length, 0, `no token for ${host}`);
+    }
+  });
+
+  it('re-enrolls a reinstalled host with a new token and revokes the certificate it held (SUPERSEDED)', async () => {
+    const enroll = caClient(undefined, ca.enrollAddress);
+    const first = await csrFor('spiffe://cowherd/host/kvm-50', { dnsNames: ['kvm-50'] });
+    const old = await call<{ certificate?: { name: string; certificatePem: string } }>(async (cb) => enroll.enrollHost({ token: await token('kvm-50'), csrPem: first.csrPem }, cb));
+    const oldClient = caClient({ certificatePem: old.certificate!.certificatePem, privateKeyPem: first.privateKeyPem, caPem: pki.ca.certificatePem });
+    await call((cb) => oldClient.getRevocationList({}, cb));
+
+    // The machine is reinstalled: its key is gone. An admin may make a token for a host that holds live certificates.
+    const second = await csrFor('spiffe://cowherd/host/kvm-50', { dnsNames: ['kvm-50'] });
+    const fresh = await call<{ certificate?: { name: string; certificatePem: string } }>(async (cb) => enroll.enrollHost({ token: await token('kvm-50'), csrPem: second.csrPem }, cb));
+    const states = new Map((await certificatesOf('spiffe://cowherd/host/kvm-50')).map((certificate) => [certificate.name, certificate]));
+    assert.equal(states.size, 2);
+    assert.equal(states.get(fresh.certificate!.name)?.state, Certificate_State.STATE_ACTIVE);
+    assert.equal(states.get(old.certificate!.name)?.state, Certificate_State.STATE_REVOKED);
+    assert.equal(states.get(old.certificate!.name)?.revocationReason, RevocationReason.REVOCATION_REASON_SUPERSEDED);
+    const refused = await failure((cb) => oldClient.getRevocationList({}, cb));
+    assert.equal(refused.code, GrpcStatus.UNAUTHENTICATED);
+    assert.equal(refused.reason, 'ERROR_REASON_CERTIFICATE_REVOKED');
+    const freshClient = caClient({ certificatePem: fresh.certificate!.certificatePem, privateKeyPem: second.privateKeyPem, caPem: pki.ca.certificatePem });
+    await call((cb) => freshClient.getRevocationList({}, cb));
   });
 
   it('exposes only GetCaBundle and EnrollHost on the enrollment port', async () => {
@@ -219,9 +321,16 @@ describe('certificate authority and fleet identity', () => {
     const revoked = await call<{ state: Certificate_State }>((cb) => admin.revokeCertificate({ name: issued.name, reason: RevocationReason.REVOCATION_REASON_KEY_COMPROMISE }, cb));
     assert.equal(revoked.state, Certificate_State.STATE_REVOKED);
     // The CA itself refuses at once.
-    const atCa = await failure((cb) => caClient(bob).getRevocationList({}, cb));
+    const bobAtCa = caClient(bob);
+    const atCa = await failure((cb) => bobAtCa.getRevocationList({}, cb));
     assert.equal(atCa.code, GrpcStatus.UNAUTHENTICATED);
     assert.equal(atCa.reason, 'ERROR_REASON_CERTIFICATE_REVOKED');
+    // A revoked admin certificate creates nothing.
+    const mutating = await failure((cb) => bobAtCa.createJoinToken({ host: 'kvm-bob', ttl: undefined, requestId: '' }, cb));
+    assert.equal(mutating.code, GrpcStatus.UNAUTHENTICATED);
+    assert.equal(mutating.reason, 'ERROR_REASON_CERTIFICATE_REVOKED');
+    const bobTokens = await call<{ joinTokens: unknown[] }>((cb) => admin.listJoinTokens({ pageSize: 1000, pageToken: '', filter: 'host = "kvm-bob"' }, cb));
+    assert.equal(bobTokens.joinTokens.length, 0, 'nothing was created');
     // Inventory follows the CA's list (event-driven, 30 s at worst).
     let code: GrpcStatus = GrpcStatus.OK;
     while (code !== GrpcStatus.UNAUTHENTICATED && Date.now() - started < 35_000) {
@@ -273,6 +382,27 @@ describe('certificate authority and fleet identity', () => {
     await new Promise((resolve) => setTimeout(resolve, 10_000));
     const adminCredentials = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
     assert.equal(await check(distribution.address, adminCredentials), 'SERVING');
+  });
+
+  it('makes its own CA on the first start: RSA of at least 3072 bits, key file 0600, never logged', async () => {
+    // Its own NATS, so that this second CA's records stay apart from the fleet above.
+    const nats = await startTestNats(resources, pki);
+    const fresh = await startCertificateAuthorityProcess(resources, pki, nats, { createCa: true });
+    assert.ok(fresh.logs.some((line) => line['msg'] === 'creating the CA (first start)'));
+    assert.equal((await stat(fresh.caKeyFile)).mode & 0o777, 0o600);
+    const keyPem = await readFile(fresh.caKeyFile, 'utf8');
+    const details = createPrivateKey(keyPem).asymmetricKeyDetails;
+    assert.equal(createPrivateKey(keyPem).asymmetricKeyType, 'rsa');
+    assert.ok((details?.modulusLength ?? 0) >= 3072, `CA key has ${details?.modulusLength} bits`);
+    const certificatePem = await readFile(fresh.caCertificateFile, 'utf8');
+    assert.ok(new X509Certificate(certificatePem).ca, 'a CA certificate');
+    assert.ok(new X509Certificate(certificatePem).checkPrivateKey(createPrivateKey(keyPem)));
+    // The CA it serves is the one it made (the enrollment port's own TLS certificate is the test PKI's).
+    const bundle = await call<{ caCertificatePem: string }>((cb) => caClient(undefined, fresh.enrollAddress).getCaBundle({}, cb));
+    assert.equal(bundle.caCertificatePem, certificatePem);
+    assert.doesNotMatch(fresh.daemon.output(), /PRIVATE KEY/);
+    const body = keyPem.split('\n').filter((line) => !line.startsWith('-----')).join('');
+    assert.ok(!fresh.daemon.output().replace(/\\n|\s/g, '').includes(body.slice(100, 164)));
   });
 
   it('never shows the CA private key in any log line or response', async () => {
