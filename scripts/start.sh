@@ -18,5 +18,6 @@ cd "$COWHERD_ROOT"
 # The story's guest kit is cached in $COWHERD_STATE_DIR/guest, beside the tests' (a later --guest-state-dir wins).
 guest_state_dir="$COWHERD_STATE_DIR"
 export COWHERD_STATE_DIR="$COWHERD_STATE_DIR/fleet"
-# exec: Ctrl-C and SIGTERM go straight to the fleet, which stops every process it started.
+# exec: Ctrl-C and SIGTERM go straight to the fleet, which stops every process it started, in order. Those run in
+# process groups of their own (services/cli/local-fleet.ts): a terminal's Ctrl-C reaches the fleet alone.
 exec node --import tsx services/cli/main.ts fleet up --guest-state-dir "$guest_state_dir" "$@"

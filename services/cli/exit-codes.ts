@@ -25,7 +25,7 @@ export const EXIT = {
   UNAVAILABLE: 6,
   /** An operation finished, but some of its items (clones, hosts) failed; the output lists them. */
   PARTIAL: 7,
-  /** Ctrl-C while waiting for an operation; the operation keeps running. */
+  /** Ctrl-C while waiting for an operation (the operation keeps running), or before `fleet up` had the fleet up. */
   INTERRUPTED: 130,
 } as const;
 

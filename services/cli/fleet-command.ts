@@ -3,9 +3,11 @@
  * its first start, kept running until Ctrl-C (what `npm start` runs).
  */
 import { dirname, resolve } from 'node:path';
+import { isatty } from 'node:tty';
 import type { CommandSpec } from './command-line.js';
 import { localFleetDefaults, type CliConfig } from './cli-config.js';
 import { CliContext } from './cli-context.js';
+import { EXIT } from './exit-codes.js';
 import { startLocalFleet, type LocalFleet } from './local-fleet.js';
 import { processOutput } from './output.js';
 import { overviewLines } from './overview.js';
@@ -51,23 +53,23 @@ interface FleetUpOptions {
   readonly guestStateDirectory?: string;
 }
 
+/**
+ * The signals that stop the fleet: Ctrl-C, `kill`, and the terminal closing when started from one (stdin a
+ * terminal; `nohup`, which ignores SIGHUP so that the fleet outlives the terminal, gives it /dev/null).
+ */
+const STOP_SIGNALS: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', ...(isatty(0) ? (['SIGHUP'] as const) : [])];
+
 async function fleetUp(config: CliConfig, options: FleetUpOptions): Promise<number> {
   const stateDirectory = resolve(config.stateDirectory ?? config.fleetDirectory);
+  const logs = resolve(stateDirectory, 'logs');
   const say = (line: string): void => void process.stdout.write(`${line}\n`);
-  say(`cowherd local fleet: state in ${stateDirectory}`);
-  const fleet = await startLocalFleet({ stateDirectory, dynamicPorts: config.dynamicPorts === '1', say });
-  say('');
-  say('health            mTLS port      probe port');
-  for (const report of fleet.health) say(`${report.name.padEnd(17)} ${report.mtls.padEnd(14)} ${report.probe}`);
-  const healthy = fleet.health.every((report) => report.mtls === 'SERVING' && report.probe === 'SERVING');
-  if (!healthy) {
-    say('some processes are not healthy: see the logs in ' + resolve(stateDirectory, 'logs'));
-    await fleet.stop();
-    return 1;
-  }
+  // Once the terminal is gone (SIGHUP), writing to it fails (EIO): the stop goes on without its output.
+  for (const stream of [process.stdout, process.stderr]) stream.on('error', () => undefined);
 
-  // From here on Ctrl-C stops the story at its next step (an operation it follows keeps running in the
-  // fleet's KV and resumes with the fleet), then every process.
+  // The fleet's processes run in process groups of their own (local-fleet.ts), so a terminal's Ctrl-C reaches
+  // only this process, from the first moment on. During the start it stops what has started; later it stops
+  // the story at its next step (an operation it follows keeps running in the fleet's KV and resumes with the
+  // fleet), then every process in order.
   const interrupted = new AbortController();
   let requestStop: () => void = () => undefined;
   const stopRequested = new Promise<void>((done) => (requestStop = done));
@@ -76,10 +78,28 @@ async function fleetUp(config: CliConfig, options: FleetUpOptions): Promise<numb
     interrupted.abort();
     requestStop();
   };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  for (const signal of STOP_SIGNALS) process.on(signal, onSignal);
   try {
-    if (options.story) {
+    say(`cowherd local fleet: state in ${stateDirectory}`);
+    let fleet: LocalFleet;
+    try {
+      fleet = await startLocalFleet({ stateDirectory, dynamicPorts: config.dynamicPorts === '1', say, signal: interrupted.signal });
+    } catch (error) {
+      if (!interrupted.signal.aborted) throw error;
+      say('fleet stopped before it was up');
+      return EXIT.INTERRUPTED;
+    }
+    say('');
+    say('health            mTLS port      probe port');
+    for (const report of fleet.health) say(`${report.name.padEnd(17)} ${report.mtls.padEnd(14)} ${report.probe}`);
+    const healthy = fleet.health.every((report) => report.mtls === 'SERVING' && report.probe === 'SERVING');
+    if (!healthy) {
+      say(`some processes are not healthy: see the logs in ${logs}`);
+      await fleet.stop();
+      return EXIT.FAILURE;
+    }
+
+    if (options.story && !interrupted.signal.aborted) {
       say('');
       await tellStory(config, fleet, stateDirectory, options, say, interrupted.signal);
     }
@@ -90,18 +110,22 @@ async function fleetUp(config: CliConfig, options: FleetUpOptions): Promise<numb
       for (const line of await overviewLines(inventory.address, fleet.adminCredentials, { waitForHostsMs: 15_000 }).catch((error: Error) => [`(inventory did not answer: ${error.message})`])) say(`  ${line}`);
       say('');
       say(`admin credentials: ${fleet.adminCredentials.certificateFile} (key ${fleet.adminCredentials.privateKeyFile}, CA ${fleet.adminCredentials.caFile})`);
-      say(`endpoints and pids: ${resolve(stateDirectory, 'fleet.json')}; logs: ${resolve(stateDirectory, 'logs')}`);
+      say(`endpoints and pids: ${resolve(stateDirectory, 'fleet.json')}; logs: ${logs}`);
       for (const line of exploreHints(stateDirectory, fleet, options)) say(line);
       say('fleet is up; press Ctrl-C to stop it');
     }
     await stopRequested;
+    const unclean = await fleet.stop();
+    if (unclean.length > 0) {
+      // A process that did not drain (killed after its grace time, or failed while stopping) is not a clean stop.
+      say(`fleet stopped, not cleanly: ${unclean.join(', ')} (see the logs in ${logs})`);
+      return EXIT.FAILURE;
+    }
+    say('fleet stopped');
+    return EXIT.OK;
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    for (const signal of STOP_SIGNALS) process.off(signal, onSignal);
   }
-  await fleet.stop();
-  say('fleet stopped');
-  return 0;
 }
 
 /** Runs the story with a CLI context on this fleet; a failure is reported and leaves the fleet running. */

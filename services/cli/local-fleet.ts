@@ -55,6 +55,8 @@ export interface LocalFleetOptions {
   readonly say: (line: string) => void;
   /** The libvirt the local agent drives; default qemu:///system (scripts/libvirtd.sh starts it). */
   readonly libvirtUri?: string;
+  /** Ctrl-C during the start: stop what has started (once the process being started is ready) and throw. */
+  readonly signal?: AbortSignal;
 }
 
 /** Where a process of the fleet answers. */
@@ -88,8 +90,11 @@ export interface LocalFleet {
   readonly libvirtUri: string;
   readonly adminCredentials: TlsFiles;
   readonly health: readonly HealthReport[];
-  /** Stops every process, newest first, then NATS. */
-  stop(): Promise<void>;
+  /**
+   * Stops every process, newest first, then NATS, each with SIGTERM and a grace time. Resolves with the
+   * processes that did not stop cleanly (exit code other than 0, or killed), as `<label> <how>`.
+   */
+  stop(): Promise<string[]>;
 }
 
 /** Starts NATS and every process, checks health on both ports, writes fleet.json. */
@@ -104,13 +109,22 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
   const libvirtUri = options.libvirtUri ?? 'qemu:///system';
   const port = async (name: ProcessName, kind: 'grpc' | 'health'): Promise<number> => (options.dynamicPorts ? freePort() : DEFAULT_PORTS[name][kind]);
 
-  const started: Array<{ stop: () => Promise<void> }> = [];
-  const stop = async (): Promise<void> => {
-    for (const process of started.reverse()) await process.stop().catch(() => undefined);
+  // Every process runs in a process group of its own: a terminal's Ctrl-C reaches only this process, which
+  // stops them in order (the agents before the services they report to, NATS last) instead of all at once.
+  const started: Array<{ label: string; daemon: Daemon; graceMs: number }> = [];
+  const stop = async (): Promise<string[]> => {
+    const unclean: string[] = [];
+    for (const { label, daemon, graceMs } of started.reverse()) {
+      await daemon.stop(graceMs).catch(() => undefined);
+      const code = await daemon.exited;
+      if (code !== 0) unclean.push(`${label} ${code === undefined ? 'was killed' : `exited ${code}`}`);
+    }
     started.length = 0;
+    return unclean;
   };
   const closers: Array<{ close(): void }> = [];
   try {
+    options.signal?.throwIfAborted();
     // 1. What must exist before the CA service: NATS's certificate and the CA service's own.
     const natsTls = await ensureDirectCredentials(ca, join(credentialsDirectory, 'nats'), identityUri('service', 'nats'), ['localhost']);
     const caTls = await ensureDirectCredentials(ca, join(credentialsDirectory, 'certificate-authority'), identityUri('service', 'certificate-authority'), ['localhost', 'certificate-authority']);
@@ -121,8 +135,9 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
       port: options.dynamicPorts ? 0 : 4222,
       bootstrapUsers: [identityPrincipal(caIdentity)],
       onLine: lineWriter(join(state, 'logs', 'nats.log')),
+      ownProcessGroup: true,
     });
-    started.push({ stop: () => nats.stop() });
+    started.push({ label: 'nats', daemon: nats.daemon, graceMs: 10_000 });
     options.say(`nats          ${nats.url} (JetStream data in ${join(state, 'nats')})`);
     const endpoints: FleetEndpoint[] = [{ name: 'nats', address: nats.url, pid: nats.daemon.pid }];
     // With dynamic ports (tests) the metrics ports are any free ones too, so two fleets never collide.
@@ -204,8 +219,13 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
       agents.push({ label: spec.label, host: spec.host, grpcPort, healthPort, env });
       hosts.push({ host: spec.host, label: spec.label, address: `localhost:${grpcPort}`, imageDirectory });
     }
-    // Side by side: each takes a few seconds to enroll, detect the hypervisor and report.
-    endpoints.push(...(await Promise.all(agents.map((agent) => startFleetProcess('agent', undefined, agent.grpcPort, agent.healthPort, agent.env, agent.label, agent.host)))));
+    // Side by side: each takes a few seconds to enroll, detect the hypervisor and report. Both settle before a
+    // failure (or Ctrl-C) is thrown, so that the stop below finds every agent that did start.
+    const agentStarts = await Promise.allSettled(agents.map((agent) => startFleetProcess('agent', undefined, agent.grpcPort, agent.healthPort, agent.env, agent.label, agent.host)));
+    for (const start of agentStarts) {
+      if (start.status === 'rejected') throw start.reason;
+      endpoints.push(start.value);
+    }
 
     const health = await Promise.all(
       endpoints.filter((endpoint) => endpoint.healthAddress).map((endpoint) => checkHealth(hosts.find((host) => host.host === endpoint.host)?.label ?? endpoint.name, endpoint.address, endpoint.healthAddress!, admin)),
@@ -220,6 +240,7 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
   }
 
   async function startFleetProcess(name: ProcessName, tls: TlsFiles | undefined, grpcPort: number, healthPort: number, env: Record<string, string>, label: string = name, host?: string): Promise<FleetEndpoint> {
+    options.signal?.throwIfAborted();
     const daemon = await startProcess(
       name,
       {
@@ -230,7 +251,8 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
       },
       join(state, 'logs', `${label}.log`),
     );
-    started.push({ stop: () => daemon.stop(25_000) });
+    started.push({ label, daemon, graceMs: 25_000 });
+    options.signal?.throwIfAborted();
     options.say(`${label.padEnd(13)} localhost:${grpcPort} (health localhost:${healthPort}, pid ${daemon.pid})${host === undefined ? '' : `, host ${host}`}`);
     return { name, address: `localhost:${grpcPort}`, healthAddress: `localhost:${healthPort}`, pid: daemon.pid, ...(host === undefined ? {} : { host }) };
   }
@@ -243,6 +265,7 @@ async function startProcess(name: ProcessName, env: Record<string, string>, logF
     cwd: REPOSITORY,
     env: { ...filteredEnvironment(), ...env },
     onLine: lineWriter(logFile),
+    ownProcessGroup: true,
   });
 }
 

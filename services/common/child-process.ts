@@ -56,7 +56,7 @@ export interface Daemon {
   readonly pid: number;
   /** Output seen so far (stdout and stderr interleaved), for error reports. */
   output(): string;
-  /** SIGTERM, then SIGKILL after `graceMs`; resolves when the process is gone. */
+  /** The stop signal (DaemonOptions.stopSignal), then SIGKILL after `graceMs`; resolves when the process is gone. */
   stop(graceMs?: number): Promise<void>;
   /** Resolves with the exit code when the process exits by itself or is stopped. */
   readonly exited: Promise<number | undefined>;
@@ -79,6 +79,15 @@ export interface DaemonOptions {
    * pid). Linux only; elsewhere the option does nothing.
    */
   readonly dieWithParent?: boolean;
+  /**
+   * Run it in a process group (and session) of its own, so that signals meant for the caller's group (a
+   * terminal's Ctrl-C reaches every process of the foreground group at once) do not reach it: the caller
+   * stops it, in its own order, with {@link Daemon.stop}. Should the caller exit without stopping it, its
+   * group gets the stop signal on the way out (execa's own clean-up skips detached children). Default false.
+   */
+  readonly ownProcessGroup?: boolean;
+  /** The signal that asks this program to stop cleanly. Default SIGTERM. */
+  readonly stopSignal?: NodeJS.Signals;
 }
 
 /** Starts a long-running program and waits until it says it is ready. */
@@ -90,11 +99,24 @@ export async function startDaemon(file: string, args: readonly string[], options
     buffer: false,
     reject: false,
     cleanup: true,
+    detached: options.ownProcessGroup ?? false,
     ...(options.env === undefined ? {} : { env: options.env }),
     ...(options.cwd === undefined ? {} : { cwd: options.cwd }),
   });
   let output = '';
   const exited = child.then((result) => result.exitCode, () => undefined);
+  if (options.ownProcessGroup && child.pid !== undefined) {
+    const group = child.pid;
+    const killOnExit = (): void => {
+      try {
+        process.kill(-group, options.stopSignal ?? 'SIGTERM');
+      } catch {
+        // Gone already.
+      }
+    };
+    process.once('exit', killOnExit);
+    void exited.then(() => process.off('exit', killOnExit));
+  }
   const ready = new Promise<void>((resolve, reject) => {
     let pending = '';
     child.all?.on('data', (chunk: Buffer) => {
@@ -114,7 +136,7 @@ export async function startDaemon(file: string, args: readonly string[], options
     exited,
     stop: async (graceMs = 5_000) => {
       if (child.exitCode !== null || child.signalCode !== null) return;
-      child.kill('SIGTERM');
+      child.kill(options.stopSignal ?? 'SIGTERM');
       const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
       await exited;
       clearTimeout(timer);

@@ -34,6 +34,8 @@ export interface EmbeddedNatsOptions {
   /** Extra lines for the config file (accounts...; not `authorization`, which lives in the authorization file). */
   readonly extraConfig?: string;
   readonly onLine?: (line: string) => void;
+  /** Run nats-server in a process group of its own (see DaemonOptions.ownProcessGroup): the local fleet stops it last. */
+  readonly ownProcessGroup?: boolean;
   /**
    * Static users, always in the allow-list (e.g. a service identity mapped by its URI SAN). Given (even
    * empty), the server starts with an allow-list: only these users and `users` may connect. Left out,
@@ -101,6 +103,9 @@ export async function startEmbeddedNats(options: EmbeddedNatsOptions): Promise<E
   const daemon = await startDaemon('nats-server', ['-c', configFile], {
     readyPattern: /Server is ready/,
     readyTimeoutMs: 30_000,
+    ownProcessGroup: options.ownProcessGroup ?? false,
+    // Both shut the server down the same way, but nats-server exits 1 after SIGTERM and 0 after SIGINT.
+    stopSignal: 'SIGINT',
     onLine: (line) => {
       options.onLine?.(line);
       for (const listener of lineListeners) listener(line);

@@ -7,11 +7,12 @@
  * the CLI (`--output json`, finding the fleet by COWHERD_STATE_DIR as a user does), virsh and qemu-img what a user
  * would check: the clones exist, run (inventory RUNNING, `virsh domstate` running, the guest says it stays up on
  * its console), and their disks are qcow2 overlays whose backing file is the second host's copy of the image,
- * byte for byte the published disk. Ctrl-C stops every process; a second start reuses the state and does not
- * repeat the set-up.
+ * byte for byte the published disk. Ctrl-C, as a terminal sends it (SIGINT to the whole process group), stops
+ * every process cleanly and leaves none behind but the VMs (libvirt's); a second start reuses the state and
+ * does not repeat the set-up.
  */
 import assert from 'node:assert/strict';
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { readFile, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
@@ -20,6 +21,7 @@ import { promisify } from 'node:util';
 import { Resources } from '../harness/index.js';
 import { guestKit } from '../harness/guest.js';
 import { REPOSITORY } from '../harness/processes.js';
+import { StartCommand, type LeftoverProcess } from '../harness/start-command.js';
 
 const run = promisify(execFile);
 const URI = 'qemu:///system';
@@ -30,48 +32,9 @@ interface FleetFile {
   hosts: Array<{ host: string; label: string; address: string; imageDirectory: string }>;
 }
 
-/** `bash scripts/start.sh` in the background, its stdout and stderr collected. */
-class StartCommand {
-  private text = '';
-  private readonly child: ChildProcess;
-  private readonly exited: Promise<number | null>;
-
-  constructor(state: string, guestState: string, args: readonly string[]) {
-    // The guest kit where the boot tests keep it (a later --guest-state-dir overrides start.sh's).
-    this.child = spawn('bash', [join(REPOSITORY, 'scripts/start.sh'), ...args, '--guest-state-dir', guestState], {
-      cwd: REPOSITORY,
-      env: { ...process.env, COWHERD_STATE_DIR: state, COWHERD_FLEET_DYNAMIC_PORTS: '1' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    this.child.stdout!.on('data', (chunk: Buffer) => (this.text += chunk.toString()));
-    this.child.stderr!.on('data', (chunk: Buffer) => (this.text += chunk.toString()));
-    this.exited = new Promise((resolve) => this.child.on('close', (code) => resolve(code)));
-  }
-
-  get output(): string {
-    return this.text;
-  }
-
-  /** Waits until the output holds `text`; fails with the output when the command ends or time runs out. */
-  async waitFor(text: string, timeoutMs: number): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
-    while (!this.text.includes(text)) {
-      if (this.child.exitCode !== null || this.child.signalCode !== null) throw new Error(`start.sh exited (${this.child.exitCode ?? this.child.signalCode}) before "${text}":\n${this.text}`);
-      if (Date.now() > deadline) throw new Error(`no "${text}" within ${timeoutMs / 1000} s:\n${this.text}`);
-      await new Promise((resolve) => setTimeout(resolve, 100));
-    }
-  }
-
-  /** Ctrl-C: SIGINT, then the exit code (SIGKILL after a minute). */
-  async interrupt(): Promise<number | null> {
-    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill('SIGINT');
-    const timer = setTimeout(() => this.child.kill('SIGKILL'), 60_000);
-    try {
-      return await this.exited;
-    } finally {
-      clearTimeout(timer);
-    }
-  }
+/** A VM's qemu: libvirt's, it keeps running after the fleet stops (its command line names its disk in the state directory). */
+function isGuest(process: LeftoverProcess): boolean {
+  return /(^|\/)qemu-system-\S+ /.test(process.command);
 }
 
 function alive(pid: number): boolean {
@@ -93,6 +56,8 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
   let guestState: string;
   let fleet: FleetFile;
   let first: StartCommand;
+  /** The fleet's temp directory (TMPDIR of start.sh and everything it runs). */
+  let temporary: string;
   const cliEnvironment: Record<string, string> = {};
 
   /** The CLI as a user runs it beside the fleet: it finds the fleet (addresses, admin bundle) by COWHERD_STATE_DIR. */
@@ -108,6 +73,7 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
     const [kit] = await Promise.all([guestKit(), run('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'start'], { timeout: 120_000 })]);
     guestState = dirname(dirname(kit.kernel));
     state = await resources.tempDir('cowherd-fleet-');
+    temporary = await resources.tempDir('cowherd-fleet-tmp-');
     for (const [key, value] of Object.entries(process.env)) if (value !== undefined && !key.startsWith('COWHERD_')) cliEnvironment[key] = value;
     cliEnvironment['COWHERD_STATE_DIR'] = join(state, 'fleet');
     // Runs before the state directory is removed: no domain and no process is left behind.
@@ -120,10 +86,19 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
   });
   after(() => resources.release());
 
+  /** start.sh telling the story, as a user starts it in a terminal; the guest kit where the boot tests keep it. */
+  function startFleet(): StartCommand {
+    const command = new StartCommand(state, temporary, ['--story-name', image, '--guest-state-dir', guestState]);
+    resources.defer(async () => {
+      await command.interrupt();
+      command.kill();
+    });
+    return command;
+  }
+
   it('the first start tells the story: master VM, publish, distribute, three clones started, the events and the overview', async (t) => {
     const startedAt = Date.now();
-    first = new StartCommand(state, guestState, ['--story-name', image]);
-    resources.defer(async () => void (await first.interrupt()));
+    first = startFleet();
     await first.waitFor('fleet is up', 240_000);
     t.diagnostic(`start.sh to "fleet is up", story included: ${((Date.now() - startedAt) / 1000).toFixed(1)} s`);
     fleet = JSON.parse(await readFile(join(state, 'fleet', 'fleet.json'), 'utf8')) as FleetFile;
@@ -217,15 +192,15 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
   it('Ctrl-C stops every process; a second start reuses the state and does not repeat the set-up', async (t) => {
     const code = await first.interrupt();
     assert.equal(code, 0, first.output);
-    assert.match(first.output, /stopping the fleet\.\.\.\nfleet stopped\n/);
-    await new Promise((resolve) => setTimeout(resolve, 500));
+    assert.match(first.output, /stopping the fleet\.\.\.\nfleet stopped\n$/);
     for (const endpoint of fleet.endpoints) assert.equal(alive(endpoint.pid), false, `${endpoint.name} (pid ${endpoint.pid}) is gone`);
+    assert.deepEqual(await first.leftovers(isGuest), [], 'no process of the run is left but the VMs');
+    assert.deepEqual(await first.temporaryLeftovers(), [], 'nothing is left in the temp directory');
     // The VMs are libvirt's: they keep running without the fleet's processes, like VMs on a host whose agent stops.
     for (const clone of clones) assert.equal((await virsh('domstate', clone)).stdout.trim(), 'running');
 
     const startedAt = Date.now();
-    const second = new StartCommand(state, guestState, ['--story-name', image]);
-    resources.defer(async () => void (await second.interrupt()));
+    const second = startFleet();
     await second.waitFor('fleet is up', 180_000);
     t.diagnostic(`second start to "fleet is up": ${((Date.now() - startedAt) / 1000).toFixed(1)} s`);
     const output = second.output;
@@ -236,6 +211,8 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
     assert.deepEqual(virtualMachines.map((vm) => [vm.domainName, vm.state]).sort(), clones.map((clone) => [clone, 'STATE_RUNNING']));
 
     assert.equal(await second.interrupt(), 0, second.output);
-    assert.match(second.output, /fleet stopped\n$/);
+    assert.match(second.output, /stopping the fleet\.\.\.\nfleet stopped\n$/);
+    assert.deepEqual(await second.leftovers(isGuest), [], 'no process of the run is left but the VMs');
+    assert.deepEqual(await second.temporaryLeftovers(), [], 'nothing is left in the temp directory');
   });
 });
