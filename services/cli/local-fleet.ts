@@ -107,7 +107,20 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
   const ca = await loadOrCreateCertificateAuthority(caKeyFile, caCertificateFile, () => options.say(`creating the fleet's certificate authority in ${join(state, 'ca')}`));
   const hostname = defaultHostId();
   const libvirtUri = options.libvirtUri ?? 'qemu:///system';
-  const port = async (name: ProcessName, kind: 'grpc' | 'health'): Promise<number> => (options.dynamicPorts ? freePort() : DEFAULT_PORTS[name][kind]);
+  // Dynamic ports: every port of every process is picked here, each one once, none left to a process to pick
+  // (port 0). A port picked for one process is free in the kernel's eyes until that process binds it, and a
+  // process of the fleet binding port 0 meanwhile (the other agent starts side by side) could be handed it.
+  const picked = new Set<number>();
+  const dynamicPort = async (): Promise<number> => {
+    for (;;) {
+      const candidate = await freePort();
+      if (!picked.has(candidate)) {
+        picked.add(candidate);
+        return candidate;
+      }
+    }
+  };
+  const port = async (name: ProcessName, kind: 'grpc' | 'health'): Promise<number> => (options.dynamicPorts ? dynamicPort() : DEFAULT_PORTS[name][kind]);
 
   // Every process runs in a process group of its own: a terminal's Ctrl-C reaches only this process, which
   // stops them in order (the agents before the services they report to, NATS last) instead of all at once.
@@ -140,12 +153,11 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     started.push({ label: 'nats', daemon: nats.daemon, graceMs: 10_000 });
     options.say(`nats          ${nats.url} (JetStream data in ${join(state, 'nats')})`);
     const endpoints: FleetEndpoint[] = [{ name: 'nats', address: nats.url, pid: nats.daemon.pid }];
-    // With dynamic ports (tests) the metrics ports are any free ones too, so two fleets never collide.
-    const common = { COWHERD_NATS_URL: nats.url, COWHERD_STATE_DIR: state, ...(options.dynamicPorts ? { COWHERD_METRICS_ADDRESS: 'localhost:0' } : {}) };
+    const common = { COWHERD_NATS_URL: nats.url, COWHERD_STATE_DIR: state };
 
     // 2. The CA service; it keeps NATS's users from now on.
     const caPort = await port('certificate-authority', 'grpc');
-    const enrollPort = options.dynamicPorts ? await freePort() : ENROLL_PORT;
+    const enrollPort = options.dynamicPorts ? await dynamicPort() : ENROLL_PORT;
     const caAddress = `localhost:${caPort}`;
     endpoints.push(
       await startFleetProcess('certificate-authority', caTls, caPort, await port('certificate-authority', 'health'), {
@@ -168,7 +180,7 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
       const tls = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, name), identityUri('service', name), ['localhost', name], SERVICE_CERTIFICATE_DAYS);
       const inventoryAddress = endpoints.find((endpoint) => endpoint.name === 'inventory')?.address;
       const distributionAddress = endpoints.find((endpoint) => endpoint.name === 'distribution')?.address;
-      const tracker: Record<string, string> = name === 'distribution' ? { COWHERD_TRACKER_ADDRESS: `localhost:${options.dynamicPorts ? await freePort() : 7463}` } : {};
+      const tracker: Record<string, string> = name === 'distribution' ? { COWHERD_TRACKER_ADDRESS: `localhost:${options.dynamicPorts ? await dynamicPort() : 7463}` } : {};
       endpoints.push(
         await startFleetProcess(name, tls, await port(name, 'grpc'), await port(name, 'health'), {
           ...common,
@@ -191,8 +203,8 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     for (const spec of hostSpecs) {
       const agentCredentials = join(state, spec.label, 'credentials');
       const imageDirectory = join(state, spec.label, 'images');
-      const grpcPort = options.dynamicPorts ? await freePort() : spec.fixed?.grpc ?? DEFAULT_PORTS.agent.grpc;
-      const healthPort = options.dynamicPorts ? await freePort() : spec.fixed?.health ?? DEFAULT_PORTS.agent.health;
+      const grpcPort = options.dynamicPorts ? await dynamicPort() : spec.fixed?.grpc ?? DEFAULT_PORTS.agent.grpc;
+      const healthPort = options.dynamicPorts ? await dynamicPort() : spec.fixed?.health ?? DEFAULT_PORTS.agent.health;
       const env: Record<string, string> = {
         ...common,
         COWHERD_CA_ADDRESS: caAddress,
@@ -206,7 +218,7 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
         // Both agents drive this machine's one libvirtd: each sees only the domains with a disk in its image dir.
         COWHERD_DOMAIN_SCOPE: 'image-directory',
         ...(options.dynamicPorts
-          ? { COWHERD_TORRENT_PORT: '0', COWHERD_WEB_SEED_ADDRESS: `localhost:${await freePort()}` }
+          ? { COWHERD_TORRENT_PORT: String(await dynamicPort()), COWHERD_WEB_SEED_ADDRESS: `localhost:${await dynamicPort()}` }
           : spec.fixed
             ? { COWHERD_METRICS_ADDRESS: `0.0.0.0:${spec.fixed.metrics}`, COWHERD_TORRENT_PORT: String(spec.fixed.torrent), COWHERD_WEB_SEED_ADDRESS: `0.0.0.0:${spec.fixed.webSeed}` }
             : {}),
@@ -246,6 +258,8 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
       {
         COWHERD_LISTEN_ADDRESS: `localhost:${grpcPort}`,
         COWHERD_HEALTH_ADDRESS: `localhost:${healthPort}`,
+        // With dynamic ports the metrics ports are free ones too, so that two fleets never collide.
+        ...(options.dynamicPorts ? { COWHERD_METRICS_ADDRESS: `localhost:${await dynamicPort()}` } : {}),
         ...(tls === undefined ? {} : { COWHERD_TLS_CERT: tls.certificateFile, COWHERD_TLS_KEY: tls.privateKeyFile, COWHERD_TLS_CA: tls.caFile }),
         ...env,
       },
