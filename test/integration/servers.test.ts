@@ -1,7 +1,7 @@
 /**
  * Every service and the agent as real processes on real NATS with real certificates: health SERVING on
  * the mTLS port and the plaintext probe port, reflection that a Python client generated from proto/
- * can use, refusal of callers without a certificate or with one from another CA, clean SIGTERM.
+ * can use, refusal of callers without a certificate or with one from another CA, clean SIGTERM of each.
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -101,11 +101,17 @@ describe('service processes', () => {
     assert.ok([0, 12].includes(code), `ListHosts answered ${code}`);
   });
 
-  it('stop cleanly on SIGTERM', async () => {
-    const process = processes.get('cloning')!;
-    process.daemon.stop(10_000);
-    assert.equal(await process.daemon.exited, 0);
-    assert.ok(process.logs.some((line) => line['msg'] === 'stopped'));
+  it('stop cleanly on SIGTERM, every service and the agent', async () => {
+    // The way a fleet goes down: the agent first, the services it reports to next, the CA they follow last.
+    for (const name of [...PROCESSES].reverse()) {
+      const process = processes.get(name)!;
+      await process.daemon.stop(10_000);
+      assert.equal(await process.daemon.exited, 0, `${name} exits 0 (not killed after its grace time, no failure)`);
+      const messages = process.logs.map((line) => line['msg']);
+      assert.ok(process.logs.some((line) => line['msg'] === 'signal received: draining' && line['signal'] === 'SIGTERM'), `${name} drained on SIGTERM`);
+      assert.ok(messages.includes('stopped'), `${name} logged "stopped": ${messages.slice(-5).join(' | ')}`);
+      assert.ok(!messages.includes('unclean stop'), `${name} stopped cleanly`);
+    }
   });
 
   it('refuse to start with bad configuration, naming every bad variable', async () => {
