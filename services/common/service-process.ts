@@ -10,7 +10,7 @@ import { connectNats, type Nats } from './nats.js';
 import { DEFAULT_DESCRIPTOR_SET_PATH, readDescriptorSet } from './reflection.js';
 import { NO_REVOCATIONS, type BoundaryOptions, type RevocationCheck, type ServiceRegistration } from './rpc.js';
 import { startServer, type RunningServer } from './server.js';
-import { mutualTlsClientCredentials, mutualTlsServerCredentials, type CredentialsFor, type TlsFiles } from './tls.js';
+import { loadedMutualTlsServerCredentials, mutualTlsClientCredentials, type CredentialsFor, type TlsFiles } from './tls.js';
 import { identityUri } from './identity.js';
 import { CertificateAuthorityServiceClient } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { keepCertificateFresh, type RenewFunction } from './certificate-renewal.js';
@@ -118,7 +118,6 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
   const config = readConfig({ ...serverVariables(options.name), ...options.variables }, options.env) as ServerConfig & ConfigOf<S>;
   const log = createLogger({ service: options.name, level: config.logLevel, ...(options.logDestination === undefined ? {} : { destination: options.logDestination }) });
   const tls: TlsFiles = { certificateFile: config.certificateFile, privateKeyFile: config.privateKeyFile, caFile: config.caFile };
-  const credentials = mutualTlsServerCredentials(tls, config.tlsRefreshSeconds * 1000);
   const clientCredentials = mutualTlsClientCredentials(tls, config.tlsRefreshSeconds * 1000);
   const nats = await connectNats({ servers: config.natsUrls, tls, name: options.name, log });
   try {
@@ -157,7 +156,8 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
       address: config.listenAddress,
       healthAddress: config.healthAddress,
       metricsAddress: config.metricsAddress,
-      credentials,
+      // Read just before binding, so that the first caller after "serving" is not dropped (see tls.ts).
+      credentials: await loadedMutualTlsServerCredentials(tls, config.tlsRefreshSeconds * 1000),
       services: built.services,
       descriptorSet: readDescriptorSet(config.descriptorSetFile),
       revocations: boundary.revocations,

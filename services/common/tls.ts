@@ -36,6 +36,26 @@ export function mutualTlsServerCredentials(files: TlsFiles, refreshIntervalMs = 
   return experimental.createCertificateProviderServerCredentials(watcher, watcher, true);
 }
 
+/**
+ * mutualTlsServerCredentials, resolved once the files are read. Call it just before binding: grpc-js reads
+ * the files in the background, and a server bound before that read is done drops every connection (the
+ * client sees "disconnected before secure TLS connection was established") although it already says it
+ * serves; on a busy machine at start-up the read can take long enough for a first caller to meet it.
+ */
+export async function loadedMutualTlsServerCredentials(files: TlsFiles, refreshIntervalMs = DEFAULT_TLS_REFRESH_MS): Promise<ServerCredentials> {
+  assertReadable(files);
+  const watcher = provider(files, refreshIntervalMs);
+  // The provider keeps what it read: the server's own listener, added when it binds, gets it at once.
+  await new Promise<void>((resolve) => {
+    const listener = (): void => {
+      watcher.removeIdentityCertificateListener(listener);
+      resolve();
+    };
+    watcher.addIdentityCertificateListener(listener);
+  });
+  return experimental.createCertificateProviderServerCredentials(watcher, watcher, true);
+}
+
 /** Server-auth-only TLS (the CA's enrollment port): clients need no certificate yet. */
 export function serverOnlyTlsCredentials(files: Omit<TlsFiles, 'caFile'> & { caFile?: string }, refreshIntervalMs = DEFAULT_TLS_REFRESH_MS): ServerCredentials {
   readFileSync(files.certificateFile);

@@ -5,6 +5,7 @@
  * certificate hot reload.
  */
 import assert from 'node:assert/strict';
+import { pbkdf2 } from 'node:crypto';
 import { connect as tlsConnect } from 'node:tls';
 import { after, before, describe, it } from 'node:test';
 import { readFile } from 'node:fs/promises';
@@ -18,7 +19,7 @@ import { createLogger } from '../../services/common/logger.js';
 import { readDescriptorSet } from '../../services/common/reflection.js';
 import { adaptService, type RevocationCheck } from '../../services/common/rpc.js';
 import { startServer, type RunningServer } from '../../services/common/server.js';
-import { mutualTlsChannelCredentialsFromPem, mutualTlsClientCredentials, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/tls.js';
+import { loadedMutualTlsServerCredentials, mutualTlsChannelCredentialsFromPem, mutualTlsClientCredentials, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/tls.js';
 import { inspectCertificate } from '../../services/common/pki.js';
 import { AGENT_POLICY } from '../../services/agent/access-policy.js';
 import { INVENTORY_POLICY } from '../../services/inventory/access-policy.js';
@@ -233,6 +234,17 @@ describe('gRPC platform', () => {
     const answer = await call<Host>((cb) => distribution.clientFor({ name: 'hosts/kvm-01', agentEndpoint: `localhost:${genuine.port}` }).getHostInfo({}, cb));
     assert.equal(answer.name, 'hosts/kvm-01');
     assert.deepEqual(handled, ['agent']);
+  });
+
+  it('presents its certificate to the first caller after the bind, even with the thread pool busy', async () => {
+    const files = await pki.files('service', 'inventory');
+    const credentials = await loadedMutualTlsServerCredentials(files, 200);
+    // A process starting up on a loaded machine: with the certificate still being read when the server binds,
+    // grpc-js would drop every connection until the read is done, although the server said it serves.
+    for (let i = 0; i < 4; i++) pbkdf2('cowherd', 'salt', 1_000_000, 32, 'sha256', () => undefined);
+    const running = await startServer({ log, address: 'localhost:0', credentials, services: [], descriptorSet: readDescriptorSet(), revocations: { isRevoked: () => false } });
+    resources.defer(() => running.stop(1_000));
+    assert.equal(await serialOnWire(running.port), inspectCertificate(await readFile(files.certificateFile, 'utf8')).serialNumber);
   });
 
   it('retries UNAVAILABLE within the deadline and returns other codes at once', async () => {
