@@ -317,7 +317,7 @@ describe('image swarm', { timeout: 240_000 }, () => {
     assert.deepEqual(await verifyImageFiles(result.directory, expected), ['vda.qcow2']);
     const repaired = await receiver.fetch(IMAGE, fetchOptions(join(result.directory, '..')));
     await assertReplica(repaired.directory);
-    // vda.qcow2 is exactly 6 pieces, so the template's piece stayed valid and only the disk came again.
+    // vda.qcow2 ends on a piece boundary, so the template's pieces stayed valid and only the disk came again.
     assert.equal(repaired.bytesPresentAtStart, FILES[1]!.size);
     assert.equal(repaired.bytesWritten, FILES[0]!.size);
     await destroySwarm(receiver);

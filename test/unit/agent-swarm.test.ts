@@ -264,10 +264,12 @@ describe('WebSeedServer', () => {
 });
 
 describe('pieceLengthFor', () => {
-  test('keeps images at about 1024 pieces of 1 to 16 MiB', () => {
+  test('keeps images at about 1024 pieces of 512 KiB to 16 MiB', () => {
     const MiB = 1024 * 1024;
-    assert.equal(pieceLengthFor(1), MiB);
-    assert.equal(pieceLengthFor(256 * MiB), MiB);
+    assert.equal(pieceLengthFor(1), MiB / 2);
+    assert.equal(pieceLengthFor(256 * MiB), MiB / 2);
+    assert.equal(pieceLengthFor(512 * MiB), MiB / 2);
+    assert.equal(pieceLengthFor(512 * MiB + 1), MiB);
     assert.equal(pieceLengthFor(1024 * MiB), MiB);
     assert.equal(pieceLengthFor(1024 * MiB + 1), 2 * MiB);
     assert.equal(pieceLengthFor(4096 * MiB), 4 * MiB);
