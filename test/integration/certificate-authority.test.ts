@@ -26,7 +26,7 @@ import { createCsr, generateKeyPair, inspectCertificate } from '../../services/c
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
 import type { Credentials } from '../../services/common/credential-files.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
-import { call, failure } from '../harness/grpc.js';
+import { call, failure, waitFor } from '../harness/grpc.js';
 import { startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
@@ -376,7 +376,8 @@ describe('certificate authority and fleet identity', () => {
       current = inspectCertificate(await readFile(files.certificateFile, 'utf8')).serialNumber;
     }
     assert.notEqual(current, first, 'the certificate file was renewed');
-    assert.ok(distribution.logs.some((line) => line['msg'] === 'certificate renewed'));
+    // The log line follows the file write and comes through the child's stdout: wait for it, do not race it.
+    await waitFor('the renewal in the log', async () => (distribution.logs.some((line) => line['msg'] === 'certificate renewed') ? true : undefined), 5_000);
     // Past the first certificate's expiry the process still serves, with the renewed one.
     const { check } = await import('../../services/cli/health-check.js');
     await new Promise((resolve) => setTimeout(resolve, 10_000));
