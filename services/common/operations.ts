@@ -115,14 +115,14 @@ export class OperationManager {
   private scanTimer: NodeJS.Timeout | undefined;
   private stopped = false;
 
-  private constructor(private readonly store: KvStore<OperationRecord>, private readonly index: KvStore<{ name: string }>, private readonly options: OperationManagerOptions) {
+  private constructor(private readonly store: KvStore<OperationRecord>, private readonly index: KvStore<RequestIdEntry>, private readonly options: OperationManagerOptions) {
     this.replicaId = options.replicaId ?? randomUUID();
   }
 
   /** Opens the buckets; call `register` for every kind, then `resumeOrphans` to start scanning. */
   static async open(options: OperationManagerOptions): Promise<OperationManager> {
     const store = await KvStore.open(options.js, OPERATIONS_BUCKET, jsonCodec<OperationRecord>());
-    const index = await KvStore.open(options.js, `${OPERATIONS_BUCKET}-request-ids`, jsonCodec<{ name: string }>());
+    const index = await KvStore.open(options.js, `${OPERATIONS_BUCKET}-request-ids`, jsonCodec<RequestIdEntry>());
     return new OperationManager(store, index, options);
   }
 
@@ -157,19 +157,38 @@ export class OperationManager {
     const name = `operations/${id}`;
     if (requestId !== '') {
       const indexKey = requestIndexKey(kind.kind, requestId);
+      const beingCreated = (): CowherdError => new CowherdError(GrpcStatus.ABORTED, 'an operation with this request_id is being created; retry', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
       try {
-        await this.index.create(indexKey, { name });
+        await this.index.create(indexKey, { name, createdAt: Date.now() });
       } catch (error) {
         if (!(error instanceof KvConflictError)) throw error;
         const existing = await this.index.get(indexKey);
         const record = existing ? await this.store.get(keyOf(existing.value.name)) : undefined;
-        if (!record) throw new CowherdError(GrpcStatus.ABORTED, 'an operation with this request_id is being created; retry', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+        if (!record) {
+          // The entry is written just before the record. An entry without a record that is older than any
+          // creation takes means its replica died in between: this request takes the request_id over
+          // (compare-and-set, so two retries cannot both do it). Entries from before `createdAt` count as old.
+          if (!existing || Date.now() - (existing.value.createdAt ?? 0) < ORPHANED_REQUEST_ID_MS) throw beingCreated();
+          try {
+            await this.index.update(indexKey, { name, createdAt: Date.now() }, existing.revision);
+          } catch (conflict) {
+            if (conflict instanceof KvConflictError) throw beingCreated();
+            throw conflict;
+          }
+          this.options.log.warn({ operation: name, kind: kind.kind, orphanedOperation: existing.value.name }, 'took over a request_id whose operation was never created');
+          return this.create(kind, name, requestBytes, requestFingerprint, initialMetadata, requestId);
+        }
         if (record.value.requestFingerprint !== requestFingerprint) {
           throw new CowherdError(GrpcStatus.ALREADY_EXISTS, 'request_id was already used for a different request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT, field: 'request_id' });
         }
         return Operation.decode(Buffer.from(record.value.operation, 'base64'));
       }
     }
+    return this.create(kind, name, requestBytes, requestFingerprint, initialMetadata, requestId);
+  }
+
+  /** Writes the operation's record and launches it here. */
+  private async create<Req, Meta>(kind: OperationKind<Req, Meta, unknown, unknown>, name: string, requestBytes: Buffer, requestFingerprint: string, initialMetadata: Meta, requestId: string): Promise<Operation> {
     const now = new Date().toISOString();
     const operation: Operation = { name, metadata: pack(kind.metadataType, initialMetadata), done: false, result: undefined };
     const record: OperationRecord = {
@@ -424,6 +443,15 @@ function validName(name: string): string {
   if (!OPERATION_NAME.test(name)) throw CowherdError.invalidArgument('name', 'must look like operations/{uuid}');
   return name;
 }
+
+/** An entry of the request_id index: the operation a request_id created, and when (ms since the epoch). */
+interface RequestIdEntry {
+  readonly name: string;
+  readonly createdAt?: number;
+}
+
+/** A request_id entry without its operation record for this long was left by a replica that died. */
+const ORPHANED_REQUEST_ID_MS = 30_000;
 
 function requestIndexKey(kind: string, requestId: string): string {
   return `${kind}.${createHash('sha256').update(requestId).digest('hex')}`;

@@ -5,6 +5,10 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { createHash } from 'node:crypto';
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { CowherdError } from '../../services/common/errors.js';
+import { KvStore, jsonCodec } from '../../services/common/kv.js';
 import { createLogger } from '../../services/common/logger.js';
 import { connectNats, type Nats } from '../../services/common/nats.js';
 import { OperationManager, type OperationKind, unpack } from '../../services/common/operations.js';
@@ -75,6 +79,24 @@ describe('operations store', () => {
     assert.equal(again.name, first.name);
     await assert.rejects(manager.start(kind, { seconds: '2', nanos: 0 }, { seconds: '0', nanos: 0 }, 'request-a'), /request_id was already used/);
     await manager.wait(first.name, 5_000);
+    await manager.stop();
+  });
+
+  it('takes over a request_id whose replica died before writing the operation, but not one being created', async () => {
+    const manager = await OperationManager.open({ js: connections[0]!.jetstream, log, pageTokens: tokens });
+    const kind = countingKind(1, []);
+    manager.register(kind);
+    // What a replica that died between the request_id entry and the record leaves behind.
+    const index = await KvStore.open(connections[0]!.jetstream, 'operations-request-ids', jsonCodec<{ name: string; createdAt?: number }>());
+    const key = (requestId: string): string => `${kind.kind}.${createHash('sha256').update(requestId).digest('hex')}`;
+    await index.create(key('request-orphaned'), { name: 'operations/00000000-0000-4000-8000-000000000000', createdAt: Date.now() - 60_000 });
+    const taken = await manager.start(kind, { seconds: '1', nanos: 0 }, { seconds: '0', nanos: 0 }, 'request-orphaned');
+    assert.notEqual(taken.name, 'operations/00000000-0000-4000-8000-000000000000');
+    assert.equal((await manager.start(kind, { seconds: '1', nanos: 0 }, { seconds: '0', nanos: 0 }, 'request-orphaned')).name, taken.name, 'a retry gets the new operation');
+    assert.equal((await manager.wait(taken.name, 5_000)).done, true);
+    // An entry written moments ago may be an operation another replica is creating right now: retry later.
+    await index.create(key('request-in-flight'), { name: 'operations/00000000-0000-4000-8000-000000000001', createdAt: Date.now() });
+    await assert.rejects(manager.start(kind, { seconds: '1', nanos: 0 }, { seconds: '0', nanos: 0 }, 'request-in-flight'), (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.ABORTED);
     await manager.stop();
   });
 
