@@ -12,6 +12,7 @@ import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_se
 import { OperationsClient } from '../gen/google/longrunning/operations.js';
 import { createClient, type ClientConstructor } from '../common/client.js';
 import { credentialFiles } from '../common/credential-files.js';
+import { identityUri } from '../common/identity.js';
 import { inspectCertificate } from '../common/pki.js';
 import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/tls.js';
 import { SERVICE_ADDRESSES, type CliConfig, type ServiceKey } from './cli-config.js';
@@ -39,7 +40,8 @@ export interface AdminBundle {
 /** A command's view of the fleet. */
 export class CliContext {
   private bundle: AdminBundle | undefined;
-  private channelCredentials: ChannelCredentials | undefined;
+  /** Per service: each checks that the server is that service (its SPIFFE identity), not only the CA. */
+  private readonly channelCredentials = new Map<ServiceKey, ChannelCredentials>();
   private readonly clients = new Map<string, { close(): void }>();
 
   constructor(readonly config: CliConfig, readonly settings: GlobalSettings, readonly out: Output) {}
@@ -137,8 +139,12 @@ export class CliContext {
     const key = `${service}/${variant}`;
     const existing = this.clients.get(key);
     if (existing) return existing as C;
-    this.channelCredentials ??= mutualTlsChannelCredentialsFromPem(this.credentials().pem);
-    const client = createClient(Client, this.settings.addresses[service], this.channelCredentials, { defaultDeadlineMs: this.settings.timeoutMs });
+    let credentials = this.channelCredentials.get(service);
+    if (!credentials) {
+      credentials = mutualTlsChannelCredentialsFromPem(this.credentials().pem, identityUri('service', SERVICE_ADDRESSES[service].service));
+      this.channelCredentials.set(service, credentials);
+    }
+    const client = createClient(Client, this.settings.addresses[service], credentials, { defaultDeadlineMs: this.settings.timeoutMs });
     this.clients.set(key, client);
     return client;
   }

@@ -110,6 +110,11 @@ export function explain(received: ReceivedError, target: CallTarget): string {
       return `the ${target.service} service refused the credentials in ${target.credentialsDirectory}: ${message}. The CLI needs an admin certificate (spiffe://cowherd/admin/<you>) from this fleet's CA: pass --credentials <dir> or set COWHERD_CREDENTIALS (npm start writes one to .state/fleet/credentials/admin)`;
     case GrpcStatus.UNAVAILABLE:
       if (reason === 'HOST_UNREACHABLE' || reason === 'TRANSFER_FAILED') return `${message}; check the host with \`cowherd hosts list\` and retry`;
+      // tls.ts expectServerIdentity: a server of this CA, but not the service the CLI meant to reach.
+      const identity = /is (spiffe:\/\/\S+?|no cowherd identity), not spiffe:/.exec(message);
+      if (identity) {
+        return `the server at ${target.address} is not the ${target.service} service (it presents ${identity[1]}); point ${target.flag} or ${target.variable} at the ${target.service} service`;
+      }
       if (/certificate|ssl|tls|handshake|self.signed|verify/i.test(message)) {
         return `the TLS handshake with the ${target.service} service at ${target.address} failed (${message}); the credentials in ${target.credentialsDirectory} must be an admin certificate from this fleet's CA (--credentials or COWHERD_CREDENTIALS)`;
       }

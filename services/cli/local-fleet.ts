@@ -173,7 +173,7 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
 
     // 3. Everything else through the CA, with a short-lived bootstrap admin certificate.
     const bootstrap = await issueCredentials(ca, identityUri('admin', 'fleet-bootstrap'), { ttlSeconds: 3600 });
-    const caClient = createClient(CertificateAuthorityServiceClient, caAddress, mutualTlsChannelCredentialsFromPem(bootstrap), { defaultDeadlineMs: 30_000 });
+    const caClient = createClient(CertificateAuthorityServiceClient, caAddress, mutualTlsChannelCredentialsFromPem(bootstrap, identityUri('service', 'certificate-authority')), { defaultDeadlineMs: 30_000 });
     closers.push(caClient);
     const admin = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, 'admin'), identityUri('admin', userName()), [], ADMIN_CERTIFICATE_DAYS);
     for (const name of ['inventory', 'distribution', 'cloning'] as const) {

@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, ImageReplica, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { call, createClient } from '../common/client.js';
+import { identityUri } from '../common/identity.js';
 import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/tls.js';
 import type { CommandSpec } from './command-line.js';
 import type { CliContext } from './cli-context.js';
@@ -63,7 +64,7 @@ export async function overviewLines(inventoryAddress: string, credentials: TlsFi
     certificatePem: readFileSync(credentials.certificateFile, 'utf8'),
     privateKeyPem: readFileSync(credentials.privateKeyFile, 'utf8'),
     caPem: readFileSync(credentials.caFile, 'utf8'),
-  }), { defaultDeadlineMs: 10_000 });
+  }, identityUri('service', 'inventory')), { defaultDeadlineMs: 10_000 });
   try {
     const deadline = Date.now() + (options.waitForHostsMs ?? 0);
     let hosts: Host[] = [];

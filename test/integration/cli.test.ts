@@ -257,7 +257,7 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
   });
 
   it('exits non-zero with a helpful message on wrong invocations', async () => {
-    const [unknownHost, unknownVm, missingFlag, unknownCommand, unknownOption, badOutput, unreachable, noCredentials, globalsLast] = await Promise.all([
+    const [unknownHost, unknownVm, missingFlag, unknownCommand, unknownOption, badOutput, unreachable, noCredentials, globalsLast, wrongService] = await Promise.all([
       cowherd('hosts', 'show', 'no-such-host'),
       cowherd('vms', 'show', `${HOST}/no-such-vm`),
       cowherd('images', 'publish', '--host', HOST, '--image', 'x'),
@@ -267,6 +267,8 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
       cowherd('hosts', 'list', '--inventory', 'localhost:1'),
       new Promise<CliResult>((resolve) => execFile(process.execPath, ['--import', 'tsx', 'services/cli/main.ts', 'hosts', 'list', '--credentials', '/nonexistent/cowherd-admin'], { cwd: REPOSITORY, env: environment }, (error, stdout, stderr) => resolve({ code: typeof error?.code === 'number' ? error.code : 0, stdout, stderr }))),
       new Promise<CliResult>((resolve) => execFile(process.execPath, ['--import', 'tsx', 'services/cli/main.ts', 'hosts', 'show', `hosts/${HOST}`, '--output', 'json', ...connection], { cwd: REPOSITORY, env: environment }, (error, stdout, stderr) => resolve({ code: typeof error?.code === 'number' ? error.code : 0, stdout, stderr }))),
+      // The distribution service where the inventory should be: same CA, wrong identity.
+      cowherd('hosts', 'list', '--inventory', connection[connection.indexOf('--distribution') + 1]!),
     ]);
     assert.equal(unknownHost.code, 3, unknownHost.stderr);
     assert.equal(unknownHost.stderr, 'cowherd: no host named "no-such-host"; `cowherd hosts list` shows the hosts\n');
@@ -282,6 +284,8 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     assert.match(badOutput.stderr, /--output must be table or json/);
     assert.equal(unreachable.code, 6, unreachable.stderr);
     assert.match(unreachable.stderr, /cannot reach the inventory service at localhost:1 .*--inventory or COWHERD_INVENTORY_ADDRESS/);
+    assert.equal(wrongService.code, 6, wrongService.stderr);
+    assert.match(wrongService.stderr, /the server at \S+ is not the inventory service \(it presents spiffe:\/\/cowherd\/service\/distribution\); point --inventory or COWHERD_INVENTORY_ADDRESS/);
     assert.equal(noCredentials.code, 5);
     assert.match(noCredentials.stderr, /cannot read the admin credentials: \/nonexistent\/cowherd-admin\/cert.pem .*--credentials <dir>/);
     assert.equal(globalsLast.code, 0, globalsLast.stderr);
