@@ -239,26 +239,33 @@ const KERNEL_COMMAND_LINE = 'console=ttyS0 quiet panic=-1 cowherd.stay=1';
 
 /** The master VM: direct kernel boot, one virtio qcow2 disk, the serial console in a file, no network. */
 export function masterDomainXml(vm: { name: string; kernel: string; initrd: string; disk: string; console: string; marker: string }): string {
+  return guestDomainXml({ ...vm, title: "the local fleet's master VM (cowherd fleet up)", memoryMib: MASTER_MEMORY_MIB, commandLine: `${KERNEL_COMMAND_LINE} marker=${vm.marker}` });
+}
+
+/**
+ * A domain for the small test guest (guest kit kernel + initrd): direct kernel boot, one virtio qcow2 disk,
+ * the serial console in a file, no network, destroyed when it powers off. Also used by clone-boot.test.ts.
+ */
+export function guestDomainXml(guest: { name: string; title?: string; memoryMib: number; kernel: string; initrd: string; commandLine: string; disk: string; console: string }): string {
   return `<domain type='qemu'>
-  <name>${vm.name}</name>
+  <name>${guest.name}</name>
   <uuid>${randomUUID()}</uuid>
-  <title>the local fleet's master VM (cowherd fleet up)</title>
-  <memory unit='MiB'>${MASTER_MEMORY_MIB}</memory>
+${guest.title ? `  <title>${guest.title}</title>\n` : ''}  <memory unit='MiB'>${guest.memoryMib}</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>${vm.kernel}</kernel>
-    <initrd>${vm.initrd}</initrd>
-    <cmdline>${KERNEL_COMMAND_LINE} marker=${vm.marker}</cmdline>
+    <kernel>${guest.kernel}</kernel>
+    <initrd>${guest.initrd}</initrd>
+    <cmdline>${guest.commandLine}</cmdline>
   </os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${vm.disk}'/><target dev='vda' bus='virtio'/></disk>
-    <serial type='file'><source path='${vm.console}'/><target port='0'/></serial>
-    <console type='file'><source path='${vm.console}'/><target type='serial' port='0'/></console>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${guest.disk}'/><target dev='vda' bus='virtio'/></disk>
+    <serial type='file'><source path='${guest.console}'/><target port='0'/></serial>
+    <console type='file'><source path='${guest.console}'/><target type='serial' port='0'/></console>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>

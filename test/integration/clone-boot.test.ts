@@ -17,6 +17,7 @@ import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/ce
 import { createClient } from '../../services/common/client.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
 import { sanitizeDomainTemplate } from '../../services/agent/domain-xml.js';
+import { guestDomainXml } from '../../services/cli/story.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call } from '../harness/grpc.js';
 import { guestKit, markerBlock, MARKER_BLOCK, MARKER_OFFSET, type GuestKit } from '../harness/guest.js';
@@ -118,29 +119,7 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
     const sourceDisk = join(sourceDirectory, 'disk.qcow2');
     await run('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', join(sourceDirectory, 'disk.raw'), sourceDisk]);
     const consoleLog = join(sourceDirectory, 'console.log');
-    const sourceXml = `<domain type='qemu'>
-  <name>${source}</name>
-  <memory unit='MiB'>192</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>${kit.kernel}</kernel>
-    <initrd>${kit.initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 marker=${marker}</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${sourceDisk}'/><target dev='vda' bus='virtio'/></disk>
-    <serial type='file'><source path='${consoleLog}'/><target port='0'/></serial>
-    <console type='file'><source path='${consoleLog}'/><target type='serial' port='0'/></console>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-`;
+    const sourceXml = guestDomainXml({ name: source, memoryMib: 192, kernel: kit.kernel, initrd: kit.initrd, commandLine: `console=ttyS0 quiet panic=-1 marker=${marker}`, disk: sourceDisk, console: consoleLog });
     // Through libvirt and back, so the template is what `virsh dumpxml --inactive` of a real VM gives.
     await writeFile(join(sourceDirectory, 'source.xml'), sourceXml);
     domains.push(source);
