@@ -2,9 +2,11 @@
  * Test harness: temp directories that are removed after the test, a throw-away CA with credentials
  * for any identity, and a real nats-server with JetStream, mutual TLS and per-certificate users on a free port.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { writeCredentials, issueCredentials, type Credentials } from '../../services/common/credential-files.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../../services/common/embedded-nats.js';
 import { identityUri, type Identity, type IdentityKind } from '../../services/common/identity.js';
@@ -139,4 +141,19 @@ export async function startTestNats(resources: Resources, pki: TestPki, options:
     resources.defer(unsubscribe);
   }
   return nats;
+}
+
+/**
+ * A minimal image replica for clone tests: `<imagesRoot>/images/<id>/disk0.qcow2` (1 MiB, real qemu-img) and a
+ * domain template naming it as vda. Returns the replica directory.
+ */
+export async function writeTinyReplica(imagesRoot: string, id = 'tiny'): Promise<string> {
+  const replica = join(imagesRoot, 'images', id);
+  await mkdir(replica, { recursive: true });
+  await promisify(execFile)('qemu-img', ['create', '-f', 'qcow2', join(replica, 'disk0.qcow2'), '1M']);
+  await writeFile(
+    join(replica, 'domain-template.xml'),
+    "<domain type='qemu'><name>x</name><memory unit='KiB'>65536</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='disk0.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+  );
+  return replica;
 }

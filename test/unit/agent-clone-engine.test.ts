@@ -3,16 +3,15 @@
  * attempt still runs, as when a cloning replica takes an operation over from one that stopped mid-batch.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { promisify } from 'node:util';
 import { CloneEngine } from '../../services/agent/clone-engine.js';
 import { readCloneMetadata } from '../../services/agent/domain-xml.js';
 import type { DomainInfo, Libvirt } from '../../services/agent/libvirt.js';
 import { createLogger } from '../../services/common/logger.js';
+import { writeTinyReplica } from '../harness/index.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
@@ -20,13 +19,7 @@ describe('CloneEngine', () => {
   it('a retry of a batch that is still running waits for it and returns its clones: each made once, one clone.done each, no clone.failed', async () => {
     const directory = await mkdtemp(join(tmpdir(), 'cowherd-test-engine-'));
     try {
-      const replica = join(directory, 'images', 'tiny');
-      await mkdir(replica, { recursive: true });
-      await promisify(execFile)('qemu-img', ['create', '-f', 'qcow2', join(replica, 'disk0.qcow2'), '1M']);
-      await writeFile(
-        join(replica, 'domain-template.xml'),
-        "<domain type='qemu'><name>x</name><memory unit='KiB'>65536</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='disk0.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
-      );
+      await writeTinyReplica(directory);
       // A libvirt whose define takes a while and whose domain list shows what was defined (with the clone metadata).
       const defined: DomainInfo[] = [];
       const define = async (xml: string): Promise<void> => {

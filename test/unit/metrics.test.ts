@@ -1,11 +1,9 @@
 /** Unit tests of services/common/metrics.ts and the places that feed it, without NATS or gRPC servers. */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { promisify } from 'node:util';
 import type { JetStreamClient } from '@nats-io/jetstream';
 import { CloneEngine } from '../../services/agent/clone-engine.js';
 import type { Libvirt } from '../../services/agent/libvirt.js';
@@ -16,6 +14,7 @@ import { createLogger } from '../../services/common/logger.js';
 import { counter, distributionMetrics, metricsRegistry, recordRpc, serveMetrics } from '../../services/common/metrics.js';
 import { serverVariables } from '../../services/common/service-process.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
+import { writeTinyReplica } from '../harness/index.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
@@ -71,13 +70,7 @@ describe('metrics', () => {
   it('time each clone an agent makes, by result (real qemu-img, fake libvirt)', async () => {
     const directory = await mkdtemp(join(tmpdir(), 'cowherd-clone-metrics-'));
     try {
-      const replica = join(directory, 'images', 'tiny');
-      await mkdir(replica, { recursive: true });
-      await promisify(execFile)('qemu-img', ['create', '-f', 'qcow2', join(replica, 'disk0.qcow2'), '1M']);
-      await writeFile(
-        join(replica, 'domain-template.xml'),
-        "<domain type='qemu'><name>x</name><memory unit='KiB'>65536</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='disk0.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
-      );
+      await writeTinyReplica(directory);
       // libvirt refuses the clone named refused-*; the other one is defined.
       const define = async (xml: string): Promise<void> => {
         if (xml.includes('refused-')) throw new Error('refused');
