@@ -19,8 +19,7 @@ import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { execa } from 'execa';
-import { runCommand, CommandError, type Daemon, type RunOptions } from '../services/common/child-process.js';
+import { runCommand, startDaemon, type Daemon, type RunOptions } from '../services/common/child-process.js';
 
 /** Options of {@link TestBed.create}. */
 export interface TestBedOptions {
@@ -154,63 +153,21 @@ export class TestBed {
    * matches). The test bed kills it in `destroy()` if nobody stopped it before.
    */
   async spawn(host: string, command: string, args: readonly string[], options: SpawnOptions = {}): Promise<Daemon> {
-    const label = `${host}: ${command}`;
-    const child = execa('ip', ['netns', 'exec', this.namespace(host), command, ...args], {
-      stdin: 'ignore',
-      all: true,
-      buffer: false,
-      reject: false,
-      cleanup: true,
-      ...(options.env === undefined ? {} : { env: options.env }),
-      ...(options.cwd === undefined ? {} : { cwd: options.cwd }),
+    const daemon = await startDaemon('ip', ['netns', 'exec', this.namespace(host), command, ...args], {
+      ...options,
+      readyTimeoutMs: options.readyTimeoutMs ?? 30_000,
     });
-    let output = '';
-    let pending = '';
-    let onOutput = (): void => {};
-    child.all?.on('data', (chunk: Buffer) => {
-      const text = chunk.toString();
-      output = (output + text).slice(-64 * 1024);
-      pending += text;
-      const lines = pending.split('\n');
-      pending = lines.pop() ?? '';
-      for (const line of lines) options.onLine?.(line);
-      onOutput();
-    });
-    const exited = child.then((result) => result.exitCode, () => undefined);
-    const daemon: Daemon = {
-      pid: child.pid ?? -1,
-      output: () => output,
-      exited,
-      stop: async (graceMs = 5_000) => {
-        this.daemons.delete(daemon);
-        if (child.exitCode !== null || child.signalCode !== null) return;
-        child.kill('SIGTERM');
-        const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
-        await exited;
-        clearTimeout(timer);
+    const tracked: Daemon = {
+      pid: daemon.pid,
+      output: () => daemon.output(),
+      exited: daemon.exited,
+      stop: async (graceMs) => {
+        this.daemons.delete(tracked);
+        await daemon.stop(graceMs);
       },
     };
-    this.daemons.add(daemon);
-    const pattern = options.readyPattern;
-    if (pattern === undefined) return daemon;
-    let timer: NodeJS.Timeout | undefined;
-    try {
-      await new Promise<void>((resolve, reject) => {
-        onOutput = () => {
-          if (pattern.test(output)) resolve();
-        };
-        onOutput();
-        void exited.then((code) => reject(new CommandError(label, code, output, false)));
-        timer = setTimeout(() => reject(new CommandError(label, undefined, output, true)), options.readyTimeoutMs ?? 30_000);
-      });
-    } catch (error) {
-      await daemon.stop(1_000);
-      throw error;
-    } finally {
-      clearTimeout(timer);
-      onOutput = () => {};
-    }
-    return daemon;
+    this.daemons.add(tracked);
+    return tracked;
   }
 
   /** Bytes the host's `eth0` has transmitted (everything on the wire: payload and TCP/IP/Ethernet headers). */

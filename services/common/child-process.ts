@@ -64,8 +64,8 @@ export interface Daemon {
 
 /** Options of {@link startDaemon}. */
 export interface DaemonOptions {
-  /** Resolve once the output matches this. */
-  readonly readyPattern: RegExp;
+  /** Resolve once the output matches this; without it, as soon as the program is started. */
+  readonly readyPattern?: RegExp;
   /** Give up (and kill it) after this long. Default 20 s. */
   readonly readyTimeoutMs?: number;
   readonly env?: Readonly<Record<string, string>>;
@@ -126,8 +126,9 @@ export async function startDaemon(file: string, args: readonly string[], options
       const lines = pending.split('\n');
       pending = lines.pop() ?? '';
       for (const line of lines) options.onLine?.(line);
-      if (options.readyPattern.test(output)) resolve();
+      if (options.readyPattern?.test(output)) resolve();
     });
+    if (!options.readyPattern) resolve();
     void exited.then((code) => reject(new CommandError(describe(file, args), code, redactSecrets(output), false)));
   });
   const daemon: Daemon = {
