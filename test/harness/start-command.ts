@@ -122,3 +122,13 @@ function signalGroup(group: number, signal: NodeJS.Signals): void {
     // The group is gone already.
   }
 }
+
+/** True while a process with this pid exists (signal 0 checks without sending anything). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

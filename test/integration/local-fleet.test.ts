@@ -16,7 +16,7 @@ import { check } from '../../services/cli/health-check.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
 import { Resources } from '../harness/index.js';
 import { REPOSITORY } from '../harness/processes.js';
-import { StartCommand, type LeftoverProcess } from '../harness/start-command.js';
+import { StartCommand, type LeftoverProcess, processAlive } from '../harness/start-command.js';
 
 const run = promisify(execFile);
 
@@ -58,7 +58,7 @@ async function runFleetOnce(resources: Resources, stateDirectory: string, whileU
 function assertCleanStop(run: FleetRun): void {
   assert.equal(run.code, 0, run.output);
   assert.match(run.output, /stopping the fleet\.\.\.\nfleet stopped\n$/, 'the fleet stopped in order and said so last');
-  for (const pid of run.pids) assert.equal(alive(pid), false, `pid ${pid} is gone`);
+  for (const pid of run.pids) assert.equal(processAlive(pid), false, `pid ${pid} is gone`);
   assert.deepEqual(run.leftovers, [], 'no process of the run is left');
   assert.deepEqual(run.temporaryLeftovers, [], 'nothing is left in the temp directory');
 }
@@ -93,15 +93,6 @@ function natsLogTime(line: string): number {
   assert.ok(match, `a nats-server log line with a time: ${line}`);
   const [year, month, day, hour, minute, second, millisecond] = match.slice(1).map(Number) as [number, number, number, number, number, number, number];
   return new Date(year, month - 1, day, hour, minute, second, millisecond).getTime();
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 describe('the local fleet (README start command)', () => {

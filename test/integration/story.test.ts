@@ -21,7 +21,7 @@ import { promisify } from 'node:util';
 import { Resources } from '../harness/index.js';
 import { guestKit } from '../harness/guest.js';
 import { REPOSITORY } from '../harness/processes.js';
-import { StartCommand, type LeftoverProcess } from '../harness/start-command.js';
+import { StartCommand, type LeftoverProcess, processAlive } from '../harness/start-command.js';
 
 const run = promisify(execFile);
 const URI = 'qemu:///system';
@@ -35,15 +35,6 @@ interface FleetFile {
 /** A VM's qemu: libvirt's, it keeps running after the fleet stops (its command line names its disk in the state directory). */
 function isGuest(process: LeftoverProcess): boolean {
   return /(^|\/)qemu-system-\S+ /.test(process.command);
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 describe('the local fleet tells the story (README start command, issue 7)', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false, timeout: 300_000 }, () => {
@@ -193,7 +184,7 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
     const code = await first.interrupt();
     assert.equal(code, 0, first.output);
     assert.match(first.output, /stopping the fleet\.\.\.\nfleet stopped\n$/);
-    for (const endpoint of fleet.endpoints) assert.equal(alive(endpoint.pid), false, `${endpoint.name} (pid ${endpoint.pid}) is gone`);
+    for (const endpoint of fleet.endpoints) assert.equal(processAlive(endpoint.pid), false, `${endpoint.name} (pid ${endpoint.pid}) is gone`);
     assert.deepEqual(await first.leftovers(isGuest), [], 'no process of the run is left but the VMs');
     assert.deepEqual(await first.temporaryLeftovers(), [], 'nothing is left in the temp directory');
     // The VMs are libvirt's: they keep running without the fleet's processes, like VMs on a host whose agent stops.
