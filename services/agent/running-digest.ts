@@ -31,6 +31,8 @@ export interface WrittenDigest {
 }
 
 interface FileCursor {
+  /** The file's index in the torrent. */
+  readonly index: number;
   readonly offset: number;
   readonly length: number;
   readonly hash: Hash;
@@ -62,7 +64,7 @@ export class RunningDigests {
     private readonly totalLength: number,
     private readonly io: DigestFiles,
   ) {
-    this.cursors = files.map((file) => ({ offset: file.offset, length: file.length, hash: createHash('sha256'), next: 0, broken: false, fresh: new Map(), queue: Promise.resolve() }));
+    this.cursors = files.map((file, index) => ({ index, offset: file.offset, length: file.length, hash: createHash('sha256'), next: 0, broken: false, fresh: new Map(), queue: Promise.resolve() }));
     this.written = new Uint8Array(Math.ceil(totalLength / chunkLength));
   }
 
@@ -97,9 +99,9 @@ export class RunningDigests {
   async finish(): Promise<Array<WrittenDigest | undefined>> {
     await Promise.all(this.cursors.map((cursor) => cursor.queue));
     return Promise.all(
-      this.cursors.map(async (cursor, index) => {
+      this.cursors.map(async (cursor) => {
         if (cursor.broken || cursor.length === 0 || cursor.next !== cursor.length) return undefined;
-        const ctimeNs = await this.io.ctimeNs(index).catch(() => undefined);
+        const ctimeNs = await this.io.ctimeNs(cursor.index).catch(() => undefined);
         if (ctimeNs === undefined) return undefined;
         return { sha256: cursor.hash.copy().digest('hex'), sizeBytes: cursor.length, ctimeNs };
       }),
@@ -107,7 +109,6 @@ export class RunningDigests {
   }
 
   private async advance(cursor: FileCursor): Promise<void> {
-    const fileIndex = this.cursors.indexOf(cursor);
     while (!cursor.broken && cursor.next < cursor.length) {
       const absolute = cursor.offset + cursor.next;
       const chunk = Math.floor(absolute / this.chunkLength);
@@ -116,7 +117,7 @@ export class RunningDigests {
       const to = Math.min(cursor.offset + cursor.length, chunkStart + this.chunkLength, this.totalLength);
       const fresh = cursor.fresh.get(chunk);
       cursor.fresh.delete(chunk);
-      const bytes = fresh ? fresh.subarray(absolute - chunkStart, to - chunkStart) : await this.io.read(fileIndex, cursor.next, to - absolute);
+      const bytes = fresh ? fresh.subarray(absolute - chunkStart, to - chunkStart) : await this.io.read(cursor.index, cursor.next, to - absolute);
       cursor.hash.update(bytes);
       cursor.next += to - absolute;
     }
