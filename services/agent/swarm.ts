@@ -728,8 +728,7 @@ export function imageStore(directory: string, torrent: ImageTorrent, writable: b
           ? new RunningDigests(files, chunkLength, totalLength, {
               read: async (index, position, length) => {
                 const buffer = Buffer.allocUnsafe(length);
-                const { bytesRead } = await (await this.handle(index)).read(buffer, 0, length, position);
-                if (bytesRead !== length) throw new Error(`short read in ${files[index]!.path} at ${position}`);
+                await this.io(files[index]!.offset + position, buffer, false);
                 return buffer;
               },
               ctimeNs: async (index) => (await (await this.handle(index)).stat({ bigint: true })).ctimeNs,
@@ -739,6 +738,7 @@ export function imageStore(directory: string, torrent: ImageTorrent, writable: b
 
     put(index: number, buffer: Uint8Array, callback: (error: Error | null) => void): void {
       if (!writable) return later(callback, new Error('the replica is read-only'));
+      if (this.closed) return later(callback, new Error('the store is closed'));
       const start = index * this.chunkLength;
       const expected = Math.min(this.chunkLength, totalLength - start);
       if (buffer.length !== expected) return later(callback, new Error(`chunk ${index} has ${buffer.length} bytes, not ${expected}`));
@@ -758,6 +758,7 @@ export function imageStore(directory: string, torrent: ImageTorrent, writable: b
 
     get(index: number, options: { offset?: number; length?: number } | null | undefined, callback: (error: Error | null, buffer?: Uint8Array) => void): void {
       if (typeof options === 'function') return this.get(index, null, options as typeof callback);
+      if (this.closed) return later(callback, new Error('the store is closed'));
       const start = index * this.chunkLength;
       const chunkLength = Math.min(this.chunkLength, totalLength - start);
       const offset = options?.offset ?? 0;
@@ -799,7 +800,6 @@ export function imageStore(directory: string, torrent: ImageTorrent, writable: b
 
     /** Reads or writes `buffer` at absolute torrent offset `start`, across file boundaries. */
     private async io(start: number, buffer: Buffer, write: boolean): Promise<void> {
-      if (this.closed) throw new Error('the store is closed');
       const end = start + buffer.length;
       for (const [index, file] of files.entries()) {
         const from = Math.max(start, file.offset);
