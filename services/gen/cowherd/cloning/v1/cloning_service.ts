@@ -282,6 +282,13 @@ export interface ImageTransfer {
     | undefined;
   /** Number of clones waiting for this transfer. */
   waitingCloneCount: number;
+  /** True while the inventory marks the host UNREACHABLE; the progress then shows no rate, peers or ETA. */
+  hostUnreachable: boolean;
+  /**
+   * When the clones waiting for this transfer fail with PROGRESS_DEADLINE_EXCEEDED unless the transfer makes
+   * progress first (bytes received grow, or the replica's state advances).
+   */
+  deadlineTime: Date | undefined;
 }
 
 /** StartVirtualMachineRequest is the request of StartVirtualMachine. */
@@ -1160,7 +1167,14 @@ export const CloneVirtualMachinesMetadata: MessageFns<CloneVirtualMachinesMetada
 };
 
 function createBaseImageTransfer(): ImageTransfer {
-  return { host: "", state: 0, progress: undefined, waitingCloneCount: 0 };
+  return {
+    host: "",
+    state: 0,
+    progress: undefined,
+    waitingCloneCount: 0,
+    hostUnreachable: false,
+    deadlineTime: undefined,
+  };
 }
 
 export const ImageTransfer: MessageFns<ImageTransfer> = {
@@ -1176,6 +1190,12 @@ export const ImageTransfer: MessageFns<ImageTransfer> = {
     }
     if (message.waitingCloneCount !== 0) {
       writer.uint32(32).int32(message.waitingCloneCount);
+    }
+    if (message.hostUnreachable !== false) {
+      writer.uint32(40).bool(message.hostUnreachable);
+    }
+    if (message.deadlineTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.deadlineTime), writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -1225,6 +1245,22 @@ export const ImageTransfer: MessageFns<ImageTransfer> = {
             message.waitingCloneCount = reader.int32();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.hostUnreachable = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.deadlineTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1247,6 +1283,16 @@ export const ImageTransfer: MessageFns<ImageTransfer> = {
         : isSet(object.waiting_clone_count)
         ? globalThis.Number(object.waiting_clone_count)
         : 0,
+      hostUnreachable: isSet(object.hostUnreachable)
+        ? globalThis.Boolean(object.hostUnreachable)
+        : isSet(object.host_unreachable)
+        ? globalThis.Boolean(object.host_unreachable)
+        : false,
+      deadlineTime: isSet(object.deadlineTime)
+        ? fromJsonTimestamp(object.deadlineTime)
+        : isSet(object.deadline_time)
+        ? fromJsonTimestamp(object.deadline_time)
+        : undefined,
     };
   },
 
@@ -1264,6 +1310,12 @@ export const ImageTransfer: MessageFns<ImageTransfer> = {
     if (message.waitingCloneCount !== 0) {
       obj.waitingCloneCount = Math.round(message.waitingCloneCount);
     }
+    if (message.hostUnreachable !== false) {
+      obj.hostUnreachable = message.hostUnreachable;
+    }
+    if (message.deadlineTime !== undefined) {
+      obj.deadlineTime = message.deadlineTime.toISOString();
+    }
     return obj;
   },
 
@@ -1278,6 +1330,8 @@ export const ImageTransfer: MessageFns<ImageTransfer> = {
       ? TransferProgress.fromPartial(object.progress)
       : undefined;
     message.waitingCloneCount = object.waitingCloneCount ?? 0;
+    message.hostUnreachable = object.hostUnreachable ?? false;
+    message.deadlineTime = object.deadlineTime ?? undefined;
     return message;
   },
 };

@@ -177,6 +177,15 @@ export enum ErrorReason {
    * the host and "libvirt_code" holds libvirt's numeric error code when there is one.
    */
   ERROR_REASON_HYPERVISOR_ERROR = 31,
+  /**
+   * ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED - A step of a long-running operation made no progress before its progress deadline (code
+   * DEADLINE_EXCEEDED): a host's image transfer whose bytes stopped growing and whose state stopped advancing,
+   * a replica that stayed VERIFYING longer than hashing its bytes can take, or clones waiting for an image
+   * that never arrived. Only real progress extends the deadline; see the service READMEs for the formulas.
+   * Metadata "host" names the host, "state" the state the step was stuck in, "bytes_done" what it held, and
+   * "deadline_seconds" the budget it had since its last progress.
+   */
+  ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED = 32,
   UNRECOGNIZED = -1,
 }
 
@@ -278,6 +287,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 31:
     case "ERROR_REASON_HYPERVISOR_ERROR":
       return ErrorReason.ERROR_REASON_HYPERVISOR_ERROR;
+    case 32:
+    case "ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED":
+      return ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -351,6 +363,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_HOST_NOT_EMPTY";
     case ErrorReason.ERROR_REASON_HYPERVISOR_ERROR:
       return "ERROR_REASON_HYPERVISOR_ERROR";
+    case ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED:
+      return "ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

@@ -150,7 +150,21 @@ export interface HostTransfer {
     | TransferProgress
     | undefined;
   /** Why the transfer failed; unset unless state is FAILED. */
-  error: Status | undefined;
+  error:
+    | Status
+    | undefined;
+  /**
+   * True while the inventory marks the host UNREACHABLE (its agent stopped sending heartbeats). The progress
+   * then shows no rate, no peers and no ETA, only the bytes the host held when it was last heard from; the
+   * transfer resumes if the host comes back before `deadline_time`, and fails otherwise.
+   */
+  hostUnreachable: boolean;
+  /**
+   * When this host's step fails with PROGRESS_DEADLINE_EXCEEDED (or HOST_UNREACHABLE while the host is
+   * unreachable) unless it makes progress first: bytes received grow, or the replica's state advances
+   * (PENDING, TRANSFERRING, VERIFYING). Unset once the transfer is AVAILABLE or FAILED.
+   */
+  deadlineTime: Date | undefined;
 }
 
 /** HostFailure is a host on which an operation's step failed, with the error. */
@@ -1081,7 +1095,7 @@ export const DistributeImageMetadata: MessageFns<DistributeImageMetadata> = {
 };
 
 function createBaseHostTransfer(): HostTransfer {
-  return { host: "", state: 0, progress: undefined, error: undefined };
+  return { host: "", state: 0, progress: undefined, error: undefined, hostUnreachable: false, deadlineTime: undefined };
 }
 
 export const HostTransfer: MessageFns<HostTransfer> = {
@@ -1097,6 +1111,12 @@ export const HostTransfer: MessageFns<HostTransfer> = {
     }
     if (message.error !== undefined) {
       Status.encode(message.error, writer.uint32(34).fork()).join();
+    }
+    if (message.hostUnreachable !== false) {
+      writer.uint32(40).bool(message.hostUnreachable);
+    }
+    if (message.deadlineTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.deadlineTime), writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -1146,6 +1166,22 @@ export const HostTransfer: MessageFns<HostTransfer> = {
             message.error = Status.decode(reader, reader.uint32());
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.hostUnreachable = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.deadlineTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1164,6 +1200,16 @@ export const HostTransfer: MessageFns<HostTransfer> = {
       state: isSet(object.state) ? imageReplica_StateFromJSON(object.state) : 0,
       progress: isSet(object.progress) ? TransferProgress.fromJSON(object.progress) : undefined,
       error: isSet(object.error) ? Status.fromJSON(object.error) : undefined,
+      hostUnreachable: isSet(object.hostUnreachable)
+        ? globalThis.Boolean(object.hostUnreachable)
+        : isSet(object.host_unreachable)
+        ? globalThis.Boolean(object.host_unreachable)
+        : false,
+      deadlineTime: isSet(object.deadlineTime)
+        ? fromJsonTimestamp(object.deadlineTime)
+        : isSet(object.deadline_time)
+        ? fromJsonTimestamp(object.deadline_time)
+        : undefined,
     };
   },
 
@@ -1181,6 +1227,12 @@ export const HostTransfer: MessageFns<HostTransfer> = {
     if (message.error !== undefined) {
       obj.error = Status.toJSON(message.error);
     }
+    if (message.hostUnreachable !== false) {
+      obj.hostUnreachable = message.hostUnreachable;
+    }
+    if (message.deadlineTime !== undefined) {
+      obj.deadlineTime = message.deadlineTime.toISOString();
+    }
     return obj;
   },
 
@@ -1197,6 +1249,8 @@ export const HostTransfer: MessageFns<HostTransfer> = {
     message.error = (object.error !== undefined && object.error !== null)
       ? Status.fromPartial(object.error)
       : undefined;
+    message.hostUnreachable = object.hostUnreachable ?? false;
+    message.deadlineTime = object.deadlineTime ?? undefined;
     return message;
   },
 };
@@ -1876,10 +1930,16 @@ export const DistributionServiceService = {
    * DistributeImage makes every named host hold a verified replica of an image: each host's agent joins the
    * swarm (the origin also serves as web seed, so a swarm without peers still completes), resumes after
    * restarts, verifies every file's whole-file SHA-256, and publishes image.available. Hosts that already hold
-   * an AVAILABLE replica count as done at once; FAILED replicas are retried and resume. A host whose transfer
-   * makes no progress for 10 minutes fails with TRANSFER_FAILED. The operation is done when every host is
-   * AVAILABLE or failed; per-host failures are in the response, not in the operation's error. Cancelling stops
-   * the transfers that are not done; finished replicas stay. Admins and the cloning service may call it.
+   * an AVAILABLE replica count as done at once; FAILED replicas are retried and resume. Every host's step has
+   * a progress deadline that only real progress extends (bytes received grow, or the replica's state advances
+   * from PENDING to TRANSFERRING to VERIFYING); VERIFYING has its own budget, proportional to the bytes to hash
+   * plus a floor. A host that misses its deadline fails with DEADLINE_EXCEEDED (PROGRESS_DEADLINE_EXCEEDED), or
+   * UNAVAILABLE (HOST_UNREACHABLE) when the inventory marks it UNREACHABLE; its partial replica is kept and
+   * resumes on the next DistributeImage. So the operation always ends. An UNREACHABLE host shows in the
+   * metadata at once (HostTransfer.host_unreachable, its rate, peers and ETA cleared). The operation is done
+   * when every host is AVAILABLE or failed; per-host failures are in the response, not in the operation's
+   * error. Cancelling stops the transfers that are not done; finished replicas stay. Admins and the cloning
+   * service may call it.
    *
    * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD); ALREADY_EXISTS
    * (OPERATION_CONFLICT); NOT_FOUND (RESOURCE_NOT_FOUND) for the image or a host; FAILED_PRECONDITION
@@ -1977,10 +2037,16 @@ export interface DistributionServiceServer extends UntypedServiceImplementation 
    * DistributeImage makes every named host hold a verified replica of an image: each host's agent joins the
    * swarm (the origin also serves as web seed, so a swarm without peers still completes), resumes after
    * restarts, verifies every file's whole-file SHA-256, and publishes image.available. Hosts that already hold
-   * an AVAILABLE replica count as done at once; FAILED replicas are retried and resume. A host whose transfer
-   * makes no progress for 10 minutes fails with TRANSFER_FAILED. The operation is done when every host is
-   * AVAILABLE or failed; per-host failures are in the response, not in the operation's error. Cancelling stops
-   * the transfers that are not done; finished replicas stay. Admins and the cloning service may call it.
+   * an AVAILABLE replica count as done at once; FAILED replicas are retried and resume. Every host's step has
+   * a progress deadline that only real progress extends (bytes received grow, or the replica's state advances
+   * from PENDING to TRANSFERRING to VERIFYING); VERIFYING has its own budget, proportional to the bytes to hash
+   * plus a floor. A host that misses its deadline fails with DEADLINE_EXCEEDED (PROGRESS_DEADLINE_EXCEEDED), or
+   * UNAVAILABLE (HOST_UNREACHABLE) when the inventory marks it UNREACHABLE; its partial replica is kept and
+   * resumes on the next DistributeImage. So the operation always ends. An UNREACHABLE host shows in the
+   * metadata at once (HostTransfer.host_unreachable, its rate, peers and ETA cleared). The operation is done
+   * when every host is AVAILABLE or failed; per-host failures are in the response, not in the operation's
+   * error. Cancelling stops the transfers that are not done; finished replicas stay. Admins and the cloning
+   * service may call it.
    *
    * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD); ALREADY_EXISTS
    * (OPERATION_CONFLICT); NOT_FOUND (RESOURCE_NOT_FOUND) for the image or a host; FAILED_PRECONDITION
@@ -2056,10 +2122,16 @@ export interface DistributionServiceClient extends Client {
    * DistributeImage makes every named host hold a verified replica of an image: each host's agent joins the
    * swarm (the origin also serves as web seed, so a swarm without peers still completes), resumes after
    * restarts, verifies every file's whole-file SHA-256, and publishes image.available. Hosts that already hold
-   * an AVAILABLE replica count as done at once; FAILED replicas are retried and resume. A host whose transfer
-   * makes no progress for 10 minutes fails with TRANSFER_FAILED. The operation is done when every host is
-   * AVAILABLE or failed; per-host failures are in the response, not in the operation's error. Cancelling stops
-   * the transfers that are not done; finished replicas stay. Admins and the cloning service may call it.
+   * an AVAILABLE replica count as done at once; FAILED replicas are retried and resume. Every host's step has
+   * a progress deadline that only real progress extends (bytes received grow, or the replica's state advances
+   * from PENDING to TRANSFERRING to VERIFYING); VERIFYING has its own budget, proportional to the bytes to hash
+   * plus a floor. A host that misses its deadline fails with DEADLINE_EXCEEDED (PROGRESS_DEADLINE_EXCEEDED), or
+   * UNAVAILABLE (HOST_UNREACHABLE) when the inventory marks it UNREACHABLE; its partial replica is kept and
+   * resumes on the next DistributeImage. So the operation always ends. An UNREACHABLE host shows in the
+   * metadata at once (HostTransfer.host_unreachable, its rate, peers and ETA cleared). The operation is done
+   * when every host is AVAILABLE or failed; per-host failures are in the response, not in the operation's
+   * error. Cancelling stops the transfers that are not done; finished replicas stay. Admins and the cloning
+   * service may call it.
    *
    * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD); ALREADY_EXISTS
    * (OPERATION_CONFLICT); NOT_FOUND (RESOURCE_NOT_FOUND) for the image or a host; FAILED_PRECONDITION
