@@ -18,6 +18,7 @@ export const IMAGE_PUBLISH_FAILED = eventType(`${PACKAGE}.ImagePublishFailed`, '
 export const IMAGE_TRANSFER_PROGRESS = eventType(`${PACKAGE}.ImageTransferProgress`, 'image.transfer_progress', events.ImageTransferProgress);
 export const IMAGE_AVAILABLE = eventType(`${PACKAGE}.ImageAvailable`, 'image.available', events.ImageAvailable);
 export const IMAGE_TRANSFER_FAILED = eventType(`${PACKAGE}.ImageTransferFailed`, 'image.transfer_failed', events.ImageTransferFailed);
+export const IMAGE_REPLICA_DAMAGED = eventType(`${PACKAGE}.ImageReplicaDamaged`, 'image.replica_damaged', events.ImageReplicaDamaged);
 export const IMAGE_REPLICA_DELETED = eventType(`${PACKAGE}.ImageReplicaDeleted`, 'image.replica_deleted', events.ImageReplicaDeleted);
 export const IMAGE_DELETED = eventType(`${PACKAGE}.ImageDeleted`, 'image.deleted', events.ImageDeleted);
 export const CLONE_DONE = eventType(`${PACKAGE}.CloneDone`, 'clone.done', events.CloneDone);
@@ -29,5 +30,5 @@ export const OPERATION_DONE = eventType(`${PACKAGE}.OperationDone`, 'operation.d
 export const ALL_EVENT_TYPES = [
   HOST_ENROLLED, HOST_READY, HOST_UNREACHABLE, HOST_DRAINED, HOST_DELETED, CERTIFICATE_REVOKED,
   IMAGE_PUBLISHED, IMAGE_PUBLISH_FAILED, IMAGE_TRANSFER_PROGRESS, IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED,
-  IMAGE_REPLICA_DELETED, IMAGE_DELETED, CLONE_DONE, CLONE_FAILED, VIRTUAL_MACHINE_CHANGED, OPERATION_DONE,
+  IMAGE_REPLICA_DAMAGED, IMAGE_REPLICA_DELETED, IMAGE_DELETED, CLONE_DONE, CLONE_FAILED, VIRTUAL_MACHINE_CHANGED, OPERATION_DONE,
 ] as const;

@@ -264,6 +264,37 @@ export interface ImageTransferFailed {
 }
 
 /**
+ * ImageReplicaDamaged: a host found that a verified replica's files no longer match the image record (a
+ * background scrub, or a check before the replica is seeded, served or cloned from); the replica is FAILED
+ * with reason VERIFICATION_FAILED until a DistributeImage repairs it. Subject
+ * `cowherd.events.image.replica_damaged.<host>`, published by the agent.
+ */
+export interface ImageReplicaDamaged {
+  /** The image, `images/{image}`. */
+  image: string;
+  /** The host, `hosts/{host}`. */
+  host: string;
+  /** The replica, `hosts/{host}/images/{image}`. */
+  replica: string;
+  /** The damaged generation (ImageReplica.generation). */
+  generation: string;
+  /** The damaged generation's absolute directory on the host. */
+  path: string;
+  /** The files whose size or SHA-256 no longer match the image record. */
+  damagedFiles: string[];
+  /** How many torrent pieces fail their SHA-1: what a repair fetches again. */
+  badPieces: number;
+  /**
+   * The virtual machines whose disks use these files as backing files,
+   * `hosts/{host}/virtualMachines/{virtual_machine}`. When there are any, the files stay as they are and the
+   * repair makes a new generation beside them; otherwise the repair fixes the bad pieces in place.
+   */
+  dependentVirtualMachines: string[];
+  /** When the damage was found. */
+  occurTime: Date | undefined;
+}
+
+/**
  * ImageReplicaDeleted: a host removed a replica's files. Subject `cowherd.events.image.replica_deleted.<host>`,
  * published by the agent.
  */
@@ -2049,6 +2080,229 @@ export const ImageTransferFailed: MessageFns<ImageTransferFailed> = {
       ? Status.fromPartial(object.status)
       : undefined;
     message.operation = object.operation ?? "";
+    message.occurTime = object.occurTime ?? undefined;
+    return message;
+  },
+};
+
+function createBaseImageReplicaDamaged(): ImageReplicaDamaged {
+  return {
+    image: "",
+    host: "",
+    replica: "",
+    generation: "0",
+    path: "",
+    damagedFiles: [],
+    badPieces: 0,
+    dependentVirtualMachines: [],
+    occurTime: undefined,
+  };
+}
+
+export const ImageReplicaDamaged: MessageFns<ImageReplicaDamaged> = {
+  encode(message: ImageReplicaDamaged, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.image !== "") {
+      writer.uint32(10).string(message.image);
+    }
+    if (message.host !== "") {
+      writer.uint32(18).string(message.host);
+    }
+    if (message.replica !== "") {
+      writer.uint32(26).string(message.replica);
+    }
+    if (message.generation !== "0") {
+      writer.uint32(32).int64(message.generation);
+    }
+    if (message.path !== "") {
+      writer.uint32(42).string(message.path);
+    }
+    for (const v of message.damagedFiles) {
+      writer.uint32(50).string(v!);
+    }
+    if (message.badPieces !== 0) {
+      writer.uint32(56).int32(message.badPieces);
+    }
+    for (const v of message.dependentVirtualMachines) {
+      writer.uint32(66).string(v!);
+    }
+    if (message.occurTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.occurTime), writer.uint32(74).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageReplicaDamaged {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageReplicaDamaged();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.image = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.replica = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.generation = reader.int64().toString();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.damagedFiles.push(reader.string());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.badPieces = reader.int32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.dependentVirtualMachines.push(reader.string());
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.occurTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImageReplicaDamaged {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      replica: isSet(object.replica) ? globalThis.String(object.replica) : "",
+      generation: isSet(object.generation) ? globalThis.String(object.generation) : "0",
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+      damagedFiles: globalThis.Array.isArray(object?.damagedFiles)
+        ? object.damagedFiles.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.damaged_files)
+        ? object.damaged_files.map((e: any) => globalThis.String(e))
+        : [],
+      badPieces: isSet(object.badPieces)
+        ? globalThis.Number(object.badPieces)
+        : isSet(object.bad_pieces)
+        ? globalThis.Number(object.bad_pieces)
+        : 0,
+      dependentVirtualMachines: globalThis.Array.isArray(object?.dependentVirtualMachines)
+        ? object.dependentVirtualMachines.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.dependent_virtual_machines)
+        ? object.dependent_virtual_machines.map((e: any) => globalThis.String(e))
+        : [],
+      occurTime: isSet(object.occurTime)
+        ? fromJsonTimestamp(object.occurTime)
+        : isSet(object.occur_time)
+        ? fromJsonTimestamp(object.occur_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: ImageReplicaDamaged): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.replica !== "") {
+      obj.replica = message.replica;
+    }
+    if (message.generation !== "0") {
+      obj.generation = message.generation;
+    }
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    if (message.damagedFiles?.length) {
+      obj.damagedFiles = message.damagedFiles;
+    }
+    if (message.badPieces !== 0) {
+      obj.badPieces = Math.round(message.badPieces);
+    }
+    if (message.dependentVirtualMachines?.length) {
+      obj.dependentVirtualMachines = message.dependentVirtualMachines;
+    }
+    if (message.occurTime !== undefined) {
+      obj.occurTime = message.occurTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImageReplicaDamaged>): ImageReplicaDamaged {
+    return ImageReplicaDamaged.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImageReplicaDamaged>): ImageReplicaDamaged {
+    const message = createBaseImageReplicaDamaged();
+    message.image = object.image ?? "";
+    message.host = object.host ?? "";
+    message.replica = object.replica ?? "";
+    message.generation = object.generation ?? "0";
+    message.path = object.path ?? "";
+    message.damagedFiles = object.damagedFiles?.map((e) => e) || [];
+    message.badPieces = object.badPieces ?? 0;
+    message.dependentVirtualMachines = object.dependentVirtualMachines?.map((e) => e) || [];
     message.occurTime = object.occurTime ?? undefined;
     return message;
   },

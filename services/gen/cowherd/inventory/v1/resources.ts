@@ -451,6 +451,17 @@ export interface ImageReplica {
    * when no peer has a piece, so that a distribution completes even without other peers.
    */
   webSeedUrl: string;
+  /**
+   * The generation of the files at `path`: 1 for the first copy (`<image_directory>/images/<image>`); a
+   * damaged replica that virtual machines use as a base is never rewritten but repaired into a new
+   * generation beside it (`<image_directory>/images/<image>.generation-<n>`), which new clones use.
+   */
+  generation: string;
+  /**
+   * Earlier generations whose files were found damaged and are kept because virtual machines use them as
+   * backing files (existing clones keep their base; nothing rewrites it). Oldest first.
+   */
+  damagedGenerations: DamagedReplicaGeneration[];
 }
 
 /** State is where a replica is in its life. */
@@ -522,6 +533,28 @@ export function imageReplica_StateToJSON(object: ImageReplica_State): string {
     default:
       return "UNRECOGNIZED";
   }
+}
+
+/**
+ * DamagedReplicaGeneration is a generation of a replica whose files no longer match the image record, kept in
+ * place because virtual machines use them as backing files.
+ */
+export interface DamagedReplicaGeneration {
+  /** The generation number (ImageReplica.generation when it was current). */
+  generation: string;
+  /** The generation's absolute directory on the host. */
+  path: string;
+  /** The files whose size or SHA-256 no longer match the image record. */
+  damagedFiles: string[];
+  /** How many torrent pieces fail their SHA-1 (what a repair fetched again). */
+  badPieces: number;
+  /**
+   * The virtual machines whose disks use this generation's files as backing files when the damage was found,
+   * `hosts/{host}/virtualMachines/{virtual_machine}`.
+   */
+  dependentVirtualMachines: string[];
+  /** When the damage was found. */
+  damageTime: Date | undefined;
 }
 
 /** VirtualMachine is one libvirt domain on a host, defined by cowherd or not. */
@@ -2186,6 +2219,8 @@ function createBaseImageReplica(): ImageReplica {
     dependentVirtualMachines: [],
     origin: false,
     webSeedUrl: "",
+    generation: "0",
+    damagedGenerations: [],
   };
 }
 
@@ -2226,6 +2261,12 @@ export const ImageReplica: MessageFns<ImageReplica> = {
     }
     if (message.webSeedUrl !== "") {
       writer.uint32(98).string(message.webSeedUrl);
+    }
+    if (message.generation !== "0") {
+      writer.uint32(104).int64(message.generation);
+    }
+    for (const v of message.damagedGenerations) {
+      DamagedReplicaGeneration.encode(v!, writer.uint32(114).fork()).join();
     }
     return writer;
   },
@@ -2339,6 +2380,22 @@ export const ImageReplica: MessageFns<ImageReplica> = {
             message.webSeedUrl = reader.string();
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.generation = reader.int64().toString();
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.damagedGenerations.push(DamagedReplicaGeneration.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2381,6 +2438,12 @@ export const ImageReplica: MessageFns<ImageReplica> = {
         : isSet(object.web_seed_url)
         ? globalThis.String(object.web_seed_url)
         : "",
+      generation: isSet(object.generation) ? globalThis.String(object.generation) : "0",
+      damagedGenerations: globalThis.Array.isArray(object?.damagedGenerations)
+        ? object.damagedGenerations.map((e: any) => DamagedReplicaGeneration.fromJSON(e))
+        : globalThis.Array.isArray(object?.damaged_generations)
+        ? object.damaged_generations.map((e: any) => DamagedReplicaGeneration.fromJSON(e))
+        : [],
     };
   },
 
@@ -2422,6 +2485,12 @@ export const ImageReplica: MessageFns<ImageReplica> = {
     if (message.webSeedUrl !== "") {
       obj.webSeedUrl = message.webSeedUrl;
     }
+    if (message.generation !== "0") {
+      obj.generation = message.generation;
+    }
+    if (message.damagedGenerations?.length) {
+      obj.damagedGenerations = message.damagedGenerations.map((e) => DamagedReplicaGeneration.toJSON(e));
+    }
     return obj;
   },
 
@@ -2446,6 +2515,180 @@ export const ImageReplica: MessageFns<ImageReplica> = {
     message.dependentVirtualMachines = object.dependentVirtualMachines?.map((e) => e) || [];
     message.origin = object.origin ?? false;
     message.webSeedUrl = object.webSeedUrl ?? "";
+    message.generation = object.generation ?? "0";
+    message.damagedGenerations = object.damagedGenerations?.map((e) => DamagedReplicaGeneration.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseDamagedReplicaGeneration(): DamagedReplicaGeneration {
+  return {
+    generation: "0",
+    path: "",
+    damagedFiles: [],
+    badPieces: 0,
+    dependentVirtualMachines: [],
+    damageTime: undefined,
+  };
+}
+
+export const DamagedReplicaGeneration: MessageFns<DamagedReplicaGeneration> = {
+  encode(message: DamagedReplicaGeneration, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.generation !== "0") {
+      writer.uint32(8).int64(message.generation);
+    }
+    if (message.path !== "") {
+      writer.uint32(18).string(message.path);
+    }
+    for (const v of message.damagedFiles) {
+      writer.uint32(26).string(v!);
+    }
+    if (message.badPieces !== 0) {
+      writer.uint32(32).int32(message.badPieces);
+    }
+    for (const v of message.dependentVirtualMachines) {
+      writer.uint32(42).string(v!);
+    }
+    if (message.damageTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.damageTime), writer.uint32(50).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DamagedReplicaGeneration {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDamagedReplicaGeneration();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.generation = reader.int64().toString();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.damagedFiles.push(reader.string());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.badPieces = reader.int32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.dependentVirtualMachines.push(reader.string());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.damageTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DamagedReplicaGeneration {
+    return {
+      generation: isSet(object.generation) ? globalThis.String(object.generation) : "0",
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+      damagedFiles: globalThis.Array.isArray(object?.damagedFiles)
+        ? object.damagedFiles.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.damaged_files)
+        ? object.damaged_files.map((e: any) => globalThis.String(e))
+        : [],
+      badPieces: isSet(object.badPieces)
+        ? globalThis.Number(object.badPieces)
+        : isSet(object.bad_pieces)
+        ? globalThis.Number(object.bad_pieces)
+        : 0,
+      dependentVirtualMachines: globalThis.Array.isArray(object?.dependentVirtualMachines)
+        ? object.dependentVirtualMachines.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.dependent_virtual_machines)
+        ? object.dependent_virtual_machines.map((e: any) => globalThis.String(e))
+        : [],
+      damageTime: isSet(object.damageTime)
+        ? fromJsonTimestamp(object.damageTime)
+        : isSet(object.damage_time)
+        ? fromJsonTimestamp(object.damage_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: DamagedReplicaGeneration): unknown {
+    const obj: any = {};
+    if (message.generation !== "0") {
+      obj.generation = message.generation;
+    }
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    if (message.damagedFiles?.length) {
+      obj.damagedFiles = message.damagedFiles;
+    }
+    if (message.badPieces !== 0) {
+      obj.badPieces = Math.round(message.badPieces);
+    }
+    if (message.dependentVirtualMachines?.length) {
+      obj.dependentVirtualMachines = message.dependentVirtualMachines;
+    }
+    if (message.damageTime !== undefined) {
+      obj.damageTime = message.damageTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DamagedReplicaGeneration>): DamagedReplicaGeneration {
+    return DamagedReplicaGeneration.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DamagedReplicaGeneration>): DamagedReplicaGeneration {
+    const message = createBaseDamagedReplicaGeneration();
+    message.generation = object.generation ?? "0";
+    message.path = object.path ?? "";
+    message.damagedFiles = object.damagedFiles?.map((e) => e) || [];
+    message.badPieces = object.badPieces ?? 0;
+    message.dependentVirtualMachines = object.dependentVirtualMachines?.map((e) => e) || [];
+    message.damageTime = object.damageTime ?? undefined;
     return message;
   },
 };
