@@ -13,8 +13,18 @@
  *   records every second and keeps its metadata (per-host bytes, rate, peers, ETA) current, checkpointing
  *   at most every {@link METADATA_INTERVAL_MS} and at every state change.
  * - A host fails on its own (response.failures), not the operation: unreachable or draining when asked, an
- *   agent error, a FAILED replica, or no progress for {@link STALL_TIMEOUT_MS}. The operation fails only if
- *   the image is deleted meanwhile, or is cancelled (then the partial replicas are removed).
+ *   agent error, a FAILED replica, or a missed progress deadline. The operation fails only if the image is
+ *   deleted meanwhile, or is cancelled (then the partial replicas are removed).
+ * - Every operation ends: each host's step has a progress deadline (common/progress-deadline.ts) that only
+ *   real progress moves (bytes beyond the most it held, its replica state advancing PENDING -> TRANSFERRING
+ *   -> VERIFYING); VERIFYING gets floor + bytes / rate. Reading a record that did not change is not
+ *   progress, so a replica left VERIFYING (an image.available lost on the way) fails instead of holding the
+ *   operation RUNNING for ever. The deadlines live in memory: a replica that takes the operation over gives
+ *   each step a fresh one.
+ * - The hosts' states are read from inventory every {@link DistributeDeps.hostCheckIntervalMs}: a host that
+ *   turns UNREACHABLE is marked in its metadata entry at once (host_unreachable; rate, peers and ETA
+ *   cleared, since nobody measures them), keeps its deadline (silence is not progress), resumes if its agent
+ *   comes back in time, and fails with HOST_UNREACHABLE otherwise.
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import type { AgentClients } from '../common/agent-clients.js';
@@ -30,6 +40,7 @@ import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
 import { DistributeImageMetadata, DistributeImageRequest, DistributeImageResponse, type HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
+import { DEFAULT_PROGRESS_DEADLINES, ProgressDeadlines, type ProgressDeadlineOptions, type StepStage, type StepVerdict } from '../common/progress-deadline.js';
 import type { ImageAvailable, ImageTransferFailed, ImageTransferProgress } from '../gen/cowherd/events/v1/events.js';
 import { Host_State, Image_State, ImageReplica, ImageReplica_State, type Host, type Image } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
@@ -37,8 +48,6 @@ import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
 
 /** Agents asked to FetchImage at once. */
 export const FETCH_CONCURRENCY = 16;
-/** A host whose replica has not grown for this long fails with TRANSFER_FAILED. */
-export const STALL_TIMEOUT_MS = 10 * 60_000;
 /** Progress reaches the operation's metadata at most this often (state changes at once). */
 export const METADATA_INTERVAL_MS = 2_000;
 /** At most this many hosts per request. */
@@ -57,8 +66,12 @@ export interface DistributeDeps {
   readonly trackerAnnounceUrl: string;
   /** Test seam: how long to wait between reads of the replica records. Default 1000 ms. */
   readonly pollIntervalMs?: number;
-  /** Test seam. Default {@link STALL_TIMEOUT_MS}. */
-  readonly stallTimeoutMs?: number;
+  /** Each host's progress deadline (COWHERD_DISTRIBUTE_* variables). Default {@link DEFAULT_PROGRESS_DEADLINES}. */
+  readonly deadlines?: ProgressDeadlineOptions;
+  /** How often the hosts' states are read from inventory (COWHERD_DISTRIBUTE_HOST_CHECK_SECONDS). Default 2000 ms. */
+  readonly hostCheckIntervalMs?: number;
+  /** Test seam: the clock of the deadlines. Default Date.now. */
+  readonly now?: () => number;
 }
 
 /** The image id of `images/{image}`; INVALID_ARGUMENT otherwise. */
@@ -130,6 +143,26 @@ function failure(code: GrpcStatus, message: string, reason: ErrorReason, metadat
   return toStatus(new CowherdError(code, message, { reason, metadata }));
 }
 
+/** The deadline stage of a replica state that is not final. */
+function stageOf(state: ImageReplica_State): StepStage {
+  if (state === ImageReplica_State.STATE_VERIFYING) return 'verifying';
+  if (state === ImageReplica_State.STATE_TRANSFERRING) return 'transferring';
+  return 'pending';
+}
+
+/** Why a host's step ended at its progress deadline: HOST_UNREACHABLE while inventory says so, else PROGRESS_DEADLINE_EXCEEDED. */
+function missedDeadline(transfer: HostTransfer, verdict: StepVerdict, unreachable: boolean): Status {
+  const seconds = Math.round(verdict.budgetMs / 1000);
+  const state = ImageReplica_State[transfer.state]?.replace('STATE_', '') ?? 'PENDING';
+  const bytes = transfer.progress?.bytesDone ?? '0';
+  const metadata = { host: transfer.host, state, bytes_done: bytes, deadline_seconds: String(seconds) };
+  if (unreachable) {
+    return failure(GrpcStatus.UNAVAILABLE, `${transfer.host} is UNREACHABLE and its transfer made no progress for ${seconds} s (${state}, ${bytes} bytes); its partial replica is kept and resumes on the next DistributeImage`, ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata);
+  }
+  const what = verdict.stage === 'verifying' ? `stayed ${state} longer than verifying the image can take (${seconds} s)` : `made no progress for ${seconds} s (${state}, ${bytes} bytes)`;
+  return failure(GrpcStatus.DEADLINE_EXCEEDED, `${transfer.host} ${what}; its partial replica is kept and resumes on the next DistributeImage`, ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED, metadata);
+}
+
 /** The DistributeImage operation. */
 export function distributeOperationKind(deps: DistributeDeps): OperationKind<DistributeImageRequest, DistributeImageMetadata, DistributeImageResponse, undefined> {
   return {
@@ -149,8 +182,10 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
       const image = await readImage();
       const metadata: DistributeImageMetadata = DistributeImageMetadata.fromPartial(context.metadata);
       const transfers = metadata.transfers;
-      const lastGrowth = new Map<string, { bytes: number; at: number }>();
-      const stallTimeoutMs = deps.stallTimeoutMs ?? STALL_TIMEOUT_MS;
+      const now = deps.now ?? Date.now;
+      const deadlines = new ProgressDeadlines(deps.deadlines ?? DEFAULT_PROGRESS_DEADLINES, now);
+      const hostStates = new Map<string, Host_State>();
+      let lastHostCheck = Number.NEGATIVE_INFINITY;
       let lastCheckpoint = 0;
       const save = async (force: boolean): Promise<void> => {
         if (!force && performance.now() - lastCheckpoint < METADATA_INTERVAL_MS) return;
@@ -163,6 +198,20 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
       const fail = (transfer: HostTransfer, error: Status): void => {
         transfer.state = ImageReplica_State.STATE_FAILED;
         transfer.error = error;
+        transfer.deadlineTime = undefined;
+        deadlines.forget(transfer.host);
+      };
+      /** Reads the hosts' states from inventory, at most every hostCheckIntervalMs; keeps the last on errors. */
+      const checkHosts = async (): Promise<void> => {
+        if (now() - lastHostCheck < (deps.hostCheckIntervalMs ?? 2_000)) return;
+        lastHostCheck = now();
+        try {
+          const pending = new Set(transfers.filter((transfer) => !isFinal(transfer)).map((transfer) => transfer.host));
+          const hosts = pending.size <= 20 ? await Promise.all([...pending].map((name) => deps.inventory.getHost(name))) : await deps.inventory.listHosts();
+          for (const host of hosts) if (host && pending.has(host.name)) hostStates.set(host.name, host.state);
+        } catch (error) {
+          context.log.debug({ err: error }, 'could not read the hosts from inventory; keeping their last states');
+        }
       };
       const webSeedUrls = await currentWebSeeds(deps, id, context.log);
 
@@ -207,32 +256,41 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
             if (context.cancelRequested()) throw new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
             await new Promise((resolve) => setTimeout(resolve, deps.pollIntervalMs ?? 1000));
             await readImage();
+            await checkHosts();
             let changed = false;
             for (const transfer of transfers) {
               if (isFinal(transfer)) continue;
               const record = records.get(transfer.host);
               const before = transfer.state;
+              const wasUnreachable = transfer.hostUnreachable;
+              let verdict: StepVerdict | undefined;
               if (record === undefined) {
-                // Not seen yet (the watch is catching up): the stall timer covers a record that never comes.
-                if (!lastGrowth.has(transfer.host)) lastGrowth.set(transfer.host, { bytes: 0, at: performance.now() });
-                else if (performance.now() - lastGrowth.get(transfer.host)!.at > stallTimeoutMs) fail(transfer, failure(GrpcStatus.UNAVAILABLE, `${transfer.host} never reported its replica`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
+                // Not seen yet (the watch is catching up): the deadline covers a record that never comes.
+                verdict = deadlines.silent(transfer.host);
               } else if (record === null) {
                 fail(transfer, failure(GrpcStatus.ABORTED, `the replica on ${transfer.host} was deleted during the distribution`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
               } else if (record.state === ImageReplica_State.STATE_AVAILABLE) {
                 transfer.state = ImageReplica_State.STATE_AVAILABLE;
                 transfer.progress = TransferProgress.fromPartial({ ...record.progress, bytesDone: metadata.bytesTotal, bytesTotal: metadata.bytesTotal, rateBytesPerSecond: '0', eta: { seconds: '0', nanos: 0 } });
+                transfer.hostUnreachable = false;
+                transfer.deadlineTime = undefined;
+                deadlines.forget(transfer.host);
               } else if (record.state === ImageReplica_State.STATE_FAILED) {
                 fail(transfer, record.error ?? failure(GrpcStatus.UNKNOWN, `the replica on ${transfer.host} failed`, ErrorReason.ERROR_REASON_TRANSFER_FAILED));
               } else {
                 transfer.state = record.state;
                 if (record.progress) transfer.progress = record.progress;
-                const bytes = Number(record.progress?.bytesDone ?? 0);
-                const growth = lastGrowth.get(transfer.host);
-                if (!growth || bytes > growth.bytes || record.state === ImageReplica_State.STATE_VERIFYING) lastGrowth.set(transfer.host, { bytes, at: performance.now() });
-                else if (performance.now() - growth.at > stallTimeoutMs) {
-                  fail(transfer, failure(GrpcStatus.UNAVAILABLE, `${transfer.host} made no progress for ${Math.round(stallTimeoutMs / 1000)} s; its partial replica is kept and resumes on the next DistributeImage`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
-                }
+                verdict = deadlines.observe(transfer.host, { stage: stageOf(record.state), bytesDone: Number(record.progress?.bytesDone ?? 0), bytesTotal: Number(metadata.bytesTotal) });
               }
+              if (verdict) {
+                const unreachable = hostStates.get(transfer.host) === Host_State.STATE_UNREACHABLE;
+                transfer.hostUnreachable = unreachable;
+                // Nobody measures an unreachable host's rate, peers or ETA: show only what it held.
+                if (unreachable) transfer.progress = TransferProgress.fromPartial({ bytesDone: transfer.progress?.bytesDone ?? '0', bytesTotal: transfer.progress?.bytesTotal ?? metadata.bytesTotal });
+                transfer.deadlineTime = new Date(Date.now() + (verdict.deadline - now()));
+                if (verdict.expired) fail(transfer, missedDeadline(transfer, verdict, unreachable));
+              }
+              if (transfer.hostUnreachable !== wasUnreachable) changed = true;
               if (transfer.state !== before) changed = true;
             }
             await save(changed);

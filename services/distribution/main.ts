@@ -5,13 +5,13 @@ import { Image, ImageReplica } from '../gen/cowherd/inventory/v1/resources.js';
 import { AgentClients } from '../common/agent-clients.js';
 import { createClient } from '../common/client.js';
 import { hostname } from 'node:os';
-import { addressVariable, optionalStringVariable } from '../common/config.js';
 import { KvStore, protoCodec } from '../common/kv.js';
 import { openOperations } from '../common/operations.js';
 import { adaptService } from '../common/rpc.js';
 import { runServiceMain } from '../common/service-process.js';
 import { identityUri } from '../common/identity.js';
 import { DISTRIBUTION_POLICY } from './access-policy.js';
+import { DISTRIBUTION_VARIABLES, distributeDeadlines } from './config.js';
 import { deleteImageOperationKind } from './deletion.js';
 import { distributionHandlers } from './handlers.js';
 import { inventoryReader } from './inventory-reader.js';
@@ -27,11 +27,7 @@ function announceHost(address: string): string {
 
 await runServiceMain({
   name: 'distribution',
-  variables: {
-    inventoryAddress: addressVariable('COWHERD_INVENTORY_ADDRESS', 'host:port of the inventory mTLS port', 'localhost:7442'),
-    trackerAddress: addressVariable('COWHERD_TRACKER_ADDRESS', 'host:port of the BitTorrent tracker (HTTP announce; only published info-hashes)', '0.0.0.0:7463'),
-    trackerAnnounceUrl: optionalStringVariable('COWHERD_TRACKER_ANNOUNCE_URL', 'the announce URL agents use to reach the tracker (behind a Service or load balancer, its address); default http://<this host name>:<tracker port>/announce'),
-  },
+  variables: DISTRIBUTION_VARIABLES,
   env: process.env,
   build: async ({ config, boundary, nats, log, clientCredentials, events }) => {
     const inventoryClient = createClient(InventoryServiceClient, config.inventoryAddress, clientCredentials(identityUri('service', 'inventory')), { defaultDeadlineMs: 15_000 });
@@ -45,6 +41,8 @@ await runServiceMain({
       inventory: inventoryReader(inventoryClient),
       agents,
       events,
+      deadlines: distributeDeadlines(config),
+      hostCheckIntervalMs: config.hostCheckSeconds * 1000,
     };
     const publish = publishOperationKind(deps);
     const deleteImage = deleteImageOperationKind(deps);
