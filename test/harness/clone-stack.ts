@@ -77,21 +77,28 @@ export interface CloneStack {
   putReplica(replica: ImageReplica): Promise<void>;
 }
 
+/** Options of {@link startCloneStack}. */
+export interface CloneStackOptions {
+  /** Extra variables per service (small deadlines, fast heartbeats), also for replicas started later. */
+  readonly serviceEnv?: Partial<Record<'inventory' | 'distribution' | 'cloning', Record<string, string>>>;
+}
+
 /** Starts the stack; everything is released with `resources`. */
-export async function startCloneStack(resources: Resources, host: string): Promise<CloneStack> {
+export async function startCloneStack(resources: Resources, host: string, options: CloneStackOptions = {}): Promise<CloneStack> {
+  const extra = (service: 'inventory' | 'distribution' | 'cloning'): Record<string, string> => options.serviceEnv?.[service] ?? {};
   const uri = 'qemu:///system';
   const virsh = (...args: string[]) => run('virsh', ['-c', uri, ...args], { timeout: 120_000, env: { ...process.env, LC_ALL: 'C' }, maxBuffer: 64 * 1024 * 1024 });
   await run('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'start'], { timeout: 120_000 });
   const pki = await TestPki.create(await resources.tempDir());
   const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
   const ca = await startCertificateAuthorityProcess(resources, pki, nats);
-  const inventoryProcess = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address });
-  const distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
-  const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address });
+  const inventoryProcess = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address, ...extra('inventory') });
+  const distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, ...extra('distribution') });
+  const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address, ...extra('cloning') });
   const startReplica = async (name: 'distribution' | 'cloning'): Promise<ServiceProcess> =>
     name === 'distribution'
-      ? startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address })
-      : startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address });
+      ? startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, ...extra('distribution') })
+      : startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address, ...extra('cloning') });
   const directory = await resources.tempDir('cowherd-e2e-');
   const admin = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
   const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, admin);
