@@ -248,7 +248,12 @@ export class CloneEngine {
     const log = this.options.log.child({ clone: name, operation: request.operation });
     if (item.kind === 'existing') {
       const running = item.domain.state === 'running';
-      return { domainName: name, virtualMachine: this.toVirtualMachine(name, item.domain.uuid, running ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF, source, item.domain.disks.map((disk) => disk.sourcePath ?? '')), status: undefined, started: running };
+      const overlays = item.domain.disks.map((disk) => disk.sourcePath ?? '');
+      const vm = this.toVirtualMachine(name, item.domain.uuid, running ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF, source, overlays);
+      // Recorded again with the same id: if the first attempt died between the define and the record,
+      // this is the clone.done it owed; if not, the stream drops the repeat.
+      publishing.push(this.publishDone(vm, item.domain.uuid, overlays, running, request, source));
+      return { domainName: name, virtualMachine: vm, status: undefined, started: running };
     }
     let failure: unknown = item.kind === 'failed' ? item.error : defineError === undefined ? undefined : hypervisorError(defineError);
     if (failure === undefined && item.kind === 'new') {
@@ -275,13 +280,17 @@ export class CloneEngine {
     failure = failure instanceof LibvirtError ? hypervisorError(failure) : failure;
     log.warn({ err: failure }, 'clone failed and was rolled back');
     const status = toStatus(failure);
-    const failedEvent = this.options.events
-      .publish(CLONE_FAILED, { virtualMachine: `hosts/${this.options.host}/virtualMachines/${name}`, host: `hosts/${this.options.host}`, domainName: name, uuid: '', image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays: [], status, operation: request.operation, occurTime: new Date() }, { host: this.options.host, id: `clone.failed/${request.operation || request.requestId}/${this.options.host}/${name}` })
-      .then(
-        () => undefined,
-        (error: unknown) => void log.error({ err: error }, 'clone.failed not published'),
-      );
-    publishing.push(failedEvent);
+    // One clone.failed per clone of an operation (or request); a request with neither is its own occurrence.
+    // No catch: publish only records the event (the outbox sends it), and a record that cannot be written
+    // fails the call, whose retry with the same request_id records it again.
+    const occurrence = request.operation || request.requestId || randomUUID();
+    publishing.push(
+      this.options.events.publish(
+        CLONE_FAILED,
+        { virtualMachine: `hosts/${this.options.host}/virtualMachines/${name}`, host: `hosts/${this.options.host}`, domainName: name, uuid: '', image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays: [], status, operation: request.operation, occurTime: new Date() },
+        { host: this.options.host, id: `clone.failed/${occurrence}/${this.options.host}/${name}` },
+      ),
+    );
     return { domainName: name, virtualMachine: undefined, status, started: false };
   }
 
@@ -304,14 +313,17 @@ export class CloneEngine {
     });
   }
 
+  /**
+   * Records clone.done; resolves once it is durable in the outbox, which publishes it until JetStream has
+   * it. The id names the clone (operation or request, host, domain), so a retry that finds the clone
+   * records the same id and the stream keeps one. A record that cannot be written fails the call.
+   */
   private async publishDone(vm: VirtualMachine, uuid: string, overlays: string[], started: boolean, request: CreateClonesRequest, source: ResolvedSource): Promise<void> {
-    await this.options.events
-      .publish(
-        CLONE_DONE,
-        { virtualMachine: vm.name, host: vm.host, domainName: vm.domainName, uuid, image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays, started, operation: request.operation, occurTime: new Date() },
-        { host: this.options.host, id: `clone.done/${request.operation || request.requestId || uuid}/${this.options.host}/${vm.domainName}` },
-      )
-      .catch((error: unknown) => this.options.log.error({ err: error, clone: vm.name }, 'clone.done not published'));
+    await this.options.events.publish(
+      CLONE_DONE,
+      { virtualMachine: vm.name, host: vm.host, domainName: vm.domainName, uuid, image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays, started, operation: request.operation, occurTime: new Date() },
+      { host: this.options.host, id: `clone.done/${request.operation || request.requestId || uuid}/${this.options.host}/${vm.domainName}` },
+    );
   }
 
   private inside(path: string): boolean {

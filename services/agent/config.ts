@@ -1,4 +1,5 @@
 /** The agent's own variables (besides the common server ones, whose TLS files it fills in after enrolling). */
+import { join, resolve } from 'node:path';
 import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, stringVariable, type ConfigOf, type Variable } from '../common/config.js';
 import { DEFAULT_PORTS } from '../common/service-process.js';
 import { defaultHostId, HOST_ID, isReservedHostId } from '../common/resource-names.js';
@@ -28,12 +29,15 @@ export const AGENT_VARIABLES = {
   inventoryAddress: addressVariable('COWHERD_INVENTORY_ADDRESS', 'host:port of the inventory mTLS port', `localhost:${DEFAULT_PORTS.inventory.grpc}`),
   domainScope: enumVariable('COWHERD_DOMAIN_SCOPE', 'which libvirt domains are this host\'s: all, or image-directory (only domains with a disk in COWHERD_IMAGE_DIR, for agents sharing one libvirtd)', 'all', ['all', 'image-directory'] as const),
   torrentPort: integerVariable('COWHERD_TORRENT_PORT', 'BitTorrent peer port (TCP) for image transfers; 0: any free port', 7446, 0, 65535),
+  scrubMibPerSecond: integerVariable('COWHERD_SCRUB_MIB_PER_SECOND', 'rate (MiB/s) at which the background scrub re-reads verified replicas to find damage; 0: no scrub', 32, 0, 100_000),
+  scrubIntervalSeconds: integerVariable('COWHERD_SCRUB_INTERVAL_SECONDS', 'pause between two scrub passes over every replica', 3600, 1, 30 * 86_400),
   webSeedAddress: addressVariable('COWHERD_WEB_SEED_ADDRESS', 'host:port of the HTTP web seed (BEP 19) that serves origin replicas to the swarm; port 0: any free port', '0.0.0.0:7447'),
+  eventOutboxDirectory: { ...optionalStringVariable('COWHERD_EVENT_OUTBOX_DIR', 'directory where events wait (one fsynced file each) until JetStream acknowledges them; on the same file system as the images, so an event is kept with the change it reports'), defaultText: '<COWHERD_IMAGE_DIR>/event-outbox', parse: (raw: string | undefined) => (raw === undefined || raw === '' ? undefined : resolve(raw)) },
   advertiseAddress: optionalAddressVariable('COWHERD_ADVERTISE_ADDRESS', "host:port at which services reach this agent's gRPC port", `<host id>:<port of COWHERD_LISTEN_ADDRESS, ${DEFAULT_PORTS.agent.grpc}>`),
 };
 
 /** The agent's configuration. */
-export type AgentConfig = Omit<ConfigOf<typeof AGENT_VARIABLES>, 'advertiseAddress'> & { readonly advertiseAddress: string };
+export type AgentConfig = Omit<ConfigOf<typeof AGENT_VARIABLES>, 'advertiseAddress' | 'eventOutboxDirectory'> & { readonly advertiseAddress: string; readonly eventOutboxDirectory: string };
 
 /** Reads the agent's variables; throws ConfigError listing every bad one. */
 export function loadAgentConfig(env: Readonly<Record<string, string | undefined>>): AgentConfig {
@@ -41,5 +45,5 @@ export function loadAgentConfig(env: Readonly<Record<string, string | undefined>
   // The default port follows the listen address, so that one variable moves both (port 0 cannot be advertised).
   const listenPort = /:(\d{1,5})$/.exec(env['COWHERD_LISTEN_ADDRESS'] ?? '')?.[1];
   const port = listenPort !== undefined && listenPort !== '0' ? listenPort : String(DEFAULT_PORTS.agent.grpc);
-  return Object.freeze({ ...config, advertiseAddress: config.advertiseAddress ?? `${config.host}:${port}` });
+  return Object.freeze({ ...config, advertiseAddress: config.advertiseAddress ?? `${config.host}:${port}`, eventOutboxDirectory: config.eventOutboxDirectory ?? join(config.imageDirectory, 'event-outbox') });
 }

@@ -52,6 +52,8 @@ await runServiceMain({
   name: 'agent',
   variables: {},
   env,
+  // The agent's events wait on its own disk: NATS is what may be unreachable when a clone is made.
+  eventOutboxDirectory: agent.eventOutboxDirectory,
   build: async ({ boundary, log, clientCredentials, events }) => {
     await prepareImageDirectory(agent.imageDirectory);
     const virsh = new VirshLibvirt({ uri: agent.libvirtUri, log: log.child({ component: 'libvirt' }) });
@@ -73,6 +75,9 @@ await runServiceMain({
       webSeedAddress: splitAddress(agent.webSeedAddress),
       advertiseHost: splitAddress(agent.advertiseAddress).host,
       dependents,
+      libvirt,
+      scrubBytesPerSecond: agent.scrubMibPerSecond * 1024 * 1024,
+      scrubIntervalMs: agent.scrubIntervalSeconds * 1000,
     });
     const reporter = createReporter({
       host: agent.host,
@@ -87,7 +92,7 @@ await runServiceMain({
       },
     });
     await reporter.start();
-    const clones = new CloneEngine({ host: agent.host, imageDirectory: agent.imageDirectory, hypervisor, libvirt, events, log: log.child({ component: 'clones' }) });
+    const clones = new CloneEngine({ host: agent.host, imageDirectory: agent.imageDirectory, hypervisor, libvirt, events, log: log.child({ component: 'clones' }), replicaBase: (id) => transfers.cloneBase(id) });
     const vms = new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) });
     const replicas = { delete: (name: string) => deleteLocalReplica({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log, release: (id, removeFiles) => transfers.release(id, removeFiles) }, name) };
     return {

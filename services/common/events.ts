@@ -8,7 +8,7 @@ import { headers as natsHeaders, nanos } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type ConsumerMessages, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
 
 import type { Logger } from './logger.js';
-import { eventPublishFailures, eventsPublished } from './metrics.js';
+import { eventPublishAttempts, eventPublishFailures, eventsPublished } from './metrics.js';
 
 /** The JetStream stream that holds every event. */
 export const EVENT_STREAM = 'COWHERD_EVENTS';
@@ -62,28 +62,81 @@ export async function ensureEventStream(manager: JetStreamManager, options: { re
   }
 }
 
+/** Where an event goes: its subject, type header and de-duplication id (what the outbox records). */
+export interface EventEnvelope {
+  /** `cowherd.events.<kind>.<host>`. */
+  readonly subject: string;
+  /** The event kind as in the subject (`clone.done`): the metrics label. */
+  readonly kind: string;
+  /** Full protobuf type name, sent in {@link EVENT_TYPE_HEADER}. */
+  readonly typeName: string;
+  /** `Nats-Msg-Id`: names the logical occurrence (see {@link EventPublisher.publish}). */
+  readonly id: string;
+  /** The encoded payload. */
+  readonly data: Uint8Array;
+}
+
 /**
- * Publishes events; returns the stream sequence (a duplicate returns the original's). Counts each
- * publish in cowherd_events_published_total or cowherd_event_publish_failures_total by event kind.
+ * What services and the agent publish through (`events` in their build context). The process hands out
+ * the outbox-backed publisher (event-outbox.ts): publish resolves once the event is recorded durably,
+ * and a relay publishes it until JetStream acknowledges it, across NATS outages and restarts.
  */
-export class EventPublisher {
+export interface EventPublisher {
+  /**
+   * Records `payload` about `host` ("_" when left out). `id` names the logical occurrence: the same on
+   * every re-publish of the same fact (e.g. "clone.done/<operation>/<host>/<vm>"), so the stream stores
+   * it once; a new occurrence (a retry that succeeded after a failure) needs a new id. Resolves when the
+   * event is durable, not when JetStream stored it; rejects only for an invalid host or id.
+   */
+  publish<T>(type: EventType<T>, payload: T, options: { host?: string; id: string }): Promise<void>;
+}
+
+/** The envelope of an event, checked: a bad host token or an empty id is the caller's bug. */
+export function eventEnvelope<T>(type: EventType<T>, payload: T, options: { host?: string; id: string }): EventEnvelope {
+  const host = options.host ?? FLEET_WIDE;
+  if (host !== FLEET_WIDE && !HOST_TOKEN.test(host)) throw new Error(`event host ${JSON.stringify(host)} is not a host id`);
+  if (options.id === '') throw new Error(`${type.kind} event without an id`);
+  return { subject: eventSubject(type.kind, host), kind: type.kind, typeName: type.typeName, id: options.id, data: type.encode(payload).finish() };
+}
+
+/** How long one JetStream publish waits for its acknowledgement. */
+export const EVENT_PUBLISH_TIMEOUT_MS = 5_000;
+
+/**
+ * One publish attempt straight to JetStream: resolves with the stream sequence (a duplicate within the
+ * window returns the original's), rejects when no acknowledgement came. Counts the attempt in
+ * cowherd_event_publish_attempts_total and its outcome in cowherd_events_published_total or
+ * cowherd_event_publish_failures_total. The outbox relay sends through this; nothing else should, since
+ * an event sent once and lost is exactly what the outbox exists to prevent.
+ */
+export async function sendEvent(js: JetStreamClient, envelope: EventEnvelope, timeoutMs = EVENT_PUBLISH_TIMEOUT_MS): Promise<number> {
+  const headers = natsHeaders();
+  headers.set(EVENT_TYPE_HEADER, envelope.typeName);
+  eventPublishAttempts.inc({ type: envelope.kind });
+  try {
+    const ack = await js.publish(envelope.subject, envelope.data, { msgID: envelope.id, headers, timeout: timeoutMs });
+    eventsPublished.inc({ type: envelope.kind });
+    return ack.seq;
+  } catch (error) {
+    eventPublishFailures.inc({ type: envelope.kind });
+    throw error;
+  }
+}
+
+/**
+ * Publishes once, straight to JetStream, and returns the stream sequence: for tests of the stream and its
+ * permissions. Services never use it (they get the outbox-backed {@link EventPublisher}).
+ */
+export class JetStreamEventPublisher {
   constructor(private readonly js: JetStreamClient, private readonly log: Logger) {}
 
-  /**
-   * Publishes `payload` about `host`. `id` must be the same on every retry of the same fact
-   * (e.g. "clone.done/<operation>/<vm>") so that JetStream stores it once.
-   */
+  /** One attempt; rejects when JetStream did not acknowledge within {@link EVENT_PUBLISH_TIMEOUT_MS}. */
   async publish<T>(type: EventType<T>, payload: T, options: { host?: string; id: string }): Promise<number> {
-    const subject = eventSubject(type.kind, options.host);
-    const headers = natsHeaders();
-    headers.set(EVENT_TYPE_HEADER, type.typeName);
+    const envelope = eventEnvelope(type, payload, options);
     try {
-      const ack = await this.js.publish(subject, type.encode(payload).finish(), { msgID: options.id, headers, timeout: 10_000 });
-      eventsPublished.inc({ type: type.kind });
-      return ack.seq;
+      return await sendEvent(this.js, envelope);
     } catch (error) {
-      eventPublishFailures.inc({ type: type.kind });
-      this.log.error({ err: error, subject, eventId: options.id }, 'event publish failed');
+      this.log.error({ err: error, subject: envelope.subject, eventId: envelope.id }, 'event publish failed');
       throw error;
     }
   }

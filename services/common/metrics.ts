@@ -97,11 +97,24 @@ export const eventsPublished = counter({
   labelNames: ['type'] as const,
 });
 
-/** Publishes that failed (no ack within the timeout, no stream, permission denied, ...). */
+/** Publish attempts that failed (no ack within the timeout, no stream, permission denied, ...); the outbox retries them. */
 export const eventPublishFailures = counter({
   name: 'cowherd_event_publish_failures_total',
   help: 'Event publishes that failed in this process, by event type (the subject kind, e.g. clone.done)',
   labelNames: ['type'] as const,
+});
+
+/** Every try to publish an event to JetStream (the outbox relay retries until one is acknowledged). */
+export const eventPublishAttempts = counter({
+  name: 'cowherd_event_publish_attempts_total',
+  help: 'Attempts to publish an event to JetStream in this process (the outbox relay retries until acknowledged), by event type',
+  labelNames: ['type'] as const,
+});
+
+/** Events recorded in this process's outbox and not yet acknowledged by JetStream. */
+export const eventOutboxPending = gauge({
+  name: 'cowherd_event_outbox_pending',
+  help: "Events in this process's outbox (agent: its directory; services: the outbox KV bucket) that JetStream has not acknowledged yet",
 });
 
 // ---- Clones (agent clone-engine.ts) ----

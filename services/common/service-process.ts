@@ -4,7 +4,8 @@
  * probe ports, and on SIGTERM/SIGINT drain within the grace time. `main.ts` files only wire.
  */
 import { ConfigError, addressVariable, enumVariable, integerVariable, pathVariable, readConfig, urlListVariable, type ConfigOf, type Variable } from './config.js';
-import { EventPublisher, ensureEventStream } from './events.js';
+import { ensureEventStream, type EventPublisher } from './events.js';
+import { startEventOutbox, type EventOutbox } from './event-outbox.js';
 import { createLogger, LOG_LEVELS, type Logger } from './logger.js';
 import { connectNats, type Nats } from './nats.js';
 import { DEFAULT_DESCRIPTOR_SET_PATH, readDescriptorSet } from './reflection.js';
@@ -72,6 +73,11 @@ export interface ServiceContext<C extends ServerConfig> {
   readonly config: C;
   readonly log: Logger;
   readonly nats: Nats;
+  /**
+   * The outbox-backed publisher (event-outbox.ts): publish resolves once the event is recorded durably
+   * (the agent: a file in its outbox directory; services: the `outbox` KV bucket); a relay publishes it
+   * until JetStream acknowledges it.
+   */
   readonly events: EventPublisher;
   readonly tls: TlsFiles;
   /**
@@ -111,6 +117,11 @@ export interface StartServiceOptions<S extends Record<string, Variable<unknown>>
   readonly env: Readonly<Record<string, string | undefined>>;
   readonly build: (context: ServiceContext<ServerConfig & ConfigOf<S>>) => Promise<BuiltService>;
   readonly logDestination?: NodeJS.WritableStream;
+  /**
+   * Keep the event outbox in this directory (the agent, whose state is its files); left out, in the
+   * `outbox` KV bucket (the cluster services, whose state is in KV).
+   */
+  readonly eventOutboxDirectory?: string;
 }
 
 /** Starts a service (without signal handling): config, logger, NATS, server. */
@@ -120,12 +131,16 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
   const tls: TlsFiles = { certificateFile: config.certificateFile, privateKeyFile: config.privateKeyFile, caFile: config.caFile };
   const clientCredentials = mutualTlsClientCredentials(tls, config.tlsRefreshSeconds * 1000);
   const nats = await connectNats({ servers: config.natsUrls, tls, name: options.name, log });
+  let outbox: EventOutbox | undefined;
   try {
     // Agents (host identities) may only publish their own events; the services own the stream's shape.
     if (options.name !== 'agent') await ensureEventStream(nats.manager, { replicas: config.eventStreamReplicas });
+    // Before the service is built, so that what an earlier process recorded and did not publish goes first.
+    outbox = await startEventOutbox({ js: nats.jetstream, manager: nats.manager, log, owner: options.name, ...(options.eventOutboxDirectory === undefined ? {} : { directory: options.eventOutboxDirectory }) });
+    const events = outbox.events;
     const revocationsRef: { current: RevocationCheck } = { current: NO_REVOCATIONS };
     const boundary: BoundaryOptions = { log, revocations: { isRevoked: (serial) => revocationsRef.current.isRevoked(serial) } };
-    const built = await options.build({ config, log, nats, events: new EventPublisher(nats.jetstream, log), tls, clientCredentials, boundary });
+    const built = await options.build({ config, log, nats, events, tls, clientCredentials, boundary });
     const stoppers: Array<() => void> = [];
     let caClient: CertificateAuthorityServiceClient | undefined;
     if (built.revocations) {
@@ -171,11 +186,14 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
         for (const stop of stoppers) stop();
         caClient?.close();
         await built.stop?.();
+        // Unpublished events stay recorded: the next start (or, for a service, another replica) sends them.
+        await outbox?.stop();
         await nats.close();
         log.info('stopped');
       },
     };
   } catch (error) {
+    await outbox?.stop().catch(() => undefined);
     await nats.close().catch(() => undefined);
     throw error;
   }

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { IMAGE_AVAILABLE, CLONE_DONE } from '../../services/common/event-types.js';
-import { consumeEvents, ensureEventStream, EventPublisher, type ReceivedEvent } from '../../services/common/events.js';
+import { consumeEvents, ensureEventStream, JetStreamEventPublisher, type ReceivedEvent } from '../../services/common/events.js';
 import { createLogger } from '../../services/common/logger.js';
 import { connectNats, type Nats } from '../../services/common/nats.js';
 import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
@@ -47,7 +47,7 @@ describe('events', () => {
     const first = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, { durable: 'cloning-image-available', types: [IMAGE_AVAILABLE], log, handle: async (event) => void received.push(event) });
     await first.stop();
 
-    const publisher = new EventPublisher(publisherConnection.jetstream, log);
+    const publisher = new JetStreamEventPublisher(publisherConnection.jetstream, log);
     await publisher.publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'image.available/debian-12/kvm-01' });
     // A retried publish of the same fact is stored once.
     await publisher.publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'image.available/debian-12/kvm-01' });
@@ -73,7 +73,7 @@ describe('events', () => {
     const forged = headers();
     forged.set(EVENT_TYPE_HEADER, 'cowherd.events.v1.ImageAvailable');
     await publisherConnection.jetstream.publish('cowherd.events.available.kvm-09.kvm-01', ImageAvailable.encode(available('kvm-09')).finish(), { headers: forged, msgID: 'forged' });
-    await new EventPublisher(publisherConnection.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'genuine-after-forged' });
+    await new JetStreamEventPublisher(publisherConnection.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'genuine-after-forged' });
     await waitFor(() => received.length >= 1);
     await new Promise((resolve) => setTimeout(resolve, 200));
     await consumer.stop();
@@ -81,7 +81,7 @@ describe('events', () => {
   });
 
   it('redeliver an event whose handler failed', async () => {
-    const publisher = new EventPublisher(publisherConnection.jetstream, log);
+    const publisher = new JetStreamEventPublisher(publisherConnection.jetstream, log);
     let attempts = 0;
     const consumer = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, {
       durable: 'flaky-handler',

@@ -11,7 +11,7 @@ import { after, before, describe, it } from 'node:test';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import { CLONE_DONE, IMAGE_AVAILABLE } from '../../services/common/event-types.js';
-import { EVENT_STREAM, ensureEventStream, EventPublisher, eventSubject } from '../../services/common/events.js';
+import { EVENT_STREAM, ensureEventStream, JetStreamEventPublisher, eventSubject } from '../../services/common/events.js';
 import { jsonCodec, KvStore } from '../../services/common/kv.js';
 import { createLogger } from '../../services/common/logger.js';
 import { certificatePrincipal, identityPrincipal, inboxPrefixFor, renderNatsAuthorization, type NatsPrincipal } from '../../services/common/nats-authorization.js';
@@ -92,7 +92,7 @@ describe('NATS authorization', () => {
   it('lets a host publish its own events through JetStream, and nothing else', async () => {
     const host = await connectNats({ servers: [nats.url], tls: files.host, name: 'agent', log });
     try {
-      const publisher = new EventPublisher(host.jetstream, log);
+      const publisher = new JetStreamEventPublisher(host.jetstream, log);
       const sequence = await publisher.publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'image.available/kvm-01' });
       assert.ok(sequence > 0);
       // A retried publish is deduplicated (Nats-Msg-Id works under these permissions).
@@ -128,7 +128,7 @@ describe('NATS authorization', () => {
     const kv = await KvStore.open(service.jetstream, 'authorization-test', jsonCodec<{ x: number }>());
     await kv.put('k', { x: 1 });
     assert.deepEqual((await kv.get('k'))?.value, { x: 1 });
-    const publisher = new EventPublisher(service.jetstream, log);
+    const publisher = new JetStreamEventPublisher(service.jetstream, log);
     assert.ok((await publisher.publish(IMAGE_AVAILABLE, available('kvm-07'), { host: 'kvm-07', id: 'image.available/kvm-07' })) > 0);
   });
 
@@ -137,13 +137,13 @@ describe('NATS authorization', () => {
     try {
       const live = admin.connection.subscribe('cowherd.events.>', { max: 1 });
       await admin.connection.flush();
-      const sequence = await new EventPublisher(service.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-05'), { host: 'kvm-05', id: 'image.available/kvm-05' });
+      const sequence = await new JetStreamEventPublisher(service.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-05'), { host: 'kvm-05', id: 'image.available/kvm-05' });
       for await (const message of live) assert.equal(message.subject, 'cowherd.events.image.available.kvm-05');
       // Stored events by sequence.
       const stored = await admin.manager.streams.getMessage(EVENT_STREAM, { seq: sequence });
       assert.equal(stored?.subject, 'cowherd.events.image.available.kvm-05');
       // No publishing, no consumers, no KV.
-      await assert.rejects(new EventPublisher(admin.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-05'), { host: 'kvm-05', id: 'forged' }), /permission/i);
+      await assert.rejects(new JetStreamEventPublisher(admin.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-05'), { host: 'kvm-05', id: 'forged' }), /permission/i);
       await assert.rejects(admin.jetstream.consumers.get(EVENT_STREAM), /permission/i);
       await assert.rejects(admin.manager.consumers.delete(EVENT_STREAM, 'anything'), /permission/i);
       await assert.rejects(KvStore.open(admin.jetstream, 'authorization-test', jsonCodec<{ x: number }>()), /permission/i);
@@ -191,7 +191,7 @@ describe('NATS authorization', () => {
 
       // The other certificate of kvm-01 (another serial) keeps its connection and its permissions.
       assert.equal(other.isClosed(), false);
-      const publisher = new EventPublisher(jetstream(other), log);
+      const publisher = new JetStreamEventPublisher(jetstream(other), log);
       assert.ok((await publisher.publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'image.available/kvm-01/after-revocation' })) > 0);
       const fresh = await connectOnce(nats.url, files.hostSecond);
       await fresh.close();

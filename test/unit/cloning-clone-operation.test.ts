@@ -146,9 +146,8 @@ function grpcError(code: GrpcStatus, error: CowherdError | string): ServiceError
 /** Records published events. */
 class FakeEvents {
   readonly published: Array<{ kind: string; payload: unknown; id: string }> = [];
-  async publish<T>(type: EventType<T>, payload: T, options: { host?: string; id: string }): Promise<number> {
+  async publish<T>(type: EventType<T>, payload: T, options: { host?: string; id: string }): Promise<void> {
     this.published.push({ kind: type.kind, payload, id: options.id });
-    return this.published.length;
   }
 }
 

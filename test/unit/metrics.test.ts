@@ -9,7 +9,7 @@ import { CloneEngine } from '../../services/agent/clone-engine.js';
 import type { Libvirt } from '../../services/agent/libvirt.js';
 import { readConfig } from '../../services/common/config.js';
 import { CLONE_DONE } from '../../services/common/event-types.js';
-import { EventPublisher } from '../../services/common/events.js';
+import { JetStreamEventPublisher } from '../../services/common/events.js';
 import { createLogger } from '../../services/common/logger.js';
 import { counter, distributionMetrics, metricsRegistry, recordRpc, serveMetrics } from '../../services/common/metrics.js';
 import { serverVariables } from '../../services/common/service-process.js';
@@ -32,7 +32,7 @@ describe('metrics', () => {
   it('count event publishes and publish failures by event type', async () => {
     let fail = false;
     const js = { publish: async () => (fail ? Promise.reject(new Error('no responders')) : { seq: 7, duplicate: false, stream: 'COWHERD_EVENTS' }) } as unknown as JetStreamClient;
-    const publisher = new EventPublisher(js, log);
+    const publisher = new JetStreamEventPublisher(js, log);
     const published = await valueOf('cowherd_events_published_total', { type: 'clone.done' });
     const failed = await valueOf('cowherd_event_publish_failures_total', { type: 'clone.done' });
 
@@ -76,7 +76,7 @@ describe('metrics', () => {
         if (xml.includes('refused-')) throw new Error('refused');
       };
       const libvirt = { uri: 'test:///default', listDomains: async () => [], define } as unknown as Libvirt;
-      const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events: { publish: async () => 1 }, log });
+      const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events: { publish: async () => undefined }, log });
       const count = async (result: string): Promise<number> => {
         const { values } = await metricsRegistry.getSingleMetric('cowherd_clone_duration_seconds')!.get();
         return (values as Array<{ metricName?: string; labels: Record<string, unknown>; value: number }>).find((value) => value.metricName === 'cowherd_clone_duration_seconds_count' && value.labels['result'] === result)?.value ?? 0;
