@@ -178,7 +178,10 @@ export function adaptService<D extends Record<string, MethodShape>>(
           (error: unknown) => {
             const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: method.path }, 'unexpected error'));
             logCall(options, context, method.path, started, serviceError.code, quiet, { message: serviceError.details, operation: operationNameOf(call.request) });
-            if (!call.cancelled) call.destroy(serviceError as unknown as Error);
+            // Not destroy(): a destroyed ServerWritableStream never runs its _final, which is where grpc-js
+            // sends the status, so the client saw no status at all and waited for its own deadline. An
+            // 'error' event records the status and ends the stream (after anything already written).
+            if (!call.cancelled) call.emit('error', serviceError);
           },
         );
       }) as UntypedHandleCall;

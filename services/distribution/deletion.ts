@@ -7,11 +7,11 @@
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DeleteImageMetadata, DeleteImageRequest } from '../gen/cowherd/distribution/v1/distribution_service.js';
-import { Image_State, ImageReplica_State, imageReplica_StateToJSON, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { Image_State, ImageReplica_State, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { Empty } from '../gen/google/protobuf/empty.js';
 import type { AgentClients } from '../common/agent-clients.js';
 import { CowherdError, relayServiceError, toStatus } from '../common/errors.js';
-import { parseFilter } from '../common/filter.js';
+import { enumField, imageNameField, parseFilter } from '../common/filter.js';
 import { IMAGE_DELETED, IMAGE_REPLICA_DELETED } from '../common/event-types.js';
 import type { EventPublisher } from '../common/events.js';
 import type { KvStore } from '../common/kv.js';
@@ -119,8 +119,8 @@ export async function collectReplicas(
     prefix = `${host}.`;
   }
   const matches = parseFilter<ImageReplica>(request.filter, {
-    image: { read: (replica) => replica.image },
-    state: { read: (replica) => imageReplica_StateToJSON(replica.state).replace('STATE_', '') },
+    image: imageNameField((replica) => replica.image),
+    state: enumField(ImageReplica_State, 'STATE_', (replica) => replica.state),
   });
   const all = (await deps.replicas.list()).map((entry) => entry.value);
   const availableCount = new Map<string, number>();

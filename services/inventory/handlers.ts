@@ -1,18 +1,15 @@
 /** InventoryService handlers: validation and message mapping around Inventory and its indexes. */
 import { InventoryServiceService } from '../gen/cowherd/inventory/v1/inventory_service.js';
-import { Host, Host_State, host_StateToJSON, Image, image_StateToJSON, ImageReplica, imageReplica_StateToJSON, ImageView, VirtualMachine, VirtualMachineChange_Type, virtualMachine_StateToJSON } from '../gen/cowherd/inventory/v1/resources.js';
-import { hypervisorToJSON } from '../gen/cowherd/common/v1/types.js';
+import { Host, Host_State, Image, Image_State, ImageReplica, ImageReplica_State, ImageView, VirtualMachine, VirtualMachine_State, VirtualMachineChange_Type } from '../gen/cowherd/inventory/v1/resources.js';
+import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { CowherdError } from '../common/errors.js';
-import { parseFilter } from '../common/filter.js';
+import { booleanField, enumField, hostNameField, imageNameField, parseFilter } from '../common/filter.js';
 import { pageSizeOf, paginateSorted, type PageTokens } from '../common/pagination.js';
 import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
 import type { Handlers } from '../common/rpc.js';
 import { hostIdOf, parseVmName, vmKey, vmNamePrefix, type Inventory } from './inventory.js';
 
 type InventoryService = typeof InventoryServiceService;
-
-/** Enum names without their prefix, as filters use them (`state = READY`). */
-const bare = (json: string, prefix: string): string => json.replace(prefix, '');
 
 /** The handlers of InventoryService. */
 export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens): Handlers<InventoryService> {
@@ -23,6 +20,14 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
   };
   /** The name prefix of a parent's VMs (the VM index is ordered by name). */
   const vmParent = (parent: string): string => vmNamePrefix(parent === 'hosts/-' ? undefined : hostIdOf(parent, 'parent'));
+  /**
+   * NOT_FOUND for a parent host that is not registered, as the proto says: an empty page would tell the
+   * caller that a mistyped host has no VMs. Called after every other check, so bad input stays
+   * INVALID_ARGUMENT whatever the host.
+   */
+  const requireParent = async (parent: string): Promise<void> => {
+    if (parent !== 'hosts/-') await inventory.requireHost(hostIdOf(parent, 'parent'));
+  };
   return {
     registerHost: async (request) => {
       if (!request.host) throw CowherdError.invalidArgument('host', 'is required');
@@ -45,9 +50,9 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
     },
     listHosts: async (request) => {
       const matches = parseFilter<Host>(request.filter, {
-        state: { read: (host) => bare(host_StateToJSON(host.state), 'STATE_') },
-        hypervisor: { read: (host) => bare(hypervisorToJSON(host.hypervisor), 'HYPERVISOR_') },
-        draining: { read: (host) => String(host.draining) },
+        state: enumField(Host_State, 'STATE_', (host) => host.state),
+        hypervisor: enumField(Hypervisor, 'HYPERVISOR_', (host) => host.hypervisor),
+        draining: booleanField((host) => host.draining),
         'labels.*': { read: (host, key) => host.labels[key] ?? [] },
       });
       const all = inventory.hosts.valuesWithPrefix('').map((entry) => entry.value).filter(matches);
@@ -97,9 +102,9 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
     },
     listImages: async (request) => {
       const matches = parseFilter<Image>(request.filter, {
-        state: { read: (image) => bare(image_StateToJSON(image.state), 'STATE_') },
-        hypervisor: { read: (image) => bare(hypervisorToJSON(image.hypervisor), 'HYPERVISOR_') },
-        origin_host: { read: (image) => image.originHost },
+        state: enumField(Image_State, 'STATE_', (image) => image.state),
+        hypervisor: enumField(Hypervisor, 'HYPERVISOR_', (image) => image.hypervisor),
+        origin_host: hostNameField((image) => image.originHost),
         'labels.*': { read: (image, key) => image.labels[key] ?? [] },
       });
       const all = inventory.images.valuesWithPrefix('').map((entry) => entry.value).filter(matches);
@@ -115,11 +120,13 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
     },
     listImageReplicas: async (request) => {
       const matches = parseFilter<ImageReplica>(request.filter, {
-        image: { read: (replica) => replica.image },
-        state: { read: (replica) => bare(imageReplica_StateToJSON(replica.state), 'STATE_') },
+        image: imageNameField((replica) => replica.image),
+        state: enumField(ImageReplica_State, 'STATE_', (replica) => replica.state),
       });
-      const all = inventory.replicas.valuesWithPrefix(hostParent(request.parent)).map((entry) => entry.value).filter(matches);
+      const prefix = hostParent(request.parent);
+      const all = inventory.replicas.valuesWithPrefix(prefix).map((entry) => entry.value).filter(matches);
       const { page, nextPageToken } = paginateSorted(all, (replica) => replica.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `replicas|${request.parent}|${request.filter}`, tokens: pageTokens });
+      await requireParent(request.parent);
       return { imageReplicas: page, nextPageToken };
     },
 
@@ -132,9 +139,9 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
     },
     listVirtualMachines: async (request) => {
       const matches = parseFilter<VirtualMachine>(request.filter, {
-        state: { read: (vm) => bare(virtualMachine_StateToJSON(vm.state), 'STATE_') },
-        source_image: { read: (vm) => vm.sourceImage },
-        managed: { read: (vm) => String(vm.managed) },
+        state: enumField(VirtualMachine_State, 'STATE_', (vm) => vm.state),
+        source_image: imageNameField((vm) => vm.sourceImage, { allowEmpty: true }),
+        managed: booleanField((vm) => vm.managed),
         domain_name: { read: (vm) => vm.domainName, prefix: true },
       });
       const prefix = vmParent(request.parent);
@@ -143,12 +150,14 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
       // neither repeat nor shift the rest. 'by-name' in the query: tokens of the key-paged lists are refused.
       const query = `vms-by-name|${request.parent}|${request.filter}`;
       const after = pageTokens.open(request.pageToken, query);
+      await requireParent(request.parent);
       const { entries, more } = inventory.vms.page(prefix, after, pageSizeOf(request.pageSize), matches);
       return { virtualMachines: entries.map((entry) => entry.value), nextPageToken: more && entries.length > 0 ? pageTokens.seal(entries.at(-1)!.order, query) : '' };
     },
     watchVirtualMachines: async (request, context, send) => {
       const prefix = vmParent(request.parent);
       const keyPrefix = hostParent(request.parent);
+      await requireParent(request.parent);
       const queue: Array<() => Promise<void>> = [];
       let wake: (() => void) | undefined;
       const unsubscribe = inventory.vms.subscribe((change) => {

@@ -307,7 +307,7 @@ export class Inventory {
   }
 
   /** NOT_FOUND unless the host is registered (looked up in KV too when this replica has not seen it yet). */
-  private async requireHost(host: string): Promise<void> {
+  async requireHost(host: string): Promise<void> {
     if (this.hosts.get(host)) return;
     await this.hosts.sync();
     if (!this.hosts.get(host)) throw CowherdError.notFound(`hosts/${host}`);

@@ -10,11 +10,12 @@ import { createHash } from 'node:crypto';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { status as GrpcStatus } from '@grpc/grpc-js';
+import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, Host_State, VirtualMachine, VirtualMachine_State, VirtualMachineChange_Type, type VirtualMachineChange } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
 import { createClient } from '../../services/common/client.js';
+import { readServiceError } from '../../services/common/errors.js';
 import { HOST_READY, HOST_UNREACHABLE } from '../../services/common/event-types.js';
 import { consumeEvents } from '../../services/common/events.js';
 import { createLogger } from '../../services/common/logger.js';
@@ -341,8 +342,9 @@ describe('inventory', () => {
     assert.equal(unregistered.code, GrpcStatus.NOT_FOUND);
     assert.match(unregistered.message, /hosts\/kvm-06/);
     assert.equal((await failure((cb) => admin.getHost({ name: 'hosts/kvm-06' }, cb))).code, GrpcStatus.NOT_FOUND, 'a report registers nothing');
-    const ghosts = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-06', pageSize: 1000, pageToken: '', filter: '' }, cb));
-    assert.deepEqual(ghosts.virtualMachines, []);
+    // Not an empty list: a host that does not exist is NOT_FOUND as the parent of every list and the watch.
+    const ghosts = await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-06', pageSize: 1000, pageToken: '', filter: '' }, cb));
+    assert.deepEqual([ghosts.code, ghosts.reason], [GrpcStatus.NOT_FOUND, 'ERROR_REASON_RESOURCE_NOT_FOUND']);
 
     await call((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [vm('kvm-04', 'keep')], fullSnapshot: true, removedVirtualMachines: [] }, cb));
     const kept = await call<VirtualMachine>((cb) => admin.getVirtualMachine({ name: 'hosts/kvm-04/virtualMachines/keep' }, cb));
@@ -365,6 +367,65 @@ describe('inventory', () => {
 
     assert.equal((await failure((cb) => agent.updateHost({ host: hostFacts('kvm-04'), updateMask: ['labels'] }, cb))).code, GrpcStatus.PERMISSION_DENIED);
     assert.equal((await failure((cb) => admin.updateHost({ host: hostFacts('kvm-04'), updateMask: ['hostname'] }, cb))).fields[0], 'update_mask');
+  });
+
+  it('answers NOT_FOUND for a parent host that does not exist, on every list and the watch (hosts/- stays the wildcard)', async () => {
+    const admin = await as('admin', 'alice');
+    const agent = await as('host', 'kvm-07');
+    await register(agent, 'kvm-07');
+    for (const parent of ['hosts/no-such-host', 'hosts/kvm-07x']) {
+      const vms = await failure((cb) => admin.listVirtualMachines({ parent, pageSize: 0, pageToken: '', filter: '' }, cb));
+      assert.deepEqual([vms.code, vms.reason], [GrpcStatus.NOT_FOUND, 'ERROR_REASON_RESOURCE_NOT_FOUND'], `ListVirtualMachines ${parent}`);
+      assert.match(vms.message, new RegExp(parent));
+      const replicas = await failure((cb) => admin.listImageReplicas({ parent, pageSize: 0, pageToken: '', filter: '' }, cb));
+      assert.deepEqual([replicas.code, replicas.reason], [GrpcStatus.NOT_FOUND, 'ERROR_REASON_RESOURCE_NOT_FOUND'], `ListImageReplicas ${parent}`);
+      const started = performance.now();
+      const watched = await new Promise<{ code: number; ms: number }>((resolve) => {
+        const stream = admin.watchVirtualMachines({ parent, sendInitialState: true }, { deadline: new Date(Date.now() + 20_000) });
+        stream.on('data', () => undefined);
+        stream.on('error', (error: { code: number }) => resolve({ code: error.code, ms: performance.now() - started }));
+        stream.on('end', () => resolve({ code: GrpcStatus.OK, ms: performance.now() - started }));
+      });
+      assert.equal(watched.code, GrpcStatus.NOT_FOUND, `WatchVirtualMachines ${parent}`);
+      assert.ok(watched.ms < 2_000, `WatchVirtualMachines ${parent} answered after ${Math.round(watched.ms)} ms`);
+    }
+    // Bad input stays INVALID_ARGUMENT whatever the host: the filter is checked before the parent's existence.
+    assert.equal((await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/no-such-host', pageSize: 0, pageToken: '', filter: 'state = RUNING' }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
+    // An existing host without VMs or replicas, and the wildcard, are OK.
+    assert.deepEqual((await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-07', pageSize: 0, pageToken: '', filter: '' }, cb))).virtualMachines, []);
+    assert.deepEqual((await call<{ imageReplicas: unknown[] }>((cb) => admin.listImageReplicas({ parent: 'hosts/kvm-07', pageSize: 0, pageToken: '', filter: '' }, cb))).imageReplicas, []);
+    await call((cb) => admin.listImageReplicas({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter: '' }, cb));
+    await call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter: '' }, cb));
+  });
+
+  it('refuses filter values that the field cannot hold, naming the value and the allowed ones, on every List', async () => {
+    const admin = await as('admin', 'alice');
+    const cases: Array<[string, (filter: string) => Promise<unknown>, string, RegExp]> = [
+      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'state = RUNING', /"RUNING" is not a value of state; allowed: RUNNING, PAUSED, SHUT_OFF/],
+      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'state = 7', /"7" is not a value of state/],
+      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'managed = maybe', /"maybe" is not a value of managed; allowed: true, false/],
+      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'source_image = debian-12', /source_image value "debian-12" is not a resource name of the form images\/\{image\}/],
+      ['ListHosts', (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)), 'state = UP', /"UP" is not a value of state; allowed: READY, UNREACHABLE, DRAINING/],
+      ['ListHosts', (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)), 'hypervisor = hyperv', /"hyperv" is not a value of hypervisor; allowed: KVM, XEN/],
+      ['ListHosts', (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)), 'draining = 1', /"1" is not a value of draining; allowed: true, false/],
+      ['ListImages', (filter) => call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter, view: 0 }, cb)), 'state = READY', /"READY" is not a value of state; allowed: .*AVAILABLE/],
+      ['ListImages', (filter) => call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter, view: 0 }, cb)), 'origin_host = kvm-01', /origin_host value "kvm-01" is not a resource name of the form hosts\/\{host\}/],
+      ['ListImageReplicas', (filter) => call((cb) => admin.listImageReplicas({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'state = RUNNING', /"RUNNING" is not a value of state; allowed: .*AVAILABLE/],
+    ];
+    for (const [method, list, filter, message] of cases) {
+      const refused = await list(filter).then(
+        () => undefined,
+        (error: ServiceError) => readServiceError(error),
+      );
+      assert.ok(refused, `${method} accepted ${filter}`);
+      assert.equal(refused.code, GrpcStatus.INVALID_ARGUMENT, `${method} ${filter}`);
+      assert.deepEqual(refused.fields, ['filter'], `${method} ${filter}`);
+      assert.match(refused.message, message, `${method} ${filter}`);
+    }
+    // Values the fields can hold still list.
+    await call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter: 'state = RUNNING AND managed = true AND source_image = "images/debian-12"' }, cb));
+    await call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter: 'state = READY AND hypervisor = KVM AND draining = false' }, cb));
+    await call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter: 'state = AVAILABLE AND origin_host = "hosts/kvm-01"', view: 0 }, cb));
   });
 
   it('filters VMs by source image and managed, and keeps a source image the agent stops reporting', async () => {

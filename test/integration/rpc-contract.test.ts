@@ -1,0 +1,270 @@
+/**
+ * The RPC contract at the gRPC boundary, on real grpc-js servers on port 0 with real certificates, called
+ * from grpc-js and from a Python client generated from proto/ (Debian's grpcio):
+ *
+ * - a server-streaming call that the server refuses (PERMISSION_DENIED, UNAUTHENTICATED, INVALID_ARGUMENT,
+ *   NOT_FOUND) ends with that status and its ErrorInfo at once, not at the client's deadline: once at the
+ *   boundary (authorization, revocation) and once from the handler, for InventoryService.WatchVirtualMachines
+ *   and AgentService.ExportImage, and a stream that fails after sending messages ends with its status too;
+ * - filter values are checked against the field's type and enum values on every filter of the shared parser.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { status as GrpcStatus, type ClientReadableStream, type ServiceError } from '@grpc/grpc-js';
+import { AGENT_POLICY } from '../../services/agent/access-policy.js';
+import { INVENTORY_POLICY } from '../../services/inventory/access-policy.js';
+import { AgentServiceClient, AgentServiceService } from '../../services/gen/cowherd/agent/v1/agent_service.js';
+import { InventoryServiceClient, InventoryServiceService } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
+import { Host_State, VirtualMachine, VirtualMachine_State, VirtualMachineChange_Type } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
+import { createClient } from '../../services/common/client.js';
+import { writeCredentials } from '../../services/common/credential-files.js';
+import { CowherdError, readServiceError } from '../../services/common/errors.js';
+import { booleanField, enumField, enumValueNames, imageNameField, parseFilter } from '../../services/common/filter.js';
+import { createLogger } from '../../services/common/logger.js';
+import { inspectCertificate } from '../../services/common/pki.js';
+import { readDescriptorSet } from '../../services/common/reflection.js';
+import { adaptService, type RevocationCheck } from '../../services/common/rpc.js';
+import { startServer, type RunningServer } from '../../services/common/server.js';
+import { mutualTlsChannelCredentialsFromPem, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/tls.js';
+import { Resources, TestPki } from '../harness/index.js';
+import { REPOSITORY } from '../harness/processes.js';
+
+const log = createLogger({ service: 'test', level: 'silent' });
+/** The client's own deadline: a refusal that waits for it would take this long. */
+const CLIENT_DEADLINE_MS = 20_000;
+/** "At once": well below the deadline, with room for a busy 2-core machine. */
+const AT_ONCE_MS = 1_500;
+
+/** How a streaming call ended, as the client saw it. */
+interface StreamOutcome {
+  readonly code: GrpcStatus;
+  readonly reason: string;
+  readonly message: string;
+  readonly messages: number;
+  readonly ms: number;
+}
+
+/** Reads a server stream to its end (status) and times it. */
+function outcome(stream: ClientReadableStream<unknown>): Promise<StreamOutcome> {
+  const started = performance.now();
+  let messages = 0;
+  return new Promise((resolve) => {
+    stream.on('data', () => {
+      messages++;
+    });
+    stream.on('error', (error: ServiceError) => {
+      const received = readServiceError(error);
+      resolve({ code: received.code, reason: received.reason, message: received.message, messages, ms: performance.now() - started });
+    });
+    stream.on('end', () => resolve({ code: GrpcStatus.OK, reason: '', message: '', messages, ms: performance.now() - started }));
+  });
+}
+
+interface PythonOutcome {
+  readonly method: string;
+  readonly code: string;
+  readonly details: string;
+  readonly reason: string;
+  readonly domain: string;
+  readonly messages: number;
+  readonly seconds: number;
+}
+
+/** test/python/streaming_refusals.py with the given credentials against `address`: one outcome per call. */
+function pythonCalls(files: TlsFiles, address: string, calls: ReadonlyArray<{ service: 'inventory' | 'agent'; method: string; request: Record<string, unknown> }>): Promise<PythonOutcome[]> {
+  const withDeadline = calls.map((spec) => ({ ...spec, timeout: CLIENT_DEADLINE_MS / 1000 }));
+  return new Promise((resolve, reject) => {
+    execFile(
+      '/usr/bin/python3',
+      [join(REPOSITORY, 'test/python/streaming_refusals.py'), files.certificateFile, files.privateKeyFile, files.caFile, address, JSON.stringify(withDeadline)],
+      { cwd: join(REPOSITORY, 'test/python'), timeout: 120_000 },
+      (error, stdout, stderr) => {
+        if (error) return reject(new Error(`streaming_refusals.py failed: ${error.message}\n${stderr}`));
+        resolve(
+          stdout
+            .trim()
+            .split('\n')
+            .map((line) => JSON.parse(line) as PythonOutcome),
+        );
+      },
+    );
+  });
+}
+
+describe('RPC contract: streaming refusals end with their status at once', () => {
+  const resources = new Resources();
+  let pki: TestPki;
+  let server: RunningServer;
+  const revoked = new Set<string>();
+  let handlerCalls = 0;
+  const address = (): string => `localhost:${server.port}`;
+
+  before(async () => {
+    pki = await TestPki.create(await resources.tempDir());
+    const revocations: RevocationCheck = { isRevoked: (serial) => revoked.has(serial) };
+    const inventory = adaptService(
+      InventoryServiceService,
+      {
+        // The handler's own refusals, as the inventory's: a malformed parent, a host that does not exist; and a
+        // stream that breaks after its first message.
+        watchVirtualMachines: async (request, context, send) => {
+          handlerCalls++;
+          if (!/^hosts\/[a-z0-9-]+$/.test(request.parent) && request.parent !== 'hosts/-') throw CowherdError.invalidArgument('parent', 'must be hosts/{host} or hosts/-');
+          if (request.parent === 'hosts/nope') throw CowherdError.notFound(request.parent);
+          await send({ type: VirtualMachineChange_Type.TYPE_SYNCED, virtualMachine: undefined, revision: '0' });
+          if (request.parent === 'hosts/breaks') throw CowherdError.notFound('hosts/breaks');
+          await new Promise<void>((resolve) => context.signal.addEventListener('abort', () => resolve(), { once: true }));
+        },
+      },
+      INVENTORY_POLICY,
+      { log, revocations },
+    );
+    const agent = adaptService(
+      AgentServiceService,
+      {
+        exportImage: async (request) => {
+          handlerCalls++;
+          if (!/^images\/[a-z0-9-]+$/.test(request.image)) throw CowherdError.invalidArgument('image', 'must be images/{image}');
+          throw CowherdError.notFound(request.virtualMachine);
+        },
+      },
+      AGENT_POLICY,
+      { log, revocations },
+    );
+    const serverFiles = await pki.files('host', 'kvm-01');
+    server = await startServer({ log, address: 'localhost:0', credentials: mutualTlsServerCredentials(serverFiles, 200), services: [inventory, agent], descriptorSet: readDescriptorSet(), revocations });
+    resources.defer(() => server.stop(1_000));
+  });
+  after(() => resources.release());
+
+  /** Clients of both services for kind/name, and the credential files for the Python client. */
+  async function caller(kind: 'admin' | 'host' | 'service', name: string): Promise<{ inventory: InventoryServiceClient; agent: AgentServiceClient; files: TlsFiles; serial: string }> {
+    const credentials = await pki.credentials(kind, name);
+    // The same certificate for both clients: revoking its serial refuses both.
+    const files = await writeCredentials(join(await resources.tempDir(), `${kind}-${name}`), credentials);
+    const channel = mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem });
+    const inventory = createClient(InventoryServiceClient, address(), channel);
+    const agent = createClient(AgentServiceClient, address(), channel);
+    resources.defer(() => {
+      inventory.close();
+      agent.close();
+    });
+    return { inventory, agent, files, serial: inspectCertificate(credentials.certificatePem).serialNumber };
+  }
+  const deadline = (): { deadline: Date } => ({ deadline: new Date(Date.now() + CLIENT_DEADLINE_MS) });
+  const exportRequest = (image: string) => ({ virtualMachine: 'hosts/kvm-01/virtualMachines/missing', image, trackerAnnounceUrl: '', operation: '' });
+
+  it('grpc-js: every refusal of WatchVirtualMachines and ExportImage arrives with its code and ErrorInfo within a second', async () => {
+    const admin = await caller('admin', 'alice');
+    const host = await caller('host', 'kvm-02');
+    const distribution = await caller('service', 'distribution');
+    const revokedAdmin = await caller('admin', 'mallory');
+    revoked.add(revokedAdmin.serial);
+    const before = handlerCalls;
+
+    const cases: Array<{ what: string; stream: () => ClientReadableStream<unknown>; code: GrpcStatus; reason: string; messages?: number }> = [
+      { what: 'watch by a host identity', stream: () => host.inventory.watchVirtualMachines({ parent: 'hosts/-', sendInitialState: false }, deadline()), code: GrpcStatus.PERMISSION_DENIED, reason: 'ERROR_REASON_PERMISSION_DENIED' },
+      { what: 'watch with a revoked certificate', stream: () => revokedAdmin.inventory.watchVirtualMachines({ parent: 'hosts/-', sendInitialState: false }, deadline()), code: GrpcStatus.UNAUTHENTICATED, reason: 'ERROR_REASON_CERTIFICATE_REVOKED' },
+      { what: 'export by an admin', stream: () => admin.agent.exportImage(exportRequest('images/x'), deadline()), code: GrpcStatus.PERMISSION_DENIED, reason: 'ERROR_REASON_PERMISSION_DENIED' },
+      { what: 'export with a revoked certificate', stream: () => revokedAdmin.agent.exportImage(exportRequest('images/x'), deadline()), code: GrpcStatus.UNAUTHENTICATED, reason: 'ERROR_REASON_CERTIFICATE_REVOKED' },
+    ];
+    const boundaryOnly = cases.length;
+    cases.push(
+      { what: 'watch of a malformed parent', stream: () => admin.inventory.watchVirtualMachines({ parent: 'hosts/a/b', sendInitialState: false }, deadline()), code: GrpcStatus.INVALID_ARGUMENT, reason: 'ERROR_REASON_INVALID_FIELD' },
+      { what: 'watch of an unknown host', stream: () => admin.inventory.watchVirtualMachines({ parent: 'hosts/nope', sendInitialState: false }, deadline()), code: GrpcStatus.NOT_FOUND, reason: 'ERROR_REASON_RESOURCE_NOT_FOUND' },
+      { what: 'watch that fails after one message', stream: () => admin.inventory.watchVirtualMachines({ parent: 'hosts/breaks', sendInitialState: false }, deadline()), code: GrpcStatus.NOT_FOUND, reason: 'ERROR_REASON_RESOURCE_NOT_FOUND', messages: 1 },
+      { what: 'export of a malformed image', stream: () => distribution.agent.exportImage(exportRequest('nope'), deadline()), code: GrpcStatus.INVALID_ARGUMENT, reason: 'ERROR_REASON_INVALID_FIELD' },
+      { what: 'export of a missing VM', stream: () => distribution.agent.exportImage(exportRequest('images/x'), deadline()), code: GrpcStatus.NOT_FOUND, reason: 'ERROR_REASON_RESOURCE_NOT_FOUND' },
+    );
+    for (const [index, item] of cases.entries()) {
+      const result = await outcome(item.stream());
+      assert.equal(GrpcStatus[result.code], GrpcStatus[item.code], `${item.what}: ${result.message}`);
+      assert.equal(result.reason, item.reason, item.what);
+      assert.equal(result.messages, item.messages ?? 0, item.what);
+      assert.ok(result.ms < AT_ONCE_MS, `${item.what}: the status took ${Math.round(result.ms)} ms (deadline ${CLIENT_DEADLINE_MS} ms)`);
+      if (index === boundaryOnly - 1) assert.equal(handlerCalls, before, 'refused at the boundary: no handler ran');
+    }
+  });
+
+  it('Python grpcio: the same refusals arrive with their code and ErrorInfo within a second', async () => {
+    const admin = await caller('admin', 'bob');
+    const host = await caller('host', 'kvm-03');
+    const distribution = await caller('service', 'distribution');
+    const revokedAdmin = await caller('admin', 'eve');
+    revoked.add(revokedAdmin.serial);
+    const watch = (parent: string) => ({ service: 'inventory' as const, method: 'WatchVirtualMachines', request: { parent } });
+    const exportCall = (image: string) => ({ service: 'agent' as const, method: 'ExportImage', request: { virtualMachine: 'hosts/kvm-01/virtualMachines/missing', image } });
+    const expectations: Array<{ files: TlsFiles; call: ReturnType<typeof watch> | ReturnType<typeof exportCall>; code: string; reason: string; messages?: number }> = [
+      { files: host.files, call: watch('hosts/-'), code: 'PERMISSION_DENIED', reason: 'ERROR_REASON_PERMISSION_DENIED' },
+      { files: revokedAdmin.files, call: watch('hosts/-'), code: 'UNAUTHENTICATED', reason: 'ERROR_REASON_CERTIFICATE_REVOKED' },
+      { files: admin.files, call: watch('hosts/a/b'), code: 'INVALID_ARGUMENT', reason: 'ERROR_REASON_INVALID_FIELD' },
+      { files: admin.files, call: watch('hosts/nope'), code: 'NOT_FOUND', reason: 'ERROR_REASON_RESOURCE_NOT_FOUND' },
+      { files: admin.files, call: watch('hosts/breaks'), code: 'NOT_FOUND', reason: 'ERROR_REASON_RESOURCE_NOT_FOUND', messages: 1 },
+      { files: admin.files, call: exportCall('images/x'), code: 'PERMISSION_DENIED', reason: 'ERROR_REASON_PERMISSION_DENIED' },
+      { files: revokedAdmin.files, call: exportCall('images/x'), code: 'UNAUTHENTICATED', reason: 'ERROR_REASON_CERTIFICATE_REVOKED' },
+      { files: distribution.files, call: exportCall('nope'), code: 'INVALID_ARGUMENT', reason: 'ERROR_REASON_INVALID_FIELD' },
+      { files: distribution.files, call: exportCall('images/x'), code: 'NOT_FOUND', reason: 'ERROR_REASON_RESOURCE_NOT_FOUND' },
+    ];
+    // One Python process per identity, each making its calls in order.
+    const byFiles = new Map<TlsFiles, typeof expectations>();
+    for (const item of expectations) byFiles.set(item.files, [...(byFiles.get(item.files) ?? []), item]);
+    for (const [files, items] of byFiles) {
+      const results = await pythonCalls(files, address(), items.map((item) => item.call));
+      assert.equal(results.length, items.length);
+      for (const [index, item] of items.entries()) {
+        const result = results[index]!;
+        const what = `${item.call.method} ${JSON.stringify(item.call.request)}`;
+        assert.equal(result.code, item.code, `${what}: ${result.details}`);
+        assert.equal(result.reason, item.reason, what);
+        assert.equal(result.domain, 'cowherd.dev', what);
+        assert.equal(result.messages, item.messages ?? 0, what);
+        assert.ok(result.seconds * 1000 < AT_ONCE_MS, `${what}: the status took ${result.seconds} s (deadline ${CLIENT_DEADLINE_MS / 1000} s)`);
+      }
+    }
+  });
+});
+
+describe('RPC contract: filter values are checked against the field', () => {
+  const vm = (state: VirtualMachine_State, managed: boolean, sourceImage = ''): VirtualMachine => VirtualMachine.fromPartial({ name: 'hosts/h/virtualMachines/v', state, managed, sourceImage });
+  const fields = {
+    state: enumField<VirtualMachine>(VirtualMachine_State, 'STATE_', (item) => item.state),
+    managed: booleanField<VirtualMachine>((item) => item.managed),
+    source_image: imageNameField<VirtualMachine>((item) => item.sourceImage, { allowEmpty: true }),
+  };
+
+  it('lists the allowed values from the generated enum, without UNSPECIFIED and UNRECOGNIZED', () => {
+    assert.deepEqual(enumValueNames(Host_State, 'STATE_'), ['READY', 'UNREACHABLE', 'DRAINING']);
+    assert.deepEqual(enumValueNames(Hypervisor, 'HYPERVISOR_'), ['KVM', 'XEN']);
+  });
+
+  it('refuses a value the field cannot hold, naming the value and the allowed ones', () => {
+    for (const [filter, allowed] of [
+      ['state = RUNING', /"RUNING" is not a value of state; allowed: RUNNING, .*SHUT_OFF/],
+      ['state = 7', /"7" is not a value of state; allowed: /],
+      ['state = UNSPECIFIED', /"UNSPECIFIED" is not a value of state/],
+      ['managed = maybe', /"maybe" is not a value of managed; allowed: true, false/],
+      ['state = RUNNING AND managed != yes', /"yes" is not a value of managed/],
+      ['source_image = debian-12', /source_image value "debian-12" is not a resource name of the form images\/\{image\}/],
+    ] as const) {
+      assert.throws(
+        () => parseFilter(filter, fields),
+        (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.INVALID_ARGUMENT && error.field === 'filter' && allowed.test(error.message),
+        filter,
+      );
+    }
+  });
+
+  it('matches values the field can hold', () => {
+    const running = vm(VirtualMachine_State.STATE_RUNNING, true, 'images/debian-12');
+    const off = vm(VirtualMachine_State.STATE_SHUT_OFF, false);
+    const select = (filter: string) => [running, off].filter(parseFilter(filter, fields));
+    assert.deepEqual(select('state = RUNNING'), [running]);
+    assert.deepEqual(select('state != RUNNING'), [off]);
+    assert.deepEqual(select('managed = false'), [off]);
+    assert.deepEqual(select('source_image = "images/debian-12"'), [running]);
+    assert.deepEqual(select('source_image = ""'), [off]);
+  });
+});
