@@ -39,6 +39,12 @@ export interface CloneEngineOptions {
   readonly libvirt: Libvirt;
   readonly events: Pick<EventPublisher, 'publish'>;
   readonly log: Logger;
+  /**
+   * The verified directory of an image's replica (image-transfers.ts cloneBase: its files checked against
+   * their fingerprint first, FAILED_PRECONDITION when damaged, the newest generation after a repair).
+   * Default `<image dir>/images/<image>`.
+   */
+  readonly replicaBase?: (imageId: string) => Promise<string>;
 }
 
 interface ResolvedSource {
@@ -141,7 +147,7 @@ export class CloneEngine {
     if (source?.$case === 'image') {
       const id = /^images\/([^/]+)$/.exec(source.value)?.[1];
       if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument('image', 'must be images/{image}');
-      const replicaDirectory = join(this.options.imageDirectory, 'images', id);
+      const replicaDirectory = this.options.replicaBase ? await this.options.replicaBase(id) : join(this.options.imageDirectory, 'images', id);
       const template = await readFile(join(replicaDirectory, TEMPLATE_FILE), 'utf8').catch(() => {
         throw CowherdError.failedPrecondition(`${source.value} has no replica on hosts/${this.options.host}`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
       });

@@ -10,24 +10,33 @@
  *   first asked for). A restart reads these files and needs no one else: partial replicas resume (webtorrent
  *   re-hashes what is on disk and fetches only the missing pieces), complete ones are verified (whole-file
  *   SHA-256, in the background, ~0.7 s per 512 MiB) and seeded again. The state file goes last on deletion.
- * - A complete replica that fails verification at start is fetched again, unless domains on this host use its
- *   files as backing files: then it turns FAILED (VERIFICATION_FAILED) and stays in place, because moving
- *   it would break those domains, and an operator has to decide.
- * - Events carry a stable id per fact (`image.available/<id>/<host>/<generation>`), so a retry or a restart
- *   after a publish does not make a second image.available; progress events go out at most every
- *   `progressEventIntervalMs` (default 2 s) and at every state change.
+ * - Bases are never rewritten (issue 12). A verified replica's files get a fingerprint (replica-scrub.ts);
+ *   before the replica is seeded, cloned from or answered AVAILABLE to a FetchImage, and on any inotify
+ *   event in its directory, the fingerprint is compared and a change triggers a re-verification; a background
+ *   scrub re-reads every AVAILABLE replica at a bounded rate. Damage found either way (or at start) stops
+ *   seeding and serving it, marks it FAILED (VERIFICATION_FAILED) and publishes image.replica_damaged.
+ *   Without dependents (no domain's disks chain to its files) it is repaired in place at once: webtorrent
+ *   re-hashes the pieces and fetches only the bad ones. With dependents its files are never touched again:
+ *   the next FetchImage repairs it into a new generation beside it (`images/<id>.generation-<n>`, seeded
+ *   with a copy of the old bytes so again only bad pieces travel), new clones use the new generation,
+ *   existing clones keep the old files, and the replica lists the kept damaged generation.
+ * - Events carry a stable id per occurrence (`image.available/<id>/<host>/<generation>`), so a restart after
+ *   a publish does not make a second image.available, while a retry after a failure or damage is a new
+ *   generation and a new event; progress events go out at most every `progressEventIntervalMs` (default
+ *   2 s) and at every state change.
  * - Only origin replicas are served by the web seed (it is plain HTTP without client authentication, as
  *   BitTorrent peers are: the image network is trusted, see the agent README).
  * - A tracker announce that fails (the tracker is restarting, or the image is not registered yet: the origin
  *   starts seeding before distribution has stored the info-hash) is retried every 5 s instead of webtorrent's
  *   30 minutes (see swarm.ts).
  */
-import { readdir, readFile } from 'node:fs/promises';
+import { constants as fsConstants, watch, type FSWatcher } from 'node:fs';
+import { chmod, copyFile, mkdir, readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { writeAtomically } from '../common/credential-files.js';
 import { CowherdError, toStatus } from '../common/errors.js';
-import { IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/event-types.js';
+import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/event-types.js';
 import type { EventPublisher } from '../common/events.js';
 import type { Logger } from '../common/logger.js';
 import { distributionMetrics } from '../common/metrics.js';
@@ -38,9 +47,11 @@ import { DiskFormat, Hypervisor, TransferProgress } from '../gen/cowherd/common/
 import { Image, ImageReplica, ImageReplica_State, type TorrentInfo } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
 import { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
-import { replicaIdOf } from './replicas.js';
-import { ImageSwarm, verifyImageFiles, type ExpectedImageFile, type SwarmLimits, type SwarmProgress } from './swarm.js';
-import { createImageTorrent, IMAGE_FILE_NAME, type ImageTorrent } from './torrent.js';
+import type { Libvirt } from './libvirt.js';
+import { changedFiles, fingerprintFiles, scanReplica, scrubMetrics, type FileFingerprint, type ScanResult } from './replica-scrub.js';
+import { domainsBackedBy, replicaIdOf } from './replicas.js';
+import { ImageSwarm, type ExpectedImageFile, type SwarmLimits, type SwarmProgress } from './swarm.js';
+import { createImageTorrent, IMAGE_FILE_NAME, parseImageTorrent, type ImageTorrent } from './torrent.js';
 import { WebSeedServer } from './web-seed.js';
 
 /** Options of {@link ImageTransfers.start}. */
@@ -59,6 +70,16 @@ export interface ImageTransfersOptions {
   readonly advertiseHost: string;
   /** Names of the domains on this host whose disks are backed by the image's files. */
   readonly dependents: (imageId: string) => Promise<string[]>;
+  /**
+   * The host's domains: with it, the dependents of each replica generation are found through the disks'
+   * backing chains (replicas.ts domainsBackedBy); without it, every domain cloned from the image counts for
+   * every generation (never too few).
+   */
+  readonly libvirt?: Pick<Libvirt, 'listDomains'>;
+  /** Background scrub rate in bytes per second; 0 = no scrub. Default 0. */
+  readonly scrubBytesPerSecond?: number;
+  /** Pause between two scrub passes. Default 1 hour. */
+  readonly scrubIntervalMs?: number;
   readonly limits?: SwarmLimits;
   /** Default 2000 ms. */
   readonly progressEventIntervalMs?: number;
@@ -74,21 +95,51 @@ interface ReplicaStateFile {
   readonly origin: boolean;
   readonly generation: string;
   readonly createTime: string;
+  /** The files' generation (ImageReplica.generation); absent in older files: 1. */
+  readonly filesGeneration?: number;
+  /** The files as verified; absent while not verified. */
+  readonly fingerprints?: FileFingerprint[];
+  /** Damage found in the current generation, until it is repaired. */
+  readonly damage?: DamageRecord;
+  /** Damaged generations kept for their dependents. */
+  readonly damagedGenerations?: DamageRecord[];
+}
+
+/** A generation found damaged. */
+interface DamageRecord {
+  readonly filesGeneration: number;
+  readonly files: string[];
+  readonly badPieces: number;
+  /** Domain names whose disks chain to its files when the damage was found. */
+  readonly dependents: string[];
+  readonly time: string;
 }
 
 interface LocalReplica {
   readonly id: string;
-  readonly request: FetchImageRequest;
+  request: FetchImageRequest;
   readonly origin: boolean;
-  /** Names this replica's becoming AVAILABLE in event ids; a new one when it has to be fetched again. */
+  /** Names this replica's becoming AVAILABLE in event ids; a new one each time it is fetched or repaired again. */
   generation: string;
+  /** Which directory holds the files: 1 = `images/<id>`, n = `images/<id>.generation-<n>`. */
+  filesGeneration: number;
+  fingerprints: FileFingerprint[] | undefined;
+  damage: DamageRecord | undefined;
+  damagedGenerations: DamageRecord[];
   readonly createTime: Date;
   state: ImageReplica_State;
   error: Status | undefined;
   updateTime: Date;
   /** Set while a fetch or a start-up verification runs. */
   work: Promise<void> | undefined;
+  /** Set while a fingerprint check (and the re-verification it may need) runs: callers share it. */
+  checking: Promise<boolean> | undefined;
+  /** inotify on the replica's directory while it is AVAILABLE. */
+  watcher: FSWatcher | undefined;
 }
+
+/** Who found damage (label of cowherd_replica_damaged_total). */
+type FoundBy = 'start' | 'scrub' | 'watch' | 'clone' | 'fetch';
 
 const STATE_SUFFIX = '.replica.json';
 const METRICS_SAMPLE_MS = 2000;
@@ -108,6 +159,9 @@ export class ImageTransfers {
   private readonly lastCounters = new Map<string, { done: number; uploaded: number; webSeed: number }>();
   /** Download bytes the sampler counted for the running fetch of each image. */
   private readonly downloadCounted = new Map<string, number>();
+  /** Stops the background scrub. */
+  private readonly scrubStop = new AbortController();
+  private scrubLoop: Promise<void> | undefined;
 
   private constructor(
     private readonly options: ImageTransfersOptions,
@@ -131,6 +185,7 @@ export class ImageTransfers {
     await transfers.recover();
     transfers.sampler = setInterval(() => transfers.sampleMetrics(), METRICS_SAMPLE_MS);
     transfers.sampler.unref();
+    if ((options.scrubBytesPerSecond ?? 0) > 0) transfers.scrubLoop = transfers.scrub(options.scrubBytesPerSecond!, options.scrubIntervalMs ?? 3_600_000);
     options.log.info({ torrentPort: swarm.port, webSeed: transfers.webSeedUrl() }, 'image transfers ready');
     return transfers;
   }
@@ -177,10 +232,13 @@ export class ImageTransfers {
     const info = torrentInfoOf(torrent);
     const request = FetchImageRequest.fromPartial({ image: { ...image, torrent: info }, trackerAnnounceUrl, webSeedUrls: [] });
     const replica = this.newReplica(id, request, true, ImageReplica_State.STATE_AVAILABLE);
+    // The export hashed these files (SHA-256) a moment ago: what is on disk now is what was verified.
+    replica.fingerprints = await fingerprintFiles(directory, image.files);
     await this.writeState(replica);
     try {
       await this.swarm.seed(id, directory, torrent.infoDictionary, { announce: trackerAnnounceUrl, infoHash: torrent.infoHash, superSeed: true });
       this.webSeed.addImage(id, directory, image.files.map((file) => file.path));
+      this.watch(replica);
     } catch (error) {
       this.replicas.delete(id);
       await this.removeState(id);
@@ -201,14 +259,44 @@ export class ImageTransfers {
       if (existing.request.image!.torrent!.infoHash !== request.image!.torrent!.infoHash) {
         throw CowherdError.failedPrecondition(`${this.replicaName(id)} holds another torrent of images/${id}; delete the replica first`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
       }
+      // A redistribute must not answer AVAILABLE for files that changed since they were verified.
+      if (existing.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(existing, 'fetch'))) return this.toReplica(existing);
       if (existing.state !== ImageReplica_State.STATE_FAILED) return this.toReplica(existing);
-      this.replicas.delete(id);
+      if (existing.work) return this.toReplica(existing);
+      // A retry is a new occurrence: a new generation, so its image.available is a new event (the stream
+      // dropped the retry's image.available as a duplicate of the first when it kept the generation).
+      existing.request = FetchImageRequest.fromPartial({ ...request, image: request.image });
+      existing.generation = newGeneration(existing.generation);
+      await this.prepareRepair(existing);
+      this.setState(existing, ImageReplica_State.STATE_TRANSFERRING);
+      await this.writeState(existing);
+      this.startFetch(existing);
+      return this.toReplica(existing);
     }
-    // A retried FAILED replica keeps its generation: it is the same fetch, asked for again.
-    const replica = this.newReplica(id, request, false, ImageReplica_State.STATE_TRANSFERRING, existing?.generation, existing?.createTime);
+    const replica = this.newReplica(id, request, false, ImageReplica_State.STATE_TRANSFERRING);
     await this.writeState(replica);
     this.startFetch(replica);
     return this.toReplica(replica);
+  }
+
+  /**
+   * The directory of the verified replica to clone `imageId` from (the clone engine's base): after a
+   * fingerprint check (and a re-verification when a file changed). FAILED_PRECONDITION (VERIFICATION_FAILED)
+   * when the replica is damaged, IMAGE_NOT_ON_HOST while it is not AVAILABLE. A replica this host does not
+   * track (laid out by hand) is `images/<id>` as it is.
+   */
+  async cloneBase(imageId: string): Promise<string> {
+    const replica = this.replicas.get(imageId);
+    if (!replica) return join(this.imagesRoot, imageId);
+    if (replica.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(replica, 'clone'))) return this.directoryOf(replica);
+    const damage = replica.damage;
+    if (damage) {
+      throw new CowherdError(GrpcStatus.FAILED_PRECONDITION, `${this.replicaName(imageId)} is damaged (${damage.files.join(', ')}: ${damage.badPieces} bad pieces); no clone is made on it until a DistributeImage repairs it`, {
+        reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
+        metadata: { replica: this.replicaName(imageId), files: damage.files.join(','), badPieces: String(damage.badPieces), dependents: damage.dependents.slice(0, 50).join(',') },
+      });
+    }
+    throw CowherdError.failedPrecondition(`${this.replicaName(imageId)} is not available yet (${ImageReplica_State[replica.state]})`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
   }
 
   /** One replica with live progress and dependents; NOT_FOUND when this host has none of the image. */
@@ -236,10 +324,17 @@ export class ImageTransfers {
       replica.updateTime = new Date();
     }
     this.webSeed.removeImage(id);
+    replica?.watcher?.close();
     await this.swarm.remove(id);
     await replica?.work;
     await removeFiles();
     await removeTree(join(this.imagesRoot, `.${id}.partial`));
+    // Every generation goes (the caller refused the removal while any domain was cloned from the image).
+    for (const generation of new Set([replica?.filesGeneration ?? 1, ...(replica?.damagedGenerations.map((damage) => damage.filesGeneration) ?? [])])) {
+      if (generation === 1) continue;
+      await removeTree(this.directoryOf({ id, filesGeneration: generation }));
+      await removeTree(this.partialOf({ id, filesGeneration: generation }));
+    }
     await this.removeState(id);
     this.replicas.delete(id);
   }
@@ -248,6 +343,9 @@ export class ImageTransfers {
   async stop(): Promise<void> {
     this.stopped = true;
     clearInterval(this.sampler);
+    this.scrubStop.abort(new Error('the agent is stopping'));
+    for (const replica of this.replicas.values()) replica.watcher?.close();
+    await this.scrubLoop;
     await this.swarm.destroy();
     await Promise.allSettled([...this.replicas.values()].map((replica) => replica.work));
     await this.webSeed.close();
@@ -299,9 +397,225 @@ export class ImageTransfers {
 
   private newReplica(id: string, request: FetchImageRequest, origin: boolean, state: ImageReplica_State, generation?: string, createTime?: Date): LocalReplica {
     const now = new Date();
-    const replica: LocalReplica = { id, request, origin, generation: generation ?? now.toISOString(), createTime: createTime ?? now, state, error: undefined, updateTime: now, work: undefined };
+    const replica: LocalReplica = {
+      id,
+      request,
+      origin,
+      generation: generation ?? now.toISOString(),
+      filesGeneration: 1,
+      fingerprints: undefined,
+      damage: undefined,
+      damagedGenerations: [],
+      createTime: createTime ?? now,
+      state,
+      error: undefined,
+      updateTime: now,
+      work: undefined,
+      checking: undefined,
+      watcher: undefined,
+    };
     this.replicas.set(id, replica);
     return replica;
+  }
+
+  /** The directory of a replica's files: `images/<id>` (generation 1) or `images/<id>.generation-<n>`. */
+  private directoryOf(replica: Pick<LocalReplica, 'id' | 'filesGeneration'>): string {
+    return join(this.imagesRoot, replica.filesGeneration === 1 ? replica.id : `${replica.id}.generation-${replica.filesGeneration}`);
+  }
+
+  private partialOf(replica: Pick<LocalReplica, 'id' | 'filesGeneration'>): string {
+    return join(this.imagesRoot, `.${replica.filesGeneration === 1 ? replica.id : `${replica.id}.generation-${replica.filesGeneration}`}.partial`);
+  }
+
+  /** The domains whose disks chain to the files of the replica's current generation. */
+  private async dependentsOf(replica: LocalReplica): Promise<string[]> {
+    if (!this.options.libvirt) return this.options.dependents(replica.id);
+    return domainsBackedBy(await this.options.libvirt.listDomains(), this.directoryOf(replica), replica.id);
+  }
+
+  /**
+   * Compares the files with their fingerprint; a change triggers a re-verification. True when the replica is
+   * intact (the fingerprint is refreshed when only metadata changed); false when it was damaged (and is now
+   * FAILED). Concurrent callers share one check.
+   */
+  private checkIntact(replica: LocalReplica, foundBy: FoundBy): Promise<boolean> {
+    if (replica.checking) return replica.checking;
+    const check = (async (): Promise<boolean> => {
+      if (replica.state !== ImageReplica_State.STATE_AVAILABLE) return false;
+      const files = replica.request.image!.files;
+      const current = await fingerprintFiles(this.directoryOf(replica), files);
+      const changed = replica.fingerprints ? changedFiles(replica.fingerprints, current) : files.map((file) => file.path);
+      if (changed.length === 0) return true;
+      this.options.log.warn({ replica: this.replicaName(replica.id), files: changed, by: foundBy }, 'replica files changed since they were verified: verifying them again');
+      const result = await this.scan(replica);
+      if (replica.state !== ImageReplica_State.STATE_AVAILABLE) return false;
+      if (result.badFiles.length === 0) {
+        replica.fingerprints = current;
+        await this.writeState(replica);
+        this.options.log.info({ replica: this.replicaName(replica.id) }, 'replica verified again: unchanged content');
+        return true;
+      }
+      await this.markDamaged(replica, result, foundBy);
+      return false;
+    })().finally(() => {
+      replica.checking = undefined;
+    });
+    replica.checking = check;
+    return check;
+  }
+
+  /** Reads the replica's files once, at full speed (a re-verification someone waits for). */
+  private async scan(replica: LocalReplica, options: { bytesPerSecond?: number; signal?: AbortSignal } = {}): Promise<ScanResult> {
+    const image = replica.request.image!;
+    const torrent = parseImageTorrent(image.torrent!.metainfo, image.torrent!.infoHash);
+    const result = await scanReplica(this.directoryOf(replica), torrent, expectedFiles(image), options);
+    scrubMetrics.bytes.inc(result.bytesRead);
+    return result;
+  }
+
+  /**
+   * Damage found in an AVAILABLE (or just re-verified) replica: stop seeding and serving it, mark it FAILED,
+   * record and publish the damage; without dependents, repair it in place at once (only bad pieces travel).
+   */
+  private async markDamaged(replica: LocalReplica, result: ScanResult, foundBy: FoundBy): Promise<void> {
+    const { id } = replica;
+    const replicaName = this.replicaName(id);
+    const host = this.options.host;
+    replica.watcher?.close();
+    replica.watcher = undefined;
+    this.webSeed.removeImage(id);
+    await this.swarm.remove(id);
+    const dependents = await this.dependentsOf(replica);
+    const now = new Date();
+    const damage: DamageRecord = { filesGeneration: replica.filesGeneration, files: result.badFiles, badPieces: result.badPieces, dependents, time: now.toISOString() };
+    replica.damage = damage;
+    const status = toStatus(
+      new CowherdError(
+        GrpcStatus.DATA_LOSS,
+        `${replicaName}: ${result.badFiles.join(', ')} changed on disk after verification (${result.badPieces} bad pieces)${dependents.length > 0 ? `; ${dependents.length} domains use these files as backing files, so they stay as they are and a DistributeImage repairs the replica into a new generation` : '; repaired in place'}`,
+        { reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED, metadata: { files: result.badFiles.join(','), badPieces: String(result.badPieces), dependents: dependents.slice(0, 50).join(','), path: this.directoryOf(replica) } },
+      ),
+    );
+    this.setState(replica, ImageReplica_State.STATE_FAILED, status);
+    await this.writeState(replica);
+    scrubMetrics.damaged.inc({ found_by: foundBy });
+    this.options.log.error({ replica: replicaName, files: result.badFiles, badPieces: result.badPieces, dependents, by: foundBy }, 'replica damaged');
+    await this.options.events
+      .publish(
+        IMAGE_REPLICA_DAMAGED,
+        {
+          image: replica.request.image!.name,
+          host: `hosts/${host}`,
+          replica: replicaName,
+          generation: String(replica.filesGeneration),
+          path: this.directoryOf(replica),
+          damagedFiles: result.badFiles,
+          badPieces: result.badPieces,
+          dependentVirtualMachines: dependents.map((name) => `hosts/${host}/virtualMachines/${name}`),
+          occurTime: now,
+        },
+        // One damage event per verified occurrence of the replica: the generation names it.
+        { host, id: `image.replica_damaged/${id}/${host}/${replica.generation}` },
+      )
+      .catch((error: unknown) => this.options.log.error({ err: error, replica: replicaName }, 'image.replica_damaged not published'));
+    if (dependents.length === 0 && !this.stopped) {
+      replica.generation = newGeneration(replica.generation);
+      await this.prepareRepair(replica);
+      this.setState(replica, ImageReplica_State.STATE_TRANSFERRING);
+      await this.writeState(replica);
+      this.startFetch(replica);
+    }
+  }
+
+  /**
+   * Before a FAILED replica is fetched again: when its files are damaged and domains use them (now, or when
+   * the damage was found), they stay untouched and the fetch goes to a new generation's directory, seeded
+   * with a copy of the old bytes so that webtorrent keeps every good piece. Otherwise the fetch repairs the
+   * files in place (swarm.ts moves them back to the partial directory and fetches only the bad pieces).
+   */
+  private async prepareRepair(replica: LocalReplica): Promise<void> {
+    const damage = replica.damage;
+    if (!damage) return;
+    const dependents = await this.dependentsOf(replica);
+    if (dependents.length === 0 && damage.dependents.length === 0) {
+      replica.damage = undefined;
+      replica.fingerprints = undefined;
+      return;
+    }
+    const old = this.directoryOf(replica);
+    const kept: DamageRecord = { ...damage, dependents: [...new Set([...damage.dependents, ...dependents])] };
+    replica.damagedGenerations = [...replica.damagedGenerations.filter((entry) => entry.filesGeneration !== kept.filesGeneration), kept];
+    replica.filesGeneration = Math.max(replica.filesGeneration, ...replica.damagedGenerations.map((entry) => entry.filesGeneration)) + 1;
+    replica.damage = undefined;
+    replica.fingerprints = undefined;
+    const partial = this.partialOf(replica);
+    await removeTree(partial);
+    await mkdir(partial, { recursive: true, mode: 0o755 });
+    // Copies (reflinks where the file system has them): the old files are only read.
+    for (const file of replica.request.image!.files) {
+      await copyFile(join(old, file.path), join(partial, file.path), fsConstants.COPYFILE_FICLONE).catch(() => undefined);
+      await chmod(join(partial, file.path), 0o644).catch(() => undefined);
+    }
+    this.options.log.warn({ replica: this.replicaName(replica.id), kept: old, next: this.directoryOf(replica), dependents: kept.dependents }, 'damaged replica has dependents: repairing it into a new generation beside it');
+  }
+
+  /** Becoming AVAILABLE: fingerprints of the files as verified, recorded, and an inotify watch on them. */
+  private async markVerified(replica: LocalReplica): Promise<void> {
+    replica.fingerprints = await fingerprintFiles(this.directoryOf(replica), replica.request.image!.files);
+    replica.damage = undefined;
+    await this.writeState(replica);
+    this.watch(replica);
+  }
+
+  /**
+   * inotify on the replica's directory: any write, chmod or rename in it checks the fingerprint within
+   * 200 ms, so damage is noticed (and the record leaves AVAILABLE) before anyone asks.
+   */
+  private watch(replica: LocalReplica): void {
+    replica.watcher?.close();
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      replica.watcher = watch(this.directoryOf(replica), { persistent: false }, () => {
+        if (timer) return;
+        timer = setTimeout(() => {
+          timer = undefined;
+          if (this.stopped || replica.state !== ImageReplica_State.STATE_AVAILABLE) return;
+          void this.checkIntact(replica, 'watch').catch((error: unknown) => this.options.log.warn({ err: error, replica: this.replicaName(replica.id) }, 'fingerprint check failed'));
+        }, 200);
+        timer.unref();
+      });
+      replica.watcher.on('error', () => undefined);
+    } catch (error) {
+      this.options.log.warn({ err: error, replica: this.replicaName(replica.id) }, 'cannot watch the replica directory; the scrub still checks it');
+    }
+  }
+
+  /** The background scrub: every AVAILABLE replica re-read at `bytesPerSecond`, then a pause, for ever. */
+  private async scrub(bytesPerSecond: number, intervalMs: number): Promise<void> {
+    const signal = this.scrubStop.signal;
+    const pause = (ms: number): Promise<void> =>
+      new Promise((resolve) => {
+        const timer = setTimeout(resolve, ms);
+        signal.addEventListener('abort', () => (clearTimeout(timer), resolve()), { once: true });
+      });
+    await pause(Math.min(intervalMs, 10_000));
+    while (!signal.aborted) {
+      for (const replica of [...this.replicas.values()]) {
+        if (signal.aborted) return;
+        if (replica.state !== ImageReplica_State.STATE_AVAILABLE || replica.checking) continue;
+        const generation = replica.generation;
+        try {
+          const result = await this.scan(replica, { bytesPerSecond, signal });
+          // Changed meanwhile (deleted, repaired, found damaged by another check): this pass's result is stale.
+          if (replica.state !== ImageReplica_State.STATE_AVAILABLE || replica.generation !== generation || this.replicas.get(replica.id) !== replica) continue;
+          if (result.badFiles.length > 0 || result.badPieces > 0) await this.markDamaged(replica, result, 'scrub');
+        } catch (error) {
+          if (signal.aborted) return;
+          this.options.log.warn({ err: error, replica: this.replicaName(replica.id) }, 'scrub of a replica failed');
+        }
+      }
+      await pause(intervalMs);
+    }
   }
 
   private toReplica(replica: LocalReplica, dependents: readonly string[] = []): ImageReplica {
@@ -313,7 +627,16 @@ export class ImageTransfers {
       state: replica.state,
       ...(progress ? { progress: toTransferProgress(progress) } : {}),
       ...(replica.error ? { error: replica.error } : {}),
-      path: join(this.imagesRoot, replica.id),
+      path: this.directoryOf(replica),
+      generation: String(replica.filesGeneration),
+      damagedGenerations: replica.damagedGenerations.map((damage) => ({
+        generation: String(damage.filesGeneration),
+        path: this.directoryOf({ id: replica.id, filesGeneration: damage.filesGeneration }),
+        damagedFiles: damage.files,
+        badPieces: damage.badPieces,
+        dependentVirtualMachines: damage.dependents.map((vm) => `hosts/${this.options.host}/virtualMachines/${vm}`),
+        damageTime: new Date(damage.time),
+      })),
       createTime: replica.createTime,
       updateTime: replica.updateTime,
       dependentVirtualMachines: dependents.map((vm) => `hosts/${this.options.host}/virtualMachines/${vm}`),
@@ -353,46 +676,45 @@ export class ImageTransfers {
     };
     const files = expectedFiles(image);
     const started = performance.now();
-    replica.work = (async () => {
+    let work: Promise<void> | undefined;
+    work = (async () => {
+      await Promise.resolve();
       try {
         if (options.verifyOnly) {
           this.setState(replica, ImageReplica_State.STATE_VERIFYING);
-          const bad = await verifyImageFiles(join(this.imagesRoot, id), files);
-          if (bad.length === 0) {
-            await this.swarm.seed(id, join(this.imagesRoot, id), image.torrent!.metainfo, { announce: request.trackerAnnounceUrl, infoHash: image.torrent!.infoHash, superSeed: replica.origin });
-            if (replica.origin) this.webSeed.addImage(id, join(this.imagesRoot, id), files.map((file) => file.path));
+          const directory = this.directoryOf(replica);
+          // Unchanged since verified (a plain restart): the fingerprint vouches; the scrub re-reads it later.
+          const intact = replica.fingerprints && !replica.damage && changedFiles(replica.fingerprints, await fingerprintFiles(directory, files)).length === 0;
+          const result = intact ? { badFiles: [], badPieces: 0, bytesRead: 0 } : await this.scan(replica);
+          if (result.badFiles.length === 0 && result.badPieces === 0) {
+            await this.swarm.seed(id, directory, image.torrent!.metainfo, { announce: request.trackerAnnounceUrl, infoHash: image.torrent!.infoHash, superSeed: replica.origin });
+            if (replica.origin) this.webSeed.addImage(id, directory, files.map((file) => file.path));
             this.setState(replica, ImageReplica_State.STATE_AVAILABLE);
-            this.options.log.info({ replica: replicaName }, 'replica verified and seeding again');
+            await this.markVerified(replica);
+            this.options.log.info({ replica: replicaName, reread: !intact }, 'replica verified and seeding again');
             return;
           }
-          const dependents = await this.options.dependents(id);
-          if (dependents.length > 0) {
-            throw new CowherdError(GrpcStatus.DATA_LOSS, `${replicaName}: ${bad.join(', ')} changed on disk, and ${dependents.length} domains use these files as backing files; left in place for an operator`, {
-              reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
-              metadata: { files: bad.join(','), dependents: dependents.slice(0, 50).join(',') },
-            });
-          }
-          this.options.log.warn({ replica: replicaName, files: bad }, 'replica changed on disk: fetching it again');
-          // Becoming AVAILABLE again is a new fact: a new generation, so a new image.available.
-          replica.generation = new Date().toISOString();
-          await this.writeState(replica);
-          this.setState(replica, ImageReplica_State.STATE_TRANSFERRING);
+          if (result.badFiles.length > 0) this.options.log.warn({ replica: replicaName, files: result.badFiles }, 'replica changed on disk: fetching it again');
+          // markDamaged repairs in place at once when no domain uses the files, and leaves them FAILED otherwise.
+          await this.markDamaged(replica, result, 'start');
+          return;
         }
         const result = await this.swarm.fetch(id, {
           metainfo: image.torrent!.metainfo,
           infoHash: image.torrent!.infoHash,
           announce: request.trackerAnnounceUrl,
-          directory: join(this.imagesRoot, id),
+          directory: this.directoryOf(replica),
           webSeedUrls: request.webSeedUrls,
           files,
           onProgress: publishProgress,
           ...(this.options.stallTimeoutMs === undefined ? {} : { stallTimeoutMs: this.options.stallTimeoutMs }),
         });
-        if (replica.origin) this.webSeed.addImage(id, join(this.imagesRoot, id), files.map((file) => file.path));
+        if (replica.origin) this.webSeed.addImage(id, this.directoryOf(replica), files.map((file) => file.path));
         this.settleDownload(id, result.bytesWritten);
         this.setState(replica, ImageReplica_State.STATE_AVAILABLE);
+        await this.markVerified(replica);
         const seconds = (performance.now() - started) / 1000;
-        this.options.log.info({ replica: replicaName, bytes: result.bytesTotal, presentAtStart: result.bytesPresentAtStart, received: result.bytesReceived, seconds: Number(seconds.toFixed(2)) }, 'replica available');
+        this.options.log.info({ replica: replicaName, path: this.directoryOf(replica), generation: replica.filesGeneration, bytes: result.bytesTotal, presentAtStart: result.bytesPresentAtStart, received: result.bytesReceived, written: result.bytesWritten, seconds: Number(seconds.toFixed(2)) }, 'replica available');
         await this.publishAvailable(replica, seconds);
       } catch (error) {
         if (this.stopped || replica.state === ImageReplica_State.STATE_DELETING) return;
@@ -403,9 +725,10 @@ export class ImageTransfers {
           .publish(IMAGE_TRANSFER_FAILED, { image: image.name, host: `hosts/${host}`, replica: replicaName, status, operation: request.operation, occurTime: new Date() }, { host, id: `image.transfer_failed/${id}/${host}/${replica.generation}/${Date.now()}` })
           .catch(() => undefined);
       } finally {
-        replica.work = undefined;
+        if (replica.work === work) replica.work = undefined;
       }
     })();
+    replica.work = work;
   }
 
   private async publishAvailable(replica: LocalReplica, seconds: number): Promise<void> {
@@ -444,8 +767,13 @@ export class ImageTransfers {
         this.options.log.warn({ file: join(this.imagesRoot, name), err: error }, 'unreadable replica state file: ignored');
         continue;
       }
-      const complete = await pathExists(join(this.imagesRoot, id));
-      const replica = this.newReplica(id, request, state.origin, complete ? ImageReplica_State.STATE_VERIFYING : ImageReplica_State.STATE_TRANSFERRING, state.generation, new Date(state.createTime));
+      const replica = this.newReplica(id, request, state.origin, ImageReplica_State.STATE_TRANSFERRING, state.generation, new Date(state.createTime));
+      replica.filesGeneration = state.filesGeneration ?? 1;
+      replica.fingerprints = state.fingerprints;
+      replica.damage = state.damage;
+      replica.damagedGenerations = state.damagedGenerations ?? [];
+      const complete = await pathExists(this.directoryOf(replica));
+      if (complete) replica.state = ImageReplica_State.STATE_VERIFYING;
       this.options.log.info({ replica: this.replicaName(id), complete }, complete ? 'verifying replica found at start' : 'resuming replica found at start');
       this.startFetch(replica, { verifyOnly: complete });
     }
@@ -458,6 +786,10 @@ export class ImageTransfers {
       origin: replica.origin,
       generation: replica.generation,
       createTime: replica.createTime.toISOString(),
+      filesGeneration: replica.filesGeneration,
+      ...(replica.fingerprints ? { fingerprints: replica.fingerprints } : {}),
+      ...(replica.damage ? { damage: replica.damage } : {}),
+      damagedGenerations: replica.damagedGenerations,
     };
     await writeAtomically(join(this.imagesRoot, `.${replica.id}${STATE_SUFFIX}`), JSON.stringify(state), 0o600, { sync: true });
     await fsyncDirectory(this.imagesRoot);
@@ -489,6 +821,12 @@ export function toTransferProgress(progress: SwarmProgress): TransferProgress {
     peers: progress.peers,
     ...(progress.etaSeconds === undefined ? {} : { eta: { seconds: String(progress.etaSeconds), nanos: 0 } }),
   });
+}
+
+/** A generation id that sorts after `previous` and differs from it even within one millisecond. */
+function newGeneration(previous: string): string {
+  const now = new Date().toISOString();
+  return now > previous ? now : `${previous}+`;
 }
 
 function expectedFiles(image: Image): ExpectedImageFile[] {

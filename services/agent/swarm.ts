@@ -152,6 +152,9 @@ interface Entry {
   running: Promise<unknown> | undefined;
 }
 
+/** A replica generation's directory after the first: `<image id>.generation-<n>` (image ids have no dots). */
+export const GENERATION_SUFFIX = /\.generation-([1-9][0-9]{0,8})/;
+
 const DEFAULT_MAX_VERIFY_ATTEMPTS = 3;
 const DEFAULT_STALL_TIMEOUT_MS = 10 * 60_000;
 const DEFAULT_WEB_SEED_DELAY_MS = 5_000;
@@ -262,9 +265,12 @@ export class ImageSwarm {
     checkExpectedFiles(torrent, options.files);
     const announce = this.announceUrl(options.announce);
     const finalDirectory = resolve(options.directory);
-    if (basename(finalDirectory) !== image) throw CowherdError.invalidArgument('directory', `must end in the image id ${image}`, ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY);
+    const directoryName = basename(finalDirectory);
+    if (directoryName !== image && !new RegExp(`^${image}${GENERATION_SUFFIX.source}$`).test(directoryName)) {
+      throw CowherdError.invalidArgument('directory', `must end in the image id ${image} (or ${image}.generation-<n>)`, ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY);
+    }
     const imagesRoot = dirname(finalDirectory);
-    const partial = join(imagesRoot, `.${image}.partial`);
+    const partial = join(imagesRoot, `.${directoryName}.partial`);
     const entry = this.newEntry(image, torrent.totalBytes);
     const started = performance.now();
     const totals = { present: -1, written: 0, received: 0, attempts: 0, piecesFailed: 0, peersBanned: 0, hashedWhileWritten: 0 };
@@ -283,11 +289,14 @@ export class ImageSwarm {
             report();
             return { directory: finalDirectory, bytesTotal: torrent.totalBytes, bytesPresentAtStart: torrent.totalBytes, bytesWritten: 0, bytesReceived: 0, attempts: 0, piecesFailed: 0, peersBanned: 0, filesHashedWhileWritten: 0, durationMs: performance.now() - started };
           }
-          this.log?.warn({ image, files: bad }, 'replica has wrong files: moving it back to fetch them again');
+          // The caller (image-transfers.ts) repairs in place only a replica that no domain uses as a base. The
+          // files stay: webtorrent re-hashes every piece and fetches only the bad ones (a few damaged bytes
+          // cost one piece, not the file).
+          this.log?.warn({ image, files: bad }, 'replica has wrong files: moving it back to fetch its bad pieces again');
           await removeTree(partial);
           await chmod(finalDirectory, 0o755);
           await rename(finalDirectory, partial);
-          await makeWritable(partial, bad);
+          await makeWritable(partial);
         }
         await this.checkSpace(imagesRoot, partial, torrent);
         await mkdir(partial, { recursive: true, mode: 0o755 });
@@ -323,8 +332,11 @@ export class ImageSwarm {
             },
           });
           if (bad.length === 0) break;
-          for (const file of bad) await unlink(join(partial, file)).catch(() => undefined);
-          this.log?.warn({ image, files: bad, attempt: totals.attempts }, 'files failed whole-file SHA-256 verification; deleted them to fetch them again');
+          // Every piece passed SHA-1 and the file still fails SHA-256: only deleting it makes webtorrent fetch it again.
+          const kept: string[] = [];
+          for (const file of bad) await unlink(join(partial, file)).catch((error: NodeJS.ErrnoException) => (error.code === 'ENOENT' ? undefined : kept.push(file)));
+          if (kept.length > 0) this.log?.error({ image, files: bad, notDeleted: kept, attempt: totals.attempts }, 'files failed whole-file SHA-256 verification and could not all be deleted; they stay');
+          else this.log?.warn({ image, files: bad, attempt: totals.attempts }, 'files failed whole-file SHA-256 verification; deleted them to fetch them again');
           if (totals.attempts >= maxAttempts) {
             throw new CowherdError(GrpcStatus.DATA_LOSS, `images/${image}: ${bad.join(', ')} failed SHA-256 verification ${totals.attempts} times`, {
               reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
@@ -356,10 +368,16 @@ export class ImageSwarm {
       } catch (error) {
         if (this.entries.get(image) === entry) this.entries.delete(image);
         if (isNoSpace(error)) {
-          await removeTree(partial).catch(() => undefined);
-          throw new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left in ${imagesRoot} while fetching images/${image}; removed the partial replica`, {
+          // Say what happened to the partial files: an operator frees space by hand when they could not go.
+          const removal = await removeTree(partial).then(
+            () => undefined,
+            (removeError: unknown) => removeError as Error,
+          );
+          if (removal) this.log?.error({ image, partial, err: removal }, 'no space left, and the partial replica could not be removed: it stays');
+          const outcome = removal ? `the partial replica at ${partial} could not be removed (${removal.message}) and stays` : 'removed the partial replica';
+          throw new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left in ${imagesRoot} while fetching images/${image}; ${outcome}`, {
             reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE,
-            metadata: { image: `images/${image}`, requiredBytes: String(torrent.totalBytes) },
+            metadata: { image: `images/${image}`, requiredBytes: String(torrent.totalBytes), partialRemoved: String(!removal), ...(removal ? { partial } : {}) },
             cause: error,
           });
         }
@@ -887,11 +905,8 @@ function later<T extends unknown[]>(callback: (...args: T) => void, ...args: T):
 
 
 
-/** After a verified replica was moved back to be repaired: writable again, and the wrong files deleted. */
-async function makeWritable(directory: string, badFiles: readonly string[]): Promise<void> {
-  for (const name of await readdir(directory)) {
-    if (badFiles.includes(name)) await unlink(join(directory, name)).catch(() => undefined);
-    else await chmod(join(directory, name), 0o644).catch(() => undefined);
-  }
+/** After a verified replica was moved back to be repaired: writable again, every file kept (its good pieces count). */
+async function makeWritable(directory: string): Promise<void> {
+  for (const name of await readdir(directory)) await chmod(join(directory, name), 0o644).catch(() => undefined);
 }
 

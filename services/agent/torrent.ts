@@ -85,6 +85,8 @@ export interface ImageTorrent {
   readonly totalBytes: number;
   /** The files in torrent order, with their sizes. */
   readonly files: ReadonlyArray<{ readonly path: string; readonly length: number }>;
+  /** The pieces' SHA-1 hashes, 20 bytes each, in order (info.pieces): a scrub counts bad pieces with them. */
+  readonly pieceHashes: Buffer;
 }
 
 /** Hashes the files (streamed from their paths) and returns the private torrent. */
@@ -137,11 +139,12 @@ export async function createImageTorrent(options: CreateImageTorrentOptions): Pr
     }
     if (filled > 0) pieceHashes.push(createHash('sha1').update(piece.subarray(0, filled)).digest());
 
+    const pieces = Buffer.concat(pieceHashes);
     const infoDictionary = bencode({
       files: options.files.map((path, index) => ({ length: lengths[index]!, path: [path] })),
       name: options.name,
       'piece length': pieceLength,
-      pieces: Buffer.concat(pieceHashes),
+      pieces,
       private: 1,
     });
     return {
@@ -153,6 +156,7 @@ export async function createImageTorrent(options: CreateImageTorrentOptions): Pr
       pieceCount: pieceHashes.length,
       totalBytes,
       files: options.files.map((path, index) => ({ path, length: lengths[index]! })),
+      pieceHashes: pieces,
     };
   } finally {
     await Promise.all(handles.map((handle) => handle.close()));
@@ -214,6 +218,7 @@ export function parseImageTorrent(metainfo: Uint8Array, expectedInfoHash?: strin
     pieceCount,
     totalBytes,
     files,
+    pieceHashes: pieces,
   };
 }
 

@@ -31,7 +31,7 @@ import type { AgentClients } from '../common/agent-clients.js';
 import { call } from '../common/client.js';
 import { mapLimited } from '../common/concurrency.js';
 import { CowherdError, relayServiceError, toStatus } from '../common/errors.js';
-import { IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/event-types.js';
+import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/event-types.js';
 import { consumeEvents, type EventConsumer, type ReceivedEvent } from '../common/events.js';
 import type { KvStore } from '../common/kv.js';
 import type { Logger } from '../common/logger.js';
@@ -41,7 +41,7 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
 import { DistributeImageMetadata, DistributeImageRequest, DistributeImageResponse, type HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { DEFAULT_PROGRESS_DEADLINES, ProgressDeadlines, type ProgressDeadlineOptions, type StepStage, type StepVerdict } from '../common/progress-deadline.js';
-import type { ImageAvailable, ImageTransferFailed, ImageTransferProgress } from '../gen/cowherd/events/v1/events.js';
+import type { ImageAvailable, ImageReplicaDamaged, ImageTransferFailed, ImageTransferProgress } from '../gen/cowherd/events/v1/events.js';
 import { Host_State, Image_State, ImageReplica, ImageReplica_State, type Host, type Image } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
 import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
@@ -357,7 +357,7 @@ async function abandon(deps: DistributeDeps, transfers: readonly HostTransfer[],
 // ---------------------------------------------------------------------------------------------------------
 // Replica records from the agents' events
 
-type TransferEvent = ImageTransferProgress | ImageAvailable | ImageTransferFailed;
+type TransferEvent = ImageTransferProgress | ImageAvailable | ImageTransferFailed | ImageReplicaDamaged;
 
 /**
  * Keeps KV `replicas` in step with what agents report, on a durable consumer shared by the service's
@@ -369,7 +369,7 @@ type TransferEvent = ImageTransferProgress | ImageAvailable | ImageTransferFaile
 export async function followReplicaEvents(js: JetStreamClient, manager: JetStreamManager, deps: Pick<DistributeDeps, 'images' | 'replicas'>, log: Logger): Promise<EventConsumer> {
   return consumeEvents<TransferEvent>(js, manager, {
     durable: 'distribution-replica-events',
-    types: [IMAGE_TRANSFER_PROGRESS, IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED] as never,
+    types: [IMAGE_TRANSFER_PROGRESS, IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_REPLICA_DAMAGED] as never,
     log,
     handle: async (event: ReceivedEvent<TransferEvent>) => applyReplicaEvent(deps, event, log),
   });
@@ -412,6 +412,20 @@ export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'r
   // files changed and fetches them again).
   const stale = (current: ImageReplica, occurred: Date | undefined): boolean =>
     current.state === ImageReplica_State.STATE_AVAILABLE && (occurred === undefined || current.updateTime === undefined || occurred.getTime() <= current.updateTime.getTime());
+  if (event.typeName === IMAGE_REPLICA_DAMAGED.typeName) {
+    // A verified replica found damaged (agent scrub or check): FAILED until a DistributeImage repairs it. A
+    // damaged generation that domains use stays on the host beside the repaired one: the record lists it.
+    const damaged = payload as ImageReplicaDamaged;
+    const status = failure(GrpcStatus.DATA_LOSS, `${damaged.replica}: ${damaged.damagedFiles.join(', ')} damaged after verification (${damaged.badPieces} bad pieces)`, ErrorReason.ERROR_REASON_VERIFICATION_FAILED, { files: damaged.damagedFiles.join(','), badPieces: String(damaged.badPieces), path: damaged.path });
+    await deps.replicas.mutate(key, (current) => {
+      if (!current || current.state === ImageReplica_State.STATE_DELETING || (current.updateTime && damaged.occurTime && damaged.occurTime.getTime() < current.updateTime.getTime() && Number(current.generation) > Number(damaged.generation))) return undefined;
+      const kept = damaged.dependentVirtualMachines.length > 0
+        ? [...current.damagedGenerations.filter((entry) => entry.generation !== damaged.generation), { generation: damaged.generation, path: damaged.path, damagedFiles: damaged.damagedFiles, badPieces: damaged.badPieces, dependentVirtualMachines: damaged.dependentVirtualMachines, damageTime: damaged.occurTime }]
+        : current.damagedGenerations;
+      return { ...current, state: ImageReplica_State.STATE_FAILED, error: status, damagedGenerations: kept, updateTime: now };
+    });
+    return;
+  }
   if (event.typeName === IMAGE_TRANSFER_FAILED.typeName) {
     const failed = payload as ImageTransferFailed;
     await deps.replicas.mutate(key, (current) =>
