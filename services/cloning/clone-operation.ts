@@ -16,6 +16,9 @@ import {
   type CloneResult,
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { ErrorReason, errorReasonFromJSON } from '../gen/cowherd/common/v1/error_reason.js';
+import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
+import type { HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
+import { ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { Host_State, type Host } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
 import { mapLimited } from '../common/concurrency.js';
@@ -39,12 +42,23 @@ export interface CloneCheckpoint {
   readonly finishedHosts: Readonly<Record<string, boolean>>;
 }
 
+/** What a delivery reports while it waits: the DistributeImage operation and the host's entry in its metadata. */
+export interface ImageDeliveryProgress {
+  /** The DistributeImage operation, `operations/{operation}` on the distribution service. */
+  readonly operation: string;
+  /** The host's transfer as the operation reports it; undefined before the first report. */
+  readonly transfer: HostTransfer | undefined;
+  /** When the clones fail unless the transfer makes progress. */
+  readonly deadline: Date;
+}
+
 /**
  * Brings an image to a host that lacks an AVAILABLE replica, resolving once the replica is AVAILABLE;
- * rejects with the error the host's clones fail with.
+ * rejects with the error the host's clones fail with. It must end: a transfer that stops making progress
+ * rejects (PROGRESS_DEADLINE_EXCEEDED) instead of waiting for ever.
  */
 export interface ImageDelivery {
-  bringImageToHost(request: { readonly image: string; readonly host: string; readonly operation: string }, signal: AbortSignal): Promise<void>;
+  bringImageToHost(request: { readonly image: string; readonly host: string; readonly operation: string; readonly onProgress?: (progress: ImageDeliveryProgress) => void }, signal: AbortSignal): Promise<void>;
 }
 
 /**
@@ -148,12 +162,32 @@ async function runCloneOperation(deps: CloneOperationDeps, context: OperationCon
       if (image !== undefined && !holding.has(hostName)) {
         for (const clone of clones) clone.state = CloneResult_State.STATE_WAITING_FOR_IMAGE;
         await persist();
+        // The transfer shows in this operation's metadata (image_transfers) while the clones wait for it.
+        const onProgress = ({ operation, transfer, deadline }: ImageDeliveryProgress): void => {
+          if (!metadata.distributeOperations.includes(operation)) metadata.distributeOperations.push(operation);
+          let entry = metadata.imageTransfers.find((candidate) => candidate.host === hostName);
+          const before = entry ? `${entry.state}/${entry.hostUnreachable}` : '';
+          if (!entry) {
+            entry = { host: hostName, state: ImageReplica_State.STATE_PENDING, progress: undefined, waitingCloneCount: clones.length, hostUnreachable: false, deadlineTime: undefined };
+            metadata.imageTransfers.push(entry);
+          }
+          if (transfer) {
+            entry.state = transfer.state;
+            entry.progress = transfer.progress ? TransferProgress.fromPartial(transfer.progress) : undefined;
+            entry.hostUnreachable = transfer.hostUnreachable;
+          }
+          entry.deadlineTime = deadline;
+          // States and reachability at once, bytes at most every PROGRESS_INTERVAL_MS.
+          if (before !== `${entry.state}/${entry.hostUnreachable}` || Date.now() - lastWrite >= PROGRESS_INTERVAL_MS) void persist().catch(() => undefined);
+        };
         try {
-          await delivery.bringImageToHost({ image, host: hostName, operation: context.name }, signal);
+          await delivery.bringImageToHost({ image, host: hostName, operation: context.name, onProgress }, signal);
         } catch (error) {
           throwIfAborted(signal);
+          metadata.imageTransfers = metadata.imageTransfers.filter((entry) => entry.host !== hostName);
           return fail(hostName, clones, toStatus(error));
         }
+        metadata.imageTransfers = metadata.imageTransfers.filter((entry) => entry.host !== hostName);
       }
       for (const clone of clones) clone.state = CloneResult_State.STATE_CREATING;
       if (Date.now() - lastWrite >= PROGRESS_INTERVAL_MS) await persist();

@@ -9,7 +9,7 @@ import { identityUri } from '../common/identity.js';
 import { CLONING_POLICY } from './access-policy.js';
 import { createAgentPort } from './agents.js';
 import { cloneOperationKind } from './clone-operation.js';
-import { CLONING_VARIABLES } from './config.js';
+import { CLONING_VARIABLES, imageWaitDeadlines } from './config.js';
 import { cloningHandlers } from './handlers.js';
 import { createInventoryFleetView } from './inventory-view.js';
 import { distributionImageDelivery } from './image-delivery.js';
@@ -23,7 +23,7 @@ await runServiceMain({
     const inventory = createClient(InventoryServiceClient, config.inventoryAddress, clientCredentials(identityUri('service', 'inventory')), { defaultDeadlineMs: 15_000 });
     const fleet = createInventoryFleetView(inventory);
     const agents = createAgentPort({ credentials: clientCredentials });
-    const imageDelivery = distributionImageDelivery(config.distributionAddress, clientCredentials(identityUri('service', 'distribution')));
+    const imageDelivery = distributionImageDelivery(config.distributionAddress, clientCredentials(identityUri('service', 'distribution')), { deadlines: imageWaitDeadlines(config) });
     const kind = cloneOperationKind({ fleet, agents, events, imageDelivery });
     const stopKind = stopOperationKind({ fleet, agents });
     const operations = await openOperations(nats.jetstream, log, boundary, [kind as never, stopKind as never]);
