@@ -20,7 +20,7 @@ import { Empty } from '../gen/google/protobuf/empty.js';
 import { bareId, shortVirtualMachineName } from './fleet-reads.js';
 import type { OperationShape } from './operation-wait.js';
 import { enumWord, formatBytes } from './output.js';
-import { describeTransfer, fractionOf, type ProgressLine } from './progress.js';
+import { describeTransfer, describeUnreachable, fractionOf, type ProgressLine } from './progress.js';
 
 /** PublishImage: the stage and the bytes exported or hashed. */
 export const PUBLISH_OPERATION: OperationShape<PublishImageMetadata, Image> = {
@@ -49,7 +49,10 @@ export const DISTRIBUTE_OPERATION: OperationShape<DistributeImageMetadata, Distr
     const lines: ProgressLine[] = metadata.transfers.map((transfer) => {
       const state = enumWord(imageReplica_StateToJSON(transfer.state), 'STATE_');
       const fraction = state === 'AVAILABLE' ? 1 : fractionOf(transfer.progress);
-      return { key: transfer.host, label: `${bareId(transfer.host).padEnd(width)}  ${state.padEnd(12)}`, text: transfer.error ? transfer.error.message : describeTransfer(transfer.progress), fraction: fraction ?? 0 };
+      // An unreachable host says so instead of showing a rate and ETA nobody measures.
+      const unreachable = transfer.hostUnreachable && !transfer.error;
+      const text = transfer.error ? transfer.error.message : unreachable ? describeUnreachable(transfer.progress, transfer.deadlineTime) : describeTransfer(transfer.progress);
+      return { key: transfer.host, label: `${bareId(transfer.host).padEnd(width)}  ${(unreachable ? 'UNREACHABLE' : state).padEnd(12)}`, text, fraction: fraction ?? 0 };
     });
     lines.push({ key: 'summary', text: `${metadata.image}: ${metadata.hostsDone}/${metadata.hostsTotal} hosts done, ${metadata.hostsFailed} failed, ${formatBytes(metadata.bytesTotal)} each` });
     return lines;
@@ -82,7 +85,8 @@ export const CLONE_OPERATION: OperationShape<CloneVirtualMachinesMetadata, Clone
     for (const transfer of metadata.imageTransfers) {
       const state = enumWord(imageReplica_StateToJSON(transfer.state), 'STATE_');
       const fraction = state === 'AVAILABLE' ? 1 : fractionOf(transfer.progress);
-      lines.push({ key: `transfer:${transfer.host}`, label: `image to ${bareId(transfer.host)}  ${state.padEnd(12)}`, text: `${describeTransfer(transfer.progress)}  (${transfer.waitingCloneCount} clone(s) waiting)`, fraction: fraction ?? 0 });
+      const text = transfer.hostUnreachable ? describeUnreachable(transfer.progress, transfer.deadlineTime) : describeTransfer(transfer.progress);
+      lines.push({ key: `transfer:${transfer.host}`, label: `image to ${bareId(transfer.host)}  ${(transfer.hostUnreachable ? 'UNREACHABLE' : state).padEnd(12)}`, text: `${text}  (${transfer.waitingCloneCount} clone(s) waiting)`, fraction: fraction ?? 0 });
     }
     return lines;
   },

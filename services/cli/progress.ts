@@ -84,3 +84,14 @@ export function describeTransfer(progress: TransferProgress | undefined): string
   if (progress.eta && Number(progress.bytesDone) < Number(progress.bytesTotal)) parts.push(`ETA ${formatSeconds(Number(progress.eta.seconds) + progress.eta.nanos / 1e9)}`);
   return parts.join('  ');
 }
+
+/**
+ * "host unreachable  12 MiB / 40 MiB held  fails at 12:34:56 UTC unless it comes back": a host the inventory
+ * marks UNREACHABLE has no rate, peers or ETA, only what it held and its progress deadline.
+ */
+export function describeUnreachable(progress: TransferProgress | undefined, deadline: Date | undefined): string {
+  const parts = ['host unreachable'];
+  if (progress) parts.push(`${formatBytes(progress.bytesDone)} / ${formatBytes(progress.bytesTotal)} held`);
+  if (deadline) parts.push(`fails at ${deadline.toISOString().slice(11, 19)} UTC unless it comes back`);
+  return parts.join('  ');
+}
