@@ -13,6 +13,8 @@ export const CERTIFICATE_AUTHORITY_POLICY: AccessPolicy<typeof CertificateAuthor
   // Every identity renews its own certificate and reads the revocation list.
   renewCertificate: { allow: ['admin', 'service', 'host'], actsForHost: 'caller' },
   getRevocationList: { allow: ['admin', 'service', 'host'], actsForHost: 'caller' },
+  // Every server, agents included, admits only issued serials and so reads this list.
+  getIssuedSerialList: { allow: ['admin', 'service', 'host'], actsForHost: 'caller' },
   issueCertificate: { allow: ['admin'] },
   revokeCertificate: { allow: ['admin'] },
   getCertificate: { allow: ['admin', 'service'] },

@@ -2,7 +2,7 @@
  * The CA's domain logic: join tokens, enrollment, renewal, issuance, revocation. Handlers stay thin and
  * call this. Every state change is a compare-and-set on the `ca` bucket, so replicas can run side by side.
  */
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createHash, randomBytes, timingSafeEqual, X509Certificate } from 'node:crypto';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { CowherdError } from '../common/errors.js';
@@ -199,7 +199,7 @@ export class CertificateAuthority {
   }
 
   /** A new certificate for the caller's own identity, same DNS names and lifetime as the one it used. */
-  async renew(caller: Identity, callerCertificate: PeerCertificateFacts, csrPem: string): Promise<CertificateRecord> {
+  async renew(caller: Identity, callerCertificate: Pick<PeerCertificateFacts, 'serialNumber' | 'dnsNames' | 'notBefore' | 'notAfter'>, csrPem: string): Promise<CertificateRecord> {
     const allowed = new Set(callerCertificate.dnsNames);
     const csr = this.checkCsr(csrPem, caller.uri, (name) => allowed.has(name));
     const lifetime = Math.max(1, Math.round(ttlOfValidity((callerCertificate.notAfter.getTime() - callerCertificate.notBefore.getTime()) / 1000)));
@@ -264,6 +264,42 @@ export class CertificateAuthority {
     return revoked;
   }
 
+  /** Serials of every recorded certificate that has not expired yet (revoked ones too). */
+  async issuedSerialList(): Promise<string[]> {
+    const now = Date.now();
+    return (await this.listCertificates()).filter((record) => new Date(record.expireTime).getTime() > now).map((record) => record.serialNumber).sort();
+  }
+
+  /**
+   * Records a certificate signed with this CA's key outside the service (a bootstrap seed: NATS's and the
+   * services' first certificates, the local fleet's bootstrap admin), so that servers, which admit only
+   * issued serials, accept it and an admin can list and revoke it. Refuses a certificate this CA did not
+   * sign and a CA certificate (logged); a serial already recorded is left as it is. True when it recorded one;
+   * throws only when the record could not be written.
+   */
+  async recordBootstrapCertificate(certificatePem: string): Promise<boolean> {
+    const certificate = new X509Certificate(certificatePem);
+    const authority = new X509Certificate(this.ca.certificatePem);
+    const refused = (problem: string): false => {
+      this.log.warn({ serialNumber: certificate.serialNumber.toLowerCase(), subject: certificate.subject.replace(/\n/g, ', ') }, `bootstrap certificate left out: ${problem}`);
+      return false;
+    };
+    if (!certificate.checkIssued(authority) || !certificate.verify(authority.publicKey)) return refused('not signed by this CA');
+    if (certificate.ca) return refused('a CA certificate, not a leaf');
+    const record = recordOf(certificatePem, BOOTSTRAP_ISSUER);
+    if (new Date(record.expireTime).getTime() <= Date.now()) return false;
+    if (await this.records.certificates.get(`certificate.${record.serialNumber}`)) return false;
+    try {
+      await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
+    } catch (error) {
+      if (error instanceof KvConflictError) return false;
+      throw error;
+    }
+    await this.listener.issued(record, {});
+    this.log.info({ identity: record.identity, certificate: `certificates/${record.serialNumber}`, expireTime: record.expireTime }, 'bootstrap certificate recorded');
+    return true;
+  }
+
   /** Serials revoked and not yet expired, with the bucket revision of the newest revocation. */
   async revocationList(): Promise<{ serialNumbers: string[]; revision: number }> {
     const now = Date.now();
@@ -306,6 +342,9 @@ export class CertificateAuthority {
     await this.records.requests.put(`request.${sha256(`${kind}|${requestId}`)}`, { resource, fingerprint });
   }
 }
+
+/** issuer_identity of a bootstrap certificate: signed with the CA key before the CA service ran. */
+export const BOOTSTRAP_ISSUER = 'bootstrap';
 
 /** State of a token at `now`. */
 export function tokenState(record: JoinTokenRecord, now = Date.now()): 'PENDING' | 'USED' | 'EXPIRED' | 'REVOKED' {

@@ -11,8 +11,11 @@ import type { CertificateRecord, JoinTokenRecord } from './records.js';
 
 type CaService = typeof CertificateAuthorityServiceService;
 
-/** Handlers of the mTLS port (all RPCs); the enrollment port serves only getCaBundle and enrollHost of these. */
-export function certificateAuthorityHandlers(ca: CertificateAuthority, pageTokens: PageTokens): Handlers<CaService> {
+/**
+ * Handlers of the mTLS port (all RPCs); the enrollment port serves only getCaBundle and enrollHost of these.
+ * `beforeIssuedList` runs before each GetIssuedSerialList (the CA records changed bootstrap certificates).
+ */
+export function certificateAuthorityHandlers(ca: CertificateAuthority, pageTokens: PageTokens, beforeIssuedList: () => Promise<void> = async () => undefined): Handlers<CaService> {
   const caller = (context: CallContext) => {
     if (!context.caller) throw CowherdError.unauthenticated('a client certificate is required');
     return context.caller;
@@ -69,6 +72,10 @@ export function certificateAuthorityHandlers(ca: CertificateAuthority, pageToken
     getRevocationList: async () => {
       const list = await ca.revocationList();
       return { serialNumbers: list.serialNumbers, revision: String(list.revision), updateTime: new Date() };
+    },
+    getIssuedSerialList: async () => {
+      await beforeIssuedList();
+      return { serialNumbers: await ca.issuedSerialList(), readTime: new Date() };
     },
   };
 }

@@ -7,7 +7,7 @@ import { parseIdentity, type Identity } from '../common/identity.js';
 import type { Logger } from '../common/logger.js';
 import { PageTokens } from '../common/pagination.js';
 import { inspectCertificate } from '../common/pki.js';
-import { followRevocations, RevocationSet } from '../common/revocation.js';
+import { followIssuedSerials, followRevocations, IssuedSerials, RevocationSet } from '../common/revocation.js';
 import { adaptService } from '../common/rpc.js';
 import { bind, shutdown } from '../common/server.js';
 import { runServiceMain } from '../common/service-process.js';
@@ -18,6 +18,7 @@ import { certificateState, CertificateAuthority, DEFAULT_CA_POLICY, type Certifi
 import { RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
 import { HOST_DELETED } from '../common/event-types.js';
 import { consumeEvents } from '../common/events.js';
+import { bootstrapCertificates } from './bootstrap-certificates.js';
 import { certificateAuthorityHandlers } from './handlers.js';
 import { eventingListener } from './listener.js';
 import { allListeners, natsUsers } from './nats-users.js';
@@ -34,6 +35,7 @@ await runServiceMain({
     natsAuthorizationFile: optionalStringVariable('COWHERD_NATS_AUTHORIZATION_FILE', 'the authorization file nats-server includes; when set, the CA keeps one NATS user per active certificate in it'),
     natsPidFile: optionalStringVariable('COWHERD_NATS_PID_FILE', 'nats-server pid file, to reload it after the users changed (with COWHERD_NATS_AUTHORIZATION_FILE)'),
     natsStaticIdentities: optionalStringVariable('COWHERD_NATS_STATIC_IDENTITIES', 'comma-separated SPIFFE URIs admitted to NATS by identity, whatever the serial (bootstrap services)'),
+    bootstrapCertificatesFile: optionalStringVariable('COWHERD_CA_BOOTSTRAP_CERTIFICATES', 'PEM bundle of certificates signed with the CA key before this service ran (seeds, bootstrap admin); recorded as issued at start and whenever the file changes'),
   },
   env: process.env,
   build: async ({ config, boundary, nats, events, log, tls }) => {
@@ -43,15 +45,30 @@ await runServiceMain({
     const syncNats = natsUsersFromConfig(config, listCertificates, log);
     // The CA's own servers refuse a revoked certificate from the moment RevokeCertificate returns.
     const revocations = new RevocationSet();
-    const ownRevocations: CertificateListener = { issued: async () => undefined, revoked: async (record) => revocations.add(record.serialNumber) };
+    // And admit what they issue from the moment it is recorded: an agent that just enrolled calls at once.
+    const issued = new IssuedSerials();
+    const ownRevocations: CertificateListener = { issued: async (record) => issued.add(record.serialNumber), revoked: async (record) => revocations.add(record.serialNumber) };
     const listener = allListeners(ownRevocations, ...(syncNats ? [syncNats] : []), eventingListener(events));
     const ca = new CertificateAuthority(key, records, listener, log, { ...DEFAULT_CA_POLICY, hostCertificateSeconds: config.hostCertificateHours * 3600 });
     await syncNats?.sync();
     const natsTimer = syncNats ? setInterval(() => void syncNats.sync().catch(() => undefined), 30_000) : undefined;
-    const handlers = certificateAuthorityHandlers(ca, await PageTokens.open(nats.jetstream));
+    const bootstrap = bootstrapCertificates({ file: config.bootstrapCertificatesFile, record: (pem) => ca.recordBootstrapCertificate(pem), log });
+    // The CA service's own certificate may be a bootstrap one too (signed before it ran); a renewed one is recorded already.
+    await ca.recordBootstrapCertificate(await readFile(tls.certificateFile, 'utf8')).catch((error: unknown) => log.warn({ err: error }, 'could not record the CA service certificate'));
+    const handlers = certificateAuthorityHandlers(ca, await PageTokens.open(nats.jetstream), () => bootstrap.importChanges());
 
     // Revocations come straight from the CA's own records, refreshed at once after a revoke by any replica.
     const stopFollowing = await followRevocations({ set: revocations, log, nats: nats.connection, intervalMs: 5_000, fetch: async () => (await ca.revocationList()).serialNumbers });
+    // Issued serials likewise, bootstrap certificates read first; a miss looks again (at most once a second).
+    const stopFollowingIssued = await followIssuedSerials({
+      set: issued,
+      log,
+      intervalMs: 5_000,
+      fetch: async () => {
+        await bootstrap.importChanges();
+        return ca.issuedSerialList();
+      },
+    });
 
     // A host deleted from the inventory loses its certificates (it re-joins only with a new token).
     const self = parseIdentity('spiffe://cowherd/service/certificate-authority')!;
@@ -77,6 +94,7 @@ await runServiceMain({
     return {
       services: [adaptService(CertificateAuthorityServiceService, handlers, CERTIFICATE_AUTHORITY_POLICY, boundary)],
       revocations,
+      issued,
       renew: async (csrPem) => {
         // The CA signs its own renewal in-process, for the identity its current certificate proves.
         const current = inspectCertificate(await readFile(tls.certificateFile, 'utf8'));
@@ -86,6 +104,7 @@ await runServiceMain({
       },
       stop: async () => {
         stopFollowing();
+        stopFollowingIssued();
         await hostDeletions.stop();
         clearInterval(natsTimer);
         await shutdown(enrollment, config.shutdownGraceSeconds * 1000);

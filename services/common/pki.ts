@@ -217,6 +217,42 @@ export function inspectCertificate(certificatePem: string): CertificateFacts {
   };
 }
 
+/** What a certificate says about its use: the basicConstraints CA flag and the extended key usages. */
+export interface CertificateUsage {
+  /** basicConstraints CA:TRUE, whatever keyUsage says (OpenSSL's own CA check also wants keyCertSign). */
+  readonly certificateAuthority: boolean;
+  /** serverAuth, clientAuth, ... as node-forge names them; empty without the extension. */
+  readonly extendedKeyUsages: readonly string[];
+}
+
+const usageByFingerprint = new Map<string, CertificateUsage>();
+
+/**
+ * Reads basicConstraints and extKeyUsage from a certificate's DER bytes, from the extension list itself
+ * (never a byte search, which a crafted name could fool). Node's `ca` flag is OpenSSL's X509_check_ca, which
+ * calls a CA:TRUE certificate without keyCertSign "not a CA", so it cannot answer this. Results are kept
+ * by fingerprint (bounded): servers ask on every call. Throws when the bytes are not a certificate.
+ */
+export function certificateUsage(der: Buffer): CertificateUsage {
+  const fingerprint = createHash('sha256').update(der).digest('hex');
+  const known = usageByFingerprint.get(fingerprint);
+  if (known) return known;
+  const certificate = forge.asn1.fromDer(forge.util.createBuffer(der.toString('binary')));
+  const tbs = (certificate.value as forge.asn1.Asn1[])[0];
+  const wrapper = (tbs?.value as forge.asn1.Asn1[] | undefined)?.find((part) => part.tagClass === forge.asn1.Class.CONTEXT_SPECIFIC && part.type === 3);
+  // The [3] wrapper holds the SEQUENCE of extensions; forge's parser takes the wrapper.
+  const extensions = wrapper ? (forge.pki as unknown as { certificateExtensionsFromAsn1(wrapper: forge.asn1.Asn1): Array<Record<string, unknown>> }).certificateExtensionsFromAsn1(wrapper) : [];
+  const basic = extensions.find((extension) => extension['name'] === 'basicConstraints');
+  const extended = extensions.find((extension) => extension['name'] === 'extKeyUsage');
+  const usage: CertificateUsage = {
+    certificateAuthority: basic?.['cA'] === true,
+    extendedKeyUsages: extended ? ['serverAuth', 'clientAuth', 'codeSigning', 'emailProtection', 'timeStamping'].filter((name) => extended[name] === true) : [],
+  };
+  if (usageByFingerprint.size >= 10_000) usageByFingerprint.clear();
+  usageByFingerprint.set(fingerprint, usage);
+  return usage;
+}
+
 /** SHA-256 of a PEM certificate's DER bytes, lowercase hex: the pin a join token carries. */
 export function certificateSha256(certificatePem: string): string {
   return createHash('sha256').update(new X509Certificate(certificatePem).raw).digest('hex');

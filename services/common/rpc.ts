@@ -20,7 +20,7 @@ import { CowherdError, toServiceError } from './errors.js';
 import { describeIdentity, parseIdentity, type Identity, type IdentityKind } from './identity.js';
 import type { Logger } from './logger.js';
 import { recordRpc } from './metrics.js';
-import { normalizeSerial, parseSubjectAltName } from './pki.js';
+import { certificateUsage, normalizeSerial, parseSubjectAltName, type CertificateUsage } from './pki.js';
 
 /** What a handler knows about the call it serves. */
 export interface CallContext {
@@ -61,6 +61,10 @@ export interface PeerCertificateFacts {
   readonly dnsNames: readonly string[];
   readonly notBefore: Date;
   readonly notAfter: Date;
+  /** basicConstraints CA:TRUE: a CA certificate, which no client may present. */
+  readonly certificateAuthority: boolean;
+  /** Extended key usages by name (serverAuth, clientAuth, ...); empty without the extension. */
+  readonly extendedKeyUsages: readonly string[];
 }
 
 /** The promise-based handlers of a ts-proto service definition (client streaming is not used by cowherd). */
@@ -98,6 +102,14 @@ export interface RevocationCheck {
 /** No revocations: for tests and processes that have no view of the CA yet. */
 export const NO_REVOCATIONS: RevocationCheck = { isRevoked: () => false };
 
+/**
+ * Answers whether the CA issued a certificate serial (lowercase hex): true, false, or undefined when the
+ * CA could not be asked (services/common/revocation.ts IssuedSerials).
+ */
+export interface IssuedCheck {
+  isIssued(serialNumber: string): Promise<boolean | undefined>;
+}
+
 /** A service ready to be added to a server. */
 export interface ServiceRegistration {
   /** Fully qualified service name, e.g. cowherd.inventory.v1.InventoryService. */
@@ -110,6 +122,8 @@ export interface ServiceRegistration {
 export interface BoundaryOptions {
   readonly log: Logger;
   readonly revocations: RevocationCheck;
+  /** Serials the CA issued; without it every CA-signed serial is taken as issued (tests of the boundary alone). */
+  readonly issued?: IssuedCheck;
   /** Methods whose successful calls are logged at debug instead of info (health checks, heartbeats). */
   readonly quietMethods?: ReadonlySet<string>;
 }
@@ -140,6 +154,7 @@ export function adaptService<D extends Record<string, MethodShape>>(
         let context: CallContext | undefined;
         void (async () => {
           context = callContext(call, method.path, options);
+          await authenticate(context, rule, options);
           authorize(call.request, context, rule, options);
           if (!handler) throw unimplemented(method.path);
           return (handler as UnaryHandler<unknown, unknown>)(call.request, context);
@@ -167,6 +182,7 @@ export function adaptService<D extends Record<string, MethodShape>>(
           });
         void (async () => {
           context = callContext(call, method.path, options);
+          await authenticate(context, rule, options);
           authorize(call.request, context, rule, options);
           if (!handler) throw unimplemented(method.path);
           await (handler as ServerStreamHandler<unknown, unknown>)(call.request, context, send);
@@ -212,25 +228,30 @@ export function adaptBidiStreamHandler(
   return ((call: ServerDuplexStream<unknown, unknown>) => {
     const started = process.hrtime.bigint();
     let context: CallContext | undefined;
-    try {
+    void (async () => {
       context = callContext(call, path, options);
+      await authenticate(context, rule, options);
       authorize(undefined, context, rule, options);
-    } catch (error) {
-      const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: path }, 'unexpected error'));
-      logCall(options, context, path, started, serviceError.code, false, { message: serviceError.details });
-      // Not destroy(): on a duplex call grpc-js then cancels the call instead of sending this status.
-      call.emit('error', serviceError);
-      return;
-    }
-    let logged = false;
-    const finish = (code: GrpcStatus): void => {
-      if (logged) return;
-      logged = true;
-      logCall(options, context, path, started, code, false);
-    };
-    call.once('finish', () => finish(GrpcStatus.OK));
-    call.once('cancelled', () => finish(GrpcStatus.CANCELLED));
-    handler(call, context);
+      return context;
+    })().then(
+      (admitted) => {
+        let logged = false;
+        const finish = (code: GrpcStatus): void => {
+          if (logged) return;
+          logged = true;
+          logCall(options, admitted, path, started, code, false);
+        };
+        call.once('finish', () => finish(GrpcStatus.OK));
+        call.once('cancelled', () => finish(GrpcStatus.CANCELLED));
+        handler(call, admitted);
+      },
+      (error: unknown) => {
+        const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: path }, 'unexpected error'));
+        logCall(options, context, path, started, serviceError.code, false, { message: serviceError.details });
+        // Not destroy(): on a duplex call grpc-js then cancels the call instead of sending this status.
+        call.emit('error', serviceError);
+      },
+    );
   }) as UntypedHandleCall;
 }
 
@@ -240,9 +261,22 @@ export function peerIdentity(call: { getAuthContext(): { sslPeerCertificate?: Pe
   if (!certificate || !certificate.serialNumber) return undefined;
   const sans = parseSubjectAltName(certificate.subjectaltname ?? '');
   const identity = sans.uris.length === 1 ? parseIdentity(sans.uris[0]!) : undefined;
+  let usage: CertificateUsage;
+  try {
+    usage = certificateUsage(certificate.raw);
+  } catch {
+    usage = { certificateAuthority: false, extendedKeyUsages: [] }; // unreadable extensions: no clientAuth, refused
+  }
   return {
     identity,
-    certificate: { serialNumber: normalizeSerial(certificate.serialNumber), dnsNames: sans.dnsNames, notBefore: new Date(certificate.valid_from), notAfter: new Date(certificate.valid_to) },
+    certificate: {
+      serialNumber: normalizeSerial(certificate.serialNumber),
+      dnsNames: sans.dnsNames,
+      notBefore: new Date(certificate.valid_from),
+      notAfter: new Date(certificate.valid_to),
+      certificateAuthority: usage.certificateAuthority,
+      extendedKeyUsages: usage.extendedKeyUsages,
+    },
   };
 }
 
@@ -258,6 +292,29 @@ function callContext(call: ServerUnaryCall<unknown, unknown> | ServerWritableStr
   const caller = peer?.identity;
   const log = options.log.child({ method: path, caller: caller ? describeIdentity(caller) : peer ? 'unidentified' : 'anonymous' });
   return { caller, callerCertificate: peer?.certificate, method: path, log, signal: controller.signal, metadata: call.metadata };
+}
+
+/**
+ * Throws unless the client certificate may authenticate anyone, before any authorization: a leaf with
+ * clientAuth usage (never a CA certificate) whose serial the CA issued. A certificate signed with the CA
+ * key outside the CA (a leaked key, a stray bootstrap) is refused here as NATS refuses it. Calls that need
+ * no certificate skip this; a call without one is left to authorize.
+ */
+async function authenticate(context: CallContext, rule: AccessRule<unknown> | undefined, options: BoundaryOptions): Promise<void> {
+  const certificate = context.callerCertificate;
+  if (!rule || rule.allow === 'anyone' || rule.allow.length === 0 || !certificate) return;
+  const serial = certificate.serialNumber;
+  const notForClients = (problem: string): CowherdError =>
+    new CowherdError(GrpcStatus.UNAUTHENTICATED, `certificate ${serial} ${problem}`, { reason: ErrorReason.ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS, metadata: { serial_number: serial } });
+  if (certificate.certificateAuthority) throw notForClients('is a CA certificate (basicConstraints CA:TRUE); clients authenticate with leaf certificates only');
+  if (!certificate.extendedKeyUsages.includes('clientAuth')) throw notForClients('lacks the clientAuth extended key usage');
+  const issued = await options.issued?.isIssued(serial);
+  if (issued === false) {
+    throw new CowherdError(GrpcStatus.UNAUTHENTICATED, `certificate ${serial} was never issued by the cowherd CA`, { reason: ErrorReason.ERROR_REASON_CERTIFICATE_NOT_ISSUED, metadata: { serial_number: serial } });
+  }
+  if (options.issued && issued === undefined) {
+    throw new CowherdError(GrpcStatus.UNAVAILABLE, `cannot check with the CA whether certificate ${serial} was issued; retry`, { reason: ErrorReason.ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE, metadata: { serial_number: serial } });
+  }
 }
 
 /** Throws unless the call's caller may make it (deny by default). */

@@ -9,7 +9,7 @@ import { HEALTH_POLICY, HealthState, healthHandlers, ServingStatus } from './hea
 import type { Logger } from './logger.js';
 import { serveMetrics, type MetricsServer } from './metrics.js';
 import { addReflection } from './reflection.js';
-import { adaptService, type RevocationCheck, type ServiceRegistration } from './rpc.js';
+import { adaptService, type IssuedCheck, type RevocationCheck, type ServiceRegistration } from './rpc.js';
 
 /** Options of {@link startServer}. */
 export interface ServerOptions {
@@ -26,6 +26,8 @@ export interface ServerOptions {
   /** Raw `buf build` FileDescriptorSet for reflection. */
   readonly descriptorSet: Buffer;
   readonly revocations: RevocationCheck;
+  /** Serials the CA issued, for reflection (health needs no certificate). */
+  readonly issued?: IssuedCheck;
   /** Extra grpc-js channel options. */
   readonly channelOptions?: ChannelOptions;
 }
@@ -58,7 +60,7 @@ const SERVER_DEFAULTS: ChannelOptions = {
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
   const serviceNames = options.services.map((service) => service.serviceName);
   const health = new HealthState([...serviceNames, 'grpc.health.v1.Health']);
-  const boundary = { log: options.log, revocations: options.revocations, quietMethods: new Set(['/grpc.health.v1.Health/Check', '/grpc.health.v1.Health/Watch']) };
+  const boundary = { log: options.log, revocations: options.revocations, ...(options.issued === undefined ? {} : { issued: options.issued }), quietMethods: new Set(['/grpc.health.v1.Health/Check', '/grpc.health.v1.Health/Watch']) };
   const healthService = adaptService(HealthService, healthHandlers(health), HEALTH_POLICY, boundary);
 
   const server = new Server({ ...SERVER_DEFAULTS, ...options.channelOptions });

@@ -9,14 +9,14 @@ import { startEventOutbox, type EventOutbox } from './event-outbox.js';
 import { createLogger, LOG_LEVELS, type Logger } from './logger.js';
 import { connectNats, type Nats } from './nats.js';
 import { DEFAULT_DESCRIPTOR_SET_PATH, readDescriptorSet } from './reflection.js';
-import { NO_REVOCATIONS, type BoundaryOptions, type RevocationCheck, type ServiceRegistration } from './rpc.js';
+import { NO_REVOCATIONS, type BoundaryOptions, type IssuedCheck, type RevocationCheck, type ServiceRegistration } from './rpc.js';
 import { startServer, type RunningServer } from './server.js';
 import { loadedMutualTlsServerCredentials, mutualTlsClientCredentials, type CredentialsFor, type TlsFiles } from './tls.js';
 import { identityUri } from './identity.js';
 import { CertificateAuthorityServiceClient } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { keepCertificateFresh, type RenewFunction } from './certificate-renewal.js';
 import { createClient } from './client.js';
-import { followRevocations, RevocationSet } from './revocation.js';
+import { followIssuedSerials, followRevocations, IssuedSerials, RevocationSet } from './revocation.js';
 import type { LevelWithSilent } from 'pino';
 
 /**
@@ -97,6 +97,8 @@ export interface BuiltService {
    * leave both out and follow the CA over gRPC.
    */
   readonly revocations?: RevocationCheck;
+  /** The CA's own view of issued serials (the CA process only); other processes follow GetIssuedSerialList. */
+  readonly issued?: IssuedCheck;
   readonly renew?: RenewFunction;
   /** Called after the server stops accepting calls: checkpoint operations, close watchers. */
   stop?(): Promise<void>;
@@ -139,24 +141,41 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
     outbox = await startEventOutbox({ js: nats.jetstream, manager: nats.manager, log, owner: options.name, ...(options.eventOutboxDirectory === undefined ? {} : { directory: options.eventOutboxDirectory }) });
     const events = outbox.events;
     const revocationsRef: { current: RevocationCheck } = { current: NO_REVOCATIONS };
-    const boundary: BoundaryOptions = { log, revocations: { isRevoked: (serial) => revocationsRef.current.isRevoked(serial) } };
+    // Until the list is connected (below) nothing is known to be issued: a call made then is refused, not admitted.
+    const issuedRef: { current: IssuedCheck } = { current: new IssuedSerials() };
+    const boundary: BoundaryOptions = {
+      log,
+      revocations: { isRevoked: (serial) => revocationsRef.current.isRevoked(serial) },
+      issued: { isIssued: (serial) => issuedRef.current.isIssued(serial) },
+    };
     const built = await options.build({ config, log, nats, events, tls, clientCredentials, boundary });
     const stoppers: Array<() => void> = [];
     let caClient: CertificateAuthorityServiceClient | undefined;
     if (built.revocations) {
       revocationsRef.current = built.revocations;
+      if (built.issued) issuedRef.current = built.issued;
     } else {
       caClient = createClient(CertificateAuthorityServiceClient, config.caAddress, clientCredentials(identityUri('service', 'certificate-authority')), { defaultDeadlineMs: 10_000 });
       const client = caClient;
       const set = new RevocationSet();
       revocationsRef.current = set;
+      const issued = new IssuedSerials();
+      issuedRef.current = issued;
+      // Side by side: each waits a few seconds at most for its first list when the CA is down.
       stoppers.push(
-        await followRevocations({
-          set,
-          log,
-          nats: nats.connection,
-          fetch: () => new Promise((resolve, reject) => client.getRevocationList({}, (error, response) => (error ? reject(error) : resolve(response.serialNumbers)))),
-        }),
+        ...(await Promise.all([
+          followRevocations({
+            set,
+            log,
+            nats: nats.connection,
+            fetch: () => new Promise((resolve, reject) => client.getRevocationList({}, (error, response) => (error ? reject(error) : resolve(response.serialNumbers)))),
+          }),
+          followIssuedSerials({
+            set: issued,
+            log,
+            fetch: () => new Promise((resolve, reject) => client.getIssuedSerialList({}, (error, response) => (error ? reject(error) : resolve(response.serialNumbers)))),
+          }),
+        ])),
       );
     }
     const renew: RenewFunction =
@@ -176,6 +195,7 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
       services: built.services,
       descriptorSet: readDescriptorSet(config.descriptorSetFile),
       revocations: boundary.revocations,
+      ...(boundary.issued === undefined ? {} : { issued: boundary.issued }),
     });
     return {
       server,

@@ -1,5 +1,5 @@
 /** Starts cowherd processes (services/<name>/main.ts) as real child processes on free ports. */
-import { writeFile } from 'node:fs/promises';
+import { appendFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startDaemon, type Daemon } from '../../services/common/child-process.js';
@@ -74,7 +74,13 @@ function withoutCowherdVariables(env: NodeJS.ProcessEnv): Record<string, string>
  */
 export async function startCertificateAuthorityProcess(
   resources: Resources,
-  pki: { ca: { certificatePem: string; privateKeyPem: string }; files: (kind: 'service', name: string) => Promise<TlsFiles> },
+  pki: {
+    ca: { certificatePem: string; privateKeyPem: string };
+    files: (kind: 'service', name: string) => Promise<TlsFiles>;
+    /** What the test PKI issued: recorded by the CA as bootstrap certificates, as the fleet's seeds are. */
+    issued?: ReadonlyArray<{ certificatePem: string }>;
+    onIssue?: (listener: (certificate: { certificatePem: string }) => Promise<void>) => () => void;
+  },
   nats: { url: string; authorizationFile?: string; pidFile?: string },
   options: { natsStaticIdentities?: readonly string[]; env?: Readonly<Record<string, string>>; createCa?: boolean } = {},
 ): Promise<ServiceProcess & { enrollAddress: string; caKeyFile: string; caCertificateFile: string }> {
@@ -86,7 +92,14 @@ export async function startCertificateAuthorityProcess(
     await writeFile(caKeyFile, pki.ca.privateKeyPem, { mode: 0o600 });
     await writeFile(caCertificateFile, pki.ca.certificatePem, { mode: 0o644 });
   }
-  const process = await startServiceProcess(resources, 'certificate-authority', await pki.files('service', 'certificate-authority'), natsUrl, {
+  const tls = await pki.files('service', 'certificate-authority');
+  // Servers admit only serials the CA recorded: every certificate the test PKI signs (before and after this
+  // start) goes into the CA's bootstrap file, which it reads again before it answers for an unknown serial.
+  const bootstrapFile = join(directory, 'bootstrap-certificates.pem');
+  await writeFile(bootstrapFile, (pki.issued ?? []).map((certificate) => certificate.certificatePem).join(''));
+  if (pki.onIssue) resources.defer(pki.onIssue((certificate) => appendFile(bootstrapFile, certificate.certificatePem)));
+  const process = await startServiceProcess(resources, 'certificate-authority', tls, natsUrl, {
+    COWHERD_CA_BOOTSTRAP_CERTIFICATES: bootstrapFile,
     COWHERD_CA_KEY_FILE: caKeyFile,
     COWHERD_CA_CERT_FILE: caCertificateFile,
     COWHERD_ENROLL_ADDRESS: 'localhost:0',

@@ -235,6 +235,21 @@ export interface RevokeCertificateRequest {
 export interface GetRevocationListRequest {
 }
 
+/** GetIssuedSerialListRequest is the request of GetIssuedSerialList. It has no fields. */
+export interface GetIssuedSerialListRequest {
+}
+
+/** GetIssuedSerialListResponse is the current list of issued, unexpired serials. */
+export interface GetIssuedSerialListResponse {
+  /**
+   * The lowercase hex serial numbers (without leading zeros) of every recorded certificate that has not
+   * expired yet.
+   */
+  serialNumbers: string[];
+  /** When the CA read the list. */
+  readTime: Date | undefined;
+}
+
 /** GetRevocationListResponse is the current revocation list. */
 export interface GetRevocationListResponse {
   /** The lowercase hex serial numbers of every revoked certificate that has not expired yet. */
@@ -1784,6 +1799,151 @@ export const GetRevocationListRequest: MessageFns<GetRevocationListRequest> = {
   },
 };
 
+function createBaseGetIssuedSerialListRequest(): GetIssuedSerialListRequest {
+  return {};
+}
+
+export const GetIssuedSerialListRequest: MessageFns<GetIssuedSerialListRequest> = {
+  encode(_: GetIssuedSerialListRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetIssuedSerialListRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetIssuedSerialListRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): GetIssuedSerialListRequest {
+    return {};
+  },
+
+  toJSON(_: GetIssuedSerialListRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetIssuedSerialListRequest>): GetIssuedSerialListRequest {
+    return GetIssuedSerialListRequest.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<GetIssuedSerialListRequest>): GetIssuedSerialListRequest {
+    const message = createBaseGetIssuedSerialListRequest();
+    return message;
+  },
+};
+
+function createBaseGetIssuedSerialListResponse(): GetIssuedSerialListResponse {
+  return { serialNumbers: [], readTime: undefined };
+}
+
+export const GetIssuedSerialListResponse: MessageFns<GetIssuedSerialListResponse> = {
+  encode(message: GetIssuedSerialListResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.serialNumbers) {
+      writer.uint32(10).string(v!);
+    }
+    if (message.readTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.readTime), writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetIssuedSerialListResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetIssuedSerialListResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.serialNumbers.push(reader.string());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.readTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetIssuedSerialListResponse {
+    return {
+      serialNumbers: globalThis.Array.isArray(object?.serialNumbers)
+        ? object.serialNumbers.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.serial_numbers)
+        ? object.serial_numbers.map((e: any) => globalThis.String(e))
+        : [],
+      readTime: isSet(object.readTime)
+        ? fromJsonTimestamp(object.readTime)
+        : isSet(object.read_time)
+        ? fromJsonTimestamp(object.read_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: GetIssuedSerialListResponse): unknown {
+    const obj: any = {};
+    if (message.serialNumbers?.length) {
+      obj.serialNumbers = message.serialNumbers;
+    }
+    if (message.readTime !== undefined) {
+      obj.readTime = message.readTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetIssuedSerialListResponse>): GetIssuedSerialListResponse {
+    return GetIssuedSerialListResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetIssuedSerialListResponse>): GetIssuedSerialListResponse {
+    const message = createBaseGetIssuedSerialListResponse();
+    message.serialNumbers = object.serialNumbers?.map((e) => e) || [];
+    message.readTime = object.readTime ?? undefined;
+    return message;
+  },
+};
+
 function createBaseGetRevocationListResponse(): GetRevocationListResponse {
   return { serialNumbers: [], revision: "0", updateTime: undefined };
 }
@@ -2111,6 +2271,25 @@ export const CertificateAuthorityServiceService = {
       Buffer.from(GetRevocationListResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetRevocationListResponse => GetRevocationListResponse.decode(value),
   },
+  /**
+   * GetIssuedSerialList returns the serial numbers of every certificate the CA has issued and recorded that
+   * has not expired yet (revoked ones included: GetRevocationList says which), so that servers and agents
+   * can refuse a certificate signed with the CA key that the CA never issued. Bootstrap certificates signed
+   * before the CA service ran are recorded by the CA at start (COWHERD_CA_BOOTSTRAP_CERTIFICATES). Any
+   * authenticated identity may call it; servers poll it every 30 seconds and at once (at most once a second)
+   * when a caller presents a serial they do not know. Errors: only UNAUTHENTICATED and UNAVAILABLE.
+   */
+  getIssuedSerialList: {
+    path: "/cowherd.certauthority.v1.CertificateAuthorityService/GetIssuedSerialList" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetIssuedSerialListRequest): Buffer =>
+      Buffer.from(GetIssuedSerialListRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetIssuedSerialListRequest => GetIssuedSerialListRequest.decode(value),
+    responseSerialize: (value: GetIssuedSerialListResponse): Buffer =>
+      Buffer.from(GetIssuedSerialListResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetIssuedSerialListResponse => GetIssuedSerialListResponse.decode(value),
+  },
 } as const;
 
 export interface CertificateAuthorityServiceServer extends UntypedServiceImplementation {
@@ -2200,6 +2379,15 @@ export interface CertificateAuthorityServiceServer extends UntypedServiceImpleme
    * seconds and on the certificate.revoked event. Errors: only UNAUTHENTICATED and UNAVAILABLE.
    */
   getRevocationList: handleUnaryCall<GetRevocationListRequest, GetRevocationListResponse>;
+  /**
+   * GetIssuedSerialList returns the serial numbers of every certificate the CA has issued and recorded that
+   * has not expired yet (revoked ones included: GetRevocationList says which), so that servers and agents
+   * can refuse a certificate signed with the CA key that the CA never issued. Bootstrap certificates signed
+   * before the CA service ran are recorded by the CA at start (COWHERD_CA_BOOTSTRAP_CERTIFICATES). Any
+   * authenticated identity may call it; servers poll it every 30 seconds and at once (at most once a second)
+   * when a caller presents a serial they do not know. Errors: only UNAUTHENTICATED and UNAVAILABLE.
+   */
+  getIssuedSerialList: handleUnaryCall<GetIssuedSerialListRequest, GetIssuedSerialListResponse>;
 }
 
 export interface CertificateAuthorityServiceClient extends Client {
@@ -2456,6 +2644,29 @@ export interface CertificateAuthorityServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetRevocationListResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * GetIssuedSerialList returns the serial numbers of every certificate the CA has issued and recorded that
+   * has not expired yet (revoked ones included: GetRevocationList says which), so that servers and agents
+   * can refuse a certificate signed with the CA key that the CA never issued. Bootstrap certificates signed
+   * before the CA service ran are recorded by the CA at start (COWHERD_CA_BOOTSTRAP_CERTIFICATES). Any
+   * authenticated identity may call it; servers poll it every 30 seconds and at once (at most once a second)
+   * when a caller presents a serial they do not know. Errors: only UNAUTHENTICATED and UNAVAILABLE.
+   */
+  getIssuedSerialList(
+    request: GetIssuedSerialListRequest,
+    callback: (error: ServiceError | null, response: GetIssuedSerialListResponse) => void,
+  ): ClientUnaryCall;
+  getIssuedSerialList(
+    request: GetIssuedSerialListRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetIssuedSerialListResponse) => void,
+  ): ClientUnaryCall;
+  getIssuedSerialList(
+    request: GetIssuedSerialListRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetIssuedSerialListResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -186,6 +186,23 @@ export enum ErrorReason {
    * "deadline_seconds" the budget it had since its last progress.
    */
   ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED = 32,
+  /**
+   * ERROR_REASON_CERTIFICATE_NOT_ISSUED - The client certificate is signed by the cowherd CA but its serial was never issued by the CA (it is not
+   * among the CA's recorded certificates), code UNAUTHENTICATED. Servers refresh the CA's list of issued
+   * serials before they refuse, so a certificate issued a moment ago is accepted. Metadata "serial_number".
+   */
+  ERROR_REASON_CERTIFICATE_NOT_ISSUED = 33,
+  /**
+   * ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS - The client certificate may not be used by a client (code UNAUTHENTICATED): it is itself a CA certificate
+   * (basicConstraints CA:TRUE) or its extended key usage lacks clientAuth. Metadata "serial_number".
+   */
+  ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS = 34,
+  /**
+   * ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE - The server could not learn from the CA whether the client certificate's serial was issued (code
+   * UNAVAILABLE): the serial is not in the list the server holds and the CA did not answer a fresh lookup in
+   * time. Retry; nothing was done. Metadata "serial_number".
+   */
+  ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE = 35,
   UNRECOGNIZED = -1,
 }
 
@@ -290,6 +307,15 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 32:
     case "ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED":
       return ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED;
+    case 33:
+    case "ERROR_REASON_CERTIFICATE_NOT_ISSUED":
+      return ErrorReason.ERROR_REASON_CERTIFICATE_NOT_ISSUED;
+    case 34:
+    case "ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS":
+      return ErrorReason.ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS;
+    case 35:
+    case "ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE":
+      return ErrorReason.ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -365,6 +391,12 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_HYPERVISOR_ERROR";
     case ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED:
       return "ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED";
+    case ErrorReason.ERROR_REASON_CERTIFICATE_NOT_ISSUED:
+      return "ERROR_REASON_CERTIFICATE_NOT_ISSUED";
+    case ErrorReason.ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS:
+      return "ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS";
+    case ErrorReason.ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE:
+      return "ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
