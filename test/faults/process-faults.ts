@@ -1,0 +1,66 @@
+/**
+ * Process faults: SIGKILL of the receiving agent, of the origin agent, of the cloning service and of the
+ * distribution service, each in the middle of the work and started again a few seconds later (same identity,
+ * data and ports, as a supervisor would restart it).
+ */
+import { ORIGIN, RECEIVERS } from './fleet.js';
+import { sleep, type FaultRow, type RowContext } from './row.js';
+
+/** How long a killed process stays down. */
+const DOWN_MS = 3_000;
+
+async function killAgent(context: RowContext, host: string): Promise<number> {
+  await context.midTransfer();
+  const agent = context.fleet.agents.get(host)!;
+  context.note(`SIGKILL agent ${host} (pid ${agent.daemon?.pid})`);
+  await agent.kill();
+  await sleep(DOWN_MS);
+  await agent.start();
+  context.note(`agent ${host} started again`);
+  return Date.now();
+}
+
+export const PROCESS_FAULTS: readonly FaultRow[] = [
+  {
+    fault: 'receiver-agent-kill',
+    distributeTo: RECEIVERS,
+    cloneHosts: [ORIGIN, 'recv1'],
+    // recv1 receives the image and takes half of the clones once it has it.
+    inject: (context) => killAgent(context, 'recv1'),
+  },
+  {
+    fault: 'origin-agent-kill',
+    distributeTo: RECEIVERS,
+    cloneHosts: [ORIGIN, 'recv1'],
+    inject: (context) => killAgent(context, ORIGIN),
+  },
+  {
+    fault: 'cloning-kill',
+    distributeTo: RECEIVERS,
+    cloneHosts: [ORIGIN, 'recv1'],
+    inject: async (context) => {
+      // The batch has made origin's clones and waits for recv1's copy of the image.
+      await context.midTransfer();
+      context.note(`SIGKILL cloning (pid ${context.fleet.cloning.process?.daemon.pid})`);
+      await context.fleet.cloning.kill();
+      await sleep(DOWN_MS);
+      await context.fleet.cloning.start();
+      context.note('cloning started again');
+      return Date.now();
+    },
+  },
+  {
+    fault: 'distribution-kill',
+    distributeTo: RECEIVERS,
+    cloneHosts: [ORIGIN, 'recv1'],
+    inject: async (context) => {
+      await context.midTransfer();
+      context.note(`SIGKILL distribution (pid ${context.fleet.distribution.process?.daemon.pid})`);
+      await context.fleet.distribution.kill();
+      await sleep(DOWN_MS);
+      await context.fleet.distribution.start();
+      context.note('distribution started again');
+      return Date.now();
+    },
+  },
+];

@@ -1,0 +1,113 @@
+/**
+ * `npm run test:faults`: cowherd's fault suite. Starts a fleet on real parts (fleet.ts: a three-node NATS
+ * JetStream cluster, the four services, five agents in network namespaces on the real libvirtd), then for each
+ * fault runs real work, injects the fault while it runs and checks the invariants (row.ts). Prints one JSON
+ * line per fault on stdout, then `faults: N passed, N failed`, and exits 1 when any row did not survive.
+ * Progress and the reasons behind a failed row go to stderr; every process's log lines to
+ * `.state/faults/logs/` (replaced on each run).
+ *
+ * `COWHERD_FAULTS=nats-node-restart,cloning-kill npm run test:faults` runs only those rows (names below; the
+ * damage rows need an image on every receiver and run a fault-free baseline row first when no earlier row
+ * left one). Root only (libvirtd, network namespaces, tmpfs).
+ */
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { runCommand } from '../../services/common/child-process.js';
+import { Resources } from '../harness/index.js';
+import { REPOSITORY } from '../harness/processes.js';
+import { ORIGIN, RECEIVERS, startFaultFleet, type FaultFleet } from './fleet.js';
+import { NATS_FAULTS } from './nats-faults.js';
+import { NETWORK_FAULTS } from './network-faults.js';
+import { PROCESS_FAULTS } from './process-faults.js';
+import { runRow, RECOVERY_BOUND_SECONDS, type FaultRow, type RowResult, type SuiteState } from './row.js';
+import { STORAGE_FAULTS } from './storage-faults.js';
+
+/** Every row, in the order they run. */
+export const ALL_FAULTS: readonly FaultRow[] = [...NATS_FAULTS, ...PROCESS_FAULTS, ...STORAGE_FAULTS, ...NETWORK_FAULTS];
+
+/** CI's limit for the whole of .ci/run, and the part of it this suite may take and still leave room. */
+const CI_LIMIT_MINUTES = 90;
+const CI_ROOM_MINUTES = 30;
+
+/** A row without a fault: the work alone, so the damage rows have an image on every receiver with dependents. */
+const BASELINE: FaultRow = { fault: 'baseline (no fault)', distributeTo: RECEIVERS, cloneHosts: [ORIGIN, 'recv1'], inject: async () => Date.now() };
+
+async function main(): Promise<number> {
+  const started = Date.now();
+  if (process.getuid?.() !== 0) {
+    process.stderr.write('faults: the fault suite needs root (libvirtd, network namespaces, tmpfs)\n');
+    return 2;
+  }
+  const wanted = (process.env['COWHERD_FAULTS'] ?? '').split(',').map((name) => name.trim()).filter(Boolean);
+  const unknown = wanted.filter((name) => !ALL_FAULTS.some((row) => row.fault === name));
+  if (unknown.length > 0) {
+    process.stderr.write(`faults: COWHERD_FAULTS names unknown faults ${unknown.join(', ')}; known: ${ALL_FAULTS.map((row) => row.fault).join(', ')}\n`);
+    return 2;
+  }
+  const rows = wanted.length === 0 ? ALL_FAULTS : ALL_FAULTS.filter((row) => wanted.includes(row.fault));
+  const logDirectory = join(REPOSITORY, '.state', 'faults', 'logs');
+  await rm(logDirectory, { recursive: true, force: true });
+
+  const resources = new Resources();
+  let releasing = false;
+  const release = async (): Promise<void> => {
+    if (releasing) return;
+    releasing = true;
+    await resources.release().catch((error: unknown) => process.stderr.write(`faults: clean-up: ${(error as Error).message}\n`));
+  };
+  const onSignal = (signal: NodeJS.Signals): void => {
+    process.stderr.write(`faults: ${signal}: cleaning up\n`);
+    void release().then(() => process.exit(130));
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+
+  const results: RowResult[] = [];
+  try {
+    const fleet = await startFaultFleet(resources, logDirectory);
+    fleet.say(`fleet up in ${((Date.now() - started) / 1000).toFixed(0)} s; ${rows.length} faults; bound ${RECOVERY_BOUND_SECONDS} s after each fault ends; logs in ${logDirectory}`);
+    const state: SuiteState = { bases: new Map(), lastImage: undefined, rowIndex: 0 };
+    for (const row of rows) {
+      await fleetWhole(fleet);
+      if (row.reuseImage && !row.reuseImage(state)) {
+        const baseline = await runRow(fleet, state, BASELINE);
+        fleet.say(`baseline: ${JSON.stringify(baseline)}`);
+        if (!row.reuseImage(state)) fleet.say(`${row.fault}: no image on every receiver after the baseline; the row runs on a fresh image`);
+      }
+      const rowStarted = Date.now();
+      const result = await runRow(fleet, state, row);
+      results.push(result);
+      process.stdout.write(`${JSON.stringify(result)}\n`);
+      fleet.say(`${row.fault} took ${((Date.now() - rowStarted) / 1000).toFixed(0)} s`);
+    }
+  } catch (error) {
+    process.stderr.write(`faults: the suite itself failed: ${(error as Error).stack ?? String(error)}\n`);
+    await release();
+    return 2;
+  }
+  await release();
+  const passed = results.filter((result) => result.survived).length;
+  const minutes = (Date.now() - started) / 60_000;
+  const fits = minutes <= CI_LIMIT_MINUTES - CI_ROOM_MINUTES;
+  process.stdout.write(`faults: ${passed} passed, ${results.length - passed} failed\n`);
+  process.stderr.write(
+    `faults: took ${minutes.toFixed(1)} min; ${fits ? `fits CI's ${CI_LIMIT_MINUTES} minutes with room to spare` : `does NOT fit CI's ${CI_LIMIT_MINUTES} minutes with ${CI_ROOM_MINUTES} to spare`}\n`,
+  );
+  return passed === results.length ? 0 : 1;
+}
+
+/** Between rows: every process of the fleet runs and every host is READY again (a row's fault must not leak into the next). */
+async function fleetWhole(fleet: FaultFleet): Promise<void> {
+  for (const node of fleet.nats.nodes) if (!node.daemon) await node.start();
+  for (const service of [fleet.distribution, fleet.cloning]) if (!service.process) await service.start();
+  for (const agent of fleet.agents.values()) if (!agent.daemon) await agent.start();
+  await runCommand('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'status']).catch(() => fleet.say('libvirtd is not running'));
+}
+
+main().then(
+  (code) => process.exit(code),
+  (error: unknown) => {
+    process.stderr.write(`faults: ${(error as Error).stack ?? String(error)}\n`);
+    process.exit(2);
+  },
+);
