@@ -9,7 +9,7 @@
 import { randomUUID } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { copyFile, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
-import { isAbsolute, join, relative, resolve } from 'node:path';
+import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { CreateCloneResult, CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
@@ -90,8 +90,39 @@ export class CloneEngine {
     }
   }
 
-  /** Validates the request, resolves the source once, then makes each clone; results in request order. */
-  private async makeBatch(request: CreateClonesRequest): Promise<CreateCloneResult[]> {
+  /**
+   * CreateClones with validate_only: every whole-call check of a real call, the disk formats for this
+   * hypervisor, one clone's domain XML rendered with the paths it would get, and the names against the
+   * host's domains; creates nothing (no directory, child, domain or event). Throws what a real call would.
+   */
+  async check(request: CreateClonesRequest): Promise<void> {
+    this.checkNames(request);
+    const source = await this.resolveSource(request);
+    const extension = this.options.hypervisor === 'xen' ? 'vhd' : 'qcow2';
+    for (const disk of source.disks) {
+      if (this.options.hypervisor === 'xen' && disk.format !== 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+      if (this.options.hypervisor === 'kvm' && disk.format === 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+    }
+    const name = request.clones[0]!.domainName;
+    const cloneDirectory = join(this.options.imageDirectory, 'clones', name);
+    await renderClone(source.template, {
+      name,
+      hypervisor: this.options.hypervisor,
+      cloneDirectory,
+      disks: source.disks.map((disk) => ({ target: disk.target, path: join(cloneDirectory, `${disk.target}.${extension}`) })),
+      ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
+      metadata: { source: source.metadata, operation: request.operation, requestId: request.requestId },
+    });
+    const existing = new Set((await this.options.libvirt.listDomains()).map((domain) => domain.name));
+    request.clones.forEach((clone, index) => {
+      if (existing.has(clone.domainName)) {
+        throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `a domain named ${clone.domainName} already exists on hosts/${this.options.host}`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN, field: `clones[${index}].domain_name`, metadata: { domain: clone.domainName } });
+      }
+    });
+  }
+
+  /** INVALID_ARGUMENT unless there are 1 to 1000 clones with valid, distinct names. */
+  private checkNames(request: CreateClonesRequest): void {
     if (request.clones.length === 0 || request.clones.length > MAX_CLONES_PER_REQUEST) throw CowherdError.invalidArgument('clones', `must hold 1 to ${MAX_CLONES_PER_REQUEST} clones`);
     const names = new Set<string>();
     request.clones.forEach((clone, index) => {
@@ -99,6 +130,11 @@ export class CloneEngine {
       if (names.has(clone.domainName)) throw CowherdError.invalidArgument(`clones[${index}].domain_name`, 'repeats another clone of this request');
       names.add(clone.domainName);
     });
+  }
+
+  /** Validates the request, resolves the source once, then makes each clone; results in request order. */
+  private async makeBatch(request: CreateClonesRequest): Promise<CreateCloneResult[]> {
+    this.checkNames(request);
     const startedAt = performance.now();
     const source = await this.resolveSource(request);
     for (const disk of source.disks) await protectBase(disk.base);
@@ -173,7 +209,21 @@ export class CloneEngine {
         return { target: disk.target, base: disk.sourcePath, format: disk.format };
       });
       // The template names image files; a VM's clones point at the VM's own disks, so render from its paths.
-      return { metadata: { virtualMachine: source.value }, template: exported.xml, disks };
+      // Direct-boot files likewise: the clones boot the VM's own kernel, which the template names by its
+      // file name in one directory inside the image directory (what a clone of a direct-boot image boots:
+      // `images/<image>/boot-kernel`). Anything else is refused here, before anything is made.
+      const bootDirectories = new Set(exported.bootFiles.map((file) => dirname(file.sourcePath)));
+      for (const file of exported.bootFiles) {
+        const refuse = (problem: string): CowherdError =>
+          new CowherdError(GrpcStatus.FAILED_PRECONDITION, `${source.value} boots <${file.element}> ${file.sourcePath}, which ${problem}`, {
+            reason: ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY,
+            metadata: { path: file.sourcePath, element: file.element },
+          });
+        if (!this.inside(file.sourcePath)) throw refuse(`is outside the image directory ${this.options.imageDirectory}; clone an image published from it instead`);
+        if (basename(file.sourcePath) !== file.fileName || bootDirectories.size > 1) throw refuse(`cowherd cannot point clones at: clones of a virtual machine boot files named ${exported.bootFiles.map((other) => other.fileName).join(', ')} in one directory (those of an image replica); clone an image published from it instead`);
+      }
+      const [bootDirectory] = bootDirectories;
+      return { metadata: { virtualMachine: source.value }, template: exported.xml, disks, ...(bootDirectory === undefined ? {} : { replicaDirectory: bootDirectory }) };
     }
     throw CowherdError.invalidArgument('source', 'must name an image or a virtual machine');
   }

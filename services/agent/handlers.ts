@@ -108,7 +108,14 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
       await replicas.delete(request.name);
       return {};
     },
-    createClones: async (request) => ({ results: await clones.createClones(request) }),
+    createClones: async (request) => {
+      // validate_only: the cloning service's check before it creates an operation; nothing is made.
+      if (request.validateOnly) {
+        await clones.check(request);
+        return { results: [] };
+      }
+      return { results: await clones.createClones(request) };
+    },
     startVirtualMachine: (request) => vms.start(request.name),
     stopVirtualMachine: (request) => vms.stop(request.name, request.force, request.timeout ? (Number(request.timeout.seconds) + request.timeout.nanos / 1e9) * 1000 : DEFAULT_STOP_TIMEOUT_MS),
     deleteVirtualMachine: async (request) => {

@@ -197,6 +197,7 @@ async function runCloneOperation(deps: CloneOperationDeps, context: OperationCon
         clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start })),
         operation: context.name,
         requestId: agentRequestId(context.name, hostName),
+        validateOnly: false,
       };
       let response: CreateClonesResponse;
       try {

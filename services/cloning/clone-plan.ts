@@ -14,6 +14,7 @@ import {
   type CloneVirtualMachinesMetadata,
   type CloneVirtualMachinesRequest,
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
+import type { CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
 import { Host_State, Image_State, VirtualMachine_State, host_StateToJSON, image_StateToJSON, virtualMachine_StateToJSON, type Host } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/errors.js';
 import { HOST_ID, IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/resource-names.js';
@@ -29,6 +30,12 @@ export const MAX_PLACEMENT_HOSTS = 1000;
 /** What planning needs. */
 export interface PlanOptions {
   readonly fleet: FleetView;
+  /**
+   * Asks a host's agent to check a CreateClones request without making anything (validate_only): what only
+   * the agent can see of a source virtual machine (its domain XML, disk and boot file paths and formats).
+   * Without it (tests of planning alone) those checks happen when the agent makes the clones.
+   */
+  readonly checkOnHost?: (host: Host, request: CreateClonesRequest) => Promise<void>;
   /** Draws `{random}`; default 6 random [a-z0-9]. */
   readonly random?: () => string;
   readonly now?: () => Date;
@@ -155,6 +162,17 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     hostsOfClones.map((host, offset) => ({ source: sourceValue, index: offset + 1, host: parseHostName(host)! })),
     { namesInUse: await fleet.domainNamesInUse(), ...(options.random === undefined ? {} : { random: options.random }) },
   );
+  if (source.kind === 'virtualMachine' && options.checkOnHost) {
+    // Everything the agent would refuse for the whole batch, refused now, before any operation exists: a
+    // source whose domain XML, disks or <kernel> cowherd cannot clone used to fail inside the operation.
+    await options.checkOnHost(hosts.get(source.host)!, {
+      source: { $case: 'virtualMachine', value: source.name },
+      clones: names.map((domainName) => ({ domainName, start: request.start })),
+      operation: '',
+      requestId: '',
+      validateOnly: true,
+    });
+  }
   const now = (options.now ?? (() => new Date()))();
   const clones: CloneResult[] = hostsOfClones.map((host, offset) => ({
     index: offset + 1,

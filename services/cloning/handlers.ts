@@ -2,7 +2,12 @@
  * The CloningService handlers: thin. CloneVirtualMachines checks and plans the request (nothing changes
  * when that fails) and starts the operation; Start, Stop and Delete go to the VM's agent (power.ts).
  */
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import type { CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
 import type { CloningServiceService } from '../gen/cowherd/cloning/v1/cloning_service.js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import type { Host } from '../gen/cowherd/inventory/v1/resources.js';
+import { CowherdError, relayServiceError } from '../common/errors.js';
 import type { OperationManager } from '../common/operations.js';
 import type { Handlers } from '../common/rpc.js';
 import type { CloneOperationKind } from './clone-operation.js';
@@ -19,13 +24,27 @@ export interface CloningHandlersDeps {
   readonly operations: Pick<OperationManager, 'start'>;
   readonly kind: CloneOperationKind;
   /** Power and delete; left out in tests of cloning alone. */
-  readonly agents?: Pick<AgentPort, 'startVirtualMachine' | 'deleteVirtualMachine'>;
+  readonly agents?: Pick<AgentPort, 'startVirtualMachine' | 'deleteVirtualMachine' | 'createClones'>;
   readonly stopKind?: ReturnType<typeof stopOperationKind>;
   /** Lets a retried request_id return its operation without re-planning; without it every request is planned. */
   readonly requestIdUsed?: RequestIdLookup;
   /** Draws `{random}` (tests). */
   readonly random?: () => string;
   readonly now?: () => Date;
+}
+
+/** How long the agent's validate_only check may take before the request is refused as UNAVAILABLE. */
+const CHECK_DEADLINE_MS = 20_000;
+
+/** CreateClones with validate_only on the host's agent; its refusal relayed as the agent sent it. */
+async function checkOnAgent(agents: Pick<AgentPort, 'createClones'>, host: Host, request: CreateClonesRequest): Promise<void> {
+  const signal = AbortSignal.timeout(CHECK_DEADLINE_MS);
+  try {
+    await agents.createClones(host, request, signal);
+  } catch (error) {
+    if (signal.aborted) throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} did not answer the check of the clone request within ${CHECK_DEADLINE_MS / 1000} s`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name }, cause: error });
+    throw relayServiceError(error, host.name);
+  }
 }
 
 /** The implemented CloningService handlers. */
@@ -39,6 +58,7 @@ export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typ
       }
       const metadata = await planClones(request, {
         fleet: deps.fleet,
+        ...(deps.agents === undefined ? {} : { checkOnHost: (host, check) => checkOnAgent(deps.agents!, host, check) }),
         ...(deps.random === undefined ? {} : { random: deps.random }),
         ...(deps.now === undefined ? {} : { now: deps.now }),
       });

@@ -34,7 +34,11 @@ export function inventoryReader(client: InventoryServiceClient) {
       const found: VirtualMachine[] = [];
       let pageToken = '';
       do {
-        const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent, pageSize: 1000, pageToken, filter: `source_image = ${JSON.stringify(image)}` }, cb));
+        const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent, pageSize: 1000, pageToken, filter: `source_image = ${JSON.stringify(image)}` }, cb)).catch((error: { code?: number }) => {
+          // A host that no longer exists (NOT_FOUND as a parent) has no VM records left: no dependents.
+          if (error.code === GrpcStatus.NOT_FOUND) return { virtualMachines: [], nextPageToken: '' };
+          throw error;
+        });
         found.push(...page.virtualMachines);
         pageToken = page.nextPageToken;
       } while (pageToken !== '');

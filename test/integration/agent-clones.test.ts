@@ -49,7 +49,7 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
 
   function cloneRequest(names: string[], start = false, vm = `hosts/clone-host/virtualMachines/${source}`) {
     domains.push(...names);
-    return { source: { $case: 'virtualMachine' as const, value: vm }, clones: names.map((domainName) => ({ domainName, start })), operation: `operations/00000000-0000-4000-8000-${suffix.padStart(12, '0')}`, requestId: `request-${names.join(',')}` };
+    return { source: { $case: 'virtualMachine' as const, value: vm }, clones: names.map((domainName) => ({ domainName, start })), operation: `operations/00000000-0000-4000-8000-${suffix.padStart(12, '0')}`, requestId: `request-${names.join(',')}`, validateOnly: false };
   }
 
   before(async () => {
@@ -165,10 +165,10 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     await writeFile(join(replica, 'domain-template.xml'), template.xml);
     const name = `img-clone-${suffix}`;
     domains.push(name);
-    const response = await call<{ results: CreateCloneResult[] }>((cb) => agentClient.createClones({ source: { $case: 'image', value: `images/img-${suffix}` }, clones: [{ domainName: name, start: false }], operation: '', requestId: '' }, cb));
+    const response = await call<{ results: CreateCloneResult[] }>((cb) => agentClient.createClones({ source: { $case: 'image', value: `images/img-${suffix}` }, clones: [{ domainName: name, start: false }], operation: '', requestId: '', validateOnly: false }, cb));
     assert.equal(response.results[0]!.status?.code ?? 0, 0, JSON.stringify(response.results[0]?.status));
     assert.equal(response.results[0]!.virtualMachine?.sourceImage, `images/img-${suffix}`);
-    const missing = await call<{ results: CreateCloneResult[] }>((cb) => agentClient.createClones({ source: { $case: 'image', value: 'images/absent' }, clones: [{ domainName: `x-${suffix}`, start: false }], operation: '', requestId: '' }, cb)).then(() => undefined, (error: { code: number }) => error.code);
+    const missing = await call<{ results: CreateCloneResult[] }>((cb) => agentClient.createClones({ source: { $case: 'image', value: 'images/absent' }, clones: [{ domainName: `x-${suffix}`, start: false }], operation: '', requestId: '', validateOnly: false }, cb)).then(() => undefined, (error: { code: number }) => error.code);
     assert.equal(missing, GrpcStatus.FAILED_PRECONDITION);
   });
 

@@ -143,7 +143,7 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
     const sibling = `boot-b-${suffix}`;
     domains.push(booted, sibling);
     const response = await call<{ results: CreateCloneResult[] }>((cb) =>
-      agentClient.createClones({ source: { $case: 'image', value: `images/${image}` }, clones: [booted, sibling].map((domainName) => ({ domainName, start: false })), operation: '', requestId: `boot-${suffix}` }, cb),
+      agentClient.createClones({ source: { $case: 'image', value: `images/${image}` }, clones: [booted, sibling].map((domainName) => ({ domainName, start: false })), operation: '', requestId: `boot-${suffix}`, validateOnly: false }, cb),
     );
     assert.deepEqual(response.results.map((result) => [result.domainName, result.status?.code ?? 0, result.started]), [[booted, 0, false], [sibling, 0, false]], JSON.stringify(response.results.map((result) => result.status)));
     const overlay = (name: string) => join(imageDirectory, 'clones', name, 'vda.qcow2');

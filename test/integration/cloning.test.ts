@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { execFile } from 'node:child_process';
-import { readFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
@@ -102,5 +102,63 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, source: { $case: 'image', value: 'images/../etc' } }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
     assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, placement: { ...request.placement, hosts: ['hosts/nope'] } }, cb))).code, GrpcStatus.NOT_FOUND);
     assert.equal(await list(), count, 'no operation was created');
+  });
+
+  it('checks a source VM on its agent before any operation exists: refuses what it cannot clone, clones a VM that boots an image\'s kernel', async () => {
+    const suffix = Math.random().toString(36).slice(2, 7);
+    const vmDirectory = join(stack.imageDirectory, 'vms');
+    await mkdir(vmDirectory, { recursive: true });
+    const outside = await resources.tempDir('cowherd-outside-');
+    const replica = join(stack.imageDirectory, 'images', image);
+    // A kernel file as a clone of a direct-boot image has it: `boot-kernel` in the replica's directory.
+    await writeFile(join(replica, 'boot-kernel'), 'not a real kernel: the clones are never started');
+    await writeFile(join(outside, 'vmlinuz'), 'not a real kernel');
+    const defineVm = async (name: string, options: { kernel?: string; diskDirectory?: string }): Promise<string> => {
+      const disk = join(options.diskDirectory ?? vmDirectory, `${name}.qcow2`);
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', disk, '16M']);
+      const kernel = options.kernel === undefined ? '' : `<kernel>${options.kernel}</kernel><cmdline>console=ttyS0</cmdline>`;
+      const xml = `<domain type='qemu'><name>${name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type>${kernel}</os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
+      const file = join(outside, `${name}.xml`);
+      await writeFile(file, xml);
+      await stack.virsh('define', file);
+      stack.track(name);
+      const deadline = Date.now() + 20_000;
+      while (Date.now() < deadline && !(await call<VirtualMachine>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/api-host/virtualMachines/${name}` }, cb)).then((vm) => vm.state === 3, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+      return `hosts/api-host/virtualMachines/${name}`;
+    };
+    const cloneOf = (source: string, template: string) => ({ source: { $case: 'virtualMachine' as const, value: source }, placement: undefined, count: 2, nameTemplate: template, start: false, requestId: '' });
+    const operationCount = async () => (await call<{ operations: unknown[] }>((cb) => stack.operations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
+    const domains = async () => (await stack.virsh('list', '--all', '--name')).stdout.split('\n').map((line) => line.trim());
+    const cloneDirectories = async () => readdir(join(stack.imageDirectory, 'clones')).catch(() => [] as string[]);
+
+    const refusals: Array<{ what: string; source: string; reason: string; message: RegExp }> = [
+      { what: 'a kernel outside the image directory', source: await defineVm(`kernel-out-${suffix}`, { kernel: join(outside, 'vmlinuz') }), reason: 'ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY', message: /boots <kernel> .*vmlinuz, which is outside the image directory/ },
+      { what: 'a disk outside the image directory', source: await defineVm(`disk-out-${suffix}`, { diskDirectory: outside }), reason: 'ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY', message: /disk vda .* is outside the image directory/ },
+    ];
+    const operationsBefore = await operationCount();
+    const domainsBefore = await domains();
+    const directoriesBefore = await cloneDirectories();
+    for (const refusal of refusals) {
+      const started = performance.now();
+      const refused = await failure((cb) => stack.cloning.cloneVirtualMachines(cloneOf(refusal.source, `refused-${suffix}-{index}`), cb));
+      assert.equal(refused.code, GrpcStatus.FAILED_PRECONDITION, `${refusal.what}: ${refused.message}`);
+      assert.equal(refused.reason, refusal.reason, refusal.what);
+      assert.match(refused.message, refusal.message, refusal.what);
+      assert.ok(performance.now() - started < 10_000, `${refusal.what}: answered at once`);
+    }
+    assert.equal(await operationCount(), operationsBefore, 'no operation was created');
+    assert.deepEqual(await domains(), domainsBefore, 'no domain was defined');
+    assert.deepEqual(await cloneDirectories(), directoriesBefore, 'no clone directory or overlay was made');
+
+    // A VM that boots the replica's kernel (a clone of a direct-boot image) clones, its clones boot the same file.
+    const bootsImageKernel = await defineVm(`kernel-in-${suffix}`, { kernel: join(replica, 'boot-kernel') });
+    const operation = await call<Operation>((cb) => stack.cloning.cloneVirtualMachines(cloneOf(bootsImageKernel, `kin-${suffix}-{index}`), cb));
+    stack.track(`kin-${suffix}-1`, `kin-${suffix}-2`);
+    const done = await stack.wait(operation.name);
+    assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
+    const response = unpack(responseType, done.result.value);
+    assert.deepEqual(response.clones.map((clone) => [clone.domainName, clone.state]), [[`kin-${suffix}-1`, CloneResult_State.STATE_DONE], [`kin-${suffix}-2`, CloneResult_State.STATE_DONE]], JSON.stringify(response.clones.map((clone) => clone.error)));
+    const xml = (await stack.virsh('dumpxml', '--inactive', `kin-${suffix}-1`)).stdout;
+    assert.match(xml, new RegExp(`<kernel>${join(replica, 'boot-kernel')}</kernel>`));
   });
 });

@@ -155,7 +155,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const cloningAgent = await asService('cloning');
     const distributionAgent = await asService('distribution');
     assert.equal((await failure((cb) => cloningAgent.fetchImage({ image, trackerAnnounceUrl: 'http://localhost:1/announce', webSeedUrls: [], operation: '' }, cb))).code, GrpcStatus.PERMISSION_DENIED);
-    assert.equal((await failure((cb) => distributionAgent.createClones({ source: { $case: 'image', value: `images/${imageId}` }, clones: [{ domainName: 'nope', start: false }], operation: '', requestId: '' }, cb))).code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal((await failure((cb) => distributionAgent.createClones({ source: { $case: 'image', value: `images/${imageId}` }, clones: [{ domainName: 'nope', start: false }], operation: '', requestId: '', validateOnly: false }, cb))).code, GrpcStatus.PERMISSION_DENIED);
     cloningAgent.close();
     distributionAgent.close();
     // The tracker refuses an info-hash it does not know (announce with a random one).

@@ -83,6 +83,18 @@ describe('inventory', () => {
     return names;
   }
 
+  /** The VM records of `host` among every host's (hosts/-), page by page: what a deleted host left behind. */
+  async function fleetVmsOf(client: InventoryServiceClient, host: string): Promise<VirtualMachine[]> {
+    const found: VirtualMachine[] = [];
+    let pageToken = '';
+    do {
+      const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken, filter: '' }, cb));
+      found.push(...page.virtualMachines.filter((item) => item.name.startsWith(`hosts/${host}/`)));
+      pageToken = page.nextPageToken;
+    } while (pageToken !== '');
+    return found;
+  }
+
   before(async () => {
     pki = await TestPki.create(await resources.tempDir());
     const nats = await startTestNats(resources, pki);
@@ -475,7 +487,11 @@ describe('inventory', () => {
       }
     };
     const vmsOn = async (replica: number, host: string): Promise<Map<string, VirtualMachine_State>> => {
-      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admins[replica]!.listVirtualMachines({ parent: `hosts/${host}`, pageSize: 1000, pageToken: '', filter: '' }, cb));
+      // A deleted host is NOT_FOUND as a parent: then look for records it left behind across the fleet.
+      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admins[replica]!.listVirtualMachines({ parent: `hosts/${host}`, pageSize: 1000, pageToken: '', filter: '' }, cb)).catch(async (error: ServiceError) => {
+        if (error.code !== GrpcStatus.NOT_FOUND) throw error;
+        return { virtualMachines: await fleetVmsOf(admins[replica]!, host) };
+      });
       return new Map(page.virtualMachines.map((item) => [item.domainName, item.state]));
     };
     const same = (a: ReadonlyMap<string, unknown>, b: ReadonlyMap<string, unknown>): boolean => JSON.stringify([...a].sort()) === JSON.stringify([...b].sort());
@@ -584,7 +600,8 @@ describe('inventory', () => {
     assert.match(refused.metadata['dependents'] ?? '', /clone-1/);
     await call((cb) => admin.deleteHost({ name: 'hosts/kvm-05', force: true }, cb));
     assert.equal((await failure((cb) => admin.getHost({ name: 'hosts/kvm-05' }, cb))).code, GrpcStatus.NOT_FOUND);
-    const left = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-05', pageSize: 1000, pageToken: '', filter: '' }, cb));
-    assert.equal(left.virtualMachines.length, 0);
+    // The host is gone (NOT_FOUND as a parent), and so is every record of its VMs across the fleet.
+    assert.equal((await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-05', pageSize: 1000, pageToken: '', filter: '' }, cb))).code, GrpcStatus.NOT_FOUND);
+    assert.deepEqual(await fleetVmsOf(admin, 'kvm-05'), []);
   });
 });

@@ -36,7 +36,7 @@ describe('CloneEngine', () => {
       };
       const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events: { publish } as never, log });
       const names = Array.from({ length: 8 }, (_, index) => `retry-${index}`);
-      const request = { source: { $case: 'image' as const, value: 'images/tiny' }, clones: names.map((domainName) => ({ domainName, start: false })), operation: 'operations/00000000-0000-4000-8000-000000000001', requestId: 'operations/00000000-0000-4000-8000-000000000001/hosts/kvm-01' };
+      const request = { source: { $case: 'image' as const, value: 'images/tiny' }, clones: names.map((domainName) => ({ domainName, start: false })), operation: 'operations/00000000-0000-4000-8000-000000000001', requestId: 'operations/00000000-0000-4000-8000-000000000001/hosts/kvm-01', validateOnly: false };
 
       const first = engine.createClones(request);
       await new Promise((resolve) => setTimeout(resolve, 20));

@@ -83,7 +83,7 @@ describe('metrics', () => {
       };
       const doneBefore = await count('done');
       const failedBefore = await count('failed');
-      const results = await engine.createClones({ source: { $case: 'image', value: 'images/tiny' }, clones: [{ domainName: 'made-1', start: false }, { domainName: 'refused-1', start: false }], operation: '', requestId: '' });
+      const results = await engine.createClones({ source: { $case: 'image', value: 'images/tiny' }, clones: [{ domainName: 'made-1', start: false }, { domainName: 'refused-1', start: false }], operation: '', requestId: '', validateOnly: false });
       assert.deepEqual(results.map((result) => result.virtualMachine !== undefined), [true, false]);
       assert.equal(await count('done'), doneBefore + 1);
       assert.equal(await count('failed'), failedBefore + 1);

@@ -168,6 +168,16 @@ export interface CreateClonesRequest {
    * the clones already made instead of failing on their names.
    */
   requestId: string;
+  /**
+   * When true, the agent checks the request as it would make it and makes nothing (no child disk, no
+   * directory, no domain, no event): the source exists and is powered off, its domain XML can be cloned on
+   * this host's hypervisor, its disks and direct-boot files (`<kernel>`, `<initrd>`, `<dtb>`) are inside the
+   * image directory, its disk formats suit the hypervisor, and no domain on the host has one of the names.
+   * It answers with the same whole-call errors as a real call, plus ALREADY_EXISTS
+   * (VIRTUAL_MACHINE_NAME_TAKEN) for a name in use, and an empty results list when everything would work.
+   * The cloning service calls it before it creates a CloneVirtualMachines operation from a virtual machine.
+   */
+  validateOnly: boolean;
 }
 
 /** CloneSpec is one clone to make. */
@@ -1242,7 +1252,7 @@ export const SetTransferLimitsRequest: MessageFns<SetTransferLimitsRequest> = {
 };
 
 function createBaseCreateClonesRequest(): CreateClonesRequest {
-  return { source: undefined, clones: [], operation: "", requestId: "" };
+  return { source: undefined, clones: [], operation: "", requestId: "", validateOnly: false };
 }
 
 export const CreateClonesRequest: MessageFns<CreateClonesRequest> = {
@@ -1263,6 +1273,9 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest> = {
     }
     if (message.requestId !== "") {
       writer.uint32(42).string(message.requestId);
+    }
+    if (message.validateOnly !== false) {
+      writer.uint32(48).bool(message.validateOnly);
     }
     return writer;
   },
@@ -1320,6 +1333,14 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest> = {
             message.requestId = reader.string();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.validateOnly = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1348,6 +1369,11 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest> = {
         : isSet(object.request_id)
         ? globalThis.String(object.request_id)
         : "",
+      validateOnly: isSet(object.validateOnly)
+        ? globalThis.Boolean(object.validateOnly)
+        : isSet(object.validate_only)
+        ? globalThis.Boolean(object.validate_only)
+        : false,
     };
   },
 
@@ -1366,6 +1392,9 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest> = {
     }
     if (message.requestId !== "") {
       obj.requestId = message.requestId;
+    }
+    if (message.validateOnly !== false) {
+      obj.validateOnly = message.validateOnly;
     }
     return obj;
   },
@@ -1392,6 +1421,7 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest> = {
     message.clones = object.clones?.map((e) => CloneSpec.fromPartial(e)) || [];
     message.operation = object.operation ?? "";
     message.requestId = object.requestId ?? "";
+    message.validateOnly = object.validateOnly ?? false;
     return message;
   },
 };
@@ -2079,8 +2109,10 @@ export const AgentServiceService = {
    * behind unless only its start failed. It is idempotent per domain name: a clone whose domain already exists
    * with this request's cowherd metadata is returned as it is. Errors for the whole call: FAILED_PRECONDITION
    * (IMAGE_NOT_ON_HOST, VIRTUAL_MACHINE_RUNNING); NOT_FOUND (RESOURCE_NOT_FOUND) for a source virtual machine;
-   * INVALID_ARGUMENT (INVALID_FIELD). Per-clone errors: ALREADY_EXISTS (VIRTUAL_MACHINE_NAME_TAKEN),
-   * RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), INTERNAL (HYPERVISOR_ERROR).
+   * INVALID_ARGUMENT (INVALID_FIELD); FAILED_PRECONDITION (UNTRUSTED_DOMAIN_XML, PATH_OUTSIDE_IMAGE_DIRECTORY,
+   * HYPERVISOR_MISMATCH) for a source virtual machine that cannot be cloned here. Per-clone errors:
+   * ALREADY_EXISTS (VIRTUAL_MACHINE_NAME_TAKEN), RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), INTERNAL
+   * (HYPERVISOR_ERROR). With validate_only it only checks (see CreateClonesRequest.validate_only).
    */
   createClones: {
     path: "/cowherd.agent.v1.AgentService/CreateClones" as const,
@@ -2205,8 +2237,10 @@ export interface AgentServiceServer extends UntypedServiceImplementation {
    * behind unless only its start failed. It is idempotent per domain name: a clone whose domain already exists
    * with this request's cowherd metadata is returned as it is. Errors for the whole call: FAILED_PRECONDITION
    * (IMAGE_NOT_ON_HOST, VIRTUAL_MACHINE_RUNNING); NOT_FOUND (RESOURCE_NOT_FOUND) for a source virtual machine;
-   * INVALID_ARGUMENT (INVALID_FIELD). Per-clone errors: ALREADY_EXISTS (VIRTUAL_MACHINE_NAME_TAKEN),
-   * RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), INTERNAL (HYPERVISOR_ERROR).
+   * INVALID_ARGUMENT (INVALID_FIELD); FAILED_PRECONDITION (UNTRUSTED_DOMAIN_XML, PATH_OUTSIDE_IMAGE_DIRECTORY,
+   * HYPERVISOR_MISMATCH) for a source virtual machine that cannot be cloned here. Per-clone errors:
+   * ALREADY_EXISTS (VIRTUAL_MACHINE_NAME_TAKEN), RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), INTERNAL
+   * (HYPERVISOR_ERROR). With validate_only it only checks (see CreateClonesRequest.validate_only).
    */
   createClones: handleUnaryCall<CreateClonesRequest, CreateClonesResponse>;
   /**
@@ -2384,8 +2418,10 @@ export interface AgentServiceClient extends Client {
    * behind unless only its start failed. It is idempotent per domain name: a clone whose domain already exists
    * with this request's cowherd metadata is returned as it is. Errors for the whole call: FAILED_PRECONDITION
    * (IMAGE_NOT_ON_HOST, VIRTUAL_MACHINE_RUNNING); NOT_FOUND (RESOURCE_NOT_FOUND) for a source virtual machine;
-   * INVALID_ARGUMENT (INVALID_FIELD). Per-clone errors: ALREADY_EXISTS (VIRTUAL_MACHINE_NAME_TAKEN),
-   * RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), INTERNAL (HYPERVISOR_ERROR).
+   * INVALID_ARGUMENT (INVALID_FIELD); FAILED_PRECONDITION (UNTRUSTED_DOMAIN_XML, PATH_OUTSIDE_IMAGE_DIRECTORY,
+   * HYPERVISOR_MISMATCH) for a source virtual machine that cannot be cloned here. Per-clone errors:
+   * ALREADY_EXISTS (VIRTUAL_MACHINE_NAME_TAKEN), RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), INTERNAL
+   * (HYPERVISOR_ERROR). With validate_only it only checks (see CreateClonesRequest.validate_only).
    */
   createClones(
     request: CreateClonesRequest,
