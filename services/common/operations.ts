@@ -21,6 +21,7 @@ import type { Any } from '../gen/google/protobuf/any.js';
 import { CowherdError, toStatus } from './errors.js';
 import { jsonCodec, KvConflictError, KvStore } from './kv.js';
 import type { Logger } from './logger.js';
+import { OPERATION_KIND_NAMES } from './operation-kinds.js';
 import { OPERATION_METRIC_STATES, operationsByState, operationsFinished, type OperationMetricState } from './metrics.js';
 import { paginate, PageTokens } from './pagination.js';
 import { adaptService, type AccessPolicy, type BoundaryOptions, type Handlers, type ServiceRegistration } from './rpc.js';
@@ -230,7 +231,8 @@ export class OperationManager {
 
   /** Lists operations, newest names first is not promised: ordered by name for stable paging. */
   async list(request: { filter: string; pageSize: number; pageToken: string }): Promise<{ operations: Operation[]; nextPageToken: string }> {
-    const filter = parseFilter(request.filter);
+    // Kinds registered here count too: tests run kinds of their own.
+    const filter = parseFilter(request.filter, new Set([...OPERATION_KIND_NAMES, ...this.kinds.keys()]));
     const records = (await this.store.list('*')).map((entry) => entry.value).filter((record) => filter(record));
     const { page, nextPageToken } = paginate(records, (record) => record.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `operations|${request.filter}`, tokens: this.options.pageTokens });
     return { operations: page.map((record) => Operation.decode(Buffer.from(record.operation, 'base64'))), nextPageToken };
@@ -485,8 +487,8 @@ function isCancellation(reason: unknown): boolean {
   return reason instanceof CowherdError && reason.code === GrpcStatus.CANCELLED;
 }
 
-/** Filters: "" (all), "done=true", "done=false", "kind=<kind>", joined by " AND ". */
-function parseFilter(filter: string): (record: OperationRecord) => boolean {
+/** Filters: "" (all), "done=true", "done=false", "kind=<kind>" (one of `kinds`), joined by " AND ". */
+function parseFilter(filter: string, kinds: ReadonlySet<string>): (record: OperationRecord) => boolean {
   if (filter.trim() === '') return () => true;
   const tests = filter.split(/\s+AND\s+/).map((term) => {
     const match = /^\s*(done|kind)\s*=\s*"?([A-Za-z0-9._-]+)"?\s*$/.exec(term);
@@ -496,6 +498,7 @@ function parseFilter(filter: string): (record: OperationRecord) => boolean {
       if (value !== 'true' && value !== 'false') throw CowherdError.invalidArgument('filter', 'done must be true or false');
       return (record: OperationRecord) => decodeDone(record) === (value === 'true');
     }
+    if (!kinds.has(value!)) throw CowherdError.invalidArgument('filter', `${JSON.stringify(value)} is not a value of kind; allowed: ${[...kinds].join(', ')}`);
     return (record: OperationRecord) => record.kind === value;
   });
   return (record) => tests.every((test) => test(record));

@@ -6,10 +6,12 @@
  *   NOT_FOUND) ends with that status and its ErrorInfo at once, not at the client's deadline: once at the
  *   boundary (authorization, revocation) and once from the handler, for InventoryService.WatchVirtualMachines
  *   and AgentService.ExportImage, and a stream that fails after sending messages ends with its status too;
- * - filter values are checked against the field's type and enum values on every filter of the shared parser.
+ * - filter values are checked against the field's type and enum values on every filter of the shared parser,
+ *   and ListOperations (real NATS) checks `kind` against every operation kind the services define.
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { status as GrpcStatus, type ClientReadableStream, type ServiceError } from '@grpc/grpc-js';
@@ -24,12 +26,16 @@ import { writeCredentials } from '../../services/common/credential-files.js';
 import { CowherdError, readServiceError } from '../../services/common/errors.js';
 import { booleanField, enumField, enumValueNames, imageNameField, parseFilter } from '../../services/common/filter.js';
 import { createLogger } from '../../services/common/logger.js';
+import { connectNats } from '../../services/common/nats.js';
+import { OPERATION_KIND_NAMES } from '../../services/common/operation-kinds.js';
+import { OperationManager } from '../../services/common/operations.js';
+import { PageTokens } from '../../services/common/pagination.js';
 import { inspectCertificate } from '../../services/common/pki.js';
 import { readDescriptorSet } from '../../services/common/reflection.js';
 import { adaptService, type RevocationCheck } from '../../services/common/rpc.js';
 import { startServer, type RunningServer } from '../../services/common/server.js';
 import { mutualTlsChannelCredentialsFromPem, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/tls.js';
-import { Resources, TestPki } from '../harness/index.js';
+import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { REPOSITORY } from '../harness/processes.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
@@ -266,5 +272,39 @@ describe('RPC contract: filter values are checked against the field', () => {
     assert.deepEqual(select('managed = false'), [off]);
     assert.deepEqual(select('source_image = "images/debian-12"'), [running]);
     assert.deepEqual(select('source_image = ""'), [off]);
+  });
+});
+
+describe('RPC contract: ListOperations checks its filter values', () => {
+  const resources = new Resources();
+  after(() => resources.release());
+
+  it('knows every operation kind the services define, and only those', async () => {
+    // Each service names its kinds in its own folder (`kind: '<service>.<verb>-<noun>'` or a constant).
+    const defined = new Set<string>();
+    for (const service of ['distribution', 'cloning']) {
+      const folder = join(REPOSITORY, 'services', service);
+      for (const file of (await readdir(folder)).filter((name) => name.endsWith('.ts'))) {
+        const text = await readFile(join(folder, file), 'utf8');
+        for (const match of text.matchAll(/(?:kind: |_KIND = )'([a-z]+\.[a-z-]+)'/g)) defined.add(match[1]!);
+      }
+    }
+    assert.deepEqual([...defined].sort(), [...OPERATION_KIND_NAMES].sort());
+  });
+
+  it('refuses a kind or done value that does not exist, naming the allowed ones', async () => {
+    const pki = await TestPki.create(await resources.tempDir());
+    const nats = await startTestNats(resources, pki);
+    const connection = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'distribution'), name: 'rpc-contract', log });
+    resources.defer(() => connection.close());
+    const manager = await OperationManager.open({ js: connection.jetstream, log, pageTokens: await PageTokens.open(connection.jetstream) });
+    resources.defer(() => manager.stop());
+    for (const [filter, message] of [
+      ['kind = cloning.clone-vms', /"cloning.clone-vms" is not a value of kind; allowed: distribution.publish-image, .*cloning.clone-virtual-machines/],
+      ['done = maybe', /done must be true or false/],
+    ] as const) {
+      await assert.rejects(manager.list({ filter, pageSize: 0, pageToken: '' }), (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.INVALID_ARGUMENT && error.field === 'filter' && message.test(error.message), filter);
+    }
+    assert.deepEqual((await manager.list({ filter: 'kind = cloning.clone-virtual-machines AND done = false', pageSize: 0, pageToken: '' })).operations, []);
   });
 });
