@@ -10,7 +10,10 @@
  * server certificate (also used by the NATS pods' sidecar as its client certificate), one certificate per
  * service, and an admin bundle that stays on the operator's machine. It writes a kustomization with one
  * Secret per identity (`cowherd-tls-<name>`: cert.pem, key.pem, ca.pem) and the CA key Secret
- * (`cowherd-ca-key`: ca-key.pem, ca.pem), which only the certificate-authority pods mount.
+ * (`cowherd-ca-key`: ca-key.pem, ca.pem, bootstrap-certificates.pem), which only the certificate-authority
+ * pods mount. The gRPC servers admit only serials the CA has recorded, and these seeds are signed before the
+ * CA service runs, so every seed certificate (not its key) goes into bootstrap-certificates.pem, which the CA
+ * records as issued at start and whenever the mounted file changes (COWHERD_CA_BOOTSTRAP_CERTIFICATES).
  *
  * These certificates are seeds: every pod copies its Secret into a memory emptyDir at start and renews
  * the copy itself at two thirds of its lifetime (services/common/certificate-renewal.ts), so a running
@@ -103,6 +106,9 @@ export async function issueClusterCredentials(options: ClusterCredentialsOptions
   const adminDirectory = join(directory, 'admin', adminUser);
   if (await ensureSeed(ca, adminDirectory, identityUri('admin', adminUser), [], ADMIN_DAYS * 86_400)) issued.push(identityUri('admin', adminUser));
   for (const identity of issued) say(`issued ${identity}`);
+  const seedFiles = [...CLUSTER_IDENTITIES.map((name) => join(directory, 'credentials', name)), adminDirectory].map((seed) => credentialFiles(seed).certificateFile);
+  const bootstrapCertificates = (await Promise.all(seedFiles.map((file) => readFile(file, 'utf8')))).join('');
+  await writeFile(join(directory, 'ca', 'bootstrap-certificates.pem'), bootstrapCertificates, { mode: 0o644 });
 
   const kustomizationFile = join(directory, 'kustomization.yaml');
   await writeFile(kustomizationFile, renderSecretsKustomization(namespace), { mode: 0o600 });
@@ -127,6 +133,7 @@ export function renderSecretsKustomization(namespace: string): string {
     '    files:',
     '      - ca-key.pem=ca/ca-key.pem',
     '      - ca.pem=ca/ca.pem',
+    '      - bootstrap-certificates.pem=ca/bootstrap-certificates.pem',
   ];
   for (const name of CLUSTER_IDENTITIES) {
     lines.push(

@@ -155,7 +155,13 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     const endpoints: FleetEndpoint[] = [{ name: 'nats', address: nats.url, pid: nats.daemon.pid }];
     const common = { COWHERD_NATS_URL: nats.url, COWHERD_STATE_DIR: state };
 
-    // 2. The CA service; it keeps NATS's users from now on.
+    // 2. The CA service; it keeps NATS's users from now on. What was signed with the CA key before it runs
+    // (NATS's, its own, and a short-lived bootstrap admin to ask it for the rest) it records as issued:
+    // servers admit only serials the CA has recorded.
+    const bootstrap = await issueCredentials(ca, identityUri('admin', 'fleet-bootstrap'), { ttlSeconds: 3600 });
+    const bootstrapCertificatesFile = join(credentialsDirectory, 'bootstrap-certificates.pem');
+    const seeds = await Promise.all([natsTls, caTls].map((files) => readFile(files.certificateFile, 'utf8')));
+    await writeAtomically(bootstrapCertificatesFile, [...seeds, bootstrap.certificatePem].join(''), 0o644);
     const caPort = await port('certificate-authority', 'grpc');
     const enrollPort = options.dynamicPorts ? await dynamicPort() : ENROLL_PORT;
     const caAddress = `localhost:${caPort}`;
@@ -168,11 +174,11 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
         COWHERD_NATS_AUTHORIZATION_FILE: nats.authorizationFile,
         COWHERD_NATS_PID_FILE: nats.pidFile,
         COWHERD_NATS_STATIC_IDENTITIES: caIdentity.uri,
+        COWHERD_CA_BOOTSTRAP_CERTIFICATES: bootstrapCertificatesFile,
       }),
     );
 
-    // 3. Everything else through the CA, with a short-lived bootstrap admin certificate.
-    const bootstrap = await issueCredentials(ca, identityUri('admin', 'fleet-bootstrap'), { ttlSeconds: 3600 });
+    // 3. Everything else through the CA, with the short-lived bootstrap admin certificate.
     const caClient = createClient(CertificateAuthorityServiceClient, caAddress, mutualTlsChannelCredentialsFromPem(bootstrap, identityUri('service', 'certificate-authority')), { defaultDeadlineMs: 30_000 });
     closers.push(caClient);
     const admin = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, 'admin'), identityUri('admin', userName()), [], ADMIN_CERTIFICATE_DAYS);

@@ -23,6 +23,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { parseAllDocuments } from 'yaml';
 import { clusterDnsNames, CLUSTER_IDENTITIES, issueClusterCredentials } from '../../deploy/bootstrap/issue-credentials.js';
+import { certificateBlocks } from '../../services/certificate-authority/bootstrap-certificates.js';
 import { COWHERD_BUCKETS, SIDECAR_VARIABLES, parseStaticIdentities } from '../../deploy/nats/nats-sidecar.js';
 import { openCaRecords } from '../../services/certificate-authority/records.js';
 import { startDaemon } from '../../services/common/child-process.js';
@@ -409,7 +410,11 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
     assert.ok(secrets.every((secret) => secret.kind === 'Secret' && secret.metadata.namespace === 'cowherd'));
     for (const secret of secrets) assert.deepEqual(await validateObject(secret), [], id(secret));
     const made = new Map(secrets.map((secret) => [secret.metadata.name, Object.keys(secret.data).sort()]));
-    assert.deepEqual(made.get('cowherd-ca-key'), ['ca-key.pem', 'ca.pem']);
+    assert.deepEqual(made.get('cowherd-ca-key'), ['bootstrap-certificates.pem', 'ca-key.pem', 'ca.pem']);
+    // Every seed's certificate is in the CA's bootstrap file, which it records as issued.
+    const bootstrapSerials = certificateBlocks(await readFile(join(directory, 'ca', 'bootstrap-certificates.pem'), 'utf8')).map((pem) => inspectCertificate(pem).serialNumber).sort();
+    const seedSerials = await Promise.all([...CLUSTER_IDENTITIES.map((name) => join(directory, 'credentials', name)), first.adminDirectory].map(async (seed) => inspectCertificate(await readFile(join(seed, 'cert.pem'), 'utf8')).serialNumber));
+    assert.deepEqual(bootstrapSerials, seedSerials.sort());
     for (const overlay of OVERLAYS) {
       for (const workload of workloads(rendered.get(overlay)!)) {
         for (const volume of workload.spec.template.spec.volumes ?? []) {
@@ -417,7 +422,9 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
           assert.ok(made.has(volume.secret.secretName), `${overlay} ${id(workload)} mounts ${volume.secret.secretName}, which the bootstrap makes`);
           const mount = [...allContainers(workload)].flatMap((container: any) => container.volumeMounts ?? []).find((candidate: any) => candidate.name === volume.name);
           const copied = allContainers(workload).flatMap((container: any) => container.args ?? []).join(' ');
-          for (const key of made.get(volume.secret.secretName)!) assert.ok(copied.includes(`${mount.mountPath}/${key}`), `${id(workload)}: ${volume.secret.secretName}/${key} is copied into the live directory`);
+          // Every key the volume mounts (all of the Secret's unless it names items).
+          const keys: string[] = volume.secret.items ? volume.secret.items.map((item: { key: string }) => item.key) : made.get(volume.secret.secretName)!;
+          for (const key of keys) assert.ok(copied.includes(`${mount.mountPath}/${key}`), `${id(workload)}: ${volume.secret.secretName}/${key} is copied into the live directory`);
         }
       }
     }
