@@ -225,6 +225,16 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     assert.equal(shown.lineage.overlays.length, 1);
     assert.equal(shown.virtualMachine.disks[0]?.path, shown.lineage.overlays[0]);
     assert.match(shown.virtualMachine.disks[0]?.backingChain[0]?.path ?? '', new RegExp(`/${PEER}/images-root/images/${image}/`));
+    // Each replica counts the clones on it, from the same lineage `vms show` reads (issue 12: 0 before).
+    const byImage = await json<{ imageReplicas: Array<{ host: string; dependentVirtualMachines?: string[] }> }>('images', 'show', image);
+    for (const [index, host] of [HOST, PEER].entries()) {
+      const replica = byImage.imageReplicas.find((entry) => entry.host === `hosts/${host}`);
+      assert.ok(replica?.dependentVirtualMachines?.includes(names[index]!), `images show: ${JSON.stringify(replica)}`);
+    }
+    const byHost = await json<{ imageReplicas: Array<{ image: string; dependentVirtualMachines?: string[] }> }>('hosts', 'show', PEER);
+    assert.ok(byHost.imageReplicas.find((entry) => entry.image === `images/${image}`)?.dependentVirtualMachines?.includes(names[1]!), `hosts show: ${JSON.stringify(byHost.imageReplicas)}`);
+    assert.match((await cowherd('images', 'show', image)).stdout, new RegExp(`^${PEER}\\s+AVAILABLE\\s+no\\s+[1-9]\\d*\\s`, 'm'));
+    assert.match((await cowherd('hosts', 'show', PEER)).stdout, new RegExp(`^${image}\\s+AVAILABLE\\s+no\\s+[1-9]`, 'm'));
     const tree = await cowherd('vms', 'show', names[0]!);
     assert.match(tree.stdout, /lineage:\n.*\(VM, SHUT_OFF\)\n.*└─ overlay .*\n.*└─ base replica .*\n.*└─ image .*\n.*└─ host /);
 
