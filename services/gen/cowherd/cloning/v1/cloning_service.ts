@@ -1748,7 +1748,10 @@ export const DeleteVirtualMachineRequest: MessageFns<DeleteVirtualMachineRequest
  * on Xen) under `<image_directory>/clones/<domain_name>/`, plus a libvirt domain defined from the source's
  * sanitized XML with a new name, a fresh UUID and fresh MAC addresses, its disks pointed at the children.
  * Where a target host lacks the image, the service asks DistributionService to distribute it and waits for the
- * image.available event before cloning there.
+ * image.available event before cloning there. The wait has a progress deadline that only real progress of the
+ * transfer extends (bytes received grow, or the replica's state advances); clones whose image does not arrive
+ * fail with DEADLINE_EXCEEDED (PROGRESS_DEADLINE_EXCEEDED), or with the DistributeImage operation's per-host
+ * error, so every operation ends.
  *
  * CloneVirtualMachines and StopVirtualMachine are long-running: they return a google.longrunning.Operation
  * named `operations/{operation}`. The same server implements the standard google.longrunning.Operations
