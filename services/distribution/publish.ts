@@ -34,7 +34,16 @@ export interface PublishDeps {
   readonly events: Pick<EventPublisher, 'publish'>;
   /** The tracker's announce URL, as agents reach it. */
   readonly trackerAnnounceUrl: string;
+  /**
+   * An export fails when the agent sends no progress message for this long (default 600 s, the distribution
+   * stall time). The stream itself has no short deadline: exporting many GiB takes minutes.
+   */
+  readonly exportStallMs?: number;
 }
+
+/** The export stream's outer bound: a safety net far above any real export; the stall watchdog decides. */
+const EXPORT_MAX_MS = 24 * 3_600_000;
+const EXPORT_STALL_MS = 600_000;
 
 /** Checks a PublishImage request; nothing changes when it fails. Returns the source VM and its host. */
 export async function checkPublish(request: PublishImageRequest, deps: PublishDeps): Promise<{ vm: VirtualMachine; host: Host }> {
@@ -110,19 +119,32 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
   };
 }
 
-/** ExportImage on the host's agent: progress messages, then one result. */
-function exportOnAgent(
+/** ExportImage on the host's agent: progress messages, then one result (exported for its unit test). */
+export function exportOnAgent(
   deps: PublishDeps,
   host: Host,
   request: { virtualMachine: string; image: string; trackerAnnounceUrl: string; operation: string },
   onProgress: (progress: { stage: ImagePublishStage; progress: import('../gen/cowherd/common/v1/types.js').TransferProgress | undefined }) => Promise<void>,
 ): Promise<{ image: Image | undefined; replica: ImageReplica | undefined }> {
   return new Promise((resolve, reject) => {
-    const stream = deps.agents.clientFor(host).exportImage(request);
+    // Without an explicit deadline the client's 30 s default would end every export of a large VM.
+    const stream = deps.agents.clientFor(host).exportImage(request, { deadline: Date.now() + EXPORT_MAX_MS });
     let result: { image: Image | undefined; replica: ImageReplica | undefined } | undefined;
     let lastProgress = 0;
     let pending: Promise<void> = Promise.resolve();
+    const stallMs = deps.exportStallMs ?? EXPORT_STALL_MS;
+    let watchdog: NodeJS.Timeout | undefined;
+    const armWatchdog = () => {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(() => {
+        reject(new CowherdError(GrpcStatus.DEADLINE_EXCEEDED, `${host.name} sent no export progress for ${Math.round(stallMs / 1000)} s`, { reason: ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED, metadata: { host: host.name } }));
+        stream.cancel();
+      }, stallMs);
+    };
+    armWatchdog();
+    stream.on('close', () => clearTimeout(watchdog));
     stream.on('data', (message: ExportImageResponse) => {
+      armWatchdog();
       const response = message.response;
       if (response?.$case === 'result') result = { image: response.value.image, replica: response.value.replica };
       else if (response?.$case === 'progress' && Date.now() - lastProgress > 1000) {
@@ -131,8 +153,12 @@ function exportOnAgent(
         pending = pending.then(() => onProgress({ stage: response.value.stage, progress: response.value.progress })).catch(() => undefined);
       }
     });
-    stream.on('error', (error) => reject(error));
+    stream.on('error', (error) => {
+      clearTimeout(watchdog);
+      reject(error);
+    });
     stream.on('end', () => {
+      clearTimeout(watchdog);
       void pending.then(() => (result ? resolve(result) : reject(new CowherdError(GrpcStatus.INTERNAL, `${host.name} ended the export without a result`, { reason: ErrorReason.ERROR_REASON_INTERNAL }))));
     });
   });
