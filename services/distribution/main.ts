@@ -36,6 +36,7 @@ await runServiceMain({
     const trackerAnnounceUrl = config.trackerAnnounceUrl ?? tracker.announceUrl(announceHost(config.trackerAddress));
     const deps = {
       trackerAnnounceUrl,
+      exportStallMs: config.stallSeconds * 1000,
       images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)),
       replicas: await KvStore.open(nats.jetstream, 'replicas', protoCodec(ImageReplica)),
       inventory: inventoryReader(inventoryClient),
