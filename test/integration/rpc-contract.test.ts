@@ -231,6 +231,27 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
       }
     }
   });
+
+  it('buf curl (through server reflection): a refused stream ends with its code at once', async () => {
+    const admin = await caller('admin', 'carol');
+    const bufCurl = (method: string, data: Record<string, unknown>): Promise<{ exitCode: number; output: string; ms: number }> => {
+      const started = performance.now();
+      const args = ['curl', '--protocol', 'grpc', '--cacert', admin.files.caFile, '--cert', admin.files.certificateFile, '--key', admin.files.privateKeyFile, '--timeout', `${CLIENT_DEADLINE_MS / 1000}s`, '--data', JSON.stringify(data), `https://${address()}/${method}`];
+      return new Promise((resolve) => {
+        execFile(join(REPOSITORY, 'node_modules/.bin/buf'), args, { timeout: 60_000 }, (error, stdout, stderr) => resolve({ exitCode: error ? ((error as { code?: number }).code ?? -1) : 0, output: stdout + stderr, ms: performance.now() - started }));
+      });
+    };
+    for (const [method, data, code] of [
+      ['cowherd.inventory.v1.InventoryService/WatchVirtualMachines', { parent: 'hosts/nope' }, 'not_found'],
+      ['cowherd.agent.v1.AgentService/ExportImage', { virtualMachine: 'hosts/kvm-01/virtualMachines/missing', image: 'images/x' }, 'permission_denied'],
+    ] as const) {
+      const result = await bufCurl(method, data);
+      assert.notEqual(result.exitCode, 0, `${method}: ${result.output}`);
+      assert.match(result.output, new RegExp(`"code": "${code}"`), method);
+      // buf curl itself takes a moment to start and to fetch the schema by reflection: the bound is the deadline.
+      assert.ok(result.ms < CLIENT_DEADLINE_MS / 4, `${method}: buf curl ended after ${Math.round(result.ms)} ms (deadline ${CLIENT_DEADLINE_MS} ms)`);
+    }
+  });
 });
 
 describe('RPC contract: filter values are checked against the field', () => {
