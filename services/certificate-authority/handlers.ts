@@ -3,8 +3,10 @@ import { CertificateAuthorityServiceService } from '../gen/cowherd/certauthority
 import { Certificate, Certificate_State, JoinToken, JoinToken_State, type RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
 import type { Duration } from '../gen/google/protobuf/duration.js';
 import { CowherdError } from '../common/errors.js';
-import { enumValueNames, parseFilter } from '../common/filter.js';
+import { enumValueNames, parseFilter, resourceNameField } from '../common/filter.js';
+import { parseIdentity } from '../common/identity.js';
 import { paginate, type PageTokens } from '../common/pagination.js';
+import { HOST_ID } from '../common/resource-names.js';
 import type { CallContext, Handlers } from '../common/rpc.js';
 import { certificateState, tokenState, type CertificateAuthority } from './certificate-authority.js';
 import type { CertificateRecord, JoinTokenRecord } from './records.js';
@@ -29,7 +31,7 @@ export function certificateAuthorityHandlers(ca: CertificateAuthority, pageToken
     },
     getJoinToken: async (request) => toJoinToken(await ca.getJoinToken(request.name)),
     listJoinTokens: async (request) => {
-      const matches = parseFilter<JoinTokenRecord>(request.filter, { state: { read: (record) => tokenState(record), values: enumValueNames(JoinToken_State, 'STATE_') }, host: { read: (record) => record.host, prefix: true } });
+      const matches = parseFilter<JoinTokenRecord>(request.filter, { state: { read: (record) => tokenState(record), values: enumValueNames(JoinToken_State, 'STATE_') }, host: resourceNameField((record) => record.host, HOST_ID, '{host} (a host id such as kvm-01)', { prefix: true }) });
       const { page, nextPageToken } = paginate((await ca.listJoinTokens()).filter(matches), newestFirst((record) => record.createTime, (record) => record.id), {
         pageSize: request.pageSize,
         pageToken: request.pageToken,
@@ -59,7 +61,7 @@ export function certificateAuthorityHandlers(ca: CertificateAuthority, pageToken
       return toCertificate(record);
     },
     listCertificates: async (request) => {
-      const matches = parseFilter<CertificateRecord>(request.filter, { state: { read: (record) => certificateState(record), values: enumValueNames(Certificate_State, 'STATE_') }, identity: { read: (record) => record.identity, prefix: true } });
+      const matches = parseFilter<CertificateRecord>(request.filter, { state: { read: (record) => certificateState(record), values: enumValueNames(Certificate_State, 'STATE_') }, identity: { read: (record) => record.identity, prefix: true, check: (value) => (parseIdentity(value) ? undefined : 'is not a cowherd identity (spiffe://cowherd/<admin|service|host>/<name>)') } });
       const { page, nextPageToken } = paginate((await ca.listCertificates()).filter(matches), newestFirst((record) => record.issueTime, (record) => record.serialNumber), {
         pageSize: request.pageSize,
         pageToken: request.pageToken,

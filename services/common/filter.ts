@@ -74,7 +74,7 @@ export function booleanField<T>(read: (item: T) => boolean): FilterField<T> {
 /** A resource-name field such as `images/{image}`: a value that does not match `pattern` names nothing. */
 export function resourceNameField<T>(read: (item: T) => string, pattern: RegExp, shape: string, options: { prefix?: boolean; allowEmpty?: boolean } = {}): FilterField<T> {
   const fine = (value: string): boolean => pattern.test(value) || (options.allowEmpty === true && value === '');
-  return { read, ...(options.prefix ? { prefix: true } : {}), check: (value) => (fine(value) ? undefined : `is not a resource name of the form ${shape}${options.allowEmpty ? ' (or "" for none)' : ''}`) };
+  return { read, ...(options.prefix ? { prefix: true } : {}), check: (value) => (fine(value) ? undefined : `is not of the form ${shape}${options.allowEmpty ? ' (or "" for none)' : ''}`) };
 }
 
 /** An `images/{image}` field (`source_image`, `image`). */

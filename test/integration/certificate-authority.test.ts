@@ -311,6 +311,17 @@ describe('certificate authority and fleet identity', () => {
     }
     const tokens = await call<{ joinTokens: Array<{ host: string }> }>((cb) => admin.listJoinTokens({ pageSize: 1000, pageToken: '', filter: 'host = "kvm-31"' }, cb));
     assert.equal(tokens.joinTokens.length, 0, 'nothing was created');
+    // Filter values a token or certificate cannot have are refused, naming the value and what is allowed.
+    for (const [list, message] of [
+      [(cb: never) => admin.listJoinTokens({ pageSize: 0, pageToken: '', filter: 'state = USED_UP' }, cb), /"USED_UP" is not a value of state; allowed: PENDING, USED, EXPIRED, REVOKED/],
+      [(cb: never) => admin.listJoinTokens({ pageSize: 0, pageToken: '', filter: 'host = "hosts/kvm-31"' }, cb), /host value "hosts\/kvm-31" is not of the form \{host\}/],
+      [(cb: never) => admin.listCertificates({ pageSize: 0, pageToken: '', filter: 'state = VALID' }, cb), /"VALID" is not a value of state; allowed: ACTIVE, REVOKED, EXPIRED/],
+      [(cb: never) => admin.listCertificates({ pageSize: 0, pageToken: '', filter: 'identity = "admin/bob"' }, cb), /identity value "admin\/bob" is not a cowherd identity/],
+    ] as unknown as Array<[Attempt, RegExp]>) {
+      const refused = await failure(list);
+      assert.deepEqual([refused.code, refused.fields], [GrpcStatus.INVALID_ARGUMENT, ['filter']]);
+      assert.match(refused.message, message);
+    }
   });
 
   it('revokes a certificate: every server refuses it within the stated bound', async () => {

@@ -416,12 +416,12 @@ describe('inventory', () => {
       ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'state = RUNING', /"RUNING" is not a value of state; allowed: RUNNING, PAUSED, SHUT_OFF/],
       ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'state = 7', /"7" is not a value of state/],
       ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'managed = maybe', /"maybe" is not a value of managed; allowed: true, false/],
-      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'source_image = debian-12', /source_image value "debian-12" is not a resource name of the form images\/\{image\}/],
+      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'source_image = debian-12', /source_image value "debian-12" is not of the form images\/\{image\}/],
       ['ListHosts', (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)), 'state = UP', /"UP" is not a value of state; allowed: READY, UNREACHABLE, DRAINING/],
       ['ListHosts', (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)), 'hypervisor = hyperv', /"hyperv" is not a value of hypervisor; allowed: KVM, XEN/],
       ['ListHosts', (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)), 'draining = 1', /"1" is not a value of draining; allowed: true, false/],
       ['ListImages', (filter) => call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter, view: 0 }, cb)), 'state = READY', /"READY" is not a value of state; allowed: .*AVAILABLE/],
-      ['ListImages', (filter) => call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter, view: 0 }, cb)), 'origin_host = kvm-01', /origin_host value "kvm-01" is not a resource name of the form hosts\/\{host\}/],
+      ['ListImages', (filter) => call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter, view: 0 }, cb)), 'origin_host = kvm-01', /origin_host value "kvm-01" is not of the form hosts\/\{host\}/],
       ['ListImageReplicas', (filter) => call((cb) => admin.listImageReplicas({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'state = RUNNING', /"RUNNING" is not a value of state; allowed: .*AVAILABLE/],
     ];
     for (const [method, list, filter, message] of cases) {

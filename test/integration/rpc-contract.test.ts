@@ -274,7 +274,7 @@ describe('RPC contract: filter values are checked against the field', () => {
       ['state = UNSPECIFIED', /"UNSPECIFIED" is not a value of state/],
       ['managed = maybe', /"maybe" is not a value of managed; allowed: true, false/],
       ['state = RUNNING AND managed != yes', /"yes" is not a value of managed/],
-      ['source_image = debian-12', /source_image value "debian-12" is not a resource name of the form images\/\{image\}/],
+      ['source_image = debian-12', /source_image value "debian-12" is not of the form images\/\{image\}/],
     ] as const) {
       assert.throws(
         () => parseFilter(filter, fields),
