@@ -50,6 +50,17 @@ export const RECEIVER_DOWNLOAD_BYTES_PER_SECOND = 1024 * 1024;
 /** The small host's image directory: less than one image. */
 export const SMALL_DISK_MIB = 16;
 const AGENT_PORT = 7445;
+/**
+ * Progress deadlines shorter than the defaults (10 and 15 minutes without progress), so that a step that
+ * never ends is ended by the services within the suite's bound (row.ts RECOVERY_BOUND_SECONDS): a
+ * distribution step fails after 90 s without progress, clones waiting for an image after 120 s (above
+ * distribution's, as cloning's README asks), a VERIFYING replica after 30 s plus its bytes at 16 MiB/s. The
+ * 60 s network cut stays below them: a host that comes back must finish its work, not fail it.
+ */
+export const PROGRESS_DEADLINES = {
+  distribution: { COWHERD_DISTRIBUTE_STALL_SECONDS: '90', COWHERD_DISTRIBUTE_VERIFY_FLOOR_SECONDS: '30' },
+  cloning: { COWHERD_IMAGE_WAIT_STALL_SECONDS: '120', COWHERD_IMAGE_WAIT_VERIFY_FLOOR_SECONDS: '30' },
+} as const;
 /** Every RPC the suite makes has this deadline unless it says otherwise. */
 export const RPC_DEADLINE_MS = 15_000;
 
@@ -153,6 +164,7 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
     COWHERD_INVENTORY_ADDRESS: inventory.address,
     COWHERD_TRACKER_ADDRESS: `0.0.0.0:${trackerPort}`,
     COWHERD_TRACKER_ANNOUNCE_URL: `http://${CONTROL_ADDRESS}:${trackerPort}/announce`,
+    ...PROGRESS_DEADLINES.distribution,
   };
   const distributionTls = await pki.files('service', 'distribution');
   const cloningPort = await freePort();
@@ -164,6 +176,7 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
     COWHERD_CA_ADDRESS: ca.address,
     COWHERD_INVENTORY_ADDRESS: inventory.address,
     COWHERD_DISTRIBUTION_ADDRESS: `localhost:${distributionPort}`,
+    ...PROGRESS_DEADLINES.cloning,
   };
   const cloningTls = await pki.files('service', 'cloning');
   const restartable = (name: 'distribution' | 'cloning', tls: typeof cloningTls, env: Record<string, string>): FleetService => {

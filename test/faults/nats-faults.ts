@@ -11,6 +11,7 @@ const DOWN_MS = 5_000;
 export const NATS_FAULTS: readonly FaultRow[] = [
   {
     fault: 'nats-node-restart',
+    mustSucceed: true,
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
     inject: async (context) => {
@@ -27,6 +28,7 @@ export const NATS_FAULTS: readonly FaultRow[] = [
   },
   {
     fault: 'nats-cluster-restart',
+    mustSucceed: true,
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
     inject: async (context) => {

@@ -11,6 +11,7 @@ export const CUT_SECONDS = 60;
 export const NETWORK_FAULTS: readonly FaultRow[] = [
   {
     fault: 'agent-network-cut',
+    mustSucceed: true,
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
     inject: async (context) => {

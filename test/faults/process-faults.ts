@@ -23,6 +23,7 @@ async function killAgent(context: RowContext, host: string): Promise<number> {
 export const PROCESS_FAULTS: readonly FaultRow[] = [
   {
     fault: 'receiver-agent-kill',
+    mustSucceed: true,
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
     // recv1 receives the image and takes half of the clones once it has it.
@@ -30,12 +31,14 @@ export const PROCESS_FAULTS: readonly FaultRow[] = [
   },
   {
     fault: 'origin-agent-kill',
+    mustSucceed: true,
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
     inject: (context) => killAgent(context, ORIGIN),
   },
   {
     fault: 'cloning-kill',
+    mustSucceed: true,
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
     inject: async (context) => {
@@ -51,6 +54,7 @@ export const PROCESS_FAULTS: readonly FaultRow[] = [
   },
   {
     fault: 'distribution-kill',
+    mustSucceed: true,
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
     inject: async (context) => {

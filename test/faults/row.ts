@@ -38,6 +38,8 @@ import {
 import { DistributeImageMetadata } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { Image, ImageReplica_State, type ImageReplica, type VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
+import { ErrorInfo } from '../../services/gen/google/rpc/error_details.js';
+import type { Status } from '../../services/gen/google/rpc/status.js';
 import { RPC_DEADLINE_MS, type FaultFleet } from './fleet.js';
 
 /** How long after a fault ends the fleet has to satisfy every invariant. */
@@ -93,6 +95,12 @@ export interface FaultRow {
   readonly distributeTo: readonly string[];
   /** Placement hosts of the clone batch (round robin). */
   readonly cloneHosts: readonly string[];
+  /**
+   * The fault is one the fleet must absorb (nothing in it stops the work from finishing: NATS keeps a quorum or
+   * comes back, a killed process is started again, the cut is shorter than every progress deadline): every
+   * operation must SUCCEED and every clone be DONE, not merely end.
+   */
+  readonly mustSucceed: boolean;
   /** Use this earlier image instead of publishing a fresh one (damage rows). */
   readonly reuseImage?: (state: SuiteState) => string | undefined;
   /** Runs before the work starts (damage rows damage here); returns nothing. */
@@ -297,9 +305,11 @@ async function evaluate(
       continue;
     }
     if (answer.result?.$case === 'error') {
-      if (!answer.result.value.message) problems.push(`${operation.name} FAILED without a reason`);
+      const reason = reasonOf(answer.result.value);
+      if (reason === undefined) problems.push(`${operation.name} FAILED without a reason (no ErrorInfo): ${describeStatus(answer.result.value)}`);
       else terminated++;
-      outcomes.push(`${operation.name}: FAILED (${answer.result.value.message})`);
+      if (row.mustSucceed) problems.push(`${operation.name} FAILED (${describeStatus(answer.result.value)}), though the fleet must absorb this fault`);
+      outcomes.push(`${operation.name}: FAILED (${describeStatus(answer.result.value)})`);
     } else if (answer.result?.$case === 'response') {
       terminated++;
       outcomes.push(`${operation.name}: SUCCEEDED`);
@@ -314,9 +324,17 @@ async function evaluate(
   const extraOperations = all.length - operations.length;
   const cloneOperationDone = cloneResponseKnown || outcomes.some((outcome) => outcome.includes('FAILED') && operations.some((op) => op.on === 'cloning' && outcome.startsWith(op.name)));
   const doneClones = clones.filter((clone) => clone.state === CloneResult_State.STATE_DONE);
-  for (const clone of clones) if (cloneOperationDone && clone.state === CloneResult_State.STATE_FAILED && !clone.error?.message) problems.push(`clone ${clone.domainName} FAILED without a reason`);
+  for (const clone of clones) {
+    if (!cloneOperationDone || clone.state !== CloneResult_State.STATE_FAILED) continue;
+    if (!clone.error || reasonOf(clone.error) === undefined) problems.push(`clone ${clone.domainName} FAILED without a reason (no ErrorInfo): ${clone.error ? describeStatus(clone.error) : 'no status'}`);
+  }
+  if (row.mustSucceed && cloneOperationDone) {
+    const notDone = clones.filter((clone) => clone.state !== CloneResult_State.STATE_DONE);
+    if (notDone.length > 0) problems.push(`${notDone.length} of ${clones.length} clones not DONE (first: ${notDone[0]!.domainName} ${CloneResult_State[notDone[0]!.state]} ${notDone[0]!.error ? describeStatus(notDone[0]!.error) : ''}), though the fleet must absorb this fault`);
+  }
   const failedClones = clones.filter((clone) => clone.state === CloneResult_State.STATE_FAILED).length;
-  outcomes.push(`clones ${doneClones.length} DONE, ${failedClones} FAILED of ${clones.length}`);
+  const cloneErrors = [...new Set(clones.filter((clone) => clone.error).map((clone) => `${clone.host}: ${describeStatus(clone.error!)}`))];
+  outcomes.push(`clones ${doneClones.length} DONE, ${failedClones} FAILED of ${clones.length}${cloneErrors.length > 0 ? ` (${cloneErrors.join('; ')})` : ''}`);
 
   // Exactly once in libvirt, in inventory, on disk (only once the batch is over: before that a clone may be half made).
   if (cloneOperationDone) {
@@ -471,6 +489,27 @@ async function checkBases(fleet: FaultFleet, state: SuiteState, doneClones: read
     }
   }
   return { changed, problems };
+}
+
+/**
+ * The ErrorInfo reason of a failure, undefined when it has none: an operation that ends FAILED must say why in
+ * the API's terms (an ErrorReason), not only as a message. INTERNAL's generic "internal error" carries none.
+ */
+function reasonOf(status: Status): string | undefined {
+  for (const detail of status.details ?? []) {
+    if (!detail.typeUrl.endsWith('/google.rpc.ErrorInfo')) continue;
+    try {
+      const reason = ErrorInfo.decode(detail.value).reason;
+      if (reason) return reason;
+    } catch {
+      // Not decodable: no reason.
+    }
+  }
+  return undefined;
+}
+
+function describeStatus(status: Status): string {
+  return `code ${status.code}, ${reasonOf(status) ?? 'no reason'}: ${status.message}`;
 }
 
 async function backingFile(overlay: string): Promise<string | undefined> {

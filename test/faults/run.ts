@@ -30,7 +30,7 @@ const CI_LIMIT_MINUTES = 90;
 const CI_ROOM_MINUTES = 30;
 
 /** A row without a fault: the work alone, so the damage rows have an image on every receiver with dependents. */
-const BASELINE: FaultRow = { fault: 'baseline (no fault)', distributeTo: RECEIVERS, cloneHosts: [ORIGIN, 'recv1'], inject: async () => Date.now() };
+const BASELINE: FaultRow = { fault: 'baseline (no fault)', mustSucceed: true, distributeTo: RECEIVERS, cloneHosts: [ORIGIN, 'recv1'], inject: async () => Date.now() };
 
 async function main(): Promise<number> {
   const started = Date.now();

@@ -43,6 +43,7 @@ function availableAgain(host: string) {
 export const STORAGE_FAULTS: readonly FaultRow[] = [
   {
     fault: 'receiver-disk-full',
+    mustSucceed: false,
     distributeTo: ['recv1', 'recv2', SMALL],
     cloneHosts: [ORIGIN, 'recv1'],
     inject: async (context) => {
@@ -62,6 +63,7 @@ export const STORAGE_FAULTS: readonly FaultRow[] = [
   },
   {
     fault: 'replica-damage-no-dependents',
+    mustSucceed: false,
     distributeTo: ['recv2', 'recv3'],
     cloneHosts: ['recv2', 'recv3'],
     reuseImage: (state) => state.lastImage,
@@ -73,6 +75,7 @@ export const STORAGE_FAULTS: readonly FaultRow[] = [
   },
   {
     fault: 'replica-damage-with-dependents',
+    mustSucceed: false,
     distributeTo: ['recv1'],
     cloneHosts: ['recv1', 'recv3'],
     reuseImage: (state) => state.lastImage,
