@@ -1,8 +1,11 @@
 /**
  * cowherd's event stream: protobuf payloads from cowherd.events.v1 on subjects
  * `cowherd.events.<kind>.<host>`, the message type in the `Cowherd-Event-Type` header and a
- * `Nats-Msg-Id` so that a retried publish is stored once. Consumers are durable: an event published
- * while a consumer was down is delivered when it comes back, and is redelivered until acknowledged.
+ * `Nats-Msg-Id` (the event id, naming the logical occurrence) so that a re-sent event is stored once.
+ * Processes publish through the outbox (event-outbox.ts), which records each event durably and sends it
+ * until JetStream acknowledges it. Consumers are durable: an event published while a consumer was down
+ * is delivered when it comes back, and is redelivered until acknowledged. The whole promise is in
+ * services/common/README.md, "Events: the delivery promise".
  */
 import { headers as natsHeaders, nanos } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type ConsumerMessages, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
@@ -149,6 +152,8 @@ export interface ReceivedEvent<T> {
   readonly host: string;
   readonly typeName: string;
   readonly payload: T;
+  /** The event id (`Nats-Msg-Id`): names the logical occurrence; consumers de-duplicate by it. */
+  readonly id: string;
   readonly sequence: number;
   /** How many times this event has been delivered (1 on first delivery). */
   readonly deliveries: number;
@@ -170,7 +175,17 @@ export interface ConsumeOptions<T> {
   readonly retryDelayMs?: number;
   /** Where a new durable starts: 'all' (default) or 'new'. */
   readonly startAt?: 'all' | 'new';
+  /** How many recently handled event ids this consumer remembers to drop repeats. Default {@link DEDUPLICATION_MEMORY}. */
+  readonly deduplicationMemory?: number;
 }
+
+/**
+ * Event ids a consumer remembers. The stream drops a repeated id only within its 10-minute duplicate
+ * window; an outbox record re-sent after a longer outage, whose first send had reached the stream, is
+ * stored twice. 10 000 ids (~1 MB) cover far more events than one consumer handles in such an outage's
+ * aftermath; see services/common/README.md "Events: the delivery promise".
+ */
+export const DEDUPLICATION_MEMORY = 10_000;
 
 /** A running consumer. */
 export interface EventConsumer {
@@ -179,7 +194,9 @@ export interface EventConsumer {
 
 /**
  * Consumes events on a durable pull consumer with explicit acks. Events of other types that match the
- * filter are acknowledged and skipped.
+ * filter are acknowledged and skipped. An event whose id this consumer handled already (the same
+ * occurrence stored twice, which the stream's duplicate window cannot prevent after an outage longer
+ * than the window) is acknowledged without calling `handle`.
  */
 export async function consumeEvents<T>(js: JetStreamClient, manager: JetStreamManager, options: ConsumeOptions<T>): Promise<EventConsumer> {
   const byName = new Map(options.types.map((type) => [type.typeName, type]));
@@ -200,6 +217,9 @@ export async function consumeEvents<T>(js: JetStreamClient, manager: JetStreamMa
   const consumer = await js.consumers.get(EVENT_STREAM, options.durable);
   const messages: ConsumerMessages = await consumer.consume({ max_messages: 256 });
   const log = options.log.child({ component: 'events', durable: options.durable });
+  // Ids handled by this process, oldest first (a Map keeps insertion order): a repeat is acknowledged unhandled.
+  const handled = new Map<string, true>();
+  const memory = options.deduplicationMemory ?? DEDUPLICATION_MEMORY;
   const done = (async () => {
     for await (const message of messages) {
       const typeName = message.headers?.get(EVENT_TYPE_HEADER) ?? '';
@@ -213,10 +233,20 @@ export async function consumeEvents<T>(js: JetStreamClient, manager: JetStreamMa
         message.ack();
         continue;
       }
+      const id = message.headers?.get('Nats-Msg-Id') ?? '';
+      if (id !== '' && handled.has(id)) {
+        log.debug({ subject: message.subject, sequence: message.seq, eventId: id }, 'event id handled before: repeat dropped');
+        message.ack();
+        continue;
+      }
       try {
         const payload = type.decode(message.data);
-        await options.handle({ subject: message.subject, host, typeName, payload, sequence: message.seq, deliveries: message.info.deliveryCount });
+        await options.handle({ subject: message.subject, host, typeName, payload, id, sequence: message.seq, deliveries: message.info.deliveryCount });
         message.ack();
+        if (id !== '') {
+          handled.set(id, true);
+          if (handled.size > memory) handled.delete(handled.keys().next().value!);
+        }
       } catch (error) {
         log.warn({ err: error, subject: message.subject, sequence: message.seq }, 'event handler failed; will be redelivered');
         message.nak(options.retryDelayMs ?? 1_000);

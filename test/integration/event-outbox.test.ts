@@ -4,7 +4,8 @@
  * services' KV store); events a process recorded and never published are published by the next process on
  * the same outbox, once; and a clone batch on a real agent, made while nats-server restarts, ends with
  * every clone.done in the stream exactly once. Before the outbox, each of these lost every event (the
- * publish timed out and the caller logged "clone.done not published").
+ * publish timed out and the caller logged "clone.done not published"). An event stored twice (re-sent
+ * after the stream's duplicate window) is handled once by a consumer.
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -12,6 +13,7 @@ import { cp, mkdir, readdir, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
+import { nanos } from '@nats-io/transport-node';
 import { AgentServiceClient, CreateClonesRequest, type CreateCloneResult } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
@@ -20,7 +22,7 @@ import { createClient } from '../../services/common/client.js';
 import { type EmbeddedNats } from '../../services/common/embedded-nats.js';
 import { DirectoryOutboxStore, KvOutboxStore, OutboxEventPublisher, OutboxRelay, startEventOutbox, type EventOutbox } from '../../services/common/event-outbox.js';
 import { CLONE_DONE } from '../../services/common/event-types.js';
-import { EVENT_STREAM, ensureEventStream } from '../../services/common/events.js';
+import { consumeEvents, EVENT_STREAM, ensureEventStream, JetStreamEventPublisher } from '../../services/common/events.js';
 import { createLogger } from '../../services/common/logger.js';
 import { connectNats, type Nats } from '../../services/common/nats.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
@@ -181,6 +183,29 @@ describe('event outbox on a real nats-server', () => {
     counts = await untilStored(service, kvIds);
     await next.stop();
     assertExactlyOnce(counts, kvIds);
+  });
+
+  it('(4) an event stored twice (re-sent after the duplicate window) is handled once by a consumer', async () => {
+    // A 1 s window stands in for an outage longer than the real 10 minutes.
+    const config = (await service.manager.streams.info(EVENT_STREAM)).config;
+    await service.manager.streams.update(EVENT_STREAM, { ...config, duplicate_window: nanos(1_000) });
+    const id = `clone.done/late-${suffix}/kvm-01/vm`;
+    try {
+      const sender = new JetStreamEventPublisher(host.jetstream, log);
+      await sender.publish(CLONE_DONE, cloneDone('kvm-01', 'vm'), { host: 'kvm-01', id });
+      await new Promise((resolve) => setTimeout(resolve, 1_500));
+      await sender.publish(CLONE_DONE, cloneDone('kvm-01', 'vm'), { host: 'kvm-01', id });
+    } finally {
+      await ensureEventStream(service.manager);
+    }
+    assert.equal((await storedIds(service)).get(id), 2, 'the stream holds it twice');
+    const handled: string[] = [];
+    const consumer = await consumeEvents(service.jetstream, service.manager, { durable: `late-${suffix}`, types: [CLONE_DONE], log, handle: async (event) => void handled.push(event.id) });
+    const deadline = Date.now() + 10_000;
+    while (handled.length < 1 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    await consumer.stop();
+    assert.deepEqual(handled.filter((handledId) => handledId === id), [id], 'handled once');
   });
 });
 
