@@ -78,8 +78,12 @@ await runServiceMain({
       log,
       handle: async (event) => {
         const identity = `spiffe://cowherd/host/${event.host}`;
+        // Only what was issued before the deletion: a host.deleted delivered again (stored twice after an
+        // outage longer than the stream's duplicate window) must not revoke the host's certificates from a
+        // later re-join.
+        const deletedAt = event.payload.occurTime?.getTime() ?? Number.POSITIVE_INFINITY;
         for (const record of await ca.listCertificates()) {
-          if (record.identity === identity && certificateState(record) === 'ACTIVE') await ca.revoke(`certificates/${record.serialNumber}`, RevocationReason.REVOCATION_REASON_CESSATION_OF_OPERATION, self);
+          if (record.identity === identity && certificateState(record) === 'ACTIVE' && Date.parse(record.issueTime) <= deletedAt) await ca.revoke(`certificates/${record.serialNumber}`, RevocationReason.REVOCATION_REASON_CESSATION_OF_OPERATION, self);
         }
       },
     });
