@@ -33,9 +33,10 @@ import type { LevelWithSilent } from 'pino';
 
 /**
  * cowherd's KV buckets (services/inventory/inventory.ts, services/distribution/main.ts,
- * services/certificate-authority/records.ts, services/common/operations.ts, services/common/pagination.ts).
+ * services/certificate-authority/records.ts, services/common/operations.ts, services/common/pagination.ts,
+ * services/common/event-outbox.ts).
  */
-export const COWHERD_BUCKETS = ['hosts', 'vms', 'images', 'replicas', 'ca', 'operations', 'operations-request-ids', 'cowherd-config'] as const;
+export const COWHERD_BUCKETS = ['hosts', 'vms', 'images', 'replicas', 'ca', 'operations', 'operations-request-ids', 'cowherd-config', 'outbox'] as const;
 
 /** The sidecar's variables. */
 export const SIDECAR_VARIABLES = {

@@ -29,10 +29,9 @@ describe('CloneEngine', () => {
         defined.push({ name, uuid: /<uuid>([^<]+)<\/uuid>/.exec(xml)![1]!, state: 'shut off', domainType: 'qemu', vcpus: 1, memoryBytes: 64 * 1024 * 1024, disks: [], ...(clone ? { clone } : {}) } as DomainInfo);
       };
       const libvirt = { uri: 'test:///default', listDomains: async () => [...defined], define } as unknown as Libvirt;
-      const events: Array<{ kind: string; domainName: string }> = [];
-      const publish = async (type: { kind: string }, payload: { domainName: string }): Promise<number> => {
-        events.push({ kind: type.kind, domainName: payload.domainName });
-        return events.length;
+      const events: Array<{ kind: string; domainName: string; id: string }> = [];
+      const publish = async (type: { kind: string }, payload: { domainName: string }, options: { id: string }): Promise<void> => {
+        events.push({ kind: type.kind, domainName: payload.domainName, id: options.id });
       };
       const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events: { publish } as never, log });
       const names = Array.from({ length: 8 }, (_, index) => `retry-${index}`);
@@ -50,7 +49,11 @@ describe('CloneEngine', () => {
       assert.deepEqual(secondResults.map((result) => result.virtualMachine?.uuid), firstResults.map((result) => result.virtualMachine?.uuid), 'the retry returns the clones the first attempt made');
       assert.deepEqual(defined.map((domain) => domain.name).sort(), [...names].sort(), 'each clone defined once');
       assert.deepEqual((await readdir(join(directory, 'clones'))).sort(), [...names].sort(), 'one directory per clone, no prototypes left');
-      assert.deepEqual(events.filter((event) => event.kind === 'clone.done').map((event) => event.domainName).sort(), [...names].sort(), 'one clone.done per clone');
+      // The retry records the clone.done of each clone it finds again, under the same id (the stream keeps
+      // one): one logical clone.done per clone.
+      const done = events.filter((event) => event.kind === 'clone.done');
+      assert.deepEqual([...new Set(done.map((event) => event.id))].length, names.length, 'one clone.done id per clone');
+      assert.deepEqual([...new Set(done.map((event) => event.domainName))].sort(), [...names].sort(), 'a clone.done for every clone');
       assert.deepEqual(events.filter((event) => event.kind !== 'clone.done'), [], 'no clone.failed');
 
       // Another request_id for the same names is still refused: the wait is per request_id only.
