@@ -1,5 +1,7 @@
 /**
  * bench:control-plane — simulated agents against one real inventory process on a real nats-server.
+ * The real certificate authority runs beside it: inventory admits only serials the CA recorded, so the
+ * bench's directly signed certificates go into the CA's bootstrap file.
  *
  * 1,000 agents (each its own host identity and mTLS channel) register, report 10 VMs each (10,000 VMs)
  * and heartbeat every 10 s with random phase. A share of them (10%) also sends a partial
@@ -12,7 +14,7 @@
  * 100 ms at 1,000 agents with one heartbeat per 10 s, on a 2-core machine. Environment: BENCH_AGENTS,
  * BENCH_VMS_PER_AGENT, BENCH_SECONDS, BENCH_LIST_RATE, BENCH_REPORTING_SHARE.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -56,6 +58,39 @@ async function main(): Promise<void> {
     const nats = await startEmbeddedNats({ directory: join(directory, 'nats'), tls: await writeCredentials(join(directory, 'nats-tls'), await issueCredentials(ca, identityUri('service', 'nats'), { dnsNames: ['localhost'] })) });
     stops.push(() => nats.stop());
     const inventoryTls = await writeCredentials(join(directory, 'inventory'), await issueCredentials(ca, identityUri('service', 'inventory'), { dnsNames: ['localhost'] }));
+
+    // One key pair, a certificate per agent: signing is what identities cost, not key generation.
+    const keys = await generateKeyPair(2048);
+    const agents = Array.from({ length: AGENTS }, (_, i) => `agent-${String(i).padStart(4, '0')}`);
+    const agentCertificates = new Map(agents.map((host) => [host, signLeafCertificate({ ca, publicKeyPem: keys.publicKeyPem, identity: identityUri('host', host), ttlSeconds: 3600 })]));
+    const adminCredentials = await issueCredentials(ca, identityUri('admin', 'bench'));
+
+    // The real CA, which records every certificate signed here (servers admit only serials the CA issued).
+    const caTls = await writeCredentials(join(directory, 'certificate-authority'), await issueCredentials(ca, identityUri('service', 'certificate-authority'), { dnsNames: ['localhost'] }));
+    await writeFile(join(directory, 'ca-key.pem'), ca.privateKeyPem, { mode: 0o600 });
+    await writeFile(join(directory, 'ca.pem'), ca.certificatePem);
+    await writeFile(join(directory, 'bootstrap-certificates.pem'), [...agentCertificates.values(), adminCredentials.certificatePem, await readFile(inventoryTls.certificateFile, 'utf8')].join(''));
+    const caPort = await freePort();
+    const caProcess = await startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services/certificate-authority/main.ts')], {
+      readyPattern: /"msg":"serving"/,
+      readyTimeoutMs: 120_000,
+      cwd: REPOSITORY,
+      env: {
+        PATH: process.env['PATH'] ?? '',
+        COWHERD_LISTEN_ADDRESS: `localhost:${caPort}`,
+        COWHERD_HEALTH_ADDRESS: 'localhost:0',
+        COWHERD_METRICS_ADDRESS: 'localhost:0',
+        COWHERD_ENROLL_ADDRESS: 'localhost:0',
+        COWHERD_TLS_CERT: caTls.certificateFile,
+        COWHERD_TLS_KEY: caTls.privateKeyFile,
+        COWHERD_TLS_CA: caTls.caFile,
+        COWHERD_NATS_URL: nats.url,
+        COWHERD_CA_KEY_FILE: join(directory, 'ca-key.pem'),
+        COWHERD_CA_CERT_FILE: join(directory, 'ca.pem'),
+        COWHERD_CA_BOOTSTRAP_CERTIFICATES: join(directory, 'bootstrap-certificates.pem'),
+      },
+    });
+    stops.push(() => caProcess.stop(10_000));
     const inventoryPort = await freePort();
     const inventory = await startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services/inventory/main.ts')], {
       readyPattern: /"msg":"serving"/,
@@ -70,7 +105,7 @@ async function main(): Promise<void> {
         COWHERD_TLS_KEY: inventoryTls.privateKeyFile,
         COWHERD_TLS_CA: inventoryTls.caFile,
         COWHERD_NATS_URL: nats.url,
-        COWHERD_CA_ADDRESS: `localhost:${await freePort()}`,
+        COWHERD_CA_ADDRESS: `localhost:${caPort}`,
         COWHERD_HEARTBEAT_SECONDS: String(HEARTBEAT_SECONDS),
         COWHERD_LOG_LEVEL: 'info',
       },
@@ -78,12 +113,9 @@ async function main(): Promise<void> {
     stops.push(() => inventory.stop(10_000));
     const address = `localhost:${inventoryPort}`;
 
-    // One key pair, a certificate per agent: signing is what identities cost, not key generation.
-    const keys = await generateKeyPair(2048);
-    const agents = Array.from({ length: AGENTS }, (_, i) => `agent-${String(i).padStart(4, '0')}`);
     const clients = new Map<string, InventoryServiceClient>();
     for (const host of agents) {
-      const certificatePem = signLeafCertificate({ ca, publicKeyPem: keys.publicKeyPem, identity: identityUri('host', host), ttlSeconds: 3600 });
+      const certificatePem = agentCertificates.get(host)!;
       clients.set(host, createClient(InventoryServiceClient, address, mutualTlsChannelCredentialsFromPem({ certificatePem, privateKeyPem: keys.privateKeyPem, caPem: ca.certificatePem }), { defaultDeadlineMs: 30_000 }));
     }
     const setupStart = Date.now();
@@ -95,7 +127,6 @@ async function main(): Promise<void> {
     });
     const setupSeconds = (Date.now() - setupStart) / 1000;
 
-    const adminCredentials = await issueCredentials(ca, identityUri('admin', 'bench'));
     const admin = createClient(InventoryServiceClient, address, mutualTlsChannelCredentialsFromPem(adminCredentials), { defaultDeadlineMs: 30_000 });
     const countAll = async (): Promise<number> => {
       let count = 0;
