@@ -479,6 +479,8 @@ export class ImageTransfers {
    */
   private async markDamaged(replica: LocalReplica, result: ScanResult, foundBy: FoundBy): Promise<void> {
     const { id } = replica;
+    // Being deleted (or already replaced): the damage no longer matters to anyone.
+    if (replica.state === ImageReplica_State.STATE_DELETING || this.replicas.get(id) !== replica) return;
     const replicaName = this.replicaName(id);
     const host = this.options.host;
     replica.watcher?.close();
