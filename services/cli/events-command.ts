@@ -201,6 +201,11 @@ function summary(event: ShownEvent): string {
       return `${text('replica')} (${formatBytes(text('totalBytes'))}${payload['origin'] ? ', origin' : ''})`;
     case 'image.transfer_failed':
       return `${text('replica')}: ${status()}`;
+    case 'image.replica_damaged': {
+      const files = Array.isArray(payload['damagedFiles']) ? (payload['damagedFiles'] as string[]).join(', ') : '';
+      const dependents = Array.isArray(payload['dependentVirtualMachines']) ? payload['dependentVirtualMachines'].length : 0;
+      return `${text('replica')} generation ${text('generation') || '1'}: ${files} damaged (${Number(payload['badPieces'] ?? 0)} bad pieces, ${dependents} dependent VMs)`;
+    }
     case 'image.replica_deleted':
       return `${text('replica')} (${formatBytes(text('freedBytes'))} freed)`;
     case 'image.deleted':
