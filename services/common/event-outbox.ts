@@ -28,7 +28,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
 import { eventEnvelope, sendEvent, type EventEnvelope, type EventPublisher, type EventType } from './events.js';
 import { jsonCodec, KvStore } from './kv.js';
@@ -96,6 +96,9 @@ export class DirectoryOutboxStore implements OutboxStore {
 
   /** Opens (and creates, 0700) the directory; reads what an earlier process left and clears its temporary files. */
   static async open(directory: string, log: Logger): Promise<DirectoryOutboxStore> {
+    // Parents (the agent's image directory) with the usual mode: a recursive mkdir would give them 0700
+    // too, and qemu, which may run as another user, must traverse the image directory.
+    await mkdir(dirname(directory), { recursive: true, mode: 0o755 });
     await mkdir(directory, { recursive: true, mode: 0o700 });
     let lastSequence = 0;
     const found: StoredRecord[] = [];

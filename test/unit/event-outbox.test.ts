@@ -5,7 +5,7 @@
  * keeps records across a "restart" in order.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
@@ -185,22 +185,24 @@ describe('directory outbox store', () => {
   it('keeps records as files across a restart, in order, and sets aside what it cannot read', async () => {
     const directory = await mkdtemp(join(tmpdir(), 'cowherd-outbox-'));
     try {
-      const first = await DirectoryOutboxStore.open(join(directory, 'outbox'), log);
+      const first = await DirectoryOutboxStore.open(join(directory, 'images-root', 'outbox'), log);
+      assert.equal((await stat(join(directory, 'images-root'))).mode & 0o777, 0o755, 'a parent it makes (the image directory) stays traversable');
+      assert.equal((await stat(join(directory, 'images-root', 'outbox'))).mode & 0o777, 0o700);
       const envelope = (id: string): OutboxRecord => ({ subject: 'cowherd.events.clone.done.kvm-01', kind: 'clone.done', typeName: CLONE_DONE.typeName, id, data: new Uint8Array([1, 2, 3]), recordedAt: 1 });
       const stored = await Promise.all(['a', 'b', 'c'].map((id) => first.add(envelope(id))));
       await first.remove(stored[1]!);
       // A write that died before its rename, and a damaged record.
-      await writeFile(join(directory, 'outbox', '.0000000000000009.event.abcd.tmp'), '{');
-      await writeFile(join(directory, 'outbox', '0000000000000010.event'), 'not json');
+      await writeFile(join(directory, 'images-root', 'outbox', '.0000000000000009.event.abcd.tmp'), '{');
+      await writeFile(join(directory, 'images-root', 'outbox', '0000000000000010.event'), 'not json');
 
-      const second = await DirectoryOutboxStore.open(join(directory, 'outbox'), log);
+      const second = await DirectoryOutboxStore.open(join(directory, 'images-root', 'outbox'), log);
       const left = await second.leftovers();
       assert.deepEqual(left.map((item) => item.id), ['a', 'c']);
       assert.deepEqual([...left[0]!.data], [1, 2, 3]);
       assert.deepEqual(await second.leftovers(), [], 'handed out once');
       const next = await second.add(envelope('d'));
       assert.ok(next.order > 10, 'new records sort after everything found');
-      const names = await readdir(join(directory, 'outbox'));
+      const names = await readdir(join(directory, 'images-root', 'outbox'));
       assert.ok(!names.some((name) => name.endsWith('.tmp')), 'temporary files cleared');
       assert.ok(names.includes('0000000000000010.event.bad'), 'unreadable record set aside');
     } finally {
