@@ -139,7 +139,7 @@ interface LocalReplica {
 }
 
 /** Who found damage (label of cowherd_replica_damaged_total). */
-type FoundBy = 'start' | 'scrub' | 'watch' | 'clone' | 'fetch';
+type FoundBy = 'start' | 'scrub' | 'watch' | 'clone' | 'fetch' | 'serve';
 
 const STATE_SUFFIX = '.replica.json';
 const METRICS_SAMPLE_MS = 2000;
@@ -174,14 +174,17 @@ export class ImageTransfers {
   /** Starts the swarm and the web seed, then takes up every replica recorded in the image directory. */
   static async start(options: ImageTransfersOptions): Promise<ImageTransfers> {
     const swarm = await ImageSwarm.create({ torrentPort: options.torrentPort, log: options.log.child({ component: 'swarm' }), ...(options.limits ? { limits: options.limits } : {}) });
-    const webSeed = new WebSeedServer({ log: options.log.child({ component: 'web-seed' }), uploadBytesPerSecond: options.limits?.uploadBytesPerSecond ?? 0 });
+    // The transfers exist only after the web seed listens: the check reaches them through this late binding.
+    let transfers: ImageTransfers | undefined;
+    const servable = async (id: string): Promise<boolean> => (transfers ? transfers.servable(id) : false);
+    const webSeed = new WebSeedServer({ log: options.log.child({ component: 'web-seed' }), uploadBytesPerSecond: options.limits?.uploadBytesPerSecond ?? 0, servable });
     try {
       await webSeed.listen(options.webSeedAddress);
     } catch (error) {
       await swarm.destroy();
       throw error;
     }
-    const transfers = new ImageTransfers(options, swarm, webSeed);
+    transfers = new ImageTransfers(options, swarm, webSeed);
     await transfers.recover();
     transfers.sampler = setInterval(() => transfers.sampleMetrics(), METRICS_SAMPLE_MS);
     transfers.sampler.unref();
@@ -297,6 +300,12 @@ export class ImageTransfers {
       });
     }
     throw CowherdError.failedPrecondition(`${this.replicaName(imageId)} is not available yet (${ImageReplica_State[replica.state]})`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
+  }
+
+  /** The web seed's check before it serves an origin replica's bytes: AVAILABLE and its files as verified. */
+  async servable(id: string): Promise<boolean> {
+    const replica = this.replicas.get(id);
+    return replica !== undefined && replica.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(replica, 'serve'));
   }
 
   /** One replica with live progress and dependents; NOT_FOUND when this host has none of the image. */

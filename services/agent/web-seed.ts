@@ -32,6 +32,12 @@ export interface WebSeedServerOptions {
   /** Bytes per second over all responses; 0 or unset = unlimited. */
   readonly uploadBytesPerSecond?: number;
   readonly log?: Logger;
+  /**
+   * Asked before each response whether the image may be served (image-transfers.ts: its files still match
+   * the fingerprint taken at verification, re-verified when they do not); false answers 503, so a receiver
+   * takes the piece elsewhere rather than fetch bytes that fail SHA-1.
+   */
+  readonly servable?: (id: string) => Promise<boolean>;
 }
 
 interface RegisteredImage {
@@ -45,6 +51,7 @@ export class WebSeedServer {
   private readonly server: Server;
   private readonly limiter = new RateLimiter();
   private readonly log: Logger | undefined;
+  private readonly servable: ((id: string) => Promise<boolean>) | undefined;
   /** Bytes of response bodies sent. */
   bytesSent = 0;
   /** Bytes of response bodies sent, per image id. */
@@ -52,6 +59,7 @@ export class WebSeedServer {
 
   constructor(options: WebSeedServerOptions = {}) {
     this.log = options.log;
+    this.servable = options.servable;
     this.limiter.setRate(options.uploadBytesPerSecond ?? 0);
     this.server = createServer((request, response) => {
       this.handle(request, response).catch((error: unknown) => {
@@ -123,6 +131,10 @@ export class WebSeedServer {
     const resolved = this.resolve(request.url ?? '');
     if (!resolved) {
       notFound(response);
+      return;
+    }
+    if (this.servable && !(await this.servable(resolved.id))) {
+      response.writeHead(503, { 'Content-Type': 'text/plain', 'Retry-After': '30' }).end('replica unavailable\n');
       return;
     }
     let handle: FileHandle;

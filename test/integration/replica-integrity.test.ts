@@ -279,4 +279,26 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
       assert.match(metrics, /cowherd_replica_scrub_bytes_total [1-9]/);
     }
   });
+
+  it('the origin\'s web seed checks the files before it serves them: damaged bytes are refused (503), never sent', async () => {
+    const origin = `ri-origin-${suffix}`;
+    const record = await replicaRecord(origin);
+    assert.match(record.webSeedUrl, /^http:\/\//);
+    const file = join(stack.imageDirectory, 'images', imageId, diskFile());
+    const url = `${record.webSeedUrl}${imageId}/${diskFile()}`;
+    const intact = await fetch(url, { headers: { Range: 'bytes=0-15' } });
+    assert.equal(intact.status, 206);
+    await intact.arrayBuffer();
+    // Through a hard link elsewhere: no inotify event; the request's own check has to catch it.
+    const aside = join(stack.imageDirectory, `aside-${suffix}`);
+    await link(file, aside);
+    await damage(aside, 2 * MiB + 3, Buffer.from('twenty-three bytes here'));
+    await unlink(aside);
+    const refused = await fetch(url, { headers: { Range: `bytes=${2 * MiB}-${2 * MiB + 63}` } });
+    assert.equal(refused.status, 503);
+    await refused.arrayBuffer();
+    const event = await waitFor('image.replica_damaged from the origin', async () => damaged.find((entry) => entry.host === `hosts/${origin}`), 30_000);
+    assert.deepEqual(event.damagedFiles, [diskFile()]);
+    assert.equal(agentLogs(origin).find((line) => line['msg'] === 'replica damaged')?.['by'], 'serve');
+  });
 });
