@@ -1,8 +1,11 @@
 /** Starts cowherd processes (services/<name>/main.ts) as real child processes on free ports. */
-import { appendFile, writeFile } from 'node:fs/promises';
+import { appendFile, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { startDaemon, type Daemon } from '../../services/common/child-process.js';
+import { call, createClient } from '../../services/common/client.js';
+import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
 import type { ProcessName } from '../../services/common/service-process.js';
 import type { TlsFiles } from '../../services/common/tls.js';
 import type { Resources } from './index.js';
@@ -97,7 +100,18 @@ export async function startCertificateAuthorityProcess(
   // start) goes into the CA's bootstrap file, which it reads again before it answers for an unknown serial.
   const bootstrapFile = join(directory, 'bootstrap-certificates.pem');
   await writeFile(bootstrapFile, (pki.issued ?? []).map((certificate) => certificate.certificatePem).join(''));
-  if (pki.onIssue) resources.defer(pki.onIssue((certificate) => appendFile(bootstrapFile, certificate.certificatePem)));
+  let recorder: CertificateAuthorityServiceClient | undefined;
+  if (pki.onIssue) {
+    resources.defer(
+      pki.onIssue(async (certificate) => {
+        await appendFile(bootstrapFile, certificate.certificatePem);
+        // Recorded before pki.credentials returns, as a certificate from IssueCertificate is: the CA reads
+        // the changed file before it answers this (tests that compare the CA's records see no late change).
+        // Best effort: with the CA stopped, the file is read when it next answers.
+        if (recorder) await call((cb) => recorder!.getIssuedSerialList({}, cb)).catch(() => undefined);
+      }),
+    );
+  }
   const process = await startServiceProcess(resources, 'certificate-authority', tls, natsUrl, {
     COWHERD_CA_BOOTSTRAP_CERTIFICATES: bootstrapFile,
     COWHERD_CA_KEY_FILE: caKeyFile,
@@ -113,6 +127,12 @@ export async function startCertificateAuthorityProcess(
       : {}),
     ...options.env,
   });
+  if (!options.createCa) {
+    const own = { certificatePem: await readFile(tls.certificateFile, 'utf8'), privateKeyPem: await readFile(tls.privateKeyFile, 'utf8'), caPem: pki.ca.certificatePem };
+    recorder = createClient(CertificateAuthorityServiceClient, process.address, mutualTlsChannelCredentialsFromPem(own), { defaultDeadlineMs: 5_000, maxAttempts: 1 });
+    const client = recorder;
+    resources.defer(() => client.close());
+  }
   const enrollPort = process.logs.find((line) => line['msg'] === 'enrollment port open')?.['enrollPort'];
   if (typeof enrollPort !== 'number') throw new Error('the CA printed no enrollment port');
   return { ...process, enrollAddress: `localhost:${enrollPort}`, caKeyFile, caCertificateFile };
