@@ -2,7 +2,7 @@
  * Image replicas on this host: `<image dir>/images/<image>/`. Removing one is refused while any domain on
  * the host was cloned from it (its disks are the clones' bases), whatever inventory believes.
  */
-import { open } from 'node:fs/promises';
+import { open, readdir } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { CowherdError } from '../common/errors.js';
@@ -32,10 +32,14 @@ export async function deleteLocalReplica(
 ): Promise<void> {
   const id = replicaIdOf(options.host, name);
   const image = `images/${id}`;
-  const dependents = (await options.libvirt.listDomains()).filter((domain) => domain.clone && 'image' in domain.clone.source && domain.clone.source.image === image);
-  if (dependents.length > 0) {
-    throw CowherdError.failedPrecondition(`${dependents.length} domains on this host were cloned from ${image}`, ErrorReason.ERROR_REASON_IMAGE_IN_USE, {
-      dependents: dependents.slice(0, 50).map((domain) => `hosts/${options.host}/virtualMachines/${domain.name}`).join(','),
+  const domains = await options.libvirt.listDomains();
+  // Cloned from the image (metadata), or chained to any generation's files (a clone of such a clone).
+  const dependents = new Set(domains.filter((domain) => domain.clone && 'image' in domain.clone.source && domain.clone.source.image === image).map((domain) => domain.name));
+  const generations = (await readdir(join(options.imageDirectory, 'images')).catch(() => [] as string[])).filter((entry) => entry === id || new RegExp(`^${id}\\.generation-[1-9][0-9]*$`).test(entry));
+  for (const generation of generations) for (const user of await domainsBackedBy(domains, join(options.imageDirectory, 'images', generation), id)) dependents.add(user);
+  if (dependents.size > 0) {
+    throw CowherdError.failedPrecondition(`${dependents.size} domains on this host use ${image} as a base`, ErrorReason.ERROR_REASON_IMAGE_IN_USE, {
+      dependents: [...dependents].slice(0, 50).map((domain) => `hosts/${options.host}/virtualMachines/${domain}`).join(','),
     });
   }
   const directory = join(options.imageDirectory, 'images', id);
