@@ -312,7 +312,7 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
 
 /** Publishes a store's records until JetStream acknowledges each, then removes them from the store. */
 export class OutboxRelay {
-  private readonly queue: Entry[] = [];
+  private queue: Entry[] = [];
   private readonly keys = new Set<string>();
   private readonly stopping = new AbortController();
   private wakeUp: AbortController = new AbortController();
@@ -370,7 +370,7 @@ export class OutboxRelay {
     this.store.close?.();
     await this.loop;
     eventOutboxPending.dec(this.queue.length);
-    this.queue.length = 0;
+    this.queue = [];
     this.keys.clear();
   }
 
@@ -394,9 +394,15 @@ export class OutboxRelay {
         nextScan = this.now() + this.store.rescanMs!;
       }
       const now = this.now();
-      const due = this.queue.filter((entry) => entry.dueAt <= now).slice(0, this.window);
+      // The oldest due records; a backlog after a long outage can be 100,000s, so stop at a window.
+      const due: Entry[] = [];
+      for (const entry of this.queue) {
+        if (entry.dueAt <= now) due.push(entry);
+        if (due.length === this.window) break;
+      }
       if (due.length === 0) {
-        const next = Math.min(nextScan, ...this.queue.map((entry) => entry.dueAt));
+        let next = nextScan;
+        for (const entry of this.queue) next = Math.min(next, entry.dueAt);
         this.wakeUp = new AbortController();
         const stopOrWake = AbortSignal.any([this.stopping.signal, this.wakeUp.signal]);
         await this.sleep(Number.isFinite(next) ? Math.max(0, next - now) : 2 ** 31 - 1, stopOrWake);
@@ -414,7 +420,12 @@ export class OutboxRelay {
           failed.push({ entry, error: outcome.reason });
         }
       });
-      for (const entry of due.filter((item) => item.published)) await this.removeFromStore(entry);
+      const removed = new Set<Entry>();
+      for (const entry of due.filter((item) => item.published)) if (await this.removeFromStore(entry)) removed.add(entry);
+      if (removed.size > 0) {
+        // One pass per window, not one splice per record.
+        this.queue = this.queue.filter((entry) => !removed.has(entry));
+      }
       if (failed.length === 0 || sent > 0) {
         if (windowFailures > 0) this.log.info({ failedWindows: windowFailures, pending: this.queue.length }, 'event outbox: JetStream acknowledges again');
         windowFailures = 0;
@@ -435,17 +446,18 @@ export class OutboxRelay {
     }
   }
 
-  private async removeFromStore(entry: Entry): Promise<void> {
+  /** True when the record is gone from the store (the caller drops it from the queue). */
+  private async removeFromStore(entry: Entry): Promise<boolean> {
     try {
       await this.store.remove(entry.record);
-      const index = this.queue.indexOf(entry);
-      if (index >= 0) this.queue.splice(index, 1);
       this.keys.delete(entry.record.key);
       eventOutboxPending.dec();
+      return true;
     } catch (error) {
       entry.failures++;
       entry.dueAt = this.now() + backoffDelay(entry.failures, this.baseDelayMs, this.maxDelayMs, this.random);
       this.log.warn({ err: error, eventId: entry.record.id }, 'event outbox: published, but the record could not be removed yet; will retry');
+      return false;
     }
   }
 }
