@@ -8,7 +8,7 @@
  * host off the network while its process lives on.
  *
  * Hosts: `origin` (holds the master VM and publishes), `recv1`..`recv3` (receivers; clones go to `origin` and
- * `recv1`) and `small`, whose image directory is a 16 MiB tmpfs mounted before its agent starts (the disk that
+ * `recv1`) and `small`, whose image directory is a 40 MiB tmpfs mounted before its agent starts (the disk that
  * fills up). Receivers download at most {@link RECEIVER_DOWNLOAD_BYTES_PER_SECOND} (UpdateHost transfer limits),
  * so a distribution of the master image lasts long enough to be caught mid-transfer.
  *
@@ -47,8 +47,8 @@ export const HOSTS = [ORIGIN, ...RECEIVERS, SMALL] as const;
 export const MASTER_DISK_MIB = 24;
 /** Receivers' download cap: the master image takes ~24 s per receiver. */
 export const RECEIVER_DOWNLOAD_BYTES_PER_SECOND = 1024 * 1024;
-/** The small host's image directory: less than one image. */
-export const SMALL_DISK_MIB = 16;
+/** The small host's image directory: room for one image and a little more (a file fills it during the fault). */
+export const SMALL_DISK_MIB = 40;
 const AGENT_PORT = 7445;
 /**
  * Progress deadlines shorter than the defaults (10 and 15 minutes without progress), so that a step that
@@ -218,6 +218,18 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
     for (const client of Object.values(clients)) client.close();
   });
 
+  // Every domain of this run (the master and every clone) is undefined at the end, after the agents stopped
+  // (registered first, so it runs last) and in one virsh process: one by one, with five agents re-reading
+  // libvirt after each change, 200 domains took minutes.
+  resources.defer(async () => {
+    const names = (await virsh('list', '--all', '--name').catch(() => '')).split('\n').map((name) => name.trim()).filter((name) => name.startsWith(`${runId}-`));
+    if (names.length === 0) return;
+    // Names are ours (run id, row, index): no quoting needed beyond virsh's own.
+    await virsh(names.map((name) => `undefine --domain ${name}`).join('; ')).catch(() => undefined);
+    const left = (await virsh('list', '--all', '--name').catch(() => '')).split('\n').map((name) => name.trim()).filter((name) => name.startsWith(`${runId}-`));
+    for (const name of left) await virsh('undefine', name).catch(() => undefined);
+  });
+
   // One agent per host, in its namespace, joining with a token like any host.
   const agents = new Map<string, FleetAgent>();
   for (const host of HOSTS) {
@@ -316,14 +328,6 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   const xml = `<domain type='qemu'><name>${vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
   await writeFile(join(vmDirectory, `${vm}.xml`), xml);
   await virsh('define', join(vmDirectory, `${vm}.xml`));
-  // Every domain of this run (the master and every clone) is undefined at the end.
-  resources.defer(async () => {
-    const names = (await virsh('list', '--all', '--name').catch(() => '')).split('\n').map((name) => name.trim()).filter((name) => name.startsWith(`${runId}-`));
-    for (const name of names) {
-      await virsh('destroy', name).catch(() => undefined);
-      await virsh('undefine', name).catch(() => undefined);
-    }
-  });
   const masterVm = `hosts/${ORIGIN}/virtualMachines/${vm}`;
   await waitFor('the master VM in inventory', async () => ((await call<VirtualMachine>((cb) => clients.inventory.getVirtualMachine({ name: masterVm }, cb))).state === VirtualMachine_State.STATE_SHUT_OFF ? true : undefined), 60_000);
 

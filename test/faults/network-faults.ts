@@ -15,8 +15,8 @@ export const NETWORK_FAULTS: readonly FaultRow[] = [
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
     inject: async (context) => {
-      await context.midTransfer();
       const host = 'recv1';
+      await context.midTransfer([host]);
       const rules = [
         ['INPUT', '-i', 'eth0', '-j', 'DROP'],
         ['OUTPUT', '-o', 'eth0', '-j', 'DROP'],

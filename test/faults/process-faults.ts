@@ -10,7 +10,8 @@ import { sleep, type FaultRow, type RowContext } from './row.js';
 const DOWN_MS = 3_000;
 
 async function killAgent(context: RowContext, host: string): Promise<number> {
-  await context.midTransfer();
+  // A receiver is killed while it holds part of the image; the origin while any receiver does.
+  await context.midTransfer(host === ORIGIN ? undefined : [host]);
   const agent = context.fleet.agents.get(host)!;
   context.note(`SIGKILL agent ${host} (pid ${agent.daemon?.pid})`);
   await agent.kill();

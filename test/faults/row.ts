@@ -82,6 +82,8 @@ export interface RowContext {
   readonly state: SuiteState;
   /** The row's image. */
   readonly image: string;
+  /** The domain names of the row's clones start with this. */
+  readonly prefix: string;
   /** Resolves when a receiver holds part of the image (some bytes, not all): the transfer is under way. */
   midTransfer(receivers?: readonly string[]): Promise<void>;
   /** Notes for stderr. */
@@ -101,12 +103,16 @@ export interface FaultRow {
    * operation must SUCCEED and every clone be DONE, not merely end.
    */
   readonly mustSucceed: boolean;
+  /** A negative control: the suite itself breaks an invariant, and the row must NOT survive (controls.ts). */
+  readonly control?: boolean;
   /** Use this earlier image instead of publishing a fresh one (damage rows). */
   readonly reuseImage?: (state: SuiteState) => string | undefined;
   /** Runs before the work starts (damage rows damage here); returns nothing. */
   readonly before?: (context: RowContext) => Promise<void>;
   /** Injects the fault while the work runs; resolves with the time (ms) at which the fault ended. */
   readonly inject: (context: RowContext) => Promise<number>;
+  /** Runs after the invariants were checked (undoes a fault that lasts through the check, e.g. a full disk). */
+  readonly after?: (context: RowContext) => Promise<void>;
   /**
    * How many image.available of the row's image each host should have published during the row. Default: one
    * for every receiver whose replica became AVAILABLE during the row. (The origin's copy is announced by the one
@@ -153,6 +159,7 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
     fleet,
     state,
     image,
+    prefix,
     note,
     midTransfer: async (receivers = row.distributeTo) => {
       const deadline = Date.now() + 60_000;
@@ -226,6 +233,8 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
     if (Date.now() > deadline) break;
     await sleep(1_000);
   }
+
+  await row.after?.(context).catch((error: unknown) => note(`undoing the fault failed: ${(error as Error).message}`));
 
   // Bases: every base known before the row and every base of this row's clones, hashed once at the end.
   const bases = await checkBases(fleet, state, last.doneClones, image, rpc);
@@ -493,14 +502,15 @@ async function checkBases(fleet: FaultFleet, state: SuiteState, doneClones: read
 
 /**
  * The ErrorInfo reason of a failure, undefined when it has none: an operation that ends FAILED must say why in
- * the API's terms (an ErrorReason), not only as a message. INTERNAL's generic "internal error" carries none.
+ * the API's terms (an ErrorReason), not only as a message. ERROR_REASON_INTERNAL ("internal error") is none.
  */
 function reasonOf(status: Status): string | undefined {
   for (const detail of status.details ?? []) {
     if (!detail.typeUrl.endsWith('/google.rpc.ErrorInfo')) continue;
     try {
       const reason = ErrorInfo.decode(detail.value).reason;
-      if (reason) return reason;
+      // INTERNAL says only that something unexpected broke: no reason an operator can act on.
+      if (reason && !/_(INTERNAL|UNSPECIFIED)$/.test(reason)) return reason;
     } catch {
       // Not decodable: no reason.
     }

@@ -8,7 +8,9 @@
  *
  * `COWHERD_FAULTS=nats-node-restart,cloning-kill npm run test:faults` runs only those rows (names below; the
  * damage rows need an image on every receiver and run a fault-free baseline row first when no earlier row
- * left one). Root only (libvirtd, network namespaces, tmpfs).
+ * left one). `COWHERD_FAULTS=controls` runs the negative controls (controls.ts): rows in which the suite breaks an
+ * invariant itself and which must therefore NOT survive (`controls: N caught, N missed`). Root only (libvirtd,
+ * network namespaces, tmpfs).
  */
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -21,6 +23,7 @@ import { NETWORK_FAULTS } from './network-faults.js';
 import { PROCESS_FAULTS } from './process-faults.js';
 import { runRow, RECOVERY_BOUND_SECONDS, type FaultRow, type RowResult, type SuiteState } from './row.js';
 import { STORAGE_FAULTS } from './storage-faults.js';
+import { CONTROLS } from './controls.js';
 
 /** Every row, in the order they run. */
 export const ALL_FAULTS: readonly FaultRow[] = [...NATS_FAULTS, ...PROCESS_FAULTS, ...STORAGE_FAULTS, ...NETWORK_FAULTS];
@@ -39,12 +42,13 @@ async function main(): Promise<number> {
     return 2;
   }
   const wanted = (process.env['COWHERD_FAULTS'] ?? '').split(',').map((name) => name.trim()).filter(Boolean);
-  const unknown = wanted.filter((name) => !ALL_FAULTS.some((row) => row.fault === name));
+  const known = [...ALL_FAULTS, ...CONTROLS];
+  const unknown = wanted.filter((name) => name !== 'controls' && !known.some((row) => row.fault === name));
   if (unknown.length > 0) {
-    process.stderr.write(`faults: COWHERD_FAULTS names unknown faults ${unknown.join(', ')}; known: ${ALL_FAULTS.map((row) => row.fault).join(', ')}\n`);
+    process.stderr.write(`faults: COWHERD_FAULTS names unknown faults ${unknown.join(', ')}; known: ${known.map((row) => row.fault).join(', ')}, controls\n`);
     return 2;
   }
-  const rows = wanted.length === 0 ? ALL_FAULTS : ALL_FAULTS.filter((row) => wanted.includes(row.fault));
+  const rows = wanted.length === 0 ? ALL_FAULTS : known.filter((row) => wanted.includes(row.fault) || (row.control && wanted.includes('controls')));
   const logDirectory = join(REPOSITORY, '.state', 'faults', 'logs');
   await rm(logDirectory, { recursive: true, force: true });
 
@@ -63,6 +67,7 @@ async function main(): Promise<number> {
   process.once('SIGTERM', onSignal);
 
   const results: RowResult[] = [];
+  const controls: RowResult[] = [];
   try {
     const fleet = await startFaultFleet(resources, logDirectory);
     fleet.say(`fleet up in ${((Date.now() - started) / 1000).toFixed(0)} s; ${rows.length} faults; bound ${RECOVERY_BOUND_SECONDS} s after each fault ends; logs in ${logDirectory}`);
@@ -76,8 +81,13 @@ async function main(): Promise<number> {
       }
       const rowStarted = Date.now();
       const result = await runRow(fleet, state, row);
-      results.push(result);
       process.stdout.write(`${JSON.stringify(result)}\n`);
+      if (row.control) {
+        controls.push(result);
+        fleet.say(`${row.fault}: ${result.survived ? 'the suite did NOT catch the broken invariant' : 'caught, as it must be'}`);
+      } else {
+        results.push(result);
+      }
       fleet.say(`${row.fault} took ${((Date.now() - rowStarted) / 1000).toFixed(0)} s`);
     }
   } catch (error) {
@@ -90,10 +100,12 @@ async function main(): Promise<number> {
   const minutes = (Date.now() - started) / 60_000;
   const fits = minutes <= CI_LIMIT_MINUTES - CI_ROOM_MINUTES;
   process.stdout.write(`faults: ${passed} passed, ${results.length - passed} failed\n`);
+  const caught = controls.filter((result) => !result.survived).length;
+  if (controls.length > 0) process.stdout.write(`controls: ${caught} caught, ${controls.length - caught} missed\n`);
   process.stderr.write(
     `faults: took ${minutes.toFixed(1)} min; ${fits ? `fits CI's ${CI_LIMIT_MINUTES} minutes with room to spare` : `does NOT fit CI's ${CI_LIMIT_MINUTES} minutes with ${CI_ROOM_MINUTES} to spare`}\n`,
   );
-  return passed === results.length ? 0 : 1;
+  return passed === results.length && caught === controls.length ? 0 : 1;
 }
 
 /** Between rows: every process of the fleet runs and every host is READY again (a row's fault must not leak into the next). */

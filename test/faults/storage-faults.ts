@@ -1,6 +1,6 @@
 /**
- * Storage faults: a receiver's disk filling up (the `small` host's image directory is a 16 MiB tmpfs, smaller
- * than the image), and a replica damaged while its agent runs (a few bytes overwritten in its disk file), once
+ * Storage faults: a receiver's disk filling up (the `small` host's image directory is a small tmpfs with room
+ * for the image; once the transfer runs, a file fills the rest), and a replica damaged while its agent runs (a few bytes overwritten in its disk file), once
  * on a host where no VM uses it and once on a host where clones use it as their base.
  *
  * The damage rows reuse an image that every receiver already holds (the newest row that left it so, or one
@@ -10,12 +10,16 @@
  * replica that is AVAILABLE again after the damage published a new image.available (a new occurrence).
  */
 import { randomBytes } from 'node:crypto';
-import { open, statfs } from 'node:fs/promises';
+import { open, rm, statfs } from 'node:fs/promises';
 import { join } from 'node:path';
+import { runCommand } from '../../services/common/child-process.js';
 import { call } from '../../services/common/client.js';
 import { ImageReplica_State, type Image, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { ORIGIN, SMALL } from './fleet.js';
-import { sha256, sleep, type FaultRow, type RowContext } from './row.js';
+import { sha256, type FaultRow, type RowContext } from './row.js';
+
+/** The file that fills the small host's disk (removed after the row). */
+const FILLER = 'cowherd-faults-filler';
 
 /** Overwrites a few bytes in the middle of the host's copy of the image's first disk; returns the file. */
 async function damage(context: RowContext, host: string): Promise<string> {
@@ -47,18 +51,17 @@ export const STORAGE_FAULTS: readonly FaultRow[] = [
     distributeTo: ['recv1', 'recv2', SMALL],
     cloneHosts: [ORIGIN, 'recv1'],
     inject: async (context) => {
-      const directory = context.fleet.agents.get(SMALL)!.imageDirectory;
-      const deadline = Date.now() + 90_000;
-      while (Date.now() < deadline) {
-        const facts = await statfs(directory);
-        if (facts.bavail * facts.bsize < 1024 * 1024) {
-          context.note(`${SMALL}'s image directory is full (${facts.bavail * facts.bsize} bytes free)`);
-          return Date.now();
-        }
-        await sleep(250);
-      }
-      context.note(`${SMALL}'s image directory did not fill up within 90 s`);
+      // The disk has room for the image when the transfer starts (the agent checks that first); it fills up
+      // under the transfer, as when something else on the host writes.
+      await context.midTransfer([SMALL]);
+      const filler = join(context.fleet.agents.get(SMALL)!.imageDirectory, FILLER);
+      await runCommand('dd', ['if=/dev/zero', `of=${filler}`, 'bs=1M', 'status=none']).catch(() => undefined);
+      const facts = await statfs(context.fleet.agents.get(SMALL)!.imageDirectory);
+      context.note(`${SMALL}'s image directory filled up (${facts.bavail * facts.bsize} bytes free)`);
       return Date.now();
+    },
+    after: async (context) => {
+      await rm(join(context.fleet.agents.get(SMALL)!.imageDirectory, FILLER), { force: true });
     },
   },
   {
