@@ -266,14 +266,8 @@ export class ImageTransfers {
       if (existing.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(existing, 'fetch'))) return this.toReplica(existing);
       if (existing.state !== ImageReplica_State.STATE_FAILED) return this.toReplica(existing);
       if (existing.work) return this.toReplica(existing);
-      // A retry is a new occurrence: a new generation, so its image.available is a new event (the stream
-      // dropped the retry's image.available as a duplicate of the first when it kept the generation).
       existing.request = FetchImageRequest.fromPartial({ ...request, image: request.image });
-      existing.generation = newGeneration(existing.generation);
-      await this.prepareRepair(existing);
-      this.setState(existing, ImageReplica_State.STATE_TRANSFERRING);
-      await this.writeState(existing);
-      this.startFetch(existing);
+      await this.beginRepair(existing);
       return this.toReplica(existing);
     }
     const replica = this.newReplica(id, request, false, ImageReplica_State.STATE_TRANSFERRING);
@@ -529,13 +523,29 @@ export class ImageTransfers {
         { host, id: `image.replica_damaged/${id}/${host}/${replica.generation}` },
       )
       .catch((error: unknown) => this.options.log.error({ err: error, replica: replicaName }, 'image.replica_damaged not published'));
-    if (dependents.length === 0 && !this.stopped) {
-      replica.generation = newGeneration(replica.generation);
-      await this.prepareRepair(replica);
-      this.setState(replica, ImageReplica_State.STATE_TRANSFERRING);
-      await this.writeState(replica);
-      this.startFetch(replica);
+    // A FetchImage may have started the repair while the event was being recorded.
+    if (dependents.length === 0 && !this.stopped && replica.state === ImageReplica_State.STATE_FAILED && !replica.work) {
+      await this.beginRepair(replica).catch((error: unknown) => this.options.log.error({ err: error, replica: replicaName }, 'in-place repair could not start'));
     }
+  }
+
+  /**
+   * Fetches a FAILED replica again (a retry, or the repair of damage) as a new occurrence: a new generation
+   * id, so its image.available is a new event (the stream dropped a retry's image.available as a duplicate
+   * when it kept the id). The state leaves FAILED before the first await, so that a concurrent FetchImage
+   * or check sees the repair under way and starts no second one.
+   */
+  private async beginRepair(replica: LocalReplica): Promise<void> {
+    this.setState(replica, ImageReplica_State.STATE_TRANSFERRING);
+    replica.generation = newGeneration(replica.generation);
+    try {
+      await this.prepareRepair(replica);
+      await this.writeState(replica);
+    } catch (error) {
+      this.setState(replica, ImageReplica_State.STATE_FAILED, toStatus(error));
+      throw error;
+    }
+    this.startFetch(replica);
   }
 
   /**
@@ -706,7 +716,9 @@ export class ImageTransfers {
             return;
           }
           if (result.badFiles.length > 0) this.options.log.warn({ replica: replicaName, files: result.badFiles }, 'replica changed on disk: fetching it again');
-          // markDamaged repairs in place at once when no domain uses the files, and leaves them FAILED otherwise.
+          // markDamaged repairs in place at once when no domain uses the files, and leaves them FAILED otherwise;
+          // this verification is over, so it must not count as a fetch under way.
+          replica.work = undefined;
           await this.markDamaged(replica, result, 'start');
           return;
         }
