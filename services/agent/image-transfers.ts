@@ -619,7 +619,8 @@ export class ImageTransfers {
         const timer = setTimeout(resolve, ms);
         signal.addEventListener('abort', () => (clearTimeout(timer), resolve()), { once: true });
       });
-    await pause(Math.min(intervalMs, 10_000));
+    // A start already re-checked every replica (fingerprints, or a full read): the first pass can wait too.
+    await pause(intervalMs);
     while (!signal.aborted) {
       for (const replica of [...this.replicas.values()]) {
         if (signal.aborted) return;
