@@ -330,13 +330,26 @@ export class ImageTransfers {
     replica?.watcher?.close();
     await this.swarm.remove(id);
     await replica?.work;
-    await removeFiles();
-    await removeTree(join(this.imagesRoot, `.${id}.partial`));
-    // Every generation goes (the caller refused the removal while any domain was cloned from the image).
-    for (const generation of new Set([replica?.filesGeneration ?? 1, ...(replica?.damagedGenerations.map((damage) => damage.filesGeneration) ?? [])])) {
-      if (generation === 1) continue;
-      await removeTree(this.directoryOf({ id, filesGeneration: generation }));
-      await removeTree(this.partialOf({ id, filesGeneration: generation }));
+    try {
+      await removeFiles();
+      await removeTree(join(this.imagesRoot, `.${id}.partial`));
+      // Every generation goes (the caller refused the removal while any domain uses the image as a base).
+      for (const generation of new Set([replica?.filesGeneration ?? 1, ...(replica?.damagedGenerations.map((damage) => damage.filesGeneration) ?? [])])) {
+        if (generation === 1) continue;
+        await removeTree(this.directoryOf({ id, filesGeneration: generation }));
+        await removeTree(this.partialOf({ id, filesGeneration: generation }));
+      }
+    } catch (error) {
+      // Some files stay: say so, keep the state file (a restart takes the replica up again) and leave the
+      // replica FAILED rather than DELETING, so that a DeleteImageReplica or FetchImage can try again.
+      const failure = new CowherdError(GrpcStatus.INTERNAL, `${this.replicaName(id)}: removing its files failed (${(error as Error).message}); what was not removed stays on disk`, {
+        reason: ErrorReason.ERROR_REASON_INTERNAL,
+        metadata: { replica: this.replicaName(id), removed: 'false' },
+        cause: error,
+      });
+      this.options.log.error({ replica: this.replicaName(id), err: error }, 'replica files could not all be removed; they stay');
+      if (replica) this.setState(replica, ImageReplica_State.STATE_FAILED, toStatus(failure));
+      throw failure;
     }
     await this.removeState(id);
     this.replicas.delete(id);

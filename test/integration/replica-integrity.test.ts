@@ -95,7 +95,8 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     stack = await startCloneStack(resources, `ri-origin-${suffix}`);
     agents.set(`ri-origin-${suffix}`, stack.firstAgent);
     // A fast scrub with a short pause, so that a test sees a pass within seconds.
-    const scrubEnv = { COWHERD_SCRUB_MIB_PER_SECOND: '256', COWHERD_SCRUB_INTERVAL_SECONDS: '1' };
+    // Each agent sees only the domains of its own image directory (they share one libvirtd), as in the local fleet.
+    const scrubEnv = { COWHERD_SCRUB_MIB_PER_SECOND: '256', COWHERD_SCRUB_INTERVAL_SECONDS: '1', COWHERD_DOMAIN_SCOPE: 'image-directory' };
     agents.set(withClone, await stack.addAgent(withClone, scrubEnv));
     agents.set(scrubbed, await stack.addAgent(scrubbed, scrubEnv));
 
@@ -278,6 +279,31 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
       assert.match(metrics, /cowherd_replica_damaged_total\{found_by="scrub"\} 1/);
       assert.match(metrics, /cowherd_replica_scrub_bytes_total [1-9]/);
     }
+  });
+
+  it('a replica whose files cannot all be removed says so, stays FAILED (not DELETING) and can be deleted again', async () => {
+    const agent = agents.get(scrubbed)!;
+    const directory = join(agent.imageDirectory, 'images', imageId);
+    const stuck = join(directory, 'stuck');
+    // A mount point inside the replica: removing the directory fails (EBUSY), as a busy or immutable file would.
+    await mkdir(stuck);
+    await run('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', stuck]);
+    const asDistribution = createClient(AgentServiceClient, agent.process.address, mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', 'distribution')), caPem: stack.pki.ca.certificatePem }), { serverName: scrubbed });
+    resources.defer(() => asDistribution.close());
+    const name = `hosts/${scrubbed}/images/${imageId}`;
+    try {
+      const refused = await failure((cb) => asDistribution.deleteImageReplica({ name }, cb));
+      assert.equal(refused.code, GrpcStatus.INTERNAL);
+      assert.match(refused.message, /removing its files failed .* stays on disk/);
+      assert.equal(refused.metadata['removed'], 'false');
+      await stat(stuck);
+      const after = await call<ImageReplica>((cb) => asDistribution.getImageReplica({ name }, cb));
+      assert.equal(after.state, ImageReplica_State.STATE_FAILED, 'FAILED with the reason, not DELETING for ever');
+    } finally {
+      await run('umount', [stuck]).catch(() => undefined);
+    }
+    await call((cb) => asDistribution.deleteImageReplica({ name }, cb));
+    await assert.rejects(stat(directory), /ENOENT/);
   });
 
   it('the origin\'s web seed checks the files before it serves them: damaged bytes are refused (503), never sent', async () => {
