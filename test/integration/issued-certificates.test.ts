@@ -15,6 +15,7 @@ import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/ce
 import { CloningServiceClient, DeleteVirtualMachineRequest } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { DeleteImageRequest, DistributionServiceClient } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
+import { ServerReflectionClient } from '../../services/gen/grpc/reflection/v1/reflection.js';
 import { createClient } from '../../services/common/client.js';
 import { readServiceError } from '../../services/common/errors.js';
 import { issueCredentials, type Credentials } from '../../services/common/credential-files.js';
@@ -183,6 +184,29 @@ describe('only issued certificates are admitted by the gRPC servers', () => {
     assert.equal(refused.code, GrpcStatus.UNAUTHENTICATED);
     const tokens = await call<{ joinTokens: unknown[] }>((cb) => admin.listJoinTokens({ pageSize: 100, pageToken: '', filter: 'host = "kvm-forged"' }, cb));
     assert.equal(tokens.joinTokens.length, 0);
+  });
+
+  it('refuses the never-issued certificate on server reflection too (the bidirectional stream) and serves an issued one', async () => {
+    const reflect = (credentials: Credentials): Promise<{ code: GrpcStatus; reason?: string | undefined; services?: number }> =>
+      new Promise((resolve) => {
+        const reflection = client(ServerReflectionClient, inventory.address, credentials);
+        const stream = reflection.serverReflectionInfo();
+        stream.on('data', (response: { messageResponse?: { $case: string; value: { service?: unknown[] } } }) => {
+          resolve({ code: GrpcStatus.OK, services: response.messageResponse?.$case === 'listServicesResponse' ? (response.messageResponse.value.service?.length ?? 0) : 0 });
+          stream.cancel();
+        });
+        stream.on('error', (error: ServiceError) => {
+          const received = readServiceError(error);
+          resolve({ code: received.code, reason: received.reason });
+        });
+        stream.write({ host: '', messageRequest: { $case: 'listServices', value: '' } });
+      });
+    const refused = await reflect(await forged('admin', 'mallory'));
+    assert.equal(refused.code, GrpcStatus.UNAUTHENTICATED);
+    assert.equal(refused.reason, 'ERROR_REASON_CERTIFICATE_NOT_ISSUED');
+    const served = await reflect(await pki.credentials('admin', 'alice'));
+    assert.equal(served.code, GrpcStatus.OK);
+    assert.ok((served.services ?? 0) > 0);
   });
 
   it('refuses a client certificate that is itself a CA, or has no clientAuth usage, though its serial is recorded', async () => {
