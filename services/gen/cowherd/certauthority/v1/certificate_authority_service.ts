@@ -2073,6 +2073,8 @@ export const GetRevocationListResponse: MessageFns<GetRevocationListResponse> = 
  *   4. The CA marks the token USED and returns a short-lived host certificate. The agent calls RenewCertificate
  *      over mTLS at or after the returned renew_time, before expiry, with a CSR for a fresh key pair.
  * Revoked serials are refused by every cowherd server and by NATS; servers learn them from GetRevocationList.
+ * Only serials the CA issued are admitted, by every server as by NATS; servers learn them from
+ * GetIssuedSerialList.
  */
 export type CertificateAuthorityServiceService = typeof CertificateAuthorityServiceService;
 export const CertificateAuthorityServiceService = {

@@ -113,7 +113,9 @@ export interface Certificate {
   certificatePem: string;
   /**
    * The SPIFFE ID of the caller that obtained the certificate: the admin for IssueCertificate, the host itself
-   * for EnrollHost and RenewCertificate.
+   * for EnrollHost and RenewCertificate. "bootstrap" for a certificate signed with the CA key before the CA
+   * service ran (NATS's and the services' seeds, a bootstrap admin), which the CA recorded from its bootstrap
+   * file so that servers, which admit only issued serials, accept it.
    */
   issuerIdentity: string;
 }
