@@ -224,20 +224,27 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
             if (context.cancelRequested()) return;
             const hostId = transfer.host.slice('hosts/'.length);
             const existing = (await deps.replicas.get(`${hostId}.${id}`))?.value;
-            if (existing?.state === ImageReplica_State.STATE_AVAILABLE) {
+            const markAvailable = () => {
               transfer.state = ImageReplica_State.STATE_AVAILABLE;
               transfer.progress = TransferProgress.fromPartial({ bytesDone: metadata.bytesTotal, bytesTotal: metadata.bytesTotal });
-              return;
-            }
+            };
             const host = await deps.inventory.getHost(transfer.host);
             if (!host) return fail(transfer, failure(GrpcStatus.NOT_FOUND, `${transfer.host} was removed from the inventory`, ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND, { host: transfer.host }));
+            // A record that says AVAILABLE is not enough while the agent can be asked: only the agent checks that
+            // the files are still the ones it verified (a damaged copy must not be answered AVAILABLE).
+            if (host.state === Host_State.STATE_UNREACHABLE && existing?.state === ImageReplica_State.STATE_AVAILABLE) return markAvailable();
             if (host.state === Host_State.STATE_UNREACHABLE) return fail(transfer, failure(GrpcStatus.UNAVAILABLE, `${transfer.host} is UNREACHABLE`, ErrorReason.ERROR_REASON_HOST_UNREACHABLE, { host: transfer.host }));
             if (host.state === Host_State.STATE_DRAINING || host.draining) return fail(transfer, failure(GrpcStatus.FAILED_PRECONDITION, `${transfer.host} is DRAINING`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { host: transfer.host }));
             try {
               const replica = await call<ImageReplica>((cb) => deps.agents.clientFor(host).fetchImage({ image, trackerAnnounceUrl: deps.trackerAnnounceUrl, webSeedUrls, operation: context.name }, cb));
-              await deps.replicas.mutate(`${hostId}.${id}`, (current) =>
-                current?.state === ImageReplica_State.STATE_AVAILABLE ? undefined : ImageReplica.fromPartial({ ...replica, error: undefined, createTime: current?.createTime ?? replica.createTime, updateTime: new Date() }),
-              );
+              await deps.replicas.mutate(`${hostId}.${id}`, (current) => {
+                // A newer generation already recorded (the agent's events overtook this answer) stays; so does an
+                // AVAILABLE record the agent confirms. An agent that found damage behind an AVAILABLE record wins.
+                if (current && Number(current.generation) > Number(replica.generation)) return undefined;
+                if (current?.state === ImageReplica_State.STATE_AVAILABLE && replica.state === ImageReplica_State.STATE_AVAILABLE) return undefined;
+                return ImageReplica.fromPartial({ ...replica, error: undefined, createTime: current?.createTime ?? replica.createTime, updateTime: new Date() });
+              });
+              if (replica.state === ImageReplica_State.STATE_AVAILABLE) return markAvailable();
               transfer.state = replica.state;
               if (replica.progress) transfer.progress = replica.progress;
             } catch (error) {
