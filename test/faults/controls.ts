@@ -22,28 +22,10 @@ async function clonesDefined(context: RowContext, count: number): Promise<void> 
   }
 }
 
-const common = { mustSucceed: true, control: true, distributeTo: RECEIVERS, cloneHosts: [ORIGIN, 'recv1'] } as const;
+/** The work takes ~25 s after a control's fault; 60 s is enough for a fleet with nothing broken to satisfy every check. */
+const common = { mustSucceed: true, control: true, boundSeconds: 60, distributeTo: RECEIVERS, cloneHosts: [ORIGIN, 'recv1'] } as const;
 
 export const CONTROLS: readonly FaultRow[] = [
-  {
-    ...common,
-    fault: 'control-base-rewritten',
-    inject: async (context) => {
-      await clonesDefined(context, 5);
-      // A base an earlier row's clones use, else (first row) nothing is known yet and the row's own clones'
-      // base is the origin replica of this image.
-      const base = [...context.state.bases.keys()][0] ?? join(context.fleet.agents.get(ORIGIN)!.imageDirectory, 'images', context.image, 'vda.qcow2');
-      const before = await sha256(base).catch(() => 'missing');
-      const handle = await open(base, 'r+');
-      try {
-        await handle.write(randomBytes(23), 0, 23, 4096 * 7);
-      } finally {
-        await handle.close();
-      }
-      context.note(`control: rewrote 23 bytes of the base ${base} (was ${before.slice(0, 12)})`);
-      return Date.now();
-    },
-  },
   {
     ...common,
     fault: 'control-duplicate-event',
@@ -84,6 +66,24 @@ export const CONTROLS: readonly FaultRow[] = [
     },
     after: async (context) => {
       await context.fleet.distribution.start();
+    },
+  },
+  {
+    ...common,
+    fault: 'control-base-rewritten',
+    inject: async (context) => {
+      await clonesDefined(context, 5);
+      // A base an earlier row's clones use (this control runs last), else the origin replica of this image.
+      const base = [...context.state.bases.keys()][0] ?? join(context.fleet.agents.get(ORIGIN)!.imageDirectory, 'images', context.image, 'vda.qcow2');
+      const before = await sha256(base).catch(() => 'missing');
+      const handle = await open(base, 'r+');
+      try {
+        await handle.write(randomBytes(23), 0, 23, 4096 * 7);
+      } finally {
+        await handle.close();
+      }
+      context.note(`control: rewrote 23 bytes of the base ${base} (was ${before.slice(0, 12)})`);
+      return Date.now();
     },
   },
 ];

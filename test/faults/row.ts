@@ -35,7 +35,7 @@ import {
   Placement_Strategy,
   type CloneResult,
 } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
-import { DistributeImageMetadata } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
+import { DistributeImageMetadata, DistributeImageResponse } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { Image, ImageReplica_State, type ImageReplica, type VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
 import { ErrorInfo } from '../../services/gen/google/rpc/error_details.js';
@@ -51,6 +51,7 @@ export const CLONES_PER_BATCH = 20;
 const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
 const cloneResponseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
 const cloneMetadataType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesMetadata', encode: CloneVirtualMachinesMetadata.encode, decode: CloneVirtualMachinesMetadata.decode };
+const distributeResponseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
 const distributeMetadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
 
 /** The JSON line of a row, exactly these keys in this order. */
@@ -105,6 +106,8 @@ export interface FaultRow {
   readonly mustSucceed: boolean;
   /** A negative control: the suite itself breaks an invariant, and the row must NOT survive (controls.ts). */
   readonly control?: boolean;
+  /** Seconds after the fault's end within which every invariant must hold; default {@link RECOVERY_BOUND_SECONDS}. */
+  readonly boundSeconds?: number;
   /** Use this earlier image instead of publishing a fresh one (damage rows). */
   readonly reuseImage?: (state: SuiteState) => string | undefined;
   /** Runs before the work starts (damage rows damage here); returns nothing. */
@@ -218,7 +221,7 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
     note(`the fault could not be injected: ${(error as Error).message}`);
     faultEnd = Date.now();
   }
-  const deadline = faultEnd + RECOVERY_BOUND_SECONDS * 1000;
+  const deadline = faultEnd + (row.boundSeconds ?? RECOVERY_BOUND_SECONDS) * 1000;
 
   // The invariants, until they hold or the bound passes.
   const events = new EventTally(fleet, firstSequence, prefix, image);
@@ -321,7 +324,17 @@ async function evaluate(
       outcomes.push(`${operation.name}: FAILED (${describeStatus(answer.result.value)})`);
     } else if (answer.result?.$case === 'response') {
       terminated++;
-      outcomes.push(`${operation.name}: SUCCEEDED`);
+      // A DistributeImage succeeds with the hosts it could not serve listed as failures: each needs its reason too.
+      let failures: string[] = [];
+      if (operation.on === 'distribution' && answer.result.value.typeUrl.endsWith('/cowherd.distribution.v1.DistributeImageResponse')) {
+        const response = unpack(distributeResponseType, answer.result.value);
+        failures = response.failures.map((failure) => `${failure.host} ${failure.status ? describeStatus(failure.status) : 'no status'}`);
+        for (const failure of response.failures) {
+          if (!failure.status || reasonOf(failure.status) === undefined) problems.push(`${operation.name}: ${failure.host} failed without a reason (no ErrorInfo): ${failure.status ? describeStatus(failure.status) : 'no status'}`);
+        }
+        if (row.mustSucceed && failures.length > 0) problems.push(`${operation.name} SUCCEEDED with failed hosts (${failures.join('; ')}), though the fleet must absorb this fault`);
+      }
+      outcomes.push(`${operation.name}: SUCCEEDED${failures.length > 0 ? ` with failed hosts (${failures.join('; ')})` : ''}`);
       if (operation.on === 'cloning') {
         clones = unpack(cloneResponseType, answer.result.value).clones;
         cloneResponseKnown = true;
