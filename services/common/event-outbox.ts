@@ -403,9 +403,11 @@ export class OutboxRelay {
       if (due.length === 0) {
         let next = nextScan;
         for (const entry of this.queue) next = Math.min(next, entry.dueAt);
+        // enqueue() and stop() abort it (not AbortSignal.any: on Node 20 each call leaves a listener behind
+        // on the long-lived stopping signal).
         this.wakeUp = new AbortController();
-        const stopOrWake = AbortSignal.any([this.stopping.signal, this.wakeUp.signal]);
-        await this.sleep(Number.isFinite(next) ? Math.max(0, next - now) : 2 ** 31 - 1, stopOrWake);
+        if (this.stopping.signal.aborted) break;
+        await this.sleep(Number.isFinite(next) ? Math.max(0, next - now) : 2 ** 31 - 1, this.wakeUp.signal);
         continue;
       }
       const outcomes = await Promise.allSettled(due.map((entry) => (entry.published ? Promise.resolve() : this.send(entry.record))));
