@@ -2,18 +2,24 @@
  * Unit tests of the event outbox's relay (services/common/event-outbox.ts) with a fake store and a fake
  * JetStream: records go out in record order, an outage is waited out with a growing, jittered delay and
  * never given up, a record that fails on its own does not hold the others back, and the directory store
- * keeps records across a "restart" in order.
+ * keeps records across a "restart" in order. The clone engine fails a batch whose clone.done it could
+ * not record (it used to log "clone.done not published" and drop it), and the retry records it.
  */
 import assert from 'node:assert/strict';
 import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
+import { CloneEngine } from '../../services/agent/clone-engine.js';
+import { readCloneMetadata } from '../../services/agent/domain-xml.js';
+import type { DomainInfo, Libvirt } from '../../services/agent/libvirt.js';
 import { backoffDelay, DirectoryOutboxStore, OutboxEventPublisher, OutboxRelay, type OutboxRecord, type OutboxStore, type StoredRecord } from '../../services/common/event-outbox.js';
 import { CLONE_DONE } from '../../services/common/event-types.js';
 import { createLogger } from '../../services/common/logger.js';
 import { metricsRegistry } from '../../services/common/metrics.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
+import { CreateClonesRequest } from '../../services/gen/cowherd/agent/v1/agent_service.js';
+import { writeTinyReplica } from '../harness/index.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
@@ -205,6 +211,41 @@ describe('directory outbox store', () => {
       const names = await readdir(join(directory, 'images-root', 'outbox'));
       assert.ok(!names.some((name) => name.endsWith('.tmp')), 'temporary files cleared');
       assert.ok(names.includes('0000000000000010.event.bad'), 'unreadable record set aside');
+    } finally {
+      await rm(directory, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('clone engine and the outbox', () => {
+  it('a batch whose clone.done cannot be recorded fails instead of dropping it, and its retry records it under the same id', async () => {
+    const directory = await mkdtemp(join(tmpdir(), 'cowherd-outbox-engine-'));
+    try {
+      await writeTinyReplica(directory);
+      const defined: DomainInfo[] = [];
+      const define = async (xml: string): Promise<void> => {
+        const clone = readCloneMetadata(xml);
+        defined.push({ name: /<name>([^<]+)<\/name>/.exec(xml)![1]!, uuid: /<uuid>([^<]+)<\/uuid>/.exec(xml)![1]!, state: 'shut off', domainType: 'qemu', vcpus: 1, memoryBytes: 64 * 1024 * 1024, disks: [], ...(clone ? { clone } : {}) } as DomainInfo);
+      };
+      const libvirt = { uri: 'test:///default', listDomains: async () => [...defined], define } as unknown as Libvirt;
+      // The outbox's disk refuses the first batch's records (full), then takes them.
+      let diskFull = true;
+      const recorded: string[] = [];
+      const publish = async (_type: unknown, _payload: unknown, options: { id: string }): Promise<void> => {
+        if (diskFull) throw new Error('ENOSPC: no space left on device');
+        recorded.push(options.id);
+      };
+      const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events: { publish }, log });
+      const names = ['a', 'b', 'c'];
+      const operation = 'operations/00000000-0000-4000-8000-00000000000a';
+      const request = CreateClonesRequest.fromPartial({ source: { $case: 'image', value: 'images/tiny' }, clones: names.map((domainName) => ({ domainName, start: false })), operation, requestId: `${operation}/hosts/kvm-01` });
+
+      await assert.rejects(engine.createClones(request), /ENOSPC/, 'the call fails: its caller retries');
+      assert.equal(defined.length, 3, 'the clones were made');
+      diskFull = false;
+      const retried = await engine.createClones(request);
+      assert.deepEqual(retried.map((result) => result.status?.code ?? 0), [0, 0, 0]);
+      assert.deepEqual(recorded.sort(), names.map((name) => `clone.done/${operation}/kvm-01/${name}`).sort(), 'the retry records the clone.done each clone owed');
     } finally {
       await rm(directory, { recursive: true, force: true });
     }
