@@ -169,7 +169,15 @@ export class CloneEngine {
       if (item.kind !== 'existing') cloneDuration.observe({ result: result.virtualMachine ? 'done' : 'failed' }, (performance.now() - startedAt) / 1000);
       results.push(result);
     }
-    await Promise.all(publishing);
+    // Every clone.done and clone.failed is recorded before the call answers. A record that cannot be written
+    // (the outbox's disk) fails the call, saying what a retry does: clones made are kept and found again.
+    await Promise.all(publishing).catch((error: unknown) => {
+      const full = /ENOSPC|no space left/i.test(String((error as Error).message));
+      throw new CowherdError(full ? GrpcStatus.RESOURCE_EXHAUSTED : GrpcStatus.UNAVAILABLE, `the clones of this batch were made or rolled back, but their events could not be recorded (${(error as Error).message}); a retry with the same request_id returns the clones and records their events`, {
+        reason: full ? ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE : ErrorReason.ERROR_REASON_INTERNAL,
+        cause: error,
+      });
+    });
     const round = (ms: number): number => Math.round(ms * 10) / 10;
     this.options.log.info(
       { clones: results.length, failed: results.filter((result) => result.status && result.status.code !== 0).length, sourceMs: round(listedAt - startedAt), prepareMs: round(preparedAt - listedAt), defineMs: round(definedAt - preparedAt), finishMs: round(performance.now() - definedAt), operation: request.operation },

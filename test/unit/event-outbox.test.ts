@@ -10,11 +10,13 @@ import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
+import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CloneEngine } from '../../services/agent/clone-engine.js';
 import { readCloneMetadata } from '../../services/agent/domain-xml.js';
 import type { DomainInfo, Libvirt } from '../../services/agent/libvirt.js';
 import { backoffDelay, DirectoryOutboxStore, OutboxEventPublisher, OutboxRelay, type OutboxRecord, type OutboxStore, type StoredRecord } from '../../services/common/event-outbox.js';
 import { CLONE_DONE } from '../../services/common/event-types.js';
+import type { CowherdError } from '../../services/common/errors.js';
 import { createLogger } from '../../services/common/logger.js';
 import { metricsRegistry } from '../../services/common/metrics.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
@@ -240,7 +242,7 @@ describe('clone engine and the outbox', () => {
       const operation = 'operations/00000000-0000-4000-8000-00000000000a';
       const request = CreateClonesRequest.fromPartial({ source: { $case: 'image', value: 'images/tiny' }, clones: names.map((domainName) => ({ domainName, start: false })), operation, requestId: `${operation}/hosts/kvm-01` });
 
-      await assert.rejects(engine.createClones(request), /ENOSPC/, 'the call fails: its caller retries');
+      await assert.rejects(engine.createClones(request), (error: CowherdError) => error.code === GrpcStatus.RESOURCE_EXHAUSTED && /ENOSPC/.test(error.message) && /retry with the same request_id/.test(error.message), 'the call fails, saying that a retry records the events');
       assert.equal(defined.length, 3, 'the clones were made');
       diskFull = false;
       const retried = await engine.createClones(request);
