@@ -399,8 +399,14 @@ export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'r
     if (!image || image.state === Image_State.STATE_DELETING) return;
     await deps.replicas.mutate(key, (current) => {
       if (current?.state === ImageReplica_State.STATE_DELETING) return undefined;
+      // A late copy (redelivered, or stored twice after an outage longer than the duplicate window) of an earlier
+      // availability must not undo what came after it: a newer generation, or damage found in this generation.
+      const generation = Number(available.generation);
+      if (current && generation > 0 && Number(current.generation) > generation) return undefined;
+      if (current?.state === ImageReplica_State.STATE_FAILED && Number(current.generation) === generation && current.updateTime && available.occurTime && available.occurTime.getTime() <= current.updateTime.getTime()) return undefined;
       return ImageReplica.fromPartial({
         ...current,
+        ...(generation > 0 ? { generation: available.generation } : {}),
         name: `hosts/${event.host}/images/${id}`,
         image: payload.image,
         host: payload.host,

@@ -62,6 +62,27 @@ describe('applyReplicaEvent', () => {
     assert.equal(replicas.values.get('kvm-4.img')!.damagedGenerations.length, 1);
   });
 
+  it('a late copy of an earlier image.available neither undoes damage found since nor goes back a generation', async () => {
+    const available = new Date(Date.now() - 5000);
+    replicas.values.set('kvm-5.img', ImageReplica.fromPartial({ name: 'hosts/kvm-5/images/img', state: ImageReplica_State.STATE_TRANSFERRING, generation: '1', updateTime: new Date(0) }));
+    await applyReplicaEvent(deps, event(IMAGE_AVAILABLE, { totalBytes: '10', generation: '1', occurTime: available }, 'kvm-5'), log);
+    assert.equal(replicas.values.get('kvm-5.img')!.state, ImageReplica_State.STATE_AVAILABLE);
+    await applyReplicaEvent(deps, event(IMAGE_REPLICA_DAMAGED, { replica: 'hosts/kvm-5/images/img', generation: '1', path: '/i/images/img', damagedFiles: ['vda.qcow2'], badPieces: 1, dependentVirtualMachines: [], occurTime: new Date() }, 'kvm-5'), log);
+    assert.equal(replicas.values.get('kvm-5.img')!.state, ImageReplica_State.STATE_FAILED);
+    // The first availability again (redelivered, or stored twice after a long NATS outage): the damage stands.
+    await applyReplicaEvent(deps, event(IMAGE_AVAILABLE, { totalBytes: '10', generation: '1', occurTime: available }, 'kvm-5'), log);
+    assert.equal(replicas.values.get('kvm-5.img')!.state, ImageReplica_State.STATE_FAILED);
+    // The repair's availability (a new generation) is applied and records its generation.
+    await applyReplicaEvent(deps, event(IMAGE_AVAILABLE, { totalBytes: '10', generation: '2', occurTime: new Date(Date.now() + 1000) }, 'kvm-5'), log);
+    assert.equal(replicas.values.get('kvm-5.img')!.state, ImageReplica_State.STATE_AVAILABLE);
+    assert.equal(replicas.values.get('kvm-5.img')!.generation, '2');
+    // Generation 1's availability after that changes nothing.
+    replicas.values.set('kvm-5.img', { ...replicas.values.get('kvm-5.img')!, state: ImageReplica_State.STATE_TRANSFERRING });
+    await applyReplicaEvent(deps, event(IMAGE_AVAILABLE, { totalBytes: '10', generation: '1', occurTime: new Date(Date.now() + 2000) }, 'kvm-5'), log);
+    assert.equal(replicas.values.get('kvm-5.img')!.state, ImageReplica_State.STATE_TRANSFERRING);
+    assert.equal(replicas.values.get('kvm-5.img')!.generation, '2');
+  });
+
   it('drops events whose payload names another host than the subject vouches for', async () => {
     await applyReplicaEvent(deps, { ...(event(IMAGE_AVAILABLE, { totalBytes: '10', occurTime: new Date() }, 'kvm-2') as object), host: 'kvm-3' } as never, log);
     assert.equal(replicas.values.has('kvm-3.img'), false);

@@ -239,7 +239,14 @@ export interface ImageAvailable {
   /** The DistributeImage or PublishImage operation, `operations/{operation}`, if known. */
   operation: string;
   /** When verification finished. */
-  occurTime: Date | undefined;
+  occurTime:
+    | Date
+    | undefined;
+  /**
+   * The replica generation that became available (ImageReplica.generation): a repair or a retry after a failure is
+   * a new generation, so consumers can tell a late copy of an earlier availability from a new one.
+   */
+  generation: string;
 }
 
 /**
@@ -1720,6 +1727,7 @@ function createBaseImageAvailable(): ImageAvailable {
     transferDuration: undefined,
     operation: "",
     occurTime: undefined,
+    generation: "0",
   };
 }
 
@@ -1751,6 +1759,9 @@ export const ImageAvailable: MessageFns<ImageAvailable> = {
     }
     if (message.occurTime !== undefined) {
       Timestamp.encode(toTimestamp(message.occurTime), writer.uint32(74).fork()).join();
+    }
+    if (message.generation !== "0") {
+      writer.uint32(80).int64(message.generation);
     }
     return writer;
   },
@@ -1840,6 +1851,14 @@ export const ImageAvailable: MessageFns<ImageAvailable> = {
             message.occurTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.generation = reader.int64().toString();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1875,6 +1894,7 @@ export const ImageAvailable: MessageFns<ImageAvailable> = {
         : isSet(object.occur_time)
         ? fromJsonTimestamp(object.occur_time)
         : undefined,
+      generation: isSet(object.generation) ? globalThis.String(object.generation) : "0",
     };
   },
 
@@ -1907,6 +1927,9 @@ export const ImageAvailable: MessageFns<ImageAvailable> = {
     if (message.occurTime !== undefined) {
       obj.occurTime = message.occurTime.toISOString();
     }
+    if (message.generation !== "0") {
+      obj.generation = message.generation;
+    }
     return obj;
   },
 
@@ -1926,6 +1949,7 @@ export const ImageAvailable: MessageFns<ImageAvailable> = {
       : undefined;
     message.operation = object.operation ?? "";
     message.occurTime = object.occurTime ?? undefined;
+    message.generation = object.generation ?? "0";
     return message;
   },
 };
