@@ -367,7 +367,7 @@ describe('certificate authority and fleet identity', () => {
     const { JetStreamEventPublisher } = await import('../../services/common/events.js');
     const { IMAGE_AVAILABLE } = await import('../../services/common/event-types.js');
     const publisher = new JetStreamEventPublisher(host.jetstream, log);
-    const payload = { image: 'images/x', host: 'hosts/kvm-40', replica: 'hosts/kvm-40/images/x', totalBytes: '1', files: [], origin: false, transferDuration: undefined, operation: '', occurTime: undefined };
+    const payload = { image: 'images/x', host: 'hosts/kvm-40', replica: 'hosts/kvm-40/images/x', totalBytes: '1', files: [], origin: false, transferDuration: undefined, operation: '', occurTime: undefined, generation: '1' };
     await publisher.publish(IMAGE_AVAILABLE, payload, { host: 'kvm-40', id: 'test/kvm-40' });
     await assert.rejects(publisher.publish(IMAGE_AVAILABLE, payload, { host: 'kvm-41', id: 'test/kvm-41' }), 'another host\'s subject is refused');
     await host.close().catch(() => undefined);

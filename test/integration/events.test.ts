@@ -14,7 +14,7 @@ import { Resources, TestPki, startTestNats } from '../harness/index.js';
 const log = createLogger({ service: 'test', level: 'silent' });
 
 function available(host: string): ImageAvailable {
-  return { image: 'images/debian-12', host: `hosts/${host}`, replica: `hosts/${host}/images/debian-12`, totalBytes: '268435456', files: [], origin: false, transferDuration: { seconds: '12', nanos: 0 }, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z') };
+  return { image: 'images/debian-12', host: `hosts/${host}`, replica: `hosts/${host}/images/debian-12`, totalBytes: '268435456', files: [], origin: false, transferDuration: { seconds: '12', nanos: 0 }, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z'), generation: '1' };
 }
 
 async function waitFor(predicate: () => boolean, timeoutMs = 10_000): Promise<void> {

@@ -26,7 +26,7 @@ import { Resources, TestPki, startTestNats } from '../harness/index.js';
 const log = createLogger({ service: 'test', level: 'silent' });
 
 function available(host: string): ImageAvailable {
-  return { image: 'images/debian-12', host: `hosts/${host}`, replica: `hosts/${host}/images/debian-12`, totalBytes: '1', files: [], origin: false, transferDuration: undefined, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z') };
+  return { image: 'images/debian-12', host: `hosts/${host}`, replica: `hosts/${host}/images/debian-12`, totalBytes: '1', files: [], origin: false, transferDuration: undefined, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z'), generation: '1' };
 }
 
 /** A plain connection that does not retry: refusals surface as a rejected promise. */
