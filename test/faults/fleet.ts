@@ -15,6 +15,7 @@
  * Distribution and cloning keep their ports across a restart (the suite SIGKILLs them): cloning reaches
  * distribution at a fixed address, and the agents announce to a fixed tracker.
  */
+import { spawnSync } from 'node:child_process';
 import { appendFileSync, mkdirSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -120,15 +121,33 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   // Loop and tmpfs mounts must exist before libvirtd starts, or it never sees them; the small disk is one, but
   // only its agent needs it (no clones go there), so the order does not matter here.
   await runCommand('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'start'], { timeoutMs: 120_000 });
+  // The test bed removes its namespaces and directories by itself on exit; the small disk must be unmounted
+  // before that (registered first, so it runs first), or the bed would empty a mounted tmpfs and leave it.
+  let mounted: string | undefined;
+  const unmountOnExit = (): void => {
+    if (mounted) spawnSync('umount', ['-l', mounted]);
+  };
+  process.once('exit', unmountOnExit);
+  resources.defer(() => void process.off('exit', unmountOnExit));
+  const signalListeners = { SIGINT: process.listeners('SIGINT'), SIGTERM: process.listeners('SIGTERM') };
   const bed = await TestBed.create({ hosts: [...HOSTS], rateMbit: 1000 });
+  // The bed's own SIGINT/SIGTERM handler exits at once; the runner's handler releases everything in order
+  // (processes, domains, the mount, then the bed) and exits itself.
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    for (const listener of process.listeners(signal)) if (!signalListeners[signal].includes(listener)) process.off(signal, listener as (signal: NodeJS.Signals) => void);
+  }
   resources.defer(() => bed.destroy());
   await bed.connectRoot(CONTROL_ADDRESS);
   await bed.setHostNames({ [CONTROL_NAME]: CONTROL_ADDRESS });
   const smallImages = join(bed.directory(SMALL), 'images-root');
   await mkdir(smallImages, { recursive: true });
   await runCommand('mount', ['-t', 'tmpfs', '-o', `size=${SMALL_DISK_MIB}m`, 'cowherd-faults-small', smallImages]);
+  mounted = smallImages;
   // Registered after the test bed, so it runs before the bed removes the directory.
-  resources.defer(() => runCommand('umount', ['-l', smallImages]).then(() => undefined));
+  resources.defer(async () => {
+    await runCommand('umount', ['-l', smallImages]);
+    mounted = undefined;
+  });
 
   const pki = await TestPki.create(await resources.tempDir('cowherd-test-faults-'));
   pki.extraDnsNames = [CONTROL_NAME];

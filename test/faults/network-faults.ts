@@ -3,7 +3,13 @@
  * (bench/testbed.ts); iptables in that namespace drops everything in and out of its only link, then the rules
  * are removed. Only the test bed's 198.18.0.0/15 addresses are involved.
  */
+import { call } from '../../services/common/client.js';
+import { unpack } from '../../services/common/operations.js';
+import { DistributeImageMetadata } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
+import { Host, Host_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { ORIGIN, RECEIVERS } from './fleet.js';
+
+const metadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
 import { sleep, type FaultRow } from './row.js';
 
 export const CUT_SECONDS = 60;
@@ -22,13 +28,34 @@ export const NETWORK_FAULTS: readonly FaultRow[] = [
         ['OUTPUT', '-o', 'eth0', '-j', 'DROP'],
       ];
       for (const rule of rules) await context.fleet.bed.exec(host, 'iptables', ['-w', '-I', ...rule]);
+      const cutAt = Date.now();
       context.note(`${host} cut off (agent pid ${context.fleet.agents.get(host)!.daemon?.pid} alive) for ${CUT_SECONDS} s`);
+      // While it is cut off: inventory must turn it UNREACHABLE (three missed heartbeats), and the DistributeImage
+      // that waits for it must say so in its metadata at once (rate and ETA cleared), not show its last rate.
+      let unreachableAt: number | undefined;
+      let shownAt: number | undefined;
+      const distribute = context.operations.find((operation) => operation.on === 'distribution' && operation !== context.operations[0]) ?? context.operations[1];
       try {
-        await sleep(CUT_SECONDS * 1000);
+        while (Date.now() - cutAt < CUT_SECONDS * 1000) {
+          const record = await call<Host>((cb) => context.fleet.clients.inventory.getHost({ name: `hosts/${host}` }, cb)).catch(() => undefined);
+          if (unreachableAt === undefined && record?.state === Host_State.STATE_UNREACHABLE) unreachableAt = Date.now();
+          if (shownAt === undefined && distribute) {
+            const answer = await context.getOperation(distribute.name, 'distribution');
+            try {
+              const transfer = answer && !answer.done ? unpack(metadataType, answer.metadata).transfers.find((candidate) => candidate.host === `hosts/${host}`) : undefined;
+              if (transfer?.hostUnreachable) shownAt = Date.now();
+            } catch {
+              // Not readable: not shown.
+            }
+          }
+          await sleep(1_000);
+        }
       } finally {
         for (const rule of rules) await context.fleet.bed.exec(host, 'iptables', ['-w', '-D', ...rule]);
       }
-      context.note(`${host} reconnected`);
+      context.note(`${host} reconnected; UNREACHABLE in inventory ${unreachableAt === undefined ? 'never' : `after ${((unreachableAt - cutAt) / 1000).toFixed(0)} s`}, in the DistributeImage metadata ${shownAt === undefined ? 'never' : `after ${((shownAt - cutAt) / 1000).toFixed(0)} s`}`);
+      if (unreachableAt === undefined) context.fail(`${host} was cut off for ${CUT_SECONDS} s and inventory never showed it UNREACHABLE`);
+      else if (shownAt === undefined) context.fail(`${host} was UNREACHABLE but the DistributeImage metadata never said so`);
       return Date.now();
     },
   },

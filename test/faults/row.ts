@@ -89,6 +89,12 @@ export interface RowContext {
   midTransfer(receivers?: readonly string[]): Promise<void>;
   /** Notes for stderr. */
   note(text: string): void;
+  /** Records a broken promise that only the fault itself can observe (e.g. a host that never showed UNREACHABLE). */
+  fail(text: string): void;
+  /** The row's operations so far (publish, DistributeImage, CloneVirtualMachines), with the service that runs each. */
+  readonly operations: ReadonlyArray<{ name: string; on: 'distribution' | 'cloning' }>;
+  /** GetOperation through the suite's bookkeeping (undefined when the service does not answer). */
+  getOperation(name: string, on: 'distribution' | 'cloning'): Promise<Operation | undefined>;
 }
 
 /** A fault and the work it hits. */
@@ -158,12 +164,19 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
   const reused = row.reuseImage?.(state);
   const image = reused ?? `${fleet.runId}-i${index}`;
   const operations: Array<{ name: string; on: 'distribution' | 'cloning' }> = [];
+  const observed: string[] = [];
   const context: RowContext = {
     fleet,
     state,
     image,
     prefix,
     note,
+    fail: (text) => {
+      observed.push(text);
+      note(text);
+    },
+    operations,
+    getOperation: (name, on) => getOperation(rpc, fleet, name, on),
     midTransfer: async (receivers = row.distributeTo) => {
       const deadline = Date.now() + 60_000;
       while (Date.now() < deadline) {
@@ -241,10 +254,13 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
 
   // Bases: every base known before the row and every base of this row's clones, hashed once at the end.
   const bases = await checkBases(fleet, state, last.doneClones, image, rpc);
-  const problems = [...last.problems, ...bases.problems];
+  const problems = [...observed, ...last.problems, ...bases.problems];
   if (rpc.overruns > 0) problems.push(...rpc.overrunNotes);
   const survived = problems.length === 0;
-  if (!survived) for (const problem of problems) note(`NOT SURVIVED: ${problem}`);
+  if (!survived) {
+    for (const problem of problems) note(`NOT SURVIVED: ${problem}`);
+    note(`events of the row in the stream: ${[...events.counts].filter(([key]) => !key.startsWith('clone.done')).map(([key, count]) => `${key} x${count}`).join(', ') || 'none'} and ${[...events.counts].filter(([key]) => key.startsWith('clone.done')).length} clone.done`);
+  }
   if (survived && row.distributeTo.length >= 3 && last.allReceiversAvailable) state.lastImage = image;
   note(`operations: ${last.outcomes.join('; ')}; fault ${((faultEnd - faultStart) / 1000).toFixed(1)} s after the work started`);
   return {

@@ -59,12 +59,15 @@ async function main(): Promise<number> {
     releasing = true;
     await resources.release().catch((error: unknown) => process.stderr.write(`faults: clean-up: ${(error as Error).message}\n`));
   };
+  // `on`, not `once`: execa's exit handler re-raises a signal that no other listener handles any more, which
+  // killed the suite in the middle of its clean-up. A second signal while cleaning up is ignored.
   const onSignal = (signal: NodeJS.Signals): void => {
+    if (releasing) return;
     process.stderr.write(`faults: ${signal}: cleaning up\n`);
     void release().then(() => process.exit(130));
   };
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
 
   const results: RowResult[] = [];
   const controls: RowResult[] = [];
