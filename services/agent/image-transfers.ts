@@ -777,7 +777,7 @@ export class ImageTransfers {
       try {
         await this.options.events.publish(
           IMAGE_AVAILABLE,
-          { image: image.name, host: `hosts/${host}`, replica: this.replicaName(replica.id), totalBytes: String(total), files: image.files, origin: replica.origin, transferDuration: { seconds: String(Math.floor(seconds)), nanos: Math.round((seconds % 1) * 1e9) }, operation: replica.request.operation, occurTime: new Date(), generation: String(replica.generation) },
+          { image: image.name, host: `hosts/${host}`, replica: this.replicaName(replica.id), totalBytes: String(total), files: image.files, origin: replica.origin, transferDuration: { seconds: String(Math.floor(seconds)), nanos: Math.round((seconds % 1) * 1e9) }, operation: replica.request.operation, occurTime: new Date(), generation: String(replica.filesGeneration) },
           { host, id: `image.available/${replica.id}/${host}/${replica.generation}` },
         );
         return;
