@@ -333,6 +333,15 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
       ),
     );
   }
+  // Inventory hands the limits to each agent with its next heartbeat's answer (10 s apart): the first row must
+  // not start before every receiver has one, or its transfer runs unshaped (seen: 25 MB in 3 s).
+  const limitsSet = Date.now();
+  for (const host of [...RECEIVERS, SMALL]) {
+    await waitFor(`${host} heartbeat after its transfer limits`, async () => {
+      const record = await call<Host>((cb) => clients.inventory.getHost({ name: `hosts/${host}` }, cb));
+      return (record.lastHeartbeatTime?.getTime() ?? 0) > limitsSet + 500 ? true : undefined;
+    }, 60_000);
+  }
   say(`${HOSTS.length} agents READY in their namespaces (${HOSTS.join(', ')}); receivers capped at ${RECEIVER_DOWNLOAD_BYTES_PER_SECOND} B/s down`);
 
   // The master VM: a powered-off domain on origin whose disk is random data.
