@@ -243,8 +243,9 @@ export interface ImageAvailable {
     | Date
     | undefined;
   /**
-   * The replica generation that became available (ImageReplica.generation): a repair or a retry after a failure is
-   * a new generation, so consumers can tell a late copy of an earlier availability from a new one.
+   * The replica generation whose files became available (ImageReplica.generation). A repair beside files that
+   * virtual machines use is a new generation; an in-place repair keeps it and is told apart by occur_time. Consumers
+   * use both to tell a late copy of an earlier availability from a new one.
    */
   generation: string;
 }
