@@ -9,6 +9,7 @@ import { ErrorReason, errorReasonFromJSON, errorReasonToJSON } from '../gen/cowh
 import { BadRequest, ErrorInfo } from '../gen/google/rpc/error_details.js';
 import { Status } from '../gen/google/rpc/status.js';
 import type { Any } from '../gen/google/protobuf/any.js';
+import { isStoreUnavailable } from './store-errors.js';
 
 /** The ErrorInfo domain of every cowherd error. */
 export const ERROR_DOMAIN = 'cowherd.dev';
@@ -111,9 +112,15 @@ export function toServiceError(error: unknown, onUnknown?: (error: unknown) => v
   return { name: 'CowherdError', message: status.message, code: status.code, details: status.message, metadata };
 }
 
-/** Maps unknown errors to INTERNAL with a message that leaks nothing. */
+/**
+ * Maps unknown errors to INTERNAL with a message that leaks nothing; a store that did not answer (NATS restarting)
+ * is UNAVAILABLE, which clients retry, not INTERNAL.
+ */
 export function asCowherdError(error: unknown): CowherdError {
   if (error instanceof CowherdError) return error;
+  if (isStoreUnavailable(error)) {
+    return new CowherdError(GrpcStatus.UNAVAILABLE, 'the control-plane store (NATS JetStream) did not answer; retry', { reason: ErrorReason.ERROR_REASON_STORE_UNAVAILABLE, cause: error });
+  }
   return new CowherdError(GrpcStatus.INTERNAL, 'internal error', { reason: ErrorReason.ERROR_REASON_INTERNAL, cause: error });
 }
 

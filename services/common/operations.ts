@@ -24,6 +24,7 @@ import type { Logger } from './logger.js';
 import { OPERATION_KIND_NAMES } from './operation-kinds.js';
 import { OPERATION_METRIC_STATES, operationsByState, operationsFinished, type OperationMetricState } from './metrics.js';
 import { paginate, PageTokens } from './pagination.js';
+import { isStoreUnavailable } from './store-errors.js';
 import { adaptService, type AccessPolicy, type BoundaryOptions, type Handlers, type ServiceRegistration } from './rpc.js';
 
 /** The KV bucket of operations. */
@@ -322,13 +323,22 @@ export class OperationManager {
 
     // Every write goes through compare-and-set on our last revision: if another replica took the
     // operation over (our lease expired), the write fails and this run stops.
+    // A store that does not answer (a NATS node or the cluster restarting, a leader election) is waited out with
+    // jittered backoff, never turned into the operation's end: the fault suite saw 5-40 s of "no responders" and
+    // timeouts after a restart. A write whose answer was lost may have landed: a conflict with exactly the record
+    // we wrote is our own write.
     const write = async (change: (record: OperationRecord) => OperationRecord): Promise<void> => {
       const next = change(current.record);
       try {
-        const nextRevision = await this.store.update(keyOf(record.name), next, current.revision);
+        const nextRevision = await retryWhileStoreUnavailable(() => this.store.update(keyOf(record.name), next, current.revision), () => this.stopped, log);
         current = { record: next, revision: nextRevision };
       } catch (error) {
         if (error instanceof KvConflictError) {
+          const landed = await retryWhileStoreUnavailable(() => this.store.get(keyOf(record.name)), () => this.stopped, log).catch(() => undefined);
+          if (landed && JSON.stringify(landed.value) === JSON.stringify(next)) {
+            current = { record: landed.value, revision: landed.revision };
+            return;
+          }
           // A cancel request is the one change others make to a record we own: take it and retry once.
           const fresh = await this.store.get(keyOf(record.name));
           if (fresh && fresh.value.owner === this.replicaId && fresh.value.cancelRequested) {
@@ -342,15 +352,24 @@ export class OperationManager {
         throw error;
       }
     };
+    // One renewal at a time: while the store is away a renewal waits, and the next tick must not queue behind it.
+    let renewing = false;
     const renew = setInterval(() => {
-      write((r) => ({ ...r, leaseExpiresAt: Date.now() + this.leaseMs })).catch((error: unknown) => log.warn({ err: error }, 'lease renewal failed'));
+      if (renewing) return;
+      renewing = true;
+      write((r) => ({ ...r, leaseExpiresAt: Date.now() + this.leaseMs }))
+        .catch((error: unknown) => log.warn({ err: error }, 'lease renewal failed'))
+        .finally(() => (renewing = false));
     }, Math.max(100, Math.floor(this.leaseMs / 3)));
 
     const operationNow = (): Operation => Operation.decode(Buffer.from(current.record.operation, 'base64'));
     const context: OperationContext<unknown, unknown, unknown> = {
       name: record.name,
       request: kind.requestType.decode(Buffer.from(record.request, 'base64')),
-      state: record.state ?? undefined,
+      // The latest checkpoint: a run that starts again after a store outage resumes from where it got to.
+      get state() {
+        return current.record.state ?? undefined;
+      },
       get metadata() {
         return unpack(kind.metadataType, operationNow().metadata);
       },
@@ -372,7 +391,19 @@ export class OperationManager {
       let result: Operation['result'];
       const wasCancelled = (): boolean => current.record.cancelRequested || (controller.signal.aborted && isCancellation(controller.signal.reason));
       try {
-        const response = await kind.run(context);
+        // Steps are idempotent and read their checkpoint (as a takeover needs): a run that failed only because the
+        // store did not answer runs again from its checkpoint once it does, instead of ending FAILED.
+        let response: unknown;
+        for (let attempt = 0; ; attempt++) {
+          try {
+            response = await kind.run(context);
+            break;
+          } catch (error) {
+            if (controller.signal.aborted || this.stopped || !isStoreUnavailable(error)) throw error;
+            log.warn({ err: error, attempt }, 'the store did not answer during the operation; running it again from its checkpoint');
+            await sleep(storeBackoffMs(attempt), controller.signal);
+          }
+        }
         result = { $case: 'response', value: pack(kind.responseType, response) };
       } catch (error) {
         if (controller.signal.aborted && !wasCancelled()) {
@@ -514,4 +545,39 @@ export async function openOperations(js: JetStreamClient, log: Logger, boundary:
   for (const kind of kinds) manager.register(kind as OperationKind<unknown, unknown, unknown, unknown>);
   manager.resumeOrphans();
   return { manager, service: adaptService(OperationsService, operationsHandlers(manager), OPERATIONS_POLICY, boundary) };
+}
+
+/** Jittered exponential backoff for a store that does not answer: 200 ms doubling to 5 s. */
+function storeBackoffMs(attempt: number): number {
+  const ceiling = Math.min(5_000, 200 * 2 ** Math.min(attempt, 10));
+  return ceiling / 2 + Math.random() * (ceiling / 2);
+}
+
+/** Waits `ms`, or less when `signal` aborts. */
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve();
+    const onAbort = () => {
+      clearTimeout(timer);
+      resolve();
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/** Runs `attempt` until it succeeds or fails with anything but an unanswering store (or `stopped()` turns true). */
+async function retryWhileStoreUnavailable<T>(attempt: () => Promise<T>, stopped: () => boolean, log: Logger): Promise<T> {
+  for (let count = 0; ; count++) {
+    try {
+      return await attempt();
+    } catch (error) {
+      if (stopped() || !isStoreUnavailable(error)) throw error;
+      if (count === 0 || count % 10 === 0) log.warn({ err: error, attempt: count }, 'the store did not answer; retrying');
+      await sleep(storeBackoffMs(count));
+    }
+  }
 }

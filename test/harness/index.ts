@@ -5,8 +5,9 @@
 import { execFile } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
+import { startDaemon, type Daemon } from '../../services/common/child-process.js';
 import { writeCredentials, issueCredentials, type Credentials } from '../../services/common/credential-files.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../../services/common/embedded-nats.js';
 import { identityUri, type Identity, type IdentityKind } from '../../services/common/identity.js';
@@ -141,6 +142,25 @@ export async function startTestNats(resources: Resources, pki: TestPki, options:
     resources.defer(unsubscribe);
   }
   return nats;
+}
+
+/**
+ * Restarts of a test nats-server: each call stops it (SIGINT: a clean shutdown, as a restart by an operator or
+ * Kubernetes does), keeps it down for `downMs` while `during` runs, and starts it again on the same
+ * configuration, port and store. Make this before the clients that use the server: the restarted servers are
+ * stopped on release after them, so that every client closes while its server is still up.
+ */
+export function natsRestarts(resources: Resources, nats: EmbeddedNats): (downMs: number, during?: () => Promise<void>) => Promise<void> {
+  const restarted: Daemon[] = [];
+  resources.defer(async () => void (await Promise.all(restarted.map((daemon) => daemon.stop(10_000)))));
+  return async (downMs, during = async () => undefined) => {
+    const configFile = join(dirname(nats.pidFile), 'nats-server.conf');
+    await nats.daemon.stop(10_000);
+    const downSince = Date.now();
+    await during();
+    await new Promise((resolve) => setTimeout(resolve, Math.max(0, downMs - (Date.now() - downSince))));
+    restarted.push(await startDaemon('nats-server', ['-c', configFile], { readyPattern: /Server is ready/, readyTimeoutMs: 30_000, stopSignal: 'SIGINT' }));
+  };
 }
 
 /**

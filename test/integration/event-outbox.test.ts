@@ -10,14 +10,13 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { cp, mkdir, readdir, writeFile } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { nanos } from '@nats-io/transport-node';
 import { AgentServiceClient, CreateClonesRequest, type CreateCloneResult } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
-import { startDaemon, type Daemon } from '../../services/common/child-process.js';
 import { createClient } from '../../services/common/client.js';
 import { type EmbeddedNats } from '../../services/common/embedded-nats.js';
 import { DirectoryOutboxStore, KvOutboxStore, OutboxEventPublisher, OutboxRelay, startEventOutbox, type EventOutbox } from '../../services/common/event-outbox.js';
@@ -26,7 +25,7 @@ import { consumeEvents, EVENT_STREAM, ensureEventStream, JetStreamEventPublisher
 import { createLogger } from '../../services/common/logger.js';
 import { connectNats, type Nats } from '../../services/common/nats.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
-import { Resources, TestPki, startTestNats } from '../harness/index.js';
+import { natsRestarts, Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess } from '../harness/processes.js';
 
@@ -35,30 +34,6 @@ const log = createLogger({ service: 'test', level: 'silent' });
 const suffix = Math.random().toString(36).slice(2, 7);
 
 const cloneDone = (host: string, name: string): CloneDone => ({ virtualMachine: `hosts/${host}/virtualMachines/${name}`, host: `hosts/${host}`, domainName: name, uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: new Date() });
-
-/**
- * Stops nats-server (SIGINT: a clean shutdown, as a restart by an operator or Kubernetes does), keeps it
- * down for `downMs` while `during` runs, and starts it again on the same configuration, port and store.
- */
-async function restartNats(restarted: Daemon[], nats: EmbeddedNats, downMs: number, during: () => Promise<void> = async () => undefined): Promise<void> {
-  const configFile = join(dirname(nats.pidFile), 'nats-server.conf');
-  await nats.daemon.stop(10_000);
-  const downSince = Date.now();
-  await during();
-  await new Promise((resolve) => setTimeout(resolve, Math.max(0, downMs - (Date.now() - downSince))));
-  const again = await startDaemon('nats-server', ['-c', configFile], { readyPattern: /Server is ready/, readyTimeoutMs: 30_000, stopSignal: 'SIGINT' });
-  restarted.push(again);
-}
-
-/**
- * Where restarted servers go; stopped at the very end (register before the clients), so that every
- * client closes while its server is still up.
- */
-function restartedServers(resources: Resources): Daemon[] {
-  const restarted: Daemon[] = [];
-  resources.defer(async () => void (await Promise.all(restarted.map((daemon) => daemon.stop(10_000)))));
-  return restarted;
-}
 
 /** How often each Nats-Msg-Id is stored in the event stream (reads every stored message by sequence). */
 async function storedIds(connection: Nats): Promise<Map<string, number>> {
@@ -97,12 +72,12 @@ describe('event outbox on a real nats-server', () => {
   let service: Nats;
   let host: Nats;
   let pki: TestPki;
-  let restarted: Daemon[];
+  let restartNats: ReturnType<typeof natsRestarts>;
 
   before(async () => {
     pki = await TestPki.create(await resources.tempDir());
     nats = await startTestNats(resources, pki);
-    restarted = restartedServers(resources);
+    restartNats = natsRestarts(resources, nats);
     // Every certificate before any restart: the test server adds users by reloading the first process.
     const serviceFiles = await pki.files('service', 'distribution');
     const hostFiles = await pki.files('host', 'kvm-01');
@@ -129,7 +104,7 @@ describe('event outbox on a real nats-server', () => {
     // Some just before the stop (their acknowledgements may be lost with the server), most while it is down.
     for (let index = 0; index < 5; index++) await publish(agentOutbox, `before-${index}`);
     const servicePublishes: Array<Promise<void>> = [];
-    await restartNats(restarted, nats, 5_000, async () => {
+    await restartNats(5_000, async () => {
       // The agent's records are on its disk: publish resolves while NATS is down.
       for (let index = 0; index < 20; index++) await publish(agentOutbox, `down-${index}`);
       // The services' records are in KV: publish waits until the record is durable, then resolves.
@@ -219,7 +194,7 @@ describe('clone.done through a nats-server restart on a real agent', { skip: pro
     await run('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'start'], { timeout: 120_000 });
     const pki = await TestPki.create(await resources.tempDir());
     const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
-    const restarted = restartedServers(resources);
+    const restartNats = natsRestarts(resources, nats);
     const ca = await startCertificateAuthorityProcess(resources, pki, nats);
     const inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address });
     const directory = await resources.tempDir('cowherd-outbox-agent-');
@@ -264,7 +239,7 @@ describe('clone.done through a nats-server restart on a real agent', { skip: pro
     let batchMs = 0;
     // One call before the outage: the agent has seen (and checked) this caller's certificate.
     await call((cb) => agentClient.createClones(CreateClonesRequest.fromPartial({ clones: [] }), cb)).catch(() => undefined);
-    await restartNats(restarted, nats, 5_000, async () => {
+    await restartNats(5_000, async () => {
       const startedAt = Date.now();
       const response = await call<{ results: CreateCloneResult[] }>((cb) =>
         agentClient.createClones(CreateClonesRequest.fromPartial({ source: { $case: 'virtualMachine', value: `hosts/outbox-host/virtualMachines/${source}` }, clones: names.map((domainName) => ({ domainName, start: false })), operation, requestId: `outbox-${suffix}` }), cb),

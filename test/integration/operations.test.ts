@@ -7,14 +7,15 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { createHash } from 'node:crypto';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { CowherdError } from '../../services/common/errors.js';
+import { asCowherdError, CowherdError } from '../../services/common/errors.js';
+import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
 import { KvStore, jsonCodec } from '../../services/common/kv.js';
 import { createLogger } from '../../services/common/logger.js';
 import { connectNats, type Nats } from '../../services/common/nats.js';
 import { OperationManager, type OperationKind, unpack } from '../../services/common/operations.js';
 import { PageTokens } from '../../services/common/pagination.js';
 import { Duration } from '../../services/gen/google/protobuf/duration.js';
-import { Resources, TestPki, startTestNats } from '../harness/index.js';
+import { natsRestarts, Resources, TestPki, startTestNats } from '../harness/index.js';
 
 const durationType = { typeName: 'google.protobuf.Duration', encode: Duration.encode, decode: Duration.decode };
 const log = createLogger({ service: 'test', level: 'silent' });
@@ -150,5 +151,45 @@ describe('operations store', () => {
     assert.ok(seen.size >= 4);
     await assert.rejects(manager.list({ filter: 'done=true', pageSize: 2, pageToken: 'forged.token' }), /page_token/);
     await manager.stop();
+  });
+});
+
+describe('operations store through a nats-server restart', () => {
+  const resources = new Resources();
+  after(() => resources.release());
+
+  it('an operation whose checkpoints, lease renewals and last write meet a stopped store waits for it and SUCCEEDS; reads meanwhile are UNAVAILABLE, not INTERNAL', async () => {
+    const pki = await TestPki.create(await resources.tempDir());
+    const nats = await startTestNats(resources, pki);
+    const restart = natsRestarts(resources, nats);
+    const connection = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'distribution'), name: 'replica', log });
+    resources.defer(() => connection.close());
+    const manager = await OperationManager.open({ js: connection.jetstream, log, pageTokens: await PageTokens.open(connection.jetstream), leaseMs: 3_000 });
+    resources.defer(() => manager.stop());
+    const steps: string[] = [];
+    const kind = countingKind(150, steps);
+    manager.register(kind);
+    const operation = await manager.start(kind, { seconds: '40', nanos: 0 }, { seconds: '0', nanos: 0 }, '');
+    while (steps.length < 3) await new Promise((resolve) => setTimeout(resolve, 10));
+    let readDuringOutage: unknown;
+    await restart(8_000, async () => {
+      await new Promise((resolve) => setTimeout(resolve, 1_000));
+      readDuringOutage = await manager.get(operation.name).then(() => 'answered', (error: unknown) => error);
+    });
+    // As a client does with UNAVAILABLE: ask again while the restarted store is not answering yet.
+    let finished: Awaited<ReturnType<OperationManager['wait']>> | undefined;
+    for (const giveUp = Date.now() + 60_000; !finished?.done && Date.now() < giveUp; ) {
+      finished = await manager.wait(operation.name, 10_000).catch((error: unknown) => {
+        if (asCowherdError(error).code !== GrpcStatus.UNAVAILABLE) throw error;
+        return undefined;
+      });
+    }
+    assert.equal(finished?.done, true);
+    assert.equal(finished.result?.$case, 'response', JSON.stringify(finished.result));
+    assert.equal(unpack(durationType, finished.result.value).seconds, '40');
+    assert.equal(new Set(steps).size, 40, 'every step ran');
+    const mapped = asCowherdError(readDuringOutage);
+    assert.equal(mapped.code, GrpcStatus.UNAVAILABLE, `a read while the store is down: ${String(readDuringOutage)}`);
+    assert.equal(mapped.reason, ErrorReason.ERROR_REASON_STORE_UNAVAILABLE);
   });
 });

@@ -203,6 +203,12 @@ export enum ErrorReason {
    * time. Retry; nothing was done. Metadata "serial_number".
    */
   ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE = 35,
+  /**
+   * ERROR_REASON_STORE_UNAVAILABLE - The control-plane store (NATS JetStream) did not answer: a NATS server or the whole cluster is restarting,
+   * or a stream is electing its leader (code UNAVAILABLE). Nothing was changed by this call; retry with backoff.
+   * Running operations wait for the store and go on where they were.
+   */
+  ERROR_REASON_STORE_UNAVAILABLE = 36,
   UNRECOGNIZED = -1,
 }
 
@@ -316,6 +322,9 @@ export function errorReasonFromJSON(object: any): ErrorReason {
     case 35:
     case "ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE":
       return ErrorReason.ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE;
+    case 36:
+    case "ERROR_REASON_STORE_UNAVAILABLE":
+      return ErrorReason.ERROR_REASON_STORE_UNAVAILABLE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -397,6 +406,8 @@ export function errorReasonToJSON(object: ErrorReason): string {
       return "ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS";
     case ErrorReason.ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE:
       return "ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE";
+    case ErrorReason.ERROR_REASON_STORE_UNAVAILABLE:
+      return "ERROR_REASON_STORE_UNAVAILABLE";
     case ErrorReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
