@@ -5,7 +5,7 @@
  * image gets onto a host.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import type { ChannelCredentials } from '@grpc/grpc-js';
@@ -14,7 +14,7 @@ import { CloningServiceClient } from '../../services/gen/cowherd/cloning/v1/clon
 import { DistributionServiceClient } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { OperationsClient, type Operation } from '../../services/gen/google/longrunning/operations.js';
-import { Image, Image_State, ImageReplica, ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import { Host_State, Image, Image_State, ImageReplica, ImageReplica_State, VirtualMachine_State, type Host, type VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { DiskFormat, Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
 import { createClient } from '../../services/common/client.js';
 import { freePort } from '../../services/common/embedded-nats.js';
@@ -24,7 +24,7 @@ import { connectNats } from '../../services/common/nats.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
 import { sanitizeDomainTemplate } from '../../services/agent/domain-xml.js';
 import { Resources, TestPki, startTestNats } from './index.js';
-import { call } from './grpc.js';
+import { call, waitFor } from './grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from './processes.js';
 
 const run = promisify(execFile);
@@ -75,6 +75,13 @@ export interface CloneStack {
   track(...domains: string[]): void;
   /** Writes a replica record as distribution would (tests of rules that need several hosts' replicas). */
   putReplica(replica: ImageReplica): Promise<void>;
+  /**
+   * Defines a powered-off domain `name` on the first agent's host with one qcow2 disk of `mib` MiB of random data
+   * (the source of a PublishImage), tracked for removal, and waits until inventory shows it SHUT_OFF.
+   */
+  defineSourceVm(name: string, mib: number): Promise<void>;
+  /** Waits until inventory shows each of these hosts READY. */
+  waitHostsReady(hosts: Iterable<string>): Promise<void>;
 }
 
 /** Options of {@link startCloneStack}. */
@@ -188,6 +195,24 @@ export async function startCloneStack(resources: Resources, host: string, option
       await images.put(image, Image.fromPartial({ name: `images/${image}`, hypervisor: Hypervisor.HYPERVISOR_KVM, state: Image_State.STATE_AVAILABLE, originHost: `hosts/${host}`, domainTemplate: template.xml, files: [{ path: template.disks[0]!.fileName, format: DiskFormat.DISK_FORMAT_QCOW2, targetDevice: 'vda' }], createTime: now, updateTime: now }));
       await replicas.put(`${host}.${image}`, ImageReplica.fromPartial({ name: `hosts/${host}/images/${image}`, image: `images/${image}`, host: `hosts/${host}`, state: ImageReplica_State.STATE_AVAILABLE, path: replica, origin: true, createTime: now, updateTime: now }));
       return join(replica, template.disks[0]!.fileName);
+    },
+    defineSourceVm: async (name, mib) => {
+      const vmDirectory = join(imageDirectory, 'vms');
+      await mkdir(vmDirectory, { recursive: true });
+      const raw = join(vmDirectory, `${name}.raw`);
+      await run('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', `count=${mib}`, 'status=none']);
+      await run('qemu-img', ['convert', '-q', '-O', 'qcow2', raw, join(vmDirectory, `${name}.qcow2`)]);
+      await rm(raw, { force: true });
+      const xml = `<domain type='qemu'><name>${name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${join(vmDirectory, `${name}.qcow2`)}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
+      await writeFile(join(vmDirectory, `${name}.xml`), xml);
+      await virsh('define', join(vmDirectory, `${name}.xml`));
+      domains.push(name);
+      await waitFor(`${name} in inventory`, async () => ((await call<VirtualMachine>((cb) => inventory.getVirtualMachine({ name: `hosts/${host}/virtualMachines/${name}` }, cb))).state === VirtualMachine_State.STATE_SHUT_OFF ? true : undefined));
+    },
+    waitHostsReady: async (hosts) => {
+      for (const name of hosts) {
+        await waitFor(`${name} READY`, async () => ((await call<Host>((cb) => inventory.getHost({ name: `hosts/${name}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+      }
     },
     wait: async (name, timeoutMs = 120_000, client = operations) => {
       const deadline = Date.now() + timeoutMs;

@@ -19,12 +19,10 @@
  * and the origin announces to the tracker of the replica that published.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it, type TestContext } from 'node:test';
-import { promisify } from 'node:util';
 import { createClient } from '../../services/common/client.js';
 import { CLONE_DONE, CLONE_FAILED, IMAGE_AVAILABLE } from '../../services/common/event-types.js';
 import { consumeEvents } from '../../services/common/events.js';
@@ -35,14 +33,13 @@ import { FetchImageRequest } from '../../services/gen/cowherd/agent/v1/agent_ser
 import { CloneResult_State, CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse, CloningServiceClient, Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { DistributeImageMetadata, DistributeImageResponse, DistributionServiceClient } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import type { CloneDone, CloneFailed, ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
-import { Host, Host_State, Image, ImageReplica_State, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import { Host, Image, ImageReplica_State, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
 import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
 import { call } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
 import type { ServiceProcess } from '../harness/processes.js';
 
-const run = promisify(execFile);
 const MiB = 1024 * 1024;
 /** The image's disk: random data, so nothing compresses. */
 const IMAGE_MIB = 48;
@@ -160,19 +157,8 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     operationRecords = await KvStore.open(stack.connection.jetstream, OPERATIONS_BUCKET, jsonCodec<OperationRecordView>());
 
     // A powered-off domain with a qcow2 disk of random data on the origin.
-    const vmDirectory = join(stack.imageDirectory, 'vms');
-    await mkdir(vmDirectory, { recursive: true });
-    const raw = join(vmDirectory, 'data.raw');
-    await run('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', `count=${IMAGE_MIB}`, 'status=none']);
-    await run('qemu-img', ['convert', '-q', '-O', 'qcow2', raw, join(vmDirectory, `${vm}.qcow2`)]);
-    const xml = `<domain type='qemu'><name>${vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${join(vmDirectory, `${vm}.qcow2`)}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
-    await writeFile(join(vmDirectory, `${vm}.xml`), xml);
-    await stack.virsh('define', join(vmDirectory, `${vm}.xml`));
-    stack.track(vm);
-    await waitFor('the VM in inventory', async () => ((await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/${origin}/virtualMachines/${vm}` }, cb))).state === 3 ? true : undefined));
-    for (const host of agents.keys()) {
-      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
-    }
+    await stack.defineSourceVm(vm, IMAGE_MIB);
+    await stack.waitHostsReady(agents.keys());
 
     // The events, on durable consumers of the test's own (redelivered events would show up as duplicates too).
     const silent = createLogger({ service: 'test', level: 'silent' });

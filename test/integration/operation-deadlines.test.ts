@@ -14,11 +14,7 @@
  * must end from the VERIFYING deadline, which unreachability never extends.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { mkdir, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { promisify } from 'node:util';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { unpack } from '../../services/common/operations.js';
 import { CloneResult_State, CloneVirtualMachinesMetadata, Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
@@ -31,7 +27,6 @@ import { startCloneStack, type CloneStack, type StackAgent } from '../harness/cl
 import { call, waitFor } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
 
-const run = promisify(execFile);
 const MiB = 1024 * 1024;
 const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
 const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
@@ -96,19 +91,8 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     for (const name of ['a', 'b', 'c']) agents.set(`dl-${name}-${suffix}`, await stack.addAgent(`dl-${name}-${suffix}`));
 
     // A powered-off domain with a 40 MiB qcow2 disk of random data on the origin, published as the image.
-    const vmDirectory = join(stack.imageDirectory, 'vms');
-    await mkdir(vmDirectory, { recursive: true });
-    const raw = join(vmDirectory, 'data.raw');
-    await run('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', 'count=40', 'status=none']);
-    await run('qemu-img', ['convert', '-q', '-O', 'qcow2', raw, join(vmDirectory, `${vm}.qcow2`)]);
-    const xml = `<domain type='qemu'><name>${vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${join(vmDirectory, `${vm}.qcow2`)}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
-    await writeFile(join(vmDirectory, `${vm}.xml`), xml);
-    await stack.virsh('define', join(vmDirectory, `${vm}.xml`));
-    stack.track(vm);
-    await waitFor('the VM in inventory', async () => ((await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/${origin}/virtualMachines/${vm}` }, cb))).state === 3 ? true : undefined));
-    for (const host of agents.keys()) {
-      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
-    }
+    await stack.defineSourceVm(vm, 40);
+    await stack.waitHostsReady(agents.keys());
     const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/${origin}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));

@@ -14,7 +14,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { link, mkdir, open, readFile, stat, unlink, writeFile } from 'node:fs/promises';
+import { link, mkdir, open, readFile, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
@@ -101,19 +101,8 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     agents.set(scrubbed, await stack.addAgent(scrubbed, scrubEnv));
 
     // A powered-off domain with a 40 MiB qcow2 disk of random data on the origin, published as the image.
-    const vmDirectory = join(stack.imageDirectory, 'vms');
-    await mkdir(vmDirectory, { recursive: true });
-    const raw = join(vmDirectory, 'data.raw');
-    await run('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', 'count=40', 'status=none']);
-    await run('qemu-img', ['convert', '-q', '-O', 'qcow2', raw, join(vmDirectory, `${vm}.qcow2`)]);
-    const xml = `<domain type='qemu'><name>${vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${join(vmDirectory, `${vm}.qcow2`)}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
-    await writeFile(join(vmDirectory, `${vm}.xml`), xml);
-    await stack.virsh('define', join(vmDirectory, `${vm}.xml`));
-    stack.track(vm);
-    await waitFor('the VM in inventory', async () => ((await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/ri-origin-${suffix}/virtualMachines/${vm}` }, cb))).state === 3 ? true : undefined));
-    for (const host of agents.keys()) {
-      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
-    }
+    await stack.defineSourceVm(vm, 40);
+    await stack.waitHostsReady(agents.keys());
     const log = createLogger({ service: 'test', level: 'silent' });
     const availableEvents = await consumeEvents<ImageAvailable>(stack.connection.jetstream, stack.connection.manager, {
       durable: `test-ri-available-${suffix}`,
