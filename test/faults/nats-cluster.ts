@@ -153,7 +153,9 @@ export async function startNatsCluster(resources: Resources, options: NatsCluste
       for (const { node, directory, pidFile } of nodes) {
         let markReplicated!: () => void;
         replicated.push(new Promise<void>((resolve) => (markReplicated = resolve)));
-        const sidecar = await startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'deploy/nats/nats-sidecar.ts')], {
+        // The sidecar exits when its first JetStream call times out before the new cluster elected a leader (seen on a
+        // loaded machine); Kubernetes restarts the container, and so does this.
+        const start = () => startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'deploy/nats/nats-sidecar.ts')], {
           readyPattern: /NATS users in sync/,
           readyTimeoutMs: 60_000,
           cwd: REPOSITORY,
@@ -174,6 +176,15 @@ export async function startNatsCluster(resources: Resources, options: NatsCluste
             options.onLine?.(`${node.name}-sidecar`, line);
           },
         });
+        let sidecar: Daemon | undefined;
+        for (let attempt = 1; sidecar === undefined; attempt++) {
+          try {
+            sidecar = await start();
+          } catch (error) {
+            if (attempt >= 3) throw error;
+            options.onLine?.(`${node.name}-sidecar`, `(fault suite) the sidecar exited at start (${(error as Error).message.slice(-80)}); starting it again`);
+          }
+        }
         sidecars.push(sidecar);
       }
       await Promise.race([
