@@ -67,8 +67,8 @@ export interface OutboxStore {
 /** A record file: `<16-digit sequence>.event`. */
 const RECORD_FILE = /^(\d{16})\.event$/;
 
-interface RecordFile {
-  readonly v: 1;
+/** A record as both stores serialize it: the event and its payload in base64. */
+interface SerializedRecord {
   readonly subject: string;
   readonly kind: string;
   readonly typeName: string;
@@ -76,6 +76,11 @@ interface RecordFile {
   readonly recordedAt: number;
   /** The payload, base64. */
   readonly data: string;
+}
+
+/** A record file's content: a versioned {@link SerializedRecord}. */
+interface RecordFile extends SerializedRecord {
+  readonly v: 1;
 }
 
 /**
@@ -191,14 +196,7 @@ export const KV_RESCAN_MS = 15_000;
 /** How old another process's record must be before this one publishes it (the owner had time to). */
 export const KV_ADOPT_AFTER_MS = 30_000;
 
-interface KvRecord {
-  readonly subject: string;
-  readonly kind: string;
-  readonly typeName: string;
-  readonly id: string;
-  readonly recordedAt: number;
-  readonly data: string;
-}
+type KvRecord = SerializedRecord;
 
 /**
  * Records in the `outbox` bucket as `<process name>.<instance>.<sequence>`; the instance is random per
