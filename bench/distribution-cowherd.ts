@@ -35,11 +35,9 @@ import { Resources, TestPki, startTestNats } from '../test/harness/index.js';
 import { call, waitFor } from '../test/harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess } from '../test/harness/processes.js';
 import { ORIGIN, Stopwatch, receiverHosts, type DistributionMethod } from './distribution-method.js';
+import { CONTROL_ADDRESS, CONTROL_NAME, testBedAgentEnvironment } from './testbed.js';
 
 const run = promisify(execFile);
-const CONTROL_NAME = 'cowherd-control';
-const CONTROL_ADDRESS = '198.18.0.254';
-const AGENT_PORT = 7445;
 const LOG_DIRECTORY = process.env['COWHERD_BENCH_LOG_DIR'];
 const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
 const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
@@ -88,7 +86,6 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
       COWHERD_TRACKER_ADDRESS: tracker,
       COWHERD_TRACKER_ANNOUNCE_URL: `http://${CONTROL_ADDRESS}:${tracker.split(':')[1]}/announce`,
     });
-    const port = (address: string): string => address.slice(address.lastIndexOf(':') + 1);
     const admin = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'bench')), caPem: pki.ca.certificatePem });
     const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, admin);
     const inventoryClient = createClient(InventoryServiceClient, inventory.address, admin, { defaultDeadlineMs: 30_000 });
@@ -107,7 +104,6 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     if (LOG_DIRECTORY) await mkdir(LOG_DIRECTORY, { recursive: true });
     for (const host of hosts) {
       const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host, ttl: undefined, requestId: '' }, cb));
-      const root = bed.directory(host);
       const daemon = await bed.spawn(host, process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services/agent/main.ts')], {
         readyPattern: /"msg":"serving"/,
         readyTimeoutMs: 60_000,
@@ -115,22 +111,8 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
         // COWHERD_BENCH_LOG_DIR keeps every agent's log lines (<dir>/<host>.log) for a post-mortem.
         ...(LOG_DIRECTORY ? { onLine: (line: string) => appendFileSync(join(LOG_DIRECTORY, `${host}.log`), `${line}\n`) } : {}),
         env: {
-          COWHERD_HOST_ID: host,
+          ...testBedAgentEnvironment(bed, host, { enrollAddress: ca.enrollAddress, caAddress: ca.address, inventoryAddress: inventory.address, natsUrl: `tls://${CONTROL_NAME}:${nats.port}` }),
           COWHERD_JOIN_TOKEN: token.token,
-          COWHERD_ENROLL_ADDRESS: `${CONTROL_NAME}:${port(ca.enrollAddress)}`,
-          COWHERD_CA_ADDRESS: `${CONTROL_NAME}:${port(ca.address)}`,
-          COWHERD_INVENTORY_ADDRESS: `${CONTROL_NAME}:${port(inventory.address)}`,
-          COWHERD_NATS_URL: `tls://${CONTROL_NAME}:${nats.port}`,
-          COWHERD_CREDENTIALS_DIR: join(root, 'credentials'),
-          COWHERD_IMAGE_DIR: join(root, 'images-root'),
-          COWHERD_LISTEN_ADDRESS: `0.0.0.0:${AGENT_PORT}`,
-          COWHERD_ADVERTISE_ADDRESS: `${bed.address(host)}:${AGENT_PORT}`,
-          COWHERD_HEALTH_ADDRESS: '127.0.0.1:0',
-          COWHERD_METRICS_ADDRESS: '127.0.0.1:0',
-          COWHERD_TORRENT_PORT: '6881',
-          COWHERD_WEB_SEED_ADDRESS: '0.0.0.0:7447',
-          COWHERD_DOMAIN_SCOPE: 'image-directory',
-          COWHERD_LIBVIRT_URI: 'qemu:///system',
           COWHERD_LOG_LEVEL: process.env['COWHERD_BENCH_LOG_LEVEL'] ?? 'info',
         },
       });

@@ -56,6 +56,48 @@ const SWITCH = 'switch';
 const HOST_NAME = /^[a-z][a-z0-9]{0,9}$/;
 
 /** Thrown when the test bed cannot be built (not root, a missing tool, a kernel feature the machine lacks). */
+/** The name and address by which test-bed hosts reach the control plane (NATS and the services on this machine). */
+export const CONTROL_NAME = 'cowherd-control';
+export const CONTROL_ADDRESS = '198.18.0.254';
+/** The gRPC port of a cowherd agent inside a test-bed host. */
+export const AGENT_PORT = 7445;
+
+/** Where a test-bed agent reaches the control plane: host:port addresses as this machine sees them, NATS URLs. */
+export interface ControlPlaneAddresses {
+  readonly enrollAddress: string;
+  readonly caAddress: string;
+  readonly inventoryAddress: string;
+  /** Comma-separated NATS URLs naming {@link CONTROL_NAME}. */
+  readonly natsUrl: string;
+}
+
+/**
+ * The variables of a cowherd agent in test-bed host `host`: it reaches the control plane by CONTROL_NAME (its
+ * certificates name it), keeps its state under the host's directory, serves on AGENT_PORT at the host's address,
+ * and sees only the domains of its own image directory (the hosts share one libvirtd).
+ */
+export function testBedAgentEnvironment(bed: TestBed, host: string, control: ControlPlaneAddresses): Record<string, string> {
+  const portOf = (address: string): string => address.slice(address.lastIndexOf(':') + 1);
+  const root = bed.directory(host);
+  return {
+    COWHERD_HOST_ID: host,
+    COWHERD_ENROLL_ADDRESS: `${CONTROL_NAME}:${portOf(control.enrollAddress)}`,
+    COWHERD_CA_ADDRESS: `${CONTROL_NAME}:${portOf(control.caAddress)}`,
+    COWHERD_INVENTORY_ADDRESS: `${CONTROL_NAME}:${portOf(control.inventoryAddress)}`,
+    COWHERD_NATS_URL: control.natsUrl,
+    COWHERD_CREDENTIALS_DIR: join(root, 'credentials'),
+    COWHERD_IMAGE_DIR: join(root, 'images-root'),
+    COWHERD_LISTEN_ADDRESS: `0.0.0.0:${AGENT_PORT}`,
+    COWHERD_ADVERTISE_ADDRESS: `${bed.address(host)}:${AGENT_PORT}`,
+    COWHERD_HEALTH_ADDRESS: '127.0.0.1:0',
+    COWHERD_METRICS_ADDRESS: '127.0.0.1:0',
+    COWHERD_TORRENT_PORT: '6881',
+    COWHERD_WEB_SEED_ADDRESS: '0.0.0.0:7447',
+    COWHERD_DOMAIN_SCOPE: 'image-directory',
+    COWHERD_LIBVIRT_URI: 'qemu:///system',
+  };
+}
+
 export class TestBedError extends Error {
   override readonly name = 'TestBedError';
 }

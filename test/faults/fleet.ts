@@ -32,14 +32,12 @@ import { DistributionServiceClient } from '../../services/gen/cowherd/distributi
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, Host_State, VirtualMachine_State, type VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { OperationsClient } from '../../services/gen/google/longrunning/operations.js';
-import { TestBed } from '../../bench/testbed.js';
+import { CONTROL_ADDRESS, CONTROL_NAME, TestBed, testBedAgentEnvironment } from '../../bench/testbed.js';
 import { Resources, TestPki } from '../harness/index.js';
 import { waitFor } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
 import { startNatsCluster, withoutCowherdVariables, type NatsCluster } from './nats-cluster.js';
 
-export const CONTROL_NAME = 'cowherd-control';
-export const CONTROL_ADDRESS = '198.18.0.254';
 export const ORIGIN = 'origin';
 export const RECEIVERS = ['recv1', 'recv2', 'recv3'] as const;
 export const SMALL = 'small';
@@ -50,7 +48,6 @@ export const MASTER_DISK_MIB = 24;
 export const RECEIVER_DOWNLOAD_BYTES_PER_SECOND = 1024 * 1024;
 /** The small host's image directory: room for one image and a little more (a file fills it during the fault). */
 export const SMALL_DISK_MIB = 40;
-const AGENT_PORT = 7445;
 /**
  * Progress deadlines shorter than the defaults (10 and 15 minutes without progress), so that a step that
  * never ends is ended by the services within the suite's bound (row.ts RECOVERY_BOUND_SECONDS): a
@@ -159,7 +156,6 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   const natsUrl = nats.urls.join(',');
   const common = { COWHERD_EVENT_STREAM_REPLICAS: '3', COWHERD_LOG_LEVEL: 'info' };
   const ca = await startCertificateAuthorityProcess(resources, pki, { url: natsUrl }, { env: { ...common, COWHERD_LISTEN_ADDRESS: `0.0.0.0:${caPort}`, COWHERD_ENROLL_ADDRESS: `0.0.0.0:${await freePort()}` } });
-  const port = (address: string): string => address.slice(address.lastIndexOf(':') + 1);
   const withLogs = (label: string, process: ServiceProcess): ServiceProcess => {
     for (const line of process.logs) logTo(label)(JSON.stringify(line));
     const push = process.logs.push.bind(process.logs);
@@ -257,21 +253,7 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
     const imageDirectory = join(root, 'images-root');
     const env: Record<string, string> = {
       ...withoutCowherdVariables(process.env),
-      COWHERD_HOST_ID: host,
-      COWHERD_ENROLL_ADDRESS: `${CONTROL_NAME}:${port(ca.enrollAddress)}`,
-      COWHERD_CA_ADDRESS: `${CONTROL_NAME}:${port(ca.address)}`,
-      COWHERD_INVENTORY_ADDRESS: `${CONTROL_NAME}:${port(inventory.address)}`,
-      COWHERD_NATS_URL: nats.urlsFor(CONTROL_NAME).join(','),
-      COWHERD_CREDENTIALS_DIR: join(root, 'credentials'),
-      COWHERD_IMAGE_DIR: imageDirectory,
-      COWHERD_LISTEN_ADDRESS: `0.0.0.0:${AGENT_PORT}`,
-      COWHERD_ADVERTISE_ADDRESS: `${bed.address(host)}:${AGENT_PORT}`,
-      COWHERD_HEALTH_ADDRESS: '127.0.0.1:0',
-      COWHERD_METRICS_ADDRESS: '127.0.0.1:0',
-      COWHERD_TORRENT_PORT: '6881',
-      COWHERD_WEB_SEED_ADDRESS: '0.0.0.0:7447',
-      COWHERD_DOMAIN_SCOPE: 'image-directory',
-      COWHERD_LIBVIRT_URI: 'qemu:///system',
+      ...testBedAgentEnvironment(bed, host, { enrollAddress: ca.enrollAddress, caAddress: ca.address, inventoryAddress: inventory.address, natsUrl: nats.urlsFor(CONTROL_NAME).join(',') }),
       COWHERD_SHUTDOWN_GRACE_SECONDS: '5',
     };
     let daemon: Daemon | undefined;
