@@ -117,7 +117,11 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
 
   // Loop and tmpfs mounts must exist before libvirtd starts, or it never sees them; the small disk is one, but
   // only its agent needs it (no clones go there), so the order does not matter here.
-  await runCommand('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'start'], { timeoutMs: 120_000 });
+  // A libvirtd this suite starts is stopped again at the end (as npm test does); one that ran before stays.
+  const libvirtdScript = join(REPOSITORY, 'scripts/libvirtd.sh');
+  const libvirtdWasRunning = await runCommand('bash', [libvirtdScript, 'status']).then(() => true, () => false);
+  await runCommand('bash', [libvirtdScript, 'start'], { timeoutMs: 120_000 });
+  if (!libvirtdWasRunning) resources.defer(() => runCommand('bash', [libvirtdScript, 'stop'], { timeoutMs: 60_000 }).then(() => undefined, () => undefined));
   // The test bed removes its namespaces and directories by itself on exit; the small disk must be unmounted
   // before that (registered first, so it runs first), or the bed would empty a mounted tmpfs and leave it.
   let mounted: string | undefined;
