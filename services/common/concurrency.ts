@@ -23,3 +23,23 @@ export async function mapLimited<T, R>(items: readonly T[], limit: number, map: 
   if (failure) throw failure.error;
   return results;
 }
+
+/** "Equal jitter": half the doubling delay fixed, half random, so that replicas do not retry in step. */
+export function backoffDelay(attempt: number, baseMs: number, maxMs: number, random: () => number = Math.random): number {
+  const ceiling = Math.min(maxMs, baseMs * 2 ** Math.min(attempt - 1, 30));
+  return ceiling / 2 + (ceiling / 2) * random();
+}
+
+/** Waits `ms`, or less when `signal` aborts; never rejects. */
+export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve();
+    const timer = setTimeout(done, ms);
+    function done(): void {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    }
+    signal?.addEventListener('abort', done, { once: true });
+  });
+}

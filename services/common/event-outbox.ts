@@ -31,6 +31,7 @@ import { mkdir, open, readdir, readFile, rename, unlink } from 'node:fs/promises
 import { dirname, join } from 'node:path';
 import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
 import { eventEnvelope, sendEvent, type EventEnvelope, type EventPublisher, type EventType } from './events.js';
+import { backoffDelay, sleep } from './concurrency.js';
 import { jsonCodec, KvStore } from './kv.js';
 import type { Logger } from './logger.js';
 import { eventOutboxPending } from './metrics.js';
@@ -287,25 +288,6 @@ interface Entry {
   dueAt: number;
   /** JetStream has it; only the removal from the store is left. */
   published: boolean;
-}
-
-/** "Equal jitter": half the doubling delay fixed, half random, so that replicas do not retry in step. */
-export function backoffDelay(attempt: number, baseMs: number, maxMs: number, random: () => number): number {
-  const ceiling = Math.min(maxMs, baseMs * 2 ** Math.min(attempt - 1, 30));
-  return ceiling / 2 + (ceiling / 2) * random();
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const timer = setTimeout(done, ms);
-    function done(): void {
-      clearTimeout(timer);
-      signal.removeEventListener('abort', done);
-      resolve();
-    }
-    signal.addEventListener('abort', done, { once: true });
-  });
 }
 
 /** Publishes a store's records until JetStream acknowledges each, then removes them from the store. */

@@ -24,6 +24,7 @@ import type { Logger } from './logger.js';
 import { OPERATION_KIND_NAMES } from './operation-kinds.js';
 import { OPERATION_METRIC_STATES, operationsByState, operationsFinished, type OperationMetricState } from './metrics.js';
 import { paginate, PageTokens } from './pagination.js';
+import { backoffDelay, sleep } from './concurrency.js';
 import { isStoreUnavailable } from './store-errors.js';
 import { adaptService, type AccessPolicy, type BoundaryOptions, type Handlers, type ServiceRegistration } from './rpc.js';
 
@@ -549,24 +550,7 @@ export async function openOperations(js: JetStreamClient, log: Logger, boundary:
 
 /** Jittered exponential backoff for a store that does not answer: 200 ms doubling to 5 s. */
 function storeBackoffMs(attempt: number): number {
-  const ceiling = Math.min(5_000, 200 * 2 ** Math.min(attempt, 10));
-  return ceiling / 2 + Math.random() * (ceiling / 2);
-}
-
-/** Waits `ms`, or less when `signal` aborts. */
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const onAbort = () => {
-      clearTimeout(timer);
-      resolve();
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
+  return backoffDelay(attempt + 1, 200, 5_000);
 }
 
 /** Runs `attempt` until it succeeds or fails with anything but an unanswering store (or `stopped()` turns true). */
