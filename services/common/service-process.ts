@@ -11,7 +11,7 @@ import { connectNats, type Nats } from './nats.js';
 import { DEFAULT_DESCRIPTOR_SET_PATH, readDescriptorSet } from './reflection.js';
 import { NO_REVOCATIONS, type BoundaryOptions, type IssuedCheck, type RevocationCheck, type ServiceRegistration } from './rpc.js';
 import { startServer, type RunningServer } from './server.js';
-import { loadedMutualTlsServerCredentials, mutualTlsClientCredentials, type CredentialsFor, type TlsFiles } from './tls.js';
+import { mutualTlsServerCredentials, mutualTlsClientCredentials, type CredentialsFor, type TlsFiles } from './tls.js';
 import { identityUri } from './identity.js';
 import { CertificateAuthorityServiceClient } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { keepCertificateFresh, type RenewFunction } from './certificate-renewal.js';
@@ -191,7 +191,7 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
       healthAddress: config.healthAddress,
       metricsAddress: config.metricsAddress,
       // Read just before binding, so that the first caller after "serving" is not dropped (see tls.ts).
-      credentials: await loadedMutualTlsServerCredentials(tls, config.tlsRefreshSeconds * 1000),
+      credentials: await mutualTlsServerCredentials(tls, config.tlsRefreshSeconds * 1000),
       services: built.services,
       descriptorSet: readDescriptorSet(config.descriptorSetFile),
       revocations: boundary.revocations,

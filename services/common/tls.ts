@@ -1,8 +1,10 @@
 /**
  * mTLS credentials from PEM files, reloaded when the files change: a renewed certificate written over
- * the old one is used by the next connection, with no restart (grpc-js FileWatcherCertificateProvider).
+ * the old one is used by the next connection, with no restart.
  */
+import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { checkServerIdentity as checkServerHostname, type PeerCertificate } from 'node:tls';
 import { ChannelCredentials, experimental, ServerCredentials } from '@grpc/grpc-js';
 import { parseSubjectAltName } from './pki.js';
@@ -20,39 +22,107 @@ export interface TlsFiles {
 /** How often changed files are picked up. Renewal happens at 2/3 of the lifetime, so seconds are plenty. */
 export const DEFAULT_TLS_REFRESH_MS = 5_000;
 
-function provider(files: Partial<TlsFiles>, refreshIntervalMs: number): experimental.FileWatcherCertificateProvider {
-  return new experimental.FileWatcherCertificateProvider({
-    ...(files.certificateFile === undefined ? {} : { certificateFile: files.certificateFile }),
-    ...(files.privateKeyFile === undefined ? {} : { privateKeyFile: files.privateKeyFile }),
-    ...(files.caFile === undefined ? {} : { caCertificateFile: files.caFile }),
-    refreshIntervalMs,
-  });
+/**
+ * The PEM files as a grpc-js certificate provider. Read synchronously when made, so that a server bound at
+ * once presents its certificate to its first caller, then re-read every `refreshIntervalMs` while anyone
+ * listens; listeners hear only of contents that changed. (grpc-js's FileWatcherCertificateProvider reads in
+ * the background and forgets what it read once its listeners have come and gone for two intervals: a
+ * server bound on a busy machine then drops every connection, "disconnected before secure TLS connection
+ * was established", until a read completes, although it already says it serves.)
+ */
+class PemFiles implements experimental.CertificateProvider {
+  private identity: experimental.IdentityCertificateUpdate | null = null;
+  private ca: experimental.CaCertificateUpdate | null = null;
+  private readonly identityListeners = new Set<experimental.IdentityCertificateUpdateListener>();
+  private readonly caListeners = new Set<experimental.CaCertificateUpdateListener>();
+  private timer: NodeJS.Timeout | undefined;
+  private reading = false;
+
+  constructor(private readonly files: Partial<TlsFiles>, private readonly refreshIntervalMs: number) {
+    this.take(files.certificateFile === undefined ? undefined : readFileSync(files.certificateFile), files.privateKeyFile === undefined ? undefined : readFileSync(files.privateKeyFile), files.caFile === undefined ? undefined : readFileSync(files.caFile));
+  }
+
+  addCaCertificateListener(listener: experimental.CaCertificateUpdateListener): void {
+    this.caListeners.add(listener);
+    this.watch();
+    if (this.files.caFile !== undefined) process.nextTick(listener, this.ca);
+  }
+
+  removeCaCertificateListener(listener: experimental.CaCertificateUpdateListener): void {
+    this.caListeners.delete(listener);
+    this.unwatchIfUnused();
+  }
+
+  addIdentityCertificateListener(listener: experimental.IdentityCertificateUpdateListener): void {
+    this.identityListeners.add(listener);
+    this.watch();
+    if (this.files.certificateFile !== undefined) process.nextTick(listener, this.identity);
+  }
+
+  removeIdentityCertificateListener(listener: experimental.IdentityCertificateUpdateListener): void {
+    this.identityListeners.delete(listener);
+    this.unwatchIfUnused();
+  }
+
+  /** Keeps what it is given and says what changed. A file that cannot be read keeps its last contents. */
+  private take(certificate: Buffer | undefined, privateKey: Buffer | undefined, ca: Buffer | undefined): { identity: boolean; ca: boolean } {
+    const changed = { identity: false, ca: false };
+    const unchanged = this.identity?.certificate.equals(certificate ?? Buffer.alloc(0)) && this.identity.privateKey.equals(privateKey ?? Buffer.alloc(0));
+    // A renewal caught between writing the certificate and the key keeps the old pair until both are new.
+    if (certificate !== undefined && privateKey !== undefined && !unchanged && keyMatches(certificate, privateKey)) {
+      this.identity = { certificate, privateKey };
+      changed.identity = true;
+    }
+    if (ca !== undefined && !this.ca?.caCertificate.equals(ca)) {
+      this.ca = { caCertificate: ca };
+      changed.ca = true;
+    }
+    return changed;
+  }
+
+  private watch(): void {
+    if (this.timer !== undefined) return;
+    this.timer = setInterval(() => void this.refresh(), this.refreshIntervalMs);
+    // The server's socket, not a file watch, keeps a process running.
+    this.timer.unref();
+  }
+
+  private unwatchIfUnused(): void {
+    if (this.caListeners.size > 0 || this.identityListeners.size > 0 || this.timer === undefined) return;
+    clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  private async refresh(): Promise<void> {
+    if (this.reading) return;
+    this.reading = true;
+    try {
+      const read = (path: string | undefined): Promise<Buffer | undefined> => (path === undefined ? Promise.resolve(undefined) : readFile(path).catch(() => undefined));
+      const [certificate, privateKey, ca] = await Promise.all([read(this.files.certificateFile), read(this.files.privateKeyFile), read(this.files.caFile)]);
+      const changed = this.take(certificate, privateKey, ca);
+      if (changed.identity) for (const listener of this.identityListeners) listener(this.identity);
+      if (changed.ca) for (const listener of this.caListeners) listener(this.ca);
+    } finally {
+      this.reading = false;
+    }
+  }
+}
+
+function keyMatches(certificate: Buffer, privateKey: Buffer): boolean {
+  try {
+    return new X509Certificate(certificate).checkPrivateKey(createPrivateKey(privateKey));
+  } catch {
+    return false;
+  }
+}
+
+function provider(files: Partial<TlsFiles>, refreshIntervalMs: number): experimental.CertificateProvider {
+  return new PemFiles(files, refreshIntervalMs);
 }
 
 /** Server credentials that demand a client certificate signed by the cowherd CA. */
 export function mutualTlsServerCredentials(files: TlsFiles, refreshIntervalMs = DEFAULT_TLS_REFRESH_MS): ServerCredentials {
-  assertReadable(files);
   const watcher = provider(files, refreshIntervalMs);
-  return experimental.createCertificateProviderServerCredentials(watcher, watcher, true);
-}
-
-/**
- * mutualTlsServerCredentials, resolved once the files are read. Call it just before binding: grpc-js reads
- * the files in the background, and a server bound before that read is done drops every connection (the
- * client sees "disconnected before secure TLS connection was established") although it already says it
- * serves; on a busy machine at start-up the read can take long enough for a first caller to meet it.
- */
-export async function loadedMutualTlsServerCredentials(files: TlsFiles, refreshIntervalMs = DEFAULT_TLS_REFRESH_MS): Promise<ServerCredentials> {
-  assertReadable(files);
-  const watcher = provider(files, refreshIntervalMs);
-  // The provider keeps what it read: the server's own listener, added when it binds, gets it at once.
-  await new Promise<void>((resolve) => {
-    const listener = (): void => {
-      watcher.removeIdentityCertificateListener(listener);
-      resolve();
-    };
-    watcher.addIdentityCertificateListener(listener);
-  });
   return experimental.createCertificateProviderServerCredentials(watcher, watcher, true);
 }
 
@@ -79,7 +149,6 @@ export type CredentialsFor = (serverIdentity: string) => ChannelCredentials;
  * grpc-js shares connections between clients of the same server.
  */
 export function mutualTlsClientCredentials(files: TlsFiles, refreshIntervalMs = DEFAULT_TLS_REFRESH_MS): CredentialsFor {
-  assertReadable(files);
   const watcher = provider(files, refreshIntervalMs);
   const byIdentity = new Map<string, ChannelCredentials>();
   return (serverIdentity) => {
@@ -121,9 +190,4 @@ export function expectServerIdentity(serverIdentity: string): (hostname: string,
     }
     return undefined;
   };
-}
-
-function assertReadable(files: TlsFiles): void {
-  // Fail at start-up with the file's name rather than at the first handshake with an opaque TLS error.
-  for (const path of [files.certificateFile, files.privateKeyFile, files.caFile]) readFileSync(path);
 }

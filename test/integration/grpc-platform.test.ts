@@ -19,7 +19,7 @@ import { createLogger } from '../../services/common/logger.js';
 import { readDescriptorSet } from '../../services/common/reflection.js';
 import { adaptService, type RevocationCheck } from '../../services/common/rpc.js';
 import { startServer, type RunningServer } from '../../services/common/server.js';
-import { loadedMutualTlsServerCredentials, mutualTlsChannelCredentialsFromPem, mutualTlsClientCredentials, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/tls.js';
+import { mutualTlsChannelCredentialsFromPem, mutualTlsClientCredentials, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/tls.js';
 import { inspectCertificate } from '../../services/common/pki.js';
 import { AGENT_POLICY } from '../../services/agent/access-policy.js';
 import { INVENTORY_POLICY } from '../../services/inventory/access-policy.js';
@@ -238,7 +238,7 @@ describe('gRPC platform', () => {
 
   it('presents its certificate to the first caller after the bind, even with the thread pool busy', async () => {
     const files = await pki.files('service', 'inventory');
-    const credentials = await loadedMutualTlsServerCredentials(files, 200);
+    const credentials = mutualTlsServerCredentials(files, 200);
     // A process starting up on a loaded machine: with the certificate still being read when the server binds,
     // grpc-js would drop every connection until the read is done, although the server said it serves.
     for (let i = 0; i < 4; i++) pbkdf2('cowherd', 'salt', 1_000_000, 32, 'sha256', () => undefined);
