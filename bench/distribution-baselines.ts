@@ -10,7 +10,7 @@
 import { access, chmod, mkdir, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { runCommand, type Daemon } from '../services/common/child-process.js';
+import { runCommand, type Daemon } from '../services/common/platform/child-process.js';
 import { CONTROL, ORIGIN, Stopwatch, receiverHosts, waitUntil, type BenchImage, type DistributionMethod } from './distribution-method.js';
 import type { TestBed } from './testbed.js';
 

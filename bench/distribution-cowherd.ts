@@ -19,13 +19,13 @@ import { join } from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import type { Subscription } from '@nats-io/transport-node';
-import { createClient } from '../services/common/client.js';
-import { EVENT_SUBJECT_PREFIX } from '../services/common/events.js';
-import { IMAGE_AVAILABLE } from '../services/common/event-types.js';
-import { createLogger } from '../services/common/logger.js';
-import { connectNats } from '../services/common/nats.js';
-import { unpack } from '../services/common/operations.js';
-import { mutualTlsChannelCredentialsFromPem } from '../services/common/tls.js';
+import { createClient } from '../services/common/platform/client.js';
+import { EVENT_SUBJECT_PREFIX } from '../services/common/platform/events.js';
+import { IMAGE_AVAILABLE } from '../services/common/domain/event-types.js';
+import { createLogger } from '../services/common/platform/logger.js';
+import { connectNats } from '../services/common/platform/nats.js';
+import { unpack } from '../services/common/domain/operations.js';
+import { mutualTlsChannelCredentialsFromPem } from '../services/common/platform/tls.js';
 import { CertificateAuthorityServiceClient } from '../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { DistributeImageResponse, DistributionServiceClient } from '../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { Host_State, Image, type Host } from '../services/gen/cowherd/inventory/v1/resources.js';
@@ -79,7 +79,7 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     const ca = await startCertificateAuthorityProcess(resources, pki, nats, { env: { COWHERD_LISTEN_ADDRESS: '0.0.0.0:0', COWHERD_ENROLL_ADDRESS: '0.0.0.0:0' } });
     const any = { COWHERD_LISTEN_ADDRESS: '0.0.0.0:0', COWHERD_CA_ADDRESS: ca.address };
     const inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, any);
-    const tracker = `0.0.0.0:${await import('../services/common/embedded-nats.js').then(({ freePort }) => freePort())}`;
+    const tracker = `0.0.0.0:${await import('../services/launcher/embedded-nats.js').then(({ freePort }) => freePort())}`;
     const distribution = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, {
       ...any,
       COWHERD_INVENTORY_ADDRESS: inventory.address,

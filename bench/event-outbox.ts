@@ -8,11 +8,11 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { headers as natsHeaders } from '@nats-io/transport-node';
-import { startEventOutbox, type EventOutbox } from '../services/common/event-outbox.js';
-import { CLONE_DONE } from '../services/common/event-types.js';
-import { ensureEventStream, EVENT_STREAM, JetStreamEventPublisher } from '../services/common/events.js';
-import { createLogger } from '../services/common/logger.js';
-import { connectNats, type Nats } from '../services/common/nats.js';
+import { startEventOutbox, type EventOutbox } from '../services/common/platform/event-outbox.js';
+import { CLONE_DONE } from '../services/common/domain/event-types.js';
+import { ensureEventStream, EVENT_STREAM, JetStreamEventPublisher } from '../services/common/platform/events.js';
+import { createLogger } from '../services/common/platform/logger.js';
+import { connectNats, type Nats } from '../services/common/platform/nats.js';
 import type { CloneDone } from '../services/gen/cowherd/events/v1/events.js';
 import { Resources, TestPki, startTestNats } from '../test/harness/index.js';
 

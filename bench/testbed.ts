@@ -19,7 +19,7 @@ import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { runCommand, startDaemon, type Daemon, type RunOptions } from '../services/common/child-process.js';
+import { runCommand, startDaemon, type Daemon, type RunOptions } from '../services/common/platform/child-process.js';
 
 /** Options of {@link TestBed.create}. */
 export interface TestBedOptions {

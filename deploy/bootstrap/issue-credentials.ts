@@ -16,7 +16,7 @@
  * records as issued at start and whenever the mounted file changes (COWHERD_CA_BOOTSTRAP_CERTIFICATES).
  *
  * These certificates are seeds: every pod copies its Secret into a memory emptyDir at start and renews
- * the copy itself at two thirds of its lifetime (services/common/certificate-renewal.ts), so a running
+ * the copy itself at two thirds of its lifetime (services/common/platform/certificate-renewal.ts), so a running
  * pod never needs the Secret again. A pod that restarts starts from the seed, which must therefore still
  * be valid: run this again (it re-issues only what is past two thirds of its life, or missing, or from
  * another CA, or lacks a DNS name asked for) and re-apply, at least every 60 days (seeds live 90 days).
@@ -27,11 +27,11 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { loadOrCreateCertificateAuthority } from '../../services/common/ca-files.js';
-import { renewalTime } from '../../services/common/certificate-renewal.js';
-import { credentialFiles, issueCredentials, writeCredentials } from '../../services/common/credential-files.js';
-import { identityUri, isPrincipalName } from '../../services/common/identity.js';
-import { inspectCertificate, type CertificateAndKey } from '../../services/common/pki.js';
+import { loadOrCreateCertificateAuthority } from '../../services/common/domain/ca-files.js';
+import { renewalTime } from '../../services/common/platform/certificate-renewal.js';
+import { credentialFiles, issueCredentials, writeCredentials } from '../../services/common/platform/credential-files.js';
+import { identityUri, isPrincipalName } from '../../services/common/platform/identity.js';
+import { inspectCertificate, type CertificateAndKey } from '../../services/common/platform/pki.js';
 
 /** The in-cluster identities that get a seed certificate, in the order they start. */
 export const CLUSTER_IDENTITIES = ['nats', 'certificate-authority', 'inventory', 'distribution', 'cloning'] as const;

@@ -19,22 +19,22 @@
  *    raises any bucket that has fewer, so that the state survives the loss of a NATS node.
  */
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
-import { keepCertificateFresh, type RenewFunction } from '../../services/common/certificate-renewal.js';
-import { createClient } from '../../services/common/client.js';
-import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, urlListVariable } from '../../services/common/config.js';
-import { identityUri, parseIdentity, type Identity } from '../../services/common/identity.js';
-import { jsonCodec, KvStore } from '../../services/common/kv.js';
-import { createLogger, LOG_LEVELS, type Logger } from '../../services/common/logger.js';
-import { connectNats, type Nats } from '../../services/common/nats.js';
-import { mutualTlsClientCredentials, type TlsFiles } from '../../services/common/tls.js';
+import { keepCertificateFresh, type RenewFunction } from '../../services/common/platform/certificate-renewal.js';
+import { createClient } from '../../services/common/platform/client.js';
+import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, urlListVariable } from '../../services/common/platform/config.js';
+import { identityUri, parseIdentity, type Identity } from '../../services/common/platform/identity.js';
+import { jsonCodec, KvStore } from '../../services/common/platform/kv.js';
+import { createLogger, LOG_LEVELS, type Logger } from '../../services/common/platform/logger.js';
+import { connectNats, type Nats } from '../../services/common/platform/nats.js';
+import { mutualTlsClientCredentials, type TlsFiles } from '../../services/common/platform/tls.js';
 import { natsUsers } from '../../services/certificate-authority/nats-users.js';
 import { openCaRecords } from '../../services/certificate-authority/records.js';
 import type { LevelWithSilent } from 'pino';
 
 /**
  * cowherd's KV buckets (services/inventory/inventory.ts, services/distribution/main.ts,
- * services/certificate-authority/records.ts, services/common/operations.ts, services/common/pagination.ts,
- * services/common/event-outbox.ts).
+ * services/certificate-authority/records.ts, services/common/domain/operations.ts, services/common/platform/pagination.ts,
+ * services/common/platform/event-outbox.ts).
  */
 export const COWHERD_BUCKETS = ['hosts', 'vms', 'images', 'replicas', 'ca', 'operations', 'operations-request-ids', 'cowherd-config', 'outbox'] as const;
 

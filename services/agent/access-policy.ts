@@ -4,7 +4,7 @@
  * distribution define domains). Deny by default: every RPC is listed.
  */
 import type { AgentServiceService } from '../gen/cowherd/agent/v1/agent_service.js';
-import type { AccessPolicy } from '../common/rpc.js';
+import type { AccessPolicy } from '../common/platform/rpc.js';
 
 const DISTRIBUTION = { allow: ['service'], services: ['distribution'] } as const;
 const CLONING = { allow: ['service'], services: ['cloning'] } as const;

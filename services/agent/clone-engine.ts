@@ -14,17 +14,17 @@ import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { CreateCloneResult, CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
 import { VirtualMachine, VirtualMachine_State } from '../gen/cowherd/inventory/v1/resources.js';
-import { CowherdError, toStatus } from '../common/errors.js';
-import { mapLimited } from '../common/concurrency.js';
-import { CLONE_DONE, CLONE_FAILED } from '../common/event-types.js';
-import type { EventPublisher } from '../common/events.js';
-import type { Logger } from '../common/logger.js';
-import { cloneDuration } from '../common/metrics.js';
-import { IMAGE_ID } from '../common/resource-names.js';
-import { DOMAIN_NAME_PATTERN, renderClone, sanitizeDomainTemplate, templateDisks, type CloneMetadata, type HypervisorKind, type RenderedClone } from './domain-xml.js';
-import { LibvirtError, type DomainInfo, type Libvirt } from './libvirt.js';
-import { createQcow2Overlay, protectBase } from './overlays.js';
-import { createDifferencingVhd } from './vhd.js';
+import { CowherdError, toStatus } from '../common/platform/errors.js';
+import { mapLimited } from '../common/platform/concurrency.js';
+import { CLONE_DONE, CLONE_FAILED } from '../common/domain/event-types.js';
+import type { EventPublisher } from '../common/platform/events.js';
+import type { Logger } from '../common/platform/logger.js';
+import { cloneDuration } from '../common/platform/metrics.js';
+import { IMAGE_ID } from '../common/domain/resource-names.js';
+import { DOMAIN_NAME_PATTERN, renderClone, sanitizeDomainTemplate, templateDisks, type CloneMetadata, type HypervisorKind, type RenderedClone } from './hypervisor/domain-xml.js';
+import { LibvirtError, type DomainInfo, type Libvirt } from './hypervisor/libvirt.js';
+import { createQcow2Overlay, protectBase } from './hypervisor/overlays.js';
+import { createDifferencingVhd } from './hypervisor/vhd.js';
 
 /** The name of the template file in a replica directory. */
 export const TEMPLATE_FILE = 'domain-template.xml';

@@ -1,8 +1,8 @@
 /** The agent's own variables (besides the common server ones, whose TLS files it fills in after enrolling). */
 import { join, resolve } from 'node:path';
-import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, stringVariable, type ConfigOf, type Variable } from '../common/config.js';
-import { DEFAULT_PORTS } from '../common/service-process.js';
-import { defaultHostId, HOST_ID, isReservedHostId } from '../common/resource-names.js';
+import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, stringVariable, type ConfigOf, type Variable } from '../common/platform/config.js';
+import { DEFAULT_PORTS } from '../common/platform/service-process.js';
+import { defaultHostId, HOST_ID, isReservedHostId } from '../common/domain/resource-names.js';
 
 /** An optional host:port whose default depends on other variables (filled in by loadAgentConfig). */
 function optionalAddressVariable(name: string, description: string, defaultText: string): Variable<string | undefined> {

@@ -1,15 +1,15 @@
 /** AgentService handlers: thin wrappers over the agent's modules. */
 import type { AgentServiceService } from '../gen/cowherd/agent/v1/agent_service.js';
-import type { Handlers } from '../common/rpc.js';
+import type { Handlers } from '../common/platform/rpc.js';
 import { Hypervisor, ImagePublishStage, TransferProgress } from '../gen/cowherd/common/v1/types.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
-import type { ImageTransfers } from './image-transfers.js';
+import type { ImageTransfers } from './swarm/image-transfers.js';
 import { Image, Image_State, ImageReplica, ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
-import { CowherdError } from '../common/errors.js';
-import type { Logger } from '../common/logger.js';
+import { CowherdError } from '../common/platform/errors.js';
+import type { Logger } from '../common/platform/logger.js';
 import type { CloneEngine } from './clone-engine.js';
 import { exportImage, toImageFiles } from './image-export.js';
-import type { Libvirt } from './libvirt.js';
+import type { Libvirt } from './hypervisor/libvirt.js';
 import type { VmLifecycle } from './vm-lifecycle.js';
 
 /** How long a graceful stop waits when the caller names no timeout. */

@@ -37,19 +37,19 @@ import { access, chmod, copyFile, mkdir, open, readdir, rename, stat, statfs, wr
 import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { CommandError, runCommand } from '../common/child-process.js';
-import { mapLimited } from '../common/concurrency.js';
-import { CowherdError } from '../common/errors.js';
-import type { Logger } from '../common/logger.js';
-import { IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/resource-names.js';
+import { CommandError, runCommand } from '../common/platform/child-process.js';
+import { mapLimited } from '../common/platform/concurrency.js';
+import { CowherdError } from '../common/platform/errors.js';
+import type { Logger } from '../common/platform/logger.js';
+import { IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/domain/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import { ImageFile_Role, type ImageFile } from '../gen/cowherd/inventory/v1/resources.js';
 import { TEMPLATE_FILE } from './clone-engine.js';
-import { sanitizeDomainTemplate, type DiskFormatName, type DomainTemplate } from './domain-xml.js';
-import { LibvirtError, type Libvirt } from './libvirt.js';
-import { readVhdInfo } from './vhd.js';
-import { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
+import { sanitizeDomainTemplate, type DiskFormatName, type DomainTemplate } from './hypervisor/domain-xml.js';
+import { LibvirtError, type Libvirt } from './hypervisor/libvirt.js';
+import { readVhdInfo } from './hypervisor/vhd.js';
+import { fsyncDirectory, pathExists, removeTree } from './image-directory/file-tree.js';
 
 /** Progress of an export: the stage and the bytes of that stage. */
 export interface ExportProgress {

@@ -1,26 +1,26 @@
 /** The host agent process: wiring only. Enrolls with a join token on the first start, then serves. */
 import { AgentServiceService } from '../gen/cowherd/agent/v1/agent_service.js';
 import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
-import { createClient } from '../common/client.js';
-import { ConfigError } from '../common/config.js';
-import { createLogger } from '../common/logger.js';
-import { adaptService } from '../common/rpc.js';
-import { runServiceMain } from '../common/service-process.js';
-import { identityUri } from '../common/identity.js';
+import { createClient } from '../common/platform/client.js';
+import { ConfigError } from '../common/platform/config.js';
+import { createLogger } from '../common/platform/logger.js';
+import { adaptService } from '../common/platform/rpc.js';
+import { runServiceMain } from '../common/platform/service-process.js';
+import { identityUri } from '../common/platform/identity.js';
 import { AGENT_POLICY } from './access-policy.js';
 import { loadAgentConfig, type AgentConfig } from './config.js';
-import { createQemuImgDiskInspector } from './disks.js';
-import { ensureEnrolled } from './enrollment.js';
-import { createHostFactsSource, detectHypervisor, prepareImageDirectory, readSystemFacts } from './host-facts.js';
+import { createQemuImgDiskInspector } from './hypervisor/disks.js';
+import { ensureEnrolled } from './host/enrollment.js';
+import { createHostFactsSource, detectHypervisor, prepareImageDirectory, readSystemFacts } from './host/host-facts.js';
 import { CloneEngine } from './clone-engine.js';
 import { agentHandlers } from './handlers.js';
 import { VmLifecycle } from './vm-lifecycle.js';
-import { deleteLocalReplica } from './replicas.js';
+import { deleteLocalReplica } from './swarm/replicas.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
-import { VirshLibvirt } from './libvirt.js';
-import { scopedLibvirt } from './scoped-libvirt.js';
-import { createReporter, inventoryPort } from './reporter.js';
-import { ImageTransfers } from './image-transfers.js';
+import { VirshLibvirt } from './hypervisor/libvirt.js';
+import { scopedLibvirt } from './hypervisor/scoped-libvirt.js';
+import { createReporter, inventoryPort } from './host/reporter.js';
+import { ImageTransfers } from './swarm/image-transfers.js';
 
 /** `host:port` (IPv6 in brackets) split. */
 function splitAddress(address: string): { host: string; port: number } {

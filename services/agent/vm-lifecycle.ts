@@ -9,11 +9,11 @@ import { join } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { VirtualMachine, VirtualMachine_State } from '../gen/cowherd/inventory/v1/resources.js';
-import { CowherdError } from '../common/errors.js';
-import type { Logger } from '../common/logger.js';
-import { DOMAIN_NAME_PATTERN } from './domain-xml.js';
-import { LibvirtError, type DomainInfo, type Libvirt } from './libvirt.js';
-import { virtualMachineState } from './reporter.js';
+import { CowherdError } from '../common/platform/errors.js';
+import type { Logger } from '../common/platform/logger.js';
+import { DOMAIN_NAME_PATTERN } from './hypervisor/domain-xml.js';
+import { LibvirtError, type DomainInfo, type Libvirt } from './hypervisor/libvirt.js';
+import { virtualMachineState } from './host/reporter.js';
 
 /** What the lifecycle needs. */
 export interface VmLifecycleOptions {

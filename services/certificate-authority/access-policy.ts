@@ -1,6 +1,6 @@
 /** Who may call each CertificateAuthorityService RPC. Deny by default: every RPC is listed. */
 import type { CertificateAuthorityServiceService } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
-import type { AccessPolicy } from '../common/rpc.js';
+import type { AccessPolicy } from '../common/platform/rpc.js';
 
 export const CERTIFICATE_AUTHORITY_POLICY: AccessPolicy<typeof CertificateAuthorityServiceService> = {
   // The CA bundle is public; enrollment is authenticated by the join token, not by a certificate.

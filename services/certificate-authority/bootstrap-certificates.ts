@@ -8,7 +8,7 @@
  * a restart, and a server that meets a new seed's serial asks the CA, which reads the file first.
  */
 import { stat, readFile } from 'node:fs/promises';
-import type { Logger } from '../common/logger.js';
+import type { Logger } from '../common/platform/logger.js';
 
 /** Splits a PEM bundle into its CERTIFICATE blocks. */
 export function certificateBlocks(bundle: string): string[] {

@@ -5,14 +5,14 @@
 import { createHash, randomBytes, timingSafeEqual, X509Certificate } from 'node:crypto';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
-import { CowherdError } from '../common/errors.js';
-import { describeIdentity, identityUri, parseIdentity, type Identity } from '../common/identity.js';
-import { KvConflictError } from '../common/kv.js';
-import type { Logger } from '../common/logger.js';
-import { certificateSha256, inspectCertificate, parseCsr, signLeafCertificate, ttlOfValidity, type CertificateAndKey } from '../common/pki.js';
-import { HOST_ID, isReservedHostId } from '../common/resource-names.js';
+import { CowherdError } from '../common/platform/errors.js';
+import { describeIdentity, identityUri, parseIdentity, type Identity } from '../common/platform/identity.js';
+import { KvConflictError } from '../common/platform/kv.js';
+import type { Logger } from '../common/platform/logger.js';
+import { certificateSha256, inspectCertificate, parseCsr, signLeafCertificate, ttlOfValidity, type CertificateAndKey } from '../common/platform/pki.js';
+import { HOST_ID, isReservedHostId } from '../common/domain/resource-names.js';
 import { RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
-import type { PeerCertificateFacts } from '../common/rpc.js';
+import type { PeerCertificateFacts } from '../common/platform/rpc.js';
 import type { CaRecords, CertificateRecord, JoinTokenRecord } from './records.js';
 
 /** Lifetimes and limits, with their defaults. */

@@ -2,12 +2,12 @@
 import { CertificateAuthorityServiceService } from '../gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { Certificate, Certificate_State, JoinToken, JoinToken_State, type RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
 import type { Duration } from '../gen/google/protobuf/duration.js';
-import { CowherdError } from '../common/errors.js';
-import { enumValueNames, parseFilter, resourceNameField } from '../common/filter.js';
-import { parseIdentity } from '../common/identity.js';
-import { paginate, type PageTokens } from '../common/pagination.js';
-import { HOST_ID } from '../common/resource-names.js';
-import type { CallContext, Handlers } from '../common/rpc.js';
+import { CowherdError } from '../common/platform/errors.js';
+import { enumValueNames, parseFilter, resourceNameField } from '../common/domain/filter.js';
+import { parseIdentity } from '../common/platform/identity.js';
+import { paginate, type PageTokens } from '../common/platform/pagination.js';
+import { HOST_ID } from '../common/domain/resource-names.js';
+import type { CallContext, Handlers } from '../common/platform/rpc.js';
 import { certificateState, tokenState, type CertificateAuthority } from './certificate-authority.js';
 import type { CertificateRecord, JoinTokenRecord } from './records.js';
 

@@ -1,7 +1,7 @@
 /** What happens around issuance and revocation besides the records: events (and NATS users, when configured). */
-import { CERTIFICATE_REVOKED, HOST_ENROLLED } from '../common/event-types.js';
-import type { EventPublisher } from '../common/events.js';
-import { parseIdentity } from '../common/identity.js';
+import { CERTIFICATE_REVOKED, HOST_ENROLLED } from '../common/domain/event-types.js';
+import type { EventPublisher } from '../common/platform/events.js';
+import { parseIdentity } from '../common/platform/identity.js';
 import type { CertificateListener } from './certificate-authority.js';
 
 /** Publishes host.enrolled (for certificates from a join token) and certificate.revoked. */

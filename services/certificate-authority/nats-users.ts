@@ -6,9 +6,9 @@
  * within a second of RevokeCertificate returning, and an issued one is admitted before it returns.
  */
 import { readFile } from 'node:fs/promises';
-import type { Identity } from '../common/identity.js';
-import type { Logger } from '../common/logger.js';
-import { certificatePrincipal, identityPrincipal, reloadNats, writeNatsAuthorization, type NatsPrincipal } from '../common/nats-authorization.js';
+import type { Identity } from '../common/platform/identity.js';
+import type { Logger } from '../common/platform/logger.js';
+import { certificatePrincipal, identityPrincipal, reloadNats, writeNatsAuthorization, type NatsPrincipal } from '../common/platform/nats-authorization.js';
 import { certificateState, type CertificateListener } from './certificate-authority.js';
 import type { CertificateRecord } from './records.js';
 

@@ -4,7 +4,7 @@
  * `request.<sha256 of kind and request_id>`.
  */
 import type { JetStreamClient } from '@nats-io/jetstream';
-import { jsonCodec, KvStore } from '../common/kv.js';
+import { jsonCodec, KvStore } from '../common/platform/kv.js';
 
 /** A join token as stored. */
 export interface JoinTokenRecord {

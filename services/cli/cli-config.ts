@@ -6,8 +6,8 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { addressVariable, enumVariable, optionalStringVariable, readConfig, urlListVariable, type ConfigOf } from '../common/config.js';
-import { DEFAULT_PORTS } from '../common/service-process.js';
+import { addressVariable, enumVariable, optionalStringVariable, readConfig, urlListVariable, type ConfigOf } from '../common/platform/config.js';
+import { DEFAULT_PORTS } from '../common/platform/service-process.js';
 
 const REPOSITORY = fileURLToPath(new URL('../..', import.meta.url));
 

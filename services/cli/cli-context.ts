@@ -10,11 +10,11 @@ import { CloningServiceClient } from '../gen/cowherd/cloning/v1/cloning_service.
 import { DistributionServiceClient } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { OperationsClient } from '../gen/google/longrunning/operations.js';
-import { createClient, type ClientConstructor } from '../common/client.js';
-import { credentialFiles } from '../common/credential-files.js';
-import { identityUri } from '../common/identity.js';
-import { inspectCertificate } from '../common/pki.js';
-import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/tls.js';
+import { createClient, type ClientConstructor } from '../common/platform/client.js';
+import { credentialFiles } from '../common/platform/credential-files.js';
+import { identityUri } from '../common/platform/identity.js';
+import { inspectCertificate } from '../common/platform/pki.js';
+import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/platform/tls.js';
 import { SERVICE_ADDRESSES, type CliConfig, type ServiceKey } from './cli-config.js';
 import { callError, CliError, EXIT, type CallTarget } from './exit-codes.js';
 import type { Output } from './output.js';

@@ -11,10 +11,10 @@
  */
 import type { Msg, MsgHdrs } from '@nats-io/transport-node';
 import * as eventMessages from '../gen/cowherd/events/v1/events.js';
-import { ALL_EVENT_TYPES } from '../common/event-types.js';
-import { EVENT_STREAM, EVENT_SUBJECT_PREFIX, EVENT_TYPE_HEADER, eventSubject, FLEET_WIDE } from '../common/events.js';
-import { createLogger } from '../common/logger.js';
-import { connectNats, type Nats } from '../common/nats.js';
+import { ALL_EVENT_TYPES } from '../common/domain/event-types.js';
+import { EVENT_STREAM, EVENT_SUBJECT_PREFIX, EVENT_TYPE_HEADER, eventSubject, FLEET_WIDE } from '../common/platform/events.js';
+import { createLogger } from '../common/platform/logger.js';
+import { connectNats, type Nats } from '../common/platform/nats.js';
 import type { CommandSpec } from './command-line.js';
 import type { CliContext } from './cli-context.js';
 import { CliError, EXIT } from './exit-codes.js';

@@ -4,7 +4,7 @@
  * together.
  */
 import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
-import { readServiceError, type ReceivedError } from '../common/errors.js';
+import { readServiceError, type ReceivedError } from '../common/platform/errors.js';
 import { Status } from '../gen/google/rpc/status.js';
 
 /** The CLI's exit codes. */

@@ -2,9 +2,9 @@
 import { credentials as grpcCredentials, type ChannelCredentials } from '@grpc/grpc-js';
 import { readFileSync } from 'node:fs';
 import { HealthCheckResponse_ServingStatus, healthCheckResponse_ServingStatusToJSON, HealthClient } from '../gen/grpc/health/v1/health.js';
-import { clientOptions } from '../common/client.js';
-import { mutualTlsChannelCredentialsFromPem } from '../common/tls.js';
-import type { TlsFiles } from '../common/tls.js';
+import { clientOptions } from '../common/platform/client.js';
+import { mutualTlsChannelCredentialsFromPem } from '../common/platform/tls.js';
+import type { TlsFiles } from '../common/platform/tls.js';
 
 /** Health of one process on both ports. */
 export interface HealthReport {

@@ -4,7 +4,7 @@
  * admin credential bundle, and `cowherd fleet up` for the local fleet. Wiring only: parse, load config,
  * run the command, map what went wrong to a message and an exit code (exit-codes.ts).
  */
-import { ConfigError } from '../common/config.js';
+import { ConfigError } from '../common/platform/config.js';
 import { commandWords, parseCommandLine, renderCommandList, renderHelp, usageLine, UsageError, type CommandSpec, type OptionSpec } from './command-line.js';
 import { loadCliConfig, type ServiceKey } from './cli-config.js';
 import { CliContext, type GlobalSettings } from './cli-context.js';

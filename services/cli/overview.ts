@@ -5,9 +5,9 @@
 import { readFileSync } from 'node:fs';
 import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, ImageReplica, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
-import { call, createClient } from '../common/client.js';
-import { identityUri } from '../common/identity.js';
-import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/tls.js';
+import { call, createClient } from '../common/platform/client.js';
+import { identityUri } from '../common/platform/identity.js';
+import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/platform/tls.js';
 import type { CommandSpec } from './command-line.js';
 import type { CliContext } from './cli-context.js';
 import { EXIT } from './exit-codes.js';

@@ -4,7 +4,7 @@
  * input is a usage error (exit 2) before any call.
  */
 import type { Duration } from '../gen/google/protobuf/duration.js';
-import { HOST_ID, IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/resource-names.js';
+import { HOST_ID, IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/domain/resource-names.js';
 import { UsageError, type CommandSpec } from './command-line.js';
 
 /** Parses command arguments, reporting errors against `command`. */

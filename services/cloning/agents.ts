@@ -5,9 +5,9 @@
 import { Metadata, type ServiceError } from '@grpc/grpc-js';
 import { AgentServiceClient, type CreateClonesRequest, type CreateClonesResponse } from '../gen/cowherd/agent/v1/agent_service.js';
 import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
-import { AgentClients } from '../common/agent-clients.js';
-import { relayServiceError } from '../common/errors.js';
-import type { CredentialsFor } from '../common/tls.js';
+import { AgentClients } from '../common/domain/agent-clients.js';
+import { relayServiceError } from '../common/platform/errors.js';
+import type { CredentialsFor } from '../common/platform/tls.js';
 
 /** What cloning asks of a host's agent. */
 export interface AgentPort {

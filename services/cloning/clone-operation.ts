@@ -21,11 +21,11 @@ import type { HostTransfer } from '../gen/cowherd/distribution/v1/distribution_s
 import { ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { Host_State, type Host } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
-import { mapLimited } from '../common/concurrency.js';
-import { CowherdError, errorFromStatus, readServiceError, toStatus } from '../common/errors.js';
-import { CLONE_FAILED } from '../common/event-types.js';
-import type { EventPublisher } from '../common/events.js';
-import type { OperationContext, OperationKind } from '../common/operations.js';
+import { mapLimited } from '../common/platform/concurrency.js';
+import { CowherdError, errorFromStatus, readServiceError, toStatus } from '../common/platform/errors.js';
+import { CLONE_FAILED } from '../common/domain/event-types.js';
+import type { EventPublisher } from '../common/platform/events.js';
+import type { OperationContext, OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
 import type { FleetView } from './fleet-view.js';
 

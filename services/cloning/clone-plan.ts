@@ -16,8 +16,8 @@ import {
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import type { CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
 import { Host_State, Image_State, VirtualMachine_State, host_StateToJSON, image_StateToJSON, virtualMachine_StateToJSON, type Host } from '../gen/cowherd/inventory/v1/resources.js';
-import { CowherdError } from '../common/errors.js';
-import { HOST_ID, IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/resource-names.js';
+import { CowherdError } from '../common/platform/errors.js';
+import { HOST_ID, IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/domain/resource-names.js';
 import type { FleetView } from './fleet-view.js';
 import { parseNameTemplate, renderNames } from './name-template.js';
 import { placeRoundRobin, placeSpread } from './placement.js';

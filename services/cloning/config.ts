@@ -1,7 +1,7 @@
 /** The cloning service's own variables (besides the common server ones). */
-import { addressVariable, integerVariable, type ConfigOf } from '../common/config.js';
-import type { ProgressDeadlineOptions } from '../common/progress-deadline.js';
-import { DEFAULT_PORTS } from '../common/service-process.js';
+import { addressVariable, integerVariable, type ConfigOf } from '../common/platform/config.js';
+import type { ProgressDeadlineOptions } from '../common/platform/progress-deadline.js';
+import { DEFAULT_PORTS } from '../common/platform/service-process.js';
 import { DEFAULT_IMAGE_WAIT_DEADLINES } from './image-delivery.js';
 
 const MiB = 1024 * 1024;

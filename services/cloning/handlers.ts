@@ -7,9 +7,9 @@ import type { CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.
 import type { CloningServiceService } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { Host } from '../gen/cowherd/inventory/v1/resources.js';
-import { CowherdError, relayServiceError } from '../common/errors.js';
-import type { OperationManager } from '../common/operations.js';
-import type { Handlers } from '../common/rpc.js';
+import { CowherdError, relayServiceError } from '../common/platform/errors.js';
+import type { OperationManager } from '../common/domain/operations.js';
+import type { Handlers } from '../common/platform/rpc.js';
 import type { CloneOperationKind } from './clone-operation.js';
 import { checkRequestShape, planClones } from './clone-plan.js';
 import type { FleetView } from './fleet-view.js';

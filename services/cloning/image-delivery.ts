@@ -10,7 +10,7 @@
  * - A host that failed (its entry in the response's failures) fails its clones with that status.
  * - The wait ends even if the DistributeImage operation never does (a distribution replica that lost the
  *   operation, a bug): the host's entry in the operation's metadata is held to a progress deadline of
- *   cloning's own (common/progress-deadline.ts; COWHERD_IMAGE_WAIT_* variables, by default longer than
+ *   cloning's own (common/platform/progress-deadline.ts; COWHERD_IMAGE_WAIT_* variables, by default longer than
  *   distribution's, so that distribution's more precise verdict normally comes first). Only real progress
  *   moves it: bytes received grow or the replica's state advances. While distribution does not answer
  *   (UNAVAILABLE, DEADLINE_EXCEEDED: a replica restarting) the wait goes on, without extending the deadline.
@@ -18,14 +18,14 @@
  */
 import { createHash } from 'node:crypto';
 import { status as GrpcStatus, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
-import { call, createClient } from '../common/client.js';
-import { CowherdError, errorFromStatus, relayServiceError } from '../common/errors.js';
-import { unpack } from '../common/operations.js';
+import { call, createClient } from '../common/platform/client.js';
+import { CowherdError, errorFromStatus, relayServiceError } from '../common/platform/errors.js';
+import { unpack } from '../common/domain/operations.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DistributeImageMetadata, DistributeImageResponse, DistributionServiceClient, type HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { OperationsClient, type Operation } from '../gen/google/longrunning/operations.js';
-import { DEFAULT_PROGRESS_DEADLINES, ProgressDeadlines, type ProgressDeadlineOptions, type StepStage, type StepVerdict } from '../common/progress-deadline.js';
+import { DEFAULT_PROGRESS_DEADLINES, ProgressDeadlines, type ProgressDeadlineOptions, type StepStage, type StepVerdict } from '../common/platform/progress-deadline.js';
 import type { ImageDelivery } from './clone-operation.js';
 
 const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };

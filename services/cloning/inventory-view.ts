@@ -7,7 +7,7 @@ import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { ImageView, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
-import { CowherdError } from '../common/errors.js';
+import { CowherdError } from '../common/platform/errors.js';
 import type { FleetView } from './fleet-view.js';
 
 const PAGE_SIZE = 1000;

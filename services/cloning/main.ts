@@ -1,11 +1,11 @@
 /** The cloning process: wiring only. */
 import { CloningServiceService } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
-import { createClient } from '../common/client.js';
-import { openOperations } from '../common/operations.js';
-import { adaptService } from '../common/rpc.js';
-import { runServiceMain } from '../common/service-process.js';
-import { identityUri } from '../common/identity.js';
+import { createClient } from '../common/platform/client.js';
+import { openOperations } from '../common/domain/operations.js';
+import { adaptService } from '../common/platform/rpc.js';
+import { runServiceMain } from '../common/platform/service-process.js';
+import { identityUri } from '../common/platform/identity.js';
 import { CLONING_POLICY } from './access-policy.js';
 import { createAgentPort } from './agents.js';
 import { cloneOperationKind } from './clone-operation.js';

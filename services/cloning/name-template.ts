@@ -7,8 +7,8 @@
 import { randomInt } from 'node:crypto';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
-import { CowherdError } from '../common/errors.js';
-import { VIRTUAL_MACHINE_ID } from '../common/resource-names.js';
+import { CowherdError } from '../common/platform/errors.js';
+import { VIRTUAL_MACHINE_ID } from '../common/domain/resource-names.js';
 
 /** The template used when the request leaves name_template empty (as in the 2011 tool). */
 export const DEFAULT_NAME_TEMPLATE = '{source}-{random}';

@@ -2,7 +2,7 @@
  * Placement: which host each clone of a request goes to. Pure functions over host names; choosing the
  * eligible hosts (READY, right hypervisor, holding a replica) is the caller's job.
  */
-import { CowherdError } from '../common/errors.js';
+import { CowherdError } from '../common/platform/errors.js';
 
 const MAX_FIELD = 'placement.max_clones_per_host';
 

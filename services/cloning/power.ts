@@ -7,8 +7,8 @@ import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { StopVirtualMachineMetadata, StopVirtualMachineRequest } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { Host_State, VirtualMachine, type Host } from '../gen/cowherd/inventory/v1/resources.js';
-import { CowherdError } from '../common/errors.js';
-import type { OperationKind } from '../common/operations.js';
+import { CowherdError } from '../common/platform/errors.js';
+import type { OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
 import type { FleetView } from './fleet-view.js';
 

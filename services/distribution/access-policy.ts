@@ -1,6 +1,6 @@
 /** Who may call each DistributionService RPC. Deny by default: every RPC is listed. */
 import type { DistributionServiceService } from '../gen/cowherd/distribution/v1/distribution_service.js';
-import type { AccessPolicy } from '../common/rpc.js';
+import type { AccessPolicy } from '../common/platform/rpc.js';
 
 export const DISTRIBUTION_POLICY: AccessPolicy<typeof DistributionServiceService> = {
   publishImage: { allow: ['admin'] },

@@ -1,6 +1,6 @@
 /** The distribution service's own variables (besides the common server ones). */
-import { addressVariable, integerVariable, optionalStringVariable, type ConfigOf } from '../common/config.js';
-import { DEFAULT_PROGRESS_DEADLINES, type ProgressDeadlineOptions } from '../common/progress-deadline.js';
+import { addressVariable, integerVariable, optionalStringVariable, type ConfigOf } from '../common/platform/config.js';
+import { DEFAULT_PROGRESS_DEADLINES, type ProgressDeadlineOptions } from '../common/platform/progress-deadline.js';
 
 const MiB = 1024 * 1024;
 

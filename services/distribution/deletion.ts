@@ -9,14 +9,14 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DeleteImageMetadata, DeleteImageRequest } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { Image_State, ImageReplica_State, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { Empty } from '../gen/google/protobuf/empty.js';
-import type { AgentClients } from '../common/agent-clients.js';
-import { CowherdError, relayServiceError, toStatus } from '../common/errors.js';
-import { enumField, imageNameField, parseFilter } from '../common/filter.js';
-import { IMAGE_DELETED, IMAGE_REPLICA_DELETED } from '../common/event-types.js';
-import type { EventPublisher } from '../common/events.js';
-import type { KvStore } from '../common/kv.js';
-import type { OperationKind } from '../common/operations.js';
-import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
+import type { AgentClients } from '../common/domain/agent-clients.js';
+import { CowherdError, relayServiceError, toStatus } from '../common/platform/errors.js';
+import { enumField, imageNameField, parseFilter } from '../common/domain/filter.js';
+import { IMAGE_DELETED, IMAGE_REPLICA_DELETED } from '../common/domain/event-types.js';
+import type { EventPublisher } from '../common/platform/events.js';
+import type { KvStore } from '../common/platform/kv.js';
+import type { OperationKind } from '../common/domain/operations.js';
+import { HOST_ID, IMAGE_ID } from '../common/domain/resource-names.js';
 
 /** What deleting reads and writes. */
 export interface DeletionDeps {

@@ -15,7 +15,7 @@
  * - A host fails on its own (response.failures), not the operation: unreachable or draining when asked, an
  *   agent error, a FAILED replica, or a missed progress deadline. The operation fails only if the image is
  *   deleted meanwhile, or is cancelled (then the partial replicas are removed).
- * - Every operation ends: each host's step has a progress deadline (common/progress-deadline.ts) that only
+ * - Every operation ends: each host's step has a progress deadline (common/platform/progress-deadline.ts) that only
  *   real progress moves (bytes beyond the most it held, its replica state advancing PENDING -> TRANSFERRING
  *   -> VERIFYING); VERIFYING gets floor + bytes / rate. Reading a record that did not change is not
  *   progress, so a replica left VERIFYING (an image.available lost on the way) fails instead of holding the
@@ -27,20 +27,20 @@
  *   comes back in time, and fails with HOST_UNREACHABLE otherwise.
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import type { AgentClients } from '../common/agent-clients.js';
-import { call } from '../common/client.js';
-import { mapLimited } from '../common/concurrency.js';
-import { CowherdError, relayServiceError, toStatus } from '../common/errors.js';
-import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/event-types.js';
-import { consumeEvents, type EventConsumer, type ReceivedEvent } from '../common/events.js';
-import type { KvStore } from '../common/kv.js';
-import type { Logger } from '../common/logger.js';
-import type { OperationKind } from '../common/operations.js';
-import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
+import type { AgentClients } from '../common/domain/agent-clients.js';
+import { call } from '../common/platform/client.js';
+import { mapLimited } from '../common/platform/concurrency.js';
+import { CowherdError, relayServiceError, toStatus } from '../common/platform/errors.js';
+import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/domain/event-types.js';
+import { consumeEvents, type EventConsumer, type ReceivedEvent } from '../common/platform/events.js';
+import type { KvStore } from '../common/platform/kv.js';
+import type { Logger } from '../common/platform/logger.js';
+import type { OperationKind } from '../common/domain/operations.js';
+import { HOST_ID, IMAGE_ID } from '../common/domain/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
 import { DistributeImageMetadata, DistributeImageRequest, DistributeImageResponse, type HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
-import { DEFAULT_PROGRESS_DEADLINES, ProgressDeadlines, type ProgressDeadlineOptions, type StepStage, type StepVerdict } from '../common/progress-deadline.js';
+import { DEFAULT_PROGRESS_DEADLINES, ProgressDeadlines, type ProgressDeadlineOptions, type StepStage, type StepVerdict } from '../common/platform/progress-deadline.js';
 import type { ImageAvailable, ImageReplicaDamaged, ImageTransferFailed, ImageTransferProgress } from '../gen/cowherd/events/v1/events.js';
 import { Host_State, Image_State, ImageReplica, ImageReplica_State, type Host, type Image } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';

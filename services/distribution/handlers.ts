@@ -1,8 +1,8 @@
 /** DistributionService handlers: checks, then long-running operations or direct calls. */
 import type { DistributionServiceService } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
-import type { OperationManager } from '../common/operations.js';
-import type { Handlers } from '../common/rpc.js';
+import type { OperationManager } from '../common/domain/operations.js';
+import type { Handlers } from '../common/platform/rpc.js';
 import { checkDeleteImage, collectReplicas, deleteReplica, type DeletionDeps, type deleteImageOperationKind } from './deletion.js';
 import { checkPublish, type PublishDeps, type publishOperationKind } from './publish.js';
 import { checkDistribute, initialDistributeMetadata, type DistributeDeps, type distributeOperationKind } from './distribute.js';

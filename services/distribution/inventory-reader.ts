@@ -2,7 +2,7 @@
 import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import type { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
-import { call } from '../common/client.js';
+import { call } from '../common/platform/client.js';
 
 
 /** undefined for NOT_FOUND, the value otherwise; other errors are thrown. */

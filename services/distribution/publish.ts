@@ -14,13 +14,13 @@ import { ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import { PublishImageMetadata, PublishImageRequest } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import type { ExportImageResponse } from '../gen/cowherd/agent/v1/agent_service.js';
 import { Host_State, Image, Image_State, ImageReplica, ImageReplica_State, VirtualMachine_State, type Host, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
-import type { AgentClients } from '../common/agent-clients.js';
-import { CowherdError, relayServiceError, toStatus } from '../common/errors.js';
-import { IMAGE_PUBLISHED, IMAGE_PUBLISH_FAILED } from '../common/event-types.js';
-import type { EventPublisher } from '../common/events.js';
-import type { KvStore } from '../common/kv.js';
-import type { OperationKind } from '../common/operations.js';
-import { IMAGE_ID } from '../common/resource-names.js';
+import type { AgentClients } from '../common/domain/agent-clients.js';
+import { CowherdError, relayServiceError, toStatus } from '../common/platform/errors.js';
+import { IMAGE_PUBLISHED, IMAGE_PUBLISH_FAILED } from '../common/domain/event-types.js';
+import type { EventPublisher } from '../common/platform/events.js';
+import type { KvStore } from '../common/platform/kv.js';
+import type { OperationKind } from '../common/domain/operations.js';
+import { IMAGE_ID } from '../common/domain/resource-names.js';
 
 /** What publishing reads and writes. */
 export interface PublishDeps {

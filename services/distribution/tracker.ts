@@ -30,8 +30,8 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { AddressInfo } from 'node:net';
 import TrackerServer from 'bittorrent-tracker/server';
-import type { Logger } from '../common/logger.js';
-import type { Change, KvStore } from '../common/kv.js';
+import type { Logger } from '../common/platform/logger.js';
+import type { Change, KvStore } from '../common/platform/kv.js';
 import { Image_State, type Image } from '../gen/cowherd/inventory/v1/resources.js';
 
 /** Options of {@link startTracker}. */

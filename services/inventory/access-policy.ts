@@ -1,7 +1,7 @@
 /** Who may call each InventoryService RPC. Deny by default: every RPC is listed. */
 import type { InventoryServiceService } from '../gen/cowherd/inventory/v1/inventory_service.js';
-import { hostOf } from '../common/resource-names.js';
-import type { AccessPolicy } from '../common/rpc.js';
+import { hostOf } from '../common/domain/resource-names.js';
+import type { AccessPolicy } from '../common/platform/rpc.js';
 
 const READERS = ['admin', 'service'] as const;
 

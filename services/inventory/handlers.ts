@@ -2,11 +2,11 @@
 import { InventoryServiceService } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, Host_State, Image, Image_State, ImageReplica, ImageReplica_State, ImageView, VirtualMachine, VirtualMachine_State, VirtualMachineChange_Type } from '../gen/cowherd/inventory/v1/resources.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
-import { CowherdError } from '../common/errors.js';
-import { booleanField, enumField, hostNameField, imageNameField, parseFilter } from '../common/filter.js';
-import { pageSizeOf, paginateSorted, type PageTokens } from '../common/pagination.js';
-import { HOST_ID, IMAGE_ID } from '../common/resource-names.js';
-import type { Handlers } from '../common/rpc.js';
+import { CowherdError } from '../common/platform/errors.js';
+import { booleanField, enumField, hostNameField, imageNameField, parseFilter } from '../common/domain/filter.js';
+import { pageSizeOf, paginateSorted, type PageTokens } from '../common/platform/pagination.js';
+import { HOST_ID, IMAGE_ID } from '../common/domain/resource-names.js';
+import type { Handlers } from '../common/platform/rpc.js';
 import { hostIdOf, parseVmName, vmKey, vmNamePrefix, type Inventory } from './inventory.js';
 
 type InventoryService = typeof InventoryServiceService;

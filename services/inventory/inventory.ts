@@ -6,12 +6,12 @@
 import type { JetStreamClient } from '@nats-io/jetstream';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { Host, Host_State, Image, ImageReplica, VirtualMachine, VirtualMachineChange_Type } from '../gen/cowherd/inventory/v1/resources.js';
-import { CowherdError } from '../common/errors.js';
-import { HOST_DELETED, HOST_READY, HOST_UNREACHABLE, VIRTUAL_MACHINE_CHANGED } from '../common/event-types.js';
-import type { EventPublisher } from '../common/events.js';
-import { KvStore, protoCodec } from '../common/kv.js';
-import type { Logger } from '../common/logger.js';
-import { HOST_ID, VIRTUAL_MACHINE_ID } from '../common/resource-names.js';
+import { CowherdError } from '../common/platform/errors.js';
+import { HOST_DELETED, HOST_READY, HOST_UNREACHABLE, VIRTUAL_MACHINE_CHANGED } from '../common/domain/event-types.js';
+import type { EventPublisher } from '../common/platform/events.js';
+import { KvStore, protoCodec } from '../common/platform/kv.js';
+import type { Logger } from '../common/platform/logger.js';
+import { HOST_ID, VIRTUAL_MACHINE_ID } from '../common/domain/resource-names.js';
 import { ResourceIndex } from './resource-index.js';
 
 /** Timing of heartbeats. */

@@ -1,9 +1,9 @@
 /** The inventory process: wiring only. */
 import { InventoryServiceService } from '../gen/cowherd/inventory/v1/inventory_service.js';
-import { integerVariable } from '../common/config.js';
-import { PageTokens } from '../common/pagination.js';
-import { adaptService } from '../common/rpc.js';
-import { runServiceMain } from '../common/service-process.js';
+import { integerVariable } from '../common/platform/config.js';
+import { PageTokens } from '../common/platform/pagination.js';
+import { adaptService } from '../common/platform/rpc.js';
+import { runServiceMain } from '../common/platform/service-process.js';
 import { INVENTORY_POLICY } from './access-policy.js';
 import { inventoryHandlers } from './handlers.js';
 import { Inventory } from './inventory.js';

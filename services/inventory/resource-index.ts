@@ -14,9 +14,9 @@
 import { EventEmitter } from 'node:events';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
-import { CowherdError } from '../common/errors.js';
-import { KvConflictError, type KvStore } from '../common/kv.js';
-import type { Logger } from '../common/logger.js';
+import { CowherdError } from '../common/platform/errors.js';
+import { KvConflictError, type KvStore } from '../common/platform/kv.js';
+import type { Logger } from '../common/platform/logger.js';
 
 /** One change to the index. */
 export interface IndexChange<T> {

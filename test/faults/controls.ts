@@ -6,9 +6,9 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { open, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { JetStreamEventPublisher } from '../../services/common/events.js';
-import { CLONE_DONE } from '../../services/common/event-types.js';
-import { createLogger } from '../../services/common/logger.js';
+import { JetStreamEventPublisher } from '../../services/common/platform/events.js';
+import { CLONE_DONE } from '../../services/common/domain/event-types.js';
+import { createLogger } from '../../services/common/platform/logger.js';
 import { ORIGIN, RECEIVERS } from './fleet.js';
 import { sha256, sleep, type FaultRow, type RowContext } from './row.js';
 

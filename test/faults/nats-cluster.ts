@@ -11,11 +11,11 @@
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { startDaemon, type Daemon } from '../../services/common/child-process.js';
-import { freePort } from '../../services/common/embedded-nats.js';
-import { identityUri, parseIdentity } from '../../services/common/identity.js';
-import { identityPrincipal, quote, renderNatsAuthorization, renderNatsServerConfig } from '../../services/common/nats-authorization.js';
-import type { TlsFiles } from '../../services/common/tls.js';
+import { startDaemon, type Daemon } from '../../services/common/platform/child-process.js';
+import { freePort } from '../../services/launcher/embedded-nats.js';
+import { identityUri, parseIdentity } from '../../services/common/platform/identity.js';
+import { identityPrincipal, quote, renderNatsAuthorization, renderNatsServerConfig } from '../../services/common/platform/nats-authorization.js';
+import type { TlsFiles } from '../../services/common/platform/tls.js';
 import type { Resources } from '../harness/index.js';
 import { REPOSITORY } from '../harness/processes.js';
 

@@ -3,8 +3,8 @@
  * (bench/testbed.ts); iptables in that namespace drops everything in and out of its only link, then the rules
  * are removed. Only the test bed's 198.18.0.0/15 addresses are involved.
  */
-import { call } from '../../services/common/client.js';
-import { unpack } from '../../services/common/operations.js';
+import { call } from '../../services/common/platform/client.js';
+import { unpack } from '../../services/common/domain/operations.js';
 import { DistributeImageMetadata } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { Host, Host_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { ORIGIN, RECEIVERS } from './fleet.js';

@@ -23,11 +23,11 @@ import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { basename } from 'node:path';
 import type { ServiceError } from '@grpc/grpc-js';
-import { call as plainCall } from '../../services/common/client.js';
-import { EVENT_STREAM } from '../../services/common/events.js';
-import { CLONE_DONE, IMAGE_AVAILABLE, IMAGE_PUBLISHED } from '../../services/common/event-types.js';
-import { unpack } from '../../services/common/operations.js';
-import { runCommand } from '../../services/common/child-process.js';
+import { call as plainCall } from '../../services/common/platform/client.js';
+import { EVENT_STREAM } from '../../services/common/platform/events.js';
+import { CLONE_DONE, IMAGE_AVAILABLE, IMAGE_PUBLISHED } from '../../services/common/domain/event-types.js';
+import { unpack } from '../../services/common/domain/operations.js';
+import { runCommand } from '../../services/common/platform/child-process.js';
 import {
   CloneResult_State,
   CloneVirtualMachinesMetadata,

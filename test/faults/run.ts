@@ -14,7 +14,7 @@
  */
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { runCommand } from '../../services/common/child-process.js';
+import { runCommand } from '../../services/common/platform/child-process.js';
 import { Resources } from '../harness/index.js';
 import { REPOSITORY } from '../harness/processes.js';
 import { ORIGIN, RECEIVERS, startFaultFleet, type FaultFleet } from './fleet.js';

@@ -12,8 +12,8 @@
 import { randomBytes } from 'node:crypto';
 import { open, rm, statfs } from 'node:fs/promises';
 import { join } from 'node:path';
-import { runCommand } from '../../services/common/child-process.js';
-import { call } from '../../services/common/client.js';
+import { runCommand } from '../../services/common/platform/child-process.js';
+import { call } from '../../services/common/platform/client.js';
 import { ImageReplica_State, type Image, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { ORIGIN, SMALL } from './fleet.js';
 import { sha256, type FaultRow, type RowContext } from './row.js';

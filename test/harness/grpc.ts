@@ -1,9 +1,9 @@
 /** Small helpers for calling generated clients in tests. */
 import type { ServiceError } from '@grpc/grpc-js';
-import { readServiceError, type ReceivedError } from '../../services/common/errors.js';
-import { call } from '../../services/common/client.js';
+import { readServiceError, type ReceivedError } from '../../services/common/platform/errors.js';
+import { call } from '../../services/common/platform/client.js';
 
-export { call } from '../../services/common/client.js';
+export { call } from '../../services/common/platform/client.js';
 
 /** The decoded error of a call that must fail; throws if it succeeds. */
 export async function failure<Res>(invoke: (callback: (error: ServiceError | null, response: Res) => void) => void): Promise<ReceivedError> {

@@ -7,13 +7,13 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
-import { startDaemon, type Daemon } from '../../services/common/child-process.js';
-import { writeCredentials, issueCredentials, type Credentials } from '../../services/common/credential-files.js';
-import { startEmbeddedNats, type EmbeddedNats } from '../../services/common/embedded-nats.js';
-import { identityUri, type Identity, type IdentityKind } from '../../services/common/identity.js';
-import { FULL_ACCESS, identityPrincipal, type NatsPrincipal } from '../../services/common/nats-authorization.js';
-import { createCertificateAuthority, natsUserOf, type CertificateAndKey } from '../../services/common/pki.js';
-import type { TlsFiles } from '../../services/common/tls.js';
+import { startDaemon, type Daemon } from '../../services/common/platform/child-process.js';
+import { writeCredentials, issueCredentials, type Credentials } from '../../services/common/platform/credential-files.js';
+import { startEmbeddedNats, type EmbeddedNats } from '../../services/launcher/embedded-nats.js';
+import { identityUri, type Identity, type IdentityKind } from '../../services/common/platform/identity.js';
+import { FULL_ACCESS, identityPrincipal, type NatsPrincipal } from '../../services/common/platform/nats-authorization.js';
+import { createCertificateAuthority, natsUserOf, type CertificateAndKey } from '../../services/common/platform/pki.js';
+import type { TlsFiles } from '../../services/common/platform/tls.js';
 
 /** Something to undo at the end of a test file. */
 type Cleanup = () => Promise<void> | void;

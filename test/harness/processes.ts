@@ -3,11 +3,11 @@ import { appendFile, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
-import { startDaemon, type Daemon } from '../../services/common/child-process.js';
-import { call, createClient } from '../../services/common/client.js';
-import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
-import type { ProcessName } from '../../services/common/service-process.js';
-import type { TlsFiles } from '../../services/common/tls.js';
+import { startDaemon, type Daemon } from '../../services/common/platform/child-process.js';
+import { call, createClient } from '../../services/common/platform/client.js';
+import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
+import type { ProcessName } from '../../services/common/platform/service-process.js';
+import type { TlsFiles } from '../../services/common/platform/tls.js';
 import type { Resources } from './index.js';
 
 /** The repository root. */

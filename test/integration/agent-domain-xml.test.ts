@@ -1,4 +1,4 @@
-// services/agent/domain-xml.ts against the private libvirtd of scripts/libvirtd.sh (qemu:///system, TCG): a real
+// services/agent/hypervisor/domain-xml.ts against the private libvirtd of scripts/libvirtd.sh (qemu:///system, TCG): a real
 // domain on a qcow2 disk is dumped, sanitized into a template, and cloned twice onto qcow2 overlays; libvirt
 // accepts both clones, reads back their names, UUIDs, MACs, disks and lineage, and starts one (which proves the
 // overlay and the log file in the clone directory work). Needs root (libvirtd runs in a private mount
@@ -13,9 +13,9 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { XMLParser } from 'fast-xml-parser';
-import { runCommand } from '../../services/common/child-process.js';
-import { readCloneMetadata, renderClone, sanitizeDomainTemplate, type DomainTemplate, type RenderedClone } from '../../services/agent/domain-xml.js';
-import { parseDomainXml } from '../../services/agent/libvirt.js';
+import { runCommand } from '../../services/common/platform/child-process.js';
+import { readCloneMetadata, renderClone, sanitizeDomainTemplate, type DomainTemplate, type RenderedClone } from '../../services/agent/hypervisor/domain-xml.js';
+import { parseDomainXml } from '../../services/agent/hypervisor/libvirt.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const libvirtdScript = path.join(repoRoot, 'scripts', 'libvirtd.sh');

@@ -15,14 +15,14 @@ import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { CowherdError } from '../../services/common/errors.js';
-import { createLogger } from '../../services/common/logger.js';
+import { CowherdError } from '../../services/common/platform/errors.js';
+import { createLogger } from '../../services/common/platform/logger.js';
 import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
 import { ImagePublishStage } from '../../services/gen/cowherd/common/v1/types.js';
 import { ImageFile_Role } from '../../services/gen/cowherd/inventory/v1/resources.js';
-import { templateDisks } from '../../services/agent/domain-xml.js';
+import { templateDisks } from '../../services/agent/hypervisor/domain-xml.js';
 import { exportImage, type ExportProgress } from '../../services/agent/image-export.js';
-import { VirshLibvirt } from '../../services/agent/libvirt.js';
+import { VirshLibvirt } from '../../services/agent/hypervisor/libvirt.js';
 
 const run = promisify(execFile);
 const URI = 'qemu:///system';

@@ -18,9 +18,9 @@ import { Certificate_State } from '../../services/gen/cowherd/certauthority/v1/r
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { Host_State, VirtualMachine_State, type Host, type VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
-import { createClient } from '../../services/common/client.js';
-import { inspectCertificate } from '../../services/common/pki.js';
-import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
+import { createClient } from '../../services/common/platform/client.js';
+import { inspectCertificate } from '../../services/common/platform/pki.js';
+import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call, failure } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';

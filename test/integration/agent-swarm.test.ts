@@ -1,4 +1,4 @@
-// Integration tests of services/agent/swarm.ts with real webtorrent 3.0.21 clients on loopback: an embedded
+// Integration tests of services/agent/swarm/swarm.ts with real webtorrent 3.0.21 clients on loopback: an embedded
 // bittorrent-tracker (http only, filter that knows only the test's info-hash), an origin that seeds a 27 MiB
 // two-file image and serves it as a BEP 19 web seed (web-seed.ts), receivers that fetch it concurrently, from
 // the web seed alone, after being destroyed half-way (resume), with tampered files (re-fetch), with a wrong
@@ -17,11 +17,11 @@ import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { Server as TrackerServer } from 'bittorrent-tracker';
-import { CowherdError } from '../../services/common/errors.js';
+import { CowherdError } from '../../services/common/platform/errors.js';
 import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
-import { ImageSwarm, verifyImageFiles, type ExpectedImageFile, type FetchImageOptions, type SwarmProgress } from '../../services/agent/swarm.js';
-import { createImageTorrent, type ImageTorrent } from '../../services/agent/torrent.js';
-import { WebSeedServer } from '../../services/agent/web-seed.js';
+import { ImageSwarm, verifyImageFiles, type ExpectedImageFile, type FetchImageOptions, type SwarmProgress } from '../../services/agent/swarm/swarm.js';
+import { createImageTorrent, type ImageTorrent } from '../../services/agent/swarm/torrent.js';
+import { WebSeedServer } from '../../services/agent/swarm/web-seed.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -223,7 +223,7 @@ describe('image swarm', { timeout: 240_000 }, () => {
     webSeed.setUploadLimit(12 * MiB);
     const images = await receiverImages();
     const script = [
-      `import { ImageSwarm } from ${JSON.stringify(join(process.cwd(), 'services/agent/swarm.ts'))};`,
+      `import { ImageSwarm } from ${JSON.stringify(join(process.cwd(), 'services/agent/swarm/swarm.ts'))};`,
       'const options = JSON.parse(process.env.COWHERD_SWARM_CHILD);',
       'const swarm = await ImageSwarm.create({ announce: options.announce });',
       'swarm.fetch(options.image, { ...options.fetch, metainfo: Buffer.from(options.metainfo, "base64") }).catch((error) => console.log("failed", error.message));',

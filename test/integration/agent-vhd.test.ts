@@ -1,4 +1,4 @@
-// Differencing VHDs written by services/agent/vhd.ts, checked against the outside world: parents made by
+// Differencing VHDs written by services/agent/hypervisor/vhd.ts, checked against the outside world: parents made by
 // qemu-img (dynamic and fixed, filled from random bytes), children inspected with vhdiinfo and read WHOLE
 // through libvhdi (python3-libvhdi, test/python/vhd_read.py) and, as root with /dev/fuse, through vhdimount.
 // qemu-img cannot be the reference: it ignores a differencing VHD's parent.
@@ -12,8 +12,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { runCommand } from '../../services/common/child-process.js';
-import { createDifferencingVhd, readVhdInfo, readVhdSectors, resolveVhdParentPath, writeVhdSectors } from '../../services/agent/vhd.js';
+import { runCommand } from '../../services/common/platform/child-process.js';
+import { createDifferencingVhd, readVhdInfo, readVhdSectors, resolveVhdParentPath, writeVhdSectors } from '../../services/agent/hypervisor/vhd.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const readerScript = path.join(repoRoot, 'test', 'python', 'vhd_read.py');

@@ -14,7 +14,7 @@ import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CloneVirtualMachinesResponse, CloneResult_State, Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
 import type { VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
-import { unpack } from '../../services/common/operations.js';
+import { unpack } from '../../services/common/domain/operations.js';
 import { Resources } from '../harness/index.js';
 import { call, failure } from '../harness/grpc.js';
 import { startCloneStack, type CloneStack } from '../harness/clone-stack.js';

@@ -26,13 +26,13 @@ import { clusterDnsNames, CLUSTER_IDENTITIES, issueClusterCredentials } from '..
 import { certificateBlocks } from '../../services/certificate-authority/bootstrap-certificates.js';
 import { COWHERD_BUCKETS, SIDECAR_VARIABLES, parseStaticIdentities } from '../../deploy/nats/nats-sidecar.js';
 import { openCaRecords } from '../../services/certificate-authority/records.js';
-import { startDaemon } from '../../services/common/child-process.js';
-import { writeCredentials } from '../../services/common/credential-files.js';
-import { startEmbeddedNats } from '../../services/common/embedded-nats.js';
-import { createLogger } from '../../services/common/logger.js';
-import { identityPrincipal, renderNatsAuthorization } from '../../services/common/nats-authorization.js';
-import { connectNats } from '../../services/common/nats.js';
-import { inspectCertificate } from '../../services/common/pki.js';
+import { startDaemon } from '../../services/common/platform/child-process.js';
+import { writeCredentials } from '../../services/common/platform/credential-files.js';
+import { startEmbeddedNats } from '../../services/launcher/embedded-nats.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import { identityPrincipal, renderNatsAuthorization } from '../../services/common/platform/nats-authorization.js';
+import { connectNats } from '../../services/common/platform/nats.js';
+import { inspectCertificate } from '../../services/common/platform/pki.js';
 import { Resources, TestPki } from '../harness/index.js';
 
 const run = promisify(execFile);

@@ -1,5 +1,5 @@
 /**
- * The event outbox on a real nats-server (services/common/event-outbox.ts): events published while
+ * The event outbox on a real nats-server (services/common/platform/event-outbox.ts): events published while
  * nats-server is down reach the stream exactly once when it is back (the agent's directory store and the
  * services' KV store); events a process recorded and never published are published by the next process on
  * the same outbox, once; and a clone batch on a real agent, made while nats-server restarts, ends with
@@ -17,14 +17,14 @@ import { nanos } from '@nats-io/transport-node';
 import { AgentServiceClient, CreateClonesRequest, type CreateCloneResult } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
-import { createClient } from '../../services/common/client.js';
-import { type EmbeddedNats } from '../../services/common/embedded-nats.js';
-import { DirectoryOutboxStore, KvOutboxStore, OutboxEventPublisher, OutboxRelay, startEventOutbox, type EventOutbox } from '../../services/common/event-outbox.js';
-import { CLONE_DONE } from '../../services/common/event-types.js';
-import { consumeEvents, EVENT_STREAM, ensureEventStream, JetStreamEventPublisher } from '../../services/common/events.js';
-import { createLogger } from '../../services/common/logger.js';
-import { connectNats, type Nats } from '../../services/common/nats.js';
-import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
+import { createClient } from '../../services/common/platform/client.js';
+import { type EmbeddedNats } from '../../services/launcher/embedded-nats.js';
+import { DirectoryOutboxStore, KvOutboxStore, OutboxEventPublisher, OutboxRelay, startEventOutbox, type EventOutbox } from '../../services/common/platform/event-outbox.js';
+import { CLONE_DONE } from '../../services/common/domain/event-types.js';
+import { consumeEvents, EVENT_STREAM, ensureEventStream, JetStreamEventPublisher } from '../../services/common/platform/events.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import { connectNats, type Nats } from '../../services/common/platform/nats.js';
+import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
 import { natsRestarts, Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess } from '../harness/processes.js';

@@ -4,10 +4,10 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { IMAGE_AVAILABLE, CLONE_DONE } from '../../services/common/event-types.js';
-import { consumeEvents, ensureEventStream, JetStreamEventPublisher, type ReceivedEvent } from '../../services/common/events.js';
-import { createLogger } from '../../services/common/logger.js';
-import { connectNats, type Nats } from '../../services/common/nats.js';
+import { IMAGE_AVAILABLE, CLONE_DONE } from '../../services/common/domain/event-types.js';
+import { consumeEvents, ensureEventStream, JetStreamEventPublisher, type ReceivedEvent } from '../../services/common/platform/events.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import { connectNats, type Nats } from '../../services/common/platform/nats.js';
 import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 
@@ -66,7 +66,7 @@ describe('events', () => {
 
   it('drop an event whose subject does not match its type (a host cannot pass off one kind as another)', async () => {
     const { headers } = await import('@nats-io/transport-node');
-    const { EVENT_TYPE_HEADER } = await import('../../services/common/events.js');
+    const { EVENT_TYPE_HEADER } = await import('../../services/common/platform/events.js');
     const { ImageAvailable } = await import('../../services/gen/cowherd/events/v1/events.js');
     const received: string[] = [];
     const consumer = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, { durable: 'strict-subjects', types: [IMAGE_AVAILABLE, CLONE_DONE] as never[], log, startAt: 'new', handle: async (event) => void received.push(event.subject) });

@@ -23,12 +23,12 @@ import { createHash } from 'node:crypto';
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it, type TestContext } from 'node:test';
-import { createClient } from '../../services/common/client.js';
-import { CLONE_DONE, CLONE_FAILED, IMAGE_AVAILABLE } from '../../services/common/event-types.js';
-import { consumeEvents } from '../../services/common/events.js';
-import { jsonCodec, KvStore } from '../../services/common/kv.js';
-import { createLogger } from '../../services/common/logger.js';
-import { OPERATIONS_BUCKET, unpack } from '../../services/common/operations.js';
+import { createClient } from '../../services/common/platform/client.js';
+import { CLONE_DONE, CLONE_FAILED, IMAGE_AVAILABLE } from '../../services/common/domain/event-types.js';
+import { consumeEvents } from '../../services/common/platform/events.js';
+import { jsonCodec, KvStore } from '../../services/common/platform/kv.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import { OPERATIONS_BUCKET, unpack } from '../../services/common/domain/operations.js';
 import { FetchImageRequest } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { CloneResult_State, CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse, CloningServiceClient, Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { DistributeImageMetadata, DistributeImageResponse, DistributionServiceClient } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
@@ -58,7 +58,7 @@ const distributeMetadataType = { typeName: 'cowherd.distribution.v1.DistributeIm
 const cloneResponseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
 const cloneMetadataType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesMetadata', encode: CloneVirtualMachinesMetadata.encode, decode: CloneVirtualMachinesMetadata.decode };
 
-/** The fields of an operation record (services/common/operations.ts) the test looks at. */
+/** The fields of an operation record (services/common/domain/operations.ts) the test looks at. */
 interface OperationRecordView {
   readonly name: string;
   readonly kind: string;

@@ -4,9 +4,9 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { jsonCodec, KvStore } from '../../services/common/kv.js';
-import { createLogger } from '../../services/common/logger.js';
-import { connectNats } from '../../services/common/nats.js';
+import { jsonCodec, KvStore } from '../../services/common/platform/kv.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import { connectNats } from '../../services/common/platform/nats.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 
 describe('KvStore.list under concurrent writes', () => {

@@ -13,7 +13,7 @@ import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { credentials as grpcCredentials } from '@grpc/grpc-js';
 import { check } from '../../services/cli/health-check.js';
-import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
+import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
 import { Resources } from '../harness/index.js';
 import { REPOSITORY } from '../harness/processes.js';
 import { StartCommand, type LeftoverProcess, processAlive } from '../harness/start-command.js';

@@ -16,7 +16,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { unpack } from '../../services/common/operations.js';
+import { unpack } from '../../services/common/domain/operations.js';
 import { CloneResult_State, CloneVirtualMachinesMetadata, Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { DistributeImageMetadata, DistributeImageResponse } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { Host, Host_State, Image, ImageReplica, ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';

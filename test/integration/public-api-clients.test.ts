@@ -25,12 +25,12 @@ import { DistributionServiceClient } from '../../services/gen/cowherd/distributi
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { Host_State, Image, Image_State, VirtualMachine_State, type Host, type VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { OperationsClient, type Operation } from '../../services/gen/google/longrunning/operations.js';
-import { createClient } from '../../services/common/client.js';
-import { writeCredentials } from '../../services/common/credential-files.js';
-import { freePort } from '../../services/common/embedded-nats.js';
-import { unpack } from '../../services/common/operations.js';
-import { createCsr, generateKeyPair } from '../../services/common/pki.js';
-import { mutualTlsChannelCredentialsFromPem } from '../../services/common/tls.js';
+import { createClient } from '../../services/common/platform/client.js';
+import { writeCredentials } from '../../services/common/platform/credential-files.js';
+import { freePort } from '../../services/launcher/embedded-nats.js';
+import { unpack } from '../../services/common/domain/operations.js';
+import { createCsr, generateKeyPair } from '../../services/common/platform/pki.js';
+import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call, waitFor } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';

@@ -8,10 +8,10 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { CowherdError } from '../../services/common/errors.js';
-import { jsonCodec, KvStore } from '../../services/common/kv.js';
-import { createLogger } from '../../services/common/logger.js';
-import { connectNats, type Nats } from '../../services/common/nats.js';
+import { CowherdError } from '../../services/common/platform/errors.js';
+import { jsonCodec, KvStore } from '../../services/common/platform/kv.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import { connectNats, type Nats } from '../../services/common/platform/nats.js';
 import { vmNameOfKey } from '../../services/inventory/inventory.js';
 import { ResourceIndex } from '../../services/inventory/resource-index.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';

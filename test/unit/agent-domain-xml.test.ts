@@ -1,4 +1,4 @@
-// Unit tests of services/agent/domain-xml.ts: image templates from real domain XML, clone rendering, and every
+// Unit tests of services/agent/hypervisor/domain-xml.ts: image templates from real domain XML, clone rendering, and every
 // refusal. No libvirt needed (the integration test defines the results in a real libvirtd).
 //
 //   node --import tsx --test test/unit/agent-domain-xml.test.ts
@@ -9,7 +9,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { XMLParser } from 'fast-xml-parser';
-import { CowherdError } from '../../services/common/errors.js';
+import { CowherdError } from '../../services/common/platform/errors.js';
 import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
 import {
   CLONE_METADATA_NAMESPACE,
@@ -19,8 +19,8 @@ import {
   sanitizeDomainTemplate,
   type RandomSource,
   type RenderCloneOptions,
-} from '../../services/agent/domain-xml.js';
-import { parseDomainXml } from '../../services/agent/libvirt.js';
+} from '../../services/agent/hypervisor/domain-xml.js';
+import { parseDomainXml } from '../../services/agent/hypervisor/libvirt.js';
 
 // `virsh dumpxml --inactive --security-info` of a domain defined in the private libvirtd (libvirt 9.0, qemu
 // 7.2) with two disks, an empty CD-ROM, an interface, a serial console with a log file, a second serial to a

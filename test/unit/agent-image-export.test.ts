@@ -12,13 +12,13 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { CowherdError } from '../../services/common/errors.js';
+import { CowherdError } from '../../services/common/platform/errors.js';
 import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, ImagePublishStage } from '../../services/gen/cowherd/common/v1/types.js';
 import { ImageFile_Role } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { exportImage, toImageFiles, type ExportImageOptions, type ExportProgress } from '../../services/agent/image-export.js';
-import { sanitizeDomainTemplate, templateDisks } from '../../services/agent/domain-xml.js';
-import { LibvirtError, type DomainInfo, type DomainState, type Libvirt } from '../../services/agent/libvirt.js';
+import { sanitizeDomainTemplate, templateDisks } from '../../services/agent/hypervisor/domain-xml.js';
+import { LibvirtError, type DomainInfo, type DomainState, type Libvirt } from '../../services/agent/hypervisor/libvirt.js';
 
 const run = promisify(execFile);
 const qemuImg = (...args: string[]) => run('qemu-img', args, { timeout: 60_000 });

@@ -4,12 +4,12 @@
 //   node --import tsx --test test/unit/agent-parsing.test.ts
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { ConfigError } from '../../services/common/config.js';
+import { ConfigError } from '../../services/common/platform/config.js';
 import { DiskFormat, Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
 import { loadAgentConfig } from '../../services/agent/config.js';
-import { diskFormatOf, inspectAll, parseQemuImgInfo } from '../../services/agent/disks.js';
-import { detectHypervisor } from '../../services/agent/host-facts.js';
-import { classifyVirshError, parseDomainState, parseDomainXml, parseEventLine, parseHypervisorFacts, quoteVirshArgument, virshCommandLine, type HypervisorFacts } from '../../services/agent/libvirt.js';
+import { diskFormatOf, inspectAll, parseQemuImgInfo } from '../../services/agent/hypervisor/disks.js';
+import { detectHypervisor } from '../../services/agent/host/host-facts.js';
+import { classifyVirshError, parseDomainState, parseDomainXml, parseEventLine, parseHypervisorFacts, quoteVirshArgument, virshCommandLine, type HypervisorFacts } from '../../services/agent/hypervisor/libvirt.js';
 
 test('virsh arguments are single-quoted, quotes escaped as in sh', () => {
   assert.equal(quoteVirshArgument('plain'), "'plain'");

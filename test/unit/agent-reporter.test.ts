@@ -6,15 +6,15 @@
 import assert from 'node:assert/strict';
 import { afterEach, test } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { createLogger } from '../../services/common/logger.js';
+import { createLogger } from '../../services/common/platform/logger.js';
 import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
 import type { HeartbeatRequest, HeartbeatResponse, RegisterHostRequest, ReportVirtualMachinesRequest, ReportVirtualMachinesResponse } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { DiskFormat } from '../../services/gen/cowherd/common/v1/types.js';
 import { Host, VirtualMachine_State, type Disk, type VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
-import type { DiskInspector } from '../../services/agent/disks.js';
-import type { Capacity, HostFactsSource, HostRegistrationFacts } from '../../services/agent/host-facts.js';
-import { LibvirtError, type DomainInfo, type EventWatch, type HypervisorFacts, type Libvirt, type LibvirtEvent } from '../../services/agent/libvirt.js';
-import { createReporter, toVirtualMachine, virtualMachineState, type InventoryPort, type Reporter, type ReporterOptions } from '../../services/agent/reporter.js';
+import type { DiskInspector } from '../../services/agent/hypervisor/disks.js';
+import type { Capacity, HostFactsSource, HostRegistrationFacts } from '../../services/agent/host/host-facts.js';
+import { LibvirtError, type DomainInfo, type EventWatch, type HypervisorFacts, type Libvirt, type LibvirtEvent } from '../../services/agent/hypervisor/libvirt.js';
+import { createReporter, toVirtualMachine, virtualMachineState, type InventoryPort, type Reporter, type ReporterOptions } from '../../services/agent/host/reporter.js';
 
 const HOST = 'kvm-01';
 const log = createLogger({ service: 'agent-test', level: 'silent' });

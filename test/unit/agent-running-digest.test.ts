@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
-import { RunningDigests, type DigestFiles } from '../../services/agent/running-digest.js';
+import { RunningDigests, type DigestFiles } from '../../services/agent/swarm/running-digest.js';
 
 /** Two files laid end to end, chunked across the boundary like a torrent's pieces. */
 function layout(sizes: number[], chunkLength: number) {

@@ -1,8 +1,8 @@
 /** Unit tests of scoped-libvirt.ts over a fake Libvirt: an agent sees only domains with a disk in its directory. */
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { LibvirtError, type DomainInfo, type Libvirt } from '../../services/agent/libvirt.js';
-import { scopedLibvirt } from '../../services/agent/scoped-libvirt.js';
+import { LibvirtError, type DomainInfo, type Libvirt } from '../../services/agent/hypervisor/libvirt.js';
+import { scopedLibvirt } from '../../services/agent/hypervisor/scoped-libvirt.js';
 
 function domain(name: string, paths: string[]): DomainInfo {
   return { name, uuid: `00000000-0000-4000-8000-${name.padStart(12, '0').slice(-12)}`, state: 'shut off' as never, domainType: 'qemu', vcpus: 1, memoryBytes: 1, disks: paths.map((sourcePath, index) => ({ target: `vd${String.fromCharCode(97 + index)}`, device: 'disk', type: 'file', sourcePath })) };

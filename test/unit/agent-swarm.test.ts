@@ -1,5 +1,5 @@
-// Unit tests of services/agent/torrent.ts (determinism, privacy, announce list, create-torrent agreement,
-// parsing refusals) and services/agent/web-seed.ts (real HTTP requests: ranges, 404s, 416s, HEAD, limits).
+// Unit tests of services/agent/swarm/torrent.ts (determinism, privacy, announce list, create-torrent agreement,
+// parsing refusals) and services/agent/swarm/web-seed.ts (real HTTP requests: ranges, 404s, 416s, HEAD, limits).
 //
 //   node --import tsx --test test/unit/agent-swarm.test.ts
 import assert from 'node:assert/strict';
@@ -10,8 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import createTorrent, { announceList as publicTrackers } from 'create-torrent';
-import { createImageTorrent, parseImageTorrent, pieceLengthFor, torrentFile } from '../../services/agent/torrent.js';
-import { parseRange, WebSeedServer } from '../../services/agent/web-seed.js';
+import { createImageTorrent, parseImageTorrent, pieceLengthFor, torrentFile } from '../../services/agent/swarm/torrent.js';
+import { parseRange, WebSeedServer } from '../../services/agent/swarm/web-seed.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

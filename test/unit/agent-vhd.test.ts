@@ -9,7 +9,7 @@ import { mkdir, mkdtemp, readdir, readFile, rename, rm, symlink, writeFile } fro
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { createDifferencingVhd, readVhdInfo, readVhdSectors, resolveVhdParentPath, VhdError, writeVhdSectors, type VhdErrorKind } from '../../services/agent/vhd.js';
+import { createDifferencingVhd, readVhdInfo, readVhdSectors, resolveVhdParentPath, VhdError, writeVhdSectors, type VhdErrorKind } from '../../services/agent/hypervisor/vhd.js';
 
 const MiB = 1024 * 1024;
 let directory: string;

@@ -31,10 +31,10 @@ import {
 import { Operation } from '../../services/gen/google/longrunning/operations.js';
 import { ErrorInfo } from '../../services/gen/google/rpc/error_details.js';
 import type { Status } from '../../services/gen/google/rpc/status.js';
-import { CowherdError, toServiceError } from '../../services/common/errors.js';
-import type { EventType } from '../../services/common/events.js';
-import { createLogger } from '../../services/common/logger.js';
-import type { OperationContext } from '../../services/common/operations.js';
+import { CowherdError, toServiceError } from '../../services/common/platform/errors.js';
+import type { EventType } from '../../services/common/platform/events.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import type { OperationContext } from '../../services/common/domain/operations.js';
 import type { AgentPort } from '../../services/cloning/agents.js';
 import { agentRequestId, cloneOperationKind, type CloneCheckpoint, type CloneOperationDeps } from '../../services/cloning/clone-operation.js';
 import { planClones } from '../../services/cloning/clone-plan.js';

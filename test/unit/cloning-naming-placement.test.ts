@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
-import { CowherdError } from '../../services/common/errors.js';
+import { CowherdError } from '../../services/common/platform/errors.js';
 import { DEFAULT_NAME_TEMPLATE, parseNameTemplate, randomSuffix, renderName, renderNames } from '../../services/cloning/name-template.js';
 import { placeRoundRobin, placeSpread } from '../../services/cloning/placement.js';
 

@@ -2,14 +2,14 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { addressVariable, ConfigError, describeConfig, integerVariable, pathVariable, readConfig, stringVariable, urlListVariable } from '../../services/common/config.js';
-import { CowherdError, readServiceError, toServiceError } from '../../services/common/errors.js';
-import { identityUri, parseIdentity } from '../../services/common/identity.js';
-import { redactSecrets } from '../../services/common/logger.js';
-import { PageTokens, paginate, pageSizeOf } from '../../services/common/pagination.js';
-import { createCertificateAuthority, createCsr, generateKeyPair, inspectCertificate, parseCsr, signLeafCertificate } from '../../services/common/pki.js';
-import { readDescriptorSet, splitDescriptorSet } from '../../services/common/reflection.js';
-import { rerunning, RevocationSet } from '../../services/common/revocation.js';
+import { addressVariable, ConfigError, describeConfig, integerVariable, pathVariable, readConfig, stringVariable, urlListVariable } from '../../services/common/platform/config.js';
+import { CowherdError, readServiceError, toServiceError } from '../../services/common/platform/errors.js';
+import { identityUri, parseIdentity } from '../../services/common/platform/identity.js';
+import { redactSecrets } from '../../services/common/platform/logger.js';
+import { PageTokens, paginate, pageSizeOf } from '../../services/common/platform/pagination.js';
+import { createCertificateAuthority, createCsr, generateKeyPair, inspectCertificate, parseCsr, signLeafCertificate } from '../../services/common/platform/pki.js';
+import { readDescriptorSet, splitDescriptorSet } from '../../services/common/platform/reflection.js';
+import { rerunning, RevocationSet } from '../../services/common/platform/revocation.js';
 import { FileDescriptorProto } from '../../services/gen/google/protobuf/descriptor.js';
 
 describe('config', () => {

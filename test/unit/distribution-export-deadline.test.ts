@@ -6,7 +6,7 @@ import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ExportImageResponse } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { ImagePublishStage } from '../../services/gen/cowherd/common/v1/types.js';
 import { Host } from '../../services/gen/cowherd/inventory/v1/resources.js';
-import { CowherdError } from '../../services/common/errors.js';
+import { CowherdError } from '../../services/common/platform/errors.js';
 import { exportOnAgent, type PublishDeps } from '../../services/distribution/publish.js';
 
 /** A fake export stream: the test decides what the agent sends and when. */

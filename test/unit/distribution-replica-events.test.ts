@@ -3,8 +3,8 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import pino from 'pino';
 import { applyReplicaEvent } from '../../services/distribution/distribute.js';
-import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../../services/common/event-types.js';
-import type { KvStore } from '../../services/common/kv.js';
+import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../../services/common/domain/event-types.js';
+import type { KvStore } from '../../services/common/platform/kv.js';
 import { Image, Image_State, ImageReplica, ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 
 function memoryKv<T>(): KvStore<T> & { values: Map<string, T> } {

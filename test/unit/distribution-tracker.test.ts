@@ -5,8 +5,8 @@
 import assert from 'node:assert/strict';
 import { request } from 'node:http';
 import { after, describe, it } from 'node:test';
-import type { Change, KvStore, Versioned } from '../../services/common/kv.js';
-import { createLogger } from '../../services/common/logger.js';
+import type { Change, KvStore, Versioned } from '../../services/common/platform/kv.js';
+import { createLogger } from '../../services/common/platform/logger.js';
 import { PublishedInfoHashes, publishedInfoHash, startTracker, type Tracker } from '../../services/distribution/tracker.js';
 import { Image, Image_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 

@@ -1,5 +1,5 @@
 /**
- * Unit tests of the event outbox's relay (services/common/event-outbox.ts) with a fake store and a fake
+ * Unit tests of the event outbox's relay (services/common/platform/event-outbox.ts) with a fake store and a fake
  * JetStream: records go out in record order, an outage is waited out with a growing, jittered delay and
  * never given up, a record that fails on its own does not hold the others back, and the directory store
  * keeps records across a "restart" in order. The clone engine fails a batch whose clone.done it could
@@ -12,14 +12,14 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CloneEngine } from '../../services/agent/clone-engine.js';
-import { readCloneMetadata } from '../../services/agent/domain-xml.js';
-import type { DomainInfo, Libvirt } from '../../services/agent/libvirt.js';
-import { backoffDelay } from '../../services/common/concurrency.js';
-import { DirectoryOutboxStore, OutboxEventPublisher, OutboxRelay, type OutboxRecord, type OutboxStore, type StoredRecord } from '../../services/common/event-outbox.js';
-import { CLONE_DONE } from '../../services/common/event-types.js';
-import type { CowherdError } from '../../services/common/errors.js';
-import { createLogger } from '../../services/common/logger.js';
-import { metricsRegistry } from '../../services/common/metrics.js';
+import { readCloneMetadata } from '../../services/agent/hypervisor/domain-xml.js';
+import type { DomainInfo, Libvirt } from '../../services/agent/hypervisor/libvirt.js';
+import { backoffDelay } from '../../services/common/platform/concurrency.js';
+import { DirectoryOutboxStore, OutboxEventPublisher, OutboxRelay, type OutboxRecord, type OutboxStore, type StoredRecord } from '../../services/common/platform/event-outbox.js';
+import { CLONE_DONE } from '../../services/common/domain/event-types.js';
+import type { CowherdError } from '../../services/common/platform/errors.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import { metricsRegistry } from '../../services/common/platform/metrics.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
 import { CreateClonesRequest } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { writeTinyReplica } from '../harness/index.js';

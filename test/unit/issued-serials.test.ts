@@ -1,13 +1,13 @@
 /**
- * IssuedSerials and followIssuedSerials (services/common/revocation.ts) with a fake list source: a serial
+ * IssuedSerials and followIssuedSerials (services/common/platform/revocation.ts) with a fake list source: a serial
  * the set lacks is looked up with a fetch that starts after the question, misses share fetches that start
  * at most once per interval, and a CA that does not answer leaves the answer unknown (the boundary then
  * refuses UNAVAILABLE), never "issued".
  */
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { createLogger } from '../../services/common/logger.js';
-import { followIssuedSerials, IssuedSerials } from '../../services/common/revocation.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import { followIssuedSerials, IssuedSerials } from '../../services/common/platform/revocation.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 

@@ -1,4 +1,4 @@
-/** Unit tests of services/common/metrics.ts and the places that feed it, without NATS or gRPC servers. */
+/** Unit tests of services/common/platform/metrics.ts and the places that feed it, without NATS or gRPC servers. */
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -6,13 +6,13 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import type { JetStreamClient } from '@nats-io/jetstream';
 import { CloneEngine } from '../../services/agent/clone-engine.js';
-import type { Libvirt } from '../../services/agent/libvirt.js';
-import { readConfig } from '../../services/common/config.js';
-import { CLONE_DONE } from '../../services/common/event-types.js';
-import { JetStreamEventPublisher } from '../../services/common/events.js';
-import { createLogger } from '../../services/common/logger.js';
-import { counter, distributionMetrics, metricsRegistry, recordRpc, serveMetrics } from '../../services/common/metrics.js';
-import { serverVariables } from '../../services/common/service-process.js';
+import type { Libvirt } from '../../services/agent/hypervisor/libvirt.js';
+import { readConfig } from '../../services/common/platform/config.js';
+import { CLONE_DONE } from '../../services/common/domain/event-types.js';
+import { JetStreamEventPublisher } from '../../services/common/platform/events.js';
+import { createLogger } from '../../services/common/platform/logger.js';
+import { counter, distributionMetrics, metricsRegistry, recordRpc, serveMetrics } from '../../services/common/platform/metrics.js';
+import { serverVariables } from '../../services/common/platform/service-process.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
 import { writeTinyReplica } from '../harness/index.js';
 

@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { ProgressDeadlines, verifyBudgetMs, type ProgressDeadlineOptions } from '../../services/common/progress-deadline.js';
+import { ProgressDeadlines, verifyBudgetMs, type ProgressDeadlineOptions } from '../../services/common/platform/progress-deadline.js';
 
 const MiB = 1024 * 1024;
 const options: ProgressDeadlineOptions = { stallMs: 10_000, verifyFloorMs: 2_000, verifyBytesPerSecond: 10 * MiB };

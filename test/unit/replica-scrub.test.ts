@@ -1,4 +1,4 @@
-// Unit tests of services/agent/replica-scrub.ts on real files in a temporary directory: the fingerprint that
+// Unit tests of services/agent/swarm/replica-scrub.ts on real files in a temporary directory: the fingerprint that
 // vouches for a verified replica, and the scan that the scrub and every re-verification run.
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -6,9 +6,9 @@ import { chmod, mkdtemp, open, readFile, rename, rm, writeFile } from 'node:fs/p
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { changedFiles, fingerprintFiles, scanReplica } from '../../services/agent/replica-scrub.js';
-import type { ExpectedImageFile } from '../../services/agent/swarm.js';
-import { createImageTorrent, type ImageTorrent } from '../../services/agent/torrent.js';
+import { changedFiles, fingerprintFiles, scanReplica } from '../../services/agent/swarm/replica-scrub.js';
+import type { ExpectedImageFile } from '../../services/agent/swarm/swarm.js';
+import { createImageTorrent, type ImageTorrent } from '../../services/agent/swarm/torrent.js';
 
 const MiB = 1024 * 1024;
 let directory: string;

@@ -1,0 +1,24 @@
+/**
+ * Copy-on-write children of base disks. KVM: a qcow2 overlay made by `qemu-img create -b BASE -F FMT`
+ * with extended L2 entries and 64 KiB clusters: a guest's first small write to a shared base copies a
+ * 2 KiB subcluster instead of a 64 KiB cluster (less write amplification for many clones booting at once),
+ * while the overlay stays at the default size (196 KiB, ~5 ms to create; 128 KiB clusters would double it
+ * for no creation-time gain, measured on this machine). Bases are made read-only on disk and are never
+ * opened for writing by cowherd.
+ */
+import { chmod, stat } from 'node:fs/promises';
+import { runCommand } from '../../common/platform/child-process.js';
+
+/** Overlay options, chosen and measured as the module comment explains. */
+export const QCOW2_OVERLAY_OPTIONS = 'extended_l2=on,cluster_size=64k';
+
+/** Makes `base` read-only for everyone (0444): a base that any clone depends on is never written. */
+export async function protectBase(base: string): Promise<void> {
+  const mode = (await stat(base)).mode & 0o777;
+  if ((mode & 0o222) !== 0) await chmod(base, mode & ~0o222);
+}
+
+/** Creates a qcow2 overlay of `base` (format `baseFormat`: qcow2 or raw) at `child`; refuses to overwrite. */
+export async function createQcow2Overlay(base: string, baseFormat: 'qcow2' | 'raw', child: string, options: { timeoutMs?: number } = {}): Promise<void> {
+  await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', QCOW2_OVERLAY_OPTIONS, '-b', base, '-F', baseFormat, child], { timeoutMs: options.timeoutMs ?? 30_000 });
+}
