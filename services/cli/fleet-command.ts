@@ -1,18 +1,28 @@
 /**
- * `cowherd fleet up`: the local fleet on the embedded default, then the story (services/cli/story.ts) on
- * its first start, kept running until Ctrl-C (what `npm start` runs).
+ * `cowherd fleet up`: the local fleet on the embedded default, then the story on its first start, kept
+ * running until Ctrl-C (what `npm start` runs). Both live in the launcher (services/launcher); the story runs
+ * this CLI's own commands through the {@link StoryFleet} made here.
  */
 import { dirname, resolve } from 'node:path';
 import { isatty } from 'node:tty';
-import type { CommandSpec } from './command-line.js';
+import { fileURLToPath } from 'node:url';
+import { ImageView, type Host, type Image, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { checkStoryName, DEFAULT_STORY_NAME, runStory, startLocalFleet, STORY_CLONES, StoryInterrupted, type LocalFleet, type StoryFleet } from '../launcher/index.js';
+import { parseCommandLine, type CommandSpec } from './command-line.js';
 import { localFleetDefaults, type CliConfig } from './cli-config.js';
 import { CliContext } from './cli-context.js';
-import { EXIT } from './exit-codes.js';
-import { startLocalFleet, type LocalFleet } from './local-fleet.js';
+import { CliError, EXIT } from './exit-codes.js';
+import { listVirtualMachines } from './fleet-reads.js';
+import { IMAGES_COMMAND } from './images-commands.js';
 import { processOutput } from './output.js';
 import { overviewLines } from './overview.js';
 import { ArgumentReader } from './resource-arguments.js';
-import { checkStoryName, DEFAULT_STORY_NAME, runStory, STORY_CLONES, StoryInterrupted } from './story.js';
+import { VMS_COMMAND } from './vms-commands.js';
+
+/** This CLI's entry point, which the story's event follower runs as a child process. */
+const CLI_MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
+/** The CLI commands the story runs, as `cowherd <words>` would. */
+const STORY_COMMANDS: CommandSpec<CliContext> = { name: 'cowherd', summary: 'the story\'s commands', subcommands: [IMAGES_COMMAND, VMS_COMMAND] };
 
 export const FLEET_COMMAND: CommandSpec<CliContext> = {
   name: 'fleet',
@@ -66,7 +76,7 @@ async function fleetUp(config: CliConfig, options: FleetUpOptions): Promise<numb
   // Once the terminal is gone (SIGHUP), writing to it fails (EIO): the stop goes on without its output.
   for (const stream of [process.stdout, process.stderr]) stream.on('error', () => undefined);
 
-  // The fleet's processes run in process groups of their own (local-fleet.ts), so a terminal's Ctrl-C reaches
+  // The fleet's processes run in process groups of their own (services/launcher/local-fleet.ts), so a terminal's Ctrl-C reaches
   // only this process, from the first moment on. During the start it stops what has started; later it stops
   // the story at its next step (an operation it follows keeps running in the fleet's KV and resumes with the
   // fleet), then every process in order.
@@ -144,12 +154,11 @@ async function tellStory(config: CliConfig, fleet: LocalFleet, stateDirectory: s
   );
   try {
     await runStory({
-      context,
+      fleet: storyFleet(context, fleet.natsUrl),
       hosts: fleet.hosts,
       stateDirectory,
       guestStateDirectory: options.guestStateDirectory ?? stateDirectory,
       libvirtUri: fleet.libvirtUri,
-      natsUrl: fleet.natsUrl,
       name: options.storyName,
       say,
       signal,
@@ -162,6 +171,30 @@ async function tellStory(config: CliConfig, fleet: LocalFleet, stateDirectory: s
   } finally {
     context.close();
   }
+}
+
+/** The story's view of the fleet: this CLI's commands run in-process with `context`, and inventory's reads. */
+function storyFleet(context: CliContext, natsUrl: string): StoryFleet {
+  return {
+    cowherd: async (words) => {
+      const parsed = parseCommandLine(STORY_COMMANDS, [], words);
+      if (parsed.kind !== 'run') throw new Error(`cowherd ${words.join(' ')}: not a command`);
+      const code = await parsed.command[parsed.command.length - 1]!.run!(parsed.invocation, context);
+      if (code !== EXIT.OK) throw new CliError(`cowherd ${words.join(' ')} exited ${code}`, code);
+    },
+    getHost: (name) => context.call<Host>('inventory', (cb) => context.inventory.getHost({ name }, cb)),
+    findImage: async (name) => {
+      try {
+        return await context.call<Image>('inventory', (cb) => context.inventory.getImage({ name, view: ImageView.IMAGE_VIEW_BASIC }, cb));
+      } catch (error) {
+        if (error instanceof CliError && error.exitCode === EXIT.NOT_FOUND) return undefined;
+        throw error;
+      }
+    },
+    getVirtualMachine: (name) => context.call<VirtualMachine>('inventory', (cb) => context.inventory.getVirtualMachine({ name }, cb)),
+    listVirtualMachines: (parent, filter) => listVirtualMachines(context, parent, filter),
+    followEventsCommand: [process.execPath, '--import', 'tsx', CLI_MAIN, 'events', '--follow', '--output', 'table', '--credentials', context.settings.credentialsDirectory, '--nats', natsUrl],
+  };
 }
 
 /** What to type next, with COWHERD_STATE_DIR when the CLI would not find this fleet by itself. */

@@ -392,7 +392,7 @@ describe('certificate authority and fleet identity', () => {
     // The log line follows the file write and comes through the child's stdout: wait for it, do not race it.
     await waitFor('the renewal in the log', async () => (distribution.logs.some((line) => line['msg'] === 'certificate renewed') ? true : undefined), 5_000);
     // Past the first certificate's expiry the process still serves, with the renewed one.
-    const { check } = await import('../../services/cli/health-check.js');
+    const { check } = await import('../../services/launcher/health-check.js');
     await new Promise((resolve) => setTimeout(resolve, 10_000));
     const adminCredentials = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
     assert.equal(await check(distribution.address, adminCredentials), 'SERVING');

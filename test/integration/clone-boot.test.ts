@@ -17,7 +17,7 @@ import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/ce
 import { createClient } from '../../services/common/platform/client.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
 import { sanitizeDomainTemplate } from '../../services/agent/hypervisor/domain-xml.js';
-import { guestDomainXml } from '../../services/cli/story.js';
+import { guestDomainXml } from '../../services/launcher/story.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call } from '../harness/grpc.js';
 import { guestKit, markerBlock, MARKER_BLOCK, MARKER_OFFSET, type GuestKit } from '../harness/guest.js';

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { credentials as grpcCredentials } from '@grpc/grpc-js';
-import { check } from '../../services/cli/health-check.js';
+import { check } from '../../services/launcher/health-check.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
 import { Resources } from '../harness/index.js';
 import { REPOSITORY } from '../harness/processes.js';

@@ -8,7 +8,7 @@ import { execFile } from 'node:child_process';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { ChannelCredentials, credentials as grpcCredentials } from '@grpc/grpc-js';
-import { check } from '../../services/cli/health-check.js';
+import { check } from '../../services/launcher/health-check.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
 import type { ProcessName } from '../../services/common/platform/service-process.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';

@@ -27,7 +27,7 @@ import { renewalTime } from '../common/platform/certificate-renewal.js';
 import { startDaemon, type Daemon } from '../common/platform/child-process.js';
 import { createClient } from '../common/platform/client.js';
 import { credentialFiles, issueCredentials, writeAtomically, writeCredentials, type Credentials } from '../common/platform/credential-files.js';
-import { startEmbeddedNats, freePort, type EmbeddedNats } from '../launcher/embedded-nats.js';
+import { startEmbeddedNats, freePort, type EmbeddedNats } from './embedded-nats.js';
 import { identityUri, isPrincipalName, parseIdentity } from '../common/platform/identity.js';
 import { defaultHostId } from '../common/domain/resource-names.js';
 import { identityPrincipal } from '../common/platform/nats-authorization.js';

@@ -1,7 +1,8 @@
 /**
  * The local fleet's story: what the 2011 tool did, told on a fresh local fleet through cowherd's public API
  * with the operator's admin credentials, every step printed as the CLI command that does it (the same
- * command works in another terminal), run in-process by the CLI's own command modules.
+ * command works in another terminal). The caller (the CLI's `fleet up`) gives the story a {@link StoryFleet}:
+ * its commands run in-process and a few reads of inventory, so that the launcher imports nothing of the CLI.
  *
  *  1. a small bootable master VM on the first host: Debian's kernel and a busybox initramfs by direct kernel
  *     boot (scripts/guest-kernel.sh, cached; `cowherd.stay=1` keeps the guest running after it wrote its
@@ -23,17 +24,11 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Host_State, Image_State, ImageView, VirtualMachine_State, type Host, type Image, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { Host_State, Image_State, VirtualMachine_State, virtualMachine_StateToJSON, type Host, type Image, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { runCommand } from '../common/platform/child-process.js';
 import { writeAtomically } from '../common/platform/credential-files.js';
 import { IMAGE_ID } from '../common/domain/resource-names.js';
-import { parseCommandLine, type CommandSpec } from './command-line.js';
-import type { CliContext } from './cli-context.js';
-import { CliError, EXIT } from './exit-codes.js';
-import { listVirtualMachines, virtualMachineState } from './fleet-reads.js';
-import { IMAGES_COMMAND } from './images-commands.js';
 import type { LocalHost } from './local-fleet.js';
-import { VMS_COMMAND } from './vms-commands.js';
 
 const REPOSITORY = fileURLToPath(new URL('../..', import.meta.url));
 /** The story's default name: the image id; the master VM is `<name>-master`, the clones `<name>-<n>`. */
@@ -42,8 +37,28 @@ export const DEFAULT_STORY_NAME = 'tiny-linux';
 export const STORY_CLONES = 3;
 const MASTER_DISK_MIB = 64;
 const MASTER_MEMORY_MIB = 128;
-/** The CLI commands the story runs, as `cowherd <words>` would. */
-const STORY_COMMANDS: CommandSpec<CliContext> = { name: 'cowherd', summary: 'the story\'s commands', subcommands: [IMAGES_COMMAND, VMS_COMMAND] };
+
+/**
+ * What the story needs of the fleet, from its caller (the CLI's `fleet up`), all with the operator's admin
+ * credentials: the CLI's commands and a few reads of inventory.
+ */
+export interface StoryFleet {
+  /** Runs `cowherd <words>` in-process, as typed, its output on stdout; rejects with the CLI's own message when it fails. */
+  cowherd(words: readonly string[]): Promise<void>;
+  /** `hosts/{host}`; rejects when inventory does not have it or does not answer. */
+  getHost(name: string): Promise<Host>;
+  /** `images/{image}` (basic view); undefined when inventory does not have it, rejects on any other failure. */
+  findImage(name: string): Promise<Image | undefined>;
+  /** `hosts/{host}/virtualMachines/{virtualMachine}`; rejects when inventory does not have it or does not answer. */
+  getVirtualMachine(name: string): Promise<VirtualMachine>;
+  /** Every VM under `parent` (`hosts/{host}`) matching the AIP-160 `filter`, every page read. */
+  listVirtualMachines(parent: string, filter?: string): Promise<VirtualMachine[]>;
+  /**
+   * The command line (program first) of `cowherd events --follow --output table` for this fleet's NATS with the
+   * admin bundle, which the story runs as a child process, as an operator would in a second terminal.
+   */
+  readonly followEventsCommand: readonly string[];
+}
 
 /** What `<state>/story.json` records once the story finished. */
 export interface StoryRecord {
@@ -60,8 +75,8 @@ export interface StoryRecord {
 
 /** Options of {@link runStory}. */
 export interface StoryOptions {
-  /** Clients with the admin bundle, pointed at this fleet; the story's CLI commands run with it. */
-  readonly context: CliContext;
+  /** The fleet through the CLI, with the admin bundle. */
+  readonly fleet: StoryFleet;
   /** The fleet's two hosts, the origin first. */
   readonly hosts: readonly LocalHost[];
   /** Where story.json is kept: the fleet's state directory. */
@@ -69,8 +84,6 @@ export interface StoryOptions {
   /** The state directory scripts/guest-kernel.sh caches the guest kit in (`<dir>/guest`). */
   readonly guestStateDirectory: string;
   readonly libvirtUri: string;
-  /** NATS for the event follower. */
-  readonly natsUrl: string;
   /** The image id; default {@link DEFAULT_STORY_NAME}. */
   readonly name?: string;
   /** Lines for the operator (stdout). */
@@ -92,7 +105,7 @@ export function checkStoryName(name: string): string | undefined {
 
 /** Runs the story, or says that it already ran; returns what story.json records. */
 export async function runStory(options: StoryOptions): Promise<{ readonly ran: boolean; readonly record: StoryRecord }> {
-  const { context, say, signal } = options;
+  const { fleet, say, signal } = options;
   const name = options.name ?? DEFAULT_STORY_NAME;
   const problem = checkStoryName(name);
   if (problem) throw new Error(problem);
@@ -124,10 +137,7 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
   const cowherd = async (...words: string[]): Promise<void> => {
     checkpoint();
     say(`$ cowherd ${words.map(shellWord).join(' ')}`);
-    const parsed = parseCommandLine(STORY_COMMANDS, [], words);
-    if (parsed.kind !== 'run') throw new Error(`cowherd ${words.join(' ')}: not a command`);
-    const code = await parsed.command[parsed.command.length - 1]!.run!(parsed.invocation, context);
-    if (code !== EXIT.OK) throw new CliError(`cowherd ${words.join(' ')} exited ${code}`, code);
+    await fleet.cowherd(words);
   };
   const virsh = (...args: string[]): Promise<string> => runCommand('virsh', ['-c', options.libvirtUri, ...args], { timeoutMs: 60_000, signal, env: { LC_ALL: 'C' } });
 
@@ -138,16 +148,16 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
   try {
     // Both hosts must be READY: the agents enrolled a moment ago and report within seconds.
     await waitFor(signal, 60_000, `hosts ${origin.host} and ${target.host} READY`, async () => {
-      const hosts = await Promise.all([origin, target].map((host) => context.call<Host>('inventory', (cb) => context.inventory.getHost({ name: `hosts/${host.host}` }, cb)).catch(() => undefined)));
+      const hosts = await Promise.all([origin, target].map((host) => fleet.getHost(`hosts/${host.host}`).catch(() => undefined)));
       return hosts.every((host) => host?.state === Host_State.STATE_READY) ? true : undefined;
     });
 
-    let existing = await getImage(context, name);
+    let existing = await fleet.findImage(`images/${name}`);
     if (existing?.state === Image_State.STATE_PUBLISHING) {
       // A publish that an earlier start began (and Ctrl-C left to the fleet) goes on: wait for its end.
       say(`images/${name} is being published (an earlier start began it): waiting for it`);
       existing = await waitFor(signal, 180_000, `images/${name} to be published`, async () => {
-        const image = await getImage(context, name);
+        const image = await fleet.findImage(`images/${name}`);
         return image?.state === Image_State.STATE_PUBLISHING ? undefined : image;
       });
     }
@@ -182,7 +192,7 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
         say(`   defined ${masterName} in ${options.libvirtUri}, powered off (its disk is under ${origin.host}'s image directory, so that agent owns it)`);
       }
       const seen = await waitFor(signal, 30_000, `${masterVm} in the inventory`, async () => {
-        const vm = await context.call<VirtualMachine>('inventory', (cb) => context.inventory.getVirtualMachine({ name: masterVm }, cb)).catch(() => undefined);
+        const vm = await fleet.getVirtualMachine(masterVm).catch(() => undefined);
         return vm?.state === VirtualMachine_State.STATE_SHUT_OFF ? vm : undefined;
       });
       say(`   the agent reported it: ${shortName(seen.name)} ${virtualMachineState(seen)}`);
@@ -200,7 +210,7 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
     say('');
 
     // 4. Clone with autostart.
-    const present = new Set((await listVirtualMachines(context, `hosts/${target.host}`)).map((vm) => vm.domainName));
+    const present = new Set((await fleet.listVirtualMachines(`hosts/${target.host}`)).map((vm) => vm.domainName));
     const missing = cloneNames.filter((clone) => !present.has(clone));
     say(`4. ${STORY_CLONES} copy-on-write clones on ${target.host}, started as soon as they are defined`);
     if (missing.length === 0) say(`   ${cloneNames.join(', ')} exist already: not cloning again`);
@@ -211,7 +221,7 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
     // 5. They run.
     say(`5. the clones boot (TCG, a few seconds each); inventory reports them as their agent sees them`);
     await waitFor(signal, 90_000, `${cloneNames.join(', ')} RUNNING`, async () => {
-      const vms = await listVirtualMachines(context, `hosts/${target.host}`, `source_image = "images/${name}"`);
+      const vms = await fleet.listVirtualMachines(`hosts/${target.host}`, `source_image = "images/${name}"`);
       return cloneNames.every((clone) => vms.some((vm) => vm.domainName === clone && vm.state === VirtualMachine_State.STATE_RUNNING)) ? true : undefined;
     });
     await cowherd('vms', 'list', '--host', target.host, '--filter', `source_image = "images/${name}"`);
@@ -283,15 +293,6 @@ async function readRecord(file: string): Promise<StoryRecord | undefined> {
   }
 }
 
-async function getImage(context: CliContext, name: string): Promise<Image | undefined> {
-  try {
-    return await context.call<Image>('inventory', (cb) => context.inventory.getImage({ name: `images/${name}`, view: ImageView.IMAGE_VIEW_BASIC }, cb));
-  } catch (error) {
-    if (error instanceof CliError && error.exitCode === EXIT.NOT_FOUND) return undefined;
-    throw error;
-  }
-}
-
 /** Polls `probe` every 300 ms until it gives a value; throws after `timeoutMs` or when aborted. */
 async function waitFor<T>(signal: AbortSignal, timeoutMs: number, what: string, probe: () => Promise<T | undefined>): Promise<T> {
   const deadline = Date.now() + timeoutMs;
@@ -348,11 +349,11 @@ interface EventFollower {
  * 20 s: the story goes on without it).
  */
 async function startEventFollower(options: StoryOptions): Promise<EventFollower> {
-  const credentials = options.context.settings.credentialsDirectory;
+  const [program, ...args] = options.fleet.followEventsCommand;
   const env: Record<string, string> = {};
   for (const [key, value] of Object.entries(process.env)) if (value !== undefined && !key.startsWith('COWHERD_')) env[key] = value;
   options.say('$ cowherd events --follow        (in the background: every event the fleet publishes while the story runs)');
-  const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services', 'cli', 'main.ts'), 'events', '--follow', '--output', 'table', '--credentials', credentials, '--nats', options.natsUrl], {
+  const child: ChildProcess = spawn(program!, args, {
     cwd: REPOSITORY,
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -389,6 +390,11 @@ async function startEventFollower(options: StoryOptions): Promise<EventFollower>
       for (const line of lines) if (!progress.includes(line)) say(`   ${line}`);
     },
   };
+}
+
+/** RUNNING, SHUT_OFF, ... */
+function virtualMachineState(vm: VirtualMachine): string {
+  return virtualMachine_StateToJSON(vm.state).replace(/^STATE_/, '');
 }
 
 /** `hosts/a/virtualMachines/b` -> `a/b`. */
