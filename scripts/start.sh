@@ -2,7 +2,7 @@
 # The README's start command (`npm start`): installs what the machine lacks, starts the local fleet on the
 # embedded default (NATS with JetStream, the four services and two local agents, mutual TLS everywhere), shows
 # that every process answers health on both of its ports, tells the story on the first start (a master image
-# published, distributed to the second agent and cloned there; services/cli/story.ts), and keeps the fleet
+# published, distributed to the second agent and cloned there; services/launcher/story.ts), and keeps the fleet
 # running until Ctrl-C. Arguments go to `cowherd fleet up` (--no-story, --story-name <name>, ...).
 # State (CA, credentials, NATS data, logs, story.json) lives in $COWHERD_STATE_DIR/fleet, default
 # <repo>/.state/fleet; the guest kit in $COWHERD_STATE_DIR/guest, shared with the tests.
@@ -19,5 +19,5 @@ cd "$COWHERD_ROOT"
 guest_state_dir="$COWHERD_STATE_DIR"
 export COWHERD_STATE_DIR="$COWHERD_STATE_DIR/fleet"
 # exec: Ctrl-C and SIGTERM go straight to the fleet, which stops every process it started, in order. Those run in
-# process groups of their own (services/cli/local-fleet.ts): a terminal's Ctrl-C reaches the fleet alone.
+# process groups of their own (services/launcher/local-fleet.ts): a terminal's Ctrl-C reaches the fleet alone.
 exec node --import tsx services/cli/main.ts fleet up --guest-state-dir "$guest_state_dir" "$@"

@@ -6,8 +6,8 @@
  *    file and reloads it by pid. In Kubernetes NATS runs in other pods, so each NATS pod carries this
  *    sidecar, which shares the pod's process namespace (for the reload signal) and an emptyDir holding
  *    the authorization file. It reads the CA's certificate records from the `ca` KV bucket, writes one
- *    NATS user per ACTIVE certificate with the permissions of its kind (services/certificate-authority/
- *    nats-users.ts, the code the CA itself runs), plus the static identities, and reloads nats-server:
+ *    NATS user per ACTIVE certificate with the permissions of its kind (services/common/domain/
+ *    ca-records.ts, the code the CA itself runs), plus the static identities, and reloads nats-server:
  *    at start, on every change of a `certificate.*` record (issue, renewal, revocation by any CA
  *    replica: a revoked certificate is refused within about a second), and every 30 s (expiries). It
  *    holds no CA key: only the NATS server's own certificate.
@@ -27,13 +27,12 @@ import { jsonCodec, KvStore } from '../../services/common/platform/kv.js';
 import { createLogger, LOG_LEVELS, type Logger } from '../../services/common/platform/logger.js';
 import { connectNats, type Nats } from '../../services/common/platform/nats.js';
 import { mutualTlsClientCredentials, type TlsFiles } from '../../services/common/platform/tls.js';
-import { natsUsers } from '../../services/certificate-authority/nats-users.js';
-import { openCaRecords } from '../../services/certificate-authority/records.js';
+import { natsUsers, openCaRecords } from '../../services/common/domain/ca-records.js';
 import type { LevelWithSilent } from 'pino';
 
 /**
  * cowherd's KV buckets (services/inventory/inventory.ts, services/distribution/main.ts,
- * services/certificate-authority/records.ts, services/common/domain/operations.ts, services/common/platform/pagination.ts,
+ * services/common/domain/ca-records.ts, services/common/domain/operations.ts, services/common/platform/pagination.ts,
  * services/common/platform/event-outbox.ts).
  */
 export const COWHERD_BUCKETS = ['hosts', 'vms', 'images', 'replicas', 'ca', 'operations', 'operations-request-ids', 'cowherd-config', 'outbox'] as const;

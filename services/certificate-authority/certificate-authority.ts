@@ -13,7 +13,7 @@ import { certificateSha256, inspectCertificate, parseCsr, signLeafCertificate, t
 import { HOST_ID, isReservedHostId } from '../common/domain/resource-names.js';
 import { RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
 import type { PeerCertificateFacts } from '../common/platform/rpc.js';
-import type { CaRecords, CertificateRecord, JoinTokenRecord } from './records.js';
+import { tokenExpired, type CaRecords, type CertificateRecord, type JoinTokenRecord } from '../common/domain/ca-records.js';
 
 /** Lifetimes and limits, with their defaults. */
 export interface CaPolicy {
@@ -345,22 +345,6 @@ export class CertificateAuthority {
 
 /** issuer_identity of a bootstrap certificate: signed with the CA key before the CA service ran. */
 export const BOOTSTRAP_ISSUER = 'bootstrap';
-
-/** State of a token at `now`. */
-export function tokenState(record: JoinTokenRecord, now = Date.now()): 'PENDING' | 'USED' | 'EXPIRED' | 'REVOKED' {
-  if (record.state === 'PENDING' && tokenExpired(record, now)) return 'EXPIRED';
-  return record.state;
-}
-
-/** State of a certificate at `now`. */
-export function certificateState(record: CertificateRecord, now = Date.now()): 'ACTIVE' | 'REVOKED' | 'EXPIRED' {
-  if (record.revoked) return 'REVOKED';
-  return new Date(record.expireTime).getTime() <= now ? 'EXPIRED' : 'ACTIVE';
-}
-
-function tokenExpired(record: JoinTokenRecord, now = Date.now()): boolean {
-  return new Date(record.expireTime).getTime() <= now;
-}
 
 function recordOf(certificatePem: string, issuer: string): CertificateRecord {
   const facts = inspectCertificate(certificatePem);

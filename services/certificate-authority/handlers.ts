@@ -8,8 +8,8 @@ import { parseIdentity } from '../common/platform/identity.js';
 import { paginate, type PageTokens } from '../common/platform/pagination.js';
 import { HOST_ID } from '../common/domain/resource-names.js';
 import type { CallContext, Handlers } from '../common/platform/rpc.js';
-import { certificateState, tokenState, type CertificateAuthority } from './certificate-authority.js';
-import type { CertificateRecord, JoinTokenRecord } from './records.js';
+import type { CertificateAuthority } from './certificate-authority.js';
+import { certificateState, tokenState, type CertificateRecord, type JoinTokenRecord } from '../common/domain/ca-records.js';
 
 type CaService = typeof CertificateAuthorityServiceService;
 

@@ -26,3 +26,15 @@ export function eventingListener(events: EventPublisher): CertificateListener {
     },
   };
 }
+
+/** Calls every listener in turn. */
+export function allListeners(...listeners: readonly CertificateListener[]): CertificateListener {
+  return {
+    issued: async (record, context) => {
+      for (const listener of listeners) await listener.issued(record, context);
+    },
+    revoked: async (record) => {
+      for (const listener of listeners) await listener.revoked(record);
+    },
+  };
+}

@@ -14,16 +14,14 @@ import { runServiceMain } from '../common/platform/service-process.js';
 import { serverOnlyTlsCredentials } from '../common/platform/tls.js';
 import { CERTIFICATE_AUTHORITY_POLICY, ENROLLMENT_POLICY } from './access-policy.js';
 import { loadOrCreateCertificateAuthority } from '../common/domain/ca-files.js';
-import { certificateState, CertificateAuthority, DEFAULT_CA_POLICY, type CertificateListener } from './certificate-authority.js';
+import { CertificateAuthority, DEFAULT_CA_POLICY, type CertificateListener } from './certificate-authority.js';
 import { RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
 import { HOST_DELETED } from '../common/domain/event-types.js';
 import { consumeEvents } from '../common/platform/events.js';
 import { bootstrapCertificates } from './bootstrap-certificates.js';
 import { certificateAuthorityHandlers } from './handlers.js';
-import { eventingListener } from './listener.js';
-import { allListeners, natsUsers } from './nats-users.js';
-import type { CertificateRecord } from './records.js';
-import { openCaRecords } from './records.js';
+import { allListeners, eventingListener } from './listener.js';
+import { certificateState, natsUsers, openCaRecords, type CertificateRecord, type NatsUsers } from '../common/domain/ca-records.js';
 
 await runServiceMain({
   name: 'certificate-authority',
@@ -122,7 +120,7 @@ function natsUsersFromConfig(
   config: { natsAuthorizationFile: string | undefined; natsPidFile: string | undefined; natsStaticIdentities: string | undefined },
   listCertificates: () => Promise<CertificateRecord[]>,
   log: Logger,
-): ReturnType<typeof natsUsers> | undefined {
+): NatsUsers | undefined {
   if (config.natsAuthorizationFile === undefined) return undefined;
   if (config.natsPidFile === undefined) throw new Error('COWHERD_NATS_PID_FILE is required with COWHERD_NATS_AUTHORIZATION_FILE');
   const staticIdentities: Identity[] = (config.natsStaticIdentities ?? '').split(',').filter((uri) => uri.trim() !== '').map((uri) => {

@@ -23,9 +23,8 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { parseAllDocuments } from 'yaml';
 import { clusterDnsNames, CLUSTER_IDENTITIES, issueClusterCredentials } from '../../deploy/bootstrap/issue-credentials.js';
-import { certificateBlocks } from '../../services/certificate-authority/bootstrap-certificates.js';
 import { COWHERD_BUCKETS, SIDECAR_VARIABLES, parseStaticIdentities } from '../../deploy/nats/nats-sidecar.js';
-import { openCaRecords } from '../../services/certificate-authority/records.js';
+import { openCaRecords } from '../../services/common/domain/ca-records.js';
 import { startDaemon } from '../../services/common/platform/child-process.js';
 import { writeCredentials } from '../../services/common/platform/credential-files.js';
 import { startEmbeddedNats } from '../../services/launcher/embedded-nats.js';
@@ -412,7 +411,8 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
     const made = new Map(secrets.map((secret) => [secret.metadata.name, Object.keys(secret.data).sort()]));
     assert.deepEqual(made.get('cowherd-ca-key'), ['bootstrap-certificates.pem', 'ca-key.pem', 'ca.pem']);
     // Every seed's certificate is in the CA's bootstrap file, which it records as issued.
-    const bootstrapSerials = certificateBlocks(await readFile(join(directory, 'ca', 'bootstrap-certificates.pem'), 'utf8')).map((pem) => inspectCertificate(pem).serialNumber).sort();
+    const bootstrapBundle = await readFile(join(directory, 'ca', 'bootstrap-certificates.pem'), 'utf8');
+    const bootstrapSerials = (bootstrapBundle.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? []).map((pem) => inspectCertificate(pem).serialNumber).sort();
     const seedSerials = await Promise.all([...CLUSTER_IDENTITIES.map((name) => join(directory, 'credentials', name)), first.adminDirectory].map(async (seed) => inspectCertificate(await readFile(join(seed, 'cert.pem'), 'utf8')).serialNumber));
     assert.deepEqual(bootstrapSerials, seedSerials.sort());
     for (const overlay of OVERLAYS) {

@@ -25,7 +25,7 @@ import { createLogger } from '../../services/common/platform/logger.js';
 import { connectNats } from '../../services/common/platform/nats.js';
 import { createCsr, generateKeyPair, inspectCertificate } from '../../services/common/platform/pki.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
-import type { CertificateRecord } from '../../services/certificate-authority/records.js';
+import type { CertificateRecord } from '../../services/common/domain/ca-records.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call } from '../harness/grpc.js';
 import { startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
