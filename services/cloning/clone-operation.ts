@@ -28,6 +28,7 @@ import type { EventPublisher } from '../common/platform/events.js';
 import type { OperationContext, OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
 import type { FleetView } from './fleet-view.js';
+import { HOST_NAME } from '../common/domain/resource-names.js';
 
 /** The operation kind's name in the operations bucket. */
 export const CLONE_OPERATION_KIND = 'cloning.clone-virtual-machines';
@@ -284,8 +285,9 @@ function agentCallStatus(host: string, error: unknown): Status {
 }
 
 async function publishCloneFailed(deps: CloneOperationDeps, operation: string, request: CloneVirtualMachinesRequest, clone: CloneResult, at: Date, log: OperationContext<unknown, unknown, unknown>['log']): Promise<void> {
-  if (!deps.events) return;
-  const hostId = clone.host.slice('hosts/'.length);
+  const hostId = HOST_NAME.parse(clone.host)?.host;
+  // The plan names every clone's host as hosts/{host}.
+  if (!deps.events || hostId === undefined) return;
   try {
     await deps.events.publish(
       CLONE_FAILED,

@@ -17,7 +17,7 @@ import {
 import type { CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
 import { Host_State, Image_State, VirtualMachine_State, host_StateToJSON, image_StateToJSON, virtualMachine_StateToJSON, type Host } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
-import { HOST_ID, IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/domain/resource-names.js';
+import { HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { FleetView } from './fleet-view.js';
 import { parseNameTemplate, renderNames } from './name-template.js';
 import { placeRoundRobin, placeSpread } from './placement.js';
@@ -190,23 +190,20 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
 
 /** `{host}` of an exact `hosts/{host}`; undefined otherwise. */
 export function parseHostName(name: string): string | undefined {
-  const match = /^hosts\/([^/]+)$/.exec(name);
-  return match && HOST_ID.test(match[1]!) ? match[1] : undefined;
+  return HOST_NAME.parse(name)?.host;
 }
 
 function parseSource(request: CloneVirtualMachinesRequest): CloneSource {
   const source = request.source;
   if (source?.$case === 'image') {
-    const match = /^images\/([^/]+)$/.exec(source.value);
-    if (!match || !IMAGE_ID.test(match[1]!)) throw CowherdError.invalidArgument('image', `must be images/{image}, got ${JSON.stringify(source.value)}`);
-    return { kind: 'image', name: source.value, id: match[1]! };
+    const parsed = IMAGE_NAME.parse(source.value);
+    if (!parsed) throw CowherdError.invalidArgument('image', `must be images/{image}, got ${JSON.stringify(source.value)}`);
+    return { kind: 'image', name: source.value, id: parsed.image };
   }
   if (source?.$case === 'virtualMachine') {
-    const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(source.value);
-    if (!match || !HOST_ID.test(match[1]!) || !VIRTUAL_MACHINE_ID.test(match[2]!)) {
-      throw CowherdError.invalidArgument('virtual_machine', `must be hosts/{host}/virtualMachines/{virtual_machine}, got ${JSON.stringify(source.value)}`);
-    }
-    return { kind: 'virtualMachine', name: source.value, host: `hosts/${match[1]}` };
+    const parsed = VIRTUAL_MACHINE_NAME.parse(source.value);
+    if (!parsed) throw CowherdError.invalidArgument('virtual_machine', `must be hosts/{host}/virtualMachines/{virtual_machine}, got ${JSON.stringify(source.value)}`);
+    return { kind: 'virtualMachine', name: source.value, host: HOST_NAME.format({ host: parsed.host }) };
   }
   throw CowherdError.invalidArgument('source', 'must set image or virtual_machine');
 }

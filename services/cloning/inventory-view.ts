@@ -8,6 +8,8 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { ImageView, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
+import { readAllPages } from '../common/platform/list-pages.js';
+import { EVERY_HOST } from '../common/domain/resource-names.js';
 import type { FleetView } from './fleet-view.js';
 
 const PAGE_SIZE = 1000;
@@ -29,32 +31,22 @@ export function createInventoryFleetView(client: InventoryServiceClient, deadlin
       throw error;
     }
   };
-  const pages = async <T>(page: (pageToken: string) => Promise<{ items: T[]; nextPageToken: string }>): Promise<T[]> => {
-    const all: T[] = [];
-    let pageToken = '';
-    do {
-      const result = await page(pageToken);
-      all.push(...result.items);
-      pageToken = result.nextPageToken;
-    } while (pageToken !== '');
-    return all;
-  };
   return {
     getVirtualMachine: (name) => orUndefined(call<{ name: string }, VirtualMachine>(client.getVirtualMachine, { name })),
     getImage: (name) => orUndefined(call<{ name: string; view: ImageView }, Image>(client.getImage, { name, view: ImageView.IMAGE_VIEW_BASIC })),
     listHosts: () =>
-      pages<Host>(async (pageToken) => {
+      readAllPages<Host>(async (pageToken) => {
         const response = await call(client.listHosts, { pageSize: PAGE_SIZE, pageToken, filter: '' });
         return { items: response.hosts, nextPageToken: response.nextPageToken };
       }),
     listReplicas: (image) =>
-      pages<ImageReplica>(async (pageToken) => {
-        const response = await call(client.listImageReplicas, { parent: 'hosts/-', pageSize: PAGE_SIZE, pageToken, filter: `image = ${JSON.stringify(image)} AND state = AVAILABLE` });
+      readAllPages<ImageReplica>(async (pageToken) => {
+        const response = await call(client.listImageReplicas, { parent: EVERY_HOST, pageSize: PAGE_SIZE, pageToken, filter: `image = ${JSON.stringify(image)} AND state = AVAILABLE` });
         return { items: response.imageReplicas, nextPageToken: response.nextPageToken };
       }),
     domainNamesInUse: async () => {
-      const machines = await pages<VirtualMachine>(async (pageToken) => {
-        const response = await call(client.listVirtualMachines, { parent: 'hosts/-', pageSize: PAGE_SIZE, pageToken, filter: '' });
+      const machines = await readAllPages<VirtualMachine>(async (pageToken) => {
+        const response = await call(client.listVirtualMachines, { parent: EVERY_HOST, pageSize: PAGE_SIZE, pageToken, filter: '' });
         return { items: response.virtualMachines, nextPageToken: response.nextPageToken };
       });
       return new Map(machines.map((machine) => [machine.domainName, machine.name]));

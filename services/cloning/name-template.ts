@@ -126,7 +126,7 @@ export function renderNames(template: NameTemplate, clones: readonly NameValues[
     for (let attempt = 1; ; attempt++) {
       const name = renderName(template, clone, template.uses.has('random') ? draw() : '');
       if (!VIRTUAL_MACHINE_ID.test(name)) {
-        throw CowherdError.invalidArgument(FIELD, `yields ${JSON.stringify(name)} for clone ${clone.index}, which is no valid domain name ([A-Za-z0-9][A-Za-z0-9._-]{0,62}, at most 63 characters)`);
+        throw CowherdError.invalidArgument(FIELD, `yields ${JSON.stringify(name)} for clone ${clone.index}, which is no valid domain name (${VIRTUAL_MACHINE_ID.source})`);
       }
       const existing = options.namesInUse.get(name);
       const sibling = chosen.get(name);

@@ -11,19 +11,20 @@ import { CowherdError } from '../common/platform/errors.js';
 import type { OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
 import type { FleetView } from './fleet-view.js';
+import { HOST_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 
-const VM_NAME = /^hosts\/([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)\/virtualMachines\/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$/;
 /** A graceful stop waits this long unless the caller says otherwise (the proto's default). */
 export const DEFAULT_STOP_TIMEOUT_SECONDS = 120;
 
 /** The VM and the host its agent runs on; NOT_FOUND / UNAVAILABLE as the proto says. */
 export async function locate(fleet: FleetView, name: string): Promise<{ vm: VirtualMachine; host: Host }> {
-  const match = VM_NAME.exec(name);
-  if (!match) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/virtualMachines/{vm}');
+  const parsed = VIRTUAL_MACHINE_NAME.parse(name);
+  if (!parsed) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/virtualMachines/{vm}');
+  const hostName = HOST_NAME.format({ host: parsed.host });
   const vm = await fleet.getVirtualMachine(name);
   if (!vm) throw CowherdError.notFound(name);
-  const host = (await fleet.listHosts()).find((candidate) => candidate.name === `hosts/${match[1]}`);
-  if (!host) throw CowherdError.notFound(`hosts/${match[1]}`);
+  const host = (await fleet.listHosts()).find((candidate) => candidate.name === hostName);
+  if (!host) throw CowherdError.notFound(hostName);
   if (host.state === Host_State.STATE_UNREACHABLE) throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} is unreachable`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name } });
   return { vm, host };
 }

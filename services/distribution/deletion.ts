@@ -16,7 +16,7 @@ import { IMAGE_DELETED, IMAGE_REPLICA_DELETED } from '../common/domain/event-typ
 import type { EventPublisher } from '../common/platform/events.js';
 import type { KvStore } from '../common/platform/kv.js';
 import type { OperationKind } from '../common/domain/operations.js';
-import { HOST_ID, IMAGE_ID } from '../common/domain/resource-names.js';
+import { EVERY_HOST, HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME } from '../common/domain/resource-names.js';
 
 /** What deleting reads and writes. */
 export interface DeletionDeps {
@@ -33,9 +33,9 @@ export interface DeletionDeps {
 
 /** `images/{image}` -> id, or INVALID_ARGUMENT naming `field`. */
 export function imageIdOf(name: string, field = 'name'): string {
-  const id = /^images\/([^/]+)$/.exec(name)?.[1];
-  if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument(field, 'must be images/{image}');
-  return id;
+  const parsed = IMAGE_NAME.parse(name);
+  if (!parsed) throw CowherdError.invalidArgument(field, 'must be images/{image}');
+  return parsed.image;
 }
 
 function refuseDependents(what: string, dependents: readonly VirtualMachine[]): void {
@@ -45,23 +45,23 @@ function refuseDependents(what: string, dependents: readonly VirtualMachine[]): 
 
 /** DeleteImageReplica: checks, the agent removes the files, the record goes, the event is published. */
 export async function deleteReplica(deps: DeletionDeps, name: string, options: { allowLast?: boolean } = {}): Promise<void> {
-  const match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(name);
-  if (!match || !HOST_ID.test(match[1]!) || !IMAGE_ID.test(match[2]!)) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/images/{image}');
-  const [, host, image] = match as unknown as [string, string, string];
+  const parsed = HOST_IMAGE_NAME.parse(name);
+  if (!parsed) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/images/{image}');
+  const { host, image } = parsed;
   const replica = await deps.replicas.get(`${host}.${image}`);
   if (!replica) throw CowherdError.notFound(name);
-  refuseDependents(name, await deps.inventory.dependents(`hosts/${host}`, `images/${image}`));
+  refuseDependents(name, await deps.inventory.dependents(HOST_NAME.format({ host }), IMAGE_NAME.format({ image })));
   if (!options.allowLast && replica.value.state === ImageReplica_State.STATE_AVAILABLE) {
     const others = (await deps.replicas.list(`*.${image}`)).filter((entry) => entry.key !== `${host}.${image}` && entry.value.state === ImageReplica_State.STATE_AVAILABLE);
-    if (others.length === 0) throw CowherdError.failedPrecondition(`${name} is the last AVAILABLE replica of images/${image}; delete the image instead`, ErrorReason.ERROR_REASON_LAST_AVAILABLE_REPLICA);
+    if (others.length === 0) throw CowherdError.failedPrecondition(`${name} is the last AVAILABLE replica of ${IMAGE_NAME.format({ image })}; delete the image instead`, ErrorReason.ERROR_REASON_LAST_AVAILABLE_REPLICA);
   }
-  const hostRecord = await deps.inventory.getHost(`hosts/${host}`);
-  if (!hostRecord) throw CowherdError.notFound(`hosts/${host}`);
+  const hostRecord = await deps.inventory.getHost(HOST_NAME.format({ host }));
+  if (!hostRecord) throw CowherdError.notFound(HOST_NAME.format({ host }));
   await new Promise<void>((resolve, reject) =>
     deps.agents.clientFor(hostRecord).deleteImageReplica({ name }, (error) => (error ? reject(relayServiceError(error, hostRecord.name)) : resolve())),
   );
   await deps.replicas.delete(`${host}.${image}`);
-  await deps.events.publish(IMAGE_REPLICA_DELETED, { image: `images/${image}`, host: `hosts/${host}`, replica: name, freedBytes: '0', occurTime: new Date() }, { host, id: `image.replica_deleted/${host}/${image}/${replica.revision}` });
+  await deps.events.publish(IMAGE_REPLICA_DELETED, { image: IMAGE_NAME.format({ image }), host: HOST_NAME.format({ host }), replica: name, freedBytes: '0', occurTime: new Date() }, { host, id: `image.replica_deleted/${host}/${image}/${replica.revision}` });
 }
 
 /** Checks a DeleteImage request before its operation exists. */
@@ -70,7 +70,7 @@ export async function checkDeleteImage(deps: DeletionDeps, request: DeleteImageR
   const image = await deps.images.get(id);
   if (!image) throw CowherdError.notFound(request.name);
   if (image.value.state === Image_State.STATE_PUBLISHING) throw CowherdError.failedPrecondition(`${request.name} is being published; cancel that operation instead`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
-  refuseDependents(request.name, await deps.inventory.dependents('hosts/-', request.name));
+  refuseDependents(request.name, await deps.inventory.dependents(EVERY_HOST, request.name));
   return image.value;
 }
 
@@ -112,9 +112,9 @@ export async function collectReplicas(
   request: { parent: string; filter: string; validateOnly: boolean },
 ): Promise<{ replicas: ImageReplica[]; failures: Array<{ host: string; status: ReturnType<typeof toStatus> }>; freedBytes: string }> {
   let prefix = '';
-  if (request.parent !== 'hosts/-') {
-    const host = /^hosts\/([^/]+)$/.exec(request.parent)?.[1];
-    if (!host || !HOST_ID.test(host)) throw CowherdError.invalidArgument('parent', 'must be hosts/{host} or hosts/-');
+  if (request.parent !== EVERY_HOST) {
+    const host = HOST_NAME.parse(request.parent)?.host;
+    if (!host) throw CowherdError.invalidArgument('parent', 'must be hosts/{host} or hosts/-');
     if (!(await deps.inventory.getHost(request.parent))) throw CowherdError.notFound(request.parent);
     prefix = `${host}.`;
   }
@@ -125,7 +125,7 @@ export async function collectReplicas(
   const all = (await deps.replicas.list()).map((entry) => entry.value);
   const availableCount = new Map<string, number>();
   for (const replica of all) if (replica.state === ImageReplica_State.STATE_AVAILABLE) availableCount.set(replica.image, (availableCount.get(replica.image) ?? 0) + 1);
-  const candidates = all.filter((replica) => `${replica.host.slice('hosts/'.length)}.`.startsWith(prefix) && matches(replica) && !replica.origin && replica.state !== ImageReplica_State.STATE_TRANSFERRING && replica.state !== ImageReplica_State.STATE_VERIFYING && replica.state !== ImageReplica_State.STATE_PENDING);
+  const candidates = all.filter((replica) => `${HOST_NAME.parse(replica.host)?.host ?? ''}.`.startsWith(prefix) && matches(replica) && !replica.origin && replica.state !== ImageReplica_State.STATE_TRANSFERRING && replica.state !== ImageReplica_State.STATE_VERIFYING && replica.state !== ImageReplica_State.STATE_PENDING);
   const collected: ImageReplica[] = [];
   const failures: Array<{ host: string; status: ReturnType<typeof toStatus> }> = [];
   const images = new Map((await deps.images.list()).map((entry) => [entry.value.name, entry.value]));

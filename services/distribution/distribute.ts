@@ -36,7 +36,7 @@ import { consumeEvents, type EventConsumer, type ReceivedEvent } from '../common
 import type { KvStore } from '../common/platform/kv.js';
 import type { Logger } from '../common/platform/logger.js';
 import type { OperationKind } from '../common/domain/operations.js';
-import { HOST_ID, IMAGE_ID } from '../common/domain/resource-names.js';
+import { EVERY_HOST, HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME } from '../common/domain/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
 import { DistributeImageMetadata, DistributeImageRequest, DistributeImageResponse, type HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
@@ -76,9 +76,16 @@ export interface DistributeDeps {
 
 /** The image id of `images/{image}`; INVALID_ARGUMENT otherwise. */
 function imageIdOf(name: string, field: string): string {
-  const id = /^images\/([^/]+)$/.exec(name)?.[1];
-  if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument(field, 'must be images/{image} with an image id (lowercase letters, digits and hyphens; no path separators or dots)');
-  return id;
+  const parsed = IMAGE_NAME.parse(name);
+  if (!parsed) throw CowherdError.invalidArgument(field, 'must be images/{image} with an image id (lowercase letters, digits and hyphens; no path separators or dots)');
+  return parsed.image;
+}
+
+/** The `{host}` of a transfer's host, checked when the operation started. */
+function hostIdOf(transfer: HostTransfer): string {
+  const parsed = HOST_NAME.parse(transfer.host);
+  if (!parsed) throw new Error(`transfer to ${JSON.stringify(transfer.host)}, which is no hosts/{host}`);
+  return parsed.host;
 }
 
 /**
@@ -89,12 +96,11 @@ export async function checkDistribute(request: DistributeImageRequest, deps: Dis
   const id = imageIdOf(request.image, 'image');
   if (request.hosts.length === 0) throw CowherdError.invalidArgument('hosts', 'must name at least one host, or hosts/- for every READY host of the image\'s hypervisor');
   if (request.hosts.length > MAX_HOSTS) throw CowherdError.invalidArgument('hosts', `must name at most ${MAX_HOSTS} hosts`);
-  const all = request.hosts.length === 1 && request.hosts[0] === 'hosts/-';
+  const all = request.hosts.length === 1 && request.hosts[0] === EVERY_HOST;
   if (!all) {
     const seen = new Set<string>();
     for (const [index, host] of request.hosts.entries()) {
-      const hostId = /^hosts\/([^/]+)$/.exec(host)?.[1];
-      if (!hostId || !HOST_ID.test(hostId)) throw CowherdError.invalidArgument(`hosts[${index}]`, 'must be hosts/{host} (or the single entry hosts/-)');
+      if (!HOST_NAME.matches(host)) throw CowherdError.invalidArgument(`hosts[${index}]`, 'must be hosts/{host} (or the single entry hosts/-)');
       if (seen.has(host)) throw CowherdError.invalidArgument(`hosts[${index}]`, `names ${host} twice`);
       seen.add(host);
     }
@@ -222,7 +228,7 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
           FETCH_CONCURRENCY,
           async (transfer) => {
             if (context.cancelRequested()) return;
-            const hostId = transfer.host.slice('hosts/'.length);
+            const hostId = hostIdOf(transfer);
             const existing = (await deps.replicas.get(`${hostId}.${id}`))?.value;
             const markAvailable = () => {
               transfer.state = ImageReplica_State.STATE_AVAILABLE;
@@ -257,7 +263,7 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
         // 2. Follow the replica records until every host is done or failed: a KV watch (every change, in
         // order; a list under concurrent writes can miss keys), read every second.
         const records = new Map<string, ImageReplica | null>();
-        const stopWatching = await deps.replicas.watch(`*.${id}`, (change) => records.set(`hosts/${change.key.slice(0, change.key.lastIndexOf('.'))}`, change.value ?? null), true);
+        const stopWatching = await deps.replicas.watch(`*.${id}`, (change) => records.set(HOST_NAME.format({ host: change.key.slice(0, change.key.lastIndexOf('.')) }), change.value ?? null), true);
         try {
           while (!transfers.every(isFinal)) {
             if (context.cancelRequested()) throw new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
@@ -314,7 +320,7 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
       const available: ImageReplica[] = [];
       for (const transfer of transfers) {
         if (transfer.state !== ImageReplica_State.STATE_AVAILABLE) continue;
-        const replica = (await deps.replicas.get(`${transfer.host.slice('hosts/'.length)}.${id}`))?.value;
+        const replica = (await deps.replicas.get(`${hostIdOf(transfer)}.${id}`))?.value;
         if (replica) available.push(replica);
       }
       return DistributeImageResponse.fromPartial({
@@ -349,10 +355,10 @@ async function currentWebSeeds(deps: DistributeDeps, id: string, log: Logger): P
 /** After a cancel: the agents stop and remove the replicas that were not done. */
 async function abandon(deps: DistributeDeps, transfers: readonly HostTransfer[], id: string, log: Logger): Promise<void> {
   await mapLimited(transfers, FETCH_CONCURRENCY, async (transfer) => {
-    const hostId = transfer.host.slice('hosts/'.length);
+    const hostId = hostIdOf(transfer);
     try {
       const host = await deps.inventory.getHost(transfer.host);
-      if (host) await call((cb) => deps.agents.clientFor(host).deleteImageReplica({ name: `${transfer.host}/images/${id}` }, cb));
+      if (host) await call((cb) => deps.agents.clientFor(host).deleteImageReplica({ name: HOST_IMAGE_NAME.format({ host: hostId, image: id }) }, cb));
       const current = await deps.replicas.get(`${hostId}.${id}`);
       if (current && current.value.state !== ImageReplica_State.STATE_AVAILABLE) await deps.replicas.delete(`${hostId}.${id}`, current.revision);
     } catch (error) {
@@ -385,9 +391,9 @@ export async function followReplicaEvents(js: JetStreamClient, manager: JetStrea
 /** Applies one agent event to the replica record (exported for tests). */
 export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'replicas'>, event: ReceivedEvent<TransferEvent>, log: Logger): Promise<void> {
   const payload = event.payload;
-  const id = /^images\/([^/]+)$/.exec(payload.image)?.[1];
+  const id = IMAGE_NAME.parse(payload.image)?.image;
   // The subject's host token is what NATS vouched for; the payload must agree with it.
-  if (!id || !IMAGE_ID.test(id) || payload.host !== `hosts/${event.host}`) {
+  if (!id || HOST_NAME.parse(payload.host)?.host !== event.host) {
     log.warn({ subject: event.subject, image: payload.image, host: payload.host }, 'transfer event names another host or no image: dropped');
     return;
   }
@@ -407,7 +413,7 @@ export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'r
       return ImageReplica.fromPartial({
         ...current,
         ...(generation > 0 ? { generation: available.generation } : {}),
-        name: `hosts/${event.host}/images/${id}`,
+        name: HOST_IMAGE_NAME.format({ host: event.host, image: id }),
         image: payload.image,
         host: payload.host,
         state: ImageReplica_State.STATE_AVAILABLE,

@@ -3,6 +3,7 @@ import type { DistributionServiceService } from '../gen/cowherd/distribution/v1/
 import { ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import type { OperationManager } from '../common/domain/operations.js';
 import type { Handlers } from '../common/platform/rpc.js';
+import { IMAGE_NAME } from '../common/domain/resource-names.js';
 import { checkDeleteImage, collectReplicas, deleteReplica, type DeletionDeps, type deleteImageOperationKind } from './deletion.js';
 import { checkPublish, type PublishDeps, type publishOperationKind } from './publish.js';
 import { checkDistribute, initialDistributeMetadata, type DistributeDeps, type distributeOperationKind } from './distribute.js';
@@ -26,7 +27,7 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       if (existing) return operations.start(options.publish, request, undefined as never, request.requestId);
       const { host } = await checkPublish(request, deps);
       const now = new Date();
-      return operations.start(options.publish, request, { image: `images/${request.imageId}`, sourceVirtualMachine: request.sourceVirtualMachine, originHost: host.name, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, progress: undefined, startTime: now, updateTime: now }, request.requestId);
+      return operations.start(options.publish, request, { image: IMAGE_NAME.format({ image: request.imageId }), sourceVirtualMachine: request.sourceVirtualMachine, originHost: host.name, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, progress: undefined, startTime: now, updateTime: now }, request.requestId);
     },
     distributeImage: async (request) => {
       const existing = await operations.findByRequestId(options.distribute.kind, request.requestId);

@@ -3,6 +3,7 @@ import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import type { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { call } from '../common/platform/client.js';
+import { readAllPages } from '../common/platform/list-pages.js';
 
 
 /** undefined for NOT_FOUND, the value otherwise; other errors are thrown. */
@@ -20,29 +21,19 @@ export function inventoryReader(client: InventoryServiceClient) {
   return {
     getVirtualMachine: (name: string): Promise<VirtualMachine | undefined> => orUndefined(call<VirtualMachine>((cb) => client.getVirtualMachine({ name }, cb))),
     getHost: (name: string): Promise<Host | undefined> => orUndefined(call<Host>((cb) => client.getHost({ name }, cb))),
-    listHosts: async (): Promise<Host[]> => {
-      const found: Host[] = [];
-      let pageToken = '';
-      do {
+    listHosts: (): Promise<Host[]> =>
+      readAllPages(async (pageToken) => {
         const page = await call<{ hosts: Host[]; nextPageToken: string }>((cb) => client.listHosts({ pageSize: 1000, pageToken, filter: '' }, cb));
-        found.push(...page.hosts);
-        pageToken = page.nextPageToken;
-      } while (pageToken !== '');
-      return found;
-    },
-    dependents: async (parent: string, image: string): Promise<VirtualMachine[]> => {
-      const found: VirtualMachine[] = [];
-      let pageToken = '';
-      do {
+        return { items: page.hosts, nextPageToken: page.nextPageToken };
+      }),
+    dependents: (parent: string, image: string): Promise<VirtualMachine[]> =>
+      readAllPages(async (pageToken) => {
         const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent, pageSize: 1000, pageToken, filter: `source_image = ${JSON.stringify(image)}` }, cb)).catch((error: { code?: number }) => {
           // A host that no longer exists (NOT_FOUND as a parent) has no VM records left: no dependents.
           if (error.code === GrpcStatus.NOT_FOUND) return { virtualMachines: [], nextPageToken: '' };
           throw error;
         });
-        found.push(...page.virtualMachines);
-        pageToken = page.nextPageToken;
-      } while (pageToken !== '');
-      return found;
-    },
+        return { items: page.virtualMachines, nextPageToken: page.nextPageToken };
+      }),
   };
 }

@@ -20,7 +20,7 @@ import { IMAGE_PUBLISHED, IMAGE_PUBLISH_FAILED } from '../common/domain/event-ty
 import type { EventPublisher } from '../common/platform/events.js';
 import type { KvStore } from '../common/platform/kv.js';
 import type { OperationKind } from '../common/domain/operations.js';
-import { IMAGE_ID } from '../common/domain/resource-names.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 
 /** What publishing reads and writes. */
 export interface PublishDeps {
@@ -47,18 +47,19 @@ const EXPORT_STALL_MS = 600_000;
 
 /** Checks a PublishImage request; nothing changes when it fails. Returns the source VM and its host. */
 export async function checkPublish(request: PublishImageRequest, deps: PublishDeps): Promise<{ vm: VirtualMachine; host: Host }> {
-  if (!IMAGE_ID.test(request.imageId)) throw CowherdError.invalidArgument('image_id', 'must match [a-z0-9]([a-z0-9-]{0,61}[a-z0-9])? (no path separators, no dots)');
-  const match = /^hosts\/([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)\/virtualMachines\/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$/.exec(request.sourceVirtualMachine);
-  if (!match) throw CowherdError.invalidArgument('source_virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
+  if (!IMAGE_ID.test(request.imageId)) throw CowherdError.invalidArgument('image_id', `must match ${IMAGE_ID.source} (no path separators, no dots)`);
+  const source = VIRTUAL_MACHINE_NAME.parse(request.sourceVirtualMachine);
+  if (!source) throw CowherdError.invalidArgument('source_virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
   if (request.description.length > 1024) throw CowherdError.invalidArgument('description', 'must be at most 1024 characters');
   // A FAILED publish leaves its record (with the error) but not a claim on the name: publishing again replaces it.
   const existing = await deps.images.get(request.imageId);
-  if (existing && existing.value.state !== Image_State.STATE_FAILED) throw CowherdError.alreadyExists(`images/${request.imageId}`);
+  if (existing && existing.value.state !== Image_State.STATE_FAILED) throw CowherdError.alreadyExists(IMAGE_NAME.format({ image: request.imageId }));
   const vm = await deps.inventory.getVirtualMachine(request.sourceVirtualMachine);
   if (!vm) throw CowherdError.notFound(request.sourceVirtualMachine);
   if (vm.state !== VirtualMachine_State.STATE_SHUT_OFF) throw CowherdError.failedPrecondition(`${vm.name} is not powered off; stop it before publishing`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING);
-  const host = await deps.inventory.getHost(`hosts/${match[1]}`);
-  if (!host) throw CowherdError.notFound(`hosts/${match[1]}`);
+  const hostName = HOST_NAME.format({ host: source.host });
+  const host = await deps.inventory.getHost(hostName);
+  if (!host) throw CowherdError.notFound(hostName);
   if (host.state !== Host_State.STATE_READY) throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} is not READY`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name } });
   return { vm, host };
 }
@@ -72,8 +73,11 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
     responseType: { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: (bytes) => Image.decode(bytes) },
     run: async (context) => {
       const request = context.request;
-      const name = `images/${request.imageId}`;
-      const hostName = request.sourceVirtualMachine.split('/virtualMachines/')[0]!;
+      const name = IMAGE_NAME.format({ image: request.imageId });
+      // Checked before the operation was created.
+      const hostId = VIRTUAL_MACHINE_NAME.parse(request.sourceVirtualMachine)?.host;
+      if (hostId === undefined) throw CowherdError.invalidArgument('source_virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
+      const hostName = HOST_NAME.format({ host: hostId });
       const host = await deps.inventory.getHost(hostName);
       if (!host) throw CowherdError.notFound(hostName);
       const now = new Date();
@@ -101,17 +105,17 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
             updateTime: new Date(),
           }),
         );
-        const replicaKey = `${hostName.slice('hosts/'.length)}.${request.imageId}`;
-        await deps.replicas.put(replicaKey, ImageReplica.fromPartial({ ...result.replica, name: `${hostName}/images/${request.imageId}`, image: name, host: hostName, state: ImageReplica_State.STATE_AVAILABLE, origin: true, createTime: new Date(), updateTime: new Date() }));
+        const replicaKey = `${hostId}.${request.imageId}`;
+        await deps.replicas.put(replicaKey, ImageReplica.fromPartial({ ...result.replica, name: HOST_IMAGE_NAME.format({ host: hostId, image: request.imageId }), image: name, host: hostName, state: ImageReplica_State.STATE_AVAILABLE, origin: true, createTime: new Date(), updateTime: new Date() }));
         const totalBytes = (exported?.files ?? []).reduce((sum, file) => sum + Number(file.sizeBytes), 0);
-        await deps.events.publish(IMAGE_PUBLISHED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, hypervisor: host.hypervisor, totalBytes: String(totalBytes), infoHash: exported?.torrent?.infoHash ?? '', operation: context.name, occurTime: new Date() }, { host: hostName.slice('hosts/'.length), id: `image.published/${request.imageId}/${context.name}` });
+        await deps.events.publish(IMAGE_PUBLISHED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, hypervisor: host.hypervisor, totalBytes: String(totalBytes), infoHash: exported?.torrent?.infoHash ?? '', operation: context.name, occurTime: new Date() }, { host: hostId, id: `image.published/${request.imageId}/${context.name}` });
         await context.checkpoint({ metadata: { ...context.metadata, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_DONE, updateTime: new Date() } });
         return image!.value;
       } catch (error) {
         const relayed = relayServiceError(error, hostName);
         await deps.images.mutate(request.imageId, (current) => (current && current.state === Image_State.STATE_PUBLISHING ? { ...current, state: Image_State.STATE_FAILED, error: toStatus(relayed), updateTime: new Date() } : undefined)).catch(() => undefined);
         await deps.events
-          .publish(IMAGE_PUBLISH_FAILED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, status: toStatus(relayed), operation: context.name, occurTime: new Date() }, { host: hostName.slice('hosts/'.length), id: `image.publish_failed/${request.imageId}/${context.name}` })
+          .publish(IMAGE_PUBLISH_FAILED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, status: toStatus(relayed), operation: context.name, occurTime: new Date() }, { host: hostId, id: `image.publish_failed/${request.imageId}/${context.name}` })
           .catch(() => undefined);
         throw relayed;
       }

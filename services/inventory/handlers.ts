@@ -5,7 +5,7 @@ import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { CowherdError } from '../common/platform/errors.js';
 import { booleanField, enumField, hostNameField, imageNameField, parseFilter } from '../common/domain/filter.js';
 import { pageSizeOf, paginateSorted, type PageTokens } from '../common/platform/pagination.js';
-import { HOST_ID, IMAGE_ID } from '../common/domain/resource-names.js';
+import { EVERY_HOST, HOST_IMAGE_NAME, hostOf, IMAGE_NAME } from '../common/domain/resource-names.js';
 import type { Handlers } from '../common/platform/rpc.js';
 import { hostIdOf, parseVmName, vmKey, vmNamePrefix, type Inventory } from './inventory.js';
 
@@ -15,18 +15,18 @@ type InventoryService = typeof InventoryServiceService;
 export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens): Handlers<InventoryService> {
   /** The key prefix of a parent's records in the `<host>.<id>` buckets (replicas). */
   const hostParent = (parent: string): string => {
-    if (parent === 'hosts/-') return '';
+    if (parent === EVERY_HOST) return '';
     return `${hostIdOf(parent, 'parent')}.`;
   };
   /** The name prefix of a parent's VMs (the VM index is ordered by name). */
-  const vmParent = (parent: string): string => vmNamePrefix(parent === 'hosts/-' ? undefined : hostIdOf(parent, 'parent'));
+  const vmParent = (parent: string): string => vmNamePrefix(parent === EVERY_HOST ? undefined : hostIdOf(parent, 'parent'));
   /**
    * NOT_FOUND for a parent host that is not registered, as the proto says: an empty page would tell the
    * caller that a mistyped host has no VMs. Called after every other check, so bad input stays
    * INVALID_ARGUMENT whatever the host.
    */
   const requireParent = async (parent: string): Promise<void> => {
-    if (parent !== 'hosts/-') await inventory.requireHost(hostIdOf(parent, 'parent'));
+    if (parent !== EVERY_HOST) await inventory.requireHost(hostIdOf(parent, 'parent'));
   };
   return {
     registerHost: async (request) => {
@@ -94,8 +94,8 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
     },
 
     getImage: async (request) => {
-      const id = /^images\/([^/]+)$/.exec(request.name)?.[1];
-      if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument('name', 'must be images/{image}');
+      const id = IMAGE_NAME.parse(request.name)?.image;
+      if (!id) throw CowherdError.invalidArgument('name', 'must be images/{image}');
       const image = inventory.images.get(id);
       if (!image) throw CowherdError.notFound(request.name);
       return viewOf(image.value, request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_FULL : request.view);
@@ -112,9 +112,9 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
       return { images: page.map((image) => viewOf(image, request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_BASIC : request.view)), nextPageToken };
     },
     getImageReplica: async (request) => {
-      const match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(request.name);
-      if (!match || !HOST_ID.test(match[1]!) || !IMAGE_ID.test(match[2]!)) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/images/{image}');
-      const replica = inventory.replicas.get(`${match[1]}.${match[2]}`);
+      const parsed = HOST_IMAGE_NAME.parse(request.name);
+      if (!parsed) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/images/{image}');
+      const replica = inventory.replicas.get(`${parsed.host}.${parsed.image}`);
       if (!replica) throw CowherdError.notFound(request.name);
       return withDependents(inventory, [replica.value])[0]!;
     },
@@ -207,7 +207,7 @@ function viewOf(image: Image, view: ImageView): Image {
  */
 function withDependents(inventory: Inventory, replicas: readonly ImageReplica[]): ImageReplica[] {
   const byReplica = new Map<string, string[]>();
-  const hosts = new Set(replicas.map((replica) => /^hosts\/([^/]+)\//.exec(replica.name)?.[1]).filter((host): host is string => host !== undefined));
+  const hosts = new Set(replicas.map((replica) => hostOf(replica.name)).filter((host): host is string => host !== undefined));
   for (const host of hosts) {
     for (const { value: vm } of inventory.vms.valuesWithPrefix(vmNamePrefix(host))) {
       const replica = vm.lineage?.replica;

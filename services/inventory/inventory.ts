@@ -11,7 +11,7 @@ import { HOST_DELETED, HOST_READY, HOST_UNREACHABLE, VIRTUAL_MACHINE_CHANGED } f
 import type { EventPublisher } from '../common/platform/events.js';
 import { KvStore, protoCodec } from '../common/platform/kv.js';
 import type { Logger } from '../common/platform/logger.js';
-import { HOST_ID, VIRTUAL_MACHINE_ID } from '../common/domain/resource-names.js';
+import { HOST_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import { ResourceIndex } from './resource-index.js';
 
 /** Timing of heartbeats. */
@@ -34,26 +34,25 @@ export function vmKey(host: string, vmId: string): string {
  */
 export function vmNameOfKey(key: string): string {
   const dot = key.indexOf('.');
-  return `hosts/${key.slice(0, dot)}/virtualMachines/${key.slice(dot + 1).replace(/=/g, '.')}`;
+  return VIRTUAL_MACHINE_NAME.format({ host: key.slice(0, dot), virtualMachine: key.slice(dot + 1).replace(/=/g, '.') });
 }
 
 /** The prefix of the names of one host's VMs in the VM index (every host's: '' ). */
 export function vmNamePrefix(host: string | undefined): string {
-  return host === undefined ? '' : `hosts/${host}/virtualMachines/`;
+  return host === undefined ? '' : `${HOST_NAME.format({ host })}/virtualMachines/`;
 }
 
 /** Parses `hosts/{host}/virtualMachines/{vm}`; undefined when malformed. */
 export function parseVmName(name: string): { host: string; vm: string } | undefined {
-  const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(name);
-  if (!match || !HOST_ID.test(match[1]!) || !VIRTUAL_MACHINE_ID.test(match[2]!)) return undefined;
-  return { host: match[1]!, vm: match[2]! };
+  const parsed = VIRTUAL_MACHINE_NAME.parse(name);
+  return parsed && { host: parsed.host, vm: parsed.virtualMachine };
 }
 
 /** The `{host}` of `hosts/{host}`, or INVALID_ARGUMENT naming `field`. */
 export function hostIdOf(name: string, field: string): string {
-  const match = /^hosts\/([^/]+)$/.exec(name);
-  if (!match || !HOST_ID.test(match[1]!)) throw CowherdError.invalidArgument(field, 'must be hosts/{host} with {host} an RFC 1123 label');
-  return match[1]!;
+  const parsed = HOST_NAME.parse(name);
+  if (!parsed) throw CowherdError.invalidArgument(field, 'must be hosts/{host} with {host} an RFC 1123 label');
+  return parsed.host;
 }
 
 /** The inventory. */
@@ -92,7 +91,7 @@ export class Inventory {
       const draining = current?.draining ?? false;
       return Host.fromPartial({
         ...reported,
-        name: `hosts/${host}`,
+        name: HOST_NAME.format({ host }),
         state: draining ? Host_State.STATE_DRAINING : Host_State.STATE_READY,
         labels: current?.labels ?? {},
         transferLimits: current?.transferLimits,
@@ -103,7 +102,7 @@ export class Inventory {
       });
     });
     if (previousState !== Host_State.STATE_READY && stored!.state === Host_State.STATE_READY) {
-      await this.events.publish(HOST_READY, { host: `hosts/${host}`, hypervisor: stored!.hypervisor, agentVersion: stored!.agentVersion, previousState, occurTime: now }, { host, id: `host.ready/${host}/${now.getTime()}` });
+      await this.events.publish(HOST_READY, { host: HOST_NAME.format({ host }), hypervisor: stored!.hypervisor, agentVersion: stored!.agentVersion, previousState, occurTime: now }, { host, id: `host.ready/${host}/${now.getTime()}` });
     }
     this.log.info({ host, previousState: Host_State[previousState] }, 'host registered');
     return stored!;
@@ -114,7 +113,7 @@ export class Inventory {
     const now = new Date();
     let previousState = Host_State.STATE_UNSPECIFIED as Host_State;
     const stored = await this.hosts.write(host, (current) => {
-      if (!current) throw CowherdError.notFound(`hosts/${host}`);
+      if (!current) throw CowherdError.notFound(HOST_NAME.format({ host }));
       previousState = current.state;
       return {
         ...current,
@@ -125,7 +124,7 @@ export class Inventory {
     });
     if (previousState === Host_State.STATE_UNREACHABLE && stored!.state === Host_State.STATE_READY) {
       this.log.info({ host }, 'host is back');
-      await this.events.publish(HOST_READY, { host: `hosts/${host}`, hypervisor: stored!.hypervisor, agentVersion: stored!.agentVersion, previousState, occurTime: now }, { host, id: `host.ready/${host}/${now.getTime()}` });
+      await this.events.publish(HOST_READY, { host: HOST_NAME.format({ host }), hypervisor: stored!.hypervisor, agentVersion: stored!.agentVersion, previousState, occurTime: now }, { host, id: `host.ready/${host}/${now.getTime()}` });
     }
     return stored!;
   }
@@ -145,7 +144,7 @@ export class Inventory {
         });
         if (marked) {
           this.log.warn({ host: key, lastHeartbeatTime: host.lastHeartbeatTime }, 'host unreachable: heartbeats stopped');
-          await this.events.publish(HOST_UNREACHABLE, { host: `hosts/${key}`, lastHeartbeatTime: host.lastHeartbeatTime, occurTime: new Date() }, { host: key, id: `host.unreachable/${key}/${host.lastHeartbeatTime?.getTime() ?? 0}` });
+          await this.events.publish(HOST_UNREACHABLE, { host: HOST_NAME.format({ host: key }), lastHeartbeatTime: host.lastHeartbeatTime, occurTime: new Date() }, { host: key, id: `host.unreachable/${key}/${host.lastHeartbeatTime?.getTime() ?? 0}` });
         }
       }
       await this.collectOrphans();
@@ -172,14 +171,14 @@ export class Inventory {
     reported.forEach((vm, index) => {
       const parsed = parseVmName(vm.name);
       if (!parsed) throw CowherdError.invalidArgument(`virtual_machines[${index}].name`, 'must be hosts/{host}/virtualMachines/{vm} with a domain name of [A-Za-z0-9._-] or a UUID');
-      if (parsed.host !== host) throw CowherdError.permissionDenied(`virtual_machines[${index}] belongs to hosts/${parsed.host}, not to the caller's host`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
+      if (parsed.host !== host) throw CowherdError.permissionDenied(`virtual_machines[${index}] belongs to ${HOST_NAME.format({ host: parsed.host })}, not to the caller's host`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
       incoming.set(vmKey(host, parsed.vm), vm);
     });
     const toRemove = new Set<string>();
     removed.forEach((name, index) => {
       const parsed = parseVmName(name);
       if (!parsed) throw CowherdError.invalidArgument(`removed_virtual_machines[${index}]`, 'must be hosts/{host}/virtualMachines/{vm} with a domain name of [A-Za-z0-9._-] or a UUID');
-      if (parsed.host !== host) throw CowherdError.permissionDenied(`removed_virtual_machines[${index}] belongs to hosts/${parsed.host}, not to the caller's host`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
+      if (parsed.host !== host) throw CowherdError.permissionDenied(`removed_virtual_machines[${index}] belongs to ${HOST_NAME.format({ host: parsed.host })}, not to the caller's host`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
       toRemove.add(vmKey(host, parsed.vm));
     });
     await this.requireHost(host);
@@ -195,7 +194,7 @@ export class Inventory {
         const result = await this.vms.replace(key, (current) => {
           const next = VirtualMachine.fromPartial({
             ...vm,
-            host: `hosts/${host}`,
+            host: HOST_NAME.format({ host }),
             // Fields the agent does not own survive its reports.
             sourceImage: vm.sourceImage || current?.sourceImage || '',
             lineage: vm.lineage ?? current?.lineage,
@@ -235,7 +234,7 @@ export class Inventory {
       );
       this.log.warn({ host, virtualMachines: written.length }, 'host deleted during a report; its writes were taken back');
       await Promise.all(published);
-      throw CowherdError.notFound(`hosts/${host}`);
+      throw CowherdError.notFound(HOST_NAME.format({ host }));
     }
     await Promise.all(published);
     return { changed: written.length, removed: removedCount };
@@ -250,17 +249,17 @@ export class Inventory {
     await this.vms.sync();
     for (let attempt = 0; ; attempt++) {
       const current = await this.hosts.store.get(host);
-      if (!current) throw CowherdError.notFound(`hosts/${host}`);
+      if (!current) throw CowherdError.notFound(HOST_NAME.format({ host }));
       const managed = this.vms.valuesWithPrefix(vmNamePrefix(host)).filter((entry) => entry.value.managed).map((entry) => entry.value.name);
       if (managed.length > 0 && !force) {
-        throw CowherdError.failedPrecondition(`hosts/${host} still has ${managed.length} cowherd-managed virtual machines; delete them or use force`, ErrorReason.ERROR_REASON_HOST_NOT_EMPTY, { dependents: managed.slice(0, 20).join(',') });
+        throw CowherdError.failedPrecondition(`${HOST_NAME.format({ host })} still has ${managed.length} cowherd-managed virtual machines; delete them or use force`, ErrorReason.ERROR_REASON_HOST_NOT_EMPTY, { dependents: managed.slice(0, 20).join(',') });
       }
       // A heartbeat or registration in between changes the revision: decide again on the newer record.
       if (await this.hosts.remove(host, current.revision)) break;
-      if (attempt >= 20) throw new Error(`hosts/${host} kept changing while being deleted`);
+      if (attempt >= 20) throw new Error(`${HOST_NAME.format({ host })} kept changing while being deleted`);
     }
     const removed = await this.removeRecordsOf(host);
-    await this.events.publish(HOST_DELETED, { host: `hosts/${host}`, forced: force, occurTime: new Date() }, { host, id: `host.deleted/${host}/${Date.now()}` });
+    await this.events.publish(HOST_DELETED, { host: HOST_NAME.format({ host }), forced: force, occurTime: new Date() }, { host, id: `host.deleted/${host}/${Date.now()}` });
     this.log.warn({ host, force, virtualMachines: removed }, 'host deleted');
   }
 
@@ -310,7 +309,7 @@ export class Inventory {
   async requireHost(host: string): Promise<void> {
     if (this.hosts.get(host)) return;
     await this.hosts.sync();
-    if (!this.hosts.get(host)) throw CowherdError.notFound(`hosts/${host}`);
+    if (!this.hosts.get(host)) throw CowherdError.notFound(HOST_NAME.format({ host }));
   }
 
   stop(): void {

@@ -13,6 +13,7 @@ import { createClient } from '../platform/client.js';
 import { CowherdError } from '../platform/errors.js';
 import { identityUri } from '../platform/identity.js';
 import type { CredentialsFor } from '../platform/tls.js';
+import { HOST_NAME } from './resource-names.js';
 
 /** A cache of agent clients. */
 export class AgentClients {
@@ -25,7 +26,8 @@ export class AgentClients {
     if (host.agentEndpoint === '') {
       throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} has no agent endpoint in the inventory`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name } });
     }
-    const serverName = host.name.slice('hosts/'.length);
+    const serverName = HOST_NAME.parse(host.name)?.host;
+    if (serverName === undefined) throw new CowherdError(GrpcStatus.INTERNAL, `${host.name} is no hosts/{host}`, { reason: ErrorReason.ERROR_REASON_INTERNAL });
     const key = `${host.agentEndpoint}|${serverName}`;
     let client = this.clients.get(key);
     if (!client) {

@@ -10,7 +10,7 @@
  * reads as "there are none".
  */
 import { CowherdError } from '../platform/errors.js';
-import { HOST_ID, IMAGE_ID } from './resource-names.js';
+import { HOST_NAME, IMAGE_NAME, type ResourcePattern } from './resource-names.js';
 
 /** One comparison. */
 export interface Comparison {
@@ -71,20 +71,21 @@ export function booleanField<T>(read: (item: T) => boolean): FilterField<T> {
   return { read: (item) => String(read(item)), values: ['true', 'false'] };
 }
 
-/** A resource-name field such as `images/{image}`: a value that does not match `pattern` names nothing. */
-export function resourceNameField<T>(read: (item: T) => string, pattern: RegExp, shape: string, options: { prefix?: boolean; allowEmpty?: boolean } = {}): FilterField<T> {
-  const fine = (value: string): boolean => pattern.test(value) || (options.allowEmpty === true && value === '');
+/** A resource-name (or id) field such as `images/{image}`: a value that does not match `pattern` names nothing. */
+export function resourceNameField<T>(read: (item: T) => string, pattern: ResourcePattern<string> | RegExp, shape: string, options: { prefix?: boolean; allowEmpty?: boolean } = {}): FilterField<T> {
+  const named = (value: string): boolean => (pattern instanceof RegExp ? pattern.test(value) : pattern.matches(value));
+  const fine = (value: string): boolean => named(value) || (options.allowEmpty === true && value === '');
   return { read, ...(options.prefix ? { prefix: true } : {}), check: (value) => (fine(value) ? undefined : `is not of the form ${shape}${options.allowEmpty ? ' (or "" for none)' : ''}`) };
 }
 
 /** An `images/{image}` field (`source_image`, `image`). */
 export function imageNameField<T>(read: (item: T) => string, options: { allowEmpty?: boolean } = {}): FilterField<T> {
-  return resourceNameField(read, new RegExp(`^images/${IMAGE_ID.source.slice(1)}`), 'images/{image}', options);
+  return resourceNameField(read, IMAGE_NAME, IMAGE_NAME.pattern, options);
 }
 
 /** A `hosts/{host}` field (`origin_host`). */
 export function hostNameField<T>(read: (item: T) => string): FilterField<T> {
-  return resourceNameField(read, new RegExp(`^hosts/${HOST_ID.source.slice(1)}`), 'hosts/{host}');
+  return resourceNameField(read, HOST_NAME, HOST_NAME.pattern);
 }
 
 /** Parses `filter` against the fields a method allows; throws INVALID_ARGUMENT naming `filter`. */

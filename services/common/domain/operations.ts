@@ -22,6 +22,7 @@ import { CowherdError, toStatus } from '../platform/errors.js';
 import { jsonCodec, KvConflictError, KvStore } from '../platform/kv.js';
 import type { Logger } from '../platform/logger.js';
 import { OPERATION_KIND_NAMES } from './operation-kinds.js';
+import { OPERATION_NAME } from './resource-names.js';
 import { OPERATION_METRIC_STATES, operationsByState, operationsFinished, type OperationMetricState } from '../platform/metrics.js';
 import { paginate, PageTokens } from '../platform/pagination.js';
 import { backoffDelay, sleep } from '../platform/concurrency.js';
@@ -156,8 +157,7 @@ export class OperationManager {
   async start<Req, Meta>(kind: OperationKind<Req, Meta, unknown, unknown>, request: Req, initialMetadata: Meta, requestId: string): Promise<Operation> {
     const requestBytes = Buffer.from(kind.requestType.encode(request).finish());
     const requestFingerprint = createHash('sha256').update(kind.kind).update(requestBytes).digest('hex');
-    const id = randomUUID();
-    const name = `operations/${id}`;
+    const name = OPERATION_NAME.format({ operation: randomUUID() });
     if (requestId !== '') {
       const indexKey = requestIndexKey(kind.kind, requestId);
       const beingCreated = (): CowherdError => new CowherdError(GrpcStatus.ABORTED, 'an operation with this request_id is being created; retry', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
@@ -471,10 +471,8 @@ export const OPERATIONS_POLICY: AccessPolicy<typeof OperationsService> = {
   waitOperation: { allow: ['admin', 'service'] },
 };
 
-const OPERATION_NAME = /^operations\/([0-9a-f-]{36})$/;
-
 function validName(name: string): string {
-  if (!OPERATION_NAME.test(name)) throw CowherdError.invalidArgument('name', 'must look like operations/{uuid}');
+  if (!OPERATION_NAME.matches(name)) throw CowherdError.invalidArgument('name', 'must look like operations/{uuid}');
   return name;
 }
 
@@ -491,8 +489,11 @@ function requestIndexKey(kind: string, requestId: string): string {
   return `${kind}.${createHash('sha256').update(requestId).digest('hex')}`;
 }
 
+/** The KV key of an operation: its id. */
 function keyOf(name: string): string {
-  return name.slice('operations/'.length);
+  const parsed = OPERATION_NAME.parse(name);
+  if (!parsed) throw CowherdError.invalidArgument('name', 'must look like operations/{uuid}');
+  return parsed.operation;
 }
 
 function encodeOperation(operation: Operation): string {
