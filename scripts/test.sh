@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command (`npm test`, also what .ci/run runs): installs what the machine lacks, starts
-# the private libvirtd the integration tests use, then checks everything: types, proto lint, generated code
-# up to date, no breaking proto change, unit tests, integration tests against real nats-server, libvirtd,
-# qemu-img and a Python gRPC client. Exits non-zero on the first failing stage.
+# the private libvirtd the integration tests use, then checks everything: types, import boundaries, formatting,
+# proto lint, generated code up to date, no breaking proto change, unit tests, integration tests against real
+# nats-server, libvirtd, qemu-img and a Python gRPC client. Exits non-zero on the first failing stage.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -24,6 +24,8 @@ if ! bash scripts/libvirtd.sh status >/dev/null 2>&1; then
 fi
 
 step "type check (tsc --noEmit)" npx --no-install tsc --noEmit -p .
+step "import boundaries (.dependency-cruiser.cjs; npm run check:imports)" bash scripts/check-imports.sh
+step "format check (biome.json; npm run format writes it)" npx --no-install biome format
 step "buf lint (STANDARD + comments)" npx --no-install buf lint
 bash scripts/check-generated.sh
 bash scripts/check-breaking.sh
