@@ -16,7 +16,7 @@ import { promisify } from 'node:util';
 import { CloneVirtualMachinesResponse, Placement_Strategy } from '../services/gen/cowherd/cloning/v1/cloning_service.js';
 import type { Operation } from '../services/gen/google/longrunning/operations.js';
 import { unpack } from '../services/common/domain/operations.js';
-import { renderClone } from '../services/agent/hypervisor/domain-xml.js';
+import { renderClone } from '../services/agent/hypervisor/index.js';
 import { Resources } from '../test/harness/index.js';
 import { call } from '../test/harness/grpc.js';
 import { startCloneStack } from '../test/harness/clone-stack.js';

@@ -3,13 +3,13 @@
  * (qcow2 overlay on KVM, VHD differencing disk on Xen) in the clone's own directory, the domain XML
  * rendered from the sanitized template, defined in libvirt, started if asked, clone.done or clone.failed
  * published. A clone that fails is rolled back completely: its domain undefined, its directory removed.
- * Layout under the image directory: `images/<image>/` holds a replica (disk files and
- * `domain-template.xml`), `clones/<domain>/` a clone's children and files.
+ * Layout under the image directory (image-directory/layout.ts): `images/<image>/` holds a replica (disk
+ * files and `domain-template.xml`), `clones/<domain>/` a clone's children and files.
  */
 import { randomUUID } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { copyFile, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
-import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
+import { basename, dirname } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { CreateCloneResult, CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
@@ -20,14 +20,22 @@ import { CLONE_DONE, CLONE_FAILED } from '../common/domain/event-types.js';
 import type { EventPublisher } from '../common/platform/events.js';
 import type { Logger } from '../common/platform/logger.js';
 import { cloneDuration } from '../common/platform/metrics.js';
-import { IMAGE_ID } from '../common/domain/resource-names.js';
-import { DOMAIN_NAME_PATTERN, renderClone, sanitizeDomainTemplate, templateDisks, type CloneMetadata, type HypervisorKind, type RenderedClone } from './hypervisor/domain-xml.js';
-import { LibvirtError, type DomainInfo, type Libvirt } from './hypervisor/libvirt.js';
-import { createQcow2Overlay, protectBase } from './hypervisor/overlays.js';
-import { createDifferencingVhd } from './hypervisor/vhd.js';
-
-/** The name of the template file in a replica directory. */
-export const TEMPLATE_FILE = 'domain-template.xml';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_ID, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import {
+  createDifferencingVhd,
+  createQcow2Overlay,
+  LibvirtError,
+  protectBase,
+  renderClone,
+  sanitizeDomainTemplate,
+  templateDisks,
+  type CloneMetadata,
+  type DomainInfo,
+  type HypervisorKind,
+  type Libvirt,
+  type RenderedClone,
+} from './hypervisor/index.js';
+import { cloneDefinitionFile, cloneDirectory as cloneDirectoryOf, cloneDiskFile, clonesDirectory, isInsideImageDirectory, overlayPrototypeFile, replicaDirectory as replicaDirectoryOf, replicaFile, templateFile } from './image-directory/index.js';
 /** Clones per request at most (the proto's limit). */
 export const MAX_CLONES_PER_REQUEST = 1000;
 
@@ -104,19 +112,19 @@ export class CloneEngine {
       if (this.options.hypervisor === 'kvm' && disk.format === 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
     }
     const name = request.clones[0]!.domainName;
-    const cloneDirectory = join(this.options.imageDirectory, 'clones', name);
+    const cloneDirectory = cloneDirectoryOf(this.options.imageDirectory, name);
     await renderClone(source.template, {
       name,
       hypervisor: this.options.hypervisor,
       cloneDirectory,
-      disks: source.disks.map((disk) => ({ target: disk.target, path: join(cloneDirectory, `${disk.target}.${extension}`) })),
+      disks: source.disks.map((disk) => ({ target: disk.target, path: cloneDiskFile(cloneDirectory, disk.target, extension) })),
       ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
       metadata: { source: source.metadata, operation: request.operation, requestId: request.requestId },
     });
     const existing = new Set((await this.options.libvirt.listDomains()).map((domain) => domain.name));
     request.clones.forEach((clone, index) => {
       if (existing.has(clone.domainName)) {
-        throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `a domain named ${clone.domainName} already exists on hosts/${this.options.host}`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN, field: `clones[${index}].domain_name`, metadata: { domain: clone.domainName } });
+        throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `a domain named ${clone.domainName} already exists on ${HOST_NAME.format({ host: this.options.host })}`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN, field: `clones[${index}].domain_name`, metadata: { domain: clone.domainName } });
       }
     });
   }
@@ -126,7 +134,7 @@ export class CloneEngine {
     if (request.clones.length === 0 || request.clones.length > MAX_CLONES_PER_REQUEST) throw CowherdError.invalidArgument('clones', `must hold 1 to ${MAX_CLONES_PER_REQUEST} clones`);
     const names = new Set<string>();
     request.clones.forEach((clone, index) => {
-      if (!DOMAIN_NAME_PATTERN.test(clone.domainName)) throw CowherdError.invalidArgument(`clones[${index}].domain_name`, `must match ${DOMAIN_NAME_PATTERN.source}`);
+      if (!VIRTUAL_MACHINE_ID.test(clone.domainName)) throw CowherdError.invalidArgument(`clones[${index}].domain_name`, `must match ${VIRTUAL_MACHINE_ID.source}`);
       if (names.has(clone.domainName)) throw CowherdError.invalidArgument(`clones[${index}].domain_name`, 'repeats another clone of this request');
       names.add(clone.domainName);
     });
@@ -189,20 +197,20 @@ export class CloneEngine {
   private async resolveSource(request: CreateClonesRequest): Promise<ResolvedSource> {
     const source = request.source;
     if (source?.$case === 'image') {
-      const id = /^images\/([^/]+)$/.exec(source.value)?.[1];
-      if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument('image', 'must be images/{image}');
-      const replicaDirectory = this.options.replicaBase ? await this.options.replicaBase(id) : join(this.options.imageDirectory, 'images', id);
-      const template = await readFile(join(replicaDirectory, TEMPLATE_FILE), 'utf8').catch(() => {
-        throw CowherdError.failedPrecondition(`${source.value} has no replica on hosts/${this.options.host}`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
+      const id = IMAGE_NAME.parse(source.value)?.image;
+      if (!id) throw CowherdError.invalidArgument('image', 'must be images/{image}');
+      const replicaDirectory = this.options.replicaBase ? await this.options.replicaBase(id) : replicaDirectoryOf(this.options.imageDirectory, id);
+      const template = await readFile(templateFile(replicaDirectory), 'utf8').catch(() => {
+        throw CowherdError.failedPrecondition(`${source.value} has no replica on ${HOST_NAME.format({ host: this.options.host })}`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
       });
-      const disks = templateDisks(template).map((disk) => ({ target: disk.target, base: join(replicaDirectory, disk.fileName), format: disk.format }));
+      const disks = templateDisks(template).map((disk) => ({ target: disk.target, base: replicaFile(replicaDirectory, disk.fileName), format: disk.format }));
       return { metadata: { image: source.value }, template, disks, replicaDirectory };
     }
     if (source?.$case === 'virtualMachine') {
-      const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(source.value);
-      if (!match) throw CowherdError.invalidArgument('virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
-      if (match[1] !== this.options.host) throw CowherdError.invalidArgument('virtual_machine', `is on hosts/${match[1]}, not on this host (hosts/${this.options.host})`);
-      const domain = await this.options.libvirt.domain(match[2]!).catch((error: unknown) => {
+      const ids = VIRTUAL_MACHINE_NAME.parse(source.value);
+      if (!ids) throw CowherdError.invalidArgument('virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
+      if (ids.host !== this.options.host) throw CowherdError.invalidArgument('virtual_machine', `is on ${HOST_NAME.format({ host: ids.host })}, not on this host (${HOST_NAME.format({ host: this.options.host })})`);
+      const domain = await this.options.libvirt.domain(ids.virtualMachine).catch((error: unknown) => {
         throw error instanceof LibvirtError && error.kind === 'domain-not-found' ? CowherdError.notFound(source.value) : error;
       });
       if (domain.state !== 'shut off') throw CowherdError.failedPrecondition(`${source.value} is ${domain.state}; only a powered-off VM can be cloned`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING);
@@ -238,15 +246,15 @@ export class CloneEngine {
 
   /** Everything before libvirt: name check, directory, children, rendered XML. Never throws. */
   private async prepare(source: ResolvedSource, name: string, request: CreateClonesRequest, existing: DomainInfo | undefined, prototypes: ReadonlyMap<string, string>): Promise<PreparedClone> {
-    const cloneDirectory = join(this.options.imageDirectory, 'clones', name);
+    const cloneDirectory = cloneDirectoryOf(this.options.imageDirectory, name);
     let directoryMade = false;
     try {
       if (existing) {
         // A retried request finds the clones it already made (same request_id in their metadata).
         if (request.requestId !== '' && existing.clone?.requestId === request.requestId) return { kind: 'existing', name, domain: existing };
-        throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `a domain named ${name} already exists on hosts/${this.options.host}`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN, metadata: { domain: name } });
+        throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `a domain named ${name} already exists on ${HOST_NAME.format({ host: this.options.host })}`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN, metadata: { domain: name } });
       }
-      await mkdir(join(this.options.imageDirectory, 'clones'), { recursive: true });
+      await mkdir(clonesDirectory(this.options.imageDirectory), { recursive: true });
       await mkdir(cloneDirectory).catch((error: NodeJS.ErrnoException) => {
         if (error.code === 'EEXIST') throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `${cloneDirectory} already exists`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN });
         throw error;
@@ -261,7 +269,7 @@ export class CloneEngine {
         ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
         metadata: { source: source.metadata, operation: request.operation, requestId: request.requestId },
       });
-      await writeFile(join(cloneDirectory, 'domain.xml'), rendered.xml, { mode: 0o644 });
+      await writeFile(cloneDefinitionFile(cloneDirectory), rendered.xml, { mode: 0o644 });
       return { kind: 'new', name, cloneDirectory, rendered, overlays: children.map((child) => child.path) };
     } catch (error) {
       if (directoryMade) await rm(cloneDirectory, { recursive: true, force: true }).catch(() => undefined);
@@ -271,13 +279,12 @@ export class CloneEngine {
 
   /** One qemu-img overlay per base disk, in the clones directory (same file system, so copies are cheap). */
   private async makePrototypes(source: ResolvedSource): Promise<Map<string, string>> {
-    const directory = join(this.options.imageDirectory, 'clones');
-    await mkdir(directory, { recursive: true });
+    await mkdir(clonesDirectory(this.options.imageDirectory), { recursive: true });
     const prototypes = new Map<string, string>();
     try {
       for (const disk of source.disks) {
         if (disk.format === 'vpc') continue;
-        const path = join(directory, `.prototype-${randomUUID()}-${disk.target}.qcow2`);
+        const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), disk.target);
         await createQcow2Overlay(disk.base, disk.format, path);
         prototypes.set(disk.target, path);
       }
@@ -291,12 +298,12 @@ export class CloneEngine {
   private async makeChild(disk: ResolvedSource['disks'][number], cloneDirectory: string, prototype?: string): Promise<{ target: string; path: string }> {
     if (this.options.hypervisor === 'xen') {
       if (disk.format !== 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
-      const path = join(cloneDirectory, `${disk.target}.vhd`);
+      const path = cloneDiskFile(cloneDirectory, disk.target, 'vhd');
       await createDifferencingVhd({ parentPath: disk.base, childPath: path });
       return { target: disk.target, path };
     }
     if (disk.format === 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
-    const path = join(cloneDirectory, `${disk.target}.qcow2`);
+    const path = cloneDiskFile(cloneDirectory, disk.target, 'qcow2');
     const make = prototype === undefined ? createQcow2Overlay(disk.base, disk.format, path) : copyFile(prototype, path, fsConstants.COPYFILE_EXCL);
     await make.catch((error: unknown) => {
       throw /No space left|ENOSPC/i.test(String((error as Error).message))
@@ -351,7 +358,7 @@ export class CloneEngine {
     publishing.push(
       this.options.events.publish(
         CLONE_FAILED,
-        { virtualMachine: `hosts/${this.options.host}/virtualMachines/${name}`, host: `hosts/${this.options.host}`, domainName: name, uuid: '', image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays: [], status, operation: request.operation, occurTime: new Date() },
+        { virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: this.options.host, virtualMachine: name }), host: HOST_NAME.format({ host: this.options.host }), domainName: name, uuid: '', image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays: [], status, operation: request.operation, occurTime: new Date() },
         { host: this.options.host, id: `clone.failed/${occurrence}/${this.options.host}/${name}` },
       ),
     );
@@ -360,9 +367,10 @@ export class CloneEngine {
 
   private toVirtualMachine(name: string, uuid: string, state: VirtualMachine_State, source: ResolvedSource, overlays: readonly string[]): VirtualMachine {
     const image = 'image' in source.metadata ? source.metadata.image : '';
+    const imageId = IMAGE_NAME.parse(image)?.image;
     return VirtualMachine.fromPartial({
-      name: `hosts/${this.options.host}/virtualMachines/${name}`,
-      host: `hosts/${this.options.host}`,
+      name: VIRTUAL_MACHINE_NAME.format({ host: this.options.host, virtualMachine: name }),
+      host: HOST_NAME.format({ host: this.options.host }),
       domainName: name,
       uuid,
       state,
@@ -370,7 +378,7 @@ export class CloneEngine {
       managed: true,
       lineage: {
         image,
-        replica: image === '' ? '' : `hosts/${this.options.host}/${image}`,
+        replica: imageId === undefined ? '' : HOST_IMAGE_NAME.format({ host: this.options.host, image: imageId }),
         sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '',
         overlays: [...overlays],
       },
@@ -391,8 +399,7 @@ export class CloneEngine {
   }
 
   private inside(path: string): boolean {
-    const relation = relative(resolve(this.options.imageDirectory), resolve(path));
-    return relation !== '' && !relation.startsWith('..') && !isAbsolute(relation);
+    return isInsideImageDirectory(this.options.imageDirectory, path);
   }
 }
 

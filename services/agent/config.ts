@@ -1,8 +1,9 @@
 /** The agent's own variables (besides the common server ones, whose TLS files it fills in after enrolling). */
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, stringVariable, type ConfigOf, type Variable } from '../common/platform/config.js';
 import { DEFAULT_PORTS } from '../common/platform/service-process.js';
 import { defaultHostId, HOST_ID, isReservedHostId } from '../common/domain/resource-names.js';
+import { eventOutboxDirectory } from './image-directory/index.js';
 
 /** An optional host:port whose default depends on other variables (filled in by loadAgentConfig). */
 function optionalAddressVariable(name: string, description: string, defaultText: string): Variable<string | undefined> {
@@ -45,5 +46,5 @@ export function loadAgentConfig(env: Readonly<Record<string, string | undefined>
   // The default port follows the listen address, so that one variable moves both (port 0 cannot be advertised).
   const listenPort = /:(\d{1,5})$/.exec(env['COWHERD_LISTEN_ADDRESS'] ?? '')?.[1];
   const port = listenPort !== undefined && listenPort !== '0' ? listenPort : String(DEFAULT_PORTS.agent.grpc);
-  return Object.freeze({ ...config, advertiseAddress: config.advertiseAddress ?? `${config.host}:${port}`, eventOutboxDirectory: config.eventOutboxDirectory ?? join(config.imageDirectory, 'event-outbox') });
+  return Object.freeze({ ...config, advertiseAddress: config.advertiseAddress ?? `${config.host}:${port}`, eventOutboxDirectory: config.eventOutboxDirectory ?? eventOutboxDirectory(config.imageDirectory) });
 }

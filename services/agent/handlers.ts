@@ -3,13 +3,14 @@ import type { AgentServiceService } from '../gen/cowherd/agent/v1/agent_service.
 import type { Handlers } from '../common/platform/rpc.js';
 import { Hypervisor, ImagePublishStage, TransferProgress } from '../gen/cowherd/common/v1/types.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
-import type { ImageTransfers } from './swarm/image-transfers.js';
+import type { ImageTransfers } from './swarm/index.js';
 import { Image, Image_State, ImageReplica, ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME } from '../common/domain/resource-names.js';
 import type { Logger } from '../common/platform/logger.js';
 import type { CloneEngine } from './clone-engine.js';
 import { exportImage, toImageFiles } from './image-export.js';
-import type { Libvirt } from './hypervisor/libvirt.js';
+import type { Libvirt } from './hypervisor/index.js';
 import type { VmLifecycle } from './vm-lifecycle.js';
 
 /** How long a graceful stop waits when the caller names no timeout. */
@@ -36,7 +37,7 @@ export interface AgentHandlersDeps {
 export function agentHandlers({ clones, vms, replicas, transfers, exporter }: AgentHandlersDeps): Partial<Handlers<typeof AgentServiceService>> {
   return {
     exportImage: async (request, context, send) => {
-      const id = /^images\/([^/]+)$/.exec(request.image)?.[1];
+      const id = IMAGE_NAME.parse(request.image)?.image;
       if (!id) throw CowherdError.invalidArgument('image', 'must be images/{image}');
       let sending: Promise<void> = Promise.resolve();
       const exported = await exportImage({
@@ -59,7 +60,7 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
       const files = toImageFiles(exported.files);
       const torrent = await transfers.seedExported(
         id,
-        Image.fromPartial({ name: request.image, files, domainTemplate: exported.domainTemplate, hypervisor: exported.domainType === 'xen' ? Hypervisor.HYPERVISOR_XEN : Hypervisor.HYPERVISOR_KVM, sourceVirtualMachine: request.virtualMachine, originHost: `hosts/${exporter.host}` }),
+        Image.fromPartial({ name: request.image, files, domainTemplate: exported.domainTemplate, hypervisor: exported.domainType === 'xen' ? Hypervisor.HYPERVISOR_XEN : Hypervisor.HYPERVISOR_KVM, sourceVirtualMachine: request.virtualMachine, originHost: HOST_NAME.format({ host: exporter.host }) }),
         request.trackerAnnounceUrl,
         (bytesDone) => {
           if (bytesDone < totalBytes && performance.now() - lastTorrentReport < 1000) return;
@@ -74,8 +75,8 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
         response: {
           $case: 'result',
           value: {
-            image: Image.fromPartial({ name: request.image, files, domainTemplate: exported.domainTemplate, torrent, state: Image_State.STATE_AVAILABLE, sourceVirtualMachine: request.virtualMachine, originHost: `hosts/${exporter.host}`, createTime: now, updateTime: now }),
-            replica: ImageReplica.fromPartial({ name: `hosts/${exporter.host}/${request.image}`, image: request.image, host: `hosts/${exporter.host}`, state: ImageReplica_State.STATE_AVAILABLE, path: exported.directory, origin: true, webSeedUrl: transfers.webSeedUrl(), createTime: now, updateTime: now }),
+            image: Image.fromPartial({ name: request.image, files, domainTemplate: exported.domainTemplate, torrent, state: Image_State.STATE_AVAILABLE, sourceVirtualMachine: request.virtualMachine, originHost: HOST_NAME.format({ host: exporter.host }), createTime: now, updateTime: now }),
+            replica: ImageReplica.fromPartial({ name: HOST_IMAGE_NAME.format({ host: exporter.host, image: id }), image: request.image, host: HOST_NAME.format({ host: exporter.host }), state: ImageReplica_State.STATE_AVAILABLE, path: exported.directory, origin: true, webSeedUrl: transfers.webSeedUrl(), createTime: now, updateTime: now }),
             webSeedUrl: transfers.webSeedUrl(),
           },
         },
@@ -84,13 +85,13 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
     fetchImage: (request) => transfers.fetch(request),
     getImageReplica: (request) => transfers.get(request.name),
     listImageReplicas: async (request) => {
-      if (request.parent !== `hosts/${exporter.host}`) throw CowherdError.invalidArgument('parent', `must be hosts/${exporter.host}`);
+      if (request.parent !== HOST_NAME.format({ host: exporter.host })) throw CowherdError.invalidArgument('parent', `must be ${HOST_NAME.format({ host: exporter.host })}`);
       if (request.pageSize < 0) throw CowherdError.invalidArgument('page_size', 'must not be negative');
       const size = Math.min(request.pageSize || 100, 1000);
       const all = transfers.list();
       // Names are unique and sorted: the token is the last name of the previous page.
       const after = request.pageToken === '' ? '' : Buffer.from(request.pageToken, 'base64url').toString('utf8');
-      if (request.pageToken !== '' && !after.startsWith(`hosts/${exporter.host}/images/`)) throw CowherdError.invalidArgument('page_token', 'is not a token of this list', ErrorReason.ERROR_REASON_PAGE_TOKEN_INVALID);
+      if (request.pageToken !== '' && HOST_IMAGE_NAME.parse(after)?.host !== exporter.host) throw CowherdError.invalidArgument('page_token', 'is not a token of this list', ErrorReason.ERROR_REASON_PAGE_TOKEN_INVALID);
       const rest = all.filter((replica) => replica.name > after);
       const page = rest.slice(0, size);
       return { imageReplicas: page, nextPageToken: rest.length > size ? Buffer.from(page.at(-1)!.name).toString('base64url') : '' };

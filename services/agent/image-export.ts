@@ -33,23 +33,20 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { constants as fsConstants, createReadStream } from 'node:fs';
-import { access, chmod, copyFile, mkdir, open, readdir, rename, stat, statfs, writeFile } from 'node:fs/promises';
+import { access, chmod, copyFile, mkdir, open, rename, stat, statfs, writeFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
-import { join, resolve } from 'node:path';
+import { basename } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CommandError, runCommand } from '../common/platform/child-process.js';
 import { mapLimited } from '../common/platform/concurrency.js';
 import { CowherdError } from '../common/platform/errors.js';
 import type { Logger } from '../common/platform/logger.js';
-import { IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/domain/resource-names.js';
+import { HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import { ImageFile_Role, type ImageFile } from '../gen/cowherd/inventory/v1/resources.js';
-import { TEMPLATE_FILE } from './clone-engine.js';
-import { sanitizeDomainTemplate, type DiskFormatName, type DomainTemplate } from './hypervisor/domain-xml.js';
-import { LibvirtError, type Libvirt } from './hypervisor/libvirt.js';
-import { readVhdInfo } from './hypervisor/vhd.js';
-import { fsyncDirectory, pathExists, removeTree } from './image-directory/file-tree.js';
+import { LibvirtError, readVhdInfo, sanitizeDomainTemplate, type DiskFormatName, type DomainTemplate, type Libvirt } from './hypervisor/index.js';
+import { exportLockKey, exportWorkDirectories, exportWorkDirectory, fsyncDirectory, imagesDirectory, pathExists, removeTree, replicaDirectory, replicaFile, TEMPLATE_FILE } from './image-directory/index.js';
 
 /** Progress of an export: the stage and the bytes of that stage. */
 export interface ExportProgress {
@@ -131,7 +128,6 @@ export function toImageFiles(files: readonly ExportedImageFile[]): ImageFile[] {
   }));
 }
 
-const VIRTUAL_MACHINE_NAME = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/;
 const FILE_NAME_EXTENSION: Readonly<Record<DiskFormatName, string>> = { qcow2: 'qcow2', raw: 'img', vpc: 'vhd' };
 const DISK_FORMAT: Readonly<Record<DiskFormatName, DiskFormat>> = { qcow2: DiskFormat.DISK_FORMAT_QCOW2, raw: DiskFormat.DISK_FORMAT_RAW, vpc: DiskFormat.DISK_FORMAT_VHD };
 /** Target device names that make good file names ("vda.qcow2", as the proto's example). */
@@ -139,11 +135,6 @@ const SIMPLE_TARGET = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 const DEFAULT_CONVERT_TIMEOUT_MS = 6 * 60 * 60 * 1000;
 /** Exports running in this process, by work-directory prefix: a second export of the same id must not clean up the first's work. */
 const running = new Set<string>();
-
-/** The work-directory prefix of an image id; ids have no dots, so no id's prefix is another's. */
-function partialPrefix(image: string): string {
-  return `.${image}.partial-`;
-}
 
 interface PlannedDisk {
   readonly target: string;
@@ -174,15 +165,15 @@ interface PlannedBootFile {
 export async function exportImage(options: ExportImageOptions): Promise<ExportedImage> {
   const { image, host } = options;
   if (typeof image !== 'string' || !IMAGE_ID.test(image)) throw CowherdError.invalidArgument('image', `must be an image id matching ${IMAGE_ID.source}`);
-  const match = VIRTUAL_MACHINE_NAME.exec(options.virtualMachine ?? '');
-  if (!match || !VIRTUAL_MACHINE_ID.test(match[2]!)) throw CowherdError.invalidArgument('virtual_machine', 'must be hosts/{host}/virtualMachines/{virtual_machine}');
-  if (match[1] !== host) {
-    throw CowherdError.invalidArgument('virtual_machine', `is on hosts/${match[1]}, not on this host (hosts/${host})`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
+  const ids = VIRTUAL_MACHINE_NAME.parse(options.virtualMachine ?? '');
+  if (!ids) throw CowherdError.invalidArgument('virtual_machine', 'must be hosts/{host}/virtualMachines/{virtual_machine}');
+  if (ids.host !== host) {
+    throw CowherdError.invalidArgument('virtual_machine', `is on ${HOST_NAME.format({ host: ids.host })}, not on this host (${HOST_NAME.format({ host })})`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
   }
-  const domainName = match[2]!;
-  const imagesRoot = join(options.imageDirectory, 'images');
-  const finalDirectory = join(imagesRoot, image);
-  const lockKey = join(resolve(imagesRoot), partialPrefix(image));
+  const domainName = ids.virtualMachine;
+  const imagesRoot = imagesDirectory(options.imageDirectory);
+  const finalDirectory = replicaDirectory(options.imageDirectory, image);
+  const lockKey = exportLockKey(options.imageDirectory, image);
   if (running.has(lockKey)) throw alreadyExists(image, 'an export of this image is running on this host');
   running.add(lockKey);
   let workDirectory: string | undefined;
@@ -191,7 +182,7 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
     await mkdir(imagesRoot, { recursive: true });
     if (await pathExists(finalDirectory)) throw alreadyExists(image, `${finalDirectory} already exists`);
     // What a crashed export of this id left (no export of it runs in this process: the lock above).
-    await removeStalePartials(imagesRoot, image, options.log);
+    await removeStalePartials(options.imageDirectory, image, options.log);
 
     // The VM: there, powered off, publishable.
     const domain = await options.libvirt.domain(domainName).catch((error: unknown) => {
@@ -226,7 +217,7 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
       });
     }
 
-    workDirectory = join(imagesRoot, `${partialPrefix(image)}${randomBytes(6).toString('hex')}`);
+    workDirectory = exportWorkDirectory(options.imageDirectory, image, randomBytes(6).toString('hex'));
     await mkdir(workDirectory, { mode: 0o700 });
 
     const progress = new ProgressReporter(options.onProgress, options.progressIntervalMs ?? 250);
@@ -235,7 +226,7 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
     progress.start(ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, exportBytes);
     let finishedBytes = 0;
     for (const disk of disks) {
-      const output = join(work, disk.fileName);
+      const output = replicaFile(work, disk.fileName);
       const base = finishedBytes;
       let copying = true;
       const poll = setInterval(() => {
@@ -252,31 +243,31 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
     }
     for (const bootFile of bootFiles) {
       throwIfAborted(options.signal);
-      await copyFile(bootFile.sourcePath, join(work, bootFile.fileName), fsConstants.COPYFILE_EXCL).catch((error: unknown) => {
+      await copyFile(bootFile.sourcePath, replicaFile(work, bootFile.fileName), fsConstants.COPYFILE_EXCL).catch((error: unknown) => {
         throw unreadable(`<${bootFile.element}> ${bootFile.sourcePath}`, error);
       });
       finishedBytes += bootFile.sizeBytes;
       progress.update(finishedBytes);
     }
-    await writeFile(join(work, TEMPLATE_FILE), template, { flag: 'wx', mode: 0o644 });
+    await writeFile(replicaFile(work, TEMPLATE_FILE), template, { flag: 'wx', mode: 0o644 });
     progress.finish();
 
     // HASHING (and fsync), then read-only.
     const fileNames = [...disks.map((disk) => disk.fileName), ...bootFiles.map((file) => file.fileName), TEMPLATE_FILE];
-    const sizes = await Promise.all(fileNames.map(async (name) => (await stat(join(work, name))).size));
+    const sizes = await Promise.all(fileNames.map(async (name) => (await stat(replicaFile(work, name))).size));
     const totalBytes = sizes.reduce((sum, size) => sum + size, 0);
     progress.start(ImagePublishStage.IMAGE_PUBLISH_STAGE_HASHING, totalBytes);
     let hashedBytes = 0;
     const concurrency = Math.max(1, options.hashConcurrency ?? Math.min(2, availableParallelism()));
     const hashes = await mapLimited(fileNames, concurrency, (name) =>
-      hashAndSync(join(work, name), options.signal, (bytes) => {
+      hashAndSync(replicaFile(work, name), options.signal, (bytes) => {
         hashedBytes += bytes;
         progress.update(hashedBytes);
       }),
     );
     progress.finish();
-    const virtualSizes = await Promise.all(disks.map((disk) => virtualSize(join(work, disk.fileName), disk.targetFormat)));
-    for (const name of fileNames) await chmod(join(work, name), 0o444);
+    const virtualSizes = await Promise.all(disks.map((disk) => virtualSize(replicaFile(work, disk.fileName), disk.targetFormat)));
+    for (const name of fileNames) await chmod(replicaFile(work, name), 0o444);
     await chmod(work, 0o555);
 
     throwIfAborted(options.signal);
@@ -456,14 +447,10 @@ async function allocatedBytes(file: string): Promise<number> {
   }
 }
 
-/** rm -rf that also works on the read-only directories an export makes. */
-
-async function removeStalePartials(imagesRoot: string, image: string, log: Logger | undefined): Promise<void> {
-  const prefix = partialPrefix(image);
-  for (const name of await readdir(imagesRoot)) {
-    if (!name.startsWith(prefix)) continue;
-    log?.warn({ image, directory: name }, 'removing the work directory of an interrupted export');
-    await removeTree(join(imagesRoot, name));
+async function removeStalePartials(imageDirectory: string, image: string, log: Logger | undefined): Promise<void> {
+  for (const directory of await exportWorkDirectories(imageDirectory, image)) {
+    log?.warn({ image, directory: basename(directory) }, 'removing the work directory of an interrupted export');
+    await removeTree(directory);
   }
 }
 
@@ -508,7 +495,7 @@ class ProgressReporter {
 }
 
 function alreadyExists(image: string, why: string): CowherdError {
-  return new CowherdError(GrpcStatus.ALREADY_EXISTS, `images/${image} already exists on this host: ${why}`, { reason: ErrorReason.ERROR_REASON_ALREADY_EXISTS, metadata: { resource: `images/${image}` } });
+  return new CowherdError(GrpcStatus.ALREADY_EXISTS, `${IMAGE_NAME.format({ image })} already exists on this host: ${why}`, { reason: ErrorReason.ERROR_REASON_ALREADY_EXISTS, metadata: { resource: IMAGE_NAME.format({ image }) } });
 }
 
 function unreadable(what: string, error: unknown): CowherdError {

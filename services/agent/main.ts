@@ -9,18 +9,14 @@ import { runServiceMain } from '../common/platform/service-process.js';
 import { identityUri } from '../common/platform/identity.js';
 import { AGENT_POLICY } from './access-policy.js';
 import { loadAgentConfig, type AgentConfig } from './config.js';
-import { createQemuImgDiskInspector } from './hypervisor/disks.js';
-import { ensureEnrolled } from './host/enrollment.js';
-import { createHostFactsSource, detectHypervisor, prepareImageDirectory, readSystemFacts } from './host/host-facts.js';
 import { CloneEngine } from './clone-engine.js';
 import { agentHandlers } from './handlers.js';
 import { VmLifecycle } from './vm-lifecycle.js';
-import { deleteLocalReplica } from './swarm/replicas.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
-import { VirshLibvirt } from './hypervisor/libvirt.js';
-import { scopedLibvirt } from './hypervisor/scoped-libvirt.js';
-import { createReporter, inventoryPort } from './host/reporter.js';
-import { ImageTransfers } from './swarm/image-transfers.js';
+import { createQemuImgDiskInspector, imageDependents, scopedLibvirt, VirshLibvirt } from './hypervisor/index.js';
+import { createHostFactsSource, createReporter, detectHypervisor, ensureEnrolled, inventoryPort, readSystemFacts } from './host/index.js';
+import { prepareImageDirectory } from './image-directory/index.js';
+import { deleteLocalReplica, ImageTransfers } from './swarm/index.js';
 
 /** `host:port` (IPv6 in brackets) split. */
 function splitAddress(address: string): { host: string; port: number } {
@@ -63,8 +59,8 @@ await runServiceMain({
       (facts) => (detectHypervisor(facts, readSystemFacts()).hypervisor === Hypervisor.HYPERVISOR_XEN ? 'xen' : 'kvm'),
       () => 'kvm' as const,
     );
-    const dependents = async (id: string): Promise<string[]> =>
-      (await libvirt.listDomains()).filter((domain) => domain.clone && 'image' in domain.clone.source && domain.clone.source.image === `images/${id}`).map((domain) => domain.name);
+    // The swarm asks which domains use a replica; the hypervisor answers (the rooms do not import each other).
+    const dependents = imageDependents(libvirt);
     const transfers = await ImageTransfers.start({
       host: agent.host,
       imageDirectory: agent.imageDirectory,
@@ -75,7 +71,6 @@ await runServiceMain({
       webSeedAddress: splitAddress(agent.webSeedAddress),
       advertiseHost: splitAddress(agent.advertiseAddress).host,
       dependents,
-      libvirt,
       scrubBytesPerSecond: agent.scrubMibPerSecond * 1024 * 1024,
       scrubIntervalMs: agent.scrubIntervalSeconds * 1000,
     });
@@ -94,7 +89,7 @@ await runServiceMain({
     await reporter.start();
     const clones = new CloneEngine({ host: agent.host, imageDirectory: agent.imageDirectory, hypervisor, libvirt, events, log: log.child({ component: 'clones' }), replicaBase: (id) => transfers.cloneBase(id) });
     const vms = new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) });
-    const replicas = { delete: (name: string) => deleteLocalReplica({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log, release: (id, removeFiles) => transfers.release(id, removeFiles) }, name) };
+    const replicas = { delete: (name: string) => deleteLocalReplica({ host: agent.host, imageDirectory: agent.imageDirectory, dependents, log, release: (id, removeFiles) => transfers.release(id, removeFiles) }, name) };
     return {
       services: [adaptService(AgentServiceService, agentHandlers({ clones, vms, replicas, transfers, exporter: { libvirt, imageDirectory: agent.imageDirectory, host: agent.host, log: log.child({ component: 'export' }) } }), AGENT_POLICY, boundary)],
       stop: async () => {

@@ -5,15 +5,14 @@
  * delete of an unmanaged VM removes only its libvirt definition, never a file.
  */
 import { rm } from 'node:fs/promises';
-import { join } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { VirtualMachine, VirtualMachine_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
 import type { Logger } from '../common/platform/logger.js';
-import { DOMAIN_NAME_PATTERN } from './hypervisor/domain-xml.js';
-import { LibvirtError, type DomainInfo, type Libvirt } from './hypervisor/libvirt.js';
-import { virtualMachineState } from './host/reporter.js';
+import { HOST_NAME, VIRTUAL_MACHINE_ID, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import { LibvirtError, virtualMachineId, virtualMachineState, type DomainInfo, type Libvirt } from './hypervisor/index.js';
+import { cloneDirectory } from './image-directory/index.js';
 
 /** What the lifecycle needs. */
 export interface VmLifecycleOptions {
@@ -72,29 +71,34 @@ export class VmLifecycle {
       await this.options.libvirt.destroy(domain.uuid).catch(hypervisorError);
     }
     await this.options.libvirt.undefine(domain.uuid).catch(hypervisorError);
-    if (managed && DOMAIN_NAME_PATTERN.test(domain.name)) {
+    if (managed && VIRTUAL_MACHINE_ID.test(domain.name)) {
       // Only the clone's own directory: its overlays, XML, NVRAM and logs. Never a base.
-      await rm(join(this.options.imageDirectory, 'clones', domain.name), { recursive: true, force: true });
+      await rm(cloneDirectory(this.options.imageDirectory, domain.name), { recursive: true, force: true });
     }
     this.options.log.info({ vm: name, managed, force }, 'virtual machine deleted');
   }
 
   private async find(name: string): Promise<{ domain: DomainInfo; all: DomainInfo[] }> {
-    const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(name);
-    if (!match) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/virtualMachines/{vm}');
-    if (match[1] !== this.options.host) throw CowherdError.invalidArgument('name', `is on hosts/${match[1]}, not on this host`);
+    const ids = VIRTUAL_MACHINE_NAME.parse(name);
+    if (!ids) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/virtualMachines/{vm}');
+    if (ids.host !== this.options.host) throw CowherdError.invalidArgument('name', `is on ${HOST_NAME.format({ host: ids.host })}, not on this host`);
     const all = await this.options.libvirt.listDomains();
-    const id = match[2]!;
+    const id = ids.virtualMachine;
     const domain = all.find((candidate) => candidate.name === id || candidate.uuid === id.toLowerCase());
     if (!domain) throw CowherdError.notFound(name);
     return { domain, all };
   }
 
   private refuseDependents(name: string, all: readonly DomainInfo[]): void {
-    const dependents = all.filter((domain) => domain.clone && 'virtualMachine' in domain.clone.source && domain.clone.source.virtualMachine === name).map((domain) => `hosts/${this.options.host}/virtualMachines/${domain.name}`);
+    const dependents = all.filter((domain) => domain.clone && 'virtualMachine' in domain.clone.source && domain.clone.source.virtualMachine === name).map((domain) => this.nameOf(domain));
     if (dependents.length > 0) {
       throw CowherdError.failedPrecondition(`${dependents.length} clones use ${name}'s disks as their base`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS, { dependents: dependents.slice(0, 20).join(',') });
     }
+  }
+
+  /** A domain's resource name: by its name when that is a `{virtualMachine}` id, else by its UUID (as the reporter names it). */
+  private nameOf(domain: Pick<DomainInfo, 'name' | 'uuid'>): string {
+    return VIRTUAL_MACHINE_NAME.format({ host: this.options.host, virtualMachine: virtualMachineId(domain) });
   }
 
   private async current(uuid: string): Promise<VirtualMachine> {
@@ -103,8 +107,8 @@ export class VmLifecycle {
 
   private toVm(domain: DomainInfo): VirtualMachine {
     return VirtualMachine.fromPartial({
-      name: `hosts/${this.options.host}/virtualMachines/${domain.name}`,
-      host: `hosts/${this.options.host}`,
+      name: this.nameOf(domain),
+      host: HOST_NAME.format({ host: this.options.host }),
       domainName: domain.name,
       uuid: domain.uuid,
       state: virtualMachineState(domain.state) ?? VirtualMachine_State.STATE_OTHER,

@@ -22,7 +22,7 @@ import { KvStore, protoCodec } from '../../services/common/platform/kv.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { connectNats } from '../../services/common/platform/nats.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
-import { sanitizeDomainTemplate } from '../../services/agent/hypervisor/domain-xml.js';
+import { sanitizeDomainTemplate } from '../../services/agent/hypervisor/index.js';
 import { Resources, TestPki, startTestNats } from './index.js';
 import { call, waitFor } from './grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from './processes.js';

@@ -23,7 +23,7 @@ import { consumeEvents } from '../../services/common/platform/events.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { connectNats } from '../../services/common/platform/nats.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
-import { sanitizeDomainTemplate } from '../../services/agent/hypervisor/domain-xml.js';
+import { sanitizeDomainTemplate } from '../../services/agent/hypervisor/index.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call, failure } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';

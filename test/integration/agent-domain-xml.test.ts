@@ -14,7 +14,7 @@ import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { XMLParser } from 'fast-xml-parser';
 import { runCommand } from '../../services/common/platform/child-process.js';
-import { readCloneMetadata, renderClone, sanitizeDomainTemplate, type DomainTemplate, type RenderedClone } from '../../services/agent/hypervisor/domain-xml.js';
+import { readCloneMetadata, renderClone, sanitizeDomainTemplate, type DomainTemplate, type RenderedClone } from '../../services/agent/hypervisor/index.js';
 import { parseDomainXml } from '../../services/agent/hypervisor/libvirt.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');

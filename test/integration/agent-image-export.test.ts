@@ -20,7 +20,7 @@ import { createLogger } from '../../services/common/platform/logger.js';
 import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
 import { ImagePublishStage } from '../../services/gen/cowherd/common/v1/types.js';
 import { ImageFile_Role } from '../../services/gen/cowherd/inventory/v1/resources.js';
-import { templateDisks } from '../../services/agent/hypervisor/domain-xml.js';
+import { templateDisks } from '../../services/agent/hypervisor/index.js';
 import { exportImage, type ExportProgress } from '../../services/agent/image-export.js';
 import { VirshLibvirt } from '../../services/agent/hypervisor/libvirt.js';
 

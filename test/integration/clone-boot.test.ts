@@ -16,7 +16,7 @@ import { AgentServiceClient, type CreateCloneResult } from '../../services/gen/c
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { createClient } from '../../services/common/platform/client.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
-import { sanitizeDomainTemplate } from '../../services/agent/hypervisor/domain-xml.js';
+import { sanitizeDomainTemplate } from '../../services/agent/hypervisor/index.js';
 import { guestDomainXml } from '../../services/launcher/story.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call } from '../harness/grpc.js';

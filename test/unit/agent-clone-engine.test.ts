@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { CloneEngine } from '../../services/agent/clone-engine.js';
-import { readCloneMetadata } from '../../services/agent/hypervisor/domain-xml.js';
+import { readCloneMetadata } from '../../services/agent/hypervisor/index.js';
 import type { DomainInfo, Libvirt } from '../../services/agent/hypervisor/libvirt.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { writeTinyReplica } from '../harness/index.js';

@@ -11,15 +11,10 @@ import { status as GrpcStatus } from '@grpc/grpc-js';
 import { XMLParser } from 'fast-xml-parser';
 import { CowherdError } from '../../services/common/platform/errors.js';
 import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.js';
-import {
-  CLONE_METADATA_NAMESPACE,
-  DomainXmlError,
-  readCloneMetadata,
-  renderClone,
-  sanitizeDomainTemplate,
-  type RandomSource,
-  type RenderCloneOptions,
-} from '../../services/agent/hypervisor/domain-xml.js';
+import { CLONE_METADATA_NAMESPACE, readCloneMetadata } from '../../services/agent/hypervisor/domain-xml/clone-metadata.js';
+import { renderClone, type RandomSource, type RenderCloneOptions } from '../../services/agent/hypervisor/domain-xml/clone-rendering.js';
+import { DomainXmlError } from '../../services/agent/hypervisor/domain-xml/errors.js';
+import { sanitizeDomainTemplate } from '../../services/agent/hypervisor/domain-xml/template.js';
 import { parseDomainXml } from '../../services/agent/hypervisor/libvirt.js';
 
 // `virsh dumpxml --inactive --security-info` of a domain defined in the private libvirtd (libvirt 9.0, qemu

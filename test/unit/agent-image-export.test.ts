@@ -17,7 +17,7 @@ import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.j
 import { DiskFormat, ImagePublishStage } from '../../services/gen/cowherd/common/v1/types.js';
 import { ImageFile_Role } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { exportImage, toImageFiles, type ExportImageOptions, type ExportProgress } from '../../services/agent/image-export.js';
-import { sanitizeDomainTemplate, templateDisks } from '../../services/agent/hypervisor/domain-xml.js';
+import { sanitizeDomainTemplate, templateDisks } from '../../services/agent/hypervisor/index.js';
 import { LibvirtError, type DomainInfo, type DomainState, type Libvirt } from '../../services/agent/hypervisor/libvirt.js';
 
 const run = promisify(execFile);

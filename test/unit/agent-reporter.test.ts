@@ -14,7 +14,8 @@ import { Host, VirtualMachine_State, type Disk, type VirtualMachine } from '../.
 import type { DiskInspector } from '../../services/agent/hypervisor/disks.js';
 import type { Capacity, HostFactsSource, HostRegistrationFacts } from '../../services/agent/host/host-facts.js';
 import { LibvirtError, type DomainInfo, type EventWatch, type HypervisorFacts, type Libvirt, type LibvirtEvent } from '../../services/agent/hypervisor/libvirt.js';
-import { createReporter, toVirtualMachine, virtualMachineState, type InventoryPort, type Reporter, type ReporterOptions } from '../../services/agent/host/reporter.js';
+import { createReporter, toVirtualMachine, type InventoryPort, type Reporter, type ReporterOptions } from '../../services/agent/host/reporter.js';
+import { virtualMachineState } from '../../services/agent/hypervisor/domain-state.js';
 
 const HOST = 'kvm-01';
 const log = createLogger({ service: 'agent-test', level: 'silent' });

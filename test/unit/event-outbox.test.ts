@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CloneEngine } from '../../services/agent/clone-engine.js';
-import { readCloneMetadata } from '../../services/agent/hypervisor/domain-xml.js';
+import { readCloneMetadata } from '../../services/agent/hypervisor/index.js';
 import type { DomainInfo, Libvirt } from '../../services/agent/hypervisor/libvirt.js';
 import { backoffDelay } from '../../services/common/platform/concurrency.js';
 import { DirectoryOutboxStore, OutboxEventPublisher, OutboxRelay, type OutboxRecord, type OutboxStore, type StoredRecord } from '../../services/common/platform/event-outbox.js';

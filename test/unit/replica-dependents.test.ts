@@ -1,4 +1,4 @@
-// Unit test of services/agent/swarm/replicas.ts domainsBackedBy with real qemu-img files: a domain depends on a
+// Unit test of services/agent/hypervisor/dependents.ts domainsBackedBy with real qemu-img files: a domain depends on a
 // replica generation when any of its disks chains to a file in that generation's directory, however deep.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -7,8 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
-import type { DomainInfo } from '../../services/agent/hypervisor/libvirt.js';
-import { domainsBackedBy } from '../../services/agent/swarm/replicas.js';
+import { domainsBackedBy, type DomainInfo } from '../../services/agent/hypervisor/index.js';
 
 const run = promisify(execFile);
 let root: string;

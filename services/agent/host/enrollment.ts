@@ -17,6 +17,7 @@ import { identityUri } from '../../common/platform/identity.js';
 import type { Logger } from '../../common/platform/logger.js';
 import { certificateSha256, createCsr, generateKeyPair, inspectCertificate } from '../../common/platform/pki.js';
 import type { TlsFiles } from '../../common/platform/tls.js';
+import { JOIN_TOKEN_ID } from '../../common/domain/resource-names.js';
 
 /** Options of {@link ensureEnrolled}. */
 export interface EnrollmentOptions {
@@ -45,8 +46,8 @@ export async function ensureEnrolled(options: EnrollmentOptions): Promise<TlsFil
     options.log.warn({ identity: facts.identity?.uri, notAfter: facts.notAfter }, 'stored credentials are expired or for another host; enrolling again');
   }
   if (!options.joinToken) throw new Error(`no valid credentials in ${options.credentialsDirectory} and no join token: ask an admin for one (cowherd hosts join-token ${options.host}) and set COWHERD_JOIN_TOKEN`);
-  const pinned = /^cjt1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}\.([0-9a-f]{64})$/.exec(options.joinToken)?.[1];
-  if (!pinned) throw new Error('COWHERD_JOIN_TOKEN is not a cowherd join token (cjt1.<id>.<secret>.<ca sha256>)');
+  const [scheme, tokenId = '', secret = '', pinned = '', ...rest] = options.joinToken.split('.');
+  if (scheme !== 'cjt1' || !JOIN_TOKEN_ID.test(tokenId) || !/^[A-Za-z0-9_-]{43}$/.test(secret) || !/^[0-9a-f]{64}$/.test(pinned) || rest.length > 0) throw new Error('COWHERD_JOIN_TOKEN is not a cowherd join token (cjt1.<id>.<secret>.<ca sha256>)');
 
   // 1. Fetch the CA bundle without trusting anyone, and pin it.
   const caPem = await fetchCaBundle(options.enrollAddress);

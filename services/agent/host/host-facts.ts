@@ -4,10 +4,10 @@
  * its own version and the endpoint services reach it at.
  */
 import { existsSync, readFileSync } from 'node:fs';
-import { mkdir, readFile, statfs } from 'node:fs/promises';
+import { readFile, statfs } from 'node:fs/promises';
 import { availableParallelism, cpus, freemem, hostname, totalmem } from 'node:os';
 import { Hypervisor } from '../../gen/cowherd/common/v1/types.js';
-import type { HypervisorFacts, Libvirt } from '../hypervisor/libvirt.js';
+import type { HypervisorFacts, Libvirt } from '../hypervisor/index.js';
 
 /** Facts about the machine itself, outside libvirt (injectable for tests). */
 export interface SystemFacts {
@@ -83,11 +83,6 @@ export async function availableMemoryBytes(): Promise<number> {
 export async function fileSystemSpace(directory: string): Promise<{ freeBytes: number; totalBytes: number }> {
   const stats = await statfs(directory);
   return { freeBytes: stats.bavail * stats.bsize, totalBytes: stats.blocks * stats.bsize };
-}
-
-/** Creates the image directory (0755) and its images/ and clones/ folders when missing. */
-export async function prepareImageDirectory(directory: string): Promise<void> {
-  for (const folder of [directory, `${directory}/images`, `${directory}/clones`]) await mkdir(folder, { recursive: true, mode: 0o755 });
 }
 
 /** The agent's version: the repository's package.json version. */

@@ -10,13 +10,12 @@
  */
 import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import type { Logger } from '../../common/platform/logger.js';
-import { VIRTUAL_MACHINE_ID } from '../../common/domain/resource-names.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../common/domain/resource-names.js';
 import { Hypervisor } from '../../gen/cowherd/common/v1/types.js';
 import type { HeartbeatRequest, HeartbeatResponse, InventoryServiceClient, RegisterHostRequest, ReportVirtualMachinesRequest, ReportVirtualMachinesResponse } from '../../gen/cowherd/inventory/v1/inventory_service.js';
-import { Host, VirtualMachine, VirtualMachine_State, type Disk, type TransferLimits } from '../../gen/cowherd/inventory/v1/resources.js';
-import { inspectAll, type DiskInspector } from '../hypervisor/disks.js';
+import { Host, VirtualMachine, type Disk, type TransferLimits } from '../../gen/cowherd/inventory/v1/resources.js';
+import { inspectAll, LibvirtError, virtualMachineId, virtualMachineState, type DiskInspector, type DomainInfo, type EventWatch, type Libvirt, type LibvirtEvent } from '../hypervisor/index.js';
 import type { HostFactsSource, HostRegistrationFacts } from './host-facts.js';
-import { LibvirtError, type DomainInfo, type DomainState, type EventWatch, type Libvirt, type LibvirtEvent } from '../hypervisor/libvirt.js';
 
 /** The three inventory calls the reporter makes (a fake in unit tests, gRPC in the agent). */
 export interface InventoryPort {
@@ -39,29 +38,10 @@ export function inventoryPort(client: InventoryServiceClient, deadlineMs = 15_00
   };
 }
 
-/** libvirt's state as the inventory's VirtualMachine.State. */
-export function virtualMachineState(state: DomainState): VirtualMachine_State {
-  switch (state) {
-    case 'running':
-      return VirtualMachine_State.STATE_RUNNING;
-    case 'paused':
-      return VirtualMachine_State.STATE_PAUSED;
-    case 'shut off':
-      return VirtualMachine_State.STATE_SHUT_OFF;
-    case 'crashed':
-      return VirtualMachine_State.STATE_CRASHED;
-    case 'pmsuspended':
-      return VirtualMachine_State.STATE_SUSPENDED;
-    case 'idle':
-    case 'in shutdown':
-    case 'no state':
-      return VirtualMachine_State.STATE_OTHER;
-  }
-}
-
-/** `{virtual_machine}` of a domain: its name when that is a safe id, else its UUID. */
-export function virtualMachineId(domain: Pick<DomainInfo, 'name' | 'uuid'>): string {
-  return VIRTUAL_MACHINE_ID.test(domain.name) ? domain.name : domain.uuid.toLowerCase();
+/** `hosts/{host}/images/{image}` of a clone's source image `images/{image}`; '' when it names none (or no valid image). */
+function replicaOf(host: string, image: string): string {
+  const ids = IMAGE_NAME.parse(image);
+  return ids ? HOST_IMAGE_NAME.format({ host, image: ids.image }) : '';
 }
 
 /** The inventory record of a domain; clones cowherd made carry their lineage from their metadata. */
@@ -72,7 +52,7 @@ export function toVirtualMachine(host: string, domain: DomainInfo, disks: readon
     ? {
         lineage: {
           image,
-          replica: image === '' ? '' : `hosts/${host}/${image}`,
+          replica: replicaOf(host, image),
           sourceVirtualMachine: 'virtualMachine' in clone.source ? clone.source.virtualMachine : '',
           overlays: disks.map((disk) => disk.path),
         },
@@ -82,8 +62,8 @@ export function toVirtualMachine(host: string, domain: DomainInfo, disks: readon
     : {};
   return VirtualMachine.fromPartial({
     ...lineage,
-    name: `hosts/${host}/virtualMachines/${virtualMachineId(domain)}`,
-    host: `hosts/${host}`,
+    name: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: virtualMachineId(domain) }),
+    host: HOST_NAME.format({ host }),
     domainName: domain.name,
     uuid: domain.uuid.toLowerCase(),
     state: virtualMachineState(domain.state),
@@ -158,7 +138,7 @@ function durationMs(duration: { seconds: string; nanos: number } | undefined): n
 /** Makes a reporter; call start(). */
 export function createReporter(options: ReporterOptions): Reporter {
   const log = options.log.child({ component: 'reporter' });
-  const parent = `hosts/${options.host}`;
+  const parent = HOST_NAME.format({ host: options.host });
   const debounceMs = options.debounceMs ?? 200;
   const fullSnapshotIntervalMs = options.fullSnapshotIntervalMs ?? 300_000;
   const initialRetryMs = options.initialRetryMs ?? 500;

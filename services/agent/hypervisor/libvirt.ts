@@ -5,7 +5,7 @@
  * ("cmd1; cmd2", parsed by virsh itself); every argument in such a line is quoted by
  * {@link quoteVirshArgument}. virsh's failures become {@link LibvirtError}s with a `kind`.
  */
-import { CLONE_METADATA_NAMESPACE, readCloneMetadata, type CloneMetadata } from './domain-xml.js';
+import { CLONE_METADATA_NAMESPACE, readCloneMetadata, type CloneMetadata } from './domain-xml/clone-metadata.js';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';

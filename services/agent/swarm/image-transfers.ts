@@ -32,7 +32,6 @@
  */
 import { constants as fsConstants, watch, type FSWatcher } from 'node:fs';
 import { chmod, copyFile, mkdir, readdir, readFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { writeAtomically } from '../../common/platform/credential-files.js';
 import { CowherdError, toStatus } from '../../common/platform/errors.js';
@@ -40,16 +39,15 @@ import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TR
 import type { EventPublisher } from '../../common/platform/events.js';
 import type { Logger } from '../../common/platform/logger.js';
 import { distributionMetrics } from '../../common/platform/metrics.js';
-import { IMAGE_ID } from '../../common/domain/resource-names.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_ID, VIRTUAL_MACHINE_NAME } from '../../common/domain/resource-names.js';
 import { FetchImageRequest } from '../../gen/cowherd/agent/v1/agent_service.js';
 import { ErrorReason } from '../../gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, Hypervisor, TransferProgress } from '../../gen/cowherd/common/v1/types.js';
 import { Image, ImageReplica, ImageReplica_State, type TorrentInfo } from '../../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../../gen/google/rpc/status.js';
-import { fsyncDirectory, pathExists, removeTree } from '../image-directory/file-tree.js';
-import type { Libvirt } from '../hypervisor/libvirt.js';
+import { fsyncDirectory, imagesDirectory, pathExists, removeTree, replicaDirectory, replicaFile, replicaPartialDirectory, replicaStateFile, replicaStateFileId } from '../image-directory/index.js';
 import { changedFiles, fingerprintFiles, scanReplica, scrubMetrics, type FileFingerprint, type ScanResult } from './replica-scrub.js';
-import { domainsBackedBy, replicaIdOf } from './replicas.js';
+import { replicaIdOf, type ReplicaDependents } from './replicas.js';
 import { ImageSwarm, type ExpectedImageFile, type SwarmLimits, type SwarmProgress } from './swarm.js';
 import { createImageTorrent, IMAGE_FILE_NAME, parseImageTorrent, type ImageTorrent } from './torrent.js';
 import { WebSeedServer } from './web-seed.js';
@@ -68,14 +66,11 @@ export interface ImageTransfersOptions {
   readonly webSeedAddress: { readonly host: string; readonly port: number };
   /** The host name that goes into the web seed URL (the address other hosts reach this one at). */
   readonly advertiseHost: string;
-  /** Names of the domains on this host whose disks are backed by the image's files. */
-  readonly dependents: (imageId: string) => Promise<string[]>;
   /**
-   * The host's domains: with it, the dependents of each replica generation are found through the disks'
-   * backing chains (replicas.ts domainsBackedBy); without it, every domain cloned from the image counts for
-   * every generation (never too few).
+   * The domains on this host that use a replica: cloned from the image (GetImageReplica's dependents), and
+   * those whose disks' backing chains reach one generation's files (the damage rules).
    */
-  readonly libvirt?: Pick<Libvirt, 'listDomains'>;
+  readonly dependents: ReplicaDependents;
   /** Background scrub rate in bytes per second; 0 = no scrub. Default 0. */
   readonly scrubBytesPerSecond?: number;
   /** Pause between two scrub passes. Default 1 hour. */
@@ -141,7 +136,6 @@ interface LocalReplica {
 /** Who found damage (label of cowherd_replica_damaged_total). */
 type FoundBy = 'start' | 'scrub' | 'watch' | 'clone' | 'fetch' | 'serve';
 
-const STATE_SUFFIX = '.replica.json';
 const METRICS_SAMPLE_MS = 2000;
 const HYPERVISOR_OF: Readonly<Record<'kvm' | 'xen', Hypervisor>> = { kvm: Hypervisor.HYPERVISOR_KVM, xen: Hypervisor.HYPERVISOR_XEN };
 const DISK_FORMATS_OF: Readonly<Record<'kvm' | 'xen', readonly DiskFormat[]>> = {
@@ -168,7 +162,7 @@ export class ImageTransfers {
     readonly swarm: ImageSwarm,
     private readonly webSeed: WebSeedServer,
   ) {
-    this.imagesRoot = join(options.imageDirectory, 'images');
+    this.imagesRoot = imagesDirectory(options.imageDirectory);
   }
 
   /** Starts the swarm and the web seed, then takes up every replica recorded in the image directory. */
@@ -230,7 +224,7 @@ export class ImageTransfers {
     onProgress?: (bytesDone: number, bytesTotal: number) => void,
     signal?: AbortSignal,
   ): Promise<TorrentInfo> {
-    const directory = join(this.imagesRoot, id);
+    const directory = replicaDirectory(this.options.imageDirectory, id);
     const torrent = await createImageTorrent({ directory, files: image.files.map((file) => file.path), announce: trackerAnnounceUrl, name: id, ...(onProgress ? { onProgress } : {}), ...(signal ? { signal } : {}) });
     const info = torrentInfoOf(torrent);
     const request = FetchImageRequest.fromPartial({ image: { ...image, torrent: info }, trackerAnnounceUrl, webSeedUrls: [] });
@@ -260,7 +254,7 @@ export class ImageTransfers {
     if (existing) {
       if (existing.state === ImageReplica_State.STATE_DELETING) throw CowherdError.failedPrecondition(`${this.replicaName(id)} is being deleted`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
       if (existing.request.image!.torrent!.infoHash !== request.image!.torrent!.infoHash) {
-        throw CowherdError.failedPrecondition(`${this.replicaName(id)} holds another torrent of images/${id}; delete the replica first`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+        throw CowherdError.failedPrecondition(`${this.replicaName(id)} holds another torrent of ${IMAGE_NAME.format({ image: id })}; delete the replica first`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
       }
       // A redistribute must not answer AVAILABLE for files that changed since they were verified.
       if (existing.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(existing, 'fetch'))) return this.toReplica(existing);
@@ -284,7 +278,7 @@ export class ImageTransfers {
    */
   async cloneBase(imageId: string): Promise<string> {
     const replica = this.replicas.get(imageId);
-    if (!replica) return join(this.imagesRoot, imageId);
+    if (!replica) return replicaDirectory(this.options.imageDirectory, imageId);
     if (replica.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(replica, 'clone'))) return this.directoryOf(replica);
     const damage = replica.damage;
     if (damage) {
@@ -307,7 +301,7 @@ export class ImageTransfers {
     const id = replicaIdOf(this.options.host, name);
     const replica = this.replicas.get(id);
     if (!replica) throw CowherdError.notFound(name);
-    return this.toReplica(replica, await this.options.dependents(id));
+    return this.toReplica(replica, await this.options.dependents.clonedFrom(id));
   }
 
   /** Every replica, ordered by name. */
@@ -332,7 +326,7 @@ export class ImageTransfers {
     await replica?.work;
     try {
       await removeFiles();
-      await removeTree(join(this.imagesRoot, `.${id}.partial`));
+      await removeTree(replicaPartialDirectory(this.options.imageDirectory, id));
       // Every generation goes (the caller refused the removal while any domain uses the image as a base).
       for (const generation of new Set([replica?.filesGeneration ?? 1, ...(replica?.damagedGenerations.map((damage) => damage.filesGeneration) ?? [])])) {
         if (generation === 1) continue;
@@ -407,8 +401,16 @@ export class ImageTransfers {
     }
   }
 
+  /**
+   * The resource names of dependents' `{virtualMachine}` ids; a state file from before ids were recorded may
+   * hold a domain name that is no id (a hand-made domain): it is left out rather than named wrongly.
+   */
+  private virtualMachineNames(ids: readonly string[]): string[] {
+    return ids.filter((id) => VIRTUAL_MACHINE_ID.test(id)).map((id) => VIRTUAL_MACHINE_NAME.format({ host: this.options.host, virtualMachine: id }));
+  }
+
   private replicaName(id: string): string {
-    return `hosts/${this.options.host}/images/${id}`;
+    return HOST_IMAGE_NAME.format({ host: this.options.host, image: id });
   }
 
   private newReplica(id: string, request: FetchImageRequest, origin: boolean, state: ImageReplica_State, generation?: string, createTime?: Date): LocalReplica {
@@ -436,17 +438,16 @@ export class ImageTransfers {
 
   /** The directory of a replica's files: `images/<id>` (generation 1) or `images/<id>.generation-<n>`. */
   private directoryOf(replica: Pick<LocalReplica, 'id' | 'filesGeneration'>): string {
-    return join(this.imagesRoot, replica.filesGeneration === 1 ? replica.id : `${replica.id}.generation-${replica.filesGeneration}`);
+    return replicaDirectory(this.options.imageDirectory, replica.id, replica.filesGeneration);
   }
 
   private partialOf(replica: Pick<LocalReplica, 'id' | 'filesGeneration'>): string {
-    return join(this.imagesRoot, `.${replica.filesGeneration === 1 ? replica.id : `${replica.id}.generation-${replica.filesGeneration}`}.partial`);
+    return replicaPartialDirectory(this.options.imageDirectory, replica.id, replica.filesGeneration);
   }
 
   /** The domains whose disks chain to the files of the replica's current generation. */
   private async dependentsOf(replica: LocalReplica): Promise<string[]> {
-    if (!this.options.libvirt) return this.options.dependents(replica.id);
-    return domainsBackedBy(await this.options.libvirt.listDomains(), this.directoryOf(replica), replica.id);
+    return this.options.dependents.backedBy(replica.id, [this.directoryOf(replica)]);
   }
 
   /**
@@ -523,13 +524,13 @@ export class ImageTransfers {
         IMAGE_REPLICA_DAMAGED,
         {
           image: replica.request.image!.name,
-          host: `hosts/${host}`,
+          host: HOST_NAME.format({ host }),
           replica: replicaName,
           generation: String(replica.filesGeneration),
           path: this.directoryOf(replica),
           damagedFiles: result.badFiles,
           badPieces: result.badPieces,
-          dependentVirtualMachines: dependents.map((name) => `hosts/${host}/virtualMachines/${name}`),
+          dependentVirtualMachines: this.virtualMachineNames(dependents),
           occurTime: now,
         },
         // One damage event per verified occurrence of the replica: the generation names it.
@@ -587,8 +588,8 @@ export class ImageTransfers {
     await mkdir(partial, { recursive: true, mode: 0o755 });
     // Copies (reflinks where the file system has them): the old files are only read.
     for (const file of replica.request.image!.files) {
-      await copyFile(join(old, file.path), join(partial, file.path), fsConstants.COPYFILE_FICLONE).catch(() => undefined);
-      await chmod(join(partial, file.path), 0o644).catch(() => undefined);
+      await copyFile(replicaFile(old, file.path), replicaFile(partial, file.path), fsConstants.COPYFILE_FICLONE).catch(() => undefined);
+      await chmod(replicaFile(partial, file.path), 0o644).catch(() => undefined);
     }
     this.options.log.warn({ replica: this.replicaName(replica.id), kept: old, next: this.directoryOf(replica), dependents: kept.dependents }, 'damaged replica has dependents: repairing it into a new generation beside it');
   }
@@ -657,8 +658,8 @@ export class ImageTransfers {
     const progress = this.swarm.progress(replica.id);
     return ImageReplica.fromPartial({
       name: this.replicaName(replica.id),
-      image: `images/${replica.id}`,
-      host: `hosts/${this.options.host}`,
+      image: IMAGE_NAME.format({ image: replica.id }),
+      host: HOST_NAME.format({ host: this.options.host }),
       state: replica.state,
       ...(progress ? { progress: toTransferProgress(progress) } : {}),
       ...(replica.error ? { error: replica.error } : {}),
@@ -669,12 +670,12 @@ export class ImageTransfers {
         path: this.directoryOf({ id: replica.id, filesGeneration: damage.filesGeneration }),
         damagedFiles: damage.files,
         badPieces: damage.badPieces,
-        dependentVirtualMachines: damage.dependents.map((vm) => `hosts/${this.options.host}/virtualMachines/${vm}`),
+        dependentVirtualMachines: this.virtualMachineNames(damage.dependents),
         damageTime: new Date(damage.time),
       })),
       createTime: replica.createTime,
       updateTime: replica.updateTime,
-      dependentVirtualMachines: dependents.map((vm) => `hosts/${this.options.host}/virtualMachines/${vm}`),
+      dependentVirtualMachines: this.virtualMachineNames(dependents),
       origin: replica.origin,
       webSeedUrl: replica.origin ? this.webSeedUrl() : '',
     });
@@ -706,7 +707,7 @@ export class ImageTransfers {
       lastEvent = now;
       sequence += 1;
       void this.options.events
-        .publish(IMAGE_TRANSFER_PROGRESS, { image: image.name, host: `hosts/${host}`, replica: replicaName, state, progress: toTransferProgress(progress), operation: request.operation, occurTime: new Date() }, { host, id: `image.transfer_progress/${id}/${host}/${replica.generation}/${process.pid}-${sequence}` })
+        .publish(IMAGE_TRANSFER_PROGRESS, { image: image.name, host: HOST_NAME.format({ host }), replica: replicaName, state, progress: toTransferProgress(progress), operation: request.operation, occurTime: new Date() }, { host, id: `image.transfer_progress/${id}/${host}/${replica.generation}/${process.pid}-${sequence}` })
         .catch(() => undefined);
     };
     const files = expectedFiles(image);
@@ -759,7 +760,7 @@ export class ImageTransfers {
         this.setState(replica, ImageReplica_State.STATE_FAILED, status);
         this.options.log.warn({ replica: replicaName, err: error }, 'replica failed');
         await this.options.events
-          .publish(IMAGE_TRANSFER_FAILED, { image: image.name, host: `hosts/${host}`, replica: replicaName, status, operation: request.operation, occurTime: new Date() }, { host, id: `image.transfer_failed/${id}/${host}/${replica.generation}/${Date.now()}` })
+          .publish(IMAGE_TRANSFER_FAILED, { image: image.name, host: HOST_NAME.format({ host }), replica: replicaName, status, operation: request.operation, occurTime: new Date() }, { host, id: `image.transfer_failed/${id}/${host}/${replica.generation}/${Date.now()}` })
           .catch(() => undefined);
       } finally {
         if (replica.work === work) replica.work = undefined;
@@ -777,7 +778,7 @@ export class ImageTransfers {
       try {
         await this.options.events.publish(
           IMAGE_AVAILABLE,
-          { image: image.name, host: `hosts/${host}`, replica: this.replicaName(replica.id), totalBytes: String(total), files: image.files, origin: replica.origin, transferDuration: { seconds: String(Math.floor(seconds)), nanos: Math.round((seconds % 1) * 1e9) }, operation: replica.request.operation, occurTime: new Date(), generation: String(replica.filesGeneration) },
+          { image: image.name, host: HOST_NAME.format({ host }), replica: this.replicaName(replica.id), totalBytes: String(total), files: image.files, origin: replica.origin, transferDuration: { seconds: String(Math.floor(seconds)), nanos: Math.round((seconds % 1) * 1e9) }, operation: replica.request.operation, occurTime: new Date(), generation: String(replica.filesGeneration) },
           { host, id: `image.available/${replica.id}/${host}/${replica.generation}` },
         );
         return;
@@ -791,17 +792,16 @@ export class ImageTransfers {
   private async recover(): Promise<void> {
     const names = await readdir(this.imagesRoot).catch(() => [] as string[]);
     for (const name of names) {
-      if (!name.startsWith('.') || !name.endsWith(STATE_SUFFIX)) continue;
-      const id = name.slice(1, -STATE_SUFFIX.length);
-      if (!IMAGE_ID.test(id)) continue;
+      const id = replicaStateFileId(name);
+      if (id === undefined || !IMAGE_ID.test(id)) continue;
       let state: ReplicaStateFile;
       let request: FetchImageRequest;
       try {
-        state = JSON.parse(await readFile(join(this.imagesRoot, name), 'utf8')) as ReplicaStateFile;
+        state = JSON.parse(await readFile(replicaStateFile(this.options.imageDirectory, id), 'utf8')) as ReplicaStateFile;
         request = FetchImageRequest.decode(Buffer.from(state.request, 'base64'));
         checkFetchRequest(request, this.options.hypervisor);
       } catch (error) {
-        this.options.log.warn({ file: join(this.imagesRoot, name), err: error }, 'unreadable replica state file: ignored');
+        this.options.log.warn({ file: replicaStateFile(this.options.imageDirectory, id), err: error }, 'unreadable replica state file: ignored');
         continue;
       }
       const replica = this.newReplica(id, request, state.origin, ImageReplica_State.STATE_TRANSFERRING, state.generation, new Date(state.createTime));
@@ -828,12 +828,12 @@ export class ImageTransfers {
       ...(replica.damage ? { damage: replica.damage } : {}),
       damagedGenerations: replica.damagedGenerations,
     };
-    await writeAtomically(join(this.imagesRoot, `.${replica.id}${STATE_SUFFIX}`), JSON.stringify(state), 0o600, { sync: true });
+    await writeAtomically(replicaStateFile(this.options.imageDirectory, replica.id), JSON.stringify(state), 0o600, { sync: true });
     await fsyncDirectory(this.imagesRoot);
   }
 
   private async removeState(id: string): Promise<void> {
-    await removeTree(join(this.imagesRoot, `.${id}${STATE_SUFFIX}`)).catch(() => undefined);
+    await removeTree(replicaStateFile(this.options.imageDirectory, id)).catch(() => undefined);
   }
 }
 
@@ -874,8 +874,8 @@ function expectedFiles(image: Image): ExpectedImageFile[] {
 function checkFetchRequest(request: FetchImageRequest, hypervisor: 'kvm' | 'xen'): string {
   const image = request.image;
   if (!image) throw CowherdError.invalidArgument('image', 'is required (the full image record)');
-  const id = /^images\/([^/]+)$/.exec(image.name)?.[1];
-  if (!id || !IMAGE_ID.test(id)) throw CowherdError.invalidArgument('image.name', 'must be images/{image} with an image id (no path separators, no dots)');
+  const id = IMAGE_NAME.parse(image.name)?.image;
+  if (!id) throw CowherdError.invalidArgument('image.name', 'must be images/{image} with an image id (no path separators, no dots)');
   if (!image.torrent || !/^[0-9a-f]{40}$/.test(image.torrent.infoHash) || image.torrent.metainfo.length === 0) throw CowherdError.invalidArgument('image.torrent', 'must carry the info-hash and the metainfo (IMAGE_VIEW_FULL)');
   if (image.files.length === 0) throw CowherdError.invalidArgument('image.files', 'must list the image files');
   for (const [index, file] of image.files.entries()) {
@@ -884,11 +884,11 @@ function checkFetchRequest(request: FetchImageRequest, hypervisor: 'kvm' | 'xen'
     if (!(Number(file.sizeBytes) >= 0)) throw CowherdError.invalidArgument(`image.files[${index}].size_bytes`, 'must not be negative');
   }
   if (image.hypervisor !== Hypervisor.HYPERVISOR_UNSPECIFIED && image.hypervisor !== HYPERVISOR_OF[hypervisor]) {
-    throw CowherdError.failedPrecondition(`images/${id} is an image for another hypervisor than this ${hypervisor} host`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+    throw CowherdError.failedPrecondition(`${IMAGE_NAME.format({ image: id })} is an image for another hypervisor than this ${hypervisor} host`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
   }
   for (const file of image.files) {
     if (file.format !== DiskFormat.DISK_FORMAT_UNSPECIFIED && !DISK_FORMATS_OF[hypervisor].includes(file.format)) {
-      throw CowherdError.failedPrecondition(`images/${id} has a disk in a format this ${hypervisor} host cannot clone (${file.path})`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+      throw CowherdError.failedPrecondition(`${IMAGE_NAME.format({ image: id })} has a disk in a format this ${hypervisor} host cannot clone (${file.path})`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
     }
   }
   let url: URL;

@@ -21,10 +21,10 @@
 import { createHash, type Hash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { open, stat, type FileHandle } from 'node:fs/promises';
-import { join } from 'node:path';
 import { counter } from '../../common/platform/metrics.js';
 import type { ExpectedImageFile } from './swarm.js';
 import type { ImageTorrent } from './torrent.js';
+import { replicaFile } from '../image-directory/index.js';
 
 /** A file as it was when it was verified. Big integers as decimal strings (JSON state file). */
 export interface FileFingerprint {
@@ -39,7 +39,7 @@ export interface FileFingerprint {
 export async function fingerprintFiles(directory: string, files: ReadonlyArray<{ readonly path: string }>): Promise<FileFingerprint[]> {
   return Promise.all(
     files.map(async (file) => {
-      const info = await stat(join(directory, file.path), { bigint: true }).catch(() => undefined);
+      const info = await stat(replicaFile(directory, file.path), { bigint: true }).catch(() => undefined);
       return info
         ? { path: file.path, sizeBytes: String(info.size), mtimeNs: String(info.mtimeNs), ctimeNs: String(info.ctimeNs), inode: String(info.ino) }
         : { path: file.path, sizeBytes: '-1', mtimeNs: '0', ctimeNs: '0', inode: '0' };
@@ -88,7 +88,7 @@ export async function scanReplica(directory: string, torrent: Pick<ImageTorrent,
   const badFiles = new Set<string>();
   try {
     for (const file of files) {
-      const handle = await open(join(directory, file.path), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW).catch(() => undefined);
+      const handle = await open(replicaFile(directory, file.path), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW).catch(() => undefined);
       const info = await handle?.stat();
       if (!handle || !info?.isFile() || info.size !== file.sizeBytes) badFiles.add(file.path);
       handles.push(handle);

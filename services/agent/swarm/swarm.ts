@@ -33,16 +33,16 @@ import { createHash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { chmod, mkdir, open, readdir, rename, stat, statfs, unlink, type FileHandle } from 'node:fs/promises';
 import { networkInterfaces } from 'node:os';
-import { basename, dirname, join, resolve } from 'node:path';
+import { basename, dirname, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import WebTorrent, { type ChunkStore, type ChunkStoreConstructor, type ChunkStoreOptions, type Torrent } from 'webtorrent';
 import { CowherdError } from '../../common/platform/errors.js';
 import type { Logger } from '../../common/platform/logger.js';
-import { IMAGE_ID } from '../../common/domain/resource-names.js';
+import { IMAGE_ID, IMAGE_NAME } from '../../common/domain/resource-names.js';
 import { ErrorReason } from '../../gen/cowherd/common/v1/error_reason.js';
 import { RunningDigests, type WrittenDigest } from './running-digest.js';
 import { parseImageTorrent, torrentFile, type ImageTorrent } from './torrent.js';
-import { fsyncDirectory, pathExists, removeTree } from '../image-directory/file-tree.js';
+import { fsyncDirectory, partialDirectoryOf, pathExists, removeTree, replicaFile, replicaGenerationOf } from '../image-directory/index.js';
 import { PeerGuard } from './peer-guard.js';
 import { superSeed } from './super-seed.js';
 
@@ -151,9 +151,6 @@ interface Entry {
   /** Settles when the running fetch has stopped touching files. */
   running: Promise<unknown> | undefined;
 }
-
-/** A replica generation's directory after the first: `<image id>.generation-<n>` (image ids have no dots). */
-export const GENERATION_SUFFIX = /\.generation-([1-9][0-9]{0,8})/;
 
 const DEFAULT_MAX_VERIFY_ATTEMPTS = 3;
 const DEFAULT_STALL_TIMEOUT_MS = 10 * 60_000;
@@ -266,11 +263,11 @@ export class ImageSwarm {
     const announce = this.announceUrl(options.announce);
     const finalDirectory = resolve(options.directory);
     const directoryName = basename(finalDirectory);
-    if (directoryName !== image && !new RegExp(`^${image}${GENERATION_SUFFIX.source}$`).test(directoryName)) {
+    if (replicaGenerationOf(image, directoryName) === undefined) {
       throw CowherdError.invalidArgument('directory', `must end in the image id ${image} (or ${image}.generation-<n>)`, ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY);
     }
     const imagesRoot = dirname(finalDirectory);
-    const partial = join(imagesRoot, `.${directoryName}.partial`);
+    const partial = partialDirectoryOf(finalDirectory);
     const entry = this.newEntry(image, torrent.totalBytes);
     const started = performance.now();
     const totals = { present: -1, written: 0, received: 0, attempts: 0, piecesFailed: 0, peersBanned: 0, hashedWhileWritten: 0 };
@@ -334,19 +331,19 @@ export class ImageSwarm {
           if (bad.length === 0) break;
           // Every piece passed SHA-1 and the file still fails SHA-256: only deleting it makes webtorrent fetch it again.
           const kept: string[] = [];
-          for (const file of bad) await unlink(join(partial, file)).catch((error: NodeJS.ErrnoException) => (error.code === 'ENOENT' ? undefined : kept.push(file)));
+          for (const file of bad) await unlink(replicaFile(partial, file)).catch((error: NodeJS.ErrnoException) => (error.code === 'ENOENT' ? undefined : kept.push(file)));
           if (kept.length > 0) this.log?.error({ image, files: bad, notDeleted: kept, attempt: totals.attempts }, 'files failed whole-file SHA-256 verification and could not all be deleted; they stay');
           else this.log?.warn({ image, files: bad, attempt: totals.attempts }, 'files failed whole-file SHA-256 verification; deleted them to fetch them again');
           if (totals.attempts >= maxAttempts) {
-            throw new CowherdError(GrpcStatus.DATA_LOSS, `images/${image}: ${bad.join(', ')} failed SHA-256 verification ${totals.attempts} times`, {
+            throw new CowherdError(GrpcStatus.DATA_LOSS, `${IMAGE_NAME.format({ image })}: ${bad.join(', ')} failed SHA-256 verification ${totals.attempts} times`, {
               reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
-              metadata: { image: `images/${image}`, files: bad.join(',') },
+              metadata: { image: IMAGE_NAME.format({ image }), files: bad.join(',') },
             });
           }
         }
         entry.bytesDone = torrent.totalBytes;
         report();
-        for (const file of options.files) await chmod(join(partial, file.path), 0o444);
+        for (const file of options.files) await chmod(replicaFile(partial, file.path), 0o444);
         await chmod(partial, 0o555);
         if (cancelled) throw cancelled;
         await rename(partial, finalDirectory);
@@ -375,9 +372,9 @@ export class ImageSwarm {
           );
           if (removal) this.log?.error({ image, partial, err: removal }, 'no space left, and the partial replica could not be removed: it stays');
           const outcome = removal ? `the partial replica at ${partial} could not be removed (${removal.message}) and stays` : 'removed the partial replica';
-          throw new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left in ${imagesRoot} while fetching images/${image}; ${outcome}`, {
+          throw new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left in ${imagesRoot} while fetching ${IMAGE_NAME.format({ image })}; ${outcome}`, {
             reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE,
-            metadata: { image: `images/${image}`, requiredBytes: String(torrent.totalBytes), partialRemoved: String(!removal), ...(removal ? { partial } : {}) },
+            metadata: { image: IMAGE_NAME.format({ image }), requiredBytes: String(torrent.totalBytes), partialRemoved: String(!removal), ...(removal ? { partial } : {}) },
             cause: error,
           });
         }
@@ -414,7 +411,7 @@ export class ImageSwarm {
     if (this.destroyed) throw new CowherdError(GrpcStatus.UNAVAILABLE, 'the swarm is shut down', { reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED });
     if (!IMAGE_ID.test(image)) throw CowherdError.invalidArgument('image', 'is not an image id');
     if (this.entries.has(image)) {
-      throw CowherdError.failedPrecondition(`images/${image} is already ${this.entries.get(image)!.stage} on this host`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { image: `images/${image}` });
+      throw CowherdError.failedPrecondition(`${IMAGE_NAME.format({ image })} is already ${this.entries.get(image)!.stage} on this host`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { image: IMAGE_NAME.format({ image }) });
     }
   }
 
@@ -533,9 +530,9 @@ export class ImageSwarm {
           lastChange = performance.now();
         } else if (performance.now() - lastChange > stallTimeoutMs) {
           return finish(
-            new CowherdError(GrpcStatus.UNAVAILABLE, `images/${entry.image}: no data from any peer or web seed for ${Math.round(stallTimeoutMs / 1000)} s (${added.numPeers} connected); the partial replica is kept`, {
+            new CowherdError(GrpcStatus.UNAVAILABLE, `${IMAGE_NAME.format({ image: entry.image })}: no data from any peer or web seed for ${Math.round(stallTimeoutMs / 1000)} s (${added.numPeers} connected); the partial replica is kept`, {
               reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED,
-              metadata: { image: `images/${entry.image}` },
+              metadata: { image: IMAGE_NAME.format({ image: entry.image }) },
             }),
           );
         }
@@ -573,14 +570,14 @@ export class ImageSwarm {
   private async checkSpace(imagesRoot: string, partial: string, torrent: ImageTorrent): Promise<void> {
     let have = 0;
     for (const file of torrent.files) {
-      const size = await stat(join(partial, file.path)).then((info) => Math.min(info.size, file.length), () => 0);
+      const size = await stat(replicaFile(partial, file.path)).then((info) => Math.min(info.size, file.length), () => 0);
       have += size;
     }
     const space = await statfs(imagesRoot);
     const free = space.bavail * space.bsize;
     const needed = torrent.totalBytes - have;
     if (free < needed) {
-      throw new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `images/${torrent.name} needs ${needed} more bytes; ${imagesRoot} has ${free} free`, {
+      throw new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `${IMAGE_NAME.format({ image: torrent.name })} needs ${needed} more bytes; ${imagesRoot} has ${free} free`, {
         reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE,
         metadata: { requiredBytes: String(needed), freeBytes: String(free) },
       });
@@ -602,7 +599,7 @@ function skipOwnAddress(torrent: Torrent, ownPort: number): void {
 /** True when none of the torrent's files in `directory` holds a byte (a fetch that starts from nothing). */
 async function hasNoData(directory: string, torrent: ImageTorrent): Promise<boolean> {
   for (const file of torrent.files) {
-    const size = await stat(join(directory, file.path)).then((info) => info.size, () => 0);
+    const size = await stat(replicaFile(directory, file.path)).then((info) => info.size, () => 0);
     if (size > 0) return false;
   }
   return true;
@@ -651,12 +648,12 @@ export async function verifyImageFiles(
   for (const [fileIndex, file] of files.entries()) {
     let handle: FileHandle;
     try {
-      handle = await open(join(directory, file.path), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
+      handle = await open(replicaFile(directory, file.path), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
     } catch {
       if (file.sizeBytes === 0 && options.sync) {
         // A zero-length file never receives a piece: create it.
         try {
-          const created = await open(join(directory, file.path), fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_NOFOLLOW, 0o644);
+          const created = await open(replicaFile(directory, file.path), fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_NOFOLLOW, 0o644);
           await created.sync();
           await created.close();
         } catch {
@@ -723,7 +720,7 @@ export function imageStore(directory: string, torrent: ImageTorrent, writable: b
   const files = (() => {
     let offset = 0;
     return torrent.files.map((file) => {
-      const entry = { path: join(directory, file.path), length: file.length, offset };
+      const entry = { path: replicaFile(directory, file.path), length: file.length, offset };
       offset += file.length;
       return entry;
     });
@@ -886,7 +883,7 @@ function checkExpectedFiles(torrent: ImageTorrent, files: readonly ExpectedImage
 }
 
 function cancelledError(image: string): CowherdError {
-  return new CowherdError(GrpcStatus.CANCELLED, `the transfer of images/${image} was stopped`, { reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED, metadata: { image: `images/${image}` } });
+  return new CowherdError(GrpcStatus.CANCELLED, `the transfer of ${IMAGE_NAME.format({ image })} was stopped`, { reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED, metadata: { image: IMAGE_NAME.format({ image }) } });
 }
 
 function isNoSpace(error: unknown): boolean {
@@ -907,6 +904,6 @@ function later<T extends unknown[]>(callback: (...args: T) => void, ...args: T):
 
 /** After a verified replica was moved back to be repaired: writable again, every file kept (its good pieces count). */
 async function makeWritable(directory: string): Promise<void> {
-  for (const name of await readdir(directory)) await chmod(join(directory, name), 0o644).catch(() => undefined);
+  for (const name of await readdir(directory)) await chmod(replicaFile(directory, name), 0o644).catch(() => undefined);
 }
 

@@ -22,8 +22,8 @@
  */
 import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
-import { join } from 'node:path';
 import { IMAGE_ID } from '../../common/domain/resource-names.js';
+import { replicaFile } from '../image-directory/index.js';
 
 /** The smallest piece length cowherd chooses: 512 KiB. */
 export const MIN_PIECE_LENGTH_BYTES = 512 * 1024;
@@ -104,7 +104,7 @@ export async function createImageTorrent(options: CreateImageTorrentOptions): Pr
   }
   checkAnnounceUrl(options.announce);
 
-  const handles = await Promise.all(options.files.map((file) => open(join(options.directory, file), 'r')));
+  const handles = await Promise.all(options.files.map((file) => open(replicaFile(options.directory, file), 'r')));
   try {
     const lengths: number[] = [];
     for (const [index, handle] of handles.entries()) {

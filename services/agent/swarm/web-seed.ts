@@ -19,12 +19,12 @@ import { constants as fsConstants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { join } from 'node:path';
 import { Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Logger } from '../../common/platform/logger.js';
 import { IMAGE_ID } from '../../common/domain/resource-names.js';
 import { IMAGE_FILE_NAME } from './torrent.js';
+import { replicaFile } from '../image-directory/index.js';
 
 
 /** Options of {@link WebSeedServer}. */
@@ -220,7 +220,7 @@ export class WebSeedServer {
     }
     const image = this.images.get(id);
     if (!image || !IMAGE_FILE_NAME.test(name) || !image.files.has(name)) return undefined;
-    return { path: join(image.directory, name), id };
+    return { path: replicaFile(image.directory, name), id };
   }
 }
 

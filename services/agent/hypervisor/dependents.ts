@@ -1,0 +1,95 @@
+/**
+ * Which domains on this host depend on an image replica's files: cloned from it (their cowherd metadata
+ * names it), or with a disk whose backing chain reaches a file of one of its generations.
+ */
+import { open } from 'node:fs/promises';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { virtualMachineId } from './domain-state.js';
+import { IMAGE_NAME } from '../../common/domain/resource-names.js';
+import type { DomainInfo, Libvirt } from './libvirt.js';
+
+/** Dependents of an image's replica as the swarm asks for them (swarm/replicas.ts ReplicaDependents). */
+export interface ImageDependents {
+  clonedFrom(imageId: string): Promise<string[]>;
+  backedBy(imageId: string, directories: readonly string[]): Promise<string[]>;
+}
+
+/** {@link domainsClonedFrom} and {@link domainsBackedBy} over the host's domains as libvirt lists them now. */
+export function imageDependents(libvirt: Pick<Libvirt, 'listDomains'>): ImageDependents {
+  return {
+    clonedFrom: async (imageId) => domainsClonedFrom(await libvirt.listDomains(), imageId),
+    backedBy: async (imageId, directories) => {
+      const domains = await libvirt.listDomains();
+      const users = new Set<string>();
+      for (const directory of directories) for (const user of await domainsBackedBy(domains, directory, imageId)) users.add(user);
+      return [...users];
+    },
+  };
+}
+
+/** The `{virtualMachine}` ids of the domains whose cowherd metadata says they were cloned from `images/<imageId>`. */
+export function domainsClonedFrom(domains: readonly DomainInfo[], imageId: string): string[] {
+  return domains.filter((domain) => clonedFrom(domain, imageId)).map((domain) => virtualMachineId(domain));
+}
+
+function clonedFrom(domain: DomainInfo, imageId: string): boolean {
+  return !!domain.clone && 'image' in domain.clone.source && domain.clone.source.image === IMAGE_NAME.format({ image: imageId });
+}
+
+/**
+ * The `{virtualMachine}` ids of the domains whose disks chain to a file in `directory` (a replica
+ * generation's directory): each file disk's qcow2 backing chain is followed through the headers (a read of a few hundred bytes per
+ * file, no qemu-img process), up to 16 deep, so clones of clones count too. A disk whose chain cannot be
+ * read this way (a VHD child, an unreadable file) counts when the domain's cowherd metadata names the image:
+ * never rewrite a base by mistake.
+ */
+export async function domainsBackedBy(domains: readonly DomainInfo[], directory: string, image: string): Promise<string[]> {
+  const target = resolve(directory);
+  const users: string[] = [];
+  for (const domain of domains) {
+    let uses = false;
+    for (const disk of domain.disks) {
+      if (uses || disk.type !== 'file' || !disk.sourcePath) continue;
+      const chain = await backingChain(disk.sourcePath);
+      if (chain === undefined) uses = clonedFrom(domain, image);
+      else uses = [disk.sourcePath, ...chain].some((path) => dirname(resolve(path)) === target);
+    }
+    if (uses) users.push(virtualMachineId(domain));
+  }
+  return users;
+}
+
+/** The backing files of a qcow2 chain from its headers; [] for a file that is not qcow2 (raw); undefined when unreadable or VHD. */
+async function backingChain(path: string): Promise<string[] | undefined> {
+  const chain: string[] = [];
+  let current = path;
+  for (let depth = 0; depth < 16; depth += 1) {
+    let handle;
+    try {
+      handle = await open(current, 'r');
+    } catch {
+      return depth === 0 ? undefined : chain;
+    }
+    try {
+      const header = Buffer.alloc(20);
+      const { bytesRead } = await handle.read(header, 0, 20, 0);
+      if (bytesRead < 20 || header.readUInt32BE(0) !== 0x514649fb) {
+        // Not qcow2: a VHD child's parent is not followed here (the caller decides by metadata); raw ends a chain.
+        const footer = Buffer.alloc(8);
+        await handle.read(footer, 0, 8, 0);
+        return footer.toString('latin1') === 'conectix' ? undefined : chain;
+      }
+      const offset = Number(header.readBigUInt64BE(8));
+      const size = header.readUInt32BE(16);
+      if (offset === 0 || size === 0 || size > 4096) return chain;
+      const name = Buffer.alloc(size);
+      await handle.read(name, 0, size, offset);
+      const backing = name.toString('utf8');
+      current = isAbsolute(backing) ? backing : join(dirname(current), backing);
+      chain.push(current);
+    } finally {
+      await handle.close();
+    }
+  }
+  return chain;
+}

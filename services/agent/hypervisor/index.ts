@@ -1,0 +1,18 @@
+/**
+ * The hypervisor room: libvirt (virsh, its events and facts, a view scoped to the image directory), domain
+ * XML (parsing, safety checks, image templates, clone rendering), copy-on-write children (qcow2 overlays,
+ * VHD differencing disks), disk inspection, and the domains that depend on an image's files. It uses only
+ * the image-directory room; the swarm and the host are not its business.
+ */
+export { LibvirtError, VirshLibvirt, type DomainDisk, type DomainInfo, type DomainState, type EventWatch, type HypervisorFacts, type Libvirt, type LibvirtEvent } from './libvirt.js';
+export { scopedLibvirt } from './scoped-libvirt.js';
+export { virtualMachineId, virtualMachineState } from './domain-state.js';
+export { domainsBackedBy, domainsClonedFrom, imageDependents, type ImageDependents } from './dependents.js';
+export { readCloneMetadata, type CloneMetadata } from './domain-xml/clone-metadata.js';
+export { DomainXmlError } from './domain-xml/errors.js';
+export type { DiskFormatName } from './domain-xml/safety.js';
+export { sanitizeDomainTemplate, templateDisks, type DomainTemplate } from './domain-xml/template.js';
+export { renderClone, type HypervisorKind, type RenderedClone } from './domain-xml/clone-rendering.js';
+export { createQcow2Overlay, protectBase } from './overlays.js';
+export { createDifferencingVhd, readVhdInfo } from './vhd.js';
+export { createQemuImgDiskInspector, inspectAll, type DiskInspector } from './disks.js';

@@ -1,0 +1,29 @@
+/**
+ * The image directory room: its layout (every path under COWHERD_IMAGE_DIR) and the file helpers the
+ * agent's image modules share. Every other room may use it; it uses none.
+ */
+export {
+  cloneDefinitionFile,
+  cloneDirectory,
+  cloneDiskFile,
+  clonesDirectory,
+  eventOutboxDirectory,
+  exportLockKey,
+  exportWorkDirectories,
+  exportWorkDirectory,
+  imagesDirectory,
+  isInsideImageDirectory,
+  overlayPrototypeFile,
+  partialDirectoryOf,
+  prepareImageDirectory,
+  replicaDirectory,
+  replicaFile,
+  replicaGenerationDirectories,
+  replicaGenerationOf,
+  replicaPartialDirectory,
+  replicaStateFile,
+  replicaStateFileId,
+  TEMPLATE_FILE,
+  templateFile,
+} from './layout.js';
+export { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
