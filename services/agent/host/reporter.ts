@@ -337,7 +337,7 @@ export function createReporter(options: ReporterOptions): Reporter {
             continue;
           }
           const previous = reported.get(name);
-          if (previous !== undefined && previous !== `${parent}/virtualMachines/${virtualMachineId(domain)}`) removed.push(previous);
+          if (previous !== undefined && previous !== VIRTUAL_MACHINE_NAME.format({ host: options.host, virtualMachine: virtualMachineId(domain) })) removed.push(previous);
           found.push(domain);
         } catch (error) {
           if (!(error instanceof LibvirtError && error.kind === 'domain-not-found')) throw error;

@@ -7,6 +7,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import path from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CowherdError } from '../../../common/platform/errors.js';
+import { VIRTUAL_MACHINE_ID } from '../../../common/domain/resource-names.js';
 import { ErrorReason } from '../../../gen/cowherd/common/v1/error_reason.js';
 import { CLONE_METADATA_NAMESPACE, CLONE_METADATA_PREFIX, type CloneMetadata } from './clone-metadata.js';
 import { DomainXmlError } from './errors.js';
@@ -14,9 +15,6 @@ import { assertDirectoryOption, assertInsideDirectory, FILE_NAME_PATTERN, isInsi
 import { BOOT_FILE_ELEMENTS, CHARACTER_DEVICES, checkDomainType, checkNamespaces, DEFAULT_FIRMWARE_DIRECTORIES, isRewrittenSite, refuseStrayHostPaths, refuseUnsafeDevices } from './safety.js';
 import { removeIdentity } from './template.js';
 import { buildDocument, elementChildren, firstChild, hasNamed, localName, newElement, parseDomainDocument, removeChildren, setText, textOf, type XmlElement } from './xml-tree.js';
-
-/** A domain name as cowherd accepts it (also the virtual machine id). */
-export const DOMAIN_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
 /** The hypervisor a clone is rendered for. */
 export type HypervisorKind = 'kvm' | 'xen';
@@ -94,8 +92,9 @@ const CHILD_DISK_DRIVER: Readonly<Record<HypervisorKind, { readonly name: string
 export async function renderClone(templateXml: string, options: RenderCloneOptions): Promise<RenderedClone> {
   const random = options.random ?? NODE_RANDOM;
   const firmwareDirectories = options.firmwareDirectories ?? DEFAULT_FIRMWARE_DIRECTORIES;
-  if (typeof options.name !== 'string' || !DOMAIN_NAME_PATTERN.test(options.name)) {
-    throw DomainXmlError.invalidField('domain_name', `must match ${DOMAIN_NAME_PATTERN.source}`);
+  // A clone's domain name is its virtual machine id.
+  if (typeof options.name !== 'string' || !VIRTUAL_MACHINE_ID.test(options.name)) {
+    throw DomainXmlError.invalidField('domain_name', `must match ${VIRTUAL_MACHINE_ID.source}`);
   }
   if (options.hypervisor !== 'kvm' && options.hypervisor !== 'xen') throw DomainXmlError.invalidField('hypervisor', 'must be "kvm" or "xen"');
   const cloneDirectory = assertDirectoryOption(options.cloneDirectory, 'clone_directory');
