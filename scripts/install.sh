@@ -37,6 +37,14 @@ APT_PACKAGES=(
   python3-grpc-tools
   python3-protobuf
   grpc-proto                 # health and reflection protos (/usr/share/grpc-proto)
+  golang-go                  # the Go client (test/go): Go 1.19, built offline in GOPATH mode from /usr/share/gocode
+  protobuf-compiler          # protoc 3.21, which the Go stubs are generated with
+  protoc-gen-go              # Go messages
+  protoc-gen-go-grpc         # Go gRPC stubs
+  golang-google-grpc-dev     # grpc-go 1.33 sources
+  golang-google-genproto-dev # google/api, google/longrunning, google/rpc as Go packages
+  golang-google-protobuf-dev # google.golang.org/protobuf, which protoc-gen-go's output imports
+  golang-github-golang-protobuf-1-5-dev # golang/protobuf 1.5 on the above: apt would pick 1.3, older than those messages
   iptables                   # bench:distribution's test bed: hosts drop what they would send off 198.18.0.0/15
   curl                       # bench:distribution: the HTTP fan-out baseline's receivers
   aria2                      # bench:distribution: aria2c BitTorrent baseline
@@ -49,6 +57,7 @@ APT_PACKAGES=(
 REQUIRED_COMMANDS=(
   git xz mkfs.ext4 ip busybox unshare nsenter nats-server qemu-img qemu-system-x86_64
   libvirtd virtlogd virsh vhdiinfo tc iptables curl aria2c mktorrent deluged deluge-console
+  go protoc protoc-gen-go protoc-gen-go-grpc
 )
 
 # Prints the packages of APT_PACKAGES that are not fully installed, one per line.

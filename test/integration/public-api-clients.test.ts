@@ -6,6 +6,9 @@
  * - test/python/clone_client.py, with stubs generated from proto/ by Debian's grpc tools, clones a published
  *   image (CloneVirtualMachines, GetOperation, WaitOperation, the response unpacked from the Any); virsh and
  *   inventory show the clones.
+ * - test/go's clone-client does the same in Go: built by test/go/build.sh offline from Debian's packages (stubs
+ *   from proto/ by protoc-gen-go and protoc-gen-go-grpc, `go build` in GOPATH mode on /usr/share/gocode), the same
+ *   checks, and a refusal that prints what the Python client prints.
  * - The README's grpcurl block runs as it stands, command by command, through server reflection only (but
  *   for the plaintext probe port, which serves health alone and is called with Debian's health.proto): with
  *   grpcurl when it is on the PATH, otherwise with `buf curl` given grpcurl's flags (Debian 12 has no grpcurl
@@ -90,6 +93,21 @@ async function readmeGrpcurlBlock(): Promise<{ assignments: string[]; commands: 
   return { assignments, commands };
 }
 
+/** How a clone client ended. */
+interface ClientRun {
+  readonly code: number;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+/** The JSON object test/python/clone_client.py and test/go's clone-client print on stdout. */
+interface ClientJson {
+  operation: string | null;
+  source: string;
+  error: { code: string; message: string } | null;
+  clones: Array<{ index: number; name: string; virtualMachine: string; host: string; state: string; started: boolean; overlays: string[]; error: unknown }>;
+}
+
 /** A JSON answer as grpcurl prints it (lowerCamelCase, enums by name), checked field by field. */
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
 type Json = Record<string, any>;
@@ -109,7 +127,7 @@ function parseGrpcurl(command: string): Parsed {
   return { address: words.at(-2)!, method: words.at(-1)!, data };
 }
 
-describe('public API clients: a Python client generated from proto/, and the README grpcurl flows', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false, timeout: 240_000 }, () => {
+describe('public API clients: Python and Go clients generated from proto/, and the README grpcurl flows', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false, timeout: 360_000 }, () => {
   const resources = new Resources();
   const suffix = Math.random().toString(36).slice(2, 7);
   /** The README's libvirt domain names, made unique: the private libvirtd is shared by every test and fleet. */
@@ -207,9 +225,8 @@ describe('public API clients: a Python client generated from proto/, and the REA
   });
   after(() => resources.release());
 
-  it('a Python client generated from proto/ with Debian\'s grpc tools clones an image through the public API', async () => {
-    // An image published from the powered-off VM, with the generated TypeScript client.
-    const image = `py-${suffix}`;
+  /** Publishes `image` from the powered-off source VM with the generated TypeScript client; waits until AVAILABLE. */
+  const publishImage = async (image: string): Promise<void> => {
     const distribution = createClient(DistributionServiceClient, distributionProcess.address, admin, { defaultDeadlineMs: 30_000 });
     const operations = createClient(OperationsClient, distributionProcess.address, admin, { defaultDeadlineMs: 30_000 });
     try {
@@ -222,26 +239,32 @@ describe('public API clients: a Python client generated from proto/, and the REA
       distribution.close();
       operations.close();
     }
+  };
 
-    const python = (...args: string[]) =>
-      new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-        execFile('/usr/bin/python3', [join(REPOSITORY, 'test/python/clone_client.py'), '--credentials', bundle, '--cloning', cloningProcess.address, ...args], { cwd: REPOSITORY, timeout: 120_000 }, (error, stdout, stderr) => {
-          resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr });
-        });
+  /** Runs a clone client (`command` is its argv before the flags) on the stack's cloning service with the admin bundle. */
+  const cloneClient = (command: readonly string[], ...args: string[]) =>
+    new Promise<ClientRun>((resolve) => {
+      execFile(command[0]!, [...command.slice(1), '--credentials', bundle, '--cloning', cloningProcess.address, ...args], { cwd: REPOSITORY, timeout: 120_000 }, (error, stdout, stderr) => {
+        resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr });
       });
-    const names = [`py-${suffix}-1`, `py-${suffix}-2`];
-    domains.push(...names);
-    const result = await python('--image', image, '--count', '2', '--name-template', `py-${suffix}-{index}`);
-    assert.equal(result.code, 0, `clone_client.py exited ${result.code}: ${result.stderr}`);
-    const printed = JSON.parse(result.stdout) as { operation: string; source: string; error: unknown; clones: Array<{ index: number; name: string; virtualMachine: string; host: string; state: string; started: boolean; overlays: string[]; error: unknown }> };
-    assert.match(printed.operation, /^operations\/[0-9a-f-]{36}$/);
+    });
+  const pythonClient = ['/usr/bin/python3', join(REPOSITORY, 'test/python/clone_client.py')];
+
+  /**
+   * What both clients must show after cloning `image` twice as `<prefix>-{index}`: exit 0, the JSON with both
+   * clones DONE on kvm-01, the domains powered off on overlays of the image's replica, and inventory's records.
+   */
+  const checkClones = async (result: ClientRun, image: string, names: readonly string[], progress: RegExp): Promise<void> => {
+    assert.equal(result.code, 0, `the client exited ${result.code}: ${result.stderr}`);
+    const printed = JSON.parse(result.stdout) as ClientJson;
+    assert.match(printed.operation ?? '', /^operations\/[0-9a-f-]{36}$/);
     assert.equal(printed.source, `images/${image}`);
     assert.equal(printed.error, null);
     assert.deepEqual(
       printed.clones.map((clone) => [clone.index, clone.name, clone.virtualMachine, clone.host, clone.state, clone.started, clone.error]),
       names.map((name, index) => [index + 1, name, `hosts/${HOST}/virtualMachines/${name}`, `hosts/${HOST}`, 'STATE_DONE', false, null]),
     );
-    assert.match(result.stderr, /clone_client: operations\/\S+ clones images\/py-/);
+    assert.match(result.stderr, progress);
 
     // The clones exist on the hypervisor, powered off, each on its own overlay of the image's replica.
     for (const [index, name] of names.entries()) {
@@ -256,12 +279,47 @@ describe('public API clients: a Python client generated from proto/, and the REA
       const vm = await waitFor(`${name} in inventory`, () => virtualMachine(HOST, name));
       assert.deepEqual([vm.sourceImage, vm.managed, vm.state], [`images/${image}`, true, VirtualMachine_State.STATE_SHUT_OFF]);
     }
+  };
+
+  it('a Python client generated from proto/ with Debian\'s grpc tools clones an image through the public API', async () => {
+    const image = `py-${suffix}`;
+    await publishImage(image);
+    const names = [`py-${suffix}-1`, `py-${suffix}-2`];
+    domains.push(...names);
+    const result = await cloneClient(pythonClient, '--image', image, '--count', '2', '--name-template', `py-${suffix}-{index}`);
+    await checkClones(result, image, names, /clone_client: operations\/\S+ clones images\/py-/);
 
     // A failure is a non-zero exit with the canonical code in the JSON.
-    const missing = await python('--image', `no-such-${suffix}`, '--count', '1');
+    const missing = await cloneClient(pythonClient, '--image', `no-such-${suffix}`, '--count', '1');
     assert.equal(missing.code, 1, missing.stderr);
     assert.deepEqual((JSON.parse(missing.stdout) as { error: { code: string } }).error.code, 'NOT_FOUND');
     assert.match(missing.stderr, /clone_client: NOT_FOUND: images\/no-such-/);
+  });
+
+  it("a Go client generated from proto/ with Debian's Go packages, built offline, clones an image through the public API", async (context) => {
+    // Generated and built as the README says, into a directory of this test; GOPATH mode on /usr/share/gocode only.
+    const binary = join(await resources.tempDir('cowherd-go-client-'), 'clone-client');
+    const built = await run('bash', [join(REPOSITORY, 'test/go/build.sh'), binary], { cwd: REPOSITORY, timeout: 300_000, env: { ...process.env, GOPROXY: 'off', GOFLAGS: '' } });
+    for (const line of built.stdout.trim().split('\n')) context.diagnostic(line);
+    const goClient = [binary];
+
+    const image = `go-${suffix}`;
+    await publishImage(image);
+    const names = [`go-${suffix}-1`, `go-${suffix}-2`];
+    domains.push(...names);
+    const result = await cloneClient(goClient, '--image', image, '--count', '2', '--name-template', `go-${suffix}-{index}`);
+    await checkClones(result, image, names, /clone-client: operations\/\S+ clones images\/go-/);
+
+    // A refusal: exit 1, the canonical code and the server's message in the JSON, as the Python client prints them.
+    const missing = await cloneClient(goClient, '--image', `no-such-${suffix}`, '--count', '1');
+    assert.equal(missing.code, 1, missing.stderr);
+    const refused = JSON.parse(missing.stdout) as ClientJson;
+    assert.deepEqual([refused.operation, refused.source, refused.clones, refused.error?.code], [null, `images/no-such-${suffix}`, [], 'NOT_FOUND']);
+    assert.match(missing.stderr, /clone-client: NOT_FOUND: images\/no-such-/);
+    const python = await cloneClient(pythonClient, '--image', `no-such-${suffix}`, '--count', '1');
+    assert.deepEqual([missing.code, refused], [python.code, JSON.parse(python.stdout)]);
+    // Usage errors are 2, as argparse's.
+    assert.equal((await cloneClient(goClient, '--count', '1')).code, 2);
   });
 
   it("runs the README's grpcurl flows, as typed there, through server reflection", async (context) => {
