@@ -13,6 +13,7 @@ import { OperationsClient } from '../gen/google/longrunning/operations.js';
 import { createClient, type ClientConstructor } from '../common/platform/client.js';
 import { credentialFiles } from '../common/platform/credential-files.js';
 import { identityUri } from '../common/platform/identity.js';
+import { readAllPages } from '../common/platform/list-pages.js';
 import { inspectCertificate } from '../common/platform/pki.js';
 import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/platform/tls.js';
 import { SERVICE_ADDRESSES, type CliConfig, type ServiceKey } from './cli-config.js';
@@ -118,15 +119,11 @@ export class CliContext {
   }
 
   /** Every page of a List call, concatenated. */
-  async listAll<Item, Res extends { nextPageToken: string }>(service: ServiceKey, page: (pageToken: string, callback: (error: ServiceError | null, response: Res) => void) => void, items: (response: Res) => readonly Item[]): Promise<Item[]> {
-    const all: Item[] = [];
-    let pageToken = '';
-    do {
+  listAll<Item, Res extends { nextPageToken: string }>(service: ServiceKey, page: (pageToken: string, callback: (error: ServiceError | null, response: Res) => void) => void, items: (response: Res) => readonly Item[]): Promise<Item[]> {
+    return readAllPages(async (pageToken) => {
       const response = await this.call<Res>(service, (callback) => page(pageToken, callback));
-      all.push(...items(response));
-      pageToken = response.nextPageToken;
-    } while (pageToken !== '');
-    return all;
+      return { items: items(response), nextPageToken: response.nextPageToken };
+    });
   }
 
   /** Closes every client. */

@@ -6,6 +6,7 @@
 import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import { readServiceError, type ReceivedError } from '../common/platform/errors.js';
 import { Status } from '../gen/google/rpc/status.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, JOIN_TOKEN_NAME, OPERATION_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 
 /** The CLI's exit codes. */
 export const EXIT = {
@@ -147,16 +148,15 @@ const PRECONDITION_ADVICE: Readonly<Record<string, string>> = {
 /** "no host named x; ..." for a NOT_FOUND resource name. */
 export function describeMissing(resource: string | undefined, fallback: string): string {
   if (resource === undefined) return `${fallback}; the matching \`list\` command shows what exists`;
-  let match = /^hosts\/([^/]+)$/.exec(resource);
-  if (match) return `no host named "${match[1]}"; \`cowherd hosts list\` shows the hosts`;
-  match = /^images\/([^/]+)$/.exec(resource);
-  if (match) return `no image named "${match[1]}"; \`cowherd images list\` shows the images`;
-  match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(resource);
-  if (match) return `no VM named "${match[2]}" on host "${match[1]}"; \`cowherd vms list --host ${match[1]}\` shows its VMs`;
-  match = /^hosts\/([^/]+)\/images\/([^/]+)$/.exec(resource);
-  if (match) return `host "${match[1]}" holds no copy of image "${match[2]}"; \`cowherd images show ${match[2]}\` shows where it is`;
-  match = /^operations\/(.+)$/.exec(resource);
-  if (match) return `no operation ${resource} (finished operations are kept for 7 days)`;
-  if (/^joinTokens\//.test(resource)) return `no join token ${resource}`;
+  const host = HOST_NAME.parse(resource);
+  if (host) return `no host named "${host.host}"; \`cowherd hosts list\` shows the hosts`;
+  const image = IMAGE_NAME.parse(resource);
+  if (image) return `no image named "${image.image}"; \`cowherd images list\` shows the images`;
+  const vm = VIRTUAL_MACHINE_NAME.parse(resource);
+  if (vm) return `no VM named "${vm.virtualMachine}" on host "${vm.host}"; \`cowherd vms list --host ${vm.host}\` shows its VMs`;
+  const replica = HOST_IMAGE_NAME.parse(resource);
+  if (replica) return `host "${replica.host}" holds no copy of image "${replica.image}"; \`cowherd images show ${replica.image}\` shows where it is`;
+  if (OPERATION_NAME.matches(resource)) return `no operation ${resource} (finished operations are kept for 7 days)`;
+  if (JOIN_TOKEN_NAME.matches(resource)) return `no join token ${resource}`;
   return `${resource} not found`;
 }

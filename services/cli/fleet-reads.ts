@@ -2,6 +2,7 @@
 import type { ListHostsResponse, ListImageReplicasResponse, ListImagesResponse, ListVirtualMachinesResponse } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { host_StateToJSON, image_StateToJSON, imageReplica_StateToJSON, ImageView, virtualMachine_StateToJSON, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { hypervisorToJSON, type Hypervisor } from '../gen/cowherd/common/v1/types.js';
+import { EVERY_HOST, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { CliContext } from './cli-context.js';
 import { enumWord, percent } from './output.js';
 
@@ -18,12 +19,12 @@ export function listImages(context: CliContext, filter = ''): Promise<Image[]> {
 }
 
 /** Every replica under `parent` (`hosts/{host}` or `hosts/-`) matching `filter`. */
-export function listReplicas(context: CliContext, parent = 'hosts/-', filter = ''): Promise<ImageReplica[]> {
+export function listReplicas(context: CliContext, parent = EVERY_HOST, filter = ''): Promise<ImageReplica[]> {
   return context.listAll<ImageReplica, ListImageReplicasResponse>('inventory', (pageToken, cb) => context.inventory.listImageReplicas({ parent, pageSize: PAGE, pageToken, filter }, cb), (response) => response.imageReplicas);
 }
 
 /** Every VM under `parent` (`hosts/{host}` or `hosts/-`) matching `filter`. */
-export function listVirtualMachines(context: CliContext, parent = 'hosts/-', filter = ''): Promise<VirtualMachine[]> {
+export function listVirtualMachines(context: CliContext, parent = EVERY_HOST, filter = ''): Promise<VirtualMachine[]> {
   return context.listAll<VirtualMachine, ListVirtualMachinesResponse>('inventory', (pageToken, cb) => context.inventory.listVirtualMachines({ parent, pageSize: PAGE, pageToken, filter }, cb), (response) => response.virtualMachines);
 }
 
@@ -55,13 +56,14 @@ export function hypervisorWord(hypervisor: Hypervisor): string {
 
 /** `hosts/kvm-01/virtualMachines/web-1` -> `kvm-01/web-1`, what `vms` commands accept. */
 export function shortVirtualMachineName(name: string): string {
-  const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(name);
-  return match ? `${match[1]}/${match[2]}` : name;
+  const ids = VIRTUAL_MACHINE_NAME.parse(name);
+  return ids ? `${ids.host}/${ids.virtualMachine}` : name;
 }
 
-/** `hosts/kvm-01` -> `kvm-01`, `images/debian-12` -> `debian-12`. */
+/** `hosts/kvm-01` -> `kvm-01`, `images/debian-12` -> `debian-12`, `hosts/-` -> `-`; any other text as it is. */
 export function bareId(name: string): string {
-  return name.replace(/^(hosts|images)\//, '');
+  if (name === EVERY_HOST) return '-';
+  return HOST_NAME.parse(name)?.host ?? IMAGE_NAME.parse(name)?.image ?? name;
 }
 
 /** `key=value,key=value` or `-`. */

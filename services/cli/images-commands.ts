@@ -4,6 +4,7 @@ import { DistributeImageResponse } from '../gen/cowherd/distribution/v1/distribu
 import { Image, ImageFile, imageFile_RoleToJSON, ImageReplica, imageReplica_StateToJSON, ImageView } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../gen/google/longrunning/operations.js';
 import type { CommandSpec } from './command-line.js';
+import { EVERY_HOST, IMAGE_NAME } from '../common/domain/resource-names.js';
 import type { CliContext } from './cli-context.js';
 import { EXIT, explain, readStatus } from './exit-codes.js';
 import { bareId, hypervisorWord, imageState, labelText, listImages, listReplicas, replicaState } from './fleet-reads.js';
@@ -38,7 +39,7 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
           context.distribution.publishImage({ imageId, sourceVirtualMachine: source, description: invocation.string('description') ?? '', labels: args.labels(invocation.list('label')), requestId: invocation.string('request-id') ?? randomUUID() }, cb),
         );
         if (invocation.flag('no-wait')) return printStarted(context, started, PUBLISH_OPERATION);
-        context.out.note(`publishing images/${imageId} from ${source} (${started.name})`);
+        context.out.note(`publishing ${IMAGE_NAME.format({ image: imageId })} from ${source} (${started.name})`);
         const image = await followOperation(context, started, PUBLISH_OPERATION);
         if (context.out.format === 'json') context.out.json(Image.toJSON(image));
         else {
@@ -82,7 +83,7 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
       run: async (invocation, context) => {
         const name = new ArgumentReader(invocation.command).image(invocation.positionals[0]!);
         const image = await context.call<Image>('inventory', (cb) => context.inventory.getImage({ name, view: ImageView.IMAGE_VIEW_BASIC }, cb));
-        const replicas = await listReplicas(context, 'hosts/-', `image = "${name}"`);
+        const replicas = await listReplicas(context, EVERY_HOST, `image = "${name}"`);
         if (context.out.format === 'json') {
           context.out.json({ image: Image.toJSON(image), imageReplicas: replicas.map((replica) => ImageReplica.toJSON(replica)) });
           return EXIT.OK;
@@ -117,10 +118,10 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
       run: async (invocation, context) => {
         const args = new ArgumentReader(invocation.command);
         const image = args.image(invocation.positionals[0]!);
-        const hosts = invocation.list('hosts').join(',').trim() === 'all' ? ['hosts/-'] : args.hosts(invocation.list('hosts'));
+        const hosts = invocation.list('hosts').join(',').trim() === 'all' ? [EVERY_HOST] : args.hosts(invocation.list('hosts'));
         const started = await context.call<Operation>('distribution', (cb) => context.distribution.distributeImage({ image, hosts, requestId: invocation.string('request-id') ?? randomUUID() }, cb));
         if (invocation.flag('no-wait')) return printStarted(context, started, DISTRIBUTE_OPERATION);
-        context.out.note(`distributing ${image} to ${hosts[0] === 'hosts/-' ? 'every ready host' : hosts.map(bareId).join(', ')} (${started.name})`);
+        context.out.note(`distributing ${image} to ${hosts[0] === EVERY_HOST ? 'every ready host' : hosts.map(bareId).join(', ')} (${started.name})`);
         const response = await followOperation(context, started, DISTRIBUTE_OPERATION);
         return printDistributeResult(context, image, response);
       },

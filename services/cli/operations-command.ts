@@ -3,6 +3,7 @@
  * what was started with --no-wait or left by Ctrl-C: list them, show one, follow one to its end, cancel one.
  */
 import type { ListOperationsResponse, Operation } from '../gen/google/longrunning/operations.js';
+import { OPERATION_ID, OPERATION_NAME } from '../common/domain/resource-names.js';
 import type { CommandSpec } from './command-line.js';
 import type { CliContext } from './cli-context.js';
 import { CliError, EXIT, explain, readStatus } from './exit-codes.js';
@@ -91,9 +92,9 @@ export const OPERATIONS_COMMAND: CommandSpec<CliContext> = {
 };
 
 function operationName(raw: string, args: ArgumentReader): string {
-  const name = raw.startsWith('operations/') ? raw : `operations/${raw}`;
-  if (!/^operations\/[0-9a-f-]{36}$/.test(name)) args.fail(`${JSON.stringify(raw)} is not an operation name (operations/<uuid>)`);
-  return name;
+  const operation = OPERATION_NAME.parse(raw)?.operation ?? raw;
+  if (!OPERATION_ID.test(operation)) args.fail(`${JSON.stringify(raw)} is not an operation name (operations/<uuid>)`);
+  return OPERATION_NAME.format({ operation });
 }
 
 /** GetOperation on distribution, then on cloning. */

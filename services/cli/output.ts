@@ -82,10 +82,6 @@ export function enumWord(json: string, prefix: string): string {
   return json.startsWith(prefix) ? json.slice(prefix.length) : json;
 }
 
-/** The last segment of a resource name: hosts/a/virtualMachines/b -> b. */
-export function lastSegment(name: string): string {
-  return name.slice(name.lastIndexOf('/') + 1);
-}
 
 /** A percentage of done/total, "-" when total is unknown. */
 export function percent(done: string | number | undefined, total: string | number | undefined): string {

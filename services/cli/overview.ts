@@ -5,14 +5,16 @@
 import { readFileSync } from 'node:fs';
 import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, ImageReplica, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { EVERY_HOST, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import { call, createClient } from '../common/platform/client.js';
 import { identityUri } from '../common/platform/identity.js';
+import { readAllPages } from '../common/platform/list-pages.js';
 import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/platform/tls.js';
 import type { CommandSpec } from './command-line.js';
 import type { CliContext } from './cli-context.js';
 import { EXIT } from './exit-codes.js';
 import { bareId, hostState, hypervisorWord, listHosts, listReplicas, listVirtualMachines, replicaState, virtualMachineState } from './fleet-reads.js';
-import { formatBytes, lastSegment, table } from './output.js';
+import { formatBytes, table } from './output.js';
 
 /** One host with what it holds. */
 export interface HostOverview {
@@ -36,7 +38,7 @@ export function renderOverview(overview: readonly HostOverview[]): string[] {
     );
     lines.push(`  images: ${imageReplicas.length === 0 ? 'none' : imageReplicas.map((replica) => `${bareId(replica.image)} (${replicaState(replica)}${replica.origin ? ', origin' : ''})`).join(', ')}`);
     if (virtualMachines.length > 0) {
-      const rows = virtualMachines.map((vm) => [vm.domainName, virtualMachineState(vm), vm.sourceImage ? bareId(vm.sourceImage) : vm.lineage?.sourceVirtualMachine ? lastSegment(vm.lineage.sourceVirtualMachine) : '-', vm.managed ? 'yes' : 'no']);
+      const rows = virtualMachines.map((vm) => [vm.domainName, virtualMachineState(vm), vm.sourceImage ? bareId(vm.sourceImage) : vm.lineage?.sourceVirtualMachine ? virtualMachineId(vm.lineage.sourceVirtualMachine) : '-', vm.managed ? 'yes' : 'no']);
       for (const line of table(['vm', 'state', 'cloned from', 'managed'], rows).split('\n')) lines.push(`    ${line}`);
     }
   }
@@ -69,20 +71,28 @@ export async function overviewLines(inventoryAddress: string, credentials: TlsFi
     const deadline = Date.now() + (options.waitForHostsMs ?? 0);
     let hosts: Host[] = [];
     do {
-      hosts = (await call<{ hosts: Host[] }>((cb) => client.listHosts({ pageSize: 1000, pageToken: '', filter: '' }, cb))).hosts;
+      hosts = await readAllPages(async (pageToken) => {
+        const page = await call<{ hosts: Host[]; nextPageToken: string }>((cb) => client.listHosts({ pageSize: 1000, pageToken, filter: '' }, cb));
+        return { items: page.hosts, nextPageToken: page.nextPageToken };
+      });
       if (hosts.length > 0 || Date.now() >= deadline) break;
       await new Promise((resolve) => setTimeout(resolve, 200));
     } while (true);
-    const replicas = (await call<{ imageReplicas: ImageReplica[] }>((cb) => client.listImageReplicas({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: '' }, cb))).imageReplicas;
-    const vms: VirtualMachine[] = [];
-    let pageToken = '';
-    do {
-      const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken, filter: '' }, cb));
-      vms.push(...page.virtualMachines);
-      pageToken = page.nextPageToken;
-    } while (pageToken !== '');
+    const replicas = await readAllPages(async (pageToken) => {
+      const page = await call<{ imageReplicas: ImageReplica[]; nextPageToken: string }>((cb) => client.listImageReplicas({ parent: EVERY_HOST, pageSize: 1000, pageToken, filter: '' }, cb));
+      return { items: page.imageReplicas, nextPageToken: page.nextPageToken };
+    });
+    const vms = await readAllPages(async (pageToken) => {
+      const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent: EVERY_HOST, pageSize: 1000, pageToken, filter: '' }, cb));
+      return { items: page.virtualMachines, nextPageToken: page.nextPageToken };
+    });
     return renderOverview(groupByHost(hosts, replicas, vms));
   } finally {
     client.close();
   }
+}
+
+/** `hosts/a/virtualMachines/b` -> `b`. */
+function virtualMachineId(name: string): string {
+  return VIRTUAL_MACHINE_NAME.parse(name)?.virtualMachine ?? name;
 }

@@ -4,7 +4,7 @@
  * input is a usage error (exit 2) before any call.
  */
 import type { Duration } from '../gen/google/protobuf/duration.js';
-import { HOST_ID, IMAGE_ID, VIRTUAL_MACHINE_ID } from '../common/domain/resource-names.js';
+import { HOST_ID, HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_ID, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import { UsageError, type CommandSpec } from './command-line.js';
 
 /** Parses command arguments, reporting errors against `command`. */
@@ -17,9 +17,9 @@ export class ArgumentReader {
 
   /** `kvm-01` or `hosts/kvm-01` -> `hosts/kvm-01`. */
   host(raw: string, what = 'host'): string {
-    const id = raw.startsWith('hosts/') ? raw.slice('hosts/'.length) : raw;
-    if (!HOST_ID.test(id)) this.fail(`${what} ${JSON.stringify(raw)} is not a host id (lowercase letters, digits and dashes, like kvm-01)`);
-    return `hosts/${id}`;
+    const host = HOST_NAME.parse(raw)?.host ?? raw;
+    if (!HOST_ID.test(host)) this.fail(`${what} ${JSON.stringify(raw)} is not a host id (lowercase letters, digits and dashes, like kvm-01)`);
+    return HOST_NAME.format({ host });
   }
 
   /** `h1,h2` (or repeated) -> hosts/h1, hosts/h2, without duplicates. */
@@ -34,7 +34,7 @@ export class ArgumentReader {
 
   /** `debian-12` or `images/debian-12` -> `images/debian-12`. */
   image(raw: string, what = 'image'): string {
-    return `images/${this.imageId(raw.startsWith('images/') ? raw.slice('images/'.length) : raw, what)}`;
+    return IMAGE_NAME.format({ image: this.imageId(IMAGE_NAME.parse(raw)?.image ?? raw, what) });
   }
 
   /** A bare image id. */
@@ -45,13 +45,15 @@ export class ArgumentReader {
 
   /** `kvm-01/web-1` or `hosts/kvm-01/virtualMachines/web-1` -> the full name. */
   virtualMachine(raw: string, what = 'VM'): string {
-    const full = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(raw);
-    const short = /^([^/]+)\/([^/]+)$/.exec(raw);
-    const [host, vm] = full ? [full[1]!, full[2]!] : short ? [short[1]!, short[2]!] : [undefined, undefined];
-    if (host === undefined || vm === undefined) this.fail(`${what} ${JSON.stringify(raw)} must be <host>/<vm>, like kvm-01/web-1`);
+    if (VIRTUAL_MACHINE_NAME.matches(raw)) return raw;
+    // The short form: each id checked on its own, so that the message names the one that is wrong.
+    const [host, vm, ...rest] = raw.split('/');
+    if (host === undefined || vm === undefined || host === '' || vm === '' || rest.length > 0) {
+      this.fail(`${what} ${JSON.stringify(raw)} must be <host>/<vm>, like kvm-01/web-1`);
+    }
     if (!HOST_ID.test(host)) this.fail(`${what} ${JSON.stringify(raw)}: ${JSON.stringify(host)} is not a host id`);
     if (!VIRTUAL_MACHINE_ID.test(vm)) this.fail(`${what} ${JSON.stringify(raw)}: ${JSON.stringify(vm)} is not a VM name`);
-    return `hosts/${host}/virtualMachines/${vm}`;
+    return VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: vm });
   }
 
   /** A positive integer within [min, max]. */

@@ -11,6 +11,7 @@ import { diskFormatToJSON } from '../gen/cowherd/common/v1/types.js';
 import { Host, Image, ImageReplica, ImageView, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../gen/google/longrunning/operations.js';
 import type { CommandSpec, Invocation } from './command-line.js';
+import { EVERY_HOST } from '../common/domain/resource-names.js';
 import type { CliContext } from './cli-context.js';
 import { CliError, EXIT, explain, readStatus } from './exit-codes.js';
 import { bareId, hostState, hypervisorWord, imageState, listVirtualMachines, replicaState, shortVirtualMachineName, virtualMachineState } from './fleet-reads.js';
@@ -59,7 +60,7 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
       ],
       run: async (invocation, context) => {
         const host = invocation.string('host');
-        const parent = host === undefined ? 'hosts/-' : new ArgumentReader(invocation.command).host(host, '--host');
+        const parent = host === undefined ? EVERY_HOST : new ArgumentReader(invocation.command).host(host, '--host');
         const vms = await listVirtualMachines(context, parent, invocation.string('filter') ?? '');
         if (context.out.format === 'json') {
           context.out.json({ virtualMachines: vms.map((vm) => VirtualMachine.toJSON(vm)) });

@@ -27,7 +27,7 @@ import { fileURLToPath } from 'node:url';
 import { Host_State, Image_State, VirtualMachine_State, virtualMachine_StateToJSON, type Host, type Image, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { runCommand } from '../common/platform/child-process.js';
 import { writeAtomically } from '../common/platform/credential-files.js';
-import { IMAGE_ID } from '../common/domain/resource-names.js';
+import { HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { LocalHost } from './local-fleet.js';
 
 const REPOSITORY = fileURLToPath(new URL('../..', import.meta.url));
@@ -114,18 +114,20 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
   const masterName = `${name}-master`;
   const cloneNames = Array.from({ length: STORY_CLONES }, (_, index) => `${name}-${index + 1}`);
   const recordFile = join(options.stateDirectory, 'story.json');
+  const image = IMAGE_NAME.format({ image: name });
+  const masterVm = VIRTUAL_MACHINE_NAME.format({ host: origin.host, virtualMachine: masterName });
   const record: StoryRecord = {
-    image: `images/${name}`,
-    masterVirtualMachine: `hosts/${origin.host}/virtualMachines/${masterName}`,
-    hosts: [`hosts/${origin.host}`, `hosts/${target.host}`],
-    clones: cloneNames.map((clone) => `hosts/${target.host}/virtualMachines/${clone}`),
+    image,
+    masterVirtualMachine: masterVm,
+    hosts: [HOST_NAME.format({ host: origin.host }), HOST_NAME.format({ host: target.host })],
+    clones: cloneNames.map((clone) => VIRTUAL_MACHINE_NAME.format({ host: target.host, virtualMachine: clone })),
     finishedAt: '',
   };
 
   const previous = await readRecord(recordFile);
   if (previous?.image === record.image) {
     say(`the story already ran on ${previous.finishedAt.replace('T', ' ').replace(/\.\d+Z$/, ' UTC')} (${recordFile}): not repeating the set-up.`);
-    say(`  image ${name} (published from ${shortName(previous.masterVirtualMachine)}, on ${previous.hosts.map((host) => host.replace(/^hosts\//, '')).join(' and ')}), clones ${previous.clones.map(shortName).join(', ')}`);
+    say(`  image ${name} (published from ${shortName(previous.masterVirtualMachine)}, on ${previous.hosts.map((host) => HOST_NAME.parse(host)?.host ?? host).join(' and ')}), clones ${previous.clones.map(shortName).join(', ')}`);
     return { ran: false, record: previous };
   }
 
@@ -148,28 +150,27 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
   try {
     // Both hosts must be READY: the agents enrolled a moment ago and report within seconds.
     await waitFor(signal, 60_000, `hosts ${origin.host} and ${target.host} READY`, async () => {
-      const hosts = await Promise.all([origin, target].map((host) => fleet.getHost(`hosts/${host.host}`).catch(() => undefined)));
+      const hosts = await Promise.all([origin, target].map((host) => fleet.getHost(HOST_NAME.format({ host: host.host })).catch(() => undefined)));
       return hosts.every((host) => host?.state === Host_State.STATE_READY) ? true : undefined;
     });
 
-    let existing = await fleet.findImage(`images/${name}`);
+    let existing = await fleet.findImage(image);
     if (existing?.state === Image_State.STATE_PUBLISHING) {
       // A publish that an earlier start began (and Ctrl-C left to the fleet) goes on: wait for its end.
-      say(`images/${name} is being published (an earlier start began it): waiting for it`);
-      existing = await waitFor(signal, 180_000, `images/${name} to be published`, async () => {
-        const image = await fleet.findImage(`images/${name}`);
-        return image?.state === Image_State.STATE_PUBLISHING ? undefined : image;
+      say(`${image} is being published (an earlier start began it): waiting for it`);
+      existing = await waitFor(signal, 180_000, `${image} to be published`, async () => {
+        const found = await fleet.findImage(image);
+        return found?.state === Image_State.STATE_PUBLISHING ? undefined : found;
       });
     }
     if (existing && existing.state !== Image_State.STATE_AVAILABLE) {
-      throw new Error(`images/${name} exists but is not AVAILABLE (${Image_State[existing.state]}); \`cowherd images delete ${name}\` removes it, or start with --story-name <another>`);
+      throw new Error(`${image} exists but is not AVAILABLE (${Image_State[existing.state]}); \`cowherd images delete ${name}\` removes it, or start with --story-name <another>`);
     }
     if (existing) {
-      say(`1-2. images/${name} is already published (origin ${existing.originHost}): skipping the master VM and the publish`);
+      say(`1-2. ${image} is already published (origin ${existing.originHost}): skipping the master VM and the publish`);
     } else {
       // 1. The master VM.
       say(`1. a small bootable master VM on ${origin.host}: Debian's kernel by direct kernel boot, a busybox initramfs, a ${MASTER_DISK_MIB} MiB qcow2 disk`);
-      const masterVm = `hosts/${origin.host}/virtualMachines/${masterName}`;
       const defined = await virsh('domstate', masterName).then(() => true, () => false);
       if (defined) {
         const disks = await virsh('domblklist', masterName, '--details');
@@ -210,7 +211,8 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
     say('');
 
     // 4. Clone with autostart.
-    const present = new Set((await fleet.listVirtualMachines(`hosts/${target.host}`)).map((vm) => vm.domainName));
+    const targetHost = HOST_NAME.format({ host: target.host });
+    const present = new Set((await fleet.listVirtualMachines(targetHost)).map((vm) => vm.domainName));
     const missing = cloneNames.filter((clone) => !present.has(clone));
     say(`4. ${STORY_CLONES} copy-on-write clones on ${target.host}, started as soon as they are defined`);
     if (missing.length === 0) say(`   ${cloneNames.join(', ')} exist already: not cloning again`);
@@ -221,10 +223,10 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
     // 5. They run.
     say(`5. the clones boot (TCG, a few seconds each); inventory reports them as their agent sees them`);
     await waitFor(signal, 90_000, `${cloneNames.join(', ')} RUNNING`, async () => {
-      const vms = await fleet.listVirtualMachines(`hosts/${target.host}`, `source_image = "images/${name}"`);
+      const vms = await fleet.listVirtualMachines(targetHost, `source_image = "${image}"`);
       return cloneNames.every((clone) => vms.some((vm) => vm.domainName === clone && vm.state === VirtualMachine_State.STATE_RUNNING)) ? true : undefined;
     });
-    await cowherd('vms', 'list', '--host', target.host, '--filter', `source_image = "images/${name}"`);
+    await cowherd('vms', 'list', '--host', target.host, '--filter', `source_image = "${image}"`);
     say('');
     await cowherd('vms', 'show', `${target.host}/${cloneNames[0]}`);
     say('');
@@ -399,8 +401,8 @@ function virtualMachineState(vm: VirtualMachine): string {
 
 /** `hosts/a/virtualMachines/b` -> `a/b`. */
 function shortName(name: string): string {
-  const match = /^hosts\/([^/]+)\/virtualMachines\/([^/]+)$/.exec(name);
-  return match ? `${match[1]}/${match[2]}` : name;
+  const ids = VIRTUAL_MACHINE_NAME.parse(name);
+  return ids ? `${ids.host}/${ids.virtualMachine}` : name;
 }
 
 /** A word as a shell would need it quoted. */
