@@ -717,7 +717,9 @@ function createBaseCommonLanguageSettings(): CommonLanguageSettings {
   return { referenceDocsUri: "", destinations: [], selectiveGapicGeneration: undefined };
 }
 
-export const CommonLanguageSettings: MessageFns<CommonLanguageSettings> = {
+export const CommonLanguageSettings: MessageFns<CommonLanguageSettings, "google.api.CommonLanguageSettings"> = {
+  $type: "google.api.CommonLanguageSettings" as const,
+
   encode(message: CommonLanguageSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.referenceDocsUri !== "") {
       writer.uint32(10).string(message.referenceDocsUri);
@@ -857,7 +859,9 @@ function createBaseClientLibrarySettings(): ClientLibrarySettings {
   };
 }
 
-export const ClientLibrarySettings: MessageFns<ClientLibrarySettings> = {
+export const ClientLibrarySettings: MessageFns<ClientLibrarySettings, "google.api.ClientLibrarySettings"> = {
+  $type: "google.api.ClientLibrarySettings" as const,
+
   encode(message: ClientLibrarySettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.version !== "") {
       writer.uint32(10).string(message.version);
@@ -1154,7 +1158,9 @@ function createBasePublishing(): Publishing {
   };
 }
 
-export const Publishing: MessageFns<Publishing> = {
+export const Publishing: MessageFns<Publishing, "google.api.Publishing"> = {
+  $type: "google.api.Publishing" as const,
+
   encode(message: Publishing, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.methodSettings) {
       MethodSettings.encode(v!, writer.uint32(18).fork()).join();
@@ -1423,7 +1429,9 @@ function createBaseJavaSettings(): JavaSettings {
   return { libraryPackage: "", serviceClassNames: {}, common: undefined };
 }
 
-export const JavaSettings: MessageFns<JavaSettings> = {
+export const JavaSettings: MessageFns<JavaSettings, "google.api.JavaSettings"> = {
+  $type: "google.api.JavaSettings" as const,
+
   encode(message: JavaSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.libraryPackage !== "") {
       writer.uint32(10).string(message.libraryPackage);
@@ -1571,7 +1579,12 @@ function createBaseJavaSettings_ServiceClassNamesEntry(): JavaSettings_ServiceCl
   return { key: "", value: "" };
 }
 
-export const JavaSettings_ServiceClassNamesEntry: MessageFns<JavaSettings_ServiceClassNamesEntry> = {
+export const JavaSettings_ServiceClassNamesEntry: MessageFns<
+  JavaSettings_ServiceClassNamesEntry,
+  "google.api.JavaSettings.ServiceClassNamesEntry"
+> = {
+  $type: "google.api.JavaSettings.ServiceClassNamesEntry" as const,
+
   encode(message: JavaSettings_ServiceClassNamesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.key !== "") {
       writer.uint32(10).string(message.key);
@@ -1656,7 +1669,9 @@ function createBaseCppSettings(): CppSettings {
   return { common: undefined };
 }
 
-export const CppSettings: MessageFns<CppSettings> = {
+export const CppSettings: MessageFns<CppSettings, "google.api.CppSettings"> = {
+  $type: "google.api.CppSettings" as const,
+
   encode(message: CppSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.common !== undefined) {
       CommonLanguageSettings.encode(message.common, writer.uint32(10).fork()).join();
@@ -1725,7 +1740,9 @@ function createBasePhpSettings(): PhpSettings {
   return { common: undefined, libraryPackage: "" };
 }
 
-export const PhpSettings: MessageFns<PhpSettings> = {
+export const PhpSettings: MessageFns<PhpSettings, "google.api.PhpSettings"> = {
+  $type: "google.api.PhpSettings" as const,
+
   encode(message: PhpSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.common !== undefined) {
       CommonLanguageSettings.encode(message.common, writer.uint32(10).fork()).join();
@@ -1816,7 +1833,9 @@ function createBasePythonSettings(): PythonSettings {
   return { common: undefined, experimentalFeatures: undefined };
 }
 
-export const PythonSettings: MessageFns<PythonSettings> = {
+export const PythonSettings: MessageFns<PythonSettings, "google.api.PythonSettings"> = {
+  $type: "google.api.PythonSettings" as const,
+
   encode(message: PythonSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.common !== undefined) {
       CommonLanguageSettings.encode(message.common, writer.uint32(10).fork()).join();
@@ -1909,7 +1928,12 @@ function createBasePythonSettings_ExperimentalFeatures(): PythonSettings_Experim
   return { restAsyncIoEnabled: false, protobufPythonicTypesEnabled: false, unversionedPackageDisabled: false };
 }
 
-export const PythonSettings_ExperimentalFeatures: MessageFns<PythonSettings_ExperimentalFeatures> = {
+export const PythonSettings_ExperimentalFeatures: MessageFns<
+  PythonSettings_ExperimentalFeatures,
+  "google.api.PythonSettings.ExperimentalFeatures"
+> = {
+  $type: "google.api.PythonSettings.ExperimentalFeatures" as const,
+
   encode(message: PythonSettings_ExperimentalFeatures, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.restAsyncIoEnabled !== false) {
       writer.uint32(8).bool(message.restAsyncIoEnabled);
@@ -2022,7 +2046,9 @@ function createBaseNodeSettings(): NodeSettings {
   return { common: undefined };
 }
 
-export const NodeSettings: MessageFns<NodeSettings> = {
+export const NodeSettings: MessageFns<NodeSettings, "google.api.NodeSettings"> = {
+  $type: "google.api.NodeSettings" as const,
+
   encode(message: NodeSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.common !== undefined) {
       CommonLanguageSettings.encode(message.common, writer.uint32(10).fork()).join();
@@ -2098,7 +2124,9 @@ function createBaseDotnetSettings(): DotnetSettings {
   };
 }
 
-export const DotnetSettings: MessageFns<DotnetSettings> = {
+export const DotnetSettings: MessageFns<DotnetSettings, "google.api.DotnetSettings"> = {
+  $type: "google.api.DotnetSettings" as const,
+
   encode(message: DotnetSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.common !== undefined) {
       CommonLanguageSettings.encode(message.common, writer.uint32(10).fork()).join();
@@ -2347,7 +2375,12 @@ function createBaseDotnetSettings_RenamedServicesEntry(): DotnetSettings_Renamed
   return { key: "", value: "" };
 }
 
-export const DotnetSettings_RenamedServicesEntry: MessageFns<DotnetSettings_RenamedServicesEntry> = {
+export const DotnetSettings_RenamedServicesEntry: MessageFns<
+  DotnetSettings_RenamedServicesEntry,
+  "google.api.DotnetSettings.RenamedServicesEntry"
+> = {
+  $type: "google.api.DotnetSettings.RenamedServicesEntry" as const,
+
   encode(message: DotnetSettings_RenamedServicesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.key !== "") {
       writer.uint32(10).string(message.key);
@@ -2432,7 +2465,12 @@ function createBaseDotnetSettings_RenamedResourcesEntry(): DotnetSettings_Rename
   return { key: "", value: "" };
 }
 
-export const DotnetSettings_RenamedResourcesEntry: MessageFns<DotnetSettings_RenamedResourcesEntry> = {
+export const DotnetSettings_RenamedResourcesEntry: MessageFns<
+  DotnetSettings_RenamedResourcesEntry,
+  "google.api.DotnetSettings.RenamedResourcesEntry"
+> = {
+  $type: "google.api.DotnetSettings.RenamedResourcesEntry" as const,
+
   encode(message: DotnetSettings_RenamedResourcesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.key !== "") {
       writer.uint32(10).string(message.key);
@@ -2517,7 +2555,9 @@ function createBaseRubySettings(): RubySettings {
   return { common: undefined };
 }
 
-export const RubySettings: MessageFns<RubySettings> = {
+export const RubySettings: MessageFns<RubySettings, "google.api.RubySettings"> = {
+  $type: "google.api.RubySettings" as const,
+
   encode(message: RubySettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.common !== undefined) {
       CommonLanguageSettings.encode(message.common, writer.uint32(10).fork()).join();
@@ -2586,7 +2626,9 @@ function createBaseGoSettings(): GoSettings {
   return { common: undefined, renamedServices: {} };
 }
 
-export const GoSettings: MessageFns<GoSettings> = {
+export const GoSettings: MessageFns<GoSettings, "google.api.GoSettings"> = {
+  $type: "google.api.GoSettings" as const,
+
   encode(message: GoSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.common !== undefined) {
       CommonLanguageSettings.encode(message.common, writer.uint32(10).fork()).join();
@@ -2716,7 +2758,12 @@ function createBaseGoSettings_RenamedServicesEntry(): GoSettings_RenamedServices
   return { key: "", value: "" };
 }
 
-export const GoSettings_RenamedServicesEntry: MessageFns<GoSettings_RenamedServicesEntry> = {
+export const GoSettings_RenamedServicesEntry: MessageFns<
+  GoSettings_RenamedServicesEntry,
+  "google.api.GoSettings.RenamedServicesEntry"
+> = {
+  $type: "google.api.GoSettings.RenamedServicesEntry" as const,
+
   encode(message: GoSettings_RenamedServicesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.key !== "") {
       writer.uint32(10).string(message.key);
@@ -2801,7 +2848,9 @@ function createBaseMethodSettings(): MethodSettings {
   return { selector: "", longRunning: undefined, autoPopulatedFields: [], batching: undefined };
 }
 
-export const MethodSettings: MessageFns<MethodSettings> = {
+export const MethodSettings: MessageFns<MethodSettings, "google.api.MethodSettings"> = {
+  $type: "google.api.MethodSettings" as const,
+
   encode(message: MethodSettings, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.selector !== "") {
       writer.uint32(10).string(message.selector);
@@ -2930,7 +2979,12 @@ function createBaseMethodSettings_LongRunning(): MethodSettings_LongRunning {
   return { initialPollDelay: undefined, pollDelayMultiplier: 0, maxPollDelay: undefined, totalPollTimeout: undefined };
 }
 
-export const MethodSettings_LongRunning: MessageFns<MethodSettings_LongRunning> = {
+export const MethodSettings_LongRunning: MessageFns<
+  MethodSettings_LongRunning,
+  "google.api.MethodSettings.LongRunning"
+> = {
+  $type: "google.api.MethodSettings.LongRunning" as const,
+
   encode(message: MethodSettings_LongRunning, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.initialPollDelay !== undefined) {
       Duration.encode(message.initialPollDelay, writer.uint32(10).fork()).join();
@@ -3069,7 +3123,9 @@ function createBaseSelectiveGapicGeneration(): SelectiveGapicGeneration {
   return { methods: [], generateOmittedAsInternal: false };
 }
 
-export const SelectiveGapicGeneration: MessageFns<SelectiveGapicGeneration> = {
+export const SelectiveGapicGeneration: MessageFns<SelectiveGapicGeneration, "google.api.SelectiveGapicGeneration"> = {
+  $type: "google.api.SelectiveGapicGeneration" as const,
+
   encode(message: SelectiveGapicGeneration, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.methods) {
       writer.uint32(10).string(v!);
@@ -3158,7 +3214,9 @@ function createBaseBatchingConfigProto(): BatchingConfigProto {
   return { thresholds: undefined, batchDescriptor: undefined };
 }
 
-export const BatchingConfigProto: MessageFns<BatchingConfigProto> = {
+export const BatchingConfigProto: MessageFns<BatchingConfigProto, "google.api.BatchingConfigProto"> = {
+  $type: "google.api.BatchingConfigProto" as const,
+
   encode(message: BatchingConfigProto, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.thresholds !== undefined) {
       BatchingSettingsProto.encode(message.thresholds, writer.uint32(10).fork()).join();
@@ -3260,7 +3318,9 @@ function createBaseBatchingSettingsProto(): BatchingSettingsProto {
   };
 }
 
-export const BatchingSettingsProto: MessageFns<BatchingSettingsProto> = {
+export const BatchingSettingsProto: MessageFns<BatchingSettingsProto, "google.api.BatchingSettingsProto"> = {
+  $type: "google.api.BatchingSettingsProto" as const,
+
   encode(message: BatchingSettingsProto, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.elementCountThreshold !== 0) {
       writer.uint32(8).int32(message.elementCountThreshold);
@@ -3477,7 +3537,9 @@ function createBaseBatchingDescriptorProto(): BatchingDescriptorProto {
   return { batchedField: "", discriminatorFields: [], subresponseField: "" };
 }
 
-export const BatchingDescriptorProto: MessageFns<BatchingDescriptorProto> = {
+export const BatchingDescriptorProto: MessageFns<BatchingDescriptorProto, "google.api.BatchingDescriptorProto"> = {
+  $type: "google.api.BatchingDescriptorProto" as const,
+
   encode(message: BatchingDescriptorProto, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.batchedField !== "") {
       writer.uint32(10).string(message.batchedField);
@@ -3607,7 +3669,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

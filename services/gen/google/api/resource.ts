@@ -295,7 +295,9 @@ function createBaseResourceDescriptor(): ResourceDescriptor {
   return { type: "", pattern: [], nameField: "", history: 0, plural: "", singular: "", style: [] };
 }
 
-export const ResourceDescriptor: MessageFns<ResourceDescriptor> = {
+export const ResourceDescriptor: MessageFns<ResourceDescriptor, "google.api.ResourceDescriptor"> = {
+  $type: "google.api.ResourceDescriptor" as const,
+
   encode(message: ResourceDescriptor, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.type !== "") {
       writer.uint32(10).string(message.type);
@@ -480,7 +482,9 @@ function createBaseResourceReference(): ResourceReference {
   return { type: "", childType: "" };
 }
 
-export const ResourceReference: MessageFns<ResourceReference> = {
+export const ResourceReference: MessageFns<ResourceReference, "google.api.ResourceReference"> = {
+  $type: "google.api.ResourceReference" as const,
+
   encode(message: ResourceReference, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.type !== "") {
       writer.uint32(10).string(message.type);
@@ -578,7 +582,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

@@ -206,7 +206,9 @@ function createBaseOperation(): Operation {
   return { name: "", metadata: undefined, done: false, result: undefined };
 }
 
-export const Operation: MessageFns<Operation> = {
+export const Operation: MessageFns<Operation, "google.longrunning.Operation"> = {
+  $type: "google.longrunning.Operation" as const,
+
   encode(message: Operation, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -357,7 +359,9 @@ function createBaseGetOperationRequest(): GetOperationRequest {
   return { name: "" };
 }
 
-export const GetOperationRequest: MessageFns<GetOperationRequest> = {
+export const GetOperationRequest: MessageFns<GetOperationRequest, "google.longrunning.GetOperationRequest"> = {
+  $type: "google.longrunning.GetOperationRequest" as const,
+
   encode(message: GetOperationRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -424,7 +428,9 @@ function createBaseListOperationsRequest(): ListOperationsRequest {
   return { name: "", filter: "", pageSize: 0, pageToken: "", returnPartialSuccess: false };
 }
 
-export const ListOperationsRequest: MessageFns<ListOperationsRequest> = {
+export const ListOperationsRequest: MessageFns<ListOperationsRequest, "google.longrunning.ListOperationsRequest"> = {
+  $type: "google.longrunning.ListOperationsRequest" as const,
+
   encode(message: ListOperationsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(34).string(message.name);
@@ -569,7 +575,9 @@ function createBaseListOperationsResponse(): ListOperationsResponse {
   return { operations: [], nextPageToken: "", unreachable: [] };
 }
 
-export const ListOperationsResponse: MessageFns<ListOperationsResponse> = {
+export const ListOperationsResponse: MessageFns<ListOperationsResponse, "google.longrunning.ListOperationsResponse"> = {
+  $type: "google.longrunning.ListOperationsResponse" as const,
+
   encode(message: ListOperationsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.operations) {
       Operation.encode(v!, writer.uint32(10).fork()).join();
@@ -678,7 +686,9 @@ function createBaseCancelOperationRequest(): CancelOperationRequest {
   return { name: "" };
 }
 
-export const CancelOperationRequest: MessageFns<CancelOperationRequest> = {
+export const CancelOperationRequest: MessageFns<CancelOperationRequest, "google.longrunning.CancelOperationRequest"> = {
+  $type: "google.longrunning.CancelOperationRequest" as const,
+
   encode(message: CancelOperationRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -745,7 +755,9 @@ function createBaseDeleteOperationRequest(): DeleteOperationRequest {
   return { name: "" };
 }
 
-export const DeleteOperationRequest: MessageFns<DeleteOperationRequest> = {
+export const DeleteOperationRequest: MessageFns<DeleteOperationRequest, "google.longrunning.DeleteOperationRequest"> = {
+  $type: "google.longrunning.DeleteOperationRequest" as const,
+
   encode(message: DeleteOperationRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -812,7 +824,9 @@ function createBaseWaitOperationRequest(): WaitOperationRequest {
   return { name: "", timeout: undefined };
 }
 
-export const WaitOperationRequest: MessageFns<WaitOperationRequest> = {
+export const WaitOperationRequest: MessageFns<WaitOperationRequest, "google.longrunning.WaitOperationRequest"> = {
+  $type: "google.longrunning.WaitOperationRequest" as const,
+
   encode(message: WaitOperationRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -899,7 +913,9 @@ function createBaseOperationInfo(): OperationInfo {
   return { responseType: "", metadataType: "" };
 }
 
-export const OperationInfo: MessageFns<OperationInfo> = {
+export const OperationInfo: MessageFns<OperationInfo, "google.longrunning.OperationInfo"> = {
+  $type: "google.longrunning.OperationInfo" as const,
+
   encode(message: OperationInfo, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.responseType !== "") {
       writer.uint32(10).string(message.responseType);
@@ -1277,7 +1293,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

@@ -27,7 +27,9 @@ function createBaseEmpty(): Empty {
   return {};
 }
 
-export const Empty: MessageFns<Empty> = {
+export const Empty: MessageFns<Empty, "google.protobuf.Empty"> = {
+  $type: "google.protobuf.Empty" as const,
+
   encode(_: Empty, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     return writer;
   },
@@ -84,7 +86,8 @@ export type DeepPartial<T> = T extends Builtin ? T
   : T extends {} ? { [K in keyof T]?: DeepPartial<T[K]> }
   : Partial<T>;
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

@@ -218,7 +218,9 @@ function createBaseFieldMask(): FieldMask {
   return { paths: [] };
 }
 
-export const FieldMask: MessageFns<FieldMask> & FieldMaskWrapperFns = {
+export const FieldMask: MessageFns<FieldMask, "google.protobuf.FieldMask"> & FieldMaskWrapperFns = {
+  $type: "google.protobuf.FieldMask" as const,
+
   encode(message: FieldMask, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.paths) {
       writer.uint32(10).string(v!);
@@ -302,7 +304,8 @@ export type DeepPartial<T> = T extends Builtin ? T
   : T extends {} ? { [K in keyof T]?: DeepPartial<T[K]> }
   : Partial<T>;
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

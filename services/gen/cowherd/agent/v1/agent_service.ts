@@ -247,7 +247,9 @@ function createBaseGetHostInfoRequest(): GetHostInfoRequest {
   return {};
 }
 
-export const GetHostInfoRequest: MessageFns<GetHostInfoRequest> = {
+export const GetHostInfoRequest: MessageFns<GetHostInfoRequest, "cowherd.agent.v1.GetHostInfoRequest"> = {
+  $type: "cowherd.agent.v1.GetHostInfoRequest" as const,
+
   encode(_: GetHostInfoRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     return writer;
   },
@@ -299,7 +301,9 @@ function createBaseExportImageRequest(): ExportImageRequest {
   return { virtualMachine: "", image: "", trackerAnnounceUrl: "", operation: "" };
 }
 
-export const ExportImageRequest: MessageFns<ExportImageRequest> = {
+export const ExportImageRequest: MessageFns<ExportImageRequest, "cowherd.agent.v1.ExportImageRequest"> = {
+  $type: "cowherd.agent.v1.ExportImageRequest" as const,
+
   encode(message: ExportImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.virtualMachine !== "") {
       writer.uint32(10).string(message.virtualMachine);
@@ -424,7 +428,9 @@ function createBaseExportImageResponse(): ExportImageResponse {
   return { response: undefined };
 }
 
-export const ExportImageResponse: MessageFns<ExportImageResponse> = {
+export const ExportImageResponse: MessageFns<ExportImageResponse, "cowherd.agent.v1.ExportImageResponse"> = {
+  $type: "cowherd.agent.v1.ExportImageResponse" as const,
+
   encode(message: ExportImageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     switch (message.response?.$case) {
       case "progress":
@@ -525,7 +531,9 @@ function createBaseExportImageProgress(): ExportImageProgress {
   return { stage: 0, progress: undefined };
 }
 
-export const ExportImageProgress: MessageFns<ExportImageProgress> = {
+export const ExportImageProgress: MessageFns<ExportImageProgress, "cowherd.agent.v1.ExportImageProgress"> = {
+  $type: "cowherd.agent.v1.ExportImageProgress" as const,
+
   encode(message: ExportImageProgress, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.stage !== 0) {
       writer.uint32(8).int32(message.stage);
@@ -612,7 +620,9 @@ function createBaseExportImageResult(): ExportImageResult {
   return { image: undefined, replica: undefined, webSeedUrl: "" };
 }
 
-export const ExportImageResult: MessageFns<ExportImageResult> = {
+export const ExportImageResult: MessageFns<ExportImageResult, "cowherd.agent.v1.ExportImageResult"> = {
+  $type: "cowherd.agent.v1.ExportImageResult" as const,
+
   encode(message: ExportImageResult, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== undefined) {
       Image.encode(message.image, writer.uint32(10).fork()).join();
@@ -719,7 +729,9 @@ function createBaseFetchImageRequest(): FetchImageRequest {
   return { image: undefined, trackerAnnounceUrl: "", webSeedUrls: [], operation: "" };
 }
 
-export const FetchImageRequest: MessageFns<FetchImageRequest> = {
+export const FetchImageRequest: MessageFns<FetchImageRequest, "cowherd.agent.v1.FetchImageRequest"> = {
+  $type: "cowherd.agent.v1.FetchImageRequest" as const,
+
   encode(message: FetchImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== undefined) {
       Image.encode(message.image, writer.uint32(10).fork()).join();
@@ -844,7 +856,9 @@ function createBaseGetImageReplicaRequest(): GetImageReplicaRequest {
   return { name: "" };
 }
 
-export const GetImageReplicaRequest: MessageFns<GetImageReplicaRequest> = {
+export const GetImageReplicaRequest: MessageFns<GetImageReplicaRequest, "cowherd.agent.v1.GetImageReplicaRequest"> = {
+  $type: "cowherd.agent.v1.GetImageReplicaRequest" as const,
+
   encode(message: GetImageReplicaRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -911,7 +925,12 @@ function createBaseListImageReplicasRequest(): ListImageReplicasRequest {
   return { parent: "", pageSize: 0, pageToken: "" };
 }
 
-export const ListImageReplicasRequest: MessageFns<ListImageReplicasRequest> = {
+export const ListImageReplicasRequest: MessageFns<
+  ListImageReplicasRequest,
+  "cowherd.agent.v1.ListImageReplicasRequest"
+> = {
+  $type: "cowherd.agent.v1.ListImageReplicasRequest" as const,
+
   encode(message: ListImageReplicasRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.parent !== "") {
       writer.uint32(10).string(message.parent);
@@ -1020,7 +1039,12 @@ function createBaseListImageReplicasResponse(): ListImageReplicasResponse {
   return { imageReplicas: [], nextPageToken: "" };
 }
 
-export const ListImageReplicasResponse: MessageFns<ListImageReplicasResponse> = {
+export const ListImageReplicasResponse: MessageFns<
+  ListImageReplicasResponse,
+  "cowherd.agent.v1.ListImageReplicasResponse"
+> = {
+  $type: "cowherd.agent.v1.ListImageReplicasResponse" as const,
+
   encode(message: ListImageReplicasResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.imageReplicas) {
       ImageReplica.encode(v!, writer.uint32(10).fork()).join();
@@ -1113,7 +1137,12 @@ function createBaseDeleteImageReplicaRequest(): DeleteImageReplicaRequest {
   return { name: "" };
 }
 
-export const DeleteImageReplicaRequest: MessageFns<DeleteImageReplicaRequest> = {
+export const DeleteImageReplicaRequest: MessageFns<
+  DeleteImageReplicaRequest,
+  "cowherd.agent.v1.DeleteImageReplicaRequest"
+> = {
+  $type: "cowherd.agent.v1.DeleteImageReplicaRequest" as const,
+
   encode(message: DeleteImageReplicaRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1180,7 +1209,12 @@ function createBaseSetTransferLimitsRequest(): SetTransferLimitsRequest {
   return { transferLimits: undefined };
 }
 
-export const SetTransferLimitsRequest: MessageFns<SetTransferLimitsRequest> = {
+export const SetTransferLimitsRequest: MessageFns<
+  SetTransferLimitsRequest,
+  "cowherd.agent.v1.SetTransferLimitsRequest"
+> = {
+  $type: "cowherd.agent.v1.SetTransferLimitsRequest" as const,
+
   encode(message: SetTransferLimitsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.transferLimits !== undefined) {
       TransferLimits.encode(message.transferLimits, writer.uint32(10).fork()).join();
@@ -1255,7 +1289,9 @@ function createBaseCreateClonesRequest(): CreateClonesRequest {
   return { source: undefined, clones: [], operation: "", requestId: "", validateOnly: false };
 }
 
-export const CreateClonesRequest: MessageFns<CreateClonesRequest> = {
+export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent.v1.CreateClonesRequest"> = {
+  $type: "cowherd.agent.v1.CreateClonesRequest" as const,
+
   encode(message: CreateClonesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     switch (message.source?.$case) {
       case "image":
@@ -1430,7 +1466,9 @@ function createBaseCloneSpec(): CloneSpec {
   return { domainName: "", start: false };
 }
 
-export const CloneSpec: MessageFns<CloneSpec> = {
+export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
+  $type: "cowherd.agent.v1.CloneSpec" as const,
+
   encode(message: CloneSpec, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.domainName !== "") {
       writer.uint32(10).string(message.domainName);
@@ -1519,7 +1557,9 @@ function createBaseCreateClonesResponse(): CreateClonesResponse {
   return { results: [] };
 }
 
-export const CreateClonesResponse: MessageFns<CreateClonesResponse> = {
+export const CreateClonesResponse: MessageFns<CreateClonesResponse, "cowherd.agent.v1.CreateClonesResponse"> = {
+  $type: "cowherd.agent.v1.CreateClonesResponse" as const,
+
   encode(message: CreateClonesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.results) {
       CreateCloneResult.encode(v!, writer.uint32(10).fork()).join();
@@ -1590,7 +1630,9 @@ function createBaseCreateCloneResult(): CreateCloneResult {
   return { domainName: "", virtualMachine: undefined, status: undefined, started: false };
 }
 
-export const CreateCloneResult: MessageFns<CreateCloneResult> = {
+export const CreateCloneResult: MessageFns<CreateCloneResult, "cowherd.agent.v1.CreateCloneResult"> = {
+  $type: "cowherd.agent.v1.CreateCloneResult" as const,
+
   encode(message: CreateCloneResult, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.domainName !== "") {
       writer.uint32(10).string(message.domainName);
@@ -1719,7 +1761,12 @@ function createBaseStartVirtualMachineRequest(): StartVirtualMachineRequest {
   return { name: "" };
 }
 
-export const StartVirtualMachineRequest: MessageFns<StartVirtualMachineRequest> = {
+export const StartVirtualMachineRequest: MessageFns<
+  StartVirtualMachineRequest,
+  "cowherd.agent.v1.StartVirtualMachineRequest"
+> = {
+  $type: "cowherd.agent.v1.StartVirtualMachineRequest" as const,
+
   encode(message: StartVirtualMachineRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1786,7 +1833,12 @@ function createBaseStopVirtualMachineRequest(): StopVirtualMachineRequest {
   return { name: "", force: false, timeout: undefined };
 }
 
-export const StopVirtualMachineRequest: MessageFns<StopVirtualMachineRequest> = {
+export const StopVirtualMachineRequest: MessageFns<
+  StopVirtualMachineRequest,
+  "cowherd.agent.v1.StopVirtualMachineRequest"
+> = {
+  $type: "cowherd.agent.v1.StopVirtualMachineRequest" as const,
+
   encode(message: StopVirtualMachineRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1889,7 +1941,12 @@ function createBaseDeleteVirtualMachineRequest(): DeleteVirtualMachineRequest {
   return { name: "", force: false };
 }
 
-export const DeleteVirtualMachineRequest: MessageFns<DeleteVirtualMachineRequest> = {
+export const DeleteVirtualMachineRequest: MessageFns<
+  DeleteVirtualMachineRequest,
+  "cowherd.agent.v1.DeleteVirtualMachineRequest"
+> = {
+  $type: "cowherd.agent.v1.DeleteVirtualMachineRequest" as const,
+
   encode(message: DeleteVirtualMachineRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -2524,7 +2581,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

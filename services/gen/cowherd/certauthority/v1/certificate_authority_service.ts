@@ -264,7 +264,9 @@ function createBaseGetCaBundleRequest(): GetCaBundleRequest {
   return {};
 }
 
-export const GetCaBundleRequest: MessageFns<GetCaBundleRequest> = {
+export const GetCaBundleRequest: MessageFns<GetCaBundleRequest, "cowherd.certauthority.v1.GetCaBundleRequest"> = {
+  $type: "cowherd.certauthority.v1.GetCaBundleRequest" as const,
+
   encode(_: GetCaBundleRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     return writer;
   },
@@ -316,7 +318,9 @@ function createBaseGetCaBundleResponse(): GetCaBundleResponse {
   return { caCertificatePem: "", caCertificateSha256: "", trustBundlePem: "" };
 }
 
-export const GetCaBundleResponse: MessageFns<GetCaBundleResponse> = {
+export const GetCaBundleResponse: MessageFns<GetCaBundleResponse, "cowherd.certauthority.v1.GetCaBundleResponse"> = {
+  $type: "cowherd.certauthority.v1.GetCaBundleResponse" as const,
+
   encode(message: GetCaBundleResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.caCertificatePem !== "") {
       writer.uint32(10).string(message.caCertificatePem);
@@ -429,7 +433,12 @@ function createBaseCreateJoinTokenRequest(): CreateJoinTokenRequest {
   return { host: "", ttl: undefined, requestId: "" };
 }
 
-export const CreateJoinTokenRequest: MessageFns<CreateJoinTokenRequest> = {
+export const CreateJoinTokenRequest: MessageFns<
+  CreateJoinTokenRequest,
+  "cowherd.certauthority.v1.CreateJoinTokenRequest"
+> = {
+  $type: "cowherd.certauthority.v1.CreateJoinTokenRequest" as const,
+
   encode(message: CreateJoinTokenRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -534,7 +543,9 @@ function createBaseGetJoinTokenRequest(): GetJoinTokenRequest {
   return { name: "" };
 }
 
-export const GetJoinTokenRequest: MessageFns<GetJoinTokenRequest> = {
+export const GetJoinTokenRequest: MessageFns<GetJoinTokenRequest, "cowherd.certauthority.v1.GetJoinTokenRequest"> = {
+  $type: "cowherd.certauthority.v1.GetJoinTokenRequest" as const,
+
   encode(message: GetJoinTokenRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -601,7 +612,12 @@ function createBaseListJoinTokensRequest(): ListJoinTokensRequest {
   return { pageSize: 0, pageToken: "", filter: "" };
 }
 
-export const ListJoinTokensRequest: MessageFns<ListJoinTokensRequest> = {
+export const ListJoinTokensRequest: MessageFns<
+  ListJoinTokensRequest,
+  "cowherd.certauthority.v1.ListJoinTokensRequest"
+> = {
+  $type: "cowherd.certauthority.v1.ListJoinTokensRequest" as const,
+
   encode(message: ListJoinTokensRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.pageSize !== 0) {
       writer.uint32(8).int32(message.pageSize);
@@ -710,7 +726,12 @@ function createBaseListJoinTokensResponse(): ListJoinTokensResponse {
   return { joinTokens: [], nextPageToken: "" };
 }
 
-export const ListJoinTokensResponse: MessageFns<ListJoinTokensResponse> = {
+export const ListJoinTokensResponse: MessageFns<
+  ListJoinTokensResponse,
+  "cowherd.certauthority.v1.ListJoinTokensResponse"
+> = {
+  $type: "cowherd.certauthority.v1.ListJoinTokensResponse" as const,
+
   encode(message: ListJoinTokensResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.joinTokens) {
       JoinToken.encode(v!, writer.uint32(10).fork()).join();
@@ -803,7 +824,12 @@ function createBaseDeleteJoinTokenRequest(): DeleteJoinTokenRequest {
   return { name: "" };
 }
 
-export const DeleteJoinTokenRequest: MessageFns<DeleteJoinTokenRequest> = {
+export const DeleteJoinTokenRequest: MessageFns<
+  DeleteJoinTokenRequest,
+  "cowherd.certauthority.v1.DeleteJoinTokenRequest"
+> = {
+  $type: "cowherd.certauthority.v1.DeleteJoinTokenRequest" as const,
+
   encode(message: DeleteJoinTokenRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -870,7 +896,9 @@ function createBaseEnrollHostRequest(): EnrollHostRequest {
   return { token: "", csrPem: "" };
 }
 
-export const EnrollHostRequest: MessageFns<EnrollHostRequest> = {
+export const EnrollHostRequest: MessageFns<EnrollHostRequest, "cowherd.certauthority.v1.EnrollHostRequest"> = {
+  $type: "cowherd.certauthority.v1.EnrollHostRequest" as const,
+
   encode(message: EnrollHostRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.token !== "") {
       writer.uint32(10).string(message.token);
@@ -959,7 +987,9 @@ function createBaseEnrollHostResponse(): EnrollHostResponse {
   return { certificate: undefined, caCertificatePem: "", renewTime: undefined };
 }
 
-export const EnrollHostResponse: MessageFns<EnrollHostResponse> = {
+export const EnrollHostResponse: MessageFns<EnrollHostResponse, "cowherd.certauthority.v1.EnrollHostResponse"> = {
+  $type: "cowherd.certauthority.v1.EnrollHostResponse" as const,
+
   encode(message: EnrollHostResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.certificate !== undefined) {
       Certificate.encode(message.certificate, writer.uint32(10).fork()).join();
@@ -1070,7 +1100,12 @@ function createBaseRenewCertificateRequest(): RenewCertificateRequest {
   return { csrPem: "" };
 }
 
-export const RenewCertificateRequest: MessageFns<RenewCertificateRequest> = {
+export const RenewCertificateRequest: MessageFns<
+  RenewCertificateRequest,
+  "cowherd.certauthority.v1.RenewCertificateRequest"
+> = {
+  $type: "cowherd.certauthority.v1.RenewCertificateRequest" as const,
+
   encode(message: RenewCertificateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.csrPem !== "") {
       writer.uint32(10).string(message.csrPem);
@@ -1143,7 +1178,12 @@ function createBaseRenewCertificateResponse(): RenewCertificateResponse {
   return { certificate: undefined, caCertificatePem: "", renewTime: undefined };
 }
 
-export const RenewCertificateResponse: MessageFns<RenewCertificateResponse> = {
+export const RenewCertificateResponse: MessageFns<
+  RenewCertificateResponse,
+  "cowherd.certauthority.v1.RenewCertificateResponse"
+> = {
+  $type: "cowherd.certauthority.v1.RenewCertificateResponse" as const,
+
   encode(message: RenewCertificateResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.certificate !== undefined) {
       Certificate.encode(message.certificate, writer.uint32(10).fork()).join();
@@ -1254,7 +1294,12 @@ function createBaseIssueCertificateRequest(): IssueCertificateRequest {
   return { csrPem: "", identity: "", dnsNames: [], ttl: undefined, requestId: "" };
 }
 
-export const IssueCertificateRequest: MessageFns<IssueCertificateRequest> = {
+export const IssueCertificateRequest: MessageFns<
+  IssueCertificateRequest,
+  "cowherd.certauthority.v1.IssueCertificateRequest"
+> = {
+  $type: "cowherd.certauthority.v1.IssueCertificateRequest" as const,
+
   encode(message: IssueCertificateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.csrPem !== "") {
       writer.uint32(10).string(message.csrPem);
@@ -1399,7 +1444,12 @@ function createBaseGetCertificateRequest(): GetCertificateRequest {
   return { name: "" };
 }
 
-export const GetCertificateRequest: MessageFns<GetCertificateRequest> = {
+export const GetCertificateRequest: MessageFns<
+  GetCertificateRequest,
+  "cowherd.certauthority.v1.GetCertificateRequest"
+> = {
+  $type: "cowherd.certauthority.v1.GetCertificateRequest" as const,
+
   encode(message: GetCertificateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1466,7 +1516,12 @@ function createBaseListCertificatesRequest(): ListCertificatesRequest {
   return { pageSize: 0, pageToken: "", filter: "" };
 }
 
-export const ListCertificatesRequest: MessageFns<ListCertificatesRequest> = {
+export const ListCertificatesRequest: MessageFns<
+  ListCertificatesRequest,
+  "cowherd.certauthority.v1.ListCertificatesRequest"
+> = {
+  $type: "cowherd.certauthority.v1.ListCertificatesRequest" as const,
+
   encode(message: ListCertificatesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.pageSize !== 0) {
       writer.uint32(8).int32(message.pageSize);
@@ -1575,7 +1630,12 @@ function createBaseListCertificatesResponse(): ListCertificatesResponse {
   return { certificates: [], nextPageToken: "" };
 }
 
-export const ListCertificatesResponse: MessageFns<ListCertificatesResponse> = {
+export const ListCertificatesResponse: MessageFns<
+  ListCertificatesResponse,
+  "cowherd.certauthority.v1.ListCertificatesResponse"
+> = {
+  $type: "cowherd.certauthority.v1.ListCertificatesResponse" as const,
+
   encode(message: ListCertificatesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.certificates) {
       Certificate.encode(v!, writer.uint32(10).fork()).join();
@@ -1666,7 +1726,12 @@ function createBaseRevokeCertificateRequest(): RevokeCertificateRequest {
   return { name: "", reason: 0 };
 }
 
-export const RevokeCertificateRequest: MessageFns<RevokeCertificateRequest> = {
+export const RevokeCertificateRequest: MessageFns<
+  RevokeCertificateRequest,
+  "cowherd.certauthority.v1.RevokeCertificateRequest"
+> = {
+  $type: "cowherd.certauthority.v1.RevokeCertificateRequest" as const,
+
   encode(message: RevokeCertificateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1751,7 +1816,12 @@ function createBaseGetRevocationListRequest(): GetRevocationListRequest {
   return {};
 }
 
-export const GetRevocationListRequest: MessageFns<GetRevocationListRequest> = {
+export const GetRevocationListRequest: MessageFns<
+  GetRevocationListRequest,
+  "cowherd.certauthority.v1.GetRevocationListRequest"
+> = {
+  $type: "cowherd.certauthority.v1.GetRevocationListRequest" as const,
+
   encode(_: GetRevocationListRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     return writer;
   },
@@ -1803,7 +1873,12 @@ function createBaseGetIssuedSerialListRequest(): GetIssuedSerialListRequest {
   return {};
 }
 
-export const GetIssuedSerialListRequest: MessageFns<GetIssuedSerialListRequest> = {
+export const GetIssuedSerialListRequest: MessageFns<
+  GetIssuedSerialListRequest,
+  "cowherd.certauthority.v1.GetIssuedSerialListRequest"
+> = {
+  $type: "cowherd.certauthority.v1.GetIssuedSerialListRequest" as const,
+
   encode(_: GetIssuedSerialListRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     return writer;
   },
@@ -1855,7 +1930,12 @@ function createBaseGetIssuedSerialListResponse(): GetIssuedSerialListResponse {
   return { serialNumbers: [], readTime: undefined };
 }
 
-export const GetIssuedSerialListResponse: MessageFns<GetIssuedSerialListResponse> = {
+export const GetIssuedSerialListResponse: MessageFns<
+  GetIssuedSerialListResponse,
+  "cowherd.certauthority.v1.GetIssuedSerialListResponse"
+> = {
+  $type: "cowherd.certauthority.v1.GetIssuedSerialListResponse" as const,
+
   encode(message: GetIssuedSerialListResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.serialNumbers) {
       writer.uint32(10).string(v!);
@@ -1948,7 +2028,12 @@ function createBaseGetRevocationListResponse(): GetRevocationListResponse {
   return { serialNumbers: [], revision: "0", updateTime: undefined };
 }
 
-export const GetRevocationListResponse: MessageFns<GetRevocationListResponse> = {
+export const GetRevocationListResponse: MessageFns<
+  GetRevocationListResponse,
+  "cowherd.certauthority.v1.GetRevocationListResponse"
+> = {
+  $type: "cowherd.certauthority.v1.GetRevocationListResponse" as const,
+
   encode(message: GetRevocationListResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.serialNumbers) {
       writer.uint32(10).string(v!);
@@ -2720,7 +2805,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

@@ -296,7 +296,9 @@ function createBaseCertificate(): Certificate {
   };
 }
 
-export const Certificate: MessageFns<Certificate> = {
+export const Certificate: MessageFns<Certificate, "cowherd.certauthority.v1.Certificate"> = {
+  $type: "cowherd.certauthority.v1.Certificate" as const,
+
   encode(message: Certificate, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -568,7 +570,9 @@ function createBaseJoinToken(): JoinToken {
   };
 }
 
-export const JoinToken: MessageFns<JoinToken> = {
+export const JoinToken: MessageFns<JoinToken, "cowherd.certauthority.v1.JoinToken"> = {
+  $type: "cowherd.certauthority.v1.JoinToken" as const,
+
   encode(message: JoinToken, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -832,7 +836,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

@@ -349,7 +349,12 @@ function createBaseCloneVirtualMachinesRequest(): CloneVirtualMachinesRequest {
   return { source: undefined, placement: undefined, count: 0, nameTemplate: "", start: false, requestId: "" };
 }
 
-export const CloneVirtualMachinesRequest: MessageFns<CloneVirtualMachinesRequest> = {
+export const CloneVirtualMachinesRequest: MessageFns<
+  CloneVirtualMachinesRequest,
+  "cowherd.cloning.v1.CloneVirtualMachinesRequest"
+> = {
+  $type: "cowherd.cloning.v1.CloneVirtualMachinesRequest" as const,
+
   encode(message: CloneVirtualMachinesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     switch (message.source?.$case) {
       case "image":
@@ -542,7 +547,9 @@ function createBasePlacement(): Placement {
   return { strategy: 0, hosts: [], maxClonesPerHost: 0 };
 }
 
-export const Placement: MessageFns<Placement> = {
+export const Placement: MessageFns<Placement, "cowherd.cloning.v1.Placement"> = {
+  $type: "cowherd.cloning.v1.Placement" as const,
+
   encode(message: Placement, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.strategy !== 0) {
       writer.uint32(8).int32(message.strategy);
@@ -657,7 +664,9 @@ function createBaseCloneResult(): CloneResult {
   };
 }
 
-export const CloneResult: MessageFns<CloneResult> = {
+export const CloneResult: MessageFns<CloneResult, "cowherd.cloning.v1.CloneResult"> = {
+  $type: "cowherd.cloning.v1.CloneResult" as const,
+
   encode(message: CloneResult, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.index !== 0) {
       writer.uint32(8).int32(message.index);
@@ -864,7 +873,12 @@ function createBaseCloneVirtualMachinesResponse(): CloneVirtualMachinesResponse 
   return { clones: [] };
 }
 
-export const CloneVirtualMachinesResponse: MessageFns<CloneVirtualMachinesResponse> = {
+export const CloneVirtualMachinesResponse: MessageFns<
+  CloneVirtualMachinesResponse,
+  "cowherd.cloning.v1.CloneVirtualMachinesResponse"
+> = {
+  $type: "cowherd.cloning.v1.CloneVirtualMachinesResponse" as const,
+
   encode(message: CloneVirtualMachinesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.clones) {
       CloneResult.encode(v!, writer.uint32(10).fork()).join();
@@ -943,7 +957,12 @@ function createBaseCloneVirtualMachinesMetadata(): CloneVirtualMachinesMetadata 
   };
 }
 
-export const CloneVirtualMachinesMetadata: MessageFns<CloneVirtualMachinesMetadata> = {
+export const CloneVirtualMachinesMetadata: MessageFns<
+  CloneVirtualMachinesMetadata,
+  "cowherd.cloning.v1.CloneVirtualMachinesMetadata"
+> = {
+  $type: "cowherd.cloning.v1.CloneVirtualMachinesMetadata" as const,
+
   encode(message: CloneVirtualMachinesMetadata, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.source !== "") {
       writer.uint32(10).string(message.source);
@@ -1090,9 +1109,7 @@ export const CloneVirtualMachinesMetadata: MessageFns<CloneVirtualMachinesMetada
         : isSet(object.failed_count)
         ? globalThis.Number(object.failed_count)
         : 0,
-      clones: globalThis.Array.isArray(object?.clones)
-        ? object.clones.map((e: any) => CloneResult.fromJSON(e))
-        : [],
+      clones: globalThis.Array.isArray(object?.clones) ? object.clones.map((e: any) => CloneResult.fromJSON(e)) : [],
       imageTransfers: globalThis.Array.isArray(object?.imageTransfers)
         ? object.imageTransfers.map((e: any) => ImageTransfer.fromJSON(e))
         : globalThis.Array.isArray(object?.image_transfers)
@@ -1177,7 +1194,9 @@ function createBaseImageTransfer(): ImageTransfer {
   };
 }
 
-export const ImageTransfer: MessageFns<ImageTransfer> = {
+export const ImageTransfer: MessageFns<ImageTransfer, "cowherd.cloning.v1.ImageTransfer"> = {
+  $type: "cowherd.cloning.v1.ImageTransfer" as const,
+
   encode(message: ImageTransfer, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -1340,7 +1359,12 @@ function createBaseStartVirtualMachineRequest(): StartVirtualMachineRequest {
   return { name: "" };
 }
 
-export const StartVirtualMachineRequest: MessageFns<StartVirtualMachineRequest> = {
+export const StartVirtualMachineRequest: MessageFns<
+  StartVirtualMachineRequest,
+  "cowherd.cloning.v1.StartVirtualMachineRequest"
+> = {
+  $type: "cowherd.cloning.v1.StartVirtualMachineRequest" as const,
+
   encode(message: StartVirtualMachineRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1407,7 +1431,12 @@ function createBaseStopVirtualMachineRequest(): StopVirtualMachineRequest {
   return { name: "", force: false, timeout: undefined, requestId: "" };
 }
 
-export const StopVirtualMachineRequest: MessageFns<StopVirtualMachineRequest> = {
+export const StopVirtualMachineRequest: MessageFns<
+  StopVirtualMachineRequest,
+  "cowherd.cloning.v1.StopVirtualMachineRequest"
+> = {
+  $type: "cowherd.cloning.v1.StopVirtualMachineRequest" as const,
+
   encode(message: StopVirtualMachineRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1530,7 +1559,12 @@ function createBaseStopVirtualMachineMetadata(): StopVirtualMachineMetadata {
   return { virtualMachine: "", force: false, startTime: undefined, deadlineTime: undefined };
 }
 
-export const StopVirtualMachineMetadata: MessageFns<StopVirtualMachineMetadata> = {
+export const StopVirtualMachineMetadata: MessageFns<
+  StopVirtualMachineMetadata,
+  "cowherd.cloning.v1.StopVirtualMachineMetadata"
+> = {
+  $type: "cowherd.cloning.v1.StopVirtualMachineMetadata" as const,
+
   encode(message: StopVirtualMachineMetadata, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.virtualMachine !== "") {
       writer.uint32(10).string(message.virtualMachine);
@@ -1659,7 +1693,12 @@ function createBaseDeleteVirtualMachineRequest(): DeleteVirtualMachineRequest {
   return { name: "", force: false };
 }
 
-export const DeleteVirtualMachineRequest: MessageFns<DeleteVirtualMachineRequest> = {
+export const DeleteVirtualMachineRequest: MessageFns<
+  DeleteVirtualMachineRequest,
+  "cowherd.cloning.v1.DeleteVirtualMachineRequest"
+> = {
+  $type: "cowherd.cloning.v1.DeleteVirtualMachineRequest" as const,
+
   encode(message: DeleteVirtualMachineRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -2051,7 +2090,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

@@ -214,7 +214,9 @@ function createBaseTransferProgress(): TransferProgress {
   };
 }
 
-export const TransferProgress: MessageFns<TransferProgress> = {
+export const TransferProgress: MessageFns<TransferProgress, "cowherd.common.v1.TransferProgress"> = {
+  $type: "cowherd.common.v1.TransferProgress" as const,
+
   encode(message: TransferProgress, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.bytesDone !== "0") {
       writer.uint32(8).int64(message.bytesDone);
@@ -388,7 +390,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

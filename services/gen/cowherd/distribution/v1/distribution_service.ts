@@ -237,7 +237,9 @@ function createBasePublishImageRequest(): PublishImageRequest {
   return { imageId: "", sourceVirtualMachine: "", description: "", labels: {}, requestId: "" };
 }
 
-export const PublishImageRequest: MessageFns<PublishImageRequest> = {
+export const PublishImageRequest: MessageFns<PublishImageRequest, "cowherd.distribution.v1.PublishImageRequest"> = {
+  $type: "cowherd.distribution.v1.PublishImageRequest" as const,
+
   encode(message: PublishImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.imageId !== "") {
       writer.uint32(10).string(message.imageId);
@@ -412,7 +414,12 @@ function createBasePublishImageRequest_LabelsEntry(): PublishImageRequest_Labels
   return { key: "", value: "" };
 }
 
-export const PublishImageRequest_LabelsEntry: MessageFns<PublishImageRequest_LabelsEntry> = {
+export const PublishImageRequest_LabelsEntry: MessageFns<
+  PublishImageRequest_LabelsEntry,
+  "cowherd.distribution.v1.PublishImageRequest.LabelsEntry"
+> = {
+  $type: "cowherd.distribution.v1.PublishImageRequest.LabelsEntry" as const,
+
   encode(message: PublishImageRequest_LabelsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.key !== "") {
       writer.uint32(10).string(message.key);
@@ -505,7 +512,9 @@ function createBasePublishImageMetadata(): PublishImageMetadata {
   };
 }
 
-export const PublishImageMetadata: MessageFns<PublishImageMetadata> = {
+export const PublishImageMetadata: MessageFns<PublishImageMetadata, "cowherd.distribution.v1.PublishImageMetadata"> = {
+  $type: "cowherd.distribution.v1.PublishImageMetadata" as const,
+
   encode(message: PublishImageMetadata, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -688,7 +697,12 @@ function createBaseDistributeImageRequest(): DistributeImageRequest {
   return { image: "", hosts: [], requestId: "" };
 }
 
-export const DistributeImageRequest: MessageFns<DistributeImageRequest> = {
+export const DistributeImageRequest: MessageFns<
+  DistributeImageRequest,
+  "cowherd.distribution.v1.DistributeImageRequest"
+> = {
+  $type: "cowherd.distribution.v1.DistributeImageRequest" as const,
+
   encode(message: DistributeImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -793,7 +807,12 @@ function createBaseDistributeImageResponse(): DistributeImageResponse {
   return { replicas: [], failures: [] };
 }
 
-export const DistributeImageResponse: MessageFns<DistributeImageResponse> = {
+export const DistributeImageResponse: MessageFns<
+  DistributeImageResponse,
+  "cowherd.distribution.v1.DistributeImageResponse"
+> = {
+  $type: "cowherd.distribution.v1.DistributeImageResponse" as const,
+
   encode(message: DistributeImageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.replicas) {
       ImageReplica.encode(v!, writer.uint32(10).fork()).join();
@@ -891,7 +910,12 @@ function createBaseDistributeImageMetadata(): DistributeImageMetadata {
   };
 }
 
-export const DistributeImageMetadata: MessageFns<DistributeImageMetadata> = {
+export const DistributeImageMetadata: MessageFns<
+  DistributeImageMetadata,
+  "cowherd.distribution.v1.DistributeImageMetadata"
+> = {
+  $type: "cowherd.distribution.v1.DistributeImageMetadata" as const,
+
   encode(message: DistributeImageMetadata, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -1098,7 +1122,9 @@ function createBaseHostTransfer(): HostTransfer {
   return { host: "", state: 0, progress: undefined, error: undefined, hostUnreachable: false, deadlineTime: undefined };
 }
 
-export const HostTransfer: MessageFns<HostTransfer> = {
+export const HostTransfer: MessageFns<HostTransfer, "cowherd.distribution.v1.HostTransfer"> = {
+  $type: "cowherd.distribution.v1.HostTransfer" as const,
+
   encode(message: HostTransfer, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -1259,7 +1285,9 @@ function createBaseHostFailure(): HostFailure {
   return { host: "", status: undefined };
 }
 
-export const HostFailure: MessageFns<HostFailure> = {
+export const HostFailure: MessageFns<HostFailure, "cowherd.distribution.v1.HostFailure"> = {
+  $type: "cowherd.distribution.v1.HostFailure" as const,
+
   encode(message: HostFailure, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -1346,7 +1374,9 @@ function createBaseDeleteImageRequest(): DeleteImageRequest {
   return { name: "", requestId: "" };
 }
 
-export const DeleteImageRequest: MessageFns<DeleteImageRequest> = {
+export const DeleteImageRequest: MessageFns<DeleteImageRequest, "cowherd.distribution.v1.DeleteImageRequest"> = {
+  $type: "cowherd.distribution.v1.DeleteImageRequest" as const,
+
   encode(message: DeleteImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1435,7 +1465,9 @@ function createBaseDeleteImageMetadata(): DeleteImageMetadata {
   return { image: "", hostsTotal: 0, hostsDone: 0, pendingHosts: [], startTime: undefined, updateTime: undefined };
 }
 
-export const DeleteImageMetadata: MessageFns<DeleteImageMetadata> = {
+export const DeleteImageMetadata: MessageFns<DeleteImageMetadata, "cowherd.distribution.v1.DeleteImageMetadata"> = {
+  $type: "cowherd.distribution.v1.DeleteImageMetadata" as const,
+
   encode(message: DeleteImageMetadata, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -1604,7 +1636,12 @@ function createBaseDeleteImageReplicaRequest(): DeleteImageReplicaRequest {
   return { name: "" };
 }
 
-export const DeleteImageReplicaRequest: MessageFns<DeleteImageReplicaRequest> = {
+export const DeleteImageReplicaRequest: MessageFns<
+  DeleteImageReplicaRequest,
+  "cowherd.distribution.v1.DeleteImageReplicaRequest"
+> = {
+  $type: "cowherd.distribution.v1.DeleteImageReplicaRequest" as const,
+
   encode(message: DeleteImageReplicaRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1671,7 +1708,12 @@ function createBaseCollectImageReplicasRequest(): CollectImageReplicasRequest {
   return { parent: "", filter: "", validateOnly: false };
 }
 
-export const CollectImageReplicasRequest: MessageFns<CollectImageReplicasRequest> = {
+export const CollectImageReplicasRequest: MessageFns<
+  CollectImageReplicasRequest,
+  "cowherd.distribution.v1.CollectImageReplicasRequest"
+> = {
+  $type: "cowherd.distribution.v1.CollectImageReplicasRequest" as const,
+
   encode(message: CollectImageReplicasRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.parent !== "") {
       writer.uint32(10).string(message.parent);
@@ -1776,7 +1818,12 @@ function createBaseCollectImageReplicasResponse(): CollectImageReplicasResponse 
   return { replicas: [], failures: [], freedBytes: "0" };
 }
 
-export const CollectImageReplicasResponse: MessageFns<CollectImageReplicasResponse> = {
+export const CollectImageReplicasResponse: MessageFns<
+  CollectImageReplicasResponse,
+  "cowherd.distribution.v1.CollectImageReplicasResponse"
+> = {
+  $type: "cowherd.distribution.v1.CollectImageReplicasResponse" as const,
+
   encode(message: CollectImageReplicasResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.replicas) {
       ImageReplica.encode(v!, writer.uint32(10).fork()).join();
@@ -2275,7 +2322,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

@@ -440,7 +440,9 @@ function createBaseHostEnrolled(): HostEnrolled {
   return { host: "", identity: "", certificate: "", joinToken: "", occurTime: undefined };
 }
 
-export const HostEnrolled: MessageFns<HostEnrolled> = {
+export const HostEnrolled: MessageFns<HostEnrolled, "cowherd.events.v1.HostEnrolled"> = {
+  $type: "cowherd.events.v1.HostEnrolled" as const,
+
   encode(message: HostEnrolled, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -581,7 +583,9 @@ function createBaseHostReady(): HostReady {
   return { host: "", hypervisor: 0, agentVersion: "", previousState: 0, occurTime: undefined };
 }
 
-export const HostReady: MessageFns<HostReady> = {
+export const HostReady: MessageFns<HostReady, "cowherd.events.v1.HostReady"> = {
+  $type: "cowherd.events.v1.HostReady" as const,
+
   encode(message: HostReady, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -726,7 +730,9 @@ function createBaseHostUnreachable(): HostUnreachable {
   return { host: "", lastHeartbeatTime: undefined, occurTime: undefined };
 }
 
-export const HostUnreachable: MessageFns<HostUnreachable> = {
+export const HostUnreachable: MessageFns<HostUnreachable, "cowherd.events.v1.HostUnreachable"> = {
+  $type: "cowherd.events.v1.HostUnreachable" as const,
+
   encode(message: HostUnreachable, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -835,7 +841,9 @@ function createBaseHostDrained(): HostDrained {
   return { host: "", occurTime: undefined };
 }
 
-export const HostDrained: MessageFns<HostDrained> = {
+export const HostDrained: MessageFns<HostDrained, "cowherd.events.v1.HostDrained"> = {
+  $type: "cowherd.events.v1.HostDrained" as const,
+
   encode(message: HostDrained, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -924,7 +932,9 @@ function createBaseHostDeleted(): HostDeleted {
   return { host: "", forced: false, occurTime: undefined };
 }
 
-export const HostDeleted: MessageFns<HostDeleted> = {
+export const HostDeleted: MessageFns<HostDeleted, "cowherd.events.v1.HostDeleted"> = {
+  $type: "cowherd.events.v1.HostDeleted" as const,
+
   encode(message: HostDeleted, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -1029,7 +1039,9 @@ function createBaseCertificateRevoked(): CertificateRevoked {
   return { certificate: "", serialNumber: "", identity: "", reason: 0, occurTime: undefined };
 }
 
-export const CertificateRevoked: MessageFns<CertificateRevoked> = {
+export const CertificateRevoked: MessageFns<CertificateRevoked, "cowherd.events.v1.CertificateRevoked"> = {
+  $type: "cowherd.events.v1.CertificateRevoked" as const,
+
   encode(message: CertificateRevoked, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.certificate !== "") {
       writer.uint32(10).string(message.certificate);
@@ -1179,7 +1191,9 @@ function createBaseImagePublished(): ImagePublished {
   };
 }
 
-export const ImagePublished: MessageFns<ImagePublished> = {
+export const ImagePublished: MessageFns<ImagePublished, "cowherd.events.v1.ImagePublished"> = {
+  $type: "cowherd.events.v1.ImagePublished" as const,
+
   encode(message: ImagePublished, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -1387,7 +1401,9 @@ function createBaseImagePublishFailed(): ImagePublishFailed {
   };
 }
 
-export const ImagePublishFailed: MessageFns<ImagePublishFailed> = {
+export const ImagePublishFailed: MessageFns<ImagePublishFailed, "cowherd.events.v1.ImagePublishFailed"> = {
+  $type: "cowherd.events.v1.ImagePublishFailed" as const,
+
   encode(message: ImagePublishFailed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -1550,7 +1566,9 @@ function createBaseImageTransferProgress(): ImageTransferProgress {
   return { image: "", host: "", replica: "", state: 0, progress: undefined, operation: "", occurTime: undefined };
 }
 
-export const ImageTransferProgress: MessageFns<ImageTransferProgress> = {
+export const ImageTransferProgress: MessageFns<ImageTransferProgress, "cowherd.events.v1.ImageTransferProgress"> = {
+  $type: "cowherd.events.v1.ImageTransferProgress" as const,
+
   encode(message: ImageTransferProgress, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -1732,7 +1750,9 @@ function createBaseImageAvailable(): ImageAvailable {
   };
 }
 
-export const ImageAvailable: MessageFns<ImageAvailable> = {
+export const ImageAvailable: MessageFns<ImageAvailable, "cowherd.events.v1.ImageAvailable"> = {
+  $type: "cowherd.events.v1.ImageAvailable" as const,
+
   encode(message: ImageAvailable, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -1959,7 +1979,9 @@ function createBaseImageTransferFailed(): ImageTransferFailed {
   return { image: "", host: "", replica: "", status: undefined, operation: "", occurTime: undefined };
 }
 
-export const ImageTransferFailed: MessageFns<ImageTransferFailed> = {
+export const ImageTransferFailed: MessageFns<ImageTransferFailed, "cowherd.events.v1.ImageTransferFailed"> = {
+  $type: "cowherd.events.v1.ImageTransferFailed" as const,
+
   encode(message: ImageTransferFailed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -2124,7 +2146,9 @@ function createBaseImageReplicaDamaged(): ImageReplicaDamaged {
   };
 }
 
-export const ImageReplicaDamaged: MessageFns<ImageReplicaDamaged> = {
+export const ImageReplicaDamaged: MessageFns<ImageReplicaDamaged, "cowherd.events.v1.ImageReplicaDamaged"> = {
+  $type: "cowherd.events.v1.ImageReplicaDamaged" as const,
+
   encode(message: ImageReplicaDamaged, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -2337,7 +2361,9 @@ function createBaseImageReplicaDeleted(): ImageReplicaDeleted {
   return { image: "", host: "", replica: "", freedBytes: "0", occurTime: undefined };
 }
 
-export const ImageReplicaDeleted: MessageFns<ImageReplicaDeleted> = {
+export const ImageReplicaDeleted: MessageFns<ImageReplicaDeleted, "cowherd.events.v1.ImageReplicaDeleted"> = {
+  $type: "cowherd.events.v1.ImageReplicaDeleted" as const,
+
   encode(message: ImageReplicaDeleted, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -2478,7 +2504,9 @@ function createBaseImageDeleted(): ImageDeleted {
   return { image: "", operation: "", occurTime: undefined };
 }
 
-export const ImageDeleted: MessageFns<ImageDeleted> = {
+export const ImageDeleted: MessageFns<ImageDeleted, "cowherd.events.v1.ImageDeleted"> = {
+  $type: "cowherd.events.v1.ImageDeleted" as const,
+
   encode(message: ImageDeleted, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -2594,7 +2622,9 @@ function createBaseCloneDone(): CloneDone {
   };
 }
 
-export const CloneDone: MessageFns<CloneDone> = {
+export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
+  $type: "cowherd.events.v1.CloneDone" as const,
+
   encode(message: CloneDone, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.virtualMachine !== "") {
       writer.uint32(10).string(message.virtualMachine);
@@ -2754,9 +2784,7 @@ export const CloneDone: MessageFns<CloneDone> = {
         : isSet(object.source_virtual_machine)
         ? globalThis.String(object.source_virtual_machine)
         : "",
-      overlays: globalThis.Array.isArray(object?.overlays)
-        ? object.overlays.map((e: any) => globalThis.String(e))
-        : [],
+      overlays: globalThis.Array.isArray(object?.overlays) ? object.overlays.map((e: any) => globalThis.String(e)) : [],
       started: isSet(object.started) ? globalThis.Boolean(object.started) : false,
       operation: isSet(object.operation) ? globalThis.String(object.operation) : "",
       occurTime: isSet(object.occurTime)
@@ -2836,7 +2864,9 @@ function createBaseCloneFailed(): CloneFailed {
   };
 }
 
-export const CloneFailed: MessageFns<CloneFailed> = {
+export const CloneFailed: MessageFns<CloneFailed, "cowherd.events.v1.CloneFailed"> = {
+  $type: "cowherd.events.v1.CloneFailed" as const,
+
   encode(message: CloneFailed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.virtualMachine !== "") {
       writer.uint32(10).string(message.virtualMachine);
@@ -2996,9 +3026,7 @@ export const CloneFailed: MessageFns<CloneFailed> = {
         : isSet(object.source_virtual_machine)
         ? globalThis.String(object.source_virtual_machine)
         : "",
-      overlays: globalThis.Array.isArray(object?.overlays)
-        ? object.overlays.map((e: any) => globalThis.String(e))
-        : [],
+      overlays: globalThis.Array.isArray(object?.overlays) ? object.overlays.map((e: any) => globalThis.String(e)) : [],
       status: isSet(object.status) ? Status.fromJSON(object.status) : undefined,
       operation: isSet(object.operation) ? globalThis.String(object.operation) : "",
       occurTime: isSet(object.occurTime)
@@ -3069,7 +3097,9 @@ function createBaseVirtualMachineChanged(): VirtualMachineChanged {
   return { type: 0, virtualMachine: undefined, revision: "0", occurTime: undefined };
 }
 
-export const VirtualMachineChanged: MessageFns<VirtualMachineChanged> = {
+export const VirtualMachineChanged: MessageFns<VirtualMachineChanged, "cowherd.events.v1.VirtualMachineChanged"> = {
+  $type: "cowherd.events.v1.VirtualMachineChanged" as const,
+
   encode(message: VirtualMachineChanged, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.type !== 0) {
       writer.uint32(8).int32(message.type);
@@ -3196,7 +3226,9 @@ function createBaseOperationDone(): OperationDone {
   return { operation: "", method: "", error: undefined, occurTime: undefined };
 }
 
-export const OperationDone: MessageFns<OperationDone> = {
+export const OperationDone: MessageFns<OperationDone, "cowherd.events.v1.OperationDone"> = {
+  $type: "cowherd.events.v1.OperationDone" as const,
+
   encode(message: OperationDone, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.operation !== "") {
       writer.uint32(10).string(message.operation);
@@ -3350,7 +3382,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

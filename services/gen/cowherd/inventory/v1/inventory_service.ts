@@ -291,7 +291,9 @@ function createBaseRegisterHostRequest(): RegisterHostRequest {
   return { host: undefined };
 }
 
-export const RegisterHostRequest: MessageFns<RegisterHostRequest> = {
+export const RegisterHostRequest: MessageFns<RegisterHostRequest, "cowherd.inventory.v1.RegisterHostRequest"> = {
+  $type: "cowherd.inventory.v1.RegisterHostRequest" as const,
+
   encode(message: RegisterHostRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== undefined) {
       Host.encode(message.host, writer.uint32(10).fork()).join();
@@ -358,7 +360,9 @@ function createBaseHeartbeatRequest(): HeartbeatRequest {
   return { host: "", memoryFreeBytes: "0", imageDirectoryFreeBytes: "0", imageDirectoryTotalBytes: "0" };
 }
 
-export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
+export const HeartbeatRequest: MessageFns<HeartbeatRequest, "cowherd.inventory.v1.HeartbeatRequest"> = {
+  $type: "cowherd.inventory.v1.HeartbeatRequest" as const,
+
   encode(message: HeartbeatRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== "") {
       writer.uint32(10).string(message.host);
@@ -487,7 +491,9 @@ function createBaseHeartbeatResponse(): HeartbeatResponse {
   return { heartbeatInterval: undefined, transferLimits: undefined };
 }
 
-export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
+export const HeartbeatResponse: MessageFns<HeartbeatResponse, "cowherd.inventory.v1.HeartbeatResponse"> = {
+  $type: "cowherd.inventory.v1.HeartbeatResponse" as const,
+
   encode(message: HeartbeatResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.heartbeatInterval !== undefined) {
       Duration.encode(message.heartbeatInterval, writer.uint32(10).fork()).join();
@@ -584,7 +590,12 @@ function createBaseReportVirtualMachinesRequest(): ReportVirtualMachinesRequest 
   return { parent: "", virtualMachines: [], fullSnapshot: false, removedVirtualMachines: [] };
 }
 
-export const ReportVirtualMachinesRequest: MessageFns<ReportVirtualMachinesRequest> = {
+export const ReportVirtualMachinesRequest: MessageFns<
+  ReportVirtualMachinesRequest,
+  "cowherd.inventory.v1.ReportVirtualMachinesRequest"
+> = {
+  $type: "cowherd.inventory.v1.ReportVirtualMachinesRequest" as const,
+
   encode(message: ReportVirtualMachinesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.parent !== "") {
       writer.uint32(10).string(message.parent);
@@ -713,7 +724,12 @@ function createBaseReportVirtualMachinesResponse(): ReportVirtualMachinesRespons
   return { changedCount: 0, removedCount: 0, revision: "0" };
 }
 
-export const ReportVirtualMachinesResponse: MessageFns<ReportVirtualMachinesResponse> = {
+export const ReportVirtualMachinesResponse: MessageFns<
+  ReportVirtualMachinesResponse,
+  "cowherd.inventory.v1.ReportVirtualMachinesResponse"
+> = {
+  $type: "cowherd.inventory.v1.ReportVirtualMachinesResponse" as const,
+
   encode(message: ReportVirtualMachinesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.changedCount !== 0) {
       writer.uint32(8).int32(message.changedCount);
@@ -822,7 +838,9 @@ function createBaseGetHostRequest(): GetHostRequest {
   return { name: "" };
 }
 
-export const GetHostRequest: MessageFns<GetHostRequest> = {
+export const GetHostRequest: MessageFns<GetHostRequest, "cowherd.inventory.v1.GetHostRequest"> = {
+  $type: "cowherd.inventory.v1.GetHostRequest" as const,
+
   encode(message: GetHostRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -889,7 +907,9 @@ function createBaseListHostsRequest(): ListHostsRequest {
   return { pageSize: 0, pageToken: "", filter: "" };
 }
 
-export const ListHostsRequest: MessageFns<ListHostsRequest> = {
+export const ListHostsRequest: MessageFns<ListHostsRequest, "cowherd.inventory.v1.ListHostsRequest"> = {
+  $type: "cowherd.inventory.v1.ListHostsRequest" as const,
+
   encode(message: ListHostsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.pageSize !== 0) {
       writer.uint32(8).int32(message.pageSize);
@@ -998,7 +1018,9 @@ function createBaseListHostsResponse(): ListHostsResponse {
   return { hosts: [], nextPageToken: "" };
 }
 
-export const ListHostsResponse: MessageFns<ListHostsResponse> = {
+export const ListHostsResponse: MessageFns<ListHostsResponse, "cowherd.inventory.v1.ListHostsResponse"> = {
+  $type: "cowherd.inventory.v1.ListHostsResponse" as const,
+
   encode(message: ListHostsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.hosts) {
       Host.encode(v!, writer.uint32(10).fork()).join();
@@ -1087,7 +1109,9 @@ function createBaseUpdateHostRequest(): UpdateHostRequest {
   return { host: undefined, updateMask: undefined };
 }
 
-export const UpdateHostRequest: MessageFns<UpdateHostRequest> = {
+export const UpdateHostRequest: MessageFns<UpdateHostRequest, "cowherd.inventory.v1.UpdateHostRequest"> = {
+  $type: "cowherd.inventory.v1.UpdateHostRequest" as const,
+
   encode(message: UpdateHostRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.host !== undefined) {
       Host.encode(message.host, writer.uint32(10).fork()).join();
@@ -1176,7 +1200,9 @@ function createBaseDeleteHostRequest(): DeleteHostRequest {
   return { name: "", force: false };
 }
 
-export const DeleteHostRequest: MessageFns<DeleteHostRequest> = {
+export const DeleteHostRequest: MessageFns<DeleteHostRequest, "cowherd.inventory.v1.DeleteHostRequest"> = {
+  $type: "cowherd.inventory.v1.DeleteHostRequest" as const,
+
   encode(message: DeleteHostRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1261,7 +1287,9 @@ function createBaseGetImageRequest(): GetImageRequest {
   return { name: "", view: 0 };
 }
 
-export const GetImageRequest: MessageFns<GetImageRequest> = {
+export const GetImageRequest: MessageFns<GetImageRequest, "cowherd.inventory.v1.GetImageRequest"> = {
+  $type: "cowherd.inventory.v1.GetImageRequest" as const,
+
   encode(message: GetImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1346,7 +1374,9 @@ function createBaseListImagesRequest(): ListImagesRequest {
   return { pageSize: 0, pageToken: "", filter: "", view: 0 };
 }
 
-export const ListImagesRequest: MessageFns<ListImagesRequest> = {
+export const ListImagesRequest: MessageFns<ListImagesRequest, "cowherd.inventory.v1.ListImagesRequest"> = {
+  $type: "cowherd.inventory.v1.ListImagesRequest" as const,
+
   encode(message: ListImagesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.pageSize !== 0) {
       writer.uint32(8).int32(message.pageSize);
@@ -1471,7 +1501,9 @@ function createBaseListImagesResponse(): ListImagesResponse {
   return { images: [], nextPageToken: "" };
 }
 
-export const ListImagesResponse: MessageFns<ListImagesResponse> = {
+export const ListImagesResponse: MessageFns<ListImagesResponse, "cowherd.inventory.v1.ListImagesResponse"> = {
+  $type: "cowherd.inventory.v1.ListImagesResponse" as const,
+
   encode(message: ListImagesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.images) {
       Image.encode(v!, writer.uint32(10).fork()).join();
@@ -1560,74 +1592,82 @@ function createBaseGetImageReplicaRequest(): GetImageReplicaRequest {
   return { name: "" };
 }
 
-export const GetImageReplicaRequest: MessageFns<GetImageReplicaRequest> = {
-  encode(message: GetImageReplicaRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.name !== "") {
-      writer.uint32(10).string(message.name);
-    }
-    return writer;
-  },
+export const GetImageReplicaRequest: MessageFns<GetImageReplicaRequest, "cowherd.inventory.v1.GetImageReplicaRequest"> =
+  {
+    $type: "cowherd.inventory.v1.GetImageReplicaRequest" as const,
 
-  decode(input: BinaryReader | Uint8Array, length?: number): GetImageReplicaRequest {
-    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
-    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
-    if (previousRecursionDepth >= 100) {
-      throw new globalThis.Error("protobuf decode recursion limit exceeded");
-    }
-    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
-    try {
-      const end = length === undefined ? reader.len : reader.pos + length;
-      const message = createBaseGetImageReplicaRequest();
-      while (reader.pos < end) {
-        const tag = reader.uint32();
-        switch (tag >>> 3) {
-          case 1: {
-            if (tag !== 10) {
-              break;
-            }
-
-            message.name = reader.string();
-            continue;
-          }
-        }
-        if ((tag & 7) === 4 || tag === 0) {
-          break;
-        }
-        reader.skip(tag & 7);
+    encode(message: GetImageReplicaRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+      if (message.name !== "") {
+        writer.uint32(10).string(message.name);
       }
+      return writer;
+    },
+
+    decode(input: BinaryReader | Uint8Array, length?: number): GetImageReplicaRequest {
+      const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+      const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+      if (previousRecursionDepth >= 100) {
+        throw new globalThis.Error("protobuf decode recursion limit exceeded");
+      }
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+      try {
+        const end = length === undefined ? reader.len : reader.pos + length;
+        const message = createBaseGetImageReplicaRequest();
+        while (reader.pos < end) {
+          const tag = reader.uint32();
+          switch (tag >>> 3) {
+            case 1: {
+              if (tag !== 10) {
+                break;
+              }
+
+              message.name = reader.string();
+              continue;
+            }
+          }
+          if ((tag & 7) === 4 || tag === 0) {
+            break;
+          }
+          reader.skip(tag & 7);
+        }
+        return message;
+      } finally {
+        (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+      }
+    },
+
+    fromJSON(object: any): GetImageReplicaRequest {
+      return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
+    },
+
+    toJSON(message: GetImageReplicaRequest): unknown {
+      const obj: any = {};
+      if (message.name !== "") {
+        obj.name = message.name;
+      }
+      return obj;
+    },
+
+    create(base?: DeepPartial<GetImageReplicaRequest>): GetImageReplicaRequest {
+      return GetImageReplicaRequest.fromPartial(base ?? {});
+    },
+    fromPartial(object: DeepPartial<GetImageReplicaRequest>): GetImageReplicaRequest {
+      const message = createBaseGetImageReplicaRequest();
+      message.name = object.name ?? "";
       return message;
-    } finally {
-      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
-    }
-  },
-
-  fromJSON(object: any): GetImageReplicaRequest {
-    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
-  },
-
-  toJSON(message: GetImageReplicaRequest): unknown {
-    const obj: any = {};
-    if (message.name !== "") {
-      obj.name = message.name;
-    }
-    return obj;
-  },
-
-  create(base?: DeepPartial<GetImageReplicaRequest>): GetImageReplicaRequest {
-    return GetImageReplicaRequest.fromPartial(base ?? {});
-  },
-  fromPartial(object: DeepPartial<GetImageReplicaRequest>): GetImageReplicaRequest {
-    const message = createBaseGetImageReplicaRequest();
-    message.name = object.name ?? "";
-    return message;
-  },
-};
+    },
+  };
 
 function createBaseListImageReplicasRequest(): ListImageReplicasRequest {
   return { parent: "", pageSize: 0, pageToken: "", filter: "" };
 }
 
-export const ListImageReplicasRequest: MessageFns<ListImageReplicasRequest> = {
+export const ListImageReplicasRequest: MessageFns<
+  ListImageReplicasRequest,
+  "cowherd.inventory.v1.ListImageReplicasRequest"
+> = {
+  $type: "cowherd.inventory.v1.ListImageReplicasRequest" as const,
+
   encode(message: ListImageReplicasRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.parent !== "") {
       writer.uint32(10).string(message.parent);
@@ -1752,7 +1792,12 @@ function createBaseListImageReplicasResponse(): ListImageReplicasResponse {
   return { imageReplicas: [], nextPageToken: "" };
 }
 
-export const ListImageReplicasResponse: MessageFns<ListImageReplicasResponse> = {
+export const ListImageReplicasResponse: MessageFns<
+  ListImageReplicasResponse,
+  "cowherd.inventory.v1.ListImageReplicasResponse"
+> = {
+  $type: "cowherd.inventory.v1.ListImageReplicasResponse" as const,
+
   encode(message: ListImageReplicasResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.imageReplicas) {
       ImageReplica.encode(v!, writer.uint32(10).fork()).join();
@@ -1845,7 +1890,12 @@ function createBaseGetVirtualMachineRequest(): GetVirtualMachineRequest {
   return { name: "" };
 }
 
-export const GetVirtualMachineRequest: MessageFns<GetVirtualMachineRequest> = {
+export const GetVirtualMachineRequest: MessageFns<
+  GetVirtualMachineRequest,
+  "cowherd.inventory.v1.GetVirtualMachineRequest"
+> = {
+  $type: "cowherd.inventory.v1.GetVirtualMachineRequest" as const,
+
   encode(message: GetVirtualMachineRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1912,7 +1962,12 @@ function createBaseListVirtualMachinesRequest(): ListVirtualMachinesRequest {
   return { parent: "", pageSize: 0, pageToken: "", filter: "" };
 }
 
-export const ListVirtualMachinesRequest: MessageFns<ListVirtualMachinesRequest> = {
+export const ListVirtualMachinesRequest: MessageFns<
+  ListVirtualMachinesRequest,
+  "cowherd.inventory.v1.ListVirtualMachinesRequest"
+> = {
+  $type: "cowherd.inventory.v1.ListVirtualMachinesRequest" as const,
+
   encode(message: ListVirtualMachinesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.parent !== "") {
       writer.uint32(10).string(message.parent);
@@ -2037,7 +2092,12 @@ function createBaseListVirtualMachinesResponse(): ListVirtualMachinesResponse {
   return { virtualMachines: [], nextPageToken: "" };
 }
 
-export const ListVirtualMachinesResponse: MessageFns<ListVirtualMachinesResponse> = {
+export const ListVirtualMachinesResponse: MessageFns<
+  ListVirtualMachinesResponse,
+  "cowherd.inventory.v1.ListVirtualMachinesResponse"
+> = {
+  $type: "cowherd.inventory.v1.ListVirtualMachinesResponse" as const,
+
   encode(message: ListVirtualMachinesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.virtualMachines) {
       VirtualMachine.encode(v!, writer.uint32(10).fork()).join();
@@ -2130,7 +2190,12 @@ function createBaseWatchVirtualMachinesRequest(): WatchVirtualMachinesRequest {
   return { parent: "", sendInitialState: false };
 }
 
-export const WatchVirtualMachinesRequest: MessageFns<WatchVirtualMachinesRequest> = {
+export const WatchVirtualMachinesRequest: MessageFns<
+  WatchVirtualMachinesRequest,
+  "cowherd.inventory.v1.WatchVirtualMachinesRequest"
+> = {
+  $type: "cowherd.inventory.v1.WatchVirtualMachinesRequest" as const,
+
   encode(message: WatchVirtualMachinesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.parent !== "") {
       writer.uint32(10).string(message.parent);
@@ -2860,7 +2925,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;

@@ -830,7 +830,9 @@ function createBaseHost(): Host {
   };
 }
 
-export const Host: MessageFns<Host> = {
+export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
+  $type: "cowherd.inventory.v1.Host" as const,
+
   encode(message: Host, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1291,7 +1293,9 @@ function createBaseHost_LabelsEntry(): Host_LabelsEntry {
   return { key: "", value: "" };
 }
 
-export const Host_LabelsEntry: MessageFns<Host_LabelsEntry> = {
+export const Host_LabelsEntry: MessageFns<Host_LabelsEntry, "cowherd.inventory.v1.Host.LabelsEntry"> = {
+  $type: "cowherd.inventory.v1.Host.LabelsEntry" as const,
+
   encode(message: Host_LabelsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.key !== "") {
       writer.uint32(10).string(message.key);
@@ -1376,7 +1380,9 @@ function createBaseTransferLimits(): TransferLimits {
   return { uploadBytesPerSecond: "0", downloadBytesPerSecond: "0" };
 }
 
-export const TransferLimits: MessageFns<TransferLimits> = {
+export const TransferLimits: MessageFns<TransferLimits, "cowherd.inventory.v1.TransferLimits"> = {
+  $type: "cowherd.inventory.v1.TransferLimits" as const,
+
   encode(message: TransferLimits, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.uploadBytesPerSecond !== "0") {
       writer.uint32(8).int64(message.uploadBytesPerSecond);
@@ -1483,7 +1489,9 @@ function createBaseImage(): Image {
   };
 }
 
-export const Image: MessageFns<Image> = {
+export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
+  $type: "cowherd.inventory.v1.Image" as const,
+
   encode(message: Image, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -1798,7 +1806,9 @@ function createBaseImage_LabelsEntry(): Image_LabelsEntry {
   return { key: "", value: "" };
 }
 
-export const Image_LabelsEntry: MessageFns<Image_LabelsEntry> = {
+export const Image_LabelsEntry: MessageFns<Image_LabelsEntry, "cowherd.inventory.v1.Image.LabelsEntry"> = {
+  $type: "cowherd.inventory.v1.Image.LabelsEntry" as const,
+
   encode(message: Image_LabelsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.key !== "") {
       writer.uint32(10).string(message.key);
@@ -1883,7 +1893,9 @@ function createBaseImageFile(): ImageFile {
   return { path: "", role: 0, format: 0, sizeBytes: "0", sha256: "", virtualSizeBytes: "0", targetDevice: "" };
 }
 
-export const ImageFile: MessageFns<ImageFile> = {
+export const ImageFile: MessageFns<ImageFile, "cowherd.inventory.v1.ImageFile"> = {
+  $type: "cowherd.inventory.v1.ImageFile" as const,
+
   encode(message: ImageFile, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.path !== "") {
       writer.uint32(10).string(message.path);
@@ -2060,7 +2072,9 @@ function createBaseTorrentInfo(): TorrentInfo {
   return { infoHash: "", pieceLengthBytes: "0", totalBytes: "0", pieceCount: 0, metainfo: Buffer.alloc(0) };
 }
 
-export const TorrentInfo: MessageFns<TorrentInfo> = {
+export const TorrentInfo: MessageFns<TorrentInfo, "cowherd.inventory.v1.TorrentInfo"> = {
+  $type: "cowherd.inventory.v1.TorrentInfo" as const,
+
   encode(message: TorrentInfo, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.infoHash !== "") {
       writer.uint32(10).string(message.infoHash);
@@ -2224,7 +2238,9 @@ function createBaseImageReplica(): ImageReplica {
   };
 }
 
-export const ImageReplica: MessageFns<ImageReplica> = {
+export const ImageReplica: MessageFns<ImageReplica, "cowherd.inventory.v1.ImageReplica"> = {
+  $type: "cowherd.inventory.v1.ImageReplica" as const,
+
   encode(message: ImageReplica, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -2532,7 +2548,12 @@ function createBaseDamagedReplicaGeneration(): DamagedReplicaGeneration {
   };
 }
 
-export const DamagedReplicaGeneration: MessageFns<DamagedReplicaGeneration> = {
+export const DamagedReplicaGeneration: MessageFns<
+  DamagedReplicaGeneration,
+  "cowherd.inventory.v1.DamagedReplicaGeneration"
+> = {
+  $type: "cowherd.inventory.v1.DamagedReplicaGeneration" as const,
+
   encode(message: DamagedReplicaGeneration, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.generation !== "0") {
       writer.uint32(8).int64(message.generation);
@@ -2712,7 +2733,9 @@ function createBaseVirtualMachine(): VirtualMachine {
   };
 }
 
-export const VirtualMachine: MessageFns<VirtualMachine> = {
+export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.VirtualMachine"> = {
+  $type: "cowherd.inventory.v1.VirtualMachine" as const,
+
   encode(message: VirtualMachine, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.name !== "") {
       writer.uint32(10).string(message.name);
@@ -3021,7 +3044,9 @@ function createBaseDisk(): Disk {
   return { target: "", path: "", format: 0, virtualSizeBytes: "0", allocatedBytes: "0", backingChain: [] };
 }
 
-export const Disk: MessageFns<Disk> = {
+export const Disk: MessageFns<Disk, "cowherd.inventory.v1.Disk"> = {
+  $type: "cowherd.inventory.v1.Disk" as const,
+
   encode(message: Disk, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.target !== "") {
       writer.uint32(10).string(message.target);
@@ -3182,7 +3207,9 @@ function createBaseBackingFile(): BackingFile {
   return { path: "", format: 0 };
 }
 
-export const BackingFile: MessageFns<BackingFile> = {
+export const BackingFile: MessageFns<BackingFile, "cowherd.inventory.v1.BackingFile"> = {
+  $type: "cowherd.inventory.v1.BackingFile" as const,
+
   encode(message: BackingFile, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.path !== "") {
       writer.uint32(10).string(message.path);
@@ -3267,7 +3294,9 @@ function createBaseVirtualMachineLineage(): VirtualMachineLineage {
   return { image: "", replica: "", sourceVirtualMachine: "", overlays: [] };
 }
 
-export const VirtualMachineLineage: MessageFns<VirtualMachineLineage> = {
+export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.inventory.v1.VirtualMachineLineage"> = {
+  $type: "cowherd.inventory.v1.VirtualMachineLineage" as const,
+
   encode(message: VirtualMachineLineage, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.image !== "") {
       writer.uint32(10).string(message.image);
@@ -3388,7 +3417,9 @@ function createBaseVirtualMachineChange(): VirtualMachineChange {
   return { type: 0, virtualMachine: undefined, revision: "0" };
 }
 
-export const VirtualMachineChange: MessageFns<VirtualMachineChange> = {
+export const VirtualMachineChange: MessageFns<VirtualMachineChange, "cowherd.inventory.v1.VirtualMachineChange"> = {
+  $type: "cowherd.inventory.v1.VirtualMachineChange" as const,
+
   encode(message: VirtualMachineChange, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.type !== 0) {
       writer.uint32(8).int32(message.type);
@@ -3538,7 +3569,8 @@ function isSet(value: any): boolean {
   return value !== null && value !== undefined;
 }
 
-export interface MessageFns<T> {
+export interface MessageFns<T, V extends string> {
+  readonly $type: V;
   encode(message: T, writer?: BinaryWriter): BinaryWriter;
   decode(input: BinaryReader | Uint8Array, length?: number): T;
   fromJSON(object: any): T;
