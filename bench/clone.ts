@@ -23,7 +23,7 @@ import { startCloneStack } from '../test/harness/clone-stack.js';
 
 const run = promisify(execFile);
 const CLONES = Number(process.env['BENCH_CLONES'] ?? 100);
-const responseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
+const responseType = CloneVirtualMachinesResponse;
 
 const sha256 = async (path: string): Promise<string> => createHash('sha256').update(await readFile(path)).digest('hex');
 /** Bytes on disk (allocated blocks) under a path. */

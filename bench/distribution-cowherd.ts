@@ -39,8 +39,8 @@ import { CONTROL_ADDRESS, CONTROL_NAME, testBedAgentEnvironment } from './testbe
 
 const run = promisify(execFile);
 const LOG_DIRECTORY = process.env['COWHERD_BENCH_LOG_DIR'];
-const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
-const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
+const imageType = Image;
+const responseType = DistributeImageResponse;
 
 
 /** The tracker's answer for `infoHash` (compact peers), announcing as a pseudo-peer that leaves at once. */

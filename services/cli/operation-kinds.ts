@@ -26,7 +26,7 @@ import { describeTransfer, describeUnreachable, fractionOf, type ProgressLine } 
 export const PUBLISH_OPERATION: OperationShape<PublishImageMetadata, Image> = {
   title: 'publish image',
   service: 'distribution',
-  typeNames: { metadata: 'cowherd.distribution.v1.PublishImageMetadata', response: 'cowherd.inventory.v1.Image' },
+  typeNames: { metadata: PublishImageMetadata.$type, response: Image.$type },
   metadata: PublishImageMetadata,
   response: Image,
   render: (metadata) => {
@@ -40,7 +40,7 @@ export const PUBLISH_OPERATION: OperationShape<PublishImageMetadata, Image> = {
 export const DISTRIBUTE_OPERATION: OperationShape<DistributeImageMetadata, DistributeImageResponse> = {
   title: 'distribute image',
   service: 'distribution',
-  typeNames: { metadata: 'cowherd.distribution.v1.DistributeImageMetadata', response: 'cowherd.distribution.v1.DistributeImageResponse' },
+  typeNames: { metadata: DistributeImageMetadata.$type, response: DistributeImageResponse.$type },
   metadata: DistributeImageMetadata,
   response: DistributeImageResponse,
   render: (metadata) => {
@@ -63,7 +63,7 @@ export const DISTRIBUTE_OPERATION: OperationShape<DistributeImageMetadata, Distr
 export const DELETE_IMAGE_OPERATION: OperationShape<DeleteImageMetadata, Empty> = {
   title: 'delete image',
   service: 'distribution',
-  typeNames: { metadata: 'cowherd.distribution.v1.DeleteImageMetadata', response: 'google.protobuf.Empty' },
+  typeNames: { metadata: DeleteImageMetadata.$type, response: Empty.$type },
   metadata: DeleteImageMetadata,
   response: Empty,
   render: (metadata) => [
@@ -75,7 +75,7 @@ export const DELETE_IMAGE_OPERATION: OperationShape<DeleteImageMetadata, Empty> 
 export const CLONE_OPERATION: OperationShape<CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse> = {
   title: 'clone',
   service: 'cloning',
-  typeNames: { metadata: 'cowherd.cloning.v1.CloneVirtualMachinesMetadata', response: 'cowherd.cloning.v1.CloneVirtualMachinesResponse' },
+  typeNames: { metadata: CloneVirtualMachinesMetadata.$type, response: CloneVirtualMachinesResponse.$type },
   metadata: CloneVirtualMachinesMetadata,
   response: CloneVirtualMachinesResponse,
   render: (metadata) => {
@@ -96,7 +96,7 @@ export const CLONE_OPERATION: OperationShape<CloneVirtualMachinesMetadata, Clone
 export const STOP_OPERATION: OperationShape<StopVirtualMachineMetadata, VirtualMachine> = {
   title: 'stop VM',
   service: 'cloning',
-  typeNames: { metadata: 'cowherd.cloning.v1.StopVirtualMachineMetadata', response: 'cowherd.inventory.v1.VirtualMachine' },
+  typeNames: { metadata: StopVirtualMachineMetadata.$type, response: VirtualMachine.$type },
   metadata: StopVirtualMachineMetadata,
   response: VirtualMachine,
   render: (metadata) => [

@@ -90,11 +90,6 @@ export interface CloneOperationDeps {
   readonly hostConcurrency?: number;
 }
 
-/** Message types for pack/unpack. */
-const REQUEST_TYPE = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesRequest', encode: CloneVirtualMachinesRequest.encode, decode: (bytes: Uint8Array) => CloneVirtualMachinesRequest.decode(bytes) };
-const METADATA_TYPE = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesMetadata', encode: CloneVirtualMachinesMetadata.encode, decode: (bytes: Uint8Array) => CloneVirtualMachinesMetadata.decode(bytes) };
-const RESPONSE_TYPE = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: (bytes: Uint8Array) => CloneVirtualMachinesResponse.decode(bytes) };
-
 /** The kind to register on the OperationManager. */
 export type CloneOperationKind = OperationKind<CloneVirtualMachinesRequest, CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse, CloneCheckpoint>;
 
@@ -102,9 +97,9 @@ export type CloneOperationKind = OperationKind<CloneVirtualMachinesRequest, Clon
 export function cloneOperationKind(deps: CloneOperationDeps): CloneOperationKind {
   return {
     kind: CLONE_OPERATION_KIND,
-    requestType: REQUEST_TYPE,
-    metadataType: METADATA_TYPE,
-    responseType: RESPONSE_TYPE,
+    requestType: CloneVirtualMachinesRequest,
+    metadataType: CloneVirtualMachinesMetadata,
+    responseType: CloneVirtualMachinesResponse,
     run: (context) => runCloneOperation(deps, context),
   };
 }

@@ -21,15 +21,13 @@ import { status as GrpcStatus, type ChannelCredentials, type ServiceError } from
 import { call, createClient } from '../common/platform/client.js';
 import { CowherdError, errorFromStatus, relayServiceError } from '../common/platform/errors.js';
 import { unpack } from '../common/domain/operations.js';
+import { typeUrlOf } from '../common/platform/type-urls.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DistributeImageMetadata, DistributeImageResponse, DistributionServiceClient, type HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { OperationsClient, type Operation } from '../gen/google/longrunning/operations.js';
 import { DEFAULT_PROGRESS_DEADLINES, ProgressDeadlines, type ProgressDeadlineOptions, type StepStage, type StepVerdict } from '../common/platform/progress-deadline.js';
 import type { ImageDelivery } from './clone-operation.js';
-
-const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
-const metadataTypeUrl = 'type.googleapis.com/cowherd.distribution.v1.DistributeImageMetadata';
 
 /**
  * Cloning's own deadline for an image: 15 minutes without progress (distribution's is 10), VERIFYING 3
@@ -87,7 +85,7 @@ export function distributionImageDelivery(address: string, credentials: ChannelC
         current = await call<Operation>((cb) => distribution.distributeImage({ image, hosts: [host], requestId: deliveryRequestId(operation, host) }, cb));
         while (!current.done) {
           if (signal.aborted) throw signal.reason;
-          const metadata = current.metadata?.typeUrl === metadataTypeUrl ? DistributeImageMetadata.decode(current.metadata.value) : undefined;
+          const metadata = current.metadata?.typeUrl === typeUrlOf(DistributeImageMetadata) ? DistributeImageMetadata.decode(current.metadata.value) : undefined;
           const transfer = metadata?.transfers.find((entry) => entry.host === host);
           const verdict =
             transfer && transfer.state !== ImageReplica_State.STATE_AVAILABLE && transfer.state !== ImageReplica_State.STATE_FAILED
@@ -111,7 +109,7 @@ export function distributionImageDelivery(address: string, credentials: ChannelC
       }
       if (current.result?.$case === 'error') throw errorFromStatus(current.result.value, `distributing ${image} to ${host} failed: `);
       if (current.result?.$case !== 'response') throw new CowherdError(GrpcStatus.INTERNAL, `${current.name} ended without a result`, { reason: ErrorReason.ERROR_REASON_INTERNAL });
-      const response = unpack(responseType, current.result.value);
+      const response = unpack(DistributeImageResponse, current.result.value);
       const failed = response.failures.find((entry) => entry.host === host);
       if (failed?.status) throw errorFromStatus(failed.status, `${image} could not be brought to ${host}: `);
       if (!response.replicas.some((replica) => replica.host === host)) {

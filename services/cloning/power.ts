@@ -33,9 +33,9 @@ export async function locate(fleet: FleetView, name: string): Promise<{ vm: Virt
 export function stopOperationKind(deps: { fleet: FleetView; agents: Pick<AgentPort, 'stopVirtualMachine'> }): OperationKind<StopVirtualMachineRequest, StopVirtualMachineMetadata, VirtualMachine, undefined> {
   return {
     kind: 'cloning.stop-virtual-machine',
-    requestType: { typeName: 'cowherd.cloning.v1.StopVirtualMachineRequest', encode: StopVirtualMachineRequest.encode, decode: (bytes) => StopVirtualMachineRequest.decode(bytes) },
-    metadataType: { typeName: 'cowherd.cloning.v1.StopVirtualMachineMetadata', encode: StopVirtualMachineMetadata.encode, decode: (bytes) => StopVirtualMachineMetadata.decode(bytes) },
-    responseType: { typeName: 'cowherd.inventory.v1.VirtualMachine', encode: VirtualMachine.encode, decode: (bytes) => VirtualMachine.decode(bytes) },
+    requestType: StopVirtualMachineRequest,
+    metadataType: StopVirtualMachineMetadata,
+    responseType: VirtualMachine,
     run: async (context) => {
       const { host } = await locate(deps.fleet, context.request.name);
       // Stopping twice is harmless, so a resumed operation simply asks again.

@@ -78,9 +78,9 @@ export async function checkDeleteImage(deps: DeletionDeps, request: DeleteImageR
 export function deleteImageOperationKind(deps: DeletionDeps): OperationKind<DeleteImageRequest, DeleteImageMetadata, Empty, undefined> {
   return {
     kind: 'distribution.delete-image',
-    requestType: { typeName: 'cowherd.distribution.v1.DeleteImageRequest', encode: DeleteImageRequest.encode, decode: (bytes) => DeleteImageRequest.decode(bytes) },
-    metadataType: { typeName: 'cowherd.distribution.v1.DeleteImageMetadata', encode: DeleteImageMetadata.encode, decode: (bytes) => DeleteImageMetadata.decode(bytes) },
-    responseType: { typeName: 'google.protobuf.Empty', encode: Empty.encode, decode: (bytes) => Empty.decode(bytes) },
+    requestType: DeleteImageRequest,
+    metadataType: DeleteImageMetadata,
+    responseType: Empty,
     run: async (context) => {
       const id = imageIdOf(context.request.name);
       await deps.images.mutate(id, (current) => (current && current.state !== Image_State.STATE_DELETING ? { ...current, state: Image_State.STATE_DELETING, updateTime: new Date() } : undefined));

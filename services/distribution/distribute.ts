@@ -173,9 +173,9 @@ function missedDeadline(transfer: HostTransfer, verdict: StepVerdict, unreachabl
 export function distributeOperationKind(deps: DistributeDeps): OperationKind<DistributeImageRequest, DistributeImageMetadata, DistributeImageResponse, undefined> {
   return {
     kind: 'distribution.distribute-image',
-    requestType: { typeName: 'cowherd.distribution.v1.DistributeImageRequest', encode: DistributeImageRequest.encode, decode: (bytes) => DistributeImageRequest.decode(bytes) },
-    metadataType: { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: (bytes) => DistributeImageMetadata.decode(bytes) },
-    responseType: { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: (bytes) => DistributeImageResponse.decode(bytes) },
+    requestType: DistributeImageRequest,
+    metadataType: DistributeImageMetadata,
+    responseType: DistributeImageResponse,
     run: async (context) => {
       const id = imageIdOf(context.request.image, 'image');
       const readImage = async (): Promise<Image> => {

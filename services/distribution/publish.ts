@@ -68,9 +68,9 @@ export async function checkPublish(request: PublishImageRequest, deps: PublishDe
 export function publishOperationKind(deps: PublishDeps): OperationKind<PublishImageRequest, PublishImageMetadata, Image, undefined> {
   return {
     kind: 'distribution.publish-image',
-    requestType: { typeName: 'cowherd.distribution.v1.PublishImageRequest', encode: PublishImageRequest.encode, decode: (bytes) => PublishImageRequest.decode(bytes) },
-    metadataType: { typeName: 'cowherd.distribution.v1.PublishImageMetadata', encode: PublishImageMetadata.encode, decode: (bytes) => PublishImageMetadata.decode(bytes) },
-    responseType: { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: (bytes) => Image.decode(bytes) },
+    requestType: PublishImageRequest,
+    metadataType: PublishImageMetadata,
+    responseType: Image,
     run: async (context) => {
       const request = context.request;
       const name = IMAGE_NAME.format({ image: request.imageId });

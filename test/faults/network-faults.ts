@@ -9,7 +9,6 @@ import { DistributeImageMetadata } from '../../services/gen/cowherd/distribution
 import { Host, Host_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { ORIGIN, RECEIVERS } from './fleet.js';
 
-const metadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
 import { sleep, type FaultRow } from './row.js';
 
 export const CUT_SECONDS = 60;
@@ -42,7 +41,7 @@ export const NETWORK_FAULTS: readonly FaultRow[] = [
           if (shownAt === undefined && distribute) {
             const answer = await context.getOperation(distribute.name, 'distribution');
             try {
-              const transfer = answer && !answer.done ? unpack(metadataType, answer.metadata).transfers.find((candidate) => candidate.host === `hosts/${host}`) : undefined;
+              const transfer = answer && !answer.done ? unpack(DistributeImageMetadata, answer.metadata).transfers.find((candidate) => candidate.host === `hosts/${host}`) : undefined;
               if (transfer?.hostUnreachable) shownAt = Date.now();
             } catch {
               // Not readable: not shown.

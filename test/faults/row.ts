@@ -48,11 +48,6 @@ export const RECOVERY_BOUND_SECONDS = 150;
 const DEADLINE_SLACK_MS = 2_000;
 export const CLONES_PER_BATCH = 20;
 
-const cloneResponseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
-const cloneMetadataType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesMetadata', encode: CloneVirtualMachinesMetadata.encode, decode: CloneVirtualMachinesMetadata.decode };
-const distributeResponseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
-const distributeMetadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
-
 /** The JSON line of a row, exactly these keys in this order. */
 export interface RowResult {
   fault: string;
@@ -315,7 +310,7 @@ async function evaluate(
     }
     if (operation.on === 'cloning' && answer.metadata) {
       try {
-        const metadata = unpack(cloneMetadataType, answer.metadata);
+        const metadata = unpack(CloneVirtualMachinesMetadata, answer.metadata);
         for (const sub of metadata.distributeOperations) if (!all.some((known) => known.name === sub)) all.push({ name: sub, on: 'distribution' });
         clones = metadata.clones;
       } catch {
@@ -342,7 +337,7 @@ async function evaluate(
       // A DistributeImage succeeds with the hosts it could not serve listed as failures: each needs its reason too.
       let failures: string[] = [];
       if (operation.on === 'distribution' && answer.result.value.typeUrl.endsWith('/cowherd.distribution.v1.DistributeImageResponse')) {
-        const response = unpack(distributeResponseType, answer.result.value);
+        const response = unpack(DistributeImageResponse, answer.result.value);
         failures = response.failures.map((failure) => `${failure.host} ${failure.status ? describeStatus(failure.status) : 'no status'}`);
         for (const failure of response.failures) {
           if (!failure.status || reasonOf(failure.status) === undefined) problems.push(`${operation.name}: ${failure.host} failed without a reason (no ErrorInfo): ${failure.status ? describeStatus(failure.status) : 'no status'}`);
@@ -351,7 +346,7 @@ async function evaluate(
       }
       outcomes.push(`${operation.name}: SUCCEEDED${failures.length > 0 ? ` with failed hosts (${failures.join('; ')})` : ''}`);
       if (operation.on === 'cloning') {
-        clones = unpack(cloneResponseType, answer.result.value).clones;
+        clones = unpack(CloneVirtualMachinesResponse, answer.result.value).clones;
         cloneResponseKnown = true;
       }
     } else {
@@ -596,10 +591,10 @@ async function waitDone(rpc: Rpc, fleet: FaultFleet, name: string, on: 'distribu
 function describeRunning(operation: Operation, on: 'distribution' | 'cloning'): string {
   try {
     if (on === 'distribution') {
-      const metadata = unpack(distributeMetadataType, operation.metadata);
+      const metadata = unpack(DistributeImageMetadata, operation.metadata);
       return metadata.transfers.map((transfer) => `${transfer.host} ${ImageReplica_State[transfer.state]} ${transfer.progress?.bytesDone ?? 0}/${transfer.progress?.bytesTotal ?? 0}`).join(', ');
     }
-    const metadata = unpack(cloneMetadataType, operation.metadata);
+    const metadata = unpack(CloneVirtualMachinesMetadata, operation.metadata);
     return `${metadata.doneCount} done, ${metadata.failedCount} failed of ${metadata.totalCount}; transfers ${metadata.imageTransfers.map((transfer) => `${transfer.host} ${ImageReplica_State[transfer.state]}`).join(', ')}`;
   } catch {
     return 'metadata unreadable';

@@ -20,7 +20,6 @@ import { call, failure } from '../harness/grpc.js';
 import { startCloneStack, type CloneStack } from '../harness/clone-stack.js';
 
 const run = promisify(execFile);
-const responseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
 
 describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false }, () => {
   const resources = new Resources();
@@ -49,7 +48,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     const done = await stack.wait(started.name);
     assert.equal(done.done, true);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    const response = unpack(responseType, done.result.value);
+    const response = unpack(CloneVirtualMachinesResponse, done.result.value);
     assert.deepEqual(response.clones.map((clone) => [clone.domainName, clone.state]), names.map((name) => [name, CloneResult_State.STATE_DONE]));
     for (const name of names) assert.equal((await stack.virsh('domstate', name)).stdout.trim(), 'shut off');
     assert.equal(createHash('sha256').update(await readFile(base)).digest('hex'), before, 'the base is unchanged');
@@ -156,7 +155,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     stack.track(`kin-${suffix}-1`, `kin-${suffix}-2`);
     const done = await stack.wait(operation.name);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    const response = unpack(responseType, done.result.value);
+    const response = unpack(CloneVirtualMachinesResponse, done.result.value);
     assert.deepEqual(response.clones.map((clone) => [clone.domainName, clone.state]), [[`kin-${suffix}-1`, CloneResult_State.STATE_DONE], [`kin-${suffix}-2`, CloneResult_State.STATE_DONE]], JSON.stringify(response.clones.map((clone) => clone.error)));
     const xml = (await stack.virsh('dumpxml', '--inactive', `kin-${suffix}-1`)).stdout;
     assert.match(xml, new RegExp(`<kernel>${join(replica, 'boot-kernel')}</kernel>`));

@@ -35,10 +35,6 @@ import { Resources } from '../harness/index.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
-const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
-const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
-const cloneResponseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
-const metadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
 
 describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd, tmpfs)' : false, timeout: 600_000 }, () => {
   const resources = new Resources();
@@ -58,7 +54,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const done = await stack.wait(operation.name, 240_000, stack.distributionOperations);
     assert.equal(done.done, true, 'the operation finished');
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    return unpack(responseType, done.result.value);
+    return unpack(DistributeImageResponse, done.result.value);
   }
 
   async function assertVerifiedCopy(host: string): Promise<void> {
@@ -96,7 +92,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/dist-origin-${suffix}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    image = unpack(imageType, done.result.value);
+    image = unpack(Image, done.result.value);
   });
   after(() => resources.release());
 
@@ -171,7 +167,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     for (const replica of response.replicas) assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
     for (const host of receivers) await assertVerifiedCopy(host);
     const done = await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb));
-    const metadata = unpack(metadataType, done.metadata!);
+    const metadata = unpack(DistributeImageMetadata, done.metadata!);
     assert.equal(metadata.hostsDone, 3);
     assert.equal(metadata.hostsTotal, 3);
     assert.ok(metadata.transfers.every((transfer) => transfer.progress?.bytesDone === metadata.bytesTotal));
@@ -204,7 +200,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const total = Number(image.torrent!.totalBytes);
     await waitFor('half of the image on the receiver', async () => {
       const current = await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb));
-      const progress = unpack(metadataType, current.metadata!).transfers[0]?.progress;
+      const progress = unpack(DistributeImageMetadata, current.metadata!).transfers[0]?.progress;
       return Number(progress?.bytesDone ?? 0) >= total / 2 ? true : undefined;
     }, 120_000);
     process.kill(agent.process.daemon.pid, 'SIGKILL');
@@ -273,7 +269,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     stack.track(`dc-${suffix}-1`, `dc-${suffix}-2`);
     const done = await stack.wait(clone.name, 180_000);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    const clones = unpack(cloneResponseType, done.result.value).clones;
+    const clones = unpack(CloneVirtualMachinesResponse, done.result.value).clones;
     assert.deepEqual(clones.map((result) => result.state), [CloneResult_State.STATE_DONE, CloneResult_State.STATE_DONE], JSON.stringify(clones));
     await assertVerifiedCopy(target.host);
     const replica = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/${target.host}/images/${imageId}` }, cb));

@@ -52,12 +52,6 @@ const CLONE_COUNT = 21;
 /** How long to keep listening for duplicates once every expected event arrived. */
 const DUPLICATE_GRACE_MS = 4_000;
 
-const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
-const distributeResponseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
-const distributeMetadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
-const cloneResponseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
-const cloneMetadataType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesMetadata', encode: CloneVirtualMachinesMetadata.encode, decode: CloneVirtualMachinesMetadata.decode };
-
 /** The fields of an operation record (services/common/domain/operations.ts) the test looks at. */
 interface OperationRecordView {
   readonly name: string;
@@ -187,7 +181,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/${origin}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    image = unpack(imageType, done.result.value);
+    image = unpack(Image, done.result.value);
   });
   after(() => resources.release());
 
@@ -205,7 +199,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     assert.equal(logLine(stack.distributionProcess, 'operation started', operation.name), undefined, 'the first replica did not');
 
     // Kill the owner once a quarter of the image is across, while no receiver is done.
-    const readMetadata = async (): Promise<DistributeImageMetadata> => unpack(distributeMetadataType, (await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb))).metadata!);
+    const readMetadata = async (): Promise<DistributeImageMetadata> => unpack(DistributeImageMetadata, (await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb))).metadata!);
     const atKill = await waitFor(
       'a quarter of the image on a receiver',
       async () => {
@@ -239,7 +233,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const done = await stack.wait(operation.name, 150_000, stack.distributionOperations);
     assert.equal(done.done, true, 'the operation finished');
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    const response = unpack(distributeResponseType, done.result.value);
+    const response = unpack(DistributeImageResponse, done.result.value);
     assert.deepEqual(response.failures, [], JSON.stringify(response.failures));
     assert.deepEqual(response.replicas.map((replica) => replica.host).sort(), receivers.map((host) => `hosts/${host}`).sort());
     for (const replica of response.replicas) assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
@@ -276,7 +270,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const owner = await operationRecord(operation.name);
     assert.equal(owner.kind, 'cloning.clone-virtual-machines');
     assert.ok(logLine(cloning2, 'operation started', operation.name), 'the second cloning replica started the operation');
-    const planned = unpack(cloneMetadataType, operation.metadata!).clones;
+    const planned = unpack(CloneVirtualMachinesMetadata, operation.metadata!).clones;
     assert.deepEqual(new Map(planned.map((clone) => [clone.domainName, clone.host])), placed, 'the plan is round-robin over the hosts');
 
     // Kill the owner as soon as the first clone.done of the operation arrives: hostC's clones are still waiting.
@@ -284,7 +278,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const killedAt = Date.now();
     await kill(cloning2);
     const leaseAtKill = (await operationRecord(operation.name)).leaseExpiresAt;
-    const atKill = unpack(cloneMetadataType, (await call<Operation>((cb) => stack.operations.getOperation({ name: operation.name }, cb))).metadata!);
+    const atKill = unpack(CloneVirtualMachinesMetadata, (await call<Operation>((cb) => stack.operations.getOperation({ name: operation.name }, cb))).metadata!);
     const countStates = (metadata: CloneVirtualMachinesMetadata): string =>
       Object.entries(metadata.clones.reduce<Record<string, number>>((counts, clone) => ({ ...counts, [CloneResult_State[clone.state]]: (counts[CloneResult_State[clone.state]] ?? 0) + 1 }), {}))
         .map(([state, count]) => `${state}=${count}`)
@@ -309,7 +303,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const done = await stack.wait(operation.name, 150_000);
     assert.equal(done.done, true, 'the operation finished');
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    const clones = unpack(cloneResponseType, done.result.value).clones;
+    const clones = unpack(CloneVirtualMachinesResponse, done.result.value).clones;
     assert.equal(clones.length, CLONE_COUNT);
     for (const clone of clones) {
       assert.equal(clone.state, CloneResult_State.STATE_DONE, JSON.stringify(clone));
@@ -360,7 +354,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const deliveries = (await operationRecords.list('*')).map((entry) => entry.value).filter((record) => record.kind === 'distribution.distribute-image' && record.name !== '');
     const toC: string[] = [];
     for (const record of deliveries) {
-      const metadata = unpack(distributeMetadataType, (await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: record.name }, cb))).metadata!);
+      const metadata = unpack(DistributeImageMetadata, (await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: record.name }, cb))).metadata!);
       if (metadata.transfers.some((transfer) => transfer.host === `hosts/${hostC}`)) toC.push(record.name);
     }
     assert.equal(toC.length, 1, `one DistributeImage brought the image to ${hostC}: ${toC.join(', ')}`);

@@ -131,12 +131,11 @@ describe('metrics', () => {
 
   it('counts operations by kind and state from KV, and the ones that finished on this replica', async () => {
     const connection: Nats = await connectNats({ servers: [natsUrl], tls: await pki.files('service', 'distribution'), name: 'metrics-test', log });
-    const durationType = { typeName: 'google.protobuf.Duration', encode: Duration.encode, decode: Duration.decode };
     const kind: OperationKind<Duration, Duration, Duration, undefined> = {
       kind: 'test.metrics',
-      requestType: durationType,
-      metadataType: durationType,
-      responseType: durationType,
+      requestType: Duration,
+      metadataType: Duration,
+      responseType: Duration,
       async run(context) {
         if (context.request.seconds === '0') throw new Error('asked to fail');
         return context.request;

@@ -17,6 +17,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { unpack } from '../../services/common/domain/operations.js';
+import { typeUrlOf } from '../../services/common/platform/type-urls.js';
 import { CloneResult_State, CloneVirtualMachinesMetadata, Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { DistributeImageMetadata, DistributeImageResponse } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { Host, Host_State, Image, ImageReplica, ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
@@ -28,10 +29,6 @@ import { call, waitFor } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
 
 const MiB = 1024 * 1024;
-const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
-const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
-const metadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
-const cloneMetadataType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesMetadata', encode: CloneVirtualMachinesMetadata.encode, decode: CloneVirtualMachinesMetadata.decode };
 
 /** The deadlines the services run with here (seconds). */
 const STALL_SECONDS = 12;
@@ -42,7 +39,7 @@ const HEARTBEAT_SECONDS = 2;
 const MISSED_HEARTBEATS = 3;
 
 function errorInfo(status: Status | undefined): ErrorInfo | undefined {
-  const detail = status?.details.find((entry) => entry.typeUrl === 'type.googleapis.com/google.rpc.ErrorInfo');
+  const detail = status?.details.find((entry) => entry.typeUrl === typeUrlOf(ErrorInfo));
   return detail ? ErrorInfo.decode(detail.value) : undefined;
 }
 
@@ -68,7 +65,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
 
   async function transferring(operation: string): Promise<void> {
     await waitFor('bytes arriving on the receiver', async () => {
-      const transfer = unpack(metadataType, (await operationOf(operation)).metadata!).transfers[0];
+      const transfer = unpack(DistributeImageMetadata, (await operationOf(operation)).metadata!).transfers[0];
       return transfer?.state === ImageReplica_State.STATE_TRANSFERRING && Number(transfer.progress?.bytesDone ?? 0) > 0 ? true : undefined;
     }, 60_000);
   }
@@ -96,7 +93,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/${origin}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    image = unpack(imageType, done.result.value);
+    image = unpack(Image, done.result.value);
   });
   after(() => resources.release());
 
@@ -117,13 +114,13 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
       // A poll of the unchanged VERIFYING record every second must not move the deadline: 1 s floor + 40 MiB
       // at 100 MiB/s = 1.4 s, seen within a poll. Well under the 10 minutes the old timer could never reach.
       const verifyBudgetMs = VERIFY_FLOOR_SECONDS * 1000 + (Number(total) / (VERIFY_MIB_PER_SECOND * MiB)) * 1000;
-      await waitFor('the verifying record seen by the operation', async () => (unpack(metadataType, (await operationOf(operation.name)).metadata!).transfers[0]?.state === ImageReplica_State.STATE_VERIFYING || (await operationOf(operation.name)).done ? true : undefined), 10_000);
+      await waitFor('the verifying record seen by the operation', async () => (unpack(DistributeImageMetadata, (await operationOf(operation.name)).metadata!).transfers[0]?.state === ImageReplica_State.STATE_VERIFYING || (await operationOf(operation.name)).done ? true : undefined), 10_000);
       const done = await stack.wait(operation.name, 30_000, stack.distributionOperations);
       const elapsed = Date.now() - written;
       assert.equal(done.done, true, 'the operation ended');
       assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
       assert.ok(elapsed < verifyBudgetMs + 8_000, `ended ${elapsed} ms after the record turned VERIFYING (budget ${verifyBudgetMs} ms)`);
-      const response = unpack(responseType, done.result.value);
+      const response = unpack(DistributeImageResponse, done.result.value);
       assert.deepEqual(response.replicas, []);
       assert.equal(response.failures.length, 1);
       const failed = response.failures[0]!;
@@ -137,7 +134,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
       );
       assert.equal(info?.metadata['state'], 'VERIFYING');
       assert.equal(info?.metadata['host'], `hosts/${host}`);
-      const metadata = unpack(metadataType, done.metadata!);
+      const metadata = unpack(DistributeImageMetadata, done.metadata!);
       assert.equal(metadata.hostsFailed, 1);
       assert.equal(metadata.transfers[0]!.state, ImageReplica_State.STATE_FAILED);
     } finally {
@@ -152,7 +149,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     await limitDownload(host, 2 * MiB);
     const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: `images/${imageId}`, hosts: [`hosts/${host}`], requestId: '' }, cb));
     await transferring(operation.name);
-    const running = unpack(metadataType, (await operationOf(operation.name)).metadata!).transfers[0]!;
+    const running = unpack(DistributeImageMetadata, (await operationOf(operation.name)).metadata!).transfers[0]!;
     assert.ok(running.deadlineTime, 'a transferring host has a deadline in the metadata');
     assert.equal(running.hostUnreachable, false);
     process.kill(agent.process.daemon.pid, 'SIGKILL');
@@ -163,7 +160,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const marked = Date.now();
     const shown = await waitFor('the metadata shows the host unreachable', async () => {
       const current = await operationOf(operation.name);
-      const transfer = unpack(metadataType, current.metadata!).transfers[0]!;
+      const transfer = unpack(DistributeImageMetadata, current.metadata!).transfers[0]!;
       return transfer.hostUnreachable ? { transfer, done: current.done } : undefined;
     }, 15_000);
     const shownAfterMs = Date.now() - marked;
@@ -179,12 +176,12 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     assert.equal(done.done, true, 'the operation ended');
     assert.ok(elapsed < (STALL_SECONDS + 8) * 1000, `ended ${elapsed} ms after the kill (deadline ${STALL_SECONDS} s without progress)`);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    const failed = unpack(responseType, done.result.value).failures;
+    const failed = unpack(DistributeImageResponse, done.result.value).failures;
     assert.equal(failed.length, 1);
     assert.equal(failed[0]!.host, `hosts/${host}`);
     assert.equal(failed[0]!.status?.code, GrpcStatus.UNAVAILABLE, failed[0]!.status?.message);
     assert.equal(errorInfo(failed[0]!.status)?.reason, 'ERROR_REASON_HOST_UNREACHABLE');
-    const final = unpack(metadataType, done.metadata!).transfers[0]!;
+    const final = unpack(DistributeImageMetadata, done.metadata!).transfers[0]!;
     assert.equal(final.state, ImageReplica_State.STATE_FAILED);
     assert.equal(final.hostUnreachable, true);
   });
@@ -201,7 +198,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     );
     stack.track(`dl-${suffix}-1`, `dl-${suffix}-2`);
     const waiting = await waitFor('the image transfer in the clone metadata', async () => {
-      const metadata = unpack(cloneMetadataType, (await call<Operation>((cb) => stack.operations.getOperation({ name: clone.name }, cb))).metadata!);
+      const metadata = unpack(CloneVirtualMachinesMetadata, (await call<Operation>((cb) => stack.operations.getOperation({ name: clone.name }, cb))).metadata!);
       return metadata.imageTransfers.length > 0 ? metadata : undefined;
     }, 30_000);
     assert.equal(waiting.imageTransfers[0]!.host, `hosts/${target}`);
@@ -214,7 +211,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const elapsed = Date.now() - started;
     assert.equal(done.done, true, `the clone operation ended (after ${elapsed} ms)`);
     assert.ok(elapsed < (STALL_SECONDS + 30) * 1000, `ended ${elapsed} ms after the request`);
-    const metadata = unpack(cloneMetadataType, done.metadata!);
+    const metadata = unpack(CloneVirtualMachinesMetadata, done.metadata!);
     assert.equal(metadata.failedCount, 2);
     assert.deepEqual(metadata.imageTransfers, [], 'nothing is waited for any more');
     for (const result of metadata.clones) {

@@ -17,16 +17,15 @@ import { PageTokens } from '../../services/common/platform/pagination.js';
 import { Duration } from '../../services/gen/google/protobuf/duration.js';
 import { natsRestarts, Resources, TestPki, startTestNats } from '../harness/index.js';
 
-const durationType = { typeName: 'google.protobuf.Duration', encode: Duration.encode, decode: Duration.decode };
 const log = createLogger({ service: 'test', level: 'silent' });
 
 /** Counts to `request.seconds`, one checkpoint per step, pausing `stepMs` between steps. */
 function countingKind(stepMs: number, stepsRun: string[]): OperationKind<Duration, Duration, Duration, { next: number }> {
   return {
     kind: 'test.count',
-    requestType: durationType,
-    metadataType: durationType,
-    responseType: durationType,
+    requestType: Duration,
+    metadataType: Duration,
+    responseType: Duration,
     async run(context) {
       for (let step = context.state?.next ?? 0; step < Number(context.request.seconds); step++) {
         await new Promise((resolve) => setTimeout(resolve, stepMs));
@@ -65,8 +64,8 @@ describe('operations store', () => {
     const finished = await manager.wait(started.name, 10_000);
     assert.equal(finished.done, true);
     assert.equal(finished.result?.$case, 'response');
-    assert.equal(unpack(durationType, finished.result.value).seconds, '3');
-    assert.equal(unpack(durationType, finished.metadata).seconds, '3');
+    assert.equal(unpack(Duration, finished.result.value).seconds, '3');
+    assert.equal(unpack(Duration, finished.metadata).seconds, '3');
     assert.deepEqual(steps, [0, 1, 2].map((step) => `${started.name}#${step}`));
     await manager.stop();
   });
@@ -186,7 +185,7 @@ describe('operations store through a nats-server restart', () => {
     }
     assert.equal(finished?.done, true);
     assert.equal(finished.result?.$case, 'response', JSON.stringify(finished.result));
-    assert.equal(unpack(durationType, finished.result.value).seconds, '40');
+    assert.equal(unpack(Duration, finished.result.value).seconds, '40');
     assert.equal(new Set(steps).size, 40, 'every step ran');
     const mapped = asCowherdError(readDuringOutage);
     assert.equal(mapped.code, GrpcStatus.UNAVAILABLE, `a read while the store is down: ${String(readDuringOutage)}`);

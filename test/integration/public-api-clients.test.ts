@@ -46,7 +46,7 @@ const PEER = 'kvm-02';
 /** Where the local fleet keeps the admin bundle, as the README's block names it. */
 const README_BUNDLE = '.state/fleet/credentials/admin';
 const MARKER = '<!-- grpcurl flows: test/integration/public-api-clients.test.ts runs this block as it stands -->';
-const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
+const imageType = Image;
 
 /** grpcurl's command line carried out by `buf curl`: server reflection only, the flags the README uses. */
 const GRPCURL_BY_BUF_CURL = `#!/usr/bin/env bash

@@ -20,7 +20,6 @@ import { call, failure } from '../harness/grpc.js';
 import { startCloneStack, type CloneStack } from '../harness/clone-stack.js';
 
 const run = promisify(execFile);
-const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
 
 describe('publishing an image from a powered-off VM', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false }, () => {
   const resources = new Resources();
@@ -49,7 +48,7 @@ describe('publishing an image from a powered-off VM', { skip: process.getuid?.()
     const started = await call<Operation>((cb) => stack.distribution.publishImage({ imageId: `img-${suffix}`, sourceVirtualMachine: `hosts/publish-host/virtualMachines/${vm}`, description: 'test image', labels: { os: 'none' }, requestId: '' }, cb));
     const done = await stack.wait(started.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    const image = unpack(imageType, done.result.value);
+    const image = unpack(Image, done.result.value);
     assert.equal(image.state, Image_State.STATE_AVAILABLE);
     assert.equal(image.originHost, 'hosts/publish-host');
     const disk = image.files.find((file) => file.targetDevice === 'vda');

@@ -37,9 +37,6 @@ import { Resources } from '../harness/index.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
-const imageType = { typeName: 'cowherd.inventory.v1.Image', encode: Image.encode, decode: Image.decode };
-const responseType = { typeName: 'cowherd.distribution.v1.DistributeImageResponse', encode: DistributeImageResponse.encode, decode: DistributeImageResponse.decode };
-const cloneResponseType = { typeName: 'cowherd.cloning.v1.CloneVirtualMachinesResponse', encode: CloneVirtualMachinesResponse.encode, decode: CloneVirtualMachinesResponse.decode };
 
 describe('replicas damaged while the agent runs', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false, timeout: 600_000 }, () => {
   const resources = new Resources();
@@ -63,7 +60,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const done = await stack.wait(operation.name, 240_000, stack.distributionOperations);
     assert.equal(done.done, true, 'the operation finished');
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    return unpack(responseType, done.result.value);
+    return unpack(DistributeImageResponse, done.result.value);
   }
 
   async function cloneOn(host: string, name: string): Promise<CloneVirtualMachinesResponse> {
@@ -73,7 +70,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     stack.track(name);
     const done = await stack.wait(operation.name, 180_000);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    return unpack(cloneResponseType, done.result.value);
+    return unpack(CloneVirtualMachinesResponse, done.result.value);
   }
 
   /** Writes `bytes` at `offset` of `path` (root writes through the 0444 mode). */
@@ -126,7 +123,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/ri-origin-${suffix}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    image = unpack(imageType, done.result.value);
+    image = unpack(Image, done.result.value);
     const response = await distribute([withClone, scrubbed]);
     assert.deepEqual(response.failures, []);
     await waitFor('image.available from both receivers', async () => (available.filter((event) => event.host !== `hosts/ri-origin-${suffix}`).length >= 2 ? true : undefined), 30_000);
@@ -219,7 +216,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const done = await stack.wait(operation.name, 90_000, stack.distributionOperations);
     assert.equal(done.done, true, 'the DistributeImage ended');
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
-    assert.deepEqual(unpack(responseType, done.result.value).failures, []);
+    assert.deepEqual(unpack(DistributeImageResponse, done.result.value).failures, []);
     // The base the clone uses is exactly as the damage left it; the repair went beside it.
     const after = await stat(base, { bigint: true });
     assert.equal(after.ino, damagedStat.ino);

@@ -35,6 +35,7 @@ import { CowherdError, toServiceError } from '../../services/common/platform/err
 import type { EventType } from '../../services/common/platform/events.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import type { OperationContext } from '../../services/common/domain/operations.js';
+import { typeUrlOf } from '../../services/common/platform/type-urls.js';
 import type { AgentPort } from '../../services/cloning/agents.js';
 import { agentRequestId, cloneOperationKind, type CloneCheckpoint, type CloneOperationDeps } from '../../services/cloning/clone-operation.js';
 import { planClones } from '../../services/cloning/clone-plan.js';
@@ -195,7 +196,7 @@ function run(deps: CloneOperationDeps, context: Context): Promise<CloneVirtualMa
 }
 
 function reasonOf(status: Status | undefined): string {
-  const info = status?.details.find((detail) => detail.typeUrl.endsWith('google.rpc.ErrorInfo'));
+  const info = status?.details.find((detail) => detail.typeUrl === typeUrlOf(ErrorInfo));
   return info ? ErrorInfo.decode(info.value).reason : '';
 }
 

@@ -17,7 +17,6 @@ import { OperationsService, type Operation } from '../../services/gen/google/lon
 import type { ImageDeliveryProgress } from '../../services/cloning/clone-operation.js';
 
 const MiB = 1024 * 1024;
-const metadataType = { typeName: 'cowherd.distribution.v1.DistributeImageMetadata', encode: DistributeImageMetadata.encode, decode: DistributeImageMetadata.decode };
 const HOST = 'hosts/kvm-1';
 
 /** What the fake reports on each WaitOperation: the host's state and bytes, or a status code to fail with. */
@@ -32,7 +31,7 @@ describe('cloning waits for an image under a progress deadline', () => {
   const operation = (step: { state: ImageReplica_State; bytes: number }): Operation => ({
     name: 'operations/fake',
     done: false,
-    metadata: pack(metadataType, DistributeImageMetadata.fromPartial({ image: 'images/x', bytesTotal: String(MiB), transfers: [{ host: HOST, state: step.state, progress: { bytesDone: String(step.bytes), bytesTotal: String(MiB) } }] })),
+    metadata: pack(DistributeImageMetadata, DistributeImageMetadata.fromPartial({ image: 'images/x', bytesTotal: String(MiB), transfers: [{ host: HOST, state: step.state, progress: { bytesDone: String(step.bytes), bytesTotal: String(MiB) } }] })),
     result: undefined,
   });
 

@@ -27,27 +27,28 @@ import { OPERATION_METRIC_STATES, operationsByState, operationsFinished, type Op
 import { paginate, PageTokens } from '../platform/pagination.js';
 import { backoffDelay, sleep } from '../platform/concurrency.js';
 import { isStoreUnavailable } from '../platform/store-errors.js';
+import { typeUrlOf } from '../platform/type-urls.js';
 import { adaptService, type AccessPolicy, type BoundaryOptions, type Handlers, type ServiceRegistration } from '../platform/rpc.js';
 
 /** The KV bucket of operations. */
 export const OPERATIONS_BUCKET = 'operations';
 
-/** A protobuf message type that can be packed into google.protobuf.Any. */
+/** A protobuf message type that can be packed into google.protobuf.Any: a generated message codec (`Image`, ...). */
 export interface MessageType<T> {
-  /** Full name, e.g. cowherd.distribution.v1.DistributeImageMetadata. */
-  readonly typeName: string;
+  /** Full name, e.g. cowherd.distribution.v1.DistributeImageMetadata (the codec's static `$type`). */
+  readonly $type: string;
   encode(value: T): { finish(): Uint8Array };
   decode(bytes: Uint8Array): T;
 }
 
 /** Packs a message into Any. */
 export function pack<T>(type: MessageType<T>, value: T): Any {
-  return { typeUrl: `type.googleapis.com/${type.typeName}`, value: Buffer.from(type.encode(value).finish()) };
+  return { typeUrl: typeUrlOf(type), value: Buffer.from(type.encode(value).finish()) };
 }
 
 /** Unpacks Any; throws when it holds another type. */
 export function unpack<T>(type: MessageType<T>, any: Any | undefined): T {
-  if (!any || any.typeUrl !== `type.googleapis.com/${type.typeName}`) throw new Error(`expected ${type.typeName}, got ${any?.typeUrl ?? 'nothing'}`);
+  if (!any || any.typeUrl !== typeUrlOf(type)) throw new Error(`expected ${type.$type}, got ${any?.typeUrl ?? 'nothing'}`);
   return type.decode(any.value);
 }
 

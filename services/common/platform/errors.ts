@@ -10,12 +10,13 @@ import { BadRequest, ErrorInfo } from '../../gen/google/rpc/error_details.js';
 import { Status } from '../../gen/google/rpc/status.js';
 import type { Any } from '../../gen/google/protobuf/any.js';
 import { isStoreUnavailable } from './store-errors.js';
+import { typeUrlOf } from './type-urls.js';
 
 /** The ErrorInfo domain of every cowherd error. */
 export const ERROR_DOMAIN = 'cowherd.dev';
 const STATUS_DETAILS_KEY = 'grpc-status-details-bin';
-const ERROR_INFO_TYPE = 'type.googleapis.com/google.rpc.ErrorInfo';
-const BAD_REQUEST_TYPE = 'type.googleapis.com/google.rpc.BadRequest';
+const ERROR_INFO_TYPE = typeUrlOf(ErrorInfo);
+const BAD_REQUEST_TYPE = typeUrlOf(BadRequest);
 
 /** Options of a CowherdError beyond code and message. */
 export interface CowherdErrorOptions {
@@ -176,7 +177,7 @@ export function relayServiceError(error: unknown, target: string): CowherdError 
 
 /** A CowherdError carrying a google.rpc.Status (its code, ErrorInfo reason and metadata). */
 export function errorFromStatus(status: Status, prefix: string): CowherdError {
-  const info = status.details.find((detail) => detail.typeUrl === 'type.googleapis.com/google.rpc.ErrorInfo');
+  const info = status.details.find((detail) => detail.typeUrl === ERROR_INFO_TYPE);
   const decoded = info ? ErrorInfo.decode(info.value) : undefined;
   return new CowherdError(status.code, `${prefix}${status.message}`, {
     reason: decoded ? errorReasonFromJSON(decoded.reason) : ErrorReason.ERROR_REASON_INTERNAL,

@@ -34,9 +34,9 @@ export interface EventType<T> {
   decode(bytes: Uint8Array): T;
 }
 
-/** Declares how one event message travels. */
-export function eventType<T>(typeName: string, kind: string, message: { encode(value: T): { finish(): Uint8Array }; decode(bytes: Uint8Array): T }): EventType<T> {
-  return { typeName, kind, encode: (value) => message.encode(value), decode: (bytes) => message.decode(bytes) };
+/** Declares how one event message (a generated codec, which names its type in `$type`) travels. */
+export function eventType<T>(kind: string, message: { readonly $type: string; encode(value: T): { finish(): Uint8Array }; decode(bytes: Uint8Array): T }): EventType<T> {
+  return { typeName: message.$type, kind, encode: (value) => message.encode(value), decode: (bytes) => message.decode(bytes) };
 }
 
 /** The subject of an event kind about a host ("_" for fleet-wide). */
