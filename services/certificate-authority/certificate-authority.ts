@@ -10,7 +10,7 @@ import { describeIdentity, identityUri, parseIdentity, type Identity } from '../
 import { KvConflictError } from '../common/platform/kv.js';
 import type { Logger } from '../common/platform/logger.js';
 import { certificateSha256, inspectCertificate, parseCsr, signLeafCertificate, ttlOfValidity, type CertificateAndKey } from '../common/platform/pki.js';
-import { HOST_ID, isReservedHostId } from '../common/domain/resource-names.js';
+import { CERTIFICATE_NAME, HOST_ID, isReservedHostId, JOIN_TOKEN_ID, JOIN_TOKEN_NAME } from '../common/domain/resource-names.js';
 import { RevocationReason } from '../gen/cowherd/certauthority/v1/resources.js';
 import type { PeerCertificateFacts } from '../common/platform/rpc.js';
 import { tokenExpired, type CaRecords, type CertificateRecord, type JoinTokenRecord } from '../common/domain/ca-records.js';
@@ -55,8 +55,10 @@ export interface IssuedJoinToken {
   readonly token: string;
 }
 
-/** Join token strings: cjt1.<16 hex id>.<43 base64url secret>.<64 hex CA SHA-256>. */
-const TOKEN = /^cjt1\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})\.([0-9a-f]{64})$/;
+/** The secret of a join token string: 32 random bytes, base64url. */
+const TOKEN_SECRET = /^[A-Za-z0-9_-]{43}$/;
+/** The CA certificate's SHA-256 a join token string pins: 64 lowercase hex digits. */
+const TOKEN_CA_SHA256 = /^[0-9a-f]{64}$/;
 /** DNS names a CSR or IssueCertificate may carry. */
 const DNS_NAME = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/;
 
@@ -81,7 +83,7 @@ export class CertificateAuthority {
 
   /** Creates a single-use join token for `host`; idempotent on request_id (without the secret). */
   async createJoinToken(host: string, ttlSeconds: number | undefined, requestId: string, creator: Identity): Promise<IssuedJoinToken> {
-    if (!HOST_ID.test(host)) throw CowherdError.invalidArgument('host', 'must be an RFC 1123 label ([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)');
+    if (!HOST_ID.test(host)) throw CowherdError.invalidArgument('host', `must be an RFC 1123 label (${HOST_ID.source})`);
     if (isReservedHostId(host)) throw CowherdError.invalidArgument('host', `${JSON.stringify(host)} is reserved: a host certificate would carry a service's or NATS's DNS name`);
     const ttl = ttlSeconds ?? this.policy.defaultTokenSeconds;
     if (!(ttl >= this.policy.minTokenSeconds && ttl <= this.policy.maxTokenSeconds)) {
@@ -90,7 +92,8 @@ export class CertificateAuthority {
     const fingerprint = `${host}|${ttl}`;
     const replay = await this.claimRequest('token', requestId, fingerprint);
     if (replay) {
-      const existing = await this.records.tokens.get(`token.${replay.slice('joinTokens/'.length)}`);
+      const replayed = JOIN_TOKEN_NAME.parse(replay)?.joinToken;
+      const existing = replayed === undefined ? undefined : await this.records.tokens.get(`token.${replayed}`);
       if (existing) return { record: existing.value, token: '' };
     }
     const id = randomBytes(8).toString('hex');
@@ -107,17 +110,17 @@ export class CertificateAuthority {
       creator: creator.uri,
     };
     await this.records.tokens.create(`token.${id}`, record);
-    await this.recordRequest('token', requestId, `joinTokens/${id}`, fingerprint);
-    this.log.info({ joinToken: `joinTokens/${id}`, host, expireTime: record.expireTime, creator: describeIdentity(creator) }, 'join token created');
+    await this.recordRequest('token', requestId, JOIN_TOKEN_NAME.format({ joinToken: id }), fingerprint);
+    this.log.info({ joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }), host, expireTime: record.expireTime, creator: describeIdentity(creator) }, 'join token created');
     // Re-enrolling a reinstalled host is allowed; say what it will do to the certificates the host holds now.
-    const live = (await this.activeCertificatesOf(identityUri('host', host))).map((certificate) => `certificates/${certificate.serialNumber}`);
-    if (live.length > 0) this.log.warn({ host, joinToken: `joinTokens/${id}`, liveCertificates: live }, 'the host already holds live certificates; enrolling with this token revokes them (SUPERSEDED)');
+    const live = (await this.activeCertificatesOf(identityUri('host', host))).map((certificate) => CERTIFICATE_NAME.format({ certificate: certificate.serialNumber }));
+    if (live.length > 0) this.log.warn({ host, joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }), liveCertificates: live }, 'the host already holds live certificates; enrolling with this token revokes them (SUPERSEDED)');
     return { record, token: `cjt1.${id}.${secret}.${this.caSha256}` };
   }
 
   /** A token record by resource name. */
   async getJoinToken(name: string): Promise<JoinTokenRecord> {
-    const id = /^joinTokens\/([0-9a-f]{16})$/.exec(name)?.[1];
+    const id = JOIN_TOKEN_NAME.parse(name)?.joinToken;
     if (!id) throw CowherdError.invalidArgument('name', 'must look like joinTokens/{16 hex digits}');
     const record = await this.records.tokens.get(`token.${id}`);
     if (!record) throw CowherdError.notFound(name);
@@ -146,9 +149,10 @@ export class CertificateAuthority {
    * compare-and-set, so concurrent calls with one token yield at most one certificate.
    */
   async enrollHost(token: string, csrPem: string): Promise<{ record: CertificateRecord; joinToken: string }> {
-    const match = TOKEN.exec(token);
-    if (!match) throw invalidToken('is not a cowherd join token');
-    const [, id, secret, caSha256] = match as unknown as [string, string, string, string];
+    const [version, id, secret, caSha256, extra] = token.split('.');
+    if (version !== 'cjt1' || id === undefined || !JOIN_TOKEN_ID.test(id) || secret === undefined || !TOKEN_SECRET.test(secret) || caSha256 === undefined || !TOKEN_CA_SHA256.test(caSha256) || extra !== undefined) {
+      throw invalidToken('is not a cowherd join token');
+    }
     const stored = await this.records.tokens.get(`token.${id}`);
     if (!stored || !safeEqualHex(stored.value.secretSha256, sha256(secret))) throw invalidToken('is not known here');
     if (caSha256 !== this.caSha256) {
@@ -163,16 +167,16 @@ export class CertificateAuthority {
     const certificatePem = signLeafCertificate({ ca: this.ca, publicKeyPem: csr.publicKeyPem, identity, dnsNames: csr.dnsNames, ttlSeconds: this.policy.hostCertificateSeconds });
     const record = recordOf(certificatePem, 'spiffe://cowherd/service/certificate-authority');
     try {
-      await this.records.tokens.update(`token.${id}`, { ...stored.value, state: 'USED', useTime: record.issueTime, certificate: `certificates/${record.serialNumber}` }, stored.revision);
+      await this.records.tokens.update(`token.${id}`, { ...stored.value, state: 'USED', useTime: record.issueTime, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }) }, stored.revision);
     } catch (error) {
       if (error instanceof KvConflictError) throw invalidToken('was used concurrently');
       throw error;
     }
     await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
-    await this.listener.issued(record, { joinToken: `joinTokens/${id}` });
-    this.log.info({ host, certificate: `certificates/${record.serialNumber}`, joinToken: `joinTokens/${id}`, expireTime: record.expireTime }, 'host enrolled');
+    await this.listener.issued(record, { joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }) });
+    this.log.info({ host, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }), expireTime: record.expireTime }, 'host enrolled');
     await this.supersede(record);
-    return { record, joinToken: `joinTokens/${id}` };
+    return { record, joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }) };
   }
 
   /**
@@ -185,9 +189,9 @@ export class CertificateAuthority {
     for (const old of await this.activeCertificatesOf(current.identity)) {
       if (old.serialNumber === current.serialNumber) continue;
       try {
-        await this.revoke(`certificates/${old.serialNumber}`, RevocationReason.REVOCATION_REASON_SUPERSEDED, self);
+        await this.revoke(CERTIFICATE_NAME.format({ certificate: old.serialNumber }), RevocationReason.REVOCATION_REASON_SUPERSEDED, self);
       } catch (error) {
-        this.log.error({ err: error, certificate: `certificates/${old.serialNumber}`, supersededBy: `certificates/${current.serialNumber}` }, 'could not revoke a superseded host certificate');
+        this.log.error({ err: error, certificate: CERTIFICATE_NAME.format({ certificate: old.serialNumber }), supersededBy: CERTIFICATE_NAME.format({ certificate: current.serialNumber }) }, 'could not revoke a superseded host certificate');
       }
     }
   }
@@ -207,7 +211,7 @@ export class CertificateAuthority {
     const record = recordOf(certificatePem, caller.uri);
     await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
     await this.listener.issued(record, {});
-    this.log.info({ identity: describeIdentity(caller), certificate: `certificates/${record.serialNumber}`, replaces: `certificates/${callerCertificate.serialNumber}` }, 'certificate renewed');
+    this.log.info({ identity: describeIdentity(caller), certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), replaces: CERTIFICATE_NAME.format({ certificate: callerCertificate.serialNumber }) }, 'certificate renewed');
     return record;
   }
 
@@ -229,15 +233,15 @@ export class CertificateAuthority {
     const certificatePem = signLeafCertificate({ ca: this.ca, publicKeyPem: csr.publicKeyPem, identity: identity.uri, dnsNames: request.dnsNames, ttlSeconds: ttl });
     const record = recordOf(certificatePem, issuer.uri);
     await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
-    await this.recordRequest('issue', request.requestId, `certificates/${record.serialNumber}`, fingerprint);
+    await this.recordRequest('issue', request.requestId, CERTIFICATE_NAME.format({ certificate: record.serialNumber }), fingerprint);
     await this.listener.issued(record, {});
-    this.log.info({ identity: describeIdentity(identity), certificate: `certificates/${record.serialNumber}`, issuer: describeIdentity(issuer) }, 'certificate issued');
+    this.log.info({ identity: describeIdentity(identity), certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), issuer: describeIdentity(issuer) }, 'certificate issued');
     return record;
   }
 
   /** A certificate record by resource name. */
   async getCertificate(name: string): Promise<CertificateRecord> {
-    const serial = /^certificates\/([0-9a-f]{1,40})$/.exec(name)?.[1];
+    const serial = CERTIFICATE_NAME.parse(name)?.certificate;
     if (!serial) throw CowherdError.invalidArgument('name', 'must look like certificates/{serial in lowercase hex}');
     const record = await this.records.certificates.get(`certificate.${serial}`);
     if (!record) throw CowherdError.notFound(name);
@@ -296,7 +300,7 @@ export class CertificateAuthority {
       throw error;
     }
     await this.listener.issued(record, {});
-    this.log.info({ identity: record.identity, certificate: `certificates/${record.serialNumber}`, expireTime: record.expireTime }, 'bootstrap certificate recorded');
+    this.log.info({ identity: record.identity, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), expireTime: record.expireTime }, 'bootstrap certificate recorded');
     return true;
   }
 

@@ -6,7 +6,7 @@ import { CowherdError } from '../common/platform/errors.js';
 import { enumValueNames, parseFilter, resourceNameField } from '../common/domain/filter.js';
 import { parseIdentity } from '../common/platform/identity.js';
 import { paginate, type PageTokens } from '../common/platform/pagination.js';
-import { HOST_ID } from '../common/domain/resource-names.js';
+import { CERTIFICATE_NAME, HOST_ID, JOIN_TOKEN_NAME } from '../common/domain/resource-names.js';
 import type { CallContext, Handlers } from '../common/platform/rpc.js';
 import type { CertificateAuthority } from './certificate-authority.js';
 import { certificateState, tokenState, type CertificateRecord, type JoinTokenRecord } from '../common/domain/ca-records.js';
@@ -85,7 +85,7 @@ export function certificateAuthorityHandlers(ca: CertificateAuthority, pageToken
 /** Proto JoinToken from a record (never the secret). */
 export function toJoinToken(record: JoinTokenRecord): JoinToken {
   return JoinToken.fromPartial({
-    name: `joinTokens/${record.id}`,
+    name: JOIN_TOKEN_NAME.format({ joinToken: record.id }),
     host: record.host,
     createTime: new Date(record.createTime),
     expireTime: new Date(record.expireTime),
@@ -100,7 +100,7 @@ export function toJoinToken(record: JoinTokenRecord): JoinToken {
 /** Proto Certificate from a record. */
 export function toCertificate(record: CertificateRecord): Certificate {
   return Certificate.fromPartial({
-    name: `certificates/${record.serialNumber}`,
+    name: CERTIFICATE_NAME.format({ certificate: record.serialNumber }),
     serialNumber: record.serialNumber,
     identity: record.identity,
     dnsNames: [...record.dnsNames],

@@ -3,6 +3,7 @@ import { CERTIFICATE_REVOKED, HOST_ENROLLED } from '../common/domain/event-types
 import type { EventPublisher } from '../common/platform/events.js';
 import { parseIdentity } from '../common/platform/identity.js';
 import type { CertificateListener } from './certificate-authority.js';
+import { CERTIFICATE_NAME, HOST_NAME } from '../common/domain/resource-names.js';
 
 /** Publishes host.enrolled (for certificates from a join token) and certificate.revoked. */
 export function eventingListener(events: EventPublisher): CertificateListener {
@@ -12,7 +13,7 @@ export function eventingListener(events: EventPublisher): CertificateListener {
       if (identity?.kind !== 'host' || context.joinToken === undefined) return;
       await events.publish(
         HOST_ENROLLED,
-        { host: `hosts/${identity.name}`, identity: record.identity, certificate: `certificates/${record.serialNumber}`, joinToken: context.joinToken, occurTime: new Date(record.issueTime) },
+        { host: HOST_NAME.format({ host: identity.name }), identity: record.identity, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), joinToken: context.joinToken, occurTime: new Date(record.issueTime) },
         { host: identity.name, id: `host.enrolled/${record.serialNumber}` },
       );
     },
@@ -20,7 +21,7 @@ export function eventingListener(events: EventPublisher): CertificateListener {
       const identity = parseIdentity(record.identity);
       await events.publish(
         CERTIFICATE_REVOKED,
-        { certificate: `certificates/${record.serialNumber}`, serialNumber: record.serialNumber, identity: record.identity, reason: record.revoked?.reason ?? 0, occurTime: new Date(record.revoked?.time ?? Date.now()) },
+        { certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), serialNumber: record.serialNumber, identity: record.identity, reason: record.revoked?.reason ?? 0, occurTime: new Date(record.revoked?.time ?? Date.now()) },
         { host: identity?.kind === 'host' ? identity.name : '_', id: `certificate.revoked/${record.serialNumber}` },
       );
     },

@@ -22,6 +22,7 @@ import { bootstrapCertificates } from './bootstrap-certificates.js';
 import { certificateAuthorityHandlers } from './handlers.js';
 import { allListeners, eventingListener } from './listener.js';
 import { certificateState, natsUsers, openCaRecords, type CertificateRecord, type NatsUsers } from '../common/domain/ca-records.js';
+import { CERTIFICATE_NAME } from '../common/domain/resource-names.js';
 
 await runServiceMain({
   name: 'certificate-authority',
@@ -81,7 +82,7 @@ await runServiceMain({
         // later re-join.
         const deletedAt = event.payload.occurTime?.getTime() ?? Number.POSITIVE_INFINITY;
         for (const record of await ca.listCertificates()) {
-          if (record.identity === identity && certificateState(record) === 'ACTIVE' && Date.parse(record.issueTime) <= deletedAt) await ca.revoke(`certificates/${record.serialNumber}`, RevocationReason.REVOCATION_REASON_CESSATION_OF_OPERATION, self);
+          if (record.identity === identity && certificateState(record) === 'ACTIVE' && Date.parse(record.issueTime) <= deletedAt) await ca.revoke(CERTIFICATE_NAME.format({ certificate: record.serialNumber }), RevocationReason.REVOCATION_REASON_CESSATION_OF_OPERATION, self);
         }
       },
     });

@@ -11,6 +11,7 @@ import type { Identity } from '../platform/identity.js';
 import { jsonCodec, KvStore } from '../platform/kv.js';
 import type { Logger } from '../platform/logger.js';
 import { certificatePrincipal, identityPrincipal, reloadNats, writeNatsAuthorization, type NatsPrincipal } from '../platform/nats-authorization.js';
+import { CERTIFICATE_NAME } from './resource-names.js';
 
 /** A join token as stored. */
 export interface JoinTokenRecord {
@@ -128,7 +129,7 @@ export function natsUsers(options: NatsUsersOptions): NatsUsers {
         try {
           principals.push(certificatePrincipal(record.certificatePem));
         } catch (error) {
-          options.log.warn({ err: error, certificate: `certificates/${record.serialNumber}` }, 'certificate left out of NATS users');
+          options.log.warn({ err: error, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }) }, 'certificate left out of NATS users');
         }
       }
       await writeNatsAuthorization(options.authorizationFile, options.staticIdentities.map((identity) => identityPrincipal(identity)), principals);
