@@ -11,6 +11,7 @@ import { CLONE_DONE } from '../../services/common/domain/event-types.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { ORIGIN, RECEIVERS } from './fleet.js';
 import { sha256, sleep, type FaultRow, type RowContext } from './row.js';
+import { HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 /** Waits until `count` domains of the row exist in libvirt (the batch is under way). */
 async function clonesDefined(context: RowContext, count: number): Promise<void> {
@@ -35,7 +36,7 @@ export const CONTROLS: readonly FaultRow[] = [
       // A second clone.done for clone 1 (on origin) under a new id: a repeat the stream cannot drop.
       const publisher = new JetStreamEventPublisher(context.fleet.reader.jetstream, createLogger({ service: 'faults', level: 'silent' }));
       const domainName = `${context.prefix}1`;
-      await publisher.publish(CLONE_DONE, { virtualMachine: `hosts/${ORIGIN}/virtualMachines/${domainName}`, host: `hosts/${ORIGIN}`, domainName, uuid: randomUUID(), image: `images/${context.image}`, sourceVirtualMachine: '', overlays: [], started: false } as never, { host: ORIGIN, id: `control/${randomUUID()}` });
+      await publisher.publish(CLONE_DONE, { virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: ORIGIN, virtualMachine: domainName }), host: HOST_NAME.format({ host: ORIGIN }), domainName, uuid: randomUUID(), image: IMAGE_NAME.format({ image: context.image }), sourceVirtualMachine: '', overlays: [], started: false } as never, { host: ORIGIN, id: `control/${randomUUID()}` });
       context.note(`control: published a second clone.done for ${domainName}`);
       return Date.now();
     },

@@ -37,6 +37,7 @@ import { Resources, TestPki } from '../harness/index.js';
 import { waitFor } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
 import { startNatsCluster, withoutCowherdVariables, type NatsCluster } from './nats-cluster.js';
+import { HOST_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 export const ORIGIN = 'origin';
 export const RECEIVERS = ['recv1', 'recv2', 'recv3'] as const;
@@ -309,12 +310,12 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
     for (const agent of agents.values()) await agent.daemon?.stop(10_000);
   });
   for (const host of HOSTS) {
-    await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => clients.inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined), 90_000);
+    await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => clients.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_READY ? true : undefined), 90_000);
   }
   for (const host of [...RECEIVERS, SMALL]) {
     await call<Host>((cb) =>
       clients.inventory.updateHost(
-        { host: Host.fromPartial({ name: `hosts/${host}`, transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(RECEIVER_DOWNLOAD_BYTES_PER_SECOND) } }), updateMask: ['transfer_limits'] },
+        { host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(RECEIVER_DOWNLOAD_BYTES_PER_SECOND) } }), updateMask: ['transfer_limits'] },
         cb,
       ),
     );
@@ -324,7 +325,7 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   const limitsSet = Date.now();
   for (const host of [...RECEIVERS, SMALL]) {
     await waitFor(`${host} heartbeat after its transfer limits`, async () => {
-      const record = await call<Host>((cb) => clients.inventory.getHost({ name: `hosts/${host}` }, cb));
+      const record = await call<Host>((cb) => clients.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb));
       return (record.lastHeartbeatTime?.getTime() ?? 0) > limitsSet + 500 ? true : undefined;
     }, 60_000);
   }
@@ -342,7 +343,7 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   const xml = `<domain type='qemu'><name>${vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
   await writeFile(join(vmDirectory, `${vm}.xml`), xml);
   await virsh('define', join(vmDirectory, `${vm}.xml`));
-  const masterVm = `hosts/${ORIGIN}/virtualMachines/${vm}`;
+  const masterVm = VIRTUAL_MACHINE_NAME.format({ host: ORIGIN, virtualMachine: vm });
   await waitFor('the master VM in inventory', async () => ((await call<VirtualMachine>((cb) => clients.inventory.getVirtualMachine({ name: masterVm }, cb))).state === VirtualMachine_State.STATE_SHUT_OFF ? true : undefined), 60_000);
 
   const reader = await connectNats({ servers: nats.urls, tls: await pki.files('service', 'distribution', { subdirectory: 'fault-reader' }), name: 'fault-suite', log: createLogger({ service: 'faults', level: 'silent' }) });

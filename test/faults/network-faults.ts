@@ -10,6 +10,7 @@ import { Host, Host_State } from '../../services/gen/cowherd/inventory/v1/resour
 import { ORIGIN, RECEIVERS } from './fleet.js';
 
 import { sleep, type FaultRow } from './row.js';
+import { HOST_NAME } from '../../services/common/domain/resource-names.js';
 
 export const CUT_SECONDS = 60;
 
@@ -36,12 +37,12 @@ export const NETWORK_FAULTS: readonly FaultRow[] = [
       const distribute = context.operations.find((operation) => operation.on === 'distribution' && operation !== context.operations[0]) ?? context.operations[1];
       try {
         while (Date.now() - cutAt < CUT_SECONDS * 1000) {
-          const record = await call<Host>((cb) => context.fleet.clients.inventory.getHost({ name: `hosts/${host}` }, cb)).catch(() => undefined);
+          const record = await call<Host>((cb) => context.fleet.clients.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb)).catch(() => undefined);
           if (unreachableAt === undefined && record?.state === Host_State.STATE_UNREACHABLE) unreachableAt = Date.now();
           if (shownAt === undefined && distribute) {
             const answer = await context.getOperation(distribute.name, 'distribution');
             try {
-              const transfer = answer && !answer.done ? unpack(DistributeImageMetadata, answer.metadata).transfers.find((candidate) => candidate.host === `hosts/${host}`) : undefined;
+              const transfer = answer && !answer.done ? unpack(DistributeImageMetadata, answer.metadata).transfers.find((candidate) => candidate.host === HOST_NAME.format({ host })) : undefined;
               if (transfer?.hostUnreachable) shownAt = Date.now();
             } catch {
               // Not readable: not shown.

@@ -41,6 +41,8 @@ import type { Operation } from '../../services/gen/google/longrunning/operations
 import { ErrorInfo } from '../../services/gen/google/rpc/error_details.js';
 import type { Status } from '../../services/gen/google/rpc/status.js';
 import { RPC_DEADLINE_MS, type FaultFleet } from './fleet.js';
+import { EVERY_HOST, HOST_IMAGE_NAME, HOST_NAME, hostOf, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
+import { readAllPages } from '../../services/common/platform/list-pages.js';
 
 /** How long after a fault ends the fleet has to satisfy every invariant. */
 export const RECOVERY_BOUND_SECONDS = 150;
@@ -175,7 +177,7 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
       const deadline = Date.now() + 60_000;
       while (Date.now() < deadline) {
         for (const host of receivers) {
-          const replica = await rpc.call<ImageReplica>('GetImageReplica', (cb) => clients.inventory.getImageReplica({ name: `hosts/${host}/images/${image}` }, cb)).catch(() => undefined);
+          const replica = await rpc.call<ImageReplica>('GetImageReplica', (cb) => clients.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image }) }, cb)).catch(() => undefined);
           const done = Number(replica?.progress?.bytesDone ?? 0);
           const total = Number(replica?.progress?.bytesTotal ?? 0);
           if (replica?.state === ImageReplica_State.STATE_TRANSFERRING && done > 0 && done < total) {
@@ -198,18 +200,18 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
   }
   const before = new Map<string, ImageReplica>();
   for (const host of [...row.distributeTo, ...row.cloneHosts]) {
-    const replica = await rpc.call<ImageReplica>('GetImageReplica', (cb) => clients.inventory.getImageReplica({ name: `hosts/${host}/images/${image}` }, cb)).catch(() => undefined);
+    const replica = await rpc.call<ImageReplica>('GetImageReplica', (cb) => clients.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image }) }, cb)).catch(() => undefined);
     if (replica) before.set(host, replica);
   }
   await row.before?.(context);
   const faultStart = Date.now();
-  const distribute = await rpc.call<Operation>('DistributeImage', (cb) => clients.distribution.distributeImage({ image: `images/${image}`, hosts: row.distributeTo.map((host) => `hosts/${host}`), requestId: '' }, cb));
+  const distribute = await rpc.call<Operation>('DistributeImage', (cb) => clients.distribution.distributeImage({ image: IMAGE_NAME.format({ image }), hosts: row.distributeTo.map((host) => HOST_NAME.format({ host })), requestId: '' }, cb));
   operations.push({ name: distribute.name, on: 'distribution' });
   const clone = await rpc.call<Operation>('CloneVirtualMachines', (cb) =>
     clients.cloning.cloneVirtualMachines(
       {
-        source: { $case: 'image', value: `images/${image}` },
-        placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: row.cloneHosts.map((host) => `hosts/${host}`), maxClonesPerHost: 0 },
+        source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
+        placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: row.cloneHosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },
         count: CLONES_PER_BATCH,
         nameTemplate: `${prefix}{index}`,
         start: false,
@@ -375,26 +377,26 @@ async function evaluate(
     for (const clone of doneClones) {
       const inLibvirt = domains.filter((name) => name === clone.domainName).length;
       if (inLibvirt !== 1) problems.push(`clone ${clone.domainName}: ${inLibvirt} domains in libvirt`);
-      const inInventory = vms.filter((vm) => vm.name === `${clone.host}/virtualMachines/${clone.domainName}` || vm.name.endsWith(`/virtualMachines/${clone.domainName}`)).length;
+      const inInventory = vms.filter((vm) => VIRTUAL_MACHINE_NAME.parse(vm.name)?.virtualMachine === clone.domainName).length;
       if (inInventory !== 1) problems.push(`clone ${clone.domainName}: ${inInventory} records in inventory`);
       if (clone.overlays.length === 0) problems.push(`clone ${clone.domainName}: no overlays reported`);
       for (const overlay of clone.overlays) if (!(await exists(overlay))) problems.push(`clone ${clone.domainName}: overlay ${overlay} missing`);
     }
     const expectedNames = new Set(doneClones.map((clone) => clone.domainName));
     for (const name of new Set(domains)) if (!expectedNames.has(name)) problems.push(`domain ${name} exists in libvirt but the batch does not report it DONE`);
-    for (const vm of vms) if (!expectedNames.has(basename(vm.name))) problems.push(`${vm.name} is in inventory but the batch does not report it DONE`);
+    for (const vm of vms) if (!expectedNames.has(VIRTUAL_MACHINE_NAME.parse(vm.name)?.virtualMachine ?? '')) problems.push(`${vm.name} is in inventory but the batch does not report it DONE`);
   }
 
   // Events: each logical occurrence exactly once.
   await events.advance();
   const final = new Map<string, ImageReplica>();
   for (const host of new Set([...row.distributeTo, ...row.cloneHosts])) {
-    const replica = await rpc.call<ImageReplica>('GetImageReplica', (cb) => fleet.clients.inventory.getImageReplica({ name: `hosts/${host}/images/${image}` }, cb)).catch(() => undefined);
+    const replica = await rpc.call<ImageReplica>('GetImageReplica', (cb) => fleet.clients.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image }) }, cb)).catch(() => undefined);
     if (replica) final.set(host, replica);
   }
   const expectedAvailable = row.expectedAvailable?.(final) ?? defaultExpectedAvailable(final, before);
   const expected = new Map<string, number>();
-  for (const clone of doneClones) expected.set(`clone.done ${clone.host.slice('hosts/'.length)}/${clone.domainName}`, 1);
+  for (const clone of doneClones) expected.set(`clone.done ${hostOf(clone.host)}/${clone.domainName}`, 1);
   for (const [host, count] of expectedAvailable) if (count > 0) expected.set(`image.available ${image}@${host}`, count);
   // The origin's copy is announced by image.published (distribution), not image.available.
   if (published) expected.set(`image.published ${image}`, 1);
@@ -468,10 +470,10 @@ class EventTally {
         if (event.domainName.startsWith(this.prefix)) this.bump(`clone.done ${host}/${event.domainName}`);
       } else if (kind === IMAGE_AVAILABLE.kind) {
         const event = IMAGE_AVAILABLE.decode(message.data);
-        if (event.image === `images/${this.image}`) this.bump(`image.available ${this.image}@${host}`);
+        if (event.image === IMAGE_NAME.format({ image: this.image })) this.bump(`image.available ${this.image}@${host}`);
       } else if (kind === IMAGE_PUBLISHED.kind) {
         const event = IMAGE_PUBLISHED.decode(message.data);
-        if (event.image === `images/${this.image}`) this.bump(`image.published ${this.image}`);
+        if (event.image === IMAGE_NAME.format({ image: this.image })) this.bump(`image.published ${this.image}`);
       }
     }
   }
@@ -498,7 +500,7 @@ async function checkBases(fleet: FaultFleet, state: SuiteState, doneClones: read
     }
   }
   // This row's clones: each must sit on a base whose content is the image's.
-  const record = await rpc.call<Image>('GetImage', (cb) => fleet.clients.inventory.getImage({ name: `images/${image}`, view: 0 }, cb)).catch(() => undefined);
+  const record = await rpc.call<Image>('GetImage', (cb) => fleet.clients.inventory.getImage({ name: IMAGE_NAME.format({ image }), view: 0 }, cb)).catch(() => undefined);
   const wanted = new Map((record?.files ?? []).map((file) => [file.path, file.sha256]));
   const seen = new Set<string>();
   for (const clone of doneClones) {
@@ -565,14 +567,11 @@ export function sha256(path: string): Promise<string> {
 }
 
 async function listVms(rpc: Rpc, fleet: FaultFleet, prefix: string): Promise<VirtualMachine[]> {
-  const found: VirtualMachine[] = [];
-  let pageToken = '';
-  do {
-    const page = await rpc.call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>('ListVirtualMachines', (cb) => fleet.clients.inventory.listVirtualMachines({ parent: 'hosts/-', pageSize: 500, pageToken, filter: '' }, cb));
-    found.push(...page.virtualMachines.filter((vm) => basename(vm.name).startsWith(prefix)));
-    pageToken = page.nextPageToken;
-  } while (pageToken);
-  return found;
+  const all = await readAllPages(async (pageToken) => {
+    const page = await rpc.call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>('ListVirtualMachines', (cb) => fleet.clients.inventory.listVirtualMachines({ parent: EVERY_HOST, pageSize: 500, pageToken, filter: '' }, cb));
+    return { items: page.virtualMachines, nextPageToken: page.nextPageToken };
+  });
+  return all.filter((vm) => VIRTUAL_MACHINE_NAME.parse(vm.name)?.virtualMachine.startsWith(prefix) === true);
 }
 
 async function getOperation(rpc: Rpc, fleet: FaultFleet, name: string, on: 'distribution' | 'cloning'): Promise<Operation | undefined> {

@@ -17,6 +17,7 @@ import { call } from '../../services/common/platform/client.js';
 import { ImageReplica_State, type Image, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { ORIGIN, SMALL } from './fleet.js';
 import { sha256, type FaultRow, type RowContext } from './row.js';
+import { HOST_IMAGE_NAME, IMAGE_NAME } from '../../services/common/domain/resource-names.js';
 
 /** The file that fills the small host's disk (removed after the row). */
 const FILLER = 'cowherd-faults-filler';
@@ -24,8 +25,8 @@ const FILLER = 'cowherd-faults-filler';
 /** Overwrites a few bytes in the middle of the host's copy of the image's first disk; returns the file. */
 async function damage(context: RowContext, host: string): Promise<string> {
   const { inventory } = context.fleet.clients;
-  const replica = await call<ImageReplica>((cb) => inventory.getImageReplica({ name: `hosts/${host}/images/${context.image}` }, cb));
-  const image = await call<Image>((cb) => inventory.getImage({ name: `images/${context.image}`, view: 0 }, cb));
+  const replica = await call<ImageReplica>((cb) => inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: context.image }) }, cb));
+  const image = await call<Image>((cb) => inventory.getImage({ name: IMAGE_NAME.format({ image: context.image }), view: 0 }, cb));
   const disk = image.files.find((file) => file.targetDevice !== '') ?? image.files[0]!;
   const file = join(replica.path, disk.path);
   const handle = await open(file, 'r+');

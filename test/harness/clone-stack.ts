@@ -26,6 +26,7 @@ import { sanitizeDomainTemplate } from '../../services/agent/hypervisor/index.js
 import { Resources, TestPki, startTestNats } from './index.js';
 import { call, waitFor } from './grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from './processes.js';
+import { HOST_IMAGE_NAME, HOST_NAME, hostOf, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const run = promisify(execFile);
 
@@ -181,7 +182,7 @@ export async function startCloneStack(resources: Resources, host: string, option
     virsh,
     track: (...names) => void domains.push(...names),
     putReplica: async (replica) => {
-      await replicas.put(`${replica.host.slice('hosts/'.length)}.${replica.image.slice('images/'.length)}`, replica);
+      await replicas.put(`${hostOf(replica.host)}.${IMAGE_NAME.parse(replica.image)?.image}`, replica);
     },
     addImage: async (image, basePath) => {
       const source = `cowherd-template-${image}`;
@@ -192,8 +193,8 @@ export async function startCloneStack(resources: Resources, host: string, option
       await run('cp', ['--sparse=always', basePath, join(replica, template.disks[0]!.fileName)]);
       await writeFile(join(replica, 'domain-template.xml'), template.xml);
       const now = new Date();
-      await images.put(image, Image.fromPartial({ name: `images/${image}`, hypervisor: Hypervisor.HYPERVISOR_KVM, state: Image_State.STATE_AVAILABLE, originHost: `hosts/${host}`, domainTemplate: template.xml, files: [{ path: template.disks[0]!.fileName, format: DiskFormat.DISK_FORMAT_QCOW2, targetDevice: 'vda' }], createTime: now, updateTime: now }));
-      await replicas.put(`${host}.${image}`, ImageReplica.fromPartial({ name: `hosts/${host}/images/${image}`, image: `images/${image}`, host: `hosts/${host}`, state: ImageReplica_State.STATE_AVAILABLE, path: replica, origin: true, createTime: now, updateTime: now }));
+      await images.put(image, Image.fromPartial({ name: IMAGE_NAME.format({ image }), hypervisor: Hypervisor.HYPERVISOR_KVM, state: Image_State.STATE_AVAILABLE, originHost: HOST_NAME.format({ host }), domainTemplate: template.xml, files: [{ path: template.disks[0]!.fileName, format: DiskFormat.DISK_FORMAT_QCOW2, targetDevice: 'vda' }], createTime: now, updateTime: now }));
+      await replicas.put(`${host}.${image}`, ImageReplica.fromPartial({ name: HOST_IMAGE_NAME.format({ host, image }), image: IMAGE_NAME.format({ image }), host: HOST_NAME.format({ host }), state: ImageReplica_State.STATE_AVAILABLE, path: replica, origin: true, createTime: now, updateTime: now }));
       return join(replica, template.disks[0]!.fileName);
     },
     defineSourceVm: async (name, mib) => {
@@ -207,11 +208,11 @@ export async function startCloneStack(resources: Resources, host: string, option
       await writeFile(join(vmDirectory, `${name}.xml`), xml);
       await virsh('define', join(vmDirectory, `${name}.xml`));
       domains.push(name);
-      await waitFor(`${name} in inventory`, async () => ((await call<VirtualMachine>((cb) => inventory.getVirtualMachine({ name: `hosts/${host}/virtualMachines/${name}` }, cb))).state === VirtualMachine_State.STATE_SHUT_OFF ? true : undefined));
+      await waitFor(`${name} in inventory`, async () => ((await call<VirtualMachine>((cb) => inventory.getVirtualMachine({ name: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }) }, cb))).state === VirtualMachine_State.STATE_SHUT_OFF ? true : undefined));
     },
     waitHostsReady: async (hosts) => {
       for (const name of hosts) {
-        await waitFor(`${name} READY`, async () => ((await call<Host>((cb) => inventory.getHost({ name: `hosts/${name}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+        await waitFor(`${name} READY`, async () => ((await call<Host>((cb) => inventory.getHost({ name: HOST_NAME.format({ host: name }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
       }
     },
     wait: async (name, timeoutMs = 120_000, client = operations) => {

@@ -28,6 +28,7 @@ import type { Credentials } from '../../services/common/platform/credential-file
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call, failure, waitFor } from '../harness/grpc.js';
 import { startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
+import { CERTIFICATE_NAME, JOIN_TOKEN_NAME } from '../../services/common/domain/resource-names.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
@@ -153,7 +154,7 @@ describe('certificate authority and fleet identity', () => {
 
     // A CSR for another host, one with an extra (admin) URI SAN, a malformed one: refused, token stays PENDING.
     const tokenString = await token('kvm-20');
-    const tokenName = `joinTokens/${tokenString.split('.')[1]}`;
+    const tokenName = JOIN_TOKEN_NAME.format({ joinToken: tokenString.split('.')[1] });
     const empty = await failure((cb) => enroll.enrollHost({ token: tokenString, csrPem: '' }, cb));
     assert.equal(empty.code, GrpcStatus.INVALID_ARGUMENT, 'an empty CSR is INVALID_ARGUMENT');
     const wrongHost = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-21')).csrPem }, cb));
@@ -193,8 +194,9 @@ describe('certificate authority and fleet identity', () => {
 
     // Forged: the id of a token that is still PENDING, with a secret of the right shape that is not its own.
     const pending = await token('kvm-23');
-    const pendingName = `joinTokens/${pending.split('.')[1]}`;
-    const forgedSecret = pending.replace(/^(cjt1\.[0-9a-f]{16}\.)[A-Za-z0-9_-]{43}/, `$1${'A'.repeat(43)}`);
+    const pendingName = JOIN_TOKEN_NAME.format({ joinToken: pending.split('.')[1] });
+    const [version, id, , pin] = pending.split('.');
+    const forgedSecret = [version, id, 'A'.repeat(43), pin].join('.');
     assert.notEqual(forgedSecret, pending);
     const forged = await failure(async (cb) => enroll.enrollHost({ token: forgedSecret, csrPem: (await csrFor('spiffe://cowherd/host/kvm-23', { dnsNames: ['kvm-23'] })).csrPem }, cb));
     assert.equal(forged.code, GrpcStatus.UNAUTHENTICATED);
@@ -212,13 +214,13 @@ describe('certificate authority and fleet identity', () => {
     const expired = await failure(async (cb) => enroll.enrollHost({ token: expiring, csrPem: (await csrFor('spiffe://cowherd/host/kvm-22')).csrPem }, cb));
     assert.equal(expired.code, GrpcStatus.UNAUTHENTICATED);
     assert.equal(expired.reason, 'ERROR_REASON_JOIN_TOKEN_INVALID');
-    assert.equal(await tokenState(`joinTokens/${expiring.split('.')[1]}`), JoinToken_State.STATE_EXPIRED);
+    assert.equal(await tokenState(JOIN_TOKEN_NAME.format({ joinToken: expiring.split('.')[1] })), JoinToken_State.STATE_EXPIRED);
     assert.equal((await certificatesOf('spiffe://cowherd/host/kvm-22')).length, 0, 'the expired token issued nothing');
   });
 
   it('makes the agent refuse a CA that is not the one its token pins, before it sends anything', async () => {
     const real = await token('kvm-25');
-    const name = `joinTokens/${real.split('.')[1]}`;
+    const name = JOIN_TOKEN_NAME.format({ joinToken: real.split('.')[1] });
     const credentialsDirectory = join(await resources.tempDir('cowherd-agent-'), 'credentials');
     const pinnedToZeros = real.replace(/\.[0-9a-f]{64}$/, `.${'0'.repeat(64)}`);
     await assert.rejects(
@@ -241,7 +243,7 @@ describe('certificate authority and fleet identity', () => {
     assert.equal(serviceName.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
     assert.equal((await certificatesOf('spiffe://cowherd/host/kvm-33')).length, 0, 'nothing issued for the other host');
     // The caller's own certificate is recorded (the test PKI's are bootstrap certificates); nothing else is.
-    const held = `certificates/${inspectCertificate(holder.certificatePem).serialNumber}`;
+    const held = CERTIFICATE_NAME.format({ certificate: inspectCertificate(holder.certificatePem).serialNumber });
     assert.deepEqual((await certificatesOf('spiffe://cowherd/host/kvm-32')).map((certificate) => certificate.name), [held], 'nor for the caller');
     // Its own identity and names: renewed.
     const renewed = await call<{ certificate?: { certificatePem: string } }>(async (cb) => client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-32', { dnsNames: ['localhost'] })).csrPem }, cb));

@@ -18,6 +18,7 @@ import { unpack } from '../../services/common/domain/operations.js';
 import { Resources } from '../harness/index.js';
 import { call, failure } from '../harness/grpc.js';
 import { startCloneStack, type CloneStack } from '../harness/clone-stack.js';
+import { IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const run = promisify(execFile);
 
@@ -41,7 +42,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
   it('clones an image on a host and reports every clone', async () => {
     const before = createHash('sha256').update(await readFile(base)).digest('hex');
     const started = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${image}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 5, nameTemplate: `${image}-{index}`, start: false, requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}` }, cb),
+      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 5, nameTemplate: `${image}-{index}`, start: false, requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}` }, cb),
     );
     const names = Array.from({ length: 5 }, (_, i) => `${image}-${i + 1}`);
     stack.track(...names);
@@ -56,21 +57,21 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     const deadline = Date.now() + 15_000;
     let vms: VirtualMachine[] = [];
     while (Date.now() < deadline && vms.length < 5) {
-      vms = (await call<{ virtualMachines: VirtualMachine[] }>((cb) => stack.inventory.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: `source_image = "images/${image}"` }, cb))).virtualMachines;
+      vms = (await call<{ virtualMachines: VirtualMachine[] }>((cb) => stack.inventory.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: `source_image = "${IMAGE_NAME.format({ image })}"` }, cb))).virtualMachines;
       if (vms.length < 5) await new Promise((resolve) => setTimeout(resolve, 200));
     }
     assert.deepEqual(vms.map((vm) => vm.domainName).sort(), [...names].sort());
-    assert.ok(vms.every((vm) => vm.managed && vm.lineage?.image === `images/${image}` && vm.lineage.overlays.length === 1));
+    assert.ok(vms.every((vm) => vm.managed && vm.lineage?.image === IMAGE_NAME.format({ image }) && vm.lineage.overlays.length === 1));
 
     // A retry with the same request_id returns the same operation.
     const again = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${image}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 5, nameTemplate: `${image}-{index}`, start: false, requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}` }, cb),
+      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 5, nameTemplate: `${image}-{index}`, start: false, requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}` }, cb),
     );
     assert.equal(again.name, started.name);
   });
 
   it('starts, stops (an operation) and deletes a clone through the public API', async () => {
-    const name = `hosts/api-host/virtualMachines/${image}-1`;
+    const name = VIRTUAL_MACHINE_NAME.format({ host: 'api-host', virtualMachine: `${image}-1` });
     const started = await call<VirtualMachine>((cb) => stack.cloning.startVirtualMachine({ name }, cb));
     assert.equal(started.state, 1, 'RUNNING');
     const stopping = await call<Operation>((cb) => stack.cloning.stopVirtualMachine({ name, force: true, timeout: undefined, requestId: '' }, cb));
@@ -90,7 +91,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
   });
 
   it('refuses bad input before any operation exists', async () => {
-    const request = { source: { $case: 'image' as const, value: `images/${image}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 1, nameTemplate: '', start: false, requestId: '' };
+    const request = { source: { $case: 'image' as const, value: IMAGE_NAME.format({ image }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 1, nameTemplate: '', start: false, requestId: '' };
     const list = async () => (await call<{ operations: unknown[] }>((cb) => stack.operations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
     const count = await list();
     assert.deepEqual((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, count: 0 }, cb))).fields, ['count']);
@@ -122,8 +123,8 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
       await stack.virsh('define', file);
       stack.track(name);
       const deadline = Date.now() + 20_000;
-      while (Date.now() < deadline && !(await call<VirtualMachine>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/api-host/virtualMachines/${name}` }, cb)).then((vm) => vm.state === 3, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
-      return `hosts/api-host/virtualMachines/${name}`;
+      while (Date.now() < deadline && !(await call<VirtualMachine>((cb) => stack.inventory.getVirtualMachine({ name: VIRTUAL_MACHINE_NAME.format({ host: 'api-host', virtualMachine: name }) }, cb)).then((vm) => vm.state === 3, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+      return VIRTUAL_MACHINE_NAME.format({ host: 'api-host', virtualMachine: name });
     };
     const cloneOf = (source: string, template: string) => ({ source: { $case: 'virtualMachine' as const, value: source }, placement: undefined, count: 2, nameTemplate: template, start: false, requestId: '' });
     const operationCount = async () => (await call<{ operations: unknown[] }>((cb) => stack.operations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;

@@ -32,6 +32,7 @@ import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platfo
 import { AgentServiceClient } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { call, failure, waitFor } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -47,7 +48,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   const available: Array<{ host: string; operation: string }> = [];
 
   async function distribute(hosts: string[], requestId = ''): Promise<Operation> {
-    return call<Operation>((cb) => stack.distribution.distributeImage({ image: `images/${imageId}`, hosts: hosts.map((host) => `hosts/${host}`), requestId }, cb));
+    return call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: hosts.map((host) => HOST_NAME.format({ host })), requestId }, cb));
   }
 
   async function finished(operation: Operation): Promise<DistributeImageResponse> {
@@ -84,12 +85,12 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
       types: [IMAGE_AVAILABLE],
       log: createLogger({ service: 'test', level: 'silent' }),
       handle: async (event) => {
-        if (event.payload.image === `images/${imageId}`) available.push({ host: event.payload.host, operation: event.payload.operation });
+        if (event.payload.image === IMAGE_NAME.format({ image: imageId })) available.push({ host: event.payload.host, operation: event.payload.operation });
       },
     });
     resources.defer(() => consumer.stop());
 
-    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/dist-origin-${suffix}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
+    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: `dist-origin-${suffix}`, virtualMachine: vm }), description: '', labels: {}, requestId: '' }, cb));
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     image = unpack(Image, done.result.value);
@@ -100,7 +101,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     assert.match(image.torrent?.infoHash ?? '', /^[0-9a-f]{40}$/);
     assert.equal(Number(image.torrent?.pieceLengthBytes), pieceLengthFor(Number(image.torrent!.totalBytes)), "the piece length follows the image size");
     assert.ok(image.torrent!.metainfo.includes(Buffer.from('7:privatei1e')), 'the info dictionary is private');
-    const origin = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/dist-origin-${suffix}/images/${imageId}` }, cb));
+    const origin = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host: `dist-origin-${suffix}`, image: imageId }) }, cb));
     assert.equal(origin.origin, true);
     assert.match(origin.webSeedUrl, /^http:\/\/localhost:\d+\/$/, "the advertised host name and the web seed port");
     // The web seed answers Range requests for the image's files, and nothing else.
@@ -113,7 +114,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
 
   it('refuses bad requests before any operation exists, changing nothing', async () => {
     const before = (await call<{ operations: unknown[] }>((cb) => stack.distributionOperations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
-    const request = { image: `images/${imageId}`, hosts: [`hosts/dist-a-${suffix}`], requestId: '' };
+    const request = { image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host: `dist-a-${suffix}` })], requestId: '' };
     assert.equal((await failure((cb) => stack.distribution.distributeImage({ ...request, image: 'images/nope' }, cb))).code, GrpcStatus.NOT_FOUND);
     for (const bad of ['images/../etc', 'images/a/b', 'images/.hidden', `../images/${imageId}`]) {
       const refused = await failure((cb) => stack.distribution.distributeImage({ ...request, image: bad }, cb));
@@ -121,14 +122,14 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
       assert.deepEqual(refused.fields, ['image']);
     }
     assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [] }, cb))).fields, ['hosts']);
-    assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [`hosts/dist-a-${suffix}`, `hosts/dist-a-${suffix}`] }, cb))).fields, ['hosts[1]']);
+    assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [HOST_NAME.format({ host: `dist-a-${suffix}` }), HOST_NAME.format({ host: `dist-a-${suffix}` })] }, cb))).fields, ['hosts[1]']);
     assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: ['hosts/../x'] }, cb))).fields, ['hosts[0]']);
     assert.equal((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: ['hosts/no-such-host'] }, cb))).code, GrpcStatus.NOT_FOUND);
     // A Xen host (its record only: no Xen here) must not receive a qcow2 image.
     const hosts = await KvStore.open(stack.connection.jetstream, 'hosts', protoCodec(Host));
-    await hosts.put(`xen-${suffix}`, Host.fromPartial({ name: `hosts/xen-${suffix}`, hypervisor: Hypervisor.HYPERVISOR_XEN, state: Host_State.STATE_READY, agentEndpoint: 'localhost:1' }));
-    await waitFor('the Xen host record', async () => (await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/xen-${suffix}` }, cb))).name || undefined);
-    const mismatch = await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [`hosts/dist-a-${suffix}`, `hosts/xen-${suffix}`] }, cb));
+    await hosts.put(`xen-${suffix}`, Host.fromPartial({ name: HOST_NAME.format({ host: `xen-${suffix}` }), hypervisor: Hypervisor.HYPERVISOR_XEN, state: Host_State.STATE_READY, agentEndpoint: 'localhost:1' }));
+    await waitFor('the Xen host record', async () => (await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host: `xen-${suffix}` }) }, cb))).name || undefined);
+    const mismatch = await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [HOST_NAME.format({ host: `dist-a-${suffix}` }), HOST_NAME.format({ host: `xen-${suffix}` })] }, cb));
     assert.equal(mismatch.code, GrpcStatus.FAILED_PRECONDITION);
     assert.equal(mismatch.reason, 'ERROR_REASON_HYPERVISOR_MISMATCH');
     await hosts.delete(`xen-${suffix}`);
@@ -140,7 +141,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const cloningAgent = await asService('cloning');
     const distributionAgent = await asService('distribution');
     assert.equal((await failure((cb) => cloningAgent.fetchImage({ image, trackerAnnounceUrl: 'http://localhost:1/announce', webSeedUrls: [], operation: '' }, cb))).code, GrpcStatus.PERMISSION_DENIED);
-    assert.equal((await failure((cb) => distributionAgent.createClones({ source: { $case: 'image', value: `images/${imageId}` }, clones: [{ domainName: 'nope', start: false }], operation: '', requestId: '', validateOnly: false }, cb))).code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal((await failure((cb) => distributionAgent.createClones({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, clones: [{ domainName: 'nope', start: false }], operation: '', requestId: '', validateOnly: false }, cb))).code, GrpcStatus.PERMISSION_DENIED);
     cloningAgent.close();
     distributionAgent.close();
     // The tracker refuses an info-hash it does not know (announce with a random one).
@@ -163,7 +164,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     assert.equal(again.name, operation.name, 'a retried request_id returns the same operation');
     const response = await finished(operation);
     assert.deepEqual(response.failures, []);
-    assert.deepEqual(response.replicas.map((replica) => replica.host), receivers.map((host) => `hosts/${host}`));
+    assert.deepEqual(response.replicas.map((replica) => replica.host), receivers.map((host) => HOST_NAME.format({ host })));
     for (const replica of response.replicas) assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
     for (const host of receivers) await assertVerifiedCopy(host);
     const done = await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb));
@@ -175,7 +176,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     await waitFor('three image.available events', async () => (available.filter((event) => event.operation === operation.name).length >= 3 ? true : undefined));
     await new Promise((resolve) => setTimeout(resolve, 1500));
     const forThis = available.filter((event) => event.operation === operation.name).map((event) => event.host).sort();
-    assert.deepEqual(forThis, receivers.map((host) => `hosts/${host}`).sort());
+    assert.deepEqual(forThis, receivers.map((host) => HOST_NAME.format({ host })).sort());
     // The receiving agent's Prometheus metrics count what it downloaded.
     const metrics = agents.get(`dist-a-${suffix}`)!.process.metricsAddress!;
     const downloaded = await waitFor('distribution bytes in the metrics', async () => {
@@ -187,14 +188,14 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     // A host that already holds the image counts as done at once, and publishes nothing new.
     const repeat = await finished(await distribute([`dist-a-${suffix}`]));
     assert.equal(repeat.replicas.length, 1);
-    assert.equal(available.filter((event) => event.host === `hosts/dist-a-${suffix}`).length, 1);
+    assert.equal(available.filter((event) => event.host === HOST_NAME.format({ host: `dist-a-${suffix}` })).length, 1);
   });
 
   it('a receiver killed half-way resumes after a restart and fetches only what is missing', async () => {
     const host = `dist-c-${suffix}`;
     const agent = agents.get(host)!;
     // A download cap an admin sets in inventory (UpdateHost) slows the receiver down enough to kill it mid-way.
-    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: `hosts/${host}`, transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(4 * MiB) } }), updateMask: ['transfer_limits'] }, cb));
+    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(4 * MiB) } }), updateMask: ['transfer_limits'] }, cb));
     await waitFor('the cap applied', async () => (agentLog(agent, 'transfer limits applied') ? true : undefined), 30_000);
     const operation = await distribute([host]);
     const total = Number(image.torrent!.totalBytes);
@@ -214,7 +215,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     assert.ok(Number(resumed['present']) >= total * 0.4, `pieces kept across the kill: ${String(resumed['present'])} of ${total}`);
     const done = restarted.logs.find((line) => line['msg'] === 'replica available')!;
     assert.ok(Number(done['received']) <= total - Number(resumed['present']) + 8 * MiB, `after the restart it received ${String(done['received'])} bytes, about what was missing`);
-    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: `hosts/${host}`, transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: '0' } }), updateMask: ['transfer_limits'] }, cb));
+    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: '0' } }), updateMask: ['transfer_limits'] }, cb));
     agents.set(host, { ...agent, process: restarted });
   });
 
@@ -234,7 +235,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     await waitFor('the replica fetched again', async () => (restarted.logs.some((line) => line['msg'] === 'replica available') ? true : undefined), 120_000);
     assert.ok(restarted.logs.some((line) => line['msg'] === 'replica changed on disk: fetching it again'));
     await assertVerifiedCopy(host);
-    await waitFor('the record AVAILABLE again', async () => ((await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/${host}/images/${imageId}` }, cb))).state === ImageReplica_State.STATE_AVAILABLE ? true : undefined));
+    await waitFor('the record AVAILABLE again', async () => ((await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb))).state === ImageReplica_State.STATE_AVAILABLE ? true : undefined));
   });
 
   it('a host whose disk is full fails alone and cleanly; the others complete', async () => {
@@ -247,12 +248,12 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const extra = await stack.addAgent(`dist-d-${suffix}`);
     agents.set(extra.host, extra);
     for (const host of [full.host, extra.host]) {
-      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
     }
     const response = await finished(await distribute([full.host, extra.host]));
-    assert.deepEqual(response.replicas.map((replica) => replica.host), [`hosts/${extra.host}`]);
+    assert.deepEqual(response.replicas.map((replica) => replica.host), [HOST_NAME.format({ host: extra.host })]);
     assert.equal(response.failures.length, 1);
-    assert.equal(response.failures[0]!.host, `hosts/${full.host}`);
+    assert.equal(response.failures[0]!.host, HOST_NAME.format({ host: full.host }));
     assert.equal(response.failures[0]!.status?.code, GrpcStatus.RESOURCE_EXHAUSTED, JSON.stringify(response.failures[0]));
     await assertVerifiedCopy(extra.host);
     const left = (await readdir(join(mountPoint, 'images'))).filter((name) => !name.endsWith('.replica.json'));
@@ -262,9 +263,9 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   it('cloning onto a host without the image has it distributed first, then makes the clones', async () => {
     const target = await stack.addAgent(`dist-f-${suffix}`);
     agents.set(target.host, target);
-    await waitFor(`${target.host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${target.host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    await waitFor(`${target.host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host: target.host }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
     const clone = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${imageId}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [`hosts/${target.host}`], maxClonesPerHost: 0 }, count: 2, nameTemplate: `dc-${suffix}-{index}`, start: false, requestId: '' }, cb),
+      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target.host })], maxClonesPerHost: 0 }, count: 2, nameTemplate: `dc-${suffix}-{index}`, start: false, requestId: '' }, cb),
     );
     stack.track(`dc-${suffix}-1`, `dc-${suffix}-2`);
     const done = await stack.wait(clone.name, 180_000);
@@ -272,7 +273,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const clones = unpack(CloneVirtualMachinesResponse, done.result.value).clones;
     assert.deepEqual(clones.map((result) => result.state), [CloneResult_State.STATE_DONE, CloneResult_State.STATE_DONE], JSON.stringify(clones));
     await assertVerifiedCopy(target.host);
-    const replica = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/${target.host}/images/${imageId}` }, cb));
+    const replica = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host: target.host, image: imageId }) }, cb));
     assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
     // The clones' disks are overlays on the distributed base.
     const info = JSON.parse((await run('qemu-img', ['info', '--output=json', clones[0]!.overlays[0]!])).stdout) as { 'backing-filename'?: string };
@@ -282,7 +283,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   it('the origin can stop once a receiver is complete: the rest finish from peers', async () => {
     const late = await stack.addAgent(`dist-e-${suffix}`);
     agents.set(late.host, late);
-    await waitFor(`${late.host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${late.host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    await waitFor(`${late.host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host: late.host }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
     await agents.get(`dist-origin-${suffix}`)!.process.daemon.stop(10_000);
     const response = await finished(await distribute([late.host]));
     assert.deepEqual(response.failures, []);

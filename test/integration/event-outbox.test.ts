@@ -28,12 +28,13 @@ import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platfo
 import { natsRestarts, Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess } from '../harness/processes.js';
+import { HOST_NAME, OPERATION_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const run = promisify(execFile);
 const log = createLogger({ service: 'test', level: 'silent' });
 const suffix = Math.random().toString(36).slice(2, 7);
 
-const cloneDone = (host: string, name: string): CloneDone => ({ virtualMachine: `hosts/${host}/virtualMachines/${name}`, host: `hosts/${host}`, domainName: name, uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: new Date() });
+const cloneDone = (host: string, name: string): CloneDone => ({ virtualMachine: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }), host: HOST_NAME.format({ host }), domainName: name, uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: new Date() });
 
 /** How often each Nats-Msg-Id is stored in the event stream (reads every stored message by sequence). */
 async function storedIds(connection: Nats): Promise<Map<string, number>> {
@@ -232,7 +233,7 @@ describe('clone.done through a nats-server restart on a real agent', { skip: pro
     const reader = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'cloning'), name: 'test-reader', log });
     resources.defer(() => reader.close());
 
-    const operation = `operations/00000000-0000-4000-8000-${suffix.padStart(12, '0')}`;
+    const operation = OPERATION_NAME.format({ operation: `00000000-0000-4000-8000-${Buffer.from(suffix).toString('hex').slice(0, 12).padStart(12, '0')}` });
     const names = Array.from({ length: 20 }, (_, index) => `outbox-${suffix}-${index}`);
     domains.push(...names);
     let results: CreateCloneResult[] = [];
@@ -242,7 +243,7 @@ describe('clone.done through a nats-server restart on a real agent', { skip: pro
     await restartNats(5_000, async () => {
       const startedAt = Date.now();
       const response = await call<{ results: CreateCloneResult[] }>((cb) =>
-        agentClient.createClones(CreateClonesRequest.fromPartial({ source: { $case: 'virtualMachine', value: `hosts/outbox-host/virtualMachines/${source}` }, clones: names.map((domainName) => ({ domainName, start: false })), operation, requestId: `outbox-${suffix}` }), cb),
+        agentClient.createClones(CreateClonesRequest.fromPartial({ source: { $case: 'virtualMachine', value: VIRTUAL_MACHINE_NAME.format({ host: 'outbox-host', virtualMachine: source }) }, clones: names.map((domainName) => ({ domainName, start: false })), operation, requestId: `outbox-${suffix}` }), cb),
       );
       batchMs = Date.now() - startedAt;
       results = response.results;

@@ -8,13 +8,14 @@ import { IMAGE_AVAILABLE, CLONE_DONE } from '../../services/common/domain/event-
 import { consumeEvents, ensureEventStream, JetStreamEventPublisher, type ReceivedEvent } from '../../services/common/platform/events.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { connectNats, type Nats } from '../../services/common/platform/nats.js';
-import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
+import { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
+import { HOST_IMAGE_NAME, HOST_NAME } from '../../services/common/domain/resource-names.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
 function available(host: string): ImageAvailable {
-  return { image: 'images/debian-12', host: `hosts/${host}`, replica: `hosts/${host}/images/debian-12`, totalBytes: '268435456', files: [], origin: false, transferDuration: { seconds: '12', nanos: 0 }, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z'), generation: '1' };
+  return { image: 'images/debian-12', host: HOST_NAME.format({ host }), replica: HOST_IMAGE_NAME.format({ host, image: 'debian-12' }), totalBytes: '268435456', files: [], origin: false, transferDuration: { seconds: '12', nanos: 0 }, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z'), generation: '1' };
 }
 
 async function waitFor(predicate: () => boolean, timeoutMs = 10_000): Promise<void> {
@@ -60,18 +61,17 @@ describe('events', () => {
     await new Promise((resolve) => setTimeout(resolve, 300));
     await second.stop();
     assert.deepEqual(received.map((event) => event.subject), ['cowherd.events.image.available.kvm-01', 'cowherd.events.image.available.kvm-02']);
-    assert.equal(received[0]!.typeName, 'cowherd.events.v1.ImageAvailable');
+    assert.equal(received[0]!.typeName, ImageAvailable.$type);
     assert.deepEqual(received[0]!.payload, available('kvm-01'));
   });
 
   it('drop an event whose subject does not match its type (a host cannot pass off one kind as another)', async () => {
     const { headers } = await import('@nats-io/transport-node');
     const { EVENT_TYPE_HEADER } = await import('../../services/common/platform/events.js');
-    const { ImageAvailable } = await import('../../services/gen/cowherd/events/v1/events.js');
     const received: string[] = [];
     const consumer = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, { durable: 'strict-subjects', types: [IMAGE_AVAILABLE, CLONE_DONE] as never[], log, startAt: 'new', handle: async (event) => void received.push(event.subject) });
     const forged = headers();
-    forged.set(EVENT_TYPE_HEADER, 'cowherd.events.v1.ImageAvailable');
+    forged.set(EVENT_TYPE_HEADER, ImageAvailable.$type);
     await publisherConnection.jetstream.publish('cowherd.events.available.kvm-09.kvm-01', ImageAvailable.encode(available('kvm-09')).finish(), { headers: forged, msgID: 'forged' });
     await new JetStreamEventPublisher(publisherConnection.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'genuine-after-forged' });
     await waitFor(() => received.length >= 1);

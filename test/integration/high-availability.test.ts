@@ -39,6 +39,7 @@ import { startCloneStack, type CloneStack, type StackAgent } from '../harness/cl
 import { call } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
 import type { ServiceProcess } from '../harness/processes.js';
+import { HOST_IMAGE_NAME, HOST_NAME, hostOf, IMAGE_NAME, OPERATION_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const MiB = 1024 * 1024;
 /** The image's disk: random data, so nothing compresses. */
@@ -96,7 +97,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
   const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
   async function operationRecord(name: string): Promise<OperationRecordView> {
-    const record = await operationRecords.get(name.slice('operations/'.length));
+    const record = await operationRecords.get(OPERATION_NAME.parse(name)?.operation ?? name);
     assert.ok(record, `${name} has a record in KV ${OPERATIONS_BUCKET}`);
     return record.value;
   }
@@ -108,7 +109,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
   async function setDownloadCap(host: string, bytesPerSecond: number): Promise<void> {
     const agent = agents.get(host)!;
     const before = agent.process.logs.filter((line) => line['msg'] === 'transfer limits applied').length;
-    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: `hosts/${host}`, transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) } }), updateMask: ['transfer_limits'] }, cb));
+    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) } }), updateMask: ['transfer_limits'] }, cb));
     await waitFor(`the cap on ${host}`, async () => (agent.process.logs.filter((line) => line['msg'] === 'transfer limits applied').length > before ? true : undefined), 30_000);
   }
 
@@ -161,7 +162,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
       types: [IMAGE_AVAILABLE],
       log: silent,
       handle: async (event) => {
-        if (event.payload.image === `images/${imageId}`) available.push({ host: event.payload.host, operation: event.payload.operation, sequence: event.sequence });
+        if (event.payload.image === IMAGE_NAME.format({ image: imageId })) available.push({ host: event.payload.host, operation: event.payload.operation, sequence: event.sequence });
       },
     });
     resources.defer(() => availableConsumer.stop());
@@ -178,7 +179,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     });
     resources.defer(() => cloneConsumer.stop());
 
-    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/${origin}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
+    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: origin, virtualMachine: vm }), description: '', labels: {}, requestId: '' }, cb));
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     image = unpack(Image, done.result.value);
@@ -192,7 +193,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
 
     // The operation runs where the request lands: on the second replica. (The first one's address is what the
     // cloning replicas were configured with; in Kubernetes a Service would hide the difference.)
-    const operation = await call<Operation>((cb) => distribution2Client.distributeImage({ image: `images/${imageId}`, hosts: receivers.map((host) => `hosts/${host}`), requestId: `ha-distribute-${suffix}` }, cb));
+    const operation = await call<Operation>((cb) => distribution2Client.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: receivers.map((host) => HOST_NAME.format({ host })), requestId: `ha-distribute-${suffix}` }, cb));
     const owner = await operationRecord(operation.name);
     assert.equal(owner.kind, 'distribution.distribute-image');
     assert.ok(logLine(distribution2, 'operation started', operation.name), 'the second replica started the operation');
@@ -225,7 +226,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     assert.equal(resumed['previousOwner'], owner.owner, 'taken over from the killed replica');
     assert.ok(resumedAt >= leaseAtKill - 1_000, `not resumed before the lease ran out (${resumedAt - leaseAtKill} ms after it)`);
     // Where the transfers stood then, from the replica records (kept by the agents' events, owner or not).
-    const atResume = await Promise.all(receivers.map((host) => call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/${host}/images/${imageId}` }, cb))));
+    const atResume = await Promise.all(receivers.map((host) => call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb))));
     t.diagnostic(
       `taken over ${resumedAt - killedAt} ms after the kill (${resumedAt - leaseAtKill} ms after the lease ran out); replicas then: ${atResume.map((replica) => `${replica.host}=${ImageReplica_State[replica.state]}/${Math.round(Number(replica.progress?.bytesDone ?? 0) / MiB)} MiB/${replica.progress?.peers ?? 0} peers`).join(', ')}`,
     );
@@ -235,7 +236,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     const response = unpack(DistributeImageResponse, done.result.value);
     assert.deepEqual(response.failures, [], JSON.stringify(response.failures));
-    assert.deepEqual(response.replicas.map((replica) => replica.host).sort(), receivers.map((host) => `hosts/${host}`).sort());
+    assert.deepEqual(response.replicas.map((replica) => replica.host).sort(), receivers.map((host) => HOST_NAME.format({ host })).sort());
     for (const replica of response.replicas) assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
     assert.ok(logLine(stack.distributionProcess, 'operation done', operation.name), 'the surviving replica finished it');
     assert.equal((await operationRecord(operation.name)).leaseExpiresAt, 0);
@@ -243,9 +244,9 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     t.diagnostic(`distribution finished ${Date.now() - killedAt} ms after the kill`);
 
     // image.available: once per receiver, none from elsewhere, nothing more after a grace period.
-    await waitFor('image.available from both receivers', async () => (receivers.every((host) => available.some((event) => event.host === `hosts/${host}`)) ? true : undefined), 30_000);
+    await waitFor('image.available from both receivers', async () => (receivers.every((host) => available.some((event) => event.host === HOST_NAME.format({ host }))) ? true : undefined), 30_000);
     await sleep(DUPLICATE_GRACE_MS);
-    assert.deepEqual(available.map((event) => event.host).sort(), receivers.map((host) => `hosts/${host}`).sort(), `image.available events: ${JSON.stringify(available)}`);
+    assert.deepEqual(available.map((event) => event.host).sort(), receivers.map((host) => HOST_NAME.format({ host })).sort(), `image.available events: ${JSON.stringify(available)}`);
     assert.ok(available.every((event) => event.operation === operation.name));
 
     // Trackers: the receivers were told the killed replica's tracker, and keep it (FetchImage is idempotent).
@@ -261,11 +262,11 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     await setDownloadCap(hostC, DELIVERY_CAP_BYTES_PER_SECOND);
     const hosts = [hostA, hostB, hostC];
     const names = Array.from({ length: CLONE_COUNT }, (_, index) => `ha-${suffix}-${index + 1}`);
-    const placed = new Map(names.map((name, index) => [name, `hosts/${hosts[index % hosts.length]!}`]));
+    const placed = new Map(names.map((name, index) => [name, HOST_NAME.format({ host: hosts[index % hosts.length]! })]));
     stack.track(...names);
 
     const operation = await call<Operation>((cb) =>
-      cloning2Client.cloneVirtualMachines({ source: { $case: 'image', value: `images/${imageId}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: hosts.map((host) => `hosts/${host}`), maxClonesPerHost: 0 }, count: CLONE_COUNT, nameTemplate: `ha-${suffix}-{index}`, start: false, requestId: '' }, cb),
+      cloning2Client.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: hosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 }, count: CLONE_COUNT, nameTemplate: `ha-${suffix}-{index}`, start: false, requestId: '' }, cb),
     );
     const owner = await operationRecord(operation.name);
     assert.equal(owner.kind, 'cloning.clone-virtual-machines');
@@ -286,7 +287,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const doneAtKill = cloneDone.filter((event) => event.operation === operation.name).length;
     t.diagnostic(`killed the owning cloning replica after ${doneAtKill} clone.done events; checkpointed metadata then: ${countStates(atKill)}; its lease ran ${leaseAtKill - killedAt} ms more`);
     assert.ok(
-      atKill.clones.filter((clone) => clone.host === `hosts/${hostC}`).every((clone) => clone.state !== CloneResult_State.STATE_DONE),
+      atKill.clones.filter((clone) => clone.host === HOST_NAME.format({ host: hostC })).every((clone) => clone.state !== CloneResult_State.STATE_DONE),
       `${hostC}'s clones were not done at the kill: ${countStates(atKill)}`,
     );
 
@@ -318,7 +319,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     assert.deepEqual([...listed].sort(), [...names].sort(), 'every clone exists once in libvirt, and nothing else of the batch');
     for (const clone of clones) {
       assert.equal((await stack.virsh('domuuid', clone.domainName)).stdout.trim(), clone.uuid);
-      const host = clone.host.slice('hosts/'.length);
+      const host = hostOf(clone.host)!;
       const disks = (await stack.virsh('domblklist', clone.domainName)).stdout.split('\n').map((line) => line.trim().split(/\s+/)).filter((fields) => fields[0] === 'vda');
       assert.deepEqual(disks.map((fields) => fields[1]), [join(agents.get(host)!.imageDirectory, 'clones', clone.domainName, 'vda.qcow2')]);
       assert.deepEqual(clone.overlays, [join(agents.get(host)!.imageDirectory, 'clones', clone.domainName, 'vda.qcow2')]);
@@ -326,7 +327,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     // Disks: each host's clone directory holds exactly its clones, one overlay each, no prototypes or half-made clones.
     for (const host of [origin, ...hosts]) {
       const entries = await readdir(join(agents.get(host)!.imageDirectory, 'clones')).catch(() => [] as string[]);
-      const expected = names.filter((name) => placed.get(name) === `hosts/${host}`);
+      const expected = names.filter((name) => placed.get(name) === HOST_NAME.format({ host }));
       assert.deepEqual(entries.sort(), expected.sort(), `${host}'s clone directory`);
       for (const name of expected) {
         const files = (await readdir(join(agents.get(host)!.imageDirectory, 'clones', name))).filter((file) => file.endsWith('.qcow2'));
@@ -350,12 +351,12 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
 
     // hostC got the image through one DistributeImage (the resuming replica joined it by request_id), and one image.available.
     await assertVerifiedCopy(hostC);
-    assert.deepEqual(available.filter((event) => event.host === `hosts/${hostC}`).length, 1, `image.available events: ${JSON.stringify(available)}`);
+    assert.deepEqual(available.filter((event) => event.host === HOST_NAME.format({ host: hostC })).length, 1, `image.available events: ${JSON.stringify(available)}`);
     const deliveries = (await operationRecords.list('*')).map((entry) => entry.value).filter((record) => record.kind === 'distribution.distribute-image' && record.name !== '');
     const toC: string[] = [];
     for (const record of deliveries) {
       const metadata = unpack(DistributeImageMetadata, (await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: record.name }, cb))).metadata!);
-      if (metadata.transfers.some((transfer) => transfer.host === `hosts/${hostC}`)) toC.push(record.name);
+      if (metadata.transfers.some((transfer) => transfer.host === HOST_NAME.format({ host: hostC }))) toC.push(record.name);
     }
     assert.equal(toC.length, 1, `one DistributeImage brought the image to ${hostC}: ${toC.join(', ')}`);
     await setDownloadCap(hostC, 0);
@@ -367,7 +368,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const wait = distributionKilledAt + 35_000 - Date.now();
     if (wait > 0) await sleep(wait);
     for (const host of [hostA, hostB, hostC]) {
-      const replica = await call<{ state: ImageReplica_State }>((cb) => stack.inventory.getImageReplica({ name: `hosts/${host}/images/${imageId}` }, cb));
+      const replica = await call<{ state: ImageReplica_State }>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb));
       assert.equal(ImageReplica_State[replica.state], 'STATE_AVAILABLE', `${host}'s replica record`);
     }
   });

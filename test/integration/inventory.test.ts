@@ -24,15 +24,17 @@ import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platfo
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { call, failure } from '../harness/grpc.js';
 import { startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
+import { EVERY_HOST, HOST_NAME, hostOf, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
+import { pages, readAllPages, type Page } from '../../services/common/platform/list-pages.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
 function hostFacts(host: string): Host {
-  return Host.fromPartial({ name: `hosts/${host}`, hostname: `${host}.example`, hypervisor: Hypervisor.HYPERVISOR_KVM, hypervisorDetail: 'test', libvirtUri: 'test:///default', agentEndpoint: `${host}:7445`, cpuCount: 2, memoryBytes: '1000', imageDirectory: '/images', agentVersion: 'test' });
+  return Host.fromPartial({ name: HOST_NAME.format({ host }), hostname: `${host}.example`, hypervisor: Hypervisor.HYPERVISOR_KVM, hypervisorDetail: 'test', libvirtUri: 'test:///default', agentEndpoint: `${host}:7445`, cpuCount: 2, memoryBytes: '1000', imageDirectory: '/images', agentVersion: 'test' });
 }
 
 function vm(host: string, name: string, state = VirtualMachine_State.STATE_SHUT_OFF): VirtualMachine {
-  return VirtualMachine.fromPartial({ name: `hosts/${host}/virtualMachines/${name}`, domainName: name, uuid: `00000000-0000-4000-8000-${String(name.length).padStart(12, '0')}`, state, vcpuCount: 1, memoryBytes: '536870912' });
+  return VirtualMachine.fromPartial({ name: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }), domainName: name, uuid: `00000000-0000-4000-8000-${String(name.length).padStart(12, '0')}`, state, vcpuCount: 1, memoryBytes: '536870912' });
 }
 
 /** A domain of libvirt's test driver. */
@@ -71,28 +73,24 @@ describe('inventory', () => {
   async function register(client: InventoryServiceClient, host: string): Promise<Host> {
     return call((cb) => client.registerHost({ host: hostFacts(host) }, cb));
   }
+  /** One page of ListVirtualMachines, as the page readers take it. */
+  async function listVirtualMachines(client: InventoryServiceClient, request: { parent: string; pageSize: number; pageToken: string }): Promise<Page<VirtualMachine>> {
+    const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ ...request, filter: '' }, cb));
+    return { items: page.virtualMachines, nextPageToken: page.nextPageToken };
+  }
   async function listAll(client: InventoryServiceClient, parent: string, pageSize: number, between?: () => Promise<void>): Promise<string[]> {
     const names: string[] = [];
-    let pageToken = '';
-    do {
-      const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent, pageSize, pageToken, filter: '' }, cb));
-      names.push(...page.virtualMachines.map((item) => item.name));
-      pageToken = page.nextPageToken;
+    for await (const page of pages((pageToken) => listVirtualMachines(client, { parent, pageSize, pageToken }))) {
+      names.push(...page.map((item) => item.name));
       if (between) await between();
-    } while (pageToken !== '');
+    }
     return names;
   }
 
   /** The VM records of `host` among every host's (hosts/-), page by page: what a deleted host left behind. */
   async function fleetVmsOf(client: InventoryServiceClient, host: string): Promise<VirtualMachine[]> {
-    const found: VirtualMachine[] = [];
-    let pageToken = '';
-    do {
-      const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken, filter: '' }, cb));
-      found.push(...page.virtualMachines.filter((item) => item.name.startsWith(`hosts/${host}/`)));
-      pageToken = page.nextPageToken;
-    } while (pageToken !== '');
-    return found;
+    const all = await readAllPages((pageToken) => listVirtualMachines(client, { parent: EVERY_HOST, pageSize: 1000, pageToken }));
+    return all.filter((item) => hostOf(item.name) === host);
   }
 
   before(async () => {
@@ -149,7 +147,7 @@ describe('inventory', () => {
     assert.equal(heartbeat.heartbeatInterval?.seconds, '1');
     await waitFor(Host_State.STATE_READY, 2_000);
     await new Promise((resolve) => setTimeout(resolve, 500));
-    assert.deepEqual(seen, ['cowherd.events.v1.HostReady', 'cowherd.events.v1.HostUnreachable', 'cowherd.events.v1.HostReady']);
+    assert.deepEqual(seen, [HOST_READY.typeName, HOST_UNREACHABLE.typeName, HOST_READY.typeName]);
   });
 
   it('lists 1,000 VMs across hosts completely, each once, in name order, while VMs change', async () => {
@@ -165,14 +163,14 @@ describe('inventory', () => {
         await register(agent, host);
         const vms = bulkNames.map((name) => vm(host, name));
         expected.push(...vms.map((item) => item.name));
-        const result = await call<{ changedCount: number }>((cb) => agent.reportVirtualMachines({ parent: `hosts/${host}`, virtualMachines: vms, fullSnapshot: true, removedVirtualMachines: [] }, cb));
+        const result = await call<{ changedCount: number }>((cb) => agent.reportVirtualMachines({ parent: HOST_NAME.format({ host }), virtualMachines: vms, fullSnapshot: true, removedVirtualMachines: [] }, cb));
         assert.equal(result.changedCount, 200);
       }),
     );
     const admin = await as('admin', 'alice', 1);
     // Replica 2 catches up through its KV watch.
     const deadline = Date.now() + 10_000;
-    while ((await listAll(admin, 'hosts/-', 1000)).filter((name) => name.includes('/bulk-')).length < 1000 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+    while ((await listAll(admin, EVERY_HOST, 1000)).filter((name) => name.includes('/bulk-')).length < 1000 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
 
     // Page through with small pages while agents start VMs, add new ones and remove extras.
     let round = 0;
@@ -180,9 +178,9 @@ describe('inventory', () => {
       round++;
       const agent = agents[round % agents.length]!;
       const host = hosts[round % hosts.length]!;
-      await call((cb) => agent.reportVirtualMachines({ parent: `hosts/${host}`, virtualMachines: [vm(host, bulkNames[round % 200]!, VirtualMachine_State.STATE_RUNNING), vm(host, `extra-${round}`)], fullSnapshot: false, removedVirtualMachines: round > 2 ? [`hosts/${host}/virtualMachines/extra-${round - 2}`] : [] }, cb));
+      await call((cb) => agent.reportVirtualMachines({ parent: HOST_NAME.format({ host }), virtualMachines: [vm(host, bulkNames[round % 200]!, VirtualMachine_State.STATE_RUNNING), vm(host, `extra-${round}`)], fullSnapshot: false, removedVirtualMachines: round > 2 ? [VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: `extra-${round - 2}` })] : [] }, cb));
     };
-    const listed = (await listAll(admin, 'hosts/-', 37, churn)).filter((name) => /\/bulk-[a-e]\/virtualMachines\/vm-/.test(name));
+    const listed = (await listAll(admin, EVERY_HOST, 37, churn)).filter((name) => ['bulk-a', 'bulk-b', 'bulk-c', 'bulk-d', 'bulk-e'].includes(hostOf(name) ?? '') && VIRTUAL_MACHINE_NAME.parse(name)?.virtualMachine.startsWith('vm-') === true);
     assert.equal(new Set(listed).size, listed.length, 'no VM twice');
     assert.deepEqual([...listed].sort(), [...expected].sort(), 'none missing');
     const sorted = [...listed].sort();
@@ -200,7 +198,7 @@ describe('inventory', () => {
     const directory = await resources.tempDir('cowherd-test-agents-');
     const hosts = ['agent-a', 'agent-b', 'agent-c', 'agent-d'];
     const domainsOf = new Map<string, TestDomain[]>();
-    const names = (host: string, domains: readonly TestDomain[]): string[] => domains.map((domain) => `hosts/${host}/virtualMachines/${domain.name}`);
+    const names = (host: string, domains: readonly TestDomain[]): string[] => domains.map((domain) => VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: domain.name }));
     const start = async (host: string, index: number): Promise<ServiceProcess> =>
       startServiceProcess(resources, 'agent', await pki.files('host', host), natsUrl, {
         COWHERD_HOST_ID: host,
@@ -219,7 +217,7 @@ describe('inventory', () => {
     const agents = await Promise.all(hosts.map((host, index) => start(host, index)));
     const admin = await as('admin', 'alice', 0);
     const vmsOf = async (host: string): Promise<string[]> => {
-      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: `hosts/${host}`, pageSize: 1000, pageToken: '', filter: '' }, cb));
+      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: HOST_NAME.format({ host }), pageSize: 1000, pageToken: '', filter: '' }, cb));
       return page.virtualMachines.map((item) => item.name);
     };
     const holds = async (host: string, domains: readonly TestDomain[]): Promise<boolean> => JSON.stringify(await vmsOf(host)) === JSON.stringify(names(host, domains).sort());
@@ -242,25 +240,22 @@ describe('inventory', () => {
     const stable = new Set([...hosts.filter((host) => host !== 'agent-b').flatMap((host) => names(host, domainsOf.get(host)!)), ...names('agent-b', before).filter((name) => names('agent-b', changed).includes(name))]);
     const existed = new Set([...stable, ...names('agent-b', before), ...names('agent-b', changed)]);
 
-    const ours = /^hosts\/agent-[a-d]\//;
+    const ours = (name: string): boolean => ['agent-a', 'agent-b', 'agent-c', 'agent-d'].includes(hostOf(name) ?? '');
     const listed: string[] = [];
-    let pageToken = '';
     let changedMidway = false;
     let cursor = '';
-    do {
-      const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 41, pageToken, filter: '' }, cb));
-      listed.push(...page.virtualMachines.map((item) => item.name).filter((name) => ours.test(name)));
-      pageToken = page.nextPageToken;
+    for await (const page of pages((pageToken) => listVirtualMachines(admin, { parent: EVERY_HOST, pageSize: 41, pageToken }))) {
+      listed.push(...page.map((item) => item.name).filter(ours));
       if (!changedMidway && listed.length >= 375) {
         changedMidway = true;
         cursor = listed.at(-1)!;
-        assert.match(cursor, /^hosts\/agent-b\//, 'the cursor is inside agent-b\'s VMs');
+        assert.equal(hostOf(cursor), 'agent-b', 'the cursor is inside agent-b\'s VMs');
         await writeTestNode(join(directory, 'agent-b.xml'), 'agent-b', changed);
         await agents[1]!.daemon.stop();
         agents[1] = await start('agent-b', 1);
         await waitUntil('agent-b\'s new VMs in the inventory', () => holds('agent-b', changed));
       }
-    } while (pageToken !== '');
+    }
     assert.ok(changedMidway);
 
     assert.equal(new Set(listed).size, listed.length, 'no VM twice');
@@ -352,7 +347,7 @@ describe('inventory', () => {
     const stranger = await as('host', 'kvm-06');
     const unregistered = await failure((cb) => stranger.reportVirtualMachines({ parent: 'hosts/kvm-06', virtualMachines: [vm('kvm-06', 'ghost')], fullSnapshot: true, removedVirtualMachines: [] }, cb));
     assert.equal(unregistered.code, GrpcStatus.NOT_FOUND);
-    assert.match(unregistered.message, /hosts\/kvm-06/);
+    assert.ok(unregistered.message.includes('hosts/kvm-06'), unregistered.message);
     assert.equal((await failure((cb) => admin.getHost({ name: 'hosts/kvm-06' }, cb))).code, GrpcStatus.NOT_FOUND, 'a report registers nothing');
     // Not an empty list: a host that does not exist is NOT_FOUND as the parent of every list and the watch.
     const ghosts = await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-06', pageSize: 1000, pageToken: '', filter: '' }, cb));
@@ -455,7 +450,7 @@ describe('inventory', () => {
       const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent, pageSize: 1000, pageToken: '', filter }, cb));
       return page.virtualMachines.map((item) => item.name);
     };
-    const named = (...vms: string[]): string[] => vms.map((name) => `hosts/kvm-07/virtualMachines/${name}`);
+    const named = (...vms: string[]): string[] => vms.map((name) => VIRTUAL_MACHINE_NAME.format({ host: 'kvm-07', virtualMachine: name }));
     assert.deepEqual(await names('hosts/kvm-07', 'source_image = "images/debian-12"'), named('web-1', 'web-2'));
     assert.deepEqual(await names('hosts/-', 'source_image = "images/alpine-3"'), named('db-1'), 'across hosts');
     assert.deepEqual(await names('hosts/kvm-07', 'source_image != "images/debian-12"'), named('db-1', 'hand-made'));
@@ -488,7 +483,7 @@ describe('inventory', () => {
     };
     const vmsOn = async (replica: number, host: string): Promise<Map<string, VirtualMachine_State>> => {
       // A deleted host is NOT_FOUND as a parent: then look for records it left behind across the fleet.
-      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admins[replica]!.listVirtualMachines({ parent: `hosts/${host}`, pageSize: 1000, pageToken: '', filter: '' }, cb)).catch(async (error: ServiceError) => {
+      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admins[replica]!.listVirtualMachines({ parent: HOST_NAME.format({ host }), pageSize: 1000, pageToken: '', filter: '' }, cb)).catch(async (error: ServiceError) => {
         if (error.code !== GrpcStatus.NOT_FOUND) throw error;
         return { virtualMachines: await fleetVmsOf(admins[replica]!, host) };
       });
@@ -504,7 +499,7 @@ describe('inventory', () => {
     const agents = [await as('host', host, 0), await as('host', host, 1)];
     await register(agents[0]!, host);
     const model = new Map<string, VirtualMachine_State>(Array.from({ length: 5 }, (_, i) => [`base-${i}`, VirtualMachine_State.STATE_SHUT_OFF]));
-    await call((cb) => agents[0]!.reportVirtualMachines({ parent: `hosts/${host}`, virtualMachines: [...model].map(([name, state]) => vm(host, name, state)), fullSnapshot: true, removedVirtualMachines: [] }, cb));
+    await call((cb) => agents[0]!.reportVirtualMachines({ parent: HOST_NAME.format({ host }), virtualMachines: [...model].map(([name, state]) => vm(host, name, state)), fullSnapshot: true, removedVirtualMachines: [] }, cb));
     const ROUNDS = 60;
     let reportsDone = false;
     let lastLabel = '';
@@ -515,7 +510,7 @@ describe('inventory', () => {
         await Promise.all([
           call((cb) => admins[side]!.updateHost({ host: { ...hostFacts(host), labels: { round: String(round) } }, updateMask: ['labels'] }, cb)).then(() => void (lastLabel = String(round))),
           call((cb) => agents[side]!.registerHost({ host: { ...hostFacts(host), cpuCount: round } }, cb)).then(() => void (lastCpuCount = round)),
-          call((cb) => agents[1 - side]!.heartbeat({ host: `hosts/${host}`, memoryFreeBytes: String(round), imageDirectoryFreeBytes: '1', imageDirectoryTotalBytes: '2' }, cb)),
+          call((cb) => agents[1 - side]!.heartbeat({ host: HOST_NAME.format({ host }), memoryFreeBytes: String(round), imageDirectoryFreeBytes: '1', imageDirectoryTotalBytes: '2' }, cb)),
         ]);
       }
     })();
@@ -528,8 +523,8 @@ describe('inventory', () => {
       const report =
         round % 5 === 0
           ? { virtualMachines: [...model].map(([name, state]) => vm(host, name, state)), fullSnapshot: true, removedVirtualMachines: [] }
-          : { virtualMachines: [vm(host, 'flip', flipped), vm(host, `base-${round % 5}`, flipped), vm(host, `extra-${round}`, VirtualMachine_State.STATE_RUNNING)], fullSnapshot: false, removedVirtualMachines: round > 1 ? [`hosts/${host}/virtualMachines/extra-${round - 1}`] : [] };
-      await call((cb) => agents[round % 2]!.reportVirtualMachines({ parent: `hosts/${host}`, ...report }, cb));
+          : { virtualMachines: [vm(host, 'flip', flipped), vm(host, `base-${round % 5}`, flipped), vm(host, `extra-${round}`, VirtualMachine_State.STATE_RUNNING)], fullSnapshot: false, removedVirtualMachines: round > 1 ? [VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: `extra-${round - 1}` })] : [] };
+      await call((cb) => agents[round % 2]!.reportVirtualMachines({ parent: HOST_NAME.format({ host }), ...report }, cb));
     }
     reportsDone = true;
     await admin;
@@ -538,10 +533,10 @@ describe('inventory', () => {
         assert.deepEqual(Object.fromEntries([...(await vmsOn(replica, host))].sort()), Object.fromEntries([...model].sort()), `replica ${replica}: ${String(error)}`);
       });
       await waitUntil(`replica ${replica} to hold the last update`, async () => {
-        const record = await call<Host>((cb) => admins[replica]!.getHost({ name: `hosts/${host}` }, cb));
+        const record = await call<Host>((cb) => admins[replica]!.getHost({ name: HOST_NAME.format({ host }) }, cb));
         return record.labels['round'] === lastLabel && record.cpuCount === lastCpuCount;
       }).catch(async (error: unknown) => {
-        const record = await call<Host>((cb) => admins[replica]!.getHost({ name: `hosts/${host}` }, cb));
+        const record = await call<Host>((cb) => admins[replica]!.getHost({ name: HOST_NAME.format({ host }) }, cb));
         assert.deepEqual([record.labels, record.cpuCount], [{ round: lastLabel }, lastCpuCount], `replica ${replica}: neither the labels nor the facts were lost (${String(error)})`);
       });
     }
@@ -559,7 +554,7 @@ describe('inventory', () => {
         for (let round = 0; round < 200; round++) {
           const side = round % 2;
           try {
-            await call((cb) => doomedAgents[side]!.reportVirtualMachines({ parent: `hosts/${doomed}`, virtualMachines: Array.from({ length: 5 }, (_, i) => vm(doomed, `r${round}-${i}`)), fullSnapshot: round % 7 === 3, removedVirtualMachines: [] }, cb));
+            await call((cb) => doomedAgents[side]!.reportVirtualMachines({ parent: HOST_NAME.format({ host: doomed }), virtualMachines: Array.from({ length: 5 }, (_, i) => vm(doomed, `r${round}-${i}`)), fullSnapshot: round % 7 === 3, removedVirtualMachines: [] }, cb));
             reports++;
           } catch (error) {
             assert.equal((error as { code?: number }).code, GrpcStatus.NOT_FOUND, `report ${round}: ${String(error)}`);
@@ -571,11 +566,11 @@ describe('inventory', () => {
       // Delete once a few reports have landed, at a different moment of a report each attempt.
       while (reports < 2 + (attempt % 3) && !finished) await new Promise((resolve) => setTimeout(resolve, 2));
       await new Promise((resolve) => setTimeout(resolve, attempt * 3));
-      await call((cb) => admins[(reports + 1) % 2]!.deleteHost({ name: `hosts/${doomed}`, force: true }, cb));
+      await call((cb) => admins[(reports + 1) % 2]!.deleteHost({ name: HOST_NAME.format({ host: doomed }), force: true }, cb));
       deleted = true;
       await reporting;
       for (const replica of [0, 1]) {
-        await waitUntil(`replica ${replica} to drop ${doomed}`, async () => (await failure((cb) => admins[replica]!.getHost({ name: `hosts/${doomed}` }, cb))).code === GrpcStatus.NOT_FOUND);
+        await waitUntil(`replica ${replica} to drop ${doomed}`, async () => (await failure((cb) => admins[replica]!.getHost({ name: HOST_NAME.format({ host: doomed }) }, cb))).code === GrpcStatus.NOT_FOUND);
       }
       // Give late writes (a report racing the deletion on the other replica) time to land, then look.
       await new Promise((resolve) => setTimeout(resolve, 300));

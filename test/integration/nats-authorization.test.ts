@@ -22,11 +22,12 @@ import type { TlsFiles } from '../../services/common/platform/tls.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../../services/launcher/embedded-nats.js';
 import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
+import { HOST_IMAGE_NAME, HOST_NAME } from '../../services/common/domain/resource-names.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
 function available(host: string): ImageAvailable {
-  return { image: 'images/debian-12', host: `hosts/${host}`, replica: `hosts/${host}/images/debian-12`, totalBytes: '1', files: [], origin: false, transferDuration: undefined, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z'), generation: '1' };
+  return { image: 'images/debian-12', host: HOST_NAME.format({ host }), replica: HOST_IMAGE_NAME.format({ host, image: 'debian-12' }), totalBytes: '1', files: [], origin: false, transferDuration: undefined, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z'), generation: '1' };
 }
 
 /** A plain connection that does not retry: refusals surface as a rejected promise. */

@@ -27,6 +27,7 @@ import type { Status } from '../../services/gen/google/rpc/status.js';
 import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
 import { call, waitFor } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const MiB = 1024 * 1024;
 
@@ -58,7 +59,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
   }
 
   async function limitDownload(host: string, bytesPerSecond: number): Promise<void> {
-    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: `hosts/${host}`, transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) } }), updateMask: ['transfer_limits'] }, cb));
+    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) } }), updateMask: ['transfer_limits'] }, cb));
     const agent = agents.get(host)!;
     await waitFor(`the cap applied on ${host}`, async () => (agent.process.logs.some((line) => line['msg'] === 'transfer limits applied') ? true : undefined), 30_000);
   }
@@ -90,7 +91,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     // A powered-off domain with a 40 MiB qcow2 disk of random data on the origin, published as the image.
     await stack.defineSourceVm(vm, 40);
     await stack.waitHostsReady(agents.keys());
-    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/${origin}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
+    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: origin, virtualMachine: vm }), description: '', labels: {}, requestId: '' }, cb));
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     image = unpack(Image, done.result.value);
@@ -101,14 +102,14 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const host = `dl-a-${suffix}`;
     const agent = agents.get(host)!;
     await limitDownload(host, 2 * MiB);
-    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: `images/${imageId}`, hosts: [`hosts/${host}`], requestId: '' }, cb));
+    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host })], requestId: '' }, cb));
     await transferring(operation.name);
     process.kill(agent.process.daemon.pid, 'SIGSTOP');
     try {
       // Events the agent sent just before it stopped land first; then the record shows VERIFYING for good.
       await new Promise((resolve) => setTimeout(resolve, 500));
       const total = image.torrent!.totalBytes;
-      const record = ImageReplica.fromPartial({ name: `hosts/${host}/images/${imageId}`, image: `images/${imageId}`, host: `hosts/${host}`, state: ImageReplica_State.STATE_VERIFYING, progress: { bytesDone: total, bytesTotal: total }, createTime: new Date(), updateTime: new Date() });
+      const record = ImageReplica.fromPartial({ name: HOST_IMAGE_NAME.format({ host, image: imageId }), image: IMAGE_NAME.format({ image: imageId }), host: HOST_NAME.format({ host }), state: ImageReplica_State.STATE_VERIFYING, progress: { bytesDone: total, bytesTotal: total }, createTime: new Date(), updateTime: new Date() });
       await stack.putReplica(record);
       const written = Date.now();
       // A poll of the unchanged VERIFYING record every second must not move the deadline: 1 s floor + 40 MiB
@@ -124,7 +125,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
       assert.deepEqual(response.replicas, []);
       assert.equal(response.failures.length, 1);
       const failed = response.failures[0]!;
-      assert.equal(failed.host, `hosts/${host}`);
+      assert.equal(failed.host, HOST_NAME.format({ host }));
       const info = errorInfo(failed.status);
       // The VERIFYING deadline fires first (1.4 s); should a loaded machine let inventory mark the stopped host
       // UNREACHABLE before that, the reason says so, but the step is still the VERIFYING one that ended.
@@ -133,7 +134,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
         JSON.stringify({ code: failed.status?.code, message: failed.status?.message, info }),
       );
       assert.equal(info?.metadata['state'], 'VERIFYING');
-      assert.equal(info?.metadata['host'], `hosts/${host}`);
+      assert.equal(info?.metadata['host'], HOST_NAME.format({ host }));
       const metadata = unpack(DistributeImageMetadata, done.metadata!);
       assert.equal(metadata.hostsFailed, 1);
       assert.equal(metadata.transfers[0]!.state, ImageReplica_State.STATE_FAILED);
@@ -147,7 +148,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const host = `dl-b-${suffix}`;
     const agent = agents.get(host)!;
     await limitDownload(host, 2 * MiB);
-    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: `images/${imageId}`, hosts: [`hosts/${host}`], requestId: '' }, cb));
+    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host })], requestId: '' }, cb));
     await transferring(operation.name);
     const running = unpack(DistributeImageMetadata, (await operationOf(operation.name)).metadata!).transfers[0]!;
     assert.ok(running.deadlineTime, 'a transferring host has a deadline in the metadata');
@@ -156,7 +157,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     await agent.process.daemon.exited;
     const killed = Date.now();
 
-    await waitFor('inventory marks the host UNREACHABLE', async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_UNREACHABLE ? true : undefined), 30_000);
+    await waitFor('inventory marks the host UNREACHABLE', async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_UNREACHABLE ? true : undefined), 30_000);
     const marked = Date.now();
     const shown = await waitFor('the metadata shows the host unreachable', async () => {
       const current = await operationOf(operation.name);
@@ -178,7 +179,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     const failed = unpack(DistributeImageResponse, done.result.value).failures;
     assert.equal(failed.length, 1);
-    assert.equal(failed[0]!.host, `hosts/${host}`);
+    assert.equal(failed[0]!.host, HOST_NAME.format({ host }));
     assert.equal(failed[0]!.status?.code, GrpcStatus.UNAVAILABLE, failed[0]!.status?.message);
     assert.equal(errorInfo(failed[0]!.status)?.reason, 'ERROR_REASON_HOST_UNREACHABLE');
     const final = unpack(DistributeImageMetadata, done.metadata!).transfers[0]!;
@@ -194,14 +195,14 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const target = `dl-c-${suffix}`;
     const started = Date.now();
     const clone = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${imageId}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [`hosts/${target}`], maxClonesPerHost: 0 }, count: 2, nameTemplate: `dl-${suffix}-{index}`, start: false, requestId: '' }, cb),
+      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target })], maxClonesPerHost: 0 }, count: 2, nameTemplate: `dl-${suffix}-{index}`, start: false, requestId: '' }, cb),
     );
     stack.track(`dl-${suffix}-1`, `dl-${suffix}-2`);
     const waiting = await waitFor('the image transfer in the clone metadata', async () => {
       const metadata = unpack(CloneVirtualMachinesMetadata, (await call<Operation>((cb) => stack.operations.getOperation({ name: clone.name }, cb))).metadata!);
       return metadata.imageTransfers.length > 0 ? metadata : undefined;
     }, 30_000);
-    assert.equal(waiting.imageTransfers[0]!.host, `hosts/${target}`);
+    assert.equal(waiting.imageTransfers[0]!.host, HOST_NAME.format({ host: target }));
     assert.equal(waiting.imageTransfers[0]!.waitingCloneCount, 2);
     assert.ok(waiting.imageTransfers[0]!.deadlineTime, 'the wait shows its deadline');
     assert.equal(waiting.distributeOperations.length, 1);
@@ -218,7 +219,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
       assert.equal(result.state, CloneResult_State.STATE_FAILED);
       assert.equal(result.error?.code, GrpcStatus.DEADLINE_EXCEEDED, result.error?.message);
       assert.equal(errorInfo(result.error)?.reason, 'ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED', result.error?.message);
-      assert.equal(errorInfo(result.error)?.metadata['host'], `hosts/${target}`);
+      assert.equal(errorInfo(result.error)?.metadata['host'], HOST_NAME.format({ host: target }));
     }
     // No clone could reach an agent, so the operation as a whole carries the same reason.
     assert.equal(done.result?.$case, 'error', JSON.stringify(done.result));

@@ -13,6 +13,7 @@ import { KvStore, jsonCodec } from '../../services/common/platform/kv.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { connectNats, type Nats } from '../../services/common/platform/nats.js';
 import { OperationManager, type OperationKind, unpack } from '../../services/common/domain/operations.js';
+import { readAllPages } from '../../services/common/platform/list-pages.js';
 import { PageTokens } from '../../services/common/platform/pagination.js';
 import { Duration } from '../../services/gen/google/protobuf/duration.js';
 import { natsRestarts, Resources, TestPki, startTestNats } from '../harness/index.js';
@@ -137,15 +138,14 @@ describe('operations store', () => {
     assert.equal(finished.result.value.code, 1);
 
     const seen = new Set<string>();
-    let pageToken = '';
-    do {
+    const operations = await readAllPages(async (pageToken) => {
       const page = await manager.list({ filter: 'done=true', pageSize: 2, pageToken });
-      for (const item of page.operations) {
-        assert.ok(!seen.has(item.name), 'no operation twice');
-        seen.add(item.name);
-      }
-      pageToken = page.nextPageToken;
-    } while (pageToken !== '');
+      return { items: page.operations, nextPageToken: page.nextPageToken };
+    });
+    for (const item of operations) {
+      assert.ok(!seen.has(item.name), 'no operation twice');
+      seen.add(item.name);
+    }
     assert.ok(seen.has(operation.name));
     assert.ok(seen.size >= 4);
     await assert.rejects(manager.list({ filter: 'done=true', pageSize: 2, pageToken: 'forged.token' }), /page_token/);

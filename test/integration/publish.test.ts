@@ -18,6 +18,7 @@ import { unpack } from '../../services/common/domain/operations.js';
 import { Resources } from '../harness/index.js';
 import { call, failure } from '../harness/grpc.js';
 import { startCloneStack, type CloneStack } from '../harness/clone-stack.js';
+import { HOST_IMAGE_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const run = promisify(execFile);
 
@@ -40,12 +41,12 @@ describe('publishing an image from a powered-off VM', { skip: process.getuid?.()
     stack.track(vm);
     // Inventory must see the host READY and the VM powered off.
     const deadline = Date.now() + 20_000;
-    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/publish-host/virtualMachines/${vm}` }, cb)).then((found) => found.state === 3, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: VIRTUAL_MACHINE_NAME.format({ host: 'publish-host', virtualMachine: vm }) }, cb)).then((found) => found.state === 3, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
   });
   after(() => resources.release());
 
   it('publishes, registers, and clones the image', async () => {
-    const started = await call<Operation>((cb) => stack.distribution.publishImage({ imageId: `img-${suffix}`, sourceVirtualMachine: `hosts/publish-host/virtualMachines/${vm}`, description: 'test image', labels: { os: 'none' }, requestId: '' }, cb));
+    const started = await call<Operation>((cb) => stack.distribution.publishImage({ imageId: `img-${suffix}`, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'publish-host', virtualMachine: vm }), description: 'test image', labels: { os: 'none' }, requestId: '' }, cb));
     const done = await stack.wait(started.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     const image = unpack(Image, done.result.value);
@@ -58,17 +59,17 @@ describe('publishing an image from a powered-off VM', { skip: process.getuid?.()
     assert.equal((await stat(path)).mode & 0o222, 0, 'image files are read-only');
     const template = await readFile(join(stack.imageDirectory, 'images', `img-${suffix}`, 'domain-template.xml'), 'utf8');
     assert.doesNotMatch(template, /52:54:00:12:34:56|<name>|<uuid>/, 'the template is sanitized');
-    const replica = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/publish-host/images/img-${suffix}` }, cb));
+    const replica = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host: 'publish-host', image: `img-${suffix}` }) }, cb));
     assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
 
-    const clone = await call<Operation>((cb) => stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/img-${suffix}` }, placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 0 }, count: 2, nameTemplate: `img-${suffix}-{index}`, start: false, requestId: '' }, cb));
+    const clone = await call<Operation>((cb) => stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: `img-${suffix}` }) }, placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 0 }, count: 2, nameTemplate: `img-${suffix}-{index}`, start: false, requestId: '' }, cb));
     stack.track(`img-${suffix}-1`, `img-${suffix}-2`);
     const cloned = await stack.wait(clone.name);
     assert.equal(cloned.result?.$case, 'response', JSON.stringify(cloned.result));
   });
 
   it('refuses bad publish requests before any operation exists', async () => {
-    const request = { imageId: `bad-${suffix}`, sourceVirtualMachine: `hosts/publish-host/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' };
+    const request = { imageId: `bad-${suffix}`, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'publish-host', virtualMachine: vm }), description: '', labels: {}, requestId: '' };
     assert.deepEqual((await failure((cb) => stack.distribution.publishImage({ ...request, imageId: '../etc' }, cb))).fields, ['image_id']);
     assert.deepEqual((await failure((cb) => stack.distribution.publishImage({ ...request, imageId: 'a/b' }, cb))).fields, ['image_id']);
     assert.equal((await failure((cb) => stack.distribution.publishImage({ ...request, imageId: `img-${suffix}` }, cb))).code, GrpcStatus.ALREADY_EXISTS);
@@ -80,7 +81,7 @@ describe('publishing an image from a powered-off VM', { skip: process.getuid?.()
     const running = await failure((cb) => stack.distribution.publishImage(request, cb));
     assert.equal(running.code, GrpcStatus.FAILED_PRECONDITION, 'a running VM is not published');
     assert.equal(running.reason, 'ERROR_REASON_VIRTUAL_MACHINE_RUNNING');
-    assert.equal((await failure((cb) => stack.inventory.getImage({ name: `images/bad-${suffix}`, view: 0 }, cb))).code, GrpcStatus.NOT_FOUND, 'nothing was registered');
+    assert.equal((await failure((cb) => stack.inventory.getImage({ name: IMAGE_NAME.format({ image: `bad-${suffix}` }), view: 0 }, cb))).code, GrpcStatus.NOT_FOUND, 'nothing was registered');
     await stack.virsh('destroy', vm);
   });
 });

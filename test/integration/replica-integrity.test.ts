@@ -34,6 +34,7 @@ import type { Operation } from '../../services/gen/google/longrunning/operations
 import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
 import { call, failure, waitFor } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -56,7 +57,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
   const pieceLength = (): number => Number(image.torrent!.pieceLengthBytes);
 
   async function distribute(hosts: string[]): Promise<DistributeImageResponse> {
-    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: `images/${imageId}`, hosts: hosts.map((host) => `hosts/${host}`), requestId: '' }, cb));
+    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: hosts.map((host) => HOST_NAME.format({ host })), requestId: '' }, cb));
     const done = await stack.wait(operation.name, 240_000, stack.distributionOperations);
     assert.equal(done.done, true, 'the operation finished');
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
@@ -65,7 +66,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
 
   async function cloneOn(host: string, name: string): Promise<CloneVirtualMachinesResponse> {
     const operation = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${imageId}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [`hosts/${host}`], maxClonesPerHost: 0 }, count: 1, nameTemplate: name, start: false, requestId: '' }, cb),
+      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host })], maxClonesPerHost: 0 }, count: 1, nameTemplate: name, start: false, requestId: '' }, cb),
     );
     stack.track(name);
     const done = await stack.wait(operation.name, 180_000);
@@ -85,7 +86,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
   }
 
   async function replicaRecord(host: string): Promise<ImageReplica> {
-    return call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: `hosts/${host}/images/${imageId}` }, cb));
+    return call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb));
   }
 
   before(async () => {
@@ -106,7 +107,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
       types: [IMAGE_AVAILABLE],
       log,
       handle: async (event) => {
-        if (event.payload.image === `images/${imageId}`) available.push({ host: event.payload.host });
+        if (event.payload.image === IMAGE_NAME.format({ image: imageId })) available.push({ host: event.payload.host });
       },
     });
     resources.defer(() => availableEvents.stop());
@@ -115,18 +116,18 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
       types: [IMAGE_REPLICA_DAMAGED],
       log,
       handle: async (event) => {
-        if (event.payload.image === `images/${imageId}`) damaged.push(event.payload);
+        if (event.payload.image === IMAGE_NAME.format({ image: imageId })) damaged.push(event.payload);
       },
     });
     resources.defer(() => damageEvents.stop());
 
-    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: `hosts/ri-origin-${suffix}/virtualMachines/${vm}`, description: '', labels: {}, requestId: '' }, cb));
+    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: `ri-origin-${suffix}`, virtualMachine: vm }), description: '', labels: {}, requestId: '' }, cb));
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     image = unpack(Image, done.result.value);
     const response = await distribute([withClone, scrubbed]);
     assert.deepEqual(response.failures, []);
-    await waitFor('image.available from both receivers', async () => (available.filter((event) => event.host !== `hosts/ri-origin-${suffix}`).length >= 2 ? true : undefined), 30_000);
+    await waitFor('image.available from both receivers', async () => (available.filter((event) => event.host !== HOST_NAME.format({ host: `ri-origin-${suffix}` })).length >= 2 ? true : undefined), 30_000);
   });
   after(() => resources.release());
 
@@ -146,21 +147,21 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     // A clone request on the damaged copy: re-verified first and refused, nothing made on it.
     const asCloning = createClient(AgentServiceClient, agent.process.address, mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', 'cloning')), caPem: stack.pki.ca.certificatePem }), { serverName: withClone });
     resources.defer(() => asCloning.close());
-    const refused = await failure((cb) => asCloning.createClones({ source: { $case: 'image', value: `images/${imageId}` }, clones: [{ domainName: `ri-refused-${suffix}`, start: false }], operation: '', requestId: '', validateOnly: false }, cb));
+    const refused = await failure((cb) => asCloning.createClones({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, clones: [{ domainName: `ri-refused-${suffix}`, start: false }], operation: '', requestId: '', validateOnly: false }, cb));
     assert.equal(refused.code, GrpcStatus.FAILED_PRECONDITION, refused.message);
     assert.equal(refused.reason, 'ERROR_REASON_VERIFICATION_FAILED');
     await assert.rejects(stat(join(agent.imageDirectory, 'clones', `ri-refused-${suffix}`)), /ENOENT/);
 
     // The damage reaches the stream, names the dependent, and the record turns FAILED.
-    const event = await waitFor('image.replica_damaged', async () => damaged.find((entry) => entry.host === `hosts/${withClone}`), 30_000);
+    const event = await waitFor('image.replica_damaged', async () => damaged.find((entry) => entry.host === HOST_NAME.format({ host: withClone })), 30_000);
     assert.deepEqual(event.damagedFiles, [diskFile()]);
     assert.equal(event.badPieces, 1);
-    assert.deepEqual(event.dependentVirtualMachines, [`hosts/${withClone}/virtualMachines/ri-old-${suffix}`]);
+    assert.deepEqual(event.dependentVirtualMachines, [VIRTUAL_MACHINE_NAME.format({ host: withClone, virtualMachine: `ri-old-${suffix}` })]);
     assert.equal(event.path, oldDirectory);
     await waitFor('the record FAILED', async () => ((await replicaRecord(withClone)).state === ImageReplica_State.STATE_FAILED ? true : undefined), 30_000);
 
     // The next DistributeImage repairs it into a new generation beside the old one.
-    const availableBefore = available.filter((entry) => entry.host === `hosts/${withClone}`).length;
+    const availableBefore = available.filter((entry) => entry.host === HOST_NAME.format({ host: withClone })).length;
     const response = await distribute([withClone]);
     assert.deepEqual(response.failures, []);
     const newDirectory = join(agent.imageDirectory, 'images', `${imageId}.generation-2`);
@@ -176,14 +177,14 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     assert.ok(Number(repaired['written']) <= 2 * pieceLength(), `the repair wrote ${String(repaired['written'])} bytes (piece ${pieceLength()})`);
     assert.ok(Number(repaired['presentAtStart']) >= Number(image.torrent!.totalBytes) - 2 * pieceLength(), `kept ${String(repaired['presentAtStart'])} bytes`);
     // A new occurrence: a second image.available from this host reached the stream.
-    await waitFor('the new generation\'s image.available', async () => (available.filter((entry) => entry.host === `hosts/${withClone}`).length === availableBefore + 1 ? true : undefined), 30_000);
+    await waitFor('the new generation\'s image.available', async () => (available.filter((entry) => entry.host === HOST_NAME.format({ host: withClone })).length === availableBefore + 1 ? true : undefined), 30_000);
     // The operator sees both generations and the damage.
     const record = await waitFor('the record AVAILABLE on generation 2', async () => {
       const current = await replicaRecord(withClone);
       return current.state === ImageReplica_State.STATE_AVAILABLE && current.generation === '2' ? current : undefined;
     }, 30_000);
     assert.equal(record.path, newDirectory);
-    assert.deepEqual(record.damagedGenerations.map((entry) => [entry.generation, entry.path, entry.damagedFiles, entry.dependentVirtualMachines]), [['1', oldDirectory, [diskFile()], [`hosts/${withClone}/virtualMachines/ri-old-${suffix}`]]]);
+    assert.deepEqual(record.damagedGenerations.map((entry) => [entry.generation, entry.path, entry.damagedFiles, entry.dependentVirtualMachines]), [['1', oldDirectory, [diskFile()], [VIRTUAL_MACHINE_NAME.format({ host: withClone, virtualMachine: `ri-old-${suffix}` })]]]);
 
     // The existing clone keeps its base; a new clone uses the new generation.
     const oldOverlay = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', first.clones[0]!.overlays[0]!])).stdout) as { 'backing-filename'?: string };
@@ -198,7 +199,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const host = `ri-c-${suffix}`;
     const agent = await stack.addAgent(host);
     agents.set(host, agent);
-    await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
     assert.deepEqual((await distribute([host])).failures, []);
     const clone = await cloneOn(host, `ri-c-old-${suffix}`);
     assert.equal(clone.clones[0]!.state, CloneResult_State.STATE_DONE, JSON.stringify(clone.clones));
@@ -207,12 +208,12 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     await damage(base, 3 * MiB + 5, Buffer.from('twenty-three bytes here'));
     const damagedDigest = await sha256(base);
     const damagedStat = await stat(base, { bigint: true });
-    const availableBefore = available.filter((entry) => entry.host === `hosts/${host}`).length;
+    const availableBefore = available.filter((entry) => entry.host === HOST_NAME.format({ host })).length;
     const restarted = await agent.restart();
     agents.set(host, { ...agent, process: restarted });
     await waitFor('the record FAILED after the restart', async () => ((await replicaRecord(host)).state === ImageReplica_State.STATE_FAILED ? true : undefined), 60_000);
 
-    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: `images/${imageId}`, hosts: [`hosts/${host}`], requestId: '' }, cb));
+    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host })], requestId: '' }, cb));
     const done = await stack.wait(operation.name, 90_000, stack.distributionOperations);
     assert.equal(done.done, true, 'the DistributeImage ended');
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
@@ -226,7 +227,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     for (const file of image.files) assert.equal(await sha256(join(newDirectory, file.path)), file.sha256, `${file.path} of the new generation verifies`);
     const repaired = restarted.logs.filter((line) => line['msg'] === 'replica available').at(-1)!;
     assert.ok(Number(repaired['written']) <= 2 * pieceLength(), `the repair wrote ${String(repaired['written'])} bytes, not the whole file`);
-    await waitFor('a new image.available', async () => (available.filter((entry) => entry.host === `hosts/${host}`).length === availableBefore + 1 ? true : undefined), 30_000);
+    await waitFor('a new image.available', async () => (available.filter((entry) => entry.host === HOST_NAME.format({ host })).length === availableBefore + 1 ? true : undefined), 30_000);
   });
 
   it('the scrub finds damage no check saw; without dependents the replica is repaired in place, fetching only the bad piece', async () => {
@@ -238,11 +239,11 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     // no clone or fetch asks; only the scrub can notice.
     const aside = join(agent.imageDirectory, `aside-${suffix}`);
     await link(file, aside);
-    const availableBefore = available.filter((entry) => entry.host === `hosts/${scrubbed}`).length;
+    const availableBefore = available.filter((entry) => entry.host === HOST_NAME.format({ host: scrubbed })).length;
     await damage(aside, 12 * MiB + 7, Buffer.from('twenty-three bytes here'));
     await unlink(aside);
 
-    const event = await waitFor('image.replica_damaged from the scrub', async () => damaged.find((entry) => entry.host === `hosts/${scrubbed}`), 60_000);
+    const event = await waitFor('image.replica_damaged from the scrub', async () => damaged.find((entry) => entry.host === HOST_NAME.format({ host: scrubbed })), 60_000);
     assert.deepEqual(event.damagedFiles, [diskFile()]);
     assert.equal(event.badPieces, 1);
     assert.deepEqual(event.dependentVirtualMachines, []);
@@ -250,7 +251,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     assert.equal(found?.['by'], 'scrub');
 
     // Repaired in place at once (no domain uses it): a new image.available, one piece written.
-    await waitFor('the repaired replica\'s image.available', async () => (available.filter((entry) => entry.host === `hosts/${scrubbed}`).length === availableBefore + 1 ? true : undefined), 60_000);
+    await waitFor('the repaired replica\'s image.available', async () => (available.filter((entry) => entry.host === HOST_NAME.format({ host: scrubbed })).length === availableBefore + 1 ? true : undefined), 60_000);
     const repaired = agentLogs(scrubbed).filter((line) => line['msg'] === 'replica available').at(-1)!;
     assert.equal(repaired['generation'], 1);
     assert.equal(repaired['path'], directory);
@@ -276,7 +277,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     await run('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', stuck]);
     const asDistribution = createClient(AgentServiceClient, agent.process.address, mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', 'distribution')), caPem: stack.pki.ca.certificatePem }), { serverName: scrubbed });
     resources.defer(() => asDistribution.close());
-    const name = `hosts/${scrubbed}/images/${imageId}`;
+    const name = HOST_IMAGE_NAME.format({ host: scrubbed, image: imageId });
     try {
       const refused = await failure((cb) => asDistribution.deleteImageReplica({ name }, cb));
       assert.equal(refused.code, GrpcStatus.INTERNAL);
@@ -309,7 +310,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const refused = await fetch(url, { headers: { Range: `bytes=${2 * MiB}-${2 * MiB + 63}` } });
     assert.equal(refused.status, 503);
     await refused.arrayBuffer();
-    const event = await waitFor('image.replica_damaged from the origin', async () => damaged.find((entry) => entry.host === `hosts/${origin}`), 30_000);
+    const event = await waitFor('image.replica_damaged from the origin', async () => damaged.find((entry) => entry.host === HOST_NAME.format({ host: origin })), 30_000);
     assert.deepEqual(event.damagedFiles, [diskFile()]);
     assert.equal(agentLogs(origin).find((line) => line['msg'] === 'replica damaged')?.['by'], 'serve');
   });

@@ -15,6 +15,7 @@ import { connectNats, type Nats } from '../../services/common/platform/nats.js';
 import { vmNameOfKey } from '../../services/inventory/inventory.js';
 import { ResourceIndex } from '../../services/inventory/resource-index.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
+import { VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 type Counter = { count: number; by: string };
 
@@ -103,7 +104,7 @@ describe('ResourceIndex across replicas', () => {
       assert.deepEqual(names, expected(index), 'every name, in name order');
       assert.deepEqual(
         index.valuesWithPrefix('hosts/h1/virtualMachines/').map((entry) => entry.order),
-        [...ids].sort().map((id) => `hosts/h1/virtualMachines/${id}`),
+        [...ids].sort().map((id) => VIRTUAL_MACHINE_NAME.format({ host: 'h1', virtualMachine: id })),
         'one host\'s VMs by prefix (not h1a\'s, not h-1\'s)',
       );
     }
@@ -119,8 +120,8 @@ describe('ResourceIndex across replicas', () => {
       }
     };
     assert.deepEqual(pageAll('', () => true), expected(b));
-    assert.deepEqual(pageAll('hosts/h1/virtualMachines/', (value) => value.by.startsWith('vm-')), ['vm-0.a.b', 'vm-00.web', 'vm-000', 'vm-001'].map((id) => `hosts/h1/virtualMachines/${id}`));
-    assert.deepEqual(b.page('hosts/h1/virtualMachines/', 'hosts/h1/virtualMachines/vm-001', 4, () => true).entries.map((entry) => entry.order), ['web-1', 'web.1', 'web0'].map((id) => `hosts/h1/virtualMachines/${id}`));
+    assert.deepEqual(pageAll('hosts/h1/virtualMachines/', (value) => value.by.startsWith('vm-')), ['vm-0.a.b', 'vm-00.web', 'vm-000', 'vm-001'].map((id) => VIRTUAL_MACHINE_NAME.format({ host: 'h1', virtualMachine: id })));
+    assert.deepEqual(b.page('hosts/h1/virtualMachines/', 'hosts/h1/virtualMachines/vm-001', 4, () => true).entries.map((entry) => entry.order), ['web-1', 'web.1', 'web0'].map((id) => VIRTUAL_MACHINE_NAME.format({ host: 'h1', virtualMachine: id })));
     // Splices on insert and delete keep the same order a full sort gives.
     await a.remove(keyOf('h1', 'vm-00.web'));
     await a.replace(keyOf('h1', 'vm-00.0'), () => ({ count: 0, by: 'new' }));

@@ -37,6 +37,7 @@ import { startServer, type RunningServer } from '../../services/common/platform/
 import { mutualTlsChannelCredentialsFromPem, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/platform/tls.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { REPOSITORY } from '../harness/processes.js';
+import { EVERY_HOST, HOST_NAME, IMAGE_NAME } from '../../services/common/domain/resource-names.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 /** The client's own deadline: a refusal that waits for it would take this long. */
@@ -118,7 +119,7 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
         // stream that breaks after its first message.
         watchVirtualMachines: async (request, context, send) => {
           handlerCalls++;
-          if (!/^hosts\/[a-z0-9-]+$/.test(request.parent) && request.parent !== 'hosts/-') throw CowherdError.invalidArgument('parent', 'must be hosts/{host} or hosts/-');
+          if (!HOST_NAME.matches(request.parent) && request.parent !== EVERY_HOST) throw CowherdError.invalidArgument('parent', 'must be hosts/{host} or hosts/-');
           if (request.parent === 'hosts/nope') throw CowherdError.notFound(request.parent);
           await send({ type: VirtualMachineChange_Type.TYPE_SYNCED, virtualMachine: undefined, revision: '0' });
           if (request.parent === 'hosts/breaks') throw CowherdError.notFound('hosts/breaks');
@@ -133,7 +134,7 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
       {
         exportImage: async (request) => {
           handlerCalls++;
-          if (!/^images\/[a-z0-9-]+$/.test(request.image)) throw CowherdError.invalidArgument('image', 'must be images/{image}');
+          if (!IMAGE_NAME.matches(request.image)) throw CowherdError.invalidArgument('image', 'must be images/{image}');
           throw CowherdError.notFound(request.virtualMachine);
         },
       },

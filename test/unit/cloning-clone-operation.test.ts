@@ -41,6 +41,7 @@ import { agentRequestId, cloneOperationKind, type CloneCheckpoint, type CloneOpe
 import { planClones } from '../../services/cloning/clone-plan.js';
 import type { FleetView } from '../../services/cloning/fleet-view.js';
 import { cloningHandlers } from '../../services/cloning/handlers.js';
+import { HOST_IMAGE_NAME, HOST_NAME, hostOf, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const log = createLogger({ service: 'cloning-test', level: 'silent' });
 
@@ -54,23 +55,23 @@ class FakeFleet implements FleetView {
   readonly replicas: ImageReplica[] = [];
 
   host(id: string, fields: Partial<Host> = {}): this {
-    this.hosts.set(`hosts/${id}`, Host.fromPartial({ name: `hosts/${id}`, state: Host_State.STATE_READY, hypervisor: Hypervisor.HYPERVISOR_KVM, agentEndpoint: `${id}:7445`, ...fields }));
+    this.hosts.set(HOST_NAME.format({ host: id }), Host.fromPartial({ name: HOST_NAME.format({ host: id }), state: Host_State.STATE_READY, hypervisor: Hypervisor.HYPERVISOR_KVM, agentEndpoint: `${id}:7445`, ...fields }));
     return this;
   }
 
   image(id: string, fields: Partial<Image> = {}): this {
-    this.images.set(`images/${id}`, Image.fromPartial({ name: `images/${id}`, state: Image_State.STATE_AVAILABLE, hypervisor: Hypervisor.HYPERVISOR_KVM, ...fields }));
+    this.images.set(IMAGE_NAME.format({ image: id }), Image.fromPartial({ name: IMAGE_NAME.format({ image: id }), state: Image_State.STATE_AVAILABLE, hypervisor: Hypervisor.HYPERVISOR_KVM, ...fields }));
     return this;
   }
 
   replica(image: string, host: string, state = ImageReplica_State.STATE_AVAILABLE): this {
-    this.replicas.push(ImageReplica.fromPartial({ name: `hosts/${host}/images/${image}`, image: `images/${image}`, host: `hosts/${host}`, state }));
+    this.replicas.push(ImageReplica.fromPartial({ name: HOST_IMAGE_NAME.format({ host, image }), image: IMAGE_NAME.format({ image }), host: HOST_NAME.format({ host }), state }));
     return this;
   }
 
   machine(host: string, domainName: string, state = VirtualMachine_State.STATE_SHUT_OFF): this {
-    const name = `hosts/${host}/virtualMachines/${domainName}`;
-    this.machines.set(name, VirtualMachine.fromPartial({ name, host: `hosts/${host}`, domainName, state }));
+    const name = VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: domainName });
+    this.machines.set(name, VirtualMachine.fromPartial({ name, host: HOST_NAME.format({ host }), domainName, state }));
     return this;
   }
 
@@ -127,7 +128,7 @@ function makeAll(host: string, request: CreateClonesRequest, failing: ReadonlyMa
       return {
         domainName: clone.domainName,
         virtualMachine: VirtualMachine.fromPartial({
-          name: `${host}/virtualMachines/${clone.domainName}`,
+          name: VIRTUAL_MACHINE_NAME.format({ host: hostOf(host) ?? host, virtualMachine: clone.domainName }),
           domainName: clone.domainName,
           uuid: `uuid-${clone.domainName}`,
           lineage: { overlays: [`/var/lib/cowherd/clones/${clone.domainName}/vda.qcow2`] },
@@ -200,8 +201,8 @@ function reasonOf(status: Status | undefined): string {
   return info ? ErrorInfo.decode(info.value).reason : '';
 }
 
-const image = (id: string) => ({ $case: 'image' as const, value: `images/${id}` });
-const hostsPlacement = (...ids: string[]) => ({ strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ids.map((id) => `hosts/${id}`), maxClonesPerHost: 0 });
+const image = (id: string) => ({ $case: 'image' as const, value: IMAGE_NAME.format({ image: id }) });
+const hostsPlacement = (...ids: string[]) => ({ strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ids.map((id) => HOST_NAME.format({ host: id })), maxClonesPerHost: 0 });
 
 function standardFleet(): FakeFleet {
   return new FakeFleet()

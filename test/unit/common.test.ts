@@ -7,6 +7,7 @@ import { CowherdError, readServiceError, toServiceError } from '../../services/c
 import { identityUri, parseIdentity } from '../../services/common/platform/identity.js';
 import { redactSecrets } from '../../services/common/platform/logger.js';
 import { PageTokens, paginate, pageSizeOf } from '../../services/common/platform/pagination.js';
+import { readAllPages } from '../../services/common/platform/list-pages.js';
 import { createCertificateAuthority, createCsr, generateKeyPair, inspectCertificate, parseCsr, signLeafCertificate } from '../../services/common/platform/pki.js';
 import { readDescriptorSet, splitDescriptorSet } from '../../services/common/platform/reflection.js';
 import { rerunning, RevocationSet } from '../../services/common/platform/revocation.js';
@@ -82,14 +83,11 @@ describe('pagination', () => {
   const tokens = new PageTokens(Buffer.alloc(32, 7));
   const items = Array.from({ length: 25 }, (_, i) => `item-${String(i).padStart(2, '0')}`);
 
-  it('pages completely, in order, with no item twice', () => {
-    const seen: string[] = [];
-    let pageToken = '';
-    do {
+  it('pages completely, in order, with no item twice', async () => {
+    const seen = await readAllPages(async (pageToken) => {
       const { page, nextPageToken } = paginate(items, (item) => item, { pageSize: 10, pageToken, query: 'q', tokens });
-      seen.push(...page);
-      pageToken = nextPageToken;
-    } while (pageToken !== '');
+      return { items: page, nextPageToken };
+    });
     assert.deepEqual(seen, items);
   });
 

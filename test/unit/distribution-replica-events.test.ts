@@ -6,6 +6,7 @@ import { applyReplicaEvent } from '../../services/distribution/distribute.js';
 import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../../services/common/domain/event-types.js';
 import type { KvStore } from '../../services/common/platform/kv.js';
 import { Image, Image_State, ImageReplica, ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import { HOST_NAME } from '../../services/common/domain/resource-names.js';
 
 function memoryKv<T>(): KvStore<T> & { values: Map<string, T> } {
   const values = new Map<string, T>();
@@ -28,7 +29,7 @@ describe('applyReplicaEvent', () => {
   const replicas = memoryKv<ImageReplica>();
   const deps = { images, replicas };
   const event = (type: typeof IMAGE_AVAILABLE | typeof IMAGE_TRANSFER_PROGRESS | typeof IMAGE_TRANSFER_FAILED | typeof IMAGE_REPLICA_DAMAGED, payload: object, host = 'kvm-1') =>
-    ({ subject: `cowherd.events.x.${host}`, host, typeName: type.typeName, payload: { image: 'images/img', host: `hosts/${host}`, ...payload }, sequence: 1, deliveries: 1 }) as never;
+    ({ subject: `cowherd.events.x.${host}`, host, typeName: type.typeName, payload: { image: 'images/img', host: HOST_NAME.format({ host }), ...payload }, sequence: 1, deliveries: 1 }) as never;
 
   it('moves a record through progress to AVAILABLE, and ignores older events delivered late', async () => {
     replicas.values.set('kvm-1.img', ImageReplica.fromPartial({ name: 'hosts/kvm-1/images/img', state: ImageReplica_State.STATE_TRANSFERRING, updateTime: new Date(0) }));

@@ -23,6 +23,7 @@ import { metricsRegistry } from '../../services/common/platform/metrics.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
 import { CreateClonesRequest } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { writeTinyReplica } from '../harness/index.js';
+import { VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
 
@@ -52,7 +53,7 @@ function record(id: string, order: number): StoredRecord {
   return { subject: 'cowherd.events.clone.done.kvm-01', kind: 'clone.done', typeName: CLONE_DONE.typeName, id, data: new Uint8Array([1]), recordedAt: 0, key: `left-${order}`, order };
 }
 
-const cloneDone = (name: string): CloneDone => ({ virtualMachine: `hosts/kvm-01/virtualMachines/${name}`, host: 'hosts/kvm-01', domainName: name, uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: undefined });
+const cloneDone = (name: string): CloneDone => ({ virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'kvm-01', virtualMachine: name }), host: 'hosts/kvm-01', domainName: name, uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: undefined });
 
 /** Polls `condition` (the relay runs on real timers with tiny delays). */
 async function until(condition: () => boolean, what: string, timeoutMs = 5_000): Promise<void> {

@@ -38,7 +38,11 @@ describe('readAllPages', () => {
   });
 
   it('follows a token after an empty page (a page may be empty while more remain)', async () => {
-    const answers: Page<number>[] = [{ items: [], nextPageToken: 't1' }, { items: [1], nextPageToken: 't2' }, { items: [2], nextPageToken: '' }];
+    const answers: Page<number>[] = [
+      { items: [], nextPageToken: 't1' },
+      { items: [1], nextPageToken: 't2' },
+      { items: [2], nextPageToken: '' },
+    ];
     assert.deepEqual(await readAllPages(async () => answers.shift()!), [1, 2]);
   });
 
@@ -56,13 +60,19 @@ describe('readAllPages', () => {
   });
 
   it('pages() yields page by page and stops asking when the caller stops', async () => {
-    const list = fakeList(Array.from({ length: 10 }, (_, index) => index), 4);
+    const list = fakeList(
+      Array.from({ length: 10 }, (_, index) => index),
+      4,
+    );
     const seen: (readonly number[])[] = [];
     for await (const page of pages(list.fetch)) {
       seen.push(page);
       if (seen.length === 2) break;
     }
-    assert.deepEqual(seen, [[0, 1, 2, 3], [4, 5, 6, 7]]);
+    assert.deepEqual(seen, [
+      [0, 1, 2, 3],
+      [4, 5, 6, 7],
+    ]);
     assert.deepEqual(list.tokens, ['', 'after-4']);
   });
 });

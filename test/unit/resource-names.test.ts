@@ -28,21 +28,59 @@ const CASES: { pattern: ResourcePattern<string>; text: string; name: string; ids
     text: 'hosts/{host}',
     name: 'hosts/kvm-01',
     ids: { host: 'kvm-01' },
-    bad: ['hosts/', 'hosts/..', 'hosts/KVM-01', 'hosts/kvm.01', 'hosts/-kvm', 'hosts/kvm-', 'hosts/kvm-01/', 'hosts//kvm-01', '/hosts/kvm-01', 'hosts/kvm-01/images/x', 'images/kvm-01', 'host/kvm-01', 'Hosts/kvm-01', `hosts/${'a'.repeat(64)}`, 'hosts/kvm 01', ''],
+    bad: [
+      'hosts/',
+      'hosts/..',
+      'hosts/KVM-01',
+      'hosts/kvm.01',
+      'hosts/-kvm',
+      'hosts/kvm-',
+      'hosts/kvm-01/',
+      'hosts//kvm-01',
+      '/hosts/kvm-01',
+      'hosts/kvm-01/images/x',
+      'images/kvm-01',
+      'host/kvm-01',
+      'Hosts/kvm-01',
+      `hosts/${'a'.repeat(64)}`,
+      'hosts/kvm 01',
+      '',
+    ],
   },
   {
     pattern: IMAGE_NAME,
     text: 'images/{image}',
     name: 'images/debian-12',
     ids: { image: 'debian-12' },
-    bad: ['images/', 'images/..', 'images/../etc', 'images/debian.12', 'images/Debian-12', 'images/debian_12', 'hosts/debian-12', 'images/debian-12/', 'images/a/b', ''],
+    bad: [
+      'images/',
+      'images/..',
+      'images/../etc',
+      'images/debian.12',
+      'images/Debian-12',
+      'images/debian_12',
+      'hosts/debian-12',
+      'images/debian-12/',
+      'images/a/b',
+      '',
+    ],
   },
   {
     pattern: HOST_IMAGE_NAME,
     text: 'hosts/{host}/images/{image}',
     name: 'hosts/kvm-01/images/debian-12',
     ids: { host: 'kvm-01', image: 'debian-12' },
-    bad: ['hosts/kvm-01/images/', 'hosts//images/debian-12', 'hosts/../images/debian-12', 'hosts/kvm-01/images/..', 'hosts/kvm-01/virtualMachines/debian-12', 'hosts/kvm-01/images/debian-12/x', 'images/debian-12', 'hosts/kvm-01/images/debian.12', ''],
+    bad: [
+      'hosts/kvm-01/images/',
+      'hosts//images/debian-12',
+      'hosts/../images/debian-12',
+      'hosts/kvm-01/images/..',
+      'hosts/kvm-01/virtualMachines/debian-12',
+      'hosts/kvm-01/images/debian-12/x',
+      'images/debian-12',
+      'hosts/kvm-01/images/debian.12',
+      '',
+    ],
   },
   {
     pattern: VIRTUAL_MACHINE_NAME,
@@ -68,21 +106,49 @@ const CASES: { pattern: ResourcePattern<string>; text: string; name: string; ids
     text: 'operations/{operation}',
     name: `operations/${UUID}`,
     ids: { operation: UUID },
-    bad: ['operations/', 'operations/..', `operations/${UUID.toUpperCase()}`, `operations/${UUID.replaceAll('-', '')}`, `operations/${'-'.repeat(36)}`, 'operations/op-1', `operations/${UUID}/x`, `images/${UUID}`, ''],
+    bad: [
+      'operations/',
+      'operations/..',
+      `operations/${UUID.toUpperCase()}`,
+      `operations/${UUID.replaceAll('-', '')}`,
+      `operations/${'-'.repeat(36)}`,
+      'operations/op-1',
+      `operations/${UUID}/x`,
+      `images/${UUID}`,
+      '',
+    ],
   },
   {
     pattern: CERTIFICATE_NAME,
     text: 'certificates/{certificate}',
     name: 'certificates/1f0a9c',
     ids: { certificate: '1f0a9c' },
-    bad: ['certificates/', 'certificates/..', 'certificates/1F0A9C', 'certificates/xyz', `certificates/${'a'.repeat(41)}`, 'certificates/1f/0a', 'joinTokens/1f0a9c', ''],
+    bad: [
+      'certificates/',
+      'certificates/..',
+      'certificates/1F0A9C',
+      'certificates/xyz',
+      `certificates/${'a'.repeat(41)}`,
+      'certificates/1f/0a',
+      'joinTokens/1f0a9c',
+      '',
+    ],
   },
   {
     pattern: JOIN_TOKEN_NAME,
     text: 'joinTokens/{joinToken}',
     name: 'joinTokens/0123456789abcdef',
     ids: { joinToken: '0123456789abcdef' },
-    bad: ['joinTokens/', 'joinTokens/..', 'joinTokens/0123456789abcde', 'joinTokens/0123456789abcdef0', 'joinTokens/0123456789ABCDEF', 'jointokens/0123456789abcdef', 'certificates/0123456789abcdef', ''],
+    bad: [
+      'joinTokens/',
+      'joinTokens/..',
+      'joinTokens/0123456789abcde',
+      'joinTokens/0123456789abcdef0',
+      'joinTokens/0123456789ABCDEF',
+      'jointokens/0123456789abcdef',
+      'certificates/0123456789abcdef',
+      '',
+    ],
   },
 ];
 
@@ -105,7 +171,8 @@ describe('resource names', () => {
 
       it('throws when asked to format an id that breaks its rule', () => {
         for (const key of Object.keys(ids)) {
-          for (const value of ['', '..', 'a/b', 'has space']) assert.throws(() => pattern.format({ ...ids, [key]: value }), new RegExp(`\\{${key}\\}`), `${key} = ${value}`);
+          for (const value of ['', '..', 'a/b', 'has space'])
+            assert.throws(() => pattern.format({ ...ids, [key]: value }), new RegExp(`\\{${key}\\}`), `${key} = ${value}`);
         }
       });
     });

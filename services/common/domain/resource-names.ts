@@ -62,7 +62,8 @@ function resourcePattern<K extends string>(pattern: string, rules: Readonly<Reco
         .map((segment) => {
           if ('literal' in segment) return segment.literal;
           const value = ids[segment.id];
-          if (typeof value !== 'string' || !segment.rule.test(value)) throw new Error(`${pattern}: {${segment.id}} ${JSON.stringify(value)} does not match ${segment.rule.source}`);
+          if (typeof value !== 'string' || !segment.rule.test(value))
+            throw new Error(`${pattern}: {${segment.id}} ${JSON.stringify(value)} does not match ${segment.rule.source}`);
           return value;
         })
         .join('/');
@@ -79,7 +80,10 @@ export const IMAGE_NAME: ResourcePattern<'image'> = resourcePattern('images/{ima
 /** `hosts/{host}/images/{image}`: an image's replica on a host. */
 export const HOST_IMAGE_NAME: ResourcePattern<'host' | 'image'> = resourcePattern('hosts/{host}/images/{image}', { host: HOST_ID, image: IMAGE_ID });
 /** `hosts/{host}/virtualMachines/{virtualMachine}` */
-export const VIRTUAL_MACHINE_NAME: ResourcePattern<'host' | 'virtualMachine'> = resourcePattern('hosts/{host}/virtualMachines/{virtualMachine}', { host: HOST_ID, virtualMachine: VIRTUAL_MACHINE_ID });
+export const VIRTUAL_MACHINE_NAME: ResourcePattern<'host' | 'virtualMachine'> = resourcePattern('hosts/{host}/virtualMachines/{virtualMachine}', {
+  host: HOST_ID,
+  virtualMachine: VIRTUAL_MACHINE_ID,
+});
 /** `operations/{operation}` */
 export const OPERATION_NAME: ResourcePattern<'operation'> = resourcePattern('operations/{operation}', { operation: OPERATION_ID });
 /** `certificates/{certificate}` */
@@ -97,7 +101,17 @@ export const EVERY_HOST = 'hosts/-';
  * (`nats-<n>`), `localhost` and `cowherd` itself. Names of existing hosts with such ids still parse: the
  * rule is applied where a host id is handed out (join tokens, the agent's configuration).
  */
-export const RESERVED_HOST_IDS: readonly string[] = ['certificate-authority', 'inventory', 'distribution', 'cloning', 'agent', 'nats', 'nats-headless', 'localhost', 'cowherd'];
+export const RESERVED_HOST_IDS: readonly string[] = [
+  'certificate-authority',
+  'inventory',
+  'distribution',
+  'cloning',
+  'agent',
+  'nats',
+  'nats-headless',
+  'localhost',
+  'cowherd',
+];
 
 /** True when `id` is reserved (see RESERVED_HOST_IDS; also `nats-<digits>`, NATS's StatefulSet pods). */
 export function isReservedHostId(id: string): boolean {
