@@ -6,7 +6,7 @@ import { createHash, randomBytes, timingSafeEqual, X509Certificate } from 'node:
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { CowherdError } from '../common/platform/errors.js';
-import { describeIdentity, identityUri, parseIdentity, type Identity } from '../common/platform/identity.js';
+import { DNS_NAME, describeIdentity, identityUri, parseIdentity, type Identity } from '../common/platform/identity.js';
 import { KvConflictError } from '../common/platform/kv.js';
 import type { Logger } from '../common/platform/logger.js';
 import { certificateSha256, inspectCertificate, parseCsr, signLeafCertificate, ttlOfValidity, type CertificateAndKey } from '../common/platform/pki.js';
@@ -59,8 +59,6 @@ export interface IssuedJoinToken {
 const TOKEN_SECRET = /^[A-Za-z0-9_-]{43}$/;
 /** The CA certificate's SHA-256 a join token string pins: 64 lowercase hex digits. */
 const TOKEN_CA_SHA256 = /^[0-9a-f]{64}$/;
-/** DNS names a CSR or IssueCertificate may carry. */
-const DNS_NAME = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/;
 
 /** The certificate authority. */
 export class CertificateAuthority {

@@ -7,11 +7,12 @@
  */
 
 import { hostname } from 'node:os';
+import { DNS_LABEL } from '../platform/identity.js';
 
 /** `{host}`: an RFC 1123 label (one NATS subject token, so no dots). */
-export const HOST_ID = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
-/** `{image}`: lowercase letters, digits and dashes. */
-export const IMAGE_ID = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
+export const HOST_ID = DNS_LABEL;
+/** `{image}`: lowercase letters, digits and dashes, as a DNS label (it names a directory and a torrent). */
+export const IMAGE_ID = DNS_LABEL;
 /** `{virtualMachine}`: a libvirt domain name of safe characters, or the domain's UUID. */
 export const VIRTUAL_MACHINE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 /** `{operation}`: the lowercase UUID the operation was created with (`randomUUID()`). */

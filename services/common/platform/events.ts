@@ -10,6 +10,7 @@
 import { headers as natsHeaders, nanos } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, RetentionPolicy, StorageType, type ConsumerMessages, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
 
+import { DNS_LABEL } from './identity.js';
 import type { Logger } from './logger.js';
 import { eventPublishAttempts, eventPublishFailures, eventsPublished } from './metrics.js';
 
@@ -22,7 +23,8 @@ export const EVENT_TYPE_HEADER = 'Cowherd-Event-Type';
 /** Host token for events that concern no single host. */
 export const FLEET_WIDE = '_';
 /** A host id as it stands in a subject (an RFC 1123 label). */
-const HOST_TOKEN = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
+/** A host's subject token: a host id (one DNS label, common/domain/resource-names.ts HOST_ID). */
+const HOST_TOKEN = DNS_LABEL;
 
 /** A ts-proto message type as the event layer needs it. */
 export interface EventType<T> {

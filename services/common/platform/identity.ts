@@ -18,11 +18,17 @@ export interface Identity {
 /** The trust domain of every cowherd identity. */
 export const TRUST_DOMAIN = 'cowherd';
 
+/** One lowercase RFC 1123 label: letters, digits and inner dashes, at most 63 characters. The rule of host ids. */
+export const DNS_LABEL = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
+
+/** A lowercase DNS name: labels joined by dots, at most 253 characters. */
+export const DNS_NAME = /^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/;
+
 /**
- * Names of services, hosts and users: a DNS label or dotted hostname, lowercase, at most 253 characters.
- * The same rule is used for `hosts/{host}` resource ids, so a host's identity and its resource name agree.
+ * Names of services, hosts and users: a DNS label or dotted hostname (DNS_NAME). A host's id is one label
+ * (`hosts/{host}`, see common/domain/resource-names.ts), so a host's identity and its resource name agree.
  */
-export const PRINCIPAL_NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/;
+export const PRINCIPAL_NAME = DNS_NAME;
 
 const KINDS: readonly IdentityKind[] = ['service', 'host', 'admin'];
 
