@@ -25,7 +25,10 @@ const run = promisify(execFile);
 const CLONES = Number(process.env['BENCH_CLONES'] ?? 100);
 const responseType = CloneVirtualMachinesResponse;
 
-const sha256 = async (path: string): Promise<string> => createHash('sha256').update(await readFile(path)).digest('hex');
+const sha256 = async (path: string): Promise<string> =>
+  createHash('sha256')
+    .update(await readFile(path))
+    .digest('hex');
 /** Bytes on disk (allocated blocks) under a path. */
 const diskUsage = async (path: string): Promise<number> => Number((await run('du', ['-s', '--block-size=1', path])).stdout.split('\t')[0]);
 
@@ -45,12 +48,27 @@ async function main(): Promise<void> {
     await mkdir(vmDirectory, { recursive: true });
     await run('cp', [join(work, 'base.qcow2'), join(vmDirectory, `${image}-master.qcow2`)]);
     const master = `${image}-master`;
-    await writeFile(join(vmDirectory, `${master}.xml`), `<domain type='qemu'><name>${master}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${join(vmDirectory, `${master}.qcow2`)}'/><target dev='vda' bus='virtio'/></disk><interface type='user'><model type='virtio'/></interface></devices></domain>`);
+    await writeFile(
+      join(vmDirectory, `${master}.xml`),
+      `<domain type='qemu'><name>${master}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${join(vmDirectory, `${master}.qcow2`)}'/><target dev='vda' bus='virtio'/></disk><interface type='user'><model type='virtio'/></interface></devices></domain>`,
+    );
     await stack.virsh('define', join(vmDirectory, `${master}.xml`));
     stack.track(master);
     const deadline = Date.now() + 30_000;
-    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/bench-host/virtualMachines/${master}` }, cb)).then((vm) => vm.state === 3, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
-    const publishing = await call<Operation>((cb) => stack.distribution.publishImage({ imageId: image, sourceVirtualMachine: `hosts/bench-host/virtualMachines/${master}`, description: 'bench:clone master', labels: {}, requestId: '' }, cb));
+    while (
+      Date.now() < deadline &&
+      !(await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: `hosts/bench-host/virtualMachines/${master}` }, cb)).then(
+        (vm) => vm.state === 3,
+        () => false,
+      ))
+    )
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    const publishing = await call<Operation>((cb) =>
+      stack.distribution.publishImage(
+        { imageId: image, sourceVirtualMachine: `hosts/bench-host/virtualMachines/${master}`, description: 'bench:clone master', labels: {}, requestId: '' },
+        cb,
+      ),
+    );
     const published = await stack.wait(publishing.name, 600_000, stack.distributionOperations);
     if (published.result?.$case !== 'response') throw new Error(`publish failed: ${JSON.stringify(published.result)}`);
     const base = join(stack.imageDirectory, 'images', image, 'vda.qcow2');
@@ -62,7 +80,17 @@ async function main(): Promise<void> {
     stack.track(...names);
     let started = performance.now();
     const operation = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: `images/${image}` }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/bench-host'], maxClonesPerHost: 0 }, count: CLONES, nameTemplate: `${image}-api-{index}`, start: false, requestId: '' }, cb),
+      stack.cloning.cloneVirtualMachines(
+        {
+          source: { $case: 'image', value: `images/${image}` },
+          placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/bench-host'], maxClonesPerHost: 0 },
+          count: CLONES,
+          nameTemplate: `${image}-api-{index}`,
+          start: false,
+          requestId: '',
+        },
+        cb,
+      ),
     );
     const done = await stack.wait(operation.name, 600_000);
     let elapsed = performance.now() - started;
@@ -73,7 +101,15 @@ async function main(): Promise<void> {
     for (const name of names) bytes += await diskUsage(join(stack.imageDirectory, 'clones', name));
     const batch = stack.agent.logs.find((line) => line['msg'] === 'clone batch done');
     const phases = batch ? { source_ms: batch['sourceMs'], prepare_ms: batch['prepareMs'], define_ms: batch['defineMs'], finish_ms: batch['finishMs'] } : {};
-    results.push({ method: 'cowherd', clones: CLONES, ms_per_clone: round(elapsed / CLONES), bytes_per_clone: Math.round(bytes / CLONES), base_unchanged: (await sha256(base)) === baseHash, failed: failed.length, agent_phases: phases });
+    results.push({
+      method: 'cowherd',
+      clones: CLONES,
+      ms_per_clone: round(elapsed / CLONES),
+      bytes_per_clone: Math.round(bytes / CLONES),
+      base_unchanged: (await sha256(base)) === baseHash,
+      failed: failed.length,
+      agent_phases: phases,
+    });
 
     // The 2011 tool's method: a process per step per clone.
     const template = { xml: await readFile(join(stack.imageDirectory, 'images', image, 'domain-template.xml'), 'utf8') };
@@ -83,7 +119,13 @@ async function main(): Promise<void> {
     stack.track(...perNames);
     const perXml: string[] = [];
     for (const name of perNames) {
-      const rendered = await renderClone(template.xml, { name, hypervisor: 'kvm', cloneDirectory: join(perProcessDirectory, name), disks: [{ target: 'vda', path: join(perProcessDirectory, name, 'vda.qcow2') }], metadata: { source: { image: `images/${image}` }, operation: '', requestId: '' } });
+      const rendered = await renderClone(template.xml, {
+        name,
+        hypervisor: 'kvm',
+        cloneDirectory: join(perProcessDirectory, name),
+        disks: [{ target: 'vda', path: join(perProcessDirectory, name, 'vda.qcow2') }],
+        metadata: { source: { image: `images/${image}` }, operation: '', requestId: '' },
+      });
       await mkdir(join(perProcessDirectory, name));
       await writeFile(join(perProcessDirectory, name, 'domain.xml'), rendered.xml);
       perXml.push(join(perProcessDirectory, name, 'domain.xml'));
@@ -96,7 +138,13 @@ async function main(): Promise<void> {
     elapsed = performance.now() - started;
     bytes = 0;
     for (const name of perNames) bytes += await diskUsage(join(perProcessDirectory, name, 'vda.qcow2'));
-    results.push({ method: 'per-clone-process', clones: CLONES, ms_per_clone: round(elapsed / CLONES), bytes_per_clone: Math.round(bytes / CLONES), base_unchanged: (await sha256(base)) === baseHash });
+    results.push({
+      method: 'per-clone-process',
+      clones: CLONES,
+      ms_per_clone: round(elapsed / CLONES),
+      bytes_per_clone: Math.round(bytes / CLONES),
+      base_unchanged: (await sha256(base)) === baseHash,
+    });
 
     // A full copy per clone.
     const copyDirectory = join(work, 'copy');
@@ -105,7 +153,13 @@ async function main(): Promise<void> {
     stack.track(...copyNames);
     const copyXml: string[] = [];
     for (const name of copyNames) {
-      const rendered = await renderClone(template.xml, { name, hypervisor: 'kvm', cloneDirectory: join(copyDirectory, name), disks: [{ target: 'vda', path: join(copyDirectory, name, 'vda.qcow2') }], metadata: { source: { image: `images/${image}` }, operation: '', requestId: '' } });
+      const rendered = await renderClone(template.xml, {
+        name,
+        hypervisor: 'kvm',
+        cloneDirectory: join(copyDirectory, name),
+        disks: [{ target: 'vda', path: join(copyDirectory, name, 'vda.qcow2') }],
+        metadata: { source: { image: `images/${image}` }, operation: '', requestId: '' },
+      });
       await mkdir(join(copyDirectory, name));
       await writeFile(join(copyDirectory, name, 'domain.xml'), rendered.xml);
       copyXml.push(join(copyDirectory, name, 'domain.xml'));
@@ -118,7 +172,13 @@ async function main(): Promise<void> {
     elapsed = performance.now() - started;
     bytes = 0;
     for (const name of copyNames) bytes += await diskUsage(join(copyDirectory, name, 'vda.qcow2'));
-    results.push({ method: 'copy', clones: CLONES, ms_per_clone: round(elapsed / CLONES), bytes_per_clone: Math.round(bytes / CLONES), base_unchanged: (await sha256(base)) === baseHash });
+    results.push({
+      method: 'copy',
+      clones: CLONES,
+      ms_per_clone: round(elapsed / CLONES),
+      bytes_per_clone: Math.round(bytes / CLONES),
+      base_unchanged: (await sha256(base)) === baseHash,
+    });
 
     for (const result of results) process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {

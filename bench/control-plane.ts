@@ -38,12 +38,13 @@ const REPORTING_SHARE = Number(process.env['BENCH_REPORTING_SHARE'] ?? 0.1);
 const HEARTBEAT_SECONDS = 10;
 const REPOSITORY = fileURLToPath(new URL('..', import.meta.url));
 
-
 async function limited<T>(items: readonly T[], limit: number, work: (item: T) => Promise<void>): Promise<void> {
   let next = 0;
-  await Promise.all(Array.from({ length: limit }, async () => {
-    while (next < items.length) await work(items[next++]!);
-  }));
+  await Promise.all(
+    Array.from({ length: limit }, async () => {
+      while (next < items.length) await work(items[next++]!);
+    }),
+  );
 }
 
 function percentile(sorted: readonly number[], p: number): number {
@@ -55,21 +56,35 @@ async function main(): Promise<void> {
   const stops: Array<() => Promise<void>> = [];
   try {
     const ca = await createCertificateAuthority({ bits: 2048 });
-    const nats = await startEmbeddedNats({ directory: join(directory, 'nats'), tls: await writeCredentials(join(directory, 'nats-tls'), await issueCredentials(ca, identityUri('service', 'nats'), { dnsNames: ['localhost'] })) });
+    const nats = await startEmbeddedNats({
+      directory: join(directory, 'nats'),
+      tls: await writeCredentials(join(directory, 'nats-tls'), await issueCredentials(ca, identityUri('service', 'nats'), { dnsNames: ['localhost'] })),
+    });
     stops.push(() => nats.stop());
-    const inventoryTls = await writeCredentials(join(directory, 'inventory'), await issueCredentials(ca, identityUri('service', 'inventory'), { dnsNames: ['localhost'] }));
+    const inventoryTls = await writeCredentials(
+      join(directory, 'inventory'),
+      await issueCredentials(ca, identityUri('service', 'inventory'), { dnsNames: ['localhost'] }),
+    );
 
     // One key pair, a certificate per agent: signing is what identities cost, not key generation.
     const keys = await generateKeyPair(2048);
     const agents = Array.from({ length: AGENTS }, (_, i) => `agent-${String(i).padStart(4, '0')}`);
-    const agentCertificates = new Map(agents.map((host) => [host, signLeafCertificate({ ca, publicKeyPem: keys.publicKeyPem, identity: identityUri('host', host), ttlSeconds: 3600 })]));
+    const agentCertificates = new Map(
+      agents.map((host) => [host, signLeafCertificate({ ca, publicKeyPem: keys.publicKeyPem, identity: identityUri('host', host), ttlSeconds: 3600 })]),
+    );
     const adminCredentials = await issueCredentials(ca, identityUri('admin', 'bench'));
 
     // The real CA, which records every certificate signed here (servers admit only serials the CA issued).
-    const caTls = await writeCredentials(join(directory, 'certificate-authority'), await issueCredentials(ca, identityUri('service', 'certificate-authority'), { dnsNames: ['localhost'] }));
+    const caTls = await writeCredentials(
+      join(directory, 'certificate-authority'),
+      await issueCredentials(ca, identityUri('service', 'certificate-authority'), { dnsNames: ['localhost'] }),
+    );
     await writeFile(join(directory, 'ca-key.pem'), ca.privateKeyPem, { mode: 0o600 });
     await writeFile(join(directory, 'ca.pem'), ca.certificatePem);
-    await writeFile(join(directory, 'bootstrap-certificates.pem'), [...agentCertificates.values(), adminCredentials.certificatePem, await readFile(inventoryTls.certificateFile, 'utf8')].join(''));
+    await writeFile(
+      join(directory, 'bootstrap-certificates.pem'),
+      [...agentCertificates.values(), adminCredentials.certificatePem, await readFile(inventoryTls.certificateFile, 'utf8')].join(''),
+    );
     const caPort = await freePort();
     const caProcess = await startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services/certificate-authority/main.ts')], {
       readyPattern: /"msg":"serving"/,
@@ -116,13 +131,44 @@ async function main(): Promise<void> {
     const clients = new Map<string, InventoryServiceClient>();
     for (const host of agents) {
       const certificatePem = agentCertificates.get(host)!;
-      clients.set(host, createClient(InventoryServiceClient, address, mutualTlsChannelCredentialsFromPem({ certificatePem, privateKeyPem: keys.privateKeyPem, caPem: ca.certificatePem }), { defaultDeadlineMs: 30_000 }));
+      clients.set(
+        host,
+        createClient(
+          InventoryServiceClient,
+          address,
+          mutualTlsChannelCredentialsFromPem({ certificatePem, privateKeyPem: keys.privateKeyPem, caPem: ca.certificatePem }),
+          { defaultDeadlineMs: 30_000 },
+        ),
+      );
     }
     const setupStart = Date.now();
     await limited(agents, 50, async (host) => {
       const client = clients.get(host)!;
-      await call((cb) => client.registerHost({ host: Host.fromPartial({ name: `hosts/${host}`, hostname: host, hypervisor: Hypervisor.HYPERVISOR_KVM, cpuCount: 32, memoryBytes: String(256 * 2 ** 30), agentEndpoint: `${host}:7445` }) }, cb));
-      const vms = Array.from({ length: VMS_PER_AGENT }, (_, i) => VirtualMachine.fromPartial({ name: `hosts/${host}/virtualMachines/vm-${i}`, domainName: `vm-${i}`, uuid: `${host}-${i}`, state: VirtualMachine_State.STATE_RUNNING, vcpuCount: 2, memoryBytes: String(2 ** 31) }));
+      await call((cb) =>
+        client.registerHost(
+          {
+            host: Host.fromPartial({
+              name: `hosts/${host}`,
+              hostname: host,
+              hypervisor: Hypervisor.HYPERVISOR_KVM,
+              cpuCount: 32,
+              memoryBytes: String(256 * 2 ** 30),
+              agentEndpoint: `${host}:7445`,
+            }),
+          },
+          cb,
+        ),
+      );
+      const vms = Array.from({ length: VMS_PER_AGENT }, (_, i) =>
+        VirtualMachine.fromPartial({
+          name: `hosts/${host}/virtualMachines/vm-${i}`,
+          domainName: `vm-${i}`,
+          uuid: `${host}-${i}`,
+          state: VirtualMachine_State.STATE_RUNNING,
+          vcpuCount: 2,
+          memoryBytes: String(2 ** 31),
+        }),
+      );
       await call((cb) => client.reportVirtualMachines({ parent: `hosts/${host}`, virtualMachines: vms, fullSnapshot: true, removedVirtualMachines: [] }, cb));
     });
     const setupSeconds = (Date.now() - setupStart) / 1000;
@@ -132,7 +178,9 @@ async function main(): Promise<void> {
       let count = 0;
       let pageToken = '';
       do {
-        const page = await call<{ virtualMachines: unknown[]; nextPageToken: string }>((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken, filter: '' }, cb));
+        const page = await call<{ virtualMachines: unknown[]; nextPageToken: string }>((cb) =>
+          admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken, filter: '' }, cb),
+        );
         count += page.virtualMachines.length;
         pageToken = page.nextPageToken;
       } while (pageToken !== '');
@@ -143,7 +191,14 @@ async function main(): Promise<void> {
     // Measure: heartbeats at one per agent per 10 s with random phase, partial reports from a share of the
     // agents with their heartbeats, and paging at LIST_RATE per second.
     const vmOf = (host: string, id: string, running: boolean): VirtualMachine =>
-      VirtualMachine.fromPartial({ name: `hosts/${host}/virtualMachines/${id}`, domainName: id, uuid: `${host}-${id}`, state: running ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF, vcpuCount: 2, memoryBytes: String(2 ** 31) });
+      VirtualMachine.fromPartial({
+        name: `hosts/${host}/virtualMachines/${id}`,
+        domainName: id,
+        uuid: `${host}-${id}`,
+        state: running ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF,
+        vcpuCount: 2,
+        memoryBytes: String(2 ** 31),
+      });
     let heartbeats = 0;
     let heartbeatErrors = 0;
     const heartbeatLatencies: number[] = [];
@@ -235,7 +290,9 @@ async function main(): Promise<void> {
     const round = (value: number): number => Math.round(value * 100) / 100;
     const heartbeatsPerSecond = heartbeats / measuredSeconds;
     // stdout: the result, exactly these keys; stderr: what explains it.
-    process.stdout.write(`${JSON.stringify({ agents: AGENTS, vms, list_p50_ms: round(percentile(listLatencies, 50)), list_p99_ms: round(p99), heartbeats_per_s: round(heartbeatsPerSecond) })}\n`);
+    process.stdout.write(
+      `${JSON.stringify({ agents: AGENTS, vms, list_p50_ms: round(percentile(listLatencies, 50)), list_p99_ms: round(p99), heartbeats_per_s: round(heartbeatsPerSecond) })}\n`,
+    );
     process.stderr.write(
       `${JSON.stringify({
         list_calls: listLatencies.length,

@@ -72,7 +72,17 @@ async function startSwarm(bed: TestBed, image: BenchImage): Promise<{ tracker: D
     if (line.startsWith('{')) announces.push(JSON.parse(line) as Announce);
   });
   const torrent = join(bed.directory(CONTROL), `${basename(image.path)}.torrent`);
-  await runCommand('mktorrent', ['--private', `--piece-length=${PIECE_LENGTH_EXPONENT}`, `--announce=http://${bed.address(CONTROL)}:${TRACKER_PORT}/announce`, `--output=${torrent}`, image.path], { timeoutMs: 120_000 });
+  await runCommand(
+    'mktorrent',
+    [
+      '--private',
+      `--piece-length=${PIECE_LENGTH_EXPONENT}`,
+      `--announce=http://${bed.address(CONTROL)}:${TRACKER_PORT}/announce`,
+      `--output=${torrent}`,
+      image.path,
+    ],
+    { timeoutMs: 120_000 },
+  );
   return { tracker, torrent, announces };
 }
 
@@ -122,10 +132,15 @@ async function startDeluged(bed: TestBed, host: string, downloadLocation: string
   await mkdir(config, { recursive: true });
   await writeFile(join(config, 'core.conf'), delugeCoreConfig(bed.address(host), downloadLocation));
   await writeFile(join(config, 'auth'), `${DELUGE_USER}:${DELUGE_PASSWORD}:10\n`, { mode: 0o600 });
-  const daemon = await bed.spawn(host, 'deluged', ['--do-not-daemonize', '--config', config, '--ui-interface', '127.0.0.1', '--port', String(DELUGE_DAEMON_PORT), '--loglevel', 'info'], {
-    readyPattern: /Factory \(TLS\) starting on \d+/,
-    readyTimeoutMs: 60_000,
-  });
+  const daemon = await bed.spawn(
+    host,
+    'deluged',
+    ['--do-not-daemonize', '--config', config, '--ui-interface', '127.0.0.1', '--port', String(DELUGE_DAEMON_PORT), '--loglevel', 'info'],
+    {
+      readyPattern: /Factory \(TLS\) starting on \d+/,
+      readyTimeoutMs: 60_000,
+    },
+  );
   return daemon;
 }
 
@@ -136,7 +151,24 @@ function quote(path: string): string {
 
 /** Runs one deluge-console command against the host's deluged. */
 function delugeConsole(bed: TestBed, host: string, command: string): Promise<string> {
-  return bed.exec(host, 'deluge-console', ['--config', join(bed.directory(host), 'deluge-console'), '--daemon', '127.0.0.1', '--port', String(DELUGE_DAEMON_PORT), '--username', DELUGE_USER, '--password', DELUGE_PASSWORD, command], { timeoutMs: 60_000 });
+  return bed.exec(
+    host,
+    'deluge-console',
+    [
+      '--config',
+      join(bed.directory(host), 'deluge-console'),
+      '--daemon',
+      '127.0.0.1',
+      '--port',
+      String(DELUGE_DAEMON_PORT),
+      '--username',
+      DELUGE_USER,
+      '--password',
+      DELUGE_PASSWORD,
+      command,
+    ],
+    { timeoutMs: 60_000 },
+  );
 }
 
 /** The 2011 tool's stack: mktorrent + deluged on every host, torrents added with deluge-console. */
@@ -146,7 +178,9 @@ export const deluge: DistributionMethod = async (bed, image) => {
   try {
     const swarm = await startSwarm(bed, image);
     daemons.push(swarm.tracker);
-    const started = await Promise.all([ORIGIN, ...receivers].map((host) => startDeluged(bed, host, host === ORIGIN ? dirname(image.path) : join(bed.directory(host), 'incomplete'))));
+    const started = await Promise.all(
+      [ORIGIN, ...receivers].map((host) => startDeluged(bed, host, host === ORIGIN ? dirname(image.path) : join(bed.directory(host), 'incomplete'))),
+    );
     daemons.push(...started);
     // The origin checks its copy against the torrent, then announces with nothing left.
     await delugeConsole(bed, ORIGIN, `add --path ${quote(dirname(image.path))} ${quote(swarm.torrent)}`);
@@ -155,7 +189,15 @@ export const deluge: DistributionMethod = async (bed, image) => {
     const copies = receivers.map((receiver) => join(bed.directory(receiver), 'done', basename(image.path)));
     const stopwatch = new Stopwatch(bed);
     await stopwatch.start();
-    await Promise.all(receivers.map((receiver) => delugeConsole(bed, receiver, `add --path ${quote(join(bed.directory(receiver), 'incomplete'))} --move-path ${quote(join(bed.directory(receiver), 'done'))} ${quote(swarm.torrent)}`)));
+    await Promise.all(
+      receivers.map((receiver) =>
+        delugeConsole(
+          bed,
+          receiver,
+          `add --path ${quote(join(bed.directory(receiver), 'incomplete'))} --move-path ${quote(join(bed.directory(receiver), 'done'))} ${quote(swarm.torrent)}`,
+        ),
+      ),
+    );
     await waitForCopies(bed, image, receivers, copies, stopwatch, daemons);
     return await stopwatch.result(receivers, copies, image);
   } finally {
@@ -208,7 +250,15 @@ export const aria2: DistributionMethod = async (bed, image) => {
  * Polls every 50 ms until each receiver's completion signal (a file) exists, recording each on the stopwatch;
  * fails early when one of the method's processes died.
  */
-async function waitForCopies(bed: TestBed, image: BenchImage, receivers: readonly string[], copies: readonly string[], stopwatch: Stopwatch, daemons: readonly Daemon[], signal: (copy: string) => string = (copy) => copy): Promise<void> {
+async function waitForCopies(
+  bed: TestBed,
+  image: BenchImage,
+  receivers: readonly string[],
+  copies: readonly string[],
+  stopwatch: Stopwatch,
+  daemons: readonly Daemon[],
+  signal: (copy: string) => string = (copy) => copy,
+): Promise<void> {
   let died: Daemon | undefined;
   for (const daemon of daemons) void daemon.exited.then(() => (died ??= daemon));
   const pending = new Set(receivers.keys());
@@ -217,7 +267,12 @@ async function waitForCopies(bed: TestBed, image: BenchImage, receivers: readonl
     async () => {
       if (died !== undefined) throw new Error(`a process of the method exited early: ${died.output().slice(-2000)}`);
       for (const index of [...pending]) {
-        if (await access(signal(copies[index]!)).then(() => true, () => false)) {
+        if (
+          await access(signal(copies[index]!)).then(
+            () => true,
+            () => false,
+          )
+        ) {
           stopwatch.finished(receivers[index]!);
           pending.delete(index);
         }

@@ -42,12 +42,12 @@ const LOG_DIRECTORY = process.env['COWHERD_BENCH_LOG_DIR'];
 const imageType = Image;
 const responseType = DistributeImageResponse;
 
-
 /** The tracker's answer for `infoHash` (compact peers), announcing as a pseudo-peer that leaves at once. */
 async function trackerPeers(announceUrl: string, infoHash: string): Promise<Buffer> {
   const escape = (bytes: Buffer): string => [...bytes].map((byte) => `%${byte.toString(16).padStart(2, '0')}`).join('');
   const peerId = Buffer.from('-CB0001-bench-watch!');
-  const query = (event: string): string => `info_hash=${escape(Buffer.from(infoHash, 'hex'))}&peer_id=${escape(peerId)}&port=1&uploaded=0&downloaded=0&left=0&compact=1&event=${event}&numwant=200`;
+  const query = (event: string): string =>
+    `info_hash=${escape(Buffer.from(infoHash, 'hex'))}&peer_id=${escape(peerId)}&port=1&uploaded=0&downloaded=0&left=0&compact=1&event=${event}&numwant=200`;
   const response = Buffer.from(await (await fetch(`${announceUrl}?${query('started')}`)).arrayBuffer());
   // And out again at once, so that no receiver is handed this pseudo-peer.
   await fetch(`${announceUrl}?${query('stopped')}`);
@@ -76,7 +76,9 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     const pki = await TestPki.create(await resources.tempDir());
     pki.extraDnsNames = [CONTROL_NAME];
     const nats = await startTestNats(resources, pki, { issued: 'ca-managed', host: '0.0.0.0' });
-    const ca = await startCertificateAuthorityProcess(resources, pki, nats, { env: { COWHERD_LISTEN_ADDRESS: '0.0.0.0:0', COWHERD_ENROLL_ADDRESS: '0.0.0.0:0' } });
+    const ca = await startCertificateAuthorityProcess(resources, pki, nats, {
+      env: { COWHERD_LISTEN_ADDRESS: '0.0.0.0:0', COWHERD_ENROLL_ADDRESS: '0.0.0.0:0' },
+    });
     const any = { COWHERD_LISTEN_ADDRESS: '0.0.0.0:0', COWHERD_CA_ADDRESS: ca.address };
     const inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, any);
     const tracker = `0.0.0.0:${await import('../services/launcher/embedded-nats.js').then(({ freePort }) => freePort())}`;
@@ -111,7 +113,12 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
         // COWHERD_BENCH_LOG_DIR keeps every agent's log lines (<dir>/<host>.log) for a post-mortem.
         ...(LOG_DIRECTORY ? { onLine: (line: string) => appendFileSync(join(LOG_DIRECTORY, `${host}.log`), `${line}\n`) } : {}),
         env: {
-          ...testBedAgentEnvironment(bed, host, { enrollAddress: ca.enrollAddress, caAddress: ca.address, inventoryAddress: inventory.address, natsUrl: `tls://${CONTROL_NAME}:${nats.port}` }),
+          ...testBedAgentEnvironment(bed, host, {
+            enrollAddress: ca.enrollAddress,
+            caAddress: ca.address,
+            inventoryAddress: inventory.address,
+            natsUrl: `tls://${CONTROL_NAME}:${nats.port}`,
+          }),
           COWHERD_JOIN_TOKEN: token.token,
           COWHERD_LOG_LEVEL: process.env['COWHERD_BENCH_LOG_LEVEL'] ?? 'info',
         },
@@ -120,7 +127,11 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
       agentPids.set(host, daemon.pid);
     }
     for (const host of hosts) {
-      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => inventoryClient.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined), 60_000);
+      await waitFor(
+        `${host} READY`,
+        async () => ((await call<Host>((cb) => inventoryClient.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined),
+        60_000,
+      );
     }
     say(`control plane and ${hosts.length} agents up`);
 
@@ -134,12 +145,30 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     const xml = `<domain type='qemu'><name>${vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
     await writeFile(join(vmDirectory, `${vm}.xml`), xml);
     await run('virsh', ['-c', 'qemu:///system', 'define', join(vmDirectory, `${vm}.xml`)]);
-    resources.defer(() => run('virsh', ['-c', 'qemu:///system', 'undefine', vm]).then(() => undefined, () => undefined));
-    await waitFor('the master VM in inventory', async () => ((await call<{ state: number }>((cb) => inventoryClient.getVirtualMachine({ name: `hosts/${ORIGIN}/virtualMachines/${vm}` }, cb))).state === 3 ? true : undefined), 30_000);
+    resources.defer(() =>
+      run('virsh', ['-c', 'qemu:///system', 'undefine', vm]).then(
+        () => undefined,
+        () => undefined,
+      ),
+    );
+    await waitFor(
+      'the master VM in inventory',
+      async () =>
+        (await call<{ state: number }>((cb) => inventoryClient.getVirtualMachine({ name: `hosts/${ORIGIN}/virtualMachines/${vm}` }, cb))).state === 3
+          ? true
+          : undefined,
+      30_000,
+    );
     const imageId = `bench-${suffix}`;
-    const published = await call<Operation>((cb) => distributionClient.publishImage({ imageId, sourceVirtualMachine: `hosts/${ORIGIN}/virtualMachines/${vm}`, description: 'bench:distribution', labels: {}, requestId: '' }, cb));
+    const published = await call<Operation>((cb) =>
+      distributionClient.publishImage(
+        { imageId, sourceVirtualMachine: `hosts/${ORIGIN}/virtualMachines/${vm}`, description: 'bench:distribution', labels: {}, requestId: '' },
+        cb,
+      ),
+    );
     let publishDone = await call<Operation>((cb) => operations.getOperation({ name: published.name }, cb));
-    while (!publishDone.done) publishDone = await call<Operation>((cb) => operations.waitOperation({ name: published.name, timeout: { seconds: '10', nanos: 0 } }, cb));
+    while (!publishDone.done)
+      publishDone = await call<Operation>((cb) => operations.waitOperation({ name: published.name, timeout: { seconds: '10', nanos: 0 } }, cb));
     if (publishDone.result?.$case !== 'response') throw new Error(`publish failed: ${JSON.stringify(publishDone.result)}`);
     const record = unpack(imageType, publishDone.result.value);
     const bytes = record.files.reduce((sum, file) => sum + Number(file.sizeBytes), 0);
@@ -147,7 +176,12 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     say(`published images/${imageId}: ${record.files.length} files, ${bytes} bytes, info-hash ${record.torrent?.infoHash}`);
 
     // image.available per receiver, as the agents publish it.
-    const watcher = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'distribution', { subdirectory: 'bench-watcher' }), name: 'bench', log: createLogger({ service: 'bench', level: 'silent' }) });
+    const watcher = await connectNats({
+      servers: [nats.url],
+      tls: await pki.files('service', 'distribution', { subdirectory: 'bench-watcher' }),
+      name: 'bench',
+      log: createLogger({ service: 'bench', level: 'silent' }),
+    });
     resources.defer(() => watcher.close());
     const stopwatch = new Stopwatch(bed);
     const receivers = receiverHosts(bed);
@@ -168,21 +202,28 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     // the clock once their origin has announced as a seed).
     const trackerUrl = `http://127.0.0.1:${tracker.split(':')[1]}/announce`;
     const originPeer = Buffer.from([...bed.address(ORIGIN).split('.').map(Number), 6881 >> 8, 6881 & 0xff]);
-    await waitFor('the origin in the tracker', async () => ((await trackerPeers(trackerUrl, record.torrent!.infoHash)).includes(originPeer) ? true : undefined), 30_000);
+    await waitFor(
+      'the origin in the tracker',
+      async () => ((await trackerPeers(trackerUrl, record.torrent!.infoHash)).includes(originPeer) ? true : undefined),
+      30_000,
+    );
     await stopwatch.start();
     const startedIso = new Date().toISOString();
     // COWHERD_BENCH_RATES=1: per-second rates of the origin's uplink and r1's downlink, to stderr.
     const rates: string[] = [];
     let last = { origin: await bed.txBytes(ORIGIN), r1: await bed.rxBytes(receivers[0]!) };
-    const sampler = process.env['COWHERD_BENCH_RATES'] === '1'
-      ? setInterval(() => {
-          void Promise.all([bed.txBytes(ORIGIN), bed.rxBytes(receivers[0]!)]).then(([origin, r1]) => {
-            rates.push(`${((origin - last.origin) / bed.rateBytesPerSecond).toFixed(2)}/${((r1 - last.r1) / bed.rateBytesPerSecond).toFixed(2)}`);
-            last = { origin, r1 };
-          });
-        }, 1000)
-      : undefined;
-    const operation = await call<Operation>((cb) => distributionClient.distributeImage({ image: `images/${imageId}`, hosts: receivers.map((host) => `hosts/${host}`), requestId: '' }, cb));
+    const sampler =
+      process.env['COWHERD_BENCH_RATES'] === '1'
+        ? setInterval(() => {
+            void Promise.all([bed.txBytes(ORIGIN), bed.rxBytes(receivers[0]!)]).then(([origin, r1]) => {
+              rates.push(`${((origin - last.origin) / bed.rateBytesPerSecond).toFixed(2)}/${((r1 - last.r1) / bed.rateBytesPerSecond).toFixed(2)}`);
+              last = { origin, r1 };
+            });
+          }, 1000)
+        : undefined;
+    const operation = await call<Operation>((cb) =>
+      distributionClient.distributeImage({ image: `images/${imageId}`, hosts: receivers.map((host) => `hosts/${host}`), requestId: '' }, cb),
+    );
     let done = operation;
     while (!done.done) done = await call<Operation>((cb) => operations.waitOperation({ name: operation.name, timeout: { seconds: '10', nanos: 0 } }, cb));
     if (done.result?.$case !== 'response') throw new Error(`DistributeImage failed: ${JSON.stringify(done.result)}`);
@@ -190,7 +231,9 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     if (response.failures.length > 0) throw new Error(`hosts failed: ${JSON.stringify(response.failures)}`);
     const copies = receivers.map((host) => join(bed.directory(host), 'images-root', 'images', imageId, diskFile.path));
     const reference = join(bed.directory(ORIGIN), 'images-root', 'images', imageId, diskFile.path);
-    const sha256 = createHash('sha256').update(await readFile(reference)).digest('hex');
+    const sha256 = createHash('sha256')
+      .update(await readFile(reference))
+      .digest('hex');
     if (sha256 !== diskFile.sha256) throw new Error('the origin replica does not match its record');
     clearInterval(sampler);
     if (rates.length > 0) say(`per second from ${startedIso}, origin uplink / r1 downlink as a share of the link: ${rates.join(' ')}`);
@@ -198,7 +241,9 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     // Where the time goes: CPU seconds of each agent process while the image moved, against the machine's cores.
     const cpu = [...agentPids].map(([host, pid]) => [host, cpuSeconds(pid) - (cpuBefore.get(host) ?? 0)] as const);
     const total = cpu.reduce((sum, [, seconds]) => sum + seconds, 0);
-    say(`agents' CPU during the ${wall.toFixed(1)} s: ${cpu.map(([host, seconds]) => `${host} ${seconds.toFixed(1)} s`).join(', ')}; total ${total.toFixed(1)} CPU-s of ${(wall * availableParallelism()).toFixed(1)} available on ${availableParallelism()} cores`);
+    say(
+      `agents' CPU during the ${wall.toFixed(1)} s: ${cpu.map(([host, seconds]) => `${host} ${seconds.toFixed(1)} s`).join(', ')}; total ${total.toFixed(1)} CPU-s of ${(wall * availableParallelism()).toFixed(1)} available on ${availableParallelism()} cores`,
+    );
     const result = await stopwatch.result(receivers, copies, { path: reference, bytes: (await stat(reference)).size, sha256 });
     return { ...result, bytes };
   } finally {

@@ -99,7 +99,10 @@ export async function sha256File(path: string): Promise<string> {
 /** True when every file has the image's size and SHA-256. */
 export async function verifyCopies(paths: readonly string[], image: BenchImage): Promise<boolean> {
   for (const path of paths) {
-    const size = await stat(path).then((stats) => stats.size, () => -1);
+    const size = await stat(path).then(
+      (stats) => stats.size,
+      () => -1,
+    );
     if (size !== image.bytes || (await sha256File(path)) !== image.sha256) {
       process.stderr.write(`distribution: ${path} is not a verified copy\n`);
       return false;

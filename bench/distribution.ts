@@ -54,7 +54,10 @@ function positive(name: string, fallback: number): number {
 function selectedMethods(): string[] {
   const raw = process.env['COWHERD_BENCH_METHODS'];
   if (raw === undefined || raw.trim() === '') return Object.keys(methods);
-  const wanted = raw.split(',').map((name) => name.trim()).filter(Boolean);
+  const wanted = raw
+    .split(',')
+    .map((name) => name.trim())
+    .filter(Boolean);
   const unknown = wanted.filter((name) => !(name in methods));
   if (unknown.length > 0) {
     process.stderr.write(`distribution: unknown method(s) ${unknown.join(', ')}; known: ${Object.keys(methods).join(', ')}\n`);
@@ -85,7 +88,12 @@ async function writeRandomImage(path: string, mib: number): Promise<BenchImage> 
 async function main(): Promise<void> {
   const names = selectedMethods();
   const receivers = Array.from({ length: RECEIVERS }, (_, index) => `r${index + 1}`);
-  const bed = await TestBed.create({ hosts: [ORIGIN, CONTROL, ...receivers], rateMbit: RATE_MBIT, ...(QUEUE_KIB === undefined ? {} : { queueBytes: QUEUE_KIB * 1024 }), ...(process.env['COWHERD_BENCH_DIR'] ? { directory: process.env['COWHERD_BENCH_DIR'] } : {}) });
+  const bed = await TestBed.create({
+    hosts: [ORIGIN, CONTROL, ...receivers],
+    rateMbit: RATE_MBIT,
+    ...(QUEUE_KIB === undefined ? {} : { queueBytes: QUEUE_KIB * 1024 }),
+    ...(process.env['COWHERD_BENCH_DIR'] ? { directory: process.env['COWHERD_BENCH_DIR'] } : {}),
+  });
   let failed = false;
   try {
     const imagePath = join(bed.directory(ORIGIN), 'image.raw');
@@ -108,7 +116,9 @@ async function main(): Promise<void> {
           rate_mbit: RATE_MBIT,
         };
         process.stdout.write(`${JSON.stringify(line)}\n`);
-        const receiverSummary = result.perReceiver.map((receiver) => `${receiver.host} ${round(receiver.seconds)} s, sent ${round(receiver.txBytes / image.bytes)} S`).join('; ');
+        const receiverSummary = result.perReceiver
+          .map((receiver) => `${receiver.host} ${round(receiver.seconds)} s, sent ${round(receiver.txBytes / image.bytes)} S`)
+          .join('; ');
         process.stderr.write(`distribution: ${name}: ${receiverSummary}\n`);
         if (!result.allVerified) failed = true;
       } catch (error) {

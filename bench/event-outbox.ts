@@ -21,7 +21,18 @@ const SEQUENTIAL = Number(process.env['BENCH_EVENTS'] ?? 300);
 const BACKLOG = Number(process.env['BENCH_BACKLOG'] ?? 2_000);
 const IDS = Number(process.env['BENCH_IDS'] ?? 50_000);
 
-const payload = (index: number): CloneDone => ({ virtualMachine: `hosts/kvm-01/virtualMachines/vm-${index}`, host: 'hosts/kvm-01', domainName: `vm-${index}`, uuid: '6c0e7d0c-3f7e-4c84-a1f4-3b0f6f7f2a11', image: 'images/debian-12', sourceVirtualMachine: '', overlays: [`/var/lib/cowherd/images/clones/vm-${index}/vda.qcow2`], started: true, operation: 'operations/6c0e7d0c-3f7e-4c84-a1f4-3b0f6f7f2a11', occurTime: new Date() });
+const payload = (index: number): CloneDone => ({
+  virtualMachine: `hosts/kvm-01/virtualMachines/vm-${index}`,
+  host: 'hosts/kvm-01',
+  domainName: `vm-${index}`,
+  uuid: '6c0e7d0c-3f7e-4c84-a1f4-3b0f6f7f2a11',
+  image: 'images/debian-12',
+  sourceVirtualMachine: '',
+  overlays: [`/var/lib/cowherd/images/clones/vm-${index}/vda.qcow2`],
+  started: true,
+  operation: 'operations/6c0e7d0c-3f7e-4c84-a1f4-3b0f6f7f2a11',
+  occurTime: new Date(),
+});
 
 function percentile(values: number[], p: number): number {
   const sorted = [...values].sort((a, b) => a - b);
@@ -46,7 +57,9 @@ async function drained(outbox: EventOutbox): Promise<void> {
 async function drainRate(make: () => Promise<EventOutbox>, tag: string): Promise<{ recordMs: number; eventsPerSecond: number }> {
   const outbox = await make();
   const started = performance.now();
-  await Promise.all(Array.from({ length: BACKLOG }, (_, index) => outbox.events.publish(CLONE_DONE, payload(index), { host: 'kvm-01', id: `${tag}/${index}` })));
+  await Promise.all(
+    Array.from({ length: BACKLOG }, (_, index) => outbox.events.publish(CLONE_DONE, payload(index), { host: 'kvm-01', id: `${tag}/${index}` })),
+  );
   const recorded = performance.now();
   await drained(outbox);
   const done = performance.now();
@@ -55,7 +68,9 @@ async function drainRate(make: () => Promise<EventOutbox>, tag: string): Promise
 }
 
 function rssBytes(pid: number): number {
-  const line = readFileSync(`/proc/${pid}/status`, 'utf8').split('\n').find((entry) => entry.startsWith('VmRSS:'))!;
+  const line = readFileSync(`/proc/${pid}/status`, 'utf8')
+    .split('\n')
+    .find((entry) => entry.startsWith('VmRSS:'))!;
   return Number(/(\d+)/.exec(line)![1]) * 1024;
 }
 
@@ -69,7 +84,10 @@ async function windowMemory(nats: Nats, pid: number): Promise<{ bytesPerRemember
         Array.from({ length: Math.min(500, IDS - start) }, (_, offset) => {
           const headers = natsHeaders();
           headers.set('Cowherd-Event-Type', CLONE_DONE.typeName);
-          return nats.jetstream.publish('cowherd.events.clone.done.kvm-01', data, { headers, ...(withId ? { msgID: `clone.done/operations/6c0e7d0c-3f7e-4c84-a1f4-3b0f6f7f2a11/kvm-01/${tag}-${start + offset}` } : {}) });
+          return nats.jetstream.publish('cowherd.events.clone.done.kvm-01', data, {
+            headers,
+            ...(withId ? { msgID: `clone.done/operations/6c0e7d0c-3f7e-4c84-a1f4-3b0f6f7f2a11/kvm-01/${tag}-${start + offset}` } : {}),
+          });
         }),
       );
     }

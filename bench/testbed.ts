@@ -117,7 +117,11 @@ export class TestBed {
     process.exit(signal === 'SIGINT' ? 130 : 143);
   };
 
-  private constructor(hosts: readonly string[], rateMbit: number, private readonly root: string) {
+  private constructor(
+    hosts: readonly string[],
+    rateMbit: number,
+    private readonly root: string,
+  ) {
     this.prefix = `${PREFIX}-${process.pid}-${randomBytes(3).toString('hex')}-`;
     this.hosts = hosts;
     this.rateBytesPerSecond = (rateMbit * 1_000_000) / 8;
@@ -242,7 +246,11 @@ export class TestBed {
    * /etc/netns/<namespace>/hosts over /etc/hosts), e.g. a control-plane name that certificates carry.
    */
   async setHostNames(names: Readonly<Record<string, string>>): Promise<void> {
-    const lines = ['127.0.0.1 localhost', ...Object.entries(names).map(([name, address]) => `${address} ${name}`), ...this.hosts.map((host) => `${this.address(host)} ${host}`)];
+    const lines = [
+      '127.0.0.1 localhost',
+      ...Object.entries(names).map(([name, address]) => `${address} ${name}`),
+      ...this.hosts.map((host) => `${this.address(host)} ${host}`),
+    ];
     for (const host of this.hosts) {
       const directory = join('/etc/netns', this.namespace(host));
       await mkdir(directory, { recursive: true });
@@ -277,7 +285,9 @@ export class TestBed {
   }
 
   private async linkStatistics(host: string): Promise<{ rx: { bytes: number }; tx: { bytes: number } }> {
-    const links = JSON.parse(await runCommand('ip', ['-n', this.namespace(host), '-s', '-j', 'link', 'show', 'dev', 'eth0'])) as Array<{ stats64: { rx: { bytes: number }; tx: { bytes: number } } }>;
+    const links = JSON.parse(await runCommand('ip', ['-n', this.namespace(host), '-s', '-j', 'link', 'show', 'dev', 'eth0'])) as Array<{
+      stats64: { rx: { bytes: number }; tx: { bytes: number } };
+    }>;
     const link = links[0];
     if (link === undefined) throw new TestBedError(`${host}: no eth0`);
     return link.stats64;
@@ -297,7 +307,25 @@ export class TestBed {
     await ip('-n', switchNamespace, 'link', 'set', 'br0', 'up');
     const shape = async (namespace: string, device: string): Promise<void> => {
       await runCommand('tc', ['-n', namespace, 'qdisc', 'add', 'dev', device, 'root', 'handle', '1:', 'htb', 'default', '10']);
-      await runCommand('tc', ['-n', namespace, 'class', 'add', 'dev', device, 'parent', '1:', 'classid', '1:10', 'htb', 'rate', `${rateMbit}mbit`, 'ceil', `${rateMbit}mbit`, 'quantum', '1514']);
+      await runCommand('tc', [
+        '-n',
+        namespace,
+        'class',
+        'add',
+        'dev',
+        device,
+        'parent',
+        '1:',
+        'classid',
+        '1:10',
+        'htb',
+        'rate',
+        `${rateMbit}mbit`,
+        'ceil',
+        `${rateMbit}mbit`,
+        'quantum',
+        '1514',
+      ]);
       await runCommand('tc', ['-n', namespace, 'qdisc', 'add', 'dev', device, 'parent', '1:10', 'handle', '10:', 'bfifo', 'limit', String(queueBytes)]);
     };
     for (const host of this.hosts) {
@@ -323,16 +351,22 @@ function listNamespaces(): string[] {
   } catch {
     return [];
   }
-  return output.split('\n').map((line) => line.split(' ')[0] ?? '').filter((name) => name.startsWith(`${PREFIX}-`));
+  return output
+    .split('\n')
+    .map((line) => line.split(' ')[0] ?? '')
+    .filter((name) => name.startsWith(`${PREFIX}-`));
 }
 
 /** SIGKILLs every process in the namespace, then deletes it (the kernel frees it, links included, once empty). */
 function removeNamespace(namespace: string): void {
-  rmSync(join("/etc/netns", namespace), { recursive: true, force: true });
+  rmSync(join('/etc/netns', namespace), { recursive: true, force: true });
   for (let attempt = 0; attempt < 20; attempt++) {
     let pids: number[] = [];
     try {
-      pids = execFileSync('ip', ['netns', 'pids', namespace], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).split('\n').filter(Boolean).map(Number);
+      pids = execFileSync('ip', ['netns', 'pids', namespace], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] })
+        .split('\n')
+        .filter(Boolean)
+        .map(Number);
     } catch {
       break;
     }

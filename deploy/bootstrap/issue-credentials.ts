@@ -77,7 +77,11 @@ export function clusterDnsNames(identity: ClusterIdentity, namespace: string, cl
     // Routes between the servers dial each pod by its stable name through the headless Service; the
     // sidecar in each pod talks to its own server over localhost.
     for (let index = 0; index < NATS_CLUSTER_SIZE; index++) {
-      names.push(`nats-${index}.nats-headless`, `nats-${index}.nats-headless.${namespace}.svc`, `nats-${index}.nats-headless.${namespace}.svc.${clusterDomain}`);
+      names.push(
+        `nats-${index}.nats-headless`,
+        `nats-${index}.nats-headless.${namespace}.svc`,
+        `nats-${index}.nats-headless.${namespace}.svc.${clusterDomain}`,
+      );
     }
     names.push('localhost');
   }
@@ -101,12 +105,15 @@ export async function issueClusterCredentials(options: ClusterCredentialsOptions
   const issued: string[] = [];
   for (const name of CLUSTER_IDENTITIES) {
     const dnsNames = clusterDnsNames(name, namespace, clusterDomain, options.extraDnsNames?.[name]);
-    if (await ensureSeed(ca, join(directory, 'credentials', name), identityUri('service', name), dnsNames, seedSeconds)) issued.push(identityUri('service', name));
+    if (await ensureSeed(ca, join(directory, 'credentials', name), identityUri('service', name), dnsNames, seedSeconds))
+      issued.push(identityUri('service', name));
   }
   const adminDirectory = join(directory, 'admin', adminUser);
   if (await ensureSeed(ca, adminDirectory, identityUri('admin', adminUser), [], ADMIN_DAYS * 86_400)) issued.push(identityUri('admin', adminUser));
   for (const identity of issued) say(`issued ${identity}`);
-  const seedFiles = [...CLUSTER_IDENTITIES.map((name) => join(directory, 'credentials', name)), adminDirectory].map((seed) => credentialFiles(seed).certificateFile);
+  const seedFiles = [...CLUSTER_IDENTITIES.map((name) => join(directory, 'credentials', name)), adminDirectory].map(
+    (seed) => credentialFiles(seed).certificateFile,
+  );
   const bootstrapCertificates = (await Promise.all(seedFiles.map((file) => readFile(file, 'utf8')))).join('');
   await writeFile(join(directory, 'ca', 'bootstrap-certificates.pem'), bootstrapCertificates, { mode: 0o644 });
 
@@ -169,9 +176,15 @@ export function parseExtraDnsNames(values: readonly string[]): Partial<Record<Cl
   for (const value of values) {
     const match = /^([a-z-]+)=(.+)$/.exec(value);
     const name = match?.[1] as ClusterIdentity | undefined;
-    if (!match || name === undefined || !CLUSTER_IDENTITIES.includes(name)) throw new Error(`--dns ${JSON.stringify(value)}: expected <${CLUSTER_IDENTITIES.join('|')}>=<dns name>[,<dns name>...]`);
-    const names = match[2]!.split(',').map((part) => part.trim().toLowerCase()).filter((part) => part !== '');
-    for (const dnsName of names) if (!/^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/.test(dnsName)) throw new Error(`--dns ${JSON.stringify(value)}: ${JSON.stringify(dnsName)} is not a DNS name`);
+    if (!match || name === undefined || !CLUSTER_IDENTITIES.includes(name))
+      throw new Error(`--dns ${JSON.stringify(value)}: expected <${CLUSTER_IDENTITIES.join('|')}>=<dns name>[,<dns name>...]`);
+    const names = match[2]!
+      .split(',')
+      .map((part) => part.trim().toLowerCase())
+      .filter((part) => part !== '');
+    for (const dnsName of names)
+      if (!/^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/.test(dnsName))
+        throw new Error(`--dns ${JSON.stringify(value)}: ${JSON.stringify(dnsName)} is not a DNS name`);
     result[name] = [...(result[name] ?? []), ...names];
   }
   return result;

@@ -21,7 +21,15 @@
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import { keepCertificateFresh, type RenewFunction } from '../../services/common/platform/certificate-renewal.js';
 import { createClient } from '../../services/common/platform/client.js';
-import { addressVariable, enumVariable, integerVariable, optionalStringVariable, pathVariable, readConfig, urlListVariable } from '../../services/common/platform/config.js';
+import {
+  addressVariable,
+  enumVariable,
+  integerVariable,
+  optionalStringVariable,
+  pathVariable,
+  readConfig,
+  urlListVariable,
+} from '../../services/common/platform/config.js';
 import { identityUri, parseIdentity, type Identity } from '../../services/common/platform/identity.js';
 import { jsonCodec, KvStore } from '../../services/common/platform/kv.js';
 import { createLogger, LOG_LEVELS, type Logger } from '../../services/common/platform/logger.js';
@@ -82,7 +90,9 @@ export async function ensureReplicatedBuckets(nats: Nats, replicas: number, log:
 function renewThrough(client: CertificateAuthorityServiceClient): RenewFunction {
   return (csrPem) =>
     new Promise((resolve, reject) =>
-      client.renewCertificate({ csrPem }, (error, response) => (error ? reject(error) : resolve({ certificatePem: response.certificate?.certificatePem ?? '', caPem: response.caCertificatePem }))),
+      client.renewCertificate({ csrPem }, (error, response) =>
+        error ? reject(error) : resolve({ certificatePem: response.certificate?.certificatePem ?? '', caPem: response.caCertificatePem }),
+      ),
     );
 }
 
@@ -92,7 +102,12 @@ async function main(): Promise<void> {
   const tls: TlsFiles = { certificateFile: config.certificateFile, privateKeyFile: config.privateKeyFile, caFile: config.caFile };
   const staticIdentities = parseStaticIdentities(config.staticIdentities);
 
-  const caClient = createClient(CertificateAuthorityServiceClient, config.caAddress, mutualTlsClientCredentials(tls)(identityUri('service', 'certificate-authority')), { defaultDeadlineMs: 10_000 });
+  const caClient = createClient(
+    CertificateAuthorityServiceClient,
+    config.caAddress,
+    mutualTlsClientCredentials(tls)(identityUri('service', 'certificate-authority')),
+    { defaultDeadlineMs: 10_000 },
+  );
   const nats = await connectNats({ servers: config.natsUrls, tls, name: 'nats-sidecar', log });
   const records = await openCaRecords(nats.jetstream);
   const users = natsUsers({
@@ -106,7 +121,12 @@ async function main(): Promise<void> {
   await users.sync();
   const timer = setInterval(() => void users.sync().catch(() => undefined), config.syncSeconds * 1000);
   // The renewed server certificate reaches nats-server with the reload that sync() sends.
-  const stopRenewing = await keepCertificateFresh({ files: tls, renew: renewThrough(caClient), log, onRenewed: () => void users.sync().catch(() => undefined) });
+  const stopRenewing = await keepCertificateFresh({
+    files: tls,
+    renew: renewThrough(caClient),
+    log,
+    onRenewed: () => void users.sync().catch(() => undefined),
+  });
   log.info({ staticIdentities: staticIdentities.map((identity) => identity.uri) }, 'NATS users in sync');
 
   // Buckets need a JetStream quorum (the other servers may still be starting): retry until done.

@@ -35,7 +35,17 @@ import {
   type Libvirt,
   type RenderedClone,
 } from './hypervisor/index.js';
-import { cloneDefinitionFile, cloneDirectory as cloneDirectoryOf, cloneDiskFile, clonesDirectory, isInsideImageDirectory, overlayPrototypeFile, replicaDirectory as replicaDirectoryOf, replicaFile, templateFile } from './image-directory/index.js';
+import {
+  cloneDefinitionFile,
+  cloneDirectory as cloneDirectoryOf,
+  cloneDiskFile,
+  clonesDirectory,
+  isInsideImageDirectory,
+  overlayPrototypeFile,
+  replicaDirectory as replicaDirectoryOf,
+  replicaFile,
+  templateFile,
+} from './image-directory/index.js';
 /** Clones per request at most (the proto's limit). */
 export const MAX_CLONES_PER_REQUEST = 1000;
 
@@ -108,8 +118,10 @@ export class CloneEngine {
     const source = await this.resolveSource(request);
     const extension = this.options.hypervisor === 'xen' ? 'vhd' : 'qcow2';
     for (const disk of source.disks) {
-      if (this.options.hypervisor === 'xen' && disk.format !== 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
-      if (this.options.hypervisor === 'kvm' && disk.format === 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+      if (this.options.hypervisor === 'xen' && disk.format !== 'vpc')
+        throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+      if (this.options.hypervisor === 'kvm' && disk.format === 'vpc')
+        throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
     }
     const name = request.clones[0]!.domainName;
     const cloneDirectory = cloneDirectoryOf(this.options.imageDirectory, name);
@@ -124,17 +136,23 @@ export class CloneEngine {
     const existing = new Set((await this.options.libvirt.listDomains()).map((domain) => domain.name));
     request.clones.forEach((clone, index) => {
       if (existing.has(clone.domainName)) {
-        throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `a domain named ${clone.domainName} already exists on ${HOST_NAME.format({ host: this.options.host })}`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN, field: `clones[${index}].domain_name`, metadata: { domain: clone.domainName } });
+        throw new CowherdError(
+          GrpcStatus.ALREADY_EXISTS,
+          `a domain named ${clone.domainName} already exists on ${HOST_NAME.format({ host: this.options.host })}`,
+          { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN, field: `clones[${index}].domain_name`, metadata: { domain: clone.domainName } },
+        );
       }
     });
   }
 
   /** INVALID_ARGUMENT unless there are 1 to 1000 clones with valid, distinct names. */
   private checkNames(request: CreateClonesRequest): void {
-    if (request.clones.length === 0 || request.clones.length > MAX_CLONES_PER_REQUEST) throw CowherdError.invalidArgument('clones', `must hold 1 to ${MAX_CLONES_PER_REQUEST} clones`);
+    if (request.clones.length === 0 || request.clones.length > MAX_CLONES_PER_REQUEST)
+      throw CowherdError.invalidArgument('clones', `must hold 1 to ${MAX_CLONES_PER_REQUEST} clones`);
     const names = new Set<string>();
     request.clones.forEach((clone, index) => {
-      if (!VIRTUAL_MACHINE_ID.test(clone.domainName)) throw CowherdError.invalidArgument(`clones[${index}].domain_name`, `must match ${VIRTUAL_MACHINE_ID.source}`);
+      if (!VIRTUAL_MACHINE_ID.test(clone.domainName))
+        throw CowherdError.invalidArgument(`clones[${index}].domain_name`, `must match ${VIRTUAL_MACHINE_ID.source}`);
       if (names.has(clone.domainName)) throw CowherdError.invalidArgument(`clones[${index}].domain_name`, 'repeats another clone of this request');
       names.add(clone.domainName);
     });
@@ -157,7 +175,9 @@ export class CloneEngine {
     const prototypes = this.options.hypervisor === 'kvm' && request.clones.length > 1 ? await this.makePrototypes(source) : new Map<string, string>();
     let prepared: PreparedClone[];
     try {
-      prepared = await mapLimited(request.clones, PREPARE_CONCURRENCY, (clone) => this.prepare(source, clone.domainName, request, existing.get(clone.domainName), prototypes));
+      prepared = await mapLimited(request.clones, PREPARE_CONCURRENCY, (clone) =>
+        this.prepare(source, clone.domainName, request, existing.get(clone.domainName), prototypes),
+      );
     } finally {
       for (const prototype of prototypes.values()) await rm(prototype, { force: true });
     }
@@ -165,7 +185,14 @@ export class CloneEngine {
     const toDefine = prepared.filter((item): item is PreparedClone & { kind: 'new' } => item.kind === 'new');
     const defineErrors = this.options.libvirt.defineMany
       ? await this.options.libvirt.defineMany(toDefine.map((item) => item.rendered.xml))
-      : await Promise.all(toDefine.map((item) => this.options.libvirt.define(item.rendered.xml).then(() => undefined, (error: unknown) => error as Error)));
+      : await Promise.all(
+          toDefine.map((item) =>
+            this.options.libvirt.define(item.rendered.xml).then(
+              () => undefined,
+              (error: unknown) => error as Error,
+            ),
+          ),
+        );
     const definedAt = performance.now();
     const defineError = new Map(toDefine.map((item, index) => [item.name, defineErrors[index]]));
     // Starts one after another (at most two TCG guests boot well on two cores); events go out together.
@@ -181,14 +208,26 @@ export class CloneEngine {
     // (the outbox's disk) fails the call, saying what a retry does: clones made are kept and found again.
     await Promise.all(publishing).catch((error: unknown) => {
       const full = /ENOSPC|no space left/i.test(String((error as Error).message));
-      throw new CowherdError(full ? GrpcStatus.RESOURCE_EXHAUSTED : GrpcStatus.UNAVAILABLE, `the clones of this batch were made or rolled back, but their events could not be recorded (${(error as Error).message}); a retry with the same request_id returns the clones and records their events`, {
-        reason: full ? ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE : ErrorReason.ERROR_REASON_INTERNAL,
-        cause: error,
-      });
+      throw new CowherdError(
+        full ? GrpcStatus.RESOURCE_EXHAUSTED : GrpcStatus.UNAVAILABLE,
+        `the clones of this batch were made or rolled back, but their events could not be recorded (${(error as Error).message}); a retry with the same request_id returns the clones and records their events`,
+        {
+          reason: full ? ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE : ErrorReason.ERROR_REASON_INTERNAL,
+          cause: error,
+        },
+      );
     });
     const round = (ms: number): number => Math.round(ms * 10) / 10;
     this.options.log.info(
-      { clones: results.length, failed: results.filter((result) => result.status && result.status.code !== 0).length, sourceMs: round(listedAt - startedAt), prepareMs: round(preparedAt - listedAt), defineMs: round(definedAt - preparedAt), finishMs: round(performance.now() - definedAt), operation: request.operation },
+      {
+        clones: results.length,
+        failed: results.filter((result) => result.status && result.status.code !== 0).length,
+        sourceMs: round(listedAt - startedAt),
+        prepareMs: round(preparedAt - listedAt),
+        defineMs: round(definedAt - preparedAt),
+        finishMs: round(performance.now() - definedAt),
+        operation: request.operation,
+      },
       'clone batch done',
     );
     return results;
@@ -201,7 +240,10 @@ export class CloneEngine {
       if (!id) throw CowherdError.invalidArgument('image', 'must be images/{image}');
       const replicaDirectory = this.options.replicaBase ? await this.options.replicaBase(id) : replicaDirectoryOf(this.options.imageDirectory, id);
       const template = await readFile(templateFile(replicaDirectory), 'utf8').catch(() => {
-        throw CowherdError.failedPrecondition(`${source.value} has no replica on ${HOST_NAME.format({ host: this.options.host })}`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
+        throw CowherdError.failedPrecondition(
+          `${source.value} has no replica on ${HOST_NAME.format({ host: this.options.host })}`,
+          ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST,
+        );
       });
       const disks = templateDisks(template).map((disk) => ({ target: disk.target, base: replicaFile(replicaDirectory, disk.fileName), format: disk.format }));
       return { metadata: { image: source.value }, template, disks, replicaDirectory };
@@ -209,18 +251,30 @@ export class CloneEngine {
     if (source?.$case === 'virtualMachine') {
       const ids = VIRTUAL_MACHINE_NAME.parse(source.value);
       if (!ids) throw CowherdError.invalidArgument('virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
-      if (ids.host !== this.options.host) throw CowherdError.invalidArgument('virtual_machine', `is on ${HOST_NAME.format({ host: ids.host })}, not on this host (${HOST_NAME.format({ host: this.options.host })})`);
+      if (ids.host !== this.options.host)
+        throw CowherdError.invalidArgument(
+          'virtual_machine',
+          `is on ${HOST_NAME.format({ host: ids.host })}, not on this host (${HOST_NAME.format({ host: this.options.host })})`,
+        );
       const domain = await this.options.libvirt.domain(ids.virtualMachine).catch((error: unknown) => {
         throw error instanceof LibvirtError && error.kind === 'domain-not-found' ? CowherdError.notFound(source.value) : error;
       });
-      if (domain.state !== 'shut off') throw CowherdError.failedPrecondition(`${source.value} is ${domain.state}; only a powered-off VM can be cloned`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING);
+      if (domain.state !== 'shut off')
+        throw CowherdError.failedPrecondition(
+          `${source.value} is ${domain.state}; only a powered-off VM can be cloned`,
+          ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING,
+        );
       const exported = sanitizeDomainTemplate(await this.options.libvirt.domainXml(domain.uuid));
       const disks = exported.disks.map((disk) => {
         if (!this.inside(disk.sourcePath)) {
-          throw new CowherdError(GrpcStatus.FAILED_PRECONDITION, `${source.value}'s disk ${disk.target} (${disk.sourcePath}) is outside the image directory ${this.options.imageDirectory}`, {
-            reason: ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY,
-            metadata: { path: disk.sourcePath },
-          });
+          throw new CowherdError(
+            GrpcStatus.FAILED_PRECONDITION,
+            `${source.value}'s disk ${disk.target} (${disk.sourcePath}) is outside the image directory ${this.options.imageDirectory}`,
+            {
+              reason: ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY,
+              metadata: { path: disk.sourcePath },
+            },
+          );
         }
         return { target: disk.target, base: disk.sourcePath, format: disk.format };
       });
@@ -235,28 +289,49 @@ export class CloneEngine {
             reason: ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY,
             metadata: { path: file.sourcePath, element: file.element },
           });
-        if (!this.inside(file.sourcePath)) throw refuse(`is outside the image directory ${this.options.imageDirectory}; clone an image published from it instead`);
-        if (basename(file.sourcePath) !== file.fileName || bootDirectories.size > 1) throw refuse(`cowherd cannot point clones at: clones of a virtual machine boot files named ${exported.bootFiles.map((other) => other.fileName).join(', ')} in one directory (those of an image replica); clone an image published from it instead`);
+        if (!this.inside(file.sourcePath))
+          throw refuse(`is outside the image directory ${this.options.imageDirectory}; clone an image published from it instead`);
+        if (basename(file.sourcePath) !== file.fileName || bootDirectories.size > 1)
+          throw refuse(
+            `cowherd cannot point clones at: clones of a virtual machine boot files named ${exported.bootFiles.map((other) => other.fileName).join(', ')} in one directory (those of an image replica); clone an image published from it instead`,
+          );
       }
       const [bootDirectory] = bootDirectories;
-      return { metadata: { virtualMachine: source.value }, template: exported.xml, disks, ...(bootDirectory === undefined ? {} : { replicaDirectory: bootDirectory }) };
+      return {
+        metadata: { virtualMachine: source.value },
+        template: exported.xml,
+        disks,
+        ...(bootDirectory === undefined ? {} : { replicaDirectory: bootDirectory }),
+      };
     }
     throw CowherdError.invalidArgument('source', 'must name an image or a virtual machine');
   }
 
   /** Everything before libvirt: name check, directory, children, rendered XML. Never throws. */
-  private async prepare(source: ResolvedSource, name: string, request: CreateClonesRequest, existing: DomainInfo | undefined, prototypes: ReadonlyMap<string, string>): Promise<PreparedClone> {
+  private async prepare(
+    source: ResolvedSource,
+    name: string,
+    request: CreateClonesRequest,
+    existing: DomainInfo | undefined,
+    prototypes: ReadonlyMap<string, string>,
+  ): Promise<PreparedClone> {
     const cloneDirectory = cloneDirectoryOf(this.options.imageDirectory, name);
     let directoryMade = false;
     try {
       if (existing) {
         // A retried request finds the clones it already made (same request_id in their metadata).
         if (request.requestId !== '' && existing.clone?.requestId === request.requestId) return { kind: 'existing', name, domain: existing };
-        throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `a domain named ${name} already exists on ${HOST_NAME.format({ host: this.options.host })}`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN, metadata: { domain: name } });
+        throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `a domain named ${name} already exists on ${HOST_NAME.format({ host: this.options.host })}`, {
+          reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN,
+          metadata: { domain: name },
+        });
       }
       await mkdir(clonesDirectory(this.options.imageDirectory), { recursive: true });
       await mkdir(cloneDirectory).catch((error: NodeJS.ErrnoException) => {
-        if (error.code === 'EEXIST') throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `${cloneDirectory} already exists`, { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN });
+        if (error.code === 'EEXIST')
+          throw new CowherdError(GrpcStatus.ALREADY_EXISTS, `${cloneDirectory} already exists`, {
+            reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN,
+          });
         throw error;
       });
       directoryMade = true;
@@ -297,12 +372,14 @@ export class CloneEngine {
 
   private async makeChild(disk: ResolvedSource['disks'][number], cloneDirectory: string, prototype?: string): Promise<{ target: string; path: string }> {
     if (this.options.hypervisor === 'xen') {
-      if (disk.format !== 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+      if (disk.format !== 'vpc')
+        throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
       const path = cloneDiskFile(cloneDirectory, disk.target, 'vhd');
       await createDifferencingVhd({ parentPath: disk.base, childPath: path });
       return { target: disk.target, path };
     }
-    if (disk.format === 'vpc') throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+    if (disk.format === 'vpc')
+      throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
     const path = cloneDiskFile(cloneDirectory, disk.target, 'qcow2');
     const make = prototype === undefined ? createQcow2Overlay(disk.base, disk.format, path) : copyFile(prototype, path, fsConstants.COPYFILE_EXCL);
     await make.catch((error: unknown) => {
@@ -314,13 +391,26 @@ export class CloneEngine {
   }
 
   /** After the batch define: start if asked, publish, or roll back and report. */
-  private async finish(source: ResolvedSource, item: PreparedClone, start: boolean, request: CreateClonesRequest, defineError: Error | undefined, publishing: Array<Promise<void>>): Promise<CreateCloneResult> {
+  private async finish(
+    source: ResolvedSource,
+    item: PreparedClone,
+    start: boolean,
+    request: CreateClonesRequest,
+    defineError: Error | undefined,
+    publishing: Array<Promise<void>>,
+  ): Promise<CreateCloneResult> {
     const name = item.name;
     const log = this.options.log.child({ clone: name, operation: request.operation });
     if (item.kind === 'existing') {
       const running = item.domain.state === 'running';
       const overlays = item.domain.disks.map((disk) => disk.sourcePath ?? '');
-      const vm = this.toVirtualMachine(name, item.domain.uuid, running ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF, source, overlays);
+      const vm = this.toVirtualMachine(
+        name,
+        item.domain.uuid,
+        running ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF,
+        source,
+        overlays,
+      );
       // Recorded again with the same id: if the first attempt died between the define and the record,
       // this is the clone.done it owed; if not, the stream drops the repeat.
       publishing.push(this.publishDone(vm, item.domain.uuid, overlays, running, request, source));
@@ -339,14 +429,22 @@ export class CloneEngine {
           startError = error;
         }
       }
-      const vm = this.toVirtualMachine(name, item.rendered.uuid, started ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF, source, item.overlays);
+      const vm = this.toVirtualMachine(
+        name,
+        item.rendered.uuid,
+        started ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF,
+        source,
+        item.overlays,
+      );
       publishing.push(this.publishDone(vm, item.rendered.uuid, [...item.overlays], started, request, source));
       log.debug({ started, overlays: item.overlays.length }, 'clone made');
       return { domainName: name, virtualMachine: vm, status: startError === undefined ? undefined : toStatus(hypervisorError(startError)), started };
     }
     if (item.kind === 'new') {
       // Defined nothing (the define failed): remove what was prepared.
-      await rm(item.cloneDirectory, { recursive: true, force: true }).catch((error: unknown) => log.error({ err: error }, 'rollback: removing the clone directory failed'));
+      await rm(item.cloneDirectory, { recursive: true, force: true }).catch((error: unknown) =>
+        log.error({ err: error }, 'rollback: removing the clone directory failed'),
+      );
     }
     failure = failure instanceof LibvirtError ? hypervisorError(failure) : failure;
     log.warn({ err: failure }, 'clone failed and was rolled back');
@@ -358,7 +456,18 @@ export class CloneEngine {
     publishing.push(
       this.options.events.publish(
         CLONE_FAILED,
-        { virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: this.options.host, virtualMachine: name }), host: HOST_NAME.format({ host: this.options.host }), domainName: name, uuid: '', image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays: [], status, operation: request.operation, occurTime: new Date() },
+        {
+          virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: this.options.host, virtualMachine: name }),
+          host: HOST_NAME.format({ host: this.options.host }),
+          domainName: name,
+          uuid: '',
+          image: 'image' in source.metadata ? source.metadata.image : '',
+          sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '',
+          overlays: [],
+          status,
+          operation: request.operation,
+          occurTime: new Date(),
+        },
         { host: this.options.host, id: `clone.failed/${occurrence}/${this.options.host}/${name}` },
       ),
     );
@@ -390,10 +499,28 @@ export class CloneEngine {
    * it. The id names the clone (operation or request, host, domain), so a retry that finds the clone
    * records the same id and the stream keeps one. A record that cannot be written fails the call.
    */
-  private async publishDone(vm: VirtualMachine, uuid: string, overlays: string[], started: boolean, request: CreateClonesRequest, source: ResolvedSource): Promise<void> {
+  private async publishDone(
+    vm: VirtualMachine,
+    uuid: string,
+    overlays: string[],
+    started: boolean,
+    request: CreateClonesRequest,
+    source: ResolvedSource,
+  ): Promise<void> {
     await this.options.events.publish(
       CLONE_DONE,
-      { virtualMachine: vm.name, host: vm.host, domainName: vm.domainName, uuid, image: 'image' in source.metadata ? source.metadata.image : '', sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '', overlays, started, operation: request.operation, occurTime: new Date() },
+      {
+        virtualMachine: vm.name,
+        host: vm.host,
+        domainName: vm.domainName,
+        uuid,
+        image: 'image' in source.metadata ? source.metadata.image : '',
+        sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '',
+        overlays,
+        started,
+        operation: request.operation,
+        occurTime: new Date(),
+      },
       { host: this.options.host, id: `clone.done/${request.operation || request.requestId || uuid}/${this.options.host}/${vm.domainName}` },
     );
   }

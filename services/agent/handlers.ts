@@ -50,7 +50,19 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
         log: exporter.log,
         onProgress: (progress) => {
           // In order, and never more than one message in flight.
-          sending = sending.then(() => send({ response: { $case: 'progress', value: { stage: progress.stage, progress: TransferProgress.fromPartial({ bytesDone: String(progress.bytesDone), bytesTotal: String(progress.bytesTotal) }) } } })).catch(() => undefined);
+          sending = sending
+            .then(() =>
+              send({
+                response: {
+                  $case: 'progress',
+                  value: {
+                    stage: progress.stage,
+                    progress: TransferProgress.fromPartial({ bytesDone: String(progress.bytesDone), bytesTotal: String(progress.bytesTotal) }),
+                  },
+                },
+              }),
+            )
+            .catch(() => undefined);
         },
       });
       await sending;
@@ -60,12 +72,31 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
       const files = toImageFiles(exported.files);
       const torrent = await transfers.seedExported(
         id,
-        Image.fromPartial({ name: request.image, files, domainTemplate: exported.domainTemplate, hypervisor: exported.domainType === 'xen' ? Hypervisor.HYPERVISOR_XEN : Hypervisor.HYPERVISOR_KVM, sourceVirtualMachine: request.virtualMachine, originHost: HOST_NAME.format({ host: exporter.host }) }),
+        Image.fromPartial({
+          name: request.image,
+          files,
+          domainTemplate: exported.domainTemplate,
+          hypervisor: exported.domainType === 'xen' ? Hypervisor.HYPERVISOR_XEN : Hypervisor.HYPERVISOR_KVM,
+          sourceVirtualMachine: request.virtualMachine,
+          originHost: HOST_NAME.format({ host: exporter.host }),
+        }),
         request.trackerAnnounceUrl,
         (bytesDone) => {
           if (bytesDone < totalBytes && performance.now() - lastTorrentReport < 1000) return;
           lastTorrentReport = performance.now();
-          sending = sending.then(() => send({ response: { $case: 'progress', value: { stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_CREATING_TORRENT, progress: TransferProgress.fromPartial({ bytesDone: String(bytesDone), bytesTotal: String(totalBytes) }) } } })).catch(() => undefined);
+          sending = sending
+            .then(() =>
+              send({
+                response: {
+                  $case: 'progress',
+                  value: {
+                    stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_CREATING_TORRENT,
+                    progress: TransferProgress.fromPartial({ bytesDone: String(bytesDone), bytesTotal: String(totalBytes) }),
+                  },
+                },
+              }),
+            )
+            .catch(() => undefined);
         },
         context.signal,
       );
@@ -75,8 +106,28 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
         response: {
           $case: 'result',
           value: {
-            image: Image.fromPartial({ name: request.image, files, domainTemplate: exported.domainTemplate, torrent, state: Image_State.STATE_AVAILABLE, sourceVirtualMachine: request.virtualMachine, originHost: HOST_NAME.format({ host: exporter.host }), createTime: now, updateTime: now }),
-            replica: ImageReplica.fromPartial({ name: HOST_IMAGE_NAME.format({ host: exporter.host, image: id }), image: request.image, host: HOST_NAME.format({ host: exporter.host }), state: ImageReplica_State.STATE_AVAILABLE, path: exported.directory, origin: true, webSeedUrl: transfers.webSeedUrl(), createTime: now, updateTime: now }),
+            image: Image.fromPartial({
+              name: request.image,
+              files,
+              domainTemplate: exported.domainTemplate,
+              torrent,
+              state: Image_State.STATE_AVAILABLE,
+              sourceVirtualMachine: request.virtualMachine,
+              originHost: HOST_NAME.format({ host: exporter.host }),
+              createTime: now,
+              updateTime: now,
+            }),
+            replica: ImageReplica.fromPartial({
+              name: HOST_IMAGE_NAME.format({ host: exporter.host, image: id }),
+              image: request.image,
+              host: HOST_NAME.format({ host: exporter.host }),
+              state: ImageReplica_State.STATE_AVAILABLE,
+              path: exported.directory,
+              origin: true,
+              webSeedUrl: transfers.webSeedUrl(),
+              createTime: now,
+              updateTime: now,
+            }),
             webSeedUrl: transfers.webSeedUrl(),
           },
         },
@@ -85,13 +136,15 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
     fetchImage: (request) => transfers.fetch(request),
     getImageReplica: (request) => transfers.get(request.name),
     listImageReplicas: async (request) => {
-      if (request.parent !== HOST_NAME.format({ host: exporter.host })) throw CowherdError.invalidArgument('parent', `must be ${HOST_NAME.format({ host: exporter.host })}`);
+      if (request.parent !== HOST_NAME.format({ host: exporter.host }))
+        throw CowherdError.invalidArgument('parent', `must be ${HOST_NAME.format({ host: exporter.host })}`);
       if (request.pageSize < 0) throw CowherdError.invalidArgument('page_size', 'must not be negative');
       const size = Math.min(request.pageSize || 100, 1000);
       const all = transfers.list();
       // Names are unique and sorted: the token is the last name of the previous page.
       const after = request.pageToken === '' ? '' : Buffer.from(request.pageToken, 'base64url').toString('utf8');
-      if (request.pageToken !== '' && HOST_IMAGE_NAME.parse(after)?.host !== exporter.host) throw CowherdError.invalidArgument('page_token', 'is not a token of this list', ErrorReason.ERROR_REASON_PAGE_TOKEN_INVALID);
+      if (request.pageToken !== '' && HOST_IMAGE_NAME.parse(after)?.host !== exporter.host)
+        throw CowherdError.invalidArgument('page_token', 'is not a token of this list', ErrorReason.ERROR_REASON_PAGE_TOKEN_INVALID);
       const rest = all.filter((replica) => replica.name > after);
       const page = rest.slice(0, size);
       return { imageReplicas: page, nextPageToken: rest.length > size ? Buffer.from(page.at(-1)!.name).toString('base64url') : '' };
@@ -100,9 +153,16 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
       const limits = request.transferLimits;
       if (!limits) throw CowherdError.invalidArgument('transfer_limits', 'is required');
       for (const field of ['uploadBytesPerSecond', 'downloadBytesPerSecond'] as const) {
-        if (!(Number(limits[field]) >= 0)) throw CowherdError.invalidArgument(`transfer_limits.${field === 'uploadBytesPerSecond' ? 'upload_bytes_per_second' : 'download_bytes_per_second'}`, 'must not be negative (0 means unlimited)');
+        if (!(Number(limits[field]) >= 0))
+          throw CowherdError.invalidArgument(
+            `transfer_limits.${field === 'uploadBytesPerSecond' ? 'upload_bytes_per_second' : 'download_bytes_per_second'}`,
+            'must not be negative (0 means unlimited)',
+          );
       }
-      const applied = transfers.setLimits({ uploadBytesPerSecond: Number(limits.uploadBytesPerSecond), downloadBytesPerSecond: Number(limits.downloadBytesPerSecond) });
+      const applied = transfers.setLimits({
+        uploadBytesPerSecond: Number(limits.uploadBytesPerSecond),
+        downloadBytesPerSecond: Number(limits.downloadBytesPerSecond),
+      });
       return { uploadBytesPerSecond: String(applied.uploadBytesPerSecond), downloadBytesPerSecond: String(applied.downloadBytesPerSecond) };
     },
     deleteImageReplica: async (request) => {
@@ -118,7 +178,8 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
       return { results: await clones.createClones(request) };
     },
     startVirtualMachine: (request) => vms.start(request.name),
-    stopVirtualMachine: (request) => vms.stop(request.name, request.force, request.timeout ? (Number(request.timeout.seconds) + request.timeout.nanos / 1e9) * 1000 : DEFAULT_STOP_TIMEOUT_MS),
+    stopVirtualMachine: (request) =>
+      vms.stop(request.name, request.force, request.timeout ? (Number(request.timeout.seconds) + request.timeout.nanos / 1e9) * 1000 : DEFAULT_STOP_TIMEOUT_MS),
     deleteVirtualMachine: async (request) => {
       await vms.delete(request.name, request.force);
       return {};

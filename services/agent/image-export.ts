@@ -46,7 +46,18 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import { ImageFile_Role, type ImageFile } from '../gen/cowherd/inventory/v1/resources.js';
 import { LibvirtError, readVhdInfo, sanitizeDomainTemplate, type DiskFormatName, type DomainTemplate, type Libvirt } from './hypervisor/index.js';
-import { exportLockKey, exportWorkDirectories, exportWorkDirectory, fsyncDirectory, imagesDirectory, pathExists, removeTree, replicaDirectory, replicaFile, TEMPLATE_FILE } from './image-directory/index.js';
+import {
+  exportLockKey,
+  exportWorkDirectories,
+  exportWorkDirectory,
+  fsyncDirectory,
+  imagesDirectory,
+  pathExists,
+  removeTree,
+  replicaDirectory,
+  replicaFile,
+  TEMPLATE_FILE,
+} from './image-directory/index.js';
 
 /** Progress of an export: the stage and the bytes of that stage. */
 export interface ExportProgress {
@@ -129,7 +140,11 @@ export function toImageFiles(files: readonly ExportedImageFile[]): ImageFile[] {
 }
 
 const FILE_NAME_EXTENSION: Readonly<Record<DiskFormatName, string>> = { qcow2: 'qcow2', raw: 'img', vpc: 'vhd' };
-const DISK_FORMAT: Readonly<Record<DiskFormatName, DiskFormat>> = { qcow2: DiskFormat.DISK_FORMAT_QCOW2, raw: DiskFormat.DISK_FORMAT_RAW, vpc: DiskFormat.DISK_FORMAT_VHD };
+const DISK_FORMAT: Readonly<Record<DiskFormatName, DiskFormat>> = {
+  qcow2: DiskFormat.DISK_FORMAT_QCOW2,
+  raw: DiskFormat.DISK_FORMAT_RAW,
+  vpc: DiskFormat.DISK_FORMAT_VHD,
+};
 /** Target device names that make good file names ("vda.qcow2", as the proto's example). */
 const SIMPLE_TARGET = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 const DEFAULT_CONVERT_TIMEOUT_MS = 6 * 60 * 60 * 1000;
@@ -168,7 +183,11 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
   const ids = VIRTUAL_MACHINE_NAME.parse(options.virtualMachine ?? '');
   if (!ids) throw CowherdError.invalidArgument('virtual_machine', 'must be hosts/{host}/virtualMachines/{virtual_machine}');
   if (ids.host !== host) {
-    throw CowherdError.invalidArgument('virtual_machine', `is on ${HOST_NAME.format({ host: ids.host })}, not on this host (${HOST_NAME.format({ host })})`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
+    throw CowherdError.invalidArgument(
+      'virtual_machine',
+      `is on ${HOST_NAME.format({ host: ids.host })}, not on this host (${HOST_NAME.format({ host })})`,
+      ErrorReason.ERROR_REASON_HOST_MISMATCH,
+    );
   }
   const domainName = ids.virtualMachine;
   const imagesRoot = imagesDirectory(options.imageDirectory);
@@ -189,7 +208,11 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
       throw error instanceof LibvirtError && error.kind === 'domain-not-found' ? CowherdError.notFound(options.virtualMachine) : hypervisorError(error);
     });
     if (domain.state !== 'shut off') {
-      throw CowherdError.failedPrecondition(`${options.virtualMachine} is ${domain.state}; only a powered-off VM can be exported`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING, { virtualMachine: options.virtualMachine });
+      throw CowherdError.failedPrecondition(
+        `${options.virtualMachine} is ${domain.state}; only a powered-off VM can be exported`,
+        ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING,
+        { virtualMachine: options.virtualMachine },
+      );
     }
     const xml = await options.libvirt.domainXml(domain.uuid).catch((error: unknown) => {
       throw hypervisorError(error);
@@ -206,8 +229,10 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
     const disks: PlannedDisk[] = [];
     for (const disk of sanitized.disks) disks.push(await planDisk(disk, targetFormat, options.virtualMachine));
     const bootFiles: PlannedBootFile[] = [];
-    for (const bootFile of sanitized.bootFiles) bootFiles.push({ ...bootFile, sizeBytes: await readableFileSize(bootFile.sourcePath, `<${bootFile.element}>`) });
-    const exportBytes = disks.reduce((sum, disk) => sum + disk.estimatedBytes, 0) + bootFiles.reduce((sum, file) => sum + file.sizeBytes, 0) + Buffer.byteLength(template);
+    for (const bootFile of sanitized.bootFiles)
+      bootFiles.push({ ...bootFile, sizeBytes: await readableFileSize(bootFile.sourcePath, `<${bootFile.element}>`) });
+    const exportBytes =
+      disks.reduce((sum, disk) => sum + disk.estimatedBytes, 0) + bootFiles.reduce((sum, file) => sum + file.sizeBytes, 0) + Buffer.byteLength(template);
     const space = await statfs(imagesRoot);
     const freeBytes = space.bavail * space.bsize;
     if (freeBytes < exportBytes) {
@@ -229,9 +254,12 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
       const output = replicaFile(work, disk.fileName);
       const base = finishedBytes;
       let copying = true;
-      const poll = setInterval(() => {
-        void allocatedBytes(output).then((bytes) => copying && progress.update(base + Math.min(bytes, disk.estimatedBytes)));
-      }, Math.max(50, options.progressIntervalMs ?? 250));
+      const poll = setInterval(
+        () => {
+          void allocatedBytes(output).then((bytes) => copying && progress.update(base + Math.min(bytes, disk.estimatedBytes)));
+        },
+        Math.max(50, options.progressIntervalMs ?? 250),
+      );
       try {
         await convertDisk(disk, output, options);
       } finally {
@@ -298,12 +326,23 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
         targetDevice: '',
         bootFile: file.element,
       })),
-      { path: TEMPLATE_FILE, role: ImageFile_Role.ROLE_DOMAIN_TEMPLATE, format: DiskFormat.DISK_FORMAT_UNSPECIFIED, sizeBytes: sizes[fileNames.length - 1]!, sha256: hashes[fileNames.length - 1]!, virtualSizeBytes: 0, targetDevice: '' },
+      {
+        path: TEMPLATE_FILE,
+        role: ImageFile_Role.ROLE_DOMAIN_TEMPLATE,
+        format: DiskFormat.DISK_FORMAT_UNSPECIFIED,
+        sizeBytes: sizes[fileNames.length - 1]!,
+        sha256: hashes[fileNames.length - 1]!,
+        virtualSizeBytes: 0,
+        targetDevice: '',
+      },
     ];
     options.log?.info({ image, virtualMachine: options.virtualMachine, files: files.length, totalBytes }, 'image exported');
     return { directory: finalDirectory, files, domainTemplate: template, domainType: sanitized.domainType, totalBytes };
   } catch (error) {
-    if (workDirectory !== undefined) await removeTree(workDirectory).catch((cleanupError: unknown) => options.log?.error({ err: cleanupError, workDirectory }, 'export: removing the work directory failed'));
+    if (workDirectory !== undefined)
+      await removeTree(workDirectory).catch((cleanupError: unknown) =>
+        options.log?.error({ err: cleanupError, workDirectory }, 'export: removing the work directory failed'),
+      );
     if (options.signal?.aborted && !(error instanceof CowherdError && error.code === GrpcStatus.CANCELLED)) throw cancelled(error);
     throw error;
   } finally {
@@ -343,7 +382,9 @@ async function planDisk(disk: DomainTemplate['disks'][number], targetFormat: Dis
   let chain: QemuImageInfo[];
   try {
     // No -U: a disk that a running VM holds must fail here, not be copied torn.
-    const parsed = JSON.parse(await qemuImg(['info', '--backing-chain', '--output=json', '-f', disk.format, '--', disk.sourcePath])) as QemuImageInfo | QemuImageInfo[];
+    const parsed = JSON.parse(await qemuImg(['info', '--backing-chain', '--output=json', '-f', disk.format, '--', disk.sourcePath])) as
+      | QemuImageInfo
+      | QemuImageInfo[];
     chain = Array.isArray(parsed) ? parsed : [parsed];
   } catch (error) {
     throw diskError(what, virtualMachine, error);
@@ -353,7 +394,9 @@ async function planDisk(disk: DomainTemplate['disks'][number], targetFormat: Dis
   let estimatedBytes: number;
   if (targetFormat === 'qcow2') {
     try {
-      const measured = JSON.parse(await qemuImg(['measure', '--output=json', '-f', disk.format, '-O', 'qcow2', '--', disk.sourcePath])) as { required?: number };
+      const measured = JSON.parse(await qemuImg(['measure', '--output=json', '-f', disk.format, '-O', 'qcow2', '--', disk.sourcePath])) as {
+        required?: number;
+      };
       estimatedBytes = measured.required ?? 0;
     } catch (error) {
       throw diskError(what, virtualMachine, error);
@@ -363,7 +406,14 @@ async function planDisk(disk: DomainTemplate['disks'][number], targetFormat: Dis
     const data = chain.reduce((sum, layer) => sum + (layer['actual-size'] ?? 0), 0);
     estimatedBytes = Math.min(data, top['virtual-size']) + 2 * 1024 * 1024;
   }
-  return { target: disk.target, sourcePath: disk.sourcePath, sourceFormat: disk.format, targetFormat, fileName: disk.fileName, estimatedBytes: Math.max(estimatedBytes, 1) };
+  return {
+    target: disk.target,
+    sourcePath: disk.sourcePath,
+    sourceFormat: disk.format,
+    targetFormat,
+    fileName: disk.fileName,
+    estimatedBytes: Math.max(estimatedBytes, 1),
+  };
 }
 
 /** `qemu-img convert` into a standalone file: backing chain flattened, zeros skipped, no compression. */
@@ -390,14 +440,21 @@ async function virtualSize(file: string, format: DiskFormatName): Promise<number
 function diskError(what: string, virtualMachine: string, error: unknown): CowherdError {
   const stderr = error instanceof CommandError ? error.stderr : String((error as Error)?.message ?? error);
   if (/lock/i.test(stderr)) {
-    return new CowherdError(GrpcStatus.FAILED_PRECONDITION, `${what} is in use (locked by a running VM?); ${virtualMachine} must stay powered off during the export`, {
-      reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING,
-      metadata: { virtualMachine },
-      cause: error,
-    });
+    return new CowherdError(
+      GrpcStatus.FAILED_PRECONDITION,
+      `${what} is in use (locked by a running VM?); ${virtualMachine} must stay powered off during the export`,
+      {
+        reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING,
+        metadata: { virtualMachine },
+        cause: error,
+      },
+    );
   }
   if (/No space left/i.test(stderr)) {
-    return new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left while exporting ${what}`, { reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE, cause: error });
+    return new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left while exporting ${what}`, {
+      reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE,
+      cause: error,
+    });
   }
   return unreadable(what, error);
 }
@@ -495,12 +552,18 @@ class ProgressReporter {
 }
 
 function alreadyExists(image: string, why: string): CowherdError {
-  return new CowherdError(GrpcStatus.ALREADY_EXISTS, `${IMAGE_NAME.format({ image })} already exists on this host: ${why}`, { reason: ErrorReason.ERROR_REASON_ALREADY_EXISTS, metadata: { resource: IMAGE_NAME.format({ image }) } });
+  return new CowherdError(GrpcStatus.ALREADY_EXISTS, `${IMAGE_NAME.format({ image })} already exists on this host: ${why}`, {
+    reason: ErrorReason.ERROR_REASON_ALREADY_EXISTS,
+    metadata: { resource: IMAGE_NAME.format({ image }) },
+  });
 }
 
 function unreadable(what: string, error: unknown): CowherdError {
   const detail = error instanceof CommandError ? (error.stderr.trim().split('\n').pop() ?? error.message) : String((error as Error)?.message ?? error);
-  return new CowherdError(GrpcStatus.FAILED_PRECONDITION, `cannot read ${what}: ${detail}`, { reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, cause: error });
+  return new CowherdError(GrpcStatus.FAILED_PRECONDITION, `cannot read ${what}: ${detail}`, {
+    reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+    cause: error,
+  });
 }
 
 function hypervisorError(error: unknown): CowherdError {

@@ -83,15 +83,45 @@ await runServiceMain({
       log,
       // The inventory's limits (UpdateHost) are the durable ones: every heartbeat applies them.
       onTransferLimits: (limits) => {
-        transfers.setLimits({ uploadBytesPerSecond: Number(limits?.uploadBytesPerSecond ?? 0), downloadBytesPerSecond: Number(limits?.downloadBytesPerSecond ?? 0) });
+        transfers.setLimits({
+          uploadBytesPerSecond: Number(limits?.uploadBytesPerSecond ?? 0),
+          downloadBytesPerSecond: Number(limits?.downloadBytesPerSecond ?? 0),
+        });
       },
     });
     await reporter.start();
-    const clones = new CloneEngine({ host: agent.host, imageDirectory: agent.imageDirectory, hypervisor, libvirt, events, log: log.child({ component: 'clones' }), replicaBase: (id) => transfers.cloneBase(id) });
+    const clones = new CloneEngine({
+      host: agent.host,
+      imageDirectory: agent.imageDirectory,
+      hypervisor,
+      libvirt,
+      events,
+      log: log.child({ component: 'clones' }),
+      replicaBase: (id) => transfers.cloneBase(id),
+    });
     const vms = new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) });
-    const replicas = { delete: (name: string) => deleteLocalReplica({ host: agent.host, imageDirectory: agent.imageDirectory, dependents, log, release: (id, removeFiles) => transfers.release(id, removeFiles) }, name) };
+    const replicas = {
+      delete: (name: string) =>
+        deleteLocalReplica(
+          { host: agent.host, imageDirectory: agent.imageDirectory, dependents, log, release: (id, removeFiles) => transfers.release(id, removeFiles) },
+          name,
+        ),
+    };
     return {
-      services: [adaptService(AgentServiceService, agentHandlers({ clones, vms, replicas, transfers, exporter: { libvirt, imageDirectory: agent.imageDirectory, host: agent.host, log: log.child({ component: 'export' }) } }), AGENT_POLICY, boundary)],
+      services: [
+        adaptService(
+          AgentServiceService,
+          agentHandlers({
+            clones,
+            vms,
+            replicas,
+            transfers,
+            exporter: { libvirt, imageDirectory: agent.imageDirectory, host: agent.host, log: log.child({ component: 'export' }) },
+          }),
+          AGENT_POLICY,
+          boundary,
+        ),
+      ],
       stop: async () => {
         await reporter.stop();
         await transfers.stop();

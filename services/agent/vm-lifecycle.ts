@@ -48,7 +48,12 @@ export class VmLifecycle {
     for (;;) {
       const now = await this.options.libvirt.domain(domain.uuid);
       if (now.state === 'shut off') return this.toVm(now);
-      if (Date.now() >= deadline) throw new CowherdError(GrpcStatus.DEADLINE_EXCEEDED, `${name} did not shut down within ${Math.round(timeoutMs / 1000)} s; it keeps running (stop with force to power it off)`, { reason: ErrorReason.ERROR_REASON_HYPERVISOR_ERROR });
+      if (Date.now() >= deadline)
+        throw new CowherdError(
+          GrpcStatus.DEADLINE_EXCEEDED,
+          `${name} did not shut down within ${Math.round(timeoutMs / 1000)} s; it keeps running (stop with force to power it off)`,
+          { reason: ErrorReason.ERROR_REASON_HYPERVISOR_ERROR },
+        );
       await new Promise((resolve) => setTimeout(resolve, 250));
     }
   }
@@ -65,9 +70,17 @@ export class VmLifecycle {
     const { domain, all } = found;
     this.refuseDependents(name, all);
     const managed = domain.clone !== undefined;
-    if (!managed && !force) throw CowherdError.failedPrecondition(`${name} was not made by cowherd; delete it with force to remove only its libvirt definition`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED);
+    if (!managed && !force)
+      throw CowherdError.failedPrecondition(
+        `${name} was not made by cowherd; delete it with force to remove only its libvirt definition`,
+        ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED,
+      );
     if (domain.state !== 'shut off') {
-      if (!force) throw CowherdError.failedPrecondition(`${name} is ${domain.state}; stop it first or delete with force`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING);
+      if (!force)
+        throw CowherdError.failedPrecondition(
+          `${name} is ${domain.state}; stop it first or delete with force`,
+          ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING,
+        );
       await this.options.libvirt.destroy(domain.uuid).catch(hypervisorError);
     }
     await this.options.libvirt.undefine(domain.uuid).catch(hypervisorError);
@@ -90,9 +103,15 @@ export class VmLifecycle {
   }
 
   private refuseDependents(name: string, all: readonly DomainInfo[]): void {
-    const dependents = all.filter((domain) => domain.clone && 'virtualMachine' in domain.clone.source && domain.clone.source.virtualMachine === name).map((domain) => this.nameOf(domain));
+    const dependents = all
+      .filter((domain) => domain.clone && 'virtualMachine' in domain.clone.source && domain.clone.source.virtualMachine === name)
+      .map((domain) => this.nameOf(domain));
     if (dependents.length > 0) {
-      throw CowherdError.failedPrecondition(`${dependents.length} clones use ${name}'s disks as their base`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS, { dependents: dependents.slice(0, 20).join(',') });
+      throw CowherdError.failedPrecondition(
+        `${dependents.length} clones use ${name}'s disks as their base`,
+        ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_HAS_DEPENDENTS,
+        { dependents: dependents.slice(0, 20).join(',') },
+      );
     }
   }
 
@@ -120,6 +139,7 @@ export class VmLifecycle {
 }
 
 function hypervisorError(error: unknown): never {
-  if (error instanceof LibvirtError && error.kind === 'domain-not-found') throw new CowherdError(GrpcStatus.NOT_FOUND, error.message, { reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND });
+  if (error instanceof LibvirtError && error.kind === 'domain-not-found')
+    throw new CowherdError(GrpcStatus.NOT_FOUND, error.message, { reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND });
   throw new CowherdError(GrpcStatus.INTERNAL, `libvirt: ${(error as Error).message}`, { reason: ErrorReason.ERROR_REASON_HYPERVISOR_ERROR, cause: error });
 }

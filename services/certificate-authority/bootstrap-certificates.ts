@@ -16,7 +16,9 @@ export function certificateBlocks(bundle: string): string[] {
 }
 
 /** Records the bundle's certificates whenever the file changed; `importChanges` is cheap when it did not. */
-export function bootstrapCertificates(options: { file: string | undefined; record: (certificatePem: string) => Promise<boolean>; log: Logger }): { importChanges(): Promise<void> } {
+export function bootstrapCertificates(options: { file: string | undefined; record: (certificatePem: string) => Promise<boolean>; log: Logger }): {
+  importChanges(): Promise<void>;
+} {
   let seen = '';
   let running: Promise<void> | undefined;
   const importOnce = async (): Promise<void> => {

@@ -82,7 +82,8 @@ export class CertificateAuthority {
   /** Creates a single-use join token for `host`; idempotent on request_id (without the secret). */
   async createJoinToken(host: string, ttlSeconds: number | undefined, requestId: string, creator: Identity): Promise<IssuedJoinToken> {
     if (!HOST_ID.test(host)) throw CowherdError.invalidArgument('host', `must be an RFC 1123 label (${HOST_ID.source})`);
-    if (isReservedHostId(host)) throw CowherdError.invalidArgument('host', `${JSON.stringify(host)} is reserved: a host certificate would carry a service's or NATS's DNS name`);
+    if (isReservedHostId(host))
+      throw CowherdError.invalidArgument('host', `${JSON.stringify(host)} is reserved: a host certificate would carry a service's or NATS's DNS name`);
     const ttl = ttlSeconds ?? this.policy.defaultTokenSeconds;
     if (!(ttl >= this.policy.minTokenSeconds && ttl <= this.policy.maxTokenSeconds)) {
       throw CowherdError.invalidArgument('ttl', `must be between ${this.policy.minTokenSeconds} s and ${this.policy.maxTokenSeconds} s`);
@@ -109,10 +110,19 @@ export class CertificateAuthority {
     };
     await this.records.tokens.create(`token.${id}`, record);
     await this.recordRequest('token', requestId, JOIN_TOKEN_NAME.format({ joinToken: id }), fingerprint);
-    this.log.info({ joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }), host, expireTime: record.expireTime, creator: describeIdentity(creator) }, 'join token created');
+    this.log.info(
+      { joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }), host, expireTime: record.expireTime, creator: describeIdentity(creator) },
+      'join token created',
+    );
     // Re-enrolling a reinstalled host is allowed; say what it will do to the certificates the host holds now.
-    const live = (await this.activeCertificatesOf(identityUri('host', host))).map((certificate) => CERTIFICATE_NAME.format({ certificate: certificate.serialNumber }));
-    if (live.length > 0) this.log.warn({ host, joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }), liveCertificates: live }, 'the host already holds live certificates; enrolling with this token revokes them (SUPERSEDED)');
+    const live = (await this.activeCertificatesOf(identityUri('host', host))).map((certificate) =>
+      CERTIFICATE_NAME.format({ certificate: certificate.serialNumber }),
+    );
+    if (live.length > 0)
+      this.log.warn(
+        { host, joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }), liveCertificates: live },
+        'the host already holds live certificates; enrolling with this token revokes them (SUPERSEDED)',
+      );
     return { record, token: `cjt1.${id}.${secret}.${this.caSha256}` };
   }
 
@@ -135,7 +145,11 @@ export class CertificateAuthority {
     const record = await this.getJoinToken(name);
     const result = await this.records.tokens.mutate(`token.${record.id}`, (current) => {
       if (!current) throw CowherdError.notFound(name);
-      if (current.state === 'USED') throw CowherdError.failedPrecondition(`${name} was used; revoke the certificate it produced (${current.certificate ?? ''}) instead`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+      if (current.state === 'USED')
+        throw CowherdError.failedPrecondition(
+          `${name} was used; revoke the certificate it produced (${current.certificate ?? ''}) instead`,
+          ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+        );
       if (current.state === 'REVOKED' || tokenExpired(current)) return undefined;
       return { ...current, state: 'REVOKED' };
     });
@@ -148,7 +162,16 @@ export class CertificateAuthority {
    */
   async enrollHost(token: string, csrPem: string): Promise<{ record: CertificateRecord; joinToken: string }> {
     const [version, id, secret, caSha256, extra] = token.split('.');
-    if (version !== 'cjt1' || id === undefined || !JOIN_TOKEN_ID.test(id) || secret === undefined || !TOKEN_SECRET.test(secret) || caSha256 === undefined || !TOKEN_CA_SHA256.test(caSha256) || extra !== undefined) {
+    if (
+      version !== 'cjt1' ||
+      id === undefined ||
+      !JOIN_TOKEN_ID.test(id) ||
+      secret === undefined ||
+      !TOKEN_SECRET.test(secret) ||
+      caSha256 === undefined ||
+      !TOKEN_CA_SHA256.test(caSha256) ||
+      extra !== undefined
+    ) {
       throw invalidToken('is not a cowherd join token');
     }
     const stored = await this.records.tokens.get(`token.${id}`);
@@ -162,17 +185,35 @@ export class CertificateAuthority {
     const host = stored.value.host;
     const identity = identityUri('host', host);
     const csr = this.checkCsr(csrPem, identity, (name) => name === host || name.startsWith(`${host}.`) || name === 'localhost');
-    const certificatePem = signLeafCertificate({ ca: this.ca, publicKeyPem: csr.publicKeyPem, identity, dnsNames: csr.dnsNames, ttlSeconds: this.policy.hostCertificateSeconds });
+    const certificatePem = signLeafCertificate({
+      ca: this.ca,
+      publicKeyPem: csr.publicKeyPem,
+      identity,
+      dnsNames: csr.dnsNames,
+      ttlSeconds: this.policy.hostCertificateSeconds,
+    });
     const record = recordOf(certificatePem, 'spiffe://cowherd/service/certificate-authority');
     try {
-      await this.records.tokens.update(`token.${id}`, { ...stored.value, state: 'USED', useTime: record.issueTime, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }) }, stored.revision);
+      await this.records.tokens.update(
+        `token.${id}`,
+        { ...stored.value, state: 'USED', useTime: record.issueTime, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }) },
+        stored.revision,
+      );
     } catch (error) {
       if (error instanceof KvConflictError) throw invalidToken('was used concurrently');
       throw error;
     }
     await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
     await this.listener.issued(record, { joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }) });
-    this.log.info({ host, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }), expireTime: record.expireTime }, 'host enrolled');
+    this.log.info(
+      {
+        host,
+        certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }),
+        joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }),
+        expireTime: record.expireTime,
+      },
+      'host enrolled',
+    );
     await this.supersede(record);
     return { record, joinToken: JOIN_TOKEN_NAME.format({ joinToken: id }) };
   }
@@ -189,7 +230,14 @@ export class CertificateAuthority {
       try {
         await this.revoke(CERTIFICATE_NAME.format({ certificate: old.serialNumber }), RevocationReason.REVOCATION_REASON_SUPERSEDED, self);
       } catch (error) {
-        this.log.error({ err: error, certificate: CERTIFICATE_NAME.format({ certificate: old.serialNumber }), supersededBy: CERTIFICATE_NAME.format({ certificate: current.serialNumber }) }, 'could not revoke a superseded host certificate');
+        this.log.error(
+          {
+            err: error,
+            certificate: CERTIFICATE_NAME.format({ certificate: old.serialNumber }),
+            supersededBy: CERTIFICATE_NAME.format({ certificate: current.serialNumber }),
+          },
+          'could not revoke a superseded host certificate',
+        );
       }
     }
   }
@@ -201,20 +249,40 @@ export class CertificateAuthority {
   }
 
   /** A new certificate for the caller's own identity, same DNS names and lifetime as the one it used. */
-  async renew(caller: Identity, callerCertificate: Pick<PeerCertificateFacts, 'serialNumber' | 'dnsNames' | 'notBefore' | 'notAfter'>, csrPem: string): Promise<CertificateRecord> {
+  async renew(
+    caller: Identity,
+    callerCertificate: Pick<PeerCertificateFacts, 'serialNumber' | 'dnsNames' | 'notBefore' | 'notAfter'>,
+    csrPem: string,
+  ): Promise<CertificateRecord> {
     const allowed = new Set(callerCertificate.dnsNames);
     const csr = this.checkCsr(csrPem, caller.uri, (name) => allowed.has(name));
     const lifetime = Math.max(1, Math.round(ttlOfValidity((callerCertificate.notAfter.getTime() - callerCertificate.notBefore.getTime()) / 1000)));
-    const certificatePem = signLeafCertificate({ ca: this.ca, publicKeyPem: csr.publicKeyPem, identity: caller.uri, dnsNames: csr.dnsNames, ttlSeconds: lifetime });
+    const certificatePem = signLeafCertificate({
+      ca: this.ca,
+      publicKeyPem: csr.publicKeyPem,
+      identity: caller.uri,
+      dnsNames: csr.dnsNames,
+      ttlSeconds: lifetime,
+    });
     const record = recordOf(certificatePem, caller.uri);
     await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
     await this.listener.issued(record, {});
-    this.log.info({ identity: describeIdentity(caller), certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), replaces: CERTIFICATE_NAME.format({ certificate: callerCertificate.serialNumber }) }, 'certificate renewed');
+    this.log.info(
+      {
+        identity: describeIdentity(caller),
+        certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }),
+        replaces: CERTIFICATE_NAME.format({ certificate: callerCertificate.serialNumber }),
+      },
+      'certificate renewed',
+    );
     return record;
   }
 
   /** Issues a service or admin certificate (never a host one: hosts enroll with tokens). */
-  async issue(request: { csrPem: string; identity: string; dnsNames: readonly string[]; ttlSeconds: number | undefined; requestId: string }, issuer: Identity): Promise<CertificateRecord> {
+  async issue(
+    request: { csrPem: string; identity: string; dnsNames: readonly string[]; ttlSeconds: number | undefined; requestId: string },
+    issuer: Identity,
+  ): Promise<CertificateRecord> {
     const identity = parseIdentity(request.identity);
     if (!identity) throw CowherdError.invalidArgument('identity', 'must be spiffe://cowherd/service/<name> or spiffe://cowherd/admin/<user>');
     if (identity.kind === 'host') throw CowherdError.invalidArgument('identity', 'host certificates are only issued through EnrollHost with a join token');
@@ -222,18 +290,28 @@ export class CertificateAuthority {
       if (!DNS_NAME.test(name) && name !== 'localhost') throw CowherdError.invalidArgument(`dns_names[${index}]`, 'is not a DNS name');
     });
     const ttl = request.ttlSeconds ?? this.policy.defaultIssueSeconds;
-    if (!(ttl >= 60 && ttl <= this.policy.maxIssueSeconds)) throw CowherdError.invalidArgument('ttl', `must be between 60 s and ${this.policy.maxIssueSeconds} s`);
+    if (!(ttl >= 60 && ttl <= this.policy.maxIssueSeconds))
+      throw CowherdError.invalidArgument('ttl', `must be between 60 s and ${this.policy.maxIssueSeconds} s`);
     const fingerprint = sha256(`${request.csrPem}|${request.identity}|${request.dnsNames.join(',')}|${ttl}`);
     const replay = await this.claimRequest('issue', request.requestId, fingerprint);
     if (replay) return this.getCertificate(replay);
     const allowed = new Set(request.dnsNames);
     const csr = this.checkCsr(request.csrPem, identity.uri, (name) => allowed.has(name));
-    const certificatePem = signLeafCertificate({ ca: this.ca, publicKeyPem: csr.publicKeyPem, identity: identity.uri, dnsNames: request.dnsNames, ttlSeconds: ttl });
+    const certificatePem = signLeafCertificate({
+      ca: this.ca,
+      publicKeyPem: csr.publicKeyPem,
+      identity: identity.uri,
+      dnsNames: request.dnsNames,
+      ttlSeconds: ttl,
+    });
     const record = recordOf(certificatePem, issuer.uri);
     await this.records.certificates.create(`certificate.${record.serialNumber}`, record);
     await this.recordRequest('issue', request.requestId, CERTIFICATE_NAME.format({ certificate: record.serialNumber }), fingerprint);
     await this.listener.issued(record, {});
-    this.log.info({ identity: describeIdentity(identity), certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), issuer: describeIdentity(issuer) }, 'certificate issued');
+    this.log.info(
+      { identity: describeIdentity(identity), certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), issuer: describeIdentity(issuer) },
+      'certificate issued',
+    );
     return record;
   }
 
@@ -255,7 +333,8 @@ export class CertificateAuthority {
   async revoke(name: string, reason: number, by: Identity): Promise<CertificateRecord> {
     const record = await this.getCertificate(name);
     if (record.revoked) return record;
-    if (new Date(record.expireTime).getTime() <= Date.now()) throw CowherdError.failedPrecondition(`${name} has expired; nothing to revoke`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+    if (new Date(record.expireTime).getTime() <= Date.now())
+      throw CowherdError.failedPrecondition(`${name} has expired; nothing to revoke`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
     const updated = await this.records.certificates.mutate(`certificate.${record.serialNumber}`, (current) =>
       current && !current.revoked ? { ...current, revoked: { time: new Date().toISOString(), reason } } : undefined,
     );
@@ -269,7 +348,10 @@ export class CertificateAuthority {
   /** Serials of every recorded certificate that has not expired yet (revoked ones too). */
   async issuedSerialList(): Promise<string[]> {
     const now = Date.now();
-    return (await this.listCertificates()).filter((record) => new Date(record.expireTime).getTime() > now).map((record) => record.serialNumber).sort();
+    return (await this.listCertificates())
+      .filter((record) => new Date(record.expireTime).getTime() > now)
+      .map((record) => record.serialNumber)
+      .sort();
   }
 
   /**
@@ -283,7 +365,10 @@ export class CertificateAuthority {
     const certificate = new X509Certificate(certificatePem);
     const authority = new X509Certificate(this.ca.certificatePem);
     const refused = (problem: string): false => {
-      this.log.warn({ serialNumber: certificate.serialNumber.toLowerCase(), subject: certificate.subject.replace(/\n/g, ', ') }, `bootstrap certificate left out: ${problem}`);
+      this.log.warn(
+        { serialNumber: certificate.serialNumber.toLowerCase(), subject: certificate.subject.replace(/\n/g, ', ') },
+        `bootstrap certificate left out: ${problem}`,
+      );
       return false;
     };
     if (!certificate.checkIssued(authority) || !certificate.verify(authority.publicKey)) return refused('not signed by this CA');
@@ -298,7 +383,10 @@ export class CertificateAuthority {
       throw error;
     }
     await this.listener.issued(record, {});
-    this.log.info({ identity: record.identity, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), expireTime: record.expireTime }, 'bootstrap certificate recorded');
+    this.log.info(
+      { identity: record.identity, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), expireTime: record.expireTime },
+      'bootstrap certificate recorded',
+    );
     return true;
   }
 
@@ -307,7 +395,10 @@ export class CertificateAuthority {
     const now = Date.now();
     const entries = await this.records.revoked.list('revoked.*');
     return {
-      serialNumbers: entries.filter((entry) => new Date(entry.value.expireTime).getTime() > now).map((entry) => entry.key.slice('revoked.'.length)).sort(),
+      serialNumbers: entries
+        .filter((entry) => new Date(entry.value.expireTime).getTime() > now)
+        .map((entry) => entry.key.slice('revoked.'.length))
+        .sort(),
       revision: entries.reduce((max, entry) => Math.max(max, entry.revision), 0),
     };
   }
@@ -319,8 +410,10 @@ export class CertificateAuthority {
   private checkCsr(csrPem: string, identity: string, dnsAllowed: (name: string) => boolean): { publicKeyPem: string; dnsNames: readonly string[] } {
     if (csrPem.trim() === '') throw CowherdError.invalidArgument('csr_pem', 'is required', ErrorReason.ERROR_REASON_CSR_INVALID);
     const csr = parseCsr(csrPem);
-    if (csr.publicKeyBits < this.policy.minKeyBits) throw CowherdError.invalidArgument('csr_pem', `must carry an RSA key of at least ${this.policy.minKeyBits} bits`, ErrorReason.ERROR_REASON_CSR_INVALID);
-    const mismatch = (problem: string): CowherdError => new CowherdError(GrpcStatus.PERMISSION_DENIED, `csr_pem ${problem}`, { reason: ErrorReason.ERROR_REASON_CSR_IDENTITY_MISMATCH, field: 'csr_pem' });
+    if (csr.publicKeyBits < this.policy.minKeyBits)
+      throw CowherdError.invalidArgument('csr_pem', `must carry an RSA key of at least ${this.policy.minKeyBits} bits`, ErrorReason.ERROR_REASON_CSR_INVALID);
+    const mismatch = (problem: string): CowherdError =>
+      new CowherdError(GrpcStatus.PERMISSION_DENIED, `csr_pem ${problem}`, { reason: ErrorReason.ERROR_REASON_CSR_IDENTITY_MISMATCH, field: 'csr_pem' });
     if (csr.uris.length !== 1 || csr.uris[0] !== identity) throw mismatch(`must name exactly ${identity} as its URI SAN, not ${JSON.stringify(csr.uris)}`);
     if (csr.otherNames.length > 0) throw mismatch('may carry only URI and DNS SANs');
     const refused = csr.dnsNames.filter((name) => !dnsAllowed(name));
@@ -334,7 +427,10 @@ export class CertificateAuthority {
     const existing = await this.records.requests.get(`request.${sha256(`${kind}|${requestId}`)}`);
     if (!existing) return undefined;
     if (existing.value.fingerprint !== fingerprint) {
-      throw new CowherdError(GrpcStatus.ALREADY_EXISTS, 'request_id was already used for a different request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT, field: 'request_id' });
+      throw new CowherdError(GrpcStatus.ALREADY_EXISTS, 'request_id was already used for a different request', {
+        reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT,
+        field: 'request_id',
+      });
     }
     return existing.value.resource;
   }

@@ -17,7 +17,11 @@ type CaService = typeof CertificateAuthorityServiceService;
  * Handlers of the mTLS port (all RPCs); the enrollment port serves only getCaBundle and enrollHost of these.
  * `beforeIssuedList` runs before each GetIssuedSerialList (the CA records changed bootstrap certificates).
  */
-export function certificateAuthorityHandlers(ca: CertificateAuthority, pageTokens: PageTokens, beforeIssuedList: () => Promise<void> = async () => undefined): Handlers<CaService> {
+export function certificateAuthorityHandlers(
+  ca: CertificateAuthority,
+  pageTokens: PageTokens,
+  beforeIssuedList: () => Promise<void> = async () => undefined,
+): Handlers<CaService> {
   const caller = (context: CallContext) => {
     if (!context.caller) throw CowherdError.unauthenticated('a client certificate is required');
     return context.caller;
@@ -31,13 +35,23 @@ export function certificateAuthorityHandlers(ca: CertificateAuthority, pageToken
     },
     getJoinToken: async (request) => toJoinToken(await ca.getJoinToken(request.name)),
     listJoinTokens: async (request) => {
-      const matches = parseFilter<JoinTokenRecord>(request.filter, { state: { read: (record) => tokenState(record), values: enumValueNames(JoinToken_State, 'STATE_') }, host: resourceNameField((record) => record.host, HOST_ID, '{host} (a host id such as kvm-01)', { prefix: true }) });
-      const { page, nextPageToken } = paginate((await ca.listJoinTokens()).filter(matches), newestFirst((record) => record.createTime, (record) => record.id), {
-        pageSize: request.pageSize,
-        pageToken: request.pageToken,
-        query: `joinTokens|${request.filter}`,
-        tokens: pageTokens,
+      const matches = parseFilter<JoinTokenRecord>(request.filter, {
+        state: { read: (record) => tokenState(record), values: enumValueNames(JoinToken_State, 'STATE_') },
+        host: resourceNameField((record) => record.host, HOST_ID, '{host} (a host id such as kvm-01)', { prefix: true }),
       });
+      const { page, nextPageToken } = paginate(
+        (await ca.listJoinTokens()).filter(matches),
+        newestFirst(
+          (record) => record.createTime,
+          (record) => record.id,
+        ),
+        {
+          pageSize: request.pageSize,
+          pageToken: request.pageToken,
+          query: `joinTokens|${request.filter}`,
+          tokens: pageTokens,
+        },
+      );
       return { joinTokens: page.map(toJoinToken), nextPageToken };
     },
     deleteJoinToken: async (request) => toJoinToken(await ca.deleteJoinToken(request.name)),
@@ -53,7 +67,18 @@ export function certificateAuthorityHandlers(ca: CertificateAuthority, pageToken
       return { certificate: toCertificate(record), caCertificatePem: ca.caCertificatePem, renewTime: renewTime(record) };
     },
     issueCertificate: async (request, context) =>
-      toCertificate(await ca.issue({ csrPem: request.csrPem, identity: request.identity, dnsNames: request.dnsNames, ttlSeconds: seconds(request.ttl, 'ttl'), requestId: request.requestId }, caller(context))),
+      toCertificate(
+        await ca.issue(
+          {
+            csrPem: request.csrPem,
+            identity: request.identity,
+            dnsNames: request.dnsNames,
+            ttlSeconds: seconds(request.ttl, 'ttl'),
+            requestId: request.requestId,
+          },
+          caller(context),
+        ),
+      ),
     getCertificate: async (request, context) => {
       const record = await ca.getCertificate(request.name);
       // Another identity's certificate is NOT_FOUND to non-admins: its existence is not theirs to learn.
@@ -61,13 +86,27 @@ export function certificateAuthorityHandlers(ca: CertificateAuthority, pageToken
       return toCertificate(record);
     },
     listCertificates: async (request) => {
-      const matches = parseFilter<CertificateRecord>(request.filter, { state: { read: (record) => certificateState(record), values: enumValueNames(Certificate_State, 'STATE_') }, identity: { read: (record) => record.identity, prefix: true, check: (value) => (parseIdentity(value) ? undefined : 'is not a cowherd identity (spiffe://cowherd/<admin|service|host>/<name>)') } });
-      const { page, nextPageToken } = paginate((await ca.listCertificates()).filter(matches), newestFirst((record) => record.issueTime, (record) => record.serialNumber), {
-        pageSize: request.pageSize,
-        pageToken: request.pageToken,
-        query: `certificates|${request.filter}`,
-        tokens: pageTokens,
+      const matches = parseFilter<CertificateRecord>(request.filter, {
+        state: { read: (record) => certificateState(record), values: enumValueNames(Certificate_State, 'STATE_') },
+        identity: {
+          read: (record) => record.identity,
+          prefix: true,
+          check: (value) => (parseIdentity(value) ? undefined : 'is not a cowherd identity (spiffe://cowherd/<admin|service|host>/<name>)'),
+        },
       });
+      const { page, nextPageToken } = paginate(
+        (await ca.listCertificates()).filter(matches),
+        newestFirst(
+          (record) => record.issueTime,
+          (record) => record.serialNumber,
+        ),
+        {
+          pageSize: request.pageSize,
+          pageToken: request.pageToken,
+          query: `certificates|${request.filter}`,
+          tokens: pageTokens,
+        },
+      );
       return { certificates: page.map(toCertificate), nextPageToken };
     },
     revokeCertificate: async (request, context) => toCertificate(await ca.revoke(request.name, request.reason as RevocationReason, caller(context))),

@@ -13,7 +13,13 @@ export function eventingListener(events: EventPublisher): CertificateListener {
       if (identity?.kind !== 'host' || context.joinToken === undefined) return;
       await events.publish(
         HOST_ENROLLED,
-        { host: HOST_NAME.format({ host: identity.name }), identity: record.identity, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), joinToken: context.joinToken, occurTime: new Date(record.issueTime) },
+        {
+          host: HOST_NAME.format({ host: identity.name }),
+          identity: record.identity,
+          certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }),
+          joinToken: context.joinToken,
+          occurTime: new Date(record.issueTime),
+        },
         { host: identity.name, id: `host.enrolled/${record.serialNumber}` },
       );
     },
@@ -21,7 +27,13 @@ export function eventingListener(events: EventPublisher): CertificateListener {
       const identity = parseIdentity(record.identity);
       await events.publish(
         CERTIFICATE_REVOKED,
-        { certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }), serialNumber: record.serialNumber, identity: record.identity, reason: record.revoked?.reason ?? 0, occurTime: new Date(record.revoked?.time ?? Date.now()) },
+        {
+          certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }),
+          serialNumber: record.serialNumber,
+          identity: record.identity,
+          reason: record.revoked?.reason ?? 0,
+          occurTime: new Date(record.revoked?.time ?? Date.now()),
+        },
         { host: identity?.kind === 'host' ? identity.name : '_', id: `certificate.revoked/${record.serialNumber}` },
       );
     },

@@ -31,14 +31,28 @@ await runServiceMain({
     caCertificateFile: pathVariable('COWHERD_CA_CERT_FILE', 'the CA certificate; created with the key on the first start'),
     enrollAddress: addressVariable('COWHERD_ENROLL_ADDRESS', 'host:port of the enrollment port (server TLS only: GetCaBundle and EnrollHost)', '0.0.0.0:7441'),
     hostCertificateHours: integerVariable('COWHERD_HOST_CERTIFICATE_HOURS', 'lifetime of host certificates issued at enrollment', 24, 1, 24 * 30),
-    natsAuthorizationFile: optionalStringVariable('COWHERD_NATS_AUTHORIZATION_FILE', 'the authorization file nats-server includes; when set, the CA keeps one NATS user per active certificate in it'),
-    natsPidFile: optionalStringVariable('COWHERD_NATS_PID_FILE', 'nats-server pid file, to reload it after the users changed (with COWHERD_NATS_AUTHORIZATION_FILE)'),
-    natsStaticIdentities: optionalStringVariable('COWHERD_NATS_STATIC_IDENTITIES', 'comma-separated SPIFFE URIs admitted to NATS by identity, whatever the serial (bootstrap services)'),
-    bootstrapCertificatesFile: optionalStringVariable('COWHERD_CA_BOOTSTRAP_CERTIFICATES', 'PEM bundle of certificates signed with the CA key before this service ran (seeds, bootstrap admin); recorded as issued at start and whenever the file changes'),
+    natsAuthorizationFile: optionalStringVariable(
+      'COWHERD_NATS_AUTHORIZATION_FILE',
+      'the authorization file nats-server includes; when set, the CA keeps one NATS user per active certificate in it',
+    ),
+    natsPidFile: optionalStringVariable(
+      'COWHERD_NATS_PID_FILE',
+      'nats-server pid file, to reload it after the users changed (with COWHERD_NATS_AUTHORIZATION_FILE)',
+    ),
+    natsStaticIdentities: optionalStringVariable(
+      'COWHERD_NATS_STATIC_IDENTITIES',
+      'comma-separated SPIFFE URIs admitted to NATS by identity, whatever the serial (bootstrap services)',
+    ),
+    bootstrapCertificatesFile: optionalStringVariable(
+      'COWHERD_CA_BOOTSTRAP_CERTIFICATES',
+      'PEM bundle of certificates signed with the CA key before this service ran (seeds, bootstrap admin); recorded as issued at start and whenever the file changes',
+    ),
   },
   env: process.env,
   build: async ({ config, boundary, nats, events, log, tls }) => {
-    const key = await loadOrCreateCertificateAuthority(config.caKeyFile, config.caCertificateFile, () => log.info({ certificateFile: config.caCertificateFile }, 'creating the CA (first start)'));
+    const key = await loadOrCreateCertificateAuthority(config.caKeyFile, config.caCertificateFile, () =>
+      log.info({ certificateFile: config.caCertificateFile }, 'creating the CA (first start)'),
+    );
     const records = await openCaRecords(nats.jetstream);
     const listCertificates = async () => (await records.certificates.list('certificate.*')).map((entry) => entry.value);
     const syncNats = natsUsersFromConfig(config, listCertificates, log);
@@ -46,18 +60,29 @@ await runServiceMain({
     const revocations = new RevocationSet();
     // And admit what they issue from the moment it is recorded: an agent that just enrolled calls at once.
     const issued = new IssuedSerials();
-    const ownRevocations: CertificateListener = { issued: async (record) => issued.add(record.serialNumber), revoked: async (record) => revocations.add(record.serialNumber) };
+    const ownRevocations: CertificateListener = {
+      issued: async (record) => issued.add(record.serialNumber),
+      revoked: async (record) => revocations.add(record.serialNumber),
+    };
     const listener = allListeners(ownRevocations, ...(syncNats ? [syncNats] : []), eventingListener(events));
     const ca = new CertificateAuthority(key, records, listener, log, { ...DEFAULT_CA_POLICY, hostCertificateSeconds: config.hostCertificateHours * 3600 });
     await syncNats?.sync();
     const natsTimer = syncNats ? setInterval(() => void syncNats.sync().catch(() => undefined), 30_000) : undefined;
     const bootstrap = bootstrapCertificates({ file: config.bootstrapCertificatesFile, record: (pem) => ca.recordBootstrapCertificate(pem), log });
     // The CA service's own certificate may be a bootstrap one too (signed before it ran); a renewed one is recorded already.
-    await ca.recordBootstrapCertificate(await readFile(tls.certificateFile, 'utf8')).catch((error: unknown) => log.warn({ err: error }, 'could not record the CA service certificate'));
+    await ca
+      .recordBootstrapCertificate(await readFile(tls.certificateFile, 'utf8'))
+      .catch((error: unknown) => log.warn({ err: error }, 'could not record the CA service certificate'));
     const handlers = certificateAuthorityHandlers(ca, await PageTokens.open(nats.jetstream), () => bootstrap.importChanges());
 
     // Revocations come straight from the CA's own records, refreshed at once after a revoke by any replica.
-    const stopFollowing = await followRevocations({ set: revocations, log, nats: nats.connection, intervalMs: 5_000, fetch: async () => (await ca.revocationList()).serialNumbers });
+    const stopFollowing = await followRevocations({
+      set: revocations,
+      log,
+      nats: nats.connection,
+      intervalMs: 5_000,
+      fetch: async () => (await ca.revocationList()).serialNumbers,
+    });
     // Issued serials likewise, bootstrap certificates read first; a miss looks again (at most once a second).
     const stopFollowingIssued = await followIssuedSerials({
       set: issued,
@@ -82,14 +107,20 @@ await runServiceMain({
         // later re-join.
         const deletedAt = event.payload.occurTime?.getTime() ?? Number.POSITIVE_INFINITY;
         for (const record of await ca.listCertificates()) {
-          if (record.identity === identity && certificateState(record) === 'ACTIVE' && Date.parse(record.issueTime) <= deletedAt) await ca.revoke(CERTIFICATE_NAME.format({ certificate: record.serialNumber }), RevocationReason.REVOCATION_REASON_CESSATION_OF_OPERATION, self);
+          if (record.identity === identity && certificateState(record) === 'ACTIVE' && Date.parse(record.issueTime) <= deletedAt)
+            await ca.revoke(CERTIFICATE_NAME.format({ certificate: record.serialNumber }), RevocationReason.REVOCATION_REASON_CESSATION_OF_OPERATION, self);
         }
       },
     });
 
     // The enrollment port: server-auth TLS only, and only the two RPCs a host without a certificate needs.
     const enrollment = new Server();
-    const enrollmentService = adaptService(CertificateAuthorityServiceService, { getCaBundle: handlers.getCaBundle, enrollHost: handlers.enrollHost }, ENROLLMENT_POLICY, boundary);
+    const enrollmentService = adaptService(
+      CertificateAuthorityServiceService,
+      { getCaBundle: handlers.getCaBundle, enrollHost: handlers.enrollHost },
+      ENROLLMENT_POLICY,
+      boundary,
+    );
     enrollment.addService(enrollmentService.definition, enrollmentService.implementation);
     const enrollPort = await bind(enrollment, config.enrollAddress, serverOnlyTlsCredentials(tls, config.tlsRefreshSeconds * 1000));
     log.info({ enrollPort, caSha256: ca.caSha256 }, 'enrollment port open');
@@ -124,10 +155,13 @@ function natsUsersFromConfig(
 ): NatsUsers | undefined {
   if (config.natsAuthorizationFile === undefined) return undefined;
   if (config.natsPidFile === undefined) throw new Error('COWHERD_NATS_PID_FILE is required with COWHERD_NATS_AUTHORIZATION_FILE');
-  const staticIdentities: Identity[] = (config.natsStaticIdentities ?? '').split(',').filter((uri) => uri.trim() !== '').map((uri) => {
-    const identity = parseIdentity(uri.trim());
-    if (!identity) throw new Error(`COWHERD_NATS_STATIC_IDENTITIES: ${JSON.stringify(uri)} is not a cowherd identity`);
-    return identity;
-  });
+  const staticIdentities: Identity[] = (config.natsStaticIdentities ?? '')
+    .split(',')
+    .filter((uri) => uri.trim() !== '')
+    .map((uri) => {
+      const identity = parseIdentity(uri.trim());
+      if (!identity) throw new Error(`COWHERD_NATS_STATIC_IDENTITIES: ${JSON.stringify(uri)} is not a cowherd identity`);
+      return identity;
+    });
   return natsUsers({ authorizationFile: config.natsAuthorizationFile, pidFile: config.natsPidFile, staticIdentities, listCertificates, log });
 }

@@ -25,16 +25,23 @@ export type ServiceKey = keyof typeof SERVICE_ADDRESSES;
 /** The variables the CLI reads (documented in the README's CLI section). */
 export function cliVariables(fleet: LocalFleetDefaults) {
   const address = (key: ServiceKey, port: number) =>
-    addressVariable(SERVICE_ADDRESSES[key].variable, `host:port of the ${SERVICE_ADDRESSES[key].service} mTLS port`, fleet.addresses[SERVICE_ADDRESSES[key].service] ?? `localhost:${port}`);
+    addressVariable(
+      SERVICE_ADDRESSES[key].variable,
+      `host:port of the ${SERVICE_ADDRESSES[key].service} mTLS port`,
+      fleet.addresses[SERVICE_ADDRESSES[key].service] ?? `localhost:${port}`,
+    );
   return {
-    credentials: optionalStringVariable('COWHERD_CREDENTIALS', 'directory of the admin credential bundle: cert.pem, key.pem, ca.pem (default: the local fleet\'s)'),
+    credentials: optionalStringVariable(
+      'COWHERD_CREDENTIALS',
+      "directory of the admin credential bundle: cert.pem, key.pem, ca.pem (default: the local fleet's)",
+    ),
     caAddress: address('ca', DEFAULT_PORTS['certificate-authority'].grpc),
     inventoryAddress: address('inventory', DEFAULT_PORTS.inventory.grpc),
     distributionAddress: address('distribution', DEFAULT_PORTS.distribution.grpc),
     cloningAddress: address('cloning', DEFAULT_PORTS.cloning.grpc),
     natsUrls: urlListVariable('COWHERD_NATS_URL', 'NATS URLs for `cowherd events` (TLS with the admin credentials)', [fleet.natsUrl ?? 'tls://localhost:4222']),
     output: enumVariable<'table' | 'json'>('COWHERD_OUTPUT', 'default output format', 'table', ['table', 'json']),
-    stateDirectory: optionalStringVariable('COWHERD_STATE_DIR', 'the local fleet\'s state directory (default <repo>/.state/fleet)'),
+    stateDirectory: optionalStringVariable('COWHERD_STATE_DIR', "the local fleet's state directory (default <repo>/.state/fleet)"),
     dynamicPorts: enumVariable<'0' | '1'>('COWHERD_FLEET_DYNAMIC_PORTS', '1: `cowherd fleet up` picks free ports', '0', ['0', '1']),
   };
 }

@@ -45,7 +45,11 @@ export class CliContext {
   private readonly channelCredentials = new Map<ServiceKey, ChannelCredentials>();
   private readonly clients = new Map<string, { close(): void }>();
 
-  constructor(readonly config: CliConfig, readonly settings: GlobalSettings, readonly out: Output) {}
+  constructor(
+    readonly config: CliConfig,
+    readonly settings: GlobalSettings,
+    readonly out: Output,
+  ) {}
 
   /** The admin bundle; throws CliError (exit 5) naming the directory and what to do when it is unusable. */
   credentials(): AdminBundle {
@@ -71,10 +75,16 @@ export class CliContext {
       throw new CliError(`${files.certificateFile} is not a PEM certificate; point --credentials at an admin credential bundle`, EXIT.ACCESS);
     }
     if (facts.identity?.kind !== 'admin') {
-      throw new CliError(`the certificate in ${directory} is for ${facts.identity?.uri ?? 'no cowherd identity'}, not an admin (spiffe://cowherd/admin/<you>); point --credentials at an admin bundle`, EXIT.ACCESS);
+      throw new CliError(
+        `the certificate in ${directory} is for ${facts.identity?.uri ?? 'no cowherd identity'}, not an admin (spiffe://cowherd/admin/<you>); point --credentials at an admin bundle`,
+        EXIT.ACCESS,
+      );
     }
     if (facts.notAfter.getTime() <= Date.now()) {
-      throw new CliError(`the admin certificate in ${directory} expired on ${facts.notAfter.toISOString()}; get a new one (npm start renews the local fleet's)`, EXIT.ACCESS);
+      throw new CliError(
+        `the admin certificate in ${directory} expired on ${facts.notAfter.toISOString()}; get a new one (npm start renews the local fleet's)`,
+        EXIT.ACCESS,
+      );
     }
     this.bundle = { files, pem, identity: facts.identity.uri };
     return this.bundle;
@@ -104,7 +114,12 @@ export class CliContext {
   /** Where calls to `service` go, for messages. */
   target(service: ServiceKey): CallTarget {
     const names = SERVICE_ADDRESSES[service];
-    return { ...names, address: this.settings.addresses[service], credentialsDirectory: this.settings.credentialsDirectory, timeoutMs: this.settings.timeoutMs };
+    return {
+      ...names,
+      address: this.settings.addresses[service],
+      credentialsDirectory: this.settings.credentialsDirectory,
+      timeoutMs: this.settings.timeoutMs,
+    };
   }
 
   /** One unary call; a failure becomes a CliError with advice and its exit code. */
@@ -119,7 +134,11 @@ export class CliContext {
   }
 
   /** Every page of a List call, concatenated. */
-  listAll<Item, Res extends { nextPageToken: string }>(service: ServiceKey, page: (pageToken: string, callback: (error: ServiceError | null, response: Res) => void) => void, items: (response: Res) => readonly Item[]): Promise<Item[]> {
+  listAll<Item, Res extends { nextPageToken: string }>(
+    service: ServiceKey,
+    page: (pageToken: string, callback: (error: ServiceError | null, response: Res) => void) => void,
+    items: (response: Res) => readonly Item[],
+  ): Promise<Item[]> {
     return readAllPages(async (pageToken) => {
       const response = await this.call<Res>(service, (callback) => page(pageToken, callback));
       return { items: items(response), nextPageToken: response.nextPageToken };

@@ -60,7 +60,10 @@ export interface Invocation {
 /** Thrown for a wrong invocation; `command` is the deepest command the words selected. */
 export class UsageError extends Error {
   override readonly name = 'UsageError';
-  constructor(message: string, readonly command: readonly CommandSpec<never>[]) {
+  constructor(
+    message: string,
+    readonly command: readonly CommandSpec<never>[],
+  ) {
     super(message);
   }
 }
@@ -96,7 +99,15 @@ export function parseCommandLine<Context>(root: CommandSpec<Context>, globals: r
       const equals = word.indexOf('=');
       const name = word.slice(2, equals === -1 ? undefined : equals);
       const spec = known().find((option) => option.name === name);
-      if (!spec) throw new UsageError(`unknown option --${name}${suggestion(name, known().map((option) => option.name), '--')}`, path);
+      if (!spec)
+        throw new UsageError(
+          `unknown option --${name}${suggestion(
+            name,
+            known().map((option) => option.name),
+            '--',
+          )}`,
+          path,
+        );
       if (spec.value === undefined) {
         if (equals !== -1) throw new UsageError(`--${name} is a flag and takes no value`, path);
         values[name] = true;
@@ -120,8 +131,18 @@ export function parseCommandLine<Context>(root: CommandSpec<Context>, globals: r
       const next = subcommands.find((command) => command.name === word);
       if (!next) {
         if (help) return { kind: 'help', command: path };
-        const words = path.slice(1).map((command) => `${command.name} `).join('');
-        throw new UsageError(`unknown command "${words}${word}"${suggestion(word, subcommands.map((command) => command.name), words)}`, path);
+        const words = path
+          .slice(1)
+          .map((command) => `${command.name} `)
+          .join('');
+        throw new UsageError(
+          `unknown command "${words}${word}"${suggestion(
+            word,
+            subcommands.map((command) => command.name),
+            words,
+          )}`,
+          path,
+        );
       }
       path.push(next);
       continue;
@@ -136,7 +157,14 @@ export function parseCommandLine<Context>(root: CommandSpec<Context>, globals: r
     throw new UsageError(`"${commandWords(path.slice(1))}" needs a command`, path);
   }
   const expected = leaf.positionals ?? [];
-  if (positionals.length < expected.length) throw new UsageError(`missing ${expected.slice(positionals.length).map((positional) => `<${positional.name}>`).join(' ')}`, path);
+  if (positionals.length < expected.length)
+    throw new UsageError(
+      `missing ${expected
+        .slice(positionals.length)
+        .map((positional) => `<${positional.name}>`)
+        .join(' ')}`,
+      path,
+    );
   if (positionals.length > expected.length) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[expected.length])}`, path);
   for (const option of leaf.options ?? []) {
     if (option.required && values[option.name] === undefined) throw new UsageError(`missing --${option.name} ${option.value ?? ''}`.trimEnd(), path);
@@ -181,7 +209,13 @@ export function renderCommandList(path: readonly CommandSpec<never>[] | readonly
   const command = path[path.length - 1]!;
   const subcommands = command.subcommands ?? [];
   const width = Math.max(...subcommands.map((sub) => sub.name.length));
-  return [`usage: ${usageLine(path)}`, 'commands:', ...subcommands.map((sub) => `  ${sub.name.padEnd(width)}  ${sub.summary}`), `run '${commandWords(path)} --help' for more`, ''].join('\n');
+  return [
+    `usage: ${usageLine(path)}`,
+    'commands:',
+    ...subcommands.map((sub) => `  ${sub.name.padEnd(width)}  ${sub.summary}`),
+    `run '${commandWords(path)} --help' for more`,
+    '',
+  ].join('\n');
 }
 
 /** The full help of a command: usage, summary, subcommands or arguments and options, global options. */
@@ -208,7 +242,10 @@ export function renderHelp(path: readonly CommandSpec<never>[] | readonly Comman
 function renderOptions(options: readonly OptionSpec[]): string[] {
   const labels = options.map((option) => `--${option.name}${option.value ? ` ${option.value}` : ''}`);
   const width = Math.max(...labels.map((label) => label.length));
-  return options.map((option, index) => `  ${labels[index]!.padEnd(width)}  ${option.description}${option.required ? ' (required)' : ''}${option.repeatable ? ' (repeatable)' : ''}`);
+  return options.map(
+    (option, index) =>
+      `  ${labels[index]!.padEnd(width)}  ${option.description}${option.required ? ' (required)' : ''}${option.repeatable ? ' (repeatable)' : ''}`,
+  );
 }
 
 /** ", did you mean --x?" for a near miss (edit distance at most 2), otherwise nothing. */

@@ -55,13 +55,21 @@ export const EVENTS_COMMAND: CommandSpec<CliContext> = {
   details: `Event kinds: ${KINDS.join(', ')}.\nWith --output json, one JSON object per line: sequence, subject, kind, host, type, time and the event as proto JSON.\nNATS is --nats / COWHERD_NATS_URL (default: the local fleet's, else tls://localhost:4222).`,
   run: async (invocation, context) => {
     const args = new ArgumentReader(invocation.command);
-    const selectors = invocation.list('types').flatMap((value) => value.split(',')).map((value) => value.trim()).filter((value) => value !== '');
-    for (const selector of selectors) if (!KINDS.includes(selector) && !AREAS.includes(selector)) args.fail(`unknown event type ${JSON.stringify(selector)}; kinds: ${KINDS.join(', ')}; areas: ${AREAS.join(', ')}`);
+    const selectors = invocation
+      .list('types')
+      .flatMap((value) => value.split(','))
+      .map((value) => value.trim())
+      .filter((value) => value !== '');
+    for (const selector of selectors)
+      if (!KINDS.includes(selector) && !AREAS.includes(selector))
+        args.fail(`unknown event type ${JSON.stringify(selector)}; kinds: ${KINDS.join(', ')}; areas: ${AREAS.join(', ')}`);
     const hostOption = invocation.string('host');
     const host = hostOption === undefined ? undefined : bareId(args.host(hostOption, '--host'));
     const follow = invocation.flag('follow');
     const last = args.integer(invocation.string('last') ?? (follow ? '0' : '20'), '--last', 0, MAX_SCAN);
-    const wanted = (kind: string, eventHost: string): boolean => (selectors.length === 0 || selectors.some((selector) => selector === kind || kind.startsWith(`${selector}.`))) && (host === undefined || eventHost === host);
+    const wanted = (kind: string, eventHost: string): boolean =>
+      (selectors.length === 0 || selectors.some((selector) => selector === kind || kind.startsWith(`${selector}.`))) &&
+      (host === undefined || eventHost === host);
 
     const nats = await connect(context);
     try {
@@ -69,7 +77,12 @@ export const EVENTS_COMMAND: CommandSpec<CliContext> = {
       const seen = new Set<string>();
       let live: AsyncIterable<Msg> | undefined;
       if (follow) {
-        const subjects = selectors.length === 0 ? [host === undefined ? `${EVENT_SUBJECT_PREFIX}.>` : `${EVENT_SUBJECT_PREFIX}.*.*.${host}`] : selectors.map((selector) => (KINDS.includes(selector) ? eventSubject(selector, host ?? '*') : `${EVENT_SUBJECT_PREFIX}.${selector}.*.${host ?? '*'}`));
+        const subjects =
+          selectors.length === 0
+            ? [host === undefined ? `${EVENT_SUBJECT_PREFIX}.>` : `${EVENT_SUBJECT_PREFIX}.*.*.${host}`]
+            : selectors.map((selector) =>
+                KINDS.includes(selector) ? eventSubject(selector, host ?? '*') : `${EVENT_SUBJECT_PREFIX}.${selector}.*.${host ?? '*'}`,
+              );
         const subscriptions = subjects.map((subject) => nats.connection.subscribe(subject));
         await nats.connection.flush();
         live = merge(subscriptions);
@@ -81,7 +94,9 @@ export const EVENTS_COMMAND: CommandSpec<CliContext> = {
         }
       }
       if (!live) return EXIT.OK;
-      context.out.note(`following ${selectors.length === 0 ? 'every event' : selectors.join(', ')}${host === undefined ? '' : ` about ${host}`} on ${context.settings.natsUrls.join(',')}; Ctrl-C stops`);
+      context.out.note(
+        `following ${selectors.length === 0 ? 'every event' : selectors.join(', ')}${host === undefined ? '' : ` about ${host}`} on ${context.settings.natsUrls.join(',')}; Ctrl-C stops`,
+      );
       const stop = (): void => void nats.connection.close();
       process.once('SIGINT', stop);
       process.once('SIGTERM', stop);
@@ -107,7 +122,13 @@ async function connect(context: CliContext): Promise<Nats> {
   const bundle = context.credentials();
   const urls = context.settings.natsUrls.join(',');
   try {
-    return await connectNats({ servers: context.settings.natsUrls, tls: bundle.files, name: `cowherd-cli ${bundle.identity}`, log: createLogger({ service: 'cli', level: 'silent' }), connectTimeoutMs: context.settings.timeoutMs });
+    return await connectNats({
+      servers: context.settings.natsUrls,
+      tls: bundle.files,
+      name: `cowherd-cli ${bundle.identity}`,
+      log: createLogger({ service: 'cli', level: 'silent' }),
+      connectTimeoutMs: context.settings.timeoutMs,
+    });
   } catch (error) {
     const message = (error as Error).message;
     if (/authorization|permission/i.test(message)) {
@@ -116,7 +137,10 @@ async function connect(context: CliContext): Promise<Nats> {
         EXIT.ACCESS,
       );
     }
-    throw new CliError(`cannot reach NATS at ${urls} (${message}); is the fleet running? Point --nats or COWHERD_NATS_URL at its NATS (tls://host:4222)`, EXIT.UNAVAILABLE);
+    throw new CliError(
+      `cannot reach NATS at ${urls} (${message}); is the fleet running? Point --nats or COWHERD_NATS_URL at its NATS (tls://host:4222)`,
+      EXIT.UNAVAILABLE,
+    );
   }
 }
 
@@ -127,10 +151,17 @@ async function recentEvents(nats: Nats, count: number, wanted: (kind: string, ho
     state = (await nats.manager.streams.info(EVENT_STREAM)).state;
   } catch (error) {
     if (/not found/i.test((error as Error).message)) return [];
-    throw new CliError(`cannot read the event stream ${EVENT_STREAM}: ${(error as Error).message}`, /permission/i.test((error as Error).message) ? EXIT.ACCESS : EXIT.FAILURE);
+    throw new CliError(
+      `cannot read the event stream ${EVENT_STREAM}: ${(error as Error).message}`,
+      /permission/i.test((error as Error).message) ? EXIT.ACCESS : EXIT.FAILURE,
+    );
   }
   const found: ShownEvent[] = [];
-  for (let sequence = state.last_seq, scanned = 0; sequence >= state.first_seq && sequence > 0 && found.length < count && scanned < MAX_SCAN; sequence--, scanned++) {
+  for (
+    let sequence = state.last_seq, scanned = 0;
+    sequence >= state.first_seq && sequence > 0 && found.length < count && scanned < MAX_SCAN;
+    sequence--, scanned++
+  ) {
     const stored = await nats.manager.streams.getMessage(EVENT_STREAM, { seq: sequence }).catch(() => null);
     if (!stored) continue;
     const event = decode(stored.subject, stored.header, stored.data, stored.seq, stored.time);
@@ -145,7 +176,9 @@ function decode(subject: string, headers: MsgHdrs | undefined, data: Uint8Array,
   const type = ALL_EVENT_TYPES.find((candidate) => candidate.typeName === typeName);
   const host = subject.slice(subject.lastIndexOf('.') + 1);
   if (!type || subject !== eventSubject(type.kind, host)) return undefined;
-  const message = (eventMessages as unknown as Record<string, { decode(bytes: Uint8Array): unknown; toJSON(value: unknown): unknown }>)[typeName.slice(typeName.lastIndexOf('.') + 1)];
+  const message = (eventMessages as unknown as Record<string, { decode(bytes: Uint8Array): unknown; toJSON(value: unknown): unknown }>)[
+    typeName.slice(typeName.lastIndexOf('.') + 1)
+  ];
   if (!message) return undefined;
   let decoded: unknown;
   let payload: Record<string, unknown>;
@@ -162,7 +195,15 @@ function decode(subject: string, headers: MsgHdrs | undefined, data: Uint8Array,
 function printer(context: CliContext): (event: ShownEvent) => void {
   return (event) => {
     if (context.out.format === 'json') {
-      context.out.jsonLine({ ...(event.sequence === undefined ? {} : { sequence: event.sequence }), subject: event.subject, kind: event.kind, host: event.host === FLEET_WIDE ? '' : event.host, type: event.typeName, time: event.time, event: event.payload });
+      context.out.jsonLine({
+        ...(event.sequence === undefined ? {} : { sequence: event.sequence }),
+        subject: event.subject,
+        kind: event.kind,
+        host: event.host === FLEET_WIDE ? '' : event.host,
+        type: event.typeName,
+        time: event.time,
+        event: event.payload,
+      });
       return;
     }
     const time = event.time.replace('T', ' ').replace(/\.\d+Z$/, 'Z');

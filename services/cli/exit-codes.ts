@@ -59,7 +59,10 @@ export function exitCodeFor(code: GrpcStatus): number {
 /** An expected failure: printed as `cowherd: <message>` without a stack trace, then exit `exitCode`. */
 export class CliError extends Error {
   override readonly name = 'CliError';
-  constructor(message: string, readonly exitCode: number = EXIT.FAILURE) {
+  constructor(
+    message: string,
+    readonly exitCode: number = EXIT.FAILURE,
+  ) {
     super(message);
   }
 }
@@ -139,9 +142,9 @@ const PRECONDITION_ADVICE: Readonly<Record<string, string>> = {
   VIRTUAL_MACHINE_NOT_MANAGED: 'add --force to remove only its libvirt definition (no file is removed)',
   HOST_NOT_EMPTY: '`cowherd hosts drain <host>`, delete its clones (`cowherd vms list --host <host>`), or add --force',
   LAST_AVAILABLE_REPLICA: '`cowherd images distribute <image> --hosts <other host>` first, or add --force',
-  HYPERVISOR_MISMATCH: 'pick hosts of the image\'s hypervisor: `cowherd hosts list` shows each host\'s',
+  HYPERVISOR_MISMATCH: "pick hosts of the image's hypervisor: `cowherd hosts list` shows each host's",
   RESOURCE_STATE_CONFLICT: 'check its state with the matching `show` command and retry once it has settled',
-  INSUFFICIENT_SPACE: 'free space in the host\'s image directory: `cowherd hosts show <host>` shows how much is left',
+  INSUFFICIENT_SPACE: "free space in the host's image directory: `cowherd hosts show <host>` shows how much is left",
   UNTRUSTED_DOMAIN_XML: 'publish a VM whose disks are plain files and whose XML has no host-specific devices',
 };
 

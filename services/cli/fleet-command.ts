@@ -7,7 +7,16 @@ import { dirname, resolve } from 'node:path';
 import { isatty } from 'node:tty';
 import { fileURLToPath } from 'node:url';
 import { ImageView, type Host, type Image, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
-import { checkStoryName, DEFAULT_STORY_NAME, runStory, startLocalFleet, STORY_CLONES, StoryInterrupted, type LocalFleet, type StoryFleet } from '../launcher/index.js';
+import {
+  checkStoryName,
+  DEFAULT_STORY_NAME,
+  runStory,
+  startLocalFleet,
+  STORY_CLONES,
+  StoryInterrupted,
+  type LocalFleet,
+  type StoryFleet,
+} from '../launcher/index.js';
 import { parseCommandLine, type CommandSpec } from './command-line.js';
 import { localFleetDefaults, type CliConfig } from './cli-config.js';
 import { CliContext } from './cli-context.js';
@@ -22,7 +31,7 @@ import { VMS_COMMAND } from './vms-commands.js';
 /** This CLI's entry point, which the story's event follower runs as a child process. */
 const CLI_MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
 /** The CLI commands the story runs, as `cowherd <words>` would. */
-const STORY_COMMANDS: CommandSpec<CliContext> = { name: 'cowherd', summary: 'the story\'s commands', subcommands: [IMAGES_COMMAND, VMS_COMMAND] };
+const STORY_COMMANDS: CommandSpec<CliContext> = { name: 'cowherd', summary: "the story's commands", subcommands: [IMAGES_COMMAND, VMS_COMMAND] };
 
 export const FLEET_COMMAND: CommandSpec<CliContext> = {
   name: 'fleet',
@@ -33,11 +42,19 @@ export const FLEET_COMMAND: CommandSpec<CliContext> = {
       summary: 'start NATS, every service and two local agents on this machine, tell the story once; Ctrl-C stops them',
       options: [
         { name: 'no-story', description: 'only start the fleet: no master image, publish, distribution or clones' },
-        { name: 'story-name', value: '<name>', description: `the story's image id; its master VM is <name>-master, its clones <name>-1..${STORY_CLONES} (default ${DEFAULT_STORY_NAME})` },
-        { name: 'guest-state-dir', value: '<dir>', description: 'cache the story\'s guest kit (Debian\'s kernel, a busybox initramfs) in <dir>/guest (default: the state directory; npm start: .state)' },
+        {
+          name: 'story-name',
+          value: '<name>',
+          description: `the story's image id; its master VM is <name>-master, its clones <name>-1..${STORY_CLONES} (default ${DEFAULT_STORY_NAME})`,
+        },
+        {
+          name: 'guest-state-dir',
+          value: '<dir>',
+          description: "cache the story's guest kit (Debian's kernel, a busybox initramfs) in <dir>/guest (default: the state directory; npm start: .state)",
+        },
       ],
       details: [
-        'Two hosts on this machine\'s libvirtd: <hostname> and <hostname>-2. On the first start the story runs: a small bootable',
+        "Two hosts on this machine's libvirtd: <hostname> and <hostname>-2. On the first start the story runs: a small bootable",
         `master VM on the first host, published as an image, distributed to the second, cloned there ${STORY_CLONES} times and started;`,
         'then the events it saw and the overview. It is recorded in <state>/story.json: later starts do not repeat it.',
         '',
@@ -49,7 +66,11 @@ export const FLEET_COMMAND: CommandSpec<CliContext> = {
         const problem = checkStoryName(storyName);
         if (problem) new ArgumentReader(invocation.command).fail(`--story-name: ${problem}`);
         const guestStateDirectory = invocation.string('guest-state-dir');
-        return fleetUp(context.config, { story: !invocation.flag('no-story'), storyName, ...(guestStateDirectory === undefined ? {} : { guestStateDirectory: resolve(guestStateDirectory) }) });
+        return fleetUp(context.config, {
+          story: !invocation.flag('no-story'),
+          storyName,
+          ...(guestStateDirectory === undefined ? {} : { guestStateDirectory: resolve(guestStateDirectory) }),
+        });
       },
     },
   ],
@@ -117,7 +138,10 @@ async function fleetUp(config: CliConfig, options: FleetUpOptions): Promise<numb
       say('');
       say('overview (inventory):');
       const inventory = fleet.endpoints.find((endpoint) => endpoint.name === 'inventory')!;
-      for (const line of await overviewLines(inventory.address, fleet.adminCredentials, { waitForHostsMs: 15_000 }).catch((error: Error) => [`(inventory did not answer: ${error.message})`])) say(`  ${line}`);
+      for (const line of await overviewLines(inventory.address, fleet.adminCredentials, { waitForHostsMs: 15_000 }).catch((error: Error) => [
+        `(inventory did not answer: ${error.message})`,
+      ]))
+        say(`  ${line}`);
       say('');
       say(`admin credentials: ${fleet.adminCredentials.certificateFile} (key ${fleet.adminCredentials.privateKeyFile}, CA ${fleet.adminCredentials.caFile})`);
       say(`endpoints and pids: ${resolve(stateDirectory, 'fleet.json')}; logs: ${logs}`);
@@ -139,8 +163,16 @@ async function fleetUp(config: CliConfig, options: FleetUpOptions): Promise<numb
 }
 
 /** Runs the story with a CLI context on this fleet; a failure is reported and leaves the fleet running. */
-async function tellStory(config: CliConfig, fleet: LocalFleet, stateDirectory: string, options: FleetUpOptions, say: (line: string) => void, signal: AbortSignal): Promise<void> {
-  const address = (service: 'certificate-authority' | 'inventory' | 'distribution' | 'cloning'): string => fleet.endpoints.find((endpoint) => endpoint.name === service)!.address;
+async function tellStory(
+  config: CliConfig,
+  fleet: LocalFleet,
+  stateDirectory: string,
+  options: FleetUpOptions,
+  say: (line: string) => void,
+  signal: AbortSignal,
+): Promise<void> {
+  const address = (service: 'certificate-authority' | 'inventory' | 'distribution' | 'cloning'): string =>
+    fleet.endpoints.find((endpoint) => endpoint.name === service)!.address;
   const context = new CliContext(
     config,
     {
@@ -193,7 +225,20 @@ function storyFleet(context: CliContext, natsUrl: string): StoryFleet {
     },
     getVirtualMachine: (name) => context.call<VirtualMachine>('inventory', (cb) => context.inventory.getVirtualMachine({ name }, cb)),
     listVirtualMachines: (parent, filter) => listVirtualMachines(context, parent, filter),
-    followEventsCommand: [process.execPath, '--import', 'tsx', CLI_MAIN, 'events', '--follow', '--output', 'table', '--credentials', context.settings.credentialsDirectory, '--nats', natsUrl],
+    followEventsCommand: [
+      process.execPath,
+      '--import',
+      'tsx',
+      CLI_MAIN,
+      'events',
+      '--follow',
+      '--output',
+      'table',
+      '--credentials',
+      context.settings.credentialsDirectory,
+      '--nats',
+      natsUrl,
+    ],
   };
 }
 
@@ -203,12 +248,16 @@ function exploreHints(stateDirectory: string, fleet: LocalFleet, options: FleetU
   const [first, second] = fleet.hosts;
   const name = options.storyName;
   const row = (command: string, what = ''): string => (what === '' ? `  ${command}` : `  ${command.padEnd(40)} ${what}`);
-  const lines = [`explore it with the CLI in another terminal: ${prefix}npm run cowherd -- <command>, for example`, row('overview', 'every host with its images and VMs'), row('hosts list', 'the two local hosts')];
+  const lines = [
+    `explore it with the CLI in another terminal: ${prefix}npm run cowherd -- <command>, for example`,
+    row('overview', 'every host with its images and VMs'),
+    row('hosts list', 'the two local hosts'),
+  ];
   if (options.story && first && second) {
     lines.push(
       row(`vms list --filter 'state = RUNNING'`, 'the running clones'),
       row(`vms show ${second.host}/${name}-1`, `a clone's disk: an overlay on ${second.host}'s copy of the image`),
-      row(`images show ${name}`, 'the image\'s files and the hosts that hold it'),
+      row(`images show ${name}`, "the image's files and the hosts that hold it"),
       row(`vms stop ${second.host}/${name}-1`, 'a graceful shutdown (ACPI power button); vms start, vms delete'),
       row(`vms clone --image ${name} --count 2 --hosts ${first.host},${second.host} --start`),
     );

@@ -1,6 +1,21 @@
 /** Reads from inventory that several commands share, every page fetched, and how resources read as text. */
-import type { ListHostsResponse, ListImageReplicasResponse, ListImagesResponse, ListVirtualMachinesResponse } from '../gen/cowherd/inventory/v1/inventory_service.js';
-import { host_StateToJSON, image_StateToJSON, imageReplica_StateToJSON, ImageView, virtualMachine_StateToJSON, type Host, type Image, type ImageReplica, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import type {
+  ListHostsResponse,
+  ListImageReplicasResponse,
+  ListImagesResponse,
+  ListVirtualMachinesResponse,
+} from '../gen/cowherd/inventory/v1/inventory_service.js';
+import {
+  host_StateToJSON,
+  image_StateToJSON,
+  imageReplica_StateToJSON,
+  ImageView,
+  virtualMachine_StateToJSON,
+  type Host,
+  type Image,
+  type ImageReplica,
+  type VirtualMachine,
+} from '../gen/cowherd/inventory/v1/resources.js';
 import { hypervisorToJSON, type Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { EVERY_HOST, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { CliContext } from './cli-context.js';
@@ -10,22 +25,38 @@ const PAGE = 1000;
 
 /** Every host matching `filter`. */
 export function listHosts(context: CliContext, filter = ''): Promise<Host[]> {
-  return context.listAll<Host, ListHostsResponse>('inventory', (pageToken, cb) => context.inventory.listHosts({ pageSize: PAGE, pageToken, filter }, cb), (response) => response.hosts);
+  return context.listAll<Host, ListHostsResponse>(
+    'inventory',
+    (pageToken, cb) => context.inventory.listHosts({ pageSize: PAGE, pageToken, filter }, cb),
+    (response) => response.hosts,
+  );
 }
 
 /** Every image of the catalog matching `filter` (basic view). */
 export function listImages(context: CliContext, filter = ''): Promise<Image[]> {
-  return context.listAll<Image, ListImagesResponse>('inventory', (pageToken, cb) => context.inventory.listImages({ pageSize: PAGE, pageToken, filter, view: ImageView.IMAGE_VIEW_BASIC }, cb), (response) => response.images);
+  return context.listAll<Image, ListImagesResponse>(
+    'inventory',
+    (pageToken, cb) => context.inventory.listImages({ pageSize: PAGE, pageToken, filter, view: ImageView.IMAGE_VIEW_BASIC }, cb),
+    (response) => response.images,
+  );
 }
 
 /** Every replica under `parent` (`hosts/{host}` or `hosts/-`) matching `filter`. */
 export function listReplicas(context: CliContext, parent = EVERY_HOST, filter = ''): Promise<ImageReplica[]> {
-  return context.listAll<ImageReplica, ListImageReplicasResponse>('inventory', (pageToken, cb) => context.inventory.listImageReplicas({ parent, pageSize: PAGE, pageToken, filter }, cb), (response) => response.imageReplicas);
+  return context.listAll<ImageReplica, ListImageReplicasResponse>(
+    'inventory',
+    (pageToken, cb) => context.inventory.listImageReplicas({ parent, pageSize: PAGE, pageToken, filter }, cb),
+    (response) => response.imageReplicas,
+  );
 }
 
 /** Every VM under `parent` (`hosts/{host}` or `hosts/-`) matching `filter`. */
 export function listVirtualMachines(context: CliContext, parent = EVERY_HOST, filter = ''): Promise<VirtualMachine[]> {
-  return context.listAll<VirtualMachine, ListVirtualMachinesResponse>('inventory', (pageToken, cb) => context.inventory.listVirtualMachines({ parent, pageSize: PAGE, pageToken, filter }, cb), (response) => response.virtualMachines);
+  return context.listAll<VirtualMachine, ListVirtualMachinesResponse>(
+    'inventory',
+    (pageToken, cb) => context.inventory.listVirtualMachines({ parent, pageSize: PAGE, pageToken, filter }, cb),
+    (response) => response.virtualMachines,
+  );
 }
 
 /** READY, DRAINING, ... */

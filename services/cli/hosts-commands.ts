@@ -4,7 +4,18 @@ import { Host, ImageReplica, VirtualMachine } from '../gen/cowherd/inventory/v1/
 import type { CommandSpec } from './command-line.js';
 import type { CliContext } from './cli-context.js';
 import { EXIT } from './exit-codes.js';
-import { bareId, hostState, hypervisorWord, labelText, listHosts, listReplicas, listVirtualMachines, replicaState, shortVirtualMachineName, virtualMachineState } from './fleet-reads.js';
+import {
+  bareId,
+  hostState,
+  hypervisorWord,
+  labelText,
+  listHosts,
+  listReplicas,
+  listVirtualMachines,
+  replicaState,
+  shortVirtualMachineName,
+  virtualMachineState,
+} from './fleet-reads.js';
 import { enumWord, formatAge, formatBytes, formatTime, keyValues, table } from './output.js';
 import { ArgumentReader, toDuration } from './resource-arguments.js';
 
@@ -17,21 +28,29 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
     {
       name: 'join-token',
       summary: 'create a single-use join token that lets a new host enroll (the token is shown once)',
-      positionals: [{ name: 'host', description: 'the new host\'s id, an RFC 1123 label like kvm-02' }],
+      positionals: [{ name: 'host', description: "the new host's id, an RFC 1123 label like kvm-02" }],
       options: [{ name: 'ttl', value: '<duration>', description: 'how long the token stays usable, 1m to 24h (default 1h)' }],
-      details: 'On the new host, start the agent with COWHERD_JOIN_TOKEN=<token> and COWHERD_ENROLL_ADDRESS=<CA host>:7441;\nit makes its key locally and pins the CA by the hash inside the token.',
+      details:
+        'On the new host, start the agent with COWHERD_JOIN_TOKEN=<token> and COWHERD_ENROLL_ADDRESS=<CA host>:7441;\nit makes its key locally and pins the CA by the hash inside the token.',
       run: async (invocation, context) => {
         const args = new ArgumentReader(invocation.command);
         const host = bareId(args.host(invocation.positionals[0]!));
         const ttl = invocation.string('ttl');
         const token = await context.call<JoinToken>('ca', (cb) =>
-          context.certificateAuthority.createJoinToken({ host, ttl: ttl === undefined ? undefined : toDuration(args.durationMs(ttl, '--ttl')), requestId: '' }, cb),
+          context.certificateAuthority.createJoinToken(
+            { host, ttl: ttl === undefined ? undefined : toDuration(args.durationMs(ttl, '--ttl')), requestId: '' },
+            cb,
+          ),
         );
         if (context.out.format === 'json') context.out.json(JoinToken.toJSON(token));
         else {
           context.out.line(token.token);
-          context.out.note(`join token ${token.name} for host ${host}, ${enumWord(joinToken_StateToJSON(token.state), 'STATE_')}, expires ${formatTime(token.expireTime)}; single use, shown only now.`);
-          context.out.note(`on ${host}: COWHERD_HOST_ID=${host} COWHERD_JOIN_TOKEN=<token> COWHERD_ENROLL_ADDRESS=<CA host>:7441 node --import tsx services/agent/main.ts`);
+          context.out.note(
+            `join token ${token.name} for host ${host}, ${enumWord(joinToken_StateToJSON(token.state), 'STATE_')}, expires ${formatTime(token.expireTime)}; single use, shown only now.`,
+          );
+          context.out.note(
+            `on ${host}: COWHERD_HOST_ID=${host} COWHERD_JOIN_TOKEN=<token> COWHERD_ENROLL_ADDRESS=<CA host>:7441 node --import tsx services/agent/main.ts`,
+          );
         }
         return EXIT.OK;
       },
@@ -78,7 +97,11 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
         const host = await context.call<Host>('inventory', (cb) => context.inventory.getHost({ name }, cb));
         const [replicas, vms] = await Promise.all([listReplicas(context, name), listVirtualMachines(context, name)]);
         if (context.out.format === 'json') {
-          context.out.json({ host: Host.toJSON(host), imageReplicas: replicas.map((replica) => ImageReplica.toJSON(replica)), virtualMachines: vms.map((vm) => VirtualMachine.toJSON(vm)) });
+          context.out.json({
+            host: Host.toJSON(host),
+            imageReplicas: replicas.map((replica) => ImageReplica.toJSON(replica)),
+            virtualMachines: vms.map((vm) => VirtualMachine.toJSON(vm)),
+          });
           return EXIT.OK;
         }
         context.out.line(
@@ -91,7 +114,10 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
             ['agent', `${host.agentEndpoint || '-'} version ${host.agentVersion || '-'}`],
             ['cpus', String(host.cpuCount)],
             ['memory', `${formatBytes(host.memoryFreeBytes)} free of ${formatBytes(host.memoryBytes)}`],
-            ['image directory', `${host.imageDirectory || '-'} (${formatBytes(host.imageDirectoryFreeBytes)} free of ${formatBytes(host.imageDirectoryTotalBytes)})`],
+            [
+              'image directory',
+              `${host.imageDirectory || '-'} (${formatBytes(host.imageDirectoryFreeBytes)} free of ${formatBytes(host.imageDirectoryTotalBytes)})`,
+            ],
             ['transfer limits', `up ${limit(host.transferLimits?.uploadBytesPerSecond)}, down ${limit(host.transferLimits?.downloadBytesPerSecond)}`],
             ['labels', labelText(host.labels)],
             ['enrolled', formatTime(host.enrollTime)],
@@ -99,9 +125,33 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
           ]),
         );
         context.out.line();
-        context.out.line(replicas.length === 0 ? 'images: none' : table(['image', 'replica state', 'origin', 'dependent vms'], replicas.map((replica) => [bareId(replica.image), replicaState(replica), replica.origin ? 'yes' : 'no', String(replica.dependentVirtualMachines.length)])));
+        context.out.line(
+          replicas.length === 0
+            ? 'images: none'
+            : table(
+                ['image', 'replica state', 'origin', 'dependent vms'],
+                replicas.map((replica) => [
+                  bareId(replica.image),
+                  replicaState(replica),
+                  replica.origin ? 'yes' : 'no',
+                  String(replica.dependentVirtualMachines.length),
+                ]),
+              ),
+        );
         context.out.line();
-        context.out.line(vms.length === 0 ? 'vms: none' : table(['vm', 'state', 'source', 'managed'], vms.map((vm) => [shortVirtualMachineName(vm.name), virtualMachineState(vm), vm.sourceImage || vm.lineage?.sourceVirtualMachine || '-', vm.managed ? 'yes' : 'no'])));
+        context.out.line(
+          vms.length === 0
+            ? 'vms: none'
+            : table(
+                ['vm', 'state', 'source', 'managed'],
+                vms.map((vm) => [
+                  shortVirtualMachineName(vm.name),
+                  virtualMachineState(vm),
+                  vm.sourceImage || vm.lineage?.sourceVirtualMachine || '-',
+                  vm.managed ? 'yes' : 'no',
+                ]),
+              ),
+        );
         return EXIT.OK;
       },
     },
@@ -114,9 +164,16 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
       run: async (invocation, context) => {
         const name = new ArgumentReader(invocation.command).host(invocation.positionals[0]!);
         const draining = !invocation.flag('undo');
-        const host = await context.call<Host>('inventory', (cb) => context.inventory.updateHost({ host: Host.fromPartial({ name, draining }), updateMask: ['draining'] }, cb));
+        const host = await context.call<Host>('inventory', (cb) =>
+          context.inventory.updateHost({ host: Host.fromPartial({ name, draining }), updateMask: ['draining'] }, cb),
+        );
         if (context.out.format === 'json') context.out.json(Host.toJSON(host));
-        else context.out.line(draining ? `${host.name} is draining (${hostState(host)}): no new clones or replicas go there; its VMs stay` : `${host.name} takes new clones and replicas again (${hostState(host)})`);
+        else
+          context.out.line(
+            draining
+              ? `${host.name} is draining (${hostState(host)}): no new clones or replicas go there; its VMs stay`
+              : `${host.name} takes new clones and replicas again (${hostState(host)})`,
+          );
         return EXIT.OK;
       },
     },
@@ -124,7 +181,7 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
       name: 'remove',
       summary: 'remove a host from the fleet and revoke its certificates (files and domains on it stay)',
       positionals: [HOST_ARGUMENT],
-      options: [{ name: 'force', description: 'remove even while cowherd-managed VMs or an image\'s last available copy are on it' }],
+      options: [{ name: 'force', description: "remove even while cowherd-managed VMs or an image's last available copy are on it" }],
       run: async (invocation, context) => {
         const name = new ArgumentReader(invocation.command).host(invocation.positionals[0]!);
         await context.call('inventory', (cb) => context.inventory.deleteHost({ name, force: invocation.flag('force') }, cb));

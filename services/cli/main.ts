@@ -23,7 +23,11 @@ const DEFAULT_TIMEOUT = '30s';
 
 /** Options every command accepts, before or after its words. */
 export const GLOBAL_OPTIONS: readonly OptionSpec[] = [
-  { name: 'credentials', value: '<dir>', description: 'admin credential bundle: cert.pem, key.pem, ca.pem (env COWHERD_CREDENTIALS; default the local fleet\'s)' },
+  {
+    name: 'credentials',
+    value: '<dir>',
+    description: "admin credential bundle: cert.pem, key.pem, ca.pem (env COWHERD_CREDENTIALS; default the local fleet's)",
+  },
   { name: 'inventory', value: '<host:port>', description: 'inventory service (env COWHERD_INVENTORY_ADDRESS; default localhost:7442)' },
   { name: 'distribution', value: '<host:port>', description: 'distribution service (env COWHERD_DISTRIBUTION_ADDRESS; default localhost:7443)' },
   { name: 'cloning', value: '<host:port>', description: 'cloning service (env COWHERD_CLONING_ADDRESS; default localhost:7444)' },
@@ -37,10 +41,10 @@ export const GLOBAL_OPTIONS: readonly OptionSpec[] = [
 
 const ROOT: CommandSpec<CliContext> = {
   name: 'cowherd',
-  summary: 'The operator\'s command line for a cowherd fleet: publish master images once, spread them peer-to-peer, clone them copy-on-write.',
+  summary: "The operator's command line for a cowherd fleet: publish master images once, spread them peer-to-peer, clone them copy-on-write.",
   subcommands: [HOSTS_COMMAND, IMAGES_COMMAND, VMS_COMMAND, OPERATIONS_COMMAND, EVENTS_COMMAND, OVERVIEW_COMMAND, FLEET_COMMAND],
   details: [
-    'Exit status: 0 ok, 1 failure, 2 usage error or invalid argument, 3 not found, 4 conflicts with the fleet\'s state,',
+    "Exit status: 0 ok, 1 failure, 2 usage error or invalid argument, 3 not found, 4 conflicts with the fleet's state,",
     '5 credentials missing or refused, 6 service unreachable or timed out, 7 some clones or hosts failed, 130 interrupted.',
     '',
     'Examples:',
@@ -49,7 +53,7 @@ const ROOT: CommandSpec<CliContext> = {
     '  cowherd images publish --host kvm-01 --vm debian-template --image debian-12',
     '  cowherd images distribute debian-12 --hosts kvm-02,kvm-03',
     '  cowherd vms clone --image debian-12 --count 10 --placement image-hosts --start',
-    '  cowherd vms list --filter \'state = RUNNING\' --output json',
+    "  cowherd vms list --filter 'state = RUNNING' --output json",
     '  cowherd events --follow --types clone,image.available',
   ].join('\n'),
 };
@@ -82,7 +86,13 @@ async function main(argv: readonly string[]): Promise<number> {
         distribution: address('distribution', config.distributionAddress),
         cloning: address('cloning', config.cloningAddress),
       },
-      natsUrls: nats === undefined ? config.natsUrls : nats.split(',').map((url) => url.trim()).filter((url) => url !== ''),
+      natsUrls:
+        nats === undefined
+          ? config.natsUrls
+          : nats
+              .split(',')
+              .map((url) => url.trim())
+              .filter((url) => url !== ''),
       timeoutMs: args.durationMs(invocation.string('timeout') ?? DEFAULT_TIMEOUT, '--timeout'),
       quiet: invocation.flag('quiet'),
     };

@@ -3,11 +3,7 @@
  * runs it, and how its metadata reads as progress lines: one table, used by the commands that start them and
  * by `cowherd operations` for any operation found later.
  */
-import {
-  CloneVirtualMachinesMetadata,
-  CloneVirtualMachinesResponse,
-  StopVirtualMachineMetadata,
-} from '../gen/cowherd/cloning/v1/cloning_service.js';
+import { CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse, StopVirtualMachineMetadata } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { imagePublishStageToJSON } from '../gen/cowherd/common/v1/types.js';
 import {
   DeleteImageMetadata,
@@ -32,7 +28,14 @@ export const PUBLISH_OPERATION: OperationShape<PublishImageMetadata, Image> = {
   render: (metadata) => {
     const stage = metadata ? enumWord(imagePublishStageToJSON(metadata.stage), 'IMAGE_PUBLISH_STAGE_') : 'STARTING';
     const fraction = stage === 'DONE' ? 1 : fractionOf(metadata?.progress);
-    return [{ key: 'publish', label: `${metadata?.image ?? 'image'}  ${stage.padEnd(16)}`, text: describeTransfer(metadata?.progress), ...(fraction === undefined ? {} : { fraction }) }];
+    return [
+      {
+        key: 'publish',
+        label: `${metadata?.image ?? 'image'}  ${stage.padEnd(16)}`,
+        text: describeTransfer(metadata?.progress),
+        ...(fraction === undefined ? {} : { fraction }),
+      },
+    ];
   },
 };
 
@@ -51,10 +54,22 @@ export const DISTRIBUTE_OPERATION: OperationShape<DistributeImageMetadata, Distr
       const fraction = state === 'AVAILABLE' ? 1 : fractionOf(transfer.progress);
       // An unreachable host says so instead of showing a rate and ETA nobody measures.
       const unreachable = transfer.hostUnreachable && !transfer.error;
-      const text = transfer.error ? transfer.error.message : unreachable ? describeUnreachable(transfer.progress, transfer.deadlineTime) : describeTransfer(transfer.progress);
-      return { key: transfer.host, label: `${bareId(transfer.host).padEnd(width)}  ${(unreachable ? 'UNREACHABLE' : state).padEnd(12)}`, text, fraction: fraction ?? 0 };
+      const text = transfer.error
+        ? transfer.error.message
+        : unreachable
+          ? describeUnreachable(transfer.progress, transfer.deadlineTime)
+          : describeTransfer(transfer.progress);
+      return {
+        key: transfer.host,
+        label: `${bareId(transfer.host).padEnd(width)}  ${(unreachable ? 'UNREACHABLE' : state).padEnd(12)}`,
+        text,
+        fraction: fraction ?? 0,
+      };
     });
-    lines.push({ key: 'summary', text: `${metadata.image}: ${metadata.hostsDone}/${metadata.hostsTotal} hosts done, ${metadata.hostsFailed} failed, ${formatBytes(metadata.bytesTotal)} each` });
+    lines.push({
+      key: 'summary',
+      text: `${metadata.image}: ${metadata.hostsDone}/${metadata.hostsTotal} hosts done, ${metadata.hostsFailed} failed, ${formatBytes(metadata.bytesTotal)} each`,
+    });
     return lines;
   },
 };
@@ -67,7 +82,10 @@ export const DELETE_IMAGE_OPERATION: OperationShape<DeleteImageMetadata, Empty> 
   metadata: DeleteImageMetadata,
   response: Empty,
   render: (metadata) => [
-    { key: 'delete', text: `deleting ${metadata?.image ?? 'image'}: ${metadata?.hostsDone ?? 0}/${metadata?.hostsTotal ?? 0} hosts done${metadata?.pendingHosts.length ? `, waiting for ${metadata.pendingHosts.map(bareId).join(', ')}` : ''}` },
+    {
+      key: 'delete',
+      text: `deleting ${metadata?.image ?? 'image'}: ${metadata?.hostsDone ?? 0}/${metadata?.hostsTotal ?? 0} hosts done${metadata?.pendingHosts.length ? `, waiting for ${metadata.pendingHosts.map(bareId).join(', ')}` : ''}`,
+    },
   ],
 };
 
@@ -81,12 +99,24 @@ export const CLONE_OPERATION: OperationShape<CloneVirtualMachinesMetadata, Clone
   render: (metadata) => {
     if (!metadata) return [{ key: 'clones', label: 'clones', text: 'starting…', fraction: 0 }];
     const settled = metadata.doneCount + metadata.failedCount;
-    const lines: ProgressLine[] = [{ key: 'clones', label: 'clones', text: `${metadata.doneCount}/${metadata.totalCount} done, ${metadata.failedCount} failed`, fraction: metadata.totalCount > 0 ? settled / metadata.totalCount : 0 }];
+    const lines: ProgressLine[] = [
+      {
+        key: 'clones',
+        label: 'clones',
+        text: `${metadata.doneCount}/${metadata.totalCount} done, ${metadata.failedCount} failed`,
+        fraction: metadata.totalCount > 0 ? settled / metadata.totalCount : 0,
+      },
+    ];
     for (const transfer of metadata.imageTransfers) {
       const state = enumWord(imageReplica_StateToJSON(transfer.state), 'STATE_');
       const fraction = state === 'AVAILABLE' ? 1 : fractionOf(transfer.progress);
       const text = transfer.hostUnreachable ? describeUnreachable(transfer.progress, transfer.deadlineTime) : describeTransfer(transfer.progress);
-      lines.push({ key: `transfer:${transfer.host}`, label: `image to ${bareId(transfer.host)}  ${(transfer.hostUnreachable ? 'UNREACHABLE' : state).padEnd(12)}`, text: `${text}  (${transfer.waitingCloneCount} clone(s) waiting)`, fraction: fraction ?? 0 });
+      lines.push({
+        key: `transfer:${transfer.host}`,
+        label: `image to ${bareId(transfer.host)}  ${(transfer.hostUnreachable ? 'UNREACHABLE' : state).padEnd(12)}`,
+        text: `${text}  (${transfer.waitingCloneCount} clone(s) waiting)`,
+        fraction: fraction ?? 0,
+      });
     }
     return lines;
   },
@@ -100,7 +130,10 @@ export const STOP_OPERATION: OperationShape<StopVirtualMachineMetadata, VirtualM
   metadata: StopVirtualMachineMetadata,
   response: VirtualMachine,
   render: (metadata) => [
-    { key: 'stop', text: `stopping ${shortVirtualMachineName(metadata?.virtualMachine ?? '')}${metadata?.force ? ' (force)' : metadata?.deadlineTime ? ` (graceful, until ${metadata.deadlineTime.toISOString().slice(11, 19)} UTC)` : ''}…` },
+    {
+      key: 'stop',
+      text: `stopping ${shortVirtualMachineName(metadata?.virtualMachine ?? '')}${metadata?.force ? ' (force)' : metadata?.deadlineTime ? ` (graceful, until ${metadata.deadlineTime.toISOString().slice(11, 19)} UTC)` : ''}…`,
+    },
   ],
 };
 

@@ -39,15 +39,16 @@ export function unpackAny<T>(any: Any | undefined, typeName: string, type: Messa
 export function operationJson<Meta, Res>(operation: Operation, shape: OperationShape<Meta, Res>): Record<string, unknown> {
   const metadata = unpackAny(operation.metadata, shape.typeNames.metadata, shape.metadata);
   const result: Record<string, unknown> = { name: operation.name, done: operation.done };
-  if (metadata !== undefined) result['metadata'] = { '@type': `type.googleapis.com/${shape.typeNames.metadata}`, ...(shape.metadata.toJSON(metadata) as object) };
+  if (metadata !== undefined)
+    result['metadata'] = { '@type': `type.googleapis.com/${shape.typeNames.metadata}`, ...(shape.metadata.toJSON(metadata) as object) };
   if (operation.result?.$case === 'error') result['error'] = { code: operation.result.value.code, message: operation.result.value.message };
   if (operation.result?.$case === 'response') {
     const response = unpackAny(operation.result.value, shape.typeNames.response, shape.response);
-    if (response !== undefined) result['response'] = { '@type': `type.googleapis.com/${shape.typeNames.response}`, ...(shape.response.toJSON(response) as object) };
+    if (response !== undefined)
+      result['response'] = { '@type': `type.googleapis.com/${shape.typeNames.response}`, ...(shape.response.toJSON(response) as object) };
   }
   return result;
 }
-
 
 /**
  * Polls until the operation is done and returns its response; an operation error becomes a CliError with
@@ -75,7 +76,10 @@ export async function followOperation<Meta, Res>(context: CliContext, started: O
         setTimeout(resolve, delay);
       });
       if (interrupted) {
-        throw new CliError(`stopped following ${operation.name}; it keeps running in the fleet (\`cowherd operations wait ${operation.name}\` follows it again)`, EXIT.INTERRUPTED);
+        throw new CliError(
+          `stopped following ${operation.name}; it keeps running in the fleet (\`cowherd operations wait ${operation.name}\` follows it again)`,
+          EXIT.INTERRUPTED,
+        );
       }
       delay = Math.min(intervalMs, delay * 2);
       operation = await context.call(service, (callback) => client.getOperation({ name: operation.name }, callback));
@@ -104,7 +108,9 @@ export function printStarted<Meta, Res>(context: CliContext, operation: Operatio
   if (context.out.format === 'json') context.out.json(operationJson(operation, shape));
   else {
     context.out.line(operation.name);
-    context.out.note(`started (${shape.title}); \`cowherd operations wait ${operation.name}\` follows it, \`cowherd operations show ${operation.name}\` shows it`);
+    context.out.note(
+      `started (${shape.title}); \`cowherd operations wait ${operation.name}\` follows it, \`cowherd operations show ${operation.name}\` shows it`,
+    );
   }
   return EXIT.OK;
 }

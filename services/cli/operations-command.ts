@@ -28,7 +28,11 @@ export const OPERATIONS_COMMAND: CommandSpec<CliContext> = {
         const byName = new Map<string, Operation>();
         for (const service of SERVICES) {
           const client = context.operations(service);
-          const operations = await context.listAll<Operation, ListOperationsResponse>(service, (pageToken, cb) => client.listOperations({ name: 'operations', filter, pageSize: 1000, pageToken, returnPartialSuccess: false }, cb), (response) => response.operations);
+          const operations = await context.listAll<Operation, ListOperationsResponse>(
+            service,
+            (pageToken, cb) => client.listOperations({ name: 'operations', filter, pageSize: 1000, pageToken, returnPartialSuccess: false }, cb),
+            (response) => response.operations,
+          );
           for (const operation of operations) byName.set(operation.name, operation);
         }
         const operations = [...byName.values()].sort((a, b) => startOf(b) - startOf(a));
@@ -40,7 +44,18 @@ export const OPERATIONS_COMMAND: CommandSpec<CliContext> = {
           context.out.note(invocation.flag('running') ? 'no operation is running' : 'no operations in the last 7 days');
           return EXIT.OK;
         }
-        context.out.line(table(['operation', 'kind', 'state', 'about', 'started'], operations.map((operation) => [operation.name, operationKindOf(operation.metadata?.typeUrl)?.title ?? '-', stateOf(context, operation), subjectOf(operation), new Date(startOf(operation) || 0).toISOString().slice(0, 19).replace('T', ' ')])));
+        context.out.line(
+          table(
+            ['operation', 'kind', 'state', 'about', 'started'],
+            operations.map((operation) => [
+              operation.name,
+              operationKindOf(operation.metadata?.typeUrl)?.title ?? '-',
+              stateOf(context, operation),
+              subjectOf(operation),
+              new Date(startOf(operation) || 0).toISOString().slice(0, 19).replace('T', ' '),
+            ]),
+          ),
+        );
         return EXIT.OK;
       },
     },
@@ -56,7 +71,15 @@ export const OPERATIONS_COMMAND: CommandSpec<CliContext> = {
         }
         const kind = operationKindOf(operation.metadata?.typeUrl);
         const metadata = kind ? unpackAny(operation.metadata, kind.typeNames.metadata, kind.metadata) : undefined;
-        context.out.line(keyValues([['operation', operation.name], ['kind', kind?.title ?? operation.metadata?.typeUrl ?? '-'], ['state', stateOf(context, operation)], ['about', subjectOf(operation)], ['started', startOf(operation) ? formatTime(new Date(startOf(operation))) : '-']]));
+        context.out.line(
+          keyValues([
+            ['operation', operation.name],
+            ['kind', kind?.title ?? operation.metadata?.typeUrl ?? '-'],
+            ['state', stateOf(context, operation)],
+            ['about', subjectOf(operation)],
+            ['started', startOf(operation) ? formatTime(new Date(startOf(operation))) : '-'],
+          ]),
+        );
         if (kind) for (const line of kind.render(metadata)) context.out.line(`  ${[line.label, line.text].filter(Boolean).join('  ')}`);
         return EXIT.OK;
       },
@@ -68,7 +91,11 @@ export const OPERATIONS_COMMAND: CommandSpec<CliContext> = {
       run: async (invocation, context) => {
         const operation = await find(context, operationName(invocation.positionals[0]!, new ArgumentReader(invocation.command)));
         const kind = operationKindOf(operation.metadata?.typeUrl);
-        if (!kind) throw new CliError(`${operation.name} is of a kind this CLI does not know (${operation.metadata?.typeUrl ?? 'no metadata'}); \`cowherd operations show\` shows its state`, EXIT.FAILURE);
+        if (!kind)
+          throw new CliError(
+            `${operation.name} is of a kind this CLI does not know (${operation.metadata?.typeUrl ?? 'no metadata'}); \`cowherd operations show\` shows its state`,
+            EXIT.FAILURE,
+          );
         const response = await followOperation(context, operation, kind);
         if (context.out.format === 'json') context.out.json(kind.response.toJSON(response));
         else context.out.line(`${operation.name} (${kind.title}) succeeded`);
@@ -106,7 +133,10 @@ async function find(context: CliContext, name: string): Promise<Operation> {
       if (!(error instanceof CliError) || error.exitCode !== EXIT.NOT_FOUND) throw error;
     }
   }
-  throw new CliError(`no operation ${name} on the distribution or cloning service (finished operations are kept for 7 days); \`cowherd operations list\` shows them`, EXIT.NOT_FOUND);
+  throw new CliError(
+    `no operation ${name} on the distribution or cloning service (finished operations are kept for 7 days); \`cowherd operations list\` shows them`,
+    EXIT.NOT_FOUND,
+  );
 }
 
 function toJson(operation: Operation): Record<string, unknown> {

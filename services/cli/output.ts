@@ -30,7 +30,14 @@ export function processOutput(format: 'table' | 'json', quiet: boolean): Output 
 export function table(headers: readonly string[], rows: readonly (readonly string[])[]): string {
   const all = [headers.map((header) => header.toUpperCase()), ...rows];
   const widths = headers.map((_, column) => Math.max(...all.map((row) => (row[column] ?? '').length)));
-  return all.map((row) => row.map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]!))).join('  ').trimEnd()).join('\n');
+  return all
+    .map((row) =>
+      row
+        .map((cell, column) => (column === row.length - 1 ? cell : cell.padEnd(widths[column]!)))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
 }
 
 /** `key:  value` lines with the values aligned. */
@@ -74,14 +81,16 @@ export function formatAge(time: Date | undefined, now = Date.now()): string {
 /** "2024-05-01 12:00:03 UTC (3m ago)". */
 export function formatTime(time: Date | undefined): string {
   if (!time) return '-';
-  return `${time.toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' UTC')} (${formatAge(time)})`;
+  return `${time
+    .toISOString()
+    .replace('T', ' ')
+    .replace(/\.\d+Z$/, ' UTC')} (${formatAge(time)})`;
 }
 
 /** An enum value's JSON name without its prefix: STATE_READY -> READY. */
 export function enumWord(json: string, prefix: string): string {
   return json.startsWith(prefix) ? json.slice(prefix.length) : json;
 }
-
 
 /** A percentage of done/total, "-" when total is unknown. */
 export function percent(done: string | number | undefined, total: string | number | undefined): string {

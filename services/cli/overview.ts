@@ -25,7 +25,11 @@ export interface HostOverview {
 
 /** Groups replicas and VMs under their hosts, hosts in name order. */
 export function groupByHost(hosts: readonly Host[], replicas: readonly ImageReplica[], vms: readonly VirtualMachine[]): HostOverview[] {
-  return hosts.map((host) => ({ host, imageReplicas: replicas.filter((replica) => replica.host === host.name), virtualMachines: vms.filter((vm) => vm.host === host.name) }));
+  return hosts.map((host) => ({
+    host,
+    imageReplicas: replicas.filter((replica) => replica.host === host.name),
+    virtualMachines: vms.filter((vm) => vm.host === host.name),
+  }));
 }
 
 /** The overview as text lines. */
@@ -36,9 +40,16 @@ export function renderOverview(overview: readonly HostOverview[]): string[] {
     lines.push(
       `${bareId(host.name)}  ${hostState(host)}  ${hypervisorWord(host.hypervisor)}  ${host.cpuCount} CPUs  ${formatBytes(host.memoryFreeBytes)} of ${formatBytes(host.memoryBytes)} free  ${virtualMachines.length} VMs`,
     );
-    lines.push(`  images: ${imageReplicas.length === 0 ? 'none' : imageReplicas.map((replica) => `${bareId(replica.image)} (${replicaState(replica)}${replica.origin ? ', origin' : ''})`).join(', ')}`);
+    lines.push(
+      `  images: ${imageReplicas.length === 0 ? 'none' : imageReplicas.map((replica) => `${bareId(replica.image)} (${replicaState(replica)}${replica.origin ? ', origin' : ''})`).join(', ')}`,
+    );
     if (virtualMachines.length > 0) {
-      const rows = virtualMachines.map((vm) => [vm.domainName, virtualMachineState(vm), vm.sourceImage ? bareId(vm.sourceImage) : vm.lineage?.sourceVirtualMachine ? virtualMachineId(vm.lineage.sourceVirtualMachine) : '-', vm.managed ? 'yes' : 'no']);
+      const rows = virtualMachines.map((vm) => [
+        vm.domainName,
+        virtualMachineState(vm),
+        vm.sourceImage ? bareId(vm.sourceImage) : vm.lineage?.sourceVirtualMachine ? virtualMachineId(vm.lineage.sourceVirtualMachine) : '-',
+        vm.managed ? 'yes' : 'no',
+      ]);
       for (const line of table(['vm', 'state', 'cloned from', 'managed'], rows).split('\n')) lines.push(`    ${line}`);
     }
   }
@@ -52,7 +63,13 @@ export const OVERVIEW_COMMAND: CommandSpec<CliContext> = {
     const [hosts, replicas, vms] = await Promise.all([listHosts(context), listReplicas(context), listVirtualMachines(context)]);
     const overview = groupByHost(hosts, replicas, vms);
     if (context.out.format === 'json') {
-      context.out.json({ hosts: overview.map((entry) => ({ host: Host.toJSON(entry.host), imageReplicas: entry.imageReplicas.map((replica) => ImageReplica.toJSON(replica)), virtualMachines: entry.virtualMachines.map((vm) => VirtualMachine.toJSON(vm)) })) });
+      context.out.json({
+        hosts: overview.map((entry) => ({
+          host: Host.toJSON(entry.host),
+          imageReplicas: entry.imageReplicas.map((replica) => ImageReplica.toJSON(replica)),
+          virtualMachines: entry.virtualMachines.map((vm) => VirtualMachine.toJSON(vm)),
+        })),
+      });
     } else {
       for (const line of renderOverview(overview)) context.out.line(line);
     }
@@ -62,11 +79,19 @@ export const OVERVIEW_COMMAND: CommandSpec<CliContext> = {
 
 /** Lines describing every host, read from inventory with the admin credentials (what `fleet up` prints). */
 export async function overviewLines(inventoryAddress: string, credentials: TlsFiles, options: { waitForHostsMs?: number } = {}): Promise<string[]> {
-  const client = createClient(InventoryServiceClient, inventoryAddress, mutualTlsChannelCredentialsFromPem({
-    certificatePem: readFileSync(credentials.certificateFile, 'utf8'),
-    privateKeyPem: readFileSync(credentials.privateKeyFile, 'utf8'),
-    caPem: readFileSync(credentials.caFile, 'utf8'),
-  }, identityUri('service', 'inventory')), { defaultDeadlineMs: 10_000 });
+  const client = createClient(
+    InventoryServiceClient,
+    inventoryAddress,
+    mutualTlsChannelCredentialsFromPem(
+      {
+        certificatePem: readFileSync(credentials.certificateFile, 'utf8'),
+        privateKeyPem: readFileSync(credentials.privateKeyFile, 'utf8'),
+        caPem: readFileSync(credentials.caFile, 'utf8'),
+      },
+      identityUri('service', 'inventory'),
+    ),
+    { defaultDeadlineMs: 10_000 },
+  );
   try {
     const deadline = Date.now() + (options.waitForHostsMs ?? 0);
     let hosts: Host[] = [];
@@ -79,11 +104,15 @@ export async function overviewLines(inventoryAddress: string, credentials: TlsFi
       await new Promise((resolve) => setTimeout(resolve, 200));
     } while (true);
     const replicas = await readAllPages(async (pageToken) => {
-      const page = await call<{ imageReplicas: ImageReplica[]; nextPageToken: string }>((cb) => client.listImageReplicas({ parent: EVERY_HOST, pageSize: 1000, pageToken, filter: '' }, cb));
+      const page = await call<{ imageReplicas: ImageReplica[]; nextPageToken: string }>((cb) =>
+        client.listImageReplicas({ parent: EVERY_HOST, pageSize: 1000, pageToken, filter: '' }, cb),
+      );
       return { items: page.imageReplicas, nextPageToken: page.nextPageToken };
     });
     const vms = await readAllPages(async (pageToken) => {
-      const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent: EVERY_HOST, pageSize: 1000, pageToken, filter: '' }, cb));
+      const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) =>
+        client.listVirtualMachines({ parent: EVERY_HOST, pageSize: 1000, pageToken, filter: '' }, cb),
+      );
       return { items: page.virtualMachines, nextPageToken: page.nextPageToken };
     });
     return renderOverview(groupByHost(hosts, replicas, vms));

@@ -35,7 +35,9 @@ export function createProgressDisplay(stream: NodeJS.WriteStream, options: { qui
         const columns = stream.columns || 100;
         let text = drawn > 0 ? `\x1b[${drawn}A` : '';
         for (const line of lines) {
-          const full = [line.label, line.fraction === undefined ? undefined : bar(line.fraction), line.text].filter((part) => part !== undefined && part !== '').join('  ');
+          const full = [line.label, line.fraction === undefined ? undefined : bar(line.fraction), line.text]
+            .filter((part) => part !== undefined && part !== '')
+            .join('  ');
           text += `\r\x1b[2K${full.length > columns - 1 ? `${full.slice(0, columns - 2)}…` : full}\n`;
         }
         // Lines that disappeared since the last draw are cleared.
@@ -81,7 +83,8 @@ export function describeTransfer(progress: TransferProgress | undefined): string
   if (Number(progress.rateBytesPerSecond) > 0) parts.push(`${formatBytes(progress.rateBytesPerSecond)}/s`);
   if (Number(progress.uploadRateBytesPerSecond) > 0) parts.push(`up ${formatBytes(progress.uploadRateBytesPerSecond)}/s`);
   if (progress.peers > 0) parts.push(`${progress.peers} peer${progress.peers === 1 ? '' : 's'}`);
-  if (progress.eta && Number(progress.bytesDone) < Number(progress.bytesTotal)) parts.push(`ETA ${formatSeconds(Number(progress.eta.seconds) + progress.eta.nanos / 1e9)}`);
+  if (progress.eta && Number(progress.bytesDone) < Number(progress.bytesTotal))
+    parts.push(`ETA ${formatSeconds(Number(progress.eta.seconds) + progress.eta.nanos / 1e9)}`);
   return parts.join('  ');
 }
 

@@ -24,7 +24,10 @@ export class ArgumentReader {
 
   /** `h1,h2` (or repeated) -> hosts/h1, hosts/h2, without duplicates. */
   hosts(raw: readonly string[], what = '--hosts'): string[] {
-    const names = raw.flatMap((value) => value.split(',')).map((value) => value.trim()).filter((value) => value !== '');
+    const names = raw
+      .flatMap((value) => value.split(','))
+      .map((value) => value.trim())
+      .filter((value) => value !== '');
     if (names.length === 0) this.fail(`${what} needs at least one host`);
     const hosts = names.map((name) => this.host(name, `${what} entry`));
     const duplicate = hosts.find((host, index) => hosts.indexOf(host) !== index);
@@ -58,7 +61,8 @@ export class ArgumentReader {
 
   /** A positive integer within [min, max]. */
   integer(raw: string, what: string, min: number, max: number): number {
-    if (!/^\d+$/.test(raw) || Number(raw) < min || Number(raw) > max) this.fail(`${what} must be a whole number from ${min} to ${max}, got ${JSON.stringify(raw)}`);
+    if (!/^\d+$/.test(raw) || Number(raw) < min || Number(raw) > max)
+      this.fail(`${what} must be a whole number from ${min} to ${max}, got ${JSON.stringify(raw)}`);
     return Number(raw);
   }
 

@@ -14,7 +14,16 @@ import type { CommandSpec, Invocation } from './command-line.js';
 import { EVERY_HOST } from '../common/domain/resource-names.js';
 import type { CliContext } from './cli-context.js';
 import { CliError, EXIT, explain, readStatus } from './exit-codes.js';
-import { bareId, hostState, hypervisorWord, imageState, listVirtualMachines, replicaState, shortVirtualMachineName, virtualMachineState } from './fleet-reads.js';
+import {
+  bareId,
+  hostState,
+  hypervisorWord,
+  imageState,
+  listVirtualMachines,
+  replicaState,
+  shortVirtualMachineName,
+  virtualMachineState,
+} from './fleet-reads.js';
 import { CLONE_OPERATION, STOP_OPERATION } from './operation-kinds.js';
 import { followOperation, OPERATION_OPTIONS, printStarted } from './operation-wait.js';
 import { enumWord, formatBytes, formatTime, keyValues, table } from './output.js';
@@ -36,7 +45,11 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
         { name: 'template', value: '<name>', description: 'clone names with {source}, {index}, {random}, {host}; default {source}-{random}' },
         { name: 'start', description: 'start each clone once it is defined' },
         { name: 'hosts', value: '<h1,h2>', description: 'place the clones on these hosts, round robin (the image is distributed where missing)' },
-        { name: 'placement', value: '<hosts|image-hosts>', description: 'image-hosts: spread over the hosts that already hold the image (default for --image without --hosts)' },
+        {
+          name: 'placement',
+          value: '<hosts|image-hosts>',
+          description: 'image-hosts: spread over the hosts that already hold the image (default for --image without --hosts)',
+        },
         { name: 'max-per-host', value: '<n>', description: 'at most this many clones of the request on one host' },
         ...OPERATION_OPTIONS,
       ],
@@ -55,8 +68,12 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
       name: 'list',
       summary: 'list VMs on every host (or one) with state, size and what they were cloned from',
       options: [
-        { name: 'host', value: '<host>', description: 'only this host\'s VMs' },
-        { name: 'filter', value: '<expr>', description: 'AIP-160 filter: state = RUNNING, source_image = "images/debian-12", managed = true, domain_name = "web-*"' },
+        { name: 'host', value: '<host>', description: "only this host's VMs" },
+        {
+          name: 'filter',
+          value: '<expr>',
+          description: 'AIP-160 filter: state = RUNNING, source_image = "images/debian-12", managed = true, domain_name = "web-*"',
+        },
       ],
       run: async (invocation, context) => {
         const host = invocation.string('host');
@@ -73,7 +90,15 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
         context.out.line(
           table(
             ['vm', 'state', 'vcpus', 'memory', 'disks', 'source', 'managed'],
-            vms.map((vm) => [shortVirtualMachineName(vm.name), virtualMachineState(vm), String(vm.vcpuCount), formatBytes(vm.memoryBytes), String(vm.disks.length), vm.sourceImage || (vm.lineage?.sourceVirtualMachine ? shortVirtualMachineName(vm.lineage.sourceVirtualMachine) : '-'), vm.managed ? 'yes' : 'no']),
+            vms.map((vm) => [
+              shortVirtualMachineName(vm.name),
+              virtualMachineState(vm),
+              String(vm.vcpuCount),
+              formatBytes(vm.memoryBytes),
+              String(vm.disks.length),
+              vm.sourceImage || (vm.lineage?.sourceVirtualMachine ? shortVirtualMachineName(vm.lineage.sourceVirtualMachine) : '-'),
+              vm.managed ? 'yes' : 'no',
+            ]),
           ),
         );
         return EXIT.OK;
@@ -112,7 +137,15 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
         const timeout = invocation.string('shutdown-timeout');
         const ms = timeout === undefined ? undefined : args.durationMs(timeout, '--shutdown-timeout');
         const started = await context.call<Operation>('cloning', (cb) =>
-          context.cloning.stopVirtualMachine({ name, force: invocation.flag('force'), timeout: ms === undefined ? undefined : { seconds: String(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 }, requestId: invocation.string('request-id') ?? randomUUID() }, cb),
+          context.cloning.stopVirtualMachine(
+            {
+              name,
+              force: invocation.flag('force'),
+              timeout: ms === undefined ? undefined : { seconds: String(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 },
+              requestId: invocation.string('request-id') ?? randomUUID(),
+            },
+            cb,
+          ),
         );
         if (invocation.flag('no-wait')) return printStarted(context, started, STOP_OPERATION);
         const vm = await followOperation(context, started, STOP_OPERATION);
@@ -142,14 +175,18 @@ function cloneRequest(invocation: Invocation, args: ArgumentReader): CloneVirtua
   const image = invocation.string('image');
   const sourceVm = invocation.string('source-vm');
   if ((image === undefined) === (sourceVm === undefined)) args.fail('give exactly one of --image <id> and --source-vm <host>/<vm>');
-  const source = image !== undefined ? { $case: 'image' as const, value: args.image(image, '--image') } : { $case: 'virtualMachine' as const, value: args.virtualMachine(sourceVm!, '--source-vm') };
+  const source =
+    image !== undefined
+      ? { $case: 'image' as const, value: args.image(image, '--image') }
+      : { $case: 'virtualMachine' as const, value: args.virtualMachine(sourceVm!, '--source-vm') };
   const count = args.integer(invocation.string('count') ?? '1', '--count', 1, 1000);
   const maxPerHostRaw = invocation.string('max-per-host');
   const maxClonesPerHost = maxPerHostRaw === undefined ? 0 : args.integer(maxPerHostRaw, '--max-per-host', 1, 1000);
   const strategyName = invocation.string('placement');
   const hosts = invocation.list('hosts');
   let placement: Placement | undefined;
-  if (strategyName !== undefined && strategyName !== 'hosts' && strategyName !== 'image-hosts') args.fail(`--placement must be hosts or image-hosts, got ${JSON.stringify(strategyName)}`);
+  if (strategyName !== undefined && strategyName !== 'hosts' && strategyName !== 'image-hosts')
+    args.fail(`--placement must be hosts or image-hosts, got ${JSON.stringify(strategyName)}`);
   if (strategyName === 'image-hosts') {
     if (hosts.length > 0) args.fail('--placement image-hosts chooses the hosts itself: leave out --hosts');
     if (source.$case !== 'image') args.fail('--placement image-hosts needs --image');
@@ -159,9 +196,19 @@ function cloneRequest(invocation: Invocation, args: ArgumentReader): CloneVirtua
   } else if (strategyName === 'hosts') {
     args.fail('--placement hosts needs --hosts <h1,h2>');
   } else if (maxClonesPerHost > 0) {
-    placement = source.$case === 'image' ? { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost } : args.fail('--max-per-host needs --hosts or an image source');
+    placement =
+      source.$case === 'image'
+        ? { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost }
+        : args.fail('--max-per-host needs --hosts or an image source');
   }
-  return { source, placement, count, nameTemplate: invocation.string('template') ?? '', start: invocation.flag('start'), requestId: invocation.string('request-id') ?? randomUUID() };
+  return {
+    source,
+    placement,
+    count,
+    nameTemplate: invocation.string('template') ?? '',
+    start: invocation.flag('start'),
+    requestId: invocation.string('request-id') ?? randomUUID(),
+  };
 }
 
 function printCloneResult(context: CliContext, response: CloneVirtualMachinesResponse): number {
@@ -174,7 +221,14 @@ function printCloneResult(context: CliContext, response: CloneVirtualMachinesRes
       clone.started ? 'yes' : 'no',
       clone.error ? explain(readStatus(clone.error), context.target('cloning')).split('\n')[0]! : '',
     ]);
-    context.out.line(failed.length > 0 ? table(['vm', 'state', 'started', 'error'], rows) : table(['vm', 'state', 'started'], rows.map((row) => row.slice(0, 3))));
+    context.out.line(
+      failed.length > 0
+        ? table(['vm', 'state', 'started', 'error'], rows)
+        : table(
+            ['vm', 'state', 'started'],
+            rows.map((row) => row.slice(0, 3)),
+          ),
+    );
     context.out.note(`${response.clones.length - failed.length} clone(s) made, ${failed.length} failed`);
   }
   return failed.length > 0 ? EXIT.PARTIAL : EXIT.OK;
@@ -195,9 +249,15 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
   const lineage = vm.lineage;
   const [host, replica, image, sourceVm] = await Promise.all([
     optional(() => context.call<Host>('inventory', (cb) => context.inventory.getHost({ name: vm.host }, cb))),
-    lineage?.replica ? optional(() => context.call<ImageReplica>('inventory', (cb) => context.inventory.getImageReplica({ name: lineage.replica }, cb))) : Promise.resolve(undefined),
-    lineage?.image ? optional(() => context.call<Image>('inventory', (cb) => context.inventory.getImage({ name: lineage.image, view: ImageView.IMAGE_VIEW_BASIC }, cb))) : Promise.resolve(undefined),
-    lineage?.sourceVirtualMachine ? optional(() => context.call<VirtualMachine>('inventory', (cb) => context.inventory.getVirtualMachine({ name: lineage.sourceVirtualMachine }, cb))) : Promise.resolve(undefined),
+    lineage?.replica
+      ? optional(() => context.call<ImageReplica>('inventory', (cb) => context.inventory.getImageReplica({ name: lineage.replica }, cb)))
+      : Promise.resolve(undefined),
+    lineage?.image
+      ? optional(() => context.call<Image>('inventory', (cb) => context.inventory.getImage({ name: lineage.image, view: ImageView.IMAGE_VIEW_BASIC }, cb)))
+      : Promise.resolve(undefined),
+    lineage?.sourceVirtualMachine
+      ? optional(() => context.call<VirtualMachine>('inventory', (cb) => context.inventory.getVirtualMachine({ name: lineage.sourceVirtualMachine }, cb)))
+      : Promise.resolve(undefined),
   ]);
   if (context.out.format === 'json') {
     context.out.json({
@@ -228,15 +288,38 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
   context.out.line(
     vm.disks.length === 0
       ? 'disks: none'
-      : table(['disk', 'format', 'virtual size', 'allocated', 'path', 'backing'], vm.disks.map((disk) => [disk.target, enumWord(diskFormatToJSON(disk.format), 'DISK_FORMAT_').toLowerCase(), formatBytes(disk.virtualSizeBytes), formatBytes(disk.allocatedBytes), disk.path, disk.backingChain.map((file) => file.path).join(' <- ') || '-'])),
+      : table(
+          ['disk', 'format', 'virtual size', 'allocated', 'path', 'backing'],
+          vm.disks.map((disk) => [
+            disk.target,
+            enumWord(diskFormatToJSON(disk.format), 'DISK_FORMAT_').toLowerCase(),
+            formatBytes(disk.virtualSizeBytes),
+            formatBytes(disk.allocatedBytes),
+            disk.path,
+            disk.backingChain.map((file) => file.path).join(' <- ') || '-',
+          ]),
+        ),
   );
   context.out.line();
   context.out.line('lineage:');
   const tree: string[] = [`${vm.domainName} (VM, ${virtualMachineState(vm)})`];
   for (const overlay of lineage?.overlays ?? []) tree.push(`overlay ${overlay}`);
-  if (lineage?.replica) tree.push(replica ? `base replica ${replica.name} (${replicaState(replica)}, ${replica.path})` : `base replica ${lineage.replica} (gone from the inventory)`);
-  if (lineage?.image) tree.push(image ? `image ${image.name} (${imageState(image)}, ${formatBytes(image.torrent?.totalBytes)}, origin ${image.originHost})` : `image ${lineage.image} (gone from the catalog)`);
-  if (lineage?.sourceVirtualMachine) tree.push(sourceVm ? `source VM ${shortVirtualMachineName(sourceVm.name)} (${virtualMachineState(sourceVm)})` : `source VM ${shortVirtualMachineName(lineage.sourceVirtualMachine)} (gone)`);
+  if (lineage?.replica)
+    tree.push(
+      replica ? `base replica ${replica.name} (${replicaState(replica)}, ${replica.path})` : `base replica ${lineage.replica} (gone from the inventory)`,
+    );
+  if (lineage?.image)
+    tree.push(
+      image
+        ? `image ${image.name} (${imageState(image)}, ${formatBytes(image.torrent?.totalBytes)}, origin ${image.originHost})`
+        : `image ${lineage.image} (gone from the catalog)`,
+    );
+  if (lineage?.sourceVirtualMachine)
+    tree.push(
+      sourceVm
+        ? `source VM ${shortVirtualMachineName(sourceVm.name)} (${virtualMachineState(sourceVm)})`
+        : `source VM ${shortVirtualMachineName(lineage.sourceVirtualMachine)} (gone)`,
+    );
   tree.push(host ? `host ${host.name} (${hostState(host)}, ${hypervisorWord(host.hypervisor)})` : `host ${vm.host} (gone)`);
   if (!lineage) tree.splice(1, 0, 'not a cowherd clone: no lineage recorded');
   tree.forEach((entry, depth) => context.out.line(depth === 0 ? `  ${entry}` : `  ${'   '.repeat(depth - 1)}└─ ${entry}`));

@@ -39,7 +39,11 @@ export interface AgentPortOptions {
 export function createAgentPort(options: AgentPortOptions): AgentPort & { close(): void } {
   const agents = new AgentClients(options.credentials);
   const clientFor = (host: Host): AgentServiceClient => agents.clientFor(host);
-  const unaryToAgent = <Res>(host: Host, invoke: (client: AgentServiceClient, deadline: number, callback: (error: ServiceError | null, response: Res) => void) => unknown, deadlineMs: number): Promise<Res> =>
+  const unaryToAgent = <Res>(
+    host: Host,
+    invoke: (client: AgentServiceClient, deadline: number, callback: (error: ServiceError | null, response: Res) => void) => unknown,
+    deadlineMs: number,
+  ): Promise<Res> =>
     new Promise((resolve, reject) => {
       try {
         invoke(clientFor(host), Date.now() + deadlineMs, (error, response) => (error ? reject(relayServiceError(error, host.name)) : resolve(response)));
@@ -51,17 +55,33 @@ export function createAgentPort(options: AgentPortOptions): AgentPort & { close(
     createClones: (host, request, signal) =>
       new Promise((resolve, reject) => {
         if (signal?.aborted) return reject(signal.reason);
-        const call = clientFor(host).createClones(request, new Metadata(), { deadline: Date.now() + createClonesDeadlineMs(request.clones.length) }, (error, response) => {
-          signal?.removeEventListener('abort', cancel);
-          if (error) reject(error);
-          else resolve(response);
-        });
+        const call = clientFor(host).createClones(
+          request,
+          new Metadata(),
+          { deadline: Date.now() + createClonesDeadlineMs(request.clones.length) },
+          (error, response) => {
+            signal?.removeEventListener('abort', cancel);
+            if (error) reject(error);
+            else resolve(response);
+          },
+        );
         const cancel = (): void => call.cancel();
         signal?.addEventListener('abort', cancel, { once: true });
       }),
-    startVirtualMachine: (host, name) => unaryToAgent(host, (client, deadline, callback) => client.startVirtualMachine({ name }, new Metadata(), { deadline }, callback), 60_000),
+    startVirtualMachine: (host, name) =>
+      unaryToAgent(host, (client, deadline, callback) => client.startVirtualMachine({ name }, new Metadata(), { deadline }, callback), 60_000),
     stopVirtualMachine: (host, name, force, timeoutMs) =>
-      unaryToAgent(host, (client, deadline, callback) => client.stopVirtualMachine({ name, force, timeout: { seconds: String(Math.ceil(timeoutMs / 1000)), nanos: 0 } }, new Metadata(), { deadline }, callback), timeoutMs + 30_000),
+      unaryToAgent(
+        host,
+        (client, deadline, callback) =>
+          client.stopVirtualMachine(
+            { name, force, timeout: { seconds: String(Math.ceil(timeoutMs / 1000)), nanos: 0 } },
+            new Metadata(),
+            { deadline },
+            callback,
+          ),
+        timeoutMs + 30_000,
+      ),
     deleteVirtualMachine: async (host, name, force) => {
       await unaryToAgent(host, (client, deadline, callback) => client.deleteVirtualMachine({ name, force }, new Metadata(), { deadline }, callback), 60_000);
     },

@@ -59,7 +59,10 @@ export interface ImageDeliveryProgress {
  * rejects (PROGRESS_DEADLINE_EXCEEDED) instead of waiting for ever.
  */
 export interface ImageDelivery {
-  bringImageToHost(request: { readonly image: string; readonly host: string; readonly operation: string; readonly onProgress?: (progress: ImageDeliveryProgress) => void }, signal: AbortSignal): Promise<void>;
+  bringImageToHost(
+    request: { readonly image: string; readonly host: string; readonly operation: string; readonly onProgress?: (progress: ImageDeliveryProgress) => void },
+    signal: AbortSignal,
+  ): Promise<void>;
 }
 
 /**
@@ -104,7 +107,10 @@ export function cloneOperationKind(deps: CloneOperationDeps): CloneOperationKind
   };
 }
 
-async function runCloneOperation(deps: CloneOperationDeps, context: OperationContext<CloneVirtualMachinesRequest, CloneVirtualMachinesMetadata, CloneCheckpoint>): Promise<CloneVirtualMachinesResponse> {
+async function runCloneOperation(
+  deps: CloneOperationDeps,
+  context: OperationContext<CloneVirtualMachinesRequest, CloneVirtualMachinesMetadata, CloneCheckpoint>,
+): Promise<CloneVirtualMachinesResponse> {
   const { request, signal, log } = context;
   const now = deps.now ?? (() => new Date());
   const delivery = deps.imageDelivery ?? IMAGE_DELIVERY_NOT_WIRED;
@@ -164,7 +170,14 @@ async function runCloneOperation(deps: CloneOperationDeps, context: OperationCon
           let entry = metadata.imageTransfers.find((candidate) => candidate.host === hostName);
           const before = entry ? `${entry.state}/${entry.hostUnreachable}` : '';
           if (!entry) {
-            entry = { host: hostName, state: ImageReplica_State.STATE_PENDING, progress: undefined, waitingCloneCount: clones.length, hostUnreachable: false, deadlineTime: undefined };
+            entry = {
+              host: hostName,
+              state: ImageReplica_State.STATE_PENDING,
+              progress: undefined,
+              waitingCloneCount: clones.length,
+              hostUnreachable: false,
+              deadlineTime: undefined,
+            };
             metadata.imageTransfers.push(entry);
           }
           if (transfer) {
@@ -218,7 +231,9 @@ async function runCloneOperation(deps: CloneOperationDeps, context: OperationCon
   const attempted = Object.values(finishedHosts).some((answered) => answered);
   if (!attempted && clones.length > 0) {
     const first = clones.find((clone) => clone.error)?.error;
-    throw first ? errorFromStatus(first, 'no clone could be attempted: ') : new CowherdError(GrpcStatus.INTERNAL, 'no clone could be attempted', { reason: ErrorReason.ERROR_REASON_INTERNAL });
+    throw first
+      ? errorFromStatus(first, 'no clone could be attempted: ')
+      : new CowherdError(GrpcStatus.INTERNAL, 'no clone could be attempted', { reason: ErrorReason.ERROR_REASON_INTERNAL });
   }
   return { clones };
 }
@@ -230,12 +245,19 @@ export function agentRequestId(operation: string, host: string): string {
 
 /** Why clones cannot go to a host now (it left the inventory, is UNREACHABLE or DRAINING); undefined when it can take them. */
 function hostProblem(name: string, host: Host | undefined): CowherdError | undefined {
-  if (!host) return new CowherdError(GrpcStatus.UNAVAILABLE, `${name} is no longer in the inventory`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: name } });
+  if (!host)
+    return new CowherdError(GrpcStatus.UNAVAILABLE, `${name} is no longer in the inventory`, {
+      reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
+      metadata: { host: name },
+    });
   if (host.state === Host_State.STATE_UNREACHABLE) {
     return new CowherdError(GrpcStatus.UNAVAILABLE, `${name} is UNREACHABLE`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: name } });
   }
   if (host.draining || host.state === Host_State.STATE_DRAINING) {
-    return CowherdError.failedPrecondition(`${name} started draining after the clones were placed`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { resource: name, state: 'STATE_DRAINING' });
+    return CowherdError.failedPrecondition(`${name} started draining after the clones were placed`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, {
+      resource: name,
+      state: 'STATE_DRAINING',
+    });
   }
   return undefined;
 }
@@ -246,7 +268,12 @@ function applyResults(clones: readonly CloneResult[], response: CreateClonesResp
   for (const clone of clones) {
     const result = results.get(clone.domainName);
     if (!result) {
-      Object.assign(clone, { state: CloneResult_State.STATE_FAILED, error: toStatus(new CowherdError(GrpcStatus.INTERNAL, `the agent returned no result for ${clone.domainName}`, { reason: ErrorReason.ERROR_REASON_INTERNAL })) });
+      Object.assign(clone, {
+        state: CloneResult_State.STATE_FAILED,
+        error: toStatus(
+          new CowherdError(GrpcStatus.INTERNAL, `the agent returned no result for ${clone.domainName}`, { reason: ErrorReason.ERROR_REASON_INTERNAL }),
+        ),
+      });
       continue;
     }
     const machine = result.virtualMachine;
@@ -269,17 +296,28 @@ function agentCallStatus(host: string, error: unknown): Status {
   const received = readServiceError(error as Partial<ServiceError>);
   if (code === GrpcStatus.UNAVAILABLE || code === GrpcStatus.DEADLINE_EXCEEDED || code === GrpcStatus.CANCELLED) {
     return toStatus(
-      new CowherdError(GrpcStatus.UNAVAILABLE, `the agent of ${host} did not answer (${GrpcStatus[code]}: ${received.message}); clones it made anyway are returned by a retry with the same request_id`, {
-        reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
-        metadata: { host },
-      }),
+      new CowherdError(
+        GrpcStatus.UNAVAILABLE,
+        `the agent of ${host} did not answer (${GrpcStatus[code]}: ${received.message}); clones it made anyway are returned by a retry with the same request_id`,
+        {
+          reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
+          metadata: { host },
+        },
+      ),
     );
   }
   const reason = received.reason === '' ? ErrorReason.ERROR_REASON_INTERNAL : errorReasonFromJSON(received.reason);
   return toStatus(new CowherdError(code, received.message, { reason, metadata: { ...received.metadata, host } }));
 }
 
-async function publishCloneFailed(deps: CloneOperationDeps, operation: string, request: CloneVirtualMachinesRequest, clone: CloneResult, at: Date, log: OperationContext<unknown, unknown, unknown>['log']): Promise<void> {
+async function publishCloneFailed(
+  deps: CloneOperationDeps,
+  operation: string,
+  request: CloneVirtualMachinesRequest,
+  clone: CloneResult,
+  at: Date,
+  log: OperationContext<unknown, unknown, unknown>['log'],
+): Promise<void> {
   const hostId = HOST_NAME.parse(clone.host)?.host;
   // The plan names every clone's host as hosts/{host}.
   if (!deps.events || hostId === undefined) return;

@@ -15,7 +15,15 @@ import {
   type CloneVirtualMachinesRequest,
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import type { CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
-import { Host_State, Image_State, VirtualMachine_State, host_StateToJSON, image_StateToJSON, virtualMachine_StateToJSON, type Host } from '../gen/cowherd/inventory/v1/resources.js';
+import {
+  Host_State,
+  Image_State,
+  VirtualMachine_State,
+  host_StateToJSON,
+  image_StateToJSON,
+  virtualMachine_StateToJSON,
+  type Host,
+} from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
 import { HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { FleetView } from './fleet-view.js';
@@ -42,7 +50,9 @@ export interface PlanOptions {
 }
 
 /** The source of a request after the shape check. */
-export type CloneSource = { readonly kind: 'image'; readonly name: string; readonly id: string } | { readonly kind: 'virtualMachine'; readonly name: string; readonly host: string };
+export type CloneSource =
+  | { readonly kind: 'image'; readonly name: string; readonly id: string }
+  | { readonly kind: 'virtualMachine'; readonly name: string; readonly host: string };
 
 /**
  * Checks the request without reading the fleet: source, count, placement and template. Throws
@@ -108,10 +118,14 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     const machine = await fleet.getVirtualMachine(source.name);
     if (!machine) throw CowherdError.notFound(source.name);
     if (machine.state !== VirtualMachine_State.STATE_SHUT_OFF) {
-      throw CowherdError.failedPrecondition(`${source.name} is ${virtualMachine_StateToJSON(machine.state)}; only a powered-off virtual machine can be cloned`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING, {
-        virtual_machine: source.name,
-        state: virtualMachine_StateToJSON(machine.state),
-      });
+      throw CowherdError.failedPrecondition(
+        `${source.name} is ${virtualMachine_StateToJSON(machine.state)}; only a powered-off virtual machine can be cloned`,
+        ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING,
+        {
+          virtual_machine: source.name,
+          state: virtualMachine_StateToJSON(machine.state),
+        },
+      );
     }
     requireReady(hosts, source.host);
     sourceValue = machine.domainName;
@@ -120,19 +134,27 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     const image = await fleet.getImage(source.name);
     if (!image) throw CowherdError.notFound(source.name);
     if (image.state !== Image_State.STATE_AVAILABLE) {
-      throw CowherdError.failedPrecondition(`${source.name} is ${image_StateToJSON(image.state)}, not STATE_AVAILABLE`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, {
-        resource: source.name,
-        state: image_StateToJSON(image.state),
-      });
+      throw CowherdError.failedPrecondition(
+        `${source.name} is ${image_StateToJSON(image.state)}, not STATE_AVAILABLE`,
+        ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+        {
+          resource: source.name,
+          state: image_StateToJSON(image.state),
+        },
+      );
     }
     sourceValue = source.id;
     const hypervisorMatches = (host: Host): void => {
       if (host.hypervisor !== image.hypervisor) {
-        throw CowherdError.failedPrecondition(`${host.name} runs ${hypervisorToJSON(host.hypervisor)}, but ${source.name} is for ${hypervisorToJSON(image.hypervisor)}`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH, {
-          host: host.name,
-          host_hypervisor: hypervisorToJSON(host.hypervisor),
-          image_hypervisor: hypervisorToJSON(image.hypervisor),
-        });
+        throw CowherdError.failedPrecondition(
+          `${host.name} runs ${hypervisorToJSON(host.hypervisor)}, but ${source.name} is for ${hypervisorToJSON(image.hypervisor)}`,
+          ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH,
+          {
+            host: host.name,
+            host_hypervisor: hypervisorToJSON(host.hypervisor),
+            image_hypervisor: hypervisorToJSON(image.hypervisor),
+          },
+        );
       }
     };
     if (placement?.strategy === Placement_Strategy.STRATEGY_HOSTS) {
@@ -143,10 +165,14 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
       const readyNames = new Set(ready.map((host) => host.name));
       const holding = [...new Set((await fleet.listReplicas(source.name)).map((replica) => replica.host))].filter((host) => readyNames.has(host));
       if (ready.length === 0) {
-        throw CowherdError.failedPrecondition(`no READY ${hypervisorToJSON(image.hypervisor)} host can take clones of ${source.name}`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, {
-          resource: source.name,
-          state: 'NO_READY_HOST',
-        });
+        throw CowherdError.failedPrecondition(
+          `no READY ${hypervisorToJSON(image.hypervisor)} host can take clones of ${source.name}`,
+          ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+          {
+            resource: source.name,
+            state: 'NO_READY_HOST',
+          },
+        );
       }
       hostsOfClones = placeSpread(
         holding,
@@ -185,7 +211,17 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     overlays: [],
     started: false,
   }));
-  return { source: source.name, totalCount: request.count, doneCount: 0, failedCount: 0, clones, imageTransfers: [], distributeOperations: [], startTime: now, updateTime: now };
+  return {
+    source: source.name,
+    totalCount: request.count,
+    doneCount: 0,
+    failedCount: 0,
+    clones,
+    imageTransfers: [],
+    distributeOperations: [],
+    startTime: now,
+    updateTime: now,
+  };
 }
 
 /** `{host}` of an exact `hosts/{host}`; undefined otherwise. */
@@ -202,7 +238,8 @@ function parseSource(request: CloneVirtualMachinesRequest): CloneSource {
   }
   if (source?.$case === 'virtualMachine') {
     const parsed = VIRTUAL_MACHINE_NAME.parse(source.value);
-    if (!parsed) throw CowherdError.invalidArgument('virtual_machine', `must be hosts/{host}/virtualMachines/{virtual_machine}, got ${JSON.stringify(source.value)}`);
+    if (!parsed)
+      throw CowherdError.invalidArgument('virtual_machine', `must be hosts/{host}/virtualMachines/{virtual_machine}, got ${JSON.stringify(source.value)}`);
     return { kind: 'virtualMachine', name: source.value, host: HOST_NAME.format({ host: parsed.host }) };
   }
   throw CowherdError.invalidArgument('source', 'must set image or virtual_machine');

@@ -42,7 +42,12 @@ async function checkOnAgent(agents: Pick<AgentPort, 'createClones'>, host: Host,
   try {
     await agents.createClones(host, request, signal);
   } catch (error) {
-    if (signal.aborted) throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} did not answer the check of the clone request within ${CHECK_DEADLINE_MS / 1000} s`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name }, cause: error });
+    if (signal.aborted)
+      throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} did not answer the check of the clone request within ${CHECK_DEADLINE_MS / 1000} s`, {
+        reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
+        metadata: { host: host.name },
+        cause: error,
+      });
     throw relayServiceError(error, host.name);
   }
 }
@@ -75,7 +80,12 @@ export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typ
             const { vm } = await locate(deps.fleet, request.name);
             const timeout = stopTimeoutSeconds(request);
             const start = new Date();
-            return deps.operations.start(deps.stopKind!, request, { virtualMachine: vm.name, force: request.force, startTime: start, deadlineTime: new Date(start.getTime() + timeout * 1000) }, request.requestId);
+            return deps.operations.start(
+              deps.stopKind!,
+              request,
+              { virtualMachine: vm.name, force: request.force, startTime: start, deadlineTime: new Date(start.getTime() + timeout * 1000) },
+              request.requestId,
+            );
           },
           deleteVirtualMachine: async (request) => {
             const { host } = await locate(deps.fleet, request.name);

@@ -23,10 +23,21 @@ import { CowherdError, errorFromStatus, relayServiceError } from '../common/plat
 import { unpack } from '../common/domain/operations.js';
 import { typeUrlOf } from '../common/platform/type-urls.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
-import { DistributeImageMetadata, DistributeImageResponse, DistributionServiceClient, type HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
+import {
+  DistributeImageMetadata,
+  DistributeImageResponse,
+  DistributionServiceClient,
+  type HostTransfer,
+} from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { OperationsClient, type Operation } from '../gen/google/longrunning/operations.js';
-import { DEFAULT_PROGRESS_DEADLINES, ProgressDeadlines, type ProgressDeadlineOptions, type StepStage, type StepVerdict } from '../common/platform/progress-deadline.js';
+import {
+  DEFAULT_PROGRESS_DEADLINES,
+  ProgressDeadlines,
+  type ProgressDeadlineOptions,
+  type StepStage,
+  type StepVerdict,
+} from '../common/platform/progress-deadline.js';
 import type { ImageDelivery } from './clone-operation.js';
 
 /**
@@ -49,10 +60,14 @@ function imageDeadlineError(image: string, host: string, operation: string, tran
   const seconds = Math.round(verdict.budgetMs / 1000);
   const state = transfer ? (ImageReplica_State[transfer.state]?.replace('STATE_', '') ?? 'PENDING') : 'PENDING';
   const bytes = transfer?.progress?.bytesDone ?? '0';
-  return new CowherdError(GrpcStatus.DEADLINE_EXCEEDED, `${image} did not arrive on ${host}: ${operation} made no progress there for ${seconds} s (${state}, ${bytes} bytes)`, {
-    reason: ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED,
-    metadata: { host, image, state, bytes_done: bytes, deadline_seconds: String(seconds), operation },
-  });
+  return new CowherdError(
+    GrpcStatus.DEADLINE_EXCEEDED,
+    `${image} did not arrive on ${host}: ${operation} made no progress there for ${seconds} s (${state}, ${bytes} bytes)`,
+    {
+      reason: ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED,
+      metadata: { host, image, state, bytes_done: bytes, deadline_seconds: String(seconds), operation },
+    },
+  );
 }
 
 /** A UUID-shaped request_id that is the same for the same clone operation and host. */
@@ -72,7 +87,11 @@ export interface ImageDeliveryOptions {
 }
 
 /** ImageDelivery through the distribution service, with `close` for shutdown. */
-export function distributionImageDelivery(address: string, credentials: ChannelCredentials, options: ImageDeliveryOptions = {}): ImageDelivery & { close(): void } {
+export function distributionImageDelivery(
+  address: string,
+  credentials: ChannelCredentials,
+  options: ImageDeliveryOptions = {},
+): ImageDelivery & { close(): void } {
   const distribution = createClient(DistributionServiceClient, address, credentials, { defaultDeadlineMs: 30_000 });
   const slice = options.waitSliceSeconds ?? 5;
   const operations = createClient(OperationsClient, address, credentials, { defaultDeadlineMs: slice * 1000 + 30_000 });
@@ -85,11 +104,16 @@ export function distributionImageDelivery(address: string, credentials: ChannelC
         current = await call<Operation>((cb) => distribution.distributeImage({ image, hosts: [host], requestId: deliveryRequestId(operation, host) }, cb));
         while (!current.done) {
           if (signal.aborted) throw signal.reason;
-          const metadata = current.metadata?.typeUrl === typeUrlOf(DistributeImageMetadata) ? DistributeImageMetadata.decode(current.metadata.value) : undefined;
+          const metadata =
+            current.metadata?.typeUrl === typeUrlOf(DistributeImageMetadata) ? DistributeImageMetadata.decode(current.metadata.value) : undefined;
           const transfer = metadata?.transfers.find((entry) => entry.host === host);
           const verdict =
             transfer && transfer.state !== ImageReplica_State.STATE_AVAILABLE && transfer.state !== ImageReplica_State.STATE_FAILED
-              ? deadlines.observe(host, { stage: stageOf(transfer.state), bytesDone: Number(transfer.progress?.bytesDone ?? 0), bytesTotal: Number(metadata?.bytesTotal ?? 0) })
+              ? deadlines.observe(host, {
+                  stage: stageOf(transfer.state),
+                  bytesDone: Number(transfer.progress?.bytesDone ?? 0),
+                  bytesTotal: Number(metadata?.bytesTotal ?? 0),
+                })
               : deadlines.silent(host);
           onProgress?.({ operation: current.name, transfer, deadline: new Date(Date.now() + (verdict.deadline - now())) });
           if (verdict.expired) throw imageDeadlineError(image, host, current.name, transfer, verdict);
@@ -108,12 +132,17 @@ export function distributionImageDelivery(address: string, credentials: ChannelC
         throw relayServiceError(error, 'distribution');
       }
       if (current.result?.$case === 'error') throw errorFromStatus(current.result.value, `distributing ${image} to ${host} failed: `);
-      if (current.result?.$case !== 'response') throw new CowherdError(GrpcStatus.INTERNAL, `${current.name} ended without a result`, { reason: ErrorReason.ERROR_REASON_INTERNAL });
+      if (current.result?.$case !== 'response')
+        throw new CowherdError(GrpcStatus.INTERNAL, `${current.name} ended without a result`, { reason: ErrorReason.ERROR_REASON_INTERNAL });
       const response = unpack(DistributeImageResponse, current.result.value);
       const failed = response.failures.find((entry) => entry.host === host);
       if (failed?.status) throw errorFromStatus(failed.status, `${image} could not be brought to ${host}: `);
       if (!response.replicas.some((replica) => replica.host === host)) {
-        throw CowherdError.failedPrecondition(`${host} has no AVAILABLE replica of ${image} after ${current.name}`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST, { host, image });
+        throw CowherdError.failedPrecondition(
+          `${host} has no AVAILABLE replica of ${image} after ${current.name}`,
+          ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST,
+          { host, image },
+        );
       }
     },
     close: () => {

@@ -21,7 +21,9 @@ type UnaryMethod<Req, Res> = (request: Req, metadata: Metadata, options: { deadl
 export function createInventoryFleetView(client: InventoryServiceClient, deadlineMs = 15_000): FleetView {
   const call = <Req, Res>(method: UnaryMethod<Req, Res>, request: Req): Promise<Res> =>
     new Promise((resolve, reject) => {
-      method.call(client, request, new Metadata(), { deadline: Date.now() + deadlineMs }, (error, response) => (error ? reject(inventoryError(error)) : resolve(response)));
+      method.call(client, request, new Metadata(), { deadline: Date.now() + deadlineMs }, (error, response) =>
+        error ? reject(inventoryError(error)) : resolve(response),
+      );
     });
   const orUndefined = async <T>(promise: Promise<T>): Promise<T | undefined> => {
     try {
@@ -41,7 +43,12 @@ export function createInventoryFleetView(client: InventoryServiceClient, deadlin
       }),
     listReplicas: (image) =>
       readAllPages<ImageReplica>(async (pageToken) => {
-        const response = await call(client.listImageReplicas, { parent: EVERY_HOST, pageSize: PAGE_SIZE, pageToken, filter: `image = ${JSON.stringify(image)} AND state = AVAILABLE` });
+        const response = await call(client.listImageReplicas, {
+          parent: EVERY_HOST,
+          pageSize: PAGE_SIZE,
+          pageToken,
+          filter: `image = ${JSON.stringify(image)} AND state = AVAILABLE`,
+        });
         return { items: response.imageReplicas, nextPageToken: response.nextPageToken };
       }),
     domainNamesInUse: async () => {

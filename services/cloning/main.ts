@@ -20,16 +20,28 @@ await runServiceMain({
   variables: CLONING_VARIABLES,
   env: process.env,
   build: async ({ config, boundary, nats, log, clientCredentials, events }) => {
-    const inventory = createClient(InventoryServiceClient, config.inventoryAddress, clientCredentials(identityUri('service', 'inventory')), { defaultDeadlineMs: 15_000 });
+    const inventory = createClient(InventoryServiceClient, config.inventoryAddress, clientCredentials(identityUri('service', 'inventory')), {
+      defaultDeadlineMs: 15_000,
+    });
     const fleet = createInventoryFleetView(inventory);
     const agents = createAgentPort({ credentials: clientCredentials });
-    const imageDelivery = distributionImageDelivery(config.distributionAddress, clientCredentials(identityUri('service', 'distribution')), { deadlines: imageWaitDeadlines(config) });
+    const imageDelivery = distributionImageDelivery(config.distributionAddress, clientCredentials(identityUri('service', 'distribution')), {
+      deadlines: imageWaitDeadlines(config),
+    });
     const kind = cloneOperationKind({ fleet, agents, events, imageDelivery });
     const stopKind = stopOperationKind({ fleet, agents });
     const operations = await openOperations(nats.jetstream, log, boundary, [kind as never, stopKind as never]);
     const requestIdUsed = async (requestId: string) => (await operations.manager.findByRequestId(kind.kind, requestId)) !== undefined;
     return {
-      services: [adaptService(CloningServiceService, cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed, agents, stopKind }), CLONING_POLICY, boundary), operations.service],
+      services: [
+        adaptService(
+          CloningServiceService,
+          cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed, agents, stopKind }),
+          CLONING_POLICY,
+          boundary,
+        ),
+        operations.service,
+      ],
       stop: async () => {
         await operations.manager.stop();
         agents.close();

@@ -65,7 +65,10 @@ export function parseNameTemplate(template: string, count: number): NameTemplate
       const end = text.indexOf('}', position);
       const name = end < 0 ? undefined : text.slice(position + 1, end);
       if (name === undefined || !(PLACEHOLDERS as readonly string[]).includes(name)) {
-        throw CowherdError.invalidArgument(FIELD, `has an unknown or unclosed placeholder at position ${position + 1}; use {source}, {index}, {random} or {host}`);
+        throw CowherdError.invalidArgument(
+          FIELD,
+          `has an unknown or unclosed placeholder at position ${position + 1}; use {source}, {index}, {random} or {host}`,
+        );
       }
       if (literal !== '') parts.push({ literal });
       literal = '';
@@ -75,7 +78,8 @@ export function parseNameTemplate(template: string, count: number): NameTemplate
       continue;
     }
     if (char === '}') throw CowherdError.invalidArgument(FIELD, `has a "}" without "{" at position ${position + 1}`);
-    if (!/[A-Za-z0-9._-]/.test(char)) throw CowherdError.invalidArgument(FIELD, `may hold only letters, digits, ".", "_", "-" and placeholders; found ${JSON.stringify(char)}`);
+    if (!/[A-Za-z0-9._-]/.test(char))
+      throw CowherdError.invalidArgument(FIELD, `may hold only letters, digits, ".", "_", "-" and placeholders; found ${JSON.stringify(char)}`);
     literal += char;
     position += 1;
   }
@@ -126,7 +130,10 @@ export function renderNames(template: NameTemplate, clones: readonly NameValues[
     for (let attempt = 1; ; attempt++) {
       const name = renderName(template, clone, template.uses.has('random') ? draw() : '');
       if (!VIRTUAL_MACHINE_ID.test(name)) {
-        throw CowherdError.invalidArgument(FIELD, `yields ${JSON.stringify(name)} for clone ${clone.index}, which is no valid domain name (${VIRTUAL_MACHINE_ID.source})`);
+        throw CowherdError.invalidArgument(
+          FIELD,
+          `yields ${JSON.stringify(name)} for clone ${clone.index}, which is no valid domain name (${VIRTUAL_MACHINE_ID.source})`,
+        );
       }
       const existing = options.namesInUse.get(name);
       const sibling = chosen.get(name);

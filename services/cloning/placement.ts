@@ -57,6 +57,9 @@ export function placeSpread(preferred: readonly string[], overflow: readonly str
 function checkRoom(hostCount: number, count: number, maxClonesPerHost: number): void {
   if (hostCount === 0) throw new Error('placement needs at least one host');
   if (maxClonesPerHost > 0 && hostCount * maxClonesPerHost < count) {
-    throw CowherdError.invalidArgument(MAX_FIELD, `leaves room for ${hostCount * maxClonesPerHost} clones on ${hostCount} eligible host(s), fewer than count ${count}`);
+    throw CowherdError.invalidArgument(
+      MAX_FIELD,
+      `leaves room for ${hostCount * maxClonesPerHost} clones on ${hostCount} eligible host(s), fewer than count ${count}`,
+    );
   }
 }

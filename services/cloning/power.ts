@@ -25,12 +25,19 @@ export async function locate(fleet: FleetView, name: string): Promise<{ vm: Virt
   if (!vm) throw CowherdError.notFound(name);
   const host = (await fleet.listHosts()).find((candidate) => candidate.name === hostName);
   if (!host) throw CowherdError.notFound(hostName);
-  if (host.state === Host_State.STATE_UNREACHABLE) throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} is unreachable`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name } });
+  if (host.state === Host_State.STATE_UNREACHABLE)
+    throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} is unreachable`, {
+      reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
+      metadata: { host: host.name },
+    });
   return { vm, host };
 }
 
 /** The Stop operation: one agent call, waiting for the guest. */
-export function stopOperationKind(deps: { fleet: FleetView; agents: Pick<AgentPort, 'stopVirtualMachine'> }): OperationKind<StopVirtualMachineRequest, StopVirtualMachineMetadata, VirtualMachine, undefined> {
+export function stopOperationKind(deps: {
+  fleet: FleetView;
+  agents: Pick<AgentPort, 'stopVirtualMachine'>;
+}): OperationKind<StopVirtualMachineRequest, StopVirtualMachineMetadata, VirtualMachine, undefined> {
   return {
     kind: 'cloning.stop-virtual-machine',
     requestType: StopVirtualMachineRequest,

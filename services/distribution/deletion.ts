@@ -40,7 +40,12 @@ export function imageIdOf(name: string, field = 'name'): string {
 
 function refuseDependents(what: string, dependents: readonly VirtualMachine[]): void {
   if (dependents.length === 0) return;
-  throw CowherdError.failedPrecondition(`${dependents.length} virtual machines depend on ${what}`, ErrorReason.ERROR_REASON_IMAGE_IN_USE, { dependents: dependents.slice(0, 50).map((vm) => vm.name).join(',') });
+  throw CowherdError.failedPrecondition(`${dependents.length} virtual machines depend on ${what}`, ErrorReason.ERROR_REASON_IMAGE_IN_USE, {
+    dependents: dependents
+      .slice(0, 50)
+      .map((vm) => vm.name)
+      .join(','),
+  });
 }
 
 /** DeleteImageReplica: checks, the agent removes the files, the record goes, the event is published. */
@@ -52,8 +57,14 @@ export async function deleteReplica(deps: DeletionDeps, name: string, options: {
   if (!replica) throw CowherdError.notFound(name);
   refuseDependents(name, await deps.inventory.dependents(HOST_NAME.format({ host }), IMAGE_NAME.format({ image })));
   if (!options.allowLast && replica.value.state === ImageReplica_State.STATE_AVAILABLE) {
-    const others = (await deps.replicas.list(`*.${image}`)).filter((entry) => entry.key !== `${host}.${image}` && entry.value.state === ImageReplica_State.STATE_AVAILABLE);
-    if (others.length === 0) throw CowherdError.failedPrecondition(`${name} is the last AVAILABLE replica of ${IMAGE_NAME.format({ image })}; delete the image instead`, ErrorReason.ERROR_REASON_LAST_AVAILABLE_REPLICA);
+    const others = (await deps.replicas.list(`*.${image}`)).filter(
+      (entry) => entry.key !== `${host}.${image}` && entry.value.state === ImageReplica_State.STATE_AVAILABLE,
+    );
+    if (others.length === 0)
+      throw CowherdError.failedPrecondition(
+        `${name} is the last AVAILABLE replica of ${IMAGE_NAME.format({ image })}; delete the image instead`,
+        ErrorReason.ERROR_REASON_LAST_AVAILABLE_REPLICA,
+      );
   }
   const hostRecord = await deps.inventory.getHost(HOST_NAME.format({ host }));
   if (!hostRecord) throw CowherdError.notFound(HOST_NAME.format({ host }));
@@ -61,7 +72,11 @@ export async function deleteReplica(deps: DeletionDeps, name: string, options: {
     deps.agents.clientFor(hostRecord).deleteImageReplica({ name }, (error) => (error ? reject(relayServiceError(error, hostRecord.name)) : resolve())),
   );
   await deps.replicas.delete(`${host}.${image}`);
-  await deps.events.publish(IMAGE_REPLICA_DELETED, { image: IMAGE_NAME.format({ image }), host: HOST_NAME.format({ host }), replica: name, freedBytes: '0', occurTime: new Date() }, { host, id: `image.replica_deleted/${host}/${image}/${replica.revision}` });
+  await deps.events.publish(
+    IMAGE_REPLICA_DELETED,
+    { image: IMAGE_NAME.format({ image }), host: HOST_NAME.format({ host }), replica: name, freedBytes: '0', occurTime: new Date() },
+    { host, id: `image.replica_deleted/${host}/${image}/${replica.revision}` },
+  );
 }
 
 /** Checks a DeleteImage request before its operation exists. */
@@ -69,7 +84,11 @@ export async function checkDeleteImage(deps: DeletionDeps, request: DeleteImageR
   const id = imageIdOf(request.name);
   const image = await deps.images.get(id);
   if (!image) throw CowherdError.notFound(request.name);
-  if (image.value.state === Image_State.STATE_PUBLISHING) throw CowherdError.failedPrecondition(`${request.name} is being published; cancel that operation instead`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+  if (image.value.state === Image_State.STATE_PUBLISHING)
+    throw CowherdError.failedPrecondition(
+      `${request.name} is being published; cancel that operation instead`,
+      ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+    );
   refuseDependents(request.name, await deps.inventory.dependents(EVERY_HOST, request.name));
   return image.value;
 }
@@ -83,7 +102,9 @@ export function deleteImageOperationKind(deps: DeletionDeps): OperationKind<Dele
     responseType: Empty,
     run: async (context) => {
       const id = imageIdOf(context.request.name);
-      await deps.images.mutate(id, (current) => (current && current.state !== Image_State.STATE_DELETING ? { ...current, state: Image_State.STATE_DELETING, updateTime: new Date() } : undefined));
+      await deps.images.mutate(id, (current) =>
+        current && current.state !== Image_State.STATE_DELETING ? { ...current, state: Image_State.STATE_DELETING, updateTime: new Date() } : undefined,
+      );
       const replicas = await deps.replicas.list(`*.${id}`);
       let done = 0;
       for (const entry of replicas) {
@@ -93,10 +114,22 @@ export function deleteImageOperationKind(deps: DeletionDeps): OperationKind<Dele
           throw error;
         });
         done++;
-        await context.checkpoint({ metadata: { ...context.metadata, hostsTotal: replicas.length, hostsDone: done, pendingHosts: replicas.slice(done).map((item) => item.value.host), updateTime: new Date() } });
+        await context.checkpoint({
+          metadata: {
+            ...context.metadata,
+            hostsTotal: replicas.length,
+            hostsDone: done,
+            pendingHosts: replicas.slice(done).map((item) => item.value.host),
+            updateTime: new Date(),
+          },
+        });
       }
       await deps.images.delete(id);
-      await deps.events.publish(IMAGE_DELETED, { image: context.request.name, operation: context.name, occurTime: new Date() }, { id: `image.deleted/${id}/${context.name}` });
+      await deps.events.publish(
+        IMAGE_DELETED,
+        { image: context.request.name, operation: context.name, occurTime: new Date() },
+        { id: `image.deleted/${id}/${context.name}` },
+      );
       return {};
     },
   };
@@ -124,8 +157,17 @@ export async function collectReplicas(
   });
   const all = (await deps.replicas.list()).map((entry) => entry.value);
   const availableCount = new Map<string, number>();
-  for (const replica of all) if (replica.state === ImageReplica_State.STATE_AVAILABLE) availableCount.set(replica.image, (availableCount.get(replica.image) ?? 0) + 1);
-  const candidates = all.filter((replica) => `${HOST_NAME.parse(replica.host)?.host ?? ''}.`.startsWith(prefix) && matches(replica) && !replica.origin && replica.state !== ImageReplica_State.STATE_TRANSFERRING && replica.state !== ImageReplica_State.STATE_VERIFYING && replica.state !== ImageReplica_State.STATE_PENDING);
+  for (const replica of all)
+    if (replica.state === ImageReplica_State.STATE_AVAILABLE) availableCount.set(replica.image, (availableCount.get(replica.image) ?? 0) + 1);
+  const candidates = all.filter(
+    (replica) =>
+      `${HOST_NAME.parse(replica.host)?.host ?? ''}.`.startsWith(prefix) &&
+      matches(replica) &&
+      !replica.origin &&
+      replica.state !== ImageReplica_State.STATE_TRANSFERRING &&
+      replica.state !== ImageReplica_State.STATE_VERIFYING &&
+      replica.state !== ImageReplica_State.STATE_PENDING,
+  );
   const collected: ImageReplica[] = [];
   const failures: Array<{ host: string; status: ReturnType<typeof toStatus> }> = [];
   const images = new Map((await deps.images.list()).map((entry) => [entry.value.name, entry.value]));

@@ -39,8 +39,19 @@ import type { OperationKind } from '../common/domain/operations.js';
 import { EVERY_HOST, HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME } from '../common/domain/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
-import { DistributeImageMetadata, DistributeImageRequest, DistributeImageResponse, type HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
-import { DEFAULT_PROGRESS_DEADLINES, ProgressDeadlines, type ProgressDeadlineOptions, type StepStage, type StepVerdict } from '../common/platform/progress-deadline.js';
+import {
+  DistributeImageMetadata,
+  DistributeImageRequest,
+  DistributeImageResponse,
+  type HostTransfer,
+} from '../gen/cowherd/distribution/v1/distribution_service.js';
+import {
+  DEFAULT_PROGRESS_DEADLINES,
+  ProgressDeadlines,
+  type ProgressDeadlineOptions,
+  type StepStage,
+  type StepVerdict,
+} from '../common/platform/progress-deadline.js';
 import type { ImageAvailable, ImageReplicaDamaged, ImageTransferFailed, ImageTransferProgress } from '../gen/cowherd/events/v1/events.js';
 import { Host_State, Image_State, ImageReplica, ImageReplica_State, type Host, type Image } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
@@ -77,7 +88,8 @@ export interface DistributeDeps {
 /** The image id of `images/{image}`; INVALID_ARGUMENT otherwise. */
 function imageIdOf(name: string, field: string): string {
   const parsed = IMAGE_NAME.parse(name);
-  if (!parsed) throw CowherdError.invalidArgument(field, 'must be images/{image} with an image id (lowercase letters, digits and hyphens; no path separators or dots)');
+  if (!parsed)
+    throw CowherdError.invalidArgument(field, 'must be images/{image} with an image id (lowercase letters, digits and hyphens; no path separators or dots)');
   return parsed.image;
 }
 
@@ -94,7 +106,8 @@ function hostIdOf(transfer: HostTransfer): string {
  */
 export async function checkDistribute(request: DistributeImageRequest, deps: DistributeDeps): Promise<{ image: Image; hosts: string[] }> {
   const id = imageIdOf(request.image, 'image');
-  if (request.hosts.length === 0) throw CowherdError.invalidArgument('hosts', 'must name at least one host, or hosts/- for every READY host of the image\'s hypervisor');
+  if (request.hosts.length === 0)
+    throw CowherdError.invalidArgument('hosts', "must name at least one host, or hosts/- for every READY host of the image's hypervisor");
   if (request.hosts.length > MAX_HOSTS) throw CowherdError.invalidArgument('hosts', `must name at most ${MAX_HOSTS} hosts`);
   const all = request.hosts.length === 1 && request.hosts[0] === EVERY_HOST;
   if (!all) {
@@ -108,18 +121,29 @@ export async function checkDistribute(request: DistributeImageRequest, deps: Dis
   const image = (await deps.images.get(id))?.value;
   if (!image) throw CowherdError.notFound(request.image);
   if (image.state !== Image_State.STATE_AVAILABLE || !image.torrent?.infoHash) {
-    throw CowherdError.failedPrecondition(`${request.image} is ${Image_State[image.state].replace('STATE_', '')}, not AVAILABLE`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { image: request.image });
+    throw CowherdError.failedPrecondition(
+      `${request.image} is ${Image_State[image.state].replace('STATE_', '')}, not AVAILABLE`,
+      ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+      { image: request.image },
+    );
   }
   if (all) {
-    const hosts = (await deps.inventory.listHosts()).filter((host) => host.state === Host_State.STATE_READY && host.hypervisor === image.hypervisor).map((host) => host.name);
-    if (hosts.length === 0) throw CowherdError.failedPrecondition(`no READY host runs the hypervisor of ${request.image}`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+    const hosts = (await deps.inventory.listHosts())
+      .filter((host) => host.state === Host_State.STATE_READY && host.hypervisor === image.hypervisor)
+      .map((host) => host.name);
+    if (hosts.length === 0)
+      throw CowherdError.failedPrecondition(`no READY host runs the hypervisor of ${request.image}`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
     return { image, hosts: hosts.slice(0, MAX_HOSTS) };
   }
   for (const name of request.hosts) {
     const host = await deps.inventory.getHost(name);
     if (!host) throw CowherdError.notFound(name);
     if (host.hypervisor !== image.hypervisor) {
-      throw CowherdError.failedPrecondition(`${name} runs another hypervisor than ${request.image} was made for; a host only receives images of its own disk format`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH, { host: name, image: request.image });
+      throw CowherdError.failedPrecondition(
+        `${name} runs another hypervisor than ${request.image} was made for; a host only receives images of its own disk format`,
+        ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH,
+        { host: name, image: request.image },
+      );
     }
   }
   return { image, hosts: [...request.hosts] };
@@ -131,7 +155,11 @@ export function initialDistributeMetadata(image: Image, hosts: readonly string[]
   const total = image.torrent?.totalBytes ?? '0';
   return DistributeImageMetadata.fromPartial({
     image: image.name,
-    transfers: hosts.map((host) => ({ host, state: ImageReplica_State.STATE_PENDING, progress: TransferProgress.fromPartial({ bytesDone: '0', bytesTotal: total }) })),
+    transfers: hosts.map((host) => ({
+      host,
+      state: ImageReplica_State.STATE_PENDING,
+      progress: TransferProgress.fromPartial({ bytesDone: '0', bytesTotal: total }),
+    })),
     bytesTotal: total,
     hostsTotal: hosts.length,
     hostsDone: 0,
@@ -163,14 +191,29 @@ function missedDeadline(transfer: HostTransfer, verdict: StepVerdict, unreachabl
   const bytes = transfer.progress?.bytesDone ?? '0';
   const metadata = { host: transfer.host, state, bytes_done: bytes, deadline_seconds: String(seconds) };
   if (unreachable) {
-    return failure(GrpcStatus.UNAVAILABLE, `${transfer.host} is UNREACHABLE and its transfer made no progress for ${seconds} s (${state}, ${bytes} bytes); its partial replica is kept and resumes on the next DistributeImage`, ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata);
+    return failure(
+      GrpcStatus.UNAVAILABLE,
+      `${transfer.host} is UNREACHABLE and its transfer made no progress for ${seconds} s (${state}, ${bytes} bytes); its partial replica is kept and resumes on the next DistributeImage`,
+      ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
+      metadata,
+    );
   }
-  const what = verdict.stage === 'verifying' ? `stayed ${state} longer than verifying the image can take (${seconds} s)` : `made no progress for ${seconds} s (${state}, ${bytes} bytes)`;
-  return failure(GrpcStatus.DEADLINE_EXCEEDED, `${transfer.host} ${what}; its partial replica is kept and resumes on the next DistributeImage`, ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED, metadata);
+  const what =
+    verdict.stage === 'verifying'
+      ? `stayed ${state} longer than verifying the image can take (${seconds} s)`
+      : `made no progress for ${seconds} s (${state}, ${bytes} bytes)`;
+  return failure(
+    GrpcStatus.DEADLINE_EXCEEDED,
+    `${transfer.host} ${what}; its partial replica is kept and resumes on the next DistributeImage`,
+    ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED,
+    metadata,
+  );
 }
 
 /** The DistributeImage operation. */
-export function distributeOperationKind(deps: DistributeDeps): OperationKind<DistributeImageRequest, DistributeImageMetadata, DistributeImageResponse, undefined> {
+export function distributeOperationKind(
+  deps: DistributeDeps,
+): OperationKind<DistributeImageRequest, DistributeImageMetadata, DistributeImageResponse, undefined> {
   return {
     kind: 'distribution.distribute-image',
     requestType: DistributeImageRequest,
@@ -181,7 +224,11 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
       const readImage = async (): Promise<Image> => {
         const image = (await deps.images.get(id))?.value;
         if (!image || image.state !== Image_State.STATE_AVAILABLE || !image.torrent) {
-          throw CowherdError.failedPrecondition(`${context.request.image} was deleted or is no longer AVAILABLE`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { image: context.request.image });
+          throw CowherdError.failedPrecondition(
+            `${context.request.image} was deleted or is no longer AVAILABLE`,
+            ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+            { image: context.request.image },
+          );
         }
         return image;
       };
@@ -235,20 +282,43 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
               transfer.progress = TransferProgress.fromPartial({ bytesDone: metadata.bytesTotal, bytesTotal: metadata.bytesTotal });
             };
             const host = await deps.inventory.getHost(transfer.host);
-            if (!host) return fail(transfer, failure(GrpcStatus.NOT_FOUND, `${transfer.host} was removed from the inventory`, ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND, { host: transfer.host }));
+            if (!host)
+              return fail(
+                transfer,
+                failure(GrpcStatus.NOT_FOUND, `${transfer.host} was removed from the inventory`, ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND, {
+                  host: transfer.host,
+                }),
+              );
             // A record that says AVAILABLE is not enough while the agent can be asked: only the agent checks that
             // the files are still the ones it verified (a damaged copy must not be answered AVAILABLE).
             if (host.state === Host_State.STATE_UNREACHABLE && existing?.state === ImageReplica_State.STATE_AVAILABLE) return markAvailable();
-            if (host.state === Host_State.STATE_UNREACHABLE) return fail(transfer, failure(GrpcStatus.UNAVAILABLE, `${transfer.host} is UNREACHABLE`, ErrorReason.ERROR_REASON_HOST_UNREACHABLE, { host: transfer.host }));
-            if (host.state === Host_State.STATE_DRAINING || host.draining) return fail(transfer, failure(GrpcStatus.FAILED_PRECONDITION, `${transfer.host} is DRAINING`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { host: transfer.host }));
+            if (host.state === Host_State.STATE_UNREACHABLE)
+              return fail(
+                transfer,
+                failure(GrpcStatus.UNAVAILABLE, `${transfer.host} is UNREACHABLE`, ErrorReason.ERROR_REASON_HOST_UNREACHABLE, { host: transfer.host }),
+              );
+            if (host.state === Host_State.STATE_DRAINING || host.draining)
+              return fail(
+                transfer,
+                failure(GrpcStatus.FAILED_PRECONDITION, `${transfer.host} is DRAINING`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, {
+                  host: transfer.host,
+                }),
+              );
             try {
-              const replica = await call<ImageReplica>((cb) => deps.agents.clientFor(host).fetchImage({ image, trackerAnnounceUrl: deps.trackerAnnounceUrl, webSeedUrls, operation: context.name }, cb));
+              const replica = await call<ImageReplica>((cb) =>
+                deps.agents.clientFor(host).fetchImage({ image, trackerAnnounceUrl: deps.trackerAnnounceUrl, webSeedUrls, operation: context.name }, cb),
+              );
               await deps.replicas.mutate(`${hostId}.${id}`, (current) => {
                 // A newer generation already recorded (the agent's events overtook this answer) stays; so does an
                 // AVAILABLE record the agent confirms. An agent that found damage behind an AVAILABLE record wins.
                 if (current && Number(current.generation) > Number(replica.generation)) return undefined;
                 if (current?.state === ImageReplica_State.STATE_AVAILABLE && replica.state === ImageReplica_State.STATE_AVAILABLE) return undefined;
-                return ImageReplica.fromPartial({ ...replica, error: undefined, createTime: current?.createTime ?? replica.createTime, updateTime: new Date() });
+                return ImageReplica.fromPartial({
+                  ...replica,
+                  error: undefined,
+                  createTime: current?.createTime ?? replica.createTime,
+                  updateTime: new Date(),
+                });
               });
               if (replica.state === ImageReplica_State.STATE_AVAILABLE) return markAvailable();
               transfer.state = replica.state;
@@ -263,10 +333,15 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
         // 2. Follow the replica records until every host is done or failed: a KV watch (every change, in
         // order; a list under concurrent writes can miss keys), read every second.
         const records = new Map<string, ImageReplica | null>();
-        const stopWatching = await deps.replicas.watch(`*.${id}`, (change) => records.set(HOST_NAME.format({ host: change.key.slice(0, change.key.lastIndexOf('.')) }), change.value ?? null), true);
+        const stopWatching = await deps.replicas.watch(
+          `*.${id}`,
+          (change) => records.set(HOST_NAME.format({ host: change.key.slice(0, change.key.lastIndexOf('.')) }), change.value ?? null),
+          true,
+        );
         try {
           while (!transfers.every(isFinal)) {
-            if (context.cancelRequested()) throw new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+            if (context.cancelRequested())
+              throw new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
             await new Promise((resolve) => setTimeout(resolve, deps.pollIntervalMs ?? 1000));
             await readImage();
             await checkHosts();
@@ -281,10 +356,21 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
                 // Not seen yet (the watch is catching up): the deadline covers a record that never comes.
                 verdict = deadlines.silent(transfer.host);
               } else if (record === null) {
-                fail(transfer, failure(GrpcStatus.ABORTED, `the replica on ${transfer.host} was deleted during the distribution`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, { host: transfer.host }));
+                fail(
+                  transfer,
+                  failure(GrpcStatus.ABORTED, `the replica on ${transfer.host} was deleted during the distribution`, ErrorReason.ERROR_REASON_TRANSFER_FAILED, {
+                    host: transfer.host,
+                  }),
+                );
               } else if (record.state === ImageReplica_State.STATE_AVAILABLE) {
                 transfer.state = ImageReplica_State.STATE_AVAILABLE;
-                transfer.progress = TransferProgress.fromPartial({ ...record.progress, bytesDone: metadata.bytesTotal, bytesTotal: metadata.bytesTotal, rateBytesPerSecond: '0', eta: { seconds: '0', nanos: 0 } });
+                transfer.progress = TransferProgress.fromPartial({
+                  ...record.progress,
+                  bytesDone: metadata.bytesTotal,
+                  bytesTotal: metadata.bytesTotal,
+                  rateBytesPerSecond: '0',
+                  eta: { seconds: '0', nanos: 0 },
+                });
                 transfer.hostUnreachable = false;
                 transfer.deadlineTime = undefined;
                 deadlines.forget(transfer.host);
@@ -293,13 +379,21 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
               } else {
                 transfer.state = record.state;
                 if (record.progress) transfer.progress = record.progress;
-                verdict = deadlines.observe(transfer.host, { stage: stageOf(record.state), bytesDone: Number(record.progress?.bytesDone ?? 0), bytesTotal: Number(metadata.bytesTotal) });
+                verdict = deadlines.observe(transfer.host, {
+                  stage: stageOf(record.state),
+                  bytesDone: Number(record.progress?.bytesDone ?? 0),
+                  bytesTotal: Number(metadata.bytesTotal),
+                });
               }
               if (verdict) {
                 const unreachable = hostStates.get(transfer.host) === Host_State.STATE_UNREACHABLE;
                 transfer.hostUnreachable = unreachable;
                 // Nobody measures an unreachable host's rate, peers or ETA: show only what it held.
-                if (unreachable) transfer.progress = TransferProgress.fromPartial({ bytesDone: transfer.progress?.bytesDone ?? '0', bytesTotal: transfer.progress?.bytesTotal ?? metadata.bytesTotal });
+                if (unreachable)
+                  transfer.progress = TransferProgress.fromPartial({
+                    bytesDone: transfer.progress?.bytesDone ?? '0',
+                    bytesTotal: transfer.progress?.bytesTotal ?? metadata.bytesTotal,
+                  });
                 transfer.deadlineTime = new Date(Date.now() + (verdict.deadline - now()));
                 if (verdict.expired) fail(transfer, missedDeadline(transfer, verdict, unreachable));
               }
@@ -313,7 +407,13 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
         }
         await save(true);
       } catch (error) {
-        if (context.cancelRequested()) await abandon(deps, transfers.filter((transfer) => !isFinal(transfer)), id, context.log);
+        if (context.cancelRequested())
+          await abandon(
+            deps,
+            transfers.filter((transfer) => !isFinal(transfer)),
+            id,
+            context.log,
+          );
         throw error;
       }
 
@@ -325,7 +425,9 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
       }
       return DistributeImageResponse.fromPartial({
         replicas: available,
-        failures: transfers.filter((transfer) => transfer.state === ImageReplica_State.STATE_FAILED).map((transfer) => ({ host: transfer.host, status: transfer.error })),
+        failures: transfers
+          .filter((transfer) => transfer.state === ImageReplica_State.STATE_FAILED)
+          .map((transfer) => ({ host: transfer.host, status: transfer.error })),
       });
     },
   };
@@ -336,7 +438,9 @@ export function distributeOperationKind(deps: DistributeDeps): OperationKind<Dis
  * another port than its record says); the record's URL when the agent does not answer.
  */
 async function currentWebSeeds(deps: DistributeDeps, id: string, log: Logger): Promise<string[]> {
-  const origins = (await deps.replicas.list(`*.${id}`)).map((entry) => entry.value).filter((replica) => replica.origin && replica.state === ImageReplica_State.STATE_AVAILABLE);
+  const origins = (await deps.replicas.list(`*.${id}`))
+    .map((entry) => entry.value)
+    .filter((replica) => replica.origin && replica.state === ImageReplica_State.STATE_AVAILABLE);
   const urls: string[] = [];
   for (const replica of origins) {
     try {
@@ -379,7 +483,12 @@ type TransferEvent = ImageTransferProgress | ImageAvailable | ImageTransferFaile
  * record (deleted) or about an image that is gone are dropped, except image.available for a catalog image,
  * which (re)creates the record: the agent holds a verified copy.
  */
-export async function followReplicaEvents(js: JetStreamClient, manager: JetStreamManager, deps: Pick<DistributeDeps, 'images' | 'replicas'>, log: Logger): Promise<EventConsumer> {
+export async function followReplicaEvents(
+  js: JetStreamClient,
+  manager: JetStreamManager,
+  deps: Pick<DistributeDeps, 'images' | 'replicas'>,
+  log: Logger,
+): Promise<EventConsumer> {
   return consumeEvents<TransferEvent>(js, manager, {
     durable: 'distribution-replica-events',
     types: [IMAGE_TRANSFER_PROGRESS, IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_REPLICA_DAMAGED] as never,
@@ -409,7 +518,14 @@ export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'r
       // availability must not undo what came after it: a newer generation, or damage found in this generation.
       const generation = Number(available.generation);
       if (current && generation > 0 && Number(current.generation) > generation) return undefined;
-      if (current?.state === ImageReplica_State.STATE_FAILED && Number(current.generation) === generation && current.updateTime && available.occurTime && available.occurTime.getTime() <= current.updateTime.getTime()) return undefined;
+      if (
+        current?.state === ImageReplica_State.STATE_FAILED &&
+        Number(current.generation) === generation &&
+        current.updateTime &&
+        available.occurTime &&
+        available.occurTime.getTime() <= current.updateTime.getTime()
+      )
+        return undefined;
       return ImageReplica.fromPartial({
         ...current,
         ...(generation > 0 ? { generation: available.generation } : {}),
@@ -430,17 +546,42 @@ export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'r
   // record is AVAILABLE, only events that happened after it became so may move it back (the agent found the
   // files changed and fetches them again).
   const stale = (current: ImageReplica, occurred: Date | undefined): boolean =>
-    current.state === ImageReplica_State.STATE_AVAILABLE && (occurred === undefined || current.updateTime === undefined || occurred.getTime() <= current.updateTime.getTime());
+    current.state === ImageReplica_State.STATE_AVAILABLE &&
+    (occurred === undefined || current.updateTime === undefined || occurred.getTime() <= current.updateTime.getTime());
   if (event.typeName === IMAGE_REPLICA_DAMAGED.typeName) {
     // A verified replica found damaged (agent scrub or check): FAILED until a DistributeImage repairs it. A
     // damaged generation that domains use stays on the host beside the repaired one: the record lists it.
     const damaged = payload as ImageReplicaDamaged;
-    const status = failure(GrpcStatus.DATA_LOSS, `${damaged.replica}: ${damaged.damagedFiles.join(', ')} damaged after verification (${damaged.badPieces} bad pieces)`, ErrorReason.ERROR_REASON_VERIFICATION_FAILED, { files: damaged.damagedFiles.join(','), badPieces: String(damaged.badPieces), path: damaged.path });
+    const status = failure(
+      GrpcStatus.DATA_LOSS,
+      `${damaged.replica}: ${damaged.damagedFiles.join(', ')} damaged after verification (${damaged.badPieces} bad pieces)`,
+      ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
+      { files: damaged.damagedFiles.join(','), badPieces: String(damaged.badPieces), path: damaged.path },
+    );
     await deps.replicas.mutate(key, (current) => {
-      if (!current || current.state === ImageReplica_State.STATE_DELETING || (current.updateTime && damaged.occurTime && damaged.occurTime.getTime() < current.updateTime.getTime() && Number(current.generation) > Number(damaged.generation))) return undefined;
-      const kept = damaged.dependentVirtualMachines.length > 0
-        ? [...current.damagedGenerations.filter((entry) => entry.generation !== damaged.generation), { generation: damaged.generation, path: damaged.path, damagedFiles: damaged.damagedFiles, badPieces: damaged.badPieces, dependentVirtualMachines: damaged.dependentVirtualMachines, damageTime: damaged.occurTime }]
-        : current.damagedGenerations;
+      if (
+        !current ||
+        current.state === ImageReplica_State.STATE_DELETING ||
+        (current.updateTime &&
+          damaged.occurTime &&
+          damaged.occurTime.getTime() < current.updateTime.getTime() &&
+          Number(current.generation) > Number(damaged.generation))
+      )
+        return undefined;
+      const kept =
+        damaged.dependentVirtualMachines.length > 0
+          ? [
+              ...current.damagedGenerations.filter((entry) => entry.generation !== damaged.generation),
+              {
+                generation: damaged.generation,
+                path: damaged.path,
+                damagedFiles: damaged.damagedFiles,
+                badPieces: damaged.badPieces,
+                dependentVirtualMachines: damaged.dependentVirtualMachines,
+                damageTime: damaged.occurTime,
+              },
+            ]
+          : current.damagedGenerations;
       return { ...current, state: ImageReplica_State.STATE_FAILED, error: status, damagedGenerations: kept, updateTime: now };
     });
     return;
@@ -448,7 +589,9 @@ export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'r
   if (event.typeName === IMAGE_TRANSFER_FAILED.typeName) {
     const failed = payload as ImageTransferFailed;
     await deps.replicas.mutate(key, (current) =>
-      current && current.state !== ImageReplica_State.STATE_DELETING && !stale(current, failed.occurTime) ? { ...current, state: ImageReplica_State.STATE_FAILED, ...(failed.status ? { error: failed.status } : {}), updateTime: now } : undefined,
+      current && current.state !== ImageReplica_State.STATE_DELETING && !stale(current, failed.occurTime)
+        ? { ...current, state: ImageReplica_State.STATE_FAILED, ...(failed.status ? { error: failed.status } : {}), updateTime: now }
+        : undefined,
     );
     return;
   }

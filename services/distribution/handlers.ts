@@ -27,7 +27,20 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       if (existing) return operations.start(options.publish, request, undefined as never, request.requestId);
       const { host } = await checkPublish(request, deps);
       const now = new Date();
-      return operations.start(options.publish, request, { image: IMAGE_NAME.format({ image: request.imageId }), sourceVirtualMachine: request.sourceVirtualMachine, originHost: host.name, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, progress: undefined, startTime: now, updateTime: now }, request.requestId);
+      return operations.start(
+        options.publish,
+        request,
+        {
+          image: IMAGE_NAME.format({ image: request.imageId }),
+          sourceVirtualMachine: request.sourceVirtualMachine,
+          originHost: host.name,
+          stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING,
+          progress: undefined,
+          startTime: now,
+          updateTime: now,
+        },
+        request.requestId,
+      );
     },
     distributeImage: async (request) => {
       const existing = await operations.findByRequestId(options.distribute.kind, request.requestId);
@@ -41,7 +54,12 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       if (existing) return operations.start(options.deleteImage, request, undefined as never, request.requestId);
       await checkDeleteImage(deps, request);
       const now = new Date();
-      return operations.start(options.deleteImage, request, { image: request.name, hostsTotal: 0, hostsDone: 0, pendingHosts: [], startTime: now, updateTime: now }, request.requestId);
+      return operations.start(
+        options.deleteImage,
+        request,
+        { image: request.name, hostsTotal: 0, hostsDone: 0, pendingHosts: [], startTime: now, updateTime: now },
+        request.requestId,
+      );
     },
     deleteImageReplica: async (request) => {
       await deleteReplica(deps, request.name);

@@ -5,7 +5,6 @@ import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources
 import { call } from '../common/platform/client.js';
 import { readAllPages } from '../common/platform/list-pages.js';
 
-
 /** undefined for NOT_FOUND, the value otherwise; other errors are thrown. */
 async function orUndefined<T>(promise: Promise<T>): Promise<T | undefined> {
   try {
@@ -28,7 +27,9 @@ export function inventoryReader(client: InventoryServiceClient) {
       }),
     dependents: (parent: string, image: string): Promise<VirtualMachine[]> =>
       readAllPages(async (pageToken) => {
-        const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ parent, pageSize: 1000, pageToken, filter: `source_image = ${JSON.stringify(image)}` }, cb)).catch((error: { code?: number }) => {
+        const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) =>
+          client.listVirtualMachines({ parent, pageSize: 1000, pageToken, filter: `source_image = ${JSON.stringify(image)}` }, cb),
+        ).catch((error: { code?: number }) => {
           // A host that no longer exists (NOT_FOUND as a parent) has no VM records left: no dependents.
           if (error.code === GrpcStatus.NOT_FOUND) return { virtualMachines: [], nextPageToken: '' };
           throw error;

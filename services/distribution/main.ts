@@ -30,9 +30,16 @@ await runServiceMain({
   variables: DISTRIBUTION_VARIABLES,
   env: process.env,
   build: async ({ config, boundary, nats, log, clientCredentials, events }) => {
-    const inventoryClient = createClient(InventoryServiceClient, config.inventoryAddress, clientCredentials(identityUri('service', 'inventory')), { defaultDeadlineMs: 15_000 });
+    const inventoryClient = createClient(InventoryServiceClient, config.inventoryAddress, clientCredentials(identityUri('service', 'inventory')), {
+      defaultDeadlineMs: 15_000,
+    });
     const agents = new AgentClients(clientCredentials);
-    const tracker = await startTracker({ address: config.trackerAddress, images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)), log: log.child({ component: 'tracker' }), relay: natsTrackerRelay(nats.connection) });
+    const tracker = await startTracker({
+      address: config.trackerAddress,
+      images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)),
+      log: log.child({ component: 'tracker' }),
+      relay: natsTrackerRelay(nats.connection),
+    });
     const trackerAnnounceUrl = config.trackerAnnounceUrl ?? tracker.announceUrl(announceHost(config.trackerAddress));
     const deps = {
       trackerAnnounceUrl,
@@ -52,7 +59,15 @@ await runServiceMain({
     const replicaEvents = await followReplicaEvents(nats.jetstream, nats.manager, deps, log.child({ component: 'replica-events' }));
     log.info({ trackerAnnounceUrl }, 'agents announce to this tracker URL');
     return {
-      services: [adaptService(DistributionServiceService, distributionHandlers({ deps, operations: operations.manager, publish, deleteImage, distribute }), DISTRIBUTION_POLICY, boundary), operations.service],
+      services: [
+        adaptService(
+          DistributionServiceService,
+          distributionHandlers({ deps, operations: operations.manager, publish, deleteImage, distribute }),
+          DISTRIBUTION_POLICY,
+          boundary,
+        ),
+        operations.service,
+      ],
       stop: async () => {
         await tracker.stop();
         await replicaEvents.stop();

@@ -13,7 +13,16 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import { PublishImageMetadata, PublishImageRequest } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import type { ExportImageResponse } from '../gen/cowherd/agent/v1/agent_service.js';
-import { Host_State, Image, Image_State, ImageReplica, ImageReplica_State, VirtualMachine_State, type Host, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import {
+  Host_State,
+  Image,
+  Image_State,
+  ImageReplica,
+  ImageReplica_State,
+  VirtualMachine_State,
+  type Host,
+  type VirtualMachine,
+} from '../gen/cowherd/inventory/v1/resources.js';
 import type { AgentClients } from '../common/domain/agent-clients.js';
 import { CowherdError, relayServiceError, toStatus } from '../common/platform/errors.js';
 import { IMAGE_PUBLISHED, IMAGE_PUBLISH_FAILED } from '../common/domain/event-types.js';
@@ -56,11 +65,16 @@ export async function checkPublish(request: PublishImageRequest, deps: PublishDe
   if (existing && existing.value.state !== Image_State.STATE_FAILED) throw CowherdError.alreadyExists(IMAGE_NAME.format({ image: request.imageId }));
   const vm = await deps.inventory.getVirtualMachine(request.sourceVirtualMachine);
   if (!vm) throw CowherdError.notFound(request.sourceVirtualMachine);
-  if (vm.state !== VirtualMachine_State.STATE_SHUT_OFF) throw CowherdError.failedPrecondition(`${vm.name} is not powered off; stop it before publishing`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING);
+  if (vm.state !== VirtualMachine_State.STATE_SHUT_OFF)
+    throw CowherdError.failedPrecondition(`${vm.name} is not powered off; stop it before publishing`, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING);
   const hostName = HOST_NAME.format({ host: source.host });
   const host = await deps.inventory.getHost(hostName);
   if (!host) throw CowherdError.notFound(hostName);
-  if (host.state !== Host_State.STATE_READY) throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} is not READY`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name } });
+  if (host.state !== Host_State.STATE_READY)
+    throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} is not READY`, {
+      reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
+      metadata: { host: host.name },
+    });
   return { vm, host };
 }
 
@@ -85,12 +99,27 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
       await deps.images.mutate(request.imageId, (current) =>
         current && current.state !== Image_State.STATE_FAILED
           ? undefined
-          : Image.fromPartial({ name, description: request.description, labels: request.labels, hypervisor: host.hypervisor, state: Image_State.STATE_PUBLISHING, sourceVirtualMachine: request.sourceVirtualMachine, originHost: hostName, createTime: now, updateTime: now }),
+          : Image.fromPartial({
+              name,
+              description: request.description,
+              labels: request.labels,
+              hypervisor: host.hypervisor,
+              state: Image_State.STATE_PUBLISHING,
+              sourceVirtualMachine: request.sourceVirtualMachine,
+              originHost: hostName,
+              createTime: now,
+              updateTime: now,
+            }),
       );
       try {
-        const result = await exportOnAgent(deps, host, { virtualMachine: request.sourceVirtualMachine, image: name, trackerAnnounceUrl: deps.trackerAnnounceUrl, operation: context.name }, async (progress) => {
-          await context.checkpoint({ metadata: { ...context.metadata, stage: progress.stage, progress: progress.progress, updateTime: new Date() } });
-        });
+        const result = await exportOnAgent(
+          deps,
+          host,
+          { virtualMachine: request.sourceVirtualMachine, image: name, trackerAnnounceUrl: deps.trackerAnnounceUrl, operation: context.name },
+          async (progress) => {
+            await context.checkpoint({ metadata: { ...context.metadata, stage: progress.stage, progress: progress.progress, updateTime: new Date() } });
+          },
+        );
         await context.checkpoint({ metadata: { ...context.metadata, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_REGISTERING, updateTime: new Date() } });
         const exported = result.image;
         const image = await deps.images.mutate(request.imageId, (current) =>
@@ -106,16 +135,58 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
           }),
         );
         const replicaKey = `${hostId}.${request.imageId}`;
-        await deps.replicas.put(replicaKey, ImageReplica.fromPartial({ ...result.replica, name: HOST_IMAGE_NAME.format({ host: hostId, image: request.imageId }), image: name, host: hostName, state: ImageReplica_State.STATE_AVAILABLE, origin: true, createTime: new Date(), updateTime: new Date() }));
+        await deps.replicas.put(
+          replicaKey,
+          ImageReplica.fromPartial({
+            ...result.replica,
+            name: HOST_IMAGE_NAME.format({ host: hostId, image: request.imageId }),
+            image: name,
+            host: hostName,
+            state: ImageReplica_State.STATE_AVAILABLE,
+            origin: true,
+            createTime: new Date(),
+            updateTime: new Date(),
+          }),
+        );
         const totalBytes = (exported?.files ?? []).reduce((sum, file) => sum + Number(file.sizeBytes), 0);
-        await deps.events.publish(IMAGE_PUBLISHED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, hypervisor: host.hypervisor, totalBytes: String(totalBytes), infoHash: exported?.torrent?.infoHash ?? '', operation: context.name, occurTime: new Date() }, { host: hostId, id: `image.published/${request.imageId}/${context.name}` });
+        await deps.events.publish(
+          IMAGE_PUBLISHED,
+          {
+            image: name,
+            originHost: hostName,
+            sourceVirtualMachine: request.sourceVirtualMachine,
+            hypervisor: host.hypervisor,
+            totalBytes: String(totalBytes),
+            infoHash: exported?.torrent?.infoHash ?? '',
+            operation: context.name,
+            occurTime: new Date(),
+          },
+          { host: hostId, id: `image.published/${request.imageId}/${context.name}` },
+        );
         await context.checkpoint({ metadata: { ...context.metadata, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_DONE, updateTime: new Date() } });
         return image!.value;
       } catch (error) {
         const relayed = relayServiceError(error, hostName);
-        await deps.images.mutate(request.imageId, (current) => (current && current.state === Image_State.STATE_PUBLISHING ? { ...current, state: Image_State.STATE_FAILED, error: toStatus(relayed), updateTime: new Date() } : undefined)).catch(() => undefined);
+        await deps.images
+          .mutate(request.imageId, (current) =>
+            current && current.state === Image_State.STATE_PUBLISHING
+              ? { ...current, state: Image_State.STATE_FAILED, error: toStatus(relayed), updateTime: new Date() }
+              : undefined,
+          )
+          .catch(() => undefined);
         await deps.events
-          .publish(IMAGE_PUBLISH_FAILED, { image: name, originHost: hostName, sourceVirtualMachine: request.sourceVirtualMachine, status: toStatus(relayed), operation: context.name, occurTime: new Date() }, { host: hostId, id: `image.publish_failed/${request.imageId}/${context.name}` })
+          .publish(
+            IMAGE_PUBLISH_FAILED,
+            {
+              image: name,
+              originHost: hostName,
+              sourceVirtualMachine: request.sourceVirtualMachine,
+              status: toStatus(relayed),
+              operation: context.name,
+              occurTime: new Date(),
+            },
+            { host: hostId, id: `image.publish_failed/${request.imageId}/${context.name}` },
+          )
           .catch(() => undefined);
         throw relayed;
       }
@@ -141,7 +212,12 @@ export function exportOnAgent(
     const armWatchdog = () => {
       clearTimeout(watchdog);
       watchdog = setTimeout(() => {
-        reject(new CowherdError(GrpcStatus.DEADLINE_EXCEEDED, `${host.name} sent no export progress for ${Math.round(stallMs / 1000)} s`, { reason: ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED, metadata: { host: host.name } }));
+        reject(
+          new CowherdError(GrpcStatus.DEADLINE_EXCEEDED, `${host.name} sent no export progress for ${Math.round(stallMs / 1000)} s`, {
+            reason: ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED,
+            metadata: { host: host.name },
+          }),
+        );
         stream.cancel();
       }, stallMs);
     };
@@ -163,7 +239,11 @@ export function exportOnAgent(
     });
     stream.on('end', () => {
       clearTimeout(watchdog);
-      void pending.then(() => (result ? resolve(result) : reject(new CowherdError(GrpcStatus.INTERNAL, `${host.name} ended the export without a result`, { reason: ErrorReason.ERROR_REASON_INTERNAL }))));
+      void pending.then(() =>
+        result
+          ? resolve(result)
+          : reject(new CowherdError(GrpcStatus.INTERNAL, `${host.name} ended the export without a result`, { reason: ErrorReason.ERROR_REASON_INTERNAL })),
+      );
     });
   });
 }

@@ -232,7 +232,20 @@ export async function startTracker(options: TrackerOptions): Promise<Tracker> {
   const stopWatching = await options.images.watch('>', onChange);
   // Announces other replicas received: into this replica's lists, through the same filter.
   const stopRelay = options.relay?.subscribe((peer) => {
-    const params = { type: 'http', action: 1, relayed: true, info_hash: peer.infoHash, peer_id: peer.peerId, ip: peer.ip, port: peer.port, addr: `${peer.ip}:${peer.port}`, left: peer.left, event: peer.event, numwant: 0, compact: 1 };
+    const params = {
+      type: 'http',
+      action: 1,
+      relayed: true,
+      info_hash: peer.infoHash,
+      peer_id: peer.peerId,
+      ip: peer.ip,
+      port: peer.port,
+      addr: `${peer.ip}:${peer.port}`,
+      left: peer.left,
+      event: peer.event,
+      numwant: 0,
+      compact: 1,
+    };
     (tracker as unknown as { _onAnnounce(params: object, callback: (error?: Error | null) => void): void })._onAnnounce(params, () => undefined);
   });
   const server = createServer({ requestTimeout: 10_000, headersTimeout: 5_000 }, (request, response) => route(request, response));
@@ -337,8 +350,23 @@ export function natsTrackerRelay(connection: NatsConnection): TrackerRelay {
             return;
           }
           if (data.from === self) return;
-          if (!/^[0-9a-f]{40}$/.test(data.infoHash) || !/^[0-9a-f]{40}$/.test(data.peerId) || typeof data.ip !== 'string' || !Number.isInteger(data.port) || data.port < 1 || data.port > 65535) return;
-          onAnnounce({ infoHash: data.infoHash, peerId: data.peerId, ip: data.ip, port: data.port, left: Number(data.left) || 0, event: typeof data.event === 'string' ? data.event : 'update' });
+          if (
+            !/^[0-9a-f]{40}$/.test(data.infoHash) ||
+            !/^[0-9a-f]{40}$/.test(data.peerId) ||
+            typeof data.ip !== 'string' ||
+            !Number.isInteger(data.port) ||
+            data.port < 1 ||
+            data.port > 65535
+          )
+            return;
+          onAnnounce({
+            infoHash: data.infoHash,
+            peerId: data.peerId,
+            ip: data.ip,
+            port: data.port,
+            left: Number(data.left) || 0,
+            event: typeof data.event === 'string' ? data.event : 'update',
+          });
         },
       });
       return () => subscription.unsubscribe();

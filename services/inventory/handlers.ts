@@ -1,6 +1,17 @@
 /** InventoryService handlers: validation and message mapping around Inventory and its indexes. */
 import { InventoryServiceService } from '../gen/cowherd/inventory/v1/inventory_service.js';
-import { Host, Host_State, Image, Image_State, ImageReplica, ImageReplica_State, ImageView, VirtualMachine, VirtualMachine_State, VirtualMachineChange_Type } from '../gen/cowherd/inventory/v1/resources.js';
+import {
+  Host,
+  Host_State,
+  Image,
+  Image_State,
+  ImageReplica,
+  ImageReplica_State,
+  ImageView,
+  VirtualMachine,
+  VirtualMachine_State,
+  VirtualMachineChange_Type,
+} from '../gen/cowherd/inventory/v1/resources.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { CowherdError } from '../common/platform/errors.js';
 import { booleanField, enumField, hostNameField, imageNameField, parseFilter } from '../common/domain/filter.js';
@@ -55,31 +66,57 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
         draining: booleanField((host) => host.draining),
         'labels.*': { read: (host, key) => host.labels[key] ?? [] },
       });
-      const all = inventory.hosts.valuesWithPrefix('').map((entry) => entry.value).filter(matches);
-      const { page, nextPageToken } = paginateSorted(all, (host) => host.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `hosts|${request.filter}`, tokens: pageTokens });
+      const all = inventory.hosts
+        .valuesWithPrefix('')
+        .map((entry) => entry.value)
+        .filter(matches);
+      const { page, nextPageToken } = paginateSorted(all, (host) => host.name, {
+        pageSize: request.pageSize,
+        pageToken: request.pageToken,
+        query: `hosts|${request.filter}`,
+        tokens: pageTokens,
+      });
       return { hosts: page, nextPageToken };
     },
     updateHost: async (request) => {
       if (!request.host) throw CowherdError.invalidArgument('host', 'is required');
       const id = hostIdOf(request.host.name, 'host.name');
       const paths: string[] = request.updateMask ?? [];
-      if (paths.length === 0 || paths.includes('*')) throw CowherdError.invalidArgument('update_mask', 'must name the fields to change (labels, transfer_limits, draining)');
-      const allowed = new Set(['labels', 'transfer_limits', 'transfer_limits.upload_bytes_per_second', 'transfer_limits.download_bytes_per_second', 'draining']);
+      if (paths.length === 0 || paths.includes('*'))
+        throw CowherdError.invalidArgument('update_mask', 'must name the fields to change (labels, transfer_limits, draining)');
+      const allowed = new Set([
+        'labels',
+        'transfer_limits',
+        'transfer_limits.upload_bytes_per_second',
+        'transfer_limits.download_bytes_per_second',
+        'draining',
+      ]);
       const bad = paths.find((path) => !allowed.has(path));
       if (bad !== undefined) throw CowherdError.invalidArgument('update_mask', `cannot update ${bad}; updatable: ${[...allowed].join(', ')}`);
       for (const [key, value] of Object.entries(request.host.labels)) {
-        if (!/^[a-z][a-z0-9_-]{0,62}$/.test(key) || value.length > 63) throw CowherdError.invalidArgument(`host.labels[${key}]`, 'keys are [a-z][a-z0-9_-]{0,62}, values at most 63 characters');
+        if (!/^[a-z][a-z0-9_-]{0,62}$/.test(key) || value.length > 63)
+          throw CowherdError.invalidArgument(`host.labels[${key}]`, 'keys are [a-z][a-z0-9_-]{0,62}, values at most 63 characters');
       }
       const limits = request.host.transferLimits;
-      for (const [field, value] of [['upload_bytes_per_second', limits?.uploadBytesPerSecond], ['download_bytes_per_second', limits?.downloadBytesPerSecond]] as const) {
-        if (value !== undefined && Number(value) < 0) throw CowherdError.invalidArgument(`host.transfer_limits.${field}`, 'must not be negative (0 means unlimited)');
+      for (const [field, value] of [
+        ['upload_bytes_per_second', limits?.uploadBytesPerSecond],
+        ['download_bytes_per_second', limits?.downloadBytesPerSecond],
+      ] as const) {
+        if (value !== undefined && Number(value) < 0)
+          throw CowherdError.invalidArgument(`host.transfer_limits.${field}`, 'must not be negative (0 means unlimited)');
       }
       const updated = await inventory.hosts.write(id, (current) => {
         if (!current) throw CowherdError.notFound(request.host!.name);
-        const next: Host = { ...current, transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: '0', ...current.transferLimits }, updateTime: new Date() };
+        const next: Host = {
+          ...current,
+          transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: '0', ...current.transferLimits },
+          updateTime: new Date(),
+        };
         if (paths.includes('labels')) next.labels = { ...request.host!.labels };
-        if (paths.includes('transfer_limits') || paths.includes('transfer_limits.upload_bytes_per_second')) next.transferLimits!.uploadBytesPerSecond = limits?.uploadBytesPerSecond ?? '0';
-        if (paths.includes('transfer_limits') || paths.includes('transfer_limits.download_bytes_per_second')) next.transferLimits!.downloadBytesPerSecond = limits?.downloadBytesPerSecond ?? '0';
+        if (paths.includes('transfer_limits') || paths.includes('transfer_limits.upload_bytes_per_second'))
+          next.transferLimits!.uploadBytesPerSecond = limits?.uploadBytesPerSecond ?? '0';
+        if (paths.includes('transfer_limits') || paths.includes('transfer_limits.download_bytes_per_second'))
+          next.transferLimits!.downloadBytesPerSecond = limits?.downloadBytesPerSecond ?? '0';
         if (paths.includes('draining')) {
           next.draining = request.host!.draining;
           if (current.state !== Host_State.STATE_UNREACHABLE) next.state = next.draining ? Host_State.STATE_DRAINING : Host_State.STATE_READY;
@@ -107,9 +144,20 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
         origin_host: hostNameField((image) => image.originHost),
         'labels.*': { read: (image, key) => image.labels[key] ?? [] },
       });
-      const all = inventory.images.valuesWithPrefix('').map((entry) => entry.value).filter(matches);
-      const { page, nextPageToken } = paginateSorted(all, (image) => image.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `images|${request.filter}|${request.view}`, tokens: pageTokens });
-      return { images: page.map((image) => viewOf(image, request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_BASIC : request.view)), nextPageToken };
+      const all = inventory.images
+        .valuesWithPrefix('')
+        .map((entry) => entry.value)
+        .filter(matches);
+      const { page, nextPageToken } = paginateSorted(all, (image) => image.name, {
+        pageSize: request.pageSize,
+        pageToken: request.pageToken,
+        query: `images|${request.filter}|${request.view}`,
+        tokens: pageTokens,
+      });
+      return {
+        images: page.map((image) => viewOf(image, request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_BASIC : request.view)),
+        nextPageToken,
+      };
     },
     getImageReplica: async (request) => {
       const parsed = HOST_IMAGE_NAME.parse(request.name);
@@ -124,8 +172,16 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
         state: enumField(ImageReplica_State, 'STATE_', (replica) => replica.state),
       });
       const prefix = hostParent(request.parent);
-      const all = inventory.replicas.valuesWithPrefix(prefix).map((entry) => entry.value).filter(matches);
-      const { page, nextPageToken } = paginateSorted(all, (replica) => replica.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `replicas|${request.parent}|${request.filter}`, tokens: pageTokens });
+      const all = inventory.replicas
+        .valuesWithPrefix(prefix)
+        .map((entry) => entry.value)
+        .filter(matches);
+      const { page, nextPageToken } = paginateSorted(all, (replica) => replica.name, {
+        pageSize: request.pageSize,
+        pageToken: request.pageToken,
+        query: `replicas|${request.parent}|${request.filter}`,
+        tokens: pageTokens,
+      });
       await requireParent(request.parent);
       return { imageReplicas: withDependents(inventory, page), nextPageToken };
     },
@@ -152,7 +208,10 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
       const after = pageTokens.open(request.pageToken, query);
       await requireParent(request.parent);
       const { entries, more } = inventory.vms.page(prefix, after, pageSizeOf(request.pageSize), matches);
-      return { virtualMachines: entries.map((entry) => entry.value), nextPageToken: more && entries.length > 0 ? pageTokens.seal(entries.at(-1)!.order, query) : '' };
+      return {
+        virtualMachines: entries.map((entry) => entry.value),
+        nextPageToken: more && entries.length > 0 ? pageTokens.seal(entries.at(-1)!.order, query) : '',
+      };
     },
     watchVirtualMachines: async (request, context, send) => {
       const prefix = vmParent(request.parent);
@@ -162,7 +221,12 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
       let wake: (() => void) | undefined;
       const unsubscribe = inventory.vms.subscribe((change) => {
         if (!change.key.startsWith(keyPrefix)) return;
-        const type = change.value === undefined ? VirtualMachineChange_Type.TYPE_REMOVED : change.previous === undefined ? VirtualMachineChange_Type.TYPE_ADDED : VirtualMachineChange_Type.TYPE_MODIFIED;
+        const type =
+          change.value === undefined
+            ? VirtualMachineChange_Type.TYPE_REMOVED
+            : change.previous === undefined
+              ? VirtualMachineChange_Type.TYPE_ADDED
+              : VirtualMachineChange_Type.TYPE_MODIFIED;
         const virtualMachine = change.value ?? change.previous;
         queue.push(() => send({ type, virtualMachine, revision: String(change.revision) }));
         wake?.();
@@ -170,7 +234,11 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
       try {
         if (request.sendInitialState) {
           for (const entry of inventory.vms.valuesWithPrefix(prefix)) {
-            await send({ type: VirtualMachineChange_Type.TYPE_ADDED, virtualMachine: entry.value, revision: String(inventory.vms.get(entry.key)?.revision ?? 0) });
+            await send({
+              type: VirtualMachineChange_Type.TYPE_ADDED,
+              virtualMachine: entry.value,
+              revision: String(inventory.vms.get(entry.key)?.revision ?? 0),
+            });
           }
           await send({ type: VirtualMachineChange_Type.TYPE_SYNCED, virtualMachine: undefined, revision: '0' });
         }
@@ -217,5 +285,8 @@ function withDependents(inventory: Inventory, replicas: readonly ImageReplica[])
       byReplica.set(replica, dependents);
     }
   }
-  return replicas.map((replica) => ({ ...replica, dependentVirtualMachines: [...new Set([...replica.dependentVirtualMachines, ...(byReplica.get(replica.name) ?? [])])].sort() }));
+  return replicas.map((replica) => ({
+    ...replica,
+    dependentVirtualMachines: [...new Set([...replica.dependentVirtualMachines, ...(byReplica.get(replica.name) ?? [])])].sort(),
+  }));
 }

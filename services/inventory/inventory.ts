@@ -102,7 +102,11 @@ export class Inventory {
       });
     });
     if (previousState !== Host_State.STATE_READY && stored!.state === Host_State.STATE_READY) {
-      await this.events.publish(HOST_READY, { host: HOST_NAME.format({ host }), hypervisor: stored!.hypervisor, agentVersion: stored!.agentVersion, previousState, occurTime: now }, { host, id: `host.ready/${host}/${now.getTime()}` });
+      await this.events.publish(
+        HOST_READY,
+        { host: HOST_NAME.format({ host }), hypervisor: stored!.hypervisor, agentVersion: stored!.agentVersion, previousState, occurTime: now },
+        { host, id: `host.ready/${host}/${now.getTime()}` },
+      );
     }
     this.log.info({ host, previousState: Host_State[previousState] }, 'host registered');
     return stored!;
@@ -124,7 +128,11 @@ export class Inventory {
     });
     if (previousState === Host_State.STATE_UNREACHABLE && stored!.state === Host_State.STATE_READY) {
       this.log.info({ host }, 'host is back');
-      await this.events.publish(HOST_READY, { host: HOST_NAME.format({ host }), hypervisor: stored!.hypervisor, agentVersion: stored!.agentVersion, previousState, occurTime: now }, { host, id: `host.ready/${host}/${now.getTime()}` });
+      await this.events.publish(
+        HOST_READY,
+        { host: HOST_NAME.format({ host }), hypervisor: stored!.hypervisor, agentVersion: stored!.agentVersion, previousState, occurTime: now },
+        { host, id: `host.ready/${host}/${now.getTime()}` },
+      );
     }
     return stored!;
   }
@@ -144,13 +152,23 @@ export class Inventory {
         });
         if (marked) {
           this.log.warn({ host: key, lastHeartbeatTime: host.lastHeartbeatTime }, 'host unreachable: heartbeats stopped');
-          await this.events.publish(HOST_UNREACHABLE, { host: HOST_NAME.format({ host: key }), lastHeartbeatTime: host.lastHeartbeatTime, occurTime: new Date() }, { host: key, id: `host.unreachable/${key}/${host.lastHeartbeatTime?.getTime() ?? 0}` });
+          await this.events.publish(
+            HOST_UNREACHABLE,
+            { host: HOST_NAME.format({ host: key }), lastHeartbeatTime: host.lastHeartbeatTime, occurTime: new Date() },
+            { host: key, id: `host.unreachable/${key}/${host.lastHeartbeatTime?.getTime() ?? 0}` },
+          );
         }
       }
       await this.collectOrphans();
     };
     const loop = (): void => {
-      this.monitor = setTimeout(() => void check().catch((error: unknown) => this.log.warn({ err: error }, 'heartbeat check failed')).finally(loop), Math.max(200, (this.heartbeat.intervalSeconds * 1000) / 2));
+      this.monitor = setTimeout(
+        () =>
+          void check()
+            .catch((error: unknown) => this.log.warn({ err: error }, 'heartbeat check failed'))
+            .finally(loop),
+        Math.max(200, (this.heartbeat.intervalSeconds * 1000) / 2),
+      );
     };
     loop();
   }
@@ -165,20 +183,41 @@ export class Inventory {
    * deleted meanwhile (DeleteHost on another replica), this report takes back what it wrote and answers
    * NOT_FOUND; DeleteHost removes everything written before it, so no VM outlives its host.
    */
-  async reportVirtualMachines(host: string, reported: readonly VirtualMachine[], fullSnapshot: boolean, removed: readonly string[]): Promise<{ changed: number; removed: number }> {
+  async reportVirtualMachines(
+    host: string,
+    reported: readonly VirtualMachine[],
+    fullSnapshot: boolean,
+    removed: readonly string[],
+  ): Promise<{ changed: number; removed: number }> {
     // Everything is checked before anything is written: a refused report changes nothing.
     const incoming = new Map<string, VirtualMachine>();
     reported.forEach((vm, index) => {
       const parsed = parseVmName(vm.name);
-      if (!parsed) throw CowherdError.invalidArgument(`virtual_machines[${index}].name`, 'must be hosts/{host}/virtualMachines/{vm} with a domain name of [A-Za-z0-9._-] or a UUID');
-      if (parsed.host !== host) throw CowherdError.permissionDenied(`virtual_machines[${index}] belongs to ${HOST_NAME.format({ host: parsed.host })}, not to the caller's host`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
+      if (!parsed)
+        throw CowherdError.invalidArgument(
+          `virtual_machines[${index}].name`,
+          'must be hosts/{host}/virtualMachines/{vm} with a domain name of [A-Za-z0-9._-] or a UUID',
+        );
+      if (parsed.host !== host)
+        throw CowherdError.permissionDenied(
+          `virtual_machines[${index}] belongs to ${HOST_NAME.format({ host: parsed.host })}, not to the caller's host`,
+          ErrorReason.ERROR_REASON_HOST_MISMATCH,
+        );
       incoming.set(vmKey(host, parsed.vm), vm);
     });
     const toRemove = new Set<string>();
     removed.forEach((name, index) => {
       const parsed = parseVmName(name);
-      if (!parsed) throw CowherdError.invalidArgument(`removed_virtual_machines[${index}]`, 'must be hosts/{host}/virtualMachines/{vm} with a domain name of [A-Za-z0-9._-] or a UUID');
-      if (parsed.host !== host) throw CowherdError.permissionDenied(`removed_virtual_machines[${index}] belongs to ${HOST_NAME.format({ host: parsed.host })}, not to the caller's host`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
+      if (!parsed)
+        throw CowherdError.invalidArgument(
+          `removed_virtual_machines[${index}]`,
+          'must be hosts/{host}/virtualMachines/{vm} with a domain name of [A-Za-z0-9._-] or a UUID',
+        );
+      if (parsed.host !== host)
+        throw CowherdError.permissionDenied(
+          `removed_virtual_machines[${index}] belongs to ${HOST_NAME.format({ host: parsed.host })}, not to the caller's host`,
+          ErrorReason.ERROR_REASON_HOST_MISMATCH,
+        );
       toRemove.add(vmKey(host, parsed.vm));
     });
     await this.requireHost(host);
@@ -207,7 +246,15 @@ export class Inventory {
         });
         if (!result.written) return;
         written.push({ key, revision: result.revision, value: result.value! });
-        published.push(this.publishChange(host, result.previous ? VirtualMachineChange_Type.TYPE_MODIFIED : VirtualMachineChange_Type.TYPE_ADDED, result.value!, key, result.revision));
+        published.push(
+          this.publishChange(
+            host,
+            result.previous ? VirtualMachineChange_Type.TYPE_MODIFIED : VirtualMachineChange_Type.TYPE_ADDED,
+            result.value!,
+            key,
+            result.revision,
+          ),
+        );
       });
     }
     await runLimited(writes, 32);
@@ -250,16 +297,27 @@ export class Inventory {
     for (let attempt = 0; ; attempt++) {
       const current = await this.hosts.store.get(host);
       if (!current) throw CowherdError.notFound(HOST_NAME.format({ host }));
-      const managed = this.vms.valuesWithPrefix(vmNamePrefix(host)).filter((entry) => entry.value.managed).map((entry) => entry.value.name);
+      const managed = this.vms
+        .valuesWithPrefix(vmNamePrefix(host))
+        .filter((entry) => entry.value.managed)
+        .map((entry) => entry.value.name);
       if (managed.length > 0 && !force) {
-        throw CowherdError.failedPrecondition(`${HOST_NAME.format({ host })} still has ${managed.length} cowherd-managed virtual machines; delete them or use force`, ErrorReason.ERROR_REASON_HOST_NOT_EMPTY, { dependents: managed.slice(0, 20).join(',') });
+        throw CowherdError.failedPrecondition(
+          `${HOST_NAME.format({ host })} still has ${managed.length} cowherd-managed virtual machines; delete them or use force`,
+          ErrorReason.ERROR_REASON_HOST_NOT_EMPTY,
+          { dependents: managed.slice(0, 20).join(',') },
+        );
       }
       // A heartbeat or registration in between changes the revision: decide again on the newer record.
       if (await this.hosts.remove(host, current.revision)) break;
       if (attempt >= 20) throw new Error(`${HOST_NAME.format({ host })} kept changing while being deleted`);
     }
     const removed = await this.removeRecordsOf(host);
-    await this.events.publish(HOST_DELETED, { host: HOST_NAME.format({ host }), forced: force, occurTime: new Date() }, { host, id: `host.deleted/${host}/${Date.now()}` });
+    await this.events.publish(
+      HOST_DELETED,
+      { host: HOST_NAME.format({ host }), forced: force, occurTime: new Date() },
+      { host, id: `host.deleted/${host}/${Date.now()}` },
+    );
     this.log.warn({ host, force, virtualMachines: removed }, 'host deleted');
   }
 
@@ -277,7 +335,14 @@ export class Inventory {
     await runLimited(tasks, 16);
     // Replica records are written by distribution, which does not look for the host afterwards: they go
     // whatever they became meanwhile.
-    await runLimited(this.replicas.valuesWithPrefix(`${host}.`).map(({ key }) => async () => void (await this.replicas.removeWhile(key, () => true))), 16);
+    await runLimited(
+      this.replicas.valuesWithPrefix(`${host}.`).map(
+        ({ key }) =>
+          async () =>
+            void (await this.replicas.removeWhile(key, () => true)),
+      ),
+      16,
+    );
     return removed;
   }
 
@@ -319,7 +384,11 @@ export class Inventory {
 
   private publishChange(host: string, type: VirtualMachineChange_Type, vm: VirtualMachine, key: string, revision: number): Promise<unknown> {
     return this.events
-      .publish(VIRTUAL_MACHINE_CHANGED, { type, virtualMachine: vm, revision: String(revision), occurTime: new Date() }, { host, id: `vm.changed/${key}/${type}/${revision}/${Date.now()}` })
+      .publish(
+        VIRTUAL_MACHINE_CHANGED,
+        { type, virtualMachine: vm, revision: String(revision), occurTime: new Date() },
+        { host, id: `vm.changed/${key}/${type}/${revision}/${Date.now()}` },
+      )
       .catch((error: unknown) => this.log.warn({ err: error, vm: vm.name }, 'vm.changed not published'));
   }
 }

@@ -20,7 +20,12 @@ await runServiceMain({
     inventory.startMonitor();
     const quietMethods = new Set(['/cowherd.inventory.v1.InventoryService/Heartbeat']);
     return {
-      services: [adaptService(InventoryServiceService, inventoryHandlers(inventory, await PageTokens.open(nats.jetstream)), INVENTORY_POLICY, { ...boundary, quietMethods })],
+      services: [
+        adaptService(InventoryServiceService, inventoryHandlers(inventory, await PageTokens.open(nats.jetstream)), INVENTORY_POLICY, {
+          ...boundary,
+          quietMethods,
+        }),
+      ],
       stop: async () => inventory.stop(),
     };
   },

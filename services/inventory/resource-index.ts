@@ -72,7 +72,10 @@ export class ResourceIndex<T> {
   private readonly syncTimeoutMs: number;
   private readonly log: Logger | undefined;
 
-  private constructor(readonly store: KvStore<T>, options: ResourceIndexOptions) {
+  private constructor(
+    readonly store: KvStore<T>,
+    options: ResourceIndexOptions,
+  ) {
     this.changes.setMaxListeners(0);
     this.orderOf = options.orderOf ?? ((key) => key);
     this.syncTimeoutMs = options.syncTimeoutMs ?? 5_000;
@@ -133,13 +136,23 @@ export class ResourceIndex<T> {
       await new Promise<void>((resolve, reject) => {
         waiter = { revision: target, resolve };
         this.syncWaiters.add(waiter);
-        timer = setTimeout(() => reject(new CowherdError(GrpcStatus.UNAVAILABLE, 'the inventory is catching up with its store; retry', { reason: ErrorReason.ERROR_REASON_INTERNAL, cause: new Error(`the ${this.store.name} index did not reach revision ${target} within ${this.syncTimeoutMs} ms`) })), this.syncTimeoutMs);
+        timer = setTimeout(
+          () =>
+            reject(
+              new CowherdError(GrpcStatus.UNAVAILABLE, 'the inventory is catching up with its store; retry', {
+                reason: ErrorReason.ERROR_REASON_INTERNAL,
+                cause: new Error(`the ${this.store.name} index did not reach revision ${target} within ${this.syncTimeoutMs} ms`),
+              }),
+            ),
+          this.syncTimeoutMs,
+        );
       });
     } finally {
       clearTimeout(timer);
       if (waiter) this.syncWaiters.delete(waiter);
       const waitedMs = Date.now() - started;
-      if (waitedMs > 1_000) this.log?.warn({ bucket: this.store.name, waitedMs, target, watchedRevision: this.watchedRevision }, 'index sync waited for its KV watch');
+      if (waitedMs > 1_000)
+        this.log?.warn({ bucket: this.store.name, waitedMs, target, watchedRevision: this.watchedRevision }, 'index sync waited for its KV watch');
     }
   }
 
@@ -168,7 +181,12 @@ export class ResourceIndex<T> {
    * `matches`; `more` when another follows. Walks only the page (and what the filter skips), not the whole
    * index: a list call costs the same at 10,000 entries as at 100.
    */
-  page(prefix: string, after: string, size: number, matches: (value: T) => boolean): { entries: Array<{ key: string; value: T; order: string }>; more: boolean } {
+  page(
+    prefix: string,
+    after: string,
+    size: number,
+    matches: (value: T) => boolean,
+  ): { entries: Array<{ key: string; value: T; order: string }>; more: boolean } {
     const { orders, keys } = this.sortedEntries();
     let i = lowerBound(orders, prefix);
     if (after !== '') {

@@ -83,7 +83,10 @@ export async function startEmbeddedNats(options: EmbeddedNatsOptions): Promise<E
   const include = relative(dirname(configFile), authorizationFile);
   if (isAbsolute(include)) throw new Error(`authorization file ${authorizationFile} cannot be included from ${configFile}`);
   const bootstrapUsers = options.bootstrapUsers;
-  await writeAuthorization(authorizationFile, bootstrapUsers === undefined && options.users === undefined ? undefined : renderNatsAuthorization(bootstrapUsers ?? [], options.users ?? []));
+  await writeAuthorization(
+    authorizationFile,
+    bootstrapUsers === undefined && options.users === undefined ? undefined : renderNatsAuthorization(bootstrapUsers ?? [], options.users ?? []),
+  );
   await writeFile(
     configFile,
     renderNatsServerConfig({
@@ -150,7 +153,15 @@ export async function startEmbeddedNats(options: EmbeddedNatsOptions): Promise<E
     return next;
   };
 
-  return { url: `tls://localhost:${port}`, port, daemon, authorizationFile, pidFile: join(directory, 'nats-server.pid'), updateUsers, stop: () => daemon.stop(10_000) };
+  return {
+    url: `tls://localhost:${port}`,
+    port,
+    daemon,
+    authorizationFile,
+    pidFile: join(directory, 'nats-server.pid'),
+    updateUsers,
+    stop: () => daemon.stop(10_000),
+  };
 }
 
 /** Atomic write (a reload never reads half a file); `undefined` writes the open (no users) file. */

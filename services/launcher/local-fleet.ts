@@ -104,7 +104,9 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
   await mkdir(join(state, 'logs'), { recursive: true });
   const caKeyFile = join(state, 'ca', 'ca-key.pem');
   const caCertificateFile = join(state, 'ca', 'ca.pem');
-  const ca = await loadOrCreateCertificateAuthority(caKeyFile, caCertificateFile, () => options.say(`creating the fleet's certificate authority in ${join(state, 'ca')}`));
+  const ca = await loadOrCreateCertificateAuthority(caKeyFile, caCertificateFile, () =>
+    options.say(`creating the fleet's certificate authority in ${join(state, 'ca')}`),
+  );
   const hostname = defaultHostId();
   const libvirtUri = options.libvirtUri ?? 'qemu:///system';
   // Dynamic ports: every port of every process is picked here, each one once, none left to a process to pick
@@ -140,7 +142,10 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     options.signal?.throwIfAborted();
     // 1. What must exist before the CA service: NATS's certificate and the CA service's own.
     const natsTls = await ensureDirectCredentials(ca, join(credentialsDirectory, 'nats'), identityUri('service', 'nats'), ['localhost']);
-    const caTls = await ensureDirectCredentials(ca, join(credentialsDirectory, 'certificate-authority'), identityUri('service', 'certificate-authority'), ['localhost', 'certificate-authority']);
+    const caTls = await ensureDirectCredentials(ca, join(credentialsDirectory, 'certificate-authority'), identityUri('service', 'certificate-authority'), [
+      'localhost',
+      'certificate-authority',
+    ]);
     const caIdentity = parseIdentity(identityUri('service', 'certificate-authority'))!;
     const nats: EmbeddedNats = await startEmbeddedNats({
       directory: join(state, 'nats'),
@@ -179,14 +184,34 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     );
 
     // 3. Everything else through the CA, with the short-lived bootstrap admin certificate.
-    const caClient = createClient(CertificateAuthorityServiceClient, caAddress, mutualTlsChannelCredentialsFromPem(bootstrap, identityUri('service', 'certificate-authority')), { defaultDeadlineMs: 30_000 });
+    const caClient = createClient(
+      CertificateAuthorityServiceClient,
+      caAddress,
+      mutualTlsChannelCredentialsFromPem(bootstrap, identityUri('service', 'certificate-authority')),
+      { defaultDeadlineMs: 30_000 },
+    );
     closers.push(caClient);
-    const admin = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, 'admin'), identityUri('admin', userName()), [], ADMIN_CERTIFICATE_DAYS);
+    const admin = await ensureIssuedCredentials(
+      caClient,
+      ca,
+      join(credentialsDirectory, 'admin'),
+      identityUri('admin', userName()),
+      [],
+      ADMIN_CERTIFICATE_DAYS,
+    );
     for (const name of ['inventory', 'distribution', 'cloning'] as const) {
-      const tls = await ensureIssuedCredentials(caClient, ca, join(credentialsDirectory, name), identityUri('service', name), ['localhost', name], SERVICE_CERTIFICATE_DAYS);
+      const tls = await ensureIssuedCredentials(
+        caClient,
+        ca,
+        join(credentialsDirectory, name),
+        identityUri('service', name),
+        ['localhost', name],
+        SERVICE_CERTIFICATE_DAYS,
+      );
       const inventoryAddress = endpoints.find((endpoint) => endpoint.name === 'inventory')?.address;
       const distributionAddress = endpoints.find((endpoint) => endpoint.name === 'distribution')?.address;
-      const tracker: Record<string, string> = name === 'distribution' ? { COWHERD_TRACKER_ADDRESS: `localhost:${options.dynamicPorts ? await dynamicPort() : 7463}` } : {};
+      const tracker: Record<string, string> =
+        name === 'distribution' ? { COWHERD_TRACKER_ADDRESS: `localhost:${options.dynamicPorts ? await dynamicPort() : 7463}` } : {};
       endpoints.push(
         await startFleetProcess(name, tls, await port(name, 'grpc'), await port(name, 'health'), {
           ...common,
@@ -209,8 +234,8 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     for (const spec of hostSpecs) {
       const agentCredentials = join(state, spec.label, 'credentials');
       const imageDirectory = join(state, spec.label, 'images');
-      const grpcPort = options.dynamicPorts ? await dynamicPort() : spec.fixed?.grpc ?? DEFAULT_PORTS.agent.grpc;
-      const healthPort = options.dynamicPorts ? await dynamicPort() : spec.fixed?.health ?? DEFAULT_PORTS.agent.health;
+      const grpcPort = options.dynamicPorts ? await dynamicPort() : (spec.fixed?.grpc ?? DEFAULT_PORTS.agent.grpc);
+      const healthPort = options.dynamicPorts ? await dynamicPort() : (spec.fixed?.health ?? DEFAULT_PORTS.agent.health);
       const env: Record<string, string> = {
         ...common,
         COWHERD_CA_ADDRESS: caAddress,
@@ -226,11 +251,19 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
         ...(options.dynamicPorts
           ? { COWHERD_TORRENT_PORT: String(await dynamicPort()), COWHERD_WEB_SEED_ADDRESS: `localhost:${await dynamicPort()}` }
           : spec.fixed
-            ? { COWHERD_METRICS_ADDRESS: `0.0.0.0:${spec.fixed.metrics}`, COWHERD_TORRENT_PORT: String(spec.fixed.torrent), COWHERD_WEB_SEED_ADDRESS: `0.0.0.0:${spec.fixed.webSeed}` }
+            ? {
+                COWHERD_METRICS_ADDRESS: `0.0.0.0:${spec.fixed.metrics}`,
+                COWHERD_TORRENT_PORT: String(spec.fixed.torrent),
+                COWHERD_WEB_SEED_ADDRESS: `0.0.0.0:${spec.fixed.webSeed}`,
+              }
             : {}),
       };
       if (!(await hasValidCredentials(agentCredentials, ca.certificatePem, identityUri('host', spec.host)))) {
-        const token = await new Promise<string>((resolve, reject) => caClient.createJoinToken({ host: spec.host, ttl: { seconds: '600', nanos: 0 }, requestId: '' }, (error, response) => (error ? reject(error) : resolve(response.token))));
+        const token = await new Promise<string>((resolve, reject) =>
+          caClient.createJoinToken({ host: spec.host, ttl: { seconds: '600', nanos: 0 }, requestId: '' }, (error, response) =>
+            error ? reject(error) : resolve(response.token),
+          ),
+        );
         env['COWHERD_JOIN_TOKEN'] = token;
         options.say(`${spec.label.padEnd(13)} enrolling host ${spec.host} with a join token`);
       }
@@ -239,16 +272,26 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     }
     // Side by side: each takes a few seconds to enroll, detect the hypervisor and report. Both settle before a
     // failure (or Ctrl-C) is thrown, so that the stop below finds every agent that did start.
-    const agentStarts = await Promise.allSettled(agents.map((agent) => startFleetProcess('agent', undefined, agent.grpcPort, agent.healthPort, agent.env, agent.label, agent.host)));
+    const agentStarts = await Promise.allSettled(
+      agents.map((agent) => startFleetProcess('agent', undefined, agent.grpcPort, agent.healthPort, agent.env, agent.label, agent.host)),
+    );
     for (const start of agentStarts) {
       if (start.status === 'rejected') throw start.reason;
       endpoints.push(start.value);
     }
 
     const health = await Promise.all(
-      endpoints.filter((endpoint) => endpoint.healthAddress).map((endpoint) => checkHealth(hosts.find((host) => host.host === endpoint.host)?.label ?? endpoint.name, endpoint.address, endpoint.healthAddress!, admin)),
+      endpoints
+        .filter((endpoint) => endpoint.healthAddress)
+        .map((endpoint) =>
+          checkHealth(hosts.find((host) => host.host === endpoint.host)?.label ?? endpoint.name, endpoint.address, endpoint.healthAddress!, admin),
+        ),
     );
-    await writeAtomically(join(state, 'fleet.json'), `${JSON.stringify({ endpoints, hosts, admin, caAddress, enrollAddress: `localhost:${enrollPort}`, libvirtUri, startedAt: new Date().toISOString() }, null, 2)}\n`, 0o644);
+    await writeAtomically(
+      join(state, 'fleet.json'),
+      `${JSON.stringify({ endpoints, hosts, admin, caAddress, enrollAddress: `localhost:${enrollPort}`, libvirtUri, startedAt: new Date().toISOString() }, null, 2)}\n`,
+      0o644,
+    );
     for (const client of closers) client.close();
     return { endpoints, hosts, natsUrl: nats.url, libvirtUri, adminCredentials: admin, health, stop };
   } catch (error) {
@@ -257,7 +300,15 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
     throw error;
   }
 
-  async function startFleetProcess(name: ProcessName, tls: TlsFiles | undefined, grpcPort: number, healthPort: number, env: Record<string, string>, label: string = name, host?: string): Promise<FleetEndpoint> {
+  async function startFleetProcess(
+    name: ProcessName,
+    tls: TlsFiles | undefined,
+    grpcPort: number,
+    healthPort: number,
+    env: Record<string, string>,
+    label: string = name,
+    host?: string,
+  ): Promise<FleetEndpoint> {
     options.signal?.throwIfAborted();
     const daemon = await startProcess(
       name,
@@ -309,7 +360,9 @@ async function hasValidCredentials(directory: string, caPem: string, identity: s
   const files = credentialFiles(directory);
   if (!existsSync(files.certificateFile) || !existsSync(files.privateKeyFile) || !existsSync(files.caFile)) return false;
   const facts = inspectCertificate(await readFile(files.certificateFile, 'utf8'));
-  return (await readFile(files.caFile, 'utf8')) === caPem && facts.identity?.uri === identity && Date.now() < renewalTime(facts.notBefore, facts.notAfter).getTime();
+  return (
+    (await readFile(files.caFile, 'utf8')) === caPem && facts.identity?.uri === identity && Date.now() < renewalTime(facts.notBefore, facts.notAfter).getTime()
+  );
 }
 
 /** Credentials signed directly with the CA key: only for what must exist before the CA service runs. */
@@ -319,12 +372,22 @@ async function ensureDirectCredentials(ca: CertificateAndKey, directory: string,
 }
 
 /** Credentials from the CA service's IssueCertificate (recorded, revocable, admitted to NATS). */
-async function ensureIssuedCredentials(client: CertificateAuthorityServiceClient, ca: CertificateAndKey, directory: string, identity: string, dnsNames: readonly string[], days: number): Promise<TlsFiles> {
+async function ensureIssuedCredentials(
+  client: CertificateAuthorityServiceClient,
+  ca: CertificateAndKey,
+  directory: string,
+  identity: string,
+  dnsNames: readonly string[],
+  days: number,
+): Promise<TlsFiles> {
   if (await hasValidCredentials(directory, ca.certificatePem, identity)) return credentialFiles(directory);
   const keys = await generateKeyPair(2048);
   const csrPem = createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity, dnsNames });
   const certificatePem = await new Promise<string>((resolve, reject) =>
-    client.issueCertificate({ csrPem, identity, dnsNames: [...dnsNames], ttl: { seconds: String(days * 86_400), nanos: 0 }, requestId: '' }, (error, response) => (error ? reject(error) : resolve(response.certificatePem))),
+    client.issueCertificate(
+      { csrPem, identity, dnsNames: [...dnsNames], ttl: { seconds: String(days * 86_400), nanos: 0 }, requestId: '' },
+      (error, response) => (error ? reject(error) : resolve(response.certificatePem)),
+    ),
   );
   const credentials: Credentials = { certificatePem, privateKeyPem: keys.privateKeyPem, caPem: ca.certificatePem };
   return writeCredentials(directory, credentials);
@@ -336,6 +399,8 @@ export function secondHostId(hostname: string): string {
 }
 
 function userName(): string {
-  const name = userInfo().username.toLowerCase().replace(/[^a-z0-9-]/g, '-');
+  const name = userInfo()
+    .username.toLowerCase()
+    .replace(/[^a-z0-9-]/g, '-');
   return isPrincipalName(name) ? name : 'operator';
 }

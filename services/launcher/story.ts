@@ -24,7 +24,15 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Host_State, Image_State, VirtualMachine_State, virtualMachine_StateToJSON, type Host, type Image, type VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import {
+  Host_State,
+  Image_State,
+  VirtualMachine_State,
+  virtualMachine_StateToJSON,
+  type Host,
+  type Image,
+  type VirtualMachine,
+} from '../gen/cowherd/inventory/v1/resources.js';
 import { runCommand } from '../common/platform/child-process.js';
 import { writeAtomically } from '../common/platform/credential-files.js';
 import { HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
@@ -99,7 +107,8 @@ export class StoryInterrupted extends Error {
 
 /** Checks a story name: it is an image id, and `<name>-master` and `<name>-<n>` must be VM names. */
 export function checkStoryName(name: string): string | undefined {
-  if (!IMAGE_ID.test(name) || name.length > 50) return `the story name must be an image id of at most 50 characters ([a-z0-9-], starting and ending with a letter or digit), got ${JSON.stringify(name)}`;
+  if (!IMAGE_ID.test(name) || name.length > 50)
+    return `the story name must be an image id of at most 50 characters ([a-z0-9-], starting and ending with a letter or digit), got ${JSON.stringify(name)}`;
   return undefined;
 }
 
@@ -110,7 +119,7 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
   const problem = checkStoryName(name);
   if (problem) throw new Error(problem);
   const [origin, target] = options.hosts;
-  if (!origin || !target) throw new Error('the story needs the local fleet\'s two hosts');
+  if (!origin || !target) throw new Error("the story needs the local fleet's two hosts");
   const masterName = `${name}-master`;
   const cloneNames = Array.from({ length: STORY_CLONES }, (_, index) => `${name}-${index + 1}`);
   const recordFile = join(options.stateDirectory, 'story.json');
@@ -127,7 +136,9 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
   const previous = await readRecord(recordFile);
   if (previous?.image === record.image) {
     say(`the story already ran on ${previous.finishedAt.replace('T', ' ').replace(/\.\d+Z$/, ' UTC')} (${recordFile}): not repeating the set-up.`);
-    say(`  image ${name} (published from ${shortName(previous.masterVirtualMachine)}, on ${previous.hosts.map((host) => HOST_NAME.parse(host)?.host ?? host).join(' and ')}), clones ${previous.clones.map(shortName).join(', ')}`);
+    say(
+      `  image ${name} (published from ${shortName(previous.masterVirtualMachine)}, on ${previous.hosts.map((host) => HOST_NAME.parse(host)?.host ?? host).join(' and ')}), clones ${previous.clones.map(shortName).join(', ')}`,
+    );
     return { ran: false, record: previous };
   }
 
@@ -141,7 +152,8 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
     say(`$ cowherd ${words.map(shellWord).join(' ')}`);
     await fleet.cowherd(words);
   };
-  const virsh = (...args: string[]): Promise<string> => runCommand('virsh', ['-c', options.libvirtUri, ...args], { timeoutMs: 60_000, signal, env: { LC_ALL: 'C' } });
+  const virsh = (...args: string[]): Promise<string> =>
+    runCommand('virsh', ['-c', options.libvirtUri, ...args], { timeoutMs: 60_000, signal, env: { LC_ALL: 'C' } });
 
   say(`the story: the 2011 tool's run on this fleet, through cowherd's API with your admin credentials. Each step is the CLI command`);
   say(`that does it; type the same commands in another terminal (\`npm run cowherd -- <command>\`).`);
@@ -164,18 +176,25 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
       });
     }
     if (existing && existing.state !== Image_State.STATE_AVAILABLE) {
-      throw new Error(`${image} exists but is not AVAILABLE (${Image_State[existing.state]}); \`cowherd images delete ${name}\` removes it, or start with --story-name <another>`);
+      throw new Error(
+        `${image} exists but is not AVAILABLE (${Image_State[existing.state]}); \`cowherd images delete ${name}\` removes it, or start with --story-name <another>`,
+      );
     }
     if (existing) {
       say(`1-2. ${image} is already published (origin ${existing.originHost}): skipping the master VM and the publish`);
     } else {
       // 1. The master VM.
       say(`1. a small bootable master VM on ${origin.host}: Debian's kernel by direct kernel boot, a busybox initramfs, a ${MASTER_DISK_MIB} MiB qcow2 disk`);
-      const defined = await virsh('domstate', masterName).then(() => true, () => false);
+      const defined = await virsh('domstate', masterName).then(
+        () => true,
+        () => false,
+      );
       if (defined) {
         const disks = await virsh('domblklist', masterName, '--details');
         if (!disks.includes(join(origin.imageDirectory, 'vms'))) {
-          throw new Error(`libvirt already has a domain named ${masterName} whose disk is not under ${join(origin.imageDirectory, 'vms')} (another fleet's?); start with --story-name <another name>`);
+          throw new Error(
+            `libvirt already has a domain named ${masterName} whose disk is not under ${join(origin.imageDirectory, 'vms')} (another fleet's?); start with --story-name <another name>`,
+          );
         }
         say(`   ${masterName} is already defined: using it`);
       } else {
@@ -185,7 +204,17 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
         const disk = join(vmDirectory, `${masterName}.qcow2`);
         if (!existsSync(disk)) await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', disk, `${MASTER_DISK_MIB}M`], { signal });
         const xmlFile = join(vmDirectory, `${masterName}.xml`);
-        await writeFile(xmlFile, masterDomainXml({ name: masterName, kernel: kit.kernel, initrd: kit.initrd, disk, console: join(vmDirectory, `${masterName}.console.log`), marker: name }));
+        await writeFile(
+          xmlFile,
+          masterDomainXml({
+            name: masterName,
+            kernel: kit.kernel,
+            initrd: kit.initrd,
+            disk,
+            console: join(vmDirectory, `${masterName}.console.log`),
+            marker: name,
+          }),
+        );
         checkpoint();
         await virsh('define', xmlFile);
         say(`   kernel ${kit.version} (${kit.kernel}), initramfs ${kit.initrd}`);
@@ -201,7 +230,20 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
 
       // 2. Publish.
       say(`2. publish it as the image ${name}: the disk flattened, the kernel and initramfs copied, the domain XML sanitized, all hashed`);
-      await cowherd('images', 'publish', '--host', origin.host, '--vm', masterName, '--image', name, '--description', 'the local fleet\'s story: Debian kernel + busybox, direct kernel boot', '--label', 'story=local-fleet');
+      await cowherd(
+        'images',
+        'publish',
+        '--host',
+        origin.host,
+        '--vm',
+        masterName,
+        '--image',
+        name,
+        '--description',
+        "the local fleet's story: Debian kernel + busybox, direct kernel boot",
+        '--label',
+        'story=local-fleet',
+      );
     }
     say('');
 
@@ -216,7 +258,8 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
     const missing = cloneNames.filter((clone) => !present.has(clone));
     say(`4. ${STORY_CLONES} copy-on-write clones on ${target.host}, started as soon as they are defined`);
     if (missing.length === 0) say(`   ${cloneNames.join(', ')} exist already: not cloning again`);
-    else if (missing.length === cloneNames.length) await cowherd('vms', 'clone', '--image', name, '--count', String(STORY_CLONES), '--hosts', target.host, '--template', `${name}-{index}`, '--start');
+    else if (missing.length === cloneNames.length)
+      await cowherd('vms', 'clone', '--image', name, '--count', String(STORY_CLONES), '--hosts', target.host, '--template', `${name}-{index}`, '--start');
     else for (const clone of missing) await cowherd('vms', 'clone', '--image', name, '--hosts', target.host, '--template', clone, '--start');
     say('');
 
@@ -251,14 +294,28 @@ const KERNEL_COMMAND_LINE = 'console=ttyS0 quiet panic=-1 cowherd.stay=1';
 
 /** The master VM: direct kernel boot, one virtio qcow2 disk, the serial console in a file, no network. */
 export function masterDomainXml(vm: { name: string; kernel: string; initrd: string; disk: string; console: string; marker: string }): string {
-  return guestDomainXml({ ...vm, title: "the local fleet's master VM (cowherd fleet up)", memoryMib: MASTER_MEMORY_MIB, commandLine: `${KERNEL_COMMAND_LINE} marker=${vm.marker}` });
+  return guestDomainXml({
+    ...vm,
+    title: "the local fleet's master VM (cowherd fleet up)",
+    memoryMib: MASTER_MEMORY_MIB,
+    commandLine: `${KERNEL_COMMAND_LINE} marker=${vm.marker}`,
+  });
 }
 
 /**
  * A domain for the small test guest (guest kit kernel + initrd): direct kernel boot, one virtio qcow2 disk,
  * the serial console in a file, no network, destroyed when it powers off. Also used by clone-boot.test.ts.
  */
-export function guestDomainXml(guest: { name: string; title?: string; memoryMib: number; kernel: string; initrd: string; commandLine: string; disk: string; console: string }): string {
+export function guestDomainXml(guest: {
+  name: string;
+  title?: string;
+  memoryMib: number;
+  kernel: string;
+  initrd: string;
+  commandLine: string;
+  disk: string;
+  console: string;
+}): string {
   return `<domain type='qemu'>
   <name>${guest.name}</name>
   <uuid>${randomUUID()}</uuid>
@@ -288,7 +345,14 @@ ${guest.title ? `  <title>${guest.title}</title>\n` : ''}  <memory unit='MiB'>${
 async function readRecord(file: string): Promise<StoryRecord | undefined> {
   try {
     const value = JSON.parse(await readFile(file, 'utf8')) as Partial<StoryRecord>;
-    if (typeof value.image !== 'string' || typeof value.finishedAt !== 'string' || !Array.isArray(value.clones) || !Array.isArray(value.hosts) || typeof value.masterVirtualMachine !== 'string') return undefined;
+    if (
+      typeof value.image !== 'string' ||
+      typeof value.finishedAt !== 'string' ||
+      !Array.isArray(value.clones) ||
+      !Array.isArray(value.hosts) ||
+      typeof value.masterVirtualMachine !== 'string'
+    )
+      return undefined;
     return value as StoryRecord;
   } catch {
     return undefined;
@@ -310,8 +374,16 @@ async function waitFor<T>(signal: AbortSignal, timeoutMs: number, what: string, 
 /** The guest kit's files, built by scripts/guest-kernel.sh (cached; the first build downloads ~70 MB). */
 async function guestKit(options: StoryOptions): Promise<{ kernel: string; initrd: string; version: string }> {
   const cached = existsSync(join(options.guestStateDirectory, 'guest', 'kit.stamp'));
-  options.say(cached ? '   the guest kit (scripts/guest-kernel.sh, cached)' : `   building the guest kit (scripts/guest-kernel.sh: downloads Debian's kernel package once, ~70 MB, into ${join(options.guestStateDirectory, 'guest')})`);
-  const child = spawn('bash', [join(REPOSITORY, 'scripts', 'guest-kernel.sh')], { cwd: REPOSITORY, env: { ...process.env, COWHERD_STATE_DIR: options.guestStateDirectory, LC_ALL: 'C' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  options.say(
+    cached
+      ? '   the guest kit (scripts/guest-kernel.sh, cached)'
+      : `   building the guest kit (scripts/guest-kernel.sh: downloads Debian's kernel package once, ~70 MB, into ${join(options.guestStateDirectory, 'guest')})`,
+  );
+  const child = spawn('bash', [join(REPOSITORY, 'scripts', 'guest-kernel.sh')], {
+    cwd: REPOSITORY,
+    env: { ...process.env, COWHERD_STATE_DIR: options.guestStateDirectory, LC_ALL: 'C' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   const stop = (): void => void child.kill('SIGTERM');
   options.signal.addEventListener('abort', stop, { once: true });
   let stdout = '';
@@ -388,7 +460,9 @@ async function startEventFollower(options: StoryOptions): Promise<EventFollower>
       if (!following) return;
       const lines = output.split('\n').filter((line) => line.trim() !== '');
       const progress = lines.filter((line) => /\simage\.transfer_progress\s/.test(line));
-      say(`6. the events \`cowherd events --follow\` saw during the story (${lines.length}${progress.length > 0 ? `; ${progress.length} image.transfer_progress events not shown` : ''}):`);
+      say(
+        `6. the events \`cowherd events --follow\` saw during the story (${lines.length}${progress.length > 0 ? `; ${progress.length} image.transfer_progress events not shown` : ''}):`,
+      );
       for (const line of lines) if (!progress.includes(line)) say(`   ${line}`);
     },
   };

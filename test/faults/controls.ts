@@ -36,7 +36,20 @@ export const CONTROLS: readonly FaultRow[] = [
       // A second clone.done for clone 1 (on origin) under a new id: a repeat the stream cannot drop.
       const publisher = new JetStreamEventPublisher(context.fleet.reader.jetstream, createLogger({ service: 'faults', level: 'silent' }));
       const domainName = `${context.prefix}1`;
-      await publisher.publish(CLONE_DONE, { virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: ORIGIN, virtualMachine: domainName }), host: HOST_NAME.format({ host: ORIGIN }), domainName, uuid: randomUUID(), image: IMAGE_NAME.format({ image: context.image }), sourceVirtualMachine: '', overlays: [], started: false } as never, { host: ORIGIN, id: `control/${randomUUID()}` });
+      await publisher.publish(
+        CLONE_DONE,
+        {
+          virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: ORIGIN, virtualMachine: domainName }),
+          host: HOST_NAME.format({ host: ORIGIN }),
+          domainName,
+          uuid: randomUUID(),
+          image: IMAGE_NAME.format({ image: context.image }),
+          sourceVirtualMachine: '',
+          overlays: [],
+          started: false,
+        } as never,
+        { host: ORIGIN, id: `control/${randomUUID()}` },
+      );
       context.note(`control: published a second clone.done for ${domainName}`);
       return Date.now();
     },
@@ -49,7 +62,10 @@ export const CONTROLS: readonly FaultRow[] = [
       const name = `${context.prefix}999`;
       const directory = context.fleet.agents.get(ORIGIN)!.imageDirectory;
       const xml = join(directory, `${name}.xml`);
-      await writeFile(xml, `<domain type='qemu'><name>${name}</name><memory unit='MiB'>32</memory><os><type arch='x86_64' machine='pc'>hvm</type></os></domain>`);
+      await writeFile(
+        xml,
+        `<domain type='qemu'><name>${name}</name><memory unit='MiB'>32</memory><os><type arch='x86_64' machine='pc'>hvm</type></os></domain>`,
+      );
       await context.fleet.virsh('define', xml);
       context.note(`control: defined ${name} in libvirt beside the batch`);
       return Date.now();

@@ -120,9 +120,18 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   // only its agent needs it (no clones go there), so the order does not matter here.
   // A libvirtd this suite starts is stopped again at the end (as npm test does); one that ran before stays.
   const libvirtdScript = join(REPOSITORY, 'scripts/libvirtd.sh');
-  const libvirtdWasRunning = await runCommand('bash', [libvirtdScript, 'status']).then(() => true, () => false);
+  const libvirtdWasRunning = await runCommand('bash', [libvirtdScript, 'status']).then(
+    () => true,
+    () => false,
+  );
   await runCommand('bash', [libvirtdScript, 'start'], { timeoutMs: 120_000 });
-  if (!libvirtdWasRunning) resources.defer(() => runCommand('bash', [libvirtdScript, 'stop'], { timeoutMs: 60_000 }).then(() => undefined, () => undefined));
+  if (!libvirtdWasRunning)
+    resources.defer(() =>
+      runCommand('bash', [libvirtdScript, 'stop'], { timeoutMs: 60_000 }).then(
+        () => undefined,
+        () => undefined,
+      ),
+    );
   // The test bed removes its namespaces and directories by itself on exit; the small disk must be unmounted
   // before that (registered first, so it runs first), or the bed would empty a mounted tmpfs and leave it.
   let mounted: string | undefined;
@@ -136,7 +145,8 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   // The bed's own SIGINT/SIGTERM handler exits at once; the runner's handler releases everything in order
   // (processes, domains, the mount, then the bed) and exits itself.
   for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    for (const listener of process.listeners(signal)) if (!signalListeners[signal].includes(listener)) process.off(signal, listener as (signal: NodeJS.Signals) => void);
+    for (const listener of process.listeners(signal))
+      if (!signalListeners[signal].includes(listener)) process.off(signal, listener as (signal: NodeJS.Signals) => void);
   }
   resources.defer(() => bed.destroy());
   await bed.connectRoot(CONTROL_ADDRESS);
@@ -153,14 +163,23 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
 
   const pki = await TestPki.create(await resources.tempDir('cowherd-test-faults-'));
   pki.extraDnsNames = [CONTROL_NAME];
-  const nats = await startNatsCluster(resources, { tls: await pki.files('service', 'nats', { subdirectory: 'nats-server' }), directory: await resources.tempDir('cowherd-nats-'), onLine: (label, line) => logTo(label)(line) });
+  const nats = await startNatsCluster(resources, {
+    tls: await pki.files('service', 'nats', { subdirectory: 'nats-server' }),
+    directory: await resources.tempDir('cowherd-nats-'),
+    onLine: (label, line) => logTo(label)(line),
+  });
   const caPort = await freePort();
   await nats.startSidecars(`localhost:${caPort}`);
   say(`NATS cluster up (${nats.urls.join(', ')}), buckets replicated 3 times`);
 
   const natsUrl = nats.urls.join(',');
   const common = { COWHERD_EVENT_STREAM_REPLICAS: '3', COWHERD_LOG_LEVEL: 'info' };
-  const ca = await startCertificateAuthorityProcess(resources, pki, { url: natsUrl }, { env: { ...common, COWHERD_LISTEN_ADDRESS: `0.0.0.0:${caPort}`, COWHERD_ENROLL_ADDRESS: `0.0.0.0:${await freePort()}` } });
+  const ca = await startCertificateAuthorityProcess(
+    resources,
+    pki,
+    { url: natsUrl },
+    { env: { ...common, COWHERD_LISTEN_ADDRESS: `0.0.0.0:${caPort}`, COWHERD_ENROLL_ADDRESS: `0.0.0.0:${await freePort()}` } },
+  );
   const withLogs = (label: string, process: ServiceProcess): ServiceProcess => {
     for (const line of process.logs) logTo(label)(JSON.stringify(line));
     const push = process.logs.push.bind(process.logs);
@@ -171,7 +190,14 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
     return process;
   };
   withLogs('certificate-authority', ca);
-  const inventory = withLogs('inventory', await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), natsUrl, { ...common, COWHERD_LISTEN_ADDRESS: `0.0.0.0:${await freePort()}`, COWHERD_CA_ADDRESS: ca.address }));
+  const inventory = withLogs(
+    'inventory',
+    await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), natsUrl, {
+      ...common,
+      COWHERD_LISTEN_ADDRESS: `0.0.0.0:${await freePort()}`,
+      COWHERD_CA_ADDRESS: ca.address,
+    }),
+  );
 
   const distributionPort = await freePort();
   const trackerPort = await freePort();
@@ -242,11 +268,17 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   // (registered first, so it runs last) and in one virsh process: one by one, with five agents re-reading
   // libvirt after each change, 200 domains took minutes.
   resources.defer(async () => {
-    const names = (await virsh('list', '--all', '--name').catch(() => '')).split('\n').map((name) => name.trim()).filter((name) => name.startsWith(`${runId}-`));
+    const names = (await virsh('list', '--all', '--name').catch(() => ''))
+      .split('\n')
+      .map((name) => name.trim())
+      .filter((name) => name.startsWith(`${runId}-`));
     if (names.length === 0) return;
     // Names are ours (run id, row, index): no quoting needed beyond virsh's own.
     await virsh(names.map((name) => `undefine --domain ${name}`).join('; ')).catch(() => undefined);
-    const left = (await virsh('list', '--all', '--name').catch(() => '')).split('\n').map((name) => name.trim()).filter((name) => name.startsWith(`${runId}-`));
+    const left = (await virsh('list', '--all', '--name').catch(() => ''))
+      .split('\n')
+      .map((name) => name.trim())
+      .filter((name) => name.startsWith(`${runId}-`));
     for (const name of left) await virsh('undefine', name).catch(() => undefined);
   });
 
@@ -258,7 +290,12 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
     const imageDirectory = join(root, 'images-root');
     const env: Record<string, string> = {
       ...withoutCowherdVariables(process.env),
-      ...testBedAgentEnvironment(bed, host, { enrollAddress: ca.enrollAddress, caAddress: ca.address, inventoryAddress: inventory.address, natsUrl: nats.urlsFor(CONTROL_NAME).join(',') }),
+      ...testBedAgentEnvironment(bed, host, {
+        enrollAddress: ca.enrollAddress,
+        caAddress: ca.address,
+        inventoryAddress: inventory.address,
+        natsUrl: nats.urlsFor(CONTROL_NAME).join(','),
+      }),
       COWHERD_SHUTDOWN_GRACE_SECONDS: '5',
     };
     let daemon: Daemon | undefined;
@@ -310,12 +347,23 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
     for (const agent of agents.values()) await agent.daemon?.stop(10_000);
   });
   for (const host of HOSTS) {
-    await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => clients.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_READY ? true : undefined), 90_000);
+    await waitFor(
+      `${host} READY`,
+      async () =>
+        (await call<Host>((cb) => clients.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_READY ? true : undefined,
+      90_000,
+    );
   }
   for (const host of [...RECEIVERS, SMALL]) {
     await call<Host>((cb) =>
       clients.inventory.updateHost(
-        { host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(RECEIVER_DOWNLOAD_BYTES_PER_SECOND) } }), updateMask: ['transfer_limits'] },
+        {
+          host: Host.fromPartial({
+            name: HOST_NAME.format({ host }),
+            transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(RECEIVER_DOWNLOAD_BYTES_PER_SECOND) },
+          }),
+          updateMask: ['transfer_limits'],
+        },
         cb,
       ),
     );
@@ -324,10 +372,14 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   // not start before every receiver has one, or its transfer runs unshaped (seen: 25 MB in 3 s).
   const limitsSet = Date.now();
   for (const host of [...RECEIVERS, SMALL]) {
-    await waitFor(`${host} heartbeat after its transfer limits`, async () => {
-      const record = await call<Host>((cb) => clients.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb));
-      return (record.lastHeartbeatTime?.getTime() ?? 0) > limitsSet + 500 ? true : undefined;
-    }, 60_000);
+    await waitFor(
+      `${host} heartbeat after its transfer limits`,
+      async () => {
+        const record = await call<Host>((cb) => clients.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb));
+        return (record.lastHeartbeatTime?.getTime() ?? 0) > limitsSet + 500 ? true : undefined;
+      },
+      60_000,
+    );
   }
   say(`${HOSTS.length} agents READY in their namespaces (${HOSTS.join(', ')}); receivers capped at ${RECEIVER_DOWNLOAD_BYTES_PER_SECOND} B/s down`);
 
@@ -344,9 +396,21 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
   await writeFile(join(vmDirectory, `${vm}.xml`), xml);
   await virsh('define', join(vmDirectory, `${vm}.xml`));
   const masterVm = VIRTUAL_MACHINE_NAME.format({ host: ORIGIN, virtualMachine: vm });
-  await waitFor('the master VM in inventory', async () => ((await call<VirtualMachine>((cb) => clients.inventory.getVirtualMachine({ name: masterVm }, cb))).state === VirtualMachine_State.STATE_SHUT_OFF ? true : undefined), 60_000);
+  await waitFor(
+    'the master VM in inventory',
+    async () =>
+      (await call<VirtualMachine>((cb) => clients.inventory.getVirtualMachine({ name: masterVm }, cb))).state === VirtualMachine_State.STATE_SHUT_OFF
+        ? true
+        : undefined,
+    60_000,
+  );
 
-  const reader = await connectNats({ servers: nats.urls, tls: await pki.files('service', 'distribution', { subdirectory: 'fault-reader' }), name: 'fault-suite', log: createLogger({ service: 'faults', level: 'silent' }) });
+  const reader = await connectNats({
+    servers: nats.urls,
+    tls: await pki.files('service', 'distribution', { subdirectory: 'fault-reader' }),
+    name: 'fault-suite',
+    log: createLogger({ service: 'faults', level: 'silent' }),
+  });
   resources.defer(() => reader.close());
   return { bed, nats, agents, distribution, cloning, clients, reader, masterVm, runId, logDirectory, virsh, say };
 }

@@ -128,7 +128,15 @@ export async function startNatsCluster(resources: Resources, options: NatsCluste
     ].join('\n');
     await writeFile(
       configFile,
-      renderNatsServerConfig({ port: node.port, host: '0.0.0.0', serverName: node.name, storeDir: join(directory, 'jetstream'), tls: options.tls, authorizationInclude: 'authorization.conf', extraConfig: cluster }),
+      renderNatsServerConfig({
+        port: node.port,
+        host: '0.0.0.0',
+        serverName: node.name,
+        storeDir: join(directory, 'jetstream'),
+        tls: options.tls,
+        authorizationInclude: 'authorization.conf',
+        extraConfig: cluster,
+      }),
       { mode: 0o600 },
     );
   }
@@ -155,27 +163,28 @@ export async function startNatsCluster(resources: Resources, options: NatsCluste
         replicated.push(new Promise<void>((resolve) => (markReplicated = resolve)));
         // The sidecar exits when its first JetStream call times out before the new cluster elected a leader (seen on a
         // loaded machine); Kubernetes restarts the container, and so does this.
-        const start = () => startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'deploy/nats/nats-sidecar.ts')], {
-          readyPattern: /NATS users in sync/,
-          readyTimeoutMs: 60_000,
-          cwd: REPOSITORY,
-          env: {
-            ...withoutCowherdVariables(process.env),
-            COWHERD_TLS_CERT: options.tls.certificateFile,
-            COWHERD_TLS_KEY: options.tls.privateKeyFile,
-            COWHERD_TLS_CA: options.tls.caFile,
-            COWHERD_NATS_URL: `tls://localhost:${node.port}`,
-            COWHERD_CA_ADDRESS: caAddress,
-            COWHERD_NATS_AUTHORIZATION_FILE: join(directory, 'authorization.conf'),
-            COWHERD_NATS_PID_FILE: pidFile,
-            COWHERD_NATS_STATIC_IDENTITIES: STATIC_IDENTITIES.join(','),
-            COWHERD_NATS_REPLICAS: '3',
-          },
-          onLine: (line) => {
-            if (line.includes('buckets replicated')) markReplicated();
-            options.onLine?.(`${node.name}-sidecar`, line);
-          },
-        });
+        const start = () =>
+          startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'deploy/nats/nats-sidecar.ts')], {
+            readyPattern: /NATS users in sync/,
+            readyTimeoutMs: 60_000,
+            cwd: REPOSITORY,
+            env: {
+              ...withoutCowherdVariables(process.env),
+              COWHERD_TLS_CERT: options.tls.certificateFile,
+              COWHERD_TLS_KEY: options.tls.privateKeyFile,
+              COWHERD_TLS_CA: options.tls.caFile,
+              COWHERD_NATS_URL: `tls://localhost:${node.port}`,
+              COWHERD_CA_ADDRESS: caAddress,
+              COWHERD_NATS_AUTHORIZATION_FILE: join(directory, 'authorization.conf'),
+              COWHERD_NATS_PID_FILE: pidFile,
+              COWHERD_NATS_STATIC_IDENTITIES: STATIC_IDENTITIES.join(','),
+              COWHERD_NATS_REPLICAS: '3',
+            },
+            onLine: (line) => {
+              if (line.includes('buckets replicated')) markReplicated();
+              options.onLine?.(`${node.name}-sidecar`, line);
+            },
+          });
         let sidecar: Daemon | undefined;
         for (let attempt = 1; sidecar === undefined; attempt++) {
           try {

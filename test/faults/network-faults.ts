@@ -34,7 +34,8 @@ export const NETWORK_FAULTS: readonly FaultRow[] = [
       // that waits for it must say so in its metadata at once (rate and ETA cleared), not show its last rate.
       let unreachableAt: number | undefined;
       let shownAt: number | undefined;
-      const distribute = context.operations.find((operation) => operation.on === 'distribution' && operation !== context.operations[0]) ?? context.operations[1];
+      const distribute =
+        context.operations.find((operation) => operation.on === 'distribution' && operation !== context.operations[0]) ?? context.operations[1];
       try {
         while (Date.now() - cutAt < CUT_SECONDS * 1000) {
           const record = await call<Host>((cb) => context.fleet.clients.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb)).catch(() => undefined);
@@ -42,7 +43,10 @@ export const NETWORK_FAULTS: readonly FaultRow[] = [
           if (shownAt === undefined && distribute) {
             const answer = await context.getOperation(distribute.name, 'distribution');
             try {
-              const transfer = answer && !answer.done ? unpack(DistributeImageMetadata, answer.metadata).transfers.find((candidate) => candidate.host === HOST_NAME.format({ host })) : undefined;
+              const transfer =
+                answer && !answer.done
+                  ? unpack(DistributeImageMetadata, answer.metadata).transfers.find((candidate) => candidate.host === HOST_NAME.format({ host }))
+                  : undefined;
               if (transfer?.hostUnreachable) shownAt = Date.now();
             } catch {
               // Not readable: not shown.
@@ -53,7 +57,9 @@ export const NETWORK_FAULTS: readonly FaultRow[] = [
       } finally {
         for (const rule of rules) await context.fleet.bed.exec(host, 'iptables', ['-w', '-D', ...rule]);
       }
-      context.note(`${host} reconnected; UNREACHABLE in inventory ${unreachableAt === undefined ? 'never' : `after ${((unreachableAt - cutAt) / 1000).toFixed(0)} s`}, in the DistributeImage metadata ${shownAt === undefined ? 'never' : `after ${((shownAt - cutAt) / 1000).toFixed(0)} s`}`);
+      context.note(
+        `${host} reconnected; UNREACHABLE in inventory ${unreachableAt === undefined ? 'never' : `after ${((unreachableAt - cutAt) / 1000).toFixed(0)} s`}, in the DistributeImage metadata ${shownAt === undefined ? 'never' : `after ${((shownAt - cutAt) / 1000).toFixed(0)} s`}`,
+      );
       if (unreachableAt === undefined) context.fail(`${host} was cut off for ${CUT_SECONDS} s and inventory never showed it UNREACHABLE`);
       else if (shownAt === undefined) context.fail(`${host} was UNREACHABLE but the DistributeImage metadata never said so`);
       return Date.now();

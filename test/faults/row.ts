@@ -177,7 +177,9 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
       const deadline = Date.now() + 60_000;
       while (Date.now() < deadline) {
         for (const host of receivers) {
-          const replica = await rpc.call<ImageReplica>('GetImageReplica', (cb) => clients.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image }) }, cb)).catch(() => undefined);
+          const replica = await rpc
+            .call<ImageReplica>('GetImageReplica', (cb) => clients.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image }) }, cb))
+            .catch(() => undefined);
           const done = Number(replica?.progress?.bytesDone ?? 0);
           const total = Number(replica?.progress?.bytesTotal ?? 0);
           if (replica?.state === ImageReplica_State.STATE_TRANSFERRING && done > 0 && done < total) {
@@ -193,19 +195,32 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
 
   // The work.
   if (!reused) {
-    const publish = await rpc.call<Operation>('PublishImage', (cb) => clients.distribution.publishImage({ imageId: image, sourceVirtualMachine: fleet.masterVm, description: `fault suite: ${row.fault}`, labels: {}, requestId: '' }, cb));
+    const publish = await rpc.call<Operation>('PublishImage', (cb) =>
+      clients.distribution.publishImage(
+        { imageId: image, sourceVirtualMachine: fleet.masterVm, description: `fault suite: ${row.fault}`, labels: {}, requestId: '' },
+        cb,
+      ),
+    );
     operations.push({ name: publish.name, on: 'distribution' });
     const published = await waitDone(rpc, fleet, publish.name, 'distribution', Date.now() + 120_000);
-    if (published?.result?.$case !== 'response') throw new Error(`${row.fault}: publishing ${image} failed before the fault: ${JSON.stringify(published?.result ?? 'no answer')}`);
+    if (published?.result?.$case !== 'response')
+      throw new Error(`${row.fault}: publishing ${image} failed before the fault: ${JSON.stringify(published?.result ?? 'no answer')}`);
   }
   const before = new Map<string, ImageReplica>();
   for (const host of [...row.distributeTo, ...row.cloneHosts]) {
-    const replica = await rpc.call<ImageReplica>('GetImageReplica', (cb) => clients.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image }) }, cb)).catch(() => undefined);
+    const replica = await rpc
+      .call<ImageReplica>('GetImageReplica', (cb) => clients.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image }) }, cb))
+      .catch(() => undefined);
     if (replica) before.set(host, replica);
   }
   await row.before?.(context);
   const faultStart = Date.now();
-  const distribute = await rpc.call<Operation>('DistributeImage', (cb) => clients.distribution.distributeImage({ image: IMAGE_NAME.format({ image }), hosts: row.distributeTo.map((host) => HOST_NAME.format({ host })), requestId: '' }, cb));
+  const distribute = await rpc.call<Operation>('DistributeImage', (cb) =>
+    clients.distribution.distributeImage(
+      { image: IMAGE_NAME.format({ image }), hosts: row.distributeTo.map((host) => HOST_NAME.format({ host })), requestId: '' },
+      cb,
+    ),
+  );
   operations.push({ name: distribute.name, on: 'distribution' });
   const clone = await rpc.call<Operation>('CloneVirtualMachines', (cb) =>
     clients.cloning.cloneVirtualMachines(
@@ -255,7 +270,14 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
   const survived = problems.length === 0;
   if (!survived) {
     for (const problem of problems) note(`NOT SURVIVED: ${problem}`);
-    note(`events of the row in the stream: ${[...events.counts].filter(([key]) => !key.startsWith('clone.done')).map(([key, count]) => `${key} x${count}`).join(', ') || 'none'} and ${[...events.counts].filter(([key]) => key.startsWith('clone.done')).length} clone.done`);
+    note(
+      `events of the row in the stream: ${
+        [...events.counts]
+          .filter(([key]) => !key.startsWith('clone.done'))
+          .map(([key, count]) => `${key} x${count}`)
+          .join(', ') || 'none'
+      } and ${[...events.counts].filter(([key]) => key.startsWith('clone.done')).length} clone.done`,
+    );
   }
   if (survived && row.distributeTo.length >= 3 && last.allReceiversAvailable) state.lastImage = image;
   note(`operations: ${last.outcomes.join('; ')}; fault ${((faultEnd - faultStart) / 1000).toFixed(1)} s after the work started`);
@@ -342,9 +364,13 @@ async function evaluate(
         const response = unpack(DistributeImageResponse, answer.result.value);
         failures = response.failures.map((failure) => `${failure.host} ${failure.status ? describeStatus(failure.status) : 'no status'}`);
         for (const failure of response.failures) {
-          if (!failure.status || reasonOf(failure.status) === undefined) problems.push(`${operation.name}: ${failure.host} failed without a reason (no ErrorInfo): ${failure.status ? describeStatus(failure.status) : 'no status'}`);
+          if (!failure.status || reasonOf(failure.status) === undefined)
+            problems.push(
+              `${operation.name}: ${failure.host} failed without a reason (no ErrorInfo): ${failure.status ? describeStatus(failure.status) : 'no status'}`,
+            );
         }
-        if (row.mustSucceed && failures.length > 0) problems.push(`${operation.name} SUCCEEDED with failed hosts (${failures.join('; ')}), though the fleet must absorb this fault`);
+        if (row.mustSucceed && failures.length > 0)
+          problems.push(`${operation.name} SUCCEEDED with failed hosts (${failures.join('; ')}), though the fleet must absorb this fault`);
       }
       outcomes.push(`${operation.name}: SUCCEEDED${failures.length > 0 ? ` with failed hosts (${failures.join('; ')})` : ''}`);
       if (operation.on === 'cloning') {
@@ -356,15 +382,20 @@ async function evaluate(
     }
   }
   const extraOperations = all.length - operations.length;
-  const cloneOperationDone = cloneResponseKnown || outcomes.some((outcome) => outcome.includes('FAILED') && operations.some((op) => op.on === 'cloning' && outcome.startsWith(op.name)));
+  const cloneOperationDone =
+    cloneResponseKnown || outcomes.some((outcome) => outcome.includes('FAILED') && operations.some((op) => op.on === 'cloning' && outcome.startsWith(op.name)));
   const doneClones = clones.filter((clone) => clone.state === CloneResult_State.STATE_DONE);
   for (const clone of clones) {
     if (!cloneOperationDone || clone.state !== CloneResult_State.STATE_FAILED) continue;
-    if (!clone.error || reasonOf(clone.error) === undefined) problems.push(`clone ${clone.domainName} FAILED without a reason (no ErrorInfo): ${clone.error ? describeStatus(clone.error) : 'no status'}`);
+    if (!clone.error || reasonOf(clone.error) === undefined)
+      problems.push(`clone ${clone.domainName} FAILED without a reason (no ErrorInfo): ${clone.error ? describeStatus(clone.error) : 'no status'}`);
   }
   if (row.mustSucceed && cloneOperationDone) {
     const notDone = clones.filter((clone) => clone.state !== CloneResult_State.STATE_DONE);
-    if (notDone.length > 0) problems.push(`${notDone.length} of ${clones.length} clones not DONE (first: ${notDone[0]!.domainName} ${CloneResult_State[notDone[0]!.state]} ${notDone[0]!.error ? describeStatus(notDone[0]!.error) : ''}), though the fleet must absorb this fault`);
+    if (notDone.length > 0)
+      problems.push(
+        `${notDone.length} of ${clones.length} clones not DONE (first: ${notDone[0]!.domainName} ${CloneResult_State[notDone[0]!.state]} ${notDone[0]!.error ? describeStatus(notDone[0]!.error) : ''}), though the fleet must absorb this fault`,
+      );
   }
   const failedClones = clones.filter((clone) => clone.state === CloneResult_State.STATE_FAILED).length;
   const cloneErrors = [...new Set(clones.filter((clone) => clone.error).map((clone) => `${clone.host}: ${describeStatus(clone.error!)}`))];
@@ -372,7 +403,10 @@ async function evaluate(
 
   // Exactly once in libvirt, in inventory, on disk (only once the batch is over: before that a clone may be half made).
   if (cloneOperationDone) {
-    const domains = (await fleet.virsh('list', '--all', '--name')).split('\n').map((name) => name.trim()).filter((name) => name.startsWith(prefix));
+    const domains = (await fleet.virsh('list', '--all', '--name'))
+      .split('\n')
+      .map((name) => name.trim())
+      .filter((name) => name.startsWith(prefix));
     const vms = await listVms(rpc, fleet, prefix);
     for (const clone of doneClones) {
       const inLibvirt = domains.filter((name) => name === clone.domainName).length;
@@ -384,14 +418,18 @@ async function evaluate(
     }
     const expectedNames = new Set(doneClones.map((clone) => clone.domainName));
     for (const name of new Set(domains)) if (!expectedNames.has(name)) problems.push(`domain ${name} exists in libvirt but the batch does not report it DONE`);
-    for (const vm of vms) if (!expectedNames.has(VIRTUAL_MACHINE_NAME.parse(vm.name)?.virtualMachine ?? '')) problems.push(`${vm.name} is in inventory but the batch does not report it DONE`);
+    for (const vm of vms)
+      if (!expectedNames.has(VIRTUAL_MACHINE_NAME.parse(vm.name)?.virtualMachine ?? ''))
+        problems.push(`${vm.name} is in inventory but the batch does not report it DONE`);
   }
 
   // Events: each logical occurrence exactly once.
   await events.advance();
   const final = new Map<string, ImageReplica>();
   for (const host of new Set([...row.distributeTo, ...row.cloneHosts])) {
-    const replica = await rpc.call<ImageReplica>('GetImageReplica', (cb) => fleet.clients.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image }) }, cb)).catch(() => undefined);
+    const replica = await rpc
+      .call<ImageReplica>('GetImageReplica', (cb) => fleet.clients.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image }) }, cb))
+      .catch(() => undefined);
     if (replica) final.set(host, replica);
   }
   const expectedAvailable = row.expectedAvailable?.(final) ?? defaultExpectedAvailable(final, before);
@@ -438,7 +476,12 @@ function defaultExpectedAvailable(final: ReadonlyMap<string, ImageReplica>, befo
 class EventTally {
   readonly counts = new Map<string, number>();
   private next: number;
-  constructor(private readonly fleet: FaultFleet, firstSequence: number, private readonly prefix: string, private readonly image: string) {
+  constructor(
+    private readonly fleet: FaultFleet,
+    firstSequence: number,
+    private readonly prefix: string,
+    private readonly image: string,
+  ) {
     this.next = firstSequence;
   }
 
@@ -484,7 +527,13 @@ class EventTally {
 }
 
 /** Hashes every known base and every base of the row's clones; the changed or vanished ones are counted. */
-async function checkBases(fleet: FaultFleet, state: SuiteState, doneClones: readonly CloneResult[], image: string, rpc: Rpc): Promise<{ changed: number; problems: string[] }> {
+async function checkBases(
+  fleet: FaultFleet,
+  state: SuiteState,
+  doneClones: readonly CloneResult[],
+  image: string,
+  rpc: Rpc,
+): Promise<{ changed: number; problems: string[] }> {
   const problems: string[] = [];
   let changed = 0;
   for (const [path, sha] of state.bases) {
@@ -500,7 +549,9 @@ async function checkBases(fleet: FaultFleet, state: SuiteState, doneClones: read
     }
   }
   // This row's clones: each must sit on a base whose content is the image's.
-  const record = await rpc.call<Image>('GetImage', (cb) => fleet.clients.inventory.getImage({ name: IMAGE_NAME.format({ image }), view: 0 }, cb)).catch(() => undefined);
+  const record = await rpc
+    .call<Image>('GetImage', (cb) => fleet.clients.inventory.getImage({ name: IMAGE_NAME.format({ image }), view: 0 }, cb))
+    .catch(() => undefined);
   const wanted = new Map((record?.files ?? []).map((file) => [file.path, file.sha256]));
   const seen = new Set<string>();
   for (const clone of doneClones) {
@@ -518,7 +569,8 @@ async function checkBases(fleet: FaultFleet, state: SuiteState, doneClones: read
         continue;
       }
       const expected = wanted.get(basename(backing));
-      if (expected !== undefined && expected !== sha) problems.push(`clone ${clone.domainName} sits on ${backing}, whose SHA-256 is not the image's (a damaged copy)`);
+      if (expected !== undefined && expected !== sha)
+        problems.push(`clone ${clone.domainName} sits on ${backing}, whose SHA-256 is not the image's (a damaged copy)`);
       if (!state.bases.has(backing)) state.bases.set(backing, sha);
     }
   }
@@ -549,7 +601,10 @@ function describeStatus(status: Status): string {
 
 async function backingFile(overlay: string): Promise<string | undefined> {
   try {
-    const info = JSON.parse(await runCommand('qemu-img', ['info', '-U', '--output=json', overlay])) as { 'full-backing-filename'?: string; 'backing-filename'?: string };
+    const info = JSON.parse(await runCommand('qemu-img', ['info', '-U', '--output=json', overlay])) as {
+      'full-backing-filename'?: string;
+      'backing-filename'?: string;
+    };
     return info['full-backing-filename'] ?? info['backing-filename'];
   } catch {
     return undefined;
@@ -568,7 +623,9 @@ export function sha256(path: string): Promise<string> {
 
 async function listVms(rpc: Rpc, fleet: FaultFleet, prefix: string): Promise<VirtualMachine[]> {
   const all = await readAllPages(async (pageToken) => {
-    const page = await rpc.call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>('ListVirtualMachines', (cb) => fleet.clients.inventory.listVirtualMachines({ parent: EVERY_HOST, pageSize: 500, pageToken, filter: '' }, cb));
+    const page = await rpc.call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>('ListVirtualMachines', (cb) =>
+      fleet.clients.inventory.listVirtualMachines({ parent: EVERY_HOST, pageSize: 500, pageToken, filter: '' }, cb),
+    );
     return { items: page.virtualMachines, nextPageToken: page.nextPageToken };
   });
   return all.filter((vm) => VIRTUAL_MACHINE_NAME.parse(vm.name)?.virtualMachine.startsWith(prefix) === true);
@@ -591,7 +648,9 @@ function describeRunning(operation: Operation, on: 'distribution' | 'cloning'): 
   try {
     if (on === 'distribution') {
       const metadata = unpack(DistributeImageMetadata, operation.metadata);
-      return metadata.transfers.map((transfer) => `${transfer.host} ${ImageReplica_State[transfer.state]} ${transfer.progress?.bytesDone ?? 0}/${transfer.progress?.bytesTotal ?? 0}`).join(', ');
+      return metadata.transfers
+        .map((transfer) => `${transfer.host} ${ImageReplica_State[transfer.state]} ${transfer.progress?.bytesDone ?? 0}/${transfer.progress?.bytesTotal ?? 0}`)
+        .join(', ');
     }
     const metadata = unpack(CloneVirtualMachinesMetadata, operation.metadata);
     return `${metadata.doneCount} done, ${metadata.failedCount} failed of ${metadata.totalCount}; transfers ${metadata.imageTransfers.map((transfer) => `${transfer.host} ${ImageReplica_State[transfer.state]}`).join(', ')}`;
@@ -610,4 +669,3 @@ async function exists(path: string): Promise<boolean> {
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
-

@@ -33,7 +33,13 @@ const CI_LIMIT_MINUTES = 90;
 const CI_ROOM_MINUTES = 30;
 
 /** A row without a fault: the work alone, so the damage rows have an image on every receiver with dependents. */
-const BASELINE: FaultRow = { fault: 'baseline (no fault)', mustSucceed: true, distributeTo: RECEIVERS, cloneHosts: [ORIGIN, 'recv1'], inject: async () => Date.now() };
+const BASELINE: FaultRow = {
+  fault: 'baseline (no fault)',
+  mustSucceed: true,
+  distributeTo: RECEIVERS,
+  cloneHosts: [ORIGIN, 'recv1'],
+  inject: async () => Date.now(),
+};
 
 async function main(): Promise<number> {
   const started = Date.now();
@@ -41,7 +47,10 @@ async function main(): Promise<number> {
     process.stderr.write('faults: the fault suite needs root (libvirtd, network namespaces, tmpfs)\n');
     return 2;
   }
-  const wanted = (process.env['COWHERD_FAULTS'] ?? '').split(',').map((name) => name.trim()).filter(Boolean);
+  const wanted = (process.env['COWHERD_FAULTS'] ?? '')
+    .split(',')
+    .map((name) => name.trim())
+    .filter(Boolean);
   const known = [...ALL_FAULTS, ...CONTROLS];
   const unknown = wanted.filter((name) => name !== 'controls' && !known.some((row) => row.fault === name));
   if (unknown.length > 0) {
@@ -73,7 +82,9 @@ async function main(): Promise<number> {
   const controls: RowResult[] = [];
   try {
     const fleet = await startFaultFleet(resources, logDirectory);
-    fleet.say(`fleet up in ${((Date.now() - started) / 1000).toFixed(0)} s; ${rows.length} faults; bound ${RECOVERY_BOUND_SECONDS} s after each fault ends; logs in ${logDirectory}`);
+    fleet.say(
+      `fleet up in ${((Date.now() - started) / 1000).toFixed(0)} s; ${rows.length} faults; bound ${RECOVERY_BOUND_SECONDS} s after each fault ends; logs in ${logDirectory}`,
+    );
     const state: SuiteState = { bases: new Map(), lastImage: undefined, rowIndex: 0 };
     for (const row of rows) {
       await fleetWhole(fleet);

@@ -42,7 +42,8 @@ async function damage(context: RowContext, host: string): Promise<string> {
 
 /** One image.available for `host` when its replica is AVAILABLE again after the damage, none otherwise. */
 function availableAgain(host: string) {
-  return (final: ReadonlyMap<string, ImageReplica>): Map<string, number> => new Map([[host, final.get(host)?.state === ImageReplica_State.STATE_AVAILABLE ? 1 : 0]]);
+  return (final: ReadonlyMap<string, ImageReplica>): Map<string, number> =>
+    new Map([[host, final.get(host)?.state === ImageReplica_State.STATE_AVAILABLE ? 1 : 0]]);
 }
 
 export const STORAGE_FAULTS: readonly FaultRow[] = [

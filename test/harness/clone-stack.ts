@@ -14,7 +14,16 @@ import { CloningServiceClient } from '../../services/gen/cowherd/cloning/v1/clon
 import { DistributionServiceClient } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { OperationsClient, type Operation } from '../../services/gen/google/longrunning/operations.js';
-import { Host_State, Image, Image_State, ImageReplica, ImageReplica_State, VirtualMachine_State, type Host, type VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import {
+  Host_State,
+  Image,
+  Image_State,
+  ImageReplica,
+  ImageReplica_State,
+  VirtualMachine_State,
+  type Host,
+  type VirtualMachine,
+} from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { DiskFormat, Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
 import { createClient } from '../../services/common/platform/client.js';
 import { freePort } from '../../services/launcher/embedded-nats.js';
@@ -95,18 +104,40 @@ export interface CloneStackOptions {
 export async function startCloneStack(resources: Resources, host: string, options: CloneStackOptions = {}): Promise<CloneStack> {
   const extra = (service: 'inventory' | 'distribution' | 'cloning'): Record<string, string> => options.serviceEnv?.[service] ?? {};
   const uri = 'qemu:///system';
-  const virsh = (...args: string[]) => run('virsh', ['-c', uri, ...args], { timeout: 120_000, env: { ...process.env, LC_ALL: 'C' }, maxBuffer: 64 * 1024 * 1024 });
+  const virsh = (...args: string[]) =>
+    run('virsh', ['-c', uri, ...args], { timeout: 120_000, env: { ...process.env, LC_ALL: 'C' }, maxBuffer: 64 * 1024 * 1024 });
   await run('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'start'], { timeout: 120_000 });
   const pki = await TestPki.create(await resources.tempDir());
   const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
   const ca = await startCertificateAuthorityProcess(resources, pki, nats);
-  const inventoryProcess = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address, ...extra('inventory') });
-  const distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, ...extra('distribution') });
-  const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address, ...extra('cloning') });
+  const inventoryProcess = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, {
+    COWHERD_CA_ADDRESS: ca.address,
+    ...extra('inventory'),
+  });
+  const distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, {
+    COWHERD_CA_ADDRESS: ca.address,
+    COWHERD_INVENTORY_ADDRESS: inventoryProcess.address,
+    ...extra('distribution'),
+  });
+  const cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, {
+    COWHERD_CA_ADDRESS: ca.address,
+    COWHERD_INVENTORY_ADDRESS: inventoryProcess.address,
+    COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address,
+    ...extra('cloning'),
+  });
   const startReplica = async (name: 'distribution' | 'cloning'): Promise<ServiceProcess> =>
     name === 'distribution'
-      ? startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, ...extra('distribution') })
-      : startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address, ...extra('cloning') });
+      ? startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, {
+          COWHERD_CA_ADDRESS: ca.address,
+          COWHERD_INVENTORY_ADDRESS: inventoryProcess.address,
+          ...extra('distribution'),
+        })
+      : startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, {
+          COWHERD_CA_ADDRESS: ca.address,
+          COWHERD_INVENTORY_ADDRESS: inventoryProcess.address,
+          COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address,
+          ...extra('cloning'),
+        });
   const directory = await resources.tempDir('cowherd-e2e-');
   const admin = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
   const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, admin);
@@ -135,7 +166,12 @@ export async function startCloneStack(resources: Resources, host: string, option
     // A restart keeps the identity (credentials) and the image directory; the token is spent.
     const restartEnv = { ...env, COWHERD_JOIN_TOKEN: '' };
     delete (restartEnv as Record<string, string>)['COWHERD_JOIN_TOKEN'];
-    return { host: hostId, imageDirectory: env.COWHERD_IMAGE_DIR, process, restart: () => startServiceProcess(resources, 'agent', undefined, nats.url, restartEnv) };
+    return {
+      host: hostId,
+      imageDirectory: env.COWHERD_IMAGE_DIR,
+      process,
+      restart: () => startServiceProcess(resources, 'agent', undefined, nats.url, restartEnv),
+    };
   };
   const first = await startAgent(host);
   const imageDirectory = first.imageDirectory;
@@ -193,8 +229,32 @@ export async function startCloneStack(resources: Resources, host: string, option
       await run('cp', ['--sparse=always', basePath, join(replica, template.disks[0]!.fileName)]);
       await writeFile(join(replica, 'domain-template.xml'), template.xml);
       const now = new Date();
-      await images.put(image, Image.fromPartial({ name: IMAGE_NAME.format({ image }), hypervisor: Hypervisor.HYPERVISOR_KVM, state: Image_State.STATE_AVAILABLE, originHost: HOST_NAME.format({ host }), domainTemplate: template.xml, files: [{ path: template.disks[0]!.fileName, format: DiskFormat.DISK_FORMAT_QCOW2, targetDevice: 'vda' }], createTime: now, updateTime: now }));
-      await replicas.put(`${host}.${image}`, ImageReplica.fromPartial({ name: HOST_IMAGE_NAME.format({ host, image }), image: IMAGE_NAME.format({ image }), host: HOST_NAME.format({ host }), state: ImageReplica_State.STATE_AVAILABLE, path: replica, origin: true, createTime: now, updateTime: now }));
+      await images.put(
+        image,
+        Image.fromPartial({
+          name: IMAGE_NAME.format({ image }),
+          hypervisor: Hypervisor.HYPERVISOR_KVM,
+          state: Image_State.STATE_AVAILABLE,
+          originHost: HOST_NAME.format({ host }),
+          domainTemplate: template.xml,
+          files: [{ path: template.disks[0]!.fileName, format: DiskFormat.DISK_FORMAT_QCOW2, targetDevice: 'vda' }],
+          createTime: now,
+          updateTime: now,
+        }),
+      );
+      await replicas.put(
+        `${host}.${image}`,
+        ImageReplica.fromPartial({
+          name: HOST_IMAGE_NAME.format({ host, image }),
+          image: IMAGE_NAME.format({ image }),
+          host: HOST_NAME.format({ host }),
+          state: ImageReplica_State.STATE_AVAILABLE,
+          path: replica,
+          origin: true,
+          createTime: now,
+          updateTime: now,
+        }),
+      );
       return join(replica, template.disks[0]!.fileName);
     },
     defineSourceVm: async (name, mib) => {
@@ -208,11 +268,18 @@ export async function startCloneStack(resources: Resources, host: string, option
       await writeFile(join(vmDirectory, `${name}.xml`), xml);
       await virsh('define', join(vmDirectory, `${name}.xml`));
       domains.push(name);
-      await waitFor(`${name} in inventory`, async () => ((await call<VirtualMachine>((cb) => inventory.getVirtualMachine({ name: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }) }, cb))).state === VirtualMachine_State.STATE_SHUT_OFF ? true : undefined));
+      await waitFor(`${name} in inventory`, async () =>
+        (await call<VirtualMachine>((cb) => inventory.getVirtualMachine({ name: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }) }, cb))).state ===
+        VirtualMachine_State.STATE_SHUT_OFF
+          ? true
+          : undefined,
+      );
     },
     waitHostsReady: async (hosts) => {
       for (const name of hosts) {
-        await waitFor(`${name} READY`, async () => ((await call<Host>((cb) => inventory.getHost({ name: HOST_NAME.format({ host: name }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
+        await waitFor(`${name} READY`, async () =>
+          (await call<Host>((cb) => inventory.getHost({ name: HOST_NAME.format({ host: name }) }, cb))).state === Host_State.STATE_READY ? true : undefined,
+        );
       }
     },
     wait: async (name, timeoutMs = 120_000, client = operations) => {

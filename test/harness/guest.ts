@@ -39,7 +39,11 @@ export function guestKit(options: { timeoutMs?: number } = {}): Promise<GuestKit
 }
 
 async function buildGuestKit(timeoutMs: number): Promise<GuestKit> {
-  const { stdout } = await run('bash', [join(REPOSITORY, 'scripts/guest-kernel.sh')], { timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024, env: { ...process.env, LC_ALL: 'C' } }).catch((error: unknown) => {
+  const { stdout } = await run('bash', [join(REPOSITORY, 'scripts/guest-kernel.sh')], {
+    timeout: timeoutMs,
+    maxBuffer: 16 * 1024 * 1024,
+    env: { ...process.env, LC_ALL: 'C' },
+  }).catch((error: unknown) => {
     const { stderr } = error as { stderr?: string };
     throw new Error(`scripts/guest-kernel.sh failed: ${(error as Error).message}${stderr ? `\n${stderr.slice(-4000)}` : ''}`, { cause: error });
   });
@@ -53,7 +57,12 @@ async function buildGuestKit(timeoutMs: number): Promise<GuestKit> {
     if (!found) throw new Error(`scripts/guest-kernel.sh printed no ${key}: ${stdout}`);
     return found;
   };
-  return { kernel: value('COWHERD_GUEST_KERNEL'), initrd: value('COWHERD_GUEST_INITRD'), vmlinuz: value('COWHERD_GUEST_VMLINUZ'), version: value('COWHERD_GUEST_VERSION') };
+  return {
+    kernel: value('COWHERD_GUEST_KERNEL'),
+    initrd: value('COWHERD_GUEST_INITRD'),
+    vmlinuz: value('COWHERD_GUEST_VMLINUZ'),
+    version: value('COWHERD_GUEST_VERSION'),
+  };
 }
 
 /** The block /init writes for `marker` (the `marker=` word of the kernel command line). */

@@ -60,7 +60,10 @@ export class TestPki {
   readonly issued: IssuedCertificate[] = [];
   private readonly issueListeners = new Set<(certificate: IssuedCertificate) => Promise<void> | void>();
 
-  private constructor(readonly ca: CertificateAndKey, private readonly directory: string) {}
+  private constructor(
+    readonly ca: CertificateAndKey,
+    private readonly directory: string,
+  ) {}
 
   /** Makes a CA (2048-bit: tests need speed, not strength) under `directory`. */
   static async create(directory: string, commonName = 'cowherd test CA'): Promise<TestPki> {
@@ -129,7 +132,10 @@ export async function startTestNats(resources: Resources, pki: TestPki, options:
     identity: certificate.identity,
     ...(mode === 'full-access' ? { permissions: FULL_ACCESS } : {}),
   });
-  const bootstrapUsers = mode === 'full-access' || mode === 'ca-managed' ? TEST_SERVICES.map((name) => identityPrincipal({ kind: 'service', name, uri: identityUri('service', name) }, FULL_ACCESS)) : [];
+  const bootstrapUsers =
+    mode === 'full-access' || mode === 'ca-managed'
+      ? TEST_SERVICES.map((name) => identityPrincipal({ kind: 'service', name, uri: identityUri('service', name) }, FULL_ACCESS))
+      : [];
   const users: NatsPrincipal[] = [...(options.users ?? []), ...(mode === 'none' || mode === 'ca-managed' ? [] : pki.issued.map(principalOf))];
   const nats = await startEmbeddedNats({ directory, tls, bootstrapUsers, users, ...(options.host ? { host: options.host } : {}) });
   resources.defer(() => nats.stop());

@@ -28,7 +28,13 @@ export interface ServiceProcess {
 }
 
 /** Starts `services/<name>/main.ts` on free ports and waits for its "serving" log line. */
-export async function startServiceProcess(resources: Resources, name: ProcessName, tls: TlsFiles | undefined, natsUrl: string, extraEnv: Record<string, string> = {}): Promise<ServiceProcess> {
+export async function startServiceProcess(
+  resources: Resources,
+  name: ProcessName,
+  tls: TlsFiles | undefined,
+  natsUrl: string,
+  extraEnv: Record<string, string> = {},
+): Promise<ServiceProcess> {
   const logs: Array<Record<string, unknown>> = [];
   const daemon = await startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services', name, 'main.ts')], {
     readyPattern: /"msg":"serving"/,
@@ -122,14 +128,23 @@ export async function startCertificateAuthorityProcess(
       ? {
           COWHERD_NATS_AUTHORIZATION_FILE: nats.authorizationFile,
           COWHERD_NATS_PID_FILE: nats.pidFile,
-          COWHERD_NATS_STATIC_IDENTITIES: (options.natsStaticIdentities ?? ['certificate-authority', 'inventory', 'distribution', 'cloning'].map((name) => `spiffe://cowherd/service/${name}`)).join(','),
+          COWHERD_NATS_STATIC_IDENTITIES: (
+            options.natsStaticIdentities ?? ['certificate-authority', 'inventory', 'distribution', 'cloning'].map((name) => `spiffe://cowherd/service/${name}`)
+          ).join(','),
         }
       : {}),
     ...options.env,
   });
   if (!options.createCa) {
-    const own = { certificatePem: await readFile(tls.certificateFile, 'utf8'), privateKeyPem: await readFile(tls.privateKeyFile, 'utf8'), caPem: pki.ca.certificatePem };
-    recorder = createClient(CertificateAuthorityServiceClient, process.address, mutualTlsChannelCredentialsFromPem(own), { defaultDeadlineMs: 5_000, maxAttempts: 1 });
+    const own = {
+      certificatePem: await readFile(tls.certificateFile, 'utf8'),
+      privateKeyPem: await readFile(tls.privateKeyFile, 'utf8'),
+      caPem: pki.ca.certificatePem,
+    };
+    recorder = createClient(CertificateAuthorityServiceClient, process.address, mutualTlsChannelCredentialsFromPem(own), {
+      defaultDeadlineMs: 5_000,
+      maxAttempts: 1,
+    });
     const client = recorder;
     resources.defer(() => client.close());
   }

@@ -101,7 +101,9 @@ export class StartCommand {
       if (!/^\d+$/.test(entry)) continue;
       const pid = Number(entry);
       if (pid === process.pid) continue;
-      const [stat, command, environment] = await Promise.all(['stat', 'cmdline', 'environ'].map((file) => readFile(`/proc/${pid}/${file}`, 'utf8').catch(() => '')));
+      const [stat, command, environment] = await Promise.all(
+        ['stat', 'cmdline', 'environ'].map((file) => readFile(`/proc/${pid}/${file}`, 'utf8').catch(() => '')),
+      );
       // /proc/<pid>/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces and parentheses.
       const fields = stat!.slice(stat!.lastIndexOf(')') + 2).split(' ');
       const [state, , group] = fields;

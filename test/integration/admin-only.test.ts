@@ -14,7 +14,16 @@ import { CloneVirtualMachinesRequest, CloningServiceClient } from '../../service
 import { Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { DistributeImageRequest, DistributionServiceClient, PublishImageRequest } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
-import { Host, Host_State, Image, Image_State, ImageReplica, ImageReplica_State, VirtualMachine, VirtualMachine_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import {
+  Host,
+  Host_State,
+  Image,
+  Image_State,
+  ImageReplica,
+  ImageReplica_State,
+  VirtualMachine,
+  VirtualMachine_State,
+} from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { OperationsClient } from '../../services/gen/google/longrunning/operations.js';
 import { createClient } from '../../services/common/platform/client.js';
 import type { Credentials } from '../../services/common/platform/credential-files.js';
@@ -46,23 +55,57 @@ interface AdminOnlyCall {
 }
 
 const ADMIN_ONLY: readonly AdminOnlyCall[] = [
-  { rpc: 'DistributionService.PublishImage', invoke: (c, cb) => c.distribution.publishImage(PublishImageRequest.fromPartial({ imageId: 'fresh', sourceVirtualMachine: 'hosts/kvm-01/virtualMachines/web-1', requestId: '' }), cb) },
-  { rpc: 'DistributionService.DistributeImage', invoke: (c, cb) => c.distribution.distributeImage(DistributeImageRequest.fromPartial({ image: 'images/golden', hosts: ['hosts/kvm-01'], requestId: '' }), cb) },
+  {
+    rpc: 'DistributionService.PublishImage',
+    invoke: (c, cb) =>
+      c.distribution.publishImage(
+        PublishImageRequest.fromPartial({ imageId: 'fresh', sourceVirtualMachine: 'hosts/kvm-01/virtualMachines/web-1', requestId: '' }),
+        cb,
+      ),
+  },
+  {
+    rpc: 'DistributionService.DistributeImage',
+    invoke: (c, cb) =>
+      c.distribution.distributeImage(DistributeImageRequest.fromPartial({ image: 'images/golden', hosts: ['hosts/kvm-01'], requestId: '' }), cb),
+  },
   { rpc: 'DistributionService.DeleteImage', invoke: (c, cb) => c.distribution.deleteImage({ name: 'images/golden', requestId: '' }, cb) },
   { rpc: 'DistributionService.DeleteImageReplica', invoke: (c, cb) => c.distribution.deleteImageReplica({ name: 'hosts/kvm-01/images/golden' }, cb) },
-  { rpc: 'DistributionService.CollectImageReplicas', invoke: (c, cb) => c.distribution.collectImageReplicas({ parent: 'hosts/-', filter: '', validateOnly: false }, cb) },
+  {
+    rpc: 'DistributionService.CollectImageReplicas',
+    invoke: (c, cb) => c.distribution.collectImageReplicas({ parent: 'hosts/-', filter: '', validateOnly: false }, cb),
+  },
   {
     rpc: 'CloningService.CloneVirtualMachines',
-    invoke: (c, cb) => c.cloning.cloneVirtualMachines(CloneVirtualMachinesRequest.fromPartial({ source: { $case: 'image', value: 'images/golden' }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/kvm-01'] }, count: 2 }), cb),
+    invoke: (c, cb) =>
+      c.cloning.cloneVirtualMachines(
+        CloneVirtualMachinesRequest.fromPartial({
+          source: { $case: 'image', value: 'images/golden' },
+          placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/kvm-01'] },
+          count: 2,
+        }),
+        cb,
+      ),
   },
   { rpc: 'CloningService.StartVirtualMachine', invoke: (c, cb) => c.cloning.startVirtualMachine({ name: 'hosts/kvm-01/virtualMachines/web-1' }, cb) },
-  { rpc: 'CloningService.StopVirtualMachine', invoke: (c, cb) => c.cloning.stopVirtualMachine({ name: 'hosts/kvm-01/virtualMachines/web-1', force: true, timeout: undefined, requestId: '' }, cb) },
-  { rpc: 'CloningService.DeleteVirtualMachine', invoke: (c, cb) => c.cloning.deleteVirtualMachine({ name: 'hosts/kvm-01/virtualMachines/web-1', force: true }, cb) },
+  {
+    rpc: 'CloningService.StopVirtualMachine',
+    invoke: (c, cb) => c.cloning.stopVirtualMachine({ name: 'hosts/kvm-01/virtualMachines/web-1', force: true, timeout: undefined, requestId: '' }, cb),
+  },
+  {
+    rpc: 'CloningService.DeleteVirtualMachine',
+    invoke: (c, cb) => c.cloning.deleteVirtualMachine({ name: 'hosts/kvm-01/virtualMachines/web-1', force: true }, cb),
+  },
   { rpc: 'InventoryService.DeleteHost', invoke: (c, cb) => c.inventory.deleteHost({ name: 'hosts/kvm-01', force: true }, cb) },
-  { rpc: 'InventoryService.UpdateHost', invoke: (c, cb) => c.inventory.updateHost({ host: Host.fromPartial({ name: 'hosts/kvm-01', labels: { rack: 'evil' } }), updateMask: ['labels'] }, cb) },
+  {
+    rpc: 'InventoryService.UpdateHost',
+    invoke: (c, cb) => c.inventory.updateHost({ host: Host.fromPartial({ name: 'hosts/kvm-01', labels: { rack: 'evil' } }), updateMask: ['labels'] }, cb),
+  },
   { rpc: 'CertificateAuthorityService.CreateJoinToken', invoke: (c, cb) => c.ca.createJoinToken({ host: 'kvm-99', ttl: undefined, requestId: '' }, cb) },
   { rpc: 'CertificateAuthorityService.DeleteJoinToken', invoke: (c, cb) => c.ca.deleteJoinToken({ name: 'joinTokens/0000000000000000' }, cb) },
-  { rpc: 'CertificateAuthorityService.IssueCertificate', invoke: (c, cb) => c.ca.issueCertificate({ csrPem: '', identity: 'spiffe://cowherd/admin/mallory', dnsNames: [], ttl: undefined, requestId: '' }, cb) },
+  {
+    rpc: 'CertificateAuthorityService.IssueCertificate',
+    invoke: (c, cb) => c.ca.issueCertificate({ csrPem: '', identity: 'spiffe://cowherd/admin/mallory', dnsNames: [], ttl: undefined, requestId: '' }, cb),
+  },
   { rpc: 'CertificateAuthorityService.RevokeCertificate', invoke: (c, cb) => c.ca.revokeCertificate({ name: 'certificates/1', reason: 0 }, cb) },
 ];
 
@@ -100,14 +143,29 @@ describe('admin-only RPCs', () => {
     const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
     const ca = await startCertificateAuthorityProcess(resources, pki, nats);
     // A long heartbeat interval: the seeded host has no agent, and must not turn UNREACHABLE (a write) mid-test.
-    const inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_HEARTBEAT_SECONDS: '3600' });
-    const distribution = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventory.address });
-    const cloning = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventory.address, COWHERD_DISTRIBUTION_ADDRESS: distribution.address });
+    const inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_HEARTBEAT_SECONDS: '3600',
+    });
+    const distribution = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_INVENTORY_ADDRESS: inventory.address,
+    });
+    const cloning = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_INVENTORY_ADDRESS: inventory.address,
+      COWHERD_DISTRIBUTION_ADDRESS: distribution.address,
+    });
     processes = { ca, inventory, distribution, cloning };
     adminClients = clientsFor(await pki.credentials('admin', 'alice'));
 
     // A host, an image with a replica on it, and a VM: what the RPCs above would change or delete.
-    const connection = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'distribution', { subdirectory: 'test-connection' }), name: 'test', log });
+    const connection = await connectNats({
+      servers: [nats.url],
+      tls: await pki.files('service', 'distribution', { subdirectory: 'test-connection' }),
+      name: 'test',
+      log,
+    });
     resources.defer(() => connection.close());
     const now = new Date();
     const stores = {
@@ -116,16 +174,47 @@ describe('admin-only RPCs', () => {
       replicas: await KvStore.open(connection.jetstream, 'replicas', protoCodec(ImageReplica)),
       vms: await KvStore.open(connection.jetstream, 'vms', protoCodec(VirtualMachine)),
     };
-    await stores.hosts.put('kvm-01', Host.fromPartial({ name: 'hosts/kvm-01', state: Host_State.STATE_READY, agentEndpoint: 'localhost:1', enrollTime: now, lastHeartbeatTime: now, updateTime: now }));
-    await stores.images.put('golden', Image.fromPartial({ name: 'images/golden', state: Image_State.STATE_AVAILABLE, originHost: 'hosts/kvm-01', createTime: now, updateTime: now }));
-    await stores.replicas.put('kvm-01.golden', ImageReplica.fromPartial({ name: 'hosts/kvm-01/images/golden', image: 'images/golden', host: 'hosts/kvm-01', state: ImageReplica_State.STATE_AVAILABLE, createTime: now, updateTime: now }));
-    await stores.vms.put('kvm-01.web-1', VirtualMachine.fromPartial({ name: 'hosts/kvm-01/virtualMachines/web-1', state: VirtualMachine_State.STATE_SHUT_OFF }));
+    await stores.hosts.put(
+      'kvm-01',
+      Host.fromPartial({
+        name: 'hosts/kvm-01',
+        state: Host_State.STATE_READY,
+        agentEndpoint: 'localhost:1',
+        enrollTime: now,
+        lastHeartbeatTime: now,
+        updateTime: now,
+      }),
+    );
+    await stores.images.put(
+      'golden',
+      Image.fromPartial({ name: 'images/golden', state: Image_State.STATE_AVAILABLE, originHost: 'hosts/kvm-01', createTime: now, updateTime: now }),
+    );
+    await stores.replicas.put(
+      'kvm-01.golden',
+      ImageReplica.fromPartial({
+        name: 'hosts/kvm-01/images/golden',
+        image: 'images/golden',
+        host: 'hosts/kvm-01',
+        state: ImageReplica_State.STATE_AVAILABLE,
+        createTime: now,
+        updateTime: now,
+      }),
+    );
+    await stores.vms.put(
+      'kvm-01.web-1',
+      VirtualMachine.fromPartial({ name: 'hosts/kvm-01/virtualMachines/web-1', state: VirtualMachine_State.STATE_SHUT_OFF }),
+    );
     const operations = await KvStore.open(connection.jetstream, 'operations', jsonCodec<unknown>());
     const adminChannel = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem });
     const operationsOf = (address: string) => {
       const client = createClient(OperationsClient, address, adminChannel, { defaultDeadlineMs: 15_000 });
       closers.push(client);
-      return async () => (await call<{ operations: Array<{ name: string }> }>((cb) => client.listOperations({ name: '', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.map((operation) => operation.name);
+      return async () =>
+        (
+          await call<{ operations: Array<{ name: string }> }>((cb) =>
+            client.listOperations({ name: '', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb),
+          )
+        ).operations.map((operation) => operation.name);
     };
     const distributionOperations = operationsOf(distribution.address);
     const cloningOperations = operationsOf(cloning.address);
@@ -139,8 +228,16 @@ describe('admin-only RPCs', () => {
       operationRecords: (await operations.list()).map((entry) => entry.key),
       distributionOperations: await distributionOperations(),
       cloningOperations: await cloningOperations(),
-      joinTokens: (await call<{ joinTokens: Array<{ name: string; state: number }> }>((cb) => adminClients.ca.listJoinTokens({ pageSize: 1000, pageToken: '', filter: '' }, cb))).joinTokens,
-      certificates: (await call<{ certificates: Array<{ name: string; state: number }> }>((cb) => adminClients.ca.listCertificates({ pageSize: 1000, pageToken: '', filter: '' }, cb))).certificates.map((certificate) => [certificate.name, certificate.state]),
+      joinTokens: (
+        await call<{ joinTokens: Array<{ name: string; state: number }> }>((cb) =>
+          adminClients.ca.listJoinTokens({ pageSize: 1000, pageToken: '', filter: '' }, cb),
+        )
+      ).joinTokens,
+      certificates: (
+        await call<{ certificates: Array<{ name: string; state: number }> }>((cb) =>
+          adminClients.ca.listCertificates({ pageSize: 1000, pageToken: '', filter: '' }, cb),
+        )
+      ).certificates.map((certificate) => [certificate.name, certificate.state]),
       inventoryHost: await call((cb) => adminClients.inventory.getHost({ name: 'hosts/kvm-01' }, cb)),
     });
   });
@@ -153,7 +250,10 @@ describe('admin-only RPCs', () => {
     it(`refuses every admin-only RPC to ${caller.kind}/${caller.name} with PERMISSION_DENIED and changes nothing`, async () => {
       const clients = clientsFor(await pki.credentials(caller.kind, caller.name));
       const before = await snapshot();
-      assert.ok(Object.values(before.revisions).every((revision) => revision !== undefined), 'the records exist');
+      assert.ok(
+        Object.values(before.revisions).every((revision) => revision !== undefined),
+        'the records exist',
+      );
       for (const entry of ADMIN_ONLY) {
         const refused = await failure((cb) => entry.invoke(clients, cb));
         assert.equal(refused.code, GrpcStatus.PERMISSION_DENIED, `${entry.rpc} as ${caller.kind}/${caller.name}: ${refused.message}`);
@@ -167,7 +267,9 @@ describe('admin-only RPCs', () => {
     const cloning = clientsFor(await pki.credentials('service', 'cloning'));
     const before = await snapshot();
     // An image that does not exist: the call gets past the access table and is answered by the handler.
-    const missing = await failure((cb) => cloning.distribution.distributeImage(DistributeImageRequest.fromPartial({ image: 'images/missing', hosts: ['hosts/kvm-01'], requestId: '' }), cb));
+    const missing = await failure((cb) =>
+      cloning.distribution.distributeImage(DistributeImageRequest.fromPartial({ image: 'images/missing', hosts: ['hosts/kvm-01'], requestId: '' }), cb),
+    );
     assert.notEqual(missing.code, GrpcStatus.PERMISSION_DENIED, missing.message);
     assert.equal(missing.code, GrpcStatus.NOT_FOUND, missing.message);
     // Everything else admin-only stays closed to cloning too.

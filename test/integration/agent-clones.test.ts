@@ -32,7 +32,10 @@ const run = promisify(execFile);
 const URI = 'qemu:///system';
 const log = createLogger({ service: 'test', level: 'silent' });
 const virsh = (...args: string[]) => run('virsh', ['-c', URI, ...args], { timeout: 60_000, env: { ...process.env, LC_ALL: 'C' } });
-const sha256 = async (path: string) => createHash('sha256').update(await readFile(path)).digest('hex');
+const sha256 = async (path: string) =>
+  createHash('sha256')
+    .update(await readFile(path))
+    .digest('hex');
 const suffix = Math.random().toString(36).slice(2, 7);
 
 describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false }, () => {
@@ -49,7 +52,13 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
 
   function cloneRequest(names: string[], start = false, vm = `hosts/clone-host/virtualMachines/${source}`) {
     domains.push(...names);
-    return { source: { $case: 'virtualMachine' as const, value: vm }, clones: names.map((domainName) => ({ domainName, start })), operation: `operations/00000000-0000-4000-8000-${suffix.padStart(12, '0')}`, requestId: `request-${names.join(',')}`, validateOnly: false };
+    return {
+      source: { $case: 'virtualMachine' as const, value: vm },
+      clones: names.map((domainName) => ({ domainName, start })),
+      operation: `operations/00000000-0000-4000-8000-${suffix.padStart(12, '0')}`,
+      requestId: `request-${names.join(',')}`,
+      validateOnly: false,
+    };
   }
 
   before(async () => {
@@ -74,7 +83,11 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
       }
     });
 
-    const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }));
+    const caAdmin = createClient(
+      CertificateAuthorityServiceClient,
+      ca.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }),
+    );
     const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host: 'clone-host', ttl: undefined, requestId: '' }, cb));
     caAdmin.close();
     agent = await startServiceProcess(resources, 'agent', undefined, nats.url, {
@@ -87,8 +100,17 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
       COWHERD_LIBVIRT_URI: URI,
       COWHERD_IMAGE_DIR: imageDirectory,
     });
-    agentClient = createClient(AgentServiceClient, agent.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('service', 'cloning')), caPem: pki.ca.certificatePem }), { defaultDeadlineMs: 120_000 });
-    admin = createClient(InventoryServiceClient, inventory.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }));
+    agentClient = createClient(
+      AgentServiceClient,
+      agent.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('service', 'cloning')), caPem: pki.ca.certificatePem }),
+      { defaultDeadlineMs: 120_000 },
+    );
+    admin = createClient(
+      InventoryServiceClient,
+      inventory.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }),
+    );
 
     const connection = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'cloning'), name: 'test', log });
     resources.defer(() => connection.close());
@@ -110,18 +132,28 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     const before = await sha256(baseDisk);
     const names = [`c1-${suffix}`, `c2-${suffix}`, `c3-${suffix}`];
     const response = await call<{ results: CreateCloneResult[] }>((cb) => agentClient.createClones(cloneRequest(names, true), cb));
-    assert.deepEqual(response.results.map((result) => [result.domainName, result.status?.code ?? 0, result.started]), names.map((name) => [name, 0, true]));
+    assert.deepEqual(
+      response.results.map((result) => [result.domainName, result.status?.code ?? 0, result.started]),
+      names.map((name) => [name, 0, true]),
+    );
     for (const name of names) {
       const { stdout: state } = await virsh('domstate', name);
       assert.equal(state.trim(), 'running');
       const overlay = join(imageDirectory, 'clones', name, 'vda.qcow2');
-      const info = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', overlay])).stdout) as { 'backing-filename': string; 'actual-size': number };
+      const info = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', overlay])).stdout) as {
+        'backing-filename': string;
+        'actual-size': number;
+      };
       assert.equal(info['backing-filename'], baseDisk);
       assert.ok(info['actual-size'] <= 512 * 1024, `overlay is ${info['actual-size']} bytes`);
     }
     assert.equal((await stat(baseDisk)).mode & 0o222, 0, 'the base is read-only on disk');
     const { readdir } = await import('node:fs/promises');
-    assert.deepEqual((await readdir(join(imageDirectory, 'clones'))).filter((entry) => entry.startsWith('.prototype-')), [], 'the batch prototype overlay is gone');
+    assert.deepEqual(
+      (await readdir(join(imageDirectory, 'clones'))).filter((entry) => entry.startsWith('.prototype-')),
+      [],
+      'the batch prototype overlay is gone',
+    );
     for (const name of names) await virsh('destroy', name);
     assert.equal(await sha256(baseDisk), before, 'the base is unchanged');
 
@@ -137,7 +169,8 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     // Inventory learns the lineage from the clones' metadata.
     let vm: VirtualMachine | undefined;
     const until = Date.now() + 10_000;
-    while (Date.now() < until && !vm?.managed) vm = await call<VirtualMachine>((cb) => admin.getVirtualMachine({ name: `hosts/clone-host/virtualMachines/${names[0]}` }, cb)).catch(() => undefined);
+    while (Date.now() < until && !vm?.managed)
+      vm = await call<VirtualMachine>((cb) => admin.getVirtualMachine({ name: `hosts/clone-host/virtualMachines/${names[0]}` }, cb)).catch(() => undefined);
     assert.equal(vm?.managed, true);
     assert.equal(vm?.lineage?.sourceVirtualMachine, `hosts/clone-host/virtualMachines/${source}`);
     assert.deepEqual(vm?.lineage?.overlays, [join(imageDirectory, 'clones', names[0]!, 'vda.qcow2')]);
@@ -146,7 +179,9 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
   it('reports an impossible clone in a batch, leaves nothing of it behind, and keeps the others', async () => {
     const taken = source;
     const names = [`ok1-${suffix}`, taken, `ok2-${suffix}`];
-    const response = await call<{ results: CreateCloneResult[] }>((cb) => agentClient.createClones({ ...cloneRequest(names), requestId: `clash-${suffix}` }, cb));
+    const response = await call<{ results: CreateCloneResult[] }>((cb) =>
+      agentClient.createClones({ ...cloneRequest(names), requestId: `clash-${suffix}` }, cb),
+    );
     assert.equal(response.results[0]!.status?.code ?? 0, 0);
     assert.equal(response.results[1]!.status?.code, GrpcStatus.ALREADY_EXISTS);
     assert.equal(response.results[2]!.status?.code ?? 0, 0);
@@ -165,10 +200,35 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     await writeFile(join(replica, 'domain-template.xml'), template.xml);
     const name = `img-clone-${suffix}`;
     domains.push(name);
-    const response = await call<{ results: CreateCloneResult[] }>((cb) => agentClient.createClones({ source: { $case: 'image', value: `images/img-${suffix}` }, clones: [{ domainName: name, start: false }], operation: '', requestId: '', validateOnly: false }, cb));
+    const response = await call<{ results: CreateCloneResult[] }>((cb) =>
+      agentClient.createClones(
+        {
+          source: { $case: 'image', value: `images/img-${suffix}` },
+          clones: [{ domainName: name, start: false }],
+          operation: '',
+          requestId: '',
+          validateOnly: false,
+        },
+        cb,
+      ),
+    );
     assert.equal(response.results[0]!.status?.code ?? 0, 0, JSON.stringify(response.results[0]?.status));
     assert.equal(response.results[0]!.virtualMachine?.sourceImage, `images/img-${suffix}`);
-    const missing = await call<{ results: CreateCloneResult[] }>((cb) => agentClient.createClones({ source: { $case: 'image', value: 'images/absent' }, clones: [{ domainName: `x-${suffix}`, start: false }], operation: '', requestId: '', validateOnly: false }, cb)).then(() => undefined, (error: { code: number }) => error.code);
+    const missing = await call<{ results: CreateCloneResult[] }>((cb) =>
+      agentClient.createClones(
+        {
+          source: { $case: 'image', value: 'images/absent' },
+          clones: [{ domainName: `x-${suffix}`, start: false }],
+          operation: '',
+          requestId: '',
+          validateOnly: false,
+        },
+        cb,
+      ),
+    ).then(
+      () => undefined,
+      (error: { code: number }) => error.code,
+    );
     assert.equal(missing, GrpcStatus.FAILED_PRECONDITION);
   });
 
@@ -200,7 +260,10 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     const stranger = `stranger-${suffix}`;
     domains.push(stranger);
     const xmlFile = join(imageDirectory, `${stranger}.xml`);
-    await writeFile(xmlFile, `<domain type='qemu'><name>${stranger}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features></domain>`);
+    await writeFile(
+      xmlFile,
+      `<domain type='qemu'><name>${stranger}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features></domain>`,
+    );
     await virsh('define', xmlFile);
     const unmanaged = await failure((cb) => agentClient.deleteVirtualMachine({ name: `hosts/clone-host/virtualMachines/${stranger}`, force: false }, cb));
     assert.equal(unmanaged.reason, 'ERROR_REASON_VIRTUAL_MACHINE_NOT_MANAGED');

@@ -80,13 +80,18 @@ function sourceDomainXml(name: string, diskPath: string, logPath: string): strin
 `;
 }
 
-describe('domain XML templates and clones in a real libvirtd', { skip: isRoot ? false : 'needs root: libvirtd runs in a private mount namespace (CI runs as root)' }, () => {
+describe('domain XML templates and clones in a real libvirtd', {
+  skip: isRoot ? false : 'needs root: libvirtd runs in a private mount namespace (CI runs as root)',
+}, () => {
   let directory = '';
   let sourcePath = '';
   const sourceName = `${prefix}-source`;
 
   before(async () => {
-    const running = await runCommand('bash', [libvirtdScript, 'status'], { timeoutMs: 15_000 }).then(() => true, () => false);
+    const running = await runCommand('bash', [libvirtdScript, 'status'], { timeoutMs: 15_000 }).then(
+      () => true,
+      () => false,
+    );
     await runCommand('bash', [libvirtdScript, 'start'], { timeoutMs: 60_000 });
     if (!running) cleanups.push(async () => void (await runCommand('bash', [libvirtdScript, 'stop'], { timeoutMs: 60_000 })));
     directory = await mkdtemp(path.join(tmpdir(), 'cowherd-domain-xml-'));
@@ -130,7 +135,9 @@ describe('domain XML templates and clones in a real libvirtd', { skip: isRoot ? 
       const disks = [];
       for (const disk of template.disks) {
         const child = path.join(cloneDirectory, `${disk.target}.qcow2`);
-        await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.join(imageDirectory, disk.fileName), '-F', disk.format, child], { timeoutMs: 10_000 });
+        await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.join(imageDirectory, disk.fileName), '-F', disk.format, child], {
+          timeoutMs: 10_000,
+        });
         disks.push({ target: disk.target, path: child });
       }
       const clone = await renderClone(template.xml, {
@@ -152,7 +159,9 @@ describe('domain XML templates and clones in a real libvirtd', { skip: isRoot ? 
       assert.equal(definition.uuid, clone.uuid);
       assert.equal((await virsh(['domuuid', '--domain', name])).trim(), clone.uuid);
       assert.deepEqual(macsOf(readBack), clone.macAddresses);
-      assert.deepEqual(definition.disks, [{ target: 'vda', device: 'disk', type: 'file', sourcePath: path.join(cloneDirectory, 'vda.qcow2'), format: 'qcow2' }]);
+      assert.deepEqual(definition.disks, [
+        { target: 'vda', device: 'disk', type: 'file', sourcePath: path.join(cloneDirectory, 'vda.qcow2'), format: 'qcow2' },
+      ]);
       assert.ok(readBack.includes(`<log file='${path.join(cloneDirectory, 'serial-0.log')}'`), `serial log in the clone directory:\n${readBack}`);
       assert.ok(readBack.includes('<acpi/>'));
       assert.deepEqual(readCloneMetadata(readBack), { source: { image: 'images/web' }, operation: `operations/${prefix}`, requestId: `${prefix}-request` });

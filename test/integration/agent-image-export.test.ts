@@ -71,7 +71,10 @@ describe('exportImage with a real libvirtd', { skip: process.getuid?.() !== 0 ? 
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', overlay]);
     // The overlay hides part of the base's data and adds its own: only the chain as a whole reads right.
     await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xa5 4M 4M', '-c', 'write -z 16M 2M', '-c', 'write -P 0x99 60M 1M', overlay]);
-    for (const [name, disk] of [[source, overlay], [locker, overlay]] as const) {
+    for (const [name, disk] of [
+      [source, overlay],
+      [locker, overlay],
+    ] as const) {
       const file = join(directory, `${name}.xml`);
       await writeFile(file, domainXml(name, disk));
       await virsh('define', file);
@@ -90,7 +93,15 @@ describe('exportImage with a real libvirtd', { skip: process.getuid?.() !== 0 ? 
     }
   });
 
-  const options = (image: string, onProgress?: (progress: ExportProgress) => void) => ({ libvirt, imageDirectory, host: 'export-host', virtualMachine: `hosts/export-host/virtualMachines/${source}`, image, log, ...(onProgress ? { onProgress } : {}) });
+  const options = (image: string, onProgress?: (progress: ExportProgress) => void) => ({
+    libvirt,
+    imageDirectory,
+    host: 'export-host',
+    virtualMachine: `hosts/export-host/virtualMachines/${source}`,
+    image,
+    log,
+    ...(onProgress ? { onProgress } : {}),
+  });
   const imagesEntries = async () => (await readdir(join(imageDirectory, 'images'))).sort();
 
   test('exports the overlay flattened: no backing file, same guest bytes, named by the template, hashed, read-only', async (t) => {
@@ -111,11 +122,23 @@ describe('exportImage with a real libvirtd', { skip: process.getuid?.() !== 0 ? 
 
     const template = await readFile(join(result.directory, 'domain-template.xml'), 'utf8');
     assert.equal(template, result.domainTemplate);
-    assert.deepEqual(templateDisks(template).map((entry) => [entry.target, entry.fileName, entry.format]), [['vda', 'vda.qcow2', 'qcow2']]);
+    assert.deepEqual(
+      templateDisks(template).map((entry) => [entry.target, entry.fileName, entry.format]),
+      [['vda', 'vda.qcow2', 'qcow2']],
+    );
     assert.doesNotMatch(template, new RegExp(`${source}|${imageDirectory}|<uuid>|<mac `));
 
-    const { stdout } = await run('sha256sum', result.files.map((file) => file.path), { cwd: result.directory });
-    const sums = new Map(stdout.trim().split('\n').map((line) => [line.split(/\s+/)[1]!, line.split(/\s+/)[0]!]));
+    const { stdout } = await run(
+      'sha256sum',
+      result.files.map((file) => file.path),
+      { cwd: result.directory },
+    );
+    const sums = new Map(
+      stdout
+        .trim()
+        .split('\n')
+        .map((line) => [line.split(/\s+/)[1]!, line.split(/\s+/)[0]!]),
+    );
     for (const file of result.files) {
       assert.equal(file.sha256, sums.get(file.path), file.path);
       const fileInfo = await stat(join(result.directory, file.path));
@@ -123,7 +146,10 @@ describe('exportImage with a real libvirtd', { skip: process.getuid?.() !== 0 ? 
       assert.equal(fileInfo.size, file.sizeBytes, file.path);
     }
     assert.equal((await stat(result.directory)).mode & 0o777, 0o555);
-    assert.deepEqual([...new Set(reports.map((report) => report.stage))], [ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, ImagePublishStage.IMAGE_PUBLISH_STAGE_HASHING]);
+    assert.deepEqual(
+      [...new Set(reports.map((report) => report.stage))],
+      [ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, ImagePublishStage.IMAGE_PUBLISH_STAGE_HASHING],
+    );
     assert.equal(reports.at(-1)!.bytesDone, result.totalBytes);
     // The source is untouched and still usable by libvirt.
     assert.equal((await libvirt.domain(source)).state, 'shut off');

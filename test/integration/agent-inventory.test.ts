@@ -79,8 +79,14 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
     const host = await getHost();
     assert.deepEqual(host.enrollTime, before.host.enrollTime, 'enroll time kept');
     assert.deepEqual(host.labels, { rack: 'r7' }, 'labels kept');
-    const vms = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: `domain_name = "${domain}"` }, cb));
-    assert.deepEqual(vms.virtualMachines.map((vm) => vm.name), [`hosts/e2e-host/virtualMachines/${domain}`], 'one VM record');
+    const vms = await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+      admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: `domain_name = "${domain}"` }, cb),
+    );
+    assert.deepEqual(
+      vms.virtualMachines.map((vm) => vm.name),
+      [`hosts/e2e-host/virtualMachines/${domain}`],
+      'one VM record',
+    );
     assert.deepEqual(vms.virtualMachines[0]!.createTime, before.vm.createTime, 'VM create time kept');
     assert.equal(vms.virtualMachines[0]!.uuid, before.vm.uuid);
   }
@@ -93,7 +99,11 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
     const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
     natsUrl = nats.url;
     ca = await startCertificateAuthorityProcess(resources, pki, nats);
-    inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), natsUrl, { COWHERD_CA_ADDRESS: ca.address, COWHERD_HEARTBEAT_SECONDS: '1', COWHERD_MISSED_HEARTBEATS: '3' });
+    inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), natsUrl, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_HEARTBEAT_SECONDS: '1',
+      COWHERD_MISSED_HEARTBEATS: '3',
+    });
     const adminCredentials = { ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem };
     admin = createClient(InventoryServiceClient, inventory.address, mutualTlsChannelCredentialsFromPem(adminCredentials), { defaultDeadlineMs: 10_000 });
     caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, mutualTlsChannelCredentialsFromPem(adminCredentials), { defaultDeadlineMs: 10_000 });
@@ -128,7 +138,11 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
     const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host: 'e2e-host', ttl: undefined, requestId: '' }, cb));
     const agent = await startServiceProcess(resources, 'agent', undefined, natsUrl, { ...agentEnv, COWHERD_JOIN_TOKEN: token.token });
     currentAgent = agent;
-    const host = await waitFor('the host to register', () => getHost(), (value) => value.state === Host_State.STATE_READY);
+    const host = await waitFor(
+      'the host to register',
+      () => getHost(),
+      (value) => value.state === Host_State.STATE_READY,
+    );
     assert.equal(host.hypervisor, Hypervisor.HYPERVISOR_KVM);
     assert.equal(host.libvirtUri, URI);
     assert.ok(host.cpuCount >= 1 && Number(host.memoryBytes) > 0 && Number(host.imageDirectoryTotalBytes) > 0, JSON.stringify(host));
@@ -140,7 +154,10 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
     assert.equal(defined.disks.length, 1);
     assert.equal(defined.disks[0]!.target, 'vda');
     assert.equal(defined.disks[0]!.path, join(directory, 'disk.qcow2'));
-    assert.deepEqual(defined.disks[0]!.backingChain.map((file) => file.path), [join(directory, 'base.qcow2')]);
+    assert.deepEqual(
+      defined.disks[0]!.backingChain.map((file) => file.path),
+      [join(directory, 'base.qcow2')],
+    );
 
     const startedAt = Date.now();
     await virsh('start', domain);
@@ -158,12 +175,27 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
     assert.ok(watchers.length >= 1, 'the agent runs a virsh event watcher');
     process.kill(agent.daemon.pid, 'SIGKILL');
     await agent.daemon.exited;
-    await waitFor('the virsh event watcher to die with the agent', async () => (await Promise.all(watchers.map(isRunning))).filter(Boolean).length, (running) => running === 0, 10_000);
-    await waitFor('unreachable', () => getHost(), (value) => value.state === Host_State.STATE_UNREACHABLE, 10_000);
+    await waitFor(
+      'the virsh event watcher to die with the agent',
+      async () => (await Promise.all(watchers.map(isRunning))).filter(Boolean).length,
+      (running) => running === 0,
+      10_000,
+    );
+    await waitFor(
+      'unreachable',
+      () => getHost(),
+      (value) => value.state === Host_State.STATE_UNREACHABLE,
+      10_000,
+    );
 
     // Restarted (no token: it keeps its identity): READY, and nothing duplicated or re-created.
     currentAgent = await startServiceProcess(resources, 'agent', undefined, natsUrl, agentEnv);
-    await waitFor('ready again', () => getHost(), (value) => value.state === Host_State.STATE_READY, 20_000);
+    await waitFor(
+      'ready again',
+      () => getHost(),
+      (value) => value.state === Host_State.STATE_READY,
+      20_000,
+    );
     await assertSameRecords(before);
   });
 
@@ -174,16 +206,38 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
     // A reinstalled host: no credentials left, a new join token for the same host name.
     const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host: 'e2e-host', ttl: undefined, requestId: '' }, cb));
     const credentials = join(directory, 'credentials-reinstalled');
-    currentAgent = await startServiceProcess(resources, 'agent', undefined, natsUrl, { ...agentEnv, COWHERD_CREDENTIALS_DIR: credentials, COWHERD_JOIN_TOKEN: token.token });
+    currentAgent = await startServiceProcess(resources, 'agent', undefined, natsUrl, {
+      ...agentEnv,
+      COWHERD_CREDENTIALS_DIR: credentials,
+      COWHERD_JOIN_TOKEN: token.token,
+    });
     const secondCertificate = await readFile(join(credentials, 'cert.pem'), 'utf8');
     assert.notEqual(inspectCertificate(secondCertificate).serialNumber, inspectCertificate(firstCertificate).serialNumber);
-    assert.notEqual(await readFile(join(credentials, 'key.pem'), 'utf8'), await readFile(join(directory, 'credentials', 'key.pem'), 'utf8'), 'a fresh key pair');
+    assert.notEqual(
+      await readFile(join(credentials, 'key.pem'), 'utf8'),
+      await readFile(join(directory, 'credentials', 'key.pem'), 'utf8'),
+      'a fresh key pair',
+    );
     assert.equal(inspectCertificate(secondCertificate).identity?.uri, 'spiffe://cowherd/host/e2e-host');
-    await waitFor('registered again with the new certificate', () => getHost(), (value) => value.state === Host_State.STATE_READY && (value.lastHeartbeatTime?.getTime() ?? 0) > (before.host.lastHeartbeatTime?.getTime() ?? 0), 20_000);
+    await waitFor(
+      'registered again with the new certificate',
+      () => getHost(),
+      (value) => value.state === Host_State.STATE_READY && (value.lastHeartbeatTime?.getTime() ?? 0) > (before.host.lastHeartbeatTime?.getTime() ?? 0),
+      20_000,
+    );
     await assertSameRecords(before);
 
     await virsh('undefine', domain);
-    await waitFor('the domain to disappear', () => getVm().then(() => 'present', (error: { code?: number }) => (error.code === GrpcStatus.NOT_FOUND ? 'gone' : 'error')), (value) => value === 'gone', 10_000);
+    await waitFor(
+      'the domain to disappear',
+      () =>
+        getVm().then(
+          () => 'present',
+          (error: { code?: number }) => (error.code === GrpcStatus.NOT_FOUND ? 'gone' : 'error'),
+        ),
+      (value) => value === 'gone',
+      10_000,
+    );
   });
 
   it('runs extra agents on test:///default, each its own host, seen across hosts', async () => {
@@ -200,7 +254,10 @@ describe('agent and inventory on real parts', { skip: process.getuid?.() !== 0 ?
     }
     const all = await waitFor(
       'the test domains of both extra hosts',
-      () => call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: 'domain_name = "test"' }, cb)),
+      () =>
+        call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+          admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: 'domain_name = "test"' }, cb),
+        ),
       (page) => page.virtualMachines.length >= 2,
     );
     assert.deepEqual(all.virtualMachines.map((vm) => vm.host).sort(), ['hosts/extra-1', 'hosts/extra-2']);

@@ -71,7 +71,10 @@ class EventLog {
 
   next(domain: string, detail: RegExp, timeoutMs = 5_000): Promise<number> {
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no ${detail} event for ${domain} within ${timeoutMs} ms; got ${JSON.stringify(this.events.map((entry) => entry.event))}`)), timeoutMs);
+      const timer = setTimeout(
+        () => reject(new Error(`no ${detail} event for ${domain} within ${timeoutMs} ms; got ${JSON.stringify(this.events.map((entry) => entry.event))}`)),
+        timeoutMs,
+      );
       this.waiters.push({
         match: (event) => event.kind === 'domain' && event.domain === domain && detail.test(event.detail),
         resolve: (at) => {
@@ -99,9 +102,15 @@ describe('test:///default', () => {
   });
 
   test('unknown domains and bad connections are typed errors', async () => {
-    await assert.rejects(libvirt.domain(`${prefix}-missing`), (error: unknown) => error instanceof LibvirtError && error.kind === 'domain-not-found' && /failed to get domain/.test(error.message));
+    await assert.rejects(
+      libvirt.domain(`${prefix}-missing`),
+      (error: unknown) => error instanceof LibvirtError && error.kind === 'domain-not-found' && /failed to get domain/.test(error.message),
+    );
     await assert.rejects(libvirt.destroy(`${prefix}-missing`), (error: unknown) => error instanceof LibvirtError && error.kind === 'domain-not-found');
-    await assert.rejects(new VirshLibvirt({ uri: 'qemu+unix:///system?socket=/nonexistent/libvirt-sock' }).listDomains(), (error: unknown) => error instanceof LibvirtError && error.kind === 'connection-failed');
+    await assert.rejects(
+      new VirshLibvirt({ uri: 'qemu+unix:///system?socket=/nonexistent/libvirt-sock' }).listDomains(),
+      (error: unknown) => error instanceof LibvirtError && error.kind === 'connection-failed',
+    );
   });
 
   test('hypervisor facts name the test driver, which is neither KVM nor Xen', async () => {
@@ -120,7 +129,11 @@ test('the event watch reconnects after virsh exits and says so', async () => {
   const directory = await mkdtemp(path.join(tmpdir(), 'cowherd-fake-virsh-'));
   cleanups.push(() => rm(directory, { recursive: true, force: true }));
   const fake = path.join(directory, 'virsh');
-  await writeFile(fake, `#!/bin/bash\nline="$3"; marker="\${line#echo }"; echo "\${marker%%;*}"\necho "event 'lifecycle' for domain 'stub': Started Booted"\nsleep 0.2\nexit 1\n`, { mode: 0o755 });
+  await writeFile(
+    fake,
+    `#!/bin/bash\nline="$3"; marker="\${line#echo }"; echo "\${marker%%;*}"\necho "event 'lifecycle' for domain 'stub': Started Booted"\nsleep 0.2\nexit 1\n`,
+    { mode: 0o755 },
+  );
   const seen: LibvirtEvent[] = [];
   const watch = await new VirshLibvirt({ uri: 'test:///default', virsh: fake, log }).watchEvents((event) => seen.push(event));
   try {
@@ -147,7 +160,10 @@ describe('qemu:///system (private libvirtd)', { skip: isRoot ? false : 'needs ro
   const events = new EventLog();
 
   before(async () => {
-    const running = await runCommand('bash', [libvirtdScript, 'status'], { timeoutMs: 15_000 }).then(() => true, () => false);
+    const running = await runCommand('bash', [libvirtdScript, 'status'], { timeoutMs: 15_000 }).then(
+      () => true,
+      () => false,
+    );
     await runCommand('bash', [libvirtdScript, 'start'], { timeoutMs: 60_000 });
     if (!running) cleanups.push(async () => void (await runCommand('bash', [libvirtdScript, 'stop'], { timeoutMs: 60_000 })));
     directory = await mkdtemp(path.join(tmpdir(), 'cowherd-agent-libvirt-'));
@@ -220,7 +236,11 @@ describe('qemu:///system (private libvirtd)', { skip: isRoot ? false : 'needs ro
     await step('undefine', /^Undefined/, () => libvirt.undefine(name));
     await assert.rejects(libvirt.domain(name), (error: unknown) => error instanceof LibvirtError && error.kind === 'domain-not-found');
     // Events usually arrive before the virsh call itself has returned.
-    t.diagnostic(`event after the call began (call returned after): ${Object.entries(latencies).map(([label, ms]) => `${label} ${ms.toFixed(0)} ms (${returned[label]!.toFixed(0)} ms)`).join(', ')}`);
+    t.diagnostic(
+      `event after the call began (call returned after): ${Object.entries(latencies)
+        .map(([label, ms]) => `${label} ${ms.toFixed(0)} ms (${returned[label]!.toFixed(0)} ms)`)
+        .join(', ')}`,
+    );
   });
 
   test('names with quotes, semicolons and a leading dash survive batched virsh commands', async () => {
@@ -238,7 +258,14 @@ describe('qemu:///system (private libvirtd)', { skip: isRoot ? false : 'needs ro
   test('a missing disk file is reported without a chain; a broken chain as far as it goes', async () => {
     const disks = createQemuImgDiskInspector({ log });
     const missing = await disks.inspect({ target: 'vdb', device: 'disk', type: 'file', sourcePath: path.join(directory, 'missing.qcow2'), format: 'qcow2' });
-    assert.deepEqual(missing, { target: 'vdb', path: path.join(directory, 'missing.qcow2'), format: DiskFormat.DISK_FORMAT_QCOW2, virtualSizeBytes: '0', allocatedBytes: '0', backingChain: [] });
+    assert.deepEqual(missing, {
+      target: 'vdb',
+      path: path.join(directory, 'missing.qcow2'),
+      format: DiskFormat.DISK_FORMAT_QCOW2,
+      virtualSizeBytes: '0',
+      allocatedBytes: '0',
+      backingChain: [],
+    });
     const gone = path.join(directory, 'gone.raw');
     const orphan = path.join(directory, 'orphan.qcow2');
     await runCommand('qemu-img', ['create', '-q', '-f', 'raw', gone, '1M']);
@@ -259,7 +286,11 @@ describe('qemu:///system (private libvirtd)', { skip: isRoot ? false : 'needs ro
     assert.equal(registration.cpuCount, cpus().length);
     assert.equal(registration.memoryBytes, totalmem());
     assert.ok(registration.memoryFreeBytes > 0 && registration.memoryFreeBytes <= totalmem());
-    assert.ok(registration.imageDirectoryTotalBytes > 0 && registration.imageDirectoryFreeBytes > 0 && registration.imageDirectoryFreeBytes <= registration.imageDirectoryTotalBytes);
+    assert.ok(
+      registration.imageDirectoryTotalBytes > 0 &&
+        registration.imageDirectoryFreeBytes > 0 &&
+        registration.imageDirectoryFreeBytes <= registration.imageDirectoryTotalBytes,
+    );
     assert.match(registration.agentVersion, /^\d+\.\d+\.\d+/);
     assert.equal(registration.agentEndpoint, 'kvm-01:7445');
   });
@@ -322,10 +353,26 @@ describe('qemu:///system (private libvirtd)', { skip: isRoot ? false : 'needs ro
       timings[label] = performance.now() - start;
       assert.ok(timings[label]! < 2_000, `${label} reached inventory after ${timings[label]!.toFixed(0)} ms`);
     };
-    await measure('define', () => libvirt.define(domainXml(name, overlay)), () => machines.get(resource)?.state === VirtualMachine_State.STATE_SHUT_OFF);
-    await measure('start', () => libvirt.start(name), () => machines.get(resource)?.state === VirtualMachine_State.STATE_RUNNING);
-    await measure('destroy', () => libvirt.destroy(name), () => machines.get(resource)?.state === VirtualMachine_State.STATE_SHUT_OFF);
-    await measure('undefine', () => libvirt.undefine(name), () => !machines.has(resource));
+    await measure(
+      'define',
+      () => libvirt.define(domainXml(name, overlay)),
+      () => machines.get(resource)?.state === VirtualMachine_State.STATE_SHUT_OFF,
+    );
+    await measure(
+      'start',
+      () => libvirt.start(name),
+      () => machines.get(resource)?.state === VirtualMachine_State.STATE_RUNNING,
+    );
+    await measure(
+      'destroy',
+      () => libvirt.destroy(name),
+      () => machines.get(resource)?.state === VirtualMachine_State.STATE_SHUT_OFF,
+    );
+    await measure(
+      'undefine',
+      () => libvirt.undefine(name),
+      () => !machines.has(resource),
+    );
     const removal = reports.at(-1)!.request;
     assert.deepEqual(removal.removedVirtualMachines, [resource]);
     assert.equal(removal.fullSnapshot, false);
@@ -334,7 +381,9 @@ describe('qemu:///system (private libvirtd)', { skip: isRoot ? false : 'needs ro
     for (const bulkName of names) await libvirt.undefine(bulkName);
     t.diagnostic(
       `listDomains for ${listed.length} domains: ${listMs.toFixed(0)} ms; first full snapshot incl. qemu-img (registration included): ${snapshotMs.toFixed(0)} ms; ` +
-        `libvirt change to inventory (debounce 200 ms): ${Object.entries(timings).map(([label, ms]) => `${label} ${ms.toFixed(0)} ms`).join(', ')}`,
+        `libvirt change to inventory (debounce 200 ms): ${Object.entries(timings)
+          .map(([label, ms]) => `${label} ${ms.toFixed(0)} ms`)
+          .join(', ')}`,
     );
   });
 });

@@ -65,7 +65,14 @@ async function receiverImages(): Promise<string> {
 }
 
 function fetchOptions(imagesDirectory: string, overrides: Partial<FetchImageOptions> = {}): FetchImageOptions {
-  return { metainfo: torrent.metainfo, infoHash: torrent.infoHash, directory: join(imagesDirectory, IMAGE), webSeedUrls: [webSeedUrl], files: expected, ...overrides };
+  return {
+    metainfo: torrent.metainfo,
+    infoHash: torrent.infoHash,
+    directory: join(imagesDirectory, IMAGE),
+    webSeedUrls: [webSeedUrl],
+    files: expected,
+    ...overrides,
+  };
 }
 
 async function assertReplica(directory: string): Promise<void> {
@@ -108,13 +115,19 @@ before(async () => {
 
   const started = performance.now();
   torrent = await createImageTorrent({ directory: originDirectory, files: FILES.map((file) => file.path), announce, name: IMAGE });
-  measurements.push(`createImageTorrent: ${rate(torrent.totalBytes, performance.now() - started)} (${torrent.pieceCount} pieces of ${torrent.pieceLengthBytes / MiB} MiB)`);
+  measurements.push(
+    `createImageTorrent: ${rate(torrent.totalBytes, performance.now() - started)} (${torrent.pieceCount} pieces of ${torrent.pieceLengthBytes / MiB} MiB)`,
+  );
   allowedInfoHashes.add(torrent.infoHash);
 
   origin = await newSwarm();
   await origin.seed(IMAGE, originDirectory, torrent.metainfo, { superSeed: true });
   webSeed = new WebSeedServer();
-  webSeed.addImage(IMAGE, originDirectory, FILES.map((file) => file.path));
+  webSeed.addImage(
+    IMAGE,
+    originDirectory,
+    FILES.map((file) => file.path),
+  );
   await webSeed.listen({ host: '127.0.0.1', port: 0 });
   webSeedUrl = webSeed.url();
 });
@@ -141,7 +154,11 @@ describe('image swarm', { timeout: 240_000 }, () => {
     const directories = await Promise.all(receivers.map(() => receiverImages()));
     const progress: SwarmProgress[][] = receivers.map(() => []);
     const started = performance.now();
-    const results = await Promise.all(receivers.map((receiver, index) => receiver.fetch(IMAGE, fetchOptions(directories[index]!, { onProgress: (snapshot) => progress[index]!.push(snapshot) }))));
+    const results = await Promise.all(
+      receivers.map((receiver, index) =>
+        receiver.fetch(IMAGE, fetchOptions(directories[index]!, { onProgress: (snapshot) => progress[index]!.push(snapshot) })),
+      ),
+    );
     const elapsed = performance.now() - started;
     for (const [index, result] of results.entries()) {
       await assertReplica(result.directory);
@@ -154,7 +171,9 @@ describe('image swarm', { timeout: 240_000 }, () => {
       assert.deepEqual(snapshots.at(-1)!.stage, 'seeding');
       const transferring = snapshots.filter((snapshot) => snapshot.stage === 'transferring');
       for (let i = 1; i < transferring.length; i += 1) assert.ok(transferring[i]!.bytesDone >= transferring[i - 1]!.bytesDone, 'monotonic');
-      measurements.push(`receiver ${index + 1} of 3 concurrent: ${rate(torrent.totalBytes, result.durationMs)} (received ${(result.bytesReceived / MiB).toFixed(1)} MiB, peak peers ${Math.max(...snapshots.map((snapshot) => snapshot.peers))})`);
+      measurements.push(
+        `receiver ${index + 1} of 3 concurrent: ${rate(torrent.totalBytes, result.durationMs)} (received ${(result.bytesReceived / MiB).toFixed(1)} MiB, peak peers ${Math.max(...snapshots.map((snapshot) => snapshot.peers))})`,
+      );
     }
     const fromWebSeed = webSeed.bytesSent - sentBefore;
     const fromOrigin = origin.progress(IMAGE)!.bytesUploaded - originUploadedBefore;
@@ -233,7 +252,12 @@ describe('image swarm', { timeout: 240_000 }, () => {
     const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
       env: {
         ...process.env,
-        COWHERD_SWARM_CHILD: JSON.stringify({ announce, image: IMAGE, metainfo: torrent.metainfo.toString('base64'), fetch: { ...fetchOptions(images), metainfo: undefined } }),
+        COWHERD_SWARM_CHILD: JSON.stringify({
+          announce,
+          image: IMAGE,
+          metainfo: torrent.metainfo.toString('base64'),
+          fetch: { ...fetchOptions(images), metainfo: undefined },
+        }),
       },
       stdio: ['ignore', 'pipe', 'inherit'],
     });
@@ -268,7 +292,10 @@ describe('image swarm', { timeout: 240_000 }, () => {
     const receiver = await newSwarm();
     const result = await receiver.fetch(IMAGE, fetchOptions(images));
     await assertReplica(result.directory);
-    assert.ok(result.bytesPresentAtStart > 0 && result.bytesWritten < torrent.totalBytes, `present ${result.bytesPresentAtStart}, written ${result.bytesWritten}`);
+    assert.ok(
+      result.bytesPresentAtStart > 0 && result.bytesWritten < torrent.totalBytes,
+      `present ${result.bytesPresentAtStart}, written ${result.bytesWritten}`,
+    );
     measurements.push(
       `resume after SIGKILL at ${(killedAt / MiB).toFixed(1)} MiB: ${(result.bytesPresentAtStart / MiB).toFixed(1)} MiB valid on disk, ${(result.bytesWritten / MiB).toFixed(1)} MiB fetched again`,
     );
@@ -366,7 +393,9 @@ describe('image swarm', { timeout: 240_000 }, () => {
       await assertReplica(result.directory);
       assert.ok(result.piecesFailed >= 1, "the liar's pieces failed SHA-1");
       assert.ok(result.peersBanned >= 1, 'the liar was banned');
-      measurements.push(`with a lying peer and an 8 MiB/s web seed: ${rate(torrent.totalBytes, performance.now() - started)}, ${result.piecesFailed} corrupt pieces, ${result.peersBanned} peer banned`);
+      measurements.push(
+        `with a lying peer and an 8 MiB/s web seed: ${rate(torrent.totalBytes, performance.now() - started)}, ${result.piecesFailed} corrupt pieces, ${result.peersBanned} peer banned`,
+      );
       await destroySwarm(receiver);
     } finally {
       webSeed.setUploadLimit(0);
@@ -406,7 +435,14 @@ describe('image swarm', { timeout: 240_000 }, () => {
       const images = join(mountPoint, 'images');
       await mkdir(images);
       // Too small from the start: the free space check refuses at once, nothing is created.
-      await assert.rejects(receiver.fetch(IMAGE, fetchOptions(images)), (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.RESOURCE_EXHAUSTED && error.reason === ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE && /needs/.test(error.message));
+      await assert.rejects(
+        receiver.fetch(IMAGE, fetchOptions(images)),
+        (error: unknown) =>
+          error instanceof CowherdError &&
+          error.code === GrpcStatus.RESOURCE_EXHAUSTED &&
+          error.reason === ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE &&
+          /needs/.test(error.message),
+      );
       await assert.rejects(stat(join(images, `.${IMAGE}.partial`)), /ENOENT/);
       // Space that runs out during the transfer (taken by another writer after the check): ENOSPC from the
       // store ends the fetch the same way and the partial directory is removed.
@@ -417,7 +453,14 @@ describe('image swarm', { timeout: 240_000 }, () => {
       void fetching.catch(() => undefined);
       while ((receiver.progress(IMAGE)?.bytesDone ?? 0) === 0) await new Promise((resolve) => setTimeout(resolve, 20));
       await writeFile(join(mountPoint, 'filler'), Buffer.alloc(30 * MiB)).catch(() => undefined);
-      await assert.rejects(fetching, (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.RESOURCE_EXHAUSTED && error.reason === ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE && /no space left/.test(error.message));
+      await assert.rejects(
+        fetching,
+        (error: unknown) =>
+          error instanceof CowherdError &&
+          error.code === GrpcStatus.RESOURCE_EXHAUSTED &&
+          error.reason === ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE &&
+          /no space left/.test(error.message),
+      );
       await assert.rejects(stat(join(images, `.${IMAGE}.partial`)), /ENOENT/);
       assert.equal(receiver.progress(IMAGE), undefined);
     } finally {

@@ -32,7 +32,10 @@ after(async () => {
   await rm(directory, { recursive: true, force: true });
 });
 
-const sha256 = async (file: string): Promise<string> => createHash('sha256').update(await readFile(file)).digest('hex');
+const sha256 = async (file: string): Promise<string> =>
+  createHash('sha256')
+    .update(await readFile(file))
+    .digest('hex');
 
 /** `vhdiinfo` output as key/value pairs. */
 async function vhdiinfo(file: string): Promise<Record<string, string>> {
@@ -92,7 +95,9 @@ for (const subformat of ['dynamic', 'fixed'] as const) {
 
     before(async () => {
       parentPath = path.join(directory, `parent-${subformat}.vhd`);
-      await runCommand('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', `subformat=${subformat}`, path.join(directory, 'random.raw'), parentPath], { timeoutMs: 60_000 });
+      await runCommand('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', `subformat=${subformat}`, path.join(directory, 'random.raw'), parentPath], {
+        timeoutMs: 60_000,
+      });
       parentHash = await sha256(parentPath);
       virtualSize = (await readVhdInfo(parentPath)).currentSizeBytes;
     });
@@ -167,7 +172,9 @@ for (const subformat of ['dynamic', 'fixed'] as const) {
 
       assert.equal(await sha256(parentPath), parentHash, 'parent unchanged');
       const info = await readVhdInfo(childPath);
-      t.diagnostic(`after ${writes.length} writes: ${info.allocatedBlocks} of ${info.blockCount} blocks allocated, file ${info.fileSizeBytes} bytes (${(await stat(childPath)).blocks * 512} on disk)`);
+      t.diagnostic(
+        `after ${writes.length} writes: ${info.allocatedBlocks} of ${info.blockCount} blocks allocated, file ${info.fileSizeBytes} bytes (${(await stat(childPath)).blocks * 512} on disk)`,
+      );
     });
   });
 }
@@ -175,7 +182,9 @@ for (const subformat of ['dynamic', 'fixed'] as const) {
 test('a child in another directory: libvhdi reads it with the parent given, cowherd finds the parent by locator', async () => {
   const parentPath = path.join(directory, 'images', 'base.vhd');
   await mkdir(path.dirname(parentPath), { recursive: true });
-  await runCommand('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic', path.join(directory, 'random.raw'), parentPath], { timeoutMs: 60_000 });
+  await runCommand('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic', path.join(directory, 'random.raw'), parentPath], {
+    timeoutMs: 60_000,
+  });
   const childPath = path.join(directory, 'clones', 'vm-1', 'disk.vhd');
   await mkdir(path.dirname(childPath), { recursive: true });
   await createDifferencingVhd({ parentPath, childPath });
@@ -193,7 +202,9 @@ test('a child in another directory: libvhdi reads it with the parent given, cowh
 
 test('grandchild: a differencing child of a differencing child', async () => {
   const base = path.join(directory, 'chain-base.vhd');
-  await runCommand('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic', path.join(directory, 'random.raw'), base], { timeoutMs: 60_000 });
+  await runCommand('qemu-img', ['convert', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic', path.join(directory, 'random.raw'), base], {
+    timeoutMs: 60_000,
+  });
   const middle = path.join(directory, 'chain-middle.vhd');
   const top = path.join(directory, 'chain-top.vhd');
   await createDifferencingVhd({ parentPath: base, childPath: middle });
@@ -207,7 +218,10 @@ test('grandchild: a differencing child of a differencing child', async () => {
   first.copy(expected, MiB);
   second.copy(expected, MiB + 512);
   const { data, chain } = await readThroughLibvhdi(top, [middle, base]);
-  assert.deepEqual(chain.map((entry) => entry.disk_type), ['differencing', 'differencing', 'dynamic']);
+  assert.deepEqual(
+    chain.map((entry) => entry.disk_type),
+    ['differencing', 'differencing', 'dynamic'],
+  );
   assert.ok(data.equals(expected));
 });
 
@@ -215,7 +229,10 @@ test('createDifferencingVhd timings and sizes, up to a 100 GiB parent', async (t
   const big = path.join(directory, 'big.vhd');
   await runCommand('qemu-img', ['create', '-f', 'vpc', '-o', 'subformat=dynamic', big, '100G'], { timeoutMs: 60_000 });
   const small = path.join(directory, 'parent-dynamic.vhd');
-  for (const [label, parentPath] of [['8 MiB dynamic', small], ['100 GiB dynamic', big]] as const) {
+  for (const [label, parentPath] of [
+    ['8 MiB dynamic', small],
+    ['100 GiB dynamic', big],
+  ] as const) {
     for (const durable of [true, false]) {
       const times: number[] = [];
       let size = 0;

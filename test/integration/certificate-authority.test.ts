@@ -49,7 +49,10 @@ describe('certificate authority and fleet identity', () => {
     return client;
   }
   function inventoryClient(credentials: Credentials): InventoryServiceClient {
-    const client = createClient(InventoryServiceClient, inventory.address, mutualTlsChannelCredentialsFromPem(credentials), { defaultDeadlineMs: 10_000, maxAttempts: 1 });
+    const client = createClient(InventoryServiceClient, inventory.address, mutualTlsChannelCredentialsFromPem(credentials), {
+      defaultDeadlineMs: 10_000,
+      maxAttempts: 1,
+    });
     closers.push(client);
     return client;
   }
@@ -58,7 +61,10 @@ describe('certificate authority and fleet identity', () => {
     responses.push(JSON.stringify(created));
     return created.token;
   }
-  async function csrFor(identity: string, extra: { uris?: string[]; dnsNames?: string[]; ips?: string[] } = {}): Promise<{ csrPem: string; privateKeyPem: string }> {
+  async function csrFor(
+    identity: string,
+    extra: { uris?: string[]; dnsNames?: string[]; ips?: string[] } = {},
+  ): Promise<{ csrPem: string; privateKeyPem: string }> {
     const keys = await generateKeyPair();
     let csrPem = createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity, dnsNames: extra.dnsNames ?? [] });
     if (extra.uris || extra.ips) {
@@ -80,7 +86,11 @@ describe('certificate authority and fleet identity', () => {
 
   /** The CA's certificate records for one identity, as an admin lists them. */
   async function certificatesOf(identity: string): Promise<Array<{ name: string; state: Certificate_State; revocationReason: RevocationReason }>> {
-    return (await call<{ certificates: Array<{ name: string; state: Certificate_State; revocationReason: RevocationReason }> }>((cb) => admin.listCertificates({ pageSize: 1000, pageToken: '', filter: `identity = "${identity}"` }, cb))).certificates;
+    return (
+      await call<{ certificates: Array<{ name: string; state: Certificate_State; revocationReason: RevocationReason }> }>((cb) =>
+        admin.listCertificates({ pageSize: 1000, pageToken: '', filter: `identity = "${identity}"` }, cb),
+      )
+    ).certificates;
   }
   async function tokenState(name: string): Promise<JoinToken_State> {
     return (await call<{ state: JoinToken_State }>((cb) => admin.getJoinToken({ name }, cb))).state;
@@ -104,7 +114,12 @@ describe('certificate authority and fleet identity', () => {
     const nats = await connectNats({ servers: [natsUrl], tls: await pki.files('service', 'cloning'), name: 'test', log });
     resources.defer(() => nats.close());
     const enrolled: string[] = [];
-    const consumer = await consumeEvents(nats.jetstream, nats.manager, { durable: 'test-enrolled', types: [HOST_ENROLLED], log, handle: async (event) => void enrolled.push(event.payload.host) });
+    const consumer = await consumeEvents(nats.jetstream, nats.manager, {
+      durable: 'test-enrolled',
+      types: [HOST_ENROLLED],
+      log,
+      handle: async (event) => void enrolled.push(event.payload.host),
+    });
     resources.defer(() => consumer.stop());
 
     const credentialsDirectory = join(await resources.tempDir('cowherd-agent-'), 'credentials');
@@ -128,11 +143,16 @@ describe('certificate authority and fleet identity', () => {
     assert.ok(lifetimeSeconds >= 86_400 && lifetimeSeconds <= 86_400 + 120, `host certificate lasts ${lifetimeSeconds} s`);
     assert.deepEqual([...(x509.keyUsage ?? [])].sort(), ['1.3.6.1.5.5.7.3.1', '1.3.6.1.5.5.7.3.2'], 'extended key usage: serverAuth and clientAuth');
 
-    const host = inventoryClient({ certificatePem, privateKeyPem: await readFile(join(credentialsDirectory, 'key.pem'), 'utf8'), caPem: pki.ca.certificatePem });
+    const host = inventoryClient({
+      certificatePem,
+      privateKeyPem: await readFile(join(credentialsDirectory, 'key.pem'), 'utf8'),
+      caPem: pki.ca.certificatePem,
+    });
     // Authenticated and authorized for its own host: the agent registered itself with this identity.
     const deadlineRegistered = Date.now() + 10_000;
     let own: { name: string } | undefined;
-    while (!own && Date.now() < deadlineRegistered) own = await call<{ name: string }>((cb) => host.getHost({ name: 'hosts/kvm-07' }, cb)).catch(() => undefined);
+    while (!own && Date.now() < deadlineRegistered)
+      own = await call<{ name: string }>((cb) => host.getHost({ name: 'hosts/kvm-07' }, cb)).catch(() => undefined);
     assert.equal(own?.name, 'hosts/kvm-07');
     const other = await failure((cb) => host.getHost({ name: 'hosts/kvm-08' }, cb));
     assert.equal(other.code, GrpcStatus.PERMISSION_DENIED);
@@ -143,7 +163,15 @@ describe('certificate authority and fleet identity', () => {
 
     // A restart keeps the identity: no token needed, same key.
     await agent.daemon.stop();
-    const again = await startServiceProcess(resources, 'agent', undefined, natsUrl, { COWHERD_HOST_ID: 'kvm-07', COWHERD_ENROLL_ADDRESS: ca.enrollAddress, COWHERD_CREDENTIALS_DIR: credentialsDirectory, COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventory.address, COWHERD_LIBVIRT_URI: 'test:///default', COWHERD_IMAGE_DIR: join(credentialsDirectory, '..', 'images') });
+    const again = await startServiceProcess(resources, 'agent', undefined, natsUrl, {
+      COWHERD_HOST_ID: 'kvm-07',
+      COWHERD_ENROLL_ADDRESS: ca.enrollAddress,
+      COWHERD_CREDENTIALS_DIR: credentialsDirectory,
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_INVENTORY_ADDRESS: inventory.address,
+      COWHERD_LIBVIRT_URI: 'test:///default',
+      COWHERD_IMAGE_DIR: join(credentialsDirectory, '..', 'images'),
+    });
     assert.ok(!again.logs.some((line) => line['msg'] === 'enrolled'));
     assert.equal(await readFile(join(credentialsDirectory, 'cert.pem'), 'utf8'), certificatePem);
   });
@@ -160,23 +188,38 @@ describe('certificate authority and fleet identity', () => {
     const wrongHost = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-21')).csrPem }, cb));
     assert.equal(wrongHost.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(wrongHost.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
-    const extraSan = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { uris: ['spiffe://cowherd/admin/root'] })).csrPem }, cb));
+    const extraSan = await failure(async (cb) =>
+      enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { uris: ['spiffe://cowherd/admin/root'] })).csrPem }, cb),
+    );
     assert.equal(extraSan.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(extraSan.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
-    const serviceIdentity = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/service/inventory')).csrPem }, cb));
+    const serviceIdentity = await failure(async (cb) =>
+      enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/service/inventory')).csrPem }, cb),
+    );
     assert.equal(serviceIdentity.code, GrpcStatus.PERMISSION_DENIED);
     // The right URI SAN with a service's DNS name besides the host's, or with an IP SAN: refused.
-    const serviceDnsName = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { dnsNames: ['kvm-20', 'inventory'] })).csrPem }, cb));
+    const serviceDnsName = await failure(async (cb) =>
+      enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { dnsNames: ['kvm-20', 'inventory'] })).csrPem }, cb),
+    );
     assert.equal(serviceDnsName.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(serviceDnsName.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
     assert.match(serviceDnsName.message, /inventory/);
-    const ipSan = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { dnsNames: ['kvm-20'], ips: ['127.0.0.1'] })).csrPem }, cb));
+    const ipSan = await failure(async (cb) =>
+      enroll.enrollHost(
+        { token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { dnsNames: ['kvm-20'], ips: ['127.0.0.1'] })).csrPem },
+        cb,
+      ),
+    );
     assert.equal(ipSan.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(ipSan.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
-    const malformed = await failure((cb) => enroll.enrollHost({ token: tokenString, csrPem: '-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n' }, cb));
+    const malformed = await failure((cb) =>
+      enroll.enrollHost({ token: tokenString, csrPem: '-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n' }, cb),
+    );
     assert.equal(malformed.code, GrpcStatus.INVALID_ARGUMENT);
     assert.equal(malformed.reason, 'ERROR_REASON_CSR_INVALID');
-    const caMismatch = await failure((cb) => enroll.enrollHost({ token: tokenString.replace(/\.[0-9a-f]{64}$/, `.${'0'.repeat(64)}`), csrPem: good.csrPem }, cb));
+    const caMismatch = await failure((cb) =>
+      enroll.enrollHost({ token: tokenString.replace(/\.[0-9a-f]{64}$/, `.${'0'.repeat(64)}`), csrPem: good.csrPem }, cb),
+    );
     assert.equal(caMismatch.code, GrpcStatus.FAILED_PRECONDITION);
     assert.equal(caMismatch.reason, 'ERROR_REASON_JOIN_TOKEN_CA_MISMATCH');
     assert.equal(await tokenState(tokenName), JoinToken_State.STATE_PENDING, 'nothing changed');
@@ -187,7 +230,9 @@ describe('certificate authority and fleet identity', () => {
     assert.equal(inspectCertificate(enrolled.certificate!.certificatePem).identity?.uri, 'spiffe://cowherd/host/kvm-20');
     const issuedOnce = await certificatesOf('spiffe://cowherd/host/kvm-20');
     assert.equal(issuedOnce.length, 1);
-    const reused = await failure(async (cb) => enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { dnsNames: ['kvm-20'] })).csrPem }, cb));
+    const reused = await failure(async (cb) =>
+      enroll.enrollHost({ token: tokenString, csrPem: (await csrFor('spiffe://cowherd/host/kvm-20', { dnsNames: ['kvm-20'] })).csrPem }, cb),
+    );
     assert.equal(reused.code, GrpcStatus.UNAUTHENTICATED);
     assert.equal(reused.reason, 'ERROR_REASON_JOIN_TOKEN_INVALID');
     assert.deepEqual(await certificatesOf('spiffe://cowherd/host/kvm-20'), issuedOnce, 'the reused token issued nothing and revoked nothing');
@@ -198,7 +243,9 @@ describe('certificate authority and fleet identity', () => {
     const [version, id, , pin] = pending.split('.');
     const forgedSecret = [version, id, 'A'.repeat(43), pin].join('.');
     assert.notEqual(forgedSecret, pending);
-    const forged = await failure(async (cb) => enroll.enrollHost({ token: forgedSecret, csrPem: (await csrFor('spiffe://cowherd/host/kvm-23', { dnsNames: ['kvm-23'] })).csrPem }, cb));
+    const forged = await failure(async (cb) =>
+      enroll.enrollHost({ token: forgedSecret, csrPem: (await csrFor('spiffe://cowherd/host/kvm-23', { dnsNames: ['kvm-23'] })).csrPem }, cb),
+    );
     assert.equal(forged.code, GrpcStatus.UNAUTHENTICATED);
     assert.equal(forged.reason, 'ERROR_REASON_JOIN_TOKEN_INVALID');
     assert.equal(await tokenState(pendingName), JoinToken_State.STATE_PENDING, 'the forged attempt did not touch the real token');
@@ -224,8 +271,16 @@ describe('certificate authority and fleet identity', () => {
     const credentialsDirectory = join(await resources.tempDir('cowherd-agent-'), 'credentials');
     const pinnedToZeros = real.replace(/\.[0-9a-f]{64}$/, `.${'0'.repeat(64)}`);
     await assert.rejects(
-      ensureEnrolled({ credentialsDirectory, host: 'kvm-25', joinToken: pinnedToZeros, enrollAddress: ca.enrollAddress, dnsNames: ['kvm-25', 'localhost'], log }),
-      (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.FAILED_PRECONDITION && error.reason === ErrorReason.ERROR_REASON_JOIN_TOKEN_CA_MISMATCH,
+      ensureEnrolled({
+        credentialsDirectory,
+        host: 'kvm-25',
+        joinToken: pinnedToZeros,
+        enrollAddress: ca.enrollAddress,
+        dnsNames: ['kvm-25', 'localhost'],
+        log,
+      }),
+      (error: unknown) =>
+        error instanceof CowherdError && error.code === GrpcStatus.FAILED_PRECONDITION && error.reason === ErrorReason.ERROR_REASON_JOIN_TOKEN_CA_MISMATCH,
     );
     assert.ok(!existsSync(credentialsDirectory) || (await readdir(credentialsDirectory)).length === 0, 'no key, certificate or CA written');
     assert.equal(await tokenState(name), JoinToken_State.STATE_PENDING, 'the token was never presented');
@@ -235,18 +290,28 @@ describe('certificate authority and fleet identity', () => {
   it('refuses a host renewing for another host or with names it does not hold', async () => {
     const holder = await pki.credentials('host', 'kvm-32');
     const client = caClient({ ...holder, caPem: pki.ca.certificatePem });
-    const otherHost = await failure(async (cb) => client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-33', { dnsNames: ['localhost'] })).csrPem }, cb));
+    const otherHost = await failure(async (cb) =>
+      client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-33', { dnsNames: ['localhost'] })).csrPem }, cb),
+    );
     assert.equal(otherHost.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(otherHost.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
-    const serviceName = await failure(async (cb) => client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-32', { dnsNames: ['localhost', 'inventory'] })).csrPem }, cb));
+    const serviceName = await failure(async (cb) =>
+      client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-32', { dnsNames: ['localhost', 'inventory'] })).csrPem }, cb),
+    );
     assert.equal(serviceName.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(serviceName.reason, 'ERROR_REASON_CSR_IDENTITY_MISMATCH');
     assert.equal((await certificatesOf('spiffe://cowherd/host/kvm-33')).length, 0, 'nothing issued for the other host');
     // The caller's own certificate is recorded (the test PKI's are bootstrap certificates); nothing else is.
     const held = CERTIFICATE_NAME.format({ certificate: inspectCertificate(holder.certificatePem).serialNumber });
-    assert.deepEqual((await certificatesOf('spiffe://cowherd/host/kvm-32')).map((certificate) => certificate.name), [held], 'nor for the caller');
+    assert.deepEqual(
+      (await certificatesOf('spiffe://cowherd/host/kvm-32')).map((certificate) => certificate.name),
+      [held],
+      'nor for the caller',
+    );
     // Its own identity and names: renewed.
-    const renewed = await call<{ certificate?: { certificatePem: string } }>(async (cb) => client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-32', { dnsNames: ['localhost'] })).csrPem }, cb));
+    const renewed = await call<{ certificate?: { certificatePem: string } }>(async (cb) =>
+      client.renewCertificate({ csrPem: (await csrFor('spiffe://cowherd/host/kvm-32', { dnsNames: ['localhost'] })).csrPem }, cb),
+    );
     assert.equal(inspectCertificate(renewed.certificate!.certificatePem).identity?.uri, 'spiffe://cowherd/host/kvm-32');
   });
 
@@ -263,13 +328,17 @@ describe('certificate authority and fleet identity', () => {
   it('re-enrolls a reinstalled host with a new token and revokes the certificate it held (SUPERSEDED)', async () => {
     const enroll = caClient(undefined, ca.enrollAddress);
     const first = await csrFor('spiffe://cowherd/host/kvm-50', { dnsNames: ['kvm-50'] });
-    const old = await call<{ certificate?: { name: string; certificatePem: string } }>(async (cb) => enroll.enrollHost({ token: await token('kvm-50'), csrPem: first.csrPem }, cb));
+    const old = await call<{ certificate?: { name: string; certificatePem: string } }>(async (cb) =>
+      enroll.enrollHost({ token: await token('kvm-50'), csrPem: first.csrPem }, cb),
+    );
     const oldClient = caClient({ certificatePem: old.certificate!.certificatePem, privateKeyPem: first.privateKeyPem, caPem: pki.ca.certificatePem });
     await call((cb) => oldClient.getRevocationList({}, cb));
 
     // The machine is reinstalled: its key is gone. An admin may make a token for a host that holds live certificates.
     const second = await csrFor('spiffe://cowherd/host/kvm-50', { dnsNames: ['kvm-50'] });
-    const fresh = await call<{ certificate?: { name: string; certificatePem: string } }>(async (cb) => enroll.enrollHost({ token: await token('kvm-50'), csrPem: second.csrPem }, cb));
+    const fresh = await call<{ certificate?: { name: string; certificatePem: string } }>(async (cb) =>
+      enroll.enrollHost({ token: await token('kvm-50'), csrPem: second.csrPem }, cb),
+    );
     const states = new Map((await certificatesOf('spiffe://cowherd/host/kvm-50')).map((certificate) => [certificate.name, certificate]));
     assert.equal(states.size, 2);
     assert.equal(states.get(fresh.certificate!.name)?.state, Certificate_State.STATE_ACTIVE);
@@ -296,10 +365,17 @@ describe('certificate authority and fleet identity', () => {
     const noCertificate = await failure((cb) => caClient(undefined).createJoinToken({ host: 'kvm-31', ttl: undefined, requestId: '' }, cb));
     assert.equal(noCertificate.code, GrpcStatus.UNAVAILABLE);
     const otherPki = await TestPki.create(await resources.tempDir(), 'other CA');
-    const foreign = await failure(async (cb) => caClient({ ...(await otherPki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }).createJoinToken({ host: 'kvm-31', ttl: undefined, requestId: '' }, cb));
+    const foreign = await failure(async (cb) =>
+      caClient({ ...(await otherPki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }).createJoinToken(
+        { host: 'kvm-31', ttl: undefined, requestId: '' },
+        cb,
+      ),
+    );
     assert.equal(foreign.code, GrpcStatus.UNAVAILABLE);
     const expiredCredentials = await pki.credentials('admin', 'alice', { notBefore: new Date(Date.now() - 7200_000), ttlSeconds: 60 });
-    const expired = await failure((cb) => caClient({ ...expiredCredentials, caPem: pki.ca.certificatePem }).createJoinToken({ host: 'kvm-31', ttl: undefined, requestId: '' }, cb));
+    const expired = await failure((cb) =>
+      caClient({ ...expiredCredentials, caPem: pki.ca.certificatePem }).createJoinToken({ host: 'kvm-31', ttl: undefined, requestId: '' }, cb),
+    );
     assert.equal(expired.code, GrpcStatus.UNAVAILABLE);
     const hostClient = caClient({ ...(await pki.credentials('host', 'kvm-31')), caPem: pki.ca.certificatePem });
     type Attempt = (callback: (error: import('@grpc/grpc-js').ServiceError | null, response: unknown) => void) => void;
@@ -311,14 +387,28 @@ describe('certificate authority and fleet identity', () => {
     ] as unknown as Attempt[]) {
       assert.equal((await failure(attempt)).code, GrpcStatus.PERMISSION_DENIED);
     }
-    const tokens = await call<{ joinTokens: Array<{ host: string }> }>((cb) => admin.listJoinTokens({ pageSize: 1000, pageToken: '', filter: 'host = "kvm-31"' }, cb));
+    const tokens = await call<{ joinTokens: Array<{ host: string }> }>((cb) =>
+      admin.listJoinTokens({ pageSize: 1000, pageToken: '', filter: 'host = "kvm-31"' }, cb),
+    );
     assert.equal(tokens.joinTokens.length, 0, 'nothing was created');
     // Filter values a token or certificate cannot have are refused, naming the value and what is allowed.
     for (const [list, message] of [
-      [(cb: never) => admin.listJoinTokens({ pageSize: 0, pageToken: '', filter: 'state = USED_UP' }, cb), /"USED_UP" is not a value of state; allowed: PENDING, USED, EXPIRED, REVOKED/],
-      [(cb: never) => admin.listJoinTokens({ pageSize: 0, pageToken: '', filter: 'host = "hosts/kvm-31"' }, cb), /host value "hosts\/kvm-31" is not of the form \{host\}/],
-      [(cb: never) => admin.listCertificates({ pageSize: 0, pageToken: '', filter: 'state = VALID' }, cb), /"VALID" is not a value of state; allowed: ACTIVE, REVOKED, EXPIRED/],
-      [(cb: never) => admin.listCertificates({ pageSize: 0, pageToken: '', filter: 'identity = "admin/bob"' }, cb), /identity value "admin\/bob" is not a cowherd identity/],
+      [
+        (cb: never) => admin.listJoinTokens({ pageSize: 0, pageToken: '', filter: 'state = USED_UP' }, cb),
+        /"USED_UP" is not a value of state; allowed: PENDING, USED, EXPIRED, REVOKED/,
+      ],
+      [
+        (cb: never) => admin.listJoinTokens({ pageSize: 0, pageToken: '', filter: 'host = "hosts/kvm-31"' }, cb),
+        /host value "hosts\/kvm-31" is not of the form \{host\}/,
+      ],
+      [
+        (cb: never) => admin.listCertificates({ pageSize: 0, pageToken: '', filter: 'state = VALID' }, cb),
+        /"VALID" is not a value of state; allowed: ACTIVE, REVOKED, EXPIRED/,
+      ],
+      [
+        (cb: never) => admin.listCertificates({ pageSize: 0, pageToken: '', filter: 'identity = "admin/bob"' }, cb),
+        /identity value "admin\/bob" is not a cowherd identity/,
+      ],
     ] as unknown as Array<[Attempt, RegExp]>) {
       const refused = await failure(list);
       assert.deepEqual([refused.code, refused.fields], [GrpcStatus.INVALID_ARGUMENT, ['filter']]);
@@ -328,12 +418,19 @@ describe('certificate authority and fleet identity', () => {
 
   it('revokes a certificate: every server refuses it within the stated bound', async () => {
     const keys = await csrFor('spiffe://cowherd/admin/bob');
-    const issued = await call<{ name: string; certificatePem: string }>((cb) => admin.issueCertificate({ csrPem: keys.csrPem, identity: 'spiffe://cowherd/admin/bob', dnsNames: [], ttl: { seconds: '3600', nanos: 0 }, requestId: '' }, cb));
+    const issued = await call<{ name: string; certificatePem: string }>((cb) =>
+      admin.issueCertificate(
+        { csrPem: keys.csrPem, identity: 'spiffe://cowherd/admin/bob', dnsNames: [], ttl: { seconds: '3600', nanos: 0 }, requestId: '' },
+        cb,
+      ),
+    );
     const bob = { certificatePem: issued.certificatePem, privateKeyPem: keys.privateKeyPem, caPem: pki.ca.certificatePem };
     const bobInventory = inventoryClient(bob);
     await call((cb) => bobInventory.listHosts({ pageSize: 0, pageToken: '', filter: '' }, cb)); // accepted before revocation
     const started = Date.now();
-    const revoked = await call<{ state: Certificate_State }>((cb) => admin.revokeCertificate({ name: issued.name, reason: RevocationReason.REVOCATION_REASON_KEY_COMPROMISE }, cb));
+    const revoked = await call<{ state: Certificate_State }>((cb) =>
+      admin.revokeCertificate({ name: issued.name, reason: RevocationReason.REVOCATION_REASON_KEY_COMPROMISE }, cb),
+    );
     assert.equal(revoked.state, Certificate_State.STATE_REVOKED);
     // The CA itself refuses at once.
     const bobAtCa = caClient(bob);
@@ -349,7 +446,10 @@ describe('certificate authority and fleet identity', () => {
     // Inventory follows the CA's list (event-driven, 30 s at worst).
     let code: GrpcStatus = GrpcStatus.OK;
     while (code !== GrpcStatus.UNAUTHENTICATED && Date.now() - started < 35_000) {
-      code = await call((cb) => bobInventory.listHosts({ pageSize: 0, pageToken: '', filter: '' }, cb)).then(() => GrpcStatus.OK, (error: { code: GrpcStatus }) => error.code);
+      code = await call((cb) => bobInventory.listHosts({ pageSize: 0, pageToken: '', filter: '' }, cb)).then(
+        () => GrpcStatus.OK,
+        (error: { code: GrpcStatus }) => error.code,
+      );
       if (code !== GrpcStatus.UNAUTHENTICATED) await new Promise((resolve) => setTimeout(resolve, 100));
     }
     assert.equal(code, GrpcStatus.UNAUTHENTICATED);
@@ -361,29 +461,52 @@ describe('certificate authority and fleet identity', () => {
   it('admits an enrolled host to NATS for its own subjects only, and refuses it there once revoked', async () => {
     const enroll = caClient(undefined, ca.enrollAddress);
     const request = await csrFor('spiffe://cowherd/host/kvm-40', { dnsNames: ['kvm-40'] });
-    const enrolled = await call<{ certificate?: { name: string; certificatePem: string } }>(async (cb) => enroll.enrollHost({ token: await token('kvm-40'), csrPem: request.csrPem }, cb));
+    const enrolled = await call<{ certificate?: { name: string; certificatePem: string } }>(async (cb) =>
+      enroll.enrollHost({ token: await token('kvm-40'), csrPem: request.csrPem }, cb),
+    );
     const directory = await resources.tempDir('cowherd-host-');
     const { writeCredentials } = await import('../../services/common/platform/credential-files.js');
-    const files = await writeCredentials(directory, { certificatePem: enrolled.certificate!.certificatePem, privateKeyPem: request.privateKeyPem, caPem: pki.ca.certificatePem });
+    const files = await writeCredentials(directory, {
+      certificatePem: enrolled.certificate!.certificatePem,
+      privateKeyPem: request.privateKeyPem,
+      caPem: pki.ca.certificatePem,
+    });
     const host = await connectNats({ servers: [natsUrl], tls: files, name: 'kvm-40', log, connectTimeoutMs: 5_000 });
     const { JetStreamEventPublisher } = await import('../../services/common/platform/events.js');
     const { IMAGE_AVAILABLE } = await import('../../services/common/domain/event-types.js');
     const publisher = new JetStreamEventPublisher(host.jetstream, log);
-    const payload = { image: 'images/x', host: 'hosts/kvm-40', replica: 'hosts/kvm-40/images/x', totalBytes: '1', files: [], origin: false, transferDuration: undefined, operation: '', occurTime: undefined, generation: '1' };
+    const payload = {
+      image: 'images/x',
+      host: 'hosts/kvm-40',
+      replica: 'hosts/kvm-40/images/x',
+      totalBytes: '1',
+      files: [],
+      origin: false,
+      transferDuration: undefined,
+      operation: '',
+      occurTime: undefined,
+      generation: '1',
+    };
     await publisher.publish(IMAGE_AVAILABLE, payload, { host: 'kvm-40', id: 'test/kvm-40' });
-    await assert.rejects(publisher.publish(IMAGE_AVAILABLE, payload, { host: 'kvm-41', id: 'test/kvm-41' }), 'another host\'s subject is refused');
+    await assert.rejects(publisher.publish(IMAGE_AVAILABLE, payload, { host: 'kvm-41', id: 'test/kvm-41' }), "another host's subject is refused");
     await host.close().catch(() => undefined);
 
     const started = Date.now();
     await call((cb) => admin.revokeCertificate({ name: enrolled.certificate!.name, reason: RevocationReason.REVOCATION_REASON_KEY_COMPROMISE }, cb));
-    await assert.rejects(connectNats({ servers: [natsUrl], tls: files, name: 'kvm-40', log, connectTimeoutMs: 3_000 }), /Authorization|Permissions|timeout|TIMEOUT/i);
+    await assert.rejects(
+      connectNats({ servers: [natsUrl], tls: files, name: 'kvm-40', log, connectTimeoutMs: 3_000 }),
+      /Authorization|Permissions|timeout|TIMEOUT/i,
+    );
     assert.ok(Date.now() - started < 5_000);
   });
 
   it('renews a short-lived service certificate by itself at two thirds of its life, without a restart', async () => {
     const files = await pki.files('service', 'distribution', { ttlSeconds: 9, subdirectory: 'short-lived' });
     const first = inspectCertificate(await readFile(files.certificateFile, 'utf8')).serialNumber;
-    const distribution = await startServiceProcess(resources, 'distribution', files, natsUrl, { COWHERD_CA_ADDRESS: ca.address, COWHERD_TLS_REFRESH_SECONDS: '1' });
+    const distribution = await startServiceProcess(resources, 'distribution', files, natsUrl, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_TLS_REFRESH_SECONDS: '1',
+    });
     const deadline = Date.now() + 30_000;
     let current = first;
     while (current === first && Date.now() < deadline) {
@@ -417,13 +540,24 @@ describe('certificate authority and fleet identity', () => {
     const bundle = await call<{ caCertificatePem: string }>((cb) => caClient(undefined, fresh.enrollAddress).getCaBundle({}, cb));
     assert.equal(bundle.caCertificatePem, certificatePem);
     assert.doesNotMatch(fresh.daemon.output(), /PRIVATE KEY/);
-    const body = keyPem.split('\n').filter((line) => !line.startsWith('-----')).join('');
-    assert.ok(!fresh.daemon.output().replace(/\\n|\s/g, '').includes(body.slice(100, 164)));
+    const body = keyPem
+      .split('\n')
+      .filter((line) => !line.startsWith('-----'))
+      .join('');
+    assert.ok(
+      !fresh.daemon
+        .output()
+        .replace(/\\n|\s/g, '')
+        .includes(body.slice(100, 164)),
+    );
   });
 
   it('never shows the CA private key in any log line or response', async () => {
     const key = (await readFile(ca.caKeyFile, 'utf8')).trim();
-    const body = key.split('\n').filter((line) => !line.startsWith('-----')).join('');
+    const body = key
+      .split('\n')
+      .filter((line) => !line.startsWith('-----'))
+      .join('');
     const chunks = [body.slice(0, 64), body.slice(200, 264), body.slice(-64)];
     const texts = [ca.daemon.output(), inventory.daemon.output(), ...responses, JSON.stringify(await call((cb) => admin.getCaBundle({}, cb)))];
     for (const text of texts) {

@@ -46,10 +46,15 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
   /** Runs the CLI as a user would, connection flags first (flags given later on the line override them). */
   const cowherd = (...args: string[]): Promise<CliResult> =>
     new Promise((resolve) => {
-      execFile(process.execPath, ['--import', 'tsx', 'services/cli/main.ts', ...connection, ...args], { cwd: REPOSITORY, env: environment, timeout: 90_000 }, (error, stdout, stderr) => {
-        const code = error ? (typeof error.code === 'number' ? error.code : -1) : 0;
-        resolve({ code, stdout, stderr });
-      });
+      execFile(
+        process.execPath,
+        ['--import', 'tsx', 'services/cli/main.ts', ...connection, ...args],
+        { cwd: REPOSITORY, env: environment, timeout: 90_000 },
+        (error, stdout, stderr) => {
+          const code = error ? (typeof error.code === 'number' ? error.code : -1) : 0;
+          resolve({ code, stdout, stderr });
+        },
+      );
     });
   /** Runs it with --output json and parses stdout; fails with stderr when it exits non-zero. */
   const json = async <T = Record<string, unknown>>(...args: string[]): Promise<T> => {
@@ -64,21 +69,48 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
     const ca = await startCertificateAuthorityProcess(resources, pki, nats);
     const inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address });
-    const distribution = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventory.address });
-    const cloning = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventory.address, COWHERD_DISTRIBUTION_ADDRESS: distribution.address });
+    const distribution = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_INVENTORY_ADDRESS: inventory.address,
+    });
+    const cloning = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_INVENTORY_ADDRESS: inventory.address,
+      COWHERD_DISTRIBUTION_ADDRESS: distribution.address,
+    });
 
     // The operator's admin bundle, issued and recorded by the CA (which also admits it to NATS).
     const bootstrap = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'bootstrap')), caPem: pki.ca.certificatePem });
     const caClient = createClient(CertificateAuthorityServiceClient, ca.address, bootstrap);
     const keys = await generateKeyPair(2048);
     const identity = 'spiffe://cowherd/admin/cli-tester';
-    const issued = await call<{ certificatePem: string }>((cb) => caClient.issueCertificate({ csrPem: createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity, dnsNames: [] }), identity, dnsNames: [], ttl: undefined, requestId: '' }, cb));
+    const issued = await call<{ certificatePem: string }>((cb) =>
+      caClient.issueCertificate(
+        { csrPem: createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity, dnsNames: [] }), identity, dnsNames: [], ttl: undefined, requestId: '' },
+        cb,
+      ),
+    );
     const bundle = join(await resources.tempDir(), 'admin');
     await writeCredentials(bundle, { certificatePem: issued.certificatePem, privateKeyPem: keys.privateKeyPem, caPem: pki.ca.certificatePem });
 
     // Two agents join with join tokens made by the CLI, as new hosts do.
-    connection = ['--credentials', bundle, '--ca', ca.address, '--inventory', inventory.address, '--distribution', distribution.address, '--cloning', cloning.address, '--nats', nats.url];
-    environment = Object.fromEntries(Object.entries(process.env).filter((entry): entry is [string, string] => entry[1] !== undefined && !entry[0].startsWith('COWHERD_')));
+    connection = [
+      '--credentials',
+      bundle,
+      '--ca',
+      ca.address,
+      '--inventory',
+      inventory.address,
+      '--distribution',
+      distribution.address,
+      '--cloning',
+      cloning.address,
+      '--nats',
+      nats.url,
+    ];
+    environment = Object.fromEntries(
+      Object.entries(process.env).filter((entry): entry is [string, string] => entry[1] !== undefined && !entry[0].startsWith('COWHERD_')),
+    );
     const directory = await resources.tempDir('cowherd-e2e-');
     const imageDirectory = join(directory, HOST, 'images-root');
     for (const host of [HOST, PEER]) {
@@ -121,15 +153,27 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     resources.defer(() => reader.close());
     const deadline = Date.now() + 20_000;
     const ready = async (): Promise<boolean> =>
-      (await call<{ state: number }>((cb) => reader.getVirtualMachine({ name: `hosts/${HOST}/virtualMachines/${sourceVm}` }, cb)).then((vm) => vm.state === 3, () => false)) &&
-      (await call<{ state: number }>((cb) => reader.getHost({ name: `hosts/${PEER}` }, cb)).then((host) => host.state === 1, () => false));
+      (await call<{ state: number }>((cb) => reader.getVirtualMachine({ name: `hosts/${HOST}/virtualMachines/${sourceVm}` }, cb)).then(
+        (vm) => vm.state === 3,
+        () => false,
+      )) &&
+      (await call<{ state: number }>((cb) => reader.getHost({ name: `hosts/${PEER}` }, cb)).then(
+        (host) => host.state === 1,
+        () => false,
+      ));
     while (Date.now() < deadline && !(await ready())) await new Promise((resolve) => setTimeout(resolve, 200));
   });
   after(() => resources.release());
 
   it('lists hosts and shows one, as JSON and as a table', async () => {
     const { hosts } = await json<{ hosts: Array<{ name: string; state: string; hypervisor: string }> }>('hosts', 'list');
-    assert.deepEqual(hosts.map((host) => [host.name, host.state]), [[`hosts/${HOST}`, 'STATE_READY'], [`hosts/${PEER}`, 'STATE_READY']]);
+    assert.deepEqual(
+      hosts.map((host) => [host.name, host.state]),
+      [
+        [`hosts/${HOST}`, 'STATE_READY'],
+        [`hosts/${PEER}`, 'STATE_READY'],
+      ],
+    );
     const shown = await json<{ host: { name: string }; virtualMachines: Array<{ name: string }> }>('hosts', 'show', HOST);
     assert.equal(shown.host.name, `hosts/${HOST}`);
     assert.ok(shown.virtualMachines.some((vm) => vm.name === `hosts/${HOST}/virtualMachines/${sourceVm}`));
@@ -140,7 +184,20 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
   });
 
   it('publishes a powered-off VM as an image, distributes it peer-to-peer and shows its replicas', async () => {
-    const published = await json<{ name: string; state: string; originHost: string }>('images', 'publish', '--host', HOST, '--vm', sourceVm, '--image', image, '--description', 'made by the CLI test', '--label', 'os=none');
+    const published = await json<{ name: string; state: string; originHost: string }>(
+      'images',
+      'publish',
+      '--host',
+      HOST,
+      '--vm',
+      sourceVm,
+      '--image',
+      image,
+      '--description',
+      'made by the CLI test',
+      '--label',
+      'os=none',
+    );
     assert.deepEqual([published.name, published.state, published.originHost], [`images/${image}`, 'STATE_AVAILABLE', `hosts/${HOST}`]);
     const { images } = await json<{ images: Array<{ name: string; labels?: Record<string, string> }> }>('images', 'list');
     assert.deepEqual(images.find((entry) => entry.name === `images/${image}`)?.labels, { os: 'none' });
@@ -149,13 +206,22 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     const distributed = await cowherd('images', 'distribute', image, '--hosts', PEER, '--output', 'json');
     assert.equal(distributed.code, 0, distributed.stderr);
     const response = JSON.parse(distributed.stdout) as { replicas?: Array<{ host: string; state: string }>; failures?: unknown[] };
-    assert.deepEqual(response.replicas?.map((replica) => [replica.host, replica.state]), [[`hosts/${PEER}`, 'STATE_AVAILABLE']]);
+    assert.deepEqual(
+      response.replicas?.map((replica) => [replica.host, replica.state]),
+      [[`hosts/${PEER}`, 'STATE_AVAILABLE']],
+    );
     assert.equal(response.failures, undefined);
     assert.match(distributed.stderr, new RegExp(`^distributing images/${image} to ${PEER} \\(operations/`, 'm'));
     assert.match(distributed.stderr, new RegExp(`^${PEER}\\s+AVAILABLE\\s+`, 'm'));
 
     const shown = await json<{ image: { name: string }; imageReplicas: Array<{ host: string; state: string; origin?: boolean }> }>('images', 'show', image);
-    assert.deepEqual(shown.imageReplicas.map((replica) => [replica.host, replica.state, replica.origin ?? false]), [[`hosts/${HOST}`, 'STATE_AVAILABLE', true], [`hosts/${PEER}`, 'STATE_AVAILABLE', false]]);
+    assert.deepEqual(
+      shown.imageReplicas.map((replica) => [replica.host, replica.state, replica.origin ?? false]),
+      [
+        [`hosts/${HOST}`, 'STATE_AVAILABLE', true],
+        [`hosts/${PEER}`, 'STATE_AVAILABLE', false],
+      ],
+    );
     const table = await cowherd('images', 'show', image);
     assert.match(table.stdout, /^HOST\s+REPLICA STATE\s+ORIGIN/m);
     assert.match(table.stdout, new RegExp(`^${PEER}\\s+AVAILABLE\\s+no`, 'm'));
@@ -163,7 +229,11 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
 
   it('clones through the CLI, lists the clones across hosts, shows their lineage and follows the events', async () => {
     // Follow the event stream while cloning, as an operator would in a second terminal.
-    const follower = spawn(process.execPath, ['--import', 'tsx', 'services/cli/main.ts', ...connection, 'events', '--follow', '--types', 'clone.done', '--output', 'json'], { cwd: REPOSITORY, env: environment, stdio: ['ignore', 'pipe', 'pipe'] });
+    const follower = spawn(
+      process.execPath,
+      ['--import', 'tsx', 'services/cli/main.ts', ...connection, 'events', '--follow', '--types', 'clone.done', '--output', 'json'],
+      { cwd: REPOSITORY, env: environment, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
     resources.defer(() => void follower.kill('SIGKILL'));
     let followed = '';
     let followerErrors = '';
@@ -183,13 +253,30 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     const clones = [`${HOST}/${image}-1`, `${PEER}/${image}-2`];
     const names = clones.map((clone) => `hosts/${clone.split('/')[0]}/virtualMachines/${clone.split('/')[1]}`);
     domains.push(`${image}-1`, `${image}-2`);
-    const cloned = await json<{ clones: Array<{ virtualMachine: string; state: string; overlays: string[] }> }>('vms', 'clone', '--image', image, '--count', '2', '--hosts', `${HOST},${PEER}`, '--template', `${image}-{index}`);
-    assert.deepEqual(cloned.clones.map((clone) => [clone.virtualMachine, clone.state]), names.map((name) => [name, 'STATE_DONE']));
+    const cloned = await json<{ clones: Array<{ virtualMachine: string; state: string; overlays: string[] }> }>(
+      'vms',
+      'clone',
+      '--image',
+      image,
+      '--count',
+      '2',
+      '--hosts',
+      `${HOST},${PEER}`,
+      '--template',
+      `${image}-{index}`,
+    );
+    assert.deepEqual(
+      cloned.clones.map((clone) => [clone.virtualMachine, clone.state]),
+      names.map((name) => [name, 'STATE_DONE']),
+    );
 
     await waitUntil(() => names.every((name) => followed.includes(name)), `the follower did not see both clone.done events: ${followed}`);
     follower.kill('SIGINT');
     assert.equal(await followerExit, 0, followerErrors);
-    const events = followed.trim().split('\n').map((line) => JSON.parse(line) as { kind: string; host: string; event: { virtualMachine: string; image: string } });
+    const events = followed
+      .trim()
+      .split('\n')
+      .map((line) => JSON.parse(line) as { kind: string; host: string; event: { virtualMachine: string; image: string } });
     assert.deepEqual(events.map((event) => [event.kind, event.host, event.event.virtualMachine, event.event.image]).sort(), [
       ['clone.done', HOST, names[0], `images/${image}`],
       ['clone.done', PEER, names[1], `images/${image}`],
@@ -213,12 +300,28 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     }
     // Both agents drive the one private libvirtd of this machine, so each also reports the other's domains:
     // the checks look for each clone under its own host rather than for exact lists.
-    const filtered = await json<{ virtualMachines: Array<{ name: string; sourceImage: string }> }>('vms', 'list', '--host', PEER, '--filter', `source_image = "images/${image}"`);
-    assert.ok(filtered.virtualMachines.some((vm) => vm.name === names[1]), JSON.stringify(filtered));
-    assert.ok(filtered.virtualMachines.every((vm) => vm.name.startsWith(`hosts/${PEER}/`) && vm.sourceImage === `images/${image}`), JSON.stringify(filtered));
+    const filtered = await json<{ virtualMachines: Array<{ name: string; sourceImage: string }> }>(
+      'vms',
+      'list',
+      '--host',
+      PEER,
+      '--filter',
+      `source_image = "images/${image}"`,
+    );
+    assert.ok(
+      filtered.virtualMachines.some((vm) => vm.name === names[1]),
+      JSON.stringify(filtered),
+    );
+    assert.ok(
+      filtered.virtualMachines.every((vm) => vm.name.startsWith(`hosts/${PEER}/`) && vm.sourceImage === `images/${image}`),
+      JSON.stringify(filtered),
+    );
 
     // Lineage of the clone on the peer: its overlay's base is the peer's own replica of the image.
-    const shown = await json<{ virtualMachine: { disks: Array<{ path: string; backingChain: Array<{ path: string }> }> }; lineage: { overlays: string[]; imageReplica: { name: string }; image: { name: string }; host: { name: string } } }>('vms', 'show', clones[1]!);
+    const shown = await json<{
+      virtualMachine: { disks: Array<{ path: string; backingChain: Array<{ path: string }> }> };
+      lineage: { overlays: string[]; imageReplica: { name: string }; image: { name: string }; host: { name: string } };
+    }>('vms', 'show', clones[1]!);
     assert.equal(shown.lineage.image.name, `images/${image}`);
     assert.equal(shown.lineage.imageReplica.name, `hosts/${PEER}/images/${image}`);
     assert.equal(shown.lineage.host.name, `hosts/${PEER}`);
@@ -232,17 +335,28 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
       assert.ok(replica?.dependentVirtualMachines?.includes(names[index]!), `images show: ${JSON.stringify(replica)}`);
     }
     const byHost = await json<{ imageReplicas: Array<{ image: string; dependentVirtualMachines?: string[] }> }>('hosts', 'show', PEER);
-    assert.ok(byHost.imageReplicas.find((entry) => entry.image === `images/${image}`)?.dependentVirtualMachines?.includes(names[1]!), `hosts show: ${JSON.stringify(byHost.imageReplicas)}`);
+    assert.ok(
+      byHost.imageReplicas.find((entry) => entry.image === `images/${image}`)?.dependentVirtualMachines?.includes(names[1]!),
+      `hosts show: ${JSON.stringify(byHost.imageReplicas)}`,
+    );
     assert.match((await cowherd('images', 'show', image)).stdout, new RegExp(`^${PEER}\\s+AVAILABLE\\s+no\\s+[1-9]\\d*\\s`, 'm'));
     assert.match((await cowherd('hosts', 'show', PEER)).stdout, new RegExp(`^${image}\\s+AVAILABLE\\s+no\\s+[1-9]`, 'm'));
     const tree = await cowherd('vms', 'show', names[0]!);
     assert.match(tree.stdout, /lineage:\n.*\(VM, SHUT_OFF\)\n.*└─ overlay .*\n.*└─ base replica .*\n.*└─ image .*\n.*└─ host /);
 
-    const overview = await json<{ hosts: Array<{ host: { name: string }; imageReplicas: Array<{ image: string }>; virtualMachines: Array<{ name: string }> }> }>('overview');
+    const overview = await json<{
+      hosts: Array<{ host: { name: string }; imageReplicas: Array<{ image: string }>; virtualMachines: Array<{ name: string }> }>;
+    }>('overview');
     for (const [index, host] of [HOST, PEER].entries()) {
       const entry = overview.hosts.find((candidate) => candidate.host.name === `hosts/${host}`);
-      assert.ok(entry?.imageReplicas.some((replica) => replica.image === `images/${image}`), JSON.stringify(entry));
-      assert.ok(entry?.virtualMachines.some((vm) => vm.name === names[index]), JSON.stringify(entry));
+      assert.ok(
+        entry?.imageReplicas.some((replica) => replica.image === `images/${image}`),
+        JSON.stringify(entry),
+      );
+      assert.ok(
+        entry?.virtualMachines.some((vm) => vm.name === names[index]),
+        JSON.stringify(entry),
+      );
     }
 
     // Power and deletion: start; stop without waiting, then follow the operation; delete.
@@ -267,25 +381,43 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
   });
 
   it('exits non-zero with a helpful message on wrong invocations', async () => {
-    const [unknownHost, unknownVm, missingFlag, unknownCommand, unknownOption, badOutput, unreachable, noCredentials, globalsLast, wrongService] = await Promise.all([
-      cowherd('hosts', 'show', 'no-such-host'),
-      cowherd('vms', 'show', `${HOST}/no-such-vm`),
-      cowherd('images', 'publish', '--host', HOST, '--image', 'x'),
-      cowherd('frobnicate'),
-      cowherd('vms', 'list', '--hots', HOST),
-      cowherd('hosts', 'list', '--output', 'yaml'),
-      cowherd('hosts', 'list', '--inventory', 'localhost:1'),
-      new Promise<CliResult>((resolve) => execFile(process.execPath, ['--import', 'tsx', 'services/cli/main.ts', 'hosts', 'list', '--credentials', '/nonexistent/cowherd-admin'], { cwd: REPOSITORY, env: environment }, (error, stdout, stderr) => resolve({ code: typeof error?.code === 'number' ? error.code : 0, stdout, stderr }))),
-      new Promise<CliResult>((resolve) => execFile(process.execPath, ['--import', 'tsx', 'services/cli/main.ts', 'hosts', 'show', `hosts/${HOST}`, '--output', 'json', ...connection], { cwd: REPOSITORY, env: environment }, (error, stdout, stderr) => resolve({ code: typeof error?.code === 'number' ? error.code : 0, stdout, stderr }))),
-      // The distribution service where the inventory should be: same CA, wrong identity.
-      cowherd('hosts', 'list', '--inventory', connection[connection.indexOf('--distribution') + 1]!),
-    ]);
+    const [unknownHost, unknownVm, missingFlag, unknownCommand, unknownOption, badOutput, unreachable, noCredentials, globalsLast, wrongService] =
+      await Promise.all([
+        cowherd('hosts', 'show', 'no-such-host'),
+        cowherd('vms', 'show', `${HOST}/no-such-vm`),
+        cowherd('images', 'publish', '--host', HOST, '--image', 'x'),
+        cowherd('frobnicate'),
+        cowherd('vms', 'list', '--hots', HOST),
+        cowherd('hosts', 'list', '--output', 'yaml'),
+        cowherd('hosts', 'list', '--inventory', 'localhost:1'),
+        new Promise<CliResult>((resolve) =>
+          execFile(
+            process.execPath,
+            ['--import', 'tsx', 'services/cli/main.ts', 'hosts', 'list', '--credentials', '/nonexistent/cowherd-admin'],
+            { cwd: REPOSITORY, env: environment },
+            (error, stdout, stderr) => resolve({ code: typeof error?.code === 'number' ? error.code : 0, stdout, stderr }),
+          ),
+        ),
+        new Promise<CliResult>((resolve) =>
+          execFile(
+            process.execPath,
+            ['--import', 'tsx', 'services/cli/main.ts', 'hosts', 'show', `hosts/${HOST}`, '--output', 'json', ...connection],
+            { cwd: REPOSITORY, env: environment },
+            (error, stdout, stderr) => resolve({ code: typeof error?.code === 'number' ? error.code : 0, stdout, stderr }),
+          ),
+        ),
+        // The distribution service where the inventory should be: same CA, wrong identity.
+        cowherd('hosts', 'list', '--inventory', connection[connection.indexOf('--distribution') + 1]!),
+      ]);
     assert.equal(unknownHost.code, 3, unknownHost.stderr);
     assert.equal(unknownHost.stderr, 'cowherd: no host named "no-such-host"; `cowherd hosts list` shows the hosts\n');
     assert.equal(unknownVm.code, 3, unknownVm.stderr);
     assert.match(unknownVm.stderr, /no VM named "no-such-vm" on host "cli-host"; `cowherd vms list --host cli-host` shows its VMs/);
     assert.equal(missingFlag.code, 2);
-    assert.match(missingFlag.stderr, /^cowherd: missing --vm <vm>\nusage: cowherd images publish --host <host> --vm <vm> --image <id> \[options\]\nrun 'cowherd images publish --help' for more\n$/);
+    assert.match(
+      missingFlag.stderr,
+      /^cowherd: missing --vm <vm>\nusage: cowherd images publish --host <host> --vm <vm> --image <id> \[options\]\nrun 'cowherd images publish --help' for more\n$/,
+    );
     assert.equal(unknownCommand.code, 2);
     assert.match(unknownCommand.stderr, /unknown command "frobnicate"/);
     assert.equal(unknownOption.code, 2);
@@ -295,7 +427,10 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     assert.equal(unreachable.code, 6, unreachable.stderr);
     assert.match(unreachable.stderr, /cannot reach the inventory service at localhost:1 .*--inventory or COWHERD_INVENTORY_ADDRESS/);
     assert.equal(wrongService.code, 6, wrongService.stderr);
-    assert.match(wrongService.stderr, /the server at \S+ is not the inventory service \(it presents spiffe:\/\/cowherd\/service\/distribution\); point --inventory or COWHERD_INVENTORY_ADDRESS/);
+    assert.match(
+      wrongService.stderr,
+      /the server at \S+ is not the inventory service \(it presents spiffe:\/\/cowherd\/service\/distribution\); point --inventory or COWHERD_INVENTORY_ADDRESS/,
+    );
     assert.equal(noCredentials.code, 5);
     assert.match(noCredentials.stderr, /cannot read the admin credentials: \/nonexistent\/cowherd-admin\/cert.pem .*--credentials <dir>/);
     assert.equal(globalsLast.code, 0, globalsLast.stderr);

@@ -26,7 +26,10 @@ import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess } fro
 const run = promisify(execFile);
 const URI = 'qemu:///system';
 const virsh = (...args: string[]) => run('virsh', ['-c', URI, ...args], { timeout: 60_000, env: { ...process.env, LC_ALL: 'C' } });
-const sha256 = async (path: string) => createHash('sha256').update(await readFile(path)).digest('hex');
+const sha256 = async (path: string) =>
+  createHash('sha256')
+    .update(await readFile(path))
+    .digest('hex');
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const suffix = Math.random().toString(36).slice(2, 7);
 /** The base disk: 16 MiB, every 4 KiB block filled with a pattern that names the block. */
@@ -57,7 +60,9 @@ interface MapEntry {
 /** The ranges whose data is in the overlay itself (depth 0), not in its backing file. */
 async function overlayDataRanges(overlay: string): Promise<Array<{ start: number; end: number }>> {
   const { stdout } = await run('qemu-img', ['map', '-U', '--output=json', overlay], { timeout: 60_000 });
-  return (JSON.parse(stdout) as MapEntry[]).filter((entry) => entry.depth === 0 && entry.data).map((entry) => ({ start: entry.start, end: entry.start + entry.length }));
+  return (JSON.parse(stdout) as MapEntry[])
+    .filter((entry) => entry.depth === 0 && entry.data)
+    .map((entry) => ({ start: entry.start, end: entry.start + entry.length }));
 }
 
 describe('a clone boots under TCG and writes only to its overlay', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false }, () => {
@@ -87,7 +92,11 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
     await mkdir(scratch, { recursive: true });
     await mkdir(imageDirectory, { recursive: true });
 
-    const caAdmin = createClient(CertificateAuthorityServiceClient, ca.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }));
+    const caAdmin = createClient(
+      CertificateAuthorityServiceClient,
+      ca.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }),
+    );
     const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host: 'boot-host', ttl: undefined, requestId: '' }, cb));
     caAdmin.close();
     const agent = await startServiceProcess(resources, 'agent', undefined, nats.url, {
@@ -100,7 +109,12 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
       COWHERD_LIBVIRT_URI: URI,
       COWHERD_IMAGE_DIR: imageDirectory,
     });
-    agentClient = createClient(AgentServiceClient, agent.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('service', 'cloning')), caPem: pki.ca.certificatePem }), { defaultDeadlineMs: 120_000 });
+    agentClient = createClient(
+      AgentServiceClient,
+      agent.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('service', 'cloning')), caPem: pki.ca.certificatePem }),
+      { defaultDeadlineMs: 120_000 },
+    );
   });
   after(async () => {
     agentClient?.close();
@@ -119,7 +133,15 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
     const sourceDisk = join(sourceDirectory, 'disk.qcow2');
     await run('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', join(sourceDirectory, 'disk.raw'), sourceDisk]);
     const consoleLog = join(sourceDirectory, 'console.log');
-    const sourceXml = guestDomainXml({ name: source, memoryMib: 192, kernel: kit.kernel, initrd: kit.initrd, commandLine: `console=ttyS0 quiet panic=-1 marker=${marker}`, disk: sourceDisk, console: consoleLog });
+    const sourceXml = guestDomainXml({
+      name: source,
+      memoryMib: 192,
+      kernel: kit.kernel,
+      initrd: kit.initrd,
+      commandLine: `console=ttyS0 quiet panic=-1 marker=${marker}`,
+      disk: sourceDisk,
+      console: consoleLog,
+    });
     // Through libvirt and back, so the template is what `virsh dumpxml --inactive` of a real VM gives.
     await writeFile(join(sourceDirectory, 'source.xml'), sourceXml);
     domains.push(source);
@@ -132,7 +154,13 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
     const replica = join(imageDirectory, 'images', image);
     await mkdir(replica, { recursive: true });
     assert.equal(template.disks.length, 1);
-    assert.deepEqual(template.bootFiles.map((file) => [file.element, file.sourcePath]), [['kernel', kit.kernel], ['initrd', kit.initrd]]);
+    assert.deepEqual(
+      template.bootFiles.map((file) => [file.element, file.sourcePath]),
+      [
+        ['kernel', kit.kernel],
+        ['initrd', kit.initrd],
+      ],
+    );
     const base = join(replica, template.disks[0]!.fileName);
     await copyFile(sourceDisk, base);
     for (const bootFile of template.bootFiles) await copyFile(bootFile.sourcePath, join(replica, bootFile.fileName), constants.COPYFILE_FICLONE);
@@ -143,13 +171,29 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
     const sibling = `boot-b-${suffix}`;
     domains.push(booted, sibling);
     const response = await call<{ results: CreateCloneResult[] }>((cb) =>
-      agentClient.createClones({ source: { $case: 'image', value: `images/${image}` }, clones: [booted, sibling].map((domainName) => ({ domainName, start: false })), operation: '', requestId: `boot-${suffix}`, validateOnly: false }, cb),
+      agentClient.createClones(
+        {
+          source: { $case: 'image', value: `images/${image}` },
+          clones: [booted, sibling].map((domainName) => ({ domainName, start: false })),
+          operation: '',
+          requestId: `boot-${suffix}`,
+          validateOnly: false,
+        },
+        cb,
+      ),
     );
-    assert.deepEqual(response.results.map((result) => [result.domainName, result.status?.code ?? 0, result.started]), [[booted, 0, false], [sibling, 0, false]], JSON.stringify(response.results.map((result) => result.status)));
+    assert.deepEqual(
+      response.results.map((result) => [result.domainName, result.status?.code ?? 0, result.started]),
+      [
+        [booted, 0, false],
+        [sibling, 0, false],
+      ],
+      JSON.stringify(response.results.map((result) => result.status)),
+    );
     const overlay = (name: string) => join(imageDirectory, 'clones', name, 'vda.qcow2');
     const bootedXml = (await virsh('dumpxml', booted)).stdout;
-    assert.ok(bootedXml.includes(`<kernel>${join(replica, 'boot-kernel')}</kernel>`), 'the clone boots the replica\'s kernel');
-    assert.ok(bootedXml.includes(`<source file='${overlay(booted)}'`), 'the clone\'s disk is its overlay');
+    assert.ok(bootedXml.includes(`<kernel>${join(replica, 'boot-kernel')}</kernel>`), "the clone boots the replica's kernel");
+    assert.ok(bootedXml.includes(`<source file='${overlay(booted)}'`), "the clone's disk is its overlay");
 
     // Boot one clone; its /init writes the marker and powers off.
     const startedAt = Date.now();
@@ -162,7 +206,9 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
       await sleep(100);
     }
     const bootMs = Date.now() - startedAt;
-    const consoleOutput = await readFile(join(imageDirectory, 'clones', booted, 'serial-0.out'), 'utf8').catch((error: unknown) => `(no console output: ${(error as Error).message})`);
+    const consoleOutput = await readFile(join(imageDirectory, 'clones', booted, 'serial-0.out'), 'utf8').catch(
+      (error: unknown) => `(no console output: ${(error as Error).message})`,
+    );
     t.diagnostic(`boot: virsh start returned after ${startReturnedAt - startedAt} ms; shut off after ${bootMs} ms (kernel ${kit.version})`);
     assert.equal(state, 'shut off', `the guest did not power off within ${BOOT_TIMEOUT_MS} ms; console:\n${consoleOutput.slice(-3000)}`);
     assert.match(consoleOutput, /cowherd-guest: marker written/, `console:\n${consoleOutput.slice(-3000)}`);
@@ -171,18 +217,27 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
     const expected = markerBlock(marker);
     const bootedDisk = await guestVisibleDisk(overlay(booted), scratch);
     assert.equal(bootedDisk.length, DISK_BYTES);
-    assert.ok(bootedDisk.subarray(MARKER_OFFSET, MARKER_OFFSET + MARKER_BLOCK).equals(expected), `the marker block reads ${JSON.stringify(bootedDisk.subarray(MARKER_OFFSET, MARKER_OFFSET + 64).toString('latin1'))}`);
+    assert.ok(
+      bootedDisk.subarray(MARKER_OFFSET, MARKER_OFFSET + MARKER_BLOCK).equals(expected),
+      `the marker block reads ${JSON.stringify(bootedDisk.subarray(MARKER_OFFSET, MARKER_OFFSET + 64).toString('latin1'))}`,
+    );
     assert.ok(bootedDisk.subarray(0, MARKER_OFFSET).equals(pattern.subarray(0, MARKER_OFFSET)), 'the guest changed nothing before the marker');
-    assert.ok(bootedDisk.subarray(MARKER_OFFSET + MARKER_BLOCK).equals(pattern.subarray(MARKER_OFFSET + MARKER_BLOCK)), 'the guest changed nothing after the marker');
+    assert.ok(
+      bootedDisk.subarray(MARKER_OFFSET + MARKER_BLOCK).equals(pattern.subarray(MARKER_OFFSET + MARKER_BLOCK)),
+      'the guest changed nothing after the marker',
+    );
     const written = await overlayDataRanges(overlay(booted));
-    assert.ok(written.some((range) => range.start <= MARKER_OFFSET && range.end >= MARKER_OFFSET + MARKER_BLOCK), `the overlay holds the marker's block (overlay data: ${JSON.stringify(written)})`);
+    assert.ok(
+      written.some((range) => range.start <= MARKER_OFFSET && range.end >= MARKER_OFFSET + MARKER_BLOCK),
+      `the overlay holds the marker's block (overlay data: ${JSON.stringify(written)})`,
+    );
 
     // The base is unchanged and still read-only; the sibling reads the base's bytes, through an empty overlay.
     assert.equal(await sha256(base), baseHash, 'the base is unchanged');
     assert.equal((await stat(base)).mode & 0o222, 0, 'the base is read-only on disk');
     const siblingDisk = await guestVisibleDisk(overlay(sibling), scratch);
     assert.ok(siblingDisk.equals(pattern), 'the sibling sees the base, not the marker');
-    assert.deepEqual(await overlayDataRanges(overlay(sibling)), [], 'the sibling\'s overlay holds no data');
+    assert.deepEqual(await overlayDataRanges(overlay(sibling)), [], "the sibling's overlay holds no data");
     assert.equal((await virsh('domstate', sibling)).stdout.trim(), 'shut off');
   });
 });

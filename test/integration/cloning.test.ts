@@ -35,14 +35,33 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     base = await stack.addImage(image, join(directory, 'base.qcow2'));
     // The agent must be READY in inventory before cloning places anything on it.
     const deadline = Date.now() + 20_000;
-    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getHost({ name: 'hosts/api-host' }, cb)).then((host) => host.state === 1, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+    while (
+      Date.now() < deadline &&
+      !(await call<{ state: number }>((cb) => stack.inventory.getHost({ name: 'hosts/api-host' }, cb)).then(
+        (host) => host.state === 1,
+        () => false,
+      ))
+    )
+      await new Promise((resolve) => setTimeout(resolve, 200));
   });
   after(() => resources.release());
 
   it('clones an image on a host and reports every clone', async () => {
-    const before = createHash('sha256').update(await readFile(base)).digest('hex');
+    const before = createHash('sha256')
+      .update(await readFile(base))
+      .digest('hex');
     const started = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 5, nameTemplate: `${image}-{index}`, start: false, requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}` }, cb),
+      stack.cloning.cloneVirtualMachines(
+        {
+          source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
+          placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 },
+          count: 5,
+          nameTemplate: `${image}-{index}`,
+          start: false,
+          requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}`,
+        },
+        cb,
+      ),
     );
     const names = Array.from({ length: 5 }, (_, i) => `${image}-${i + 1}`);
     stack.track(...names);
@@ -50,14 +69,30 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     assert.equal(done.done, true);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     const response = unpack(CloneVirtualMachinesResponse, done.result.value);
-    assert.deepEqual(response.clones.map((clone) => [clone.domainName, clone.state]), names.map((name) => [name, CloneResult_State.STATE_DONE]));
+    assert.deepEqual(
+      response.clones.map((clone) => [clone.domainName, clone.state]),
+      names.map((name) => [name, CloneResult_State.STATE_DONE]),
+    );
     for (const name of names) assert.equal((await stack.virsh('domstate', name)).stdout.trim(), 'shut off');
-    assert.equal(createHash('sha256').update(await readFile(base)).digest('hex'), before, 'the base is unchanged');
+    assert.equal(
+      createHash('sha256')
+        .update(await readFile(base))
+        .digest('hex'),
+      before,
+      'the base is unchanged',
+    );
 
     const deadline = Date.now() + 15_000;
     let vms: VirtualMachine[] = [];
     while (Date.now() < deadline && vms.length < 5) {
-      vms = (await call<{ virtualMachines: VirtualMachine[] }>((cb) => stack.inventory.listVirtualMachines({ parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: `source_image = "${IMAGE_NAME.format({ image })}"` }, cb))).virtualMachines;
+      vms = (
+        await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+          stack.inventory.listVirtualMachines(
+            { parent: 'hosts/-', pageSize: 1000, pageToken: '', filter: `source_image = "${IMAGE_NAME.format({ image })}"` },
+            cb,
+          ),
+        )
+      ).virtualMachines;
       if (vms.length < 5) await new Promise((resolve) => setTimeout(resolve, 200));
     }
     assert.deepEqual(vms.map((vm) => vm.domainName).sort(), [...names].sort());
@@ -65,7 +100,17 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
 
     // A retry with the same request_id returns the same operation.
     const again = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 5, nameTemplate: `${image}-{index}`, start: false, requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}` }, cb),
+      stack.cloning.cloneVirtualMachines(
+        {
+          source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
+          placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 },
+          count: 5,
+          nameTemplate: `${image}-{index}`,
+          start: false,
+          requestId: `11111111-1111-4111-8111-${image.padStart(12, '0').slice(-12)}`,
+        },
+        cb,
+      ),
     );
     assert.equal(again.name, started.name);
   });
@@ -87,24 +132,54 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
       if (code !== GrpcStatus.NOT_FOUND) await new Promise((resolve) => setTimeout(resolve, 200));
     }
     assert.equal(code, GrpcStatus.NOT_FOUND, 'inventory forgets the deleted clone');
-    assert.equal((await failure((cb) => stack.cloning.deleteVirtualMachine({ name: 'hosts/api-host/virtualMachines/none', force: false }, cb))).code, GrpcStatus.NOT_FOUND);
+    assert.equal(
+      (await failure((cb) => stack.cloning.deleteVirtualMachine({ name: 'hosts/api-host/virtualMachines/none', force: false }, cb))).code,
+      GrpcStatus.NOT_FOUND,
+    );
   });
 
   it('refuses bad input before any operation exists', async () => {
-    const request = { source: { $case: 'image' as const, value: IMAGE_NAME.format({ image }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 }, count: 1, nameTemplate: '', start: false, requestId: '' };
-    const list = async () => (await call<{ operations: unknown[] }>((cb) => stack.operations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
+    const request = {
+      source: { $case: 'image' as const, value: IMAGE_NAME.format({ image }) },
+      placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 },
+      count: 1,
+      nameTemplate: '',
+      start: false,
+      requestId: '',
+    };
+    const list = async () =>
+      (
+        await call<{ operations: unknown[] }>((cb) =>
+          stack.operations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb),
+        )
+      ).operations.length;
     const count = await list();
     assert.deepEqual((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, count: 0 }, cb))).fields, ['count']);
     assert.deepEqual((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, count: 1001 }, cb))).fields, ['count']);
-    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, nameTemplate: '../{random}' }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
-    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, count: 2, nameTemplate: 'same-name' }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
-    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, source: { $case: 'image', value: 'images/absent' } }, cb))).code, GrpcStatus.NOT_FOUND);
-    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, source: { $case: 'image', value: 'images/../etc' } }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
-    assert.equal((await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, placement: { ...request.placement, hosts: ['hosts/nope'] } }, cb))).code, GrpcStatus.NOT_FOUND);
+    assert.equal(
+      (await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, nameTemplate: '../{random}' }, cb))).code,
+      GrpcStatus.INVALID_ARGUMENT,
+    );
+    assert.equal(
+      (await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, count: 2, nameTemplate: 'same-name' }, cb))).code,
+      GrpcStatus.INVALID_ARGUMENT,
+    );
+    assert.equal(
+      (await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, source: { $case: 'image', value: 'images/absent' } }, cb))).code,
+      GrpcStatus.NOT_FOUND,
+    );
+    assert.equal(
+      (await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, source: { $case: 'image', value: 'images/../etc' } }, cb))).code,
+      GrpcStatus.INVALID_ARGUMENT,
+    );
+    assert.equal(
+      (await failure((cb) => stack.cloning.cloneVirtualMachines({ ...request, placement: { ...request.placement, hosts: ['hosts/nope'] } }, cb))).code,
+      GrpcStatus.NOT_FOUND,
+    );
     assert.equal(await list(), count, 'no operation was created');
   });
 
-  it('checks a source VM on its agent before any operation exists: refuses what it cannot clone, clones a VM that boots an image\'s kernel', async () => {
+  it("checks a source VM on its agent before any operation exists: refuses what it cannot clone, clones a VM that boots an image's kernel", async () => {
     const suffix = Math.random().toString(36).slice(2, 7);
     const vmDirectory = join(stack.imageDirectory, 'vms');
     await mkdir(vmDirectory, { recursive: true });
@@ -123,17 +198,48 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
       await stack.virsh('define', file);
       stack.track(name);
       const deadline = Date.now() + 20_000;
-      while (Date.now() < deadline && !(await call<VirtualMachine>((cb) => stack.inventory.getVirtualMachine({ name: VIRTUAL_MACHINE_NAME.format({ host: 'api-host', virtualMachine: name }) }, cb)).then((vm) => vm.state === 3, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+      while (
+        Date.now() < deadline &&
+        !(await call<VirtualMachine>((cb) =>
+          stack.inventory.getVirtualMachine({ name: VIRTUAL_MACHINE_NAME.format({ host: 'api-host', virtualMachine: name }) }, cb),
+        ).then(
+          (vm) => vm.state === 3,
+          () => false,
+        ))
+      )
+        await new Promise((resolve) => setTimeout(resolve, 200));
       return VIRTUAL_MACHINE_NAME.format({ host: 'api-host', virtualMachine: name });
     };
-    const cloneOf = (source: string, template: string) => ({ source: { $case: 'virtualMachine' as const, value: source }, placement: undefined, count: 2, nameTemplate: template, start: false, requestId: '' });
-    const operationCount = async () => (await call<{ operations: unknown[] }>((cb) => stack.operations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
+    const cloneOf = (source: string, template: string) => ({
+      source: { $case: 'virtualMachine' as const, value: source },
+      placement: undefined,
+      count: 2,
+      nameTemplate: template,
+      start: false,
+      requestId: '',
+    });
+    const operationCount = async () =>
+      (
+        await call<{ operations: unknown[] }>((cb) =>
+          stack.operations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb),
+        )
+      ).operations.length;
     const domains = async () => (await stack.virsh('list', '--all', '--name')).stdout.split('\n').map((line) => line.trim());
     const cloneDirectories = async () => readdir(join(stack.imageDirectory, 'clones')).catch(() => [] as string[]);
 
     const refusals: Array<{ what: string; source: string; reason: string; message: RegExp }> = [
-      { what: 'a kernel outside the image directory', source: await defineVm(`kernel-out-${suffix}`, { kernel: join(outside, 'vmlinuz') }), reason: 'ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY', message: /boots <kernel> .*vmlinuz, which is outside the image directory/ },
-      { what: 'a disk outside the image directory', source: await defineVm(`disk-out-${suffix}`, { diskDirectory: outside }), reason: 'ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY', message: /disk vda .* is outside the image directory/ },
+      {
+        what: 'a kernel outside the image directory',
+        source: await defineVm(`kernel-out-${suffix}`, { kernel: join(outside, 'vmlinuz') }),
+        reason: 'ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY',
+        message: /boots <kernel> .*vmlinuz, which is outside the image directory/,
+      },
+      {
+        what: 'a disk outside the image directory',
+        source: await defineVm(`disk-out-${suffix}`, { diskDirectory: outside }),
+        reason: 'ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY',
+        message: /disk vda .* is outside the image directory/,
+      },
     ];
     const operationsBefore = await operationCount();
     const domainsBefore = await domains();
@@ -157,7 +263,14 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     const done = await stack.wait(operation.name);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     const response = unpack(CloneVirtualMachinesResponse, done.result.value);
-    assert.deepEqual(response.clones.map((clone) => [clone.domainName, clone.state]), [[`kin-${suffix}-1`, CloneResult_State.STATE_DONE], [`kin-${suffix}-2`, CloneResult_State.STATE_DONE]], JSON.stringify(response.clones.map((clone) => clone.error)));
+    assert.deepEqual(
+      response.clones.map((clone) => [clone.domainName, clone.state]),
+      [
+        [`kin-${suffix}-1`, CloneResult_State.STATE_DONE],
+        [`kin-${suffix}-2`, CloneResult_State.STATE_DONE],
+      ],
+      JSON.stringify(response.clones.map((clone) => clone.error)),
+    );
     const xml = (await stack.virsh('dumpxml', '--inactive', `kin-${suffix}-1`)).stdout;
     assert.match(xml, new RegExp(`<kernel>${join(replica, 'boot-kernel')}</kernel>`));
   });

@@ -42,7 +42,12 @@ const OVERLAYS = ['overlays/dev', 'overlays/production'] as const;
 const COWHERD_SERVICES = ['certificate-authority', 'inventory', 'distribution', 'cloning'] as const;
 
 /** A rendered Kubernetes object (loosely typed: the schema check is what types it). */
-type K8sObject = { apiVersion: string; kind: string; metadata: { name: string; namespace?: string; labels?: Record<string, string>; annotations?: Record<string, string> }; [key: string]: any };
+type K8sObject = {
+  apiVersion: string;
+  kind: string;
+  metadata: { name: string; namespace?: string; labels?: Record<string, string>; annotations?: Record<string, string> };
+  [key: string]: any;
+};
 
 /** kubectl with kustomize v5: on PATH, or where scripts/install.sh puts its own copy. */
 async function findKubectl(): Promise<string> {
@@ -126,7 +131,8 @@ function track(value: unknown, path: string, seen: Set<string>, all: Set<string>
 const WORKLOAD_KINDS = new Set(['Deployment', 'StatefulSet', 'DaemonSet']);
 const workloads = (objects: readonly K8sObject[]): K8sObject[] => objects.filter((object) => WORKLOAD_KINDS.has(object.kind));
 const allContainers = (workload: K8sObject): any[] => [...(workload.spec.template.spec.initContainers ?? []), ...workload.spec.template.spec.containers];
-const selects = (selector: Record<string, string>, labels: Record<string, string> = {}): boolean => Object.entries(selector).every(([key, value]) => labels[key] === value);
+const selects = (selector: Record<string, string>, labels: Record<string, string> = {}): boolean =>
+  Object.entries(selector).every(([key, value]) => labels[key] === value);
 
 describe('deploy/: Kubernetes manifests, rendered and validated offline', () => {
   const resources = new Resources();
@@ -144,9 +150,19 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
     for (const overlay of OVERLAYS) {
       const kinds = overlayKinds(overlay);
       for (const name of COWHERD_SERVICES) {
-        for (const kind of ['Deployment', 'Service', 'ServiceAccount', 'PodDisruptionBudget']) assert.ok(kinds.includes(`${kind}/${name}`), `${overlay}: ${kind}/${name}`);
+        for (const kind of ['Deployment', 'Service', 'ServiceAccount', 'PodDisruptionBudget'])
+          assert.ok(kinds.includes(`${kind}/${name}`), `${overlay}: ${kind}/${name}`);
       }
-      for (const expected of ['StatefulSet/nats', 'Service/nats', 'Service/nats-headless', 'ConfigMap/nats-config', 'DaemonSet/agent', 'ConfigMap/cowherd-config', 'Namespace/cowherd', 'Namespace/cowherd-agents']) {
+      for (const expected of [
+        'StatefulSet/nats',
+        'Service/nats',
+        'Service/nats-headless',
+        'ConfigMap/nats-config',
+        'DaemonSet/agent',
+        'ConfigMap/cowherd-config',
+        'Namespace/cowherd',
+        'Namespace/cowherd-agents',
+      ]) {
         assert.ok(kinds.includes(expected), `${overlay}: ${expected}`);
       }
     }
@@ -163,8 +179,14 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
     deployment.spec.template.spec.containers[0].securityContext.readOnlyRootFilesytem = true;
     deployment.spec.replicas = 'two';
     const caught = await validateObject(deployment);
-    assert.ok(caught.some((problem) => problem.includes('readOnlyRootFilesytem')), caught.join('\n'));
-    assert.ok(caught.some((problem) => problem.includes('replicas')), caught.join('\n'));
+    assert.ok(
+      caught.some((problem) => problem.includes('readOnlyRootFilesytem')),
+      caught.join('\n'),
+    );
+    assert.ok(
+      caught.some((problem) => problem.includes('replicas')),
+      caught.join('\n'),
+    );
   });
 
   for (const overlay of OVERLAYS) {
@@ -177,10 +199,15 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
             assert.ok(container.readinessProbe && container.livenessProbe, `${id(workload)} ${container.name}: readiness and liveness probes`);
             const health = container.ports?.find((port: any) => port.name === 'health');
             if (health) {
-              for (const probe of [container.readinessProbe, container.livenessProbe]) assert.equal(probe.grpc?.port, health.containerPort, `${id(workload)} ${container.name}: gRPC probe on the health port`);
+              for (const probe of [container.readinessProbe, container.livenessProbe])
+                assert.equal(probe.grpc?.port, health.containerPort, `${id(workload)} ${container.name}: gRPC probe on the health port`);
             }
           }
-          if (workload.kind === 'Deployment' || workload.kind === 'DaemonSet') assert.ok(workload.spec.template.spec.containers[0].ports.some((port: any) => port.name === 'health'), `${id(workload)}: a health port`);
+          if (workload.kind === 'Deployment' || workload.kind === 'DaemonSet')
+            assert.ok(
+              workload.spec.template.spec.containers[0].ports.some((port: any) => port.name === 'health'),
+              `${id(workload)}: a health port`,
+            );
         }
       });
 
@@ -210,7 +237,9 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
       test('every container has CPU and memory requests and limits', () => {
         for (const workload of workloads(objects())) {
           for (const container of allContainers(workload)) {
-            for (const side of ['requests', 'limits']) for (const resource of ['cpu', 'memory']) assert.ok(container.resources?.[side]?.[resource], `${id(workload)} ${container.name}: ${side}.${resource}`);
+            for (const side of ['requests', 'limits'])
+              for (const resource of ['cpu', 'memory'])
+                assert.ok(container.resources?.[side]?.[resource], `${id(workload)} ${container.name}: ${side}.${resource}`);
           }
         }
       });
@@ -223,13 +252,23 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
           if (workload.kind === 'StatefulSet') assert.equal(workload.spec.replicas, 3, `${id(workload)}: 3 NATS servers`);
           if (workload.kind === 'DaemonSet') continue;
           const spread = (pod.topologySpreadConstraints ?? []).some((constraint: any) => constraint.topologyKey === 'kubernetes.io/hostname');
-          const antiAffinity = (pod.affinity?.podAntiAffinity?.requiredDuringSchedulingIgnoredDuringExecution ?? []).some((term: any) => term.topologyKey === 'kubernetes.io/hostname');
+          const antiAffinity = (pod.affinity?.podAntiAffinity?.requiredDuringSchedulingIgnoredDuringExecution ?? []).some(
+            (term: any) => term.topologyKey === 'kubernetes.io/hostname',
+          );
           assert.ok(spread || antiAffinity, `${id(workload)}: spread over nodes`);
           if (overlay === 'overlays/production') assert.ok(antiAffinity, `${id(workload)}: required anti-affinity in production`);
-          const budget = budgets.find((candidate) => candidate.metadata.namespace === workload.metadata.namespace && selects(candidate.spec.selector.matchLabels, workload.spec.template.metadata.labels));
+          const budget = budgets.find(
+            (candidate) =>
+              candidate.metadata.namespace === workload.metadata.namespace &&
+              selects(candidate.spec.selector.matchLabels, workload.spec.template.metadata.labels),
+          );
           assert.ok(budget, `${id(workload)}: a PodDisruptionBudget`);
           assert.ok(budget.spec.maxUnavailable === 1 || budget.spec.minAvailable >= 1, `${id(budget)}: keeps a replica`);
-          if (workload.kind === 'Deployment') assert.ok(workload.spec.replicas - (budget.spec.maxUnavailable ?? workload.spec.replicas - budget.spec.minAvailable) >= 1, `${id(budget)}: allows an eviction yet keeps one`);
+          if (workload.kind === 'Deployment')
+            assert.ok(
+              workload.spec.replicas - (budget.spec.maxUnavailable ?? workload.spec.replicas - budget.spec.minAvailable) >= 1,
+              `${id(budget)}: allows an eviction yet keeps one`,
+            );
         }
       });
 
@@ -238,7 +277,10 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
           for (const container of allContainers(workload)) {
             const image: string = container.image;
             const tag = /^[^@]+:([\w][\w.-]{0,127})$/.exec(image.replace(/^[^/]+:\d+\//, ''))?.[1];
-            assert.ok(/@sha256:[0-9a-f]{64}$/.test(image) || (tag !== undefined && tag !== 'latest' && /\d/.test(tag)), `${id(workload)} ${container.name}: ${image}`);
+            assert.ok(
+              /@sha256:[0-9a-f]{64}$/.test(image) || (tag !== undefined && tag !== 'latest' && /\d/.test(tag)),
+              `${id(workload)} ${container.name}: ${image}`,
+            );
           }
         }
       });
@@ -255,10 +297,18 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
         for (const workload of workloads(objects())) {
           const secrets = (workload.spec.template.spec.volumes ?? []).filter((volume: any) => volume.secret).map((volume: any) => volume.secret.secretName);
           const name = workload.metadata.name;
-          assert.equal(secrets.includes('cowherd-ca-key'), name === 'certificate-authority', `${id(workload)}: the CA key Secret is mounted only in the CA (${secrets.join(', ')})`);
+          assert.equal(
+            secrets.includes('cowherd-ca-key'),
+            name === 'certificate-authority',
+            `${id(workload)}: the CA key Secret is mounted only in the CA (${secrets.join(', ')})`,
+          );
           if (workload.kind !== 'DaemonSet') assert.ok(secrets.includes(`cowherd-tls-${name}`), `${id(workload)}: its own certificate Secret`);
           for (const container of allContainers(workload)) {
-            for (const variable of container.env ?? []) assert.ok(variable.valueFrom || !/(-----BEGIN|cjt1\.)/.test(variable.value ?? ''), `${id(workload)} ${container.name}: ${variable.name} inline secret`);
+            for (const variable of container.env ?? [])
+              assert.ok(
+                variable.valueFrom || !/(-----BEGIN|cjt1\.)/.test(variable.value ?? ''),
+                `${id(workload)} ${container.name}: ${variable.name} inline secret`,
+              );
           }
         }
       });
@@ -266,15 +316,37 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
       test('every cowherd Service has a port named grpc that reaches a container port of its pods', () => {
         const services = objects().filter((object) => object.kind === 'Service');
         for (const service of services) {
-          const pods = workloads(objects()).filter((workload) => workload.metadata.namespace === service.metadata.namespace && selects(service.spec.selector, workload.spec.template.metadata.labels));
+          const pods = workloads(objects()).filter(
+            (workload) => workload.metadata.namespace === service.metadata.namespace && selects(service.spec.selector, workload.spec.template.metadata.labels),
+          );
           assert.ok(pods.length > 0, `${id(service)}: selects pods`);
           const containerPorts = pods.flatMap((workload) => workload.spec.template.spec.containers.flatMap((container: any) => container.ports ?? []));
-          for (const port of service.spec.ports) assert.ok(containerPorts.some((candidate: any) => candidate.name === port.targetPort || candidate.containerPort === port.targetPort), `${id(service)}: port ${port.name} -> ${port.targetPort}`);
-          if (service.spec.selector['app.kubernetes.io/name'] !== 'nats') assert.ok(service.spec.ports.some((port: any) => port.name === 'grpc'), `${id(service)}: a port named grpc`);
+          for (const port of service.spec.ports)
+            assert.ok(
+              containerPorts.some((candidate: any) => candidate.name === port.targetPort || candidate.containerPort === port.targetPort),
+              `${id(service)}: port ${port.name} -> ${port.targetPort}`,
+            );
+          if (service.spec.selector['app.kubernetes.io/name'] !== 'nats')
+            assert.ok(
+              service.spec.ports.some((port: any) => port.name === 'grpc'),
+              `${id(service)}: a port named grpc`,
+            );
         }
-        for (const name of COWHERD_SERVICES) assert.ok(services.some((service) => service.metadata.name === name), `Service/${name}`);
-        assert.deepEqual(services.find((service) => service.metadata.name === 'certificate-authority')!.spec.ports.map((port: any) => port.name).sort(), ['enroll', 'grpc']);
-        assert.ok(services.find((service) => service.metadata.name === 'distribution')!.spec.ports.some((port: any) => port.name === 'tracker' && port.port === 7463));
+        for (const name of COWHERD_SERVICES)
+          assert.ok(
+            services.some((service) => service.metadata.name === name),
+            `Service/${name}`,
+          );
+        assert.deepEqual(
+          services
+            .find((service) => service.metadata.name === 'certificate-authority')!
+            .spec.ports.map((port: any) => port.name)
+            .sort(),
+          ['enroll', 'grpc'],
+        );
+        assert.ok(
+          services.find((service) => service.metadata.name === 'distribution')!.spec.ports.some((port: any) => port.name === 'tracker' && port.port === 7463),
+        );
       });
 
       test('NetworkPolicies deny by default in every namespace and open only named ports', () => {
@@ -282,15 +354,26 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
         const namespaces = new Set(workloads(objects()).map((workload) => workload.metadata.namespace));
         for (const namespace of namespaces) {
           assert.ok(
-            policies.some((policy) => policy.metadata.namespace === namespace && Object.keys(policy.spec.podSelector).length === 0 && policy.spec.policyTypes.includes('Ingress') && policy.spec.policyTypes.includes('Egress') && policy.spec.ingress === undefined && policy.spec.egress === undefined),
+            policies.some(
+              (policy) =>
+                policy.metadata.namespace === namespace &&
+                Object.keys(policy.spec.podSelector).length === 0 &&
+                policy.spec.policyTypes.includes('Ingress') &&
+                policy.spec.policyTypes.includes('Egress') &&
+                policy.spec.ingress === undefined &&
+                policy.spec.egress === undefined,
+            ),
             `default-deny in ${namespace}`,
           );
         }
         for (const policy of policies) {
-          for (const rule of [...(policy.spec.ingress ?? []), ...(policy.spec.egress ?? [])]) assert.ok(rule.ports?.length > 0 && rule.ports.every((port: any) => port.port !== undefined), `${id(policy)}: every rule names its ports`);
+          for (const rule of [...(policy.spec.ingress ?? []), ...(policy.spec.egress ?? [])])
+            assert.ok(rule.ports?.length > 0 && rule.ports.every((port: any) => port.port !== undefined), `${id(policy)}: every rule names its ports`);
         }
         const ingressPorts = (name: string): number[] =>
-          policies.filter((policy) => policy.spec.podSelector.matchLabels?.['app.kubernetes.io/name'] === name).flatMap((policy) => (policy.spec.ingress ?? []).flatMap((rule: any) => rule.ports.map((port: any) => port.port)));
+          policies
+            .filter((policy) => policy.spec.podSelector.matchLabels?.['app.kubernetes.io/name'] === name)
+            .flatMap((policy) => (policy.spec.ingress ?? []).flatMap((rule: any) => rule.ports.map((port: any) => port.port)));
         assert.deepEqual(ingressPorts('certificate-authority').sort(), [7440, 7441]);
         assert.deepEqual(ingressPorts('inventory'), [7442]);
         assert.deepEqual(ingressPorts('distribution').sort(), [7443, 7463]);
@@ -305,12 +388,20 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
         for (const workload of workloads(objects())) {
           const pod = workload.spec.template.spec;
           assert.equal(pod.automountServiceAccountToken, false, `${id(workload)}: no service account token`);
-          const account = objects().find((object) => object.kind === 'ServiceAccount' && object.metadata.name === pod.serviceAccountName && object.metadata.namespace === workload.metadata.namespace);
+          const account = objects().find(
+            (object) =>
+              object.kind === 'ServiceAccount' && object.metadata.name === pod.serviceAccountName && object.metadata.namespace === workload.metadata.namespace,
+          );
           assert.equal(account?.automountServiceAccountToken, false, `${id(workload)}: its own ServiceAccount, without a token`);
           if (workload.metadata.namespace === 'cowherd') {
             assert.notEqual(pod.hostNetwork, true, `${id(workload)}: hostNetwork`);
-            for (const volume of pod.volumes ?? []) assert.ok(Object.keys(volume).some((key) => allowedVolumes.has(key)), `${id(workload)}: volume ${volume.name}`);
-            for (const container of allContainers(workload)) assert.ok(!(container.ports ?? []).some((port: any) => port.hostPort), `${id(workload)}: hostPort`);
+            for (const volume of pod.volumes ?? [])
+              assert.ok(
+                Object.keys(volume).some((key) => allowedVolumes.has(key)),
+                `${id(workload)}: volume ${volume.name}`,
+              );
+            for (const container of allContainers(workload))
+              assert.ok(!(container.ports ?? []).some((port: any) => port.hostPort), `${id(workload)}: hostPort`);
           }
         }
         const agent = workloads(objects()).find((workload) => workload.kind === 'DaemonSet')!;
@@ -319,18 +410,30 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
         assert.equal(pod.hostNetwork, true);
         assert.equal(pod.dnsPolicy, 'ClusterFirstWithHostNet');
         assert.deepEqual(pod.nodeSelector, { 'cowherd.io/hypervisor': 'kvm' });
-        const hostPaths = pod.volumes.filter((volume: any) => volume.hostPath).map((volume: any) => volume.hostPath.path).sort();
+        const hostPaths = pod.volumes
+          .filter((volume: any) => volume.hostPath)
+          .map((volume: any) => volume.hostPath.path)
+          .sort();
         assert.deepEqual(hostPaths, ['/run/libvirt', '/var/lib/cowherd/credentials', '/var/lib/cowherd/images']);
         const mounts = pod.containers[0].volumeMounts;
         assert.equal(mounts.find((mount: any) => mount.mountPath === '/run/libvirt')?.readOnly, true, 'libvirt mounted read-only');
         // libvirtd on the host opens the disks the agent names: the image directory keeps its host path.
-        assert.ok(mounts.some((mount: any) => mount.name === pod.volumes.find((volume: any) => volume.hostPath?.path === '/var/lib/cowherd/images').name && mount.mountPath === '/var/lib/cowherd/images'));
+        assert.ok(
+          mounts.some(
+            (mount: any) =>
+              mount.name === pod.volumes.find((volume: any) => volume.hostPath?.path === '/var/lib/cowherd/images').name &&
+              mount.mountPath === '/var/lib/cowherd/images',
+          ),
+        );
       });
 
       test('every pod offers a metrics port 9464 named metrics with Prometheus annotations', () => {
         for (const workload of workloads(objects()).filter((workload) => workload.metadata.name !== 'nats')) {
           const ports = workload.spec.template.spec.containers[0].ports;
-          assert.ok(ports.some((port: any) => port.name === 'metrics' && port.containerPort === 9464), `${id(workload)}: metrics port`);
+          assert.ok(
+            ports.some((port: any) => port.name === 'metrics' && port.containerPort === 9464),
+            `${id(workload)}: metrics port`,
+          );
           const annotations = workload.spec.template.metadata.annotations ?? {};
           assert.equal(annotations['prometheus.io/scrape'], 'true', `${id(workload)}`);
           assert.equal(annotations['prometheus.io/port'], '9464', `${id(workload)}`);
@@ -340,12 +443,18 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
       test('configuration names only variables the processes read, and SIGTERM drains within the grace period', async () => {
         const known = await knownVariables();
         const used: Array<[string, string]> = [];
-        for (const map of objects().filter((object) => object.kind === 'ConfigMap' && object.metadata.name !== 'nats-config')) for (const key of Object.keys(map.data ?? {})) used.push([id(map), key]);
-        for (const workload of workloads(objects())) for (const container of allContainers(workload)) for (const variable of container.env ?? []) used.push([`${id(workload)} ${container.name}`, variable.name]);
+        for (const map of objects().filter((object) => object.kind === 'ConfigMap' && object.metadata.name !== 'nats-config'))
+          for (const key of Object.keys(map.data ?? {})) used.push([id(map), key]);
+        for (const workload of workloads(objects()))
+          for (const container of allContainers(workload))
+            for (const variable of container.env ?? []) used.push([`${id(workload)} ${container.name}`, variable.name]);
         for (const [where, name] of used) if (name.startsWith('COWHERD_')) assert.ok(known.has(name), `${where}: ${name} is read by no cowherd process`);
         const config = objects().find((object) => object.kind === 'ConfigMap' && object.metadata.name === 'cowherd-config')!;
         for (const workload of workloads(objects()).filter((workload) => workload.kind === 'Deployment')) {
-          assert.ok(workload.spec.template.spec.terminationGracePeriodSeconds > Number(config.data.COWHERD_SHUTDOWN_GRACE_SECONDS), `${id(workload)}: grace period`);
+          assert.ok(
+            workload.spec.template.spec.terminationGracePeriodSeconds > Number(config.data.COWHERD_SHUTDOWN_GRACE_SECONDS),
+            `${id(workload)}: grace period`,
+          );
           assert.deepEqual(workload.spec.template.spec.containers[0].args, [`services/${workload.metadata.name}/main.ts`]);
         }
       });
@@ -360,19 +469,36 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
     const env = Object.fromEntries(sidecar.env.map((variable: any) => [variable.name, variable.value]));
     const identities = parseStaticIdentities(env['COWHERD_NATS_STATIC_IDENTITIES']);
     assert.deepEqual(identities.map((identity) => identity.name).sort(), [...CLUSTER_IDENTITIES].sort());
-    assert.equal(config.data['authorization.conf'], renderNatsAuthorization(identities.map((identity) => identityPrincipal(identity)), []));
-    for (const name of Object.keys(env)) assert.ok(Object.values(SIDECAR_VARIABLES).some((variable) => variable.name === name), `sidecar variable ${name}`);
+    assert.equal(
+      config.data['authorization.conf'],
+      renderNatsAuthorization(
+        identities.map((identity) => identityPrincipal(identity)),
+        [],
+      ),
+    );
+    for (const name of Object.keys(env))
+      assert.ok(
+        Object.values(SIDECAR_VARIABLES).some((variable) => variable.name === name),
+        `sidecar variable ${name}`,
+      );
     assert.equal(nats.spec.template.spec.shareProcessNamespace, true, 'the sidecar signals nats-server');
 
     // nats-server -t parses the whole configuration (TLS files included) with the paths moved into a temp dir.
     const directory = await resources.tempDir('cowherd-test-deploy-nats-');
     const credentials = await issueClusterCredentials({ directory: join(directory, 'bootstrap') });
     const tls = join(directory, 'bootstrap', 'credentials', 'nats');
-    const relocate = (text: string): string => text.replaceAll('/var/run/cowherd/tls/', `${tls}/`).replaceAll('"/data"', JSON.stringify(join(directory, 'data'))).replaceAll('/var/run/nats/', `${directory}/`);
+    const relocate = (text: string): string =>
+      text
+        .replaceAll('/var/run/cowherd/tls/', `${tls}/`)
+        .replaceAll('"/data"', JSON.stringify(join(directory, 'data')))
+        .replaceAll('/var/run/nats/', `${directory}/`);
     await mkdir(join(directory, 'data'));
     await writeFile(join(directory, 'nats.conf'), relocate(config.data['nats.conf']));
     await writeFile(join(directory, 'authorization.conf'), config.data['authorization.conf']);
-    const { stdout, stderr } = await run('nats-server', ['-c', join(directory, 'nats.conf'), '-t'], { env: { ...process.env, SERVER_NAME: 'nats-0' }, timeout: 30_000 });
+    const { stdout, stderr } = await run('nats-server', ['-c', join(directory, 'nats.conf'), '-t'], {
+      env: { ...process.env, SERVER_NAME: 'nats-0' },
+      timeout: 30_000,
+    });
     assert.match(`${stdout}${stderr}`, /configuration file .* is valid/);
     // Routes dial nats-<i>.nats-headless: the server certificate names each of them.
     const dnsNames = inspectCertificate(await readFile(join(tls, 'cert.pem'), 'utf8')).dnsNames;
@@ -383,7 +509,10 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
   test('the credentials bootstrap writes the Secrets the manifests mount, and a second run keeps them', async () => {
     const directory = await resources.tempDir('cowherd-test-deploy-credentials-');
     const first = await issueClusterCredentials({ directory, extraDnsNames: { inventory: ['inventory.cowherd.example.net'] }, adminUser: 'alice' });
-    assert.deepEqual([...first.issued].sort(), [...CLUSTER_IDENTITIES.map((name) => `spiffe://cowherd/service/${name}`), 'spiffe://cowherd/admin/alice'].sort());
+    assert.deepEqual(
+      [...first.issued].sort(),
+      [...CLUSTER_IDENTITIES.map((name) => `spiffe://cowherd/service/${name}`), 'spiffe://cowherd/admin/alice'].sort(),
+    );
     const second = await issueClusterCredentials({ directory, extraDnsNames: { inventory: ['inventory.cowherd.example.net'] }, adminUser: 'alice' });
     assert.deepEqual(second.issued, [], 'seeds still good are kept');
     for (const name of CLUSTER_IDENTITIES) {
@@ -393,12 +522,22 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
       const days = (facts.notAfter.getTime() - facts.notBefore.getTime()) / 86_400_000;
       assert.ok(days > 89 && days < 91, `${name}: a 90-day seed`);
     }
-    assert.ok(inspectCertificate(await readFile(join(directory, 'credentials', 'inventory', 'cert.pem'), 'utf8')).dnsNames.includes('inventory.cowherd.example.net'));
+    assert.ok(
+      inspectCertificate(await readFile(join(directory, 'credentials', 'inventory', 'cert.pem'), 'utf8')).dnsNames.includes('inventory.cowherd.example.net'),
+    );
     // The config's addresses are names in the certificates.
     const config = rendered.get('overlays/production')!;
     const agentConfig = config.find((object) => object.kind === 'ConfigMap' && object.metadata.name === 'agent-config')!.data;
     const serviceConfig = config.find((object) => object.kind === 'ConfigMap' && object.metadata.name === 'cowherd-config')!.data;
-    for (const address of [agentConfig.COWHERD_NATS_URL, agentConfig.COWHERD_CA_ADDRESS, agentConfig.COWHERD_ENROLL_ADDRESS, agentConfig.COWHERD_INVENTORY_ADDRESS, serviceConfig.COWHERD_NATS_URL, serviceConfig.COWHERD_CA_ADDRESS, serviceConfig.COWHERD_INVENTORY_ADDRESS]) {
+    for (const address of [
+      agentConfig.COWHERD_NATS_URL,
+      agentConfig.COWHERD_CA_ADDRESS,
+      agentConfig.COWHERD_ENROLL_ADDRESS,
+      agentConfig.COWHERD_INVENTORY_ADDRESS,
+      serviceConfig.COWHERD_NATS_URL,
+      serviceConfig.COWHERD_CA_ADDRESS,
+      serviceConfig.COWHERD_INVENTORY_ADDRESS,
+    ]) {
       const host = new URL(address.includes('://') ? address : `tls://${address}`).hostname;
       const identity = CLUSTER_IDENTITIES.find((name) => host === name || host.startsWith(`${name}.`))!;
       assert.ok(identity, address);
@@ -412,19 +551,30 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
     assert.deepEqual(made.get('cowherd-ca-key'), ['bootstrap-certificates.pem', 'ca-key.pem', 'ca.pem']);
     // Every seed's certificate is in the CA's bootstrap file, which it records as issued.
     const bootstrapBundle = await readFile(join(directory, 'ca', 'bootstrap-certificates.pem'), 'utf8');
-    const bootstrapSerials = (bootstrapBundle.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? []).map((pem) => inspectCertificate(pem).serialNumber).sort();
-    const seedSerials = await Promise.all([...CLUSTER_IDENTITIES.map((name) => join(directory, 'credentials', name)), first.adminDirectory].map(async (seed) => inspectCertificate(await readFile(join(seed, 'cert.pem'), 'utf8')).serialNumber));
+    const bootstrapSerials = (bootstrapBundle.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [])
+      .map((pem) => inspectCertificate(pem).serialNumber)
+      .sort();
+    const seedSerials = await Promise.all(
+      [...CLUSTER_IDENTITIES.map((name) => join(directory, 'credentials', name)), first.adminDirectory].map(
+        async (seed) => inspectCertificate(await readFile(join(seed, 'cert.pem'), 'utf8')).serialNumber,
+      ),
+    );
     assert.deepEqual(bootstrapSerials, seedSerials.sort());
     for (const overlay of OVERLAYS) {
       for (const workload of workloads(rendered.get(overlay)!)) {
         for (const volume of workload.spec.template.spec.volumes ?? []) {
           if (!volume.secret || volume.secret.optional) continue;
           assert.ok(made.has(volume.secret.secretName), `${overlay} ${id(workload)} mounts ${volume.secret.secretName}, which the bootstrap makes`);
-          const mount = [...allContainers(workload)].flatMap((container: any) => container.volumeMounts ?? []).find((candidate: any) => candidate.name === volume.name);
-          const copied = allContainers(workload).flatMap((container: any) => container.args ?? []).join(' ');
+          const mount = [...allContainers(workload)]
+            .flatMap((container: any) => container.volumeMounts ?? [])
+            .find((candidate: any) => candidate.name === volume.name);
+          const copied = allContainers(workload)
+            .flatMap((container: any) => container.args ?? [])
+            .join(' ');
           // Every key the volume mounts (all of the Secret's unless it names items).
           const keys: string[] = volume.secret.items ? volume.secret.items.map((item: { key: string }) => item.key) : made.get(volume.secret.secretName)!;
-          for (const key of keys) assert.ok(copied.includes(`${mount.mountPath}/${key}`), `${id(workload)}: ${volume.secret.secretName}/${key} is copied into the live directory`);
+          for (const key of keys)
+            assert.ok(copied.includes(`${mount.mountPath}/${key}`), `${id(workload)}: ${volume.secret.secretName}/${key} is copied into the live directory`);
         }
       }
     }
@@ -436,7 +586,14 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
     const complaints = `${stdout}${stderr}`.split('\n').filter((line) => line.includes('cowherd-agent.service') || /Unknown|Failed|Invalid/i.test(line));
     assert.deepEqual(complaints, []);
     const text = await readFile(unit, 'utf8');
-    for (const directive of ['NoNewPrivileges=yes', 'ProtectSystem=strict', 'ReadWritePaths=/var/lib/cowherd/images /var/lib/cowherd/credentials', 'CapabilityBoundingSet=', 'User=cowherd', 'EnvironmentFile=/etc/cowherd/agent.env']) {
+    for (const directive of [
+      'NoNewPrivileges=yes',
+      'ProtectSystem=strict',
+      'ReadWritePaths=/var/lib/cowherd/images /var/lib/cowherd/credentials',
+      'CapabilityBoundingSet=',
+      'User=cowherd',
+      'EnvironmentFile=/etc/cowherd/agent.env',
+    ]) {
       assert.ok(text.split('\n').includes(directive), directive);
     }
     const example = await readFile(join(DEPLOY, 'systemd', 'cowherd-agent.env.example'), 'utf8');
@@ -445,10 +602,17 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
   });
 
   test("deploy/'s TypeScript type-checks, and the Containerfile builds what the manifests run", async () => {
-    await run(process.execPath, [join(REPOSITORY, 'node_modules', 'typescript', 'bin', 'tsc'), '--noEmit', '-p', join(DEPLOY, 'tsconfig.json')], { cwd: REPOSITORY, timeout: 120_000 });
+    await run(process.execPath, [join(REPOSITORY, 'node_modules', 'typescript', 'bin', 'tsc'), '--noEmit', '-p', join(DEPLOY, 'tsconfig.json')], {
+      cwd: REPOSITORY,
+      timeout: 120_000,
+    });
     const containerfile = await readFile(join(DEPLOY, 'Containerfile'), 'utf8');
     const targets = [...containerfile.matchAll(/^FROM\s+(\S+)(?:\s+AS\s+(\S+))?/gim)].map((match) => ({ image: match[1]!, target: match[2] }));
-    for (const target of ['services', 'agent', 'nats']) assert.ok(targets.some((candidate) => candidate.target === target), `target ${target}`);
+    for (const target of ['services', 'agent', 'nats'])
+      assert.ok(
+        targets.some((candidate) => candidate.target === target),
+        `target ${target}`,
+      );
     const pinned = Object.fromEntries([...containerfile.matchAll(/^ARG\s+(\w+)=(\S+)/gm)].map((match) => [match[1], match[2]]));
     for (const { image } of targets) {
       const resolved = image.replace(/^\$\{(\w+)\}$/, (_, name: string) => pinned[name] ?? name);
@@ -465,12 +629,16 @@ describe('deploy/: Kubernetes manifests, rendered and validated offline', () => 
           const program = [...(container.args ?? [])].join(' ').match(/(services|deploy)\/[\w/-]+\.ts/)?.[0];
           if (container.image.startsWith('cowherd/nats')) continue;
           assert.ok(program && existsSync(join(REPOSITORY, program)), `${id(workload)} ${container.name}: ${program}`);
-          assert.ok(containerfile.includes(`COPY ${program.split('/')[0]}/`) || containerfile.includes(`COPY ${program.split('/').slice(0, 2).join('/')}/`), `${program} is copied into the image`);
+          assert.ok(
+            containerfile.includes(`COPY ${program.split('/')[0]}/`) || containerfile.includes(`COPY ${program.split('/').slice(0, 2).join('/')}/`),
+            `${program} is copied into the image`,
+          );
         }
       }
     }
     const ignore = await readFile(join(REPOSITORY, '.dockerignore'), 'utf8');
-    for (const needed of ['!services/', '!deploy/nats/', '!proto/cowherd.binpb', '!vendor/', '!package-lock.json']) assert.ok(ignore.split('\n').includes(needed), needed);
+    for (const needed of ['!services/', '!deploy/nats/', '!proto/cowherd.binpb', '!vendor/', '!package-lock.json'])
+      assert.ok(ignore.split('\n').includes(needed), needed);
   });
 });
 
@@ -484,7 +652,11 @@ describe('deploy/nats/nats-sidecar.ts against a real nats-server', () => {
       const natsTls = await pki.files('service', 'nats');
       const staticIdentities = 'spiffe://cowherd/service/nats,spiffe://cowherd/service/certificate-authority';
       // As in the StatefulSet: nats-server starts with the static users, the sidecar keeps the rest.
-      const nats = await startEmbeddedNats({ directory: join(directory, 'nats'), tls: natsTls, bootstrapUsers: parseStaticIdentities(staticIdentities).map((identity) => identityPrincipal(identity)) });
+      const nats = await startEmbeddedNats({
+        directory: join(directory, 'nats'),
+        tls: natsTls,
+        bootstrapUsers: parseStaticIdentities(staticIdentities).map((identity) => identityPrincipal(identity)),
+      });
       resources.defer(() => nats.stop());
       const sidecar = await startDaemon(process.execPath, ['--import', 'tsx', join(DEPLOY, 'nats', 'nats-sidecar.ts')], {
         readyPattern: /NATS users in sync/,
@@ -513,7 +685,15 @@ describe('deploy/nats/nats-sidecar.ts against a real nats-server', () => {
       const host = await pki.credentials('host', 'kvm-01');
       const hostFiles = await writeCredentials(join(directory, 'host'), host);
       const facts = inspectCertificate(host.certificatePem);
-      const record = { serialNumber: facts.serialNumber, identity: facts.identity!.uri, dnsNames: facts.dnsNames, issueTime: facts.notBefore.toISOString(), expireTime: facts.notAfter.toISOString(), certificatePem: host.certificatePem, issuer: 'spiffe://cowherd/service/certificate-authority' };
+      const record = {
+        serialNumber: facts.serialNumber,
+        identity: facts.identity!.uri,
+        dnsNames: facts.dnsNames,
+        issueTime: facts.notBefore.toISOString(),
+        expireTime: facts.notAfter.toISOString(),
+        certificatePem: host.certificatePem,
+        issuer: 'spiffe://cowherd/service/certificate-authority',
+      };
       const connectHost = async (): Promise<void> => {
         const connection = await connectNats({ servers: [nats.url], tls: hostFiles, name: 'test-host', log, connectTimeoutMs: 1_500 });
         // A host may publish its own events (and nothing of other hosts): the user has the host's permissions.
@@ -556,5 +736,10 @@ async function eventually(check: () => Promise<unknown>, timeoutMs: number): Pro
 /** Every COWHERD_* variable a cowherd process declares (services/ and deploy/ sources). */
 async function knownVariables(): Promise<Set<string>> {
   const { stdout } = await run('grep', ['-rhoE', "'COWHERD_[A-Z_]+'", join(REPOSITORY, 'services'), join(REPOSITORY, 'deploy'), '--include=*.ts']);
-  return new Set(stdout.split('\n').filter((line) => line !== '').map((line) => line.slice(1, -1)));
+  return new Set(
+    stdout
+      .split('\n')
+      .filter((line) => line !== '')
+      .map((line) => line.slice(1, -1)),
+  );
 }

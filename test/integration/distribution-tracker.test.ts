@@ -36,7 +36,11 @@ interface WebTorrentClient {
   destroy(callback?: (error?: Error | null) => void): void;
 }
 type WebTorrentConstructor = new (options: { dht: boolean; lsd: boolean; natUpnp: boolean; natPmp: boolean; utp: boolean }) => WebTorrentClient;
-type CreateTorrent = (input: string, options: { announceList: string[][]; private: boolean; createdBy?: string; creationDate?: number }, callback: (error: Error | null, torrent: Uint8Array) => void) => void;
+type CreateTorrent = (
+  input: string,
+  options: { announceList: string[][]; private: boolean; createdBy?: string; creationDate?: number },
+  callback: (error: Error | null, torrent: Uint8Array) => void,
+) => void;
 type ParseTorrent = (torrent: Uint8Array) => Promise<{ infoHash: string }>;
 
 async function load<T>(name: string): Promise<T> {
@@ -65,7 +69,9 @@ async function announce(port: number, infoHash: string, peer: { id: string; port
       response.on('data', (chunk: Buffer) => chunks.push(chunk));
       response.on('end', () => resolve(Buffer.concat(chunks)));
       response.on('error', reject);
-    }).on('error', reject).end();
+    })
+      .on('error', reject)
+      .end();
   });
   const bencode = await load<Bencode>('bencode');
   return bencode.decode(body) as Record<string, Bencoded>;
@@ -147,10 +153,15 @@ describe('distribution tracker', () => {
     await connection.connection.flush();
     await announce(replicaA.port, known, { id: '-CH0001-relayA', port: 7001, event: 'started' });
     let peers: string[] = [];
-    await waitFor('the relayed peer at replica B', async () => {
-      peers = compactPeers((await announce(replicaB.port, known, { id: '-CH0001-relayB', port: 7002, event: 'started' }))['peers']);
-      return peers.includes('127.0.0.1:7001');
-    }, 5_000, 100);
+    await waitFor(
+      'the relayed peer at replica B',
+      async () => {
+        peers = compactPeers((await announce(replicaB.port, known, { id: '-CH0001-relayB', port: 7002, event: 'started' }))['peers']);
+        return peers.includes('127.0.0.1:7001');
+      },
+      5_000,
+      100,
+    );
     // And back: replica A hands out the peer that announced to B.
     const fromA = compactPeers((await announce(replicaA.port, known, { id: '-CH0001-relayA', port: 7001 }))['peers']);
     assert.ok(fromA.includes('127.0.0.1:7002'), `peers at A: ${fromA.join(', ')}`);
@@ -174,15 +185,23 @@ describe('distribution tracker', () => {
   it('follows the catalog: accepts an image put after the start, stops accepting a deleted one within a second', async () => {
     const later = randomBytes(20).toString('hex');
     await images.create('later', image(later, Image_State.STATE_PUBLISHING));
-    await waitFor('the new image to be accepted', async () => (await announce(tracker.port, later, { id: '-CH0001-later', port: 6884 }))['failure reason'] === undefined, 1_000);
+    await waitFor(
+      'the new image to be accepted',
+      async () => (await announce(tracker.port, later, { id: '-CH0001-later', port: 6884 }))['failure reason'] === undefined,
+      1_000,
+    );
 
     const entry = await images.get('known');
     await images.delete('known', entry!.revision);
-    const elapsed = await waitFor('the deleted image to be refused', async () => (await announce(tracker.port, known, { id: '-CH0001-second', port: 6882 }))['failure reason'] !== undefined, 1_000);
+    const elapsed = await waitFor(
+      'the deleted image to be refused',
+      async () => (await announce(tracker.port, known, { id: '-CH0001-second', port: 6882 }))['failure reason'] !== undefined,
+      1_000,
+    );
     assert.ok(elapsed < 1_000);
     const stats = tracker.stats();
     assert.equal(stats.publishedInfoHashes, 1);
-    assert.equal(stats.swarms, 1, 'the deleted image\'s swarm is dropped');
+    assert.equal(stats.swarms, 1, "the deleted image's swarm is dropped");
   });
 
   it('lets a webtorrent client download from a webtorrent seeder through the tracker', { timeout: 60_000 }, async () => {
@@ -198,10 +217,18 @@ describe('distribution tracker', () => {
     await writeFile(file, content);
 
     const url = tracker.announceUrl('127.0.0.1');
-    const torrentFile = await new Promise<Uint8Array>((resolve, reject) => createTorrent(file, { announceList: [[url]], private: true, createdBy: 'cowherd test', creationDate: 0 }, (error, torrent) => (error ? reject(error) : resolve(torrent))));
+    const torrentFile = await new Promise<Uint8Array>((resolve, reject) =>
+      createTorrent(file, { announceList: [[url]], private: true, createdBy: 'cowherd test', creationDate: 0 }, (error, torrent) =>
+        error ? reject(error) : resolve(torrent),
+      ),
+    );
     const { infoHash } = await parseTorrent(torrentFile);
     await images.create('webtorrent', image(infoHash));
-    await waitFor('the torrent to be accepted', async () => (await announce(tracker.port, infoHash, { id: '-CH0001-probe', port: 6885, event: 'stopped' }))['failure reason'] === undefined, 1_000);
+    await waitFor(
+      'the torrent to be accepted',
+      async () => (await announce(tracker.port, infoHash, { id: '-CH0001-probe', port: 6885, event: 'stopped' }))['failure reason'] === undefined,
+      1_000,
+    );
 
     // uTP off: utp-native's sockets (native handles) keep the process alive ~30 s after destroy.
     const options = { dht: false, lsd: false, natUpnp: false, natPmp: false, utp: false };
@@ -225,7 +252,10 @@ describe('distribution tracker', () => {
     leeching.on('warning', (error) => warnings.push(`leecher: ${error.message}`));
     await waitFor('the download', () => leeching.done, 40_000, 50);
     assert.deepEqual(errors, []);
-    assert.deepEqual(warnings.filter((warning) => /not published|failure/i.test(warning)), []);
+    assert.deepEqual(
+      warnings.filter((warning) => /not published|failure/i.test(warning)),
+      [],
+    );
 
     const downloaded = await readFile(join(leechDirectory, 'disk.raw'));
     assert.equal(createHash('sha256').update(downloaded).digest('hex'), createHash('sha256').update(content).digest('hex'));

@@ -48,7 +48,12 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   const available: Array<{ host: string; operation: string }> = [];
 
   async function distribute(hosts: string[], requestId = ''): Promise<Operation> {
-    return call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: hosts.map((host) => HOST_NAME.format({ host })), requestId }, cb));
+    return call<Operation>((cb) =>
+      stack.distribution.distributeImage(
+        { image: IMAGE_NAME.format({ image: imageId }), hosts: hosts.map((host) => HOST_NAME.format({ host })), requestId },
+        cb,
+      ),
+    );
   }
 
   async function finished(operation: Operation): Promise<DistributeImageResponse> {
@@ -61,7 +66,9 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   async function assertVerifiedCopy(host: string): Promise<void> {
     const directory = join(agents.get(host)!.imageDirectory, 'images', imageId);
     for (const file of image.files) {
-      const digest = createHash('sha256').update(await readFile(join(directory, file.path))).digest('hex');
+      const digest = createHash('sha256')
+        .update(await readFile(join(directory, file.path)))
+        .digest('hex');
       assert.equal(digest, file.sha256, `${host}: ${file.path} verifies`);
     }
   }
@@ -90,7 +97,18 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     });
     resources.defer(() => consumer.stop());
 
-    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: `dist-origin-${suffix}`, virtualMachine: vm }), description: '', labels: {}, requestId: '' }, cb));
+    const published = await call<Operation>((cb) =>
+      stack.distribution.publishImage(
+        {
+          imageId,
+          sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: `dist-origin-${suffix}`, virtualMachine: vm }),
+          description: '',
+          labels: {},
+          requestId: '',
+        },
+        cb,
+      ),
+    );
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     image = unpack(Image, done.result.value);
@@ -99,11 +117,13 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
 
   it('publishes a private torrent of the image and a web seed on the origin', async () => {
     assert.match(image.torrent?.infoHash ?? '', /^[0-9a-f]{40}$/);
-    assert.equal(Number(image.torrent?.pieceLengthBytes), pieceLengthFor(Number(image.torrent!.totalBytes)), "the piece length follows the image size");
+    assert.equal(Number(image.torrent?.pieceLengthBytes), pieceLengthFor(Number(image.torrent!.totalBytes)), 'the piece length follows the image size');
     assert.ok(image.torrent!.metainfo.includes(Buffer.from('7:privatei1e')), 'the info dictionary is private');
-    const origin = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host: `dist-origin-${suffix}`, image: imageId }) }, cb));
+    const origin = await call<ImageReplica>((cb) =>
+      stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host: `dist-origin-${suffix}`, image: imageId }) }, cb),
+    );
     assert.equal(origin.origin, true);
-    assert.match(origin.webSeedUrl, /^http:\/\/localhost:\d+\/$/, "the advertised host name and the web seed port");
+    assert.match(origin.webSeedUrl, /^http:\/\/localhost:\d+\/$/, 'the advertised host name and the web seed port');
     // The web seed answers Range requests for the image's files, and nothing else.
     const disk = image.files.find((file) => file.targetDevice === 'vda')!;
     const ranged = await fetch(`${origin.webSeedUrl}${imageId}/${disk.path}`, { headers: { Range: 'bytes=0-3' } });
@@ -113,7 +133,11 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   });
 
   it('refuses bad requests before any operation exists, changing nothing', async () => {
-    const before = (await call<{ operations: unknown[] }>((cb) => stack.distributionOperations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
+    const before = (
+      await call<{ operations: unknown[] }>((cb) =>
+        stack.distributionOperations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb),
+      )
+    ).operations.length;
     const request = { image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host: `dist-a-${suffix}` })], requestId: '' };
     assert.equal((await failure((cb) => stack.distribution.distributeImage({ ...request, image: 'images/nope' }, cb))).code, GrpcStatus.NOT_FOUND);
     for (const bad of ['images/../etc', 'images/a/b', 'images/.hidden', `../images/${imageId}`]) {
@@ -122,30 +146,86 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
       assert.deepEqual(refused.fields, ['image']);
     }
     assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [] }, cb))).fields, ['hosts']);
-    assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [HOST_NAME.format({ host: `dist-a-${suffix}` }), HOST_NAME.format({ host: `dist-a-${suffix}` })] }, cb))).fields, ['hosts[1]']);
+    assert.deepEqual(
+      (
+        await failure((cb) =>
+          stack.distribution.distributeImage(
+            { ...request, hosts: [HOST_NAME.format({ host: `dist-a-${suffix}` }), HOST_NAME.format({ host: `dist-a-${suffix}` })] },
+            cb,
+          ),
+        )
+      ).fields,
+      ['hosts[1]'],
+    );
     assert.deepEqual((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: ['hosts/../x'] }, cb))).fields, ['hosts[0]']);
     assert.equal((await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: ['hosts/no-such-host'] }, cb))).code, GrpcStatus.NOT_FOUND);
     // A Xen host (its record only: no Xen here) must not receive a qcow2 image.
     const hosts = await KvStore.open(stack.connection.jetstream, 'hosts', protoCodec(Host));
-    await hosts.put(`xen-${suffix}`, Host.fromPartial({ name: HOST_NAME.format({ host: `xen-${suffix}` }), hypervisor: Hypervisor.HYPERVISOR_XEN, state: Host_State.STATE_READY, agentEndpoint: 'localhost:1' }));
-    await waitFor('the Xen host record', async () => (await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host: `xen-${suffix}` }) }, cb))).name || undefined);
-    const mismatch = await failure((cb) => stack.distribution.distributeImage({ ...request, hosts: [HOST_NAME.format({ host: `dist-a-${suffix}` }), HOST_NAME.format({ host: `xen-${suffix}` })] }, cb));
+    await hosts.put(
+      `xen-${suffix}`,
+      Host.fromPartial({
+        name: HOST_NAME.format({ host: `xen-${suffix}` }),
+        hypervisor: Hypervisor.HYPERVISOR_XEN,
+        state: Host_State.STATE_READY,
+        agentEndpoint: 'localhost:1',
+      }),
+    );
+    await waitFor(
+      'the Xen host record',
+      async () => (await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host: `xen-${suffix}` }) }, cb))).name || undefined,
+    );
+    const mismatch = await failure((cb) =>
+      stack.distribution.distributeImage(
+        { ...request, hosts: [HOST_NAME.format({ host: `dist-a-${suffix}` }), HOST_NAME.format({ host: `xen-${suffix}` })] },
+        cb,
+      ),
+    );
     assert.equal(mismatch.code, GrpcStatus.FAILED_PRECONDITION);
     assert.equal(mismatch.reason, 'ERROR_REASON_HYPERVISOR_MISMATCH');
     await hosts.delete(`xen-${suffix}`);
-    const afterCount = (await call<{ operations: unknown[] }>((cb) => stack.distributionOperations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb))).operations.length;
+    const afterCount = (
+      await call<{ operations: unknown[] }>((cb) =>
+        stack.distributionOperations.listOperations({ name: 'operations', filter: '', pageSize: 1000, pageToken: '', returnPartialSuccess: false }, cb),
+      )
+    ).operations.length;
     assert.equal(afterCount, before, 'no operation was created');
     assert.equal((await readdir(join(agents.get(`dist-a-${suffix}`)!.imageDirectory, 'images'))).length, 0, 'nothing reached the agent');
     // Least privilege between services: cloning may not make an agent fetch, distribution may not make clones.
-    const asService = async (name: string) => createClient(AgentServiceClient, stack.agent.address, mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', name)), caPem: stack.pki.ca.certificatePem }), { serverName: `dist-origin-${suffix}` });
+    const asService = async (name: string) =>
+      createClient(
+        AgentServiceClient,
+        stack.agent.address,
+        mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', name)), caPem: stack.pki.ca.certificatePem }),
+        { serverName: `dist-origin-${suffix}` },
+      );
     const cloningAgent = await asService('cloning');
     const distributionAgent = await asService('distribution');
-    assert.equal((await failure((cb) => cloningAgent.fetchImage({ image, trackerAnnounceUrl: 'http://localhost:1/announce', webSeedUrls: [], operation: '' }, cb))).code, GrpcStatus.PERMISSION_DENIED);
-    assert.equal((await failure((cb) => distributionAgent.createClones({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, clones: [{ domainName: 'nope', start: false }], operation: '', requestId: '', validateOnly: false }, cb))).code, GrpcStatus.PERMISSION_DENIED);
+    assert.equal(
+      (await failure((cb) => cloningAgent.fetchImage({ image, trackerAnnounceUrl: 'http://localhost:1/announce', webSeedUrls: [], operation: '' }, cb))).code,
+      GrpcStatus.PERMISSION_DENIED,
+    );
+    assert.equal(
+      (
+        await failure((cb) =>
+          distributionAgent.createClones(
+            {
+              source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
+              clones: [{ domainName: 'nope', start: false }],
+              operation: '',
+              requestId: '',
+              validateOnly: false,
+            },
+            cb,
+          ),
+        )
+      ).code,
+      GrpcStatus.PERMISSION_DENIED,
+    );
     cloningAgent.close();
     distributionAgent.close();
     // The tracker refuses an info-hash it does not know (announce with a random one).
-    const trackerUrl = (stack.distributionProcess.logs.find((line) => line['msg'] === 'agents announce to this tracker URL')?.['trackerAnnounceUrl'] as string) ?? '';
+    const trackerUrl =
+      (stack.distributionProcess.logs.find((line) => line['msg'] === 'agents announce to this tracker URL')?.['trackerAnnounceUrl'] as string) ?? '';
     const unknown = await fetch(`${trackerUrl}?info_hash=${'%01'.repeat(20)}&peer_id=${'%02'.repeat(20)}&port=6881&uploaded=0&downloaded=0&left=0&compact=1`);
     assert.match(await unknown.text(), /failure reason/);
   });
@@ -157,14 +237,21 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     await origin.process.daemon.stop(10_000);
     const restarted = await origin.restart();
     agents.set(origin.host, { ...origin, process: restarted });
-    await waitFor('the origin seeding again', async () => (restarted.logs.some((line) => line['msg'] === 'replica verified and seeding again') ? true : undefined), 60_000);
+    await waitFor(
+      'the origin seeding again',
+      async () => (restarted.logs.some((line) => line['msg'] === 'replica verified and seeding again') ? true : undefined),
+      60_000,
+    );
     const receivers = [`dist-a-${suffix}`, `dist-b-${suffix}`, `dist-g-${suffix}`];
     const operation = await distribute(receivers, `req-${suffix}-1`);
     const again = await distribute(receivers, `req-${suffix}-1`);
     assert.equal(again.name, operation.name, 'a retried request_id returns the same operation');
     const response = await finished(operation);
     assert.deepEqual(response.failures, []);
-    assert.deepEqual(response.replicas.map((replica) => replica.host), receivers.map((host) => HOST_NAME.format({ host })));
+    assert.deepEqual(
+      response.replicas.map((replica) => replica.host),
+      receivers.map((host) => HOST_NAME.format({ host })),
+    );
     for (const replica of response.replicas) assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
     for (const host of receivers) await assertVerifiedCopy(host);
     const done = await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb));
@@ -175,15 +262,22 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     // Once per host: wait a little for duplicates that must not come.
     await waitFor('three image.available events', async () => (available.filter((event) => event.operation === operation.name).length >= 3 ? true : undefined));
     await new Promise((resolve) => setTimeout(resolve, 1500));
-    const forThis = available.filter((event) => event.operation === operation.name).map((event) => event.host).sort();
+    const forThis = available
+      .filter((event) => event.operation === operation.name)
+      .map((event) => event.host)
+      .sort();
     assert.deepEqual(forThis, receivers.map((host) => HOST_NAME.format({ host })).sort());
     // The receiving agent's Prometheus metrics count what it downloaded.
     const metrics = agents.get(`dist-a-${suffix}`)!.process.metricsAddress!;
-    const downloaded = await waitFor('distribution bytes in the metrics', async () => {
-      const text = await (await fetch(`http://${metrics}/metrics`)).text();
-      const value = Number(new RegExp(`cowherd_distribution_bytes_total\\{image="${imageId}",direction="download"\\} (\\d+)`).exec(text)?.[1] ?? 0);
-      return value > 0 ? value : undefined;
-    }, 10_000);
+    const downloaded = await waitFor(
+      'distribution bytes in the metrics',
+      async () => {
+        const text = await (await fetch(`http://${metrics}/metrics`)).text();
+        const value = Number(new RegExp(`cowherd_distribution_bytes_total\\{image="${imageId}",direction="download"\\} (\\d+)`).exec(text)?.[1] ?? 0);
+        return value > 0 ? value : undefined;
+      },
+      10_000,
+    );
     assert.equal(downloaded, Number(image.torrent!.totalBytes));
     // A host that already holds the image counts as done at once, and publishes nothing new.
     const repeat = await finished(await distribute([`dist-a-${suffix}`]));
@@ -195,15 +289,27 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const host = `dist-c-${suffix}`;
     const agent = agents.get(host)!;
     // A download cap an admin sets in inventory (UpdateHost) slows the receiver down enough to kill it mid-way.
-    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(4 * MiB) } }), updateMask: ['transfer_limits'] }, cb));
+    await call((cb) =>
+      stack.inventory.updateHost(
+        {
+          host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(4 * MiB) } }),
+          updateMask: ['transfer_limits'],
+        },
+        cb,
+      ),
+    );
     await waitFor('the cap applied', async () => (agentLog(agent, 'transfer limits applied') ? true : undefined), 30_000);
     const operation = await distribute([host]);
     const total = Number(image.torrent!.totalBytes);
-    await waitFor('half of the image on the receiver', async () => {
-      const current = await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb));
-      const progress = unpack(DistributeImageMetadata, current.metadata!).transfers[0]?.progress;
-      return Number(progress?.bytesDone ?? 0) >= total / 2 ? true : undefined;
-    }, 120_000);
+    await waitFor(
+      'half of the image on the receiver',
+      async () => {
+        const current = await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb));
+        const progress = unpack(DistributeImageMetadata, current.metadata!).transfers[0]?.progress;
+        return Number(progress?.bytesDone ?? 0) >= total / 2 ? true : undefined;
+      },
+      120_000,
+    );
     process.kill(agent.process.daemon.pid, 'SIGKILL');
     await agent.process.daemon.exited;
     const restarted = await agent.restart();
@@ -214,8 +320,19 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     assert.ok(resumed, 'the restarted agent resumed the partial replica by itself');
     assert.ok(Number(resumed['present']) >= total * 0.4, `pieces kept across the kill: ${String(resumed['present'])} of ${total}`);
     const done = restarted.logs.find((line) => line['msg'] === 'replica available')!;
-    assert.ok(Number(done['received']) <= total - Number(resumed['present']) + 8 * MiB, `after the restart it received ${String(done['received'])} bytes, about what was missing`);
-    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: '0' } }), updateMask: ['transfer_limits'] }, cb));
+    assert.ok(
+      Number(done['received']) <= total - Number(resumed['present']) + 8 * MiB,
+      `after the restart it received ${String(done['received'])} bytes, about what was missing`,
+    );
+    await call((cb) =>
+      stack.inventory.updateHost(
+        {
+          host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: '0' } }),
+          updateMask: ['transfer_limits'],
+        },
+        cb,
+      ),
+    );
     agents.set(host, { ...agent, process: restarted });
   });
 
@@ -235,7 +352,12 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     await waitFor('the replica fetched again', async () => (restarted.logs.some((line) => line['msg'] === 'replica available') ? true : undefined), 120_000);
     assert.ok(restarted.logs.some((line) => line['msg'] === 'replica changed on disk: fetching it again'));
     await assertVerifiedCopy(host);
-    await waitFor('the record AVAILABLE again', async () => ((await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb))).state === ImageReplica_State.STATE_AVAILABLE ? true : undefined));
+    await waitFor('the record AVAILABLE again', async () =>
+      (await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb))).state ===
+      ImageReplica_State.STATE_AVAILABLE
+        ? true
+        : undefined,
+    );
   });
 
   it('a host whose disk is full fails alone and cleanly; the others complete', async () => {
@@ -248,10 +370,15 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const extra = await stack.addAgent(`dist-d-${suffix}`);
     agents.set(extra.host, extra);
     for (const host of [full.host, extra.host]) {
-      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
+      await waitFor(`${host} READY`, async () =>
+        (await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_READY ? true : undefined,
+      );
     }
     const response = await finished(await distribute([full.host, extra.host]));
-    assert.deepEqual(response.replicas.map((replica) => replica.host), [HOST_NAME.format({ host: extra.host })]);
+    assert.deepEqual(
+      response.replicas.map((replica) => replica.host),
+      [HOST_NAME.format({ host: extra.host })],
+    );
     assert.equal(response.failures.length, 1);
     assert.equal(response.failures[0]!.host, HOST_NAME.format({ host: full.host }));
     assert.equal(response.failures[0]!.status?.code, GrpcStatus.RESOURCE_EXHAUSTED, JSON.stringify(response.failures[0]));
@@ -263,17 +390,37 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   it('cloning onto a host without the image has it distributed first, then makes the clones', async () => {
     const target = await stack.addAgent(`dist-f-${suffix}`);
     agents.set(target.host, target);
-    await waitFor(`${target.host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host: target.host }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    await waitFor(`${target.host} READY`, async () =>
+      (await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host: target.host }) }, cb))).state === Host_State.STATE_READY
+        ? true
+        : undefined,
+    );
     const clone = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target.host })], maxClonesPerHost: 0 }, count: 2, nameTemplate: `dc-${suffix}-{index}`, start: false, requestId: '' }, cb),
+      stack.cloning.cloneVirtualMachines(
+        {
+          source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
+          placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target.host })], maxClonesPerHost: 0 },
+          count: 2,
+          nameTemplate: `dc-${suffix}-{index}`,
+          start: false,
+          requestId: '',
+        },
+        cb,
+      ),
     );
     stack.track(`dc-${suffix}-1`, `dc-${suffix}-2`);
     const done = await stack.wait(clone.name, 180_000);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     const clones = unpack(CloneVirtualMachinesResponse, done.result.value).clones;
-    assert.deepEqual(clones.map((result) => result.state), [CloneResult_State.STATE_DONE, CloneResult_State.STATE_DONE], JSON.stringify(clones));
+    assert.deepEqual(
+      clones.map((result) => result.state),
+      [CloneResult_State.STATE_DONE, CloneResult_State.STATE_DONE],
+      JSON.stringify(clones),
+    );
     await assertVerifiedCopy(target.host);
-    const replica = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host: target.host, image: imageId }) }, cb));
+    const replica = await call<ImageReplica>((cb) =>
+      stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host: target.host, image: imageId }) }, cb),
+    );
     assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
     // The clones' disks are overlays on the distributed base.
     const info = JSON.parse((await run('qemu-img', ['info', '--output=json', clones[0]!.overlays[0]!])).stdout) as { 'backing-filename'?: string };
@@ -283,7 +430,11 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
   it('the origin can stop once a receiver is complete: the rest finish from peers', async () => {
     const late = await stack.addAgent(`dist-e-${suffix}`);
     agents.set(late.host, late);
-    await waitFor(`${late.host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host: late.host }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    await waitFor(`${late.host} READY`, async () =>
+      (await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host: late.host }) }, cb))).state === Host_State.STATE_READY
+        ? true
+        : undefined,
+    );
     await agents.get(`dist-origin-${suffix}`)!.process.daemon.stop(10_000);
     const response = await finished(await distribute([late.host]));
     assert.deepEqual(response.failures, []);

@@ -19,7 +19,14 @@ import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/ce
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
 import { createClient } from '../../services/common/platform/client.js';
 import { type EmbeddedNats } from '../../services/launcher/embedded-nats.js';
-import { DirectoryOutboxStore, KvOutboxStore, OutboxEventPublisher, OutboxRelay, startEventOutbox, type EventOutbox } from '../../services/common/platform/event-outbox.js';
+import {
+  DirectoryOutboxStore,
+  KvOutboxStore,
+  OutboxEventPublisher,
+  OutboxRelay,
+  startEventOutbox,
+  type EventOutbox,
+} from '../../services/common/platform/event-outbox.js';
 import { CLONE_DONE } from '../../services/common/domain/event-types.js';
 import { consumeEvents, EVENT_STREAM, ensureEventStream, JetStreamEventPublisher } from '../../services/common/platform/events.js';
 import { createLogger } from '../../services/common/platform/logger.js';
@@ -34,7 +41,18 @@ const run = promisify(execFile);
 const log = createLogger({ service: 'test', level: 'silent' });
 const suffix = Math.random().toString(36).slice(2, 7);
 
-const cloneDone = (host: string, name: string): CloneDone => ({ virtualMachine: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }), host: HOST_NAME.format({ host }), domainName: name, uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: new Date() });
+const cloneDone = (host: string, name: string): CloneDone => ({
+  virtualMachine: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }),
+  host: HOST_NAME.format({ host }),
+  domainName: name,
+  uuid: '',
+  image: '',
+  sourceVirtualMachine: '',
+  overlays: [],
+  started: false,
+  operation: '',
+  occurTime: new Date(),
+});
 
 /** How often each Nats-Msg-Id is stored in the event stream (reads every stored message by sequence). */
 async function storedIds(connection: Nats): Promise<Map<string, number>> {
@@ -63,8 +81,16 @@ async function untilStored(connection: Nats, ids: readonly string[], timeoutMs =
 }
 
 function assertExactlyOnce(counts: Map<string, number>, ids: readonly string[]): void {
-  assert.deepEqual(ids.filter((id) => !counts.has(id)), [], 'every event reached the stream');
-  assert.deepEqual(ids.filter((id) => (counts.get(id) ?? 0) > 1), [], 'no event is stored twice');
+  assert.deepEqual(
+    ids.filter((id) => !counts.has(id)),
+    [],
+    'every event reached the stream',
+  );
+  assert.deepEqual(
+    ids.filter((id) => (counts.get(id) ?? 0) > 1),
+    [],
+    'no event is stored twice',
+  );
 }
 
 describe('event outbox on a real nats-server', () => {
@@ -119,7 +145,11 @@ describe('event outbox on a real nats-server', () => {
     while ((agentOutbox.pending() > 0 || serviceOutbox.pending() > 0) && Date.now() < waitDrained) await new Promise((resolve) => setTimeout(resolve, 100));
     assert.equal(agentOutbox.pending(), 0);
     assert.equal(serviceOutbox.pending(), 0);
-    assert.deepEqual((await readdir(directory)).filter((name) => name.endsWith('.event')), [], 'published records are removed from the directory');
+    assert.deepEqual(
+      (await readdir(directory)).filter((name) => name.endsWith('.event')),
+      [],
+      'published records are removed from the directory',
+    );
   });
 
   it('(2) events recorded by a process that died before publishing are published by the next one, once', async () => {
@@ -153,7 +183,11 @@ describe('event outbox on a real nats-server', () => {
     // them over once they are older than the owner's grace time.
     const kvIds = Array.from({ length: 4 }, (_, index) => `image.published/restart-${suffix}/${index}`);
     const deadStore = await KvOutboxStore.open(service.jetstream, service.manager, 'distribution', log);
-    const dead = new OutboxEventPublisher(deadStore, new OutboxRelay(deadStore, async () => assert.fail('the dead process sends nothing'), log), () => Date.now() - 60_000);
+    const dead = new OutboxEventPublisher(
+      deadStore,
+      new OutboxRelay(deadStore, async () => assert.fail('the dead process sends nothing'), log),
+      () => Date.now() - 60_000,
+    );
     for (const [index, id] of kvIds.entries()) await dead.publish(CLONE_DONE, cloneDone('kvm-01', `kv-${index}`), { host: 'kvm-01', id });
     const next = await startEventOutbox({ js: service.jetstream, manager: service.manager, log, owner: 'distribution' });
     counts = await untilStored(service, kvIds);
@@ -176,12 +210,21 @@ describe('event outbox on a real nats-server', () => {
     }
     assert.equal((await storedIds(service)).get(id), 2, 'the stream holds it twice');
     const handled: string[] = [];
-    const consumer = await consumeEvents(service.jetstream, service.manager, { durable: `late-${suffix}`, types: [CLONE_DONE], log, handle: async (event) => void handled.push(event.id) });
+    const consumer = await consumeEvents(service.jetstream, service.manager, {
+      durable: `late-${suffix}`,
+      types: [CLONE_DONE],
+      log,
+      handle: async (event) => void handled.push(event.id),
+    });
     const deadline = Date.now() + 10_000;
     while (handled.length < 1 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
     await new Promise((resolve) => setTimeout(resolve, 1_000));
     await consumer.stop();
-    assert.deepEqual(handled.filter((handledId) => handledId === id), [id], 'handled once');
+    assert.deepEqual(
+      handled.filter((handledId) => handledId === id),
+      [id],
+      'handled once',
+    );
   });
 });
 
@@ -228,7 +271,12 @@ describe('clone.done through a nats-server restart on a real agent', { skip: pro
       COWHERD_IMAGE_DIR: imageDirectory,
       COWHERD_DOMAIN_SCOPE: 'image-directory',
     });
-    const agentClient = createClient(AgentServiceClient, agent.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('service', 'cloning')), caPem: pki.ca.certificatePem }), { defaultDeadlineMs: 120_000 });
+    const agentClient = createClient(
+      AgentServiceClient,
+      agent.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('service', 'cloning')), caPem: pki.ca.certificatePem }),
+      { defaultDeadlineMs: 120_000 },
+    );
     resources.defer(() => agentClient.close());
     const reader = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'cloning'), name: 'test-reader', log });
     resources.defer(() => reader.close());
@@ -243,12 +291,24 @@ describe('clone.done through a nats-server restart on a real agent', { skip: pro
     await restartNats(5_000, async () => {
       const startedAt = Date.now();
       const response = await call<{ results: CreateCloneResult[] }>((cb) =>
-        agentClient.createClones(CreateClonesRequest.fromPartial({ source: { $case: 'virtualMachine', value: VIRTUAL_MACHINE_NAME.format({ host: 'outbox-host', virtualMachine: source }) }, clones: names.map((domainName) => ({ domainName, start: false })), operation, requestId: `outbox-${suffix}` }), cb),
+        agentClient.createClones(
+          CreateClonesRequest.fromPartial({
+            source: { $case: 'virtualMachine', value: VIRTUAL_MACHINE_NAME.format({ host: 'outbox-host', virtualMachine: source }) },
+            clones: names.map((domainName) => ({ domainName, start: false })),
+            operation,
+            requestId: `outbox-${suffix}`,
+          }),
+          cb,
+        ),
       );
       batchMs = Date.now() - startedAt;
       results = response.results;
     });
-    assert.deepEqual(results.map((result) => [result.domainName, result.status?.code ?? 0]), names.map((name) => [name, 0]), 'every clone made');
+    assert.deepEqual(
+      results.map((result) => [result.domainName, result.status?.code ?? 0]),
+      names.map((name) => [name, 0]),
+      'every clone made',
+    );
     // The batch waits for its events to be recorded on the agent's disk, not for NATS.
     assert.ok(batchMs < 5_000, `the batch took ${batchMs} ms while NATS was down`);
     const ids = names.map((name) => `clone.done/${operation}/outbox-host/${name}`);
@@ -256,6 +316,10 @@ describe('clone.done through a nats-server restart on a real agent', { skip: pro
     assertExactlyOnce(counts, ids);
     const stored = [...counts.keys()].filter((id) => id.startsWith('clone.done/'));
     assert.equal(stored.length, names.length, 'one clone.done per clone, nothing else of that kind');
-    assert.deepEqual((await readdir(join(imageDirectory, 'event-outbox'))).filter((name) => name.endsWith('.event')), [], 'the agent outbox is empty again');
+    assert.deepEqual(
+      (await readdir(join(imageDirectory, 'event-outbox'))).filter((name) => name.endsWith('.event')),
+      [],
+      'the agent outbox is empty again',
+    );
   });
 });

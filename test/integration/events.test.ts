@@ -15,7 +15,18 @@ import { HOST_IMAGE_NAME, HOST_NAME } from '../../services/common/domain/resourc
 const log = createLogger({ service: 'test', level: 'silent' });
 
 function available(host: string): ImageAvailable {
-  return { image: 'images/debian-12', host: HOST_NAME.format({ host }), replica: HOST_IMAGE_NAME.format({ host, image: 'debian-12' }), totalBytes: '268435456', files: [], origin: false, transferDuration: { seconds: '12', nanos: 0 }, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z'), generation: '1' };
+  return {
+    image: 'images/debian-12',
+    host: HOST_NAME.format({ host }),
+    replica: HOST_IMAGE_NAME.format({ host, image: 'debian-12' }),
+    totalBytes: '268435456',
+    files: [],
+    origin: false,
+    transferDuration: { seconds: '12', nanos: 0 },
+    operation: 'operations/x',
+    occurTime: new Date('2026-11-26T10:00:00Z'),
+    generation: '1',
+  };
 }
 
 async function waitFor(predicate: () => boolean, timeoutMs = 10_000): Promise<void> {
@@ -45,7 +56,12 @@ describe('events', () => {
   it('reach a durable consumer that was offline when they were published, once per Nats-Msg-Id', async () => {
     const received: Array<ReceivedEvent<ImageAvailable>> = [];
     // The consumer exists (durable), then goes away.
-    const first = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, { durable: 'cloning-image-available', types: [IMAGE_AVAILABLE], log, handle: async (event) => void received.push(event) });
+    const first = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, {
+      durable: 'cloning-image-available',
+      types: [IMAGE_AVAILABLE],
+      log,
+      handle: async (event) => void received.push(event),
+    });
     await first.stop();
 
     const publisher = new JetStreamEventPublisher(publisherConnection.jetstream, log);
@@ -54,13 +70,36 @@ describe('events', () => {
     await publisher.publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'image.available/debian-12/kvm-01' });
     await publisher.publish(IMAGE_AVAILABLE, available('kvm-02'), { host: 'kvm-02', id: 'image.available/debian-12/kvm-02' });
     // Another kind on the same stream is not delivered to this consumer.
-    await publisher.publish(CLONE_DONE, { virtualMachine: 'hosts/kvm-01/virtualMachines/a', host: 'hosts/kvm-01', domainName: 'a', uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: undefined }, { host: 'kvm-01', id: 'clone.done/a' });
+    await publisher.publish(
+      CLONE_DONE,
+      {
+        virtualMachine: 'hosts/kvm-01/virtualMachines/a',
+        host: 'hosts/kvm-01',
+        domainName: 'a',
+        uuid: '',
+        image: '',
+        sourceVirtualMachine: '',
+        overlays: [],
+        started: false,
+        operation: '',
+        occurTime: undefined,
+      },
+      { host: 'kvm-01', id: 'clone.done/a' },
+    );
 
-    const second = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, { durable: 'cloning-image-available', types: [IMAGE_AVAILABLE], log, handle: async (event) => void received.push(event) });
+    const second = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, {
+      durable: 'cloning-image-available',
+      types: [IMAGE_AVAILABLE],
+      log,
+      handle: async (event) => void received.push(event),
+    });
     await waitFor(() => received.length >= 2);
     await new Promise((resolve) => setTimeout(resolve, 300));
     await second.stop();
-    assert.deepEqual(received.map((event) => event.subject), ['cowherd.events.image.available.kvm-01', 'cowherd.events.image.available.kvm-02']);
+    assert.deepEqual(
+      received.map((event) => event.subject),
+      ['cowherd.events.image.available.kvm-01', 'cowherd.events.image.available.kvm-02'],
+    );
     assert.equal(received[0]!.typeName, ImageAvailable.$type);
     assert.deepEqual(received[0]!.payload, available('kvm-01'));
   });
@@ -69,11 +108,23 @@ describe('events', () => {
     const { headers } = await import('@nats-io/transport-node');
     const { EVENT_TYPE_HEADER } = await import('../../services/common/platform/events.js');
     const received: string[] = [];
-    const consumer = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, { durable: 'strict-subjects', types: [IMAGE_AVAILABLE, CLONE_DONE] as never[], log, startAt: 'new', handle: async (event) => void received.push(event.subject) });
+    const consumer = await consumeEvents(consumerConnection.jetstream, consumerConnection.manager, {
+      durable: 'strict-subjects',
+      types: [IMAGE_AVAILABLE, CLONE_DONE] as never[],
+      log,
+      startAt: 'new',
+      handle: async (event) => void received.push(event.subject),
+    });
     const forged = headers();
     forged.set(EVENT_TYPE_HEADER, ImageAvailable.$type);
-    await publisherConnection.jetstream.publish('cowherd.events.available.kvm-09.kvm-01', ImageAvailable.encode(available('kvm-09')).finish(), { headers: forged, msgID: 'forged' });
-    await new JetStreamEventPublisher(publisherConnection.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-01'), { host: 'kvm-01', id: 'genuine-after-forged' });
+    await publisherConnection.jetstream.publish('cowherd.events.available.kvm-09.kvm-01', ImageAvailable.encode(available('kvm-09')).finish(), {
+      headers: forged,
+      msgID: 'forged',
+    });
+    await new JetStreamEventPublisher(publisherConnection.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-01'), {
+      host: 'kvm-01',
+      id: 'genuine-after-forged',
+    });
     await waitFor(() => received.length >= 1);
     await new Promise((resolve) => setTimeout(resolve, 200));
     await consumer.stop();

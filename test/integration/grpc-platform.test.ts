@@ -9,7 +9,14 @@ import { pbkdf2 } from 'node:crypto';
 import { connect as tlsConnect } from 'node:tls';
 import { after, before, describe, it } from 'node:test';
 import { readFile } from 'node:fs/promises';
-import { makeGenericClientConstructor, Metadata, status as GrpcStatus, type ChannelCredentials, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
+import {
+  makeGenericClientConstructor,
+  Metadata,
+  status as GrpcStatus,
+  type ChannelCredentials,
+  type ClientDuplexStream,
+  type ServiceError,
+} from '@grpc/grpc-js';
 import { AgentClients } from '../../services/common/domain/agent-clients.js';
 import { createClient } from '../../services/common/platform/client.js';
 import { CowherdError, readServiceError } from '../../services/common/platform/errors.js';
@@ -19,7 +26,12 @@ import { createLogger } from '../../services/common/platform/logger.js';
 import { readDescriptorSet } from '../../services/common/platform/reflection.js';
 import { adaptService, type RevocationCheck } from '../../services/common/platform/rpc.js';
 import { startServer, type RunningServer } from '../../services/common/platform/server.js';
-import { mutualTlsChannelCredentialsFromPem, mutualTlsClientCredentials, mutualTlsServerCredentials, type TlsFiles } from '../../services/common/platform/tls.js';
+import {
+  mutualTlsChannelCredentialsFromPem,
+  mutualTlsClientCredentials,
+  mutualTlsServerCredentials,
+  type TlsFiles,
+} from '../../services/common/platform/tls.js';
 import { inspectCertificate } from '../../services/common/platform/pki.js';
 import { AGENT_POLICY } from '../../services/agent/access-policy.js';
 import { INVENTORY_POLICY } from '../../services/inventory/access-policy.js';
@@ -31,7 +43,6 @@ import { Resources, TestPki } from '../harness/index.js';
 import { call, failure } from '../harness/grpc.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
-
 
 describe('gRPC platform', () => {
   /** The serial of the certificate a server presents in a TLS handshake now. */
@@ -56,7 +67,12 @@ describe('gRPC platform', () => {
 
   async function clientFor(kind: 'admin' | 'host' | 'service', name: string): Promise<InventoryServiceClient> {
     const credentials = await pki.credentials(kind, name);
-    const client = createClient(InventoryServiceClient, `localhost:${server.port}`, mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem }), { defaultDeadlineMs: 5_000, initialBackoffMs: 10 });
+    const client = createClient(
+      InventoryServiceClient,
+      `localhost:${server.port}`,
+      mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem }),
+      { defaultDeadlineMs: 5_000, initialBackoffMs: 10 },
+    );
     clients.push(client);
     return client;
   }
@@ -88,7 +104,15 @@ describe('gRPC platform', () => {
       INVENTORY_POLICY,
       { log, revocations },
     );
-    server = await startServer({ log, address: 'localhost:0', healthAddress: 'localhost:0', credentials: mutualTlsServerCredentials(serverFiles, 200), services: [service], descriptorSet: readDescriptorSet(), revocations });
+    server = await startServer({
+      log,
+      address: 'localhost:0',
+      healthAddress: 'localhost:0',
+      credentials: mutualTlsServerCredentials(serverFiles, 200),
+      services: [service],
+      descriptorSet: readDescriptorSet(),
+      revocations,
+    });
     resources.defer(() => server.stop(1_000));
   });
   after(async () => {
@@ -100,7 +124,12 @@ describe('gRPC platform', () => {
     const host = await clientFor('host', 'kvm-01');
     await call((cb) => host.heartbeat({ host: 'hosts/kvm-01', memoryFreeBytes: '0', imageDirectoryFreeBytes: '0', imageDirectoryTotalBytes: '0' }, cb));
     const before = heartbeatCalls;
-    const error = await call((cb) => host.heartbeat({ host: 'hosts/kvm-02', memoryFreeBytes: '0', imageDirectoryFreeBytes: '0', imageDirectoryTotalBytes: '0' }, cb)).then(() => undefined, (e: ServiceError) => e);
+    const error = await call((cb) =>
+      host.heartbeat({ host: 'hosts/kvm-02', memoryFreeBytes: '0', imageDirectoryFreeBytes: '0', imageDirectoryTotalBytes: '0' }, cb),
+    ).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     assert.ok(error);
     const received = readServiceError(error);
     assert.equal(received.code, GrpcStatus.PERMISSION_DENIED);
@@ -110,42 +139,83 @@ describe('gRPC platform', () => {
 
   it('refuses a host identity on an admin RPC and an admin on an agent-only RPC', async () => {
     const host = await clientFor('host', 'kvm-01');
-    const denied = await call((cb) => host.updateHost({ host: undefined, updateMask: undefined }, cb)).then(() => undefined, (e: ServiceError) => e);
+    const denied = await call((cb) => host.updateHost({ host: undefined, updateMask: undefined }, cb)).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     assert.equal(denied?.code, GrpcStatus.PERMISSION_DENIED);
     const admin = await clientFor('admin', 'alice');
-    const adminHeartbeat = await call((cb) => admin.heartbeat({ host: 'hosts/kvm-01', memoryFreeBytes: '0', imageDirectoryFreeBytes: '0', imageDirectoryTotalBytes: '0' }, cb)).then(() => undefined, (e: ServiceError) => e);
+    const adminHeartbeat = await call((cb) =>
+      admin.heartbeat({ host: 'hosts/kvm-01', memoryFreeBytes: '0', imageDirectoryFreeBytes: '0', imageDirectoryTotalBytes: '0' }, cb),
+    ).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     assert.equal(adminHeartbeat?.code, GrpcStatus.PERMISSION_DENIED);
   });
 
   it('sends INVALID_ARGUMENT with the field named, NOT_FOUND, and UNIMPLEMENTED for RPCs without handlers', async () => {
     const admin = await clientFor('admin', 'alice');
-    const invalid = readServiceError(await call((cb) => admin.updateHost({ host: undefined, updateMask: undefined }, cb)).then(() => { throw new Error('no error'); }, (e: ServiceError) => e));
+    const invalid = readServiceError(
+      await call((cb) => admin.updateHost({ host: undefined, updateMask: undefined }, cb)).then(
+        () => {
+          throw new Error('no error');
+        },
+        (e: ServiceError) => e,
+      ),
+    );
     assert.equal(invalid.code, GrpcStatus.INVALID_ARGUMENT);
     assert.deepEqual(invalid.fields, ['update_mask']);
-    const missing = readServiceError(await call((cb) => admin.getHost({ name: 'hosts/nope' }, cb)).then(() => { throw new Error('no error'); }, (e: ServiceError) => e));
+    const missing = readServiceError(
+      await call((cb) => admin.getHost({ name: 'hosts/nope' }, cb)).then(
+        () => {
+          throw new Error('no error');
+        },
+        (e: ServiceError) => e,
+      ),
+    );
     assert.equal(missing.code, GrpcStatus.NOT_FOUND);
     assert.equal(missing.reason, 'ERROR_REASON_RESOURCE_NOT_FOUND');
-    const unimplemented = await call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter: '' }, cb)).then(() => undefined, (e: ServiceError) => e);
+    const unimplemented = await call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter: '' }, cb)).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     assert.equal(unimplemented?.code, GrpcStatus.UNIMPLEMENTED);
   });
 
   it('refuses a revoked certificate with UNAUTHENTICATED (CERTIFICATE_REVOKED)', async () => {
     const credentials = await pki.credentials('admin', 'mallory');
-    const client = createClient(InventoryServiceClient, `localhost:${server.port}`, mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem }));
+    const client = createClient(
+      InventoryServiceClient,
+      `localhost:${server.port}`,
+      mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem }),
+    );
     clients.push(client);
     await call((cb) => client.getHost({ name: 'hosts/kvm-01' }, cb));
     revoked.add(inspectCertificate(credentials.certificatePem).serialNumber);
-    const error = readServiceError(await call((cb) => client.getHost({ name: 'hosts/kvm-01' }, cb)).then(() => { throw new Error('no error'); }, (e: ServiceError) => e));
+    const error = readServiceError(
+      await call((cb) => client.getHost({ name: 'hosts/kvm-01' }, cb)).then(
+        () => {
+          throw new Error('no error');
+        },
+        (e: ServiceError) => e,
+      ),
+    );
     assert.equal(error.code, GrpcStatus.UNAUTHENTICATED);
     assert.equal(error.reason, 'ERROR_REASON_CERTIFICATE_REVOKED');
   });
 
   it('puts server reflection (v1 and v1alpha) behind the same identity and revocation checks as every RPC', async () => {
-    const v1alpha = { serverReflectionInfo: { ...ServerReflectionService.serverReflectionInfo, path: '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo' } };
+    const v1alpha = {
+      serverReflectionInfo: { ...ServerReflectionService.serverReflectionInfo, path: '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo' },
+    };
     type ReflectionClient = { serverReflectionInfo(): ClientDuplexStream<ServerReflectionRequest, ServerReflectionResponse>; close(): void };
     const listServices = (credentials: ChannelCredentials, alpha: boolean): Promise<string[]> =>
       new Promise((resolve, reject) => {
-        const Client = makeGenericClientConstructor(alpha ? v1alpha : ServerReflectionService, alpha ? 'grpc.reflection.v1alpha.ServerReflection' : 'grpc.reflection.v1.ServerReflection');
+        const Client = makeGenericClientConstructor(
+          alpha ? v1alpha : ServerReflectionService,
+          alpha ? 'grpc.reflection.v1alpha.ServerReflection' : 'grpc.reflection.v1.ServerReflection',
+        );
         const client = new Client(`localhost:${server.port}`, credentials) as unknown as ReflectionClient;
         const stream = client.serverReflectionInfo();
         const names: string[] = [];
@@ -163,8 +233,13 @@ describe('gRPC platform', () => {
         stream.write({ host: '', messageRequest: { $case: 'listServices', value: '' } });
         stream.end();
       });
-    const credentialsOf = (credentials: Credentials): ChannelCredentials => mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem });
-    const refused = (credentials: ChannelCredentials, alpha: boolean) => listServices(credentials, alpha).then(() => assert.fail('reflection answered'), (error: ServiceError) => readServiceError(error));
+    const credentialsOf = (credentials: Credentials): ChannelCredentials =>
+      mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem });
+    const refused = (credentials: ChannelCredentials, alpha: boolean) =>
+      listServices(credentials, alpha).then(
+        () => assert.fail('reflection answered'),
+        (error: ServiceError) => readServiceError(error),
+      );
 
     // Any cowherd identity whose certificate stands may use it: hosts too (the schemas are public).
     const host = credentialsOf(await pki.credentials('host', 'kvm-01'));
@@ -191,9 +266,24 @@ describe('gRPC platform', () => {
       const files = await writeCredentials(await resources.tempDir('cowherd-impostor-'), credentials);
       const registration =
         service === 'inventory'
-          ? adaptService(InventoryServiceService, { getHost: async (request) => (handled.push(`inventory ${request.name}`), Host.fromPartial({ name: request.name })) }, INVENTORY_POLICY, { log, revocations: { isRevoked: () => false } })
-          : adaptService(AgentServiceService, { getHostInfo: async () => (handled.push('agent'), Host.fromPartial({ name: 'hosts/kvm-01' })) }, AGENT_POLICY, { log, revocations: { isRevoked: () => false } });
-      const running = await startServer({ log, address: 'localhost:0', credentials: mutualTlsServerCredentials(files, 200), services: [registration], descriptorSet: readDescriptorSet(), revocations: { isRevoked: () => false } });
+          ? adaptService(
+              InventoryServiceService,
+              { getHost: async (request) => (handled.push(`inventory ${request.name}`), Host.fromPartial({ name: request.name })) },
+              INVENTORY_POLICY,
+              { log, revocations: { isRevoked: () => false } },
+            )
+          : adaptService(AgentServiceService, { getHostInfo: async () => (handled.push('agent'), Host.fromPartial({ name: 'hosts/kvm-01' })) }, AGENT_POLICY, {
+              log,
+              revocations: { isRevoked: () => false },
+            });
+      const running = await startServer({
+        log,
+        address: 'localhost:0',
+        credentials: mutualTlsServerCredentials(files, 200),
+        services: [registration],
+        descriptorSet: readDescriptorSet(),
+        revocations: { isRevoked: () => false },
+      });
       resources.defer(() => running.stop(1_000));
       // The file watcher loads the certificate shortly after the bind: wait until handshakes present it.
       const expected = inspectCertificate(credentials.certificatePem).serialNumber;
@@ -209,26 +299,40 @@ describe('gRPC platform', () => {
     const agentFiles = await pki.files('host', 'kvm-07');
     const credentialsFor = mutualTlsClientCredentials(agentFiles, 200);
     const hostAsInventory = await startImpostor(await pki.credentials('host', 'kvm-66'), 'inventory');
-    const fooled = createClient(InventoryServiceClient, `localhost:${hostAsInventory.port}`, credentialsFor(identityUri('service', 'inventory')), { defaultDeadlineMs: 5_000, maxAttempts: 1 });
+    const fooled = createClient(InventoryServiceClient, `localhost:${hostAsInventory.port}`, credentialsFor(identityUri('service', 'inventory')), {
+      defaultDeadlineMs: 5_000,
+      maxAttempts: 1,
+    });
     clients.push(fooled);
     const refusedInventory = await failure((cb) => fooled.getHost({ name: 'hosts/kvm-07' }, cb));
     assert.equal(refusedInventory.code, GrpcStatus.UNAVAILABLE, 'the handshake fails');
     assert.match(refusedInventory.message, /is spiffe:\/\/cowherd\/host\/kvm-66, not spiffe:\/\/cowherd\/service\/inventory/);
     // The same credentials reach the real inventory (service/inventory certificate).
-    const real = createClient(InventoryServiceClient, `localhost:${server.port}`, credentialsFor(identityUri('service', 'inventory')), { defaultDeadlineMs: 5_000, maxAttempts: 1 });
+    const real = createClient(InventoryServiceClient, `localhost:${server.port}`, credentialsFor(identityUri('service', 'inventory')), {
+      defaultDeadlineMs: 5_000,
+      maxAttempts: 1,
+    });
     clients.push(real);
     assert.equal((await failure((cb) => real.getHost({ name: 'hosts/kvm-07' }, cb))).code, GrpcStatus.NOT_FOUND, 'reached the real inventory, which answered');
 
     // A service (here: a cloning certificate that even carries the host's DNS name) where an agent is expected.
     const distribution = new AgentClients(mutualTlsClientCredentials(await pki.files('service', 'distribution'), 200));
     resources.defer(() => distribution.close());
-    const serviceAsAgent = await startImpostor(await issueCredentials(pki.ca, identityUri('service', 'cloning'), { dnsNames: ['kvm-01', 'localhost'] }), 'agent');
-    const refusedAgent = await failure((cb) => distribution.clientFor({ name: 'hosts/kvm-01', agentEndpoint: `localhost:${serviceAsAgent.port}` }).getHostInfo({}, cb));
+    const serviceAsAgent = await startImpostor(
+      await issueCredentials(pki.ca, identityUri('service', 'cloning'), { dnsNames: ['kvm-01', 'localhost'] }),
+      'agent',
+    );
+    const refusedAgent = await failure((cb) =>
+      distribution.clientFor({ name: 'hosts/kvm-01', agentEndpoint: `localhost:${serviceAsAgent.port}` }).getHostInfo({}, cb),
+    );
     assert.equal(refusedAgent.code, GrpcStatus.UNAVAILABLE);
     assert.match(refusedAgent.message, /is spiffe:\/\/cowherd\/service\/cloning, not spiffe:\/\/cowherd\/host\/kvm-01/);
     // Another host's certificate with that DNS name is refused too; the host itself is accepted.
     const otherHost = await startImpostor(await issueCredentials(pki.ca, identityUri('host', 'kvm-02'), { dnsNames: ['kvm-01', 'localhost'] }), 'agent');
-    assert.equal((await failure((cb) => distribution.clientFor({ name: 'hosts/kvm-01', agentEndpoint: `localhost:${otherHost.port}` }).getHostInfo({}, cb))).code, GrpcStatus.UNAVAILABLE);
+    assert.equal(
+      (await failure((cb) => distribution.clientFor({ name: 'hosts/kvm-01', agentEndpoint: `localhost:${otherHost.port}` }).getHostInfo({}, cb))).code,
+      GrpcStatus.UNAVAILABLE,
+    );
     assert.deepEqual(handled, [], 'no impostor saw a request');
     const genuine = await startImpostor(await issueCredentials(pki.ca, identityUri('host', 'kvm-01'), { dnsNames: ['kvm-01', 'localhost'] }), 'agent');
     const answer = await call<Host>((cb) => distribution.clientFor({ name: 'hosts/kvm-01', agentEndpoint: `localhost:${genuine.port}` }).getHostInfo({}, cb));
@@ -242,7 +346,14 @@ describe('gRPC platform', () => {
     // A process starting up on a loaded machine: with the certificate still being read when the server binds,
     // grpc-js would drop every connection until the read is done, although the server said it serves.
     for (let i = 0; i < 4; i++) pbkdf2('cowherd', 'salt', 1_000_000, 32, 'sha256', () => undefined);
-    const running = await startServer({ log, address: 'localhost:0', credentials, services: [], descriptorSet: readDescriptorSet(), revocations: { isRevoked: () => false } });
+    const running = await startServer({
+      log,
+      address: 'localhost:0',
+      credentials,
+      services: [],
+      descriptorSet: readDescriptorSet(),
+      revocations: { isRevoked: () => false },
+    });
     resources.defer(() => running.stop(1_000));
     assert.equal(await serialOnWire(running.port), inspectCertificate(await readFile(files.certificateFile, 'utf8')).serialNumber);
   });
@@ -254,7 +365,10 @@ describe('gRPC platform', () => {
     await call((cb) => host.heartbeat({ host: 'hosts/kvm-01', memoryFreeBytes: '0', imageDirectoryFreeBytes: '0', imageDirectoryTotalBytes: '0' }, cb));
     assert.equal(heartbeatCalls - start, 3, 'two failures and one success');
     const admin = await clientFor('admin', 'alice');
-    const slow = await call((cb) => admin.getHost({ name: 'hosts/slow' }, new Metadata(), { deadline: Date.now() + 300 }, cb)).then(() => undefined, (e: ServiceError) => e);
+    const slow = await call((cb) => admin.getHost({ name: 'hosts/slow' }, new Metadata(), { deadline: Date.now() + 300 }, cb)).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     assert.equal(slow?.code, GrpcStatus.DEADLINE_EXCEEDED);
   });
 

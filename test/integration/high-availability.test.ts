@@ -30,8 +30,18 @@ import { jsonCodec, KvStore } from '../../services/common/platform/kv.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { OPERATIONS_BUCKET, unpack } from '../../services/common/domain/operations.js';
 import { FetchImageRequest } from '../../services/gen/cowherd/agent/v1/agent_service.js';
-import { CloneResult_State, CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse, CloningServiceClient, Placement_Strategy } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
-import { DistributeImageMetadata, DistributeImageResponse, DistributionServiceClient } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
+import {
+  CloneResult_State,
+  CloneVirtualMachinesMetadata,
+  CloneVirtualMachinesResponse,
+  CloningServiceClient,
+  Placement_Strategy,
+} from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
+import {
+  DistributeImageMetadata,
+  DistributeImageResponse,
+  DistributionServiceClient,
+} from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import type { CloneDone, CloneFailed, ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
 import { Host, Image, ImageReplica_State, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
@@ -109,14 +119,31 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
   async function setDownloadCap(host: string, bytesPerSecond: number): Promise<void> {
     const agent = agents.get(host)!;
     const before = agent.process.logs.filter((line) => line['msg'] === 'transfer limits applied').length;
-    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) } }), updateMask: ['transfer_limits'] }, cb));
-    await waitFor(`the cap on ${host}`, async () => (agent.process.logs.filter((line) => line['msg'] === 'transfer limits applied').length > before ? true : undefined), 30_000);
+    await call((cb) =>
+      stack.inventory.updateHost(
+        {
+          host: Host.fromPartial({
+            name: HOST_NAME.format({ host }),
+            transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) },
+          }),
+          updateMask: ['transfer_limits'],
+        },
+        cb,
+      ),
+    );
+    await waitFor(
+      `the cap on ${host}`,
+      async () => (agent.process.logs.filter((line) => line['msg'] === 'transfer limits applied').length > before ? true : undefined),
+      30_000,
+    );
   }
 
   async function assertVerifiedCopy(host: string): Promise<void> {
     const directory = join(agents.get(host)!.imageDirectory, 'images', imageId);
     for (const file of image.files) {
-      const digest = createHash('sha256').update(await readFile(join(directory, file.path))).digest('hex');
+      const digest = createHash('sha256')
+        .update(await readFile(join(directory, file.path)))
+        .digest('hex');
       assert.equal(digest, file.sha256, `${host}: ${file.path} verifies`);
     }
   }
@@ -139,7 +166,12 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
 
   before(async () => {
     stack = await startCloneStack(resources, origin);
-    agents.set(origin, { host: origin, imageDirectory: stack.imageDirectory, process: stack.agent, restart: () => Promise.reject(new Error('not restartable')) });
+    agents.set(origin, {
+      host: origin,
+      imageDirectory: stack.imageDirectory,
+      process: stack.agent,
+      restart: () => Promise.reject(new Error('not restartable')),
+    });
     for (const host of [hostA, hostB, hostC]) agents.set(host, await stack.addAgent(host));
     distribution2 = await stack.startReplica('distribution');
     cloning2 = await stack.startReplica('cloning');
@@ -162,7 +194,8 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
       types: [IMAGE_AVAILABLE],
       log: silent,
       handle: async (event) => {
-        if (event.payload.image === IMAGE_NAME.format({ image: imageId })) available.push({ host: event.payload.host, operation: event.payload.operation, sequence: event.sequence });
+        if (event.payload.image === IMAGE_NAME.format({ image: imageId }))
+          available.push({ host: event.payload.host, operation: event.payload.operation, sequence: event.sequence });
       },
     });
     resources.defer(() => availableConsumer.stop());
@@ -173,13 +206,19 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
       handle: async (event) => {
         const payload = event.payload;
         if (!payload.domainName.startsWith(`ha-${suffix}-`)) return;
-        if (event.typeName === CLONE_DONE.typeName) cloneDone.push({ host: payload.host, domainName: payload.domainName, uuid: payload.uuid, operation: payload.operation, sequence: event.sequence });
+        if (event.typeName === CLONE_DONE.typeName)
+          cloneDone.push({ host: payload.host, domainName: payload.domainName, uuid: payload.uuid, operation: payload.operation, sequence: event.sequence });
         else cloneFailed.push({ host: payload.host, domainName: payload.domainName, operation: payload.operation });
       },
     });
     resources.defer(() => cloneConsumer.stop());
 
-    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: origin, virtualMachine: vm }), description: '', labels: {}, requestId: '' }, cb));
+    const published = await call<Operation>((cb) =>
+      stack.distribution.publishImage(
+        { imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: origin, virtualMachine: vm }), description: '', labels: {}, requestId: '' },
+        cb,
+      ),
+    );
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     image = unpack(Image, done.result.value);
@@ -193,14 +232,20 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
 
     // The operation runs where the request lands: on the second replica. (The first one's address is what the
     // cloning replicas were configured with; in Kubernetes a Service would hide the difference.)
-    const operation = await call<Operation>((cb) => distribution2Client.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: receivers.map((host) => HOST_NAME.format({ host })), requestId: `ha-distribute-${suffix}` }, cb));
+    const operation = await call<Operation>((cb) =>
+      distribution2Client.distributeImage(
+        { image: IMAGE_NAME.format({ image: imageId }), hosts: receivers.map((host) => HOST_NAME.format({ host })), requestId: `ha-distribute-${suffix}` },
+        cb,
+      ),
+    );
     const owner = await operationRecord(operation.name);
     assert.equal(owner.kind, 'distribution.distribute-image');
     assert.ok(logLine(distribution2, 'operation started', operation.name), 'the second replica started the operation');
     assert.equal(logLine(stack.distributionProcess, 'operation started', operation.name), undefined, 'the first replica did not');
 
     // Kill the owner once a quarter of the image is across, while no receiver is done.
-    const readMetadata = async (): Promise<DistributeImageMetadata> => unpack(DistributeImageMetadata, (await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb))).metadata!);
+    const readMetadata = async (): Promise<DistributeImageMetadata> =>
+      unpack(DistributeImageMetadata, (await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: operation.name }, cb))).metadata!);
     const atKill = await waitFor(
       'a quarter of the image on a receiver',
       async () => {
@@ -218,15 +263,23 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const killedAt = Date.now();
     distributionKilledAt = killedAt;
     await kill(distribution2);
-    t.diagnostic(`killed the owning distribution replica at ${atKill.transfers.map((transfer) => `${transfer.host}=${Math.round(Number(transfer.progress?.bytesDone ?? 0) / MiB)} MiB/${transfer.progress?.peers ?? 0} peers`).join(', ')}; its lease ran ${leaseAtKill - killedAt} ms more`);
+    t.diagnostic(
+      `killed the owning distribution replica at ${atKill.transfers.map((transfer) => `${transfer.host}=${Math.round(Number(transfer.progress?.bytesDone ?? 0) / MiB)} MiB/${transfer.progress?.peers ?? 0} peers`).join(', ')}; its lease ran ${leaseAtKill - killedAt} ms more`,
+    );
 
     // The other replica claims it once the lease ran out (scan every 5 s) and resumes from the checkpoint.
-    const resumed = await waitFor('the first replica to resume the operation', async () => logLine(stack.distributionProcess, 'resuming operation', operation.name), 60_000);
+    const resumed = await waitFor(
+      'the first replica to resume the operation',
+      async () => logLine(stack.distributionProcess, 'resuming operation', operation.name),
+      60_000,
+    );
     const resumedAt = Date.now();
     assert.equal(resumed['previousOwner'], owner.owner, 'taken over from the killed replica');
     assert.ok(resumedAt >= leaseAtKill - 1_000, `not resumed before the lease ran out (${resumedAt - leaseAtKill} ms after it)`);
     // Where the transfers stood then, from the replica records (kept by the agents' events, owner or not).
-    const atResume = await Promise.all(receivers.map((host) => call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb))));
+    const atResume = await Promise.all(
+      receivers.map((host) => call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb))),
+    );
     t.diagnostic(
       `taken over ${resumedAt - killedAt} ms after the kill (${resumedAt - leaseAtKill} ms after the lease ran out); replicas then: ${atResume.map((replica) => `${replica.host}=${ImageReplica_State[replica.state]}/${Math.round(Number(replica.progress?.bytesDone ?? 0) / MiB)} MiB/${replica.progress?.peers ?? 0} peers`).join(', ')}`,
     );
@@ -244,15 +297,28 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     t.diagnostic(`distribution finished ${Date.now() - killedAt} ms after the kill`);
 
     // image.available: once per receiver, none from elsewhere, nothing more after a grace period.
-    await waitFor('image.available from both receivers', async () => (receivers.every((host) => available.some((event) => event.host === HOST_NAME.format({ host }))) ? true : undefined), 30_000);
+    await waitFor(
+      'image.available from both receivers',
+      async () => (receivers.every((host) => available.some((event) => event.host === HOST_NAME.format({ host }))) ? true : undefined),
+      30_000,
+    );
     await sleep(DUPLICATE_GRACE_MS);
-    assert.deepEqual(available.map((event) => event.host).sort(), receivers.map((host) => HOST_NAME.format({ host })).sort(), `image.available events: ${JSON.stringify(available)}`);
+    assert.deepEqual(
+      available.map((event) => event.host).sort(),
+      receivers.map((host) => HOST_NAME.format({ host })).sort(),
+      `image.available events: ${JSON.stringify(available)}`,
+    );
     assert.ok(available.every((event) => event.operation === operation.name));
 
     // Trackers: the receivers were told the killed replica's tracker, and keep it (FetchImage is idempotent).
     const trackerAfter = await Promise.all(receivers.map(trackerGiven));
-    t.diagnostic(`trackers: killed replica ${trackerOf(distribution2)}, survivor ${trackerOf(stack.distributionProcess)}; receivers were given ${[...new Set(trackerAtStart)].join(', ')} and still hold ${[...new Set(trackerAfter)].join(', ')}; the origin seeds to the tracker of the replica that published (${trackerOf(stack.distributionProcess)})`);
-    assert.deepEqual(trackerAtStart, receivers.map(() => trackerOf(distribution2)));
+    t.diagnostic(
+      `trackers: killed replica ${trackerOf(distribution2)}, survivor ${trackerOf(stack.distributionProcess)}; receivers were given ${[...new Set(trackerAtStart)].join(', ')} and still hold ${[...new Set(trackerAfter)].join(', ')}; the origin seeds to the tracker of the replica that published (${trackerOf(stack.distributionProcess)})`,
+    );
+    assert.deepEqual(
+      trackerAtStart,
+      receivers.map(() => trackerOf(distribution2)),
+    );
 
     for (const host of receivers) await setDownloadCap(host, 0);
   });
@@ -266,7 +332,17 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     stack.track(...names);
 
     const operation = await call<Operation>((cb) =>
-      cloning2Client.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: hosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 }, count: CLONE_COUNT, nameTemplate: `ha-${suffix}-{index}`, start: false, requestId: '' }, cb),
+      cloning2Client.cloneVirtualMachines(
+        {
+          source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
+          placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: hosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },
+          count: CLONE_COUNT,
+          nameTemplate: `ha-${suffix}-{index}`,
+          start: false,
+          requestId: '',
+        },
+        cb,
+      ),
     );
     const owner = await operationRecord(operation.name);
     assert.equal(owner.kind, 'cloning.clone-virtual-machines');
@@ -281,21 +357,32 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const leaseAtKill = (await operationRecord(operation.name)).leaseExpiresAt;
     const atKill = unpack(CloneVirtualMachinesMetadata, (await call<Operation>((cb) => stack.operations.getOperation({ name: operation.name }, cb))).metadata!);
     const countStates = (metadata: CloneVirtualMachinesMetadata): string =>
-      Object.entries(metadata.clones.reduce<Record<string, number>>((counts, clone) => ({ ...counts, [CloneResult_State[clone.state]]: (counts[CloneResult_State[clone.state]] ?? 0) + 1 }), {}))
+      Object.entries(
+        metadata.clones.reduce<Record<string, number>>(
+          (counts, clone) => ({ ...counts, [CloneResult_State[clone.state]]: (counts[CloneResult_State[clone.state]] ?? 0) + 1 }),
+          {},
+        ),
+      )
         .map(([state, count]) => `${state}=${count}`)
         .join(' ');
     const doneAtKill = cloneDone.filter((event) => event.operation === operation.name).length;
-    t.diagnostic(`killed the owning cloning replica after ${doneAtKill} clone.done events; checkpointed metadata then: ${countStates(atKill)}; its lease ran ${leaseAtKill - killedAt} ms more`);
+    t.diagnostic(
+      `killed the owning cloning replica after ${doneAtKill} clone.done events; checkpointed metadata then: ${countStates(atKill)}; its lease ran ${leaseAtKill - killedAt} ms more`,
+    );
     assert.ok(
       atKill.clones.filter((clone) => clone.host === HOST_NAME.format({ host: hostC })).every((clone) => clone.state !== CloneResult_State.STATE_DONE),
       `${hostC}'s clones were not done at the kill: ${countStates(atKill)}`,
     );
 
     // The first cloning replica claims it (a new owner in KV) once the lease ran out.
-    const claimed = await waitFor('another replica to claim the operation', async () => {
-      const record = await operationRecord(operation.name);
-      return record.owner !== owner.owner ? record : undefined;
-    }, 60_000);
+    const claimed = await waitFor(
+      'another replica to claim the operation',
+      async () => {
+        const record = await operationRecord(operation.name);
+        return record.owner !== owner.owner ? record : undefined;
+      },
+      60_000,
+    );
     const resumedAt = Date.now();
     assert.ok(resumedAt >= leaseAtKill - 1_000, `not claimed before the lease ran out (${resumedAt - leaseAtKill} ms after it)`);
     assert.notEqual(claimed.owner, '');
@@ -315,13 +402,22 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     t.diagnostic(`clone batch finished ${Date.now() - killedAt} ms after the kill`);
 
     // libvirt: exactly the planned domains, each with the UUID of the result and its disk in its host's clone directory.
-    const listed = (await stack.virsh('list', '--all', '--name')).stdout.split('\n').map((line) => line.trim()).filter((name) => name.startsWith(`ha-${suffix}-`));
+    const listed = (await stack.virsh('list', '--all', '--name')).stdout
+      .split('\n')
+      .map((line) => line.trim())
+      .filter((name) => name.startsWith(`ha-${suffix}-`));
     assert.deepEqual([...listed].sort(), [...names].sort(), 'every clone exists once in libvirt, and nothing else of the batch');
     for (const clone of clones) {
       assert.equal((await stack.virsh('domuuid', clone.domainName)).stdout.trim(), clone.uuid);
       const host = hostOf(clone.host)!;
-      const disks = (await stack.virsh('domblklist', clone.domainName)).stdout.split('\n').map((line) => line.trim().split(/\s+/)).filter((fields) => fields[0] === 'vda');
-      assert.deepEqual(disks.map((fields) => fields[1]), [join(agents.get(host)!.imageDirectory, 'clones', clone.domainName, 'vda.qcow2')]);
+      const disks = (await stack.virsh('domblklist', clone.domainName)).stdout
+        .split('\n')
+        .map((line) => line.trim().split(/\s+/))
+        .filter((fields) => fields[0] === 'vda');
+      assert.deepEqual(
+        disks.map((fields) => fields[1]),
+        [join(agents.get(host)!.imageDirectory, 'clones', clone.domainName, 'vda.qcow2')],
+      );
       assert.deepEqual(clone.overlays, [join(agents.get(host)!.imageDirectory, 'clones', clone.domainName, 'vda.qcow2')]);
     }
     // Disks: each host's clone directory holds exactly its clones, one overlay each, no prototypes or half-made clones.
@@ -336,7 +432,12 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     }
 
     // clone.done: once per clone, from its host, with its UUID; no clone.failed.
-    await waitFor('clone.done for every clone', async () => (new Set(cloneDone.filter((event) => event.operation === operation.name).map((event) => event.domainName)).size === CLONE_COUNT ? true : undefined), 30_000);
+    await waitFor(
+      'clone.done for every clone',
+      async () =>
+        new Set(cloneDone.filter((event) => event.operation === operation.name).map((event) => event.domainName)).size === CLONE_COUNT ? true : undefined,
+      30_000,
+    );
     await sleep(DUPLICATE_GRACE_MS);
     const events = cloneDone.filter((event) => event.operation === operation.name);
     assert.equal(events.length, CLONE_COUNT, `clone.done events: ${JSON.stringify(events.map((event) => event.domainName).sort())}`);
@@ -351,26 +452,36 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
 
     // hostC got the image through one DistributeImage (the resuming replica joined it by request_id), and one image.available.
     await assertVerifiedCopy(hostC);
-    assert.deepEqual(available.filter((event) => event.host === HOST_NAME.format({ host: hostC })).length, 1, `image.available events: ${JSON.stringify(available)}`);
-    const deliveries = (await operationRecords.list('*')).map((entry) => entry.value).filter((record) => record.kind === 'distribution.distribute-image' && record.name !== '');
+    assert.deepEqual(
+      available.filter((event) => event.host === HOST_NAME.format({ host: hostC })).length,
+      1,
+      `image.available events: ${JSON.stringify(available)}`,
+    );
+    const deliveries = (await operationRecords.list('*'))
+      .map((entry) => entry.value)
+      .filter((record) => record.kind === 'distribution.distribute-image' && record.name !== '');
     const toC: string[] = [];
     for (const record of deliveries) {
-      const metadata = unpack(DistributeImageMetadata, (await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: record.name }, cb))).metadata!);
+      const metadata = unpack(
+        DistributeImageMetadata,
+        (await call<Operation>((cb) => stack.distributionOperations.getOperation({ name: record.name }, cb))).metadata!,
+      );
       if (metadata.transfers.some((transfer) => transfer.host === HOST_NAME.format({ host: hostC }))) toC.push(record.name);
     }
     assert.equal(toC.length, 1, `one DistributeImage brought the image to ${hostC}: ${toC.join(', ')}`);
     await setDownloadCap(hostC, 0);
   });
 
-  it('the replica records stay AVAILABLE after the killed replica\'s unacknowledged events come back', async () => {
+  it("the replica records stay AVAILABLE after the killed replica's unacknowledged events come back", async () => {
     // The shared durable consumer redelivers what the killed distribution replica had received but not
     // acknowledged once its ack wait (30 s) ran out; an old progress event must not undo an AVAILABLE record.
     const wait = distributionKilledAt + 35_000 - Date.now();
     if (wait > 0) await sleep(wait);
     for (const host of [hostA, hostB, hostC]) {
-      const replica = await call<{ state: ImageReplica_State }>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb));
+      const replica = await call<{ state: ImageReplica_State }>((cb) =>
+        stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host, image: imageId }) }, cb),
+      );
       assert.equal(ImageReplica_State[replica.state], 'STATE_AVAILABLE', `${host}'s replica record`);
     }
   });
-
 });

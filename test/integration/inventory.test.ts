@@ -12,7 +12,14 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import { InventoryServiceClient } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
-import { Host, Host_State, VirtualMachine, VirtualMachine_State, VirtualMachineChange_Type, type VirtualMachineChange } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import {
+  Host,
+  Host_State,
+  VirtualMachine,
+  VirtualMachine_State,
+  VirtualMachineChange_Type,
+  type VirtualMachineChange,
+} from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
 import { createClient } from '../../services/common/platform/client.js';
 import { readServiceError } from '../../services/common/platform/errors.js';
@@ -30,11 +37,29 @@ import { pages, readAllPages, type Page } from '../../services/common/platform/l
 const log = createLogger({ service: 'test', level: 'silent' });
 
 function hostFacts(host: string): Host {
-  return Host.fromPartial({ name: HOST_NAME.format({ host }), hostname: `${host}.example`, hypervisor: Hypervisor.HYPERVISOR_KVM, hypervisorDetail: 'test', libvirtUri: 'test:///default', agentEndpoint: `${host}:7445`, cpuCount: 2, memoryBytes: '1000', imageDirectory: '/images', agentVersion: 'test' });
+  return Host.fromPartial({
+    name: HOST_NAME.format({ host }),
+    hostname: `${host}.example`,
+    hypervisor: Hypervisor.HYPERVISOR_KVM,
+    hypervisorDetail: 'test',
+    libvirtUri: 'test:///default',
+    agentEndpoint: `${host}:7445`,
+    cpuCount: 2,
+    memoryBytes: '1000',
+    imageDirectory: '/images',
+    agentVersion: 'test',
+  });
 }
 
 function vm(host: string, name: string, state = VirtualMachine_State.STATE_SHUT_OFF): VirtualMachine {
-  return VirtualMachine.fromPartial({ name: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }), domainName: name, uuid: `00000000-0000-4000-8000-${String(name.length).padStart(12, '0')}`, state, vcpuCount: 1, memoryBytes: '536870912' });
+  return VirtualMachine.fromPartial({
+    name: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }),
+    domainName: name,
+    uuid: `00000000-0000-4000-8000-${String(name.length).padStart(12, '0')}`,
+    state,
+    vcpuCount: 1,
+    memoryBytes: '536870912',
+  });
 }
 
 /** A domain of libvirt's test driver. */
@@ -66,7 +91,12 @@ describe('inventory', () => {
   let caAddress: string;
 
   async function as(kind: 'admin' | 'host' | 'service', name: string, replica = 0): Promise<InventoryServiceClient> {
-    const client = createClient(InventoryServiceClient, replicas[replica]!.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials(kind, name)), caPem: pki.ca.certificatePem }), { defaultDeadlineMs: 20_000 });
+    const client = createClient(
+      InventoryServiceClient,
+      replicas[replica]!.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials(kind, name)), caPem: pki.ca.certificatePem }),
+      { defaultDeadlineMs: 20_000 },
+    );
     clients.push(client);
     return client;
   }
@@ -74,7 +104,10 @@ describe('inventory', () => {
     return call((cb) => client.registerHost({ host: hostFacts(host) }, cb));
   }
   /** One page of ListVirtualMachines, as the page readers take it. */
-  async function listVirtualMachines(client: InventoryServiceClient, request: { parent: string; pageSize: number; pageToken: string }): Promise<Page<VirtualMachine>> {
+  async function listVirtualMachines(
+    client: InventoryServiceClient,
+    request: { parent: string; pageSize: number; pageToken: string },
+  ): Promise<Page<VirtualMachine>> {
     const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) => client.listVirtualMachines({ ...request, filter: '' }, cb));
     return { items: page.virtualMachines, nextPageToken: page.nextPageToken };
   }
@@ -122,14 +155,25 @@ describe('inventory', () => {
     while (!seen && Date.now() < deadline) seen = await call<Host>((cb) => admin.getHost({ name: 'hosts/kvm-01' }, cb)).catch(() => undefined);
     assert.equal(seen?.hostname, 'kvm-01.example');
     const hosts = await call<{ hosts: Host[] }>((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter: 'state = READY AND hypervisor = KVM' }, cb));
-    assert.deepEqual(hosts.hosts.map((host) => host.name), ['hosts/kvm-01'], 'a host name is unique in the fleet');
+    assert.deepEqual(
+      hosts.hosts.map((host) => host.name),
+      ['hosts/kvm-01'],
+      'a host name is unique in the fleet',
+    );
   });
 
   it('marks a silent host UNREACHABLE and READY again when heartbeats resume, once each', async () => {
     const nats = await connectNats({ servers: [natsUrl], tls: await pki.files('service', 'cloning'), name: 'test', log });
     resources.defer(() => nats.close());
     const seen: string[] = [];
-    const consumer = await consumeEvents(nats.jetstream, nats.manager, { durable: 'test-host-states', types: [HOST_UNREACHABLE, HOST_READY] as never[], host: 'kvm-02', log, startAt: 'new', handle: async (event) => void seen.push(event.typeName) });
+    const consumer = await consumeEvents(nats.jetstream, nats.manager, {
+      durable: 'test-host-states',
+      types: [HOST_UNREACHABLE, HOST_READY] as never[],
+      host: 'kvm-02',
+      log,
+      startAt: 'new',
+      handle: async (event) => void seen.push(event.typeName),
+    });
     resources.defer(() => consumer.stop());
     const agent = await as('host', 'kvm-02');
     const admin = await as('admin', 'alice');
@@ -143,7 +187,9 @@ describe('inventory', () => {
       }
     };
     await waitFor(Host_State.STATE_UNREACHABLE, 8_000);
-    const heartbeat = await call<{ heartbeatInterval?: { seconds: string } }>((cb) => agent.heartbeat({ host: 'hosts/kvm-02', memoryFreeBytes: '1', imageDirectoryFreeBytes: '2', imageDirectoryTotalBytes: '3' }, cb));
+    const heartbeat = await call<{ heartbeatInterval?: { seconds: string } }>((cb) =>
+      agent.heartbeat({ host: 'hosts/kvm-02', memoryFreeBytes: '1', imageDirectoryFreeBytes: '2', imageDirectoryTotalBytes: '3' }, cb),
+    );
     assert.equal(heartbeat.heartbeatInterval?.seconds, '1');
     await waitFor(Host_State.STATE_READY, 2_000);
     await new Promise((resolve) => setTimeout(resolve, 500));
@@ -163,14 +209,17 @@ describe('inventory', () => {
         await register(agent, host);
         const vms = bulkNames.map((name) => vm(host, name));
         expected.push(...vms.map((item) => item.name));
-        const result = await call<{ changedCount: number }>((cb) => agent.reportVirtualMachines({ parent: HOST_NAME.format({ host }), virtualMachines: vms, fullSnapshot: true, removedVirtualMachines: [] }, cb));
+        const result = await call<{ changedCount: number }>((cb) =>
+          agent.reportVirtualMachines({ parent: HOST_NAME.format({ host }), virtualMachines: vms, fullSnapshot: true, removedVirtualMachines: [] }, cb),
+        );
         assert.equal(result.changedCount, 200);
       }),
     );
     const admin = await as('admin', 'alice', 1);
     // Replica 2 catches up through its KV watch.
     const deadline = Date.now() + 10_000;
-    while ((await listAll(admin, EVERY_HOST, 1000)).filter((name) => name.includes('/bulk-')).length < 1000 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+    while ((await listAll(admin, EVERY_HOST, 1000)).filter((name) => name.includes('/bulk-')).length < 1000 && Date.now() < deadline)
+      await new Promise((resolve) => setTimeout(resolve, 100));
 
     // Page through with small pages while agents start VMs, add new ones and remove extras.
     let round = 0;
@@ -178,18 +227,40 @@ describe('inventory', () => {
       round++;
       const agent = agents[round % agents.length]!;
       const host = hosts[round % hosts.length]!;
-      await call((cb) => agent.reportVirtualMachines({ parent: HOST_NAME.format({ host }), virtualMachines: [vm(host, bulkNames[round % 200]!, VirtualMachine_State.STATE_RUNNING), vm(host, `extra-${round}`)], fullSnapshot: false, removedVirtualMachines: round > 2 ? [VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: `extra-${round - 2}` })] : [] }, cb));
+      await call((cb) =>
+        agent.reportVirtualMachines(
+          {
+            parent: HOST_NAME.format({ host }),
+            virtualMachines: [vm(host, bulkNames[round % 200]!, VirtualMachine_State.STATE_RUNNING), vm(host, `extra-${round}`)],
+            fullSnapshot: false,
+            removedVirtualMachines: round > 2 ? [VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: `extra-${round - 2}` })] : [],
+          },
+          cb,
+        ),
+      );
     };
-    const listed = (await listAll(admin, EVERY_HOST, 37, churn)).filter((name) => ['bulk-a', 'bulk-b', 'bulk-c', 'bulk-d', 'bulk-e'].includes(hostOf(name) ?? '') && VIRTUAL_MACHINE_NAME.parse(name)?.virtualMachine.startsWith('vm-') === true);
+    const listed = (await listAll(admin, EVERY_HOST, 37, churn)).filter(
+      (name) =>
+        ['bulk-a', 'bulk-b', 'bulk-c', 'bulk-d', 'bulk-e'].includes(hostOf(name) ?? '') &&
+        VIRTUAL_MACHINE_NAME.parse(name)?.virtualMachine.startsWith('vm-') === true,
+    );
     assert.equal(new Set(listed).size, listed.length, 'no VM twice');
     assert.deepEqual([...listed].sort(), [...expected].sort(), 'none missing');
     const sorted = [...listed].sort();
     assert.deepEqual(listed, sorted, 'ordered by name');
-    assert.ok(listed.indexOf('hosts/bulk-a/virtualMachines/vm-00.web') < listed.indexOf('hosts/bulk-a/virtualMachines/vm-000'), 'vm-00.web (key vm-00=web) before vm-000');
+    assert.ok(
+      listed.indexOf('hosts/bulk-a/virtualMachines/vm-00.web') < listed.indexOf('hosts/bulk-a/virtualMachines/vm-000'),
+      'vm-00.web (key vm-00=web) before vm-000',
+    );
 
     // Filters and one host's VMs.
-    const running = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/bulk-a', pageSize: 1000, pageToken: '', filter: 'state = RUNNING' }, cb));
-    assert.ok(running.virtualMachines.length > 0 && running.virtualMachines.every((item) => item.state === VirtualMachine_State.STATE_RUNNING && item.host === 'hosts/bulk-a'));
+    const running = await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+      admin.listVirtualMachines({ parent: 'hosts/bulk-a', pageSize: 1000, pageToken: '', filter: 'state = RUNNING' }, cb),
+    );
+    assert.ok(
+      running.virtualMachines.length > 0 &&
+        running.virtualMachines.every((item) => item.state === VirtualMachine_State.STATE_RUNNING && item.host === 'hosts/bulk-a'),
+    );
   });
 
   it('pages 1,000 VMs of four real agents completely, each once, in name order, while an agent restarts with changed VMs', { timeout: 300_000 }, async () => {
@@ -198,7 +269,8 @@ describe('inventory', () => {
     const directory = await resources.tempDir('cowherd-test-agents-');
     const hosts = ['agent-a', 'agent-b', 'agent-c', 'agent-d'];
     const domainsOf = new Map<string, TestDomain[]>();
-    const names = (host: string, domains: readonly TestDomain[]): string[] => domains.map((domain) => VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: domain.name }));
+    const names = (host: string, domains: readonly TestDomain[]): string[] =>
+      domains.map((domain) => VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: domain.name }));
     const start = async (host: string, index: number): Promise<ServiceProcess> =>
       startServiceProcess(resources, 'agent', await pki.files('host', host), natsUrl, {
         COWHERD_HOST_ID: host,
@@ -210,17 +282,23 @@ describe('inventory', () => {
       });
     for (const host of hosts) {
       await mkdir(join(directory, host), { recursive: true });
-      const domains = Array.from({ length: 250 }, (_, i): TestDomain => ({ name: i < 240 ? `d-${String(i).padStart(3, '0')}` : `d-${String(i - 240).padStart(2, '0')}.x`, running: i % 3 === 0 }));
+      const domains = Array.from(
+        { length: 250 },
+        (_, i): TestDomain => ({ name: i < 240 ? `d-${String(i).padStart(3, '0')}` : `d-${String(i - 240).padStart(2, '0')}.x`, running: i % 3 === 0 }),
+      );
       domainsOf.set(host, domains);
       await writeTestNode(join(directory, `${host}.xml`), host, domains);
     }
     const agents = await Promise.all(hosts.map((host, index) => start(host, index)));
     const admin = await as('admin', 'alice', 0);
     const vmsOf = async (host: string): Promise<string[]> => {
-      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: HOST_NAME.format({ host }), pageSize: 1000, pageToken: '', filter: '' }, cb));
+      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+        admin.listVirtualMachines({ parent: HOST_NAME.format({ host }), pageSize: 1000, pageToken: '', filter: '' }, cb),
+      );
       return page.virtualMachines.map((item) => item.name);
     };
-    const holds = async (host: string, domains: readonly TestDomain[]): Promise<boolean> => JSON.stringify(await vmsOf(host)) === JSON.stringify(names(host, domains).sort());
+    const holds = async (host: string, domains: readonly TestDomain[]): Promise<boolean> =>
+      JSON.stringify(await vmsOf(host)) === JSON.stringify(names(host, domains).sort());
     const waitUntil = async (what: string, ok: () => Promise<boolean>, ms = 60_000): Promise<void> => {
       const deadline = Date.now() + ms;
       while (!(await ok().catch(() => false))) {
@@ -237,7 +315,10 @@ describe('inventory', () => {
       .filter((_, i) => !(i % 24 === 5))
       .map((domain, i) => (i % 12 === 1 ? { ...domain, running: !domain.running } : domain))
       .concat(Array.from({ length: 10 }, (_, i) => ({ name: i < 5 ? `d-00${i}.new` : `d-2${i}0.new`, running: true })));
-    const stable = new Set([...hosts.filter((host) => host !== 'agent-b').flatMap((host) => names(host, domainsOf.get(host)!)), ...names('agent-b', before).filter((name) => names('agent-b', changed).includes(name))]);
+    const stable = new Set([
+      ...hosts.filter((host) => host !== 'agent-b').flatMap((host) => names(host, domainsOf.get(host)!)),
+      ...names('agent-b', before).filter((name) => names('agent-b', changed).includes(name)),
+    ]);
     const existed = new Set([...stable, ...names('agent-b', before), ...names('agent-b', changed)]);
 
     const ours = (name: string): boolean => ['agent-a', 'agent-b', 'agent-c', 'agent-d'].includes(hostOf(name) ?? '');
@@ -249,18 +330,26 @@ describe('inventory', () => {
       if (!changedMidway && listed.length >= 375) {
         changedMidway = true;
         cursor = listed.at(-1)!;
-        assert.equal(hostOf(cursor), 'agent-b', 'the cursor is inside agent-b\'s VMs');
+        assert.equal(hostOf(cursor), 'agent-b', "the cursor is inside agent-b's VMs");
         await writeTestNode(join(directory, 'agent-b.xml'), 'agent-b', changed);
         await agents[1]!.daemon.stop();
         agents[1] = await start('agent-b', 1);
-        await waitUntil('agent-b\'s new VMs in the inventory', () => holds('agent-b', changed));
+        await waitUntil("agent-b's new VMs in the inventory", () => holds('agent-b', changed));
       }
     }
     assert.ok(changedMidway);
 
     assert.equal(new Set(listed).size, listed.length, 'no VM twice');
-    assert.deepEqual([...stable].filter((name) => !listed.includes(name)), [], 'none missing of those that existed throughout');
-    assert.deepEqual(listed.filter((name) => !existed.has(name)), [], 'nothing that never existed');
+    assert.deepEqual(
+      [...stable].filter((name) => !listed.includes(name)),
+      [],
+      'none missing of those that existed throughout',
+    );
+    assert.deepEqual(
+      listed.filter((name) => !existed.has(name)),
+      [],
+      'nothing that never existed',
+    );
     assert.deepEqual(listed, [...listed].sort(), 'in name order (d-00.x before d-000)');
     // Of agent-b's new VMs, exactly those after the cursor were listed; of those removed, exactly those
     // before it (listed before they went).
@@ -272,15 +361,25 @@ describe('inventory', () => {
     assert.ok(dropped.some((name) => name < cursor) && dropped.some((name) => name > cursor));
 
     // The states the restarted agent reported.
-    const running = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/agent-b', pageSize: 1000, pageToken: '', filter: 'state = RUNNING' }, cb));
-    assert.deepEqual(running.virtualMachines.map((item) => item.name), names('agent-b', changed.filter((domain) => domain.running)).sort());
+    const running = await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+      admin.listVirtualMachines({ parent: 'hosts/agent-b', pageSize: 1000, pageToken: '', filter: 'state = RUNNING' }, cb),
+    );
+    assert.deepEqual(
+      running.virtualMachines.map((item) => item.name),
+      names(
+        'agent-b',
+        changed.filter((domain) => domain.running),
+      ).sort(),
+    );
     for (const agent of agents) await agent.daemon.stop();
   });
 
   it('streams VM changes to a watcher', async () => {
     const agent = await as('host', 'kvm-03');
     await register(agent, 'kvm-03');
-    await call((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-03', virtualMachines: [vm('kvm-03', 'web-1')], fullSnapshot: true, removedVirtualMachines: [] }, cb));
+    await call((cb) =>
+      agent.reportVirtualMachines({ parent: 'hosts/kvm-03', virtualMachines: [vm('kvm-03', 'web-1')], fullSnapshot: true, removedVirtualMachines: [] }, cb),
+    );
     const admin = await as('admin', 'alice');
     const stream = admin.watchVirtualMachines({ parent: 'hosts/kvm-03', sendInitialState: true });
     const changes: VirtualMachineChange[] = [];
@@ -291,27 +390,55 @@ describe('inventory', () => {
       while (changes.length < count && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
     };
     await waitFor(2);
-    await call((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-03', virtualMachines: [vm('kvm-03', 'web-1', VirtualMachine_State.STATE_RUNNING)], fullSnapshot: false, removedVirtualMachines: [] }, cb));
+    await call((cb) =>
+      agent.reportVirtualMachines(
+        {
+          parent: 'hosts/kvm-03',
+          virtualMachines: [vm('kvm-03', 'web-1', VirtualMachine_State.STATE_RUNNING)],
+          fullSnapshot: false,
+          removedVirtualMachines: [],
+        },
+        cb,
+      ),
+    );
     await call((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-03', virtualMachines: [], fullSnapshot: true, removedVirtualMachines: [] }, cb));
     await waitFor(4);
     stream.cancel();
-    assert.deepEqual(changes.map((change) => change.type), [VirtualMachineChange_Type.TYPE_ADDED, VirtualMachineChange_Type.TYPE_SYNCED, VirtualMachineChange_Type.TYPE_MODIFIED, VirtualMachineChange_Type.TYPE_REMOVED]);
+    assert.deepEqual(
+      changes.map((change) => change.type),
+      [
+        VirtualMachineChange_Type.TYPE_ADDED,
+        VirtualMachineChange_Type.TYPE_SYNCED,
+        VirtualMachineChange_Type.TYPE_MODIFIED,
+        VirtualMachineChange_Type.TYPE_REMOVED,
+      ],
+    );
     assert.equal(changes[2]!.virtualMachine?.state, VirtualMachine_State.STATE_RUNNING);
   });
 
   it('refuses bad input with a clear error and changes nothing', async () => {
     const agent = await as('host', 'kvm-04');
     const admin = await as('admin', 'alice');
-    const unknown = await failure((cb) => agent.heartbeat({ host: 'hosts/kvm-04', memoryFreeBytes: '0', imageDirectoryFreeBytes: '0', imageDirectoryTotalBytes: '0' }, cb));
+    const unknown = await failure((cb) =>
+      agent.heartbeat({ host: 'hosts/kvm-04', memoryFreeBytes: '0', imageDirectoryFreeBytes: '0', imageDirectoryTotalBytes: '0' }, cb),
+    );
     assert.equal(unknown.code, GrpcStatus.NOT_FOUND, 'heartbeat of an unregistered host');
     assert.equal((await failure((cb) => admin.getHost({ name: 'hosts/nope' }, cb))).code, GrpcStatus.NOT_FOUND);
     const malformed = await failure((cb) => admin.getHost({ name: 'hosts/../etc' }, cb));
     assert.equal(malformed.code, GrpcStatus.INVALID_ARGUMENT);
     assert.deepEqual(malformed.fields, ['name']);
-    assert.equal((await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/a/b', pageSize: 0, pageToken: '', filter: '' }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
-    assert.equal((await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter: 'colour = red' }, cb))).fields[0], 'filter');
+    assert.equal(
+      (await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/a/b', pageSize: 0, pageToken: '', filter: '' }, cb))).code,
+      GrpcStatus.INVALID_ARGUMENT,
+    );
+    assert.equal(
+      (await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter: 'colour = red' }, cb))).fields[0],
+      'filter',
+    );
     const page = await call<{ nextPageToken: string }>((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1, pageToken: '', filter: '' }, cb));
-    const tampered = await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1, pageToken: `${page.nextPageToken.slice(0, -2)}AA`, filter: '' }, cb));
+    const tampered = await failure((cb) =>
+      admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 1, pageToken: `${page.nextPageToken.slice(0, -2)}AA`, filter: '' }, cb),
+    );
     assert.equal(tampered.code, GrpcStatus.INVALID_ARGUMENT);
     assert.equal(tampered.reason, 'ERROR_REASON_PAGE_TOKEN_INVALID');
     const otherQuery = await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/bulk-a', pageSize: 1, pageToken: page.nextPageToken, filter: '' }, cb));
@@ -319,17 +446,43 @@ describe('inventory', () => {
 
     // A host reporting for another host, or smuggling another host's VM into its own report.
     await register(agent, 'kvm-04');
-    const before = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-03', pageSize: 1000, pageToken: '', filter: '' }, cb));
-    const forOther = await failure((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-03', virtualMachines: [vm('kvm-03', 'evil')], fullSnapshot: true, removedVirtualMachines: [] }, cb));
+    const before = await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+      admin.listVirtualMachines({ parent: 'hosts/kvm-03', pageSize: 1000, pageToken: '', filter: '' }, cb),
+    );
+    const forOther = await failure((cb) =>
+      agent.reportVirtualMachines({ parent: 'hosts/kvm-03', virtualMachines: [vm('kvm-03', 'evil')], fullSnapshot: true, removedVirtualMachines: [] }, cb),
+    );
     assert.equal(forOther.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(forOther.reason, 'ERROR_REASON_HOST_MISMATCH');
-    const smuggled = await failure((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [vm('kvm-04', 'ok'), vm('kvm-03', 'evil')], fullSnapshot: false, removedVirtualMachines: [] }, cb));
+    const smuggled = await failure((cb) =>
+      agent.reportVirtualMachines(
+        { parent: 'hosts/kvm-04', virtualMachines: [vm('kvm-04', 'ok'), vm('kvm-03', 'evil')], fullSnapshot: false, removedVirtualMachines: [] },
+        cb,
+      ),
+    );
     assert.equal(smuggled.code, GrpcStatus.PERMISSION_DENIED);
-    const badName = await failure((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [{ ...vm('kvm-04', 'x'), name: 'hosts/kvm-04/virtualMachines/../../x' }], fullSnapshot: false, removedVirtualMachines: [] }, cb));
+    const badName = await failure((cb) =>
+      agent.reportVirtualMachines(
+        {
+          parent: 'hosts/kvm-04',
+          virtualMachines: [{ ...vm('kvm-04', 'x'), name: 'hosts/kvm-04/virtualMachines/../../x' }],
+          fullSnapshot: false,
+          removedVirtualMachines: [],
+        },
+        cb,
+      ),
+    );
     assert.equal(badName.code, GrpcStatus.INVALID_ARGUMENT);
-    const after = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-03', pageSize: 1000, pageToken: '', filter: '' }, cb));
-    assert.deepEqual(after.virtualMachines.map((item) => item.name), before.virtualMachines.map((item) => item.name));
-    const ownAfter = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-04', pageSize: 1000, pageToken: '', filter: '' }, cb));
+    const after = await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+      admin.listVirtualMachines({ parent: 'hosts/kvm-03', pageSize: 1000, pageToken: '', filter: '' }, cb),
+    );
+    assert.deepEqual(
+      after.virtualMachines.map((item) => item.name),
+      before.virtualMachines.map((item) => item.name),
+    );
+    const ownAfter = await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+      admin.listVirtualMachines({ parent: 'hosts/kvm-04', pageSize: 1000, pageToken: '', filter: '' }, cb),
+    );
     assert.deepEqual(ownAfter.virtualMachines, [], 'the refused report wrote nothing');
     // Registering or heartbeating as another host, a report from a host that never registered, and malformed
     // or foreign names among the removed VMs: refused with the field or reason named, nothing written.
@@ -337,15 +490,23 @@ describe('inventory', () => {
     const registerOther = await failure((cb) => agent.registerHost({ host: { ...hostFacts('kvm-03'), hostname: 'evil.example' } }, cb));
     assert.equal(registerOther.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(registerOther.reason, 'ERROR_REASON_HOST_MISMATCH');
-    const heartbeatOther = await failure((cb) => agent.heartbeat({ host: 'hosts/kvm-03', memoryFreeBytes: '7', imageDirectoryFreeBytes: '7', imageDirectoryTotalBytes: '7' }, cb));
+    const heartbeatOther = await failure((cb) =>
+      agent.heartbeat({ host: 'hosts/kvm-03', memoryFreeBytes: '7', imageDirectoryFreeBytes: '7', imageDirectoryTotalBytes: '7' }, cb),
+    );
     assert.equal(heartbeatOther.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(heartbeatOther.reason, 'ERROR_REASON_HOST_MISMATCH');
     const otherAfter = await call<Host>((cb) => admin.getHost({ name: 'hosts/kvm-03' }, cb));
     // (Its state may have turned UNREACHABLE meanwhile: kvm-03 never heartbeats.)
-    assert.deepEqual([otherAfter.hostname, otherAfter.lastHeartbeatTime, otherAfter.memoryFreeBytes], [otherBefore.hostname, otherBefore.lastHeartbeatTime, otherBefore.memoryFreeBytes], 'the other host\'s record is untouched');
+    assert.deepEqual(
+      [otherAfter.hostname, otherAfter.lastHeartbeatTime, otherAfter.memoryFreeBytes],
+      [otherBefore.hostname, otherBefore.lastHeartbeatTime, otherBefore.memoryFreeBytes],
+      "the other host's record is untouched",
+    );
 
     const stranger = await as('host', 'kvm-06');
-    const unregistered = await failure((cb) => stranger.reportVirtualMachines({ parent: 'hosts/kvm-06', virtualMachines: [vm('kvm-06', 'ghost')], fullSnapshot: true, removedVirtualMachines: [] }, cb));
+    const unregistered = await failure((cb) =>
+      stranger.reportVirtualMachines({ parent: 'hosts/kvm-06', virtualMachines: [vm('kvm-06', 'ghost')], fullSnapshot: true, removedVirtualMachines: [] }, cb),
+    );
     assert.equal(unregistered.code, GrpcStatus.NOT_FOUND);
     assert.ok(unregistered.message.includes('hosts/kvm-06'), unregistered.message);
     assert.equal((await failure((cb) => admin.getHost({ name: 'hosts/kvm-06' }, cb))).code, GrpcStatus.NOT_FOUND, 'a report registers nothing');
@@ -353,7 +514,9 @@ describe('inventory', () => {
     const ghosts = await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-06', pageSize: 1000, pageToken: '', filter: '' }, cb));
     assert.deepEqual([ghosts.code, ghosts.reason], [GrpcStatus.NOT_FOUND, 'ERROR_REASON_RESOURCE_NOT_FOUND']);
 
-    await call((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [vm('kvm-04', 'keep')], fullSnapshot: true, removedVirtualMachines: [] }, cb));
+    await call((cb) =>
+      agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [vm('kvm-04', 'keep')], fullSnapshot: true, removedVirtualMachines: [] }, cb),
+    );
     const kept = await call<VirtualMachine>((cb) => admin.getVirtualMachine({ name: 'hosts/kvm-04/virtualMachines/keep' }, cb));
     for (const [index, removed] of [
       [0, ['hosts/kvm-04/virtualMachines/../keep']],
@@ -361,16 +524,35 @@ describe('inventory', () => {
       [0, ['hosts/kvm-04/virtualMachines/keep/disks']],
       [0, ['hosts/kvm-04/virtualMachines/']],
     ] as const) {
-      const malformed = await failure((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [vm('kvm-04', 'new-one')], fullSnapshot: false, removedVirtualMachines: [...removed] }, cb));
+      const malformed = await failure((cb) =>
+        agent.reportVirtualMachines(
+          { parent: 'hosts/kvm-04', virtualMachines: [vm('kvm-04', 'new-one')], fullSnapshot: false, removedVirtualMachines: [...removed] },
+          cb,
+        ),
+      );
       assert.equal(malformed.code, GrpcStatus.INVALID_ARGUMENT, JSON.stringify(removed));
       assert.deepEqual(malformed.fields, [`removed_virtual_machines[${index}]`]);
     }
-    const foreignRemoval = await failure((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-04', virtualMachines: [], fullSnapshot: false, removedVirtualMachines: ['hosts/kvm-03/virtualMachines/web-1'] }, cb));
+    const foreignRemoval = await failure((cb) =>
+      agent.reportVirtualMachines(
+        { parent: 'hosts/kvm-04', virtualMachines: [], fullSnapshot: false, removedVirtualMachines: ['hosts/kvm-03/virtualMachines/web-1'] },
+        cb,
+      ),
+    );
     assert.equal(foreignRemoval.code, GrpcStatus.PERMISSION_DENIED);
     assert.equal(foreignRemoval.reason, 'ERROR_REASON_HOST_MISMATCH');
-    const ownFinally = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-04', pageSize: 1000, pageToken: '', filter: '' }, cb));
+    const ownFinally = await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+      admin.listVirtualMachines({ parent: 'hosts/kvm-04', pageSize: 1000, pageToken: '', filter: '' }, cb),
+    );
     assert.deepEqual(ownFinally.virtualMachines, [kept], 'no refused report added or removed anything');
-    assert.deepEqual((await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-03', pageSize: 1000, pageToken: '', filter: '' }, cb))).virtualMachines.map((item) => item.name), before.virtualMachines.map((item) => item.name));
+    assert.deepEqual(
+      (
+        await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+          admin.listVirtualMachines({ parent: 'hosts/kvm-03', pageSize: 1000, pageToken: '', filter: '' }, cb),
+        )
+      ).virtualMachines.map((item) => item.name),
+      before.virtualMachines.map((item) => item.name),
+    );
 
     assert.equal((await failure((cb) => agent.updateHost({ host: hostFacts('kvm-04'), updateMask: ['labels'] }, cb))).code, GrpcStatus.PERMISSION_DENIED);
     assert.equal((await failure((cb) => admin.updateHost({ host: hostFacts('kvm-04'), updateMask: ['hostname'] }, cb))).fields[0], 'update_mask');
@@ -397,10 +579,24 @@ describe('inventory', () => {
       assert.ok(watched.ms < 2_000, `WatchVirtualMachines ${parent} answered after ${Math.round(watched.ms)} ms`);
     }
     // Bad input stays INVALID_ARGUMENT whatever the host: the filter is checked before the parent's existence.
-    assert.equal((await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/no-such-host', pageSize: 0, pageToken: '', filter: 'state = RUNING' }, cb))).code, GrpcStatus.INVALID_ARGUMENT);
+    assert.equal(
+      (await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/no-such-host', pageSize: 0, pageToken: '', filter: 'state = RUNING' }, cb))).code,
+      GrpcStatus.INVALID_ARGUMENT,
+    );
     // An existing host without VMs or replicas, and the wildcard, are OK.
-    assert.deepEqual((await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-07', pageSize: 0, pageToken: '', filter: '' }, cb))).virtualMachines, []);
-    assert.deepEqual((await call<{ imageReplicas: unknown[] }>((cb) => admin.listImageReplicas({ parent: 'hosts/kvm-07', pageSize: 0, pageToken: '', filter: '' }, cb))).imageReplicas, []);
+    assert.deepEqual(
+      (
+        await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+          admin.listVirtualMachines({ parent: 'hosts/kvm-07', pageSize: 0, pageToken: '', filter: '' }, cb),
+        )
+      ).virtualMachines,
+      [],
+    );
+    assert.deepEqual(
+      (await call<{ imageReplicas: unknown[] }>((cb) => admin.listImageReplicas({ parent: 'hosts/kvm-07', pageSize: 0, pageToken: '', filter: '' }, cb)))
+        .imageReplicas,
+      [],
+    );
     await call((cb) => admin.listImageReplicas({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter: '' }, cb));
     await call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter: '' }, cb));
   });
@@ -408,16 +604,66 @@ describe('inventory', () => {
   it('refuses filter values that the field cannot hold, naming the value and the allowed ones, on every List', async () => {
     const admin = await as('admin', 'alice');
     const cases: Array<[string, (filter: string) => Promise<unknown>, string, RegExp]> = [
-      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'state = RUNING', /"RUNING" is not a value of state; allowed: RUNNING, PAUSED, SHUT_OFF/],
-      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'state = 7', /"7" is not a value of state/],
-      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'managed = maybe', /"maybe" is not a value of managed; allowed: true, false/],
-      ['ListVirtualMachines', (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'source_image = debian-12', /source_image value "debian-12" is not of the form images\/\{image\}/],
-      ['ListHosts', (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)), 'state = UP', /"UP" is not a value of state; allowed: READY, UNREACHABLE, DRAINING/],
-      ['ListHosts', (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)), 'hypervisor = hyperv', /"hyperv" is not a value of hypervisor; allowed: KVM, XEN/],
-      ['ListHosts', (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)), 'draining = 1', /"1" is not a value of draining; allowed: true, false/],
-      ['ListImages', (filter) => call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter, view: 0 }, cb)), 'state = READY', /"READY" is not a value of state; allowed: .*AVAILABLE/],
-      ['ListImages', (filter) => call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter, view: 0 }, cb)), 'origin_host = kvm-01', /origin_host value "kvm-01" is not of the form hosts\/\{host\}/],
-      ['ListImageReplicas', (filter) => call((cb) => admin.listImageReplicas({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)), 'state = RUNNING', /"RUNNING" is not a value of state; allowed: .*AVAILABLE/],
+      [
+        'ListVirtualMachines',
+        (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)),
+        'state = RUNING',
+        /"RUNING" is not a value of state; allowed: RUNNING, PAUSED, SHUT_OFF/,
+      ],
+      [
+        'ListVirtualMachines',
+        (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)),
+        'state = 7',
+        /"7" is not a value of state/,
+      ],
+      [
+        'ListVirtualMachines',
+        (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)),
+        'managed = maybe',
+        /"maybe" is not a value of managed; allowed: true, false/,
+      ],
+      [
+        'ListVirtualMachines',
+        (filter) => call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)),
+        'source_image = debian-12',
+        /source_image value "debian-12" is not of the form images\/\{image\}/,
+      ],
+      [
+        'ListHosts',
+        (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)),
+        'state = UP',
+        /"UP" is not a value of state; allowed: READY, UNREACHABLE, DRAINING/,
+      ],
+      [
+        'ListHosts',
+        (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)),
+        'hypervisor = hyperv',
+        /"hyperv" is not a value of hypervisor; allowed: KVM, XEN/,
+      ],
+      [
+        'ListHosts',
+        (filter) => call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter }, cb)),
+        'draining = 1',
+        /"1" is not a value of draining; allowed: true, false/,
+      ],
+      [
+        'ListImages',
+        (filter) => call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter, view: 0 }, cb)),
+        'state = READY',
+        /"READY" is not a value of state; allowed: .*AVAILABLE/,
+      ],
+      [
+        'ListImages',
+        (filter) => call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter, view: 0 }, cb)),
+        'origin_host = kvm-01',
+        /origin_host value "kvm-01" is not of the form hosts\/\{host\}/,
+      ],
+      [
+        'ListImageReplicas',
+        (filter) => call((cb) => admin.listImageReplicas({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter }, cb)),
+        'state = RUNNING',
+        /"RUNNING" is not a value of state; allowed: .*AVAILABLE/,
+      ],
     ];
     for (const [method, list, filter, message] of cases) {
       const refused = await list(filter).then(
@@ -430,7 +676,12 @@ describe('inventory', () => {
       assert.match(refused.message, message, `${method} ${filter}`);
     }
     // Values the fields can hold still list.
-    await call((cb) => admin.listVirtualMachines({ parent: 'hosts/-', pageSize: 0, pageToken: '', filter: 'state = RUNNING AND managed = true AND source_image = "images/debian-12"' }, cb));
+    await call((cb) =>
+      admin.listVirtualMachines(
+        { parent: 'hosts/-', pageSize: 0, pageToken: '', filter: 'state = RUNNING AND managed = true AND source_image = "images/debian-12"' },
+        cb,
+      ),
+    );
     await call((cb) => admin.listHosts({ pageSize: 0, pageToken: '', filter: 'state = READY AND hypervisor = KVM AND draining = false' }, cb));
     await call((cb) => admin.listImages({ pageSize: 0, pageToken: '', filter: 'state = AVAILABLE AND origin_host = "hosts/kvm-01"', view: 0 }, cb));
   });
@@ -439,14 +690,40 @@ describe('inventory', () => {
     const agent = await as('host', 'kvm-07');
     const admin = await as('admin', 'alice', 1);
     await register(agent, 'kvm-07');
-    const cloned = (name: string, image: string): VirtualMachine => ({ ...vm('kvm-07', name), sourceImage: image, managed: true, lineage: { image, replica: `hosts/kvm-07/${image}`, sourceVirtualMachine: '', overlays: [] } });
+    const cloned = (name: string, image: string): VirtualMachine => ({
+      ...vm('kvm-07', name),
+      sourceImage: image,
+      managed: true,
+      lineage: { image, replica: `hosts/kvm-07/${image}`, sourceVirtualMachine: '', overlays: [] },
+    });
     await call((cb) =>
-      agent.reportVirtualMachines({ parent: 'hosts/kvm-07', virtualMachines: [cloned('web-1', 'images/debian-12'), cloned('web-2', 'images/debian-12'), cloned('db-1', 'images/alpine-3'), vm('kvm-07', 'hand-made')], fullSnapshot: true, removedVirtualMachines: [] }, cb),
+      agent.reportVirtualMachines(
+        {
+          parent: 'hosts/kvm-07',
+          virtualMachines: [
+            cloned('web-1', 'images/debian-12'),
+            cloned('web-2', 'images/debian-12'),
+            cloned('db-1', 'images/alpine-3'),
+            vm('kvm-07', 'hand-made'),
+          ],
+          fullSnapshot: true,
+          removedVirtualMachines: [],
+        },
+        cb,
+      ),
     );
     const names = async (parent: string, filter: string): Promise<string[]> => {
       // Replica 2 serves the reads: wait until it has all four.
       const deadline = Date.now() + 5_000;
-      while ((await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-07', pageSize: 1000, pageToken: '', filter: '' }, cb))).virtualMachines.length < 4 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+      while (
+        (
+          await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+            admin.listVirtualMachines({ parent: 'hosts/kvm-07', pageSize: 1000, pageToken: '', filter: '' }, cb),
+          )
+        ).virtualMachines.length < 4 &&
+        Date.now() < deadline
+      )
+        await new Promise((resolve) => setTimeout(resolve, 50));
       const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admin.listVirtualMachines({ parent, pageSize: 1000, pageToken: '', filter }, cb));
       return page.virtualMachines.map((item) => item.name);
     };
@@ -458,21 +735,34 @@ describe('inventory', () => {
     assert.deepEqual(await names('hosts/kvm-07', 'managed = false AND source_image = ""'), named('hand-made'));
     assert.deepEqual(await names('hosts/kvm-07', 'managed = true AND source_image = "images/debian-12" AND domain_name = "web-2"'), named('web-2'));
     assert.deepEqual(await names('hosts/kvm-07', 'source_image = "images/none"'), []);
-    const prefixed = await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-07', pageSize: 0, pageToken: '', filter: 'source_image = "images/deb*"' }, cb));
+    const prefixed = await failure((cb) =>
+      admin.listVirtualMachines({ parent: 'hosts/kvm-07', pageSize: 0, pageToken: '', filter: 'source_image = "images/deb*"' }, cb),
+    );
     assert.equal(prefixed.code, GrpcStatus.INVALID_ARGUMENT, 'source_image takes no prefix');
     assert.deepEqual(prefixed.fields, ['filter']);
 
     // A later report without the lineage (an agent that lost its metadata) does not drop it.
-    await call((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-07', virtualMachines: [vm('kvm-07', 'web-1', VirtualMachine_State.STATE_RUNNING)], fullSnapshot: false, removedVirtualMachines: [] }, cb));
+    await call((cb) =>
+      agent.reportVirtualMachines(
+        {
+          parent: 'hosts/kvm-07',
+          virtualMachines: [vm('kvm-07', 'web-1', VirtualMachine_State.STATE_RUNNING)],
+          fullSnapshot: false,
+          removedVirtualMachines: [],
+        },
+        cb,
+      ),
+    );
     const deadline = Date.now() + 5_000;
     let web1: VirtualMachine | undefined;
-    while (web1?.state !== VirtualMachine_State.STATE_RUNNING && Date.now() < deadline) web1 = await call<VirtualMachine>((cb) => admin.getVirtualMachine({ name: 'hosts/kvm-07/virtualMachines/web-1' }, cb));
+    while (web1?.state !== VirtualMachine_State.STATE_RUNNING && Date.now() < deadline)
+      web1 = await call<VirtualMachine>((cb) => admin.getVirtualMachine({ name: 'hosts/kvm-07/virtualMachines/web-1' }, cb));
     assert.equal(web1?.sourceImage, 'images/debian-12');
     assert.equal(web1?.managed, true);
     assert.deepEqual(await names('hosts/kvm-07', 'source_image = "images/debian-12" AND state = RUNNING'), named('web-1'));
   });
 
-  it('stays consistent when one host\'s reports alternate between replicas while admins update and delete it on the other', async () => {
+  it("stays consistent when one host's reports alternate between replicas while admins update and delete it on the other", async () => {
     const admins = [await as('admin', 'alice', 0), await as('admin', 'alice', 1)];
     const waitUntil = async (what: string, ok: () => Promise<boolean>): Promise<void> => {
       const deadline = Date.now() + 10_000;
@@ -483,7 +773,9 @@ describe('inventory', () => {
     };
     const vmsOn = async (replica: number, host: string): Promise<Map<string, VirtualMachine_State>> => {
       // A deleted host is NOT_FOUND as a parent: then look for records it left behind across the fleet.
-      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) => admins[replica]!.listVirtualMachines({ parent: HOST_NAME.format({ host }), pageSize: 1000, pageToken: '', filter: '' }, cb)).catch(async (error: ServiceError) => {
+      const page = await call<{ virtualMachines: VirtualMachine[] }>((cb) =>
+        admins[replica]!.listVirtualMachines({ parent: HOST_NAME.format({ host }), pageSize: 1000, pageToken: '', filter: '' }, cb),
+      ).catch(async (error: ServiceError) => {
         if (error.code !== GrpcStatus.NOT_FOUND) throw error;
         return { virtualMachines: await fleetVmsOf(admins[replica]!, host) };
       });
@@ -499,7 +791,17 @@ describe('inventory', () => {
     const agents = [await as('host', host, 0), await as('host', host, 1)];
     await register(agents[0]!, host);
     const model = new Map<string, VirtualMachine_State>(Array.from({ length: 5 }, (_, i) => [`base-${i}`, VirtualMachine_State.STATE_SHUT_OFF]));
-    await call((cb) => agents[0]!.reportVirtualMachines({ parent: HOST_NAME.format({ host }), virtualMachines: [...model].map(([name, state]) => vm(host, name, state)), fullSnapshot: true, removedVirtualMachines: [] }, cb));
+    await call((cb) =>
+      agents[0]!.reportVirtualMachines(
+        {
+          parent: HOST_NAME.format({ host }),
+          virtualMachines: [...model].map(([name, state]) => vm(host, name, state)),
+          fullSnapshot: true,
+          removedVirtualMachines: [],
+        },
+        cb,
+      ),
+    );
     const ROUNDS = 60;
     let reportsDone = false;
     let lastLabel = '';
@@ -508,9 +810,16 @@ describe('inventory', () => {
       for (let round = 1; !reportsDone; round++) {
         const side = round % 2;
         await Promise.all([
-          call((cb) => admins[side]!.updateHost({ host: { ...hostFacts(host), labels: { round: String(round) } }, updateMask: ['labels'] }, cb)).then(() => void (lastLabel = String(round))),
+          call((cb) => admins[side]!.updateHost({ host: { ...hostFacts(host), labels: { round: String(round) } }, updateMask: ['labels'] }, cb)).then(
+            () => void (lastLabel = String(round)),
+          ),
           call((cb) => agents[side]!.registerHost({ host: { ...hostFacts(host), cpuCount: round } }, cb)).then(() => void (lastCpuCount = round)),
-          call((cb) => agents[1 - side]!.heartbeat({ host: HOST_NAME.format({ host }), memoryFreeBytes: String(round), imageDirectoryFreeBytes: '1', imageDirectoryTotalBytes: '2' }, cb)),
+          call((cb) =>
+            agents[1 - side]!.heartbeat(
+              { host: HOST_NAME.format({ host }), memoryFreeBytes: String(round), imageDirectoryFreeBytes: '1', imageDirectoryTotalBytes: '2' },
+              cb,
+            ),
+          ),
         ]);
       }
     })();
@@ -523,21 +832,37 @@ describe('inventory', () => {
       const report =
         round % 5 === 0
           ? { virtualMachines: [...model].map(([name, state]) => vm(host, name, state)), fullSnapshot: true, removedVirtualMachines: [] }
-          : { virtualMachines: [vm(host, 'flip', flipped), vm(host, `base-${round % 5}`, flipped), vm(host, `extra-${round}`, VirtualMachine_State.STATE_RUNNING)], fullSnapshot: false, removedVirtualMachines: round > 1 ? [VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: `extra-${round - 1}` })] : [] };
+          : {
+              virtualMachines: [
+                vm(host, 'flip', flipped),
+                vm(host, `base-${round % 5}`, flipped),
+                vm(host, `extra-${round}`, VirtualMachine_State.STATE_RUNNING),
+              ],
+              fullSnapshot: false,
+              removedVirtualMachines: round > 1 ? [VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: `extra-${round - 1}` })] : [],
+            };
       await call((cb) => agents[round % 2]!.reportVirtualMachines({ parent: HOST_NAME.format({ host }), ...report }, cb));
     }
     reportsDone = true;
     await admin;
     for (const replica of [0, 1]) {
       await waitUntil(`replica ${replica} to hold the last report`, async () => same(await vmsOn(replica, host), model)).catch(async (error: unknown) => {
-        assert.deepEqual(Object.fromEntries([...(await vmsOn(replica, host))].sort()), Object.fromEntries([...model].sort()), `replica ${replica}: ${String(error)}`);
+        assert.deepEqual(
+          Object.fromEntries([...(await vmsOn(replica, host))].sort()),
+          Object.fromEntries([...model].sort()),
+          `replica ${replica}: ${String(error)}`,
+        );
       });
       await waitUntil(`replica ${replica} to hold the last update`, async () => {
         const record = await call<Host>((cb) => admins[replica]!.getHost({ name: HOST_NAME.format({ host }) }, cb));
         return record.labels['round'] === lastLabel && record.cpuCount === lastCpuCount;
       }).catch(async (error: unknown) => {
         const record = await call<Host>((cb) => admins[replica]!.getHost({ name: HOST_NAME.format({ host }) }, cb));
-        assert.deepEqual([record.labels, record.cpuCount], [{ round: lastLabel }, lastCpuCount], `replica ${replica}: neither the labels nor the facts were lost (${String(error)})`);
+        assert.deepEqual(
+          [record.labels, record.cpuCount],
+          [{ round: lastLabel }, lastCpuCount],
+          `replica ${replica}: neither the labels nor the facts were lost (${String(error)})`,
+        );
       });
     }
 
@@ -554,7 +879,17 @@ describe('inventory', () => {
         for (let round = 0; round < 200; round++) {
           const side = round % 2;
           try {
-            await call((cb) => doomedAgents[side]!.reportVirtualMachines({ parent: HOST_NAME.format({ host: doomed }), virtualMachines: Array.from({ length: 5 }, (_, i) => vm(doomed, `r${round}-${i}`)), fullSnapshot: round % 7 === 3, removedVirtualMachines: [] }, cb));
+            await call((cb) =>
+              doomedAgents[side]!.reportVirtualMachines(
+                {
+                  parent: HOST_NAME.format({ host: doomed }),
+                  virtualMachines: Array.from({ length: 5 }, (_, i) => vm(doomed, `r${round}-${i}`)),
+                  fullSnapshot: round % 7 === 3,
+                  removedVirtualMachines: [],
+                },
+                cb,
+              ),
+            );
             reports++;
           } catch (error) {
             assert.equal((error as { code?: number }).code, GrpcStatus.NOT_FOUND, `report ${round}: ${String(error)}`);
@@ -570,7 +905,10 @@ describe('inventory', () => {
       deleted = true;
       await reporting;
       for (const replica of [0, 1]) {
-        await waitUntil(`replica ${replica} to drop ${doomed}`, async () => (await failure((cb) => admins[replica]!.getHost({ name: HOST_NAME.format({ host: doomed }) }, cb))).code === GrpcStatus.NOT_FOUND);
+        await waitUntil(
+          `replica ${replica} to drop ${doomed}`,
+          async () => (await failure((cb) => admins[replica]!.getHost({ name: HOST_NAME.format({ host: doomed }) }, cb))).code === GrpcStatus.NOT_FOUND,
+        );
       }
       // Give late writes (a report racing the deletion on the other replica) time to land, then look.
       await new Promise((resolve) => setTimeout(resolve, 300));
@@ -585,8 +923,15 @@ describe('inventory', () => {
     const agent = await as('host', 'kvm-05');
     const admin = await as('admin', 'alice');
     await register(agent, 'kvm-05');
-    await call((cb) => agent.reportVirtualMachines({ parent: 'hosts/kvm-05', virtualMachines: [{ ...vm('kvm-05', 'clone-1'), managed: true }], fullSnapshot: true, removedVirtualMachines: [] }, cb));
-    const drained = await call<Host>((cb) => admin.updateHost({ host: { ...hostFacts('kvm-05'), draining: true, labels: { rack: 'r3' } }, updateMask: ['draining', 'labels'] }, cb));
+    await call((cb) =>
+      agent.reportVirtualMachines(
+        { parent: 'hosts/kvm-05', virtualMachines: [{ ...vm('kvm-05', 'clone-1'), managed: true }], fullSnapshot: true, removedVirtualMachines: [] },
+        cb,
+      ),
+    );
+    const drained = await call<Host>((cb) =>
+      admin.updateHost({ host: { ...hostFacts('kvm-05'), draining: true, labels: { rack: 'r3' } }, updateMask: ['draining', 'labels'] }, cb),
+    );
     assert.equal(drained.state, Host_State.STATE_DRAINING);
     assert.deepEqual(drained.labels, { rack: 'r3' });
     const refused = await failure((cb) => admin.deleteHost({ name: 'hosts/kvm-05', force: false }, cb));
@@ -596,7 +941,10 @@ describe('inventory', () => {
     await call((cb) => admin.deleteHost({ name: 'hosts/kvm-05', force: true }, cb));
     assert.equal((await failure((cb) => admin.getHost({ name: 'hosts/kvm-05' }, cb))).code, GrpcStatus.NOT_FOUND);
     // The host is gone (NOT_FOUND as a parent), and so is every record of its VMs across the fleet.
-    assert.equal((await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-05', pageSize: 1000, pageToken: '', filter: '' }, cb))).code, GrpcStatus.NOT_FOUND);
+    assert.equal(
+      (await failure((cb) => admin.listVirtualMachines({ parent: 'hosts/kvm-05', pageSize: 1000, pageToken: '', filter: '' }, cb))).code,
+      GrpcStatus.NOT_FOUND,
+    );
     assert.deepEqual(await fleetVmsOf(admin, 'kvm-05'), []);
   });
 });

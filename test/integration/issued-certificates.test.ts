@@ -53,11 +53,16 @@ describe('only issued certificates are admitted by the gRPC servers', () => {
   let certificates: KvStore<CertificateRecord>;
 
   function client<C extends Client>(Constructor: new (...args: never[]) => C, address: string, credentials: Credentials): C {
-    const made = createClient(Constructor as never, address, mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem }), { defaultDeadlineMs: 15_000, maxAttempts: 1 }) as C;
+    const made = createClient(Constructor as never, address, mutualTlsChannelCredentialsFromPem({ ...credentials, caPem: pki.ca.certificatePem }), {
+      defaultDeadlineMs: 15_000,
+      maxAttempts: 1,
+    }) as C;
     closers.push(made);
     return made;
   }
-  async function outcome(invoke: (callback: (error: ServiceError | null, response: unknown) => void) => void): Promise<{ code: GrpcStatus; reason?: string | undefined }> {
+  async function outcome(
+    invoke: (callback: (error: ServiceError | null, response: unknown) => void) => void,
+  ): Promise<{ code: GrpcStatus; reason?: string | undefined }> {
     try {
       await call(invoke);
       return { code: GrpcStatus.OK };
@@ -69,10 +74,24 @@ describe('only issued certificates are admitted by the gRPC servers', () => {
 
   /** Admin-callable RPCs on the CA, inventory, distribution and cloning. */
   const adminProbes: Record<string, Probe> = {
-    'certificate-authority': (credentials) => outcome((cb) => client(CertificateAuthorityServiceClient, ca.address, credentials).listJoinTokens({ pageSize: 1, pageToken: '', filter: '' }, cb)),
-    inventory: (credentials) => outcome((cb) => client(InventoryServiceClient, inventory.address, credentials).listHosts({ pageSize: 1, pageToken: '', filter: '' }, cb)),
-    distribution: (credentials) => outcome((cb) => client(DistributionServiceClient, distribution.address, credentials).deleteImage(DeleteImageRequest.fromPartial({ name: 'images/never-published' }), cb)),
-    cloning: (credentials) => outcome((cb) => client(CloningServiceClient, cloning.address, credentials).deleteVirtualMachine(DeleteVirtualMachineRequest.fromPartial({ name: 'hosts/kvm-issued/virtualMachines/nothing' }), cb)),
+    'certificate-authority': (credentials) =>
+      outcome((cb) => client(CertificateAuthorityServiceClient, ca.address, credentials).listJoinTokens({ pageSize: 1, pageToken: '', filter: '' }, cb)),
+    inventory: (credentials) =>
+      outcome((cb) => client(InventoryServiceClient, inventory.address, credentials).listHosts({ pageSize: 1, pageToken: '', filter: '' }, cb)),
+    distribution: (credentials) =>
+      outcome((cb) =>
+        client(DistributionServiceClient, distribution.address, credentials).deleteImage(
+          DeleteImageRequest.fromPartial({ name: 'images/never-published' }),
+          cb,
+        ),
+      ),
+    cloning: (credentials) =>
+      outcome((cb) =>
+        client(CloningServiceClient, cloning.address, credentials).deleteVirtualMachine(
+          DeleteVirtualMachineRequest.fromPartial({ name: 'hosts/kvm-issued/virtualMachines/nothing' }),
+          cb,
+        ),
+      ),
   };
   /** The agent serves only services: inventory may ask it for its host facts. */
   const agentProbe: Probe = (credentials) => outcome((cb) => client(AgentServiceClient, agent.address, credentials).getHostInfo({}, cb));
@@ -91,13 +110,23 @@ describe('only issued certificates are admitted by the gRPC servers', () => {
     certificate.serialNumber = `1${forge.util.bytesToHex(forge.random.getBytesSync(15))}`;
     certificate.validity.notBefore = new Date(Date.now() - 60_000);
     certificate.validity.notAfter = new Date(Date.now() + 3600_000);
-    certificate.setSubject([{ name: 'organizationName', value: 'cowherd' }, { name: 'commonName', value: `${kind}/${name}` }]);
+    certificate.setSubject([
+      { name: 'organizationName', value: 'cowherd' },
+      { name: 'commonName', value: `${kind}/${name}` },
+    ]);
     certificate.setIssuer(authority.subject.attributes);
     certificate.setExtensions([
       oddity === 'ca' ? { name: 'basicConstraints', cA: true, critical: true } : { name: 'basicConstraints', cA: false, critical: true },
       { name: 'keyUsage', digitalSignature: true, keyEncipherment: true, critical: true },
       ...(oddity === 'ca' ? [{ name: 'extKeyUsage', serverAuth: true, clientAuth: true }] : []),
-      { name: 'subjectAltName', critical: true, altNames: [{ type: 6, value: identityUri(kind, name) }, { type: 2, value: 'localhost' }] },
+      {
+        name: 'subjectAltName',
+        critical: true,
+        altNames: [
+          { type: 6, value: identityUri(kind, name) },
+          { type: 2, value: 'localhost' },
+        ],
+      },
       { name: 'authorityKeyIdentifier', keyIdentifier: authority.generateSubjectKeyIdentifier().getBytes() },
     ]);
     certificate.sign(forge.pki.privateKeyFromPem(pki.ca.privateKeyPem), forge.md.sha256.create());
@@ -121,7 +150,9 @@ describe('only issued certificates are admitted by the gRPC servers', () => {
     const keys = await generateKeyPair(2048);
     const identity = identityUri(kind, name);
     const csrPem = createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity, dnsNames: [] });
-    const issued = await call<{ certificatePem: string }>((cb) => admin.issueCertificate({ csrPem, identity, dnsNames: [], ttl: { seconds: '3600', nanos: 0 }, requestId: '' }, cb));
+    const issued = await call<{ certificatePem: string }>((cb) =>
+      admin.issueCertificate({ csrPem, identity, dnsNames: [], ttl: { seconds: '3600', nanos: 0 }, requestId: '' }, cb),
+    );
     return { certificatePem: issued.certificatePem, privateKeyPem: keys.privateKeyPem, caPem: pki.ca.certificatePem };
   }
 
@@ -130,7 +161,10 @@ describe('only issued certificates are admitted by the gRPC servers', () => {
     const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
     ca = await startCertificateAuthorityProcess(resources, pki, nats);
     inventory = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address });
-    distribution = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventory.address });
+    distribution = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_INVENTORY_ADDRESS: inventory.address,
+    });
     cloning = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, {
       COWHERD_CA_ADDRESS: ca.address,
       COWHERD_INVENTORY_ADDRESS: inventory.address,
@@ -180,7 +214,9 @@ describe('only issued certificates are admitted by the gRPC servers', () => {
     assert.equal(atAgent.code, GrpcStatus.UNAUTHENTICATED, `the agent answered ${GrpcStatus[atAgent.code]}`);
     assert.equal(atAgent.reason, 'ERROR_REASON_CERTIFICATE_NOT_ISSUED');
     // Nothing was done for it: no join token for a host the forger named.
-    const refused = await outcome((cb) => client(CertificateAuthorityServiceClient, ca.address, forgedAdmin).createJoinToken({ host: 'kvm-forged', ttl: undefined, requestId: '' }, cb));
+    const refused = await outcome((cb) =>
+      client(CertificateAuthorityServiceClient, ca.address, forgedAdmin).createJoinToken({ host: 'kvm-forged', ttl: undefined, requestId: '' }, cb),
+    );
     assert.equal(refused.code, GrpcStatus.UNAUTHENTICATED);
     const tokens = await call<{ joinTokens: unknown[] }>((cb) => admin.listJoinTokens({ pageSize: 100, pageToken: '', filter: 'host = "kvm-forged"' }, cb));
     assert.equal(tokens.joinTokens.length, 0);
@@ -192,7 +228,10 @@ describe('only issued certificates are admitted by the gRPC servers', () => {
         const reflection = client(ServerReflectionClient, inventory.address, credentials);
         const stream = reflection.serverReflectionInfo();
         stream.on('data', (response: { messageResponse?: { $case: string; value: { service?: unknown[] } } }) => {
-          resolve({ code: GrpcStatus.OK, services: response.messageResponse?.$case === 'listServicesResponse' ? (response.messageResponse.value.service?.length ?? 0) : 0 });
+          resolve({
+            code: GrpcStatus.OK,
+            services: response.messageResponse?.$case === 'listServicesResponse' ? (response.messageResponse.value.service?.length ?? 0) : 0,
+          });
           stream.cancel();
         });
         stream.on('error', (error: ServiceError) => {

@@ -16,7 +16,12 @@ describe('KvStore.list under concurrent writes', () => {
   before(async () => {
     const pki = await TestPki.create(await resources.tempDir());
     const nats = await startTestNats(resources, pki);
-    const connection = await connectNats({ servers: [nats.url], tls: await pki.files('service', 'distribution'), name: 'kv-list-test', log: createLogger({ service: 'test', level: 'silent' }) });
+    const connection = await connectNats({
+      servers: [nats.url],
+      tls: await pki.files('service', 'distribution'),
+      name: 'kv-list-test',
+      log: createLogger({ service: 'test', level: 'silent' }),
+    });
     resources.defer(() => connection.close());
     store = await KvStore.open(connection.jetstream, 'kv-list-test', jsonCodec<{ host: string; step: number }>());
   });
@@ -52,7 +57,10 @@ describe('KvStore.list under concurrent writes', () => {
     await store.delete('b.img');
     const final = await store.list('*.img');
     assert.deepEqual(final.map((entry) => entry.value.host).sort(), ['a', 'c', 'd', 'origin']);
-    assert.deepEqual(final.map((entry) => entry.revision), [...final.map((entry) => entry.revision)].sort((x, y) => x - y));
+    assert.deepEqual(
+      final.map((entry) => entry.revision),
+      [...final.map((entry) => entry.revision)].sort((x, y) => x - y),
+    );
     assert.deepEqual(await store.list('*.nothing'), []);
   });
 });

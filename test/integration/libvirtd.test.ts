@@ -36,8 +36,7 @@ async function run(file: string, args: readonly string[], timeoutMs: number): Pr
   } catch (error: unknown) {
     const details = error as { stderr?: string; stdout?: string; code?: unknown; signal?: unknown };
     throw new Error(
-      `${file} ${args.join(' ')} failed (code ${String(details.code)}, signal ${String(details.signal)}):\n` +
-        `${details.stderr ?? ''}${details.stdout ?? ''}`,
+      `${file} ${args.join(' ')} failed (code ${String(details.code)}, signal ${String(details.signal)}):\n` + `${details.stderr ?? ''}${details.stdout ?? ''}`,
       { cause: error },
     );
   }
@@ -101,8 +100,7 @@ test('private libvirtd defines, starts, destroys and undefines a TCG guest', { t
   const uri = /LIBVIRT_DEFAULT_URI=(\S+)/.exec(envOutput.stdout)?.[1];
   assert.ok(uri, `env prints LIBVIRT_DEFAULT_URI, got: ${envOutput.stdout}`);
   assert.ok(started.stdout.includes(`uri ${uri}`), `start prints the URI to use, got: ${started.stdout}`);
-  const virsh = (args: readonly string[], timeoutMs = 15_000): Promise<RunResult> =>
-    run('virsh', ['-q', '-c', uri, ...args], timeoutMs);
+  const virsh = (args: readonly string[], timeoutMs = 15_000): Promise<RunResult> => run('virsh', ['-q', '-c', uri, ...args], timeoutMs);
 
   const dir = await mkdtemp(path.join(tmpdir(), 'cowherd-libvirtd-test-'));
   cleanups.push(() => rm(dir, { recursive: true, force: true }));
@@ -142,7 +140,5 @@ test('private libvirtd defines, starts, destroys and undefines a TCG guest', { t
   const all = await virsh(['list', '--all', '--name']);
   assert.ok(!all.stdout.split('\n').includes(name), `${name} is still defined after undefine`);
 
-  t.diagnostic(
-    `define ${defineMs.toFixed(0)} ms, start ${startMs.toFixed(0)} ms, destroy ${destroyMs.toFixed(0)} ms`,
-  );
+  t.diagnostic(`define ${defineMs.toFixed(0)} ms, start ${startMs.toFixed(0)} ms, destroy ${destroyMs.toFixed(0)} ms`);
 });

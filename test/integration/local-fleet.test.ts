@@ -51,7 +51,13 @@ async function runFleetOnce(resources: Resources, stateDirectory: string, whileU
   } finally {
     code = await command.interrupt();
   }
-  return { output: command.output, code, pids: fleet.endpoints.map((endpoint) => endpoint.pid), leftovers: await command.leftovers(), temporaryLeftovers: await command.temporaryLeftovers() };
+  return {
+    output: command.output,
+    code,
+    pids: fleet.endpoints.map((endpoint) => endpoint.pid),
+    leftovers: await command.leftovers(),
+    temporaryLeftovers: await command.temporaryLeftovers(),
+  };
 }
 
 /** A terminal's Ctrl-C stopped the fleet cleanly: exit 0, the ordered stop logged, every process gone, no temp file left. */
@@ -80,10 +86,19 @@ async function assertOrderedStops(logDirectory: string, runs: number): Promise<v
       .split('\n')
       .filter((line) => line.startsWith('{'))
       .map((line) => JSON.parse(line) as { msg?: string; time?: string });
-    assert.deepEqual(lines.filter((line) => line.msg === 'second signal: exiting now' || line.msg === 'unclean stop'), [], `${service} stopped without a second signal`);
+    assert.deepEqual(
+      lines.filter((line) => line.msg === 'second signal: exiting now' || line.msg === 'unclean stop'),
+      [],
+      `${service} stopped without a second signal`,
+    );
     const stops = lines.filter((line) => line.msg === 'stopped').map((line) => Date.parse(line.time!));
     assert.equal(stops.length, runs, `${service} logged "stopped" once per run`);
-    stops.forEach((time, run) => assert.ok(time <= natsShutdowns[run]!, `${service} stopped (${new Date(time).toISOString()}) before NATS shut down (${new Date(natsShutdowns[run]!).toISOString()}) in run ${run + 1}`));
+    stops.forEach((time, run) =>
+      assert.ok(
+        time <= natsShutdowns[run]!,
+        `${service} stopped (${new Date(time).toISOString()}) before NATS shut down (${new Date(natsShutdowns[run]!).toISOString()}) in run ${run + 1}`,
+      ),
+    );
   }
 }
 
@@ -110,8 +125,17 @@ describe('the local fleet (README start command)', () => {
       // Two hosts on this machine's libvirtd, each with its own identity and image directory.
       const [origin, second] = fleet.hosts;
       assert.equal(second?.host, `${origin?.host}-2`);
-      assert.deepEqual(fleet.hosts.map((host) => host.imageDirectory), [join(state, 'fleet', 'agent', 'images'), join(state, 'fleet', 'agent-2', 'images')]);
-      assert.deepEqual(fleet.endpoints.filter((endpoint) => endpoint.name === 'agent').map((endpoint) => endpoint.host).sort(), [origin!.host, second!.host].sort());
+      assert.deepEqual(
+        fleet.hosts.map((host) => host.imageDirectory),
+        [join(state, 'fleet', 'agent', 'images'), join(state, 'fleet', 'agent-2', 'images')],
+      );
+      assert.deepEqual(
+        fleet.endpoints
+          .filter((endpoint) => endpoint.name === 'agent')
+          .map((endpoint) => endpoint.host)
+          .sort(),
+        [origin!.host, second!.host].sort(),
+      );
       const admin = mutualTlsChannelCredentialsFromPem({
         certificatePem: await readFile(fleet.admin.certificateFile, 'utf8'),
         privateKeyPem: await readFile(fleet.admin.privateKeyFile, 'utf8'),
@@ -130,7 +154,10 @@ describe('the local fleet (README start command)', () => {
     const keyMode = (await import('node:fs')).statSync(join(state, 'fleet', 'ca', 'ca-key.pem')).mode & 0o777;
     assert.equal(keyMode, 0o600);
     // The CA private key is in no log line of the whole run, nor in what the fleet printed.
-    const key = (await readFile(join(state, 'fleet', 'ca', 'ca-key.pem'), 'utf8')).split('\n').filter((line) => line && !line.startsWith('-----')).join('');
+    const key = (await readFile(join(state, 'fleet', 'ca', 'ca-key.pem'), 'utf8'))
+      .split('\n')
+      .filter((line) => line && !line.startsWith('-----'))
+      .join('');
     const logs = [first.output, ...(await Promise.all((await readdir(logDirectory)).map((file) => readFile(join(logDirectory, file), 'utf8'))))];
     assert.ok(logs.length >= 7, 'every process wrote a log');
     for (const text of logs) {

@@ -84,13 +84,26 @@ describe('metrics', () => {
   after(() => resources.release());
 
   it('counts and times real mTLS calls by service, method and code, and logs each with its caller', async () => {
-    const admin = createClient(InventoryServiceClient, inventory.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }), { defaultDeadlineMs: 10_000 });
-    const host = createClient(InventoryServiceClient, inventory.address, mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('host', 'kvm-01')), caPem: pki.ca.certificatePem }), { defaultDeadlineMs: 10_000 });
+    const admin = createClient(
+      InventoryServiceClient,
+      inventory.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'alice')), caPem: pki.ca.certificatePem }),
+      { defaultDeadlineMs: 10_000 },
+    );
+    const host = createClient(
+      InventoryServiceClient,
+      inventory.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('host', 'kvm-01')), caPem: pki.ca.certificatePem }),
+      { defaultDeadlineMs: 10_000 },
+    );
     try {
       await call((cb) => admin.listHosts({ pageSize: 10, pageToken: '', filter: '' }, cb));
       await call((cb) => admin.listHosts({ pageSize: 10, pageToken: '', filter: '' }, cb));
       // A host may read only its own record: refused at the boundary, which still counts and logs it.
-      const refused = await call((cb) => host.getHost({ name: 'hosts/kvm-02' }, cb)).then(() => undefined, (error: ServiceError) => error);
+      const refused = await call((cb) => host.getHost({ name: 'hosts/kvm-02' }, cb)).then(
+        () => undefined,
+        (error: ServiceError) => error,
+      );
       assert.equal(refused?.code, GrpcStatus.PERMISSION_DENIED);
     } finally {
       admin.close();
@@ -109,7 +122,8 @@ describe('metrics', () => {
     // The standard Node.js process metrics come along under their usual names.
     assert.ok((valueOf(samples, 'process_resident_memory_bytes', {}) ?? 0) > 0);
     // No label carries an identity, a key or a path.
-    for (const sample of samples) for (const value of Object.values(sample.labels)) assert.doesNotMatch(value, /spiffe:|BEGIN|admin\/alice|host\/kvm-01|\//, `${sample.name} ${value}`);
+    for (const sample of samples)
+      for (const value of Object.values(sample.labels)) assert.doesNotMatch(value, /spiffe:|BEGIN|admin\/alice|host\/kvm-01|\//, `${sample.name} ${value}`);
 
     const rpcLines = inventory.logs.filter((line) => line['msg'] === 'rpc');
     const listed = rpcLines.find((line) => line['method'] === `/${INVENTORY}/ListHosts`);
@@ -141,7 +155,12 @@ describe('metrics', () => {
         return context.request;
       },
     };
-    const manager = await OperationManager.open({ js: connection.jetstream, log, pageTokens: await PageTokens.open(connection.jetstream), scanIntervalMs: 100 });
+    const manager = await OperationManager.open({
+      js: connection.jetstream,
+      log,
+      pageTokens: await PageTokens.open(connection.jetstream),
+      scanIntervalMs: 100,
+    });
     try {
       manager.register(kind);
       manager.resumeOrphans();

@@ -14,7 +14,13 @@ import { CLONE_DONE, IMAGE_AVAILABLE } from '../../services/common/domain/event-
 import { EVENT_STREAM, ensureEventStream, JetStreamEventPublisher, eventSubject } from '../../services/common/platform/events.js';
 import { jsonCodec, KvStore } from '../../services/common/platform/kv.js';
 import { createLogger } from '../../services/common/platform/logger.js';
-import { certificatePrincipal, identityPrincipal, inboxPrefixFor, renderNatsAuthorization, type NatsPrincipal } from '../../services/common/platform/nats-authorization.js';
+import {
+  certificatePrincipal,
+  identityPrincipal,
+  inboxPrefixFor,
+  renderNatsAuthorization,
+  type NatsPrincipal,
+} from '../../services/common/platform/nats-authorization.js';
 import { parseIdentity } from '../../services/common/platform/identity.js';
 import { connectNats, type Nats } from '../../services/common/platform/nats.js';
 import { inspectCertificate, natsUserOf } from '../../services/common/platform/pki.js';
@@ -27,7 +33,18 @@ import { HOST_IMAGE_NAME, HOST_NAME } from '../../services/common/domain/resourc
 const log = createLogger({ service: 'test', level: 'silent' });
 
 function available(host: string): ImageAvailable {
-  return { image: 'images/debian-12', host: HOST_NAME.format({ host }), replica: HOST_IMAGE_NAME.format({ host, image: 'debian-12' }), totalBytes: '1', files: [], origin: false, transferDuration: undefined, operation: 'operations/x', occurTime: new Date('2026-11-26T10:00:00Z'), generation: '1' };
+  return {
+    image: 'images/debian-12',
+    host: HOST_NAME.format({ host }),
+    replica: HOST_IMAGE_NAME.format({ host, image: 'debian-12' }),
+    totalBytes: '1',
+    files: [],
+    origin: false,
+    transferDuration: undefined,
+    operation: 'operations/x',
+    occurTime: new Date('2026-11-26T10:00:00Z'),
+    generation: '1',
+  };
 }
 
 /** A plain connection that does not retry: refusals surface as a rejected promise. */
@@ -103,7 +120,25 @@ describe('NATS authorization', () => {
       const started = Date.now();
       await assert.rejects(publisher.publish(IMAGE_AVAILABLE, available('kvm-02'), { host: 'kvm-02', id: 'image.available/kvm-02-forged' }), /permission/i);
       assert.ok(Date.now() - started < 5_000, 'the refusal is immediate, not a timeout');
-      await assert.rejects(publisher.publish(CLONE_DONE, { virtualMachine: 'x', host: '', domainName: '', uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: undefined }, { id: 'clone.done/fleet' }), /permission/i);
+      await assert.rejects(
+        publisher.publish(
+          CLONE_DONE,
+          {
+            virtualMachine: 'x',
+            host: '',
+            domainName: '',
+            uuid: '',
+            image: '',
+            sourceVirtualMachine: '',
+            overlays: [],
+            started: false,
+            operation: '',
+            occurTime: undefined,
+          },
+          { id: 'clone.done/fleet' },
+        ),
+        /permission/i,
+      );
       const stream = await service.manager.streams.info(EVENT_STREAM, { subjects_filter: '>' });
       assert.deepEqual(stream.state.subjects, { [eventSubject(IMAGE_AVAILABLE.kind, 'kvm-01')]: 1 });
 
@@ -138,13 +173,19 @@ describe('NATS authorization', () => {
     try {
       const live = admin.connection.subscribe('cowherd.events.>', { max: 1 });
       await admin.connection.flush();
-      const sequence = await new JetStreamEventPublisher(service.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-05'), { host: 'kvm-05', id: 'image.available/kvm-05' });
+      const sequence = await new JetStreamEventPublisher(service.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-05'), {
+        host: 'kvm-05',
+        id: 'image.available/kvm-05',
+      });
       for await (const message of live) assert.equal(message.subject, 'cowherd.events.image.available.kvm-05');
       // Stored events by sequence.
       const stored = await admin.manager.streams.getMessage(EVENT_STREAM, { seq: sequence });
       assert.equal(stored?.subject, 'cowherd.events.image.available.kvm-05');
       // No publishing, no consumers, no KV.
-      await assert.rejects(new JetStreamEventPublisher(admin.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-05'), { host: 'kvm-05', id: 'forged' }), /permission/i);
+      await assert.rejects(
+        new JetStreamEventPublisher(admin.jetstream, log).publish(IMAGE_AVAILABLE, available('kvm-05'), { host: 'kvm-05', id: 'forged' }),
+        /permission/i,
+      );
       await assert.rejects(admin.jetstream.consumers.get(EVENT_STREAM), /permission/i);
       await assert.rejects(admin.manager.consumers.delete(EVENT_STREAM, 'anything'), /permission/i);
       await assert.rejects(KvStore.open(admin.jetstream, 'authorization-test', jsonCodec<{ x: number }>()), /permission/i);
@@ -164,7 +205,7 @@ describe('NATS authorization', () => {
     await assert.rejects(connectOnce(nats.url, { ...stranger, caFile: files.service.caFile }));
   });
 
-  it('refuses a revoked certificate after a reload, closing its connections, while the same host\'s other certificate works', async (t) => {
+  it("refuses a revoked certificate after a reload, closing its connections, while the same host's other certificate works", async (t) => {
     const existing = await connectOnce(nats.url, files.host);
     // A process's connection (connectNats) reconnects after being closed: it is refused and gives up.
     const agent = await connectNats({ servers: [nats.url], tls: files.host, name: 'agent', log });
@@ -172,7 +213,8 @@ describe('NATS authorization', () => {
     try {
       const statuses: Array<{ type: string; at: number }> = [];
       void (async () => {
-        for await (const status of agent.connection.status()) statuses.push({ type: `${status.type}${'error' in status ? `(${String(status.error)})` : ''}`, at: Date.now() });
+        for await (const status of agent.connection.status())
+          statuses.push({ type: `${status.type}${'error' in status ? `(${String(status.error)})` : ''}`, at: Date.now() });
       })();
       const existingClosed = existing.closed().then(() => Date.now());
       const agentClosed = agent.connection.closed().then((error) => ({ error, at: Date.now() }));
@@ -188,7 +230,9 @@ describe('NATS authorization', () => {
       const agentGone = await within(agentClosed, 10_000);
       assert.ok(agentGone, 'the reconnecting client gave up');
       assert.match(String(agentGone.error), /authorization violation/i);
-      t.diagnostic(`reload applied +${applied - start} ms; new connection refused +${newRefusedAt - start} ms; existing connection closed by the server +${existingGoneAt - start} ms; connectNats client: ${statuses.map((status) => `${status.type} +${status.at - start}`).join(', ')}, closed +${agentGone.at - start} ms`);
+      t.diagnostic(
+        `reload applied +${applied - start} ms; new connection refused +${newRefusedAt - start} ms; existing connection closed by the server +${existingGoneAt - start} ms; connectNats client: ${statuses.map((status) => `${status.type} +${status.at - start}`).join(', ')}, closed +${agentGone.at - start} ms`,
+      );
 
       // The other certificate of kvm-01 (another serial) keeps its connection and its permissions.
       assert.equal(other.isClosed(), false);
@@ -207,7 +251,11 @@ describe('NATS authorization', () => {
     const ca = await pki.files('service', 'certificate-authority');
     const caAgain = await pki.files('service', 'certificate-authority', { subdirectory: 'ca-second' });
     const serverTls = await pki.files('service', 'nats', { subdirectory: 'nats-second' });
-    const bootstrap = await startEmbeddedNats({ directory: await resources.tempDir(), tls: serverTls, bootstrapUsers: [identityPrincipal(parseIdentity('spiffe://cowherd/service/certificate-authority')!)] });
+    const bootstrap = await startEmbeddedNats({
+      directory: await resources.tempDir(),
+      tls: serverTls,
+      bootstrapUsers: [identityPrincipal(parseIdentity('spiffe://cowherd/service/certificate-authority')!)],
+    });
     resources.defer(() => bootstrap.stop());
     for (const tls of [ca, caAgain]) await (await connectOnce(bootstrap.url, tls)).close();
     await assert.rejects(connectOnce(bootstrap.url, files.service), /authorization violation/i);

@@ -59,16 +59,35 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
   }
 
   async function limitDownload(host: string, bytesPerSecond: number): Promise<void> {
-    await call((cb) => stack.inventory.updateHost({ host: Host.fromPartial({ name: HOST_NAME.format({ host }), transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) } }), updateMask: ['transfer_limits'] }, cb));
+    await call((cb) =>
+      stack.inventory.updateHost(
+        {
+          host: Host.fromPartial({
+            name: HOST_NAME.format({ host }),
+            transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) },
+          }),
+          updateMask: ['transfer_limits'],
+        },
+        cb,
+      ),
+    );
     const agent = agents.get(host)!;
-    await waitFor(`the cap applied on ${host}`, async () => (agent.process.logs.some((line) => line['msg'] === 'transfer limits applied') ? true : undefined), 30_000);
+    await waitFor(
+      `the cap applied on ${host}`,
+      async () => (agent.process.logs.some((line) => line['msg'] === 'transfer limits applied') ? true : undefined),
+      30_000,
+    );
   }
 
   async function transferring(operation: string): Promise<void> {
-    await waitFor('bytes arriving on the receiver', async () => {
-      const transfer = unpack(DistributeImageMetadata, (await operationOf(operation)).metadata!).transfers[0];
-      return transfer?.state === ImageReplica_State.STATE_TRANSFERRING && Number(transfer.progress?.bytesDone ?? 0) > 0 ? true : undefined;
-    }, 60_000);
+    await waitFor(
+      'bytes arriving on the receiver',
+      async () => {
+        const transfer = unpack(DistributeImageMetadata, (await operationOf(operation)).metadata!).transfers[0];
+        return transfer?.state === ImageReplica_State.STATE_TRANSFERRING && Number(transfer.progress?.bytesDone ?? 0) > 0 ? true : undefined;
+      },
+      60_000,
+    );
   }
 
   before(async () => {
@@ -91,7 +110,12 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     // A powered-off domain with a 40 MiB qcow2 disk of random data on the origin, published as the image.
     await stack.defineSourceVm(vm, 40);
     await stack.waitHostsReady(agents.keys());
-    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: origin, virtualMachine: vm }), description: '', labels: {}, requestId: '' }, cb));
+    const published = await call<Operation>((cb) =>
+      stack.distribution.publishImage(
+        { imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: origin, virtualMachine: vm }), description: '', labels: {}, requestId: '' },
+        cb,
+      ),
+    );
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     image = unpack(Image, done.result.value);
@@ -102,20 +126,38 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const host = `dl-a-${suffix}`;
     const agent = agents.get(host)!;
     await limitDownload(host, 2 * MiB);
-    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host })], requestId: '' }, cb));
+    const operation = await call<Operation>((cb) =>
+      stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host })], requestId: '' }, cb),
+    );
     await transferring(operation.name);
     process.kill(agent.process.daemon.pid, 'SIGSTOP');
     try {
       // Events the agent sent just before it stopped land first; then the record shows VERIFYING for good.
       await new Promise((resolve) => setTimeout(resolve, 500));
       const total = image.torrent!.totalBytes;
-      const record = ImageReplica.fromPartial({ name: HOST_IMAGE_NAME.format({ host, image: imageId }), image: IMAGE_NAME.format({ image: imageId }), host: HOST_NAME.format({ host }), state: ImageReplica_State.STATE_VERIFYING, progress: { bytesDone: total, bytesTotal: total }, createTime: new Date(), updateTime: new Date() });
+      const record = ImageReplica.fromPartial({
+        name: HOST_IMAGE_NAME.format({ host, image: imageId }),
+        image: IMAGE_NAME.format({ image: imageId }),
+        host: HOST_NAME.format({ host }),
+        state: ImageReplica_State.STATE_VERIFYING,
+        progress: { bytesDone: total, bytesTotal: total },
+        createTime: new Date(),
+        updateTime: new Date(),
+      });
       await stack.putReplica(record);
       const written = Date.now();
       // A poll of the unchanged VERIFYING record every second must not move the deadline: 1 s floor + 40 MiB
       // at 100 MiB/s = 1.4 s, seen within a poll. Well under the 10 minutes the old timer could never reach.
       const verifyBudgetMs = VERIFY_FLOOR_SECONDS * 1000 + (Number(total) / (VERIFY_MIB_PER_SECOND * MiB)) * 1000;
-      await waitFor('the verifying record seen by the operation', async () => (unpack(DistributeImageMetadata, (await operationOf(operation.name)).metadata!).transfers[0]?.state === ImageReplica_State.STATE_VERIFYING || (await operationOf(operation.name)).done ? true : undefined), 10_000);
+      await waitFor(
+        'the verifying record seen by the operation',
+        async () =>
+          unpack(DistributeImageMetadata, (await operationOf(operation.name)).metadata!).transfers[0]?.state === ImageReplica_State.STATE_VERIFYING ||
+          (await operationOf(operation.name)).done
+            ? true
+            : undefined,
+        10_000,
+      );
       const done = await stack.wait(operation.name, 30_000, stack.distributionOperations);
       const elapsed = Date.now() - written;
       assert.equal(done.done, true, 'the operation ended');
@@ -130,7 +172,8 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
       // The VERIFYING deadline fires first (1.4 s); should a loaded machine let inventory mark the stopped host
       // UNREACHABLE before that, the reason says so, but the step is still the VERIFYING one that ended.
       assert.ok(
-        (failed.status?.code === GrpcStatus.DEADLINE_EXCEEDED && info?.reason === 'ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED') || (failed.status?.code === GrpcStatus.UNAVAILABLE && info?.reason === 'ERROR_REASON_HOST_UNREACHABLE'),
+        (failed.status?.code === GrpcStatus.DEADLINE_EXCEEDED && info?.reason === 'ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED') ||
+          (failed.status?.code === GrpcStatus.UNAVAILABLE && info?.reason === 'ERROR_REASON_HOST_UNREACHABLE'),
         JSON.stringify({ code: failed.status?.code, message: failed.status?.message, info }),
       );
       assert.equal(info?.metadata['state'], 'VERIFYING');
@@ -148,7 +191,9 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const host = `dl-b-${suffix}`;
     const agent = agents.get(host)!;
     await limitDownload(host, 2 * MiB);
-    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host })], requestId: '' }, cb));
+    const operation = await call<Operation>((cb) =>
+      stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host })], requestId: '' }, cb),
+    );
     await transferring(operation.name);
     const running = unpack(DistributeImageMetadata, (await operationOf(operation.name)).metadata!).transfers[0]!;
     assert.ok(running.deadlineTime, 'a transferring host has a deadline in the metadata');
@@ -157,13 +202,22 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     await agent.process.daemon.exited;
     const killed = Date.now();
 
-    await waitFor('inventory marks the host UNREACHABLE', async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_UNREACHABLE ? true : undefined), 30_000);
+    await waitFor(
+      'inventory marks the host UNREACHABLE',
+      async () =>
+        (await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_UNREACHABLE ? true : undefined,
+      30_000,
+    );
     const marked = Date.now();
-    const shown = await waitFor('the metadata shows the host unreachable', async () => {
-      const current = await operationOf(operation.name);
-      const transfer = unpack(DistributeImageMetadata, current.metadata!).transfers[0]!;
-      return transfer.hostUnreachable ? { transfer, done: current.done } : undefined;
-    }, 15_000);
+    const shown = await waitFor(
+      'the metadata shows the host unreachable',
+      async () => {
+        const current = await operationOf(operation.name);
+        const transfer = unpack(DistributeImageMetadata, current.metadata!).transfers[0]!;
+        return transfer.hostUnreachable ? { transfer, done: current.done } : undefined;
+      },
+      15_000,
+    );
     const shownAfterMs = Date.now() - marked;
     assert.ok(shownAfterMs < 5_000, `shown ${shownAfterMs} ms after inventory marked the host`);
     assert.equal(shown.done, false, 'shown while the operation still runs, before its deadline');
@@ -195,13 +249,30 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const target = `dl-c-${suffix}`;
     const started = Date.now();
     const clone = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target })], maxClonesPerHost: 0 }, count: 2, nameTemplate: `dl-${suffix}-{index}`, start: false, requestId: '' }, cb),
+      stack.cloning.cloneVirtualMachines(
+        {
+          source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
+          placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target })], maxClonesPerHost: 0 },
+          count: 2,
+          nameTemplate: `dl-${suffix}-{index}`,
+          start: false,
+          requestId: '',
+        },
+        cb,
+      ),
     );
     stack.track(`dl-${suffix}-1`, `dl-${suffix}-2`);
-    const waiting = await waitFor('the image transfer in the clone metadata', async () => {
-      const metadata = unpack(CloneVirtualMachinesMetadata, (await call<Operation>((cb) => stack.operations.getOperation({ name: clone.name }, cb))).metadata!);
-      return metadata.imageTransfers.length > 0 ? metadata : undefined;
-    }, 30_000);
+    const waiting = await waitFor(
+      'the image transfer in the clone metadata',
+      async () => {
+        const metadata = unpack(
+          CloneVirtualMachinesMetadata,
+          (await call<Operation>((cb) => stack.operations.getOperation({ name: clone.name }, cb))).metadata!,
+        );
+        return metadata.imageTransfers.length > 0 ? metadata : undefined;
+      },
+      30_000,
+    );
     assert.equal(waiting.imageTransfers[0]!.host, HOST_NAME.format({ host: target }));
     assert.equal(waiting.imageTransfers[0]!.waitingCloneCount, 2);
     assert.ok(waiting.imageTransfers[0]!.deadlineTime, 'the wait shows its deadline');

@@ -67,7 +67,10 @@ describe('operations store', () => {
     assert.equal(finished.result?.$case, 'response');
     assert.equal(unpack(Duration, finished.result.value).seconds, '3');
     assert.equal(unpack(Duration, finished.metadata).seconds, '3');
-    assert.deepEqual(steps, [0, 1, 2].map((step) => `${started.name}#${step}`));
+    assert.deepEqual(
+      steps,
+      [0, 1, 2].map((step) => `${started.name}#${step}`),
+    );
     await manager.stop();
   });
 
@@ -93,11 +96,18 @@ describe('operations store', () => {
     await index.create(key('request-orphaned'), { name: 'operations/00000000-0000-4000-8000-000000000000', createdAt: Date.now() - 60_000 });
     const taken = await manager.start(kind, { seconds: '1', nanos: 0 }, { seconds: '0', nanos: 0 }, 'request-orphaned');
     assert.notEqual(taken.name, 'operations/00000000-0000-4000-8000-000000000000');
-    assert.equal((await manager.start(kind, { seconds: '1', nanos: 0 }, { seconds: '0', nanos: 0 }, 'request-orphaned')).name, taken.name, 'a retry gets the new operation');
+    assert.equal(
+      (await manager.start(kind, { seconds: '1', nanos: 0 }, { seconds: '0', nanos: 0 }, 'request-orphaned')).name,
+      taken.name,
+      'a retry gets the new operation',
+    );
     assert.equal((await manager.wait(taken.name, 5_000)).done, true);
     // An entry written moments ago may be an operation another replica is creating right now: retry later.
     await index.create(key('request-in-flight'), { name: 'operations/00000000-0000-4000-8000-000000000001', createdAt: Date.now() });
-    await assert.rejects(manager.start(kind, { seconds: '1', nanos: 0 }, { seconds: '0', nanos: 0 }, 'request-in-flight'), (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.ABORTED);
+    await assert.rejects(
+      manager.start(kind, { seconds: '1', nanos: 0 }, { seconds: '0', nanos: 0 }, 'request-in-flight'),
+      (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.ABORTED,
+    );
     await manager.stop();
   });
 
@@ -110,7 +120,8 @@ describe('operations store', () => {
     while (stepsA.length < 3) await new Promise((resolve) => setTimeout(resolve, 10));
     // Simulate a crash: the replica stops running without releasing its lease.
     (replicaA as unknown as { stopped: boolean }).stopped = false;
-    for (const entry of (replicaA as unknown as { running: Map<string, { controller: AbortController }> }).running.values()) entry.controller.abort(new Error('crash'));
+    for (const entry of (replicaA as unknown as { running: Map<string, { controller: AbortController }> }).running.values())
+      entry.controller.abort(new Error('crash'));
     const doneA = stepsA.length;
 
     const replicaB = await OperationManager.open({ js: connections[1]!.jetstream, log, pageTokens: tokens, leaseMs: 600, scanIntervalMs: 100, replicaId: 'b' });
@@ -121,7 +132,10 @@ describe('operations store', () => {
     assert.equal(finished.result?.$case, 'response');
     // Every step ran exactly once across the two replicas, in order.
     const all = [...stepsA.slice(0, doneA), ...stepsB];
-    assert.deepEqual(all, Array.from({ length: 10 }, (_, step) => `${operation.name}#${step}`));
+    assert.deepEqual(
+      all,
+      Array.from({ length: 10 }, (_, step) => `${operation.name}#${step}`),
+    );
     await replicaB.stop();
     await replicaA.stop();
   });
@@ -173,7 +187,10 @@ describe('operations store through a nats-server restart', () => {
     let readDuringOutage: unknown;
     await restart(8_000, async () => {
       await new Promise((resolve) => setTimeout(resolve, 1_000));
-      readDuringOutage = await manager.get(operation.name).then(() => 'answered', (error: unknown) => error);
+      readDuringOutage = await manager.get(operation.name).then(
+        () => 'answered',
+        (error: unknown) => error,
+      );
     });
     // As a client does with UNAVAILABLE: ask again while the restarted store is not answering yet.
     let finished: Awaited<ReturnType<OperationManager['wait']>> | undefined;

@@ -87,7 +87,10 @@ async function readmeGrpcurlBlock(): Promise<{ assignments: string[]; commands: 
   assert.ok(start >= 0, `README.md has no block marked ${MARKER}`);
   const block = /```sh\n([\s\S]*?)\n```/.exec(readme.slice(start));
   assert.ok(block, 'the marked README block is not a ```sh block');
-  const lines = block[1]!.replace(/\\\n\s*/g, '').split('\n').filter((line) => line.trim() !== '' && !line.trimStart().startsWith('#'));
+  const lines = block[1]!
+    .replace(/\\\n\s*/g, '')
+    .split('\n')
+    .filter((line) => line.trim() !== '' && !line.trimStart().startsWith('#'));
   const assignments = lines.filter((line) => /^[A-Za-z_][A-Za-z0-9_]*=\S+$/.test(line));
   const commands = lines.filter((line) => !assignments.includes(line));
   return { assignments, commands };
@@ -127,7 +130,10 @@ function parseGrpcurl(command: string): Parsed {
   return { address: words.at(-2)!, method: words.at(-1)!, data };
 }
 
-describe('public API clients: Python and Go clients generated from proto/, and the README grpcurl flows', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false, timeout: 360_000 }, () => {
+describe('public API clients: Python and Go clients generated from proto/, and the README grpcurl flows', {
+  skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false,
+  timeout: 360_000,
+}, () => {
   const resources = new Resources();
   const suffix = Math.random().toString(36).slice(2, 7);
   /** The README's libvirt domain names, made unique: the private libvirtd is shared by every test and fleet. */
@@ -146,7 +152,8 @@ describe('public API clients: Python and Go clients generated from proto/, and t
   let grpcurlKind = '';
   let binDirectory = '';
 
-  const virtualMachine = (host: string, name: string) => call<VirtualMachine>((cb) => inventory.getVirtualMachine({ name: `hosts/${host}/virtualMachines/${name}` }, cb));
+  const virtualMachine = (host: string, name: string) =>
+    call<VirtualMachine>((cb) => inventory.getVirtualMachine({ name: `hosts/${host}/virtualMachines/${name}` }, cb));
   const domainState = async (name: string) => (await virsh('domstate', name)).stdout.trim();
 
   before(async () => {
@@ -155,8 +162,15 @@ describe('public API clients: Python and Go clients generated from proto/, and t
     const nats = await startTestNats(resources, pki, { issued: 'ca-managed' });
     ca = await startCertificateAuthorityProcess(resources, pki, nats);
     inventoryProcess = await startServiceProcess(resources, 'inventory', await pki.files('service', 'inventory'), nats.url, { COWHERD_CA_ADDRESS: ca.address });
-    distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address });
-    cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, { COWHERD_CA_ADDRESS: ca.address, COWHERD_INVENTORY_ADDRESS: inventoryProcess.address, COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address });
+    distributionProcess = await startServiceProcess(resources, 'distribution', await pki.files('service', 'distribution'), nats.url, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_INVENTORY_ADDRESS: inventoryProcess.address,
+    });
+    cloningProcess = await startServiceProcess(resources, 'cloning', await pki.files('service', 'cloning'), nats.url, {
+      COWHERD_CA_ADDRESS: ca.address,
+      COWHERD_INVENTORY_ADDRESS: inventoryProcess.address,
+      COWHERD_DISTRIBUTION_ADDRESS: distributionProcess.address,
+    });
 
     // The operator's admin bundle, issued and recorded by the CA: the files every client here uses.
     const bootstrap = mutualTlsChannelCredentialsFromPem({ ...(await pki.credentials('admin', 'bootstrap')), caPem: pki.ca.certificatePem });
@@ -164,10 +178,19 @@ describe('public API clients: Python and Go clients generated from proto/, and t
     resources.defer(() => caClient.close());
     const keys = await generateKeyPair(2048);
     const identity = 'spiffe://cowherd/admin/api-clients';
-    const issued = await call<{ certificatePem: string }>((cb) => caClient.issueCertificate({ csrPem: createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity, dnsNames: [] }), identity, dnsNames: [], ttl: undefined, requestId: '' }, cb));
+    const issued = await call<{ certificatePem: string }>((cb) =>
+      caClient.issueCertificate(
+        { csrPem: createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity, dnsNames: [] }), identity, dnsNames: [], ttl: undefined, requestId: '' },
+        cb,
+      ),
+    );
     bundle = join(await resources.tempDir(), 'admin');
     const files = await writeCredentials(bundle, { certificatePem: issued.certificatePem, privateKeyPem: keys.privateKeyPem, caPem: pki.ca.certificatePem });
-    admin = mutualTlsChannelCredentialsFromPem({ certificatePem: await readFile(files.certificateFile, 'utf8'), privateKeyPem: await readFile(files.privateKeyFile, 'utf8'), caPem: await readFile(files.caFile, 'utf8') });
+    admin = mutualTlsChannelCredentialsFromPem({
+      certificatePem: await readFile(files.certificateFile, 'utf8'),
+      privateKeyPem: await readFile(files.privateKeyFile, 'utf8'),
+      caPem: await readFile(files.caFile, 'utf8'),
+    });
     inventory = createClient(InventoryServiceClient, inventoryProcess.address, admin, { defaultDeadlineMs: 10_000 });
     resources.defer(() => inventory.close());
 
@@ -188,7 +211,9 @@ describe('public API clients: Python and Go clients generated from proto/, and t
         COWHERD_TORRENT_PORT: '0',
         COWHERD_WEB_SEED_ADDRESS: '127.0.0.1:0',
       });
-      await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined));
+      await waitFor(`${host} READY`, async () =>
+        (await call<Host>((cb) => inventory.getHost({ name: `hosts/${host}` }, cb))).state === Host_State.STATE_READY ? true : undefined,
+      );
     };
     // kvm-01 joins here; kvm-02 joins with the token the README's CreateJoinToken command makes.
     const token = await call<{ token: string }>((cb) => caClient.createJoinToken({ host: HOST, ttl: undefined, requestId: '' }, cb));
@@ -210,12 +235,22 @@ describe('public API clients: Python and Go clients generated from proto/, and t
     await writeFile(join(vmDirectory, `${sourceVm}.xml`), xml);
     await virsh('define', join(vmDirectory, `${sourceVm}.xml`));
     domains.push(sourceVm);
-    await waitFor(`${sourceVm} in inventory`, async () => ((await virtualMachine(HOST, sourceVm)).state === VirtualMachine_State.STATE_SHUT_OFF ? true : undefined));
+    await waitFor(`${sourceVm} in inventory`, async () =>
+      (await virtualMachine(HOST, sourceVm)).state === VirtualMachine_State.STATE_SHUT_OFF ? true : undefined,
+    );
 
     // grpcurl itself when the machine has it; otherwise buf curl behind grpcurl's command line.
-    const found = await run('bash', ['-c', 'command -v grpcurl']).then(({ stdout }) => stdout.trim(), () => '');
+    const found = await run('bash', ['-c', 'command -v grpcurl']).then(
+      ({ stdout }) => stdout.trim(),
+      () => '',
+    );
     if (found) {
-      grpcurlKind = `grpcurl ${(await run(found, ['-version']).then(({ stdout, stderr }) => stdout + stderr, () => '')).trim()}`;
+      grpcurlKind = `grpcurl ${(
+        await run(found, ['-version']).then(
+          ({ stdout, stderr }) => stdout + stderr,
+          () => '',
+        )
+      ).trim()}`;
     } else {
       binDirectory = join(await resources.tempDir(), 'bin');
       await mkdir(binDirectory);
@@ -230,9 +265,15 @@ describe('public API clients: Python and Go clients generated from proto/, and t
     const distribution = createClient(DistributionServiceClient, distributionProcess.address, admin, { defaultDeadlineMs: 30_000 });
     const operations = createClient(OperationsClient, distributionProcess.address, admin, { defaultDeadlineMs: 30_000 });
     try {
-      let operation = await call<Operation>((cb) => distribution.publishImage({ imageId: image, sourceVirtualMachine: `hosts/${HOST}/virtualMachines/${sourceVm}`, description: '', labels: {}, requestId: '' }, cb));
+      let operation = await call<Operation>((cb) =>
+        distribution.publishImage(
+          { imageId: image, sourceVirtualMachine: `hosts/${HOST}/virtualMachines/${sourceVm}`, description: '', labels: {}, requestId: '' },
+          cb,
+        ),
+      );
       const deadline = Date.now() + 60_000;
-      while (!operation.done && Date.now() < deadline) operation = await call<Operation>((cb) => operations.waitOperation({ name: operation.name, timeout: { seconds: '10', nanos: 0 } }, cb));
+      while (!operation.done && Date.now() < deadline)
+        operation = await call<Operation>((cb) => operations.waitOperation({ name: operation.name, timeout: { seconds: '10', nanos: 0 } }, cb));
       assert.equal(operation.result?.$case, 'response', JSON.stringify(operation.result));
       assert.equal(unpack(imageType, operation.result.value).state, Image_State.STATE_AVAILABLE);
     } finally {
@@ -244,9 +285,14 @@ describe('public API clients: Python and Go clients generated from proto/, and t
   /** Runs a clone client (`command` is its argv before the flags) on the stack's cloning service with the admin bundle. */
   const cloneClient = (command: readonly string[], ...args: string[]) =>
     new Promise<ClientRun>((resolve) => {
-      execFile(command[0]!, [...command.slice(1), '--credentials', bundle, '--cloning', cloningProcess.address, ...args], { cwd: REPOSITORY, timeout: 120_000 }, (error, stdout, stderr) => {
-        resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr });
-      });
+      execFile(
+        command[0]!,
+        [...command.slice(1), '--credentials', bundle, '--cloning', cloningProcess.address, ...args],
+        { cwd: REPOSITORY, timeout: 120_000 },
+        (error, stdout, stderr) => {
+          resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr });
+        },
+      );
     });
   const pythonClient = ['/usr/bin/python3', join(REPOSITORY, 'test/python/clone_client.py')];
 
@@ -271,7 +317,9 @@ describe('public API clients: Python and Go clients generated from proto/, and t
       assert.equal(await domainState(name), 'shut off');
       const disks = (await virsh('domblklist', name)).stdout;
       assert.ok(disks.includes(printed.clones[index]!.overlays[0]!), disks);
-      const info = JSON.parse((await run('qemu-img', ['info', '--output=json', '-U', printed.clones[index]!.overlays[0]!])).stdout) as { 'backing-filename'?: string };
+      const info = JSON.parse((await run('qemu-img', ['info', '--output=json', '-U', printed.clones[index]!.overlays[0]!])).stdout) as {
+        'backing-filename'?: string;
+      };
       assert.match(info['backing-filename'] ?? '', new RegExp(`/images/${image}/`));
     }
     // And in inventory, as clones of the image, once the agent reported them.
@@ -281,7 +329,7 @@ describe('public API clients: Python and Go clients generated from proto/, and t
     }
   };
 
-  it('a Python client generated from proto/ with Debian\'s grpc tools clones an image through the public API', async () => {
+  it("a Python client generated from proto/ with Debian's grpc tools clones an image through the public API", async () => {
     const image = `py-${suffix}`;
     await publishImage(image);
     const names = [`py-${suffix}-1`, `py-${suffix}-2`];
@@ -299,7 +347,11 @@ describe('public API clients: Python and Go clients generated from proto/, and t
   it("a Go client generated from proto/ with Debian's Go packages, built offline, clones an image through the public API", async (context) => {
     // Generated and built as the README says, into a directory of this test; GOPATH mode on /usr/share/gocode only.
     const binary = join(await resources.tempDir('cowherd-go-client-'), 'clone-client');
-    const built = await run('bash', [join(REPOSITORY, 'test/go/build.sh'), binary], { cwd: REPOSITORY, timeout: 300_000, env: { ...process.env, GOPROXY: 'off', GOFLAGS: '' } });
+    const built = await run('bash', [join(REPOSITORY, 'test/go/build.sh'), binary], {
+      cwd: REPOSITORY,
+      timeout: 300_000,
+      env: { ...process.env, GOPROXY: 'off', GOFLAGS: '' },
+    });
     for (const line of built.stdout.trim().split('\n')) context.diagnostic(line);
     const goClient = [binary];
 
@@ -350,7 +402,9 @@ describe('public API clients: Python and Go clients generated from proto/, and t
     // Through bash on purpose: the README's lines are shell, quoting included, as an operator types them.
     const grpcurl = async (command: string): Promise<string> => {
       const result = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-        execFile('bash', ['-c', `${prelude}\n${command}`], { cwd: REPOSITORY, env: environment, timeout: 90_000 }, (error, stdout, stderr) => resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr }));
+        execFile('bash', ['-c', `${prelude}\n${command}`], { cwd: REPOSITORY, env: environment, timeout: 90_000 }, (error, stdout, stderr) =>
+          resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr }),
+        );
       });
       assert.equal(result.code, 0, `${command}\nexited ${result.code}: ${result.stderr}`);
       return result.stdout;
@@ -369,7 +423,8 @@ describe('public API clients: Python and Go clients generated from proto/, and t
       const output = await grpcurl(command);
       if (method === 'list') {
         const services = output.trim().split('\n');
-        for (const service of ['cowherd.inventory.v1.InventoryService', 'grpc.health.v1.Health', 'grpc.reflection.v1.ServerReflection']) assert.ok(services.includes(service), `list: ${output}`);
+        for (const service of ['cowherd.inventory.v1.InventoryService', 'grpc.health.v1.Health', 'grpc.reflection.v1.ServerReflection'])
+          assert.ok(services.includes(service), `list: ${output}`);
         continue;
       }
       let answer = JSON.parse(output) as Json;
@@ -384,7 +439,13 @@ describe('public API clients: Python and Go clients generated from proto/, and t
           await startAgent(PEER, answer['token'] as string);
           break;
         case 'cowherd.inventory.v1.InventoryService/ListHosts':
-          assert.deepEqual(answer['hosts'].map((host: Host) => [host.name, host.state]), [[`hosts/${HOST}`, 'STATE_READY'], [`hosts/${PEER}`, 'STATE_READY']]);
+          assert.deepEqual(
+            answer['hosts'].map((host: Host) => [host.name, host.state]),
+            [
+              [`hosts/${HOST}`, 'STATE_READY'],
+              [`hosts/${PEER}`, 'STATE_READY'],
+            ],
+          );
           break;
         case 'cowherd.inventory.v1.InventoryService/GetHost':
           assert.deepEqual([answer['name'], answer['state'], answer['hypervisor']], [`hosts/${HOST}`, 'STATE_READY', 'HYPERVISOR_KVM']);
@@ -410,14 +471,20 @@ describe('public API clients: Python and Go clients generated from proto/, and t
               assert.deepEqual([response['name'], response['state'], response['originHost']], ['images/debian-12', 'STATE_AVAILABLE', `hosts/${HOST}`]);
               break;
             case 'type.googleapis.com/cowherd.distribution.v1.DistributeImageResponse':
-              assert.deepEqual(response['replicas'].map((replica: Record<string, string>) => [replica['host'], replica['state']]), [[`hosts/${PEER}`, 'STATE_AVAILABLE']]);
+              assert.deepEqual(
+                response['replicas'].map((replica: Record<string, string>) => [replica['host'], replica['state']]),
+                [[`hosts/${PEER}`, 'STATE_AVAILABLE']],
+              );
               assert.equal(response['failures'], undefined);
               break;
             case 'type.googleapis.com/cowherd.cloning.v1.CloneVirtualMachinesResponse':
               // Spread over the two hosts that hold the image, one each, fewest first, ties by name.
               assert.deepEqual(
                 response['clones'].map((clone: Record<string, string>) => [clone['virtualMachine'], clone['state'], clone['started']]),
-                [[`hosts/${HOST}/virtualMachines/${webPrefix}1`, 'STATE_DONE', undefined], [`hosts/${PEER}/virtualMachines/${webPrefix}2`, 'STATE_DONE', undefined]],
+                [
+                  [`hosts/${HOST}/virtualMachines/${webPrefix}1`, 'STATE_DONE', undefined],
+                  [`hosts/${PEER}/virtualMachines/${webPrefix}2`, 'STATE_DONE', undefined],
+                ],
               );
               for (const name of [`${webPrefix}1`, `${webPrefix}2`]) assert.equal(await domainState(name), 'shut off');
               break;
@@ -431,7 +498,10 @@ describe('public API clients: Python and Go clients generated from proto/, and t
           break;
         }
         case 'cowherd.inventory.v1.InventoryService/ListImages':
-          assert.deepEqual(answer['images'].map((image: Record<string, string>) => [image['name'], image['state']]).filter(([name]: string[]) => name === 'images/debian-12'), [['images/debian-12', 'STATE_AVAILABLE']]);
+          assert.deepEqual(
+            answer['images'].map((image: Record<string, string>) => [image['name'], image['state']]).filter(([name]: string[]) => name === 'images/debian-12'),
+            [['images/debian-12', 'STATE_AVAILABLE']],
+          );
           break;
         case 'cowherd.inventory.v1.InventoryService/ListVirtualMachines': {
           // Inventory learns of new domains from the agents' reports: list again until both clones are there.

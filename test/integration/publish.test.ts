@@ -41,12 +41,32 @@ describe('publishing an image from a powered-off VM', { skip: process.getuid?.()
     stack.track(vm);
     // Inventory must see the host READY and the VM powered off.
     const deadline = Date.now() + 20_000;
-    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: VIRTUAL_MACHINE_NAME.format({ host: 'publish-host', virtualMachine: vm }) }, cb)).then((found) => found.state === 3, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
+    while (
+      Date.now() < deadline &&
+      !(await call<{ state: number }>((cb) =>
+        stack.inventory.getVirtualMachine({ name: VIRTUAL_MACHINE_NAME.format({ host: 'publish-host', virtualMachine: vm }) }, cb),
+      ).then(
+        (found) => found.state === 3,
+        () => false,
+      ))
+    )
+      await new Promise((resolve) => setTimeout(resolve, 200));
   });
   after(() => resources.release());
 
   it('publishes, registers, and clones the image', async () => {
-    const started = await call<Operation>((cb) => stack.distribution.publishImage({ imageId: `img-${suffix}`, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'publish-host', virtualMachine: vm }), description: 'test image', labels: { os: 'none' }, requestId: '' }, cb));
+    const started = await call<Operation>((cb) =>
+      stack.distribution.publishImage(
+        {
+          imageId: `img-${suffix}`,
+          sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'publish-host', virtualMachine: vm }),
+          description: 'test image',
+          labels: { os: 'none' },
+          requestId: '',
+        },
+        cb,
+      ),
+    );
     const done = await stack.wait(started.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     const image = unpack(Image, done.result.value);
@@ -55,33 +75,72 @@ describe('publishing an image from a powered-off VM', { skip: process.getuid?.()
     const disk = image.files.find((file) => file.targetDevice === 'vda');
     assert.ok(disk, JSON.stringify(image.files));
     const path = join(stack.imageDirectory, 'images', `img-${suffix}`, disk.path);
-    assert.equal(createHash('sha256').update(await readFile(path)).digest('hex'), disk.sha256);
+    assert.equal(
+      createHash('sha256')
+        .update(await readFile(path))
+        .digest('hex'),
+      disk.sha256,
+    );
     assert.equal((await stat(path)).mode & 0o222, 0, 'image files are read-only');
     const template = await readFile(join(stack.imageDirectory, 'images', `img-${suffix}`, 'domain-template.xml'), 'utf8');
     assert.doesNotMatch(template, /52:54:00:12:34:56|<name>|<uuid>/, 'the template is sanitized');
-    const replica = await call<ImageReplica>((cb) => stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host: 'publish-host', image: `img-${suffix}` }) }, cb));
+    const replica = await call<ImageReplica>((cb) =>
+      stack.inventory.getImageReplica({ name: HOST_IMAGE_NAME.format({ host: 'publish-host', image: `img-${suffix}` }) }, cb),
+    );
     assert.equal(replica.state, ImageReplica_State.STATE_AVAILABLE);
 
-    const clone = await call<Operation>((cb) => stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: `img-${suffix}` }) }, placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 0 }, count: 2, nameTemplate: `img-${suffix}-{index}`, start: false, requestId: '' }, cb));
+    const clone = await call<Operation>((cb) =>
+      stack.cloning.cloneVirtualMachines(
+        {
+          source: { $case: 'image', value: IMAGE_NAME.format({ image: `img-${suffix}` }) },
+          placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 0 },
+          count: 2,
+          nameTemplate: `img-${suffix}-{index}`,
+          start: false,
+          requestId: '',
+        },
+        cb,
+      ),
+    );
     stack.track(`img-${suffix}-1`, `img-${suffix}-2`);
     const cloned = await stack.wait(clone.name);
     assert.equal(cloned.result?.$case, 'response', JSON.stringify(cloned.result));
   });
 
   it('refuses bad publish requests before any operation exists', async () => {
-    const request = { imageId: `bad-${suffix}`, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'publish-host', virtualMachine: vm }), description: '', labels: {}, requestId: '' };
+    const request = {
+      imageId: `bad-${suffix}`,
+      sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'publish-host', virtualMachine: vm }),
+      description: '',
+      labels: {},
+      requestId: '',
+    };
     assert.deepEqual((await failure((cb) => stack.distribution.publishImage({ ...request, imageId: '../etc' }, cb))).fields, ['image_id']);
     assert.deepEqual((await failure((cb) => stack.distribution.publishImage({ ...request, imageId: 'a/b' }, cb))).fields, ['image_id']);
     assert.equal((await failure((cb) => stack.distribution.publishImage({ ...request, imageId: `img-${suffix}` }, cb))).code, GrpcStatus.ALREADY_EXISTS);
-    assert.equal((await failure((cb) => stack.distribution.publishImage({ ...request, sourceVirtualMachine: 'hosts/publish-host/virtualMachines/none' }, cb))).code, GrpcStatus.NOT_FOUND);
+    assert.equal(
+      (await failure((cb) => stack.distribution.publishImage({ ...request, sourceVirtualMachine: 'hosts/publish-host/virtualMachines/none' }, cb))).code,
+      GrpcStatus.NOT_FOUND,
+    );
     await stack.virsh('start', vm);
     // Once inventory knows the VM runs, publishing it is refused before anything changes.
     const deadline = Date.now() + 10_000;
-    while (Date.now() < deadline && !(await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: request.sourceVirtualMachine }, cb)).then((found) => found.state === 1, () => false))) await new Promise((resolve) => setTimeout(resolve, 100));
+    while (
+      Date.now() < deadline &&
+      !(await call<{ state: number }>((cb) => stack.inventory.getVirtualMachine({ name: request.sourceVirtualMachine }, cb)).then(
+        (found) => found.state === 1,
+        () => false,
+      ))
+    )
+      await new Promise((resolve) => setTimeout(resolve, 100));
     const running = await failure((cb) => stack.distribution.publishImage(request, cb));
     assert.equal(running.code, GrpcStatus.FAILED_PRECONDITION, 'a running VM is not published');
     assert.equal(running.reason, 'ERROR_REASON_VIRTUAL_MACHINE_RUNNING');
-    assert.equal((await failure((cb) => stack.inventory.getImage({ name: IMAGE_NAME.format({ image: `bad-${suffix}` }), view: 0 }, cb))).code, GrpcStatus.NOT_FOUND, 'nothing was registered');
+    assert.equal(
+      (await failure((cb) => stack.inventory.getImage({ name: IMAGE_NAME.format({ image: `bad-${suffix}` }), view: 0 }, cb))).code,
+      GrpcStatus.NOT_FOUND,
+      'nothing was registered',
+    );
     await stack.virsh('destroy', vm);
   });
 });

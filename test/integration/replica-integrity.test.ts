@@ -52,12 +52,20 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
   const available: Array<{ host: string }> = [];
   const damaged: ImageReplicaDamaged[] = [];
 
-  const sha256 = async (path: string): Promise<string> => createHash('sha256').update(await readFile(path)).digest('hex');
+  const sha256 = async (path: string): Promise<string> =>
+    createHash('sha256')
+      .update(await readFile(path))
+      .digest('hex');
   const diskFile = (): string => image.files.find((file) => file.targetDevice === 'vda')!.path;
   const pieceLength = (): number => Number(image.torrent!.pieceLengthBytes);
 
   async function distribute(hosts: string[]): Promise<DistributeImageResponse> {
-    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: hosts.map((host) => HOST_NAME.format({ host })), requestId: '' }, cb));
+    const operation = await call<Operation>((cb) =>
+      stack.distribution.distributeImage(
+        { image: IMAGE_NAME.format({ image: imageId }), hosts: hosts.map((host) => HOST_NAME.format({ host })), requestId: '' },
+        cb,
+      ),
+    );
     const done = await stack.wait(operation.name, 240_000, stack.distributionOperations);
     assert.equal(done.done, true, 'the operation finished');
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
@@ -66,7 +74,17 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
 
   async function cloneOn(host: string, name: string): Promise<CloneVirtualMachinesResponse> {
     const operation = await call<Operation>((cb) =>
-      stack.cloning.cloneVirtualMachines({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host })], maxClonesPerHost: 0 }, count: 1, nameTemplate: name, start: false, requestId: '' }, cb),
+      stack.cloning.cloneVirtualMachines(
+        {
+          source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
+          placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host })], maxClonesPerHost: 0 },
+          count: 1,
+          nameTemplate: name,
+          start: false,
+          requestId: '',
+        },
+        cb,
+      ),
     );
     stack.track(name);
     const done = await stack.wait(operation.name, 180_000);
@@ -121,13 +139,28 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     });
     resources.defer(() => damageEvents.stop());
 
-    const published = await call<Operation>((cb) => stack.distribution.publishImage({ imageId, sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: `ri-origin-${suffix}`, virtualMachine: vm }), description: '', labels: {}, requestId: '' }, cb));
+    const published = await call<Operation>((cb) =>
+      stack.distribution.publishImage(
+        {
+          imageId,
+          sourceVirtualMachine: VIRTUAL_MACHINE_NAME.format({ host: `ri-origin-${suffix}`, virtualMachine: vm }),
+          description: '',
+          labels: {},
+          requestId: '',
+        },
+        cb,
+      ),
+    );
     const done = await stack.wait(published.name, 120_000, stack.distributionOperations);
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
     image = unpack(Image, done.result.value);
     const response = await distribute([withClone, scrubbed]);
     assert.deepEqual(response.failures, []);
-    await waitFor('image.available from both receivers', async () => (available.filter((event) => event.host !== HOST_NAME.format({ host: `ri-origin-${suffix}` })).length >= 2 ? true : undefined), 30_000);
+    await waitFor(
+      'image.available from both receivers',
+      async () => (available.filter((event) => event.host !== HOST_NAME.format({ host: `ri-origin-${suffix}` })).length >= 2 ? true : undefined),
+      30_000,
+    );
   });
   after(() => resources.release());
 
@@ -145,9 +178,25 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     assert.notEqual(damagedDigest, image.files.find((file) => file.path === diskFile())!.sha256);
 
     // A clone request on the damaged copy: re-verified first and refused, nothing made on it.
-    const asCloning = createClient(AgentServiceClient, agent.process.address, mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', 'cloning')), caPem: stack.pki.ca.certificatePem }), { serverName: withClone });
+    const asCloning = createClient(
+      AgentServiceClient,
+      agent.process.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', 'cloning')), caPem: stack.pki.ca.certificatePem }),
+      { serverName: withClone },
+    );
     resources.defer(() => asCloning.close());
-    const refused = await failure((cb) => asCloning.createClones({ source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) }, clones: [{ domainName: `ri-refused-${suffix}`, start: false }], operation: '', requestId: '', validateOnly: false }, cb));
+    const refused = await failure((cb) =>
+      asCloning.createClones(
+        {
+          source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
+          clones: [{ domainName: `ri-refused-${suffix}`, start: false }],
+          operation: '',
+          requestId: '',
+          validateOnly: false,
+        },
+        cb,
+      ),
+    );
     assert.equal(refused.code, GrpcStatus.FAILED_PRECONDITION, refused.message);
     assert.equal(refused.reason, 'ERROR_REASON_VERIFICATION_FAILED');
     await assert.rejects(stat(join(agent.imageDirectory, 'clones', `ri-refused-${suffix}`)), /ENOENT/);
@@ -172,26 +221,43 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     assert.equal(after.ino, damagedStat.ino);
     assert.equal(after.mtimeNs, damagedStat.mtimeNs);
     // About one piece travelled, not the file.
-    const repaired = agentLogs(withClone).filter((line) => line['msg'] === 'replica available').at(-1)!;
+    const repaired = agentLogs(withClone)
+      .filter((line) => line['msg'] === 'replica available')
+      .at(-1)!;
     assert.equal(repaired['generation'], 2);
     assert.ok(Number(repaired['written']) <= 2 * pieceLength(), `the repair wrote ${String(repaired['written'])} bytes (piece ${pieceLength()})`);
     assert.ok(Number(repaired['presentAtStart']) >= Number(image.torrent!.totalBytes) - 2 * pieceLength(), `kept ${String(repaired['presentAtStart'])} bytes`);
     // A new occurrence: a second image.available from this host reached the stream.
-    await waitFor('the new generation\'s image.available', async () => (available.filter((entry) => entry.host === HOST_NAME.format({ host: withClone })).length === availableBefore + 1 ? true : undefined), 30_000);
+    await waitFor(
+      "the new generation's image.available",
+      async () => (available.filter((entry) => entry.host === HOST_NAME.format({ host: withClone })).length === availableBefore + 1 ? true : undefined),
+      30_000,
+    );
     // The operator sees both generations and the damage.
-    const record = await waitFor('the record AVAILABLE on generation 2', async () => {
-      const current = await replicaRecord(withClone);
-      return current.state === ImageReplica_State.STATE_AVAILABLE && current.generation === '2' ? current : undefined;
-    }, 30_000);
+    const record = await waitFor(
+      'the record AVAILABLE on generation 2',
+      async () => {
+        const current = await replicaRecord(withClone);
+        return current.state === ImageReplica_State.STATE_AVAILABLE && current.generation === '2' ? current : undefined;
+      },
+      30_000,
+    );
     assert.equal(record.path, newDirectory);
-    assert.deepEqual(record.damagedGenerations.map((entry) => [entry.generation, entry.path, entry.damagedFiles, entry.dependentVirtualMachines]), [['1', oldDirectory, [diskFile()], [VIRTUAL_MACHINE_NAME.format({ host: withClone, virtualMachine: `ri-old-${suffix}` })]]]);
+    assert.deepEqual(
+      record.damagedGenerations.map((entry) => [entry.generation, entry.path, entry.damagedFiles, entry.dependentVirtualMachines]),
+      [['1', oldDirectory, [diskFile()], [VIRTUAL_MACHINE_NAME.format({ host: withClone, virtualMachine: `ri-old-${suffix}` })]]],
+    );
 
     // The existing clone keeps its base; a new clone uses the new generation.
-    const oldOverlay = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', first.clones[0]!.overlays[0]!])).stdout) as { 'backing-filename'?: string };
+    const oldOverlay = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', first.clones[0]!.overlays[0]!])).stdout) as {
+      'backing-filename'?: string;
+    };
     assert.equal(oldOverlay['backing-filename'], base);
     const second = await cloneOn(withClone, `ri-new-${suffix}`);
     assert.equal(second.clones[0]!.state, CloneResult_State.STATE_DONE, JSON.stringify(second.clones));
-    const newOverlay = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', second.clones[0]!.overlays[0]!])).stdout) as { 'backing-filename'?: string };
+    const newOverlay = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', second.clones[0]!.overlays[0]!])).stdout) as {
+      'backing-filename'?: string;
+    };
     assert.equal(newOverlay['backing-filename'], join(newDirectory, diskFile()));
   });
 
@@ -199,7 +265,9 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const host = `ri-c-${suffix}`;
     const agent = await stack.addAgent(host);
     agents.set(host, agent);
-    await waitFor(`${host} READY`, async () => ((await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_READY ? true : undefined));
+    await waitFor(`${host} READY`, async () =>
+      (await call<Host>((cb) => stack.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb))).state === Host_State.STATE_READY ? true : undefined,
+    );
     assert.deepEqual((await distribute([host])).failures, []);
     const clone = await cloneOn(host, `ri-c-old-${suffix}`);
     assert.equal(clone.clones[0]!.state, CloneResult_State.STATE_DONE, JSON.stringify(clone.clones));
@@ -211,9 +279,15 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const availableBefore = available.filter((entry) => entry.host === HOST_NAME.format({ host })).length;
     const restarted = await agent.restart();
     agents.set(host, { ...agent, process: restarted });
-    await waitFor('the record FAILED after the restart', async () => ((await replicaRecord(host)).state === ImageReplica_State.STATE_FAILED ? true : undefined), 60_000);
+    await waitFor(
+      'the record FAILED after the restart',
+      async () => ((await replicaRecord(host)).state === ImageReplica_State.STATE_FAILED ? true : undefined),
+      60_000,
+    );
 
-    const operation = await call<Operation>((cb) => stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host })], requestId: '' }, cb));
+    const operation = await call<Operation>((cb) =>
+      stack.distribution.distributeImage({ image: IMAGE_NAME.format({ image: imageId }), hosts: [HOST_NAME.format({ host })], requestId: '' }, cb),
+    );
     const done = await stack.wait(operation.name, 90_000, stack.distributionOperations);
     assert.equal(done.done, true, 'the DistributeImage ended');
     assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
@@ -227,7 +301,11 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     for (const file of image.files) assert.equal(await sha256(join(newDirectory, file.path)), file.sha256, `${file.path} of the new generation verifies`);
     const repaired = restarted.logs.filter((line) => line['msg'] === 'replica available').at(-1)!;
     assert.ok(Number(repaired['written']) <= 2 * pieceLength(), `the repair wrote ${String(repaired['written'])} bytes, not the whole file`);
-    await waitFor('a new image.available', async () => (available.filter((entry) => entry.host === HOST_NAME.format({ host })).length === availableBefore + 1 ? true : undefined), 30_000);
+    await waitFor(
+      'a new image.available',
+      async () => (available.filter((entry) => entry.host === HOST_NAME.format({ host })).length === availableBefore + 1 ? true : undefined),
+      30_000,
+    );
   });
 
   it('the scrub finds damage no check saw; without dependents the replica is repaired in place, fetching only the bad piece', async () => {
@@ -243,7 +321,11 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     await damage(aside, 12 * MiB + 7, Buffer.from('twenty-three bytes here'));
     await unlink(aside);
 
-    const event = await waitFor('image.replica_damaged from the scrub', async () => damaged.find((entry) => entry.host === HOST_NAME.format({ host: scrubbed })), 60_000);
+    const event = await waitFor(
+      'image.replica_damaged from the scrub',
+      async () => damaged.find((entry) => entry.host === HOST_NAME.format({ host: scrubbed })),
+      60_000,
+    );
     assert.deepEqual(event.damagedFiles, [diskFile()]);
     assert.equal(event.badPieces, 1);
     assert.deepEqual(event.dependentVirtualMachines, []);
@@ -251,15 +333,25 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     assert.equal(found?.['by'], 'scrub');
 
     // Repaired in place at once (no domain uses it): a new image.available, one piece written.
-    await waitFor('the repaired replica\'s image.available', async () => (available.filter((entry) => entry.host === HOST_NAME.format({ host: scrubbed })).length === availableBefore + 1 ? true : undefined), 60_000);
-    const repaired = agentLogs(scrubbed).filter((line) => line['msg'] === 'replica available').at(-1)!;
+    await waitFor(
+      "the repaired replica's image.available",
+      async () => (available.filter((entry) => entry.host === HOST_NAME.format({ host: scrubbed })).length === availableBefore + 1 ? true : undefined),
+      60_000,
+    );
+    const repaired = agentLogs(scrubbed)
+      .filter((line) => line['msg'] === 'replica available')
+      .at(-1)!;
     assert.equal(repaired['generation'], 1);
     assert.equal(repaired['path'], directory);
     assert.ok(Number(repaired['written']) <= pieceLength(), `the repair wrote ${String(repaired['written'])} bytes (piece ${pieceLength()})`);
     for (const entry of image.files) assert.equal(await sha256(join(directory, entry.path)), entry.sha256, `${entry.path} verifies after the repair`);
     assert.notEqual((await stat(file, { bigint: true })).ino, 0n);
     assert.ok(before.size > 0n);
-    await waitFor('the record AVAILABLE again', async () => ((await replicaRecord(scrubbed)).state === ImageReplica_State.STATE_AVAILABLE ? true : undefined), 30_000);
+    await waitFor(
+      'the record AVAILABLE again',
+      async () => ((await replicaRecord(scrubbed)).state === ImageReplica_State.STATE_AVAILABLE ? true : undefined),
+      30_000,
+    );
     // The scrub's work shows in the agent's metrics.
     const metrics = agent.process.metricsAddress ? await fetch(`http://${agent.process.metricsAddress}/metrics`).then((reply) => reply.text()) : '';
     if (metrics !== '') {
@@ -275,7 +367,12 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     // A mount point inside the replica: removing the directory fails (EBUSY), as a busy or immutable file would.
     await mkdir(stuck);
     await run('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', stuck]);
-    const asDistribution = createClient(AgentServiceClient, agent.process.address, mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', 'distribution')), caPem: stack.pki.ca.certificatePem }), { serverName: scrubbed });
+    const asDistribution = createClient(
+      AgentServiceClient,
+      agent.process.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', 'distribution')), caPem: stack.pki.ca.certificatePem }),
+      { serverName: scrubbed },
+    );
     resources.defer(() => asDistribution.close());
     const name = HOST_IMAGE_NAME.format({ host: scrubbed, image: imageId });
     try {
@@ -293,7 +390,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     await assert.rejects(stat(directory), /ENOENT/);
   });
 
-  it('the origin\'s web seed checks the files before it serves them: damaged bytes are refused (503), never sent', async () => {
+  it("the origin's web seed checks the files before it serves them: damaged bytes are refused (503), never sent", async () => {
     const origin = `ri-origin-${suffix}`;
     const record = await replicaRecord(origin);
     assert.match(record.webSeedUrl, /^http:\/\//);
@@ -310,7 +407,11 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const refused = await fetch(url, { headers: { Range: `bytes=${2 * MiB}-${2 * MiB + 63}` } });
     assert.equal(refused.status, 503);
     await refused.arrayBuffer();
-    const event = await waitFor('image.replica_damaged from the origin', async () => damaged.find((entry) => entry.host === HOST_NAME.format({ host: origin })), 30_000);
+    const event = await waitFor(
+      'image.replica_damaged from the origin',
+      async () => damaged.find((entry) => entry.host === HOST_NAME.format({ host: origin })),
+      30_000,
+    );
     assert.deepEqual(event.damagedFiles, [diskFile()]);
     assert.equal(agentLogs(origin).find((line) => line['msg'] === 'replica damaged')?.['by'], 'serve');
   });

@@ -43,13 +43,13 @@ describe('ResourceIndex across replicas', () => {
   });
   after(() => resources.release());
 
-  it('sync makes another replica\'s write visible before deciding', async () => {
+  it("sync makes another replica's write visible before deciding", async () => {
     const a = await open('counters-sync');
     const b = await open('counters-sync');
     for (let round = 0; round < 50; round++) {
       await a.replace('k', (current) => ({ count: (current?.count ?? 0) + 1, by: 'a' }));
       await b.sync();
-      assert.equal(b.get('k')?.value.count, round * 2 + 1, 'b sees a\'s write after sync');
+      assert.equal(b.get('k')?.value.count, round * 2 + 1, "b sees a's write after sync");
       await b.replace('k', (current) => ({ count: (current?.count ?? 0) + 1, by: 'b' }));
       await a.sync();
       assert.equal(a.get('k')?.value.count, round * 2 + 2);
@@ -67,7 +67,10 @@ describe('ResourceIndex across replicas', () => {
     await a.replace('k', (current) => ({ count: current!.count + 1, by: 'a' }));
     assert.equal(b.get('k')?.value.count, 1, 'b has not seen the second write');
 
-    const rejected = await b.sync().then(() => undefined, (error: unknown) => error);
+    const rejected = await b.sync().then(
+      () => undefined,
+      (error: unknown) => error,
+    );
     assert.ok(rejected instanceof CowherdError && rejected.code === GrpcStatus.UNAVAILABLE, 'sync does not pretend a stale view is current');
 
     // An increment decided on b's stale view (1) would store 11 and lose a's write; it must store 12.
@@ -105,7 +108,7 @@ describe('ResourceIndex across replicas', () => {
       assert.deepEqual(
         index.valuesWithPrefix('hosts/h1/virtualMachines/').map((entry) => entry.order),
         [...ids].sort().map((id) => VIRTUAL_MACHINE_NAME.format({ host: 'h1', virtualMachine: id })),
-        'one host\'s VMs by prefix (not h1a\'s, not h-1\'s)',
+        "one host's VMs by prefix (not h1a's, not h-1's)",
       );
     }
     // Paging walks the same order, resuming after the last name, with and without a filter.
@@ -119,15 +122,28 @@ describe('ResourceIndex across replicas', () => {
         after = entries.at(-1)!.order;
       }
     };
-    assert.deepEqual(pageAll('', () => true), expected(b));
-    assert.deepEqual(pageAll('hosts/h1/virtualMachines/', (value) => value.by.startsWith('vm-')), ['vm-0.a.b', 'vm-00.web', 'vm-000', 'vm-001'].map((id) => VIRTUAL_MACHINE_NAME.format({ host: 'h1', virtualMachine: id })));
-    assert.deepEqual(b.page('hosts/h1/virtualMachines/', 'hosts/h1/virtualMachines/vm-001', 4, () => true).entries.map((entry) => entry.order), ['web-1', 'web.1', 'web0'].map((id) => VIRTUAL_MACHINE_NAME.format({ host: 'h1', virtualMachine: id })));
+    assert.deepEqual(
+      pageAll('', () => true),
+      expected(b),
+    );
+    assert.deepEqual(
+      pageAll('hosts/h1/virtualMachines/', (value) => value.by.startsWith('vm-')),
+      ['vm-0.a.b', 'vm-00.web', 'vm-000', 'vm-001'].map((id) => VIRTUAL_MACHINE_NAME.format({ host: 'h1', virtualMachine: id })),
+    );
+    assert.deepEqual(
+      b.page('hosts/h1/virtualMachines/', 'hosts/h1/virtualMachines/vm-001', 4, () => true).entries.map((entry) => entry.order),
+      ['web-1', 'web.1', 'web0'].map((id) => VIRTUAL_MACHINE_NAME.format({ host: 'h1', virtualMachine: id })),
+    );
     // Splices on insert and delete keep the same order a full sort gives.
     await a.remove(keyOf('h1', 'vm-00.web'));
     await a.replace(keyOf('h1', 'vm-00.0'), () => ({ count: 0, by: 'new' }));
     await a.remove(keyOf('h-1', 'Z'));
     await b.sync();
-    for (const index of [a, b]) assert.deepEqual(index.valuesWithPrefix('').map((entry) => entry.order), expected(index));
+    for (const index of [a, b])
+      assert.deepEqual(
+        index.valuesWithPrefix('').map((entry) => entry.order),
+        expected(index),
+      );
     assert.ok(!b.valuesWithPrefix('').some((entry) => entry.order === 'hosts/h1/virtualMachines/vm-00.web'));
   });
 });

@@ -81,7 +81,11 @@ interface PythonOutcome {
 }
 
 /** test/python/streaming_refusals.py with the given credentials against `address`: one outcome per call. */
-function pythonCalls(files: TlsFiles, address: string, calls: ReadonlyArray<{ service: 'inventory' | 'agent'; method: string; request: Record<string, unknown> }>): Promise<PythonOutcome[]> {
+function pythonCalls(
+  files: TlsFiles,
+  address: string,
+  calls: ReadonlyArray<{ service: 'inventory' | 'agent'; method: string; request: Record<string, unknown> }>,
+): Promise<PythonOutcome[]> {
   const withDeadline = calls.map((spec) => ({ ...spec, timeout: CLIENT_DEADLINE_MS / 1000 }));
   return new Promise((resolve, reject) => {
     execFile(
@@ -119,7 +123,8 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
         // stream that breaks after its first message.
         watchVirtualMachines: async (request, context, send) => {
           handlerCalls++;
-          if (!HOST_NAME.matches(request.parent) && request.parent !== EVERY_HOST) throw CowherdError.invalidArgument('parent', 'must be hosts/{host} or hosts/-');
+          if (!HOST_NAME.matches(request.parent) && request.parent !== EVERY_HOST)
+            throw CowherdError.invalidArgument('parent', 'must be hosts/{host} or hosts/-');
           if (request.parent === 'hosts/nope') throw CowherdError.notFound(request.parent);
           await send({ type: VirtualMachineChange_Type.TYPE_SYNCED, virtualMachine: undefined, revision: '0' });
           if (request.parent === 'hosts/breaks') throw CowherdError.notFound('hosts/breaks');
@@ -142,13 +147,23 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
       { log, revocations },
     );
     const serverFiles = await pki.files('host', 'kvm-01');
-    server = await startServer({ log, address: 'localhost:0', credentials: mutualTlsServerCredentials(serverFiles, 200), services: [inventory, agent], descriptorSet: readDescriptorSet(), revocations });
+    server = await startServer({
+      log,
+      address: 'localhost:0',
+      credentials: mutualTlsServerCredentials(serverFiles, 200),
+      services: [inventory, agent],
+      descriptorSet: readDescriptorSet(),
+      revocations,
+    });
     resources.defer(() => server.stop(1_000));
   });
   after(() => resources.release());
 
   /** Clients of both services for kind/name, and the credential files for the Python client. */
-  async function caller(kind: 'admin' | 'host' | 'service', name: string): Promise<{ inventory: InventoryServiceClient; agent: AgentServiceClient; files: TlsFiles; serial: string }> {
+  async function caller(
+    kind: 'admin' | 'host' | 'service',
+    name: string,
+  ): Promise<{ inventory: InventoryServiceClient; agent: AgentServiceClient; files: TlsFiles; serial: string }> {
     const credentials = await pki.credentials(kind, name);
     // The same certificate for both clients: revoking its serial refuses both.
     const files = await writeCredentials(join(await resources.tempDir(), `${kind}-${name}`), credentials);
@@ -173,18 +188,64 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
     const before = handlerCalls;
 
     const cases: Array<{ what: string; stream: () => ClientReadableStream<unknown>; code: GrpcStatus; reason: string; messages?: number }> = [
-      { what: 'watch by a host identity', stream: () => host.inventory.watchVirtualMachines({ parent: 'hosts/-', sendInitialState: false }, deadline()), code: GrpcStatus.PERMISSION_DENIED, reason: 'ERROR_REASON_PERMISSION_DENIED' },
-      { what: 'watch with a revoked certificate', stream: () => revokedAdmin.inventory.watchVirtualMachines({ parent: 'hosts/-', sendInitialState: false }, deadline()), code: GrpcStatus.UNAUTHENTICATED, reason: 'ERROR_REASON_CERTIFICATE_REVOKED' },
-      { what: 'export by an admin', stream: () => admin.agent.exportImage(exportRequest('images/x'), deadline()), code: GrpcStatus.PERMISSION_DENIED, reason: 'ERROR_REASON_PERMISSION_DENIED' },
-      { what: 'export with a revoked certificate', stream: () => revokedAdmin.agent.exportImage(exportRequest('images/x'), deadline()), code: GrpcStatus.UNAUTHENTICATED, reason: 'ERROR_REASON_CERTIFICATE_REVOKED' },
+      {
+        what: 'watch by a host identity',
+        stream: () => host.inventory.watchVirtualMachines({ parent: 'hosts/-', sendInitialState: false }, deadline()),
+        code: GrpcStatus.PERMISSION_DENIED,
+        reason: 'ERROR_REASON_PERMISSION_DENIED',
+      },
+      {
+        what: 'watch with a revoked certificate',
+        stream: () => revokedAdmin.inventory.watchVirtualMachines({ parent: 'hosts/-', sendInitialState: false }, deadline()),
+        code: GrpcStatus.UNAUTHENTICATED,
+        reason: 'ERROR_REASON_CERTIFICATE_REVOKED',
+      },
+      {
+        what: 'export by an admin',
+        stream: () => admin.agent.exportImage(exportRequest('images/x'), deadline()),
+        code: GrpcStatus.PERMISSION_DENIED,
+        reason: 'ERROR_REASON_PERMISSION_DENIED',
+      },
+      {
+        what: 'export with a revoked certificate',
+        stream: () => revokedAdmin.agent.exportImage(exportRequest('images/x'), deadline()),
+        code: GrpcStatus.UNAUTHENTICATED,
+        reason: 'ERROR_REASON_CERTIFICATE_REVOKED',
+      },
     ];
     const boundaryOnly = cases.length;
     cases.push(
-      { what: 'watch of a malformed parent', stream: () => admin.inventory.watchVirtualMachines({ parent: 'hosts/a/b', sendInitialState: false }, deadline()), code: GrpcStatus.INVALID_ARGUMENT, reason: 'ERROR_REASON_INVALID_FIELD' },
-      { what: 'watch of an unknown host', stream: () => admin.inventory.watchVirtualMachines({ parent: 'hosts/nope', sendInitialState: false }, deadline()), code: GrpcStatus.NOT_FOUND, reason: 'ERROR_REASON_RESOURCE_NOT_FOUND' },
-      { what: 'watch that fails after one message', stream: () => admin.inventory.watchVirtualMachines({ parent: 'hosts/breaks', sendInitialState: false }, deadline()), code: GrpcStatus.NOT_FOUND, reason: 'ERROR_REASON_RESOURCE_NOT_FOUND', messages: 1 },
-      { what: 'export of a malformed image', stream: () => distribution.agent.exportImage(exportRequest('nope'), deadline()), code: GrpcStatus.INVALID_ARGUMENT, reason: 'ERROR_REASON_INVALID_FIELD' },
-      { what: 'export of a missing VM', stream: () => distribution.agent.exportImage(exportRequest('images/x'), deadline()), code: GrpcStatus.NOT_FOUND, reason: 'ERROR_REASON_RESOURCE_NOT_FOUND' },
+      {
+        what: 'watch of a malformed parent',
+        stream: () => admin.inventory.watchVirtualMachines({ parent: 'hosts/a/b', sendInitialState: false }, deadline()),
+        code: GrpcStatus.INVALID_ARGUMENT,
+        reason: 'ERROR_REASON_INVALID_FIELD',
+      },
+      {
+        what: 'watch of an unknown host',
+        stream: () => admin.inventory.watchVirtualMachines({ parent: 'hosts/nope', sendInitialState: false }, deadline()),
+        code: GrpcStatus.NOT_FOUND,
+        reason: 'ERROR_REASON_RESOURCE_NOT_FOUND',
+      },
+      {
+        what: 'watch that fails after one message',
+        stream: () => admin.inventory.watchVirtualMachines({ parent: 'hosts/breaks', sendInitialState: false }, deadline()),
+        code: GrpcStatus.NOT_FOUND,
+        reason: 'ERROR_REASON_RESOURCE_NOT_FOUND',
+        messages: 1,
+      },
+      {
+        what: 'export of a malformed image',
+        stream: () => distribution.agent.exportImage(exportRequest('nope'), deadline()),
+        code: GrpcStatus.INVALID_ARGUMENT,
+        reason: 'ERROR_REASON_INVALID_FIELD',
+      },
+      {
+        what: 'export of a missing VM',
+        stream: () => distribution.agent.exportImage(exportRequest('images/x'), deadline()),
+        code: GrpcStatus.NOT_FOUND,
+        reason: 'ERROR_REASON_RESOURCE_NOT_FOUND',
+      },
     );
     for (const [index, item] of cases.entries()) {
       const result = await outcome(item.stream());
@@ -203,8 +264,18 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
     const revokedAdmin = await caller('admin', 'eve');
     revoked.add(revokedAdmin.serial);
     const watch = (parent: string) => ({ service: 'inventory' as const, method: 'WatchVirtualMachines', request: { parent } });
-    const exportCall = (image: string) => ({ service: 'agent' as const, method: 'ExportImage', request: { virtualMachine: 'hosts/kvm-01/virtualMachines/missing', image } });
-    const expectations: Array<{ files: TlsFiles; call: ReturnType<typeof watch> | ReturnType<typeof exportCall>; code: string; reason: string; messages?: number }> = [
+    const exportCall = (image: string) => ({
+      service: 'agent' as const,
+      method: 'ExportImage',
+      request: { virtualMachine: 'hosts/kvm-01/virtualMachines/missing', image },
+    });
+    const expectations: Array<{
+      files: TlsFiles;
+      call: ReturnType<typeof watch> | ReturnType<typeof exportCall>;
+      code: string;
+      reason: string;
+      messages?: number;
+    }> = [
       { files: host.files, call: watch('hosts/-'), code: 'PERMISSION_DENIED', reason: 'ERROR_REASON_PERMISSION_DENIED' },
       { files: revokedAdmin.files, call: watch('hosts/-'), code: 'UNAUTHENTICATED', reason: 'ERROR_REASON_CERTIFICATE_REVOKED' },
       { files: admin.files, call: watch('hosts/a/b'), code: 'INVALID_ARGUMENT', reason: 'ERROR_REASON_INVALID_FIELD' },
@@ -219,7 +290,11 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
     const byFiles = new Map<TlsFiles, typeof expectations>();
     for (const item of expectations) byFiles.set(item.files, [...(byFiles.get(item.files) ?? []), item]);
     for (const [files, items] of byFiles) {
-      const results = await pythonCalls(files, address(), items.map((item) => item.call));
+      const results = await pythonCalls(
+        files,
+        address(),
+        items.map((item) => item.call),
+      );
       assert.equal(results.length, items.length);
       for (const [index, item] of items.entries()) {
         const result = results[index]!;
@@ -237,9 +312,26 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
     const admin = await caller('admin', 'carol');
     const bufCurl = (method: string, data: Record<string, unknown>): Promise<{ exitCode: number; output: string; ms: number }> => {
       const started = performance.now();
-      const args = ['curl', '--protocol', 'grpc', '--cacert', admin.files.caFile, '--cert', admin.files.certificateFile, '--key', admin.files.privateKeyFile, '--timeout', `${CLIENT_DEADLINE_MS / 1000}s`, '--data', JSON.stringify(data), `https://${address()}/${method}`];
+      const args = [
+        'curl',
+        '--protocol',
+        'grpc',
+        '--cacert',
+        admin.files.caFile,
+        '--cert',
+        admin.files.certificateFile,
+        '--key',
+        admin.files.privateKeyFile,
+        '--timeout',
+        `${CLIENT_DEADLINE_MS / 1000}s`,
+        '--data',
+        JSON.stringify(data),
+        `https://${address()}/${method}`,
+      ];
       return new Promise((resolve) => {
-        execFile(join(REPOSITORY, 'node_modules/.bin/buf'), args, { timeout: 60_000 }, (error, stdout, stderr) => resolve({ exitCode: error ? ((error as { code?: number }).code ?? -1) : 0, output: stdout + stderr, ms: performance.now() - started }));
+        execFile(join(REPOSITORY, 'node_modules/.bin/buf'), args, { timeout: 60_000 }, (error, stdout, stderr) =>
+          resolve({ exitCode: error ? ((error as { code?: number }).code ?? -1) : 0, output: stdout + stderr, ms: performance.now() - started }),
+        );
       });
     };
     for (const [method, data, code] of [
@@ -256,7 +348,8 @@ describe('RPC contract: streaming refusals end with their status at once', () =>
 });
 
 describe('RPC contract: filter values are checked against the field', () => {
-  const vm = (state: VirtualMachine_State, managed: boolean, sourceImage = ''): VirtualMachine => VirtualMachine.fromPartial({ name: 'hosts/h/virtualMachines/v', state, managed, sourceImage });
+  const vm = (state: VirtualMachine_State, managed: boolean, sourceImage = ''): VirtualMachine =>
+    VirtualMachine.fromPartial({ name: 'hosts/h/virtualMachines/v', state, managed, sourceImage });
   const fields = {
     state: enumField<VirtualMachine>(VirtualMachine_State, 'STATE_', (item) => item.state),
     managed: booleanField<VirtualMachine>((item) => item.managed),
@@ -279,7 +372,8 @@ describe('RPC contract: filter values are checked against the field', () => {
     ] as const) {
       assert.throws(
         () => parseFilter(filter, fields),
-        (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.INVALID_ARGUMENT && error.field === 'filter' && allowed.test(error.message),
+        (error: unknown) =>
+          error instanceof CowherdError && error.code === GrpcStatus.INVALID_ARGUMENT && error.field === 'filter' && allowed.test(error.message),
         filter,
       );
     }
@@ -325,7 +419,12 @@ describe('RPC contract: ListOperations checks its filter values', () => {
       ['kind = cloning.clone-vms', /"cloning.clone-vms" is not a value of kind; allowed: distribution.publish-image, .*cloning.clone-virtual-machines/],
       ['done = maybe', /done must be true or false/],
     ] as const) {
-      await assert.rejects(manager.list({ filter, pageSize: 0, pageToken: '' }), (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.INVALID_ARGUMENT && error.field === 'filter' && message.test(error.message), filter);
+      await assert.rejects(
+        manager.list({ filter, pageSize: 0, pageToken: '' }),
+        (error: unknown) =>
+          error instanceof CowherdError && error.code === GrpcStatus.INVALID_ARGUMENT && error.field === 'filter' && message.test(error.message),
+        filter,
+      );
     }
     assert.deepEqual((await manager.list({ filter: 'kind = cloning.clone-virtual-machines AND done = false', pageSize: 0, pageToken: '' })).operations, []);
   });

@@ -59,8 +59,17 @@ describe('service processes', () => {
 
   it('serve reflection that a Python client generated from proto/ lists and uses over mTLS', async () => {
     const addresses = [...processes.values()].map((process) => process.address);
-    const { stdout } = await run('/usr/bin/python3', [`${REPOSITORY}/test/python/reflection_client.py`, adminFiles.certificateFile, adminFiles.privateKeyFile, adminFiles.caFile, ...addresses], { timeout: 120_000 });
-    const results = stdout.trim().split('\n').map((line) => JSON.parse(line) as { address: string; services: string[]; health: Record<string, string>; descriptors_ok: boolean; error: string | null });
+    const { stdout } = await run(
+      '/usr/bin/python3',
+      [`${REPOSITORY}/test/python/reflection_client.py`, adminFiles.certificateFile, adminFiles.privateKeyFile, adminFiles.caFile, ...addresses],
+      { timeout: 120_000 },
+    );
+    const results = stdout
+      .trim()
+      .split('\n')
+      .map(
+        (line) => JSON.parse(line) as { address: string; services: string[]; health: Record<string, string>; descriptors_ok: boolean; error: string | null },
+      );
     assert.equal(results.length, processes.size);
     for (const [name, process] of processes) {
       const result = results.find((item) => item.address === process.address);
@@ -81,7 +90,11 @@ describe('service processes', () => {
     const otherPki = await TestPki.create(await resources.tempDir(), 'some other CA');
     const stranger = await otherPki.credentials('admin', 'alice');
     const noCertificate = ChannelCredentials.createSsl(Buffer.from(pki.ca.certificatePem));
-    const otherCa = mutualTlsChannelCredentialsFromPem({ certificatePem: stranger.certificatePem, privateKeyPem: stranger.privateKeyPem, caPem: pki.ca.certificatePem });
+    const otherCa = mutualTlsChannelCredentialsFromPem({
+      certificatePem: stranger.certificatePem,
+      privateKeyPem: stranger.privateKeyPem,
+      caPem: pki.ca.certificatePem,
+    });
     for (const [name, process] of processes) {
       assert.match(await check(process.address, noCertificate), /^error: 14 UNAVAILABLE/, `${name} without certificate`);
       assert.match(await check(process.address, otherCa), /^error: 14 UNAVAILABLE/, `${name} with another CA's certificate`);
@@ -95,7 +108,13 @@ describe('service processes', () => {
     const Client = makeGenericClientConstructor({}, 'x');
     const client = new Client(process.address, admin);
     const code = await new Promise<number>((resolve) => {
-      client.makeUnaryRequest('/cowherd.inventory.v1.InventoryService/ListHosts', (value: Buffer) => value, (value: Buffer) => value, Buffer.alloc(0), (error) => resolve(error?.code ?? 0));
+      client.makeUnaryRequest(
+        '/cowherd.inventory.v1.InventoryService/ListHosts',
+        (value: Buffer) => value,
+        (value: Buffer) => value,
+        Buffer.alloc(0),
+        (error) => resolve(error?.code ?? 0),
+      );
     });
     client.close();
     assert.ok([0, 12].includes(code), `ListHosts answered ${code}`);
@@ -108,7 +127,10 @@ describe('service processes', () => {
       await process.daemon.stop(10_000);
       assert.equal(await process.daemon.exited, 0, `${name} exits 0 (not killed after its grace time, no failure)`);
       const messages = process.logs.map((line) => line['msg']);
-      assert.ok(process.logs.some((line) => line['msg'] === 'signal received: draining' && line['signal'] === 'SIGTERM'), `${name} drained on SIGTERM`);
+      assert.ok(
+        process.logs.some((line) => line['msg'] === 'signal received: draining' && line['signal'] === 'SIGTERM'),
+        `${name} drained on SIGTERM`,
+      );
       assert.ok(messages.includes('stopped'), `${name} logged "stopped": ${messages.slice(-5).join(' | ')}`);
       assert.ok(!messages.includes('unclean stop'), `${name} stopped cleanly`);
     }
@@ -119,9 +141,13 @@ describe('service processes', () => {
       cwd: REPOSITORY,
       env: { PATH: process.env['PATH'] ?? '', COWHERD_LISTEN_ADDRESS: 'nowhere', COWHERD_LOG_LEVEL: 'loud' },
       timeout: 30_000,
-    }).then(() => undefined, (error: { code: number; stderr: string }) => error);
+    }).then(
+      () => undefined,
+      (error: { code: number; stderr: string }) => error,
+    );
     assert.ok(result, 'start-up failed');
     assert.equal(result.code, 2);
-    for (const name of ['COWHERD_LISTEN_ADDRESS', 'COWHERD_LOG_LEVEL', 'COWHERD_TLS_CERT', 'COWHERD_TLS_KEY', 'COWHERD_TLS_CA']) assert.match(result.stderr, new RegExp(name));
+    for (const name of ['COWHERD_LISTEN_ADDRESS', 'COWHERD_LOG_LEVEL', 'COWHERD_TLS_CERT', 'COWHERD_TLS_KEY', 'COWHERD_TLS_CA'])
+      assert.match(result.stderr, new RegExp(name));
   });
 });

@@ -37,7 +37,10 @@ function isGuest(process: LeftoverProcess): boolean {
   return /(^|\/)qemu-system-\S+ /.test(process.command);
 }
 
-describe('the local fleet tells the story (README start command, issue 7)', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false, timeout: 300_000 }, () => {
+describe('the local fleet tells the story (README start command, issue 7)', {
+  skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false,
+  timeout: 300_000,
+}, () => {
   const resources = new Resources();
   const suffix = Math.random().toString(36).slice(2, 7);
   const image = `story-${suffix}`;
@@ -53,7 +56,11 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
 
   /** The CLI as a user runs it beside the fleet: it finds the fleet (addresses, admin bundle) by COWHERD_STATE_DIR. */
   const json = async <T>(...args: string[]): Promise<T> => {
-    const { stdout } = await run(process.execPath, ['--import', 'tsx', 'services/cli/main.ts', ...args, '--output', 'json'], { cwd: REPOSITORY, env: cliEnvironment, timeout: 60_000 }).catch((error: { stderr?: string; message: string }) => {
+    const { stdout } = await run(process.execPath, ['--import', 'tsx', 'services/cli/main.ts', ...args, '--output', 'json'], {
+      cwd: REPOSITORY,
+      env: cliEnvironment,
+      timeout: 60_000,
+    }).catch((error: { stderr?: string; message: string }) => {
       throw new Error(`cowherd ${args.join(' ')}: ${error.stderr ?? error.message}`);
     });
     return JSON.parse(stdout) as T;
@@ -97,7 +104,15 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
     const [origin, target] = fleet.hosts.map((host) => host.host);
     assert.equal(fleet.hosts.length, 2);
     assert.equal(target, `${origin}-2`);
-    assert.deepEqual(fleet.endpoints.map((endpoint) => endpoint.name).sort(), ['agent', 'agent', 'certificate-authority', 'cloning', 'distribution', 'inventory', 'nats']);
+    assert.deepEqual(fleet.endpoints.map((endpoint) => endpoint.name).sort(), [
+      'agent',
+      'agent',
+      'certificate-authority',
+      'cloning',
+      'distribution',
+      'inventory',
+      'nats',
+    ]);
 
     // What the user sees, in order: the steps as CLI commands, the clones, the events, the overview.
     const steps = [
@@ -124,7 +139,11 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
     assert.match(output, new RegExp(`^${target}\\s+AVAILABLE\\s*$`, 'm'), 'the distribution result table');
     for (const clone of clones) {
       assert.match(output, new RegExp(`^${target}/${clone}\\s+DONE\\s+yes\\s*$`, 'm'), `${clone} cloned and started`);
-      assert.match(output, new RegExp(`^\\s+\\S+ \\S+\\s+clone\\.done\\s+${target}\\s+${target}/${clone} from images/${image}, started$`, 'm'), `the clone.done event of ${clone}`);
+      assert.match(
+        output,
+        new RegExp(`^\\s+\\S+ \\S+\\s+clone\\.done\\s+${target}\\s+${target}/${clone} from images/${image}, started$`, 'm'),
+        `the clone.done event of ${clone}`,
+      );
       assert.match(output, new RegExp(`^\\s+${clone}\\s+RUNNING\\s+${image}\\s+yes$`, 'm'), `${clone} RUNNING in the overview`);
     }
     assert.match(output, new RegExp(`image\\.published\\s+${origin}\\s+images/${image} from ${origin}/${master}`));
@@ -135,18 +154,32 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
   it('what a user checks: the clones exist, run, and their disks are overlays of the distributed base', async () => {
     const [origin, target] = fleet.hosts;
     const { hosts } = await json<{ hosts: Array<{ name: string; state: string }> }>('hosts', 'list');
-    assert.deepEqual(hosts.map((host) => [host.name, host.state]).sort(), [[`hosts/${origin!.host}`, 'STATE_READY'], [`hosts/${target!.host}`, 'STATE_READY']]);
+    assert.deepEqual(hosts.map((host) => [host.name, host.state]).sort(), [
+      [`hosts/${origin!.host}`, 'STATE_READY'],
+      [`hosts/${target!.host}`, 'STATE_READY'],
+    ]);
 
-    const shown = await json<{ image: { name: string; state: string; originHost: string; files: Array<{ path: string; sha256: string; targetDevice?: string }> }; imageReplicas: Array<{ host: string; state: string; origin?: boolean; path: string }> }>('images', 'show', image);
+    const shown = await json<{
+      image: { name: string; state: string; originHost: string; files: Array<{ path: string; sha256: string; targetDevice?: string }> };
+      imageReplicas: Array<{ host: string; state: string; origin?: boolean; path: string }>;
+    }>('images', 'show', image);
     assert.deepEqual([shown.image.state, shown.image.originHost], ['STATE_AVAILABLE', `hosts/${origin!.host}`]);
-    assert.deepEqual(shown.imageReplicas.map((replica) => [replica.host, replica.state, replica.origin ?? false]).sort(), [[`hosts/${origin!.host}`, 'STATE_AVAILABLE', true], [`hosts/${target!.host}`, 'STATE_AVAILABLE', false]]);
+    assert.deepEqual(shown.imageReplicas.map((replica) => [replica.host, replica.state, replica.origin ?? false]).sort(), [
+      [`hosts/${origin!.host}`, 'STATE_AVAILABLE', true],
+      [`hosts/${target!.host}`, 'STATE_AVAILABLE', false],
+    ]);
     const disk = shown.image.files.find((file) => file.targetDevice === 'vda');
     assert.ok(disk, JSON.stringify(shown.image.files));
     const base = join(target!.imageDirectory, 'images', image, disk.path);
 
     // Exist and run: in the inventory, in libvirt, and on the guest's console.
-    const { virtualMachines } = await json<{ virtualMachines: Array<{ name: string; domainName: string; state: string; managed?: boolean; sourceImage: string }> }>('vms', 'list', '--host', target!.host, '--filter', `source_image = "images/${image}"`);
-    assert.deepEqual(virtualMachines.map((vm) => [vm.domainName, vm.state, vm.managed ?? false]).sort(), clones.map((clone) => [clone, 'STATE_RUNNING', true]));
+    const { virtualMachines } = await json<{
+      virtualMachines: Array<{ name: string; domainName: string; state: string; managed?: boolean; sourceImage: string }>;
+    }>('vms', 'list', '--host', target!.host, '--filter', `source_image = "images/${image}"`);
+    assert.deepEqual(
+      virtualMachines.map((vm) => [vm.domainName, vm.state, vm.managed ?? false]).sort(),
+      clones.map((clone) => [clone, 'STATE_RUNNING', true]),
+    );
     for (const clone of clones) {
       assert.equal((await virsh('domstate', clone)).stdout.trim(), 'running', clone);
       const console = join(target!.imageDirectory, 'clones', clone, 'serial-0.out');
@@ -157,11 +190,18 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
         if (text.includes('cowherd-guest: staying up') || text.includes('cowherd-guest: no ') || text.includes('failed')) break;
         await new Promise((resolve) => setTimeout(resolve, 500));
       }
-      assert.match(text, /cowherd-guest: marker written\r?\n[\s\S]*cowherd-guest: staying up \(cowherd\.stay=1\)/, `${clone} booted and stays up; console:\n${text.slice(-2000)}`);
+      assert.match(
+        text,
+        /cowherd-guest: marker written\r?\n[\s\S]*cowherd-guest: staying up \(cowherd\.stay=1\)/,
+        `${clone} booted and stays up; console:\n${text.slice(-2000)}`,
+      );
       assert.equal((await virsh('domstate', clone)).stdout.trim(), 'running', `${clone} still runs after booting`);
 
       // Overlays of the distributed base: the second host's replica, byte for byte the published disk.
-      const vm = await json<{ virtualMachine: { disks: Array<{ path: string; backingChain: Array<{ path: string }> }> }; lineage: { imageReplica: { name: string }; image: { name: string } } }>('vms', 'show', `${target!.host}/${clone}`);
+      const vm = await json<{
+        virtualMachine: { disks: Array<{ path: string; backingChain: Array<{ path: string }> }> };
+        lineage: { imageReplica: { name: string }; image: { name: string } };
+      }>('vms', 'show', `${target!.host}/${clone}`);
       assert.equal(vm.lineage.imageReplica.name, `hosts/${target!.host}/images/${image}`);
       assert.equal(vm.lineage.image.name, `images/${image}`);
       const overlay = vm.virtualMachine.disks[0]!.path;
@@ -172,7 +212,13 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
       assert.equal(info['backing-filename-format'], 'qcow2');
       assert.equal(vm.virtualMachine.disks[0]!.backingChain[0]?.path, base);
     }
-    assert.equal(createHash('sha256').update(await readFile(base)).digest('hex'), disk.sha256, 'the base is the published disk');
+    assert.equal(
+      createHash('sha256')
+        .update(await readFile(base))
+        .digest('hex'),
+      disk.sha256,
+      'the base is the published disk',
+    );
     assert.equal((await stat(base)).mode & 0o222, 0, 'the base is read-only');
 
     // The master VM stays powered off on the first host, and the first host holds the origin replica.
@@ -196,10 +242,14 @@ describe('the local fleet tells the story (README start command, issue 7)', { sk
     t.diagnostic(`second start to "fleet is up": ${((Date.now() - startedAt) / 1000).toFixed(1)} s`);
     const output = second.output;
     assert.match(output, new RegExp(`the story already ran on .* not repeating the set-up\\.\n  image ${image} `));
-    for (const repeated of [/creating the fleet's certificate authority/, /enrolling host/, /\$ cowherd /, /guest kit/, /defined .*-master/]) assert.doesNotMatch(output, repeated);
+    for (const repeated of [/creating the fleet's certificate authority/, /enrolling host/, /\$ cowherd /, /guest kit/, /defined .*-master/])
+      assert.doesNotMatch(output, repeated);
     for (const clone of clones) assert.match(output, new RegExp(`^\\s+${clone}\\s+RUNNING\\s+${image}\\s+yes$`, 'm'), `${clone} in the overview`);
     const { virtualMachines } = await json<{ virtualMachines: Array<{ domainName: string; state: string }> }>('vms', 'list', '--host', fleet.hosts[1]!.host);
-    assert.deepEqual(virtualMachines.map((vm) => [vm.domainName, vm.state]).sort(), clones.map((clone) => [clone, 'STATE_RUNNING']));
+    assert.deepEqual(
+      virtualMachines.map((vm) => [vm.domainName, vm.state]).sort(),
+      clones.map((clone) => [clone, 'STATE_RUNNING']),
+    );
 
     assert.equal(await second.interrupt(), 0, second.output);
     assert.match(second.output, /stopping the fleet\.\.\.\nfleet stopped\n$/);

@@ -26,7 +26,16 @@ describe('CloneEngine', () => {
         await new Promise((resolve) => setTimeout(resolve, 200));
         const name = /<name>([^<]+)<\/name>/.exec(xml)![1]!;
         const clone = readCloneMetadata(xml);
-        defined.push({ name, uuid: /<uuid>([^<]+)<\/uuid>/.exec(xml)![1]!, state: 'shut off', domainType: 'qemu', vcpus: 1, memoryBytes: 64 * 1024 * 1024, disks: [], ...(clone ? { clone } : {}) } as DomainInfo);
+        defined.push({
+          name,
+          uuid: /<uuid>([^<]+)<\/uuid>/.exec(xml)![1]!,
+          state: 'shut off',
+          domainType: 'qemu',
+          vcpus: 1,
+          memoryBytes: 64 * 1024 * 1024,
+          disks: [],
+          ...(clone ? { clone } : {}),
+        } as DomainInfo);
       };
       const libvirt = { uri: 'test:///default', listDomains: async () => [...defined], define } as unknown as Libvirt;
       const events: Array<{ kind: string; domainName: string; id: string }> = [];
@@ -35,7 +44,13 @@ describe('CloneEngine', () => {
       };
       const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events: { publish } as never, log });
       const names = Array.from({ length: 8 }, (_, index) => `retry-${index}`);
-      const request = { source: { $case: 'image' as const, value: 'images/tiny' }, clones: names.map((domainName) => ({ domainName, start: false })), operation: 'operations/00000000-0000-4000-8000-000000000001', requestId: 'operations/00000000-0000-4000-8000-000000000001/hosts/kvm-01', validateOnly: false };
+      const request = {
+        source: { $case: 'image' as const, value: 'images/tiny' },
+        clones: names.map((domainName) => ({ domainName, start: false })),
+        operation: 'operations/00000000-0000-4000-8000-000000000001',
+        requestId: 'operations/00000000-0000-4000-8000-000000000001/hosts/kvm-01',
+        validateOnly: false,
+      };
 
       const first = engine.createClones(request);
       await new Promise((resolve) => setTimeout(resolve, 20));
@@ -43,10 +58,21 @@ describe('CloneEngine', () => {
       const [firstResults, secondResults] = await Promise.all([first, second]);
 
       for (const results of [firstResults, secondResults]) {
-        assert.deepEqual(results.map((result) => result.domainName), names);
-        assert.deepEqual(results.map((result) => result.status?.code ?? 0), names.map(() => 0), JSON.stringify(results.map((result) => result.status?.message)));
+        assert.deepEqual(
+          results.map((result) => result.domainName),
+          names,
+        );
+        assert.deepEqual(
+          results.map((result) => result.status?.code ?? 0),
+          names.map(() => 0),
+          JSON.stringify(results.map((result) => result.status?.message)),
+        );
       }
-      assert.deepEqual(secondResults.map((result) => result.virtualMachine?.uuid), firstResults.map((result) => result.virtualMachine?.uuid), 'the retry returns the clones the first attempt made');
+      assert.deepEqual(
+        secondResults.map((result) => result.virtualMachine?.uuid),
+        firstResults.map((result) => result.virtualMachine?.uuid),
+        'the retry returns the clones the first attempt made',
+      );
       assert.deepEqual(defined.map((domain) => domain.name).sort(), [...names].sort(), 'each clone defined once');
       assert.deepEqual((await readdir(join(directory, 'clones'))).sort(), [...names].sort(), 'one directory per clone, no prototypes left');
       // The retry records the clone.done of each clone it finds again, under the same id (the stream keeps
@@ -54,7 +80,11 @@ describe('CloneEngine', () => {
       const done = events.filter((event) => event.kind === 'clone.done');
       assert.deepEqual([...new Set(done.map((event) => event.id))].length, names.length, 'one clone.done id per clone');
       assert.deepEqual([...new Set(done.map((event) => event.domainName))].sort(), [...names].sort(), 'a clone.done for every clone');
-      assert.deepEqual(events.filter((event) => event.kind !== 'clone.done'), [], 'no clone.failed');
+      assert.deepEqual(
+        events.filter((event) => event.kind !== 'clone.done'),
+        [],
+        'no clone.failed',
+      );
 
       // Another request_id for the same names is still refused: the wait is per request_id only.
       const other = await engine.createClones({ ...request, clones: [{ domainName: names[0]!, start: false }], requestId: 'another' });

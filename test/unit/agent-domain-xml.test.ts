@@ -182,7 +182,11 @@ function flatten(xml: string): FlatEntry[] {
 function expectFrom(xml: string, removed: readonly string[], edit: Record<string, (entry: FlatEntry) => void>): FlatEntry[] {
   const entries = flatten(xml).filter((entry) => !removed.some((prefix) => entry.path === prefix || entry.path.startsWith(`${prefix}/`)));
   for (const entry of entries) edit[entry.path]?.(entry);
-  for (const [pathName] of Object.entries(edit)) assert.ok(entries.some((entry) => entry.path === pathName), `the test edits ${pathName}, which the source lacks`);
+  for (const [pathName] of Object.entries(edit))
+    assert.ok(
+      entries.some((entry) => entry.path === pathName),
+      `the test edits ${pathName}, which the source lacks`,
+    );
   return entries;
 }
 
@@ -260,10 +264,31 @@ describe('sanitizeDomainTemplate', () => {
     assert.deepEqual(flatten(template.xml), expected);
 
     // Spelled out for the reader, beyond the element-by-element comparison.
-    for (const gone of ['<name>', '<uuid>', 'web-base', 'c90a0226', '52:54:00:12:34:56', 'seclabel', 's3cretvn', '0.0.0.0', '/var/', '/run/', 'libosinfo', 'emulator', 'Alice']) {
+    for (const gone of [
+      '<name>',
+      '<uuid>',
+      'web-base',
+      'c90a0226',
+      '52:54:00:12:34:56',
+      'seclabel',
+      's3cretvn',
+      '0.0.0.0',
+      '/var/',
+      '/run/',
+      'libosinfo',
+      'emulator',
+      'Alice',
+    ]) {
       assert.ok(!template.xml.includes(gone), `template still contains ${gone}`);
     }
-    for (const kept of ['<!-- Managed by the web team: ask before changing. -->', '<vendor-extension level="3">', '<acpi/>', 'cowherd:owner', '/usr/share/OVMF/OVMF_CODE.fd', '/dev/urandom']) {
+    for (const kept of [
+      '<!-- Managed by the web team: ask before changing. -->',
+      '<vendor-extension level="3">',
+      '<acpi/>',
+      'cowherd:owner',
+      '/usr/share/OVMF/OVMF_CODE.fd',
+      '/dev/urandom',
+    ]) {
       assert.ok(template.xml.includes(kept), `template lost ${kept}`);
     }
 
@@ -277,7 +302,10 @@ describe('sanitizeDomainTemplate', () => {
 
   test('is idempotent on its own output and names disk files as asked', () => {
     const template = sanitizeDomainTemplate(REAL_DOMAIN_XML, { diskFileName: ({ target, format }) => `${target}.${format}` });
-    assert.deepEqual(template.disks.map((disk) => disk.fileName), ['vda.qcow2', 'vdb.raw']);
+    assert.deepEqual(
+      template.disks.map((disk) => disk.fileName),
+      ['vda.qcow2', 'vdb.raw'],
+    );
     // The template has no host paths left, so sanitizing it again only re-reads the placeholders as "paths".
     const again = sanitizeDomainTemplate(template.xml, { diskFileName: ({ target, format }) => `${target}.${format}` });
     assert.equal(again.xml, template.xml);
@@ -307,7 +335,8 @@ describe('sanitizeDomainTemplate', () => {
     const xml = smallDomain(
       `<graphics type='spice' port='5901' tlsPort='5902' autoport='no'><listen type='address' address='10.0.0.5'/></graphics>
        <console type='pty' tty='/dev/pts/3'><source path='/dev/pts/3'/><target type='serial' port='0'/></console>`,
-    ).replace("<interface type='network'>", "<interface type='network'><target dev='vnet7'/><backend tap='/dev/net/tun' vhost='/dev/vhost-net'/>")
+    )
+      .replace("<interface type='network'>", "<interface type='network'><target dev='vnet7'/><backend tap='/dev/net/tun' vhost='/dev/vhost-net'/>")
       .replace("<domain type='kvm'>", "<domain type='kvm' id='7'>");
     const template = sanitizeDomainTemplate(xml);
     assert.match(template.xml, /<graphics type="spice" autoport="yes">/);
@@ -317,14 +346,51 @@ describe('sanitizeDomainTemplate', () => {
 
   test('refuses what cowherd cannot publish safely', async () => {
     const cases: Array<[string, string, ErrorReason, RegExp?]> = [
-      ['block disk', smallDomain(`<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/sdb'/><target dev='vdb'/></disk>`), untrusted, /disk type "block"/],
-      ['network disk', smallDomain(`<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='x'><host name='h'/></source><target dev='vdb'/></disk>`), untrusted, /disk type "network"/],
-      ['volume disk', smallDomain(`<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vdb'/></disk>`), untrusted, /disk type "volume"/],
-      ['vmdk disk', smallDomain(`<disk type='file' device='disk'><driver name='qemu' type='vmdk'/><source file='/x.vmdk'/><target dev='vdb'/></disk>`), untrusted, /format "vmdk"/],
-      ['hostdev', smallDomain(`<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0' bus='0' slot='1' function='0'/></source></hostdev>`), untrusted, /host device passthrough/],
-      ['hostdev interface', smallDomain(`<interface type='hostdev'><source><address type='pci' domain='0' bus='0' slot='2' function='0'/></source></interface>`), untrusted, /interface type "hostdev"/],
+      [
+        'block disk',
+        smallDomain(`<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/sdb'/><target dev='vdb'/></disk>`),
+        untrusted,
+        /disk type "block"/,
+      ],
+      [
+        'network disk',
+        smallDomain(
+          `<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='x'><host name='h'/></source><target dev='vdb'/></disk>`,
+        ),
+        untrusted,
+        /disk type "network"/,
+      ],
+      [
+        'volume disk',
+        smallDomain(`<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vdb'/></disk>`),
+        untrusted,
+        /disk type "volume"/,
+      ],
+      [
+        'vmdk disk',
+        smallDomain(`<disk type='file' device='disk'><driver name='qemu' type='vmdk'/><source file='/x.vmdk'/><target dev='vdb'/></disk>`),
+        untrusted,
+        /format "vmdk"/,
+      ],
+      [
+        'hostdev',
+        smallDomain(`<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0' bus='0' slot='1' function='0'/></source></hostdev>`),
+        untrusted,
+        /host device passthrough/,
+      ],
+      [
+        'hostdev interface',
+        smallDomain(`<interface type='hostdev'><source><address type='pci' domain='0' bus='0' slot='2' function='0'/></source></interface>`),
+        untrusted,
+        /interface type "hostdev"/,
+      ],
       ['filesystem', smallDomain(`<filesystem type='mount'><source dir='/srv'/><target dir='srv'/></filesystem>`), untrusted, /file system passthrough/],
-      ['interface script', smallDomain(`<interface type='bridge'><source bridge='br0'/><script path='/etc/qemu-ifup'/></interface>`), untrusted, /scripts run on the host/],
+      [
+        'interface script',
+        smallDomain(`<interface type='bridge'><source bridge='br0'/><script path='/etc/qemu-ifup'/></interface>`),
+        untrusted,
+        /scripts run on the host/,
+      ],
       ['serial on a host device', smallDomain(`<serial type='dev'><source path='/dev/ttyS0'/><target port='0'/></serial>`), untrusted, /reaches a host device/],
       [
         'qemu:commandline',
@@ -332,14 +398,39 @@ describe('sanitizeDomainTemplate', () => {
         untrusted,
         /qemu namespace/,
       ],
-      ['qemu:override under another prefix', smallDomain('', `<q:override xmlns:q='http://libvirt.org/schemas/domain/qemu/1.0'><q:device alias='x'/></q:override>`), untrusted, /qemu namespace/],
-      ['qemu namespace as the default namespace', smallDomain('', `<commandline xmlns='http://libvirt.org/schemas/domain/qemu/1.0'><arg value='-x'/></commandline>`), untrusted, /qemu namespace/],
-      ['xen:commandline', smallDomain('', `<xen:commandline xmlns:xen='http://libvirt.org/schemas/domain/xen/1.0'><xen:arg value='x'/></xen:commandline>`), untrusted, /xen namespace/],
+      [
+        'qemu:override under another prefix',
+        smallDomain('', `<q:override xmlns:q='http://libvirt.org/schemas/domain/qemu/1.0'><q:device alias='x'/></q:override>`),
+        untrusted,
+        /qemu namespace/,
+      ],
+      [
+        'qemu namespace as the default namespace',
+        smallDomain('', `<commandline xmlns='http://libvirt.org/schemas/domain/qemu/1.0'><arg value='-x'/></commandline>`),
+        untrusted,
+        /qemu namespace/,
+      ],
+      [
+        'xen:commandline',
+        smallDomain('', `<xen:commandline xmlns:xen='http://libvirt.org/schemas/domain/xen/1.0'><xen:arg value='x'/></xen:commandline>`),
+        untrusted,
+        /xen namespace/,
+      ],
       ['undeclared prefix', smallDomain('', `<qemu:commandline><qemu:arg value='-x'/></qemu:commandline>`), untrusted, /not declared/],
-      ['host file read through fw_cfg', smallDomain('', `<sysinfo type='fwcfg'><entry name='opt/x' file='/etc/shadow'/></sysinfo>`), untrusted, /\/etc\/shadow/],
+      [
+        'host file read through fw_cfg',
+        smallDomain('', `<sysinfo type='fwcfg'><entry name='opt/x' file='/etc/shadow'/></sysinfo>`),
+        untrusted,
+        /\/etc\/shadow/,
+      ],
       ['TPM passthrough', smallDomain(`<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>`), untrusted, /\/dev\/tpm0/],
       ['random device that is a host file', smallDomain(`<rng model='virtio'><backend model='random'>/etc/shadow</backend></rng>`), untrusted, /\/etc\/shadow/],
-      ['firmware outside firmware directories', smallDomain('', '').replace("<os><type arch='x86_64' machine='pc'>hvm</type></os>", `<os><type>hvm</type><loader type='rom'>/etc/shadow</loader></os>`), untrusted, /firmware directory/],
+      [
+        'firmware outside firmware directories',
+        smallDomain('', '').replace("<os><type arch='x86_64' machine='pc'>hvm</type></os>", `<os><type>hvm</type><loader type='rom'>/etc/shadow</loader></os>`),
+        untrusted,
+        /firmware directory/,
+      ],
       ['lxc domain', smallDomain('', '', 'lxc'), untrusted, /type "lxc"/],
       ['DOCTYPE entity', `<!DOCTYPE domain [<!ENTITY p "/etc/shadow">]>${smallDomain('', '<description>&p;</description>')}`, untrusted, /entities/],
       ['undefined entity', smallDomain('', '<description>&nbsp;</description>'), untrusted, /undefined entity/],
@@ -441,16 +532,22 @@ describe('renderClone', () => {
           ['/domain[0]/name[0]', '/domain[0]/uuid[0]', '/domain[0]/devices[0]/interface[0]/mac[0]'].includes(entry.path) ||
           entry.path.startsWith('/domain[0]/metadata[0]/cowherd:clone[0]');
         const actual = flatten(clone.xml);
-        assert.deepEqual(actual.filter((entry) => !added(entry)), expected);
-        assert.deepEqual(actual.filter(added).map((entry) => entry.path), [
-          '/domain[0]/name[0]',
-          '/domain[0]/uuid[0]',
-          '/domain[0]/metadata[0]/cowherd:clone[0]',
-          '/domain[0]/metadata[0]/cowherd:clone[0]/cowherd:image[0]',
-          '/domain[0]/metadata[0]/cowherd:clone[0]/cowherd:operation[0]',
-          '/domain[0]/metadata[0]/cowherd:clone[0]/cowherd:requestId[0]',
-          '/domain[0]/devices[0]/interface[0]/mac[0]',
-        ]);
+        assert.deepEqual(
+          actual.filter((entry) => !added(entry)),
+          expected,
+        );
+        assert.deepEqual(
+          actual.filter(added).map((entry) => entry.path),
+          [
+            '/domain[0]/name[0]',
+            '/domain[0]/uuid[0]',
+            '/domain[0]/metadata[0]/cowherd:clone[0]',
+            '/domain[0]/metadata[0]/cowherd:clone[0]/cowherd:image[0]',
+            '/domain[0]/metadata[0]/cowherd:clone[0]/cowherd:operation[0]',
+            '/domain[0]/metadata[0]/cowherd:clone[0]/cowherd:requestId[0]',
+            '/domain[0]/devices[0]/interface[0]/mac[0]',
+          ],
+        );
         assert.ok(clone.xml.includes(`<cowherd:clone xmlns:cowherd="${CLONE_METADATA_NAMESPACE}">`));
         assert.ok(clone.xml.includes('<acpi/>'));
         assert.ok(clone.xml.includes('<!-- Managed by the web team: ask before changing. -->'));
@@ -479,7 +576,11 @@ describe('renderClone', () => {
       ...optionsFor('gen-2'),
       metadata: { source: { virtualMachine: 'hosts/h1/virtualMachines/gen-1' }, operation: 'operations/op-2', requestId: 'r-2' },
     });
-    assert.deepEqual(readCloneMetadata(second.xml), { source: { virtualMachine: 'hosts/h1/virtualMachines/gen-1' }, operation: 'operations/op-2', requestId: 'r-2' });
+    assert.deepEqual(readCloneMetadata(second.xml), {
+      source: { virtualMachine: 'hosts/h1/virtualMachines/gen-1' },
+      operation: 'operations/op-2',
+      requestId: 'r-2',
+    });
     assert.equal(second.xml.match(/<cowherd:clone /g)?.length, 1);
   });
 
@@ -492,7 +593,13 @@ describe('renderClone', () => {
         { target: 'vdb', path: path.join(root, 'clones', 'xen-1', 'disk-1.vhd') },
       ],
     });
-    assert.deepEqual(clone.disks.map((disk) => [disk.driverName, disk.driverType]), [['tap', 'vhd'], ['tap', 'vhd']]);
+    assert.deepEqual(
+      clone.disks.map((disk) => [disk.driverName, disk.driverType]),
+      [
+        ['tap', 'vhd'],
+        ['tap', 'vhd'],
+      ],
+    );
     assert.match(clone.xml, /<driver name="tap" type="vhd" cache="none" discard="unmap"\/>/);
     await assertRefused(() => renderClone(xenTemplate, optionsFor('xen-2')), untrusted, /type "xen"/);
     await assertRefused(() => renderClone(template, optionsFor('kvm-on-xen', { hypervisor: 'xen' })), untrusted, /type "qemu"/);
@@ -500,7 +607,10 @@ describe('renderClone', () => {
 
   test('direct-boot files come from the image directory', async () => {
     const bootTemplate = sanitizeDomainTemplate(
-      smallDomain().replace("<os><type arch='x86_64' machine='pc'>hvm</type></os>", "<os><type arch='x86_64' machine='pc'>hvm</type><kernel>/boot/vmlinuz</kernel><initrd>/boot/initrd.img</initrd></os>"),
+      smallDomain().replace(
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os>",
+        "<os><type arch='x86_64' machine='pc'>hvm</type><kernel>/boot/vmlinuz</kernel><initrd>/boot/initrd.img</initrd></os>",
+      ),
     ).xml;
     const cloneDirectory = path.join(root, 'clones', 'boot-1');
     const base = { ...optionsFor('boot-1'), disks: [{ target: 'vda', path: path.join(cloneDirectory, 'vda.qcow2') }] };
@@ -527,8 +637,18 @@ describe('renderClone', () => {
       ['child path through a symlink', { disks: disks(path.join(escapeDirectory, 'link', 'shadow')) }, outside, /symlink/],
       ['child path with a line break', { disks: disks(`${escapeDirectory}/disk\n0.qcow2`) }, outside],
       ['missing child', { disks: [{ target: 'vda', path: path.join(escapeDirectory, 'disk-0.qcow2') }] }, invalid, /"vdb"/],
-      ['child for an unknown disk', { disks: [...disks(path.join(escapeDirectory, 'disk-0.qcow2')), { target: 'vdz', path: path.join(escapeDirectory, 'z.qcow2') }] }, invalid, /vdz/],
-      ['repeated child', { disks: [...disks(path.join(escapeDirectory, 'disk-0.qcow2')), { target: 'vda', path: path.join(escapeDirectory, 'again.qcow2') }] }, invalid, /repeats/],
+      [
+        'child for an unknown disk',
+        { disks: [...disks(path.join(escapeDirectory, 'disk-0.qcow2')), { target: 'vdz', path: path.join(escapeDirectory, 'z.qcow2') }] },
+        invalid,
+        /vdz/,
+      ],
+      [
+        'repeated child',
+        { disks: [...disks(path.join(escapeDirectory, 'disk-0.qcow2')), { target: 'vda', path: path.join(escapeDirectory, 'again.qcow2') }] },
+        invalid,
+        /repeats/,
+      ],
       ['relative clone directory', { cloneDirectory: 'clones/escape' }, invalid, /clone_directory/],
       ['empty name', { name: '' }, invalid, /domain_name/],
       ['name starting with a dash', { name: '-rf' }, invalid, /domain_name/],
@@ -563,18 +683,49 @@ describe('renderClone', () => {
     const small = sanitizeDomainTemplate(smallDomain()).xml;
     const options = { ...optionsFor('small'), disks: [{ target: 'vda', path: path.join(root, 'clones', 'small', 'disk-0.qcow2') }] };
     const cases: Array<[string, string, RegExp]> = [
-      ['qemu:commandline', small.replace('</domain>', `<qemu:commandline xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0"><qemu:arg value="-x"/></qemu:commandline></domain>`), /qemu namespace/],
-      ['block disk', small.replace('</devices>', `<disk type="block" device="disk"><source dev="/dev/sda"/><target dev="vdb"/></disk></devices>`), /disk type "block"/],
-      ['hostdev', small.replace('</devices>', `<hostdev mode="subsystem" type="usb"><source><vendor id="0x1"/><product id="0x2"/></source></hostdev></devices>`), /host device passthrough/],
+      [
+        'qemu:commandline',
+        small.replace(
+          '</domain>',
+          `<qemu:commandline xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0"><qemu:arg value="-x"/></qemu:commandline></domain>`,
+        ),
+        /qemu namespace/,
+      ],
+      [
+        'block disk',
+        small.replace('</devices>', `<disk type="block" device="disk"><source dev="/dev/sda"/><target dev="vdb"/></disk></devices>`),
+        /disk type "block"/,
+      ],
+      [
+        'hostdev',
+        small.replace('</devices>', `<hostdev mode="subsystem" type="usb"><source><vendor id="0x1"/><product id="0x2"/></source></hostdev></devices>`),
+        /host device passthrough/,
+      ],
       ['absolute disk source', small.replace('file="disk-0.qcow2"', 'file="/etc/shadow"'), /not an image file name/],
       ['disk source with ..', small.replace('file="disk-0.qcow2"', 'file="../../etc/shadow"'), /not an image file name/],
-      ['backing store', small.replace('<target dev="vda"', '<backingStore type="file"><source file="/etc/shadow"/></backingStore><target dev="vda"'), /backing files/],
+      [
+        'backing store',
+        small.replace('<target dev="vda"', '<backingStore type="file"><source file="/etc/shadow"/></backingStore><target dev="vda"'),
+        /backing files/,
+      ],
       ['seclabel', small.replace('</domain>', '<seclabel type="none"/></domain>'), /security label/],
       ['emulator', small.replace('<devices>', '<devices><emulator>/tmp/evil</emulator>'), /emulator/],
-      ['log outside the clone directory', small.replace('</devices>', '<serial type="pty"><log file="/var/log/x.log"/><target port="0"/></serial></devices>'), /log/],
+      [
+        'log outside the clone directory',
+        small.replace('</devices>', '<serial type="pty"><log file="/var/log/x.log"/><target port="0"/></serial></devices>'),
+        /log/,
+      ],
       ['log with ..', small.replace('</devices>', '<serial type="pty"><log file="../x.log"/><target port="0"/></serial></devices>'), /log/],
-      ['loader outside firmware', small.replace('<type arch="x86_64" machine="pc">hvm</type>', '<type arch="x86_64" machine="pc">hvm</type><loader type="rom">/etc/shadow</loader>'), /firmware/],
-      ['kernel with a path', small.replace('<type arch="x86_64" machine="pc">hvm</type>', '<type arch="x86_64" machine="pc">hvm</type><kernel>../../boot/vmlinuz</kernel>'), /kernel/],
+      [
+        'loader outside firmware',
+        small.replace('<type arch="x86_64" machine="pc">hvm</type>', '<type arch="x86_64" machine="pc">hvm</type><loader type="rom">/etc/shadow</loader>'),
+        /firmware/,
+      ],
+      [
+        'kernel with a path',
+        small.replace('<type arch="x86_64" machine="pc">hvm</type>', '<type arch="x86_64" machine="pc">hvm</type><kernel>../../boot/vmlinuz</kernel>'),
+        /kernel/,
+      ],
       ['interface script', small.replace('<source network="default"/>', '<source network="default"/><script path="/tmp/x"/>'), /scripts/],
     ];
     for (const [label, xml, pattern] of cases) {

@@ -22,11 +22,19 @@ import { LibvirtError, type DomainInfo, type DomainState, type Libvirt } from '.
 
 const run = promisify(execFile);
 const qemuImg = (...args: string[]) => run('qemu-img', args, { timeout: 60_000 });
-const sha256 = async (file: string) => createHash('sha256').update(await readFile(file)).digest('hex');
+const sha256 = async (file: string) =>
+  createHash('sha256')
+    .update(await readFile(file))
+    .digest('hex');
 const MiB = 1024 * 1024;
 
 function domainXml(options: { type?: string; disks: Array<{ path: string; format: string; target: string }>; kernel?: string; extra?: string }): string {
-  const disks = options.disks.map((disk) => `<disk type='file' device='disk'><driver name='qemu' type='${disk.format}'/><source file='${disk.path}'/><target dev='${disk.target}' bus='virtio'/></disk>`).join('');
+  const disks = options.disks
+    .map(
+      (disk) =>
+        `<disk type='file' device='disk'><driver name='qemu' type='${disk.format}'/><source file='${disk.path}'/><target dev='${disk.target}' bus='virtio'/></disk>`,
+    )
+    .join('');
   const kernel = options.kernel ? `<kernel>${options.kernel}</kernel><cmdline>console=ttyS0 a=b&amp;c</cmdline>` : '';
   return `<domain type='${options.type ?? 'qemu'}'><name>src</name><uuid>6c3c1f0e-4f5e-4d0e-9d55-3d1c2b9a0001</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <sysinfo type='smbios'><system><entry name='manufacturer'>A&amp;B &lt;x&gt; "q" 'a'</entry></system></sysinfo>
@@ -95,7 +103,14 @@ describe('exportImage', () => {
   function options(directory: string, libvirt: Pick<Libvirt, 'domain' | 'domainXml'>, overrides: Partial<ExportImageOptions> = {}): ExportImageOptions {
     return { libvirt, imageDirectory: directory, host: 'h1', virtualMachine: 'hosts/h1/virtualMachines/src', image: 'img-1', ...overrides };
   }
-  const goodXml = () => domainXml({ disks: [{ path: overlay, format: 'qcow2', target: 'vda' }, { path: rawDisk, format: 'raw', target: 'vdb' }], kernel });
+  const goodXml = () =>
+    domainXml({
+      disks: [
+        { path: overlay, format: 'qcow2', target: 'vda' },
+        { path: rawDisk, format: 'raw', target: 'vdb' },
+      ],
+      kernel,
+    });
 
   test('exports a qcow2 overlay flattened and a raw disk as qcow2, with a boot file, hashes and read-only files', async () => {
     const directory = await imageDirectory();
@@ -109,18 +124,29 @@ describe('exportImage', () => {
     await mkdir(otherWork);
 
     const reports: ExportProgress[] = [];
-    const result = await exportImage(options(directory, fakeLibvirt({ src: { state: 'shut off', xml: goodXml() } }), { onProgress: (progress) => reports.push(progress), progressIntervalMs: 0 }));
+    const result = await exportImage(
+      options(directory, fakeLibvirt({ src: { state: 'shut off', xml: goodXml() } }), {
+        onProgress: (progress) => reports.push(progress),
+        progressIntervalMs: 0,
+      }),
+    );
 
     assert.equal(result.directory, join(directory, 'images', 'img-1'));
     assert.deepEqual((await readdir(join(directory, 'images'))).sort(), ['.img-10.partial-cafe', 'img-1']);
-    assert.deepEqual(result.files.map((file) => [file.path, file.role, file.format, file.targetDevice]), [
-      ['vda.qcow2', ImageFile_Role.ROLE_DISK, DiskFormat.DISK_FORMAT_QCOW2, 'vda'],
-      ['vdb.qcow2', ImageFile_Role.ROLE_DISK, DiskFormat.DISK_FORMAT_QCOW2, 'vdb'],
-      ['boot-kernel', ImageFile_Role.ROLE_UNSPECIFIED, DiskFormat.DISK_FORMAT_UNSPECIFIED, ''],
-      ['domain-template.xml', ImageFile_Role.ROLE_DOMAIN_TEMPLATE, DiskFormat.DISK_FORMAT_UNSPECIFIED, ''],
-    ]);
+    assert.deepEqual(
+      result.files.map((file) => [file.path, file.role, file.format, file.targetDevice]),
+      [
+        ['vda.qcow2', ImageFile_Role.ROLE_DISK, DiskFormat.DISK_FORMAT_QCOW2, 'vda'],
+        ['vdb.qcow2', ImageFile_Role.ROLE_DISK, DiskFormat.DISK_FORMAT_QCOW2, 'vdb'],
+        ['boot-kernel', ImageFile_Role.ROLE_UNSPECIFIED, DiskFormat.DISK_FORMAT_UNSPECIFIED, ''],
+        ['domain-template.xml', ImageFile_Role.ROLE_DOMAIN_TEMPLATE, DiskFormat.DISK_FORMAT_UNSPECIFIED, ''],
+      ],
+    );
     assert.equal(result.files[2]!.bootFile, 'kernel');
-    assert.deepEqual(result.files.map((file) => file.virtualSizeBytes), [16 * MiB, 8 * MiB, 0, 0]);
+    assert.deepEqual(
+      result.files.map((file) => file.virtualSizeBytes),
+      [16 * MiB, 8 * MiB, 0, 0],
+    );
     for (const file of result.files) {
       const path = join(result.directory, file.path);
       const info = await stat(path);
@@ -129,7 +155,10 @@ describe('exportImage', () => {
       assert.equal(await sha256(path), file.sha256, file.path);
     }
     assert.equal((await stat(result.directory)).mode & 0o777, 0o555);
-    assert.equal(result.totalBytes, result.files.reduce((sum, file) => sum + file.sizeBytes, 0));
+    assert.equal(
+      result.totalBytes,
+      result.files.reduce((sum, file) => sum + file.sizeBytes, 0),
+    );
     assert.equal(toImageFiles(result.files)[0]!.sizeBytes, String(result.files[0]!.sizeBytes));
 
     // Flattened: no backing file, same guest-visible bytes as the chain; the raw disk converted, same bytes.
@@ -142,7 +171,13 @@ describe('exportImage', () => {
     // The template: exported names and formats, no identity, everything else kept.
     const template = await readFile(join(result.directory, 'domain-template.xml'), 'utf8');
     assert.equal(template, result.domainTemplate);
-    assert.deepEqual(templateDisks(template).map((disk) => [disk.target, disk.fileName, disk.format]), [['vda', 'vda.qcow2', 'qcow2'], ['vdb', 'vdb.qcow2', 'qcow2']]);
+    assert.deepEqual(
+      templateDisks(template).map((disk) => [disk.target, disk.fileName, disk.format]),
+      [
+        ['vda', 'vda.qcow2', 'qcow2'],
+        ['vdb', 'vdb.qcow2', 'qcow2'],
+      ],
+    );
     assert.match(template, /<kernel>boot-kernel<\/kernel>/);
     assert.match(template, /A&amp;B &lt;x&gt;/);
     assert.match(template, /a=b&amp;c/);
@@ -154,14 +189,26 @@ describe('exportImage', () => {
     assert.deepEqual(stages, [ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, ImagePublishStage.IMAGE_PUBLISH_STAGE_HASHING]);
     for (const stage of stages) {
       const ofStage = reports.filter((report) => report.stage === stage);
-      assert.ok(ofStage.every((report, index) => report.bytesTotal === ofStage[0]!.bytesTotal && report.bytesDone <= report.bytesTotal && (index === 0 || report.bytesDone >= ofStage[index - 1]!.bytesDone)), JSON.stringify(ofStage));
+      assert.ok(
+        ofStage.every(
+          (report, index) =>
+            report.bytesTotal === ofStage[0]!.bytesTotal &&
+            report.bytesDone <= report.bytesTotal &&
+            (index === 0 || report.bytesDone >= ofStage[index - 1]!.bytesDone),
+        ),
+        JSON.stringify(ofStage),
+      );
       assert.equal(ofStage[0]!.bytesDone, 0);
       assert.equal(ofStage.at(-1)!.bytesDone, ofStage.at(-1)!.bytesTotal);
     }
     assert.equal(reports.filter((report) => report.stage === ImagePublishStage.IMAGE_PUBLISH_STAGE_HASHING).at(-1)!.bytesTotal, result.totalBytes);
 
     // The same id again: ALREADY_EXISTS, the image untouched.
-    await expectError(exportImage(options(directory, fakeLibvirt({ src: { state: 'shut off', xml: goodXml() } }))), GrpcStatus.ALREADY_EXISTS, ErrorReason.ERROR_REASON_ALREADY_EXISTS);
+    await expectError(
+      exportImage(options(directory, fakeLibvirt({ src: { state: 'shut off', xml: goodXml() } }))),
+      GrpcStatus.ALREADY_EXISTS,
+      ErrorReason.ERROR_REASON_ALREADY_EXISTS,
+    );
     assert.equal(await sha256(join(result.directory, 'vda.qcow2')), result.files[0]!.sha256);
   });
 
@@ -169,11 +216,17 @@ describe('exportImage', () => {
     const directory = await imageDirectory();
     const xml = domainXml({ type: 'xen', disks: [{ path: rawDisk, format: 'raw', target: 'xvda' }] });
     const result = await exportImage(options(directory, fakeLibvirt({ src: { state: 'shut off', xml, type: 'xen' } })));
-    assert.deepEqual(result.files.map((file) => [file.path, file.format, file.virtualSizeBytes]), [
-      ['xvda.vhd', DiskFormat.DISK_FORMAT_VHD, 8 * MiB],
-      ['domain-template.xml', DiskFormat.DISK_FORMAT_UNSPECIFIED, 0],
-    ]);
-    assert.deepEqual(templateDisks(result.domainTemplate).map((disk) => disk.format), ['vpc']);
+    assert.deepEqual(
+      result.files.map((file) => [file.path, file.format, file.virtualSizeBytes]),
+      [
+        ['xvda.vhd', DiskFormat.DISK_FORMAT_VHD, 8 * MiB],
+        ['domain-template.xml', DiskFormat.DISK_FORMAT_UNSPECIFIED, 0],
+      ],
+    );
+    assert.deepEqual(
+      templateDisks(result.domainTemplate).map((disk) => disk.format),
+      ['vpc'],
+    );
     await qemuImg('compare', '-f', 'raw', '-F', 'vpc', rawDisk, join(result.directory, 'xvda.vhd'));
   });
 
@@ -185,10 +238,30 @@ describe('exportImage', () => {
     ['a VM that does not exist', { virtualMachine: 'hosts/h1/virtualMachines/nope' }, GrpcStatus.NOT_FOUND, ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND],
     ['a running VM', { virtualMachine: 'hosts/h1/virtualMachines/running' }, GrpcStatus.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING],
     ['a paused VM', { virtualMachine: 'hosts/h1/virtualMachines/paused' }, GrpcStatus.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING],
-    ['a VM with host device passthrough', { virtualMachine: 'hosts/h1/virtualMachines/hostdev' }, GrpcStatus.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_UNTRUSTED_DOMAIN_XML],
-    ['a VM whose disk is missing', { virtualMachine: 'hosts/h1/virtualMachines/missing' }, GrpcStatus.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT],
-    ['a VM whose backing file is missing', { virtualMachine: 'hosts/h1/virtualMachines/orphan' }, GrpcStatus.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT],
-    ['a VM whose kernel is missing', { virtualMachine: 'hosts/h1/virtualMachines/nokernel' }, GrpcStatus.FAILED_PRECONDITION, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT],
+    [
+      'a VM with host device passthrough',
+      { virtualMachine: 'hosts/h1/virtualMachines/hostdev' },
+      GrpcStatus.FAILED_PRECONDITION,
+      ErrorReason.ERROR_REASON_UNTRUSTED_DOMAIN_XML,
+    ],
+    [
+      'a VM whose disk is missing',
+      { virtualMachine: 'hosts/h1/virtualMachines/missing' },
+      GrpcStatus.FAILED_PRECONDITION,
+      ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+    ],
+    [
+      'a VM whose backing file is missing',
+      { virtualMachine: 'hosts/h1/virtualMachines/orphan' },
+      GrpcStatus.FAILED_PRECONDITION,
+      ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+    ],
+    [
+      'a VM whose kernel is missing',
+      { virtualMachine: 'hosts/h1/virtualMachines/nokernel' },
+      GrpcStatus.FAILED_PRECONDITION,
+      ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+    ],
   ];
   for (const [name, overrides, code, reason] of refusals) {
     test(`refuses ${name} and leaves nothing behind`, async () => {
@@ -202,7 +275,13 @@ describe('exportImage', () => {
         src: { state: 'shut off', xml: goodXml() },
         running: { state: 'running', xml: goodXml() },
         paused: { state: 'paused', xml: goodXml() },
-        hostdev: { state: 'shut off', xml: domainXml({ disks: [{ path: overlay, format: 'qcow2', target: 'vda' }], extra: "<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='1' slot='0' function='0'/></source></hostdev>" }) },
+        hostdev: {
+          state: 'shut off',
+          xml: domainXml({
+            disks: [{ path: overlay, format: 'qcow2', target: 'vda' }],
+            extra: "<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='1' slot='0' function='0'/></source></hostdev>",
+          }),
+        },
         missing: { state: 'shut off', xml: domainXml({ disks: [{ path: join(root, 'no-such.qcow2'), format: 'qcow2', target: 'vda' }] }) },
         orphan: { state: 'shut off', xml: domainXml({ disks: [{ path: orphan, format: 'qcow2', target: 'vda' }] }) },
         nokernel: { state: 'shut off', xml: domainXml({ disks: [{ path: overlay, format: 'qcow2', target: 'vda' }], kernel: join(root, 'no-kernel') }) },
@@ -216,7 +295,11 @@ describe('exportImage', () => {
   test('an existing image id is refused before anything is copied', async () => {
     const directory = await imageDirectory();
     await mkdir(join(directory, 'images', 'img-1'));
-    await expectError(exportImage(options(directory, fakeLibvirt({ src: { state: 'shut off', xml: goodXml() } }))), GrpcStatus.ALREADY_EXISTS, ErrorReason.ERROR_REASON_ALREADY_EXISTS);
+    await expectError(
+      exportImage(options(directory, fakeLibvirt({ src: { state: 'shut off', xml: goodXml() } }))),
+      GrpcStatus.ALREADY_EXISTS,
+      ErrorReason.ERROR_REASON_ALREADY_EXISTS,
+    );
     assert.deepEqual(await readdir(join(directory, 'images')), ['img-1']);
     assert.deepEqual(await readdir(join(directory, 'images', 'img-1')), []);
   });
@@ -237,7 +320,11 @@ describe('exportImage', () => {
     const onProgress = (progress: ExportProgress): void => {
       if (progress.stage === ImagePublishStage.IMAGE_PUBLISH_STAGE_HASHING) controller.abort();
     };
-    await expectError(exportImage(options(directory, fakeLibvirt({ src: { state: 'shut off', xml: goodXml() } }), { onProgress, signal: controller.signal })), GrpcStatus.CANCELLED, ErrorReason.ERROR_REASON_OPERATION_CONFLICT);
+    await expectError(
+      exportImage(options(directory, fakeLibvirt({ src: { state: 'shut off', xml: goodXml() } }), { onProgress, signal: controller.signal })),
+      GrpcStatus.CANCELLED,
+      ErrorReason.ERROR_REASON_OPERATION_CONFLICT,
+    );
     assert.deepEqual(await readdir(join(directory, 'images')), []);
   });
 
@@ -246,6 +333,9 @@ describe('exportImage', () => {
     const retargeted = sanitizeDomainTemplate(domainXml({ disks: [{ path: rawDisk, format: 'raw', target: 'vda' }], kernel }), { imageFormat: 'qcow2' });
     assert.equal(retargeted.xml, sanitized.xml.replace(`type="raw"`, `type="qcow2"`));
     assert.equal(retargeted.disks[0]!.format, 'raw', 'the exported disk list keeps the source format');
-    assert.equal(sanitizeDomainTemplate(domainXml({ disks: [{ path: rawDisk, format: 'raw', target: 'vda' }], kernel }), { imageFormat: 'raw' }).xml, sanitized.xml);
+    assert.equal(
+      sanitizeDomainTemplate(domainXml({ disks: [{ path: rawDisk, format: 'raw', target: 'vda' }], kernel }), { imageFormat: 'raw' }).xml,
+      sanitized.xml,
+    );
   });
 });

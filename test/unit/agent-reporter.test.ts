@@ -8,12 +8,25 @@ import { afterEach, test } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
-import type { HeartbeatRequest, HeartbeatResponse, RegisterHostRequest, ReportVirtualMachinesRequest, ReportVirtualMachinesResponse } from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
+import type {
+  HeartbeatRequest,
+  HeartbeatResponse,
+  RegisterHostRequest,
+  ReportVirtualMachinesRequest,
+  ReportVirtualMachinesResponse,
+} from '../../services/gen/cowherd/inventory/v1/inventory_service.js';
 import { DiskFormat } from '../../services/gen/cowherd/common/v1/types.js';
 import { Host, VirtualMachine_State, type Disk, type VirtualMachine } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import type { DiskInspector } from '../../services/agent/hypervisor/disks.js';
 import type { Capacity, HostFactsSource, HostRegistrationFacts } from '../../services/agent/host/host-facts.js';
-import { LibvirtError, type DomainInfo, type EventWatch, type HypervisorFacts, type Libvirt, type LibvirtEvent } from '../../services/agent/hypervisor/libvirt.js';
+import {
+  LibvirtError,
+  type DomainInfo,
+  type EventWatch,
+  type HypervisorFacts,
+  type Libvirt,
+  type LibvirtEvent,
+} from '../../services/agent/hypervisor/libvirt.js';
 import { createReporter, toVirtualMachine, type InventoryPort, type Reporter, type ReporterOptions } from '../../services/agent/host/reporter.js';
 import { virtualMachineState } from '../../services/agent/hypervisor/domain-state.js';
 
@@ -48,7 +61,10 @@ class FakeInventory implements InventoryPort {
   async heartbeat(request: HeartbeatRequest): Promise<HeartbeatResponse> {
     this.heartbeats.push({ at: performance.now(), request });
     if (!this.registered) throw grpcError(GrpcStatus.NOT_FOUND, `hosts/${HOST} not found`);
-    return { heartbeatInterval: { seconds: String(Math.floor(this.heartbeatIntervalMs / 1000)), nanos: (this.heartbeatIntervalMs % 1000) * 1e6 }, transferLimits: undefined };
+    return {
+      heartbeatInterval: { seconds: String(Math.floor(this.heartbeatIntervalMs / 1000)), nanos: (this.heartbeatIntervalMs % 1000) * 1e6 },
+      transferLimits: undefined,
+    };
   }
 
   async reportVirtualMachines(request: ReportVirtualMachinesRequest): Promise<ReportVirtualMachinesResponse> {
@@ -76,7 +92,15 @@ class FakeLibvirt implements Libvirt {
   private listener: ((event: LibvirtEvent) => void) | undefined;
 
   add(name: string, state: DomainInfo['state'] = 'shut off', uuid = crypto.randomUUID()): DomainInfo {
-    const domain: DomainInfo = { name, uuid, state, domainType: 'qemu', vcpus: 1, memoryBytes: 64 * 1024 * 1024, disks: [{ target: 'vda', device: 'disk', type: 'file', sourcePath: `/images/${name}.qcow2`, format: 'qcow2' }] };
+    const domain: DomainInfo = {
+      name,
+      uuid,
+      state,
+      domainType: 'qemu',
+      vcpus: 1,
+      memoryBytes: 64 * 1024 * 1024,
+      disks: [{ target: 'vda', device: 'disk', type: 'file', sourcePath: `/images/${name}.qcow2`, format: 'qcow2' }],
+    };
     this.domains.set(name, domain);
     return domain;
   }
@@ -112,7 +136,16 @@ class FakeLibvirt implements Libvirt {
 
   async hypervisorFacts(): Promise<HypervisorFacts> {
     this.check();
-    return { uri: this.uri, driver: 'QEMU', libraryVersion: '9.0.0', daemonVersion: '9.0.0', hypervisorName: 'QEMU', hypervisorVersion: '7.2.0', domainTypes: ['qemu'], osTypes: ['hvm'] };
+    return {
+      uri: this.uri,
+      driver: 'QEMU',
+      libraryVersion: '9.0.0',
+      daemonVersion: '9.0.0',
+      hypervisorName: 'QEMU',
+      hypervisorVersion: '7.2.0',
+      domainTypes: ['qemu'],
+      osTypes: ['hvm'],
+    };
   }
 
   async watchEvents(onEvent: (event: LibvirtEvent) => void): Promise<EventWatch> {
@@ -130,7 +163,14 @@ class FakeLibvirt implements Libvirt {
 const fakeDisks: DiskInspector = {
   inspect: async (disk) =>
     disk.type === 'file' && disk.sourcePath
-      ? { target: disk.target, path: disk.sourcePath, format: DiskFormat.DISK_FORMAT_QCOW2, virtualSizeBytes: '1048576', allocatedBytes: '4096', backingChain: [{ path: '/images/base.raw', format: DiskFormat.DISK_FORMAT_RAW }] }
+      ? {
+          target: disk.target,
+          path: disk.sourcePath,
+          format: DiskFormat.DISK_FORMAT_QCOW2,
+          virtualSizeBytes: '1048576',
+          allocatedBytes: '4096',
+          backingChain: [{ path: '/images/base.raw', format: DiskFormat.DISK_FORMAT_RAW }],
+        }
       : undefined,
 };
 
@@ -139,7 +179,10 @@ function fakeFacts(libvirt: FakeLibvirt): HostFactsSource {
   return {
     capacity,
     registration: async (): Promise<HostRegistrationFacts> => {
-      const reachable = await libvirt.hypervisorFacts().then(() => true, () => false);
+      const reachable = await libvirt.hypervisorFacts().then(
+        () => true,
+        () => false,
+      );
       return {
         libvirtReachable: reachable,
         hostname: `${HOST}.example.org`,
@@ -175,7 +218,18 @@ afterEach(async () => {
 function setup(overrides: Partial<ReporterOptions> = {}): { inventory: FakeInventory; libvirt: FakeLibvirt; reporter: Reporter } {
   const inventory = new FakeInventory();
   const libvirt = new FakeLibvirt();
-  const reporter = createReporter({ host: HOST, inventory, libvirt, disks: fakeDisks, facts: fakeFacts(libvirt), log, initialRetryMs: 10, maxRetryMs: 40, debounceMs: 50, ...overrides });
+  const reporter = createReporter({
+    host: HOST,
+    inventory,
+    libvirt,
+    disks: fakeDisks,
+    facts: fakeFacts(libvirt),
+    log,
+    initialRetryMs: 10,
+    maxRetryMs: 40,
+    debounceMs: 50,
+    ...overrides,
+  });
   reporters.push(reporter);
   return { inventory, libvirt, reporter };
 }
@@ -197,7 +251,10 @@ test('registers with retries and backoff, then sends a full snapshot with every 
   const [snapshot] = inventory.reports;
   assert.equal(snapshot!.request.fullSnapshot, true);
   assert.equal(snapshot!.request.parent, `hosts/${HOST}`);
-  assert.deepEqual(snapshot!.request.virtualMachines.map((machine) => machine.name).sort(), [`hosts/${HOST}/virtualMachines/db-1`, `hosts/${HOST}/virtualMachines/web-1`]);
+  assert.deepEqual(snapshot!.request.virtualMachines.map((machine) => machine.name).sort(), [
+    `hosts/${HOST}/virtualMachines/db-1`,
+    `hosts/${HOST}/virtualMachines/web-1`,
+  ]);
   const web = snapshot!.request.virtualMachines.find((machine) => machine.domainName === 'web-1')!;
   assert.equal(web.state, VirtualMachine_State.STATE_RUNNING);
   assert.equal(web.memoryBytes, String(64 * 1024 * 1024));
@@ -339,7 +396,10 @@ test('domain names that are not safe ids are reported under their UUID; states m
   assert.equal(machine.uuid, uuid.toLowerCase());
   assert.equal(machine.state, VirtualMachine_State.STATE_SUSPENDED);
   assert.equal(machine.vcpuCount, 2);
-  assert.equal(toVirtualMachine(HOST, { name: 'web-1.example', uuid, state: 'running', domainType: 'qemu', vcpus: 1, memoryBytes: 1, disks: [] }, disks).name, `hosts/${HOST}/virtualMachines/web-1.example`);
+  assert.equal(
+    toVirtualMachine(HOST, { name: 'web-1.example', uuid, state: 'running', domainType: 'qemu', vcpus: 1, memoryBytes: 1, disks: [] }, disks).name,
+    `hosts/${HOST}/virtualMachines/web-1.example`,
+  );
   assert.equal(virtualMachineState('shut off'), VirtualMachine_State.STATE_SHUT_OFF);
   assert.equal(virtualMachineState('crashed'), VirtualMachine_State.STATE_CRASHED);
   assert.equal(virtualMachineState('in shutdown'), VirtualMachine_State.STATE_OTHER);

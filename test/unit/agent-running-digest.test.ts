@@ -24,7 +24,11 @@ function layout(sizes: number[], chunkLength: number) {
   };
   const chunks = Math.ceil(whole.length / chunkLength);
   /** Writes chunk `index` to the fake disk, then tells the digests. */
-  const write = (digests: RunningDigests, index: number, bytes = whole.subarray(index * chunkLength, Math.min(whole.length, (index + 1) * chunkLength))): void => {
+  const write = (
+    digests: RunningDigests,
+    index: number,
+    bytes = whole.subarray(index * chunkLength, Math.min(whole.length, (index + 1) * chunkLength)),
+  ): void => {
     const start = index * chunkLength;
     for (const [fileIndex, file] of files.entries()) {
       const from = Math.max(start, file.offset);

@@ -5,11 +5,24 @@ import { LibvirtError, type DomainInfo, type Libvirt } from '../../services/agen
 import { scopedLibvirt } from '../../services/agent/hypervisor/scoped-libvirt.js';
 
 function domain(name: string, paths: string[]): DomainInfo {
-  return { name, uuid: `00000000-0000-4000-8000-${name.padStart(12, '0').slice(-12)}`, state: 'shut off' as never, domainType: 'qemu', vcpus: 1, memoryBytes: 1, disks: paths.map((sourcePath, index) => ({ target: `vd${String.fromCharCode(97 + index)}`, device: 'disk', type: 'file', sourcePath })) };
+  return {
+    name,
+    uuid: `00000000-0000-4000-8000-${name.padStart(12, '0').slice(-12)}`,
+    state: 'shut off' as never,
+    domainType: 'qemu',
+    vcpus: 1,
+    memoryBytes: 1,
+    disks: paths.map((sourcePath, index) => ({ target: `vd${String.fromCharCode(97 + index)}`, device: 'disk', type: 'file', sourcePath })),
+  };
 }
 
 describe('scopedLibvirt', () => {
-  const domains = [domain('mine', ['/srv/a/images/clones/mine/vda.qcow2']), domain('theirs', ['/srv/b/images/clones/theirs/vda.qcow2']), domain('sibling', ['/srv/a/images-other/x.qcow2']), domain('diskless', [])];
+  const domains = [
+    domain('mine', ['/srv/a/images/clones/mine/vda.qcow2']),
+    domain('theirs', ['/srv/b/images/clones/theirs/vda.qcow2']),
+    domain('sibling', ['/srv/a/images-other/x.qcow2']),
+    domain('diskless', []),
+  ];
   const calls: string[] = [];
   const inner: Libvirt = {
     uri: 'test:///default',
@@ -30,7 +43,10 @@ describe('scopedLibvirt', () => {
   const scoped = scopedLibvirt(inner, '/srv/a/images');
 
   it('lists only domains with a disk inside the directory (not a sibling with the same prefix)', async () => {
-    assert.deepEqual((await scoped.listDomains()).map((found) => found.name), ['mine']);
+    assert.deepEqual(
+      (await scoped.listDomains()).map((found) => found.name),
+      ['mine'],
+    );
   });
 
   it('treats other domains as missing and never acts on them', async () => {

@@ -75,18 +75,37 @@ describe('createImageTorrent', () => {
     const base = await createImageTorrent({ directory: imageDirectory, files: ['vda.qcow2', 'domain-template.xml'], announce: ANNOUNCE, name: 'img-1' });
     const reordered = await createImageTorrent({ directory: imageDirectory, files: ['domain-template.xml', 'vda.qcow2'], announce: ANNOUNCE, name: 'img-1' });
     const renamed = await createImageTorrent({ directory: imageDirectory, files: ['vda.qcow2', 'domain-template.xml'], announce: ANNOUNCE, name: 'img-2' });
-    const smallPieces = await createImageTorrent({ directory: imageDirectory, files: ['vda.qcow2', 'domain-template.xml'], announce: ANNOUNCE, name: 'img-1', pieceLengthBytes: 256 * KiB });
-    const otherTracker = await createImageTorrent({ directory: imageDirectory, files: ['vda.qcow2', 'domain-template.xml'], announce: 'http://example.invalid/announce', name: 'img-1' });
+    const smallPieces = await createImageTorrent({
+      directory: imageDirectory,
+      files: ['vda.qcow2', 'domain-template.xml'],
+      announce: ANNOUNCE,
+      name: 'img-1',
+      pieceLengthBytes: 256 * KiB,
+    });
+    const otherTracker = await createImageTorrent({
+      directory: imageDirectory,
+      files: ['vda.qcow2', 'domain-template.xml'],
+      announce: 'http://example.invalid/announce',
+      name: 'img-1',
+    });
     assert.equal(new Set([base.infoHash, reordered.infoHash, renamed.infoHash, smallPieces.infoHash]).size, 4);
     assert.equal(otherTracker.infoHash, base.infoHash);
     assert.equal(smallPieces.pieceCount, Math.ceil(base.totalBytes / (256 * KiB)));
   });
 
   test('agrees with create-torrent on the info-hash (same files, piece length, privacy, name)', async () => {
-    const ours = await createImageTorrent({ directory: imageDirectory, files: ['vda.qcow2', 'domain-template.xml'], announce: ANNOUNCE, name: 'img-1', pieceLengthBytes: MiB });
+    const ours = await createImageTorrent({
+      directory: imageDirectory,
+      files: ['vda.qcow2', 'domain-template.xml'],
+      announce: ANNOUNCE,
+      name: 'img-1',
+      pieceLengthBytes: MiB,
+    });
     const theirs = await new Promise<Uint8Array>((resolve, reject) =>
-      createTorrent([join(imageDirectory, 'vda.qcow2'), join(imageDirectory, 'domain-template.xml')], { name: 'img-1', pieceLength: MiB, private: true, announceList: [[ANNOUNCE]], creationDate: 0 }, (error, torrent) =>
-        error ? reject(error) : resolve(torrent),
+      createTorrent(
+        [join(imageDirectory, 'vda.qcow2'), join(imageDirectory, 'domain-template.xml')],
+        { name: 'img-1', pieceLength: MiB, private: true, announceList: [[ANNOUNCE]], creationDate: 0 },
+        (error, torrent) => (error ? reject(error) : resolve(torrent)),
       ),
     );
     assert.equal(parseImageTorrent(theirs).infoHash, ours.infoHash);
@@ -119,7 +138,9 @@ describe('createImageTorrent', () => {
     assert.throws(() => parseImageTorrent(good.metainfo.subarray(0, good.metainfo.length - 1)), /invalid bencoding/);
     // Public (create-torrent default) torrents are refused.
     const publicTorrent = await new Promise<Uint8Array>((resolve, reject) =>
-      createTorrent([join(imageDirectory, 'vda.qcow2'), join(imageDirectory, 'domain-template.xml')], { name: 'img-1' }, (error, torrent) => (error ? reject(error) : resolve(torrent))),
+      createTorrent([join(imageDirectory, 'vda.qcow2'), join(imageDirectory, 'domain-template.xml')], { name: 'img-1' }, (error, torrent) =>
+        error ? reject(error) : resolve(torrent),
+      ),
     );
     assert.throws(() => parseImageTorrent(publicTorrent), /not private/);
   });
@@ -161,7 +182,11 @@ describe('WebSeedServer', () => {
     await server.close();
   });
 
-  function get(path: string, headers: Record<string, string> = {}, method = 'GET'): Promise<{ status: number; headers: Record<string, string | string[] | undefined>; body: Buffer }> {
+  function get(
+    path: string,
+    headers: Record<string, string> = {},
+    method = 'GET',
+  ): Promise<{ status: number; headers: Record<string, string | string[] | undefined>; body: Buffer }> {
     return new Promise((resolve, reject) => {
       const req = request({ host: '127.0.0.1', port, path, method, headers }, (res) => {
         const chunks: Buffer[] = [];

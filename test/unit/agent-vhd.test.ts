@@ -9,7 +9,15 @@ import { mkdir, mkdtemp, readdir, readFile, rename, rm, symlink, writeFile } fro
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { createDifferencingVhd, readVhdInfo, readVhdSectors, resolveVhdParentPath, VhdError, writeVhdSectors, type VhdErrorKind } from '../../services/agent/hypervisor/vhd.js';
+import {
+  createDifferencingVhd,
+  readVhdInfo,
+  readVhdSectors,
+  resolveVhdParentPath,
+  VhdError,
+  writeVhdSectors,
+  type VhdErrorKind,
+} from '../../services/agent/hypervisor/vhd.js';
 
 const MiB = 1024 * 1024;
 let directory: string;
@@ -92,7 +100,10 @@ async function rejectsWith(promise: Promise<unknown>, kind: VhdErrorKind): Promi
   });
 }
 
-const sha256 = async (file: string): Promise<string> => createHash('sha256').update(await readFile(file)).digest('hex');
+const sha256 = async (file: string): Promise<string> =>
+  createHash('sha256')
+    .update(await readFile(file))
+    .digest('hex');
 
 test('a child of a dynamic parent: field layout, checksums, locators, footer copy', async () => {
   const parentPath = path.join(directory, 'dynamic-parent.vhd');
@@ -125,7 +136,10 @@ test('a child of a dynamic parent: field layout, checksums, locators, footer cop
   assert.equal(footer.readUInt32BE(60), 4, 'differencing');
   assert.equal(footer.readUInt32BE(64), specChecksum(footer, 64));
   assert.equal(footer[84], 0);
-  assert.ok(footer.subarray(85).every((byte) => byte === 0), 'reserved bytes are zero');
+  assert.ok(
+    footer.subarray(85).every((byte) => byte === 0),
+    'reserved bytes are zero',
+  );
 
   // Dynamic header.
   const header = bytes.subarray(512, 1536);
@@ -138,7 +152,13 @@ test('a child of a dynamic parent: field layout, checksums, locators, footer cop
   assert.equal(header.readUInt32BE(36), specChecksum(header, 36));
   assert.deepEqual(header.subarray(40, 56), PARENT_ID);
   assert.equal(header.readUInt32BE(56), PARENT_TIMESTAMP, "parent timestamp: the parent footer's");
-  assert.equal(Buffer.from(header.subarray(64, 64 + 36)).swap16().toString('utf16le'), 'dynamic-parent.vhd', 'parent name in UTF-16BE');
+  assert.equal(
+    Buffer.from(header.subarray(64, 64 + 36))
+      .swap16()
+      .toString('utf16le'),
+    'dynamic-parent.vhd',
+    'parent name in UTF-16BE',
+  );
   assert.ok(header.subarray(768).every((byte) => byte === 0));
 
   // BAT: every block unallocated.
@@ -161,7 +181,10 @@ test('a child of a dynamic parent: field layout, checksums, locators, footer cop
     { code: 'W2ku', value: parentPath.replaceAll('/', '\\') },
     { code: 'MacX', value: `file://${parentPath}` },
   ]);
-  assert.ok(header.subarray(576 + 3 * 24, 768).every((byte) => byte === 0), 'other locator entries empty');
+  assert.ok(
+    header.subarray(576 + 3 * 24, 768).every((byte) => byte === 0),
+    'other locator entries empty',
+  );
 
   // And readVhdInfo agrees.
   const info = await readVhdInfo(childPath);
@@ -175,7 +198,10 @@ test('a child of a dynamic parent: field layout, checksums, locators, footer cop
   assert.equal(info.parent?.uniqueId, PARENT_ID_TEXT);
   assert.equal(info.parent?.timestamp, PARENT_TIMESTAMP);
   assert.equal(info.parent?.unicodeName, 'dynamic-parent.vhd');
-  assert.deepEqual(info.parent?.locators.map((locator) => [locator.platformCode, locator.value]), locators.map((locator) => [locator.code, locator.value]));
+  assert.deepEqual(
+    info.parent?.locators.map((locator) => [locator.platformCode, locator.value]),
+    locators.map((locator) => [locator.code, locator.value]),
+  );
   assert.equal(await resolveVhdParentPath(info), path.resolve(path.dirname(childPath), '../../dynamic-parent.vhd'));
 
   // The child reads as the parent; the parent is untouched.
@@ -272,7 +298,10 @@ test('writes allocate blocks, set bitmap bits in whole bytes, keep the rest on t
     const start = bat.readUInt32BE(block * 4) * 512;
     assert.equal((start + 512) % 4096, 0, 'block data on a page boundary');
     const bitmap = bytes.subarray(start, start + 512);
-    assert.ok(bitmap.every((byte) => byte === 0 || byte === 0xff), `block ${block} bitmap bytes are 0x00 or 0xff`);
+    assert.ok(
+      bitmap.every((byte) => byte === 0 || byte === 0xff),
+      `block ${block} bitmap bytes are 0x00 or 0xff`,
+    );
   }
   assert.equal(bytes[bat.readUInt32BE(0) * 512], 0xff, 'block 0: sectors 0-7');
   assert.equal(bytes[bat.readUInt32BE(0) * 512 + 1], 0);

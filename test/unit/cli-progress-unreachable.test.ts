@@ -10,7 +10,14 @@ import { DistributeImageMetadata } from '../../services/gen/cowherd/distribution
 import { ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 
 const MiB = 1024 * 1024;
-const progress = { bytesDone: String(12 * MiB), bytesTotal: String(40 * MiB), rateBytesPerSecond: String(3 * MiB), uploadRateBytesPerSecond: '0', peers: 2, eta: { seconds: '9', nanos: 0 } };
+const progress = {
+  bytesDone: String(12 * MiB),
+  bytesTotal: String(40 * MiB),
+  rateBytesPerSecond: String(3 * MiB),
+  uploadRateBytesPerSecond: '0',
+  peers: 2,
+  eta: { seconds: '9', nanos: 0 },
+};
 const deadline = new Date('2026-12-04T23:10:05Z');
 
 describe('progress lines of unreachable hosts', () => {
@@ -32,7 +39,12 @@ describe('progress lines of unreachable hosts', () => {
   });
 
   it('CloneVirtualMachines: the image transfer of an unreachable host', () => {
-    const metadata = CloneVirtualMachinesMetadata.fromPartial({ totalCount: 2, imageTransfers: [{ host: 'hosts/kvm-1', state: ImageReplica_State.STATE_TRANSFERRING, progress, waitingCloneCount: 2, hostUnreachable: true, deadlineTime: deadline }] });
+    const metadata = CloneVirtualMachinesMetadata.fromPartial({
+      totalCount: 2,
+      imageTransfers: [
+        { host: 'hosts/kvm-1', state: ImageReplica_State.STATE_TRANSFERRING, progress, waitingCloneCount: 2, hostUnreachable: true, deadlineTime: deadline },
+      ],
+    });
     const line = CLONE_OPERATION.render(metadata)[1]!;
     assert.match(line.label ?? '', /image to kvm-1\s+UNREACHABLE/);
     assert.doesNotMatch(line.text, /ETA|peers|\/s/);

@@ -55,17 +55,31 @@ class FakeFleet implements FleetView {
   readonly replicas: ImageReplica[] = [];
 
   host(id: string, fields: Partial<Host> = {}): this {
-    this.hosts.set(HOST_NAME.format({ host: id }), Host.fromPartial({ name: HOST_NAME.format({ host: id }), state: Host_State.STATE_READY, hypervisor: Hypervisor.HYPERVISOR_KVM, agentEndpoint: `${id}:7445`, ...fields }));
+    this.hosts.set(
+      HOST_NAME.format({ host: id }),
+      Host.fromPartial({
+        name: HOST_NAME.format({ host: id }),
+        state: Host_State.STATE_READY,
+        hypervisor: Hypervisor.HYPERVISOR_KVM,
+        agentEndpoint: `${id}:7445`,
+        ...fields,
+      }),
+    );
     return this;
   }
 
   image(id: string, fields: Partial<Image> = {}): this {
-    this.images.set(IMAGE_NAME.format({ image: id }), Image.fromPartial({ name: IMAGE_NAME.format({ image: id }), state: Image_State.STATE_AVAILABLE, hypervisor: Hypervisor.HYPERVISOR_KVM, ...fields }));
+    this.images.set(
+      IMAGE_NAME.format({ image: id }),
+      Image.fromPartial({ name: IMAGE_NAME.format({ image: id }), state: Image_State.STATE_AVAILABLE, hypervisor: Hypervisor.HYPERVISOR_KVM, ...fields }),
+    );
     return this;
   }
 
   replica(image: string, host: string, state = ImageReplica_State.STATE_AVAILABLE): this {
-    this.replicas.push(ImageReplica.fromPartial({ name: HOST_IMAGE_NAME.format({ host, image }), image: IMAGE_NAME.format({ image }), host: HOST_NAME.format({ host }), state }));
+    this.replicas.push(
+      ImageReplica.fromPartial({ name: HOST_IMAGE_NAME.format({ host, image }), image: IMAGE_NAME.format({ image }), host: HOST_NAME.format({ host }), state }),
+    );
     return this;
   }
 
@@ -202,7 +216,11 @@ function reasonOf(status: Status | undefined): string {
 }
 
 const image = (id: string) => ({ $case: 'image' as const, value: IMAGE_NAME.format({ image: id }) });
-const hostsPlacement = (...ids: string[]) => ({ strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ids.map((id) => HOST_NAME.format({ host: id })), maxClonesPerHost: 0 });
+const hostsPlacement = (...ids: string[]) => ({
+  strategy: Placement_Strategy.STRATEGY_HOSTS,
+  hosts: ids.map((id) => HOST_NAME.format({ host: id })),
+  maxClonesPerHost: 0,
+});
 
 function standardFleet(): FakeFleet {
   return new FakeFleet()
@@ -227,40 +245,143 @@ function standardFleet(): FakeFleet {
 describe('CloneVirtualMachines refuses bad requests before any operation exists', () => {
   const cases: Array<{ name: string; request: Partial<CloneVirtualMachinesRequest>; code: GrpcStatus; field?: string; reason?: ErrorReason }> = [
     { name: 'no source', request: { count: 1 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'source' },
-    { name: 'malformed image', request: { source: { $case: 'image', value: 'images/Debian_12' }, count: 1 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'image' },
-    { name: 'malformed virtual machine', request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/golden' }, count: 1 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'virtual_machine' },
+    {
+      name: 'malformed image',
+      request: { source: { $case: 'image', value: 'images/Debian_12' }, count: 1 },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'image',
+    },
+    {
+      name: 'malformed virtual machine',
+      request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/golden' }, count: 1 },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'virtual_machine',
+    },
     { name: 'count 0', request: { source: image('debian-12'), count: 0 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'count' },
     { name: 'count 1001', request: { source: image('debian-12'), count: 1001 }, code: GrpcStatus.INVALID_ARGUMENT, field: 'count' },
-    { name: 'HOSTS without hosts', request: { source: image('debian-12'), count: 1, placement: hostsPlacement() }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.hosts' },
-    { name: 'malformed host', request: { source: image('debian-12'), count: 1, placement: { ...hostsPlacement('kvm-01'), hosts: ['hosts/kvm-01', 'host/kvm-02'] } }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.hosts[1]' },
-    { name: 'repeated host', request: { source: image('debian-12'), count: 1, placement: hostsPlacement('kvm-01', 'kvm-01') }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.hosts[1]' },
+    {
+      name: 'HOSTS without hosts',
+      request: { source: image('debian-12'), count: 1, placement: hostsPlacement() },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'placement.hosts',
+    },
+    {
+      name: 'malformed host',
+      request: { source: image('debian-12'), count: 1, placement: { ...hostsPlacement('kvm-01'), hosts: ['hosts/kvm-01', 'host/kvm-02'] } },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'placement.hosts[1]',
+    },
+    {
+      name: 'repeated host',
+      request: { source: image('debian-12'), count: 1, placement: hostsPlacement('kvm-01', 'kvm-01') },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'placement.hosts[1]',
+    },
     {
       name: 'WHERE_IMAGE_IS for a virtual machine',
-      request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' }, count: 1, placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 0 } },
+      request: {
+        source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' },
+        count: 1,
+        placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 0 },
+      },
       code: GrpcStatus.INVALID_ARGUMENT,
       field: 'placement.strategy',
     },
-    { name: 'WHERE_IMAGE_IS with hosts', request: { source: image('debian-12'), count: 1, placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: ['hosts/kvm-01'], maxClonesPerHost: 0 } }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.hosts' },
+    {
+      name: 'WHERE_IMAGE_IS with hosts',
+      request: {
+        source: image('debian-12'),
+        count: 1,
+        placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: ['hosts/kvm-01'], maxClonesPerHost: 0 },
+      },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'placement.hosts',
+    },
     {
       name: 'a virtual machine cloned onto another host',
       request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' }, count: 1, placement: hostsPlacement('kvm-02') },
       code: GrpcStatus.INVALID_ARGUMENT,
       field: 'placement.hosts[0]',
     },
-    { name: 'negative max_clones_per_host', request: { source: image('debian-12'), count: 1, placement: { strategy: Placement_Strategy.STRATEGY_UNSPECIFIED, hosts: [], maxClonesPerHost: -1 } }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.max_clones_per_host' },
-    { name: 'no room under max_clones_per_host', request: { source: image('debian-12'), count: 5, placement: { ...hostsPlacement('kvm-01', 'kvm-02'), maxClonesPerHost: 2 } }, code: GrpcStatus.INVALID_ARGUMENT, field: 'placement.max_clones_per_host' },
-    { name: 'unknown placeholder', request: { source: image('debian-12'), count: 1, nameTemplate: '{name}-{index}' }, code: GrpcStatus.INVALID_ARGUMENT, field: 'name_template' },
-    { name: 'same name for every clone', request: { source: image('debian-12'), count: 3, nameTemplate: 'web-{host}' }, code: GrpcStatus.INVALID_ARGUMENT, field: 'name_template' },
-    { name: 'name too long', request: { source: image('debian-12'), count: 1, nameTemplate: `${'x'.repeat(60)}-{index}-{random}` }, code: GrpcStatus.INVALID_ARGUMENT, field: 'name_template' },
+    {
+      name: 'negative max_clones_per_host',
+      request: { source: image('debian-12'), count: 1, placement: { strategy: Placement_Strategy.STRATEGY_UNSPECIFIED, hosts: [], maxClonesPerHost: -1 } },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'placement.max_clones_per_host',
+    },
+    {
+      name: 'no room under max_clones_per_host',
+      request: { source: image('debian-12'), count: 5, placement: { ...hostsPlacement('kvm-01', 'kvm-02'), maxClonesPerHost: 2 } },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'placement.max_clones_per_host',
+    },
+    {
+      name: 'unknown placeholder',
+      request: { source: image('debian-12'), count: 1, nameTemplate: '{name}-{index}' },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'name_template',
+    },
+    {
+      name: 'same name for every clone',
+      request: { source: image('debian-12'), count: 3, nameTemplate: 'web-{host}' },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'name_template',
+    },
+    {
+      name: 'name too long',
+      request: { source: image('debian-12'), count: 1, nameTemplate: `${'x'.repeat(60)}-{index}-{random}` },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'name_template',
+    },
     { name: 'unknown image', request: { source: image('ubuntu'), count: 1 }, code: GrpcStatus.NOT_FOUND, reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND },
-    { name: 'unknown virtual machine', request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/nope' }, count: 1 }, code: GrpcStatus.NOT_FOUND, reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND },
-    { name: 'unknown host', request: { source: image('debian-12'), count: 1, placement: hostsPlacement('kvm-99') }, code: GrpcStatus.NOT_FOUND, reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND },
-    { name: 'image still publishing', request: { source: image('half'), count: 1 }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT },
-    { name: 'running source virtual machine', request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/busy' }, count: 1 }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING },
-    { name: 'host of the wrong hypervisor', request: { source: image('debian-12'), count: 2, placement: hostsPlacement('kvm-01', 'xen-01') }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH },
-    { name: 'UNREACHABLE host', request: { source: image('debian-12'), count: 1, placement: hostsPlacement('gone-01') }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT },
-    { name: 'DRAINING host', request: { source: image('debian-12'), count: 1, placement: hostsPlacement('drain-01') }, code: GrpcStatus.FAILED_PRECONDITION, reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT },
-    { name: 'explicit name taken', request: { source: image('debian-12'), count: 3, nameTemplate: 'app-{index}' }, code: GrpcStatus.ALREADY_EXISTS, reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN },
+    {
+      name: 'unknown virtual machine',
+      request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/nope' }, count: 1 },
+      code: GrpcStatus.NOT_FOUND,
+      reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND,
+    },
+    {
+      name: 'unknown host',
+      request: { source: image('debian-12'), count: 1, placement: hostsPlacement('kvm-99') },
+      code: GrpcStatus.NOT_FOUND,
+      reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND,
+    },
+    {
+      name: 'image still publishing',
+      request: { source: image('half'), count: 1 },
+      code: GrpcStatus.FAILED_PRECONDITION,
+      reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+    },
+    {
+      name: 'running source virtual machine',
+      request: { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/busy' }, count: 1 },
+      code: GrpcStatus.FAILED_PRECONDITION,
+      reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_RUNNING,
+    },
+    {
+      name: 'host of the wrong hypervisor',
+      request: { source: image('debian-12'), count: 2, placement: hostsPlacement('kvm-01', 'xen-01') },
+      code: GrpcStatus.FAILED_PRECONDITION,
+      reason: ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH,
+    },
+    {
+      name: 'UNREACHABLE host',
+      request: { source: image('debian-12'), count: 1, placement: hostsPlacement('gone-01') },
+      code: GrpcStatus.FAILED_PRECONDITION,
+      reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+    },
+    {
+      name: 'DRAINING host',
+      request: { source: image('debian-12'), count: 1, placement: hostsPlacement('drain-01') },
+      code: GrpcStatus.FAILED_PRECONDITION,
+      reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+    },
+    {
+      name: 'explicit name taken',
+      request: { source: image('debian-12'), count: 3, nameTemplate: 'app-{index}' },
+      code: GrpcStatus.ALREADY_EXISTS,
+      reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN,
+    },
   ];
 
   for (const testCase of cases) {
@@ -296,7 +417,10 @@ describe('CloneVirtualMachines refuses bad requests before any operation exists'
       kind: cloneOperationKind({ fleet, agents: new FakeAgents() }),
       random: () => 'abc123',
     });
-    const operation = await handlers.cloneVirtualMachines!(CloneVirtualMachinesRequest.fromPartial({ source: image('debian-12'), count: 1, requestId: 'req-1' }), undefined as never);
+    const operation = await handlers.cloneVirtualMachines!(
+      CloneVirtualMachinesRequest.fromPartial({ source: image('debian-12'), count: 1, requestId: 'req-1' }),
+      undefined as never,
+    );
     assert.equal(operation.name, 'operations/x');
     assert.equal(started.length, 1);
     assert.equal(started[0]!.requestId, 'req-1');
@@ -318,7 +442,10 @@ describe('CloneVirtualMachines refuses bad requests before any operation exists'
     });
     // The explicit names are taken by now (by the first operation's clones): a re-plan would refuse it.
     fleet.machine('kvm-02', 'web-1').machine('kvm-03', 'web-3');
-    const operation = await handlers.cloneVirtualMachines!(CloneVirtualMachinesRequest.fromPartial({ source: image('debian-12'), count: 2, nameTemplate: 'web-{index}', requestId: 'req-1' }), undefined as never);
+    const operation = await handlers.cloneVirtualMachines!(
+      CloneVirtualMachinesRequest.fromPartial({ source: image('debian-12'), count: 2, nameTemplate: 'web-{index}', requestId: 'req-1' }),
+      undefined as never,
+    );
     assert.equal(operation.name, 'operations/first');
     assert.equal(planned, false);
   });
@@ -340,26 +467,46 @@ describe('planning', () => {
   it('spreads WHERE_IMAGE_IS over READY hosts holding the image, then the others when a limit leaves clones over', async () => {
     const fleet = standardFleet();
     const { metadata } = await plan(fleet, { source: image('debian-12'), count: 3 });
-    assert.deepEqual(metadata.clones.map((clone) => clone.host), ['hosts/kvm-02', 'hosts/kvm-03', 'hosts/kvm-02']);
-    const limited = await plan(fleet, { source: image('debian-12'), count: 5, placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 2 } });
+    assert.deepEqual(
+      metadata.clones.map((clone) => clone.host),
+      ['hosts/kvm-02', 'hosts/kvm-03', 'hosts/kvm-02'],
+    );
+    const limited = await plan(fleet, {
+      source: image('debian-12'),
+      count: 5,
+      placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 2 },
+    });
     // gone-01 holds a replica but is UNREACHABLE; drain-01 and xen-01 never take clones of a KVM image.
-    assert.deepEqual(limited.metadata.clones.map((clone) => clone.host), ['hosts/kvm-02', 'hosts/kvm-03', 'hosts/kvm-02', 'hosts/kvm-03', 'hosts/kvm-01']);
+    assert.deepEqual(
+      limited.metadata.clones.map((clone) => clone.host),
+      ['hosts/kvm-02', 'hosts/kvm-03', 'hosts/kvm-02', 'hosts/kvm-03', 'hosts/kvm-01'],
+    );
     assert.equal(limited.metadata.totalCount, 5);
     assert.equal(limited.metadata.source, 'images/debian-12');
   });
 
   it('puts the clones of a virtual machine on its host, named after its domain', async () => {
-    const { metadata } = await plan(standardFleet(), { source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' }, count: 2, nameTemplate: '{source}-{host}-{index}' });
-    assert.deepEqual(metadata.clones.map((clone) => [clone.host, clone.domainName]), [
-      ['hosts/kvm-01', 'golden-kvm-01-1'],
-      ['hosts/kvm-01', 'golden-kvm-01-2'],
-    ]);
+    const { metadata } = await plan(standardFleet(), {
+      source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' },
+      count: 2,
+      nameTemplate: '{source}-{host}-{index}',
+    });
+    assert.deepEqual(
+      metadata.clones.map((clone) => [clone.host, clone.domainName]),
+      [
+        ['hosts/kvm-01', 'golden-kvm-01-1'],
+        ['hosts/kvm-01', 'golden-kvm-01-2'],
+      ],
+    );
   });
 
   it('draws a new {random} for a name that is taken', async () => {
     const fleet = standardFleet().machine('kvm-03', 'debian-12-r00000');
     const { metadata } = await plan(fleet, { source: image('debian-12'), count: 2 });
-    assert.deepEqual(metadata.clones.map((clone) => clone.domainName), ['debian-12-r00001', 'debian-12-r00002']);
+    assert.deepEqual(
+      metadata.clones.map((clone) => clone.domainName),
+      ['debian-12-r00001', 'debian-12-r00002'],
+    );
   });
 });
 
@@ -369,7 +516,13 @@ describe('the clone operation', () => {
   it('makes the clones host by host with request_id <operation>/<host> and reports each one', async () => {
     const fleet = standardFleet();
     const agents = new FakeAgents();
-    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 4, placement: hostsPlacement('kvm-02', 'kvm-03'), nameTemplate: 'web-{index}', start: true });
+    const { request, metadata } = await plan(fleet, {
+      source: image('debian-12'),
+      count: 4,
+      placement: hostsPlacement('kvm-02', 'kvm-03'),
+      nameTemplate: 'web-{index}',
+      start: true,
+    });
     const { context, checkpoints } = fakeContext(request, metadata);
     const response = await run({ fleet, agents, now: () => new Date('2024-05-01T10:01:00Z') }, context);
 
@@ -379,14 +532,20 @@ describe('the clone operation', () => {
     assert.equal(kvm02.requestId, agentRequestId(context.name, 'hosts/kvm-02'));
     assert.equal(kvm02.operation, context.name);
     assert.deepEqual(kvm02.source, { $case: 'image', value: 'images/debian-12' });
-    assert.deepEqual(kvm02.clones, [{ domainName: 'web-1', start: true }, { domainName: 'web-3', start: true }]);
-
-    assert.deepEqual(response.clones.map((clone) => [clone.index, clone.host, clone.domainName, clone.state, clone.virtualMachine, clone.started]), [
-      [1, 'hosts/kvm-02', 'web-1', CloneResult_State.STATE_DONE, 'hosts/kvm-02/virtualMachines/web-1', true],
-      [2, 'hosts/kvm-03', 'web-2', CloneResult_State.STATE_DONE, 'hosts/kvm-03/virtualMachines/web-2', true],
-      [3, 'hosts/kvm-02', 'web-3', CloneResult_State.STATE_DONE, 'hosts/kvm-02/virtualMachines/web-3', true],
-      [4, 'hosts/kvm-03', 'web-4', CloneResult_State.STATE_DONE, 'hosts/kvm-03/virtualMachines/web-4', true],
+    assert.deepEqual(kvm02.clones, [
+      { domainName: 'web-1', start: true },
+      { domainName: 'web-3', start: true },
     ]);
+
+    assert.deepEqual(
+      response.clones.map((clone) => [clone.index, clone.host, clone.domainName, clone.state, clone.virtualMachine, clone.started]),
+      [
+        [1, 'hosts/kvm-02', 'web-1', CloneResult_State.STATE_DONE, 'hosts/kvm-02/virtualMachines/web-1', true],
+        [2, 'hosts/kvm-03', 'web-2', CloneResult_State.STATE_DONE, 'hosts/kvm-03/virtualMachines/web-2', true],
+        [3, 'hosts/kvm-02', 'web-3', CloneResult_State.STATE_DONE, 'hosts/kvm-02/virtualMachines/web-3', true],
+        [4, 'hosts/kvm-03', 'web-4', CloneResult_State.STATE_DONE, 'hosts/kvm-03/virtualMachines/web-4', true],
+      ],
+    );
     assert.equal(response.clones[0]!.uuid, 'uuid-web-1');
     assert.deepEqual(response.clones[0]!.overlays, ['/var/lib/cowherd/clones/web-1/vda.qcow2']);
     const final = checkpoints.at(-1)!;
@@ -402,12 +561,19 @@ describe('the clone operation', () => {
     const agents = new FakeAgents();
     const events = new FakeEvents();
     const taken = new CowherdError(GrpcStatus.ALREADY_EXISTS, 'web-4 exists', { reason: ErrorReason.ERROR_REASON_VIRTUAL_MACHINE_NAME_TAKEN });
-    agents.behaviours.set('hosts/kvm-02', async (request) => makeAll('hosts/kvm-02', request, new Map([['web-4', { code: taken.code, message: taken.message, details: [] }]])));
+    agents.behaviours.set('hosts/kvm-02', async (request) =>
+      makeAll('hosts/kvm-02', request, new Map([['web-4', { code: taken.code, message: taken.message, details: [] }]])),
+    );
     agents.behaviours.set('hosts/kvm-01', async () => {
       throw grpcError(GrpcStatus.UNAVAILABLE, 'connection refused');
     });
     // Round robin: kvm-02 takes web-1 and web-4, kvm-03 web-2 and web-5, kvm-01 web-3 and web-6.
-    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 6, placement: hostsPlacement('kvm-02', 'kvm-03', 'kvm-01'), nameTemplate: 'web-{index}' });
+    const { request, metadata } = await plan(fleet, {
+      source: image('debian-12'),
+      count: 6,
+      placement: hostsPlacement('kvm-02', 'kvm-03', 'kvm-01'),
+      nameTemplate: 'web-{index}',
+    });
     fleet.replica('debian-12', 'kvm-01');
     const { context } = fakeContext(request, metadata);
     const response = await run({ fleet, agents, events }, context);
@@ -431,7 +597,10 @@ describe('the clone operation', () => {
       assert.equal(clone.virtualMachine, '');
     }
     // clone.failed is published by cloning only for the clones no agent answered for (agents publish their own).
-    assert.deepEqual(events.published.map((event) => event.id), [`clone.failed/${context.name}/kvm-01/web-3`, `clone.failed/${context.name}/kvm-01/web-6`]);
+    assert.deepEqual(
+      events.published.map((event) => event.id),
+      [`clone.failed/${context.name}/kvm-01/web-3`, `clone.failed/${context.name}/kvm-01/web-6`],
+    );
   });
 
   it('fails clones on a host without the image with IMAGE_NOT_ON_HOST, and the whole operation when nothing could be attempted', async () => {
@@ -458,11 +627,22 @@ describe('the clone operation', () => {
     const fleet = standardFleet();
     const agents = new FakeAgents();
     const asked: string[] = [];
-    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 2, placement: hostsPlacement('kvm-01', 'kvm-02'), nameTemplate: 'web-{index}' });
+    const { request, metadata } = await plan(fleet, {
+      source: image('debian-12'),
+      count: 2,
+      placement: hostsPlacement('kvm-01', 'kvm-02'),
+      nameTemplate: 'web-{index}',
+    });
     const { context } = fakeContext(request, metadata);
-    const response = await run({ fleet, agents, imageDelivery: { bringImageToHost: async ({ image: name, host }) => void asked.push(`${name}@${host}`) } }, context);
+    const response = await run(
+      { fleet, agents, imageDelivery: { bringImageToHost: async ({ image: name, host }) => void asked.push(`${name}@${host}`) } },
+      context,
+    );
     assert.deepEqual(asked, ['images/debian-12@hosts/kvm-01']);
-    assert.deepEqual(response.clones.map((clone) => clone.state), [CloneResult_State.STATE_DONE, CloneResult_State.STATE_DONE]);
+    assert.deepEqual(
+      response.clones.map((clone) => clone.state),
+      [CloneResult_State.STATE_DONE, CloneResult_State.STATE_DONE],
+    );
   });
 
   it('asks at most 8 hosts at a time', async () => {
@@ -482,7 +662,12 @@ describe('the clone operation', () => {
   it('resumed from its checkpoint, does not ask the agents of finished hosts again', async () => {
     const fleet = standardFleet();
     const firstAgents = new FakeAgents();
-    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 4, placement: hostsPlacement('kvm-02', 'kvm-03'), nameTemplate: 'web-{index}' });
+    const { request, metadata } = await plan(fleet, {
+      source: image('debian-12'),
+      count: 4,
+      placement: hostsPlacement('kvm-02', 'kvm-03'),
+      nameTemplate: 'web-{index}',
+    });
     const first = fakeContext(request, metadata);
     // kvm-03's call is under way when this replica stops: the agent may have made clones, the run pauses.
     firstAgents.behaviours.set('hosts/kvm-03', async (agentRequest) => {
@@ -500,19 +685,30 @@ describe('the clone operation', () => {
     const response = await run({ fleet, agents: secondAgents }, second.context);
     assert.deepEqual(secondAgents.hostsCalled(), ['hosts/kvm-03']);
     assert.equal(secondAgents.calls[0]!.request.requestId, `${first.context.name}/hosts/kvm-03`);
-    assert.deepEqual(secondAgents.calls[0]!.request.clones.map((clone) => clone.domainName), ['web-2', 'web-4']);
-    assert.deepEqual(response.clones.map((clone) => [clone.domainName, CloneResult_State[clone.state], clone.uuid]), [
-      ['web-1', 'STATE_DONE', 'uuid-web-1'],
-      ['web-2', 'STATE_DONE', 'uuid-web-2'],
-      ['web-3', 'STATE_DONE', 'uuid-web-3'],
-      ['web-4', 'STATE_DONE', 'uuid-web-4'],
-    ]);
+    assert.deepEqual(
+      secondAgents.calls[0]!.request.clones.map((clone) => clone.domainName),
+      ['web-2', 'web-4'],
+    );
+    assert.deepEqual(
+      response.clones.map((clone) => [clone.domainName, CloneResult_State[clone.state], clone.uuid]),
+      [
+        ['web-1', 'STATE_DONE', 'uuid-web-1'],
+        ['web-2', 'STATE_DONE', 'uuid-web-2'],
+        ['web-3', 'STATE_DONE', 'uuid-web-3'],
+        ['web-4', 'STATE_DONE', 'uuid-web-4'],
+      ],
+    );
   });
 
   it('ends with the cancellation when cancelled, keeping what was recorded', async () => {
     const fleet = standardFleet();
     const agents = new FakeAgents();
-    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 2, placement: hostsPlacement('kvm-02', 'kvm-03'), nameTemplate: 'web-{index}' });
+    const { request, metadata } = await plan(fleet, {
+      source: image('debian-12'),
+      count: 2,
+      placement: hostsPlacement('kvm-02', 'kvm-03'),
+      nameTemplate: 'web-{index}',
+    });
     const { context, controller, last } = fakeContext(request, metadata);
     const cancelled = new CowherdError(GrpcStatus.CANCELLED, 'operation cancelled by request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
     agents.behaviours.set('hosts/kvm-03', async () => {

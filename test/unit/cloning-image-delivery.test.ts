@@ -31,14 +31,22 @@ describe('cloning waits for an image under a progress deadline', () => {
   const operation = (step: { state: ImageReplica_State; bytes: number }): Operation => ({
     name: 'operations/fake',
     done: false,
-    metadata: pack(DistributeImageMetadata, DistributeImageMetadata.fromPartial({ image: 'images/x', bytesTotal: String(MiB), transfers: [{ host: HOST, state: step.state, progress: { bytesDone: String(step.bytes), bytesTotal: String(MiB) } }] })),
+    metadata: pack(
+      DistributeImageMetadata,
+      DistributeImageMetadata.fromPartial({
+        image: 'images/x',
+        bytesTotal: String(MiB),
+        transfers: [{ host: HOST, state: step.state, progress: { bytesDone: String(step.bytes), bytesTotal: String(MiB) } }],
+      }),
+    ),
     result: undefined,
   });
 
   before(async () => {
     server = new Server();
     server.addService(DistributionServiceService, {
-      distributeImage: (_call: unknown, callback: (error: ServiceError | null, response?: Operation) => void) => callback(null, operation({ state: ImageReplica_State.STATE_PENDING, bytes: 0 })),
+      distributeImage: (_call: unknown, callback: (error: ServiceError | null, response?: Operation) => void) =>
+        callback(null, operation({ state: ImageReplica_State.STATE_PENDING, bytes: 0 })),
     } as never);
     server.addService(OperationsService, {
       waitOperation: (_call: unknown, callback: (error: Partial<ServiceError> | null, response?: Operation) => void) => {
@@ -47,7 +55,9 @@ describe('cloning waits for an image under a progress deadline', () => {
         setTimeout(() => ('code' in step ? callback({ code: step.code, details: 'fake', message: 'fake' }) : callback(null, operation(step))), 100);
       },
     } as never);
-    const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (error, bound) => (error ? reject(error) : resolve(bound))));
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (error, bound) => (error ? reject(error) : resolve(bound))),
+    );
     address = `127.0.0.1:${port}`;
   });
   after(() => server.forceShutdown());
@@ -55,11 +65,17 @@ describe('cloning waits for an image under a progress deadline', () => {
   async function wait(step: (call: number) => Step): Promise<{ error: unknown; elapsedMs: number; reports: ImageDeliveryProgress[] }> {
     script = step;
     calls = 0;
-    const delivery = distributionImageDelivery(address, credentials.createInsecure(), { waitSliceSeconds: 1, deadlines: { stallMs: 1_000, verifyFloorMs: 500, verifyBytesPerSecond: MiB } });
+    const delivery = distributionImageDelivery(address, credentials.createInsecure(), {
+      waitSliceSeconds: 1,
+      deadlines: { stallMs: 1_000, verifyFloorMs: 500, verifyBytesPerSecond: MiB },
+    });
     const reports: ImageDeliveryProgress[] = [];
     const started = Date.now();
     try {
-      await delivery.bringImageToHost({ image: 'images/x', host: HOST, operation: 'operations/clone', onProgress: (report) => void reports.push(report) }, new AbortController().signal);
+      await delivery.bringImageToHost(
+        { image: 'images/x', host: HOST, operation: 'operations/clone', onProgress: (report) => void reports.push(report) },
+        new AbortController().signal,
+      );
       return { error: undefined, elapsedMs: Date.now() - started, reports };
     } catch (error) {
       return { error, elapsedMs: Date.now() - started, reports };
@@ -94,7 +110,9 @@ describe('cloning waits for an image under a progress deadline', () => {
   });
 
   it('a distribution that stops answering does not extend the deadline, nor fail the wait at once', async () => {
-    const { error, elapsedMs } = await wait((call) => (call < 2 ? { state: ImageReplica_State.STATE_TRANSFERRING, bytes: 10 } : { code: GrpcStatus.UNAVAILABLE }));
+    const { error, elapsedMs } = await wait((call) =>
+      call < 2 ? { state: ImageReplica_State.STATE_TRANSFERRING, bytes: 10 } : { code: GrpcStatus.UNAVAILABLE },
+    );
     assertDeadline(error, 'TRANSFERRING');
     assert.ok(elapsedMs >= 900 && elapsedMs < 4_000, `${elapsedMs} ms`);
   });

@@ -53,14 +53,23 @@ describe('name templates', () => {
 
   it('refuses a rendered name that is no valid domain name', () => {
     const clones = [{ source: 'a'.repeat(60), index: 1, host: 'kvm-01' }];
-    assert.throws(() => renderNames(parseNameTemplate('{source}-{random}', 1), clones, { namesInUse: new Map(), random: draws('abcdef') }), invalid('name_template'));
-    assert.throws(() => renderNames(parseNameTemplate('-{index}', 1), [{ source: 's', index: 1, host: 'h' }], { namesInUse: new Map() }), invalid('name_template'));
+    assert.throws(
+      () => renderNames(parseNameTemplate('{source}-{random}', 1), clones, { namesInUse: new Map(), random: draws('abcdef') }),
+      invalid('name_template'),
+    );
+    assert.throws(
+      () => renderNames(parseNameTemplate('-{index}', 1), [{ source: 's', index: 1, host: 'h' }], { namesInUse: new Map() }),
+      invalid('name_template'),
+    );
   });
 
   it('draws {random} again when the name is taken in the fleet or in this request', () => {
     const template = parseNameTemplate('', 3);
     const clones = [1, 2, 3].map((index) => ({ source: 'img', index, host: 'kvm-01' }));
-    const names = renderNames(template, clones, { namesInUse: new Map([['img-aaaaaa', 'hosts/kvm-02/virtualMachines/img-aaaaaa']]), random: draws('aaaaaa', 'bbbbbb', 'bbbbbb', 'cccccc', 'dddddd') });
+    const names = renderNames(template, clones, {
+      namesInUse: new Map([['img-aaaaaa', 'hosts/kvm-02/virtualMachines/img-aaaaaa']]),
+      random: draws('aaaaaa', 'bbbbbb', 'bbbbbb', 'cccccc', 'dddddd'),
+    });
     assert.deepEqual(names, ['img-bbbbbb', 'img-cccccc', 'img-dddddd']);
   });
 
@@ -103,7 +112,15 @@ describe('placement', () => {
   });
 
   it('sends what the per-host limit leaves over to the other hosts', () => {
-    assert.deepEqual(placeSpread(['hosts/c', 'hosts/b'], ['hosts/a', 'hosts/b', 'hosts/c', 'hosts/d'], 7, 2), ['hosts/b', 'hosts/c', 'hosts/b', 'hosts/c', 'hosts/a', 'hosts/d', 'hosts/a']);
+    assert.deepEqual(placeSpread(['hosts/c', 'hosts/b'], ['hosts/a', 'hosts/b', 'hosts/c', 'hosts/d'], 7, 2), [
+      'hosts/b',
+      'hosts/c',
+      'hosts/b',
+      'hosts/c',
+      'hosts/a',
+      'hosts/d',
+      'hosts/a',
+    ]);
     assert.throws(() => placeSpread(['hosts/b'], ['hosts/a', 'hosts/b'], 5, 2), invalid('placement.max_clones_per_host'));
   });
 

@@ -2,13 +2,29 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { addressVariable, ConfigError, describeConfig, integerVariable, pathVariable, readConfig, stringVariable, urlListVariable } from '../../services/common/platform/config.js';
+import {
+  addressVariable,
+  ConfigError,
+  describeConfig,
+  integerVariable,
+  pathVariable,
+  readConfig,
+  stringVariable,
+  urlListVariable,
+} from '../../services/common/platform/config.js';
 import { CowherdError, readServiceError, toServiceError } from '../../services/common/platform/errors.js';
 import { identityUri, parseIdentity } from '../../services/common/platform/identity.js';
 import { redactSecrets } from '../../services/common/platform/logger.js';
 import { PageTokens, paginate, pageSizeOf } from '../../services/common/platform/pagination.js';
 import { readAllPages } from '../../services/common/platform/list-pages.js';
-import { createCertificateAuthority, createCsr, generateKeyPair, inspectCertificate, parseCsr, signLeafCertificate } from '../../services/common/platform/pki.js';
+import {
+  createCertificateAuthority,
+  createCsr,
+  generateKeyPair,
+  inspectCertificate,
+  parseCsr,
+  signLeafCertificate,
+} from '../../services/common/platform/pki.js';
 import { readDescriptorSet, splitDescriptorSet } from '../../services/common/platform/reflection.js';
 import { rerunning, RevocationSet } from '../../services/common/platform/revocation.js';
 import { FileDescriptorProto } from '../../services/gen/google/protobuf/descriptor.js';
@@ -49,8 +65,19 @@ describe('config', () => {
 
 describe('identity', () => {
   it('round-trips the three kinds and refuses foreign or malformed URIs', () => {
-    assert.deepEqual(parseIdentity(identityUri('host', 'kvm-01.example')), { kind: 'host', name: 'kvm-01.example', uri: 'spiffe://cowherd/host/kvm-01.example' });
-    for (const bad of ['spiffe://other/host/a', 'spiffe://cowherd/root/a', 'spiffe://cowherd/host/../x', 'spiffe://cowherd/host/A', 'spiffe://cowherd/host/a/b', 'https://cowherd/host/a']) {
+    assert.deepEqual(parseIdentity(identityUri('host', 'kvm-01.example')), {
+      kind: 'host',
+      name: 'kvm-01.example',
+      uri: 'spiffe://cowherd/host/kvm-01.example',
+    });
+    for (const bad of [
+      'spiffe://other/host/a',
+      'spiffe://cowherd/root/a',
+      'spiffe://cowherd/host/../x',
+      'spiffe://cowherd/host/A',
+      'spiffe://cowherd/host/a/b',
+      'https://cowherd/host/a',
+    ]) {
       assert.equal(parseIdentity(bad), undefined, bad);
     }
     assert.throws(() => identityUri('admin', 'x/y'));
@@ -123,7 +150,10 @@ describe('pki', () => {
   });
 
   it('refuses a malformed CSR and one whose signature does not verify', async () => {
-    assert.throws(() => parseCsr('not a csr'), (error: unknown) => error instanceof CowherdError && error.field === 'csr_pem');
+    assert.throws(
+      () => parseCsr('not a csr'),
+      (error: unknown) => error instanceof CowherdError && error.field === 'csr_pem',
+    );
     const keys = await generateKeyPair();
     const other = await generateKeyPair();
     // Signed with one key, carrying another's public key: the self-signature cannot verify.

@@ -28,7 +28,13 @@ function fakeDeps(stream: FakeStream, exportStallMs: number, seen: { options?: {
 
 const host = Host.fromPartial({ name: 'hosts/h1', agentEndpoint: 'localhost:1' });
 const request = { virtualMachine: 'hosts/h1/virtualMachines/vm', image: 'images/i', trackerAnnounceUrl: 'http://t/announce', operation: 'operations/x' };
-const progress = (bytes: number) => ExportImageResponse.fromPartial({ response: { $case: 'progress', value: { stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, progress: { bytesDone: String(bytes), bytesTotal: '100' } } } });
+const progress = (bytes: number) =>
+  ExportImageResponse.fromPartial({
+    response: {
+      $case: 'progress',
+      value: { stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING, progress: { bytesDone: String(bytes), bytesTotal: '100' } },
+    },
+  });
 
 test('the export stream gets a long outer deadline, not the client default of 30 s', async () => {
   const stream = new FakeStream();
@@ -60,7 +66,10 @@ test('an export whose agent falls silent is cancelled with DEADLINE_EXCEEDED aft
   const started = Date.now();
   const done = exportOnAgent(fakeDeps(stream, 300, {}), host, request, async () => undefined);
   stream.emit('data', progress(10));
-  await assert.rejects(done, (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.DEADLINE_EXCEEDED && /no export progress/.test(error.message));
+  await assert.rejects(
+    done,
+    (error: unknown) => error instanceof CowherdError && error.code === GrpcStatus.DEADLINE_EXCEEDED && /no export progress/.test(error.message),
+  );
   assert.ok(Date.now() - started >= 300 && Date.now() - started < 2000);
   assert.equal(stream.cancelled, true);
 });

@@ -28,11 +28,25 @@ describe('applyReplicaEvent', () => {
   images.values.set('img', Image.fromPartial({ name: 'images/img', state: Image_State.STATE_AVAILABLE }));
   const replicas = memoryKv<ImageReplica>();
   const deps = { images, replicas };
-  const event = (type: typeof IMAGE_AVAILABLE | typeof IMAGE_TRANSFER_PROGRESS | typeof IMAGE_TRANSFER_FAILED | typeof IMAGE_REPLICA_DAMAGED, payload: object, host = 'kvm-1') =>
-    ({ subject: `cowherd.events.x.${host}`, host, typeName: type.typeName, payload: { image: 'images/img', host: HOST_NAME.format({ host }), ...payload }, sequence: 1, deliveries: 1 }) as never;
+  const event = (
+    type: typeof IMAGE_AVAILABLE | typeof IMAGE_TRANSFER_PROGRESS | typeof IMAGE_TRANSFER_FAILED | typeof IMAGE_REPLICA_DAMAGED,
+    payload: object,
+    host = 'kvm-1',
+  ) =>
+    ({
+      subject: `cowherd.events.x.${host}`,
+      host,
+      typeName: type.typeName,
+      payload: { image: 'images/img', host: HOST_NAME.format({ host }), ...payload },
+      sequence: 1,
+      deliveries: 1,
+    }) as never;
 
   it('moves a record through progress to AVAILABLE, and ignores older events delivered late', async () => {
-    replicas.values.set('kvm-1.img', ImageReplica.fromPartial({ name: 'hosts/kvm-1/images/img', state: ImageReplica_State.STATE_TRANSFERRING, updateTime: new Date(0) }));
+    replicas.values.set(
+      'kvm-1.img',
+      ImageReplica.fromPartial({ name: 'hosts/kvm-1/images/img', state: ImageReplica_State.STATE_TRANSFERRING, updateTime: new Date(0) }),
+    );
     const before = new Date();
     await applyReplicaEvent(deps, event(IMAGE_TRANSFER_PROGRESS, { state: ImageReplica_State.STATE_VERIFYING, occurTime: before }), log);
     assert.equal(replicas.values.get('kvm-1.img')!.state, ImageReplica_State.STATE_VERIFYING);
@@ -43,21 +57,52 @@ describe('applyReplicaEvent', () => {
     await applyReplicaEvent(deps, event(IMAGE_TRANSFER_FAILED, { occurTime: before }), log);
     assert.equal(replicas.values.get('kvm-1.img')!.state, ImageReplica_State.STATE_AVAILABLE);
     // A newer one (the agent fetches changed files again) does.
-    await applyReplicaEvent(deps, event(IMAGE_TRANSFER_PROGRESS, { state: ImageReplica_State.STATE_TRANSFERRING, occurTime: new Date(Date.now() + 1000) }), log);
+    await applyReplicaEvent(
+      deps,
+      event(IMAGE_TRANSFER_PROGRESS, { state: ImageReplica_State.STATE_TRANSFERRING, occurTime: new Date(Date.now() + 1000) }),
+      log,
+    );
     assert.equal(replicas.values.get('kvm-1.img')!.state, ImageReplica_State.STATE_TRANSFERRING);
   });
 
   it('image.replica_damaged turns an AVAILABLE record FAILED and lists a generation kept for its dependents; a late copy after the repair changes nothing', async () => {
-    replicas.values.set('kvm-4.img', ImageReplica.fromPartial({ name: 'hosts/kvm-4/images/img', state: ImageReplica_State.STATE_AVAILABLE, generation: '1', path: '/i/images/img', updateTime: new Date(0) }));
+    replicas.values.set(
+      'kvm-4.img',
+      ImageReplica.fromPartial({
+        name: 'hosts/kvm-4/images/img',
+        state: ImageReplica_State.STATE_AVAILABLE,
+        generation: '1',
+        path: '/i/images/img',
+        updateTime: new Date(0),
+      }),
+    );
     const found = new Date();
-    const damage = { replica: 'hosts/kvm-4/images/img', generation: '1', path: '/i/images/img', damagedFiles: ['vda.qcow2'], badPieces: 1, dependentVirtualMachines: ['hosts/kvm-4/virtualMachines/web-1'], occurTime: found };
+    const damage = {
+      replica: 'hosts/kvm-4/images/img',
+      generation: '1',
+      path: '/i/images/img',
+      damagedFiles: ['vda.qcow2'],
+      badPieces: 1,
+      dependentVirtualMachines: ['hosts/kvm-4/virtualMachines/web-1'],
+      occurTime: found,
+    };
     await applyReplicaEvent(deps, event(IMAGE_REPLICA_DAMAGED, damage, 'kvm-4'), log);
     const failed = replicas.values.get('kvm-4.img')!;
     assert.equal(failed.state, ImageReplica_State.STATE_FAILED);
     assert.equal(failed.error?.message, 'hosts/kvm-4/images/img: vda.qcow2 damaged after verification (1 bad pieces)');
-    assert.deepEqual(failed.damagedGenerations.map((entry) => [entry.generation, entry.path, entry.dependentVirtualMachines]), [['1', '/i/images/img', ['hosts/kvm-4/virtualMachines/web-1']]]);
+    assert.deepEqual(
+      failed.damagedGenerations.map((entry) => [entry.generation, entry.path, entry.dependentVirtualMachines]),
+      [['1', '/i/images/img', ['hosts/kvm-4/virtualMachines/web-1']]],
+    );
     // The repair (generation 2) is recorded, then the damage event is delivered again: nothing moves back.
-    replicas.values.set('kvm-4.img', { ...failed, state: ImageReplica_State.STATE_AVAILABLE, generation: '2', path: '/i/images/img.generation-2', error: undefined, updateTime: new Date(found.getTime() + 1000) });
+    replicas.values.set('kvm-4.img', {
+      ...failed,
+      state: ImageReplica_State.STATE_AVAILABLE,
+      generation: '2',
+      path: '/i/images/img.generation-2',
+      error: undefined,
+      updateTime: new Date(found.getTime() + 1000),
+    });
     await applyReplicaEvent(deps, event(IMAGE_REPLICA_DAMAGED, damage, 'kvm-4'), log);
     assert.equal(replicas.values.get('kvm-4.img')!.state, ImageReplica_State.STATE_AVAILABLE);
     assert.equal(replicas.values.get('kvm-4.img')!.damagedGenerations.length, 1);
@@ -65,10 +110,29 @@ describe('applyReplicaEvent', () => {
 
   it('a late copy of an earlier image.available neither undoes damage found since nor goes back a generation', async () => {
     const available = new Date(Date.now() - 5000);
-    replicas.values.set('kvm-5.img', ImageReplica.fromPartial({ name: 'hosts/kvm-5/images/img', state: ImageReplica_State.STATE_TRANSFERRING, generation: '1', updateTime: new Date(0) }));
+    replicas.values.set(
+      'kvm-5.img',
+      ImageReplica.fromPartial({ name: 'hosts/kvm-5/images/img', state: ImageReplica_State.STATE_TRANSFERRING, generation: '1', updateTime: new Date(0) }),
+    );
     await applyReplicaEvent(deps, event(IMAGE_AVAILABLE, { totalBytes: '10', generation: '1', occurTime: available }, 'kvm-5'), log);
     assert.equal(replicas.values.get('kvm-5.img')!.state, ImageReplica_State.STATE_AVAILABLE);
-    await applyReplicaEvent(deps, event(IMAGE_REPLICA_DAMAGED, { replica: 'hosts/kvm-5/images/img', generation: '1', path: '/i/images/img', damagedFiles: ['vda.qcow2'], badPieces: 1, dependentVirtualMachines: [], occurTime: new Date() }, 'kvm-5'), log);
+    await applyReplicaEvent(
+      deps,
+      event(
+        IMAGE_REPLICA_DAMAGED,
+        {
+          replica: 'hosts/kvm-5/images/img',
+          generation: '1',
+          path: '/i/images/img',
+          damagedFiles: ['vda.qcow2'],
+          badPieces: 1,
+          dependentVirtualMachines: [],
+          occurTime: new Date(),
+        },
+        'kvm-5',
+      ),
+      log,
+    );
     assert.equal(replicas.values.get('kvm-5.img')!.state, ImageReplica_State.STATE_FAILED);
     // The first availability again (redelivered, or stored twice after a long NATS outage): the damage stands.
     await applyReplicaEvent(deps, event(IMAGE_AVAILABLE, { totalBytes: '10', generation: '1', occurTime: available }, 'kvm-5'), log);

@@ -15,7 +15,14 @@ import { CloneEngine } from '../../services/agent/clone-engine.js';
 import { readCloneMetadata } from '../../services/agent/hypervisor/index.js';
 import type { DomainInfo, Libvirt } from '../../services/agent/hypervisor/libvirt.js';
 import { backoffDelay } from '../../services/common/platform/concurrency.js';
-import { DirectoryOutboxStore, OutboxEventPublisher, OutboxRelay, type OutboxRecord, type OutboxStore, type StoredRecord } from '../../services/common/platform/event-outbox.js';
+import {
+  DirectoryOutboxStore,
+  OutboxEventPublisher,
+  OutboxRelay,
+  type OutboxRecord,
+  type OutboxStore,
+  type StoredRecord,
+} from '../../services/common/platform/event-outbox.js';
 import { CLONE_DONE } from '../../services/common/domain/event-types.js';
 import type { CowherdError } from '../../services/common/platform/errors.js';
 import { createLogger } from '../../services/common/platform/logger.js';
@@ -50,10 +57,30 @@ class FakeStore implements OutboxStore {
 }
 
 function record(id: string, order: number): StoredRecord {
-  return { subject: 'cowherd.events.clone.done.kvm-01', kind: 'clone.done', typeName: CLONE_DONE.typeName, id, data: new Uint8Array([1]), recordedAt: 0, key: `left-${order}`, order };
+  return {
+    subject: 'cowherd.events.clone.done.kvm-01',
+    kind: 'clone.done',
+    typeName: CLONE_DONE.typeName,
+    id,
+    data: new Uint8Array([1]),
+    recordedAt: 0,
+    key: `left-${order}`,
+    order,
+  };
 }
 
-const cloneDone = (name: string): CloneDone => ({ virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'kvm-01', virtualMachine: name }), host: 'hosts/kvm-01', domainName: name, uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: undefined });
+const cloneDone = (name: string): CloneDone => ({
+  virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'kvm-01', virtualMachine: name }),
+  host: 'hosts/kvm-01',
+  domainName: name,
+  uuid: '',
+  image: '',
+  sourceVirtualMachine: '',
+  overlays: [],
+  started: false,
+  operation: '',
+  occurTime: undefined,
+});
 
 /** Polls `condition` (the relay runs on real timers with tiny delays). */
 async function until(condition: () => boolean, what: string, timeoutMs = 5_000): Promise<void> {
@@ -119,7 +146,10 @@ describe('event outbox relay', () => {
     await until(() => attempts.length >= 40, 'forty failed attempts');
     assert.equal(sent.length, 0);
     assert.equal(relay.pending, 5, 'nothing dropped while JetStream is unreachable');
-    assert.ok(attempts.slice(0, 40).every((id) => id === 'a' || id === 'b'), 'during the outage only the oldest window is tried');
+    assert.ok(
+      attempts.slice(0, 40).every((id) => id === 'a' || id === 'b'),
+      'during the outage only the oldest window is tried',
+    );
     const outageDelays = delays.filter((ms) => ms < 1e9);
     assert.deepEqual(outageDelays.slice(0, 5), [10, 20, 40, 80, 80], 'the delay doubles up to maxDelayMs');
     down = false;
@@ -184,10 +214,22 @@ describe('event outbox relay', () => {
   });
 
   it('backoff: equal jitter between half and all of the doubling delay, capped', () => {
-    assert.equal(backoffDelay(1, 100, 5_000, () => 0), 50);
-    assert.equal(backoffDelay(1, 100, 5_000, () => 1), 100);
-    assert.equal(backoffDelay(4, 100, 5_000, () => 1), 800);
-    assert.equal(backoffDelay(50, 100, 5_000, () => 0.5), 3_750);
+    assert.equal(
+      backoffDelay(1, 100, 5_000, () => 0),
+      50,
+    );
+    assert.equal(
+      backoffDelay(1, 100, 5_000, () => 1),
+      100,
+    );
+    assert.equal(
+      backoffDelay(4, 100, 5_000, () => 1),
+      800,
+    );
+    assert.equal(
+      backoffDelay(50, 100, 5_000, () => 0.5),
+      3_750,
+    );
   });
 });
 
@@ -198,7 +240,14 @@ describe('directory outbox store', () => {
       const first = await DirectoryOutboxStore.open(join(directory, 'images-root', 'outbox'), log);
       assert.equal((await stat(join(directory, 'images-root'))).mode & 0o777, 0o755, 'a parent it makes (the image directory) stays traversable');
       assert.equal((await stat(join(directory, 'images-root', 'outbox'))).mode & 0o777, 0o700);
-      const envelope = (id: string): OutboxRecord => ({ subject: 'cowherd.events.clone.done.kvm-01', kind: 'clone.done', typeName: CLONE_DONE.typeName, id, data: new Uint8Array([1, 2, 3]), recordedAt: 1 });
+      const envelope = (id: string): OutboxRecord => ({
+        subject: 'cowherd.events.clone.done.kvm-01',
+        kind: 'clone.done',
+        typeName: CLONE_DONE.typeName,
+        id,
+        data: new Uint8Array([1, 2, 3]),
+        recordedAt: 1,
+      });
       const stored = await Promise.all(['a', 'b', 'c'].map((id) => first.add(envelope(id))));
       await first.remove(stored[1]!);
       // A write that died before its rename, and a damaged record.
@@ -207,7 +256,10 @@ describe('directory outbox store', () => {
 
       const second = await DirectoryOutboxStore.open(join(directory, 'images-root', 'outbox'), log);
       const left = await second.leftovers();
-      assert.deepEqual(left.map((item) => item.id), ['a', 'c']);
+      assert.deepEqual(
+        left.map((item) => item.id),
+        ['a', 'c'],
+      );
       assert.deepEqual([...left[0]!.data], [1, 2, 3]);
       assert.deepEqual(await second.leftovers(), [], 'handed out once');
       const next = await second.add(envelope('d'));
@@ -229,7 +281,16 @@ describe('clone engine and the outbox', () => {
       const defined: DomainInfo[] = [];
       const define = async (xml: string): Promise<void> => {
         const clone = readCloneMetadata(xml);
-        defined.push({ name: /<name>([^<]+)<\/name>/.exec(xml)![1]!, uuid: /<uuid>([^<]+)<\/uuid>/.exec(xml)![1]!, state: 'shut off', domainType: 'qemu', vcpus: 1, memoryBytes: 64 * 1024 * 1024, disks: [], ...(clone ? { clone } : {}) } as DomainInfo);
+        defined.push({
+          name: /<name>([^<]+)<\/name>/.exec(xml)![1]!,
+          uuid: /<uuid>([^<]+)<\/uuid>/.exec(xml)![1]!,
+          state: 'shut off',
+          domainType: 'qemu',
+          vcpus: 1,
+          memoryBytes: 64 * 1024 * 1024,
+          disks: [],
+          ...(clone ? { clone } : {}),
+        } as DomainInfo);
       };
       const libvirt = { uri: 'test:///default', listDomains: async () => [...defined], define } as unknown as Libvirt;
       // The outbox's disk refuses the first batch's records (full), then takes them.
@@ -242,14 +303,31 @@ describe('clone engine and the outbox', () => {
       const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events: { publish }, log });
       const names = ['a', 'b', 'c'];
       const operation = 'operations/00000000-0000-4000-8000-00000000000a';
-      const request = CreateClonesRequest.fromPartial({ source: { $case: 'image', value: 'images/tiny' }, clones: names.map((domainName) => ({ domainName, start: false })), operation, requestId: `${operation}/hosts/kvm-01` });
+      const request = CreateClonesRequest.fromPartial({
+        source: { $case: 'image', value: 'images/tiny' },
+        clones: names.map((domainName) => ({ domainName, start: false })),
+        operation,
+        requestId: `${operation}/hosts/kvm-01`,
+      });
 
-      await assert.rejects(engine.createClones(request), (error: CowherdError) => error.code === GrpcStatus.RESOURCE_EXHAUSTED && /ENOSPC/.test(error.message) && /retry with the same request_id/.test(error.message), 'the call fails, saying that a retry records the events');
+      await assert.rejects(
+        engine.createClones(request),
+        (error: CowherdError) =>
+          error.code === GrpcStatus.RESOURCE_EXHAUSTED && /ENOSPC/.test(error.message) && /retry with the same request_id/.test(error.message),
+        'the call fails, saying that a retry records the events',
+      );
       assert.equal(defined.length, 3, 'the clones were made');
       diskFull = false;
       const retried = await engine.createClones(request);
-      assert.deepEqual(retried.map((result) => result.status?.code ?? 0), [0, 0, 0]);
-      assert.deepEqual(recorded.sort(), names.map((name) => `clone.done/${operation}/kvm-01/${name}`).sort(), 'the retry records the clone.done each clone owed');
+      assert.deepEqual(
+        retried.map((result) => result.status?.code ?? 0),
+        [0, 0, 0],
+      );
+      assert.deepEqual(
+        recorded.sort(),
+        names.map((name) => `clone.done/${operation}/kvm-01/${name}`).sort(),
+        'the retry records the clone.done each clone owed',
+      );
     } finally {
       await rm(directory, { recursive: true, force: true });
     }

@@ -56,8 +56,12 @@ describe('issued serials', () => {
       assert.ok(answers.every((answer) => answer === false));
       const fetches = list.starts.slice(first);
       assert.ok(fetches.length <= 2, `${fetches.length} fetches for 200 misses`);
-      for (let index = 1; index < list.starts.length; index++) assert.ok(list.starts[index]! - list.starts[index - 1]! >= 290, 'fetches at least minIntervalMs apart');
-      assert.ok(fetches.every((time) => time >= started), 'every miss was answered by a fetch that started after it');
+      for (let index = 1; index < list.starts.length; index++)
+        assert.ok(list.starts[index]! - list.starts[index - 1]! >= 290, 'fetches at least minIntervalMs apart');
+      assert.ok(
+        fetches.every((time) => time >= started),
+        'every miss was answered by a fetch that started after it',
+      );
     } finally {
       stop();
     }

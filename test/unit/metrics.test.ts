@@ -26,12 +26,25 @@ async function valueOf(name: string, labels: Record<string, string>): Promise<nu
   return values.find((value) => Object.entries(labels).every(([key, expected]) => value.labels[key] === expected))?.value ?? 0;
 }
 
-const cloneDone: CloneDone = { virtualMachine: 'hosts/kvm-01/virtualMachines/a', host: 'hosts/kvm-01', domainName: 'a', uuid: '', image: '', sourceVirtualMachine: '', overlays: [], started: false, operation: '', occurTime: undefined };
+const cloneDone: CloneDone = {
+  virtualMachine: 'hosts/kvm-01/virtualMachines/a',
+  host: 'hosts/kvm-01',
+  domainName: 'a',
+  uuid: '',
+  image: '',
+  sourceVirtualMachine: '',
+  overlays: [],
+  started: false,
+  operation: '',
+  occurTime: undefined,
+};
 
 describe('metrics', () => {
   it('count event publishes and publish failures by event type', async () => {
     let fail = false;
-    const js = { publish: async () => (fail ? Promise.reject(new Error('no responders')) : { seq: 7, duplicate: false, stream: 'COWHERD_EVENTS' }) } as unknown as JetStreamClient;
+    const js = {
+      publish: async () => (fail ? Promise.reject(new Error('no responders')) : { seq: 7, duplicate: false, stream: 'COWHERD_EVENTS' }),
+    } as unknown as JetStreamClient;
     const publisher = new JetStreamEventPublisher(js, log);
     const published = await valueOf('cowherd_events_published_total', { type: 'clone.done' });
     const failed = await valueOf('cowherd_event_publish_failures_total', { type: 'clone.done' });
@@ -76,15 +89,38 @@ describe('metrics', () => {
         if (xml.includes('refused-')) throw new Error('refused');
       };
       const libvirt = { uri: 'test:///default', listDomains: async () => [], define } as unknown as Libvirt;
-      const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events: { publish: async () => undefined }, log });
+      const engine = new CloneEngine({
+        host: 'kvm-01',
+        imageDirectory: directory,
+        hypervisor: 'kvm',
+        libvirt,
+        events: { publish: async () => undefined },
+        log,
+      });
       const count = async (result: string): Promise<number> => {
         const { values } = await metricsRegistry.getSingleMetric('cowherd_clone_duration_seconds')!.get();
-        return (values as Array<{ metricName?: string; labels: Record<string, unknown>; value: number }>).find((value) => value.metricName === 'cowherd_clone_duration_seconds_count' && value.labels['result'] === result)?.value ?? 0;
+        return (
+          (values as Array<{ metricName?: string; labels: Record<string, unknown>; value: number }>).find(
+            (value) => value.metricName === 'cowherd_clone_duration_seconds_count' && value.labels['result'] === result,
+          )?.value ?? 0
+        );
       };
       const doneBefore = await count('done');
       const failedBefore = await count('failed');
-      const results = await engine.createClones({ source: { $case: 'image', value: 'images/tiny' }, clones: [{ domainName: 'made-1', start: false }, { domainName: 'refused-1', start: false }], operation: '', requestId: '', validateOnly: false });
-      assert.deepEqual(results.map((result) => result.virtualMachine !== undefined), [true, false]);
+      const results = await engine.createClones({
+        source: { $case: 'image', value: 'images/tiny' },
+        clones: [
+          { domainName: 'made-1', start: false },
+          { domainName: 'refused-1', start: false },
+        ],
+        operation: '',
+        requestId: '',
+        validateOnly: false,
+      });
+      assert.deepEqual(
+        results.map((result) => result.virtualMachine !== undefined),
+        [true, false],
+      );
       assert.equal(await count('done'), doneBefore + 1);
       assert.equal(await count('failed'), failedBefore + 1);
     } finally {

@@ -12,16 +12,37 @@ import { domainsBackedBy, type DomainInfo } from '../../services/agent/hyperviso
 const run = promisify(execFile);
 let root: string;
 const domain = (name: string, sourcePath: string, format: string, image?: string): DomainInfo =>
-  ({ name, uuid: name, state: 'shut off', domainType: 'qemu', vcpus: 1, memoryBytes: 1, disks: [{ target: 'vda', device: 'disk', type: 'file', sourcePath, format }], ...(image ? { clone: { source: { image }, operation: '', requestId: '' } } : {}) }) as unknown as DomainInfo;
+  ({
+    name,
+    uuid: name,
+    state: 'shut off',
+    domainType: 'qemu',
+    vcpus: 1,
+    memoryBytes: 1,
+    disks: [{ target: 'vda', device: 'disk', type: 'file', sourcePath, format }],
+    ...(image ? { clone: { source: { image }, operation: '', requestId: '' } } : {}),
+  }) as unknown as DomainInfo;
 
 before(async () => {
   root = await mkdtemp(join(tmpdir(), 'cowherd-test-dependents-'));
-  for (const directory of ['images/img', 'images/img.generation-2', 'clones/a', 'clones/b', 'clones/c', 'vms']) await mkdir(join(root, directory), { recursive: true });
-  for (const generation of ['img', 'img.generation-2']) await run('qemu-img', ['create', '-q', '-f', 'qcow2', join(root, 'images', generation, 'vda.qcow2'), '16M']);
+  for (const directory of ['images/img', 'images/img.generation-2', 'clones/a', 'clones/b', 'clones/c', 'vms'])
+    await mkdir(join(root, directory), { recursive: true });
+  for (const generation of ['img', 'img.generation-2'])
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', join(root, 'images', generation, 'vda.qcow2'), '16M']);
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', join(root, 'images/img/vda.qcow2'), '-F', 'qcow2', join(root, 'clones/a/vda.qcow2')]);
   // A clone of clone a: its metadata names a VM, not the image; only the chain shows it uses generation 1.
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', join(root, 'clones/a/vda.qcow2'), '-F', 'qcow2', join(root, 'clones/b/vda.qcow2')]);
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', join(root, 'images/img.generation-2/vda.qcow2'), '-F', 'qcow2', join(root, 'clones/c/vda.qcow2')]);
+  await run('qemu-img', [
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '-b',
+    join(root, 'images/img.generation-2/vda.qcow2'),
+    '-F',
+    'qcow2',
+    join(root, 'clones/c/vda.qcow2'),
+  ]);
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', join(root, 'vms/other.qcow2'), '16M']);
   // A VHD child cowherd cannot follow here: its metadata decides.
   const vhd = Buffer.alloc(512);

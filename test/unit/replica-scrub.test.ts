@@ -19,12 +19,21 @@ before(async () => {
   directory = await mkdtemp(join(tmpdir(), 'cowherd-test-scrub-'));
   files = [];
   // Sizes that do not end on a piece boundary, so a piece spans both files.
-  for (const [path, size] of [['vda.qcow2', 3 * MiB + 1234], ['domain-template.xml', 700 * 1024]] as const) {
+  for (const [path, size] of [
+    ['vda.qcow2', 3 * MiB + 1234],
+    ['domain-template.xml', 700 * 1024],
+  ] as const) {
     const data = randomBytes(size);
     await writeFile(join(directory, path), data);
     files.push({ path, sizeBytes: size, sha256: createHash('sha256').update(data).digest('hex') });
   }
-  torrent = await createImageTorrent({ directory, files: files.map((file) => file.path), announce: 'http://127.0.0.1:1/announce', name: 'img-scrub', pieceLengthBytes: 512 * 1024 });
+  torrent = await createImageTorrent({
+    directory,
+    files: files.map((file) => file.path),
+    announce: 'http://127.0.0.1:1/announce',
+    name: 'img-scrub',
+    pieceLengthBytes: 512 * 1024,
+  });
 });
 
 after(() => rm(directory, { recursive: true, force: true }));
@@ -75,7 +84,7 @@ describe('replica scrub', () => {
     await rm(join(directory, 'domain-template.xml'));
     const missing = await scanReplica(directory, torrent, files);
     assert.deepEqual(missing.badFiles, ['domain-template.xml']);
-    assert.equal(missing.badPieces, 2, 'the shared piece and the template\'s own');
+    assert.equal(missing.badPieces, 2, "the shared piece and the template's own");
     await rename(saved, join(directory, 'domain-template.xml'));
     assert.deepEqual(changedFiles(before, await fingerprintFiles(directory, files)), ['domain-template.xml']);
     assert.deepEqual((await scanReplica(directory, torrent, files)).badFiles, []);

@@ -45,25 +45,41 @@ export async function ensureEnrolled(options: EnrollmentOptions): Promise<TlsFil
     if (facts.notAfter.getTime() > Date.now() + 60_000 && facts.identity?.uri === identityUri('host', options.host)) return files;
     options.log.warn({ identity: facts.identity?.uri, notAfter: facts.notAfter }, 'stored credentials are expired or for another host; enrolling again');
   }
-  if (!options.joinToken) throw new Error(`no valid credentials in ${options.credentialsDirectory} and no join token: ask an admin for one (cowherd hosts join-token ${options.host}) and set COWHERD_JOIN_TOKEN`);
+  if (!options.joinToken)
+    throw new Error(
+      `no valid credentials in ${options.credentialsDirectory} and no join token: ask an admin for one (cowherd hosts join-token ${options.host}) and set COWHERD_JOIN_TOKEN`,
+    );
   const [scheme, tokenId = '', secret = '', pinned = '', ...rest] = options.joinToken.split('.');
-  if (scheme !== 'cjt1' || !JOIN_TOKEN_ID.test(tokenId) || !/^[A-Za-z0-9_-]{43}$/.test(secret) || !/^[0-9a-f]{64}$/.test(pinned) || rest.length > 0) throw new Error('COWHERD_JOIN_TOKEN is not a cowherd join token (cjt1.<id>.<secret>.<ca sha256>)');
+  if (scheme !== 'cjt1' || !JOIN_TOKEN_ID.test(tokenId) || !/^[A-Za-z0-9_-]{43}$/.test(secret) || !/^[0-9a-f]{64}$/.test(pinned) || rest.length > 0)
+    throw new Error('COWHERD_JOIN_TOKEN is not a cowherd join token (cjt1.<id>.<secret>.<ca sha256>)');
 
   // 1. Fetch the CA bundle without trusting anyone, and pin it.
   const caPem = await fetchCaBundle(options.enrollAddress);
   const actual = certificateSha256(caPem);
   if (actual !== pinned) {
-    throw new CowherdError(GrpcStatus.FAILED_PRECONDITION, `the CA at ${options.enrollAddress} (sha256 ${actual}) is not the one the join token pins (${pinned}); refusing to enroll`, { reason: ErrorReason.ERROR_REASON_JOIN_TOKEN_CA_MISMATCH });
+    throw new CowherdError(
+      GrpcStatus.FAILED_PRECONDITION,
+      `the CA at ${options.enrollAddress} (sha256 ${actual}) is not the one the join token pins (${pinned}); refusing to enroll`,
+      { reason: ErrorReason.ERROR_REASON_JOIN_TOKEN_CA_MISMATCH },
+    );
   }
   // 2. Enroll over TLS verified against the pinned CA.
   const keys = await generateKeyPair(2048);
   const csrPem = createCsr(keys.privateKeyPem, keys.publicKeyPem, { identity: identityUri('host', options.host), dnsNames: options.dnsNames });
-  const client = createClient(CertificateAuthorityServiceClient, options.enrollAddress, ChannelCredentials.createSsl(Buffer.from(caPem)), { defaultDeadlineMs: 30_000 });
+  const client = createClient(CertificateAuthorityServiceClient, options.enrollAddress, ChannelCredentials.createSsl(Buffer.from(caPem)), {
+    defaultDeadlineMs: 30_000,
+  });
   try {
     const response = await new Promise<{ certificatePem: string; caPem: string }>((resolve, reject) =>
-      client.enrollHost({ token: options.joinToken!, csrPem }, (error, result) => (error ? reject(error) : resolve({ certificatePem: result.certificate?.certificatePem ?? '', caPem: result.caCertificatePem }))),
+      client.enrollHost({ token: options.joinToken!, csrPem }, (error, result) =>
+        error ? reject(error) : resolve({ certificatePem: result.certificate?.certificatePem ?? '', caPem: result.caCertificatePem }),
+      ),
     );
-    const written = await writeCredentials(options.credentialsDirectory, { certificatePem: response.certificatePem, privateKeyPem: keys.privateKeyPem, caPem: response.caPem });
+    const written = await writeCredentials(options.credentialsDirectory, {
+      certificatePem: response.certificatePem,
+      privateKeyPem: keys.privateKeyPem,
+      caPem: response.caPem,
+    });
     options.log.info({ host: options.host, serialNumber: inspectCertificate(response.certificatePem).serialNumber }, 'enrolled');
     return written;
   } finally {

@@ -46,7 +46,12 @@ export function detectHypervisor(facts: HypervisorFacts, system: SystemFacts): H
   const driver = facts.driver.toLowerCase();
   const scheme = facts.uri.split(':')[0]?.split('+')[0]?.toLowerCase() ?? '';
   const inXen = system.sysHypervisorType === 'xen' || system.procXen;
-  const xenEvidence = system.sysHypervisorType === 'xen' ? '/sys/hypervisor/type is xen' : system.procXen ? '/proc/xen exists' : 'no /sys/hypervisor/type or /proc/xen on this machine';
+  const xenEvidence =
+    system.sysHypervisorType === 'xen'
+      ? '/sys/hypervisor/type is xen'
+      : system.procXen
+        ? '/proc/xen exists'
+        : 'no /sys/hypervisor/type or /proc/xen on this machine';
   if (driver === 'xen' || driver === 'libxl' || scheme === 'xen' || scheme === 'libxl') {
     return {
       hypervisor: Hypervisor.HYPERVISOR_XEN,
@@ -57,9 +62,12 @@ export function detectHypervisor(facts: HypervisorFacts, system: SystemFacts): H
     const base = `qemu ${facts.hypervisorVersion} via ${versions} (${facts.uri})`;
     const xenNote = inXen ? `; this machine is itself a Xen domain (${xenEvidence})` : '';
     if (facts.domainTypes.includes('kvm')) {
-      return { hypervisor: Hypervisor.HYPERVISOR_KVM, detail: `${base}, KVM acceleration: libvirt offers domain type 'kvm' (/dev/kvm ${system.devKvm ? 'present' : 'not visible to the agent'})${xenNote}` };
+      return {
+        hypervisor: Hypervisor.HYPERVISOR_KVM,
+        detail: `${base}, KVM acceleration: libvirt offers domain type 'kvm' (/dev/kvm ${system.devKvm ? 'present' : 'not visible to the agent'})${xenNote}`,
+      };
     }
-    const why = system.devKvm ? "/dev/kvm exists but libvirt does not offer it (masked or unusable)" : '/dev/kvm missing';
+    const why = system.devKvm ? '/dev/kvm exists but libvirt does not offer it (masked or unusable)' : '/dev/kvm missing';
     return { hypervisor: Hypervisor.HYPERVISOR_KVM, detail: `${base}, TCG emulation without KVM: libvirt offers only domain type 'qemu' (${why})${xenNote}` };
   }
   return {

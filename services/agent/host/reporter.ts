@@ -12,9 +12,26 @@ import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js
 import type { Logger } from '../../common/platform/logger.js';
 import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../common/domain/resource-names.js';
 import { Hypervisor } from '../../gen/cowherd/common/v1/types.js';
-import type { HeartbeatRequest, HeartbeatResponse, InventoryServiceClient, RegisterHostRequest, ReportVirtualMachinesRequest, ReportVirtualMachinesResponse } from '../../gen/cowherd/inventory/v1/inventory_service.js';
+import type {
+  HeartbeatRequest,
+  HeartbeatResponse,
+  InventoryServiceClient,
+  RegisterHostRequest,
+  ReportVirtualMachinesRequest,
+  ReportVirtualMachinesResponse,
+} from '../../gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, VirtualMachine, type Disk, type TransferLimits } from '../../gen/cowherd/inventory/v1/resources.js';
-import { inspectAll, LibvirtError, virtualMachineId, virtualMachineState, type DiskInspector, type DomainInfo, type EventWatch, type Libvirt, type LibvirtEvent } from '../hypervisor/index.js';
+import {
+  inspectAll,
+  LibvirtError,
+  virtualMachineId,
+  virtualMachineState,
+  type DiskInspector,
+  type DomainInfo,
+  type EventWatch,
+  type Libvirt,
+  type LibvirtEvent,
+} from '../hypervisor/index.js';
 import type { HostFactsSource, HostRegistrationFacts } from './host-facts.js';
 
 /** The three inventory calls the reporter makes (a fake in unit tests, gRPC in the agent). */
@@ -34,7 +51,8 @@ export function inventoryPort(client: InventoryServiceClient, deadlineMs = 15_00
   return {
     registerHost: (request) => new Promise((resolve, reject) => client.registerHost(request, new Metadata(), options(), settle(resolve, reject))),
     heartbeat: (request) => new Promise((resolve, reject) => client.heartbeat(request, new Metadata(), options(), settle(resolve, reject))),
-    reportVirtualMachines: (request) => new Promise((resolve, reject) => client.reportVirtualMachines(request, new Metadata(), options(), settle(resolve, reject))),
+    reportVirtualMachines: (request) =>
+      new Promise((resolve, reject) => client.reportVirtualMachines(request, new Metadata(), options(), settle(resolve, reject))),
   };
 }
 
@@ -256,7 +274,10 @@ export function createReporter(options: ReporterOptions): Reporter {
       retryDelayMs = initialRetryMs;
       counts = { ...counts, registrations: counts.registrations + 1 };
       needFullSnapshot = true;
-      log.info({ host: parent, hypervisor: Hypervisor[facts.hypervisor], hypervisorDetail: facts.hypervisorDetail, state: host.state }, 'registered with inventory');
+      log.info(
+        { host: parent, hypervisor: Hypervisor[facts.hypervisor], hypervisorDetail: facts.hypervisorDetail, state: host.state },
+        'registered with inventory',
+      );
       options.onTransferLimits?.(host.transferLimits);
       // One heartbeat at once, to learn the server's interval.
       heartbeatSession += 1;
@@ -337,7 +358,8 @@ export function createReporter(options: ReporterOptions): Reporter {
             continue;
           }
           const previous = reported.get(name);
-          if (previous !== undefined && previous !== VIRTUAL_MACHINE_NAME.format({ host: options.host, virtualMachine: virtualMachineId(domain) })) removed.push(previous);
+          if (previous !== undefined && previous !== VIRTUAL_MACHINE_NAME.format({ host: options.host, virtualMachine: virtualMachineId(domain) }))
+            removed.push(previous);
           found.push(domain);
         } catch (error) {
           if (!(error instanceof LibvirtError && error.kind === 'domain-not-found')) throw error;

@@ -91,7 +91,15 @@ export function createQemuImgDiskInspector(options: QemuImgDiskInspectorOptions)
   const info = async (path: string, format: string | undefined, chain: boolean): Promise<DiskImage> => {
     // Open the disk with libvirt's declared format: probing a raw disk would trust a header the guest may
     // have written (a fake qcow2 header naming any host file as "backing file").
-    const args = ['info', '-U', '--output=json', ...(chain ? ['--backing-chain'] : []), ...(format && KNOWN_FORMATS.has(format) ? ['-f', format] : []), '--', path];
+    const args = [
+      'info',
+      '-U',
+      '--output=json',
+      ...(chain ? ['--backing-chain'] : []),
+      ...(format && KNOWN_FORMATS.has(format) ? ['-f', format] : []),
+      '--',
+      path,
+    ];
     return parseQemuImgInfo(await runCommand(qemuImg, args, { timeoutMs, env: { LC_ALL: 'C' } }));
   };
   return {
@@ -126,7 +134,7 @@ export function createQemuImgDiskInspector(options: QemuImgDiskInspectorOptions)
 }
 
 function describe(error: unknown): string {
-  return error instanceof CommandError ? error.stderr.trim().split('\n').slice(-1)[0] ?? error.message : (error as Error).message;
+  return error instanceof CommandError ? (error.stderr.trim().split('\n').slice(-1)[0] ?? error.message) : (error as Error).message;
 }
 
 /** Runs `inspect` over every disk with at most `concurrency` qemu-img processes at once, keeping order. */

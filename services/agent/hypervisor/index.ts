@@ -4,7 +4,17 @@
  * VHD differencing disks), disk inspection, and the domains that depend on an image's files. It uses only
  * the image-directory room; the swarm and the host are not its business.
  */
-export { LibvirtError, VirshLibvirt, type DomainDisk, type DomainInfo, type DomainState, type EventWatch, type HypervisorFacts, type Libvirt, type LibvirtEvent } from './libvirt.js';
+export {
+  LibvirtError,
+  VirshLibvirt,
+  type DomainDisk,
+  type DomainInfo,
+  type DomainState,
+  type EventWatch,
+  type HypervisorFacts,
+  type Libvirt,
+  type LibvirtEvent,
+} from './libvirt.js';
 export { scopedLibvirt } from './scoped-libvirt.js';
 export { virtualMachineId, virtualMachineState } from './domain-state.js';
 export { domainsBackedBy, domainsClonedFrom, imageDependents, type ImageDependents } from './dependents.js';

@@ -147,7 +147,11 @@ export class LibvirtError extends Error {
 export function classifyVirshError(stderr: string, timedOut = false): LibvirtErrorKind {
   if (timedOut) return 'timeout';
   if (/failed to get domain|Domain not found|no domain with matching/i.test(stderr)) return 'domain-not-found';
-  if (/failed to connect|Failed to connect socket|no connection driver available|authentication (failed|unavailable)|End of file while reading data|Cannot recv data|Cannot write data|unable to connect|no valid connection/i.test(stderr)) {
+  if (
+    /failed to connect|Failed to connect socket|no connection driver available|authentication (failed|unavailable)|End of file while reading data|Cannot recv data|Cannot write data|unable to connect|no valid connection/i.test(
+      stderr,
+    )
+  ) {
     return 'connection-failed';
   }
   if (/Requested operation is not valid|is already active|is not running|domain is already running/i.test(stderr)) return 'operation-invalid';
@@ -198,11 +202,20 @@ function attribute(value: unknown, name: string): string | undefined {
 }
 
 const MEMORY_UNITS: Record<string, number> = {
-  b: 1, bytes: 1,
-  kb: 1e3, k: 1024, kib: 1024,
-  mb: 1e6, m: 1024 ** 2, mib: 1024 ** 2,
-  gb: 1e9, g: 1024 ** 3, gib: 1024 ** 3,
-  tb: 1e12, t: 1024 ** 4, tib: 1024 ** 4,
+  b: 1,
+  bytes: 1,
+  kb: 1e3,
+  k: 1024,
+  kib: 1024,
+  mb: 1e6,
+  m: 1024 ** 2,
+  mib: 1024 ** 2,
+  gb: 1e9,
+  g: 1024 ** 3,
+  gib: 1024 ** 3,
+  tb: 1e12,
+  t: 1024 ** 4,
+  tib: 1024 ** 4,
 };
 
 /** `<memory unit='KiB'>65536</memory>` in bytes (libvirt's default unit is KiB). */
@@ -210,7 +223,8 @@ function memoryBytes(value: unknown): number {
   const amount = Number(text(value) ?? '0');
   const unit = (attribute(value, 'unit') ?? 'KiB').toLowerCase();
   const factor = MEMORY_UNITS[unit];
-  if (factor === undefined || !Number.isFinite(amount)) throw new LibvirtError('operation-failed', `unknown memory amount ${JSON.stringify(text(value))} ${unit}`);
+  if (factor === undefined || !Number.isFinite(amount))
+    throw new LibvirtError('operation-failed', `unknown memory amount ${JSON.stringify(text(value))} ${unit}`);
   return amount * factor;
 }
 
@@ -228,7 +242,8 @@ export function parseDomainXml(document: string): DomainDefinition {
   for (const entry of (node(domain['devices'])?.['disk'] as unknown[] | undefined) ?? []) {
     const type = attribute(entry, 'type') ?? 'file';
     const source = node(entry)?.['source'];
-    const sourcePath = type === 'block' ? attribute(source, 'dev') : type === 'dir' ? attribute(source, 'dir') : type === 'file' ? attribute(source, 'file') : undefined;
+    const sourcePath =
+      type === 'block' ? attribute(source, 'dev') : type === 'dir' ? attribute(source, 'dir') : type === 'file' ? attribute(source, 'file') : undefined;
     const format = attribute(node(entry)?.['driver'], 'type');
     disks.push({
       target: attribute(node(entry)?.['target'], 'dev') ?? '',
@@ -364,7 +379,13 @@ export class VirshLibvirt implements Libvirt {
     const missing: string[] = [];
     for (let start = 0; start < uuids.length; start += this.batchSize) {
       const batch = uuids.slice(start, start + this.batchSize);
-      const sections = await this.runBatch(batch.flatMap((uuid) => [['domstate', '--domain', uuid], ['dumpxml', '--domain', uuid]]), false);
+      const sections = await this.runBatch(
+        batch.flatMap((uuid) => [
+          ['domstate', '--domain', uuid],
+          ['dumpxml', '--domain', uuid],
+        ]),
+        false,
+      );
       batch.forEach((uuid, index) => {
         const state = sections[2 * index] ?? '';
         const document = sections[2 * index + 1] ?? '';
@@ -390,15 +411,21 @@ export class VirshLibvirt implements Libvirt {
   }
 
   private async listUuids(): Promise<string[]> {
-    return (await this.run(['list', '--all', '--uuid'])).split('\n').map((line) => line.trim().toLowerCase()).filter((line) => UUID.test(line));
+    return (await this.run(['list', '--all', '--uuid']))
+      .split('\n')
+      .map((line) => line.trim().toLowerCase())
+      .filter((line) => UUID.test(line));
   }
 
   async domain(nameOrUuid: string): Promise<DomainInfo> {
     // dumpxml last: when the domain does not exist, its failure is virsh's exit status, with stderr.
-    const [state = '', document = ''] = await this.runBatch([
-      ['domstate', '--domain', nameOrUuid],
-      ['dumpxml', '--domain', nameOrUuid],
-    ], true);
+    const [state = '', document = ''] = await this.runBatch(
+      [
+        ['domstate', '--domain', nameOrUuid],
+        ['dumpxml', '--domain', nameOrUuid],
+      ],
+      true,
+    );
     if (state.trim() === '' || document.trim() === '') {
       throw new LibvirtError('domain-not-found', `domain ${JSON.stringify(nameOrUuid)} changed while being read`);
     }
@@ -505,14 +532,25 @@ export class VirshLibvirt implements Libvirt {
         const batch = files.slice(start, start + this.batchSize);
         // virsh goes on after a failed define; which ones failed is read back from the domain list, and
         // each failure is then repeated alone to get its error.
-        await this.runBatch(batch.map((file) => ['define', '--file', file]), false);
+        await this.runBatch(
+          batch.map((file) => ['define', '--file', file]),
+          false,
+        );
       }
-      const defined = new Set((await this.run(['list', '--all', '--name'])).split('\n').map((line) => line.trim()).filter((line) => line !== ''));
+      const defined = new Set(
+        (await this.run(['list', '--all', '--name']))
+          .split('\n')
+          .map((line) => line.trim())
+          .filter((line) => line !== ''),
+      );
       await Promise.all(
         documents.map(async (document, index) => {
           const name = parseDomainXml(document).name;
           if (defined.has(name)) return;
-          results[index] = await this.run(['define', '--file', files[index]!]).then(() => undefined, (error: unknown) => error as Error);
+          results[index] = await this.run(['define', '--file', files[index]!]).then(
+            () => undefined,
+            (error: unknown) => error as Error,
+          );
         }),
       );
       return results;
@@ -546,7 +584,15 @@ function toLibvirtError(error: unknown): LibvirtError {
   if (error instanceof LibvirtError) return error;
   if (error instanceof CommandError) {
     // A batch repeats the same error once per failed command.
-    const detail = [...new Set(error.stderr.split('\n').map((line) => line.trim()).filter((line) => line !== ''))].join(' | ') || error.message;
+    const detail =
+      [
+        ...new Set(
+          error.stderr
+            .split('\n')
+            .map((line) => line.trim())
+            .filter((line) => line !== ''),
+        ),
+      ].join(' | ') || error.message;
     return new LibvirtError(classifyVirshError(error.stderr, error.timedOut), detail, error);
   }
   return new LibvirtError('operation-failed', (error as Error).message ?? String(error), error);

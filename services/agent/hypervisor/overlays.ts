@@ -20,5 +20,7 @@ export async function protectBase(base: string): Promise<void> {
 
 /** Creates a qcow2 overlay of `base` (format `baseFormat`: qcow2 or raw) at `child`; refuses to overwrite. */
 export async function createQcow2Overlay(base: string, baseFormat: 'qcow2' | 'raw', child: string, options: { timeoutMs?: number } = {}): Promise<void> {
-  await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', QCOW2_OVERLAY_OPTIONS, '-b', base, '-F', baseFormat, child], { timeoutMs: options.timeoutMs ?? 30_000 });
+  await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', QCOW2_OVERLAY_OPTIONS, '-b', base, '-F', baseFormat, child], {
+    timeoutMs: options.timeoutMs ?? 30_000,
+  });
 }

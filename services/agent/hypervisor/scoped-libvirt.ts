@@ -17,13 +17,16 @@ export function scopedLibvirt(inner: Libvirt, directory: string): Libvirt {
   const belongs = (domain: DomainInfo): boolean => domain.disks.some((disk) => disk.sourcePath !== undefined && resolve(disk.sourcePath).startsWith(root));
   const visible = async (nameOrUuid: string): Promise<DomainInfo> => {
     const domain = await inner.domain(nameOrUuid);
-    if (!belongs(domain)) throw new LibvirtError('domain-not-found', `domain ${JSON.stringify(nameOrUuid)} is not one of this agent's (no disk under ${directory})`);
+    if (!belongs(domain))
+      throw new LibvirtError('domain-not-found', `domain ${JSON.stringify(nameOrUuid)} is not one of this agent's (no disk under ${directory})`);
     return domain;
   };
-  const checked = <A extends unknown[]>(call: (nameOrUuid: string, ...rest: A) => Promise<void>) => async (nameOrUuid: string, ...rest: A): Promise<void> => {
-    await visible(nameOrUuid);
-    await call(nameOrUuid, ...rest);
-  };
+  const checked =
+    <A extends unknown[]>(call: (nameOrUuid: string, ...rest: A) => Promise<void>) =>
+    async (nameOrUuid: string, ...rest: A): Promise<void> => {
+      await visible(nameOrUuid);
+      await call(nameOrUuid, ...rest);
+    };
   return {
     uri: inner.uri,
     listDomains: async () => (await inner.listDomains()).filter(belongs),

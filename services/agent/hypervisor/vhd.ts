@@ -223,7 +223,8 @@ export async function createDifferencingVhd(options: CreateDifferencingVhdOption
   const relative = path.relative(childDirectory, locatorTarget);
   const unicodeName = path.basename(locatorTarget);
   const nameBytes = encodeUtf16Be(unicodeName);
-  if (nameBytes.length > PARENT_NAME_BYTES) throw new VhdError('invalid-argument', childPath, `parent name "${unicodeName}" exceeds ${PARENT_NAME_BYTES / 2} UTF-16 units`);
+  if (nameBytes.length > PARENT_NAME_BYTES)
+    throw new VhdError('invalid-argument', childPath, `parent name "${unicodeName}" exceeds ${PARENT_NAME_BYTES / 2} UTF-16 units`);
 
   // blktap reads locators in table order and takes the first that resolves, so the relative one goes first: it
   // survives moving parent and child together. Windows paths use backslashes; blktap turns them back into
@@ -628,21 +629,29 @@ async function parseVhd(handle: FileHandle, filePath: string): Promise<OpenedVhd
   }
 
   const headerOffset = safeNumber(footer.readBigUInt64BE(16), filePath, 'data offset');
-  if (headerOffset + DYNAMIC_HEADER_SIZE > fileSize - FOOTER_SIZE) throw new VhdError('malformed', filePath, `dynamic header offset ${headerOffset} outside the file`);
+  if (headerOffset + DYNAMIC_HEADER_SIZE > fileSize - FOOTER_SIZE)
+    throw new VhdError('malformed', filePath, `dynamic header offset ${headerOffset} outside the file`);
   const header = await readFully(handle, headerOffset, DYNAMIC_HEADER_SIZE, filePath);
   if (header.toString('latin1', 0, 8) !== DYNAMIC_COOKIE) throw new VhdError('malformed', filePath, `no "cxsparse" dynamic header at offset ${headerOffset}`);
   const headerChecksum = header.readUInt32BE(36);
   if (checksum(header, 36) !== headerChecksum) {
-    throw new VhdError('bad-checksum', filePath, `dynamic header checksum 0x${hex32(headerChecksum)} does not match its bytes (0x${hex32(checksum(header, 36))})`);
+    throw new VhdError(
+      'bad-checksum',
+      filePath,
+      `dynamic header checksum 0x${hex32(headerChecksum)} does not match its bytes (0x${hex32(checksum(header, 36))})`,
+    );
   }
   const headerVersion = header.readUInt32BE(24);
   if (headerVersion !== FORMAT_VERSION) throw new VhdError('unsupported', filePath, `dynamic header version 0x${hex32(headerVersion)}`);
   const tableOffset = safeNumber(header.readBigUInt64BE(16), filePath, 'table offset');
   const blockCount = header.readUInt32BE(28);
   const blockSize = header.readUInt32BE(32);
-  if (blockSize < SECTOR_SIZE || (blockSize & (blockSize - 1)) !== 0) throw new VhdError('malformed', filePath, `block size ${blockSize} is not a power of two >= 512`);
-  if (blockCount * blockSize < currentSize) throw new VhdError('malformed', filePath, `${blockCount} blocks of ${blockSize} bytes do not cover ${currentSize} bytes`);
-  if (tableOffset % SECTOR_SIZE !== 0 || tableOffset + blockCount * 4 > fileSize - FOOTER_SIZE) throw new VhdError('malformed', filePath, `BAT at ${tableOffset} (${blockCount} entries) outside the file`);
+  if (blockSize < SECTOR_SIZE || (blockSize & (blockSize - 1)) !== 0)
+    throw new VhdError('malformed', filePath, `block size ${blockSize} is not a power of two >= 512`);
+  if (blockCount * blockSize < currentSize)
+    throw new VhdError('malformed', filePath, `${blockCount} blocks of ${blockSize} bytes do not cover ${currentSize} bytes`);
+  if (tableOffset % SECTOR_SIZE !== 0 || tableOffset + blockCount * 4 > fileSize - FOOTER_SIZE)
+    throw new VhdError('malformed', filePath, `BAT at ${tableOffset} (${blockCount} entries) outside the file`);
   const batBytes = await readFully(handle, tableOffset, blockCount * 4, filePath);
   const bat = new Uint32Array(blockCount);
   const bitmapBytes = roundUp(Math.ceil(blockSize / SECTOR_SIZE / 8), SECTOR_SIZE);
@@ -654,7 +663,8 @@ async function parseVhd(handle: FileHandle, filePath: string): Promise<OpenedVhd
     allocated++;
     // The last block may be cut short at the end of the disk, but its bitmap and the used part must be there.
     const usedBytes = Math.min(blockSize, currentSize - block * blockSize);
-    if (entry * SECTOR_SIZE + bitmapBytes + usedBytes > fileSize) throw new VhdError('malformed', filePath, `block ${block} at sector ${entry} extends past the end of the file`);
+    if (entry * SECTOR_SIZE + bitmapBytes + usedBytes > fileSize)
+      throw new VhdError('malformed', filePath, `block ${block} at sector ${entry} extends past the end of the file`);
   }
 
   let parent: VhdParentInfo | undefined;

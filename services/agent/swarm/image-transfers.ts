@@ -45,7 +45,17 @@ import { ErrorReason } from '../../gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, Hypervisor, TransferProgress } from '../../gen/cowherd/common/v1/types.js';
 import { Image, ImageReplica, ImageReplica_State, type TorrentInfo } from '../../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../../gen/google/rpc/status.js';
-import { fsyncDirectory, imagesDirectory, pathExists, removeTree, replicaDirectory, replicaFile, replicaPartialDirectory, replicaStateFile, replicaStateFileId } from '../image-directory/index.js';
+import {
+  fsyncDirectory,
+  imagesDirectory,
+  pathExists,
+  removeTree,
+  replicaDirectory,
+  replicaFile,
+  replicaPartialDirectory,
+  replicaStateFile,
+  replicaStateFileId,
+} from '../image-directory/index.js';
 import { changedFiles, fingerprintFiles, scanReplica, scrubMetrics, type FileFingerprint, type ScanResult } from './replica-scrub.js';
 import { replicaIdOf, type ReplicaDependents } from './replicas.js';
 import { ImageSwarm, type ExpectedImageFile, type SwarmLimits, type SwarmProgress } from './swarm.js';
@@ -167,11 +177,19 @@ export class ImageTransfers {
 
   /** Starts the swarm and the web seed, then takes up every replica recorded in the image directory. */
   static async start(options: ImageTransfersOptions): Promise<ImageTransfers> {
-    const swarm = await ImageSwarm.create({ torrentPort: options.torrentPort, log: options.log.child({ component: 'swarm' }), ...(options.limits ? { limits: options.limits } : {}) });
+    const swarm = await ImageSwarm.create({
+      torrentPort: options.torrentPort,
+      log: options.log.child({ component: 'swarm' }),
+      ...(options.limits ? { limits: options.limits } : {}),
+    });
     // The transfers exist only after the web seed listens: the check reaches them through this late binding.
     let transfers: ImageTransfers | undefined;
     const servable = async (id: string): Promise<boolean> => (transfers ? transfers.servable(id) : false);
-    const webSeed = new WebSeedServer({ log: options.log.child({ component: 'web-seed' }), uploadBytesPerSecond: options.limits?.uploadBytesPerSecond ?? 0, servable });
+    const webSeed = new WebSeedServer({
+      log: options.log.child({ component: 'web-seed' }),
+      uploadBytesPerSecond: options.limits?.uploadBytesPerSecond ?? 0,
+      servable,
+    });
     try {
       await webSeed.listen(options.webSeedAddress);
     } catch (error) {
@@ -199,7 +217,8 @@ export class ImageTransfers {
 
   /** Applies new limits to the swarm (both directions) and the web seed (upload). */
   setLimits(limits: SwarmLimits): SwarmLimits {
-    if (!(limits.uploadBytesPerSecond >= 0) || !(limits.downloadBytesPerSecond >= 0)) throw CowherdError.invalidArgument('transfer_limits', 'must not be negative (0 means unlimited)');
+    if (!(limits.uploadBytesPerSecond >= 0) || !(limits.downloadBytesPerSecond >= 0))
+      throw CowherdError.invalidArgument('transfer_limits', 'must not be negative (0 means unlimited)');
     const current = this.swarm.getLimits();
     if (current.uploadBytesPerSecond !== limits.uploadBytesPerSecond || current.downloadBytesPerSecond !== limits.downloadBytesPerSecond) {
       this.swarm.setLimits(limits);
@@ -225,7 +244,14 @@ export class ImageTransfers {
     signal?: AbortSignal,
   ): Promise<TorrentInfo> {
     const directory = replicaDirectory(this.options.imageDirectory, id);
-    const torrent = await createImageTorrent({ directory, files: image.files.map((file) => file.path), announce: trackerAnnounceUrl, name: id, ...(onProgress ? { onProgress } : {}), ...(signal ? { signal } : {}) });
+    const torrent = await createImageTorrent({
+      directory,
+      files: image.files.map((file) => file.path),
+      announce: trackerAnnounceUrl,
+      name: id,
+      ...(onProgress ? { onProgress } : {}),
+      ...(signal ? { signal } : {}),
+    });
     const info = torrentInfoOf(torrent);
     const request = FetchImageRequest.fromPartial({ image: { ...image, torrent: info }, trackerAnnounceUrl, webSeedUrls: [] });
     const replica = this.newReplica(id, request, true, ImageReplica_State.STATE_AVAILABLE);
@@ -234,7 +260,11 @@ export class ImageTransfers {
     await this.writeState(replica);
     try {
       await this.swarm.seed(id, directory, torrent.infoDictionary, { announce: trackerAnnounceUrl, infoHash: torrent.infoHash, superSeed: true });
-      this.webSeed.addImage(id, directory, image.files.map((file) => file.path));
+      this.webSeed.addImage(
+        id,
+        directory,
+        image.files.map((file) => file.path),
+      );
       this.watch(replica);
     } catch (error) {
       this.replicas.delete(id);
@@ -252,9 +282,13 @@ export class ImageTransfers {
     const id = checkFetchRequest(request, this.options.hypervisor);
     const existing = this.replicas.get(id);
     if (existing) {
-      if (existing.state === ImageReplica_State.STATE_DELETING) throw CowherdError.failedPrecondition(`${this.replicaName(id)} is being deleted`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+      if (existing.state === ImageReplica_State.STATE_DELETING)
+        throw CowherdError.failedPrecondition(`${this.replicaName(id)} is being deleted`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
       if (existing.request.image!.torrent!.infoHash !== request.image!.torrent!.infoHash) {
-        throw CowherdError.failedPrecondition(`${this.replicaName(id)} holds another torrent of ${IMAGE_NAME.format({ image: id })}; delete the replica first`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT);
+        throw CowherdError.failedPrecondition(
+          `${this.replicaName(id)} holds another torrent of ${IMAGE_NAME.format({ image: id })}; delete the replica first`,
+          ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+        );
       }
       // A redistribute must not answer AVAILABLE for files that changed since they were verified.
       if (existing.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(existing, 'fetch'))) return this.toReplica(existing);
@@ -282,12 +316,24 @@ export class ImageTransfers {
     if (replica.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(replica, 'clone'))) return this.directoryOf(replica);
     const damage = replica.damage;
     if (damage) {
-      throw new CowherdError(GrpcStatus.FAILED_PRECONDITION, `${this.replicaName(imageId)} is damaged (${damage.files.join(', ')}: ${damage.badPieces} bad pieces); no clone is made on it until a DistributeImage repairs it`, {
-        reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
-        metadata: { replica: this.replicaName(imageId), files: damage.files.join(','), badPieces: String(damage.badPieces), dependents: damage.dependents.slice(0, 50).join(',') },
-      });
+      throw new CowherdError(
+        GrpcStatus.FAILED_PRECONDITION,
+        `${this.replicaName(imageId)} is damaged (${damage.files.join(', ')}: ${damage.badPieces} bad pieces); no clone is made on it until a DistributeImage repairs it`,
+        {
+          reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
+          metadata: {
+            replica: this.replicaName(imageId),
+            files: damage.files.join(','),
+            badPieces: String(damage.badPieces),
+            dependents: damage.dependents.slice(0, 50).join(','),
+          },
+        },
+      );
     }
-    throw CowherdError.failedPrecondition(`${this.replicaName(imageId)} is not available yet (${ImageReplica_State[replica.state]})`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
+    throw CowherdError.failedPrecondition(
+      `${this.replicaName(imageId)} is not available yet (${ImageReplica_State[replica.state]})`,
+      ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST,
+    );
   }
 
   /** The web seed's check before it serves an origin replica's bytes: AVAILABLE and its files as verified. */
@@ -336,11 +382,15 @@ export class ImageTransfers {
     } catch (error) {
       // Some files stay: say so, keep the state file (a restart takes the replica up again) and leave the
       // replica FAILED rather than DELETING, so that a DeleteImageReplica or FetchImage can try again.
-      const failure = new CowherdError(GrpcStatus.INTERNAL, `${this.replicaName(id)}: removing its files failed (${(error as Error).message}); what was not removed stays on disk`, {
-        reason: ErrorReason.ERROR_REASON_INTERNAL,
-        metadata: { replica: this.replicaName(id), removed: 'false' },
-        cause: error,
-      });
+      const failure = new CowherdError(
+        GrpcStatus.INTERNAL,
+        `${this.replicaName(id)}: removing its files failed (${(error as Error).message}); what was not removed stays on disk`,
+        {
+          reason: ErrorReason.ERROR_REASON_INTERNAL,
+          metadata: { replica: this.replicaName(id), removed: 'false' },
+          cause: error,
+        },
+      );
       this.options.log.error({ replica: this.replicaName(id), err: error }, 'replica files could not all be removed; they stay');
       if (replica) this.setState(replica, ImageReplica_State.STATE_FAILED, toStatus(failure));
       throw failure;
@@ -463,7 +513,10 @@ export class ImageTransfers {
       const current = await fingerprintFiles(this.directoryOf(replica), files);
       const changed = replica.fingerprints ? changedFiles(replica.fingerprints, current) : files.map((file) => file.path);
       if (changed.length === 0) return true;
-      this.options.log.warn({ replica: this.replicaName(replica.id), files: changed, by: foundBy }, 'replica files changed since they were verified: verifying them again');
+      this.options.log.warn(
+        { replica: this.replicaName(replica.id), files: changed, by: foundBy },
+        'replica files changed since they were verified: verifying them again',
+      );
       const result = await this.scan(replica);
       if (replica.state !== ImageReplica_State.STATE_AVAILABLE) return false;
       if (result.badFiles.length === 0) {
@@ -506,13 +559,27 @@ export class ImageTransfers {
     await this.swarm.remove(id);
     const dependents = await this.dependentsOf(replica);
     const now = new Date();
-    const damage: DamageRecord = { filesGeneration: replica.filesGeneration, files: result.badFiles, badPieces: result.badPieces, dependents, time: now.toISOString() };
+    const damage: DamageRecord = {
+      filesGeneration: replica.filesGeneration,
+      files: result.badFiles,
+      badPieces: result.badPieces,
+      dependents,
+      time: now.toISOString(),
+    };
     replica.damage = damage;
     const status = toStatus(
       new CowherdError(
         GrpcStatus.DATA_LOSS,
         `${replicaName}: ${result.badFiles.join(', ')} changed on disk after verification (${result.badPieces} bad pieces)${dependents.length > 0 ? `; ${dependents.length} domains use these files as backing files, so they stay as they are and a DistributeImage repairs the replica into a new generation` : '; repaired in place'}`,
-        { reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED, metadata: { files: result.badFiles.join(','), badPieces: String(result.badPieces), dependents: dependents.slice(0, 50).join(','), path: this.directoryOf(replica) } },
+        {
+          reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
+          metadata: {
+            files: result.badFiles.join(','),
+            badPieces: String(result.badPieces),
+            dependents: dependents.slice(0, 50).join(','),
+            path: this.directoryOf(replica),
+          },
+        },
       ),
     );
     this.setState(replica, ImageReplica_State.STATE_FAILED, status);
@@ -539,7 +606,9 @@ export class ImageTransfers {
       .catch((error: unknown) => this.options.log.error({ err: error, replica: replicaName }, 'image.replica_damaged not published'));
     // A FetchImage may have started the repair while the event was being recorded.
     if (dependents.length === 0 && !this.stopped && replica.state === ImageReplica_State.STATE_FAILED && !replica.work) {
-      await this.beginRepair(replica).catch((error: unknown) => this.options.log.error({ err: error, replica: replicaName }, 'in-place repair could not start'));
+      await this.beginRepair(replica).catch((error: unknown) =>
+        this.options.log.error({ err: error, replica: replicaName }, 'in-place repair could not start'),
+      );
     }
   }
 
@@ -591,7 +660,10 @@ export class ImageTransfers {
       await copyFile(replicaFile(old, file.path), replicaFile(partial, file.path), fsConstants.COPYFILE_FICLONE).catch(() => undefined);
       await chmod(replicaFile(partial, file.path), 0o644).catch(() => undefined);
     }
-    this.options.log.warn({ replica: this.replicaName(replica.id), kept: old, next: this.directoryOf(replica), dependents: kept.dependents }, 'damaged replica has dependents: repairing it into a new generation beside it');
+    this.options.log.warn(
+      { replica: this.replicaName(replica.id), kept: old, next: this.directoryOf(replica), dependents: kept.dependents },
+      'damaged replica has dependents: repairing it into a new generation beside it',
+    );
   }
 
   /** Becoming AVAILABLE: fingerprints of the files as verified, recorded, and an inotify watch on them. */
@@ -615,7 +687,9 @@ export class ImageTransfers {
         timer = setTimeout(() => {
           timer = undefined;
           if (this.stopped || replica.state !== ImageReplica_State.STATE_AVAILABLE) return;
-          void this.checkIntact(replica, 'watch').catch((error: unknown) => this.options.log.warn({ err: error, replica: this.replicaName(replica.id) }, 'fingerprint check failed'));
+          void this.checkIntact(replica, 'watch').catch((error: unknown) =>
+            this.options.log.warn({ err: error, replica: this.replicaName(replica.id) }, 'fingerprint check failed'),
+          );
         }, 200);
         timer.unref();
       });
@@ -698,7 +772,12 @@ export class ImageTransfers {
     let lastState: ImageReplica_State | undefined;
     let sequence = 0;
     const publishProgress = (progress: SwarmProgress): void => {
-      const state = progress.stage === 'verifying' ? ImageReplica_State.STATE_VERIFYING : progress.stage === 'seeding' ? ImageReplica_State.STATE_AVAILABLE : ImageReplica_State.STATE_TRANSFERRING;
+      const state =
+        progress.stage === 'verifying'
+          ? ImageReplica_State.STATE_VERIFYING
+          : progress.stage === 'seeding'
+            ? ImageReplica_State.STATE_AVAILABLE
+            : ImageReplica_State.STATE_TRANSFERRING;
       if (state === ImageReplica_State.STATE_AVAILABLE) return; // image.available says that
       if (replica.state !== ImageReplica_State.STATE_DELETING && replica.state !== state) this.setState(replica, state);
       const now = performance.now();
@@ -707,7 +786,19 @@ export class ImageTransfers {
       lastEvent = now;
       sequence += 1;
       void this.options.events
-        .publish(IMAGE_TRANSFER_PROGRESS, { image: image.name, host: HOST_NAME.format({ host }), replica: replicaName, state, progress: toTransferProgress(progress), operation: request.operation, occurTime: new Date() }, { host, id: `image.transfer_progress/${id}/${host}/${replica.generation}/${process.pid}-${sequence}` })
+        .publish(
+          IMAGE_TRANSFER_PROGRESS,
+          {
+            image: image.name,
+            host: HOST_NAME.format({ host }),
+            replica: replicaName,
+            state,
+            progress: toTransferProgress(progress),
+            operation: request.operation,
+            occurTime: new Date(),
+          },
+          { host, id: `image.transfer_progress/${id}/${host}/${replica.generation}/${process.pid}-${sequence}` },
+        )
         .catch(() => undefined);
     };
     const files = expectedFiles(image);
@@ -723,8 +814,17 @@ export class ImageTransfers {
           const intact = replica.fingerprints && !replica.damage && changedFiles(replica.fingerprints, await fingerprintFiles(directory, files)).length === 0;
           const result = intact ? { badFiles: [], badPieces: 0, bytesRead: 0 } : await this.scan(replica);
           if (result.badFiles.length === 0 && result.badPieces === 0) {
-            await this.swarm.seed(id, directory, image.torrent!.metainfo, { announce: request.trackerAnnounceUrl, infoHash: image.torrent!.infoHash, superSeed: replica.origin });
-            if (replica.origin) this.webSeed.addImage(id, directory, files.map((file) => file.path));
+            await this.swarm.seed(id, directory, image.torrent!.metainfo, {
+              announce: request.trackerAnnounceUrl,
+              infoHash: image.torrent!.infoHash,
+              superSeed: replica.origin,
+            });
+            if (replica.origin)
+              this.webSeed.addImage(
+                id,
+                directory,
+                files.map((file) => file.path),
+              );
             this.setState(replica, ImageReplica_State.STATE_AVAILABLE);
             await this.markVerified(replica);
             this.options.log.info({ replica: replicaName, reread: !intact }, 'replica verified and seeding again');
@@ -747,12 +847,29 @@ export class ImageTransfers {
           onProgress: publishProgress,
           ...(this.options.stallTimeoutMs === undefined ? {} : { stallTimeoutMs: this.options.stallTimeoutMs }),
         });
-        if (replica.origin) this.webSeed.addImage(id, this.directoryOf(replica), files.map((file) => file.path));
+        if (replica.origin)
+          this.webSeed.addImage(
+            id,
+            this.directoryOf(replica),
+            files.map((file) => file.path),
+          );
         this.settleDownload(id, result.bytesWritten);
         this.setState(replica, ImageReplica_State.STATE_AVAILABLE);
         await this.markVerified(replica);
         const seconds = (performance.now() - started) / 1000;
-        this.options.log.info({ replica: replicaName, path: this.directoryOf(replica), generation: replica.filesGeneration, bytes: result.bytesTotal, presentAtStart: result.bytesPresentAtStart, received: result.bytesReceived, written: result.bytesWritten, seconds: Number(seconds.toFixed(2)) }, 'replica available');
+        this.options.log.info(
+          {
+            replica: replicaName,
+            path: this.directoryOf(replica),
+            generation: replica.filesGeneration,
+            bytes: result.bytesTotal,
+            presentAtStart: result.bytesPresentAtStart,
+            received: result.bytesReceived,
+            written: result.bytesWritten,
+            seconds: Number(seconds.toFixed(2)),
+          },
+          'replica available',
+        );
         await this.publishAvailable(replica, seconds);
       } catch (error) {
         if (this.stopped || replica.state === ImageReplica_State.STATE_DELETING) return;
@@ -760,7 +877,11 @@ export class ImageTransfers {
         this.setState(replica, ImageReplica_State.STATE_FAILED, status);
         this.options.log.warn({ replica: replicaName, err: error }, 'replica failed');
         await this.options.events
-          .publish(IMAGE_TRANSFER_FAILED, { image: image.name, host: HOST_NAME.format({ host }), replica: replicaName, status, operation: request.operation, occurTime: new Date() }, { host, id: `image.transfer_failed/${id}/${host}/${replica.generation}/${Date.now()}` })
+          .publish(
+            IMAGE_TRANSFER_FAILED,
+            { image: image.name, host: HOST_NAME.format({ host }), replica: replicaName, status, operation: request.operation, occurTime: new Date() },
+            { host, id: `image.transfer_failed/${id}/${host}/${replica.generation}/${Date.now()}` },
+          )
           .catch(() => undefined);
       } finally {
         if (replica.work === work) replica.work = undefined;
@@ -778,7 +899,18 @@ export class ImageTransfers {
       try {
         await this.options.events.publish(
           IMAGE_AVAILABLE,
-          { image: image.name, host: HOST_NAME.format({ host }), replica: this.replicaName(replica.id), totalBytes: String(total), files: image.files, origin: replica.origin, transferDuration: { seconds: String(Math.floor(seconds)), nanos: Math.round((seconds % 1) * 1e9) }, operation: replica.request.operation, occurTime: new Date(), generation: String(replica.filesGeneration) },
+          {
+            image: image.name,
+            host: HOST_NAME.format({ host }),
+            replica: this.replicaName(replica.id),
+            totalBytes: String(total),
+            files: image.files,
+            origin: replica.origin,
+            transferDuration: { seconds: String(Math.floor(seconds)), nanos: Math.round((seconds % 1) * 1e9) },
+            operation: replica.request.operation,
+            occurTime: new Date(),
+            generation: String(replica.filesGeneration),
+          },
           { host, id: `image.available/${replica.id}/${host}/${replica.generation}` },
         );
         return;
@@ -876,19 +1008,31 @@ function checkFetchRequest(request: FetchImageRequest, hypervisor: 'kvm' | 'xen'
   if (!image) throw CowherdError.invalidArgument('image', 'is required (the full image record)');
   const id = IMAGE_NAME.parse(image.name)?.image;
   if (!id) throw CowherdError.invalidArgument('image.name', 'must be images/{image} with an image id (no path separators, no dots)');
-  if (!image.torrent || !/^[0-9a-f]{40}$/.test(image.torrent.infoHash) || image.torrent.metainfo.length === 0) throw CowherdError.invalidArgument('image.torrent', 'must carry the info-hash and the metainfo (IMAGE_VIEW_FULL)');
+  if (!image.torrent || !/^[0-9a-f]{40}$/.test(image.torrent.infoHash) || image.torrent.metainfo.length === 0)
+    throw CowherdError.invalidArgument('image.torrent', 'must carry the info-hash and the metainfo (IMAGE_VIEW_FULL)');
   if (image.files.length === 0) throw CowherdError.invalidArgument('image.files', 'must list the image files');
   for (const [index, file] of image.files.entries()) {
-    if (!IMAGE_FILE_NAME.test(file.path)) throw CowherdError.invalidArgument(`image.files[${index}].path`, 'must be a single path segment inside the image directory', ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY);
+    if (!IMAGE_FILE_NAME.test(file.path))
+      throw CowherdError.invalidArgument(
+        `image.files[${index}].path`,
+        'must be a single path segment inside the image directory',
+        ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY,
+      );
     if (!/^[0-9a-fA-F]{64}$/.test(file.sha256)) throw CowherdError.invalidArgument(`image.files[${index}].sha256`, 'must be 64 hex characters');
     if (!(Number(file.sizeBytes) >= 0)) throw CowherdError.invalidArgument(`image.files[${index}].size_bytes`, 'must not be negative');
   }
   if (image.hypervisor !== Hypervisor.HYPERVISOR_UNSPECIFIED && image.hypervisor !== HYPERVISOR_OF[hypervisor]) {
-    throw CowherdError.failedPrecondition(`${IMAGE_NAME.format({ image: id })} is an image for another hypervisor than this ${hypervisor} host`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+    throw CowherdError.failedPrecondition(
+      `${IMAGE_NAME.format({ image: id })} is an image for another hypervisor than this ${hypervisor} host`,
+      ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH,
+    );
   }
   for (const file of image.files) {
     if (file.format !== DiskFormat.DISK_FORMAT_UNSPECIFIED && !DISK_FORMATS_OF[hypervisor].includes(file.format)) {
-      throw CowherdError.failedPrecondition(`${IMAGE_NAME.format({ image: id })} has a disk in a format this ${hypervisor} host cannot clone (${file.path})`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
+      throw CowherdError.failedPrecondition(
+        `${IMAGE_NAME.format({ image: id })} has a disk in a format this ${hypervisor} host cannot clone (${file.path})`,
+        ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH,
+      );
     }
   }
   let url: URL;

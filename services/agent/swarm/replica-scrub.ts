@@ -83,7 +83,12 @@ export interface ScanOptions {
 const READ_CHUNK = 1024 * 1024;
 
 /** Reads the replica's files once and checks every piece's SHA-1 and every file's size and SHA-256. */
-export async function scanReplica(directory: string, torrent: Pick<ImageTorrent, 'files' | 'pieceLengthBytes' | 'pieceCount' | 'pieceHashes'>, files: readonly ExpectedImageFile[], options: ScanOptions = {}): Promise<ScanResult> {
+export async function scanReplica(
+  directory: string,
+  torrent: Pick<ImageTorrent, 'files' | 'pieceLengthBytes' | 'pieceCount' | 'pieceHashes'>,
+  files: readonly ExpectedImageFile[],
+  options: ScanOptions = {},
+): Promise<ScanResult> {
   const handles: Array<FileHandle | undefined> = [];
   const badFiles = new Set<string>();
   try {
@@ -169,6 +174,13 @@ async function pace(bytes: number, started: number, bytesPerSecond: number, sign
 
 /** Bytes the scrub read, and replicas it (or a check before use) found damaged. */
 export const scrubMetrics = {
-  bytes: counter({ name: 'cowherd_replica_scrub_bytes_total', help: 'Bytes of verified replicas this agent re-read to check them (background scrub and re-verifications)' }),
-  damaged: counter({ name: 'cowherd_replica_damaged_total', help: 'Replicas this agent found damaged after they were verified (scrub, or the check before a seed, serve or clone)', labelNames: ['found_by'] as const }),
+  bytes: counter({
+    name: 'cowherd_replica_scrub_bytes_total',
+    help: 'Bytes of verified replicas this agent re-read to check them (background scrub and re-verifications)',
+  }),
+  damaged: counter({
+    name: 'cowherd_replica_damaged_total',
+    help: 'Replicas this agent found damaged after they were verified (scrub, or the check before a seed, serve or clone)',
+    labelNames: ['found_by'] as const,
+  }),
 };

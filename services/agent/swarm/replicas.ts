@@ -48,7 +48,10 @@ export async function deleteLocalReplica(
   for (const user of await options.dependents.backedBy(id, await replicaGenerationDirectories(options.imageDirectory, id))) dependents.add(user);
   if (dependents.size > 0) {
     throw CowherdError.failedPrecondition(`${dependents.size} domains on this host use ${image} as a base`, ErrorReason.ERROR_REASON_IMAGE_IN_USE, {
-      dependents: [...dependents].slice(0, 50).map((domain) => VIRTUAL_MACHINE_NAME.format({ host: options.host, virtualMachine: domain })).join(','),
+      dependents: [...dependents]
+        .slice(0, 50)
+        .map((domain) => VIRTUAL_MACHINE_NAME.format({ host: options.host, virtualMachine: domain }))
+        .join(','),
     });
   }
   const directory = replicaDirectory(options.imageDirectory, id);

@@ -64,7 +64,16 @@ export class RunningDigests {
     private readonly totalLength: number,
     private readonly io: DigestFiles,
   ) {
-    this.cursors = files.map((file, index) => ({ index, offset: file.offset, length: file.length, hash: createHash('sha256'), next: 0, broken: false, fresh: new Map(), queue: Promise.resolve() }));
+    this.cursors = files.map((file, index) => ({
+      index,
+      offset: file.offset,
+      length: file.length,
+      hash: createHash('sha256'),
+      next: 0,
+      broken: false,
+      fresh: new Map(),
+      queue: Promise.resolve(),
+    }));
     this.written = new Uint8Array(Math.ceil(totalLength / chunkLength));
   }
 

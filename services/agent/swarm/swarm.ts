@@ -237,7 +237,12 @@ export class ImageSwarm {
    * Seeds a complete, verified replica from its files (opened read-only; pieces are not re-checked). The
    * directory may be anywhere; the metainfo's name must be the image id.
    */
-  async seed(image: string, directory: string, metainfo: Uint8Array, options: { announce?: string; infoHash?: string; superSeed?: boolean } = {}): Promise<void> {
+  async seed(
+    image: string,
+    directory: string,
+    metainfo: Uint8Array,
+    options: { announce?: string; infoHash?: string; superSeed?: boolean } = {},
+  ): Promise<void> {
     this.checkUsable(image);
     const torrent = parseOrInvalid(metainfo, image, options.infoHash);
     const announce = this.announceUrl(options.announce);
@@ -264,7 +269,11 @@ export class ImageSwarm {
     const finalDirectory = resolve(options.directory);
     const directoryName = basename(finalDirectory);
     if (replicaGenerationOf(image, directoryName) === undefined) {
-      throw CowherdError.invalidArgument('directory', `must end in the image id ${image} (or ${image}.generation-<n>)`, ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY);
+      throw CowherdError.invalidArgument(
+        'directory',
+        `must end in the image id ${image} (or ${image}.generation-<n>)`,
+        ErrorReason.ERROR_REASON_PATH_OUTSIDE_IMAGE_DIRECTORY,
+      );
     }
     const imagesRoot = dirname(finalDirectory);
     const partial = partialDirectoryOf(finalDirectory);
@@ -284,7 +293,18 @@ export class ImageSwarm {
           if (bad.length === 0) {
             await this.startSeeding(entry, torrent, finalDirectory, announce);
             report();
-            return { directory: finalDirectory, bytesTotal: torrent.totalBytes, bytesPresentAtStart: torrent.totalBytes, bytesWritten: 0, bytesReceived: 0, attempts: 0, piecesFailed: 0, peersBanned: 0, filesHashedWhileWritten: 0, durationMs: performance.now() - started };
+            return {
+              directory: finalDirectory,
+              bytesTotal: torrent.totalBytes,
+              bytesPresentAtStart: torrent.totalBytes,
+              bytesWritten: 0,
+              bytesReceived: 0,
+              attempts: 0,
+              piecesFailed: 0,
+              peersBanned: 0,
+              filesHashedWhileWritten: 0,
+              durationMs: performance.now() - started,
+            };
           }
           // The caller (image-transfers.ts) repairs in place only a replica that no domain uses as a base. The
           // files stay: webtorrent re-hashes every piece and fetches only the bad ones (a few damaged bytes
@@ -331,14 +351,24 @@ export class ImageSwarm {
           if (bad.length === 0) break;
           // Every piece passed SHA-1 and the file still fails SHA-256: only deleting it makes webtorrent fetch it again.
           const kept: string[] = [];
-          for (const file of bad) await unlink(replicaFile(partial, file)).catch((error: NodeJS.ErrnoException) => (error.code === 'ENOENT' ? undefined : kept.push(file)));
-          if (kept.length > 0) this.log?.error({ image, files: bad, notDeleted: kept, attempt: totals.attempts }, 'files failed whole-file SHA-256 verification and could not all be deleted; they stay');
-          else this.log?.warn({ image, files: bad, attempt: totals.attempts }, 'files failed whole-file SHA-256 verification; deleted them to fetch them again');
+          for (const file of bad)
+            await unlink(replicaFile(partial, file)).catch((error: NodeJS.ErrnoException) => (error.code === 'ENOENT' ? undefined : kept.push(file)));
+          if (kept.length > 0)
+            this.log?.error(
+              { image, files: bad, notDeleted: kept, attempt: totals.attempts },
+              'files failed whole-file SHA-256 verification and could not all be deleted; they stay',
+            );
+          else
+            this.log?.warn({ image, files: bad, attempt: totals.attempts }, 'files failed whole-file SHA-256 verification; deleted them to fetch them again');
           if (totals.attempts >= maxAttempts) {
-            throw new CowherdError(GrpcStatus.DATA_LOSS, `${IMAGE_NAME.format({ image })}: ${bad.join(', ')} failed SHA-256 verification ${totals.attempts} times`, {
-              reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
-              metadata: { image: IMAGE_NAME.format({ image }), files: bad.join(',') },
-            });
+            throw new CowherdError(
+              GrpcStatus.DATA_LOSS,
+              `${IMAGE_NAME.format({ image })}: ${bad.join(', ')} failed SHA-256 verification ${totals.attempts} times`,
+              {
+                reason: ErrorReason.ERROR_REASON_VERIFICATION_FAILED,
+                metadata: { image: IMAGE_NAME.format({ image }), files: bad.join(',') },
+              },
+            );
           }
         }
         entry.bytesDone = torrent.totalBytes;
@@ -374,7 +404,12 @@ export class ImageSwarm {
           const outcome = removal ? `the partial replica at ${partial} could not be removed (${removal.message}) and stays` : 'removed the partial replica';
           throw new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left in ${imagesRoot} while fetching ${IMAGE_NAME.format({ image })}; ${outcome}`, {
             reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE,
-            metadata: { image: IMAGE_NAME.format({ image }), requiredBytes: String(torrent.totalBytes), partialRemoved: String(!removal), ...(removal ? { partial } : {}) },
+            metadata: {
+              image: IMAGE_NAME.format({ image }),
+              requiredBytes: String(torrent.totalBytes),
+              partialRemoved: String(!removal),
+              ...(removal ? { partial } : {}),
+            },
             cause: error,
           });
         }
@@ -411,7 +446,11 @@ export class ImageSwarm {
     if (this.destroyed) throw new CowherdError(GrpcStatus.UNAVAILABLE, 'the swarm is shut down', { reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED });
     if (!IMAGE_ID.test(image)) throw CowherdError.invalidArgument('image', 'is not an image id');
     if (this.entries.has(image)) {
-      throw CowherdError.failedPrecondition(`${IMAGE_NAME.format({ image })} is already ${this.entries.get(image)!.stage} on this host`, ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT, { image: IMAGE_NAME.format({ image }) });
+      throw CowherdError.failedPrecondition(
+        `${IMAGE_NAME.format({ image })} is already ${this.entries.get(image)!.stage} on this host`,
+        ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+        { image: IMAGE_NAME.format({ image }) },
+      );
     }
   }
 
@@ -430,7 +469,12 @@ export class ImageSwarm {
   private snapshot(entry: Entry): SwarmProgress {
     const torrent = entry.torrent && !entry.torrent.destroyed ? entry.torrent : undefined;
     const downloadRate = entry.stage === 'transferring' && torrent ? Math.round(torrent.downloadSpeed) : 0;
-    const bytesDone = entry.stage === 'transferring' && torrent?.ready ? Math.min(torrent.downloaded, entry.bytesTotal) : entry.stage === 'seeding' ? entry.bytesTotal : entry.bytesDone;
+    const bytesDone =
+      entry.stage === 'transferring' && torrent?.ready
+        ? Math.min(torrent.downloaded, entry.bytesTotal)
+        : entry.stage === 'seeding'
+          ? entry.bytesTotal
+          : entry.bytesDone;
     if (entry.stage === 'transferring') entry.bytesDone = bytesDone;
     const remaining = entry.bytesTotal - bytesDone;
     return {
@@ -453,7 +497,12 @@ export class ImageSwarm {
     skipOwnAddress(seeding, this.client.torrentPort);
     entry.torrent = seeding;
     // The origin reveals pieces one receiver at a time (super-seed.ts), so it sends each about once.
-    if (origin) superSeed(seeding, { pieceCount: torrent.pieceCount, pieceLength: torrent.pieceLengthBytes, totalBytes: torrent.totalBytes }, this.log ? { log: this.log } : {});
+    if (origin)
+      superSeed(
+        seeding,
+        { pieceCount: torrent.pieceCount, pieceLength: torrent.pieceLengthBytes, totalBytes: torrent.totalBytes },
+        this.log ? { log: this.log } : {},
+      );
     entry.stage = 'seeding';
     entry.bytesDone = torrent.totalBytes;
     seeding.on('warning', (warning: Error) => {
@@ -494,7 +543,9 @@ export class ImageSwarm {
     });
     skipOwnAddress(added, this.client.torrentPort);
     // webtorrent asks a one-file torrent's web seed for the URL itself, not <url>/<name>/<file> (BEP 19).
-    const webSeeds = (options.webSeedUrls ?? []).map((url) => (torrent.files.length === 1 ? `${url}${url.endsWith('/') ? '' : '/'}${torrent.name}/${torrent.files[0]!.path}` : url));
+    const webSeeds = (options.webSeedUrls ?? []).map((url) =>
+      torrent.files.length === 1 ? `${url}${url.endsWith('/') ? '' : '/'}${torrent.name}/${torrent.files[0]!.path}` : url,
+    );
     entry.torrent = added;
     const guarded = this.guard.watch(added, entry.image);
     // Web seeds are the fallback, not a peer like the others: the origin serves them from the same uplink
@@ -519,25 +570,32 @@ export class ImageSwarm {
       let lastBytes = -1;
       let lastChange = performance.now();
       let settled = false;
-      const timer = setInterval(() => {
-        const stop = cancelled();
-        if (stop) return finish(stop);
-        if (!added.ready) return;
-        if (!webSeedsAdded && performance.now() - lastPeerBlock >= webSeedDelayMs) addWebSeeds();
-        const received = added.received;
-        if (received !== lastBytes) {
-          lastBytes = received;
-          lastChange = performance.now();
-        } else if (performance.now() - lastChange > stallTimeoutMs) {
-          return finish(
-            new CowherdError(GrpcStatus.UNAVAILABLE, `${IMAGE_NAME.format({ image: entry.image })}: no data from any peer or web seed for ${Math.round(stallTimeoutMs / 1000)} s (${added.numPeers} connected); the partial replica is kept`, {
-              reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED,
-              metadata: { image: IMAGE_NAME.format({ image: entry.image }) },
-            }),
-          );
-        }
-        report();
-      }, Math.min(this.progressIntervalMs, 1000));
+      const timer = setInterval(
+        () => {
+          const stop = cancelled();
+          if (stop) return finish(stop);
+          if (!added.ready) return;
+          if (!webSeedsAdded && performance.now() - lastPeerBlock >= webSeedDelayMs) addWebSeeds();
+          const received = added.received;
+          if (received !== lastBytes) {
+            lastBytes = received;
+            lastChange = performance.now();
+          } else if (performance.now() - lastChange > stallTimeoutMs) {
+            return finish(
+              new CowherdError(
+                GrpcStatus.UNAVAILABLE,
+                `${IMAGE_NAME.format({ image: entry.image })}: no data from any peer or web seed for ${Math.round(stallTimeoutMs / 1000)} s (${added.numPeers} connected); the partial replica is kept`,
+                {
+                  reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED,
+                  metadata: { image: IMAGE_NAME.format({ image: entry.image }) },
+                },
+              ),
+            );
+          }
+          report();
+        },
+        Math.min(this.progressIntervalMs, 1000),
+      );
       timer.unref();
       const finish = (error?: Error): void => {
         if (settled) return;
@@ -548,7 +606,14 @@ export class ImageSwarm {
           if (counters.error) return rejectRound(counters.error);
           if (error) return rejectRound(error);
           report();
-          resolveRound({ present, written: counters.written, received, piecesFailed: guarded.piecesFailed, peersBanned: guarded.peersBanned, digests: counters.digests });
+          resolveRound({
+            present,
+            written: counters.written,
+            received,
+            piecesFailed: guarded.piecesFailed,
+            peersBanned: guarded.peersBanned,
+            digests: counters.digests,
+          });
         });
       };
       added.on('warning', (warning: Error) => {
@@ -570,17 +635,24 @@ export class ImageSwarm {
   private async checkSpace(imagesRoot: string, partial: string, torrent: ImageTorrent): Promise<void> {
     let have = 0;
     for (const file of torrent.files) {
-      const size = await stat(replicaFile(partial, file.path)).then((info) => Math.min(info.size, file.length), () => 0);
+      const size = await stat(replicaFile(partial, file.path)).then(
+        (info) => Math.min(info.size, file.length),
+        () => 0,
+      );
       have += size;
     }
     const space = await statfs(imagesRoot);
     const free = space.bavail * space.bsize;
     const needed = torrent.totalBytes - have;
     if (free < needed) {
-      throw new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `${IMAGE_NAME.format({ image: torrent.name })} needs ${needed} more bytes; ${imagesRoot} has ${free} free`, {
-        reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE,
-        metadata: { requiredBytes: String(needed), freeBytes: String(free) },
-      });
+      throw new CowherdError(
+        GrpcStatus.RESOURCE_EXHAUSTED,
+        `${IMAGE_NAME.format({ image: torrent.name })} needs ${needed} more bytes; ${imagesRoot} has ${free} free`,
+        {
+          reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE,
+          metadata: { requiredBytes: String(needed), freeBytes: String(free) },
+        },
+      );
     }
   }
 }
@@ -591,15 +663,23 @@ export class ImageSwarm {
  * `have` we send; drop it before it is dialled. (peer-guard.ts also closes a wire whose peer id is ours.)
  */
 function skipOwnAddress(torrent: Torrent, ownPort: number): void {
-  const own = new Set(Object.values(networkInterfaces()).flatMap((addresses) => (addresses ?? []).map((address) => `${address.family === 'IPv6' ? `[${address.address}]` : address.address}:${ownPort}`)));
+  const own = new Set(
+    Object.values(networkInterfaces()).flatMap((addresses) =>
+      (addresses ?? []).map((address) => `${address.family === 'IPv6' ? `[${address.address}]` : address.address}:${ownPort}`),
+    ),
+  );
   const addPeer = torrent.addPeer.bind(torrent);
-  torrent.addPeer = (peer: string, ...rest: unknown[]) => (typeof peer === 'string' && own.has(peer) ? false : (addPeer as (...args: unknown[]) => boolean)(peer, ...rest));
+  torrent.addPeer = (peer: string, ...rest: unknown[]) =>
+    typeof peer === 'string' && own.has(peer) ? false : (addPeer as (...args: unknown[]) => boolean)(peer, ...rest);
 }
 
 /** True when none of the torrent's files in `directory` holds a byte (a fetch that starts from nothing). */
 async function hasNoData(directory: string, torrent: ImageTorrent): Promise<boolean> {
   for (const file of torrent.files) {
-    const size = await stat(replicaFile(directory, file.path)).then((info) => info.size, () => 0);
+    const size = await stat(replicaFile(directory, file.path)).then(
+      (info) => info.size,
+      () => 0,
+    );
     if (size > 0) return false;
   }
   return true;
@@ -716,7 +796,13 @@ interface StoreCounters {
  * A webtorrent chunk store over the image's files in `directory` (`<directory>/<file name>`, by position in
  * the verified torrent, whatever path webtorrent computes). Read-only stores open O_RDONLY and refuse puts.
  */
-export function imageStore(directory: string, torrent: ImageTorrent, writable: boolean, counters: StoreCounters, options: { runningDigests?: boolean } = {}): ChunkStoreConstructor {
+export function imageStore(
+  directory: string,
+  torrent: ImageTorrent,
+  writable: boolean,
+  counters: StoreCounters,
+  options: { runningDigests?: boolean } = {},
+): ChunkStoreConstructor {
   const files = (() => {
     let offset = 0;
     return torrent.files.map((file) => {
@@ -865,7 +951,12 @@ function parseOrInvalid(metainfo: Uint8Array, image: string, infoHash: string | 
   try {
     torrent = parseImageTorrent(metainfo, infoHash);
   } catch (error) {
-    throw CowherdError.invalidArgument('image.torrent.metainfo', `is not a usable image torrent: ${(error as Error).message}`, ErrorReason.ERROR_REASON_INVALID_FIELD, error);
+    throw CowherdError.invalidArgument(
+      'image.torrent.metainfo',
+      `is not a usable image torrent: ${(error as Error).message}`,
+      ErrorReason.ERROR_REASON_INVALID_FIELD,
+      error,
+    );
   }
   if (torrent.name !== image) throw CowherdError.invalidArgument('image.torrent.metainfo', `names ${torrent.name}, not ${image}`);
   return torrent;
@@ -883,7 +974,10 @@ function checkExpectedFiles(torrent: ImageTorrent, files: readonly ExpectedImage
 }
 
 function cancelledError(image: string): CowherdError {
-  return new CowherdError(GrpcStatus.CANCELLED, `the transfer of ${IMAGE_NAME.format({ image })} was stopped`, { reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED, metadata: { image: IMAGE_NAME.format({ image }) } });
+  return new CowherdError(GrpcStatus.CANCELLED, `the transfer of ${IMAGE_NAME.format({ image })} was stopped`, {
+    reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED,
+    metadata: { image: IMAGE_NAME.format({ image }) },
+  });
 }
 
 function isNoSpace(error: unknown): boolean {
@@ -900,10 +994,7 @@ function later<T extends unknown[]>(callback: (...args: T) => void, ...args: T):
   queueMicrotask(() => callback(...args));
 }
 
-
-
 /** After a verified replica was moved back to be repaired: writable again, every file kept (its good pieces count). */
 async function makeWritable(directory: string): Promise<void> {
   for (const name of await readdir(directory)) await chmod(replicaFile(directory, name), 0o644).catch(() => undefined);
 }
-

@@ -91,7 +91,10 @@ export interface ImageTorrent {
 
 /** Hashes the files (streamed from their paths) and returns the private torrent. */
 export async function createImageTorrent(options: CreateImageTorrentOptions): Promise<ImageTorrent> {
-  if (options.pieceLengthBytes !== undefined && (!Number.isInteger(options.pieceLengthBytes) || options.pieceLengthBytes < 16 * 1024 || (options.pieceLengthBytes & (options.pieceLengthBytes - 1)) !== 0)) {
+  if (
+    options.pieceLengthBytes !== undefined &&
+    (!Number.isInteger(options.pieceLengthBytes) || options.pieceLengthBytes < 16 * 1024 || (options.pieceLengthBytes & (options.pieceLengthBytes - 1)) !== 0)
+  ) {
     throw new Error(`piece length ${options.pieceLengthBytes} is not a power of two of at least 16 KiB`);
   }
   if (options.files.length === 0) throw new Error('an image torrent needs at least one file');
@@ -170,7 +173,16 @@ export async function createImageTorrent(options: CreateImageTorrentOptions): Pr
 export function torrentFile(infoDictionary: Buffer, announce: string): Buffer {
   checkAnnounceUrl(announce);
   // Keys in bencode order: announce < announce-list < info.
-  return Buffer.concat([Buffer.from('d'), bencode('announce'), bencode(announce), bencode('announce-list'), bencode([[announce]]), bencode('info'), infoDictionary, Buffer.from('e')]);
+  return Buffer.concat([
+    Buffer.from('d'),
+    bencode('announce'),
+    bencode(announce),
+    bencode('announce-list'),
+    bencode([[announce]]),
+    bencode('info'),
+    infoDictionary,
+    Buffer.from('e'),
+  ]);
 }
 
 /**
@@ -190,7 +202,8 @@ export function parseImageTorrent(metainfo: Uint8Array, expectedInfoHash?: strin
   }
   const name = text(info['name'], 'info.name');
   const pieceLength = info['piece length'];
-  if (typeof pieceLength !== 'number' || pieceLength < 16 * 1024 || (pieceLength & (pieceLength - 1)) !== 0) throw new Error('info["piece length"] is not a power of two of at least 16 KiB');
+  if (typeof pieceLength !== 'number' || pieceLength < 16 * 1024 || (pieceLength & (pieceLength - 1)) !== 0)
+    throw new Error('info["piece length"] is not a power of two of at least 16 KiB');
   if (info['private'] !== 1) throw new Error('the torrent is not private');
   const pieces = info['pieces'];
   if (!Buffer.isBuffer(pieces) || pieces.length % 20 !== 0) throw new Error('info.pieces is not a list of SHA-1 hashes');

@@ -26,7 +26,6 @@ import { IMAGE_ID } from '../../common/domain/resource-names.js';
 import { IMAGE_FILE_NAME } from './torrent.js';
 import { replicaFile } from '../image-directory/index.js';
 
-
 /** Options of {@link WebSeedServer}. */
 export interface WebSeedServerOptions {
   /** Bytes per second over all responses; 0 or unset = unlimited. */

@@ -150,6 +150,10 @@ declare module 'create-torrent' {
     announce?: string | string[];
     urlList?: string[];
   }
-  export default function createTorrent(input: string | string[] | Uint8Array, options: CreateTorrentOptions, callback: (error: Error | null, torrent: Uint8Array) => void): void;
+  export default function createTorrent(
+    input: string | string[] | Uint8Array,
+    options: CreateTorrentOptions,
+    callback: (error: Error | null, torrent: Uint8Array) => void,
+  ): void;
   export const announceList: string[][];
 }

@@ -24,7 +24,10 @@ export class AgentClients {
   /** The client for a host's agent; UNAVAILABLE (HOST_UNREACHABLE) when inventory knows no endpoint. */
   clientFor(host: Pick<Host, 'name' | 'agentEndpoint'>): AgentServiceClient {
     if (host.agentEndpoint === '') {
-      throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} has no agent endpoint in the inventory`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: host.name } });
+      throw new CowherdError(GrpcStatus.UNAVAILABLE, `${host.name} has no agent endpoint in the inventory`, {
+        reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
+        metadata: { host: host.name },
+      });
     }
     const serverName = HOST_NAME.parse(host.name)?.host;
     if (serverName === undefined) throw new CowherdError(GrpcStatus.INTERNAL, `${host.name} is no hosts/{host}`, { reason: ErrorReason.ERROR_REASON_INTERNAL });

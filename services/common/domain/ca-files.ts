@@ -27,7 +27,8 @@ export async function loadOrCreateCertificateAuthority(keyFile: string, certific
     await writeFile(certificateFile, ca.certificatePem, { mode: 0o644, flag: 'wx' });
     return ca;
   }
-  if (!haveKey || !haveCertificate) throw new CaFilesError(`only one of ${keyFile} and ${certificateFile} exists; restore the other or remove both to make a new CA`);
+  if (!haveKey || !haveCertificate)
+    throw new CaFilesError(`only one of ${keyFile} and ${certificateFile} exists; restore the other or remove both to make a new CA`);
   const mode = (await stat(keyFile)).mode & 0o777;
   if ((mode & 0o077) !== 0) throw new CaFilesError(`${keyFile} is readable by others (mode ${mode.toString(8)}); chmod 600 it`);
   const ca = { privateKeyPem: await readFile(keyFile, 'utf8'), certificatePem: await readFile(certificateFile, 'utf8') };

@@ -132,7 +132,11 @@ export function natsUsers(options: NatsUsersOptions): NatsUsers {
           options.log.warn({ err: error, certificate: CERTIFICATE_NAME.format({ certificate: record.serialNumber }) }, 'certificate left out of NATS users');
         }
       }
-      await writeNatsAuthorization(options.authorizationFile, options.staticIdentities.map((identity) => identityPrincipal(identity)), principals);
+      await writeNatsAuthorization(
+        options.authorizationFile,
+        options.staticIdentities.map((identity) => identityPrincipal(identity)),
+        principals,
+      );
       reloadNats(Number((await readFile(options.pidFile, 'utf8')).trim()));
       await new Promise((resolve) => setTimeout(resolve, RELOAD_SETTLE_MS));
       options.log.debug({ users: principals.length + options.staticIdentities.length }, 'NATS users synced');

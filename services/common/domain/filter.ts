@@ -72,10 +72,19 @@ export function booleanField<T>(read: (item: T) => boolean): FilterField<T> {
 }
 
 /** A resource-name (or id) field such as `images/{image}`: a value that does not match `pattern` names nothing. */
-export function resourceNameField<T>(read: (item: T) => string, pattern: ResourcePattern<string> | RegExp, shape: string, options: { prefix?: boolean; allowEmpty?: boolean } = {}): FilterField<T> {
+export function resourceNameField<T>(
+  read: (item: T) => string,
+  pattern: ResourcePattern<string> | RegExp,
+  shape: string,
+  options: { prefix?: boolean; allowEmpty?: boolean } = {},
+): FilterField<T> {
   const named = (value: string): boolean => (pattern instanceof RegExp ? pattern.test(value) : pattern.matches(value));
   const fine = (value: string): boolean => named(value) || (options.allowEmpty === true && value === '');
-  return { read, ...(options.prefix ? { prefix: true } : {}), check: (value) => (fine(value) ? undefined : `is not of the form ${shape}${options.allowEmpty ? ' (or "" for none)' : ''}`) };
+  return {
+    read,
+    ...(options.prefix ? { prefix: true } : {}),
+    check: (value) => (fine(value) ? undefined : `is not of the form ${shape}${options.allowEmpty ? ' (or "" for none)' : ''}`),
+  };
 }
 
 /** An `images/{image}` field (`source_image`, `image`). */

@@ -120,7 +120,11 @@ export class OperationManager {
   private scanTimer: NodeJS.Timeout | undefined;
   private stopped = false;
 
-  private constructor(private readonly store: KvStore<OperationRecord>, private readonly index: KvStore<RequestIdEntry>, private readonly options: OperationManagerOptions) {
+  private constructor(
+    private readonly store: KvStore<OperationRecord>,
+    private readonly index: KvStore<RequestIdEntry>,
+    private readonly options: OperationManagerOptions,
+  ) {
     this.replicaId = options.replicaId ?? randomUUID();
   }
 
@@ -144,9 +148,11 @@ export class OperationManager {
   resumeOrphans(): void {
     const scan = (): void => {
       if (this.stopped) return;
-      this.claimOrphans().catch((error: unknown) => this.options.log.warn({ err: error }, 'operation scan failed')).finally(() => {
-        if (!this.stopped) this.scanTimer = setTimeout(scan, this.options.scanIntervalMs ?? 5_000);
-      });
+      this.claimOrphans()
+        .catch((error: unknown) => this.options.log.warn({ err: error }, 'operation scan failed'))
+        .finally(() => {
+          if (!this.stopped) this.scanTimer = setTimeout(scan, this.options.scanIntervalMs ?? 5_000);
+        });
     };
     scan();
   }
@@ -161,7 +167,10 @@ export class OperationManager {
     const name = OPERATION_NAME.format({ operation: randomUUID() });
     if (requestId !== '') {
       const indexKey = requestIndexKey(kind.kind, requestId);
-      const beingCreated = (): CowherdError => new CowherdError(GrpcStatus.ABORTED, 'an operation with this request_id is being created; retry', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+      const beingCreated = (): CowherdError =>
+        new CowherdError(GrpcStatus.ABORTED, 'an operation with this request_id is being created; retry', {
+          reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT,
+        });
       try {
         await this.index.create(indexKey, { name, createdAt: Date.now() });
       } catch (error) {
@@ -179,11 +188,17 @@ export class OperationManager {
             if (conflict instanceof KvConflictError) throw beingCreated();
             throw conflict;
           }
-          this.options.log.warn({ operation: name, kind: kind.kind, orphanedOperation: existing.value.name }, 'took over a request_id whose operation was never created');
+          this.options.log.warn(
+            { operation: name, kind: kind.kind, orphanedOperation: existing.value.name },
+            'took over a request_id whose operation was never created',
+          );
           return this.create(kind, name, requestBytes, requestFingerprint, initialMetadata, requestId);
         }
         if (record.value.requestFingerprint !== requestFingerprint) {
-          throw new CowherdError(GrpcStatus.ALREADY_EXISTS, 'request_id was already used for a different request', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT, field: 'request_id' });
+          throw new CowherdError(GrpcStatus.ALREADY_EXISTS, 'request_id was already used for a different request', {
+            reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT,
+            field: 'request_id',
+          });
         }
         return Operation.decode(Buffer.from(record.value.operation, 'base64'));
       }
@@ -192,7 +207,14 @@ export class OperationManager {
   }
 
   /** Writes the operation's record and launches it here. */
-  private async create<Req, Meta>(kind: OperationKind<Req, Meta, unknown, unknown>, name: string, requestBytes: Buffer, requestFingerprint: string, initialMetadata: Meta, requestId: string): Promise<Operation> {
+  private async create<Req, Meta>(
+    kind: OperationKind<Req, Meta, unknown, unknown>,
+    name: string,
+    requestBytes: Buffer,
+    requestFingerprint: string,
+    initialMetadata: Meta,
+    requestId: string,
+  ): Promise<Operation> {
     const now = new Date().toISOString();
     const operation: Operation = { name, metadata: pack(kind.metadataType, initialMetadata), done: false, result: undefined };
     const record: OperationRecord = {
@@ -237,13 +259,20 @@ export class OperationManager {
     // Kinds registered here count too: tests run kinds of their own.
     const filter = parseFilter(request.filter, new Set([...OPERATION_KIND_NAMES, ...this.kinds.keys()]));
     const records = (await this.store.list('*')).map((entry) => entry.value).filter((record) => filter(record));
-    const { page, nextPageToken } = paginate(records, (record) => record.name, { pageSize: request.pageSize, pageToken: request.pageToken, query: `operations|${request.filter}`, tokens: this.options.pageTokens });
+    const { page, nextPageToken } = paginate(records, (record) => record.name, {
+      pageSize: request.pageSize,
+      pageToken: request.pageToken,
+      query: `operations|${request.filter}`,
+      tokens: this.options.pageTokens,
+    });
     return { operations: page.map((record) => Operation.decode(Buffer.from(record.operation, 'base64'))), nextPageToken };
   }
 
   /** Asks the operation to stop; it ends with CANCELLED at its next checkpoint. */
   async cancel(name: string): Promise<void> {
-    const result = await this.store.mutate(keyOf(validName(name)), (current) => (current && !current.cancelRequested && !decodeDone(current) ? { ...current, cancelRequested: true } : undefined));
+    const result = await this.store.mutate(keyOf(validName(name)), (current) =>
+      current && !current.cancelRequested && !decodeDone(current) ? { ...current, cancelRequested: true } : undefined,
+    );
     if (!result) throw CowherdError.notFound(name);
     this.running.get(name)?.controller.abort(cancelledError());
   }
@@ -252,7 +281,8 @@ export class OperationManager {
   async delete(name: string): Promise<void> {
     const record = await this.store.get(keyOf(validName(name)));
     if (!record) throw CowherdError.notFound(name);
-    if (!decodeDone(record.value)) throw CowherdError.failedPrecondition(`${name} is still running; cancel it first`, ErrorReason.ERROR_REASON_OPERATION_CONFLICT);
+    if (!decodeDone(record.value))
+      throw CowherdError.failedPrecondition(`${name} is still running; cancel it first`, ErrorReason.ERROR_REASON_OPERATION_CONFLICT);
     await this.store.delete(keyOf(name), record.revision);
   }
 
@@ -290,7 +320,9 @@ export class OperationManager {
   private async claimOrphans(): Promise<void> {
     const now = Date.now();
     const entries = await this.store.list('*');
-    const counts = new Map<string, Map<OperationMetricState, number>>([...this.kinds.keys()].map((kind) => [kind, new Map(OPERATION_METRIC_STATES.map((state) => [state, 0]))]));
+    const counts = new Map<string, Map<OperationMetricState, number>>(
+      [...this.kinds.keys()].map((kind) => [kind, new Map(OPERATION_METRIC_STATES.map((state) => [state, 0]))]),
+    );
     const orphans: typeof entries = [];
     for (const entry of entries) {
       const record = entry.value;
@@ -332,11 +364,19 @@ export class OperationManager {
     const write = async (change: (record: OperationRecord) => OperationRecord): Promise<void> => {
       const next = change(current.record);
       try {
-        const nextRevision = await retryWhileStoreUnavailable(() => this.store.update(keyOf(record.name), next, current.revision), () => this.stopped, log);
+        const nextRevision = await retryWhileStoreUnavailable(
+          () => this.store.update(keyOf(record.name), next, current.revision),
+          () => this.stopped,
+          log,
+        );
         current = { record: next, revision: nextRevision };
       } catch (error) {
         if (error instanceof KvConflictError) {
-          const landed = await retryWhileStoreUnavailable(() => this.store.get(keyOf(record.name)), () => this.stopped, log).catch(() => undefined);
+          const landed = await retryWhileStoreUnavailable(
+            () => this.store.get(keyOf(record.name)),
+            () => this.stopped,
+            log,
+          ).catch(() => undefined);
           if (landed && JSON.stringify(landed.value) === JSON.stringify(next)) {
             current = { record: landed.value, revision: landed.revision };
             return;
@@ -356,13 +396,16 @@ export class OperationManager {
     };
     // One renewal at a time: while the store is away a renewal waits, and the next tick must not queue behind it.
     let renewing = false;
-    const renew = setInterval(() => {
-      if (renewing) return;
-      renewing = true;
-      write((r) => ({ ...r, leaseExpiresAt: Date.now() + this.leaseMs }))
-        .catch((error: unknown) => log.warn({ err: error }, 'lease renewal failed'))
-        .finally(() => (renewing = false));
-    }, Math.max(100, Math.floor(this.leaseMs / 3)));
+    const renew = setInterval(
+      () => {
+        if (renewing) return;
+        renewing = true;
+        write((r) => ({ ...r, leaseExpiresAt: Date.now() + this.leaseMs }))
+          .catch((error: unknown) => log.warn({ err: error }, 'lease renewal failed'))
+          .finally(() => (renewing = false));
+      },
+      Math.max(100, Math.floor(this.leaseMs / 3)),
+    );
 
     const operationNow = (): Operation => Operation.decode(Buffer.from(current.record.operation, 'base64'));
     const context: OperationContext<unknown, unknown, unknown> = {
@@ -382,7 +425,12 @@ export class OperationManager {
         await write((r) => {
           const operation = Operation.decode(Buffer.from(r.operation, 'base64'));
           if (update.metadata !== undefined) operation.metadata = pack(kind.metadataType, update.metadata);
-          return { ...r, operation: encodeOperation(operation), state: update.state === undefined ? r.state : update.state, updateTime: new Date().toISOString() };
+          return {
+            ...r,
+            operation: encodeOperation(operation),
+            state: update.state === undefined ? r.state : update.state,
+            updateTime: new Date().toISOString(),
+          };
         });
       },
       cancelRequested: () => current.record.cancelRequested,
@@ -542,7 +590,12 @@ function parseFilter(filter: string, kinds: ReadonlySet<string>): (record: Opera
  * The operations of a service that runs long work: opens the manager, starts resuming orphans, and
  * returns it with the google.longrunning.Operations registration to serve next to the service.
  */
-export async function openOperations(js: JetStreamClient, log: Logger, boundary: BoundaryOptions, kinds: ReadonlyArray<OperationKind<never, never, never, never>> = []): Promise<{ manager: OperationManager; service: ServiceRegistration }> {
+export async function openOperations(
+  js: JetStreamClient,
+  log: Logger,
+  boundary: BoundaryOptions,
+  kinds: ReadonlyArray<OperationKind<never, never, never, never>> = [],
+): Promise<{ manager: OperationManager; service: ServiceRegistration }> {
   const manager = await OperationManager.open({ js, log, pageTokens: await PageTokens.open(js) });
   // Kinds first: the first scan may find orphans of them.
   for (const kind of kinds) manager.register(kind as OperationKind<unknown, unknown, unknown, unknown>);

@@ -19,7 +19,12 @@ export function renewalTime(notBefore: Date, notAfter: Date): Date {
 }
 
 /** Renews `files` in place before they expire, until the returned function is called. */
-export async function keepCertificateFresh(options: { files: TlsFiles; renew: RenewFunction; log: Logger; onRenewed?: (serialNumber: string) => void }): Promise<() => void> {
+export async function keepCertificateFresh(options: {
+  files: TlsFiles;
+  renew: RenewFunction;
+  log: Logger;
+  onRenewed?: (serialNumber: string) => void;
+}): Promise<() => void> {
   const log = options.log.child({ component: 'certificate-renewal' });
   let timer: NodeJS.Timeout | undefined;
   let stopped = false;

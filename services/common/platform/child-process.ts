@@ -92,7 +92,8 @@ export interface DaemonOptions {
 
 /** Starts a long-running program and waits until it says it is ready. */
 export async function startDaemon(file: string, args: readonly string[], options: DaemonOptions): Promise<Daemon> {
-  const [program, programArgs] = options.dieWithParent && process.platform === 'linux' ? ['setpriv', ['--pdeathsig', 'KILL', '--', file, ...args]] : [file, args];
+  const [program, programArgs] =
+    options.dieWithParent && process.platform === 'linux' ? ['setpriv', ['--pdeathsig', 'KILL', '--', file, ...args]] : [file, args];
   const child: ResultPromise = execa(program, programArgs, {
     stdin: 'ignore',
     all: true,
@@ -104,7 +105,10 @@ export async function startDaemon(file: string, args: readonly string[], options
     ...(options.cwd === undefined ? {} : { cwd: options.cwd }),
   });
   let output = '';
-  const exited = child.then((result) => result.exitCode, () => undefined);
+  const exited = child.then(
+    (result) => result.exitCode,
+    () => undefined,
+  );
   if (options.ownProcessGroup && child.pid !== undefined) {
     const group = child.pid;
     const killOnExit = (): void => {

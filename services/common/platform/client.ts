@@ -5,7 +5,18 @@
  * lease moving); every other code is an answer and is returned at once. Streams are not retried:
  * their callers resume from their own state.
  */
-import { InterceptingCall, ListenerBuilder, RequesterBuilder, status as GrpcStatus, type ChannelCredentials, type ChannelOptions, type Interceptor, type Metadata, type ServiceError, type StatusObject } from '@grpc/grpc-js';
+import {
+  InterceptingCall,
+  ListenerBuilder,
+  RequesterBuilder,
+  status as GrpcStatus,
+  type ChannelCredentials,
+  type ChannelOptions,
+  type Interceptor,
+  type Metadata,
+  type ServiceError,
+  type StatusObject,
+} from '@grpc/grpc-js';
 
 /** Options of {@link deadlineAndRetryInterceptor}. */
 export interface RetryOptions {
@@ -93,7 +104,12 @@ export function clientOptions(options: RetryOptions & { serverName?: string } = 
 export type ClientConstructor<C> = new (address: string, credentials: ChannelCredentials, options?: ChannelOptions) => C;
 
 /** Makes a generated client with cowherd's interceptor and options. */
-export function createClient<C>(Client: ClientConstructor<C>, address: string, credentials: ChannelCredentials, options: RetryOptions & { serverName?: string } = {}): C {
+export function createClient<C>(
+  Client: ClientConstructor<C>,
+  address: string,
+  credentials: ChannelCredentials,
+  options: RetryOptions & { serverName?: string } = {},
+): C {
   return new Client(address, credentials, clientOptions(options));
 }
 

@@ -48,7 +48,13 @@ export function describeConfig(spec: Spec): string {
   return ['| variable | default | meaning |', '|---|---|---|', ...rows].join('\n');
 }
 
-function variable<T>(name: string, description: string, defaultValue: T | undefined, parse: (raw: string) => T, show: (value: T) => string = String): Variable<T> {
+function variable<T>(
+  name: string,
+  description: string,
+  defaultValue: T | undefined,
+  parse: (raw: string) => T,
+  show: (value: T) => string = String,
+): Variable<T> {
   return {
     name,
     description,
@@ -107,16 +113,25 @@ export function enumVariable<T extends string>(name: string, description: string
 
 /** A comma-separated list of URLs such as nats://localhost:4222. */
 export function urlListVariable(name: string, description: string, defaultValue?: readonly string[]): Variable<readonly string[]> {
-  return variable(name, description, defaultValue, (raw) => {
-    const urls = raw.split(',').map((part) => part.trim()).filter((part) => part.length > 0);
-    if (urls.length === 0) throw new Error('must list at least one URL');
-    for (const url of urls) {
-      try {
-        new URL(url);
-      } catch {
-        throw new Error(`is not a URL: ${JSON.stringify(url)}`);
+  return variable(
+    name,
+    description,
+    defaultValue,
+    (raw) => {
+      const urls = raw
+        .split(',')
+        .map((part) => part.trim())
+        .filter((part) => part.length > 0);
+      if (urls.length === 0) throw new Error('must list at least one URL');
+      for (const url of urls) {
+        try {
+          new URL(url);
+        } catch {
+          throw new Error(`is not a URL: ${JSON.stringify(url)}`);
+        }
       }
-    }
-    return urls;
-  }, (urls) => urls.join(','));
+      return urls;
+    },
+    (urls) => urls.join(','),
+  );
 }

@@ -31,7 +31,11 @@ export async function writeCredentials(directory: string, credentials: Credentia
 }
 
 /** Makes a key pair and a certificate for `identity` signed directly by `ca` (bootstrap and tests). */
-export async function issueCredentials(ca: CertificateAndKey, identity: string, options: { dnsNames?: readonly string[]; ttlSeconds?: number; notBefore?: Date } = {}): Promise<Credentials> {
+export async function issueCredentials(
+  ca: CertificateAndKey,
+  identity: string,
+  options: { dnsNames?: readonly string[]; ttlSeconds?: number; notBefore?: Date } = {},
+): Promise<Credentials> {
   const keys = await generateKeyPair(2048);
   const certificatePem = signLeafCertificate({
     ca,

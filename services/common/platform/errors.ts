@@ -94,7 +94,11 @@ export function toStatus(error: unknown): Status {
   if (known.field !== undefined) {
     details.push({
       typeUrl: BAD_REQUEST_TYPE,
-      value: Buffer.from(BadRequest.encode({ fieldViolations: [{ field: known.field, description: known.message, reason: errorReasonToJSON(known.reason), localizedMessage: undefined }] }).finish()),
+      value: Buffer.from(
+        BadRequest.encode({
+          fieldViolations: [{ field: known.field, description: known.message, reason: errorReasonToJSON(known.reason), localizedMessage: undefined }],
+        }).finish(),
+      ),
     });
   }
   return { code: known.code, message: known.message, details };
@@ -105,7 +109,10 @@ export function toStatus(error: unknown): Status {
  * and the encoded google.rpc.Status in trailing metadata. Unknown errors become INTERNAL with a
  * generic message; `onUnknown` receives them for logging.
  */
-export function toServiceError(error: unknown, onUnknown?: (error: unknown) => void): Partial<ServiceError> & { code: GrpcStatus; details: string; metadata: Metadata } {
+export function toServiceError(
+  error: unknown,
+  onUnknown?: (error: unknown) => void,
+): Partial<ServiceError> & { code: GrpcStatus; details: string; metadata: Metadata } {
   if (!(error instanceof CowherdError) && onUnknown) onUnknown(error);
   const status = toStatus(error);
   const metadata = new Metadata();
@@ -120,7 +127,10 @@ export function toServiceError(error: unknown, onUnknown?: (error: unknown) => v
 export function asCowherdError(error: unknown): CowherdError {
   if (error instanceof CowherdError) return error;
   if (isStoreUnavailable(error)) {
-    return new CowherdError(GrpcStatus.UNAVAILABLE, 'the control-plane store (NATS JetStream) did not answer; retry', { reason: ErrorReason.ERROR_REASON_STORE_UNAVAILABLE, cause: error });
+    return new CowherdError(GrpcStatus.UNAVAILABLE, 'the control-plane store (NATS JetStream) did not answer; retry', {
+      reason: ErrorReason.ERROR_REASON_STORE_UNAVAILABLE,
+      cause: error,
+    });
   }
   return new CowherdError(GrpcStatus.INTERNAL, 'internal error', { reason: ErrorReason.ERROR_REASON_INTERNAL, cause: error });
 }
@@ -166,13 +176,25 @@ export function relayServiceError(error: unknown, target: string): CowherdError 
   if (error instanceof CowherdError) return error;
   const received = readServiceError(error as Partial<ServiceError>);
   if (received.code === GrpcStatus.UNAVAILABLE || received.code === GrpcStatus.DEADLINE_EXCEEDED) {
-    return new CowherdError(GrpcStatus.UNAVAILABLE, `${target} did not answer: ${received.message}`, { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host: target }, cause: error });
+    return new CowherdError(GrpcStatus.UNAVAILABLE, `${target} did not answer: ${received.message}`, {
+      reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
+      metadata: { host: target },
+      cause: error,
+    });
   }
   if (received.code === GrpcStatus.INTERNAL || received.code === GrpcStatus.UNKNOWN || received.reason === '') {
-    return new CowherdError(received.code === GrpcStatus.UNKNOWN ? GrpcStatus.INTERNAL : received.code, `${target}: ${received.message}`, { reason: ErrorReason.ERROR_REASON_INTERNAL, cause: error });
+    return new CowherdError(received.code === GrpcStatus.UNKNOWN ? GrpcStatus.INTERNAL : received.code, `${target}: ${received.message}`, {
+      reason: ErrorReason.ERROR_REASON_INTERNAL,
+      cause: error,
+    });
   }
   const reason = errorReasonFromJSON(received.reason);
-  return new CowherdError(received.code, received.message, { reason: reason === ErrorReason.UNRECOGNIZED ? ErrorReason.ERROR_REASON_INTERNAL : reason, metadata: received.metadata, ...(received.fields[0] === undefined ? {} : { field: received.fields[0] }), cause: error });
+  return new CowherdError(received.code, received.message, {
+    reason: reason === ErrorReason.UNRECOGNIZED ? ErrorReason.ERROR_REASON_INTERNAL : reason,
+    metadata: received.metadata,
+    ...(received.fields[0] === undefined ? {} : { field: received.fields[0] }),
+    cause: error,
+  });
 }
 
 /** A CowherdError carrying a google.rpc.Status (its code, ErrorInfo reason and metadata). */

@@ -95,7 +95,11 @@ export class DirectoryOutboxStore implements OutboxStore {
   private queuedSync: Promise<void> | undefined;
   private runningSync: Promise<void> = Promise.resolve();
 
-  private constructor(readonly directory: string, found: StoredRecord[], lastSequence: number) {
+  private constructor(
+    readonly directory: string,
+    found: StoredRecord[],
+    lastSequence: number,
+  ) {
     this.found = found;
     this.lastSequence = lastSequence;
   }
@@ -121,8 +125,18 @@ export class DirectoryOutboxStore implements OutboxStore {
       lastSequence = Math.max(lastSequence, sequence);
       try {
         const file = JSON.parse(await readFile(path, 'utf8')) as RecordFile;
-        if (file.v !== 1 || typeof file.subject !== 'string' || typeof file.id !== 'string' || typeof file.data !== 'string') throw new Error('not an outbox record');
-        found.push({ subject: file.subject, kind: file.kind, typeName: file.typeName, id: file.id, recordedAt: file.recordedAt, data: new Uint8Array(Buffer.from(file.data, 'base64')), key: name, order: sequence });
+        if (file.v !== 1 || typeof file.subject !== 'string' || typeof file.id !== 'string' || typeof file.data !== 'string')
+          throw new Error('not an outbox record');
+        found.push({
+          subject: file.subject,
+          kind: file.kind,
+          typeName: file.typeName,
+          id: file.id,
+          recordedAt: file.recordedAt,
+          data: new Uint8Array(Buffer.from(file.data, 'base64')),
+          key: name,
+          order: sequence,
+        });
       } catch (error) {
         // Never published and never deleted: set aside for an operator instead of blocking or vanishing.
         log.error({ err: error, file: path }, 'unreadable event outbox record set aside as .bad');
@@ -136,7 +150,15 @@ export class DirectoryOutboxStore implements OutboxStore {
     const sequence = ++this.lastSequence;
     const name = `${String(sequence).padStart(16, '0')}.event`;
     const temporary = join(this.directory, `.${name}.${randomBytes(4).toString('hex')}.tmp`);
-    const file: RecordFile = { v: 1, subject: record.subject, kind: record.kind, typeName: record.typeName, id: record.id, recordedAt: record.recordedAt, data: Buffer.from(record.data).toString('base64') };
+    const file: RecordFile = {
+      v: 1,
+      subject: record.subject,
+      kind: record.kind,
+      typeName: record.typeName,
+      id: record.id,
+      recordedAt: record.recordedAt,
+      data: Buffer.from(record.data).toString('base64'),
+    };
     const handle = await open(temporary, 'wx', 0o600);
     try {
       await handle.writeFile(JSON.stringify(file));
@@ -219,14 +241,34 @@ export class KvOutboxStore implements OutboxStore {
   ) {}
 
   /** Creates the bucket if needed (like every bucket, see kv.ts) and opens it. */
-  static async open(js: JetStreamClient, manager: JetStreamManager, owner: string, log: Logger, options: { baseDelayMs?: number; maxDelayMs?: number; now?: () => number } = {}): Promise<KvOutboxStore> {
+  static async open(
+    js: JetStreamClient,
+    manager: JetStreamManager,
+    owner: string,
+    log: Logger,
+    options: { baseDelayMs?: number; maxDelayMs?: number; now?: () => number } = {},
+  ): Promise<KvOutboxStore> {
     const store = await KvStore.open(js, OUTBOX_BUCKET, jsonCodec<KvRecord>());
-    return new KvOutboxStore(store, manager, owner, log, { baseDelayMs: options.baseDelayMs ?? 100, maxDelayMs: options.maxDelayMs ?? 5_000 }, options.now ?? Date.now);
+    return new KvOutboxStore(
+      store,
+      manager,
+      owner,
+      log,
+      { baseDelayMs: options.baseDelayMs ?? 100, maxDelayMs: options.maxDelayMs ?? 5_000 },
+      options.now ?? Date.now,
+    );
   }
 
   async add(record: OutboxRecord): Promise<StoredRecord> {
     const key = `${this.owner}.${this.instance}.${++this.sequence}`;
-    const value: KvRecord = { subject: record.subject, kind: record.kind, typeName: record.typeName, id: record.id, recordedAt: record.recordedAt, data: Buffer.from(record.data).toString('base64') };
+    const value: KvRecord = {
+      subject: record.subject,
+      kind: record.kind,
+      typeName: record.typeName,
+      id: record.id,
+      recordedAt: record.recordedAt,
+      data: Buffer.from(record.data).toString('base64'),
+    };
     for (let attempt = 1; ; attempt++) {
       try {
         const revision = await this.store.put(key, value);
@@ -415,14 +457,20 @@ export class OutboxRelay {
           // Others went through: this record's own problem (permissions, a subject nobody stores).
           entry.failures++;
           entry.dueAt = this.now() + backoffDelay(entry.failures, this.baseDelayMs, this.maxParkedDelayMs, this.random);
-          this.log.warn({ err: error, eventId: entry.record.id, subject: entry.record.subject, failures: entry.failures }, 'event outbox: JetStream refused this event; will retry it');
+          this.log.warn(
+            { err: error, eventId: entry.record.id, subject: entry.record.subject, failures: entry.failures },
+            'event outbox: JetStream refused this event; will retry it',
+          );
         }
         continue;
       }
       // Nothing went through: JetStream is unreachable. Wait, then start again from the oldest record.
       windowFailures++;
       if (windowFailures === 1 || windowFailures % 20 === 0) {
-        this.log.warn({ err: failed[0]!.error, pending: this.queue.length, failedWindows: windowFailures }, 'event outbox: events not published yet (JetStream unreachable); retrying until acknowledged');
+        this.log.warn(
+          { err: failed[0]!.error, pending: this.queue.length, failedWindows: windowFailures },
+          'event outbox: events not published yet (JetStream unreachable); retrying until acknowledged',
+        );
       }
       await this.sleep(backoffDelay(windowFailures, this.baseDelayMs, this.maxDelayMs, this.random), this.stopping.signal);
     }
@@ -449,7 +497,11 @@ export class OutboxRelay {
 
 /** The outbox-backed {@link EventPublisher}: publish resolves once the event is recorded. */
 export class OutboxEventPublisher implements EventPublisher {
-  constructor(private readonly store: OutboxStore, private readonly relay: OutboxRelay, private readonly now: () => number = Date.now) {}
+  constructor(
+    private readonly store: OutboxStore,
+    private readonly relay: OutboxRelay,
+    private readonly now: () => number = Date.now,
+  ) {}
 
   async publish<T>(type: EventType<T>, payload: T, options: { host?: string; id: string }): Promise<void> {
     const envelope = eventEnvelope(type, payload, options);
@@ -481,7 +533,10 @@ export interface EventOutboxOptions {
 /** Opens the store, starts the relay (which first takes over what an earlier process left). */
 export async function startEventOutbox(options: EventOutboxOptions): Promise<EventOutbox> {
   const log = options.log.child({ component: 'event-outbox' });
-  const store: OutboxStore = options.directory !== undefined ? await DirectoryOutboxStore.open(options.directory, log) : await KvOutboxStore.open(options.js, options.manager, options.owner, log);
+  const store: OutboxStore =
+    options.directory !== undefined
+      ? await DirectoryOutboxStore.open(options.directory, log)
+      : await KvOutboxStore.open(options.js, options.manager, options.owner, log);
   const relay = new OutboxRelay(store, (record) => sendEvent(options.js, record), log, options.relay);
   await relay.start();
   return { events: new OutboxEventPublisher(store, relay), pending: () => relay.pending, stop: () => relay.stop() };

@@ -37,7 +37,10 @@ export interface EventType<T> {
 }
 
 /** Declares how one event message (a generated codec, which names its type in `$type`) travels. */
-export function eventType<T>(kind: string, message: { readonly $type: string; encode(value: T): { finish(): Uint8Array }; decode(bytes: Uint8Array): T }): EventType<T> {
+export function eventType<T>(
+  kind: string,
+  message: { readonly $type: string; encode(value: T): { finish(): Uint8Array }; decode(bytes: Uint8Array): T },
+): EventType<T> {
   return { typeName: message.$type, kind, encode: (value) => message.encode(value), decode: (bytes) => message.decode(bytes) };
 }
 
@@ -133,7 +136,10 @@ export async function sendEvent(js: JetStreamClient, envelope: EventEnvelope, ti
  * permissions. Services never use it (they get the outbox-backed {@link EventPublisher}).
  */
 export class JetStreamEventPublisher {
-  constructor(private readonly js: JetStreamClient, private readonly log: Logger) {}
+  constructor(
+    private readonly js: JetStreamClient,
+    private readonly log: Logger,
+  ) {}
 
   /** One attempt; rejects when JetStream did not acknowledge within {@link EVENT_PUBLISH_TIMEOUT_MS}. */
   async publish<T>(type: EventType<T>, payload: T, options: { host?: string; id: string }): Promise<number> {

@@ -63,10 +63,14 @@ export function healthHandlers(state: HealthState): Handlers<HealthService> {
           last = next.status;
           send(next).catch(() => undefined);
         });
-        context.signal.addEventListener('abort', () => {
-          unsubscribe();
-          resolve();
-        }, { once: true });
+        context.signal.addEventListener(
+          'abort',
+          () => {
+            unsubscribe();
+            resolve();
+          },
+          { once: true },
+        );
       });
     },
   };

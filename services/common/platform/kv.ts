@@ -40,7 +40,10 @@ export interface Change<T> {
 /** Thrown by create when the key exists and by update when the revision is stale. */
 export class KvConflictError extends Error {
   override readonly name = 'KvConflictError';
-  constructor(readonly key: string, cause: unknown) {
+  constructor(
+    readonly key: string,
+    cause: unknown,
+  ) {
     super(`KV write conflict on ${key}`, { cause });
   }
 }
@@ -204,7 +207,11 @@ export class KvStore<T> {
    * that stops watching.
    */
   async watch(filter: string, onChange: (change: Change<T>) => void, includeCurrent = false, fromRevision?: number): Promise<() => void> {
-    const iterator = await this.bucket.watch({ key: filter, ...(includeCurrent ? {} : { include: 'updates' as const }), ...(fromRevision === undefined ? {} : { resumeFromRevision: fromRevision }) });
+    const iterator = await this.bucket.watch({
+      key: filter,
+      ...(includeCurrent ? {} : { include: 'updates' as const }),
+      ...(fromRevision === undefined ? {} : { resumeFromRevision: fromRevision }),
+    });
     void (async () => {
       for await (const entry of iterator) {
         onChange({ key: entry.key, value: entry.operation === 'PUT' ? this.codec.decode(entry.value) : undefined, revision: entry.revision });

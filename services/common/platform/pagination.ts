@@ -59,12 +59,24 @@ export function pageSizeOf(requested: number, field = 'page_size'): number {
 }
 
 /** One page of `items` sorted by key, after the token's key; the next token when more remain. */
-export function paginate<T>(items: readonly T[], keyOf: (item: T) => string, options: { pageSize: number; pageToken: string; query: string; tokens: PageTokens }): { page: T[]; nextPageToken: string } {
-  return paginateSorted([...items].sort((a, b) => compare(keyOf(a), keyOf(b))), keyOf, options);
+export function paginate<T>(
+  items: readonly T[],
+  keyOf: (item: T) => string,
+  options: { pageSize: number; pageToken: string; query: string; tokens: PageTokens },
+): { page: T[]; nextPageToken: string } {
+  return paginateSorted(
+    [...items].sort((a, b) => compare(keyOf(a), keyOf(b))),
+    keyOf,
+    options,
+  );
 }
 
 /** Like {@link paginate} for items already sorted by `keyOf` (in-memory indexes): no sort per call. */
-export function paginateSorted<T>(sorted: readonly T[], keyOf: (item: T) => string, options: { pageSize: number; pageToken: string; query: string; tokens: PageTokens }): { page: T[]; nextPageToken: string } {
+export function paginateSorted<T>(
+  sorted: readonly T[],
+  keyOf: (item: T) => string,
+  options: { pageSize: number; pageToken: string; query: string; tokens: PageTokens },
+): { page: T[]; nextPageToken: string } {
   const after = options.tokens.open(options.pageToken, options.query);
   const size = pageSizeOf(options.pageSize);
   let start = 0;

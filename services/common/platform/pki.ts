@@ -57,7 +57,10 @@ export async function createCertificateAuthority(options: CertificateAuthorityOp
   const notBefore = options.notBefore ?? new Date(Date.now() - 60_000);
   certificate.validity.notBefore = notBefore;
   certificate.validity.notAfter = new Date(notBefore.getTime() + (options.validityDays ?? 3650) * 86_400_000);
-  const subject = [{ name: 'commonName', value: options.commonName ?? 'cowherd CA' }, { name: 'organizationName', value: 'cowherd' }];
+  const subject = [
+    { name: 'commonName', value: options.commonName ?? 'cowherd CA' },
+    { name: 'organizationName', value: 'cowherd' },
+  ];
   certificate.setSubject(subject);
   certificate.setIssuer(subject);
   certificate.setExtensions([
@@ -82,9 +85,7 @@ export function createCsr(privateKeyPem: string, publicKeyPem: string, subject: 
   const csr = forge.pki.createCertificationRequest();
   csr.publicKey = forge.pki.publicKeyFromPem(publicKeyPem);
   csr.setSubject([{ name: 'commonName', value: commonNameFor(subject.identity) }]);
-  csr.setAttributes([
-    { name: 'extensionRequest', extensions: [{ name: 'subjectAltName', altNames: altNames(subject.identity, subject.dnsNames ?? []) }] },
-  ]);
+  csr.setAttributes([{ name: 'extensionRequest', extensions: [{ name: 'subjectAltName', altNames: altNames(subject.identity, subject.dnsNames ?? []) }] }]);
   csr.sign(forge.pki.privateKeyFromPem(privateKeyPem), forge.md.sha256.create());
   return forge.pki.certificationRequestToPem(csr);
 }
@@ -126,7 +127,9 @@ export function parseCsr(csrPem: string, field = 'csr_pem'): ParsedCsr {
   const uris: string[] = [];
   const dnsNames: string[] = [];
   const otherNames: string[] = [];
-  const request = csr.getAttribute({ name: 'extensionRequest' }) as { extensions?: Array<{ name?: string; altNames?: Array<{ type: number; value?: string; ip?: string }> }> } | null;
+  const request = csr.getAttribute({ name: 'extensionRequest' }) as {
+    extensions?: Array<{ name?: string; altNames?: Array<{ type: number; value?: string; ip?: string }> }>;
+  } | null;
   for (const extension of request?.extensions ?? []) {
     if (extension.name !== 'subjectAltName') continue;
     for (const alt of extension.altNames ?? []) {
@@ -241,7 +244,11 @@ export function certificateUsage(der: Buffer): CertificateUsage {
   const tbs = (certificate.value as forge.asn1.Asn1[])[0];
   const wrapper = (tbs?.value as forge.asn1.Asn1[] | undefined)?.find((part) => part.tagClass === forge.asn1.Class.CONTEXT_SPECIFIC && part.type === 3);
   // The [3] wrapper holds the SEQUENCE of extensions; forge's parser takes the wrapper.
-  const extensions = wrapper ? (forge.pki as unknown as { certificateExtensionsFromAsn1(wrapper: forge.asn1.Asn1): Array<Record<string, unknown>> }).certificateExtensionsFromAsn1(wrapper) : [];
+  const extensions = wrapper
+    ? (forge.pki as unknown as { certificateExtensionsFromAsn1(wrapper: forge.asn1.Asn1): Array<Record<string, unknown>> }).certificateExtensionsFromAsn1(
+        wrapper,
+      )
+    : [];
   const basic = extensions.find((extension) => extension['name'] === 'basicConstraints');
   const extended = extensions.find((extension) => extension['name'] === 'extKeyUsage');
   const usage: CertificateUsage = {
@@ -277,7 +284,7 @@ export function normalizeSerial(serial: string): string {
 function newSerialNumber(): string {
   // Positive 128-bit serial: clear the top bit so DER keeps it positive without a pad byte.
   const bytes = randomBytes(16);
-  bytes[0] = bytes[0]! & 0x7f | 0x10;
+  bytes[0] = (bytes[0]! & 0x7f) | 0x10;
   return bytes.toString('hex');
 }
 
@@ -296,7 +303,10 @@ function leafSubject(identity: string, serialNumber: string): forge.pki.Certific
  */
 export function natsUserOf(certificatePem: string): string {
   const facts = new X509Certificate(certificatePem);
-  const parts = facts.subject.split('\n').map((line) => line.trim()).filter((line) => line.length > 0);
+  const parts = facts.subject
+    .split('\n')
+    .map((line) => line.trim())
+    .filter((line) => line.length > 0);
   return parts.reverse().join(',');
 }
 

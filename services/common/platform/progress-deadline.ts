@@ -80,7 +80,8 @@ export class ProgressDeadlines {
     private readonly options: ProgressDeadlineOptions,
     private readonly now: () => number = Date.now,
   ) {
-    if (!(options.stallMs > 0) || !(options.verifyFloorMs >= 0) || !(options.verifyBytesPerSecond > 0)) throw new RangeError('progress deadlines must be positive');
+    if (!(options.stallMs > 0) || !(options.verifyFloorMs >= 0) || !(options.verifyBytesPerSecond > 0))
+      throw new RangeError('progress deadlines must be positive');
   }
 
   /** Records what the step shows now; moves its deadline only for real progress. */

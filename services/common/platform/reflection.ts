@@ -93,25 +93,51 @@ export class DescriptorIndex {
     const base = { validHost: request.host, originalRequest: request.messageRequest === undefined ? undefined : request };
     const files = (name: string | undefined, what: string): ServerReflectionResponse =>
       name === undefined || !this.raw.has(name)
-        ? { ...base, originalRequest: request, messageResponse: { $case: 'errorResponse', value: { errorCode: GrpcStatus.NOT_FOUND, errorMessage: `${what} not found` } } }
-        : { ...base, originalRequest: request, messageResponse: { $case: 'fileDescriptorResponse', value: { fileDescriptorProto: this.withDependencies(name) } } };
+        ? {
+            ...base,
+            originalRequest: request,
+            messageResponse: { $case: 'errorResponse', value: { errorCode: GrpcStatus.NOT_FOUND, errorMessage: `${what} not found` } },
+          }
+        : {
+            ...base,
+            originalRequest: request,
+            messageResponse: { $case: 'fileDescriptorResponse', value: { fileDescriptorProto: this.withDependencies(name) } },
+          };
     const message = request.messageRequest;
     switch (message?.$case) {
       case 'listServices':
-        return { ...base, originalRequest: request, messageResponse: { $case: 'listServicesResponse', value: { service: this.services.map((name) => ({ name })) } } };
+        return {
+          ...base,
+          originalRequest: request,
+          messageResponse: { $case: 'listServicesResponse', value: { service: this.services.map((name) => ({ name })) } },
+        };
       case 'fileByFilename':
         return files(message.value, `file ${message.value}`);
       case 'fileContainingSymbol':
         return files(this.symbols.get(message.value.replace(/^\./, '')), `symbol ${message.value}`);
       case 'fileContainingExtension':
-        return files(this.extensions.get(message.value.containingType.replace(/^\./, ''))?.get(message.value.extensionNumber), `extension ${message.value.extensionNumber} of ${message.value.containingType}`);
+        return files(
+          this.extensions.get(message.value.containingType.replace(/^\./, ''))?.get(message.value.extensionNumber),
+          `extension ${message.value.extensionNumber} of ${message.value.containingType}`,
+        );
       case 'allExtensionNumbersOfType': {
         const type = message.value.replace(/^\./, '');
         if (!this.symbols.has(type)) return files(undefined, `type ${type}`);
-        return { ...base, originalRequest: request, messageResponse: { $case: 'allExtensionNumbersResponse', value: { baseTypeName: type, extensionNumber: [...(this.extensions.get(type)?.keys() ?? [])] } } };
+        return {
+          ...base,
+          originalRequest: request,
+          messageResponse: {
+            $case: 'allExtensionNumbersResponse',
+            value: { baseTypeName: type, extensionNumber: [...(this.extensions.get(type)?.keys() ?? [])] },
+          },
+        };
       }
       default:
-        return { ...base, originalRequest: request, messageResponse: { $case: 'errorResponse', value: { errorCode: GrpcStatus.INVALID_ARGUMENT, errorMessage: 'empty reflection request' } } };
+        return {
+          ...base,
+          originalRequest: request,
+          messageResponse: { $case: 'errorResponse', value: { errorCode: GrpcStatus.INVALID_ARGUMENT, errorMessage: 'empty reflection request' } },
+        };
     }
   }
 

@@ -165,7 +165,10 @@ export function adaptService<D extends Record<string, MethodShape>>(
           },
           (error: unknown) => {
             const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: method.path }, 'unexpected error'));
-            logCall(options, context, method.path, started, serviceError.code, quiet, { message: serviceError.details, operation: operationNameOf(call.request) });
+            logCall(options, context, method.path, started, serviceError.code, quiet, {
+              message: serviceError.details,
+              operation: operationNameOf(call.request),
+            });
             callback(serviceError, null);
           },
         );
@@ -176,7 +179,8 @@ export function adaptService<D extends Record<string, MethodShape>>(
         let context: CallContext | undefined;
         const send = (message: unknown): Promise<void> =>
           new Promise((resolve, reject) => {
-            if (call.cancelled || call.destroyed) return reject(new CowherdError(GrpcStatus.CANCELLED, 'call cancelled', { reason: ErrorReason.ERROR_REASON_INTERNAL }));
+            if (call.cancelled || call.destroyed)
+              return reject(new CowherdError(GrpcStatus.CANCELLED, 'call cancelled', { reason: ErrorReason.ERROR_REASON_INTERNAL }));
             if (call.write(message)) resolve();
             else call.once('drain', () => resolve());
           });
@@ -193,7 +197,10 @@ export function adaptService<D extends Record<string, MethodShape>>(
           },
           (error: unknown) => {
             const serviceError = toServiceError(error, (cause) => (context?.log ?? options.log).error({ err: cause, method: method.path }, 'unexpected error'));
-            logCall(options, context, method.path, started, serviceError.code, quiet, { message: serviceError.details, operation: operationNameOf(call.request) });
+            logCall(options, context, method.path, started, serviceError.code, quiet, {
+              message: serviceError.details,
+              operation: operationNameOf(call.request),
+            });
             // Not destroy(): a destroyed ServerWritableStream never runs its _final, which is where grpc-js
             // sends the status, so the client saw no status at all and waited for its own deadline. An
             // 'error' event records the status and ends the stream (after anything already written).
@@ -256,7 +263,9 @@ export function adaptBidiStreamHandler(
 }
 
 /** Reads the caller's identity from a call's TLS peer certificate; undefined without one. */
-export function peerIdentity(call: { getAuthContext(): { sslPeerCertificate?: PeerCertificate } }): { identity: Identity | undefined; certificate: PeerCertificateFacts } | undefined {
+export function peerIdentity(call: {
+  getAuthContext(): { sslPeerCertificate?: PeerCertificate };
+}): { identity: Identity | undefined; certificate: PeerCertificateFacts } | undefined {
   const certificate = call.getAuthContext().sslPeerCertificate;
   if (!certificate || !certificate.serialNumber) return undefined;
   const sans = parseSubjectAltName(certificate.subjectaltname ?? '');
@@ -285,9 +294,15 @@ export function peerIdentity(call: { getAuthContext(): { sslPeerCertificate?: Pe
  * `caller` in logs is kind/name (host/kvm-01), "anonymous" without a certificate, or "unidentified"
  * for a certificate that names no cowherd identity.
  */
-function callContext(call: ServerUnaryCall<unknown, unknown> | ServerWritableStream<unknown, unknown> | ServerDuplexStream<unknown, unknown>, path: string, options: BoundaryOptions): CallContext {
+function callContext(
+  call: ServerUnaryCall<unknown, unknown> | ServerWritableStream<unknown, unknown> | ServerDuplexStream<unknown, unknown>,
+  path: string,
+  options: BoundaryOptions,
+): CallContext {
   const controller = new AbortController();
-  (call as ServerUnaryCall<unknown, unknown>).once('cancelled', () => controller.abort(new CowherdError(GrpcStatus.CANCELLED, 'call cancelled', { reason: ErrorReason.ERROR_REASON_INTERNAL })));
+  (call as ServerUnaryCall<unknown, unknown>).once('cancelled', () =>
+    controller.abort(new CowherdError(GrpcStatus.CANCELLED, 'call cancelled', { reason: ErrorReason.ERROR_REASON_INTERNAL })),
+  );
   const peer = peerIdentity(call);
   const caller = peer?.identity;
   const log = options.log.child({ method: path, caller: caller ? describeIdentity(caller) : peer ? 'unidentified' : 'anonymous' });
@@ -305,15 +320,24 @@ async function authenticate(context: CallContext, rule: AccessRule<unknown> | un
   if (!rule || rule.allow === 'anyone' || rule.allow.length === 0 || !certificate) return;
   const serial = certificate.serialNumber;
   const notForClients = (problem: string): CowherdError =>
-    new CowherdError(GrpcStatus.UNAUTHENTICATED, `certificate ${serial} ${problem}`, { reason: ErrorReason.ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS, metadata: { serial_number: serial } });
+    new CowherdError(GrpcStatus.UNAUTHENTICATED, `certificate ${serial} ${problem}`, {
+      reason: ErrorReason.ERROR_REASON_CERTIFICATE_NOT_FOR_CLIENTS,
+      metadata: { serial_number: serial },
+    });
   if (certificate.certificateAuthority) throw notForClients('is a CA certificate (basicConstraints CA:TRUE); clients authenticate with leaf certificates only');
   if (!certificate.extendedKeyUsages.includes('clientAuth')) throw notForClients('lacks the clientAuth extended key usage');
   const issued = await options.issued?.isIssued(serial);
   if (issued === false) {
-    throw new CowherdError(GrpcStatus.UNAUTHENTICATED, `certificate ${serial} was never issued by the cowherd CA`, { reason: ErrorReason.ERROR_REASON_CERTIFICATE_NOT_ISSUED, metadata: { serial_number: serial } });
+    throw new CowherdError(GrpcStatus.UNAUTHENTICATED, `certificate ${serial} was never issued by the cowherd CA`, {
+      reason: ErrorReason.ERROR_REASON_CERTIFICATE_NOT_ISSUED,
+      metadata: { serial_number: serial },
+    });
   }
   if (options.issued && issued === undefined) {
-    throw new CowherdError(GrpcStatus.UNAVAILABLE, `cannot check with the CA whether certificate ${serial} was issued; retry`, { reason: ErrorReason.ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE, metadata: { serial_number: serial } });
+    throw new CowherdError(GrpcStatus.UNAVAILABLE, `cannot check with the CA whether certificate ${serial} was issued; retry`, {
+      reason: ErrorReason.ERROR_REASON_CERTIFICATE_CHECK_UNAVAILABLE,
+      metadata: { serial_number: serial },
+    });
   }
 }
 
@@ -334,13 +358,18 @@ function authorize(request: unknown, context: CallContext, rule: AccessRule<unkn
     throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}`);
   }
   if (caller.kind === 'service' && rule.services && !rule.services.includes(caller.name)) {
-    throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}; only ${rule.services.map((name) => `service/${name}`).join(', ')} may`);
+    throw CowherdError.permissionDenied(
+      `${describeIdentity(caller)} may not call ${path}; only ${rule.services.map((name) => `service/${name}`).join(', ')} may`,
+    );
   }
   if (caller.kind === 'host') {
     if (!rule.actsForHost) throw CowherdError.permissionDenied(`${describeIdentity(caller)} may not call ${path}`);
     const target = rule.actsForHost === 'caller' ? caller.name : rule.actsForHost(request);
     if (target !== caller.name) {
-      throw CowherdError.permissionDenied(`host ${caller.name} may act only for its own host, not for ${JSON.stringify(target ?? '')}`, ErrorReason.ERROR_REASON_HOST_MISMATCH);
+      throw CowherdError.permissionDenied(
+        `host ${caller.name} may act only for its own host, not for ${JSON.stringify(target ?? '')}`,
+        ErrorReason.ERROR_REASON_HOST_MISMATCH,
+      );
     }
   }
 }
@@ -359,7 +388,15 @@ function operationNameOf(message: unknown): string | undefined {
 }
 
 /** Ends a call: one `rpc` log line and the RPC metrics. */
-function logCall(options: BoundaryOptions, context: CallContext | undefined, method: string, started: bigint, code: GrpcStatus, quiet: boolean, extra: { message?: string; operation?: string | undefined } = {}): void {
+function logCall(
+  options: BoundaryOptions,
+  context: CallContext | undefined,
+  method: string,
+  started: bigint,
+  code: GrpcStatus,
+  quiet: boolean,
+  extra: { message?: string; operation?: string | undefined } = {},
+): void {
   const seconds = Number(process.hrtime.bigint() - started) / 1e9;
   const codeName = GrpcStatus[code] ?? String(code);
   recordRpc(method, codeName, seconds);

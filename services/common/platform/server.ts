@@ -60,7 +60,12 @@ const SERVER_DEFAULTS: ChannelOptions = {
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
   const serviceNames = options.services.map((service) => service.serviceName);
   const health = new HealthState([...serviceNames, 'grpc.health.v1.Health']);
-  const boundary = { log: options.log, revocations: options.revocations, ...(options.issued === undefined ? {} : { issued: options.issued }), quietMethods: new Set(['/grpc.health.v1.Health/Check', '/grpc.health.v1.Health/Watch']) };
+  const boundary = {
+    log: options.log,
+    revocations: options.revocations,
+    ...(options.issued === undefined ? {} : { issued: options.issued }),
+    quietMethods: new Set(['/grpc.health.v1.Health/Check', '/grpc.health.v1.Health/Watch']),
+  };
   const healthService = adaptService(HealthService, healthHandlers(health), HEALTH_POLICY, boundary);
 
   const server = new Server({ ...SERVER_DEFAULTS, ...options.channelOptions });

@@ -3,7 +3,17 @@
  * logger, connect NATS over TLS, ensure the event stream, build the service, serve on the mTLS and
  * probe ports, and on SIGTERM/SIGINT drain within the grace time. `main.ts` files only wire.
  */
-import { ConfigError, addressVariable, enumVariable, integerVariable, pathVariable, readConfig, urlListVariable, type ConfigOf, type Variable } from './config.js';
+import {
+  ConfigError,
+  addressVariable,
+  enumVariable,
+  integerVariable,
+  pathVariable,
+  readConfig,
+  urlListVariable,
+  type ConfigOf,
+  type Variable,
+} from './config.js';
 import { ensureEventStream, type EventPublisher } from './events.js';
 import { startEventOutbox, type EventOutbox } from './event-outbox.js';
 import { createLogger, LOG_LEVELS, type Logger } from './logger.js';
@@ -56,7 +66,13 @@ export function serverVariables(name: ProcessName) {
     privateKeyFile: pathVariable('COWHERD_TLS_KEY', 'PEM private key of this process (0600)'),
     caFile: pathVariable('COWHERD_TLS_CA', 'PEM certificate of the cowherd CA, the only trusted root'),
     natsUrls: urlListVariable('COWHERD_NATS_URL', 'comma-separated NATS URLs (TLS with this process certificate)', ['tls://localhost:4222']),
-    eventStreamReplicas: integerVariable('COWHERD_EVENT_STREAM_REPLICAS', 'replicas of the JetStream event stream (3 on a 3-node NATS cluster); never lowers an existing stream', 1, 1, 5),
+    eventStreamReplicas: integerVariable(
+      'COWHERD_EVENT_STREAM_REPLICAS',
+      'replicas of the JetStream event stream (3 on a 3-node NATS cluster); never lowers an existing stream',
+      1,
+      1,
+      5,
+    ),
     logLevel: enumVariable<LevelWithSilent>('COWHERD_LOG_LEVEL', 'pino log level', 'info', LOG_LEVELS),
     shutdownGraceSeconds: integerVariable('COWHERD_SHUTDOWN_GRACE_SECONDS', 'how long SIGTERM waits for running calls before cancelling them', 20, 0, 600),
     tlsRefreshSeconds: integerVariable('COWHERD_TLS_REFRESH_SECONDS', 'how often certificate files are checked for changes', 5, 1, 3600),
@@ -129,7 +145,11 @@ export interface StartServiceOptions<S extends Record<string, Variable<unknown>>
 /** Starts a service (without signal handling): config, logger, NATS, server. */
 export async function startService<S extends Record<string, Variable<unknown>>>(options: StartServiceOptions<S>): Promise<RunningService> {
   const config = readConfig({ ...serverVariables(options.name), ...options.variables }, options.env) as ServerConfig & ConfigOf<S>;
-  const log = createLogger({ service: options.name, level: config.logLevel, ...(options.logDestination === undefined ? {} : { destination: options.logDestination }) });
+  const log = createLogger({
+    service: options.name,
+    level: config.logLevel,
+    ...(options.logDestination === undefined ? {} : { destination: options.logDestination }),
+  });
   const tls: TlsFiles = { certificateFile: config.certificateFile, privateKeyFile: config.privateKeyFile, caFile: config.caFile };
   const clientCredentials = mutualTlsClientCredentials(tls, config.tlsRefreshSeconds * 1000);
   const nats = await connectNats({ servers: config.natsUrls, tls, name: options.name, log });
@@ -138,7 +158,13 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
     // Agents (host identities) may only publish their own events; the services own the stream's shape.
     if (options.name !== 'agent') await ensureEventStream(nats.manager, { replicas: config.eventStreamReplicas });
     // Before the service is built, so that what an earlier process recorded and did not publish goes first.
-    outbox = await startEventOutbox({ js: nats.jetstream, manager: nats.manager, log, owner: options.name, ...(options.eventOutboxDirectory === undefined ? {} : { directory: options.eventOutboxDirectory }) });
+    outbox = await startEventOutbox({
+      js: nats.jetstream,
+      manager: nats.manager,
+      log,
+      owner: options.name,
+      ...(options.eventOutboxDirectory === undefined ? {} : { directory: options.eventOutboxDirectory }),
+    });
     const events = outbox.events;
     const revocationsRef: { current: RevocationCheck } = { current: NO_REVOCATIONS };
     // Until the list is connected (below) nothing is known to be issued: a call made then is refused, not admitted.
@@ -155,7 +181,9 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
       revocationsRef.current = built.revocations;
       if (built.issued) issuedRef.current = built.issued;
     } else {
-      caClient = createClient(CertificateAuthorityServiceClient, config.caAddress, clientCredentials(identityUri('service', 'certificate-authority')), { defaultDeadlineMs: 10_000 });
+      caClient = createClient(CertificateAuthorityServiceClient, config.caAddress, clientCredentials(identityUri('service', 'certificate-authority')), {
+        defaultDeadlineMs: 10_000,
+      });
       const client = caClient;
       const set = new RevocationSet();
       revocationsRef.current = set;
@@ -168,12 +196,14 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
             set,
             log,
             nats: nats.connection,
-            fetch: () => new Promise((resolve, reject) => client.getRevocationList({}, (error, response) => (error ? reject(error) : resolve(response.serialNumbers)))),
+            fetch: () =>
+              new Promise((resolve, reject) => client.getRevocationList({}, (error, response) => (error ? reject(error) : resolve(response.serialNumbers)))),
           }),
           followIssuedSerials({
             set: issued,
             log,
-            fetch: () => new Promise((resolve, reject) => client.getIssuedSerialList({}, (error, response) => (error ? reject(error) : resolve(response.serialNumbers)))),
+            fetch: () =>
+              new Promise((resolve, reject) => client.getIssuedSerialList({}, (error, response) => (error ? reject(error) : resolve(response.serialNumbers)))),
           }),
         ])),
       );
@@ -182,7 +212,9 @@ export async function startService<S extends Record<string, Variable<unknown>>>(
       built.renew ??
       ((csrPem) =>
         new Promise((resolve, reject) =>
-          caClient!.renewCertificate({ csrPem }, (error, response) => (error ? reject(error) : resolve({ certificatePem: response.certificate?.certificatePem ?? '', caPem: response.caCertificatePem }))),
+          caClient!.renewCertificate({ csrPem }, (error, response) =>
+            error ? reject(error) : resolve({ certificatePem: response.certificate?.certificatePem ?? '', caPem: response.caCertificatePem }),
+          ),
         ));
     stoppers.push(await keepCertificateFresh({ files: tls, renew, log }));
     const server = await startServer({

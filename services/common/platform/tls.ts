@@ -38,8 +38,15 @@ class PemFiles implements experimental.CertificateProvider {
   private timer: NodeJS.Timeout | undefined;
   private reading = false;
 
-  constructor(private readonly files: Partial<TlsFiles>, private readonly refreshIntervalMs: number) {
-    this.take(files.certificateFile === undefined ? undefined : readFileSync(files.certificateFile), files.privateKeyFile === undefined ? undefined : readFileSync(files.privateKeyFile), files.caFile === undefined ? undefined : readFileSync(files.caFile));
+  constructor(
+    private readonly files: Partial<TlsFiles>,
+    private readonly refreshIntervalMs: number,
+  ) {
+    this.take(
+      files.certificateFile === undefined ? undefined : readFileSync(files.certificateFile),
+      files.privateKeyFile === undefined ? undefined : readFileSync(files.privateKeyFile),
+      files.caFile === undefined ? undefined : readFileSync(files.caFile),
+    );
   }
 
   addCaCertificateListener(listener: experimental.CaCertificateUpdateListener): void {
@@ -97,7 +104,8 @@ class PemFiles implements experimental.CertificateProvider {
     if (this.reading) return;
     this.reading = true;
     try {
-      const read = (path: string | undefined): Promise<Buffer | undefined> => (path === undefined ? Promise.resolve(undefined) : readFile(path).catch(() => undefined));
+      const read = (path: string | undefined): Promise<Buffer | undefined> =>
+        path === undefined ? Promise.resolve(undefined) : readFile(path).catch(() => undefined);
       const [certificate, privateKey, ca] = await Promise.all([read(this.files.certificateFile), read(this.files.privateKeyFile), read(this.files.caFile)]);
       const changed = this.take(certificate, privateKey, ca);
       if (changed.identity) for (const listener of this.identityListeners) listener(this.identity);
@@ -165,7 +173,10 @@ export function mutualTlsClientCredentials(files: TlsFiles, refreshIntervalMs = 
  * Client credentials from PEM contents held in memory (the CLI's bundle, tests). With `serverIdentity`
  * the server must prove that SPIFFE identity too (see mutualTlsClientCredentials).
  */
-export function mutualTlsChannelCredentialsFromPem(pem: { certificatePem: string; privateKeyPem: string; caPem: string }, serverIdentity?: string): ChannelCredentials {
+export function mutualTlsChannelCredentialsFromPem(
+  pem: { certificatePem: string; privateKeyPem: string; caPem: string },
+  serverIdentity?: string,
+): ChannelCredentials {
   return ChannelCredentials.createSsl(
     Buffer.from(pem.caPem),
     Buffer.from(pem.privateKeyPem),
@@ -186,7 +197,9 @@ export function expectServerIdentity(serverIdentity: string): (hostname: string,
     if (hostnameError) return hostnameError;
     const uris = parseSubjectAltName(certificate.subjectaltname ?? '').uris;
     if (uris.length !== 1 || uris[0] !== serverIdentity) {
-      return Object.assign(new Error(`the server at ${hostname} is ${uris.length === 0 ? 'no cowherd identity' : uris.join(', ')}, not ${serverIdentity}`), { code: 'ERR_COWHERD_SERVER_IDENTITY' });
+      return Object.assign(new Error(`the server at ${hostname} is ${uris.length === 0 ? 'no cowherd identity' : uris.join(', ')}, not ${serverIdentity}`), {
+        code: 'ERR_COWHERD_SERVER_IDENTITY',
+      });
     }
     return undefined;
   };

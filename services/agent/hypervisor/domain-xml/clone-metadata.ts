@@ -31,7 +31,9 @@ export function readCloneMetadata(xml: string): CloneMetadata | undefined {
     return undefined;
   }
   const metadata = firstChild(parsed.domain, 'metadata');
-  const record = metadata ? elementChildren(metadata).find((child) => namespaces.get(child) === CLONE_METADATA_NAMESPACE && localName(child.name) === 'clone') : undefined;
+  const record = metadata
+    ? elementChildren(metadata).find((child) => namespaces.get(child) === CLONE_METADATA_NAMESPACE && localName(child.name) === 'clone')
+    : undefined;
   if (!record) return undefined;
   const value = (name: string): string | undefined => {
     const element = elementChildren(record).find((child) => localName(child.name) === name);

@@ -12,9 +12,30 @@ import { ErrorReason } from '../../../gen/cowherd/common/v1/error_reason.js';
 import { CLONE_METADATA_NAMESPACE, CLONE_METADATA_PREFIX, type CloneMetadata } from './clone-metadata.js';
 import { DomainXmlError } from './errors.js';
 import { assertDirectoryOption, assertInsideDirectory, FILE_NAME_PATTERN, isInsideLexically, isPlainAbsolute } from './safe-paths.js';
-import { BOOT_FILE_ELEMENTS, CHARACTER_DEVICES, checkDomainType, checkNamespaces, DEFAULT_FIRMWARE_DIRECTORIES, isRewrittenSite, refuseStrayHostPaths, refuseUnsafeDevices } from './safety.js';
+import {
+  BOOT_FILE_ELEMENTS,
+  CHARACTER_DEVICES,
+  checkDomainType,
+  checkNamespaces,
+  DEFAULT_FIRMWARE_DIRECTORIES,
+  isRewrittenSite,
+  refuseStrayHostPaths,
+  refuseUnsafeDevices,
+} from './safety.js';
 import { removeIdentity } from './template.js';
-import { buildDocument, elementChildren, firstChild, hasNamed, localName, newElement, parseDomainDocument, removeChildren, setText, textOf, type XmlElement } from './xml-tree.js';
+import {
+  buildDocument,
+  elementChildren,
+  firstChild,
+  hasNamed,
+  localName,
+  newElement,
+  parseDomainDocument,
+  removeChildren,
+  setText,
+  textOf,
+  type XmlElement,
+} from './xml-tree.js';
 
 /** The hypervisor a clone is rendered for. */
 export type HypervisorKind = 'kvm' | 'xen';
@@ -152,7 +173,8 @@ export async function renderClone(templateXml: string, options: RenderCloneOptio
     driverElement.attributes.set('type', driver.type);
     renderedDisks.push({ target, path: childPath, driverName: driver.name, driverType: driver.type });
   }
-  for (const { option, index } of wanted.values()) throw DomainXmlError.invalidField(`disks[${index}].target`, `"${option.target}" is not a file disk of the template`);
+  for (const { option, index } of wanted.values())
+    throw DomainXmlError.invalidField(`disks[${index}].target`, `"${option.target}" is not a file disk of the template`);
 
   // MAC addresses.
   const used = new Set<string>();
@@ -169,7 +191,8 @@ export async function renderClone(templateXml: string, options: RenderCloneOptio
   // make virtlogd append to a host file.
   const inClone = async (value: string, elementPath: string): Promise<string> => {
     if (FILE_NAME_PATTERN.test(value)) return assertInsideDirectory(cloneDirectory, path.posix.join(cloneDirectory, value), 'clone_directory');
-    if (!isPlainAbsolute(value) || !isInsideLexically(cloneDirectory, value)) throw DomainXmlError.untrusted(elementPath, `"${value}" is neither a file name nor inside the clone directory`);
+    if (!isPlainAbsolute(value) || !isInsideLexically(cloneDirectory, value))
+      throw DomainXmlError.untrusted(elementPath, `"${value}" is neither a file name nor inside the clone directory`);
     return assertInsideDirectory(cloneDirectory, value, 'clone_directory');
   };
   for (const device of devices ? elementChildren(devices).filter((child) => (CHARACTER_DEVICES as readonly string[]).includes(child.name)) : []) {
@@ -194,7 +217,8 @@ export async function renderClone(templateXml: string, options: RenderCloneOptio
         nvram = newElement('nvram');
         os.children.splice(loader ? os.children.indexOf(loader) + 1 : os.children.length, 0, nvram);
       }
-      if ((nvram.attributes.get('type') ?? 'file') !== 'file' || firstChild(nvram, 'source')) throw DomainXmlError.untrusted('os/nvram', 'only file NVRAM can be cloned');
+      if ((nvram.attributes.get('type') ?? 'file') !== 'file' || firstChild(nvram, 'source'))
+        throw DomainXmlError.untrusted('os/nvram', 'only file NVRAM can be cloned');
       setText(nvram, nvramPath);
     }
     for (const element of BOOT_FILE_ELEMENTS) {

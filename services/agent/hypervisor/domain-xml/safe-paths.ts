@@ -54,10 +54,12 @@ async function realPathOfExistingPart(candidate: string, depth = 0): Promise<str
  */
 export async function assertInsideDirectory(directory: string, candidate: string, field: string): Promise<string> {
   if (typeof candidate !== 'string' || candidate === '') throw DomainXmlError.invalidField(field, 'is empty');
-  if (!isPlainAbsolute(candidate)) throw DomainXmlError.pathOutside(field, candidate, 'must be an absolute path without "." or ".." segments or control characters');
+  if (!isPlainAbsolute(candidate))
+    throw DomainXmlError.pathOutside(field, candidate, 'must be an absolute path without "." or ".." segments or control characters');
   if (!isInsideLexically(directory, candidate)) throw DomainXmlError.pathOutside(field, candidate, `is not inside ${directory}`);
   const [realDirectory, realCandidate] = await Promise.all([realPathOfExistingPart(directory), realPathOfExistingPart(candidate)]);
-  if (!isInsideLexically(realDirectory, realCandidate)) throw DomainXmlError.pathOutside(field, candidate, `resolves through a symlink to ${realCandidate}, outside ${directory}`);
+  if (!isInsideLexically(realDirectory, realCandidate))
+    throw DomainXmlError.pathOutside(field, candidate, `resolves through a symlink to ${realCandidate}, outside ${directory}`);
   return path.posix.normalize(candidate);
 }
 
@@ -70,4 +72,3 @@ export function assertFileName(value: string, field: string): string {
   if (!FILE_NAME_PATTERN.test(value)) throw DomainXmlError.pathOutside(field, value, `must be a single file name matching ${FILE_NAME_PATTERN.source}`);
   return value;
 }
-

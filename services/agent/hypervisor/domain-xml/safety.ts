@@ -61,7 +61,13 @@ export type DiskFormatName = 'qcow2' | 'raw' | 'vpc';
  */
 export function checkNamespaces(domain: XmlElement): Map<XmlElement, string> {
   const metadataNamespaces = new Map<XmlElement, string>();
-  const visit = (element: XmlElement, elementPath: string, inherited: ReadonlyMap<string, string>, insideMetadata: boolean, parentIsMetadata: boolean): void => {
+  const visit = (
+    element: XmlElement,
+    elementPath: string,
+    inherited: ReadonlyMap<string, string>,
+    insideMetadata: boolean,
+    parentIsMetadata: boolean,
+  ): void => {
     let scope = inherited;
     for (const [name, value] of element.attributes) {
       if (name === 'xmlns' || name.startsWith('xmlns:')) {
@@ -83,7 +89,9 @@ export function checkNamespaces(domain: XmlElement): Map<XmlElement, string> {
       const extension = HYPERVISOR_NAMESPACES[namespace];
       throw DomainXmlError.untrusted(
         elementPath,
-        extension ? `elements in libvirt's ${extension} namespace pass settings straight to the hypervisor` : `element in namespace "${namespace}" outside <metadata>`,
+        extension
+          ? `elements in libvirt's ${extension} namespace pass settings straight to the hypervisor`
+          : `element in namespace "${namespace}" outside <metadata>`,
       );
     }
     if (parentIsMetadata) {
@@ -143,12 +151,14 @@ export function refuseUnsafeDevices(domain: XmlElement): void {
       diskFormatOf(firstChild(device, 'driver')?.attributes.get('type'), elementPath);
       const source = firstChild(device, 'source');
       for (const name of ['dataStore', 'encryption']) {
-        if (firstChild(source, name) ?? firstChild(device, name)) throw DomainXmlError.untrusted(`${elementPath}/${name}`, 'external data files and encrypted disks cannot be cloned');
+        if (firstChild(source, name) ?? firstChild(device, name))
+          throw DomainXmlError.untrusted(`${elementPath}/${name}`, 'external data files and encrypted disks cannot be cloned');
       }
       if (firstChild(device, 'mirror')) throw DomainXmlError.untrusted(`${elementPath}/mirror`, 'a block job is running on the disk');
     } else if (device.name === 'interface') {
       const type = device.attributes.get('type') ?? '';
-      if (!ALLOWED_INTERFACE_TYPES.has(type)) throw DomainXmlError.untrusted(elementPath, `interface type "${type}" is not one of ${[...ALLOWED_INTERFACE_TYPES].join(', ')}`);
+      if (!ALLOWED_INTERFACE_TYPES.has(type))
+        throw DomainXmlError.untrusted(elementPath, `interface type "${type}" is not one of ${[...ALLOWED_INTERFACE_TYPES].join(', ')}`);
       for (const name of ['script', 'downscript']) {
         if (firstChild(device, name)) throw DomainXmlError.untrusted(`${elementPath}/${name}`, 'interface scripts run on the host');
       }
@@ -167,7 +177,12 @@ export function refuseUnsafeDevices(domain: XmlElement): void {
  * or text that looks like a host path is refused: this catches devices this module has no rule for
  * (`<emulator>`, nvdimm `<path>`, evdev inputs, TPM passthrough, `<sysinfo>` fw_cfg files, audio files...).
  */
-function checkAllowedHostPath(elementPath: string, attribute: string | undefined, value: string, firmwareDirectories: readonly string[]): 'allowed' | 'not-a-site' {
+function checkAllowedHostPath(
+  elementPath: string,
+  attribute: string | undefined,
+  value: string,
+  firmwareDirectories: readonly string[],
+): 'allowed' | 'not-a-site' {
   const site = attribute === undefined ? elementPath : `${elementPath}@${attribute}`;
   const inFirmware = (): boolean => isPlainAbsolute(value) && firmwareDirectories.some((directory) => isInsideLexically(directory, value));
   const refuse = (problem: string): never => {
@@ -201,7 +216,11 @@ function looksLikePath(value: string): boolean {
 }
 
 /** Refuses every host-path-like value outside the sites that this module rewrites (`skip`) or allows. */
-export function refuseStrayHostPaths(domain: XmlElement, firmwareDirectories: readonly string[], skip: (elementPath: string, attribute: string | undefined) => boolean): void {
+export function refuseStrayHostPaths(
+  domain: XmlElement,
+  firmwareDirectories: readonly string[],
+  skip: (elementPath: string, attribute: string | undefined) => boolean,
+): void {
   walk(domain, (element, elementPath) => {
     if (elementPath === 'metadata' || elementPath.startsWith('metadata/')) return;
     for (const [name, value] of element.attributes) {
@@ -224,6 +243,7 @@ function isCharacterDevicePath(elementPath: string, attribute: string | undefine
 
 export function isRewrittenSite(elementPath: string, attribute: string | undefined): boolean {
   if (elementPath === 'devices/disk/source' && attribute === 'file') return true;
-  if (attribute === undefined && (elementPath === 'os/nvram' || (BOOT_FILE_ELEMENTS as readonly string[]).map((name) => `os/${name}`).includes(elementPath))) return true;
+  if (attribute === undefined && (elementPath === 'os/nvram' || (BOOT_FILE_ELEMENTS as readonly string[]).map((name) => `os/${name}`).includes(elementPath)))
+    return true;
   return isCharacterDevicePath(elementPath, attribute);
 }

@@ -6,8 +6,31 @@
 import { CLONE_METADATA_NAMESPACE, COWHERD_NAMESPACE_PREFIX } from './clone-metadata.js';
 import { DomainXmlError } from './errors.js';
 import { assertFileName } from './safe-paths.js';
-import { BOOT_FILE_ELEMENTS, CHARACTER_DEVICES, checkDomainType, checkNamespaces, DEFAULT_FIRMWARE_DIRECTORIES, diskFormatOf, isRewrittenSite, refuseStrayHostPaths, refuseUnsafeDevices, type DiskFormatName } from './safety.js';
-import { buildDocument, elementChildren, firstChild, localName, newElement, parseDomainDocument, removeAllNamed, removeChildren, setText, textOf, type XmlElement } from './xml-tree.js';
+import {
+  BOOT_FILE_ELEMENTS,
+  CHARACTER_DEVICES,
+  checkDomainType,
+  checkNamespaces,
+  DEFAULT_FIRMWARE_DIRECTORIES,
+  diskFormatOf,
+  isRewrittenSite,
+  refuseStrayHostPaths,
+  refuseUnsafeDevices,
+  type DiskFormatName,
+} from './safety.js';
+import {
+  buildDocument,
+  elementChildren,
+  firstChild,
+  localName,
+  newElement,
+  parseDomainDocument,
+  removeAllNamed,
+  removeChildren,
+  setText,
+  textOf,
+  type XmlElement,
+} from './xml-tree.js';
 
 /** Removes what identifies one VM and would collide between clones. */
 export function removeIdentity(domain: XmlElement): void {
@@ -151,7 +174,10 @@ export function sanitizeDomainTemplate(xml: string, options: SanitizeOptions = {
       if (disks.some((disk) => disk.target === target)) throw DomainXmlError.untrusted('devices/disk/target', `two disks share the target dev "${target}"`);
       const format = diskFormatOf(firstChild(disk, 'driver')?.attributes.get('type'), 'devices/disk/driver');
       const index = disks.length;
-      const fileName = assertFileName(options.diskFileName ? options.diskFileName({ index, target, format }) : `disk-${index}.${FILE_EXTENSIONS[format]}`, `disks[${index}].file_name`);
+      const fileName = assertFileName(
+        options.diskFileName ? options.diskFileName({ index, target, format }) : `disk-${index}.${FILE_EXTENSIONS[format]}`,
+        `disks[${index}].file_name`,
+      );
       if (fileNames.has(fileName)) throw DomainXmlError.invalidField(`disks[${index}].file_name`, `repeats the file name "${fileName}"`);
       fileNames.add(fileName);
       disks.push({ target, device: disk.attributes.get('device') ?? 'disk', sourcePath, format, fileName });
@@ -221,7 +247,9 @@ export function sanitizeDomainTemplate(xml: string, options: SanitizeOptions = {
     }
   }
 
-  refuseStrayHostPaths(domain, options.firmwareDirectories ?? DEFAULT_FIRMWARE_DIRECTORIES, (elementPath, attribute) => isRewrittenSite(elementPath, attribute));
+  refuseStrayHostPaths(domain, options.firmwareDirectories ?? DEFAULT_FIRMWARE_DIRECTORIES, (elementPath, attribute) =>
+    isRewrittenSite(elementPath, attribute),
+  );
   return { xml: buildDocument(parsed), domainType, disks, bootFiles };
 }
 
@@ -242,7 +270,11 @@ export function templateDisks(templateXml: string): TemplateDisk[] {
     if (fileName === '') continue;
     const target = firstChild(disk, 'target')?.attributes.get('dev') ?? '';
     if (target === '') throw DomainXmlError.untrusted('devices/disk/target', 'a disk with a source has no target dev');
-    disks.push({ target, fileName: assertFileName(fileName, `disks[${disks.length}].file_name`), format: diskFormatOf(firstChild(disk, 'driver')?.attributes.get('type'), 'devices/disk/driver') });
+    disks.push({
+      target,
+      fileName: assertFileName(fileName, `disks[${disks.length}].file_name`),
+      format: diskFormatOf(firstChild(disk, 'driver')?.attributes.get('type'), 'devices/disk/driver'),
+    });
   }
   return disks;
 }

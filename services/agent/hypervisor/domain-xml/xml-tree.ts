@@ -59,7 +59,13 @@ function strictEntityDecoder(): {
         let value: string | undefined;
         if (reference.startsWith('#')) {
           const code = reference.startsWith('#x') ? Number.parseInt(reference.slice(2), 16) : Number.parseInt(reference.slice(1), 10);
-          const isXmlChar = code === 0x9 || code === 0xa || code === 0xd || (code >= 0x20 && code <= 0xd7ff) || (code >= 0xe000 && code <= 0xfffd) || (code >= 0x10000 && code <= 0x10ffff);
+          const isXmlChar =
+            code === 0x9 ||
+            code === 0xa ||
+            code === 0xd ||
+            (code >= 0x20 && code <= 0xd7ff) ||
+            (code >= 0xe000 && code <= 0xfffd) ||
+            (code >= 0x10000 && code <= 0x10ffff);
           if (!isXmlChar) throw new EntityError(`the character reference &${reference};`);
           value = String.fromCodePoint(code);
         } else {
@@ -174,7 +180,8 @@ export function parseDomainDocument(document: string): ParsedDomain {
   const nodes = fromOrdered(parsed);
   const roots = nodes.filter((node): node is XmlElement => node.kind === 'element');
   const domain = roots[0];
-  if (roots.length !== 1 || !domain || domain.name !== 'domain') throw DomainXmlError.untrusted('domain', 'the document must have exactly one root element, <domain>');
+  if (roots.length !== 1 || !domain || domain.name !== 'domain')
+    throw DomainXmlError.untrusted('domain', 'the document must have exactly one root element, <domain>');
   if (nodes.some((node) => node.kind === 'text' || node.kind === 'cdata')) throw DomainXmlError.untrusted('domain', 'text outside the root element');
   return { nodes, domain };
 }
