@@ -29,7 +29,21 @@ import {
   imagePublishStageToJSON,
   TransferProgress,
 } from "../../common/v1/types.js";
-import { Host, Image, ImageReplica, TransferLimits, VirtualMachine } from "../../inventory/v1/resources.js";
+import {
+  ImageImportStage,
+  imageImportStageFromJSON,
+  imageImportStageToJSON,
+  ImportImageDomain,
+  ImportImageUrl,
+} from "../../distribution/v1/distribution_service.js";
+import {
+  GuestConfiguration,
+  Host,
+  Image,
+  ImageReplica,
+  TransferLimits,
+  VirtualMachine,
+} from "../../inventory/v1/resources.js";
 
 export const protobufPackage = "cowherd.agent.v1";
 
@@ -87,6 +101,62 @@ export interface ExportImageResult {
     | undefined;
   /** The HTTP(S) web seed URL (BEP 19) under which this agent serves the image's files, for FetchImage. */
   webSeedUrl: string;
+}
+
+/** ImportImageRequest is the request of ImportImage. */
+export interface ImportImageRequest {
+  /** The image to create, `images/{image}`. */
+  image: string;
+  /** Where the disk comes from (the rules of DistributionService.ImportImage). Exactly one is required. */
+  source:
+    | //
+    /** A path relative to the import directory. */
+    { $case: "importPath"; value: string }
+    | //
+    /** A URL with the file's expected SHA-256. */
+    { $case: "url"; value: ImportImageUrl }
+    | undefined;
+  /** The domain template. Exactly one is required. */
+  template:
+    | //
+    /** Parameters the agent renders the template from. */
+    { $case: "domain"; value: ImportImageDomain }
+    | //
+    /** Untrusted domain XML, sanitized like a published template. */
+    { $case: "domainXml"; value: string }
+    | undefined;
+  /** The tracker's announce URL, which the agent seeds to. */
+  trackerAnnounceUrl: string;
+  /** The ImportImage operation this import belongs to, `operations/{operation}`, for logs. */
+  operation: string;
+}
+
+/** ImportImageResponse is one message of the ImportImage stream: progress messages, then one result. */
+export interface ImportImageResponse {
+  /** Progress or the final result. */
+  response:
+    | //
+    /** How far the import is. */
+    { $case: "progress"; value: ImportImageProgress }
+    | //
+    /** The finished import, with the same content as an export's result; the last message of the stream. */
+    { $case: "result"; value: ExportImageResult }
+    | undefined;
+}
+
+/** ImportImageProgress is how far an import is. */
+export interface ImportImageProgress {
+  /** The step the import is in: DOWNLOADING (URLs only), CONVERTING, HASHING or CREATING_TORRENT. */
+  stage: ImageImportStage;
+  /**
+   * Bytes downloaded, converted or hashed in the current step, out of the step's total; downloads carry the
+   * rate.
+   */
+  progress:
+    | TransferProgress
+    | undefined;
+  /** The input's format as qemu-img probed it; empty until probed. */
+  sourceFormat: string;
 }
 
 /** FetchImageRequest is the request of FetchImage. */
@@ -178,6 +248,22 @@ export interface CreateClonesRequest {
    * The cloning service calls it before it creates a CloneVirtualMachines operation from a virtual machine.
    */
   validateOnly: boolean;
+  /**
+   * The clones' identity in the guest: the agent renders it for each clone (variables `{name}`, `{index}`,
+   * `{host}`, `{uuid}`), writes a read-only seed disk (volume label `cidata`) into the clone's directory and
+   * attaches it to the domain; the disk goes with the clone (deletion and every rollback). Invalid values are
+   * INVALID_ARGUMENT naming `guest_configuration.<field>`, for the whole call, before anything is made.
+   */
+  guestConfiguration?:
+    | GuestConfiguration
+    | undefined;
+  /**
+   * The SHA-256 of guest_configuration as the caller computed it; when set, it must match. Set without
+   * guest_configuration (a cloning replica that resumed an operation whose secrets it never had), clones
+   * that already exist (this request_id) are returned and the others are not made: they fail with
+   * FAILED_PRECONDITION, so that no clone comes up without the identity it was requested with.
+   */
+  guestConfigurationDigest?: string | undefined;
 }
 
 /** CloneSpec is one clone to make. */
@@ -186,6 +272,11 @@ export interface CloneSpec {
   domainName: string;
   /** Whether to start the domain after defining it. */
   start: boolean;
+  /**
+   * The clone's 1-based index in its CloneVirtualMachines request (`{index}` of the guest configuration);
+   * 0 means its position in `clones` plus one.
+   */
+  index?: number | undefined;
 }
 
 /** CreateClonesResponse is the response of CreateClones. */
@@ -721,6 +812,425 @@ export const ExportImageResult: MessageFns<ExportImageResult, "cowherd.agent.v1.
       ? ImageReplica.fromPartial(object.replica)
       : undefined;
     message.webSeedUrl = object.webSeedUrl ?? "";
+    return message;
+  },
+};
+
+function createBaseImportImageRequest(): ImportImageRequest {
+  return { image: "", source: undefined, template: undefined, trackerAnnounceUrl: "", operation: "" };
+}
+
+export const ImportImageRequest: MessageFns<ImportImageRequest, "cowherd.agent.v1.ImportImageRequest"> = {
+  $type: "cowherd.agent.v1.ImportImageRequest" as const,
+
+  encode(message: ImportImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.image !== "") {
+      writer.uint32(10).string(message.image);
+    }
+    switch (message.source?.$case) {
+      case "importPath":
+        writer.uint32(18).string(message.source.value);
+        break;
+      case "url":
+        ImportImageUrl.encode(message.source.value, writer.uint32(26).fork()).join();
+        break;
+    }
+    switch (message.template?.$case) {
+      case "domain":
+        ImportImageDomain.encode(message.template.value, writer.uint32(34).fork()).join();
+        break;
+      case "domainXml":
+        writer.uint32(42).string(message.template.value);
+        break;
+    }
+    if (message.trackerAnnounceUrl !== "") {
+      writer.uint32(50).string(message.trackerAnnounceUrl);
+    }
+    if (message.operation !== "") {
+      writer.uint32(58).string(message.operation);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportImageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportImageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.image = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.source = { $case: "importPath", value: reader.string() };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.source = { $case: "url", value: ImportImageUrl.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.template = { $case: "domain", value: ImportImageDomain.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.template = { $case: "domainXml", value: reader.string() };
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.trackerAnnounceUrl = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.operation = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportImageRequest {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      source: isSet(object.importPath)
+        ? { $case: "importPath", value: globalThis.String(object.importPath) }
+        : isSet(object.import_path)
+        ? { $case: "importPath", value: globalThis.String(object.import_path) }
+        : isSet(object.url)
+        ? { $case: "url", value: ImportImageUrl.fromJSON(object.url) }
+        : undefined,
+      template: isSet(object.domain)
+        ? { $case: "domain", value: ImportImageDomain.fromJSON(object.domain) }
+        : isSet(object.domainXml)
+        ? { $case: "domainXml", value: globalThis.String(object.domainXml) }
+        : isSet(object.domain_xml)
+        ? { $case: "domainXml", value: globalThis.String(object.domain_xml) }
+        : undefined,
+      trackerAnnounceUrl: isSet(object.trackerAnnounceUrl)
+        ? globalThis.String(object.trackerAnnounceUrl)
+        : isSet(object.tracker_announce_url)
+        ? globalThis.String(object.tracker_announce_url)
+        : "",
+      operation: isSet(object.operation) ? globalThis.String(object.operation) : "",
+    };
+  },
+
+  toJSON(message: ImportImageRequest): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.source?.$case === "importPath") {
+      obj.importPath = message.source.value;
+    } else if (message.source?.$case === "url") {
+      obj.url = ImportImageUrl.toJSON(message.source.value);
+    }
+    if (message.template?.$case === "domain") {
+      obj.domain = ImportImageDomain.toJSON(message.template.value);
+    } else if (message.template?.$case === "domainXml") {
+      obj.domainXml = message.template.value;
+    }
+    if (message.trackerAnnounceUrl !== "") {
+      obj.trackerAnnounceUrl = message.trackerAnnounceUrl;
+    }
+    if (message.operation !== "") {
+      obj.operation = message.operation;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageRequest>): ImportImageRequest {
+    return ImportImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageRequest>): ImportImageRequest {
+    const message = createBaseImportImageRequest();
+    message.image = object.image ?? "";
+    switch (object.source?.$case) {
+      case "importPath": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "importPath", value: object.source.value };
+        }
+        break;
+      }
+      case "url": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "url", value: ImportImageUrl.fromPartial(object.source.value) };
+        }
+        break;
+      }
+    }
+    switch (object.template?.$case) {
+      case "domain": {
+        if (object.template?.value !== undefined && object.template?.value !== null) {
+          message.template = { $case: "domain", value: ImportImageDomain.fromPartial(object.template.value) };
+        }
+        break;
+      }
+      case "domainXml": {
+        if (object.template?.value !== undefined && object.template?.value !== null) {
+          message.template = { $case: "domainXml", value: object.template.value };
+        }
+        break;
+      }
+    }
+    message.trackerAnnounceUrl = object.trackerAnnounceUrl ?? "";
+    message.operation = object.operation ?? "";
+    return message;
+  },
+};
+
+function createBaseImportImageResponse(): ImportImageResponse {
+  return { response: undefined };
+}
+
+export const ImportImageResponse: MessageFns<ImportImageResponse, "cowherd.agent.v1.ImportImageResponse"> = {
+  $type: "cowherd.agent.v1.ImportImageResponse" as const,
+
+  encode(message: ImportImageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.response?.$case) {
+      case "progress":
+        ImportImageProgress.encode(message.response.value, writer.uint32(10).fork()).join();
+        break;
+      case "result":
+        ExportImageResult.encode(message.response.value, writer.uint32(18).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportImageResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportImageResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.response = { $case: "progress", value: ImportImageProgress.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.response = { $case: "result", value: ExportImageResult.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportImageResponse {
+    return {
+      response: isSet(object.progress)
+        ? { $case: "progress", value: ImportImageProgress.fromJSON(object.progress) }
+        : isSet(object.result)
+        ? { $case: "result", value: ExportImageResult.fromJSON(object.result) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: ImportImageResponse): unknown {
+    const obj: any = {};
+    if (message.response?.$case === "progress") {
+      obj.progress = ImportImageProgress.toJSON(message.response.value);
+    } else if (message.response?.$case === "result") {
+      obj.result = ExportImageResult.toJSON(message.response.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageResponse>): ImportImageResponse {
+    return ImportImageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageResponse>): ImportImageResponse {
+    const message = createBaseImportImageResponse();
+    switch (object.response?.$case) {
+      case "progress": {
+        if (object.response?.value !== undefined && object.response?.value !== null) {
+          message.response = { $case: "progress", value: ImportImageProgress.fromPartial(object.response.value) };
+        }
+        break;
+      }
+      case "result": {
+        if (object.response?.value !== undefined && object.response?.value !== null) {
+          message.response = { $case: "result", value: ExportImageResult.fromPartial(object.response.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseImportImageProgress(): ImportImageProgress {
+  return { stage: 0, progress: undefined, sourceFormat: "" };
+}
+
+export const ImportImageProgress: MessageFns<ImportImageProgress, "cowherd.agent.v1.ImportImageProgress"> = {
+  $type: "cowherd.agent.v1.ImportImageProgress" as const,
+
+  encode(message: ImportImageProgress, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.stage !== 0) {
+      writer.uint32(8).int32(message.stage);
+    }
+    if (message.progress !== undefined) {
+      TransferProgress.encode(message.progress, writer.uint32(18).fork()).join();
+    }
+    if (message.sourceFormat !== "") {
+      writer.uint32(26).string(message.sourceFormat);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportImageProgress {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportImageProgress();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.stage = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.progress = TransferProgress.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.sourceFormat = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportImageProgress {
+    return {
+      stage: isSet(object.stage) ? imageImportStageFromJSON(object.stage) : 0,
+      progress: isSet(object.progress) ? TransferProgress.fromJSON(object.progress) : undefined,
+      sourceFormat: isSet(object.sourceFormat)
+        ? globalThis.String(object.sourceFormat)
+        : isSet(object.source_format)
+        ? globalThis.String(object.source_format)
+        : "",
+    };
+  },
+
+  toJSON(message: ImportImageProgress): unknown {
+    const obj: any = {};
+    if (message.stage !== 0) {
+      obj.stage = imageImportStageToJSON(message.stage);
+    }
+    if (message.progress !== undefined) {
+      obj.progress = TransferProgress.toJSON(message.progress);
+    }
+    if (message.sourceFormat !== "") {
+      obj.sourceFormat = message.sourceFormat;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageProgress>): ImportImageProgress {
+    return ImportImageProgress.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageProgress>): ImportImageProgress {
+    const message = createBaseImportImageProgress();
+    message.stage = object.stage ?? 0;
+    message.progress = (object.progress !== undefined && object.progress !== null)
+      ? TransferProgress.fromPartial(object.progress)
+      : undefined;
+    message.sourceFormat = object.sourceFormat ?? "";
     return message;
   },
 };
@@ -1286,7 +1796,15 @@ export const SetTransferLimitsRequest: MessageFns<
 };
 
 function createBaseCreateClonesRequest(): CreateClonesRequest {
-  return { source: undefined, clones: [], operation: "", requestId: "", validateOnly: false };
+  return {
+    source: undefined,
+    clones: [],
+    operation: "",
+    requestId: "",
+    validateOnly: false,
+    guestConfiguration: undefined,
+    guestConfigurationDigest: undefined,
+  };
 }
 
 export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent.v1.CreateClonesRequest"> = {
@@ -1312,6 +1830,12 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     }
     if (message.validateOnly !== false) {
       writer.uint32(48).bool(message.validateOnly);
+    }
+    if (message.guestConfiguration !== undefined) {
+      GuestConfiguration.encode(message.guestConfiguration, writer.uint32(58).fork()).join();
+    }
+    if (message.guestConfigurationDigest !== undefined) {
+      writer.uint32(66).string(message.guestConfigurationDigest);
     }
     return writer;
   },
@@ -1377,6 +1901,22 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
             message.validateOnly = reader.bool();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.guestConfiguration = GuestConfiguration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.guestConfigurationDigest = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1410,6 +1950,16 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
         : isSet(object.validate_only)
         ? globalThis.Boolean(object.validate_only)
         : false,
+      guestConfiguration: isSet(object.guestConfiguration)
+        ? GuestConfiguration.fromJSON(object.guestConfiguration)
+        : isSet(object.guest_configuration)
+        ? GuestConfiguration.fromJSON(object.guest_configuration)
+        : undefined,
+      guestConfigurationDigest: isSet(object.guestConfigurationDigest)
+        ? globalThis.String(object.guestConfigurationDigest)
+        : isSet(object.guest_configuration_digest)
+        ? globalThis.String(object.guest_configuration_digest)
+        : undefined,
     };
   },
 
@@ -1431,6 +1981,12 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     }
     if (message.validateOnly !== false) {
       obj.validateOnly = message.validateOnly;
+    }
+    if (message.guestConfiguration !== undefined) {
+      obj.guestConfiguration = GuestConfiguration.toJSON(message.guestConfiguration);
+    }
+    if (message.guestConfigurationDigest !== undefined) {
+      obj.guestConfigurationDigest = message.guestConfigurationDigest;
     }
     return obj;
   },
@@ -1458,12 +2014,16 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     message.operation = object.operation ?? "";
     message.requestId = object.requestId ?? "";
     message.validateOnly = object.validateOnly ?? false;
+    message.guestConfiguration = (object.guestConfiguration !== undefined && object.guestConfiguration !== null)
+      ? GuestConfiguration.fromPartial(object.guestConfiguration)
+      : undefined;
+    message.guestConfigurationDigest = object.guestConfigurationDigest ?? undefined;
     return message;
   },
 };
 
 function createBaseCloneSpec(): CloneSpec {
-  return { domainName: "", start: false };
+  return { domainName: "", start: false, index: undefined };
 }
 
 export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
@@ -1475,6 +2035,9 @@ export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
     }
     if (message.start !== false) {
       writer.uint32(16).bool(message.start);
+    }
+    if (message.index !== undefined) {
+      writer.uint32(24).int32(message.index);
     }
     return writer;
   },
@@ -1508,6 +2071,14 @@ export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
             message.start = reader.bool();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.index = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1528,6 +2099,7 @@ export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
         ? globalThis.String(object.domain_name)
         : "",
       start: isSet(object.start) ? globalThis.Boolean(object.start) : false,
+      index: isSet(object.index) ? globalThis.Number(object.index) : undefined,
     };
   },
 
@@ -1539,6 +2111,9 @@ export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
     if (message.start !== false) {
       obj.start = message.start;
     }
+    if (message.index !== undefined) {
+      obj.index = Math.round(message.index);
+    }
     return obj;
   },
 
@@ -1549,6 +2124,7 @@ export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
     const message = createBaseCloneSpec();
     message.domainName = object.domainName ?? "";
     message.start = object.start ?? false;
+    message.index = object.index ?? undefined;
     return message;
   },
 };
@@ -2078,6 +2654,27 @@ export const AgentServiceService = {
     responseDeserialize: (value: Buffer): ExportImageResponse => ExportImageResponse.decode(value),
   },
   /**
+   * ImportImage makes the origin replica of a new image from a disk file: one under this agent's import
+   * directory (COWHERD_IMPORT_DIR), or an http(s) URL downloaded into the image directory with its SHA-256
+   * checked. The file is probed with `qemu-img info` (qcow2, raw, vmdk, vpc, vhdx; no backing file) and
+   * converted to this host's format (qcow2 on KVM, VHD on Xen) into `<image_directory>/images/<image>/`, laid
+   * out as ExportImage lays out an export, with the domain template rendered from parameters or sanitized
+   * from the caller's XML; then every file is hashed and made read-only, and the private torrent is created
+   * and seeded. The stream sends progress at most every second and ends with one result. A failure or the
+   * end of the stream (cancelling) removes everything the import made. Errors: those of
+   * DistributionService.ImportImage's operation, plus ALREADY_EXISTS (ALREADY_EXISTS) when the image
+   * directory holds an image of that id.
+   */
+  importImage: {
+    path: "/cowherd.agent.v1.AgentService/ImportImage" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: ImportImageRequest): Buffer => Buffer.from(ImportImageRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ImportImageRequest => ImportImageRequest.decode(value),
+    responseSerialize: (value: ImportImageResponse): Buffer => Buffer.from(ImportImageResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ImportImageResponse => ImportImageResponse.decode(value),
+  },
+  /**
    * FetchImage starts, or resumes, this host's replica of an image: the agent joins the image's swarm (with the
    * given tracker and web seeds), downloads into `<image_directory>/images/<image>/`, verifies every file's
    * size and whole-file SHA-256, then seeds and publishes image.available. It returns the replica at once; it
@@ -2251,6 +2848,19 @@ export interface AgentServiceServer extends UntypedServiceImplementation {
    */
   exportImage: handleServerStreamingCall<ExportImageRequest, ExportImageResponse>;
   /**
+   * ImportImage makes the origin replica of a new image from a disk file: one under this agent's import
+   * directory (COWHERD_IMPORT_DIR), or an http(s) URL downloaded into the image directory with its SHA-256
+   * checked. The file is probed with `qemu-img info` (qcow2, raw, vmdk, vpc, vhdx; no backing file) and
+   * converted to this host's format (qcow2 on KVM, VHD on Xen) into `<image_directory>/images/<image>/`, laid
+   * out as ExportImage lays out an export, with the domain template rendered from parameters or sanitized
+   * from the caller's XML; then every file is hashed and made read-only, and the private torrent is created
+   * and seeded. The stream sends progress at most every second and ends with one result. A failure or the
+   * end of the stream (cancelling) removes everything the import made. Errors: those of
+   * DistributionService.ImportImage's operation, plus ALREADY_EXISTS (ALREADY_EXISTS) when the image
+   * directory holds an image of that id.
+   */
+  importImage: handleServerStreamingCall<ImportImageRequest, ImportImageResponse>;
+  /**
    * FetchImage starts, or resumes, this host's replica of an image: the agent joins the image's swarm (with the
    * given tracker and web seeds), downloads into `<image_directory>/images/<image>/`, verifies every file's
    * size and whole-file SHA-256, then seeds and publishes image.available. It returns the replica at once; it
@@ -2361,6 +2971,24 @@ export interface AgentServiceClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<ExportImageResponse>;
+  /**
+   * ImportImage makes the origin replica of a new image from a disk file: one under this agent's import
+   * directory (COWHERD_IMPORT_DIR), or an http(s) URL downloaded into the image directory with its SHA-256
+   * checked. The file is probed with `qemu-img info` (qcow2, raw, vmdk, vpc, vhdx; no backing file) and
+   * converted to this host's format (qcow2 on KVM, VHD on Xen) into `<image_directory>/images/<image>/`, laid
+   * out as ExportImage lays out an export, with the domain template rendered from parameters or sanitized
+   * from the caller's XML; then every file is hashed and made read-only, and the private torrent is created
+   * and seeded. The stream sends progress at most every second and ends with one result. A failure or the
+   * end of the stream (cancelling) removes everything the import made. Errors: those of
+   * DistributionService.ImportImage's operation, plus ALREADY_EXISTS (ALREADY_EXISTS) when the image
+   * directory holds an image of that id.
+   */
+  importImage(request: ImportImageRequest, options?: Partial<CallOptions>): ClientReadableStream<ImportImageResponse>;
+  importImage(
+    request: ImportImageRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<ImportImageResponse>;
   /**
    * FetchImage starts, or resumes, this host's replica of an image: the agent joins the image's swarm (with the
    * given tracker and web seeds), downloads into `<image_directory>/images/<image>/`, verifies every file's

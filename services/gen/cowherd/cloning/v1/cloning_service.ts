@@ -25,6 +25,7 @@ import { Timestamp } from "../../../google/protobuf/timestamp.js";
 import { Status } from "../../../google/rpc/status.js";
 import { TransferProgress } from "../../common/v1/types.js";
 import {
+  GuestConfiguration,
   ImageReplica_State,
   imageReplica_StateFromJSON,
   imageReplica_StateToJSON,
@@ -74,6 +75,16 @@ export interface CloneVirtualMachinesRequest {
    * first request's operation instead of starting another.
    */
   requestId: string;
+  /**
+   * The clones' own identity inside the guest, through cloud-init's NoCloud data source (a seed disk per
+   * clone, see GuestConfiguration). Unset means no seed disk: the clones boot as their source does. Checked
+   * before anything changes: INVALID_ARGUMENT names the field (`guest_configuration.hostname_template`, ...)
+   * when a template has an unknown variable, a rendered hostname is not a valid hostname, a document is too
+   * large, or user-data or network-config is not of an accepted kind. Its secrets are not kept with the
+   * operation: should the operation be taken over by another cloning replica before every host's clones were
+   * made, the clones not made yet fail with FAILED_PRECONDITION and must be requested again.
+   */
+  guestConfiguration?: GuestConfiguration | undefined;
 }
 
 /**
@@ -267,7 +278,14 @@ export interface CloneVirtualMachinesMetadata {
     | Date
     | undefined;
   /** When the metadata last changed; progress updates at most every 5 seconds. */
-  updateTime: Date | undefined;
+  updateTime:
+    | Date
+    | undefined;
+  /**
+   * The SHA-256 of the request's guest configuration (see VirtualMachine.guest_configuration_digest); empty
+   * when the request has none.
+   */
+  guestConfigurationDigest?: string | undefined;
 }
 
 /** ImageTransfer is the image transfer to one host that clones on that host wait for. */
@@ -346,7 +364,15 @@ export interface DeleteVirtualMachineRequest {
 }
 
 function createBaseCloneVirtualMachinesRequest(): CloneVirtualMachinesRequest {
-  return { source: undefined, placement: undefined, count: 0, nameTemplate: "", start: false, requestId: "" };
+  return {
+    source: undefined,
+    placement: undefined,
+    count: 0,
+    nameTemplate: "",
+    start: false,
+    requestId: "",
+    guestConfiguration: undefined,
+  };
 }
 
 export const CloneVirtualMachinesRequest: MessageFns<
@@ -378,6 +404,9 @@ export const CloneVirtualMachinesRequest: MessageFns<
     }
     if (message.requestId !== "") {
       writer.uint32(58).string(message.requestId);
+    }
+    if (message.guestConfiguration !== undefined) {
+      GuestConfiguration.encode(message.guestConfiguration, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -451,6 +480,14 @@ export const CloneVirtualMachinesRequest: MessageFns<
             message.requestId = reader.string();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.guestConfiguration = GuestConfiguration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -485,6 +522,11 @@ export const CloneVirtualMachinesRequest: MessageFns<
         : isSet(object.request_id)
         ? globalThis.String(object.request_id)
         : "",
+      guestConfiguration: isSet(object.guestConfiguration)
+        ? GuestConfiguration.fromJSON(object.guestConfiguration)
+        : isSet(object.guest_configuration)
+        ? GuestConfiguration.fromJSON(object.guest_configuration)
+        : undefined,
     };
   },
 
@@ -509,6 +551,9 @@ export const CloneVirtualMachinesRequest: MessageFns<
     }
     if (message.requestId !== "") {
       obj.requestId = message.requestId;
+    }
+    if (message.guestConfiguration !== undefined) {
+      obj.guestConfiguration = GuestConfiguration.toJSON(message.guestConfiguration);
     }
     return obj;
   },
@@ -539,6 +584,9 @@ export const CloneVirtualMachinesRequest: MessageFns<
     message.nameTemplate = object.nameTemplate ?? "";
     message.start = object.start ?? false;
     message.requestId = object.requestId ?? "";
+    message.guestConfiguration = (object.guestConfiguration !== undefined && object.guestConfiguration !== null)
+      ? GuestConfiguration.fromPartial(object.guestConfiguration)
+      : undefined;
     return message;
   },
 };
@@ -954,6 +1002,7 @@ function createBaseCloneVirtualMachinesMetadata(): CloneVirtualMachinesMetadata 
     distributeOperations: [],
     startTime: undefined,
     updateTime: undefined,
+    guestConfigurationDigest: undefined,
   };
 }
 
@@ -990,6 +1039,9 @@ export const CloneVirtualMachinesMetadata: MessageFns<
     }
     if (message.updateTime !== undefined) {
       Timestamp.encode(toTimestamp(message.updateTime), writer.uint32(74).fork()).join();
+    }
+    if (message.guestConfigurationDigest !== undefined) {
+      writer.uint32(82).string(message.guestConfigurationDigest);
     }
     return writer;
   },
@@ -1079,6 +1131,14 @@ export const CloneVirtualMachinesMetadata: MessageFns<
             message.updateTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.guestConfigurationDigest = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1130,6 +1190,11 @@ export const CloneVirtualMachinesMetadata: MessageFns<
         : isSet(object.update_time)
         ? fromJsonTimestamp(object.update_time)
         : undefined,
+      guestConfigurationDigest: isSet(object.guestConfigurationDigest)
+        ? globalThis.String(object.guestConfigurationDigest)
+        : isSet(object.guest_configuration_digest)
+        ? globalThis.String(object.guest_configuration_digest)
+        : undefined,
     };
   },
 
@@ -1162,6 +1227,9 @@ export const CloneVirtualMachinesMetadata: MessageFns<
     if (message.updateTime !== undefined) {
       obj.updateTime = message.updateTime.toISOString();
     }
+    if (message.guestConfigurationDigest !== undefined) {
+      obj.guestConfigurationDigest = message.guestConfigurationDigest;
+    }
     return obj;
   },
 
@@ -1179,6 +1247,7 @@ export const CloneVirtualMachinesMetadata: MessageFns<
     message.distributeOperations = object.distributeOperations?.map((e) => e) || [];
     message.startTime = object.startTime ?? undefined;
     message.updateTime = object.updateTime ?? undefined;
+    message.guestConfigurationDigest = object.guestConfigurationDigest ?? undefined;
     return message;
   },
 };

@@ -603,6 +603,13 @@ export interface VirtualMachine {
    * this virtual machine). While any exist, this one cannot be started or deleted.
    */
   dependentVirtualMachines: string[];
+  /**
+   * The SHA-256 (lowercase hex) of the guest configuration the clone was made with, as cowherd computes it
+   * over the request's GuestConfiguration (its deterministic protobuf encoding, before variables are
+   * substituted); empty for clones made without one and for virtual machines cowherd did not make. Only the
+   * digest is kept: user-data and keys are never stored in the inventory, events or operations.
+   */
+  guestConfigurationDigest?: string | undefined;
 }
 
 /** State is the libvirt domain state. */
@@ -803,6 +810,43 @@ export function virtualMachineChange_TypeToJSON(object: VirtualMachineChange_Typ
     default:
       return "UNRECOGNIZED";
   }
+}
+
+/**
+ * GuestConfiguration is what a clone's guest learns about itself at first boot through cloud-init's NoCloud
+ * data source: the agent writes a small read-only seed disk per clone (volume label `cidata`, ISO 9660 with
+ * Joliet names) holding `meta-data` (`instance-id` = the clone's UUID, `local-hostname`), `user-data` and,
+ * when given, `network-config`. A new instance-id per clone is what makes cloud-init regenerate SSH host keys.
+ *
+ * Every text field may use the clone's variables, in the style of name_template: `{name}` (the domain name),
+ * `{index}` (1-based index in the request), `{host}` (the host id) and `{uuid}` (the clone's libvirt UUID,
+ * lowercase). `{{` and `}}` stand for literal braces. Fields hold secrets: they are never logged, never stored
+ * in the inventory, KV or events; only a digest is (VirtualMachine.guest_configuration_digest).
+ */
+export interface GuestConfiguration {
+  /**
+   * The guest's hostname (`local-hostname`). Empty means `{name}`. After substitution it must be a valid
+   * hostname: dot-separated labels of `[A-Za-z0-9-]`, 1 to 63 characters each, not starting or ending with
+   * `-`, at most 253 characters in all.
+   */
+  hostnameTemplate: string;
+  /**
+   * SSH public keys for the default user (cloud-init's `public-keys` in meta-data), at most 100, each one
+   * line of at most 16 KiB starting with a key type such as `ssh-ed25519`, `ssh-rsa` or `ecdsa-sha2-*`.
+   */
+  sshAuthorizedKeys: string[];
+  /**
+   * The user-data document, at most 64 KiB after substitution: it must start with `#cloud-config`, `#!`
+   * (a script) or `Content-Type: multipart/` (a MIME multipart). Empty means a `#cloud-config` that sets
+   * nothing beyond the hostname.
+   */
+  userData: string;
+  /**
+   * A network-config version 2 document (netplan style), at most 64 KiB after substitution: YAML whose top
+   * level has `network:` with `version: 2`, or `version: 2` itself. Empty means no network-config file
+   * (cloud-init's default: DHCP on the first interface).
+   */
+  networkConfig: string;
 }
 
 function createBaseHost(): Host {
@@ -2730,6 +2774,7 @@ function createBaseVirtualMachine(): VirtualMachine {
     updateTime: undefined,
     managed: false,
     dependentVirtualMachines: [],
+    guestConfigurationDigest: undefined,
   };
 }
 
@@ -2778,6 +2823,9 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
     }
     for (const v of message.dependentVirtualMachines) {
       writer.uint32(114).string(v!);
+    }
+    if (message.guestConfigurationDigest !== undefined) {
+      writer.uint32(122).string(message.guestConfigurationDigest);
     }
     return writer;
   },
@@ -2907,6 +2955,14 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
             message.dependentVirtualMachines.push(reader.string());
             continue;
           }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.guestConfigurationDigest = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2965,6 +3021,11 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
         : globalThis.Array.isArray(object?.dependent_virtual_machines)
         ? object.dependent_virtual_machines.map((e: any) => globalThis.String(e))
         : [],
+      guestConfigurationDigest: isSet(object.guestConfigurationDigest)
+        ? globalThis.String(object.guestConfigurationDigest)
+        : isSet(object.guest_configuration_digest)
+        ? globalThis.String(object.guest_configuration_digest)
+        : undefined,
     };
   },
 
@@ -3012,6 +3073,9 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
     if (message.dependentVirtualMachines?.length) {
       obj.dependentVirtualMachines = message.dependentVirtualMachines;
     }
+    if (message.guestConfigurationDigest !== undefined) {
+      obj.guestConfigurationDigest = message.guestConfigurationDigest;
+    }
     return obj;
   },
 
@@ -3036,6 +3100,7 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
     message.updateTime = object.updateTime ?? undefined;
     message.managed = object.managed ?? false;
     message.dependentVirtualMachines = object.dependentVirtualMachines?.map((e) => e) || [];
+    message.guestConfigurationDigest = object.guestConfigurationDigest ?? undefined;
     return message;
   },
 };
@@ -3518,6 +3583,141 @@ export const VirtualMachineChange: MessageFns<VirtualMachineChange, "cowherd.inv
       ? VirtualMachine.fromPartial(object.virtualMachine)
       : undefined;
     message.revision = object.revision ?? "0";
+    return message;
+  },
+};
+
+function createBaseGuestConfiguration(): GuestConfiguration {
+  return { hostnameTemplate: "", sshAuthorizedKeys: [], userData: "", networkConfig: "" };
+}
+
+export const GuestConfiguration: MessageFns<GuestConfiguration, "cowherd.inventory.v1.GuestConfiguration"> = {
+  $type: "cowherd.inventory.v1.GuestConfiguration" as const,
+
+  encode(message: GuestConfiguration, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.hostnameTemplate !== "") {
+      writer.uint32(10).string(message.hostnameTemplate);
+    }
+    for (const v of message.sshAuthorizedKeys) {
+      writer.uint32(18).string(v!);
+    }
+    if (message.userData !== "") {
+      writer.uint32(26).string(message.userData);
+    }
+    if (message.networkConfig !== "") {
+      writer.uint32(34).string(message.networkConfig);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GuestConfiguration {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGuestConfiguration();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.hostnameTemplate = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sshAuthorizedKeys.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.userData = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.networkConfig = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GuestConfiguration {
+    return {
+      hostnameTemplate: isSet(object.hostnameTemplate)
+        ? globalThis.String(object.hostnameTemplate)
+        : isSet(object.hostname_template)
+        ? globalThis.String(object.hostname_template)
+        : "",
+      sshAuthorizedKeys: globalThis.Array.isArray(object?.sshAuthorizedKeys)
+        ? object.sshAuthorizedKeys.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.ssh_authorized_keys)
+        ? object.ssh_authorized_keys.map((e: any) => globalThis.String(e))
+        : [],
+      userData: isSet(object.userData)
+        ? globalThis.String(object.userData)
+        : isSet(object.user_data)
+        ? globalThis.String(object.user_data)
+        : "",
+      networkConfig: isSet(object.networkConfig)
+        ? globalThis.String(object.networkConfig)
+        : isSet(object.network_config)
+        ? globalThis.String(object.network_config)
+        : "",
+    };
+  },
+
+  toJSON(message: GuestConfiguration): unknown {
+    const obj: any = {};
+    if (message.hostnameTemplate !== "") {
+      obj.hostnameTemplate = message.hostnameTemplate;
+    }
+    if (message.sshAuthorizedKeys?.length) {
+      obj.sshAuthorizedKeys = message.sshAuthorizedKeys;
+    }
+    if (message.userData !== "") {
+      obj.userData = message.userData;
+    }
+    if (message.networkConfig !== "") {
+      obj.networkConfig = message.networkConfig;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GuestConfiguration>): GuestConfiguration {
+    return GuestConfiguration.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GuestConfiguration>): GuestConfiguration {
+    const message = createBaseGuestConfiguration();
+    message.hostnameTemplate = object.hostnameTemplate ?? "";
+    message.sshAuthorizedKeys = object.sshAuthorizedKeys?.map((e) => e) || [];
+    message.userData = object.userData ?? "";
+    message.networkConfig = object.networkConfig ?? "";
     return message;
   },
 };
