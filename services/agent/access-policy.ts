@@ -12,6 +12,7 @@ const CLONING = { allow: ['service'], services: ['cloning'] } as const;
 export const AGENT_POLICY: AccessPolicy<typeof AgentServiceService> = {
   getHostInfo: { allow: ['service'], services: ['inventory', 'distribution', 'cloning'] },
   exportImage: DISTRIBUTION,
+  importImage: DISTRIBUTION,
   fetchImage: DISTRIBUTION,
   getImageReplica: DISTRIBUTION,
   listImageReplicas: DISTRIBUTION,

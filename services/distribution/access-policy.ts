@@ -4,6 +4,7 @@ import type { AccessPolicy } from '../common/platform/rpc.js';
 
 export const DISTRIBUTION_POLICY: AccessPolicy<typeof DistributionServiceService> = {
   publishImage: { allow: ['admin'] },
+  importImage: { allow: ['admin'] },
   // Of the services, only cloning (it distributes images that a chosen host lacks).
   distributeImage: { allow: ['admin', 'service'], services: ['cloning'] },
   deleteImage: { allow: ['admin'] },

@@ -39,6 +39,77 @@ export const protobufPackage = "cowherd.distribution.v1";
 
 export const protobufFileName = "cowherd/distribution/v1/distribution_service.proto";
 
+/** ImageImportStage is the step an image import is in. */
+export enum ImageImportStage {
+  /** IMAGE_IMPORT_STAGE_UNSPECIFIED - Not started yet. */
+  IMAGE_IMPORT_STAGE_UNSPECIFIED = 0,
+  /** IMAGE_IMPORT_STAGE_DOWNLOADING - The agent downloads the URL into a partial file, hashing it as it arrives. */
+  IMAGE_IMPORT_STAGE_DOWNLOADING = 1,
+  /** IMAGE_IMPORT_STAGE_CONVERTING - The agent probes the file and converts it to the host's disk format, and writes the domain template. */
+  IMAGE_IMPORT_STAGE_CONVERTING = 2,
+  /** IMAGE_IMPORT_STAGE_HASHING - The agent computes every file's whole-file SHA-256. */
+  IMAGE_IMPORT_STAGE_HASHING = 3,
+  /** IMAGE_IMPORT_STAGE_CREATING_TORRENT - The agent computes the torrent's piece hashes and info-hash and starts seeding and serving the web seed. */
+  IMAGE_IMPORT_STAGE_CREATING_TORRENT = 4,
+  /** IMAGE_IMPORT_STAGE_REGISTERING - The distribution service stores the image record in the catalog and publishes the events. */
+  IMAGE_IMPORT_STAGE_REGISTERING = 5,
+  /** IMAGE_IMPORT_STAGE_DONE - The image is AVAILABLE in the catalog and its origin replica is seeding. */
+  IMAGE_IMPORT_STAGE_DONE = 6,
+  UNRECOGNIZED = -1,
+}
+
+export function imageImportStageFromJSON(object: any): ImageImportStage {
+  switch (object) {
+    case 0:
+    case "IMAGE_IMPORT_STAGE_UNSPECIFIED":
+      return ImageImportStage.IMAGE_IMPORT_STAGE_UNSPECIFIED;
+    case 1:
+    case "IMAGE_IMPORT_STAGE_DOWNLOADING":
+      return ImageImportStage.IMAGE_IMPORT_STAGE_DOWNLOADING;
+    case 2:
+    case "IMAGE_IMPORT_STAGE_CONVERTING":
+      return ImageImportStage.IMAGE_IMPORT_STAGE_CONVERTING;
+    case 3:
+    case "IMAGE_IMPORT_STAGE_HASHING":
+      return ImageImportStage.IMAGE_IMPORT_STAGE_HASHING;
+    case 4:
+    case "IMAGE_IMPORT_STAGE_CREATING_TORRENT":
+      return ImageImportStage.IMAGE_IMPORT_STAGE_CREATING_TORRENT;
+    case 5:
+    case "IMAGE_IMPORT_STAGE_REGISTERING":
+      return ImageImportStage.IMAGE_IMPORT_STAGE_REGISTERING;
+    case 6:
+    case "IMAGE_IMPORT_STAGE_DONE":
+      return ImageImportStage.IMAGE_IMPORT_STAGE_DONE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ImageImportStage.UNRECOGNIZED;
+  }
+}
+
+export function imageImportStageToJSON(object: ImageImportStage): string {
+  switch (object) {
+    case ImageImportStage.IMAGE_IMPORT_STAGE_UNSPECIFIED:
+      return "IMAGE_IMPORT_STAGE_UNSPECIFIED";
+    case ImageImportStage.IMAGE_IMPORT_STAGE_DOWNLOADING:
+      return "IMAGE_IMPORT_STAGE_DOWNLOADING";
+    case ImageImportStage.IMAGE_IMPORT_STAGE_CONVERTING:
+      return "IMAGE_IMPORT_STAGE_CONVERTING";
+    case ImageImportStage.IMAGE_IMPORT_STAGE_HASHING:
+      return "IMAGE_IMPORT_STAGE_HASHING";
+    case ImageImportStage.IMAGE_IMPORT_STAGE_CREATING_TORRENT:
+      return "IMAGE_IMPORT_STAGE_CREATING_TORRENT";
+    case ImageImportStage.IMAGE_IMPORT_STAGE_REGISTERING:
+      return "IMAGE_IMPORT_STAGE_REGISTERING";
+    case ImageImportStage.IMAGE_IMPORT_STAGE_DONE:
+      return "IMAGE_IMPORT_STAGE_DONE";
+    case ImageImportStage.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** PublishImageRequest is the request of PublishImage. */
 export interface PublishImageRequest {
   /**
@@ -89,6 +160,223 @@ export interface PublishImageMetadata {
     | Date
     | undefined;
   /** When the metadata last changed; progress updates at most every 5 seconds. */
+  updateTime: Date | undefined;
+}
+
+/** ImportImageRequest is the request of ImportImage. */
+export interface ImportImageRequest {
+  /**
+   * The id of the new image, the `{image}` segment of `images/{image}`: it matches
+   * `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?` and is not used by another image.
+   */
+  imageId: string;
+  /** The host that imports the file and becomes the image's origin host, `hosts/{host}`; it must be READY. */
+  host: string;
+  /** Where the disk comes from. Exactly one is required. */
+  source:
+    | //
+    /**
+     * A disk file on the host, as a path relative to its agent's import directory (COWHERD_IMPORT_DIR), for
+     * example `debian-12.qcow2` or `cloud/debian-12.raw`. Absolute paths, `..` segments, symbolic links that
+     * lead out of the import directory, and anything but a regular file are refused. The file is read, never
+     * changed or removed.
+     */
+    { $case: "importPath"; value: string }
+    | //
+    /** An http(s) URL to download the disk file from, with its expected SHA-256. */
+    { $case: "url"; value: ImportImageUrl }
+    | undefined;
+  /** The domain template of the image. Exactly one is required. */
+  template:
+    | //
+    /** Parameters from which the agent renders the template. */
+    { $case: "domain"; value: ImportImageDomain }
+    | //
+    /**
+     * A libvirt domain XML document (`<domain>`) to use as the template, treated as untrusted: it passes the
+     * sanitizer that published templates pass (identity, host paths and unsafe devices removed or refused).
+     * It must have exactly one file disk with a source (whatever its path: the imported disk takes its
+     * place); `<kernel>` and `<initrd>` name files relative to the import directory, as import_path does.
+     * At most 1 MiB.
+     */
+    { $case: "domainXml"; value: string }
+    | undefined;
+  /** A human-readable description, at most 1024 characters. */
+  description: string;
+  /** Labels for the image, with the rules of Host.labels. */
+  labels: { [key: string]: string };
+  /**
+   * A UUID that makes retries safe: a second request with the same request_id within 24 hours returns the
+   * first request's operation instead of starting another.
+   */
+  requestId: string;
+}
+
+export interface ImportImageRequest_LabelsEntry {
+  key: string;
+  value: string;
+}
+
+/** ImportImageUrl is a disk file to download for ImportImage. */
+export interface ImportImageUrl {
+  /**
+   * The URL, `http://` or `https://` (server certificates are checked against the system's CAs), at most
+   * 2048 characters, without user name or password. Redirects are followed (at most 5, never to another
+   * scheme than http(s)).
+   */
+  uri: string;
+  /**
+   * The file's SHA-256, 64 hex digits. The download is hashed as it arrives; a different digest fails the
+   * import with DATA_LOSS (VERIFICATION_FAILED) and removes everything downloaded.
+   */
+  sha256: string;
+  /** The most bytes to download; 0 means the default, 64 GiB. A larger response fails the import. */
+  maxBytes: string;
+}
+
+/** ImportImageDomain is what the agent renders an imported image's domain template from. */
+export interface ImportImageDomain {
+  /** Virtual CPUs, 1 to 256; 0 means 1. */
+  vcpus: number;
+  /** Memory in MiB, 16 to 4194304; 0 means 1024. */
+  memoryMib: string;
+  /** BIOS or UEFI; unspecified means BIOS. */
+  firmware: ImportImageDomain_Firmware;
+  /** The disk's bus. */
+  diskBus: ImportImageDomain_DiskBus;
+  /**
+   * The libvirt network the one network interface is attached to (a virtio NIC on KVM); empty means
+   * `default`; `none` means no network interface.
+   */
+  network: string;
+  /**
+   * Direct kernel boot: a kernel file relative to the import directory, copied into the image as
+   * `boot-kernel`. Empty: the guest boots from its disk.
+   */
+  kernelPath: string;
+  /** The initrd for kernel_path, relative to the import directory, copied as `boot-initrd`. */
+  initrdPath: string;
+  /** The kernel command line for kernel_path, at most 4096 characters. */
+  kernelCommandLine: string;
+}
+
+/** The firmware a guest boots with. */
+export enum ImportImageDomain_Firmware {
+  /** FIRMWARE_UNSPECIFIED - BIOS. */
+  FIRMWARE_UNSPECIFIED = 0,
+  /** FIRMWARE_BIOS - Legacy BIOS (SeaBIOS on KVM, hvmloader's on Xen). */
+  FIRMWARE_BIOS = 1,
+  /** FIRMWARE_UEFI - UEFI (OVMF): libvirt picks the firmware when a clone is defined, and each clone gets its own NVRAM. */
+  FIRMWARE_UEFI = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function importImageDomain_FirmwareFromJSON(object: any): ImportImageDomain_Firmware {
+  switch (object) {
+    case 0:
+    case "FIRMWARE_UNSPECIFIED":
+      return ImportImageDomain_Firmware.FIRMWARE_UNSPECIFIED;
+    case 1:
+    case "FIRMWARE_BIOS":
+      return ImportImageDomain_Firmware.FIRMWARE_BIOS;
+    case 2:
+    case "FIRMWARE_UEFI":
+      return ImportImageDomain_Firmware.FIRMWARE_UEFI;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ImportImageDomain_Firmware.UNRECOGNIZED;
+  }
+}
+
+export function importImageDomain_FirmwareToJSON(object: ImportImageDomain_Firmware): string {
+  switch (object) {
+    case ImportImageDomain_Firmware.FIRMWARE_UNSPECIFIED:
+      return "FIRMWARE_UNSPECIFIED";
+    case ImportImageDomain_Firmware.FIRMWARE_BIOS:
+      return "FIRMWARE_BIOS";
+    case ImportImageDomain_Firmware.FIRMWARE_UEFI:
+      return "FIRMWARE_UEFI";
+    case ImportImageDomain_Firmware.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** The bus the disk is attached to. */
+export enum ImportImageDomain_DiskBus {
+  /** DISK_BUS_UNSPECIFIED - virtio on KVM, xen (paravirtual) on Xen. */
+  DISK_BUS_UNSPECIFIED = 0,
+  /** DISK_BUS_VIRTIO - virtio-blk; KVM only. */
+  DISK_BUS_VIRTIO = 1,
+  /** DISK_BUS_SATA - SATA (AHCI); KVM only. */
+  DISK_BUS_SATA = 2,
+  /** DISK_BUS_IDE - IDE, for guests without other drivers. */
+  DISK_BUS_IDE = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function importImageDomain_DiskBusFromJSON(object: any): ImportImageDomain_DiskBus {
+  switch (object) {
+    case 0:
+    case "DISK_BUS_UNSPECIFIED":
+      return ImportImageDomain_DiskBus.DISK_BUS_UNSPECIFIED;
+    case 1:
+    case "DISK_BUS_VIRTIO":
+      return ImportImageDomain_DiskBus.DISK_BUS_VIRTIO;
+    case 2:
+    case "DISK_BUS_SATA":
+      return ImportImageDomain_DiskBus.DISK_BUS_SATA;
+    case 3:
+    case "DISK_BUS_IDE":
+      return ImportImageDomain_DiskBus.DISK_BUS_IDE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ImportImageDomain_DiskBus.UNRECOGNIZED;
+  }
+}
+
+export function importImageDomain_DiskBusToJSON(object: ImportImageDomain_DiskBus): string {
+  switch (object) {
+    case ImportImageDomain_DiskBus.DISK_BUS_UNSPECIFIED:
+      return "DISK_BUS_UNSPECIFIED";
+    case ImportImageDomain_DiskBus.DISK_BUS_VIRTIO:
+      return "DISK_BUS_VIRTIO";
+    case ImportImageDomain_DiskBus.DISK_BUS_SATA:
+      return "DISK_BUS_SATA";
+    case ImportImageDomain_DiskBus.DISK_BUS_IDE:
+      return "DISK_BUS_IDE";
+    case ImportImageDomain_DiskBus.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** ImportImageMetadata is the metadata of an ImportImage operation. */
+export interface ImportImageMetadata {
+  /** The image being imported, `images/{image}`. */
+  image: string;
+  /** The importing (origin) host, `hosts/{host}`. */
+  host: string;
+  /** Where the disk comes from: the import path, or the URL without its query string. */
+  source: string;
+  /** The step the import is in. */
+  stage: ImageImportStage;
+  /**
+   * Bytes downloaded (DOWNLOADING, with the rate), converted (CONVERTING) or hashed (HASHING,
+   * CREATING_TORRENT) in the current stage, out of that stage's total.
+   */
+  progress:
+    | TransferProgress
+    | undefined;
+  /** The input's format as qemu-img probed it (qcow2, raw, vmdk, vpc, vhdx); empty until probed. */
+  sourceFormat: string;
+  /** When the operation started. */
+  startTime:
+    | Date
+    | undefined;
+  /** When the metadata last changed; progress updates at most every second. */
   updateTime: Date | undefined;
 }
 
@@ -687,6 +975,894 @@ export const PublishImageMetadata: MessageFns<PublishImageMetadata, "cowherd.dis
     message.progress = (object.progress !== undefined && object.progress !== null)
       ? TransferProgress.fromPartial(object.progress)
       : undefined;
+    message.startTime = object.startTime ?? undefined;
+    message.updateTime = object.updateTime ?? undefined;
+    return message;
+  },
+};
+
+function createBaseImportImageRequest(): ImportImageRequest {
+  return { imageId: "", host: "", source: undefined, template: undefined, description: "", labels: {}, requestId: "" };
+}
+
+export const ImportImageRequest: MessageFns<ImportImageRequest, "cowherd.distribution.v1.ImportImageRequest"> = {
+  $type: "cowherd.distribution.v1.ImportImageRequest" as const,
+
+  encode(message: ImportImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.imageId !== "") {
+      writer.uint32(10).string(message.imageId);
+    }
+    if (message.host !== "") {
+      writer.uint32(18).string(message.host);
+    }
+    switch (message.source?.$case) {
+      case "importPath":
+        writer.uint32(26).string(message.source.value);
+        break;
+      case "url":
+        ImportImageUrl.encode(message.source.value, writer.uint32(34).fork()).join();
+        break;
+    }
+    switch (message.template?.$case) {
+      case "domain":
+        ImportImageDomain.encode(message.template.value, writer.uint32(42).fork()).join();
+        break;
+      case "domainXml":
+        writer.uint32(50).string(message.template.value);
+        break;
+    }
+    if (message.description !== "") {
+      writer.uint32(58).string(message.description);
+    }
+    globalThis.Object.entries(message.labels).forEach(([key, value]: [string, string]) => {
+      ImportImageRequest_LabelsEntry.encode({ key: key as any, value }, writer.uint32(66).fork()).join();
+    });
+    if (message.requestId !== "") {
+      writer.uint32(74).string(message.requestId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportImageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportImageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.imageId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.source = { $case: "importPath", value: reader.string() };
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.source = { $case: "url", value: ImportImageUrl.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.template = { $case: "domain", value: ImportImageDomain.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.template = { $case: "domainXml", value: reader.string() };
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            const entry8 = ImportImageRequest_LabelsEntry.decode(reader, reader.uint32());
+            if (entry8.value !== undefined) {
+              message.labels[entry8.key] = entry8.value;
+            }
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportImageRequest {
+    return {
+      imageId: isSet(object.imageId)
+        ? globalThis.String(object.imageId)
+        : isSet(object.image_id)
+        ? globalThis.String(object.image_id)
+        : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      source: isSet(object.importPath)
+        ? { $case: "importPath", value: globalThis.String(object.importPath) }
+        : isSet(object.import_path)
+        ? { $case: "importPath", value: globalThis.String(object.import_path) }
+        : isSet(object.url)
+        ? { $case: "url", value: ImportImageUrl.fromJSON(object.url) }
+        : undefined,
+      template: isSet(object.domain)
+        ? { $case: "domain", value: ImportImageDomain.fromJSON(object.domain) }
+        : isSet(object.domainXml)
+        ? { $case: "domainXml", value: globalThis.String(object.domainXml) }
+        : isSet(object.domain_xml)
+        ? { $case: "domainXml", value: globalThis.String(object.domain_xml) }
+        : undefined,
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+      labels: isObject(object.labels)
+        ? (globalThis.Object.entries(object.labels) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+    };
+  },
+
+  toJSON(message: ImportImageRequest): unknown {
+    const obj: any = {};
+    if (message.imageId !== "") {
+      obj.imageId = message.imageId;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.source?.$case === "importPath") {
+      obj.importPath = message.source.value;
+    } else if (message.source?.$case === "url") {
+      obj.url = ImportImageUrl.toJSON(message.source.value);
+    }
+    if (message.template?.$case === "domain") {
+      obj.domain = ImportImageDomain.toJSON(message.template.value);
+    } else if (message.template?.$case === "domainXml") {
+      obj.domainXml = message.template.value;
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    if (message.labels) {
+      const entries = globalThis.Object.entries(message.labels) as [string, string][];
+      if (entries.length > 0) {
+        obj.labels = {};
+        entries.forEach(([k, v]) => {
+          obj.labels[k] = v;
+        });
+      }
+    }
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageRequest>): ImportImageRequest {
+    return ImportImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageRequest>): ImportImageRequest {
+    const message = createBaseImportImageRequest();
+    message.imageId = object.imageId ?? "";
+    message.host = object.host ?? "";
+    switch (object.source?.$case) {
+      case "importPath": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "importPath", value: object.source.value };
+        }
+        break;
+      }
+      case "url": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "url", value: ImportImageUrl.fromPartial(object.source.value) };
+        }
+        break;
+      }
+    }
+    switch (object.template?.$case) {
+      case "domain": {
+        if (object.template?.value !== undefined && object.template?.value !== null) {
+          message.template = { $case: "domain", value: ImportImageDomain.fromPartial(object.template.value) };
+        }
+        break;
+      }
+      case "domainXml": {
+        if (object.template?.value !== undefined && object.template?.value !== null) {
+          message.template = { $case: "domainXml", value: object.template.value };
+        }
+        break;
+      }
+    }
+    message.description = object.description ?? "";
+    message.labels = (globalThis.Object.entries(object.labels ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.requestId = object.requestId ?? "";
+    return message;
+  },
+};
+
+function createBaseImportImageRequest_LabelsEntry(): ImportImageRequest_LabelsEntry {
+  return { key: "", value: "" };
+}
+
+export const ImportImageRequest_LabelsEntry: MessageFns<
+  ImportImageRequest_LabelsEntry,
+  "cowherd.distribution.v1.ImportImageRequest.LabelsEntry"
+> = {
+  $type: "cowherd.distribution.v1.ImportImageRequest.LabelsEntry" as const,
+
+  encode(message: ImportImageRequest_LabelsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportImageRequest_LabelsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportImageRequest_LabelsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportImageRequest_LabelsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: ImportImageRequest_LabelsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageRequest_LabelsEntry>): ImportImageRequest_LabelsEntry {
+    return ImportImageRequest_LabelsEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageRequest_LabelsEntry>): ImportImageRequest_LabelsEntry {
+    const message = createBaseImportImageRequest_LabelsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseImportImageUrl(): ImportImageUrl {
+  return { uri: "", sha256: "", maxBytes: "0" };
+}
+
+export const ImportImageUrl: MessageFns<ImportImageUrl, "cowherd.distribution.v1.ImportImageUrl"> = {
+  $type: "cowherd.distribution.v1.ImportImageUrl" as const,
+
+  encode(message: ImportImageUrl, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.uri !== "") {
+      writer.uint32(10).string(message.uri);
+    }
+    if (message.sha256 !== "") {
+      writer.uint32(18).string(message.sha256);
+    }
+    if (message.maxBytes !== "0") {
+      writer.uint32(24).int64(message.maxBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportImageUrl {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportImageUrl();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.uri = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sha256 = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.maxBytes = reader.int64().toString();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportImageUrl {
+    return {
+      uri: isSet(object.uri) ? globalThis.String(object.uri) : "",
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      maxBytes: isSet(object.maxBytes)
+        ? globalThis.String(object.maxBytes)
+        : isSet(object.max_bytes)
+        ? globalThis.String(object.max_bytes)
+        : "0",
+    };
+  },
+
+  toJSON(message: ImportImageUrl): unknown {
+    const obj: any = {};
+    if (message.uri !== "") {
+      obj.uri = message.uri;
+    }
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.maxBytes !== "0") {
+      obj.maxBytes = message.maxBytes;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageUrl>): ImportImageUrl {
+    return ImportImageUrl.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageUrl>): ImportImageUrl {
+    const message = createBaseImportImageUrl();
+    message.uri = object.uri ?? "";
+    message.sha256 = object.sha256 ?? "";
+    message.maxBytes = object.maxBytes ?? "0";
+    return message;
+  },
+};
+
+function createBaseImportImageDomain(): ImportImageDomain {
+  return {
+    vcpus: 0,
+    memoryMib: "0",
+    firmware: 0,
+    diskBus: 0,
+    network: "",
+    kernelPath: "",
+    initrdPath: "",
+    kernelCommandLine: "",
+  };
+}
+
+export const ImportImageDomain: MessageFns<ImportImageDomain, "cowherd.distribution.v1.ImportImageDomain"> = {
+  $type: "cowherd.distribution.v1.ImportImageDomain" as const,
+
+  encode(message: ImportImageDomain, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vcpus !== 0) {
+      writer.uint32(8).int32(message.vcpus);
+    }
+    if (message.memoryMib !== "0") {
+      writer.uint32(16).int64(message.memoryMib);
+    }
+    if (message.firmware !== 0) {
+      writer.uint32(24).int32(message.firmware);
+    }
+    if (message.diskBus !== 0) {
+      writer.uint32(32).int32(message.diskBus);
+    }
+    if (message.network !== "") {
+      writer.uint32(42).string(message.network);
+    }
+    if (message.kernelPath !== "") {
+      writer.uint32(50).string(message.kernelPath);
+    }
+    if (message.initrdPath !== "") {
+      writer.uint32(58).string(message.initrdPath);
+    }
+    if (message.kernelCommandLine !== "") {
+      writer.uint32(66).string(message.kernelCommandLine);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportImageDomain {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportImageDomain();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.vcpus = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.memoryMib = reader.int64().toString();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.firmware = reader.int32() as any;
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.diskBus = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.network = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.kernelPath = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.initrdPath = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.kernelCommandLine = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportImageDomain {
+    return {
+      vcpus: isSet(object.vcpus) ? globalThis.Number(object.vcpus) : 0,
+      memoryMib: isSet(object.memoryMib)
+        ? globalThis.String(object.memoryMib)
+        : isSet(object.memory_mib)
+        ? globalThis.String(object.memory_mib)
+        : "0",
+      firmware: isSet(object.firmware) ? importImageDomain_FirmwareFromJSON(object.firmware) : 0,
+      diskBus: isSet(object.diskBus)
+        ? importImageDomain_DiskBusFromJSON(object.diskBus)
+        : isSet(object.disk_bus)
+        ? importImageDomain_DiskBusFromJSON(object.disk_bus)
+        : 0,
+      network: isSet(object.network) ? globalThis.String(object.network) : "",
+      kernelPath: isSet(object.kernelPath)
+        ? globalThis.String(object.kernelPath)
+        : isSet(object.kernel_path)
+        ? globalThis.String(object.kernel_path)
+        : "",
+      initrdPath: isSet(object.initrdPath)
+        ? globalThis.String(object.initrdPath)
+        : isSet(object.initrd_path)
+        ? globalThis.String(object.initrd_path)
+        : "",
+      kernelCommandLine: isSet(object.kernelCommandLine)
+        ? globalThis.String(object.kernelCommandLine)
+        : isSet(object.kernel_command_line)
+        ? globalThis.String(object.kernel_command_line)
+        : "",
+    };
+  },
+
+  toJSON(message: ImportImageDomain): unknown {
+    const obj: any = {};
+    if (message.vcpus !== 0) {
+      obj.vcpus = Math.round(message.vcpus);
+    }
+    if (message.memoryMib !== "0") {
+      obj.memoryMib = message.memoryMib;
+    }
+    if (message.firmware !== 0) {
+      obj.firmware = importImageDomain_FirmwareToJSON(message.firmware);
+    }
+    if (message.diskBus !== 0) {
+      obj.diskBus = importImageDomain_DiskBusToJSON(message.diskBus);
+    }
+    if (message.network !== "") {
+      obj.network = message.network;
+    }
+    if (message.kernelPath !== "") {
+      obj.kernelPath = message.kernelPath;
+    }
+    if (message.initrdPath !== "") {
+      obj.initrdPath = message.initrdPath;
+    }
+    if (message.kernelCommandLine !== "") {
+      obj.kernelCommandLine = message.kernelCommandLine;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageDomain>): ImportImageDomain {
+    return ImportImageDomain.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageDomain>): ImportImageDomain {
+    const message = createBaseImportImageDomain();
+    message.vcpus = object.vcpus ?? 0;
+    message.memoryMib = object.memoryMib ?? "0";
+    message.firmware = object.firmware ?? 0;
+    message.diskBus = object.diskBus ?? 0;
+    message.network = object.network ?? "";
+    message.kernelPath = object.kernelPath ?? "";
+    message.initrdPath = object.initrdPath ?? "";
+    message.kernelCommandLine = object.kernelCommandLine ?? "";
+    return message;
+  },
+};
+
+function createBaseImportImageMetadata(): ImportImageMetadata {
+  return {
+    image: "",
+    host: "",
+    source: "",
+    stage: 0,
+    progress: undefined,
+    sourceFormat: "",
+    startTime: undefined,
+    updateTime: undefined,
+  };
+}
+
+export const ImportImageMetadata: MessageFns<ImportImageMetadata, "cowherd.distribution.v1.ImportImageMetadata"> = {
+  $type: "cowherd.distribution.v1.ImportImageMetadata" as const,
+
+  encode(message: ImportImageMetadata, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.image !== "") {
+      writer.uint32(10).string(message.image);
+    }
+    if (message.host !== "") {
+      writer.uint32(18).string(message.host);
+    }
+    if (message.source !== "") {
+      writer.uint32(26).string(message.source);
+    }
+    if (message.stage !== 0) {
+      writer.uint32(32).int32(message.stage);
+    }
+    if (message.progress !== undefined) {
+      TransferProgress.encode(message.progress, writer.uint32(42).fork()).join();
+    }
+    if (message.sourceFormat !== "") {
+      writer.uint32(50).string(message.sourceFormat);
+    }
+    if (message.startTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.startTime), writer.uint32(58).fork()).join();
+    }
+    if (message.updateTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.updateTime), writer.uint32(66).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImportImageMetadata {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImportImageMetadata();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.image = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.source = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.stage = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.progress = TransferProgress.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.sourceFormat = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.startTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.updateTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImportImageMetadata {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      source: isSet(object.source) ? globalThis.String(object.source) : "",
+      stage: isSet(object.stage) ? imageImportStageFromJSON(object.stage) : 0,
+      progress: isSet(object.progress) ? TransferProgress.fromJSON(object.progress) : undefined,
+      sourceFormat: isSet(object.sourceFormat)
+        ? globalThis.String(object.sourceFormat)
+        : isSet(object.source_format)
+        ? globalThis.String(object.source_format)
+        : "",
+      startTime: isSet(object.startTime)
+        ? fromJsonTimestamp(object.startTime)
+        : isSet(object.start_time)
+        ? fromJsonTimestamp(object.start_time)
+        : undefined,
+      updateTime: isSet(object.updateTime)
+        ? fromJsonTimestamp(object.updateTime)
+        : isSet(object.update_time)
+        ? fromJsonTimestamp(object.update_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: ImportImageMetadata): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.source !== "") {
+      obj.source = message.source;
+    }
+    if (message.stage !== 0) {
+      obj.stage = imageImportStageToJSON(message.stage);
+    }
+    if (message.progress !== undefined) {
+      obj.progress = TransferProgress.toJSON(message.progress);
+    }
+    if (message.sourceFormat !== "") {
+      obj.sourceFormat = message.sourceFormat;
+    }
+    if (message.startTime !== undefined) {
+      obj.startTime = message.startTime.toISOString();
+    }
+    if (message.updateTime !== undefined) {
+      obj.updateTime = message.updateTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImportImageMetadata>): ImportImageMetadata {
+    return ImportImageMetadata.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImportImageMetadata>): ImportImageMetadata {
+    const message = createBaseImportImageMetadata();
+    message.image = object.image ?? "";
+    message.host = object.host ?? "";
+    message.source = object.source ?? "";
+    message.stage = object.stage ?? 0;
+    message.progress = (object.progress !== undefined && object.progress !== null)
+      ? TransferProgress.fromPartial(object.progress)
+      : undefined;
+    message.sourceFormat = object.sourceFormat ?? "";
     message.startTime = object.startTime ?? undefined;
     message.updateTime = object.updateTime ?? undefined;
     return message;
@@ -1943,7 +3119,7 @@ export const CollectImageReplicasResponse: MessageFns<
  * An operation's `error` is set only when the operation as a whole failed or was cancelled; per-host failures
  * of a DistributeImage are reported in its response, so that partial success is visible.
  *
- * Authorization, deny by default: only admins may call PublishImage, DeleteImage, DeleteImageReplica and
+ * Authorization, deny by default: only admins may call PublishImage, ImportImage, DeleteImage, DeleteImageReplica and
  * CollectImageReplicas; admins and the cloning service may call DistributeImage.
  */
 export type DistributionServiceService = typeof DistributionServiceService;
@@ -1970,6 +3146,44 @@ export const DistributionServiceService = {
     responseStream: false as const,
     requestSerialize: (value: PublishImageRequest): Buffer => Buffer.from(PublishImageRequest.encode(value).finish()),
     requestDeserialize: (value: Buffer): PublishImageRequest => PublishImageRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /**
+   * ImportImage makes a new catalog image from a disk file instead of a virtual machine: a file already on the
+   * chosen host under its agent's import directory (COWHERD_IMPORT_DIR), or an http(s) URL with the file's
+   * expected SHA-256. The host's agent downloads the URL (streamed into a partial file in its image directory,
+   * its SHA-256 computed on the way, bounded in size and time), probes the file with `qemu-img info` (the
+   * format is read from the file, never from its name; qcow2, raw, vmdk, vhd (vpc) and vhdx are accepted, a
+   * file with a backing file is refused), converts it with `qemu-img convert` to the host's format (qcow2 on
+   * KVM, VHD on Xen) and writes the domain template: rendered by the agent from `domain` parameters, or the
+   * caller's `domain_xml` passed through the same sanitizer as a published image's template. From there on it
+   * is a publish: every file hashed, read-only, the private torrent created and seeded as origin; the image is
+   * registered AVAILABLE with its origin replica, and image.published and image.available are published. The
+   * image then distributes and clones like a published one.
+   *
+   * A failure at any step leaves nothing behind: no partial or converted file, no replica directory, no
+   * catalog record (the image is PUBLISHING while the operation runs, so that its id is taken, and the record
+   * is removed when it fails), no event. Cancelling the operation does the same. Only admins may call it.
+   *
+   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD) naming the field, among them an
+   * import_path that is absolute, contains `..` or is empty, and a url that is not http(s) or carries
+   * credentials; ALREADY_EXISTS (ALREADY_EXISTS) for a taken image id; ALREADY_EXISTS (OPERATION_CONFLICT);
+   * NOT_FOUND (RESOURCE_NOT_FOUND) for the host; UNAVAILABLE (HOST_UNREACHABLE). Errors of the operation:
+   * INVALID_ARGUMENT (INVALID_FIELD) for an import_path that leaves the import directory through a symbolic
+   * link or is not a regular file (kernel and initrd paths likewise), an unsupported or unreadable format,
+   * or an input with a backing file; NOT_FOUND (RESOURCE_NOT_FOUND) for a missing import file; FAILED_PRECONDITION (UNTRUSTED_DOMAIN_XML) for
+   * domain_xml the sanitizer refuses; DATA_LOSS (VERIFICATION_FAILED) when the download's SHA-256 differs from
+   * url.sha256; UNAVAILABLE (TRANSFER_FAILED) when the download fails (HTTP status, connection, stall or
+   * timeout); FAILED_PRECONDITION (TRANSFER_FAILED) when it exceeds url.max_bytes; RESOURCE_EXHAUSTED
+   * (INSUFFICIENT_SPACE); UNAVAILABLE (HOST_UNREACHABLE); CANCELLED.
+   */
+  importImage: {
+    path: "/cowherd.distribution.v1.DistributionService/ImportImage" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ImportImageRequest): Buffer => Buffer.from(ImportImageRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ImportImageRequest => ImportImageRequest.decode(value),
     responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
     responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
   },
@@ -2081,6 +3295,36 @@ export interface DistributionServiceServer extends UntypedServiceImplementation 
    */
   publishImage: handleUnaryCall<PublishImageRequest, Operation>;
   /**
+   * ImportImage makes a new catalog image from a disk file instead of a virtual machine: a file already on the
+   * chosen host under its agent's import directory (COWHERD_IMPORT_DIR), or an http(s) URL with the file's
+   * expected SHA-256. The host's agent downloads the URL (streamed into a partial file in its image directory,
+   * its SHA-256 computed on the way, bounded in size and time), probes the file with `qemu-img info` (the
+   * format is read from the file, never from its name; qcow2, raw, vmdk, vhd (vpc) and vhdx are accepted, a
+   * file with a backing file is refused), converts it with `qemu-img convert` to the host's format (qcow2 on
+   * KVM, VHD on Xen) and writes the domain template: rendered by the agent from `domain` parameters, or the
+   * caller's `domain_xml` passed through the same sanitizer as a published image's template. From there on it
+   * is a publish: every file hashed, read-only, the private torrent created and seeded as origin; the image is
+   * registered AVAILABLE with its origin replica, and image.published and image.available are published. The
+   * image then distributes and clones like a published one.
+   *
+   * A failure at any step leaves nothing behind: no partial or converted file, no replica directory, no
+   * catalog record (the image is PUBLISHING while the operation runs, so that its id is taken, and the record
+   * is removed when it fails), no event. Cancelling the operation does the same. Only admins may call it.
+   *
+   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD) naming the field, among them an
+   * import_path that is absolute, contains `..` or is empty, and a url that is not http(s) or carries
+   * credentials; ALREADY_EXISTS (ALREADY_EXISTS) for a taken image id; ALREADY_EXISTS (OPERATION_CONFLICT);
+   * NOT_FOUND (RESOURCE_NOT_FOUND) for the host; UNAVAILABLE (HOST_UNREACHABLE). Errors of the operation:
+   * INVALID_ARGUMENT (INVALID_FIELD) for an import_path that leaves the import directory through a symbolic
+   * link or is not a regular file (kernel and initrd paths likewise), an unsupported or unreadable format,
+   * or an input with a backing file; NOT_FOUND (RESOURCE_NOT_FOUND) for a missing import file; FAILED_PRECONDITION (UNTRUSTED_DOMAIN_XML) for
+   * domain_xml the sanitizer refuses; DATA_LOSS (VERIFICATION_FAILED) when the download's SHA-256 differs from
+   * url.sha256; UNAVAILABLE (TRANSFER_FAILED) when the download fails (HTTP status, connection, stall or
+   * timeout); FAILED_PRECONDITION (TRANSFER_FAILED) when it exceeds url.max_bytes; RESOURCE_EXHAUSTED
+   * (INSUFFICIENT_SPACE); UNAVAILABLE (HOST_UNREACHABLE); CANCELLED.
+   */
+  importImage: handleUnaryCall<ImportImageRequest, Operation>;
+  /**
    * DistributeImage makes every named host hold a verified replica of an image: each host's agent joins the
    * swarm (the origin also serves as web seed, so a swarm without peers still completes), resumes after
    * restarts, verifies every file's whole-file SHA-256, and publishes image.available. Hosts that already hold
@@ -2161,6 +3405,50 @@ export interface DistributionServiceClient extends Client {
   ): ClientUnaryCall;
   publishImage(
     request: PublishImageRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /**
+   * ImportImage makes a new catalog image from a disk file instead of a virtual machine: a file already on the
+   * chosen host under its agent's import directory (COWHERD_IMPORT_DIR), or an http(s) URL with the file's
+   * expected SHA-256. The host's agent downloads the URL (streamed into a partial file in its image directory,
+   * its SHA-256 computed on the way, bounded in size and time), probes the file with `qemu-img info` (the
+   * format is read from the file, never from its name; qcow2, raw, vmdk, vhd (vpc) and vhdx are accepted, a
+   * file with a backing file is refused), converts it with `qemu-img convert` to the host's format (qcow2 on
+   * KVM, VHD on Xen) and writes the domain template: rendered by the agent from `domain` parameters, or the
+   * caller's `domain_xml` passed through the same sanitizer as a published image's template. From there on it
+   * is a publish: every file hashed, read-only, the private torrent created and seeded as origin; the image is
+   * registered AVAILABLE with its origin replica, and image.published and image.available are published. The
+   * image then distributes and clones like a published one.
+   *
+   * A failure at any step leaves nothing behind: no partial or converted file, no replica directory, no
+   * catalog record (the image is PUBLISHING while the operation runs, so that its id is taken, and the record
+   * is removed when it fails), no event. Cancelling the operation does the same. Only admins may call it.
+   *
+   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD) naming the field, among them an
+   * import_path that is absolute, contains `..` or is empty, and a url that is not http(s) or carries
+   * credentials; ALREADY_EXISTS (ALREADY_EXISTS) for a taken image id; ALREADY_EXISTS (OPERATION_CONFLICT);
+   * NOT_FOUND (RESOURCE_NOT_FOUND) for the host; UNAVAILABLE (HOST_UNREACHABLE). Errors of the operation:
+   * INVALID_ARGUMENT (INVALID_FIELD) for an import_path that leaves the import directory through a symbolic
+   * link or is not a regular file (kernel and initrd paths likewise), an unsupported or unreadable format,
+   * or an input with a backing file; NOT_FOUND (RESOURCE_NOT_FOUND) for a missing import file; FAILED_PRECONDITION (UNTRUSTED_DOMAIN_XML) for
+   * domain_xml the sanitizer refuses; DATA_LOSS (VERIFICATION_FAILED) when the download's SHA-256 differs from
+   * url.sha256; UNAVAILABLE (TRANSFER_FAILED) when the download fails (HTTP status, connection, stall or
+   * timeout); FAILED_PRECONDITION (TRANSFER_FAILED) when it exceeds url.max_bytes; RESOURCE_EXHAUSTED
+   * (INSUFFICIENT_SPACE); UNAVAILABLE (HOST_UNREACHABLE); CANCELLED.
+   */
+  importImage(
+    request: ImportImageRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  importImage(
+    request: ImportImageRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  importImage(
+    request: ImportImageRequest,
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Operation) => void,
