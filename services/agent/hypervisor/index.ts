@@ -23,6 +23,7 @@ export { DomainXmlError } from './domain-xml/errors.js';
 export type { DiskFormatName } from './domain-xml/safety.js';
 export { sanitizeDomainTemplate, templateDisks, type DomainTemplate } from './domain-xml/template.js';
 export { renderClone, type HypervisorKind, type RenderedClone } from './domain-xml/clone-rendering.js';
+export { renderImportDomain, type ImportDomainParameters } from './domain-xml/import-domain.js';
 export { createQcow2Overlay, protectBase } from './overlays.js';
 export { createDifferencingVhd, readVhdInfo } from './vhd.js';
 export { createQemuImgDiskInspector, inspectAll, type DiskInspector } from './disks.js';
