@@ -162,9 +162,18 @@ describe('distribution tracker', () => {
       5_000,
       100,
     );
-    // And back: replica A hands out the peer that announced to B.
-    const fromA = compactPeers((await announce(replicaA.port, known, { id: '-CH0001-relayA', port: 7001 }))['peers']);
-    assert.ok(fromA.includes('127.0.0.1:7002'), `peers at A: ${fromA.join(', ')}`);
+    // And back: replica A hands out the peer that announced to B, once B's relay reaches it (core NATS is
+    // asynchronous: B answered its announcer before A heard of it).
+    let fromA: string[] = [];
+    await waitFor(
+      'the relayed peer at replica A',
+      async () => {
+        fromA = compactPeers((await announce(replicaA.port, known, { id: '-CH0001-relayA', port: 7001 }))['peers']);
+        return fromA.includes('127.0.0.1:7002');
+      },
+      5_000,
+      100,
+    );
     // A replica that does not publish an info-hash drops relayed announces for it like any other.
     const unknown = randomBytes(20).toString('hex');
     relayA.publish({ infoHash: unknown, peerId: randomBytes(20).toString('hex'), ip: '127.0.0.1', port: 7003, left: 0, event: 'started' });
