@@ -3,6 +3,9 @@
  * (qcow2 overlay on KVM, VHD differencing disk on Xen) in the clone's own directory, the domain XML
  * rendered from the sanitized template, defined in libvirt, started if asked, clone.done or clone.failed
  * published. A clone that fails is rolled back completely: its domain undefined, its directory removed.
+ * With a guest configuration, each clone also gets its NoCloud seed disk (`cidata.iso` in its directory,
+ * attached read-only): cloud-init in the guest takes its hostname, instance-id (the clone's UUID), SSH keys,
+ * user-data and network-config from it. The documents are secrets: never logged, only their digest kept.
  * Layout under the image directory (image-directory/layout.ts): `images/<image>/` holds a replica (disk
  * files and `domain-template.xml`), `clones/<domain>/` a clone's children and files.
  */
@@ -13,7 +16,7 @@ import { basename, dirname } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { CreateCloneResult, CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
-import { VirtualMachine, VirtualMachine_State } from '../gen/cowherd/inventory/v1/resources.js';
+import { VirtualMachine, VirtualMachine_State, type GuestConfiguration } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError, toStatus } from '../common/platform/errors.js';
 import { mapLimited } from '../common/platform/concurrency.js';
 import { CLONE_DONE, CLONE_FAILED } from '../common/domain/event-types.js';
@@ -21,7 +24,10 @@ import type { EventPublisher } from '../common/platform/events.js';
 import type { Logger } from '../common/platform/logger.js';
 import { cloneDuration } from '../common/platform/metrics.js';
 import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_ID, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import { checkGuestConfiguration, guestConfigurationDigest, PLACEHOLDER_UUID, renderGuestIdentity } from '../common/domain/guest-configuration.js';
 import {
+  attachSeedImage,
+  buildSeedImage,
   createDifferencingVhd,
   createQcow2Overlay,
   LibvirtError,
@@ -39,6 +45,7 @@ import {
   cloneDefinitionFile,
   cloneDirectory as cloneDirectoryOf,
   cloneDiskFile,
+  cloneSeedFile,
   clonesDirectory,
   isInsideImageDirectory,
   overlayPrototypeFile,
@@ -115,6 +122,7 @@ export class CloneEngine {
    */
   async check(request: CreateClonesRequest): Promise<void> {
     this.checkNames(request);
+    this.checkGuest(request);
     const source = await this.resolveSource(request);
     const extension = this.options.hypervisor === 'xen' ? 'vhd' : 'qcow2';
     for (const disk of source.disks) {
@@ -158,9 +166,31 @@ export class CloneEngine {
     });
   }
 
+  /**
+   * INVALID_ARGUMENT (naming the field) unless the guest configuration is valid for every clone of the
+   * request, `{uuid}` standing in for the UUIDs not drawn yet; and unless the digest, when given, is the
+   * configuration's. Returns the digest ('' without a configuration or digest).
+   */
+  private checkGuest(request: CreateClonesRequest): string {
+    const configuration = request.guestConfiguration;
+    const given = request.guestConfigurationDigest ?? '';
+    if (configuration === undefined) {
+      if (given !== '' && !/^[0-9a-f]{64}$/.test(given)) throw CowherdError.invalidArgument('guest_configuration_digest', 'must be a lowercase hex SHA-256');
+      return given;
+    }
+    checkGuestConfiguration(configuration);
+    request.clones.forEach((clone, position) =>
+      renderGuestIdentity(configuration, { name: clone.domainName, index: clone.index || position + 1, host: this.options.host, uuid: PLACEHOLDER_UUID }),
+    );
+    const digest = guestConfigurationDigest(configuration);
+    if (given !== '' && given !== digest) throw CowherdError.invalidArgument('guest_configuration_digest', 'is not the SHA-256 of guest_configuration');
+    return digest;
+  }
+
   /** Validates the request, resolves the source once, then makes each clone; results in request order. */
   private async makeBatch(request: CreateClonesRequest): Promise<CreateCloneResult[]> {
     this.checkNames(request);
+    const guestDigest = this.checkGuest(request);
     const startedAt = performance.now();
     const source = await this.resolveSource(request);
     for (const disk of source.disks) await protectBase(disk.base);
@@ -175,8 +205,10 @@ export class CloneEngine {
     const prototypes = this.options.hypervisor === 'kvm' && request.clones.length > 1 ? await this.makePrototypes(source) : new Map<string, string>();
     let prepared: PreparedClone[];
     try {
-      prepared = await mapLimited(request.clones, PREPARE_CONCURRENCY, (clone) =>
-        this.prepare(source, clone.domainName, request, existing.get(clone.domainName), prototypes),
+      prepared = await mapLimited(
+        request.clones.map((clone, position) => ({ clone, index: clone.index || position + 1 })),
+        PREPARE_CONCURRENCY,
+        ({ clone, index }) => this.prepare(source, clone.domainName, index, request, existing.get(clone.domainName), prototypes),
       );
     } finally {
       for (const prototype of prototypes.values()) await rm(prototype, { force: true });
@@ -199,7 +231,7 @@ export class CloneEngine {
     const results: CreateCloneResult[] = [];
     const publishing: Array<Promise<void>> = [];
     for (const [index, item] of prepared.entries()) {
-      const result = await this.finish(source, item, request.clones[index]!.start, request, defineError.get(item.name), publishing);
+      const result = await this.finish(source, item, request.clones[index]!.start, request, defineError.get(item.name), publishing, guestDigest);
       // A clone's time is its batch's until it stands defined (and started if asked); found again on a retry: not made now.
       if (item.kind !== 'existing') cloneDuration.observe({ result: result.virtualMachine ? 'done' : 'failed' }, (performance.now() - startedAt) / 1000);
       results.push(result);
@@ -311,6 +343,7 @@ export class CloneEngine {
   private async prepare(
     source: ResolvedSource,
     name: string,
+    index: number,
     request: CreateClonesRequest,
     existing: DomainInfo | undefined,
     prototypes: ReadonlyMap<string, string>,
@@ -326,6 +359,12 @@ export class CloneEngine {
           metadata: { domain: name },
         });
       }
+      if (request.guestConfiguration === undefined && (request.guestConfigurationDigest ?? '') !== '')
+        throw CowherdError.failedPrecondition(
+          `${name} was requested with a guest configuration that this call does not carry (it is never stored, and the operation was resumed elsewhere); it was not made, request it again`,
+          ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+          { domain: name },
+        );
       await mkdir(clonesDirectory(this.options.imageDirectory), { recursive: true });
       await mkdir(cloneDirectory).catch((error: NodeJS.ErrnoException) => {
         if (error.code === 'EEXIST')
@@ -336,7 +375,7 @@ export class CloneEngine {
       });
       directoryMade = true;
       const children = await Promise.all(source.disks.map((disk) => this.makeChild(disk, cloneDirectory, prototypes.get(disk.target))));
-      const rendered = await renderClone(source.template, {
+      let rendered = await renderClone(source.template, {
         name,
         hypervisor: this.options.hypervisor,
         cloneDirectory,
@@ -344,12 +383,30 @@ export class CloneEngine {
         ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
         metadata: { source: source.metadata, operation: request.operation, requestId: request.requestId },
       });
+      if (request.guestConfiguration !== undefined) rendered = await this.writeSeed(request.guestConfiguration, rendered, cloneDirectory, index);
       await writeFile(cloneDefinitionFile(cloneDirectory), rendered.xml, { mode: 0o644 });
       return { kind: 'new', name, cloneDirectory, rendered, overlays: children.map((child) => child.path) };
     } catch (error) {
       if (directoryMade) await rm(cloneDirectory, { recursive: true, force: true }).catch(() => undefined);
       return { kind: 'failed', name, error };
     }
+  }
+
+  /**
+   * The clone's NoCloud seed: its identity rendered with its UUID, the ISO image written (0600: it holds
+   * the user-data) into its directory, and attached read-only to its XML. Removed with the directory.
+   */
+  private async writeSeed(configuration: GuestConfiguration, rendered: RenderedClone, cloneDirectory: string, index: number): Promise<RenderedClone> {
+    const identity = renderGuestIdentity(configuration, { name: rendered.name, index, host: this.options.host, uuid: rendered.uuid });
+    const seedPath = cloneSeedFile(cloneDirectory);
+    const image = buildSeedImage([
+      { name: 'meta-data', content: identity.metaData },
+      { name: 'user-data', content: identity.userData },
+      ...(identity.networkConfig === undefined ? [] : [{ name: 'network-config', content: identity.networkConfig }]),
+    ]);
+    await writeFile(seedPath, image, { mode: 0o600, flag: 'wx' });
+    const attached = await attachSeedImage(rendered.xml, { seedPath, cloneDirectory, hypervisor: this.options.hypervisor });
+    return { ...rendered, xml: attached.xml };
   }
 
   /** One qemu-img overlay per base disk, in the clones directory (same file system, so copies are cheap). */
@@ -398,6 +455,7 @@ export class CloneEngine {
     request: CreateClonesRequest,
     defineError: Error | undefined,
     publishing: Array<Promise<void>>,
+    guestDigest: string,
   ): Promise<CreateCloneResult> {
     const name = item.name;
     const log = this.options.log.child({ clone: name, operation: request.operation });
@@ -410,6 +468,7 @@ export class CloneEngine {
         running ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF,
         source,
         overlays,
+        guestDigest,
       );
       // Recorded again with the same id: if the first attempt died between the define and the record,
       // this is the clone.done it owed; if not, the stream drops the repeat.
@@ -435,6 +494,7 @@ export class CloneEngine {
         started ? VirtualMachine_State.STATE_RUNNING : VirtualMachine_State.STATE_SHUT_OFF,
         source,
         item.overlays,
+        guestDigest,
       );
       publishing.push(this.publishDone(vm, item.rendered.uuid, [...item.overlays], started, request, source));
       log.debug({ started, overlays: item.overlays.length }, 'clone made');
@@ -474,7 +534,14 @@ export class CloneEngine {
     return { domainName: name, virtualMachine: undefined, status, started: false };
   }
 
-  private toVirtualMachine(name: string, uuid: string, state: VirtualMachine_State, source: ResolvedSource, overlays: readonly string[]): VirtualMachine {
+  private toVirtualMachine(
+    name: string,
+    uuid: string,
+    state: VirtualMachine_State,
+    source: ResolvedSource,
+    overlays: readonly string[],
+    guestDigest: string,
+  ): VirtualMachine {
     const image = 'image' in source.metadata ? source.metadata.image : '';
     const imageId = IMAGE_NAME.parse(image)?.image;
     return VirtualMachine.fromPartial({
@@ -485,6 +552,7 @@ export class CloneEngine {
       state,
       sourceImage: image,
       managed: true,
+      ...(guestDigest === '' ? {} : { guestConfigurationDigest: guestDigest }),
       lineage: {
         image,
         replica: imageId === undefined ? '' : HOST_IMAGE_NAME.format({ host: this.options.host, image: imageId }),

@@ -28,6 +28,7 @@ import type { EventPublisher } from '../common/platform/events.js';
 import type { OperationContext, OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
 import type { FleetView } from './fleet-view.js';
+import type { GuestSecrets } from './guest-secrets.js';
 import { HOST_NAME } from '../common/domain/resource-names.js';
 
 /** The operation kind's name in the operations bucket. */
@@ -91,6 +92,8 @@ export interface CloneOperationDeps {
   readonly now?: () => Date;
   /** Default {@link HOST_CONCURRENCY}. */
   readonly hostConcurrency?: number;
+  /** The guest configurations this replica accepted (never in the operation record); without it, clones with one fail as after a takeover. */
+  readonly guestSecrets?: Pick<GuestSecrets, 'get' | 'release'>;
 }
 
 /** The kind to register on the OperationManager. */
@@ -103,7 +106,15 @@ export function cloneOperationKind(deps: CloneOperationDeps): CloneOperationKind
     requestType: CloneVirtualMachinesRequest,
     metadataType: CloneVirtualMachinesMetadata,
     responseType: CloneVirtualMachinesResponse,
-    run: (context) => runCloneOperation(deps, context),
+    run: async (context) => {
+      try {
+        return await runCloneOperation(deps, context);
+      } finally {
+        // The secrets go once the run ends here (done, failed, cancelled, or handed to another replica).
+        const digest = context.metadata.guestConfigurationDigest ?? '';
+        if (digest !== '') deps.guestSecrets?.release(digest);
+      }
+    },
   };
 }
 
@@ -201,9 +212,13 @@ async function runCloneOperation(
       for (const clone of clones) clone.state = CloneResult_State.STATE_CREATING;
       if (Date.now() - lastWrite >= PROGRESS_INTERVAL_MS) await persist();
 
+      const guestDigest = metadata.guestConfigurationDigest ?? '';
+      const guest = guestDigest === '' ? undefined : deps.guestSecrets?.get(guestDigest);
       const agentRequest: CreateClonesRequest = {
         source: request.source,
-        clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start })),
+        clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start, index: clone.index })),
+        ...(guestDigest === '' ? {} : { guestConfigurationDigest: guestDigest }),
+        ...(guest === undefined ? {} : { guestConfiguration: guest }),
         operation: context.name,
         requestId: agentRequestId(context.name, hostName),
         validateOnly: false,

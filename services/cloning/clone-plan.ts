@@ -25,6 +25,7 @@ import {
   type Host,
 } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
+import { checkGuestConfiguration, guestConfigurationDigest, PLACEHOLDER_UUID, renderGuestIdentity } from '../common/domain/guest-configuration.js';
 import { HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { FleetView } from './fleet-view.js';
 import { parseNameTemplate, renderNames } from './name-template.js';
@@ -95,6 +96,7 @@ export function checkRequestShape(request: CloneVirtualMachinesRequest): CloneSo
     }
   }
   parseNameTemplate(request.nameTemplate, request.count);
+  if (request.guestConfiguration !== undefined) checkGuestConfiguration(request.guestConfiguration);
   return source;
 }
 
@@ -188,12 +190,20 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     hostsOfClones.map((host, offset) => ({ source: sourceValue, index: offset + 1, host: parseHostName(host)! })),
     { namesInUse: await fleet.domainNamesInUse(), ...(options.random === undefined ? {} : { random: options.random }) },
   );
+  const guest = request.guestConfiguration;
+  if (guest !== undefined) {
+    // Each clone's hostname and documents as the agent will render them, `{uuid}` aside (the agent draws it).
+    names.forEach((name, offset) =>
+      renderGuestIdentity(guest, { name, index: offset + 1, host: parseHostName(hostsOfClones[offset]!)!, uuid: PLACEHOLDER_UUID }),
+    );
+  }
   if (source.kind === 'virtualMachine' && options.checkOnHost) {
     // Everything the agent would refuse for the whole batch, refused now, before any operation exists: a
     // source whose domain XML, disks or <kernel> cowherd cannot clone used to fail inside the operation.
     await options.checkOnHost(hosts.get(source.host)!, {
       source: { $case: 'virtualMachine', value: source.name },
-      clones: names.map((domainName) => ({ domainName, start: request.start })),
+      clones: names.map((domainName, offset) => ({ domainName, start: request.start, index: offset + 1 })),
+      ...(guest === undefined ? {} : { guestConfiguration: guest }),
       operation: '',
       requestId: '',
       validateOnly: true,
@@ -221,6 +231,7 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     distributeOperations: [],
     startTime: now,
     updateTime: now,
+    ...(guest === undefined ? {} : { guestConfigurationDigest: guestConfigurationDigest(guest) }),
   };
 }
 

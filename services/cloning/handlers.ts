@@ -4,7 +4,7 @@
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import type { CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
-import type { CloningServiceService } from '../gen/cowherd/cloning/v1/cloning_service.js';
+import type { CloneVirtualMachinesRequest, CloningServiceService } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { Host } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError, relayServiceError } from '../common/platform/errors.js';
@@ -14,6 +14,7 @@ import type { CloneOperationKind } from './clone-operation.js';
 import { checkRequestShape, planClones } from './clone-plan.js';
 import type { FleetView } from './fleet-view.js';
 import type { AgentPort } from './agents.js';
+import type { GuestSecrets } from './guest-secrets.js';
 import { locate, stopOperationKind, stopTimeoutSeconds } from './power.js';
 /** Answers whether an operation of this kind was created for a request_id. */
 export type RequestIdLookup = (requestId: string) => Promise<boolean>;
@@ -28,6 +29,8 @@ export interface CloningHandlersDeps {
   readonly stopKind?: ReturnType<typeof stopOperationKind>;
   /** Lets a retried request_id return its operation without re-planning; without it every request is planned. */
   readonly requestIdUsed?: RequestIdLookup;
+  /** Where the guest configurations of accepted requests wait for their operation (never in the operation record). */
+  readonly guestSecrets?: Pick<GuestSecrets, 'hold'>;
   /** Draws `{random}` (tests). */
   readonly random?: () => string;
   readonly now?: () => Date;
@@ -56,10 +59,13 @@ async function checkOnAgent(agents: Pick<AgentPort, 'createClones'>, host: Host,
 export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typeof CloningServiceService>> {
   return {
     cloneVirtualMachines: async (request) => {
+      // The operation record keeps the request without the guest configuration's secrets: the hostname
+      // template stays (it is no secret), the metadata has the digest, this replica's memory the rest.
+      const stored = withoutGuestSecrets(request);
       if (request.requestId !== '' && deps.requestIdUsed && (await deps.requestIdUsed(request.requestId))) {
         // start() returns the existing operation, or INVALID_ARGUMENT when the request differs.
         checkRequestShape(request);
-        return deps.operations.start(deps.kind, request, deps.kind.metadataType.decode(new Uint8Array()), request.requestId);
+        return deps.operations.start(deps.kind, stored, deps.kind.metadataType.decode(new Uint8Array()), request.requestId);
       }
       const metadata = await planClones(request, {
         fleet: deps.fleet,
@@ -67,7 +73,14 @@ export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typ
         ...(deps.random === undefined ? {} : { random: deps.random }),
         ...(deps.now === undefined ? {} : { now: deps.now }),
       });
-      return deps.operations.start(deps.kind, request, metadata, request.requestId);
+      const digest = metadata.guestConfigurationDigest ?? '';
+      const release = digest !== '' && request.guestConfiguration && deps.guestSecrets ? deps.guestSecrets.hold(digest, request.guestConfiguration) : undefined;
+      try {
+        return await deps.operations.start(deps.kind, stored, metadata, request.requestId);
+      } catch (error) {
+        release?.();
+        throw error;
+      }
     },
     ...(deps.agents === undefined || deps.stopKind === undefined
       ? {}
@@ -93,5 +106,14 @@ export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typ
             return {};
           },
         }),
+  };
+}
+
+/** The request as the operation record keeps it: the guest configuration's hostname template only. */
+function withoutGuestSecrets(request: CloneVirtualMachinesRequest): CloneVirtualMachinesRequest {
+  if (request.guestConfiguration === undefined) return request;
+  return {
+    ...request,
+    guestConfiguration: { hostnameTemplate: request.guestConfiguration.hostnameTemplate, sshAuthorizedKeys: [], userData: '', networkConfig: '' },
   };
 }

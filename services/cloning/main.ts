@@ -11,6 +11,7 @@ import { createAgentPort } from './agents.js';
 import { cloneOperationKind } from './clone-operation.js';
 import { CLONING_VARIABLES, imageWaitDeadlines } from './config.js';
 import { cloningHandlers } from './handlers.js';
+import { GuestSecrets } from './guest-secrets.js';
 import { createInventoryFleetView } from './inventory-view.js';
 import { distributionImageDelivery } from './image-delivery.js';
 import { stopOperationKind } from './power.js';
@@ -28,7 +29,8 @@ await runServiceMain({
     const imageDelivery = distributionImageDelivery(config.distributionAddress, clientCredentials(identityUri('service', 'distribution')), {
       deadlines: imageWaitDeadlines(config),
     });
-    const kind = cloneOperationKind({ fleet, agents, events, imageDelivery });
+    const guestSecrets = new GuestSecrets();
+    const kind = cloneOperationKind({ fleet, agents, events, imageDelivery, guestSecrets });
     const stopKind = stopOperationKind({ fleet, agents });
     const operations = await openOperations(nats.jetstream, log, boundary, [kind as never, stopKind as never]);
     const requestIdUsed = async (requestId: string) => (await operations.manager.findByRequestId(kind.kind, requestId)) !== undefined;
@@ -36,7 +38,7 @@ await runServiceMain({
       services: [
         adaptService(
           CloningServiceService,
-          cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed, agents, stopKind }),
+          cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed, agents, stopKind, guestSecrets }),
           CLONING_POLICY,
           boundary,
         ),

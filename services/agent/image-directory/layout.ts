@@ -7,9 +7,11 @@
  *   images/.<id>.partial/                 a replica while it is fetched (`.<id>.generation-<n>.partial` likewise)
  *   images/.<id>.replica.json             the swarm's state file of a replica
  *   images/.<id>.partial-<random>/        an export's work directory, renamed to images/<id>/ when complete
- *   clones/<domain>/                      a clone: one child per disk (<target>.qcow2 or .vhd), domain.xml, NVRAM, logs
+ *   clones/<domain>/                      a clone: one child per disk (<target>.qcow2 or .vhd), domain.xml, NVRAM, logs,
+ *                                         cidata.iso (its NoCloud seed disk, when it was made with a guest configuration)
  *   clones/.prototype-<uuid>-<target>.qcow2   an overlay made once per batch and copied for each clone
  *   event-outbox/                         events waiting for JetStream (the default outbox)
+ *   import/                               disk files an admin puts there for ImportImage (the default COWHERD_IMPORT_DIR)
  *
  * Image ids have no dots, so no id's names can be mistaken for another's.
  */
@@ -35,6 +37,11 @@ export function clonesDirectory(root: string): string {
 /** `<root>/event-outbox`: where the agent's events wait by default. */
 export function eventOutboxDirectory(root: string): string {
   return join(root, 'event-outbox');
+}
+
+/** `<root>/import`: the default directory ImportImage reads local files from. */
+export function importDirectory(root: string): string {
+  return join(root, 'import');
 }
 
 /** Creates the image directory (0755) and its images/ and clones/ folders when missing. */
@@ -143,6 +150,11 @@ export function cloneDiskFile(cloneDirectoryPath: string, target: string, kind: 
 /** The domain XML a clone was defined with: `<clone dir>/domain.xml`. */
 export function cloneDefinitionFile(cloneDirectoryPath: string): string {
   return join(cloneDirectoryPath, 'domain.xml');
+}
+
+/** A clone's NoCloud seed image (volume label `cidata`): `<clone dir>/cidata.iso`; removed with the directory. */
+export function cloneSeedFile(cloneDirectoryPath: string): string {
+  return join(cloneDirectoryPath, 'cidata.iso');
 }
 
 /** An overlay of a batch's base disk `target`, copied for each clone: `clones/.prototype-<unique>-<target>.qcow2`. */
