@@ -13,7 +13,7 @@ import {
 } from '../common/platform/config.js';
 import { DEFAULT_PORTS } from '../common/platform/service-process.js';
 import { defaultHostId, HOST_ID, isReservedHostId } from '../common/domain/resource-names.js';
-import { eventOutboxDirectory } from './image-directory/index.js';
+import { eventOutboxDirectory, importDirectory } from './image-directory/index.js';
 
 /** An optional host:port whose default depends on other variables (filled in by loadAgentConfig). */
 function optionalAddressVariable(name: string, description: string, defaultText: string): Variable<string | undefined> {
@@ -80,6 +80,17 @@ export const AGENT_VARIABLES = {
     defaultText: '<COWHERD_IMAGE_DIR>/event-outbox',
     parse: (raw: string | undefined) => (raw === undefined || raw === '' ? undefined : resolve(raw)),
   },
+  importDirectory: {
+    ...optionalStringVariable(
+      'COWHERD_IMPORT_DIR',
+      'the only directory ImportImage reads local disk files from (paths in requests are relative to it); keep it root-owned and not world-writable',
+    ),
+    defaultText: '<COWHERD_IMAGE_DIR>/import',
+    parse: (raw: string | undefined) => (raw === undefined || raw === '' ? undefined : resolve(raw)),
+  },
+  importMaxGib: integerVariable('COWHERD_IMPORT_MAX_GIB', 'the largest download ImportImage takes (and the default of url.max_bytes), in GiB', 64, 1, 65_536),
+  importStallSeconds: integerVariable('COWHERD_IMPORT_STALL_SECONDS', 'an ImportImage download that receives nothing for this long fails', 60, 1, 86_400),
+  importTimeoutSeconds: integerVariable('COWHERD_IMPORT_TIMEOUT_SECONDS', 'an ImportImage download that takes longer than this fails', 21_600, 1, 7 * 86_400),
   advertiseAddress: optionalAddressVariable(
     'COWHERD_ADVERTISE_ADDRESS',
     "host:port at which services reach this agent's gRPC port",
@@ -88,9 +99,10 @@ export const AGENT_VARIABLES = {
 };
 
 /** The agent's configuration. */
-export type AgentConfig = Omit<ConfigOf<typeof AGENT_VARIABLES>, 'advertiseAddress' | 'eventOutboxDirectory'> & {
+export type AgentConfig = Omit<ConfigOf<typeof AGENT_VARIABLES>, 'advertiseAddress' | 'eventOutboxDirectory' | 'importDirectory'> & {
   readonly advertiseAddress: string;
   readonly eventOutboxDirectory: string;
+  readonly importDirectory: string;
 };
 
 /** Reads the agent's variables; throws ConfigError listing every bad one. */
@@ -103,5 +115,6 @@ export function loadAgentConfig(env: Readonly<Record<string, string | undefined>
     ...config,
     advertiseAddress: config.advertiseAddress ?? `${config.host}:${port}`,
     eventOutboxDirectory: config.eventOutboxDirectory ?? eventOutboxDirectory(config.imageDirectory),
+    importDirectory: config.importDirectory ?? importDirectory(config.imageDirectory),
   });
 }

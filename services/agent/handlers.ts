@@ -1,7 +1,10 @@
 /** AgentService handlers: thin wrappers over the agent's modules. */
 import type { AgentServiceService } from '../gen/cowherd/agent/v1/agent_service.js';
 import type { Handlers } from '../common/platform/rpc.js';
+import { status as GrpcStatus } from '@grpc/grpc-js';
 import { Hypervisor, ImagePublishStage, TransferProgress } from '../gen/cowherd/common/v1/types.js';
+import { ImageImportStage } from '../gen/cowherd/distribution/v1/distribution_service.js';
+import { removeTree } from './image-directory/index.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { ImageTransfers } from './swarm/index.js';
 import { Image, Image_State, ImageReplica, ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
@@ -10,6 +13,7 @@ import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME } from '../common/domain/resourc
 import type { Logger } from '../common/platform/logger.js';
 import type { CloneEngine } from './clone-engine.js';
 import { exportImage, toImageFiles } from './image-export.js';
+import { importImage, type DownloadLimits } from './image-import.js';
 import type { Libvirt } from './hypervisor/index.js';
 import type { VmLifecycle } from './vm-lifecycle.js';
 
@@ -24,6 +28,17 @@ export interface ExportDeps {
   readonly log: Logger;
 }
 
+/** What importing needs besides the request. */
+export interface ImportDeps {
+  readonly libvirt: Pick<Libvirt, 'hypervisorFacts'>;
+  readonly imageDirectory: string;
+  readonly importDirectory: string;
+  readonly host: string;
+  readonly hypervisor: 'kvm' | 'xen';
+  readonly download: DownloadLimits;
+  readonly log: Logger;
+}
+
 /** What the handlers drive. */
 export interface AgentHandlersDeps {
   readonly clones: CloneEngine;
@@ -31,10 +46,11 @@ export interface AgentHandlersDeps {
   readonly replicas: { delete(name: string): Promise<void> };
   readonly transfers: ImageTransfers;
   readonly exporter: ExportDeps;
+  readonly importer: ImportDeps;
 }
 
 /** The handlers this agent serves. */
-export function agentHandlers({ clones, vms, replicas, transfers, exporter }: AgentHandlersDeps): Partial<Handlers<typeof AgentServiceService>> {
+export function agentHandlers({ clones, vms, replicas, transfers, exporter, importer }: AgentHandlersDeps): Partial<Handlers<typeof AgentServiceService>> {
   return {
     exportImage: async (request, context, send) => {
       const id = IMAGE_NAME.parse(request.image)?.image;
@@ -132,6 +148,106 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter }: Ag
           },
         },
       });
+    },
+    importImage: async (request, context, send) => {
+      const id = IMAGE_NAME.parse(request.image)?.image;
+      if (!id) throw CowherdError.invalidArgument('image', 'must be images/{image}');
+      const source = request.source;
+      if (!source) throw CowherdError.invalidArgument('source', 'is required: import_path or url');
+      const template = request.template;
+      if (!template) throw CowherdError.invalidArgument('template', 'is required: domain or domain_xml');
+      let sending: Promise<void> = Promise.resolve();
+      const progressMessage = (stage: ImageImportStage, progress: TransferProgress, sourceFormat: string) => {
+        // In order, and never more than one message in flight.
+        sending = sending.then(() => send({ response: { $case: 'progress', value: { stage, progress, sourceFormat } } })).catch(() => undefined);
+      };
+      let sourceFormat = '';
+      const imported = await importImage({
+        libvirt: importer.libvirt,
+        imageDirectory: importer.imageDirectory,
+        importDirectory: importer.importDirectory,
+        hypervisor: importer.hypervisor,
+        image: id,
+        source:
+          source.$case === 'importPath'
+            ? { kind: 'path', path: source.value }
+            : { kind: 'url', uri: source.value.uri, sha256: source.value.sha256, maxBytes: Number(source.value.maxBytes) },
+        template: template.$case === 'domain' ? { kind: 'domain', domain: template.value } : { kind: 'xml', xml: template.value },
+        download: importer.download,
+        signal: context.signal,
+        log: importer.log,
+        onProgress: (progress) => {
+          sourceFormat = progress.sourceFormat;
+          progressMessage(
+            progress.stage,
+            TransferProgress.fromPartial({
+              bytesDone: String(progress.bytesDone),
+              bytesTotal: String(progress.bytesTotal),
+              rateBytesPerSecond: String(progress.rateBytesPerSecond),
+            }),
+            progress.sourceFormat,
+          );
+        },
+      });
+      await sending;
+      const files = toImageFiles(imported.files);
+      const image = Image.fromPartial({
+        name: request.image,
+        files,
+        domainTemplate: imported.domainTemplate,
+        hypervisor: importer.hypervisor === 'xen' ? Hypervisor.HYPERVISOR_XEN : Hypervisor.HYPERVISOR_KVM,
+        originHost: HOST_NAME.format({ host: importer.host }),
+      });
+      try {
+        let lastTorrentReport = 0;
+        const torrent = await transfers.seedExported(
+          id,
+          image,
+          request.trackerAnnounceUrl,
+          (bytesDone) => {
+            if (bytesDone < imported.totalBytes && performance.now() - lastTorrentReport < 1000) return;
+            lastTorrentReport = performance.now();
+            progressMessage(
+              ImageImportStage.IMAGE_IMPORT_STAGE_CREATING_TORRENT,
+              TransferProgress.fromPartial({ bytesDone: String(bytesDone), bytesTotal: String(imported.totalBytes) }),
+              sourceFormat,
+            );
+          },
+          context.signal,
+        );
+        await sending;
+        if (context.signal.aborted)
+          throw new CowherdError(GrpcStatus.CANCELLED, 'the import was cancelled', { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
+        const now = new Date();
+        await send({
+          response: {
+            $case: 'result',
+            value: {
+              image: Image.fromPartial({ ...image, torrent, state: Image_State.STATE_AVAILABLE, createTime: now, updateTime: now }),
+              replica: ImageReplica.fromPartial({
+                name: HOST_IMAGE_NAME.format({ host: importer.host, image: id }),
+                image: request.image,
+                host: HOST_NAME.format({ host: importer.host }),
+                state: ImageReplica_State.STATE_AVAILABLE,
+                path: imported.directory,
+                origin: true,
+                generation: '1',
+                webSeedUrl: transfers.webSeedUrl(),
+                createTime: now,
+                updateTime: now,
+              }),
+              webSeedUrl: transfers.webSeedUrl(),
+            },
+          },
+        });
+      } catch (error) {
+        // Nothing of a failed import stays: not the seeding replica, not its files.
+        await transfers
+          .release(id, () => removeTree(imported.directory))
+          .catch((cleanupError: unknown) => importer.log.error({ err: cleanupError, image: request.image }, 'import: removing the imported replica failed'));
+        await removeTree(imported.directory).catch(() => undefined);
+        throw error;
+      }
     },
     fetchImage: (request) => transfers.fetch(request),
     getImageReplica: (request) => transfers.get(request.name),

@@ -1,4 +1,5 @@
 /** The host agent process: wiring only. Enrolls with a join token on the first start, then serves. */
+import { mkdir } from 'node:fs/promises';
 import { AgentServiceService } from '../gen/cowherd/agent/v1/agent_service.js';
 import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import { createClient } from '../common/platform/client.js';
@@ -52,6 +53,8 @@ await runServiceMain({
   eventOutboxDirectory: agent.eventOutboxDirectory,
   build: async ({ boundary, log, clientCredentials, events }) => {
     await prepareImageDirectory(agent.imageDirectory);
+    // Where admins put disk files for ImportImage: not readable by others, like the image directory's contents.
+    await mkdir(agent.importDirectory, { recursive: true, mode: 0o750 });
     const virsh = new VirshLibvirt({ uri: agent.libvirtUri, log: log.child({ component: 'libvirt' }) });
     const libvirt = agent.domainScope === 'image-directory' ? scopedLibvirt(virsh, agent.imageDirectory) : virsh;
     const inventory = createClient(InventoryServiceClient, agent.inventoryAddress, clientCredentials(identityUri('service', 'inventory')));
@@ -117,6 +120,19 @@ await runServiceMain({
             replicas,
             transfers,
             exporter: { libvirt, imageDirectory: agent.imageDirectory, host: agent.host, log: log.child({ component: 'export' }) },
+            importer: {
+              libvirt,
+              imageDirectory: agent.imageDirectory,
+              importDirectory: agent.importDirectory,
+              host: agent.host,
+              hypervisor,
+              download: {
+                maxBytes: agent.importMaxGib * 1024 ** 3,
+                stallMs: agent.importStallSeconds * 1000,
+                timeoutMs: agent.importTimeoutSeconds * 1000,
+              },
+              log: log.child({ component: 'import' }),
+            },
           }),
           AGENT_POLICY,
           boundary,
