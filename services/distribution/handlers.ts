@@ -6,6 +6,7 @@ import type { Handlers } from '../common/platform/rpc.js';
 import { IMAGE_NAME } from '../common/domain/resource-names.js';
 import { checkDeleteImage, collectReplicas, deleteReplica, type DeletionDeps, type deleteImageOperationKind } from './deletion.js';
 import { checkPublish, type PublishDeps, type publishOperationKind } from './publish.js';
+import { checkImport, initialImportMetadata, type importOperationKind } from './import.js';
 import { checkDistribute, initialDistributeMetadata, type DistributeDeps, type distributeOperationKind } from './distribute.js';
 
 /** What the handlers need. */
@@ -13,6 +14,7 @@ export interface DistributionHandlersDeps {
   readonly deps: PublishDeps & DeletionDeps & DistributeDeps;
   readonly operations: Pick<OperationManager, 'start' | 'findByRequestId'>;
   readonly publish: ReturnType<typeof publishOperationKind>;
+  readonly importImage: ReturnType<typeof importOperationKind>;
   readonly deleteImage: ReturnType<typeof deleteImageOperationKind>;
   readonly distribute: ReturnType<typeof distributeOperationKind>;
 }
@@ -41,6 +43,13 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
         },
         request.requestId,
       );
+    },
+    importImage: async (request) => {
+      // A retried request_id returns its operation even though the image name is now taken.
+      const existing = await operations.findByRequestId(options.importImage.kind, request.requestId);
+      if (existing) return operations.start(options.importImage, request, undefined as never, request.requestId);
+      const host = await checkImport(request, deps);
+      return operations.start(options.importImage, request, initialImportMetadata(request, host), request.requestId);
     },
     distributeImage: async (request) => {
       const existing = await operations.findByRequestId(options.distribute.kind, request.requestId);

@@ -16,6 +16,7 @@ import { deleteImageOperationKind } from './deletion.js';
 import { distributionHandlers } from './handlers.js';
 import { inventoryReader } from './inventory-reader.js';
 import { publishOperationKind } from './publish.js';
+import { importOperationKind } from './import.js';
 import { natsTrackerRelay, startTracker } from './tracker.js';
 import { distributeOperationKind, followReplicaEvents } from './distribute.js';
 
@@ -53,16 +54,17 @@ await runServiceMain({
       hostCheckIntervalMs: config.hostCheckSeconds * 1000,
     };
     const publish = publishOperationKind(deps);
+    const importImage = importOperationKind(deps);
     const deleteImage = deleteImageOperationKind(deps);
     const distribute = distributeOperationKind(deps);
-    const operations = await openOperations(nats.jetstream, log, boundary, [publish as never, deleteImage as never, distribute as never]);
+    const operations = await openOperations(nats.jetstream, log, boundary, [publish as never, importImage as never, deleteImage as never, distribute as never]);
     const replicaEvents = await followReplicaEvents(nats.jetstream, nats.manager, deps, log.child({ component: 'replica-events' }));
     log.info({ trackerAnnounceUrl }, 'agents announce to this tracker URL');
     return {
       services: [
         adaptService(
           DistributionServiceService,
-          distributionHandlers({ deps, operations: operations.manager, publish, deleteImage, distribute }),
+          distributionHandlers({ deps, operations: operations.manager, publish, importImage, deleteImage, distribute }),
           DISTRIBUTION_POLICY,
           boundary,
         ),
