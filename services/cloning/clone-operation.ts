@@ -216,7 +216,8 @@ async function runCloneOperation(
       const guest = guestDigest === '' ? undefined : deps.guestSecrets?.get(guestDigest);
       const agentRequest: CreateClonesRequest = {
         source: request.source,
-        clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start, index: clone.index })),
+        // The index only matters to the guest configuration's `{index}`.
+        clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start, ...(guestDigest === '' ? {} : { index: clone.index }) })),
         ...(guestDigest === '' ? {} : { guestConfigurationDigest: guestDigest }),
         ...(guest === undefined ? {} : { guestConfiguration: guest }),
         operation: context.name,

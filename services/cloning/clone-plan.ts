@@ -202,7 +202,7 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     // source whose domain XML, disks or <kernel> cowherd cannot clone used to fail inside the operation.
     await options.checkOnHost(hosts.get(source.host)!, {
       source: { $case: 'virtualMachine', value: source.name },
-      clones: names.map((domainName, offset) => ({ domainName, start: request.start, index: offset + 1 })),
+      clones: names.map((domainName, offset) => ({ domainName, start: request.start, ...(guest === undefined ? {} : { index: offset + 1 }) })),
       ...(guest === undefined ? {} : { guestConfiguration: guest }),
       operation: '',
       requestId: '',
