@@ -1,5 +1,6 @@
 /** `cowherd vms`: clone, list across the fleet, show with lineage, start, stop, delete. */
 import { randomUUID } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
 import {
   cloneResult_StateToJSON,
   CloneVirtualMachinesResponse,
@@ -8,7 +9,7 @@ import {
   type Placement,
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { diskFormatToJSON } from '../gen/cowherd/common/v1/types.js';
-import { Host, Image, ImageReplica, ImageView, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
+import { Host, Image, ImageReplica, ImageView, VirtualMachine, type GuestConfiguration } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../gen/google/longrunning/operations.js';
 import type { CommandSpec, Invocation } from './command-line.js';
 import { EVERY_HOST } from '../common/domain/resource-names.js';
@@ -51,11 +52,26 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
           description: 'image-hosts: spread over the hosts that already hold the image (default for --image without --hosts)',
         },
         { name: 'max-per-host', value: '<n>', description: 'at most this many clones of the request on one host' },
+        {
+          name: 'hostname-template',
+          value: '<t>',
+          description: "each guest's hostname (cloud-init seed disk) with {name}, {index}, {host}, {uuid}; default {name}",
+        },
+        { name: 'ssh-key-file', value: '<f1,f2>', description: 'authorized SSH keys for the guests (public key or authorized_keys files)' },
+        { name: 'user-data-file', value: '<file>', description: 'cloud-init user-data (#cloud-config, #! script or MIME multipart); {name} etc. substituted' },
+        { name: 'network-config-file', value: '<file>', description: 'cloud-init network-config version 2; {name} etc. substituted' },
+        { name: 'cloud-init', description: 'give each clone a seed disk even without the options above (hostname = clone name, new instance-id)' },
         ...OPERATION_OPTIONS,
       ],
-      details: 'Exit status 7 when some clones failed (each is listed with its error).',
+      details:
+        'Exit status 7 when some clones failed (each is listed with its error). With any of --hostname-template, --ssh-key-file, ' +
+        '--user-data-file, --network-config-file or --cloud-init, each clone gets its own cloud-init NoCloud seed disk (label cidata): ' +
+        'instance-id = the clone UUID, so cloud-init gives it new SSH host keys. The files are sent once and never stored (only a digest).',
       run: async (invocation, context) => {
-        const request = cloneRequest(invocation, new ArgumentReader(invocation.command));
+        const args = new ArgumentReader(invocation.command);
+        const request = cloneRequest(invocation, args);
+        const guestConfiguration = await guestConfigurationFromFlags(invocation, args);
+        if (guestConfiguration) request.guestConfiguration = guestConfiguration;
         const started = await context.call<Operation>('cloning', (cb) => context.cloning.cloneVirtualMachines(request, cb));
         if (invocation.flag('no-wait')) return printStarted(context, started, CLONE_OPERATION);
         const source = request.source?.value ?? '';
@@ -170,6 +186,41 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
   ],
 };
 
+/** The guest configuration from the --hostname-template, --*-file and --cloud-init flags; undefined when none is given. */
+async function guestConfigurationFromFlags(invocation: Invocation, args: ArgumentReader): Promise<GuestConfiguration | undefined> {
+  const hostnameTemplate = invocation.string('hostname-template');
+  const keyFiles = invocation.list('ssh-key-file');
+  const userDataFile = invocation.string('user-data-file');
+  const networkConfigFile = invocation.string('network-config-file');
+  if (
+    hostnameTemplate === undefined &&
+    keyFiles.length === 0 &&
+    userDataFile === undefined &&
+    networkConfigFile === undefined &&
+    !invocation.flag('cloud-init')
+  )
+    return undefined;
+  const read = async (path: string, flag: string): Promise<string> => {
+    try {
+      return await readFile(path, 'utf8');
+    } catch (error) {
+      return args.fail(`${flag} ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`);
+    }
+  };
+  const sshAuthorizedKeys: string[] = [];
+  for (const file of keyFiles) {
+    // A public key file or an authorized_keys file: one key a line, comments and blank lines skipped.
+    for (const line of (await read(file, '--ssh-key-file')).split(/\r?\n/))
+      if (line.trim() !== '' && !line.trim().startsWith('#')) sshAuthorizedKeys.push(line.trim());
+  }
+  return {
+    hostnameTemplate: hostnameTemplate ?? '',
+    sshAuthorizedKeys,
+    userData: userDataFile === undefined ? '' : await read(userDataFile, '--user-data-file'),
+    networkConfig: networkConfigFile === undefined ? '' : await read(networkConfigFile, '--network-config-file'),
+  };
+}
+
 /** The CloneVirtualMachines request from the flags; a usage error for contradictory ones. */
 function cloneRequest(invocation: Invocation, args: ArgumentReader): CloneVirtualMachinesRequest {
   const image = invocation.string('image');
@@ -280,6 +331,7 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
       ['size', `${vm.vcpuCount} vCPU, ${formatBytes(vm.memoryBytes)} memory`],
       ['managed', vm.managed ? 'yes (a cowherd clone)' : 'no (not created by cowherd)'],
       ['cloned from', vm.sourceImage || (lineage?.sourceVirtualMachine ? shortVirtualMachineName(lineage.sourceVirtualMachine) : '-')],
+      ['guest identity', vm.guestConfigurationDigest ? `cloud-init seed, configuration sha256:${vm.guestConfigurationDigest.slice(0, 16)}` : '-'],
       ['dependents', vm.dependentVirtualMachines.length > 0 ? vm.dependentVirtualMachines.map(shortVirtualMachineName).join(', ') : '-'],
       ['created', formatTime(vm.createTime)],
     ]),
