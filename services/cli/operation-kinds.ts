@@ -9,6 +9,8 @@ import {
   DeleteImageMetadata,
   DistributeImageMetadata,
   DistributeImageResponse,
+  imageImportStageToJSON,
+  ImportImageMetadata,
   PublishImageMetadata,
 } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { Image, imageReplica_StateToJSON, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
@@ -33,6 +35,27 @@ export const PUBLISH_OPERATION: OperationShape<PublishImageMetadata, Image> = {
         key: 'publish',
         label: `${metadata?.image ?? 'image'}  ${stage.padEnd(16)}`,
         text: describeTransfer(metadata?.progress),
+        ...(fraction === undefined ? {} : { fraction }),
+      },
+    ];
+  },
+};
+
+/** ImportImage: the stage (downloading, converting, hashing, creating the torrent) with bytes and rate, and the probed format. */
+export const IMPORT_OPERATION: OperationShape<ImportImageMetadata, Image> = {
+  title: 'import image',
+  service: 'distribution',
+  typeNames: { metadata: ImportImageMetadata.$type, response: Image.$type },
+  metadata: ImportImageMetadata,
+  response: Image,
+  render: (metadata) => {
+    const stage = metadata ? enumWord(imageImportStageToJSON(metadata.stage), 'IMAGE_IMPORT_STAGE_') : 'STARTING';
+    const fraction = stage === 'DONE' ? 1 : fractionOf(metadata?.progress);
+    return [
+      {
+        key: 'import',
+        label: `${metadata?.image ?? 'image'}  ${stage.padEnd(16)}`,
+        text: [describeTransfer(metadata?.progress), metadata?.sourceFormat ? `(${metadata.sourceFormat})` : ''].filter(Boolean).join('  '),
         ...(fraction === undefined ? {} : { fraction }),
       },
     ];
@@ -140,6 +163,7 @@ export const STOP_OPERATION: OperationShape<StopVirtualMachineMetadata, VirtualM
 /** Every kind, to recognise an operation by its metadata type. */
 export const OPERATION_KINDS: readonly OperationShape<unknown, unknown>[] = [
   PUBLISH_OPERATION,
+  IMPORT_OPERATION,
   DISTRIBUTE_OPERATION,
   DELETE_IMAGE_OPERATION,
   CLONE_OPERATION,
