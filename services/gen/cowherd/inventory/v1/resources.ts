@@ -820,8 +820,10 @@ export function virtualMachineChange_TypeToJSON(object: VirtualMachineChange_Typ
  *
  * Every text field may use the clone's variables, in the style of name_template: `{name}` (the domain name),
  * `{index}` (1-based index in the request), `{host}` (the host id) and `{uuid}` (the clone's libvirt UUID,
- * lowercase). `{{` and `}}` stand for literal braces. Fields hold secrets: they are never logged, never stored
- * in the inventory, KV or events; only a digest is (VirtualMachine.guest_configuration_digest).
+ * lowercase). Only these exact spellings are replaced; every other brace is kept as written (shell `${HOME}`,
+ * cloud-init's Jinja `{{ v1.local_hostname }}`). Fields hold secrets: they are never logged, never stored in
+ * the inventory, KV or events; only a digest is (VirtualMachine.guest_configuration_digest). Images do not
+ * carry a default guest configuration yet.
  */
 export interface GuestConfiguration {
   /**
