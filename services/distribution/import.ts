@@ -17,7 +17,7 @@ import { Host_State, Image, Image_State, ImageReplica, ImageReplica_State, type 
 import { ImageImportStage, ImportImageMetadata, ImportImageRequest, type ImportImageDomain } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import type { ImportImageResponse } from '../gen/cowherd/agent/v1/agent_service.js';
 import type { TransferProgress } from '../gen/cowherd/common/v1/types.js';
-import { CowherdError, relayServiceError } from '../common/platform/errors.js';
+import { CowherdError, readServiceError, relayServiceError } from '../common/platform/errors.js';
 import { IMAGE_AVAILABLE, IMAGE_PUBLISHED } from '../common/domain/event-types.js';
 import type { OperationKind } from '../common/domain/operations.js';
 import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_ID, IMAGE_NAME } from '../common/domain/resource-names.js';
@@ -253,7 +253,7 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
         await context.checkpoint({ metadata: { ...context.metadata, stage: ImageImportStage.IMAGE_IMPORT_STAGE_DONE, updateTime: new Date() } });
         return image!.value;
       } catch (error) {
-        const relayed = relayServiceError(error, host.name);
+        const relayed = relayImportError(error, host.name);
         // Leave nothing: the agent's replica (if it finished), its record, the catalog entry.
         if (agentResult) {
           const replicaName = HOST_IMAGE_NAME.format({ host: hostId, image: request.imageId });
@@ -271,6 +271,20 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
       }
     },
   };
+}
+
+/**
+ * The agent's error as the operation's: relayed as for any agent call, except that a failed download
+ * (UNAVAILABLE, TRANSFER_FAILED: the URL's server, not the host) stays what it is instead of reading as an
+ * unreachable host.
+ */
+function relayImportError(error: unknown, host: string): CowherdError {
+  if (!(error instanceof CowherdError) && error && typeof error === 'object' && 'code' in error) {
+    const received = readServiceError(error as Parameters<typeof readServiceError>[0]);
+    if (received.reason === 'ERROR_REASON_TRANSFER_FAILED')
+      return new CowherdError(received.code, received.message, { reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED, metadata: received.metadata, cause: error });
+  }
+  return relayServiceError(error, host);
 }
 
 interface ImportProgressUpdate {
