@@ -6,6 +6,7 @@
  */
 export const OPERATION_KIND_NAMES: readonly string[] = [
   'distribution.publish-image',
+  'distribution.import-image',
   'distribution.distribute-image',
   'distribution.delete-image',
   'cloning.clone-virtual-machines',
