@@ -22,10 +22,17 @@ import {
   host_StateToJSON,
   image_StateToJSON,
   virtualMachine_StateToJSON,
+  type GuestConfiguration,
   type Host,
 } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
-import { checkGuestConfiguration, guestConfigurationDigest, PLACEHOLDER_UUID, renderGuestIdentity } from '../common/domain/guest-configuration.js';
+import {
+  checkGuestConfiguration,
+  effectiveGuestConfiguration,
+  guestConfigurationDigest,
+  PLACEHOLDER_UUID,
+  renderGuestIdentity,
+} from '../common/domain/guest-configuration.js';
 import { HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { FleetView } from './fleet-view.js';
 import { parseNameTemplate, renderNames } from './name-template.js';
@@ -107,6 +114,17 @@ export function checkRequestShape(request: CloneVirtualMachinesRequest): CloneSo
  * (VIRTUAL_MACHINE_NAME_TAKEN). Returns the operation's initial metadata.
  */
 export async function planClones(request: CloneVirtualMachinesRequest, options: PlanOptions): Promise<CloneVirtualMachinesMetadata> {
+  return (await planClonesWithGuest(request, options)).metadata;
+}
+
+/** A plan and the guest configuration its clones get (the request's over the image's default), if any. */
+export interface GuestPlan {
+  readonly metadata: CloneVirtualMachinesMetadata;
+  readonly guestConfiguration?: GuestConfiguration;
+}
+
+/** {@link planClones}, also returning the guest configuration the operation must hand to the agents. */
+export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, options: PlanOptions): Promise<GuestPlan> {
   const source = checkRequestShape(request);
   const template = parseNameTemplate(request.nameTemplate, request.count);
   const { fleet } = options;
@@ -116,6 +134,7 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
 
   let sourceValue: string;
   let hostsOfClones: string[];
+  let imageDefault: GuestConfiguration | undefined;
   if (source.kind === 'virtualMachine') {
     const machine = await fleet.getVirtualMachine(source.name);
     if (!machine) throw CowherdError.notFound(source.name);
@@ -146,6 +165,7 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
       );
     }
     sourceValue = source.id;
+    imageDefault = image.defaultGuestConfiguration;
     const hypervisorMatches = (host: Host): void => {
       if (host.hypervisor !== image.hypervisor) {
         throw CowherdError.failedPrecondition(
@@ -190,8 +210,10 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     hostsOfClones.map((host, offset) => ({ source: sourceValue, index: offset + 1, host: parseHostName(host)! })),
     { namesInUse: await fleet.domainNamesInUse(), ...(options.random === undefined ? {} : { random: options.random }) },
   );
-  const guest = request.guestConfiguration;
+  const guest = effectiveGuestConfiguration(imageDefault, request.guestConfiguration);
   if (guest !== undefined) {
+    // The image's part too: a default a request does not override must still be valid.
+    if (imageDefault !== undefined) checkGuestConfiguration(guest);
     // Each clone's hostname and documents as the agent will render them, `{uuid}` aside (the agent draws it).
     names.forEach((name, offset) =>
       renderGuestIdentity(guest, { name, index: offset + 1, host: parseHostName(hostsOfClones[offset]!)!, uuid: PLACEHOLDER_UUID }),
@@ -221,7 +243,7 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     overlays: [],
     started: false,
   }));
-  return {
+  const metadata: CloneVirtualMachinesMetadata = {
     source: source.name,
     totalCount: request.count,
     doneCount: 0,
@@ -233,6 +255,7 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
     updateTime: now,
     ...(guest === undefined ? {} : { guestConfigurationDigest: guestConfigurationDigest(guest) }),
   };
+  return { metadata, ...(guest === undefined ? {} : { guestConfiguration: guest }) };
 }
 
 /** `{host}` of an exact `hosts/{host}`; undefined otherwise. */

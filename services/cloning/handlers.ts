@@ -11,7 +11,7 @@ import { CowherdError, relayServiceError } from '../common/platform/errors.js';
 import type { OperationManager } from '../common/domain/operations.js';
 import type { Handlers } from '../common/platform/rpc.js';
 import type { CloneOperationKind } from './clone-operation.js';
-import { checkRequestShape, planClones } from './clone-plan.js';
+import { checkRequestShape, planClonesWithGuest } from './clone-plan.js';
 import type { FleetView } from './fleet-view.js';
 import type { AgentPort } from './agents.js';
 import type { GuestSecrets } from './guest-secrets.js';
@@ -67,14 +67,14 @@ export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typ
         checkRequestShape(request);
         return deps.operations.start(deps.kind, stored, deps.kind.metadataType.decode(new Uint8Array()), request.requestId);
       }
-      const metadata = await planClones(request, {
+      const { metadata, guestConfiguration } = await planClonesWithGuest(request, {
         fleet: deps.fleet,
         ...(deps.agents === undefined ? {} : { checkOnHost: (host, check) => checkOnAgent(deps.agents!, host, check) }),
         ...(deps.random === undefined ? {} : { random: deps.random }),
         ...(deps.now === undefined ? {} : { now: deps.now }),
       });
       const digest = metadata.guestConfigurationDigest ?? '';
-      const release = digest !== '' && request.guestConfiguration && deps.guestSecrets ? deps.guestSecrets.hold(digest, request.guestConfiguration) : undefined;
+      const release = digest !== '' && guestConfiguration && deps.guestSecrets ? deps.guestSecrets.hold(digest, guestConfiguration) : undefined;
       try {
         return await deps.operations.start(deps.kind, stored, metadata, request.requestId);
       } catch (error) {

@@ -2,6 +2,8 @@
  * The tiny guest that boot tests run under TCG (scripts/guest-kernel.sh): Debian's kernel as an uncompressed
  * vmlinux for direct kernel boot and a busybox initramfs whose /init writes a marker block to /dev/vda and
  * powers off. Built once per state directory and cached (the first build downloads the kernel package, ~70 MB).
+ * When a clone has a NoCloud seed disk (label `cidata`), /init first mounts it and prints its identity on the
+ * console: {@link guestIdentityLines} reads those lines back.
  */
 import { execFile } from 'node:child_process';
 import { join } from 'node:path';
@@ -70,4 +72,27 @@ export function markerBlock(marker: string): Buffer {
   const block = Buffer.alloc(MARKER_BLOCK);
   block.write(`cowherd-was-here-${marker}\n`, 'latin1');
   return block;
+}
+
+/** What /init printed of a clone's seed disk (scripts/guest-kernel.sh): undefined fields when it printed none. */
+export interface GuestIdentityLines {
+  readonly hostname?: string;
+  readonly instanceId?: string;
+  readonly seedFiles?: readonly string[];
+  readonly userDataSha256?: string;
+}
+
+/** Reads the `cowherd-guest: hostname|instance-id|seed files|user-data sha256 ...` lines of a console log. */
+export function guestIdentityLines(consoleOutput: string): GuestIdentityLines {
+  const value = (key: string): string | undefined => new RegExp(`^cowherd-guest: ${key} (.*?)\\s*$`, 'm').exec(consoleOutput)?.[1];
+  const files = value('seed files');
+  const hostname = value('hostname');
+  const instanceId = value('instance-id');
+  const userDataSha256 = value('user-data sha256');
+  return {
+    ...(hostname === undefined ? {} : { hostname }),
+    ...(instanceId === undefined ? {} : { instanceId }),
+    ...(files === undefined ? {} : { seedFiles: files.split(/\s+/).filter((name) => name !== '') }),
+    ...(userDataSha256 === undefined ? {} : { userDataSha256 }),
+  };
 }

@@ -357,6 +357,35 @@ describe('cloning keeps the guest configuration out of the operation record', ()
     );
   });
 
+  it("the image's default configuration applies field by field under the request's, and is checked too", async () => {
+    const imageDefault = configuration({ hostnameTemplate: 'img-{index}', userData: '#cloud-config\n# image\n', networkConfig: 'version: 2\n' });
+    const withDefault: FleetView = {
+      ...fleet,
+      getImage: async (name) =>
+        Image.fromPartial({ name, state: Image_State.STATE_AVAILABLE, hypervisor: Hypervisor.HYPERVISOR_KVM, defaultGuestConfiguration: imageDefault }),
+    };
+    const held: GuestConfiguration[] = [];
+    const handlers = cloningHandlers({
+      fleet: withDefault,
+      kind: cloneOperationKind({ fleet: withDefault, agents: { createClones: async () => ({ results: [] }) } }),
+      guestSecrets: {
+        hold: (_digest, guest) => {
+          held.push(guest);
+          return () => undefined;
+        },
+      },
+      operations: { start: (async () => ({ name: 'operations/y', done: false })) as never },
+    });
+    const clone = handlers.cloneVirtualMachines as (request: CloneVirtualMachinesRequest) => Promise<unknown>;
+    const base = { source: { $case: 'image' as const, value: 'images/debian-12' }, count: 2, nameTemplate: 'vm-{index}' };
+    await clone(CloneVirtualMachinesRequest.fromPartial({ ...base, guestConfiguration: configuration({ userData: '#!/bin/sh\necho request\n' }) }));
+    await clone(CloneVirtualMachinesRequest.fromPartial(base));
+    assert.deepEqual(held, [
+      configuration({ hostnameTemplate: 'img-{index}', userData: '#!/bin/sh\necho request\n', networkConfig: 'version: 2\n' }),
+      imageDefault,
+    ]);
+  });
+
   it('the GuestSecrets vault forgets a configuration when its last operation ends', () => {
     const secrets = new GuestSecrets();
     const guest = configuration({ userData: '#cloud-config\n' });

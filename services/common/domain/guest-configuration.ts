@@ -59,6 +59,24 @@ export function hasGuestConfiguration(configuration: GuestConfiguration | undefi
   return configuration !== undefined;
 }
 
+/**
+ * The configuration clones get: the request's, each empty field filled from the image's default; the image's
+ * default alone when the request has none; undefined when neither has one (no seed disk).
+ */
+export function effectiveGuestConfiguration(
+  imageDefault: GuestConfiguration | undefined,
+  requested: GuestConfiguration | undefined,
+): GuestConfiguration | undefined {
+  if (requested === undefined) return imageDefault;
+  if (imageDefault === undefined) return requested;
+  return {
+    hostnameTemplate: requested.hostnameTemplate || imageDefault.hostnameTemplate,
+    sshAuthorizedKeys: requested.sshAuthorizedKeys.length > 0 ? requested.sshAuthorizedKeys : imageDefault.sshAuthorizedKeys,
+    userData: requested.userData || imageDefault.userData,
+    networkConfig: requested.networkConfig || imageDefault.networkConfig,
+  };
+}
+
 /** SHA-256 (lowercase hex) of the configuration's protobuf encoding: what the inventory, events and operations keep instead of it. */
 export function guestConfigurationDigest(configuration: GuestConfiguration): string {
   return createHash('sha256')

@@ -257,7 +257,17 @@ export interface Image {
   /** Admin-defined labels, with the same rules as Host.labels. */
   labels: { [key: string]: string };
   /** Why publishing failed; unset unless state is FAILED. */
-  error: Status | undefined;
+  error:
+    | Status
+    | undefined;
+  /**
+   * The guest configuration clones of this image get when their CloneVirtualMachines request gives none,
+   * and the defaults of the fields a request leaves empty (field by field: a request's non-empty
+   * hostname_template, ssh_authorized_keys, user_data or network_config replaces the image's). Unset means
+   * no seed disk unless the request asks for one. It is part of the image's record, readable by whoever
+   * reads images: keep secrets in the request, which cowherd never stores. No RPC sets it yet.
+   */
+  defaultGuestConfiguration?: GuestConfiguration | undefined;
 }
 
 /** State is where an image is in its life. */
@@ -822,8 +832,8 @@ export function virtualMachineChange_TypeToJSON(object: VirtualMachineChange_Typ
  * `{index}` (1-based index in the request), `{host}` (the host id) and `{uuid}` (the clone's libvirt UUID,
  * lowercase). Only these exact spellings are replaced; every other brace is kept as written (shell `${HOME}`,
  * cloud-init's Jinja `{{ v1.local_hostname }}`). Fields hold secrets: they are never logged, never stored in
- * the inventory, KV or events; only a digest is (VirtualMachine.guest_configuration_digest). Images do not
- * carry a default guest configuration yet.
+ * the inventory, KV or events; only a digest is (VirtualMachine.guest_configuration_digest). An image may
+ * carry defaults (Image.default_guest_configuration).
  */
 export interface GuestConfiguration {
   /**
@@ -1532,6 +1542,7 @@ function createBaseImage(): Image {
     updateTime: undefined,
     labels: {},
     error: undefined,
+    defaultGuestConfiguration: undefined,
   };
 }
 
@@ -1577,6 +1588,9 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     });
     if (message.error !== undefined) {
       Status.encode(message.error, writer.uint32(106).fork()).join();
+    }
+    if (message.defaultGuestConfiguration !== undefined) {
+      GuestConfiguration.encode(message.defaultGuestConfiguration, writer.uint32(114).fork()).join();
     }
     return writer;
   },
@@ -1701,6 +1715,14 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
             message.error = Status.decode(reader, reader.uint32());
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.defaultGuestConfiguration = GuestConfiguration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1761,6 +1783,11 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
         )
         : {},
       error: isSet(object.error) ? Status.fromJSON(object.error) : undefined,
+      defaultGuestConfiguration: isSet(object.defaultGuestConfiguration)
+        ? GuestConfiguration.fromJSON(object.defaultGuestConfiguration)
+        : isSet(object.default_guest_configuration)
+        ? GuestConfiguration.fromJSON(object.default_guest_configuration)
+        : undefined,
     };
   },
 
@@ -1811,6 +1838,9 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     if (message.error !== undefined) {
       obj.error = Status.toJSON(message.error);
     }
+    if (message.defaultGuestConfiguration !== undefined) {
+      obj.defaultGuestConfiguration = GuestConfiguration.toJSON(message.defaultGuestConfiguration);
+    }
     return obj;
   },
 
@@ -1844,6 +1874,10 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     message.error = (object.error !== undefined && object.error !== null)
       ? Status.fromPartial(object.error)
       : undefined;
+    message.defaultGuestConfiguration =
+      (object.defaultGuestConfiguration !== undefined && object.defaultGuestConfiguration !== null)
+        ? GuestConfiguration.fromPartial(object.defaultGuestConfiguration)
+        : undefined;
     return message;
   },
 };
