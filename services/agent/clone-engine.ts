@@ -208,7 +208,7 @@ export class CloneEngine {
       prepared = await mapLimited(
         request.clones.map((clone, position) => ({ clone, index: clone.index || position + 1 })),
         PREPARE_CONCURRENCY,
-        ({ clone, index }) => this.prepare(source, clone.domainName, index, request, existing.get(clone.domainName), prototypes),
+        ({ clone, index }) => this.prepare(source, clone.domainName, index, request, existing.get(clone.domainName), prototypes, guestDigest),
       );
     } finally {
       for (const prototype of prototypes.values()) await rm(prototype, { force: true });
@@ -347,6 +347,7 @@ export class CloneEngine {
     request: CreateClonesRequest,
     existing: DomainInfo | undefined,
     prototypes: ReadonlyMap<string, string>,
+    guestDigest: string,
   ): Promise<PreparedClone> {
     const cloneDirectory = cloneDirectoryOf(this.options.imageDirectory, name);
     let directoryMade = false;
@@ -383,7 +384,7 @@ export class CloneEngine {
         ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
         metadata: { source: source.metadata, operation: request.operation, requestId: request.requestId },
       });
-      if (request.guestConfiguration !== undefined) rendered = await this.writeSeed(request.guestConfiguration, rendered, cloneDirectory, index);
+      if (request.guestConfiguration !== undefined) rendered = await this.writeSeed(request.guestConfiguration, guestDigest, rendered, cloneDirectory, index);
       await writeFile(cloneDefinitionFile(cloneDirectory), rendered.xml, { mode: 0o644 });
       return { kind: 'new', name, cloneDirectory, rendered, overlays: children.map((child) => child.path) };
     } catch (error) {
@@ -396,7 +397,13 @@ export class CloneEngine {
    * The clone's NoCloud seed: its identity rendered with its UUID, the ISO image written (0600: it holds
    * the user-data) into its directory, and attached read-only to its XML. Removed with the directory.
    */
-  private async writeSeed(configuration: GuestConfiguration, rendered: RenderedClone, cloneDirectory: string, index: number): Promise<RenderedClone> {
+  private async writeSeed(
+    configuration: GuestConfiguration,
+    digest: string,
+    rendered: RenderedClone,
+    cloneDirectory: string,
+    index: number,
+  ): Promise<RenderedClone> {
     const identity = renderGuestIdentity(configuration, { name: rendered.name, index, host: this.options.host, uuid: rendered.uuid });
     const seedPath = cloneSeedFile(cloneDirectory);
     const image = buildSeedImage([
@@ -405,7 +412,7 @@ export class CloneEngine {
       ...(identity.networkConfig === undefined ? [] : [{ name: 'network-config', content: identity.networkConfig }]),
     ]);
     await writeFile(seedPath, image, { mode: 0o600, flag: 'wx' });
-    const attached = await attachSeedImage(rendered.xml, { seedPath, cloneDirectory, hypervisor: this.options.hypervisor });
+    const attached = await attachSeedImage(rendered.xml, { seedPath, cloneDirectory, hypervisor: this.options.hypervisor, digest });
     return { ...rendered, xml: attached.xml };
   }
 

@@ -13,6 +13,7 @@ import { describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CloneEngine } from '../../services/agent/clone-engine.js';
+import { toVirtualMachine } from '../../services/agent/host/reporter.js';
 import { attachSeedImage, buildSeedImage, readCloneMetadata, readSeedImage } from '../../services/agent/hypervisor/index.js';
 import type { DomainInfo, Libvirt } from '../../services/agent/hypervisor/libvirt.js';
 import {
@@ -254,7 +255,10 @@ describe('CloneEngine with a guest configuration', () => {
         assert.match(metaData, new RegExp(`^local-hostname: "node-${position + 11}"$`, 'm'));
         assert.equal(seed.files.get('user-data')!.toString(), `#cloud-config\n# ${name}\n`);
         assert.equal(seed.files.has('network-config'), false);
-        const xml = compact(defined.find((domain) => domain.name === name)!.xml);
+        const domain = defined.find((candidate) => candidate.name === name)!;
+        assert.equal(domain.clone?.guestConfigurationDigest, guestConfigurationDigest(guest), 'the digest is in the lineage record');
+        assert.equal(toVirtualMachine('kvm-01', domain, []).guestConfigurationDigest, guestConfigurationDigest(guest), 'the reporter shows it to inventory');
+        const xml = compact(domain.xml);
         assert.ok(xml.includes(`<source file='${join(directory, 'clones', name, 'cidata.iso')}'/><target dev='vdb' bus='virtio'/><readonly/>`), xml);
         assert.equal((await readFile(join(directory, 'clones', name, 'domain.xml'), 'utf8')).includes('cidata.iso'), true);
       }

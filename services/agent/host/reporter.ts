@@ -76,6 +76,7 @@ export function toVirtualMachine(host: string, domain: DomainInfo, disks: readon
         },
         managed: true,
         sourceImage: image,
+        ...(clone.guestConfigurationDigest === undefined ? {} : { guestConfigurationDigest: clone.guestConfigurationDigest }),
       }
     : {};
   return VirtualMachine.fromPartial({

@@ -15,6 +15,8 @@ export interface CloneMetadata {
   readonly operation: string;
   /** The request's idempotency key. */
   readonly requestId: string;
+  /** SHA-256 of the guest configuration its NoCloud seed was made from (seed-attachment.ts); absent without one. */
+  readonly guestConfigurationDigest?: string;
 }
 
 /**
@@ -43,8 +45,10 @@ export function readCloneMetadata(xml: string): CloneMetadata | undefined {
   const virtualMachine = value('virtualMachine');
   const operation = value('operation') ?? '';
   const requestId = value('requestId') ?? '';
-  if (image) return { source: { image }, operation, requestId };
-  if (virtualMachine) return { source: { virtualMachine }, operation, requestId };
+  const digest = value('guestConfigurationDigest');
+  const guest = digest ? { guestConfigurationDigest: digest } : {};
+  if (image) return { source: { image }, operation, requestId, ...guest };
+  if (virtualMachine) return { source: { virtualMachine }, operation, requestId, ...guest };
   return undefined;
 }
 

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { DomainXmlError } from './errors.js';
 import { assertInsideDirectory } from './safe-paths.js';
 import type { HypervisorKind } from './clone-rendering.js';
-import { buildDocument, elementChildren, firstChild, newElement, parseDomainDocument, type XmlElement } from './xml-tree.js';
+import { buildDocument, elementChildren, firstChild, localName, newElement, parseDomainDocument, type XmlElement } from './xml-tree.js';
 
 /** Where the seed was attached. */
 export interface SeedAttachment {
@@ -29,7 +29,7 @@ const LETTERS = 'abcdefghijklmnopqrstuvwxyz';
  */
 export async function attachSeedImage(
   xml: string,
-  options: { readonly seedPath: string; readonly cloneDirectory: string; readonly hypervisor: HypervisorKind },
+  options: { readonly seedPath: string; readonly cloneDirectory: string; readonly hypervisor: HypervisorKind; readonly digest?: string },
 ): Promise<SeedAttachment> {
   const seedPath = await assertInsideDirectory(path.resolve(options.cloneDirectory), options.seedPath, 'seed_path');
   const parsed = parseDomainDocument(xml);
@@ -66,6 +66,13 @@ export async function attachSeedImage(
   // After the last disk, so the template's boot order (first disk first) is untouched.
   const last = disks.at(-1);
   devices.children.splice(last ? devices.children.indexOf(last) + 1 : 0, 0, disk);
+  // The configuration's digest beside the lineage in `<cowherd:clone>`, so the reporter shows it in inventory.
+  const metadata = firstChild(parsed.domain, 'metadata');
+  const record = metadata ? elementChildren(metadata).find((child) => localName(child.name) === 'clone' && child.name.includes(':')) : undefined;
+  if (record && options.digest !== undefined && options.digest !== '') {
+    const prefix = record.name.slice(0, record.name.indexOf(':'));
+    record.children.push(newElement(`${prefix}:guestConfigurationDigest`, {}, [{ kind: 'text', value: options.digest }]));
+  }
   return { xml: buildDocument(parsed), target: free };
 }
 
