@@ -265,8 +265,15 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
           );
           await deps.replicas.delete(replicaKey).catch(() => undefined);
         }
+        // The catalog entry is this operation's (claimed above): PUBLISHING, or already AVAILABLE with the
+        // torrent of this import when a later step failed.
         const current = await deps.images.get(request.imageId).catch(() => undefined);
-        if (current && current.value.state === Image_State.STATE_PUBLISHING) await deps.images.delete(request.imageId, current.revision).catch(() => undefined);
+        const ours =
+          current?.value.state === Image_State.STATE_PUBLISHING ||
+          (current?.value.state === Image_State.STATE_AVAILABLE &&
+            agentResult?.image?.torrent?.infoHash !== undefined &&
+            current.value.torrent?.infoHash === agentResult.image.torrent.infoHash);
+        if (current && ours) await deps.images.delete(request.imageId, current.revision).catch(() => undefined);
         throw relayed;
       }
     },
