@@ -12,7 +12,7 @@ import { execFile } from 'node:child_process';
 import { readdir, readFile, stat, symlink } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { status as GrpcStatus } from '@grpc/grpc-js';
@@ -39,6 +39,7 @@ import type { Operation } from '../../services/gen/google/longrunning/operations
 import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
 import { call, failure } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
+import { REPOSITORY } from '../harness/processes.js';
 import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME } from '../../services/common/domain/resource-names.js';
 
 const run = promisify(execFile);
@@ -279,6 +280,68 @@ describe('importing images from files and URLs', { skip: process.getuid?.() !== 
       const xml = (await stack.virsh('dumpxml', name)).stdout;
       assert.match(xml, new RegExp(`${second.imageDirectory}/clones/${name}/vda\\.qcow2`));
     }
+  });
+
+  it('imports through `cowherd images import` with progress, and refuses a bad invocation', async () => {
+    const files = await stack.pki.files('admin', 'cli-importer');
+    const cowherd = (...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> =>
+      new Promise((resolve) => {
+        execFile(
+          process.execPath,
+          [
+            '--import',
+            'tsx',
+            'services/cli/main.ts',
+            '--distribution',
+            stack.distributionProcess.address,
+            '--credentials',
+            dirname(files.certificateFile),
+            ...args,
+          ],
+          { cwd: REPOSITORY, timeout: 180_000, env: { PATH: process.env['PATH'] ?? '' } },
+          (error, stdout, stderr) => resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stdout, stderr }),
+        );
+      });
+    const imageId = `imp-cli-${suffix}`;
+    const imported = await cowherd(
+      'images',
+      'import',
+      '--host',
+      origin,
+      '--image',
+      imageId,
+      '--file',
+      'disk.raw',
+      '--memory-mib',
+      '256',
+      '--network',
+      'none',
+      '--output',
+      'json',
+    );
+    assert.equal(imported.code, 0, imported.stderr);
+    const image = JSON.parse(imported.stdout) as { name: string; state: string };
+    assert.deepEqual([image.name, image.state], [IMAGE_NAME.format({ image: imageId }), 'STATE_AVAILABLE']);
+    assert.match(imported.stderr, /HASHING|CONVERTING|DONE/, 'progress lines on stderr');
+    const both = await cowherd(
+      'images',
+      'import',
+      '--host',
+      origin,
+      '--image',
+      `${imageId}-x`,
+      '--file',
+      'a',
+      '--url',
+      'https://x/y',
+      '--sha256',
+      'a'.repeat(64),
+    );
+    assert.equal(both.code, 2, both.stderr);
+    assert.match(both.stderr, /exactly one of --file and --url/);
+    const escape = await cowherd('images', 'import', '--host', origin, '--image', `${imageId}-y`, '--file', '../../etc/passwd');
+    assert.notEqual(escape.code, 0);
+    assert.match(escape.stderr, /import_path/);
   });
 
   it('refuses a taken image id before any operation exists', async () => {
