@@ -18,6 +18,8 @@ import { promisify } from 'node:util';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { IMAGE_AVAILABLE, IMAGE_PUBLISHED } from '../../services/common/domain/event-types.js';
 import { consumeEvents } from '../../services/common/platform/events.js';
+import { createClient } from '../../services/common/platform/client.js';
+import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { unpack } from '../../services/common/domain/operations.js';
 import {
@@ -28,6 +30,7 @@ import {
 } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import {
   DistributeImageResponse,
+  DistributionServiceClient,
   ImageImportStage,
   ImportImageDomain,
   ImportImageMetadata,
@@ -342,6 +345,23 @@ describe('importing images from files and URLs', { skip: process.getuid?.() !== 
     const escape = await cowherd('images', 'import', '--host', origin, '--image', `${imageId}-y`, '--file', '../../etc/passwd');
     assert.notEqual(escape.code, 0);
     assert.match(escape.stderr, /import_path/);
+  });
+
+  it('is for admins only: hosts and services are refused', async () => {
+    for (const [kind, name] of [
+      ['host', origin],
+      ['service', 'cloning'],
+      ['service', 'inventory'],
+    ] as const) {
+      const credentials = mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials(kind, name)), caPem: stack.pki.ca.certificatePem });
+      const client = createClient(DistributionServiceClient, stack.distributionProcess.address, credentials, { defaultDeadlineMs: 10_000 });
+      try {
+        const refused = await failure((cb) => client.importImage(request(`imp-deny-${suffix}`, { $case: 'importPath', value: 'disk.qcow2' }), cb));
+        assert.equal(refused.code, GrpcStatus.PERMISSION_DENIED, `${kind}/${name}`);
+      } finally {
+        client.close();
+      }
+    }
   });
 
   it('refuses a taken image id before any operation exists', async () => {
