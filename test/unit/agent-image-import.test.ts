@@ -190,6 +190,10 @@ describe('importing', () => {
     await writeFile(raw, Buffer.concat([Buffer.alloc(MiB, 7), Buffer.alloc(3 * MiB)]));
     await qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, join(importDirectory, 'disk.qcow2'));
     await qemuImg('convert', '-q', '-f', 'raw', '-O', 'vpc', '-o', 'subformat=dynamic,force_size=on', raw, join(importDirectory, 'disk.vhd'));
+    await qemuImg('convert', '-q', '-f', 'raw', '-O', 'vmdk', raw, join(importDirectory, 'disk.vmdk'));
+    await qemuImg('convert', '-q', '-f', 'raw', '-O', 'vhdx', raw, join(importDirectory, 'disk.vhdx'));
+    // A vmdk whose data is another file (a descriptor naming a flat extent) must not be followed.
+    await qemuImg('convert', '-q', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=monolithicFlat', raw, join(importDirectory, 'flat.vmdk'));
     // A qcow2 named like a raw file: the content decides.
     await qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, join(importDirectory, 'misnamed.raw'));
     payload = await readFile(join(importDirectory, 'disk.qcow2'));
@@ -229,6 +233,8 @@ describe('importing', () => {
     ['disk.qcow2', 'qcow2'],
     ['disk.raw', 'raw'],
     ['disk.vhd', 'vpc'],
+    ['disk.vmdk', 'vmdk'],
+    ['disk.vhdx', 'vhdx'],
     ['misnamed.raw', 'qcow2'],
   ] as const) {
     test(`a local ${file} becomes a qcow2 image with a template (probed as ${format})`, async () => {
@@ -313,6 +319,7 @@ describe('importing', () => {
         GrpcStatus.FAILED_PRECONDITION,
       ],
       ['escape', options('escape', { kind: 'path', path: '../images-root/x' }), GrpcStatus.INVALID_ARGUMENT],
+      ['flat-vmdk', options('flat-vmdk', { kind: 'path', path: 'flat.vmdk' }), GrpcStatus.INVALID_ARGUMENT],
     ];
     for (const [name, request, code] of cases) {
       const error = await failure(importImage(request));
