@@ -220,9 +220,10 @@ export interface ImportImageRequest_LabelsEntry {
 /** ImportImageUrl is a disk file to download for ImportImage. */
 export interface ImportImageUrl {
   /**
-   * The URL, `http://` or `https://` (server certificates are checked against the system's CAs), at most
-   * 2048 characters, without user name or password. Redirects are followed (at most 5, never to another
-   * scheme than http(s)).
+   * The URL, `http://` or `https://` (server certificates are checked against Node.js's CA store, plus
+   * NODE_EXTRA_CA_CERTS on the agent), at most 2048 characters, without user name or password. Redirects are
+   * followed (at most 5, never to another scheme than http(s)). The agent downloads from where it stands in
+   * the network, which is why only admins may import.
    */
   uri: string;
   /**
