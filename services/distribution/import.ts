@@ -163,7 +163,7 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
         if (!claimed) throw CowherdError.alreadyExists(name);
         await context.checkpoint({ state: { claimed: true } });
       }
-      let agentResult: { image: Image | undefined; replica: ImageReplica | undefined } | undefined;
+      let agentResult: { image: Image | undefined; replica: ImageReplica | undefined; sourceFormat: string } | undefined;
       const replicaKey = `${hostId}.${request.imageId}`;
       try {
         agentResult = await importOnAgent(
@@ -189,7 +189,14 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
             });
           },
         );
-        await context.checkpoint({ metadata: { ...context.metadata, stage: ImageImportStage.IMAGE_IMPORT_STAGE_REGISTERING, updateTime: new Date() } });
+        await context.checkpoint({
+          metadata: {
+            ...context.metadata,
+            stage: ImageImportStage.IMAGE_IMPORT_STAGE_REGISTERING,
+            sourceFormat: agentResult.sourceFormat || context.metadata.sourceFormat,
+            updateTime: new Date(),
+          },
+        });
         const imported = agentResult.image;
         const files = imported?.files ?? [];
         const image = await deps.images.mutate(request.imageId, (current) =>
@@ -313,10 +320,11 @@ export function importOnAgent(
   },
   signal: AbortSignal | undefined,
   onProgress: (progress: ImportProgressUpdate) => Promise<void>,
-): Promise<{ image: Image | undefined; replica: ImageReplica | undefined }> {
+): Promise<{ image: Image | undefined; replica: ImageReplica | undefined; sourceFormat: string }> {
   return new Promise((resolve, reject) => {
+    let sourceFormat = '';
     const stream = deps.agents.clientFor(host).importImage(request, { deadline: Date.now() + IMPORT_MAX_MS });
-    let result: { image: Image | undefined; replica: ImageReplica | undefined } | undefined;
+    let result: { image: Image | undefined; replica: ImageReplica | undefined; sourceFormat: string } | undefined;
     let lastProgress = 0;
     let pending: Promise<void> = Promise.resolve();
     const stallMs = deps.exportStallMs ?? IMPORT_STALL_MS;
@@ -351,8 +359,9 @@ export function importOnAgent(
     stream.on('data', (message: ImportImageResponse) => {
       armWatchdog();
       const response = message.response;
-      if (response?.$case === 'result') result = { image: response.value.image, replica: response.value.replica };
-      else if (response?.$case === 'progress' && Date.now() - lastProgress > 1000) {
+      if (response?.$case === 'result') result = { image: response.value.image, replica: response.value.replica, sourceFormat };
+      if (response?.$case === 'progress' && response.value.sourceFormat !== '') sourceFormat = response.value.sourceFormat;
+      if (response?.$case === 'progress' && Date.now() - lastProgress > 1000) {
         // At most one checkpoint a second, in order.
         lastProgress = Date.now();
         const update = { stage: response.value.stage, progress: response.value.progress, sourceFormat: response.value.sourceFormat };
