@@ -361,7 +361,16 @@ export class OperationManager {
     // jittered backoff, never turned into the operation's end: the fault suite saw 5-40 s of "no responders" and
     // timeouts after a restart. A write whose answer was lost may have landed: a conflict with exactly the record
     // we wrote is our own write.
-    const write = async (change: (record: OperationRecord) => OperationRecord): Promise<void> => {
+    // Writes go one at a time: a lease renewal and a checkpoint sent together would both compare-and-set against
+    // the same revision, and the loser would take its own replica's write for another replica's takeover (seen
+    // after a store outage, when both had been waiting for it).
+    let writes: Promise<void> = Promise.resolve();
+    const write = (change: (record: OperationRecord) => OperationRecord): Promise<void> => {
+      const run = writes.then(() => writeNow(change));
+      writes = run.catch(() => undefined);
+      return run;
+    };
+    const writeNow = async (change: (record: OperationRecord) => OperationRecord): Promise<void> => {
       const next = change(current.record);
       try {
         const nextRevision = await retryWhileStoreUnavailable(
@@ -386,7 +395,7 @@ export class OperationManager {
           if (fresh && fresh.value.owner === this.replicaId && fresh.value.cancelRequested) {
             current = { record: fresh.value, revision: fresh.revision };
             controller.abort(cancelledError());
-            return write(change);
+            return writeNow(change);
           }
           controller.abort(new Error('lease lost'));
           throw new CowherdError(GrpcStatus.ABORTED, `${record.name} is now run by another replica`, { reason: ErrorReason.ERROR_REASON_OPERATION_CONFLICT });
