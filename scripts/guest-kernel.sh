@@ -17,6 +17,11 @@
 # of the kernel command line, with dd conv=fsync; syncs; `poweroff -f` (needs <features><acpi/> in the
 # domain). It prints "cowherd-guest: ..." lines on the console (ttyS0), "cowherd-guest: marker written" on
 # success. On any failure it still powers off, so a boot never hangs: the missing marker says what went wrong.
+# Before the marker, when a disk other than /dev/vda carries the volume label `cidata` (a clone's NoCloud
+# seed disk, services/agent/hypervisor/seed-image.ts), /init mounts it read-only as cloud-init would, sets
+# the hostname from meta-data's local-hostname and prints "cowherd-guest: hostname <name>",
+# "cowherd-guest: instance-id <id>", "cowherd-guest: seed files <names>" and
+# "cowherd-guest: user-data sha256 <hex>" (a digest, not the document: user-data may hold secrets).
 # With `cowherd.stay=1` on the kernel command line (the local fleet's story uses it), a guest that wrote its
 # marker prints "cowherd-guest: staying up (cowherd.stay=1)" and keeps running until the ACPI power button
 # (`virsh shutdown`, a graceful `cowherd vms stop`), then syncs and powers off the same way.
@@ -44,9 +49,10 @@ CACHE_DIR="$GUEST_DIR/cache"
 STAMP="$GUEST_DIR/kit.stamp"
 METAPACKAGE="${COWHERD_GUEST_KERNEL_METAPACKAGE:-linux-image-amd64}"
 BUSYBOX=/bin/busybox
-# The modules /init needs (button: the ACPI power button, which ends a cowherd.stay=1 guest); their
+# The modules /init needs (button: the ACPI power button, which ends a cowherd.stay=1 guest; isofs: the
+# clone's NoCloud seed disk, ISO 9660 with Joliet names); their
 # dependencies are added and ordered below.
-WANTED_MODULES=(virtio_pci virtio_blk button)
+WANTED_MODULES=(virtio_pci virtio_blk button isofs)
 # Byte offset of the marker block on /dev/vda (tests read the same offset).
 MARKER_OFFSET=$((1024 * 1024))
 MARKER_BLOCK=4096
@@ -96,6 +102,29 @@ while [ ! -b /dev/vda ] && [ "$tries" -lt 1000 ]; do
   sleep 0.01
   tries=$((tries + 1))
 done
+# The NoCloud seed: found by its label, as cloud-init finds it (findfs, else the ISO 9660 label read raw).
+seed=$(findfs LABEL=cidata 2>/dev/null)
+if [ -z "$seed" ]; then
+  for dev in /dev/vd[b-z]; do
+    [ -b "$dev" ] || continue
+    if [ "$(dd if="$dev" bs=1 skip=32808 count=6 2>/dev/null)" = cidata ]; then seed=$dev; break; fi
+  done
+fi
+if [ -n "$seed" ]; then
+  mkdir -p /cidata
+  if mount -t iso9660 -o ro "$seed" /cidata; then
+    value() { sed -n "s/^$1: *\"\{0,1\}\([^\"]*\)\"\{0,1\} *\$/\1/p" /cidata/meta-data | head -n 1; }
+    name=$(value local-hostname)
+    [ -n "$name" ] && hostname "$name"
+    say "hostname $(hostname)"
+    say "instance-id $(value instance-id)"
+    say "seed files $(ls /cidata | tr "\n" " ")"
+    [ -f /cidata/user-data ] && say "user-data sha256 $(sha256sum /cidata/user-data | cut -d" " -f1)"
+    umount /cidata
+  else
+    say "cannot mount the cidata volume $seed"
+  fi
+fi
 if [ ! -b /dev/vda ]; then
   say "no /dev/vda after 10 s"
 elif [ -z "$marker" ]; then
