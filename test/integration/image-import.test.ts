@@ -78,7 +78,8 @@ describe('importing images from files and URLs', { skip: process.getuid?.() !== 
     const qcow2 = await readFile(join(importDirectory, 'disk.qcow2'));
     qcow2Sha256 = createHash('sha256').update(qcow2).digest('hex');
     server = createServer((request, response) => {
-      if (request.url === '/images/disk.qcow2') response.writeHead(200, { 'content-length': String(qcow2.length) }).end(qcow2);
+      if (new URL(request.url ?? '/', 'http://local').pathname === '/images/disk.qcow2')
+        response.writeHead(200, { 'content-length': String(qcow2.length) }).end(qcow2);
       else response.writeHead(404).end();
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
