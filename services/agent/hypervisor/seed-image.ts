@@ -17,6 +17,8 @@
 
 const SECTOR = 2048;
 const FIRST_FILE_SECTOR = 25;
+/** The system area at the start of every image: zeros, so writers may leave it as a hole. */
+export const SEED_SYSTEM_AREA_BYTES = 16 * SECTOR;
 /** The volume label cloud-init's NoCloud looks for. */
 export const SEED_VOLUME_LABEL = 'cidata';
 
