@@ -231,7 +231,8 @@ function summary(event: ShownEvent): string {
     case 'certificate.revoked':
       return `${text('identity')} serial ${text('serialNumber')} (${enumWord(text('reason'), 'REVOCATION_REASON_') || 'UNSPECIFIED'})`;
     case 'image.published':
-      return `${text('image')} from ${vm(text('sourceVirtualMachine'))} (${formatBytes(text('totalBytes'))})`;
+      // An ImportImage has no source VM: the image came from a file on its origin host.
+      return `${text('image')} ${text('sourceVirtualMachine') ? `from ${vm(text('sourceVirtualMachine'))}` : `imported on ${text('originHost')}`} (${formatBytes(text('totalBytes'))})`;
     case 'image.publish_failed':
       return `${text('image')}: ${status()}`;
     case 'image.transfer_progress': {
