@@ -187,7 +187,7 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
 };
 
 /** The guest configuration from the --hostname-template, --*-file and --cloud-init flags; undefined when none is given. */
-async function guestConfigurationFromFlags(invocation: Invocation, args: ArgumentReader): Promise<GuestConfiguration | undefined> {
+export async function guestConfigurationFromFlags(invocation: Invocation, args: ArgumentReader): Promise<GuestConfiguration | undefined> {
   const hostnameTemplate = invocation.string('hostname-template');
   const keyFiles = invocation.list('ssh-key-file');
   const userDataFile = invocation.string('user-data-file');

@@ -31,6 +31,8 @@ import type { FleetView } from '../../services/cloning/fleet-view.js';
 import { cloningHandlers } from '../../services/cloning/handlers.js';
 import { cloneOperationKind } from '../../services/cloning/clone-operation.js';
 import { GuestSecrets } from '../../services/cloning/guest-secrets.js';
+import { guestConfigurationFromFlags } from '../../services/cli/vms-commands.js';
+import { ArgumentReader } from '../../services/cli/resource-arguments.js';
 import { writeTinyReplica } from '../harness/index.js';
 
 const run = promisify(execFile);
@@ -401,5 +403,45 @@ describe('cloning keeps the guest configuration out of the operation record', ()
     assert.equal(secrets.get('d'), guest);
     secrets.release('d');
     assert.equal(secrets.get('d'), undefined);
+  });
+});
+
+describe('cowherd vms clone flags', () => {
+  it('read keys (authorized_keys style), user-data and network-config files into a guest configuration; none of them means none', async () => {
+    const directory = await mkdtemp(join(tmpdir(), 'cowherd-test-cli-guest-'));
+    try {
+      await writeFile(join(directory, 'keys'), `# team keys\n${KEY}\n\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ== second\n`);
+      await writeFile(join(directory, 'user-data'), '#cloud-config\n');
+      await writeFile(join(directory, 'network'), 'version: 2\n');
+      const invocation = (values: Record<string, string | string[] | true>) =>
+        ({
+          string: (name: string) => (typeof values[name] === 'string' ? (values[name] as string) : undefined),
+          flag: (name: string) => values[name] === true,
+          list: (name: string) => (Array.isArray(values[name]) ? (values[name] as string[]) : []),
+        }) as never;
+      const args = new ArgumentReader([]);
+      assert.deepEqual(
+        await guestConfigurationFromFlags(
+          invocation({
+            'hostname-template': 'web-{index}',
+            'ssh-key-file': [join(directory, 'keys')],
+            'user-data-file': join(directory, 'user-data'),
+            'network-config-file': join(directory, 'network'),
+          }),
+          args,
+        ),
+        {
+          hostnameTemplate: 'web-{index}',
+          sshAuthorizedKeys: [KEY, 'ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ== second'],
+          userData: '#cloud-config\n',
+          networkConfig: 'version: 2\n',
+        },
+      );
+      assert.deepEqual(await guestConfigurationFromFlags(invocation({ 'cloud-init': true }), args), configuration());
+      assert.equal(await guestConfigurationFromFlags(invocation({}), args), undefined);
+      await assert.rejects(guestConfigurationFromFlags(invocation({ 'user-data-file': join(directory, 'missing') }), args), /--user-data-file .*ENOENT/);
+    } finally {
+      await rm(directory, { recursive: true, force: true });
+    }
   });
 });
