@@ -54,11 +54,6 @@ export interface GuestIdentity {
   readonly networkConfig?: string;
 }
 
-/** True when the request carries a configuration (an empty message counts: it asks for a seed disk with the defaults). */
-export function hasGuestConfiguration(configuration: GuestConfiguration | undefined): configuration is GuestConfiguration {
-  return configuration !== undefined;
-}
-
 /**
  * The configuration clones get: the request's, each empty field filled from the image's default; the image's
  * default alone when the request has none; undefined when neither has one (no seed disk).
