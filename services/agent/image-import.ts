@@ -17,7 +17,8 @@
  *   qcow2, raw, vmdk, vpc and vhdx are accepted. Anything that makes qemu-img open another file is refused:
  *   a backing file (qcow2, vmdk, vhdx), a qcow2 external data file, a vmdk whose extents are other files
  *   (monolithicFlat, split descriptors), a differencing VHD (qemu-img ignores its parent). Encrypted images
- *   are refused (no key to give).
+ *   are refused (no key to give). The probe runs under prlimit (1 GiB address space, 30 s CPU), as OpenStack
+ *   probes uploaded images: qemu-img's parsers see untrusted bytes here.
  * - Downloads go to `download.part` in the work directory (the image directory's file system, so there is
  *   space for it and no copy afterwards), hashed (SHA-256) while they arrive, bounded by max_bytes, an overall
  *   timeout and a stall watchdog (no byte for `stallMs`), redirects followed by hand (at most 5, http(s)
@@ -129,6 +130,8 @@ const MAX_DOMAIN_XML_BYTES = 1024 * 1024;
 const MAX_REDIRECTS = 5;
 const DEFAULT_CONVERT_TIMEOUT_MS = 6 * 60 * 60 * 1000;
 const SHA256_HEX = /^[0-9a-f]{64}$/;
+const PROBE_ADDRESS_SPACE_BYTES = 1024 * 1024 * 1024;
+const PROBE_CPU_SECONDS = 30;
 /** Target device names that make good file names ("vda.qcow2", as the export's). */
 const SIMPLE_TARGET = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 /** Imports running in this process, by work-directory prefix. */
@@ -642,11 +645,23 @@ async function qemuImg(args: readonly string[], options: { timeoutMs?: number; s
   return runCommand('qemu-img', args, { timeoutMs: options.timeoutMs ?? 60_000, env: { LC_ALL: 'C' }, ...(options.signal ? { signal: options.signal } : {}) });
 }
 
-/** `qemu-img info` without `-f`: the content decides. */
+/**
+ * `qemu-img info` without `-f`: the content decides. The file is untrusted, so the parser runs under limits
+ * (1 GiB of address space, 30 s of CPU, as OpenStack runs it on uploaded images): a crafted header that makes
+ * qemu-img allocate or loop without end fails the probe instead of the host.
+ */
 async function probe(file: string, field: string, signal: AbortSignal | undefined): Promise<ProbedImage> {
   let json: string;
   try {
-    json = await qemuImg(['info', '--output=json', '--', file], { signal });
+    json = await runCommand(
+      'prlimit',
+      [`--as=${PROBE_ADDRESS_SPACE_BYTES}`, `--cpu=${PROBE_CPU_SECONDS}`, '--', 'qemu-img', 'info', '--output=json', '--', file],
+      {
+        timeoutMs: 60_000,
+        env: { LC_ALL: 'C' },
+        ...(signal ? { signal } : {}),
+      },
+    );
   } catch (error) {
     throwIfAborted(signal, error);
     const detail = error instanceof CommandError ? (error.stderr.trim().split('\n').pop() ?? error.message) : (error as Error).message;
