@@ -134,8 +134,14 @@ const PROBE_ADDRESS_SPACE_BYTES = 1024 * 1024 * 1024;
 const PROBE_CPU_SECONDS = 30;
 /** Target device names that make good file names ("vda.qcow2", as the export's). */
 const SIMPLE_TARGET = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
-/** Imports running in this process, by work-directory prefix. */
-const running = new Set<string>();
+/** Imports running in this process, by work-directory prefix, each with a promise that settles when it has cleaned up. */
+const running = new Map<string, Promise<void>>();
+/**
+ * How long a second import of an id waits for a first one to end. When distribution's replica dies, its
+ * stream ends and the agent cancels the import; the replica that takes the operation over asks again at once,
+ * and must find the first import's cleanup done rather than fail on it.
+ */
+const RUNNING_IMPORT_WAIT_MS = 30_000;
 
 // ---------------------------------------------------------------------------------------------------------
 // Request checks (pure: unit-tested, and run before anything is touched)
@@ -286,8 +292,20 @@ export async function importImage(options: ImportImageOptions): Promise<Exported
   const imagesRoot = imagesDirectory(options.imageDirectory);
   const finalDirectory = replicaDirectory(options.imageDirectory, image);
   const lockKey = exportLockKey(options.imageDirectory, image);
-  if (running.has(lockKey)) throw alreadyExists(image, 'an import of this image is running on this host');
-  running.add(lockKey);
+  const earlier = running.get(lockKey);
+  if (earlier) {
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([earlier, new Promise<void>((resolve) => (timer = setTimeout(resolve, RUNNING_IMPORT_WAIT_MS)))]);
+    clearTimeout(timer);
+    if (running.has(lockKey)) throw alreadyExists(image, 'an import of this image is running on this host');
+  }
+  let release!: () => void;
+  running.set(
+    lockKey,
+    new Promise<void>((resolve) => {
+      release = resolve;
+    }),
+  );
   let workDirectory: string | undefined;
   let sourceFormat = '';
   try {
@@ -435,6 +453,7 @@ export async function importImage(options: ImportImageOptions): Promise<Exported
     throw error;
   } finally {
     running.delete(lockKey);
+    release();
   }
 }
 

@@ -351,6 +351,26 @@ describe('importing', () => {
     assert.deepEqual(await leftovers(), []);
   });
 
+  test('an import asked again while its cancelled predecessor cleans up (a takeover) waits for it, then runs', async () => {
+    const controller = new AbortController();
+    const first = importImage(
+      options(
+        'takeover',
+        { kind: 'url', uri: `${baseUrl}/stall`, sha256: payloadSha256, maxBytes: 0 },
+        {
+          signal: controller.signal,
+          download: { maxBytes: 64 * MiB, stallMs: 10_000, timeoutMs: 20_000 },
+        },
+      ),
+    );
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const second = importImage(options('takeover', { kind: 'path', path: 'disk.qcow2' }));
+    setTimeout(() => controller.abort(new Error('the stream ended')), 100);
+    assert.equal((await failure(first)).code, GrpcStatus.CANCELLED);
+    assert.equal((await second).directory, join(imageDirectory, 'images', 'takeover'));
+    assert.deepEqual(await leftovers(), []);
+  });
+
   test('caller XML is sanitized and its kernel comes from the import directory', async () => {
     await writeFile(join(importDirectory, 'vmlinuz'), 'kernel');
     const xml = `<domain type='qemu'><name>x</name><uuid>6c3c1f0e-4f5e-4d0e-9d55-3d1c2b9a0001</uuid><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type><kernel>vmlinuz</kernel><cmdline>console=ttyS0</cmdline></os><devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/anything/here.img'/><target dev='sda' bus='sata'/></disk><interface type='network'><mac address='52:54:00:aa:bb:cc'/><source network='default'/></interface></devices></domain>`;
