@@ -93,7 +93,7 @@ async function main(): Promise<void> {
             nameTemplate: `${image}-${prefix}-{index}`,
             start: false,
             requestId: '',
-            ...(guestConfiguration === undefined ? {} : { guestConfiguration }),
+            guestConfiguration,
           },
           cb,
         ),

@@ -217,9 +217,9 @@ async function runCloneOperation(
       const agentRequest: CreateClonesRequest = {
         source: request.source,
         // The index only matters to the guest configuration's `{index}`.
-        clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start, ...(guestDigest === '' ? {} : { index: clone.index }) })),
-        ...(guestDigest === '' ? {} : { guestConfigurationDigest: guestDigest }),
-        ...(guest === undefined ? {} : { guestConfiguration: guest }),
+        clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start, index: guestDigest === '' ? 0 : clone.index })),
+        guestConfigurationDigest: guestDigest,
+        guestConfiguration: guest,
         operation: context.name,
         requestId: agentRequestId(context.name, hostName),
         validateOnly: false,

@@ -224,8 +224,9 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
     // source whose domain XML, disks or <kernel> cowherd cannot clone used to fail inside the operation.
     await options.checkOnHost(hosts.get(source.host)!, {
       source: { $case: 'virtualMachine', value: source.name },
-      clones: names.map((domainName, offset) => ({ domainName, start: request.start, ...(guest === undefined ? {} : { index: offset + 1 }) })),
-      ...(guest === undefined ? {} : { guestConfiguration: guest }),
+      clones: names.map((domainName, offset) => ({ domainName, start: request.start, index: guest === undefined ? 0 : offset + 1 })),
+      guestConfiguration: guest,
+      guestConfigurationDigest: '',
       operation: '',
       requestId: '',
       validateOnly: true,
@@ -253,7 +254,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
     distributeOperations: [],
     startTime: now,
     updateTime: now,
-    ...(guest === undefined ? {} : { guestConfigurationDigest: guestConfigurationDigest(guest) }),
+    guestConfigurationDigest: guest === undefined ? '' : guestConfigurationDigest(guest),
   };
   return { metadata, ...(guest === undefined ? {} : { guestConfiguration: guest }) };
 }

@@ -54,10 +54,12 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     domains.push(...names);
     return {
       source: { $case: 'virtualMachine' as const, value: vm },
-      clones: names.map((domainName) => ({ domainName, start })),
+      clones: names.map((domainName) => ({ domainName, start, index: 0 })),
       operation: `operations/00000000-0000-4000-8000-${suffix.padStart(12, '0')}`,
       requestId: `request-${names.join(',')}`,
       validateOnly: false,
+      guestConfiguration: undefined,
+      guestConfigurationDigest: '',
     };
   }
 
@@ -203,8 +205,10 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     const response = await call<{ results: CreateCloneResult[] }>((cb) =>
       agentClient.createClones(
         {
+          guestConfiguration: undefined,
+          guestConfigurationDigest: '',
           source: { $case: 'image', value: `images/img-${suffix}` },
-          clones: [{ domainName: name, start: false }],
+          clones: [{ index: 0, domainName: name, start: false }],
           operation: '',
           requestId: '',
           validateOnly: false,
@@ -217,8 +221,10 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     const missing = await call<{ results: CreateCloneResult[] }>((cb) =>
       agentClient.createClones(
         {
+          guestConfiguration: undefined,
+          guestConfigurationDigest: '',
           source: { $case: 'image', value: 'images/absent' },
-          clones: [{ domainName: `x-${suffix}`, start: false }],
+          clones: [{ index: 0, domainName: `x-${suffix}`, start: false }],
           operation: '',
           requestId: '',
           validateOnly: false,

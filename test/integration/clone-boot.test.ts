@@ -173,8 +173,10 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
     const response = await call<{ results: CreateCloneResult[] }>((cb) =>
       agentClient.createClones(
         {
+          guestConfiguration: undefined,
+          guestConfigurationDigest: '',
           source: { $case: 'image', value: `images/${image}` },
-          clones: [booted, sibling].map((domainName) => ({ domainName, start: false })),
+          clones: [booted, sibling].map((domainName) => ({ domainName, start: false, index: 0 })),
           operation: '',
           requestId: `boot-${suffix}`,
           validateOnly: false,

@@ -53,6 +53,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     const started = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 },
           count: 5,
@@ -102,6 +103,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     const again = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 },
           count: 5,
@@ -146,6 +148,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
       nameTemplate: '',
       start: false,
       requestId: '',
+      guestConfiguration: undefined,
     };
     const list = async () =>
       (
@@ -217,6 +220,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
       nameTemplate: template,
       start: false,
       requestId: '',
+      guestConfiguration: undefined,
     });
     const operationCount = async () =>
       (

@@ -209,8 +209,10 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
         await failure((cb) =>
           distributionAgent.createClones(
             {
+              guestConfiguration: undefined,
+              guestConfigurationDigest: '',
               source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
-              clones: [{ domainName: 'nope', start: false }],
+              clones: [{ index: 0, domainName: 'nope', start: false }],
               operation: '',
               requestId: '',
               validateOnly: false,
@@ -398,6 +400,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const clone = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target.host })], maxClonesPerHost: 0 },
           count: 2,

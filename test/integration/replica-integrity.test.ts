@@ -76,6 +76,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const operation = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host })], maxClonesPerHost: 0 },
           count: 1,
@@ -188,8 +189,10 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const refused = await failure((cb) =>
       asCloning.createClones(
         {
+          guestConfiguration: undefined,
+          guestConfigurationDigest: '',
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
-          clones: [{ domainName: `ri-refused-${suffix}`, start: false }],
+          clones: [{ index: 0, domainName: `ri-refused-${suffix}`, start: false }],
           operation: '',
           requestId: '',
           validateOnly: false,

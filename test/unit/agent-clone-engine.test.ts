@@ -46,10 +46,12 @@ describe('CloneEngine', () => {
       const names = Array.from({ length: 8 }, (_, index) => `retry-${index}`);
       const request = {
         source: { $case: 'image' as const, value: 'images/tiny' },
-        clones: names.map((domainName) => ({ domainName, start: false })),
+        clones: names.map((domainName) => ({ domainName, start: false, index: 0 })),
         operation: 'operations/00000000-0000-4000-8000-000000000001',
         requestId: 'operations/00000000-0000-4000-8000-000000000001/hosts/kvm-01',
         validateOnly: false,
+        guestConfiguration: undefined,
+        guestConfigurationDigest: '',
       };
 
       const first = engine.createClones(request);
@@ -87,7 +89,7 @@ describe('CloneEngine', () => {
       );
 
       // Another request_id for the same names is still refused: the wait is per request_id only.
-      const other = await engine.createClones({ ...request, clones: [{ domainName: names[0]!, start: false }], requestId: 'another' });
+      const other = await engine.createClones({ ...request, clones: [{ index: 0, domainName: names[0]!, start: false }], requestId: 'another' });
       assert.equal(other[0]!.status?.message.includes('already exists'), true);
     } finally {
       await rm(directory, { recursive: true, force: true });

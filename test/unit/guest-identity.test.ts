@@ -232,6 +232,8 @@ describe('CloneEngine with a guest configuration', () => {
     operation: 'operations/00000000-0000-4000-8000-000000000001',
     requestId: `req-${Math.random()}`,
     validateOnly: false,
+    guestConfiguration: undefined,
+    guestConfigurationDigest: '',
     ...fields,
   });
 

@@ -108,10 +108,12 @@ describe('metrics', () => {
       const doneBefore = await count('done');
       const failedBefore = await count('failed');
       const results = await engine.createClones({
+        guestConfiguration: undefined,
+        guestConfigurationDigest: '',
         source: { $case: 'image', value: 'images/tiny' },
         clones: [
-          { domainName: 'made-1', start: false },
-          { domainName: 'refused-1', start: false },
+          { index: 0, domainName: 'made-1', start: false },
+          { index: 0, domainName: 'refused-1', start: false },
         ],
         operation: '',
         requestId: '',

@@ -254,7 +254,7 @@ export interface CreateClonesRequest {
    * attaches it to the domain; the disk goes with the clone (deletion and every rollback). Invalid values are
    * INVALID_ARGUMENT naming `guest_configuration.<field>`, for the whole call, before anything is made.
    */
-  guestConfiguration?:
+  guestConfiguration:
     | GuestConfiguration
     | undefined;
   /**
@@ -263,7 +263,7 @@ export interface CreateClonesRequest {
    * that already exist (this request_id) are returned and the others are not made: they fail with
    * FAILED_PRECONDITION, so that no clone comes up without the identity it was requested with.
    */
-  guestConfigurationDigest?: string | undefined;
+  guestConfigurationDigest: string;
 }
 
 /** CloneSpec is one clone to make. */
@@ -276,7 +276,7 @@ export interface CloneSpec {
    * The clone's 1-based index in its CloneVirtualMachines request (`{index}` of the guest configuration);
    * 0 means its position in `clones` plus one.
    */
-  index?: number | undefined;
+  index: number;
 }
 
 /** CreateClonesResponse is the response of CreateClones. */
@@ -1803,7 +1803,7 @@ function createBaseCreateClonesRequest(): CreateClonesRequest {
     requestId: "",
     validateOnly: false,
     guestConfiguration: undefined,
-    guestConfigurationDigest: undefined,
+    guestConfigurationDigest: "",
   };
 }
 
@@ -1834,7 +1834,7 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     if (message.guestConfiguration !== undefined) {
       GuestConfiguration.encode(message.guestConfiguration, writer.uint32(58).fork()).join();
     }
-    if (message.guestConfigurationDigest !== undefined) {
+    if (message.guestConfigurationDigest !== "") {
       writer.uint32(66).string(message.guestConfigurationDigest);
     }
     return writer;
@@ -1959,7 +1959,7 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
         ? globalThis.String(object.guestConfigurationDigest)
         : isSet(object.guest_configuration_digest)
         ? globalThis.String(object.guest_configuration_digest)
-        : undefined,
+        : "",
     };
   },
 
@@ -1985,7 +1985,7 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     if (message.guestConfiguration !== undefined) {
       obj.guestConfiguration = GuestConfiguration.toJSON(message.guestConfiguration);
     }
-    if (message.guestConfigurationDigest !== undefined) {
+    if (message.guestConfigurationDigest !== "") {
       obj.guestConfigurationDigest = message.guestConfigurationDigest;
     }
     return obj;
@@ -2017,13 +2017,13 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     message.guestConfiguration = (object.guestConfiguration !== undefined && object.guestConfiguration !== null)
       ? GuestConfiguration.fromPartial(object.guestConfiguration)
       : undefined;
-    message.guestConfigurationDigest = object.guestConfigurationDigest ?? undefined;
+    message.guestConfigurationDigest = object.guestConfigurationDigest ?? "";
     return message;
   },
 };
 
 function createBaseCloneSpec(): CloneSpec {
-  return { domainName: "", start: false, index: undefined };
+  return { domainName: "", start: false, index: 0 };
 }
 
 export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
@@ -2036,7 +2036,7 @@ export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
     if (message.start !== false) {
       writer.uint32(16).bool(message.start);
     }
-    if (message.index !== undefined) {
+    if (message.index !== 0) {
       writer.uint32(24).int32(message.index);
     }
     return writer;
@@ -2099,7 +2099,7 @@ export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
         ? globalThis.String(object.domain_name)
         : "",
       start: isSet(object.start) ? globalThis.Boolean(object.start) : false,
-      index: isSet(object.index) ? globalThis.Number(object.index) : undefined,
+      index: isSet(object.index) ? globalThis.Number(object.index) : 0,
     };
   },
 
@@ -2111,7 +2111,7 @@ export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
     if (message.start !== false) {
       obj.start = message.start;
     }
-    if (message.index !== undefined) {
+    if (message.index !== 0) {
       obj.index = Math.round(message.index);
     }
     return obj;
@@ -2124,7 +2124,7 @@ export const CloneSpec: MessageFns<CloneSpec, "cowherd.agent.v1.CloneSpec"> = {
     const message = createBaseCloneSpec();
     message.domainName = object.domainName ?? "";
     message.start = object.start ?? false;
-    message.index = object.index ?? undefined;
+    message.index = object.index ?? 0;
     return message;
   },
 };

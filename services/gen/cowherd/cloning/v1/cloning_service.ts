@@ -84,7 +84,7 @@ export interface CloneVirtualMachinesRequest {
    * operation: should the operation be taken over by another cloning replica before every host's clones were
    * made, the clones not made yet fail with FAILED_PRECONDITION and must be requested again.
    */
-  guestConfiguration?: GuestConfiguration | undefined;
+  guestConfiguration: GuestConfiguration | undefined;
 }
 
 /**
@@ -285,7 +285,7 @@ export interface CloneVirtualMachinesMetadata {
    * The SHA-256 of the request's guest configuration (see VirtualMachine.guest_configuration_digest); empty
    * when the request has none.
    */
-  guestConfigurationDigest?: string | undefined;
+  guestConfigurationDigest: string;
 }
 
 /** ImageTransfer is the image transfer to one host that clones on that host wait for. */
@@ -1002,7 +1002,7 @@ function createBaseCloneVirtualMachinesMetadata(): CloneVirtualMachinesMetadata 
     distributeOperations: [],
     startTime: undefined,
     updateTime: undefined,
-    guestConfigurationDigest: undefined,
+    guestConfigurationDigest: "",
   };
 }
 
@@ -1040,7 +1040,7 @@ export const CloneVirtualMachinesMetadata: MessageFns<
     if (message.updateTime !== undefined) {
       Timestamp.encode(toTimestamp(message.updateTime), writer.uint32(74).fork()).join();
     }
-    if (message.guestConfigurationDigest !== undefined) {
+    if (message.guestConfigurationDigest !== "") {
       writer.uint32(82).string(message.guestConfigurationDigest);
     }
     return writer;
@@ -1194,7 +1194,7 @@ export const CloneVirtualMachinesMetadata: MessageFns<
         ? globalThis.String(object.guestConfigurationDigest)
         : isSet(object.guest_configuration_digest)
         ? globalThis.String(object.guest_configuration_digest)
-        : undefined,
+        : "",
     };
   },
 
@@ -1227,7 +1227,7 @@ export const CloneVirtualMachinesMetadata: MessageFns<
     if (message.updateTime !== undefined) {
       obj.updateTime = message.updateTime.toISOString();
     }
-    if (message.guestConfigurationDigest !== undefined) {
+    if (message.guestConfigurationDigest !== "") {
       obj.guestConfigurationDigest = message.guestConfigurationDigest;
     }
     return obj;
@@ -1247,7 +1247,7 @@ export const CloneVirtualMachinesMetadata: MessageFns<
     message.distributeOperations = object.distributeOperations?.map((e) => e) || [];
     message.startTime = object.startTime ?? undefined;
     message.updateTime = object.updateTime ?? undefined;
-    message.guestConfigurationDigest = object.guestConfigurationDigest ?? undefined;
+    message.guestConfigurationDigest = object.guestConfigurationDigest ?? "";
     return message;
   },
 };

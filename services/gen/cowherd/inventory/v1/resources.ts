@@ -267,7 +267,7 @@ export interface Image {
    * no seed disk unless the request asks for one. It is part of the image's record, readable by whoever
    * reads images: keep secrets in the request, which cowherd never stores. No RPC sets it yet.
    */
-  defaultGuestConfiguration?: GuestConfiguration | undefined;
+  defaultGuestConfiguration: GuestConfiguration | undefined;
 }
 
 /** State is where an image is in its life. */
@@ -619,7 +619,7 @@ export interface VirtualMachine {
    * substituted); empty for clones made without one and for virtual machines cowherd did not make. Only the
    * digest is kept: user-data and keys are never stored in the inventory, events or operations.
    */
-  guestConfigurationDigest?: string | undefined;
+  guestConfigurationDigest: string;
 }
 
 /** State is the libvirt domain state. */
@@ -2810,7 +2810,7 @@ function createBaseVirtualMachine(): VirtualMachine {
     updateTime: undefined,
     managed: false,
     dependentVirtualMachines: [],
-    guestConfigurationDigest: undefined,
+    guestConfigurationDigest: "",
   };
 }
 
@@ -2860,7 +2860,7 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
     for (const v of message.dependentVirtualMachines) {
       writer.uint32(114).string(v!);
     }
-    if (message.guestConfigurationDigest !== undefined) {
+    if (message.guestConfigurationDigest !== "") {
       writer.uint32(122).string(message.guestConfigurationDigest);
     }
     return writer;
@@ -3061,7 +3061,7 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
         ? globalThis.String(object.guestConfigurationDigest)
         : isSet(object.guest_configuration_digest)
         ? globalThis.String(object.guest_configuration_digest)
-        : undefined,
+        : "",
     };
   },
 
@@ -3109,7 +3109,7 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
     if (message.dependentVirtualMachines?.length) {
       obj.dependentVirtualMachines = message.dependentVirtualMachines;
     }
-    if (message.guestConfigurationDigest !== undefined) {
+    if (message.guestConfigurationDigest !== "") {
       obj.guestConfigurationDigest = message.guestConfigurationDigest;
     }
     return obj;
@@ -3136,7 +3136,7 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
     message.updateTime = object.updateTime ?? undefined;
     message.managed = object.managed ?? false;
     message.dependentVirtualMachines = object.dependentVirtualMachines?.map((e) => e) || [];
-    message.guestConfigurationDigest = object.guestConfigurationDigest ?? undefined;
+    message.guestConfigurationDigest = object.guestConfigurationDigest ?? "";
     return message;
   },
 };
