@@ -533,8 +533,8 @@ describe('the clone operation', () => {
     assert.equal(kvm02.operation, context.name);
     assert.deepEqual(kvm02.source, { $case: 'image', value: 'images/debian-12' });
     assert.deepEqual(kvm02.clones, [
-      { domainName: 'web-1', start: true },
-      { domainName: 'web-3', start: true },
+      { domainName: 'web-1', start: true, index: 0 },
+      { domainName: 'web-3', start: true, index: 0 },
     ]);
 
     assert.deepEqual(
