@@ -31,9 +31,9 @@
  * - Boot files (kernel, initrd, dtb) have no ImageFile role of their own: they are listed with
  *   ROLE_UNSPECIFIED and `bootFile` set; the proto should gain a ROLE_BOOT_FILE.
  */
-import { createHash, randomBytes } from 'node:crypto';
-import { constants as fsConstants, createReadStream } from 'node:fs';
-import { access, chmod, copyFile, mkdir, open, rename, stat, statfs, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { constants as fsConstants } from 'node:fs';
+import { access, chmod, copyFile, mkdir, rename, stat, statfs, writeFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { basename } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
@@ -51,6 +51,7 @@ import {
   exportWorkDirectories,
   exportWorkDirectory,
   fsyncDirectory,
+  hashAndSync,
   imagesDirectory,
   pathExists,
   removeTree,
@@ -288,10 +289,14 @@ export async function exportImage(options: ExportImageOptions): Promise<Exported
     let hashedBytes = 0;
     const concurrency = Math.max(1, options.hashConcurrency ?? Math.min(2, availableParallelism()));
     const hashes = await mapLimited(fileNames, concurrency, (name) =>
-      hashAndSync(replicaFile(work, name), options.signal, (bytes) => {
-        hashedBytes += bytes;
-        progress.update(hashedBytes);
-      }),
+      hashAndSync(
+        replicaFile(work, name),
+        () => throwIfAborted(options.signal),
+        (bytes) => {
+          hashedBytes += bytes;
+          progress.update(hashedBytes);
+        },
+      ),
     );
     progress.finish();
     const virtualSizes = await Promise.all(disks.map((disk) => virtualSize(replicaFile(work, disk.fileName), disk.targetFormat)));
@@ -464,26 +469,6 @@ function diskError(what: string, virtualMachine: string, error: unknown): Cowher
 
 // ---------------------------------------------------------------------------------------------------------
 // Files
-
-/** SHA-256 of the whole file (streamed), then fsync; `onBytes` gets each chunk's length. */
-async function hashAndSync(file: string, signal: AbortSignal | undefined, onBytes: (bytes: number) => void): Promise<string> {
-  throwIfAborted(signal);
-  const handle = await open(file, 'r');
-  try {
-    const hash = createHash('sha256');
-    // The signal is checked per chunk rather than handed to the stream: an aborted stream errors outside
-    // the loop that reads it.
-    for await (const chunk of createReadStream('', { fd: handle, autoClose: false, highWaterMark: 1024 * 1024 }) as AsyncIterable<Buffer>) {
-      throwIfAborted(signal);
-      hash.update(chunk);
-      onBytes(chunk.length);
-    }
-    await handle.sync();
-    return hash.digest('hex');
-  } finally {
-    await handle.close();
-  }
-}
 
 async function readableFileSize(file: string, what: string): Promise<number> {
   try {

@@ -28,7 +28,7 @@
  *   compression, progress from the output's allocated blocks against `qemu-img measure`.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { constants as fsConstants, createReadStream } from 'node:fs';
+import { constants as fsConstants } from 'node:fs';
 import { chmod, copyFile, lstat, mkdir, open, realpath, rename, rm, stat, statfs, writeFile } from 'node:fs/promises';
 import { basename, isAbsolute, join, relative } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
@@ -51,6 +51,7 @@ import {
   exportWorkDirectories,
   exportWorkDirectory,
   fsyncDirectory,
+  hashAndSync,
   imagesDirectory,
   pathExists,
   removeTree,
@@ -390,10 +391,14 @@ export async function importImage(options: ImportImageOptions): Promise<Exported
     const hashes: string[] = [];
     for (const name of fileNames) {
       hashes.push(
-        await hashAndSync(replicaFile(work, name), options.signal, (bytes) => {
-          hashedBytes += bytes;
-          progress.update(hashedBytes);
-        }),
+        await hashAndSync(
+          replicaFile(work, name),
+          () => throwIfAborted(options.signal),
+          (bytes) => {
+            hashedBytes += bytes;
+            progress.update(hashedBytes);
+          },
+        ),
       );
     }
     progress.finish();
@@ -737,23 +742,6 @@ async function outputVirtualSize(file: string, format: 'qcow2' | 'vpc'): Promise
 
 // ---------------------------------------------------------------------------------------------------------
 // Files, progress, errors
-
-async function hashAndSync(file: string, signal: AbortSignal | undefined, onBytes: (bytes: number) => void): Promise<string> {
-  throwIfAborted(signal);
-  const handle = await open(file, 'r');
-  try {
-    const hash = createHash('sha256');
-    for await (const chunk of createReadStream('', { fd: handle, autoClose: false, highWaterMark: 1024 * 1024 }) as AsyncIterable<Buffer>) {
-      throwIfAborted(signal);
-      hash.update(chunk);
-      onBytes(chunk.length);
-    }
-    await handle.sync();
-    return hash.digest('hex');
-  } finally {
-    await handle.close();
-  }
-}
 
 async function allocatedBytes(file: string): Promise<number> {
   try {

@@ -1,4 +1,6 @@
 /** Small file helpers shared by the agent's image modules (export, swarm, replicas). */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { chmod, lstat, open, rm } from 'node:fs/promises';
 
 /** True when something (file, directory, link) is at `path`; other errors than ENOENT are thrown. */
@@ -26,6 +28,28 @@ export async function fsyncDirectory(directory: string): Promise<void> {
   const handle = await open(directory, 'r');
   try {
     await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * SHA-256 of the whole file (streamed), then fsync; `onBytes` gets each chunk's length. `checkAbort` runs before
+ * the file is opened and before each chunk, and throws to stop: it is called rather than a signal handed to the
+ * stream, because an aborted stream errors outside the loop that reads it.
+ */
+export async function hashAndSync(file: string, checkAbort: () => void, onBytes: (bytes: number) => void): Promise<string> {
+  checkAbort();
+  const handle = await open(file, 'r');
+  try {
+    const hash = createHash('sha256');
+    for await (const chunk of createReadStream('', { fd: handle, autoClose: false, highWaterMark: 1024 * 1024 }) as AsyncIterable<Buffer>) {
+      checkAbort();
+      hash.update(chunk);
+      onBytes(chunk.length);
+    }
+    await handle.sync();
+    return hash.digest('hex');
   } finally {
     await handle.close();
   }

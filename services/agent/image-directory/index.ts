@@ -28,4 +28,4 @@ export {
   TEMPLATE_FILE,
   templateFile,
 } from './layout.js';
-export { fsyncDirectory, pathExists, removeTree } from './file-tree.js';
+export { fsyncDirectory, hashAndSync, pathExists, removeTree } from './file-tree.js';
