@@ -133,17 +133,7 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter, impo
               createTime: now,
               updateTime: now,
             }),
-            replica: ImageReplica.fromPartial({
-              name: HOST_IMAGE_NAME.format({ host: exporter.host, image: id }),
-              image: request.image,
-              host: HOST_NAME.format({ host: exporter.host }),
-              state: ImageReplica_State.STATE_AVAILABLE,
-              path: exported.directory,
-              origin: true,
-              webSeedUrl: transfers.webSeedUrl(),
-              createTime: now,
-              updateTime: now,
-            }),
+            replica: originReplica(exporter.host, id, exported.directory, transfers.webSeedUrl(), now),
             webSeedUrl: transfers.webSeedUrl(),
           },
         },
@@ -224,18 +214,7 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter, impo
             $case: 'result',
             value: {
               image: Image.fromPartial({ ...image, torrent, state: Image_State.STATE_AVAILABLE, createTime: now, updateTime: now }),
-              replica: ImageReplica.fromPartial({
-                name: HOST_IMAGE_NAME.format({ host: importer.host, image: id }),
-                image: request.image,
-                host: HOST_NAME.format({ host: importer.host }),
-                state: ImageReplica_State.STATE_AVAILABLE,
-                path: imported.directory,
-                origin: true,
-                generation: '1',
-                webSeedUrl: transfers.webSeedUrl(),
-                createTime: now,
-                updateTime: now,
-              }),
+              replica: originReplica(importer.host, id, imported.directory, transfers.webSeedUrl(), now, { generation: '1' }),
               webSeedUrl: transfers.webSeedUrl(),
             },
           },
@@ -301,4 +280,20 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter, impo
       return {};
     },
   };
+}
+
+/** The AVAILABLE origin replica an export or an import leaves on `host`: its files in `directory`, seeded by the web seed. */
+function originReplica(host: string, image: string, directory: string, webSeedUrl: string, now: Date, extra: Partial<ImageReplica> = {}): ImageReplica {
+  return ImageReplica.fromPartial({
+    name: HOST_IMAGE_NAME.format({ host, image }),
+    image: IMAGE_NAME.format({ image }),
+    host: HOST_NAME.format({ host }),
+    state: ImageReplica_State.STATE_AVAILABLE,
+    path: directory,
+    origin: true,
+    webSeedUrl,
+    createTime: now,
+    updateTime: now,
+    ...extra,
+  });
 }
