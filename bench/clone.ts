@@ -87,6 +87,7 @@ async function main(): Promise<void> {
       const operation = await call<Operation>((cb) =>
         stack.cloning.cloneVirtualMachines(
           {
+            dataDiskBytes: '0',
             source: { $case: 'image', value: `images/${image}` },
             placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/bench-host'], maxClonesPerHost: 0 },
             count: CLONES,

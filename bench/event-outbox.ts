@@ -22,6 +22,7 @@ const BACKLOG = Number(process.env['BENCH_BACKLOG'] ?? 2_000);
 const IDS = Number(process.env['BENCH_IDS'] ?? 50_000);
 
 const payload = (index: number): CloneDone => ({
+  imageVersion: '',
   virtualMachine: `hosts/kvm-01/virtualMachines/vm-${index}`,
   host: 'hosts/kvm-01',
   domainName: `vm-${index}`,

@@ -22,4 +22,5 @@ export const AGENT_POLICY: AccessPolicy<typeof AgentServiceService> = {
   startVirtualMachine: CLONING,
   stopVirtualMachine: CLONING,
   deleteVirtualMachine: CLONING,
+  rebaseClones: CLONING,
 };

@@ -592,6 +592,7 @@ export class CloneEngine {
     await this.options.events.publish(
       CLONE_DONE,
       {
+        imageVersion: '',
         virtualMachine: vm.name,
         host: vm.host,
         domainName: vm.domainName,

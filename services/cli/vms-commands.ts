@@ -253,6 +253,7 @@ function cloneRequest(invocation: Invocation, args: ArgumentReader): CloneVirtua
         : args.fail('--max-per-host needs --hosts or an image source');
   }
   return {
+    dataDiskBytes: '0',
     guestConfiguration: undefined,
     source,
     placement,

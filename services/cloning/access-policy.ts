@@ -7,4 +7,5 @@ export const CLONING_POLICY: AccessPolicy<typeof CloningServiceService> = {
   startVirtualMachine: { allow: ['admin'] },
   stopVirtualMachine: { allow: ['admin'] },
   deleteVirtualMachine: { allow: ['admin'] },
+  rebaseVirtualMachines: { allow: ['admin'] },
 };

@@ -215,6 +215,7 @@ async function runCloneOperation(
       const guestDigest = metadata.guestConfigurationDigest ?? '';
       const guest = guestDigest === '' ? undefined : deps.guestSecrets?.get(guestDigest);
       const agentRequest: CreateClonesRequest = {
+        dataDiskBytes: '0',
         source: request.source,
         // The index only matters to the guest configuration's `{index}`.
         clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start, index: guestDigest === '' ? 0 : clone.index })),

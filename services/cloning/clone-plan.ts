@@ -223,6 +223,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
     // Everything the agent would refuse for the whole batch, refused now, before any operation exists: a
     // source whose domain XML, disks or <kernel> cowherd cannot clone used to fail inside the operation.
     await options.checkOnHost(hosts.get(source.host)!, {
+      dataDiskBytes: '0',
       source: { $case: 'virtualMachine', value: source.name },
       clones: names.map((domainName, offset) => ({ domainName, start: request.start, index: guest === undefined ? 0 : offset + 1 })),
       guestConfiguration: guest,

@@ -10,4 +10,6 @@ export const DISTRIBUTION_POLICY: AccessPolicy<typeof DistributionServiceService
   deleteImage: { allow: ['admin'] },
   deleteImageReplica: { allow: ['admin'] },
   collectImageReplicas: { allow: ['admin'] },
+  updateImage: { allow: ['admin'] },
+  collectImageGarbage: { allow: ['admin'] },
 };

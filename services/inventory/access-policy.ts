@@ -16,6 +16,7 @@ export const INVENTORY_POLICY: AccessPolicy<typeof InventoryServiceService> = {
   deleteHost: { allow: ['admin'] },
   getImage: { allow: READERS },
   listImages: { allow: READERS },
+  listImageVersions: { allow: READERS },
   getImageReplica: { allow: READERS },
   listImageReplicas: { allow: READERS },
   getVirtualMachine: { allow: READERS },

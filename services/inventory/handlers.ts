@@ -1,4 +1,6 @@
 /** InventoryService handlers: validation and message mapping around Inventory and its indexes. */
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { status as GrpcStatus } from '@grpc/grpc-js';
 import { InventoryServiceService } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import {
   Host,
@@ -158,6 +160,9 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
         images: page.map((image) => viewOf(image, request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_BASIC : request.view)),
         nextPageToken,
       };
+    },
+    listImageVersions: async () => {
+      throw new CowherdError(GrpcStatus.UNIMPLEMENTED, 'ListImageVersions is not implemented yet', { reason: ErrorReason.ERROR_REASON_UNSPECIFIED });
     },
     getImageReplica: async (request) => {
       const parsed = HOST_IMAGE_NAME.parse(request.name);

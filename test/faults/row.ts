@@ -225,6 +225,7 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
   const clone = await rpc.call<Operation>('CloneVirtualMachines', (cb) =>
     clients.cloning.cloneVirtualMachines(
       {
+        dataDiskBytes: '0',
         guestConfiguration: undefined,
         source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
         placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: row.cloneHosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },

@@ -60,6 +60,7 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
       validateOnly: false,
       guestConfiguration: undefined,
       guestConfigurationDigest: '',
+      dataDiskBytes: '0',
     };
   }
 
@@ -205,6 +206,7 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     const response = await call<{ results: CreateCloneResult[] }>((cb) =>
       agentClient.createClones(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           guestConfigurationDigest: '',
           source: { $case: 'image', value: `images/img-${suffix}` },
@@ -221,6 +223,7 @@ describe('clones on a real agent and libvirtd', { skip: process.getuid?.() !== 0
     const missing = await call<{ results: CreateCloneResult[] }>((cb) =>
       agentClient.createClones(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           guestConfigurationDigest: '',
           source: { $case: 'image', value: 'images/absent' },

@@ -173,6 +173,7 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
     const response = await call<{ results: CreateCloneResult[] }>((cb) =>
       agentClient.createClones(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           guestConfigurationDigest: '',
           source: { $case: 'image', value: `images/${image}` },

@@ -97,6 +97,7 @@ describe('three clones boot under TCG with three identities from their seed disk
     const operation = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          dataDiskBytes: '0',
           source: { $case: 'image', value: `images/${image}` },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [`hosts/${HOST}`], maxClonesPerHost: 0 },
           count: 3,

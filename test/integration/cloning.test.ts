@@ -53,6 +53,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     const started = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 },
@@ -103,6 +104,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     const again = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/api-host'], maxClonesPerHost: 0 },
@@ -149,6 +151,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
       start: false,
       requestId: '',
       guestConfiguration: undefined,
+      dataDiskBytes: '0',
     };
     const list = async () =>
       (
@@ -216,6 +219,7 @@ describe('cloning through the public API', { skip: process.getuid?.() !== 0 ? 'n
     const cloneOf = (source: string, template: string) => ({
       source: { $case: 'virtualMachine' as const, value: source },
       placement: undefined,
+      dataDiskBytes: '0',
       count: 2,
       nameTemplate: template,
       start: false,

@@ -209,6 +209,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
         await failure((cb) =>
           distributionAgent.createClones(
             {
+              dataDiskBytes: '0',
               guestConfiguration: undefined,
               guestConfigurationDigest: '',
               source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
@@ -400,6 +401,7 @@ describe('distributing an image peer-to-peer', { skip: process.getuid?.() !== 0 
     const clone = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target.host })], maxClonesPerHost: 0 },

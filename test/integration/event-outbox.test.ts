@@ -42,6 +42,7 @@ const log = createLogger({ service: 'test', level: 'silent' });
 const suffix = Math.random().toString(36).slice(2, 7);
 
 const cloneDone = (host: string, name: string): CloneDone => ({
+  imageVersion: '',
   virtualMachine: VIRTUAL_MACHINE_NAME.format({ host, virtualMachine: name }),
   host: HOST_NAME.format({ host }),
   domainName: name,

@@ -73,6 +73,7 @@ describe('events', () => {
     await publisher.publish(
       CLONE_DONE,
       {
+        imageVersion: '',
         virtualMachine: 'hosts/kvm-01/virtualMachines/a',
         host: 'hosts/kvm-01',
         domainName: 'a',

@@ -334,6 +334,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
     const operation = await call<Operation>((cb) =>
       cloning2Client.cloneVirtualMachines(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: hosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },

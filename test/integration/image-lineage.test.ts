@@ -46,6 +46,7 @@ describe('image lineage: nothing a VM depends on is deleted', { skip: process.ge
     const operation = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image: used }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/lineage-host'], maxClonesPerHost: 0 },

@@ -124,6 +124,7 @@ describe('NATS authorization', () => {
         publisher.publish(
           CLONE_DONE,
           {
+            imageVersion: '',
             virtualMachine: 'x',
             host: '',
             domainName: '',

@@ -251,6 +251,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
     const clone = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target })], maxClonesPerHost: 0 },

@@ -92,6 +92,7 @@ describe('publishing an image from a powered-off VM', { skip: process.getuid?.()
     const clone = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image: `img-${suffix}` }) },
           placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 0 },

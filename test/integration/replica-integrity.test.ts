@@ -76,6 +76,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const operation = await call<Operation>((cb) =>
       stack.cloning.cloneVirtualMachines(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host })], maxClonesPerHost: 0 },
@@ -189,6 +190,7 @@ describe('replicas damaged while the agent runs', { skip: process.getuid?.() !==
     const refused = await failure((cb) =>
       asCloning.createClones(
         {
+          dataDiskBytes: '0',
           guestConfiguration: undefined,
           guestConfigurationDigest: '',
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },

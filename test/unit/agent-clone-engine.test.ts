@@ -52,6 +52,7 @@ describe('CloneEngine', () => {
         validateOnly: false,
         guestConfiguration: undefined,
         guestConfigurationDigest: '',
+        dataDiskBytes: '0',
       };
 
       const first = engine.createClones(request);

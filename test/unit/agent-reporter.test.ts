@@ -166,6 +166,7 @@ const fakeDisks: DiskInspector = {
       ? {
           target: disk.target,
           path: disk.sourcePath,
+          persistent: false,
           format: DiskFormat.DISK_FORMAT_QCOW2,
           virtualSizeBytes: '1048576',
           allocatedBytes: '4096',

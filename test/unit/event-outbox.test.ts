@@ -70,6 +70,7 @@ function record(id: string, order: number): StoredRecord {
 }
 
 const cloneDone = (name: string): CloneDone => ({
+  imageVersion: '',
   virtualMachine: VIRTUAL_MACHINE_NAME.format({ host: 'kvm-01', virtualMachine: name }),
   host: 'hosts/kvm-01',
   domainName: name,

@@ -234,6 +234,7 @@ describe('CloneEngine with a guest configuration', () => {
     validateOnly: false,
     guestConfiguration: undefined,
     guestConfigurationDigest: '',
+    dataDiskBytes: '0',
     ...fields,
   });
 
@@ -245,7 +246,9 @@ describe('CloneEngine with a guest configuration', () => {
       const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events, log });
       const guest = configuration({ hostnameTemplate: 'node-{index}', sshAuthorizedKeys: [KEY], userData: '#cloud-config\n# {name}\n' });
       const names = ['id-a', 'id-b', 'id-c'];
-      const results = await engine.createClones(request(names, { guestConfiguration: guest, guestConfigurationDigest: guestConfigurationDigest(guest) }));
+      const results = await engine.createClones(
+        request(names, { dataDiskBytes: '0', guestConfiguration: guest, guestConfigurationDigest: guestConfigurationDigest(guest) }),
+      );
       assert.deepEqual(
         results.map((result) => result.status?.code ?? 0),
         [0, 0, 0],
@@ -278,20 +281,20 @@ describe('CloneEngine with a guest configuration', () => {
       const { libvirt } = fakeLibvirt(new Set(['bad-b']));
       const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events, log });
       const guest = configuration({ userData: '#cloud-config\n' });
-      const results = await engine.createClones(request(['ok-a', 'bad-b'], { guestConfiguration: guest }));
+      const results = await engine.createClones(request(['ok-a', 'bad-b'], { dataDiskBytes: '0', guestConfiguration: guest }));
       assert.equal(results[0]!.status?.code ?? 0, 0);
       assert.notEqual(results[1]!.status?.code ?? 0, 0);
       assert.deepEqual(await readdir(join(directory, 'clones')), ['ok-a'], 'the failed clone left nothing, its seed included');
 
       await assert.rejects(
-        engine.createClones(request(['never-a'], { guestConfiguration: configuration({ hostnameTemplate: 'x_{index}' }) })),
+        engine.createClones(request(['never-a'], { dataDiskBytes: '0', guestConfiguration: configuration({ hostnameTemplate: 'x_{index}' }) })),
         (error: CowherdError) => error.code === GrpcStatus.INVALID_ARGUMENT && error.field === 'guest_configuration.hostname_template',
       );
       await assert.rejects(
-        engine.createClones(request(['never-b'], { guestConfiguration: guest, guestConfigurationDigest: '0'.repeat(64) })),
+        engine.createClones(request(['never-b'], { dataDiskBytes: '0', guestConfiguration: guest, guestConfigurationDigest: '0'.repeat(64) })),
         (error: CowherdError) => error.code === GrpcStatus.INVALID_ARGUMENT && error.field === 'guest_configuration_digest',
       );
-      const withheld = await engine.createClones(request(['never-c'], { guestConfigurationDigest: guestConfigurationDigest(guest) }));
+      const withheld = await engine.createClones(request(['never-c'], { dataDiskBytes: '0', guestConfigurationDigest: guestConfigurationDigest(guest) }));
       assert.equal(withheld[0]!.status?.code, GrpcStatus.FAILED_PRECONDITION);
       assert.deepEqual(await readdir(join(directory, 'clones')), ['ok-a'], 'nothing made for refused or withheld clones');
     } finally {

@@ -27,6 +27,7 @@ async function valueOf(name: string, labels: Record<string, string>): Promise<nu
 }
 
 const cloneDone: CloneDone = {
+  imageVersion: '',
   virtualMachine: 'hosts/kvm-01/virtualMachines/a',
   host: 'hosts/kvm-01',
   domainName: 'a',
@@ -108,6 +109,7 @@ describe('metrics', () => {
       const doneBefore = await count('done');
       const failedBefore = await count('failed');
       const results = await engine.createClones({
+        dataDiskBytes: '0',
         guestConfiguration: undefined,
         guestConfigurationDigest: '',
         source: { $case: 'image', value: 'images/tiny' },

@@ -107,6 +107,7 @@ export function createQemuImgDiskInspector(options: QemuImgDiskInspectorOptions)
       if (disk.type !== 'file' || !disk.sourcePath) return undefined;
       const path = disk.sourcePath;
       const record = (image: DiskImage | undefined): Disk => ({
+        persistent: false,
         target: disk.target,
         path,
         format: diskFormatOf(image?.format ?? disk.format),

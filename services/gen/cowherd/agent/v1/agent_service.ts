@@ -266,6 +266,11 @@ export interface CreateClonesRequest {
    * FAILED_PRECONDITION, so that no clone comes up without the identity it was requested with.
    */
   guestConfigurationDigest: string;
+  /**
+   * The size of a persistent data disk for each clone; 0 means none. See
+   * cowherd.cloning.v1.CloneVirtualMachinesRequest.data_disk_bytes.
+   */
+  dataDiskBytes: string;
 }
 
 /** CloneSpec is one clone to make. */
@@ -334,6 +339,53 @@ export interface DeleteVirtualMachineRequest {
    * that clones depend on.
    */
   force: boolean;
+}
+
+/** RebaseClonesRequest is the request of RebaseClones. */
+export interface RebaseClonesRequest {
+  /** The version to move onto, `images/{image}/versions/{version}` (numbered), with an AVAILABLE replica here. */
+  imageVersion: string;
+  /**
+   * The clones, `hosts/{host}/virtualMachines/{virtual_machine}` on this host, 1 to 1000, cowherd-managed clones
+   * of the same image.
+   */
+  virtualMachines: string[];
+  /** Start each clone after the move. */
+  restart: boolean;
+  /** Rewrite each clone's seed disk with a new instance-id. */
+  newInstanceId: boolean;
+  /** How long to wait for a running guest to shut down; defaults to 2 minutes, at most 1 hour. */
+  shutdownTimeout:
+    | Duration
+    | undefined;
+  /** The RebaseVirtualMachines operation, `operations/{operation}`; carried by clone.rebased. */
+  operation: string;
+}
+
+/** RebaseClonesResponse is the response of RebaseClones. */
+export interface RebaseClonesResponse {
+  /** One result per requested clone, in request order. */
+  results: RebaseCloneResult[];
+}
+
+/** RebaseCloneResult is the outcome of one clone's move on this host. */
+export interface RebaseCloneResult {
+  /** The clone, `hosts/{host}/virtualMachines/{virtual_machine}`. */
+  virtualMachine: string;
+  /** The clone after the move (or as it is, when the move failed). */
+  virtualMachineState:
+    | VirtualMachine
+    | undefined;
+  /** OK when moved (or already on the version); otherwise why not. */
+  status:
+    | Status
+    | undefined;
+  /** The version the clone stood on before, `images/{image}/versions/{version}`. */
+  previousImageVersion: string;
+  /** Whether the clone was started after the move. */
+  restarted: boolean;
+  /** How long the disk swap and redefinition took, without the guest's shutdown and boot (for benchmarks). */
+  swapDuration: Duration | undefined;
 }
 
 function createBaseGetHostInfoRequest(): GetHostInfoRequest {
@@ -1806,6 +1858,7 @@ function createBaseCreateClonesRequest(): CreateClonesRequest {
     validateOnly: false,
     guestConfiguration: undefined,
     guestConfigurationDigest: "",
+    dataDiskBytes: "0",
   };
 }
 
@@ -1838,6 +1891,9 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     }
     if (message.guestConfigurationDigest !== "") {
       writer.uint32(66).string(message.guestConfigurationDigest);
+    }
+    if (message.dataDiskBytes !== "0") {
+      writer.uint32(72).int64(message.dataDiskBytes);
     }
     return writer;
   },
@@ -1919,6 +1975,14 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
             message.guestConfigurationDigest = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.dataDiskBytes = reader.int64().toString();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1962,6 +2026,11 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
         : isSet(object.guest_configuration_digest)
         ? globalThis.String(object.guest_configuration_digest)
         : "",
+      dataDiskBytes: isSet(object.dataDiskBytes)
+        ? globalThis.String(object.dataDiskBytes)
+        : isSet(object.data_disk_bytes)
+        ? globalThis.String(object.data_disk_bytes)
+        : "0",
     };
   },
 
@@ -1989,6 +2058,9 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     }
     if (message.guestConfigurationDigest !== "") {
       obj.guestConfigurationDigest = message.guestConfigurationDigest;
+    }
+    if (message.dataDiskBytes !== "0") {
+      obj.dataDiskBytes = message.dataDiskBytes;
     }
     return obj;
   },
@@ -2020,6 +2092,7 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
       ? GuestConfiguration.fromPartial(object.guestConfiguration)
       : undefined;
     message.guestConfigurationDigest = object.guestConfigurationDigest ?? "";
+    message.dataDiskBytes = object.dataDiskBytes ?? "0";
     return message;
   },
 };
@@ -2605,6 +2678,435 @@ export const DeleteVirtualMachineRequest: MessageFns<
   },
 };
 
+function createBaseRebaseClonesRequest(): RebaseClonesRequest {
+  return {
+    imageVersion: "",
+    virtualMachines: [],
+    restart: false,
+    newInstanceId: false,
+    shutdownTimeout: undefined,
+    operation: "",
+  };
+}
+
+export const RebaseClonesRequest: MessageFns<RebaseClonesRequest, "cowherd.agent.v1.RebaseClonesRequest"> = {
+  $type: "cowherd.agent.v1.RebaseClonesRequest" as const,
+
+  encode(message: RebaseClonesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.imageVersion !== "") {
+      writer.uint32(10).string(message.imageVersion);
+    }
+    for (const v of message.virtualMachines) {
+      writer.uint32(18).string(v!);
+    }
+    if (message.restart !== false) {
+      writer.uint32(24).bool(message.restart);
+    }
+    if (message.newInstanceId !== false) {
+      writer.uint32(32).bool(message.newInstanceId);
+    }
+    if (message.shutdownTimeout !== undefined) {
+      Duration.encode(message.shutdownTimeout, writer.uint32(42).fork()).join();
+    }
+    if (message.operation !== "") {
+      writer.uint32(50).string(message.operation);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RebaseClonesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRebaseClonesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.imageVersion = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.virtualMachines.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.restart = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.newInstanceId = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.shutdownTimeout = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.operation = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RebaseClonesRequest {
+    return {
+      imageVersion: isSet(object.imageVersion)
+        ? globalThis.String(object.imageVersion)
+        : isSet(object.image_version)
+        ? globalThis.String(object.image_version)
+        : "",
+      virtualMachines: globalThis.Array.isArray(object?.virtualMachines)
+        ? object.virtualMachines.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.virtual_machines)
+        ? object.virtual_machines.map((e: any) => globalThis.String(e))
+        : [],
+      restart: isSet(object.restart) ? globalThis.Boolean(object.restart) : false,
+      newInstanceId: isSet(object.newInstanceId)
+        ? globalThis.Boolean(object.newInstanceId)
+        : isSet(object.new_instance_id)
+        ? globalThis.Boolean(object.new_instance_id)
+        : false,
+      shutdownTimeout: isSet(object.shutdownTimeout)
+        ? Duration.fromJSON(object.shutdownTimeout)
+        : isSet(object.shutdown_timeout)
+        ? Duration.fromJSON(object.shutdown_timeout)
+        : undefined,
+      operation: isSet(object.operation) ? globalThis.String(object.operation) : "",
+    };
+  },
+
+  toJSON(message: RebaseClonesRequest): unknown {
+    const obj: any = {};
+    if (message.imageVersion !== "") {
+      obj.imageVersion = message.imageVersion;
+    }
+    if (message.virtualMachines?.length) {
+      obj.virtualMachines = message.virtualMachines;
+    }
+    if (message.restart !== false) {
+      obj.restart = message.restart;
+    }
+    if (message.newInstanceId !== false) {
+      obj.newInstanceId = message.newInstanceId;
+    }
+    if (message.shutdownTimeout !== undefined) {
+      obj.shutdownTimeout = Duration.toJSON(message.shutdownTimeout);
+    }
+    if (message.operation !== "") {
+      obj.operation = message.operation;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RebaseClonesRequest>): RebaseClonesRequest {
+    return RebaseClonesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RebaseClonesRequest>): RebaseClonesRequest {
+    const message = createBaseRebaseClonesRequest();
+    message.imageVersion = object.imageVersion ?? "";
+    message.virtualMachines = object.virtualMachines?.map((e) => e) || [];
+    message.restart = object.restart ?? false;
+    message.newInstanceId = object.newInstanceId ?? false;
+    message.shutdownTimeout = (object.shutdownTimeout !== undefined && object.shutdownTimeout !== null)
+      ? Duration.fromPartial(object.shutdownTimeout)
+      : undefined;
+    message.operation = object.operation ?? "";
+    return message;
+  },
+};
+
+function createBaseRebaseClonesResponse(): RebaseClonesResponse {
+  return { results: [] };
+}
+
+export const RebaseClonesResponse: MessageFns<RebaseClonesResponse, "cowherd.agent.v1.RebaseClonesResponse"> = {
+  $type: "cowherd.agent.v1.RebaseClonesResponse" as const,
+
+  encode(message: RebaseClonesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.results) {
+      RebaseCloneResult.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RebaseClonesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRebaseClonesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.results.push(RebaseCloneResult.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RebaseClonesResponse {
+    return {
+      results: globalThis.Array.isArray(object?.results)
+        ? object.results.map((e: any) => RebaseCloneResult.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: RebaseClonesResponse): unknown {
+    const obj: any = {};
+    if (message.results?.length) {
+      obj.results = message.results.map((e) => RebaseCloneResult.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RebaseClonesResponse>): RebaseClonesResponse {
+    return RebaseClonesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RebaseClonesResponse>): RebaseClonesResponse {
+    const message = createBaseRebaseClonesResponse();
+    message.results = object.results?.map((e) => RebaseCloneResult.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseRebaseCloneResult(): RebaseCloneResult {
+  return {
+    virtualMachine: "",
+    virtualMachineState: undefined,
+    status: undefined,
+    previousImageVersion: "",
+    restarted: false,
+    swapDuration: undefined,
+  };
+}
+
+export const RebaseCloneResult: MessageFns<RebaseCloneResult, "cowherd.agent.v1.RebaseCloneResult"> = {
+  $type: "cowherd.agent.v1.RebaseCloneResult" as const,
+
+  encode(message: RebaseCloneResult, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.virtualMachine !== "") {
+      writer.uint32(10).string(message.virtualMachine);
+    }
+    if (message.virtualMachineState !== undefined) {
+      VirtualMachine.encode(message.virtualMachineState, writer.uint32(18).fork()).join();
+    }
+    if (message.status !== undefined) {
+      Status.encode(message.status, writer.uint32(26).fork()).join();
+    }
+    if (message.previousImageVersion !== "") {
+      writer.uint32(34).string(message.previousImageVersion);
+    }
+    if (message.restarted !== false) {
+      writer.uint32(40).bool(message.restarted);
+    }
+    if (message.swapDuration !== undefined) {
+      Duration.encode(message.swapDuration, writer.uint32(50).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RebaseCloneResult {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRebaseCloneResult();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.virtualMachine = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.virtualMachineState = VirtualMachine.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.status = Status.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.previousImageVersion = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.restarted = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.swapDuration = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RebaseCloneResult {
+    return {
+      virtualMachine: isSet(object.virtualMachine)
+        ? globalThis.String(object.virtualMachine)
+        : isSet(object.virtual_machine)
+        ? globalThis.String(object.virtual_machine)
+        : "",
+      virtualMachineState: isSet(object.virtualMachineState)
+        ? VirtualMachine.fromJSON(object.virtualMachineState)
+        : isSet(object.virtual_machine_state)
+        ? VirtualMachine.fromJSON(object.virtual_machine_state)
+        : undefined,
+      status: isSet(object.status) ? Status.fromJSON(object.status) : undefined,
+      previousImageVersion: isSet(object.previousImageVersion)
+        ? globalThis.String(object.previousImageVersion)
+        : isSet(object.previous_image_version)
+        ? globalThis.String(object.previous_image_version)
+        : "",
+      restarted: isSet(object.restarted) ? globalThis.Boolean(object.restarted) : false,
+      swapDuration: isSet(object.swapDuration)
+        ? Duration.fromJSON(object.swapDuration)
+        : isSet(object.swap_duration)
+        ? Duration.fromJSON(object.swap_duration)
+        : undefined,
+    };
+  },
+
+  toJSON(message: RebaseCloneResult): unknown {
+    const obj: any = {};
+    if (message.virtualMachine !== "") {
+      obj.virtualMachine = message.virtualMachine;
+    }
+    if (message.virtualMachineState !== undefined) {
+      obj.virtualMachineState = VirtualMachine.toJSON(message.virtualMachineState);
+    }
+    if (message.status !== undefined) {
+      obj.status = Status.toJSON(message.status);
+    }
+    if (message.previousImageVersion !== "") {
+      obj.previousImageVersion = message.previousImageVersion;
+    }
+    if (message.restarted !== false) {
+      obj.restarted = message.restarted;
+    }
+    if (message.swapDuration !== undefined) {
+      obj.swapDuration = Duration.toJSON(message.swapDuration);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RebaseCloneResult>): RebaseCloneResult {
+    return RebaseCloneResult.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RebaseCloneResult>): RebaseCloneResult {
+    const message = createBaseRebaseCloneResult();
+    message.virtualMachine = object.virtualMachine ?? "";
+    message.virtualMachineState = (object.virtualMachineState !== undefined && object.virtualMachineState !== null)
+      ? VirtualMachine.fromPartial(object.virtualMachineState)
+      : undefined;
+    message.status = (object.status !== undefined && object.status !== null)
+      ? Status.fromPartial(object.status)
+      : undefined;
+    message.previousImageVersion = object.previousImageVersion ?? "";
+    message.restarted = object.restarted ?? false;
+    message.swapDuration = (object.swapDuration !== undefined && object.swapDuration !== null)
+      ? Duration.fromPartial(object.swapDuration)
+      : undefined;
+    return message;
+  },
+};
+
 /**
  * AgentService is what the cowherd services ask one host's agent to do. Every virtualization host runs an
  * agent with this gRPC server on its Host.agent_endpoint (mTLS); it acts on the local libvirt, qemu-img or
@@ -2827,6 +3329,27 @@ export const AgentServiceService = {
     responseSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
     responseDeserialize: (value: Buffer): Empty => Empty.decode(value),
   },
+  /**
+   * RebaseClones moves clones on this host onto another version of their image, whose replica here is
+   * AVAILABLE: each clone's system disk becomes a fresh overlay on the new version's disk (made once per call
+   * and copied, as CreateClones does), swapped in by rename; persistent disks, the seed disk, name, UUID and
+   * MAC addresses stay; the clone's cowherd metadata records the new and the previous version. A running
+   * clone is shut down gracefully first (up to shutdown_timeout) and started again only with restart. Neither
+   * base is ever written. clone.rebased is published per clone. Per-clone failures are in the results; a clone
+   * that fails stays on its previous version, unchanged. Errors of the whole call: INVALID_ARGUMENT
+   * (INVALID_FIELD); NOT_FOUND (RESOURCE_NOT_FOUND) for the replica; FAILED_PRECONDITION
+   * (RESOURCE_STATE_CONFLICT) when it is not AVAILABLE.
+   */
+  rebaseClones: {
+    path: "/cowherd.agent.v1.AgentService/RebaseClones" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RebaseClonesRequest): Buffer => Buffer.from(RebaseClonesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RebaseClonesRequest => RebaseClonesRequest.decode(value),
+    responseSerialize: (value: RebaseClonesResponse): Buffer =>
+      Buffer.from(RebaseClonesResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RebaseClonesResponse => RebaseClonesResponse.decode(value),
+  },
 } as const;
 
 export interface AgentServiceServer extends UntypedServiceImplementation {
@@ -2932,6 +3455,18 @@ export interface AgentServiceServer extends UntypedServiceImplementation {
    * VIRTUAL_MACHINE_HAS_DEPENDENTS); INTERNAL (HYPERVISOR_ERROR).
    */
   deleteVirtualMachine: handleUnaryCall<DeleteVirtualMachineRequest, Empty>;
+  /**
+   * RebaseClones moves clones on this host onto another version of their image, whose replica here is
+   * AVAILABLE: each clone's system disk becomes a fresh overlay on the new version's disk (made once per call
+   * and copied, as CreateClones does), swapped in by rename; persistent disks, the seed disk, name, UUID and
+   * MAC addresses stay; the clone's cowherd metadata records the new and the previous version. A running
+   * clone is shut down gracefully first (up to shutdown_timeout) and started again only with restart. Neither
+   * base is ever written. clone.rebased is published per clone. Per-clone failures are in the results; a clone
+   * that fails stays on its previous version, unchanged. Errors of the whole call: INVALID_ARGUMENT
+   * (INVALID_FIELD); NOT_FOUND (RESOURCE_NOT_FOUND) for the replica; FAILED_PRECONDITION
+   * (RESOURCE_STATE_CONFLICT) when it is not AVAILABLE.
+   */
+  rebaseClones: handleUnaryCall<RebaseClonesRequest, RebaseClonesResponse>;
 }
 
 export interface AgentServiceClient extends Client {
@@ -3186,6 +3721,32 @@ export interface AgentServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Empty) => void,
+  ): ClientUnaryCall;
+  /**
+   * RebaseClones moves clones on this host onto another version of their image, whose replica here is
+   * AVAILABLE: each clone's system disk becomes a fresh overlay on the new version's disk (made once per call
+   * and copied, as CreateClones does), swapped in by rename; persistent disks, the seed disk, name, UUID and
+   * MAC addresses stay; the clone's cowherd metadata records the new and the previous version. A running
+   * clone is shut down gracefully first (up to shutdown_timeout) and started again only with restart. Neither
+   * base is ever written. clone.rebased is published per clone. Per-clone failures are in the results; a clone
+   * that fails stays on its previous version, unchanged. Errors of the whole call: INVALID_ARGUMENT
+   * (INVALID_FIELD); NOT_FOUND (RESOURCE_NOT_FOUND) for the replica; FAILED_PRECONDITION
+   * (RESOURCE_STATE_CONFLICT) when it is not AVAILABLE.
+   */
+  rebaseClones(
+    request: RebaseClonesRequest,
+    callback: (error: ServiceError | null, response: RebaseClonesResponse) => void,
+  ): ClientUnaryCall;
+  rebaseClones(
+    request: RebaseClonesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RebaseClonesResponse) => void,
+  ): ClientUnaryCall;
+  rebaseClones(
+    request: RebaseClonesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RebaseClonesResponse) => void,
   ): ClientUnaryCall;
 }
 

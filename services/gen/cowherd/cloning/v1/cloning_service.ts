@@ -36,12 +36,94 @@ export const protobufPackage = "cowherd.cloning.v1";
 
 export const protobufFileName = "cowherd/cloning/v1/cloning_service.proto";
 
+/** RebaseVirtualMachinesRequest is the request of RebaseVirtualMachines. */
+export interface RebaseVirtualMachinesRequest {
+  /** Where to look for clones: `hosts/{host}` or `hosts/-` for every host. */
+  parent: string;
+  /**
+   * An AIP-160 filter over the virtual machines (as ListVirtualMachines takes it), for example
+   * `source_image_version = "images/debian-12/versions/2"` or `source_image = "images/debian-12"`. Only
+   * cowherd-managed clones of the target's image are selected; empty selects every clone of that image.
+   */
+  filter: string;
+  /** The version to move onto: `images/{image}/versions/{version}` (number or alias) or `images/{image}` (latest). */
+  targetImageVersion: string;
+  /** How many clones move first, alone; the rest wait for them to succeed. 0 means 1; at most 100. */
+  canaryCount: number;
+  /** At most this many clones of one host move at the same time. 0 means 4; at most 100. */
+  maxPerHost: number;
+  /** Start each clone again after moving it (running clones are stopped for the move either way). */
+  restart: boolean;
+  /**
+   * Give each clone a new cloud-init instance-id (its seed disk is rewritten), so that the guest runs its
+   * first-boot steps again. By default the instance-id (the clone's UUID) stays.
+   */
+  newInstanceId: boolean;
+  /** How long to wait for each running clone's guest to shut down. 0 means 2 minutes; at most 1 hour. */
+  shutdownTimeout:
+    | Duration
+    | undefined;
+  /** A UUID that makes retries safe (24 hours), as in CloneVirtualMachines. */
+  requestId: string;
+}
+
+/** RebaseResult is the outcome of one clone's move. */
+export interface RebaseResult {
+  /** The clone, `hosts/{host}/virtualMachines/{virtual_machine}`. */
+  virtualMachine: string;
+  /** The version the clone stood on before, `images/{image}/versions/{version}`. */
+  previousImageVersion: string;
+  /** The version it stands on now (the target when it succeeded). */
+  imageVersion: string;
+  /** OK when moved; otherwise why not (the clone then stays on its previous version). */
+  status:
+    | Status
+    | undefined;
+  /** Whether the clone was started after the move. */
+  restarted: boolean;
+  /** True while the clone waits or moves; false once it has its result. */
+  pending: boolean;
+  /** Whether the clone was one of the canaries. */
+  canary: boolean;
+}
+
+/** RebaseVirtualMachinesResponse is the response of RebaseVirtualMachines. */
+export interface RebaseVirtualMachinesResponse {
+  /** Every selected clone's outcome, canaries first. */
+  results: RebaseResult[];
+}
+
+/** RebaseVirtualMachinesMetadata is the metadata of a RebaseVirtualMachines operation. */
+export interface RebaseVirtualMachinesMetadata {
+  /** The target, `images/{image}/versions/{version}` (numbered). */
+  targetImageVersion: string;
+  /** Number of clones selected. */
+  totalCount: number;
+  /** Number moved. */
+  doneCount: number;
+  /** Number failed. */
+  failedCount: number;
+  /** Every clone's current state. */
+  results: RebaseResult[];
+  /** The DistributeImage operations started for the target, `operations/{operation}` on the distribution service. */
+  distributeOperations: string[];
+  /** When the operation started. */
+  startTime:
+    | Date
+    | undefined;
+  /** When the metadata last changed. */
+  updateTime: Date | undefined;
+}
+
 /** CloneVirtualMachinesRequest is the request of CloneVirtualMachines. */
 export interface CloneVirtualMachinesRequest {
   /** What to clone. */
   source:
     | //
-    /** An AVAILABLE image, `images/{image}`. Each clone's disks are children of a replica's files on its host. */
+    /**
+     * An AVAILABLE image: `images/{image}` (its latest version) or `images/{image}/versions/{version}` (by number
+     * or alias); the clones record the exact version. Each clone's disks are children of a replica's files on its host.
+     */
     { $case: "image"; value: string }
     | //
     /**
@@ -84,7 +166,14 @@ export interface CloneVirtualMachinesRequest {
    * operation: should the operation be taken over by another cloning replica before every host's clones were
    * made, the clones not made yet fail with FAILED_PRECONDITION and must be requested again.
    */
-  guestConfiguration: GuestConfiguration | undefined;
+  guestConfiguration:
+    | GuestConfiguration
+    | undefined;
+  /**
+   * The size of a persistent data disk to give each clone (an empty qcow2 or VHD in the clone's directory,
+   * attached as the second disk); 0 means none. A rebase keeps it; deleting the clone removes it. At most 16 TiB.
+   */
+  dataDiskBytes: string;
 }
 
 /**
@@ -363,6 +452,734 @@ export interface DeleteVirtualMachineRequest {
   force: boolean;
 }
 
+function createBaseRebaseVirtualMachinesRequest(): RebaseVirtualMachinesRequest {
+  return {
+    parent: "",
+    filter: "",
+    targetImageVersion: "",
+    canaryCount: 0,
+    maxPerHost: 0,
+    restart: false,
+    newInstanceId: false,
+    shutdownTimeout: undefined,
+    requestId: "",
+  };
+}
+
+export const RebaseVirtualMachinesRequest: MessageFns<
+  RebaseVirtualMachinesRequest,
+  "cowherd.cloning.v1.RebaseVirtualMachinesRequest"
+> = {
+  $type: "cowherd.cloning.v1.RebaseVirtualMachinesRequest" as const,
+
+  encode(message: RebaseVirtualMachinesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.parent !== "") {
+      writer.uint32(10).string(message.parent);
+    }
+    if (message.filter !== "") {
+      writer.uint32(18).string(message.filter);
+    }
+    if (message.targetImageVersion !== "") {
+      writer.uint32(26).string(message.targetImageVersion);
+    }
+    if (message.canaryCount !== 0) {
+      writer.uint32(32).int32(message.canaryCount);
+    }
+    if (message.maxPerHost !== 0) {
+      writer.uint32(40).int32(message.maxPerHost);
+    }
+    if (message.restart !== false) {
+      writer.uint32(48).bool(message.restart);
+    }
+    if (message.newInstanceId !== false) {
+      writer.uint32(56).bool(message.newInstanceId);
+    }
+    if (message.shutdownTimeout !== undefined) {
+      Duration.encode(message.shutdownTimeout, writer.uint32(66).fork()).join();
+    }
+    if (message.requestId !== "") {
+      writer.uint32(74).string(message.requestId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RebaseVirtualMachinesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRebaseVirtualMachinesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.parent = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.filter = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.targetImageVersion = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.canaryCount = reader.int32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.maxPerHost = reader.int32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.restart = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.newInstanceId = reader.bool();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.shutdownTimeout = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RebaseVirtualMachinesRequest {
+    return {
+      parent: isSet(object.parent) ? globalThis.String(object.parent) : "",
+      filter: isSet(object.filter) ? globalThis.String(object.filter) : "",
+      targetImageVersion: isSet(object.targetImageVersion)
+        ? globalThis.String(object.targetImageVersion)
+        : isSet(object.target_image_version)
+        ? globalThis.String(object.target_image_version)
+        : "",
+      canaryCount: isSet(object.canaryCount)
+        ? globalThis.Number(object.canaryCount)
+        : isSet(object.canary_count)
+        ? globalThis.Number(object.canary_count)
+        : 0,
+      maxPerHost: isSet(object.maxPerHost)
+        ? globalThis.Number(object.maxPerHost)
+        : isSet(object.max_per_host)
+        ? globalThis.Number(object.max_per_host)
+        : 0,
+      restart: isSet(object.restart) ? globalThis.Boolean(object.restart) : false,
+      newInstanceId: isSet(object.newInstanceId)
+        ? globalThis.Boolean(object.newInstanceId)
+        : isSet(object.new_instance_id)
+        ? globalThis.Boolean(object.new_instance_id)
+        : false,
+      shutdownTimeout: isSet(object.shutdownTimeout)
+        ? Duration.fromJSON(object.shutdownTimeout)
+        : isSet(object.shutdown_timeout)
+        ? Duration.fromJSON(object.shutdown_timeout)
+        : undefined,
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+    };
+  },
+
+  toJSON(message: RebaseVirtualMachinesRequest): unknown {
+    const obj: any = {};
+    if (message.parent !== "") {
+      obj.parent = message.parent;
+    }
+    if (message.filter !== "") {
+      obj.filter = message.filter;
+    }
+    if (message.targetImageVersion !== "") {
+      obj.targetImageVersion = message.targetImageVersion;
+    }
+    if (message.canaryCount !== 0) {
+      obj.canaryCount = Math.round(message.canaryCount);
+    }
+    if (message.maxPerHost !== 0) {
+      obj.maxPerHost = Math.round(message.maxPerHost);
+    }
+    if (message.restart !== false) {
+      obj.restart = message.restart;
+    }
+    if (message.newInstanceId !== false) {
+      obj.newInstanceId = message.newInstanceId;
+    }
+    if (message.shutdownTimeout !== undefined) {
+      obj.shutdownTimeout = Duration.toJSON(message.shutdownTimeout);
+    }
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RebaseVirtualMachinesRequest>): RebaseVirtualMachinesRequest {
+    return RebaseVirtualMachinesRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RebaseVirtualMachinesRequest>): RebaseVirtualMachinesRequest {
+    const message = createBaseRebaseVirtualMachinesRequest();
+    message.parent = object.parent ?? "";
+    message.filter = object.filter ?? "";
+    message.targetImageVersion = object.targetImageVersion ?? "";
+    message.canaryCount = object.canaryCount ?? 0;
+    message.maxPerHost = object.maxPerHost ?? 0;
+    message.restart = object.restart ?? false;
+    message.newInstanceId = object.newInstanceId ?? false;
+    message.shutdownTimeout = (object.shutdownTimeout !== undefined && object.shutdownTimeout !== null)
+      ? Duration.fromPartial(object.shutdownTimeout)
+      : undefined;
+    message.requestId = object.requestId ?? "";
+    return message;
+  },
+};
+
+function createBaseRebaseResult(): RebaseResult {
+  return {
+    virtualMachine: "",
+    previousImageVersion: "",
+    imageVersion: "",
+    status: undefined,
+    restarted: false,
+    pending: false,
+    canary: false,
+  };
+}
+
+export const RebaseResult: MessageFns<RebaseResult, "cowherd.cloning.v1.RebaseResult"> = {
+  $type: "cowherd.cloning.v1.RebaseResult" as const,
+
+  encode(message: RebaseResult, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.virtualMachine !== "") {
+      writer.uint32(10).string(message.virtualMachine);
+    }
+    if (message.previousImageVersion !== "") {
+      writer.uint32(18).string(message.previousImageVersion);
+    }
+    if (message.imageVersion !== "") {
+      writer.uint32(26).string(message.imageVersion);
+    }
+    if (message.status !== undefined) {
+      Status.encode(message.status, writer.uint32(34).fork()).join();
+    }
+    if (message.restarted !== false) {
+      writer.uint32(40).bool(message.restarted);
+    }
+    if (message.pending !== false) {
+      writer.uint32(48).bool(message.pending);
+    }
+    if (message.canary !== false) {
+      writer.uint32(56).bool(message.canary);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RebaseResult {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRebaseResult();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.virtualMachine = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.previousImageVersion = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.imageVersion = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.status = Status.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.restarted = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.pending = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.canary = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RebaseResult {
+    return {
+      virtualMachine: isSet(object.virtualMachine)
+        ? globalThis.String(object.virtualMachine)
+        : isSet(object.virtual_machine)
+        ? globalThis.String(object.virtual_machine)
+        : "",
+      previousImageVersion: isSet(object.previousImageVersion)
+        ? globalThis.String(object.previousImageVersion)
+        : isSet(object.previous_image_version)
+        ? globalThis.String(object.previous_image_version)
+        : "",
+      imageVersion: isSet(object.imageVersion)
+        ? globalThis.String(object.imageVersion)
+        : isSet(object.image_version)
+        ? globalThis.String(object.image_version)
+        : "",
+      status: isSet(object.status) ? Status.fromJSON(object.status) : undefined,
+      restarted: isSet(object.restarted) ? globalThis.Boolean(object.restarted) : false,
+      pending: isSet(object.pending) ? globalThis.Boolean(object.pending) : false,
+      canary: isSet(object.canary) ? globalThis.Boolean(object.canary) : false,
+    };
+  },
+
+  toJSON(message: RebaseResult): unknown {
+    const obj: any = {};
+    if (message.virtualMachine !== "") {
+      obj.virtualMachine = message.virtualMachine;
+    }
+    if (message.previousImageVersion !== "") {
+      obj.previousImageVersion = message.previousImageVersion;
+    }
+    if (message.imageVersion !== "") {
+      obj.imageVersion = message.imageVersion;
+    }
+    if (message.status !== undefined) {
+      obj.status = Status.toJSON(message.status);
+    }
+    if (message.restarted !== false) {
+      obj.restarted = message.restarted;
+    }
+    if (message.pending !== false) {
+      obj.pending = message.pending;
+    }
+    if (message.canary !== false) {
+      obj.canary = message.canary;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RebaseResult>): RebaseResult {
+    return RebaseResult.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RebaseResult>): RebaseResult {
+    const message = createBaseRebaseResult();
+    message.virtualMachine = object.virtualMachine ?? "";
+    message.previousImageVersion = object.previousImageVersion ?? "";
+    message.imageVersion = object.imageVersion ?? "";
+    message.status = (object.status !== undefined && object.status !== null)
+      ? Status.fromPartial(object.status)
+      : undefined;
+    message.restarted = object.restarted ?? false;
+    message.pending = object.pending ?? false;
+    message.canary = object.canary ?? false;
+    return message;
+  },
+};
+
+function createBaseRebaseVirtualMachinesResponse(): RebaseVirtualMachinesResponse {
+  return { results: [] };
+}
+
+export const RebaseVirtualMachinesResponse: MessageFns<
+  RebaseVirtualMachinesResponse,
+  "cowherd.cloning.v1.RebaseVirtualMachinesResponse"
+> = {
+  $type: "cowherd.cloning.v1.RebaseVirtualMachinesResponse" as const,
+
+  encode(message: RebaseVirtualMachinesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.results) {
+      RebaseResult.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RebaseVirtualMachinesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRebaseVirtualMachinesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.results.push(RebaseResult.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RebaseVirtualMachinesResponse {
+    return {
+      results: globalThis.Array.isArray(object?.results)
+        ? object.results.map((e: any) => RebaseResult.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: RebaseVirtualMachinesResponse): unknown {
+    const obj: any = {};
+    if (message.results?.length) {
+      obj.results = message.results.map((e) => RebaseResult.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RebaseVirtualMachinesResponse>): RebaseVirtualMachinesResponse {
+    return RebaseVirtualMachinesResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RebaseVirtualMachinesResponse>): RebaseVirtualMachinesResponse {
+    const message = createBaseRebaseVirtualMachinesResponse();
+    message.results = object.results?.map((e) => RebaseResult.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseRebaseVirtualMachinesMetadata(): RebaseVirtualMachinesMetadata {
+  return {
+    targetImageVersion: "",
+    totalCount: 0,
+    doneCount: 0,
+    failedCount: 0,
+    results: [],
+    distributeOperations: [],
+    startTime: undefined,
+    updateTime: undefined,
+  };
+}
+
+export const RebaseVirtualMachinesMetadata: MessageFns<
+  RebaseVirtualMachinesMetadata,
+  "cowherd.cloning.v1.RebaseVirtualMachinesMetadata"
+> = {
+  $type: "cowherd.cloning.v1.RebaseVirtualMachinesMetadata" as const,
+
+  encode(message: RebaseVirtualMachinesMetadata, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.targetImageVersion !== "") {
+      writer.uint32(10).string(message.targetImageVersion);
+    }
+    if (message.totalCount !== 0) {
+      writer.uint32(16).int32(message.totalCount);
+    }
+    if (message.doneCount !== 0) {
+      writer.uint32(24).int32(message.doneCount);
+    }
+    if (message.failedCount !== 0) {
+      writer.uint32(32).int32(message.failedCount);
+    }
+    for (const v of message.results) {
+      RebaseResult.encode(v!, writer.uint32(42).fork()).join();
+    }
+    for (const v of message.distributeOperations) {
+      writer.uint32(50).string(v!);
+    }
+    if (message.startTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.startTime), writer.uint32(58).fork()).join();
+    }
+    if (message.updateTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.updateTime), writer.uint32(66).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RebaseVirtualMachinesMetadata {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRebaseVirtualMachinesMetadata();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.targetImageVersion = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.totalCount = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.doneCount = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.failedCount = reader.int32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.results.push(RebaseResult.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.distributeOperations.push(reader.string());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.startTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.updateTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RebaseVirtualMachinesMetadata {
+    return {
+      targetImageVersion: isSet(object.targetImageVersion)
+        ? globalThis.String(object.targetImageVersion)
+        : isSet(object.target_image_version)
+        ? globalThis.String(object.target_image_version)
+        : "",
+      totalCount: isSet(object.totalCount)
+        ? globalThis.Number(object.totalCount)
+        : isSet(object.total_count)
+        ? globalThis.Number(object.total_count)
+        : 0,
+      doneCount: isSet(object.doneCount)
+        ? globalThis.Number(object.doneCount)
+        : isSet(object.done_count)
+        ? globalThis.Number(object.done_count)
+        : 0,
+      failedCount: isSet(object.failedCount)
+        ? globalThis.Number(object.failedCount)
+        : isSet(object.failed_count)
+        ? globalThis.Number(object.failed_count)
+        : 0,
+      results: globalThis.Array.isArray(object?.results)
+        ? object.results.map((e: any) => RebaseResult.fromJSON(e))
+        : [],
+      distributeOperations: globalThis.Array.isArray(object?.distributeOperations)
+        ? object.distributeOperations.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.distribute_operations)
+        ? object.distribute_operations.map((e: any) => globalThis.String(e))
+        : [],
+      startTime: isSet(object.startTime)
+        ? fromJsonTimestamp(object.startTime)
+        : isSet(object.start_time)
+        ? fromJsonTimestamp(object.start_time)
+        : undefined,
+      updateTime: isSet(object.updateTime)
+        ? fromJsonTimestamp(object.updateTime)
+        : isSet(object.update_time)
+        ? fromJsonTimestamp(object.update_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: RebaseVirtualMachinesMetadata): unknown {
+    const obj: any = {};
+    if (message.targetImageVersion !== "") {
+      obj.targetImageVersion = message.targetImageVersion;
+    }
+    if (message.totalCount !== 0) {
+      obj.totalCount = Math.round(message.totalCount);
+    }
+    if (message.doneCount !== 0) {
+      obj.doneCount = Math.round(message.doneCount);
+    }
+    if (message.failedCount !== 0) {
+      obj.failedCount = Math.round(message.failedCount);
+    }
+    if (message.results?.length) {
+      obj.results = message.results.map((e) => RebaseResult.toJSON(e));
+    }
+    if (message.distributeOperations?.length) {
+      obj.distributeOperations = message.distributeOperations;
+    }
+    if (message.startTime !== undefined) {
+      obj.startTime = message.startTime.toISOString();
+    }
+    if (message.updateTime !== undefined) {
+      obj.updateTime = message.updateTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RebaseVirtualMachinesMetadata>): RebaseVirtualMachinesMetadata {
+    return RebaseVirtualMachinesMetadata.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RebaseVirtualMachinesMetadata>): RebaseVirtualMachinesMetadata {
+    const message = createBaseRebaseVirtualMachinesMetadata();
+    message.targetImageVersion = object.targetImageVersion ?? "";
+    message.totalCount = object.totalCount ?? 0;
+    message.doneCount = object.doneCount ?? 0;
+    message.failedCount = object.failedCount ?? 0;
+    message.results = object.results?.map((e) => RebaseResult.fromPartial(e)) || [];
+    message.distributeOperations = object.distributeOperations?.map((e) => e) || [];
+    message.startTime = object.startTime ?? undefined;
+    message.updateTime = object.updateTime ?? undefined;
+    return message;
+  },
+};
+
 function createBaseCloneVirtualMachinesRequest(): CloneVirtualMachinesRequest {
   return {
     source: undefined,
@@ -372,6 +1189,7 @@ function createBaseCloneVirtualMachinesRequest(): CloneVirtualMachinesRequest {
     start: false,
     requestId: "",
     guestConfiguration: undefined,
+    dataDiskBytes: "0",
   };
 }
 
@@ -407,6 +1225,9 @@ export const CloneVirtualMachinesRequest: MessageFns<
     }
     if (message.guestConfiguration !== undefined) {
       GuestConfiguration.encode(message.guestConfiguration, writer.uint32(66).fork()).join();
+    }
+    if (message.dataDiskBytes !== "0") {
+      writer.uint32(72).int64(message.dataDiskBytes);
     }
     return writer;
   },
@@ -488,6 +1309,14 @@ export const CloneVirtualMachinesRequest: MessageFns<
             message.guestConfiguration = GuestConfiguration.decode(reader, reader.uint32());
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.dataDiskBytes = reader.int64().toString();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -527,6 +1356,11 @@ export const CloneVirtualMachinesRequest: MessageFns<
         : isSet(object.guest_configuration)
         ? GuestConfiguration.fromJSON(object.guest_configuration)
         : undefined,
+      dataDiskBytes: isSet(object.dataDiskBytes)
+        ? globalThis.String(object.dataDiskBytes)
+        : isSet(object.data_disk_bytes)
+        ? globalThis.String(object.data_disk_bytes)
+        : "0",
     };
   },
 
@@ -554,6 +1388,9 @@ export const CloneVirtualMachinesRequest: MessageFns<
     }
     if (message.guestConfiguration !== undefined) {
       obj.guestConfiguration = GuestConfiguration.toJSON(message.guestConfiguration);
+    }
+    if (message.dataDiskBytes !== "0") {
+      obj.dataDiskBytes = message.dataDiskBytes;
     }
     return obj;
   },
@@ -587,6 +1424,7 @@ export const CloneVirtualMachinesRequest: MessageFns<
     message.guestConfiguration = (object.guestConfiguration !== undefined && object.guestConfiguration !== null)
       ? GuestConfiguration.fromPartial(object.guestConfiguration)
       : undefined;
+    message.dataDiskBytes = object.dataDiskBytes ?? "0";
     return message;
   },
 };
@@ -1955,6 +2793,38 @@ export const CloningServiceService = {
     responseSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
     responseDeserialize: (value: Buffer): Empty => Empty.decode(value),
   },
+  /**
+   * RebaseVirtualMachines (recompose) moves the clones a filter selects onto another version of their image.
+   * Each clone's system disk becomes a fresh copy-on-write overlay on the target version (what the guest
+   * changed there is discarded); its persistent disks (made with data_disk_bytes) are kept, and so are its
+   * name, UUID, MAC addresses and guest configuration (a new cloud-init instance-id only with
+   * new_instance_id). The target version is first distributed to every host that needs it. Clones then move in
+   * waves: `canary_count` clones first (the operation stops there if any of them fails), then the rest, at most
+   * `max_per_host` at a time on each host. A running clone is shut down gracefully (up to shutdown_timeout;
+   * one that does not stop fails and keeps running on its old version) and started again only with `restart`.
+   * Moving clones back is the same call with their previous version as the target
+   * (lineage.previous_image_version). A clone already on the target counts as done. Per-clone results are in
+   * the response; clone.rebased is published for each clone moved. The old version's replicas stay; garbage
+   * collection removes them once nothing uses them.
+   *
+   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD) for a bad filter, target, count
+   * or timeout, or a filter that selects clones of another image than the target's; NOT_FOUND
+   * (RESOURCE_NOT_FOUND) for the target version; FAILED_PRECONDITION (RESOURCE_STATE_CONFLICT) when the target
+   * is not AVAILABLE, or the filter selects no clone; ALREADY_EXISTS (OPERATION_CONFLICT). Per-clone errors:
+   * UNAVAILABLE (HOST_UNREACHABLE, TRANSFER_FAILED), DEADLINE_EXCEEDED (the guest did not shut down),
+   * FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS, VIRTUAL_MACHINE_NOT_MANAGED), ABORTED after a failed
+   * canary, INTERNAL (HYPERVISOR_ERROR).
+   */
+  rebaseVirtualMachines: {
+    path: "/cowherd.cloning.v1.CloningService/RebaseVirtualMachines" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RebaseVirtualMachinesRequest): Buffer =>
+      Buffer.from(RebaseVirtualMachinesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RebaseVirtualMachinesRequest => RebaseVirtualMachinesRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
 } as const;
 
 export interface CloningServiceServer extends UntypedServiceImplementation {
@@ -2006,6 +2876,29 @@ export interface CloningServiceServer extends UntypedServiceImplementation {
    * UNAVAILABLE (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
    */
   deleteVirtualMachine: handleUnaryCall<DeleteVirtualMachineRequest, Empty>;
+  /**
+   * RebaseVirtualMachines (recompose) moves the clones a filter selects onto another version of their image.
+   * Each clone's system disk becomes a fresh copy-on-write overlay on the target version (what the guest
+   * changed there is discarded); its persistent disks (made with data_disk_bytes) are kept, and so are its
+   * name, UUID, MAC addresses and guest configuration (a new cloud-init instance-id only with
+   * new_instance_id). The target version is first distributed to every host that needs it. Clones then move in
+   * waves: `canary_count` clones first (the operation stops there if any of them fails), then the rest, at most
+   * `max_per_host` at a time on each host. A running clone is shut down gracefully (up to shutdown_timeout;
+   * one that does not stop fails and keeps running on its old version) and started again only with `restart`.
+   * Moving clones back is the same call with their previous version as the target
+   * (lineage.previous_image_version). A clone already on the target counts as done. Per-clone results are in
+   * the response; clone.rebased is published for each clone moved. The old version's replicas stay; garbage
+   * collection removes them once nothing uses them.
+   *
+   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD) for a bad filter, target, count
+   * or timeout, or a filter that selects clones of another image than the target's; NOT_FOUND
+   * (RESOURCE_NOT_FOUND) for the target version; FAILED_PRECONDITION (RESOURCE_STATE_CONFLICT) when the target
+   * is not AVAILABLE, or the filter selects no clone; ALREADY_EXISTS (OPERATION_CONFLICT). Per-clone errors:
+   * UNAVAILABLE (HOST_UNREACHABLE, TRANSFER_FAILED), DEADLINE_EXCEEDED (the guest did not shut down),
+   * FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS, VIRTUAL_MACHINE_NOT_MANAGED), ABORTED after a failed
+   * canary, INTERNAL (HYPERVISOR_ERROR).
+   */
+  rebaseVirtualMachines: handleUnaryCall<RebaseVirtualMachinesRequest, Operation>;
 }
 
 export interface CloningServiceClient extends Client {
@@ -2112,6 +3005,43 @@ export interface CloningServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Empty) => void,
+  ): ClientUnaryCall;
+  /**
+   * RebaseVirtualMachines (recompose) moves the clones a filter selects onto another version of their image.
+   * Each clone's system disk becomes a fresh copy-on-write overlay on the target version (what the guest
+   * changed there is discarded); its persistent disks (made with data_disk_bytes) are kept, and so are its
+   * name, UUID, MAC addresses and guest configuration (a new cloud-init instance-id only with
+   * new_instance_id). The target version is first distributed to every host that needs it. Clones then move in
+   * waves: `canary_count` clones first (the operation stops there if any of them fails), then the rest, at most
+   * `max_per_host` at a time on each host. A running clone is shut down gracefully (up to shutdown_timeout;
+   * one that does not stop fails and keeps running on its old version) and started again only with `restart`.
+   * Moving clones back is the same call with their previous version as the target
+   * (lineage.previous_image_version). A clone already on the target counts as done. Per-clone results are in
+   * the response; clone.rebased is published for each clone moved. The old version's replicas stay; garbage
+   * collection removes them once nothing uses them.
+   *
+   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD) for a bad filter, target, count
+   * or timeout, or a filter that selects clones of another image than the target's; NOT_FOUND
+   * (RESOURCE_NOT_FOUND) for the target version; FAILED_PRECONDITION (RESOURCE_STATE_CONFLICT) when the target
+   * is not AVAILABLE, or the filter selects no clone; ALREADY_EXISTS (OPERATION_CONFLICT). Per-clone errors:
+   * UNAVAILABLE (HOST_UNREACHABLE, TRANSFER_FAILED), DEADLINE_EXCEEDED (the guest did not shut down),
+   * FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS, VIRTUAL_MACHINE_NOT_MANAGED), ABORTED after a failed
+   * canary, INTERNAL (HYPERVISOR_ERROR).
+   */
+  rebaseVirtualMachines(
+    request: RebaseVirtualMachinesRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  rebaseVirtualMachines(
+    request: RebaseVirtualMachinesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  rebaseVirtualMachines(
+    request: RebaseVirtualMachinesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
   ): ClientUnaryCall;
 }
 

@@ -20,6 +20,7 @@ import {
 } from "@grpc/grpc-js";
 import { Operation } from "../../../google/longrunning/operations.js";
 import { Empty } from "../../../google/protobuf/empty.js";
+import { FieldMask } from "../../../google/protobuf/field_mask.js";
 import { Timestamp } from "../../../google/protobuf/timestamp.js";
 import { Status } from "../../../google/rpc/status.js";
 import {
@@ -29,6 +30,7 @@ import {
   TransferProgress,
 } from "../../common/v1/types.js";
 import {
+  Image,
   ImageReplica,
   ImageReplica_State,
   imageReplica_StateFromJSON,
@@ -108,6 +110,36 @@ export function imageImportStageToJSON(object: ImageImportStage): string {
     default:
       return "UNRECOGNIZED";
   }
+}
+
+/** UpdateImageRequest is the request of UpdateImage. */
+export interface UpdateImageRequest {
+  /** The image, named `images/{image}`, with the new values of the fields in update_mask. */
+  image:
+    | Image
+    | undefined;
+  /** The fields to change: `aliases`, `keep_versions`. Empty or `*` is INVALID_ARGUMENT. */
+  updateMask: string[] | undefined;
+}
+
+/** CollectImageGarbageRequest is the request of CollectImageGarbage. */
+export interface CollectImageGarbageRequest {
+  /** Only these images, `images/{image}`; empty means every image. */
+  images: string[];
+  /** When true, nothing is deleted; the response lists what would be (a dry run). */
+  validateOnly: boolean;
+}
+
+/** CollectImageGarbageResponse is the response of CollectImageGarbage. */
+export interface CollectImageGarbageResponse {
+  /** Versions deleted by the per-image policy (or that would be), `images/{image}/versions/{version}`. */
+  versions: string[];
+  /** Replicas removed at a host's high watermark (or that would be), as they were before removal. */
+  replicas: ImageReplica[];
+  /** Hosts where removing failed (unreachable agents); their files are kept. */
+  failures: HostFailure[];
+  /** The bytes freed (or that would be) on the hosts, summed over removed replicas and versions. */
+  freedBytes: string;
 }
 
 /** PublishImageRequest is the request of PublishImage. */
@@ -521,6 +553,321 @@ export interface CollectImageReplicasResponse {
   /** The bytes freed (or that would be), the sum of the collected replicas' image sizes. */
   freedBytes: string;
 }
+
+function createBaseUpdateImageRequest(): UpdateImageRequest {
+  return { image: undefined, updateMask: undefined };
+}
+
+export const UpdateImageRequest: MessageFns<UpdateImageRequest, "cowherd.distribution.v1.UpdateImageRequest"> = {
+  $type: "cowherd.distribution.v1.UpdateImageRequest" as const,
+
+  encode(message: UpdateImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.image !== undefined) {
+      Image.encode(message.image, writer.uint32(10).fork()).join();
+    }
+    if (message.updateMask !== undefined) {
+      FieldMask.encode(FieldMask.wrap(message.updateMask), writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateImageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateImageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.image = Image.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.updateMask = FieldMask.unwrap(FieldMask.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UpdateImageRequest {
+    return {
+      image: isSet(object.image) ? Image.fromJSON(object.image) : undefined,
+      updateMask: isSet(object.updateMask)
+        ? FieldMask.unwrap(FieldMask.fromJSON(object.updateMask))
+        : isSet(object.update_mask)
+        ? FieldMask.unwrap(FieldMask.fromJSON(object.update_mask))
+        : undefined,
+    };
+  },
+
+  toJSON(message: UpdateImageRequest): unknown {
+    const obj: any = {};
+    if (message.image !== undefined) {
+      obj.image = Image.toJSON(message.image);
+    }
+    if (message.updateMask !== undefined) {
+      obj.updateMask = FieldMask.toJSON(FieldMask.wrap(message.updateMask));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UpdateImageRequest>): UpdateImageRequest {
+    return UpdateImageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UpdateImageRequest>): UpdateImageRequest {
+    const message = createBaseUpdateImageRequest();
+    message.image = (object.image !== undefined && object.image !== null) ? Image.fromPartial(object.image) : undefined;
+    message.updateMask = object.updateMask ?? undefined;
+    return message;
+  },
+};
+
+function createBaseCollectImageGarbageRequest(): CollectImageGarbageRequest {
+  return { images: [], validateOnly: false };
+}
+
+export const CollectImageGarbageRequest: MessageFns<
+  CollectImageGarbageRequest,
+  "cowherd.distribution.v1.CollectImageGarbageRequest"
+> = {
+  $type: "cowherd.distribution.v1.CollectImageGarbageRequest" as const,
+
+  encode(message: CollectImageGarbageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.images) {
+      writer.uint32(10).string(v!);
+    }
+    if (message.validateOnly !== false) {
+      writer.uint32(16).bool(message.validateOnly);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CollectImageGarbageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCollectImageGarbageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.images.push(reader.string());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.validateOnly = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CollectImageGarbageRequest {
+    return {
+      images: globalThis.Array.isArray(object?.images) ? object.images.map((e: any) => globalThis.String(e)) : [],
+      validateOnly: isSet(object.validateOnly)
+        ? globalThis.Boolean(object.validateOnly)
+        : isSet(object.validate_only)
+        ? globalThis.Boolean(object.validate_only)
+        : false,
+    };
+  },
+
+  toJSON(message: CollectImageGarbageRequest): unknown {
+    const obj: any = {};
+    if (message.images?.length) {
+      obj.images = message.images;
+    }
+    if (message.validateOnly !== false) {
+      obj.validateOnly = message.validateOnly;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CollectImageGarbageRequest>): CollectImageGarbageRequest {
+    return CollectImageGarbageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CollectImageGarbageRequest>): CollectImageGarbageRequest {
+    const message = createBaseCollectImageGarbageRequest();
+    message.images = object.images?.map((e) => e) || [];
+    message.validateOnly = object.validateOnly ?? false;
+    return message;
+  },
+};
+
+function createBaseCollectImageGarbageResponse(): CollectImageGarbageResponse {
+  return { versions: [], replicas: [], failures: [], freedBytes: "0" };
+}
+
+export const CollectImageGarbageResponse: MessageFns<
+  CollectImageGarbageResponse,
+  "cowherd.distribution.v1.CollectImageGarbageResponse"
+> = {
+  $type: "cowherd.distribution.v1.CollectImageGarbageResponse" as const,
+
+  encode(message: CollectImageGarbageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.versions) {
+      writer.uint32(10).string(v!);
+    }
+    for (const v of message.replicas) {
+      ImageReplica.encode(v!, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.failures) {
+      HostFailure.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.freedBytes !== "0") {
+      writer.uint32(32).int64(message.freedBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CollectImageGarbageResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCollectImageGarbageResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.versions.push(reader.string());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.replicas.push(ImageReplica.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.failures.push(HostFailure.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.freedBytes = reader.int64().toString();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CollectImageGarbageResponse {
+    return {
+      versions: globalThis.Array.isArray(object?.versions) ? object.versions.map((e: any) => globalThis.String(e)) : [],
+      replicas: globalThis.Array.isArray(object?.replicas)
+        ? object.replicas.map((e: any) => ImageReplica.fromJSON(e))
+        : [],
+      failures: globalThis.Array.isArray(object?.failures)
+        ? object.failures.map((e: any) => HostFailure.fromJSON(e))
+        : [],
+      freedBytes: isSet(object.freedBytes)
+        ? globalThis.String(object.freedBytes)
+        : isSet(object.freed_bytes)
+        ? globalThis.String(object.freed_bytes)
+        : "0",
+    };
+  },
+
+  toJSON(message: CollectImageGarbageResponse): unknown {
+    const obj: any = {};
+    if (message.versions?.length) {
+      obj.versions = message.versions;
+    }
+    if (message.replicas?.length) {
+      obj.replicas = message.replicas.map((e) => ImageReplica.toJSON(e));
+    }
+    if (message.failures?.length) {
+      obj.failures = message.failures.map((e) => HostFailure.toJSON(e));
+    }
+    if (message.freedBytes !== "0") {
+      obj.freedBytes = message.freedBytes;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CollectImageGarbageResponse>): CollectImageGarbageResponse {
+    return CollectImageGarbageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CollectImageGarbageResponse>): CollectImageGarbageResponse {
+    const message = createBaseCollectImageGarbageResponse();
+    message.versions = object.versions?.map((e) => e) || [];
+    message.replicas = object.replicas?.map((e) => ImageReplica.fromPartial(e)) || [];
+    message.failures = object.failures?.map((e) => HostFailure.fromPartial(e)) || [];
+    message.freedBytes = object.freedBytes ?? "0";
+    return message;
+  },
+};
 
 function createBasePublishImageRequest(): PublishImageRequest {
   return { imageId: "", sourceVirtualMachine: "", description: "", labels: {}, requestId: "" };
@@ -3120,8 +3467,14 @@ export const CollectImageReplicasResponse: MessageFns<
  * An operation's `error` is set only when the operation as a whole failed or was cancelled; per-host failures
  * of a DistributeImage are reported in its response, so that partial success is visible.
  *
- * Authorization, deny by default: only admins may call PublishImage, ImportImage, DeleteImage, DeleteImageReplica and
- * CollectImageReplicas; admins and the cloning service may call DistributeImage.
+ * Authorization, deny by default: only admins may call PublishImage, ImportImage, DeleteImage, DeleteImageReplica,
+ * CollectImageReplicas, UpdateImage and CollectImageGarbage; admins and the cloning service may call DistributeImage.
+ *
+ * Versions: an image has numbered versions, `images/{image}/versions/{version}`. PublishImage and ImportImage onto
+ * an image id that already has an AVAILABLE version add the next version (numbers are never reused); the new
+ * version becomes `latest` when it is AVAILABLE. Wherever a method takes an image, `images/{image}` means its
+ * `latest` version, and `images/{image}/versions/{version}` a version by number or alias. Replicas, torrents and
+ * distribution are per version.
  */
 export type DistributionServiceService = typeof DistributionServiceService;
 export const DistributionServiceService = {
@@ -3129,14 +3482,14 @@ export const DistributionServiceService = {
    * PublishImage makes a new catalog image from a powered-off virtual machine. The virtual machine's agent
    * exports its disks (flattened) and a sanitized domain XML template into the image's directory, hashes every
    * file, creates the private torrent and starts seeding and serving it as HTTP web seed; then the image is
-   * registered AVAILABLE with its origin replica, and image.published is published. The image is PUBLISHING
-   * in the catalog from the start, so that its id is taken. Cancelling the operation stops the export, removes
+   * registered AVAILABLE with its origin replica, and image.published is published. The image (or, onto an
+   * existing image, its new version) is PUBLISHING in the catalog from the start, so that its id is taken. Cancelling the operation stops the export, removes
    * the partial files and the catalog entry. The virtual machine must stay powered off until the operation is
    * done. Only admins may call it.
    *
-   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD); ALREADY_EXISTS (ALREADY_EXISTS)
-   * for a taken image id; ALREADY_EXISTS (OPERATION_CONFLICT); NOT_FOUND (RESOURCE_NOT_FOUND) for the virtual
-   * machine; FAILED_PRECONDITION (VIRTUAL_MACHINE_RUNNING, UNTRUSTED_DOMAIN_XML); UNAVAILABLE
+   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD); FAILED_PRECONDITION
+   * (RESOURCE_STATE_CONFLICT) while another version of the image is PUBLISHING or the image is DELETING;
+   * ALREADY_EXISTS (OPERATION_CONFLICT); NOT_FOUND (RESOURCE_NOT_FOUND) for the virtual machine; FAILED_PRECONDITION (VIRTUAL_MACHINE_RUNNING, UNTRUSTED_DOMAIN_XML); UNAVAILABLE
    * (HOST_UNREACHABLE). Errors of the operation: RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), FAILED_PRECONDITION
    * (VIRTUAL_MACHINE_RUNNING) when the virtual machine was started meanwhile, UNAVAILABLE (HOST_UNREACHABLE),
    * CANCELLED.
@@ -3167,9 +3520,12 @@ export const DistributionServiceService = {
    * catalog record (the image is PUBLISHING while the operation runs, so that its id is taken, and the record
    * is removed when it fails), no event. Cancelling the operation does the same. Only admins may call it.
    *
+   * Onto an existing image id, ImportImage adds a version, as PublishImage does; a failure removes only that
+   * version's record.
+   *
    * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD) naming the field, among them an
    * import_path that is absolute, contains `..` or is empty, and a url that is not http(s) or carries
-   * credentials; ALREADY_EXISTS (ALREADY_EXISTS) for a taken image id; ALREADY_EXISTS (OPERATION_CONFLICT);
+   * credentials; FAILED_PRECONDITION (RESOURCE_STATE_CONFLICT) while another version of the image is PUBLISHING; ALREADY_EXISTS (OPERATION_CONFLICT);
    * NOT_FOUND (RESOURCE_NOT_FOUND) for the host; UNAVAILABLE (HOST_UNREACHABLE). Errors of the operation:
    * INVALID_ARGUMENT (INVALID_FIELD) for an import_path that leaves the import directory through a symbolic
    * link or is not a regular file (kernel and initrd paths likewise), an unsupported or unreadable format,
@@ -3220,7 +3576,9 @@ export const DistributionServiceService = {
     responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
   },
   /**
-   * DeleteImage removes an image from the catalog together with every replica of it. The image turns DELETING
+   * DeleteImage removes an image from the catalog together with every replica of it; named by version
+   * (`images/{image}/versions/{version}`) it removes that version only (not the `latest` one while older ones
+   * remain: point `latest` elsewhere by publishing, or delete the older ones first). The image turns DELETING
    * at once (nothing new may distribute or clone it); the operation is done when every reachable host has
    * removed its files. Replicas on UNREACHABLE hosts lose their records at once, and their agents remove the
    * files when they next register, because the image is no longer in the catalog. image.deleted is published
@@ -3275,6 +3633,42 @@ export const DistributionServiceService = {
       Buffer.from(CollectImageReplicasResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): CollectImageReplicasResponse => CollectImageReplicasResponse.decode(value),
   },
+  /**
+   * UpdateImage changes an image's settings (AIP-134): `aliases` (the whole map of operator aliases; `latest`
+   * may not be set, every alias must name an existing AVAILABLE version) and `keep_versions`. Returns the image
+   * view. Only admins may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD) for another mask path, a bad alias
+   * name or an unknown version; NOT_FOUND (RESOURCE_NOT_FOUND).
+   */
+  updateImage: {
+    path: "/cowherd.distribution.v1.DistributionService/UpdateImage" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UpdateImageRequest): Buffer => Buffer.from(UpdateImageRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UpdateImageRequest => UpdateImageRequest.decode(value),
+    responseSerialize: (value: Image): Buffer => Buffer.from(Image.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Image => Image.decode(value),
+  },
+  /**
+   * CollectImageGarbage applies the retention policy. Per image: versions beyond the newest keep_versions are
+   * deleted (catalog record and every replica) unless a clone uses them, an alias points at them, or they are
+   * the latest. Per host: when the image directory is used above the host's high watermark
+   * (Host.image_directory_high_watermark_percent), unused replicas are removed least recently used first until
+   * it is below (never an origin replica, never the last AVAILABLE replica of a version, never one with
+   * dependents). The service also runs it every COWHERD_GARBAGE_INTERVAL (default 10 minutes). With
+   * validate_only nothing is deleted and the response says what would go. Only admins may call it.
+   * Errors: INVALID_ARGUMENT (INVALID_FIELD).
+   */
+  collectImageGarbage: {
+    path: "/cowherd.distribution.v1.DistributionService/CollectImageGarbage" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CollectImageGarbageRequest): Buffer =>
+      Buffer.from(CollectImageGarbageRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CollectImageGarbageRequest => CollectImageGarbageRequest.decode(value),
+    responseSerialize: (value: CollectImageGarbageResponse): Buffer =>
+      Buffer.from(CollectImageGarbageResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): CollectImageGarbageResponse => CollectImageGarbageResponse.decode(value),
+  },
 } as const;
 
 export interface DistributionServiceServer extends UntypedServiceImplementation {
@@ -3282,14 +3676,14 @@ export interface DistributionServiceServer extends UntypedServiceImplementation 
    * PublishImage makes a new catalog image from a powered-off virtual machine. The virtual machine's agent
    * exports its disks (flattened) and a sanitized domain XML template into the image's directory, hashes every
    * file, creates the private torrent and starts seeding and serving it as HTTP web seed; then the image is
-   * registered AVAILABLE with its origin replica, and image.published is published. The image is PUBLISHING
-   * in the catalog from the start, so that its id is taken. Cancelling the operation stops the export, removes
+   * registered AVAILABLE with its origin replica, and image.published is published. The image (or, onto an
+   * existing image, its new version) is PUBLISHING in the catalog from the start, so that its id is taken. Cancelling the operation stops the export, removes
    * the partial files and the catalog entry. The virtual machine must stay powered off until the operation is
    * done. Only admins may call it.
    *
-   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD); ALREADY_EXISTS (ALREADY_EXISTS)
-   * for a taken image id; ALREADY_EXISTS (OPERATION_CONFLICT); NOT_FOUND (RESOURCE_NOT_FOUND) for the virtual
-   * machine; FAILED_PRECONDITION (VIRTUAL_MACHINE_RUNNING, UNTRUSTED_DOMAIN_XML); UNAVAILABLE
+   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD); FAILED_PRECONDITION
+   * (RESOURCE_STATE_CONFLICT) while another version of the image is PUBLISHING or the image is DELETING;
+   * ALREADY_EXISTS (OPERATION_CONFLICT); NOT_FOUND (RESOURCE_NOT_FOUND) for the virtual machine; FAILED_PRECONDITION (VIRTUAL_MACHINE_RUNNING, UNTRUSTED_DOMAIN_XML); UNAVAILABLE
    * (HOST_UNREACHABLE). Errors of the operation: RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), FAILED_PRECONDITION
    * (VIRTUAL_MACHINE_RUNNING) when the virtual machine was started meanwhile, UNAVAILABLE (HOST_UNREACHABLE),
    * CANCELLED.
@@ -3312,9 +3706,12 @@ export interface DistributionServiceServer extends UntypedServiceImplementation 
    * catalog record (the image is PUBLISHING while the operation runs, so that its id is taken, and the record
    * is removed when it fails), no event. Cancelling the operation does the same. Only admins may call it.
    *
+   * Onto an existing image id, ImportImage adds a version, as PublishImage does; a failure removes only that
+   * version's record.
+   *
    * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD) naming the field, among them an
    * import_path that is absolute, contains `..` or is empty, and a url that is not http(s) or carries
-   * credentials; ALREADY_EXISTS (ALREADY_EXISTS) for a taken image id; ALREADY_EXISTS (OPERATION_CONFLICT);
+   * credentials; FAILED_PRECONDITION (RESOURCE_STATE_CONFLICT) while another version of the image is PUBLISHING; ALREADY_EXISTS (OPERATION_CONFLICT);
    * NOT_FOUND (RESOURCE_NOT_FOUND) for the host; UNAVAILABLE (HOST_UNREACHABLE). Errors of the operation:
    * INVALID_ARGUMENT (INVALID_FIELD) for an import_path that leaves the import directory through a symbolic
    * link or is not a regular file (kernel and initrd paths likewise), an unsupported or unreadable format,
@@ -3348,7 +3745,9 @@ export interface DistributionServiceServer extends UntypedServiceImplementation 
    */
   distributeImage: handleUnaryCall<DistributeImageRequest, Operation>;
   /**
-   * DeleteImage removes an image from the catalog together with every replica of it. The image turns DELETING
+   * DeleteImage removes an image from the catalog together with every replica of it; named by version
+   * (`images/{image}/versions/{version}`) it removes that version only (not the `latest` one while older ones
+   * remain: point `latest` elsewhere by publishing, or delete the older ones first). The image turns DELETING
    * at once (nothing new may distribute or clone it); the operation is done when every reachable host has
    * removed its files. Replicas on UNREACHABLE hosts lose their records at once, and their agents remove the
    * files when they next register, because the image is no longer in the catalog. image.deleted is published
@@ -3376,6 +3775,24 @@ export interface DistributionServiceServer extends UntypedServiceImplementation 
    * Errors: INVALID_ARGUMENT (INVALID_FIELD); NOT_FOUND (RESOURCE_NOT_FOUND) for an unknown host.
    */
   collectImageReplicas: handleUnaryCall<CollectImageReplicasRequest, CollectImageReplicasResponse>;
+  /**
+   * UpdateImage changes an image's settings (AIP-134): `aliases` (the whole map of operator aliases; `latest`
+   * may not be set, every alias must name an existing AVAILABLE version) and `keep_versions`. Returns the image
+   * view. Only admins may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD) for another mask path, a bad alias
+   * name or an unknown version; NOT_FOUND (RESOURCE_NOT_FOUND).
+   */
+  updateImage: handleUnaryCall<UpdateImageRequest, Image>;
+  /**
+   * CollectImageGarbage applies the retention policy. Per image: versions beyond the newest keep_versions are
+   * deleted (catalog record and every replica) unless a clone uses them, an alias points at them, or they are
+   * the latest. Per host: when the image directory is used above the host's high watermark
+   * (Host.image_directory_high_watermark_percent), unused replicas are removed least recently used first until
+   * it is below (never an origin replica, never the last AVAILABLE replica of a version, never one with
+   * dependents). The service also runs it every COWHERD_GARBAGE_INTERVAL (default 10 minutes). With
+   * validate_only nothing is deleted and the response says what would go. Only admins may call it.
+   * Errors: INVALID_ARGUMENT (INVALID_FIELD).
+   */
+  collectImageGarbage: handleUnaryCall<CollectImageGarbageRequest, CollectImageGarbageResponse>;
 }
 
 export interface DistributionServiceClient extends Client {
@@ -3383,14 +3800,14 @@ export interface DistributionServiceClient extends Client {
    * PublishImage makes a new catalog image from a powered-off virtual machine. The virtual machine's agent
    * exports its disks (flattened) and a sanitized domain XML template into the image's directory, hashes every
    * file, creates the private torrent and starts seeding and serving it as HTTP web seed; then the image is
-   * registered AVAILABLE with its origin replica, and image.published is published. The image is PUBLISHING
-   * in the catalog from the start, so that its id is taken. Cancelling the operation stops the export, removes
+   * registered AVAILABLE with its origin replica, and image.published is published. The image (or, onto an
+   * existing image, its new version) is PUBLISHING in the catalog from the start, so that its id is taken. Cancelling the operation stops the export, removes
    * the partial files and the catalog entry. The virtual machine must stay powered off until the operation is
    * done. Only admins may call it.
    *
-   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD); ALREADY_EXISTS (ALREADY_EXISTS)
-   * for a taken image id; ALREADY_EXISTS (OPERATION_CONFLICT); NOT_FOUND (RESOURCE_NOT_FOUND) for the virtual
-   * machine; FAILED_PRECONDITION (VIRTUAL_MACHINE_RUNNING, UNTRUSTED_DOMAIN_XML); UNAVAILABLE
+   * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD); FAILED_PRECONDITION
+   * (RESOURCE_STATE_CONFLICT) while another version of the image is PUBLISHING or the image is DELETING;
+   * ALREADY_EXISTS (OPERATION_CONFLICT); NOT_FOUND (RESOURCE_NOT_FOUND) for the virtual machine; FAILED_PRECONDITION (VIRTUAL_MACHINE_RUNNING, UNTRUSTED_DOMAIN_XML); UNAVAILABLE
    * (HOST_UNREACHABLE). Errors of the operation: RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), FAILED_PRECONDITION
    * (VIRTUAL_MACHINE_RUNNING) when the virtual machine was started meanwhile, UNAVAILABLE (HOST_UNREACHABLE),
    * CANCELLED.
@@ -3427,9 +3844,12 @@ export interface DistributionServiceClient extends Client {
    * catalog record (the image is PUBLISHING while the operation runs, so that its id is taken, and the record
    * is removed when it fails), no event. Cancelling the operation does the same. Only admins may call it.
    *
+   * Onto an existing image id, ImportImage adds a version, as PublishImage does; a failure removes only that
+   * version's record.
+   *
    * Errors, before an operation is created: INVALID_ARGUMENT (INVALID_FIELD) naming the field, among them an
    * import_path that is absolute, contains `..` or is empty, and a url that is not http(s) or carries
-   * credentials; ALREADY_EXISTS (ALREADY_EXISTS) for a taken image id; ALREADY_EXISTS (OPERATION_CONFLICT);
+   * credentials; FAILED_PRECONDITION (RESOURCE_STATE_CONFLICT) while another version of the image is PUBLISHING; ALREADY_EXISTS (OPERATION_CONFLICT);
    * NOT_FOUND (RESOURCE_NOT_FOUND) for the host; UNAVAILABLE (HOST_UNREACHABLE). Errors of the operation:
    * INVALID_ARGUMENT (INVALID_FIELD) for an import_path that leaves the import directory through a symbolic
    * link or is not a regular file (kernel and initrd paths likewise), an unsupported or unreadable format,
@@ -3491,7 +3911,9 @@ export interface DistributionServiceClient extends Client {
     callback: (error: ServiceError | null, response: Operation) => void,
   ): ClientUnaryCall;
   /**
-   * DeleteImage removes an image from the catalog together with every replica of it. The image turns DELETING
+   * DeleteImage removes an image from the catalog together with every replica of it; named by version
+   * (`images/{image}/versions/{version}`) it removes that version only (not the `latest` one while older ones
+   * remain: point `latest` elsewhere by publishing, or delete the older ones first). The image turns DELETING
    * at once (nothing new may distribute or clone it); the operation is done when every reachable host has
    * removed its files. Replicas on UNREACHABLE hosts lose their records at once, and their agents remove the
    * files when they next register, because the image is no longer in the catalog. image.deleted is published
@@ -3560,6 +3982,52 @@ export interface DistributionServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: CollectImageReplicasResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * UpdateImage changes an image's settings (AIP-134): `aliases` (the whole map of operator aliases; `latest`
+   * may not be set, every alias must name an existing AVAILABLE version) and `keep_versions`. Returns the image
+   * view. Only admins may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD) for another mask path, a bad alias
+   * name or an unknown version; NOT_FOUND (RESOURCE_NOT_FOUND).
+   */
+  updateImage(
+    request: UpdateImageRequest,
+    callback: (error: ServiceError | null, response: Image) => void,
+  ): ClientUnaryCall;
+  updateImage(
+    request: UpdateImageRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Image) => void,
+  ): ClientUnaryCall;
+  updateImage(
+    request: UpdateImageRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Image) => void,
+  ): ClientUnaryCall;
+  /**
+   * CollectImageGarbage applies the retention policy. Per image: versions beyond the newest keep_versions are
+   * deleted (catalog record and every replica) unless a clone uses them, an alias points at them, or they are
+   * the latest. Per host: when the image directory is used above the host's high watermark
+   * (Host.image_directory_high_watermark_percent), unused replicas are removed least recently used first until
+   * it is below (never an origin replica, never the last AVAILABLE replica of a version, never one with
+   * dependents). The service also runs it every COWHERD_GARBAGE_INTERVAL (default 10 minutes). With
+   * validate_only nothing is deleted and the response says what would go. Only admins may call it.
+   * Errors: INVALID_ARGUMENT (INVALID_FIELD).
+   */
+  collectImageGarbage(
+    request: CollectImageGarbageRequest,
+    callback: (error: ServiceError | null, response: CollectImageGarbageResponse) => void,
+  ): ClientUnaryCall;
+  collectImageGarbage(
+    request: CollectImageGarbageRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: CollectImageGarbageResponse) => void,
+  ): ClientUnaryCall;
+  collectImageGarbage(
+    request: CollectImageGarbageRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: CollectImageGarbageResponse) => void,
   ): ClientUnaryCall;
 }
 

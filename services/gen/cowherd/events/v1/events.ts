@@ -324,7 +324,10 @@ export interface ImageReplicaDeleted {
  * `cowherd.events.image.deleted._`, published by distribution.
  */
 export interface ImageDeleted {
-  /** The image, `images/{image}`. */
+  /**
+   * The image, `images/{image}`; or the version deleted, `images/{image}/versions/{version}` (a DeleteImage of
+   * one version, or garbage collection).
+   */
   image: string;
   /** The DeleteImage operation, `operations/{operation}`. */
   operation: string;
@@ -359,7 +362,14 @@ export interface CloneDone {
   /** The CloneVirtualMachines operation, `operations/{operation}`. */
   operation: string;
   /** When the clone was defined (and started, if asked). */
-  occurTime: Date | undefined;
+  occurTime:
+    | Date
+    | undefined;
+  /**
+   * The exact image version cloned from, `images/{image}/versions/{version}`; empty when cloned from a virtual
+   * machine.
+   */
+  imageVersion: string;
 }
 
 /**
@@ -395,6 +405,29 @@ export interface CloneFailed {
   /** The CloneVirtualMachines operation, `operations/{operation}`. */
   operation: string;
   /** When the clone failed. */
+  occurTime: Date | undefined;
+}
+
+/**
+ * CloneRebased: a clone was moved onto another version of its image (RebaseVirtualMachines). Subject
+ * `cowherd.events.clone.rebased.<host>`, published by the agent.
+ */
+export interface CloneRebased {
+  /** The clone, `hosts/{host}/virtualMachines/{virtual_machine}`. */
+  virtualMachine: string;
+  /** The host, `hosts/{host}`. */
+  host: string;
+  /** The version the clone stands on now, `images/{image}/versions/{version}`. */
+  imageVersion: string;
+  /** The version it stood on before. */
+  previousImageVersion: string;
+  /** The clone's new system-disk overlay (absolute path). */
+  overlay: string;
+  /** Whether the clone was started after the move. */
+  restarted: boolean;
+  /** The RebaseVirtualMachines operation, `operations/{operation}`. */
+  operation: string;
+  /** When the move was done. */
   occurTime: Date | undefined;
 }
 
@@ -2619,6 +2652,7 @@ function createBaseCloneDone(): CloneDone {
     started: false,
     operation: "",
     occurTime: undefined,
+    imageVersion: "",
   };
 }
 
@@ -2655,6 +2689,9 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
     }
     if (message.occurTime !== undefined) {
       Timestamp.encode(toTimestamp(message.occurTime), writer.uint32(82).fork()).join();
+    }
+    if (message.imageVersion !== "") {
+      writer.uint32(90).string(message.imageVersion);
     }
     return writer;
   },
@@ -2752,6 +2789,14 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
             message.occurTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.imageVersion = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2792,6 +2837,11 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
         : isSet(object.occur_time)
         ? fromJsonTimestamp(object.occur_time)
         : undefined,
+      imageVersion: isSet(object.imageVersion)
+        ? globalThis.String(object.imageVersion)
+        : isSet(object.image_version)
+        ? globalThis.String(object.image_version)
+        : "",
     };
   },
 
@@ -2827,6 +2877,9 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
     if (message.occurTime !== undefined) {
       obj.occurTime = message.occurTime.toISOString();
     }
+    if (message.imageVersion !== "") {
+      obj.imageVersion = message.imageVersion;
+    }
     return obj;
   },
 
@@ -2845,6 +2898,7 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
     message.started = object.started ?? false;
     message.operation = object.operation ?? "";
     message.occurTime = object.occurTime ?? undefined;
+    message.imageVersion = object.imageVersion ?? "";
     return message;
   },
 };
@@ -3087,6 +3141,214 @@ export const CloneFailed: MessageFns<CloneFailed, "cowherd.events.v1.CloneFailed
     message.status = (object.status !== undefined && object.status !== null)
       ? Status.fromPartial(object.status)
       : undefined;
+    message.operation = object.operation ?? "";
+    message.occurTime = object.occurTime ?? undefined;
+    return message;
+  },
+};
+
+function createBaseCloneRebased(): CloneRebased {
+  return {
+    virtualMachine: "",
+    host: "",
+    imageVersion: "",
+    previousImageVersion: "",
+    overlay: "",
+    restarted: false,
+    operation: "",
+    occurTime: undefined,
+  };
+}
+
+export const CloneRebased: MessageFns<CloneRebased, "cowherd.events.v1.CloneRebased"> = {
+  $type: "cowherd.events.v1.CloneRebased" as const,
+
+  encode(message: CloneRebased, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.virtualMachine !== "") {
+      writer.uint32(10).string(message.virtualMachine);
+    }
+    if (message.host !== "") {
+      writer.uint32(18).string(message.host);
+    }
+    if (message.imageVersion !== "") {
+      writer.uint32(26).string(message.imageVersion);
+    }
+    if (message.previousImageVersion !== "") {
+      writer.uint32(34).string(message.previousImageVersion);
+    }
+    if (message.overlay !== "") {
+      writer.uint32(42).string(message.overlay);
+    }
+    if (message.restarted !== false) {
+      writer.uint32(48).bool(message.restarted);
+    }
+    if (message.operation !== "") {
+      writer.uint32(58).string(message.operation);
+    }
+    if (message.occurTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.occurTime), writer.uint32(66).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CloneRebased {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCloneRebased();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.virtualMachine = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.imageVersion = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.previousImageVersion = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.overlay = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.restarted = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.operation = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.occurTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CloneRebased {
+    return {
+      virtualMachine: isSet(object.virtualMachine)
+        ? globalThis.String(object.virtualMachine)
+        : isSet(object.virtual_machine)
+        ? globalThis.String(object.virtual_machine)
+        : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      imageVersion: isSet(object.imageVersion)
+        ? globalThis.String(object.imageVersion)
+        : isSet(object.image_version)
+        ? globalThis.String(object.image_version)
+        : "",
+      previousImageVersion: isSet(object.previousImageVersion)
+        ? globalThis.String(object.previousImageVersion)
+        : isSet(object.previous_image_version)
+        ? globalThis.String(object.previous_image_version)
+        : "",
+      overlay: isSet(object.overlay) ? globalThis.String(object.overlay) : "",
+      restarted: isSet(object.restarted) ? globalThis.Boolean(object.restarted) : false,
+      operation: isSet(object.operation) ? globalThis.String(object.operation) : "",
+      occurTime: isSet(object.occurTime)
+        ? fromJsonTimestamp(object.occurTime)
+        : isSet(object.occur_time)
+        ? fromJsonTimestamp(object.occur_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: CloneRebased): unknown {
+    const obj: any = {};
+    if (message.virtualMachine !== "") {
+      obj.virtualMachine = message.virtualMachine;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.imageVersion !== "") {
+      obj.imageVersion = message.imageVersion;
+    }
+    if (message.previousImageVersion !== "") {
+      obj.previousImageVersion = message.previousImageVersion;
+    }
+    if (message.overlay !== "") {
+      obj.overlay = message.overlay;
+    }
+    if (message.restarted !== false) {
+      obj.restarted = message.restarted;
+    }
+    if (message.operation !== "") {
+      obj.operation = message.operation;
+    }
+    if (message.occurTime !== undefined) {
+      obj.occurTime = message.occurTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CloneRebased>): CloneRebased {
+    return CloneRebased.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CloneRebased>): CloneRebased {
+    const message = createBaseCloneRebased();
+    message.virtualMachine = object.virtualMachine ?? "";
+    message.host = object.host ?? "";
+    message.imageVersion = object.imageVersion ?? "";
+    message.previousImageVersion = object.previousImageVersion ?? "";
+    message.overlay = object.overlay ?? "";
+    message.restarted = object.restarted ?? false;
     message.operation = object.operation ?? "";
     message.occurTime = object.occurTime ?? undefined;
     return message;

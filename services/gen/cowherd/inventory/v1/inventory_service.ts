@@ -151,7 +151,7 @@ export interface UpdateHostRequest {
     | undefined;
   /**
    * The fields to change: any of `labels`, `transfer_limits`, `transfer_limits.upload_bytes_per_second`,
-   * `transfer_limits.download_bytes_per_second` and `draining`. `labels` replaces the whole map. An empty or
+   * `transfer_limits.download_bytes_per_second`, `draining` and `image_directory_high_watermark_percent`. `labels` replaces the whole map. An empty or
    * unset mask, or `*`, is INVALID_ARGUMENT, so that no field changes by accident.
    */
   updateMask: string[] | undefined;
@@ -202,6 +202,26 @@ export interface ListImagesResponse {
   /** The images of this page. */
   images: Image[];
   /** A token for the next page, to pass as page_token; empty when this is the last page. */
+  nextPageToken: string;
+}
+
+/** ListImageVersionsRequest is the request of ListImageVersions. */
+export interface ListImageVersionsRequest {
+  /** The image, `images/{image}`. */
+  parent: string;
+  /** The maximum number of versions to return: 100 when 0, at most 1000; negative is INVALID_ARGUMENT. */
+  pageSize: number;
+  /** The next_page_token of a previous call with the same other fields. */
+  pageToken: string;
+  /** How much of each version to return; unset means IMAGE_VIEW_BASIC. */
+  view: ImageView;
+}
+
+/** ListImageVersionsResponse is the response of ListImageVersions. */
+export interface ListImageVersionsResponse {
+  /** The versions of this page, oldest first, each named `images/{image}/versions/{version}`. */
+  versions: Image[];
+  /** A token for the next page; empty when this is the last page. */
   nextPageToken: string;
 }
 
@@ -1588,6 +1608,230 @@ export const ListImagesResponse: MessageFns<ListImagesResponse, "cowherd.invento
   },
 };
 
+function createBaseListImageVersionsRequest(): ListImageVersionsRequest {
+  return { parent: "", pageSize: 0, pageToken: "", view: 0 };
+}
+
+export const ListImageVersionsRequest: MessageFns<
+  ListImageVersionsRequest,
+  "cowherd.inventory.v1.ListImageVersionsRequest"
+> = {
+  $type: "cowherd.inventory.v1.ListImageVersionsRequest" as const,
+
+  encode(message: ListImageVersionsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.parent !== "") {
+      writer.uint32(10).string(message.parent);
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(16).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(26).string(message.pageToken);
+    }
+    if (message.view !== 0) {
+      writer.uint32(32).int32(message.view);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListImageVersionsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListImageVersionsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.parent = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.view = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListImageVersionsRequest {
+    return {
+      parent: isSet(object.parent) ? globalThis.String(object.parent) : "",
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+      view: isSet(object.view) ? imageViewFromJSON(object.view) : 0,
+    };
+  },
+
+  toJSON(message: ListImageVersionsRequest): unknown {
+    const obj: any = {};
+    if (message.parent !== "") {
+      obj.parent = message.parent;
+    }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
+    if (message.view !== 0) {
+      obj.view = imageViewToJSON(message.view);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListImageVersionsRequest>): ListImageVersionsRequest {
+    return ListImageVersionsRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListImageVersionsRequest>): ListImageVersionsRequest {
+    const message = createBaseListImageVersionsRequest();
+    message.parent = object.parent ?? "";
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
+    message.view = object.view ?? 0;
+    return message;
+  },
+};
+
+function createBaseListImageVersionsResponse(): ListImageVersionsResponse {
+  return { versions: [], nextPageToken: "" };
+}
+
+export const ListImageVersionsResponse: MessageFns<
+  ListImageVersionsResponse,
+  "cowherd.inventory.v1.ListImageVersionsResponse"
+> = {
+  $type: "cowherd.inventory.v1.ListImageVersionsResponse" as const,
+
+  encode(message: ListImageVersionsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.versions) {
+      Image.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListImageVersionsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListImageVersionsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.versions.push(Image.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListImageVersionsResponse {
+    return {
+      versions: globalThis.Array.isArray(object?.versions) ? object.versions.map((e: any) => Image.fromJSON(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListImageVersionsResponse): unknown {
+    const obj: any = {};
+    if (message.versions?.length) {
+      obj.versions = message.versions.map((e) => Image.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ListImageVersionsResponse>): ListImageVersionsResponse {
+    return ListImageVersionsResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ListImageVersionsResponse>): ListImageVersionsResponse {
+    const message = createBaseListImageVersionsResponse();
+    message.versions = object.versions?.map((e) => Image.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
+    return message;
+  },
+};
+
 function createBaseGetImageReplicaRequest(): GetImageReplicaRequest {
   return { name: "" };
 }
@@ -2412,7 +2656,9 @@ export const InventoryServiceService = {
   },
   /**
    * GetImage returns one image of the catalog, by default with every field (IMAGE_VIEW_FULL). Admins and
-   * services may call it. Errors: NOT_FOUND (RESOURCE_NOT_FOUND).
+   * services may call it. `images/{image}` is the image at its latest version (with its aliases and versions);
+   * `images/{image}/versions/{version}` one version, by number or alias (the answer names it by number).
+   * Errors: NOT_FOUND (RESOURCE_NOT_FOUND), also for an unknown alias.
    */
   getImage: {
     path: "/cowherd.inventory.v1.InventoryService/GetImage" as const,
@@ -2422,6 +2668,22 @@ export const InventoryServiceService = {
     requestDeserialize: (value: Buffer): GetImageRequest => GetImageRequest.decode(value),
     responseSerialize: (value: Image): Buffer => Buffer.from(Image.encode(value).finish()),
     responseDeserialize: (value: Buffer): Image => Image.decode(value),
+  },
+  /**
+   * ListImageVersions lists the versions of one image, `images/{image}`, oldest first, by default without the
+   * large fields (IMAGE_VIEW_BASIC). Admins and services may call it. Errors: NOT_FOUND (RESOURCE_NOT_FOUND);
+   * INVALID_ARGUMENT (INVALID_FIELD for a bad parent or page_size, PAGE_TOKEN_INVALID).
+   */
+  listImageVersions: {
+    path: "/cowherd.inventory.v1.InventoryService/ListImageVersions" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ListImageVersionsRequest): Buffer =>
+      Buffer.from(ListImageVersionsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ListImageVersionsRequest => ListImageVersionsRequest.decode(value),
+    responseSerialize: (value: ListImageVersionsResponse): Buffer =>
+      Buffer.from(ListImageVersionsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ListImageVersionsResponse => ListImageVersionsResponse.decode(value),
   },
   /**
    * ListImages lists the catalog ordered by name, by default without the large fields (IMAGE_VIEW_BASIC).
@@ -2576,9 +2838,17 @@ export interface InventoryServiceServer extends UntypedServiceImplementation {
   deleteHost: handleUnaryCall<DeleteHostRequest, Empty>;
   /**
    * GetImage returns one image of the catalog, by default with every field (IMAGE_VIEW_FULL). Admins and
-   * services may call it. Errors: NOT_FOUND (RESOURCE_NOT_FOUND).
+   * services may call it. `images/{image}` is the image at its latest version (with its aliases and versions);
+   * `images/{image}/versions/{version}` one version, by number or alias (the answer names it by number).
+   * Errors: NOT_FOUND (RESOURCE_NOT_FOUND), also for an unknown alias.
    */
   getImage: handleUnaryCall<GetImageRequest, Image>;
+  /**
+   * ListImageVersions lists the versions of one image, `images/{image}`, oldest first, by default without the
+   * large fields (IMAGE_VIEW_BASIC). Admins and services may call it. Errors: NOT_FOUND (RESOURCE_NOT_FOUND);
+   * INVALID_ARGUMENT (INVALID_FIELD for a bad parent or page_size, PAGE_TOKEN_INVALID).
+   */
+  listImageVersions: handleUnaryCall<ListImageVersionsRequest, ListImageVersionsResponse>;
   /**
    * ListImages lists the catalog ordered by name, by default without the large fields (IMAGE_VIEW_BASIC).
    * Admins and services may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD for a bad filter or page_size,
@@ -2771,7 +3041,9 @@ export interface InventoryServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * GetImage returns one image of the catalog, by default with every field (IMAGE_VIEW_FULL). Admins and
-   * services may call it. Errors: NOT_FOUND (RESOURCE_NOT_FOUND).
+   * services may call it. `images/{image}` is the image at its latest version (with its aliases and versions);
+   * `images/{image}/versions/{version}` one version, by number or alias (the answer names it by number).
+   * Errors: NOT_FOUND (RESOURCE_NOT_FOUND), also for an unknown alias.
    */
   getImage(request: GetImageRequest, callback: (error: ServiceError | null, response: Image) => void): ClientUnaryCall;
   getImage(
@@ -2784,6 +3056,26 @@ export interface InventoryServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Image) => void,
+  ): ClientUnaryCall;
+  /**
+   * ListImageVersions lists the versions of one image, `images/{image}`, oldest first, by default without the
+   * large fields (IMAGE_VIEW_BASIC). Admins and services may call it. Errors: NOT_FOUND (RESOURCE_NOT_FOUND);
+   * INVALID_ARGUMENT (INVALID_FIELD for a bad parent or page_size, PAGE_TOKEN_INVALID).
+   */
+  listImageVersions(
+    request: ListImageVersionsRequest,
+    callback: (error: ServiceError | null, response: ListImageVersionsResponse) => void,
+  ): ClientUnaryCall;
+  listImageVersions(
+    request: ListImageVersionsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ListImageVersionsResponse) => void,
+  ): ClientUnaryCall;
+  listImageVersions(
+    request: ListImageVersionsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ListImageVersionsResponse) => void,
   ): ClientUnaryCall;
   /**
    * ListImages lists the catalog ordered by name, by default without the large fields (IMAGE_VIEW_BASIC).

@@ -138,7 +138,16 @@ export interface Host {
   /** The agent's version, for example "0.1.0". */
   agentVersion: string;
   /** When any field other than the heartbeat numbers last changed. */
-  updateTime: Date | undefined;
+  updateTime:
+    | Date
+    | undefined;
+  /**
+   * The image directory's high watermark in percent of its file system (1-99); 0 turns it off. When the host
+   * reports more use than this, the distribution service's garbage collection removes the least recently used
+   * replicas that nothing uses (never an origin, never the last AVAILABLE replica of a version, never one with
+   * dependents) until use is below it. Set with UpdateHost (update_mask `image_directory_high_watermark_percent`).
+   */
+  imageDirectoryHighWatermarkPercent: number;
 }
 
 /** State is whether a host can take work. */
@@ -267,7 +276,30 @@ export interface Image {
    * no seed disk unless the request asks for one. It is part of the image's record, readable by whoever
    * reads images: keep secrets in the request, which cowherd never stores. No RPC sets it yet.
    */
-  defaultGuestConfiguration: GuestConfiguration | undefined;
+  defaultGuestConfiguration:
+    | GuestConfiguration
+    | undefined;
+  /**
+   * The version this record describes. An image has numbered versions: publishing or importing onto an
+   * existing image id adds one. `images/{image}` reads as its `latest` version (name `images/{image}`, this
+   * field its number); `images/{image}/versions/{version}` names one version, where {version} is its number
+   * or an alias (`latest`, or one an operator set with UpdateImage). Version 1 keeps the image id as its
+   * storage key, so images published before versions existed are their own version 1.
+   */
+  version: string;
+  /**
+   * Where the image's aliases point: alias -> version number. `latest` is always there (the newest AVAILABLE
+   * version, moved by the catalog); others are set with UpdateImage (update_mask `aliases`). An alias is a
+   * lowercase DNS label that does not start with a digit. Filled on the image view (`images/{image}`).
+   */
+  aliases: { [key: string]: string };
+  /**
+   * How many of the newest versions garbage collection keeps (versions that any clone uses are kept as well).
+   * 0 means the distribution service's default (COWHERD_KEEP_IMAGE_VERSIONS, 3). Set with UpdateImage.
+   */
+  keepVersions: number;
+  /** The image's versions that exist, oldest first (on the image view only). */
+  versions: string[];
 }
 
 /** State is where an image is in its life. */
@@ -328,6 +360,36 @@ export function image_StateToJSON(object: Image_State): string {
 }
 
 export interface Image_LabelsEntry {
+  key: string;
+  value: string;
+}
+
+export interface Image_AliasesEntry {
+  key: string;
+  value: string;
+}
+
+/**
+ * ImageHead is the catalog's record of one image's versions (KV `image-heads`, key the image id), written by the
+ * distribution service: which version numbers were handed out, where the aliases point, the retention. An
+ * image without one has the single version 1. Not returned by any RPC (the image view carries its fields).
+ */
+export interface ImageHead {
+  /** The image, `images/{image}`. */
+  image: string;
+  /** The newest AVAILABLE version (alias `latest`); 0 before the first version is AVAILABLE. */
+  latestVersion: string;
+  /** The highest version number handed out (PUBLISHING, FAILED and deleted versions count: numbers are never reused). */
+  lastVersion: string;
+  /** Operator-defined aliases -> version numbers (`latest` is not stored here). */
+  aliases: { [key: string]: string };
+  /** Image.keep_versions. */
+  keepVersions: number;
+  /** When the record last changed. */
+  updateTime: Date | undefined;
+}
+
+export interface ImageHead_AliasesEntry {
   key: string;
   value: string;
 }
@@ -472,6 +534,17 @@ export interface ImageReplica {
    * backing files (existing clones keep their base; nothing rewrites it). Oldest first.
    */
   damagedGenerations: DamagedReplicaGeneration[];
+  /**
+   * The exact image version this replica holds, `images/{image}/versions/{version}` (numbered). The replica of
+   * version 1 is `hosts/{host}/images/{image}` (also reachable as `hosts/{host}/images/{image}/versions/1`);
+   * of a later version `hosts/{host}/images/{image}/versions/{version}`.
+   */
+  imageVersion: string;
+  /**
+   * When a clone was last made from (or rebased onto) this replica; its create_time before that. Garbage
+   * collection at a host's high watermark removes the least recently used unused replicas first.
+   */
+  lastUseTime: Date | undefined;
 }
 
 /** State is where a replica is in its life. */
@@ -620,6 +693,11 @@ export interface VirtualMachine {
    * digest is kept: user-data and keys are never stored in the inventory, events or operations.
    */
   guestConfigurationDigest: string;
+  /**
+   * The exact image version the clone's system disk stands on, `images/{image}/versions/{version}`; empty for
+   * virtual machines not cloned from an image. Also in lineage.image_version.
+   */
+  sourceImageVersion: string;
 }
 
 /** State is the libvirt domain state. */
@@ -710,6 +788,11 @@ export interface Disk {
   allocatedBytes: string;
   /** The disk's backing files, nearest first; empty for a standalone disk. */
   backingChain: BackingFile[];
+  /**
+   * True for a clone's persistent disk (made with data_disk_bytes): a rebase keeps it, while the system disk
+   * becomes a fresh overlay on the new version.
+   */
+  persistent: boolean;
 }
 
 /** BackingFile is one file in a disk's backing chain. */
@@ -745,6 +828,13 @@ export interface VirtualMachineLineage {
    * `<image_directory>/clones/<domain_name>/`. DeleteVirtualMachine removes exactly these files.
    */
   overlays: string[];
+  /** The exact image version, `images/{image}/versions/{version}` (numbered), that the clone stands on. */
+  imageVersion: string;
+  /**
+   * The version the clone stood on before its last rebase (empty if it was never rebased): rebasing onto it
+   * moves the clone back.
+   */
+  previousImageVersion: string;
 }
 
 /** VirtualMachineChange is one change to the set of virtual machines, as streamed by WatchVirtualMachines. */
@@ -883,6 +973,7 @@ function createBaseHost(): Host {
     lastHeartbeatTime: undefined,
     agentVersion: "",
     updateTime: undefined,
+    imageDirectoryHighWatermarkPercent: 0,
   };
 }
 
@@ -949,6 +1040,9 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
     }
     if (message.updateTime !== undefined) {
       Timestamp.encode(toTimestamp(message.updateTime), writer.uint32(162).fork()).join();
+    }
+    if (message.imageDirectoryHighWatermarkPercent !== 0) {
+      writer.uint32(168).int32(message.imageDirectoryHighWatermarkPercent);
     }
     return writer;
   },
@@ -1129,6 +1223,14 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
             message.updateTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.imageDirectoryHighWatermarkPercent = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1232,6 +1334,11 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
         : isSet(object.update_time)
         ? fromJsonTimestamp(object.update_time)
         : undefined,
+      imageDirectoryHighWatermarkPercent: isSet(object.imageDirectoryHighWatermarkPercent)
+        ? globalThis.Number(object.imageDirectoryHighWatermarkPercent)
+        : isSet(object.image_directory_high_watermark_percent)
+        ? globalThis.Number(object.image_directory_high_watermark_percent)
+        : 0,
     };
   },
 
@@ -1303,6 +1410,9 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
     if (message.updateTime !== undefined) {
       obj.updateTime = message.updateTime.toISOString();
     }
+    if (message.imageDirectoryHighWatermarkPercent !== 0) {
+      obj.imageDirectoryHighWatermarkPercent = Math.round(message.imageDirectoryHighWatermarkPercent);
+    }
     return obj;
   },
 
@@ -1341,6 +1451,7 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
     message.lastHeartbeatTime = object.lastHeartbeatTime ?? undefined;
     message.agentVersion = object.agentVersion ?? "";
     message.updateTime = object.updateTime ?? undefined;
+    message.imageDirectoryHighWatermarkPercent = object.imageDirectoryHighWatermarkPercent ?? 0;
     return message;
   },
 };
@@ -1543,6 +1654,10 @@ function createBaseImage(): Image {
     labels: {},
     error: undefined,
     defaultGuestConfiguration: undefined,
+    version: "0",
+    aliases: {},
+    keepVersions: 0,
+    versions: [],
   };
 }
 
@@ -1591,6 +1706,18 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     }
     if (message.defaultGuestConfiguration !== undefined) {
       GuestConfiguration.encode(message.defaultGuestConfiguration, writer.uint32(114).fork()).join();
+    }
+    if (message.version !== "0") {
+      writer.uint32(120).int64(message.version);
+    }
+    globalThis.Object.entries(message.aliases).forEach(([key, value]: [string, string]) => {
+      Image_AliasesEntry.encode({ key: key as any, value }, writer.uint32(130).fork()).join();
+    });
+    if (message.keepVersions !== 0) {
+      writer.uint32(136).int32(message.keepVersions);
+    }
+    for (const v of message.versions) {
+      writer.uint32(144).int64(v!);
     }
     return writer;
   },
@@ -1723,6 +1850,51 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
             message.defaultGuestConfiguration = GuestConfiguration.decode(reader, reader.uint32());
             continue;
           }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.version = reader.int64().toString();
+            continue;
+          }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            const entry16 = Image_AliasesEntry.decode(reader, reader.uint32());
+            if (entry16.value !== undefined) {
+              message.aliases[entry16.key] = entry16.value;
+            }
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.keepVersions = reader.int32();
+            continue;
+          }
+          case 18: {
+            if (tag === 144) {
+              message.versions.push(reader.int64().toString());
+
+              continue;
+            }
+
+            if (tag === 146) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.versions.push(reader.int64().toString());
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1788,6 +1960,29 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
         : isSet(object.default_guest_configuration)
         ? GuestConfiguration.fromJSON(object.default_guest_configuration)
         : undefined,
+      version: isSet(object.version) ? globalThis.String(object.version) : "0",
+      aliases: isObject(object.aliases)
+        ? (globalThis.Object.entries(object.aliases) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      keepVersions: isSet(object.keepVersions)
+        ? globalThis.Number(object.keepVersions)
+        : isSet(object.keep_versions)
+        ? globalThis.Number(object.keep_versions)
+        : 0,
+      versions: globalThis.Array.isArray(object?.versions)
+        ? object.versions.map((e: any) => globalThis.String(e))
+        : [],
     };
   },
 
@@ -1841,6 +2036,24 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     if (message.defaultGuestConfiguration !== undefined) {
       obj.defaultGuestConfiguration = GuestConfiguration.toJSON(message.defaultGuestConfiguration);
     }
+    if (message.version !== "0") {
+      obj.version = message.version;
+    }
+    if (message.aliases) {
+      const entries = globalThis.Object.entries(message.aliases) as [string, string][];
+      if (entries.length > 0) {
+        obj.aliases = {};
+        entries.forEach(([k, v]) => {
+          obj.aliases[k] = v;
+        });
+      }
+    }
+    if (message.keepVersions !== 0) {
+      obj.keepVersions = Math.round(message.keepVersions);
+    }
+    if (message.versions?.length) {
+      obj.versions = message.versions;
+    }
     return obj;
   },
 
@@ -1878,6 +2091,18 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
       (object.defaultGuestConfiguration !== undefined && object.defaultGuestConfiguration !== null)
         ? GuestConfiguration.fromPartial(object.defaultGuestConfiguration)
         : undefined;
+    message.version = object.version ?? "0";
+    message.aliases = (globalThis.Object.entries(object.aliases ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.keepVersions = object.keepVersions ?? 0;
+    message.versions = object.versions?.map((e) => e) || [];
     return message;
   },
 };
@@ -1968,6 +2193,378 @@ export const Image_LabelsEntry: MessageFns<Image_LabelsEntry, "cowherd.inventory
     return message;
   },
 };
+
+function createBaseImage_AliasesEntry(): Image_AliasesEntry {
+  return { key: "", value: "0" };
+}
+
+export const Image_AliasesEntry: MessageFns<Image_AliasesEntry, "cowherd.inventory.v1.Image.AliasesEntry"> = {
+  $type: "cowherd.inventory.v1.Image.AliasesEntry" as const,
+
+  encode(message: Image_AliasesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "0") {
+      writer.uint32(16).int64(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Image_AliasesEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImage_AliasesEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.value = reader.int64().toString();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Image_AliasesEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "0",
+    };
+  },
+
+  toJSON(message: Image_AliasesEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "0") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Image_AliasesEntry>): Image_AliasesEntry {
+    return Image_AliasesEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Image_AliasesEntry>): Image_AliasesEntry {
+    const message = createBaseImage_AliasesEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "0";
+    return message;
+  },
+};
+
+function createBaseImageHead(): ImageHead {
+  return { image: "", latestVersion: "0", lastVersion: "0", aliases: {}, keepVersions: 0, updateTime: undefined };
+}
+
+export const ImageHead: MessageFns<ImageHead, "cowherd.inventory.v1.ImageHead"> = {
+  $type: "cowherd.inventory.v1.ImageHead" as const,
+
+  encode(message: ImageHead, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.image !== "") {
+      writer.uint32(10).string(message.image);
+    }
+    if (message.latestVersion !== "0") {
+      writer.uint32(16).int64(message.latestVersion);
+    }
+    if (message.lastVersion !== "0") {
+      writer.uint32(24).int64(message.lastVersion);
+    }
+    globalThis.Object.entries(message.aliases).forEach(([key, value]: [string, string]) => {
+      ImageHead_AliasesEntry.encode({ key: key as any, value }, writer.uint32(34).fork()).join();
+    });
+    if (message.keepVersions !== 0) {
+      writer.uint32(40).int32(message.keepVersions);
+    }
+    if (message.updateTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.updateTime), writer.uint32(50).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageHead {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageHead();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.image = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.latestVersion = reader.int64().toString();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.lastVersion = reader.int64().toString();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            const entry4 = ImageHead_AliasesEntry.decode(reader, reader.uint32());
+            if (entry4.value !== undefined) {
+              message.aliases[entry4.key] = entry4.value;
+            }
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.keepVersions = reader.int32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.updateTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImageHead {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      latestVersion: isSet(object.latestVersion)
+        ? globalThis.String(object.latestVersion)
+        : isSet(object.latest_version)
+        ? globalThis.String(object.latest_version)
+        : "0",
+      lastVersion: isSet(object.lastVersion)
+        ? globalThis.String(object.lastVersion)
+        : isSet(object.last_version)
+        ? globalThis.String(object.last_version)
+        : "0",
+      aliases: isObject(object.aliases)
+        ? (globalThis.Object.entries(object.aliases) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      keepVersions: isSet(object.keepVersions)
+        ? globalThis.Number(object.keepVersions)
+        : isSet(object.keep_versions)
+        ? globalThis.Number(object.keep_versions)
+        : 0,
+      updateTime: isSet(object.updateTime)
+        ? fromJsonTimestamp(object.updateTime)
+        : isSet(object.update_time)
+        ? fromJsonTimestamp(object.update_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: ImageHead): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.latestVersion !== "0") {
+      obj.latestVersion = message.latestVersion;
+    }
+    if (message.lastVersion !== "0") {
+      obj.lastVersion = message.lastVersion;
+    }
+    if (message.aliases) {
+      const entries = globalThis.Object.entries(message.aliases) as [string, string][];
+      if (entries.length > 0) {
+        obj.aliases = {};
+        entries.forEach(([k, v]) => {
+          obj.aliases[k] = v;
+        });
+      }
+    }
+    if (message.keepVersions !== 0) {
+      obj.keepVersions = Math.round(message.keepVersions);
+    }
+    if (message.updateTime !== undefined) {
+      obj.updateTime = message.updateTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImageHead>): ImageHead {
+    return ImageHead.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImageHead>): ImageHead {
+    const message = createBaseImageHead();
+    message.image = object.image ?? "";
+    message.latestVersion = object.latestVersion ?? "0";
+    message.lastVersion = object.lastVersion ?? "0";
+    message.aliases = (globalThis.Object.entries(object.aliases ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.keepVersions = object.keepVersions ?? 0;
+    message.updateTime = object.updateTime ?? undefined;
+    return message;
+  },
+};
+
+function createBaseImageHead_AliasesEntry(): ImageHead_AliasesEntry {
+  return { key: "", value: "0" };
+}
+
+export const ImageHead_AliasesEntry: MessageFns<ImageHead_AliasesEntry, "cowherd.inventory.v1.ImageHead.AliasesEntry"> =
+  {
+    $type: "cowherd.inventory.v1.ImageHead.AliasesEntry" as const,
+
+    encode(message: ImageHead_AliasesEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+      if (message.key !== "") {
+        writer.uint32(10).string(message.key);
+      }
+      if (message.value !== "0") {
+        writer.uint32(16).int64(message.value);
+      }
+      return writer;
+    },
+
+    decode(input: BinaryReader | Uint8Array, length?: number): ImageHead_AliasesEntry {
+      const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+      const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+      if (previousRecursionDepth >= 100) {
+        throw new globalThis.Error("protobuf decode recursion limit exceeded");
+      }
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+      try {
+        const end = length === undefined ? reader.len : reader.pos + length;
+        const message = createBaseImageHead_AliasesEntry();
+        while (reader.pos < end) {
+          const tag = reader.uint32();
+          switch (tag >>> 3) {
+            case 1: {
+              if (tag !== 10) {
+                break;
+              }
+
+              message.key = reader.string();
+              continue;
+            }
+            case 2: {
+              if (tag !== 16) {
+                break;
+              }
+
+              message.value = reader.int64().toString();
+              continue;
+            }
+          }
+          if ((tag & 7) === 4 || tag === 0) {
+            break;
+          }
+          reader.skip(tag & 7);
+        }
+        return message;
+      } finally {
+        (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+      }
+    },
+
+    fromJSON(object: any): ImageHead_AliasesEntry {
+      return {
+        key: isSet(object.key) ? globalThis.String(object.key) : "",
+        value: isSet(object.value) ? globalThis.String(object.value) : "0",
+      };
+    },
+
+    toJSON(message: ImageHead_AliasesEntry): unknown {
+      const obj: any = {};
+      if (message.key !== "") {
+        obj.key = message.key;
+      }
+      if (message.value !== "0") {
+        obj.value = message.value;
+      }
+      return obj;
+    },
+
+    create(base?: DeepPartial<ImageHead_AliasesEntry>): ImageHead_AliasesEntry {
+      return ImageHead_AliasesEntry.fromPartial(base ?? {});
+    },
+    fromPartial(object: DeepPartial<ImageHead_AliasesEntry>): ImageHead_AliasesEntry {
+      const message = createBaseImageHead_AliasesEntry();
+      message.key = object.key ?? "";
+      message.value = object.value ?? "0";
+      return message;
+    },
+  };
 
 function createBaseImageFile(): ImageFile {
   return { path: "", role: 0, format: 0, sizeBytes: "0", sha256: "", virtualSizeBytes: "0", targetDevice: "" };
@@ -2315,6 +2912,8 @@ function createBaseImageReplica(): ImageReplica {
     webSeedUrl: "",
     generation: "0",
     damagedGenerations: [],
+    imageVersion: "",
+    lastUseTime: undefined,
   };
 }
 
@@ -2363,6 +2962,12 @@ export const ImageReplica: MessageFns<ImageReplica, "cowherd.inventory.v1.ImageR
     }
     for (const v of message.damagedGenerations) {
       DamagedReplicaGeneration.encode(v!, writer.uint32(114).fork()).join();
+    }
+    if (message.imageVersion !== "") {
+      writer.uint32(122).string(message.imageVersion);
+    }
+    if (message.lastUseTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.lastUseTime), writer.uint32(130).fork()).join();
     }
     return writer;
   },
@@ -2492,6 +3097,22 @@ export const ImageReplica: MessageFns<ImageReplica, "cowherd.inventory.v1.ImageR
             message.damagedGenerations.push(DamagedReplicaGeneration.decode(reader, reader.uint32()));
             continue;
           }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.imageVersion = reader.string();
+            continue;
+          }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.lastUseTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2540,6 +3161,16 @@ export const ImageReplica: MessageFns<ImageReplica, "cowherd.inventory.v1.ImageR
         : globalThis.Array.isArray(object?.damaged_generations)
         ? object.damaged_generations.map((e: any) => DamagedReplicaGeneration.fromJSON(e))
         : [],
+      imageVersion: isSet(object.imageVersion)
+        ? globalThis.String(object.imageVersion)
+        : isSet(object.image_version)
+        ? globalThis.String(object.image_version)
+        : "",
+      lastUseTime: isSet(object.lastUseTime)
+        ? fromJsonTimestamp(object.lastUseTime)
+        : isSet(object.last_use_time)
+        ? fromJsonTimestamp(object.last_use_time)
+        : undefined,
     };
   },
 
@@ -2587,6 +3218,12 @@ export const ImageReplica: MessageFns<ImageReplica, "cowherd.inventory.v1.ImageR
     if (message.damagedGenerations?.length) {
       obj.damagedGenerations = message.damagedGenerations.map((e) => DamagedReplicaGeneration.toJSON(e));
     }
+    if (message.imageVersion !== "") {
+      obj.imageVersion = message.imageVersion;
+    }
+    if (message.lastUseTime !== undefined) {
+      obj.lastUseTime = message.lastUseTime.toISOString();
+    }
     return obj;
   },
 
@@ -2613,6 +3250,8 @@ export const ImageReplica: MessageFns<ImageReplica, "cowherd.inventory.v1.ImageR
     message.webSeedUrl = object.webSeedUrl ?? "";
     message.generation = object.generation ?? "0";
     message.damagedGenerations = object.damagedGenerations?.map((e) => DamagedReplicaGeneration.fromPartial(e)) || [];
+    message.imageVersion = object.imageVersion ?? "";
+    message.lastUseTime = object.lastUseTime ?? undefined;
     return message;
   },
 };
@@ -2811,6 +3450,7 @@ function createBaseVirtualMachine(): VirtualMachine {
     managed: false,
     dependentVirtualMachines: [],
     guestConfigurationDigest: "",
+    sourceImageVersion: "",
   };
 }
 
@@ -2862,6 +3502,9 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
     }
     if (message.guestConfigurationDigest !== "") {
       writer.uint32(122).string(message.guestConfigurationDigest);
+    }
+    if (message.sourceImageVersion !== "") {
+      writer.uint32(130).string(message.sourceImageVersion);
     }
     return writer;
   },
@@ -2999,6 +3642,14 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
             message.guestConfigurationDigest = reader.string();
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.sourceImageVersion = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3062,6 +3713,11 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
         : isSet(object.guest_configuration_digest)
         ? globalThis.String(object.guest_configuration_digest)
         : "",
+      sourceImageVersion: isSet(object.sourceImageVersion)
+        ? globalThis.String(object.sourceImageVersion)
+        : isSet(object.source_image_version)
+        ? globalThis.String(object.source_image_version)
+        : "",
     };
   },
 
@@ -3112,6 +3768,9 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
     if (message.guestConfigurationDigest !== "") {
       obj.guestConfigurationDigest = message.guestConfigurationDigest;
     }
+    if (message.sourceImageVersion !== "") {
+      obj.sourceImageVersion = message.sourceImageVersion;
+    }
     return obj;
   },
 
@@ -3137,12 +3796,21 @@ export const VirtualMachine: MessageFns<VirtualMachine, "cowherd.inventory.v1.Vi
     message.managed = object.managed ?? false;
     message.dependentVirtualMachines = object.dependentVirtualMachines?.map((e) => e) || [];
     message.guestConfigurationDigest = object.guestConfigurationDigest ?? "";
+    message.sourceImageVersion = object.sourceImageVersion ?? "";
     return message;
   },
 };
 
 function createBaseDisk(): Disk {
-  return { target: "", path: "", format: 0, virtualSizeBytes: "0", allocatedBytes: "0", backingChain: [] };
+  return {
+    target: "",
+    path: "",
+    format: 0,
+    virtualSizeBytes: "0",
+    allocatedBytes: "0",
+    backingChain: [],
+    persistent: false,
+  };
 }
 
 export const Disk: MessageFns<Disk, "cowherd.inventory.v1.Disk"> = {
@@ -3166,6 +3834,9 @@ export const Disk: MessageFns<Disk, "cowherd.inventory.v1.Disk"> = {
     }
     for (const v of message.backingChain) {
       BackingFile.encode(v!, writer.uint32(50).fork()).join();
+    }
+    if (message.persistent !== false) {
+      writer.uint32(56).bool(message.persistent);
     }
     return writer;
   },
@@ -3231,6 +3902,14 @@ export const Disk: MessageFns<Disk, "cowherd.inventory.v1.Disk"> = {
             message.backingChain.push(BackingFile.decode(reader, reader.uint32()));
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.persistent = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3263,6 +3942,7 @@ export const Disk: MessageFns<Disk, "cowherd.inventory.v1.Disk"> = {
         : globalThis.Array.isArray(object?.backing_chain)
         ? object.backing_chain.map((e: any) => BackingFile.fromJSON(e))
         : [],
+      persistent: isSet(object.persistent) ? globalThis.Boolean(object.persistent) : false,
     };
   },
 
@@ -3286,6 +3966,9 @@ export const Disk: MessageFns<Disk, "cowherd.inventory.v1.Disk"> = {
     if (message.backingChain?.length) {
       obj.backingChain = message.backingChain.map((e) => BackingFile.toJSON(e));
     }
+    if (message.persistent !== false) {
+      obj.persistent = message.persistent;
+    }
     return obj;
   },
 
@@ -3300,6 +3983,7 @@ export const Disk: MessageFns<Disk, "cowherd.inventory.v1.Disk"> = {
     message.virtualSizeBytes = object.virtualSizeBytes ?? "0";
     message.allocatedBytes = object.allocatedBytes ?? "0";
     message.backingChain = object.backingChain?.map((e) => BackingFile.fromPartial(e)) || [];
+    message.persistent = object.persistent ?? false;
     return message;
   },
 };
@@ -3392,7 +4076,7 @@ export const BackingFile: MessageFns<BackingFile, "cowherd.inventory.v1.BackingF
 };
 
 function createBaseVirtualMachineLineage(): VirtualMachineLineage {
-  return { image: "", replica: "", sourceVirtualMachine: "", overlays: [] };
+  return { image: "", replica: "", sourceVirtualMachine: "", overlays: [], imageVersion: "", previousImageVersion: "" };
 }
 
 export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.inventory.v1.VirtualMachineLineage"> = {
@@ -3410,6 +4094,12 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
     }
     for (const v of message.overlays) {
       writer.uint32(34).string(v!);
+    }
+    if (message.imageVersion !== "") {
+      writer.uint32(42).string(message.imageVersion);
+    }
+    if (message.previousImageVersion !== "") {
+      writer.uint32(50).string(message.previousImageVersion);
     }
     return writer;
   },
@@ -3459,6 +4149,22 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
             message.overlays.push(reader.string());
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.imageVersion = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.previousImageVersion = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3481,6 +4187,16 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
         ? globalThis.String(object.source_virtual_machine)
         : "",
       overlays: globalThis.Array.isArray(object?.overlays) ? object.overlays.map((e: any) => globalThis.String(e)) : [],
+      imageVersion: isSet(object.imageVersion)
+        ? globalThis.String(object.imageVersion)
+        : isSet(object.image_version)
+        ? globalThis.String(object.image_version)
+        : "",
+      previousImageVersion: isSet(object.previousImageVersion)
+        ? globalThis.String(object.previousImageVersion)
+        : isSet(object.previous_image_version)
+        ? globalThis.String(object.previous_image_version)
+        : "",
     };
   },
 
@@ -3498,6 +4214,12 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
     if (message.overlays?.length) {
       obj.overlays = message.overlays;
     }
+    if (message.imageVersion !== "") {
+      obj.imageVersion = message.imageVersion;
+    }
+    if (message.previousImageVersion !== "") {
+      obj.previousImageVersion = message.previousImageVersion;
+    }
     return obj;
   },
 
@@ -3510,6 +4232,8 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
     message.replica = object.replica ?? "";
     message.sourceVirtualMachine = object.sourceVirtualMachine ?? "";
     message.overlays = object.overlays?.map((e) => e) || [];
+    message.imageVersion = object.imageVersion ?? "";
+    message.previousImageVersion = object.previousImageVersion ?? "";
     return message;
   },
 };
