@@ -127,7 +127,7 @@ export interface FaultRow {
 }
 
 /** Calls with the suite's bookkeeping of deadlines. */
-class Rpc {
+export class Rpc {
   overruns = 0;
   readonly overrunNotes: string[] = [];
   async call<Res>(what: string, invoke: (callback: (error: ServiceError | null, response: Res) => void) => void, deadlineMs = RPC_DEADLINE_MS): Promise<Res> {
@@ -597,11 +597,11 @@ function reasonOf(status: Status): string | undefined {
   return undefined;
 }
 
-function describeStatus(status: Status): string {
+export function describeStatus(status: Status): string {
   return `code ${status.code}, ${reasonOf(status) ?? 'no reason'}: ${status.message}`;
 }
 
-async function backingFile(overlay: string): Promise<string | undefined> {
+export async function backingFile(overlay: string): Promise<string | undefined> {
   try {
     const info = JSON.parse(await runCommand('qemu-img', ['info', '-U', '--output=json', overlay])) as {
       'full-backing-filename'?: string;
@@ -633,12 +633,12 @@ async function listVms(rpc: Rpc, fleet: FaultFleet, prefix: string): Promise<Vir
   return all.filter((vm) => VIRTUAL_MACHINE_NAME.parse(vm.name)?.virtualMachine.startsWith(prefix) === true);
 }
 
-async function getOperation(rpc: Rpc, fleet: FaultFleet, name: string, on: 'distribution' | 'cloning'): Promise<Operation | undefined> {
+export async function getOperation(rpc: Rpc, fleet: FaultFleet, name: string, on: 'distribution' | 'cloning'): Promise<Operation | undefined> {
   const client = on === 'distribution' ? fleet.clients.distributionOperations : fleet.clients.cloningOperations;
   return rpc.call<Operation>('GetOperation', (cb) => client.getOperation({ name }, cb)).catch(() => undefined);
 }
 
-async function waitDone(rpc: Rpc, fleet: FaultFleet, name: string, on: 'distribution' | 'cloning', until: number): Promise<Operation | undefined> {
+export async function waitDone(rpc: Rpc, fleet: FaultFleet, name: string, on: 'distribution' | 'cloning', until: number): Promise<Operation | undefined> {
   for (;;) {
     const answer = await getOperation(rpc, fleet, name, on);
     if (answer?.done || Date.now() > until) return answer;
