@@ -3,8 +3,8 @@
  * id: version numbers handed out, where the aliases point, the retention) and the resolution of a caller's
  * image name to one version number. Names and storage keys are in resource-names.ts.
  */
-import type { ImageHead } from '../../gen/cowherd/inventory/v1/resources.js';
-import { LATEST_ALIAS, type ImageReference } from './resource-names.js';
+import type { Image, ImageHead } from '../../gen/cowherd/inventory/v1/resources.js';
+import { IMAGE_NAME, imageVersionName, LATEST_ALIAS, parseImageKey, type ImageReference } from './resource-names.js';
 
 /** The KV bucket of ImageHead records, keyed by image id (written by the distribution service only). */
 export const IMAGE_HEADS_BUCKET = 'image-heads';
@@ -33,4 +33,92 @@ export function resolveVersionNumber(reference: ImageReference, head: ImageHead 
 export function aliasesOf(head: ImageHead | undefined): Record<string, string> {
   const latest = head ? Number(head.latestVersion) : 1;
   return { ...(head?.aliases ?? {}), ...(latest > 0 ? { [LATEST_ALIAS]: String(latest) } : {}) };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The image view and version records as the catalog answers them (GetImage, ListImages, ListImageVersions;
+// UpdateImage's answer). Pure: the caller brings the records of one image id and its head.
+
+/** The image id and version number of a catalog record, read from its name (the storage key); undefined if none. */
+export function recordVersionOf(record: Image): { id: string; version: number } | undefined {
+  const key = IMAGE_NAME.parse(record.name)?.image;
+  return key === undefined ? undefined : parseImageKey(key);
+}
+
+/**
+ * A version's record as it leaves the catalog: named by number (`images/x/versions/1` also for version 1),
+ * `version` set, without the fields only the image view carries (aliases, versions).
+ */
+export function imageVersionRecord(record: Image): Image {
+  const parsed = recordVersionOf(record);
+  if (!parsed) return record;
+  return { ...record, name: imageVersionName(parsed.id, parsed.version), version: String(parsed.version), aliases: {}, versions: [] };
+}
+
+/**
+ * The image view `images/{image}`: the record of its latest version (resolved with the head; no head means
+ * version 1) named `images/{image}`, with `version` the latest, every alias (`latest` included), every existing
+ * version number and the head's keep_versions. While no version is AVAILABLE yet (the head's latest is 0) or the
+ * latest's record is missing, the newest existing record stands in, so that an image being published reads as
+ * it did before versions existed. `records` are the catalog records of one image id, in any order; undefined
+ * when there are none.
+ */
+export function imageView(records: readonly Image[], head: ImageHead | undefined): Image | undefined {
+  const numbered = numberedRecords(records);
+  if (numbered.length === 0) return undefined;
+  const id = numbered[0]!.id;
+  const latest = resolveVersionNumber({ id, alias: LATEST_ALIAS }, head);
+  const chosen = numbered.find((entry) => entry.version === latest) ?? numbered.at(-1)!;
+  return {
+    ...chosen.record,
+    name: `images/${id}`,
+    version: String(chosen.version),
+    aliases: aliasesOf(head),
+    versions: numbered.map((entry) => String(entry.version)),
+    keepVersions: head?.keepVersions ?? 0,
+  };
+}
+
+/**
+ * The record of the version `reference` names (number, alias, or `latest` for `images/{image}`), as
+ * {@link imageVersionRecord} returns it; undefined for an unknown alias or a version without a record.
+ */
+export function findImageVersion(records: readonly Image[], head: ImageHead | undefined, reference: ImageReference): Image | undefined {
+  const version = resolveVersionNumber(reference, head);
+  if (version === undefined) return undefined;
+  const found = numberedRecords(records).find((entry) => entry.id === reference.id && entry.version === version);
+  return found && imageVersionRecord(found.record);
+}
+
+/** The versions among `records` (records of one image id), oldest first, each with its id and number. */
+export function numberedRecords(records: readonly Image[]): Array<{ id: string; version: number; record: Image }> {
+  return records
+    .map((record) => ({ record, parsed: recordVersionOf(record) }))
+    .filter((entry): entry is { record: Image; parsed: { id: string; version: number } } => entry.parsed !== undefined)
+    .map(({ record, parsed }) => ({ id: parsed.id, version: parsed.version, record }))
+    .sort((a, b) => a.version - b.version);
+}
+
+/**
+ * The image view, `images/{image}`: the latest version's record (the newest record when no version is AVAILABLE
+ * yet) named `images/{image}`, with its version number, every alias (`latest` included), the numbers of the
+ * versions that exist (oldest first) and keep_versions. `records` are the image's version records (any order);
+ * a record without a version number is version 1. Undefined when there is no record.
+ */
+export function imageViewOf(records: readonly Image[], head: ImageHead | undefined): Image | undefined {
+  const numbered = records
+    .map((record) => ({ record, version: Number(record.version) > 0 ? Number(record.version) : 1 }))
+    .sort((a, b) => a.version - b.version);
+  if (numbered.length === 0) return undefined;
+  const latest = resolveVersionNumber({ id: '', alias: LATEST_ALIAS }, head);
+  const chosen = numbered.find((entry) => entry.version === latest) ?? numbered[numbered.length - 1]!;
+  const id = parseImageKey(IMAGE_NAME.parse(chosen.record.name)?.image ?? '')?.id;
+  return {
+    ...chosen.record,
+    name: id ? `images/${id}` : chosen.record.name,
+    version: String(chosen.version),
+    aliases: aliasesOf(head),
+    versions: numbered.map((entry) => String(entry.version)),
+    keepVersions: head?.keepVersions ?? 0,
+  };
 }
