@@ -1,6 +1,4 @@
 /** InventoryService handlers: validation and message mapping around Inventory and its indexes. */
-import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
-import { status as GrpcStatus } from '@grpc/grpc-js';
 import { InventoryServiceService } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import {
   Host,
@@ -16,9 +14,10 @@ import {
 } from '../gen/cowherd/inventory/v1/resources.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { CowherdError } from '../common/platform/errors.js';
-import { booleanField, enumField, hostNameField, imageNameField, parseFilter } from '../common/domain/filter.js';
+import { booleanField, enumField, hostNameField, imageNameField, imageVersionNameField, parseFilter } from '../common/domain/filter.js';
+import { findImageVersion, imageVersionRecord, imageViewOf, numberedRecords } from '../common/domain/image-versions.js';
 import { pageSizeOf, paginateSorted, type PageTokens } from '../common/platform/pagination.js';
-import { EVERY_HOST, HOST_IMAGE_NAME, hostOf, IMAGE_NAME } from '../common/domain/resource-names.js';
+import { EVERY_HOST, HOST_IMAGE_NAME, hostOf, IMAGE_ID, imageVersionNameOfKey, parseImageReference } from '../common/domain/resource-names.js';
 import type { Handlers } from '../common/platform/rpc.js';
 import { hostIdOf, parseVmName, vmKey, vmNamePrefix, type Inventory } from './inventory.js';
 
@@ -85,13 +84,17 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
       const id = hostIdOf(request.host.name, 'host.name');
       const paths: string[] = request.updateMask ?? [];
       if (paths.length === 0 || paths.includes('*'))
-        throw CowherdError.invalidArgument('update_mask', 'must name the fields to change (labels, transfer_limits, draining)');
+        throw CowherdError.invalidArgument(
+          'update_mask',
+          'must name the fields to change (labels, transfer_limits, draining, image_directory_high_watermark_percent)',
+        );
       const allowed = new Set([
         'labels',
         'transfer_limits',
         'transfer_limits.upload_bytes_per_second',
         'transfer_limits.download_bytes_per_second',
         'draining',
+        'image_directory_high_watermark_percent',
       ]);
       const bad = paths.find((path) => !allowed.has(path));
       if (bad !== undefined) throw CowherdError.invalidArgument('update_mask', `cannot update ${bad}; updatable: ${[...allowed].join(', ')}`);
@@ -107,6 +110,9 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
         if (value !== undefined && Number(value) < 0)
           throw CowherdError.invalidArgument(`host.transfer_limits.${field}`, 'must not be negative (0 means unlimited)');
       }
+      const watermark = request.host.imageDirectoryHighWatermarkPercent;
+      if (paths.includes('image_directory_high_watermark_percent') && !(Number.isInteger(watermark) && watermark >= 0 && watermark <= 99))
+        throw CowherdError.invalidArgument('host.image_directory_high_watermark_percent', 'must be 1 to 99 (percent of the file system), or 0 for none');
       const updated = await inventory.hosts.write(id, (current) => {
         if (!current) throw CowherdError.notFound(request.host!.name);
         const next: Host = {
@@ -119,6 +125,7 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
           next.transferLimits!.uploadBytesPerSecond = limits?.uploadBytesPerSecond ?? '0';
         if (paths.includes('transfer_limits') || paths.includes('transfer_limits.download_bytes_per_second'))
           next.transferLimits!.downloadBytesPerSecond = limits?.downloadBytesPerSecond ?? '0';
+        if (paths.includes('image_directory_high_watermark_percent')) next.imageDirectoryHighWatermarkPercent = watermark;
         if (paths.includes('draining')) {
           next.draining = request.host!.draining;
           if (current.state !== Host_State.STATE_UNREACHABLE) next.state = next.draining ? Host_State.STATE_DRAINING : Host_State.STATE_READY;
@@ -133,11 +140,14 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
     },
 
     getImage: async (request) => {
-      const id = IMAGE_NAME.parse(request.name)?.image;
-      if (!id) throw CowherdError.invalidArgument('name', 'must be images/{image}');
-      const image = inventory.images.get(id);
+      const reference = parseImageReference(request.name);
+      if (!reference) throw CowherdError.invalidArgument('name', 'must be images/{image} or images/{image}/versions/{version} (a number or an alias)');
+      const records = inventory.imageRecords(reference.id);
+      const head = inventory.imageHead(reference.id);
+      // `images/{image}` is the image view; `.../versions/{number|alias}` one version's record, named by number.
+      const image = request.name.includes('/versions/') ? findImageVersion(records, head, reference) : imageViewOf(records, head);
       if (!image) throw CowherdError.notFound(request.name);
-      return viewOf(image.value, request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_FULL : request.view);
+      return viewOf(image, request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_FULL : request.view);
     },
     listImages: async (request) => {
       const matches = parseFilter<Image>(request.filter, {
@@ -146,10 +156,11 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
         origin_host: hostNameField((image) => image.originHost),
         'labels.*': { read: (image, key) => image.labels[key] ?? [] },
       });
-      const all = inventory.images
-        .valuesWithPrefix('')
-        .map((entry) => entry.value)
-        .filter(matches);
+      // One entry per image (its view), never one per version; filters apply to the view.
+      const all = [...inventory.imageRecordsById()]
+        .map(([id, records]) => imageViewOf(records, inventory.imageHead(id)))
+        .filter((image): image is Image => image !== undefined && matches(image))
+        .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
       const { page, nextPageToken } = paginateSorted(all, (image) => image.name, {
         pageSize: request.pageSize,
         pageToken: request.pageToken,
@@ -161,12 +172,25 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
         nextPageToken,
       };
     },
-    listImageVersions: async () => {
-      throw new CowherdError(GrpcStatus.UNIMPLEMENTED, 'ListImageVersions is not implemented yet', { reason: ErrorReason.ERROR_REASON_UNSPECIFIED });
+    listImageVersions: async (request) => {
+      const [collection, id, ...rest] = request.parent.split('/');
+      if (collection !== 'images' || id === undefined || !IMAGE_ID.test(id) || rest.length > 0)
+        throw CowherdError.invalidArgument('parent', 'must be images/{image}');
+      const versions = numberedRecords(inventory.imageRecords(id));
+      // Paged by the version number, zero-padded so that the token's order is the numbers' (9 before 10).
+      const { page, nextPageToken } = paginateSorted(versions, (entry) => String(entry.version).padStart(9, '0'), {
+        pageSize: request.pageSize,
+        pageToken: request.pageToken,
+        query: `image-versions|${request.parent}|${request.view}`,
+        tokens: pageTokens,
+      });
+      if (versions.length === 0) throw CowherdError.notFound(request.parent);
+      const view = request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_BASIC : request.view;
+      return { versions: page.map((entry) => viewOf(imageVersionRecord(entry.record), view)), nextPageToken };
     },
     getImageReplica: async (request) => {
       const parsed = HOST_IMAGE_NAME.parse(request.name);
-      if (!parsed) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/images/{image}');
+      if (!parsed) throw CowherdError.invalidArgument('name', 'must be hosts/{host}/images/{image} or hosts/{host}/images/{image}/versions/{number}');
       const replica = inventory.replicas.get(`${parsed.host}.${parsed.image}`);
       if (!replica) throw CowherdError.notFound(request.name);
       return withDependents(inventory, [replica.value])[0]!;
@@ -174,6 +198,7 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
     listImageReplicas: async (request) => {
       const matches = parseFilter<ImageReplica>(request.filter, {
         image: imageNameField((replica) => replica.image),
+        image_version: imageVersionNameField(replicaVersionOf),
         state: enumField(ImageReplica_State, 'STATE_', (replica) => replica.state),
       });
       const prefix = hostParent(request.parent);
@@ -202,6 +227,8 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
       const matches = parseFilter<VirtualMachine>(request.filter, {
         state: enumField(VirtualMachine_State, 'STATE_', (vm) => vm.state),
         source_image: imageNameField((vm) => vm.sourceImage, { allowEmpty: true }),
+        source_image_version: imageVersionNameField(sourceVersionOf, { allowEmpty: true }),
+        'lineage.image_version': imageVersionNameField(sourceVersionOf, { allowEmpty: true }),
         managed: booleanField((vm) => vm.managed),
         domain_name: { read: (vm) => vm.domainName, prefix: true },
       });
@@ -266,6 +293,20 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
   };
 }
 
+/**
+ * The version a VM stands on: its recorded version, else (a clone made before versions existed) its source
+ * image, whose only version then was 1. Empty for VMs not cloned from an image.
+ */
+function sourceVersionOf(vm: VirtualMachine): string {
+  return vm.sourceImageVersion || vm.lineage?.imageVersion || vm.sourceImage;
+}
+
+/** The version a replica holds, from its name (the storage key is its identity), else as recorded. */
+function replicaVersionOf(replica: ImageReplica): string {
+  const key = HOST_IMAGE_NAME.parse(replica.name)?.image;
+  return key === undefined ? replica.imageVersion : imageVersionNameOfKey(key);
+}
+
 /** BASIC leaves out the large torrent metainfo. */
 function viewOf(image: Image, view: ImageView): Image {
   if (view !== ImageView.IMAGE_VIEW_BASIC || !image.torrent) return image;
@@ -292,6 +333,8 @@ function withDependents(inventory: Inventory, replicas: readonly ImageReplica[])
   }
   return replicas.map((replica) => ({
     ...replica,
+    // Replicas recorded before versions existed hold version 1; the field is always numbered.
+    imageVersion: replica.imageVersion || replicaVersionOf(replica),
     dependentVirtualMachines: [...new Set([...replica.dependentVirtualMachines, ...(byReplica.get(replica.name) ?? [])])].sort(),
   }));
 }

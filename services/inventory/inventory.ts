@@ -1,17 +1,19 @@
 /**
  * The inventory's domain logic: hosts register, heartbeat and report their VMs; the inventory marks
  * silent hosts UNREACHABLE and answers reads from in-memory indexes of the KV buckets `hosts`, `vms`,
- * `images` and `replicas`. Writes are compare-and-set, so any number of replicas may run side by side.
+ * `images`, `image-heads` (read only: the distribution service writes it) and `replicas`. Writes are
+ * compare-and-set, so any number of replicas may run side by side.
  */
 import type { JetStreamClient } from '@nats-io/jetstream';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
-import { Host, Host_State, Image, ImageReplica, VirtualMachine, VirtualMachineChange_Type } from '../gen/cowherd/inventory/v1/resources.js';
+import { Host, Host_State, Image, ImageHead, ImageReplica, VirtualMachine, VirtualMachineChange_Type } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
 import { HOST_DELETED, HOST_READY, HOST_UNREACHABLE, VIRTUAL_MACHINE_CHANGED } from '../common/domain/event-types.js';
 import type { EventPublisher } from '../common/platform/events.js';
 import { KvStore, protoCodec } from '../common/platform/kv.js';
 import type { Logger } from '../common/platform/logger.js';
-import { HOST_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import { IMAGE_HEADS_BUCKET } from '../common/domain/image-versions.js';
+import { HOST_NAME, IMAGE_NAME, parseImageKey, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import { ResourceIndex } from './resource-index.js';
 
 /** Timing of heartbeats. */
@@ -63,6 +65,7 @@ export class Inventory {
     readonly hosts: ResourceIndex<Host>,
     readonly vms: ResourceIndex<VirtualMachine>,
     readonly images: ResourceIndex<Image>,
+    readonly imageHeads: ResourceIndex<ImageHead>,
     readonly replicas: ResourceIndex<ImageReplica>,
     private readonly events: EventPublisher,
     private readonly log: Logger,
@@ -72,13 +75,44 @@ export class Inventory {
   /** Opens the buckets and loads the indexes. */
   static async open(js: JetStreamClient, events: EventPublisher, log: Logger, heartbeat: HeartbeatPolicy): Promise<Inventory> {
     const indexLog = log.child({ component: 'resource-index' });
-    const [hosts, vms, images, replicas] = await Promise.all([
+    const [hosts, vms, images, imageHeads, replicas] = await Promise.all([
       KvStore.open(js, 'hosts', protoCodec(Host)).then((store) => ResourceIndex.open(store, { log: indexLog })),
       KvStore.open(js, 'vms', protoCodec(VirtualMachine)).then((store) => ResourceIndex.open(store, { orderOf: vmNameOfKey, log: indexLog })),
       KvStore.open(js, 'images', protoCodec(Image)).then((store) => ResourceIndex.open(store, { log: indexLog })),
+      KvStore.open(js, IMAGE_HEADS_BUCKET, protoCodec(ImageHead)).then((store) => ResourceIndex.open(store, { log: indexLog })),
       KvStore.open(js, 'replicas', protoCodec(ImageReplica)).then((store) => ResourceIndex.open(store, { log: indexLog })),
     ]);
-    return new Inventory(hosts, vms, images, replicas, events, log, heartbeat);
+    return new Inventory(hosts, vms, images, imageHeads, replicas, events, log, heartbeat);
+  }
+
+  /**
+   * The catalog records of every version of image `id` (keys `id` and `id_v<n>`), named by their storage keys
+   * (IMAGE_NAME), from memory. Empty when the image does not exist.
+   */
+  imageRecords(id: string): Image[] {
+    const records: Image[] = [];
+    const first = this.images.get(id);
+    if (first) records.push(recordNamed(id, first.value));
+    for (const { key, value } of this.images.valuesWithPrefix(`${id}_v`)) if (parseImageKey(key)?.id === id) records.push(recordNamed(key, value));
+    return records;
+  }
+
+  /** Every image id's records (see {@link imageRecords}), by image id. */
+  imageRecordsById(): Map<string, Image[]> {
+    const byId = new Map<string, Image[]>();
+    for (const { key, value } of this.images.valuesWithPrefix('')) {
+      const parsed = parseImageKey(key);
+      if (!parsed) continue;
+      const records = byId.get(parsed.id) ?? [];
+      records.push(recordNamed(key, value));
+      byId.set(parsed.id, records);
+    }
+    return byId;
+  }
+
+  /** The ImageHead of image `id`; undefined when it has none (then its single version is 1). */
+  imageHead(id: string): ImageHead | undefined {
+    return this.imageHeads.get(id)?.value;
   }
 
   /** Creates or refreshes the caller's host record from its agent's facts; keeps admin-owned fields. */
@@ -95,6 +129,7 @@ export class Inventory {
         state: draining ? Host_State.STATE_DRAINING : Host_State.STATE_READY,
         labels: current?.labels ?? {},
         transferLimits: current?.transferLimits,
+        imageDirectoryHighWatermarkPercent: current?.imageDirectoryHighWatermarkPercent ?? 0,
         draining,
         enrollTime: current?.enrollTime ?? now,
         lastHeartbeatTime: now,
@@ -236,6 +271,7 @@ export class Inventory {
             host: HOST_NAME.format({ host }),
             // Fields the agent does not own survive its reports.
             sourceImage: vm.sourceImage || current?.sourceImage || '',
+            sourceImageVersion: vm.sourceImageVersion || vm.lineage?.imageVersion || current?.sourceImageVersion || '',
             lineage: vm.lineage ?? current?.lineage,
             managed: vm.managed || (current?.managed ?? false),
             dependentVirtualMachines: current?.dependentVirtualMachines ?? [],
@@ -379,7 +415,7 @@ export class Inventory {
 
   stop(): void {
     clearTimeout(this.monitor);
-    for (const index of [this.hosts, this.vms, this.images, this.replicas]) index.stop();
+    for (const index of [this.hosts, this.vms, this.images, this.imageHeads, this.replicas]) index.stop();
   }
 
   private publishChange(host: string, type: VirtualMachineChange_Type, vm: VirtualMachine, key: string, revision: number): Promise<unknown> {
@@ -391,6 +427,12 @@ export class Inventory {
       )
       .catch((error: unknown) => this.log.warn({ err: error, vm: vm.name }, 'vm.changed not published'));
   }
+}
+
+/** A catalog record named by its storage key, whatever name it was stored with (the key is its identity). */
+function recordNamed(key: string, record: Image): Image {
+  const name = IMAGE_NAME.format({ image: key });
+  return record.name === name ? record : { ...record, name };
 }
 
 /** True when nothing the agent reports differs (timestamps aside). */

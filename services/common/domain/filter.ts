@@ -10,7 +10,7 @@
  * reads as "there are none".
  */
 import { CowherdError } from '../platform/errors.js';
-import { HOST_NAME, IMAGE_NAME, type ResourcePattern } from './resource-names.js';
+import { HOST_NAME, IMAGE_NAME, imageNameOfKey, imageVersionNameOfKey, parseImageReference, type ResourcePattern } from './resource-names.js';
 
 /** One comparison. */
 export interface Comparison {
@@ -74,11 +74,12 @@ export function booleanField<T>(read: (item: T) => boolean): FilterField<T> {
 /** A resource-name (or id) field such as `images/{image}`: a value that does not match `pattern` names nothing. */
 export function resourceNameField<T>(
   read: (item: T) => string,
-  pattern: ResourcePattern<string> | RegExp,
+  pattern: ResourcePattern<string> | RegExp | ((value: string) => boolean),
   shape: string,
   options: { prefix?: boolean; allowEmpty?: boolean } = {},
 ): FilterField<T> {
-  const named = (value: string): boolean => (pattern instanceof RegExp ? pattern.test(value) : pattern.matches(value));
+  const named = (value: string): boolean =>
+    pattern instanceof RegExp ? pattern.test(value) : typeof pattern === 'function' ? pattern(value) : pattern.matches(value);
   const fine = (value: string): boolean => named(value) || (options.allowEmpty === true && value === '');
   return {
     read,
@@ -87,9 +88,36 @@ export function resourceNameField<T>(
   };
 }
 
-/** An `images/{image}` field (`source_image`, `image`). */
+/**
+ * An `images/{image}` field (`source_image`, `image`): the image, every version of it. A value naming one
+ * version (`images/x/versions/2`) is refused (the `*_version` fields take those); a recorded version name
+ * (`images/x/versions/2`) reads as its image (`images/x`).
+ */
 export function imageNameField<T>(read: (item: T) => string, options: { allowEmpty?: boolean } = {}): FilterField<T> {
-  return resourceNameField(read, IMAGE_NAME, IMAGE_NAME.pattern, options);
+  const isImage = (value: string): boolean => parseImageReference(value) !== undefined && value.split('/').length === 2;
+  return resourceNameField((item) => imageOfName(read(item)), isImage, IMAGE_NAME.pattern, options);
+}
+
+/**
+ * An `images/{image}/versions/{version}` field (`source_image_version`, `image_version`): one exact version,
+ * by number (aliases move, so they name no recorded version). What an item recorded is read numbered, so
+ * `images/x/versions/1` also matches a version 1 recorded as `images/x`.
+ */
+export function imageVersionNameField<T>(read: (item: T) => string, options: { allowEmpty?: boolean } = {}): FilterField<T> {
+  const isNumbered = (value: string): boolean => parseImageReference(value)?.version !== undefined;
+  return resourceNameField((item) => numberedVersionOfName(read(item)), isNumbered, 'images/{image}/versions/{number}', options);
+}
+
+/** `images/{image}` of a recorded image or version name; the name itself when it is neither. */
+function imageOfName(name: string): string {
+  const key = IMAGE_NAME.parse(name)?.image;
+  return key === undefined ? name : imageNameOfKey(key);
+}
+
+/** The numbered `images/{image}/versions/{version}` of a recorded image or version name; the name itself when it is neither. */
+function numberedVersionOfName(name: string): string {
+  const key = IMAGE_NAME.parse(name)?.image;
+  return key === undefined ? name : imageVersionNameOfKey(key);
 }
 
 /** A `hosts/{host}` field (`origin_host`). */

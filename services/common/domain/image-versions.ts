@@ -39,10 +39,17 @@ export function aliasesOf(head: ImageHead | undefined): Record<string, string> {
 // The image view and version records as the catalog answers them (GetImage, ListImages, ListImageVersions;
 // UpdateImage's answer). Pure: the caller brings the records of one image id and its head.
 
-/** The image id and version number of a catalog record, read from its name (the storage key); undefined if none. */
+/**
+ * The image id and version number of a catalog record: the id from its name, the number from its `version`
+ * (records written before versions existed have none: then from the name's storage key, which is version 1).
+ * Undefined when the name is no image name.
+ */
 export function recordVersionOf(record: Image): { id: string; version: number } | undefined {
   const key = IMAGE_NAME.parse(record.name)?.image;
-  return key === undefined ? undefined : parseImageKey(key);
+  const parsed = key === undefined ? undefined : parseImageKey(key);
+  if (!parsed) return undefined;
+  const stored = Number(record.version);
+  return { id: parsed.id, version: Number.isSafeInteger(stored) && stored > 0 ? stored : parsed.version };
 }
 
 /**
@@ -56,14 +63,14 @@ export function imageVersionRecord(record: Image): Image {
 }
 
 /**
- * The image view `images/{image}`: the record of its latest version (resolved with the head; no head means
- * version 1) named `images/{image}`, with `version` the latest, every alias (`latest` included), every existing
- * version number and the head's keep_versions. While no version is AVAILABLE yet (the head's latest is 0) or the
- * latest's record is missing, the newest existing record stands in, so that an image being published reads as
- * it did before versions existed. `records` are the catalog records of one image id, in any order; undefined
- * when there are none.
+ * The image view `images/{image}` (GetImage, ListImages, UpdateImage's answer): the record of its latest version
+ * (resolved with the head; no head means version 1) named `images/{image}`, with `version` the latest, every
+ * alias (`latest` included), the numbers of the versions that exist (oldest first) and the head's keep_versions.
+ * While no version is AVAILABLE yet (the head's latest is 0) or the latest's record is missing, the newest
+ * record stands in, so that an image being published reads as it did before versions existed. `records` are
+ * the catalog records of one image id (any order), named by storage key (IMAGE_NAME); undefined when none.
  */
-export function imageView(records: readonly Image[], head: ImageHead | undefined): Image | undefined {
+export function imageViewOf(records: readonly Image[], head: ImageHead | undefined): Image | undefined {
   const numbered = numberedRecords(records);
   if (numbered.length === 0) return undefined;
   const id = numbered[0]!.id;
@@ -97,28 +104,4 @@ export function numberedRecords(records: readonly Image[]): Array<{ id: string; 
     .filter((entry): entry is { record: Image; parsed: { id: string; version: number } } => entry.parsed !== undefined)
     .map(({ record, parsed }) => ({ id: parsed.id, version: parsed.version, record }))
     .sort((a, b) => a.version - b.version);
-}
-
-/**
- * The image view, `images/{image}`: the latest version's record (the newest record when no version is AVAILABLE
- * yet) named `images/{image}`, with its version number, every alias (`latest` included), the numbers of the
- * versions that exist (oldest first) and keep_versions. `records` are the image's version records (any order);
- * a record without a version number is version 1. Undefined when there is no record.
- */
-export function imageViewOf(records: readonly Image[], head: ImageHead | undefined): Image | undefined {
-  const numbered = records
-    .map((record) => ({ record, version: Number(record.version) > 0 ? Number(record.version) : 1 }))
-    .sort((a, b) => a.version - b.version);
-  if (numbered.length === 0) return undefined;
-  const latest = resolveVersionNumber({ id: '', alias: LATEST_ALIAS }, head);
-  const chosen = numbered.find((entry) => entry.version === latest) ?? numbered[numbered.length - 1]!;
-  const id = parseImageKey(IMAGE_NAME.parse(chosen.record.name)?.image ?? '')?.id;
-  return {
-    ...chosen.record,
-    name: id ? `images/${id}` : chosen.record.name,
-    version: String(chosen.version),
-    aliases: aliasesOf(head),
-    versions: numbered.map((entry) => String(entry.version)),
-    keepVersions: head?.keepVersions ?? 0,
-  };
 }
