@@ -10,10 +10,17 @@ import {
   HOST_IMAGE_NAME,
   HOST_NAME,
   hostOf,
+  IMAGE_KEY,
   IMAGE_NAME,
+  imageKey,
+  imageNameOfKey,
+  imageVersionName,
+  imageVersionNameOfKey,
   isReservedHostId,
   JOIN_TOKEN_NAME,
   OPERATION_NAME,
+  parseImageKey,
+  parseImageReference,
   RESERVED_HOST_IDS,
   VIRTUAL_MACHINE_NAME,
   type ResourcePattern,
@@ -198,5 +205,89 @@ describe('resource names', () => {
     assert.equal(hostOf('hosts/-'), undefined);
     assert.equal(hostOf('images/kvm-01'), undefined);
     assert.equal(hostOf(''), undefined);
+  });
+
+  describe('image versions in names', () => {
+    it('IMAGE_NAME reads {image} as a storage key: version 1 is the image id, later versions <id>_v<n>', () => {
+      assert.deepEqual(IMAGE_NAME.parse('images/debian-12'), { image: 'debian-12' });
+      assert.deepEqual(IMAGE_NAME.parse('images/debian-12/versions/1'), { image: 'debian-12' });
+      assert.deepEqual(IMAGE_NAME.parse('images/debian-12/versions/3'), { image: 'debian-12_v3' });
+      assert.deepEqual(IMAGE_NAME.parse('images/debian-12/versions/123456789'), { image: 'debian-12_v123456789' });
+      assert.equal(IMAGE_NAME.format({ image: 'debian-12' }), 'images/debian-12');
+      assert.equal(IMAGE_NAME.format({ image: 'debian-12_v3' }), 'images/debian-12/versions/3');
+      for (const key of ['debian-12', 'debian-12_v2', 'debian-12_v10']) assert.deepEqual(IMAGE_NAME.parse(IMAGE_NAME.format({ image: key })), { image: key });
+    });
+
+    it('HOST_IMAGE_NAME likewise, below its host', () => {
+      assert.deepEqual(HOST_IMAGE_NAME.parse('hosts/kvm-01/images/debian-12/versions/3'), { host: 'kvm-01', image: 'debian-12_v3' });
+      assert.deepEqual(HOST_IMAGE_NAME.parse('hosts/kvm-01/images/debian-12/versions/1'), { host: 'kvm-01', image: 'debian-12' });
+      assert.equal(HOST_IMAGE_NAME.format({ host: 'kvm-01', image: 'debian-12_v3' }), 'hosts/kvm-01/images/debian-12/versions/3');
+      assert.equal(HOST_IMAGE_NAME.format({ host: 'kvm-01', image: 'debian-12' }), 'hosts/kvm-01/images/debian-12');
+    });
+
+    it('aliases, version 0, keys and malformed versions do not parse as names of a version', () => {
+      for (const name of [
+        'images/debian-12/versions/latest',
+        'images/debian-12/versions/stable',
+        'images/debian-12/versions/0',
+        'images/debian-12/versions/01',
+        'images/debian-12/versions/-1',
+        'images/debian-12/versions/1234567890',
+        'images/debian-12/versions/',
+        'images/debian-12/versions',
+        'images/debian-12/versions/2/x',
+        'images/debian-12/revisions/2',
+        'images/debian-12_v2',
+        'images/debian-12_v2/versions/3',
+      ]) {
+        assert.equal(IMAGE_NAME.parse(name), undefined, name);
+        assert.equal(HOST_IMAGE_NAME.parse(`hosts/kvm-01/${name}`), undefined, name);
+      }
+      assert.throws(() => IMAGE_NAME.format({ image: 'debian-12_v1' }), /\{image\}/);
+      assert.throws(() => HOST_IMAGE_NAME.format({ host: 'kvm-01', image: 'x_v0' }), /\{image\}/);
+    });
+
+    it('IMAGE_KEY takes an image id or <id>_v<n> with n >= 2, nothing else', () => {
+      for (const key of ['x', 'debian-12', 'x_v2', 'x_v10', 'x_v999999999']) assert.equal(IMAGE_KEY.test(key), true, key);
+      for (const key of ['x_v1', 'x_v0', 'x__v2', 'x_v02', 'x_v', '_v2', 'x_v2_v3', 'x-_v2', 'X_v2', 'x_V2', 'x_v1234567890', 'x.v2', ''])
+        assert.equal(IMAGE_KEY.test(key), false, key);
+      assert.equal(parseImageKey('x_v1'), undefined);
+      assert.equal(parseImageKey('x__v2'), undefined);
+      assert.deepEqual(parseImageKey('x_v2'), { id: 'x', version: 2 });
+      assert.deepEqual(parseImageKey('x'), { id: 'x', version: 1 });
+    });
+
+    it('imageKey and the name helpers agree with the patterns', () => {
+      assert.equal(imageKey('debian-12', 1), 'debian-12');
+      assert.equal(imageKey('debian-12', 7), 'debian-12_v7');
+      for (const [id, version] of [
+        ['debian-12', 0],
+        ['debian-12', 1.5],
+        ['debian-12', 1_000_000_000],
+        ['Debian', 2],
+        ['x_v2', 2],
+      ] as const)
+        assert.throws(() => imageKey(id, version), /no image key/, `${id} ${version}`);
+      assert.equal(imageVersionNameOfKey('debian-12'), 'images/debian-12/versions/1');
+      assert.equal(imageVersionNameOfKey('debian-12_v4'), 'images/debian-12/versions/4');
+      assert.equal(imageVersionName('debian-12', 1), 'images/debian-12/versions/1');
+      assert.equal(imageNameOfKey('debian-12_v4'), 'images/debian-12');
+      assert.throws(() => imageNameOfKey('debian-12_v1'), /not an image key/);
+    });
+
+    it("parseImageReference reads a caller's name: latest, a number or an alias", () => {
+      assert.deepEqual(parseImageReference('images/debian-12'), { id: 'debian-12', alias: 'latest' });
+      assert.deepEqual(parseImageReference('images/debian-12/versions/3'), { id: 'debian-12', version: 3 });
+      assert.deepEqual(parseImageReference('images/debian-12/versions/stable'), { id: 'debian-12', alias: 'stable' });
+      for (const name of [
+        'images/debian-12/versions/0',
+        'images/debian-12/versions/Stable',
+        'images/debian-12_v2',
+        'images/debian-12/versions/',
+        'hosts/x',
+        '',
+      ])
+        assert.equal(parseImageReference(name), undefined, name);
+    });
   });
 });
