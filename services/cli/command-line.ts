@@ -23,6 +23,8 @@ export interface PositionalSpec {
   /** Shown as `<name>`. */
   readonly name: string;
   readonly description: string;
+  /** May be left out (only the last positionals may be optional). */
+  readonly optional?: boolean;
 }
 
 /** A command: a group (with subcommands) or a leaf (with run). */
@@ -157,10 +159,11 @@ export function parseCommandLine<Context>(root: CommandSpec<Context>, globals: r
     throw new UsageError(`"${commandWords(path.slice(1))}" needs a command`, path);
   }
   const expected = leaf.positionals ?? [];
-  if (positionals.length < expected.length)
+  const required = expected.filter((positional) => !positional.optional).length;
+  if (positionals.length < required)
     throw new UsageError(
       `missing ${expected
-        .slice(positionals.length)
+        .slice(positionals.length, required)
         .map((positional) => `<${positional.name}>`)
         .join(' ')}`,
       path,
@@ -198,7 +201,7 @@ export function usageLine(path: readonly CommandSpec<never>[] | readonly Command
   const command = path[path.length - 1]!;
   const parts = [commandWords(path)];
   if (command.subcommands) parts.push('<command>');
-  for (const positional of command.positionals ?? []) parts.push(`<${positional.name}>`);
+  for (const positional of command.positionals ?? []) parts.push(positional.optional ? `[<${positional.name}>]` : `<${positional.name}>`);
   for (const option of command.options ?? []) if (option.required) parts.push(`--${option.name} ${option.value}`);
   if ((command.options ?? []).some((option) => !option.required)) parts.push('[options]');
   return parts.join(' ');

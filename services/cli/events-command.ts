@@ -254,6 +254,8 @@ function summary(event: ShownEvent): string {
       return text('image');
     case 'clone.done':
       return `${vm(text('virtualMachine'))} from ${text('image') || vm(text('sourceVirtualMachine'))}${payload['started'] ? ', started' : ''}`;
+    case 'clone.rebased':
+      return `${vm(text('virtualMachine'))} ${bareId(text('previousImageVersion')) || '?'} -> ${bareId(text('imageVersion'))}${payload['restarted'] ? ', started' : ''}`;
     case 'clone.failed':
       return `${text('domainName')} on ${bareId(text('host'))}: ${status()}`;
     case 'vm.changed': {

@@ -6,7 +6,16 @@
 import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import { readServiceError, type ReceivedError } from '../common/platform/errors.js';
 import { Status } from '../gen/google/rpc/status.js';
-import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, JOIN_TOKEN_NAME, OPERATION_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import {
+  HOST_IMAGE_NAME,
+  HOST_NAME,
+  IMAGE_NAME,
+  JOIN_TOKEN_NAME,
+  OPERATION_NAME,
+  parseImageKey,
+  parseImageReference,
+  VIRTUAL_MACHINE_NAME,
+} from '../common/domain/resource-names.js';
 
 /** The CLI's exit codes. */
 export const EXIT = {
@@ -153,12 +162,20 @@ export function describeMissing(resource: string | undefined, fallback: string):
   if (resource === undefined) return `${fallback}; the matching \`list\` command shows what exists`;
   const host = HOST_NAME.parse(resource);
   if (host) return `no host named "${host.host}"; \`cowherd hosts list\` shows the hosts`;
+  // A version by number or alias before the plain image: IMAGE_NAME reads `.../versions/3` as a storage key.
+  const version = /^images\/[^/]+\/versions\/[^/]+$/.test(resource) ? parseImageReference(resource) : undefined;
+  if (version)
+    return `image "${version.id}" has no version ${version.version ?? `aliased "${version.alias}"`}; \`cowherd images versions ${version.id}\` lists its versions and aliases`;
   const image = IMAGE_NAME.parse(resource);
   if (image) return `no image named "${image.image}"; \`cowherd images list\` shows the images`;
   const vm = VIRTUAL_MACHINE_NAME.parse(resource);
   if (vm) return `no VM named "${vm.virtualMachine}" on host "${vm.host}"; \`cowherd vms list --host ${vm.host}\` shows its VMs`;
   const replica = HOST_IMAGE_NAME.parse(resource);
-  if (replica) return `host "${replica.host}" holds no copy of image "${replica.image}"; \`cowherd images show ${replica.image}\` shows where it is`;
+  if (replica) {
+    const key = parseImageKey(replica.image);
+    const what = key && key.version > 1 ? `${key.id}/versions/${key.version}` : replica.image;
+    return `host "${replica.host}" holds no copy of image "${what}"; \`cowherd images show ${what}\` shows where it is`;
+  }
   if (OPERATION_NAME.matches(resource)) return `no operation ${resource} (finished operations are kept for 7 days)`;
   if (JOIN_TOKEN_NAME.matches(resource)) return `no join token ${resource}`;
   return `${resource} not found`;

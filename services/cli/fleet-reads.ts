@@ -3,6 +3,7 @@ import type {
   ListHostsResponse,
   ListImageReplicasResponse,
   ListImagesResponse,
+  ListImageVersionsResponse,
   ListVirtualMachinesResponse,
 } from '../gen/cowherd/inventory/v1/inventory_service.js';
 import {
@@ -17,7 +18,7 @@ import {
   type VirtualMachine,
 } from '../gen/cowherd/inventory/v1/resources.js';
 import { hypervisorToJSON, type Hypervisor } from '../gen/cowherd/common/v1/types.js';
-import { EVERY_HOST, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import { EVERY_HOST, HOST_NAME, IMAGE_NAME, parseImageReference, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { CliContext } from './cli-context.js';
 import { enumWord, percent } from './output.js';
 
@@ -38,6 +39,15 @@ export function listImages(context: CliContext, filter = ''): Promise<Image[]> {
     'inventory',
     (pageToken, cb) => context.inventory.listImages({ pageSize: PAGE, pageToken, filter, view: ImageView.IMAGE_VIEW_BASIC }, cb),
     (response) => response.images,
+  );
+}
+
+/** Every version of `image` (`images/{image}`), oldest first (basic view). */
+export function listImageVersions(context: CliContext, image: string): Promise<Image[]> {
+  return context.listAll<Image, ListImageVersionsResponse>(
+    'inventory',
+    (pageToken, cb) => context.inventory.listImageVersions({ parent: image, pageSize: PAGE, pageToken, view: ImageView.IMAGE_VIEW_BASIC }, cb),
+    (response) => response.versions,
   );
 }
 
@@ -91,10 +101,33 @@ export function shortVirtualMachineName(name: string): string {
   return ids ? `${ids.host}/${ids.virtualMachine}` : name;
 }
 
-/** `hosts/kvm-01` -> `kvm-01`, `images/debian-12` -> `debian-12`, `hosts/-` -> `-`; any other text as it is. */
+/**
+ * `hosts/kvm-01` -> `kvm-01`, `images/debian-12` -> `debian-12`, `images/debian-12/versions/3` ->
+ * `debian-12/versions/3` (what the commands accept), `hosts/-` -> `-`; any other text as it is.
+ */
 export function bareId(name: string): string {
   if (name === EVERY_HOST) return '-';
+  if (name.startsWith('images/') && name.includes('/versions/') && parseImageReference(name)) return name.slice('images/'.length);
   return HOST_NAME.parse(name)?.host ?? IMAGE_NAME.parse(name)?.image ?? name;
+}
+
+/** The version number a record or view describes (0 from a server without versions reads as 1). */
+export function versionOf(image: Image): number {
+  return Number(image.version) || 1;
+}
+
+/** `stable, latest` -> the aliases that point at `version`, `latest` last; `-` when none. */
+export function aliasesAt(aliases: Readonly<Record<string, string>>, version: number): string {
+  const names = Object.entries(aliases)
+    .filter(([, target]) => Number(target) === version)
+    .map(([alias]) => alias)
+    .sort((a, b) => (a === 'latest' ? 1 : b === 'latest' ? -1 : a.localeCompare(b)));
+  return names.length > 0 ? names.join(', ') : '-';
+}
+
+/** `images/x/versions/3` -> 3; undefined for a name without a version number. */
+export function versionNumberOf(name: string): number | undefined {
+  return parseImageReference(name)?.version;
 }
 
 /** `key=value,key=value` or `-`. */

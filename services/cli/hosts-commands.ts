@@ -1,4 +1,4 @@
-/** `cowherd hosts`: join tokens, the host list, one host, draining and removing. */
+/** `cowherd hosts`: join tokens, the host list, one host, settings (the image directory's watermark), draining and removing. */
 import { JoinToken, joinToken_StateToJSON } from '../gen/cowherd/certauthority/v1/resources.js';
 import { Host, ImageReplica, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import type { CommandSpec } from './command-line.js';
@@ -14,9 +14,10 @@ import {
   listVirtualMachines,
   replicaState,
   shortVirtualMachineName,
+  versionNumberOf,
   virtualMachineState,
 } from './fleet-reads.js';
-import { enumWord, formatAge, formatBytes, formatTime, keyValues, table } from './output.js';
+import { enumWord, formatAge, formatBytes, formatTime, keyValues, percent, table } from './output.js';
 import { ArgumentReader, toDuration } from './resource-arguments.js';
 
 const HOST_ARGUMENT = { name: 'host', description: 'the host id, like kvm-01 (or hosts/kvm-01)' };
@@ -118,6 +119,12 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
               'image directory',
               `${host.imageDirectory || '-'} (${formatBytes(host.imageDirectoryFreeBytes)} free of ${formatBytes(host.imageDirectoryTotalBytes)})`,
             ],
+            [
+              'image dir watermark',
+              host.imageDirectoryHighWatermarkPercent > 0
+                ? `${host.imageDirectoryHighWatermarkPercent}% (\`cowherd images gc\` removes unused replicas above it)`
+                : 'off',
+            ],
             ['transfer limits', `up ${limit(host.transferLimits?.uploadBytesPerSecond)}, down ${limit(host.transferLimits?.downloadBytesPerSecond)}`],
             ['labels', labelText(host.labels)],
             ['enrolled', formatTime(host.enrollTime)],
@@ -129,12 +136,14 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
           replicas.length === 0
             ? 'images: none'
             : table(
-                ['image', 'replica state', 'origin', 'dependent vms'],
+                ['image', 'replica state', 'origin', 'dependent vms', 'version', 'last used'],
                 replicas.map((replica) => [
                   bareId(replica.image),
                   replicaState(replica),
                   replica.origin ? 'yes' : 'no',
                   String(replica.dependentVirtualMachines.length),
+                  String(versionNumberOf(replica.imageVersion) ?? 1),
+                  formatAge(replica.lastUseTime),
                 ]),
               ),
         );
@@ -152,6 +161,42 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
                 ]),
               ),
         );
+        return EXIT.OK;
+      },
+    },
+    {
+      name: 'update',
+      summary: "change a host's settings: the image directory's high watermark for garbage collection",
+      positionals: [HOST_ARGUMENT],
+      options: [
+        {
+          name: 'image-dir-watermark',
+          value: '<percent>',
+          description: "above this use of the image directory's file system (1-99 %), `images gc` removes unused replicas; 0 turns it off",
+          required: true,
+        },
+      ],
+      details:
+        'Example: cowherd hosts update kvm-01 --image-dir-watermark 80\n' +
+        'Garbage collection then removes the least recently used replicas that nothing uses (never an origin, never the last AVAILABLE\n' +
+        'copy of a version, never one with clones on it) until use is below the watermark.',
+      run: async (invocation, context) => {
+        const args = new ArgumentReader(invocation.command);
+        const name = args.host(invocation.positionals[0]!);
+        const percent = args.integer(invocation.string('image-dir-watermark')!.replace(/%$/, ''), '--image-dir-watermark', 0, 99);
+        const host = await context.call<Host>('inventory', (cb) =>
+          context.inventory.updateHost(
+            { host: Host.fromPartial({ name, imageDirectoryHighWatermarkPercent: percent }), updateMask: ['image_directory_high_watermark_percent'] },
+            cb,
+          ),
+        );
+        if (context.out.format === 'json') context.out.json(Host.toJSON(host));
+        else
+          context.out.line(
+            host.imageDirectoryHighWatermarkPercent > 0
+              ? `${host.name}: image directory watermark ${host.imageDirectoryHighWatermarkPercent}% (now ${usedPercent(host)} used)`
+              : `${host.name}: no image directory watermark (garbage collection keeps every replica there that its image's policy keeps)`,
+          );
         return EXIT.OK;
       },
     },
@@ -195,4 +240,10 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
 
 function limit(value: string | undefined): string {
   return Number(value ?? 0) > 0 ? `${formatBytes(value)}/s` : 'unlimited';
+}
+
+/** How full the image directory's file system is, like `63%`. */
+function usedPercent(host: Host): string {
+  const total = Number(host.imageDirectoryTotalBytes);
+  return percent(total - Number(host.imageDirectoryFreeBytes), total);
 }

@@ -1,7 +1,12 @@
-/** `cowherd images`: publish from a powered-off VM, import a disk file, list, show with replicas, distribute with live progress, delete. */
+/**
+ * `cowherd images`: publish from a powered-off VM, import a disk file (either onto an existing id adds a
+ * version), list, show with replicas, versions and aliases, retention, garbage collection, distribute with
+ * live progress, delete.
+ */
 import { randomUUID } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import {
+  CollectImageGarbageResponse,
   DistributeImageResponse,
   ImportImageDomain,
   ImportImageDomain_DiskBus,
@@ -11,16 +16,33 @@ import {
 import { Image, ImageFile, imageFile_RoleToJSON, ImageReplica, imageReplica_StateToJSON, ImageView } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../gen/google/longrunning/operations.js';
 import type { CommandSpec } from './command-line.js';
-import { EVERY_HOST, IMAGE_NAME } from '../common/domain/resource-names.js';
+import { EVERY_HOST, IMAGE_NAME, imageVersionName, LATEST_ALIAS, parseImageReference } from '../common/domain/resource-names.js';
 import type { CliContext } from './cli-context.js';
-import { EXIT, explain, readStatus } from './exit-codes.js';
-import { bareId, hypervisorWord, imageState, labelText, listImages, listReplicas, replicaState } from './fleet-reads.js';
+import { CliError, EXIT, explain, readStatus } from './exit-codes.js';
+import {
+  aliasesAt,
+  bareId,
+  hypervisorWord,
+  imageState,
+  labelText,
+  listImages,
+  listImageVersions,
+  listReplicas,
+  listVirtualMachines,
+  replicaState,
+  versionNumberOf,
+  versionOf,
+} from './fleet-reads.js';
 import { DELETE_IMAGE_OPERATION, DISTRIBUTE_OPERATION, IMPORT_OPERATION, PUBLISH_OPERATION } from './operation-kinds.js';
 import { followOperation, OPERATION_OPTIONS, printStarted } from './operation-wait.js';
 import { enumWord, formatBytes, formatTime, keyValues, table } from './output.js';
 import { ArgumentReader } from './resource-arguments.js';
 
 const IMAGE_ARGUMENT = { name: 'image', description: 'the image id, like debian-12 (or images/debian-12)' };
+const IMAGE_OR_VERSION_ARGUMENT = {
+  name: 'image',
+  description: 'the image, like debian-12 (its latest version), or one version: debian-12/versions/3 or debian-12/versions/stable',
+};
 
 export const IMAGES_COMMAND: CommandSpec<CliContext> = {
   name: 'images',
@@ -28,15 +50,18 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
   subcommands: [
     {
       name: 'publish',
-      summary: 'make a new image from a powered-off VM (its disks flattened, its domain XML sanitized)',
+      summary: 'make a new image (or a new version of one) from a powered-off VM (its disks flattened, its domain XML sanitized)',
       options: [
         { name: 'host', value: '<host>', description: 'the host the VM is on', required: true },
         { name: 'vm', value: '<vm>', description: 'the powered-off VM to publish', required: true },
-        { name: 'image', value: '<id>', description: "the new image's id, like debian-12", required: true },
+        { name: 'image', value: '<id>', description: "the image's id, like debian-12; an existing image gets a new version", required: true },
         { name: 'description', value: '<text>', description: 'a description, at most 1024 characters' },
         { name: 'label', value: '<key=value>', description: 'a label for the image', repeatable: true },
         ...OPERATION_OPTIONS,
       ],
+      details:
+        'Onto an image id that exists, the publish adds the next version, which becomes `latest` once AVAILABLE; clones stay on\n' +
+        'their version until `cowherd vms rebase` moves them.',
       run: async (invocation, context) => {
         const args = new ArgumentReader(invocation.command);
         const host = bareId(args.host(invocation.string('host')!, '--host'));
@@ -60,19 +85,19 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
         if (context.out.format === 'json') context.out.json(Image.toJSON(image));
         else {
           context.out.line(
-            `published ${image.name}: ${imageState(image)}, ${image.files.length} file(s), ${formatBytes(image.torrent?.totalBytes)}, origin ${image.originHost}`,
+            `published ${IMAGE_NAME.format({ image: imageId })} version ${versionOf(image)}: ${imageState(image)}, ${image.files.length} file(s), ${formatBytes(image.torrent?.totalBytes)}, origin ${image.originHost}`,
           );
-          context.out.note(`next: \`cowherd images distribute ${imageId} --hosts <h1,h2>\` or \`cowherd vms clone --image ${imageId} --count N\``);
+          nextAfterNewVersion(context, imageId, versionOf(image));
         }
         return EXIT.OK;
       },
     },
     {
       name: 'import',
-      summary: 'make a new image from a disk file (qcow2, raw, vmdk, vhd, vhdx) on a host or at an http(s) URL',
+      summary: 'make a new image (or a new version of one) from a disk file (qcow2, raw, vmdk, vhd, vhdx) on a host or at an http(s) URL',
       options: [
         { name: 'host', value: '<host>', description: 'the host that imports the file and becomes the origin', required: true },
-        { name: 'image', value: '<id>', description: "the new image's id, like debian-12", required: true },
+        { name: 'image', value: '<id>', description: "the image's id, like debian-12; an existing image gets a new version", required: true },
         { name: 'file', value: '<path>', description: "a file in the host agent's import directory (COWHERD_IMPORT_DIR), relative to it" },
         { name: 'url', value: '<url>', description: 'an http(s) URL to download the file from (needs --sha256)' },
         { name: 'sha256', value: '<hex>', description: "the downloaded file's SHA-256; a different file fails the import and leaves nothing" },
@@ -97,6 +122,7 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
       details:
         'Exactly one of --file and --url. The format is read from the file, never from its name; files with a backing file are refused.\n' +
         "The file is converted to the host's format (qcow2 on KVM, VHD on Xen); the image then distributes and clones like a published one.\n" +
+        'Onto an image id that exists, the import adds the next version.\n' +
         'Examples:\n' +
         '  cowherd images import --host kvm-01 --image debian-12 --file debian-12-genericcloud-amd64.qcow2 --memory-mib 2048\n' +
         '  cowherd images import --host kvm-01 --image alpine --url https://example.org/alpine.qcow2 --sha256 <hex> --firmware uefi',
@@ -112,16 +138,16 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
         if (context.out.format === 'json') context.out.json(Image.toJSON(image));
         else {
           context.out.line(
-            `imported ${image.name}: ${imageState(image)}, ${image.files.length} file(s), ${formatBytes(image.torrent?.totalBytes)}, origin ${image.originHost}`,
+            `imported ${IMAGE_NAME.format({ image: imageId })} version ${versionOf(image)}: ${imageState(image)}, ${image.files.length} file(s), ${formatBytes(image.torrent?.totalBytes)}, origin ${image.originHost}`,
           );
-          context.out.note(`next: \`cowherd images distribute ${imageId} --hosts <h1,h2>\` or \`cowherd vms clone --image ${imageId} --count N\``);
+          nextAfterNewVersion(context, imageId, versionOf(image));
         }
         return EXIT.OK;
       },
     },
     {
       name: 'list',
-      summary: 'list the image catalog with sizes and how many hosts hold each image',
+      summary: 'list the image catalog with versions, sizes and how many hosts hold each latest version',
       options: [
         {
           name: 'filter',
@@ -141,18 +167,22 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
         }
         context.out.line(
           table(
-            ['image', 'state', 'hypervisor', 'size', 'origin', 'hosts', 'created', 'labels'],
+            ['image', 'version', 'state', 'hypervisor', 'size', 'origin', 'hosts', 'created', 'aliases', 'labels'],
             images.map((image) => {
-              const mine = replicas.filter((replica) => replica.image === image.name);
+              // The hosts that hold this row's version (replicas of every version share `image`).
+              const mine = replicas.filter((replica) => replicaHoldsVersion(replica, image));
               const available = mine.filter((replica) => imageReplica_StateToJSON(replica.state) === 'STATE_AVAILABLE').length;
+              const count = image.versions.length;
               return [
-                bareId(image.name),
+                bareId(imageNameOf(image)),
+                `${versionOf(image)}${count > 1 ? ` of ${count}` : ''}`,
                 imageState(image),
                 hypervisorWord(image.hypervisor),
                 formatBytes(image.torrent?.totalBytes),
                 bareId(image.originHost) || '-',
                 `${available}/${mine.length}`,
                 image.createTime?.toISOString().slice(0, 19).replace('T', ' ') ?? '-',
+                aliasList(image.aliases),
                 labelText(image.labels),
               ];
             }),
@@ -163,19 +193,32 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
     },
     {
       name: 'show',
-      summary: 'show one image with its files and the hosts that hold a replica',
-      positionals: [IMAGE_ARGUMENT],
+      summary: 'show one image (its latest version, or the one named) with its files, versions, aliases and the hosts that hold it',
+      positionals: [IMAGE_OR_VERSION_ARGUMENT],
       run: async (invocation, context) => {
-        const name = new ArgumentReader(invocation.command).image(invocation.positionals[0]!);
+        const name = new ArgumentReader(invocation.command).imageOrVersion(invocation.positionals[0]!);
+        const imageName = `images/${parseImageReference(name)!.id}`;
         const image = await context.call<Image>('inventory', (cb) => context.inventory.getImage({ name, view: ImageView.IMAGE_VIEW_BASIC }, cb));
-        const replicas = await listReplicas(context, EVERY_HOST, `image = "${name}"`);
+        const versioned = name !== imageName;
+        const allReplicas = await listReplicas(context, EVERY_HOST, `image = "${imageName}"`);
+        // The image view lists the replicas of every version; one version only its own.
+        const replicas = versioned ? allReplicas.filter((replica) => replicaHoldsVersion(replica, image)) : allReplicas;
         if (context.out.format === 'json') {
           context.out.json({ image: Image.toJSON(image), imageReplicas: replicas.map((replica) => ImageReplica.toJSON(replica)) });
           return EXIT.OK;
         }
+        const versions = image.versions.map(Number);
         context.out.line(
           keyValues([
-            ['image', image.name],
+            ['image', imageName],
+            ['version', `${versionOf(image)}${versioned ? '' : ' (latest)'} (${imageVersionName(parseImageReference(name)!.id, versionOf(image))})`],
+            ...(versioned
+              ? []
+              : ([
+                  ['versions', versions.length > 0 ? versions.join(', ') : String(versionOf(image))],
+                  ['aliases', aliasList(image.aliases)],
+                  ['keep versions', image.keepVersions > 0 ? String(image.keepVersions) : 'the default (COWHERD_KEEP_IMAGE_VERSIONS, 3)'],
+                ] as const)),
             ['state', `${imageState(image)}${image.error ? ` (${image.error.message})` : ''}`],
             ['description', image.description || '-'],
             ['hypervisor', hypervisorWord(image.hypervisor)],
@@ -208,12 +251,13 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
           replicas.length === 0
             ? 'replicas: none'
             : table(
-                ['host', 'replica state', 'origin', 'dependent vms', 'path'],
+                ['host', 'replica state', 'origin', 'dependent vms', 'version', 'path'],
                 replicas.map((replica) => [
                   bareId(replica.host),
                   replicaState(replica),
                   replica.origin ? 'yes' : 'no',
                   String(replica.dependentVirtualMachines.length),
+                  String(replicaVersion(replica)),
                   replica.path || '-',
                 ]),
               ),
@@ -222,9 +266,165 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
       },
     },
     {
-      name: 'distribute',
-      summary: 'spread an image to hosts peer-to-peer, with live per-host progress',
+      name: 'versions',
+      summary: "list an image's versions: state, size, aliases, how many hosts hold each and how many clones use it",
       positionals: [IMAGE_ARGUMENT],
+      details: 'Garbage collection (`cowherd images gc`) keeps the newest keep-versions versions, every version a clone uses or an alias names, and latest.',
+      run: async (invocation, context) => {
+        const image = new ArgumentReader(invocation.command).image(invocation.positionals[0]!);
+        const [view, versions, replicas, clones] = await Promise.all([
+          context.call<Image>('inventory', (cb) => context.inventory.getImage({ name: image, view: ImageView.IMAGE_VIEW_BASIC }, cb)),
+          listImageVersions(context, image),
+          listReplicas(context, EVERY_HOST, `image = "${image}"`),
+          listVirtualMachines(context, EVERY_HOST, `source_image = "${image}"`),
+        ]);
+        const id = parseImageReference(image)!.id;
+        if (context.out.format === 'json') {
+          context.out.json({ versions: versions.map((version) => Image.toJSON(version)), aliases: view.aliases, keepVersions: view.keepVersions });
+          return EXIT.OK;
+        }
+        context.out.line(
+          table(
+            ['version', 'state', 'size', 'created', 'aliases', 'hosts', 'clones', 'name'],
+            versions.map((version) => {
+              const number = versionOf(version);
+              const mine = replicas.filter((replica) => replicaVersion(replica) === number);
+              const available = mine.filter((replica) => imageReplica_StateToJSON(replica.state) === 'STATE_AVAILABLE').length;
+              const using = clones.filter((vm) => (versionNumberOf(vm.sourceImageVersion || vm.lineage?.imageVersion || '') ?? 1) === number).length;
+              return [
+                String(number),
+                imageState(version),
+                formatBytes(version.torrent?.totalBytes),
+                version.createTime?.toISOString().slice(0, 19).replace('T', ' ') ?? '-',
+                aliasesAt(view.aliases, number),
+                `${available}/${mine.length}`,
+                String(using),
+                imageVersionName(id, number),
+              ];
+            }),
+          ),
+        );
+        context.out.note(
+          `keeps the newest ${view.keepVersions > 0 ? view.keepVersions : 'default (3)'} versions and every version in use; \`cowherd images alias ${id} <alias> <version>\` names one, \`cowherd vms rebase --to-version ${id}/versions/<n>\` moves clones`,
+        );
+        return EXIT.OK;
+      },
+    },
+    {
+      name: 'alias',
+      summary: 'point an alias (like stable) at a version of an image, or remove it with --delete',
+      positionals: [
+        IMAGE_ARGUMENT,
+        { name: 'alias', description: 'the alias: a lowercase DNS label starting with a letter, like stable (not latest: the catalog moves it)' },
+        { name: 'version', description: 'the version number, or another alias to pin its current version (not with --delete)', optional: true },
+      ],
+      options: [{ name: 'delete', description: 'remove the alias instead' }],
+      details:
+        'Examples:\n' +
+        '  cowherd images alias debian-12 stable 3\n' +
+        '  cowherd images alias debian-12 stable latest    # pins the version latest points at now\n' +
+        '  cowherd images alias debian-12 stable --delete\n' +
+        'An alias names a version wherever a version is taken (`debian-12/versions/stable`), and garbage collection keeps what an alias names.\n' +
+        'The aliases are read, changed and written back whole (UpdateImage): two operators changing them at once, the last one wins.',
+      run: async (invocation, context) => {
+        const args = new ArgumentReader(invocation.command);
+        const image = args.image(invocation.positionals[0]!);
+        const alias = args.alias(invocation.positionals[1]!, '<alias>');
+        if (alias === LATEST_ALIAS) args.fail('latest always points at the newest AVAILABLE version: the catalog moves it, so it cannot be set or deleted');
+        const remove = invocation.flag('delete');
+        const rawVersion = invocation.positionals[2];
+        if (remove && rawVersion !== undefined) args.fail('give either <version> or --delete, not both');
+        if (!remove && rawVersion === undefined) args.fail('missing <version> (or --delete to remove the alias)');
+        const current = await context.call<Image>('inventory', (cb) => context.inventory.getImage({ name: image, view: ImageView.IMAGE_VIEW_BASIC }, cb));
+        const aliases: Record<string, string> = { ...current.aliases };
+        delete aliases[LATEST_ALIAS];
+        if (remove) {
+          if (aliases[alias] === undefined)
+            throw new CliError(`${image} has no alias "${alias}"; \`cowherd images versions ${bareId(image)}\` shows its aliases`, EXIT.NOT_FOUND);
+          delete aliases[alias];
+        } else {
+          let version: number;
+          if (/^\d+$/.test(rawVersion!)) version = args.versionNumber(rawVersion!, '<version>');
+          else {
+            const target = current.aliases[args.alias(rawVersion!, '<version>')];
+            if (target === undefined)
+              throw new CliError(
+                `${image} has no alias "${rawVersion}" to take the version from; \`cowherd images versions ${bareId(image)}\` lists versions and aliases`,
+                EXIT.NOT_FOUND,
+              );
+            version = Number(target);
+          }
+          aliases[alias] = String(version);
+        }
+        const updated = await context.call<Image>('distribution', (cb) =>
+          context.distribution.updateImage({ image: Image.fromPartial({ name: image, aliases }), updateMask: ['aliases'] }, cb),
+        );
+        if (context.out.format === 'json') context.out.json(Image.toJSON(updated));
+        else {
+          context.out.line(remove ? `removed the alias ${alias} of ${image}` : `${image}/versions/${alias} is now version ${aliases[alias]}`);
+          context.out.line(`aliases: ${aliasList(updated.aliases)}`);
+        }
+        return EXIT.OK;
+      },
+    },
+    {
+      name: 'update',
+      summary: "change an image's retention: how many of its newest versions garbage collection keeps",
+      positionals: [IMAGE_ARGUMENT],
+      options: [
+        {
+          name: 'keep-versions',
+          value: '<n>',
+          description: 'keep the newest n versions (0: the default, COWHERD_KEEP_IMAGE_VERSIONS, 3); versions in use are kept anyway',
+          required: true,
+        },
+      ],
+      details: 'Example: cowherd images update debian-12 --keep-versions 5\nAliases are set with `cowherd images alias`.',
+      run: async (invocation, context) => {
+        const args = new ArgumentReader(invocation.command);
+        const image = args.image(invocation.positionals[0]!);
+        const keepVersions = args.integer(invocation.string('keep-versions')!, '--keep-versions', 0, 1000);
+        const updated = await context.call<Image>('distribution', (cb) =>
+          context.distribution.updateImage({ image: Image.fromPartial({ name: image, keepVersions }), updateMask: ['keep_versions'] }, cb),
+        );
+        if (context.out.format === 'json') context.out.json(Image.toJSON(updated));
+        else
+          context.out.line(
+            `${image} keeps ${updated.keepVersions > 0 ? `its newest ${updated.keepVersions}` : 'the default number of'} versions (and every version in use)`,
+          );
+        return EXIT.OK;
+      },
+    },
+    {
+      name: 'gc',
+      summary: 'collect garbage by policy: old versions nothing uses, and unused replicas on hosts above their watermark',
+      options: [
+        { name: 'dry-run', description: 'delete nothing; list what would go' },
+        { name: 'image', value: '<id>', description: 'only this image (default every image)', repeatable: true },
+      ],
+      details:
+        'Per image: versions beyond the newest keep-versions (`cowherd images update --keep-versions`) go, unless a clone uses them,\n' +
+        'an alias names them, or they are latest. Per host: above its image-directory watermark (`cowherd hosts update\n' +
+        '--image-dir-watermark`), the least recently used replicas that nothing uses go. Never a replica with dependents.\n' +
+        'Exit status 7 when some hosts could not be reached (their files stay; each is listed).',
+      run: async (invocation, context) => {
+        const args = new ArgumentReader(invocation.command);
+        const images = invocation
+          .list('image')
+          .flatMap((value) => value.split(','))
+          .filter((value) => value.trim() !== '')
+          .map((value) => args.image(value.trim(), '--image'));
+        const dryRun = invocation.flag('dry-run');
+        const response = await context.call<CollectImageGarbageResponse>('distribution', (cb) =>
+          context.distribution.collectImageGarbage({ images, validateOnly: dryRun }, cb),
+        );
+        return printGarbageResult(context, response, dryRun);
+      },
+    },
+    {
+      name: 'distribute',
+      summary: 'spread an image (its latest version, or the one named) to hosts peer-to-peer, with live per-host progress',
+      positionals: [IMAGE_OR_VERSION_ARGUMENT],
       options: [
         {
           name: 'hosts',
@@ -238,7 +438,7 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
         'Hosts that already hold the image count as done at once; failed transfers resume when distributed again.\nExit status 7 when some hosts failed (they are listed).',
       run: async (invocation, context) => {
         const args = new ArgumentReader(invocation.command);
-        const image = args.image(invocation.positionals[0]!);
+        const image = args.imageOrVersion(invocation.positionals[0]!);
         const hosts = invocation.list('hosts').join(',').trim() === 'all' ? [EVERY_HOST] : args.hosts(invocation.list('hosts'));
         const started = await context.call<Operation>('distribution', (cb) =>
           context.distribution.distributeImage({ image, hosts, requestId: invocation.string('request-id') ?? randomUUID() }, cb),
@@ -251,11 +451,14 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
     },
     {
       name: 'delete',
-      summary: 'delete an image and every replica of it (refused while any VM is cloned from it)',
-      positionals: [IMAGE_ARGUMENT],
+      summary: 'delete an image, or one version of it, and every replica of it (refused while any VM is cloned from it)',
+      positionals: [IMAGE_OR_VERSION_ARGUMENT],
       options: OPERATION_OPTIONS,
+      details:
+        'Named by version (debian-12/versions/2), only that version goes; the latest one cannot while older ones remain.\n' +
+        '`cowherd images gc` removes the versions nothing uses by policy.',
       run: async (invocation, context) => {
-        const name = new ArgumentReader(invocation.command).image(invocation.positionals[0]!);
+        const name = new ArgumentReader(invocation.command).imageOrVersion(invocation.positionals[0]!);
         const started = await context.call<Operation>('distribution', (cb) =>
           context.distribution.deleteImage({ name, requestId: invocation.string('request-id') ?? randomUUID() }, cb),
         );
@@ -268,6 +471,68 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
     },
   ],
 };
+
+/** `images/x` of a version record or view (a record of version n >= 2 is named `images/x/versions/n`). */
+function imageNameOf(image: Image): string {
+  const reference = parseImageReference(image.name);
+  return reference ? `images/${reference.id}` : image.name;
+}
+
+/** The version a replica holds (1 for a replica recorded before versions existed). */
+function replicaVersion(replica: ImageReplica): number {
+  return versionNumberOf(replica.imageVersion) ?? 1;
+}
+
+/** Whether `replica` holds the version that `image` (a record or a view) describes. */
+function replicaHoldsVersion(replica: ImageReplica, image: Image): boolean {
+  return replica.image === imageNameOf(image) && replicaVersion(replica) === versionOf(image);
+}
+
+/** `latest=3, stable=2` or `-`. */
+function aliasList(aliases: Readonly<Record<string, string>>): string {
+  const entries = Object.entries(aliases).sort(([a], [b]) => (a === LATEST_ALIAS ? -1 : b === LATEST_ALIAS ? 1 : a.localeCompare(b)));
+  return entries.length > 0 ? entries.map(([alias, version]) => `${alias}=${version}`).join(', ') : '-';
+}
+
+/** What to type after a publish or import: spread and clone a new image, or move the clones onto a new version. */
+function nextAfterNewVersion(context: CliContext, imageId: string, version: number): void {
+  if (version <= 1) context.out.note(`next: \`cowherd images distribute ${imageId} --hosts <h1,h2>\` or \`cowherd vms clone --image ${imageId} --count N\``);
+  else
+    context.out.note(
+      `next: \`cowherd vms rebase --filter 'source_image = "images/${imageId}"' --to-version ${imageId}/versions/${version} --canary 1\` moves the clones onto it; \`cowherd images versions ${imageId}\` lists the versions`,
+    );
+}
+
+/** The garbage collection's result: versions, replicas, failures, bytes freed; exit 7 when some hosts failed. */
+function printGarbageResult(context: CliContext, response: CollectImageGarbageResponse, dryRun: boolean): number {
+  if (context.out.format === 'json') context.out.json(CollectImageGarbageResponse.toJSON(response));
+  else {
+    const verb = dryRun ? 'would go' : 'deleted';
+    const rows = [
+      ...response.versions.map((version) => ['version', bareId(version), '-', '-', `${verb} (policy: beyond keep-versions, unused)`]),
+      ...response.replicas.map((replica) => [
+        'replica',
+        bareId(replica.imageVersion || replica.image),
+        bareId(replica.host),
+        formatBytes(replica.progress?.bytesTotal),
+        `${verb} (host above its watermark; last used ${replica.lastUseTime?.toISOString().slice(0, 19).replace('T', ' ') ?? '-'})`,
+      ]),
+      ...response.failures.map((failure) => [
+        'failure',
+        '-',
+        bareId(failure.host),
+        '-',
+        failure.status ? explain(readStatus(failure.status), context.target('distribution')).split('\n')[0]! : 'failed',
+      ]),
+    ];
+    if (rows.length === 0) context.out.line(dryRun ? 'nothing would go: every version and replica is kept by policy' : 'nothing to collect');
+    else context.out.line(table(['kind', 'image version', 'host', 'size', 'what'], rows));
+    context.out.note(
+      `${dryRun ? 'dry run: ' : ''}${response.versions.length} version(s) and ${response.replicas.length} replica(s) ${verb}, ${formatBytes(response.freedBytes)} ${dryRun ? 'would be ' : ''}freed${response.failures.length > 0 ? `; ${response.failures.length} host(s) failed` : ''}`,
+    );
+  }
+  return response.failures.length > 0 ? EXIT.PARTIAL : EXIT.OK;
+}
 
 /** The ImportImage request of `images import` (usage errors before any call). */
 async function importRequest(

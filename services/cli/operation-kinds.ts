@@ -3,7 +3,14 @@
  * runs it, and how its metadata reads as progress lines: one table, used by the commands that start them and
  * by `cowherd operations` for any operation found later.
  */
-import { CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse, StopVirtualMachineMetadata } from '../gen/cowherd/cloning/v1/cloning_service.js';
+import {
+  CloneVirtualMachinesMetadata,
+  CloneVirtualMachinesResponse,
+  RebaseVirtualMachinesMetadata,
+  RebaseVirtualMachinesResponse,
+  StopVirtualMachineMetadata,
+  type RebaseResult,
+} from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { imagePublishStageToJSON } from '../gen/cowherd/common/v1/types.js';
 import {
   DeleteImageMetadata,
@@ -145,6 +152,46 @@ export const CLONE_OPERATION: OperationShape<CloneVirtualMachinesMetadata, Clone
   },
 };
 
+/**
+ * RebaseVirtualMachines: a bar for the clones (done and failed of the total), a line per clone that is
+ * moving now (canaries first), and the distributions of the target version the operation started.
+ */
+export const REBASE_OPERATION: OperationShape<RebaseVirtualMachinesMetadata, RebaseVirtualMachinesResponse> = {
+  title: 'rebase VMs',
+  service: 'cloning',
+  typeNames: { metadata: RebaseVirtualMachinesMetadata.$type, response: RebaseVirtualMachinesResponse.$type },
+  metadata: RebaseVirtualMachinesMetadata,
+  response: RebaseVirtualMachinesResponse,
+  render: (metadata) => {
+    if (!metadata) return [{ key: 'rebase', label: 'rebase', text: 'starting…', fraction: 0 }];
+    const settled = metadata.doneCount + metadata.failedCount;
+    const waiting = metadata.results.filter((result) => result.pending).length;
+    const lines: ProgressLine[] = [
+      {
+        key: 'rebase',
+        label: `rebase onto ${bareId(metadata.targetImageVersion)}`,
+        text: `${metadata.doneCount}/${metadata.totalCount} done, ${metadata.failedCount} failed${waiting > 0 ? `, ${waiting} waiting or moving` : ''}`,
+        fraction: metadata.totalCount > 0 ? settled / metadata.totalCount : 0,
+      },
+    ];
+    if (metadata.distributeOperations.length > 0 && settled === 0)
+      lines.push({
+        key: 'distribute',
+        text: `bringing ${bareId(metadata.targetImageVersion)} to the hosts first (${metadata.distributeOperations.join(', ')})`,
+      });
+    // Settled clones, failures first, at most 20 lines: the result table lists every clone at the end.
+    const failed = (result: RebaseResult): boolean => result.status !== undefined && result.status.code !== 0;
+    const settledResults = metadata.results.filter((result) => !result.pending);
+    for (const result of [...settledResults.filter(failed), ...settledResults.filter((result) => !failed(result))].slice(0, 20)) {
+      lines.push({
+        key: result.virtualMachine,
+        text: `${shortVirtualMachineName(result.virtualMachine)}${result.canary ? ' (canary)' : ''}: ${failed(result) ? `FAILED ${result.status!.message}` : `${bareId(result.previousImageVersion) || '?'} -> ${bareId(result.imageVersion)}${result.restarted ? ', started' : ''}`}`,
+      });
+    }
+    return lines;
+  },
+};
+
 /** StopVirtualMachine: graceful until a deadline, or forced. */
 export const STOP_OPERATION: OperationShape<StopVirtualMachineMetadata, VirtualMachine> = {
   title: 'stop VM',
@@ -167,6 +214,7 @@ export const OPERATION_KINDS: readonly OperationShape<unknown, unknown>[] = [
   DISTRIBUTE_OPERATION,
   DELETE_IMAGE_OPERATION,
   CLONE_OPERATION,
+  REBASE_OPERATION,
   STOP_OPERATION,
 ] as unknown as readonly OperationShape<unknown, unknown>[];
 

@@ -1,10 +1,20 @@
 /**
  * Resource names from what operators type: `kvm-01` or `hosts/kvm-01`, `debian-12` or `images/debian-12`,
- * `kvm-01/web-1` or `hosts/kvm-01/virtualMachines/web-1`, durations like `90s`, `10m`, `1h`. Malformed
- * input is a usage error (exit 2) before any call.
+ * an image version `debian-12/versions/3` or `images/debian-12/versions/stable` (number or alias),
+ * `kvm-01/web-1` or `hosts/kvm-01/virtualMachines/web-1`, durations like `90s`, `10m`, `1h`, sizes like
+ * `10G`. Malformed input is a usage error (exit 2) before any call.
  */
 import type { Duration } from '../gen/google/protobuf/duration.js';
-import { HOST_ID, HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_ID, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import {
+  HOST_ID,
+  HOST_NAME,
+  IMAGE_ALIAS,
+  IMAGE_ID,
+  IMAGE_NAME,
+  parseImageReference,
+  VIRTUAL_MACHINE_ID,
+  VIRTUAL_MACHINE_NAME,
+} from '../common/domain/resource-names.js';
 import { UsageError, type CommandSpec } from './command-line.js';
 
 /** Parses command arguments, reporting errors against `command`. */
@@ -38,6 +48,44 @@ export class ArgumentReader {
   /** `debian-12` or `images/debian-12` -> `images/debian-12`. */
   image(raw: string, what = 'image'): string {
     return IMAGE_NAME.format({ image: this.imageId(IMAGE_NAME.parse(raw)?.image ?? raw, what) });
+  }
+
+  /**
+   * An image or one of its versions, as the services take it from callers: `debian-12` or `images/debian-12`
+   * (its latest version) -> `images/debian-12`; `debian-12/versions/3` or `images/debian-12/versions/stable`
+   * (a number or an alias) -> `images/debian-12/versions/3`, `images/debian-12/versions/stable`.
+   */
+  imageOrVersion(raw: string, what = 'image'): string {
+    const reference = parseImageReference(raw.startsWith('images/') ? raw : `images/${raw}`);
+    if (!reference) {
+      const id = raw.replace(/^images\//, '').split('/')[0]!;
+      if (!IMAGE_ID.test(id)) this.imageId(id, what);
+      this.fail(`${what} ${JSON.stringify(raw)} must be <image> or <image>/versions/<number|alias>, like debian-12 or debian-12/versions/3`);
+    }
+    if (reference.version !== undefined) return `images/${reference.id}/versions/${reference.version}`;
+    return reference.alias === undefined || raw.replace(/^images\//, '') === reference.id
+      ? `images/${reference.id}`
+      : `images/${reference.id}/versions/${reference.alias}`;
+  }
+
+  /** An alias name (`stable`): a lowercase DNS label that does not start with a digit. */
+  alias(raw: string, what = 'alias'): string {
+    if (!IMAGE_ALIAS.test(raw))
+      this.fail(`${what} ${JSON.stringify(raw)} is not an alias (lowercase letters, digits and dashes, starting with a letter, like stable)`);
+    return raw;
+  }
+
+  /** `3` -> 3: a version number (1 to 999999999). */
+  versionNumber(raw: string, what = 'version'): number {
+    return this.integer(raw, what, 1, 999_999_999);
+  }
+
+  /** `10G`, `512M`, `1.5T`, `10GiB`, `4096` (bytes) -> bytes; binary units (K = 1024). */
+  bytes(raw: string, what: string, min: number, max: number): number {
+    const bytes = parseBytes(raw);
+    if (bytes === undefined) this.fail(`${what} must be a size like 10G, 512M or 1T (binary units), got ${JSON.stringify(raw)}`);
+    if (bytes < min || bytes > max) this.fail(`${what} must be from ${formatSize(min)} to ${formatSize(max)}, got ${JSON.stringify(raw)}`);
+    return bytes;
   }
 
   /** A bare image id. */
@@ -92,6 +140,23 @@ export function parseDurationMs(raw: string): number | undefined {
   if (!parts || raw === '') return undefined;
   const [, hours, minutes, seconds, millis] = parts;
   return Number(hours ?? 0) * 3_600_000 + Number(minutes ?? 0) * 60_000 + Number(seconds ?? 0) * 1000 + Number(millis ?? 0);
+}
+
+const SIZE_UNITS: Readonly<Record<string, number>> = { '': 1, B: 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
+
+/** Bytes of `10G`, `512M`, `1.5T`, `10GiB`, `10GB` (binary either way) or plain bytes; undefined when malformed or not whole. */
+export function parseBytes(raw: string): number | undefined {
+  const parts = /^(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:i?B)?|B)?$/i.exec(raw.trim());
+  if (!parts) return undefined;
+  const bytes = Number(parts[1]) * SIZE_UNITS[(parts[2] ?? '').toUpperCase()]!;
+  return Number.isSafeInteger(bytes) ? bytes : undefined;
+}
+
+/** 10737418240 -> "10G" when whole, else bytes; for messages about sizes. */
+function formatSize(bytes: number): string {
+  for (const unit of ['T', 'G', 'M', 'K'] as const)
+    if (bytes >= SIZE_UNITS[unit]! && bytes % SIZE_UNITS[unit]! === 0) return `${bytes / SIZE_UNITS[unit]!}${unit}`;
+  return `${bytes} bytes`;
 }
 
 /** A protobuf Duration from milliseconds. */

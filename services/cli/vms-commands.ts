@@ -1,18 +1,20 @@
-/** `cowherd vms`: clone, list across the fleet, show with lineage, start, stop, delete. */
+/** `cowherd vms`: clone, list across the fleet, show with lineage, rebase onto another image version, start, stop, delete. */
 import { randomUUID } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import {
   cloneResult_StateToJSON,
   CloneVirtualMachinesResponse,
   Placement_Strategy,
+  RebaseVirtualMachinesResponse,
   type CloneVirtualMachinesRequest,
+  type RebaseVirtualMachinesRequest,
   type Placement,
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { diskFormatToJSON } from '../gen/cowherd/common/v1/types.js';
 import { Host, Image, ImageReplica, ImageView, VirtualMachine, type GuestConfiguration } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../gen/google/longrunning/operations.js';
 import type { CommandSpec, Invocation } from './command-line.js';
-import { EVERY_HOST } from '../common/domain/resource-names.js';
+import { EVERY_HOST, parseImageReference } from '../common/domain/resource-names.js';
 import type { CliContext } from './cli-context.js';
 import { CliError, EXIT, explain, readStatus } from './exit-codes.js';
 import {
@@ -23,12 +25,14 @@ import {
   listVirtualMachines,
   replicaState,
   shortVirtualMachineName,
+  versionNumberOf,
+  versionOf,
   virtualMachineState,
 } from './fleet-reads.js';
-import { CLONE_OPERATION, STOP_OPERATION } from './operation-kinds.js';
+import { CLONE_OPERATION, REBASE_OPERATION, STOP_OPERATION } from './operation-kinds.js';
 import { followOperation, OPERATION_OPTIONS, printStarted } from './operation-wait.js';
 import { enumWord, formatBytes, formatTime, keyValues, table } from './output.js';
-import { ArgumentReader } from './resource-arguments.js';
+import { ArgumentReader, toDuration } from './resource-arguments.js';
 
 const VM_ARGUMENT = { name: 'vm', description: 'the VM as <host>/<vm>, like kvm-01/web-1 (or hosts/kvm-01/virtualMachines/web-1)' };
 
@@ -40,7 +44,11 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
       name: 'clone',
       summary: 'make N copy-on-write clones of an image or of a powered-off VM',
       options: [
-        { name: 'image', value: '<id>', description: 'clone this image (one of --image and --source-vm)' },
+        {
+          name: 'image',
+          value: '<image>',
+          description: 'clone this image: debian-12 (its latest version), debian-12/versions/3 or debian-12/versions/stable (one of --image and --source-vm)',
+        },
         { name: 'source-vm', value: '<host>/<vm>', description: 'clone this powered-off VM (on its own host unless --hosts)' },
         { name: 'count', value: '<n>', description: 'how many clones, 1 to 1000 (default 1)' },
         { name: 'template', value: '<name>', description: 'clone names with {source}, {index}, {random}, {host}; default {source}-{random}' },
@@ -61,12 +69,18 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
         { name: 'user-data-file', value: '<file>', description: 'cloud-init user-data (#cloud-config, #! script or MIME multipart); {name} etc. substituted' },
         { name: 'network-config-file', value: '<file>', description: 'cloud-init network-config version 2; {name} etc. substituted' },
         { name: 'cloud-init', description: 'give each clone a seed disk even without the options above (hostname = clone name, new instance-id)' },
+        {
+          name: 'data-disk',
+          value: '<size>',
+          description: 'give each clone an empty persistent data disk of this size (like 10G; binary units, at most 16T); a rebase keeps it',
+        },
         ...OPERATION_OPTIONS,
       ],
       details:
         'Exit status 7 when some clones failed (each is listed with its error). With any of --hostname-template, --ssh-key-file, ' +
         '--user-data-file, --network-config-file or --cloud-init, each clone gets its own cloud-init NoCloud seed disk (label cidata): ' +
-        'instance-id = the clone UUID, so cloud-init gives it new SSH host keys. The files are sent once and never stored (only a digest).',
+        'instance-id = the clone UUID, so cloud-init gives it new SSH host keys. The files are sent once and never stored (only a digest).\n' +
+        'Each clone records the exact image version it came from (`vms show`); --data-disk adds a second disk that `vms rebase` keeps.',
       run: async (invocation, context) => {
         const args = new ArgumentReader(invocation.command);
         const request = cloneRequest(invocation, args);
@@ -88,7 +102,8 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
         {
           name: 'filter',
           value: '<expr>',
-          description: 'AIP-160 filter: state = RUNNING, source_image = "images/debian-12", managed = true, domain_name = "web-*"',
+          description:
+            'AIP-160 filter: state = RUNNING, source_image = "images/debian-12", source_image_version = "images/debian-12/versions/2", managed = true, domain_name = "web-*"',
         },
       ],
       run: async (invocation, context) => {
@@ -105,7 +120,7 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
         }
         context.out.line(
           table(
-            ['vm', 'state', 'vcpus', 'memory', 'disks', 'source', 'managed'],
+            ['vm', 'state', 'vcpus', 'memory', 'disks', 'source', 'version', 'managed'],
             vms.map((vm) => [
               shortVirtualMachineName(vm.name),
               virtualMachineState(vm),
@@ -113,6 +128,7 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
               formatBytes(vm.memoryBytes),
               String(vm.disks.length),
               vm.sourceImage || (vm.lineage?.sourceVirtualMachine ? shortVirtualMachineName(vm.lineage.sourceVirtualMachine) : '-'),
+              imageVersionText(vm),
               vm.managed ? 'yes' : 'no',
             ]),
           ),
@@ -125,6 +141,51 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
       summary: 'show one VM with its disks and lineage: VM -> overlay -> base image replica -> image -> host',
       positionals: [VM_ARGUMENT],
       run: async (invocation, context) => showVirtualMachine(context, new ArgumentReader(invocation.command).virtualMachine(invocation.positionals[0]!)),
+    },
+    {
+      name: 'rebase',
+      summary: 'move clones onto another version of their image (recompose): fresh system disks, data disks and identity kept',
+      options: [
+        {
+          name: 'to-version',
+          value: '<image>[/versions/<v>]',
+          description: 'the target: debian-12 (its latest version), debian-12/versions/3 or debian-12/versions/stable',
+          required: true,
+        },
+        {
+          name: 'filter',
+          value: '<expr>',
+          description: 'AIP-160 filter over the VMs, like source_image_version = "images/debian-12/versions/2" (only clones of the target\'s image are moved)',
+        },
+        { name: 'all', description: "every clone of the target's image (instead of --filter)" },
+        { name: 'host', value: '<host>', description: "only this host's clones (default every host)" },
+        { name: 'canary', value: '<n>', description: 'how many clones move first, alone; the rest only if they all succeed (1 to 100, default 1)' },
+        { name: 'max-per-host', value: '<n>', description: 'at most this many clones of one host move at a time (1 to 100, default 4)' },
+        { name: 'restart', description: 'start each clone again after its move (running clones are shut down for it either way)' },
+        { name: 'new-instance-id', description: "give each clone a new cloud-init instance-id, so that the guest's first-boot steps run again" },
+        { name: 'shutdown-timeout', value: '<duration>', description: 'how long each running guest may take to shut down (default 2m, at most 1h)' },
+        ...OPERATION_OPTIONS,
+      ],
+      details:
+        "Each selected clone's system disk becomes a fresh copy-on-write overlay on the target version: what the guest changed there is\n" +
+        'discarded; its persistent data disk (`vms clone --data-disk`), name, UUID, MAC addresses and guest configuration are kept.\n' +
+        'The target is distributed to the hosts that need it first. Moving back is the same command with the previous version\n' +
+        '(`vms show` prints it). The old version stays until `cowherd images gc` finds nothing uses it.\n' +
+        'Exit status 7 when some clones failed (each is listed; it stays on its previous version).\n' +
+        'Examples:\n' +
+        '  cowherd vms rebase --filter \'source_image_version = "images/debian-12/versions/2"\' --to-version debian-12/versions/3 --canary 2 --restart\n' +
+        '  cowherd vms rebase --all --to-version debian-12/versions/stable --host kvm-01 --max-per-host 2',
+      run: async (invocation, context) => {
+        const args = new ArgumentReader(invocation.command);
+        const request = rebaseRequest(invocation, args);
+        const started = await context.call<Operation>('cloning', (cb) => context.cloning.rebaseVirtualMachines(request, cb));
+        if (invocation.flag('no-wait')) return printStarted(context, started, REBASE_OPERATION);
+        context.out.note(
+          `rebasing ${request.filter ? `the clones where ${request.filter}` : `every clone of ${parseImageReference(request.targetImageVersion)!.id}`}${request.parent === EVERY_HOST ? '' : ` on ${bareId(request.parent)}`} onto ${bareId(request.targetImageVersion)} (${started.name})`,
+        );
+        const response = await followOperation(context, started, REBASE_OPERATION);
+        return printRebaseResult(context, response);
+      },
     },
     {
       name: 'start',
@@ -228,7 +289,7 @@ function cloneRequest(invocation: Invocation, args: ArgumentReader): CloneVirtua
   if ((image === undefined) === (sourceVm === undefined)) args.fail('give exactly one of --image <id> and --source-vm <host>/<vm>');
   const source =
     image !== undefined
-      ? { $case: 'image' as const, value: args.image(image, '--image') }
+      ? { $case: 'image' as const, value: args.imageOrVersion(image, '--image') }
       : { $case: 'virtualMachine' as const, value: args.virtualMachine(sourceVm!, '--source-vm') };
   const count = args.integer(invocation.string('count') ?? '1', '--count', 1, 1000);
   const maxPerHostRaw = invocation.string('max-per-host');
@@ -252,8 +313,9 @@ function cloneRequest(invocation: Invocation, args: ArgumentReader): CloneVirtua
         ? { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost }
         : args.fail('--max-per-host needs --hosts or an image source');
   }
+  const dataDisk = invocation.string('data-disk');
   return {
-    dataDiskBytes: '0',
+    dataDiskBytes: dataDisk === undefined ? '0' : String(args.bytes(dataDisk, '--data-disk', 1024 * 1024, 16 * 2 ** 40)),
     guestConfiguration: undefined,
     source,
     placement,
@@ -262,6 +324,66 @@ function cloneRequest(invocation: Invocation, args: ArgumentReader): CloneVirtua
     start: invocation.flag('start'),
     requestId: invocation.string('request-id') ?? randomUUID(),
   };
+}
+
+/** The RebaseVirtualMachines request from the flags; a usage error for contradictory ones. */
+export function rebaseRequest(invocation: Invocation, args: ArgumentReader): RebaseVirtualMachinesRequest {
+  const targetImageVersion = args.imageOrVersion(invocation.string('to-version')!, '--to-version');
+  const filter = invocation.string('filter');
+  if (filter !== undefined && invocation.flag('all')) args.fail('give either --filter or --all, not both');
+  // An empty filter moves every clone of the image: say so with --all rather than by leaving --filter out.
+  if ((filter === undefined || filter.trim() === '') && !invocation.flag('all'))
+    args.fail(`which clones? give --filter '<expr>' (like source_image_version = "images/<image>/versions/<n>") or --all`);
+  const host = invocation.string('host');
+  const count = (flag: string): number => {
+    const raw = invocation.string(flag);
+    return raw === undefined ? 0 : args.integer(raw, `--${flag}`, 1, 100);
+  };
+  const timeout = invocation.string('shutdown-timeout');
+  const timeoutMs = timeout === undefined ? undefined : args.durationMs(timeout, '--shutdown-timeout');
+  if (timeoutMs !== undefined && timeoutMs > 3_600_000) args.fail(`--shutdown-timeout must be at most 1h, got ${JSON.stringify(timeout)}`);
+  return {
+    parent: host === undefined ? EVERY_HOST : args.host(host, '--host'),
+    filter: filter?.trim() ?? '',
+    targetImageVersion,
+    canaryCount: count('canary'),
+    maxPerHost: count('max-per-host'),
+    restart: invocation.flag('restart'),
+    newInstanceId: invocation.flag('new-instance-id'),
+    shutdownTimeout: timeoutMs === undefined ? undefined : toDuration(timeoutMs),
+    requestId: invocation.string('request-id') ?? randomUUID(),
+  };
+}
+
+/** The per-clone result table of a rebase; exit 7 when some clones failed. */
+function printRebaseResult(context: CliContext, response: RebaseVirtualMachinesResponse): number {
+  const failed = response.results.filter((result) => result.status !== undefined && result.status.code !== 0);
+  if (context.out.format === 'json') context.out.json(RebaseVirtualMachinesResponse.toJSON(response));
+  else {
+    const rows = response.results.map((result) => {
+      const error = result.status !== undefined && result.status.code !== 0;
+      return [
+        shortVirtualMachineName(result.virtualMachine),
+        error ? 'FAILED' : result.previousImageVersion === result.imageVersion ? 'ALREADY' : 'MOVED',
+        bareId(result.previousImageVersion) || '-',
+        bareId(result.imageVersion) || '-',
+        result.canary ? 'yes' : 'no',
+        result.restarted ? 'yes' : 'no',
+        error ? explain(readStatus(result.status!), context.target('cloning')).split('\n')[0]! : '',
+      ];
+    });
+    const headers = ['vm', 'result', 'from', 'to', 'canary', 'started', 'error'];
+    context.out.line(
+      failed.length > 0
+        ? table(headers, rows)
+        : table(
+            headers.slice(0, 6),
+            rows.map((row) => row.slice(0, 6)),
+          ),
+    );
+    context.out.note(`${response.results.length - failed.length} clone(s) on the target, ${failed.length} failed (they stay on their previous version)`);
+  }
+  return failed.length > 0 ? EXIT.PARTIAL : EXIT.OK;
 }
 
 function printCloneResult(context: CliContext, response: CloneVirtualMachinesResponse): number {
@@ -285,6 +407,12 @@ function printCloneResult(context: CliContext, response: CloneVirtualMachinesRes
     context.out.note(`${response.clones.length - failed.length} clone(s) made, ${failed.length} failed`);
   }
   return failed.length > 0 ? EXIT.PARTIAL : EXIT.OK;
+}
+
+/** The version number a clone stands on, `-` for VMs not cloned from an image. */
+function imageVersionText(vm: VirtualMachine): string {
+  const name = vm.sourceImageVersion || vm.lineage?.imageVersion || '';
+  return name ? String(versionNumberOf(name) ?? '?') : '-';
 }
 
 /** Reads a related resource for the lineage; undefined when it is gone. */
@@ -312,6 +440,8 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
       ? optional(() => context.call<VirtualMachine>('inventory', (cb) => context.inventory.getVirtualMachine({ name: lineage.sourceVirtualMachine }, cb)))
       : Promise.resolve(undefined),
   ]);
+  const versionName = vm.sourceImageVersion || lineage?.imageVersion || '';
+  const latest = image ? versionOf(image) : undefined;
   if (context.out.format === 'json') {
     context.out.json({
       virtualMachine: VirtualMachine.toJSON(vm),
@@ -333,6 +463,22 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
       ['size', `${vm.vcpuCount} vCPU, ${formatBytes(vm.memoryBytes)} memory`],
       ['managed', vm.managed ? 'yes (a cowherd clone)' : 'no (not created by cowherd)'],
       ['cloned from', vm.sourceImage || (lineage?.sourceVirtualMachine ? shortVirtualMachineName(lineage.sourceVirtualMachine) : '-')],
+      ...(versionName
+        ? ([
+            [
+              'image version',
+              `${versionName}${image && latest !== undefined && latest !== versionNumberOf(versionName) ? ` (the image's latest is ${latest})` : ''}`,
+            ],
+          ] as const)
+        : []),
+      ...(lineage?.previousImageVersion
+        ? ([
+            [
+              'previous version',
+              `${lineage.previousImageVersion} (\`cowherd vms rebase --host ${bareId(vm.host)} --filter 'domain_name = "${vm.domainName}"' --to-version ${bareId(lineage.previousImageVersion)}\` moves it back)`,
+            ],
+          ] as const)
+        : []),
       ['guest identity', vm.guestConfigurationDigest ? `cloud-init seed, configuration sha256:${vm.guestConfigurationDigest.slice(0, 16)}` : '-'],
       ['dependents', vm.dependentVirtualMachines.length > 0 ? vm.dependentVirtualMachines.map(shortVirtualMachineName).join(', ') : '-'],
       ['created', formatTime(vm.createTime)],
@@ -345,7 +491,7 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
       : table(
           ['disk', 'format', 'virtual size', 'allocated', 'path', 'backing'],
           vm.disks.map((disk) => [
-            disk.target,
+            disk.persistent ? `${disk.target} (persistent)` : disk.target,
             enumWord(diskFormatToJSON(disk.format), 'DISK_FORMAT_').toLowerCase(),
             formatBytes(disk.virtualSizeBytes),
             formatBytes(disk.allocatedBytes),
@@ -365,7 +511,7 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
   if (lineage?.image)
     tree.push(
       image
-        ? `image ${image.name} (${imageState(image)}, ${formatBytes(image.torrent?.totalBytes)}, origin ${image.originHost})`
+        ? `image ${image.name}${versionName ? ` version ${versionNumberOf(versionName) ?? '?'}` : ''} (${imageState(image)}, ${formatBytes(image.torrent?.totalBytes)}, origin ${image.originHost})`
         : `image ${lineage.image} (gone from the catalog)`,
     );
   if (lineage?.sourceVirtualMachine)
