@@ -23,10 +23,20 @@ import { CLONE_DONE, CLONE_FAILED } from '../common/domain/event-types.js';
 import type { EventPublisher } from '../common/platform/events.js';
 import type { Logger } from '../common/platform/logger.js';
 import { cloneDuration } from '../common/platform/metrics.js';
-import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_ID, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import {
+  HOST_IMAGE_NAME,
+  HOST_NAME,
+  IMAGE_NAME,
+  imageNameOfKey,
+  imageVersionNameOfKey,
+  VIRTUAL_MACHINE_ID,
+  VIRTUAL_MACHINE_NAME,
+} from '../common/domain/resource-names.js';
 import { checkGuestConfiguration, guestConfigurationDigest, PLACEHOLDER_UUID, renderGuestIdentity } from '../common/domain/guest-configuration.js';
 import {
+  attachDataDisk,
   attachSeedImage,
+  createEmptyDisk,
   buildSeedImage,
   SEED_SYSTEM_AREA_BYTES,
   createDifferencingVhd,
@@ -43,6 +53,7 @@ import {
   type RenderedClone,
 } from './hypervisor/index.js';
 import {
+  cloneDataDiskFile,
   cloneDefinitionFile,
   cloneDirectory as cloneDirectoryOf,
   cloneDiskFile,
@@ -56,6 +67,22 @@ import {
 } from './image-directory/index.js';
 /** Clones per request at most (the proto's limit). */
 export const MAX_CLONES_PER_REQUEST = 1000;
+
+/** The largest persistent data disk a clone may get: 16 TiB. */
+export const MAX_DATA_DISK_BYTES = 16 * 2 ** 40;
+const MIB = 2 ** 20;
+
+/**
+ * The size of the data disk made for `data_disk_bytes`: 0 for none; rounded up to a whole MiB (qcow2 and VHD
+ * sizes are sector multiples, and a MiB keeps partition tools aligned). INVALID_ARGUMENT (`data_disk_bytes`)
+ * when negative, not an integer or above 16 TiB.
+ */
+export function dataDiskSize(requested: number | string): number {
+  const bytes = Number(requested);
+  if (!Number.isSafeInteger(bytes) || bytes < 0 || bytes > MAX_DATA_DISK_BYTES)
+    throw CowherdError.invalidArgument('data_disk_bytes', `must be 0 (no data disk) to ${MAX_DATA_DISK_BYTES} (16 TiB)`);
+  return Math.ceil(bytes / MIB) * MIB;
+}
 
 /** What the engine needs. */
 export interface CloneEngineOptions {
@@ -71,6 +98,8 @@ export interface CloneEngineOptions {
    * Default `<image dir>/images/<image>`.
    */
   readonly replicaBase?: (imageId: string) => Promise<string>;
+  /** Called once per batch with the storage key of the replica clones were made from (its last_use_time). */
+  readonly onReplicaUsed?: (imageKey: string) => Promise<void>;
 }
 
 interface ResolvedSource {
@@ -78,6 +107,21 @@ interface ResolvedSource {
   readonly template: string;
   readonly disks: ReadonlyArray<{ target: string; base: string; format: 'qcow2' | 'raw' | 'vpc' }>;
   readonly replicaDirectory?: string;
+  /** The storage key of the image version cloned from; absent for a virtual machine's clones. */
+  readonly imageKey?: string;
+}
+
+/** The key under which the batch's empty data disk waits among the prototypes. */
+const DATA_DISK_PROTOTYPE = '.data';
+
+/** The lineage record of a batch's clones. */
+function cloneMetadataOf(source: ResolvedSource, request: CreateClonesRequest): CloneMetadata {
+  return {
+    source: source.metadata,
+    operation: request.operation,
+    requestId: request.requestId,
+    ...(source.imageKey === undefined ? {} : { imageVersion: imageVersionNameOfKey(source.imageKey) }),
+  };
 }
 
 /** Children made and XML rendered in parallel, this many clones at a time (qemu-img is a process each). */
@@ -123,6 +167,7 @@ export class CloneEngine {
    */
   async check(request: CreateClonesRequest): Promise<void> {
     this.checkNames(request);
+    dataDiskSize(request.dataDiskBytes);
     this.checkGuest(request);
     const source = await this.resolveSource(request);
     const extension = this.options.hypervisor === 'xen' ? 'vhd' : 'qcow2';
@@ -140,7 +185,7 @@ export class CloneEngine {
       cloneDirectory,
       disks: source.disks.map((disk) => ({ target: disk.target, path: cloneDiskFile(cloneDirectory, disk.target, extension) })),
       ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
-      metadata: { source: source.metadata, operation: request.operation, requestId: request.requestId },
+      metadata: cloneMetadataOf(source, request),
     });
     const existing = new Set((await this.options.libvirt.listDomains()).map((domain) => domain.name));
     request.clones.forEach((clone, index) => {
@@ -191,6 +236,7 @@ export class CloneEngine {
   /** Validates the request, resolves the source once, then makes each clone; results in request order. */
   private async makeBatch(request: CreateClonesRequest): Promise<CreateCloneResult[]> {
     this.checkNames(request);
+    const dataDiskBytes = dataDiskSize(request.dataDiskBytes);
     const guestDigest = this.checkGuest(request);
     const startedAt = performance.now();
     const source = await this.resolveSource(request);
@@ -206,10 +252,16 @@ export class CloneEngine {
     const prototypes = this.options.hypervisor === 'kvm' && request.clones.length > 1 ? await this.makePrototypes(source) : new Map<string, string>();
     let prepared: PreparedClone[];
     try {
+      // The empty data disk likewise: made once, copied per clone (an empty qcow2 is its header alone).
+      if (dataDiskBytes > 0 && request.clones.length > 1) {
+        const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), 'data');
+        prototypes.set(DATA_DISK_PROTOTYPE, path);
+        await createEmptyDisk(path, dataDiskBytes, this.options.hypervisor === 'xen' ? 'vhd' : 'qcow2');
+      }
       prepared = await mapLimited(
         request.clones.map((clone, position) => ({ clone, index: clone.index || position + 1 })),
         PREPARE_CONCURRENCY,
-        ({ clone, index }) => this.prepare(source, clone.domainName, index, request, existing.get(clone.domainName), prototypes, guestDigest),
+        ({ clone, index }) => this.prepare(source, clone.domainName, index, request, existing.get(clone.domainName), prototypes, guestDigest, dataDiskBytes),
       );
     } finally {
       for (const prototype of prototypes.values()) await rm(prototype, { force: true });
@@ -250,6 +302,7 @@ export class CloneEngine {
         },
       );
     });
+    if (source.imageKey !== undefined && results.some((result) => result.virtualMachine)) await this.options.onReplicaUsed?.(source.imageKey);
     const round = (ms: number): number => Math.round(ms * 10) / 10;
     this.options.log.info(
       {
@@ -279,7 +332,7 @@ export class CloneEngine {
         );
       });
       const disks = templateDisks(template).map((disk) => ({ target: disk.target, base: replicaFile(replicaDirectory, disk.fileName), format: disk.format }));
-      return { metadata: { image: source.value }, template, disks, replicaDirectory };
+      return { metadata: { image: imageNameOfKey(id) }, template, disks, replicaDirectory, imageKey: id };
     }
     if (source?.$case === 'virtualMachine') {
       const ids = VIRTUAL_MACHINE_NAME.parse(source.value);
@@ -349,6 +402,7 @@ export class CloneEngine {
     existing: DomainInfo | undefined,
     prototypes: ReadonlyMap<string, string>,
     guestDigest: string,
+    dataDiskBytes: number,
   ): Promise<PreparedClone> {
     const cloneDirectory = cloneDirectoryOf(this.options.imageDirectory, name);
     let directoryMade = false;
@@ -383,11 +437,17 @@ export class CloneEngine {
         cloneDirectory,
         disks: children,
         ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
-        metadata: { source: source.metadata, operation: request.operation, requestId: request.requestId },
+        metadata: cloneMetadataOf(source, request),
       });
+      const overlays = children.map((child) => child.path);
+      if (dataDiskBytes > 0) {
+        const made = await this.makeDataDisk(cloneDirectory, dataDiskBytes, prototypes.get(DATA_DISK_PROTOTYPE), rendered.xml);
+        rendered = { ...rendered, xml: made.xml };
+        overlays.push(made.path);
+      }
       if (request.guestConfiguration !== undefined) rendered = await this.writeSeed(request.guestConfiguration, guestDigest, rendered, cloneDirectory, index);
       await writeFile(cloneDefinitionFile(cloneDirectory), rendered.xml, { mode: 0o644 });
-      return { kind: 'new', name, cloneDirectory, rendered, overlays: children.map((child) => child.path) };
+      return { kind: 'new', name, cloneDirectory, rendered, overlays };
     } catch (error) {
       if (directoryMade) await rm(cloneDirectory, { recursive: true, force: true }).catch(() => undefined);
       return { kind: 'failed', name, error };
@@ -421,6 +481,23 @@ export class CloneEngine {
     }
     const attached = await attachSeedImage(rendered.xml, { seedPath, cloneDirectory, hypervisor: this.options.hypervisor, digest });
     return { ...rendered, xml: attached.xml };
+  }
+
+  /**
+   * The clone's persistent data disk in its directory (`data.qcow2` or `data.vhd`): the batch's empty disk
+   * copied, or made here, then attached on the system disk's bus. Removed with the directory on any failure.
+   */
+  private async makeDataDisk(cloneDirectory: string, bytes: number, prototype: string | undefined, xml: string): Promise<{ xml: string; path: string }> {
+    const kind = this.options.hypervisor === 'xen' ? 'vhd' : 'qcow2';
+    const path = cloneDataDiskFile(cloneDirectory, kind);
+    const make = prototype === undefined ? createEmptyDisk(path, bytes, kind) : copyFile(prototype, path, fsConstants.COPYFILE_EXCL);
+    await make.catch((error: unknown) => {
+      throw /No space left|ENOSPC/i.test(String((error as Error).message))
+        ? new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left for ${path}`, { reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE, cause: error })
+        : error;
+    });
+    const attached = await attachDataDisk(xml, { diskPath: path, cloneDirectory, hypervisor: this.options.hypervisor });
+    return { xml: attached.xml, path };
   }
 
   /** One qemu-img overlay per base disk, in the clones directory (same file system, so copies are cheap). */
@@ -557,7 +634,7 @@ export class CloneEngine {
     guestDigest: string,
   ): VirtualMachine {
     const image = 'image' in source.metadata ? source.metadata.image : '';
-    const imageId = IMAGE_NAME.parse(image)?.image;
+    const imageVersion = source.imageKey === undefined ? '' : imageVersionNameOfKey(source.imageKey);
     return VirtualMachine.fromPartial({
       name: VIRTUAL_MACHINE_NAME.format({ host: this.options.host, virtualMachine: name }),
       host: HOST_NAME.format({ host: this.options.host }),
@@ -565,11 +642,13 @@ export class CloneEngine {
       uuid,
       state,
       sourceImage: image,
+      sourceImageVersion: imageVersion,
       managed: true,
       ...(guestDigest === '' ? {} : { guestConfigurationDigest: guestDigest }),
       lineage: {
         image,
-        replica: imageId === undefined ? '' : HOST_IMAGE_NAME.format({ host: this.options.host, image: imageId }),
+        imageVersion,
+        replica: source.imageKey === undefined ? '' : HOST_IMAGE_NAME.format({ host: this.options.host, image: source.imageKey }),
         sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '',
         overlays: [...overlays],
       },
@@ -592,7 +671,7 @@ export class CloneEngine {
     await this.options.events.publish(
       CLONE_DONE,
       {
-        imageVersion: '',
+        imageVersion: source.imageKey === undefined ? '' : imageVersionNameOfKey(source.imageKey),
         virtualMachine: vm.name,
         host: vm.host,
         domainName: vm.domainName,

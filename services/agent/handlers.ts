@@ -9,7 +9,7 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { ImageTransfers } from './swarm/index.js';
 import { Image, Image_State, ImageReplica, ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
-import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME } from '../common/domain/resource-names.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, imageNameOfKey, imageVersionNameOfKey } from '../common/domain/resource-names.js';
 import type { Logger } from '../common/platform/logger.js';
 import type { CloneEngine } from './clone-engine.js';
 import { exportImage, toImageFiles } from './image-export.js';
@@ -286,7 +286,8 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter, impo
 function originReplica(host: string, image: string, directory: string, webSeedUrl: string, now: Date, extra: Partial<ImageReplica> = {}): ImageReplica {
   return ImageReplica.fromPartial({
     name: HOST_IMAGE_NAME.format({ host, image }),
-    image: IMAGE_NAME.format({ image }),
+    image: imageNameOfKey(image),
+    imageVersion: imageVersionNameOfKey(image),
     host: HOST_NAME.format({ host }),
     state: ImageReplica_State.STATE_AVAILABLE,
     path: directory,
@@ -294,6 +295,7 @@ function originReplica(host: string, image: string, directory: string, webSeedUr
     webSeedUrl,
     createTime: now,
     updateTime: now,
+    lastUseTime: now,
     ...extra,
   });
 }

@@ -41,7 +41,7 @@ import { CommandError, runCommand } from '../common/platform/child-process.js';
 import { mapLimited } from '../common/platform/concurrency.js';
 import { CowherdError } from '../common/platform/errors.js';
 import type { Logger } from '../common/platform/logger.js';
-import { HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import { HOST_NAME, IMAGE_KEY, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import { ImageFile_Role, type ImageFile } from '../gen/cowherd/inventory/v1/resources.js';
@@ -180,7 +180,8 @@ interface PlannedBootFile {
  */
 export async function exportImage(options: ExportImageOptions): Promise<ExportedImage> {
   const { image, host } = options;
-  if (typeof image !== 'string' || !IMAGE_ID.test(image)) throw CowherdError.invalidArgument('image', `must be an image id matching ${IMAGE_ID.source}`);
+  if (typeof image !== 'string' || !IMAGE_KEY.test(image))
+    throw CowherdError.invalidArgument('image', `must be an image storage key matching ${IMAGE_KEY.source}`);
   const ids = VIRTUAL_MACHINE_NAME.parse(options.virtualMachine ?? '');
   if (!ids) throw CowherdError.invalidArgument('virtual_machine', 'must be hosts/{host}/virtualMachines/{virtual_machine}');
   if (ids.host !== host) {

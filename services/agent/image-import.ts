@@ -35,7 +35,7 @@ import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CommandError, runCommand } from '../common/platform/child-process.js';
 import { CowherdError } from '../common/platform/errors.js';
 import type { Logger } from '../common/platform/logger.js';
-import { IMAGE_ID, IMAGE_NAME } from '../common/domain/resource-names.js';
+import { IMAGE_KEY, IMAGE_NAME } from '../common/domain/resource-names.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat } from '../gen/cowherd/common/v1/types.js';
 import {
@@ -276,7 +276,8 @@ export function parseQemuImageInfo(json: string, field: string, file: string): P
  */
 export async function importImage(options: ImportImageOptions): Promise<ExportedImage> {
   const { image } = options;
-  if (typeof image !== 'string' || !IMAGE_ID.test(image)) throw CowherdError.invalidArgument('image', `must be an image id matching ${IMAGE_ID.source}`);
+  if (typeof image !== 'string' || !IMAGE_KEY.test(image))
+    throw CowherdError.invalidArgument('image', `must be an image storage key matching ${IMAGE_KEY.source}`);
   const sourceField = options.source.kind === 'path' ? 'import_path' : 'url.uri';
   // Request checks first: nothing is touched for a bad request.
   if (options.source.kind === 'path') checkImportPath(options.source.path, 'import_path');

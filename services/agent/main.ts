@@ -101,6 +101,7 @@ await runServiceMain({
       events,
       log: log.child({ component: 'clones' }),
       replicaBase: (id) => transfers.cloneBase(id),
+      onReplicaUsed: (key) => transfers.markUsed(key),
     });
     const vms = new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) });
     const replicas = {

@@ -10,7 +10,7 @@
  */
 import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import type { Logger } from '../../common/platform/logger.js';
-import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../common/domain/resource-names.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, imageNameOfKey, imageVersionNameOfKey, VIRTUAL_MACHINE_NAME } from '../../common/domain/resource-names.js';
 import { Hypervisor } from '../../gen/cowherd/common/v1/types.js';
 import type {
   HeartbeatRequest,
@@ -22,6 +22,7 @@ import type {
 } from '../../gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, VirtualMachine, type Disk, type TransferLimits } from '../../gen/cowherd/inventory/v1/resources.js';
 import {
+  imageKeyOfBackingFile,
   inspectAll,
   LibvirtError,
   virtualMachineId,
@@ -56,26 +57,42 @@ export function inventoryPort(client: InventoryServiceClient, deadlineMs = 15_00
   };
 }
 
-/** `hosts/{host}/images/{image}` of a clone's source image `images/{image}`; '' when it names none (or no valid image). */
-function replicaOf(host: string, image: string): string {
-  const ids = IMAGE_NAME.parse(image);
-  return ids ? HOST_IMAGE_NAME.format({ host, image: ids.image }) : '';
+/**
+ * The storage key of the version a clone of an image stands on: its metadata's imageVersion; for a clone made
+ * before versions existed, the replica directory its system disk's backing file lies in (the first disk with
+ * one), else the image its metadata names (then always version 1). Undefined when it names no valid image.
+ */
+function versionKeyOf(clone: NonNullable<DomainInfo['clone']>, disks: readonly Disk[]): string | undefined {
+  if (!('image' in clone.source)) return undefined;
+  if (clone.imageVersion) return IMAGE_NAME.parse(clone.imageVersion)?.image;
+  for (const disk of disks) {
+    const base = disk.backingChain.at(-1)?.path;
+    const key = base === undefined ? undefined : imageKeyOfBackingFile(base);
+    if (key !== undefined) return key;
+  }
+  return IMAGE_NAME.parse(clone.source.image)?.image;
 }
 
 /** The inventory record of a domain; clones cowherd made carry their lineage from their metadata. */
 export function toVirtualMachine(host: string, domain: DomainInfo, disks: readonly Disk[]): VirtualMachine {
   const clone = domain.clone;
-  const image = clone && 'image' in clone.source ? clone.source.image : '';
+  const key = clone ? versionKeyOf(clone, disks) : undefined;
+  const image = key !== undefined ? imageNameOfKey(key) : clone && 'image' in clone.source ? clone.source.image : '';
+  const imageVersion = key === undefined ? '' : imageVersionNameOfKey(key);
+  const persistent = new Set(clone?.persistentDisks ?? []);
   const lineage = clone
     ? {
         lineage: {
           image,
-          replica: replicaOf(host, image),
+          imageVersion,
+          previousImageVersion: clone.previousImageVersion ?? '',
+          replica: key === undefined ? '' : HOST_IMAGE_NAME.format({ host, image: key }),
           sourceVirtualMachine: 'virtualMachine' in clone.source ? clone.source.virtualMachine : '',
           overlays: disks.map((disk) => disk.path),
         },
         managed: true,
         sourceImage: image,
+        sourceImageVersion: imageVersion,
         ...(clone.guestConfigurationDigest === undefined ? {} : { guestConfigurationDigest: clone.guestConfigurationDigest }),
       }
     : {};
@@ -88,7 +105,7 @@ export function toVirtualMachine(host: string, domain: DomainInfo, disks: readon
     state: virtualMachineState(domain.state),
     vcpuCount: domain.vcpus,
     memoryBytes: String(domain.memoryBytes),
-    disks: [...disks],
+    disks: disks.map((disk) => (persistent.has(disk.target) ? { ...disk, persistent: true } : disk)),
   });
 }
 

@@ -5,7 +5,7 @@
 import { open } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { virtualMachineId } from './domain-state.js';
-import { IMAGE_NAME } from '../../common/domain/resource-names.js';
+import { cloneImageKey } from './domain-xml/clone-metadata.js';
 import type { DomainInfo, Libvirt } from './libvirt.js';
 
 /** Dependents of an image's replica as the swarm asks for them (swarm/replicas.ts ReplicaDependents). */
@@ -27,13 +27,16 @@ export function imageDependents(libvirt: Pick<Libvirt, 'listDomains'>): ImageDep
   };
 }
 
-/** The `{virtualMachine}` ids of the domains whose cowherd metadata says they were cloned from `images/<imageId>`. */
+/**
+ * The `{virtualMachine}` ids of the domains whose cowherd metadata says they stand on the version with storage
+ * key `imageId` (cloned from it, or rebased onto it).
+ */
 export function domainsClonedFrom(domains: readonly DomainInfo[], imageId: string): string[] {
   return domains.filter((domain) => clonedFrom(domain, imageId)).map((domain) => virtualMachineId(domain));
 }
 
 function clonedFrom(domain: DomainInfo, imageId: string): boolean {
-  return !!domain.clone && 'image' in domain.clone.source && domain.clone.source.image === IMAGE_NAME.format({ image: imageId });
+  return cloneImageKey(domain.clone) === imageId;
 }
 
 /**
@@ -59,8 +62,8 @@ export async function domainsBackedBy(domains: readonly DomainInfo[], directory:
   return users;
 }
 
-/** The backing files of a qcow2 chain from its headers; [] for a file that is not qcow2 (raw); undefined when unreadable or VHD. */
-async function backingChain(path: string): Promise<string[] | undefined> {
+/** The backing files of a qcow2 chain from its headers (absolute, nearest first); [] for a file that is not qcow2 (raw); undefined when unreadable or VHD. */
+export async function backingChain(path: string): Promise<string[] | undefined> {
   const chain: string[] = [];
   let current = path;
   for (let depth = 0; depth < 16; depth += 1) {

@@ -17,8 +17,16 @@ export {
 } from './libvirt.js';
 export { scopedLibvirt } from './scoped-libvirt.js';
 export { virtualMachineId, virtualMachineState } from './domain-state.js';
-export { domainsBackedBy, domainsClonedFrom, imageDependents, type ImageDependents } from './dependents.js';
-export { readCloneMetadata, type CloneMetadata } from './domain-xml/clone-metadata.js';
+export { backingChain, domainsBackedBy, domainsClonedFrom, imageDependents, type ImageDependents } from './dependents.js';
+export {
+  cloneImageKey,
+  imageKeyOfBackingFile,
+  readCloneMetadata,
+  updateCloneMetadata,
+  type CloneMetadata,
+  type CloneMetadataUpdate,
+} from './domain-xml/clone-metadata.js';
+export { attachDataDisk } from './domain-xml/data-disk-attachment.js';
 export { DomainXmlError } from './domain-xml/errors.js';
 export type { DiskFormatName } from './domain-xml/safety.js';
 export { sanitizeDomainTemplate, templateDisks, type DomainTemplate } from './domain-xml/template.js';
@@ -26,6 +34,6 @@ export { renderClone, type HypervisorKind, type RenderedClone } from './domain-x
 export { renderImportDomain, type ImportDomainParameters } from './domain-xml/import-domain.js';
 export { attachSeedImage } from './domain-xml/seed-attachment.js';
 export { buildSeedImage, readSeedImage, SEED_SYSTEM_AREA_BYTES, SEED_VOLUME_LABEL } from './seed-image.js';
-export { createQcow2Overlay, protectBase } from './overlays.js';
+export { createEmptyDisk, createQcow2Overlay, protectBase } from './overlays.js';
 export { createDifferencingVhd, readVhdInfo } from './vhd.js';
 export { createQemuImgDiskInspector, inspectAll, type DiskInspector } from './disks.js';

@@ -6,7 +6,7 @@
  * for no creation-time gain, measured on this machine). Bases are made read-only on disk and are never
  * opened for writing by cowherd.
  */
-import { chmod, stat } from 'node:fs/promises';
+import { chmod, open, stat } from 'node:fs/promises';
 import { runCommand } from '../../common/platform/child-process.js';
 
 /** Overlay options, chosen and measured as the module comment explains. */
@@ -23,4 +23,16 @@ export async function createQcow2Overlay(base: string, baseFormat: 'qcow2' | 'ra
   await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', QCOW2_OVERLAY_OPTIONS, '-b', base, '-F', baseFormat, child], {
     timeoutMs: options.timeoutMs ?? 30_000,
   });
+}
+
+/**
+ * Creates an empty disk of `bytes` at `path` (refuses to overwrite): qcow2 on KVM; on Xen a dynamic VHD
+ * (`vpc`, `force_size` so the size is exact), which blktap opens as the children are. A clone's persistent
+ * data disk; the Xen path is untested here (no Xen host in the test fleet).
+ */
+export async function createEmptyDisk(path: string, bytes: number, kind: 'qcow2' | 'vhd', options: { timeoutMs?: number } = {}): Promise<void> {
+  const format = kind === 'qcow2' ? ['-f', 'qcow2', '-o', QCOW2_OVERLAY_OPTIONS] : ['-f', 'vpc', '-o', 'subformat=dynamic,force_size=on'];
+  // qemu-img create truncates an existing file: claim the name first so that nothing is overwritten.
+  await (await open(path, 'wx', 0o644)).close();
+  await runCommand('qemu-img', ['create', '-q', ...format, path, String(bytes)], { timeoutMs: options.timeoutMs ?? 30_000 });
 }

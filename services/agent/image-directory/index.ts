@@ -3,6 +3,7 @@
  * agent's image modules share. Every other room may use it; it uses none.
  */
 export {
+  cloneDataDiskFile,
   cloneDefinitionFile,
   cloneDirectory,
   cloneDiskFile,
@@ -18,6 +19,7 @@ export {
   overlayPrototypeFile,
   partialDirectoryOf,
   prepareImageDirectory,
+  rebaseWorkFile,
   replicaDirectory,
   replicaFile,
   replicaGenerationDirectories,

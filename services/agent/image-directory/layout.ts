@@ -8,12 +8,16 @@
  *   images/.<id>.replica.json             the swarm's state file of a replica
  *   images/.<id>.partial-<random>/        an export's work directory, renamed to images/<id>/ when complete
  *   clones/<domain>/                      a clone: one child per disk (<target>.qcow2 or .vhd), domain.xml, NVRAM, logs,
- *                                         cidata.iso (its NoCloud seed disk, when it was made with a guest configuration)
+ *                                         cidata.iso (its NoCloud seed disk, when it was made with a guest configuration),
+ *                                         data.qcow2 / data.vhd (its persistent data disk, with data_disk_bytes),
+ *                                         .<target>.qcow2.rebase / .previous (a rebase's overlays during the switch)
  *   clones/.prototype-<uuid>-<target>.qcow2   an overlay made once per batch and copied for each clone
  *   event-outbox/                         events waiting for JetStream (the default outbox)
  *   import/                               disk files an admin puts there for ImportImage (the default COWHERD_IMPORT_DIR)
  *
- * Image ids have no dots, so no id's names can be mistaken for another's.
+ * `<id>` is a version's storage key (`debian-12`, `debian-12_v3`: resource-names.ts IMAGE_KEY). Keys have no
+ * dots, so no key's names can be mistaken for another's (`x_v2` is never a generation of `x`: generations
+ * are `.generation-<n>`).
  */
 import { mkdir, readdir } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
@@ -145,6 +149,20 @@ export function cloneDirectory(root: string, domainName: string): string {
 /** A clone's child of the template disk `target`: `<clone dir>/<target>.qcow2` (KVM) or `.vhd` (Xen). */
 export function cloneDiskFile(cloneDirectoryPath: string, target: string, kind: 'qcow2' | 'vhd'): string {
   return join(cloneDirectoryPath, `${target}.${kind}`);
+}
+
+/** A clone's persistent data disk (data_disk_bytes): `<clone dir>/data.qcow2` (KVM) or `.vhd` (Xen); kept by a rebase. */
+export function cloneDataDiskFile(cloneDirectoryPath: string, kind: 'qcow2' | 'vhd'): string {
+  return join(cloneDirectoryPath, `data.${kind}`);
+}
+
+/**
+ * A rebase's new system-disk overlay while it is made, beside the one it replaces: `<clone dir>/.<file>.rebase`
+ * (renamed over `<file>`, which is the switch); and the old overlay's hard link while the switch is undone-able:
+ * `<clone dir>/.<file>.previous`. Leftovers of a crash are removed by the next rebase of the clone.
+ */
+export function rebaseWorkFile(overlayPath: string, kind: 'rebase' | 'previous'): string {
+  return join(dirname(overlayPath), `.${basename(overlayPath)}.${kind}`);
 }
 
 /** The domain XML a clone was defined with: `<clone dir>/domain.xml`. */

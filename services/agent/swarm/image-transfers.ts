@@ -39,7 +39,16 @@ import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TR
 import type { EventPublisher } from '../../common/platform/events.js';
 import type { Logger } from '../../common/platform/logger.js';
 import { distributionMetrics } from '../../common/platform/metrics.js';
-import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_ID, VIRTUAL_MACHINE_NAME } from '../../common/domain/resource-names.js';
+import {
+  HOST_IMAGE_NAME,
+  HOST_NAME,
+  IMAGE_KEY,
+  IMAGE_NAME,
+  imageNameOfKey,
+  imageVersionNameOfKey,
+  VIRTUAL_MACHINE_ID,
+  VIRTUAL_MACHINE_NAME,
+} from '../../common/domain/resource-names.js';
 import { FetchImageRequest } from '../../gen/cowherd/agent/v1/agent_service.js';
 import { ErrorReason } from '../../gen/cowherd/common/v1/error_reason.js';
 import { DiskFormat, Hypervisor, TransferProgress } from '../../gen/cowherd/common/v1/types.js';
@@ -100,6 +109,8 @@ interface ReplicaStateFile {
   readonly origin: boolean;
   readonly generation: string;
   readonly createTime: string;
+  /** When a clone was last made from (or rebased onto) the replica; absent before the first (ImageReplica.last_use_time). */
+  readonly lastUseTime?: string;
   /** The files' generation (ImageReplica.generation); absent in older files: 1. */
   readonly filesGeneration?: number;
   /** The files as verified; absent while not verified. */
@@ -132,6 +143,8 @@ interface LocalReplica {
   damage: DamageRecord | undefined;
   damagedGenerations: DamageRecord[];
   readonly createTime: Date;
+  /** When a clone was last made from (or rebased onto) it; undefined before the first. */
+  lastUseTime: Date | undefined;
   state: ImageReplica_State;
   error: Status | undefined;
   updateTime: Date;
@@ -336,6 +349,20 @@ export class ImageTransfers {
     );
   }
 
+  /**
+   * Records that a clone was made from (or rebased onto) the replica `key` at `when` (ImageReplica.last_use_time,
+   * which garbage collection at a host's high watermark orders by), in its state file. A replica this host does
+   * not track is left alone; a state file that cannot be written is logged, never fails the clone.
+   */
+  async markUsed(key: string, when: Date = new Date()): Promise<void> {
+    const replica = this.replicas.get(key);
+    if (!replica || (replica.lastUseTime && replica.lastUseTime >= when)) return;
+    replica.lastUseTime = when;
+    await this.writeState(replica).catch((error: unknown) =>
+      this.options.log.warn({ err: error, replica: this.replicaName(key) }, 'recording the last use of a replica failed'),
+    );
+  }
+
   /** The web seed's check before it serves an origin replica's bytes: AVAILABLE and its files as verified. */
   async servable(id: string): Promise<boolean> {
     const replica = this.replicas.get(id);
@@ -475,6 +502,7 @@ export class ImageTransfers {
       damage: undefined,
       damagedGenerations: [],
       createTime: createTime ?? now,
+      lastUseTime: undefined,
       state,
       error: undefined,
       updateTime: now,
@@ -732,7 +760,8 @@ export class ImageTransfers {
     const progress = this.swarm.progress(replica.id);
     return ImageReplica.fromPartial({
       name: this.replicaName(replica.id),
-      image: IMAGE_NAME.format({ image: replica.id }),
+      image: imageNameOfKey(replica.id),
+      imageVersion: imageVersionNameOfKey(replica.id),
       host: HOST_NAME.format({ host: this.options.host }),
       state: replica.state,
       ...(progress ? { progress: toTransferProgress(progress) } : {}),
@@ -749,6 +778,7 @@ export class ImageTransfers {
       })),
       createTime: replica.createTime,
       updateTime: replica.updateTime,
+      lastUseTime: replica.lastUseTime ?? replica.createTime,
       dependentVirtualMachines: this.virtualMachineNames(dependents),
       origin: replica.origin,
       webSeedUrl: replica.origin ? this.webSeedUrl() : '',
@@ -925,7 +955,7 @@ export class ImageTransfers {
     const names = await readdir(this.imagesRoot).catch(() => [] as string[]);
     for (const name of names) {
       const id = replicaStateFileId(name);
-      if (id === undefined || !IMAGE_ID.test(id)) continue;
+      if (id === undefined || !IMAGE_KEY.test(id)) continue;
       let state: ReplicaStateFile;
       let request: FetchImageRequest;
       try {
@@ -938,6 +968,7 @@ export class ImageTransfers {
       }
       const replica = this.newReplica(id, request, state.origin, ImageReplica_State.STATE_TRANSFERRING, state.generation, new Date(state.createTime));
       replica.filesGeneration = state.filesGeneration ?? 1;
+      replica.lastUseTime = state.lastUseTime === undefined ? undefined : new Date(state.lastUseTime);
       replica.fingerprints = state.fingerprints;
       replica.damage = state.damage;
       replica.damagedGenerations = state.damagedGenerations ?? [];
@@ -955,6 +986,7 @@ export class ImageTransfers {
       origin: replica.origin,
       generation: replica.generation,
       createTime: replica.createTime.toISOString(),
+      ...(replica.lastUseTime ? { lastUseTime: replica.lastUseTime.toISOString() } : {}),
       filesGeneration: replica.filesGeneration,
       ...(replica.fingerprints ? { fingerprints: replica.fingerprints } : {}),
       ...(replica.damage ? { damage: replica.damage } : {}),

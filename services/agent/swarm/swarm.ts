@@ -38,7 +38,7 @@ import { status as GrpcStatus } from '@grpc/grpc-js';
 import WebTorrent, { type ChunkStore, type ChunkStoreConstructor, type ChunkStoreOptions, type Torrent } from 'webtorrent';
 import { CowherdError } from '../../common/platform/errors.js';
 import type { Logger } from '../../common/platform/logger.js';
-import { IMAGE_ID, IMAGE_NAME } from '../../common/domain/resource-names.js';
+import { IMAGE_KEY, IMAGE_NAME } from '../../common/domain/resource-names.js';
 import { ErrorReason } from '../../gen/cowherd/common/v1/error_reason.js';
 import { RunningDigests, type WrittenDigest } from './running-digest.js';
 import { parseImageTorrent, torrentFile, type ImageTorrent } from './torrent.js';
@@ -444,7 +444,7 @@ export class ImageSwarm {
 
   private checkUsable(image: string): void {
     if (this.destroyed) throw new CowherdError(GrpcStatus.UNAVAILABLE, 'the swarm is shut down', { reason: ErrorReason.ERROR_REASON_TRANSFER_FAILED });
-    if (!IMAGE_ID.test(image)) throw CowherdError.invalidArgument('image', 'is not an image id');
+    if (!IMAGE_KEY.test(image)) throw CowherdError.invalidArgument('image', 'is not an image storage key');
     if (this.entries.has(image)) {
       throw CowherdError.failedPrecondition(
         `${IMAGE_NAME.format({ image })} is already ${this.entries.get(image)!.stage} on this host`,

@@ -22,7 +22,7 @@ import type { AddressInfo } from 'node:net';
 import { Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Logger } from '../../common/platform/logger.js';
-import { IMAGE_ID } from '../../common/domain/resource-names.js';
+import { IMAGE_KEY } from '../../common/domain/resource-names.js';
 import { IMAGE_FILE_NAME } from './torrent.js';
 import { replicaFile } from '../image-directory/index.js';
 
@@ -76,7 +76,7 @@ export class WebSeedServer {
 
   /** Serves `fileNames` of `directory` under `/<id>/`; replaces an earlier registration of the same id. */
   addImage(id: string, directory: string, fileNames: readonly string[]): void {
-    if (!IMAGE_ID.test(id)) throw new Error(`image id ${JSON.stringify(id)} is invalid`);
+    if (!IMAGE_KEY.test(id)) throw new Error(`image storage key ${JSON.stringify(id)} is invalid`);
     for (const name of fileNames) {
       if (!IMAGE_FILE_NAME.test(name)) throw new Error(`file name ${JSON.stringify(name)} is not a single path segment of [A-Za-z0-9._-]`);
     }

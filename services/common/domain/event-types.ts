@@ -21,6 +21,7 @@ export const IMAGE_REPLICA_DELETED = eventType('image.replica_deleted', events.I
 export const IMAGE_DELETED = eventType('image.deleted', events.ImageDeleted);
 export const CLONE_DONE = eventType('clone.done', events.CloneDone);
 export const CLONE_FAILED = eventType('clone.failed', events.CloneFailed);
+export const CLONE_REBASED = eventType('clone.rebased', events.CloneRebased);
 export const VIRTUAL_MACHINE_CHANGED = eventType('vm.changed', events.VirtualMachineChanged);
 export const OPERATION_DONE = eventType('operation.done', events.OperationDone);
 
@@ -42,6 +43,7 @@ export const ALL_EVENT_TYPES = [
   IMAGE_DELETED,
   CLONE_DONE,
   CLONE_FAILED,
+  CLONE_REBASED,
   VIRTUAL_MACHINE_CHANGED,
   OPERATION_DONE,
 ] as const;

@@ -1,5 +1,18 @@
 /** cowherd's lineage record in a clone's `<metadata>` (`<cowherd:clone>`): its namespace, shape and reader. */
-import { elementChildren, firstChild, localName, parseDomainDocument, textOf, type ParsedDomain, type XmlElement } from './xml-tree.js';
+import { basename, dirname } from 'node:path';
+import { IMAGE_NAME, parseImageKey } from '../../../common/domain/resource-names.js';
+import {
+  buildDocument,
+  elementChildren,
+  firstChild,
+  localName,
+  newElement,
+  parseDomainDocument,
+  removeChildren,
+  textOf,
+  type ParsedDomain,
+  type XmlElement,
+} from './xml-tree.js';
 
 /** The namespace of the `<cowherd:clone>` element that {@link renderClone} writes into `<metadata>`. */
 export const CLONE_METADATA_NAMESPACE = 'https://cowherd.dev/xmlns/clone/1';
@@ -17,6 +30,78 @@ export interface CloneMetadata {
   readonly requestId: string;
   /** SHA-256 of the guest configuration its NoCloud seed was made from (seed-attachment.ts); absent without one. */
   readonly guestConfigurationDigest?: string;
+  /**
+   * The exact version the system disk stands on, `images/{image}/versions/{version}` (numbered); absent in
+   * clones made before versions existed (then the backing file's replica directory says it, see
+   * {@link imageKeyOfBackingFile}).
+   */
+  readonly imageVersion?: string;
+  /** The version before the last rebase, `images/{image}/versions/{version}`; absent if never rebased. */
+  readonly previousImageVersion?: string;
+  /** `<target dev>` of each persistent disk (data_disk_bytes): kept by a rebase, reported with Disk.persistent. */
+  readonly persistentDisks?: readonly string[];
+}
+
+/** The fields of the record that {@link updateCloneMetadata} may set; a field given as '' is removed. */
+export interface CloneMetadataUpdate {
+  readonly imageVersion?: string;
+  readonly previousImageVersion?: string;
+  readonly persistentDisks?: readonly string[];
+}
+
+/** The record's elements in the order renderClone writes them (readers look them up by name). */
+export function cloneMetadataFields(metadata: CloneMetadata): Array<[string, string]> {
+  return [
+    'image' in metadata.source ? ['image', metadata.source.image] : ['virtualMachine', metadata.source.virtualMachine],
+    ['operation', metadata.operation],
+    ['requestId', metadata.requestId],
+    ...(metadata.imageVersion ? [['imageVersion', metadata.imageVersion] as [string, string]] : []),
+    ...(metadata.previousImageVersion ? [['previousImageVersion', metadata.previousImageVersion] as [string, string]] : []),
+    ...(metadata.persistentDisks ?? []).map((target): [string, string] => ['persistentDisk', target]),
+  ];
+}
+
+/**
+ * The storage key of the version a clone's metadata names: its imageVersion, else (a clone made before
+ * versions existed) its image, which was then always version 1. Undefined for clones of a virtual machine.
+ */
+export function cloneImageKey(metadata: CloneMetadata | undefined): string | undefined {
+  if (!metadata || !('image' in metadata.source)) return undefined;
+  return IMAGE_NAME.parse(metadata.imageVersion ?? metadata.source.image)?.image;
+}
+
+/**
+ * The storage key of the replica a backing file lies in: `<image dir>/images/<key>[.generation-<n>]/<file>`;
+ * undefined for any other path (a VM's own disk, a file outside a replica).
+ */
+export function imageKeyOfBackingFile(path: string): string | undefined {
+  const directory = dirname(path);
+  if (basename(dirname(directory)) !== 'images') return undefined;
+  const name = basename(directory).replace(/\.generation-[1-9][0-9]{0,8}$/, '');
+  return parseImageKey(name) ? name : undefined;
+}
+
+/**
+ * Sets fields of the `<cowherd:clone>` record in a domain's XML (a rebase's new and previous version, the
+ * persistent disks), keeping everything else of the document. Throws when the domain has no record.
+ */
+export function updateCloneMetadata(xml: string, update: CloneMetadataUpdate): string {
+  const parsed = parseDomainDocument(xml);
+  const namespaces = metadataNamespacesOnly(parsed.domain);
+  const metadata = firstChild(parsed.domain, 'metadata');
+  const record = metadata
+    ? elementChildren(metadata).find((child) => namespaces.get(child) === CLONE_METADATA_NAMESPACE && localName(child.name) === 'clone')
+    : undefined;
+  if (!record) throw new Error('the domain has no cowherd clone record');
+  const prefix = record.name.includes(':') ? `${record.name.slice(0, record.name.indexOf(':'))}:` : '';
+  const set = (name: string, values: readonly string[]): void => {
+    removeChildren(record, (child) => localName(child.name) === name);
+    for (const value of values) record.children.push(newElement(`${prefix}${name}`, {}, [{ kind: 'text', value }]));
+  };
+  if (update.imageVersion !== undefined) set('imageVersion', update.imageVersion === '' ? [] : [update.imageVersion]);
+  if (update.previousImageVersion !== undefined) set('previousImageVersion', update.previousImageVersion === '' ? [] : [update.previousImageVersion]);
+  if (update.persistentDisks !== undefined) set('persistentDisk', update.persistentDisks);
+  return buildDocument(parsed);
 }
 
 /**
@@ -46,9 +131,20 @@ export function readCloneMetadata(xml: string): CloneMetadata | undefined {
   const operation = value('operation') ?? '';
   const requestId = value('requestId') ?? '';
   const digest = value('guestConfigurationDigest');
-  const guest = digest ? { guestConfigurationDigest: digest } : {};
-  if (image) return { source: { image }, operation, requestId, ...guest };
-  if (virtualMachine) return { source: { virtualMachine }, operation, requestId, ...guest };
+  const imageVersion = value('imageVersion');
+  const previousImageVersion = value('previousImageVersion');
+  const persistentDisks = elementChildren(record)
+    .filter((child) => localName(child.name) === 'persistentDisk')
+    .map((child) => textOf(child).trim())
+    .filter((target) => target !== '');
+  const extra = {
+    ...(digest ? { guestConfigurationDigest: digest } : {}),
+    ...(imageVersion ? { imageVersion } : {}),
+    ...(previousImageVersion ? { previousImageVersion } : {}),
+    ...(persistentDisks.length > 0 ? { persistentDisks } : {}),
+  };
+  if (image) return { source: { image }, operation, requestId, ...extra };
+  if (virtualMachine) return { source: { virtualMachine }, operation, requestId, ...extra };
   return undefined;
 }
 

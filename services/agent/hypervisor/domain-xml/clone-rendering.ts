@@ -9,7 +9,7 @@ import { status as GrpcStatus } from '@grpc/grpc-js';
 import { CowherdError } from '../../../common/platform/errors.js';
 import { VIRTUAL_MACHINE_ID } from '../../../common/domain/resource-names.js';
 import { ErrorReason } from '../../../gen/cowherd/common/v1/error_reason.js';
-import { CLONE_METADATA_NAMESPACE, CLONE_METADATA_PREFIX, type CloneMetadata } from './clone-metadata.js';
+import { CLONE_METADATA_NAMESPACE, CLONE_METADATA_PREFIX, cloneMetadataFields, type CloneMetadata } from './clone-metadata.js';
 import { DomainXmlError } from './errors.js';
 import { assertDirectoryOption, assertInsideDirectory, FILE_NAME_PATTERN, isInsideLexically, isPlainAbsolute } from './safe-paths.js';
 import {
@@ -242,11 +242,11 @@ export async function renderClone(templateXml: string, options: RenderCloneOptio
   removeChildren(metadataElement, (child) => metadataNamespaces.get(child) === CLONE_METADATA_NAMESPACE && localName(child.name) === 'clone');
   const field = (name: string, value: string): XmlElement => newElement(`${CLONE_METADATA_PREFIX}:${name}`, {}, [{ kind: 'text', value }]);
   metadataElement.children.push(
-    newElement(`${CLONE_METADATA_PREFIX}:clone`, { [`xmlns:${CLONE_METADATA_PREFIX}`]: CLONE_METADATA_NAMESPACE }, [
-      'image' in metadata.source ? field('image', metadata.source.image) : field('virtualMachine', metadata.source.virtualMachine),
-      field('operation', metadata.operation),
-      field('requestId', metadata.requestId),
-    ]),
+    newElement(
+      `${CLONE_METADATA_PREFIX}:clone`,
+      { [`xmlns:${CLONE_METADATA_PREFIX}`]: CLONE_METADATA_NAMESPACE },
+      cloneMetadataFields(metadata).map(([name, value]) => field(name, value)),
+    ),
   );
 
   return {
