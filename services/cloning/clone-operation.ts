@@ -29,7 +29,8 @@ import type { OperationContext, OperationKind } from '../common/domain/operation
 import type { AgentPort } from './agents.js';
 import type { FleetView } from './fleet-view.js';
 import type { GuestSecrets } from './guest-secrets.js';
-import { HOST_NAME } from '../common/domain/resource-names.js';
+import { HOST_NAME, IMAGE_NAME, imageNameOfKey, parseImageReference } from '../common/domain/resource-names.js';
+import { dataDiskBytesOf, exactImageVersion } from './clone-plan.js';
 
 /** The operation kind's name in the operations bucket. */
 export const CLONE_OPERATION_KIND = 'cloning.clone-virtual-machines';
@@ -42,6 +43,41 @@ const PROGRESS_INTERVAL_MS = 5_000;
 export interface CloneCheckpoint {
   /** `hosts/{host}` -> true when the agent returned results, false when the host's clones failed before that. */
   readonly finishedHosts: Readonly<Record<string, boolean>>;
+  /**
+   * For an image source: the exact version every clone of the operation comes from,
+   * `images/{image}/versions/{version}`; checkpointed before the first clone is made, so that a version published
+   * meanwhile (or a replica taking the operation over) does not change it.
+   */
+  readonly imageVersion?: string;
+}
+
+/**
+ * The exact versions the handler resolved, handed to the operation's first run on the same replica (the
+ * operation record keeps the caller's request, so that a retried request_id matches it). Keyed by
+ * {@link versionPinKey}. A run that finds no pin (a replica that took a new operation over before its first
+ * checkpoint) resolves the caller's name again; no clone exists yet then, so every clone still comes from one
+ * version.
+ */
+export class ImageVersionPins {
+  private readonly pins = new Map<string, string>();
+
+  /** Pins `version` for the operation whose initial metadata gives `key`; returns the release. */
+  pin(key: string, version: string): () => void {
+    this.pins.set(key, version);
+    return () => {
+      if (this.pins.get(key) === version) this.pins.delete(key);
+    };
+  }
+
+  get(key: string): string | undefined {
+    return this.pins.get(key);
+  }
+}
+
+/** The pin key of a planned operation: its source and first clone (names are unique in the fleet at planning). */
+export function versionPinKey(metadata: Pick<CloneVirtualMachinesMetadata, 'source' | 'clones' | 'startTime'>): string {
+  const first = metadata.clones[0];
+  return `${metadata.source}|${first?.host ?? ''}|${first?.domainName ?? ''}|${metadata.startTime?.getTime() ?? 0}`;
 }
 
 /** What a delivery reports while it waits: the DistributeImage operation and the host's entry in its metadata. */
@@ -94,6 +130,8 @@ export interface CloneOperationDeps {
   readonly hostConcurrency?: number;
   /** The guest configurations this replica accepted (never in the operation record); without it, clones with one fail as after a takeover. */
   readonly guestSecrets?: Pick<GuestSecrets, 'get' | 'release'>;
+  /** The exact versions the handler resolved; without it (or without a pin) the first run resolves the name itself. */
+  readonly versionPins?: Pick<ImageVersionPins, 'get'>;
 }
 
 /** The kind to register on the OperationManager. */
@@ -130,6 +168,9 @@ async function runCloneOperation(
   // The working copy: the metadata as last persisted (the plan, on the first run) and the checkpoint.
   const metadata = CloneVirtualMachinesMetadata.fromPartial(context.metadata);
   const finishedHosts: Record<string, boolean> = { ...(context.state?.finishedHosts ?? {}) };
+  const source = request.source;
+  let imageVersion = context.state?.imageVersion;
+  const pinned = source?.$case === 'image' && imageVersion === undefined ? deps.versionPins?.get(versionPinKey(metadata)) : undefined;
   const byHost = new Map<string, CloneResult[]>();
   for (const clone of metadata.clones) {
     if (clone.host in finishedHosts) continue;
@@ -148,21 +189,29 @@ async function runCloneOperation(
       metadata.doneCount = metadata.clones.filter((clone) => clone.state === CloneResult_State.STATE_DONE).length;
       metadata.failedCount = metadata.clones.filter((clone) => clone.state === CloneResult_State.STATE_FAILED).length;
       metadata.updateTime = now();
-      return context.checkpoint({ metadata: CloneVirtualMachinesMetadata.fromPartial(metadata), state: { finishedHosts: { ...finishedHosts } } });
+      return context.checkpoint({
+        metadata: CloneVirtualMachinesMetadata.fromPartial(metadata),
+        state: { finishedHosts: { ...finishedHosts }, ...(imageVersion === undefined ? {} : { imageVersion }) },
+      });
     });
     writes = next.catch(() => undefined);
     return next;
   };
 
+  if (source?.$case === 'image' && imageVersion === undefined) {
+    // Fixed once, before any clone exists: from here on only the exact numbered name is used.
+    imageVersion = pinned ?? (await resolveImageVersion(deps.fleet, source.value));
+    await persist();
+  }
+
   if (byHost.size > 0) {
     const hosts = new Map((await deps.fleet.listHosts()).map((host) => [host.name, host]));
-    const source = request.source;
-    const image = source?.$case === 'image' ? source.value : undefined;
+    const image = imageVersion;
     const holding = image === undefined ? new Set<string>() : new Set((await deps.fleet.listReplicas(image)).map((replica) => replica.host));
 
     const fail = async (hostName: string, clones: readonly CloneResult[], status: Status): Promise<void> => {
       for (const clone of clones) Object.assign(clone, { state: CloneResult_State.STATE_FAILED, error: status });
-      await Promise.all(clones.map((clone) => publishCloneFailed(deps, context.name, request, clone, now(), log)));
+      await Promise.all(clones.map((clone) => publishCloneFailed(deps, context.name, request, clone, now(), log, image)));
       finishedHosts[hostName] = false;
       await persist();
     };
@@ -215,8 +264,9 @@ async function runCloneOperation(
       const guestDigest = metadata.guestConfigurationDigest ?? '';
       const guest = guestDigest === '' ? undefined : deps.guestSecrets?.get(guestDigest);
       const agentRequest: CreateClonesRequest = {
-        dataDiskBytes: '0',
-        source: request.source,
+        dataDiskBytes: String(dataDiskBytesOf(request)),
+        // The agents get the exact version, never a name that could mean another version by now.
+        source: image === undefined ? request.source : { $case: 'image', value: image },
         // The index only matters to the guest configuration's `{index}`.
         clones: clones.map((clone) => ({ domainName: clone.domainName, start: request.start, index: guestDigest === '' ? 0 : clone.index })),
         guestConfigurationDigest: guestDigest,
@@ -253,6 +303,20 @@ async function runCloneOperation(
       : new CowherdError(GrpcStatus.INTERNAL, 'no clone could be attempted', { reason: ErrorReason.ERROR_REASON_INTERNAL });
   }
   return { clones };
+}
+
+/** The exact version a caller's image name stands for now; NOT_FOUND when the image or alias is gone. */
+export async function resolveImageVersion(fleet: Pick<FleetView, 'getImage'>, name: string): Promise<string> {
+  const reference = parseImageReference(name);
+  const image = reference && (await fleet.getImage(name));
+  if (!reference || !image) throw CowherdError.notFound(name);
+  return exactImageVersion(reference.id, image);
+}
+
+/** `images/{image}` of an exact version name. */
+function imageNameOfVersion(imageVersion: string): string {
+  const key = IMAGE_NAME.parse(imageVersion)?.image;
+  return key === undefined ? imageVersion : imageNameOfKey(key);
 }
 
 /** The request_id the agent gets for one host's batch: stable across retries and resumptions. */
@@ -334,6 +398,7 @@ async function publishCloneFailed(
   clone: CloneResult,
   at: Date,
   log: OperationContext<unknown, unknown, unknown>['log'],
+  imageVersion: string | undefined,
 ): Promise<void> {
   const hostId = HOST_NAME.parse(clone.host)?.host;
   // The plan names every clone's host as hosts/{host}.
@@ -346,7 +411,7 @@ async function publishCloneFailed(
         host: clone.host,
         domainName: clone.domainName,
         uuid: clone.uuid,
-        image: request.source?.$case === 'image' ? request.source.value : '',
+        image: imageVersion === undefined ? '' : imageNameOfVersion(imageVersion),
         sourceVirtualMachine: request.source?.$case === 'virtualMachine' ? request.source.value : '',
         overlays: clone.overlays,
         status: clone.error,

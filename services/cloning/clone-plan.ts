@@ -24,6 +24,7 @@ import {
   virtualMachine_StateToJSON,
   type GuestConfiguration,
   type Host,
+  type Image,
 } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
 import {
@@ -33,7 +34,7 @@ import {
   PLACEHOLDER_UUID,
   renderGuestIdentity,
 } from '../common/domain/guest-configuration.js';
-import { HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import { HOST_NAME, imageVersionName, parseImageReference, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { FleetView } from './fleet-view.js';
 import { parseNameTemplate, renderNames } from './name-template.js';
 import { placeRoundRobin, placeSpread } from './placement.js';
@@ -42,6 +43,8 @@ import { placeRoundRobin, placeSpread } from './placement.js';
 export const MAX_CLONE_COUNT = 1000;
 /** Hosts in placement.hosts at most (the proto's limit). */
 export const MAX_PLACEMENT_HOSTS = 1000;
+/** The largest persistent data disk a clone may get (the proto's limit): 16 TiB. */
+export const MAX_DATA_DISK_BYTES = 16 * 2 ** 40;
 
 /** What planning needs. */
 export interface PlanOptions {
@@ -104,7 +107,26 @@ export function checkRequestShape(request: CloneVirtualMachinesRequest): CloneSo
   }
   parseNameTemplate(request.nameTemplate, request.count);
   if (request.guestConfiguration !== undefined) checkGuestConfiguration(request.guestConfiguration);
+  dataDiskBytesOf(request);
   return source;
+}
+
+/** The request's data_disk_bytes as a number; INVALID_ARGUMENT (`data_disk_bytes`) unless 0 to 16 TiB. */
+export function dataDiskBytesOf(request: Pick<CloneVirtualMachinesRequest, 'dataDiskBytes'>): number {
+  const bytes = Number(request.dataDiskBytes || '0');
+  if (!Number.isSafeInteger(bytes) || bytes < 0 || bytes > MAX_DATA_DISK_BYTES)
+    throw CowherdError.invalidArgument('data_disk_bytes', `must be 0 (no data disk) to ${MAX_DATA_DISK_BYTES} (16 TiB), got ${request.dataDiskBytes}`);
+  return bytes;
+}
+
+/**
+ * The exact version a catalog answer stands for, `images/{image}/versions/{version}` (numbered): the id from
+ * the caller's name, the number from the answer's `version` (a record without one is version 1, as before
+ * versions existed).
+ */
+export function exactImageVersion(id: string, image: Pick<Image, 'version'>): string {
+  const version = Number(image.version);
+  return imageVersionName(id, Number.isSafeInteger(version) && version > 0 ? version : 1);
 }
 
 /**
@@ -121,6 +143,8 @@ export async function planClones(request: CloneVirtualMachinesRequest, options: 
 export interface GuestPlan {
   readonly metadata: CloneVirtualMachinesMetadata;
   readonly guestConfiguration?: GuestConfiguration;
+  /** For an image source: the exact version the caller's name resolved to, `images/{image}/versions/{version}`. */
+  readonly imageVersion?: string;
 }
 
 /** {@link planClones}, also returning the guest configuration the operation must hand to the agents. */
@@ -135,6 +159,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
   let sourceValue: string;
   let hostsOfClones: string[];
   let imageDefault: GuestConfiguration | undefined;
+  let imageVersion: string | undefined;
   if (source.kind === 'virtualMachine') {
     const machine = await fleet.getVirtualMachine(source.name);
     if (!machine) throw CowherdError.notFound(source.name);
@@ -165,6 +190,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
       );
     }
     sourceValue = source.id;
+    imageVersion = exactImageVersion(source.id, image);
     imageDefault = image.defaultGuestConfiguration;
     const hypervisorMatches = (host: Host): void => {
       if (host.hypervisor !== image.hypervisor) {
@@ -185,7 +211,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
     } else {
       const ready = [...hosts.values()].filter((host) => host.state === Host_State.STATE_READY && !host.draining && host.hypervisor === image.hypervisor);
       const readyNames = new Set(ready.map((host) => host.name));
-      const holding = [...new Set((await fleet.listReplicas(source.name)).map((replica) => replica.host))].filter((host) => readyNames.has(host));
+      const holding = [...new Set((await fleet.listReplicas(imageVersion)).map((replica) => replica.host))].filter((host) => readyNames.has(host));
       if (ready.length === 0) {
         throw CowherdError.failedPrecondition(
           `no READY ${hypervisorToJSON(image.hypervisor)} host can take clones of ${source.name}`,
@@ -223,7 +249,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
     // Everything the agent would refuse for the whole batch, refused now, before any operation exists: a
     // source whose domain XML, disks or <kernel> cowherd cannot clone used to fail inside the operation.
     await options.checkOnHost(hosts.get(source.host)!, {
-      dataDiskBytes: '0',
+      dataDiskBytes: String(dataDiskBytesOf(request)),
       source: { $case: 'virtualMachine', value: source.name },
       clones: names.map((domainName, offset) => ({ domainName, start: request.start, index: guest === undefined ? 0 : offset + 1 })),
       guestConfiguration: guest,
@@ -257,7 +283,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
     updateTime: now,
     guestConfigurationDigest: guest === undefined ? '' : guestConfigurationDigest(guest),
   };
-  return { metadata, ...(guest === undefined ? {} : { guestConfiguration: guest }) };
+  return { metadata, ...(guest === undefined ? {} : { guestConfiguration: guest }), ...(imageVersion === undefined ? {} : { imageVersion }) };
 }
 
 /** `{host}` of an exact `hosts/{host}`; undefined otherwise. */
@@ -268,9 +294,13 @@ export function parseHostName(name: string): string | undefined {
 function parseSource(request: CloneVirtualMachinesRequest): CloneSource {
   const source = request.source;
   if (source?.$case === 'image') {
-    const parsed = IMAGE_NAME.parse(source.value);
-    if (!parsed) throw CowherdError.invalidArgument('image', `must be images/{image}, got ${JSON.stringify(source.value)}`);
-    return { kind: 'image', name: source.value, id: parsed.image };
+    const parsed = parseImageReference(source.value);
+    if (!parsed)
+      throw CowherdError.invalidArgument(
+        'image',
+        `must be images/{image} or images/{image}/versions/{version} (number or alias), got ${JSON.stringify(source.value)}`,
+      );
+    return { kind: 'image', name: source.value, id: parsed.id };
   }
   if (source?.$case === 'virtualMachine') {
     const parsed = VIRTUAL_MACHINE_NAME.parse(source.value);

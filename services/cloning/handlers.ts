@@ -10,7 +10,7 @@ import type { Host } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError, relayServiceError } from '../common/platform/errors.js';
 import type { OperationManager } from '../common/domain/operations.js';
 import type { Handlers } from '../common/platform/rpc.js';
-import type { CloneOperationKind } from './clone-operation.js';
+import { versionPinKey, type CloneOperationKind, type ImageVersionPins } from './clone-operation.js';
 import { checkRequestShape, planClonesWithGuest } from './clone-plan.js';
 import type { FleetView } from './fleet-view.js';
 import type { AgentPort } from './agents.js';
@@ -31,6 +31,8 @@ export interface CloningHandlersDeps {
   readonly requestIdUsed?: RequestIdLookup;
   /** Where the guest configurations of accepted requests wait for their operation (never in the operation record). */
   readonly guestSecrets?: Pick<GuestSecrets, 'hold'>;
+  /** Where the exact image version a request resolved to waits for its operation's first run. */
+  readonly versionPins?: Pick<ImageVersionPins, 'pin'>;
   /** Draws `{random}` (tests). */
   readonly random?: () => string;
   readonly now?: () => Date;
@@ -67,7 +69,7 @@ export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typ
         checkRequestShape(request);
         return deps.operations.start(deps.kind, stored, deps.kind.metadataType.decode(new Uint8Array()), request.requestId);
       }
-      const { metadata, guestConfiguration } = await planClonesWithGuest(request, {
+      const { metadata, guestConfiguration, imageVersion } = await planClonesWithGuest(request, {
         fleet: deps.fleet,
         ...(deps.agents === undefined ? {} : { checkOnHost: (host, check) => checkOnAgent(deps.agents!, host, check) }),
         ...(deps.random === undefined ? {} : { random: deps.random }),
@@ -75,11 +77,15 @@ export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typ
       });
       const digest = metadata.guestConfigurationDigest ?? '';
       const release = digest !== '' && guestConfiguration && deps.guestSecrets ? deps.guestSecrets.hold(digest, guestConfiguration) : undefined;
+      // The run reads its pin as it starts (inside start()), and checkpoints it before making any clone.
+      const unpin = imageVersion !== undefined && deps.versionPins ? deps.versionPins.pin(versionPinKey(metadata), imageVersion) : undefined;
       try {
         return await deps.operations.start(deps.kind, stored, metadata, request.requestId);
       } catch (error) {
         release?.();
         throw error;
+      } finally {
+        unpin?.();
       }
     },
     ...(deps.agents === undefined || deps.stopKind === undefined

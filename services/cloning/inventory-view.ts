@@ -10,7 +10,7 @@ import { ImageView, type Host, type Image, type ImageReplica, type VirtualMachin
 import { CowherdError } from '../common/platform/errors.js';
 import { readAllPages } from '../common/platform/list-pages.js';
 import { EVERY_HOST } from '../common/domain/resource-names.js';
-import type { FleetView } from './fleet-view.js';
+import type { RebaseFleetView } from './fleet-view.js';
 
 const PAGE_SIZE = 1000;
 
@@ -18,7 +18,7 @@ type Callback<Res> = (error: ServiceError | null, response: Res) => void;
 type UnaryMethod<Req, Res> = (request: Req, metadata: Metadata, options: { deadline: number }, callback: Callback<Res>) => unknown;
 
 /** A FleetView reading from the inventory; `deadlineMs` bounds each call (default 15 s). */
-export function createInventoryFleetView(client: InventoryServiceClient, deadlineMs = 15_000): FleetView {
+export function createInventoryFleetView(client: InventoryServiceClient, deadlineMs = 15_000): RebaseFleetView {
   const call = <Req, Res>(method: UnaryMethod<Req, Res>, request: Req): Promise<Res> =>
     new Promise((resolve, reject) => {
       method.call(client, request, new Metadata(), { deadline: Date.now() + deadlineMs }, (error, response) =>
@@ -41,15 +41,20 @@ export function createInventoryFleetView(client: InventoryServiceClient, deadlin
         const response = await call(client.listHosts, { pageSize: PAGE_SIZE, pageToken, filter: '' });
         return { items: response.hosts, nextPageToken: response.nextPageToken };
       }),
-    listReplicas: (image) =>
+    listReplicas: (imageVersion) =>
       readAllPages<ImageReplica>(async (pageToken) => {
         const response = await call(client.listImageReplicas, {
           parent: EVERY_HOST,
           pageSize: PAGE_SIZE,
           pageToken,
-          filter: `image = ${JSON.stringify(image)} AND state = AVAILABLE`,
+          filter: `image_version = ${JSON.stringify(imageVersion)} AND state = AVAILABLE`,
         });
         return { items: response.imageReplicas, nextPageToken: response.nextPageToken };
+      }),
+    listVirtualMachines: (parent, filter) =>
+      readAllPages<VirtualMachine>(async (pageToken) => {
+        const response = await call(client.listVirtualMachines, { parent, pageSize: PAGE_SIZE, pageToken, filter });
+        return { items: response.virtualMachines, nextPageToken: response.nextPageToken };
       }),
     domainNamesInUse: async () => {
       const machines = await readAllPages<VirtualMachine>(async (pageToken) => {
@@ -66,6 +71,9 @@ function inventoryError(error: ServiceError): CowherdError {
   switch (error.code) {
     case GrpcStatus.NOT_FOUND:
       return new CowherdError(GrpcStatus.NOT_FOUND, error.details, { reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND, cause });
+    case GrpcStatus.INVALID_ARGUMENT:
+      // Only a caller's filter reaches the inventory unchecked (RebaseVirtualMachines): relay which part is wrong.
+      return new CowherdError(GrpcStatus.INVALID_ARGUMENT, error.details, { reason: ErrorReason.ERROR_REASON_INVALID_FIELD, field: 'filter', cause });
     case GrpcStatus.UNAVAILABLE:
     case GrpcStatus.DEADLINE_EXCEEDED:
     case GrpcStatus.RESOURCE_EXHAUSTED:

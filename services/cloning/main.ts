@@ -8,7 +8,7 @@ import { runServiceMain } from '../common/platform/service-process.js';
 import { identityUri } from '../common/platform/identity.js';
 import { CLONING_POLICY } from './access-policy.js';
 import { createAgentPort } from './agents.js';
-import { cloneOperationKind } from './clone-operation.js';
+import { cloneOperationKind, ImageVersionPins } from './clone-operation.js';
 import { CLONING_VARIABLES, imageWaitDeadlines } from './config.js';
 import { cloningHandlers } from './handlers.js';
 import { GuestSecrets } from './guest-secrets.js';
@@ -30,7 +30,8 @@ await runServiceMain({
       deadlines: imageWaitDeadlines(config),
     });
     const guestSecrets = new GuestSecrets();
-    const kind = cloneOperationKind({ fleet, agents, events, imageDelivery, guestSecrets });
+    const versionPins = new ImageVersionPins();
+    const kind = cloneOperationKind({ fleet, agents, events, imageDelivery, guestSecrets, versionPins });
     const stopKind = stopOperationKind({ fleet, agents });
     const operations = await openOperations(nats.jetstream, log, boundary, [kind as never, stopKind as never]);
     const requestIdUsed = async (requestId: string) => (await operations.manager.findByRequestId(kind.kind, requestId)) !== undefined;
@@ -38,7 +39,7 @@ await runServiceMain({
       services: [
         adaptService(
           CloningServiceService,
-          cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed, agents, stopKind, guestSecrets }),
+          cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed, agents, stopKind, guestSecrets, versionPins }),
           CLONING_POLICY,
           boundary,
         ),

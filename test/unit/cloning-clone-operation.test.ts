@@ -99,7 +99,10 @@ class FakeFleet implements FleetView {
     return [...this.hosts.values()];
   }
   async listReplicas(image: string): Promise<ImageReplica[]> {
-    return this.replicas.filter((replica) => replica.image === image && replica.state === ImageReplica_State.STATE_AVAILABLE);
+    // As the inventory's `image_version` filter: the exact version (numbered) against the replica's name.
+    const parsed = IMAGE_NAME.parse(image);
+    const wanted = parsed ? IMAGE_NAME.format(parsed) : image;
+    return this.replicas.filter((replica) => replica.image === wanted && replica.state === ImageReplica_State.STATE_AVAILABLE);
   }
   async domainNamesInUse(): Promise<ReadonlyMap<string, string>> {
     return new Map([...this.machines.values()].map((machine) => [machine.domainName, machine.name]));
@@ -531,7 +534,8 @@ describe('the clone operation', () => {
     assert.equal(kvm02.requestId, `${context.name}/hosts/kvm-02`);
     assert.equal(kvm02.requestId, agentRequestId(context.name, 'hosts/kvm-02'));
     assert.equal(kvm02.operation, context.name);
-    assert.deepEqual(kvm02.source, { $case: 'image', value: 'images/debian-12' });
+    // Agents get the exact version the operation fixed, numbered.
+    assert.deepEqual(kvm02.source, { $case: 'image', value: 'images/debian-12/versions/1' });
     assert.deepEqual(kvm02.clones, [
       { domainName: 'web-1', start: true, index: 0 },
       { domainName: 'web-3', start: true, index: 0 },
@@ -553,7 +557,7 @@ describe('the clone operation', () => {
     assert.equal(final.metadata.failedCount, 0);
     assert.deepEqual(final.metadata.updateTime, new Date('2024-05-01T10:01:00Z'));
     assert.deepEqual(final.metadata.startTime, new Date('2024-05-01T10:00:00Z'));
-    assert.deepEqual(final.state, { finishedHosts: { 'hosts/kvm-02': true, 'hosts/kvm-03': true } });
+    assert.deepEqual(final.state, { finishedHosts: { 'hosts/kvm-02': true, 'hosts/kvm-03': true }, imageVersion: 'images/debian-12/versions/1' });
   });
 
   it('reports partial failures per clone and still succeeds', async () => {
@@ -638,7 +642,7 @@ describe('the clone operation', () => {
       { fleet, agents, imageDelivery: { bringImageToHost: async ({ image: name, host }) => void asked.push(`${name}@${host}`) } },
       context,
     );
-    assert.deepEqual(asked, ['images/debian-12@hosts/kvm-01']);
+    assert.deepEqual(asked, ['images/debian-12/versions/1@hosts/kvm-01']);
     assert.deepEqual(
       response.clones.map((clone) => clone.state),
       [CloneResult_State.STATE_DONE, CloneResult_State.STATE_DONE],
@@ -678,7 +682,7 @@ describe('the clone operation', () => {
     await assert.rejects(run({ fleet, agents: firstAgents, hostConcurrency: 1 }, first.context), /replica stopping/);
     assert.deepEqual(firstAgents.hostsCalled(), ['hosts/kvm-02', 'hosts/kvm-03']);
     const saved = first.last();
-    assert.deepEqual(saved.state, { finishedHosts: { 'hosts/kvm-02': true } });
+    assert.deepEqual(saved.state, { finishedHosts: { 'hosts/kvm-02': true }, imageVersion: 'images/debian-12/versions/1' });
 
     const secondAgents = new FakeAgents();
     const second = fakeContext(request, saved.metadata, saved.state);
@@ -716,6 +720,6 @@ describe('the clone operation', () => {
       throw grpcError(GrpcStatus.CANCELLED, 'call cancelled');
     });
     await assert.rejects(run({ fleet, agents, hostConcurrency: 1 }, context), (error: unknown) => error === cancelled);
-    assert.deepEqual(last().state, { finishedHosts: { 'hosts/kvm-02': true } });
+    assert.deepEqual(last().state, { finishedHosts: { 'hosts/kvm-02': true }, imageVersion: 'images/debian-12/versions/1' });
   });
 });
