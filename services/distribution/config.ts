@@ -32,6 +32,20 @@ export const DISTRIBUTION_VARIABLES = {
     1,
     100_000,
   ),
+  garbageIntervalSeconds: integerVariable(
+    'COWHERD_GARBAGE_INTERVAL',
+    'seconds between garbage collection runs (versions beyond keep_versions, replicas above a host high watermark); 0 turns the periodic run off',
+    600,
+    0,
+    604_800,
+  ),
+  keepImageVersions: integerVariable(
+    'COWHERD_KEEP_IMAGE_VERSIONS',
+    'how many of the newest versions garbage collection keeps of an image whose keep_versions is 0',
+    3,
+    1,
+    1000,
+  ),
   hostCheckSeconds: integerVariable(
     'COWHERD_DISTRIBUTE_HOST_CHECK_SECONDS',
     "how often a DistributeImage reads its hosts' states from inventory (an UNREACHABLE host shows in the metadata within this)",

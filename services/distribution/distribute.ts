@@ -36,7 +36,8 @@ import { consumeEvents, type EventConsumer, type ReceivedEvent } from '../common
 import type { KvStore } from '../common/platform/kv.js';
 import type { Logger } from '../common/platform/logger.js';
 import type { OperationKind } from '../common/domain/operations.js';
-import { EVERY_HOST, HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME } from '../common/domain/resource-names.js';
+import { EVERY_HOST, HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, imageNameOfKey, imageVersionNameOfKey } from '../common/domain/resource-names.js';
+import { resolveImage } from './image-heads.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
 import {
@@ -53,7 +54,7 @@ import {
   type StepVerdict,
 } from '../common/platform/progress-deadline.js';
 import type { ImageAvailable, ImageReplicaDamaged, ImageTransferFailed, ImageTransferProgress } from '../gen/cowherd/events/v1/events.js';
-import { Host_State, Image_State, ImageReplica, ImageReplica_State, type Host, type Image } from '../gen/cowherd/inventory/v1/resources.js';
+import { Host_State, Image_State, ImageReplica, ImageReplica_State, type Host, type Image, type ImageHead } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
 import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
 
@@ -67,6 +68,8 @@ export const MAX_HOSTS = 1000;
 /** What distributing reads and writes. */
 export interface DistributeDeps {
   readonly images: KvStore<Image>;
+  /** The image heads: a caller's `images/{image}` is its latest version, `.../versions/{alias}` an alias's. */
+  readonly heads: KvStore<ImageHead>;
   readonly replicas: KvStore<ImageReplica>;
   readonly inventory: {
     getHost(name: string): Promise<Host | undefined>;
@@ -85,11 +88,13 @@ export interface DistributeDeps {
   readonly now?: () => number;
 }
 
-/** The image id of `images/{image}`; INVALID_ARGUMENT otherwise. */
-function imageIdOf(name: string, field: string): string {
-  const parsed = IMAGE_NAME.parse(name);
-  if (!parsed)
-    throw CowherdError.invalidArgument(field, 'must be images/{image} with an image id (lowercase letters, digits and hyphens; no path separators or dots)');
+/**
+ * The storage key of the version an operation distributes: the metadata names the version resolved when the
+ * operation started (an alias or `latest` that moves later does not change it); the request's name otherwise.
+ */
+function versionKeyOf(metadataImage: string, requestImage: string): string {
+  const parsed = IMAGE_NAME.parse(metadataImage) ?? IMAGE_NAME.parse(requestImage);
+  if (!parsed) throw CowherdError.invalidArgument('image', 'must be images/{image} or images/{image}/versions/{version}');
   return parsed.image;
 }
 
@@ -105,7 +110,6 @@ function hostIdOf(transfer: HostTransfer): string {
  * (`hosts/-` resolved), in request order.
  */
 export async function checkDistribute(request: DistributeImageRequest, deps: DistributeDeps): Promise<{ image: Image; hosts: string[] }> {
-  const id = imageIdOf(request.image, 'image');
   if (request.hosts.length === 0)
     throw CowherdError.invalidArgument('hosts', "must name at least one host, or hosts/- for every READY host of the image's hypervisor");
   if (request.hosts.length > MAX_HOSTS) throw CowherdError.invalidArgument('hosts', `must name at most ${MAX_HOSTS} hosts`);
@@ -118,8 +122,7 @@ export async function checkDistribute(request: DistributeImageRequest, deps: Dis
       seen.add(host);
     }
   }
-  const image = (await deps.images.get(id))?.value;
-  if (!image) throw CowherdError.notFound(request.image);
+  const image = (await resolveImage(deps, request.image, 'image')).record;
   if (image.state !== Image_State.STATE_AVAILABLE || !image.torrent?.infoHash) {
     throw CowherdError.failedPrecondition(
       `${request.image} is ${Image_State[image.state].replace('STATE_', '')}, not AVAILABLE`,
@@ -220,7 +223,8 @@ export function distributeOperationKind(
     metadataType: DistributeImageMetadata,
     responseType: DistributeImageResponse,
     run: async (context) => {
-      const id = imageIdOf(context.request.image, 'image');
+      // `id` is the version's storage key: its record, replicas (`<host>.<key>`) and torrent.
+      const id = versionKeyOf(context.metadata.image, context.request.image);
       const readImage = async (): Promise<Image> => {
         const image = (await deps.images.get(id))?.value;
         if (!image || image.state !== Image_State.STATE_AVAILABLE || !image.torrent) {
@@ -315,6 +319,8 @@ export function distributeOperationKind(
                 if (current?.state === ImageReplica_State.STATE_AVAILABLE && replica.state === ImageReplica_State.STATE_AVAILABLE) return undefined;
                 return ImageReplica.fromPartial({
                   ...replica,
+                  image: imageNameOfKey(id),
+                  imageVersion: imageVersionNameOfKey(id),
                   error: undefined,
                   createTime: current?.createTime ?? replica.createTime,
                   updateTime: new Date(),
@@ -530,7 +536,8 @@ export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'r
         ...current,
         ...(generation > 0 ? { generation: available.generation } : {}),
         name: HOST_IMAGE_NAME.format({ host: event.host, image: id }),
-        image: payload.image,
+        image: imageNameOfKey(id),
+        imageVersion: imageVersionNameOfKey(id),
         host: payload.host,
         state: ImageReplica_State.STATE_AVAILABLE,
         progress: TransferProgress.fromPartial({ bytesDone: available.totalBytes, bytesTotal: available.totalBytes }),

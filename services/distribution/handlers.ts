@@ -3,15 +3,17 @@ import type { DistributionServiceService } from '../gen/cowherd/distribution/v1/
 import { ImagePublishStage } from '../gen/cowherd/common/v1/types.js';
 import type { OperationManager } from '../common/domain/operations.js';
 import type { Handlers } from '../common/platform/rpc.js';
-import { IMAGE_NAME } from '../common/domain/resource-names.js';
 import { checkDeleteImage, collectReplicas, deleteReplica, type DeletionDeps, type deleteImageOperationKind } from './deletion.js';
-import { checkPublish, type PublishDeps, type publishOperationKind } from './publish.js';
+import { checkPublish, publishingRecord, type PublishDeps, type publishOperationKind } from './publish.js';
+import { claimVersion, updateImage } from './image-heads.js';
+import { collectImageGarbage, type GarbageDeps } from './garbage.js';
+import { Image, Image_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { checkImport, initialImportMetadata, type importOperationKind } from './import.js';
 import { checkDistribute, initialDistributeMetadata, type DistributeDeps, type distributeOperationKind } from './distribute.js';
 
 /** What the handlers need. */
 export interface DistributionHandlersDeps {
-  readonly deps: PublishDeps & DeletionDeps & DistributeDeps;
+  readonly deps: PublishDeps & DeletionDeps & DistributeDeps & GarbageDeps;
   readonly operations: Pick<OperationManager, 'start' | 'findByRequestId'>;
   readonly publish: ReturnType<typeof publishOperationKind>;
   readonly importImage: ReturnType<typeof importOperationKind>;
@@ -29,11 +31,15 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       if (existing) return operations.start(options.publish, request, undefined as never, request.requestId);
       const { host } = await checkPublish(request, deps);
       const now = new Date();
-      return operations.start(
+      // The version is claimed before the operation exists: a refusal (another version PUBLISHING) is this call's error.
+      const claimed = await claimVersion(deps, request.imageId, (name, version) => publishingRecord(request, host, name, version, now));
+      return startClaimed(
+        deps,
+        claimed,
         options.publish,
         request,
         {
-          image: IMAGE_NAME.format({ image: request.imageId }),
+          image: claimed.name,
           sourceVirtualMachine: request.sourceVirtualMachine,
           originHost: host.name,
           stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_EXPORTING,
@@ -49,7 +55,21 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       const existing = await operations.findByRequestId(options.importImage.kind, request.requestId);
       if (existing) return operations.start(options.importImage, request, undefined as never, request.requestId);
       const host = await checkImport(request, deps);
-      return operations.start(options.importImage, request, initialImportMetadata(request, host), request.requestId);
+      const now = new Date();
+      const claimed = await claimVersion(deps, request.imageId, (name, version) =>
+        Image.fromPartial({
+          name,
+          version: String(version),
+          description: request.description,
+          labels: request.labels,
+          hypervisor: host.hypervisor,
+          state: Image_State.STATE_PUBLISHING,
+          originHost: host.name,
+          createTime: now,
+          updateTime: now,
+        }),
+      );
+      return startClaimed(deps, claimed, options.importImage, request, initialImportMetadata(request, host, claimed.name), request.requestId);
     },
     distributeImage: async (request) => {
       const existing = await operations.findByRequestId(options.distribute.kind, request.requestId);
@@ -61,12 +81,12 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
     deleteImage: async (request) => {
       const existing = await operations.findByRequestId(options.deleteImage.kind, request.requestId);
       if (existing) return operations.start(options.deleteImage, request, undefined as never, request.requestId);
-      await checkDeleteImage(deps, request);
+      const target = await checkDeleteImage(deps, request);
       const now = new Date();
       return operations.start(
         options.deleteImage,
         request,
-        { image: request.name, hostsTotal: 0, hostsDone: 0, pendingHosts: [], startTime: now, updateTime: now },
+        { image: target, hostsTotal: 0, hostsDone: 0, pendingHosts: [], startTime: now, updateTime: now },
         request.requestId,
       );
     },
@@ -75,5 +95,24 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       return {};
     },
     collectImageReplicas: (request) => collectReplicas(deps, request),
+    updateImage: (request) => updateImage(deps, request),
+    collectImageGarbage: (request) => collectImageGarbage(deps, request),
   };
+
+  /** Starts the operation of a claimed version; when that fails, the claim (its PUBLISHING record) goes again. */
+  async function startClaimed<Req, Meta>(
+    deps: DistributionHandlersDeps['deps'],
+    claimed: { key: string; revision: number },
+    kind: Parameters<typeof operations.start<Req, Meta>>[0],
+    request: Req,
+    metadata: Meta,
+    requestId: string,
+  ) {
+    try {
+      return await operations.start(kind, request, metadata, requestId);
+    } catch (error) {
+      await deps.images.delete(claimed.key, claimed.revision).catch(() => undefined);
+      throw error;
+    }
+  }
 }

@@ -20,7 +20,8 @@ import type { TransferProgress } from '../gen/cowherd/common/v1/types.js';
 import { CowherdError, readServiceError, relayServiceError } from '../common/platform/errors.js';
 import { IMAGE_AVAILABLE, IMAGE_PUBLISHED } from '../common/domain/event-types.js';
 import type { OperationKind } from '../common/domain/operations.js';
-import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_ID, IMAGE_NAME } from '../common/domain/resource-names.js';
+import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_ID, IMAGE_NAME, imageNameOfKey, imageVersionNameOfKey, parseImageKey } from '../common/domain/resource-names.js';
+import { forgetVersion, setLatest } from './image-heads.js';
 import type { PublishDeps } from './publish.js';
 
 /** The import stream's outer bound: the stall watchdog decides, as for exports. */
@@ -97,8 +98,7 @@ export async function checkImport(request: ImportImageRequest, deps: PublishDeps
   else if (template.value.trim() === '') throw CowherdError.invalidArgument('domain_xml', 'is empty');
   else if (Buffer.byteLength(template.value) > MAX_DOMAIN_XML_BYTES) throw CowherdError.invalidArgument('domain_xml', 'must be at most 1 MiB');
   if (request.description.length > 1024) throw CowherdError.invalidArgument('description', 'must be at most 1024 characters');
-  const existing = await deps.images.get(request.imageId);
-  if (existing && existing.value.state !== Image_State.STATE_FAILED) throw CowherdError.alreadyExists(IMAGE_NAME.format({ image: request.imageId }));
+  // The version is claimed after these checks (image-heads.ts claimVersion), as for a publish.
   const host = await deps.inventory.getHost(request.host);
   if (!host) throw CowherdError.notFound(request.host);
   if (host.state !== Host_State.STATE_READY)
@@ -110,10 +110,10 @@ export async function checkImport(request: ImportImageRequest, deps: PublishDeps
 }
 
 /** The metadata an ImportImage operation starts with. */
-export function initialImportMetadata(request: ImportImageRequest, host: Host): ImportImageMetadata {
+export function initialImportMetadata(request: ImportImageRequest, host: Host, image = IMAGE_NAME.format({ image: request.imageId })): ImportImageMetadata {
   const now = new Date();
   return ImportImageMetadata.fromPartial({
-    image: IMAGE_NAME.format({ image: request.imageId }),
+    image,
     host: host.name,
     source: importSourceText(request),
     stage: request.source?.$case === 'url' ? ImageImportStage.IMAGE_IMPORT_STAGE_DOWNLOADING : ImageImportStage.IMAGE_IMPORT_STAGE_CONVERTING,
@@ -136,7 +136,10 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
     responseType: Image,
     run: async (context) => {
       const request = context.request;
-      const name = IMAGE_NAME.format({ image: request.imageId });
+      // The handler claimed the version and named it in the metadata (its storage key is in the name).
+      const key = IMAGE_NAME.parse(context.metadata.image)?.image ?? request.imageId;
+      const version = parseImageKey(key)?.version ?? 1;
+      const name = IMAGE_NAME.format({ image: key });
       const hostId = HOST_NAME.parse(request.host)?.host;
       if (hostId === undefined) throw CowherdError.invalidArgument('host', 'must be hosts/{host}');
       const host = await deps.inventory.getHost(request.host);
@@ -146,11 +149,17 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
       // checkpoint says it is this operation's, so a replica that takes the operation over goes on with it.
       let claimed = context.state?.claimed === true;
       if (!claimed) {
-        await deps.images.mutate(request.imageId, (current) => {
+        await deps.images.mutate(key, (current) => {
+          // The handler's claim: PUBLISHING, made for this import (the metadata names its version).
+          if (current?.state === Image_State.STATE_PUBLISHING && current.originHost === host.name) {
+            claimed = true;
+            return undefined;
+          }
           if (current && current.state !== Image_State.STATE_FAILED) return undefined;
           claimed = true;
           return Image.fromPartial({
             name,
+            version: String(version),
             description: request.description,
             labels: request.labels,
             hypervisor: host.hypervisor,
@@ -164,7 +173,7 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
         await context.checkpoint({ state: { claimed: true } });
       }
       let agentResult: { image: Image | undefined; replica: ImageReplica | undefined; sourceFormat: string } | undefined;
-      const replicaKey = `${hostId}.${request.imageId}`;
+      const replicaKey = `${hostId}.${key}`;
       try {
         agentResult = await importOnAgent(
           deps,
@@ -199,10 +208,11 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
         });
         const imported = agentResult.image;
         const files = imported?.files ?? [];
-        const image = await deps.images.mutate(request.imageId, (current) =>
+        const image = await deps.images.mutate(key, (current) =>
           Image.fromPartial({
             ...current,
             name,
+            version: String(version),
             state: Image_State.STATE_AVAILABLE,
             files,
             domainTemplate: imported?.domainTemplate ?? '',
@@ -215,8 +225,9 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
           replicaKey,
           ImageReplica.fromPartial({
             ...agentResult.replica,
-            name: HOST_IMAGE_NAME.format({ host: hostId, image: request.imageId }),
-            image: name,
+            name: HOST_IMAGE_NAME.format({ host: hostId, image: key }),
+            image: imageNameOfKey(key),
+            imageVersion: imageVersionNameOfKey(key),
             host: host.name,
             state: ImageReplica_State.STATE_AVAILABLE,
             origin: true,
@@ -225,6 +236,7 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
             updateTime: new Date(),
           }),
         );
+        await setLatest(deps, parseImageKey(key)?.id ?? request.imageId, version);
         const totalBytes = String(files.reduce((sum, file) => sum + Number(file.sizeBytes), 0));
         await deps.events.publish(
           IMAGE_PUBLISHED,
@@ -238,7 +250,7 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
             operation: context.name,
             occurTime: new Date(),
           },
-          { host: hostId, id: `image.published/${request.imageId}/${context.name}` },
+          { host: hostId, id: `image.published/${key}/${context.name}` },
         );
         // The origin's replica is available from the start: generation 1, as a fetched replica's first.
         await deps.events.publish(
@@ -246,7 +258,7 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
           {
             image: name,
             host: host.name,
-            replica: HOST_IMAGE_NAME.format({ host: hostId, image: request.imageId }),
+            replica: HOST_IMAGE_NAME.format({ host: hostId, image: key }),
             totalBytes,
             files,
             origin: true,
@@ -255,7 +267,7 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
             occurTime: new Date(),
             generation: '1',
           },
-          { host: hostId, id: `image.available/${request.imageId}/${hostId}/${context.name}` },
+          { host: hostId, id: `image.available/${key}/${hostId}/${context.name}` },
         );
         await context.checkpoint({ metadata: { ...context.metadata, stage: ImageImportStage.IMAGE_IMPORT_STAGE_DONE, updateTime: new Date() } });
         return image!.value;
@@ -263,7 +275,7 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
         const relayed = relayImportError(error, host.name);
         // Leave nothing: the agent's replica (if it finished), its record, the catalog entry.
         if (agentResult) {
-          const replicaName = HOST_IMAGE_NAME.format({ host: hostId, image: request.imageId });
+          const replicaName = HOST_IMAGE_NAME.format({ host: hostId, image: key });
           await new Promise<void>((resolve) =>
             deps.agents.clientFor(host).deleteImageReplica({ name: replicaName }, (cleanupError) => {
               if (cleanupError) context.log.error({ err: cleanupError, replica: replicaName }, 'import: removing the replica of a failed import failed');
@@ -274,13 +286,18 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
         }
         // The catalog entry is this operation's (claimed above): PUBLISHING, or already AVAILABLE with the
         // torrent of this import when a later step failed.
-        const current = await deps.images.get(request.imageId).catch(() => undefined);
+        const current = await deps.images.get(key).catch(() => undefined);
         const ours =
           current?.value.state === Image_State.STATE_PUBLISHING ||
           (current?.value.state === Image_State.STATE_AVAILABLE &&
             agentResult?.image?.torrent?.infoHash !== undefined &&
             current.value.torrent?.infoHash === agentResult.image.torrent.infoHash);
-        if (current && ours) await deps.images.delete(request.imageId, current.revision).catch(() => undefined);
+        if (current && ours) {
+          await deps.images.delete(key, current.revision).catch(() => undefined);
+          // Only this version's record goes; the head forgets it (latest moves back if it had moved).
+          if (version > 1 || current.value.state === Image_State.STATE_AVAILABLE)
+            await forgetVersion(deps, parseImageKey(key)?.id ?? request.imageId, version).catch(() => undefined);
+        }
         throw relayed;
       }
     },

@@ -1,7 +1,8 @@
 /** The distribution process: wiring only. */
 import { DistributionServiceService } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
-import { Image, ImageReplica } from '../gen/cowherd/inventory/v1/resources.js';
+import { Image, ImageHead, ImageReplica } from '../gen/cowherd/inventory/v1/resources.js';
+import { IMAGE_HEADS_BUCKET } from '../common/domain/image-versions.js';
 import { AgentClients } from '../common/domain/agent-clients.js';
 import { createClient } from '../common/platform/client.js';
 import { hostname } from 'node:os';
@@ -19,6 +20,7 @@ import { publishOperationKind } from './publish.js';
 import { importOperationKind } from './import.js';
 import { natsTrackerRelay, startTracker } from './tracker.js';
 import { distributeOperationKind, followReplicaEvents } from './distribute.js';
+import { startGarbageTimer } from './garbage.js';
 
 /** The tracker's host for the default announce URL: the listen host, or this machine's name for a wildcard. */
 function announceHost(address: string): string {
@@ -46,12 +48,14 @@ await runServiceMain({
       trackerAnnounceUrl,
       exportStallMs: config.stallSeconds * 1000,
       images: await KvStore.open(nats.jetstream, 'images', protoCodec(Image)),
+      heads: await KvStore.open(nats.jetstream, IMAGE_HEADS_BUCKET, protoCodec(ImageHead)),
       replicas: await KvStore.open(nats.jetstream, 'replicas', protoCodec(ImageReplica)),
       inventory: inventoryReader(inventoryClient),
       agents,
       events,
       deadlines: distributeDeadlines(config),
       hostCheckIntervalMs: config.hostCheckSeconds * 1000,
+      defaultKeepVersions: config.keepImageVersions,
     };
     const publish = publishOperationKind(deps);
     const importImage = importOperationKind(deps);
@@ -59,6 +63,7 @@ await runServiceMain({
     const distribute = distributeOperationKind(deps);
     const operations = await openOperations(nats.jetstream, log, boundary, [publish as never, importImage as never, deleteImage as never, distribute as never]);
     const replicaEvents = await followReplicaEvents(nats.jetstream, nats.manager, deps, log.child({ component: 'replica-events' }));
+    const garbage = startGarbageTimer(deps, config.garbageIntervalSeconds * 1000, log.child({ component: 'garbage' }));
     log.info({ trackerAnnounceUrl }, 'agents announce to this tracker URL');
     return {
       services: [
@@ -71,6 +76,7 @@ await runServiceMain({
         operations.service,
       ],
       stop: async () => {
+        garbage.stop();
         await tracker.stop();
         await replicaEvents.stop();
         await operations.manager.stop();

@@ -21,6 +21,7 @@ import {
   ImageReplica_State,
   VirtualMachine_State,
   type Host,
+  type ImageHead,
   type VirtualMachine,
 } from '../gen/cowherd/inventory/v1/resources.js';
 import type { AgentClients } from '../common/domain/agent-clients.js';
@@ -29,11 +30,23 @@ import { IMAGE_PUBLISHED, IMAGE_PUBLISH_FAILED } from '../common/domain/event-ty
 import type { EventPublisher } from '../common/platform/events.js';
 import type { KvStore } from '../common/platform/kv.js';
 import type { OperationKind } from '../common/domain/operations.js';
-import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import {
+  HOST_IMAGE_NAME,
+  HOST_NAME,
+  IMAGE_ID,
+  IMAGE_NAME,
+  VIRTUAL_MACHINE_NAME,
+  imageNameOfKey,
+  imageVersionNameOfKey,
+  parseImageKey,
+} from '../common/domain/resource-names.js';
+import { setLatest } from './image-heads.js';
 
 /** What publishing reads and writes. */
 export interface PublishDeps {
   readonly images: KvStore<Image>;
+  /** The image heads (versions, aliases, retention). */
+  readonly heads: KvStore<ImageHead>;
   readonly replicas: KvStore<ImageReplica>;
   readonly inventory: {
     getVirtualMachine(name: string): Promise<VirtualMachine | undefined>;
@@ -60,9 +73,8 @@ export async function checkPublish(request: PublishImageRequest, deps: PublishDe
   const source = VIRTUAL_MACHINE_NAME.parse(request.sourceVirtualMachine);
   if (!source) throw CowherdError.invalidArgument('source_virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
   if (request.description.length > 1024) throw CowherdError.invalidArgument('description', 'must be at most 1024 characters');
-  // A FAILED publish leaves its record (with the error) but not a claim on the name: publishing again replaces it.
-  const existing = await deps.images.get(request.imageId);
-  if (existing && existing.value.state !== Image_State.STATE_FAILED) throw CowherdError.alreadyExists(IMAGE_NAME.format({ image: request.imageId }));
+  // The version is claimed after these checks (image-heads.ts claimVersion): a FAILED version-1-only image is
+  // replaced, an image with versions gets the next one, a PUBLISHING or DELETING one refuses.
   const vm = await deps.inventory.getVirtualMachine(request.sourceVirtualMachine);
   if (!vm) throw CowherdError.notFound(request.sourceVirtualMachine);
   if (vm.state !== VirtualMachine_State.STATE_SHUT_OFF)
@@ -87,7 +99,10 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
     responseType: Image,
     run: async (context) => {
       const request = context.request;
-      const name = IMAGE_NAME.format({ image: request.imageId });
+      // The handler claimed the version and named it in the metadata (its storage key is in the name).
+      const key = IMAGE_NAME.parse(context.metadata.image)?.image ?? request.imageId;
+      const version = parseImageKey(key)?.version ?? 1;
+      const name = IMAGE_NAME.format({ image: key });
       // Checked before the operation was created.
       const hostId = VIRTUAL_MACHINE_NAME.parse(request.sourceVirtualMachine)?.host;
       if (hostId === undefined) throw CowherdError.invalidArgument('source_virtual_machine', 'must be hosts/{host}/virtualMachines/{vm}');
@@ -95,21 +110,9 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
       const host = await deps.inventory.getHost(hostName);
       if (!host) throw CowherdError.notFound(hostName);
       const now = new Date();
-      // The catalog entry exists from the start (PUBLISHING), so the name is taken at once.
-      await deps.images.mutate(request.imageId, (current) =>
-        current && current.state !== Image_State.STATE_FAILED
-          ? undefined
-          : Image.fromPartial({
-              name,
-              description: request.description,
-              labels: request.labels,
-              hypervisor: host.hypervisor,
-              state: Image_State.STATE_PUBLISHING,
-              sourceVirtualMachine: request.sourceVirtualMachine,
-              originHost: hostName,
-              createTime: now,
-              updateTime: now,
-            }),
+      // The catalog entry exists from the start (PUBLISHING, written by the handler's claim), so the name is taken at once.
+      await deps.images.mutate(key, (current) =>
+        current && current.state !== Image_State.STATE_FAILED ? undefined : publishingRecord(request, host, name, version, now),
       );
       try {
         const result = await exportOnAgent(
@@ -122,10 +125,11 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
         );
         await context.checkpoint({ metadata: { ...context.metadata, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_REGISTERING, updateTime: new Date() } });
         const exported = result.image;
-        const image = await deps.images.mutate(request.imageId, (current) =>
+        const image = await deps.images.mutate(key, (current) =>
           Image.fromPartial({
             ...current,
             name,
+            version: String(version),
             state: Image_State.STATE_AVAILABLE,
             files: exported?.files ?? [],
             domainTemplate: exported?.domainTemplate ?? '',
@@ -134,13 +138,14 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
             updateTime: new Date(),
           }),
         );
-        const replicaKey = `${hostId}.${request.imageId}`;
+        const replicaKey = `${hostId}.${key}`;
         await deps.replicas.put(
           replicaKey,
           ImageReplica.fromPartial({
             ...result.replica,
-            name: HOST_IMAGE_NAME.format({ host: hostId, image: request.imageId }),
-            image: name,
+            name: HOST_IMAGE_NAME.format({ host: hostId, image: key }),
+            image: imageNameOfKey(key),
+            imageVersion: imageVersionNameOfKey(key),
             host: hostName,
             state: ImageReplica_State.STATE_AVAILABLE,
             origin: true,
@@ -148,6 +153,7 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
             updateTime: new Date(),
           }),
         );
+        await setLatest(deps, parseImageKey(key)?.id ?? request.imageId, version);
         const totalBytes = (exported?.files ?? []).reduce((sum, file) => sum + Number(file.sizeBytes), 0);
         await deps.events.publish(
           IMAGE_PUBLISHED,
@@ -161,14 +167,14 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
             operation: context.name,
             occurTime: new Date(),
           },
-          { host: hostId, id: `image.published/${request.imageId}/${context.name}` },
+          { host: hostId, id: `image.published/${key}/${context.name}` },
         );
         await context.checkpoint({ metadata: { ...context.metadata, stage: ImagePublishStage.IMAGE_PUBLISH_STAGE_DONE, updateTime: new Date() } });
         return image!.value;
       } catch (error) {
         const relayed = relayServiceError(error, hostName);
         await deps.images
-          .mutate(request.imageId, (current) =>
+          .mutate(key, (current) =>
             current && current.state === Image_State.STATE_PUBLISHING
               ? { ...current, state: Image_State.STATE_FAILED, error: toStatus(relayed), updateTime: new Date() }
               : undefined,
@@ -185,13 +191,29 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
               operation: context.name,
               occurTime: new Date(),
             },
-            { host: hostId, id: `image.publish_failed/${request.imageId}/${context.name}` },
+            { host: hostId, id: `image.publish_failed/${key}/${context.name}` },
           )
           .catch(() => undefined);
         throw relayed;
       }
     },
   };
+}
+
+/** The PUBLISHING record of a publish's version (the handler's claim, and a run that finds none). */
+export function publishingRecord(request: PublishImageRequest, host: Host, name: string, version: number, now = new Date()): Image {
+  return Image.fromPartial({
+    name,
+    version: String(version),
+    description: request.description,
+    labels: request.labels,
+    hypervisor: host.hypervisor,
+    state: Image_State.STATE_PUBLISHING,
+    sourceVirtualMachine: request.sourceVirtualMachine,
+    originHost: host.name,
+    createTime: now,
+    updateTime: now,
+  });
 }
 
 /** ExportImage on the host's agent: progress messages, then one result (exported for its unit test). */

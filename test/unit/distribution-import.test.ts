@@ -60,6 +60,7 @@ function setup(script: (stream: FakeStream) => void) {
   const streams: FakeStream[] = [];
   const deps = {
     images,
+    heads: memoryKv<unknown>(),
     replicas,
     inventory: { getHost: async (name: string) => (name === host.name ? host : undefined), getVirtualMachine: async () => undefined },
     agents: {
@@ -166,7 +167,8 @@ describe('checkImport', () => {
     assert.equal(images.values.size, 0);
     await assert.rejects(checkImport(request({ host: 'hosts/other' }), deps), (error: CowherdError) => error.code === GrpcStatus.NOT_FOUND);
     images.values.set('debian', Image.fromPartial({ name: 'images/debian', state: Image_State.STATE_AVAILABLE }));
-    await assert.rejects(checkImport(request(), deps), (error: CowherdError) => error.code === GrpcStatus.ALREADY_EXISTS);
+    // A taken id is no error any more: the handler claims the next version after these checks.
+    await checkImport(request(), deps);
   });
 
   test('metadata shows a URL without its query', () => {
