@@ -9,14 +9,20 @@
  *     marker) and a 64 MiB qcow2 disk under the first agent's image directory (`vms/`), defined powered off;
  *  2. `cowherd images publish` makes the image from it;
  *  3. `cowherd images distribute` spreads it to the second host (BitTorrent swarm, SHA-256 verified);
- *  4. `cowherd vms clone --start` makes N copy-on-write clones of it on the second host and starts them;
- *  5. waits until inventory reports them RUNNING, lists them and shows one's lineage;
- *  6. prints the events that `cowherd events --follow` (started before step 1) saw.
+ *  4. `cowherd vms clone --start --hostname-template ...` makes N copy-on-write clones of it on the second host,
+ *     each with its own cloud-init seed disk (its own hostname and instance-id), and starts them;
+ *  5. waits until inventory reports them RUNNING, lists them, shows one's lineage, and reads from each clone's
+ *     serial console the hostname its guest took from its seed disk (`cowherd-guest: hostname ...`);
+ *  6. publishes the master VM again onto the same image id: version 2 (`cowherd images versions`);
+ *  7. `cowherd vms rebase --canary 1 --restart` moves the clones from version 1 onto version 2 (recompose: fresh
+ *     system disks, same name, UUID and identity), prints each clone's lineage before and after, and reads
+ *     the hostname again from the restarted guests;
+ *  8. prints the events that `cowherd events --follow` (started before step 1) saw.
  *
  * Idempotent: a finished story is recorded in `<state>/story.json`, and a later start with the same story
  * name only says so (the set-up is not repeated, whatever happened to the VMs since). A story that did not
  * finish (Ctrl-C, a failure) runs again on the next start and skips what exists: the master VM, the image,
- * the replica on the second host, clones by name.
+ * the replica on the second host, clones by name, the second version, clones already on it.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
@@ -35,7 +41,7 @@ import {
 } from '../gen/cowherd/inventory/v1/resources.js';
 import { runCommand } from '../common/platform/child-process.js';
 import { writeAtomically } from '../common/platform/credential-files.js';
-import { HOST_NAME, IMAGE_ID, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import { HOST_NAME, IMAGE_ID, IMAGE_NAME, imageVersionName, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
 import type { LocalHost } from './local-fleet.js';
 
 const REPOSITORY = fileURLToPath(new URL('../..', import.meta.url));
@@ -43,6 +49,10 @@ const REPOSITORY = fileURLToPath(new URL('../..', import.meta.url));
 export const DEFAULT_STORY_NAME = 'tiny-linux';
 /** How many clones the story makes. */
 export const STORY_CLONES = 3;
+/** Each clone's hostname (its cloud-init seed disk): its name and its host's, so that a console shows whose it is. */
+export const STORY_HOSTNAME_TEMPLATE = '{name}.{host}.local';
+/** The line the guest's /init prints once it read its seed disk (scripts/guest-kernel.sh). */
+const HOSTNAME_LINE = /^cowherd-guest: hostname (\S+)\s*$/m;
 const MASTER_DISK_MIB = 64;
 const MASTER_MEMORY_MIB = 128;
 
@@ -252,15 +262,30 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
     await cowherd('images', 'distribute', name, '--hosts', target.host);
     say('');
 
-    // 4. Clone with autostart.
+    // 4. Clone with autostart, each with its own identity.
     const targetHost = HOST_NAME.format({ host: target.host });
     const present = new Set((await fleet.listVirtualMachines(targetHost)).map((vm) => vm.domainName));
     const missing = cloneNames.filter((clone) => !present.has(clone));
-    say(`4. ${STORY_CLONES} copy-on-write clones on ${target.host}, started as soon as they are defined`);
+    say(`4. ${STORY_CLONES} copy-on-write clones on ${target.host}, started as soon as they are defined, each with its own cloud-init`);
+    say(`   seed disk: hostname from the template, instance-id = the clone's UUID (so a real guest makes new SSH host keys)`);
+    const identity = ['--hostname-template', STORY_HOSTNAME_TEMPLATE];
     if (missing.length === 0) say(`   ${cloneNames.join(', ')} exist already: not cloning again`);
     else if (missing.length === cloneNames.length)
-      await cowherd('vms', 'clone', '--image', name, '--count', String(STORY_CLONES), '--hosts', target.host, '--template', `${name}-{index}`, '--start');
-    else for (const clone of missing) await cowherd('vms', 'clone', '--image', name, '--hosts', target.host, '--template', clone, '--start');
+      await cowherd(
+        'vms',
+        'clone',
+        '--image',
+        name,
+        '--count',
+        String(STORY_CLONES),
+        '--hosts',
+        target.host,
+        '--template',
+        `${name}-{index}`,
+        ...identity,
+        '--start',
+      );
+    else for (const clone of missing) await cowherd('vms', 'clone', '--image', name, '--hosts', target.host, '--template', clone, ...identity, '--start');
     say('');
 
     // 5. They run.
@@ -273,8 +298,86 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
     say('');
     await cowherd('vms', 'show', `${target.host}/${cloneNames[0]}`);
     say('');
+    const consoleOf = (clone: string): string => join(target.imageDirectory, 'clones', clone, 'serial-0.out');
+    say(
+      `   each guest took its hostname from its own seed disk; on their serial consoles (${join(target.imageDirectory, 'clones', '<clone>', 'serial-0.out')}):`,
+    );
+    for (const clone of cloneNames) {
+      const text = await waitForHostnameLine(signal, consoleOf(clone));
+      say(`   ${clone}: cowherd-guest: hostname ${HOSTNAME_LINE.exec(text)?.[1] ?? '(none: the guest printed no hostname line)'}`);
+    }
+    say('');
 
-    // 6. The events.
+    // 6. A second version of the image: the master VM published again onto the same id.
+    const versionOne = imageVersionName(name, 1);
+    let head = await fleet.findImage(image);
+    const latest = Number(head?.version ?? 0) || 1;
+    say(`6. a second version of ${name}: the master VM published again onto the same image id (clones stay on their version until moved)`);
+    if (latest >= 2) say(`   ${name} has version ${latest} already: not publishing again`);
+    else
+      await cowherd(
+        'images',
+        'publish',
+        '--host',
+        origin.host,
+        '--vm',
+        masterName,
+        '--image',
+        name,
+        '--description',
+        "the local fleet's story, version 2: the same master, published again",
+        '--label',
+        'story=local-fleet',
+      );
+    head = await fleet.findImage(image);
+    const targetVersion = Number(head?.version ?? 0) || 1;
+    const versionTwo = imageVersionName(name, targetVersion);
+    await cowherd('images', 'versions', name);
+    say('');
+
+    // 7. Recompose: the clones onto the new version, a canary first, started again.
+    say(`7. rebase (recompose) the clones onto version ${targetVersion}: one canary first, then the rest; each is shut down, gets a fresh`);
+    say(`   system disk on version ${targetVersion} (name, UUID, MAC and cloud-init identity kept) and is started again`);
+    const before = new Map((await fleet.listVirtualMachines(targetHost, `source_image = "${image}"`)).map((vm) => [vm.domainName, vm]));
+    const onOld = cloneNames.filter((clone) => (before.get(clone)?.sourceImageVersion || versionOne) !== versionTwo);
+    if (onOld.length === 0) say(`   ${cloneNames.join(', ')} are on ${versionTwo} already: not rebasing again`);
+    else {
+      // Normally all on version 1; after an interrupted run, every clone of the image (those on the target count as done).
+      const from = [...new Set(onOld.map((clone) => before.get(clone)?.sourceImageVersion || versionOne))];
+      await cowherd(
+        'vms',
+        'rebase',
+        '--filter',
+        from.length === 1 ? `source_image_version = "${from[0]}"` : `source_image = "${image}"`,
+        '--to-version',
+        `${name}/versions/${targetVersion}`,
+        '--canary',
+        '1',
+        '--restart',
+      );
+    }
+    const after = await waitFor(signal, 120_000, `${cloneNames.join(', ')} RUNNING on ${versionTwo}`, async () => {
+      const vms = await fleet.listVirtualMachines(targetHost, `source_image = "${image}"`);
+      const moved = cloneNames.map((clone) => vms.find((vm) => vm.domainName === clone));
+      return moved.every((vm) => vm?.state === VirtualMachine_State.STATE_RUNNING && vm.sourceImageVersion === versionTwo) ? moved : undefined;
+    });
+    say('   lineage before -> after:');
+    for (const vm of after) {
+      const previous = before.get(vm!.domainName);
+      say(
+        `   ${vm!.domainName}: ${previous?.sourceImageVersion || versionOne} -> ${vm!.sourceImageVersion} (lineage.previous_image_version ${vm!.lineage?.previousImageVersion || '-'}), uuid ${vm!.uuid === previous?.uuid ? 'unchanged' : `${previous?.uuid ?? '?'} -> ${vm!.uuid}`}`,
+      );
+    }
+    await cowherd('vms', 'list', '--host', target.host, '--filter', `source_image = "${image}"`);
+    say('');
+    say('   the restarted guests read the same seed disks again:');
+    for (const clone of cloneNames) {
+      const text = await waitForHostnameLine(signal, consoleOf(clone));
+      say(`   ${clone}: cowherd-guest: hostname ${HOSTNAME_LINE.exec(text)?.[1] ?? '(none: the guest printed no hostname line)'}`);
+    }
+    say('');
+
+    // 8. The events.
     const finished = { ...record, finishedAt: new Date().toISOString() };
     await writeAtomically(recordFile, `${JSON.stringify(finished, null, 2)}\n`, 0o644);
     await follower.finish(say);
@@ -286,6 +389,23 @@ export async function runStory(options: StoryOptions): Promise<{ readonly ran: b
     throw error;
   } finally {
     follower.stop();
+  }
+}
+
+/**
+ * Waits (up to 90 s) until a running clone's serial console shows its hostname line, or the guest said it stays
+ * up or failed; returns the console's text. qemu truncates the file when the guest starts, so after a restart
+ * the line is the new boot's.
+ */
+async function waitForHostnameLine(signal: AbortSignal, file: string): Promise<string> {
+  const deadline = Date.now() + 90_000;
+  let text = '';
+  for (;;) {
+    if (signal.aborted) throw new StoryInterrupted('interrupted');
+    text = await readFile(file, 'utf8').catch(() => '');
+    if (HOSTNAME_LINE.test(text) || text.includes('cowherd-guest: staying up') || /cowherd-guest: (no |cannot|writing)/.test(text)) return text;
+    if (Date.now() > deadline) return text;
+    await new Promise((resolve) => setTimeout(resolve, 300));
   }
 }
 
@@ -461,7 +581,7 @@ async function startEventFollower(options: StoryOptions): Promise<EventFollower>
       const lines = output.split('\n').filter((line) => line.trim() !== '');
       const progress = lines.filter((line) => /\simage\.transfer_progress\s/.test(line));
       say(
-        `6. the events \`cowherd events --follow\` saw during the story (${lines.length}${progress.length > 0 ? `; ${progress.length} image.transfer_progress events not shown` : ''}):`,
+        `8. the events \`cowherd events --follow\` saw during the story (${lines.length}${progress.length > 0 ? `; ${progress.length} image.transfer_progress events not shown` : ''}):`,
       );
       for (const line of lines) if (!progress.includes(line)) say(`   ${line}`);
     },
