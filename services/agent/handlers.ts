@@ -12,6 +12,7 @@ import { CowherdError } from '../common/platform/errors.js';
 import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, imageNameOfKey, imageVersionNameOfKey } from '../common/domain/resource-names.js';
 import type { Logger } from '../common/platform/logger.js';
 import type { CloneEngine } from './clone-engine.js';
+import type { CloneRebaser } from './clone-rebase.js';
 import { exportImage, toImageFiles } from './image-export.js';
 import { importImage, type DownloadLimits } from './image-import.js';
 import type { Libvirt } from './hypervisor/index.js';
@@ -42,6 +43,7 @@ export interface ImportDeps {
 /** What the handlers drive. */
 export interface AgentHandlersDeps {
   readonly clones: CloneEngine;
+  readonly rebaser: CloneRebaser;
   readonly vms: VmLifecycle;
   readonly replicas: { delete(name: string): Promise<void> };
   readonly transfers: ImageTransfers;
@@ -50,7 +52,15 @@ export interface AgentHandlersDeps {
 }
 
 /** The handlers this agent serves. */
-export function agentHandlers({ clones, vms, replicas, transfers, exporter, importer }: AgentHandlersDeps): Partial<Handlers<typeof AgentServiceService>> {
+export function agentHandlers({
+  clones,
+  rebaser,
+  vms,
+  replicas,
+  transfers,
+  exporter,
+  importer,
+}: AgentHandlersDeps): Partial<Handlers<typeof AgentServiceService>> {
   return {
     exportImage: async (request, context, send) => {
       const id = IMAGE_NAME.parse(request.image)?.image;
@@ -272,6 +282,7 @@ export function agentHandlers({ clones, vms, replicas, transfers, exporter, impo
       }
       return { results: await clones.createClones(request) };
     },
+    rebaseClones: async (request) => ({ results: await rebaser.rebase(request) }),
     startVirtualMachine: (request) => vms.start(request.name),
     stopVirtualMachine: (request) =>
       vms.stop(request.name, request.force, request.timeout ? (Number(request.timeout.seconds) + request.timeout.nanos / 1e9) * 1000 : DEFAULT_STOP_TIMEOUT_MS),

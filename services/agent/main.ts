@@ -11,6 +11,7 @@ import { identityUri } from '../common/platform/identity.js';
 import { AGENT_POLICY } from './access-policy.js';
 import { loadAgentConfig, type AgentConfig } from './config.js';
 import { CloneEngine } from './clone-engine.js';
+import { CloneRebaser } from './clone-rebase.js';
 import { agentHandlers } from './handlers.js';
 import { VmLifecycle } from './vm-lifecycle.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
@@ -103,6 +104,16 @@ await runServiceMain({
       replicaBase: (id) => transfers.cloneBase(id),
       onReplicaUsed: (key) => transfers.markUsed(key),
     });
+    const rebaser = new CloneRebaser({
+      host: agent.host,
+      imageDirectory: agent.imageDirectory,
+      hypervisor,
+      libvirt,
+      events,
+      log: log.child({ component: 'rebase' }),
+      replicaBase: (key) => transfers.rebaseBase(key),
+      onReplicaUsed: (key) => transfers.markUsed(key),
+    });
     const vms = new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) });
     const replicas = {
       delete: (name: string) =>
@@ -117,6 +128,7 @@ await runServiceMain({
           AgentServiceService,
           agentHandlers({
             clones,
+            rebaser,
             vms,
             replicas,
             transfers,

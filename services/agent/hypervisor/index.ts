@@ -33,7 +33,7 @@ export { sanitizeDomainTemplate, templateDisks, type DomainTemplate } from './do
 export { renderClone, type HypervisorKind, type RenderedClone } from './domain-xml/clone-rendering.js';
 export { renderImportDomain, type ImportDomainParameters } from './domain-xml/import-domain.js';
 export { attachSeedImage } from './domain-xml/seed-attachment.js';
-export { buildSeedImage, readSeedImage, SEED_SYSTEM_AREA_BYTES, SEED_VOLUME_LABEL } from './seed-image.js';
+export { buildSeedImage, readSeedImage, SEED_SYSTEM_AREA_BYTES, SEED_VOLUME_LABEL, withNewInstanceId } from './seed-image.js';
 export { createEmptyDisk, createQcow2Overlay, protectBase } from './overlays.js';
 export { createDifferencingVhd, readVhdInfo } from './vhd.js';
 export { createQemuImgDiskInspector, inspectAll, type DiskInspector } from './disks.js';

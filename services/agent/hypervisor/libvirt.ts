@@ -90,6 +90,11 @@ export interface Libvirt {
   domain(nameOrUuid: string): Promise<DomainInfo>;
   /** The domain's current XML (`dumpxml`). */
   domainXml(nameOrUuid: string): Promise<string>;
+  /**
+   * The persistent definitions (`dumpxml --inactive`) of many domains in one go (one virsh process); '' for a
+   * domain that is gone. Optional: fakes may leave it out (callers then use domainXml one by one).
+   */
+  inactiveXmlMany?(uuids: readonly string[]): Promise<string[]>;
   /** Facts for hypervisor detection. */
   hypervisorFacts(): Promise<HypervisorFacts>;
   /**
@@ -434,6 +439,19 @@ export class VirshLibvirt implements Libvirt {
 
   async domainXml(nameOrUuid: string): Promise<string> {
     return this.run(['dumpxml', '--domain', nameOrUuid]);
+  }
+
+  async inactiveXmlMany(uuids: readonly string[]): Promise<string[]> {
+    const documents: string[] = [];
+    for (let start = 0; start < uuids.length; start += this.batchSize) {
+      const batch = uuids.slice(start, start + this.batchSize);
+      const sections = await this.runBatch(
+        batch.map((uuid) => ['dumpxml', '--inactive', '--domain', uuid]),
+        false,
+      );
+      for (const [index] of batch.entries()) documents.push((sections[index] ?? '').trim() === '' ? '' : sections[index]!);
+    }
+    return documents;
   }
 
   async hypervisorFacts(): Promise<HypervisorFacts> {

@@ -40,6 +40,8 @@ export function scopedLibvirt(inner: Libvirt, directory: string): Libvirt {
     watchEvents: (onEvent: (event: LibvirtEvent) => void): Promise<EventWatch> => inner.watchEvents(onEvent),
     define: (xml) => inner.define(xml),
     ...(inner.defineMany ? { defineMany: (documents: readonly string[]) => inner.defineMany!(documents) } : {}),
+    // Callers pass the UUIDs of domains they listed here, which are this agent's.
+    ...(inner.inactiveXmlMany ? { inactiveXmlMany: (uuids: readonly string[]) => inner.inactiveXmlMany!(uuids) } : {}),
     ...(inner.shutdown ? { shutdown: checked((name) => inner.shutdown!(name)) } : {}),
     ...(inner.resume ? { resume: checked((name) => inner.resume!(name)) } : {}),
     start: checked((name) => inner.start(name)),

@@ -272,3 +272,18 @@ function writeVolumeDescriptor(
   Buffer.concat([Buffer.from('0000000000000000', 'ascii'), Buffer.from([0])]).copy(image, at + 864);
   image[at + 881] = 1;
 }
+
+/**
+ * The seed image `image` with a new cloud-init instance-id (RebaseClones new_instance_id): `meta-data`'s
+ * `instance-id` line replaced (added when missing), every other file and the label kept. A new instance-id
+ * makes cloud-init in the guest run its per-instance modules again (new SSH host keys).
+ */
+export function withNewInstanceId(image: Buffer, instanceId: string): Buffer {
+  const read = readSeedImage(image);
+  const metaData = read.files.get('meta-data')?.toString('utf8') ?? '';
+  const line = `instance-id: ${JSON.stringify(instanceId)}`;
+  const replaced = /^instance-id:.*$/m.test(metaData) ? metaData.replace(/^instance-id:.*$/m, line) : `${line}\n${metaData}`;
+  const files: SeedFile[] = [...read.files].map(([name, content]) => ({ name, content: name === 'meta-data' ? replaced : content }));
+  if (!read.files.has('meta-data')) files.unshift({ name: 'meta-data', content: `${line}\n` });
+  return buildSeedImage(files, { label: read.label });
+}

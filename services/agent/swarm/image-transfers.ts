@@ -363,6 +363,23 @@ export class ImageTransfers {
     );
   }
 
+  /**
+   * The verified directory of the replica `key` to rebase clones onto (RebaseClones): undefined when this host
+   * does not track it (the caller looks for `images/<key>` as laid out by hand); FAILED_PRECONDITION
+   * (RESOURCE_STATE_CONFLICT) while it is not AVAILABLE; then as {@link cloneBase}.
+   */
+  async rebaseBase(key: string): Promise<string | undefined> {
+    const replica = this.replicas.get(key);
+    if (!replica) return undefined;
+    if (replica.state !== ImageReplica_State.STATE_AVAILABLE)
+      throw CowherdError.failedPrecondition(
+        `${this.replicaName(key)} is ${ImageReplica_State[replica.state]}, not AVAILABLE`,
+        ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+        { replica: this.replicaName(key) },
+      );
+    return this.cloneBase(key);
+  }
+
   /** The web seed's check before it serves an origin replica's bytes: AVAILABLE and its files as verified. */
   async servable(id: string): Promise<boolean> {
     const replica = this.replicas.get(id);
