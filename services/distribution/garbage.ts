@@ -16,7 +16,9 @@
  */
 import type { CollectImageGarbageRequest, CollectImageGarbageResponse } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { Image_State, ImageReplica_State, type Host, type ImageReplica } from '../gen/cowherd/inventory/v1/resources.js';
-import { CowherdError, toStatus } from '../common/platform/errors.js';
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { call } from '../common/platform/client.js';
+import { CowherdError, relayServiceError, toStatus } from '../common/platform/errors.js';
 import type { Logger } from '../common/platform/logger.js';
 import { DEFAULT_KEEP_VERSIONS, resolveVersionNumber } from '../common/domain/image-versions.js';
 import { HOST_IMAGE_NAME, HOST_NAME, imageVersionNameOfKey, parseImageKey, parseImageReference } from '../common/domain/resource-names.js';
@@ -35,6 +37,21 @@ type HostFailure = CollectImageGarbageResponse['failures'][number];
 /** The time a replica was last used, for least-recently-used order. */
 function lastUse(replica: ImageReplica): number {
   return (replica.lastUseTime ?? replica.updateTime ?? replica.createTime)?.getTime() ?? 0;
+}
+
+/** The replica's record with the agent's last use and dependents; undefined when the agent no longer has it. */
+async function liveReplica(deps: GarbageDeps, host: Host, replica: ImageReplica): Promise<ImageReplica | undefined> {
+  try {
+    const answer = await call<ImageReplica>((cb) => deps.agents.clientFor(host).getImageReplica({ name: replica.name }, cb));
+    return {
+      ...replica,
+      lastUseTime: answer.lastUseTime ?? replica.lastUseTime,
+      dependentVirtualMachines: [...new Set([...replica.dependentVirtualMachines, ...answer.dependentVirtualMachines])],
+    };
+  } catch (error) {
+    if ((error as { code?: number }).code === GrpcStatus.NOT_FOUND) return undefined;
+    throw error;
+  }
 }
 
 /** CollectImageGarbage: see the module comment. */
@@ -102,7 +119,7 @@ export async function collectImageGarbage(deps: GarbageDeps, request: CollectIma
     if (used <= limit) continue;
     const hostId = HOST_NAME.parse(host.name)?.host;
     if (!hostId) continue;
-    const candidates = allReplicas
+    const recorded = allReplicas
       .filter((replica) => HOST_NAME.parse(replica.host)?.host === hostId)
       .filter((replica) => {
         const key = keyOf(replica);
@@ -112,11 +129,21 @@ export async function collectImageGarbage(deps: GarbageDeps, request: CollectIma
           wanted(id) &&
           !collectedKeys.has(key) &&
           !replica.origin &&
-          replica.dependentVirtualMachines.length === 0 &&
           (replica.state === ImageReplica_State.STATE_AVAILABLE || replica.state === ImageReplica_State.STATE_FAILED)
         );
-      })
-      .sort((a, b) => lastUse(a) - lastUse(b));
+      });
+    // The agent knows when each replica was last used and which of its domains stand on it (the records keep
+    // what the agent said when the replica arrived): ask it, and leave the host alone when it does not answer.
+    let live: ImageReplica[];
+    try {
+      live = (await Promise.all(recorded.map((replica) => liveReplica(deps, host, replica)))).filter(
+        (replica): replica is ImageReplica => replica !== undefined,
+      );
+    } catch (error) {
+      failures.push({ host: host.name, status: toStatus(relayServiceError(error, host.name)) });
+      continue;
+    }
+    const candidates = live.filter((replica) => replica.dependentVirtualMachines.length === 0).sort((a, b) => lastUse(a) - lastUse(b));
     for (const replica of candidates) {
       if (used <= limit) break;
       const key = keyOf(replica);
