@@ -3,7 +3,9 @@
  * real stack: NATS, the CA, inventory, distribution, cloning and an agent on the private libvirtd. The admin
  * bundle comes from the CA's IssueCertificate, as an operator's does. The test parses `--output json`,
  * publishes a powered-off VM and clones the image through the CLI, reads the lineage and the event stream,
- * and checks that wrong invocations exit with the documented codes and say what to do.
+ * publishes a second version, sets and deletes aliases, rebases a clone with a data disk onto the new version,
+ * sets retention and asks garbage collection for a dry run, and checks that wrong invocations exit with the
+ * documented codes and say what to do.
  */
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
@@ -371,6 +373,168 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     assert.match(inUse.stderr, /^cowherd: .*images\/cli-img-.*\nhint: delete the VMs cloned from it first: `cowherd vms list --filter/);
     for (const [index, clone] of clones.entries()) assert.deepEqual(await json('vms', 'delete', clone), { name: names[index], deleted: true });
     await assert.rejects(virsh('domstate', `${image}-1`));
+  });
+
+  it('versions: a second publish adds version 2; versions, aliases, a clone with a data disk rebased onto 2, retention and gc --dry-run', async () => {
+    // Usage errors come before any call.
+    const usage = await Promise.all([
+      cowherd('vms', 'rebase', '--all'),
+      cowherd('vms', 'rebase', '--to-version', image),
+      cowherd('vms', 'rebase', '--to-version', image, '--all', '--filter', 'state = RUNNING'),
+      cowherd('vms', 'rebase', '--to-version', `${image}/versions/x_1`, '--all'),
+      cowherd('vms', 'rebase', '--to-version', image, '--all', '--canary', '0'),
+      cowherd('vms', 'rebase', '--to-version', image, '--all', '--shutdown-timeout', '2h'),
+      cowherd('vms', 'clone', '--image', image, '--data-disk', '10Q'),
+      cowherd('images', 'alias', image, 'latest', '1'),
+      cowherd('images', 'alias', image, 'stable'),
+      cowherd('images', 'alias', image, 'stable', '1', '--delete'),
+      cowherd('hosts', 'update', HOST, '--image-dir-watermark', '100'),
+    ]);
+    const messages = [
+      /missing --to-version/,
+      /which clones\? give --filter '<expr>' .* or --all/,
+      /give either --filter or --all, not both/,
+      /--to-version ".*\/versions\/x_1" must be <image> or <image>\/versions\/<number\|alias>/,
+      /--canary must be a whole number from 1 to 100/,
+      /--shutdown-timeout must be at most 1h/,
+      /--data-disk must be a size like 10G/,
+      /latest always points at the newest AVAILABLE version/,
+      /missing <version> \(or --delete to remove the alias\)/,
+      /give either <version> or --delete, not both/,
+      /--image-dir-watermark must be a whole number from 0 to 99/,
+    ];
+    for (const [index, result] of usage.entries()) {
+      assert.equal(result.code, 2, `${messages[index]}: ${result.stderr}`);
+      assert.match(result.stderr, messages[index]!);
+    }
+
+    // Publishing onto the existing id adds version 2, which becomes latest.
+    const published = await json<{ name: string; version: string; state: string }>('images', 'publish', '--host', HOST, '--vm', sourceVm, '--image', image);
+    assert.deepEqual([published.version, published.state], ['2', 'STATE_AVAILABLE']);
+    const versions = await json<{ versions: Array<{ name: string; version: string; state: string }>; aliases: Record<string, string> }>(
+      'images',
+      'versions',
+      image,
+    );
+    assert.deepEqual(
+      versions.versions.map((version) => [version.name, version.version, version.state]),
+      [
+        [`images/${image}/versions/1`, '1', 'STATE_AVAILABLE'],
+        [`images/${image}/versions/2`, '2', 'STATE_AVAILABLE'],
+      ],
+    );
+    assert.deepEqual(versions.aliases, { latest: '2' });
+    const versionTable = await cowherd('images', 'versions', image);
+    assert.equal(versionTable.code, 0, versionTable.stderr);
+    assert.match(versionTable.stdout, /^VERSION\s+STATE\s+SIZE\s+CREATED\s+ALIASES\s+HOSTS\s+CLONES\s+NAME$/m);
+    assert.match(versionTable.stdout, new RegExp(`^2\\s+AVAILABLE\\s+.*\\s+latest\\s+1/1\\s+0\\s+images/${image}/versions/2$`, 'm'));
+    const shownLatest = await cowherd('images', 'show', image);
+    assert.match(shownLatest.stdout, new RegExp(`^version:\\s+2 \\(latest\\) \\(images/${image}/versions/2\\)$`, 'm'));
+    assert.match(shownLatest.stdout, /^aliases:\s+latest=2$/m);
+
+    // An alias: set (by number), read through it, delete; deleting it again is NOT_FOUND.
+    const aliased = await json<{ aliases: Record<string, string> }>('images', 'alias', image, 'stable', '1');
+    assert.deepEqual(aliased.aliases, { latest: '2', stable: '1' });
+    const byAlias = await json<{ image: { version: string } }>('images', 'show', `${image}/versions/stable`);
+    assert.equal(byAlias.image.version, '1');
+    const unknownAlias = await cowherd('images', 'show', `${image}/versions/nope`);
+    assert.equal(unknownAlias.code, 3, unknownAlias.stderr);
+    assert.match(unknownAlias.stderr, new RegExp(`\`cowherd images versions ${image}\` lists its versions and aliases`));
+    assert.deepEqual((await json<{ aliases: Record<string, string> }>('images', 'alias', image, 'stable', '--delete')).aliases, { latest: '2' });
+    const deletedAgain = await cowherd('images', 'alias', image, 'stable', '--delete');
+    assert.equal(deletedAgain.code, 3, deletedAgain.stderr);
+    assert.match(deletedAgain.stderr, /has no alias "stable"/);
+
+    // A clone of version 1 with a persistent data disk, moved onto version 2: its data disk and identity stay.
+    const clone = `${image}-r1`;
+    const name = `hosts/${HOST}/virtualMachines/${clone}`;
+    domains.push(clone);
+    const cloned = await json<{ clones: Array<{ virtualMachine: string; state: string }> }>(
+      'vms',
+      'clone',
+      '--image',
+      `${image}/versions/1`,
+      '--hosts',
+      HOST,
+      '--template',
+      clone,
+      '--data-disk',
+      '8M',
+    );
+    assert.deepEqual(
+      cloned.clones.map((entry) => [entry.virtualMachine, entry.state]),
+      [[name, 'STATE_DONE']],
+    );
+    type Shown = {
+      virtualMachine: { uuid: string; sourceImageVersion?: string; disks: Array<{ path: string; persistent?: boolean }> };
+      lineage: { imageReplica: { name: string } | null };
+    };
+    const waitForVersion = async (version: string): Promise<Shown> => {
+      const deadline = Date.now() + 20_000;
+      let shown: Shown | undefined;
+      while (Date.now() < deadline) {
+        const result = await cowherd('vms', 'show', name, '--output', 'json');
+        if (result.code === 0) {
+          shown = JSON.parse(result.stdout) as Shown;
+          if (shown.virtualMachine.sourceImageVersion === version) return shown;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 300));
+      }
+      assert.fail(`${name} is not on ${version}: ${JSON.stringify(shown)}`);
+    };
+    const before = await waitForVersion(`images/${image}/versions/1`);
+    const dataDisk = before.virtualMachine.disks.find((disk) => disk.persistent);
+    assert.ok(dataDisk, JSON.stringify(before.virtualMachine.disks));
+    const listed = await cowherd('vms', 'list', '--host', HOST, '--filter', `source_image_version = "images/${image}/versions/1"`);
+    assert.match(listed.stdout, new RegExp(`^${HOST}/${clone}\\s+SHUT_OFF\\s+1\\s+.+?\\s+2\\s+images/${image}\\s+1\\s+yes$`, 'm'));
+
+    const rebased = await cowherd(
+      'vms',
+      'rebase',
+      '--filter',
+      `source_image_version = "images/${image}/versions/1"`,
+      '--to-version',
+      `${image}/versions/2`,
+      '--canary',
+      '1',
+    );
+    assert.equal(rebased.code, 0, rebased.stderr);
+    assert.match(rebased.stdout, /^VM\s+RESULT\s+FROM\s+TO\s+CANARY\s+STARTED$/m);
+    assert.match(rebased.stdout, new RegExp(`^${HOST}/${clone}\\s+MOVED\\s+${image}/versions/1\\s+${image}/versions/2\\s+yes\\s+no$`, 'm'));
+    assert.match(rebased.stderr, /rebase onto .*\/versions\/2\s+1\/1 done, 0 failed/);
+    const after = await waitForVersion(`images/${image}/versions/2`);
+    assert.equal(after.virtualMachine.uuid, before.virtualMachine.uuid);
+    assert.ok(
+      after.virtualMachine.disks.some((disk) => disk.persistent && disk.path === dataDisk.path),
+      JSON.stringify(after.virtualMachine.disks),
+    );
+    assert.match((await cowherd('vms', 'show', name)).stdout, new RegExp(`^previous version:\\s+images/${image}/versions/1 `, 'm'));
+    // Nothing left on version 1 for that filter: the service refuses an empty selection.
+    const nothing = await cowherd('vms', 'rebase', '--filter', `source_image_version = "images/${image}/versions/1"`, '--to-version', image);
+    assert.equal(nothing.code, 4, nothing.stderr);
+
+    // Retention: keep 1 version; version 1 (no clone, no alias) would go, version 2 stays; an alias keeps 1.
+    assert.equal((await json<{ keepVersions: number }>('images', 'update', image, '--keep-versions', '1')).keepVersions, 1);
+    const dryRun = await json<{ versions?: string[] }>('images', 'gc', '--dry-run', '--image', image);
+    assert.deepEqual(dryRun.versions, [`images/${image}/versions/1`]);
+    await json('images', 'alias', image, 'stable', '1');
+    assert.equal((await json<{ versions?: string[] }>('images', 'gc', '--dry-run', '--image', image)).versions, undefined);
+    const gcTable = await cowherd('images', 'gc', '--dry-run', '--image', image);
+    assert.equal(gcTable.code, 0, gcTable.stderr);
+    assert.match(gcTable.stderr, /dry run: 0 version\(s\) and 0 replica\(s\) would go/);
+    assert.equal((await json<{ image: { version: string } }>('images', 'show', `${image}/versions/1`)).image.version, '1');
+
+    // A host's watermark, set and turned off.
+    assert.equal(
+      (await json<{ imageDirectoryHighWatermarkPercent?: number }>('hosts', 'update', HOST, '--image-dir-watermark', '90')).imageDirectoryHighWatermarkPercent,
+      90,
+    );
+    assert.equal(
+      (await json<{ imageDirectoryHighWatermarkPercent?: number }>('hosts', 'update', HOST, '--image-dir-watermark', '0')).imageDirectoryHighWatermarkPercent,
+      undefined,
+    );
+
+    assert.deepEqual(await json('vms', 'delete', `${HOST}/${clone}`), { name, deleted: true });
   });
 
   it('drains a host and takes it back', async () => {

@@ -3,7 +3,9 @@
  * on a fresh state directory starts NATS, the four services and two agents on the private libvirtd, and tells
  * the story: a small bootable master VM (Debian's kernel and a busybox initramfs by direct kernel boot), published
  * as an image, distributed peer-to-peer to the second agent (a real swarm), cloned there three times with
- * `--start`; it prints the events it saw and the overview, and keeps the fleet up. The test then checks through
+ * `--start`, each with its own hostname that the story reads back from the guests' consoles (issue 14); then a
+ * second version published and the clones rebased onto it with a canary and restarted, their lineage before
+ * and after; it prints the events it saw and the overview, and keeps the fleet up. The test then checks through
  * the CLI (`--output json`, finding the fleet by COWHERD_STATE_DIR as a user does), virsh and qemu-img what a user
  * would check: the clones exist, run (inventory RUNNING, `virsh domstate` running, the guest says it stays up on
  * its console), and their disks are qcow2 overlays whose backing file is the second host's copy of the image,
@@ -39,7 +41,7 @@ function isGuest(process: LeftoverProcess): boolean {
 
 describe('the local fleet tells the story (README start command, issue 7)', {
   skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false,
-  timeout: 300_000,
+  timeout: 420_000,
 }, () => {
   const resources = new Resources();
   const suffix = Math.random().toString(36).slice(2, 7);
@@ -94,10 +96,10 @@ describe('the local fleet tells the story (README start command, issue 7)', {
     return command;
   }
 
-  it('the first start tells the story: master VM, publish, distribute, three clones started, the events and the overview', async (t) => {
+  it('the first start tells the story: master VM, publish, distribute, three clones with their own hostnames, version 2 and the rebase, the events and the overview', async (t) => {
     const startedAt = Date.now();
     first = startFleet();
-    await first.waitFor('fleet is up', 240_000);
+    await first.waitFor('fleet is up', 330_000);
     t.diagnostic(`start.sh to "fleet is up", story included: ${((Date.now() - startedAt) / 1000).toFixed(1)} s`);
     fleet = JSON.parse(await readFile(join(state, 'fleet', 'fleet.json'), 'utf8')) as FleetFile;
     const output = first.output;
@@ -120,12 +122,28 @@ describe('the local fleet tells the story (README start command, issue 7)', {
       `1. a small bootable master VM on ${origin}`,
       `defined ${master} in ${URI}, powered off`,
       `$ cowherd images publish --host ${origin} --vm ${master} --image ${image}`,
-      `published images/${image}: AVAILABLE`,
+      `published images/${image} version 1: AVAILABLE`,
       `$ cowherd images distribute ${image} --hosts ${target}`,
-      `$ cowherd vms clone --image ${image} --count 3 --hosts ${target} --template '${image}-{index}' --start`,
+      `$ cowherd vms clone --image ${image} --count 3 --hosts ${target} --template '${image}-{index}' --hostname-template '{name}.{host}.local' --start`,
       `$ cowherd vms list --host ${target}`,
       `$ cowherd vms show ${target}/${clones[0]}`,
-      '6. the events `cowherd events --follow` saw during the story',
+      'each guest took its hostname from its own seed disk; on their serial consoles',
+      ...clones.map((clone) => `   ${clone}: cowherd-guest: hostname ${clone}.${target}.local\n`),
+      `6. a second version of ${image}`,
+      `$ cowherd images publish --host ${origin} --vm ${master} --image ${image}`,
+      `published images/${image} version 2: AVAILABLE`,
+      `$ cowherd images versions ${image}`,
+      `7. rebase (recompose) the clones onto version 2`,
+      `$ cowherd vms rebase --filter 'source_image_version = "images/${image}/versions/1"' --to-version ${image}/versions/2 --canary 1 --restart`,
+      'lineage before -> after:',
+      ...clones.map(
+        (clone) =>
+          `   ${clone}: images/${image}/versions/1 -> images/${image}/versions/2 (lineage.previous_image_version images/${image}/versions/1), uuid unchanged`,
+      ),
+      `$ cowherd vms list --host ${target}`,
+      'the restarted guests read the same seed disks again:',
+      ...clones.map((clone) => `   ${clone}: cowherd-guest: hostname ${clone}.${target}.local\n`),
+      '8. the events `cowherd events --follow` saw during the story',
       'recorded in',
       'overview (inventory):',
       'fleet is up',
@@ -137,6 +155,9 @@ describe('the local fleet tells the story (README start command, issue 7)', {
       position = found;
     }
     assert.match(output, new RegExp(`^${target}\\s+AVAILABLE\\s*$`, 'm'), 'the distribution result table');
+    // The versions table: both AVAILABLE, latest on 2, the clones on 1 before the rebase.
+    assert.match(output, new RegExp(`^1\\s+AVAILABLE\\s+.*\\s+-\\s+2/2\\s+3\\s+images/${image}/versions/1$`, 'm'), 'version 1 in the versions table');
+    assert.match(output, new RegExp(`^2\\s+AVAILABLE\\s+.*\\s+latest\\s+1/1\\s+0\\s+images/${image}/versions/2$`, 'm'), 'version 2 in the versions table');
     for (const clone of clones) {
       assert.match(output, new RegExp(`^${target}/${clone}\\s+DONE\\s+yes\\s*$`, 'm'), `${clone} cloned and started`);
       assert.match(
@@ -145,13 +166,25 @@ describe('the local fleet tells the story (README start command, issue 7)', {
         `the clone.done event of ${clone}`,
       );
       assert.match(output, new RegExp(`^\\s+${clone}\\s+RUNNING\\s+${image}\\s+yes$`, 'm'), `${clone} RUNNING in the overview`);
+      // The rebase's result table (one canary) and its clone.rebased event.
+      assert.match(
+        output,
+        new RegExp(`^${target}/${clone}\\s+MOVED\\s+${image}/versions/1\\s+${image}/versions/2\\s+(yes|no)\\s+yes\\s*$`, 'm'),
+        `${clone} rebased and started`,
+      );
+      assert.match(
+        output,
+        new RegExp(`^\\s+\\S+ \\S+\\s+clone\\.rebased\\s+${target}\\s+${target}/${clone} ${image}/versions/1 -> ${image}/versions/2, started$`, 'm'),
+        `the clone.rebased event of ${clone}`,
+      );
     }
+    assert.equal(output.match(new RegExp(`^${target}/\\S+\\s+MOVED\\s+\\S+\\s+\\S+\\s+yes\\s`, 'gm'))?.length, 1, 'one canary');
     assert.match(output, new RegExp(`image\\.published\\s+${origin}\\s+images/${image} from ${origin}/${master}`));
     assert.match(output, new RegExp(`image\\.available\\s+${target}\\s+hosts/${target}/images/${image}`));
     assert.match(output, /└─ base replica hosts\/\S+\/images\/\S+ \(AVAILABLE/);
   });
 
-  it('what a user checks: the clones exist, run, and their disks are overlays of the distributed base', async () => {
+  it('what a user checks: the clones exist, run on version 2, and their disks are overlays of its distributed base', async () => {
     const [origin, target] = fleet.hosts;
     const { hosts } = await json<{ hosts: Array<{ name: string; state: string }> }>('hosts', 'list');
     assert.deepEqual(hosts.map((host) => [host.name, host.state]).sort(), [
@@ -159,26 +192,40 @@ describe('the local fleet tells the story (README start command, issue 7)', {
       [`hosts/${target!.host}`, 'STATE_READY'],
     ]);
 
+    // The image at its latest version, 2, with both versions' replicas on both hosts (the rebase brought 2 to the target).
     const shown = await json<{
-      image: { name: string; state: string; originHost: string; files: Array<{ path: string; sha256: string; targetDevice?: string }> };
-      imageReplicas: Array<{ host: string; state: string; origin?: boolean; path: string }>;
+      image: {
+        name: string;
+        state: string;
+        version: string;
+        versions: string[];
+        originHost: string;
+        files: Array<{ path: string; sha256: string; targetDevice?: string }>;
+      };
+      imageReplicas: Array<{ host: string; state: string; origin?: boolean; path: string; imageVersion: string }>;
     }>('images', 'show', image);
-    assert.deepEqual([shown.image.state, shown.image.originHost], ['STATE_AVAILABLE', `hosts/${origin!.host}`]);
-    assert.deepEqual(shown.imageReplicas.map((replica) => [replica.host, replica.state, replica.origin ?? false]).sort(), [
-      [`hosts/${origin!.host}`, 'STATE_AVAILABLE', true],
-      [`hosts/${target!.host}`, 'STATE_AVAILABLE', false],
+    assert.deepEqual(
+      [shown.image.state, shown.image.originHost, shown.image.version, shown.image.versions],
+      ['STATE_AVAILABLE', `hosts/${origin!.host}`, '2', ['1', '2']],
+    );
+    assert.deepEqual(shown.imageReplicas.map((replica) => [replica.host, replica.imageVersion, replica.state, replica.origin ?? false]).sort(), [
+      [`hosts/${origin!.host}`, `images/${image}/versions/1`, 'STATE_AVAILABLE', true],
+      [`hosts/${origin!.host}`, `images/${image}/versions/2`, 'STATE_AVAILABLE', true],
+      [`hosts/${target!.host}`, `images/${image}/versions/1`, 'STATE_AVAILABLE', false],
+      [`hosts/${target!.host}`, `images/${image}/versions/2`, 'STATE_AVAILABLE', false],
     ]);
     const disk = shown.image.files.find((file) => file.targetDevice === 'vda');
     assert.ok(disk, JSON.stringify(shown.image.files));
-    const base = join(target!.imageDirectory, 'images', image, disk.path);
+    // Version 2's storage key is `<image>_v2`: its directory on the host.
+    const base = join(target!.imageDirectory, 'images', `${image}_v2`, disk.path);
 
     // Exist and run: in the inventory, in libvirt, and on the guest's console.
     const { virtualMachines } = await json<{
-      virtualMachines: Array<{ name: string; domainName: string; state: string; managed?: boolean; sourceImage: string }>;
+      virtualMachines: Array<{ name: string; domainName: string; state: string; managed?: boolean; sourceImage: string; sourceImageVersion: string }>;
     }>('vms', 'list', '--host', target!.host, '--filter', `source_image = "images/${image}"`);
     assert.deepEqual(
-      virtualMachines.map((vm) => [vm.domainName, vm.state, vm.managed ?? false]).sort(),
-      clones.map((clone) => [clone, 'STATE_RUNNING', true]),
+      virtualMachines.map((vm) => [vm.domainName, vm.state, vm.managed ?? false, vm.sourceImageVersion]).sort(),
+      clones.map((clone) => [clone, 'STATE_RUNNING', true, `images/${image}/versions/2`]),
     );
     for (const clone of clones) {
       assert.equal((await virsh('domstate', clone)).stdout.trim(), 'running', clone);
@@ -199,11 +246,18 @@ describe('the local fleet tells the story (README start command, issue 7)', {
 
       // Overlays of the distributed base: the second host's replica, byte for byte the published disk.
       const vm = await json<{
-        virtualMachine: { disks: Array<{ path: string; backingChain: Array<{ path: string }> }> };
+        virtualMachine: {
+          disks: Array<{ path: string; backingChain: Array<{ path: string }> }>;
+          lineage: { imageVersion: string; previousImageVersion: string };
+        };
         lineage: { imageReplica: { name: string }; image: { name: string } };
       }>('vms', 'show', `${target!.host}/${clone}`);
-      assert.equal(vm.lineage.imageReplica.name, `hosts/${target!.host}/images/${image}`);
+      assert.equal(vm.lineage.imageReplica.name, `hosts/${target!.host}/images/${image}/versions/2`);
       assert.equal(vm.lineage.image.name, `images/${image}`);
+      assert.deepEqual(
+        [vm.virtualMachine.lineage.imageVersion, vm.virtualMachine.lineage.previousImageVersion],
+        [`images/${image}/versions/2`, `images/${image}/versions/1`],
+      );
       const overlay = vm.virtualMachine.disks[0]!.path;
       assert.ok(overlay.startsWith(join(target!.imageDirectory, 'clones', clone) + '/'), overlay);
       const info = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', overlay])).stdout) as Record<string, unknown>;
