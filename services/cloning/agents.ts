@@ -3,7 +3,13 @@
  * service's own mTLS credentials and kept, and a deadline that grows with the batch.
  */
 import { Metadata, type ServiceError } from '@grpc/grpc-js';
-import { AgentServiceClient, type CreateClonesRequest, type CreateClonesResponse } from '../gen/cowherd/agent/v1/agent_service.js';
+import {
+  AgentServiceClient,
+  type CreateClonesRequest,
+  type CreateClonesResponse,
+  type RebaseClonesRequest,
+  type RebaseClonesResponse,
+} from '../gen/cowherd/agent/v1/agent_service.js';
 import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { AgentClients } from '../common/domain/agent-clients.js';
 import { relayServiceError } from '../common/platform/errors.js';
@@ -22,6 +28,19 @@ export interface AgentPort {
   stopVirtualMachine(host: Host, name: string, force: boolean, timeoutMs: number): Promise<VirtualMachine>;
   /** AgentService.DeleteVirtualMachine. */
   deleteVirtualMachine(host: Host, name: string, force: boolean): Promise<void>;
+  /**
+   * AgentService.RebaseClones on the host's agent. Rejects with the agent's gRPC error (or CANCELLED when
+   * `signal` aborts); resolves with every clone's result.
+   */
+  rebaseClones(host: Host, request: RebaseClonesRequest, signal?: AbortSignal): Promise<RebaseClonesResponse>;
+}
+
+/**
+ * The deadline of one RebaseClones call: a minute, plus per clone its shutdown timeout (the agent may wait for
+ * each guest in turn) and 10 seconds (the overlay, the swap, the redefinition, a start).
+ */
+export function rebaseClonesDeadlineMs(cloneCount: number, shutdownTimeoutMs: number): number {
+  return 60_000 + cloneCount * (shutdownTimeoutMs + 10_000);
 }
 
 /** The deadline of one CreateClones call: a minute, plus 3 seconds per clone (copy-on-write children, define, start). */
@@ -59,6 +78,23 @@ export function createAgentPort(options: AgentPortOptions): AgentPort & { close(
           request,
           new Metadata(),
           { deadline: Date.now() + createClonesDeadlineMs(request.clones.length) },
+          (error, response) => {
+            signal?.removeEventListener('abort', cancel);
+            if (error) reject(error);
+            else resolve(response);
+          },
+        );
+        const cancel = (): void => call.cancel();
+        signal?.addEventListener('abort', cancel, { once: true });
+      }),
+    rebaseClones: (host, request, signal) =>
+      new Promise((resolve, reject) => {
+        if (signal?.aborted) return reject(signal.reason);
+        const shutdownMs = request.shutdownTimeout ? Number(request.shutdownTimeout.seconds) * 1000 + request.shutdownTimeout.nanos / 1e6 : 120_000;
+        const call = clientFor(host).rebaseClones(
+          request,
+          new Metadata(),
+          { deadline: Date.now() + rebaseClonesDeadlineMs(request.virtualMachines.length, shutdownMs) },
           (error, response) => {
             signal?.removeEventListener('abort', cancel);
             if (error) reject(error);

@@ -325,7 +325,7 @@ export function agentRequestId(operation: string, host: string): string {
 }
 
 /** Why clones cannot go to a host now (it left the inventory, is UNREACHABLE or DRAINING); undefined when it can take them. */
-function hostProblem(name: string, host: Host | undefined): CowherdError | undefined {
+export function hostProblem(name: string, host: Host | undefined): CowherdError | undefined {
   if (!host)
     return new CowherdError(GrpcStatus.UNAVAILABLE, `${name} is no longer in the inventory`, {
       reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,

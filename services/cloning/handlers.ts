@@ -12,12 +12,14 @@ import type { OperationManager } from '../common/domain/operations.js';
 import type { Handlers } from '../common/platform/rpc.js';
 import { versionPinKey, type CloneOperationKind, type ImageVersionPins } from './clone-operation.js';
 import { checkRequestShape, planClonesWithGuest } from './clone-plan.js';
-import type { FleetView } from './fleet-view.js';
+import type { FleetView, RebaseFleetView } from './fleet-view.js';
+import { REBASE_OPERATION_KIND, type RebaseOperationKind } from './rebase-operation.js';
+import { checkRebaseShape, planRebase } from './rebase-plan.js';
 import type { AgentPort } from './agents.js';
 import type { GuestSecrets } from './guest-secrets.js';
 import { locate, stopOperationKind, stopTimeoutSeconds } from './power.js';
-/** Answers whether an operation of this kind was created for a request_id. */
-export type RequestIdLookup = (requestId: string) => Promise<boolean>;
+/** Answers whether an operation of a kind (default CloneVirtualMachines') was created for a request_id. */
+export type RequestIdLookup = (requestId: string, kind?: string) => Promise<boolean>;
 
 /** What the handlers need. */
 export interface CloningHandlersDeps {
@@ -33,6 +35,8 @@ export interface CloningHandlersDeps {
   readonly guestSecrets?: Pick<GuestSecrets, 'hold'>;
   /** Where the exact image version a request resolved to waits for its operation's first run. */
   readonly versionPins?: Pick<ImageVersionPins, 'pin'>;
+  /** RebaseVirtualMachines: its operation kind and the fleet it selects clones from; left out, the RPC is UNIMPLEMENTED. */
+  readonly rebase?: { readonly kind: RebaseOperationKind; readonly fleet: Pick<RebaseFleetView, 'getImage' | 'listVirtualMachines'> };
   /** Draws `{random}` (tests). */
   readonly random?: () => string;
   readonly now?: () => Date;
@@ -88,6 +92,20 @@ export function cloningHandlers(deps: CloningHandlersDeps): Partial<Handlers<typ
         unpin?.();
       }
     },
+    ...(deps.rebase === undefined
+      ? {}
+      : {
+          rebaseVirtualMachines: async (request) => {
+            const rebase = deps.rebase!;
+            if (request.requestId !== '' && deps.requestIdUsed && (await deps.requestIdUsed(request.requestId, REBASE_OPERATION_KIND))) {
+              // A retry gets its operation back (or ALREADY_EXISTS for another request) without selecting again.
+              checkRebaseShape(request);
+              return deps.operations.start(rebase.kind, request, rebase.kind.metadataType.decode(new Uint8Array()), request.requestId);
+            }
+            const metadata = await planRebase(request, rebase.fleet, deps.now);
+            return deps.operations.start(rebase.kind, request, metadata, request.requestId);
+          },
+        }),
     ...(deps.agents === undefined || deps.stopKind === undefined
       ? {}
       : {

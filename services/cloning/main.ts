@@ -15,6 +15,7 @@ import { GuestSecrets } from './guest-secrets.js';
 import { createInventoryFleetView } from './inventory-view.js';
 import { distributionImageDelivery } from './image-delivery.js';
 import { stopOperationKind } from './power.js';
+import { rebaseOperationKind } from './rebase-operation.js';
 
 await runServiceMain({
   name: 'cloning',
@@ -33,13 +34,24 @@ await runServiceMain({
     const versionPins = new ImageVersionPins();
     const kind = cloneOperationKind({ fleet, agents, events, imageDelivery, guestSecrets, versionPins });
     const stopKind = stopOperationKind({ fleet, agents });
-    const operations = await openOperations(nats.jetstream, log, boundary, [kind as never, stopKind as never]);
-    const requestIdUsed = async (requestId: string) => (await operations.manager.findByRequestId(kind.kind, requestId)) !== undefined;
+    const rebaseKind = rebaseOperationKind({ fleet, agents, imageDelivery });
+    const operations = await openOperations(nats.jetstream, log, boundary, [kind as never, stopKind as never, rebaseKind as never]);
+    const requestIdUsed = async (requestId: string, kindName = kind.kind) => (await operations.manager.findByRequestId(kindName, requestId)) !== undefined;
     return {
       services: [
         adaptService(
           CloningServiceService,
-          cloningHandlers({ fleet, operations: operations.manager, kind, requestIdUsed, agents, stopKind, guestSecrets, versionPins }),
+          cloningHandlers({
+            fleet,
+            operations: operations.manager,
+            kind,
+            requestIdUsed,
+            agents,
+            stopKind,
+            guestSecrets,
+            versionPins,
+            rebase: { kind: rebaseKind, fleet },
+          }),
           CLONING_POLICY,
           boundary,
         ),

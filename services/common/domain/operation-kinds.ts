@@ -11,4 +11,5 @@ export const OPERATION_KIND_NAMES: readonly string[] = [
   'distribution.delete-image',
   'cloning.clone-virtual-machines',
   'cloning.stop-virtual-machine',
+  'cloning.rebase-virtual-machines',
 ];
