@@ -365,8 +365,13 @@ describe('importing images from files and URLs', { skip: process.getuid?.() !== 
     }
   });
 
-  it('refuses a taken image id before any operation exists', async () => {
-    const taken = await failure((cb) => stack.distribution.importImage(request(`imp-qcow2-${suffix}`, { $case: 'importPath', value: 'disk.qcow2' }), cb));
-    assert.equal(taken.code, GrpcStatus.ALREADY_EXISTS);
+  it('importing onto an existing image id adds its next version', async () => {
+    const { done } = await runImport(request(`imp-qcow2-${suffix}`, { $case: 'importPath', value: 'disk.qcow2' }));
+    assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
+    const version = unpack(Image, done.result.value);
+    assert.equal(version.name, `images/imp-qcow2-${suffix}/versions/2`);
+    assert.equal(version.version, '2');
+    assert.equal(version.state, Image_State.STATE_AVAILABLE);
+    assert.ok((await stat(join(stack.imageDirectory, 'images', `imp-qcow2-${suffix}_v2`))).isDirectory());
   });
 });

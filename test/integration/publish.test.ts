@@ -119,7 +119,13 @@ describe('publishing an image from a powered-off VM', { skip: process.getuid?.()
     };
     assert.deepEqual((await failure((cb) => stack.distribution.publishImage({ ...request, imageId: '../etc' }, cb))).fields, ['image_id']);
     assert.deepEqual((await failure((cb) => stack.distribution.publishImage({ ...request, imageId: 'a/b' }, cb))).fields, ['image_id']);
-    assert.equal((await failure((cb) => stack.distribution.publishImage({ ...request, imageId: `img-${suffix}` }, cb))).code, GrpcStatus.ALREADY_EXISTS);
+    // Onto an existing image id, publishing adds the next version.
+    const added = await call<Operation>((cb) => stack.distribution.publishImage({ ...request, imageId: `img-${suffix}` }, cb));
+    const addedDone = await stack.wait(added.name, 120_000, stack.distributionOperations);
+    assert.equal(addedDone.result?.$case, 'response', JSON.stringify(addedDone.result));
+    const version = unpack(Image, addedDone.result.value);
+    assert.equal(version.name, `images/img-${suffix}/versions/2`);
+    assert.equal(version.version, '2');
     assert.equal(
       (await failure((cb) => stack.distribution.publishImage({ ...request, sourceVirtualMachine: 'hosts/publish-host/virtualMachines/none' }, cb))).code,
       GrpcStatus.NOT_FOUND,
