@@ -22,6 +22,11 @@
 # the hostname from meta-data's local-hostname and prints "cowherd-guest: hostname <name>",
 # "cowherd-guest: instance-id <id>", "cowherd-guest: seed files <names>" and
 # "cowherd-guest: user-data sha256 <hex>" (a digest, not the document: user-data may hold secrets).
+# A persistent data disk (the first /dev/vd[b-z] that is not the seed; a clone's data_disk_bytes disk): block 0
+# holds the guest's "file"; when it does not start with `cowherd-data-`, /init writes
+# "cowherd-data-<instance-id, else marker>\n" there; either way it prints "cowherd-guest: data <text>". Then
+# "cowherd-guest: system <text>": what /dev/vda held at MARKER_OFFSET before this boot wrote its own marker (for
+# a clone, the marker its image version's master wrote: which version the clone booted).
 # With `cowherd.stay=1` on the kernel command line (the local fleet's story uses it), a guest that wrote its
 # marker prints "cowherd-guest: staying up (cowherd.stay=1)" and keeps running until the ACPI power button
 # (`virsh shutdown`, a graceful `cowherd vms stop`), then syncs and powers off the same way.
@@ -102,6 +107,7 @@ while [ ! -b /dev/vda ] && [ "$tries" -lt 1000 ]; do
   sleep 0.01
   tries=$((tries + 1))
 done
+instance=
 # The NoCloud seed: found by its label, as cloud-init finds it (findfs, else the ISO 9660 label read raw).
 seed=$(findfs LABEL=cidata 2>/dev/null)
 if [ -z "$seed" ]; then
@@ -117,13 +123,33 @@ if [ -n "$seed" ]; then
     name=$(value local-hostname)
     [ -n "$name" ] && hostname "$name"
     say "hostname $(hostname)"
-    say "instance-id $(value instance-id)"
+    instance=$(value instance-id)
+    say "instance-id $instance"
     say "seed files $(ls /cidata | tr "\n" " ")"
     [ -f /cidata/user-data ] && say "user-data sha256 $(sha256sum /cidata/user-data | cut -d" " -f1)"
     umount /cidata
   else
     say "cannot mount the cidata volume $seed"
   fi
+fi
+# The persistent data disk: the first virtio disk after vda that is not the seed. Its "file" is the text in
+# block 0: written once (when empty), then only read, so a rebase that keeps the disk keeps the text.
+for dev in /dev/vd[b-z]; do
+  [ -b "$dev" ] && [ "$dev" != "$seed" ] || continue
+  data=$(dd if="$dev" bs=512 count=1 2>/dev/null | tr -d "\000" | head -n 1)
+  case "$data" in
+    cowherd-data-*) ;;
+    *)
+      data="cowherd-data-${instance:-$marker}"
+      printf "%s\n" "$data" | dd of="$dev" bs=512 count=1 conv=sync,fsync 2>/dev/null || say "writing the data disk $dev failed"
+      ;;
+  esac
+  say "data $data"
+  break
+done
+if [ -b /dev/vda ]; then
+  # What the system disk held before this boot wrote: the marker the master of its image left there.
+  say "system $(dd if=/dev/vda bs=@BLOCK@ skip=@SEEK@ count=1 2>/dev/null | tr -d "\000" | head -n 1)"
 fi
 if [ ! -b /dev/vda ]; then
   say "no /dev/vda after 10 s"

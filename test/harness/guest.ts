@@ -3,7 +3,10 @@
  * vmlinux for direct kernel boot and a busybox initramfs whose /init writes a marker block to /dev/vda and
  * powers off. Built once per state directory and cached (the first build downloads the kernel package, ~70 MB).
  * When a clone has a NoCloud seed disk (label `cidata`), /init first mounts it and prints its identity on the
- * console: {@link guestIdentityLines} reads those lines back.
+ * console: {@link guestIdentityLines} reads those lines back. A clone with a persistent data disk gets its "file"
+ * there (block 0, `cowherd-data-<instance-id or marker>`, written on the first boot only), and every boot prints
+ * which system its disk held (the marker its image's master wrote): {@link guestDataLine}, {@link guestSystemLine}.
+ * The kit's stamp holds the script's hash, so a changed /init rebuilds the initramfs by itself.
  */
 import { execFile } from 'node:child_process';
 import { join } from 'node:path';
@@ -95,4 +98,18 @@ export function guestIdentityLines(consoleOutput: string): GuestIdentityLines {
     ...(files === undefined ? {} : { seedFiles: files.split(/\s+/).filter((name) => name !== '') }),
     ...(userDataSha256 === undefined ? {} : { userDataSha256 }),
   };
+}
+
+/** The text of the data disk's "file" that /init printed (`cowherd-guest: data <text>`); undefined without a data disk. */
+export function guestDataLine(consoleOutput: string): string | undefined {
+  return /^cowherd-guest: data (.*?)\s*$/m.exec(consoleOutput)?.[1];
+}
+
+/**
+ * What the system disk held at MARKER_OFFSET before this boot wrote (`cowherd-guest: system <text>`): for a clone,
+ * `cowherd-was-here-<marker>` of its image version's master. With several boots in one log, the last one's.
+ */
+export function guestSystemLine(consoleOutput: string): string | undefined {
+  const all = [...consoleOutput.matchAll(/^cowherd-guest: system (.*?)\s*$/gm)];
+  return all.at(-1)?.[1];
 }
