@@ -488,9 +488,12 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     const listed = await cowherd('vms', 'list', '--host', HOST, '--filter', `source_image_version = "images/${image}/versions/1"`);
     assert.match(listed.stdout, new RegExp(`^${HOST}/${clone}\\s+SHUT_OFF\\s+1\\s+.+?\\s+2\\s+images/${image}\\s+1\\s+yes$`, 'm'));
 
+    // Both agents drive this machine's one libvirtd and each reports the other's domains too: --host keeps to the real one.
     const rebased = await cowherd(
       'vms',
       'rebase',
+      '--host',
+      HOST,
       '--filter',
       `source_image_version = "images/${image}/versions/1"`,
       '--to-version',
@@ -510,7 +513,7 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     );
     assert.match((await cowherd('vms', 'show', name)).stdout, new RegExp(`^previous version:\\s+images/${image}/versions/1 `, 'm'));
     // Nothing left on version 1 for that filter: the service refuses an empty selection.
-    const nothing = await cowherd('vms', 'rebase', '--filter', `source_image_version = "images/${image}/versions/1"`, '--to-version', image);
+    const nothing = await cowherd('vms', 'rebase', '--host', HOST, '--filter', `source_image_version = "images/${image}/versions/1"`, '--to-version', image);
     assert.equal(nothing.code, 4, nothing.stderr);
 
     // Retention: keep 1 version; version 1 (no clone, no alias) would go, version 2 stays; an alias keeps 1.
