@@ -1056,7 +1056,7 @@ function checkFetchRequest(request: FetchImageRequest, hypervisor: 'kvm' | 'xen'
   const image = request.image;
   if (!image) throw CowherdError.invalidArgument('image', 'is required (the full image record)');
   const id = IMAGE_NAME.parse(image.name)?.image;
-  if (!id) throw CowherdError.invalidArgument('image.name', 'must be images/{image} with an image id (no path separators, no dots)');
+  if (!id) throw CowherdError.invalidArgument('image.name', 'must be images/{image} or images/{image}/versions/{version} (no path separators, no dots)');
   if (!image.torrent || !/^[0-9a-f]{40}$/.test(image.torrent.infoHash) || image.torrent.metainfo.length === 0)
     throw CowherdError.invalidArgument('image.torrent', 'must carry the info-hash and the metainfo (IMAGE_VIEW_FULL)');
   if (image.files.length === 0) throw CowherdError.invalidArgument('image.files', 'must list the image files');
