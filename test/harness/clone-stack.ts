@@ -98,6 +98,8 @@ export interface CloneStack {
 export interface CloneStackOptions {
   /** Extra variables per service (small deadlines, fast heartbeats), also for replicas started later. */
   readonly serviceEnv?: Partial<Record<'inventory' | 'distribution' | 'cloning', Record<string, string>>>;
+  /** Extra variables of the first agent (e.g. COWHERD_DOMAIN_SCOPE=image-directory when more agents share the libvirtd). */
+  readonly firstAgentEnv?: Record<string, string>;
 }
 
 /** Starts the stack; everything is released with `resources`. */
@@ -173,7 +175,7 @@ export async function startCloneStack(resources: Resources, host: string, option
       restart: () => startServiceProcess(resources, 'agent', undefined, nats.url, restartEnv),
     };
   };
-  const first = await startAgent(host);
+  const first = await startAgent(host, options.firstAgentEnv);
   const imageDirectory = first.imageDirectory;
   const agent = first.process;
   const cloning = createClient(CloningServiceClient, cloningProcess.address, admin, { defaultDeadlineMs: 30_000 });

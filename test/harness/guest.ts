@@ -100,9 +100,12 @@ export function guestIdentityLines(consoleOutput: string): GuestIdentityLines {
   };
 }
 
-/** The text of the data disk's "file" that /init printed (`cowherd-guest: data <text>`); undefined without a data disk. */
+/**
+ * The text of the data disk's "file" that /init printed (`cowherd-guest: data <text>`); undefined without a data
+ * disk. With several boots in one log, the last one's.
+ */
 export function guestDataLine(consoleOutput: string): string | undefined {
-  return /^cowherd-guest: data (.*?)\s*$/m.exec(consoleOutput)?.[1];
+  return [...consoleOutput.matchAll(/^cowherd-guest: data (.*?)\s*$/gm)].at(-1)?.[1];
 }
 
 /**
