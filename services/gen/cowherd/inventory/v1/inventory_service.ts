@@ -247,7 +247,8 @@ export interface ListImageReplicasRequest {
   pageToken: string;
   /**
    * An AIP-160 filter (see proto/README.md for the supported subset). Fields: `image` (for example
-   * `image = "images/debian-12"`) and `state` (`state = AVAILABLE`). Empty lists every replica.
+   * `image = "images/debian-12"`, every version), `image_version` (`image_version = "images/debian-12/versions/2"`,
+   * numbered) and `state` (`state = AVAILABLE`). Empty lists every replica.
    */
   filter: string;
 }
@@ -282,8 +283,10 @@ export interface ListVirtualMachinesRequest {
   pageToken: string;
   /**
    * An AIP-160 filter (see proto/README.md for the supported subset). Fields: `state` (for example
-   * `state = RUNNING`), `source_image` (`source_image = "images/debian-12"`), `managed` (`true` or `false`)
-   * and `domain_name`. Empty lists every virtual machine.
+   * `state = RUNNING`), `source_image` (`source_image = "images/debian-12"`, every version),
+   * `source_image_version` or its synonym `lineage.image_version` (`source_image_version =
+   * "images/debian-12/versions/2"`, numbered; version 1 also matches clones made before versions existed),
+   * `managed` (`true` or `false`) and `domain_name`. Empty lists every virtual machine.
    */
   filter: string;
 }
