@@ -533,11 +533,14 @@ export class CloneRebaser {
     move.seedWork = undefined;
   }
 
-  /** Redefines the clones in one go; per clone undefined or the error (read back: defineMany cannot tell a redefinition's failure). */
+  /**
+   * Redefines the clones in one virsh process, each definition read back in the same process (a batch cannot
+   * say which define failed); a clone whose record did not take is defined again alone, for its error.
+   */
   private async redefine(moves: readonly CloneMove[]): Promise<Array<Error | undefined>> {
     const libvirt = this.options.libvirt;
     const documents = moves.map((move) => move.xml!);
-    if (!libvirt.defineMany || !libvirt.inactiveXmlMany)
+    if (!libvirt.redefineMany)
       return Promise.all(
         documents.map((xml) =>
           libvirt.define(xml).then(
@@ -546,8 +549,7 @@ export class CloneRebaser {
           ),
         ),
       );
-    await libvirt.defineMany(documents);
-    const now = await libvirt.inactiveXmlMany(moves.map((move) => move.domain!.uuid));
+    const now = await libvirt.redefineMany(documents);
     return Promise.all(
       moves.map(async (move, index) => {
         const wanted = readCloneMetadata(move.xml!)?.imageVersion;

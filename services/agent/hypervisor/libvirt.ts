@@ -95,6 +95,13 @@ export interface Libvirt {
    * domain that is gone. Optional: fakes may leave it out (callers then use domainXml one by one).
    */
   inactiveXmlMany?(uuids: readonly string[]): Promise<string[]>;
+  /**
+   * Redefines many existing domains in one virsh process, each `define` followed by its `dumpxml --inactive`:
+   * returns, per document, the persistent definition libvirt holds afterwards ('' when none), by which the
+   * caller tells whether its redefinition took (virsh goes on after a failed define, and a batch cannot say
+   * which one failed). Optional: fakes may leave it out.
+   */
+  redefineMany?(documents: readonly string[]): Promise<string[]>;
   /** Facts for hypervisor detection. */
   hypervisorFacts(): Promise<HypervisorFacts>;
   /**
@@ -439,6 +446,38 @@ export class VirshLibvirt implements Libvirt {
 
   async domainXml(nameOrUuid: string): Promise<string> {
     return this.run(['dumpxml', '--domain', nameOrUuid]);
+  }
+
+  async redefineMany(documents: readonly string[]): Promise<string[]> {
+    if (documents.length === 0) return [];
+    const directory = await mkdtemp(join(tmpdir(), 'cowherd-define-'));
+    try {
+      const entries = await Promise.all(
+        documents.map(async (document, index) => {
+          const file = join(directory, `domain-${index}.xml`);
+          await writeFile(file, document, { mode: 0o600 });
+          return { file, uuid: parseDomainXml(document).uuid };
+        }),
+      );
+      const results: string[] = [];
+      for (let start = 0; start < entries.length; start += this.batchSize) {
+        const batch = entries.slice(start, start + this.batchSize);
+        const sections = await this.runBatch(
+          batch.flatMap(({ file, uuid }) => [
+            ['define', '--file', file],
+            ['dumpxml', '--inactive', '--domain', uuid],
+          ]),
+          false,
+        );
+        for (const [index] of batch.entries()) {
+          const document = sections[2 * index + 1] ?? '';
+          results.push(document.trim() === '' ? '' : document);
+        }
+      }
+      return results;
+    } finally {
+      await rm(directory, { recursive: true, force: true });
+    }
   }
 
   async inactiveXmlMany(uuids: readonly string[]): Promise<string[]> {

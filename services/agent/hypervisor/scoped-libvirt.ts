@@ -42,6 +42,7 @@ export function scopedLibvirt(inner: Libvirt, directory: string): Libvirt {
     ...(inner.defineMany ? { defineMany: (documents: readonly string[]) => inner.defineMany!(documents) } : {}),
     // Callers pass the UUIDs of domains they listed here, which are this agent's.
     ...(inner.inactiveXmlMany ? { inactiveXmlMany: (uuids: readonly string[]) => inner.inactiveXmlMany!(uuids) } : {}),
+    ...(inner.redefineMany ? { redefineMany: (documents: readonly string[]) => inner.redefineMany!(documents) } : {}),
     ...(inner.shutdown ? { shutdown: checked((name) => inner.shutdown!(name)) } : {}),
     ...(inner.resume ? { resume: checked((name) => inner.resume!(name)) } : {}),
     start: checked((name) => inner.start(name)),
