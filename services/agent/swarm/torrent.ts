@@ -98,7 +98,7 @@ export async function createImageTorrent(options: CreateImageTorrentOptions): Pr
     throw new Error(`piece length ${options.pieceLengthBytes} is not a power of two of at least 16 KiB`);
   }
   if (options.files.length === 0) throw new Error('an image torrent needs at least one file');
-  if (!IMAGE_KEY.test(options.name)) throw new Error(`torrent name ${JSON.stringify(options.name)} is not an image storage key`);
+  if (!IMAGE_KEY.test(options.name)) throw new Error(`torrent name ${JSON.stringify(options.name)} is not an image id (storage key)`);
   const seen = new Set<string>();
   for (const file of options.files) {
     if (!IMAGE_FILE_NAME.test(file)) throw new Error(`file name ${JSON.stringify(file)} is not a single path segment of [A-Za-z0-9._-]`);
