@@ -121,6 +121,8 @@ interface CloneMove {
   currentXml?: string;
   /** 'swap': new overlays; 'record': only the lineage record (a crash after the switch); 'none': already there. */
   action: 'swap' | 'record' | 'none';
+  /** Already there by this very operation (a retry after the agent died before it answered): its event again. */
+  again: boolean;
   wasRunning: boolean;
   error?: unknown;
   /** The new definition. */
@@ -157,10 +159,19 @@ export class CloneRebaser {
     });
     const bases = new Map(templateDisks(template).map((disk) => [disk.target, { base: replicaFile(replica, disk.fileName), format: disk.format }]));
     const all = await this.options.libvirt.listDomains();
-    const moves: CloneMove[] = names.map((name, index) => ({ index, name, systemDisks: [], action: 'none', wasRunning: false, swapMs: 0, restarted: false }));
+    const moves: CloneMove[] = names.map((name, index) => ({
+      index,
+      name,
+      systemDisks: [],
+      action: 'none',
+      again: false,
+      wasRunning: false,
+      swapMs: 0,
+      restarted: false,
+    }));
     for (const move of moves) {
       try {
-        await this.inspect(move, all, targetKey, bases);
+        await this.inspect(move, all, targetKey, bases, request.operation);
       } catch (error) {
         move.error = error;
       }
@@ -176,7 +187,7 @@ export class CloneRebaser {
       await mapLimited(
         moves.filter((move) => !move.error && move.action !== 'none'),
         PREPARE_CONCURRENCY,
-        (move) => this.prepare(move, targetKey, prototypes, request.newInstanceId),
+        (move) => this.prepare(move, targetKey, prototypes, request.newInstanceId, request.operation),
       );
     } finally {
       for (const prototype of prototypes.values()) await rm(prototype, { force: true });
@@ -265,6 +276,7 @@ export class CloneRebaser {
     all: readonly DomainInfo[],
     targetKey: string,
     bases: ReadonlyMap<string, { base: string; format: 'qcow2' | 'raw' | 'vpc' }>,
+    operation: string,
   ): Promise<void> {
     const name = VIRTUAL_MACHINE_NAME.format({ host: this.options.host, virtualMachine: move.name });
     const domain = all.find((candidate) => candidate.name === move.name || candidate.uuid === move.name.toLowerCase());
@@ -341,8 +353,17 @@ export class CloneRebaser {
       move.action = 'record';
       const recorded = cloneImageKey(clone);
       if (recorded !== undefined && recorded !== targetKey) move.previousKey = recorded;
+    } else if (operation !== '' && clone.rebaseOperation === operation) {
+      move.again = true;
+      move.previousKey = clone.previousImageVersion ? IMAGE_NAME.parse(clone.previousImageVersion)?.image : undefined;
     }
     move.wasRunning = domain.state !== 'shut off';
+    // Work files of a rebase that died (calls run one at a time, so none is in use): never part of the domain.
+    for (const disk of move.systemDisks) {
+      await rm(rebaseWorkFile(disk.path, 'rebase'), { force: true });
+      await rm(rebaseWorkFile(disk.path, 'previous'), { force: true });
+    }
+    await rm(rebaseWorkFile(cloneSeedFile(own), 'rebase'), { force: true });
   }
 
   /** The persistent definitions of the clones to change, in one virsh process. */
@@ -413,17 +434,21 @@ export class CloneRebaser {
    * Before the switch: the new overlays as `.<file>.rebase`, the new definition, the seed with its new
    * instance-id as `.cidata.iso.rebase`. Nothing the clone uses is touched; a failure removes the work files.
    */
-  private async prepare(move: CloneMove, targetKey: string, prototypes: ReadonlyMap<string, string>, newInstanceId: boolean): Promise<void> {
+  private async prepare(
+    move: CloneMove,
+    targetKey: string,
+    prototypes: ReadonlyMap<string, string>,
+    newInstanceId: boolean,
+    rebaseOperation: string,
+  ): Promise<void> {
     const started = performance.now();
     const domain = move.domain!;
     const work: string[] = [];
     try {
       if (move.action === 'swap') {
         for (const disk of move.systemDisks) {
+          // A crashed rebase's leftovers went in inspect().
           const next = rebaseWorkFile(disk.path, 'rebase');
-          // Leftovers of a crashed rebase: never in use (the domain names only `disk.path`).
-          await rm(next, { force: true });
-          await rm(rebaseWorkFile(disk.path, 'previous'), { force: true });
           work.push(next);
           if (this.options.hypervisor === 'xen') {
             if (disk.format !== 'vpc')
@@ -453,7 +478,6 @@ export class CloneRebaser {
         // A clone made without a guest configuration has no seed: no instance-id to renew.
         if (image !== undefined) {
           const seedWork = rebaseWorkFile(seed, 'rebase');
-          await rm(seedWork, { force: true });
           work.push(seedWork);
           await writeFile(seedWork, withNewInstanceId(image, randomUUID()), { mode: 0o600, flag: 'wx' });
           move.seedWork = seedWork;
@@ -462,6 +486,7 @@ export class CloneRebaser {
       move.xml = updateCloneMetadata(move.currentXml!, {
         imageVersion: imageVersionNameOfKey(targetKey),
         ...(move.previousKey === undefined ? {} : { previousImageVersion: imageVersionNameOfKey(move.previousKey) }),
+        rebaseOperation,
       });
     } catch (error) {
       for (const path of work) await rm(path, { force: true }).catch(() => undefined);
@@ -590,8 +615,9 @@ export class CloneRebaser {
         status = toStatus(hypervisorError(error));
       });
     }
+    const moved = move.action !== 'none' || move.again;
     let state = move.action === 'swap' ? 'shut off' : domain.state;
-    if (request.restart && move.action !== 'none' && state !== 'running') {
+    if (request.restart && moved && state !== 'running') {
       try {
         await this.options.libvirt.start(domain.uuid);
         move.restarted = true;
@@ -601,7 +627,7 @@ export class CloneRebaser {
         status = toStatus(hypervisorError(error));
       }
     }
-    if (move.action !== 'none') {
+    if (moved) {
       const operation = request.operation || 'direct';
       publishing.push(
         this.options.events.publish(

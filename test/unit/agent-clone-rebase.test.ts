@@ -209,14 +209,22 @@ describe('rebase job', () => {
     assert.ok(ids.includes('clone.rebased/operations/op/h/b/img/img_v2'));
   });
 
-  test('a retry of a done move changes nothing and publishes nothing', async () => {
+  test('a retry of a done move changes nothing; the same operation records its event again under the same id', async () => {
     const count = published.length;
     const before = await readFile(overlay('b'));
     const results = await rebaser.rebase(request('images/img/versions/2', ['b']));
     assert.equal(results[0]!.status?.code ?? 0, 0);
     assert.equal(results[0]!.swapDuration, undefined);
+    assert.equal(results[0]!.previousImageVersion, 'images/img/versions/1');
     assert.deepEqual(await readFile(overlay('b')), before);
-    assert.equal(published.length, count);
+    // The agent may have died between the switch and the record of the event: the stream drops the repeat.
+    assert.deepEqual(
+      published.slice(count).map((event) => event.id),
+      ['clone.rebased/operations/op/h/b/img/img_v2'],
+    );
+    const other = await rebaser.rebase(request('images/img/versions/2', ['b'], { operation: 'operations/other' }));
+    assert.equal(other[0]!.status?.code ?? 0, 0);
+    assert.equal(published.length, count + 1, 'another operation finds it there: no event');
   });
 
   test('new_instance_id renews only the seed of clones that move; restart starts them', async () => {

@@ -40,6 +40,8 @@ export interface CloneMetadata {
   readonly previousImageVersion?: string;
   /** `<target dev>` of each persistent disk (data_disk_bytes): kept by a rebase, reported with Disk.persistent. */
   readonly persistentDisks?: readonly string[];
+  /** The RebaseVirtualMachines operation of the last rebase: its retry records the same clone.rebased again. */
+  readonly rebaseOperation?: string;
 }
 
 /** The fields of the record that {@link updateCloneMetadata} may set; a field given as '' is removed. */
@@ -47,6 +49,7 @@ export interface CloneMetadataUpdate {
   readonly imageVersion?: string;
   readonly previousImageVersion?: string;
   readonly persistentDisks?: readonly string[];
+  readonly rebaseOperation?: string;
 }
 
 /** The record's elements in the order renderClone writes them (readers look them up by name). */
@@ -58,6 +61,7 @@ export function cloneMetadataFields(metadata: CloneMetadata): Array<[string, str
     ...(metadata.imageVersion ? [['imageVersion', metadata.imageVersion] as [string, string]] : []),
     ...(metadata.previousImageVersion ? [['previousImageVersion', metadata.previousImageVersion] as [string, string]] : []),
     ...(metadata.persistentDisks ?? []).map((target): [string, string] => ['persistentDisk', target]),
+    ...(metadata.rebaseOperation ? [['rebaseOperation', metadata.rebaseOperation] as [string, string]] : []),
   ];
 }
 
@@ -101,6 +105,7 @@ export function updateCloneMetadata(xml: string, update: CloneMetadataUpdate): s
   if (update.imageVersion !== undefined) set('imageVersion', update.imageVersion === '' ? [] : [update.imageVersion]);
   if (update.previousImageVersion !== undefined) set('previousImageVersion', update.previousImageVersion === '' ? [] : [update.previousImageVersion]);
   if (update.persistentDisks !== undefined) set('persistentDisk', update.persistentDisks);
+  if (update.rebaseOperation !== undefined) set('rebaseOperation', update.rebaseOperation === '' ? [] : [update.rebaseOperation]);
   return buildDocument(parsed);
 }
 
@@ -133,6 +138,7 @@ export function readCloneMetadata(xml: string): CloneMetadata | undefined {
   const digest = value('guestConfigurationDigest');
   const imageVersion = value('imageVersion');
   const previousImageVersion = value('previousImageVersion');
+  const rebaseOperation = value('rebaseOperation');
   const persistentDisks = elementChildren(record)
     .filter((child) => localName(child.name) === 'persistentDisk')
     .map((child) => textOf(child).trim())
@@ -142,6 +148,7 @@ export function readCloneMetadata(xml: string): CloneMetadata | undefined {
     ...(imageVersion ? { imageVersion } : {}),
     ...(previousImageVersion ? { previousImageVersion } : {}),
     ...(persistentDisks.length > 0 ? { persistentDisks } : {}),
+    ...(rebaseOperation ? { rebaseOperation } : {}),
   };
   if (image) return { source: { image }, operation, requestId, ...extra };
   if (virtualMachine) return { source: { virtualMachine }, operation, requestId, ...extra };
