@@ -3,6 +3,10 @@
  * with dependent VMs on its host, or an image with dependents on any host, is FAILED_PRECONDITION
  * (IMAGE_IN_USE) with the dependents in the error metadata; the agent checks its own domains again before
  * it removes files. The last AVAILABLE replica of an image is kept: delete the image instead.
+ *
+ * Everything here works per version (storage key, see image-heads.ts): a replica is `<host>.<key>`, the VMs that
+ * depend on it are those whose lineage names that version. DeleteImage of `images/{image}` deletes every version;
+ * of a version name, that version only (deleteVersion, which garbage collection uses too).
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
@@ -50,13 +54,6 @@ export interface DeletionDeps {
   };
   readonly agents: AgentClients;
   readonly events: Pick<EventPublisher, 'publish'>;
-}
-
-/** `images/{image}` -> id, or INVALID_ARGUMENT naming `field`. */
-export function imageIdOf(name: string, field = 'name'): string {
-  const parsed = IMAGE_NAME.parse(name);
-  if (!parsed) throw CowherdError.invalidArgument(field, 'must be images/{image}');
-  return parsed.image;
 }
 
 function refuseDependents(what: string, dependents: readonly string[]): void {
