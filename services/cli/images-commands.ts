@@ -305,7 +305,7 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
           ),
         );
         context.out.note(
-          `keeps the newest ${view.keepVersions > 0 ? view.keepVersions : 'default (3)'} versions and every version in use; \`cowherd images alias ${id} <alias> <version>\` names one, \`cowherd vms rebase --to-version ${id}/versions/<n>\` moves clones`,
+          `garbage collection keeps the newest ${view.keepVersions > 0 ? view.keepVersions : '3 (the default)'} versions and every version in use or aliased; \`cowherd images alias ${id} <alias> <version>\` names one, \`cowherd vms rebase --to-version ${id}/versions/<n>\` moves clones`,
         );
         return EXIT.OK;
       },
