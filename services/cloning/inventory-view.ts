@@ -19,10 +19,11 @@ type UnaryMethod<Req, Res> = (request: Req, metadata: Metadata, options: { deadl
 
 /** A FleetView reading from the inventory; `deadlineMs` bounds each call (default 15 s). */
 export function createInventoryFleetView(client: InventoryServiceClient, deadlineMs = 15_000): RebaseFleetView {
-  const call = <Req, Res>(method: UnaryMethod<Req, Res>, request: Req): Promise<Res> =>
+  /** `callerField`: the request field whose caller-given value the inventory checks (its INVALID_ARGUMENT is relayed naming it). */
+  const call = <Req, Res>(method: UnaryMethod<Req, Res>, request: Req, callerField?: string): Promise<Res> =>
     new Promise((resolve, reject) => {
       method.call(client, request, new Metadata(), { deadline: Date.now() + deadlineMs }, (error, response) =>
-        error ? reject(inventoryError(error)) : resolve(response),
+        error ? reject(inventoryError(error, callerField)) : resolve(response),
       );
     });
   const orUndefined = async <T>(promise: Promise<T>): Promise<T | undefined> => {
@@ -53,7 +54,7 @@ export function createInventoryFleetView(client: InventoryServiceClient, deadlin
       }),
     listVirtualMachines: (parent, filter) =>
       readAllPages<VirtualMachine>(async (pageToken) => {
-        const response = await call(client.listVirtualMachines, { parent, pageSize: PAGE_SIZE, pageToken, filter });
+        const response = await call(client.listVirtualMachines, { parent, pageSize: PAGE_SIZE, pageToken, filter }, 'filter');
         return { items: response.virtualMachines, nextPageToken: response.nextPageToken };
       }),
     domainNamesInUse: async () => {
@@ -66,14 +67,16 @@ export function createInventoryFleetView(client: InventoryServiceClient, deadlin
   };
 }
 
-function inventoryError(error: ServiceError): CowherdError {
+function inventoryError(error: ServiceError, callerField: string | undefined): CowherdError {
   const cause = error;
   switch (error.code) {
     case GrpcStatus.NOT_FOUND:
       return new CowherdError(GrpcStatus.NOT_FOUND, error.details, { reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND, cause });
     case GrpcStatus.INVALID_ARGUMENT:
       // Only a caller's filter reaches the inventory unchecked (RebaseVirtualMachines): relay which part is wrong.
-      return new CowherdError(GrpcStatus.INVALID_ARGUMENT, error.details, { reason: ErrorReason.ERROR_REASON_INVALID_FIELD, field: 'filter', cause });
+      if (callerField !== undefined)
+        return new CowherdError(GrpcStatus.INVALID_ARGUMENT, error.details, { reason: ErrorReason.ERROR_REASON_INVALID_FIELD, field: callerField, cause });
+      return new CowherdError(GrpcStatus.INTERNAL, 'internal error', { reason: ErrorReason.ERROR_REASON_INTERNAL, cause });
     case GrpcStatus.UNAVAILABLE:
     case GrpcStatus.DEADLINE_EXCEEDED:
     case GrpcStatus.RESOURCE_EXHAUSTED:
