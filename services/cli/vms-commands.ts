@@ -502,8 +502,18 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
   );
   context.out.line();
   context.out.line('lineage:');
-  const tree: string[] = [`${vm.domainName} (VM, ${virtualMachineState(vm)})`];
-  for (const overlay of lineage?.overlays ?? []) tree.push(`overlay ${overlay}`);
+  // The chain runs through the overlays on the image (system disks); a clone's own files beside them (its
+  // persistent data disk, its cloud-init seed) have no base and are named on the VM's line instead.
+  const overlays = lineage?.overlays ?? [];
+  const own = overlays.filter((overlay) => !vm.disks.some((disk) => disk.path === overlay && disk.backingChain.length > 0));
+  const ownText = own.map((path) => {
+    const disk = vm.disks.find((candidate) => candidate.path === path);
+    const file = path.slice(path.lastIndexOf('/') + 1);
+    // The agent writes the seed as clones/<name>/cidata.iso (services/agent/README.md).
+    return `${file} ${disk?.persistent ? 'persistent' : file === 'cidata.iso' ? 'cloud-init seed' : 'without a base'}`;
+  });
+  const tree: string[] = [`${vm.domainName} (VM, ${virtualMachineState(vm)}${ownText.length > 0 ? `; beside its overlay: ${ownText.join(', ')}` : ''})`];
+  for (const overlay of overlays) if (!own.includes(overlay)) tree.push(`overlay ${overlay}`);
   if (lineage?.replica)
     tree.push(
       replica ? `base replica ${replica.name} (${replicaState(replica)}, ${replica.path})` : `base replica ${lineage.replica} (gone from the inventory)`,
