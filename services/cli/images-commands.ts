@@ -46,7 +46,7 @@ const IMAGE_OR_VERSION_ARGUMENT = {
 
 export const IMAGES_COMMAND: CommandSpec<CliContext> = {
   name: 'images',
-  summary: 'publish master images, spread them to hosts, inspect and delete them',
+  summary: 'publish master images and their versions, alias and collect versions, spread them to hosts, inspect and delete them',
   subcommands: [
     {
       name: 'publish',
