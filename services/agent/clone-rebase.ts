@@ -158,7 +158,14 @@ export class CloneRebaser {
       });
     });
     const bases = new Map(templateDisks(template).map((disk) => [disk.target, { base: replicaFile(replica, disk.fileName), format: disk.format }]));
-    const all = await this.options.libvirt.listDomains();
+    // Only the named domains are read (half the libvirt round trips of listing a host with as many others);
+    // every domain only when a clone's disks show it was ever a clone source (see hasDependents).
+    const libvirt = this.options.libvirt;
+    const named = libvirt.domainsMany
+      ? await libvirt.domainsMany(names)
+      : await libvirt.listDomains().then((all) => names.map((name) => all.find((domain) => domain.name === name || domain.uuid === name.toLowerCase())));
+    let everyDomain: Promise<DomainInfo[]> | undefined;
+    const allDomains = (): Promise<DomainInfo[]> => (everyDomain ??= libvirt.listDomains());
     const moves: CloneMove[] = names.map((name, index) => ({
       index,
       name,
@@ -171,7 +178,7 @@ export class CloneRebaser {
     }));
     for (const move of moves) {
       try {
-        await this.inspect(move, all, targetKey, bases, request.operation);
+        await this.inspect(move, named[move.index], allDomains, targetKey, bases, request.operation);
       } catch (error) {
         move.error = error;
       }
@@ -273,13 +280,13 @@ export class CloneRebaser {
   /** Per-clone checks and what the move must do (throws the clone's error). */
   private async inspect(
     move: CloneMove,
-    all: readonly DomainInfo[],
+    domain: DomainInfo | undefined,
+    allDomains: () => Promise<DomainInfo[]>,
     targetKey: string,
     bases: ReadonlyMap<string, { base: string; format: 'qcow2' | 'raw' | 'vpc' }>,
     operation: string,
   ): Promise<void> {
     const name = VIRTUAL_MACHINE_NAME.format({ host: this.options.host, virtualMachine: move.name });
-    const domain = all.find((candidate) => candidate.name === move.name || candidate.uuid === move.name.toLowerCase());
     if (!domain) throw CowherdError.notFound(name);
     move.domain = domain;
     const clone = domain.clone;
@@ -296,6 +303,19 @@ export class CloneRebaser {
         `virtual_machines[${move.index}]`,
         `${name} is a clone of a virtual machine (${clone.source.virtualMachine}), not of an image`,
       );
+    // CreateClones makes a source VM's disks read-only before it clones them: a clone whose file disks are all
+    // writable was never a clone source, and the host's other domains need not be read.
+    const everWasSource = await Promise.all(
+      domain.disks.map((disk) =>
+        disk.type === 'file' && disk.sourcePath !== undefined
+          ? stat(disk.sourcePath).then(
+              (stats) => (stats.mode & 0o222) === 0,
+              () => true,
+            )
+          : false,
+      ),
+    );
+    const all = everWasSource.some(Boolean) ? await allDomains() : [];
     const dependents = all.filter((other) => other.clone && 'virtualMachine' in other.clone.source && other.clone.source.virtualMachine === name);
     if (dependents.length > 0)
       throw CowherdError.failedPrecondition(

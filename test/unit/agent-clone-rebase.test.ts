@@ -44,6 +44,15 @@ class XmlLibvirt implements Libvirt {
   async domain(nameOrUuid: string): Promise<DomainInfo> {
     return this.info(this.byId(nameOrUuid));
   }
+  async domainsMany(namesOrUuids: readonly string[]): Promise<Array<DomainInfo | undefined>> {
+    return namesOrUuids.map((id) => {
+      try {
+        return this.info(this.byId(id));
+      } catch {
+        return undefined;
+      }
+    });
+  }
   async domainXml(nameOrUuid: string): Promise<string> {
     return this.xml.get(this.byId(nameOrUuid))!;
   }
@@ -249,6 +258,25 @@ describe('rebase job', () => {
     assert.equal(libvirt.states.get('c'), 'shut off');
     assert.equal(await instanceId('c'), renewed, 'without new_instance_id the seed stays');
     assert.equal(readCloneMetadata(libvirt.xml.get('c')!)?.previousImageVersion, 'images/img/versions/3');
+  });
+
+  test('a clone that is the source of other clones is not moved (HAS_DEPENDENTS); an unknown one is NOT_FOUND', async () => {
+    const made = await engine.createClones({
+      source: { $case: 'virtualMachine', value: 'hosts/h/virtualMachines/b' },
+      clones: [{ domainName: 'b-child', start: false, index: 0 }],
+      operation: '',
+      requestId: 'r2',
+      validateOnly: false,
+      guestConfiguration: undefined,
+      guestConfigurationDigest: '',
+      dataDiskBytes: '0',
+    });
+    assert.ok(!made[0]!.status, JSON.stringify(made[0]!.status));
+    const results = await rebaser.rebase(request('images/img/versions/3', ['b', 'nobody']));
+    assert.equal(results[0]!.status?.code, GrpcStatus.FAILED_PRECONDITION);
+    assert.match(results[0]!.status?.message ?? '', /use .*b's disks/);
+    assert.equal(results[1]!.status?.code, GrpcStatus.NOT_FOUND);
+    assert.equal(await backingOf(overlay('b')), disks.get('img_v2'), 'b stays where it was');
   });
 
   test('whole-call errors name the field', async () => {

@@ -88,6 +88,11 @@ export interface Libvirt {
   listDomains(): Promise<DomainInfo[]>;
   /** One domain by name or UUID; throws LibvirtError 'domain-not-found'. */
   domain(nameOrUuid: string): Promise<DomainInfo>;
+  /**
+   * Many domains by name or UUID in one go (one virsh process per batch); undefined for one that does not
+   * exist. Optional: fakes may leave it out (callers then filter listDomains).
+   */
+  domainsMany?(namesOrUuids: readonly string[]): Promise<Array<DomainInfo | undefined>>;
   /** The domain's current XML (`dumpxml`). */
   domainXml(nameOrUuid: string): Promise<string>;
   /**
@@ -446,6 +451,26 @@ export class VirshLibvirt implements Libvirt {
 
   async domainXml(nameOrUuid: string): Promise<string> {
     return this.run(['dumpxml', '--domain', nameOrUuid]);
+  }
+
+  async domainsMany(namesOrUuids: readonly string[]): Promise<Array<DomainInfo | undefined>> {
+    const domains: Array<DomainInfo | undefined> = [];
+    for (let start = 0; start < namesOrUuids.length; start += this.batchSize) {
+      const batch = namesOrUuids.slice(start, start + this.batchSize);
+      const sections = await this.runBatch(
+        batch.flatMap((id) => [
+          ['domstate', '--domain', id],
+          ['dumpxml', '--domain', id],
+        ]),
+        false,
+      );
+      batch.forEach((_id, index) => {
+        const state = sections[2 * index] ?? '';
+        const document = sections[2 * index + 1] ?? '';
+        domains.push(document.trim() === '' || state.trim() === '' ? undefined : { ...parseDomainXml(document), state: parseDomainState(state) });
+      });
+    }
+    return domains;
   }
 
   async redefineMany(documents: readonly string[]): Promise<string[]> {

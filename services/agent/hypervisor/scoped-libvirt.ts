@@ -31,6 +31,12 @@ export function scopedLibvirt(inner: Libvirt, directory: string): Libvirt {
     uri: inner.uri,
     listDomains: async () => (await inner.listDomains()).filter(belongs),
     domain: visible,
+    ...(inner.domainsMany
+      ? {
+          domainsMany: async (namesOrUuids: readonly string[]) =>
+            (await inner.domainsMany!(namesOrUuids)).map((domain) => (domain && belongs(domain) ? domain : undefined)),
+        }
+      : {}),
     domainXml: async (nameOrUuid) => {
       await visible(nameOrUuid);
       return inner.domainXml(nameOrUuid);
