@@ -6,7 +6,11 @@
  *   network-config), so each clone also gets its own cloud-init seed disk; goal <= 20 ms per clone;
  * - per-clone-process: the 2011 tool's method, one process per step per clone (qemu-img create, then
  *   virsh define);
- * - copy: a full copy of the base per clone (cp), then virsh define.
+ * - copy: a full copy of the base per clone (cp), then virsh define;
+ * - cowherd-rebase: the 100 (shut off) clones of the first row moved onto version 2 of the image with one
+ *   AgentService.RebaseClones call (as the cloning service batches a host's clones): a fresh overlay per clone
+ *   on version 2's disk swapped in by rename, the domains redefined; no guest shutdown or boot (they are off).
+ *   bytes_per_clone = allocated bytes of the new overlays; goal <= 15 ms and <= 512 KiB per clone.
  * Prints one JSON line per method: {"method","clones","ms_per_clone","bytes_per_clone","base_unchanged"}.
  * Goal for cowherd: <= 15 ms and <= 512 KiB per clone; for cowherd-identity <= 20 ms per clone. Root (private libvirtd). BENCH_CLONES overrides 100.
  */
@@ -15,7 +19,10 @@ import { execFile } from 'node:child_process';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { AgentServiceClient, type RebaseCloneResult } from '../services/gen/cowherd/agent/v1/agent_service.js';
 import { CloneVirtualMachinesResponse, Placement_Strategy } from '../services/gen/cowherd/cloning/v1/cloning_service.js';
+import { createClient } from '../services/common/platform/client.js';
+import { mutualTlsChannelCredentialsFromPem } from '../services/common/platform/tls.js';
 import { GuestConfiguration } from '../services/gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../services/gen/google/longrunning/operations.js';
 import { unpack } from '../services/common/domain/operations.js';
@@ -132,6 +139,59 @@ async function main(): Promise<void> {
     let started: number;
     let elapsed: number;
     let bytes: number;
+
+    // cowherd-rebase: version 2 laid out beside version 1 (its storage key `<image>_v2`) as distribution
+    // leaves a replica, then the first row's clones (shut off) moved onto it in one call.
+    await run('cp', ['-a', join(stack.imageDirectory, 'images', image), join(stack.imageDirectory, 'images', `${image}_v2`)]);
+    // The reporter reads the 200 domains the rows above defined (a qemu-img process per disk, four at a time)
+    // for several seconds: let it finish, or the row measures that on two cores instead of the rebase.
+    await new Promise((resolve) => setTimeout(resolve, 15_000));
+    const agentClient = createClient(
+      AgentServiceClient,
+      stack.agent.address,
+      mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', 'cloning')), caPem: stack.pki.ca.certificatePem }),
+      { defaultDeadlineMs: 600_000 },
+    );
+    try {
+      const apiNames = Array.from({ length: CLONES }, (_, i) => `${image}-api-${i + 1}`);
+      const rebasesBefore = stack.agent.logs.filter((line) => line['msg'] === 'rebase done').length;
+      started = performance.now();
+      const rebased = await call<{ results: RebaseCloneResult[] }>((cb) =>
+        agentClient.rebaseClones(
+          {
+            imageVersion: `images/${image}/versions/2`,
+            virtualMachines: apiNames.map((name) => `hosts/bench-host/virtualMachines/${name}`),
+            restart: false,
+            newInstanceId: false,
+            shutdownTimeout: undefined,
+            operation: '',
+          },
+          cb,
+        ),
+      );
+      elapsed = performance.now() - started;
+      bytes = 0;
+      for (const name of apiNames) bytes += await diskUsage(join(stack.imageDirectory, 'clones', name, 'vda.qcow2'));
+      const batch = stack.agent.logs.filter((line) => line['msg'] === 'rebase done')[rebasesBefore];
+      const swapMs = rebased.results.reduce(
+        (sum, result) => sum + Number(result.swapDuration?.seconds ?? 0) * 1000 + (result.swapDuration?.nanos ?? 0) / 1e6,
+        0,
+      );
+      results.push({
+        method: 'cowherd-rebase',
+        clones: CLONES,
+        ms_per_clone: round(elapsed / CLONES),
+        bytes_per_clone: Math.round(bytes / CLONES),
+        base_unchanged: (await sha256(base)) === baseHash,
+        failed: rebased.results.filter((result) => result.status && result.status.code !== 0).length,
+        swap_ms_per_clone: round(swapMs / CLONES),
+        agent_phases: batch
+          ? { inspect_ms: batch['inspectMs'], prepare_ms: batch['prepareMs'], define_ms: batch['defineMs'], finish_ms: batch['finishMs'] }
+          : {},
+      });
+    } finally {
+      agentClient.close();
+    }
 
     // The 2011 tool's method: a process per step per clone.
     const template = { xml: await readFile(join(stack.imageDirectory, 'images', image, 'domain-template.xml'), 'utf8') };
