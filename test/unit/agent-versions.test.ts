@@ -16,6 +16,9 @@ import { renderClone } from '../../services/agent/hypervisor/domain-xml/clone-re
 import { attachDataDisk } from '../../services/agent/hypervisor/domain-xml/data-disk-attachment.js';
 import { attachSeedImage } from '../../services/agent/hypervisor/domain-xml/seed-attachment.js';
 import { buildSeedImage, readSeedImage, withNewInstanceId } from '../../services/agent/hypervisor/seed-image.js';
+import { toVirtualMachine } from '../../services/agent/host/reporter.js';
+import { DiskFormat } from '../../services/gen/cowherd/common/v1/types.js';
+import { Disk } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import {
   exportWorkDirectory,
   rebaseWorkFile,
@@ -128,6 +131,59 @@ describe('agent: versions, data disks, rebase helpers', () => {
     assert.equal(renewed.label, 'cidata');
     assert.equal(renewed.files.get('meta-data')?.toString('utf8'), 'instance-id: "new-id"\nlocal-hostname: "web-1"\n');
     assert.equal(renewed.files.get('user-data')?.toString('utf8'), '#cloud-config\n');
+  });
+
+  test('the reporter shows the exact version, the previous one and the persistent disks; old clones by their backing file', () => {
+    const disks = [
+      Disk.fromPartial({
+        target: 'vda',
+        path: '/d/clones/c1/vda.qcow2',
+        format: DiskFormat.DISK_FORMAT_QCOW2,
+        backingChain: [{ path: '/d/images/x_v2/disk-0.qcow2', format: DiskFormat.DISK_FORMAT_QCOW2 }],
+      }),
+      Disk.fromPartial({ target: 'vdb', path: '/d/clones/c1/data.qcow2', format: DiskFormat.DISK_FORMAT_QCOW2 }),
+    ];
+    const domain = { name: 'c1', uuid: 'U', state: 'shut off' as const, domainType: 'qemu', vcpus: 1, memoryBytes: 1, disks: [] };
+    const rebased = toVirtualMachine(
+      'h',
+      {
+        ...domain,
+        clone: {
+          source: { image: 'images/x' },
+          operation: '',
+          requestId: '',
+          imageVersion: 'images/x/versions/3',
+          previousImageVersion: 'images/x/versions/2',
+          persistentDisks: ['vdb'],
+        },
+      },
+      disks,
+    );
+    assert.deepEqual(
+      [
+        rebased.sourceImage,
+        rebased.sourceImageVersion,
+        rebased.lineage?.image,
+        rebased.lineage?.imageVersion,
+        rebased.lineage?.previousImageVersion,
+        rebased.lineage?.replica,
+      ],
+      ['images/x', 'images/x/versions/3', 'images/x', 'images/x/versions/3', 'images/x/versions/2', 'hosts/h/images/x/versions/3'],
+    );
+    assert.deepEqual(
+      rebased.disks.map((disk) => [disk.target, disk.persistent]),
+      [
+        ['vda', false],
+        ['vdb', true],
+      ],
+    );
+    // Made before versions existed: the record names only the image; the backing file says version 2.
+    const old = toVirtualMachine('h', { ...domain, clone: { source: { image: 'images/x' }, operation: '', requestId: '' } }, disks);
+    assert.equal(old.sourceImageVersion, 'images/x/versions/2');
+    assert.equal(old.lineage?.replica, 'hosts/h/images/x/versions/2');
+    assert.ok(old.disks.every((disk) => !disk.persistent));
+    const noBacking = toVirtualMachine('h', { ...domain, clone: { source: { image: 'images/x' }, operation: '', requestId: '' } }, [disks[1]!]);
+    assert.equal(noBacking.sourceImageVersion, 'images/x/versions/1');
   });
 
   test('storage keys name distinct replica directories, state files and work files', () => {
