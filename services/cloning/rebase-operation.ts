@@ -218,7 +218,7 @@ async function moveWave(
       };
       let response: RebaseClonesResponse;
       try {
-        response = await deps.agents.rebaseClones(host!, agentRequest, signal);
+        response = await rebaseWithRetries(() => deps.agents.rebaseClones(host!, agentRequest, signal), signal);
       } catch (error) {
         throwIfAborted(signal);
         context.log.warn({ err: error, host: hostName }, 'RebaseClones failed for the whole call');
@@ -231,6 +231,29 @@ async function moveWave(
       await persist();
     }
   });
+}
+
+/** How long a host's RebaseClones is tried again while its agent does not answer (a restart, a short cut). */
+const AGENT_RETRY_MS = 90_000;
+
+/**
+ * Calls the agent, again while it does not answer (UNAVAILABLE, DEADLINE_EXCEEDED), for up to AGENT_RETRY_MS with
+ * growing pauses. RebaseClones is idempotent (a clone already on the target is OK, its clone.rebased keeps its
+ * id), so an agent that died in the middle of a call finishes the move on the retry and reports every clone
+ * as it stands, instead of the operation calling moved clones failed.
+ */
+async function rebaseWithRetries(call: () => Promise<RebaseClonesResponse>, signal: AbortSignal): Promise<RebaseClonesResponse> {
+  const started = Date.now();
+  for (let pause = 1_000; ; pause = Math.min(pause * 2, 10_000)) {
+    try {
+      return await call();
+    } catch (error) {
+      const code = (error as Partial<ServiceError>).code;
+      const transient = code === GrpcStatus.UNAVAILABLE || code === GrpcStatus.DEADLINE_EXCEEDED;
+      if (!transient || signal.aborted || Date.now() - started + pause > AGENT_RETRY_MS) throw error;
+      await new Promise((resolve) => setTimeout(resolve, pause));
+    }
+  }
 }
 
 /** Copies the agent's per-clone results; a clone it did not answer for fails INTERNAL. */
