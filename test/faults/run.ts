@@ -6,6 +6,9 @@
  * Progress and the reasons behind a failed row go to stderr; every process's log lines to
  * `.state/faults/logs/` (replaced on each run).
  *
+ * After those rows, rebase-faults.ts's rows hit a RebaseVirtualMachines of ten clones onto a second image version
+ * (agent and cloning service SIGKILLed mid-move).
+ *
  * `COWHERD_FAULTS=nats-node-restart,cloning-kill npm run test:faults` runs only those rows (names below; the
  * damage rows need an image on every receiver and run a fault-free baseline row first when no earlier row
  * left one). `COWHERD_FAULTS=controls` runs the negative controls (controls.ts): rows in which the suite breaks an
@@ -24,6 +27,7 @@ import { PROCESS_FAULTS } from './process-faults.js';
 import { runRow, RECOVERY_BOUND_SECONDS, type FaultRow, type RowResult, type SuiteState } from './row.js';
 import { STORAGE_FAULTS } from './storage-faults.js';
 import { CONTROLS } from './controls.js';
+import { REBASE_FAULTS, runRebaseRow } from './rebase-faults.js';
 
 /** Every row, in the order they run. */
 export const ALL_FAULTS: readonly FaultRow[] = [...NATS_FAULTS, ...PROCESS_FAULTS, ...STORAGE_FAULTS, ...NETWORK_FAULTS];
@@ -52,12 +56,15 @@ async function main(): Promise<number> {
     .map((name) => name.trim())
     .filter(Boolean);
   const known = [...ALL_FAULTS, ...CONTROLS];
-  const unknown = wanted.filter((name) => name !== 'controls' && !known.some((row) => row.fault === name));
+  const unknown = wanted.filter((name) => name !== 'controls' && !known.some((row) => row.fault === name) && !REBASE_FAULTS.some((row) => row.fault === name));
   if (unknown.length > 0) {
-    process.stderr.write(`faults: COWHERD_FAULTS names unknown faults ${unknown.join(', ')}; known: ${known.map((row) => row.fault).join(', ')}, controls\n`);
+    process.stderr.write(
+      `faults: COWHERD_FAULTS names unknown faults ${unknown.join(', ')}; known: ${[...known, ...REBASE_FAULTS].map((row) => row.fault).join(', ')}, controls\n`,
+    );
     return 2;
   }
   const rows = wanted.length === 0 ? ALL_FAULTS : known.filter((row) => wanted.includes(row.fault) || (row.control && wanted.includes('controls')));
+  const rebaseRows = wanted.length === 0 ? REBASE_FAULTS : REBASE_FAULTS.filter((row) => wanted.includes(row.fault));
   const logDirectory = join(REPOSITORY, '.state', 'faults', 'logs');
   await rm(logDirectory, { recursive: true, force: true });
 
@@ -83,7 +90,7 @@ async function main(): Promise<number> {
   try {
     const fleet = await startFaultFleet(resources, logDirectory);
     fleet.say(
-      `fleet up in ${((Date.now() - started) / 1000).toFixed(0)} s; ${rows.length} faults; bound ${RECOVERY_BOUND_SECONDS} s after each fault ends; logs in ${logDirectory}`,
+      `fleet up in ${((Date.now() - started) / 1000).toFixed(0)} s; ${rows.length + rebaseRows.length} faults; bound ${RECOVERY_BOUND_SECONDS} s after each fault ends; logs in ${logDirectory}`,
     );
     const state: SuiteState = { bases: new Map(), lastImage: undefined, rowIndex: 0 };
     for (const row of rows) {
@@ -102,6 +109,15 @@ async function main(): Promise<number> {
       } else {
         results.push(result);
       }
+      fleet.say(`${row.fault} took ${((Date.now() - rowStarted) / 1000).toFixed(0)} s`);
+    }
+    // Rows whose work is a rebase (recompose) of clones onto a second version of their image.
+    for (const row of rebaseRows) {
+      await fleetWhole(fleet);
+      const rowStarted = Date.now();
+      const result = await runRebaseRow(fleet, state, row);
+      process.stdout.write(`${JSON.stringify(result)}\n`);
+      results.push(result);
       fleet.say(`${row.fault} took ${((Date.now() - rowStarted) / 1000).toFixed(0)} s`);
     }
   } catch (error) {
