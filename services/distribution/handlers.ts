@@ -7,7 +7,6 @@ import { checkDeleteImage, collectReplicas, deleteReplica, type DeletionDeps, ty
 import { checkPublish, publishingRecord, type PublishDeps, type publishOperationKind } from './publish.js';
 import { claimVersion, updateImage } from './image-heads.js';
 import { collectImageGarbage, type GarbageDeps } from './garbage.js';
-import { Image, Image_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { checkImport, initialImportMetadata, type importOperationKind } from './import.js';
 import { checkDistribute, initialDistributeMetadata, type DistributeDeps, type distributeOperationKind } from './distribute.js';
 
@@ -56,19 +55,7 @@ export function distributionHandlers(options: DistributionHandlersDeps): Partial
       if (existing) return operations.start(options.importImage, request, undefined as never, request.requestId);
       const host = await checkImport(request, deps);
       const now = new Date();
-      const claimed = await claimVersion(deps, request.imageId, (name, version) =>
-        Image.fromPartial({
-          name,
-          version: String(version),
-          description: request.description,
-          labels: request.labels,
-          hypervisor: host.hypervisor,
-          state: Image_State.STATE_PUBLISHING,
-          originHost: host.name,
-          createTime: now,
-          updateTime: now,
-        }),
-      );
+      const claimed = await claimVersion(deps, request.imageId, (name, version) => publishingRecord(request, host, name, version, now));
       return startClaimed(deps, claimed, options.importImage, request, initialImportMetadata(request, host, claimed.name), request.requestId);
     },
     distributeImage: async (request) => {

@@ -22,7 +22,7 @@ import { IMAGE_AVAILABLE, IMAGE_PUBLISHED } from '../common/domain/event-types.j
 import type { OperationKind } from '../common/domain/operations.js';
 import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_ID, IMAGE_NAME, imageNameOfKey, imageVersionNameOfKey, parseImageKey } from '../common/domain/resource-names.js';
 import { forgetVersion, setLatest } from './image-heads.js';
-import type { PublishDeps } from './publish.js';
+import { publishingRecord, type PublishDeps } from './publish.js';
 
 /** The import stream's outer bound: the stall watchdog decides, as for exports. */
 const IMPORT_MAX_MS = 24 * 3_600_000;
@@ -157,17 +157,7 @@ export function importOperationKind(deps: PublishDeps): OperationKind<ImportImag
           }
           if (current && current.state !== Image_State.STATE_FAILED) return undefined;
           claimed = true;
-          return Image.fromPartial({
-            name,
-            version: String(version),
-            description: request.description,
-            labels: request.labels,
-            hypervisor: host.hypervisor,
-            state: Image_State.STATE_PUBLISHING,
-            originHost: host.name,
-            createTime: now,
-            updateTime: now,
-          });
+          return publishingRecord(request, host, name, version, now);
         });
         if (!claimed) throw CowherdError.alreadyExists(name);
         await context.checkpoint({ state: { claimed: true } });

@@ -200,8 +200,17 @@ export function publishOperationKind(deps: PublishDeps): OperationKind<PublishIm
   };
 }
 
-/** The PUBLISHING record of a publish's version (the handler's claim, and a run that finds none). */
-export function publishingRecord(request: PublishImageRequest, host: Host, name: string, version: number, now = new Date()): Image {
+/**
+ * The PUBLISHING record of a publish's or an import's version (the handler's claim, and a run that finds none);
+ * an import has no source virtual machine.
+ */
+export function publishingRecord(
+  request: Pick<PublishImageRequest, 'description' | 'labels'> & { readonly sourceVirtualMachine?: string },
+  host: Host,
+  name: string,
+  version: number,
+  now = new Date(),
+): Image {
   return Image.fromPartial({
     name,
     version: String(version),
@@ -209,7 +218,7 @@ export function publishingRecord(request: PublishImageRequest, host: Host, name:
     labels: request.labels,
     hypervisor: host.hypervisor,
     state: Image_State.STATE_PUBLISHING,
-    sourceVirtualMachine: request.sourceVirtualMachine,
+    sourceVirtualMachine: request.sourceVirtualMachine ?? '',
     originHost: host.name,
     createTime: now,
     updateTime: now,

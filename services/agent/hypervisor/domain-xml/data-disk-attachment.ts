@@ -10,7 +10,7 @@ import { updateCloneMetadata } from './clone-metadata.js';
 import type { HypervisorKind } from './clone-rendering.js';
 import { DomainXmlError } from './errors.js';
 import { assertInsideDirectory } from './safe-paths.js';
-import { buildDocument, elementChildren, firstChild, newElement, parseDomainDocument, type XmlElement } from './xml-tree.js';
+import { buildDocument, diskDevices, firstChild, newElement, parseDomainDocument, type XmlElement } from './xml-tree.js';
 
 /** Where the data disk was attached. */
 export interface DataDiskAttachment {
@@ -32,13 +32,7 @@ export async function attachDataDisk(
 ): Promise<DataDiskAttachment> {
   const diskPath = await assertInsideDirectory(path.resolve(options.cloneDirectory), options.diskPath, 'data_disk_path');
   const parsed = parseDomainDocument(xml);
-  let devices = firstChild(parsed.domain, 'devices');
-  if (!devices) {
-    devices = newElement('devices');
-    parsed.domain.children.push(devices);
-  }
-  const disks = elementChildren(devices, 'disk');
-  const used = new Set(disks.map((disk) => firstChild(disk, 'target')?.attributes.get('dev') ?? '').filter((dev) => dev !== ''));
+  const { devices, disks, usedTargets: used } = diskDevices(parsed.domain);
   const system = disks.find((disk) => (disk.attributes.get('device') ?? 'disk') === 'disk');
   const bus = options.hypervisor === 'xen' ? 'xen' : system ? busOf(system) : 'virtio';
   const prefix = PREFIX_OF_BUS[bus] ?? 'sd';

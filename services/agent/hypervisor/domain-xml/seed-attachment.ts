@@ -12,7 +12,7 @@ import path from 'node:path';
 import { DomainXmlError } from './errors.js';
 import { assertInsideDirectory } from './safe-paths.js';
 import type { HypervisorKind } from './clone-rendering.js';
-import { buildDocument, elementChildren, firstChild, localName, newElement, parseDomainDocument, type XmlElement } from './xml-tree.js';
+import { buildDocument, diskDevices, elementChildren, firstChild, localName, newElement, parseDomainDocument, type XmlElement } from './xml-tree.js';
 
 /** Where the seed was attached. */
 export interface SeedAttachment {
@@ -33,13 +33,7 @@ export async function attachSeedImage(
 ): Promise<SeedAttachment> {
   const seedPath = await assertInsideDirectory(path.resolve(options.cloneDirectory), options.seedPath, 'seed_path');
   const parsed = parseDomainDocument(xml);
-  let devices = firstChild(parsed.domain, 'devices');
-  if (!devices) {
-    devices = newElement('devices');
-    parsed.domain.children.push(devices);
-  }
-  const disks = elementChildren(devices, 'disk');
-  const used = new Set(disks.map((disk) => firstChild(disk, 'target')?.attributes.get('dev') ?? '').filter((dev) => dev !== ''));
+  const { devices, disks, usedTargets: used } = diskDevices(parsed.domain);
   const buses = disks.map((disk) => busOf(disk));
   let device: 'disk' | 'cdrom';
   let bus: string;

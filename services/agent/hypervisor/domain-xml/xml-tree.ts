@@ -226,6 +226,18 @@ export function newElement(name: string, attributes: Record<string, string> = {}
 }
 
 /** Visits every element below `root` (not root itself) with its path of element names, e.g. "devices/disk/source". */
+/** A domain's `<devices>` (added when missing), its `<disk>` children and the target devices they take. */
+export function diskDevices(domain: XmlElement): { devices: XmlElement; disks: XmlElement[]; usedTargets: Set<string> } {
+  let devices = firstChild(domain, 'devices');
+  if (!devices) {
+    devices = newElement('devices');
+    domain.children.push(devices);
+  }
+  const disks = elementChildren(devices, 'disk');
+  const usedTargets = new Set(disks.map((disk) => firstChild(disk, 'target')?.attributes.get('dev') ?? '').filter((dev) => dev !== ''));
+  return { devices, disks, usedTargets };
+}
+
 export function walk(root: XmlElement, visit: (element: XmlElement, elementPath: string) => void, prefix = ''): void {
   for (const child of elementChildren(root)) {
     const elementPath = prefix === '' ? child.name : `${prefix}/${child.name}`;
