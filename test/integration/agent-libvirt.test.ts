@@ -259,6 +259,7 @@ describe('qemu:///system (private libvirtd)', { skip: isRoot ? false : 'needs ro
     const disks = createQemuImgDiskInspector({ log });
     const missing = await disks.inspect({ target: 'vdb', device: 'disk', type: 'file', sourcePath: path.join(directory, 'missing.qcow2'), format: 'qcow2' });
     assert.deepEqual(missing, {
+      persistent: false,
       target: 'vdb',
       path: path.join(directory, 'missing.qcow2'),
       format: DiskFormat.DISK_FORMAT_QCOW2,
