@@ -18,13 +18,16 @@
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { runCommand } from '../../services/common/platform/child-process.js';
+import { call } from '../../services/common/platform/client.js';
+import { HOST_NAME } from '../../services/common/domain/resource-names.js';
+import { Host_State, type Host } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { Resources } from '../harness/index.js';
 import { REPOSITORY } from '../harness/processes.js';
-import { ORIGIN, RECEIVERS, startFaultFleet, type FaultFleet } from './fleet.js';
+import { HOSTS, ORIGIN, RECEIVERS, startFaultFleet, type FaultFleet } from './fleet.js';
 import { NATS_FAULTS } from './nats-faults.js';
 import { NETWORK_FAULTS } from './network-faults.js';
 import { PROCESS_FAULTS } from './process-faults.js';
-import { runRow, RECOVERY_BOUND_SECONDS, type FaultRow, type RowResult, type SuiteState } from './row.js';
+import { runRow, RECOVERY_BOUND_SECONDS, sleep, type FaultRow, type RowResult, type SuiteState } from './row.js';
 import { STORAGE_FAULTS } from './storage-faults.js';
 import { CONTROLS } from './controls.js';
 import { REBASE_FAULTS, runRebaseRow } from './rebase-faults.js';
@@ -144,6 +147,23 @@ async function fleetWhole(fleet: FaultFleet): Promise<void> {
   for (const service of [fleet.distribution, fleet.cloning]) if (!service.process) await service.start();
   for (const agent of fleet.agents.values()) if (!agent.daemon) await agent.start();
   await runCommand('bash', [join(REPOSITORY, 'scripts/libvirtd.sh'), 'status']).catch(() => fleet.say('libvirtd is not running'));
+  // A host the last fault left UNREACHABLE (its heartbeats failed while NATS was down) turns READY with its next
+  // heartbeat; the next row's clones would otherwise be refused for it.
+  const deadline = Date.now() + 120_000;
+  for (const host of HOSTS) {
+    for (;;) {
+      const state = await call<Host>((cb) => fleet.clients.inventory.getHost({ name: HOST_NAME.format({ host }) }, cb)).then(
+        (answer) => answer.state,
+        () => undefined,
+      );
+      if (state === Host_State.STATE_READY) break;
+      if (Date.now() > deadline) {
+        fleet.say(`${host} is not READY between rows (${state === undefined ? 'no answer' : Host_State[state]})`);
+        break;
+      }
+      await sleep(500);
+    }
+  }
 }
 
 main().then(
