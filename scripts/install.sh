@@ -7,7 +7,7 @@
 # One line per step on stdout; the full output of every step goes to <state>/logs/install.log
 # (state = $COWHERD_STATE_DIR, default <repo>/.state). Works as root with CI=true and no stdin.
 # It starts no daemon: scripts/libvirtd.sh starts libvirtd, the fleet scripts start NATS, bench:distribution
-# starts its own deluged instances.
+# starts its own deluged, uftpd and ganesha.nfsd instances.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -51,12 +51,16 @@ APT_PACKAGES=(
   mktorrent                  # bench:distribution: the 2011 tool's torrent maker
   deluged                    # bench:distribution: the 2011 tool's BitTorrent daemon (libtorrent)
   deluge-console             # bench:distribution: adds the torrents to the deluged daemons
+  uftp                       # bench:distribution: reliable multicast (uftp on the origin, uftpd per receiver)
+  nfs-ganesha                # bench:distribution: user-space NFS server on the origin (the kernel has no nfsd)
+  nfs-ganesha-vfs            # bench:distribution: ganesha's FSAL_VFS, exporting the origin's directory
+  libnfs-utils               # bench:distribution: nfs-cp, a user-space NFS client (the kernel has no NFS client)
 )
 
 # Commands that must exist afterwards (a package can be "installed" yet broken or diverted).
 REQUIRED_COMMANDS=(
   git xz mkfs.ext4 ip busybox unshare nsenter nats-server qemu-img qemu-system-x86_64
-  libvirtd virtlogd virsh vhdiinfo tc iptables curl aria2c mktorrent deluged deluge-console
+  libvirtd virtlogd virsh vhdiinfo tc iptables curl aria2c mktorrent deluged deluge-console uftp uftpd ganesha.nfsd nfs-cp
   go protoc protoc-gen-go protoc-gen-go-grpc
 )
 
@@ -75,7 +79,8 @@ apt_get() {
   apt-get -q -y -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0 "$@"
 }
 
-# Keeps package maintainer scripts from starting daemons (nats-server, libvirtd, virtlogd, deluged): on a machine
+# Keeps package maintainer scripts from starting daemons (nats-server, libvirtd, virtlogd, deluged, uftpd,
+# ganesha.nfsd, rpcbind): on a machine
 # without systemd as PID 1, invoke-rc.d would otherwise start a plain libvirtd that sees /dev/kvm and stalls every
 # call.
 # Leaves an existing policy-rc.d alone.
