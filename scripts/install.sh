@@ -80,9 +80,8 @@ apt_get() {
 }
 
 # Keeps package maintainer scripts from starting daemons (nats-server, libvirtd, virtlogd, deluged, uftpd,
-# ganesha.nfsd, rpcbind): on a machine
-# without systemd as PID 1, invoke-rc.d would otherwise start a plain libvirtd that sees /dev/kvm and stalls every
-# call.
+# ganesha.nfsd, rpcbind): on a machine without systemd as PID 1, invoke-rc.d would otherwise start a plain libvirtd
+# that sees /dev/kvm and stalls every call.
 # Leaves an existing policy-rc.d alone.
 POLICY_RC_D=/usr/sbin/policy-rc.d
 POLICY_RC_D_OURS=0
