@@ -7,11 +7,22 @@
  * Both torrent methods announce to bittorrent-tracker on the control host; receivers keep seeding until the
  * last one has its copy, the origin seeds throughout.
  */
-import { access, chmod, mkdir, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runCommand, type Daemon } from '../services/common/platform/child-process.js';
-import { CONTROL, ORIGIN, Stopwatch, receiverHosts, waitUntil, type BenchImage, type DistributionMethod } from './distribution-method.js';
+import {
+  CONTROL,
+  ORIGIN,
+  Stopwatch,
+  receiverHosts,
+  stopAll,
+  transferTimeoutMs,
+  waitForCopies,
+  waitUntil,
+  type BenchImage,
+  type DistributionMethod,
+} from './distribution-method.js';
 import type { TestBed } from './testbed.js';
 
 const REPOSITORY = fileURLToPath(new URL('..', import.meta.url));
@@ -21,11 +32,6 @@ const BITTORRENT_PORT = 6881;
 const DELUGE_DAEMON_PORT = 58846;
 /** 2^22 = 4 MiB pieces. */
 const PIECE_LENGTH_EXPONENT = 22;
-
-/** Generous: the slowest method (HTTP fan-out) needs about receivers x S/B. */
-function transferTimeoutMs(bed: TestBed, image: BenchImage): number {
-  return Math.round(((receiverHosts(bed).length + 4) * image.bytes * 1000) / bed.rateBytesPerSecond) + 120_000;
-}
 
 /** Starts a Node script of this folder inside a host's namespace. */
 function startNodeScript(bed: TestBed, host: string, script: string, args: readonly string[], onLine?: (line: string) => void): Promise<Daemon> {
@@ -90,11 +96,6 @@ async function startSwarm(bed: TestBed, image: BenchImage): Promise<{ tracker: D
 function originSeeding(bed: TestBed, announces: readonly Announce[]): Promise<void> {
   const origin = bed.address(ORIGIN);
   return waitUntil('the origin to announce as a seed', () => announces.some((announce) => announce.ip === origin && announce.left === 0), 120_000);
-}
-
-/** Stops processes in parallel, ignoring the ones already gone. */
-async function stopAll(daemons: Iterable<Daemon>): Promise<void> {
-  await Promise.all([...daemons].map((daemon) => daemon.stop(3_000)));
 }
 
 /**
@@ -245,41 +246,3 @@ export const aria2: DistributionMethod = async (bed, image) => {
     await stopAll(daemons);
   }
 };
-
-/**
- * Polls every 50 ms until each receiver's completion signal (a file) exists, recording each on the stopwatch;
- * fails early when one of the method's processes died.
- */
-async function waitForCopies(
-  bed: TestBed,
-  image: BenchImage,
-  receivers: readonly string[],
-  copies: readonly string[],
-  stopwatch: Stopwatch,
-  daemons: readonly Daemon[],
-  signal: (copy: string) => string = (copy) => copy,
-): Promise<void> {
-  let died: Daemon | undefined;
-  for (const daemon of daemons) void daemon.exited.then(() => (died ??= daemon));
-  const pending = new Set(receivers.keys());
-  await waitUntil(
-    'every receiver to complete',
-    async () => {
-      if (died !== undefined) throw new Error(`a process of the method exited early: ${died.output().slice(-2000)}`);
-      for (const index of [...pending]) {
-        if (
-          await access(signal(copies[index]!)).then(
-            () => true,
-            () => false,
-          )
-        ) {
-          stopwatch.finished(receivers[index]!);
-          pending.delete(index);
-        }
-      }
-      return pending.size === 0;
-    },
-    transferTimeoutMs(bed, image),
-    50,
-  );
-}

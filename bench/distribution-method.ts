@@ -8,7 +8,8 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { access, stat } from 'node:fs/promises';
+import type { Daemon } from '../services/common/platform/child-process.js';
 import type { TestBed } from './testbed.js';
 
 /** The host that holds the image at the start. */
@@ -39,6 +40,11 @@ export interface MethodResult {
   readonly allVerified: boolean;
   /** S when the method moved other bytes than the raw image (cowherd: the qcow2 disk and the template). */
   readonly bytes?: number;
+  /**
+   * CPU-seconds all receivers' processes used in T (the test bed's per-host cgroups: user and system time,
+   * processes that exited included); undefined when the machine has no CPU accounting.
+   */
+  readonly receiversCpuSeconds: number | undefined;
   /** Per receiver: seconds until it held its copy, and bytes its eth0 sent in T (what it shared). */
   readonly perReceiver: ReadonlyArray<{ readonly host: string; readonly seconds: number; readonly txBytes: number }>;
 }
@@ -46,10 +52,11 @@ export interface MethodResult {
 /** A method of distributing the image from ORIGIN to every receiver host. */
 export type DistributionMethod = (bed: TestBed, image: BenchImage) => Promise<MethodResult>;
 
-/** Times one distribution and counts the origin's transmitted bytes over the same interval. */
+/** Times one distribution and counts the origin's transmitted bytes and the receivers' CPU over the same interval. */
 export class Stopwatch {
   private startedAt = 0;
   private txAtStart = new Map<string, number>();
+  private cpuAtStart: number | undefined;
   private readonly finishedAt = new Map<string, number>();
 
   constructor(private readonly bed: TestBed) {}
@@ -57,6 +64,7 @@ export class Stopwatch {
   /** Call when everything is ready and the first receiver is about to be told to fetch. */
   async start(): Promise<void> {
     this.txAtStart = await this.txBytes();
+    this.cpuAtStart = this.receiversCpuSeconds();
     this.startedAt = performance.now();
   }
 
@@ -68,6 +76,7 @@ export class Stopwatch {
   /** Once every receiver finished: T, and the origin's bytes read now (call it right after the last finish). */
   async result(receivers: readonly string[], copies: readonly string[], image: BenchImage): Promise<MethodResult> {
     const tx = await this.txBytes();
+    const cpu = this.receiversCpuSeconds();
     const sent = (host: string): number => (tx.get(host) ?? 0) - (this.txAtStart.get(host) ?? 0);
     const missing = receivers.filter((receiver) => !this.finishedAt.has(receiver));
     if (missing.length > 0) throw new Error(`receivers never finished: ${missing.join(', ')}`);
@@ -75,9 +84,21 @@ export class Stopwatch {
     return {
       seconds: (last - this.startedAt) / 1000,
       originTxBytes: sent(ORIGIN),
+      receiversCpuSeconds: cpu === undefined || this.cpuAtStart === undefined ? undefined : cpu - this.cpuAtStart,
       allVerified: await verifyCopies(copies, image),
       perReceiver: receivers.map((host) => ({ host, seconds: (this.finishedAt.get(host)! - this.startedAt) / 1000, txBytes: sent(host) })),
     };
+  }
+
+  /** Sum of every receiver's CPU-seconds so far, or undefined without CPU accounting. */
+  private receiversCpuSeconds(): number | undefined {
+    let total = 0;
+    for (const host of receiverHosts(this.bed)) {
+      const seconds = this.bed.cpuSeconds(host);
+      if (seconds === undefined) return undefined;
+      total += seconds;
+    }
+    return total;
   }
 
   /** The origin's counter first: it is the one that must be read right at the start and the end. */
@@ -118,4 +139,53 @@ export async function waitUntil(what: string, condition: () => boolean | Promise
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, intervalMs));
   }
+}
+
+/** Generous: the slowest method (HTTP fan-out) needs about receivers x S/B. */
+export function transferTimeoutMs(bed: TestBed, image: BenchImage): number {
+  return Math.round(((receiverHosts(bed).length + 4) * image.bytes * 1000) / bed.rateBytesPerSecond) + 120_000;
+}
+
+/** Stops processes in parallel, ignoring the ones already gone. */
+export async function stopAll(daemons: Iterable<Daemon>): Promise<void> {
+  await Promise.all([...daemons].map((daemon) => daemon.stop(3_000)));
+}
+
+/**
+ * Polls every 50 ms until each receiver's completion signal (a file) exists, recording each on the stopwatch;
+ * fails early when one of the method's processes died.
+ */
+export async function waitForCopies(
+  bed: TestBed,
+  image: BenchImage,
+  receivers: readonly string[],
+  copies: readonly string[],
+  stopwatch: Stopwatch,
+  daemons: readonly Daemon[],
+  signal: (copy: string) => string = (copy) => copy,
+): Promise<void> {
+  let died: Daemon | undefined;
+  for (const daemon of daemons) void daemon.exited.then(() => (died ??= daemon));
+  const pending = new Set(receivers.keys());
+  await waitUntil(
+    'every receiver to complete',
+    async () => {
+      for (const index of [...pending]) {
+        if (
+          await access(signal(copies[index]!)).then(
+            () => true,
+            () => false,
+          )
+        ) {
+          stopwatch.finished(receivers[index]!);
+          pending.delete(index);
+        }
+      }
+      // After the check: a sender that exits once every receiver is done (uftp) has not failed.
+      if (pending.size > 0 && died !== undefined) throw new Error(`a process of the method exited early: ${died.output().slice(-2000)}`);
+      return pending.size === 0;
+    },
+    transferTimeoutMs(bed, image),
+    50,
+  );
 }

@@ -6,17 +6,26 @@
  *
  * Hygiene: IPv6 is off (no neighbour discovery or MLD chatter in the byte counters) and each host drops, with
  * iptables, anything it would send off 198.18.0.0/15 (multicast such as SSDP and local peer discovery
- * included). Each host also gets a directory on the shared file system (`directory(host)`).
+ * included), except to one multicast group of its own (MULTICAST_GROUP). Each host also gets a directory on the shared file system (`directory(host)`).
  *
- * Clean-up: namespaces are named `chb-<pid>-<random>-<host>`, directories `cowherd-testbed-<pid>-*`. `destroy()`
- * kills every process left in the namespaces and deletes them (with them the links and the bridge) and the
- * directories; it also runs by itself on exit, SIGINT and SIGTERM. A new test bed first removes namespaces and
- * directories of earlier runs whose pid is dead (a run killed with SIGKILL), and only those.
+ * CPU: every process started with `spawn` or `exec` for a host (and everything it forks) runs in a cpuacct
+ * cgroup of that host (cgroup v1, /sys/fs/cgroup/cpuacct/chb-<pid>-<random>/<host>), so `cpuSeconds(host)` is
+ * the CPU time all of the host's processes used, those that exited included. The cgroup's clock is the
+ * scheduler's runtime of its tasks: user and system time in process context. Kernel work done outside it is not
+ * counted: softirq work (most of the receive path of the network stack) that runs in ksoftirqd or while another
+ * task is on the CPU, and the kernel's own threads (writeback of the page cache). Without cgroups (no cpuacct
+ * hierarchy mounted), the test bed says so on stderr once and `cpuSeconds` returns undefined.
+ *
+ * Clean-up: namespaces are named `chb-<pid>-<random>-<host>`, directories `cowherd-testbed-<pid>-*`, cgroups
+ * `chb-<pid>-<random>`. `destroy()` kills every process left in the namespaces and deletes them (with them the
+ * links and the bridge), the directories and the cgroups; it also runs by itself on exit, SIGINT and SIGTERM. A
+ * new test bed first removes namespaces, directories and cgroups of earlier runs whose pid is dead (a run killed
+ * with SIGKILL), and only those.
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
-import { readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runCommand, startDaemon, type Daemon, type RunOptions } from '../services/common/platform/child-process.js';
@@ -52,6 +61,15 @@ export interface SpawnOptions {
 const PREFIX = 'chb';
 const STALE_NAMESPACE = /^chb-(\d+)-[a-z0-9]+-/;
 const STALE_DIRECTORY = /^cowherd-testbed-(\d+)-/;
+const STALE_CGROUP = /^chb-(\d+)-[a-z0-9]+$/;
+/** The cgroup v1 cpuacct hierarchy, where every host gets a cgroup. */
+const CPUACCT = '/sys/fs/cgroup/cpuacct';
+/**
+ * Joins the cgroup whose `cgroup.procs` is $1, then becomes the rest of its arguments (same pid): a fixed script,
+ * the command still passed as an argument array. The join happens before `ip netns exec`, which mounts a sysfs of
+ * the namespace over /sys, and before the command can fork, so that every descendant is in the cgroup too.
+ */
+const JOIN_CGROUP = 'echo $$ > "$1" && shift && exec "$@"';
 const SWITCH = 'switch';
 const HOST_NAME = /^[a-z][a-z0-9]{0,9}$/;
 
@@ -59,6 +77,12 @@ const HOST_NAME = /^[a-z][a-z0-9]{0,9}$/;
 /** The name and address by which test-bed hosts reach the control plane (NATS and the services on this machine). */
 export const CONTROL_NAME = 'cowherd-control';
 export const CONTROL_ADDRESS = '198.18.0.254';
+/**
+ * The one multicast group the hosts may send to (everything else off 198.18.0.0/15 is dropped): administratively
+ * scoped (239.0.0.0/8, RFC 2365), for bench:distribution's multicast method. IGMP reports still go nowhere, so
+ * the bridge, which never learns a member, floods the group to every port.
+ */
+export const MULTICAST_GROUP = '239.192.77.1';
 /** The gRPC port of a cowherd agent inside a test-bed host. */
 export const AGENT_PORT = 7445;
 
@@ -109,6 +133,8 @@ export class TestBed {
   /** The shaped rate, in bytes per second, each host has up and down. */
   readonly rateBytesPerSecond: number;
   private readonly daemons = new Set<Daemon>();
+  /** This bed's cgroup under CPUACCT (one sub-cgroup per host), or undefined when the machine has none. */
+  private readonly cgroup: string | undefined;
   private destroyed = false;
   private readonly onExit = (): void => this.destroySync();
   private readonly onSignal = (signal: NodeJS.Signals): void => {
@@ -125,6 +151,7 @@ export class TestBed {
     this.prefix = `${PREFIX}-${process.pid}-${randomBytes(3).toString('hex')}-`;
     this.hosts = hosts;
     this.rateBytesPerSecond = (rateMbit * 1_000_000) / 8;
+    this.cgroup = createCgroups(this.prefix.slice(0, -1), hosts);
     process.once('exit', this.onExit);
     process.once('SIGINT', this.onSignal);
     process.once('SIGTERM', this.onSignal);
@@ -163,6 +190,12 @@ export class TestBed {
       const match = STALE_DIRECTORY.exec(entry);
       if (match && !isAlive(Number(match[1]))) rmSync(join(directory, entry), { recursive: true, force: true });
     }
+    if (existsSync(join(CPUACCT, 'cgroup.procs'))) {
+      for (const entry of readdirSync(CPUACCT)) {
+        const match = STALE_CGROUP.exec(entry);
+        if (match && !isAlive(Number(match[1]))) removeCgroup(join(CPUACCT, entry));
+      }
+    }
   }
 
   /** The namespace of a host (or of the switch). */
@@ -189,9 +222,10 @@ export class TestBed {
     }
   }
 
-  /** Runs a command inside the host's namespace to completion; returns stdout, throws CommandError. */
+  /** Runs a command inside the host's namespace (and cgroup) to completion; returns stdout, throws CommandError. */
   exec(host: string, command: string, args: readonly string[], options: RunOptions = {}): Promise<string> {
-    return runCommand('ip', ['netns', 'exec', this.namespace(host), command, ...args], options);
+    const [program, programArgs] = this.inside(host, command, args);
+    return runCommand(program, programArgs, options);
   }
 
   /**
@@ -199,7 +233,8 @@ export class TestBed {
    * matches). The test bed kills it in `destroy()` if nobody stopped it before.
    */
   async spawn(host: string, command: string, args: readonly string[], options: SpawnOptions = {}): Promise<Daemon> {
-    const daemon = await startDaemon('ip', ['netns', 'exec', this.namespace(host), command, ...args], {
+    const [program, programArgs] = this.inside(host, command, args);
+    const daemon = await startDaemon(program, programArgs, {
       ...options,
       readyTimeoutMs: options.readyTimeoutMs ?? 30_000,
     });
@@ -214,6 +249,15 @@ export class TestBed {
     };
     this.daemons.add(tracked);
     return tracked;
+  }
+
+  /**
+   * CPU-seconds (user and system) that every process started for the host with `spawn` or `exec`, and their
+   * children, have used so far, exited ones included; undefined when the machine has no cpuacct cgroups.
+   */
+  cpuSeconds(host: string): number | undefined {
+    if (this.cgroup === undefined) return undefined;
+    return Number(readFileSync(join(this.cgroup, this.check(host), 'cpuacct.usage'), 'utf8')) / 1e9;
   }
 
   /** Bytes the host's `eth0` has transmitted (everything on the wire: payload and TCP/IP/Ethernet headers). */
@@ -277,6 +321,14 @@ export class TestBed {
     for (const namespace of listNamespaces()) if (namespace.startsWith(this.prefix)) removeNamespace(namespace);
     for (const host of this.hosts) rmSync(join('/etc/netns', `${this.prefix}${host}`), { recursive: true, force: true });
     rmSync(this.root, { recursive: true, force: true });
+    if (this.cgroup !== undefined) removeCgroup(this.cgroup);
+  }
+
+  /** The program and arguments that run `command` in the host's namespace and, where there is one, its cgroup. */
+  private inside(host: string, command: string, args: readonly string[]): [string, string[]] {
+    const inNamespace = ['ip', 'netns', 'exec', this.namespace(host), command, ...args];
+    if (this.cgroup === undefined) return [inNamespace[0]!, inNamespace.slice(1)];
+    return ['sh', ['-c', JOIN_CGROUP, 'sh', join(this.cgroup, host, 'cgroup.procs'), ...inNamespace]];
   }
 
   private check(host: string): string {
@@ -338,6 +390,7 @@ export class TestBed {
       await ip('-n', namespace, 'link', 'set', 'eth0', 'up');
       await shape(namespace, 'eth0');
       await shape(switchNamespace, port);
+      await inside(namespace, 'iptables', '-w', '-A', 'OUTPUT', '-o', 'eth0', '-d', MULTICAST_GROUP, '-j', 'ACCEPT');
       await inside(namespace, 'iptables', '-w', '-A', 'OUTPUT', '-o', 'eth0', '!', '-d', '198.18.0.0/15', '-j', 'DROP');
     }
     for (const host of this.hosts) await mkdir(this.directory(host));
@@ -384,6 +437,51 @@ function removeNamespace(namespace: string): void {
     execFileSync('ip', ['netns', 'delete', namespace], { stdio: 'ignore' });
   } catch {
     // Gone already, or deleted by a concurrent cleanup.
+  }
+}
+
+/**
+ * Creates `<CPUACCT>/<name>/<host>` for every host; returns the bed's cgroup, or undefined (with a message on
+ * stderr) when the machine has no cpuacct hierarchy or it cannot be written.
+ */
+function createCgroups(name: string, hosts: readonly string[]): string | undefined {
+  const cgroup = join(CPUACCT, name);
+  try {
+    if (!existsSync(join(CPUACCT, 'cgroup.procs'))) throw new Error(`no cgroup v1 cpuacct hierarchy at ${CPUACCT}`);
+    mkdirSync(cgroup);
+    for (const host of hosts) mkdirSync(join(cgroup, host));
+    return cgroup;
+  } catch (error) {
+    process.stderr.write(`testbed: no CPU accounting per host (${error instanceof Error ? error.message : String(error)}); cpuSeconds() returns undefined\n`);
+    removeCgroup(cgroup);
+    return undefined;
+  }
+}
+
+/**
+ * Removes a bed's cgroup and its host cgroups (rmdir: a cgroup goes once no task is left in it; the namespaces'
+ * processes are killed before this, so a retry covers the moment until the last of them has exited).
+ */
+function removeCgroup(cgroup: string): void {
+  let children: string[] = [];
+  try {
+    children = readdirSync(cgroup, { withFileTypes: true })
+      .filter((entry) => entry.isDirectory())
+      .map((entry) => join(cgroup, entry.name));
+  } catch {
+    return;
+  }
+  for (const path of [...children, cgroup]) {
+    for (let attempt = 0; attempt < 40; attempt++) {
+      try {
+        rmdirSync(path);
+        break;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === 'ENOENT') break;
+        if (attempt === 39) process.stderr.write(`testbed: could not remove cgroup ${path}: ${String(error)}\n`);
+        else execFileSync('sleep', ['0.05']);
+      }
+    }
   }
 }
 
