@@ -20,6 +20,11 @@ import { ORIGIN, Stopwatch, receiverHosts, stopAll, waitForCopies, type Distribu
 import { MULTICAST_GROUP, type TestBed } from './testbed.js';
 
 const UFTP_PORT = 1044;
+/**
+ * uftpd's UDP receive buffer: 4 MiB, net.core.rmem_max on this machine (uftpd's default, 256 KiB, overflowed at
+ * 5 Gbit/s while uftpd wrote to disk: 128 MiB to 2 receivers took 1.33 S from the origin, the rest resent).
+ */
+const RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024;
 
 /** A host's UFTP id: its IPv4 address as 8 hex digits (uftpd's own default, made explicit for the closed group). */
 function uftpId(bed: TestBed, host: string): string {
@@ -39,7 +44,24 @@ export const multicast: DistributionMethod = async (bed, image) => {
         await bed.spawn(
           receiver,
           'uftpd',
-          ['-d', '-I', 'eth0', '-M', MULTICAST_GROUP, '-p', String(UFTP_PORT), '-U', uftpId(bed, receiver), '-D', bed.directory(receiver), '-t', '-x', '2'],
+          [
+            '-d',
+            '-I',
+            'eth0',
+            '-M',
+            MULTICAST_GROUP,
+            '-p',
+            String(UFTP_PORT),
+            '-U',
+            uftpId(bed, receiver),
+            '-D',
+            bed.directory(receiver),
+            '-t',
+            '-x',
+            '2',
+            '-B',
+            String(RECEIVE_BUFFER_BYTES),
+          ],
           // Level 2 prints the key it generated once its sockets are set up, then a line per file.
           { readyPattern: /Loaded \d+ bit/ },
         ),
