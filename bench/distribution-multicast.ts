@@ -90,7 +90,13 @@ export const multicast: DistributionMethod = async (bed, image) => {
     daemons.push(server);
     await waitForCopies(bed, image, receivers, copies, stopwatch, daemons);
     const result = await stopwatch.result(receivers, copies, image);
-    process.stderr.write(`distribution: multicast: uftp said: ${server.output().trim().split('\n').slice(-6).join(' | ')}\n`);
+    // How often the sender went over the file again, and for which NAKs: the resends behind ratio_origin.
+    const passes = server
+      .output()
+      .split('\n')
+      .filter((line) => /Starting pass|Got \d+ NAKs|Transfer rate|excessive/i.test(line))
+      .map((line) => line.replace(/^[\d/: .]+: /, ''));
+    process.stderr.write(`distribution: multicast: uftp: ${passes.slice(0, 12).join(' | ')}${passes.length > 12 ? ` ... (${passes.length} lines)` : ''}\n`);
     return result;
   } finally {
     await stopAll(daemons);
