@@ -58,6 +58,7 @@ const methods: Record<string, DistributionMethod> = {
 
 /** One configuration of the test bed, run with every (selected) method. */
 interface Cell {
+  /** The matrix's name for it; '' for the one cell of a run without the matrix (its lines carry no "cell"). */
   readonly name: string;
   readonly rateMbit: number;
   readonly receivers: number;
@@ -73,7 +74,7 @@ interface Cell {
  * still delivers the share it delivers at 4; above it the share falls fast.
  */
 const MAX_RATE_MBIT = 5000;
-/** The fan-out's ratio_time is receivers x 1.05 by construction; it would take half the series' time. */
+/** The fan-out's ratio_time is receivers x 1.05 by construction; it would add ~8 min to the series' ~16. */
 const SCALING_SKIP = { http: 'one copy per receiver from the origin by construction; left out of the scaling series for time' };
 
 /**
