@@ -6,15 +6,17 @@
  *
  * Hygiene: IPv6 is off (no neighbour discovery or MLD chatter in the byte counters) and each host drops, with
  * iptables, anything it would send off 198.18.0.0/15 (multicast such as SSDP and local peer discovery
- * included), except to one multicast group of its own (MULTICAST_GROUP). Each host also gets a directory on the shared file system (`directory(host)`).
+ * included), except to one multicast group of its own (MULTICAST_GROUP). Each host also gets a directory on the
+ * shared file system (`directory(host)`).
  *
  * CPU: every process started with `spawn` or `exec` for a host (and everything it forks) runs in a cpuacct
  * cgroup of that host (cgroup v1, /sys/fs/cgroup/cpuacct/chb-<pid>-<random>/<host>), so `cpuSeconds(host)` is
  * the CPU time all of the host's processes used, those that exited included. The cgroup's clock is the
  * scheduler's runtime of its tasks: user and system time in process context. Kernel work done outside it is not
- * counted: softirq work (most of the receive path of the network stack) that runs in ksoftirqd or while another
- * task is on the CPU, and the kernel's own threads (writeback of the page cache). Without cgroups (no cpuacct
- * hierarchy mounted), the test bed says so on stderr once and `cpuSeconds` returns undefined.
+ * counted: softirq work (most of the network stack's receive path) that runs in ksoftirqd or while another task
+ * is on the CPU (without IRQ time accounting, which this kernel lacks, it is charged to whichever task it
+ * interrupts), and the kernel's own threads (writeback of the page cache). Without cgroups (no cpuacct hierarchy
+ * mounted), each test bed says so on stderr and `cpuSeconds` returns undefined.
  *
  * Clean-up: namespaces are named `chb-<pid>-<random>-<host>`, directories `cowherd-testbed-<pid>-*`, cgroups
  * `chb-<pid>-<random>`. `destroy()` kills every process left in the namespaces and deletes them (with them the
