@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { describe, test } from 'node:test';
-import { RunningDigests, type DigestFiles } from '../../services/agent/swarm/running-digest.js';
+import { READ_BACK_BYTES, RunningDigests, type DigestFiles } from '../../services/agent/swarm/running-digest.js';
 
 /** Two files laid end to end, chunked across the boundary like a torrent's pieces. */
 function layout(sizes: number[], chunkLength: number) {
@@ -15,10 +15,12 @@ function layout(sizes: number[], chunkLength: number) {
   });
   const disk = sizes.map((size) => Buffer.alloc(size));
   const reads: number[] = [];
+  const readSizes: number[] = [];
   const io: DigestFiles = {
-    read: async (index, position, length) => {
+    read: async (index, position, buffer) => {
       reads.push(index);
-      return Buffer.from(disk[index]!.subarray(position, position + length));
+      readSizes.push(buffer.length);
+      disk[index]!.copy(buffer, 0, position, position + buffer.length);
     },
     ctimeNs: async (index) => BigInt(1000 + index),
   };
@@ -38,7 +40,7 @@ function layout(sizes: number[], chunkLength: number) {
     digests.chunkWritten(index, Buffer.from(bytes));
   };
   const sha = (buffer: Buffer): string => createHash('sha256').update(buffer).digest('hex');
-  return { contents, whole, files, io, chunks, write, reads, sha };
+  return { contents, whole, files, io, chunks, write, reads, readSizes, sha };
 }
 
 describe('RunningDigests', () => {
@@ -59,6 +61,28 @@ describe('RunningDigests', () => {
     assert.equal(result[1]?.ctimeNs, 1001n);
     // Chunks that came before the cursor reached them were read back from the files.
     assert.ok(bed.reads.length > 0);
+  });
+
+  test('reads back runs of written chunks at most READ_BACK_BYTES at a time, also inside chunks larger than that', async () => {
+    for (const chunkLength of [READ_BACK_BYTES / 8, READ_BACK_BYTES + READ_BACK_BYTES / 2]) {
+      const bed = layout([3 * chunkLength + 123, chunkLength - 7], chunkLength);
+      const digests = new RunningDigests(bed.files, chunkLength, bed.whole.length, bed.io);
+      // Every chunk but the first arrives before the cursor can move, then the first one.
+      for (let index = 1; index < bed.chunks; index += 1) bed.write(digests, index);
+      await new Promise(setImmediate);
+      bed.write(digests, 0);
+      const result = await digests.finish();
+      assert.equal(result[0]?.sha256, bed.sha(bed.contents[0]!), `file 0, chunks of ${chunkLength}`);
+      assert.equal(result[1]?.sha256, bed.sha(bed.contents[1]!), `file 1, chunks of ${chunkLength}`);
+      // File 0's chunks 1..3 were read back (file 1 was hashed from its chunks' buffers as they came): in reads
+      // of READ_BACK_BYTES but the last, runs of small chunks merged, large chunks split.
+      const readBack = bed.files[0]!.length - chunkLength;
+      assert.equal(
+        bed.readSizes.reduce((sum, size) => sum + size, 0),
+        readBack,
+      );
+      assert.deepEqual(bed.readSizes.slice(0, -1), Array(Math.ceil(readBack / READ_BACK_BYTES) - 1).fill(READ_BACK_BYTES), `chunks of ${chunkLength}`);
+    }
   });
 
   test('in-order chunks are hashed from their buffers without reading the files', async () => {

@@ -22,6 +22,9 @@
  */
 import { createHash, type Hash } from 'node:crypto';
 
+/** The most a file's cursor reads back at once. */
+export const READ_BACK_BYTES = 4 * 1024 * 1024;
+
 /** A file's digest as written, and its ctime when the writes ended. */
 export interface WrittenDigest {
   /** Lowercase hex. */
@@ -43,12 +46,14 @@ interface FileCursor {
   readonly fresh: Map<number, Buffer>;
   /** The advances of this file, one after another. */
   queue: Promise<void>;
+  /** Where this file's read-backs go (allocated at the first one, reused: advances run one at a time). */
+  readBuffer: Buffer | undefined;
 }
 
 /** How the digests read back chunks that were written before the cursor reached them. */
 export interface DigestFiles {
-  /** Reads `length` bytes of file `index` at file-relative `position`. */
-  read(index: number, position: number, length: number): Promise<Buffer>;
+  /** Fills `buffer` with the bytes of file `index` from file-relative `position`. */
+  read(index: number, position: number, buffer: Buffer): Promise<void>;
   /** The file's ctime in nanoseconds (fstat). */
   ctimeNs(index: number): Promise<bigint>;
 }
@@ -73,6 +78,7 @@ export class RunningDigests {
       broken: false,
       fresh: new Map(),
       queue: Promise.resolve(),
+      readBuffer: undefined,
     }));
     this.written = new Uint8Array(Math.ceil(totalLength / chunkLength));
   }
@@ -122,11 +128,24 @@ export class RunningDigests {
       const absolute = cursor.offset + cursor.next;
       const chunk = Math.floor(absolute / this.chunkLength);
       if (this.written[chunk] !== 1) return;
-      const chunkStart = chunk * this.chunkLength;
-      const to = Math.min(cursor.offset + cursor.length, chunkStart + this.chunkLength, this.totalLength);
+      const fileEnd = Math.min(cursor.offset + cursor.length, this.totalLength);
       const fresh = cursor.fresh.get(chunk);
-      cursor.fresh.delete(chunk);
-      const bytes = fresh ? fresh.subarray(absolute - chunkStart, to - chunkStart) : await this.io.read(cursor.index, cursor.next, to - absolute);
+      if (fresh) {
+        cursor.fresh.delete(chunk);
+        const chunkStart = chunk * this.chunkLength;
+        const to = Math.min(fileEnd, chunkStart + this.chunkLength);
+        cursor.hash.update(fresh.subarray(absolute - chunkStart, to - chunkStart));
+        cursor.next += to - absolute;
+        continue;
+      }
+      // Read back the run of written chunks from here (up to READ_BACK_BYTES), stopping before a fresh one.
+      let to = Math.min(fileEnd, (chunk + 1) * this.chunkLength, absolute + READ_BACK_BYTES);
+      for (let next = chunk + 1; to < fileEnd && to - absolute < READ_BACK_BYTES && this.written[next] === 1 && !cursor.fresh.has(next); next++) {
+        to = Math.min(fileEnd, (next + 1) * this.chunkLength, absolute + READ_BACK_BYTES);
+      }
+      cursor.readBuffer ??= Buffer.allocUnsafe(Math.min(READ_BACK_BYTES, Math.max(this.chunkLength, cursor.length)));
+      const bytes = cursor.readBuffer.subarray(0, to - absolute);
+      await this.io.read(cursor.index, cursor.next, bytes);
       cursor.hash.update(bytes);
       cursor.next += to - absolute;
     }
