@@ -20,6 +20,7 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import type { Subscription } from '@nats-io/transport-node';
 import { createClient } from '../services/common/platform/client.js';
+import { AGENT_NODE_OPTIONS } from '../services/common/platform/node-options.js';
 import { EVENT_SUBJECT_PREFIX } from '../services/common/platform/events.js';
 import { IMAGE_AVAILABLE } from '../services/common/domain/event-types.js';
 import { createLogger } from '../services/common/platform/logger.js';
@@ -39,6 +40,10 @@ import { CONTROL_ADDRESS, CONTROL_NAME, testBedAgentEnvironment } from './testbe
 
 const run = promisify(execFile);
 const LOG_DIRECTORY = process.env['COWHERD_BENCH_LOG_DIR'];
+/** COWHERD_BENCH_CPU_PROF=<dir>: every agent writes V8 CPU profiles when it stops, one per thread, into `<dir>/<host>/`. */
+const PROFILE_DIRECTORY = process.env['COWHERD_BENCH_CPU_PROF'];
+/** COWHERD_BENCH_AGENT_NODE_ARGS: more node options for every agent (space-separated, e.g. `--trace-gc`). */
+const AGENT_NODE_ARGS = (process.env['COWHERD_BENCH_AGENT_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
 const imageType = Image;
 const responseType = DistributeImageResponse;
 
@@ -106,23 +111,29 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     if (LOG_DIRECTORY) await mkdir(LOG_DIRECTORY, { recursive: true });
     for (const host of hosts) {
       const token = await call<{ token: string }>((cb) => caAdmin.createJoinToken({ host, ttl: undefined, requestId: '' }, cb));
-      const daemon = await bed.spawn(host, process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services/agent/main.ts')], {
-        readyPattern: /"msg":"serving"/,
-        readyTimeoutMs: 60_000,
-        cwd: REPOSITORY,
-        // COWHERD_BENCH_LOG_DIR keeps every agent's log lines (<dir>/<host>.log) for a post-mortem.
-        ...(LOG_DIRECTORY ? { onLine: (line: string) => appendFileSync(join(LOG_DIRECTORY, `${host}.log`), `${line}\n`) } : {}),
-        env: {
-          ...testBedAgentEnvironment(bed, host, {
-            enrollAddress: ca.enrollAddress,
-            caAddress: ca.address,
-            inventoryAddress: inventory.address,
-            natsUrl: `tls://${CONTROL_NAME}:${nats.port}`,
-          }),
-          COWHERD_JOIN_TOKEN: token.token,
-          COWHERD_LOG_LEVEL: process.env['COWHERD_BENCH_LOG_LEVEL'] ?? 'info',
+      const profile = PROFILE_DIRECTORY ? ['--cpu-prof', `--cpu-prof-dir=${join(PROFILE_DIRECTORY, host)}`] : [];
+      const daemon = await bed.spawn(
+        host,
+        process.execPath,
+        [...profile, ...AGENT_NODE_OPTIONS, ...AGENT_NODE_ARGS, '--import', 'tsx', join(REPOSITORY, 'services/agent/main.ts')],
+        {
+          readyPattern: /"msg":"serving"/,
+          readyTimeoutMs: 60_000,
+          cwd: REPOSITORY,
+          // COWHERD_BENCH_LOG_DIR keeps every agent's log lines (<dir>/<host>.log) for a post-mortem.
+          ...(LOG_DIRECTORY ? { onLine: (line: string) => appendFileSync(join(LOG_DIRECTORY, `${host}.log`), `${line}\n`) } : {}),
+          env: {
+            ...testBedAgentEnvironment(bed, host, {
+              enrollAddress: ca.enrollAddress,
+              caAddress: ca.address,
+              inventoryAddress: inventory.address,
+              natsUrl: `tls://${CONTROL_NAME}:${nats.port}`,
+            }),
+            COWHERD_JOIN_TOKEN: token.token,
+            COWHERD_LOG_LEVEL: process.env['COWHERD_BENCH_LOG_LEVEL'] ?? 'info',
+          },
         },
-      });
+      );
       resources.defer(() => daemon.stop(5_000));
       agentPids.set(host, daemon.pid);
     }

@@ -50,7 +50,7 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
             `join token ${token.name} for host ${host}, ${enumWord(joinToken_StateToJSON(token.state), 'STATE_')}, expires ${formatTime(token.expireTime)}; single use, shown only now.`,
           );
           context.out.note(
-            `on ${host}: COWHERD_HOST_ID=${host} COWHERD_JOIN_TOKEN=<token> COWHERD_ENROLL_ADDRESS=<CA host>:7441 node --import tsx services/agent/main.ts`,
+            `on ${host}: COWHERD_HOST_ID=${host} COWHERD_JOIN_TOKEN=<token> COWHERD_ENROLL_ADDRESS=<CA host>:7441 node --import tsx --initial-old-space-size=128 services/agent/main.ts`,
           );
         }
         return EXIT.OK;

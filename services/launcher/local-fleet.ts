@@ -32,6 +32,7 @@ import { identityUri, isPrincipalName, parseIdentity } from '../common/platform/
 import { defaultHostId } from '../common/domain/resource-names.js';
 import { identityPrincipal } from '../common/platform/nats-authorization.js';
 import { createCsr, generateKeyPair, inspectCertificate, type CertificateAndKey } from '../common/platform/pki.js';
+import { serviceNodeOptions } from '../common/platform/node-options.js';
 import { DEFAULT_PORTS, type ProcessName } from '../common/platform/service-process.js';
 import { mutualTlsChannelCredentialsFromPem, type TlsFiles } from '../common/platform/tls.js';
 import { checkHealth, type HealthReport } from './health-check.js';
@@ -330,7 +331,7 @@ export async function startLocalFleet(options: LocalFleetOptions): Promise<Local
 }
 
 async function startProcess(name: ProcessName, env: Record<string, string>, logFile: string): Promise<Daemon> {
-  return startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services', name, 'main.ts')], {
+  return startDaemon(process.execPath, ['--import', 'tsx', ...serviceNodeOptions(name), join(REPOSITORY, 'services', name, 'main.ts')], {
     readyPattern: /"msg":"serving"/,
     readyTimeoutMs: 60_000,
     cwd: REPOSITORY,

@@ -22,6 +22,7 @@ import { join } from 'node:path';
 import { createClient, call } from '../../services/common/platform/client.js';
 import { freePort } from '../../services/launcher/embedded-nats.js';
 import { createLogger } from '../../services/common/platform/logger.js';
+import { AGENT_NODE_OPTIONS } from '../../services/common/platform/node-options.js';
 import { connectNats, type Nats } from '../../services/common/platform/nats.js';
 import { runCommand, type Daemon } from '../../services/common/platform/child-process.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
@@ -316,7 +317,7 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
       start: async () => {
         // The token is spent on the first start; later starts use the stored identity.
         const startEnv = firstStart ? { ...env, COWHERD_JOIN_TOKEN: token.token } : env;
-        daemon = await bed.spawn(host, process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services/agent/main.ts')], {
+        daemon = await bed.spawn(host, process.execPath, ['--import', 'tsx', ...AGENT_NODE_OPTIONS, join(REPOSITORY, 'services/agent/main.ts')], {
           readyPattern: /"msg":"serving"/,
           readyTimeoutMs: 90_000,
           cwd: REPOSITORY,

@@ -6,6 +6,7 @@ import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/ce
 import { startDaemon, type Daemon } from '../../services/common/platform/child-process.js';
 import { call, createClient } from '../../services/common/platform/client.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
+import { serviceNodeOptions } from '../../services/common/platform/node-options.js';
 import type { ProcessName } from '../../services/common/platform/service-process.js';
 import type { TlsFiles } from '../../services/common/platform/tls.js';
 import type { Resources } from './index.js';
@@ -36,7 +37,7 @@ export async function startServiceProcess(
   extraEnv: Record<string, string> = {},
 ): Promise<ServiceProcess> {
   const logs: Array<Record<string, unknown>> = [];
-  const daemon = await startDaemon(process.execPath, ['--import', 'tsx', join(REPOSITORY, 'services', name, 'main.ts')], {
+  const daemon = await startDaemon(process.execPath, ['--import', 'tsx', ...serviceNodeOptions(name), join(REPOSITORY, 'services', name, 'main.ts')], {
     readyPattern: /"msg":"serving"/,
     readyTimeoutMs: 60_000,
     cwd: REPOSITORY,

@@ -29,7 +29,9 @@ interface WireLike {
 }
 
 const vendored = (name: string): string => new URL(`../../vendor/${name}/index.js`, import.meta.url).href;
-const { default: Piece } = (await import(vendored('torrent-piece'))) as { default: (new (length: number) => PieceLike) & { BLOCK_LENGTH: number } };
+const { default: Piece } = (await import(vendored('torrent-piece'))) as {
+  default: (new (length: number) => PieceLike) & { BLOCK_LENGTH: number; release(buffer: Uint8Array): boolean };
+};
 const { default: Wire } = (await import(vendored('bittorrent-protocol'))) as { default: new () => WireLike };
 
 /** A "piece" message: <len=0009+X><id=7><index><begin><block>. */
@@ -75,6 +77,33 @@ describe('vendored torrent-piece', () => {
     assert.equal(piece.get(1), null);
     assert.equal(piece.flush(), null);
     assert.equal(piece.missing, 2 * 64 * 1024);
+  });
+});
+
+describe('vendored torrent-piece buffer pool', () => {
+  const complete = (length: number, fill: number): PieceLike => {
+    const piece = new Piece(length);
+    for (let index = piece.reserve(); index !== -1; index = piece.reserve()) piece.set(index, Buffer.alloc(piece.chunkLength(index), fill), 'peer');
+    return piece;
+  };
+
+  test('a released buffer is handed to the next piece of its length, once, with all its blocks rewritten', () => {
+    const length = 3 * 64 * 1024 + 5;
+    const first = complete(length, 1).flush()!;
+    assert.equal(Piece.release(first), true);
+    assert.equal(Piece.release(first), false, 'a buffer already in the pool is not taken twice');
+    const second = complete(length, 2).flush()!;
+    assert.equal(second, first, 'the pooled buffer is reused');
+    assert.ok(second.every((byte) => byte === 2));
+    const third = complete(length, 3).flush()!;
+    assert.notEqual(third, first, 'the pool held one buffer: the next piece gets a new one');
+  });
+
+  test('takes back only buffers it made', () => {
+    assert.equal(Piece.release(new Uint8Array(64 * 1024)), false);
+    const piece = complete(64 * 1024, 4).flush()!;
+    assert.equal(Piece.release(piece.subarray(0, 1024)), false);
+    assert.equal(Piece.release(piece), true);
   });
 });
 

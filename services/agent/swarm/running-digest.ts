@@ -83,12 +83,16 @@ export class RunningDigests {
     this.written = new Uint8Array(Math.ceil(totalLength / chunkLength));
   }
 
-  /** Chunk `index` is on disk with these bytes (the whole chunk). */
-  chunkWritten(index: number, buffer: Buffer): void {
+  /**
+   * Chunk `index` is on disk with these bytes (the whole chunk). Resolves once no digest holds `buffer` any more
+   * (each file's advance that could hash it from memory has run), so that its owner may reuse it.
+   */
+  chunkWritten(index: number, buffer: Buffer): Promise<void> {
     const start = index * this.chunkLength;
     const end = start + buffer.length;
     const again = this.written[index] === 1;
     this.written[index] = 1;
+    const held: Array<Promise<void>> = [];
     for (const cursor of this.cursors) {
       if (cursor.broken || end <= cursor.offset || start >= cursor.offset + cursor.length) continue;
       if (again || Math.max(start, cursor.offset) < cursor.offset + cursor.next) {
@@ -104,7 +108,9 @@ export class RunningDigests {
         })
         // Not reached yet (an earlier chunk is missing): read back from the file when it is.
         .finally(() => cursor.fresh.delete(index));
+      held.push(cursor.queue);
     }
+    return Promise.all(held).then(() => undefined);
   }
 
   /**

@@ -35,6 +35,7 @@ import { chmod, mkdir, open, readdir, rename, stat, statfs, unlink, type FileHan
 import { networkInterfaces } from 'node:os';
 import { basename, dirname, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
+import Piece from 'torrent-piece';
 import WebTorrent, { type ChunkStore, type ChunkStoreConstructor, type ChunkStoreOptions, type Torrent } from 'webtorrent';
 import { CowherdError } from '../../common/platform/errors.js';
 import type { Logger } from '../../common/platform/logger.js';
@@ -858,8 +859,12 @@ export function imageStore(
       this.io(start, bytes, true).then(
         () => {
           counters.written += buffer.length;
-          this.digests?.chunkWritten(index, bytes);
+          const digested = this.digests?.chunkWritten(index, bytes);
           callback(null);
+          // webtorrent is done with a piece's buffer once it is put (its immediate store copies what it serves
+          // meanwhile): back to the vendored torrent-piece's pool when the digests are done with it too.
+          if (digested) void digested.then(() => Piece.release(buffer));
+          else Piece.release(buffer);
         },
         (error: Error) => {
           if (isNoSpace(error)) counters.error ??= error;

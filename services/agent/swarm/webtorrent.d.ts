@@ -157,3 +157,13 @@ declare module 'create-torrent' {
   ): void;
   export const announceList: string[][];
 }
+
+/** The vendored torrent-piece (vendor/torrent-piece/CHANGES.md): only what the chunk store uses. */
+declare module 'torrent-piece' {
+  export default class Piece {
+    /** Bytes per request/piece message. */
+    static readonly BLOCK_LENGTH: number;
+    /** Gives a flushed piece's buffer back for the next piece once nothing reads it; false if not taken. */
+    static release(buffer: Uint8Array): boolean;
+  }
+}
