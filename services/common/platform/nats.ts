@@ -55,7 +55,7 @@ export async function connectNats(options: NatsOptions): Promise<Nats> {
       if (status.type === 'disconnect' || status.type === 'reconnect' || status.type === 'error') log.warn({ status: status.type }, 'NATS connection status');
     }
   })().catch(() => undefined);
-  const manager = await jetstreamManager(connection, { timeout: 10_000 });
+  const manager = await openJetStream(connection, options.connectTimeoutMs ?? 30_000, log);
   return {
     connection,
     jetstream: jetstream(connection, { timeout: 10_000 }),
@@ -64,4 +64,24 @@ export async function connectNats(options: NatsOptions): Promise<Nats> {
       if (!connection.isClosed()) await connection.drain();
     },
   };
+}
+
+/**
+ * Opens the JetStream manager, trying again for up to `timeoutMs` while JetStream does not answer ("jetstream is
+ * not enabled": no responder on the JetStream API yet). A process that connects right after the server started,
+ * or right after its own identity was issued, can ask before JetStream or its permissions are in place; it waits
+ * that out instead of failing to start.
+ */
+async function openJetStream(connection: NatsConnection, timeoutMs: number, log: Logger): Promise<JetStreamManager> {
+  const deadline = Date.now() + timeoutMs;
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return await jetstreamManager(connection, { timeout: 10_000 });
+    } catch (error) {
+      const unavailable = /jetstream is not enabled|no responders|503/i.test((error as Error).message);
+      if (!unavailable || Date.now() + 500 > deadline) throw error;
+      if (attempt === 1) log.warn({ err: error }, 'JetStream does not answer yet: trying again');
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
 }
