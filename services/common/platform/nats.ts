@@ -55,7 +55,11 @@ export async function connectNats(options: NatsOptions): Promise<Nats> {
       if (status.type === 'disconnect' || status.type === 'reconnect' || status.type === 'error') log.warn({ status: status.type }, 'NATS connection status');
     }
   })().catch(() => undefined);
-  const manager = await openJetStream(connection, options.connectTimeoutMs ?? 30_000, log);
+  // A connection whose JetStream never answers is closed, not left reconnecting forever behind the error.
+  const manager = await openJetStream(connection, options.connectTimeoutMs ?? 30_000, log).catch(async (error: unknown) => {
+    await connection.close().catch(() => undefined);
+    throw error;
+  });
   return {
     connection,
     jetstream: jetstream(connection, { timeout: 10_000 }),
