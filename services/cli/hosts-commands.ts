@@ -4,6 +4,7 @@ import { Host, ImageReplica, VirtualMachine } from '../gen/cowherd/inventory/v1/
 import type { CommandSpec } from './command-line.js';
 import type { CliContext } from './cli-context.js';
 import { EXIT } from './exit-codes.js';
+import { AGENT_NODE_OPTIONS } from '../common/platform/node-options.js';
 import {
   bareId,
   hostState,
@@ -50,7 +51,7 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
             `join token ${token.name} for host ${host}, ${enumWord(joinToken_StateToJSON(token.state), 'STATE_')}, expires ${formatTime(token.expireTime)}; single use, shown only now.`,
           );
           context.out.note(
-            `on ${host}: COWHERD_HOST_ID=${host} COWHERD_JOIN_TOKEN=<token> COWHERD_ENROLL_ADDRESS=<CA host>:7441 node --import tsx --initial-old-space-size=128 services/agent/main.ts`,
+            `on ${host}: COWHERD_HOST_ID=${host} COWHERD_JOIN_TOKEN=<token> COWHERD_ENROLL_ADDRESS=<CA host>:7441 node --import tsx ${AGENT_NODE_OPTIONS.join(' ')} services/agent/main.ts`,
           );
         }
         return EXIT.OK;

@@ -5,6 +5,7 @@
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
 import { readFileSync } from 'node:fs';
+import { sleep } from './concurrency.js';
 import type { Logger } from './logger.js';
 import { inboxPrefixFor } from './nats-authorization.js';
 import { inspectCertificate } from './pki.js';
@@ -85,7 +86,7 @@ async function openJetStream(connection: NatsConnection, timeoutMs: number, log:
       const unavailable = /jetstream is not enabled|no responders|503/i.test((error as Error).message);
       if (!unavailable || Date.now() + 500 > deadline) throw error;
       if (attempt === 1) log.warn({ err: error }, 'JetStream does not answer yet: trying again');
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      await sleep(500);
     }
   }
 }
