@@ -6,7 +6,7 @@
  * returns the clones it already made. One clone failing never stops the others; the operation fails as a
  * whole only when no host's agent could be asked at all.
  */
-import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
+import { status as GrpcStatus } from '@grpc/grpc-js';
 import type { CreateClonesRequest, CreateClonesResponse } from '../gen/cowherd/agent/v1/agent_service.js';
 import {
   CloneResult_State,
@@ -15,18 +15,19 @@ import {
   CloneVirtualMachinesResponse,
   type CloneResult,
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
-import { ErrorReason, errorReasonFromJSON } from '../gen/cowherd/common/v1/error_reason.js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
 import type { HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { Host_State, type Host } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
 import { mapLimited } from '../common/platform/concurrency.js';
-import { CowherdError, errorFromStatus, readServiceError, toStatus } from '../common/platform/errors.js';
+import { CowherdError, errorFromStatus, toStatus } from '../common/platform/errors.js';
 import { CLONE_FAILED } from '../common/domain/event-types.js';
 import type { EventPublisher } from '../common/platform/events.js';
 import type { OperationContext, OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
+import { agentCallStatus, callAgentWithRetries } from './agent-retry.js';
 import type { FleetView } from './fleet-view.js';
 import type { GuestSecrets } from './guest-secrets.js';
 import { HOST_NAME, IMAGE_NAME, imageNameOfKey, parseImageReference } from '../common/domain/resource-names.js';
@@ -132,6 +133,8 @@ export interface CloneOperationDeps {
   readonly guestSecrets?: Pick<GuestSecrets, 'get' | 'release'>;
   /** The exact versions the handler resolved; without it (or without a pin) the first run resolves the name itself. */
   readonly versionPins?: Pick<ImageVersionPins, 'get'>;
+  /** How long CreateClones is tried again while the agent does not answer; default AGENT_RETRY_MS (agent-retry.ts). */
+  readonly agentRetryMs?: number;
 }
 
 /** The kind to register on the OperationManager. */
@@ -277,12 +280,22 @@ async function runCloneOperation(
       };
       let response: CreateClonesResponse;
       try {
-        response = await deps.agents.createClones(host!, agentRequest, signal);
+        // Again while the agent does not answer (restarting, cut off for a moment): the same request_id finds
+        // what the first attempt made, so no clone that exists is called failed.
+        response = await callAgentWithRetries(() => deps.agents.createClones(host!, agentRequest, signal), {
+          signal,
+          retryMs: deps.agentRetryMs,
+          stillUsable: async () =>
+            hostProblem(
+              hostName,
+              (await deps.fleet.listHosts()).find((candidate) => candidate.name === hostName),
+            ),
+        });
       } catch (error) {
         // Stopping or losing the lease: leave the host unfinished, so that whoever resumes asks again.
         throwIfAborted(signal);
         log.warn({ err: error, host: hostName }, 'CreateClones failed for the whole host');
-        return fail(hostName, clones, agentCallStatus(hostName, error));
+        return fail(hostName, clones, agentCallStatus(hostName, error, 'clones it made anyway are returned by a retry with the same request_id'));
       }
       applyResults(clones, response);
       finishedHosts[hostName] = true;
@@ -368,27 +381,6 @@ function applyResults(clones: readonly CloneResult[], response: CreateClonesResp
       started: result.started,
     });
   }
-}
-
-/** The status every clone of a host gets when the whole CreateClones call failed. */
-function agentCallStatus(host: string, error: unknown): Status {
-  const code = (error as Partial<ServiceError>).code;
-  if (error instanceof CowherdError || typeof code !== 'number') return toStatus(error);
-  const received = readServiceError(error as Partial<ServiceError>);
-  if (code === GrpcStatus.UNAVAILABLE || code === GrpcStatus.DEADLINE_EXCEEDED || code === GrpcStatus.CANCELLED) {
-    return toStatus(
-      new CowherdError(
-        GrpcStatus.UNAVAILABLE,
-        `the agent of ${host} did not answer (${GrpcStatus[code]}: ${received.message}); clones it made anyway are returned by a retry with the same request_id`,
-        {
-          reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE,
-          metadata: { host },
-        },
-      ),
-    );
-  }
-  const reason = received.reason === '' ? ErrorReason.ERROR_REASON_INTERNAL : errorReasonFromJSON(received.reason);
-  return toStatus(new CowherdError(code, received.message, { reason, metadata: { ...received.metadata, host } }));
 }
 
 async function publishCloneFailed(

@@ -17,7 +17,7 @@
  * unchanged, and the operation ends CANCELLED. Like CloneVirtualMachines, the operation succeeds with
  * per-clone failures in its response.
  */
-import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
+import { status as GrpcStatus } from '@grpc/grpc-js';
 import type { RebaseClonesRequest, RebaseClonesResponse } from '../gen/cowherd/agent/v1/agent_service.js';
 import {
   RebaseVirtualMachinesMetadata,
@@ -25,13 +25,14 @@ import {
   RebaseVirtualMachinesResponse,
   type RebaseResult,
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
-import { ErrorReason, errorReasonFromJSON } from '../gen/cowherd/common/v1/error_reason.js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { Host } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
 import { mapLimited } from '../common/platform/concurrency.js';
-import { CowherdError, readServiceError, toStatus } from '../common/platform/errors.js';
+import { CowherdError, toStatus } from '../common/platform/errors.js';
 import type { OperationContext, OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
+import { agentCallStatus, callAgentWithRetries } from './agent-retry.js';
 import { HOST_CONCURRENCY, hostProblem, IMAGE_DELIVERY_NOT_WIRED, type ImageDelivery } from './clone-operation.js';
 import type { FleetView } from './fleet-view.js';
 import { checkRebaseShape, hostOfClone, isOk, OK_STATUS } from './rebase-plan.js';
@@ -53,6 +54,8 @@ export interface RebaseOperationDeps {
   readonly now?: () => Date;
   /** Hosts handled at the same time; default {@link HOST_CONCURRENCY}. */
   readonly hostConcurrency?: number;
+  /** How long a call is tried again while the agent does not answer; default AGENT_RETRY_MS (agent-retry.ts). */
+  readonly agentRetryMs?: number;
 }
 
 /** The kind to register on the OperationManager. */
@@ -218,11 +221,19 @@ async function moveWave(
       };
       let response: RebaseClonesResponse;
       try {
-        response = await rebaseWithRetries(() => deps.agents.rebaseClones(host!, agentRequest, signal), signal);
+        response = await callAgentWithRetries(() => deps.agents.rebaseClones(host!, agentRequest, signal), {
+          signal,
+          retryMs: deps.agentRetryMs,
+          stillUsable: async () =>
+            hostProblem(
+              hostName,
+              (await deps.fleet.listHosts()).find((candidate) => candidate.name === hostName),
+            ),
+        });
       } catch (error) {
         throwIfAborted(signal);
         context.log.warn({ err: error, host: hostName }, 'RebaseClones failed for the whole call');
-        const status = agentCallStatus(hostName, error);
+        const status = agentCallStatus(hostName, error, 'clones it moved anyway stand on the target, and a rebase again counts them done');
         for (const clone of batch) Object.assign(clone, { pending: false, status });
         await persist();
         continue;
@@ -231,29 +242,6 @@ async function moveWave(
       await persist();
     }
   });
-}
-
-/** How long a host's RebaseClones is tried again while its agent does not answer (a restart, a short cut). */
-const AGENT_RETRY_MS = 90_000;
-
-/**
- * Calls the agent, again while it does not answer (UNAVAILABLE, DEADLINE_EXCEEDED), for up to AGENT_RETRY_MS with
- * growing pauses. RebaseClones is idempotent (a clone already on the target is OK, its clone.rebased keeps its
- * id), so an agent that died in the middle of a call finishes the move on the retry and reports every clone
- * as it stands, instead of the operation calling moved clones failed.
- */
-async function rebaseWithRetries(call: () => Promise<RebaseClonesResponse>, signal: AbortSignal): Promise<RebaseClonesResponse> {
-  const started = Date.now();
-  for (let pause = 1_000; ; pause = Math.min(pause * 2, 10_000)) {
-    try {
-      return await call();
-    } catch (error) {
-      const code = (error as Partial<ServiceError>).code;
-      const transient = code === GrpcStatus.UNAVAILABLE || code === GrpcStatus.DEADLINE_EXCEEDED;
-      if (!transient || signal.aborted || Date.now() - started + pause > AGENT_RETRY_MS) throw error;
-      await new Promise((resolve) => setTimeout(resolve, pause));
-    }
-  }
 }
 
 /** Copies the agent's per-clone results; a clone it did not answer for fails INTERNAL. */
@@ -280,24 +268,6 @@ function applyResults(batch: readonly RebaseResult[], response: RebaseClonesResp
       imageVersion: ok ? target : state?.sourceImageVersion || state?.lineage?.imageVersion || clone.imageVersion,
     });
   }
-}
-
-/** The status every clone of a call gets when the whole RebaseClones call failed. */
-function agentCallStatus(host: string, error: unknown): Status {
-  const code = (error as Partial<ServiceError>).code;
-  if (error instanceof CowherdError || typeof code !== 'number') return toStatus(error);
-  const received = readServiceError(error as Partial<ServiceError>);
-  if (code === GrpcStatus.UNAVAILABLE || code === GrpcStatus.DEADLINE_EXCEEDED || code === GrpcStatus.CANCELLED) {
-    return toStatus(
-      new CowherdError(
-        GrpcStatus.UNAVAILABLE,
-        `the agent of ${host} did not answer (${GrpcStatus[code]}: ${received.message}); clones it moved anyway stand on the target, and a rebase again counts them done`,
-        { reason: ErrorReason.ERROR_REASON_HOST_UNREACHABLE, metadata: { host } },
-      ),
-    );
-  }
-  const reason = received.reason === '' ? ErrorReason.ERROR_REASON_INTERNAL : errorReasonFromJSON(received.reason);
-  return toStatus(new CowherdError(code, received.message, { reason, metadata: { ...received.metadata, host } }));
 }
 
 function throwIfAborted(signal: AbortSignal): void {

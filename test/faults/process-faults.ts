@@ -1,7 +1,7 @@
 /**
- * Process faults: SIGKILL of the receiving agent, of the origin agent, of the cloning service and of the
- * distribution service, each in the middle of the work and started again a few seconds later (same identity,
- * data and ports, as a supervisor would restart it).
+ * Process faults: SIGKILL of the receiving agent, of the origin agent (during the transfer, and during its
+ * CreateClones), of the cloning service and of the distribution service, each in the middle of the work and
+ * started again a few seconds later (same identity, data and ports, as a supervisor would restart it).
  */
 import { ORIGIN, RECEIVERS } from './fleet.js';
 import { sleep, type FaultRow, type RowContext } from './row.js';
@@ -36,6 +36,36 @@ export const PROCESS_FAULTS: readonly FaultRow[] = [
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
     inject: (context) => killAgent(context, ORIGIN),
+  },
+  {
+    fault: 'origin-agent-kill-while-cloning',
+    mustSucceed: true,
+    distributeTo: RECEIVERS,
+    cloneHosts: [ORIGIN, 'recv1'],
+    // Killed in the middle of its CreateClones (its first clone is in libvirt, the rest are not): cloning gets no
+    // answer, asks again with the same request_id once the agent is back, and every clone is reported DONE.
+    inject: async (context) => {
+      const deadline = Date.now() + 60_000;
+      for (;;) {
+        const domains = (await context.fleet.virsh('list', '--all', '--name')).split('\n').filter((name) => name.trim().startsWith(context.prefix));
+        if (domains.length > 0) {
+          context.note(`${domains.length} clone(s) in libvirt`);
+          break;
+        }
+        if (Date.now() > deadline) {
+          context.note('no clone appeared in libvirt within 60 s; injecting anyway');
+          break;
+        }
+        await sleep(25);
+      }
+      const agent = context.fleet.agents.get(ORIGIN)!;
+      context.note(`SIGKILL agent ${ORIGIN} (pid ${agent.daemon?.pid})`);
+      await agent.kill();
+      await sleep(DOWN_MS);
+      await agent.start();
+      context.note(`agent ${ORIGIN} started again`);
+      return Date.now();
+    },
   },
   {
     fault: 'cloning-kill',

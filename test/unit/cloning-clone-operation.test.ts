@@ -580,7 +580,8 @@ describe('the clone operation', () => {
     });
     fleet.replica('debian-12', 'kvm-01');
     const { context } = fakeContext(request, metadata);
-    const response = await run({ fleet, agents, events }, context);
+    // Tried once: the retries while an agent does not answer have tests of their own below.
+    const response = await run({ fleet, agents, events, agentRetryMs: 0 }, context);
 
     const states = response.clones.map((clone) => [clone.domainName, clone.host, CloneResult_State[clone.state]]);
     assert.deepEqual(states, [
@@ -605,6 +606,51 @@ describe('the clone operation', () => {
       events.published.map((event) => event.id),
       [`clone.failed/${context.name}/kvm-01/web-3`, `clone.failed/${context.name}/kvm-01/web-6`],
     );
+  });
+
+  it('asks an agent that did not answer again with the same request_id, and reports the clones the first attempt made', async () => {
+    const fleet = standardFleet();
+    const agents = new FakeAgents();
+    const events = new FakeEvents();
+    // The agent made the clones, then died before answering (its restart refuses connections for a moment).
+    let attempts = 0;
+    agents.behaviours.set('hosts/kvm-02', async (request) => {
+      attempts += 1;
+      if (attempts === 1) throw grpcError(GrpcStatus.UNAVAILABLE, 'connect ECONNREFUSED');
+      return makeAll('hosts/kvm-02', request);
+    });
+    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 2, placement: hostsPlacement('kvm-02'), nameTemplate: 'web-{index}' });
+    const { context } = fakeContext(request, metadata);
+    const response = await run({ fleet, agents, events }, context);
+
+    assert.deepEqual(
+      response.clones.map((clone) => CloneResult_State[clone.state]),
+      ['STATE_DONE', 'STATE_DONE'],
+    );
+    assert.deepEqual(agents.hostsCalled(), ['hosts/kvm-02', 'hosts/kvm-02']);
+    assert.equal(agents.calls[0]!.request.requestId, agents.calls[1]!.request.requestId);
+    assert.deepEqual(events.published, [], 'no clone.failed for clones that exist');
+  });
+
+  it('stops asking an agent that does not answer once the inventory calls its host UNREACHABLE', async () => {
+    const fleet = standardFleet();
+    const agents = new FakeAgents();
+    const events = new FakeEvents();
+    agents.behaviours.set('hosts/kvm-02', async () => {
+      // The heartbeats stop with the answers.
+      fleet.host('kvm-02', { state: Host_State.STATE_UNREACHABLE });
+      throw grpcError(GrpcStatus.UNAVAILABLE, 'connect ECONNREFUSED');
+    });
+    const { request, metadata } = await plan(fleet, { source: image('debian-12'), count: 1, placement: hostsPlacement('kvm-02'), nameTemplate: 'web-{index}' });
+    const { context } = fakeContext(request, metadata);
+    await assert.rejects(run({ fleet, agents, events }, context), (error: unknown) => {
+      assert.ok(error instanceof CowherdError);
+      assert.equal(error.code, GrpcStatus.UNAVAILABLE);
+      assert.equal(error.reason, ErrorReason.ERROR_REASON_HOST_UNREACHABLE);
+      assert.match(error.message, /hosts\/kvm-02 is UNREACHABLE/);
+      return true;
+    });
+    assert.equal(agents.calls.length, 1, 'no second call to a host the inventory gave up on');
   });
 
   it('fails clones on a host without the image with IMAGE_NOT_ON_HOST, and the whole operation when nothing could be attempted', async () => {
