@@ -60,6 +60,9 @@ async function trackerPeers(announceUrl: string, infoHash: string): Promise<Buff
 }
 
 /** utime + stime of a process, in seconds (/proc/<pid>/stat, 100 ticks a second). */
+/** How long the agents' idle CPU is sampled before the transfer. */
+const IDLE_SAMPLE_MS = 3_000;
+
 function cpuSeconds(pid: number): number {
   try {
     const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
@@ -207,6 +210,13 @@ export const cowherdMethod: DistributionMethod = async (bed, image) => {
     resources.defer(() => subscription.unsubscribe());
     await watcher.connection.flush();
 
+    // What the agents cost while nothing moves (heartbeats, reports, timers): the floor under every cell's CPU.
+    const idleFrom = new Map([...agentPids].map(([host, pid]) => [host, cpuSeconds(pid)]));
+    await new Promise((resolve) => setTimeout(resolve, IDLE_SAMPLE_MS));
+    const idle = [...agentPids].map(([host, pid]) => cpuSeconds(pid) - (idleFrom.get(host) ?? 0));
+    say(
+      `agents' CPU while idle, ${IDLE_SAMPLE_MS / 1000} s before the transfer: ${((idle.reduce((sum, seconds) => sum + seconds, 0) / idle.length / IDLE_SAMPLE_MS) * 1000).toFixed(3)} of a core per agent (max ${((Math.max(...idle) / IDLE_SAMPLE_MS) * 1000).toFixed(3)})`,
+    );
     const cpuBefore = new Map([...agentPids].map(([host, pid]) => [host, cpuSeconds(pid)]));
     const startedAt = performance.now();
     // Ready to send means the origin is in the swarm: the tracker hands out its address (as the baselines start
