@@ -10,8 +10,7 @@
  * files and `domain-template.xml`), `clones/<domain>/` a clone's children and files.
  */
 import { randomUUID } from 'node:crypto';
-import { constants as fsConstants } from 'node:fs';
-import { copyFile, mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
@@ -36,17 +35,16 @@ import { checkGuestConfiguration, guestConfigurationDigest, PLACEHOLDER_UUID, re
 import {
   attachDataDisk,
   attachSeedImage,
-  createEmptyDisk,
   buildSeedImage,
+  diskBackendFor,
   SEED_SYSTEM_AREA_BYTES,
-  createDifferencingVhd,
-  createQcow2Overlay,
   LibvirtError,
   protectBase,
   renderClone,
   sanitizeDomainTemplate,
   templateDisks,
   type CloneMetadata,
+  type DiskBackend,
   type DomainInfo,
   type HypervisorKind,
   type Libvirt,
@@ -138,7 +136,12 @@ export class CloneEngine {
   /** The batch last started for each request_id, while it runs. */
   private readonly batches = new Map<string, Promise<CreateCloneResult[]>>();
 
-  constructor(private readonly options: CloneEngineOptions) {}
+  /** How this host's clone disks are made (qcow2 overlays on KVM, VHD differencing disks on Xen). */
+  private readonly disks: DiskBackend;
+
+  constructor(private readonly options: CloneEngineOptions) {
+    this.disks = diskBackendFor(options.hypervisor);
+  }
 
   /**
    * Makes a batch (see {@link makeBatch}). A request whose request_id names a batch still running waits for it
@@ -170,13 +173,8 @@ export class CloneEngine {
     dataDiskSize(request.dataDiskBytes);
     this.checkGuest(request);
     const source = await this.resolveSource(request);
-    const extension = this.options.hypervisor === 'xen' ? 'vhd' : 'qcow2';
-    for (const disk of source.disks) {
-      if (this.options.hypervisor === 'xen' && disk.format !== 'vpc')
-        throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
-      if (this.options.hypervisor === 'kvm' && disk.format === 'vpc')
-        throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
-    }
+    const extension = this.disks.extension;
+    for (const disk of source.disks) this.disks.checkBase(disk);
     const name = request.clones[0]!.domainName;
     const cloneDirectory = cloneDirectoryOf(this.options.imageDirectory, name);
     await renderClone(source.template, {
@@ -249,14 +247,14 @@ export class CloneEngine {
     // KVM: one qcow2 overlay per base disk made by qemu-img, copied byte for byte for every clone. A
     // qcow2 header holds no per-file identity, so overlays of one base with the same options are
     // identical; a 196 KiB copy costs ~0.2 ms where a qemu-img process costs ~6 ms.
-    const prototypes = this.options.hypervisor === 'kvm' && request.clones.length > 1 ? await this.makePrototypes(source) : new Map<string, string>();
+    const prototypes = this.disks.copiesChildren && request.clones.length > 1 ? await this.makePrototypes(source) : new Map<string, string>();
     let prepared: PreparedClone[];
     try {
       // The empty data disk likewise: made once, copied per clone (an empty qcow2 is its header alone).
-      if (dataDiskBytes > 0 && request.clones.length > 1) {
+      if (dataDiskBytes > 0 && request.clones.length > 1 && this.disks.copiesChildren) {
         const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), 'data');
         prototypes.set(DATA_DISK_PROTOTYPE, path);
-        await createEmptyDisk(path, dataDiskBytes, this.options.hypervisor === 'xen' ? 'vhd' : 'qcow2');
+        await this.disks.createEmptyDisk(path, dataDiskBytes);
       }
       prepared = await mapLimited(
         request.clones.map((clone, position) => ({ clone, index: clone.index || position + 1 })),
@@ -488,14 +486,8 @@ export class CloneEngine {
    * copied, or made here, then attached on the system disk's bus. Removed with the directory on any failure.
    */
   private async makeDataDisk(cloneDirectory: string, bytes: number, prototype: string | undefined, xml: string): Promise<{ xml: string; path: string }> {
-    const kind = this.options.hypervisor === 'xen' ? 'vhd' : 'qcow2';
-    const path = cloneDataDiskFile(cloneDirectory, kind);
-    const make = prototype === undefined ? createEmptyDisk(path, bytes, kind) : copyFile(prototype, path, fsConstants.COPYFILE_EXCL);
-    await make.catch((error: unknown) => {
-      throw /No space left|ENOSPC/i.test(String((error as Error).message))
-        ? new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left for ${path}`, { reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE, cause: error })
-        : error;
-    });
+    const path = cloneDataDiskFile(cloneDirectory, this.disks.extension);
+    await this.disks.createEmptyDisk(path, bytes, prototype);
     const attached = await attachDataDisk(xml, { diskPath: path, cloneDirectory, hypervisor: this.options.hypervisor });
     return { xml: attached.xml, path };
   }
@@ -506,9 +498,10 @@ export class CloneEngine {
     const prototypes = new Map<string, string>();
     try {
       for (const disk of source.disks) {
-        if (disk.format === 'vpc') continue;
+        // A base this backend cannot use fails each clone in prepare(), with the reason.
+        if (!this.usable(disk)) continue;
         const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), disk.target);
-        await createQcow2Overlay(disk.base, disk.format, path);
+        await this.disks.createChild(disk, path);
         prototypes.set(disk.target, path);
       }
     } catch (error) {
@@ -519,23 +512,19 @@ export class CloneEngine {
   }
 
   private async makeChild(disk: ResolvedSource['disks'][number], cloneDirectory: string, prototype?: string): Promise<{ target: string; path: string }> {
-    if (this.options.hypervisor === 'xen') {
-      if (disk.format !== 'vpc')
-        throw CowherdError.failedPrecondition(`disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
-      const path = cloneDiskFile(cloneDirectory, disk.target, 'vhd');
-      await createDifferencingVhd({ parentPath: disk.base, childPath: path });
-      return { target: disk.target, path };
-    }
-    if (disk.format === 'vpc')
-      throw CowherdError.failedPrecondition(`disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH);
-    const path = cloneDiskFile(cloneDirectory, disk.target, 'qcow2');
-    const make = prototype === undefined ? createQcow2Overlay(disk.base, disk.format, path) : copyFile(prototype, path, fsConstants.COPYFILE_EXCL);
-    await make.catch((error: unknown) => {
-      throw /No space left|ENOSPC/i.test(String((error as Error).message))
-        ? new CowherdError(GrpcStatus.RESOURCE_EXHAUSTED, `no space left for ${path}`, { reason: ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE, cause: error })
-        : error;
-    });
+    const path = cloneDiskFile(cloneDirectory, disk.target, this.disks.extension);
+    await this.disks.createChild(disk, path, prototype);
     return { target: disk.target, path };
+  }
+
+  /** Whether the host's disk backend can make children of `disk`. */
+  private usable(disk: ResolvedSource['disks'][number]): boolean {
+    try {
+      this.disks.checkBase(disk);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   /** After the batch define: start if asked, publish, or roll back and report. */

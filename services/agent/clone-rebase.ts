@@ -19,8 +19,7 @@
  * Horizon's recompose). Calls run one at a time on a host: two rebases of one clone never interleave.
  */
 import { randomUUID } from 'node:crypto';
-import { constants as fsConstants } from 'node:fs';
-import { copyFile, link, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { link, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import type { RebaseCloneResult, RebaseClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
@@ -43,8 +42,7 @@ import type { Logger } from '../common/platform/logger.js';
 import {
   backingChain,
   cloneImageKey,
-  createDifferencingVhd,
-  createQcow2Overlay,
+  diskBackendFor,
   imageKeyOfBackingFile,
   LibvirtError,
   readCloneMetadata,
@@ -53,6 +51,7 @@ import {
   virtualMachineId,
   virtualMachineState,
   withNewInstanceId,
+  type DiskBackend,
   type DomainInfo,
   type HypervisorKind,
   type Libvirt,
@@ -138,7 +137,12 @@ export class CloneRebaser {
   /** Calls run one after another on a host. */
   private queue: Promise<unknown> = Promise.resolve();
 
-  constructor(private readonly options: CloneRebaseOptions) {}
+  /** How this host's clone disks are made (qcow2 overlays on KVM, VHD differencing disks on Xen). */
+  private readonly disks: DiskBackend;
+
+  constructor(private readonly options: CloneRebaseOptions) {
+    this.disks = diskBackendFor(options.hypervisor);
+  }
 
   /** Validates the whole call, then moves each clone; results in request order. */
   async rebase(request: RebaseClonesRequest): Promise<RebaseCloneResult[]> {
@@ -189,7 +193,7 @@ export class CloneRebaser {
     const stoppedAt = performance.now();
     await this.readDefinitions(moves.filter((move) => !move.error && move.action !== 'none'));
     const swapping = moves.filter((move) => !move.error && move.action === 'swap');
-    const prototypes = this.options.hypervisor === 'kvm' && swapping.length > 1 ? await this.makePrototypes(swapping, bases) : new Map<string, string>();
+    const prototypes = this.disks.copiesChildren && swapping.length > 1 ? await this.makePrototypes(swapping, bases) : new Map<string, string>();
     try {
       await mapLimited(
         moves.filter((move) => !move.error && move.action !== 'none'),
@@ -438,9 +442,10 @@ export class CloneRebaser {
     try {
       for (const target of targets) {
         const base = bases.get(target)!;
-        if (base.format === 'vpc') continue;
+        // A base this backend cannot use fails each clone in prepare(), with the reason.
+        if (!usable(this.disks, { target, format: base.format })) continue;
         const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), target);
-        await createQcow2Overlay(base.base, base.format, path);
+        await this.disks.createChild({ target, base: base.base, format: base.format }, path);
         prototypes.set(target, path);
       }
     } catch (error) {
@@ -470,23 +475,7 @@ export class CloneRebaser {
           // A crashed rebase's leftovers went in inspect().
           const next = rebaseWorkFile(disk.path, 'rebase');
           work.push(next);
-          if (this.options.hypervisor === 'xen') {
-            if (disk.format !== 'vpc')
-              throw CowherdError.failedPrecondition(
-                `disk ${disk.target} is ${disk.format}; Xen clones need VHD bases`,
-                ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH,
-              );
-            await createDifferencingVhd({ parentPath: disk.base, childPath: next });
-          } else {
-            if (disk.format === 'vpc')
-              throw CowherdError.failedPrecondition(
-                `disk ${disk.target} is a VHD; KVM clones need qcow2 or raw bases`,
-                ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH,
-              );
-            const prototype = prototypes.get(disk.target);
-            if (prototype === undefined) await createQcow2Overlay(disk.base, disk.format, next);
-            else await copyFile(prototype, next, fsConstants.COPYFILE_EXCL);
-          }
+          await this.disks.createChild(disk, next, prototypes.get(disk.target));
         }
       }
       if (newInstanceId && move.action === 'swap') {
@@ -710,4 +699,14 @@ function hypervisorError(error: unknown): CowherdError {
   if (error instanceof LibvirtError && error.kind === 'domain-not-found')
     return new CowherdError(GrpcStatus.NOT_FOUND, error.message, { reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND, cause: error });
   return new CowherdError(GrpcStatus.INTERNAL, `rebase: ${(error as Error).message}`, { reason: ErrorReason.ERROR_REASON_HYPERVISOR_ERROR, cause: error });
+}
+
+/** Whether `disks` can make children of a base disk of this format. */
+function usable(disks: DiskBackend, disk: { target: string; format: 'qcow2' | 'raw' | 'vpc' }): boolean {
+  try {
+    disks.checkBase(disk);
+    return true;
+  } catch {
+    return false;
+  }
 }

@@ -18,7 +18,7 @@ import { GuestConfiguration } from '../../services/gen/cowherd/inventory/v1/reso
 import { createLogger } from '../../services/common/platform/logger.js';
 import { CloneEngine } from '../../services/agent/clone-engine.js';
 import { CloneRebaser } from '../../services/agent/clone-rebase.js';
-import { createQcow2Overlay, readCloneMetadata, readSeedImage, sanitizeDomainTemplate } from '../../services/agent/hypervisor/index.js';
+import { diskBackendFor, readCloneMetadata, readSeedImage, sanitizeDomainTemplate } from '../../services/agent/hypervisor/index.js';
 import { parseDomainXml, type DomainInfo, type HypervisorFacts, type Libvirt } from '../../services/agent/hypervisor/libvirt.js';
 
 const run = promisify(execFile);
@@ -202,7 +202,7 @@ describe('rebase job', () => {
     // As if the agent died between the rename and the redefinition: the disk on version 2, the record on 1,
     // and the work files of the switch left behind.
     const next = join(root, 'clones', 'a', '.vda.qcow2.rebase');
-    await createQcow2Overlay(disks.get('img_v2')!, 'qcow2', next);
+    await diskBackendFor('kvm').createChild({ target: 'vda', base: disks.get('img_v2')!, format: 'qcow2' }, next);
     await cp(overlay('a'), join(root, 'clones', 'a', '.vda.qcow2.previous'));
     await rename(next, overlay('a'));
     const uuid = parseDomainXml(libvirt.xml.get('a')!).uuid;

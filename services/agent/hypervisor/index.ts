@@ -1,7 +1,7 @@
 /**
  * The hypervisor room: libvirt (virsh, its events and facts, a view scoped to the image directory), domain
- * XML (parsing, safety checks, image templates, clone rendering), copy-on-write children (qcow2 overlays,
- * VHD differencing disks), disk inspection, and the domains that depend on an image's files. It uses only
+ * XML (parsing, safety checks, image templates, clone rendering), copy-on-write children behind one disk-backend
+ * interface (qcow2 overlays, VHD differencing disks), disk inspection, and the domains that depend on an image's files. It uses only
  * the image-directory room; the swarm and the host are not its business.
  */
 export {
@@ -34,6 +34,7 @@ export { renderClone, type HypervisorKind, type RenderedClone } from './domain-x
 export { renderImportDomain, type ImportDomainParameters } from './domain-xml/import-domain.js';
 export { attachSeedImage } from './domain-xml/seed-attachment.js';
 export { buildSeedImage, readSeedImage, SEED_SYSTEM_AREA_BYTES, SEED_VOLUME_LABEL, withNewInstanceId } from './seed-image.js';
-export { createEmptyDisk, createQcow2Overlay, protectBase } from './overlays.js';
-export { createDifferencingVhd, readVhdInfo } from './vhd.js';
+export { protectBase } from './overlays.js';
+export { diskBackendFor, type BaseDisk, type DiskBackend } from './disk-backends.js';
+export { readVhdInfo } from './vhd.js';
 export { createQemuImgDiskInspector, inspectAll, type DiskInspector } from './disks.js';

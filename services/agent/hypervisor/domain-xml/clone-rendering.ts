@@ -36,6 +36,7 @@ import {
   textOf,
   type XmlElement,
 } from './xml-tree.js';
+import { diskBackendFor } from '../disk-backends.js';
 
 /** The hypervisor a clone is rendered for. */
 export type HypervisorKind = 'kvm' | 'xen';
@@ -91,18 +92,6 @@ export interface RenderedClone {
 const NODE_RANDOM: RandomSource = { randomBytes: (size) => randomBytes(size), randomUUID: () => randomUUID() };
 
 /**
- * libvirt `<driver>` of a child disk. KVM: a qcow2 overlay opened by qemu. Xen: a VHD differencing disk
- * opened by blktap (`name='tap' type='vhd'`): libxl maps `tap` + `vhd` to its TAP backend, whose tapdisk
- * follows the VHD parent locators. qemu's VHD ("vpc") driver, which `name='qemu'` would select (libxl's
- * qdisk backend), ignores a differencing VHD's parent and shows garbage; and libxl does not accept the
- * format name "vpc" at all.
- */
-const CHILD_DISK_DRIVER: Readonly<Record<HypervisorKind, { readonly name: string; readonly type: string }>> = {
-  kvm: { name: 'qemu', type: 'qcow2' },
-  xen: { name: 'tap', type: 'vhd' },
-};
-
-/**
  * Renders one clone of a template: `<name>` and a fresh `<uuid>`; a fresh MAC (52:54:00:xx:xx:xx, unique,
  * avoiding `usedMacAddresses`) per interface; each disk's source at its child with the hypervisor's driver;
  * NVRAM at `<cloneDirectory>/nvram.fd`; character-device files and logs in the clone directory; kernel,
@@ -151,7 +140,8 @@ export async function renderClone(templateXml: string, options: RenderCloneOptio
     wanted.set(option.target, { option, index });
   });
   const renderedDisks: Array<{ target: string; path: string; driverName: string; driverType: string }> = [];
-  const driver = CHILD_DISK_DRIVER[options.hypervisor];
+  // The child's libvirt <driver> is its disk backend's (qcow2 overlays: qemu; VHD differencing disks: blktap).
+  const driver = diskBackendFor(options.hypervisor).driver;
   for (const disk of devices ? elementChildren(devices, 'disk') : []) {
     const source = firstChild(disk, 'source');
     const placeholder = source?.attributes.get('file') ?? '';
