@@ -14,7 +14,7 @@
 /** The services' own folders: everything under services/ except the shared code and the generated code. */
 const SERVICE = '(?!common/|gen/)([^/]+)';
 /** The agent's rooms (sub-folders by concern); each is entered only through its index.ts. */
-const ROOMS = '(hypervisor|swarm|host|image-directory)';
+const ROOMS = '(hypervisor|swarm|host|image-directory|streaming)';
 /** Files of this repository (as opposed to npm packages and node's own modules). */
 const PROJECT_FILE = '^(services|deploy|test|bench|scripts|proto|vendor)/';
 
@@ -59,7 +59,7 @@ module.exports = {
     {
       name: 'agent-room-only-through-index',
       comment:
-        "The agent's rooms (hypervisor/, swarm/, host/, image-directory/) show a small public surface in their index.ts: a file outside a room " +
+        "The agent's rooms (hypervisor/, swarm/, host/, image-directory/, streaming/) show a small public surface in their index.ts: a file outside a room " +
         "(the agent's jobs and wiring, or another room) imports the room's index.ts, never one of its inner files.",
       severity: 'error',
       // $1 is the first folder or file name under services/agent/ of the importing file: a room's own files may import each other.
@@ -69,11 +69,12 @@ module.exports = {
     {
       name: 'agent-hypervisor-swarm-host-apart',
       comment:
-        'The hypervisor (libvirt, domain XML, disks) and the swarm (moving image bytes between hosts) know nothing of each other nor of the ' +
-        "host's membership (reporter, facts, enrollment): the jobs at the agent's top level put them together.",
+        'The hypervisor (libvirt, domain XML, disks), the swarm (moving image bytes between hosts) and streaming (serving a replica that ' +
+        "is still arriving to qemu) know nothing of each other nor of the host's membership (reporter, facts, enrollment): the jobs at " +
+        "the agent's top level put them together.",
       severity: 'error',
-      from: { path: '^services/agent/(hypervisor|swarm)/' },
-      to: { path: '^services/agent/(hypervisor|swarm|host)/', pathNot: '^services/agent/$1/' },
+      from: { path: '^services/agent/(hypervisor|swarm|streaming)/' },
+      to: { path: '^services/agent/(hypervisor|swarm|host|streaming)/', pathNot: '^services/agent/$1/' },
     },
     {
       name: 'agent-rooms-import-no-jobs',
