@@ -64,7 +64,7 @@ const MAX_OPTION_BYTES = 4096;
 
 /** A file served while it may still be arriving. */
 export interface StreamedFile {
-  /** The path the bytes are read from once available. */
+  /** The path the bytes are read from, looked up at a connection's first read (after its range is available). */
   readonly path: string;
   /** Its size in bytes. */
   readonly size: number;
@@ -203,6 +203,7 @@ class Connection {
   private readonly reader: SocketReader;
   private noZeroes = false;
   private handle: FileHandle | undefined;
+  private opening: Promise<FileHandle> | undefined;
 
   constructor(
     private readonly socket: Socket,
@@ -220,7 +221,7 @@ class Connection {
     } catch (error) {
       if (!(error instanceof ProtocolError) || !this.socket.destroyed) this.onError?.(error as Error);
     } finally {
-      await this.handle?.close().catch(() => undefined);
+      await (this.handle ?? (await this.opening?.catch(() => undefined)))?.close().catch(() => undefined);
       this.socket.destroy();
     }
   }
@@ -321,7 +322,6 @@ class Connection {
 
   /** Requests until DISC. Reads are answered as they complete (a waiting read does not hold up the others). */
   private async transmission(file: StreamedFile): Promise<void> {
-    this.handle = await open(file.path, 'r');
     for (;;) {
       const request = await this.reader.read(28);
       if (!request) return;
@@ -369,10 +369,21 @@ class Connection {
         this.statistics.waitedReads += 1;
         this.statistics.longestWaitMs = Math.max(this.statistics.longestWaitMs, waitedMs);
       }
+      // Opened at the first read, once bytes are there (a fetch creates its files as pieces arrive); the path is
+      // read then, so a file served from where it is being fetched keeps its inode when it is renamed.
+      if (!this.handle) {
+        this.opening ??= open(file.path, 'r');
+        try {
+          this.handle = await this.opening;
+        } catch (error) {
+          this.opening = undefined;
+          throw error;
+        }
+      }
       data = Buffer.allocUnsafe(length);
       let filled = 0;
       while (filled < length) {
-        const { bytesRead } = await this.handle!.read(data, filled, length - filled, offset + filled);
+        const { bytesRead } = await this.handle.read(data, filled, length - filled, offset + filled);
         if (bytesRead === 0) throw new Error(`${file.path} ends before byte ${offset + length}`);
         filled += bytesRead;
       }

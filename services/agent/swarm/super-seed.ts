@@ -16,10 +16,13 @@
  *   pieces held by the fewest receivers (at most `endgameHolders`) that this receiver lacks.
  * - A receiver announcing a piece (from anyone) makes room for the next reveal; pieces whose only holder
  *   left, or that were revealed but not announced within `revealTimeoutMs`, become offerable again.
+ * - A receiver streaming the image asks for the pieces a guest waits on (piece-wants.ts): they are revealed to
+ *   it at once.
  * Requests for pieces that were not revealed are still served (a receiver may learn of them otherwise).
  */
 import type { Torrent, Wire } from 'webtorrent';
 import type { Logger } from '../../common/platform/logger.js';
+import { usePieceWants } from './piece-wants.js';
 
 /** The parts of bittorrent-protocol's Wire the policy uses. */
 interface SeedWire extends Wire {
@@ -60,6 +63,8 @@ export interface SuperSeedStats {
   reveals: number;
   /** Pieces offered once at least. */
   offered: number;
+  /** Pieces revealed because a streaming receiver wanted them (piece-wants.ts). */
+  wanted: number;
 }
 
 /** Makes the seeding `torrent` (every piece present) super-seed; returns live counters. */
@@ -68,7 +73,7 @@ export function superSeed(torrent: Torrent, layout: PieceLayout, options: SuperS
   const revealPerWire = options.revealPerWire ?? 1;
   const endgameHolders = options.endgameHolders ?? 2;
   const revealTimeoutMs = options.revealTimeoutMs ?? 30_000;
-  const stats: SuperSeedStats = { reveals: 0, offered: 0 };
+  const stats: SuperSeedStats = { reveals: 0, offered: 0, wanted: 0 };
   const holders = new Uint16Array(pieceCount);
   /** When each piece was last revealed (to anyone), 0 = never. */
   const revealedAt = new Float64Array(pieceCount);
@@ -138,6 +143,19 @@ export function superSeed(torrent: Torrent, layout: PieceLayout, options: SuperS
   torrent.on('wire', (raw: Wire) => {
     const wire = raw as SeedWire;
     if (wire.type === 'webSeed') return;
+    // A streaming receiver's wants (piece-wants.ts): revealed to it at once, outside the one-piece budget; they
+    // count as revealed, so they are not offered to others as fresh pieces before their time.
+    usePieceWants(wire, (indices) => {
+      if (!pending.has(wire) || wire.destroyed) return;
+      const now = performance.now();
+      for (const index of indices) {
+        if (index >= pieceCount || wire.peerPieces.get(index)) continue;
+        revealedAt[index] = now;
+        stats.reveals += 1;
+        stats.wanted += 1;
+        wire.have(index);
+      }
+    });
     // webtorrent announces every piece right after this event: announce none instead.
     const bitfield = wire.bitfield.bind(wire);
     let first = true;

@@ -36,7 +36,7 @@ import { networkInterfaces } from 'node:os';
 import { basename, dirname, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import Piece from 'torrent-piece';
-import WebTorrent, { type ChunkStore, type ChunkStoreConstructor, type ChunkStoreOptions, type Torrent } from 'webtorrent';
+import WebTorrent, { type ChunkStore, type ChunkStoreConstructor, type ChunkStoreOptions, type Torrent, type Wire } from 'webtorrent';
 import { CowherdError } from '../../common/platform/errors.js';
 import type { Logger } from '../../common/platform/logger.js';
 import { IMAGE_KEY, IMAGE_NAME } from '../../common/domain/resource-names.js';
@@ -46,6 +46,7 @@ import { parseImageTorrent, torrentFile, type ImageTorrent } from './torrent.js'
 import { fsyncDirectory, partialDirectoryOf, pathExists, removeTree, replicaFile, replicaGenerationOf } from '../image-directory/index.js';
 import { PeerGuard } from './peer-guard.js';
 import { superSeed } from './super-seed.js';
+import { sendWants, usePieceWants } from './piece-wants.js';
 
 /** Bandwidth limits in bytes per second; 0 = unlimited. */
 export interface SwarmLimits {
@@ -441,6 +442,73 @@ export class ImageSwarm {
     await entry.running;
   }
 
+  /**
+   * Resolves once bytes [offset, offset + length) of `file` (a file of `image`'s torrent, e.g. `vda.qcow2`) are
+   * written and their pieces' SHA-1 verified on this host: at once when they are, or when the replica is
+   * complete (verifying or seeding). While a fetch runs, exactly those pieces are raised to webtorrent's
+   * critical priority first (ahead of the order of everything else), and the rest keep arriving as before.
+   * Rejects with NOT_FOUND when `image` is neither fetched nor seeded here (also when its fetch ended without
+   * the range: it failed or was removed), INVALID_ARGUMENT for a file or range the torrent does not hold, and
+   * with `signal`'s reason when it aborts. Streaming clones read their base through this (streaming/).
+   */
+  async whenAvailable(image: string, file: string, offset: number, length: number, signal?: AbortSignal): Promise<void> {
+    let askedAt = 0;
+    for (;;) {
+      signal?.throwIfAborted();
+      const entry = this.entries.get(image);
+      if (!entry) throw CowherdError.notFound(IMAGE_NAME.format({ image }));
+      const torrent = entry.torrent;
+      const ready = torrent !== undefined && !torrent.destroyed && torrent.ready;
+      const target = ready ? torrent.files.find((candidate) => candidate.path.slice(candidate.path.indexOf('/') + 1) === file) : undefined;
+      if (ready) {
+        if (!target) throw CowherdError.invalidArgument('file', `is not a file of ${IMAGE_NAME.format({ image })}`);
+        if (offset < 0 || length <= 0 || offset + length > target.length)
+          throw CowherdError.invalidArgument('length', `is outside ${file} (${target.length} bytes)`);
+      }
+      if (entry.stage !== 'transferring') return;
+      if (ready && target && torrent.bitfield) {
+        const first = Math.floor((target.offset + offset) / torrent.pieceLength);
+        const last = Math.floor((target.offset + offset + length - 1) / torrent.pieceLength);
+        const missing = (): boolean => {
+          for (let index = first; index <= last; index += 1) if (!torrent.bitfield!.get(index)) return true;
+          return false;
+        };
+        if (!missing()) return;
+        torrent.critical(first, last);
+        // A super-seeding origin hides what it holds: ask every peer for the missing pieces (piece-wants.ts), again
+        // each second while they are missing (a peer may have joined since).
+        if (performance.now() - askedAt >= 1000) {
+          askedAt = performance.now();
+          const wanted: number[] = [];
+          for (let index = first; index <= last; index += 1) if (!torrent.bitfield.get(index)) wanted.push(index);
+          for (const wire of torrent.wires) if (wire.type !== 'webSeed') sendWants(wire, wanted);
+        }
+        // Woken by each verified piece, by the torrent's end, and every 250 ms (a new round's torrent, a stage change).
+        await new Promise<void>((resolve) => {
+          const done = (): void => {
+            clearTimeout(timer);
+            torrent.off('verified', onVerified);
+            torrent.off('close', done);
+            torrent.off('done', done);
+            signal?.removeEventListener('abort', done);
+            resolve();
+          };
+          const onVerified = (index: number): void => {
+            if (index >= first && index <= last && !missing()) done();
+          };
+          const timer = setTimeout(done, 250);
+          torrent.on('verified', onVerified);
+          torrent.once('close', done);
+          torrent.once('done', done);
+          signal?.addEventListener('abort', done, { once: true });
+        });
+        continue;
+      }
+      // No torrent yet (a fetch starting, or between rounds): look again shortly.
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+  }
+
   /** Stops everything and closes the client. */
   async destroy(): Promise<void> {
     if (this.destroyed) return;
@@ -563,6 +631,8 @@ export class ImageSwarm {
       torrent.files.length === 1 ? `${url}${url.endsWith('/') ? '' : '/'}${torrent.name}/${torrent.files[0]!.path}` : url,
     );
     entry.torrent = added;
+    // Every wire speaks cowherd_want, so that a streamed range can be asked of a super-seeding origin.
+    added.on('wire', (wire: Wire) => usePieceWants(wire));
     const guarded = this.guard.watch(added, entry.image);
     // Web seeds are the fallback, not a peer like the others: the origin serves them from the same uplink
     // it super-seeds from, and a receiver that takes pieces over HTTP takes them from the origin. They join

@@ -86,6 +86,12 @@ declare module 'webtorrent' {
     readonly destroyed: boolean;
     readonly wires: Wire[];
     readonly pieces: unknown[];
+    /** Verified pieces (set once a piece's SHA-1 matched and the store wrote it). */
+    readonly bitfield?: { get(index: number): boolean };
+    /** The torrent's files: `path` is `<torrent name>/<file>`, `offset` its first byte in the torrent. */
+    readonly files: ReadonlyArray<{ readonly path: string; readonly offset: number; readonly length: number }>;
+    /** Pieces start..end (inclusive) first, ahead of every other selection. */
+    critical(start: number, end: number): void;
     /** torrent-discovery; `tracker` is the bittorrent-tracker client (null without trackers). */
     readonly discovery?: { readonly tracker?: { setInterval(intervalMs?: number): void; update(): void } | null } | null;
     destroy(options?: { destroyStore?: boolean }, callback?: (error?: Error | null) => void): void;
