@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { runCommand } from '../../services/common/platform/child-process.js';
-import { startNbdServer, type NbdServer, type StreamedFile } from '../../services/agent/streaming/index.js';
+import { startNbdServer, type NbdRead, type NbdServer, type StreamedFile } from '../../services/agent/streaming/index.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
@@ -19,6 +19,7 @@ let imagePath: string;
 let image: Buffer;
 let server: NbdServer;
 const errors: Error[] = [];
+const reads: NbdRead[] = [];
 
 /** A file whose ranges are released by the test: reads of a range not yet released wait. */
 class GatedFile implements StreamedFile {
@@ -62,7 +63,7 @@ before(async () => {
   image = randomBytes(SIZE);
   imagePath = path.join(directory, 'vda.raw');
   await writeFile(imagePath, image);
-  server = await startNbdServer({ socketPath: path.join(directory, 'nbd.sock'), onError: (error) => errors.push(error) });
+  server = await startNbdServer({ socketPath: path.join(directory, 'nbd.sock'), onError: (error) => errors.push(error), onRead: (read) => reads.push(read) });
 });
 
 after(async () => {
@@ -119,6 +120,12 @@ describe('NBD server', () => {
     assert.equal(sha256(await readFile(out)), sha256(image.subarray(0, MiB)));
     assert.ok(server.statistics.waitedReads > waitsBefore);
     assert.ok(server.statistics.longestWaitMs >= 300);
+    // Every read is told in the order served (the read profile of a boot): this one's ranges, the first waiting.
+    const gatedReads = reads.filter((read) => read.exportName === 'gated.raw');
+    assert.ok(gatedReads.length > 0);
+    assert.ok(gatedReads.some((read) => read.waitedMs >= 300));
+    assert.ok(gatedReads.every((read) => read.offset >= 0 && read.offset + read.length <= SIZE));
+    assert.ok(gatedReads.some((read) => read.offset < MiB));
   });
 
   it('refuses writes to an export and reads of a range that cannot be had', async () => {

@@ -107,6 +107,19 @@ export interface NbdServerOptions {
   readonly socketPath: string;
   /** Told about protocol errors and failed reads (never about data). */
   readonly onError?: (error: Error) => void;
+  /**
+   * Told about every read served, in the order served: which export, which range, how long it waited for its
+   * range. What a booting guest reads first, recorded, is the profile later streams of the image fetch first.
+   */
+  readonly onRead?: (read: NbdRead) => void;
+}
+
+/** One read as {@link NbdServerOptions.onRead} sees it. */
+export interface NbdRead {
+  readonly exportName: string;
+  readonly offset: number;
+  readonly length: number;
+  readonly waitedMs: number;
 }
 
 /** Export names as cowherd makes them (file names of a replica): no separators a URI would need to escape. */
@@ -122,7 +135,7 @@ export async function startNbdServer(options: NbdServerOptions): Promise<NbdServ
     statistics.connections += 1;
     socket.once('close', () => sockets.delete(socket));
     socket.on('error', () => undefined);
-    void new Connection(socket, exports, statistics, options.onError).run();
+    void new Connection(socket, exports, statistics, options).run();
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
@@ -209,17 +222,17 @@ class Connection {
     private readonly socket: Socket,
     private readonly exports: ReadonlyMap<string, StreamedFile>,
     private readonly statistics: NbdStatistics,
-    private readonly onError: ((error: Error) => void) | undefined,
+    private readonly options: Pick<NbdServerOptions, 'onError' | 'onRead'>,
   ) {
     this.reader = new SocketReader(socket);
   }
 
   async run(): Promise<void> {
     try {
-      const file = await this.handshake();
-      if (file) await this.transmission(file);
+      const chosen = await this.handshake();
+      if (chosen) await this.transmission(chosen.name, chosen.file);
     } catch (error) {
-      if (!(error instanceof ProtocolError) || !this.socket.destroyed) this.onError?.(error as Error);
+      if (!(error instanceof ProtocolError) || !this.socket.destroyed) this.options.onError?.(error as Error);
     } finally {
       await (this.handle ?? (await this.opening?.catch(() => undefined)))?.close().catch(() => undefined);
       this.socket.destroy();
@@ -233,7 +246,7 @@ class Connection {
   }
 
   /** The option haggling; the export chosen, or undefined when the client aborted. */
-  private async handshake(): Promise<StreamedFile | undefined> {
+  private async handshake(): Promise<{ name: string; file: StreamedFile } | undefined> {
     const greeting = Buffer.alloc(18);
     greeting.writeBigUInt64BE(NBDMAGIC, 0);
     greeting.writeBigUInt64BE(IHAVEOPT, 8);
@@ -251,14 +264,15 @@ class Connection {
       const data = length > 0 ? await this.need(length) : Buffer.alloc(0);
       switch (option) {
         case OPT_EXPORT_NAME: {
-          const file = this.exports.get(data.toString('utf8'));
+          const name = data.toString('utf8');
+          const file = this.exports.get(name);
           // No way to refuse politely here: the protocol says to drop the connection.
-          if (!file) throw new ProtocolError(`no export ${JSON.stringify(data.toString('utf8'))}`);
+          if (!file) throw new ProtocolError(`no export ${JSON.stringify(name)}`);
           const reply = Buffer.alloc(this.noZeroes ? 10 : 134);
           reply.writeBigUInt64BE(BigInt(file.size), 0);
           reply.writeUInt16BE(TRANSMISSION_FLAGS, 8);
           this.socket.write(reply);
-          return file;
+          return { name, file };
         }
         case OPT_ABORT:
           this.optionReply(option, REP_ACK);
@@ -301,7 +315,7 @@ class Connection {
           blockSize.writeUInt32BE(MAX_REQUEST_BYTES, 10);
           this.optionReply(option, REP_INFO, blockSize);
           this.optionReply(option, REP_ACK);
-          if (option === OPT_GO) return file;
+          if (option === OPT_GO) return { name: request.name, file };
           break;
         }
         default:
@@ -321,7 +335,7 @@ class Connection {
   }
 
   /** Requests until DISC. Reads are answered as they complete (a waiting read does not hold up the others). */
-  private async transmission(file: StreamedFile): Promise<void> {
+  private async transmission(name: string, file: StreamedFile): Promise<void> {
     for (;;) {
       const request = await this.reader.read(28);
       if (!request) return;
@@ -354,16 +368,17 @@ class Connection {
         this.simpleReply(cookie, EINVAL);
         continue;
       }
-      void this.serveRead(file, Buffer.from(cookie), offset, length);
+      void this.serveRead(name, file, Buffer.from(cookie), offset, length);
     }
   }
 
-  private async serveRead(file: StreamedFile, cookie: Buffer, offset: number, length: number): Promise<void> {
+  private async serveRead(name: string, file: StreamedFile, cookie: Buffer, offset: number, length: number): Promise<void> {
     const started = performance.now();
     let data: Buffer;
+    let waitedMs: number;
     try {
       await file.whenAvailable(offset, length);
-      const waitedMs = performance.now() - started;
+      waitedMs = performance.now() - started;
       // Under a millisecond: the range was there (a settled promise and a turn of the event loop).
       if (waitedMs >= 1) {
         this.statistics.waitedReads += 1;
@@ -389,12 +404,13 @@ class Connection {
       }
     } catch (error) {
       this.statistics.failedReads += 1;
-      this.onError?.(new Error(`read of ${length} bytes at ${offset} of ${file.path} failed: ${(error as Error).message}`));
+      this.options.onError?.(new Error(`read of ${length} bytes at ${offset} of ${file.path} failed: ${(error as Error).message}`));
       if (!this.socket.destroyed) this.simpleReply(cookie, EIO);
       return;
     }
     this.statistics.reads += 1;
     this.statistics.bytesRead += length;
+    this.options.onRead?.({ exportName: name, offset, length, waitedMs });
     if (!this.socket.destroyed) this.simpleReply(cookie, 0, data);
   }
 
