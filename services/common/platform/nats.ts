@@ -18,7 +18,7 @@ export interface Nats {
   readonly connection: NatsConnection;
   readonly jetstream: JetStreamClient;
   readonly manager: JetStreamManager;
-  /** Drains subscriptions and closes. */
+  /** Drains subscriptions and closes; closes also when draining fails (rejecting with its error). */
   close(): Promise<void>;
 }
 
@@ -61,12 +61,29 @@ export async function connectNats(options: NatsOptions): Promise<Nats> {
     await connection.close().catch(() => undefined);
     throw error;
   });
+  let closing: Promise<void> | undefined;
+  const close = async (): Promise<void> => {
+    if (connection.isClosed()) return;
+    const drained = connection.drain();
+    try {
+      // nats.js never settles a drain whose flush was pending when it closed the connection itself (refused twice
+      // on reconnect), so the drain races the close.
+      await Promise.race([drained, connection.closed()]);
+    } finally {
+      drained.catch(() => undefined);
+      // A connection that is down fails its drain (the flush is refused at the next reconnect attempt) without closing:
+      // close it anyway, or it goes on reconnecting for good, and keeps the process alive, once the server is gone.
+      if (!connection.isClosed()) await connection.close();
+    }
+  };
   return {
     connection,
     jetstream: jetstream(connection, { timeout: 10_000 }),
     manager,
-    close: async () => {
-      if (!connection.isClosed()) await connection.drain();
+    close: () => {
+      if (connection.isClosed()) return Promise.resolve();
+      closing ??= close();
+      return closing;
     },
   };
 }
