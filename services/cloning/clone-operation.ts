@@ -285,11 +285,7 @@ async function runCloneOperation(
         response = await callAgentWithRetries(() => deps.agents.createClones(host!, agentRequest, signal), {
           signal,
           retryMs: deps.agentRetryMs,
-          stillUsable: async () =>
-            hostProblem(
-              hostName,
-              (await deps.fleet.listHosts()).find((candidate) => candidate.name === hostName),
-            ),
+          stillUsable: () => hostProblemNow(deps.fleet, hostName),
         });
       } catch (error) {
         // Stopping or losing the lease: leave the host unfinished, so that whoever resumes asks again.
@@ -335,6 +331,14 @@ function imageNameOfVersion(imageVersion: string): string {
 /** The request_id the agent gets for one host's batch: stable across retries and resumptions. */
 export function agentRequestId(operation: string, host: string): string {
   return `${operation}/${host}`;
+}
+
+/** {@link hostProblem} of the host as the inventory has it now (asked again between retries of an agent call). */
+export async function hostProblemNow(fleet: Pick<FleetView, 'listHosts'>, name: string): Promise<CowherdError | undefined> {
+  return hostProblem(
+    name,
+    (await fleet.listHosts()).find((candidate) => candidate.name === name),
+  );
 }
 
 /** Why clones cannot go to a host now (it left the inventory, is UNREACHABLE or DRAINING); undefined when it can take them. */

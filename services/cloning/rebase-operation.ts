@@ -33,7 +33,7 @@ import { CowherdError, toStatus } from '../common/platform/errors.js';
 import type { OperationContext, OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
 import { agentCallStatus, callAgentWithRetries } from './agent-retry.js';
-import { HOST_CONCURRENCY, hostProblem, IMAGE_DELIVERY_NOT_WIRED, type ImageDelivery } from './clone-operation.js';
+import { HOST_CONCURRENCY, hostProblem, hostProblemNow, IMAGE_DELIVERY_NOT_WIRED, type ImageDelivery } from './clone-operation.js';
 import type { FleetView } from './fleet-view.js';
 import { checkRebaseShape, hostOfClone, isOk, OK_STATUS } from './rebase-plan.js';
 
@@ -224,11 +224,7 @@ async function moveWave(
         response = await callAgentWithRetries(() => deps.agents.rebaseClones(host!, agentRequest, signal), {
           signal,
           retryMs: deps.agentRetryMs,
-          stillUsable: async () =>
-            hostProblem(
-              hostName,
-              (await deps.fleet.listHosts()).find((candidate) => candidate.name === hostName),
-            ),
+          stillUsable: () => hostProblemNow(deps.fleet, hostName),
         });
       } catch (error) {
         throwIfAborted(signal);

@@ -9,9 +9,10 @@ import { sleep, type FaultRow, type RowContext } from './row.js';
 /** How long a killed process stays down. */
 const DOWN_MS = 3_000;
 
-async function killAgent(context: RowContext, host: string): Promise<number> {
+/** SIGKILLs `host`'s agent once `moment` resolves (default: mid-transfer), and starts it again DOWN_MS later. */
+async function killAgent(context: RowContext, host: string, moment?: () => Promise<void>): Promise<number> {
   // A receiver is killed while it holds part of the image; the origin while any receiver does.
-  await context.midTransfer(host === ORIGIN ? undefined : [host]);
+  await (moment ? moment() : context.midTransfer(host === ORIGIN ? undefined : [host]));
   const agent = context.fleet.agents.get(host)!;
   context.note(`SIGKILL agent ${host} (pid ${agent.daemon?.pid})`);
   await agent.kill();
@@ -42,30 +43,18 @@ export const PROCESS_FAULTS: readonly FaultRow[] = [
     mustSucceed: true,
     distributeTo: RECEIVERS,
     cloneHosts: [ORIGIN, 'recv1'],
-    // Killed in the middle of its CreateClones (its first clone is in libvirt, the rest are not): cloning gets no
+    // Killed in the middle of its CreateClones (clones in libvirt, its answer not sent yet): cloning gets no
     // answer, asks again with the same request_id once the agent is back, and every clone is reported DONE.
-    inject: async (context) => {
-      const deadline = Date.now() + 60_000;
-      for (;;) {
-        const domains = (await context.fleet.virsh('list', '--all', '--name')).split('\n').filter((name) => name.trim().startsWith(context.prefix));
-        if (domains.length > 0) {
-          context.note(`${domains.length} clone(s) in libvirt`);
-          break;
+    inject: (context) =>
+      killAgent(context, ORIGIN, async () => {
+        const deadline = Date.now() + 60_000;
+        for (;;) {
+          const domains = (await context.fleet.virsh('list', '--all', '--name')).split('\n').filter((name) => name.trim().startsWith(context.prefix));
+          if (domains.length > 0) return context.note(`${domains.length} clone(s) in libvirt`);
+          if (Date.now() > deadline) return context.note('no clone appeared in libvirt within 60 s; injecting anyway');
+          await sleep(25);
         }
-        if (Date.now() > deadline) {
-          context.note('no clone appeared in libvirt within 60 s; injecting anyway');
-          break;
-        }
-        await sleep(25);
-      }
-      const agent = context.fleet.agents.get(ORIGIN)!;
-      context.note(`SIGKILL agent ${ORIGIN} (pid ${agent.daemon?.pid})`);
-      await agent.kill();
-      await sleep(DOWN_MS);
-      await agent.start();
-      context.note(`agent ${ORIGIN} started again`);
-      return Date.now();
-    },
+      }),
   },
   {
     fault: 'cloning-kill',
