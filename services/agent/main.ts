@@ -17,7 +17,7 @@ import { VmLifecycle } from './vm-lifecycle.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { createQemuImgDiskInspector, imageDependents, scopedLibvirt, VirshLibvirt } from './hypervisor/index.js';
 import { createHostFactsSource, createReporter, detectHypervisor, ensureEnrolled, inventoryPort, readSystemFacts } from './host/index.js';
-import { prepareImageDirectory } from './image-directory/index.js';
+import { defineWorkDirectory, prepareImageDirectory } from './image-directory/index.js';
 import { deleteLocalReplica, ImageTransfers } from './swarm/index.js';
 
 /** `host:port` (IPv6 in brackets) split. */
@@ -56,7 +56,11 @@ await runServiceMain({
     await prepareImageDirectory(agent.imageDirectory);
     // Where admins put disk files for ImportImage: not readable by others, like the image directory's contents.
     await mkdir(agent.importDirectory, { recursive: true, mode: 0o750 });
-    const virsh = new VirshLibvirt({ uri: agent.libvirtUri, log: log.child({ component: 'libvirt' }) });
+    const virsh = new VirshLibvirt({
+      uri: agent.libvirtUri,
+      log: log.child({ component: 'libvirt' }),
+      workDirectory: defineWorkDirectory(agent.imageDirectory),
+    });
     const libvirt = agent.domainScope === 'image-directory' ? scopedLibvirt(virsh, agent.imageDirectory) : virsh;
     const inventory = createClient(InventoryServiceClient, agent.inventoryAddress, clientCredentials(identityUri('service', 'inventory')));
     const hypervisor = await libvirt.hypervisorFacts().then(

@@ -339,6 +339,12 @@ export interface VirshLibvirtOptions {
   readonly log?: Logger;
   /** The virsh binary. Default "virsh". */
   readonly virsh?: string;
+  /**
+   * Where the domain XML for `virsh define` is written, a private directory per call removed after it (virsh
+   * cannot read it from Node's stdin). Default the system's temp directory; the agent gives its image
+   * directory's `.define`, which it empties when it starts (a process killed mid-define leaves its files).
+   */
+  readonly workDirectory?: string;
 }
 
 // virsh translates states and messages; the parsers and error mapping read the C locale.
@@ -352,9 +358,11 @@ export class VirshLibvirt implements Libvirt {
   private readonly batchSize: number;
   private readonly virsh: string;
   private readonly log: Logger | undefined;
+  private readonly workDirectory: string;
 
   constructor(options: VirshLibvirtOptions) {
     this.uri = options.uri;
+    this.workDirectory = options.workDirectory ?? tmpdir();
     this.timeoutMs = options.timeoutMs ?? 30_000;
     this.batchSize = options.batchSize ?? 200;
     this.virsh = options.virsh ?? 'virsh';
@@ -475,7 +483,7 @@ export class VirshLibvirt implements Libvirt {
 
   async redefineMany(documents: readonly string[]): Promise<string[]> {
     if (documents.length === 0) return [];
-    const directory = await mkdtemp(join(tmpdir(), 'cowherd-define-'));
+    const directory = await mkdtemp(join(this.workDirectory, 'cowherd-define-'));
     try {
       const entries = await Promise.all(
         documents.map(async (document, index) => {
@@ -588,7 +596,7 @@ export class VirshLibvirt implements Libvirt {
 
   async define(document: string): Promise<void> {
     // `virsh define /dev/stdin` fails from Node (stdin is a socketpair): go through a private temp file.
-    const directory = await mkdtemp(join(tmpdir(), 'cowherd-define-'));
+    const directory = await mkdtemp(join(this.workDirectory, 'cowherd-define-'));
     try {
       const file = join(directory, 'domain.xml');
       await writeFile(file, document, { mode: 0o600 });
@@ -600,7 +608,7 @@ export class VirshLibvirt implements Libvirt {
 
   async defineMany(documents: readonly string[]): Promise<Array<Error | undefined>> {
     if (documents.length === 0) return [];
-    const directory = await mkdtemp(join(tmpdir(), 'cowherd-define-'));
+    const directory = await mkdtemp(join(this.workDirectory, 'cowherd-define-'));
     try {
       const files = await Promise.all(
         documents.map(async (document, index) => {

@@ -9,6 +9,7 @@ export {
   cloneDiskFile,
   cloneSeedFile,
   clonesDirectory,
+  defineWorkDirectory,
   eventOutboxDirectory,
   exportLockKey,
   exportWorkDirectories,

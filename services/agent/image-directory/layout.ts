@@ -19,7 +19,7 @@
  * dots, so no key's names can be mistaken for another's (`x_v2` is never a generation of `x`: generations
  * are `.generation-<n>`).
  */
-import { mkdir, readdir } from 'node:fs/promises';
+import { mkdir, readdir, rm } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 
 /** The name of the domain XML template in a replica directory. */
@@ -48,9 +48,23 @@ export function importDirectory(root: string): string {
   return join(root, 'import');
 }
 
-/** Creates the image directory (0755) and its images/ and clones/ folders when missing. */
+/**
+ * `<root>/.define`: where the domain XML handed to `virsh define` is written (a directory per call, 0700, removed
+ * after it). In the image directory rather than the system's temp directory so that the agent can empty it
+ * when it starts: a process killed in the middle of a define leaves its files there.
+ */
+export function defineWorkDirectory(root: string): string {
+  return join(root, '.define');
+}
+
+/**
+ * Creates the image directory (0755) and its images/ and clones/ folders when missing, and an empty
+ * {@link defineWorkDirectory} (0700). Called once, when the agent starts, before anything is defined.
+ */
 export async function prepareImageDirectory(root: string): Promise<void> {
   for (const folder of [root, imagesDirectory(root), clonesDirectory(root)]) await mkdir(folder, { recursive: true, mode: 0o755 });
+  await rm(defineWorkDirectory(root), { recursive: true, force: true });
+  await mkdir(defineWorkDirectory(root), { mode: 0o700 });
 }
 
 /** True when `path` is below `root` (lexically; not `root` itself). */
