@@ -59,10 +59,10 @@ async function trackerPeers(announceUrl: string, infoHash: string): Promise<Buff
   return response;
 }
 
-/** utime + stime of a process, in seconds (/proc/<pid>/stat, 100 ticks a second). */
 /** How long the agents' idle CPU is sampled before the transfer. */
 const IDLE_SAMPLE_MS = 3_000;
 
+/** utime + stime of a process, in seconds (/proc/<pid>/stat, 100 ticks a second). */
 function cpuSeconds(pid: number): number {
   try {
     const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');

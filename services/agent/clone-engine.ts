@@ -499,7 +499,7 @@ export class CloneEngine {
     try {
       for (const disk of source.disks) {
         // A base this backend cannot use fails each clone in prepare(), with the reason.
-        if (!this.usable(disk)) continue;
+        if (!this.disks.accepts(disk.format)) continue;
         const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), disk.target);
         await this.disks.createChild(disk, path);
         prototypes.set(disk.target, path);
@@ -515,16 +515,6 @@ export class CloneEngine {
     const path = cloneDiskFile(cloneDirectory, disk.target, this.disks.extension);
     await this.disks.createChild(disk, path, prototype);
     return { target: disk.target, path };
-  }
-
-  /** Whether the host's disk backend can make children of `disk`. */
-  private usable(disk: ResolvedSource['disks'][number]): boolean {
-    try {
-      this.disks.checkBase(disk);
-      return true;
-    } catch {
-      return false;
-    }
   }
 
   /** After the batch define: start if asked, publish, or roll back and report. */

@@ -443,7 +443,7 @@ export class CloneRebaser {
       for (const target of targets) {
         const base = bases.get(target)!;
         // A base this backend cannot use fails each clone in prepare(), with the reason.
-        if (!usable(this.disks, { target, format: base.format })) continue;
+        if (!this.disks.accepts(base.format)) continue;
         const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), target);
         await this.disks.createChild({ target, base: base.base, format: base.format }, path);
         prototypes.set(target, path);
@@ -699,14 +699,4 @@ function hypervisorError(error: unknown): CowherdError {
   if (error instanceof LibvirtError && error.kind === 'domain-not-found')
     return new CowherdError(GrpcStatus.NOT_FOUND, error.message, { reason: ErrorReason.ERROR_REASON_RESOURCE_NOT_FOUND, cause: error });
   return new CowherdError(GrpcStatus.INTERNAL, `rebase: ${(error as Error).message}`, { reason: ErrorReason.ERROR_REASON_HYPERVISOR_ERROR, cause: error });
-}
-
-/** Whether `disks` can make children of a base disk of this format. */
-function usable(disks: DiskBackend, disk: { target: string; format: 'qcow2' | 'raw' | 'vpc' }): boolean {
-  try {
-    disks.checkBase(disk);
-    return true;
-  } catch {
-    return false;
-  }
 }

@@ -95,6 +95,14 @@ describe('disk backends', () => {
     await assert.rejects(diskBackendFor('xen').createChild({ target: 'xvda', base: rawBase, format: 'raw' }, child), mismatch);
     await assert.rejects(stat(child), /ENOENT/);
     assert.throws(() => diskBackendFor('kvm').checkBase({ target: 'vda', format: 'vpc' }), mismatch);
+    assert.deepEqual(
+      (['qcow2', 'raw', 'vpc'] as const).map((format) => [diskBackendFor('kvm').accepts(format), diskBackendFor('xen').accepts(format)]),
+      [
+        [true, false],
+        [true, false],
+        [false, true],
+      ],
+    );
     diskBackendFor('kvm').checkBase({ target: 'vda', format: 'raw' });
     diskBackendFor('xen').checkBase({ target: 'xvda', format: 'vpc' });
   });

@@ -34,7 +34,9 @@ export interface DiskBackend {
   readonly extension: 'qcow2' | 'vhd';
   /** libvirt `<driver>` of its children, for the domain XML. */
   readonly driver: { readonly name: string; readonly type: string };
-  /** FAILED_PRECONDITION (HYPERVISOR_MISMATCH) unless this backend can make children of `disk`. */
+  /** Whether this backend can make children of a base disk in `format`. */
+  accepts(format: DiskFormatName): boolean;
+  /** FAILED_PRECONDITION (HYPERVISOR_MISMATCH) unless this backend {@link accepts} the disk's format. */
   checkBase(disk: Pick<BaseDisk, 'target' | 'format'>): void;
   /**
    * Whether one child made per batch may be copied byte for byte for each clone of that batch (and one empty
@@ -78,8 +80,9 @@ export const QCOW2_OVERLAY_BACKEND: DiskBackend = {
   extension: 'qcow2',
   driver: { name: 'qemu', type: 'qcow2' },
   copiesChildren: true,
+  accepts: (format) => format !== 'vpc',
   checkBase(disk) {
-    if (disk.format === 'vpc') throw mismatch(disk, 'KVM clones need qcow2 or raw bases');
+    if (!this.accepts(disk.format)) throw mismatch(disk, 'KVM clones need qcow2 or raw bases');
   },
   async createChild(disk, path, prototype) {
     this.checkBase(disk);
@@ -104,8 +107,9 @@ export const VHD_DIFFERENCING_BACKEND: DiskBackend = {
   extension: 'vhd',
   driver: { name: 'tap', type: 'vhd' },
   copiesChildren: false,
+  accepts: (format) => format === 'vpc',
   checkBase(disk) {
-    if (disk.format !== 'vpc') throw mismatch(disk, 'Xen clones need VHD bases');
+    if (!this.accepts(disk.format)) throw mismatch(disk, 'Xen clones need VHD bases');
   },
   async createChild(disk, path) {
     this.checkBase(disk);

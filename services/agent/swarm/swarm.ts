@@ -469,18 +469,18 @@ export class ImageSwarm {
       if (ready && target && torrent.bitfield) {
         const first = Math.floor((target.offset + offset) / torrent.pieceLength);
         const last = Math.floor((target.offset + offset + length - 1) / torrent.pieceLength);
-        const missing = (): boolean => {
-          for (let index = first; index <= last; index += 1) if (!torrent.bitfield!.get(index)) return true;
-          return false;
+        const missing = (): number[] => {
+          const pieces: number[] = [];
+          for (let index = first; index <= last; index += 1) if (!torrent.bitfield!.get(index)) pieces.push(index);
+          return pieces;
         };
-        if (!missing()) return;
+        const wanted = missing();
+        if (wanted.length === 0) return;
         torrent.critical(first, last);
         // A super-seeding origin hides what it holds: ask every peer for the missing pieces (piece-wants.ts), again
         // each second while they are missing (a peer may have joined since).
         if (performance.now() - askedAt >= 1000) {
           askedAt = performance.now();
-          const wanted: number[] = [];
-          for (let index = first; index <= last; index += 1) if (!torrent.bitfield.get(index)) wanted.push(index);
           for (const wire of torrent.wires) if (wire.type !== 'webSeed') sendWants(wire, wanted);
         }
         // Woken by each verified piece, by the torrent's end, and every 250 ms (a new round's torrent, a stage change).
@@ -494,7 +494,7 @@ export class ImageSwarm {
             resolve();
           };
           const onVerified = (index: number): void => {
-            if (index >= first && index <= last && !missing()) done();
+            if (index >= first && index <= last && missing().length === 0) done();
           };
           const timer = setTimeout(done, 250);
           torrent.on('verified', onVerified);

@@ -63,7 +63,6 @@ export async function connectNats(options: NatsOptions): Promise<Nats> {
   });
   let closing: Promise<void> | undefined;
   const close = async (): Promise<void> => {
-    if (connection.isClosed()) return;
     const drained = connection.drain();
     try {
       // nats.js never settles a drain whose flush was pending when it closed the connection itself (refused twice
