@@ -543,7 +543,7 @@ export class CloneEngine {
       // Recorded again with the same id: if the first attempt died between the define and the record,
       // this is the clone.done it owed; if not, the stream drops the repeat.
       publishing.push(this.publishDone(vm, item.domain.uuid, overlays, running, request, source));
-      return { domainName: name, virtualMachine: vm, status: undefined, started: running };
+      return { domainName: name, virtualMachine: vm, status: undefined, streaming: false, started: running };
     }
     let failure: unknown = item.kind === 'failed' ? item.error : defineError === undefined ? undefined : hypervisorError(defineError);
     if (failure === undefined && item.kind === 'new') {
@@ -568,7 +568,13 @@ export class CloneEngine {
       );
       publishing.push(this.publishDone(vm, item.rendered.uuid, [...item.overlays], started, request, source));
       log.debug({ started, overlays: item.overlays.length }, 'clone made');
-      return { domainName: name, virtualMachine: vm, status: startError === undefined ? undefined : toStatus(hypervisorError(startError)), started };
+      return {
+        domainName: name,
+        virtualMachine: vm,
+        status: startError === undefined ? undefined : toStatus(hypervisorError(startError)),
+        streaming: false,
+        started,
+      };
     }
     if (item.kind === 'new') {
       // Defined nothing (the define failed): remove what was prepared.
@@ -601,7 +607,7 @@ export class CloneEngine {
         { host: this.options.host, id: `clone.failed/${occurrence}/${this.options.host}/${name}` },
       ),
     );
-    return { domainName: name, virtualMachine: undefined, status, started: false };
+    return { domainName: name, virtualMachine: undefined, status, streaming: false, started: false };
   }
 
   private toVirtualMachine(

@@ -319,6 +319,7 @@ function cloneRequest(invocation: Invocation, args: ArgumentReader): CloneVirtua
     guestConfiguration: undefined,
     source,
     placement,
+    delivery: 0,
     count,
     nameTemplate: invocation.string('template') ?? '',
     start: invocation.flag('start'),

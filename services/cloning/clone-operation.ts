@@ -276,6 +276,7 @@ async function runCloneOperation(
         guestConfiguration: guest,
         operation: context.name,
         requestId: agentRequestId(context.name, hostName),
+        stream: false,
         validateOnly: false,
       };
       let response: CreateClonesResponse;

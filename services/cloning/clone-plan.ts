@@ -256,6 +256,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
       guestConfigurationDigest: '',
       operation: '',
       requestId: '',
+      stream: false,
       validateOnly: true,
     });
   }
@@ -270,6 +271,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
     error: undefined,
     overlays: [],
     started: false,
+    baseProgress: undefined,
   }));
   const metadata: CloneVirtualMachinesMetadata = {
     source: source.name,

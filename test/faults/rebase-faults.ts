@@ -98,6 +98,7 @@ export async function runRebaseRow(fleet: FaultFleet, state: SuiteState, row: Re
         guestConfiguration: undefined,
         source: { $case: 'image', value: v1 },
         placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [ORIGIN, OTHER].map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },
+        delivery: 0,
         count: CLONES,
         nameTemplate: `${prefix}{index}`,
         start: false,

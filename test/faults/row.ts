@@ -229,6 +229,7 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
         guestConfiguration: undefined,
         source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
         placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: row.cloneHosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },
+        delivery: 0,
         count: CLONES_PER_BATCH,
         nameTemplate: `${prefix}{index}`,
         start: false,

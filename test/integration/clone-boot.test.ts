@@ -180,6 +180,7 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
           clones: [booted, sibling].map((domainName) => ({ domainName, start: false, index: 0 })),
           operation: '',
           requestId: `boot-${suffix}`,
+          stream: false,
           validateOnly: false,
         },
         cb,

@@ -50,6 +50,7 @@ describe('CloneEngine', () => {
         operation: 'operations/00000000-0000-4000-8000-000000000001',
         requestId: 'operations/00000000-0000-4000-8000-000000000001/hosts/kvm-01',
         validateOnly: false,
+        stream: false,
         guestConfiguration: undefined,
         guestConfigurationDigest: '',
         dataDiskBytes: '0',

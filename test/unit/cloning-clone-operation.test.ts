@@ -141,7 +141,7 @@ function makeAll(host: string, request: CreateClonesRequest, failing: ReadonlyMa
   return {
     results: request.clones.map((clone) => {
       const status = failing.get(clone.domainName);
-      if (status) return { domainName: clone.domainName, virtualMachine: undefined, status, started: false };
+      if (status) return { domainName: clone.domainName, virtualMachine: undefined, status, streaming: false, started: false };
       return {
         domainName: clone.domainName,
         virtualMachine: VirtualMachine.fromPartial({
@@ -152,6 +152,7 @@ function makeAll(host: string, request: CreateClonesRequest, failing: ReadonlyMa
         }),
         status: { code: 0, message: '', details: [] },
         started: clone.start,
+        streaming: false,
       };
     }),
   };

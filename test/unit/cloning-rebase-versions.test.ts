@@ -79,7 +79,9 @@ function agents() {
     calls,
     createClones: async (_host: Host, req: CreateClonesRequest): Promise<CreateClonesResponse> => {
       calls.push(req);
-      return { results: req.clones.map((clone) => ({ domainName: clone.domainName, virtualMachine: undefined, status: undefined, started: false })) };
+      return {
+        results: req.clones.map((clone) => ({ domainName: clone.domainName, virtualMachine: undefined, status: undefined, streaming: false, started: false })),
+      };
     },
   };
 }

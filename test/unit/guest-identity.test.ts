@@ -232,6 +232,7 @@ describe('CloneEngine with a guest configuration', () => {
     operation: 'operations/00000000-0000-4000-8000-000000000001',
     requestId: `req-${Math.random()}`,
     validateOnly: false,
+    stream: false,
     guestConfiguration: undefined,
     guestConfigurationDigest: '',
     dataDiskBytes: '0',

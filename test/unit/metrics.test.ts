@@ -119,6 +119,7 @@ describe('metrics', () => {
         ],
         operation: '',
         requestId: '',
+        stream: false,
         validateOnly: false,
       });
       assert.deepEqual(

@@ -271,6 +271,18 @@ export interface CreateClonesRequest {
    * cowherd.cloning.v1.CloneVirtualMachinesRequest.data_disk_bytes.
    */
   dataDiskBytes: string;
+  /**
+   * Streaming clones: when this host's replica of the image is still arriving (FetchImage started it and it is
+   * TRANSFERRING or VERIFYING), make the clones on it now instead of failing with IMAGE_NOT_ON_HOST. Each
+   * clone's overlay is backed by the replica's disk file served read-only over NBD by the host's streaming
+   * server (`nbd+unix:///<image key>/<file>?socket=<image_directory>/.streaming/nbd.sock`); a guest read of a
+   * region that has not arrived waits for exactly those pieces, fetched ahead of the rest, and every byte it
+   * sees is from a piece whose SHA-1 was verified. The template and direct-boot files are waited for whole
+   * first. The replica keeps arriving, is verified and seeded as usual; after the clone's next shutdown (or
+   * before its next start) its overlay is pointed at the local replica file (the same bytes). With an
+   * AVAILABLE replica the flag changes nothing. Ignored for a virtual machine source.
+   */
+  stream: boolean;
 }
 
 /** CloneSpec is one clone to make. */
@@ -309,6 +321,11 @@ export interface CreateCloneResult {
     | undefined;
   /** Whether the domain was started. */
   started: boolean;
+  /**
+   * Whether the clone was made on a replica that is still arriving (CreateClonesRequest.stream): its base
+   * is served by the streaming server until the replica is AVAILABLE and the clone has been shut down once.
+   */
+  streaming: boolean;
 }
 
 /** StartVirtualMachineRequest is the request of StartVirtualMachine. */
@@ -1859,6 +1876,7 @@ function createBaseCreateClonesRequest(): CreateClonesRequest {
     guestConfiguration: undefined,
     guestConfigurationDigest: "",
     dataDiskBytes: "0",
+    stream: false,
   };
 }
 
@@ -1894,6 +1912,9 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     }
     if (message.dataDiskBytes !== "0") {
       writer.uint32(72).int64(message.dataDiskBytes);
+    }
+    if (message.stream !== false) {
+      writer.uint32(80).bool(message.stream);
     }
     return writer;
   },
@@ -1983,6 +2004,14 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
             message.dataDiskBytes = reader.int64().toString();
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.stream = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2031,6 +2060,7 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
         : isSet(object.data_disk_bytes)
         ? globalThis.String(object.data_disk_bytes)
         : "0",
+      stream: isSet(object.stream) ? globalThis.Boolean(object.stream) : false,
     };
   },
 
@@ -2061,6 +2091,9 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     }
     if (message.dataDiskBytes !== "0") {
       obj.dataDiskBytes = message.dataDiskBytes;
+    }
+    if (message.stream !== false) {
+      obj.stream = message.stream;
     }
     return obj;
   },
@@ -2093,6 +2126,7 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
       : undefined;
     message.guestConfigurationDigest = object.guestConfigurationDigest ?? "";
     message.dataDiskBytes = object.dataDiskBytes ?? "0";
+    message.stream = object.stream ?? false;
     return message;
   },
 };
@@ -2278,7 +2312,7 @@ export const CreateClonesResponse: MessageFns<CreateClonesResponse, "cowherd.age
 };
 
 function createBaseCreateCloneResult(): CreateCloneResult {
-  return { domainName: "", virtualMachine: undefined, status: undefined, started: false };
+  return { domainName: "", virtualMachine: undefined, status: undefined, started: false, streaming: false };
 }
 
 export const CreateCloneResult: MessageFns<CreateCloneResult, "cowherd.agent.v1.CreateCloneResult"> = {
@@ -2296,6 +2330,9 @@ export const CreateCloneResult: MessageFns<CreateCloneResult, "cowherd.agent.v1.
     }
     if (message.started !== false) {
       writer.uint32(32).bool(message.started);
+    }
+    if (message.streaming !== false) {
+      writer.uint32(40).bool(message.streaming);
     }
     return writer;
   },
@@ -2345,6 +2382,14 @@ export const CreateCloneResult: MessageFns<CreateCloneResult, "cowherd.agent.v1.
             message.started = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.streaming = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2371,6 +2416,7 @@ export const CreateCloneResult: MessageFns<CreateCloneResult, "cowherd.agent.v1.
         : undefined,
       status: isSet(object.status) ? Status.fromJSON(object.status) : undefined,
       started: isSet(object.started) ? globalThis.Boolean(object.started) : false,
+      streaming: isSet(object.streaming) ? globalThis.Boolean(object.streaming) : false,
     };
   },
 
@@ -2388,6 +2434,9 @@ export const CreateCloneResult: MessageFns<CreateCloneResult, "cowherd.agent.v1.
     if (message.started !== false) {
       obj.started = message.started;
     }
+    if (message.streaming !== false) {
+      obj.streaming = message.streaming;
+    }
     return obj;
   },
 
@@ -2404,6 +2453,7 @@ export const CreateCloneResult: MessageFns<CreateCloneResult, "cowherd.agent.v1.
       ? Status.fromPartial(object.status)
       : undefined;
     message.started = object.started ?? false;
+    message.streaming = object.streaming ?? false;
     return message;
   },
 };
@@ -3270,7 +3320,8 @@ export const AgentServiceService = {
    * INVALID_ARGUMENT (INVALID_FIELD); FAILED_PRECONDITION (UNTRUSTED_DOMAIN_XML, PATH_OUTSIDE_IMAGE_DIRECTORY,
    * HYPERVISOR_MISMATCH) for a source virtual machine that cannot be cloned here. Per-clone errors:
    * ALREADY_EXISTS (VIRTUAL_MACHINE_NAME_TAKEN), RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), INTERNAL
-   * (HYPERVISOR_ERROR). With validate_only it only checks (see CreateClonesRequest.validate_only).
+   * (HYPERVISOR_ERROR). With validate_only it only checks (see CreateClonesRequest.validate_only). With `stream`
+   * it also clones an image whose replica on this host is still arriving (see CreateClonesRequest.stream).
    */
   createClones: {
     path: "/cowherd.agent.v1.AgentService/CreateClones" as const,
@@ -3432,7 +3483,8 @@ export interface AgentServiceServer extends UntypedServiceImplementation {
    * INVALID_ARGUMENT (INVALID_FIELD); FAILED_PRECONDITION (UNTRUSTED_DOMAIN_XML, PATH_OUTSIDE_IMAGE_DIRECTORY,
    * HYPERVISOR_MISMATCH) for a source virtual machine that cannot be cloned here. Per-clone errors:
    * ALREADY_EXISTS (VIRTUAL_MACHINE_NAME_TAKEN), RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), INTERNAL
-   * (HYPERVISOR_ERROR). With validate_only it only checks (see CreateClonesRequest.validate_only).
+   * (HYPERVISOR_ERROR). With validate_only it only checks (see CreateClonesRequest.validate_only). With `stream`
+   * it also clones an image whose replica on this host is still arriving (see CreateClonesRequest.stream).
    */
   createClones: handleUnaryCall<CreateClonesRequest, CreateClonesResponse>;
   /**
@@ -3643,7 +3695,8 @@ export interface AgentServiceClient extends Client {
    * INVALID_ARGUMENT (INVALID_FIELD); FAILED_PRECONDITION (UNTRUSTED_DOMAIN_XML, PATH_OUTSIDE_IMAGE_DIRECTORY,
    * HYPERVISOR_MISMATCH) for a source virtual machine that cannot be cloned here. Per-clone errors:
    * ALREADY_EXISTS (VIRTUAL_MACHINE_NAME_TAKEN), RESOURCE_EXHAUSTED (INSUFFICIENT_SPACE), INTERNAL
-   * (HYPERVISOR_ERROR). With validate_only it only checks (see CreateClonesRequest.validate_only).
+   * (HYPERVISOR_ERROR). With validate_only it only checks (see CreateClonesRequest.validate_only). With `stream`
+   * it also clones an image whose replica on this host is still arriving (see CreateClonesRequest.stream).
    */
   createClones(
     request: CreateClonesRequest,

@@ -174,6 +174,59 @@ export interface CloneVirtualMachinesRequest {
    * attached as the second disk); 0 means none. A rebase keeps it; deleting the clone removes it. At most 16 TiB.
    */
   dataDiskBytes: string;
+  /** How the image reaches hosts that lack it. Unset means DELIVERY_DISTRIBUTE. */
+  delivery: CloneVirtualMachinesRequest_Delivery;
+}
+
+/** Delivery is how clones on hosts without an AVAILABLE replica get their image. */
+export enum CloneVirtualMachinesRequest_Delivery {
+  /** DELIVERY_UNSPECIFIED - DELIVERY_DISTRIBUTE. */
+  DELIVERY_UNSPECIFIED = 0,
+  /**
+   * DELIVERY_DISTRIBUTE - The image is distributed to the host first (DistributeImage) and the clones are made once the host's
+   * replica is AVAILABLE (clones wait in STATE_WAITING_FOR_IMAGE).
+   */
+  DELIVERY_DISTRIBUTE = 1,
+  /**
+   * DELIVERY_STREAM - Streaming clones: the distribution starts as for DELIVERY_DISTRIBUTE, and as soon as the host's
+   * replica is transferring the clones are made and started on it while it arrives (see
+   * cowherd.agent.v1.CreateClonesRequest.stream). Such clones are STATE_STREAMING, with the base's progress,
+   * until the replica is AVAILABLE, then DONE. Hosts that hold the image already clone as usual.
+   */
+  DELIVERY_STREAM = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function cloneVirtualMachinesRequest_DeliveryFromJSON(object: any): CloneVirtualMachinesRequest_Delivery {
+  switch (object) {
+    case 0:
+    case "DELIVERY_UNSPECIFIED":
+      return CloneVirtualMachinesRequest_Delivery.DELIVERY_UNSPECIFIED;
+    case 1:
+    case "DELIVERY_DISTRIBUTE":
+      return CloneVirtualMachinesRequest_Delivery.DELIVERY_DISTRIBUTE;
+    case 2:
+    case "DELIVERY_STREAM":
+      return CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return CloneVirtualMachinesRequest_Delivery.UNRECOGNIZED;
+  }
+}
+
+export function cloneVirtualMachinesRequest_DeliveryToJSON(object: CloneVirtualMachinesRequest_Delivery): string {
+  switch (object) {
+    case CloneVirtualMachinesRequest_Delivery.DELIVERY_UNSPECIFIED:
+      return "DELIVERY_UNSPECIFIED";
+    case CloneVirtualMachinesRequest_Delivery.DELIVERY_DISTRIBUTE:
+      return "DELIVERY_DISTRIBUTE";
+    case CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM:
+      return "DELIVERY_STREAM";
+    case CloneVirtualMachinesRequest_Delivery.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
 }
 
 /**
@@ -268,6 +321,11 @@ export interface CloneResult {
   overlays: string[];
   /** Whether the clone was started. */
   started: boolean;
+  /**
+   * For a STREAMING clone (and one that streamed before it was DONE), how much of its host's replica has
+   * arrived; unset for clones that did not stream.
+   */
+  baseProgress: TransferProgress | undefined;
 }
 
 /** State is where one clone is. */
@@ -287,6 +345,11 @@ export enum CloneResult_State {
    * been removed again, unless `virtual_machine` is set (the domain was defined but could not be started).
    */
   STATE_FAILED = 5,
+  /**
+   * STATE_STREAMING - DELIVERY_STREAM: the clone is defined (and started if asked) and clone.done was published, but its
+   * host's replica is still arriving; `base_progress` says how much of it has. DONE once it is AVAILABLE.
+   */
+  STATE_STREAMING = 6,
   UNRECOGNIZED = -1,
 }
 
@@ -310,6 +373,9 @@ export function cloneResult_StateFromJSON(object: any): CloneResult_State {
     case 5:
     case "STATE_FAILED":
       return CloneResult_State.STATE_FAILED;
+    case 6:
+    case "STATE_STREAMING":
+      return CloneResult_State.STATE_STREAMING;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -331,6 +397,8 @@ export function cloneResult_StateToJSON(object: CloneResult_State): string {
       return "STATE_DONE";
     case CloneResult_State.STATE_FAILED:
       return "STATE_FAILED";
+    case CloneResult_State.STATE_STREAMING:
+      return "STATE_STREAMING";
     case CloneResult_State.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -1190,6 +1258,7 @@ function createBaseCloneVirtualMachinesRequest(): CloneVirtualMachinesRequest {
     requestId: "",
     guestConfiguration: undefined,
     dataDiskBytes: "0",
+    delivery: 0,
   };
 }
 
@@ -1228,6 +1297,9 @@ export const CloneVirtualMachinesRequest: MessageFns<
     }
     if (message.dataDiskBytes !== "0") {
       writer.uint32(72).int64(message.dataDiskBytes);
+    }
+    if (message.delivery !== 0) {
+      writer.uint32(80).int32(message.delivery);
     }
     return writer;
   },
@@ -1317,6 +1389,14 @@ export const CloneVirtualMachinesRequest: MessageFns<
             message.dataDiskBytes = reader.int64().toString();
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.delivery = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1361,6 +1441,7 @@ export const CloneVirtualMachinesRequest: MessageFns<
         : isSet(object.data_disk_bytes)
         ? globalThis.String(object.data_disk_bytes)
         : "0",
+      delivery: isSet(object.delivery) ? cloneVirtualMachinesRequest_DeliveryFromJSON(object.delivery) : 0,
     };
   },
 
@@ -1391,6 +1472,9 @@ export const CloneVirtualMachinesRequest: MessageFns<
     }
     if (message.dataDiskBytes !== "0") {
       obj.dataDiskBytes = message.dataDiskBytes;
+    }
+    if (message.delivery !== 0) {
+      obj.delivery = cloneVirtualMachinesRequest_DeliveryToJSON(message.delivery);
     }
     return obj;
   },
@@ -1425,6 +1509,7 @@ export const CloneVirtualMachinesRequest: MessageFns<
       ? GuestConfiguration.fromPartial(object.guestConfiguration)
       : undefined;
     message.dataDiskBytes = object.dataDiskBytes ?? "0";
+    message.delivery = object.delivery ?? 0;
     return message;
   },
 };
@@ -1547,6 +1632,7 @@ function createBaseCloneResult(): CloneResult {
     error: undefined,
     overlays: [],
     started: false,
+    baseProgress: undefined,
   };
 }
 
@@ -1580,6 +1666,9 @@ export const CloneResult: MessageFns<CloneResult, "cowherd.cloning.v1.CloneResul
     }
     if (message.started !== false) {
       writer.uint32(72).bool(message.started);
+    }
+    if (message.baseProgress !== undefined) {
+      TransferProgress.encode(message.baseProgress, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -1669,6 +1758,14 @@ export const CloneResult: MessageFns<CloneResult, "cowherd.cloning.v1.CloneResul
             message.started = reader.bool();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.baseProgress = TransferProgress.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1700,6 +1797,11 @@ export const CloneResult: MessageFns<CloneResult, "cowherd.cloning.v1.CloneResul
       error: isSet(object.error) ? Status.fromJSON(object.error) : undefined,
       overlays: globalThis.Array.isArray(object?.overlays) ? object.overlays.map((e: any) => globalThis.String(e)) : [],
       started: isSet(object.started) ? globalThis.Boolean(object.started) : false,
+      baseProgress: isSet(object.baseProgress)
+        ? TransferProgress.fromJSON(object.baseProgress)
+        : isSet(object.base_progress)
+        ? TransferProgress.fromJSON(object.base_progress)
+        : undefined,
     };
   },
 
@@ -1732,6 +1834,9 @@ export const CloneResult: MessageFns<CloneResult, "cowherd.cloning.v1.CloneResul
     if (message.started !== false) {
       obj.started = message.started;
     }
+    if (message.baseProgress !== undefined) {
+      obj.baseProgress = TransferProgress.toJSON(message.baseProgress);
+    }
     return obj;
   },
 
@@ -1751,6 +1856,9 @@ export const CloneResult: MessageFns<CloneResult, "cowherd.cloning.v1.CloneResul
       : undefined;
     message.overlays = object.overlays?.map((e) => e) || [];
     message.started = object.started ?? false;
+    message.baseProgress = (object.baseProgress !== undefined && object.baseProgress !== null)
+      ? TransferProgress.fromPartial(object.baseProgress)
+      : undefined;
     return message;
   },
 };
