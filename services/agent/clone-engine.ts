@@ -11,7 +11,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
-import { basename, dirname } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import type { CreateCloneResult, CreateClonesRequest } from '../gen/cowherd/agent/v1/agent_service.js';
@@ -63,6 +63,7 @@ import {
   replicaFile,
   templateFile,
 } from './image-directory/index.js';
+import type { StreamedClones, StreamedSource } from './streamed-clones.js';
 /** Clones per request at most (the proto's limit). */
 export const MAX_CLONES_PER_REQUEST = 1000;
 
@@ -98,6 +99,8 @@ export interface CloneEngineOptions {
   readonly replicaBase?: (imageId: string) => Promise<string>;
   /** Called once per batch with the storage key of the replica clones were made from (its last_use_time). */
   readonly onReplicaUsed?: (imageKey: string) => Promise<void>;
+  /** Streaming clones (CreateClonesRequest.stream): the source of a replica still arriving (streamed-clones.ts). */
+  readonly streamed?: Pick<StreamedClones, 'source' | 'linkBootFiles'>;
 }
 
 interface ResolvedSource {
@@ -107,6 +110,8 @@ interface ResolvedSource {
   readonly replicaDirectory?: string;
   /** The storage key of the image version cloned from; absent for a virtual machine's clones. */
   readonly imageKey?: string;
+  /** Set for streaming clones: the disks' bases are NBD URIs of the streaming server, boot files are linked. */
+  readonly streamed?: StreamedSource;
 }
 
 /** The key under which the batch's empty data disk waits among the prototypes. */
@@ -238,7 +243,8 @@ export class CloneEngine {
     const guestDigest = this.checkGuest(request);
     const startedAt = performance.now();
     const source = await this.resolveSource(request);
-    for (const disk of source.disks) await protectBase(disk.base);
+    // A streamed base is the replica's file still being written by the fetch (it is protected once complete).
+    if (!source.streamed) for (const disk of source.disks) await protectBase(disk.base);
     // One look at the host's domains for the whole batch (not one virsh call per clone).
     const existing = new Map((await this.options.libvirt.listDomains()).map((domain) => [domain.name, domain]));
     // Prepare every clone (directory, children, XML) with a few in parallel, define them in one virsh
@@ -322,6 +328,8 @@ export class CloneEngine {
     if (source?.$case === 'image') {
       const id = IMAGE_NAME.parse(source.value)?.image;
       if (!id) throw CowherdError.invalidArgument('image', 'must be images/{image}');
+      const streamed = request.stream && this.options.streamed ? await this.options.streamed.source(id) : undefined;
+      if (streamed) return { metadata: { image: imageNameOfKey(id) }, template: streamed.template, disks: streamed.disks, imageKey: id, streamed };
       const replicaDirectory = this.options.replicaBase ? await this.options.replicaBase(id) : replicaDirectoryOf(this.options.imageDirectory, id);
       const template = await readFile(templateFile(replicaDirectory), 'utf8').catch(() => {
         throw CowherdError.failedPrecondition(
@@ -429,12 +437,17 @@ export class CloneEngine {
       });
       directoryMade = true;
       const children = await Promise.all(source.disks.map((disk) => this.makeChild(disk, cloneDirectory, prototypes.get(disk.target))));
+      // A streaming clone boots files linked into its own directory: the replica's directory exists only once it is complete.
+      const bootDirectory =
+        source.streamed && source.streamed.bootFiles.length > 0
+          ? await this.options.streamed!.linkBootFiles(source.streamed, join(cloneDirectory, 'boot'))
+          : source.replicaDirectory;
       let rendered = await renderClone(source.template, {
         name,
         hypervisor: this.options.hypervisor,
         cloneDirectory,
         disks: children,
-        ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
+        ...(bootDirectory === undefined ? {} : { imageDirectory: bootDirectory }),
         metadata: cloneMetadataOf(source, request),
       });
       const overlays = children.map((child) => child.path);
@@ -543,7 +556,7 @@ export class CloneEngine {
       // Recorded again with the same id: if the first attempt died between the define and the record,
       // this is the clone.done it owed; if not, the stream drops the repeat.
       publishing.push(this.publishDone(vm, item.domain.uuid, overlays, running, request, source));
-      return { domainName: name, virtualMachine: vm, status: undefined, streaming: false, started: running };
+      return { domainName: name, virtualMachine: vm, status: undefined, streaming: source.streamed !== undefined, started: running };
     }
     let failure: unknown = item.kind === 'failed' ? item.error : defineError === undefined ? undefined : hypervisorError(defineError);
     if (failure === undefined && item.kind === 'new') {
@@ -572,7 +585,7 @@ export class CloneEngine {
         domainName: name,
         virtualMachine: vm,
         status: startError === undefined ? undefined : toStatus(hypervisorError(startError)),
-        streaming: false,
+        streaming: source.streamed !== undefined,
         started,
       };
     }

@@ -13,6 +13,7 @@ import { loadAgentConfig, type AgentConfig } from './config.js';
 import { CloneEngine } from './clone-engine.js';
 import { CloneRebaser } from './clone-rebase.js';
 import { agentHandlers } from './handlers.js';
+import { StreamedClones } from './streamed-clones.js';
 import { VmLifecycle } from './vm-lifecycle.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { createQemuImgDiskInspector, imageDependents, scopedLibvirt, VirshLibvirt } from './hypervisor/index.js';
@@ -98,6 +99,18 @@ await runServiceMain({
       },
     });
     await reporter.start();
+    const streamed = new StreamedClones({
+      imageDirectory: agent.imageDirectory,
+      hypervisor,
+      transfers,
+      libvirt,
+      log: log.child({ component: 'streaming' }),
+      // The streaming server gets no secret of the agent's: only its own settings (services/agent/README.md).
+      serverEnvironment: Object.fromEntries(
+        ['COWHERD_STREAM_IDLE_EXIT_MS', 'COWHERD_STREAM_MAX_STALL_MS'].flatMap((name) => (process.env[name] ? [[name, process.env[name]!]] : [])),
+      ),
+    });
+    await streamed.start();
     const clones = new CloneEngine({
       host: agent.host,
       imageDirectory: agent.imageDirectory,
@@ -107,6 +120,7 @@ await runServiceMain({
       log: log.child({ component: 'clones' }),
       replicaBase: (id) => transfers.cloneBase(id),
       onReplicaUsed: (key) => transfers.markUsed(key),
+      streamed,
     });
     const rebaser = new CloneRebaser({
       host: agent.host,
@@ -118,7 +132,13 @@ await runServiceMain({
       replicaBase: (key) => transfers.rebaseBase(key),
       onReplicaUsed: (key) => transfers.markUsed(key),
     });
-    const vms = new VmLifecycle({ host: agent.host, imageDirectory: agent.imageDirectory, libvirt, log: log.child({ component: 'vms' }) });
+    const vms = new VmLifecycle({
+      host: agent.host,
+      imageDirectory: agent.imageDirectory,
+      libvirt,
+      log: log.child({ component: 'vms' }),
+      beforeStart: (domain) => streamed.beforeStart(domain),
+    });
     const replicas = {
       delete: (name: string) =>
         deleteLocalReplica(
@@ -157,6 +177,7 @@ await runServiceMain({
       ],
       stop: async () => {
         await reporter.stop();
+        streamed.stop();
         await transfers.stop();
         inventory.close();
       },

@@ -20,6 +20,8 @@ export interface VmLifecycleOptions {
   readonly imageDirectory: string;
   readonly libvirt: Libvirt;
   readonly log: Logger;
+  /** Called before a powered-off VM is started (a streaming clone is settled on its replica or served again). */
+  readonly beforeStart?: (domain: DomainInfo) => Promise<void>;
 }
 
 /** Start, stop and delete for this host's VMs. */
@@ -31,7 +33,10 @@ export class VmLifecycle {
     const { domain, all } = await this.find(name);
     this.refuseDependents(name, all);
     if (domain.state === 'paused') await this.options.libvirt.resume?.(domain.uuid);
-    else if (domain.state !== 'running') await this.options.libvirt.start(domain.uuid).catch(hypervisorError);
+    else if (domain.state !== 'running') {
+      await this.options.beforeStart?.(domain);
+      await this.options.libvirt.start(domain.uuid).catch(hypervisorError);
+    }
     return this.current(domain.uuid);
   }
 

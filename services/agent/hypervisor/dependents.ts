@@ -4,6 +4,7 @@
  */
 import { open } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { parseStreamBackingUri } from '../image-directory/index.js';
 import { virtualMachineId } from './domain-state.js';
 import { cloneImageKey } from './domain-xml/clone-metadata.js';
 import type { DomainInfo, Libvirt } from './libvirt.js';
@@ -88,6 +89,13 @@ export async function backingChain(path: string): Promise<string[] | undefined> 
       const name = Buffer.alloc(size);
       await handle.read(name, 0, size, offset);
       const backing = name.toString('utf8');
+      // A streaming clone's base is its replica's file served over NBD: the chain ends at that file (where the
+      // replica's bytes are, or will be once it is complete), so the replica counts its streaming clones.
+      const streamed = parseStreamBackingUri(backing);
+      if (streamed) {
+        chain.push(streamed.replicaPath);
+        return chain;
+      }
       current = isAbsolute(backing) ? backing : join(dirname(current), backing);
       chain.push(current);
     } finally {

@@ -29,12 +29,12 @@ export {
 export { attachDataDisk } from './domain-xml/data-disk-attachment.js';
 export { DomainXmlError } from './domain-xml/errors.js';
 export type { DiskFormatName } from './domain-xml/safety.js';
-export { sanitizeDomainTemplate, templateDisks, type DomainTemplate } from './domain-xml/template.js';
+export { sanitizeDomainTemplate, templateBootFiles, templateDisks, type DomainTemplate } from './domain-xml/template.js';
 export { renderClone, type HypervisorKind, type RenderedClone } from './domain-xml/clone-rendering.js';
 export { renderImportDomain, type ImportDomainParameters } from './domain-xml/import-domain.js';
 export { attachSeedImage } from './domain-xml/seed-attachment.js';
 export { buildSeedImage, readSeedImage, SEED_SYSTEM_AREA_BYTES, SEED_VOLUME_LABEL, withNewInstanceId } from './seed-image.js';
-export { protectBase } from './overlays.js';
+export { protectBase, readBackingFileName, repointOverlay } from './overlays.js';
 export { diskBackendFor, type BaseDisk, type DiskBackend } from './disk-backends.js';
 export { readVhdInfo } from './vhd.js';
 export { createQemuImgDiskInspector, inspectAll, type DiskInspector } from './disks.js';

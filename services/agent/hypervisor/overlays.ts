@@ -36,3 +36,30 @@ export async function createEmptyDisk(path: string, bytes: number, kind: 'qcow2'
   await (await open(path, 'wx', 0o644)).close();
   await runCommand('qemu-img', ['create', '-q', ...format, path, String(bytes)], { timeoutMs: options.timeoutMs ?? 30_000 });
 }
+
+/** The backing file name in a qcow2 overlay's header, as written; undefined for none, or a file that is not qcow2. */
+export async function readBackingFileName(path: string): Promise<string | undefined> {
+  const handle = await open(path, 'r');
+  try {
+    const header = Buffer.alloc(20);
+    const { bytesRead } = await handle.read(header, 0, 20, 0);
+    if (bytesRead < 20 || header.readUInt32BE(0) !== 0x514649fb) return undefined;
+    const offset = Number(header.readBigUInt64BE(8));
+    const size = header.readUInt32BE(16);
+    if (offset === 0 || size === 0 || size > 4096) return undefined;
+    const name = Buffer.alloc(size);
+    await handle.read(name, 0, size, offset);
+    return name.toString('utf8');
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * Points an overlay at another backing file that holds the same bytes (`qemu-img rebase -u`: only the header
+ * changes, no data is read or copied). qemu-img takes the overlay's write lock, so this fails, changing nothing,
+ * while a VM runs on it.
+ */
+export async function repointOverlay(overlay: string, backing: string, backingFormat: 'qcow2' | 'raw', options: { timeoutMs?: number } = {}): Promise<void> {
+  await runCommand('qemu-img', ['rebase', '-q', '-u', '-f', 'qcow2', '-b', backing, '-F', backingFormat, overlay], { timeoutMs: options.timeoutMs ?? 30_000 });
+}

@@ -13,6 +13,8 @@
  *                                         .<target>.qcow2.rebase / .previous (a rebase's overlays during the switch)
  *   clones/.prototype-<uuid>-<target>.qcow2   an overlay made once per batch and copied for each clone
  *   event-outbox/                         events waiting for JetStream (the default outbox)
+ *   .streaming/                           the streaming server's sockets (nbd.sock for qemu, control.sock for the agent),
+ *                                         its pid file and log: replicas still arriving served to streaming clones
  *   import/                               disk files an admin puts there for ImportImage (the default COWHERD_IMPORT_DIR)
  *
  * `<id>` is a version's storage key (`debian-12`, `debian-12_v3`: resource-names.ts IMAGE_KEY). Keys have no
@@ -46,6 +48,51 @@ export function eventOutboxDirectory(root: string): string {
 /** `<root>/import`: the default directory ImportImage reads local files from. */
 export function importDirectory(root: string): string {
   return join(root, 'import');
+}
+
+/** `<root>/.streaming`: the host's streaming server (streaming/stream-server.ts): sockets, pid file, log. */
+export function streamingDirectory(root: string): string {
+  return join(root, '.streaming');
+}
+
+/** The NBD socket qemu reads streamed bases from. */
+export function streamingNbdSocket(root: string): string {
+  return join(streamingDirectory(root), 'nbd.sock');
+}
+
+/**
+ * The NBD export of file `file` of the replica with storage key `key`: `<key>.<file>` (keys have no dots, so the
+ * first dot separates them; file names are single segments of `[A-Za-z0-9._-]`).
+ */
+export function streamExportName(key: string, file: string): string {
+  return `${key}.${file}`;
+}
+
+/** The storage key and file of an export name made by {@link streamExportName}; undefined for anything else. */
+export function streamExportOf(name: string): { key: string; file: string } | undefined {
+  const dot = name.indexOf('.');
+  if (dot <= 0 || dot === name.length - 1) return undefined;
+  return { key: name.slice(0, dot), file: name.slice(dot + 1) };
+}
+
+/** The backing URI of a streamed base in a clone's overlay: `nbd+unix:///<export>?socket=<root>/.streaming/nbd.sock`. */
+export function streamBackingUri(root: string, key: string, file: string): string {
+  return `nbd+unix:///${streamExportName(key, file)}?socket=${streamingNbdSocket(root)}`;
+}
+
+/**
+ * What a backing file name of {@link streamBackingUri}'s form stands for: the image directory its socket is
+ * in, the replica's storage key and file, and the file's final path once the replica is complete
+ * (`images/<key>/<file>`). Undefined for anything else (a path, another URI).
+ */
+export function parseStreamBackingUri(uri: string): { root: string; key: string; file: string; replicaPath: string } | undefined {
+  const match = /^nbd\+unix:\/\/\/([^?/]+)\?socket=(\/[^&]+)$/.exec(uri);
+  if (!match) return undefined;
+  const exported = streamExportOf(match[1]!);
+  const socket = resolve(match[2]!);
+  if (!exported || basename(socket) !== 'nbd.sock' || basename(dirname(socket)) !== '.streaming') return undefined;
+  const root = dirname(dirname(socket));
+  return { root, ...exported, replicaPath: replicaFile(replicaDirectory(root, exported.key), exported.file) };
 }
 
 /**

@@ -78,6 +78,8 @@ export interface StreamedFile {
 /** Counters of what the server did, for logs and metrics. */
 export interface NbdStatistics {
   connections: number;
+  /** Connections open now (qemu holds one per open backing). */
+  openConnections: number;
   reads: number;
   bytesRead: number;
   /** Reads that had to wait for their range, and the longest such wait. */
@@ -112,6 +114,8 @@ export interface NbdServerOptions {
    * range. What a booting guest reads first, recorded, is the profile later streams of the image fetch first.
    */
   readonly onRead?: (read: NbdRead) => void;
+  /** Told when a connection ends (the streaming server exits once it is idle). */
+  readonly onClose?: () => void;
 }
 
 /** One read as {@link NbdServerOptions.onRead} sees it. */
@@ -129,11 +133,16 @@ const EXPORT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/;
 export async function startNbdServer(options: NbdServerOptions): Promise<NbdServer> {
   const exports = new Map<string, StreamedFile>();
   const sockets = new Set<Socket>();
-  const statistics: NbdStatistics = { connections: 0, reads: 0, bytesRead: 0, waitedReads: 0, longestWaitMs: 0, failedReads: 0 };
+  const statistics: NbdStatistics = { connections: 0, openConnections: 0, reads: 0, bytesRead: 0, waitedReads: 0, longestWaitMs: 0, failedReads: 0 };
   const server: Server = createServer((socket) => {
     sockets.add(socket);
     statistics.connections += 1;
-    socket.once('close', () => sockets.delete(socket));
+    statistics.openConnections += 1;
+    socket.once('close', () => {
+      sockets.delete(socket);
+      statistics.openConnections -= 1;
+      options.onClose?.();
+    });
     socket.on('error', () => undefined);
     void new Connection(socket, exports, statistics, options).run();
   });

@@ -386,6 +386,49 @@ export class ImageTransfers {
     return replica !== undefined && replica.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(replica, 'serve'));
   }
 
+  /**
+   * What a streaming clone needs of a replica that is still arriving: the torrent's files and piece hashes and the
+   * directories its files are in (the fetch's partial directory, then the replica's). `available` when the
+   * replica is AVAILABLE (clone from it as usual). FAILED_PRECONDITION IMAGE_NOT_ON_HOST when this host has no
+   * replica of the image, or one that is FAILED or being deleted (nothing to stream from).
+   */
+  streamSource(id: string):
+    | { readonly kind: 'available' }
+    | {
+        readonly kind: 'arriving';
+        readonly directories: readonly string[];
+        readonly files: ReadonlyArray<{ readonly path: string; readonly length: number }>;
+        readonly pieceLength: number;
+        readonly pieceHashes: Buffer;
+      } {
+    const replica = this.replicas.get(id);
+    if (replica?.state === ImageReplica_State.STATE_AVAILABLE) return { kind: 'available' };
+    if (!replica || (replica.state !== ImageReplica_State.STATE_TRANSFERRING && replica.state !== ImageReplica_State.STATE_VERIFYING))
+      throw CowherdError.failedPrecondition(
+        `${IMAGE_NAME.format({ image: id })} has no replica arriving on ${HOST_NAME.format({ host: this.options.host })} (${replica ? ImageReplica_State[replica.state] : 'none'}); distribute it first`,
+        ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST,
+      );
+    const torrent = parseImageTorrent(replica.request.image!.torrent!.metainfo, replica.request.image!.torrent!.infoHash);
+    return {
+      kind: 'arriving',
+      directories: [this.partialOf(replica), this.directoryOf(replica)],
+      files: torrent.files,
+      pieceLength: torrent.pieceLengthBytes,
+      pieceHashes: torrent.pieceHashes,
+    };
+  }
+
+  /**
+   * Resolves once bytes [offset, offset + length) of `file` of the replica are here and verified, fetching exactly
+   * those pieces first (ImageSwarm.whenAvailable); at once for a replica that is not transferring.
+   */
+  async whenAvailable(id: string, file: string, offset: number, length: number, signal?: AbortSignal): Promise<void> {
+    const replica = this.replicas.get(id);
+    if (!replica) throw CowherdError.notFound(this.replicaName(id));
+    if (replica.state === ImageReplica_State.STATE_AVAILABLE) return;
+    await this.swarm.whenAvailable(id, file, offset, length, signal);
+  }
+
   /** One replica with live progress and dependents; NOT_FOUND when this host has none of the image. */
   async get(name: string): Promise<ImageReplica> {
     const id = replicaIdOf(this.options.host, name);

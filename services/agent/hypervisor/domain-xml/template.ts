@@ -278,3 +278,19 @@ export function templateDisks(templateXml: string): TemplateDisk[] {
   }
   return disks;
 }
+
+/**
+ * The image files a template boots directly (`<os><kernel>`, `<initrd>`, `<dtb>`: file names in the replica), in
+ * document order; [] for a template that boots from its disks. A streaming clone waits for these whole.
+ */
+export function templateBootFiles(templateXml: string): string[] {
+  const { domain } = parseDomainDocument(templateXml);
+  const os = firstChild(domain, 'os');
+  const files: string[] = [];
+  for (const element of BOOT_FILE_ELEMENTS)
+    for (const bootFile of os ? elementChildren(os, element) : []) {
+      const value = textOf(bootFile).trim();
+      if (value !== '') files.push(assertFileName(value, `os/${element}`));
+    }
+  return files;
+}

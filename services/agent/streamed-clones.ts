@@ -1,0 +1,294 @@
+/**
+ * Streaming clones (CreateClonesRequest.stream): clones made on a replica that is still arriving. This job puts
+ * the swarm (what has arrived, which pieces to fetch first), the streaming server (serving the replica's disk
+ * files to qemu over NBD) and the hypervisor (overlays, domains) together:
+ *
+ * - {@link StreamedClones.source}: for a replica still arriving, the template (waited for whole and read from the
+ *   fetch's partial directory), each disk file exported by the streaming server (the overlay's backing is its
+ *   `nbd+unix://` URI), and the direct-boot files waited for whole (the clone links them into its directory: qemu
+ *   opens them by path when it starts, and the replica's directory only exists once the replica is complete).
+ * - The server's wants (a guest waits for a range) become `whenAvailable` calls on the swarm (those pieces
+ *   critical, asked of every peer), answered with `ready` once they are in.
+ * - Settling: a streaming clone that is shut off while its replica is AVAILABLE gets its overlay pointed at the
+ *   replica's file (`qemu-img rebase -u`: the same bytes, only the header changes), checked every few seconds and
+ *   before the agent starts it. A clone that runs keeps reading through the server (from the complete file) until
+ *   its next shutdown: qemu cannot switch a running disk's backing safely from outside with this libvirt.
+ */
+import { link, mkdir, open, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { CowherdError } from '../common/platform/errors.js';
+import type { Logger } from '../common/platform/logger.js';
+import { protectBase, readBackingFileName, repointOverlay, templateBootFiles, templateDisks, type DomainInfo, type Libvirt } from './hypervisor/index.js';
+import { parseStreamBackingUri, streamBackingUri, streamExportName, streamExportOf, streamingDirectory, TEMPLATE_FILE } from './image-directory/index.js';
+import { StreamServerClient } from './streaming/index.js';
+import type { ImageTransfers } from './swarm/index.js';
+
+/** How often shut-off streaming clones are looked at for settling. */
+const SETTLE_INTERVAL_MS = 3000;
+/** How long a `source` waits for the fetch to have its torrent (FetchImage was just called). */
+const SOURCE_WAIT_MS = 60_000;
+
+/** What a streaming clone is made from. */
+export interface StreamedSource {
+  readonly template: string;
+  /** One per template disk: the base is the NBD URI of the replica's file. */
+  readonly disks: ReadonlyArray<{ target: string; base: string; format: 'qcow2' | 'raw' | 'vpc' }>;
+  /** Direct-boot files, whole and verified: link them into the clone (see {@link linkBootFiles}). */
+  readonly bootFiles: readonly string[];
+  /** Where the files are now, in order of preference (partial directory, then replica directory). */
+  readonly directories: readonly string[];
+}
+
+/** Options of {@link StreamedClones}. */
+export interface StreamedClonesOptions {
+  readonly imageDirectory: string;
+  readonly hypervisor: 'kvm' | 'xen';
+  readonly transfers: Pick<ImageTransfers, 'streamSource' | 'whenAvailable'>;
+  readonly libvirt: Pick<Libvirt, 'listDomains'>;
+  readonly log: Logger;
+  /** The streaming server's environment (tests shorten its idle exit). */
+  readonly serverEnvironment?: Readonly<Record<string, string>>;
+}
+
+/** The agent's streaming clones. */
+export class StreamedClones {
+  private readonly client: StreamServerClient;
+  private readonly wanted = new Map<string, Promise<void>>();
+  private settleTimer: NodeJS.Timeout | undefined;
+  private settling: Promise<void> | undefined;
+  private stopped = false;
+
+  constructor(private readonly options: StreamedClonesOptions) {
+    this.client = new StreamServerClient({
+      directory: streamingDirectory(options.imageDirectory),
+      onWant: (name, offset, length) => this.want(name, offset, length),
+      log: (message, error) => options.log.info({ err: error }, message),
+      ...(options.serverEnvironment ? { serverEnvironment: options.serverEnvironment } : {}),
+    });
+  }
+
+  /** Attaches to a streaming server that outlived the agent (its guests' wants come here) and starts settling. */
+  async start(): Promise<void> {
+    if (await this.client.attach().catch(() => false)) this.options.log.info('attached to the running streaming server');
+    const tick = (): void => {
+      this.settleTimer = setTimeout(() => {
+        void this.settleAll()
+          .catch((error: unknown) => this.options.log.warn({ err: error }, 'settling streaming clones failed'))
+          .finally(() => {
+            if (!this.stopped) tick();
+          });
+      }, SETTLE_INTERVAL_MS);
+      this.settleTimer.unref();
+    };
+    tick();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.settleTimer);
+    this.client.close();
+  }
+
+  /** The server's statistics and exports (tests, diagnostics); undefined when none runs. */
+  status(): ReturnType<StreamServerClient['status']> {
+    return this.client.status();
+  }
+
+  /**
+   * The source of streaming clones of replica `key`, or undefined when the replica is AVAILABLE (clone from it as
+   * usual). FAILED_PRECONDITION (IMAGE_NOT_ON_HOST) without a replica arriving; (HYPERVISOR_MISMATCH) on Xen.
+   */
+  async source(key: string): Promise<StreamedSource | undefined> {
+    const arriving = this.options.transfers.streamSource(key);
+    if (arriving.kind === 'available') return undefined;
+    if (this.options.hypervisor !== 'kvm')
+      throw CowherdError.failedPrecondition(
+        'streaming clones need KVM: their base is read through qemu’s NBD client, which Xen’s blktap does not have',
+        ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH,
+      );
+    const sizeOf = (file: string): number => {
+      const found = arriving.files.find((candidate) => candidate.path === file);
+      if (!found) throw CowherdError.failedPrecondition(`the image has no file ${file}`, ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST);
+      return found.length;
+    };
+    await this.whole(key, TEMPLATE_FILE, sizeOf(TEMPLATE_FILE));
+    const template = await this.readArrived(arriving.directories, TEMPLATE_FILE);
+    const bootFiles = templateBootFiles(template);
+    const disks = templateDisks(template);
+    for (const disk of disks) {
+      sizeOf(disk.fileName);
+      await this.client.export({
+        name: streamExportName(key, disk.fileName),
+        directories: arriving.directories,
+        files: arriving.files,
+        file: disk.fileName,
+        pieceLength: arriving.pieceLength,
+        pieceHashes: arriving.pieceHashes.toString('base64'),
+      });
+    }
+    // Boot files first and whole: the guest cannot start without them.
+    for (const file of bootFiles) await this.whole(key, file, sizeOf(file));
+    return {
+      template,
+      disks: disks.map((disk) => ({ target: disk.target, base: streamBackingUri(this.options.imageDirectory, key, disk.fileName), format: disk.format })),
+      bootFiles,
+      directories: arriving.directories,
+    };
+  }
+
+  /**
+   * Hard-links the source's boot files into `directory` (the same inode: no copy, and it stays valid when the
+   * partial directory is renamed into the replica's). Returns the directory, to render the clone's boot paths in.
+   */
+  async linkBootFiles(source: StreamedSource, directory: string): Promise<string> {
+    await mkdir(directory, { recursive: true, mode: 0o755 });
+    for (const file of source.bootFiles) {
+      let linked = false;
+      for (const from of source.directories) {
+        try {
+          await link(join(from, file), join(directory, file));
+          linked = true;
+          break;
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+        }
+      }
+      if (!linked)
+        throw new CowherdError(GrpcStatus.UNAVAILABLE, `boot file ${file} vanished while the replica moved; retry`, {
+          reason: ErrorReason.ERROR_REASON_INTERNAL,
+        });
+    }
+    return directory;
+  }
+
+  /**
+   * Before the agent starts `domain`: a streaming clone whose replica is AVAILABLE is settled (its overlay pointed
+   * at the replica's file); one whose replica still arrives gets its exports served again (the server may have
+   * exited while nothing ran).
+   */
+  async beforeStart(domain: DomainInfo): Promise<void> {
+    for (const stream of await this.streamedDisks(domain)) {
+      const arriving = this.options.transfers.streamSource(stream.key);
+      if (arriving.kind === 'available') {
+        await this.repoint(stream);
+        this.options.log.info({ domain: domain.name, overlay: stream.overlay, base: stream.replicaPath }, 'streaming clone settled on its local replica');
+      } else {
+        await this.client.export({
+          name: streamExportName(stream.key, stream.file),
+          directories: arriving.directories,
+          files: arriving.files,
+          file: stream.file,
+          pieceLength: arriving.pieceLength,
+          pieceHashes: arriving.pieceHashes.toString('base64'),
+        });
+      }
+    }
+  }
+
+  /** Settles every shut-off streaming clone whose replica is AVAILABLE. */
+  async settleAll(): Promise<void> {
+    this.settling ??= (async () => {
+      for (const domain of await this.options.libvirt.listDomains()) {
+        if (domain.state !== 'shut off') continue;
+        for (const stream of await this.streamedDisks(domain)) {
+          let available = false;
+          try {
+            available = this.options.transfers.streamSource(stream.key).kind === 'available';
+          } catch {
+            continue;
+          }
+          if (!available) continue;
+          await this.repoint(stream).then(
+            () =>
+              this.options.log.info({ domain: domain.name, overlay: stream.overlay, base: stream.replicaPath }, 'streaming clone settled on its local replica'),
+            (error: unknown) => this.options.log.warn({ domain: domain.name, err: error }, 'settling a streaming clone failed; tried again later'),
+          );
+        }
+      }
+    })().finally(() => {
+      this.settling = undefined;
+    });
+    return this.settling;
+  }
+
+  /** Points the overlay at the complete replica's file, which from now on is a base like any other (read-only). */
+  private async repoint(stream: { overlay: string; replicaPath: string; format: 'qcow2' | 'raw' }): Promise<void> {
+    await protectBase(stream.replicaPath);
+    await repointOverlay(stream.overlay, stream.replicaPath, stream.format);
+  }
+
+  /** The domain's overlays whose backing is a streamed replica file of this image directory. */
+  private async streamedDisks(
+    domain: DomainInfo,
+  ): Promise<Array<{ overlay: string; key: string; file: string; replicaPath: string; format: 'qcow2' | 'raw' }>> {
+    const found: Array<{ overlay: string; key: string; file: string; replicaPath: string; format: 'qcow2' | 'raw' }> = [];
+    for (const disk of domain.disks) {
+      if (disk.type !== 'file' || !disk.sourcePath) continue;
+      const backing = await readBackingFileName(disk.sourcePath).catch(() => undefined);
+      const stream = backing === undefined ? undefined : parseStreamBackingUri(backing);
+      if (!stream || stream.root !== this.options.imageDirectory) continue;
+      const format = await this.formatOf(disk.sourcePath);
+      found.push({ overlay: disk.sourcePath, key: stream.key, file: stream.file, replicaPath: stream.replicaPath, format });
+    }
+    return found;
+  }
+
+  /** The backing format recorded in the overlay (qcow2's backing format header extension); raw when absent. */
+  private async formatOf(overlay: string): Promise<'qcow2' | 'raw'> {
+    const handle = await open(overlay, 'r');
+    const header = Buffer.alloc(64 * 1024);
+    try {
+      await handle.read(header, 0, header.length, 0);
+    } finally {
+      await handle.close();
+    }
+    // Header extension 0xE2792ACA holds the backing format name.
+    const magic = Buffer.from([0xe2, 0x79, 0x2a, 0xca]);
+    const at = header.indexOf(magic);
+    if (at < 0) return 'raw';
+    const length = header.readUInt32BE(at + 4);
+    return header.toString('latin1', at + 8, at + 8 + length) === 'qcow2' ? 'qcow2' : 'raw';
+  }
+
+  private want(name: string, offset: number, length: number): void {
+    const exported = streamExportOf(name);
+    if (!exported) return;
+    const key = `${name}:${offset}:${length}`;
+    if (this.wanted.has(key)) return;
+    const wait = this.options.transfers
+      .whenAvailable(exported.key, exported.file, offset, length)
+      .then(() => this.client.ready())
+      .catch((error: unknown) => this.options.log.debug({ err: error, export: name }, 'a wanted range is not available yet'))
+      .finally(() => this.wanted.delete(key));
+    this.wanted.set(key, wait);
+  }
+
+  /** Waits until the whole of `file` is here and verified (the swarm fetching it first). */
+  private async whole(key: string, file: string, size: number): Promise<void> {
+    if (size === 0) return;
+    const deadline = performance.now() + SOURCE_WAIT_MS;
+    for (;;) {
+      try {
+        await this.options.transfers.whenAvailable(key, file, 0, size);
+        return;
+      } catch (error) {
+        // The swarm may not have the fetch yet right after FetchImage: look again until the deadline.
+        if (!(error instanceof CowherdError && error.code === GrpcStatus.NOT_FOUND) || performance.now() > deadline) throw error;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+  }
+
+  private async readArrived(directories: readonly string[], file: string): Promise<string> {
+    for (const directory of directories) {
+      try {
+        return await readFile(join(directory, file), 'utf8');
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+      }
+    }
+    throw new CowherdError(GrpcStatus.UNAVAILABLE, `${file} vanished while the replica moved; retry`, { reason: ErrorReason.ERROR_REASON_INTERNAL });
+  }
+}
