@@ -4,8 +4,10 @@
  * by `cowherd operations` for any operation found later.
  */
 import {
+  CloneResult_State,
   CloneVirtualMachinesMetadata,
   CloneVirtualMachinesResponse,
+  type CloneResult,
   RebaseVirtualMachinesMetadata,
   RebaseVirtualMachinesResponse,
   StopVirtualMachineMetadata,
@@ -119,7 +121,13 @@ export const DELETE_IMAGE_OPERATION: OperationShape<DeleteImageMetadata, Empty> 
   ],
 };
 
-/** CloneVirtualMachines: a bar for the clones, one per host the image is being brought to. */
+/** Clone lines of streamed clones at most: the result table lists every clone at the end. */
+const STREAMED_CLONE_LINES = 20;
+
+/**
+ * CloneVirtualMachines: a bar for the clones, one per host the image is being brought to, and one per clone that
+ * streams (or streamed) its base: `streaming 37%`, then `done` (or `failed` with why).
+ */
 export const CLONE_OPERATION: OperationShape<CloneVirtualMachinesMetadata, CloneVirtualMachinesResponse> = {
   title: 'clone',
   service: 'cloning',
@@ -129,11 +137,12 @@ export const CLONE_OPERATION: OperationShape<CloneVirtualMachinesMetadata, Clone
   render: (metadata) => {
     if (!metadata) return [{ key: 'clones', label: 'clones', text: 'starting…', fraction: 0 }];
     const settled = metadata.doneCount + metadata.failedCount;
+    const streaming = metadata.clones.filter(isStreaming);
     const lines: ProgressLine[] = [
       {
         key: 'clones',
         label: 'clones',
-        text: `${metadata.doneCount}/${metadata.totalCount} done, ${metadata.failedCount} failed`,
+        text: `${metadata.doneCount}/${metadata.totalCount} done, ${streaming.length > 0 ? `${streaming.length} streaming, ` : ''}${metadata.failedCount} failed`,
         fraction: metadata.totalCount > 0 ? settled / metadata.totalCount : 0,
       },
     ];
@@ -141,16 +150,49 @@ export const CLONE_OPERATION: OperationShape<CloneVirtualMachinesMetadata, Clone
       const state = enumWord(imageReplica_StateToJSON(transfer.state), 'STATE_');
       const fraction = state === 'AVAILABLE' ? 1 : fractionOf(transfer.progress);
       const text = transfer.hostUnreachable ? describeUnreachable(transfer.progress, transfer.deadlineTime) : describeTransfer(transfer.progress);
+      const streamingHere = streaming.filter((clone) => clone.host === transfer.host).length;
       lines.push({
         key: `transfer:${transfer.host}`,
         label: `image to ${bareId(transfer.host)}  ${(transfer.hostUnreachable ? 'UNREACHABLE' : state).padEnd(12)}`,
-        text: `${text}  (${transfer.waitingCloneCount} clone(s) waiting)`,
+        text: `${text}  (${streamingHere > 0 ? `${streamingHere} clone(s) streaming` : `${transfer.waitingCloneCount} clone(s) waiting`})`,
         fraction: fraction ?? 0,
       });
     }
+    lines.push(...streamedCloneLines(metadata.clones));
     return lines;
   },
 };
+
+function isStreaming(clone: CloneResult): boolean {
+  return clone.state === CloneResult_State.STATE_STREAMING;
+}
+
+/**
+ * A line per clone that streams or streamed its base (it has base_progress), streaming ones first, at most
+ * {@link STREAMED_CLONE_LINES}: `streaming 37%` with the bar, then `done` or `failed: <why>`.
+ */
+function streamedCloneLines(clones: readonly CloneResult[]): ProgressLine[] {
+  const streamed = clones.filter((clone) => clone.baseProgress !== undefined || isStreaming(clone));
+  const ordered = [...streamed.filter(isStreaming), ...streamed.filter((clone) => !isStreaming(clone))];
+  const lines = ordered.slice(0, STREAMED_CLONE_LINES).map((clone): ProgressLine => {
+    const label = `${bareId(clone.host)}/${clone.domainName}`;
+    if (clone.state === CloneResult_State.STATE_DONE) return { key: `clone:${label}`, label, text: 'done', fraction: 1 };
+    if (clone.state === CloneResult_State.STATE_FAILED) return { key: `clone:${label}`, label, text: `failed: ${clone.error?.message ?? 'unknown error'}` };
+    const fraction = fractionOf(clone.baseProgress);
+    return {
+      key: `clone:${label}`,
+      label,
+      text:
+        fraction === undefined
+          ? 'streaming'
+          : `streaming ${Math.floor(fraction * 100)}% of its base (${formatBytes(clone.baseProgress?.bytesDone)} / ${formatBytes(clone.baseProgress?.bytesTotal)})`,
+      fraction: fraction ?? 0,
+    };
+  });
+  const more = ordered.length - lines.length;
+  if (more > 0) lines.push({ key: 'clone:more', text: `… ${more} more clone(s) streamed or streaming` });
+  return lines;
+}
 
 /**
  * RebaseVirtualMachines: a bar for the clones (done and failed of the total), a line per clone that is

@@ -9,6 +9,7 @@ import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { hypervisorToJSON } from '../gen/cowherd/common/v1/types.js';
 import {
   CloneResult_State,
+  CloneVirtualMachinesRequest_Delivery,
   Placement_Strategy,
   type CloneResult,
   type CloneVirtualMachinesMetadata,
@@ -108,7 +109,28 @@ export function checkRequestShape(request: CloneVirtualMachinesRequest): CloneSo
   parseNameTemplate(request.nameTemplate, request.count);
   if (request.guestConfiguration !== undefined) checkGuestConfiguration(request.guestConfiguration);
   dataDiskBytesOf(request);
+  checkDelivery(request, source.kind);
   return source;
+}
+
+/**
+ * INVALID_ARGUMENT naming `delivery` for a value that is not a known Delivery, or DELIVERY_STREAM for a
+ * virtual machine source: a virtual machine's clones are always made on its own host, where nothing arrives.
+ */
+export function checkDelivery(request: Pick<CloneVirtualMachinesRequest, 'delivery'>, sourceKind: CloneSource['kind']): void {
+  const delivery = request.delivery;
+  const known = [
+    CloneVirtualMachinesRequest_Delivery.DELIVERY_UNSPECIFIED,
+    CloneVirtualMachinesRequest_Delivery.DELIVERY_DISTRIBUTE,
+    CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM,
+  ];
+  if (!known.includes(delivery)) throw CowherdError.invalidArgument('delivery', `is not a known delivery (${String(delivery)})`);
+  if (sourceKind === 'virtualMachine' && delivery === CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM) {
+    throw CowherdError.invalidArgument(
+      'delivery',
+      "must be DELIVERY_UNSPECIFIED or DELIVERY_DISTRIBUTE for a virtual machine source: its clones are made on the virtual machine's own host, where no image has to arrive",
+    );
+  }
 }
 
 /** The request's data_disk_bytes as a number; INVALID_ARGUMENT (`data_disk_bytes`) unless 0 to 16 TiB. */

@@ -611,6 +611,7 @@ describe('the cowherd CLI as a user types it', { skip: process.getuid?.() !== 0 
     assert.equal(help.code, 0);
     assert.match(help.stdout, /^usage: cowherd vms clone \[options\]/);
     assert.match(help.stdout, /--placement <hosts\|image-hosts>/);
+    assert.match(help.stdout, /--stream\s+where a host lacks the image/);
   });
 
   it('deletes the image once nothing uses it', async () => {

@@ -13,11 +13,13 @@ import {
   CloneResult_State,
   CloneVirtualMachinesMetadata,
   CloneVirtualMachinesRequest,
+  CloneVirtualMachinesRequest_Delivery,
   Placement_Strategy,
   type CloneVirtualMachinesResponse,
 } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { ErrorReason, errorReasonToJSON } from '../../services/gen/cowherd/common/v1/error_reason.js';
 import { Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
+import { HostTransfer } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import {
   Host,
   Host_State,
@@ -37,7 +39,14 @@ import { createLogger } from '../../services/common/platform/logger.js';
 import type { OperationContext } from '../../services/common/domain/operations.js';
 import { typeUrlOf } from '../../services/common/platform/type-urls.js';
 import type { AgentPort } from '../../services/cloning/agents.js';
-import { agentRequestId, cloneOperationKind, type CloneCheckpoint, type CloneOperationDeps } from '../../services/cloning/clone-operation.js';
+import {
+  agentRequestId,
+  cloneOperationKind,
+  type CloneCheckpoint,
+  type CloneOperationDeps,
+  type ImageDelivery,
+  type ImageDeliveryProgress,
+} from '../../services/cloning/clone-operation.js';
 import { planClones } from '../../services/cloning/clone-plan.js';
 import type { FleetView } from '../../services/cloning/fleet-view.js';
 import { cloningHandlers } from '../../services/cloning/handlers.js';
@@ -112,9 +121,13 @@ class FakeFleet implements FleetView {
 type AgentBehaviour = (request: CreateClonesRequest, signal: AbortSignal | undefined) => Promise<CreateClonesResponse>;
 
 /** Agents that make every clone unless a host has its own behaviour; counts calls and concurrency. */
-class FakeAgents implements Pick<AgentPort, 'createClones'> {
+class FakeAgents implements Pick<AgentPort, 'createClones' | 'deleteVirtualMachine'> {
   readonly calls: Array<{ host: string; request: CreateClonesRequest }> = [];
   readonly behaviours = new Map<string, AgentBehaviour>();
+  /** DeleteVirtualMachine calls as `<virtual machine> force=<force>`. */
+  readonly deletes: string[] = [];
+  /** Errors DeleteVirtualMachine throws, by virtual machine. */
+  readonly deleteErrors = new Map<string, ServiceError>();
   running = 0;
   maxRunning = 0;
   delayMs = 0;
@@ -132,12 +145,23 @@ class FakeAgents implements Pick<AgentPort, 'createClones'> {
     }
   }
 
+  async deleteVirtualMachine(_host: Host, name: string, force: boolean): Promise<void> {
+    this.deletes.push(`${name} force=${force}`);
+    const error = this.deleteErrors.get(name);
+    if (error) throw error;
+  }
+
   hostsCalled(): string[] {
     return this.calls.map((call) => call.host);
   }
 }
 
-function makeAll(host: string, request: CreateClonesRequest, failing: ReadonlyMap<string, Status> = new Map()): CreateClonesResponse {
+function makeAll(
+  host: string,
+  request: CreateClonesRequest,
+  failing: ReadonlyMap<string, Status> = new Map(),
+  options: { streaming?: boolean } = {},
+): CreateClonesResponse {
   return {
     results: request.clones.map((clone) => {
       const status = failing.get(clone.domainName);
@@ -152,7 +176,7 @@ function makeAll(host: string, request: CreateClonesRequest, failing: ReadonlyMa
         }),
         status: { code: 0, message: '', details: [] },
         started: clone.start,
-        streaming: false,
+        streaming: options.streaming ?? false,
       };
     }),
   };
@@ -381,6 +405,22 @@ describe('CloneVirtualMachines refuses bad requests before any operation exists'
       reason: ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
     },
     {
+      name: 'streaming clones of a virtual machine',
+      request: {
+        source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' },
+        count: 1,
+        delivery: CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM,
+      },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'delivery',
+    },
+    {
+      name: 'unknown delivery',
+      request: { source: image('debian-12'), count: 1, delivery: 7 as CloneVirtualMachinesRequest_Delivery },
+      code: GrpcStatus.INVALID_ARGUMENT,
+      field: 'delivery',
+    },
+    {
       name: 'explicit name taken',
       request: { source: image('debian-12'), count: 3, nameTemplate: 'app-{index}' },
       code: GrpcStatus.ALREADY_EXISTS,
@@ -494,6 +534,8 @@ describe('planning', () => {
       source: { $case: 'virtualMachine', value: 'hosts/kvm-01/virtualMachines/golden' },
       count: 2,
       nameTemplate: '{source}-{host}-{index}',
+      // DISTRIBUTE is what a virtual machine's clones get anyway: accepted, unlike STREAM.
+      delivery: CloneVirtualMachinesRequest_Delivery.DELIVERY_DISTRIBUTE,
     });
     assert.deepEqual(
       metadata.clones.map((clone) => [clone.host, clone.domainName]),
@@ -768,5 +810,334 @@ describe('the clone operation', () => {
     });
     await assert.rejects(run({ fleet, agents, hostConcurrency: 1 }, context), (error: unknown) => error === cancelled);
     assert.deepEqual(last().state, { finishedHosts: { 'hosts/kvm-02': true }, imageVersion: 'images/debian-12/versions/1' });
+  });
+});
+
+// ---------------------------------------------------------------------------------------------- streaming clones
+
+const MiB = 1024 * 1024;
+
+/** One host's delivery as the test drives it. */
+interface ScriptedTransfer {
+  readonly operation: string;
+  readonly onProgress: ((progress: ImageDeliveryProgress) => void) | undefined;
+  readonly resolve: () => void;
+  readonly reject: (error: unknown) => void;
+}
+
+/**
+ * An ImageDelivery whose transfers the test scripts: `report` is a progress report of the DistributeImage
+ * operation (the host's replica state and bytes), `arrive` ends it with the replica AVAILABLE, `fail` with an error.
+ */
+class FakeDelivery implements ImageDelivery {
+  readonly asked: Array<{ image: string; host: string; operation: string }> = [];
+  private readonly transfers = new Map<string, ScriptedTransfer>();
+
+  bringImageToHost(
+    request: { image: string; host: string; operation: string; onProgress?: (progress: ImageDeliveryProgress) => void },
+    signal: AbortSignal,
+  ): Promise<void> {
+    this.asked.push({ image: request.image, host: request.host, operation: request.operation });
+    return new Promise((resolve, reject) => {
+      this.transfers.set(request.host, { operation: request.operation, onProgress: request.onProgress, resolve, reject });
+      signal.addEventListener('abort', () => reject(signal.reason), { once: true });
+    });
+  }
+
+  report(host: string, state: ImageReplica_State, bytesDone: number, bytesTotal = 40 * MiB): void {
+    this.transfer(host).onProgress?.({
+      operation: 'operations/distribute-1',
+      transfer: HostTransfer.fromPartial({
+        host,
+        state,
+        progress: { bytesDone: String(bytesDone), bytesTotal: String(bytesTotal), rateBytesPerSecond: String(4 * MiB), peers: 2 },
+      }),
+      deadline: new Date('2024-05-01T10:30:00Z'),
+    });
+  }
+
+  arrive(host: string): void {
+    this.transfer(host).resolve();
+  }
+
+  fail(host: string, error: unknown): void {
+    this.transfer(host).reject(error);
+  }
+
+  private transfer(host: string): ScriptedTransfer {
+    const transfer = this.transfers.get(host);
+    assert.ok(transfer, `no delivery to ${host} was asked for`);
+    return transfer;
+  }
+}
+
+/** Waits (a few ms at a time, 2 s at most) until `condition` holds. */
+async function until(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + 2_000;
+  while (!condition()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+}
+
+function statesOf(metadata: Pick<CloneVirtualMachinesMetadata, 'clones'>): string[] {
+  return [...metadata.clones].sort((a, b) => a.index - b.index).map((clone) => `${clone.domainName}:${CloneResult_State[clone.state]}`);
+}
+
+function infoOf(status: Status | undefined): ErrorInfo | undefined {
+  const info = status?.details.find((detail) => detail.typeUrl === typeUrlOf(ErrorInfo));
+  return info ? ErrorInfo.decode(info.value) : undefined;
+}
+
+const STREAM = CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM;
+
+describe('streaming clones (DELIVERY_STREAM)', () => {
+  /** kvm-01 lacks the image, kvm-02 holds it; web-1 and web-3 go to kvm-01, web-2 to kvm-02. */
+  async function streamingSetup(fields: Partial<CloneVirtualMachinesRequest> = {}) {
+    const fleet = standardFleet();
+    const agents = new FakeAgents();
+    const events = new FakeEvents();
+    const delivery = new FakeDelivery();
+    agents.behaviours.set('hosts/kvm-01', async (request) => makeAll('hosts/kvm-01', request, new Map(), { streaming: request.stream }));
+    const { request, metadata } = await plan(fleet, {
+      source: image('debian-12'),
+      count: 3,
+      placement: hostsPlacement('kvm-01', 'kvm-02'),
+      nameTemplate: 'web-{index}',
+      start: true,
+      delivery: STREAM,
+      ...fields,
+    });
+    const harness = fakeContext(request, metadata);
+    const deps: CloneOperationDeps = { fleet, agents, events, imageDelivery: delivery };
+    return { fleet, agents, events, delivery, request, deps, ...harness };
+  }
+
+  const kvm01Calls = (agents: FakeAgents) => agents.calls.filter((call) => call.host === 'hosts/kvm-01');
+
+  it('makes the clones once the replica is TRANSFERRING, with stream=true; STREAMING with the base progress; DONE once AVAILABLE', async () => {
+    const { agents, events, delivery, deps, context, checkpoints, last } = await streamingSetup();
+    const running = run(deps, context);
+
+    await until(() => delivery.asked.length === 1, 'the image is asked for');
+    assert.deepEqual(delivery.asked, [{ image: 'images/debian-12/versions/1', host: 'hosts/kvm-01', operation: context.name }]);
+    // The host that holds the image clones as today, without stream.
+    await until(() => agents.calls.some((call) => call.host === 'hosts/kvm-02'), 'kvm-02 is asked');
+    assert.equal(agents.calls.find((call) => call.host === 'hosts/kvm-02')!.request.stream, false);
+
+    delivery.report('hosts/kvm-01', ImageReplica_State.STATE_PENDING, 0);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(kvm01Calls(agents).length, 0, 'nothing is made on a PENDING replica');
+    assert.deepEqual(statesOf(last().metadata), ['web-1:STATE_WAITING_FOR_IMAGE', 'web-2:STATE_DONE', 'web-3:STATE_WAITING_FOR_IMAGE']);
+
+    delivery.report('hosts/kvm-01', ImageReplica_State.STATE_TRANSFERRING, 10 * MiB);
+    await until(() => last().metadata.clones.some((clone) => clone.state === CloneResult_State.STATE_STREAMING), 'the clones stream');
+    const call = kvm01Calls(agents)[0]!.request;
+    assert.equal(call.stream, true);
+    assert.equal(call.requestId, agentRequestId(context.name, 'hosts/kvm-01'));
+    assert.deepEqual(
+      call.clones.map((clone) => clone.domainName),
+      ['web-1', 'web-3'],
+    );
+    const streaming = last();
+    assert.deepEqual(statesOf(streaming.metadata), ['web-1:STATE_STREAMING', 'web-2:STATE_DONE', 'web-3:STATE_STREAMING']);
+    const web1 = streaming.metadata.clones.find((clone) => clone.domainName === 'web-1')!;
+    assert.equal(web1.virtualMachine, 'hosts/kvm-01/virtualMachines/web-1');
+    assert.equal(web1.started, true);
+    assert.equal(web1.baseProgress?.bytesDone, String(10 * MiB));
+    assert.equal(web1.baseProgress?.bytesTotal, String(40 * MiB));
+    assert.equal(streaming.metadata.doneCount, 1, 'STREAMING clones are not DONE yet');
+    assert.deepEqual(streaming.state?.streamingHosts, ['hosts/kvm-01']);
+    assert.equal(streaming.state?.finishedHosts['hosts/kvm-01'], undefined, 'the host is not finished while its clones stream');
+    // The transfer stays in the metadata while the streaming clones wait for it.
+    assert.equal(streaming.metadata.imageTransfers[0]?.waitingCloneCount, 2);
+
+    // A state change is written at once, with the streaming clones' base progress.
+    delivery.report('hosts/kvm-01', ImageReplica_State.STATE_VERIFYING, 40 * MiB);
+    await until(() => last().metadata.imageTransfers[0]?.state === ImageReplica_State.STATE_VERIFYING, 'VERIFYING is written');
+    for (const clone of last().metadata.clones.filter((candidate) => candidate.host === 'hosts/kvm-01')) {
+      assert.equal(clone.state, CloneResult_State.STATE_STREAMING);
+      assert.equal(clone.baseProgress?.bytesDone, String(40 * MiB));
+    }
+
+    delivery.arrive('hosts/kvm-01');
+    const response = await running;
+    assert.deepEqual(statesOf(response), ['web-1:STATE_DONE', 'web-2:STATE_DONE', 'web-3:STATE_DONE']);
+    const done = response.clones[0]!;
+    assert.deepEqual([done.baseProgress?.bytesDone, done.baseProgress?.bytesTotal], [String(40 * MiB), String(40 * MiB)]);
+    assert.equal(response.clones[1]!.baseProgress, undefined, 'a clone that did not stream has no base progress');
+    const final = checkpoints.at(-1)!;
+    assert.deepEqual(final.state, { finishedHosts: { 'hosts/kvm-01': true, 'hosts/kvm-02': true }, imageVersion: 'images/debian-12/versions/1' });
+    assert.deepEqual(final.metadata.imageTransfers, []);
+    assert.equal(final.metadata.doneCount, 3);
+    assert.equal(kvm01Calls(agents).length, 1, 'the agent is asked once');
+    assert.deepEqual(agents.deletes, []);
+    assert.deepEqual(events.published, []);
+  });
+
+  it('deletes the streaming clones and fails them when the image stream fails for good', async () => {
+    const { agents, events, delivery, deps, context } = await streamingSetup();
+    // web-3 is gone already (NOT_FOUND counts as deleted).
+    agents.deleteErrors.set('hosts/kvm-01/virtualMachines/web-3', grpcError(GrpcStatus.NOT_FOUND, CowherdError.notFound('hosts/kvm-01/virtualMachines/web-3')));
+    const running = run(deps, context);
+    await until(() => delivery.asked.length === 1, 'the image is asked for');
+    delivery.report('hosts/kvm-01', ImageReplica_State.STATE_TRANSFERRING, 5 * MiB);
+    await until(() => kvm01Calls(agents).length === 1, 'the clones are made');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    delivery.fail(
+      'hosts/kvm-01',
+      new CowherdError(GrpcStatus.DEADLINE_EXCEEDED, 'hosts/kvm-01 made no progress for 600 s (TRANSFERRING, 5242880 bytes)', {
+        reason: ErrorReason.ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED,
+        metadata: { host: 'hosts/kvm-01' },
+      }),
+    );
+    const response = await running;
+
+    assert.deepEqual(statesOf(response), ['web-1:STATE_FAILED', 'web-2:STATE_DONE', 'web-3:STATE_FAILED']);
+    assert.deepEqual(agents.deletes.sort(), ['hosts/kvm-01/virtualMachines/web-1 force=true', 'hosts/kvm-01/virtualMachines/web-3 force=true']);
+    for (const clone of [response.clones[0]!, response.clones[2]!]) {
+      assert.equal(clone.error?.code, GrpcStatus.DEADLINE_EXCEEDED);
+      assert.match(
+        clone.error?.message ?? '',
+        /^image stream of images\/debian-12\/versions\/1 to hosts\/kvm-01 failed: .*no progress.*; the streaming clone was deleted$/,
+      );
+      const info = infoOf(clone.error);
+      assert.equal(info?.reason, 'ERROR_REASON_PROGRESS_DEADLINE_EXCEEDED');
+      assert.equal(info?.metadata['delivery'], 'STREAM');
+      assert.equal(info?.metadata['clone_deleted'], 'true');
+      assert.equal(clone.virtualMachine, '', 'nothing is left of it');
+      assert.equal(clone.started, false);
+    }
+    assert.deepEqual(events.published.map((event) => event.id).sort(), [
+      `clone.failed/${context.name}/kvm-01/web-1`,
+      `clone.failed/${context.name}/kvm-01/web-3`,
+    ]);
+  });
+
+  it('says so when a streaming clone could not be deleted, and keeps its name', async () => {
+    const { agents, delivery, deps, context } = await streamingSetup({ count: 1, placement: hostsPlacement('kvm-01') });
+    agents.deleteErrors.set('hosts/kvm-01/virtualMachines/web-1', grpcError(GrpcStatus.INTERNAL, 'virsh undefine failed'));
+    const running = run(deps, context);
+    await until(() => delivery.asked.length === 1, 'the image is asked for');
+    delivery.report('hosts/kvm-01', ImageReplica_State.STATE_TRANSFERRING, 5 * MiB);
+    await until(() => kvm01Calls(agents).length === 1, 'the clone is made');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    delivery.fail('hosts/kvm-01', CowherdError.failedPrecondition('sha256 mismatch', ErrorReason.ERROR_REASON_VERIFICATION_FAILED));
+    const [clone] = (await running).clones;
+    assert.equal(clone!.state, CloneResult_State.STATE_FAILED);
+    assert.equal(clone!.virtualMachine, 'hosts/kvm-01/virtualMachines/web-1');
+    assert.match(
+      clone!.error?.message ?? '',
+      /^image stream of .* failed: sha256 mismatch; the streaming clone could not be deleted \(.*virsh undefine failed\)/,
+    );
+    assert.equal(infoOf(clone!.error)?.metadata['clone_deleted'], 'false');
+    assert.equal(infoOf(clone!.error)?.reason, 'ERROR_REASON_VERIFICATION_FAILED');
+  });
+
+  it('resumed by another replica, keeps STREAMING clones STREAMING and waits for AVAILABLE without asking the agent again', async () => {
+    const first = await streamingSetup();
+    const running = run(first.deps, first.context);
+    await until(() => first.delivery.asked.length === 1, 'the image is asked for');
+    first.delivery.report('hosts/kvm-01', ImageReplica_State.STATE_TRANSFERRING, 10 * MiB);
+    await until(() => first.last().state?.streamingHosts?.length === 1, 'the clones stream');
+    first.controller.abort(new Error('replica stopping'));
+    await assert.rejects(running, /replica stopping/);
+    const saved = first.last();
+    assert.deepEqual(statesOf(saved.metadata), ['web-1:STATE_STREAMING', 'web-2:STATE_DONE', 'web-3:STATE_STREAMING']);
+
+    const agents = new FakeAgents();
+    const delivery = new FakeDelivery();
+    const second = fakeContext(first.request, saved.metadata, saved.state);
+    const resumed = run({ fleet: first.fleet, agents, events: first.events, imageDelivery: delivery }, second.context);
+    await until(() => delivery.asked.length === 1, 'the resumed run follows the delivery');
+    // The same clone operation and host: image-delivery.ts derives the same DistributeImage request_id from them.
+    assert.deepEqual(delivery.asked, [{ image: 'images/debian-12/versions/1', host: 'hosts/kvm-01', operation: first.context.name }]);
+    delivery.report('hosts/kvm-01', ImageReplica_State.STATE_VERIFYING, 40 * MiB);
+    await until(() => second.checkpoints.length > 0, 'the resumed run writes progress');
+    assert.deepEqual(statesOf(second.last().metadata), ['web-1:STATE_STREAMING', 'web-2:STATE_DONE', 'web-3:STATE_STREAMING']);
+    assert.equal(second.last().metadata.clones[0]!.baseProgress?.bytesDone, String(40 * MiB));
+    assert.deepEqual(second.last().state?.streamingHosts, ['hosts/kvm-01']);
+
+    delivery.arrive('hosts/kvm-01');
+    const response = await resumed;
+    assert.deepEqual(statesOf(response), ['web-1:STATE_DONE', 'web-2:STATE_DONE', 'web-3:STATE_DONE']);
+    assert.equal(response.clones[0]!.uuid, 'uuid-web-1', 'the clone the first run recorded');
+    assert.deepEqual(agents.calls, [], 'no agent is asked again');
+    assert.deepEqual(second.last().state, {
+      finishedHosts: { 'hosts/kvm-01': true, 'hosts/kvm-02': true },
+      imageVersion: 'images/debian-12/versions/1',
+    });
+  });
+
+  it('resumed after the replica became AVAILABLE in the inventory, makes the streaming clones DONE at once', async () => {
+    const first = await streamingSetup({ count: 1, placement: hostsPlacement('kvm-01') });
+    const running = run(first.deps, first.context);
+    await until(() => first.delivery.asked.length === 1, 'the image is asked for');
+    first.delivery.report('hosts/kvm-01', ImageReplica_State.STATE_TRANSFERRING, 10 * MiB);
+    await until(() => first.last().state?.streamingHosts?.length === 1, 'the clone streams');
+    first.controller.abort(new Error('replica stopping'));
+    await assert.rejects(running, /replica stopping/);
+
+    first.fleet.replica('debian-12', 'kvm-01');
+    const delivery = new FakeDelivery();
+    const saved = first.last();
+    const second = fakeContext(first.request, saved.metadata, saved.state);
+    const response = await run({ fleet: first.fleet, agents: new FakeAgents(), imageDelivery: delivery }, second.context);
+    assert.deepEqual(statesOf(response), ['web-1:STATE_DONE']);
+    assert.deepEqual(delivery.asked, []);
+  });
+
+  it('asks again once the replica is AVAILABLE when the agent cannot stream from it yet (IMAGE_NOT_ON_HOST)', async () => {
+    const { agents, delivery, deps, context, last } = await streamingSetup({ count: 1, placement: hostsPlacement('kvm-01') });
+    let attempts = 0;
+    agents.behaviours.set('hosts/kvm-01', async (request) => {
+      attempts += 1;
+      if (attempts === 1)
+        throw grpcError(
+          GrpcStatus.FAILED_PRECONDITION,
+          CowherdError.failedPrecondition('no replica of images/debian-12/versions/1 here', ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST),
+        );
+      return makeAll('hosts/kvm-01', request);
+    });
+    const running = run(deps, context);
+    await until(() => delivery.asked.length === 1, 'the image is asked for');
+    delivery.report('hosts/kvm-01', ImageReplica_State.STATE_TRANSFERRING, 1 * MiB);
+    await until(() => attempts === 1 && last().metadata.clones[0]!.state === CloneResult_State.STATE_WAITING_FOR_IMAGE, 'the refusal is seen');
+    delivery.arrive('hosts/kvm-01');
+    const response = await running;
+    assert.deepEqual(statesOf(response), ['web-1:STATE_DONE']);
+    assert.equal(agents.calls.length, 2);
+    assert.equal(agents.calls[0]!.request.requestId, agents.calls[1]!.request.requestId);
+    assert.equal(response.clones[0]!.baseProgress, undefined);
+  });
+
+  it('fails the clones as DISTRIBUTE does when the delivery fails before the replica is streamable', async () => {
+    const { agents, events, delivery, deps, context } = await streamingSetup({ count: 1, placement: hostsPlacement('kvm-01') });
+    const running = run(deps, context);
+    await until(() => delivery.asked.length === 1, 'the image is asked for');
+    delivery.fail('hosts/kvm-01', CowherdError.failedPrecondition('no space on hosts/kvm-01', ErrorReason.ERROR_REASON_INSUFFICIENT_SPACE));
+    await assert.rejects(running, /no space on hosts\/kvm-01/);
+    assert.deepEqual(agents.calls, []);
+    assert.deepEqual(agents.deletes, []);
+    assert.equal(events.published.length, 1);
+  });
+
+  it('DISTRIBUTE (the default) is unchanged: the clones wait for AVAILABLE and the agent gets stream=false', async () => {
+    const { agents, delivery, deps, context } = await streamingSetup({
+      count: 1,
+      placement: hostsPlacement('kvm-01'),
+      delivery: CloneVirtualMachinesRequest_Delivery.DELIVERY_UNSPECIFIED,
+    });
+    const running = run(deps, context);
+    await until(() => delivery.asked.length === 1, 'the image is asked for');
+    delivery.report('hosts/kvm-01', ImageReplica_State.STATE_TRANSFERRING, 10 * MiB);
+    delivery.report('hosts/kvm-01', ImageReplica_State.STATE_VERIFYING, 40 * MiB);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(agents.calls.length, 0, 'nothing is made before AVAILABLE');
+    delivery.arrive('hosts/kvm-01');
+    const response = await running;
+    assert.equal(agents.calls[0]!.request.stream, false);
+    assert.deepEqual(statesOf(response), ['web-1:STATE_DONE']);
+    assert.equal(response.clones[0]!.baseProgress, undefined);
   });
 });
