@@ -67,6 +67,27 @@ export const AGENT_VARIABLES = {
     100_000,
   ),
   scrubIntervalSeconds: integerVariable('COWHERD_SCRUB_INTERVAL_SECONDS', 'pause between two scrub passes over every replica', 3600, 1, 30 * 86_400),
+  streamIdleExitMs: integerVariable(
+    'COWHERD_STREAM_IDLE_EXIT_MS',
+    'the streaming server (streaming clones) exits after this long with no guest and no agent connected',
+    10_000,
+    100,
+    86_400_000,
+  ),
+  streamMaxStallMs: integerVariable(
+    'COWHERD_STREAM_MAX_STALL_MS',
+    "a streaming clone's disk read that waits longer than this for its bytes fails (EIO), as a disk that stopped answering",
+    900_000,
+    1000,
+    86_400_000,
+  ),
+  streamProfileWindowMs: integerVariable(
+    'COWHERD_STREAM_PROFILE_WINDOW_MS',
+    "how long after a streamed replica's first read the reads are recorded as the image version's read profile",
+    60_000,
+    1000,
+    3_600_000,
+  ),
   webSeedAddress: addressVariable(
     'COWHERD_WEB_SEED_ADDRESS',
     'host:port of the HTTP web seed (BEP 19) that serves origin replicas to the swarm; port 0: any free port',

@@ -105,10 +105,15 @@ await runServiceMain({
       transfers,
       libvirt,
       log: log.child({ component: 'streaming' }),
+      events,
+      host: agent.host,
+      profilePublishDelayMs: agent.streamProfileWindowMs + 3000,
       // The streaming server gets no secret of the agent's: only its own settings (services/agent/README.md).
-      serverEnvironment: Object.fromEntries(
-        ['COWHERD_STREAM_IDLE_EXIT_MS', 'COWHERD_STREAM_MAX_STALL_MS'].flatMap((name) => (process.env[name] ? [[name, process.env[name]!]] : [])),
-      ),
+      serverEnvironment: {
+        COWHERD_STREAM_IDLE_EXIT_MS: String(agent.streamIdleExitMs),
+        COWHERD_STREAM_MAX_STALL_MS: String(agent.streamMaxStallMs),
+        COWHERD_STREAM_PROFILE_WINDOW_MS: String(agent.streamProfileWindowMs),
+      },
     });
     await streamed.start();
     const clones = new CloneEngine({

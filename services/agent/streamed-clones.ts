@@ -20,13 +20,20 @@ import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { CowherdError } from '../common/platform/errors.js';
 import type { Logger } from '../common/platform/logger.js';
+import type { EventPublisher } from '../common/platform/events.js';
+import { IMAGE_READ_PROFILE } from '../common/domain/event-types.js';
+import { HOST_NAME, imageNameOfKey } from '../common/domain/resource-names.js';
 import { protectBase, readBackingFileName, repointOverlay, templateBootFiles, templateDisks, type DomainInfo, type Libvirt } from './hypervisor/index.js';
 import { parseStreamBackingUri, streamBackingUri, streamExportName, streamExportOf, streamingDirectory, TEMPLATE_FILE } from './image-directory/index.js';
-import { StreamServerClient } from './streaming/index.js';
+import { PROFILE_WINDOW_MS, StreamServerClient } from './streaming/index.js';
 import type { ImageTransfers } from './swarm/index.js';
 
 /** How often shut-off streaming clones are looked at for settling. */
 const SETTLE_INTERVAL_MS = 3000;
+/** A connection that read fewer pieces in its first minute was a look at a header, not a boot. */
+const MIN_PROFILE_PIECES = 4;
+/** Profile pieces fetched at once (each window critical in the swarm, then the next). */
+const PREFETCH_WINDOW = 8;
 /** How long a `source` waits for the fetch to have its torrent (FetchImage was just called). */
 const SOURCE_WAIT_MS = 60_000;
 
@@ -48,6 +55,12 @@ export interface StreamedClonesOptions {
   readonly transfers: Pick<ImageTransfers, 'streamSource' | 'whenAvailable'>;
   readonly libvirt: Pick<Libvirt, 'listDomains'>;
   readonly log: Logger;
+  /** Where image.read_profile goes (the agent's event outbox). */
+  readonly events?: Pick<EventPublisher, 'publish'>;
+  /** This host's id (the profile's recorder). */
+  readonly host?: string;
+  /** How long after a streamed export's first reads its profile is published; default PROFILE_WINDOW_MS + 3 s. */
+  readonly profilePublishDelayMs?: number;
   /** The streaming server's environment (tests shorten its idle exit). */
   readonly serverEnvironment?: Readonly<Record<string, string>>;
 }
@@ -56,6 +69,17 @@ export interface StreamedClonesOptions {
 export class StreamedClones {
   private readonly client: StreamServerClient;
   private readonly wanted = new Map<string, Promise<void>>();
+  /** Read profiles being recorded, per export: torrent pieces in the order first read. */
+  private readonly recording = new Map<string, { pieces: number[]; seen: Set<number>; bytes: number; timer: NodeJS.Timeout | undefined; done: boolean }>();
+  /** Exports whose profile this process published. */
+  private readonly published = new Set<string>();
+  /** Replicas whose profile is being (or was) prefetched by this process. */
+  private readonly prefetching = new Set<string>();
+  /** What this process learnt of the replicas it streams: where each file starts in its torrent, its pieces' length. */
+  private readonly layouts = new Map<
+    string,
+    { starts: Map<string, number>; files: ReadonlyArray<{ path: string; length: number }>; pieceLength: number; profiled: boolean }
+  >();
   private settleTimer: NodeJS.Timeout | undefined;
   private settling: Promise<void> | undefined;
   private stopped = false;
@@ -64,6 +88,7 @@ export class StreamedClones {
     this.client = new StreamServerClient({
       directory: streamingDirectory(options.imageDirectory),
       onWant: (name, offset, length) => this.want(name, offset, length),
+      onReads: (name, connection, reads) => this.recordReads(name, connection, reads),
       log: (message, error) => options.log.info({ err: error }, message),
       ...(options.serverEnvironment ? { serverEnvironment: options.serverEnvironment } : {}),
     });
@@ -88,6 +113,7 @@ export class StreamedClones {
   stop(): void {
     this.stopped = true;
     clearTimeout(this.settleTimer);
+    for (const entry of this.recording.values()) clearTimeout(entry.timer);
     this.client.close();
   }
 
@@ -128,6 +154,9 @@ export class StreamedClones {
         pieceHashes: arriving.pieceHashes.toString('base64'),
       });
     }
+    this.rememberLayout(key, arriving);
+    // What earlier clones of this version read first, fetched first (in the background, in order).
+    if (arriving.profile.length > 0) this.prefetch(key, arriving.profile);
     // Boot files first and whole: the guest cannot start without them.
     for (const file of bootFiles) await this.whole(key, file, sizeOf(file));
     return {
@@ -250,6 +279,111 @@ export class StreamedClones {
     if (at < 0) return 'raw';
     const length = header.readUInt32BE(at + 4);
     return header.toString('latin1', at + 8, at + 8 + length) === 'qcow2' ? 'qcow2' : 'raw';
+  }
+
+  private rememberLayout(key: string, arriving: { files: ReadonlyArray<{ path: string; length: number }>; pieceLength: number; profiled: boolean }): void {
+    const starts = new Map<string, number>();
+    let start = 0;
+    for (const file of arriving.files) {
+      starts.set(file.path, start);
+      start += file.length;
+    }
+    this.layouts.set(key, { starts, files: arriving.files, pieceLength: arriving.pieceLength, profiled: arriving.profiled });
+  }
+
+  /**
+   * Fetches a read profile's pieces first, in its order, a few at a time (each window critical in the swarm; the
+   * guest's own wants come first all the same). Once per replica and process.
+   */
+  private prefetch(key: string, pieces: readonly number[]): void {
+    if (this.prefetching.has(key)) return;
+    this.prefetching.add(key);
+    const layout = this.layouts.get(key)!;
+    const ranges = pieces.flatMap((piece) => {
+      const start = piece * layout.pieceLength;
+      let fileStart = 0;
+      for (const file of layout.files) {
+        if (start < fileStart + file.length)
+          return [{ file: file.path, offset: start - fileStart, length: Math.min(layout.pieceLength, fileStart + file.length - start) }];
+        fileStart += file.length;
+      }
+      return [];
+    });
+    const started = performance.now();
+    this.options.log.info({ image: key, pieces: ranges.length }, 'prefetching the read profile');
+    void (async () => {
+      for (let index = 0; index < ranges.length && !this.stopped; index += PREFETCH_WINDOW) {
+        await Promise.all(
+          ranges
+            .slice(index, index + PREFETCH_WINDOW)
+            .map((range) => this.options.transfers.whenAvailable(key, range.file, range.offset, range.length, { priority: 'prefetch' })),
+        );
+        this.client.ready();
+      }
+      this.options.log.info({ image: key, pieces: ranges.length, ms: Math.round(performance.now() - started) }, 'read profile prefetched');
+    })().catch((error: unknown) => this.options.log.warn({ err: error, image: key }, 'prefetching the read profile stopped'));
+  }
+
+  /**
+   * Adds a connection's reads of an export to its profile; once the connection's window is over, publishes the
+   * profile of the first connection that read at least MIN_PROFILE_PIECES pieces (a guest's boot; qemu-img's look at a
+   * header reads one).
+   */
+  private recordReads(name: string, connection: number, reads: ReadonlyArray<readonly [number, number]>): void {
+    const exported = streamExportOf(name);
+    const layout = exported && this.layouts.get(exported.key);
+    // A version that has a profile needs no other; a replica this process did not stream (restarted) is not recorded.
+    if (!exported || !layout || layout.profiled || this.published.has(name) || !this.options.events || !this.options.host) return;
+    const key = `${name}#${connection}`;
+    let entry = this.recording.get(key);
+    if (!entry) {
+      entry = { pieces: [], seen: new Set(), bytes: 0, timer: undefined, done: false };
+      this.recording.set(key, entry);
+      const recorded = entry;
+      recorded.timer = setTimeout(
+        () => {
+          this.recording.delete(key);
+          if (recorded.pieces.length < MIN_PROFILE_PIECES || this.published.has(name)) return;
+          this.published.add(name);
+          void this.publishProfile(exported.key, name, recorded);
+        },
+        this.options.profilePublishDelayMs ?? PROFILE_WINDOW_MS + 3000,
+      );
+      recorded.timer.unref();
+    }
+    if (entry.done) return;
+    const start = layout.starts.get(exported.file) ?? 0;
+    for (const [offset, length] of reads) {
+      entry.bytes += length;
+      const first = Math.floor((start + offset) / layout.pieceLength);
+      const last = Math.floor((start + offset + length - 1) / layout.pieceLength);
+      for (let piece = first; piece <= last; piece += 1) {
+        if (entry.seen.has(piece)) continue;
+        entry.seen.add(piece);
+        entry.pieces.push(piece);
+      }
+    }
+  }
+
+  private async publishProfile(key: string, name: string, entry: { pieces: number[]; bytes: number; done: boolean }): Promise<void> {
+    entry.done = true;
+    if (entry.pieces.length === 0 || !this.options.events || !this.options.host) return;
+    const host = HOST_NAME.format({ host: this.options.host });
+    await this.options.events
+      .publish(
+        IMAGE_READ_PROFILE,
+        {
+          image: imageNameOfKey(key),
+          host,
+          profile: { pieces: entry.pieces, host, bytesRead: String(entry.bytes), recordTime: new Date() },
+          occurTime: new Date(),
+        },
+        { host: this.options.host, id: `image.read_profile/${key}/${this.options.host}/${name}` },
+      )
+      .then(
+        () => this.options.log.info({ image: key, export: name, pieces: entry.pieces.length, bytes: entry.bytes }, 'read profile published'),
+        (error: unknown) => this.options.log.warn({ err: error, image: key }, 'the read profile could not be recorded'),
+      );
   }
 
   private want(name: string, offset: number, length: number): void {

@@ -31,7 +31,7 @@ import type { AgentClients } from '../common/domain/agent-clients.js';
 import { call } from '../common/platform/client.js';
 import { mapLimited } from '../common/platform/concurrency.js';
 import { CowherdError, relayServiceError, toStatus } from '../common/platform/errors.js';
-import { IMAGE_AVAILABLE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/domain/event-types.js';
+import { IMAGE_AVAILABLE, IMAGE_READ_PROFILE, IMAGE_REPLICA_DAMAGED, IMAGE_TRANSFER_FAILED, IMAGE_TRANSFER_PROGRESS } from '../common/domain/event-types.js';
 import { consumeEvents, type EventConsumer, type ReceivedEvent } from '../common/platform/events.js';
 import type { KvStore } from '../common/platform/kv.js';
 import type { Logger } from '../common/platform/logger.js';
@@ -53,8 +53,17 @@ import {
   type StepStage,
   type StepVerdict,
 } from '../common/platform/progress-deadline.js';
-import type { ImageAvailable, ImageReplicaDamaged, ImageTransferFailed, ImageTransferProgress } from '../gen/cowherd/events/v1/events.js';
-import { Host_State, Image_State, ImageReplica, ImageReplica_State, type Host, type Image, type ImageHead } from '../gen/cowherd/inventory/v1/resources.js';
+import type { ImageAvailable, ImageReadProfile, ImageReplicaDamaged, ImageTransferFailed, ImageTransferProgress } from '../gen/cowherd/events/v1/events.js';
+import {
+  Host_State,
+  Image_State,
+  ImageReplica,
+  ImageReplica_State,
+  ReadProfile,
+  type Host,
+  type Image,
+  type ImageHead,
+} from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
 import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
 
@@ -480,7 +489,7 @@ async function abandon(deps: DistributeDeps, transfers: readonly HostTransfer[],
 // ---------------------------------------------------------------------------------------------------------
 // Replica records from the agents' events
 
-type TransferEvent = ImageTransferProgress | ImageAvailable | ImageTransferFailed | ImageReplicaDamaged;
+type TransferEvent = ImageTransferProgress | ImageAvailable | ImageTransferFailed | ImageReplicaDamaged | ImageReadProfile;
 
 /**
  * Keeps KV `replicas` in step with what agents report, on a durable consumer shared by the service's
@@ -497,7 +506,7 @@ export async function followReplicaEvents(
 ): Promise<EventConsumer> {
   return consumeEvents<TransferEvent>(js, manager, {
     durable: 'distribution-replica-events',
-    types: [IMAGE_TRANSFER_PROGRESS, IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_REPLICA_DAMAGED] as never,
+    types: [IMAGE_TRANSFER_PROGRESS, IMAGE_AVAILABLE, IMAGE_TRANSFER_FAILED, IMAGE_REPLICA_DAMAGED, IMAGE_READ_PROFILE] as never,
     log,
     handle: async (event: ReceivedEvent<TransferEvent>) => applyReplicaEvent(deps, event, log),
   });
@@ -514,6 +523,21 @@ export async function applyReplicaEvent(deps: Pick<DistributeDeps, 'images' | 'r
   }
   const key = `${event.host}.${id}`;
   const now = new Date();
+  if (event.typeName === IMAGE_READ_PROFILE.typeName) {
+    // The first profile of a version is kept: it is what a clone of it reads while it boots, the same on every host.
+    const profile = (payload as ImageReadProfile).profile;
+    if (!profile || profile.pieces.length === 0) return;
+    // Only an ordering hint (every piece is verified whatever the order), but bounded: indices of this torrent, once each.
+    await deps.images.mutate(id, (current) => {
+      if (!current || current.readProfile || current.state === Image_State.STATE_DELETING) return undefined;
+      const count = current.torrent?.pieceCount ?? 0;
+      const pieces = [...new Set(profile.pieces)].filter((piece) => piece < count);
+      if (pieces.length === 0) return undefined;
+      return { ...current, readProfile: ReadProfile.fromPartial({ ...profile, pieces, host: payload.host }) };
+    });
+    log.info({ image: payload.image, host: payload.host, pieces: profile.pieces.length }, 'read profile recorded');
+    return;
+  }
   if (event.typeName === IMAGE_AVAILABLE.typeName) {
     const available = payload as ImageAvailable;
     const image = (await deps.images.get(id))?.value;

@@ -307,10 +307,10 @@ function replicaVersionOf(replica: ImageReplica): string {
   return key === undefined ? replica.imageVersion : imageVersionNameOfKey(key);
 }
 
-/** BASIC leaves out the large torrent metainfo. */
+/** BASIC leaves out the large torrent metainfo and the read profile. */
 function viewOf(image: Image, view: ImageView): Image {
-  if (view !== ImageView.IMAGE_VIEW_BASIC || !image.torrent) return image;
-  return { ...image, torrent: { ...image.torrent, metainfo: Buffer.alloc(0) } };
+  if (view !== ImageView.IMAGE_VIEW_BASIC) return image;
+  return { ...image, readProfile: undefined, ...(image.torrent ? { torrent: { ...image.torrent, metainfo: Buffer.alloc(0) } } : {}) };
 }
 
 /**

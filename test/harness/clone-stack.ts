@@ -63,6 +63,8 @@ export interface CloneStack {
   readonly connection: Awaited<ReturnType<typeof connectNats>>;
   /** The distribution process (tests kill and restart it). */
   readonly distributionProcess: ServiceProcess;
+  /** The cloning process (its logs). */
+  readonly cloningProcess: ServiceProcess;
   /**
    * Starts one more replica of distribution or cloning: same NATS, CA and inventory, its own ports (and, for
    * distribution, its own tracker). A cloning replica reaches distribution at the first replica's address.
@@ -209,6 +211,7 @@ export async function startCloneStack(resources: Resources, host: string, option
     firstAgent: first,
     pki,
     connection,
+    cloningProcess,
     distributionProcess,
     startReplica,
     adminCredentials: admin,

@@ -1,8 +1,8 @@
 /**
  * A streaming clone boots under TCG before its image has arrived, through the real agents, swarm, streaming server
- * and libvirtd: an image (the guest kit's kernel and busybox initramfs by direct kernel boot, a 64 MiB disk of
+ * and libvirtd: an image (the guest kit's kernel and busybox initramfs by direct kernel boot, a 96 MiB disk of
  * random data) is published on one host and distributed to a second host whose downloads are capped at 2 MiB/s
- * (the whole replica takes about 35 s). As soon as the replica is arriving, the second host's agent makes a
+ * (the whole replica takes about 50 s). As soon as the replica is arriving, the second host's agent makes a
  * streaming clone (CreateClones with stream) and starts it: its overlay's backing is the replica's disk served
  * over NBD by the host's streaming server. The guest reads its disk, writes its marker and powers off while the
  * replica is still incomplete (the test checks both); its console shows no I/O error. Then the replica completes
@@ -18,6 +18,14 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { AgentServiceClient, type CreateClonesResponse } from '../../services/gen/cowherd/agent/v1/agent_service.js';
+import {
+  CloneResult_State,
+  CloneVirtualMachinesMetadata,
+  CloneVirtualMachinesRequest_Delivery,
+  CloneVirtualMachinesResponse,
+  Placement_Strategy,
+} from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
+import { unpack } from '../../services/common/domain/operations.js';
 import { Host, ImageReplica_State, type Image, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
 import { createClient } from '../../services/common/platform/client.js';
@@ -36,7 +44,7 @@ const suffix = Math.random().toString(36).slice(2, 7);
 const ORIGIN = `stream-origin-${suffix}`;
 const TARGET = `stream-host-${suffix}`;
 const MiB = 1024 * 1024;
-const DISK_MIB = 64;
+const DISK_MIB = 96;
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 describe('a streaming clone boots before its image has arrived', { skip: process.getuid?.() !== 0 ? 'needs root (libvirtd)' : false, timeout: 600_000 }, () => {
@@ -48,9 +56,24 @@ describe('a streaming clone boots before its image has arrived', { skip: process
   let replicas: AgentServiceClient;
   const image = `stream-${suffix}`;
   let record: Image;
+  const scoped = { COWHERD_DOMAIN_SCOPE: 'image-directory', COWHERD_STREAM_IDLE_EXIT_MS: '3000', COWHERD_STREAM_PROFILE_WINDOW_MS: '15000' };
+  const cap = async (host: string, bytesPerSecond: number, agent: { process: { logs: Array<Record<string, unknown>> } }): Promise<void> => {
+    await call((cb) =>
+      stack.inventory.updateHost(
+        {
+          host: Host.fromPartial({
+            name: HOST_NAME.format({ host }),
+            transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) },
+          }),
+          updateMask: ['transfer_limits'],
+        },
+        cb,
+      ),
+    );
+    await waitFor('the cap applied', async () => (agent.process.logs.some((line) => line['msg'] === 'transfer limits applied') ? true : undefined), 30_000);
+  };
 
   before(async () => {
-    const scoped = { COWHERD_DOMAIN_SCOPE: 'image-directory', COWHERD_STREAM_IDLE_EXIT_MS: '3000' };
     const [kit, started] = await Promise.all([guestKit(), startCloneStack(resources, ORIGIN, { firstAgentEnv: scoped })]);
     stack = started;
     // The master: Debian's bzImage (8 MB: a streamed clone needs its boot files whole before it starts) and the
@@ -69,7 +92,8 @@ describe('a streaming clone boots before its image has arrived', { skip: process
         memoryMib: 192,
         kernel: kit.vmlinuz,
         initrd: kit.initrd,
-        commandLine: `console=ttyS0 quiet panic=-1 marker=${suffix}`,
+        // The guest reads 6 MiB scattered over its disk before its marker (scripts/guest-kernel.sh cowherd.reads).
+        commandLine: `console=ttyS0 quiet panic=-1 no_timer_check marker=${suffix} cowherd.reads=24x256@56`,
         disk,
         console: join(vmDirectory, `${master}.console.log`),
       }),
@@ -97,20 +121,8 @@ describe('a streaming clone boots before its image has arrived', { skip: process
 
     target = await stack.addAgent(TARGET, scoped);
     await stack.waitHostsReady([TARGET]);
-    // A download cap (UpdateHost; the agent applies it at its next heartbeat) makes the replica take ~35 s.
-    await call((cb) =>
-      stack.inventory.updateHost(
-        {
-          host: Host.fromPartial({
-            name: HOST_NAME.format({ host: TARGET }),
-            transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(2 * MiB) },
-          }),
-          updateMask: ['transfer_limits'],
-        },
-        cb,
-      ),
-    );
-    await waitFor('the cap applied', async () => (target.process.logs.some((line) => line['msg'] === 'transfer limits applied') ? true : undefined), 30_000);
+    // A download cap (UpdateHost; the agent applies it at its next heartbeat) makes the replica take ~50 s.
+    await cap(TARGET, 2 * MiB, target);
     agent = createClient(
       AgentServiceClient,
       target.process.address,
@@ -225,6 +237,93 @@ describe('a streaming clone boots before its image has arrived', { skip: process
     await waitFor('the second boot powered off', async () => ((await stack.virsh('domstate', name)).stdout.trim() === 'shut off' ? true : undefined), 240_000);
     const second = await readFile(join(target.imageDirectory, 'clones', name, 'serial-0.out'), 'utf8');
     assert.match(second, new RegExp(`cowherd-guest: system cowherd-was-here-${suffix}`), `the second boot reads the first's marker:\n${second.slice(-2000)}`);
-    await sleep(0);
+  });
+
+  it('through the cloning service (delivery STREAM): the recorded read profile first, STREAMING with progress, an agent killed while its guest reads, then DONE', async (t) => {
+    // The first streamed boot recorded what the guest read; distribution keeps it with the image version.
+    const profiled = await waitFor(
+      'the read profile in the image record',
+      async () => {
+        const found = await call<Image>((cb) => stack.inventory.getImage({ name: IMAGE_NAME.format({ image }), view: 0 }, cb));
+        return (found.readProfile?.pieces.length ?? 0) > 0 ? found : undefined;
+      },
+      90_000,
+    );
+    t.diagnostic(
+      `read profile: ${profiled.readProfile!.pieces.length} pieces, ${profiled.readProfile!.bytesRead} bytes read, from ${profiled.readProfile!.host}`,
+    );
+    assert.equal(profiled.readProfile!.host, HOST_NAME.format({ host: TARGET }));
+
+    const host = `stream-third-${suffix}`;
+    const third = await stack.addAgent(host, scoped);
+    await stack.waitHostsReady([host]);
+    await cap(host, 2 * MiB, third);
+    const name = `${image}-cs-1`;
+    stack.track(name);
+    const t0 = performance.now();
+    const operation = await call<Operation>((cb) =>
+      stack.cloning.cloneVirtualMachines(
+        {
+          source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
+          placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host })], maxClonesPerHost: 0 },
+          count: 1,
+          nameTemplate: `${image}-cs-{index}`,
+          start: true,
+          requestId: '',
+          guestConfiguration: undefined,
+          dataDiskBytes: '0',
+          delivery: CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM,
+        },
+        cb,
+      ),
+    );
+    const metadata = async (): Promise<CloneVirtualMachinesMetadata> =>
+      unpack(CloneVirtualMachinesMetadata, (await call<Operation>((cb) => stack.operations.getOperation({ name: operation.name }, cb))).metadata);
+    let last: CloneVirtualMachinesMetadata | undefined;
+    const streamingNow = await waitFor(
+      'the clone STREAMING',
+      async () => {
+        last = await metadata();
+        return last.clones[0]?.state === CloneResult_State.STATE_STREAMING ? last : undefined;
+      },
+      120_000,
+    ).catch((error: unknown) => {
+      const about = (logs: Array<Record<string, unknown>>) => logs.filter((line) => /stream|clone batch|CreateClones|agent/i.test(String(line['msg'])));
+      throw new Error(
+        `${(error as Error).message}; last metadata ${JSON.stringify(last)}; cloning: ${JSON.stringify(about(stack.cloningProcess.logs))}; agent: ${JSON.stringify(about(third.process.logs))}`,
+      );
+    });
+    const progress = streamingNow.clones[0]!.baseProgress;
+    t.diagnostic(`STREAMING ${Math.round(performance.now() - t0)} ms after the request, base ${progress?.bytesDone}/${progress?.bytesTotal}`);
+    assert.ok(Number(progress?.bytesTotal ?? 0) > 0, 'base_progress says how much there is');
+
+    // The agent dies while the guest boots and reads; its streaming server keeps the guest's disk, the reads wait.
+    process.kill(third.process.daemon.pid, 'SIGKILL');
+    await third.process.daemon.exited;
+    await sleep(3000);
+    const restarted = await third.restart();
+    t.diagnostic(`agent killed and restarted ${Math.round(performance.now() - t0)} ms after the request`);
+    await waitFor('the guest powered off', async () => ((await stack.virsh('domstate', name)).stdout.trim() === 'shut off' ? true : undefined), 240_000);
+    const consoleOutput = await readFile(join(third.imageDirectory, 'clones', name, 'serial-0.out'), 'utf8');
+    const context = `console:\n${consoleOutput.slice(-3000)}`;
+    assert.match(consoleOutput, /cowherd-guest: read 24 blocks/, context);
+    assert.match(consoleOutput, /cowherd-guest: marker written/, context);
+    assert.doesNotMatch(consoleOutput, /I\/O error|blk_update_request|Buffer I\/O|print_req_error|reads failed/i, context);
+    t.diagnostic(
+      consoleOutput
+        .split('\n')
+        .filter((line) => line.includes('cowherd-guest: read') || line.includes('slowest'))
+        .join(' | '),
+    );
+
+    const done = await stack.wait(operation.name, 300_000);
+    assert.equal(done.result?.$case, 'response', JSON.stringify(done.result));
+    const response = unpack(CloneVirtualMachinesResponse, done.result.value);
+    assert.equal(response.clones[0]?.state, CloneResult_State.STATE_DONE, JSON.stringify(response.clones[0]));
+    assert.equal(Number(response.clones[0]?.baseProgress?.bytesDone), Number(response.clones[0]?.baseProgress?.bytesTotal));
+    assert.ok(
+      [third.process, restarted].some((agent) => agent.logs.some((line) => line['msg'] === 'prefetching the read profile')),
+      'the third host fetched the profile first',
+    );
   });
 });

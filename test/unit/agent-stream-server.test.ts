@@ -39,7 +39,7 @@ let final: string;
 let server: RunningStreamServer;
 let client: StreamServerClient;
 const wants: Array<{ name: string; offset: number; length: number }> = [];
-const profiles: Array<{ name: string; reads: ReadonlyArray<readonly [number, number]> }> = [];
+const profiles: Array<{ name: string; connection: number; reads: ReadonlyArray<readonly [number, number]> }> = [];
 
 function spec(name: string): ExportSpec {
   return {
@@ -90,7 +90,7 @@ describe('the streaming server', () => {
     client = new StreamServerClient({
       directory: path.join(root, '.streaming'),
       onWant: (name, offset, length) => wants.push({ name, offset, length }),
-      onReads: (name, reads) => profiles.push({ name, reads }),
+      onReads: (name, connection, reads) => profiles.push({ name, connection, reads }),
     });
     await client.export(spec('img.disk.raw'));
   });
@@ -159,11 +159,16 @@ describe('the streaming server', () => {
     }
   });
 
-  it('sends the reads of an export’s first minute, in order, as its profile', async () => {
+  it('sends the reads of each connection’s first minute, in order, as profiles', async () => {
     await new Promise((resolve) => setTimeout(resolve, 2500));
-    const reads = profiles.filter((profile) => profile.name === 'img.disk.raw').flatMap((profile) => profile.reads);
-    assert.ok(reads.length >= 3, JSON.stringify(profiles));
-    assert.deepEqual(reads[0], [0, PIECE - TEMPLATE.length]);
+    const mine = profiles.filter((profile) => profile.name === 'img.disk.raw');
+    // One qemu-io process (one connection) per read above: three connections, one read each, in the order served.
+    const connections = [...new Set(mine.map((profile) => profile.connection))];
+    assert.equal(connections.length, 3, JSON.stringify(profiles));
+    assert.deepEqual(
+      connections.map((connection) => mine.filter((profile) => profile.connection === connection).flatMap((profile) => profile.reads)),
+      [[[0, PIECE - TEMPLATE.length]], [[5 * PIECE - TEMPLATE.length + 4 * KiB, 4096]], [[9 * PIECE, 65536]]],
+    );
   });
 
   it('exits by itself once it has had no agent and no guest for its idle time', async () => {

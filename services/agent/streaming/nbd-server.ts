@@ -120,6 +120,8 @@ export interface NbdServerOptions {
 
 /** One read as {@link NbdServerOptions.onRead} sees it. */
 export interface NbdRead {
+  /** Which connection read (numbered from 1 in the order they came): one per qemu process that opened the export. */
+  readonly connection: number;
   readonly exportName: string;
   readonly offset: number;
   readonly length: number;
@@ -222,6 +224,8 @@ class ProtocolError extends Error {}
 
 /** One client: the handshake, then requests until DISC or the end of the connection. */
 class Connection {
+  private static count = 0;
+  private readonly id = ++Connection.count;
   private readonly reader: SocketReader;
   private noZeroes = false;
   private handle: FileHandle | undefined;
@@ -419,7 +423,7 @@ class Connection {
     }
     this.statistics.reads += 1;
     this.statistics.bytesRead += length;
-    this.options.onRead?.({ exportName: name, offset, length, waitedMs });
+    this.options.onRead?.({ connection: this.id, exportName: name, offset, length, waitedMs });
     if (!this.socket.destroyed) this.simpleReply(cookie, 0, data);
   }
 

@@ -33,8 +33,8 @@ export interface StreamServerClientOptions {
   readonly directory: string;
   /** A guest waits for bytes [offset, offset + length) of export `name`. */
   readonly onWant: (name: string, offset: number, length: number) => void;
-  /** Reads of an export's first minute, in the order served (its read profile). */
-  readonly onReads?: (name: string, reads: ReadonlyArray<readonly [number, number]>) => void;
+  /** Reads of a connection's first minute of an export, in the order served (a read profile). */
+  readonly onReads?: (name: string, connection: number, reads: ReadonlyArray<readonly [number, number]>) => void;
   readonly log?: (message: string, error?: unknown) => void;
   /** The server's environment beyond PATH (idle exit, stall limit); secrets of the agent are never passed on. */
   readonly serverEnvironment?: Readonly<Record<string, string>>;
@@ -152,7 +152,7 @@ export class StreamServerClient {
         this.options.onWant(String(message['name']), Number(message['offset']), Number(message['length']));
         break;
       case 'reads':
-        this.options.onReads?.(String(message['name']), message['reads'] as Array<[number, number]>);
+        this.options.onReads?.(String(message['name']), Number(message['connection']), message['reads'] as Array<[number, number]>);
         break;
       case 'exported':
         settle(`exported:${String(message['name'])}`, undefined);

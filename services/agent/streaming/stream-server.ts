@@ -20,7 +20,7 @@
  *                    {"type":"ready"}                      pieces arrived: look again now
  *                    {"type":"status"}                     answered {"type":"status", statistics, exports}
  *   server -> agent  {"type":"want","name","offset","length"}   a guest waits for this range
- *                    {"type":"reads","name","reads":[[offset,length],...]}  the reads of an export's first minute, in order
+ *                    {"type":"reads","name","connection","reads":[[offset,length],...]}  a connection's first minute of reads
  *
  * A guest may wait up to `maxStallMs` (default 15 minutes) for one read; after that the read fails (EIO), as a
  * disk that stopped answering would. The server exits once it has had no NBD connection and no agent for
@@ -39,6 +39,8 @@ export const RECHECK_MS = 500;
 export const PROFILE_WINDOW_MS = 60_000;
 /** The most reads one profile holds. */
 const MAX_PROFILE_READS = 4096;
+/** The most connections of one export whose reads are recorded (the first ones: a guest's boot is among them). */
+const MAX_PROFILED_CONNECTIONS = 64;
 
 /** One exported file of a replica, as the agent describes it. */
 export interface ExportSpec {
@@ -71,6 +73,8 @@ export interface StreamServerOptions {
   readonly directory: string;
   readonly idleExitMs?: number;
   readonly maxStallMs?: number;
+  /** How long after an export's first read its reads are recorded as its profile; default PROFILE_WINDOW_MS. */
+  readonly profileWindowMs?: number;
   /** Told what happens (one line each); never data. */
   readonly log?: (message: string) => void;
 }
@@ -92,9 +96,11 @@ class ServedExport implements StreamedFile {
   private readonly verified: Uint8Array;
   private readonly checking = new Map<number, Promise<boolean>>();
   private remaining: number;
-  private firstReadAt: number | undefined;
-  readonly profile: Array<[number, number]> = [];
-  profileSent = 0;
+  /**
+   * The reads of each connection's first PROFILE_WINDOW_MS, in order: a booting guest is one connection (qemu keeps
+   * it open), while qemu-img's look at a header (an overlay made, a disk inspected) is one of its own.
+   */
+  readonly profiles = new Map<number, { firstAt: number; reads: Array<[number, number]>; sent: number }>();
 
   constructor(
     public spec: ExportSpec,
@@ -136,7 +142,6 @@ class ServedExport implements StreamedFile {
   }
 
   async whenAvailable(offset: number, length: number): Promise<void> {
-    this.firstReadAt ??= performance.now();
     if (this.complete) return;
     const [first, last] = this.piecesOf(offset, length);
     const deadline = performance.now() + this.server.maxStallMs;
@@ -151,10 +156,16 @@ class ServedExport implements StreamedFile {
     }
   }
 
-  /** Records a read for the profile while the export's first minute lasts. */
-  recordRead(offset: number, length: number): void {
-    if (this.firstReadAt === undefined || performance.now() - this.firstReadAt > PROFILE_WINDOW_MS) return;
-    if (this.profile.length < MAX_PROFILE_READS) this.profile.push([offset, length]);
+  /** Records a read for its connection's profile while the connection's first minute lasts. */
+  recordRead(connection: number, offset: number, length: number): void {
+    let profile = this.profiles.get(connection);
+    if (!profile) {
+      if (this.profiles.size >= MAX_PROFILED_CONNECTIONS) return;
+      profile = { firstAt: performance.now(), reads: [], sent: 0 };
+      this.profiles.set(connection, profile);
+    }
+    if (performance.now() - profile.firstAt > this.server.profileWindowMs) return;
+    if (profile.reads.length < MAX_PROFILE_READS) profile.reads.push([offset, length]);
   }
 
   private piecesOf(offset: number, length: number): [number, number] {
@@ -233,6 +244,7 @@ class StreamServer {
 
   constructor(
     readonly maxStallMs: number,
+    readonly profileWindowMs: number,
     private readonly log: (message: string) => void,
   ) {}
 
@@ -283,13 +295,14 @@ class StreamServer {
     this.changed();
   }
 
-  /** Sends the profiles recorded since the last call. */
+  /** Sends the reads recorded since the last call, per export and connection. */
   flushProfiles(): void {
-    for (const [name, served] of this.exports) {
-      if (served.profile.length === served.profileSent) continue;
-      this.send({ type: 'reads', name, reads: served.profile.slice(served.profileSent) });
-      served.profileSent = served.profile.length;
-    }
+    for (const [name, served] of this.exports)
+      for (const [connection, profile] of served.profiles) {
+        if (profile.reads.length === profile.sent) continue;
+        this.send({ type: 'reads', name, connection, reads: profile.reads.slice(profile.sent) });
+        profile.sent = profile.reads.length;
+      }
   }
 }
 
@@ -316,7 +329,7 @@ export async function runStreamServer(options: StreamServerOptions): Promise<Run
   if (await serverAnswers(paths.controlSocket)) throw new Error(`a streaming server already answers on ${paths.controlSocket}`);
   await rm(paths.controlSocket, { force: true });
   await rm(paths.nbdSocket, { force: true });
-  const state = new StreamServer(options.maxStallMs ?? 15 * 60_000, log);
+  const state = new StreamServer(options.maxStallMs ?? 15 * 60_000, options.profileWindowMs ?? PROFILE_WINDOW_MS, log);
   const idleExitMs = options.idleExitMs ?? 10_000;
   let idleTimer: NodeJS.Timeout | undefined;
   let stop: () => void = () => undefined;
@@ -332,7 +345,7 @@ export async function runStreamServer(options: StreamServerOptions): Promise<Run
   nbd = await startNbdServer({
     socketPath: paths.nbdSocket,
     onError: (error) => log(`nbd: ${error.message}`),
-    onRead: (read) => state.exports.get(read.exportName)?.recordRead(read.offset, read.length),
+    onRead: (read) => state.exports.get(read.exportName)?.recordRead(read.connection, read.offset, read.length),
     onClose: idleCheck,
   });
   // qemu runs as root here (scripts/libvirtd.sh); with an unprivileged qemu user the socket's group must be qemu's.

@@ -400,6 +400,10 @@ export class ImageTransfers {
         readonly files: ReadonlyArray<{ readonly path: string; readonly length: number }>;
         readonly pieceLength: number;
         readonly pieceHashes: Buffer;
+        /** The image version's read profile (pieces a booting clone read first, in order); [] when none was recorded. */
+        readonly profile: readonly number[];
+        /** Whether the image record the fetch was given already had a profile (then none needs recording). */
+        readonly profiled: boolean;
       } {
     const replica = this.replicas.get(id);
     if (replica?.state === ImageReplica_State.STATE_AVAILABLE) return { kind: 'available' };
@@ -415,6 +419,8 @@ export class ImageTransfers {
       files: torrent.files,
       pieceLength: torrent.pieceLengthBytes,
       pieceHashes: torrent.pieceHashes,
+      profile: replica.request.image!.readProfile?.pieces.filter((piece) => piece < torrent.pieceCount) ?? [],
+      profiled: (replica.request.image!.readProfile?.pieces.length ?? 0) > 0,
     };
   }
 
@@ -422,11 +428,17 @@ export class ImageTransfers {
    * Resolves once bytes [offset, offset + length) of `file` of the replica are here and verified, fetching exactly
    * those pieces first (ImageSwarm.whenAvailable); at once for a replica that is not transferring.
    */
-  async whenAvailable(id: string, file: string, offset: number, length: number, signal?: AbortSignal): Promise<void> {
+  async whenAvailable(
+    id: string,
+    file: string,
+    offset: number,
+    length: number,
+    options: { signal?: AbortSignal; priority?: 'read' | 'prefetch' } = {},
+  ): Promise<void> {
     const replica = this.replicas.get(id);
     if (!replica) throw CowherdError.notFound(this.replicaName(id));
     if (replica.state === ImageReplica_State.STATE_AVAILABLE) return;
-    await this.swarm.whenAvailable(id, file, offset, length, signal);
+    await this.swarm.whenAvailable(id, file, offset, length, options.signal, options.priority);
   }
 
   /** One replica with live progress and dependents; NOT_FOUND when this host has none of the image. */

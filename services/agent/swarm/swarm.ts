@@ -445,13 +445,42 @@ export class ImageSwarm {
   /**
    * Resolves once bytes [offset, offset + length) of `file` (a file of `image`'s torrent, e.g. `vda.qcow2`) are
    * written and their pieces' SHA-1 verified on this host: at once when they are, or when the replica is
-   * complete (verifying or seeding). While a fetch runs, exactly those pieces are raised to webtorrent's
-   * critical priority first (ahead of the order of everything else), and the rest keep arriving as before.
+   * complete (verifying or seeding). While a fetch runs, exactly those pieces get a webtorrent selection of
+   * `priority` (a guest's read 3, a profile's prefetch 2, the rest of the image 0: requested in that order) and
+   * are marked critical, and the rest keep arriving as before.
    * Rejects with NOT_FOUND when `image` is neither fetched nor seeded here (also when its fetch ended without
    * the range: it failed or was removed), INVALID_ARGUMENT for a file or range the torrent does not hold, and
    * with `signal`'s reason when it aborts. Streaming clones read their base through this (streaming/).
    */
-  async whenAvailable(image: string, file: string, offset: number, length: number, signal?: AbortSignal): Promise<void> {
+  async whenAvailable(
+    image: string,
+    file: string,
+    offset: number,
+    length: number,
+    signal?: AbortSignal,
+    priority: 'read' | 'prefetch' = 'read',
+  ): Promise<void> {
+    let selected: { torrent: Torrent; first: number; last: number } | undefined;
+    try {
+      await this.waitForRange(image, file, offset, length, signal, priority, (selection) => {
+        selected = selection;
+      });
+    } finally {
+      // A range that arrived was dropped by webtorrent already; one given up on is dropped here.
+      if (selected && !selected.torrent.destroyed) selected.torrent._deselect(selected.first, selected.last, true);
+    }
+  }
+
+  private async waitForRange(
+    image: string,
+    file: string,
+    offset: number,
+    length: number,
+    signal: AbortSignal | undefined,
+    priority: 'read' | 'prefetch',
+    onSelected: (selection: { torrent: Torrent; first: number; last: number }) => void,
+  ): Promise<void> {
+    let selectedOn: Torrent | undefined;
     let askedAt = 0;
     for (;;) {
       signal?.throwIfAborted();
@@ -476,6 +505,13 @@ export class ImageSwarm {
         };
         const wanted = missing();
         if (wanted.length === 0) return;
+        // Ahead of every other piece: a selection of higher priority (webtorrent requests its pieces first), and
+        // critical (their blocks may be taken from a faster peer).
+        if (selectedOn !== torrent) {
+          selectedOn = torrent;
+          torrent._select(first, last, SELECTION_PRIORITY[priority], undefined, true);
+          onSelected({ torrent, first, last });
+        }
         torrent.critical(first, last);
         // A super-seeding origin hides what it holds: ask every peer for the missing pieces (piece-wants.ts), again
         // each second while they are missing (a peer may have joined since).
@@ -773,6 +809,9 @@ async function hasNoData(directory: string, torrent: ImageTorrent): Promise<bool
 
 /** The first retry of a failed tracker announce; each further one waits twice as long, up to 30 s. */
 export const ANNOUNCE_RETRY_MS = 250;
+
+/** Selection priorities of whenAvailable: a guest's read ahead of a profile's prefetch, both ahead of the rest (0). */
+const SELECTION_PRIORITY = { read: 3, prefetch: 2 } as const;
 const announceRetries = new WeakMap<Torrent, number>();
 
 /**

@@ -90,8 +90,18 @@ declare module 'webtorrent' {
     readonly bitfield?: { get(index: number): boolean };
     /** The torrent's files: `path` is `<torrent name>/<file>`, `offset` its first byte in the torrent. */
     readonly files: ReadonlyArray<{ readonly path: string; readonly offset: number; readonly length: number }>;
-    /** Pieces start..end (inclusive) first, ahead of every other selection. */
+    /**
+     * Marks pieces start..end (inclusive) critical: their blocks may be requested again from a faster peer (hotswap).
+     * It does not change which pieces are selected first (that is the selections' priority, `_select`).
+     */
     critical(start: number, end: number): void;
+    /**
+     * Adds a selection (webtorrent's file streams use it): pieces of higher-priority selections are requested first,
+     * rarest first within one. A stream selection is counted, not merged; completed ones are dropped by webtorrent.
+     */
+    _select(start: number, end: number, priority: number, notify: (() => void) | undefined, isStreamSelection: true): void;
+    /** Removes one stream selection of exactly start..end. */
+    _deselect(start: number, end: number, isStreamSelection: true): void;
     /** torrent-discovery; `tracker` is the bittorrent-tracker client (null without trackers). */
     readonly discovery?: { readonly tracker?: { setInterval(intervalMs?: number): void; update(): void } | null } | null;
     destroy(options?: { destroyStore?: boolean }, callback?: (error?: Error | null) => void): void;

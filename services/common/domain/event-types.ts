@@ -19,6 +19,7 @@ export const IMAGE_TRANSFER_FAILED = eventType('image.transfer_failed', events.I
 export const IMAGE_REPLICA_DAMAGED = eventType('image.replica_damaged', events.ImageReplicaDamaged);
 export const IMAGE_REPLICA_DELETED = eventType('image.replica_deleted', events.ImageReplicaDeleted);
 export const IMAGE_DELETED = eventType('image.deleted', events.ImageDeleted);
+export const IMAGE_READ_PROFILE = eventType('image.read_profile', events.ImageReadProfile);
 export const CLONE_DONE = eventType('clone.done', events.CloneDone);
 export const CLONE_FAILED = eventType('clone.failed', events.CloneFailed);
 export const CLONE_REBASED = eventType('clone.rebased', events.CloneRebased);
@@ -41,6 +42,7 @@ export const ALL_EVENT_TYPES = [
   IMAGE_REPLICA_DAMAGED,
   IMAGE_REPLICA_DELETED,
   IMAGE_DELETED,
+  IMAGE_READ_PROFILE,
   CLONE_DONE,
   CLONE_FAILED,
   CLONE_REBASED,

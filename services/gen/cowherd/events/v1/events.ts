@@ -23,6 +23,7 @@ import {
   ImageReplica_State,
   imageReplica_StateFromJSON,
   imageReplica_StateToJSON,
+  ReadProfile,
   VirtualMachine,
   VirtualMachineChange_Type,
   virtualMachineChange_TypeFromJSON,
@@ -211,6 +212,24 @@ export interface ImageTransferProgress {
   /** The DistributeImage operation that asked for the replica, `operations/{operation}`, if known. */
   operation: string;
   /** When the progress was measured. */
+  occurTime: Date | undefined;
+}
+
+/**
+ * ImageReadProfile (`image.read_profile`) says what a streaming clone read during the first minute of its boot
+ * (the agent's streaming server records it); the distribution service keeps the first one in the image version's
+ * record (Image.read_profile), where later fetches find it and fetch those pieces first.
+ */
+export interface ImageReadProfile {
+  /** The image version, `images/{image}` (its storage key's name, as in the other image events). */
+  image: string;
+  /** The host, `hosts/{host}`. */
+  host: string;
+  /** The profile: piece indices in the order first read. */
+  profile:
+    | ReadProfile
+    | undefined;
+  /** When the recording ended. */
   occurTime: Date | undefined;
 }
 
@@ -1763,6 +1782,131 @@ export const ImageTransferProgress: MessageFns<ImageTransferProgress, "cowherd.e
       ? TransferProgress.fromPartial(object.progress)
       : undefined;
     message.operation = object.operation ?? "";
+    message.occurTime = object.occurTime ?? undefined;
+    return message;
+  },
+};
+
+function createBaseImageReadProfile(): ImageReadProfile {
+  return { image: "", host: "", profile: undefined, occurTime: undefined };
+}
+
+export const ImageReadProfile: MessageFns<ImageReadProfile, "cowherd.events.v1.ImageReadProfile"> = {
+  $type: "cowherd.events.v1.ImageReadProfile" as const,
+
+  encode(message: ImageReadProfile, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.image !== "") {
+      writer.uint32(10).string(message.image);
+    }
+    if (message.host !== "") {
+      writer.uint32(18).string(message.host);
+    }
+    if (message.profile !== undefined) {
+      ReadProfile.encode(message.profile, writer.uint32(26).fork()).join();
+    }
+    if (message.occurTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.occurTime), writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageReadProfile {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageReadProfile();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.image = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.profile = ReadProfile.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.occurTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImageReadProfile {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      profile: isSet(object.profile) ? ReadProfile.fromJSON(object.profile) : undefined,
+      occurTime: isSet(object.occurTime)
+        ? fromJsonTimestamp(object.occurTime)
+        : isSet(object.occur_time)
+        ? fromJsonTimestamp(object.occur_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: ImageReadProfile): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.profile !== undefined) {
+      obj.profile = ReadProfile.toJSON(message.profile);
+    }
+    if (message.occurTime !== undefined) {
+      obj.occurTime = message.occurTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ImageReadProfile>): ImageReadProfile {
+    return ImageReadProfile.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ImageReadProfile>): ImageReadProfile {
+    const message = createBaseImageReadProfile();
+    message.image = object.image ?? "";
+    message.host = object.host ?? "";
+    message.profile = (object.profile !== undefined && object.profile !== null)
+      ? ReadProfile.fromPartial(object.profile)
+      : undefined;
     message.occurTime = object.occurTime ?? undefined;
     return message;
   },

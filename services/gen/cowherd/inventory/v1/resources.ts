@@ -300,6 +300,12 @@ export interface Image {
   keepVersions: number;
   /** The image's versions that exist, oldest first (on the image view only). */
   versions: string[];
+  /**
+   * What a streaming clone of this version read during the first minute of its boot, recorded by the first
+   * host that streamed it (image.read_profile); later streaming clones fetch these pieces first, in this order.
+   * Unset until a clone has streamed. On IMAGE_VIEW_FULL only.
+   */
+  readProfile: ReadProfile | undefined;
 }
 
 /** State is where an image is in its life. */
@@ -367,6 +373,18 @@ export interface Image_LabelsEntry {
 export interface Image_AliasesEntry {
   key: string;
   value: string;
+}
+
+/** ReadProfile is the read-ahead of streaming clones: the torrent pieces a booting clone read first. */
+export interface ReadProfile {
+  /** The torrent's piece indices in the order the guest first read them, each once. */
+  pieces: number[];
+  /** The host whose streaming clone recorded it, `hosts/{host}`. */
+  host: string;
+  /** Bytes the guest read in the recorded window. */
+  bytesRead: string;
+  /** When the recording ended. */
+  recordTime: Date | undefined;
 }
 
 /**
@@ -1658,6 +1676,7 @@ function createBaseImage(): Image {
     aliases: {},
     keepVersions: 0,
     versions: [],
+    readProfile: undefined,
   };
 }
 
@@ -1718,6 +1737,9 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     }
     for (const v of message.versions) {
       writer.uint32(144).int64(v!);
+    }
+    if (message.readProfile !== undefined) {
+      ReadProfile.encode(message.readProfile, writer.uint32(154).fork()).join();
     }
     return writer;
   },
@@ -1895,6 +1917,14 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
 
             break;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.readProfile = ReadProfile.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1983,6 +2013,11 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
       versions: globalThis.Array.isArray(object?.versions)
         ? object.versions.map((e: any) => globalThis.String(e))
         : [],
+      readProfile: isSet(object.readProfile)
+        ? ReadProfile.fromJSON(object.readProfile)
+        : isSet(object.read_profile)
+        ? ReadProfile.fromJSON(object.read_profile)
+        : undefined,
     };
   },
 
@@ -2054,6 +2089,9 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     if (message.versions?.length) {
       obj.versions = message.versions;
     }
+    if (message.readProfile !== undefined) {
+      obj.readProfile = ReadProfile.toJSON(message.readProfile);
+    }
     return obj;
   },
 
@@ -2103,6 +2141,9 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     );
     message.keepVersions = object.keepVersions ?? 0;
     message.versions = object.versions?.map((e) => e) || [];
+    message.readProfile = (object.readProfile !== undefined && object.readProfile !== null)
+      ? ReadProfile.fromPartial(object.readProfile)
+      : undefined;
     return message;
   },
 };
@@ -2277,6 +2318,147 @@ export const Image_AliasesEntry: MessageFns<Image_AliasesEntry, "cowherd.invento
     const message = createBaseImage_AliasesEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "0";
+    return message;
+  },
+};
+
+function createBaseReadProfile(): ReadProfile {
+  return { pieces: [], host: "", bytesRead: "0", recordTime: undefined };
+}
+
+export const ReadProfile: MessageFns<ReadProfile, "cowherd.inventory.v1.ReadProfile"> = {
+  $type: "cowherd.inventory.v1.ReadProfile" as const,
+
+  encode(message: ReadProfile, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pieces.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.pieces) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.host !== "") {
+      writer.uint32(18).string(message.host);
+    }
+    if (message.bytesRead !== "0") {
+      writer.uint32(24).int64(message.bytesRead);
+    }
+    if (message.recordTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.recordTime), writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReadProfile {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReadProfile();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.pieces.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.pieces.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.bytesRead = reader.int64().toString();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.recordTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReadProfile {
+    return {
+      pieces: globalThis.Array.isArray(object?.pieces) ? object.pieces.map((e: any) => globalThis.Number(e)) : [],
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      bytesRead: isSet(object.bytesRead)
+        ? globalThis.String(object.bytesRead)
+        : isSet(object.bytes_read)
+        ? globalThis.String(object.bytes_read)
+        : "0",
+      recordTime: isSet(object.recordTime)
+        ? fromJsonTimestamp(object.recordTime)
+        : isSet(object.record_time)
+        ? fromJsonTimestamp(object.record_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: ReadProfile): unknown {
+    const obj: any = {};
+    if (message.pieces?.length) {
+      obj.pieces = message.pieces.map((e) => Math.round(e));
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.bytesRead !== "0") {
+      obj.bytesRead = message.bytesRead;
+    }
+    if (message.recordTime !== undefined) {
+      obj.recordTime = message.recordTime.toISOString();
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReadProfile>): ReadProfile {
+    return ReadProfile.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReadProfile>): ReadProfile {
+    const message = createBaseReadProfile();
+    message.pieces = object.pieces?.map((e) => e) || [];
+    message.host = object.host ?? "";
+    message.bytesRead = object.bytesRead ?? "0";
+    message.recordTime = object.recordTime ?? undefined;
     return message;
   },
 };
