@@ -103,7 +103,7 @@ class ServedExport implements StreamedFile {
   readonly profiles = new Map<number, { firstAt: number; reads: Array<[number, number]>; sent: number }>();
 
   constructor(
-    public spec: ExportSpec,
+    readonly spec: ExportSpec,
     private readonly server: StreamServer,
   ) {
     let start = 0;
@@ -238,6 +238,8 @@ class ServedExport implements StreamedFile {
 /** The server's state: exports, the NBD listener, the agents connected, the waiting reads. */
 class StreamServer {
   readonly exports = new Map<string, ServedExport>();
+  /** Exports replaced by a newer one of the same name, while their connections' profiles may still grow. */
+  private readonly retired: ServedExport[] = [];
   readonly agents = new Set<Socket>();
   private waiters: Array<() => void> = [];
   private readonly lastWant = new Map<string, number>();
@@ -282,13 +284,16 @@ class StreamServer {
   }
 
   addExport(spec: ExportSpec, nbd: NbdServer): void {
-    const existing = this.exports.get(spec.name);
-    if (existing && existing.spec.pieceHashes === spec.pieceHashes) {
-      // The same file: the agent may name new directories (a replica that moved), nothing else changes.
-      existing.spec = spec;
-      return;
-    }
+    // Always a fresh export, whose pieces are checked again: the files behind the name may be a new fetch of the
+    // same image (its replica deleted and fetched again), and what was verified was the old files. Connections
+    // that have the old export open keep it (and the file they opened).
     const served = new ServedExport(spec, this);
+    const previous = this.exports.get(spec.name);
+    if (previous) {
+      // Its connections' reads are still sent (their profile window may not be over).
+      this.retired.push(previous);
+      setTimeout(() => this.retired.splice(this.retired.indexOf(previous), 1), this.profileWindowMs + 10_000).unref();
+    }
     this.exports.set(spec.name, served);
     nbd.addExport(spec.name, served);
     this.log(`export ${spec.name} (${served.size} bytes)`);
@@ -297,8 +302,9 @@ class StreamServer {
 
   /** Sends the reads recorded since the last call, per export and connection. */
   flushProfiles(): void {
-    for (const [name, served] of this.exports)
+    for (const served of [...this.exports.values(), ...this.retired])
       for (const [connection, profile] of served.profiles) {
+        const name = served.spec.name;
         if (profile.reads.length === profile.sent) continue;
         this.send({ type: 'reads', name, connection, reads: profile.reads.slice(profile.sent) });
         profile.sent = profile.reads.length;
