@@ -27,6 +27,20 @@
 # "cowherd-data-<instance-id, else marker>\n" there; either way it prints "cowherd-guest: data <text>". Then
 # "cowherd-guest: system <text>": what /dev/vda held at MARKER_OFFSET before this boot wrote its own marker (for
 # a clone, the marker its image version's master wrote: which version the clone booted).
+# With `cowherd.reads=<count>x<KiB>@<span MiB>` on the kernel command line (bench:boot's guest: a boot that reads
+# a known scattered set of blocks), /init reads <count> blocks of <KiB> KiB each from /dev/vda before it writes
+# the marker, one `dd iflag=direct` (O_DIRECT: every block comes from the disk, not the page cache) per block.
+# Block k (0 <= k < count) starts k x floor(span x 1024 / count) KiB into the disk, so the blocks are spread
+# evenly over its first <span> MiB; they are read in the order k = (j x stride) mod count for j = 0, 1, ...,
+# where stride is the first integer from floor(count x 618 / 1000) (at least 1) that is coprime with count: a
+# fixed golden-ratio stride permutation, each block once, consecutive reads far apart (64x1024@1024 reads the
+# MiB at 0, 624, 224, 848, ...). test/harness/guest.ts `guestReadOffsets` computes the same order. Then it
+# prints "cowherd-guest: read <count> blocks <bytes> bytes in <ms> ms" and "cowherd-guest: slowest read <ms> ms
+# at byte <offset>" (times from /proc/uptime: 10 ms steps). A malformed word, blocks that do not fit the span
+# (count x KiB > span x 1024), a span beyond the disk, or a failed read print "cowherd-guest: reads failed:
+# <why>", and the marker is not written. When O_DIRECT is refused, the blocks are read through the page cache
+# (each is read once) and "cowherd-guest: O_DIRECT refused, reading through the page cache" says so. Without the
+# word nothing is read.
 # With `cowherd.stay=1` on the kernel command line (the local fleet's story uses it), a guest that wrote its
 # marker prints "cowherd-guest: staying up (cowherd.stay=1)" and keeps running until the ACPI power button
 # (`virsh shutdown`, a graceful `cowherd vms stop`), then syncs and powers off the same way.
@@ -96,12 +110,85 @@ for module in $(cat /modules/order); do
 done
 marker=
 stay=
+reads=
 for word in $(cat /proc/cmdline); do
   case "$word" in
     marker=*) marker="${word#marker=}" ;;
     cowherd.stay=1) stay=1 ;;
+    cowherd.reads=*) reads="${word#cowherd.reads=}" ;;
   esac
 done
+# now: milliseconds since boot into $now_ms (/proc/uptime, 10 ms steps), without a fork.
+now() {
+  read -r up rest </proc/uptime
+  centis=${up#*.}
+  centis=${centis#0}
+  now_ms=$((${up%.*} * 1000 + centis * 10))
+}
+# read_blocks <count>x<KiB>@<span MiB>: the scattered reads of cowherd.reads= (see the script header).
+read_blocks() {
+  count=${1%%x*}
+  rest=${1#*x}
+  kib=${rest%%@*}
+  span=${rest#*@}
+  for value in "$count" "$kib" "$span"; do
+    case "$value" in
+      "" | *[!0-9]*)
+        say "reads failed: cowherd.reads=$1 is not <count>x<KiB>@<span MiB>"
+        return 1
+        ;;
+    esac
+  done
+  if [ "$count" -eq 0 ] || [ "$kib" -eq 0 ] || [ $((count * kib)) -gt $((span * 1024)) ]; then
+    say "reads failed: cowherd.reads=$1: $count blocks of $kib KiB do not fit in $span MiB"
+    return 1
+  fi
+  read -r sectors </sys/block/vda/size
+  if [ $((span * 1048576)) -gt $((sectors * 512)) ]; then
+    say "reads failed: cowherd.reads=$1 spans more than /dev/vda ($((sectors * 512)) bytes)"
+    return 1
+  fi
+  spacing=$((span * 1024 / count))
+  stride=$((count * 618 / 1000))
+  [ "$stride" -ge 1 ] || stride=1
+  while :; do
+    a=$stride
+    b=$count
+    while [ "$b" -ne 0 ]; do
+      c=$((a % b))
+      a=$b
+      b=$c
+    done
+    [ "$a" -eq 1 ] && break
+    stride=$((stride + 1))
+  done
+  flags=skip_bytes,direct
+  slowest=0
+  slowest_at=0
+  now
+  start=$now_ms
+  j=0
+  while [ "$j" -lt "$count" ]; do
+    offset=$((j * stride % count * spacing * 1024))
+    before=$now_ms
+    if ! dd if=/dev/vda of=/dev/null bs=$((kib * 1024)) count=1 skip="$offset" iflag="$flags" 2>/dev/null; then
+      if [ "$flags" = skip_bytes ] || ! dd if=/dev/vda of=/dev/null bs=$((kib * 1024)) count=1 skip="$offset" iflag=skip_bytes 2>/dev/null; then
+        say "reads failed: reading $kib KiB at byte $offset of /dev/vda failed"
+        return 1
+      fi
+      flags=skip_bytes
+      say "O_DIRECT refused, reading through the page cache"
+    fi
+    now
+    if [ $((now_ms - before)) -gt "$slowest" ]; then
+      slowest=$((now_ms - before))
+      slowest_at=$offset
+    fi
+    j=$((j + 1))
+  done
+  say "read $count blocks $((count * kib * 1024)) bytes in $((now_ms - start)) ms"
+  say "slowest read $slowest ms at byte $slowest_at"
+}
 tries=0
 while [ ! -b /dev/vda ] && [ "$tries" -lt 1000 ]; do
   sleep 0.01
@@ -155,6 +242,8 @@ if [ ! -b /dev/vda ]; then
   say "no /dev/vda after 10 s"
 elif [ -z "$marker" ]; then
   say "no marker= on the kernel command line"
+elif [ -n "$reads" ] && ! read_blocks "$reads"; then
+  say "no marker: the reads of cowherd.reads= failed"
 elif printf "cowherd-was-here-%s\n" "$marker" | dd of=/dev/vda bs=@BLOCK@ seek=@SEEK@ count=1 conv=sync,fsync 2>/dev/null; then
   sync
   say "marker written"

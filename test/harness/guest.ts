@@ -6,6 +6,9 @@
  * console: {@link guestIdentityLines} reads those lines back. A clone with a persistent data disk gets its "file"
  * there (block 0, `cowherd-data-<instance-id or marker>`, written on the first boot only), and every boot prints
  * which system its disk held (the marker its image's master wrote): {@link guestDataLine}, {@link guestSystemLine}.
+ * With `cowherd.reads=<count>x<KiB>@<span MiB>` on the kernel command line ({@link guestReadsWord}), /init first
+ * reads a fixed scattered set of blocks from /dev/vda ({@link guestReadOffsets}) and prints how long that took
+ * ({@link guestReadsLine}).
  * The kit's stamp holds the script's hash, so a changed /init rebuilds the initramfs by itself.
  */
 import { execFile } from 'node:child_process';
@@ -115,4 +118,79 @@ export function guestDataLine(consoleOutput: string): string | undefined {
 export function guestSystemLine(consoleOutput: string): string | undefined {
   const all = [...consoleOutput.matchAll(/^cowherd-guest: system (.*?)\s*$/gm)];
   return all.at(-1)?.[1];
+}
+
+/**
+ * The scattered reads a boot makes before its marker (`cowherd.reads=<count>x<KiB>@<span MiB>`, scripts/
+ * guest-kernel.sh): `count` blocks of `blockKib` KiB spread evenly over the first `spanMib` MiB of /dev/vda.
+ */
+export interface GuestReads {
+  readonly count: number;
+  readonly blockKib: number;
+  readonly spanMib: number;
+}
+
+/** The kernel command line word for `reads`, e.g. `cowherd.reads=64x1024@1024`; throws when /init would refuse it. */
+export function guestReadsWord(reads: GuestReads): string {
+  checkGuestReads(reads);
+  return `cowherd.reads=${reads.count}x${reads.blockKib}@${reads.spanMib}`;
+}
+
+/** Reads `<count>x<KiB>@<span MiB>` (with or without the `cowherd.reads=` prefix); throws on another form. */
+export function parseGuestReads(text: string): GuestReads {
+  const match = /^(?:cowherd\.reads=)?(\d+)x(\d+)@(\d+)$/.exec(text.trim());
+  if (!match) throw new Error(`${JSON.stringify(text)} is not <count>x<KiB>@<span MiB>`);
+  const reads = { count: Number(match[1]), blockKib: Number(match[2]), spanMib: Number(match[3]) };
+  checkGuestReads(reads);
+  return reads;
+}
+
+function checkGuestReads(reads: GuestReads): void {
+  for (const [name, value] of Object.entries(reads))
+    if (!Number.isSafeInteger(value) || value <= 0) throw new Error(`guest reads: ${name} must be a positive integer`);
+  if (reads.count * reads.blockKib > reads.spanMib * 1024)
+    throw new Error(`guest reads: ${reads.count} blocks of ${reads.blockKib} KiB do not fit in ${reads.spanMib} MiB`);
+}
+
+/**
+ * The byte offsets /init reads, in the order it reads them (the same arithmetic as its `read_blocks`): block k
+ * starts at k x floor(span x 1024 / count) KiB; the order is k = (j x stride) mod count, stride the first
+ * integer from floor(count x 618 / 1000) (at least 1) that is coprime with count.
+ */
+export function guestReadOffsets(reads: GuestReads): number[] {
+  checkGuestReads(reads);
+  const spacingKib = Math.floor((reads.spanMib * 1024) / reads.count);
+  const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
+  let stride = Math.max(1, Math.floor((reads.count * 618) / 1000));
+  while (gcd(stride, reads.count) !== 1) stride++;
+  return Array.from({ length: reads.count }, (_, j) => ((j * stride) % reads.count) * spacingKib * 1024);
+}
+
+/** What /init printed of its cowherd.reads= blocks. */
+export interface GuestReadsLine {
+  readonly count: number;
+  readonly bytes: number;
+  /** From the first read's start to the last one's end (10 ms steps: /proc/uptime). */
+  readonly milliseconds: number;
+  /** The slowest single block, when /init printed it. */
+  readonly slowestMilliseconds?: number;
+  /** Where the slowest block starts on /dev/vda (bytes). */
+  readonly slowestOffset?: number;
+}
+
+/**
+ * Reads `cowherd-guest: read <count> blocks <bytes> bytes in <ms> ms` (and `cowherd-guest: slowest read <ms> ms at
+ * byte <offset>`) from a console log; undefined when the boot made no such reads (or has not finished them). With
+ * several boots in one log, the last one's.
+ */
+export function guestReadsLine(consoleOutput: string): GuestReadsLine | undefined {
+  const read = [...consoleOutput.matchAll(/^cowherd-guest: read (\d+) blocks (\d+) bytes in (\d+) ms\s*$/gm)].at(-1);
+  if (read === undefined) return undefined;
+  const slowest = /^cowherd-guest: slowest read (\d+) ms at byte (\d+)\s*$/m.exec(consoleOutput.slice(read.index));
+  return {
+    count: Number(read[1]),
+    bytes: Number(read[2]),
+    milliseconds: Number(read[3]),
+    ...(slowest === null ? {} : { slowestMilliseconds: Number(slowest[1]), slowestOffset: Number(slowest[2]) }),
+  };
 }
