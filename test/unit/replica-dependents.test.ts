@@ -7,7 +7,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
-import { domainsBackedBy, type DomainInfo } from '../../services/agent/hypervisor/index.js';
+import { backingChain, domainsBackedBy, type DomainInfo } from '../../services/agent/hypervisor/index.js';
+import { parseStreamBackingUri } from '../../services/agent/image-directory/index.js';
 
 const run = promisify(execFile);
 let root: string;
@@ -64,5 +65,30 @@ describe('domainsBackedBy', () => {
     assert.deepEqual(await domainsBackedBy(domains, join(root, 'images/img'), 'img'), ['a', 'b', 'xen-child']);
     assert.deepEqual(await domainsBackedBy(domains, join(root, 'images/img.generation-2'), 'img'), ['c', 'xen-child']);
     assert.deepEqual(await domainsBackedBy(domains, join(root, 'images/another'), 'another'), []);
+  });
+});
+
+describe('a streaming clone (its base an NBD export of the replica still arriving)', () => {
+  test('depends on its replica from the first moment: its chain ends at the replica file the export serves', async () => {
+    await mkdir(join(root, 'clones/s'), { recursive: true });
+    const uri = `nbd+unix:///img.vda.qcow2?socket=${join(root, '.streaming', 'nbd.sock')}`;
+    // -u: the export is not opened (no streaming server runs here); the size is given instead.
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', uri, '-F', 'qcow2', join(root, 'clones/s/vda.qcow2'), '16M']);
+    assert.deepEqual(await backingChain(join(root, 'clones/s/vda.qcow2')), [join(root, 'images/img/vda.qcow2')]);
+    const domains = [domain('s', join(root, 'clones/s/vda.qcow2'), 'qcow2')];
+    assert.deepEqual(await domainsBackedBy(domains, join(root, 'images/img'), 'img'), ['s']);
+    assert.deepEqual(await domainsBackedBy(domains, join(root, 'images/img.generation-2'), 'img'), []);
+  });
+
+  test('an NBD URI of another kind is no replica of this image directory', () => {
+    assert.equal(parseStreamBackingUri('nbd+unix:///img.vda.qcow2?socket=/elsewhere/nbd.sock'), undefined);
+    assert.equal(parseStreamBackingUri('nbd://host:10809/img.vda.qcow2'), undefined);
+    assert.equal(parseStreamBackingUri('nbd+unix:///noDot?socket=/r/.streaming/nbd.sock'), undefined);
+    assert.deepEqual(parseStreamBackingUri('nbd+unix:///img_v2.vda.qcow2?socket=/r/.streaming/nbd.sock'), {
+      root: '/r',
+      key: 'img_v2',
+      file: 'vda.qcow2',
+      replicaPath: '/r/images/img_v2/vda.qcow2',
+    });
   });
 });
