@@ -1,7 +1,8 @@
 /**
  * Process faults: SIGKILL of the receiving agent, of the origin agent (during the transfer, and during its
  * CreateClones), of the cloning service and of the distribution service, each in the middle of the work and
- * started again a few seconds later (same identity, data and ports, as a supervisor would restart it).
+ * started again a few seconds later (same identity, data and ports, as a supervisor would restart it); and the two
+ * agent kills again with streaming clones (delivery STREAM: recv1's clones are made on its replica while it arrives).
  */
 import { ORIGIN, RECEIVERS } from './fleet.js';
 import { sleep, type FaultRow, type RowContext } from './row.js';
@@ -20,6 +21,17 @@ async function killAgent(context: RowContext, host: string, moment?: () => Promi
   await agent.start();
   context.note(`agent ${host} started again`);
   return Date.now();
+}
+
+/** Resolves once at least `count` of the row's clones are defined in libvirt (or after 90 s, noted). */
+async function clonesInLibvirt(context: RowContext, count: number): Promise<void> {
+  const deadline = Date.now() + 90_000;
+  for (;;) {
+    const domains = (await context.fleet.virsh('list', '--all', '--name')).split('\n').filter((name) => name.trim().startsWith(context.prefix));
+    if (domains.length >= count) return context.note(`${domains.length} clone(s) in libvirt`);
+    if (Date.now() > deadline) return context.note(`fewer than ${count} clones in libvirt after 90 s (${domains.length}); injecting anyway`);
+    await sleep(100);
+  }
 }
 
 export const PROCESS_FAULTS: readonly FaultRow[] = [
@@ -55,6 +67,25 @@ export const PROCESS_FAULTS: readonly FaultRow[] = [
           await sleep(25);
         }
       }),
+  },
+  {
+    fault: 'stream-receiver-agent-kill',
+    mustSucceed: true,
+    delivery: 'stream',
+    distributeTo: RECEIVERS,
+    cloneHosts: [ORIGIN, 'recv1'],
+    // recv1's clones are defined on its replica while it arrives (STREAMING); its agent dies with the replica
+    // incomplete. The restarted agent resumes the fetch; the clones become DONE once the replica is AVAILABLE.
+    inject: (context) => killAgent(context, 'recv1', () => clonesInLibvirt(context, 11)),
+  },
+  {
+    fault: 'stream-origin-agent-kill',
+    mustSucceed: true,
+    delivery: 'stream',
+    distributeTo: RECEIVERS,
+    cloneHosts: [ORIGIN, 'recv1'],
+    // The origin (the only complete copy) dies while recv1's streaming clones wait for the rest of their replica.
+    inject: (context) => killAgent(context, ORIGIN, () => clonesInLibvirt(context, 11)),
   },
   {
     fault: 'cloning-kill',

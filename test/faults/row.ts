@@ -31,6 +31,7 @@ import { runCommand } from '../../services/common/platform/child-process.js';
 import {
   CloneResult_State,
   CloneVirtualMachinesMetadata,
+  CloneVirtualMachinesRequest_Delivery,
   CloneVirtualMachinesResponse,
   Placement_Strategy,
   type CloneResult,
@@ -43,6 +44,7 @@ import type { Status } from '../../services/gen/google/rpc/status.js';
 import { RPC_DEADLINE_MS, type FaultFleet } from './fleet.js';
 import { EVERY_HOST, HOST_IMAGE_NAME, HOST_NAME, hostOf, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
 import { readAllPages } from '../../services/common/platform/list-pages.js';
+import { parseStreamBackingUri } from '../../services/agent/image-directory/index.js';
 
 /** How long after a fault ends the fleet has to satisfy every invariant. */
 export const RECOVERY_BOUND_SECONDS = 150;
@@ -100,6 +102,8 @@ export interface FaultRow {
   readonly distributeTo: readonly string[];
   /** Placement hosts of the clone batch (round robin). */
   readonly cloneHosts: readonly string[];
+  /** How the batch's hosts without the image get it: 'stream' = DELIVERY_STREAM (streaming clones); default DISTRIBUTE. */
+  readonly delivery?: 'stream';
   /**
    * The fault is one the fleet must absorb (nothing in it stops the work from finishing: NATS keeps a quorum or
    * comes back, a killed process is started again, the cut is shorter than every progress deadline): every
@@ -229,7 +233,7 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
         guestConfiguration: undefined,
         source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
         placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: row.cloneHosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },
-        delivery: 0,
+        delivery: row.delivery === 'stream' ? CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM : CloneVirtualMachinesRequest_Delivery.DELIVERY_DISTRIBUTE,
         count: CLONES_PER_BATCH,
         nameTemplate: `${prefix}{index}`,
         start: false,
@@ -400,6 +404,10 @@ async function evaluate(
         `${notDone.length} of ${clones.length} clones not DONE (first: ${notDone[0]!.domainName} ${CloneResult_State[notDone[0]!.state]} ${notDone[0]!.error ? describeStatus(notDone[0]!.error) : ''}), though the fleet must absorb this fault`,
       );
   }
+  // A streaming row must have streamed: the clones of the host without the image carry their base's progress.
+  const streamed = clones.filter((clone) => clone.baseProgress !== undefined).length;
+  if (row.delivery === 'stream' && cloneOperationDone && streamed === 0) problems.push('delivery STREAM: no clone streamed (none carries base_progress)');
+  if (row.delivery === 'stream') outcomes.push(`${streamed} clone(s) streamed`);
   const failedClones = clones.filter((clone) => clone.state === CloneResult_State.STATE_FAILED).length;
   const cloneErrors = [...new Set(clones.filter((clone) => clone.error).map((clone) => `${clone.host}: ${describeStatus(clone.error!)}`))];
   outcomes.push(`clones ${doneClones.length} DONE, ${failedClones} FAILED of ${clones.length}${cloneErrors.length > 0 ? ` (${cloneErrors.join('; ')})` : ''}`);
@@ -608,7 +616,10 @@ export async function backingFile(overlay: string): Promise<string | undefined> 
       'full-backing-filename'?: string;
       'backing-filename'?: string;
     };
-    return info['full-backing-filename'] ?? info['backing-filename'];
+    const backing = info['full-backing-filename'] ?? info['backing-filename'];
+    // A streaming clone not settled yet (its replica just became AVAILABLE) reads its replica's file over NBD: that
+    // file is its base (the agent points the overlay at it within seconds).
+    return (backing === undefined ? undefined : parseStreamBackingUri(backing)?.replicaPath) ?? backing;
   } catch {
     return undefined;
   }
