@@ -30,9 +30,13 @@ APT_PACKAGES=(
   qemu-system-x86            # TCG guests
   libvirt-daemon-system      # libvirtd + virtlogd
   libvirt-daemon-driver-qemu # libvirt's qemu driver
-  libvirt-clients            # virsh
+  libvirt-clients            # virsh; virt-xml-validate checks rendered domain XML (the Xen path test)
+  libxml2-utils              # xmllint, which virt-xml-validate runs
   libvhdi-utils              # vhdiinfo: checks the differencing VHDs cowherd writes
   python3-libvhdi            # same, from Python tests
+  xfsprogs                   # mkfs.xfs -m reflink=1: the reflink-copy disk backend's test and bench:io
+  btrfs-progs                # mkfs.btrfs: the reflink-copy disk backend's test on btrfs
+  fio                        # bench:io: I/O through qemu's block layer (fio's nbd engine on a qemu-storage-daemon export)
   python3-grpcio             # gRPC clients in another language (reflection stand-in for grpcurl)
   python3-grpc-tools
   python3-protobuf
@@ -60,7 +64,7 @@ APT_PACKAGES=(
 # Commands that must exist afterwards (a package can be "installed" yet broken or diverted).
 REQUIRED_COMMANDS=(
   git xz mkfs.ext4 ip busybox unshare nsenter nats-server qemu-img qemu-system-x86_64
-  libvirtd virtlogd virsh vhdiinfo tc iptables curl aria2c mktorrent deluged deluge-console uftp uftpd ganesha.nfsd nfs-cp
+  libvirtd virtlogd virsh virt-xml-validate xmllint vhdiinfo mkfs.xfs mkfs.btrfs fio filefrag qemu-storage-daemon tc iptables curl aria2c mktorrent deluged deluge-console uftp uftpd ganesha.nfsd nfs-cp
   go protoc protoc-gen-go protoc-gen-go-grpc
 )
 

@@ -13,6 +13,7 @@ import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.j
 import { CowherdError } from '../../services/common/platform/errors.js';
 import { runCommand } from '../../services/common/platform/child-process.js';
 import { diskBackendFor, readVhdInfo } from '../../services/agent/hypervisor/index.js';
+import { childDiskFormat } from '../../services/agent/hypervisor/disk-backends.js';
 
 const MiB = 1024 * 1024;
 let directory: string;
@@ -56,6 +57,38 @@ describe('disk backends', () => {
     const xen = diskBackendFor('xen');
     assert.deepEqual([kvm.name, kvm.extension, kvm.driver, kvm.copiesChildren], ['qcow2-overlay', 'qcow2', { name: 'qemu', type: 'qcow2' }, true]);
     assert.deepEqual([xen.name, xen.extension, xen.driver, xen.copiesChildren], ['vhd-differencing', 'vhd', { name: 'tap', type: 'vhd' }, false]);
+  });
+
+  it("names each child's extension and driver per base format, and runs a chosen backend only where its hypervisor can", () => {
+    const kvm = diskBackendFor('kvm');
+    const xen = diskBackendFor('xen');
+    const reflink = diskBackendFor('kvm', 'reflink-copy');
+    assert.deepEqual([reflink.name, reflink.extension, reflink.copiesChildren], ['reflink-copy', 'qcow2', false]);
+    assert.deepEqual(
+      (['qcow2', 'raw'] as const).map((format) => [childDiskFormat(kvm, format), childDiskFormat(reflink, format)]),
+      [
+        [
+          { extension: 'qcow2', driver: { name: 'qemu', type: 'qcow2' } },
+          { extension: 'qcow2', driver: { name: 'qemu', type: 'qcow2' } },
+        ],
+        [
+          { extension: 'qcow2', driver: { name: 'qemu', type: 'qcow2' } },
+          { extension: 'raw', driver: { name: 'qemu', type: 'raw' } },
+        ],
+      ],
+    );
+    assert.deepEqual(childDiskFormat(xen, 'vpc'), { extension: 'vhd', driver: { name: 'tap', type: 'vhd' } });
+    // A backend without childFormat (one of another room, say) falls back to its extension and driver.
+    const { childFormat: _unused, ...plain } = kvm;
+    assert.deepEqual(childDiskFormat(plain as typeof kvm, 'raw'), { extension: 'qcow2', driver: { name: 'qemu', type: 'qcow2' } });
+    assert.equal(diskBackendFor('kvm', 'qcow2-overlay'), kvm);
+    assert.equal(diskBackendFor('xen', 'vhd-differencing'), xen);
+    assert.throws(() => diskBackendFor('xen', 'reflink-copy'), mismatch);
+    assert.throws(() => diskBackendFor('kvm', 'vhd-differencing'), mismatch);
+    assert.deepEqual(
+      (['qcow2', 'raw', 'vpc'] as const).map((format) => reflink.accepts(format)),
+      [true, true, false],
+    );
   });
 
   it('qcow2-overlay: children of qcow2 and raw bases, a copied prototype, the chain, and the base untouched', async () => {

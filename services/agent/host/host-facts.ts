@@ -1,7 +1,7 @@
 /**
  * What the agent observes about its host, successor of the 2011 tool's whoami.py: the hypervisor (KVM via
- * QEMU, or Xen) and why the agent decided so, the libvirt URI, CPUs, memory, the image directory's space,
- * its own version and the endpoint services reach it at.
+ * QEMU, or Xen) and why the agent decided so, the libvirt URI, CPUs, memory, the image directory's space and
+ * whether its filesystem makes reflink copies, its own version and the endpoint services reach it at.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { readFile, statfs } from 'node:fs/promises';
@@ -111,6 +111,12 @@ export interface HostRegistrationFacts extends Capacity {
   readonly cpuCount: number;
   readonly memoryBytes: number;
   readonly imageDirectory: string;
+  /**
+   * Whether the image directory's filesystem makes reflink copies (btrfs, xfs with reflink=1), which the
+   * `reflink-copy` disk backend needs; absent when not probed (no probe given) or the probe could not run.
+   * Not sent to inventory yet: RegisterHost's Host has no field for it.
+   */
+  readonly imageDirectoryReflinks?: boolean;
   readonly agentVersion: string;
 }
 
@@ -137,6 +143,11 @@ export interface HostFactsOptions {
   readonly advertiseAddress: string;
   readonly system?: () => SystemFacts;
   readonly version?: string;
+  /**
+   * Whether a directory's filesystem makes reflink copies (the hypervisor room's `reflinkSupported`, which
+   * probes once per filesystem); without it registration leaves `imageDirectoryReflinks` out.
+   */
+  readonly reflinkSupported?: (directory: string) => Promise<boolean>;
 }
 
 /** Host facts from this machine and libvirt. */
@@ -144,6 +155,11 @@ export function createHostFactsSource(options: HostFactsOptions): HostFactsSourc
   const capacity = async (): Promise<Capacity> => {
     const space = await fileSystemSpace(options.imageDirectory);
     return { memoryFreeBytes: await availableMemoryBytes(), imageDirectoryFreeBytes: space.freeBytes, imageDirectoryTotalBytes: space.totalBytes };
+  };
+  // A probe that cannot run (directory not writable yet) leaves the fact out rather than failing registration.
+  const imageDirectoryReflinks = async (): Promise<{ imageDirectoryReflinks?: boolean }> => {
+    const supported = await options.reflinkSupported?.(options.imageDirectory).catch(() => undefined);
+    return supported === undefined ? {} : { imageDirectoryReflinks: supported };
   };
   return {
     capacity,
@@ -167,6 +183,7 @@ export function createHostFactsSource(options: HostFactsOptions): HostFactsSourc
         cpuCount: cpus().length || availableParallelism(),
         memoryBytes: totalmem(),
         imageDirectory: options.imageDirectory,
+        ...(await imageDirectoryReflinks()),
         agentVersion: options.version ?? agentVersion(),
         ...(await capacity()),
       };
