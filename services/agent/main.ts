@@ -107,7 +107,6 @@ await runServiceMain({
       log: log.child({ component: 'streaming' }),
       events,
       host: agent.host,
-      profilePublishDelayMs: agent.streamProfileWindowMs + 3000,
       // The streaming server gets no secret of the agent's: only its own settings (services/agent/README.md).
       serverEnvironment: {
         COWHERD_STREAM_IDLE_EXIT_MS: String(agent.streamIdleExitMs),

@@ -25,7 +25,7 @@ import { IMAGE_READ_PROFILE } from '../common/domain/event-types.js';
 import { HOST_NAME, imageNameOfKey } from '../common/domain/resource-names.js';
 import { protectBase, readBackingFileName, repointOverlay, templateBootFiles, templateDisks, type DomainInfo, type Libvirt } from './hypervisor/index.js';
 import { parseStreamBackingUri, streamBackingUri, streamExportName, streamExportOf, streamingDirectory, TEMPLATE_FILE } from './image-directory/index.js';
-import { PROFILE_WINDOW_MS, StreamServerClient } from './streaming/index.js';
+import { StreamServerClient } from './streaming/index.js';
 import type { ImageTransfers } from './swarm/index.js';
 
 /** How often shut-off streaming clones are looked at for settling. */
@@ -34,6 +34,8 @@ const SETTLE_INTERVAL_MS = 3000;
 const MIN_PROFILE_PIECES = 4;
 /** Profile pieces fetched at once (each window critical in the swarm, then the next). */
 const PREFETCH_WINDOW = 8;
+/** The longest the agent waits for one range (a want, a boot file, a window of the profile). */
+const WAIT_LIMIT_MS = 15 * 60_000;
 /** How long a `source` waits for the fetch to have its torrent (FetchImage was just called). */
 const SOURCE_WAIT_MS = 60_000;
 
@@ -59,8 +61,6 @@ export interface StreamedClonesOptions {
   readonly events?: Pick<EventPublisher, 'publish'>;
   /** This host's id (the profile's recorder). */
   readonly host?: string;
-  /** How long after a streamed export's first reads its profile is published; default PROFILE_WINDOW_MS + 3 s. */
-  readonly profilePublishDelayMs?: number;
   /** The streaming server's environment (tests shorten its idle exit). */
   readonly serverEnvironment?: Readonly<Record<string, string>>;
 }
@@ -70,7 +70,7 @@ export class StreamedClones {
   private readonly client: StreamServerClient;
   private readonly wanted = new Map<string, Promise<void>>();
   /** Read profiles being recorded, per export: torrent pieces in the order first read. */
-  private readonly recording = new Map<string, { pieces: number[]; seen: Set<number>; bytes: number; timer: NodeJS.Timeout | undefined; done: boolean }>();
+  private readonly recording = new Map<string, { pieces: number[]; seen: Set<number>; bytes: number }>();
   /** Exports whose profile this process published. */
   private readonly published = new Set<string>();
   /** Replicas whose profile is being (or was) prefetched by this process. */
@@ -88,7 +88,7 @@ export class StreamedClones {
     this.client = new StreamServerClient({
       directory: streamingDirectory(options.imageDirectory),
       onWant: (name, offset, length) => this.want(name, offset, length),
-      onReads: (name, connection, reads) => this.recordReads(name, connection, reads),
+      onReads: (name, connection, reads, final) => this.recordReads(name, connection, reads, final),
       log: (message, error) => options.log.info({ err: error }, message),
       ...(options.serverEnvironment ? { serverEnvironment: options.serverEnvironment } : {}),
     });
@@ -113,7 +113,6 @@ export class StreamedClones {
   stop(): void {
     this.stopped = true;
     clearTimeout(this.settleTimer);
-    for (const entry of this.recording.values()) clearTimeout(entry.timer);
     this.client.close();
   }
 
@@ -157,8 +156,8 @@ export class StreamedClones {
     this.rememberLayout(key, arriving);
     // What earlier clones of this version read first, fetched first (in the background, in order).
     if (arriving.profile.length > 0) this.prefetch(key, arriving.profile);
-    // Boot files first and whole: the guest cannot start without them.
-    for (const file of bootFiles) await this.whole(key, file, sizeOf(file));
+    // Boot files first and whole (all at once): the guest cannot start without them.
+    await Promise.all(bootFiles.map((file) => this.whole(key, file, sizeOf(file))));
     return {
       template,
       disks: disks.map((disk) => ({ target: disk.target, base: streamBackingUri(this.options.imageDirectory, key, disk.fileName), format: disk.format })),
@@ -316,7 +315,12 @@ export class StreamedClones {
         await Promise.all(
           ranges
             .slice(index, index + PREFETCH_WINDOW)
-            .map((range) => this.options.transfers.whenAvailable(key, range.file, range.offset, range.length, { priority: 'prefetch' })),
+            .map((range) =>
+              this.options.transfers.whenAvailable(key, range.file, range.offset, range.length, {
+                priority: 'prefetch',
+                signal: AbortSignal.timeout(WAIT_LIMIT_MS),
+              }),
+            ),
         );
         this.client.ready();
       }
@@ -325,11 +329,11 @@ export class StreamedClones {
   }
 
   /**
-   * Adds a connection's reads of an export to its profile; once the connection's window is over, publishes the
-   * profile of the first connection that read at least MIN_PROFILE_PIECES pieces (a guest's boot; qemu-img's look at a
-   * header reads one).
+   * Adds a connection's reads of an export to its profile; once the connection's window is over (the server says
+   * `final`), publishes it if it is the first of the export with at least MIN_PROFILE_PIECES pieces (a guest's boot;
+   * qemu-img's look at a header reads one or two).
    */
-  private recordReads(name: string, connection: number, reads: ReadonlyArray<readonly [number, number]>): void {
+  private recordReads(name: string, connection: number, reads: ReadonlyArray<readonly [number, number]>, final: boolean): void {
     const exported = streamExportOf(name);
     const layout = exported && this.layouts.get(exported.key);
     // A version that has a profile needs no other; a replica this process did not stream (restarted) is not recorded.
@@ -337,21 +341,9 @@ export class StreamedClones {
     const key = `${name}#${connection}`;
     let entry = this.recording.get(key);
     if (!entry) {
-      entry = { pieces: [], seen: new Set(), bytes: 0, timer: undefined, done: false };
+      entry = { pieces: [], seen: new Set(), bytes: 0 };
       this.recording.set(key, entry);
-      const recorded = entry;
-      recorded.timer = setTimeout(
-        () => {
-          this.recording.delete(key);
-          if (recorded.pieces.length < MIN_PROFILE_PIECES || this.published.has(name)) return;
-          this.published.add(name);
-          void this.publishProfile(exported.key, name, recorded);
-        },
-        this.options.profilePublishDelayMs ?? PROFILE_WINDOW_MS + 3000,
-      );
-      recorded.timer.unref();
     }
-    if (entry.done) return;
     const start = layout.starts.get(exported.file) ?? 0;
     for (const [offset, length] of reads) {
       entry.bytes += length;
@@ -363,10 +355,14 @@ export class StreamedClones {
         entry.pieces.push(piece);
       }
     }
+    if (!final) return;
+    this.recording.delete(key);
+    if (entry.pieces.length < MIN_PROFILE_PIECES) return;
+    this.published.add(name);
+    void this.publishProfile(exported.key, name, entry);
   }
 
-  private async publishProfile(key: string, name: string, entry: { pieces: number[]; bytes: number; done: boolean }): Promise<void> {
-    entry.done = true;
+  private async publishProfile(key: string, name: string, entry: { pieces: number[]; bytes: number }): Promise<void> {
     if (entry.pieces.length === 0 || !this.options.events || !this.options.host) return;
     const host = HOST_NAME.format({ host: this.options.host });
     await this.options.events
@@ -391,8 +387,10 @@ export class StreamedClones {
     if (!exported) return;
     const key = `${name}:${offset}:${length}`;
     if (this.wanted.has(key)) return;
+    // Bounded like the guest's wait (the server fails the read after its stall limit): a range that never comes must
+    // not hold the rest of the image back for good (the swarm holds the background fill while ranges are waited for).
     const wait = this.options.transfers
-      .whenAvailable(exported.key, exported.file, offset, length)
+      .whenAvailable(exported.key, exported.file, offset, length, { signal: AbortSignal.timeout(WAIT_LIMIT_MS) })
       .then(() => this.client.ready())
       .catch((error: unknown) => this.options.log.debug({ err: error, export: name }, 'a wanted range is not available yet'))
       .finally(() => this.wanted.delete(key));
@@ -405,7 +403,7 @@ export class StreamedClones {
     const deadline = performance.now() + SOURCE_WAIT_MS;
     for (;;) {
       try {
-        await this.options.transfers.whenAvailable(key, file, 0, size);
+        await this.options.transfers.whenAvailable(key, file, 0, size, { signal: AbortSignal.timeout(WAIT_LIMIT_MS) });
         return;
       } catch (error) {
         // The swarm may not have the fetch yet right after FetchImage: look again until the deadline.

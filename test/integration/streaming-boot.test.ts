@@ -239,7 +239,7 @@ describe('a streaming clone boots before its image has arrived', { skip: process
     assert.match(second, new RegExp(`cowherd-guest: system cowherd-was-here-${suffix}`), `the second boot reads the first's marker:\n${second.slice(-2000)}`);
   });
 
-  it('through the cloning service (delivery STREAM): the recorded read profile first, STREAMING with progress, an agent killed while its guest reads, then DONE', async (t) => {
+  it('through the cloning service (delivery STREAM): the recorded read profile first, STREAMING with progress, an agent killed while its guest boots, then DONE', async (t) => {
     // The first streamed boot recorded what the guest read; distribution keeps it with the image version.
     const profiled = await waitFor(
       'the read profile in the image record',
@@ -297,7 +297,7 @@ describe('a streaming clone boots before its image has arrived', { skip: process
     t.diagnostic(`STREAMING ${Math.round(performance.now() - t0)} ms after the request, base ${progress?.bytesDone}/${progress?.bytesTotal}`);
     assert.ok(Number(progress?.bytesTotal ?? 0) > 0, 'base_progress says how much there is');
 
-    // The agent dies while the guest boots and reads; its streaming server keeps the guest's disk, the reads wait.
+    // The agent dies while the guest boots; its streaming server keeps the guest's disk (reads of pieces not there wait).
     process.kill(third.process.daemon.pid, 'SIGKILL');
     await third.process.daemon.exited;
     await sleep(3000);

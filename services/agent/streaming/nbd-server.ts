@@ -114,8 +114,8 @@ export interface NbdServerOptions {
    * range. What a booting guest reads first, recorded, is the profile later streams of the image fetch first.
    */
   readonly onRead?: (read: NbdRead) => void;
-  /** Told when a connection ends (the streaming server exits once it is idle). */
-  readonly onClose?: () => void;
+  /** Told when a connection ends, with its number (the streaming server ends its profile, and exits once idle). */
+  readonly onClose?: (connection: number) => void;
 }
 
 /** One read as {@link NbdServerOptions.onRead} sees it. */
@@ -140,13 +140,14 @@ export async function startNbdServer(options: NbdServerOptions): Promise<NbdServ
     sockets.add(socket);
     statistics.connections += 1;
     statistics.openConnections += 1;
+    const connection = new Connection(socket, exports, statistics, options);
     socket.once('close', () => {
       sockets.delete(socket);
       statistics.openConnections -= 1;
-      options.onClose?.();
+      options.onClose?.(connection.id);
     });
     socket.on('error', () => undefined);
-    void new Connection(socket, exports, statistics, options).run();
+    void connection.run();
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
@@ -225,7 +226,7 @@ class ProtocolError extends Error {}
 /** One client: the handshake, then requests until DISC or the end of the connection. */
 class Connection {
   private static count = 0;
-  private readonly id = ++Connection.count;
+  readonly id = ++Connection.count;
   private readonly reader: SocketReader;
   private noZeroes = false;
   private handle: FileHandle | undefined;

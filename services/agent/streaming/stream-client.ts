@@ -33,8 +33,11 @@ export interface StreamServerClientOptions {
   readonly directory: string;
   /** A guest waits for bytes [offset, offset + length) of export `name`. */
   readonly onWant: (name: string, offset: number, length: number) => void;
-  /** Reads of a connection's first minute of an export, in the order served (a read profile). */
-  readonly onReads?: (name: string, connection: number, reads: ReadonlyArray<readonly [number, number]>) => void;
+  /**
+   * Reads of a connection's first minute of progress on an export, in the order served (a read profile), in
+   * batches; `final` on the last batch (its window is over, or the connection closed).
+   */
+  readonly onReads?: (name: string, connection: number, reads: ReadonlyArray<readonly [number, number]>, final: boolean) => void;
   readonly log?: (message: string, error?: unknown) => void;
   /** The server's environment beyond PATH (idle exit, stall limit); secrets of the agent are never passed on. */
   readonly serverEnvironment?: Readonly<Record<string, string>>;
@@ -152,7 +155,7 @@ export class StreamServerClient {
         this.options.onWant(String(message['name']), Number(message['offset']), Number(message['length']));
         break;
       case 'reads':
-        this.options.onReads?.(String(message['name']), Number(message['connection']), message['reads'] as Array<[number, number]>);
+        this.options.onReads?.(String(message['name']), Number(message['connection']), message['reads'] as Array<[number, number]>, message['final'] === true);
         break;
       case 'exported':
         settle(`exported:${String(message['name'])}`, undefined);

@@ -20,7 +20,8 @@
  *                    {"type":"ready"}                      pieces arrived: look again now
  *                    {"type":"status"}                     answered {"type":"status", statistics, exports}
  *   server -> agent  {"type":"want","name","offset","length"}   a guest waits for this range
- *                    {"type":"reads","name","connection","reads":[[offset,length],...]}  a connection's first minute of reads
+ *                    {"type":"reads","name","connection","reads":[[offset,length],...],"final"}  a connection's first minute of
+ *                    progress (waits for pieces not counted), in order; `final` once the window is over or it closed
  *
  * A guest may wait up to `maxStallMs` (default 15 minutes) for one read; after that the read fails (EIO), as a
  * disk that stopped answering would. The server exits once it has had no NBD connection and no agent for
@@ -97,10 +98,15 @@ class ServedExport implements StreamedFile {
   private readonly checking = new Map<number, Promise<boolean>>();
   private remaining: number;
   /**
-   * The reads of each connection's first PROFILE_WINDOW_MS, in order: a booting guest is one connection (qemu keeps
-   * it open), while qemu-img's look at a header (an overlay made, a disk inspected) is one of its own.
+   * The reads of each connection's first PROFILE_WINDOW_MS of progress, in order: a booting guest is one connection
+   * (qemu keeps it open), while qemu-img's look at a header (an overlay made, a disk inspected) is one of its own.
+   * Time the connection spent waiting for pieces does not count: a guest stalled on its disk is not booting, and
+   * its profile should cover the same part of the boot however slowly the pieces came.
    */
-  readonly profiles = new Map<number, { firstAt: number; reads: Array<[number, number]>; sent: number }>();
+  readonly profiles = new Map<
+    number,
+    { firstAt: number; waitedMs: number; reads: Array<[number, number]>; sent: number; final: boolean; finalSent: boolean }
+  >();
 
   constructor(
     readonly spec: ExportSpec,
@@ -156,16 +162,29 @@ class ServedExport implements StreamedFile {
     }
   }
 
-  /** Records a read for its connection's profile while the connection's first minute lasts. */
-  recordRead(connection: number, offset: number, length: number): void {
+  /** Records a read for its connection's profile while the connection's first minute of progress lasts. */
+  recordRead(connection: number, offset: number, length: number, waitedMs: number): void {
     let profile = this.profiles.get(connection);
     if (!profile) {
       if (this.profiles.size >= MAX_PROFILED_CONNECTIONS) return;
-      profile = { firstAt: performance.now(), reads: [], sent: 0 };
+      profile = { firstAt: performance.now(), waitedMs: 0, reads: [], sent: 0, final: false, finalSent: false };
       this.profiles.set(connection, profile);
     }
-    if (performance.now() - profile.firstAt > this.server.profileWindowMs) return;
-    if (profile.reads.length < MAX_PROFILE_READS) profile.reads.push([offset, length]);
+    if (profile.final) return;
+    profile.waitedMs += waitedMs;
+    if (this.windowOver(profile)) profile.final = true;
+    else if (profile.reads.length < MAX_PROFILE_READS) profile.reads.push([offset, length]);
+  }
+
+  /** Whether a profile's window of progress is over. */
+  windowOver(profile: { firstAt: number; waitedMs: number }): boolean {
+    return performance.now() - profile.firstAt - profile.waitedMs > this.server.profileWindowMs;
+  }
+
+  /** Ends the profile of a connection that closed (the guest shut down, qemu-img finished). */
+  endProfile(connection: number): void {
+    const profile = this.profiles.get(connection);
+    if (profile) profile.final = true;
   }
 
   private piecesOf(offset: number, length: number): [number, number] {
@@ -292,7 +311,6 @@ class StreamServer {
     if (previous) {
       // Its connections' reads are still sent (their profile window may not be over).
       this.retired.push(previous);
-      setTimeout(() => this.retired.splice(this.retired.indexOf(previous), 1), this.profileWindowMs + 10_000).unref();
     }
     this.exports.set(spec.name, served);
     nbd.addExport(spec.name, served);
@@ -305,10 +323,20 @@ class StreamServer {
     for (const served of [...this.exports.values(), ...this.retired])
       for (const [connection, profile] of served.profiles) {
         const name = served.spec.name;
-        if (profile.reads.length === profile.sent) continue;
-        this.send({ type: 'reads', name, connection, reads: profile.reads.slice(profile.sent) });
+        if (!profile.final && served.windowOver(profile)) profile.final = true;
+        if (profile.reads.length === profile.sent && (!profile.final || profile.finalSent)) continue;
+        this.send({ type: 'reads', name, connection, reads: profile.reads.slice(profile.sent), final: profile.final });
         profile.sent = profile.reads.length;
+        profile.finalSent = profile.final;
       }
+    // A replaced export is forgotten once every profile of its connections was sent whole.
+    for (let index = this.retired.length - 1; index >= 0; index -= 1)
+      if ([...this.retired[index]!.profiles.values()].every((profile) => profile.finalSent)) this.retired.splice(index, 1);
+  }
+
+  /** Ends the profiles of a connection that closed, in every export it may have read. */
+  endProfiles(connection: number): void {
+    for (const served of [...this.exports.values(), ...this.retired]) served.endProfile(connection);
   }
 }
 
@@ -351,8 +379,11 @@ export async function runStreamServer(options: StreamServerOptions): Promise<Run
   nbd = await startNbdServer({
     socketPath: paths.nbdSocket,
     onError: (error) => log(`nbd: ${error.message}`),
-    onRead: (read) => state.exports.get(read.exportName)?.recordRead(read.connection, read.offset, read.length),
-    onClose: idleCheck,
+    onRead: (read) => state.exports.get(read.exportName)?.recordRead(read.connection, read.offset, read.length, read.waitedMs),
+    onClose: (connection) => {
+      state.endProfiles(connection);
+      idleCheck();
+    },
   });
   // qemu runs as root here (scripts/libvirtd.sh); with an unprivileged qemu user the socket's group must be qemu's.
   await chmod(paths.nbdSocket, 0o660);

@@ -100,6 +100,10 @@ declare module 'webtorrent' {
      * rarest first within one. A stream selection is counted, not merged; completed ones are dropped by webtorrent.
      */
     _select(start: number, end: number, priority: number, notify: (() => void) | undefined, isStreamSelection: true): void;
+    /** Selects pieces start..end (merged with other plain selections); the whole torrent is selected at priority 0 when it starts. */
+    select(start: number, end: number, priority?: number): void;
+    /** Removes start..end from the plain (not stream) selections. */
+    deselect(start: number, end: number): void;
     /** Removes one stream selection of exactly start..end. */
     _deselect(start: number, end: number, isStreamSelection: true): void;
     /** torrent-discovery; `tracker` is the bittorrent-tracker client (null without trackers). */
