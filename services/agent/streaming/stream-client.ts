@@ -7,6 +7,7 @@ import { closeSync, openSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { createConnection, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
+import type { NbdStatistics } from './nbd-server.js';
 import { serverAnswers, streamServerPaths, type ExportSpec } from './stream-server.js';
 
 /** How long a started server may take to answer. */
@@ -15,15 +16,7 @@ const START_TIMEOUT_MS = 15_000;
 /** What the server said about itself (`status`). */
 export interface StreamServerStatus {
   readonly pid: number;
-  readonly statistics: {
-    connections: number;
-    openConnections: number;
-    reads: number;
-    bytesRead: number;
-    waitedReads: number;
-    longestWaitMs: number;
-    failedReads: number;
-  };
+  readonly statistics: NbdStatistics;
   readonly exports: ReadonlyArray<{ name: string; complete: boolean; path: string }>;
 }
 
