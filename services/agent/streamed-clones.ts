@@ -313,14 +313,12 @@ export class StreamedClones {
     void (async () => {
       for (let index = 0; index < ranges.length && !this.stopped; index += PREFETCH_WINDOW) {
         await Promise.all(
-          ranges
-            .slice(index, index + PREFETCH_WINDOW)
-            .map((range) =>
-              this.options.transfers.whenAvailable(key, range.file, range.offset, range.length, {
-                priority: 'prefetch',
-                signal: AbortSignal.timeout(WAIT_LIMIT_MS),
-              }),
-            ),
+          ranges.slice(index, index + PREFETCH_WINDOW).map((range) =>
+            this.options.transfers.whenAvailable(key, range.file, range.offset, range.length, {
+              priority: 'prefetch',
+              signal: AbortSignal.timeout(WAIT_LIMIT_MS),
+            }),
+          ),
         );
         this.client.ready();
       }
