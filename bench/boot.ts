@@ -270,6 +270,7 @@ class BootBench {
             guestConfiguration: undefined,
             dataDiskBytes: '0',
             delivery: spec.delivery,
+            diskBackend: 0,
           },
           cb,
         ),

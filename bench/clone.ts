@@ -98,6 +98,7 @@ async function main(): Promise<void> {
             source: { $case: 'image', value: `images/${image}` },
             placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/bench-host'], maxClonesPerHost: 0 },
             delivery: 0,
+            diskBackend: 0,
             count: CLONES,
             nameTemplate: `${image}-${prefix}-{index}`,
             start: false,

@@ -1,6 +1,8 @@
 /**
- * Making clones on this host (AgentService.CreateClones): one copy-on-write child per disk of the source
- * (qcow2 overlay on KVM, VHD differencing disk on Xen) in the clone's own directory, the domain XML
+ * Making clones on this host (AgentService.CreateClones): one child per disk of the source, made by the
+ * request's disk backend (hypervisor/disk-backends.ts: by default a qcow2 overlay on KVM, a VHD differencing
+ * disk on Xen; `reflink-copy` a reflink copy of the base without a chain, refused for the whole batch before
+ * anything is made where the clones directory cannot reflink), in the clone's own directory, the domain XML
  * rendered from the sanitized template, defined in libvirt, started if asked, clone.done or clone.failed
  * published. A clone that fails is rolled back completely: its domain undefined, its directory removed.
  * With a guest configuration, each clone also gets its NoCloud seed disk (`cidata.iso` in its directory,
@@ -10,7 +12,7 @@
  * files and `domain-template.xml`), `clones/<domain>/` a clone's children and files.
  */
 import { randomUUID } from 'node:crypto';
-import { mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
@@ -36,15 +38,21 @@ import {
   attachDataDisk,
   attachSeedImage,
   buildSeedImage,
+  childDiskFormat,
+  diskBackendChoice,
   diskBackendFor,
+  diskBackendValue,
   SEED_SYSTEM_AREA_BYTES,
   LibvirtError,
   protectBase,
+  reflinkSupported,
   renderClone,
   sanitizeDomainTemplate,
   templateDisks,
   type CloneMetadata,
   type DiskBackend,
+  type DiskBackendName,
+  type DiskDriver,
   type DomainInfo,
   type HypervisorKind,
   type Libvirt,
@@ -117,14 +125,22 @@ interface ResolvedSource {
 /** The key under which the batch's empty data disk waits among the prototypes. */
 const DATA_DISK_PROTOTYPE = '.data';
 
-/** The lineage record of a batch's clones. */
-function cloneMetadataOf(source: ResolvedSource, request: CreateClonesRequest): CloneMetadata {
+/** The lineage record of a batch's clones (the backend too: a reflink copy depends on no base, see dependents.ts). */
+function cloneMetadataOf(source: ResolvedSource, request: CreateClonesRequest, backend: DiskBackend): CloneMetadata {
   return {
     source: source.metadata,
     operation: request.operation,
     requestId: request.requestId,
     ...(source.imageKey === undefined ? {} : { imageVersion: imageVersionNameOfKey(source.imageKey) }),
+    diskBackend: backend.name,
   };
+}
+
+/** A child to make: the base disk, its file in the clone directory, and the libvirt driver it is rendered with. */
+interface ChildDisk {
+  readonly target: string;
+  readonly path: string;
+  readonly driver: DiskDriver;
 }
 
 /** Children made and XML rendered in parallel, this many clones at a time (qemu-img is a process each). */
@@ -141,11 +157,53 @@ export class CloneEngine {
   /** The batch last started for each request_id, while it runs. */
   private readonly batches = new Map<string, Promise<CreateCloneResult[]>>();
 
-  /** How this host's clone disks are made (qcow2 overlays on KVM, VHD differencing disks on Xen). */
-  private readonly disks: DiskBackend;
+  constructor(private readonly options: CloneEngineOptions) {}
 
-  constructor(private readonly options: CloneEngineOptions) {
-    this.disks = diskBackendFor(options.hypervisor);
+  /**
+   * The backend a request's clones are made with: its `disk_backend`, else this host's standard (qcow2 overlays
+   * on KVM, VHD differencing disks on Xen). INVALID_ARGUMENT (`disk_backend`) for an unknown value;
+   * FAILED_PRECONDITION (HYPERVISOR_MISMATCH) for one this hypervisor does not run.
+   */
+  private backendOf(request: CreateClonesRequest): DiskBackend {
+    return diskBackendFor(this.options.hypervisor, diskBackendChoice(request.diskBackend));
+  }
+
+  /**
+   * The whole batch's check of a backend that needs more than the base's format: for `reflink-copy`, that the
+   * clones directory's file system makes reflink copies (probed once per file system) and that every base is
+   * on that file system. FAILED_PRECONDITION (HYPERVISOR_MISMATCH) naming the reason, before anything is made.
+   * `probeDirectory` is where to probe: the clones directory (made first by a real call), or the image directory
+   * while it does not exist yet (validate_only makes nothing).
+   */
+  private async checkBackendHere(backend: DiskBackend, source: ResolvedSource, probeDirectory: string): Promise<void> {
+    if (backend.name !== 'reflink-copy') return;
+    const refuse = (message: string, metadata: Record<string, string>): CowherdError =>
+      CowherdError.failedPrecondition(message, ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH, { disk_backend: 'REFLINK_COPY', ...metadata });
+    if (!(await reflinkSupported(probeDirectory)))
+      throw refuse(
+        `disk_backend REFLINK_COPY: the file system of ${probeDirectory} on ${HOST_NAME.format({ host: this.options.host })} cannot make reflink copies (btrfs, or xfs made with reflink=1, can); clone with QCOW2_OVERLAY there`,
+        { directory: probeDirectory },
+      );
+    const device = (await stat(probeDirectory)).dev;
+    for (const disk of source.disks) {
+      const base = await stat(disk.base).catch(() => undefined);
+      if (base !== undefined && base.dev !== device)
+        throw refuse(
+          `disk_backend REFLINK_COPY: disk ${disk.target}'s base ${disk.base} is on another file system than ${probeDirectory}; a reflink copy cannot cross file systems`,
+          {
+            disk: disk.target,
+            directory: probeDirectory,
+          },
+        );
+    }
+  }
+
+  /** Each disk's child: its file (named by the backend's child format: `vda.raw` for a reflink copy of a raw base) and driver. */
+  private childDisks(backend: DiskBackend, source: ResolvedSource, cloneDirectory: string): ChildDisk[] {
+    return source.disks.map((disk) => {
+      const format = childDiskFormat(backend, disk.format);
+      return { target: disk.target, path: cloneDiskFile(cloneDirectory, disk.target, format.extension), driver: format.driver };
+    });
   }
 
   /**
@@ -177,18 +235,24 @@ export class CloneEngine {
     this.checkNames(request);
     dataDiskSize(request.dataDiskBytes);
     this.checkGuest(request);
-    const source = await this.resolveSource(request);
-    const extension = this.disks.extension;
-    for (const disk of source.disks) this.disks.checkBase(disk);
+    const backend = this.backendOf(request);
+    const source = await this.resolveSource(request, backend);
+    for (const disk of source.disks) backend.checkBase(disk);
+    const clones = clonesDirectory(this.options.imageDirectory);
+    const existingClones = await stat(clones).then(
+      () => true,
+      () => false,
+    );
+    await this.checkBackendHere(backend, source, existingClones ? clones : this.options.imageDirectory);
     const name = request.clones[0]!.domainName;
     const cloneDirectory = cloneDirectoryOf(this.options.imageDirectory, name);
     await renderClone(source.template, {
       name,
       hypervisor: this.options.hypervisor,
       cloneDirectory,
-      disks: source.disks.map((disk) => ({ target: disk.target, path: cloneDiskFile(cloneDirectory, disk.target, extension) })),
+      disks: this.childDisks(backend, source, cloneDirectory),
       ...(source.replicaDirectory === undefined ? {} : { imageDirectory: source.replicaDirectory }),
-      metadata: cloneMetadataOf(source, request),
+      metadata: cloneMetadataOf(source, request, backend),
     });
     const existing = new Set((await this.options.libvirt.listDomains()).map((domain) => domain.name));
     request.clones.forEach((clone, index) => {
@@ -241,10 +305,17 @@ export class CloneEngine {
     this.checkNames(request);
     const dataDiskBytes = dataDiskSize(request.dataDiskBytes);
     const guestDigest = this.checkGuest(request);
+    const backend = this.backendOf(request);
     const startedAt = performance.now();
-    const source = await this.resolveSource(request);
+    const source = await this.resolveSource(request, backend);
+    if (backend.name === 'reflink-copy') {
+      // Once for the batch, before any clone's directory or file exists: nothing half-made where it cannot work.
+      await mkdir(clonesDirectory(this.options.imageDirectory), { recursive: true });
+      await this.checkBackendHere(backend, source, clonesDirectory(this.options.imageDirectory));
+    }
     // A streamed base is the replica's file still being written by the fetch (it is protected once complete).
-    if (!source.streamed) for (const disk of source.disks) await protectBase(disk.base);
+    // A reflink copy reads nothing through its base: a source VM's disks stay as they are.
+    if (!source.streamed && backend.name !== 'reflink-copy') for (const disk of source.disks) await protectBase(disk.base);
     // One look at the host's domains for the whole batch (not one virsh call per clone).
     const existing = new Map((await this.options.libvirt.listDomains()).map((domain) => [domain.name, domain]));
     // Prepare every clone (directory, children, XML) with a few in parallel, define them in one virsh
@@ -253,19 +324,20 @@ export class CloneEngine {
     // KVM: one qcow2 overlay per base disk made by qemu-img, copied byte for byte for every clone. A
     // qcow2 header holds no per-file identity, so overlays of one base with the same options are
     // identical; a 196 KiB copy costs ~0.2 ms where a qemu-img process costs ~6 ms.
-    const prototypes = this.disks.copiesChildren && request.clones.length > 1 ? await this.makePrototypes(source) : new Map<string, string>();
+    const prototypes = backend.copiesChildren && request.clones.length > 1 ? await this.makePrototypes(backend, source) : new Map<string, string>();
     let prepared: PreparedClone[];
     try {
       // The empty data disk likewise: made once, copied per clone (an empty qcow2 is its header alone).
-      if (dataDiskBytes > 0 && request.clones.length > 1 && this.disks.copiesChildren) {
+      if (dataDiskBytes > 0 && request.clones.length > 1 && backend.copiesChildren) {
         const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), 'data');
         prototypes.set(DATA_DISK_PROTOTYPE, path);
-        await this.disks.createEmptyDisk(path, dataDiskBytes);
+        await backend.createEmptyDisk(path, dataDiskBytes);
       }
       prepared = await mapLimited(
         request.clones.map((clone, position) => ({ clone, index: clone.index || position + 1 })),
         PREPARE_CONCURRENCY,
-        ({ clone, index }) => this.prepare(source, clone.domainName, index, request, existing.get(clone.domainName), prototypes, guestDigest, dataDiskBytes),
+        ({ clone, index }) =>
+          this.prepare(backend, source, clone.domainName, index, request, existing.get(clone.domainName), prototypes, guestDigest, dataDiskBytes),
       );
     } finally {
       for (const prototype of prototypes.values()) await rm(prototype, { force: true });
@@ -288,7 +360,7 @@ export class CloneEngine {
     const results: CreateCloneResult[] = [];
     const publishing: Array<Promise<void>> = [];
     for (const [index, item] of prepared.entries()) {
-      const result = await this.finish(source, item, request.clones[index]!.start, request, defineError.get(item.name), publishing, guestDigest);
+      const result = await this.finish(source, backend, item, request.clones[index]!.start, request, defineError.get(item.name), publishing, guestDigest);
       // A clone's time is its batch's until it stands defined (and started if asked); found again on a retry: not made now.
       if (item.kind !== 'existing') cloneDuration.observe({ result: result.virtualMachine ? 'done' : 'failed' }, (performance.now() - startedAt) / 1000);
       results.push(result);
@@ -323,20 +395,35 @@ export class CloneEngine {
     return results;
   }
 
-  private async resolveSource(request: CreateClonesRequest): Promise<ResolvedSource> {
+  private async resolveSource(request: CreateClonesRequest, backend: DiskBackend): Promise<ResolvedSource> {
     const source = request.source;
     if (source?.$case === 'image') {
       const id = IMAGE_NAME.parse(source.value)?.image;
       if (!id) throw CowherdError.invalidArgument('image', 'must be images/{image}');
-      const streamed = request.stream && this.options.streamed ? await this.options.streamed.source(id) : undefined;
+      // A reflink copy needs the base's complete file: never streamed (the streaming server is not asked at all).
+      const streams = request.stream && backend.name !== 'reflink-copy';
+      const streamed = streams && this.options.streamed ? await this.options.streamed.source(id) : undefined;
       if (streamed) return { metadata: { image: imageNameOfKey(id) }, template: streamed.template, disks: streamed.disks, imageKey: id, streamed };
-      const replicaDirectory = this.options.replicaBase ? await this.options.replicaBase(id) : replicaDirectoryOf(this.options.imageDirectory, id);
-      const template = await readFile(templateFile(replicaDirectory), 'utf8').catch(() => {
-        throw CowherdError.failedPrecondition(
-          `${source.value} has no replica on ${HOST_NAME.format({ host: this.options.host })}`,
-          ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST,
-        );
-      });
+      const notStreamed = (error: unknown): never => {
+        if (request.stream && !streams && error instanceof CowherdError && error.reason === ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST)
+          throw CowherdError.failedPrecondition(
+            `${error.message}; disk_backend REFLINK_COPY does not stream: a reflink copy needs the replica's complete files (clone once it is AVAILABLE, or with QCOW2_OVERLAY to stream)`,
+            ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST,
+            { ...error.metadata, disk_backend: 'REFLINK_COPY' },
+          );
+        throw error;
+      };
+      const replicaDirectory = this.options.replicaBase
+        ? await this.options.replicaBase(id).catch(notStreamed)
+        : replicaDirectoryOf(this.options.imageDirectory, id);
+      const template = await readFile(templateFile(replicaDirectory), 'utf8').catch(() =>
+        notStreamed(
+          CowherdError.failedPrecondition(
+            `${source.value} has no replica on ${HOST_NAME.format({ host: this.options.host })}`,
+            ErrorReason.ERROR_REASON_IMAGE_NOT_ON_HOST,
+          ),
+        ),
+      );
       const disks = templateDisks(template).map((disk) => ({ target: disk.target, base: replicaFile(replicaDirectory, disk.fileName), format: disk.format }));
       return { metadata: { image: imageNameOfKey(id) }, template, disks, replicaDirectory, imageKey: id };
     }
@@ -401,6 +488,7 @@ export class CloneEngine {
 
   /** Everything before libvirt: name check, directory, children, rendered XML. Never throws. */
   private async prepare(
+    backend: DiskBackend,
     source: ResolvedSource,
     name: string,
     index: number,
@@ -436,7 +524,8 @@ export class CloneEngine {
         throw error;
       });
       directoryMade = true;
-      const children = await Promise.all(source.disks.map((disk) => this.makeChild(disk, cloneDirectory, prototypes.get(disk.target))));
+      const wanted = this.childDisks(backend, source, cloneDirectory);
+      const children = await Promise.all(source.disks.map((disk, position) => this.makeChild(backend, disk, wanted[position]!, prototypes.get(disk.target))));
       // A streaming clone boots files linked into its own directory: the replica's directory exists only once it is complete.
       const bootDirectory =
         source.streamed && source.streamed.bootFiles.length > 0
@@ -448,11 +537,11 @@ export class CloneEngine {
         cloneDirectory,
         disks: children,
         ...(bootDirectory === undefined ? {} : { imageDirectory: bootDirectory }),
-        metadata: cloneMetadataOf(source, request),
+        metadata: cloneMetadataOf(source, request, backend),
       });
       const overlays = children.map((child) => child.path);
       if (dataDiskBytes > 0) {
-        const made = await this.makeDataDisk(cloneDirectory, dataDiskBytes, prototypes.get(DATA_DISK_PROTOTYPE), rendered.xml);
+        const made = await this.makeDataDisk(backend, cloneDirectory, dataDiskBytes, prototypes.get(DATA_DISK_PROTOTYPE), rendered.xml);
         rendered = { ...rendered, xml: made.xml };
         overlays.push(made.path);
       }
@@ -498,23 +587,29 @@ export class CloneEngine {
    * The clone's persistent data disk in its directory (`data.qcow2` or `data.vhd`): the batch's empty disk
    * copied, or made here, then attached on the system disk's bus. Removed with the directory on any failure.
    */
-  private async makeDataDisk(cloneDirectory: string, bytes: number, prototype: string | undefined, xml: string): Promise<{ xml: string; path: string }> {
-    const path = cloneDataDiskFile(cloneDirectory, this.disks.extension);
-    await this.disks.createEmptyDisk(path, bytes, prototype);
+  private async makeDataDisk(
+    backend: DiskBackend,
+    cloneDirectory: string,
+    bytes: number,
+    prototype: string | undefined,
+    xml: string,
+  ): Promise<{ xml: string; path: string }> {
+    const path = cloneDataDiskFile(cloneDirectory, backend.extension);
+    await backend.createEmptyDisk(path, bytes, prototype);
     const attached = await attachDataDisk(xml, { diskPath: path, cloneDirectory, hypervisor: this.options.hypervisor });
     return { xml: attached.xml, path };
   }
 
   /** One qemu-img overlay per base disk, in the clones directory (same file system, so copies are cheap). */
-  private async makePrototypes(source: ResolvedSource): Promise<Map<string, string>> {
+  private async makePrototypes(backend: DiskBackend, source: ResolvedSource): Promise<Map<string, string>> {
     await mkdir(clonesDirectory(this.options.imageDirectory), { recursive: true });
     const prototypes = new Map<string, string>();
     try {
       for (const disk of source.disks) {
         // A base this backend cannot use fails each clone in prepare(), with the reason.
-        if (!this.disks.accepts(disk.format)) continue;
+        if (!backend.accepts(disk.format)) continue;
         const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), disk.target);
-        await this.disks.createChild(disk, path);
+        await backend.createChild(disk, path);
         prototypes.set(disk.target, path);
       }
     } catch (error) {
@@ -524,15 +619,15 @@ export class CloneEngine {
     return prototypes;
   }
 
-  private async makeChild(disk: ResolvedSource['disks'][number], cloneDirectory: string, prototype?: string): Promise<{ target: string; path: string }> {
-    const path = cloneDiskFile(cloneDirectory, disk.target, this.disks.extension);
-    await this.disks.createChild(disk, path, prototype);
-    return { target: disk.target, path };
+  private async makeChild(backend: DiskBackend, disk: ResolvedSource['disks'][number], child: ChildDisk, prototype?: string): Promise<ChildDisk> {
+    await backend.createChild(disk, child.path, prototype);
+    return child;
   }
 
   /** After the batch define: start if asked, publish, or roll back and report. */
   private async finish(
     source: ResolvedSource,
+    backend: DiskBackend,
     item: PreparedClone,
     start: boolean,
     request: CreateClonesRequest,
@@ -552,6 +647,7 @@ export class CloneEngine {
         source,
         overlays,
         guestDigest,
+        item.domain.clone?.diskBackend,
       );
       // Recorded again with the same id: if the first attempt died between the define and the record,
       // this is the clone.done it owed; if not, the stream drops the repeat.
@@ -578,6 +674,7 @@ export class CloneEngine {
         source,
         item.overlays,
         guestDigest,
+        backend.name,
       );
       publishing.push(this.publishDone(vm, item.rendered.uuid, [...item.overlays], started, request, source));
       log.debug({ started, overlays: item.overlays.length }, 'clone made');
@@ -630,6 +727,7 @@ export class CloneEngine {
     source: ResolvedSource,
     overlays: readonly string[],
     guestDigest: string,
+    diskBackend: DiskBackendName | undefined,
   ): VirtualMachine {
     const image = 'image' in source.metadata ? source.metadata.image : '';
     const imageVersion = source.imageKey === undefined ? '' : imageVersionNameOfKey(source.imageKey);
@@ -649,6 +747,7 @@ export class CloneEngine {
         replica: source.imageKey === undefined ? '' : HOST_IMAGE_NAME.format({ host: this.options.host, image: source.imageKey }),
         sourceVirtualMachine: 'virtualMachine' in source.metadata ? source.metadata.virtualMachine : '',
         overlays: [...overlays],
+        diskBackend: diskBackendValue(diskBackend),
       },
     });
   }

@@ -17,6 +17,13 @@
  * Persistent disks (data_disk_bytes), the seed disk, name, UUID and MACs are never touched, neither base is
  * ever opened for writing, and the overlays are new files (no guest data of the system disk is kept, as in
  * Horizon's recompose). Calls run one at a time on a host: two rebases of one clone never interleave.
+ *
+ * Each clone keeps its disk backend (its metadata's `diskBackend`; the host's standard when it has none). A
+ * `reflink-copy` clone gets a new reflink copy of the target's disk the same way (work file, link, rename), and
+ * only when the target's disk has the format of the one it replaces (a raw copy stays raw: the domain XML's
+ * driver is not rewritten), else that clone fails with FAILED_PRECONDITION and stays as it is. Its disk has no
+ * backing file, so its version is its record's: a crash after the switch leaves the record on the old version,
+ * and the retry copies the target again (the same result, one copy more) instead of only rewriting the record.
  */
 import { randomUUID } from 'node:crypto';
 import { link, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
@@ -42,6 +49,7 @@ import type { Logger } from '../common/platform/logger.js';
 import {
   backingChain,
   cloneImageKey,
+  dependsOnBase,
   diskBackendFor,
   imageKeyOfBackingFile,
   LibvirtError,
@@ -111,6 +119,8 @@ interface CloneMove {
   readonly index: number;
   readonly name: string;
   domain?: DomainInfo;
+  /** How its new system disks are made: the backend its metadata records (the host's standard without one). */
+  backend?: DiskBackend;
   systemDisks: SystemDisk[];
   /** The storage key of the version it stands on (its system disk's backing file, else its record). */
   currentKey?: string;
@@ -137,11 +147,11 @@ export class CloneRebaser {
   /** Calls run one after another on a host. */
   private queue: Promise<unknown> = Promise.resolve();
 
-  /** How this host's clone disks are made (qcow2 overlays on KVM, VHD differencing disks on Xen). */
-  private readonly disks: DiskBackend;
+  /** The host's standard backend (qcow2 overlays on KVM, VHD differencing disks on Xen): the one whose children a call's prototypes are. */
+  private readonly standard: DiskBackend;
 
   constructor(private readonly options: CloneRebaseOptions) {
-    this.disks = diskBackendFor(options.hypervisor);
+    this.standard = diskBackendFor(options.hypervisor);
   }
 
   /** Validates the whole call, then moves each clone; results in request order. */
@@ -192,8 +202,9 @@ export class CloneRebaser {
     await Promise.all(moves.filter((move) => !move.error && move.action === 'swap' && move.wasRunning).map((move) => this.shutDown(move, shutdownTimeoutMs)));
     const stoppedAt = performance.now();
     await this.readDefinitions(moves.filter((move) => !move.error && move.action !== 'none'));
-    const swapping = moves.filter((move) => !move.error && move.action === 'swap');
-    const prototypes = this.disks.copiesChildren && swapping.length > 1 ? await this.makePrototypes(swapping, bases) : new Map<string, string>();
+    // Prototypes for the clones of the standard backend only (a reflink copy is as cheap as a prototype would be).
+    const swapping = moves.filter((move) => !move.error && move.action === 'swap' && move.backend === this.standard);
+    const prototypes = this.standard.copiesChildren && swapping.length > 1 ? await this.makePrototypes(swapping, bases) : new Map<string, string>();
     try {
       await mapLimited(
         moves.filter((move) => !move.error && move.action !== 'none'),
@@ -320,7 +331,9 @@ export class CloneRebaser {
       ),
     );
     const all = everWasSource.some(Boolean) ? await allDomains() : [];
-    const dependents = all.filter((other) => other.clone && 'virtualMachine' in other.clone.source && other.clone.source.virtualMachine === name);
+    const dependents = all.filter(
+      (other) => other.clone && dependsOnBase(other.clone) && 'virtualMachine' in other.clone.source && other.clone.source.virtualMachine === name,
+    );
     if (dependents.length > 0)
       throw CowherdError.failedPrecondition(
         `${dependents.length} clones use ${name}'s disks as their base`,
@@ -368,6 +381,21 @@ export class CloneRebaser {
         { virtualMachine: name },
       );
     move.systemDisks = children.map((disk) => ({ target: disk.target, path: disk.sourcePath!, ...bases.get(disk.target)! }));
+    // The clone's own backend (FAILED_PRECONDITION, HYPERVISOR_MISMATCH, when this host cannot run it).
+    const backend = diskBackendFor(this.options.hypervisor, clone.diskBackend);
+    move.backend = backend;
+    if (backend.name === 'reflink-copy') {
+      // The new copy replaces the file under the same name and driver: it must have the format of the old one.
+      for (const disk of children) {
+        const wanted = bases.get(disk.target)!.format;
+        if (disk.format !== undefined && disk.format !== wanted)
+          throw CowherdError.failedPrecondition(
+            `${name} is a reflink copy whose disk ${disk.target} is ${disk.format}, but ${imageVersionNameOfKey(targetKey)}'s is ${wanted === 'vpc' ? 'VHD' : wanted}: a rebase keeps a reflink copy's format; clone ${imageVersionNameOfKey(targetKey)} instead`,
+            ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
+            { virtualMachine: name, disk: disk.target },
+          );
+      }
+    }
     if (currentKey !== targetKey) {
       move.action = 'swap';
       move.previousKey = currentKey;
@@ -443,9 +471,9 @@ export class CloneRebaser {
       for (const target of targets) {
         const base = bases.get(target)!;
         // A base this backend cannot use fails each clone in prepare(), with the reason.
-        if (!this.disks.accepts(base.format)) continue;
+        if (!this.standard.accepts(base.format)) continue;
         const path = overlayPrototypeFile(this.options.imageDirectory, randomUUID(), target);
-        await this.disks.createChild({ target, base: base.base, format: base.format }, path);
+        await this.standard.createChild({ target, base: base.base, format: base.format }, path);
         prototypes.set(target, path);
       }
     } catch (error) {
@@ -475,7 +503,8 @@ export class CloneRebaser {
           // A crashed rebase's leftovers went in inspect().
           const next = rebaseWorkFile(disk.path, 'rebase');
           work.push(next);
-          await this.disks.createChild(disk, next, prototypes.get(disk.target));
+          const backend = move.backend ?? this.standard;
+          await backend.createChild(disk, next, backend === this.standard ? prototypes.get(disk.target) : undefined);
         }
       }
       if (newInstanceId && move.action === 'swap') {

@@ -16,7 +16,7 @@ import { agentHandlers } from './handlers.js';
 import { StreamedClones } from './streamed-clones.js';
 import { VmLifecycle } from './vm-lifecycle.js';
 import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
-import { createQemuImgDiskInspector, imageDependents, scopedLibvirt, VirshLibvirt } from './hypervisor/index.js';
+import { createQemuImgDiskInspector, imageDependents, reflinkSupported, scopedLibvirt, VirshLibvirt } from './hypervisor/index.js';
 import { createHostFactsSource, createReporter, detectHypervisor, ensureEnrolled, inventoryPort, readSystemFacts } from './host/index.js';
 import { defineWorkDirectory, prepareImageDirectory } from './image-directory/index.js';
 import { deleteLocalReplica, ImageTransfers } from './swarm/index.js';
@@ -88,7 +88,7 @@ await runServiceMain({
       inventory: inventoryPort(inventory),
       libvirt,
       disks: createQemuImgDiskInspector({ log: log.child({ component: 'disks' }) }),
-      facts: createHostFactsSource({ libvirt, imageDirectory: agent.imageDirectory, advertiseAddress: agent.advertiseAddress }),
+      facts: createHostFactsSource({ libvirt, imageDirectory: agent.imageDirectory, advertiseAddress: agent.advertiseAddress, reflinkSupported }),
       log,
       // The inventory's limits (UpdateHost) are the durable ones: every heartbeat applies them.
       onTransferLimits: (limits) => {

@@ -120,6 +120,7 @@ export const HOSTS_COMMAND: CommandSpec<CliContext> = {
               'image directory',
               `${host.imageDirectory || '-'} (${formatBytes(host.imageDirectoryFreeBytes)} free of ${formatBytes(host.imageDirectoryTotalBytes)})`,
             ],
+            ['reflink copies', host.imageDirectoryReflinks ? 'yes (clones may use --disk-backend reflink-copy)' : 'no'],
             [
               'image dir watermark',
               host.imageDirectoryHighWatermarkPercent > 0

@@ -36,7 +36,8 @@ import {
 import { DELETE_IMAGE_OPERATION, DISTRIBUTE_OPERATION, IMPORT_OPERATION, PUBLISH_OPERATION } from './operation-kinds.js';
 import { followOperation, OPERATION_OPTIONS, printStarted } from './operation-wait.js';
 import { enumWord, formatBytes, formatTime, keyValues, table } from './output.js';
-import { ArgumentReader } from './resource-arguments.js';
+import { DiskBackend } from '../gen/cowherd/common/v1/types.js';
+import { ArgumentReader, diskBackendWord } from './resource-arguments.js';
 
 const IMAGE_ARGUMENT = { name: 'image', description: 'the image id, like debian-12 (or images/debian-12)' };
 const IMAGE_OR_VERSION_ARGUMENT = {
@@ -218,6 +219,7 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
                   ['versions', versions.length > 0 ? versions.join(', ') : String(versionOf(image))],
                   ['aliases', aliasList(image.aliases)],
                   ['keep versions', image.keepVersions > 0 ? String(image.keepVersions) : 'the default (COWHERD_KEEP_IMAGE_VERSIONS, 3)'],
+                  ['default disk backend', diskBackendWord(image.defaultDiskBackend, "the hosts' standard")],
                 ] as const)),
             ['state', `${imageState(image)}${image.error ? ` (${image.error.message})` : ''}`],
             ['description', image.description || '-'],
@@ -369,29 +371,49 @@ export const IMAGES_COMMAND: CommandSpec<CliContext> = {
     },
     {
       name: 'update',
-      summary: "change an image's retention: how many of its newest versions garbage collection keeps",
+      summary: "change an image's settings: how many of its newest versions garbage collection keeps, its clones' default disk backend",
       positionals: [IMAGE_ARGUMENT],
       options: [
         {
           name: 'keep-versions',
           value: '<n>',
           description: 'keep the newest n versions (0: the default, COWHERD_KEEP_IMAGE_VERSIONS, 3); versions in use are kept anyway',
-          required: true,
+        },
+        {
+          name: 'default-disk-backend',
+          value: '<reflink-copy|qcow2-overlay|vhd-differencing|standard>',
+          description: "how clones get their disks when `vms clone` names no --disk-backend (standard: the hosts' own)",
         },
       ],
-      details: 'Example: cowherd images update debian-12 --keep-versions 5\nAliases are set with `cowherd images alias`.',
+      details:
+        'Example: cowherd images update debian-12 --keep-versions 5 --default-disk-backend reflink-copy\n' +
+        'At least one of the options. Aliases are set with `cowherd images alias`.',
       run: async (invocation, context) => {
         const args = new ArgumentReader(invocation.command);
         const image = args.image(invocation.positionals[0]!);
-        const keepVersions = args.integer(invocation.string('keep-versions')!, '--keep-versions', 0, 1000);
+        const keepText = invocation.string('keep-versions');
+        const backendText = invocation.string('default-disk-backend');
+        if (keepText === undefined && backendText === undefined) args.fail('give --keep-versions, --default-disk-backend or both');
+        const keepVersions = keepText === undefined ? 0 : args.integer(keepText, '--keep-versions', 0, 1000);
+        const defaultDiskBackend =
+          backendText === undefined || backendText === 'standard'
+            ? DiskBackend.DISK_BACKEND_UNSPECIFIED
+            : args.diskBackend(backendText, '--default-disk-backend');
+        const updateMask = [...(keepText === undefined ? [] : ['keep_versions']), ...(backendText === undefined ? [] : ['default_disk_backend'])];
         const updated = await context.call<Image>('distribution', (cb) =>
-          context.distribution.updateImage({ image: Image.fromPartial({ name: image, keepVersions }), updateMask: ['keep_versions'] }, cb),
+          context.distribution.updateImage({ image: Image.fromPartial({ name: image, keepVersions, defaultDiskBackend }), updateMask }, cb),
         );
         if (context.out.format === 'json') context.out.json(Image.toJSON(updated));
-        else
-          context.out.line(
-            `${image} keeps ${updated.keepVersions > 0 ? `its newest ${updated.keepVersions}` : 'the default number of'} versions (and every version in use)`,
-          );
+        else {
+          if (keepText !== undefined)
+            context.out.line(
+              `${image} keeps ${updated.keepVersions > 0 ? `its newest ${updated.keepVersions}` : 'the default number of'} versions (and every version in use)`,
+            );
+          if (backendText !== undefined)
+            context.out.line(
+              `clones of ${image} are made with ${diskBackendWord(updated.defaultDiskBackend, "the hosts' standard disk backend")} unless they ask for another`,
+            );
+        }
         return EXIT.OK;
       },
     },

@@ -2,8 +2,9 @@
  * Resource names from what operators type: `kvm-01` or `hosts/kvm-01`, `debian-12` or `images/debian-12`,
  * an image version `debian-12/versions/3` or `images/debian-12/versions/stable` (number or alias),
  * `kvm-01/web-1` or `hosts/kvm-01/virtualMachines/web-1`, durations like `90s`, `10m`, `1h`, sizes like
- * `10G`. Malformed input is a usage error (exit 2) before any call.
+ * `10G`, disk backends like `reflink-copy`. Malformed input is a usage error (exit 2) before any call.
  */
+import { DiskBackend } from '../gen/cowherd/common/v1/types.js';
 import type { Duration } from '../gen/google/protobuf/duration.js';
 import {
   HOST_ID,
@@ -17,12 +18,30 @@ import {
 } from '../common/domain/resource-names.js';
 import { UsageError, type CommandSpec } from './command-line.js';
 
+/** The words `--disk-backend` takes and the DiskBackend each names (`vms show` and `images show` print them too). */
+export const DISK_BACKEND_WORDS: ReadonlyArray<readonly [string, DiskBackend]> = [
+  ['qcow2-overlay', DiskBackend.DISK_BACKEND_QCOW2_OVERLAY],
+  ['vhd-differencing', DiskBackend.DISK_BACKEND_VHD_DIFFERENCING],
+  ['reflink-copy', DiskBackend.DISK_BACKEND_REFLINK_COPY],
+];
+
+/** A DiskBackend as the CLI words it (`reflink-copy`); `fallback` for UNSPECIFIED. */
+export function diskBackendWord(backend: DiskBackend, fallback: string): string {
+  return DISK_BACKEND_WORDS.find(([, known]) => known === backend)?.[0] ?? fallback;
+}
+
 /** Parses command arguments, reporting errors against `command`. */
 export class ArgumentReader {
   constructor(private readonly command: readonly CommandSpec<never>[]) {}
 
   fail(message: string): never {
     throw new UsageError(message, this.command);
+  }
+
+  /** `reflink-copy`, `qcow2-overlay` or `vhd-differencing` -> its DiskBackend. */
+  diskBackend(raw: string, what: string): DiskBackend {
+    const found = DISK_BACKEND_WORDS.find(([word]) => word === raw);
+    return found ? found[1] : this.fail(`${what} must be ${DISK_BACKEND_WORDS.map(([word]) => word).join(', ')}, got ${JSON.stringify(raw)}`);
   }
 
   /** `kvm-01` or `hosts/kvm-01` -> `hosts/kvm-01`. */

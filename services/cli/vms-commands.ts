@@ -11,7 +11,7 @@ import {
   type RebaseVirtualMachinesRequest,
   type Placement,
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
-import { diskFormatToJSON } from '../gen/cowherd/common/v1/types.js';
+import { DiskBackend, diskFormatToJSON } from '../gen/cowherd/common/v1/types.js';
 import { Host, Image, ImageReplica, ImageView, VirtualMachine, type GuestConfiguration } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../gen/google/longrunning/operations.js';
 import type { CommandSpec, Invocation } from './command-line.js';
@@ -33,7 +33,7 @@ import {
 import { CLONE_OPERATION, REBASE_OPERATION, STOP_OPERATION } from './operation-kinds.js';
 import { followOperation, OPERATION_OPTIONS, printStarted } from './operation-wait.js';
 import { enumWord, formatBytes, formatTime, keyValues, table } from './output.js';
-import { ArgumentReader, toDuration } from './resource-arguments.js';
+import { ArgumentReader, diskBackendWord, toDuration } from './resource-arguments.js';
 
 const VM_ARGUMENT = { name: 'vm', description: 'the VM as <host>/<vm>, like kvm-01/web-1 (or hosts/kvm-01/virtualMachines/web-1)' };
 
@@ -80,6 +80,11 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
           value: '<size>',
           description: 'give each clone an empty persistent data disk of this size (like 10G; binary units, at most 16T); a rebase keeps it',
         },
+        {
+          name: 'disk-backend',
+          value: '<reflink-copy|qcow2-overlay|vhd-differencing>',
+          description: "how each clone's disks are made from the base (default: the image's default, else qcow2-overlay on KVM, vhd-differencing on Xen)",
+        },
         ...OPERATION_OPTIONS,
       ],
       details:
@@ -89,7 +94,10 @@ export const VMS_COMMAND: CommandSpec<CliContext> = {
         'Each clone records the exact image version it came from (`vms show`); --data-disk adds a second disk that `vms rebase` keeps.\n' +
         'With --stream, clones on hosts that lack the image are made while it arrives: they show `streaming 37%` (how much of their\n' +
         'base has arrived; guest reads of missing parts wait for them) and are done once the image is verified there. If the image\n' +
-        'cannot be brought to a host, its streaming clones are deleted and listed as failed. Hosts that hold the image clone as usual.',
+        'cannot be brought to a host, its streaming clones are deleted and listed as failed. Hosts that hold the image clone as usual.\n' +
+        '--disk-backend reflink-copy makes each disk a reflink copy of the base (btrfs, or xfs made with reflink=1: `hosts show` says\n' +
+        "whether a host's image directory can): no backing chain, the guest's I/O is a plain file's, and the clone does not depend on\n" +
+        'its image (the version or replica can be deleted under it). Only hosts that can reflink take such clones; not with --stream.',
       run: async (invocation, context) => {
         const args = new ArgumentReader(invocation.command);
         const request = cloneRequest(invocation, args);
@@ -326,12 +334,18 @@ export function cloneRequest(invocation: Invocation, args: ArgumentReader): Clon
   // The server refuses it too (INVALID_ARGUMENT naming `delivery`); said here before any call.
   if (invocation.flag('stream') && source.$case !== 'image')
     args.fail("--stream needs --image: a VM's clones are made on its own host, where nothing has to arrive");
+  const diskBackendFlag = invocation.string('disk-backend');
+  const diskBackend = diskBackendFlag === undefined ? DiskBackend.DISK_BACKEND_UNSPECIFIED : args.diskBackend(diskBackendFlag, '--disk-backend');
+  // The server refuses it too (INVALID_ARGUMENT naming `disk_backend`); said here before any call.
+  if (invocation.flag('stream') && diskBackend === DiskBackend.DISK_BACKEND_REFLINK_COPY)
+    args.fail("--stream cannot make reflink copies: a reflink copy needs the image's complete files (use --disk-backend qcow2-overlay to stream)");
   return {
     dataDiskBytes: dataDisk === undefined ? '0' : String(args.bytes(dataDisk, '--data-disk', 1024 * 1024, 16 * 2 ** 40)),
     guestConfiguration: undefined,
     source,
     placement,
     delivery: invocation.flag('stream') ? CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM : CloneVirtualMachinesRequest_Delivery.DELIVERY_UNSPECIFIED,
+    diskBackend,
     count,
     nameTemplate: invocation.string('template') ?? '',
     start: invocation.flag('start'),
@@ -495,6 +509,16 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
             ],
           ] as const)
         : []),
+      ...(vm.managed
+        ? ([
+            [
+              'disk backend',
+              lineage?.diskBackend === DiskBackend.DISK_BACKEND_REFLINK_COPY
+                ? 'reflink-copy (full copies sharing blocks with the base: it depends on no image file)'
+                : diskBackendWord(lineage?.diskBackend ?? DiskBackend.DISK_BACKEND_UNSPECIFIED, "the host's standard"),
+            ],
+          ] as const)
+        : []),
       ['guest identity', vm.guestConfigurationDigest ? `cloud-init seed, configuration sha256:${vm.guestConfigurationDigest.slice(0, 16)}` : '-'],
       ['dependents', vm.dependentVirtualMachines.length > 0 ? vm.dependentVirtualMachines.map(shortVirtualMachineName).join(', ') : '-'],
       ['created', formatTime(vm.createTime)],
@@ -521,18 +545,22 @@ async function showVirtualMachine(context: CliContext, name: string): Promise<nu
   // The chain runs through the overlays on the image (system disks); a clone's own files beside them (its
   // persistent data disk, its cloud-init seed) have no base and are named on the VM's line instead.
   const overlays = lineage?.overlays ?? [];
+  // A reflink clone's system disks are copies of its base without a chain: they depend on nothing below.
+  const reflink = lineage?.diskBackend === DiskBackend.DISK_BACKEND_REFLINK_COPY;
   const own = overlays.filter((overlay) => !vm.disks.some((disk) => disk.path === overlay && disk.backingChain.length > 0));
   const ownText = own.map((path) => {
     const disk = vm.disks.find((candidate) => candidate.path === path);
     const file = path.slice(path.lastIndexOf('/') + 1);
     // The agent writes the seed as clones/<name>/cidata.iso (services/agent/README.md).
-    return `${file} ${disk?.persistent ? 'persistent' : file === 'cidata.iso' ? 'cloud-init seed' : 'without a base'}`;
+    return `${file} ${disk?.persistent ? 'persistent' : file === 'cidata.iso' ? 'cloud-init seed' : reflink ? 'reflink copy' : 'without a base'}`;
   });
   const tree: string[] = [`${vm.domainName} (VM, ${virtualMachineState(vm)}${ownText.length > 0 ? `; beside its overlay: ${ownText.join(', ')}` : ''})`];
   for (const overlay of overlays) if (!own.includes(overlay)) tree.push(`overlay ${overlay}`);
   if (lineage?.replica)
     tree.push(
-      replica ? `base replica ${replica.name} (${replicaState(replica)}, ${replica.path})` : `base replica ${lineage.replica} (gone from the inventory)`,
+      replica
+        ? `${reflink ? 'copied from replica' : 'base replica'} ${replica.name} (${replicaState(replica)}, ${replica.path})`
+        : `${reflink ? 'copied from replica' : 'base replica'} ${lineage.replica} (gone from the inventory)`,
     );
   if (lineage?.image)
     tree.push(

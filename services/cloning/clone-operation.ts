@@ -311,6 +311,8 @@ async function runCloneOperation(
         requestId: agentRequestId(context.name, hostName),
         stream: streamCall,
         validateOnly: false,
+        // Fixed at planning (the request's, else the image's default then); UNSPECIFIED: the host's standard.
+        diskBackend: metadata.diskBackend ?? 0,
       };
       // Again while the agent does not answer (restarting, cut off for a moment): the same request_id finds
       // what the first attempt made, so no clone that exists is called failed.

@@ -6,7 +6,7 @@
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
-import { hypervisorToJSON } from '../gen/cowherd/common/v1/types.js';
+import { DiskBackend, hypervisorToJSON } from '../gen/cowherd/common/v1/types.js';
 import {
   CloneResult_State,
   CloneVirtualMachinesRequest_Delivery,
@@ -36,6 +36,7 @@ import {
   renderGuestIdentity,
 } from '../common/domain/guest-configuration.js';
 import { HOST_NAME, imageVersionName, parseImageReference, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
+import { checkDiskBackend, checkDiskBackendFor, diskBackendLabel } from '../common/domain/disk-backend-choice.js';
 import type { FleetView } from './fleet-view.js';
 import { parseNameTemplate, renderNames } from './name-template.js';
 import { placeRoundRobin, placeSpread } from './placement.js';
@@ -110,7 +111,56 @@ export function checkRequestShape(request: CloneVirtualMachinesRequest): CloneSo
   if (request.guestConfiguration !== undefined) checkGuestConfiguration(request.guestConfiguration);
   dataDiskBytesOf(request);
   checkDelivery(request, source.kind);
+  checkRequestedDiskBackend(request);
   return source;
+}
+
+/**
+ * INVALID_ARGUMENT naming `disk_backend` for a value that is no DiskBackend, or REFLINK_COPY with
+ * DELIVERY_STREAM: a reflink copy needs the replica's complete files, a streaming clone's base is still arriving.
+ */
+export function checkRequestedDiskBackend(request: Pick<CloneVirtualMachinesRequest, 'diskBackend' | 'delivery'>): void {
+  const backend = checkDiskBackend(request.diskBackend, 'disk_backend');
+  if (backend === DiskBackend.DISK_BACKEND_REFLINK_COPY && request.delivery === CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM)
+    throw CowherdError.invalidArgument(
+      'disk_backend',
+      "REFLINK_COPY cannot be used with DELIVERY_STREAM: a reflink copy needs the replica's complete files, and a streaming clone's base is still arriving (use QCOW2_OVERLAY to stream, or DELIVERY_DISTRIBUTE)",
+    );
+}
+
+/**
+ * The backend the clones are made with: the request's, else (an image source) the image's default. INVALID_ARGUMENT
+ * (`disk_backend`) when the source's hypervisor does not run it, or when the image's default is REFLINK_COPY and
+ * the request streams without choosing another backend.
+ */
+function effectiveDiskBackend(
+  request: Pick<CloneVirtualMachinesRequest, 'diskBackend' | 'delivery'>,
+  source: { readonly name: string; readonly hypervisor: Host['hypervisor']; readonly defaultDiskBackend?: DiskBackend },
+): DiskBackend {
+  const requested = checkDiskBackend(request.diskBackend, 'disk_backend');
+  if (requested !== DiskBackend.DISK_BACKEND_UNSPECIFIED) {
+    checkDiskBackendFor(requested, source.hypervisor, 'disk_backend', source.name);
+    return requested;
+  }
+  // The image's default (UNSPECIFIED without one: the hosts' standard).
+  const backend = checkDiskBackend(source.defaultDiskBackend ?? DiskBackend.DISK_BACKEND_UNSPECIFIED, 'disk_backend');
+  if (backend === DiskBackend.DISK_BACKEND_REFLINK_COPY && request.delivery === CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM)
+    throw CowherdError.invalidArgument(
+      'disk_backend',
+      `is unset, and ${source.name}'s default_disk_backend is REFLINK_COPY, which cannot stream (DELIVERY_STREAM): set disk_backend to QCOW2_OVERLAY to stream, or use DELIVERY_DISTRIBUTE`,
+    );
+  checkDiskBackendFor(backend, source.hypervisor, 'disk_backend', `${source.name} (its default_disk_backend)`);
+  return backend;
+}
+
+/** FAILED_PRECONDITION (HYPERVISOR_MISMATCH) unless the host reports that its image directory makes reflink copies. */
+function requireReflinks(host: Host): void {
+  if (host.imageDirectoryReflinks) return;
+  throw CowherdError.failedPrecondition(
+    `${host.name}'s image directory${host.imageDirectory ? ` ${host.imageDirectory}` : ''} cannot make reflink copies (or its agent could not tell): disk_backend REFLINK_COPY needs btrfs, or xfs made with reflink=1`,
+    ErrorReason.ERROR_REASON_HYPERVISOR_MISMATCH,
+    { host: host.name, disk_backend: diskBackendLabel(DiskBackend.DISK_BACKEND_REFLINK_COPY) },
+  );
 }
 
 /**
@@ -182,6 +232,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
   let hostsOfClones: string[];
   let imageDefault: GuestConfiguration | undefined;
   let imageVersion: string | undefined;
+  let diskBackend: DiskBackend;
   if (source.kind === 'virtualMachine') {
     const machine = await fleet.getVirtualMachine(source.name);
     if (!machine) throw CowherdError.notFound(source.name);
@@ -195,7 +246,9 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
         },
       );
     }
-    requireReady(hosts, source.host);
+    const host = requireReady(hosts, source.host);
+    diskBackend = effectiveDiskBackend(request, { name: source.name, hypervisor: host.hypervisor });
+    if (diskBackend === DiskBackend.DISK_BACKEND_REFLINK_COPY) requireReflinks(host);
     sourceValue = machine.domainName;
     hostsOfClones = placeRoundRobin([source.host], request.count, maxPerHost);
   } else {
@@ -214,6 +267,8 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
     sourceValue = source.id;
     imageVersion = exactImageVersion(source.id, image);
     imageDefault = image.defaultGuestConfiguration;
+    diskBackend = effectiveDiskBackend(request, { name: source.name, hypervisor: image.hypervisor, defaultDiskBackend: image.defaultDiskBackend });
+    const reflinks = diskBackend === DiskBackend.DISK_BACKEND_REFLINK_COPY;
     const hypervisorMatches = (host: Host): void => {
       if (host.hypervisor !== image.hypervisor) {
         throw CowherdError.failedPrecondition(
@@ -228,15 +283,22 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
       }
     };
     if (placement?.strategy === Placement_Strategy.STRATEGY_HOSTS) {
-      for (const name of placement.hosts) hypervisorMatches(requireReady(hosts, name));
+      for (const name of placement.hosts) {
+        const host = requireReady(hosts, name);
+        hypervisorMatches(host);
+        if (reflinks) requireReflinks(host);
+      }
       hostsOfClones = placeRoundRobin(placement.hosts, request.count, maxPerHost);
     } else {
-      const ready = [...hosts.values()].filter((host) => host.state === Host_State.STATE_READY && !host.draining && host.hypervisor === image.hypervisor);
+      // Reflink copies go only where the image directory makes them.
+      const ready = [...hosts.values()].filter(
+        (host) => host.state === Host_State.STATE_READY && !host.draining && host.hypervisor === image.hypervisor && (!reflinks || host.imageDirectoryReflinks),
+      );
       const readyNames = new Set(ready.map((host) => host.name));
       const holding = [...new Set((await fleet.listReplicas(imageVersion)).map((replica) => replica.host))].filter((host) => readyNames.has(host));
       if (ready.length === 0) {
         throw CowherdError.failedPrecondition(
-          `no READY ${hypervisorToJSON(image.hypervisor)} host can take clones of ${source.name}`,
+          `no READY ${hypervisorToJSON(image.hypervisor)} host ${reflinks ? 'whose image directory makes reflink copies (disk_backend REFLINK_COPY) ' : ''}can take clones of ${source.name}`,
           ErrorReason.ERROR_REASON_RESOURCE_STATE_CONFLICT,
           {
             resource: source.name,
@@ -280,6 +342,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
       requestId: '',
       stream: false,
       validateOnly: true,
+      diskBackend,
     });
   }
   const now = (options.now ?? (() => new Date()))();
@@ -306,6 +369,7 @@ export async function planClonesWithGuest(request: CloneVirtualMachinesRequest, 
     startTime: now,
     updateTime: now,
     guestConfigurationDigest: guest === undefined ? '' : guestConfigurationDigest(guest),
+    diskBackend,
   };
   return { metadata, ...(guest === undefined ? {} : { guestConfiguration: guest }), ...(imageVersion === undefined ? {} : { imageVersion }) };
 }

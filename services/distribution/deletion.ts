@@ -48,7 +48,10 @@ export interface DeletionDeps {
   readonly heads: KvStore<ImageHead>;
   readonly replicas: KvStore<ImageReplica>;
   readonly inventory: {
-    /** VMs whose source_image is `image` (`images/{image}`, every version), on `parent` (hosts/{host} or hosts/-). */
+    /**
+     * VMs whose source_image is `image` (`images/{image}`, every version), on `parent` (hosts/{host} or hosts/-), that
+     * depend on it: not reflink copies (lineage.disk_backend REFLINK_COPY), which need no base.
+     */
     dependents(parent: string, image: string): Promise<VirtualMachine[]>;
     getHost(name: string): Promise<Host | undefined>;
   };

@@ -13,10 +13,12 @@
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
+import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { Image_State, ImageHead, type Image } from '../gen/cowherd/inventory/v1/resources.js';
 import { CowherdError } from '../common/platform/errors.js';
 import { KvConflictError, type KvStore, type Versioned } from '../common/platform/kv.js';
 import { imageViewOf, resolveVersionNumber } from '../common/domain/image-versions.js';
+import { checkDiskBackend, checkDiskBackendFor } from '../common/domain/disk-backend-choice.js';
 import { IMAGE_ALIAS, IMAGE_NAME, LATEST_ALIAS, imageKey, imageVersionNameOfKey, parseImageKey, parseImageReference } from '../common/domain/resource-names.js';
 
 /** The buckets of the version model. */
@@ -218,9 +220,13 @@ export const MAX_ALIASES = 100;
 /** The largest keep_versions UpdateImage accepts. */
 export const MAX_KEEP_VERSIONS = 1000;
 
+/** The update_mask paths UpdateImage accepts. */
+const UPDATABLE_PATHS = ['aliases', 'keep_versions', 'default_disk_backend'];
+
 /**
- * UpdateImage: `aliases` (the whole map; `latest` is the catalog's; every target an existing AVAILABLE version)
- * and `keep_versions` (0 to 1000; 0 = the service's default). Returns the image view.
+ * UpdateImage: `aliases` (the whole map; `latest` is the catalog's; every target an existing AVAILABLE version),
+ * `keep_versions` (0 to 1000; 0 = the service's default) and `default_disk_backend` (a DiskBackend the image's
+ * hypervisor runs, or UNSPECIFIED for the hosts' standard). Returns the image view.
  */
 export async function updateImage(deps: ImageHeadsDeps, request: { image: Image | undefined; updateMask: string[] | undefined }): Promise<Image> {
   const image = request.image;
@@ -230,10 +236,10 @@ export async function updateImage(deps: ImageHeadsDeps, request: { image: Image 
   if (!reference) throw CowherdError.invalidArgument('image.name', 'must be images/{image} (settings belong to the image, not to one version)');
   const paths = request.updateMask ?? [];
   if (paths.length === 0 || paths.includes('*'))
-    throw CowherdError.invalidArgument('update_mask', 'must name the fields to change: aliases, keep_versions (not empty, not *)');
+    throw CowherdError.invalidArgument('update_mask', `must name the fields to change: ${UPDATABLE_PATHS.join(', ')} (not empty, not *)`);
   for (const path of paths)
-    if (path !== 'aliases' && path !== 'keep_versions')
-      throw CowherdError.invalidArgument('update_mask', `${JSON.stringify(path)} cannot be changed; only aliases and keep_versions`);
+    if (!UPDATABLE_PATHS.includes(path))
+      throw CowherdError.invalidArgument('update_mask', `${JSON.stringify(path)} cannot be changed; only ${UPDATABLE_PATHS.join(', ')}`);
   const id = reference.id;
   const records = await versionRecords(deps, id);
   if (records.length === 0) throw CowherdError.notFound(image.name);
@@ -259,6 +265,12 @@ export async function updateImage(deps: ImageHeadsDeps, request: { image: Image 
   }
   if (paths.includes('keep_versions') && (image.keepVersions < 0 || image.keepVersions > MAX_KEEP_VERSIONS))
     throw CowherdError.invalidArgument('image.keep_versions', `must be 0 (the default) to ${MAX_KEEP_VERSIONS}`);
+  if (paths.includes('default_disk_backend')) {
+    const backend = checkDiskBackend(image.defaultDiskBackend, 'image.default_disk_backend');
+    // Every version of an image has its hypervisor (that of its origin host).
+    const hypervisor = records.map((entry) => entry.record.value.hypervisor).find((value) => value !== Hypervisor.HYPERVISOR_UNSPECIFIED);
+    checkDiskBackendFor(backend, hypervisor ?? Hypervisor.HYPERVISOR_UNSPECIFIED, 'image.default_disk_backend', `images/${id}`);
+  }
   const firstAvailable = records.some((entry) => entry.version === 1 && entry.record.value.state === Image_State.STATE_AVAILABLE);
   await deps.heads.mutate(id, (current) =>
     ImageHead.fromPartial({
@@ -268,6 +280,7 @@ export async function updateImage(deps: ImageHeadsDeps, request: { image: Image 
       ...current,
       ...(aliases ? { aliases } : {}),
       ...(paths.includes('keep_versions') ? { keepVersions: image.keepVersions } : {}),
+      ...(paths.includes('default_disk_backend') ? { defaultDiskBackend: image.defaultDiskBackend } : {}),
       updateTime: new Date(),
     }),
   );

@@ -1,6 +1,7 @@
 /** What distribution reads from inventory, over gRPC with the service's own identity. */
 import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import type { InventoryServiceClient } from '../gen/cowherd/inventory/v1/inventory_service.js';
+import { DiskBackend } from '../gen/cowherd/common/v1/types.js';
 import type { Host, VirtualMachine } from '../gen/cowherd/inventory/v1/resources.js';
 import { call } from '../common/platform/client.js';
 import { readAllPages } from '../common/platform/list-pages.js';
@@ -25,8 +26,12 @@ export function inventoryReader(client: InventoryServiceClient) {
         const page = await call<{ hosts: Host[]; nextPageToken: string }>((cb) => client.listHosts({ pageSize: 1000, pageToken, filter: '' }, cb));
         return { items: page.hosts, nextPageToken: page.nextPageToken };
       }),
+    /**
+     * The VMs under `parent` whose source_image is `image` and whose disks depend on it: reflink copies
+     * (lineage.disk_backend REFLINK_COPY) are left out, so that a version or replica can be deleted under them.
+     */
     dependents: (parent: string, image: string): Promise<VirtualMachine[]> =>
-      readAllPages(async (pageToken) => {
+      readAllPages<VirtualMachine>(async (pageToken) => {
         const page = await call<{ virtualMachines: VirtualMachine[]; nextPageToken: string }>((cb) =>
           client.listVirtualMachines({ parent, pageSize: 1000, pageToken, filter: `source_image = ${JSON.stringify(image)}` }, cb),
         ).catch((error: { code?: number }) => {
@@ -35,6 +40,6 @@ export function inventoryReader(client: InventoryServiceClient) {
           throw error;
         });
         return { items: page.virtualMachines, nextPageToken: page.nextPageToken };
-      }),
+      }).then((vms) => vms.filter((vm) => vm.lineage?.diskBackend !== DiskBackend.DISK_BACKEND_REFLINK_COPY)),
   };
 }

@@ -12,7 +12,7 @@ import {
   VirtualMachine_State,
   VirtualMachineChange_Type,
 } from '../gen/cowherd/inventory/v1/resources.js';
-import { Hypervisor } from '../gen/cowherd/common/v1/types.js';
+import { DiskBackend, Hypervisor } from '../gen/cowherd/common/v1/types.js';
 import { CowherdError } from '../common/platform/errors.js';
 import { booleanField, enumField, hostNameField, imageNameField, imageVersionNameField, parseFilter } from '../common/domain/filter.js';
 import { findImageVersion, imageVersionRecord, imageViewOf, numberedRecords } from '../common/domain/image-versions.js';
@@ -186,7 +186,9 @@ export function inventoryHandlers(inventory: Inventory, pageTokens: PageTokens):
       });
       if (versions.length === 0) throw CowherdError.notFound(request.parent);
       const view = request.view === ImageView.IMAGE_VIEW_UNSPECIFIED ? ImageView.IMAGE_VIEW_BASIC : request.view;
-      return { versions: page.map((entry) => viewOf(imageVersionRecord(entry.record), view)), nextPageToken };
+      // default_disk_backend is the image's setting, on every version's record.
+      const defaultDiskBackend = inventory.imageHead(id)?.defaultDiskBackend ?? 0;
+      return { versions: page.map((entry) => viewOf({ ...imageVersionRecord(entry.record), defaultDiskBackend }, view)), nextPageToken };
     },
     getImageReplica: async (request) => {
       const parsed = HOST_IMAGE_NAME.parse(request.name);
@@ -317,7 +319,8 @@ function viewOf(image: Image, view: ImageView): Image {
  * Replicas with dependent_virtual_machines filled in from the VMs' lineage (VirtualMachine.lineage.replica),
  * as GetVirtualMachine shows it. The replica records are written by distribution and the agents, which never
  * list the clones, so the stored field stays empty: `images show` and `hosts show` printed 0 dependents for
- * replicas that dozens of clones use. One pass over the VMs of each host the replicas are on.
+ * replicas that dozens of clones use. One pass over the VMs of each host the replicas are on. A reflink copy
+ * (lineage.disk_backend REFLINK_COPY) names the replica it was copied from but does not depend on it: not counted.
  */
 function withDependents(inventory: Inventory, replicas: readonly ImageReplica[]): ImageReplica[] {
   const byReplica = new Map<string, string[]>();
@@ -325,7 +328,7 @@ function withDependents(inventory: Inventory, replicas: readonly ImageReplica[])
   for (const host of hosts) {
     for (const { value: vm } of inventory.vms.valuesWithPrefix(vmNamePrefix(host))) {
       const replica = vm.lineage?.replica;
-      if (!replica) continue;
+      if (!replica || vm.lineage?.diskBackend === DiskBackend.DISK_BACKEND_REFLINK_COPY) continue;
       const dependents = byReplica.get(replica) ?? [];
       dependents.push(vm.name);
       byReplica.set(replica, dependents);

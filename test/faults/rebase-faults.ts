@@ -99,6 +99,7 @@ export async function runRebaseRow(fleet: FaultFleet, state: SuiteState, row: Re
         source: { $case: 'image', value: v1 },
         placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [ORIGIN, OTHER].map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },
         delivery: 0,
+        diskBackend: 0,
         count: CLONES,
         nameTemplate: `${prefix}{index}`,
         start: false,

@@ -234,6 +234,7 @@ export async function runRow(fleet: FaultFleet, state: SuiteState, row: FaultRow
         source: { $case: 'image', value: IMAGE_NAME.format({ image }) },
         placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: row.cloneHosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },
         delivery: row.delivery === 'stream' ? CloneVirtualMachinesRequest_Delivery.DELIVERY_STREAM : CloneVirtualMachinesRequest_Delivery.DELIVERY_DISTRIBUTE,
+        diskBackend: 0,
         count: CLONES_PER_BATCH,
         nameTemplate: `${prefix}{index}`,
         start: false,

@@ -180,6 +180,7 @@ describe('the Xen path: clone engine, VHD children, domain XML, writes read back
     requestId: `xen-path-${image}`,
     validateOnly: false,
     stream: false,
+    diskBackend: 0,
     guestConfiguration: extra.guestConfiguration,
     guestConfigurationDigest: '',
     dataDiskBytes: String(extra.dataDiskBytes ?? 0),

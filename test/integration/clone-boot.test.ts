@@ -181,6 +181,7 @@ describe('a clone boots under TCG and writes only to its overlay', { skip: proce
           operation: '',
           requestId: `boot-${suffix}`,
           stream: false,
+          diskBackend: 0,
           validateOnly: false,
         },
         cb,

@@ -101,6 +101,7 @@ describe('three clones boot under TCG with three identities from their seed disk
           source: { $case: 'image', value: `images/${image}` },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [`hosts/${HOST}`], maxClonesPerHost: 0 },
           delivery: 0,
+          diskBackend: 0,
           count: 3,
           nameTemplate: `${image}-vm-{index}`,
           start: true,

@@ -339,6 +339,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: hosts.map((host) => HOST_NAME.format({ host })), maxClonesPerHost: 0 },
           delivery: 0,
+          diskBackend: 0,
           count: CLONE_COUNT,
           nameTemplate: `ha-${suffix}-{index}`,
           start: false,

@@ -79,6 +79,7 @@ describe('garbage collection of image versions and replicas', {
           source: { $case: 'image', value: image },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host })], maxClonesPerHost: 0 },
           delivery: 0,
+          diskBackend: 0,
           count: 1,
           nameTemplate: name,
           start: false,

@@ -51,6 +51,7 @@ describe('image lineage: nothing a VM depends on is deleted', { skip: process.ge
           source: { $case: 'image', value: IMAGE_NAME.format({ image: used }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: ['hosts/lineage-host'], maxClonesPerHost: 0 },
           delivery: 0,
+          diskBackend: 0,
           count: 1,
           nameTemplate: `${used}-{index}`,
           start: false,

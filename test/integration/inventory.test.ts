@@ -694,7 +694,7 @@ describe('inventory', () => {
       ...vm('kvm-07', name),
       sourceImage: image,
       managed: true,
-      lineage: { imageVersion: '', previousImageVersion: '', image, replica: `hosts/kvm-07/${image}`, sourceVirtualMachine: '', overlays: [] },
+      lineage: { imageVersion: '', previousImageVersion: '', image, replica: `hosts/kvm-07/${image}`, sourceVirtualMachine: '', overlays: [], diskBackend: 0 },
     });
     await call((cb) =>
       agent.reportVirtualMachines(

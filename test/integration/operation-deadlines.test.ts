@@ -256,6 +256,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
           source: { $case: 'image', value: IMAGE_NAME.format({ image: imageId }) },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [HOST_NAME.format({ host: target })], maxClonesPerHost: 0 },
           delivery: 0,
+          diskBackend: 0,
           count: 2,
           nameTemplate: `dl-${suffix}-{index}`,
           start: false,

@@ -97,6 +97,7 @@ describe('publishing an image from a powered-off VM', { skip: process.getuid?.()
           source: { $case: 'image', value: IMAGE_NAME.format({ image: `img-${suffix}` }) },
           placement: { strategy: Placement_Strategy.STRATEGY_WHERE_IMAGE_IS, hosts: [], maxClonesPerHost: 0 },
           delivery: 0,
+          diskBackend: 0,
           count: 2,
           nameTemplate: `img-${suffix}-{index}`,
           start: false,

@@ -240,6 +240,7 @@ describe('RebaseVirtualMachines moves 20 clones on two hosts to version 2 and ba
           source: { $case: 'image', value: V1 },
           placement: { strategy: Placement_Strategy.STRATEGY_HOSTS, hosts: [`hosts/${HOST_A}`, `hosts/${HOST_B}`], maxClonesPerHost: 0 },
           delivery: 0,
+          diskBackend: 0,
           count: 2 * CLONES_PER_HOST,
           nameTemplate: `rb-${suffix}-{index}`,
           start: false,

@@ -51,6 +51,7 @@ describe('CloneEngine', () => {
         requestId: 'operations/00000000-0000-4000-8000-000000000001/hosts/kvm-01',
         validateOnly: false,
         stream: false,
+        diskBackend: 0,
         guestConfiguration: undefined,
         guestConfigurationDigest: '',
         dataDiskBytes: '0',

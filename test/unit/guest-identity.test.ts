@@ -233,6 +233,7 @@ describe('CloneEngine with a guest configuration', () => {
     requestId: `req-${Math.random()}`,
     validateOnly: false,
     stream: false,
+    diskBackend: 0,
     guestConfiguration: undefined,
     guestConfigurationDigest: '',
     dataDiskBytes: '0',

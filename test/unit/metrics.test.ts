@@ -120,6 +120,7 @@ describe('metrics', () => {
         operation: '',
         requestId: '',
         stream: false,
+        diskBackend: 0,
         validateOnly: false,
       });
       assert.deepEqual(

@@ -114,7 +114,7 @@ export interface HostRegistrationFacts extends Capacity {
   /**
    * Whether the image directory's filesystem makes reflink copies (btrfs, xfs with reflink=1), which the
    * `reflink-copy` disk backend needs; absent when not probed (no probe given) or the probe could not run.
-   * Not sent to inventory yet: RegisterHost's Host has no field for it.
+   * RegisterHost sends it as Host.image_directory_reflinks (absent: false).
    */
   readonly imageDirectoryReflinks?: boolean;
   readonly agentVersion: string;

@@ -22,6 +22,7 @@ import type {
 } from '../../gen/cowherd/inventory/v1/inventory_service.js';
 import { Host, VirtualMachine, type Disk, type TransferLimits } from '../../gen/cowherd/inventory/v1/resources.js';
 import {
+  diskBackendValue,
   imageKeyOfBackingFile,
   inspectAll,
   LibvirtError,
@@ -89,6 +90,7 @@ export function toVirtualMachine(host: string, domain: DomainInfo, disks: readon
           replica: key === undefined ? '' : HOST_IMAGE_NAME.format({ host, image: key }),
           sourceVirtualMachine: 'virtualMachine' in clone.source ? clone.source.virtualMachine : '',
           overlays: disks.map((disk) => disk.path),
+          diskBackend: diskBackendValue(clone.diskBackend),
         },
         managed: true,
         sourceImage: image,
@@ -285,6 +287,7 @@ export function createReporter(options: ReporterOptions): Reporter {
           imageDirectory: facts.imageDirectory,
           imageDirectoryFreeBytes: String(facts.imageDirectoryFreeBytes),
           imageDirectoryTotalBytes: String(facts.imageDirectoryTotalBytes),
+          imageDirectoryReflinks: facts.imageDirectoryReflinks ?? false,
           agentVersion: facts.agentVersion,
         }),
       });

@@ -1,12 +1,14 @@
 /**
  * Which domains on this host depend on an image replica's files: cloned from it (their cowherd metadata
- * names it), or with a disk whose backing chain reaches a file of one of its generations.
+ * names it), or with a disk whose backing chain reaches a file of one of its generations. A reflink copy
+ * (disk backend `reflink-copy`) is neither: its metadata says so and its disks have no backing chain, so a
+ * replica can be deleted under it.
  */
 import { open } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parseStreamBackingUri } from '../image-directory/index.js';
 import { virtualMachineId } from './domain-state.js';
-import { cloneImageKey } from './domain-xml/clone-metadata.js';
+import { cloneImageKey, dependsOnBase } from './domain-xml/clone-metadata.js';
 import type { DomainInfo, Libvirt } from './libvirt.js';
 
 /** Dependents of an image's replica as the swarm asks for them (swarm/replicas.ts ReplicaDependents). */
@@ -30,14 +32,14 @@ export function imageDependents(libvirt: Pick<Libvirt, 'listDomains'>): ImageDep
 
 /**
  * The `{virtualMachine}` ids of the domains whose cowherd metadata says they stand on the version with storage
- * key `imageId` (cloned from it, or rebased onto it).
+ * key `imageId` (cloned from it, or rebased onto it); not reflink copies of it, which depend on it for nothing.
  */
 export function domainsClonedFrom(domains: readonly DomainInfo[], imageId: string): string[] {
   return domains.filter((domain) => clonedFrom(domain, imageId)).map((domain) => virtualMachineId(domain));
 }
 
 function clonedFrom(domain: DomainInfo, imageId: string): boolean {
-  return cloneImageKey(domain.clone) === imageId;
+  return domain.clone !== undefined && dependsOnBase(domain.clone) && cloneImageKey(domain.clone) === imageId;
 }
 
 /**

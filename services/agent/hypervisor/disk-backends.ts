@@ -24,8 +24,10 @@ import { chmod, copyFile, rm, stat, statfs, writeFile } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { ErrorReason } from '../../gen/cowherd/common/v1/error_reason.js';
+import { DiskBackend as DiskBackendValue } from '../../gen/cowherd/common/v1/types.js';
 import { CowherdError } from '../../common/platform/errors.js';
 import { backingChain } from './dependents.js';
+import type { DiskBackendName } from './domain-xml/clone-metadata.js';
 import type { DiskFormatName } from './domain-xml/safety.js';
 import { createEmptyDisk, createQcow2Overlay } from './overlays.js';
 import { createDifferencingVhd, readVhdInfo, resolveVhdParentPath } from './vhd.js';
@@ -37,8 +39,7 @@ export interface BaseDisk {
   readonly format: DiskFormatName;
 }
 
-/** The backends there are (what a request or an image default may name). */
-export type DiskBackendName = 'qcow2-overlay' | 'vhd-differencing' | 'reflink-copy';
+export type { DiskBackendName };
 
 /** libvirt `<driver name type>` of a disk. */
 export interface DiskDriver {
@@ -293,6 +294,29 @@ export const REFLINK_COPY_BACKEND: DiskBackend = {
   chain: backingChain,
   remove,
 };
+
+/** Every backend's name and the `cowherd.common.v1.DiskBackend` value that names it in requests and lineage. */
+const BACKEND_VALUES: ReadonlyArray<readonly [DiskBackendName, DiskBackendValue]> = [
+  ['qcow2-overlay', DiskBackendValue.DISK_BACKEND_QCOW2_OVERLAY],
+  ['vhd-differencing', DiskBackendValue.DISK_BACKEND_VHD_DIFFERENCING],
+  ['reflink-copy', DiskBackendValue.DISK_BACKEND_REFLINK_COPY],
+];
+
+/**
+ * The backend a request's `disk_backend` names; undefined for DISK_BACKEND_UNSPECIFIED (the host's standard).
+ * INVALID_ARGUMENT naming `field` for a number that is no DiskBackend (a newer client's value, or garbage).
+ */
+export function diskBackendChoice(value: DiskBackendValue | number, field = 'disk_backend'): DiskBackendName | undefined {
+  if (value === DiskBackendValue.DISK_BACKEND_UNSPECIFIED) return undefined;
+  const found = BACKEND_VALUES.find(([, known]) => known === value);
+  if (!found) throw CowherdError.invalidArgument(field, `is not a known disk backend (${String(value)}): QCOW2_OVERLAY, VHD_DIFFERENCING or REFLINK_COPY`);
+  return found[0];
+}
+
+/** The `cowherd.common.v1.DiskBackend` value of a backend (UNSPECIFIED for none: a clone recorded before backends were). */
+export function diskBackendValue(name: DiskBackendName | undefined): DiskBackendValue {
+  return BACKEND_VALUES.find(([known]) => known === name)?.[1] ?? DiskBackendValue.DISK_BACKEND_UNSPECIFIED;
+}
 
 /**
  * The backend of a host's clones: qcow2 overlays on KVM, VHD differencing disks on Xen, unless `choice` names

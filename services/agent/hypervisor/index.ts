@@ -1,7 +1,7 @@
 /**
  * The hypervisor room: libvirt (virsh, its events and facts, a view scoped to the image directory), domain
- * XML (parsing, safety checks, image templates, clone rendering), copy-on-write children behind one disk-backend
- * interface (qcow2 overlays, VHD differencing disks), disk inspection, and the domains that depend on an image's files. It uses only
+ * XML (parsing, safety checks, image templates, clone rendering), clones' disks behind one disk-backend
+ * interface (qcow2 overlays, VHD differencing disks, reflink copies), disk inspection, and the domains that depend on an image's files. It uses only
  * the image-directory room; the swarm and the host are not its business.
  */
 export {
@@ -20,6 +20,7 @@ export { virtualMachineId, virtualMachineState } from './domain-state.js';
 export { backingChain, domainsBackedBy, domainsClonedFrom, imageDependents, type ImageDependents } from './dependents.js';
 export {
   cloneImageKey,
+  dependsOnBase,
   imageKeyOfBackingFile,
   readCloneMetadata,
   updateCloneMetadata,
@@ -35,6 +36,17 @@ export { renderImportDomain, type ImportDomainParameters } from './domain-xml/im
 export { attachSeedImage } from './domain-xml/seed-attachment.js';
 export { buildSeedImage, readSeedImage, SEED_SYSTEM_AREA_BYTES, SEED_VOLUME_LABEL, withNewInstanceId } from './seed-image.js';
 export { protectBase, readBackingFileName, repointOverlay } from './overlays.js';
-export { diskBackendFor, type BaseDisk, type DiskBackend } from './disk-backends.js';
+export {
+  childDiskFormat,
+  diskBackendChoice,
+  diskBackendFor,
+  diskBackendValue,
+  reflinkSupported,
+  type BaseDisk,
+  type ChildDiskFormat,
+  type DiskBackend,
+  type DiskBackendName,
+  type DiskDriver,
+} from './disk-backends.js';
 export { readVhdInfo } from './vhd.js';
 export { createQemuImgDiskInspector, inspectAll, type DiskInspector } from './disks.js';

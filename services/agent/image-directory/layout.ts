@@ -7,7 +7,8 @@
  *   images/.<id>.partial/                 a replica while it is fetched (`.<id>.generation-<n>.partial` likewise)
  *   images/.<id>.replica.json             the swarm's state file of a replica
  *   images/.<id>.partial-<random>/        an export's work directory, renamed to images/<id>/ when complete
- *   clones/<domain>/                      a clone: one child per disk (<target>.qcow2 or .vhd), domain.xml, NVRAM, logs,
+ *   clones/<domain>/                      a clone: one child per disk (<target>.qcow2, .vhd, or .raw for a reflink copy
+ *                                         of a raw base), domain.xml, NVRAM, logs,
  *                                         cidata.iso (its NoCloud seed disk, when it was made with a guest configuration),
  *                                         data.qcow2 / data.vhd (its persistent data disk, with data_disk_bytes),
  *                                         .<target>.qcow2.rebase / .previous (a rebase's overlays during the switch)
@@ -207,13 +208,16 @@ export function cloneDirectory(root: string, domainName: string): string {
   return join(clonesDirectory(root), domainName);
 }
 
-/** A clone's child of the template disk `target`: `<clone dir>/<target>.qcow2` (KVM) or `.vhd` (Xen). */
-export function cloneDiskFile(cloneDirectoryPath: string, target: string, kind: 'qcow2' | 'vhd'): string {
+/**
+ * A clone's child of the template disk `target`: `<clone dir>/<target>.qcow2` (KVM), `.vhd` (Xen), or `.raw` (a
+ * reflink copy of a raw base; a reflink copy of a qcow2 base is `.qcow2`).
+ */
+export function cloneDiskFile(cloneDirectoryPath: string, target: string, kind: 'qcow2' | 'vhd' | 'raw'): string {
   return join(cloneDirectoryPath, `${target}.${kind}`);
 }
 
 /** A clone's persistent data disk (data_disk_bytes): `<clone dir>/data.qcow2` (KVM) or `.vhd` (Xen); kept by a rebase. */
-export function cloneDataDiskFile(cloneDirectoryPath: string, kind: 'qcow2' | 'vhd'): string {
+export function cloneDataDiskFile(cloneDirectoryPath: string, kind: 'qcow2' | 'vhd' | 'raw'): string {
   return join(cloneDirectoryPath, `data.${kind}`);
 }
 

@@ -65,7 +65,8 @@ export function imageVersionRecord(record: Image): Image {
 /**
  * The image view `images/{image}` (GetImage, ListImages, UpdateImage's answer): the record of its latest version
  * (resolved with the head; no head means version 1) named `images/{image}`, with `version` the latest, every
- * alias (`latest` included), the numbers of the versions that exist (oldest first) and the head's keep_versions.
+ * alias (`latest` included), the numbers of the versions that exist (oldest first), and the head's keep_versions
+ * and default_disk_backend.
  * While no version is AVAILABLE yet (the head's latest is 0) or the latest's record is missing, the newest
  * record stands in, so that an image being published reads as it did before versions existed. `records` are
  * the catalog records of one image id (any order), named by storage key (IMAGE_NAME); undefined when none.
@@ -83,18 +84,20 @@ export function imageViewOf(records: readonly Image[], head: ImageHead | undefin
     aliases: aliasesOf(head),
     versions: numbered.map((entry) => String(entry.version)),
     keepVersions: head?.keepVersions ?? 0,
+    defaultDiskBackend: head?.defaultDiskBackend ?? 0,
   };
 }
 
 /**
  * The record of the version `reference` names (number, alias, or `latest` for `images/{image}`), as
- * {@link imageVersionRecord} returns it; undefined for an unknown alias or a version without a record.
+ * {@link imageVersionRecord} returns it, with the image's default_disk_backend (a setting of the image that
+ * applies to clones of every version); undefined for an unknown alias or a version without a record.
  */
 export function findImageVersion(records: readonly Image[], head: ImageHead | undefined, reference: ImageReference): Image | undefined {
   const version = resolveVersionNumber(reference, head);
   if (version === undefined) return undefined;
   const found = numberedRecords(records).find((entry) => entry.id === reference.id && entry.version === version);
-  return found && imageVersionRecord(found.record);
+  return found && { ...imageVersionRecord(found.record), defaultDiskBackend: head?.defaultDiskBackend ?? 0 };
 }
 
 /** The versions among `records` (records of one image id), oldest first, each with its id and number. */

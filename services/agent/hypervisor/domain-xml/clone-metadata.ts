@@ -20,6 +20,10 @@ export const CLONE_METADATA_NAMESPACE = 'https://cowherd.dev/xmlns/clone/1';
 export const COWHERD_NAMESPACE_PREFIX = 'https://cowherd.dev/xmlns/';
 export const CLONE_METADATA_PREFIX = 'cowherd';
 
+/** The disk backends there are (disk-backends.ts), as a request, an image default and a clone's record name them. */
+export const DISK_BACKEND_NAMES = ['qcow2-overlay', 'vhd-differencing', 'reflink-copy'] as const;
+export type DiskBackendName = (typeof DISK_BACKEND_NAMES)[number];
+
 /** The lineage cowherd records in a clone's `<metadata>`. */
 export interface CloneMetadata {
   /** What the clone was made from: an image, `images/{image}`, or a VM, `hosts/{host}/virtualMachines/{vm}`. */
@@ -42,6 +46,21 @@ export interface CloneMetadata {
   readonly persistentDisks?: readonly string[];
   /** The RebaseVirtualMachines operation of the last rebase: its retry records the same clone.rebased again. */
   readonly rebaseOperation?: string;
+  /**
+   * How its disks were made from the base (`<cowherd:diskBackend>`); absent in clones made before it was
+   * recorded, which have the host's standard backend. A `reflink-copy` clone depends on no base (see
+   * {@link dependsOnBase}); a rebase makes its new disks with the same backend.
+   */
+  readonly diskBackend?: DiskBackendName;
+}
+
+/**
+ * Whether a clone's disks depend on the files it was made from (its image replica's, or its source VM's):
+ * true unless it is a reflink copy, which shares blocks with its base but reads nothing through it. Only such
+ * clones count as dependents of a replica or a source VM; a reflink clone's lineage still names its source.
+ */
+export function dependsOnBase(metadata: Pick<CloneMetadata, 'diskBackend'>): boolean {
+  return metadata.diskBackend !== 'reflink-copy';
 }
 
 /** The fields of the record that {@link updateCloneMetadata} may set; a field given as '' is removed. */
@@ -62,6 +81,7 @@ export function cloneMetadataFields(metadata: CloneMetadata): Array<[string, str
     ...(metadata.previousImageVersion ? [['previousImageVersion', metadata.previousImageVersion] as [string, string]] : []),
     ...(metadata.persistentDisks ?? []).map((target): [string, string] => ['persistentDisk', target]),
     ...(metadata.rebaseOperation ? [['rebaseOperation', metadata.rebaseOperation] as [string, string]] : []),
+    ...(metadata.diskBackend ? [['diskBackend', metadata.diskBackend] as [string, string]] : []),
   ];
 }
 
@@ -139,6 +159,8 @@ export function readCloneMetadata(xml: string): CloneMetadata | undefined {
   const imageVersion = value('imageVersion');
   const previousImageVersion = value('previousImageVersion');
   const rebaseOperation = value('rebaseOperation');
+  // An unknown name (a newer agent's backend) is left out: the clone then counts as depending on its base.
+  const diskBackend = DISK_BACKEND_NAMES.find((name) => name === value('diskBackend')?.trim());
   const persistentDisks = elementChildren(record)
     .filter((child) => localName(child.name) === 'persistentDisk')
     .map((child) => textOf(child).trim())
@@ -149,6 +171,7 @@ export function readCloneMetadata(xml: string): CloneMetadata | undefined {
     ...(previousImageVersion ? { previousImageVersion } : {}),
     ...(persistentDisks.length > 0 ? { persistentDisks } : {}),
     ...(rebaseOperation ? { rebaseOperation } : {}),
+    ...(diskBackend ? { diskBackend } : {}),
   };
   if (image) return { source: { image }, operation, requestId, ...extra };
   if (virtualMachine) return { source: { virtualMachine }, operation, requestId, ...extra };

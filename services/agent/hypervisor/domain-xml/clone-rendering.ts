@@ -36,7 +36,7 @@ import {
   textOf,
   type XmlElement,
 } from './xml-tree.js';
-import { diskBackendFor } from '../disk-backends.js';
+import { diskBackendFor, type DiskDriver } from '../disk-backends.js';
 
 /** The hypervisor a clone is rendered for. */
 export type HypervisorKind = 'kvm' | 'xen';
@@ -47,6 +47,11 @@ export interface CloneDiskOption {
   readonly target: string;
   /** The child's absolute path; must be inside the clone directory. */
   readonly path: string;
+  /**
+   * The child's libvirt `<driver>` (disk-backends.ts `childDiskFormat`: a reflink copy of a raw base is
+   * `qemu`/`raw`); default the hypervisor's standard backend's (`qemu`/`qcow2` on KVM, `tap`/`vhd` on Xen).
+   */
+  readonly driver?: DiskDriver;
 }
 
 /** Where randomness comes from (node:crypto by default; tests make collisions happen). */
@@ -140,8 +145,9 @@ export async function renderClone(templateXml: string, options: RenderCloneOptio
     wanted.set(option.target, { option, index });
   });
   const renderedDisks: Array<{ target: string; path: string; driverName: string; driverType: string }> = [];
-  // The child's libvirt <driver> is its disk backend's (qcow2 overlays: qemu; VHD differencing disks: blktap).
-  const driver = diskBackendFor(options.hypervisor).driver;
+  // Each child's libvirt <driver> is its own (a reflink copy's is its base's format), else the hypervisor's
+  // standard backend's (qcow2 overlays: qemu; VHD differencing disks: blktap).
+  const standardDriver = diskBackendFor(options.hypervisor).driver;
   for (const disk of devices ? elementChildren(devices, 'disk') : []) {
     const source = firstChild(disk, 'source');
     const placeholder = source?.attributes.get('file') ?? '';
@@ -152,6 +158,9 @@ export async function renderClone(templateXml: string, options: RenderCloneOptio
     if (!entry) throw DomainXmlError.invalidField('disks', `has no child for the template disk "${target}"`);
     wanted.delete(target);
     const childPath = await assertInsideDirectory(cloneDirectory, entry.option.path, `disks[${entry.index}].path`);
+    const driver = entry.option.driver ?? standardDriver;
+    if (!/^[a-z0-9]+$/.test(driver.name) || !/^[a-z0-9]+$/.test(driver.type))
+      throw DomainXmlError.invalidField(`disks[${entry.index}].driver`, 'must be a libvirt driver name and type');
     source!.attributes.set('file', childPath);
     source!.attributes.delete('index');
     let driverElement = firstChild(disk, 'driver');

@@ -24,6 +24,9 @@ import { Duration } from "../../../google/protobuf/duration.js";
 import { Empty } from "../../../google/protobuf/empty.js";
 import { Status } from "../../../google/rpc/status.js";
 import {
+  DiskBackend,
+  diskBackendFromJSON,
+  diskBackendToJSON,
   ImagePublishStage,
   imagePublishStageFromJSON,
   imagePublishStageToJSON,
@@ -283,6 +286,19 @@ export interface CreateClonesRequest {
    * AVAILABLE replica the flag changes nothing. Ignored for a virtual machine source.
    */
   stream: boolean;
+  /**
+   * How each clone's disks are made from the base (see cowherd.common.v1.DiskBackend). Unset means this host's
+   * standard (QCOW2_OVERLAY on KVM, VHD_DIFFERENCING on Xen): the agent knows no image defaults, the cloning
+   * service passes the request's choice or the image's default_disk_backend. Checked for the whole call before
+   * anything is made: a value that is no DiskBackend is INVALID_ARGUMENT (`disk_backend`); one this host's
+   * hypervisor does not run (VHD_DIFFERENCING on KVM, QCOW2_OVERLAY or REFLINK_COPY on Xen), a source disk
+   * whose format the backend cannot use, and REFLINK_COPY where the clones directory's file system cannot make
+   * reflink copies (or a source disk is on another file system) are FAILED_PRECONDITION
+   * (HYPERVISOR_MISMATCH) naming the reason. REFLINK_COPY never streams: with `stream`, a replica that is still
+   * arriving is FAILED_PRECONDITION (IMAGE_NOT_ON_HOST) as without it. The backend is recorded in each clone's
+   * cowherd metadata and reported as VirtualMachine.lineage.disk_backend.
+   */
+  diskBackend: DiskBackend;
 }
 
 /** CloneSpec is one clone to make. */
@@ -1877,6 +1893,7 @@ function createBaseCreateClonesRequest(): CreateClonesRequest {
     guestConfigurationDigest: "",
     dataDiskBytes: "0",
     stream: false,
+    diskBackend: 0,
   };
 }
 
@@ -1915,6 +1932,9 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     }
     if (message.stream !== false) {
       writer.uint32(80).bool(message.stream);
+    }
+    if (message.diskBackend !== 0) {
+      writer.uint32(88).int32(message.diskBackend);
     }
     return writer;
   },
@@ -2012,6 +2032,14 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
             message.stream = reader.bool();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.diskBackend = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2061,6 +2089,11 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
         ? globalThis.String(object.data_disk_bytes)
         : "0",
       stream: isSet(object.stream) ? globalThis.Boolean(object.stream) : false,
+      diskBackend: isSet(object.diskBackend)
+        ? diskBackendFromJSON(object.diskBackend)
+        : isSet(object.disk_backend)
+        ? diskBackendFromJSON(object.disk_backend)
+        : 0,
     };
   },
 
@@ -2095,6 +2128,9 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     if (message.stream !== false) {
       obj.stream = message.stream;
     }
+    if (message.diskBackend !== 0) {
+      obj.diskBackend = diskBackendToJSON(message.diskBackend);
+    }
     return obj;
   },
 
@@ -2127,6 +2163,7 @@ export const CreateClonesRequest: MessageFns<CreateClonesRequest, "cowherd.agent
     message.guestConfigurationDigest = object.guestConfigurationDigest ?? "";
     message.dataDiskBytes = object.dataDiskBytes ?? "0";
     message.stream = object.stream ?? false;
+    message.diskBackend = object.diskBackend ?? 0;
     return message;
   },
 };
@@ -3310,8 +3347,9 @@ export const AgentServiceService = {
   },
   /**
    * CreateClones makes copy-on-write clones of an AVAILABLE replica or of a powered-off virtual machine on this
-   * host: for each clone, one child per source disk under `<image_directory>/clones/<domain_name>/` (qcow2
-   * overlay via qemu-img on KVM, VHD differencing disk via vhd-util on Xen), the domain XML with the new name,
+   * host: for each clone, one child per source disk under `<image_directory>/clones/<domain_name>/` (by the
+   * request's disk_backend: a qcow2 overlay via qemu-img on KVM by default, a VHD differencing disk written by
+   * the agent on Xen, or a reflink copy of the base without a backing file), the domain XML with the new name,
    * fresh UUID and MACs and disks pointed at the children, then defineXML, and start if asked. It publishes
    * clone.done or clone.failed for each clone and returns every clone's result; a failed clone leaves nothing
    * behind unless only its start failed. It is idempotent per domain name: a clone whose domain already exists
@@ -3382,8 +3420,10 @@ export const AgentServiceService = {
   },
   /**
    * RebaseClones moves clones on this host onto another version of their image, whose replica here is
-   * AVAILABLE: each clone's system disk becomes a fresh overlay on the new version's disk (made once per call
-   * and copied, as CreateClones does), swapped in by rename; persistent disks, the seed disk, name, UUID and
+   * AVAILABLE: each clone's system disk becomes a fresh child of the new version's disk made by the clone's own
+   * disk backend (a qcow2 overlay made once per call and copied, as CreateClones does; a VHD differencing disk;
+   * for a REFLINK_COPY clone a new reflink copy, which must have the format of the disk it replaces, else that
+   * clone fails with FAILED_PRECONDITION), swapped in by rename; persistent disks, the seed disk, name, UUID and
    * MAC addresses stay; the clone's cowherd metadata records the new and the previous version. A running
    * clone is shut down gracefully first (up to shutdown_timeout) and started again only with restart. Neither
    * base is ever written. clone.rebased is published per clone. Per-clone failures are in the results; a clone
@@ -3473,8 +3513,9 @@ export interface AgentServiceServer extends UntypedServiceImplementation {
   setTransferLimits: handleUnaryCall<SetTransferLimitsRequest, TransferLimits>;
   /**
    * CreateClones makes copy-on-write clones of an AVAILABLE replica or of a powered-off virtual machine on this
-   * host: for each clone, one child per source disk under `<image_directory>/clones/<domain_name>/` (qcow2
-   * overlay via qemu-img on KVM, VHD differencing disk via vhd-util on Xen), the domain XML with the new name,
+   * host: for each clone, one child per source disk under `<image_directory>/clones/<domain_name>/` (by the
+   * request's disk_backend: a qcow2 overlay via qemu-img on KVM by default, a VHD differencing disk written by
+   * the agent on Xen, or a reflink copy of the base without a backing file), the domain XML with the new name,
    * fresh UUID and MACs and disks pointed at the children, then defineXML, and start if asked. It publishes
    * clone.done or clone.failed for each clone and returns every clone's result; a failed clone leaves nothing
    * behind unless only its start failed. It is idempotent per domain name: a clone whose domain already exists
@@ -3509,8 +3550,10 @@ export interface AgentServiceServer extends UntypedServiceImplementation {
   deleteVirtualMachine: handleUnaryCall<DeleteVirtualMachineRequest, Empty>;
   /**
    * RebaseClones moves clones on this host onto another version of their image, whose replica here is
-   * AVAILABLE: each clone's system disk becomes a fresh overlay on the new version's disk (made once per call
-   * and copied, as CreateClones does), swapped in by rename; persistent disks, the seed disk, name, UUID and
+   * AVAILABLE: each clone's system disk becomes a fresh child of the new version's disk made by the clone's own
+   * disk backend (a qcow2 overlay made once per call and copied, as CreateClones does; a VHD differencing disk;
+   * for a REFLINK_COPY clone a new reflink copy, which must have the format of the disk it replaces, else that
+   * clone fails with FAILED_PRECONDITION), swapped in by rename; persistent disks, the seed disk, name, UUID and
    * MAC addresses stay; the clone's cowherd metadata records the new and the previous version. A running
    * clone is shut down gracefully first (up to shutdown_timeout) and started again only with restart. Neither
    * base is ever written. clone.rebased is published per clone. Per-clone failures are in the results; a clone
@@ -3685,8 +3728,9 @@ export interface AgentServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * CreateClones makes copy-on-write clones of an AVAILABLE replica or of a powered-off virtual machine on this
-   * host: for each clone, one child per source disk under `<image_directory>/clones/<domain_name>/` (qcow2
-   * overlay via qemu-img on KVM, VHD differencing disk via vhd-util on Xen), the domain XML with the new name,
+   * host: for each clone, one child per source disk under `<image_directory>/clones/<domain_name>/` (by the
+   * request's disk_backend: a qcow2 overlay via qemu-img on KVM by default, a VHD differencing disk written by
+   * the agent on Xen, or a reflink copy of the base without a backing file), the domain XML with the new name,
    * fresh UUID and MACs and disks pointed at the children, then defineXML, and start if asked. It publishes
    * clone.done or clone.failed for each clone and returns every clone's result; a failed clone leaves nothing
    * behind unless only its start failed. It is idempotent per domain name: a clone whose domain already exists
@@ -3777,8 +3821,10 @@ export interface AgentServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * RebaseClones moves clones on this host onto another version of their image, whose replica here is
-   * AVAILABLE: each clone's system disk becomes a fresh overlay on the new version's disk (made once per call
-   * and copied, as CreateClones does), swapped in by rename; persistent disks, the seed disk, name, UUID and
+   * AVAILABLE: each clone's system disk becomes a fresh child of the new version's disk made by the clone's own
+   * disk backend (a qcow2 overlay made once per call and copied, as CreateClones does; a VHD differencing disk;
+   * for a REFLINK_COPY clone a new reflink copy, which must have the format of the disk it replaces, else that
+   * clone fails with FAILED_PRECONDITION), swapped in by rename; persistent disks, the seed disk, name, UUID and
    * MAC addresses stay; the clone's cowherd metadata records the new and the previous version. A running
    * clone is shut down gracefully first (up to shutdown_timeout) and started again only with restart. Neither
    * base is ever written. clone.rebased is published per clone. Per-clone failures are in the results; a clone

@@ -23,7 +23,7 @@ import { Duration } from "../../../google/protobuf/duration.js";
 import { Empty } from "../../../google/protobuf/empty.js";
 import { Timestamp } from "../../../google/protobuf/timestamp.js";
 import { Status } from "../../../google/rpc/status.js";
-import { TransferProgress } from "../../common/v1/types.js";
+import { DiskBackend, diskBackendFromJSON, diskBackendToJSON, TransferProgress } from "../../common/v1/types.js";
 import {
   GuestConfiguration,
   ImageReplica_State,
@@ -176,6 +176,20 @@ export interface CloneVirtualMachinesRequest {
   dataDiskBytes: string;
   /** How the image reaches hosts that lack it. Unset means DELIVERY_DISTRIBUTE. */
   delivery: CloneVirtualMachinesRequest_Delivery;
+  /**
+   * How each clone's disks are made from its base (see cowherd.common.v1.DiskBackend). Unset means the image's
+   * default_disk_backend, else the hosts' standard (QCOW2_OVERLAY on KVM, VHD_DIFFERENCING on Xen); for a
+   * virtual machine source, the host's standard. Checked before anything changes: a value that is no
+   * DiskBackend, or one the source's hypervisor does not run (VHD_DIFFERENCING for KVM, QCOW2_OVERLAY or
+   * REFLINK_COPY for Xen), is INVALID_ARGUMENT (`disk_backend`); REFLINK_COPY with DELIVERY_STREAM is
+   * INVALID_ARGUMENT (`disk_backend`: a reflink copy needs the replica's complete files), and so is an image
+   * whose default is REFLINK_COPY with DELIVERY_STREAM unless the request sets QCOW2_OVERLAY. With REFLINK_COPY,
+   * only hosts whose image directory makes reflink copies (Host.image_directory_reflinks) take clones:
+   * STRATEGY_WHERE_IMAGE_IS places them among those, and a host named in placement.hosts (or a source virtual
+   * machine's host) that cannot is FAILED_PRECONDITION (HYPERVISOR_MISMATCH). The agent checks its file system
+   * again before it makes anything. The backend used is in the operation's metadata (disk_backend).
+   */
+  diskBackend: DiskBackend;
 }
 
 /** Delivery is how clones on hosts without an AVAILABLE replica get their image. */
@@ -443,6 +457,11 @@ export interface CloneVirtualMachinesMetadata {
    * when the request has none.
    */
   guestConfigurationDigest: string;
+  /**
+   * The disk backend every clone of the operation is made with: the request's disk_backend, else the image's
+   * default_disk_backend as it was when the operation was created; UNSPECIFIED means each host's standard.
+   */
+  diskBackend: DiskBackend;
 }
 
 /** ImageTransfer is the image transfer to one host that clones on that host wait for. */
@@ -1259,6 +1278,7 @@ function createBaseCloneVirtualMachinesRequest(): CloneVirtualMachinesRequest {
     guestConfiguration: undefined,
     dataDiskBytes: "0",
     delivery: 0,
+    diskBackend: 0,
   };
 }
 
@@ -1300,6 +1320,9 @@ export const CloneVirtualMachinesRequest: MessageFns<
     }
     if (message.delivery !== 0) {
       writer.uint32(80).int32(message.delivery);
+    }
+    if (message.diskBackend !== 0) {
+      writer.uint32(88).int32(message.diskBackend);
     }
     return writer;
   },
@@ -1397,6 +1420,14 @@ export const CloneVirtualMachinesRequest: MessageFns<
             message.delivery = reader.int32() as any;
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.diskBackend = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1442,6 +1473,11 @@ export const CloneVirtualMachinesRequest: MessageFns<
         ? globalThis.String(object.data_disk_bytes)
         : "0",
       delivery: isSet(object.delivery) ? cloneVirtualMachinesRequest_DeliveryFromJSON(object.delivery) : 0,
+      diskBackend: isSet(object.diskBackend)
+        ? diskBackendFromJSON(object.diskBackend)
+        : isSet(object.disk_backend)
+        ? diskBackendFromJSON(object.disk_backend)
+        : 0,
     };
   },
 
@@ -1475,6 +1511,9 @@ export const CloneVirtualMachinesRequest: MessageFns<
     }
     if (message.delivery !== 0) {
       obj.delivery = cloneVirtualMachinesRequest_DeliveryToJSON(message.delivery);
+    }
+    if (message.diskBackend !== 0) {
+      obj.diskBackend = diskBackendToJSON(message.diskBackend);
     }
     return obj;
   },
@@ -1510,6 +1549,7 @@ export const CloneVirtualMachinesRequest: MessageFns<
       : undefined;
     message.dataDiskBytes = object.dataDiskBytes ?? "0";
     message.delivery = object.delivery ?? 0;
+    message.diskBackend = object.diskBackend ?? 0;
     return message;
   },
 };
@@ -1949,6 +1989,7 @@ function createBaseCloneVirtualMachinesMetadata(): CloneVirtualMachinesMetadata 
     startTime: undefined,
     updateTime: undefined,
     guestConfigurationDigest: "",
+    diskBackend: 0,
   };
 }
 
@@ -1988,6 +2029,9 @@ export const CloneVirtualMachinesMetadata: MessageFns<
     }
     if (message.guestConfigurationDigest !== "") {
       writer.uint32(82).string(message.guestConfigurationDigest);
+    }
+    if (message.diskBackend !== 0) {
+      writer.uint32(88).int32(message.diskBackend);
     }
     return writer;
   },
@@ -2085,6 +2129,14 @@ export const CloneVirtualMachinesMetadata: MessageFns<
             message.guestConfigurationDigest = reader.string();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.diskBackend = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2141,6 +2193,11 @@ export const CloneVirtualMachinesMetadata: MessageFns<
         : isSet(object.guest_configuration_digest)
         ? globalThis.String(object.guest_configuration_digest)
         : "",
+      diskBackend: isSet(object.diskBackend)
+        ? diskBackendFromJSON(object.diskBackend)
+        : isSet(object.disk_backend)
+        ? diskBackendFromJSON(object.disk_backend)
+        : 0,
     };
   },
 
@@ -2176,6 +2233,9 @@ export const CloneVirtualMachinesMetadata: MessageFns<
     if (message.guestConfigurationDigest !== "") {
       obj.guestConfigurationDigest = message.guestConfigurationDigest;
     }
+    if (message.diskBackend !== 0) {
+      obj.diskBackend = diskBackendToJSON(message.diskBackend);
+    }
     return obj;
   },
 
@@ -2194,6 +2254,7 @@ export const CloneVirtualMachinesMetadata: MessageFns<
     message.startTime = object.startTime ?? undefined;
     message.updateTime = object.updateTime ?? undefined;
     message.guestConfigurationDigest = object.guestConfigurationDigest ?? "";
+    message.diskBackend = object.diskBackend ?? 0;
     return message;
   },
 };

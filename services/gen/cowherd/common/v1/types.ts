@@ -115,6 +115,78 @@ export function diskFormatToJSON(object: DiskFormat): string {
 }
 
 /**
+ * DiskBackend is how a clone's disks are made from its base (the image replica's files, or a powered-off
+ * virtual machine's disks). Where a request leaves it unset, the image's default applies
+ * (Image.default_disk_backend), else the host's standard: QCOW2_OVERLAY on KVM, VHD_DIFFERENCING on Xen.
+ */
+export enum DiskBackend {
+  /** DISK_BACKEND_UNSPECIFIED - The host's standard: QCOW2_OVERLAY on KVM hosts, VHD_DIFFERENCING on Xen hosts. */
+  DISK_BACKEND_UNSPECIFIED = 0,
+  /**
+   * DISK_BACKEND_QCOW2_OVERLAY - KVM: each disk is a qcow2 overlay whose backing file is the base (`qemu-img create -f qcow2 -b BASE -F
+   * FORMAT`), on qcow2 or raw bases. Made in milliseconds whatever the base's size; reads of blocks the guest
+   * never wrote go through to the base, so the base must stay as long as the clone exists (it counts among the
+   * replica's dependent virtual machines).
+   */
+  DISK_BACKEND_QCOW2_OVERLAY = 1,
+  /**
+   * DISK_BACKEND_VHD_DIFFERENCING - Xen: each disk is a VHD differencing disk whose parent is the base, on VHD bases. Like QCOW2_OVERLAY the
+   * clone depends on its base.
+   */
+  DISK_BACKEND_VHD_DIFFERENCING = 2,
+  /**
+   * DISK_BACKEND_REFLINK_COPY - KVM on an image directory whose file system makes reflink copies (btrfs, or xfs made with reflink=1; see
+   * Host.image_directory_reflinks): each disk is a reflink copy of the base (FICLONE: the file system shares
+   * the base's blocks until either side writes them) in the base's own format, qcow2 or raw, with no backing
+   * file. The guest's I/O is that of a plain file, only blocks it rewrites take new space, and the clone
+   * depends on its base for nothing: it is not among the replica's dependent virtual machines, and the replica
+   * (or the image version) can be deleted while the clone keeps running. Its lineage still names the image
+   * version it was copied from. Never a silent full copy: where the file system cannot reflink, the request
+   * fails with FAILED_PRECONDITION before anything is made. Not for streaming clones (their base is still
+   * arriving).
+   */
+  DISK_BACKEND_REFLINK_COPY = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function diskBackendFromJSON(object: any): DiskBackend {
+  switch (object) {
+    case 0:
+    case "DISK_BACKEND_UNSPECIFIED":
+      return DiskBackend.DISK_BACKEND_UNSPECIFIED;
+    case 1:
+    case "DISK_BACKEND_QCOW2_OVERLAY":
+      return DiskBackend.DISK_BACKEND_QCOW2_OVERLAY;
+    case 2:
+    case "DISK_BACKEND_VHD_DIFFERENCING":
+      return DiskBackend.DISK_BACKEND_VHD_DIFFERENCING;
+    case 3:
+    case "DISK_BACKEND_REFLINK_COPY":
+      return DiskBackend.DISK_BACKEND_REFLINK_COPY;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DiskBackend.UNRECOGNIZED;
+  }
+}
+
+export function diskBackendToJSON(object: DiskBackend): string {
+  switch (object) {
+    case DiskBackend.DISK_BACKEND_UNSPECIFIED:
+      return "DISK_BACKEND_UNSPECIFIED";
+    case DiskBackend.DISK_BACKEND_QCOW2_OVERLAY:
+      return "DISK_BACKEND_QCOW2_OVERLAY";
+    case DiskBackend.DISK_BACKEND_VHD_DIFFERENCING:
+      return "DISK_BACKEND_VHD_DIFFERENCING";
+    case DiskBackend.DISK_BACKEND_REFLINK_COPY:
+      return "DISK_BACKEND_REFLINK_COPY";
+    case DiskBackend.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/**
  * ImagePublishStage is the step an image publication is in. The origin host's agent goes through EXPORTING,
  * HASHING and CREATING_TORRENT; the distribution service then REGISTERS the image in the catalog.
  */

@@ -118,7 +118,7 @@ export interface UpdateImageRequest {
   image:
     | Image
     | undefined;
-  /** The fields to change: `aliases`, `keep_versions`. Empty or `*` is INVALID_ARGUMENT. */
+  /** The fields to change: `aliases`, `keep_versions`, `default_disk_backend`. Empty or `*` is INVALID_ARGUMENT. */
   updateMask: string[] | undefined;
 }
 
@@ -3635,9 +3635,11 @@ export const DistributionServiceService = {
   },
   /**
    * UpdateImage changes an image's settings (AIP-134): `aliases` (the whole map of operator aliases; `latest`
-   * may not be set, every alias must name an existing AVAILABLE version) and `keep_versions`. Returns the image
-   * view. Only admins may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD) for another mask path, a bad alias
-   * name or an unknown version; NOT_FOUND (RESOURCE_NOT_FOUND).
+   * may not be set, every alias must name an existing AVAILABLE version), `keep_versions` and
+   * `default_disk_backend` (a backend of the image's hypervisor, or UNSPECIFIED for the hosts' standard).
+   * Returns the image view. Only admins may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD) for another mask
+   * path, a bad alias name, an unknown version, or a disk backend that is unknown or not for the image's
+   * hypervisor; NOT_FOUND (RESOURCE_NOT_FOUND).
    */
   updateImage: {
     path: "/cowherd.distribution.v1.DistributionService/UpdateImage" as const,
@@ -3777,9 +3779,11 @@ export interface DistributionServiceServer extends UntypedServiceImplementation 
   collectImageReplicas: handleUnaryCall<CollectImageReplicasRequest, CollectImageReplicasResponse>;
   /**
    * UpdateImage changes an image's settings (AIP-134): `aliases` (the whole map of operator aliases; `latest`
-   * may not be set, every alias must name an existing AVAILABLE version) and `keep_versions`. Returns the image
-   * view. Only admins may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD) for another mask path, a bad alias
-   * name or an unknown version; NOT_FOUND (RESOURCE_NOT_FOUND).
+   * may not be set, every alias must name an existing AVAILABLE version), `keep_versions` and
+   * `default_disk_backend` (a backend of the image's hypervisor, or UNSPECIFIED for the hosts' standard).
+   * Returns the image view. Only admins may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD) for another mask
+   * path, a bad alias name, an unknown version, or a disk backend that is unknown or not for the image's
+   * hypervisor; NOT_FOUND (RESOURCE_NOT_FOUND).
    */
   updateImage: handleUnaryCall<UpdateImageRequest, Image>;
   /**
@@ -3985,9 +3989,11 @@ export interface DistributionServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * UpdateImage changes an image's settings (AIP-134): `aliases` (the whole map of operator aliases; `latest`
-   * may not be set, every alias must name an existing AVAILABLE version) and `keep_versions`. Returns the image
-   * view. Only admins may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD) for another mask path, a bad alias
-   * name or an unknown version; NOT_FOUND (RESOURCE_NOT_FOUND).
+   * may not be set, every alias must name an existing AVAILABLE version), `keep_versions` and
+   * `default_disk_backend` (a backend of the image's hypervisor, or UNSPECIFIED for the hosts' standard).
+   * Returns the image view. Only admins may call it. Errors: INVALID_ARGUMENT (INVALID_FIELD) for another mask
+   * path, a bad alias name, an unknown version, or a disk backend that is unknown or not for the image's
+   * hypervisor; NOT_FOUND (RESOURCE_NOT_FOUND).
    */
   updateImage(
     request: UpdateImageRequest,

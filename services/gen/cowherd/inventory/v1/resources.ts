@@ -9,6 +9,9 @@ import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Timestamp } from "../../../google/protobuf/timestamp.js";
 import { Status } from "../../../google/rpc/status.js";
 import {
+  DiskBackend,
+  diskBackendFromJSON,
+  diskBackendToJSON,
   DiskFormat,
   diskFormatFromJSON,
   diskFormatToJSON,
@@ -26,7 +29,7 @@ export const protobufFileName = "cowherd/inventory/v1/resources.proto";
 export enum ImageView {
   /** IMAGE_VIEW_UNSPECIFIED - The method's default: IMAGE_VIEW_FULL for GetImage, IMAGE_VIEW_BASIC for ListImages. */
   IMAGE_VIEW_UNSPECIFIED = 0,
-  /** IMAGE_VIEW_BASIC - Everything except the large fields Image.domain_template and TorrentInfo.metainfo. */
+  /** IMAGE_VIEW_BASIC - Everything except the large fields Image.domain_template, Image.read_profile and TorrentInfo.metainfo. */
   IMAGE_VIEW_BASIC = 1,
   /** IMAGE_VIEW_FULL - The complete record. */
   IMAGE_VIEW_FULL = 2,
@@ -148,6 +151,13 @@ export interface Host {
    * dependents) until use is below it. Set with UpdateHost (update_mask `image_directory_high_watermark_percent`).
    */
   imageDirectoryHighWatermarkPercent: number;
+  /**
+   * Whether the image directory's file system makes reflink copies (btrfs, or xfs made with reflink=1), which
+   * clones with disk backend REFLINK_COPY need. The agent probes it at registration by a reflink copy of a small
+   * temporary file in the image directory; false when it cannot, and when the probe could not run (the fact
+   * is then unknown, and the agent's own check decides when a clone is made).
+   */
+  imageDirectoryReflinks: boolean;
 }
 
 /** State is whether a host can take work. */
@@ -305,7 +315,16 @@ export interface Image {
    * host that streamed it (image.read_profile); later streaming clones fetch these pieces first, in this order.
    * Unset until a clone has streamed. On IMAGE_VIEW_FULL only.
    */
-  readProfile: ReadProfile | undefined;
+  readProfile:
+    | ReadProfile
+    | undefined;
+  /**
+   * How clones of this image get their disks when a CloneVirtualMachines request leaves disk_backend unset
+   * (see cowherd.common.v1.DiskBackend); UNSPECIFIED means the hosts' standard (QCOW2_OVERLAY on KVM,
+   * VHD_DIFFERENCING on Xen). A setting of the image, the same on every version's record. Set with UpdateImage
+   * (update_mask `default_disk_backend`); it must be a backend of the image's hypervisor.
+   */
+  defaultDiskBackend: DiskBackend;
 }
 
 /** State is where an image is in its life. */
@@ -404,7 +423,11 @@ export interface ImageHead {
   /** Image.keep_versions. */
   keepVersions: number;
   /** When the record last changed. */
-  updateTime: Date | undefined;
+  updateTime:
+    | Date
+    | undefined;
+  /** Image.default_disk_backend. */
+  defaultDiskBackend: DiskBackend;
 }
 
 export interface ImageHead_AliasesEntry {
@@ -530,7 +553,8 @@ export interface ImageReplica {
     | undefined;
   /**
    * The virtual machines on this host whose disks use this replica's files as backing files,
-   * `hosts/{host}/virtualMachines/{virtual_machine}`. While any exist, the replica cannot be deleted.
+   * `hosts/{host}/virtualMachines/{virtual_machine}`. While any exist, the replica cannot be deleted. Reflink
+   * copies of its files (clones with disk backend REFLINK_COPY) are not among them: they use no backing file.
    */
   dependentVirtualMachines: string[];
   /** True for the replica the image was exported into, which also serves as the swarm's HTTP web seed. */
@@ -833,7 +857,8 @@ export interface VirtualMachineLineage {
   image: string;
   /**
    * The replica whose files back the disks, `hosts/{host}/images/{image}`; empty when cloned from a virtual
-   * machine.
+   * machine. For a REFLINK_COPY clone (disk_backend), the replica its disks were copied from: they do not
+   * depend on it, and it does not count the clone among its dependent virtual machines.
    */
   replica: string;
   /**
@@ -853,6 +878,12 @@ export interface VirtualMachineLineage {
    * moves the clone back.
    */
   previousImageVersion: string;
+  /**
+   * How the clone's disks were made from its base, as its cowherd metadata records it; UNSPECIFIED for clones
+   * made before the record existed (they have the host's standard). A REFLINK_COPY clone depends on no base:
+   * it is never a dependent of a replica, an image version or a source virtual machine.
+   */
+  diskBackend: DiskBackend;
 }
 
 /** VirtualMachineChange is one change to the set of virtual machines, as streamed by WatchVirtualMachines. */
@@ -992,6 +1023,7 @@ function createBaseHost(): Host {
     agentVersion: "",
     updateTime: undefined,
     imageDirectoryHighWatermarkPercent: 0,
+    imageDirectoryReflinks: false,
   };
 }
 
@@ -1061,6 +1093,9 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
     }
     if (message.imageDirectoryHighWatermarkPercent !== 0) {
       writer.uint32(168).int32(message.imageDirectoryHighWatermarkPercent);
+    }
+    if (message.imageDirectoryReflinks !== false) {
+      writer.uint32(176).bool(message.imageDirectoryReflinks);
     }
     return writer;
   },
@@ -1249,6 +1284,14 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
             message.imageDirectoryHighWatermarkPercent = reader.int32();
             continue;
           }
+          case 22: {
+            if (tag !== 176) {
+              break;
+            }
+
+            message.imageDirectoryReflinks = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1357,6 +1400,11 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
         : isSet(object.image_directory_high_watermark_percent)
         ? globalThis.Number(object.image_directory_high_watermark_percent)
         : 0,
+      imageDirectoryReflinks: isSet(object.imageDirectoryReflinks)
+        ? globalThis.Boolean(object.imageDirectoryReflinks)
+        : isSet(object.image_directory_reflinks)
+        ? globalThis.Boolean(object.image_directory_reflinks)
+        : false,
     };
   },
 
@@ -1431,6 +1479,9 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
     if (message.imageDirectoryHighWatermarkPercent !== 0) {
       obj.imageDirectoryHighWatermarkPercent = Math.round(message.imageDirectoryHighWatermarkPercent);
     }
+    if (message.imageDirectoryReflinks !== false) {
+      obj.imageDirectoryReflinks = message.imageDirectoryReflinks;
+    }
     return obj;
   },
 
@@ -1470,6 +1521,7 @@ export const Host: MessageFns<Host, "cowherd.inventory.v1.Host"> = {
     message.agentVersion = object.agentVersion ?? "";
     message.updateTime = object.updateTime ?? undefined;
     message.imageDirectoryHighWatermarkPercent = object.imageDirectoryHighWatermarkPercent ?? 0;
+    message.imageDirectoryReflinks = object.imageDirectoryReflinks ?? false;
     return message;
   },
 };
@@ -1677,6 +1729,7 @@ function createBaseImage(): Image {
     keepVersions: 0,
     versions: [],
     readProfile: undefined,
+    defaultDiskBackend: 0,
   };
 }
 
@@ -1740,6 +1793,9 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     }
     if (message.readProfile !== undefined) {
       ReadProfile.encode(message.readProfile, writer.uint32(154).fork()).join();
+    }
+    if (message.defaultDiskBackend !== 0) {
+      writer.uint32(160).int32(message.defaultDiskBackend);
     }
     return writer;
   },
@@ -1925,6 +1981,14 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
             message.readProfile = ReadProfile.decode(reader, reader.uint32());
             continue;
           }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.defaultDiskBackend = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2018,6 +2082,11 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
         : isSet(object.read_profile)
         ? ReadProfile.fromJSON(object.read_profile)
         : undefined,
+      defaultDiskBackend: isSet(object.defaultDiskBackend)
+        ? diskBackendFromJSON(object.defaultDiskBackend)
+        : isSet(object.default_disk_backend)
+        ? diskBackendFromJSON(object.default_disk_backend)
+        : 0,
     };
   },
 
@@ -2092,6 +2161,9 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     if (message.readProfile !== undefined) {
       obj.readProfile = ReadProfile.toJSON(message.readProfile);
     }
+    if (message.defaultDiskBackend !== 0) {
+      obj.defaultDiskBackend = diskBackendToJSON(message.defaultDiskBackend);
+    }
     return obj;
   },
 
@@ -2144,6 +2216,7 @@ export const Image: MessageFns<Image, "cowherd.inventory.v1.Image"> = {
     message.readProfile = (object.readProfile !== undefined && object.readProfile !== null)
       ? ReadProfile.fromPartial(object.readProfile)
       : undefined;
+    message.defaultDiskBackend = object.defaultDiskBackend ?? 0;
     return message;
   },
 };
@@ -2464,7 +2537,15 @@ export const ReadProfile: MessageFns<ReadProfile, "cowherd.inventory.v1.ReadProf
 };
 
 function createBaseImageHead(): ImageHead {
-  return { image: "", latestVersion: "0", lastVersion: "0", aliases: {}, keepVersions: 0, updateTime: undefined };
+  return {
+    image: "",
+    latestVersion: "0",
+    lastVersion: "0",
+    aliases: {},
+    keepVersions: 0,
+    updateTime: undefined,
+    defaultDiskBackend: 0,
+  };
 }
 
 export const ImageHead: MessageFns<ImageHead, "cowherd.inventory.v1.ImageHead"> = {
@@ -2488,6 +2569,9 @@ export const ImageHead: MessageFns<ImageHead, "cowherd.inventory.v1.ImageHead"> 
     }
     if (message.updateTime !== undefined) {
       Timestamp.encode(toTimestamp(message.updateTime), writer.uint32(50).fork()).join();
+    }
+    if (message.defaultDiskBackend !== 0) {
+      writer.uint32(56).int32(message.defaultDiskBackend);
     }
     return writer;
   },
@@ -2556,6 +2640,14 @@ export const ImageHead: MessageFns<ImageHead, "cowherd.inventory.v1.ImageHead"> 
             message.updateTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.defaultDiskBackend = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2605,6 +2697,11 @@ export const ImageHead: MessageFns<ImageHead, "cowherd.inventory.v1.ImageHead"> 
         : isSet(object.update_time)
         ? fromJsonTimestamp(object.update_time)
         : undefined,
+      defaultDiskBackend: isSet(object.defaultDiskBackend)
+        ? diskBackendFromJSON(object.defaultDiskBackend)
+        : isSet(object.default_disk_backend)
+        ? diskBackendFromJSON(object.default_disk_backend)
+        : 0,
     };
   },
 
@@ -2634,6 +2731,9 @@ export const ImageHead: MessageFns<ImageHead, "cowherd.inventory.v1.ImageHead"> 
     if (message.updateTime !== undefined) {
       obj.updateTime = message.updateTime.toISOString();
     }
+    if (message.defaultDiskBackend !== 0) {
+      obj.defaultDiskBackend = diskBackendToJSON(message.defaultDiskBackend);
+    }
     return obj;
   },
 
@@ -2656,6 +2756,7 @@ export const ImageHead: MessageFns<ImageHead, "cowherd.inventory.v1.ImageHead"> 
     );
     message.keepVersions = object.keepVersions ?? 0;
     message.updateTime = object.updateTime ?? undefined;
+    message.defaultDiskBackend = object.defaultDiskBackend ?? 0;
     return message;
   },
 };
@@ -4258,7 +4359,15 @@ export const BackingFile: MessageFns<BackingFile, "cowherd.inventory.v1.BackingF
 };
 
 function createBaseVirtualMachineLineage(): VirtualMachineLineage {
-  return { image: "", replica: "", sourceVirtualMachine: "", overlays: [], imageVersion: "", previousImageVersion: "" };
+  return {
+    image: "",
+    replica: "",
+    sourceVirtualMachine: "",
+    overlays: [],
+    imageVersion: "",
+    previousImageVersion: "",
+    diskBackend: 0,
+  };
 }
 
 export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.inventory.v1.VirtualMachineLineage"> = {
@@ -4282,6 +4391,9 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
     }
     if (message.previousImageVersion !== "") {
       writer.uint32(50).string(message.previousImageVersion);
+    }
+    if (message.diskBackend !== 0) {
+      writer.uint32(56).int32(message.diskBackend);
     }
     return writer;
   },
@@ -4347,6 +4459,14 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
             message.previousImageVersion = reader.string();
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.diskBackend = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4379,6 +4499,11 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
         : isSet(object.previous_image_version)
         ? globalThis.String(object.previous_image_version)
         : "",
+      diskBackend: isSet(object.diskBackend)
+        ? diskBackendFromJSON(object.diskBackend)
+        : isSet(object.disk_backend)
+        ? diskBackendFromJSON(object.disk_backend)
+        : 0,
     };
   },
 
@@ -4402,6 +4527,9 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
     if (message.previousImageVersion !== "") {
       obj.previousImageVersion = message.previousImageVersion;
     }
+    if (message.diskBackend !== 0) {
+      obj.diskBackend = diskBackendToJSON(message.diskBackend);
+    }
     return obj;
   },
 
@@ -4416,6 +4544,7 @@ export const VirtualMachineLineage: MessageFns<VirtualMachineLineage, "cowherd.i
     message.overlays = object.overlays?.map((e) => e) || [];
     message.imageVersion = object.imageVersion ?? "";
     message.previousImageVersion = object.previousImageVersion ?? "";
+    message.diskBackend = object.diskBackend ?? 0;
     return message;
   },
 };
