@@ -56,6 +56,8 @@ describe('a streaming clone boots before its image has arrived', { skip: process
   let replicas: AgentServiceClient;
   const image = `stream-${suffix}`;
   let record: Image;
+  /** Image directories of hosts added by the second case. */
+  const thirdDirectories: string[] = [];
   const scoped = { COWHERD_DOMAIN_SCOPE: 'image-directory', COWHERD_STREAM_IDLE_EXIT_MS: '3000', COWHERD_STREAM_PROFILE_WINDOW_MS: '15000' };
   const cap = async (host: string, bytesPerSecond: number, agent: { process: { logs: Array<Record<string, unknown>> } }): Promise<void> => {
     await call((cb) =>
@@ -135,10 +137,36 @@ describe('a streaming clone boots before its image has arrived', { skip: process
       mutualTlsChannelCredentialsFromPem({ ...(await stack.pki.credentials('service', 'distribution')), caPem: stack.pki.ca.certificatePem }),
     );
   });
+  /** The streaming servers the hosts started (their pid files), read before release removes the directories. */
+  const streamingServers = async (): Promise<number[]> => {
+    const pids: number[] = [];
+    for (const directory of [target?.imageDirectory, ...thirdDirectories])
+      if (directory) {
+        const pid = Number(await readFile(join(directory, '.streaming', 'server.pid'), 'utf8').catch(() => ''));
+        if (pid > 0) pids.push(pid);
+      }
+    return pids;
+  };
   after(async () => {
     agent?.close();
     replicas?.close();
+    const servers = await streamingServers();
     await resources.release();
+    // A streaming server outlives its agent by design and exits once it has had no guest and no agent for its idle
+    // time (3 s here): wait for that, so that no process of this file is left behind; stop one that does not.
+    const alive = (pid: number): boolean => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    const deadline = Date.now() + 20_000;
+    while (servers.some(alive) && Date.now() < deadline) await sleep(200);
+    const stuck = servers.filter(alive);
+    for (const pid of stuck) process.kill(pid, 'SIGTERM');
+    assert.deepEqual(stuck, [], 'the streaming servers exited once idle');
   });
 
   it('boots from the stream, writes its marker before the replica is complete, then settles on the local replica', async (t) => {
@@ -257,6 +285,7 @@ describe('a streaming clone boots before its image has arrived', { skip: process
 
     const host = `stream-third-${suffix}`;
     const third = await stack.addAgent(host, scoped);
+    thirdDirectories.push(third.imageDirectory);
     await stack.waitHostsReady([host]);
     await cap(host, 2 * MiB, third);
     const name = `${image}-cs-1`;
