@@ -39,6 +39,9 @@ const WAIT_LIMIT_MS = 15 * 60_000;
 /** How long a `source` waits for the fetch to have its torrent (FetchImage was just called). */
 const SOURCE_WAIT_MS = 60_000;
 
+/** A replica still arriving, as ImageTransfers.streamSource describes it. */
+type ArrivingReplica = Extract<ReturnType<ImageTransfers['streamSource']>, { kind: 'arriving' }>;
+
 /** What a streaming clone is made from. */
 export interface StreamedSource {
   readonly template: string;
@@ -144,14 +147,7 @@ export class StreamedClones {
     const disks = templateDisks(template);
     for (const disk of disks) {
       sizeOf(disk.fileName);
-      await this.client.export({
-        name: streamExportName(key, disk.fileName),
-        directories: arriving.directories,
-        files: arriving.files,
-        file: disk.fileName,
-        pieceLength: arriving.pieceLength,
-        pieceHashes: arriving.pieceHashes.toString('base64'),
-      });
+      await this.serve(key, disk.fileName, arriving);
     }
     this.rememberLayout(key, arriving);
     // What earlier clones of this version read first, fetched first (in the background, in order).
@@ -164,6 +160,18 @@ export class StreamedClones {
       bootFiles,
       directories: arriving.directories,
     };
+  }
+
+  /** Has the streaming server export file `file` of replica `key`, which is still arriving (started if none runs). */
+  private serve(key: string, file: string, arriving: ArrivingReplica): Promise<void> {
+    return this.client.export({
+      name: streamExportName(key, file),
+      directories: arriving.directories,
+      files: arriving.files,
+      file,
+      pieceLength: arriving.pieceLength,
+      pieceHashes: arriving.pieceHashes.toString('base64'),
+    });
   }
 
   /**
@@ -203,14 +211,7 @@ export class StreamedClones {
         await this.repoint(stream);
         this.options.log.info({ domain: domain.name, overlay: stream.overlay, base: stream.replicaPath }, 'streaming clone settled on its local replica');
       } else {
-        await this.client.export({
-          name: streamExportName(stream.key, stream.file),
-          directories: arriving.directories,
-          files: arriving.files,
-          file: stream.file,
-          pieceLength: arriving.pieceLength,
-          pieceHashes: arriving.pieceHashes.toString('base64'),
-        });
+        await this.serve(stream.key, stream.file, arriving);
       }
     }
   }
