@@ -289,15 +289,17 @@ describe('WebSeedServer', () => {
 });
 
 describe('pieceLengthFor', () => {
-  test('keeps images at about 1024 pieces of 512 KiB to 16 MiB', () => {
+  test('keeps pieces at 512 KiB up to 8 GiB, then at most 16384 pieces of up to 16 MiB', () => {
     const MiB = 1024 * 1024;
     assert.equal(pieceLengthFor(1), MiB / 2);
     assert.equal(pieceLengthFor(256 * MiB), MiB / 2);
     assert.equal(pieceLengthFor(512 * MiB), MiB / 2);
-    assert.equal(pieceLengthFor(512 * MiB + 1), MiB);
-    assert.equal(pieceLengthFor(1024 * MiB), MiB);
-    assert.equal(pieceLengthFor(1024 * MiB + 1), 2 * MiB);
-    assert.equal(pieceLengthFor(4096 * MiB), 4 * MiB);
-    assert.equal(pieceLengthFor(100 * 1024 * MiB), 16 * MiB);
+    assert.equal(pieceLengthFor(512 * MiB + 1), MiB / 2);
+    assert.equal(pieceLengthFor(4096 * MiB + 8 * MiB), MiB / 2, 'a 4 GiB disk with its boot files streams with the pieces of a 1 GiB one');
+    assert.equal(pieceLengthFor(8192 * MiB), MiB / 2);
+    assert.equal(pieceLengthFor(8192 * MiB + 1), MiB);
+    assert.equal(pieceLengthFor(64 * 1024 * MiB), 4 * MiB);
+    assert.equal(pieceLengthFor(256 * 1024 * MiB), 16 * MiB);
+    assert.equal(pieceLengthFor(1024 * 1024 * MiB), 16 * MiB);
   });
 });

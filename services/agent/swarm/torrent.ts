@@ -13,9 +13,11 @@
  * - `info.private = 1`; the announce list is exactly the cowherd tracker (BEP 12 `announce-list` with one
  *   tier); no creation date, no "created by", no url-list (web seeds are given per fetch), so the same files
  *   always give byte-identical metainfo.
- * - Piece length by image size ({@link pieceLengthFor}): 1 MiB up to 1 GiB, then doubling to keep about 1024
- *   pieces, at most 16 MiB (16 MiB pieces push seeder memory up, webtorrent caches 20 pieces; small pieces
- *   multiply per-piece CPU in webtorrent's request scanning; few pieces starve super-seeding).
+ * - Piece length by image size ({@link pieceLengthFor}): 512 KiB up to 8 GiB, then doubling to keep at most
+ *   16384 pieces, at most 16 MiB (16 MiB pieces push seeder memory up, webtorrent caches 20 pieces; small pieces
+ *   multiply per-piece CPU in webtorrent's request scanning; few pieces starve super-seeding). A piece is also
+ *   the unit a streaming clone's read waits for (nothing unverified reaches a guest), so it must not grow with
+ *   the image over the sizes VM images have.
  * - TorrentInfo.metainfo is documented as the bencoded info dictionary while the agent brief asks for a
  *   .torrent: {@link parseImageTorrent} accepts either, and {@link torrentFile} rebuilds a .torrent with the
  *   tracker a fetch names, so the agent can store either form.
@@ -29,18 +31,22 @@ import { replicaFile } from '../image-directory/index.js';
 export const MIN_PIECE_LENGTH_BYTES = 512 * 1024;
 /** The largest: 16 MiB (bigger pieces push a seeder's memory up: webtorrent caches 20 pieces). */
 export const MAX_PIECE_LENGTH_BYTES = 16 * 1024 * 1024;
-/** Pieces an image is cut into, at most, while the piece length is below the maximum. */
-export const TARGET_PIECES = 1024;
+/** Pieces an image is cut into, at most, while the piece length is below the maximum (320 KiB of SHA-1s). */
+export const TARGET_PIECES = 16384;
 
 /**
  * The piece length for an image of `totalBytes`: the smallest power of two from 512 KiB that keeps the image
- * at or below 1024 pieces, at most 16 MiB. So 256 MiB -> 512 KiB (512 pieces), 1 GiB -> 1 MiB, 4 GiB -> 4 MiB,
- * 16 GiB and more -> 16 MiB. Measured on the 7-host test bed (bench:distribution, 256 MiB to 6 receivers at
- * 100 Mbit/s): 4 MiB pieces 3.2x S/B (64 pieces: the origin's super-seeding runs out of fresh pieces at once
- * and the last pieces spread from one holder); 256 KiB 1.87x (per-piece CPU in webtorrent). Since the agents
- * need less CPU (no protocol encryption, running digests), 512 KiB beats 1 MiB: 1.18-1.20x in five runs
- * against 1.21-1.31x in four, interleaved on the same machine. A piece reaches a receiver only once another
- * holds all of it, so smaller pieces shorten the start of the swarm and its tail.
+ * at or below 16384 pieces, at most 16 MiB. So every image up to 8 GiB -> 512 KiB, 16 GiB -> 1 MiB, 256 GiB and
+ * more -> 16 MiB.
+ * - 512 KiB: measured on the 7-host test bed (bench:distribution, 256 MiB to 6 receivers at 100 Mbit/s): 4 MiB
+ *   pieces 3.2x S/B (64 pieces: the origin's super-seeding runs out of fresh pieces at once and the last pieces
+ *   spread from one holder); 256 KiB 1.87x (per-piece CPU in webtorrent); 512 KiB beat 1 MiB: 1.18-1.20x in five
+ *   runs against 1.21-1.31x in four, interleaved on the same machine. A piece reaches a receiver only once
+ *   another holds all of it, so smaller pieces shorten the start of the swarm and its tail.
+ * - Up to 16384 pieces (not 1024, the rule until streaming clones): a streaming clone's read waits for whole
+ *   verified pieces, so with the piece growing with the image the same guest reads pulled four times the bytes
+ *   from a 4 GiB image as from a 1 GiB one (bench:boot: 282.7 s against 87.6 s to the last marker, 8 MiB against
+ *   2 MiB pieces). 16384 SHA-1s are 320 KiB of metainfo, well inside a NATS message and a gRPC call.
  */
 export function pieceLengthFor(totalBytes: number): number {
   let length = MIN_PIECE_LENGTH_BYTES;
