@@ -125,7 +125,17 @@ export interface ImageDeliveryProgress {
  */
 export interface ImageDelivery {
   bringImageToHost(
-    request: { readonly image: string; readonly host: string; readonly operation: string; readonly onProgress?: (progress: ImageDeliveryProgress) => void },
+    request: {
+      readonly image: string;
+      readonly host: string;
+      readonly operation: string;
+      readonly onProgress?: (progress: ImageDeliveryProgress) => void;
+      /**
+       * How often, in seconds, the caller wants the next report while nothing ends (asked before each wait);
+       * undefined: the delivery's own cadence. Streaming clones ask for 1 s until the transfer starts.
+       */
+      readonly reportEverySeconds?: () => number | undefined;
+    },
     signal: AbortSignal,
   ): Promise<void>;
 }

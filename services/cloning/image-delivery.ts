@@ -97,7 +97,7 @@ export function distributionImageDelivery(
   const operations = createClient(OperationsClient, address, credentials, { defaultDeadlineMs: slice * 1000 + 30_000 });
   const now = options.now ?? Date.now;
   return {
-    bringImageToHost: async ({ image, host, operation, onProgress }, signal) => {
+    bringImageToHost: async ({ image, host, operation, onProgress, reportEverySeconds }, signal) => {
       const deadlines = new ProgressDeadlines(options.deadlines ?? DEFAULT_IMAGE_WAIT_DEADLINES, now);
       let current: Operation;
       try {
@@ -118,8 +118,9 @@ export function distributionImageDelivery(
           onProgress?.({ operation: current.name, transfer, deadline: new Date(Date.now() + (verdict.deadline - now())) });
           if (verdict.expired) throw imageDeadlineError(image, host, current.name, transfer, verdict);
           const name = current.name;
+          const seconds = Math.max(1, Math.min(slice, reportEverySeconds?.() ?? slice));
           try {
-            current = await call<Operation>((cb) => operations.waitOperation({ name, timeout: { seconds: String(slice), nanos: 0 } }, cb));
+            current = await call<Operation>((cb) => operations.waitOperation({ name, timeout: { seconds: String(seconds), nanos: 0 } }, cb));
           } catch (error) {
             if (!NO_ANSWER.has((error as Partial<ServiceError>).code ?? -1)) throw error;
             // Distribution is restarting or overloaded: no news, so the deadline stays; ask again shortly.

@@ -37,10 +37,22 @@ export function isStreamable(state: ImageReplica_State): boolean {
  */
 export interface ArrivalDelivery<P extends { readonly transfer: HostTransfer | undefined }> {
   bringImageToHost(
-    request: { readonly image: string; readonly host: string; readonly operation: string; readonly onProgress?: (progress: P) => void },
+    request: {
+      readonly image: string;
+      readonly host: string;
+      readonly operation: string;
+      readonly onProgress?: (progress: P) => void;
+      readonly reportEverySeconds?: () => number | undefined;
+    },
     signal: AbortSignal,
   ): Promise<void>;
 }
+
+/**
+ * How often the delivery's progress is read while a streaming host's transfer has not started: the clones are made
+ * the moment it does (the delivery's usual 5 s cadence put up to 5 s before every streamed boot in bench:boot).
+ */
+export const STREAMABLE_POLL_SECONDS = 1;
 
 /** How a delivery ended. */
 export type ArrivalOutcome = { readonly arrived: true } | { readonly arrived: false; readonly error: unknown };
@@ -66,16 +78,23 @@ export function followImageArrival<P extends { readonly transfer: HostTransfer |
 ): ImageArrival {
   const stopper = new AbortController();
   const linked = AbortSignal.any([signal, stopper.signal]);
+  let isStreamableNow = false;
   let markStreamable: () => void = () => undefined;
   const streamable = new Promise<void>((resolve) => {
-    markStreamable = resolve;
+    markStreamable = () => {
+      isStreamableNow = true;
+      resolve();
+    };
   });
   const onProgress = (progress: P): void => {
     if (linked.aborted) return;
     request.onProgress(progress);
     if (progress.transfer && isStreamable(progress.transfer.state)) markStreamable();
   };
-  const outcome = delivery.bringImageToHost({ image: request.image, host: request.host, operation: request.operation, onProgress }, linked).then(
+  // Every second until the transfer starts (the clones are made at that moment: each second of polling is a
+  // second later boot), the delivery's own cadence after it.
+  const reportEverySeconds = (): number | undefined => (isStreamableNow ? undefined : STREAMABLE_POLL_SECONDS);
+  const outcome = delivery.bringImageToHost({ image: request.image, host: request.host, operation: request.operation, onProgress, reportEverySeconds }, linked).then(
     (): ArrivalOutcome => ({ arrived: true }),
     (error: unknown): ArrivalOutcome => ({ arrived: false, error }),
   );

@@ -27,6 +27,7 @@ describe('cloning waits for an image under a progress deadline', () => {
   let address = '';
   let script: (call: number) => Step = () => ({ state: ImageReplica_State.STATE_PENDING, bytes: 0 });
   let calls = 0;
+  let timeouts: number[] = [];
 
   const operation = (step: { state: ImageReplica_State; bytes: number }): Operation => ({
     name: 'operations/fake',
@@ -49,7 +50,8 @@ describe('cloning waits for an image under a progress deadline', () => {
         callback(null, operation({ state: ImageReplica_State.STATE_PENDING, bytes: 0 })),
     } as never);
     server.addService(OperationsService, {
-      waitOperation: (_call: unknown, callback: (error: Partial<ServiceError> | null, response?: Operation) => void) => {
+      waitOperation: (call: { request: { timeout?: { seconds: string } } }, callback: (error: Partial<ServiceError> | null, response?: Operation) => void) => {
+        timeouts.push(Number(call.request.timeout?.seconds ?? -1));
         const step = script(calls++);
         // A short wait, as a WaitOperation whose timeout passes with nothing done.
         setTimeout(() => ('code' in step ? callback({ code: step.code, details: 'fake', message: 'fake' }) : callback(null, operation(step))), 100);
@@ -62,18 +64,28 @@ describe('cloning waits for an image under a progress deadline', () => {
   });
   after(() => server.forceShutdown());
 
-  async function wait(step: (call: number) => Step): Promise<{ error: unknown; elapsedMs: number; reports: ImageDeliveryProgress[] }> {
+  async function wait(
+    step: (call: number) => Step,
+    options: { waitSliceSeconds?: number; reportEverySeconds?: () => number | undefined } = {},
+  ): Promise<{ error: unknown; elapsedMs: number; reports: ImageDeliveryProgress[] }> {
     script = step;
     calls = 0;
+    timeouts = [];
     const delivery = distributionImageDelivery(address, credentials.createInsecure(), {
-      waitSliceSeconds: 1,
+      waitSliceSeconds: options.waitSliceSeconds ?? 1,
       deadlines: { stallMs: 1_000, verifyFloorMs: 500, verifyBytesPerSecond: MiB },
     });
     const reports: ImageDeliveryProgress[] = [];
     const started = Date.now();
     try {
       await delivery.bringImageToHost(
-        { image: 'images/x', host: HOST, operation: 'operations/clone', onProgress: (report) => void reports.push(report) },
+        {
+          image: 'images/x',
+          host: HOST,
+          operation: 'operations/clone',
+          onProgress: (report) => void reports.push(report),
+          reportEverySeconds: options.reportEverySeconds,
+        },
         new AbortController().signal,
       );
       return { error: undefined, elapsedMs: Date.now() - started, reports };
@@ -115,5 +127,15 @@ describe('cloning waits for an image under a progress deadline', () => {
     );
     assertDeadline(error, 'TRANSFERRING');
     assert.ok(elapsedMs >= 900 && elapsedMs < 4_000, `${elapsedMs} ms`);
+  });
+
+  it('waits as briefly as the caller asks before each read (a streaming clone until its transfer starts), never longer than the slice', async () => {
+    let asked = 0;
+    const { error } = await wait(() => ({ state: ImageReplica_State.STATE_TRANSFERRING, bytes: 10 }), {
+      waitSliceSeconds: 5,
+      reportEverySeconds: () => (asked++ < 3 ? 1 : asked < 5 ? 60 : undefined),
+    });
+    assertDeadline(error, 'TRANSFERRING');
+    assert.deepEqual(timeouts.slice(0, 6), [1, 1, 1, 5, 5, 5], 'each WaitOperation timeout: 1 s while asked, else the 5 s slice (60 is capped)');
   });
 });
