@@ -32,8 +32,10 @@ import type { ImageTransfers } from './swarm/index.js';
 const SETTLE_INTERVAL_MS = 3000;
 /** A connection that read fewer pieces in its first minute was a look at a header, not a boot. */
 const MIN_PROFILE_PIECES = 4;
-/** Profile pieces fetched at once (each window critical in the swarm, then the next). */
-const PREFETCH_WINDOW = 8;
+/** Pieces asked of the swarm at once when a list of them is fetched (a read profile, the boot files). */
+const FETCH_CONCURRENCY = 8;
+/** How far ahead in a read profile the rarest piece is looked for (16 MiB of 512 KiB pieces). */
+const PREFETCH_LOOKAHEAD = 32;
 /** The longest the agent waits for one range (a want, a boot file, a window of the profile). */
 const WAIT_LIMIT_MS = 15 * 60_000;
 /** How long a `source` waits for the fetch to have its torrent (FetchImage was just called). */
@@ -57,7 +59,7 @@ export interface StreamedSource {
 export interface StreamedClonesOptions {
   readonly imageDirectory: string;
   readonly hypervisor: 'kvm' | 'xen';
-  readonly transfers: Pick<ImageTransfers, 'streamSource' | 'whenAvailable'>;
+  readonly transfers: Pick<ImageTransfers, 'streamSource' | 'whenAvailable'> & Partial<Pick<ImageTransfers, 'pieceHolders'>>;
   readonly libvirt: Pick<Libvirt, 'listDomains'>;
   readonly log: Logger;
   /** Where image.read_profile goes (the agent's event outbox). */
@@ -79,10 +81,7 @@ export class StreamedClones {
   /** Replicas whose profile is being (or was) prefetched by this process. */
   private readonly prefetching = new Set<string>();
   /** What this process learnt of the replicas it streams: where each file starts in its torrent, its pieces' length. */
-  private readonly layouts = new Map<
-    string,
-    { starts: Map<string, number>; files: ReadonlyArray<{ path: string; length: number }>; pieceLength: number; profiled: boolean }
-  >();
+  private readonly layouts = new Map<string, TorrentLayout & { profiled: boolean }>();
   private settleTimer: NodeJS.Timeout | undefined;
   private settling: Promise<void> | undefined;
   private stopped = false;
@@ -152,7 +151,9 @@ export class StreamedClones {
     this.rememberLayout(key, arriving);
     // What earlier clones of this version read first, fetched first (in the background, in order).
     if (arriving.profile.length > 0) this.prefetch(key, arriving.profile);
-    // Boot files first and whole (all at once): the guest cannot start without them.
+    // Boot files first and whole (all their pieces at once, the rarest first): the guest cannot start without them.
+    const layout = this.layouts.get(key)!;
+    await this.fetchPieces(key, [...new Set(bootFiles.flatMap((file) => piecesOf(layout, file)))], 'read', Number.POSITIVE_INFINITY);
     await Promise.all(bootFiles.map((file) => this.whole(key, file, sizeOf(file))));
     return {
       template,
@@ -292,39 +293,41 @@ export class StreamedClones {
   }
 
   /**
-   * Fetches a read profile's pieces first, in its order, a few at a time (each window critical in the swarm; the
-   * guest's own wants come first all the same). Once per replica and process.
+   * Fetches a read profile's pieces ahead of the rest of the image, in its order give or take
+   * {@link PREFETCH_LOOKAHEAD} (the rarest first within it: {@link nextWanted}), {@link FETCH_CONCURRENCY} at a
+   * time (the guest's own wants come first all the same). Once per replica and process.
    */
   private prefetch(key: string, pieces: readonly number[]): void {
     if (this.prefetching.has(key)) return;
     this.prefetching.add(key);
-    const layout = this.layouts.get(key)!;
-    const ranges = pieces.flatMap((piece) => {
-      const start = piece * layout.pieceLength;
-      let fileStart = 0;
-      for (const file of layout.files) {
-        if (start < fileStart + file.length)
-          return [{ file: file.path, offset: start - fileStart, length: Math.min(layout.pieceLength, fileStart + file.length - start) }];
-        fileStart += file.length;
-      }
-      return [];
-    });
     const started = performance.now();
-    this.options.log.info({ image: key, pieces: ranges.length }, 'prefetching the read profile');
-    void (async () => {
-      for (let index = 0; index < ranges.length && !this.stopped; index += PREFETCH_WINDOW) {
-        await Promise.all(
-          ranges.slice(index, index + PREFETCH_WINDOW).map((range) =>
-            this.options.transfers.whenAvailable(key, range.file, range.offset, range.length, {
-              priority: 'prefetch',
-              signal: AbortSignal.timeout(WAIT_LIMIT_MS),
-            }),
-          ),
-        );
+    this.options.log.info({ image: key, pieces: pieces.length }, 'prefetching the read profile');
+    void this.fetchPieces(key, pieces, 'prefetch', PREFETCH_LOOKAHEAD)
+      .then(() => this.options.log.info({ image: key, pieces: pieces.length, ms: Math.round(performance.now() - started) }, 'read profile prefetched'))
+      .catch((error: unknown) => this.options.log.warn({ err: error, image: key }, 'prefetching the read profile stopped'));
+  }
+
+  /**
+   * Waits until every one of `pieces` (torrent piece indices, in the order they are wanted) is verified here,
+   * asking the swarm for {@link FETCH_CONCURRENCY} at a time, each time the one of the next `lookahead` that the
+   * fewest peers hold. Every piece that arrives is told to the streaming server (a read may wait for it).
+   */
+  private async fetchPieces(key: string, pieces: readonly number[], priority: 'read' | 'prefetch', lookahead: number): Promise<void> {
+    const layout = this.layouts.get(key);
+    if (!layout) return;
+    const pending = [...pieces];
+    const fetchNext = async (): Promise<void> => {
+      while (pending.length > 0 && !this.stopped) {
+        const window = pending.slice(0, lookahead);
+        const index = nextWanted(window, this.options.transfers.pieceHolders?.(key, window));
+        const piece = pending.splice(index, 1)[0]!;
+        const range = pieceRange(layout, piece);
+        if (!range) continue;
+        await this.options.transfers.whenAvailable(key, range.file, range.offset, range.length, { priority, signal: AbortSignal.timeout(WAIT_LIMIT_MS) });
         this.client.ready();
       }
-      this.options.log.info({ image: key, pieces: ranges.length, ms: Math.round(performance.now() - started) }, 'read profile prefetched');
-    })().catch((error: unknown) => this.options.log.warn({ err: error, image: key }, 'prefetching the read profile stopped'));
+    };
+    await Promise.all(Array.from({ length: Math.min(FETCH_CONCURRENCY, pending.length) }, fetchNext));
   }
 
   /**
@@ -422,4 +425,46 @@ export class StreamedClones {
     }
     throw new CowherdError(GrpcStatus.UNAVAILABLE, `${file} vanished while the replica moved; retry`, { reason: ErrorReason.ERROR_REASON_INTERNAL });
   }
+}
+
+/** Where a replica's files lie in its torrent (StreamedClones' layouts). */
+interface TorrentLayout {
+  readonly starts: ReadonlyMap<string, number>;
+  readonly files: ReadonlyArray<{ path: string; length: number }>;
+  readonly pieceLength: number;
+}
+
+/** The torrent pieces that hold `file` (none for an empty or unknown file). */
+export function piecesOf(layout: TorrentLayout, file: string): number[] {
+  const start = layout.starts.get(file);
+  const length = layout.files.find((candidate) => candidate.path === file)?.length ?? 0;
+  if (start === undefined || length === 0) return [];
+  const first = Math.floor(start / layout.pieceLength);
+  const last = Math.floor((start + length - 1) / layout.pieceLength);
+  return Array.from({ length: last - first + 1 }, (_, index) => first + index);
+}
+
+/** A range of one file inside torrent piece `piece` (its first file's part of it), to wait for the piece by. */
+export function pieceRange(layout: TorrentLayout, piece: number): { file: string; offset: number; length: number } | undefined {
+  const start = piece * layout.pieceLength;
+  let fileStart = 0;
+  for (const file of layout.files) {
+    if (start < fileStart + file.length) return { file: file.path, offset: start - fileStart, length: Math.min(layout.pieceLength, fileStart + file.length - start) };
+    fileStart += file.length;
+  }
+  return undefined;
+}
+
+/**
+ * Which of `window` (wanted pieces, most urgent first) to ask the swarm for next: the one the fewest peers hold
+ * (`holders`, per piece), ties at random; the first when the holders are not known. Hosts that start the same boot
+ * at the same moment (a fleet's clones of one image) then take different pieces from the origin and trade them,
+ * instead of all asking it for the same piece at once (bench:boot: six hosts, one origin, each urgent piece served
+ * by the origin to several hosts).
+ */
+export function nextWanted(window: readonly number[], holders: readonly number[] | undefined, random: () => number = Math.random): number {
+  if (!holders || holders.length !== window.length || window.length === 0) return 0;
+  const fewest = Math.min(...holders);
+  const rarest = holders.flatMap((count, index) => (count === fewest ? [index] : []));
+  return rarest[Math.floor(random() * rarest.length)] ?? 0;
 }

@@ -441,6 +441,13 @@ export class ImageTransfers {
     await this.swarm.whenAvailable(id, file, offset, length, options.signal, options.priority);
   }
 
+  /** How many peers hold each of `pieces` of a replica still transferring (ImageSwarm.pieceHolders); else undefined. */
+  pieceHolders(id: string, pieces: readonly number[]): number[] | undefined {
+    const replica = this.replicas.get(id);
+    if (!replica || replica.state !== ImageReplica_State.STATE_TRANSFERRING) return undefined;
+    return this.swarm.pieceHolders(id, pieces);
+  }
+
   /** One replica with live progress and dependents; NOT_FOUND when this host has none of the image. */
   async get(name: string): Promise<ImageReplica> {
     const id = replicaIdOf(this.options.host, name);

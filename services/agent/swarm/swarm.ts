@@ -472,6 +472,20 @@ export class ImageSwarm {
     }
   }
 
+  /**
+   * How many of the image's connected peers (web seeds not counted) announced each of `pieces`; undefined while
+   * no fetch of it runs here with its metadata. A super-seeding origin announces only what it revealed, so the
+   * counts are mostly the other receivers' pieces. Streaming hosts ask for the rarest of what they want first, so
+   * that hosts wanting the same pieces at the same moment take different ones from the origin and trade them.
+   */
+  pieceHolders(image: string, pieces: readonly number[]): number[] | undefined {
+    const entry = this.entries.get(image);
+    const torrent = entry?.torrent;
+    if (!entry || entry.stage !== 'transferring' || !torrent || torrent.destroyed || !torrent.ready) return undefined;
+    const peers = torrent.wires.filter((wire) => wire.type !== 'webSeed' && wire.peerPieces);
+    return pieces.map((piece) => peers.reduce((count, wire) => count + (wire.peerPieces.get(piece) ? 1 : 0), 0));
+  }
+
   /** Torrents whose background fill is held while ranges are waited for, with how many wait. */
   private readonly urgent = new WeakMap<Torrent, number>();
 

@@ -64,6 +64,8 @@ declare module 'webtorrent' {
     readonly remotePort?: number;
     readonly downloaded: number;
     readonly uploaded: number;
+    /** The pieces the peer announced (its bitfield and every `have` since). */
+    readonly peerPieces: { get(index: number): boolean };
   }
 
   export interface Torrent extends EventEmitter {
