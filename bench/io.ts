@@ -19,7 +19,9 @@
  *                          with direct I/O) made by the bench (root)
  *   reflink-copy           a reflink copy of a raw base on that xfs (a fresh copy per run: writes pay the unsharing)
  *   reflink-copy-written   the same copy after every block was written once
- *   streaming              hook only (streamingReplicaExport below): prints nothing until the streaming server exists
+ *   streaming              the streaming backend once its replica is complete: a fresh overlay per run (as
+ *                          qcow2-overlay) whose base is the qcow2 base served read-only over NBD by the agent's
+ *                          streaming server (its own Node process), which SHA-1-checks each piece on its first read
  *
  * stdout: one JSON line per row, {"backend", "seq_read_mib_s", "seq_write_mib_s", "rand_read_4k_iops",
  * "rand_write_4k_iops", "ratio_to_raw": {...}} (the reflink rows against raw-xfs). stderr: the setup and, per row,
@@ -28,15 +30,17 @@
  *   npm run bench:io                                       # root; 1 GiB disks, 3 runs per test, ~5 minutes
  *   BENCH_IO_MIB=256 BENCH_IO_REPEAT=1 npm run bench:io    # a quick run
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chmod, mkdir, mkdtemp, open, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { runCommand, startDaemon, type Daemon } from '../services/common/platform/child-process.js';
 import { QCOW2_OVERLAY_OPTIONS, createQcow2Overlay } from '../services/agent/hypervisor/overlays.js';
 import { REFLINK_COPY_BACKEND, VHD_DIFFERENCING_BACKEND } from '../services/agent/hypervisor/disk-backends.js';
 import { readVhdInfo, writeVhdSectors } from '../services/agent/hypervisor/vhd.js';
+import { StreamServerClient, streamServerPaths } from '../services/agent/streaming/index.js';
+import { pieceLengthFor } from '../services/agent/swarm/torrent.js';
 
 const MiB = 1024 * 1024;
 const env = process.env;
@@ -207,16 +211,118 @@ async function fillThroughQemu(work: string, disk: OpenedDisk): Promise<void> {
   await runFio(work, disk, { key: 'seq_write', rw: 'write', blockSize: '1M', depth: 4, bytes: DISK_BYTES });
 }
 
+/** The agent's streaming server serving a replica file, for the `streaming` row. */
+interface StreamingExport {
+  /** The server's NBD socket. */
+  readonly socket: string;
+  readonly exportName: string;
+  /** Ends the server's process (SIGTERM, as serve-main handles it) and waits until it has exited and its sockets are gone. */
+  stop(): Promise<void>;
+}
+
 /**
- * TODO(issue 16, streaming clones): the streaming backend once its replica is complete — a clone's overlay whose
- * base is the replica's file served over NBD by the agent's streaming server (a Node process). Return the server's
- * unix socket and export name for `replicaFile` (and how to stop it) once that server can be started on its own;
- * the `streaming` row then measures a cowherd overlay backed by that export, read falling through to it and
- * written like the qcow2-overlay row. Until then it returns undefined and the row prints nothing: no numbers are
- * made up for a backend that does not exist yet.
+ * `replicaFile` (complete) served read-only over NBD by the agent's streaming server, started as the agent starts
+ * it: StreamServerClient, which runs serve-main.ts in a detached Node process of its own (directory `.streaming`
+ * beside the file, its log `server.log` there), then exports the file as the agent exports a replica's disk: a
+ * one-file torrent cut into pieceLengthFor's pieces, whose SHA-1 hashes are computed here from the file, so that
+ * the server checks each piece the first time a read needs it. The server's stall limit is 30 s rather than 15
+ * minutes: a piece that does not verify fails the row's read (EIO) instead of holding the bench.
  */
-async function streamingReplicaExport(_replicaFile: string): Promise<{ socket: string; exportName: string; stop(): Promise<void> } | undefined> {
-  return undefined;
+async function streamingReplicaExport(replicaFile: string): Promise<StreamingExport> {
+  const size = (await stat(replicaFile)).size;
+  const pieceLength = pieceLengthFor(size);
+  const started = performance.now();
+  const hashes: Buffer[] = [];
+  const handle = await open(replicaFile, 'r');
+  try {
+    const piece = Buffer.alloc(pieceLength);
+    for (let offset = 0; offset < size; offset += pieceLength) {
+      const length = Math.min(pieceLength, size - offset);
+      let filled = 0;
+      while (filled < length) {
+        const { bytesRead } = await handle.read(piece, filled, length - filled, offset + filled);
+        if (bytesRead === 0) throw new Error(`${replicaFile} ended at ${offset + filled} of ${size} bytes`);
+        filled += bytesRead;
+      }
+      hashes.push(createHash('sha1').update(piece.subarray(0, length)).digest());
+    }
+  } finally {
+    await handle.close();
+  }
+  const hashSeconds = (performance.now() - started) / 1000;
+  const directory = join(dirname(replicaFile), '.streaming');
+  const paths = streamServerPaths(directory);
+  const exportName = `bench.${basename(replicaFile)}`;
+  const wants: Array<{ offset: number; length: number }> = [];
+  const client = new StreamServerClient({
+    directory,
+    // A complete replica whose hashes come from its own bytes has nothing to wait for: a want is a failed check.
+    onWant: (_name, offset, length) => {
+      if (wants.push({ offset, length }) <= 10) log({ streaming_want: { offset, length }, why: 'a piece did not verify' });
+    },
+    serverEnvironment: { COWHERD_STREAM_MAX_STALL_MS: '30000' },
+  });
+  await client.export({
+    name: exportName,
+    directories: [dirname(replicaFile)],
+    files: [{ path: basename(replicaFile), length: size }],
+    file: basename(replicaFile),
+    pieceLength,
+    pieceHashes: Buffer.concat(hashes).toString('base64'),
+  });
+  const pid = (await client.status())?.pid;
+  if (pid === undefined) throw new Error(`the streaming server stopped answering right after it started (see ${paths.logFile})`);
+  log({
+    setup: 'streaming',
+    server: 'serve-main.ts via StreamServerClient (a detached Node process)',
+    pid,
+    export: exportName,
+    replica_bytes: size,
+    piece_length: pieceLength,
+    pieces: hashes.length,
+    hash_s: Number(hashSeconds.toFixed(2)),
+  });
+  const alive = async (): Promise<boolean> => {
+    // A zombie (exited, not reaped yet) counts as gone.
+    const state = await readFile(`/proc/${pid}/stat`, 'utf8').then(
+      (text) => text.replace(/^.*\) /s, '')[0],
+      () => undefined,
+    );
+    return state !== undefined && state !== 'Z' && state !== 'X';
+  };
+  return {
+    socket: paths.nbdSocket,
+    exportName,
+    stop: async () => {
+      const status = await client.status().catch(() => undefined);
+      const serverCpuSeconds = await cpuSeconds(pid).catch(() => undefined);
+      client.close();
+      if (await alive()) process.kill(pid, 'SIGTERM');
+      const deadline = Date.now() + 10_000;
+      while (await alive()) {
+        if (Date.now() > deadline) {
+          process.kill(pid, 'SIGKILL');
+          throw new Error(`the streaming server (pid ${pid}) did not exit within 10 s of SIGTERM: killed (see ${paths.logFile})`);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      const socketsLeft = [paths.nbdSocket, paths.controlSocket].filter((path) => existsSync(path));
+      await Promise.all(socketsLeft.map((path) => rm(path, { force: true })));
+      const gib = (status?.statistics.bytesRead ?? 0) / 1024 / MiB;
+      log({
+        stopped: 'streaming server',
+        pid,
+        exited: true,
+        sockets_left: socketsLeft,
+        statistics: status?.statistics,
+        complete: status?.exports.find((entry) => entry.name === exportName)?.complete,
+        wants: wants.length,
+        // Its whole life: the first round's piece checks (SHA-1 of every piece) and every read served.
+        server_cpu_s: serverCpuSeconds,
+        server_cpu_s_per_gib_served: serverCpuSeconds === undefined || gib === 0 ? undefined : Number((serverCpuSeconds / gib).toFixed(3)),
+      });
+    },
+  };
 }
 
 async function main(): Promise<void> {
@@ -386,16 +492,18 @@ async function main(): Promise<void> {
       });
     }
 
-    const streaming = wanted('streaming') ? await streamingReplicaExport(baseQcow2) : undefined;
-    if (streaming === undefined) {
-      log({ skipped: ['streaming'], why: 'streamingReplicaExport (bench/io.ts) has no streaming server to start yet (issue 16): no numbers' });
-    } else {
+    // Only when asked for: it starts a server process.
+    if (wanted('streaming')) {
+      const streaming = await streamingReplicaExport(baseQcow2);
       cleanups.push(() => streaming.stop());
       let streamedRun = 0;
       rows.push({
         backend: 'streaming',
         floor: 'raw',
-        note: 'a fresh cowherd overlay per run whose base is the complete replica served over NBD by the streaming server',
+        note:
+          'a fresh cowherd overlay per run whose base is the complete replica (the qcow2 base) served read-only over NBD by the streaming server ' +
+          '(serve-main, a Node process of its own): reads fall through qemu’s NBD client to the server, which checks each piece’s SHA-1 on its first ' +
+          'read (in the first round) and reads the file through the page cache; writes are first writes, as in qcow2-overlay',
         prepare: async () => {},
         open: async () => {
           const overlay = join(work, `streamed-${streamedRun++}.qcow2`);
