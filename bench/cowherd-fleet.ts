@@ -10,9 +10,12 @@
  * - COWHERD_BENCH_LOG_DIR=<dir>: every agent's log lines go to `<dir>/<host>.log` as well;
  * - COWHERD_BENCH_CPU_PROF=<dir>: every agent writes V8 CPU profiles when it stops, one per thread, into `<dir>/<host>/`;
  * - COWHERD_BENCH_AGENT_NODE_ARGS: more node options for every agent (space-separated, e.g. `--trace-gc`);
- * - COWHERD_BENCH_LOG_LEVEL: the agents' log level (default info).
+ * - COWHERD_BENCH_LOG_LEVEL: the agents' log level (default info);
+ * - COWHERD_BENCH_AGENT_NICE: the agents' nice value (default 0; e.g. 10 to see what the agents' CPU takes from the
+ *   guests on a bed where every host shares this machine's cores).
  */
-import { appendFileSync, readFileSync } from 'node:fs';
+import { appendFileSync, readdirSync, readFileSync } from 'node:fs';
+import { setPriority } from 'node:os';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execFile } from 'node:child_process';
@@ -42,6 +45,7 @@ const run = promisify(execFile);
 const LOG_DIRECTORY = process.env['COWHERD_BENCH_LOG_DIR'];
 const PROFILE_DIRECTORY = process.env['COWHERD_BENCH_CPU_PROF'];
 const AGENT_NODE_ARGS = (process.env['COWHERD_BENCH_AGENT_NODE_ARGS'] ?? '').split(' ').filter(Boolean);
+const AGENT_NICE = Number(process.env['COWHERD_BENCH_AGENT_NICE'] ?? '0');
 const imageType = Image;
 /** libvirt's state for a powered-off domain, as inventory reports it (VirtualMachine_State.STATE_SHUT_OFF). */
 const SHUT_OFF = 3;
@@ -201,6 +205,8 @@ export async function startBenchFleet(bed: TestBed, resources: Resources, option
     );
     resources.defer(() => daemon.stop(5_000));
     agentPids.set(host, daemon.pid);
+    // Every thread of the agent (and what it starts later, such as its streaming server, which inherits it).
+    if (AGENT_NICE !== 0) for (const task of readdirSync(`/proc/${daemon.pid}/task`)) setPriority(Number(task), AGENT_NICE);
   }
   for (const host of options.hosts) {
     await waitFor(
