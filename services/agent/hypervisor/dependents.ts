@@ -4,12 +4,12 @@
  * (disk backend `reflink-copy`) is neither: its metadata says so and its disks have no backing chain, so a
  * replica can be deleted under it.
  */
-import { open } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parseStreamBackingUri } from '../image-directory/index.js';
 import { virtualMachineId } from './domain-state.js';
 import { cloneImageKey, dependsOnBase } from './domain-xml/clone-metadata.js';
 import type { DomainInfo, Libvirt } from './libvirt.js';
+import { readDiskHeader, type DiskHeader } from './overlays.js';
 
 /** Dependents of an image's replica as the swarm asks for them (swarm/replicas.ts ReplicaDependents). */
 export interface ImageDependents {
@@ -70,39 +70,24 @@ export async function backingChain(path: string): Promise<string[] | undefined> 
   const chain: string[] = [];
   let current = path;
   for (let depth = 0; depth < 16; depth += 1) {
-    let handle;
+    let header: DiskHeader;
     try {
-      handle = await open(current, 'r');
+      header = await readDiskHeader(current);
     } catch {
       return depth === 0 ? undefined : chain;
     }
-    try {
-      const header = Buffer.alloc(20);
-      const { bytesRead } = await handle.read(header, 0, 20, 0);
-      if (bytesRead < 20 || header.readUInt32BE(0) !== 0x514649fb) {
-        // Not qcow2: a VHD child's parent is not followed here (the caller decides by metadata); raw ends a chain.
-        const footer = Buffer.alloc(8);
-        await handle.read(footer, 0, 8, 0);
-        return footer.toString('latin1') === 'conectix' ? undefined : chain;
-      }
-      const offset = Number(header.readBigUInt64BE(8));
-      const size = header.readUInt32BE(16);
-      if (offset === 0 || size === 0 || size > 4096) return chain;
-      const name = Buffer.alloc(size);
-      await handle.read(name, 0, size, offset);
-      const backing = name.toString('utf8');
-      // A streaming clone's base is its replica's file served over NBD: the chain ends at that file (where the
-      // replica's bytes are, or will be once it is complete), so the replica counts its streaming clones.
-      const streamed = parseStreamBackingUri(backing);
-      if (streamed) {
-        chain.push(streamed.replicaPath);
-        return chain;
-      }
-      current = isAbsolute(backing) ? backing : join(dirname(current), backing);
-      chain.push(current);
-    } finally {
-      await handle.close();
+    // A VHD child's parent is not followed here (the caller decides by metadata); raw ends a chain.
+    if (header.format === 'vpc') return undefined;
+    if (header.format === 'raw' || header.backing === undefined) return chain;
+    // A streaming clone's base is its replica's file served over NBD: the chain ends at that file (where the
+    // replica's bytes are, or will be once it is complete), so the replica counts its streaming clones.
+    const streamed = parseStreamBackingUri(header.backing);
+    if (streamed) {
+      chain.push(streamed.replicaPath);
+      return chain;
     }
+    current = isAbsolute(header.backing) ? header.backing : join(dirname(current), header.backing);
+    chain.push(current);
   }
   return chain;
 }

@@ -37,22 +37,37 @@ export async function createEmptyDisk(path: string, bytes: number, kind: 'qcow2'
   await runCommand('qemu-img', ['create', '-q', ...format, path, String(bytes)], { timeoutMs: options.timeoutMs ?? 30_000 });
 }
 
-/** The backing file name in a qcow2 overlay's header, as written; undefined for none, or a file that is not qcow2. */
-export async function readBackingFileName(path: string): Promise<string | undefined> {
+/** What a disk file's first bytes say it is: qcow2 (with its backing file name as written, if any), VHD, or raw. */
+export type DiskHeader = { readonly format: 'qcow2'; readonly backing: string | undefined } | { readonly format: 'vpc' } | { readonly format: 'raw' };
+
+const QCOW2_MAGIC = 0x514649fb;
+
+/**
+ * Reads `path`'s header: a qcow2 magic (then the backing file name from its header fields), a VHD's footer copy at
+ * offset 0 (`conectix`), or neither (raw). Rejects when the file cannot be opened.
+ */
+export async function readDiskHeader(path: string): Promise<DiskHeader> {
   const handle = await open(path, 'r');
   try {
     const header = Buffer.alloc(20);
     const { bytesRead } = await handle.read(header, 0, 20, 0);
-    if (bytesRead < 20 || header.readUInt32BE(0) !== 0x514649fb) return undefined;
+    if (bytesRead < 20 || header.readUInt32BE(0) !== QCOW2_MAGIC)
+      return bytesRead >= 8 && header.toString('latin1', 0, 8) === 'conectix' ? { format: 'vpc' } : { format: 'raw' };
     const offset = Number(header.readBigUInt64BE(8));
     const size = header.readUInt32BE(16);
-    if (offset === 0 || size === 0 || size > 4096) return undefined;
+    if (offset === 0 || size === 0 || size > 4096) return { format: 'qcow2', backing: undefined };
     const name = Buffer.alloc(size);
     await handle.read(name, 0, size, offset);
-    return name.toString('utf8');
+    return { format: 'qcow2', backing: name.toString('utf8') };
   } finally {
     await handle.close();
   }
+}
+
+/** The backing file name in a qcow2 overlay's header, as written; undefined for none, or a file that is not qcow2. */
+export async function readBackingFileName(path: string): Promise<string | undefined> {
+  const header = await readDiskHeader(path);
+  return header.format === 'qcow2' ? header.backing : undefined;
 }
 
 /**
