@@ -21,7 +21,7 @@ import {
   ImageReplica,
   ImageReplica_State,
   VirtualMachine_State,
-  type Host,
+  Host,
   type VirtualMachine,
 } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { DiskFormat, Hypervisor } from '../../services/gen/cowherd/common/v1/types.js';
@@ -296,4 +296,31 @@ export async function startCloneStack(resources: Resources, host: string, option
       return operation;
     },
   };
+}
+
+/**
+ * Caps `host`'s download rate through inventory's UpdateHost (transfer_limits; 0 upload: unlimited) and waits
+ * until its agent logs the limits applied once more than before the call.
+ */
+export async function capDownload(
+  stack: Pick<CloneStack, 'inventory'>,
+  host: string,
+  bytesPerSecond: number,
+  agent: { readonly process: Pick<ServiceProcess, 'logs'> },
+): Promise<void> {
+  const applied = (): number => agent.process.logs.filter((line) => line['msg'] === 'transfer limits applied').length;
+  const before = applied();
+  await call((cb) =>
+    stack.inventory.updateHost(
+      {
+        host: Host.fromPartial({
+          name: HOST_NAME.format({ host }),
+          transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) },
+        }),
+        updateMask: ['transfer_limits'],
+      },
+      cb,
+    ),
+  );
+  await waitFor(`the download cap on ${host}`, async () => (applied() > before ? true : undefined), 30_000);
 }

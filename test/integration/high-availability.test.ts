@@ -43,9 +43,9 @@ import {
   DistributionServiceClient,
 } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import type { CloneDone, CloneFailed, ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
-import { Host, Image, ImageReplica_State, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import { Image, ImageReplica_State, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
-import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
+import { capDownload, startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
 import { call } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
 import type { ServiceProcess } from '../harness/processes.js';
@@ -117,25 +117,7 @@ describe('high availability: a replica killed mid-operation', { skip: process.ge
   }
 
   async function setDownloadCap(host: string, bytesPerSecond: number): Promise<void> {
-    const agent = agents.get(host)!;
-    const before = agent.process.logs.filter((line) => line['msg'] === 'transfer limits applied').length;
-    await call((cb) =>
-      stack.inventory.updateHost(
-        {
-          host: Host.fromPartial({
-            name: HOST_NAME.format({ host }),
-            transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) },
-          }),
-          updateMask: ['transfer_limits'],
-        },
-        cb,
-      ),
-    );
-    await waitFor(
-      `the cap on ${host}`,
-      async () => (agent.process.logs.filter((line) => line['msg'] === 'transfer limits applied').length > before ? true : undefined),
-      30_000,
-    );
+    await capDownload(stack, host, bytesPerSecond, agents.get(host)!);
   }
 
   async function assertVerifiedCopy(host: string): Promise<void> {

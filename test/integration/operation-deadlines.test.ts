@@ -24,7 +24,7 @@ import { Host, Host_State, Image, ImageReplica, ImageReplica_State } from '../..
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
 import { ErrorInfo } from '../../services/gen/google/rpc/error_details.js';
 import type { Status } from '../../services/gen/google/rpc/status.js';
-import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
+import { capDownload, startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
 import { call, waitFor } from '../harness/grpc.js';
 import { Resources } from '../harness/index.js';
 import { HOST_IMAGE_NAME, HOST_NAME, IMAGE_NAME, VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
@@ -59,24 +59,7 @@ describe('every operation ends', { skip: process.getuid?.() !== 0 ? 'needs root 
   }
 
   async function limitDownload(host: string, bytesPerSecond: number): Promise<void> {
-    await call((cb) =>
-      stack.inventory.updateHost(
-        {
-          host: Host.fromPartial({
-            name: HOST_NAME.format({ host }),
-            transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) },
-          }),
-          updateMask: ['transfer_limits'],
-        },
-        cb,
-      ),
-    );
-    const agent = agents.get(host)!;
-    await waitFor(
-      `the cap applied on ${host}`,
-      async () => (agent.process.logs.some((line) => line['msg'] === 'transfer limits applied') ? true : undefined),
-      30_000,
-    );
+    await capDownload(stack, host, bytesPerSecond, agents.get(host)!);
   }
 
   async function transferring(operation: string): Promise<void> {

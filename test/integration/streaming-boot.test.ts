@@ -26,7 +26,7 @@ import {
   Placement_Strategy,
 } from '../../services/gen/cowherd/cloning/v1/cloning_service.js';
 import { unpack } from '../../services/common/domain/operations.js';
-import { Host, ImageReplica_State, type Image, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
+import { ImageReplica_State, type Image, type ImageReplica } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import type { Operation } from '../../services/gen/google/longrunning/operations.js';
 import { createClient } from '../../services/common/platform/client.js';
 import { mutualTlsChannelCredentialsFromPem } from '../../services/common/platform/tls.js';
@@ -37,7 +37,7 @@ import { guestDomainXml } from '../../services/launcher/story.js';
 import { Resources } from '../harness/index.js';
 import { call, waitFor } from '../harness/grpc.js';
 import { guestKit } from '../harness/guest.js';
-import { startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
+import { capDownload, startCloneStack, type CloneStack, type StackAgent } from '../harness/clone-stack.js';
 
 const run = promisify(execFile);
 const suffix = Math.random().toString(36).slice(2, 7);
@@ -59,21 +59,7 @@ describe('a streaming clone boots before its image has arrived', { skip: process
   /** Image directories of hosts added by the second case. */
   const thirdDirectories: string[] = [];
   const scoped = { COWHERD_DOMAIN_SCOPE: 'image-directory', COWHERD_STREAM_IDLE_EXIT_MS: '3000', COWHERD_STREAM_PROFILE_WINDOW_MS: '15000' };
-  const cap = async (host: string, bytesPerSecond: number, agent: { process: { logs: Array<Record<string, unknown>> } }): Promise<void> => {
-    await call((cb) =>
-      stack.inventory.updateHost(
-        {
-          host: Host.fromPartial({
-            name: HOST_NAME.format({ host }),
-            transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(bytesPerSecond) },
-          }),
-          updateMask: ['transfer_limits'],
-        },
-        cb,
-      ),
-    );
-    await waitFor('the cap applied', async () => (agent.process.logs.some((line) => line['msg'] === 'transfer limits applied') ? true : undefined), 30_000);
-  };
+  const cap = (host: string, bytesPerSecond: number, agent: Pick<StackAgent, 'process'>): Promise<void> => capDownload(stack, host, bytesPerSecond, agent);
 
   before(async () => {
     const [kit, started] = await Promise.all([guestKit(), startCloneStack(resources, ORIGIN, { firstAgentEnv: scoped })]);
