@@ -449,7 +449,8 @@ export function pieceRange(layout: TorrentLayout, piece: number): { file: string
   const start = piece * layout.pieceLength;
   let fileStart = 0;
   for (const file of layout.files) {
-    if (start < fileStart + file.length) return { file: file.path, offset: start - fileStart, length: Math.min(layout.pieceLength, fileStart + file.length - start) };
+    if (start < fileStart + file.length)
+      return { file: file.path, offset: start - fileStart, length: Math.min(layout.pieceLength, fileStart + file.length - start) };
     fileStart += file.length;
   }
   return undefined;

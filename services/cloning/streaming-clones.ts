@@ -94,10 +94,12 @@ export function followImageArrival<P extends { readonly transfer: HostTransfer |
   // Every second until the transfer starts (the clones are made at that moment: each second of polling is a
   // second later boot), the delivery's own cadence after it.
   const reportEverySeconds = (): number | undefined => (isStreamableNow ? undefined : STREAMABLE_POLL_SECONDS);
-  const outcome = delivery.bringImageToHost({ image: request.image, host: request.host, operation: request.operation, onProgress, reportEverySeconds }, linked).then(
-    (): ArrivalOutcome => ({ arrived: true }),
-    (error: unknown): ArrivalOutcome => ({ arrived: false, error }),
-  );
+  const outcome = delivery
+    .bringImageToHost({ image: request.image, host: request.host, operation: request.operation, onProgress, reportEverySeconds }, linked)
+    .then(
+      (): ArrivalOutcome => ({ arrived: true }),
+      (error: unknown): ArrivalOutcome => ({ arrived: false, error }),
+    );
   return { streamable, outcome, stop: () => stopper.abort(new Error('stopped following the image delivery')) };
 }
 

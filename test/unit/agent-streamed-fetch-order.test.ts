@@ -53,6 +53,9 @@ describe('streamed clones fetch lists of pieces', () => {
     const holders = window.map(() => 0);
     const picks = new Set(Array.from({ length: 6 }, (_, host) => nextWanted(window, holders, () => host / 6)));
     assert.equal(picks.size, 6, `six hosts, six different first pieces: ${[...picks].join(', ')}`);
-    assert.equal(nextWanted(window, holders, () => 0.999), 31);
+    assert.equal(
+      nextWanted(window, holders, () => 0.999),
+      31,
+    );
   });
 });
