@@ -128,6 +128,7 @@ export class StreamedClones {
    * usual). FAILED_PRECONDITION (IMAGE_NOT_ON_HOST) without a replica arriving; (HYPERVISOR_MISMATCH) on Xen.
    */
   async source(key: string): Promise<StreamedSource | undefined> {
+    const started = performance.now();
     const arriving = this.options.transfers.streamSource(key);
     if (arriving.kind === 'available') return undefined;
     if (this.options.hypervisor !== 'kvm')
@@ -141,6 +142,7 @@ export class StreamedClones {
       return found.length;
     };
     await this.whole(key, TEMPLATE_FILE, sizeOf(TEMPLATE_FILE));
+    const templateMs = Math.round(performance.now() - started);
     const template = await this.readArrived(arriving.directories, TEMPLATE_FILE);
     const bootFiles = templateBootFiles(template);
     const disks = templateDisks(template);
@@ -153,8 +155,14 @@ export class StreamedClones {
     if (arriving.profile.length > 0) this.prefetch(key, arriving.profile);
     // Boot files first and whole (all their pieces at once, the rarest first): the guest cannot start without them.
     const layout = this.layouts.get(key)!;
-    await this.fetchPieces(key, [...new Set(bootFiles.flatMap((file) => piecesOf(layout, file)))], 'read', Number.POSITIVE_INFINITY);
+    const bootPieces = [...new Set(bootFiles.flatMap((file) => piecesOf(layout, file)))];
+    await this.fetchPieces(key, bootPieces, 'read', Number.POSITIVE_INFINITY);
     await Promise.all(bootFiles.map((file) => this.whole(key, file, sizeOf(file))));
+    // How long a streamed boot waits before qemu can start (bench:boot reads it from the agents' logs).
+    this.options.log.info(
+      { image: key, template_ms: templateMs, boot_files_ms: Math.round(performance.now() - started), boot_pieces: bootPieces.length },
+      'streaming source ready',
+    );
     return {
       template,
       disks: disks.map((disk) => ({ target: disk.target, base: streamBackingUri(this.options.imageDirectory, key, disk.fileName), format: disk.format })),
