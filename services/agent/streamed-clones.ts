@@ -154,8 +154,12 @@ export class StreamedClones {
     // What earlier clones of this version read first, fetched first (in the background, in order).
     if (arriving.profile.length > 0) this.prefetch(key, arriving.profile);
     // Boot files first and whole (all their pieces at once, the rarest first): the guest cannot start without them.
+    // With them each disk's first piece: its qcow2 header, refcount and L1 tables, which qemu-img create (the
+    // overlay) and qemu (the start) read before anything else, one wait each when fetched on demand.
     const layout = this.layouts.get(key)!;
-    const bootPieces = [...new Set(bootFiles.flatMap((file) => piecesOf(layout, file)))];
+    const bootPieces = [
+      ...new Set([...bootFiles.flatMap((file) => piecesOf(layout, file)), ...disks.flatMap((disk) => piecesOf(layout, disk.fileName).slice(0, 1))]),
+    ];
     await this.fetchPieces(key, bootPieces, 'read', Number.POSITIVE_INFINITY);
     await Promise.all(bootFiles.map((file) => this.whole(key, file, sizeOf(file))));
     // How long a streamed boot waits before qemu can start (bench:boot reads it from the agents' logs).
