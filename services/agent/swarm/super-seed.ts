@@ -17,11 +17,7 @@
  * - A receiver announcing a piece (from anyone) makes room for the next reveal; pieces whose only holder
  *   left, or that were revealed but not announced within `revealTimeoutMs`, become offerable again.
  * - A receiver streaming the image asks for the pieces a guest waits on (piece-wants.ts): they are revealed to
- *   it at once, unless another receiver holds the piece or had it revealed moments ago (`wantShareMs`): then the
- *   asker takes it from that receiver, which announces it to everyone. A want asked again after `wantShareMs`
- *   (receivers ask every second while they wait) is revealed all the same, so a wait grows by a second at most.
- *   Hosts that boot clones of one image at once want the same pieces at the same moment: revealed to each of
- *   them, the origin sent every boot file to every host (bench:boot: 19 pieces, 4.2-4.6 s, six copies).
+ *   it at once.
  * Requests for pieces that were not revealed are still served (a receiver may learn of them otherwise).
  */
 import type { Torrent, Wire } from 'webtorrent';
@@ -51,11 +47,6 @@ export interface SuperSeedOptions {
   readonly endgameHolders?: number;
   /** A revealed piece not announced by then may be offered to others. Default 30 s. */
   readonly revealTimeoutMs?: number;
-  /**
-   * A wanted piece that another receiver holds, or that was revealed to another receiver less than this long ago,
-   * is left to that receiver for this long. Default 750 ms (below the one second between a waiting receiver's wants).
-   */
-  readonly wantShareMs?: number;
   readonly log?: Logger;
 }
 
@@ -74,8 +65,6 @@ export interface SuperSeedStats {
   offered: number;
   /** Pieces revealed because a streaming receiver wanted them (piece-wants.ts). */
   wanted: number;
-  /** Wants left to another receiver that held the piece or was getting it. */
-  shared: number;
 }
 
 /** Makes the seeding `torrent` (every piece present) super-seed; returns live counters. */
@@ -84,15 +73,10 @@ export function superSeed(torrent: Torrent, layout: PieceLayout, options: SuperS
   const revealPerWire = options.revealPerWire ?? 1;
   const endgameHolders = options.endgameHolders ?? 2;
   const revealTimeoutMs = options.revealTimeoutMs ?? 30_000;
-  const wantShareMs = options.wantShareMs ?? 750;
-  const stats: SuperSeedStats = { reveals: 0, offered: 0, wanted: 0, shared: 0 };
+  const stats: SuperSeedStats = { reveals: 0, offered: 0, wanted: 0 };
   const holders = new Uint16Array(pieceCount);
   /** When each piece was last revealed (to anyone), 0 = never. */
   const revealedAt = new Float64Array(pieceCount);
-  /** Whom each piece was last revealed to. */
-  const revealedTo = new Map<number, SeedWire>();
-  /** Per wire, wanted pieces left to other receivers, with when that was first done. */
-  const deferredWants = new Map<SeedWire, Map<number, number>>();
   let wantsLoggedAt = Number.NEGATIVE_INFINITY;
   /** Pieces revealed to a wire that it has not announced yet. */
   const pending = new Map<SeedWire, Set<number>>();
@@ -148,7 +132,6 @@ export function superSeed(torrent: Torrent, layout: PieceLayout, options: SuperS
       mine.add(index);
       open += 1;
       revealedAt[index] = performance.now();
-      revealedTo.set(index, wire);
       stats.reveals += 1;
       wire.have(index);
     }
@@ -166,24 +149,9 @@ export function superSeed(torrent: Torrent, layout: PieceLayout, options: SuperS
     usePieceWants(wire, (indices) => {
       if (!pending.has(wire) || wire.destroyed) return;
       const now = performance.now();
-      let deferred = deferredWants.get(wire);
-      if (!deferred) deferredWants.set(wire, (deferred = new Map()));
       for (const index of indices) {
-        if (index >= pieceCount || wire.peerPieces.get(index)) {
-          deferred.delete(index);
-          continue;
-        }
-        const other = revealedTo.get(index);
-        const elsewhere = holders[index]! > 0 || (other !== undefined && other !== wire && !other.destroyed && now - revealedAt[index]! < wantShareMs);
-        const since = deferred.get(index);
-        if (elsewhere && (since === undefined || now - since < wantShareMs)) {
-          if (since === undefined) deferred.set(index, now);
-          stats.shared += 1;
-          continue;
-        }
-        deferred.delete(index);
+        if (index >= pieceCount || wire.peerPieces.get(index)) continue;
         revealedAt[index] = now;
-        revealedTo.set(index, wire);
         stats.reveals += 1;
         stats.wanted += 1;
         wire.have(index);
@@ -191,7 +159,7 @@ export function superSeed(torrent: Torrent, layout: PieceLayout, options: SuperS
       // Streaming receivers' wants, at most every 10 s while they come.
       if (now - wantsLoggedAt >= 10_000) {
         wantsLoggedAt = now;
-        options.log?.info({ wanted: stats.wanted, shared: stats.shared, reveals: stats.reveals }, 'super-seeding: wants of streaming receivers');
+        options.log?.info({ wanted: stats.wanted, reveals: stats.reveals }, 'super-seeding: wants of streaming receivers');
       }
     });
     // webtorrent announces every piece right after this event: announce none instead.
@@ -253,8 +221,6 @@ export function superSeed(torrent: Torrent, layout: PieceLayout, options: SuperS
       for (const index of pending.get(wire) ?? []) if (holders[index] === 0) revealedAt[index] = 1;
       pending.delete(wire);
       sent.delete(wire);
-      deferredWants.delete(wire);
-      for (const [index, to] of revealedTo) if (to === wire) revealedTo.delete(index);
       for (let index = 0; index < pieceCount; index += 1) if (seen[index]) holders[index] = holders[index]! - 1;
       // What only this receiver held is offerable again.
       topUpAll();
