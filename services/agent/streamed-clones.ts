@@ -59,7 +59,7 @@ export interface StreamedSource {
 export interface StreamedClonesOptions {
   readonly imageDirectory: string;
   readonly hypervisor: 'kvm' | 'xen';
-  readonly transfers: Pick<ImageTransfers, 'streamSource' | 'whenAvailable'> & Partial<Pick<ImageTransfers, 'pieceHolders'>>;
+  readonly transfers: Pick<ImageTransfers, 'streamSource' | 'whenAvailable' | 'pieceHolders'>;
   readonly libvirt: Pick<Libvirt, 'listDomains'>;
   readonly log: Logger;
   /** Where image.read_profile goes (the agent's event outbox). */
@@ -331,7 +331,7 @@ export class StreamedClones {
     const fetchNext = async (): Promise<void> => {
       while (pending.length > 0 && !this.stopped) {
         const window = pending.slice(0, lookahead);
-        const index = nextWanted(window, this.options.transfers.pieceHolders?.(key, window));
+        const index = nextWanted(window, this.options.transfers.pieceHolders(key, window));
         const piece = pending.splice(index, 1)[0]!;
         const range = pieceRange(layout, piece);
         if (!range) continue;
@@ -459,11 +459,10 @@ export function piecesOf(layout: TorrentLayout, file: string): number[] {
 /** A range of one file inside torrent piece `piece` (its first file's part of it), to wait for the piece by. */
 export function pieceRange(layout: TorrentLayout, piece: number): { file: string; offset: number; length: number } | undefined {
   const start = piece * layout.pieceLength;
-  let fileStart = 0;
   for (const file of layout.files) {
+    const fileStart = layout.starts.get(file.path)!;
     if (start < fileStart + file.length)
       return { file: file.path, offset: start - fileStart, length: Math.min(layout.pieceLength, fileStart + file.length - start) };
-    fileStart += file.length;
   }
   return undefined;
 }

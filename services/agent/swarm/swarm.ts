@@ -482,7 +482,7 @@ export class ImageSwarm {
     const entry = this.entries.get(image);
     const torrent = entry?.torrent;
     if (!entry || entry.stage !== 'transferring' || !torrent || torrent.destroyed || !torrent.ready) return undefined;
-    const peers = torrent.wires.filter((wire) => wire.type !== 'webSeed' && wire.peerPieces);
+    const peers = torrent.wires.filter((wire) => wire.type !== 'webSeed');
     return pieces.map((piece) => peers.reduce((count, wire) => count + (wire.peerPieces.get(piece) ? 1 : 0), 0));
   }
 
