@@ -35,6 +35,7 @@ import { Host, Host_State, VirtualMachine_State, type VirtualMachine } from '../
 import { OperationsClient } from '../../services/gen/google/longrunning/operations.js';
 import { CONTROL_ADDRESS, CONTROL_NAME, TestBed, testBedAgentEnvironment } from '../../bench/testbed.js';
 import { Resources, TestPki } from '../harness/index.js';
+import { setDownloadLimit } from '../harness/clone-stack.js';
 import { waitFor } from '../harness/grpc.js';
 import { REPOSITORY, startCertificateAuthorityProcess, startServiceProcess, type ServiceProcess } from '../harness/processes.js';
 import { startNatsCluster, withoutCowherdVariables, type NatsCluster } from './nats-cluster.js';
@@ -355,20 +356,7 @@ export async function startFaultFleet(resources: Resources, logDirectory: string
       90_000,
     );
   }
-  for (const host of [...RECEIVERS, SMALL]) {
-    await call<Host>((cb) =>
-      clients.inventory.updateHost(
-        {
-          host: Host.fromPartial({
-            name: HOST_NAME.format({ host }),
-            transferLimits: { uploadBytesPerSecond: '0', downloadBytesPerSecond: String(RECEIVER_DOWNLOAD_BYTES_PER_SECOND) },
-          }),
-          updateMask: ['transfer_limits'],
-        },
-        cb,
-      ),
-    );
-  }
+  for (const host of [...RECEIVERS, SMALL]) await setDownloadLimit(clients.inventory, host, RECEIVER_DOWNLOAD_BYTES_PER_SECOND);
   // Inventory hands the limits to each agent with its next heartbeat's answer (10 s apart): the first row must
   // not start before every receiver has one, or its transfer runs unshaped (seen: 25 MB in 3 s).
   const limitsSet = Date.now();

@@ -310,8 +310,17 @@ export async function capDownload(
 ): Promise<void> {
   const applied = (): number => agent.process.logs.filter((line) => line['msg'] === 'transfer limits applied').length;
   const before = applied();
+  await setDownloadLimit(stack.inventory, host, bytesPerSecond);
+  await waitFor(`the download cap on ${host}`, async () => (applied() > before ? true : undefined), 30_000);
+}
+
+/**
+ * Sets `host`'s download rate through inventory's UpdateHost (transfer_limits; 0 upload: unlimited). Its agent
+ * applies it with its next heartbeat's answer: {@link capDownload} waits for that.
+ */
+export async function setDownloadLimit(inventory: Pick<InventoryServiceClient, 'updateHost'>, host: string, bytesPerSecond: number): Promise<void> {
   await call((cb) =>
-    stack.inventory.updateHost(
+    inventory.updateHost(
       {
         host: Host.fromPartial({
           name: HOST_NAME.format({ host }),
@@ -322,5 +331,4 @@ export async function capDownload(
       cb,
     ),
   );
-  await waitFor(`the download cap on ${host}`, async () => (applied() > before ? true : undefined), 30_000);
 }
