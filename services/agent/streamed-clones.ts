@@ -30,6 +30,8 @@ import type { ImageTransfers } from './swarm/index.js';
 
 /** How often shut-off streaming clones are looked at for settling. */
 const SETTLE_INTERVAL_MS = 3000;
+/** How long a replica that a clone was just streamed from stays on the settling list without a domain found on it. */
+const SETTLE_GRACE_MS = 60_000;
 /** A connection that read fewer pieces in its first minute was a look at a header, not a boot. */
 const MIN_PROFILE_PIECES = 4;
 /** Pieces asked of the swarm at once when a list of them is fetched (a read profile, the boot files). */
@@ -68,6 +70,8 @@ export interface StreamedClonesOptions {
   readonly host?: string;
   /** The streaming server's environment (tests shorten its idle exit). */
   readonly serverEnvironment?: Readonly<Record<string, string>>;
+  /** How long a replica a clone was just streamed from is looked at for settling without a domain on it (60 s). */
+  readonly settleGraceMs?: number;
 }
 
 /** The agent's streaming clones. */
@@ -84,6 +88,13 @@ export class StreamedClones {
   private readonly layouts = new Map<string, TorrentLayout & { profiled: boolean }>();
   private settleTimer: NodeJS.Timeout | undefined;
   private settling: Promise<void> | undefined;
+  /**
+   * Replicas that streaming clones here may be backed by, with when that was last seen (a source made, a domain
+   * found on it); undefined until the first look at libvirt (an agent that restarted may have any). Settling looks
+   * at libvirt only once one of them is AVAILABLE: every look lists and dumps every domain, which an agent polling
+   * every few seconds for nothing would pay on every host.
+   */
+  private streamedReplicas: Map<string, number> | undefined;
   private stopped = false;
 
   constructor(private readonly options: StreamedClonesOptions) {
@@ -151,6 +162,7 @@ export class StreamedClones {
       await this.serve(key, disk.fileName, arriving);
     }
     this.rememberLayout(key, arriving);
+    this.streamedReplicas?.set(key, performance.now());
     // What earlier clones of this version read first, fetched first (in the background, in order).
     if (arriving.profile.length > 0) this.prefetch(key, arriving.profile);
     // Boot files first and whole (all their pieces at once, the rarest first): the guest cannot start without them.
@@ -229,19 +241,20 @@ export class StreamedClones {
     }
   }
 
-  /** Settles every shut-off streaming clone whose replica is AVAILABLE. */
+  /**
+   * Settles every shut-off streaming clone whose replica is AVAILABLE. Looks at libvirt only when a replica that
+   * streaming clones may be backed by has become AVAILABLE (or after a start, once). A streaming clone that keeps
+   * running on a complete replica keeps the look going (every SETTLE_INTERVAL_MS) until its shutdown is seen.
+   */
   async settleAll(): Promise<void> {
+    const known = this.streamedReplicas;
+    if (known !== undefined && ![...known.keys()].some((key) => this.isAvailable(key))) return;
     this.settling ??= (async () => {
+      const found = new Set<string>();
       for (const domain of await this.options.libvirt.listDomains()) {
-        if (domain.state !== 'shut off') continue;
         for (const stream of await this.streamedDisks(domain)) {
-          let available = false;
-          try {
-            available = this.options.transfers.streamSource(stream.key).kind === 'available';
-          } catch {
-            continue;
-          }
-          if (!available) continue;
+          found.add(stream.key);
+          if (domain.state !== 'shut off' || !this.isAvailable(stream.key)) continue;
           await this.repoint(stream).then(
             () =>
               this.options.log.info({ domain: domain.name, overlay: stream.overlay, base: stream.replicaPath }, 'streaming clone settled on its local replica'),
@@ -249,10 +262,27 @@ export class StreamedClones {
           );
         }
       }
+      // Kept: replicas with a streamed disk still on them (running clones, failed repoints), and replicas a source
+      // was just made of (the clone may not be defined yet). Dropped: complete replicas nothing here streams from.
+      const now = performance.now();
+      const replicas = this.streamedReplicas ?? new Map<string, number>();
+      for (const key of found) replicas.set(key, now);
+      for (const [key, seen] of replicas)
+        if (!found.has(key) && now - seen > (this.options.settleGraceMs ?? SETTLE_GRACE_MS) && this.isAvailable(key)) replicas.delete(key);
+      this.streamedReplicas = replicas;
     })().finally(() => {
       this.settling = undefined;
     });
     return this.settling;
+  }
+
+  /** Whether replica `key` is AVAILABLE here (false while it arrives, and when it is gone or failed). */
+  private isAvailable(key: string): boolean {
+    try {
+      return this.options.transfers.streamSource(key).kind === 'available';
+    } catch {
+      return false;
+    }
   }
 
   /** Points the overlay at the complete replica's file, which from now on is a base like any other (read-only). */
