@@ -14,6 +14,7 @@ import { ensureEventStream, EVENT_STREAM, JetStreamEventPublisher } from '../ser
 import { createLogger } from '../services/common/platform/logger.js';
 import { connectNats, type Nats } from '../services/common/platform/nats.js';
 import type { CloneDone } from '../services/gen/cowherd/events/v1/events.js';
+import { DiskBackend } from '../services/gen/cowherd/common/v1/types.js';
 import { Resources, TestPki, startTestNats } from '../test/harness/index.js';
 
 const log = createLogger({ service: 'bench', level: 'silent' });
@@ -33,6 +34,7 @@ const payload = (index: number): CloneDone => ({
   started: true,
   operation: 'operations/6c0e7d0c-3f7e-4c84-a1f4-3b0f6f7f2a11',
   occurTime: new Date(),
+  diskBackend: DiskBackend.DISK_BACKEND_QCOW2_OVERLAY,
 });
 
 function percentile(values: number[], p: number): number {

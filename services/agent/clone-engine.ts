@@ -779,6 +779,7 @@ export class CloneEngine {
         started,
         operation: request.operation,
         occurTime: new Date(),
+        diskBackend: vm.lineage?.diskBackend ?? diskBackendValue(undefined),
       },
       { host: this.options.host, id: `clone.done/${request.operation || request.requestId || uuid}/${this.options.host}/${vm.domainName}` },
     );

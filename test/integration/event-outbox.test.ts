@@ -17,6 +17,7 @@ import { nanos } from '@nats-io/transport-node';
 import { AgentServiceClient, CreateClonesRequest, type CreateCloneResult } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { CertificateAuthorityServiceClient } from '../../services/gen/cowherd/certauthority/v1/certificate_authority_service.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
+import { DiskBackend } from '../../services/gen/cowherd/common/v1/types.js';
 import { createClient } from '../../services/common/platform/client.js';
 import { type EmbeddedNats } from '../../services/launcher/embedded-nats.js';
 import {
@@ -53,6 +54,7 @@ const cloneDone = (host: string, name: string): CloneDone => ({
   started: false,
   operation: '',
   occurTime: new Date(),
+  diskBackend: DiskBackend.DISK_BACKEND_QCOW2_OVERLAY,
 });
 
 /** How often each Nats-Msg-Id is stored in the event stream (reads every stored message by sequence). */

@@ -9,6 +9,7 @@ import { consumeEvents, ensureEventStream, JetStreamEventPublisher, type Receive
 import { createLogger } from '../../services/common/platform/logger.js';
 import { connectNats, type Nats } from '../../services/common/platform/nats.js';
 import { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
+import { DiskBackend } from '../../services/gen/cowherd/common/v1/types.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { HOST_IMAGE_NAME, HOST_NAME } from '../../services/common/domain/resource-names.js';
 
@@ -84,6 +85,7 @@ describe('events', () => {
         started: false,
         operation: '',
         occurTime: undefined,
+        diskBackend: DiskBackend.DISK_BACKEND_QCOW2_OVERLAY,
       },
       { host: 'kvm-01', id: 'clone.done/a' },
     );

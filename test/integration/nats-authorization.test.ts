@@ -27,6 +27,7 @@ import { inspectCertificate, natsUserOf } from '../../services/common/platform/p
 import type { TlsFiles } from '../../services/common/platform/tls.js';
 import { startEmbeddedNats, type EmbeddedNats } from '../../services/launcher/embedded-nats.js';
 import type { ImageAvailable } from '../../services/gen/cowherd/events/v1/events.js';
+import { DiskBackend } from '../../services/gen/cowherd/common/v1/types.js';
 import { Resources, TestPki, startTestNats } from '../harness/index.js';
 import { HOST_IMAGE_NAME, HOST_NAME } from '../../services/common/domain/resource-names.js';
 
@@ -135,6 +136,7 @@ describe('NATS authorization', () => {
             started: false,
             operation: '',
             occurTime: undefined,
+            diskBackend: DiskBackend.DISK_BACKEND_QCOW2_OVERLAY,
           },
           { id: 'clone.done/fleet' },
         ),

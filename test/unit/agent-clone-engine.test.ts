@@ -11,6 +11,7 @@ import { CloneEngine } from '../../services/agent/clone-engine.js';
 import { readCloneMetadata } from '../../services/agent/hypervisor/index.js';
 import type { DomainInfo, Libvirt } from '../../services/agent/hypervisor/libvirt.js';
 import { createLogger } from '../../services/common/platform/logger.js';
+import { DiskBackend } from '../../services/gen/cowherd/common/v1/types.js';
 import { writeTinyReplica } from '../harness/index.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
@@ -38,9 +39,9 @@ describe('CloneEngine', () => {
         } as DomainInfo);
       };
       const libvirt = { uri: 'test:///default', listDomains: async () => [...defined], define } as unknown as Libvirt;
-      const events: Array<{ kind: string; domainName: string; id: string }> = [];
-      const publish = async (type: { kind: string }, payload: { domainName: string }, options: { id: string }): Promise<void> => {
-        events.push({ kind: type.kind, domainName: payload.domainName, id: options.id });
+      const events: Array<{ kind: string; domainName: string; id: string; diskBackend?: number }> = [];
+      const publish = async (type: { kind: string }, payload: { domainName: string; diskBackend?: number }, options: { id: string }): Promise<void> => {
+        events.push({ kind: type.kind, domainName: payload.domainName, id: options.id, diskBackend: payload.diskBackend });
       };
       const engine = new CloneEngine({ host: 'kvm-01', imageDirectory: directory, hypervisor: 'kvm', libvirt, events: { publish } as never, log });
       const names = Array.from({ length: 8 }, (_, index) => `retry-${index}`);
@@ -85,6 +86,11 @@ describe('CloneEngine', () => {
       const done = events.filter((event) => event.kind === 'clone.done');
       assert.deepEqual([...new Set(done.map((event) => event.id))].length, names.length, 'one clone.done id per clone');
       assert.deepEqual([...new Set(done.map((event) => event.domainName))].sort(), [...names].sort(), 'a clone.done for every clone');
+      assert.deepEqual(
+        [...new Set(done.map((event) => event.diskBackend))],
+        [DiskBackend.DISK_BACKEND_QCOW2_OVERLAY],
+        'clone.done says how the disks were made (the first attempt and the retry alike)',
+      );
       assert.deepEqual(
         events.filter((event) => event.kind !== 'clone.done'),
         [],

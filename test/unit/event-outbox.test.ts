@@ -28,6 +28,7 @@ import type { CowherdError } from '../../services/common/platform/errors.js';
 import { createLogger } from '../../services/common/platform/logger.js';
 import { metricsRegistry } from '../../services/common/platform/metrics.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
+import { DiskBackend } from '../../services/gen/cowherd/common/v1/types.js';
 import { CreateClonesRequest } from '../../services/gen/cowherd/agent/v1/agent_service.js';
 import { writeTinyReplica } from '../harness/index.js';
 import { VIRTUAL_MACHINE_NAME } from '../../services/common/domain/resource-names.js';
@@ -81,6 +82,7 @@ const cloneDone = (name: string): CloneDone => ({
   started: false,
   operation: '',
   occurTime: undefined,
+  diskBackend: DiskBackend.DISK_BACKEND_QCOW2_OVERLAY,
 });
 
 /** Polls `condition` (the relay runs on real timers with tiny delays). */

@@ -14,6 +14,7 @@ import { createLogger } from '../../services/common/platform/logger.js';
 import { counter, distributionMetrics, metricsRegistry, recordRpc, serveMetrics } from '../../services/common/platform/metrics.js';
 import { serverVariables } from '../../services/common/platform/service-process.js';
 import type { CloneDone } from '../../services/gen/cowherd/events/v1/events.js';
+import { DiskBackend } from '../../services/gen/cowherd/common/v1/types.js';
 import { writeTinyReplica } from '../harness/index.js';
 
 const log = createLogger({ service: 'test', level: 'silent' });
@@ -38,6 +39,7 @@ const cloneDone: CloneDone = {
   started: false,
   operation: '',
   occurTime: undefined,
+  diskBackend: DiskBackend.DISK_BACKEND_QCOW2_OVERLAY,
 };
 
 describe('metrics', () => {

@@ -14,7 +14,15 @@ import {
   revocationReasonFromJSON,
   revocationReasonToJSON,
 } from "../../certauthority/v1/resources.js";
-import { Hypervisor, hypervisorFromJSON, hypervisorToJSON, TransferProgress } from "../../common/v1/types.js";
+import {
+  DiskBackend,
+  diskBackendFromJSON,
+  diskBackendToJSON,
+  Hypervisor,
+  hypervisorFromJSON,
+  hypervisorToJSON,
+  TransferProgress,
+} from "../../common/v1/types.js";
 import {
   Host_State,
   host_StateFromJSON,
@@ -389,6 +397,13 @@ export interface CloneDone {
    * machine.
    */
   imageVersion: string;
+  /**
+   * How the clone's disks were made from their base (the backend the agent used, never UNSPECIFIED for a clone
+   * this agent made; a clone found again by a retry reports the backend its metadata records). Whether the clone
+   * depends on its base follows from it: REFLINK_COPY clones do not. The same value as the virtual machine's
+   * lineage.disk_backend.
+   */
+  diskBackend: DiskBackend;
 }
 
 /**
@@ -2797,6 +2812,7 @@ function createBaseCloneDone(): CloneDone {
     operation: "",
     occurTime: undefined,
     imageVersion: "",
+    diskBackend: 0,
   };
 }
 
@@ -2836,6 +2852,9 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
     }
     if (message.imageVersion !== "") {
       writer.uint32(90).string(message.imageVersion);
+    }
+    if (message.diskBackend !== 0) {
+      writer.uint32(96).int32(message.diskBackend);
     }
     return writer;
   },
@@ -2941,6 +2960,14 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
             message.imageVersion = reader.string();
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.diskBackend = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2986,6 +3013,11 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
         : isSet(object.image_version)
         ? globalThis.String(object.image_version)
         : "",
+      diskBackend: isSet(object.diskBackend)
+        ? diskBackendFromJSON(object.diskBackend)
+        : isSet(object.disk_backend)
+        ? diskBackendFromJSON(object.disk_backend)
+        : 0,
     };
   },
 
@@ -3024,6 +3056,9 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
     if (message.imageVersion !== "") {
       obj.imageVersion = message.imageVersion;
     }
+    if (message.diskBackend !== 0) {
+      obj.diskBackend = diskBackendToJSON(message.diskBackend);
+    }
     return obj;
   },
 
@@ -3043,6 +3078,7 @@ export const CloneDone: MessageFns<CloneDone, "cowherd.events.v1.CloneDone"> = {
     message.operation = object.operation ?? "";
     message.occurTime = object.occurTime ?? undefined;
     message.imageVersion = object.imageVersion ?? "";
+    message.diskBackend = object.diskBackend ?? 0;
     return message;
   },
 };
