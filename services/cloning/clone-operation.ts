@@ -22,7 +22,6 @@ import {
 } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { ErrorReason } from '../gen/cowherd/common/v1/error_reason.js';
 import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
-import type { HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { ImageReplica_State } from '../gen/cowherd/inventory/v1/resources.js';
 import { Host_State, type Host } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
@@ -32,6 +31,7 @@ import { CLONE_FAILED } from '../common/domain/event-types.js';
 import type { EventPublisher } from '../common/platform/events.js';
 import type { OperationContext, OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
+import type { ImageDelivery, ImageDeliveryProgress } from './image-delivery-port.js';
 import { agentCallStatus, callAgentWithRetries } from './agent-retry.js';
 import type { FleetView } from './fleet-view.js';
 import type { GuestSecrets } from './guest-secrets.js';
@@ -106,38 +106,6 @@ export class ImageVersionPins {
 export function versionPinKey(metadata: Pick<CloneVirtualMachinesMetadata, 'source' | 'clones' | 'startTime'>): string {
   const first = metadata.clones[0];
   return `${metadata.source}|${first?.host ?? ''}|${first?.domainName ?? ''}|${metadata.startTime?.getTime() ?? 0}`;
-}
-
-/** What a delivery reports while it waits: the DistributeImage operation and the host's entry in its metadata. */
-export interface ImageDeliveryProgress {
-  /** The DistributeImage operation, `operations/{operation}` on the distribution service. */
-  readonly operation: string;
-  /** The host's transfer as the operation reports it; undefined before the first report. */
-  readonly transfer: HostTransfer | undefined;
-  /** When the clones fail unless the transfer makes progress. */
-  readonly deadline: Date;
-}
-
-/**
- * Brings an image to a host that lacks an AVAILABLE replica, resolving once the replica is AVAILABLE;
- * rejects with the error the host's clones fail with. It must end: a transfer that stops making progress
- * rejects (PROGRESS_DEADLINE_EXCEEDED) instead of waiting for ever.
- */
-export interface ImageDelivery {
-  bringImageToHost(
-    request: {
-      readonly image: string;
-      readonly host: string;
-      readonly operation: string;
-      readonly onProgress?: (progress: ImageDeliveryProgress) => void;
-      /**
-       * How often, in seconds, the caller wants the next report while nothing ends (asked before each wait);
-       * undefined: the delivery's own cadence. Streaming clones ask for 1 s until the transfer starts.
-       */
-      readonly reportEverySeconds?: () => number | undefined;
-    },
-    signal: AbortSignal,
-  ): Promise<void>;
 }
 
 /**

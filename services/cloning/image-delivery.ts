@@ -38,7 +38,7 @@ import {
   type StepStage,
   type StepVerdict,
 } from '../common/platform/progress-deadline.js';
-import type { ImageDelivery } from './clone-operation.js';
+import type { ImageDelivery } from './image-delivery-port.js';
 
 /**
  * Cloning's own deadline for an image: 15 minutes without progress (distribution's is 10), VERIFYING 3

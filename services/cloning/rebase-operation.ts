@@ -33,7 +33,8 @@ import { CowherdError, toStatus } from '../common/platform/errors.js';
 import type { OperationContext, OperationKind } from '../common/domain/operations.js';
 import type { AgentPort } from './agents.js';
 import { agentCallStatus, callAgentWithRetries } from './agent-retry.js';
-import { HOST_CONCURRENCY, hostProblem, hostProblemNow, IMAGE_DELIVERY_NOT_WIRED, type ImageDelivery } from './clone-operation.js';
+import { HOST_CONCURRENCY, hostProblem, hostProblemNow, IMAGE_DELIVERY_NOT_WIRED } from './clone-operation.js';
+import type { ImageDelivery } from './image-delivery-port.js';
 import type { FleetView } from './fleet-view.js';
 import { checkRebaseShape, hostOfClone, isOk, OK_STATUS } from './rebase-plan.js';
 

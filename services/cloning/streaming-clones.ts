@@ -12,11 +12,11 @@
  */
 import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import type { AgentPort } from './agents.js';
+import type { ImageDelivery, ImageDeliveryProgress } from './image-delivery-port.js';
 import { agentDidNotAnswer, callAgentWithRetries, relayedNoAnswer } from './agent-retry.js';
 import { CloneVirtualMachinesRequest_Delivery, type CloneVirtualMachinesRequest } from '../gen/cowherd/cloning/v1/cloning_service.js';
 import { ErrorReason, errorReasonToJSON } from '../gen/cowherd/common/v1/error_reason.js';
 import { TransferProgress } from '../gen/cowherd/common/v1/types.js';
-import type { HostTransfer } from '../gen/cowherd/distribution/v1/distribution_service.js';
 import { ImageReplica_State, type Host } from '../gen/cowherd/inventory/v1/resources.js';
 import type { Status } from '../gen/google/rpc/status.js';
 import { CowherdError, errorFromStatus, readServiceError, relayServiceError, toStatus } from '../common/platform/errors.js';
@@ -29,23 +29,6 @@ export function streamRequested(request: Pick<CloneVirtualMachinesRequest, 'deli
 /** Replica states in which the agent can make streaming clones: the replica exists and its bytes arrive (or are all in). */
 export function isStreamable(state: ImageReplica_State): boolean {
   return state === ImageReplica_State.STATE_TRANSFERRING || state === ImageReplica_State.STATE_VERIFYING || state === ImageReplica_State.STATE_AVAILABLE;
-}
-
-/**
- * What {@link followImageArrival} needs of clone-operation.ts's ImageDelivery, spelled out here because this
- * module must not import clone-operation.ts back (no cycles, type-only ones included).
- */
-export interface ArrivalDelivery<P extends { readonly transfer: HostTransfer | undefined }> {
-  bringImageToHost(
-    request: {
-      readonly image: string;
-      readonly host: string;
-      readonly operation: string;
-      readonly onProgress?: (progress: P) => void;
-      readonly reportEverySeconds?: () => number | undefined;
-    },
-    signal: AbortSignal,
-  ): Promise<void>;
 }
 
 /**
@@ -71,9 +54,9 @@ export interface ImageArrival {
  * Starts `delivery.bringImageToHost` and follows it: `onProgress` gets every report until {@link ImageArrival.stop}
  * or the end, `streamable` resolves at the first streamable state. `signal` (the operation's) stops it too.
  */
-export function followImageArrival<P extends { readonly transfer: HostTransfer | undefined }>(
-  delivery: ArrivalDelivery<P>,
-  request: { readonly image: string; readonly host: string; readonly operation: string; readonly onProgress: (progress: P) => void },
+export function followImageArrival(
+  delivery: ImageDelivery,
+  request: { readonly image: string; readonly host: string; readonly operation: string; readonly onProgress: (progress: ImageDeliveryProgress) => void },
   signal: AbortSignal,
 ): ImageArrival {
   const stopper = new AbortController();
@@ -86,7 +69,7 @@ export function followImageArrival<P extends { readonly transfer: HostTransfer |
       resolve();
     };
   });
-  const onProgress = (progress: P): void => {
+  const onProgress = (progress: ImageDeliveryProgress): void => {
     if (linked.aborted) return;
     request.onProgress(progress);
     if (progress.transfer && isStreamable(progress.transfer.state)) markStreamable();

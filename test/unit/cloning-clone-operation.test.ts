@@ -39,14 +39,8 @@ import { createLogger } from '../../services/common/platform/logger.js';
 import type { OperationContext } from '../../services/common/domain/operations.js';
 import { typeUrlOf } from '../../services/common/platform/type-urls.js';
 import type { AgentPort } from '../../services/cloning/agents.js';
-import {
-  agentRequestId,
-  cloneOperationKind,
-  type CloneCheckpoint,
-  type CloneOperationDeps,
-  type ImageDelivery,
-  type ImageDeliveryProgress,
-} from '../../services/cloning/clone-operation.js';
+import { agentRequestId, cloneOperationKind, type CloneCheckpoint, type CloneOperationDeps } from '../../services/cloning/clone-operation.js';
+import type { ImageDelivery, ImageDeliveryProgress } from '../../services/cloning/image-delivery-port.js';
 import { planClones } from '../../services/cloning/clone-plan.js';
 import type { FleetView } from '../../services/cloning/fleet-view.js';
 import { cloningHandlers } from '../../services/cloning/handlers.js';

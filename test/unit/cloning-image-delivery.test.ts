@@ -14,7 +14,7 @@ import { ErrorReason } from '../../services/gen/cowherd/common/v1/error_reason.j
 import { DistributeImageMetadata, DistributionServiceService } from '../../services/gen/cowherd/distribution/v1/distribution_service.js';
 import { ImageReplica_State } from '../../services/gen/cowherd/inventory/v1/resources.js';
 import { OperationsService, type Operation } from '../../services/gen/google/longrunning/operations.js';
-import type { ImageDeliveryProgress } from '../../services/cloning/clone-operation.js';
+import type { ImageDeliveryProgress } from '../../services/cloning/image-delivery-port.js';
 
 const MiB = 1024 * 1024;
 const HOST = 'hosts/kvm-1';
