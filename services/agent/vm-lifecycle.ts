@@ -11,7 +11,7 @@ import { VirtualMachine, VirtualMachine_State } from '../gen/cowherd/inventory/v
 import { CowherdError } from '../common/platform/errors.js';
 import type { Logger } from '../common/platform/logger.js';
 import { HOST_NAME, VIRTUAL_MACHINE_ID, VIRTUAL_MACHINE_NAME } from '../common/domain/resource-names.js';
-import { LibvirtError, virtualMachineId, virtualMachineState, type DomainInfo, type Libvirt } from './hypervisor/index.js';
+import { dependsOnBase, LibvirtError, virtualMachineId, virtualMachineState, type DomainInfo, type Libvirt } from './hypervisor/index.js';
 import { cloneDirectory } from './image-directory/index.js';
 
 /** What the lifecycle needs. */
@@ -109,7 +109,8 @@ export class VmLifecycle {
 
   private refuseDependents(name: string, all: readonly DomainInfo[]): void {
     const dependents = all
-      .filter((domain) => domain.clone && 'virtualMachine' in domain.clone.source && domain.clone.source.virtualMachine === name)
+      // A reflink copy of the VM's disks shares blocks with them but reads nothing through them: not a dependent.
+      .filter((domain) => domain.clone && dependsOnBase(domain.clone) && 'virtualMachine' in domain.clone.source && domain.clone.source.virtualMachine === name)
       .map((domain) => this.nameOf(domain));
     if (dependents.length > 0) {
       throw CowherdError.failedPrecondition(

@@ -2910,8 +2910,8 @@ export const CloningServiceService = {
    * StartVirtualMachine starts a powered-off virtual machine, or resumes a paused one, and returns it. Starting
    * a running virtual machine succeeds and changes nothing. Unmanaged virtual machines may be started too.
    * Errors: NOT_FOUND (RESOURCE_NOT_FOUND); FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS) when clones use
-   * its disks as backing files, because writing to them would corrupt the clones; UNAVAILABLE
-   * (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
+   * its disks as backing files, because writing to them would corrupt the clones (REFLINK_COPY clones of it do
+   * not: they read nothing through its disks); UNAVAILABLE (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
    */
   startVirtualMachine: {
     path: "/cowherd.cloning.v1.CloningService/StartVirtualMachine" as const,
@@ -2949,7 +2949,8 @@ export const CloningServiceService = {
    * set; for an unmanaged one, force removes only the libvirt definition and never a file. A running virtual
    * machine is refused unless force is set, which destroys it first. Errors: NOT_FOUND (RESOURCE_NOT_FOUND);
    * FAILED_PRECONDITION (VIRTUAL_MACHINE_NOT_MANAGED, VIRTUAL_MACHINE_RUNNING) without force;
-   * FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS) when clones use its disks, even with force;
+   * FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS) when clones use its disks as backing files (not
+   * REFLINK_COPY clones), even with force;
    * UNAVAILABLE (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
    */
   deleteVirtualMachine: {
@@ -3020,8 +3021,8 @@ export interface CloningServiceServer extends UntypedServiceImplementation {
    * StartVirtualMachine starts a powered-off virtual machine, or resumes a paused one, and returns it. Starting
    * a running virtual machine succeeds and changes nothing. Unmanaged virtual machines may be started too.
    * Errors: NOT_FOUND (RESOURCE_NOT_FOUND); FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS) when clones use
-   * its disks as backing files, because writing to them would corrupt the clones; UNAVAILABLE
-   * (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
+   * its disks as backing files, because writing to them would corrupt the clones (REFLINK_COPY clones of it do
+   * not: they read nothing through its disks); UNAVAILABLE (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
    */
   startVirtualMachine: handleUnaryCall<StartVirtualMachineRequest, VirtualMachine>;
   /**
@@ -3041,7 +3042,8 @@ export interface CloningServiceServer extends UntypedServiceImplementation {
    * set; for an unmanaged one, force removes only the libvirt definition and never a file. A running virtual
    * machine is refused unless force is set, which destroys it first. Errors: NOT_FOUND (RESOURCE_NOT_FOUND);
    * FAILED_PRECONDITION (VIRTUAL_MACHINE_NOT_MANAGED, VIRTUAL_MACHINE_RUNNING) without force;
-   * FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS) when clones use its disks, even with force;
+   * FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS) when clones use its disks as backing files (not
+   * REFLINK_COPY clones), even with force;
    * UNAVAILABLE (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
    */
   deleteVirtualMachine: handleUnaryCall<DeleteVirtualMachineRequest, Empty>;
@@ -3108,8 +3110,8 @@ export interface CloningServiceClient extends Client {
    * StartVirtualMachine starts a powered-off virtual machine, or resumes a paused one, and returns it. Starting
    * a running virtual machine succeeds and changes nothing. Unmanaged virtual machines may be started too.
    * Errors: NOT_FOUND (RESOURCE_NOT_FOUND); FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS) when clones use
-   * its disks as backing files, because writing to them would corrupt the clones; UNAVAILABLE
-   * (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
+   * its disks as backing files, because writing to them would corrupt the clones (REFLINK_COPY clones of it do
+   * not: they read nothing through its disks); UNAVAILABLE (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
    */
   startVirtualMachine(
     request: StartVirtualMachineRequest,
@@ -3157,7 +3159,8 @@ export interface CloningServiceClient extends Client {
    * set; for an unmanaged one, force removes only the libvirt definition and never a file. A running virtual
    * machine is refused unless force is set, which destroys it first. Errors: NOT_FOUND (RESOURCE_NOT_FOUND);
    * FAILED_PRECONDITION (VIRTUAL_MACHINE_NOT_MANAGED, VIRTUAL_MACHINE_RUNNING) without force;
-   * FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS) when clones use its disks, even with force;
+   * FAILED_PRECONDITION (VIRTUAL_MACHINE_HAS_DEPENDENTS) when clones use its disks as backing files (not
+   * REFLINK_COPY clones), even with force;
    * UNAVAILABLE (HOST_UNREACHABLE); INTERNAL (HYPERVISOR_ERROR).
    */
   deleteVirtualMachine(
