@@ -61,7 +61,7 @@ export interface StreamedSource {
 export interface StreamedClonesOptions {
   readonly imageDirectory: string;
   readonly hypervisor: 'kvm' | 'xen';
-  readonly transfers: Pick<ImageTransfers, 'streamSource' | 'whenAvailable' | 'pieceHolders'>;
+  readonly transfers: Pick<ImageTransfers, 'streamSource' | 'whenAvailable' | 'pieceHolders' | 'isAvailable'>;
   readonly libvirt: Pick<Libvirt, 'listDomains'>;
   readonly log: Logger;
   /** Where image.read_profile goes (the agent's event outbox). */
@@ -248,13 +248,13 @@ export class StreamedClones {
    */
   async settleAll(): Promise<void> {
     const known = this.streamedReplicas;
-    if (known !== undefined && ![...known.keys()].some((key) => this.isAvailable(key))) return;
+    if (known !== undefined && ![...known.keys()].some((key) => this.options.transfers.isAvailable(key))) return;
     this.settling ??= (async () => {
       const found = new Set<string>();
       for (const domain of await this.options.libvirt.listDomains()) {
         for (const stream of await this.streamedDisks(domain)) {
           found.add(stream.key);
-          if (domain.state !== 'shut off' || !this.isAvailable(stream.key)) continue;
+          if (domain.state !== 'shut off' || !this.options.transfers.isAvailable(stream.key)) continue;
           await this.repoint(stream).then(
             () =>
               this.options.log.info({ domain: domain.name, overlay: stream.overlay, base: stream.replicaPath }, 'streaming clone settled on its local replica'),
@@ -268,7 +268,7 @@ export class StreamedClones {
       const replicas = this.streamedReplicas ?? new Map<string, number>();
       for (const key of found) replicas.set(key, now);
       for (const [key, seen] of replicas)
-        if (!found.has(key) && now - seen > (this.options.settleGraceMs ?? SETTLE_GRACE_MS) && this.isAvailable(key)) replicas.delete(key);
+        if (!found.has(key) && now - seen > (this.options.settleGraceMs ?? SETTLE_GRACE_MS) && this.options.transfers.isAvailable(key)) replicas.delete(key);
       this.streamedReplicas = replicas;
     })().finally(() => {
       this.settling = undefined;
@@ -276,33 +276,21 @@ export class StreamedClones {
     return this.settling;
   }
 
-  /** Whether replica `key` is AVAILABLE here (false while it arrives, and when it is gone or failed). */
-  private isAvailable(key: string): boolean {
-    try {
-      return this.options.transfers.streamSource(key).kind === 'available';
-    } catch {
-      return false;
-    }
-  }
-
   /** Points the overlay at the complete replica's file, which from now on is a base like any other (read-only). */
-  private async repoint(stream: { overlay: string; replicaPath: string; format: 'qcow2' | 'raw' }): Promise<void> {
+  private async repoint(stream: { overlay: string; replicaPath: string }): Promise<void> {
     await protectBase(stream.replicaPath);
-    await repointOverlay(stream.overlay, stream.replicaPath, stream.format);
+    await repointOverlay(stream.overlay, stream.replicaPath, await this.formatOf(stream.overlay));
   }
 
   /** The domain's overlays whose backing is a streamed replica file of this image directory. */
-  private async streamedDisks(
-    domain: DomainInfo,
-  ): Promise<Array<{ overlay: string; key: string; file: string; replicaPath: string; format: 'qcow2' | 'raw' }>> {
-    const found: Array<{ overlay: string; key: string; file: string; replicaPath: string; format: 'qcow2' | 'raw' }> = [];
+  private async streamedDisks(domain: DomainInfo): Promise<Array<{ overlay: string; key: string; file: string; replicaPath: string }>> {
+    const found: Array<{ overlay: string; key: string; file: string; replicaPath: string }> = [];
     for (const disk of domain.disks) {
       if (disk.type !== 'file' || !disk.sourcePath) continue;
       const backing = await readBackingFileName(disk.sourcePath).catch(() => undefined);
       const stream = backing === undefined ? undefined : parseStreamBackingUri(backing);
       if (!stream || stream.root !== this.options.imageDirectory) continue;
-      const format = await this.formatOf(disk.sourcePath);
-      found.push({ overlay: disk.sourcePath, key: stream.key, file: stream.file, replicaPath: stream.replicaPath, format });
+      found.push({ overlay: disk.sourcePath, key: stream.key, file: stream.file, replicaPath: stream.replicaPath });
     }
     return found;
   }

@@ -57,6 +57,7 @@ describe('settling streaming clones', () => {
         streamSource: () => (available ? { kind: 'available' } : ({ kind: 'arriving' } as ReturnType<StreamedClonesOptions['transfers']['streamSource']>)),
         whenAvailable: async () => {},
         pieceHolders: () => undefined,
+        isAvailable: () => available,
       },
       libvirt: {
         listDomains: async () => {

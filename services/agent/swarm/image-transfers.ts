@@ -386,6 +386,11 @@ export class ImageTransfers {
     return replica !== undefined && replica.state === ImageReplica_State.STATE_AVAILABLE && (await this.checkIntact(replica, 'serve'));
   }
 
+  /** Whether this host's replica `id` is AVAILABLE (false while it arrives, when it failed, and when there is none). */
+  isAvailable(id: string): boolean {
+    return this.replicas.get(id)?.state === ImageReplica_State.STATE_AVAILABLE;
+  }
+
   /**
    * What a streaming clone needs of a replica that is still arriving: the torrent's files and piece hashes and the
    * directories its files are in (the fetch's partial directory, then the replica's). `available` when the
